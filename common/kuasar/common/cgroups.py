@@ -1,0 +1,208 @@
+"""cgroup v1 and v2: pod cgroups under CRI's cgroup_parent, and stats in containerd's Metrics shapes."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+from pathlib import Path
+
+from google.protobuf import any_pb2
+
+from .api.containerd.cgroups.v1 import metrics_pb2 as v1
+from .api.containerd.cgroups.v2 import metrics_pb2 as v2
+from .errors import InvalidArgument
+
+log = logging.getLogger(__name__)
+
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+# containerd looks these type URLs up in its registry when decoding Task.Stats for CRI.
+V1_TYPE_URL = "io.containerd.cgroups.v1.Metrics"
+V2_TYPE_URL = "io.containerd.cgroups.v2.Metrics"
+# v1 controllers a pod cgroup is made in (the ones runc and kubelet use for limits and accounting).
+V1_CONTROLLERS = ("cpu", "cpuacct", "cpuset", "memory", "pids", "blkio", "devices", "freezer")
+
+
+def is_unified() -> bool:
+    return (CGROUP_ROOT / "cgroup.controllers").exists()
+
+
+def proc_cgroups(pid: int) -> dict[str, str]:
+    """Map controller name (or "" for v2) to the cgroup path of `pid`."""
+    paths: dict[str, str] = {}
+    try:
+        text = Path(f"/proc/{pid}/cgroup").read_text()
+    except OSError:
+        return paths
+    for line in text.splitlines():
+        _, controllers, path = line.split(":", 2)
+        for name in controllers.split(",") if controllers else [""]:
+            paths[name] = path
+    return paths
+
+
+def _clean_relative(path: str) -> str:
+    rel = os.path.normpath("/" + path).lstrip("/")
+    if ".." in rel.split("/"):
+        raise InvalidArgument(f"cgroup path {path!r} escapes the cgroup root")
+    return rel
+
+
+class PodCgroup:
+    """The cgroup named by CRI's `cgroup_parent` (created if missing, removed only if we created it)."""
+
+    def __init__(self, path: str, created: list[str] | None = None) -> None:
+        self.path = _clean_relative(path)
+        self.created = created or []
+
+    def _dirs(self) -> list[Path]:
+        if is_unified():
+            return [CGROUP_ROOT / self.path]
+        return [CGROUP_ROOT / c / self.path for c in V1_CONTROLLERS if (CGROUP_ROOT / c).is_dir()]
+
+    def create(self) -> None:
+        for directory in self._dirs():
+            controller_root = CGROUP_ROOT / directory.relative_to(CGROUP_ROOT).parts[0]
+            current = CGROUP_ROOT if is_unified() else controller_root
+            for part in directory.relative_to(current).parts:
+                current = current / part
+                if current.exists():
+                    continue
+                current.mkdir()
+                self.created.append(str(current))
+                if controller_root.name == "cpuset":
+                    _inherit_cpuset(current)
+
+    def add(self, pid: int) -> None:
+        for directory in self._dirs():
+            procs = directory / "cgroup.procs"
+            procs.write_text(str(pid))
+
+    def remove(self) -> None:
+        for directory in reversed(self.created):
+            try:
+                os.rmdir(directory)
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                if exc.errno == errno.EBUSY:
+                    log.warning("cgroup %s still busy, left in place", directory)
+                else:
+                    raise
+        self.created = []
+
+
+def _inherit_cpuset(directory: Path) -> None:
+    # A fresh v1 cpuset cgroup has empty cpus/mems and refuses tasks until they are filled in.
+    for name in ("cpuset.cpus", "cpuset.mems"):
+        target = directory / name
+        if target.exists() and not target.read_text().strip():
+            target.write_text((directory.parent / name).read_text().strip() or "0")
+
+
+def _read_int(path: Path) -> int:
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        return 0
+    if text == "max":
+        return 0
+    try:
+        return int(text)
+    except ValueError:
+        return 0
+
+
+def _read_kv(path: Path) -> dict[str, int]:
+    values: dict[str, int] = {}
+    try:
+        for line in path.read_text().splitlines():
+            key, _, value = line.partition(" ")
+            if value.strip().lstrip("-").isdigit():
+                values[key] = int(value)
+    except OSError:
+        pass
+    return values
+
+
+def metrics_for_pid(pid: int) -> any_pb2.Any:
+    """Stats of the cgroup `pid` lives in, packed as containerd expects from Task.Stats."""
+    paths = proc_cgroups(pid)
+    if is_unified():
+        return _pack(V2_TYPE_URL, _v2_metrics(CGROUP_ROOT / _clean_relative(paths.get("", "/"))))
+    return _pack(V1_TYPE_URL, _v1_metrics({c: CGROUP_ROOT / c / _clean_relative(p)
+                                           for c, p in paths.items() if c}))
+
+
+def metrics_for_path(path: str) -> any_pb2.Any:
+    rel = _clean_relative(path)
+    if is_unified():
+        return _pack(V2_TYPE_URL, _v2_metrics(CGROUP_ROOT / rel))
+    return _pack(V1_TYPE_URL, _v1_metrics({c: CGROUP_ROOT / c / rel for c in V1_CONTROLLERS}))
+
+
+def _pack(type_url: str, message) -> any_pb2.Any:
+    return any_pb2.Any(type_url=type_url, value=message.SerializeToString())
+
+
+def _v1_metrics(dirs: dict[str, Path]) -> v1.Metrics:
+    metrics = v1.Metrics()
+    pids = dirs.get("pids")
+    if pids is not None:
+        metrics.pids.current = _read_int(pids / "pids.current")
+        metrics.pids.limit = _read_int(pids / "pids.max")
+    acct = dirs.get("cpuacct") or dirs.get("cpu,cpuacct")
+    if acct is not None:
+        metrics.cpu.usage.total = _read_int(acct / "cpuacct.usage")
+        stat = _read_kv(acct / "cpuacct.stat")
+        ticks = 1_000_000_000 // os.sysconf("SC_CLK_TCK")
+        metrics.cpu.usage.user = stat.get("user", 0) * ticks
+        metrics.cpu.usage.kernel = stat.get("system", 0) * ticks
+        try:
+            per_cpu = (acct / "cpuacct.usage_percpu").read_text().split()
+            metrics.cpu.usage.per_cpu.extend(int(v) for v in per_cpu)
+        except OSError:
+            pass
+    cpu = dirs.get("cpu")
+    if cpu is not None:
+        throttle = _read_kv(cpu / "cpu.stat")
+        metrics.cpu.throttling.periods = throttle.get("nr_periods", 0)
+        metrics.cpu.throttling.throttled_periods = throttle.get("nr_throttled", 0)
+        metrics.cpu.throttling.throttled_time = throttle.get("throttled_time", 0)
+    memory = dirs.get("memory")
+    if memory is not None:
+        stat = _read_kv(memory / "memory.stat")
+        for key, field in (("cache", "cache"), ("rss", "rss"), ("rss_huge", "rss_huge"),
+                           ("mapped_file", "mapped_file"), ("dirty", "dirty"),
+                           ("writeback", "writeback"), ("pgfault", "pg_fault"),
+                           ("pgmajfault", "pg_maj_fault"), ("inactive_anon", "inactive_anon"),
+                           ("active_anon", "active_anon"), ("inactive_file", "inactive_file"),
+                           ("active_file", "active_file"), ("unevictable", "unevictable"),
+                           ("total_cache", "total_cache"), ("total_rss", "total_rss"),
+                           ("total_inactive_file", "total_inactive_file")):
+            setattr(metrics.memory, field, stat.get(key, 0))
+        metrics.memory.usage.usage = _read_int(memory / "memory.usage_in_bytes")
+        metrics.memory.usage.max = _read_int(memory / "memory.max_usage_in_bytes")
+        metrics.memory.usage.limit = _read_int(memory / "memory.limit_in_bytes")
+        metrics.memory.usage.failcnt = _read_int(memory / "memory.failcnt")
+    return metrics
+
+
+def _v2_metrics(directory: Path) -> v2.Metrics:
+    metrics = v2.Metrics()
+    metrics.pids.current = _read_int(directory / "pids.current")
+    metrics.pids.limit = _read_int(directory / "pids.max")
+    cpu = _read_kv(directory / "cpu.stat")
+    metrics.cpu.usage_usec = cpu.get("usage_usec", 0)
+    metrics.cpu.user_usec = cpu.get("user_usec", 0)
+    metrics.cpu.system_usec = cpu.get("system_usec", 0)
+    metrics.cpu.nr_periods = cpu.get("nr_periods", 0)
+    metrics.cpu.nr_throttled = cpu.get("nr_throttled", 0)
+    metrics.cpu.throttled_usec = cpu.get("throttled_usec", 0)
+    memory = _read_kv(directory / "memory.stat")
+    metrics.memory.anon = memory.get("anon", 0)
+    metrics.memory.file = memory.get("file", 0)
+    metrics.memory.inactive_file = memory.get("inactive_file", 0)
+    metrics.memory.usage = _read_int(directory / "memory.current")
+    metrics.memory.usage_limit = _read_int(directory / "memory.max")
+    return metrics

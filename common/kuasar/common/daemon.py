@@ -1,0 +1,42 @@
+"""Run one resident sandboxer: config, logging, recovery, the Sandbox API server, clean SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Callable
+
+from .config import DaemonConfig
+from .controller import SandboxController
+from .sandbox_api import SandboxApiServer
+from .sandboxer import Sandboxer
+
+log = logging.getLogger(__name__)
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), format=LOG_FORMAT, stream=sys.stderr, force=True)
+
+
+async def serve(config: DaemonConfig, make_sandboxer: Callable[[DaemonConfig], Sandboxer]) -> None:
+    config.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    sandboxer = make_sandboxer(config)
+    await sandboxer.open()
+    controller = SandboxController(sandboxer, config.dir / "sandboxes")
+    await controller.recover()
+    server = SandboxApiServer(controller, config.listen)
+    await server.start()
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+    log.info("%s sandboxer ready (dir=%s)", sandboxer.name, config.dir)
+    await stopping.wait()
+    log.info("shutting down; running pods are left to the task server")
+    await server.stop()
+    await controller.close()
+    await sandboxer.close()

@@ -1,0 +1,92 @@
+"""Publish `/tasks/*` events to containerd's ttrpc Events/Forward without ever blocking a task.
+
+Events are optional for CRI (it learns exits from Task.Wait) but `ctr events`, OOM reasons and
+GetContainerEvents consumers need them. A bounded queue drained by one background task means a slow
+or absent containerd costs dropped events, never a stuck Create or Kill.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from google.protobuf import any_pb2, timestamp_pb2
+from google.protobuf.message import Message
+
+from .api.containerd.services.events.ttrpc.v1 import events_pb2
+from .ttrpc import TtrpcClient
+
+log = logging.getLogger(__name__)
+
+EVENTS_SERVICE = "containerd.services.events.ttrpc.v1.Events"
+NAMESPACE_KEY = "containerd-namespace-ttrpc"
+DEFAULT_NAMESPACE = "k8s.io"
+# Enough for a burst of pod churn; past it the oldest events are dropped (and counted).
+MAX_QUEUED_EVENTS = 1024
+FORWARD_TIMEOUT = 5.0
+RECONNECT_DELAY = 1.0
+
+
+class EventPublisher:
+    def __init__(self, address: str) -> None:
+        self.address = address.removeprefix("unix://")
+        self.dropped = 0
+        self.sent = 0
+        self._queue: asyncio.Queue[events_pb2.ForwardRequest] = asyncio.Queue(MAX_QUEUED_EVENTS)
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.address)
+
+    def publish(self, topic: str, event: Message, namespace: str = "") -> None:
+        if not self.enabled:
+            return
+        request = events_pb2.ForwardRequest()
+        envelope = request.envelope
+        envelope.timestamp.CopyFrom(_now())
+        envelope.namespace = namespace or DEFAULT_NAMESPACE
+        envelope.topic = topic
+        envelope.event.CopyFrom(any_pb2.Any(type_url=event.DESCRIPTOR.full_name,
+                                            value=event.SerializeToString()))
+        if self._queue.full():
+            self._queue.get_nowait()
+            self.dropped += 1
+        self._queue.put_nowait(request)
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._drain(), name="event-publisher")
+
+    async def _drain(self) -> None:
+        client: TtrpcClient | None = None
+        try:
+            while True:
+                request = await self._queue.get()
+                while True:
+                    try:
+                        if client is None:
+                            client = await TtrpcClient.connect_unix(self.address)
+                        await client.call(EVENTS_SERVICE, "Forward", request, timeout=FORWARD_TIMEOUT,
+                                          metadata={NAMESPACE_KEY: request.envelope.namespace})
+                        self.sent += 1
+                        break
+                    except (OSError, Exception) as exc:  # noqa: BLE001 - any failure: reconnect later
+                        log.debug("event %s not forwarded yet: %s", request.envelope.topic, exc)
+                        if client is not None:
+                            await client.close()
+                            client = None
+                        await asyncio.sleep(RECONNECT_DELAY)
+        finally:
+            if client is not None:
+                await client.close()
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+
+def _now() -> timestamp_pb2.Timestamp:
+    ts = timestamp_pb2.Timestamp()
+    ts.FromNanoseconds(time.time_ns())
+    return ts

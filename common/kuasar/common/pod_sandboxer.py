@@ -1,0 +1,107 @@
+"""A Sandboxer whose pods are namespace-holding processes kept by a task server (runc, wasm).
+
+The sandbox type only supplies the task server's command line; pod lifecycle is the same for both.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+from google.protobuf import any_pb2, empty_pb2
+
+from .api.kuasar.pods.v1 import pods_pb2 as pods
+from .api.runtime.v1 import api_pb2 as cri
+from .config import DaemonConfig
+from .errors import InvalidArgument, NotFound
+from .sandboxer import ExitInfo, Sandboxer, SandboxRecord, StartResult
+from .task_server import TaskServerHandle
+
+log = logging.getLogger(__name__)
+
+# containerd's exit code for a process whose status was lost with its supervisor.
+LOST_EXIT_STATUS = 255
+
+
+def decode_pod_config(record: SandboxRecord) -> cri.PodSandboxConfig:
+    config = cri.PodSandboxConfig()
+    try:
+        config.ParseFromString(record.pod_config_bytes)
+    except Exception:
+        raise InvalidArgument("options is not a runtime.v1.PodSandboxConfig") from None
+    return config
+
+
+def pod_request(record: SandboxRecord) -> pods.CreatePodRequest:
+    """Translate CRI's namespace options into what the pod process must unshare or join."""
+    config = decode_pod_config(record)
+    ns = config.linux.security_context.namespace_options
+    host_network = ns.network == cri.NODE or not record.netns_path
+    return pods.CreatePodRequest(
+        id=record.id, netns_path=record.netns_path,
+        new_ipc=ns.ipc != cri.NODE,
+        new_uts=not host_network,
+        new_pid=ns.pid == cri.POD,
+        hostname=config.hostname if not host_network else "",
+        cgroup_parent=config.linux.cgroup_parent)
+
+
+class PodSandboxer(Sandboxer):
+    def __init__(self, config: DaemonConfig, task_server_command: list[str]) -> None:
+        self.config = config
+        self.task_server = TaskServerHandle(config.dir, task_server_command)
+
+    async def open(self) -> None:
+        self.task_server.hold_lock()
+        await self.task_server.connect()
+
+    async def close(self) -> None:
+        await self.task_server.close()
+
+    async def create(self, record: SandboxRecord) -> None:
+        decode_pod_config(record)  # reject garbage before anything is made
+
+    async def start(self, record: SandboxRecord) -> StartResult:
+        response = await self.task_server.call("Create", pod_request(record), pods.CreatePodResponse)
+        return StartResult(pid=response.pid, address=self.task_server.address, version=3)
+
+    async def wait(self, record: SandboxRecord) -> ExitInfo:
+        try:
+            exit_ = await self.task_server.call("Wait", pods.PodRequest(id=record.id), pods.PodExit,
+                                                timeout=None)
+        except NotFound:
+            return ExitInfo(LOST_EXIT_STATUS)
+        return ExitInfo(exit_.exit_status, exit_.exited_at.ToNanoseconds())
+
+    async def stop(self, record: SandboxRecord, timeout: float) -> None:
+        try:
+            await self.task_server.call("Kill", pods.KillPodRequest(id=record.id, signal=9, containers=True,
+                                                                   timeout_secs=int(timeout)),
+                                        empty_pb2.Empty)
+        except NotFound:
+            pass
+
+    async def shutdown(self, record: SandboxRecord) -> None:
+        try:
+            await self.task_server.call("Delete", pods.PodRequest(id=record.id), empty_pb2.Empty)
+        except NotFound:
+            pass
+        shutil.rmtree(Path(self.config.dir) / "pods" / record.id, ignore_errors=True)
+
+    async def metrics(self, record: SandboxRecord) -> any_pb2.Any:
+        response = await self.task_server.call("Stats", pods.PodRequest(id=record.id), pods.PodStats)
+        return response.stats
+
+    async def recover(self, records: list[SandboxRecord]) -> None:
+        listed = await self.task_server.call("List", empty_pb2.Empty(), pods.PodList)
+        alive = {pod.id for pod in listed.pods}
+        for record in records:
+            if record.state == "ready" and record.id not in alive:
+                log.warning("sandbox %s: its pod process is gone; reporting it exited", record.id)
+                record.state, record.exit_status = "stopped", LOST_EXIT_STATUS
+            elif record.state == "ready":
+                record.address = self.task_server.address
+
+    def status_info(self, record: SandboxRecord, verbose: bool) -> dict[str, str]:
+        return {"task_address": record.address} if verbose else {}

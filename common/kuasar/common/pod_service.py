@@ -1,0 +1,153 @@
+"""Server side of the private `kuasar.pods.v1.Pods` service, run inside a task server.
+
+It owns the pod processes (forked holders) and their cgroups, so they survive a sandboxer restart.
+The task backend plugs in through `PodContainers` so pod Stop can take the containers down too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from google.protobuf import empty_pb2
+
+from . import cgroups
+from .api.kuasar.pods.v1 import pods_pb2 as pb
+from .errors import AlreadyExists, InvalidArgument, NotFound
+from .ids import validate_id
+from .pod_holder import PodNamespaces, spawn_pod_holder
+from .reaper import Exit, Reaper
+from .ttrpc import Context, TtrpcServer
+
+log = logging.getLogger(__name__)
+
+PODS_SERVICE = "kuasar.pods.v1.Pods"
+
+
+class PodContainers(Protocol):
+    async def kill_pod_containers(self, pod_id: str, sig: int) -> None: ...
+
+    async def wait_pod_containers(self, pod_id: str, timeout: float) -> bool: ...
+
+    async def remove_pod_containers(self, pod_id: str) -> None: ...
+
+    def pod_container_ids(self, pod_id: str) -> list[str]: ...
+
+
+@dataclass
+class Pod:
+    id: str
+    pid: int
+    exit: asyncio.Future[Exit]
+    cgroup: cgroups.PodCgroup | None = None
+    extra: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def running(self) -> bool:
+        return not self.exit.done()
+
+
+class PodService:
+    def __init__(self, reaper: Reaper, containers: PodContainers) -> None:
+        self.reaper = reaper
+        self.containers = containers
+        self.pods: dict[str, Pod] = {}
+
+    def register(self, server: TtrpcServer) -> None:
+        server.add_unary(PODS_SERVICE, "Create", pb.CreatePodRequest, self.create)
+        server.add_unary(PODS_SERVICE, "Kill", pb.KillPodRequest, self.kill)
+        server.add_unary(PODS_SERVICE, "Wait", pb.PodRequest, self.wait)
+        server.add_unary(PODS_SERVICE, "Status", pb.PodRequest, self.status)
+        server.add_unary(PODS_SERVICE, "Delete", pb.PodRequest, self.delete)
+        server.add_unary(PODS_SERVICE, "List", empty_pb2.Empty, self.list)
+        server.add_unary(PODS_SERVICE, "Stats", pb.PodRequest, self.stats)
+
+    def _get(self, pod_id: str) -> Pod:
+        pod = self.pods.get(validate_id(pod_id, "pod id"))
+        if pod is None:
+            raise NotFound(f"pod {pod_id} not found")
+        return pod
+
+    async def create(self, req: pb.CreatePodRequest, ctx: Context) -> pb.CreatePodResponse:
+        validate_id(req.id, "pod id")
+        if req.id in self.pods:
+            raise AlreadyExists(f"pod {req.id} already exists")
+        if req.netns_path and not os.path.exists(req.netns_path):
+            raise InvalidArgument(f"netns {req.netns_path} does not exist")
+        cgroup = cgroups.PodCgroup(req.cgroup_parent) if req.cgroup_parent else None
+        if cgroup is not None:
+            cgroup.create()
+        try:
+            pid = spawn_pod_holder(req.id, PodNamespaces(req.netns_path, req.new_ipc, req.new_uts,
+                                                         req.new_pid), req.hostname)
+        except Exception:
+            if cgroup is not None:
+                cgroup.remove()
+            raise
+        pod = Pod(req.id, pid, self.reaper.watch(pid), cgroup)
+        self.pods[req.id] = pod
+        if cgroup is not None:
+            cgroup.add(pid)
+        log.info("pod %s: process %d holds its namespaces", req.id, pid)
+        return pb.CreatePodResponse(pid=pid)
+
+    async def kill(self, req: pb.KillPodRequest, ctx: Context) -> empty_pb2.Empty:
+        pod = self._get(req.id)
+        sig = req.signal or signal.SIGKILL
+        if req.containers and req.timeout_secs:
+            await self.containers.kill_pod_containers(pod.id, signal.SIGTERM)
+            await self.containers.wait_pod_containers(pod.id, float(req.timeout_secs))
+        if req.containers:
+            await self.containers.kill_pod_containers(pod.id, sig)
+        if pod.running:
+            try:
+                os.kill(pod.pid, sig)
+            except ProcessLookupError:
+                pass
+        return empty_pb2.Empty()
+
+    async def wait(self, req: pb.PodRequest, ctx: Context) -> pb.PodExit:
+        pod = self._get(req.id)
+        return _exit_message(await asyncio.shield(pod.exit))
+
+    async def status(self, req: pb.PodRequest, ctx: Context) -> pb.PodStatus:
+        return self._status(self._get(req.id))
+
+    def _status(self, pod: Pod) -> pb.PodStatus:
+        status = pb.PodStatus(id=pod.id, pid=pod.pid, running=pod.running,
+                              containers=self.containers.pod_container_ids(pod.id),
+                              cgroup=pod.cgroup.path if pod.cgroup else "")
+        if not pod.running:
+            status.exit.CopyFrom(_exit_message(pod.exit.result()))
+        return status
+
+    async def delete(self, req: pb.PodRequest, ctx: Context) -> empty_pb2.Empty:
+        pod = self._get(req.id)
+        await self.containers.remove_pod_containers(pod.id)
+        if pod.running:
+            os.kill(pod.pid, signal.SIGKILL)
+            await asyncio.shield(pod.exit)
+        if pod.cgroup is not None:
+            pod.cgroup.remove()
+        del self.pods[pod.id]
+        log.info("pod %s removed", pod.id)
+        return empty_pb2.Empty()
+
+    async def list(self, req: empty_pb2.Empty, ctx: Context) -> pb.PodList:
+        return pb.PodList(pods=[self._status(pod) for pod in self.pods.values()])
+
+    async def stats(self, req: pb.PodRequest, ctx: Context) -> pb.PodStats:
+        pod = self._get(req.id)
+        if pod.cgroup is not None:
+            return pb.PodStats(stats=cgroups.metrics_for_path(pod.cgroup.path))
+        return pb.PodStats(stats=cgroups.metrics_for_pid(pod.pid))
+
+
+def _exit_message(exited: Exit) -> pb.PodExit:
+    message = pb.PodExit(exit_status=exited.status)
+    message.exited_at.FromNanoseconds(exited.at_ns)
+    return message

@@ -1,0 +1,116 @@
+"""The seam between the shared Sandbox API server and each sandbox type.
+
+A sandbox type implements `Sandboxer`; the controller (`controller.py`) owns records, locking, state
+transitions and persistence, so a sandbox type only says how to make, stop and observe its pods.
+"""
+
+from __future__ import annotations
+
+import abc
+import base64
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from google.protobuf import any_pb2
+
+
+class SandboxState:
+    CREATED = "created"
+    READY = "ready"
+    STOPPED = "stopped"
+
+
+@dataclass
+class ExitInfo:
+    exit_status: int
+    exited_at_ns: int = field(default_factory=time.time_ns)
+
+
+@dataclass
+class SandboxRecord:
+    """Everything known about one sandbox; persisted as JSON after every change."""
+
+    id: str
+    sandboxer: str = ""
+    netns_path: str = ""
+    created_at_ns: int = field(default_factory=time.time_ns)
+    # runtime.v1.PodSandboxConfig exactly as CRI sent it (protobuf bytes, base64 in JSON).
+    pod_config_b64: str = ""
+    # CRI's sandbox metadata (the JSON in sandbox.extensions["metadata"]), kept for diagnostics.
+    cri_metadata: dict[str, Any] = field(default_factory=dict)
+    labels: dict[str, str] = field(default_factory=dict)
+    annotations: dict[str, str] = field(default_factory=dict)
+    state: str = SandboxState.CREATED
+    pid: int = 0
+    address: str = ""
+    version: int = 0
+    exit_status: int = 0
+    exited_at_ns: int = 0
+    # Sandbox-type specific facts (cgroup paths, task server generation, ...).
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def pod_config_bytes(self) -> bytes:
+        return base64.b64decode(self.pod_config_b64) if self.pod_config_b64 else b""
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> SandboxRecord:
+        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        return cls(**known)
+
+
+@dataclass
+class StartResult:
+    pid: int
+    address: str
+    version: int = 3
+    labels: dict[str, str] = field(default_factory=dict)
+
+
+class Sandboxer(abc.ABC):
+    """One sandbox technology. Methods may raise `kuasar.common.errors.KuasarError` subclasses."""
+
+    name: str = "sandboxer"
+
+    async def open(self) -> None:  # noqa: B027 - optional hook
+        """Acquire long-lived resources (task server, runtime checks) before serving."""
+
+    async def close(self) -> None:  # noqa: B027 - optional hook
+        """Release what `open` acquired; running pods are left running."""
+
+    @abc.abstractmethod
+    async def create(self, record: SandboxRecord) -> None:
+        """Prepare the sandbox (directories, config); nothing runs yet."""
+
+    @abc.abstractmethod
+    async def start(self, record: SandboxRecord) -> StartResult:
+        """Start the process that holds the pod's namespaces; return its pid and the task address."""
+
+    @abc.abstractmethod
+    async def wait(self, record: SandboxRecord) -> ExitInfo:
+        """Block until the sandbox's process exits, for whatever reason."""
+
+    @abc.abstractmethod
+    async def stop(self, record: SandboxRecord, timeout: float) -> None:
+        """Stop the pod's containers and its process; `timeout` > 0 allows a graceful phase."""
+
+    @abc.abstractmethod
+    async def shutdown(self, record: SandboxRecord) -> None:
+        """Remove everything the sandbox made (it is already stopped)."""
+
+    @abc.abstractmethod
+    async def metrics(self, record: SandboxRecord) -> any_pb2.Any:
+        """Resource usage of the whole pod, as an Any (cgroup v1 or v2 Metrics)."""
+
+    async def recover(self, records: list[SandboxRecord]) -> None:  # noqa: B027 - optional hook
+        """Re-attach to sandboxes that were running before a restart (mark dead ones exited)."""
+
+    async def update(self, record: SandboxRecord, fields: list[str]) -> None:  # noqa: B027
+        """React to Controller.Update; the controller already stored labels/extensions."""
+
+    def status_info(self, record: SandboxRecord, verbose: bool) -> dict[str, str]:
+        return {}

@@ -1,0 +1,95 @@
+"""Start external programs without a shell and without asyncio's child watcher.
+
+asyncio's watcher would race our process-wide `Reaper` for exit statuses, so programs are started with
+posix_spawn and their exits come from the Reaper. No argument ever goes through a shell.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+from dataclasses import dataclass
+
+from .errors import NotFound
+from .reaper import Reaper
+
+# Output kept from a helper program; runc's messages are short, so more means something is wrong.
+MAX_CAPTURE = 1 << 20
+
+
+@dataclass
+class Completed:
+    argv: list[str]
+    status: int
+    stdout: bytes
+    stderr: bytes
+
+
+def resolve(program: str) -> str:
+    path = program if "/" in program else shutil.which(program)
+    if not path or not os.access(path, os.X_OK):
+        raise NotFound(f"program {program!r} not found or not executable")
+    return path
+
+
+async def _read_all(fd: int) -> bytes:
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader(limit=MAX_CAPTURE)
+    transport, _ = await loop.connect_read_pipe(
+        lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(fd, "rb", buffering=0))
+    try:
+        return await reader.read(MAX_CAPTURE)
+    finally:
+        transport.close()
+
+
+async def run(reaper: Reaper, argv: list[str], *, stdin: int | None = None, stdout: int | None = None,
+              stderr: int | None = None, env: dict[str, str] | None = None,
+              cwd: str | None = None, capture: bool = True) -> Completed:
+    """Run `argv` to completion. Explicit stdio fds win over capture; unset ones go to /dev/null."""
+    path = resolve(argv[0])
+    devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+    out_r = err_r = None
+    close_after: list[int] = [devnull]
+    if stdout is None and capture:
+        out_r, stdout = os.pipe()
+        close_after.append(stdout)
+    if stderr is None and capture:
+        err_r, stderr = os.pipe()
+        close_after.append(stderr)
+    actions = [
+        (os.POSIX_SPAWN_DUP2, devnull if stdin is None else stdin, 0),
+        (os.POSIX_SPAWN_DUP2, devnull if stdout is None else stdout, 1),
+        (os.POSIX_SPAWN_DUP2, devnull if stderr is None else stderr, 2),
+    ]
+    spawn_env = dict(os.environ if env is None else env)
+    try:
+        if cwd is not None:
+            # posix_spawn has no chdir action before Python 3.13's; use a tiny exec-less fallback.
+            pid = _spawn_in_dir(path, argv, spawn_env, actions, cwd)
+        else:
+            pid = os.posix_spawn(path, argv, spawn_env, file_actions=actions)
+        exited = reaper.watch(pid)  # same loop step as the spawn: the reaper cannot miss it
+    finally:
+        for fd in close_after:
+            os.close(fd)
+    reads = [_read_all(out_r) if out_r is not None else _empty(),
+             _read_all(err_r) if err_r is not None else _empty()]
+    out, err = await asyncio.gather(*reads)
+    result = await exited
+    return Completed(argv, result.status, out, err)
+
+
+async def _empty() -> bytes:
+    return b""
+
+
+def _spawn_in_dir(path: str, argv: list[str], env: dict[str, str], actions: list, cwd: str) -> int:
+    old = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.chdir(cwd)
+        return os.posix_spawn(path, argv, env, file_actions=actions)
+    finally:
+        os.fchdir(old)
+        os.close(old)

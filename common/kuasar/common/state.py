@@ -1,0 +1,66 @@
+"""Per-sandbox state on disk under `--dir`, written atomically so a crash never leaves half a file."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from .ids import validate_id
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "sandbox.json"
+
+
+def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
+    """Write via temp file + fsync + rename, then fsync the directory so the rename is durable."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+class StateStore:
+    """One directory per sandbox (`<root>/<id>/`), holding `sandbox.json` and whatever the sandbox type adds."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(root, 0o700)
+
+    def sandbox_dir(self, sandbox_id: str) -> Path:
+        return self.root / validate_id(sandbox_id, "sandbox id")
+
+    def save(self, sandbox_id: str, record: dict[str, Any]) -> None:
+        directory = self.sandbox_dir(sandbox_id)
+        directory.mkdir(exist_ok=True, mode=0o700)
+        write_atomic(directory / STATE_FILE, json.dumps(record, sort_keys=True).encode())
+
+    def load_all(self) -> dict[str, dict[str, Any]]:
+        """Read every persisted sandbox; unreadable entries are logged and skipped, never fatal."""
+        found: dict[str, dict[str, Any]] = {}
+        for entry in sorted(self.root.iterdir()):
+            path = entry / STATE_FILE
+            if not path.is_file():
+                continue
+            try:
+                found[entry.name] = json.loads(path.read_bytes())
+            except (OSError, ValueError) as exc:
+                log.error("skipping unreadable state %s: %s", path, exc)
+        return found
+
+    def remove(self, sandbox_id: str) -> None:
+        shutil.rmtree(self.sandbox_dir(sandbox_id), ignore_errors=True)

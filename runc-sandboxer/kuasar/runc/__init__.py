@@ -1,0 +1,1 @@
+"""runc-sandboxer: pods as Linux namespaces + cgroups, containers run by runc."""

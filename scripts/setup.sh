@@ -1,0 +1,341 @@
+#!/usr/bin/env bash
+# kuasar-py environment setup (called by `make setup`).
+#
+# Idempotent and cheap on rerun: every step first checks whether its result is already in place.
+#   1. distro packages (runc, CNI plugins, static busybox, ...), installed only when missing;
+#   2. containerd >= 2.1 in a project-local prefix (${KUASAR_PREFIX:-<repo>/.prefix}/bin), taken from
+#      Debian's `unstable` suite of the mirror this machine is already configured with, through a
+#      private apt state so the machine's own apt configuration is never modified;
+#   3. a Python venv (${VENV:-<repo>/.venv}) with the project installed editable with its dev extras;
+#   4. generated protobuf/gRPC stubs (scripts/gen_protos.py skips when up to date).
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+PREFIX="${KUASAR_PREFIX:-$ROOT/.prefix}"
+VENV="${VENV:-$ROOT/.venv}"
+MIN_CONTAINERD="2.1"
+
+log() { echo "setup: $*"; }
+die() { echo "setup: ERROR: $*" >&2; exit 1; }
+
+# ---------------------------------------------------------------------------------------------
+# 0. Python >= 3.11
+# ---------------------------------------------------------------------------------------------
+find_python() {
+    local cand
+    for cand in "${PYTHON:-}" python3 python3.13 python3.12 python3.11 /usr/bin/python3; do
+        [[ -n "$cand" ]] || continue
+        command -v "$cand" >/dev/null 2>&1 || continue
+        if "$cand" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else 1)' 2>/dev/null; then
+            command -v "$cand"
+            return 0
+        fi
+    done
+    return 1
+}
+PY="$(find_python)" || die "Python >= 3.11 is required (set PYTHON=/path/to/python3.11+); found: $(python3 --version 2>&1 || echo none)"
+
+# ---------------------------------------------------------------------------------------------
+# 1. Distro packages
+# ---------------------------------------------------------------------------------------------
+PACKAGES=(runc containernetworking-plugins busybox-static iproute2 util-linux mount kmod procps
+          ca-certificates debian-archive-keyring)
+# The venv module of Debian's python3 needs python3-venv (ensurepip); other interpreters ship it.
+if ! "$PY" -c 'import ensurepip, venv' >/dev/null 2>&1; then
+    PACKAGES+=(python3-venv)
+fi
+
+missing_packages() {
+    local pkg status
+    for pkg in "$@"; do
+        status="$(dpkg-query -W -f='${db:Status-Abbrev}' "$pkg" 2>/dev/null || true)"
+        [[ "$status" == ii* ]] || echo "$pkg"
+    done
+}
+
+mapfile -t MISSING < <(missing_packages "${PACKAGES[@]}")
+if ((${#MISSING[@]})); then
+    log "installing distro packages: ${MISSING[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${MISSING[@]}" >/dev/null
+    mapfile -t STILL < <(missing_packages "${PACKAGES[@]}")
+    ((${#STILL[@]} == 0)) || die "packages still missing after apt-get install: ${STILL[*]}"
+else
+    log "distro packages present"
+fi
+[[ -x /bin/busybox ]] || die "/bin/busybox missing (package busybox-static)"
+/bin/busybox --list >/dev/null 2>&1 || die "/bin/busybox does not run"
+
+# ---------------------------------------------------------------------------------------------
+# 2. containerd >= 2.1 in $PREFIX/bin
+# ---------------------------------------------------------------------------------------------
+# Prints the bare version of a containerd binary ("2.1.9"), or nothing.
+containerd_version() {
+    local out
+    out="$("$1" --version 2>/dev/null)" || return 0
+    # "containerd github.com/containerd/containerd/v2 2.1.9+unknown <revision>"
+    awk '{print $3}' <<<"$out" | sed -e 's/^v//' -e 's/[+~-].*$//'
+}
+version_ok() { [[ -n "$1" ]] && dpkg --compare-versions "$1" ge "$MIN_CONTAINERD"; }
+
+# Prints "URI<TAB>Signed-By" of the machine's main Debian archive (not -security / updates).
+debian_mirror() {
+    "$PY" - <<'PYEOF'
+import glob, re, sys
+
+def stanzas_deb822(text):
+    cur, key = {}, None
+    for line in text.splitlines() + [""]:
+        if line.startswith("#"):
+            continue
+        if not line.strip():
+            if cur:
+                yield cur
+            cur, key = {}, None
+        elif line[0] in " \t" and key:
+            cur[key] += " " + line.strip()
+        elif ":" in line:
+            key, _, value = line.partition(":")
+            key = key.strip().lower()
+            cur[key] = value.strip()
+
+entries = []  # (uri, suites, signed_by)
+for path in sorted(glob.glob("/etc/apt/sources.list.d/*.sources")):
+    try:
+        text = open(path, encoding="utf-8").read()
+    except OSError:
+        continue
+    for st in stanzas_deb822(text):
+        if st.get("enabled", "yes").lower() == "no" or "deb" not in st.get("types", "").split():
+            continue
+        for uri in st.get("uris", "").split():
+            entries.append((uri, st.get("suites", "").split(), st.get("signed-by", "")))
+for path in ["/etc/apt/sources.list"] + sorted(glob.glob("/etc/apt/sources.list.d/*.list")):
+    try:
+        lines = open(path, encoding="utf-8").read().splitlines()
+    except OSError:
+        continue
+    for line in lines:
+        line = line.split("#", 1)[0].strip()
+        m = re.match(r"^deb\s+(?:\[([^\]]*)\]\s+)?(\S+)\s+(\S+)", line)
+        if not m:
+            continue
+        opts = dict(o.split("=", 1) for o in (m.group(1) or "").split() if "=" in o)
+        entries.append((m.group(2), [m.group(3)], opts.get("signed-by", "")))
+
+def score(entry):
+    uri, suites, _ = entry
+    if "security" in uri or any("security" in s for s in suites):
+        return None
+    if not uri.startswith(("http://", "https://", "file:", "mirror")):
+        return None
+    s = 0
+    if re.search(r"/debian/?$", uri) or re.search(r"/debian/\d{8}T\d{6}Z/?$", uri):
+        s += 2
+    if any(re.fullmatch(r"[a-z]+", x) for x in suites):  # a plain suite: bookworm, stable, ...
+        s += 1
+    return s
+
+ranked = [(score(e), i, e) for i, e in enumerate(entries) if score(e) is not None]
+if not ranked:
+    sys.exit("no Debian archive entry found in /etc/apt/sources.list{,.d}")
+ranked.sort(key=lambda t: (-t[0], t[1]))
+uri, _, signed_by = ranked[0][2]
+print(f"{uri.rstrip('/')}\t{signed_by}")
+PYEOF
+}
+
+install_containerd_from_unstable() {
+    local aptdir="$PREFIX/apt" mirror uri signed_by
+    mirror="$(debian_mirror)" || die "cannot find the machine's Debian mirror in /etc/apt"
+    uri="${mirror%%$'\t'*}"
+    signed_by="${mirror#*$'\t'}"
+    [[ -n "$signed_by" ]] || signed_by=/usr/share/keyrings/debian-archive-keyring.gpg
+    log "fetching containerd from Debian unstable (private apt state in $aptdir)"
+    rm -rf "$aptdir"
+    mkdir -p "$aptdir/etc" "$aptdir/lists/partial" "$aptdir/cache/archives/partial" "$aptdir/download"
+    cat >"$aptdir/etc/unstable.sources" <<EOF
+Types: deb
+URIs: $uri
+Suites: unstable
+Components: main
+Signed-By: $signed_by
+EOF
+    : >"$aptdir/etc/status"
+    local apt_opts=(
+        -o "Dir::Etc::SourceList=$aptdir/etc/unstable.sources"
+        -o "Dir::Etc::SourceParts=/dev/null"
+        -o "Dir::Etc::Preferences=/dev/null"
+        -o "Dir::Etc::PreferencesParts=/dev/null"
+        -o "Dir::State::Lists=$aptdir/lists"
+        -o "Dir::State::status=$aptdir/etc/status"
+        -o "Dir::Cache=$aptdir/cache"
+        -o "APT::Architectures::=$(dpkg --print-architecture)"
+        -o "APT::Sandbox::User=root"
+        -o "Acquire::Languages=none"
+        -o "Acquire::IndexTargets::deb::Contents-deb::DefaultEnabled=false"
+    )
+    apt-get -qq "${apt_opts[@]}" update >/dev/null || die "apt-get update (private, unstable) failed"
+    (cd "$aptdir/download" && apt-get -qq "${apt_opts[@]}" download containerd >/dev/null) \
+        || die "apt-get download containerd failed"
+    local deb
+    deb="$(ls "$aptdir"/download/containerd_*.deb 2>/dev/null | head -n1)"
+    [[ -n "$deb" ]] || die "no containerd .deb downloaded"
+    local stage="$PREFIX/.containerd-stage"
+    rm -rf "$stage"
+    dpkg-deb -x "$deb" "$stage"
+    local new_version
+    new_version="$(containerd_version "$stage/usr/bin/containerd")"
+    version_ok "$new_version" \
+        || die "containerd from unstable is '${new_version:-unrunnable}' (need >= $MIN_CONTAINERD, runnable on this glibc)"
+    "$stage/usr/bin/ctr" --version >/dev/null || die "ctr from the package does not run"
+    "$stage/usr/bin/containerd-shim-runc-v2" -v >/dev/null || die "containerd-shim-runc-v2 does not run"
+    mkdir -p "$PREFIX/bin"
+    local f
+    for f in "$stage"/usr/bin/*; do
+        install -m 0755 "$f" "$PREFIX/bin/.$(basename "$f").new"
+        mv -f "$PREFIX/bin/.$(basename "$f").new" "$PREFIX/bin/$(basename "$f")"
+    done
+    # (the mirror's address is deliberately not recorded: it is the machine's, not the project's)
+    printf 'containerd %s\npackage %s\nsource debian unstable\n' \
+        "$new_version" "$(basename "$deb")" >"$PREFIX/containerd.version"
+    # Only the binaries are needed; the index (~25 MB) and the .deb (~30 MB) are not kept.
+    rm -rf "$stage" "$aptdir"
+}
+
+mkdir -p "$PREFIX/bin"
+have="$(containerd_version "$PREFIX/bin/containerd" 2>/dev/null || true)"
+if version_ok "$have"; then
+    log "containerd $have present in $PREFIX/bin"
+else
+    sys_containerd="$(command -v containerd 2>/dev/null || true)"
+    sys_version=""
+    [[ -n "$sys_containerd" && "$sys_containerd" != "$PREFIX/bin/containerd" ]] \
+        && sys_version="$(containerd_version "$sys_containerd")"
+    if version_ok "$sys_version" && command -v ctr >/dev/null && command -v containerd-shim-runc-v2 >/dev/null; then
+        log "using the system containerd $sys_version ($sys_containerd)"
+        for b in containerd ctr containerd-shim-runc-v2; do
+            ln -sfn "$(command -v "$b")" "$PREFIX/bin/$b"
+        done
+        printf 'containerd %s\nsource system %s\n' "$sys_version" "$sys_containerd" >"$PREFIX/containerd.version"
+    else
+        install_containerd_from_unstable
+    fi
+    have="$(containerd_version "$PREFIX/bin/containerd")"
+    version_ok "$have" || die "containerd in $PREFIX/bin is '${have:-missing}', need >= $MIN_CONTAINERD"
+    log "containerd $have installed in $PREFIX/bin"
+fi
+
+# ---------------------------------------------------------------------------------------------
+# 3. Python venv with the project installed editable
+# ---------------------------------------------------------------------------------------------
+# Component folders each hold one part of the `kuasar` namespace package (no kuasar/__init__.py).
+COMPONENTS=(common runc-sandboxer wasm-sandboxer vmm-sandboxer quark-sandboxer vm-agent)
+STAMP="$VENV/.kuasar-setup-stamp"
+want_stamp="$(sha256sum <"$ROOT/pyproject.toml" | cut -d' ' -f1)"
+
+# True when the venv imports kuasar.common and every component's `kuasar/<sub>` folder is what the
+# venv resolves `kuasar.<sub>` to (run from / so the repo's cwd does not count).
+venv_imports_ok() {
+    [[ -x "$VENV/bin/python" ]] || return 1
+    (cd / && "$VENV/bin/python" - "$ROOT" "${COMPONENTS[@]}" <<'PYEOF'
+import importlib.util, os, sys
+root, comps = sys.argv[1], sys.argv[2:]
+import kuasar.common  # noqa: F401
+bad = []
+for comp in comps:
+    base = os.path.join(root, comp, "kuasar")
+    if not os.path.isdir(base):
+        continue
+    for sub in sorted(os.listdir(base)):
+        folder = os.path.join(base, sub)
+        if not os.path.isdir(folder) or not sub.isidentifier():
+            continue
+        spec = importlib.util.find_spec(f"kuasar.{sub}")
+        where = {os.path.realpath(p) for p in (spec.submodule_search_locations or [])} if spec else set()
+        if os.path.realpath(folder) not in where:
+            bad.append(f"kuasar.{sub} -> {sorted(where)} (want {folder})")
+if bad:
+    sys.exit("wrong kuasar namespace: " + "; ".join(bad))
+PYEOF
+    ) >/dev/null 2>&1
+}
+
+# Last-resort install, used only when setuptools cannot build the project editable: the dependencies
+# from pyproject.toml, a .pth that puts every component folder on sys.path (PEP 420 then merges
+# their `kuasar/` portions into one namespace package), and wrappers for [project.scripts].
+install_without_build() {
+    local site reqs
+    site="$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+    reqs="$("$VENV/bin/python" - "$ROOT/pyproject.toml" <<'PYEOF'
+import sys, tomllib
+project = tomllib.load(open(sys.argv[1], "rb"))["project"]
+print("\n".join(project.get("dependencies", []) + project.get("optional-dependencies", {}).get("dev", [])))
+PYEOF
+)"
+    "$VENV/bin/python" -m pip uninstall -q -y kuasar-py >/dev/null 2>&1 || true
+    # shellcheck disable=SC2086
+    "$VENV/bin/python" -m pip install -q $reqs >>"$VENV/.kuasar-pip.log" 2>&1 \
+        || { tail -n 20 "$VENV/.kuasar-pip.log" >&2; die "pip install of the dependencies failed"; }
+    for c in "${COMPONENTS[@]}"; do
+        [[ -d "$ROOT/$c" ]] && echo "$ROOT/$c"
+    done >"$site/kuasar-components.pth"
+    "$VENV/bin/python" - "$ROOT/pyproject.toml" "$VENV/bin" <<'PYEOF'
+import os, sys, tomllib
+scripts = tomllib.load(open(sys.argv[1], "rb"))["project"].get("scripts", {})
+for name, target in scripts.items():
+    module, func = target.split(":")
+    path = os.path.join(sys.argv[2], name)
+    with open(path, "w") as f:
+        f.write(f"#!{sys.argv[2]}/python\nimport sys\nfrom {module} import {func}\nsys.exit({func}())\n")
+    os.chmod(path, 0o755)
+PYEOF
+}
+
+if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$want_stamp" ]] && venv_imports_ok; then
+    log "venv up to date ($VENV)"
+else
+    if [[ ! -x "$VENV/bin/python" ]] || ! "$VENV/bin/python" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
+        log "creating venv $VENV with $PY ($("$PY" --version 2>&1))"
+        rm -rf "$VENV"
+        "$PY" -m venv "$VENV"
+    fi
+    site="$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+    rm -f "$site/kuasar-components.pth"
+    log "pip install -e '.[dev]' (this takes a while the first time)"
+    "$VENV/bin/python" -m pip install -q --upgrade pip setuptools wheel >/dev/null 2>&1 \
+        || log "WARNING: could not upgrade pip/setuptools/wheel in the venv"
+    # Editable installs of a namespace package spread over several folders are fragile:
+    #  * setuptools' `packages.find` with several `where` folders maps the top-level `kuasar` to the
+    #    LAST folder only, so unless pyproject maps each `kuasar.<component>` in [tool.setuptools.
+    #    package-dir], the build itself fails ("package directory 'vm-agent/kuasar/common' does not
+    #    exist");
+    #  * the default ("lenient") editable mode installs an import hook mapping each package found at
+    #    install time; a component missing from that mapping is silently invisible.
+    # So after pip we check that every `<component>/kuasar/<sub>` folder is what `kuasar.<sub>`
+    # resolves to. If not, we retry in "compat" mode (a .pth with the `where` folders), and as a
+    # last resort install the dependencies and put the component folders on sys.path ourselves.
+    piplog="$VENV/.kuasar-pip.log"
+    : >"$piplog"
+    if (cd "$ROOT" && "$VENV/bin/python" -m pip install -q -e '.[dev]') >>"$piplog" 2>&1 && venv_imports_ok; then
+        :
+    elif (cd "$ROOT" && "$VENV/bin/python" -m pip install -q -e '.[dev]' \
+              --config-settings editable_mode=compat) >>"$piplog" 2>&1 && venv_imports_ok; then
+        log "installed in setuptools' compat editable mode (default mode failed, see $piplog)"
+    else
+        grep -E '^\s*error:' "$piplog" | sort -u | sed 's/^\s*/setup:   pip: /' || true
+        log "WARNING: setuptools cannot build the project editable (see $piplog);"
+        log "WARNING: installing the dependencies and a .pth over the component folders instead"
+        install_without_build
+    fi
+    venv_imports_ok || die "the venv cannot import kuasar.common / the kuasar namespace is incomplete"
+    echo "$want_stamp" >"$STAMP"
+    log "venv ready ($VENV)"
+fi
+
+# ---------------------------------------------------------------------------------------------
+# 4. Generated stubs
+# ---------------------------------------------------------------------------------------------
+"$VENV/bin/python" "$ROOT/scripts/gen_protos.py"
+log "done (containerd $have, $("$VENV/bin/python" --version 2>&1))"

@@ -1,0 +1,115 @@
+"""A real containerd 2.x with runc-sandboxer as its `runc` proxy sandboxer, shared by a test module.
+
+Needs root (namespaces, mounts, cgroups) and `make setup` (containerd 2.x in the project prefix).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.support import containerd as cd
+from tests.support import images
+
+REPO = Path(__file__).resolve().parents[2]
+BUSYBOX = "localhost/kuasar/busybox:latest"
+HANDLER = "kuasar-runc"
+
+
+def integration_skip_reason() -> str | None:
+    if os.geteuid() != 0:
+        return "integration tests need root (namespaces, mounts, cgroups)"
+    return cd.skip_reason()
+
+
+@dataclass
+class Stack:
+    containerd: cd.ContainerdInstance
+    sandboxer: subprocess.Popen
+    sandboxer_socket: Path
+    sandboxer_dir: Path
+    sandboxer_log: Path
+    log_dir: Path
+
+    @property
+    def address(self) -> str:
+        return self.containerd.address
+
+    def run(self, coro):
+        return asyncio.run(coro)
+
+
+def start_sandboxer(socket: Path, directory: Path, log_path: Path, events_address: str) -> subprocess.Popen:
+    log = open(log_path, "ab")  # noqa: SIM115 - handed to the child
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kuasar.runc.cli", "--listen", str(socket), "--dir", str(directory),
+         "--log-level", "debug", "--events-address", events_address],
+        stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+    log.close()
+    deadline = time.monotonic() + 30
+    while not socket.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"runc-sandboxer did not start; see {log_path}:\n{log_path.read_text()[-3000:]}")
+        time.sleep(0.05)
+    return proc
+
+
+def stop_process(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
+def kill_task_server(directory: Path) -> None:
+    pid_file = directory / "task-server.pid"
+    if pid_file.exists():
+        try:
+            os.kill(int(pid_file.read_text()), signal.SIGKILL)
+        except (ProcessLookupError, ValueError):
+            pass
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    reason = integration_skip_reason()
+    if reason:
+        pytest.skip(reason)
+    base = tmp_path_factory.mktemp("stack")
+    short = Path(f"/run/kuasar-it-{secrets.token_hex(3)}")
+    short.mkdir(mode=0o700)
+    sandboxer_socket = short / "runc.sock"
+    sandboxer_dir = short / "runc"
+    image_dir = base / "images"
+    busybox_tar = images.build_busybox_image(image_dir / "busybox.tar", ref=BUSYBOX)
+    pause_tar = images.build_pause_image(image_dir / "pause.tar")
+    instance = cd.ContainerdInstance(base / "containerd", sandboxers={"runc": str(sandboxer_socket)},
+                                     log_level="info")
+    instance.start()
+    sandboxer = None
+    try:
+        instance.import_image(busybox_tar)
+        instance.import_image(pause_tar)
+        sandboxer_log = base / "runc-sandboxer.log"
+        sandboxer = start_sandboxer(sandboxer_socket, sandboxer_dir, sandboxer_log, instance.ttrpc_address)
+        yield Stack(instance, sandboxer, sandboxer_socket, sandboxer_dir, sandboxer_log, base / "logs")
+    finally:
+        instance.stop()
+        if sandboxer is not None:
+            stop_process(sandboxer)
+        kill_task_server(sandboxer_dir)
+        shutil.rmtree(short, ignore_errors=True)

@@ -1,0 +1,96 @@
+"""Small CRI steps shared by the integration tests (all through containerd's real CRI plugin)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+import uuid
+from pathlib import Path
+
+import psutil
+
+from kuasar.common.api.runtime.v1 import api_pb2 as cri
+from kuasar.common.cri_client import CriClient, container_config, pod_config
+
+BUSYBOX = "localhost/kuasar/busybox:latest"
+HANDLER = "kuasar-runc"
+
+
+async def run_pod(client: CriClient, name: str, log_root: Path, **kwargs) -> tuple[str, cri.PodSandboxConfig]:
+    uid = uuid.uuid4().hex[:12]
+    config = pod_config(name, uid=uid, log_directory=str(log_root / f"{name}-{uid}"), **kwargs)
+    response = await client.run_pod_sandbox(config, runtime_handler=HANDLER)
+    return response.pod_sandbox_id, config
+
+
+async def start_container(client: CriClient, pod_id: str, pod: cri.PodSandboxConfig, name: str,
+                          command: list[str], **kwargs) -> str:
+    config = container_config(name, BUSYBOX, command, log_path=f"{name}.log", **kwargs)
+    cid = (await client.create_container(pod_id, config, pod)).container_id
+    await client.start_container(cid)
+    return cid
+
+
+async def wait_state(client: CriClient, cid: str, state: int, timeout: float = 30.0) -> cri.ContainerStatus:
+    deadline = time.monotonic() + timeout
+    while True:
+        status = (await client.container_status(cid)).status
+        if status.state == state:
+            return status
+        if time.monotonic() > deadline:
+            raise AssertionError(f"container {cid} stayed {cri.ContainerState.Name(status.state)}")
+        await asyncio.sleep(0.05)
+
+
+def log_text(pod: cri.PodSandboxConfig, name: str) -> str:
+    """The CRI log's payload lines (`<time> <stream> <tag> <text>`), text only."""
+    path = Path(pod.log_directory) / f"{name}.log"
+    lines = path.read_text().splitlines() if path.exists() else []
+    return "\n".join(line.split(" ", 3)[3] for line in lines if line.count(" ") >= 3)
+
+
+async def wait_log(pod: cri.PodSandboxConfig, name: str, needle: str, timeout: float = 10.0) -> str:
+    deadline = time.monotonic() + timeout
+    while needle not in (text := log_text(pod, name)):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{needle!r} not in log of {name}: {text!r}")
+        await asyncio.sleep(0.05)
+    return text
+
+
+async def remove_pod(client: CriClient, pod_id: str) -> None:
+    await client.stop_pod_sandbox(pod_id)
+    await client.remove_pod_sandbox(pod_id)
+
+
+def pod_processes() -> list[psutil.Process]:
+    found = []
+    for proc in psutil.process_iter(["name"]):
+        if (proc.info["name"] or "").startswith("pod-"):
+            found.append(proc)
+    return found
+
+
+def mounts_containing(fragment: str) -> list[str]:
+    with open("/proc/self/mountinfo") as f:
+        return [line.split()[4] for line in f if fragment in line.split()[4]]
+
+
+def children_of(pid: int) -> list[int]:
+    try:
+        return [p.pid for p in psutil.Process(pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def task_server_pid(directory: Path) -> int:
+    return int((directory / "task-server.pid").read_text())
+
+
+def exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False

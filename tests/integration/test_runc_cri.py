@@ -1,0 +1,149 @@
+"""runc-sandboxer under a real containerd 2.x, driven through CRI like kubelet drives it."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import grpc
+import pytest
+
+from kuasar.common.api.runtime.v1 import api_pb2 as cri
+from kuasar.common.cri_client import CriClient
+
+from .conftest import Stack
+from .cri_helpers import (children_of, log_text, mounts_containing, pod_processes, remove_pod, run_pod,
+                          start_container, task_server_pid, wait_log, wait_state)
+
+pytestmark = pytest.mark.integration
+
+
+def test_container_output_reaches_cri_log_and_pod_is_served_without_pause(stack: Stack) -> None:
+    async def scenario() -> None:
+        async with CriClient(stack.address) as client:
+            pod_id, pod = await run_pod(client, "hello", stack.log_dir)
+            status = (await client.pod_sandbox_status(pod_id)).status
+            assert status.state == cri.SANDBOX_READY
+            cid = await start_container(client, pod_id, pod, "hello",
+                                        ["sh", "-c", "echo hello-from-kuasar; echo to-stderr >&2"])
+            exited = await wait_state(client, cid, cri.CONTAINER_EXITED)
+            assert exited.exit_code == 0
+            text = await wait_log(pod, "hello", "to-stderr")
+            assert "hello-from-kuasar" in text
+            # 1:N: no shim and no pause container for this pod, only the task server's children.
+            server = task_server_pid(stack.sandboxer_dir)
+            assert any(p.info["name"].startswith("pod-") for p in pod_processes())
+            assert all(p.ppid() == server for p in pod_processes())
+            await client.remove_container(cid)
+            await remove_pod(client, pod_id)
+
+    stack.run(scenario())
+
+
+def test_exit_codes_are_reported(stack: Stack) -> None:
+    async def scenario() -> None:
+        async with CriClient(stack.address) as client:
+            pod_id, pod = await run_pod(client, "codes", stack.log_dir)
+            seven = await start_container(client, pod_id, pod, "seven", ["sh", "-c", "exit 7"])
+            killed = await start_container(client, pod_id, pod, "killed", ["sh", "-c", "kill -9 $$"])
+            assert (await wait_state(client, seven, cri.CONTAINER_EXITED)).exit_code == 7
+            assert (await wait_state(client, killed, cri.CONTAINER_EXITED)).exit_code == 137
+            await remove_pod(client, pod_id)
+
+    stack.run(scenario())
+
+
+def test_exec_sync_returns_output_and_exit_code(stack: Stack) -> None:
+    async def scenario() -> None:
+        async with CriClient(stack.address) as client:
+            pod_id, pod = await run_pod(client, "exec", stack.log_dir)
+            cid = await start_container(client, pod_id, pod, "sleeper", ["sleep", "3600"])
+            await wait_state(client, cid, cri.CONTAINER_RUNNING)
+            result = await client.exec_sync(cid, ["sh", "-c", "echo out-$((6*7)); echo err >&2; exit 3"],
+                                            timeout=20)
+            assert result.exit_code == 3
+            assert result.stdout == b"out-42\n"
+            assert result.stderr == b"err\n"
+            ok = await client.exec_sync(cid, ["cat", "/etc/hostname"], timeout=20)
+            assert ok.exit_code == 0
+            await remove_pod(client, pod_id)
+
+    stack.run(scenario())
+
+
+def test_stop_sends_sigterm_then_sigkill(stack: Stack) -> None:
+    async def scenario() -> None:
+        async with CriClient(stack.address) as client:
+            pod_id, pod = await run_pod(client, "stop", stack.log_dir)
+            polite = await start_container(client, pod_id, pod, "polite",
+                                           ["sh", "-c", "trap 'echo got-term; exit 143' TERM; "
+                                                        "while true; do sleep 0.1; done"])
+            stubborn = await start_container(client, pod_id, pod, "stubborn",
+                                             ["sh", "-c", "trap '' TERM; while true; do sleep 0.1; done"])
+            await wait_state(client, polite, cri.CONTAINER_RUNNING)
+            await wait_state(client, stubborn, cri.CONTAINER_RUNNING)
+            await client.stop_container(polite, timeout=10)
+            assert (await client.container_status(polite)).status.exit_code == 143
+            assert "got-term" in log_text(pod, "polite")
+            await client.stop_container(stubborn, timeout=1)
+            assert (await client.container_status(stubborn)).status.exit_code == 137
+            await client.remove_container(polite)
+            await client.remove_container(stubborn)
+            await remove_pod(client, pod_id)
+
+    stack.run(scenario())
+
+
+def test_two_pods_side_by_side_have_their_own_namespaces(stack: Stack) -> None:
+    async def scenario() -> None:
+        async with CriClient(stack.address) as client:
+            pods = []
+            for name in ("left", "right"):
+                pod_id, pod = await run_pod(client, name, stack.log_dir, host_network=False, hostname=name)
+                cid = await start_container(client, pod_id, pod, "main", ["sleep", "3600"])
+                await wait_state(client, cid, cri.CONTAINER_RUNNING)
+                pods.append((pod_id, pod, cid))
+            seen = []
+            for _, _, cid in pods:
+                host = await client.exec_sync(cid, ["hostname"], timeout=20)
+                addr = await client.exec_sync(cid, ["ip", "-4", "-o", "addr", "show", "eth0"], timeout=20)
+                assert addr.exit_code == 0, addr.stderr
+                seen.append((host.stdout.strip(), addr.stdout.split()[3]))
+            assert [h for h, _ in seen] == [b"left", b"right"]
+            assert seen[0][1] != seen[1][1]
+            statuses = [(await client.pod_sandbox_status(p)).status for p, _, _ in pods]
+            assert all(s.network.ip for s in statuses)
+            for pod_id, _, _ in pods:
+                await remove_pod(client, pod_id)
+
+    stack.run(scenario())
+
+
+def test_pod_stop_kills_containers_and_remove_leaves_nothing(stack: Stack) -> None:
+    cgroup_parent = f"kuasar-it-{os.getpid()}/pod-a"
+
+    async def scenario() -> None:
+        async with CriClient(stack.address) as client:
+            pod_id, pod = await run_pod(client, "teardown", stack.log_dir, cgroup_parent=cgroup_parent)
+            cid = await start_container(client, pod_id, pod, "main", ["sleep", "3600"])
+            await wait_state(client, cid, cri.CONTAINER_RUNNING)
+            assert Path("/sys/fs/cgroup/memory", cgroup_parent).is_dir()
+            await client.stop_pod_sandbox(pod_id)
+            assert (await client.container_status(cid)).status.state == cri.CONTAINER_EXITED
+            assert (await client.pod_sandbox_status(pod_id)).status.state == cri.SANDBOX_NOTREADY
+            await client.remove_pod_sandbox(pod_id)
+            with pytest.raises(grpc.aio.AioRpcError):
+                await client.pod_sandbox_status(pod_id)
+
+    stack.run(scenario())
+    assert not Path("/sys/fs/cgroup/memory", cgroup_parent.split("/")[0]).exists()
+    assert_nothing_left(stack)
+
+
+def assert_nothing_left(stack: Stack) -> None:
+    assert pod_processes() == []
+    assert list((stack.sandboxer_dir / "sandboxes").iterdir()) == []
+    assert mounts_containing("io.containerd.runtime.v2.task") == []
+    assert list((stack.sandboxer_dir / "console").iterdir()) == []
+    server = task_server_pid(stack.sandboxer_dir)
+    assert children_of(server) == []

@@ -1,0 +1,201 @@
+"""The shared Sandbox API server and controller, over a real gRPC unix socket, with an in-memory
+sandbox type (the runtime side is covered by the integration tests)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import stat
+from pathlib import Path
+
+import grpc
+import pytest
+from google.protobuf import any_pb2
+
+from kuasar.common.api.containerd.services.sandbox.v1 import sandbox_pb2 as pb
+from kuasar.common.api.containerd.services.sandbox.v1 import sandbox_pb2_grpc as pb_grpc
+from kuasar.common.api.runtime.v1 import api_pb2 as cri
+from kuasar.common.controller import SandboxController
+from kuasar.common.sandbox_api import SandboxApiServer
+from kuasar.common.sandboxer import ExitInfo, Sandboxer, SandboxRecord, StartResult
+
+SID = "a" * 64
+
+
+class MemorySandboxer(Sandboxer):
+    name = "memory"
+
+    def __init__(self) -> None:
+        self.exits: dict[str, asyncio.Future[ExitInfo]] = {}
+        self.shut: list[str] = []
+        self.start_delay = 0.0
+
+    async def create(self, record: SandboxRecord) -> None:
+        pass
+
+    async def start(self, record: SandboxRecord) -> StartResult:
+        await asyncio.sleep(self.start_delay)
+        self.exits[record.id] = asyncio.get_running_loop().create_future()
+        return StartResult(pid=4242, address="ttrpc+unix:///run/x/task.sock")
+
+    async def wait(self, record: SandboxRecord) -> ExitInfo:
+        return await self.exits[record.id]
+
+    async def stop(self, record: SandboxRecord, timeout: float) -> None:
+        future = self.exits[record.id]
+        if not future.done():
+            future.set_result(ExitInfo(137))
+
+    async def shutdown(self, record: SandboxRecord) -> None:
+        self.shut.append(record.id)
+
+    async def metrics(self, record: SandboxRecord) -> any_pb2.Any:
+        return any_pb2.Any(type_url="test.Metrics", value=b"\x08\x01")
+
+    async def recover(self, records: list[SandboxRecord]) -> None:
+        for record in records:
+            if record.state == "ready":
+                self.exits[record.id] = asyncio.get_running_loop().create_future()
+
+
+def create_request(sandbox_id: str = SID) -> pb.ControllerCreateRequest:
+    config = cri.PodSandboxConfig(hostname="h")
+    config.metadata.name = "pod"
+    request = pb.ControllerCreateRequest(sandbox_id=sandbox_id, sandboxer="memory", netns_path="")
+    request.options.type_url = "runtime.v1.PodSandboxConfig"
+    request.options.value = config.SerializeToString()
+    request.sandbox.extensions["metadata"].value = b'{"Version":"v1"}'
+    return request
+
+
+async def with_server(tmp_path: Path, body, sandboxer: MemorySandboxer | None = None) -> None:
+    sandboxer = sandboxer or MemorySandboxer()
+    controller = SandboxController(sandboxer, tmp_path / "state")
+    await controller.recover()
+    server = SandboxApiServer(controller, tmp_path / "api.sock")
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"unix://{tmp_path / 'api.sock'}") as channel:
+            await body(pb_grpc.ControllerStub(channel), sandboxer, controller)
+    finally:
+        await server.stop(0)
+        await controller.close()
+
+
+def run(tmp_path: Path, body, sandboxer: MemorySandboxer | None = None) -> None:
+    asyncio.run(with_server(tmp_path, body, sandboxer))
+
+
+async def expect_code(call, code: grpc.StatusCode) -> str:
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await call
+    assert info.value.code() == code, info.value.details()
+    return info.value.details()
+
+
+def test_full_lifecycle_reports_ready_then_exit_137(tmp_path: Path) -> None:
+    async def body(stub, sandboxer, controller):
+        await stub.Create(create_request())
+        started = await stub.Start(pb.ControllerStartRequest(sandbox_id=SID))
+        assert (started.pid, started.address, started.version) == (4242, "ttrpc+unix:///run/x/task.sock", 3)
+        status = await stub.Status(pb.ControllerStatusRequest(sandbox_id=SID))
+        assert status.state == "SANDBOX_READY" and status.version == 3
+        platform = await stub.Platform(pb.ControllerPlatformRequest(sandbox_id=SID))
+        assert platform.platform.os == "linux" and platform.platform.architecture in ("amd64", "arm64")
+        waiter = asyncio.ensure_future(stub.Wait(pb.ControllerWaitRequest(sandbox_id=SID)))
+        await asyncio.sleep(0.05)
+        assert not waiter.done()
+        await stub.Stop(pb.ControllerStopRequest(sandbox_id=SID))
+        assert (await waiter).exit_status == 137
+        status = await stub.Status(pb.ControllerStatusRequest(sandbox_id=SID))
+        assert status.state == "SANDBOX_NOTREADY" and status.exited_at.seconds > 0
+        await stub.Stop(pb.ControllerStopRequest(sandbox_id=SID))  # idempotent
+        metrics = await stub.Metrics(pb.ControllerMetricsRequest(sandbox_id=SID))
+        assert metrics.metrics.data.type_url == "test.Metrics"
+        await stub.Shutdown(pb.ControllerShutdownRequest(sandbox_id=SID))
+        assert sandboxer.shut == [SID]
+        await expect_code(stub.Status(pb.ControllerStatusRequest(sandbox_id=SID)), grpc.StatusCode.NOT_FOUND)
+        assert list((tmp_path / "state").iterdir()) == []
+
+    run(tmp_path, body)
+
+
+def test_unknown_ids_not_found_except_stop_and_shutdown(tmp_path: Path) -> None:
+    async def body(stub, sandboxer, controller):
+        for call in (stub.Start(pb.ControllerStartRequest(sandbox_id=SID)),
+                     stub.Status(pb.ControllerStatusRequest(sandbox_id=SID)),
+                     stub.Wait(pb.ControllerWaitRequest(sandbox_id=SID)),
+                     stub.Platform(pb.ControllerPlatformRequest(sandbox_id=SID)),
+                     stub.Metrics(pb.ControllerMetricsRequest(sandbox_id=SID)),
+                     stub.Update(pb.ControllerUpdateRequest(sandbox_id=SID))):
+            await expect_code(call, grpc.StatusCode.NOT_FOUND)
+        await stub.Stop(pb.ControllerStopRequest(sandbox_id=SID))
+        await stub.Shutdown(pb.ControllerShutdownRequest(sandbox_id=SID))
+
+    run(tmp_path, body)
+
+
+@pytest.mark.parametrize("bad", ["../../etc", "a/b", "", "x" * 77, "-lead", "sp ace"])
+def test_invalid_ids_are_rejected_and_change_nothing(tmp_path: Path, bad: str) -> None:
+    async def body(stub, sandboxer, controller):
+        await expect_code(stub.Create(create_request(bad)), grpc.StatusCode.INVALID_ARGUMENT)
+        assert list((tmp_path / "state").iterdir()) == []
+
+    run(tmp_path, body)
+
+
+def test_garbage_pod_config_is_kept_opaque_but_missing_id_is_invalid(tmp_path: Path) -> None:
+    async def body(stub, sandboxer, controller):
+        await expect_code(stub.Start(pb.ControllerStartRequest()), grpc.StatusCode.INVALID_ARGUMENT)
+        bad = create_request()
+        bad.sandbox.extensions["metadata"].value = b"{not json"
+        await expect_code(stub.Create(bad), grpc.StatusCode.INVALID_ARGUMENT)
+
+    run(tmp_path, body)
+
+
+def test_concurrent_create_of_same_id_has_one_winner(tmp_path: Path) -> None:
+    async def body(stub, sandboxer, controller):
+        results = await asyncio.gather(*(stub.Create(create_request()) for _ in range(5)),
+                                       return_exceptions=True)
+        errors = [r for r in results if isinstance(r, grpc.aio.AioRpcError)]
+        assert len(errors) == 4
+        assert {e.code() for e in errors} == {grpc.StatusCode.ALREADY_EXISTS}
+
+    run(tmp_path, body)
+
+
+def test_stop_during_start_is_consistent(tmp_path: Path) -> None:
+    sandboxer = MemorySandboxer()
+    sandboxer.start_delay = 0.2
+
+    async def body(stub, sandboxer, controller):
+        await stub.Create(create_request())
+        start = asyncio.ensure_future(stub.Start(pb.ControllerStartRequest(sandbox_id=SID)))
+        await asyncio.sleep(0.05)
+        await stub.Stop(pb.ControllerStopRequest(sandbox_id=SID))
+        await start
+        status = await stub.Status(pb.ControllerStatusRequest(sandbox_id=SID))
+        assert status.state == "SANDBOX_NOTREADY"
+        assert (await stub.Wait(pb.ControllerWaitRequest(sandbox_id=SID))).exit_status == 137
+
+    run(tmp_path, body, sandboxer)
+
+
+def test_socket_is_private_and_state_survives_restart(tmp_path: Path) -> None:
+    async def first(stub, sandboxer, controller):
+        mode = stat.S_IMODE(os.stat(tmp_path / "api.sock").st_mode)
+        assert mode == 0o600
+        await stub.Create(create_request())
+        await stub.Start(pb.ControllerStartRequest(sandbox_id=SID))
+
+    async def second(stub, sandboxer, controller):
+        status = await stub.Status(pb.ControllerStatusRequest(sandbox_id=SID))
+        assert status.state == "SANDBOX_READY" and status.pid == 4242
+        waiter = asyncio.ensure_future(stub.Wait(pb.ControllerWaitRequest(sandbox_id=SID)))
+        await asyncio.sleep(0.05)
+        sandboxer.exits[SID].set_result(ExitInfo(3))
+        assert (await waiter).exit_status == 3
+
+    run(tmp_path, first)
+    run(tmp_path, second)

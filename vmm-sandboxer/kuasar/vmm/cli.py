@@ -1,0 +1,12 @@
+"""`vmm-sandboxer` entry point. The component is planned, not built: it says so and exits non-zero."""
+
+from __future__ import annotations
+
+import sys
+
+from kuasar.common.cli import not_implemented_command
+
+main = not_implemented_command("vmm-sandboxer", "micro-VM pods (QEMU)")
+
+if __name__ == "__main__":
+    sys.exit(main())
