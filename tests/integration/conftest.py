@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
 import pytest
 
 from tests.support import containerd as cd
@@ -76,12 +77,21 @@ def stop_process(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
 
 
 def kill_task_server(directory: Path) -> None:
+    """Last-resort teardown: the task server and everything under it (pods, containers)."""
     pid_file = directory / "task-server.pid"
-    if pid_file.exists():
+    if not pid_file.exists():
+        return
+    try:
+        server = psutil.Process(int(pid_file.read_text()))
+        victims = [*server.children(recursive=True), server]
+    except (psutil.NoSuchProcess, ValueError):
+        return
+    for proc in victims:
         try:
-            os.kill(int(pid_file.read_text()), signal.SIGKILL)
-        except (ProcessLookupError, ValueError):
+            proc.kill()
+        except psutil.NoSuchProcess:
             pass
+    psutil.wait_procs(victims, timeout=10)
 
 
 @pytest.fixture(scope="module")

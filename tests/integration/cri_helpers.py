@@ -66,8 +66,9 @@ async def remove_pod(client: CriClient, pod_id: str) -> None:
 
 def pod_processes() -> list[psutil.Process]:
     found = []
-    for proc in psutil.process_iter(["name"]):
-        if (proc.info["name"] or "").startswith("pod-"):
+    for proc in psutil.process_iter(["name", "status"]):
+        # Zombies only wait for this machine's PID 1 to reap them; they hold nothing.
+        if (proc.info["name"] or "").startswith("pod-") and proc.info["status"] != psutil.STATUS_ZOMBIE:
             found.append(proc)
     return found
 

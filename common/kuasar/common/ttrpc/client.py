@@ -74,6 +74,12 @@ class TtrpcClient:
     def closed(self) -> bool:
         return self._error is not None
 
+    async def __aenter__(self) -> TtrpcClient:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
     # `timeout` is a parameter, not left to an enclosing asyncio.timeout, because it also goes on
     # the wire (timeout_nano) so the server can give up too; hence the ASYNC109 waivers.
     @overload

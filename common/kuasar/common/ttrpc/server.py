@@ -15,9 +15,9 @@ from types import MappingProxyType
 
 from google.protobuf.message import DecodeError, Message
 from kuasar.common.api.ttrpc import request_pb2
-from kuasar.common.errors import AlreadyExists, Code, Internal, InvalidArgument, KuasarError
+from kuasar.common.errors import AlreadyExists, Code, Internal, InvalidArgument, KuasarError, from_code
 
-from .connection import NewRequest, ServerConnection, StreamData, status_response
+from .connection import NewRequest, ServerConnection, StreamClosed, StreamData, status_response
 from .frames import Flag, ProtocolError
 from .inbox import Inbox
 
@@ -175,7 +175,7 @@ class _ServerConn:
                 await self.write(self.proto.send_data(sid, None, end=True))
             else:
                 await self.write(self._encode_response(sid, response))
-        except OSError as err:
+        except (OSError, StreamClosed) as err:
             log.debug("ttrpc connection %d: reply to /%s/%s lost: %s", self.id, req.service, req.method, err)
 
     async def _invoke(self, event: NewRequest, route: _Route | None, stream: ServerStream | None) -> bytes:
@@ -183,7 +183,7 @@ class _ServerConn:
         req = event.request
         if route is None:
             what = f"method {req.method}" if req.service in self.server._routes else f"service {req.service}"
-            raise _status(Code.UNIMPLEMENTED, what)
+            raise from_code(Code.UNIMPLEMENTED, what)
         ctx = self._context(req)
         scope = asyncio.timeout_at(ctx.deadline)
         try:
@@ -205,14 +205,14 @@ class _ServerConn:
             raise
         except TimeoutError as err:
             if scope.expired():
-                raise _status(Code.DEADLINE_EXCEEDED, "deadline exceeded") from None
+                raise from_code(Code.DEADLINE_EXCEEDED, "deadline exceeded") from None
             raise self._unknown(req, err) from err
         except Exception as err:
             raise self._unknown(req, err) from err
 
     def _unknown(self, req: request_pb2.Request, err: Exception) -> KuasarError:
         log.error("ttrpc /%s/%s failed", req.service, req.method, exc_info=err)
-        return _status(Code.UNKNOWN, str(err))
+        return from_code(Code.UNKNOWN, str(err))
 
     def _context(self, req: request_pb2.Request) -> Context:
         metadata: dict[str, list[str]] = {}
@@ -250,12 +250,6 @@ class _ServerConn:
     def abort(self) -> None:
         """Drop the transport; the reader then sees EOF and runs the normal shutdown."""
         self.writer.transport.abort()
-
-
-def _status(code: Code, message: str) -> KuasarError:
-    err = KuasarError(message)
-    err.code = code
-    return err
 
 
 class TtrpcServer:
