@@ -107,7 +107,10 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     image_dir = base / "images"
     busybox_tar = images.build_busybox_image(image_dir / "busybox.tar", ref=BUSYBOX)
     pause_tar = images.build_pause_image(image_dir / "pause.tar")
+    # A bridge and subnet of its own, so test stacks (and benchmarks) can run side by side.
+    token = secrets.randbelow(50)
     instance = cd.ContainerdInstance(base / "containerd", sandboxers={"runc": str(sandboxer_socket)},
+                                     bridge=f"kuasar-it{token}", subnet=f"10.{200 + token}.0.0/16",
                                      log_level="info")
     instance.start()
     sandboxer = None
@@ -122,4 +125,6 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         if sandboxer is not None:
             stop_process(sandboxer)
         kill_task_server(sandboxer_dir)
+        if (sandboxer_dir / "task-server.log").exists():  # keep it for post-mortems
+            shutil.copy(sandboxer_dir / "task-server.log", base / "task-server.log")
         shutil.rmtree(short, ignore_errors=True)

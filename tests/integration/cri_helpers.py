@@ -95,3 +95,38 @@ def exists(pid: int) -> bool:
         return True
     except ProcessLookupError:
         return False
+
+
+# Kubernetes' streaming protocol over WebSocket: one byte of channel, then the payload.
+STDIN, STDOUT, STDERR, ERROR, RESIZE = range(5)
+
+
+async def exec_over_websocket(url: str, stdin: bytes = b"", resize: tuple[int, int] | None = None,
+                              timeout: float = 20.0) -> tuple[bytes, str]:
+    """Run a CRI Exec session at `url` (from Exec) and return (stdout, error channel text)."""
+    import json
+
+    import websockets
+
+    ws_url = url.replace("http://", "ws://", 1)
+    out, error = b"", ""
+    async with asyncio.timeout(timeout):
+        async with websockets.connect(ws_url, subprotocols=["v4.channel.k8s.io"],
+                                      max_size=None) as ws:
+            if resize is not None:
+                width, height = resize
+                await ws.send(bytes([RESIZE]) + json.dumps({"Width": width, "Height": height}).encode())
+            if stdin:
+                await ws.send(bytes([STDIN]) + stdin)
+            try:
+                async for message in ws:
+                    data = message if isinstance(message, bytes) else message.encode()
+                    if not data:
+                        continue
+                    if data[0] in (STDOUT, STDERR):
+                        out += data[1:]
+                    elif data[0] == ERROR:
+                        error += data[1:].decode(errors="replace")
+            except websockets.ConnectionClosed:
+                pass
+    return out, error

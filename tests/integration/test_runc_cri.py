@@ -12,8 +12,19 @@ from kuasar.common.api.runtime.v1 import api_pb2 as cri
 from kuasar.common.cri_client import CriClient
 
 from .conftest import Stack
-from .cri_helpers import (children_of, log_text, mounts_containing, pod_processes, remove_pod, run_pod,
-                          start_container, task_server_pid, wait_log, wait_state)
+from .cri_helpers import (
+    children_of,
+    exec_over_websocket,
+    log_text,
+    mounts_containing,
+    pod_processes,
+    remove_pod,
+    run_pod,
+    start_container,
+    task_server_pid,
+    wait_log,
+    wait_state,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -148,3 +159,40 @@ def assert_nothing_left(stack: Stack) -> None:
     assert list((stack.sandboxer_dir / "console").iterdir()) == []
     server = task_server_pid(stack.sandboxer_dir)
     assert children_of(server) == []
+
+
+def test_terminal_exec_gets_a_pty_and_resize(stack: Stack) -> None:
+    async def scenario() -> None:
+        async with CriClient(stack.address) as client:
+            pod_id, pod = await run_pod(client, "tty", stack.log_dir)
+            cid = await start_container(client, pod_id, pod, "main", ["sleep", "3600"])
+            await wait_state(client, cid, cri.CONTAINER_RUNNING)
+            # `kubectl exec -it`: a terminal with stdin; the shell reads a line typed into it.
+            url = await client.exec(cid, ["sh", "-c", "read line; tty; stty size; echo got-$line"],
+                                    tty=True, stdin=True, stdout=True)
+            out, error = await exec_over_websocket(url, stdin=b"typed\n", resize=(111, 33))
+            text = out.decode(errors="replace")
+            assert "/dev/pts/" in text, (text, error)
+            assert "33 111" in text, (text, error)
+            assert "got-typed" in text, (text, error)
+            await remove_pod(client, pod_id)
+
+    stack.run(scenario())
+
+
+def test_container_stats_and_update_resources(stack: Stack) -> None:
+    async def scenario() -> None:
+        async with CriClient(stack.address) as client:
+            pod_id, pod = await run_pod(client, "stats", stack.log_dir)
+            cid = await start_container(client, pod_id, pod, "main", ["sleep", "3600"])
+            await wait_state(client, cid, cri.CONTAINER_RUNNING)
+            stats = (await client.container_stats(cid)).stats
+            assert stats.memory.working_set_bytes.value > 0 or stats.memory.usage_bytes.value > 0
+            linux = cri.LinuxContainerResources(memory_limit_in_bytes=64 << 20, cpu_shares=512)
+            await client.update_container_resources(cid, linux)
+            limit = await client.exec_sync(cid, ["cat", "/sys/fs/cgroup/memory/memory.limit_in_bytes"],
+                                           timeout=20)
+            assert limit.stdout.strip() == str(64 << 20).encode(), limit
+            await remove_pod(client, pod_id)
+
+    stack.run(scenario())

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 from google.protobuf import any_pb2, timestamp_pb2
+
 from kuasar.common.api.containerd.cgroups.v1 import metrics_pb2 as cg1
 from kuasar.common.api.containerd.cgroups.v2 import metrics_pb2 as cg2
 from kuasar.common.api.containerd.events import task_pb2 as events

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from kuasar.common.api.ttrpc import request_pb2
 from kuasar.common.errors import Code, ResourceExhausted
 from kuasar.common.ttrpc import (

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+
 from kuasar.common.errors import Code
 from kuasar.common.ttrpc import (
     HEADER_SIZE,

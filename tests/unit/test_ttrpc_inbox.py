@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+
 from kuasar.common.errors import NotFound, ResourceExhausted
 from kuasar.common.ttrpc import inbox as inbox_module
 from kuasar.common.ttrpc.inbox import Inbox

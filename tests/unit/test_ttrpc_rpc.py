@@ -12,6 +12,7 @@ import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
 import pytest
+
 from kuasar.common.api.ttrpc import request_pb2
 from kuasar.common.errors import (
     Code,

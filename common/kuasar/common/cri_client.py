@@ -21,6 +21,7 @@ from types import TracebackType
 from typing import Any, Self
 
 import grpc
+
 from kuasar.common.api.runtime.v1 import api_pb2 as cri
 from kuasar.common.api.runtime.v1 import api_pb2_grpc as cri_grpc
 

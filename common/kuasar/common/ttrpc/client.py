@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from typing import TypeVar, overload
 
 from google.protobuf.message import DecodeError, Message
+
 from kuasar.common.api.ttrpc import request_pb2
 from kuasar.common.errors import Code, DeadlineExceeded, Internal, Unavailable, from_code
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from google.protobuf.message import DecodeError
+
 from kuasar.common.api.ttrpc import request_pb2
 from kuasar.common.errors import FailedPrecondition, ResourceExhausted
 

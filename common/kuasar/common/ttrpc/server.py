@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 
 from google.protobuf.message import DecodeError, Message
+
 from kuasar.common.api.ttrpc import request_pb2
 from kuasar.common.errors import AlreadyExists, Code, Internal, InvalidArgument, KuasarError, from_code
 
