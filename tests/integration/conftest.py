@@ -10,6 +10,7 @@ import os
 import secrets
 import shutil
 import signal
+import socket as socketlib
 import subprocess
 import sys
 import time
@@ -59,11 +60,23 @@ def start_sandboxer(socket: Path, directory: Path, log_path: Path, events_addres
         stdout=log, stderr=log, stdin=subprocess.DEVNULL)
     log.close()
     deadline = time.monotonic() + 30
-    while not socket.exists():
+    while not accepts_connections(socket):
         if proc.poll() is not None or time.monotonic() > deadline:
             raise RuntimeError(f"runc-sandboxer did not start; see {log_path}:\n{log_path.read_text()[-3000:]}")
         time.sleep(0.05)
     return proc
+
+
+def accepts_connections(path: Path) -> bool:
+    """True once a server listens at `path` (a stale socket file from a killed process refuses)."""
+    probe = socketlib.socket(socketlib.AF_UNIX, socketlib.SOCK_STREAM)
+    try:
+        probe.connect(str(path))
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.close()
 
 
 def stop_process(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
@@ -113,17 +126,18 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
                                      bridge=f"kuasar-it{token}", subnet=f"10.{200 + token}.0.0/16",
                                      log_level="info")
     instance.start()
-    sandboxer = None
+    current: Stack | None = None
     try:
         instance.import_image(busybox_tar)
         instance.import_image(pause_tar)
         sandboxer_log = base / "runc-sandboxer.log"
         sandboxer = start_sandboxer(sandboxer_socket, sandboxer_dir, sandboxer_log, instance.ttrpc_address)
-        yield Stack(instance, sandboxer, sandboxer_socket, sandboxer_dir, sandboxer_log, base / "logs")
+        current = Stack(instance, sandboxer, sandboxer_socket, sandboxer_dir, sandboxer_log, base / "logs")
+        yield current
     finally:
         instance.stop()
-        if sandboxer is not None:
-            stop_process(sandboxer)
+        if current is not None:  # a test may have restarted the sandboxer: stop the live one
+            stop_process(current.sandboxer)
         kill_task_server(sandboxer_dir)
         if (sandboxer_dir / "task-server.log").exists():  # keep it for post-mortems
             shutil.copy(sandboxer_dir / "task-server.log", base / "task-server.log")

@@ -1,0 +1,163 @@
+"""One private containerd 2.x serving both runtime handlers, plus runc-sandboxer, for the benchmarks.
+
+``runc`` is containerd's stock path (sandboxer ``podsandbox``: a pause container and one
+``containerd-shim-runc-v2`` per pod); ``kuasar-runc`` goes to runc-sandboxer through the proxy
+plugin ``runc``. Both share the containerd, its images and its CRI plugin, so the only difference
+between the two measurements is the sandbox/task path.
+"""
+
+from __future__ import annotations
+
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+
+from tests.support import containerd as cd
+from tests.support import images
+
+BUSYBOX = images.BUSYBOX_REF
+STOCK = "runc"
+OURS = "kuasar-runc"
+HANDLERS = {"stock": STOCK, "ours": OURS}
+SANDBOXER_START_TIMEOUT = 30.0
+# The task server checks every 2 s whether it is still wanted; give it a few rounds.
+TASK_SERVER_EXIT_TIMEOUT = 10.0
+
+
+@dataclass
+class Stack:
+    containerd: cd.ContainerdInstance
+    sandboxer: subprocess.Popen[bytes]
+    base: Path
+    short: Path
+    log_dir: Path
+    busybox_tar: Path
+
+    @property
+    def address(self) -> str:
+        return self.containerd.address
+
+    @property
+    def sandboxer_dir(self) -> Path:
+        return self.short / "runc"
+
+    def task_server_pid(self) -> int | None:
+        try:
+            return int((self.sandboxer_dir / "task-server.pid").read_text())
+        except (FileNotFoundError, ValueError):
+            return None
+
+
+@dataclass
+class CleanupReport:
+    task_server_exited_by_itself: bool = True
+    task_server_killed: bool = False
+    leftover_mounts: list[str] = field(default_factory=list)
+    leftover_pod_processes: int = 0
+    notes: list[str] = field(default_factory=list)
+
+
+def _start_sandboxer(short: Path, log_path: Path, events_address: str) -> subprocess.Popen[bytes]:
+    socket = short / "runc.sock"
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(  # noqa: S603 - fixed argv, no shell
+            [sys.executable, "-m", "kuasar.runc.cli", "--listen", str(socket), "--dir", str(short / "runc"),
+             "--log-level", "info", "--events-address", events_address],
+            stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+    deadline = time.monotonic() + SANDBOXER_START_TIMEOUT
+    while not socket.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError(f"runc-sandboxer did not start; see {log_path}")
+        time.sleep(0.05)
+    return proc
+
+
+def start_stack(base: Path, bridge: str, subnet: str) -> Stack:
+    """Build the images, start containerd (log level info) and runc-sandboxer, import the images."""
+    base.mkdir(parents=True, exist_ok=True)
+    short = Path(f"/run/kuasar-bn-{secrets.token_hex(3)}")
+    short.mkdir(mode=0o700)
+    busybox_tar = images.build_busybox_image(base / "images" / "busybox.tar")
+    pause_tar = images.build_pause_image(base / "images" / "pause.tar")
+    instance = cd.ContainerdInstance(base / "containerd", sandboxers={"runc": str(short / "runc.sock")},
+                                     bridge=bridge, subnet=subnet, log_level="info")
+    instance.start()
+    try:
+        instance.import_image(busybox_tar)
+        instance.import_image(pause_tar)
+        sandboxer = _start_sandboxer(short, base / "runc-sandboxer.log", instance.ttrpc_address)
+    except BaseException:
+        instance.stop()
+        shutil.rmtree(short, ignore_errors=True)
+        raise
+    return Stack(instance, sandboxer, base, short, base / "pod-logs", busybox_tar)
+
+
+def _pod_processes(server_pid: int) -> list[psutil.Process]:
+    try:
+        children = psutil.Process(server_pid).children()
+    except psutil.NoSuchProcess:
+        return []
+    return [p for p in children if _comm(p).startswith("pod-")]
+
+
+def _comm(proc: psutil.Process) -> str:
+    try:
+        return proc.name()
+    except psutil.Error:
+        return ""
+
+
+def stop_stack(stack: Stack) -> CleanupReport:
+    """containerd through the harness, runc-sandboxer with SIGTERM, then wait for the task server."""
+    report = CleanupReport()
+    server_pid = stack.task_server_pid()
+    report.leftover_pod_processes = len(_pod_processes(server_pid)) if server_pid else 0
+    stack.containerd.stop()
+    if stack.sandboxer.poll() is None:
+        stack.sandboxer.send_signal(signal.SIGTERM)
+        try:
+            stack.sandboxer.wait(15)
+        except subprocess.TimeoutExpired:
+            stack.sandboxer.kill()
+            stack.sandboxer.wait(5)
+            report.notes.append("runc-sandboxer ignored SIGTERM for 15 s and was killed")
+    if server_pid is not None:
+        _wait_task_server(server_pid, report)
+    report.leftover_mounts = cd.unmount_all(stack.base, stack.short)
+    task_log = stack.sandboxer_dir / "task-server.log"
+    if task_log.exists():
+        shutil.copy(task_log, stack.base / "task-server.log")
+    shutil.rmtree(stack.short, ignore_errors=True)
+    return report
+
+
+def _wait_task_server(pid: int, report: CleanupReport) -> None:
+    try:
+        server = psutil.Process(pid)
+    except psutil.NoSuchProcess:
+        return
+    try:
+        server.wait(TASK_SERVER_EXIT_TIMEOUT)
+        return
+    except psutil.TimeoutExpired:
+        pass
+    report.task_server_exited_by_itself = False
+    report.task_server_killed = True
+    victims = [*server.children(recursive=True), server]
+    report.notes.append(f"task server {pid} still alive {TASK_SERVER_EXIT_TIMEOUT:.0f}s after the sandboxer "
+                        f"exited; killed it and {len(victims) - 1} descendants")
+    for proc in victims:
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(victims, timeout=10)
