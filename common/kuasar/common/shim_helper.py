@@ -183,8 +183,10 @@ def check_bundle(container_id: str, bundle_flag: str) -> Path:
 
 def main(argv: Sequence[str] | None = None) -> int:
     opts = parse_args(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=logging.DEBUG if opts.debug else logging.WARNING, stream=sys.stderr,
-                        format="%(name)s: %(levelname)s: %(message)s")
+    # stderr only: stdout carries the DeleteResponse, and containerd logs whatever stderr says.
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(name)s: %(levelname)s: %(message)s")
+    if opts.debug:
+        log.setLevel(logging.DEBUG)
     prog = os.path.basename(sys.argv[0]) or "containerd-shim-kuasar-v1"
     if opts.show_version:
         print(f"{prog}:\n  Version: {__version__}\n  Revision: kuasar-py")

@@ -1,0 +1,92 @@
+"""One busybox pod with one container, started and torn down through CRI with every call timed."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from kuasar.common.api.runtime.v1 import api_pb2 as cri
+from kuasar.common.cri_client import CriClient, container_config, pod_config
+
+from .stack import BUSYBOX
+
+# What every benchmark container runs: a long sleep, killed (grace 0) at teardown.
+WORKLOAD = ["sleep", "3600"]
+
+
+@dataclass
+class PodTiming:
+    """Milliseconds spent in each CRI call; `total` runs from just before RunPodSandbox until
+    StartContainer returned."""
+
+    run_pod: float
+    create: float
+    start: float
+
+    @property
+    def total(self) -> float:
+        return self.run_pod + self.create + self.start
+
+
+@dataclass
+class Pod:
+    handler: str
+    pod_id: str
+    container_id: str
+    config: cri.PodSandboxConfig
+    timing: PodTiming
+
+
+def _ms(start: float) -> float:
+    return (time.perf_counter() - start) * 1000.0
+
+
+async def start_pod(client: CriClient, handler: str, name: str, log_root: Path) -> Pod:
+    """RunPodSandbox (host network) + CreateContainer + StartContainer, each timed separately."""
+    uid = uuid.uuid4().hex[:12]
+    config = pod_config(name, uid=uid, log_directory=str(log_root / f"{name}-{uid}"), host_network=True)
+    container = container_config("main", BUSYBOX, WORKLOAD)
+    t0 = time.perf_counter()
+    pod_id = (await client.run_pod_sandbox(config, runtime_handler=handler)).pod_sandbox_id
+    run_pod = _ms(t0)
+    t1 = time.perf_counter()
+    try:
+        container_id = (await client.create_container(pod_id, container, config)).container_id
+        create = _ms(t1)
+        t2 = time.perf_counter()
+        await client.start_container(container_id)
+        start = _ms(t2)
+    except BaseException:
+        await remove_pod_only(client, pod_id)
+        raise
+    return Pod(handler, pod_id, container_id, config, PodTiming(run_pod, create, start))
+
+
+async def teardown(client: CriClient, pod: Pod) -> float:
+    """StopContainer (grace 0) + RemoveContainer + StopPodSandbox + RemovePodSandbox, in ms."""
+    t0 = time.perf_counter()
+    await client.stop_container(pod.container_id, timeout=0)
+    await client.remove_container(pod.container_id)
+    await client.stop_pod_sandbox(pod.pod_id)
+    await client.remove_pod_sandbox(pod.pod_id)
+    return _ms(t0)
+
+
+async def remove_pod_only(client: CriClient, pod_id: str) -> None:
+    """Best-effort removal after a failed start (CRI's pod removal takes its containers along)."""
+    try:
+        await client.stop_pod_sandbox(pod_id)
+        await client.remove_pod_sandbox(pod_id)
+    except Exception:  # noqa: BLE001 - the original error matters more; remove_all retries at the end
+        pass
+
+
+async def remove_all(client: CriClient) -> int:
+    """Stop and remove every pod containerd still lists (whatever the handler); returns how many."""
+    pods = (await client.list_pod_sandbox()).items
+    for item in pods:
+        await client.stop_pod_sandbox(item.id)
+        await client.remove_pod_sandbox(item.id)
+    return len(pods)

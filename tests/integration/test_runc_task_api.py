@@ -1,0 +1,160 @@
+"""The task server's Task API and the Sandbox API driven directly (what CRI never calls):
+pause/resume, pids, connect, close-io, stats, metrics, unimplemented methods, published events."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import subprocess
+import tarfile
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+from google.protobuf import any_pb2
+
+from kuasar.common.api.containerd.runtime.task.v2 import shim_pb2 as task
+from kuasar.common.api.containerd.services.sandbox.v1 import sandbox_pb2 as sb
+from kuasar.common.api.containerd.services.sandbox.v1 import sandbox_pb2_grpc as sb_grpc
+from kuasar.common.api.containerd.types import mount_pb2
+from kuasar.common.api.containerd.types.task import task_pb2 as types
+from kuasar.common.api.runtime.v1 import api_pb2 as cri
+from kuasar.common.errors import FailedPrecondition, NotFound, Unimplemented
+from kuasar.common.ttrpc import TtrpcClient
+from tests.support import images
+
+from .conftest import Stack
+from .cri_helpers import mounts_containing
+
+pytestmark = pytest.mark.integration
+
+TASK = "containerd.task.v3.Task"
+NS = {"containerd-namespace-ttrpc": "k8s.io"}
+POD = "c" * 64
+CID = "direct-task-api"
+
+
+def mounted(path: Path) -> bool:
+    # Path.is_mount compares devices, which a bind mount of the same filesystem does not change.
+    return str(path) in mounts_containing(str(path))
+
+
+def make_bundle(base: Path, pod_pid: int) -> tuple[Path, Path]:
+    """A bundle whose container joins the pod's namespaces, like CRI's spec, plus a rootfs to bind."""
+    rootfs = base / "image-rootfs"
+    rootfs.mkdir(parents=True)
+    with tarfile.open(fileobj=io.BytesIO(images.busybox_layer())) as layer:
+        layer.extractall(rootfs, filter="tar")
+    bundle = base / "bundle"
+    (bundle / "rootfs").mkdir(parents=True)
+    subprocess.run(["runc", "spec", "--bundle", str(bundle)], check=True)
+    spec = json.loads((bundle / "config.json").read_text())
+    spec["process"]["terminal"] = False
+    spec["process"]["args"] = ["sh", "-c", "echo started; sleep 3600"]
+    spec["root"] = {"path": "rootfs", "readonly": True}
+    spec["annotations"] = {"io.kubernetes.cri.sandbox-id": POD}
+    spaces = []
+    for ns in spec["linux"]["namespaces"]:
+        if ns["type"] in ("ipc", "uts", "network"):
+            kind = {"network": "net"}.get(ns["type"], ns["type"])
+            ns = {"type": ns["type"], "path": f"/proc/{pod_pid}/ns/{kind}"}
+        spaces.append(ns)
+    spec["linux"]["namespaces"] = spaces
+    (bundle / "config.json").write_text(json.dumps(spec))
+    return bundle, rootfs
+
+
+def test_task_api_beyond_cri_and_sandbox_metrics(stack: Stack, tmp_path: Path) -> None:
+    events_out = tmp_path / "events.txt"
+    with open(events_out, "wb") as sink:
+        watcher = subprocess.Popen([str(stack.containerd.ctr_bin), "--address", stack.address, "events"],
+                                   stdout=sink, stderr=subprocess.STDOUT)
+    time.sleep(0.3)
+
+    async def scenario() -> None:
+        async with grpc.aio.insecure_channel(f"unix://{stack.sandboxer_socket}") as channel:
+            controller = sb_grpc.ControllerStub(channel)
+            create = sb.ControllerCreateRequest(sandbox_id=POD, sandboxer="runc")
+            create.options.value = cri.PodSandboxConfig(hostname="direct").SerializeToString()
+            await controller.Create(create)
+            started = await controller.Start(sb.ControllerStartRequest(sandbox_id=POD))
+            bundle, rootfs = make_bundle(tmp_path, started.pid)
+            client = await TtrpcClient.connect_unix(started.address.removeprefix("ttrpc+unix://"))
+            try:
+                await exercise_tasks(client, bundle, rootfs, started.pid)
+                metrics = await controller.Metrics(sb.ControllerMetricsRequest(sandbox_id=POD))
+                assert metrics.metrics.data.type_url.startswith("io.containerd.cgroups.v")
+                assert metrics.metrics.data.value
+            finally:
+                await client.close()
+                await controller.Stop(sb.ControllerStopRequest(sandbox_id=POD))
+                await controller.Shutdown(sb.ControllerShutdownRequest(sandbox_id=POD))
+            assert not mounted(bundle / "rootfs")
+
+    try:
+        stack.run(scenario())
+        time.sleep(0.5)
+    finally:
+        watcher.terminate()
+        watcher.wait(5)
+    seen = events_out.read_text()
+    for topic in ("/tasks/create", "/tasks/start", "/tasks/exec-added", "/tasks/exec-started",
+                  "/tasks/paused", "/tasks/resumed", "/tasks/exit", "/tasks/delete"):
+        assert topic in seen, f"{topic} not published:\n{seen}"
+
+
+async def call(client: TtrpcClient, method: str, request, response_type=None):
+    return await client.call(TASK, method, request, response_type, timeout=30, metadata=NS)
+
+
+async def exercise_tasks(client: TtrpcClient, bundle: Path, rootfs: Path, pod_pid: int) -> None:
+    bind = mount_pb2.Mount(type="bind", source=str(rootfs), options=["rbind", "ro"])
+    created = await call(client, "Create", task.CreateTaskRequest(id=CID, bundle=str(bundle), rootfs=[bind]),
+                         task.CreateTaskResponse)
+    assert mounted(bundle / "rootfs")
+    spec = any_pb2.Any(type_url="types.containerd.io/opencontainers/runtime-spec/1/Process",
+                       value=json.dumps({"args": ["sleep", "30"], "cwd": "/", "env": ["PATH=/bin"],
+                                         "user": {"uid": 0, "gid": 0}}).encode())
+    await call(client, "Exec", task.ExecProcessRequest(id=CID, exec_id="early", spec=spec))
+    with pytest.raises(FailedPrecondition):  # an exec cannot start before its container runs
+        await call(client, "Start", task.StartRequest(id=CID, exec_id="early"))
+    await call(client, "Delete", task.DeleteRequest(id=CID, exec_id="early"), task.DeleteResponse)
+    await call(client, "Start", task.StartRequest(id=CID), task.StartResponse)
+    connected = await call(client, "Connect", task.ConnectRequest(id=CID), task.ConnectResponse)
+    assert connected.task_pid == created.pid and connected.shim_pid > 0
+    state = await call(client, "State", task.StateRequest(id=CID), task.StateResponse)
+    assert state.status == types.RUNNING and state.pid == created.pid
+
+    await call(client, "Pause", task.PauseRequest(id=CID))
+    assert (await call(client, "State", task.StateRequest(id=CID), task.StateResponse)).status == types.PAUSED
+    await call(client, "Resume", task.ResumeRequest(id=CID))
+    assert (await call(client, "State", task.StateRequest(id=CID), task.StateResponse)).status == types.RUNNING
+
+    await call(client, "Exec", task.ExecProcessRequest(id=CID, exec_id="sleeper", spec=spec))
+    exec_pid = (await call(client, "Start", task.StartRequest(id=CID, exec_id="sleeper"), task.StartResponse)).pid
+    pids = await call(client, "Pids", task.PidsRequest(id=CID), task.PidsResponse)
+    assert {created.pid, exec_pid} <= {p.pid for p in pids.processes}
+    await call(client, "CloseIO", task.CloseIORequest(id=CID, exec_id="sleeper", stdin=True))
+    stats = await call(client, "Stats", task.StatsRequest(id=CID), task.StatsResponse)
+    assert stats.stats.type_url.startswith("io.containerd.cgroups.v")
+    with pytest.raises(Unimplemented):
+        await call(client, "Checkpoint", task.CheckpointTaskRequest(id=CID, path="/tmp/x"))
+    with pytest.raises(NotFound):
+        await call(client, "State", task.StateRequest(id="no-such-container"))
+
+    waiter = asyncio.ensure_future(call(client, "Wait", task.WaitRequest(id=CID, exec_id="sleeper"),
+                                        task.WaitResponse))
+    await call(client, "Kill", task.KillRequest(id=CID, exec_id="sleeper", signal=9))
+    assert (await waiter).exit_status == 137
+    await call(client, "Delete", task.DeleteRequest(id=CID, exec_id="sleeper"), task.DeleteResponse)
+    with pytest.raises(FailedPrecondition):  # the init process still runs
+        await call(client, "Delete", task.DeleteRequest(id=CID), task.DeleteResponse)
+    waiter = asyncio.ensure_future(call(client, "Wait", task.WaitRequest(id=CID), task.WaitResponse))
+    await call(client, "Kill", task.KillRequest(id=CID, signal=9, all=True))
+    assert (await waiter).exit_status == 137
+    deleted = await call(client, "Delete", task.DeleteRequest(id=CID), task.DeleteResponse)
+    assert deleted.exit_status == 137 and deleted.pid == created.pid
+    assert not mounted(bundle / "rootfs")
+    await call(client, "Shutdown", task.ShutdownRequest(id=CID))  # v3 callers never send it; harmless
