@@ -74,7 +74,24 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     flag("debug", action="store_true")
     flag("v", dest="show_version", action="store_true", help="print the version and exit")
     parser.add_argument("action", nargs="?", default="", choices=["", "start", "delete"])
-    return parser.parse_args(list(argv))
+    return parser.parse_args(_go_style(argv, VALUE_FLAGS))
+
+
+VALUE_FLAGS = frozenset({"namespace", "address", "publish-binary", "id", "bundle", "socket"})
+
+
+def _go_style(argv: Sequence[str], value_flags: frozenset[str]) -> list[str]:
+    """Go's `flag` takes the word after `-id` as its value even when it starts with `-`; argparse would
+    not, so join such pairs as `-id=<value>` first."""
+    out: list[str] = []
+    args = iter(argv)
+    for arg in args:
+        if arg.lstrip("-") in value_flags and arg.startswith("-") and "=" not in arg:
+            value = next(args, None)
+            out.append(arg if value is None else f"{arg}={value}")
+        else:
+            out.append(arg)
+    return out
 
 
 def bootstrap_socket(bundle: Path) -> str | None:
@@ -182,7 +199,10 @@ def check_bundle(container_id: str, bundle_flag: str) -> Path:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    opts = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        opts = parse_args(sys.argv[1:] if argv is None else argv)
+    except SystemExit as exc:  # argparse already printed the usage error (or --help)
+        return exc.code if isinstance(exc.code, int) else 2
     # stderr only: stdout carries the DeleteResponse, and containerd logs whatever stderr says.
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(name)s: %(levelname)s: %(message)s")
     if opts.debug:

@@ -1,0 +1,80 @@
+"""Start-up latency through CRI: serial (one pod at a time) and parallel (K pods at once) phases.
+
+The two paths alternate so that drift on a shared machine hits both alike: serially pod by pod
+(ABBA order), in parallel round by round.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+
+from kuasar.common.cri_client import CriClient
+
+from .pods import Pod, start_pod, teardown
+from .stack import HANDLERS, Stack
+
+SERIAL_KEYS = ("total_ms", "run_pod_ms", "create_ms", "start_ms", "teardown_ms")
+
+
+def alternate(i: int) -> Iterator[tuple[str, str]]:
+    """(label, handler) pairs, stock first on even rounds and ours first on odd ones."""
+    items = list(HANDLERS.items())
+    yield from (items if i % 2 == 0 else reversed(items))
+
+
+async def serial_phase(client: CriClient, stack: Stack, count: int, warmup: int,
+                       gap: float) -> dict[str, dict[str, list[float]]]:
+    """`warmup` unrecorded rounds, then `count` rounds of start + teardown of one pod per path."""
+    results = {label: {key: [] for key in SERIAL_KEYS} for label in HANDLERS}
+    for i in range(-warmup, count):
+        for label, handler in alternate(i):
+            pod = await start_pod(client, handler, f"serial-{label}-{i + warmup}", stack.log_dir)
+            down = await teardown(client, pod)
+            if i >= 0:
+                row = results[label]
+                row["total_ms"].append(pod.timing.total)
+                row["run_pod_ms"].append(pod.timing.run_pod)
+                row["create_ms"].append(pod.timing.create)
+                row["start_ms"].append(pod.timing.start)
+                row["teardown_ms"].append(down)
+            await asyncio.sleep(gap)
+    return results
+
+
+async def _parallel_round(client: CriClient, stack: Stack, label: str, handler: str,
+                          size: int) -> dict[str, object]:
+    t0 = time.perf_counter()
+    outcomes = await asyncio.gather(
+        *(start_pod(client, handler, f"par{size}-{label}-{k}", stack.log_dir) for k in range(size)),
+        return_exceptions=True)
+    wall = (time.perf_counter() - t0) * 1000.0
+    pods = [p for p in outcomes if isinstance(p, Pod)]
+    errors = [repr(e)[:300] for e in outcomes if isinstance(e, BaseException)]
+    t1 = time.perf_counter()
+    await asyncio.gather(*(teardown(client, pod) for pod in pods))
+    down = (time.perf_counter() - t1) * 1000.0
+    if not pods:
+        raise RuntimeError(f"parallel {size} on {handler}: every pod failed: {errors[:3]}")
+    return {
+        "latency_ms": [p.timing.total for p in pods],
+        "run_pod_ms": [p.timing.run_pod for p in pods],
+        "create_ms": [p.timing.create for p in pods],
+        "start_ms": [p.timing.start for p in pods],
+        "wall_ms": wall,
+        "teardown_wall_ms": down,
+        "errors": errors,
+    }
+
+
+async def parallel_phase(client: CriClient, stack: Stack, sizes: list[int],
+                         settle: float) -> dict[str, dict[str, dict[str, object]]]:
+    """For each size: one round per path (alternating which goes first), all pods removed between."""
+    results: dict[str, dict[str, dict[str, object]]] = {}
+    for i, size in enumerate(sizes):
+        results[str(size)] = {}
+        for label, handler in alternate(i):
+            results[str(size)][label] = await _parallel_round(client, stack, label, handler, size)
+            await asyncio.sleep(settle)
+    return results
