@@ -168,12 +168,16 @@ def test_terminal_exec_gets_a_pty_and_resize(stack: Stack) -> None:
             cid = await start_container(client, pod_id, pod, "main", ["sleep", "3600"])
             await wait_state(client, cid, cri.CONTAINER_RUNNING)
             # `kubectl exec -it`: a terminal with stdin; the shell reads a line typed into it.
-            url = await client.exec(cid, ["sh", "-c", "read line; tty; stty size; echo got-$line"],
+            # CRI forwards the resize asynchronously: poll until the terminal has a size.
+            script = ("read line; tty; for i in $(seq 100); do s=$(stty size 2>/dev/null); "
+                      "[ -n \"$s\" ] && [ \"$s\" != '0 0' ] && break; sleep 0.05; done; "
+                      "echo size=$s; echo got-$line")
+            url = await client.exec(cid, ["sh", "-c", script],
                                     tty=True, stdin=True, stdout=True)
             out, error = await exec_over_websocket(url, stdin=b"typed\n", resize=(111, 33))
             text = out.decode(errors="replace")
             assert "/dev/pts/" in text, (text, error)
-            assert "33 111" in text, (text, error)
+            assert "size=33 111" in text, (text, error)
             assert "got-typed" in text, (text, error)
             await remove_pod(client, pod_id)
 

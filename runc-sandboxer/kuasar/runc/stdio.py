@@ -58,6 +58,7 @@ class ProcessIO:
     master: int = -1
     pumps: list[Pump] = field(default_factory=list)
     console_path: Path | None = None
+    size: tuple[int, int] | None = None  # (width, height) asked for before the console existed
     _console: socket.socket | None = None
 
     def runc_stdio(self) -> Stdio:
@@ -107,6 +108,8 @@ class ProcessIO:
         if not fds:
             raise RuntimeFailure("runc sent no console")
         self.master = fds[0]
+        if self.size is not None:
+            self.resize(*self.size)
         if self.stdout:
             out = open_fifo_for_writing(self.stdout)
             self.pumps.append(Pump(self.master, out, close_src=False))
@@ -122,9 +125,11 @@ class ProcessIO:
             self.console_path.unlink(missing_ok=True)
 
     def resize(self, width: int, height: int) -> None:
-        if self.master < 0:
+        if not self.terminal:
             raise InvalidArgument("process has no terminal")
-        fcntl.ioctl(self.master, termios.TIOCSWINSZ, struct.pack("HHHH", height, width, 0, 0))
+        self.size = (width, height)
+        if self.master >= 0:  # else applied as soon as runc hands over the console
+            fcntl.ioctl(self.master, termios.TIOCSWINSZ, struct.pack("HHHH", height, width, 0, 0))
 
     def close_stdin(self) -> None:
         if self.terminal and len(self.pumps) > 1:
