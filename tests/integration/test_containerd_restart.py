@@ -115,8 +115,10 @@ def test_containerd_restart_keeps_pods_and_containers_manageable(stack: Stack) -
     assert not exists(long_pid)
     log = stack.containerd.log_text()
     assert "binary not installed" not in log, "containerd did not find the shim helper"
-    # The tasks were re-attached, so their deletion ran the helper (`... -debug delete`).
+    # The tasks were re-attached, so their deletion ran the helper (`... -debug delete`), which found
+    # the task server had already forgotten them.
     assert "failed to clean up after shim disconnected" not in log
+    assert f"kuasar.shim: INFO: task server no longer knows container {ids['long']}" in log
     assert_nothing_left(stack, [ids["pod"]])
 
 

@@ -200,3 +200,20 @@ def test_container_stats_and_update_resources(stack: Stack) -> None:
             await remove_pod(client, pod_id)
 
     stack.run(scenario())
+
+
+def test_oom_kill_is_reported_as_oomkilled(stack: Stack) -> None:
+    async def scenario() -> None:
+        async with CriClient(stack.address) as client:
+            pod_id, pod = await run_pod(client, "oom", stack.log_dir)
+            # The shell doubles a string until the 24 MiB cgroup limit makes the kernel kill it.
+            cid = await start_container(client, pod_id, pod, "hog",
+                                        ["sh", "-c", "sleep 0.3; x=aaaaaaaa; while true; do x=$x$x; done"],
+                                        memory_limit=24 << 20)
+            status = await wait_state(client, cid, cri.CONTAINER_EXITED, timeout=60)
+            assert status.exit_code == 137
+            # containerd only says OOMKilled if it received our /tasks/oom event for the container.
+            assert status.reason == "OOMKilled", status
+            await remove_pod(client, pod_id)
+
+    stack.run(scenario())

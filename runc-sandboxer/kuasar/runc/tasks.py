@@ -22,6 +22,7 @@ from kuasar.common.api.containerd.types.task import task_pb2 as types
 from kuasar.common.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from kuasar.common.events import EventPublisher
 from kuasar.common.ids import validate_id
+from kuasar.common.oom import OomWatch
 from kuasar.common.reaper import Exit, Reaper
 from kuasar.common.task_api import TaskBackend
 from kuasar.common.ttrpc import Context
@@ -64,6 +65,7 @@ class Container:
     init: Process
     execs: dict[str, Process] = field(default_factory=dict)
     rootfs_mounted: bool = False
+    oom: OomWatch | None = None
 
     def process(self, exec_id: str) -> Process:
         if not exec_id:
@@ -195,10 +197,15 @@ class RuncTasks(TaskBackend):
                 await self.runc.start(req.id, container.bundle)
                 if proc.status == types.CREATED:
                     proc.status = types.RUNNING
+                    container.oom = OomWatch(proc.pid, lambda: self._on_oom(container))
                 self.events.publish("/tasks/start", events.TaskStart(container_id=req.id, pid=proc.pid),
                                     container.namespace)
         log.info("container %s exec %r started pid %d", req.id, req.exec_id, proc.pid)
         return task.StartResponse(pid=proc.pid)
+
+    def _on_oom(self, container: Container) -> None:
+        log.info("container %s: OOM kill in its memory cgroup", container.id)
+        self.events.publish("/tasks/oom", events.TaskOOM(container_id=container.id), container.namespace)
 
     async def exec(self, req: task.ExecProcessRequest, ctx: Context) -> empty_pb2.Empty:
         container = self._get(req.id)
@@ -269,6 +276,8 @@ class RuncTasks(TaskBackend):
         await self.runc.delete(container.id)
         for proc in [container.init, *container.execs.values()]:
             proc.io.close()
+        if container.oom is not None:
+            container.oom.close()
         if container.rootfs_mounted:
             mounts.unmount_all(container.bundle / "rootfs")
         self.containers.pop(container.id, None)
