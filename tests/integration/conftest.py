@@ -52,11 +52,13 @@ class Stack:
         return asyncio.run(coro)
 
 
-def start_sandboxer(socket: Path, directory: Path, log_path: Path, events_address: str) -> subprocess.Popen:
+def start_sandboxer(socket: Path, directory: Path, log_path: Path, events_address: str,
+                    module: str = "kuasar.runc.cli", extra_args: tuple[str, ...] = ()) -> subprocess.Popen:
+    """Start a sandboxer daemon (`python -m <module>`) and wait until its Sandbox API accepts."""
     log = open(log_path, "ab")  # noqa: SIM115 - handed to the child
     proc = subprocess.Popen(
-        [sys.executable, "-m", "kuasar.runc.cli", "--listen", str(socket), "--dir", str(directory),
-         "--log-level", "debug", "--events-address", events_address],
+        [sys.executable, "-m", module, "--listen", str(socket), "--dir", str(directory),
+         "--log-level", "debug", "--events-address", events_address, *extra_args],
         stdout=log, stderr=log, stdin=subprocess.DEVNULL)
     log.close()
     deadline = time.monotonic() + 30
