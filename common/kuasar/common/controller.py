@@ -15,16 +15,13 @@ from typing import Any, TypeVar
 
 from .errors import AlreadyExists, FailedPrecondition, KuasarError, NotFound
 from .ids import validate_id
-from .sandboxer import ExitInfo, Sandboxer, SandboxRecord, SandboxState, StartResult
+from .sandboxer import LOST_EXIT_STATUS, ExitInfo, Sandboxer, SandboxRecord, SandboxState, StartResult
 from .state import StateStore
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-# An exit status for a sandbox whose process vanished without us seeing its status (as containerd
-# reports a lost shim).
-LOST_EXIT_STATUS = 255
 # Bounds every lifecycle step so a stuck runtime cannot wedge a sandbox's lock forever.
 OPERATION_TIMEOUT = 120.0
 # How long Stop waits for the watcher to record the exit after the process was killed.

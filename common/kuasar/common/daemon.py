@@ -24,6 +24,7 @@ def setup_logging(level: str) -> None:
 
 async def serve(config: DaemonConfig, make_sandboxer: Callable[[DaemonConfig], Sandboxer]) -> None:
     config.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    config.dir.chmod(0o700)  # sockets, bundles and state live here: root only
     sandboxer = make_sandboxer(config)
     await sandboxer.open()
     controller = SandboxController(sandboxer, config.dir / "sandboxes")

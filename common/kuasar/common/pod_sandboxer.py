@@ -15,13 +15,10 @@ from .api.kuasar.pods.v1 import pods_pb2 as pods
 from .api.runtime.v1 import api_pb2 as cri
 from .config import DaemonConfig
 from .errors import InvalidArgument, NotFound
-from .sandboxer import ExitInfo, Sandboxer, SandboxRecord, StartResult
+from .sandboxer import LOST_EXIT_STATUS, ExitInfo, Sandboxer, SandboxRecord, SandboxState, StartResult
 from .task_server import TaskServerHandle
 
 log = logging.getLogger(__name__)
-
-# containerd's exit code for a process whose status was lost with its supervisor.
-LOST_EXIT_STATUS = 255
 
 
 def decode_pod_config(record: SandboxRecord) -> cri.PodSandboxConfig:
@@ -97,10 +94,10 @@ class PodSandboxer(Sandboxer):
         listed = await self.task_server.call("List", empty_pb2.Empty(), pods.PodList)
         alive = {pod.id for pod in listed.pods}
         for record in records:
-            if record.state == "ready" and record.id not in alive:
+            if record.state == SandboxState.READY and record.id not in alive:
                 log.warning("sandbox %s: its pod process is gone; reporting it exited", record.id)
-                record.state, record.exit_status = "stopped", LOST_EXIT_STATUS
-            elif record.state == "ready":
+                record.state, record.exit_status = SandboxState.STOPPED, LOST_EXIT_STATUS
+            elif record.state == SandboxState.READY:
                 record.address = self.task_server.address
 
     def status_info(self, record: SandboxRecord, verbose: bool) -> dict[str, str]:

@@ -182,7 +182,8 @@ class SandboxApiServer:
         pb_grpc.add_ControllerServicer_to_server(ControllerService(controller), self.server)
 
     async def start(self) -> None:
-        self.listen.parent.mkdir(parents=True, exist_ok=True)
+        if not self.listen.parent.exists():
+            self.listen.parent.mkdir(parents=True, mode=0o700)  # a directory we make is ours alone
         if self.listen.exists() or self.listen.is_symlink():
             self.listen.unlink()
         old_umask = os.umask(0o177)  # no window in which the socket is reachable by others

@@ -14,6 +14,9 @@ from typing import Any
 
 from google.protobuf import any_pb2
 
+# containerd's exit status for a process whose status was lost with its supervisor (a dead shim).
+LOST_EXIT_STATUS = 255
+
 
 class SandboxState:
     CREATED = "created"

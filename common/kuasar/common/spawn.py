@@ -46,7 +46,7 @@ async def _read_all(fd: int) -> bytes:
 
 async def run(reaper: Reaper, argv: list[str], *, stdin: int | None = None, stdout: int | None = None,
               stderr: int | None = None, env: dict[str, str] | None = None,
-              cwd: str | None = None, capture: bool = True) -> Completed:
+              capture: bool = True) -> Completed:
     """Run `argv` to completion. Explicit stdio fds win over capture; unset ones go to /dev/null."""
     path = resolve(argv[0])
     devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
@@ -65,11 +65,7 @@ async def run(reaper: Reaper, argv: list[str], *, stdin: int | None = None, stdo
     ]
     spawn_env = dict(os.environ if env is None else env)
     try:
-        if cwd is not None:
-            # posix_spawn has no chdir action before Python 3.13's; use a tiny exec-less fallback.
-            pid = _spawn_in_dir(path, argv, spawn_env, actions, cwd)
-        else:
-            pid = os.posix_spawn(path, argv, spawn_env, file_actions=actions)
+        pid = os.posix_spawn(path, argv, spawn_env, file_actions=actions)
         exited = reaper.watch(pid)  # same loop step as the spawn: the reaper cannot miss it
     finally:
         for fd in close_after:
@@ -84,12 +80,3 @@ async def run(reaper: Reaper, argv: list[str], *, stdin: int | None = None, stdo
 async def _empty() -> bytes:
     return b""
 
-
-def _spawn_in_dir(path: str, argv: list[str], env: dict[str, str], actions: list, cwd: str) -> int:
-    old = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.chdir(cwd)
-        return os.posix_spawn(path, argv, env, file_actions=actions)
-    finally:
-        os.fchdir(old)
-        os.close(old)
