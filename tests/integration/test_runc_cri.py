@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 from pathlib import Path
 
@@ -217,3 +218,23 @@ def test_oom_kill_is_reported_as_oomkilled(stack: Stack) -> None:
             await remove_pod(client, pod_id)
 
     stack.run(scenario())
+
+
+def test_remove_pod_during_exec_is_consistent(stack: Stack) -> None:
+    async def scenario() -> None:
+        async with CriClient(stack.address) as client:
+            pod_id, pod = await run_pod(client, "busy", stack.log_dir)
+            cid = await start_container(client, pod_id, pod, "main", ["sleep", "3600"])
+            await wait_state(client, cid, cri.CONTAINER_RUNNING)
+            exec_call = asyncio.ensure_future(client.exec_sync(cid, ["sleep", "30"], timeout=60))
+            await asyncio.sleep(0.5)
+            async with asyncio.timeout(30):  # no deadlock: the removal finishes promptly
+                await client.stop_pod_sandbox(pod_id)
+                await client.remove_pod_sandbox(pod_id)
+                result = await asyncio.gather(exec_call, return_exceptions=True)
+            # The exec ends with the pod: either killed (137) or failed because its container went away.
+            assert isinstance(result[0], grpc.aio.AioRpcError) or result[0].exit_code != 0
+            assert pod_id not in [p.id for p in (await client.list_pod_sandbox()).items]
+
+    stack.run(scenario())
+    assert_nothing_left(stack)
