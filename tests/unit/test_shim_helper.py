@@ -174,11 +174,40 @@ def test_hung_task_server_costs_a_bounded_wait_then_local_cleanup(server, tmp_pa
     assert "deadline exceeded" in caplog.text and "cleaning up locally" in caplog.text
 
 
+def test_task_server_behind_hybrid_vsock_is_reached_too(server, tmp_path: Path, capsysbinary) -> None:
+    """The VM sandboxer's task server is a guest agent: `hvsock://<vmm socket>:<port>` in bootstrap.json."""
+    pytest.importorskip("kuasar.common.hvsock")
+    threaded, backend = server
+    threaded.run(_call(backend.add, CID, types.STOPPED, 9))
+    vmm_socket = os.path.join(threaded.directory, "vmm.sock")
+
+    async def vmm(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        line = await reader.readline()
+        if line != b"CONNECT 1024\n":
+            writer.close()
+            return
+        writer.write(b"OK 1024\n")
+        await threaded.server.serve_connection(reader, writer)
+
+    async def listen() -> asyncio.Server:
+        return await asyncio.start_unix_server(vmm, path=vmm_socket)
+
+    listener = threaded.run(listen())
+    try:
+        code, response, _ = run_delete(capsysbinary, make_bundle(tmp_path, f"hvsock://{vmm_socket}:1024"))
+    finally:
+        threaded.loop.call_soon_threadsafe(listener.close)
+    assert code == 0 and response.exit_status == 9
+    assert [c[0] for c in backend.calls] == ["State", "Delete"]
+
+
 @pytest.mark.parametrize("bootstrap", [
     None,  # containerd died before writing it
     "{not json",
     json.dumps({"version": 3, "protocol": "grpc", "address": "unix:///x.sock"}),
     json.dumps({"version": 3, "protocol": "ttrpc", "address": "vsock://3:1024"}),
+    json.dumps({"version": 3, "protocol": "ttrpc", "address": "hvsock:///nowhere/vmm.sock:1024"}),
+    json.dumps({"version": 3, "protocol": "ttrpc", "address": "unix://"}),
     json.dumps(["unix:///x.sock"]),
     "missing-socket",
 ])

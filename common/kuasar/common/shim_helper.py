@@ -50,6 +50,8 @@ CONNECT_TIMEOUT = 1.0
 CALL_TIMEOUT = 1.0
 KILL_WAIT_TIMEOUT = 2.0
 DEFAULT_NAMESPACE = "k8s.io"
+# unix: the runc and wasm task servers; hvsock: a VM's agent behind its VMM's hybrid-vsock socket.
+DIALABLE = ("unix://", "hvsock://")
 
 START_REFUSED = ("a kuasar sandboxer serves its containers from its own task server; containerd must "
                  "dial the task address from Controller.Start (needs containerd >= 2.1 and task API "
@@ -94,8 +96,8 @@ def _go_style(argv: Sequence[str], value_flags: frozenset[str]) -> list[str]:
     return out
 
 
-def bootstrap_socket(bundle: Path) -> str | None:
-    """The unix socket of the task server that served this bundle, from containerd's bootstrap.json."""
+def bootstrap_address(bundle: Path) -> str | None:
+    """The address of the task server that served this bundle, from containerd's bootstrap.json."""
     try:
         data = json.loads((bundle / BOOTSTRAP_FILE).read_bytes())
     except FileNotFoundError:
@@ -108,10 +110,20 @@ def bootstrap_socket(bundle: Path) -> str | None:
         log.warning("%s: %s is not a ttrpc endpoint: %r", bundle, BOOTSTRAP_FILE, data)
         return None
     address = str(data.get("address", ""))
-    if not address.startswith("unix://") or len(address) == len("unix://"):
-        log.warning("%s: task address %r is not a unix socket", bundle, address)
+    if not address.startswith(DIALABLE) or address in DIALABLE:
+        log.warning("%s: cannot dial task address %r", bundle, address)
         return None
-    return address.removeprefix("unix://")
+    return address
+
+
+async def dial(address: str) -> TtrpcClient:
+    """A ttrpc client to the task server, within CONNECT_TIMEOUT."""
+    async with asyncio.timeout(CONNECT_TIMEOUT):
+        if address.startswith("hvsock://"):
+            from . import hvsock  # only the VM sandboxer's tasks need it
+
+            return await hvsock.connect_address(address, timeout=CONNECT_TIMEOUT)
+        return await TtrpcClient.connect_unix(address.removeprefix("unix://"))
 
 
 def lost_response() -> task.DeleteResponse:
@@ -121,14 +133,13 @@ def lost_response() -> task.DeleteResponse:
     return response
 
 
-async def delete_via_task_server(socket: str, container_id: str, namespace: str) -> task.DeleteResponse:
+async def delete_via_task_server(address: str, container_id: str, namespace: str) -> task.DeleteResponse:
     """Have the task server stop (if still running) and forget `container_id`; its exit as DeleteResponse.
 
     A task server that does not know the id any more already cleaned up: the exit is reported lost.
     Errors other than NotFound propagate (the caller then cleans up on its own).
     """
-    async with asyncio.timeout(CONNECT_TIMEOUT):
-        client = await TtrpcClient.connect_unix(socket)
+    client = await dial(address)
     async with client:
         metadata = {NAMESPACE_KEY: namespace}
 
@@ -176,13 +187,13 @@ def unmount_rootfs(bundle: Path) -> None:
 
 async def delete(container_id: str, bundle: Path, namespace: str) -> task.DeleteResponse:
     """The whole `delete` action; never raises for a missing or broken task server."""
-    socket = bootstrap_socket(bundle)
-    if socket is not None:
+    address = bootstrap_address(bundle)
+    if address is not None:
         try:
-            return await delete_via_task_server(socket, container_id, namespace)
-        except (KuasarError, OSError, TimeoutError) as exc:
+            return await delete_via_task_server(address, container_id, namespace)
+        except Exception as exc:  # whatever went wrong, containerd still gets its DeleteResponse
             message = exc.message if isinstance(exc, KuasarError) else str(exc) or type(exc).__name__
-            log.warning("task server %s did not delete %s (%s); cleaning up locally", socket, container_id,
+            log.warning("task server %s did not delete %s (%s); cleaning up locally", address, container_id,
                         message)
     unmount_rootfs(bundle)
     return lost_response()

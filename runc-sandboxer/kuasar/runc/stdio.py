@@ -8,7 +8,9 @@ the task server pumps bytes between it and the FIFOs.
 from __future__ import annotations
 
 import asyncio
+import errno
 import fcntl
+import logging
 import os
 import socket
 import struct
@@ -20,6 +22,8 @@ from kuasar.common.errors import InvalidArgument, RuntimeFailure
 from kuasar.common.iopump import Pump
 
 from .runc import Stdio
+
+log = logging.getLogger(__name__)
 
 # runc sends the pty master right after it creates the console; this only bounds a broken runc.
 CONSOLE_TIMEOUT = 30.0
@@ -34,8 +38,17 @@ def _fifo_path(path: str, what: str) -> str:
 
 
 def open_fifo_for_writing(path: str) -> int:
-    # containerd already holds the read end open, so a non-blocking open succeeds at once.
-    fd = os.open(_fifo_path(path, "stdout/stderr"), os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    path = _fifo_path(path, "stdout/stderr")
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno != errno.ENXIO:
+            raise
+        # No reader yet: containerd's fifo package opens its read end in a goroutine, so it can still
+        # be on its way (seen under pod churn). Read-write never waits for a reader, and as the process
+        # then holds a read end itself its first writes wait in the pipe instead of failing with EPIPE.
+        fd = os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+        log.debug("%s has no reader yet; opened it read-write", path)
     os.set_blocking(fd, True)
     return fd
 

@@ -297,7 +297,10 @@ class RuncTasks(TaskBackend):
     async def pids(self, req: task.PidsRequest, ctx: Context) -> task.PidsResponse:
         container = self._get(req.id)
         if container.init.status == types.STOPPED:
-            return task.PidsResponse()
+            # The dead init, not an empty list: containerd reloading its tasks after a restart deletes a
+            # task without pids as a "leaked shim" (shim_load.go), which would turn an exit that happened
+            # while it was down into 255/Unknown. A deleted container answers NotFound instead.
+            return task.PidsResponse(processes=[types.ProcessInfo(pid=container.init.pid)])
         pids = await self.runc.ps(req.id)
         return task.PidsResponse(processes=[types.ProcessInfo(pid=pid) for pid in pids])
 
