@@ -1,1 +1,1 @@
-"""wasm-sandboxer: WebAssembly pods (wasmtime). Not implemented yet; see the README's status table."""
+"""wasm-sandboxer: WebAssembly pods under containerd 2.x (wasmtime, WASI preview 1; WasmEdge optional)."""

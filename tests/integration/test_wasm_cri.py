@@ -1,0 +1,404 @@
+"""wasm-sandboxer under a real containerd 2.x, driven through CRI like kubelet drives it."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import psutil
+import pytest
+
+from kuasar.common.api.runtime.v1 import api_pb2 as cri
+from kuasar.common.cri_client import CriClient, container_config, pod_config
+
+from .conftest import Stack, start_sandboxer
+from .cri_helpers import (
+    STDIN,
+    children_of,
+    mounts_containing,
+    pod_processes,
+    task_server_pid,
+    wait_log,
+    wait_state,
+)
+from .wasm_stack import GREETING, WASM_HANDLER, WASM_IMAGE, stack_fixture
+
+pytestmark = pytest.mark.integration
+
+MiB = 1 << 20
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    yield from stack_fixture(tmp_path_factory, "kuasar-wa0", "10.253.0.0/17")
+
+
+async def run_pod(client: CriClient, name: str, log_root: Path, **kwargs) -> tuple[str, cri.PodSandboxConfig]:
+    uid = uuid.uuid4().hex[:12]
+    config = pod_config(name, uid=uid, log_directory=str(log_root / f"{name}-{uid}"), **kwargs)
+    response = await client.run_pod_sandbox(config, runtime_handler=WASM_HANDLER)
+    return response.pod_sandbox_id, config
+
+
+async def create(client: CriClient, pod_id: str, pod: cri.PodSandboxConfig, name: str, command: list[str],
+                 annotations: dict[str, str] | None = None, mounts: list[cri.Mount] | None = None,
+                 stdin_once: bool = False, **kwargs) -> str:
+    config = container_config(name, WASM_IMAGE, command, log_path=f"{name}.log", **kwargs)
+    config.annotations.update(annotations or {})
+    config.mounts.extend(mounts or [])
+    config.stdin_once = stdin_once
+    return (await client.create_container(pod_id, config, pod)).container_id
+
+
+async def start(client: CriClient, pod_id: str, pod: cri.PodSandboxConfig, name: str, command: list[str],
+                **kwargs) -> str:
+    """CreateContainer + StartContainer. containerd 2.x's CRI calls Task.Create (where a bad module is
+    refused) from StartContainer, so that is where task errors surface."""
+    cid = await create(client, pod_id, pod, name, command, **kwargs)
+    await client.start_container(cid)
+    return cid
+
+
+async def remove_pod(client: CriClient, pod_id: str) -> None:
+    await client.stop_pod_sandbox(pod_id)
+    await client.remove_pod_sandbox(pod_id)
+
+
+async def runtime_info(client: CriClient, cid: str) -> dict:
+    status = await client.container_status(cid, verbose=True)
+    return json.loads(status.info["info"])
+
+
+async def send_stdin_and_close(url: str, data: bytes) -> None:
+    """Write `data` to an attach session's stdin channel (Kubernetes' v4 WebSocket protocol), then end it."""
+    import websockets
+
+    async with websockets.connect(url.replace("http://", "ws://", 1), subprotocols=["v4.channel.k8s.io"]) as ws:
+        await ws.send(bytes([STDIN]) + data)
+        await asyncio.sleep(0.2)  # let containerd copy it into the FIFO before the session ends
+
+
+def container_processes() -> list[psutil.Process]:
+    return [p for p in psutil.process_iter(["name", "status"])
+            if (p.info["name"] or "").startswith("wasm-") and p.info["status"] != psutil.STATUS_ZOMBIE]
+
+
+def test_module_output_reaches_cri_log_without_pause_or_shim(stack: Stack) -> None:
+    async def scenario() -> None:
+        async with CriClient(stack.address) as client:
+            pod_id, pod = await run_pod(client, "hello", stack.log_dir)
+            assert (await client.pod_sandbox_status(pod_id)).status.state == cri.SANDBOX_READY
+            cid = await start(client, pod_id, pod, "hello", ["/hello.wasm"])
+            exited = await wait_state(client, cid, cri.CONTAINER_EXITED)
+            assert exited.exit_code == 0
+            text = await wait_log(pod, "hello", "hello on stderr")
+            assert "hello from wasm" in text
+            # 1:N: the pod is one process of the task server; no shim, no pause container.
+            server = task_server_pid(stack.sandboxer_dir)
+            ours = [p for p in pod_processes() if p.ppid() == server]
+            assert [p.pid for p in ours] == children_of(server)
+            # Container processes are forked from the task server: it must stay single-threaded.
+            assert psutil.Process(server).num_threads() == 1
+            # The compiled module is now cached under the sandboxer's dir.
+            assert list((stack.sandboxer_dir / "wasm-cache").glob("*.cwasm"))
+            await client.remove_container(cid)
+            await remove_pod(client, pod_id)
+
+    asyncio.run(scenario())
+
+
+def test_exit_codes_including_those_wasmtime_refuses_and_traps(stack: Stack) -> None:
+    expected = {"0": 0, "3": 3, "125": 125, "126": 126, "200": 200, "255": 255, "300": 255}
+
+    async def scenario() -> None:
+        async with CriClient(stack.address) as client:
+            pod_id, pod = await run_pod(client, "codes", stack.log_dir)
+            cids = {code: await start(client, pod_id, pod, f"exit{code}", ["/exitcode.wasm", code])
+                    for code in expected}
+            trapped = await start(client, pod_id, pod, "trap", ["/trap.wasm"])
+            for code, cid in cids.items():
+                status = await wait_state(client, cid, cri.CONTAINER_EXITED)
+                assert status.exit_code == expected[code], (code, status)
+            assert (await wait_state(client, trapped, cri.CONTAINER_EXITED)).exit_code == 134
+            text = await wait_log(pod, "trap", "wasm trap")
+            assert "about to trap" in text and "unreachable" in text
+            await remove_pod(client, pod_id)
+
+    asyncio.run(scenario())
+
+
+def test_args_env_preopened_rootfs_and_bind_mount(stack: Stack, tmp_path: Path) -> None:
+    volume = tmp_path / "volume"
+    volume.mkdir()
+    (volume / "input.txt").write_text("from a host volume\n")
+
+    async def scenario() -> None:
+        async with CriClient(stack.address) as client:
+            pod_id, pod = await run_pod(client, "args", stack.log_dir)
+            cid = await start(client, pod_id, pod, "args",
+                              ["/argsenv.wasm", "one", "two words", "--write", "/data/out.txt",
+                               "--read", "/etc/greeting.txt"],
+                              env={"GREETING": "hi there"},
+                              mounts=[cri.Mount(container_path="/data", host_path=str(volume))])
+            assert (await wait_state(client, cid, cri.CONTAINER_EXITED)).exit_code == 0
+            text = await wait_log(pod, "args", GREETING.decode().strip())
+            lines = text.splitlines()
+            assert lines[:3] == ["arg: /argsenv.wasm", "arg: one", "arg: two words"]
+            assert "env: GREETING=hi there" in lines
+            assert "preopen: /" in lines and "preopen: /data" in lines
+            # The write went through the bind mount's preopen, onto the host directory.
+            assert (volume / "out.txt").read_text() == "written by wasm\n"
+            # A relative module name is looked up from the working directory; symlinks stay in the rootfs.
+            rel = await start(client, pod_id, pod, "relative", ["main.wasm"], working_dir="/opt/app")
+            assert (await wait_state(client, rel, cri.CONTAINER_EXITED)).exit_code == 0
+            assert "hello from wasm" in await wait_log(pod, "relative", "hello from wasm")
+            await remove_pod(client, pod_id)
+
+    asyncio.run(scenario())
+
+
+def test_missing_module_and_terminal_are_clear_create_errors(stack: Stack) -> None:
+    async def scenario() -> None:
+        async with CriClient(stack.address) as client:
+            pod_id, pod = await run_pod(client, "errors", stack.log_dir)
+            with pytest.raises(grpc.aio.AioRpcError) as missing:
+                await start(client, pod_id, pod, "missing", ["/nope.wasm"])
+            assert "wasm module '/nope.wasm' not found" in missing.value.details()
+            with pytest.raises(grpc.aio.AioRpcError) as notwasm:
+                await start(client, pod_id, pod, "notwasm", ["/etc/greeting.txt"])
+            assert "not a WebAssembly module" in notwasm.value.details()
+            with pytest.raises(grpc.aio.AioRpcError) as tty:
+                await start(client, pod_id, pod, "tty", ["/hello.wasm"], tty=True)
+            assert "terminal" in tty.value.details()
+            await remove_pod(client, pod_id)
+
+    asyncio.run(scenario())
+
+
+def test_wasmedge_selected_without_binary_is_a_clear_error(stack: Stack) -> None:
+    async def scenario() -> None:
+        async with CriClient(stack.address) as client:
+            pod_id, pod = await run_pod(client, "wasmedge", stack.log_dir)
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await start(client, pod_id, pod, "edge", ["/hello.wasm"],
+                             annotations={"io.kuasar.wasm.runtime": "wasmedge"})
+            assert "runtime wasmedge selected but no WasmEdge binary 'wasmedge' was found" in err.value.details()
+            # ... and the wasmtime path is unaffected, in the same pod.
+            cid = await start(client, pod_id, pod, "still-fine", ["/hello.wasm"])
+            assert (await wait_state(client, cid, cri.CONTAINER_EXITED)).exit_code == 0
+            await remove_pod(client, pod_id)
+
+    asyncio.run(scenario())
+
+
+def test_stdin_reaches_the_module(stack: Stack) -> None:
+    async def scenario() -> None:
+        async with CriClient(stack.address) as client:
+            pod_id, pod = await run_pod(client, "stdin", stack.log_dir)
+            cid = await start(client, pod_id, pod, "cat", ["/cat.wasm"], stdin=True, stdin_once=True)
+            await wait_state(client, cid, cri.CONTAINER_RUNNING)
+            url = (await client.runtime.Attach(cri.AttachRequest(container_id=cid, stdin=True, stdout=False,
+                                                                 stderr=False), timeout=20)).url
+            # With stdin_once, containerd closes the container's stdin when the attach session ends.
+            await send_stdin_and_close(url, b"line one\nline two\n")
+            assert (await wait_state(client, cid, cri.CONTAINER_EXITED)).exit_code == 0
+            text = await wait_log(pod, "cat", "EOF")
+            assert "line one\nline two" in text
+            await remove_pod(client, pod_id)
+
+    asyncio.run(scenario())
+
+
+def test_stop_kills_a_spinning_module_and_one_blocked_on_stdin(stack: Stack) -> None:
+    async def scenario() -> None:
+        async with CriClient(stack.address) as client:
+            pod_id, pod = await run_pod(client, "stop", stack.log_dir)
+            spinning = await start(client, pod_id, pod, "loop", ["/loop.wasm"])
+            blocked = await start(client, pod_id, pod, "blocked", ["/cat.wasm"], stdin=True)
+            killed = await start(client, pod_id, pod, "killed", ["/loop.wasm"])
+            for cid in (spinning, blocked, killed):
+                await wait_state(client, cid, cri.CONTAINER_RUNNING)
+            await wait_log(pod, "loop", "looping")
+            started = time.monotonic()
+            await client.stop_container(spinning, timeout=10)
+            await client.stop_container(blocked, timeout=10)
+            assert time.monotonic() - started < 5  # SIGTERM did it: no 10 s grace period ran out
+            assert (await client.container_status(spinning)).status.exit_code == 143
+            assert (await client.container_status(blocked)).status.exit_code == 143
+            await client.stop_container(killed, timeout=0)  # SIGKILL straight away
+            assert (await client.container_status(killed)).status.exit_code == 137
+            await remove_pod(client, pod_id)
+
+    asyncio.run(scenario())
+
+
+def test_memory_limit_is_a_store_limit_and_a_cgroup_limit(stack: Stack) -> None:
+    async def scenario() -> None:
+        async with CriClient(stack.address) as client:
+            pod_id, pod = await run_pod(client, "memory", stack.log_dir)
+            limited = await start(client, pod_id, pod, "limited", ["/memhog.wasm"], memory_limit=32 * MiB)
+            free = await start(client, pod_id, pod, "free", ["/memhog.wasm"])
+            got = (await wait_state(client, limited, cri.CONTAINER_EXITED)).exit_code
+            assert 0 < got <= 32, got  # the module asked for 100 MiB and got what the limit allows
+            assert f"memhog: got {got} MiB" in await wait_log(pod, "limited", "memhog")
+            assert (await wait_state(client, free, cri.CONTAINER_EXITED)).exit_code == 100
+            # The cgroup limit covers the whole process (runtime and compiled code too): a module that
+            # really uses all the linear memory the store allows goes over it and is OOM-killed.
+            toucher = await start(client, pod_id, pod, "toucher", ["/memhog.wasm", "touch"],
+                                  memory_limit=32 * MiB)
+            oom = await wait_state(client, toucher, cri.CONTAINER_EXITED, timeout=60)
+            assert (oom.exit_code, oom.reason) == (137, "OOMKilled"), oom
+            # A module whose declared minimum memory exceeds the limit is refused when the task is created.
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await start(client, pod_id, pod, "bigmem", ["/bigmem.wasm"], memory_limit=32 * MiB)
+            assert "memory minimum size of 1024 pages exceeds memory limits" in refused.value.details()
+            await remove_pod(client, pod_id)
+
+    asyncio.run(scenario())
+
+
+def test_exec_runs_modules_inside_the_container(stack: Stack) -> None:
+    async def scenario() -> None:
+        async with CriClient(stack.address) as client:
+            pod_id, pod = await run_pod(client, "exec", stack.log_dir)
+            cid = await start(client, pod_id, pod, "main", ["/loop.wasm"])
+            await wait_state(client, cid, cri.CONTAINER_RUNNING)
+            hello = await client.exec_sync(cid, ["/hello.wasm"], timeout=20)
+            assert (hello.exit_code, hello.stdout, hello.stderr) == (0, b"hello from wasm\n", b"hello on stderr\n")
+            code = await client.exec_sync(cid, ["/exitcode.wasm", "201"], timeout=20)
+            assert code.exit_code == 201
+            # Same rootfs as the container: an exec writes a file that another exec reads back.
+            write = await client.exec_sync(cid, ["/argsenv.wasm", "--write", "/tmp/note.txt"], timeout=20)
+            assert write.exit_code == 0, write
+            read = await client.exec_sync(cid, ["argsenv.wasm", "--read", "/tmp/note.txt"], timeout=20)
+            assert read.stdout.endswith(b"written by wasm\n"), read
+            with pytest.raises(grpc.aio.AioRpcError) as missing:
+                await client.exec_sync(cid, ["/nope.wasm"], timeout=20)
+            assert "not found" in missing.value.details()
+            # The container process keeps running through all of it.
+            assert (await client.container_status(cid)).status.state == cri.CONTAINER_RUNNING
+            await remove_pod(client, pod_id)
+
+    asyncio.run(scenario())
+
+
+def test_two_containers_share_the_pod_namespaces_and_have_their_own_cgroups(stack: Stack) -> None:
+    async def scenario() -> None:
+        async with CriClient(stack.address) as client:
+            pod_id, pod = await run_pod(client, "pair", stack.log_dir, host_network=False, hostname="pair")
+            first = await start(client, pod_id, pod, "first", ["/loop.wasm"], memory_limit=48 * MiB)
+            second = await start(client, pod_id, pod, "second", ["/loop.wasm"])
+            seen = []
+            for cid in (first, second):
+                await wait_state(client, cid, cri.CONTAINER_RUNNING)
+                info = await runtime_info(client, cid)
+                pid = info["pid"]
+                for ns in info["runtimeSpec"]["linux"]["namespaces"]:
+                    if ns["type"] in ("network", "ipc", "uts"):
+                        kind = {"network": "net"}.get(ns["type"], ns["type"])
+                        assert os.readlink(f"/proc/{pid}/ns/{kind}") == os.readlink(ns["path"]), ns
+                assert os.readlink(f"/proc/{pid}/ns/net") != os.readlink("/proc/self/ns/net")
+                cgroup_path = info["runtimeSpec"]["linux"]["cgroupsPath"].lstrip("/")
+                assert f"/{cgroup_path}" in Path(f"/proc/{pid}/cgroup").read_text()
+                seen.append((pid, cgroup_path))
+            assert seen[0][1] != seen[1][1]
+            limit = Path("/sys/fs/cgroup/memory", seen[0][1], "memory.limit_in_bytes")
+            if limit.exists():  # cgroup v1
+                assert int(limit.read_text()) == 48 * MiB
+            stats = (await client.container_stats(first)).stats
+            assert stats.memory.working_set_bytes.value > 0 or stats.memory.usage_bytes.value > 0
+            await client.update_container_resources(first, cri.LinuxContainerResources(
+                memory_limit_in_bytes=96 * MiB, cpu_shares=512))
+            if limit.exists():
+                assert int(limit.read_text()) == 96 * MiB
+                assert Path("/sys/fs/cgroup/cpu", seen[0][1], "cpu.shares").read_text().strip() == "512"
+            await remove_pod(client, pod_id)
+            for _, cgroup_path in seen:
+                assert not Path("/sys/fs/cgroup/memory", cgroup_path).exists()
+
+    asyncio.run(scenario())
+
+
+def test_pod_stop_kills_containers_and_remove_leaves_nothing(stack: Stack) -> None:
+    cgroup_parent = f"kuasar-wasm-it-{os.getpid()}/pod-a"
+    cgroup_paths: list[str] = []
+
+    async def scenario() -> None:
+        async with CriClient(stack.address) as client:
+            pod_id, pod = await run_pod(client, "teardown", stack.log_dir, cgroup_parent=cgroup_parent)
+            looping = await start(client, pod_id, pod, "loop", ["/loop.wasm"], memory_limit=64 * MiB)
+            blocked = await start(client, pod_id, pod, "blocked", ["/cat.wasm"], stdin=True)
+            for cid in (looping, blocked):
+                await wait_state(client, cid, cri.CONTAINER_RUNNING)
+                cgroup_paths.append((await runtime_info(client, cid))["runtimeSpec"]["linux"]["cgroupsPath"])
+            assert len(container_processes()) == 2
+            assert all(path.lstrip("/").startswith(f"{cgroup_parent}/") for path in cgroup_paths), cgroup_paths
+            assert Path("/sys/fs/cgroup/memory", cgroup_paths[0].lstrip("/")).is_dir()
+            await client.stop_pod_sandbox(pod_id)
+            for cid in (looping, blocked):
+                assert (await client.container_status(cid)).status.state == cri.CONTAINER_EXITED
+            assert (await client.pod_sandbox_status(pod_id)).status.state == cri.SANDBOX_NOTREADY
+            await client.remove_pod_sandbox(pod_id)
+            with pytest.raises(grpc.aio.AioRpcError):
+                await client.pod_sandbox_status(pod_id)
+
+    asyncio.run(scenario())
+    for controller in ("memory", "cpu", "pids"):
+        assert not Path("/sys/fs/cgroup", controller, cgroup_parent.split("/")[0]).exists()
+    assert_nothing_left(stack)
+
+
+def assert_nothing_left(stack: Stack) -> None:
+    """No process, mount, state file or container cgroup of this stack's pods is left."""
+    server = task_server_pid(stack.sandboxer_dir)
+    assert children_of(server) == []  # pod processes and container processes are its children
+    assert container_processes() == []
+    assert list((stack.sandboxer_dir / "sandboxes").iterdir()) == []
+    assert mounts_containing(str(stack.containerd.state_dir)) == []
+    assert list((stack.sandboxer_dir / "wasm-cache").glob(".*.tmp")) == []
+
+
+def test_sandboxer_sigkill_and_restart_keeps_wasm_containers_running(stack: Stack) -> None:
+    async def before() -> tuple[str, str]:
+        async with CriClient(stack.address) as client:
+            pod_id, pod = await run_pod(client, "survivor", stack.log_dir)
+            cid = await start(client, pod_id, pod, "loop", ["/loop.wasm"])
+            await wait_state(client, cid, cri.CONTAINER_RUNNING)
+            return pod_id, cid
+
+    pod_id, cid = asyncio.run(before())
+    server = task_server_pid(stack.sandboxer_dir)
+    stack.sandboxer.send_signal(signal.SIGKILL)
+    stack.sandboxer.wait(10)
+    stack.sandboxer = start_sandboxer(stack.sandboxer_socket, stack.sandboxer_dir, stack.sandboxer_log,
+                                      stack.containerd.ttrpc_address, module="kuasar.wasm.cli")
+
+    async def after() -> None:
+        async with CriClient(stack.address) as client:
+            deadline = time.monotonic() + 60
+            while True:  # containerd's channel to the sandboxer backs off while it was down
+                try:
+                    status = await client.pod_sandbox_status(pod_id)
+                    break
+                except grpc.aio.AioRpcError as exc:
+                    if exc.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() > deadline:
+                        raise
+                    await asyncio.sleep(0.2)
+            assert status.status.state == cri.SANDBOX_READY
+            assert (await client.container_status(cid)).status.state == cri.CONTAINER_RUNNING
+            hello = await client.exec_sync(cid, ["/hello.wasm"], timeout=20)
+            assert hello.stdout == b"hello from wasm\n"
+            await client.stop_container(cid, timeout=10)
+            assert (await client.container_status(cid)).status.exit_code == 143
+            await remove_pod(client, pod_id)
+
+    asyncio.run(after())
+    assert task_server_pid(stack.sandboxer_dir) == server, "a second task server was started"
+    assert_nothing_left(stack)

@@ -1,0 +1,140 @@
+"""Locating a container's module inside its rootfs, bind-mount preopens, spec helpers, engine choice."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from kuasar.common.errors import FailedPrecondition, InvalidArgument, NotFound
+from kuasar.wasm.module import locate_module, resolve_in_root
+from kuasar.wasm.resources import cgroup_path
+from kuasar.wasm.runner import Preopen, RunSpec, proc_exit_status, split_env, wasmedge_argv
+from kuasar.wasm.sandboxer import task_server_options
+from kuasar.wasm.tasks import WasmSettings, WasmTasks, bind_preopens, memory_limit_of
+
+MODULE = b"\0asm\x01\x00\x00\x00"
+
+
+@pytest.fixture
+def rootfs(tmp_path: Path) -> Path:
+    root = tmp_path / "rootfs"
+    (root / "app" / "bin").mkdir(parents=True)
+    (root / "hello.wasm").write_bytes(MODULE)
+    (root / "app" / "bin" / "tool.wasm").write_bytes(MODULE)
+    (root / "app" / "link.wasm").symlink_to("/hello.wasm")  # absolute: means the rootfs's /hello.wasm
+    (root / "app" / "rel.wasm").symlink_to("bin/tool.wasm")
+    (root / "escape.wasm").symlink_to("../../../../../../etc/passwd")
+    (root / "loop.wasm").symlink_to("loop.wasm")
+    (root / "text.txt").write_text("not a module")
+    (root / "component.wasm").write_bytes(b"\0asm\x0d\x00\x01\x00")
+    return root
+
+
+def test_resolve_in_root_keeps_dotdot_and_symlinks_inside(rootfs: Path) -> None:
+    assert resolve_in_root(rootfs, "/hello.wasm") == rootfs / "hello.wasm"
+    assert resolve_in_root(rootfs, "../../hello.wasm") == rootfs / "hello.wasm"
+    assert resolve_in_root(rootfs, "bin/tool.wasm", cwd="/app") == rootfs / "app/bin/tool.wasm"
+    assert resolve_in_root(rootfs, "/app/link.wasm") == rootfs / "hello.wasm"
+    assert resolve_in_root(rootfs, "/app/rel.wasm") == rootfs / "app/bin/tool.wasm"
+    # `..` in a symlink target stops at the rootfs root: never the host's /etc/passwd.
+    assert resolve_in_root(rootfs, "/escape.wasm") == rootfs / "etc/passwd"
+    with pytest.raises(InvalidArgument, match="too many levels"):
+        resolve_in_root(rootfs, "/loop.wasm")
+
+
+def test_locate_module_absolute_relative_and_fallback_to_root(rootfs: Path) -> None:
+    assert locate_module(rootfs, ["/hello.wasm", "x"]) == rootfs / "hello.wasm"
+    assert locate_module(rootfs, ["hello.wasm"]) == rootfs / "hello.wasm"
+    assert locate_module(rootfs, ["bin/tool.wasm"], cwd="/app") == rootfs / "app/bin/tool.wasm"
+    assert locate_module(rootfs, ["hello.wasm"], cwd="/app") == rootfs / "hello.wasm"  # from the root then
+    assert locate_module(rootfs, ["link.wasm"], cwd="/app") == rootfs / "hello.wasm"
+
+
+def test_locate_module_errors_say_what_is_wrong(rootfs: Path) -> None:
+    with pytest.raises(InvalidArgument, match="process.args is empty"):
+        locate_module(rootfs, [])
+    with pytest.raises(NotFound, match=r"wasm module 'nope.wasm' not found .*looked for /app/nope.wasm, /nope.wasm"):
+        locate_module(rootfs, ["nope.wasm"], cwd="/app")
+    with pytest.raises(NotFound):
+        locate_module(rootfs, ["/escape.wasm"])  # resolves to <rootfs>/etc/passwd, which does not exist
+    with pytest.raises(NotFound):
+        locate_module(rootfs, ["/app"])  # a directory is not a module
+    with pytest.raises(InvalidArgument, match="not a WebAssembly module"):
+        locate_module(rootfs, ["/text.txt"])
+    with pytest.raises(InvalidArgument, match="component"):
+        locate_module(rootfs, ["/component.wasm"])
+
+
+def test_bind_preopens_takes_directory_binds_only(tmp_path: Path) -> None:
+    volume = tmp_path / "vol"
+    volume.mkdir()
+    hosts = tmp_path / "hosts"
+    hosts.write_text("127.0.0.1 localhost\n")
+    spec_mounts = [
+        {"destination": "/proc", "type": "proc", "source": "proc"},
+        {"destination": "/data", "type": "bind", "source": str(volume), "options": ["rbind", "rprivate", "rw"]},
+        {"destination": "/ro/", "source": str(volume), "options": ["rbind", "ro"]},
+        {"destination": "/etc/hosts", "type": "bind", "source": str(hosts), "options": ["rbind"]},
+        {"destination": "/dev/shm", "type": "bind", "source": str(volume), "options": ["rbind"]},
+        {"destination": "relative", "type": "bind", "source": str(volume), "options": ["rbind"]},
+        {"destination": "/tmp", "type": "tmpfs", "source": "tmpfs"},
+    ]
+    assert bind_preopens(spec_mounts) == [Preopen(str(volume), "/data", True), Preopen(str(volume), "/ro", False)]
+
+
+def test_spec_helpers() -> None:
+    assert memory_limit_of({"linux": {"resources": {"memory": {"limit": 64 << 20}}}}) == 64 << 20
+    assert memory_limit_of({"linux": {"resources": {"memory": {"limit": -1}}}}) == 0
+    assert memory_limit_of({}) == 0
+    assert split_env(["A=1", "B==2", "C=", "junk", "=x"]) == [["A", "1"], ["B", "=2"], ["C", ""]]
+    assert cgroup_path("/k8s.io/abc") == "/k8s.io/abc"
+    assert cgroup_path("kubepods-besteffort-pod12.slice:cri-containerd:abc") == \
+        "kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod12.slice/cri-containerd-abc.scope"
+    with pytest.raises(InvalidArgument):
+        cgroup_path("a:b")
+
+
+def test_exit_status_mapping() -> None:
+    assert [proc_exit_status(n) for n in (0, 3, 125, 126, 200, 255)] == [0, 3, 125, 126, 200, 255]
+    assert proc_exit_status(256) == 255  # no Linux status carries it, and it must not read as success
+    assert proc_exit_status(-1) == 255  # u32 0xffffffff as the i32 ctypes hands over
+
+
+def test_wasmedge_argv_puts_guest_path_first() -> None:
+    spec = RunSpec("/rootfs/app.wasm", ["/app.wasm", "a", "b c"], ["K=v"],
+                   [Preopen("/rootfs", "/"), Preopen("/vol", "/data")], memory_limit=10 << 20)
+    assert wasmedge_argv("/opt/wasmedge", spec) == [
+        "/opt/wasmedge", "--dir", "/:/rootfs", "--dir", "/data:/vol", "--env", "K=v",
+        "--memory-page-limit", "160", "/rootfs/app.wasm", "a", "b c"]
+
+
+def test_runtime_selection(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tasks = WasmTasks.__new__(WasmTasks)
+    tasks.settings = WasmSettings(wasmedge="wasmedge-not-installed")
+    assert tasks.select_runtime({}) == ("wasmtime", "")
+    annotated = {"annotations": {"io.kuasar.wasm.runtime": "wasmedge"}}
+    with pytest.raises(FailedPrecondition, match="runtime wasmedge selected but no WasmEdge binary"):
+        tasks.select_runtime(annotated)
+    with pytest.raises(InvalidArgument, match="unknown wasm runtime 'wamr'"):
+        tasks.select_runtime({"annotations": {"io.kuasar.wasm.runtime": "wamr"}})
+    fake = tmp_path / "wasmedge"
+    fake.write_text("")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ.get('PATH', '')}")
+    tasks.settings = WasmSettings(runtime="wasmedge")
+    assert tasks.select_runtime({}) == ("wasmedge", str(fake))
+    assert tasks.select_runtime({"annotations": {"io.kuasar.wasm.runtime": "wasmtime"}}) == ("wasmtime", "")
+
+
+def test_config_section_becomes_task_server_flags() -> None:
+    assert task_server_options({}) == ["--runtime", "wasmtime", "--wasmedge", "wasmedge", "--cache",
+                                       "--cache-max-mb", "512"]
+    assert task_server_options({"runtime": "WasmEdge", "wasmedge": "/opt/we", "cache": False,
+                                "cache_max_mb": 64}) == ["--runtime", "wasmedge", "--wasmedge", "/opt/we",
+                                                         "--no-cache", "--cache-max-mb", "64"]
+    with pytest.raises(InvalidArgument):
+        task_server_options({"runtime": "wamr"})
+    with pytest.raises(InvalidArgument):
+        task_server_options({"cache_max_mb": "lots"})

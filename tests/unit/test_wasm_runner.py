@@ -1,0 +1,195 @@
+"""Container processes without containerd: fork, prepare, go, exit codes, signals, limits, cache.
+
+These fork from the test process like the task server does. Nothing here compiles a module in the
+test process itself (`wat2wasm` only assembles, it starts no compile threads), so the children can.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from kuasar.common.errors import InvalidArgument
+from kuasar.common.reaper import Reaper
+from kuasar.wasm import runner
+from kuasar.wasm.cache import ModuleCache, engine_fingerprint, module_digest
+from kuasar.wasm.launch import LaunchPlan, Stdio, launch
+from kuasar.wasm.runner import Preopen, RunSpec
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "wasm"
+
+
+@pytest.fixture(scope="module")
+def rootfs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    import wasmtime
+
+    root = tmp_path_factory.mktemp("rootfs")
+    for source in FIXTURES.glob("*.wat"):
+        (root / f"{source.stem}.wasm").write_bytes(wasmtime.wat2wasm(source.read_text()))
+    (root / "nostart.wasm").write_bytes(wasmtime.wat2wasm('(module (memory (export "memory") 1))'))
+    bad_import = '(module (import "env" "nope" (func)) (func (export "_start")))'
+    (root / "badimport.wasm").write_bytes(wasmtime.wat2wasm(bad_import))
+    (root / "etc").mkdir()
+    (root / "etc" / "greeting.txt").write_text("hi from the rootfs\n")
+    return root
+
+
+class Result:
+    def __init__(self, status: int, out: bytes, err: bytes, seconds: float) -> None:
+        self.status, self.out, self.err, self.seconds = status, out, err, seconds
+
+
+def _drain(fd: int) -> bytes:
+    chunks = []
+    while chunk := os.read(fd, 65536):
+        chunks.append(chunk)
+    os.close(fd)
+    return b"".join(chunks)
+
+
+def run(rootfs: Path, args: list[str], *, stdin: bytes | None = None, memory_limit: int = 0,
+        cache_dir: Path | None = None, env: list[str] | None = None, go: bool = True,
+        signal_after: tuple[float, int] | None = None, keep_stdin_open: bool = False,
+        wasmedge: str = "") -> Result:
+    """Launch `args` (module in `rootfs`), optionally feed stdin / signal it, and collect its output."""
+    async def scenario() -> Result:
+        reaper = Reaper()
+        reaper.install()
+        out_r, out_w = os.pipe()
+        err_r, err_w = os.pipe()
+        in_r, in_w = os.pipe() if stdin is not None or keep_stdin_open else (-1, -1)
+        spec = RunSpec(str(rootfs / args[0].lstrip("/")), args, env or ["A=1"], [Preopen(str(rootfs), "/")],
+                       memory_limit, str(cache_dir or ""), 1 << 30)
+        started = time.monotonic()
+        plan = LaunchPlan("unit", "wasmedge" if wasmedge else "wasmtime", spec, wasmedge=wasmedge)
+        child = launch(plan, Stdio(in_r, out_w, err_w), reaper, wait_for_go=True)
+        for fd in (in_r, out_w, err_w):
+            if fd >= 0:
+                os.close(fd)
+        try:
+            await child.ready()
+            if go:
+                child.go()
+            else:
+                child.close_go()
+            if stdin:
+                os.write(in_w, stdin)
+            if in_w >= 0 and not keep_stdin_open:
+                os.close(in_w)
+            if signal_after is not None:
+                await asyncio.sleep(signal_after[0])
+                os.kill(child.pid, signal_after[1])
+            exited = await asyncio.wait_for(child.exited, 30)
+        finally:
+            if keep_stdin_open:
+                os.close(in_w)
+        return Result(exited.status, _drain(out_r), _drain(err_r), time.monotonic() - started)
+
+    return asyncio.run(scenario())
+
+
+def test_hello_writes_both_streams_and_exits_zero(rootfs: Path) -> None:
+    result = run(rootfs, ["/hello.wasm"])
+    assert (result.status, result.out, result.err) == (0, b"hello from wasm\n", b"hello on stderr\n")
+
+
+@pytest.mark.parametrize(("code", "status"), [("0", 0), ("7", 7), ("125", 125), ("126", 126), ("200", 200),
+                                              ("255", 255), ("4096", 255)])
+def test_proc_exit_codes_are_reported_faithfully(rootfs: Path, code: str, status: int) -> None:
+    assert run(rootfs, ["/exitcode.wasm", code]).status == status
+
+
+def test_trap_exits_134_with_the_reason_on_stderr(rootfs: Path) -> None:
+    result = run(rootfs, ["/trap.wasm"])
+    assert result.status == 134
+    assert result.out == b"about to trap\n"
+    assert b"wasm trap" in result.err and b"unreachable" in result.err
+
+
+def test_args_env_and_preopened_rootfs(rootfs: Path) -> None:
+    result = run(rootfs, ["/argsenv.wasm", "one", "two words", "--read", "/etc/greeting.txt"],
+                 env=["GREETING=hi", "EMPTY="])
+    assert result.status == 0, result.err
+    assert result.out.decode().splitlines() == [
+        "arg: /argsenv.wasm", "arg: one", "arg: two words", "arg: --read", "arg: /etc/greeting.txt",
+        "env: GREETING=hi", "env: EMPTY=", "preopen: /", "hi from the rootfs"]
+    missing = run(rootfs, ["/argsenv.wasm", "--read", "/etc/nope"])
+    assert missing.status == 2 and b"error: cannot open /etc/nope errno 44" in missing.err
+
+
+def test_modules_that_cannot_run_fail_before_start_with_the_reason(rootfs: Path) -> None:
+    with pytest.raises(InvalidArgument, match="exports no _start"):
+        run(rootfs, ["/nostart.wasm"])
+    with pytest.raises(InvalidArgument, match="unknown import: `env::nope`"):
+        run(rootfs, ["/badimport.wasm"])
+
+
+def test_stdin_is_read_until_end_of_input(rootfs: Path) -> None:
+    result = run(rootfs, ["/cat.wasm"], stdin=b"some input\n" * 1000)
+    assert (result.status, result.out, result.err) == (0, b"some input\n" * 1000, b"EOF\n")
+
+
+def test_signals_kill_a_module_blocked_in_a_host_call_or_spinning(rootfs: Path) -> None:
+    blocked = run(rootfs, ["/cat.wasm"], keep_stdin_open=True, signal_after=(0.2, signal.SIGTERM))
+    assert blocked.status == 143 and blocked.seconds < 5
+    spinning = run(rootfs, ["/loop.wasm"], signal_after=(0.2, signal.SIGKILL))
+    assert spinning.status == 137 and spinning.out == b"looping\n"
+
+
+def test_a_process_deleted_before_start_never_runs_its_module(rootfs: Path) -> None:
+    result = run(rootfs, ["/hello.wasm"], go=False)
+    assert (result.status, result.out) == (0, b"")
+
+
+def test_memory_limit_caps_linear_memory_and_refuses_too_large_minimums(rootfs: Path) -> None:
+    assert run(rootfs, ["/memhog.wasm"]).status == 100  # the module's own cap
+    limited = run(rootfs, ["/memhog.wasm"], memory_limit=16 << 20)
+    assert 0 < limited.status <= 16 and limited.out == f"memhog: got {limited.status} MiB\n".encode()
+    touched = run(rootfs, ["/memhog.wasm", "touch"], memory_limit=16 << 20)
+    assert touched.status == limited.status
+    with pytest.raises(InvalidArgument, match="memory minimum size of 1024 pages exceeds memory limits"):
+        run(rootfs, ["/bigmem.wasm"], memory_limit=16 << 20)
+
+
+def test_compiled_module_is_cached_and_a_bad_artifact_is_replaced(rootfs: Path, tmp_path: Path) -> None:
+    cache = ModuleCache(tmp_path / "cache")
+    digest = module_digest((rootfs / "hello.wasm").read_bytes())
+    artifact = cache.path(digest, engine_fingerprint(runner.ENGINE_SETTINGS))
+    assert run(rootfs, ["/hello.wasm"], cache_dir=cache.directory).status == 0
+    assert artifact.is_file()
+    inode = artifact.stat().st_ino
+    os.utime(artifact, (1, 1))
+    assert run(rootfs, ["/hello.wasm"], cache_dir=cache.directory).out == b"hello from wasm\n"
+    assert artifact.stat().st_ino == inode  # deserialized, not compiled and rewritten
+    assert artifact.stat().st_mtime > 1  # marked as used for the LRU
+    artifact.write_bytes(b"garbage")
+    assert run(rootfs, ["/hello.wasm"], cache_dir=cache.directory).out == b"hello from wasm\n"
+    assert artifact.read_bytes() != b"garbage"
+
+
+def test_the_task_server_refuses_to_compile(rootfs: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(runner, "_NO_COMPILE_PID", 0)
+    runner.forbid_compiling_here()
+    with pytest.raises(RuntimeError, match="refusing to compile"):
+        runner.WasmtimeModule(RunSpec(str(rootfs / "hello.wasm"), ["/hello.wasm"], []))
+    # ... while a forked child of that process may.
+    assert run(rootfs, ["/hello.wasm"]).status == 0
+
+
+def test_wasmedge_runtime_execs_the_binary_with_its_own_flags(rootfs: Path, tmp_path: Path) -> None:
+    """A stand-in `wasmedge` (a Python script, no shell) that prints the command line it was given."""
+    fake = tmp_path / "wasmedge"
+    fake.write_text(f"#!{sys.executable}\nimport os, sys\nprint(sys.argv[1:])\nprint(os.environ['A'])\n"
+                    "sys.exit(9)\n")
+    fake.chmod(0o755)
+    result = run(rootfs, ["/hello.wasm", "x"], wasmedge=str(fake), memory_limit=1 << 20)
+    assert result.status == 9
+    assert result.out.decode().splitlines() == [
+        str(["--dir", f"/:{rootfs}", "--env", "A=1", "--memory-page-limit", "16", str(rootfs / "hello.wasm"),
+             "x"]), "1"]

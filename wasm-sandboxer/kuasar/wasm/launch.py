@@ -1,0 +1,255 @@
+"""Container processes: forked from the task server, one per container or exec.
+
+Process model, measured on the 2-core test machine (hello module, median of 10, fork/exec to exit):
+  * fork of the task server, which has already imported wasmtime: 3.4 ms with a cached artifact,
+    4.7 ms compiling; a running container is charged ~4.5 MiB (cgroup working set), the rest of the
+    interpreter and libwasmtime stays shared copy-on-write with the task server;
+  * exec of a fresh interpreter that imports wasmtime and deserializes the same artifact: 48 ms warm
+    (~120 ms cold), and a private interpreter (~17 MB RSS) per container.
+So we fork. The task server stays single-threaded and never compiles (runner.py says why), so the
+child inherits no locks or thread pools. It resets the signal dispositions the event loop installed,
+keeps only its stdio and two pipes, joins the container's cgroup (before it allocates anything, so
+its memory is charged there), joins the pod's net/ipc/uts namespaces, then compiles or deserializes
+and instantiates the module (runner.py). It reports "ok" or "!<kind><error>" on the report pipe, so
+a module that cannot run fails Task.Create with wasmtime's own words, and a container's init process
+then waits for the one byte Task.Start writes on the go pipe: the created/started split runc gives.
+Execs run as soon as they are ready. Signals reach the process as for any container: SIGTERM and
+SIGKILL work even while the module is blocked in a host call (reading an idle FIFO), which
+wasmtime's epoch interruption cannot do.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import gc
+import os
+import resource
+import signal
+from dataclasses import dataclass, field
+
+from kuasar.common import linux
+from kuasar.common.cgroups import PodCgroup
+from kuasar.common.errors import InvalidArgument, RuntimeFailure
+from kuasar.common.reaper import Exit, Reaper
+
+from .runner import ModuleError, RunSpec, WasmtimeModule, wasmedge_argv
+
+# The child's report is one write of at most this many bytes (atomic on a pipe).
+REPORT_MAX = 4096
+# Compiling a large module on a slow, CPU-limited container can take a while; this bounds a stuck one.
+PREPARE_TIMEOUT = 300.0
+NAMESPACE_FLAGS = {"network": linux.CLONE_NEWNET, "ipc": linux.CLONE_NEWIPC, "uts": linux.CLONE_NEWUTS}
+RLIMITS = {name[len("RLIMIT_"):]: getattr(resource, name) for name in dir(resource) if name.startswith("RLIMIT_")}
+@dataclass
+class User:
+    uid: int = 0
+    gid: int = 0
+    additional_gids: list[int] = field(default_factory=list)
+
+
+@dataclass
+class LaunchPlan:
+    name: str  # container id (and exec id): the process is named wasm-<name>
+    runtime: str  # "wasmtime" or "wasmedge"
+    run: RunSpec
+    namespaces: list[tuple[str, str]] = field(default_factory=list)  # (OCI type, path or "" for new)
+    cgroup: PodCgroup | None = None
+    user: User = field(default_factory=User)
+    rlimits: list[tuple[int, int, int]] = field(default_factory=list)  # (resource, soft, hard)
+    oom_score_adj: int | None = None
+    wasmedge: str = ""  # WasmEdge binary when runtime == "wasmedge"
+
+
+@dataclass
+class Stdio:
+    stdin: int = -1
+    stdout: int = -1
+    stderr: int = -1
+
+    def fds(self) -> list[int]:
+        return [fd for fd in (self.stdin, self.stdout, self.stderr) if fd >= 0]
+
+    def close(self) -> None:
+        for fd in self.fds():
+            os.close(fd)
+        self.stdin = self.stdout = self.stderr = -1
+
+
+@dataclass
+class Launch:
+    pid: int
+    exited: asyncio.Future[Exit]
+    report_fd: int
+    go_fd: int = -1  # the write end Task.Start uses; -1 for execs (they run when ready)
+
+    async def ready(self, timeout: float = PREPARE_TIMEOUT) -> None:
+        """Wait for the child's report; raise with its message if it could not prepare the module."""
+        try:
+            report = await _read_once(self.report_fd, timeout)
+        except TimeoutError:
+            raise RuntimeFailure(f"container process {self.pid} did not finish preparing its module "
+                                 f"within {timeout:.0f} s") from None
+        if report == b"ok":
+            return
+        if report.startswith(b"!M"):  # the module itself cannot run: the caller's mistake
+            raise InvalidArgument(report[2:].decode(errors="replace"))
+        if report.startswith(b"!"):
+            raise RuntimeFailure(f"container process setup failed: {report[2:].decode(errors='replace')}")
+        raise RuntimeFailure(f"container process {self.pid} exited before it was ready")
+
+    def go(self) -> None:
+        if self.go_fd >= 0:
+            try:
+                os.write(self.go_fd, b"1")
+            finally:
+                self.close_go()
+
+    def close_go(self) -> None:
+        if self.go_fd >= 0:
+            os.close(self.go_fd)
+            self.go_fd = -1
+
+
+async def _read_once(fd: int, timeout: float) -> bytes:
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[bytes] = loop.create_future()
+
+    def readable() -> None:
+        try:
+            data = os.read(fd, REPORT_MAX)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not done.done():
+            done.set_result(data)
+
+    os.set_blocking(fd, False)
+    loop.add_reader(fd, readable)
+    try:
+        async with asyncio.timeout(timeout):
+            return await done
+    finally:
+        loop.remove_reader(fd)
+        os.close(fd)
+
+
+def launch(plan: LaunchPlan, stdio: Stdio, reaper: Reaper, wait_for_go: bool) -> Launch:
+    """Fork the container process. The exit future is taken in the same loop step as the fork."""
+    report_r, report_w = os.pipe()
+    go_r, go_w = os.pipe() if wait_for_go else (-1, -1)
+    try:
+        pid = os.fork()
+    except OSError:
+        for fd in (report_r, report_w, go_r, go_w):
+            if fd >= 0:
+                os.close(fd)
+        raise
+    if pid == 0:  # the child: never returns
+        _child(plan, stdio, report_w, go_r)
+    exited = reaper.watch(pid)
+    os.close(report_w)
+    if go_r >= 0:
+        os.close(go_r)
+    return Launch(pid, exited, report_r, go_w)
+
+
+# -- in the child ----------------------------------------------------------------------------------
+def _child(plan: LaunchPlan, stdio: Stdio, report_fd: int, go_fd: int) -> None:
+    reported = False
+    try:
+        gc.disable()  # a collection would touch (and so copy) the parent's shared pages for nothing
+        signal.set_wakeup_fd(-1)
+        for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGPIPE,
+                    signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2):
+            signal.signal(sig, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_SETMASK, [])
+        os.setsid()
+        report_fd, go_fd = _setup_fds(stdio, report_fd, go_fd)
+        if plan.cgroup is not None:
+            plan.cgroup.add(os.getpid())  # first: everything allocated from here on is charged to it
+        for kind, path in plan.namespaces:
+            _join_namespace(kind, path)
+        if plan.oom_score_adj is not None:
+            try:
+                with open("/proc/self/oom_score_adj", "w") as f:
+                    f.write(str(plan.oom_score_adj))
+            except OSError:
+                pass  # lowering it needs CAP_SYS_RESOURCE; CRI's restrict_oom_score_adj covers that
+        linux.set_process_name(f"wasm-{plan.name[:10]}")
+        if plan.runtime == "wasmedge":
+            argv = wasmedge_argv(plan.wasmedge, plan.run)
+            runnable = None
+        else:
+            runnable = WasmtimeModule(plan.run)
+        for res, soft, hard in plan.rlimits:
+            resource.setrlimit(res, (soft, hard))
+        _drop_privileges(plan.user)
+        os.write(report_fd, b"ok")
+        os.close(report_fd)
+        reported = True
+        if go_fd >= 0:
+            go = os.read(go_fd, 1)
+            os.close(go_fd)
+            if go != b"1":  # the task server deleted us (or died) before Start
+                os._exit(0)
+        if runnable is None:
+            os.execve(argv[0], argv, dict(kv.split("=", 1) for kv in plan.run.env if "=" in kv))
+        os._exit(runnable.run())
+    except BaseException as exc:  # noqa: BLE001 - report anything, then die: never return to the loop
+        try:
+            if not reported:
+                kind = "M" if isinstance(exc, ModuleError) else "S"
+                message = str(exc) or type(exc).__name__
+                os.write(report_fd, f"!{kind}{message}".encode(errors="replace")[:REPORT_MAX])
+            else:
+                os.write(2, f"wasm-sandboxer: {exc}\n".encode(errors="replace"))
+        finally:
+            os._exit(1 if not reported else 126)
+
+
+def _setup_fds(stdio: Stdio, report_fd: int, go_fd: int) -> tuple[int, int]:
+    """Put the container's stdio on 0-2 (/dev/null where absent) and close every other fd."""
+    def above_stdio(fd: int) -> int:
+        return fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3) if 0 <= fd < 3 else fd
+
+    sources = [above_stdio(fd) for fd in (stdio.stdin, stdio.stdout, stdio.stderr)]
+    report_fd = above_stdio(report_fd)
+    go_fd = above_stdio(go_fd)
+    null = -1
+    for target, fd in enumerate(sources):
+        if fd < 0:
+            if null < 0:
+                null = above_stdio(os.open(os.devnull, os.O_RDWR))
+            fd = null
+        os.dup2(fd, target)  # inheritable, blocking: the FIFOs were opened O_NONBLOCK then made blocking
+    keep = sorted({report_fd, go_fd} - {-1})
+    low = 3
+    for fd in [*keep, os.sysconf("SC_OPEN_MAX")]:
+        if fd > low:
+            os.closerange(low, fd)
+        low = fd + 1
+    return report_fd, go_fd
+
+
+def _join_namespace(kind: str, path: str) -> None:
+    flag = NAMESPACE_FLAGS.get(kind)
+    if flag is None:
+        return
+    if not path:
+        linux.unshare(flag)  # OCI: a namespace without a path is a new, empty one
+        return
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        linux.setns(fd, flag)
+    finally:
+        os.close(fd)
+
+
+def _drop_privileges(user: User) -> None:
+    if user.uid == 0 and user.gid == 0 and not user.additional_gids:
+        return
+    os.setgroups(user.additional_gids)
+    os.setgid(user.gid)
+    os.setuid(user.uid)

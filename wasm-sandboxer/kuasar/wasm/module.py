@@ -1,0 +1,81 @@
+"""Finding a container's WebAssembly module inside its rootfs, the way a chrooted process would.
+
+containerd turns the image's Entrypoint + Cmd into `process.args`; `args[0]` names the module (as
+Kuasar does: the image config is never read). An absolute name is looked up from the rootfs root, a
+relative one from `process.cwd` and then from the root. Symlinks and `..` are resolved *inside* the
+rootfs, so an image cannot point the sandboxer at a host file. Only a 4-byte header is read here:
+the task server never compiles (see launch.py).
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+from pathlib import Path
+
+from kuasar.common.errors import InvalidArgument, NotFound
+
+WASM_MAGIC = b"\0asm"
+MODULE_VERSION = b"\x01\x00\x00\x00"
+# A symlink chain longer than this is a loop (Linux's own limit is 40).
+MAX_SYMLINKS = 40
+
+
+def resolve_in_root(root: Path, path: str, cwd: str = "/") -> Path:
+    """`path` (absolute, or relative to `cwd`) as seen by a process whose root is `root`.
+
+    Every symlink is read and followed relative to `root`, and `..` stops at `root`, so the result
+    always lies under `root`. Missing components are kept as they are (the caller checks existence).
+    """
+    full = path if path.startswith("/") else posixpath.join(cwd if cwd.startswith("/") else "/" + cwd, path)
+    pending = [part for part in reversed(full.split("/")) if part not in ("", ".")]
+    resolved: list[str] = []
+    hops = 0
+    while pending:
+        part = pending.pop()
+        if part == "..":
+            if resolved:
+                resolved.pop()
+            continue
+        candidate = root.joinpath(*resolved, part)
+        if candidate.is_symlink():
+            hops += 1
+            if hops > MAX_SYMLINKS:
+                raise InvalidArgument(f"{path!r}: too many levels of symbolic links in the rootfs")
+            target = os.readlink(candidate)
+            if target.startswith("/"):
+                resolved = []
+            pending.extend(part for part in reversed(target.split("/")) if part not in ("", "."))
+            continue
+        resolved.append(part)
+    return root.joinpath(*resolved)
+
+
+def locate_module(rootfs: Path, args: list[str], cwd: str = "/") -> Path:
+    """The host path of the module `args[0]` names, checked to be a core WebAssembly module."""
+    if not args or not args[0]:
+        raise InvalidArgument("process.args is empty: args[0] must name the .wasm module in the image")
+    name = args[0]
+    candidates = [name] if name.startswith("/") else [posixpath.join(cwd or "/", name), "/" + name]
+    tried = []
+    for candidate in dict.fromkeys(candidates):
+        path = resolve_in_root(rootfs, candidate)
+        tried.append(candidate)
+        if path.is_file():
+            check_module_header(path, name)
+            return path
+    raise NotFound(f"wasm module {name!r} not found in the container's rootfs (looked for "
+                   f"{', '.join(tried)}); args[0] must name a .wasm file in the image")
+
+
+def check_module_header(path: Path, name: str) -> None:
+    try:
+        with open(path, "rb") as f:
+            header = f.read(8)
+    except OSError as exc:
+        raise InvalidArgument(f"wasm module {name!r}: {exc.strerror}") from None
+    if header[:4] != WASM_MAGIC:
+        raise InvalidArgument(f"{name!r} is not a WebAssembly module (no \\0asm header)")
+    if header[4:8] != MODULE_VERSION:
+        raise InvalidArgument(f"{name!r} is a WebAssembly component or an unknown binary version "
+                              f"({header[4:8].hex()}); only core modules (WASI preview 1) are supported")

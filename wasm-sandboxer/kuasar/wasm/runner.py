@@ -1,0 +1,220 @@
+"""What a container process runs once it sits in the pod: a module under wasmtime, or WasmEdge.
+
+This code runs only in the forked container process (launch.py), never in the task server: wasmtime
+starts a compile thread pool the first time it compiles, and a process forked after that hangs on
+its own first compile. The task server therefore imports wasmtime (loading the library starts no
+thread) but never builds a Module; every container process compiles or deserializes for itself.
+
+Exit codes (what Task.Wait reports):
+  * `_start` returns                         -> 0
+  * `proc_exit(n)`, 0 <= n <= 255            -> n. wasmtime refuses n >= 126 with an error that does not
+    carry n, so `proc_exit` is served by our own host function, which records n and unwinds.
+  * `proc_exit(n)`, n > 255                  -> 255 (no Linux exit status carries it; never a false 0)
+  * a trap (unreachable, out-of-bounds, stack overflow, ...) -> 134 (128 + SIGABRT, as the wasmtime CLI
+    reports traps), with wasmtime's message on the container's stderr
+  * killed by a signal                       -> 128 + signal (the reaper's convention, as for runc)
+  * the process could not start WasmEdge after Task.Start -> 126, with the reason on stderr
+
+Memory: `linux.resources.memory.limit` is the store's limit on linear memory (`memory.grow` returns -1
+past it; a module whose declared minimum exceeds it fails to instantiate, i.e. Task.Create fails),
+and also the cgroup limit of the whole process (engine, compiled code and linear memory: ~4.5 MiB on
+top of what the module touches). A module that really writes all the memory it may grow to can so
+still be OOM-killed (137, OOMKilled), as any container that uses its whole limit.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .cache import ModuleCache, engine_fingerprint, module_digest
+
+# `wasmtime.Config` attributes we set. They are part of every cache key: an artifact only
+# deserializes under the Config that produced it. Defaults otherwise (Cranelift, optimise for speed,
+# parallel compilation: a container process is a fresh fork that never compiled before).
+ENGINE_SETTINGS: dict[str, object] = {}
+TRAP_EXIT_STATUS = 134
+UNREPRESENTABLE_EXIT_STATUS = 255
+WASI_MODULE = "wasi_snapshot_preview1"
+MAIN_INSTANCE = "kuasar:main"
+WASM_PAGE = 65536
+# The task server's pid (forbid_compiling_here): WasmtimeModule refuses to run there, so a mistake
+# shows up as an error instead of every later container hanging.
+_NO_COMPILE_PID = 0
+
+
+def forbid_compiling_here() -> None:
+    global _NO_COMPILE_PID
+    _NO_COMPILE_PID = os.getpid()
+
+
+@dataclass
+class Preopen:
+    host: str
+    guest: str
+    writable: bool = True
+
+
+@dataclass
+class RunSpec:
+    """Everything the module gets: resolved in the task server, used in the container process."""
+
+    module: str  # host path of the .wasm file (inside the mounted rootfs)
+    argv: list[str]
+    env: list[str]  # "KEY=value"
+    preopens: list[Preopen] = field(default_factory=list)
+    memory_limit: int = 0  # bytes of linear memory (store limit); 0 = none
+    cache_dir: str = ""  # "" disables the compiled-module cache
+    cache_max_bytes: int = 0
+
+
+class ModuleError(Exception):
+    """The module cannot be run (bad binary, unknown import, no _start, memory limit too small)."""
+
+
+class ProcExit(Exception):
+    def __init__(self, code: int) -> None:
+        super().__init__(f"proc_exit({code})")
+        self.code = code
+
+
+def proc_exit_status(code: int) -> int:
+    code &= 0xFFFFFFFF  # WASI's exitcode is a u32; ctypes hands us the i32 bit pattern
+    return code if code <= 255 else UNREPRESENTABLE_EXIT_STATUS
+
+
+def _proc_exit(code: int) -> None:
+    raise ProcExit(code)
+
+
+def split_env(env: list[str]) -> list[list[str]]:
+    pairs = []
+    for entry in env:
+        key, sep, value = entry.partition("=")
+        if key and sep:
+            pairs.append([key, value])
+    return pairs
+
+
+def load_module(engine: Any, path: Path, cache: ModuleCache | None) -> tuple[Any, bool]:
+    """Deserialize the cached artifact for `path`, or compile it (and store the artifact)."""
+    import wasmtime
+
+    data = path.read_bytes()
+    if cache is None:
+        return wasmtime.Module(engine, data), False
+    artifact = cache.path(module_digest(data), engine_fingerprint(ENGINE_SETTINGS))
+    if artifact.is_file():
+        try:
+            module = wasmtime.Module.deserialize_file(engine, str(artifact))
+            cache.touch(artifact)
+            return module, True
+        except wasmtime.WasmtimeError:
+            pass  # truncated, or from another wasmtime build: compile afresh and replace it
+    module = wasmtime.Module(engine, data)
+    try:
+        cache.store(artifact, bytes(module.serialize()))
+    except OSError:
+        pass  # a full disk costs the next start a compile, nothing more
+    return module, False
+
+
+class WasmtimeModule:
+    """A module compiled (or deserialized) and instantiated with WASI; `run()` calls `_start`."""
+
+    def __init__(self, spec: RunSpec) -> None:
+        if os.getpid() == _NO_COMPILE_PID:
+            raise RuntimeError("refusing to compile a module in the task server (forked children would hang)")
+        import wasmtime
+
+        self.wasmtime = wasmtime
+        config = wasmtime.Config()
+        for name, value in ENGINE_SETTINGS.items():
+            setattr(config, name, value)
+        engine = wasmtime.Engine(config)
+        cache = ModuleCache(Path(spec.cache_dir), spec.cache_max_bytes) if spec.cache_dir else None
+        try:
+            module, self.cache_hit = load_module(engine, Path(spec.module), cache)
+        except wasmtime.WasmtimeError as exc:
+            raise ModuleError(f"compiling {spec.argv[0] if spec.argv else spec.module}: {_first_line(exc)}") from None
+        linker = wasmtime.Linker(engine)
+        linker.define_wasi()
+        linker.allow_shadowing = True
+        linker.define_func(WASI_MODULE, "proc_exit", wasmtime.FuncType([wasmtime.ValType.i32()], []), _proc_exit)
+        self.store = wasmtime.Store(engine)
+        wasi = wasmtime.WasiConfig()
+        wasi.argv = spec.argv
+        wasi.env = split_env(spec.env)
+        wasi.inherit_stdin()
+        wasi.inherit_stdout()
+        wasi.inherit_stderr()
+        for preopen in spec.preopens:
+            try:
+                wasi.preopen_dir(preopen.host, preopen.guest, preopen.writable)
+            except wasmtime.WasmtimeError as exc:
+                raise ModuleError(f"preopening {preopen.host} as {preopen.guest}: {exc}") from None
+        self.store.set_wasi(wasi)
+        if spec.memory_limit > 0:
+            self.store.set_limits(memory_size=spec.memory_limit)
+        try:
+            instance = linker.instantiate(self.store, module)
+        except ProcExit as exc:  # a start section that exits: nothing left to run
+            raise ModuleError(f"module exited with {exc.code} while being instantiated") from None
+        except (wasmtime.WasmtimeError, wasmtime.Trap) as exc:
+            message = _first_line(exc)
+            if "exceeds memory limits" in message:
+                message += f" (memory limit {spec.memory_limit} bytes = {spec.memory_limit // WASM_PAGE} pages)"
+            raise ModuleError(f"instantiating {spec.argv[0] if spec.argv else spec.module}: {message}") from None
+        # Not instance.exports(): wasmtime-py wraps every export in Python objects up front (92 ms for
+        # a module with 2000 exports); the linker looks up one name in Rust.
+        linker.define_instance(self.store, MAIN_INSTANCE, instance)
+        try:
+            start = linker.get(self.store, MAIN_INSTANCE, "_start")
+        except wasmtime.WasmtimeError:
+            start = None
+        if not isinstance(start, wasmtime.Func):
+            raise ModuleError("the module exports no _start function (only WASI commands can run)")
+        self.start = start
+
+    def run(self) -> int:
+        wasmtime = self.wasmtime
+        try:
+            self.start(self.store)
+            return 0
+        except ProcExit as exc:
+            return proc_exit_status(exc.code)
+        except wasmtime.ExitTrap as exc:
+            return proc_exit_status(exc.code)
+        except (wasmtime.Trap, wasmtime.WasmtimeError) as exc:
+            _stderr(f"wasm trap: {exc}".rstrip() + "\n")
+            return TRAP_EXIT_STATUS
+
+
+def _first_line(exc: BaseException) -> str:
+    """wasmtime's messages carry a backtrace after the cause; keep the cause."""
+    text = str(exc).strip()
+    if "Caused by:" in text:
+        causes = [line.strip() for line in text.split("Caused by:", 1)[1].splitlines() if line.strip()]
+        return "; ".join(line.split(":", 1)[1].strip() if line[:1].isdigit() else line for line in causes)
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _stderr(text: str) -> None:
+    try:
+        os.write(2, text.encode(errors="replace"))
+    except OSError:
+        pass
+
+
+def wasmedge_argv(binary: str, spec: RunSpec) -> list[str]:
+    """The WasmEdge command line for `spec` (note `--dir guest:host`, the other way round from wasmtime)."""
+    argv = [binary]
+    for preopen in spec.preopens:
+        argv += ["--dir", f"{preopen.guest}:{preopen.host}"]
+    for entry in spec.env:
+        argv += ["--env", entry]
+    if spec.memory_limit > 0:
+        argv += ["--memory-page-limit", str(max(spec.memory_limit // WASM_PAGE, 1))]
+    return [*argv, spec.module, *spec.argv[1:]]

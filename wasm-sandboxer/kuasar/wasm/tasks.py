@@ -1,0 +1,582 @@
+"""Task API for WebAssembly containers, served by the wasm task server (one process for every pod).
+
+A container is one process forked from the task server (launch.py) that joins the pod's namespaces
+and the container's own cgroup and runs one module (runner.py); an exec is another such process in
+the same cgroup, namespaces and rootfs. Exits come from the task server's reaper, like runc's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import shutil
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from google.protobuf import empty_pb2, timestamp_pb2
+from google.protobuf.message import Message
+
+from kuasar.common import cgroups, mounts
+from kuasar.common.api.containerd.events import task_pb2 as events
+from kuasar.common.api.containerd.runtime.task.v2 import shim_pb2 as task
+from kuasar.common.api.containerd.types.task import task_pb2 as types
+from kuasar.common.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    Unimplemented,
+)
+from kuasar.common.events import EventPublisher
+from kuasar.common.ids import validate_id
+from kuasar.common.oom import OomWatch
+from kuasar.common.reaper import Exit, Reaper
+from kuasar.common.task_api import TaskBackend
+from kuasar.common.ttrpc import Context
+
+from . import resources
+from .cache import DEFAULT_MAX_BYTES, ModuleCache
+from .launch import RLIMITS, Launch, LaunchPlan, User, launch
+from .module import locate_module
+from .runner import Preopen, RunSpec
+from .stdio import NO_TERMINAL, open_stdio
+
+log = logging.getLogger(__name__)
+
+# CRI (and cri-o, and Kuasar) name the pod of a container with one of these annotations.
+SANDBOX_ID_ANNOTATIONS = ("io.kubernetes.cri.sandbox-id", "io.kubernetes.cri-o.SandboxID",
+                          "io.kubernetes.sandbox.id")
+# Per-container engine choice; CRI passes it on only if the runtime's `container_annotations`
+# (or `pod_annotations`) allow it, e.g. container_annotations = ["io.kuasar.wasm.*"].
+RUNTIME_ANNOTATION = "io.kuasar.wasm.runtime"
+RUNTIMES = ("wasmtime", "wasmedge")
+# OCI Process JSON larger than this is not a process spec (containerd's whole message cap is 4 MiB).
+MAX_SPEC_BYTES = 1 << 20
+VERSION = "kuasar-py"
+# Bind mounts below these are kernel interfaces, never preopened into a module.
+NOT_PREOPENED = ("/proc", "/sys", "/dev")
+# After a process exits its cgroup may stay busy for a moment; this bounds the wait before rmdir.
+CGROUP_DRAIN_TIMEOUT = 5.0
+# How long Delete waits for killed processes of a container (SIGKILL does not take longer).
+KILL_WAIT = 10.0
+PRUNE_INTERVAL = 60.0
+
+
+@dataclass
+class WasmSettings:
+    runtime: str = "wasmtime"  # default engine: "wasmtime" or "wasmedge"
+    wasmedge: str = "wasmedge"  # WasmEdge binary (name in PATH or absolute path)
+    cache: bool = True
+    cache_max_bytes: int = DEFAULT_MAX_BYTES
+
+
+@dataclass
+class Process:
+    id: str
+    stdin: str = ""
+    stdout: str = ""
+    stderr: str = ""
+    spec: dict[str, Any] = field(default_factory=dict)
+    pid: int = 0
+    status: int = types.CREATED
+    exit_status: int = 0
+    exited_at_ns: int = 0
+    exited: asyncio.Event = field(default_factory=asyncio.Event)
+    launch: Launch | None = None
+
+    @property
+    def alive(self) -> bool:
+        return self.pid > 0 and self.status != types.STOPPED
+
+    def set_exited(self, exited: Exit) -> None:
+        self.status, self.exit_status, self.exited_at_ns = types.STOPPED, exited.status, exited.at_ns
+        self.exited.set()
+
+
+@dataclass
+class Container:
+    id: str
+    bundle: Path
+    pod_id: str
+    namespace: str
+    spec: dict[str, Any]
+    rootfs: Path
+    runtime: str
+    wasmedge: str
+    init: Process
+    memory_limit: int = 0
+    execs: dict[str, Process] = field(default_factory=dict)
+    rootfs_mounted: bool = False
+    cgroup: cgroups.PodCgroup | None = None
+    oom: OomWatch | None = None
+
+    def process(self, exec_id: str) -> Process:
+        if not exec_id:
+            return self.init
+        proc = self.execs.get(exec_id)
+        if proc is None:
+            raise NotFound(f"exec {exec_id} not found in container {self.id}")
+        return proc
+
+    def processes(self) -> list[Process]:
+        return [self.init, *self.execs.values()]
+
+
+def _timestamp_ns(message: Message, name: str, ns: int) -> None:
+    if ns:
+        getattr(message, name).FromNanoseconds(ns)
+
+
+def _ts(ns: int) -> timestamp_pb2.Timestamp:
+    ts = timestamp_pb2.Timestamp()
+    ts.FromNanoseconds(ns or time.time_ns())
+    return ts
+
+
+def memory_limit_of(spec: dict[str, Any]) -> int:
+    limit = (((spec.get("linux") or {}).get("resources") or {}).get("memory") or {}).get("limit")
+    return limit if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0 else 0
+
+
+def bind_preopens(spec_mounts: list[dict[str, Any]]) -> list[Preopen]:
+    """The spec's directory bind mounts, preopened at their destinations (WASI preopens directories
+    only, so file binds such as /etc/hosts are left out; so is anything under /proc, /sys, /dev)."""
+    preopens = []
+    for m in spec_mounts or []:
+        options = m.get("options") or []
+        destination, source = str(m.get("destination", "")), str(m.get("source", ""))
+        if m.get("type") != "bind" and "bind" not in options and "rbind" not in options:
+            continue
+        if not destination.startswith("/") or destination == "/" or not source.startswith("/"):
+            continue
+        if any(destination == p or destination.startswith(p + "/") for p in NOT_PREOPENED):
+            continue
+        if not os.path.isdir(source):
+            continue
+        preopens.append(Preopen(source, os.path.normpath(destination), writable="ro" not in options))
+    return preopens
+
+
+class WasmTasks(TaskBackend):
+    def __init__(self, reaper: Reaper, events: EventPublisher, directory: Path,
+                 settings: WasmSettings | None = None) -> None:
+        self.reaper = reaper
+        self.events = events
+        self.settings = settings or WasmSettings()
+        if self.settings.runtime not in RUNTIMES:
+            raise InvalidArgument(f"[wasm] runtime must be one of {', '.join(RUNTIMES)}, "
+                                  f"not {self.settings.runtime!r}")
+        self.cache = ModuleCache(directory / "wasm-cache", self.settings.cache_max_bytes) \
+            if self.settings.cache else None
+        if self.cache is not None:
+            self.cache.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._pruned_at = 0.0
+        self.containers: dict[str, Container] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    def _get(self, container_id: str) -> Container:
+        container = self.containers.get(validate_id(container_id, "container id"))
+        if container is None:
+            raise NotFound(f"container {container_id} not found")
+        return container
+
+    def _lock(self, container_id: str) -> asyncio.Lock:
+        return self._locks.setdefault(container_id, asyncio.Lock())
+
+    # -- planning ----------------------------------------------------------------------------------
+    def select_runtime(self, spec: dict[str, Any]) -> tuple[str, str]:
+        """(runtime, WasmEdge binary) for a container: its annotation, else the configured default."""
+        annotations = spec.get("annotations") or {}
+        runtime = str(annotations.get(RUNTIME_ANNOTATION) or self.settings.runtime).strip().lower()
+        if runtime == "wasmtime":
+            return runtime, ""
+        if runtime != "wasmedge":
+            raise InvalidArgument(f"unknown wasm runtime {runtime!r} (annotation {RUNTIME_ANNOTATION} or "
+                                  f"[wasm] runtime): choose one of {', '.join(RUNTIMES)}")
+        binary = self.settings.wasmedge
+        path = binary if "/" in binary else shutil.which(binary)
+        if not path or not os.access(path, os.X_OK):
+            raise FailedPrecondition(
+                f"runtime wasmedge selected but no WasmEdge binary {binary!r} was found "
+                f"(PATH={os.environ.get('PATH', '')}); install WasmEdge, set [wasm] wasmedge = "
+                f"\"/path/to/wasmedge\", or use runtime wasmtime")
+        return runtime, path
+
+    def plan(self, container: Container, process: dict[str, Any], name: str) -> LaunchPlan:
+        if not isinstance(process, dict):
+            raise InvalidArgument("the OCI spec has no process")
+        if process.get("terminal"):
+            raise InvalidArgument(NO_TERMINAL)
+        args = [str(a) for a in process.get("args") or []]
+        cwd = str(process.get("cwd") or "/")
+        module = locate_module(container.rootfs, args, cwd)
+        root = container.spec.get("root") or {}
+        preopens = [Preopen(str(container.rootfs), "/", writable=not root.get("readonly", False)),
+                    *bind_preopens(container.spec.get("mounts") or [])]
+        run = RunSpec(str(module), args, [str(e) for e in process.get("env") or []], preopens,
+                      container.memory_limit, str(self.cache.directory) if self.cache else "",
+                      self.cache.max_bytes if self.cache else 0)
+        linux = container.spec.get("linux") or {}
+        namespaces = [(str(ns.get("type")), str(ns.get("path") or "")) for ns in linux.get("namespaces") or []
+                      if ns.get("type") in ("network", "ipc", "uts")]
+        user = process.get("user") or {}
+        rlimits = []
+        for rlimit in process.get("rlimits") or []:
+            kind = RLIMITS.get(str(rlimit.get("type", "")).removeprefix("RLIMIT_"))
+            if kind is None:
+                raise InvalidArgument(f"unknown rlimit {rlimit.get('type')!r}")
+            rlimits.append((kind, int(rlimit.get("soft", 0)), int(rlimit.get("hard", 0))))
+        oom = process.get("oomScoreAdj")
+        return LaunchPlan(name, container.runtime, run, namespaces, container.cgroup,
+                          User(int(user.get("uid", 0)), int(user.get("gid", 0)),
+                               [int(g) for g in user.get("additionalGids") or []]),
+                          rlimits, oom if isinstance(oom, int) else None, container.wasmedge)
+
+    def _maybe_prune(self) -> None:
+        if self.cache is not None and time.monotonic() - self._pruned_at > PRUNE_INTERVAL:
+            self._pruned_at = time.monotonic()
+            self.cache.prune()
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+    async def create(self, req: task.CreateTaskRequest, ctx: Context) -> task.CreateTaskResponse:
+        validate_id(req.id, "container id")
+        if req.terminal:
+            raise InvalidArgument(NO_TERMINAL)
+        if req.checkpoint:
+            raise Unimplemented("restoring from a checkpoint is not supported by the wasm sandboxer")
+        bundle = Path(req.bundle)
+        if not bundle.is_absolute() or not (bundle / "config.json").is_file():
+            raise InvalidArgument(f"bundle {req.bundle!r} has no config.json")
+        async with self._lock(req.id):
+            if req.id in self.containers:
+                raise AlreadyExists(f"container {req.id} already exists")
+            try:
+                spec = json.loads((bundle / "config.json").read_bytes())
+            except ValueError:
+                raise InvalidArgument(f"{bundle / 'config.json'} is not JSON") from None
+            annotations = spec.get("annotations") or {}
+            pod_id = next((annotations[k] for k in SANDBOX_ID_ANNOTATIONS if k in annotations), "")
+            runtime, wasmedge = self.select_runtime(spec)
+            root_path = Path(str((spec.get("root") or {}).get("path") or "rootfs"))
+            rootfs = bundle / "rootfs" if req.rootfs else (root_path if root_path.is_absolute()
+                                                            else bundle / root_path)
+            proc = Process("", req.stdin, req.stdout, req.stderr, spec.get("process") or {})
+            container = Container(req.id, bundle, pod_id, ctx.namespace or "k8s.io", spec, rootfs, runtime,
+                                  wasmedge, proc, memory_limit_of(spec))
+            try:
+                if req.rootfs:
+                    mounts.mount_rootfs(req.rootfs, rootfs)
+                    container.rootfs_mounted = True
+                path = resources.cgroup_path(str((spec.get("linux") or {}).get("cgroupsPath") or ""))
+                if path:
+                    container.cgroup = cgroups.PodCgroup(path)
+                    container.cgroup.create()
+                    # Like runc, remove only the container's own cgroup later, never shared parents
+                    # such as containerd's /k8s.io.
+                    leaf = "/" + container.cgroup.path
+                    container.cgroup.created = [d for d in container.cgroup.created if d.endswith(leaf)]
+                    resources.apply_resources(container.cgroup,
+                                              (spec.get("linux") or {}).get("resources") or {})
+                self._maybe_prune()
+                await self._launch(container, proc, wait_for_go=True)
+            except BaseException:
+                await self._release(container)
+                raise
+            self.containers[req.id] = container
+        log.info("container %s created in pod %s pid %d (%s)", req.id, pod_id, proc.pid, runtime)
+        self.events.publish("/tasks/create", events.TaskCreate(
+            container_id=req.id, bundle=req.bundle, rootfs=req.rootfs, pid=proc.pid,
+            io=events.TaskIO(stdin=req.stdin, stdout=req.stdout, stderr=req.stderr, terminal=req.terminal)),
+            container.namespace)
+        return task.CreateTaskResponse(pid=proc.pid)
+
+    async def _launch(self, container: Container, proc: Process, wait_for_go: bool) -> None:
+        """Fork the process, wait until its module is ready (or fail with the reason), watch its exit."""
+        name = container.id if not proc.id else f"{container.id}-{proc.id}"
+        plan = self.plan(container, proc.spec, name)
+        stdio = open_stdio(proc.stdin, proc.stdout, proc.stderr)
+        try:
+            started = launch(plan, stdio, self.reaper, wait_for_go)
+        finally:
+            stdio.close()  # the child holds them now
+        proc.launch = started
+        try:
+            await started.ready()
+        except BaseException:
+            started.close_go()
+            _signal(started.pid, signal.SIGKILL)
+            await asyncio.shield(started.exited)
+            proc.launch, proc.pid = None, 0
+            raise
+        proc.pid = started.pid
+        started.exited.add_done_callback(lambda future: self._on_exit(container, proc, future))
+
+    def _on_exit(self, container: Container, proc: Process, future: asyncio.Future[Exit]) -> None:
+        if future.cancelled():
+            return
+        exited = future.result()
+        proc.set_exited(exited)
+        if proc.launch is not None:
+            proc.launch.close_go()
+        log.info("container %s exec %r pid %d exited %d", container.id, proc.id, proc.pid, exited.status)
+        self.events.publish("/tasks/exit", events.TaskExit(
+            container_id=container.id, id=proc.id or container.id, pid=proc.pid,
+            exit_status=exited.status, exited_at=_ts(exited.at_ns)), container.namespace)
+        if proc is container.init:
+            # As when a container's PID namespace ends: its execs do not outlive it.
+            for other in container.execs.values():
+                if other.alive:
+                    _signal(other.pid, signal.SIGKILL)
+
+    async def start(self, req: task.StartRequest, ctx: Context) -> task.StartResponse:
+        container = self._get(req.id)
+        async with self._lock(req.id):
+            proc = container.process(req.exec_id)
+            if proc.status != types.CREATED:
+                raise FailedPrecondition(f"process {req.exec_id or req.id} is not in created state")
+            if req.exec_id:
+                if container.init.status not in (types.RUNNING, types.PAUSED):
+                    raise FailedPrecondition(f"container {req.id} is not running")
+                await self._launch(container, proc, wait_for_go=False)
+                if proc.status == types.CREATED:
+                    proc.status = types.RUNNING
+                self.events.publish("/tasks/exec-started", events.TaskExecStarted(
+                    container_id=req.id, exec_id=req.exec_id, pid=proc.pid), container.namespace)
+            else:
+                if proc.launch is None or proc.launch.go_fd < 0:
+                    raise FailedPrecondition(f"container {req.id} process is gone")
+                proc.launch.go()
+                proc.status = types.RUNNING
+                container.oom = OomWatch(proc.pid, lambda: self._on_oom(container))
+                self.events.publish("/tasks/start", events.TaskStart(container_id=req.id, pid=proc.pid),
+                                    container.namespace)
+        log.info("container %s exec %r started pid %d", req.id, req.exec_id, proc.pid)
+        return task.StartResponse(pid=proc.pid)
+
+    def _on_oom(self, container: Container) -> None:
+        log.info("container %s: OOM kill in its memory cgroup", container.id)
+        self.events.publish("/tasks/oom", events.TaskOOM(container_id=container.id), container.namespace)
+
+    async def exec(self, req: task.ExecProcessRequest, ctx: Context) -> empty_pb2.Empty:
+        container = self._get(req.id)
+        validate_id(req.exec_id, "exec id")
+        if req.terminal:
+            raise InvalidArgument(NO_TERMINAL)
+        if len(req.spec.value) > MAX_SPEC_BYTES:
+            raise InvalidArgument("exec process spec is too large")
+        try:
+            spec = json.loads(req.spec.value)
+        except ValueError:
+            raise InvalidArgument("exec spec is not an OCI Process JSON") from None
+        if not isinstance(spec, dict) or not spec.get("args"):
+            raise InvalidArgument("exec spec has no args")
+        if spec.get("terminal"):
+            raise InvalidArgument(NO_TERMINAL)
+        async with self._lock(req.id):
+            if req.exec_id in container.execs:
+                raise AlreadyExists(f"exec {req.exec_id} already exists in container {req.id}")
+            if container.init.status == types.STOPPED:
+                raise FailedPrecondition(f"container {req.id} is stopped")
+            # Fail now, not at Start, if the module is not there (ExecSync then says why).
+            locate_module(container.rootfs, [str(a) for a in spec["args"]], str(spec.get("cwd") or "/"))
+            container.execs[req.exec_id] = Process(req.exec_id, req.stdin, req.stdout, req.stderr, spec)
+        self.events.publish("/tasks/exec-added", events.TaskExecAdded(container_id=req.id, exec_id=req.exec_id),
+                            container.namespace)
+        return empty_pb2.Empty()
+
+    async def kill(self, req: task.KillRequest, ctx: Context) -> empty_pb2.Empty:
+        container = self._get(req.id)
+        proc = container.process(req.exec_id)
+        targets = [proc] if req.exec_id or not req.all else container.processes()
+        if not any(p.alive for p in targets):
+            raise NotFound(f"process {req.exec_id or req.id} already finished")
+        for target in targets:
+            if target.alive:
+                _signal(target.pid, req.signal)
+        if container.init.status == types.PAUSED and req.signal == signal.SIGKILL:
+            await self._thaw(container)  # a frozen process only dies once thawed
+        return empty_pb2.Empty()
+
+    async def wait(self, req: task.WaitRequest, ctx: Context) -> task.WaitResponse:
+        proc = self._get(req.id).process(req.exec_id)
+        await proc.exited.wait()
+        response = task.WaitResponse(exit_status=proc.exit_status)
+        _timestamp_ns(response, "exited_at", proc.exited_at_ns)
+        return response
+
+    async def delete(self, req: task.DeleteRequest, ctx: Context) -> task.DeleteResponse:
+        container = self._get(req.id)
+        async with self._lock(req.id):
+            proc = container.process(req.exec_id)
+            if proc.status in (types.RUNNING, types.PAUSED):
+                raise FailedPrecondition(f"process {req.exec_id or req.id} is still running")
+            if req.exec_id:
+                del container.execs[req.exec_id]
+            else:
+                await self._remove(container)
+        response = task.DeleteResponse(pid=proc.pid, exit_status=proc.exit_status)
+        _timestamp_ns(response, "exited_at", proc.exited_at_ns)
+        self.events.publish("/tasks/delete", events.TaskDelete(
+            container_id=req.id, id=req.exec_id or req.id, pid=proc.pid, exit_status=proc.exit_status,
+            exited_at=_ts(proc.exited_at_ns)), container.namespace)
+        log.info("container %s exec %r deleted (exit %d)", req.id, req.exec_id, proc.exit_status)
+        return response
+
+    async def _remove(self, container: Container) -> None:
+        await self._kill_and_wait(container)
+        await self._release(container)
+        self.containers.pop(container.id, None)
+        self._locks.pop(container.id, None)
+
+    async def _kill_and_wait(self, container: Container) -> None:
+        if container.init.status == types.PAUSED:
+            await self._thaw(container)
+        alive = [p for p in container.processes() if p.alive]
+        for proc in alive:
+            _signal(proc.pid, signal.SIGKILL)
+        if alive:
+            try:
+                async with asyncio.timeout(KILL_WAIT):
+                    await asyncio.gather(*(p.exited.wait() for p in alive))
+            except TimeoutError:
+                log.warning("container %s: processes %s survived SIGKILL", container.id,
+                            [p.pid for p in alive if not p.exited.is_set()])
+
+    async def _release(self, container: Container) -> None:
+        """Undo what Create set up: go pipe, OOM watch, cgroup, rootfs mount."""
+        if container.init.launch is not None:
+            container.init.launch.close_go()
+        if container.oom is not None:
+            container.oom.close()
+            container.oom = None
+        if container.cgroup is not None:
+            await _drain(container.cgroup)
+            container.cgroup.remove()
+        if container.rootfs_mounted:
+            mounts.unmount_all(container.rootfs)
+            container.rootfs_mounted = False
+
+    # -- inspection --------------------------------------------------------------------------------
+    async def state(self, req: task.StateRequest, ctx: Context) -> task.StateResponse:
+        container = self._get(req.id)
+        proc = container.process(req.exec_id)
+        response = task.StateResponse(
+            id=req.id, exec_id=req.exec_id, bundle=str(container.bundle), pid=proc.pid, status=proc.status,
+            stdin=proc.stdin, stdout=proc.stdout, stderr=proc.stderr, terminal=False,
+            exit_status=proc.exit_status)
+        _timestamp_ns(response, "exited_at", proc.exited_at_ns)
+        return response
+
+    async def pids(self, req: task.PidsRequest, ctx: Context) -> task.PidsResponse:
+        container = self._get(req.id)
+        return task.PidsResponse(processes=[types.ProcessInfo(pid=p.pid) for p in container.processes()
+                                            if p.alive])
+
+    async def stats(self, req: task.StatsRequest, ctx: Context) -> task.StatsResponse:
+        container = self._get(req.id)
+        if container.cgroup is not None:
+            return task.StatsResponse(stats=cgroups.metrics_for_path(container.cgroup.path))
+        if not container.init.alive:
+            raise FailedPrecondition(f"container {req.id} is stopped")
+        return task.StatsResponse(stats=cgroups.metrics_for_pid(container.init.pid))
+
+    async def connect(self, req: task.ConnectRequest, ctx: Context) -> task.ConnectResponse:
+        container = self._get(req.id)
+        return task.ConnectResponse(shim_pid=os.getpid(), task_pid=container.init.pid, version=VERSION)
+
+    # -- control -----------------------------------------------------------------------------------
+    async def pause(self, req: task.PauseRequest, ctx: Context) -> empty_pb2.Empty:
+        container = self._get(req.id)
+        if container.init.status != types.RUNNING:
+            raise FailedPrecondition(f"container {req.id} is not running")
+        await resources.freeze(container.cgroup, True)
+        container.init.status = types.PAUSED
+        self.events.publish("/tasks/paused", events.TaskPaused(container_id=req.id), container.namespace)
+        return empty_pb2.Empty()
+
+    async def resume(self, req: task.ResumeRequest, ctx: Context) -> empty_pb2.Empty:
+        container = self._get(req.id)
+        if container.init.status != types.PAUSED:
+            raise FailedPrecondition(f"container {req.id} is not paused")
+        await self._thaw(container)
+        self.events.publish("/tasks/resumed", events.TaskResumed(container_id=req.id), container.namespace)
+        return empty_pb2.Empty()
+
+    async def _thaw(self, container: Container) -> None:
+        await resources.freeze(container.cgroup, False)
+        if container.init.status == types.PAUSED:
+            container.init.status = types.RUNNING
+
+    async def close_io(self, req: task.CloseIORequest, ctx: Context) -> empty_pb2.Empty:
+        # The process holds its stdin FIFO itself: it sees end of input when containerd closes its end.
+        self._get(req.id).process(req.exec_id)
+        return empty_pb2.Empty()
+
+    async def update(self, req: task.UpdateTaskRequest, ctx: Context) -> empty_pb2.Empty:
+        container = self._get(req.id)
+        try:
+            linux_resources = json.loads(req.resources.value or b"{}")
+        except ValueError:
+            raise InvalidArgument("resources is not OCI LinuxResources JSON") from None
+        if container.cgroup is None:
+            raise FailedPrecondition(f"container {req.id} has no cgroup (its spec had no cgroupsPath)")
+        resources.apply_resources(container.cgroup, linux_resources)
+        limit = memory_limit_of({"linux": {"resources": linux_resources}})
+        if limit:
+            container.memory_limit = limit  # the store limit of execs started from now on
+        return empty_pb2.Empty()
+
+    # -- pod hooks (kuasar.common.pod_service.PodContainers) -----------------------------------------
+    def pod_container_ids(self, pod_id: str) -> list[str]:
+        return [c.id for c in self.containers.values() if c.pod_id == pod_id]
+
+    async def kill_pod_containers(self, pod_id: str, sig: int) -> None:
+        for container in [c for c in self.containers.values() if c.pod_id == pod_id]:
+            for proc in container.processes():
+                if proc.alive:
+                    _signal(proc.pid, sig)
+            if sig == signal.SIGKILL and container.init.status == types.PAUSED:
+                await self._thaw(container)
+
+    async def wait_pod_containers(self, pod_id: str, timeout: float) -> bool:
+        waits = [c.init.exited.wait() for c in self.containers.values() if c.pod_id == pod_id and c.init.alive]
+        if not waits:
+            return True
+        try:
+            async with asyncio.timeout(timeout):
+                await asyncio.gather(*waits)
+            return True
+        except TimeoutError:
+            return False
+
+    async def remove_pod_containers(self, pod_id: str) -> None:
+        for container in [c for c in self.containers.values() if c.pod_id == pod_id]:
+            async with self._lock(container.id):
+                await self._remove(container)
+            log.info("pod %s: removed leftover container %s", pod_id, container.id)
+
+
+def _signal(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+async def _drain(cgroup: cgroups.PodCgroup) -> None:
+    """Wait (briefly) until no process is left in the cgroup, so removing it does not fail busy."""
+    procs = cgroups.CGROUP_ROOT / cgroup.path / "cgroup.procs" if cgroups.is_unified() \
+        else cgroups.CGROUP_ROOT / "memory" / cgroup.path / "cgroup.procs"
+    deadline = time.monotonic() + CGROUP_DRAIN_TIMEOUT
+    while time.monotonic() < deadline:
+        try:
+            if not procs.read_text().strip():
+                return
+        except OSError:
+            return
+        await asyncio.sleep(0.01)
