@@ -2,10 +2,11 @@
 # kuasar-py environment setup (called by `make setup`).
 #
 # Idempotent and cheap on rerun: every step first checks whether its result is already in place.
-#   1. distro packages (runc, CNI plugins, static busybox, ...), installed only when missing;
+#   1. distro packages (runc, CNI plugins, static busybox, QEMU, ...), installed only when missing;
 #   2. containerd >= 2.1 in a project-local prefix (${KUASAR_PREFIX:-<repo>/.prefix}/bin), taken from
 #      Debian's `unstable` suite of the mirror this machine is already configured with, through a
 #      private apt state so the machine's own apt configuration is never modified;
+#      vhost-device-vsock (the micro-VMs' vsock backend) the same way, from unstable (2c);
 #   3. a Python venv (${VENV:-<repo>/.venv}) with the project installed editable with its dev extras;
 #   4. generated protobuf/gRPC stubs (scripts/gen_protos.py skips when up to date).
 set -euo pipefail
@@ -40,6 +41,8 @@ PY="$(find_python)" || die "Python >= 3.11 is required (set PYTHON=/path/to/pyth
 # ---------------------------------------------------------------------------------------------
 PACKAGES=(runc containernetworking-plugins busybox-static iproute2 util-linux mount kmod procps
           ca-certificates debian-archive-keyring)
+# QEMU (TCG micro-VMs of vm-agent / vmm-sandboxer); vhost-device-vsock comes from unstable (2c).
+PACKAGES+=(qemu-system-x86)
 # The venv module of Debian's python3 needs python3-venv (ensurepip); other interpreters ship it.
 if ! "$PY" -c 'import ensurepip, venv' >/dev/null 2>&1; then
     PACKAGES+=(python3-venv)
@@ -228,10 +231,173 @@ else
 fi
 
 # ---------------------------------------------------------------------------------------------
+# 2b. gVisor's runsc in $PREFIX/bin (quark-sandboxer's runsc backend and its tests)
+# ---------------------------------------------------------------------------------------------
+# Debian 12's own runsc (20221219) has no systrap platform, so on bookworm it comes from
+# bookworm-backports; on 13 and later the release's main suite is recent enough. Same private apt
+# state as for containerd: the machine's apt configuration is never touched. Not fatal: without
+# runsc the gVisor tests skip and say why.
+MIN_RUNSC_DATE=20230101   # systrap (the platform that works without hardware virtualisation)
+
+# Prints the release date of a runsc binary ("20240729"), or nothing.
+runsc_date() {
+    local out
+    out="$("$1" --version 2>/dev/null)" || return 0
+    # "runsc version release-20240729.0" (Debian: "runsc version 0.0~20240729.0-4~bpo12+2")
+    grep -oE '(release-|0\.0~)[0-9]{8}' <<<"$out" | head -n1 | grep -oE '[0-9]{8}$' || true
+}
+runsc_ok() { [[ -n "$1" && "$1" -ge "$MIN_RUNSC_DATE" ]]; }
+
+runsc_suite() {
+    local id="" version_id="" codename=""
+    # shellcheck disable=SC1091
+    . /etc/os-release 2>/dev/null && id="${ID:-}" version_id="${VERSION_ID:-}" codename="${VERSION_CODENAME:-}"
+    [[ "$id" == debian && -n "$codename" ]] || return 1
+    if [[ "$version_id" == 12 ]]; then echo "$codename-backports"; else echo "$codename"; fi
+}
+
+install_runsc_from_debian() {
+    local suite="$1" aptdir="$PREFIX/apt-runsc" mirror uri signed_by
+    mirror="$(debian_mirror)" || { log "WARNING: no Debian mirror in /etc/apt; runsc not installed"; return 1; }
+    uri="${mirror%%$'\t'*}"
+    signed_by="${mirror#*$'\t'}"
+    [[ -n "$signed_by" ]] || signed_by=/usr/share/keyrings/debian-archive-keyring.gpg
+    log "fetching runsc from Debian $suite (private apt state in $aptdir)"
+    rm -rf "$aptdir"
+    mkdir -p "$aptdir/etc" "$aptdir/lists/partial" "$aptdir/cache/archives/partial" "$aptdir/download"
+    cat >"$aptdir/etc/runsc.sources" <<EOF
+Types: deb
+URIs: $uri
+Suites: $suite
+Components: main
+Signed-By: $signed_by
+EOF
+    : >"$aptdir/etc/status"
+    local apt_opts=(
+        -o "Dir::Etc::SourceList=$aptdir/etc/runsc.sources"
+        -o "Dir::Etc::SourceParts=/dev/null"
+        -o "Dir::Etc::Preferences=/dev/null"
+        -o "Dir::Etc::PreferencesParts=/dev/null"
+        -o "Dir::State::Lists=$aptdir/lists"
+        -o "Dir::State::status=$aptdir/etc/status"
+        -o "Dir::Cache=$aptdir/cache"
+        -o "APT::Architectures::=$(dpkg --print-architecture)"
+        -o "APT::Sandbox::User=root"
+        -o "Acquire::Languages=none"
+        -o "Acquire::IndexTargets::deb::Contents-deb::DefaultEnabled=false"
+    )
+    if ! apt-get -qq "${apt_opts[@]}" update >/dev/null \
+        || ! (cd "$aptdir/download" && apt-get -qq "${apt_opts[@]}" download runsc >/dev/null); then
+        rm -rf "$aptdir"
+        log "WARNING: could not download runsc from Debian $suite"
+        return 1
+    fi
+    local deb stage="$PREFIX/.runsc-stage" date
+    deb="$(ls "$aptdir"/download/runsc_*.deb 2>/dev/null | head -n1)"
+    rm -rf "$stage"
+    [[ -n "$deb" ]] && dpkg-deb -x "$deb" "$stage"
+    date="$(runsc_date "$stage/usr/bin/runsc")"
+    if ! runsc_ok "$date"; then
+        rm -rf "$stage" "$aptdir"
+        log "WARNING: runsc from Debian $suite is '${date:-unrunnable}' (need a build from $MIN_RUNSC_DATE on)"
+        return 1
+    fi
+    install -m 0755 "$stage/usr/bin/runsc" "$PREFIX/bin/.runsc.new"
+    mv -f "$PREFIX/bin/.runsc.new" "$PREFIX/bin/runsc"
+    printf 'runsc %s\npackage %s\nsource debian %s\n' "$date" "$(basename "$deb")" "$suite" >"$PREFIX/runsc.version"
+    rm -rf "$stage" "$aptdir"
+}
+
+have_runsc="$(runsc_date "$PREFIX/bin/runsc")"
+if runsc_ok "$have_runsc"; then
+    log "runsc $have_runsc present in $PREFIX/bin"
+else
+    sys_runsc="$(command -v runsc 2>/dev/null || true)"
+    sys_runsc_date=""
+    [[ -n "$sys_runsc" && "$sys_runsc" != "$PREFIX/bin/runsc" ]] && sys_runsc_date="$(runsc_date "$sys_runsc")"
+    if runsc_ok "$sys_runsc_date"; then
+        log "using the system runsc $sys_runsc_date ($sys_runsc)"
+        ln -sfn "$sys_runsc" "$PREFIX/bin/runsc"
+        printf 'runsc %s\nsource system %s\n' "$sys_runsc_date" "$sys_runsc" >"$PREFIX/runsc.version"
+    elif suite="$(runsc_suite)"; then
+        install_runsc_from_debian "$suite" && log "runsc $(runsc_date "$PREFIX/bin/runsc") installed in $PREFIX/bin"
+    else
+        log "WARNING: not a Debian release this script knows; runsc not installed (gVisor tests will skip)"
+    fi
+fi
+
+# ---------------------------------------------------------------------------------------------
+# 2c. vhost-device-vsock in $PREFIX/bin (the vsock backend of the QEMU micro-VMs)
+# ---------------------------------------------------------------------------------------------
+# Debian 12 has no package; unstable's (0.3.0) runs on glibc 2.36. Same private apt state as for
+# containerd. Not fatal: without it the VM tests skip and say why.
+vhost_vsock_version() {
+    local out
+    out="$("$1" --version 2>/dev/null)" || return 0
+    # "vhost-device-vsock 0.3.0"
+    awk 'NR == 1 {print $2}' <<<"$out"
+}
+
+install_vhost_vsock_from_unstable() {
+    local aptdir="$PREFIX/apt-vhost" mirror uri signed_by
+    mirror="$(debian_mirror)" || { log "WARNING: no Debian mirror in /etc/apt; vhost-device-vsock not installed"; return 1; }
+    uri="${mirror%%$'\t'*}"
+    signed_by="${mirror#*$'\t'}"
+    [[ -n "$signed_by" ]] || signed_by=/usr/share/keyrings/debian-archive-keyring.gpg
+    log "fetching vhost-device-vsock from Debian unstable (private apt state in $aptdir)"
+    rm -rf "$aptdir"
+    mkdir -p "$aptdir/etc" "$aptdir/lists/partial" "$aptdir/cache/archives/partial" "$aptdir/download"
+    printf 'Types: deb\nURIs: %s\nSuites: unstable\nComponents: main\nSigned-By: %s\n' "$uri" "$signed_by" \
+        >"$aptdir/etc/unstable.sources"
+    : >"$aptdir/etc/status"
+    local apt_opts=(
+        -o "Dir::Etc::SourceList=$aptdir/etc/unstable.sources"
+        -o "Dir::Etc::SourceParts=/dev/null"
+        -o "Dir::Etc::Preferences=/dev/null"
+        -o "Dir::Etc::PreferencesParts=/dev/null"
+        -o "Dir::State::Lists=$aptdir/lists"
+        -o "Dir::State::status=$aptdir/etc/status"
+        -o "Dir::Cache=$aptdir/cache"
+        -o "APT::Architectures::=$(dpkg --print-architecture)"
+        -o "APT::Sandbox::User=root"
+        -o "Acquire::Languages=none"
+        -o "Acquire::IndexTargets::deb::Contents-deb::DefaultEnabled=false"
+    )
+    if ! apt-get -qq "${apt_opts[@]}" update >/dev/null \
+        || ! (cd "$aptdir/download" && apt-get -qq "${apt_opts[@]}" download vhost-device-vsock >/dev/null); then
+        rm -rf "$aptdir"
+        log "WARNING: could not download vhost-device-vsock from Debian unstable"
+        return 1
+    fi
+    local deb stage="$PREFIX/.vhost-stage" version
+    deb="$(ls "$aptdir"/download/vhost-device-vsock_*.deb 2>/dev/null | head -n1)"
+    rm -rf "$stage"
+    [[ -n "$deb" ]] && dpkg-deb -x "$deb" "$stage"
+    version="$(vhost_vsock_version "$stage/usr/bin/vhost-device-vsock")"
+    if [[ -z "$version" ]]; then
+        rm -rf "$stage" "$aptdir"
+        log "WARNING: vhost-device-vsock from Debian unstable does not run on this system"
+        return 1
+    fi
+    install -m 0755 "$stage/usr/bin/vhost-device-vsock" "$PREFIX/bin/.vhost-device-vsock.new"
+    mv -f "$PREFIX/bin/.vhost-device-vsock.new" "$PREFIX/bin/vhost-device-vsock"
+    printf 'vhost-device-vsock %s\npackage %s\nsource debian unstable\n' "$version" "$(basename "$deb")" \
+        >"$PREFIX/vhost-device-vsock.version"
+    rm -rf "$stage" "$aptdir"
+}
+
+have_vhost="$(vhost_vsock_version "$PREFIX/bin/vhost-device-vsock")"
+if [[ -n "$have_vhost" ]]; then
+    log "vhost-device-vsock $have_vhost present in $PREFIX/bin"
+elif install_vhost_vsock_from_unstable; then
+    log "vhost-device-vsock $(vhost_vsock_version "$PREFIX/bin/vhost-device-vsock") installed in $PREFIX/bin"
+fi
+
+# ---------------------------------------------------------------------------------------------
 # 3. Python venv with the project installed editable
 # ---------------------------------------------------------------------------------------------
 # Component folders each hold one part of the `kuasar` namespace package (no kuasar/__init__.py).
-COMPONENTS=(common runc-sandboxer wasm-sandboxer vmm-sandboxer quark-sandboxer vm-agent)
+COMPONENTS=(common runc-sandboxer wasm-sandboxer vmm-sandboxer quark-sandboxer vm-agent ctl)
 STAMP="$VENV/.kuasar-setup-stamp"
 want_stamp="$(sha256sum <"$ROOT/pyproject.toml" | cut -d' ' -f1)"
 

@@ -11,7 +11,7 @@ import logging
 import os
 import signal
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from google.protobuf import empty_pb2
 
@@ -38,6 +38,24 @@ class PodContainers(Protocol):
     def pod_container_ids(self, pod_id: str) -> list[str]: ...
 
 
+@runtime_checkable
+class PodLauncher(Protocol):
+    """How a pod's process is made and unmade when it is not the default forked holder.
+
+    A task backend that implements this (e.g. an application-kernel sandbox whose own process holds the
+    pod's namespaces) starts that process itself; the service still watches its exit (it must be a child
+    of the task server, or re-parented to it as the task server is a child subreaper) and kills it.
+    """
+
+    async def launch_pod(self, req: pb.CreatePodRequest, cgroup: cgroups.PodCgroup | None) -> int:
+        """Start the pod's process inside `cgroup` (already created) and return its host pid."""
+        ...
+
+    async def release_pod(self, pod_id: str) -> None:
+        """Remove what launch_pod made; called once the pod's process is gone."""
+        ...
+
+
 @dataclass
 class Pod:
     id: str
@@ -52,10 +70,12 @@ class Pod:
 
 
 class PodService:
-    def __init__(self, reaper: Reaper, containers: PodContainers) -> None:
+    def __init__(self, reaper: Reaper, containers: PodContainers, launcher: PodLauncher | None = None) -> None:
         self.reaper = reaper
         self.containers = containers
+        self.launcher = launcher
         self.pods: dict[str, Pod] = {}
+        self._creating: set[str] = set()  # a launcher awaits: keep a second Create of the id out
 
     def register(self, server: TtrpcServer) -> None:
         server.add_unary(PODS_SERVICE, "Create", pb.CreatePodRequest, self.create)
@@ -74,23 +94,30 @@ class PodService:
 
     async def create(self, req: pb.CreatePodRequest, ctx: Context) -> pb.CreatePodResponse:
         validate_id(req.id, "pod id")
-        if req.id in self.pods:
+        if req.id in self.pods or req.id in self._creating:
             raise AlreadyExists(f"pod {req.id} already exists")
         if req.netns_path and not os.path.exists(req.netns_path):
             raise InvalidArgument(f"netns {req.netns_path} does not exist")
         cgroup = cgroups.PodCgroup(req.cgroup_parent) if req.cgroup_parent else None
         if cgroup is not None:
             cgroup.create()
+        self._creating.add(req.id)
         try:
-            pid = spawn_pod_holder(req.id, PodNamespaces(req.netns_path, req.new_ipc, req.new_uts,
-                                                         req.new_pid), req.hostname)
+            if self.launcher is not None:
+                pid = await self.launcher.launch_pod(req, cgroup)
+            else:
+                pid = spawn_pod_holder(req.id, PodNamespaces(req.netns_path, req.new_ipc, req.new_uts,
+                                                             req.new_pid), req.hostname)
         except Exception:
             if cgroup is not None:
                 cgroup.remove()
             raise
+        finally:
+            self._creating.discard(req.id)
+        # An exit reaped before this watch is kept by the reaper, so a launcher's await loses nothing.
         pod = Pod(req.id, pid, self.reaper.watch(pid), cgroup)
         self.pods[req.id] = pod
-        if cgroup is not None:
+        if cgroup is not None and self.launcher is None:
             cgroup.add(pid)
         log.info("pod %s: process %d holds its namespaces", req.id, pid)
         return pb.CreatePodResponse(pid=pid)
@@ -131,6 +158,8 @@ class PodService:
         if pod.running:
             os.kill(pod.pid, signal.SIGKILL)
             await asyncio.shield(pod.exit)
+        if self.launcher is not None:
+            await self.launcher.release_pod(pod.id)
         if pod.cgroup is not None:
             pod.cgroup.remove()
         del self.pods[pod.id]

@@ -25,7 +25,7 @@ from google.protobuf.message import Message
 from . import linux
 from .errors import Unavailable
 from .events import EventPublisher
-from .pod_service import PODS_SERVICE, PodService
+from .pod_service import PODS_SERVICE, PodLauncher, PodService
 from .reaper import Reaper
 from .task_api import TaskBackend, register_task_service
 from .ttrpc import TtrpcClient, TtrpcServer
@@ -58,7 +58,8 @@ async def run_task_server(directory: Path, events_address: str, ready_fd: int,
     reaper.install()
     events = EventPublisher(events_address)
     backend = make_backend(reaper, events, directory)
-    pods = PodService(reaper, backend)
+    # A backend that makes its own pod processes (gVisor's sandbox) says so by being a PodLauncher.
+    pods = PodService(reaper, backend, backend if isinstance(backend, PodLauncher) else None)
     server = TtrpcServer()
     register_task_service(server, backend)
     pods.register(server)

@@ -1,1 +1,1 @@
-"""quark-sandboxer: app-kernel pods (gVisor runsc, Quark). Not implemented yet; see the README's status table."""
+"""quark-sandboxer: application-kernel pods, with gVisor's runsc (real) or Quark (untested) behind one daemon."""

@@ -1,0 +1,108 @@
+"""The root container that makes a pod's gVisor sandbox exist before (and between) its containers.
+
+runsc runs several containers in one sandbox, and so under one application kernel, but the first one
+created is the sandbox's root: the sandbox lives exactly as long as it does. A pod needs its sandbox at
+RunPodSandbox, before any user container, and must outlive every one of them, so the root is a
+container of our own, like Kubernetes' pause container but without an image: its rootfs is one small
+shared, read-only directory holding the host's statically linked busybox, and it runs `sleep` as the
+sandbox's PID 1. User containers join it as sub-containers (runsc recognises them by the CRI
+annotations `io.kubernetes.cri.container-type = container` and `io.kubernetes.cri.sandbox-id = <pod>`,
+the pod id being the root container's runsc id). A pod sharing one PID namespace sees the sleeper as
+PID 1, as it would see pause.
+
+The sandbox process (`runsc-sandbox`, the sentry) is what Controller.Start returns: it is a live host
+process, re-parented to the task server (a child subreaper) once `runsc create` exits, so its exit is
+reaped like a pod holder's, and CRI's `/proc/<pid>/ns/{net,ipc,uts[,pid]}` paths for the containers name
+namespaces that exist as long as the pod does (runsc keeps sub-containers in the sandbox's own kernel
+namespaces whatever the paths say, except that a PID namespace path means "share the pod's").
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import struct
+from pathlib import Path
+from typing import Any
+
+from kuasar.common.errors import FailedPrecondition
+
+CONTAINER_TYPE = "io.kubernetes.cri.container-type"
+SANDBOX_ID = "io.kubernetes.cri.sandbox-id"
+# Long enough for any pod, short enough for busybox's integer parsing (its sleep has no "infinity").
+SLEEP_SECONDS = "2147483647"
+PAUSE_ROOTFS = "pause-rootfs"
+DEFAULT_BUSYBOX = "/bin/busybox"
+PT_INTERP = 3
+
+
+def is_static_elf(path: Path) -> bool:
+    """True for an ELF executable without a program interpreter (needs no libc in the rootfs)."""
+    try:
+        with open(path, "rb") as f:
+            header = f.read(64)
+            if header[:4] != b"\x7fELF" or header[4] != 2:  # 64-bit only: the platforms runsc supports
+                return False
+            endian = "<" if header[5] == 1 else ">"
+            phoff, = struct.unpack_from(endian + "Q", header, 32)
+            phentsize, phnum = struct.unpack_from(endian + "HH", header, 54)
+            f.seek(phoff)
+            table = f.read(phentsize * phnum)
+    except OSError:
+        return False
+    return all(struct.unpack_from(endian + "I", table, i * phentsize)[0] != PT_INTERP for i in range(phnum))
+
+
+def ensure_pause_rootfs(directory: Path, busybox: str = DEFAULT_BUSYBOX) -> Path:
+    """`<directory>/pause-rootfs`: bin/busybox + bin/sleep and the mount points, made once, shared."""
+    rootfs = directory / PAUSE_ROOTFS
+    target = rootfs / "bin" / "busybox"
+    if target.is_file() and (rootfs / "bin" / "sleep").is_symlink():
+        return rootfs
+    source = Path(busybox)
+    if not is_static_elf(source):
+        raise FailedPrecondition(f"{source} is missing or not a statically linked busybox (Debian package "
+                                 "busybox-static); the gVisor pod's root container needs one")
+    staging = directory / f".{PAUSE_ROOTFS}.{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    for sub in ("bin", "dev", "proc", "sys", "tmp", "etc"):
+        (staging / sub).mkdir(parents=True, mode=0o755)
+    shutil.copy2(source, staging / "bin" / "busybox")
+    os.chmod(staging / "bin" / "busybox", 0o755)
+    (staging / "bin" / "sleep").symlink_to("busybox")
+    shutil.rmtree(rootfs, ignore_errors=True)
+    os.replace(staging, rootfs)
+    return rootfs
+
+
+def root_spec(pod_id: str, rootfs: Path, *, netns_path: str = "", hostname: str = "",
+              cgroups_path: str = "") -> dict[str, Any]:
+    """OCI spec of a pod's root container: `sleep` as nobody, no capabilities, read-only root."""
+    namespaces: list[dict[str, str]] = [{"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"}]
+    if netns_path:
+        namespaces.append({"type": "network", "path": netns_path})
+    spec: dict[str, Any] = {
+        "ociVersion": "1.0.2",
+        "process": {
+            "terminal": False,
+            "user": {"uid": 65534, "gid": 65534},
+            "args": ["/bin/sleep", SLEEP_SECONDS],
+            "env": ["PATH=/bin"],
+            "cwd": "/",
+            "capabilities": {"bounding": [], "effective": [], "permitted": []},
+            "noNewPrivileges": True,
+        },
+        "root": {"path": str(rootfs), "readonly": True},
+        "hostname": hostname or "localhost",
+        "mounts": [
+            {"destination": "/proc", "type": "proc", "source": "proc"},
+            {"destination": "/dev", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "mode=755"]},
+            {"destination": "/sys", "type": "sysfs", "source": "sysfs",
+             "options": ["nosuid", "noexec", "nodev", "ro"]},
+        ],
+        "annotations": {CONTAINER_TYPE: "sandbox", SANDBOX_ID: pod_id},
+        "linux": {"namespaces": namespaces},
+    }
+    if cgroups_path:
+        spec["linux"]["cgroupsPath"] = cgroups_path
+    return spec

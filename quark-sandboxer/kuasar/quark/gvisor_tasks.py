@@ -1,0 +1,487 @@
+"""Task API and pod lifecycle for gVisor pods, served by the task server (one process for every pod).
+
+One gVisor sandbox per pod: `launch_pod` makes it with a root container (gvisor_pod.py) and returns the
+sandbox process's pid; every container of the pod is a runsc sub-container of it, so all of them run on
+one application kernel. Everything goes through runsc's command line with the pod's global flags.
+
+Exit statuses: a container's processes live inside the sentry, not on the host, so nobody reaps them
+here. A container's init is watched by one `runsc wait <id>` per container (the sandbox keeps the
+status until the container is deleted, so no exit is missed however late the wait starts); an exec runs
+under a foreground `runsc exec`, which exits with the process's status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import shutil
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from google.protobuf import empty_pb2, timestamp_pb2
+
+from kuasar.common import cgroups, mounts
+from kuasar.common.api.containerd.events import task_pb2 as events
+from kuasar.common.api.containerd.runtime.task.v2 import shim_pb2 as task
+from kuasar.common.api.containerd.types.task import task_pb2 as types
+from kuasar.common.api.kuasar.pods.v1 import pods_pb2 as pods
+from kuasar.common.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    KuasarError,
+    NotFound,
+    RuntimeFailure,
+    Unimplemented,
+)
+from kuasar.common.events import EventPublisher
+from kuasar.common.ids import validate_id
+from kuasar.common.reaper import Exit, Reaper
+from kuasar.common.task_api import TaskBackend
+from kuasar.common.ttrpc import Context
+
+from . import gvisor_net, gvisor_pod, gvisor_stats
+from .config import QuarkConfig
+from .fifo import FifoIO
+from .runsc import NETSTACK_FIXED_DATE, RUNSC_FAILURE, Runsc, Stdio, last_error
+
+log = logging.getLogger(__name__)
+
+# OCI Process JSON larger than this is not a process spec (containerd's whole message cap is 4 MiB).
+MAX_SPEC_BYTES = 1 << 20
+VERSION = "kuasar-py"
+# A foreground `runsc exec` writes the process's pid within tens of milliseconds; this bounds a stuck one.
+EXEC_START_TIMEOUT = 20.0
+EXEC_POLL_INTERVAL = 0.01
+# What a container whose status nobody can tell any more is reported with (containerd's lost shim).
+LOST_EXIT_STATUS = 255
+KILLED_EXIT_STATUS = 128 + signal.SIGKILL
+# How long a failed kill waits to see whether the container had just exited (and the failure is moot).
+KILL_RACE_GRACE = 1.0
+
+
+@dataclass
+class GvisorPod:
+    id: str
+    bundle: Path
+    network: str  # runsc --network for every command on this sandbox
+    pid: int = 0
+    stopping: bool = False
+
+
+@dataclass
+class Process:
+    id: str
+    io: FifoIO
+    pid: int = 0
+    internal_pid: int = 0  # exec only: the pid inside the sandbox, for `runsc kill --pid`
+    status: int = types.CREATED
+    exit_status: int = 0
+    exited_at_ns: int = 0
+    spec: bytes = b""
+    exited: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def set_exited(self, status: int, at_ns: int = 0) -> None:
+        if self.status == types.STOPPED:
+            return
+        self.status, self.exit_status, self.exited_at_ns = types.STOPPED, status, at_ns or time.time_ns()
+        self.exited.set()
+
+
+@dataclass
+class Container:
+    id: str
+    bundle: Path
+    pod: GvisorPod
+    namespace: str
+    init: Process
+    execs: dict[str, Process] = field(default_factory=dict)
+    rootfs_mounted: bool = False
+    waiter: asyncio.Task[None] | None = None
+
+    def process(self, exec_id: str) -> Process:
+        if not exec_id:
+            return self.init
+        proc = self.execs.get(exec_id)
+        if proc is None:
+            raise NotFound(f"exec {exec_id} not found in container {self.id}")
+        return proc
+
+
+def _ts(ns: int) -> timestamp_pb2.Timestamp:
+    ts = timestamp_pb2.Timestamp()
+    ts.FromNanoseconds(ns or time.time_ns())
+    return ts
+
+
+class GvisorTasks(TaskBackend):
+    """The Task API backend and, as a `PodLauncher`, the maker of each pod's sandbox."""
+
+    def __init__(self, reaper: Reaper, events: EventPublisher, directory: Path, config: QuarkConfig) -> None:
+        self.reaper = reaper
+        self.events = events
+        self.directory = directory
+        self.config = config
+        debug_dir = directory / "runsc-debug" if config.debug else None
+        self.runsc = Runsc(reaper, directory / "runsc", config.runsc, config.platform, debug_dir)
+        self.pods: dict[str, GvisorPod] = {}
+        self.containers: dict[str, Container] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._netstack_ok: bool | None = None
+
+    def _get(self, container_id: str) -> Container:
+        container = self.containers.get(validate_id(container_id, "container id"))
+        if container is None:
+            raise NotFound(f"container {container_id} not found")
+        return container
+
+    def _lock(self, container_id: str) -> asyncio.Lock:
+        return self._locks.setdefault(container_id, asyncio.Lock())
+
+    # -- pods (kuasar.common.pod_service.PodLauncher) -----------------------------------------------
+    async def _network_for(self, req: pods.CreatePodRequest) -> str:
+        own_netns = bool(req.netns_path)
+        if own_netns and self.config.network == "auto" and self._netstack_ok is None:
+            date = await self.runsc.version_date()
+            self._netstack_ok = gvisor_net.netstack_usable(date, NETSTACK_FIXED_DATE)
+            log.info("runsc %s: gVisor netstack %s on this kernel; pods with a netns use --network=%s",
+                     date or "(unknown release)", "works" if self._netstack_ok else "refuses pod netns",
+                     "sandbox" if self._netstack_ok else "host")
+        return gvisor_net.network_mode(own_netns, self.config.network, self.config.host_network,
+                                       bool(self._netstack_ok))
+
+    async def launch_pod(self, req: pods.CreatePodRequest, cgroup: cgroups.PodCgroup | None) -> int:
+        pod_id = validate_id(req.id, "pod id")
+        bundle = self.directory / "pods" / pod_id
+        rootfs = gvisor_pod.ensure_pause_rootfs(self.directory)
+        network = await self._network_for(req)
+        spec = gvisor_pod.root_spec(pod_id, rootfs, netns_path=req.netns_path,
+                                    hostname=req.hostname if req.new_uts else "",
+                                    cgroups_path=f"/{cgroup.path}/{pod_id}" if cgroup is not None else "")
+        shutil.rmtree(bundle, ignore_errors=True)
+        bundle.mkdir(parents=True, mode=0o700)
+        (bundle / "config.json").write_text(json.dumps(spec))
+        pod = GvisorPod(pod_id, bundle, network)
+        try:
+            await self.runsc.create(pod_id, bundle, bundle / "sandbox.pid", network, Stdio())
+            await self.runsc.start(pod_id, bundle, network)
+            pod.pid = int((bundle / "sandbox.pid").read_text().strip())
+        except BaseException:
+            await self._destroy_sandbox(pod)
+            raise
+        self.pods[pod_id] = pod
+        log.info("pod %s: gVisor sandbox pid %d (--network=%s, platform %s)", pod_id, pod.pid, network,
+                 self.config.platform)
+        return pod.pid
+
+    async def release_pod(self, pod_id: str) -> None:
+        pod = self.pods.pop(pod_id, None)
+        if pod is not None:
+            await self._destroy_sandbox(pod)
+
+    async def _destroy_sandbox(self, pod: GvisorPod) -> None:
+        try:
+            await self.runsc.delete(pod.id, pod.network)
+        except KuasarError as exc:
+            log.warning("pod %s: runsc delete: %s", pod.id, exc.message)
+        shutil.rmtree(pod.bundle, ignore_errors=True)
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+    async def create(self, req: task.CreateTaskRequest, ctx: Context) -> task.CreateTaskResponse:
+        validate_id(req.id, "container id")
+        if req.terminal:
+            raise Unimplemented("terminals are not supported by quark-sandboxer's gVisor backend")
+        bundle = Path(req.bundle)
+        if not bundle.is_absolute() or not (bundle / "config.json").is_file():
+            raise InvalidArgument(f"bundle {req.bundle!r} has no config.json")
+        async with self._lock(req.id):
+            if req.id in self.containers:
+                raise AlreadyExists(f"container {req.id} already exists")
+            spec = json.loads((bundle / "config.json").read_bytes())
+            annotations = spec.get("annotations") or {}
+            pod_id = annotations.get(gvisor_pod.SANDBOX_ID, "")
+            pod = self.pods.get(pod_id)
+            if pod is None:
+                raise FailedPrecondition(f"container {req.id}: pod {pod_id!r} is not a gVisor sandbox of this "
+                                         "sandboxer (annotation io.kubernetes.cri.sandbox-id)")
+            if annotations.get(gvisor_pod.CONTAINER_TYPE, "container") != "container":
+                raise InvalidArgument(f"container {req.id}: only containers can join a pod's sandbox")
+            io = FifoIO(req.stdin, req.stdout, req.stderr)
+            container = Container(req.id, bundle, pod, ctx.namespace or "k8s.io", Process("", io))
+            if req.rootfs:
+                mounts.mount_rootfs(req.rootfs, bundle / "rootfs")
+                container.rootfs_mounted = True
+            try:
+                # runsc hands a sub-container the stdio of `runsc start`, so the FIFOs wait for Start.
+                await self.runsc.create(req.id, bundle, bundle / "init.pid", pod.network, Stdio())
+                container.init.pid = int((bundle / "init.pid").read_text().strip())
+            except BaseException:
+                try:
+                    await self.runsc.delete(req.id, pod.network)
+                except KuasarError as exc:  # keep the original error
+                    log.warning("container %s: cleaning up after a failed create: %s", req.id, exc.message)
+                if container.rootfs_mounted:
+                    mounts.unmount_all(bundle / "rootfs")
+                raise
+            self.containers[req.id] = container
+        log.info("container %s created in gVisor pod %s", req.id, pod_id)
+        self.events.publish("/tasks/create", events.TaskCreate(
+            container_id=req.id, bundle=req.bundle, rootfs=req.rootfs, pid=container.init.pid,
+            io=events.TaskIO(stdin=req.stdin, stdout=req.stdout, stderr=req.stderr)), container.namespace)
+        return task.CreateTaskResponse(pid=container.init.pid)
+
+    async def start(self, req: task.StartRequest, ctx: Context) -> task.StartResponse:
+        container = self._get(req.id)
+        async with self._lock(req.id):
+            proc = container.process(req.exec_id)
+            if proc.status != types.CREATED:
+                raise FailedPrecondition(f"process {req.exec_id or req.id} is not in created state")
+            if req.exec_id:
+                if container.init.status != types.RUNNING:
+                    raise FailedPrecondition(f"container {req.id} is not running")
+                await self._start_exec(container, proc)
+                self.events.publish("/tasks/exec-started", events.TaskExecStarted(
+                    container_id=req.id, exec_id=req.exec_id, pid=proc.pid), container.namespace)
+            else:
+                stdio = proc.io.open()
+                try:
+                    await self.runsc.start(req.id, container.bundle, container.pod.network, stdio)
+                finally:
+                    proc.io.release()
+                proc.status = types.RUNNING
+                container.waiter = asyncio.create_task(self._wait_init(container), name=f"runsc-wait-{req.id}")
+                self.events.publish("/tasks/start", events.TaskStart(container_id=req.id, pid=proc.pid),
+                                    container.namespace)
+        log.info("container %s exec %r started pid %d", req.id, req.exec_id, proc.pid)
+        return task.StartResponse(pid=proc.pid)
+
+    async def _wait_init(self, container: Container) -> None:
+        try:
+            status = await self.runsc.wait(container.id, container.pod.network)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # the sandbox died under it: the status is gone with it
+            status = KILLED_EXIT_STATUS if container.pod.stopping else LOST_EXIT_STATUS
+            log.warning("container %s: runsc wait failed (%s); reporting exit %d", container.id, exc, status)
+        self._exited(container, container.init, status)
+
+    def _exited(self, container: Container, proc: Process, status: int, at_ns: int = 0) -> None:
+        if proc.status == types.STOPPED:
+            return
+        proc.set_exited(status, at_ns)
+        log.info("container %s exec %r exited %d", container.id, proc.id, status)
+        self.events.publish("/tasks/exit", events.TaskExit(
+            container_id=container.id, id=proc.id or container.id, pid=proc.pid, exit_status=proc.exit_status,
+            exited_at=_ts(proc.exited_at_ns)), container.namespace)
+
+    async def _start_exec(self, container: Container, proc: Process) -> None:
+        process_json = container.bundle / f"{proc.id}.process.json"
+        pid_file = container.bundle / f"{proc.id}.ipid"
+        log_path = container.bundle / f"{proc.id}.runsc.log"
+        process_json.write_bytes(proc.spec)
+        pid_file.unlink(missing_ok=True)
+        stdio = proc.io.open()
+        try:
+            proc.pid, exited = self.runsc.spawn_exec(container.id, container.pod.network, process_json, pid_file,
+                                                     log_path, stdio)
+        finally:
+            proc.io.release()
+        try:
+            async with asyncio.timeout(EXEC_START_TIMEOUT):
+                # runsc writes the file from another process: nothing to await but the file itself.
+                while not pid_file.exists() and not exited.done():  # noqa: ASYNC110
+                    await asyncio.sleep(EXEC_POLL_INTERVAL)
+        except TimeoutError:
+            raise RuntimeFailure(f"runsc exec in {container.id} did not start within {EXEC_START_TIMEOUT:.0f}s") \
+                from None
+        finally:
+            process_json.unlink(missing_ok=True)
+        try:
+            proc.internal_pid = int(pid_file.read_text().strip())
+        except (OSError, ValueError):
+            # No pid: runsc failed before running anything (it then exits 128 and says why).
+            result = exited.result() if exited.done() else None
+            if result is not None and result.status == RUNSC_FAILURE:
+                message = last_error(log_path) or "no message"
+                log_path.unlink(missing_ok=True)
+                raise RuntimeFailure(f"runsc exec in {container.id} failed: {message}") from None
+        pid_file.unlink(missing_ok=True)
+        proc.status = types.RUNNING
+
+        def on_exit(future: asyncio.Future[Exit]) -> None:
+            if not future.cancelled():
+                log_path.unlink(missing_ok=True)
+                self._exited(container, proc, future.result().status, future.result().at_ns)
+
+        exited.add_done_callback(on_exit)
+
+    async def exec(self, req: task.ExecProcessRequest, ctx: Context) -> empty_pb2.Empty:
+        container = self._get(req.id)
+        validate_id(req.exec_id, "exec id")
+        if req.terminal:
+            raise Unimplemented("terminals are not supported by quark-sandboxer's gVisor backend")
+        if len(req.spec.value) > MAX_SPEC_BYTES:
+            raise InvalidArgument("exec process spec is too large")
+        try:
+            spec = json.loads(req.spec.value)
+        except ValueError:
+            raise InvalidArgument("exec spec is not an OCI Process JSON") from None
+        if not isinstance(spec, dict) or not spec.get("args"):
+            raise InvalidArgument("exec spec has no args")
+        async with self._lock(req.id):
+            if req.exec_id in container.execs:
+                raise AlreadyExists(f"exec {req.exec_id} already exists in container {req.id}")
+            if container.init.status == types.STOPPED:
+                raise FailedPrecondition(f"container {req.id} is stopped")
+            spec["terminal"] = False
+            container.execs[req.exec_id] = Process(req.exec_id, FifoIO(req.stdin, req.stdout, req.stderr),
+                                                   spec=json.dumps(spec).encode())
+        self.events.publish("/tasks/exec-added", events.TaskExecAdded(container_id=req.id, exec_id=req.exec_id),
+                            container.namespace)
+        return empty_pb2.Empty()
+
+    async def kill(self, req: task.KillRequest, ctx: Context) -> empty_pb2.Empty:
+        container = self._get(req.id)
+        proc = container.process(req.exec_id)
+        if proc.status == types.STOPPED:
+            raise NotFound(f"process {req.exec_id or req.id} already finished")
+        if req.exec_id:
+            if proc.internal_pid:
+                try:
+                    await self.runsc.kill(req.id, req.signal, container.pod.network, pid=proc.internal_pid)
+                except KuasarError as exc:  # it ended meanwhile: the runner reports the exit
+                    log.debug("kill exec %s/%s: %s", req.id, req.exec_id, exc.message)
+            return empty_pb2.Empty()
+        try:
+            await self.runsc.kill(req.id, req.signal, container.pod.network, all_processes=req.all)
+        except KuasarError as exc:
+            # runsc refuses to signal a container that has just stopped; its `runsc wait` says so shortly.
+            try:
+                async with asyncio.timeout(KILL_RACE_GRACE):
+                    await proc.exited.wait()
+            except TimeoutError:
+                raise exc from None
+            raise NotFound(f"process {req.id} already finished") from None
+        return empty_pb2.Empty()
+
+    async def wait(self, req: task.WaitRequest, ctx: Context) -> task.WaitResponse:
+        proc = self._get(req.id).process(req.exec_id)
+        await proc.exited.wait()
+        return task.WaitResponse(exit_status=proc.exit_status, exited_at=_ts(proc.exited_at_ns))
+
+    async def delete(self, req: task.DeleteRequest, ctx: Context) -> task.DeleteResponse:
+        container = self._get(req.id)
+        async with self._lock(req.id):
+            proc = container.process(req.exec_id)
+            if proc.status in (types.RUNNING, types.PAUSED):
+                raise FailedPrecondition(f"process {req.exec_id or req.id} is still running")
+            if req.exec_id:
+                del container.execs[req.exec_id]
+            else:
+                await self._remove(container)
+        self.events.publish("/tasks/delete", events.TaskDelete(
+            container_id=req.id, id=req.exec_id or req.id, pid=proc.pid, exit_status=proc.exit_status,
+            exited_at=_ts(proc.exited_at_ns)), container.namespace)
+        log.info("container %s exec %r deleted (exit %d)", req.id, req.exec_id, proc.exit_status)
+        return task.DeleteResponse(pid=proc.pid, exit_status=proc.exit_status, exited_at=_ts(proc.exited_at_ns))
+
+    async def _remove(self, container: Container) -> None:
+        await self.runsc.delete(container.id, container.pod.network)
+        if container.waiter is not None and not container.waiter.done():
+            container.waiter.cancel()
+        if container.rootfs_mounted:
+            mounts.unmount_all(container.bundle / "rootfs")
+        self.containers.pop(container.id, None)
+        self._locks.pop(container.id, None)
+
+    # -- inspection --------------------------------------------------------------------------------
+    async def state(self, req: task.StateRequest, ctx: Context) -> task.StateResponse:
+        container = self._get(req.id)
+        proc = container.process(req.exec_id)
+        response = task.StateResponse(
+            id=req.id, exec_id=req.exec_id, bundle=str(container.bundle), pid=proc.pid, status=proc.status,
+            stdin=proc.io.stdin, stdout=proc.io.stdout, stderr=proc.io.stderr, exit_status=proc.exit_status)
+        if proc.exited_at_ns:
+            response.exited_at.FromNanoseconds(proc.exited_at_ns)
+        return response
+
+    async def pids(self, req: task.PidsRequest, ctx: Context) -> task.PidsResponse:
+        container = self._get(req.id)
+        if container.init.status == types.STOPPED:
+            return task.PidsResponse()
+        pids = await self.runsc.ps(req.id, container.pod.network)
+        return task.PidsResponse(processes=[types.ProcessInfo(pid=pid) for pid in pids])
+
+    async def stats(self, req: task.StatsRequest, ctx: Context) -> task.StatsResponse:
+        container = self._get(req.id)
+        if container.init.status == types.STOPPED:
+            raise FailedPrecondition(f"container {req.id} is stopped")
+        data = await self.runsc.stats(req.id, container.pod.network)
+        return task.StatsResponse(stats=gvisor_stats.to_metrics(data))
+
+    async def connect(self, req: task.ConnectRequest, ctx: Context) -> task.ConnectResponse:
+        container = self._get(req.id)
+        return task.ConnectResponse(shim_pid=os.getpid(), task_pid=container.init.pid, version=VERSION)
+
+    # -- control -----------------------------------------------------------------------------------
+    async def pause(self, req: task.PauseRequest, ctx: Context) -> empty_pb2.Empty:
+        container = self._get(req.id)
+        await self.runsc.pause(req.id, container.pod.network)
+        container.init.status = types.PAUSED
+        self.events.publish("/tasks/paused", events.TaskPaused(container_id=req.id), container.namespace)
+        return empty_pb2.Empty()
+
+    async def resume(self, req: task.ResumeRequest, ctx: Context) -> empty_pb2.Empty:
+        container = self._get(req.id)
+        await self.runsc.resume(req.id, container.pod.network)
+        container.init.status = types.RUNNING
+        self.events.publish("/tasks/resumed", events.TaskResumed(container_id=req.id), container.namespace)
+        return empty_pb2.Empty()
+
+    async def close_io(self, req: task.CloseIORequest, ctx: Context) -> empty_pb2.Empty:
+        # Without a terminal the container holds its stdin FIFO itself and sees EOF when containerd
+        # closes the other end; there is nothing of ours to close.
+        self._get(req.id).process(req.exec_id)
+        return empty_pb2.Empty()
+
+    # -- pod hooks (kuasar.common.pod_service.PodContainers) -----------------------------------------
+    def pod_container_ids(self, pod_id: str) -> list[str]:
+        return [c.id for c in self.containers.values() if c.pod.id == pod_id]
+
+    async def kill_pod_containers(self, pod_id: str, sig: int) -> None:
+        pod = self.pods.get(pod_id)
+        if pod is not None and sig == signal.SIGKILL:
+            pod.stopping = True  # the sandbox goes next: a failing `runsc wait` then means "killed"
+        for container in [c for c in self.containers.values() if c.pod.id == pod_id]:
+            if container.init.status != types.STOPPED:
+                try:
+                    await self.runsc.kill(container.id, sig, container.pod.network, all_processes=True)
+                except KuasarError as exc:  # best effort during pod stop
+                    log.warning("pod %s: killing container %s: %s", pod_id, container.id, exc.message)
+
+    async def wait_pod_containers(self, pod_id: str, timeout: float) -> bool:
+        waits = [c.init.exited.wait() for c in self.containers.values()
+                 if c.pod.id == pod_id and c.init.status != types.STOPPED]
+        if not waits:
+            return True
+        try:
+            async with asyncio.timeout(timeout):
+                await asyncio.gather(*waits)
+            return True
+        except TimeoutError:
+            return False
+
+    async def remove_pod_containers(self, pod_id: str) -> None:
+        for container in [c for c in self.containers.values() if c.pod.id == pod_id]:
+            if container.init.status != types.STOPPED:
+                await self.kill_pod_containers(pod_id, signal.SIGKILL)
+                await self.wait_pod_containers(pod_id, 10.0)
+            for proc in [container.init, *container.execs.values()]:
+                if proc.status != types.STOPPED:
+                    self._exited(container, proc, KILLED_EXIT_STATUS)
+            await self._remove(container)
+            log.info("pod %s: removed leftover container %s", pod_id, container.id)

@@ -1,0 +1,194 @@
+"""Containers announced through `Controller.Update` + `extensions.tasks`, laid out for Quark as Kuasar does.
+
+Quark's VM sees the sandbox bundle (`<base>/sandbox`) and nothing else of the host, so every container
+gets a bundle inside it, `<base>/sandbox/<cid>`: its rootfs mounts are mounted onto `<cbundle>/rootfs`,
+each `bind` mount of its spec is bind-mounted to `<cbundle>/rootfs/<destination>` (and dropped from the
+spec), its stdio FIFOs are bind-mounted onto `<cbundle>/stdin|stdout|stderr` with the io paths rewritten
+to `/<cid>/stdout` etc. (the path inside the sandbox), and the spec is written to `<cbundle>/config.json`.
+Exec processes get `<cbundle>/<exec>-stdin|stdout|stderr` the same way.
+
+Only Kuasar's containerd fork and iSulad send this Update; upstream containerd's CRI never does, and
+then Quark reads everything from the Task.Create request itself. Unlike Kuasar, a removed exec's FIFO
+mounts are released at once (by their host path), and the layout is persisted so a restarted
+sandboxer still knows what to unmount.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kuasar.common import linux, mounts
+from kuasar.common.errors import InvalidArgument
+from kuasar.common.ids import validate_id
+from kuasar.common.state import write_atomic
+
+log = logging.getLogger(__name__)
+
+UMOUNT_NOFOLLOW = 8
+STDIO = ("stdin", "stdout", "stderr")
+
+
+@dataclass(frozen=True)
+class OciMount:
+    """A rootfs entry of `extensions.tasks` (OCI mount shape), usable by `mounts.mount_rootfs`."""
+
+    type: str
+    source: str
+    options: tuple[str, ...]
+
+
+def parse_tasks(value: str | None) -> dict[str, dict[str, Any]]:
+    """`{"tasks": [...]}` -> {task_id: task}; absent or empty means no containers."""
+    if not value:
+        return {}
+    try:
+        data = json.loads(value)
+    except ValueError:
+        raise InvalidArgument("sandbox.extensions[tasks] is not JSON") from None
+    tasks = data.get("tasks") if isinstance(data, dict) else None
+    if tasks is None:
+        return {}
+    if not isinstance(tasks, list):
+        raise InvalidArgument("extensions.tasks: 'tasks' must be a list")
+    found: dict[str, dict[str, Any]] = {}
+    for entry in tasks:
+        if not isinstance(entry, dict):
+            raise InvalidArgument("extensions.tasks: every task must be an object")
+        found[validate_id(str(entry.get("task_id", "")), "task_id")] = entry
+    return found
+
+
+def unmount(path: Path) -> None:
+    try:
+        linux.umount(str(path), linux.MNT_DETACH | UMOUNT_NOFOLLOW)
+    except OSError as exc:
+        if exc.errno not in (errno.EINVAL, errno.ENOENT):
+            raise
+
+
+def mounts_under(directory: Path) -> list[Path]:
+    """Mount points at or below `directory`, deepest first (from /proc/self/mountinfo)."""
+    root = os.path.realpath(directory)
+    found = []
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+        for line in f:
+            point = line.split()[4].encode().decode("unicode_escape")
+            if point == root or point.startswith(root.rstrip("/") + "/"):
+                found.append(Path(point))
+    return sorted(set(found), key=lambda p: (-len(p.parts), str(p)))
+
+
+def unmount_all_under(directory: Path) -> list[Path]:
+    """Detach everything mounted under `directory`; return what is still mounted."""
+    for _ in range(4):
+        points = mounts_under(directory)
+        if not points:
+            return []
+        for point in points:
+            unmount(point)
+    return mounts_under(directory)
+
+
+class QuarkContainers:
+    """The container bundles of one Quark sandbox; `state` is the persisted part (a JSON-able dict)."""
+
+    def __init__(self, sandbox_bundle: Path, state: dict[str, Any]) -> None:
+        self.bundle = sandbox_bundle
+        self.state = state  # {cid: {"mounts": [host paths], "io": {...}, "execs": {exec: [host paths]}}}
+
+    def apply(self, tasks: dict[str, dict[str, Any]]) -> None:
+        """Diff the announced tasks against what is laid out and append, update or remove."""
+        for cid in [c for c in self.state if c not in tasks]:
+            self.remove(cid)
+        for cid, entry in tasks.items():
+            if cid not in self.state:
+                self.append(cid, entry)
+            else:
+                self.update(cid, entry)
+
+    def _bind(self, source: str, target: Path, done: list[str]) -> None:
+        if not os.path.isabs(source) or not os.path.exists(source):
+            raise InvalidArgument(f"bind source {source!r} must be an existing absolute path")
+        if os.path.isdir(source):
+            target.mkdir(parents=True, exist_ok=True)
+        else:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.touch(exist_ok=True)
+        linux.mount(source, str(target), "", linux.MS_BIND | linux.MS_REC)
+        done.append(str(target))
+
+    def append(self, cid: str, entry: dict[str, Any]) -> None:
+        cbundle = self.bundle / validate_id(cid, "task_id")
+        rootfs = cbundle / "rootfs"
+        done: list[str] = []
+        record: dict[str, Any] = {"mounts": done, "io": {}, "execs": {}}
+        self.state[cid] = record  # recorded first: a failure half-way is still unmounted by remove()
+        spec = dict(entry.get("spec") or {})
+        rootfs_mounts = [OciMount(str(m.get("type", "")), str(m.get("source", "")), tuple(m.get("options") or ()))
+                         for m in entry.get("rootfs") or []]
+        if rootfs_mounts:
+            mounts.mount_rootfs(rootfs_mounts, rootfs)
+            done.append(str(rootfs))
+        else:
+            rootfs.mkdir(parents=True, exist_ok=True)
+        kept = []
+        for m in spec.get("mounts") or []:
+            options = m.get("options") or []
+            if m.get("type") == "bind" or "bind" in options or "rbind" in options:
+                destination = str(m.get("destination", "")).lstrip("/")
+                if not destination or ".." in Path(destination).parts:
+                    raise InvalidArgument(f"task {cid}: bad mount destination {m.get('destination')!r}")
+                self._bind(str(m.get("source", "")), rootfs / destination, done)
+            else:
+                kept.append(m)
+        spec["mounts"] = kept
+        for name in STDIO:
+            path = str(entry.get(name) or "")
+            if path:
+                self._bind(path, cbundle / name, done)
+                record["io"][name] = f"/{cid}/{name}"
+        write_atomic(cbundle / "config.json", json.dumps(spec).encode())
+        for process in entry.get("processes") or []:
+            self._add_exec(cid, process)
+        log.info("quark: container %s laid out in %s", cid, cbundle)
+
+    def _add_exec(self, cid: str, process: dict[str, Any]) -> None:
+        exec_id = validate_id(str(process.get("exec_id", "")), "exec_id")
+        done: list[str] = []
+        self.state[cid]["execs"][exec_id] = done
+        for name in STDIO:
+            path = str(process.get(name) or "")
+            if path:
+                self._bind(path, self.bundle / cid / f"{exec_id}-{name}", done)
+
+    def update(self, cid: str, entry: dict[str, Any]) -> None:
+        wanted = {str(p.get("exec_id", "")): p for p in entry.get("processes") or []}
+        execs = self.state[cid]["execs"]
+        for exec_id in [e for e in execs if e not in wanted]:
+            for target in reversed(execs.pop(exec_id)):
+                unmount(Path(target))
+                Path(target).unlink(missing_ok=True)
+        for exec_id, process in wanted.items():
+            if exec_id not in execs:
+                self._add_exec(cid, process)
+
+    def remove(self, cid: str) -> None:
+        record = self.state.pop(cid, None) or {}
+        for targets in (record.get("execs") or {}).values():
+            for target in reversed(targets):
+                unmount(Path(target))
+        for target in reversed(record.get("mounts") or []):
+            unmount(Path(target))
+        cbundle = self.bundle / cid
+        left = unmount_all_under(cbundle) if cbundle.exists() else []
+        if left:
+            log.error("quark: %s still mounted under %s; not removing it", left, cbundle)
+            return
+        shutil.rmtree(cbundle, ignore_errors=True)

@@ -1,0 +1,172 @@
+"""gVisor's `runsc` command line, driven without a shell.
+
+runsc reads its global flags on every invocation and does not remember them per sandbox (a `create`
+with `--network=none` followed by a plain `start` tries to set up the network again), so every command
+on a sandbox repeats the same global flags; the per-sandbox part of them is the network mode.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from kuasar.common.errors import NotFound, RuntimeFailure
+from kuasar.common.reaper import Exit, Reaper
+from kuasar.common.spawn import Completed, resolve, run
+
+# Only the tail of a log matters: the error that ended the command is its last entry.
+LOG_TAIL = 8192
+# runsc exits 128 when it fails itself (bad spec, missing container, ...), before running anything.
+RUNSC_FAILURE = 128
+# Releases from this date on tell a pod's netns from the host's by /proc/sys/net/core/dev_weight;
+# older ones look for rmem_default, which kernels >= 6.x also have in every other netns.
+NETSTACK_FIXED_DATE = 20240801
+
+
+@dataclass
+class Stdio:
+    """File descriptors handed to the runsc process, and through it to the container (None: /dev/null)."""
+
+    stdin: int | None = None
+    stdout: int | None = None
+    stderr: int | None = None
+
+
+class Runsc:
+    def __init__(self, reaper: Reaper, root: Path, binary: str = "runsc", platform: str = "systrap",
+                 debug_dir: Path | None = None) -> None:
+        self.reaper = reaper
+        self.root = root
+        self.binary = binary
+        self.platform = platform
+        self.debug_dir = debug_dir
+        root.mkdir(parents=True, exist_ok=True, mode=0o700)
+
+    def argv(self, network: str, log_path: Path | None, *args: str) -> list[str]:
+        argv = [self.binary, "--root", str(self.root), f"--platform={self.platform}", f"--network={network}",
+                "--log", str(log_path) if log_path is not None else os.devnull, "--log-format", "json"]
+        if self.debug_dir is not None:
+            argv += ["--debug", f"--debug-log={self.debug_dir}/"]
+        return argv + list(args)
+
+    async def _run(self, network: str, args: list[str], *, log_path: Path | None = None,
+                   stdio: Stdio | None = None, capture: bool = True) -> Completed:
+        stdio = stdio or Stdio()
+        offset = log_path.stat().st_size if log_path is not None and log_path.exists() else 0
+        result = await run(self.reaper, self.argv(network, log_path, *args), stdin=stdio.stdin,
+                           stdout=stdio.stdout, stderr=stdio.stderr, capture=capture)
+        if result.status != 0:
+            message = last_error(log_path, offset) or _first_line(result.stderr)
+            if "does not exist" in message or "not found" in message:
+                raise NotFound(f"runsc {args[0]}: {message}")
+            raise RuntimeFailure(f"runsc {args[0]} failed ({result.status}): {message or 'no message'}")
+        return result
+
+    async def version_date(self) -> int:
+        """The release date of the binary (20240729 for Debian's 0.0~20240729.0), 0 if unknown."""
+        result = await run(self.reaper, [self.binary, "--version"])
+        text = result.stdout.decode(errors="replace")
+        for marker in ("release-", "0.0~"):
+            index = text.find(marker)
+            digits = text[index + len(marker):index + len(marker) + 8] if index >= 0 else ""
+            if digits.isdigit():
+                return int(digits)
+        return 0
+
+    async def create(self, container_id: str, bundle: Path, pid_file: Path, network: str, stdio: Stdio) -> None:
+        await self._run(network, ["create", "--bundle", str(bundle), "--pid-file", str(pid_file), container_id],
+                        log_path=bundle / "runsc.log", stdio=stdio, capture=False)
+
+    async def start(self, container_id: str, bundle: Path, network: str, stdio: Stdio | None = None) -> None:
+        """Start a created container. A sub-container takes its stdio from `runsc start` (not `create`)."""
+        await self._run(network, ["start", container_id], log_path=bundle / "runsc.log", stdio=stdio,
+                        capture=stdio is None)
+
+    async def kill(self, container_id: str, signal: int, network: str, *, all_processes: bool = False,
+                   pid: int = 0) -> None:
+        args = ["kill"] + (["--all"] if all_processes else []) + ([f"--pid={pid}"] if pid else [])
+        await self._run(network, [*args, container_id, str(signal)])
+
+    async def delete(self, container_id: str, network: str) -> None:
+        try:
+            await self._run(network, ["delete", "--force", container_id])
+        except NotFound:
+            pass
+
+    async def pause(self, container_id: str, network: str) -> None:
+        await self._run(network, ["pause", container_id])
+
+    async def resume(self, container_id: str, network: str) -> None:
+        await self._run(network, ["resume", container_id])
+
+    async def ps(self, container_id: str, network: str) -> list[int]:
+        result = await self._run(network, ["ps", "--format", "json", container_id])
+        return [int(pid) for pid in json.loads(result.stdout or b"[]") or []]
+
+    async def stats(self, container_id: str, network: str) -> dict:
+        """`runsc events --stats`: the container's cpu, memory and pids as the sentry accounts them."""
+        result = await self._run(network, ["events", "--stats", container_id])
+        try:
+            return json.loads(result.stdout).get("data") or {}
+        except (ValueError, AttributeError):
+            raise RuntimeFailure(f"runsc events: unexpected output {result.stdout[:200]!r}") from None
+
+    async def wait(self, container_id: str, network: str) -> int:
+        """Block until the container's init exits and return its status (`runsc wait`, one per container).
+
+        The sandbox keeps a container's exit status until the container is deleted, so waiting after the
+        exit still answers, any number of times.
+        """
+        result = await self._run(network, ["wait", container_id])
+        try:
+            return int(json.loads(result.stdout)["exitStatus"])
+        except (ValueError, KeyError, TypeError):
+            raise RuntimeFailure(f"runsc wait: unexpected output {result.stdout[:200]!r}") from None
+
+    def spawn_exec(self, container_id: str, network: str, process_json: Path, internal_pid_file: Path,
+                   log_path: Path, stdio: Stdio) -> tuple[int, asyncio.Future[Exit]]:
+        """Start a foreground `runsc exec` and return its pid and exit.
+
+        `exec --detach` + `wait --pid` loses the status of a process that ends before the wait starts
+        (the sandbox reaps it: "no such process"); a foreground `runsc exec` stays until the process
+        exits and exits with its status (128 + signal for a signal). Killing the runner does not kill
+        the process; signals go through `runsc kill --pid` with the pid from `internal_pid_file`.
+        """
+        argv = self.argv(network, log_path, "exec", "--process", str(process_json),
+                         "--internal-pid-file", str(internal_pid_file), container_id)
+        devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            actions = [(os.POSIX_SPAWN_DUP2, devnull if fd is None else fd, target)
+                       for fd, target in ((stdio.stdin, 0), (stdio.stdout, 1), (stdio.stderr, 2))]
+            pid = os.posix_spawn(resolve(argv[0]), argv, dict(os.environ), file_actions=actions)
+            return pid, self.reaper.watch(pid)  # same loop step as the spawn: the reaper cannot miss it
+        finally:
+            os.close(devnull)
+
+
+def _first_line(data: bytes) -> str:
+    lines = data.decode(errors="replace").strip().splitlines()
+    return lines[-1] if lines else ""
+
+
+def last_error(log_path: Path | None, offset: int = 0) -> str:
+    """The error runsc logged (JSON lines, `--log-format json`) after `offset`."""
+    if log_path is None or not log_path.exists():
+        return ""
+    try:
+        with open(log_path, "rb") as f:
+            f.seek(max(offset, os.path.getsize(log_path) - LOG_TAIL))
+            lines = f.read().decode(errors="replace").splitlines()
+    except OSError:
+        return ""
+    for line in reversed(lines):
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(entry, dict) and entry.get("level") in ("error", "fatal", "warning"):
+            return str(entry.get("msg", ""))
+    return ""

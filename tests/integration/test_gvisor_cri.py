@@ -1,0 +1,394 @@
+"""quark-sandboxer with its runsc backend (real gVisor) under a real containerd 2.x, driven through CRI.
+
+A second instance of quark-sandboxer, proxy plugin `gvisor`, runtime handler `kuasar-gvisor`: one gVisor
+sandbox per pod, every container of the pod a runsc sub-container on the same application kernel.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import platform
+import secrets
+import shutil
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import grpc
+import psutil
+import pytest
+
+from kuasar.common.api.runtime.v1 import api_pb2 as cri
+from kuasar.common.cri_client import CriClient, container_config, pod_config
+from tests.support import containerd as cd
+from tests.support import images
+
+from .conftest import BUSYBOX, Stack, integration_skip_reason, kill_task_server, start_sandboxer, stop_process
+
+pytestmark = pytest.mark.integration
+
+HANDLER = "kuasar-gvisor"
+
+
+def runsc_binary() -> str | None:
+    candidate = cd.prefix_dir() / "bin" / "runsc"
+    if candidate.is_file() and os.access(candidate, os.X_OK):
+        return str(candidate)
+    return shutil.which("runsc")
+
+
+@contextmanager
+def app_kernel_stack(base: Path, *, name: str, handler: str, bridge: str, subnet: str, quark_section: str,
+                     extra_path: tuple[str, ...] = ()) -> Iterator[Stack]:
+    """containerd + one quark-sandboxer (proxy plugin `name`, runtime handler `handler`), own bridge and sockets."""
+    # Unix socket paths must stay short: Quark's per-pod `<dir>/<64-hex id>/quark-task.sock` is ~100 bytes.
+    short = Path(f"/run/{bridge.replace('kuasar-', 'k')}-{secrets.token_hex(2)}")
+    short.mkdir(mode=0o700)
+    sandboxer_socket = short / f"{name}.sock"
+    sandboxer_dir = short / name
+    config_path = base / f"{name}.toml"
+    config_path.write_text(quark_section)
+    image_dir = base / "images"
+    busybox_tar = images.build_busybox_image(image_dir / "busybox.tar", ref=BUSYBOX)
+    pause_tar = images.build_pause_image(image_dir / "pause.tar")
+    instance = cd.ContainerdInstance(
+        base / "containerd", sandboxers={name: str(sandboxer_socket)},
+        runtimes={handler: {"runtime_type": "io.containerd.kuasar-quark.v1", "sandboxer": name}},
+        bridge=bridge, subnet=subnet, extra_path=extra_path, log_level="info")
+    instance.sock_dir = short / "cd"
+    instance.address = str(instance.sock_dir / "containerd.sock")
+    instance.ttrpc_address = str(instance.sock_dir / "containerd.sock.ttrpc")
+    instance.start()
+    current: Stack | None = None
+    try:
+        instance.import_image(busybox_tar)
+        instance.import_image(pause_tar)
+        log_path = base / f"{name}-sandboxer.log"
+        sandboxer = start_sandboxer(sandboxer_socket, sandboxer_dir, log_path, instance.ttrpc_address,
+                                    module="kuasar.quark.cli", extra_args=("--config", str(config_path)))
+        current = Stack(instance, sandboxer, sandboxer_socket, sandboxer_dir, log_path, base / "logs")
+        yield current
+    finally:
+        instance.stop()
+        if current is not None:
+            stop_process(current.sandboxer)
+        kill_task_server(sandboxer_dir)
+        for leftover in ("task-server.log",):
+            if (sandboxer_dir / leftover).exists():  # keep it for post-mortems
+                shutil.copy(sandboxer_dir / leftover, base / leftover)
+        cd.unmount_all(short)
+        shutil.rmtree(short, ignore_errors=True)
+
+
+def runsc_processes(root: Path) -> list[psutil.Process]:
+    """Live runsc processes (sandbox, gofer, wait, exec) working on the state root `root`."""
+    found = []
+    for proc in psutil.process_iter(["cmdline", "status"]):
+        cmdline = proc.info["cmdline"] or []
+        if proc.info["status"] == psutil.STATUS_ZOMBIE:
+            continue
+        if any(arg in (f"--root={root}", str(root)) for arg in cmdline) and any("runsc" in a for a in cmdline[:1]):
+            found.append(proc)
+    return found
+
+
+@pytest.fixture(scope="module")
+def gvisor(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    reason = integration_skip_reason()
+    if reason:
+        pytest.skip(reason)
+    runsc = runsc_binary()
+    if runsc is None:
+        pytest.skip("gVisor's runsc is not installed (`make setup` installs it into .prefix/bin)")
+    section = f'[quark]\nbackend = "runsc"\nrunsc = "{runsc}"\nplatform = "systrap"\n'
+    with app_kernel_stack(tmp_path_factory.mktemp("gvisor"), name="gvisor", handler=HANDLER,
+                          bridge="kuasar-gv0", subnet="10.254.0.0/16", quark_section=section) as stack:
+        yield stack
+
+
+async def run_pod(client: CriClient, name: str, log_root: Path, handler: str = HANDLER,
+                  **kwargs) -> tuple[str, cri.PodSandboxConfig]:
+    uid = uuid.uuid4().hex[:12]
+    config = pod_config(name, uid=uid, log_directory=str(log_root / f"{name}-{uid}"), **kwargs)
+    response = await client.run_pod_sandbox(config, runtime_handler=handler)
+    return response.pod_sandbox_id, config
+
+
+async def start_container(client: CriClient, pod_id: str, pod: cri.PodSandboxConfig, name: str,
+                          command: list[str], **kwargs) -> str:
+    config = container_config(name, BUSYBOX, command, log_path=f"{name}.log", **kwargs)
+    cid = (await client.create_container(pod_id, config, pod)).container_id
+    await client.start_container(cid)
+    return cid
+
+
+async def wait_state(client: CriClient, cid: str, state: int, timeout: float = 30.0) -> cri.ContainerStatus:
+    deadline = time.monotonic() + timeout
+    while True:
+        status = (await client.container_status(cid)).status
+        if status.state == state:
+            return status
+        if time.monotonic() > deadline:
+            raise AssertionError(f"container {cid} stayed {cri.ContainerState.Name(status.state)}")
+        await asyncio.sleep(0.05)
+
+
+def log_text(pod: cri.PodSandboxConfig, name: str) -> str:
+    path = Path(pod.log_directory) / f"{name}.log"
+    lines = path.read_text().splitlines() if path.exists() else []
+    return "\n".join(line.split(" ", 3)[3] for line in lines if line.count(" ") >= 3)
+
+
+async def wait_log(pod: cri.PodSandboxConfig, name: str, needle: str, timeout: float = 10.0) -> str:
+    deadline = time.monotonic() + timeout
+    while needle not in (text := log_text(pod, name)):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{needle!r} not in log of {name}: {text!r}")
+        await asyncio.sleep(0.05)
+    return text
+
+
+async def remove_pod(client: CriClient, pod_id: str) -> None:
+    await client.stop_pod_sandbox(pod_id)
+    await client.remove_pod_sandbox(pod_id)
+
+
+def mounts_containing(fragment: str) -> list[str]:
+    with open("/proc/self/mountinfo") as f:
+        return [line.split()[4] for line in f if fragment in line.split()[4]]
+
+
+# -- tests -----------------------------------------------------------------------------------------
+def test_two_containers_share_one_gvisor_kernel_and_reach_the_cri_log(gvisor: Stack) -> None:
+    started = time.monotonic()
+
+    async def scenario() -> None:
+        async with CriClient(gvisor.address) as client:
+            pod_id, pod = await run_pod(client, "gv-hello", gvisor.log_dir, host_network=False)
+            status = (await client.pod_sandbox_status(pod_id)).status
+            assert status.state == cri.SANDBOX_READY
+            assert status.network.ip
+            # The kernel the container sees is gVisor's (4.4.0, "Starting gVisor..."), not the host's.
+            hello = await start_container(client, pod_id, pod, "hello", [
+                "sh", "-c", "echo kernel=$(uname -r); dmesg; echo to-stderr >&2"])
+            sleeper = await start_container(client, pod_id, pod, "sleeper", ["sleep", "3600"])
+            exited = await wait_state(client, hello, cri.CONTAINER_EXITED)
+            assert exited.exit_code == 0
+            text = await wait_log(pod, "hello", "to-stderr")
+            assert "kernel=4.4.0" in text, text
+            assert f"kernel={platform.release()}" not in text
+            assert "Starting gVisor" in text, text
+            await wait_state(client, sleeper, cri.CONTAINER_RUNNING)
+            # One application kernel for the pod: gVisor picks its boot messages at random when it
+            # boots, and the second container reads the very same kernel log.
+            dmesg = await client.exec_sync(sleeper, ["dmesg"], timeout=20)
+            assert dmesg.exit_code == 0 and dmesg.stdout.decode().strip() in text, (dmesg.stdout, text)
+            # exec: output, stderr and exit code through a foreground `runsc exec`
+            result = await client.exec_sync(sleeper, ["sh", "-c", "echo out-$((6*7)); echo err >&2; exit 3"],
+                                            timeout=20)
+            assert (result.exit_code, result.stdout, result.stderr) == (3, b"out-42\n", b"err\n")
+            host = await client.exec_sync(sleeper, ["hostname"], timeout=20)
+            assert host.stdout.strip() == b"gv-hello"
+            # exactly one gVisor sandbox for the pod, however many containers
+            sandboxes = [p for p in runsc_processes(gvisor.sandboxer_dir / "runsc")
+                         if "boot" in (p.info["cmdline"] or [])]
+            assert len(sandboxes) == 1, [p.info["cmdline"] for p in sandboxes]
+            stats = (await client.container_stats(sleeper)).stats
+            assert stats.memory.usage_bytes.value > 0 or stats.memory.working_set_bytes.value > 0
+            await client.remove_container(hello)
+            await remove_pod(client, pod_id)
+
+    gvisor.run(scenario())
+    print(f"\ngVisor pod with two containers, exec and teardown: {time.monotonic() - started:.2f}s")
+
+
+def test_exit_codes_are_reported(gvisor: Stack) -> None:
+    async def scenario() -> None:
+        async with CriClient(gvisor.address) as client:
+            pod_id, pod = await run_pod(client, "gv-codes", gvisor.log_dir, share_pid=True)
+            seven = await start_container(client, pod_id, pod, "seven", ["sh", "-c", "exit 7"])
+            killed = await start_container(client, pod_id, pod, "killed", ["sh", "-c", "kill -9 $$"])
+            assert (await wait_state(client, seven, cri.CONTAINER_EXITED)).exit_code == 7
+            assert (await wait_state(client, killed, cri.CONTAINER_EXITED)).exit_code == 137
+            await remove_pod(client, pod_id)
+
+    gvisor.run(scenario())
+
+
+def test_stop_sends_sigterm_then_sigkill(gvisor: Stack) -> None:
+    async def scenario() -> None:
+        async with CriClient(gvisor.address) as client:
+            pod_id, pod = await run_pod(client, "gv-stop", gvisor.log_dir)
+            polite = await start_container(client, pod_id, pod, "polite",
+                                           ["sh", "-c", "trap 'echo got-term; exit 143' TERM; "
+                                                        "while true; do sleep 0.1; done"])
+            stubborn = await start_container(client, pod_id, pod, "stubborn",
+                                             ["sh", "-c", "trap '' TERM; while true; do sleep 0.1; done"])
+            await wait_state(client, polite, cri.CONTAINER_RUNNING)
+            await wait_state(client, stubborn, cri.CONTAINER_RUNNING)
+            await client.stop_container(polite, timeout=10)
+            assert (await client.container_status(polite)).status.exit_code == 143
+            assert "got-term" in log_text(pod, "polite")
+            await client.stop_container(stubborn, timeout=1)
+            assert (await client.container_status(stubborn)).status.exit_code == 137
+            await client.remove_container(polite)
+            await client.remove_container(stubborn)
+            await remove_pod(client, pod_id)
+
+    gvisor.run(scenario())
+
+
+def test_host_network_pod_gets_loopback_only(gvisor: Stack) -> None:
+    async def scenario() -> None:
+        async with CriClient(gvisor.address) as client:
+            pod_id, pod = await run_pod(client, "gv-hostnet", gvisor.log_dir, host_network=True)
+            cid = await start_container(client, pod_id, pod, "main", ["sleep", "3600"])
+            await wait_state(client, cid, cri.CONTAINER_RUNNING)
+            links = await client.exec_sync(cid, ["ip", "-o", "link"], timeout=20)
+            assert links.exit_code == 0, links.stderr
+            names = [line.split(":")[1].strip() for line in links.stdout.decode().splitlines()]
+            assert names == ["lo"], names
+            await remove_pod(client, pod_id)
+
+    gvisor.run(scenario())
+
+
+def test_pod_stop_and_remove_leave_nothing_behind(gvisor: Stack) -> None:
+    cgroup_parent = f"kuasar-gv-{os.getpid()}/pod-a"
+
+    async def scenario() -> None:
+        async with CriClient(gvisor.address) as client:
+            pod_id, pod = await run_pod(client, "gv-teardown", gvisor.log_dir, host_network=False,
+                                        cgroup_parent=cgroup_parent)
+            cid = await start_container(client, pod_id, pod, "main", ["sleep", "3600"])
+            other = await start_container(client, pod_id, pod, "other", ["sleep", "3600"])
+            await wait_state(client, cid, cri.CONTAINER_RUNNING)
+            await wait_state(client, other, cri.CONTAINER_RUNNING)
+            assert runsc_processes(gvisor.sandboxer_dir / "runsc")
+            await client.stop_pod_sandbox(pod_id)
+            for container in (cid, other):
+                assert (await client.container_status(container)).status.state == cri.CONTAINER_EXITED
+            assert (await client.pod_sandbox_status(pod_id)).status.state == cri.SANDBOX_NOTREADY
+            await client.remove_pod_sandbox(pod_id)
+            with pytest.raises(grpc.aio.AioRpcError):
+                await client.pod_sandbox_status(pod_id)
+
+    gvisor.run(scenario())
+    assert_nothing_left(gvisor)
+    assert not Path("/sys/fs/cgroup/memory", cgroup_parent.split("/")[0]).exists()
+
+
+def assert_nothing_left(stack: Stack) -> None:
+    deadline = time.monotonic() + 10
+    while runsc_processes(stack.sandboxer_dir / "runsc") and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert [p.info["cmdline"] for p in runsc_processes(stack.sandboxer_dir / "runsc")] == []
+    assert list((stack.sandboxer_dir / "sandboxes").iterdir()) == []
+    assert list((stack.sandboxer_dir / "runsc").iterdir()) == []
+    assert not (stack.sandboxer_dir / "pods").exists() or list((stack.sandboxer_dir / "pods").iterdir()) == []
+    assert mounts_containing(str(stack.containerd.state_dir)) == []  # ours only: other stacks may run
+
+
+def test_task_api_pause_resume_pids_and_what_gvisor_does_not_do(gvisor: Stack) -> None:
+    from google.protobuf import empty_pb2
+
+    from kuasar.common.api.containerd.runtime.task.v2 import shim_pb2 as task
+    from kuasar.common.api.containerd.types.task import task_pb2 as types
+    from kuasar.common.errors import Unimplemented
+    from kuasar.common.ttrpc import TtrpcClient
+
+    service, ns = "containerd.task.v3.Task", {"containerd-namespace-ttrpc": "k8s.io"}
+
+    async def scenario() -> None:
+        async with CriClient(gvisor.address) as client:
+            pod_id, pod = await run_pod(client, "gv-direct", gvisor.log_dir)
+            cid = await start_container(client, pod_id, pod, "main", ["sleep", "3600"])
+            await wait_state(client, cid, cri.CONTAINER_RUNNING)
+            tasks = await TtrpcClient.connect_unix(str(gvisor.sandboxer_dir / "task.sock"))
+            try:
+                async def call(method: str, request, response=empty_pb2.Empty):
+                    return await tasks.call(service, method, request, response, metadata=ns)
+
+                pids = await call("Pids", task.PidsRequest(id=cid), task.PidsResponse)
+                assert len(pids.processes) == 1
+                await call("Pause", task.PauseRequest(id=cid))
+                state = await call("State", task.StateRequest(id=cid), task.StateResponse)
+                assert state.status == types.PAUSED
+                await call("Resume", task.ResumeRequest(id=cid))
+                state = await call("State", task.StateRequest(id=cid), task.StateResponse)
+                assert state.status == types.RUNNING
+                for method, request in (("Checkpoint", task.CheckpointTaskRequest(id=cid)),
+                                        ("Update", task.UpdateTaskRequest(id=cid)),
+                                        ("ResizePty", task.ResizePtyRequest(id=cid, width=80, height=24))):
+                    with pytest.raises(Unimplemented):
+                        await call(method, request)
+            finally:
+                await tasks.close()
+            ok = await client.exec_sync(cid, ["echo", "resumed"], timeout=20)
+            assert ok.stdout == b"resumed\n"
+            await remove_pod(client, pod_id)
+
+    gvisor.run(scenario())
+
+
+def test_sandboxer_sigkill_and_restart_reattaches_to_gvisor_pods(gvisor: Stack) -> None:
+    import signal
+
+    async def before() -> tuple[str, str]:
+        async with CriClient(gvisor.address) as client:
+            pod_id, pod = await run_pod(client, "gv-restart", gvisor.log_dir)
+            cid = await start_container(client, pod_id, pod, "main", ["sleep", "3600"])
+            await wait_state(client, cid, cri.CONTAINER_RUNNING)
+            return pod_id, cid
+
+    pod_id, cid = gvisor.run(before())
+    gvisor.sandboxer.send_signal(signal.SIGKILL)
+    gvisor.sandboxer.wait(10)
+    gvisor.sandboxer = start_sandboxer(gvisor.sandboxer_socket, gvisor.sandboxer_dir, gvisor.sandboxer_log,
+                                       gvisor.containerd.ttrpc_address, module="kuasar.quark.cli",
+                                       extra_args=("--config", str(gvisor.sandboxer_log.parent / "gvisor.toml")))
+
+    async def after() -> None:
+        async with CriClient(gvisor.address) as client:
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    status = (await client.pod_sandbox_status(pod_id)).status
+                    break
+                except grpc.aio.AioRpcError as exc:
+                    if exc.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() > deadline:
+                        raise
+                    await asyncio.sleep(0.2)
+            assert status.state == cri.SANDBOX_READY
+            result = await client.exec_sync(cid, ["uname", "-r"], timeout=20)
+            assert result.stdout == b"4.4.0\n"
+            await remove_pod(client, pod_id)
+
+    gvisor.run(after())
+    assert_nothing_left(gvisor)
+
+
+def test_a_sandbox_killed_from_outside_ends_the_pod_and_its_containers(gvisor: Stack) -> None:
+    import json
+    import signal
+
+    async def scenario() -> None:
+        async with CriClient(gvisor.address) as client:
+            pod_id, pod = await run_pod(client, "gv-killed", gvisor.log_dir)
+            cid = await start_container(client, pod_id, pod, "main", ["sleep", "3600"])
+            await wait_state(client, cid, cri.CONTAINER_RUNNING)
+            record = json.loads((gvisor.sandboxer_dir / "sandboxes" / pod_id / "sandbox.json").read_text())
+            started = time.monotonic()
+            os.kill(record["pid"], signal.SIGKILL)  # the runsc-sandbox process: the pod's kernel dies
+            exited = await wait_state(client, cid, cri.CONTAINER_EXITED, timeout=20)
+            assert exited.exit_code == 255  # the sentry died with the status: reported lost
+            while (await client.pod_sandbox_status(pod_id)).status.state != cri.SANDBOX_NOTREADY:
+                assert time.monotonic() - started < 20, "pod still ready after its sandbox died"
+                await asyncio.sleep(0.1)
+            await remove_pod(client, pod_id)
+
+    gvisor.run(scenario())
+    assert_nothing_left(gvisor)

@@ -1,0 +1,246 @@
+"""quark-sandboxer pieces that need neither containerd nor gVisor: config, specs, network choice, stats,
+the Kuasar-style container layout, and the Quark backend driven directly against the FAKE `quark`."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kuasar.common.api.containerd.cgroups.v1 import metrics_pb2 as v1
+from kuasar.common.api.containerd.cgroups.v2 import metrics_pb2 as v2
+from kuasar.common.api.runtime.v1 import api_pb2 as cri
+from kuasar.common.config import DaemonConfig
+from kuasar.common.controller import new_record
+from kuasar.common.errors import FailedPrecondition, InvalidArgument, RuntimeFailure
+from kuasar.quark import gvisor_net, gvisor_pod, gvisor_stats, quark_containers
+from kuasar.quark.config import QuarkConfig
+from kuasar.quark.quark_sandboxer import QuarkSandboxer
+from kuasar.quark.quark_spec import sandbox_spec
+from kuasar.quark.runsc import last_error
+
+REPO = Path(__file__).resolve().parents[2]
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (mounts, namespaces)")
+
+
+# -- config ------------------------------------------------------------------------------------------
+def test_config_defaults_and_validation() -> None:
+    assert QuarkConfig.from_section({}) == QuarkConfig()
+    assert QuarkConfig.from_section({"backend": "runsc", "platform": "ptrace"}).platform == "ptrace"
+    for bad in ({"backend": "kata"}, {"network": "bridge"}, {"host_network": "sandbox"}, {"nope": 1},
+                {"runsc": ""}, {"debug": "yes"}):
+        with pytest.raises(InvalidArgument):
+            QuarkConfig.from_section(bad)
+
+
+# -- Quark's sandbox spec ------------------------------------------------------------------------------
+def test_sandbox_spec_follows_kuasar() -> None:
+    config = cri.PodSandboxConfig(hostname="web")
+    r = config.linux.resources
+    r.memory_limit_in_bytes, r.cpu_shares, r.cpu_quota, r.cpu_period = 64 << 20, 512, 50000, 100000
+    r.cpuset_cpus = "0-1"
+    r.hugepage_limits.add(page_size="2MB", limit=1 << 21)
+    spec = sandbox_spec(config, "/var/run/netns/cni-1")
+    assert spec["root"] == {"path": "rootfs"}
+    assert spec["linux"]["namespaces"] == [{"type": "network", "path": "/var/run/netns/cni-1"}]
+    assert spec["linux"]["resources"]["memory"] == {"limit": 64 << 20}
+    assert spec["linux"]["resources"]["cpu"] == {"shares": 512, "quota": 50000, "period": 100000, "cpus": "0-1"}
+    assert spec["linux"]["resources"]["hugepageLimits"] == [{"pageSize": "2MB", "limit": 1 << 21}]
+    bare = sandbox_spec(cri.PodSandboxConfig(), "")
+    assert "namespaces" not in bare["linux"] and "resources" not in bare["linux"]
+
+
+# -- gVisor -----------------------------------------------------------------------------------------
+def test_network_mode_choice() -> None:
+    assert gvisor_net.network_mode(False, "auto", "none", True) == "none"
+    assert gvisor_net.network_mode(False, "sandbox", "host", True) == "host"
+    assert gvisor_net.network_mode(True, "auto", "none", True) == "sandbox"
+    assert gvisor_net.network_mode(True, "auto", "none", False) == "host"
+    assert gvisor_net.network_mode(True, "sandbox", "none", False) == "sandbox"
+    assert gvisor_net.netstack_usable(20250101, 20240801)
+
+
+def test_root_spec_and_pause_rootfs(tmp_path: Path) -> None:
+    spec = gvisor_pod.root_spec("pod1", tmp_path, netns_path="/proc/1/ns/net", hostname="h",
+                                cgroups_path="/kubepods/pod1")
+    assert spec["annotations"] == {gvisor_pod.CONTAINER_TYPE: "sandbox", gvisor_pod.SANDBOX_ID: "pod1"}
+    assert {"type": "network", "path": "/proc/1/ns/net"} in spec["linux"]["namespaces"]
+    assert spec["root"] == {"path": str(tmp_path), "readonly": True}
+    assert spec["linux"]["cgroupsPath"] == "/kubepods/pod1"
+    assert not any(ns["type"] == "network" for ns in gvisor_pod.root_spec("p", tmp_path)["linux"]["namespaces"])
+    assert not gvisor_pod.is_static_elf(tmp_path)
+    if gvisor_pod.is_static_elf(Path(gvisor_pod.DEFAULT_BUSYBOX)):
+        rootfs = gvisor_pod.ensure_pause_rootfs(tmp_path)
+        assert (rootfs / "bin" / "busybox").is_file() and os.readlink(rootfs / "bin" / "sleep") == "busybox"
+        assert gvisor_pod.ensure_pause_rootfs(tmp_path) == rootfs
+    not_static = tmp_path / "sh"
+    not_static.write_bytes(b"#!/bin/sh\n")
+    with pytest.raises(FailedPrecondition):
+        gvisor_pod.ensure_pause_rootfs(tmp_path / "other", str(not_static))
+
+
+def test_runsc_stats_become_cgroup_metrics() -> None:
+    data = {"cpu": {"usage": {"total": 2_000_000, "user": 1_000_000, "percpu": [1, 2]}},
+            "memory": {"usage": {"usage": 4096, "limit": 8192}}, "pids": {"current": 3}}
+    packed = gvisor_stats.to_metrics(data)
+    if packed.type_url.endswith("v2.Metrics"):
+        m2 = v2.Metrics.FromString(packed.value)
+        assert (m2.cpu.usage_usec, m2.memory.usage, m2.pids.current) == (2000, 4096, 3)
+    else:
+        m1 = v1.Metrics.FromString(packed.value)
+        assert (m1.cpu.usage.total, m1.memory.usage.usage, m1.pids.current) == (2_000_000, 4096, 3)
+        assert list(m1.cpu.usage.per_cpu) == [1, 2]
+    assert gvisor_stats.to_metrics({}).type_url == packed.type_url  # nothing known: zeros, same shape
+
+
+def test_runsc_log_error_is_the_last_error_line(tmp_path: Path) -> None:
+    log = tmp_path / "runsc.log"
+    log.write_text('{"msg":"old","level":"error"}\nnot json\n{"msg":"reading spec: boom","level":"error"}\n'
+                   '{"msg":"info","level":"info"}\n')
+    assert last_error(log) == "reading spec: boom"
+    assert last_error(log, offset=log.stat().st_size) == ""
+    assert last_error(tmp_path / "missing") == ""
+
+
+# -- Kuasar-style container layout (Controller.Update + extensions.tasks) -------------------------------
+def test_parse_tasks_validates() -> None:
+    assert quark_containers.parse_tasks(None) == {}
+    assert list(quark_containers.parse_tasks('{"tasks": [{"task_id": "c1"}]}')) == ["c1"]
+    for bad in ("nope", '{"tasks": 3}', '{"tasks": [{"task_id": "../x"}]}', '{"tasks": [1]}'):
+        with pytest.raises(InvalidArgument):
+            quark_containers.parse_tasks(bad)
+
+
+@needs_root
+def test_container_layout_binds_rootfs_mounts_and_fifos(tmp_path: Path) -> None:
+    image = tmp_path / "image"
+    (image / "etc").mkdir(parents=True)
+    (image / "etc" / "motd").write_text("from-image")
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "file").write_text("volume")
+    fifos = {name: tmp_path / f"c1-{name}" for name in ("stdout", "stderr")}
+    for fifo in fifos.values():
+        os.mkfifo(fifo)
+    bundle = tmp_path / "sandbox"
+    state: dict = {}
+    layout = quark_containers.QuarkContainers(bundle, state)
+    task = {"task_id": "c1", "rootfs": [{"type": "bind", "source": str(image), "options": ["rbind"]}],
+            "spec": {"mounts": [{"destination": "/data", "type": "bind", "source": str(data), "options": ["rbind"]},
+                                {"destination": "/proc", "type": "proc", "source": "proc"}]},
+            "stdout": str(fifos["stdout"]), "stderr": str(fifos["stderr"]), "processes": []}
+    try:
+        layout.apply({"c1": task})
+        cbundle = bundle / "c1"
+        assert (cbundle / "rootfs" / "etc" / "motd").read_text() == "from-image"
+        assert (cbundle / "rootfs" / "data" / "file").read_text() == "volume"
+        assert (cbundle / "stdout").is_fifo() and (cbundle / "stderr").is_fifo()
+        assert state["c1"]["io"] == {"stdout": "/c1/stdout", "stderr": "/c1/stderr"}
+        written = json.loads((cbundle / "config.json").read_text())
+        assert [m["destination"] for m in written["mounts"]] == ["/proc"]  # binds left the spec
+        # an exec appears, then goes: its FIFO mounts go with it (Kuasar keeps them until removal)
+        exec_fifo = tmp_path / "e1-stdout"
+        os.mkfifo(exec_fifo)
+        layout.apply({"c1": {**task, "processes": [{"exec_id": "e1", "stdout": str(exec_fifo)}]}})
+        assert (cbundle / "e1-stdout").is_fifo()
+        layout.apply({"c1": task})
+        assert not (cbundle / "e1-stdout").exists()
+        layout.apply({})
+        assert not cbundle.exists() and state == {}
+        assert (data / "file").read_text() == "volume" and (image / "etc" / "motd").exists()
+    finally:
+        quark_containers.unmount_all_under(bundle)
+    assert quark_containers.mounts_under(tmp_path) == []
+
+
+# -- the Quark backend against the FAKE quark ----------------------------------------------------------
+def fake_quark(tmp_path: Path) -> Path:
+    path = tmp_path / "bin" / "quark"
+    path.parent.mkdir()
+    path.write_text(f"#!{sys.executable}\nimport runpy, sys\nsys.path.insert(0, {str(REPO)!r})\n"
+                    "runpy.run_module('tests.fakes.fake_quark', run_name='__main__')\n")
+    path.chmod(0o755)
+    return path
+
+
+def quark_sandboxer(tmp_path: Path, binary: str) -> QuarkSandboxer:
+    config = DaemonConfig(listen=tmp_path / "q.sock", dir=tmp_path / "q")
+    config.dir.mkdir()
+    return QuarkSandboxer(config, QuarkConfig(quark=binary))
+
+
+def record(sandbox_id: str = "pod1"):
+    return new_record(sandbox_id, "quark", "", cri.PodSandboxConfig(hostname="p").SerializeToString(), {}, {}, {})
+
+
+def test_missing_quark_binary_is_a_clear_error(tmp_path: Path) -> None:
+    sandboxer = quark_sandboxer(tmp_path, str(tmp_path / "no-quark"))
+    with pytest.raises(FailedPrecondition, match="Quark binary .* not found"):
+        asyncio.run(sandboxer.open())
+
+
+def test_cli_says_which_runtime_binary_is_missing(tmp_path: Path) -> None:
+    for backend, key, what in (("runsc", "runsc", "gVisor runsc"), ("quark", "quark", "Quark")):
+        config = tmp_path / f"{backend}.toml"
+        config.write_text(f'[quark]\nbackend = "{backend}"\n{key} = "{tmp_path}/missing-{key}"\n')
+        result = subprocess.run([sys.executable, "-m", "kuasar.quark.cli", "--listen", str(tmp_path / "s.sock"),
+                                 "--dir", str(tmp_path / backend), "--config", str(config)],
+                                capture_output=True, text=True, timeout=60, cwd=REPO)
+        assert result.returncode == 1, result.stderr
+        assert f"{what} binary" in result.stderr and "not found" in result.stderr
+
+
+@needs_root
+def test_quark_backend_lifecycle_against_the_fake(tmp_path: Path) -> None:
+    sandboxer = quark_sandboxer(tmp_path, str(fake_quark(tmp_path)))
+
+    async def scenario() -> None:
+        await sandboxer.open()
+        rec = record()
+        await sandboxer.create(rec)
+        base = sandboxer.base(rec)
+        assert json.loads((base / "sandbox" / "config.json").read_text())["hostname"] == "p"
+        result = await sandboxer.start(rec)
+        assert result.address == f"ttrpc+unix://{base}/quark-task.sock" and result.version == 3
+        rec.pid = result.pid
+        waiter = asyncio.create_task(sandboxer.wait(rec))
+        await asyncio.sleep(0.2)
+        assert not waiter.done()
+        # a restarted sandboxer re-attaches to the live daemon (same pid, same start time)
+        await sandboxer.recover([rec])
+        assert rec.state != "stopped"
+        await sandboxer.stop(rec, 0)
+        exit_info = await asyncio.wait_for(waiter, 10)
+        assert exit_info.exit_status == 137
+        await sandboxer.recover([_ready(rec)])
+        assert rec.state == "stopped" and rec.exit_status == 255  # dead at recovery: lost
+        await sandboxer.shutdown(rec)
+        assert not base.exists()
+
+    asyncio.run(scenario())
+
+
+def _ready(rec):
+    rec.state = "ready"
+    return rec
+
+
+@needs_root
+def test_quark_failure_is_reported_with_its_output(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    sandboxer = quark_sandboxer(tmp_path, str(fake_quark(tmp_path)))
+    monkeypatch.setenv("FAKE_QUARK_FAIL", "no KVM here")
+
+    async def scenario() -> None:
+        await sandboxer.open()
+        rec = record("pod2")
+        await sandboxer.create(rec)
+        with pytest.raises(RuntimeFailure, match="no KVM here"):
+            await sandboxer.start(rec)
+        await sandboxer.shutdown(rec)
+
+    asyncio.run(scenario())
