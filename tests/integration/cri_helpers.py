@@ -17,10 +17,11 @@ BUSYBOX = "localhost/kuasar/busybox:latest"
 HANDLER = "kuasar-runc"
 
 
-async def run_pod(client: CriClient, name: str, log_root: Path, **kwargs) -> tuple[str, cri.PodSandboxConfig]:
+async def run_pod(client: CriClient, name: str, log_root: Path, handler: str = HANDLER,
+                  **kwargs) -> tuple[str, cri.PodSandboxConfig]:
     uid = uuid.uuid4().hex[:12]
     config = pod_config(name, uid=uid, log_directory=str(log_root / f"{name}-{uid}"), **kwargs)
-    response = await client.run_pod_sandbox(config, runtime_handler=HANDLER)
+    response = await client.run_pod_sandbox(config, runtime_handler=handler)
     return response.pod_sandbox_id, config
 
 

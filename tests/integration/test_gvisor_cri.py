@@ -12,7 +12,6 @@ import platform
 import secrets
 import shutil
 import time
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,11 +21,13 @@ import psutil
 import pytest
 
 from kuasar.common.api.runtime.v1 import api_pb2 as cri
-from kuasar.common.cri_client import CriClient, container_config, pod_config
+from kuasar.common.cri_client import CriClient
 from tests.support import containerd as cd
 from tests.support import images
 
 from .conftest import BUSYBOX, Stack, integration_skip_reason, kill_task_server, start_sandboxer, stop_process
+from .cri_helpers import log_text, mounts_containing, remove_pod, start_container, wait_log, wait_state
+from .cri_helpers import run_pod as cri_run_pod
 
 pytestmark = pytest.mark.integration
 
@@ -111,54 +112,7 @@ def gvisor(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 
 async def run_pod(client: CriClient, name: str, log_root: Path, handler: str = HANDLER,
                   **kwargs) -> tuple[str, cri.PodSandboxConfig]:
-    uid = uuid.uuid4().hex[:12]
-    config = pod_config(name, uid=uid, log_directory=str(log_root / f"{name}-{uid}"), **kwargs)
-    response = await client.run_pod_sandbox(config, runtime_handler=handler)
-    return response.pod_sandbox_id, config
-
-
-async def start_container(client: CriClient, pod_id: str, pod: cri.PodSandboxConfig, name: str,
-                          command: list[str], **kwargs) -> str:
-    config = container_config(name, BUSYBOX, command, log_path=f"{name}.log", **kwargs)
-    cid = (await client.create_container(pod_id, config, pod)).container_id
-    await client.start_container(cid)
-    return cid
-
-
-async def wait_state(client: CriClient, cid: str, state: int, timeout: float = 30.0) -> cri.ContainerStatus:
-    deadline = time.monotonic() + timeout
-    while True:
-        status = (await client.container_status(cid)).status
-        if status.state == state:
-            return status
-        if time.monotonic() > deadline:
-            raise AssertionError(f"container {cid} stayed {cri.ContainerState.Name(status.state)}")
-        await asyncio.sleep(0.05)
-
-
-def log_text(pod: cri.PodSandboxConfig, name: str) -> str:
-    path = Path(pod.log_directory) / f"{name}.log"
-    lines = path.read_text().splitlines() if path.exists() else []
-    return "\n".join(line.split(" ", 3)[3] for line in lines if line.count(" ") >= 3)
-
-
-async def wait_log(pod: cri.PodSandboxConfig, name: str, needle: str, timeout: float = 10.0) -> str:
-    deadline = time.monotonic() + timeout
-    while needle not in (text := log_text(pod, name)):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{needle!r} not in log of {name}: {text!r}")
-        await asyncio.sleep(0.05)
-    return text
-
-
-async def remove_pod(client: CriClient, pod_id: str) -> None:
-    await client.stop_pod_sandbox(pod_id)
-    await client.remove_pod_sandbox(pod_id)
-
-
-def mounts_containing(fragment: str) -> list[str]:
-    with open("/proc/self/mountinfo") as f:
-        return [line.split()[4] for line in f if fragment in line.split()[4]]
+    return await cri_run_pod(client, name, log_root, handler=handler, **kwargs)
 
 
 # -- tests -----------------------------------------------------------------------------------------
