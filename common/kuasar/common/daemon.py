@@ -8,6 +8,7 @@ import signal
 import sys
 from collections.abc import Callable
 
+from . import sd_notify
 from .config import DaemonConfig
 from .controller import SandboxController
 from .sandbox_api import SandboxApiServer
@@ -23,6 +24,7 @@ def setup_logging(level: str) -> None:
 
 
 async def serve(config: DaemonConfig, make_sandboxer: Callable[[DaemonConfig], Sandboxer]) -> None:
+    systemd = sd_notify.take_environment()  # before any child (task server, runc) is started
     config.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     config.dir.chmod(0o700)  # sockets, bundles and state live here: root only
     sandboxer = make_sandboxer(config)
@@ -36,8 +38,13 @@ async def serve(config: DaemonConfig, make_sandboxer: Callable[[DaemonConfig], S
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
     log.info("%s sandboxer ready (dir=%s)", sandboxer.name, config.dir)
+    sd_notify.ready(f"serving {config.listen}", systemd)
+    watchdog = sd_notify.start_watchdog(systemd)
     await stopping.wait()
     log.info("shutting down; running pods are left to the task server")
+    sd_notify.stopping(systemd)
+    if watchdog is not None:
+        watchdog.cancel()
     await server.stop()
     await controller.close()
     await sandboxer.close()

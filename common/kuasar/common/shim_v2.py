@@ -1,0 +1,388 @@
+"""`containerd-shim-kuasar-<type>-v2`: a forwarding shim v2 so containerd 1.6/1.7 can run pods on our sandboxers.
+
+containerd before 2.0 has no `sandbox` proxy plugins, so it cannot call a sandboxer's Controller itself.
+It runs a shim v2 binary per container instead (reference: containerd-sandbox-protocol.md section 13):
+
+    containerd-shim-kuasar-runc-v2 -namespace <ns> -address <sock> -publish-binary <containerd> \
+        -id <container id> [-debug] start          (cwd = the bundle, stdin = runtime options)
+
+and dials the ttrpc address the binary prints (`containerd.task.v2.Task`, which every task server of
+ours serves next to v3). This binary starts nothing long-lived. `start`:
+
+1. names the container's sandbox: the bundle's `io.kubernetes.cri.sandbox-id` annotation (CRI on 1.6:
+   the pause container is the first container of a pod, and carries its own id there), otherwise the
+   container id itself: a plain `ctr run` container becomes its own one-container sandbox;
+2. makes sure that sandbox exists and is ready on the sandboxer (Controller.Status, else Create + Start
+   over the sandboxer's gRPC socket);
+3. prints the task address from Start (`unix:///...`, the plain form 1.6 reads) and writes it to
+   `<bundle>/address`, which 1.6 reads back to re-attach after its own restart.
+
+`delete` (after every task's connection closes, and for cleanup) has the task server forget the
+container (killing it first if need be), and when the container was the one that named the sandbox
+(`ctr run`'s container, CRI's pause container) it stops and shuts down that sandbox too. It prints a
+`containerd.task.v2.DeleteResponse` and exits 0.
+
+Where the sandboxer listens: $KUASAR_SANDBOXER_ADDRESS, else `[<type>] sandboxer_address` in the shim
+config ($KUASAR_SHIM_CONFIG, /etc/kuasar/shim.toml, or <prefix>/etc/kuasar/shim.toml next to this
+binary's bin/), else `/run/kuasar/<type>-sandboxer.sock`. containerd 1.6 reads `start`'s stdout and
+stderr together as the address, so `start` logs only to the file named by $KUASAR_SHIM_LOG (if set);
+`delete` logs to stderr, which containerd copies into its own log.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import re
+import sys
+import tomllib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+from google.protobuf import any_pb2
+
+from . import __version__
+from .api.containerd.runtime.task.v2 import shim_pb2 as task
+from .api.containerd.services.sandbox.v1 import sandbox_pb2 as sb
+from .api.containerd.services.sandbox.v1 import sandbox_pb2_grpc as sb_grpc
+from .api.runtime.v1 import api_pb2 as cri
+from .errors import KuasarError
+from .ids import validate_id
+from .shim_helper import _go_style, delete_via_task_server, lost_response, unmount_rootfs
+
+log = logging.getLogger("kuasar.shim.v2")
+
+SANDBOX_TYPES = ("runc", "wasm", "vmm", "quark", "gvisor")
+PROGRAM_RE = re.compile(r"^containerd-shim-kuasar-(?P<type>[a-z0-9]+)-v2$")
+ADDRESS_ENV = "KUASAR_SANDBOXER_ADDRESS"
+CONFIG_ENV = "KUASAR_SHIM_CONFIG"
+TYPE_ENV = "KUASAR_SANDBOX_TYPE"
+SYSTEM_CONFIG = Path("/etc/kuasar/shim.toml")
+SANDBOX_ID_ANNOTATION = "io.kubernetes.cri.sandbox-id"
+# CRI's other sandbox annotations (containerd 1.6 puts them on every container of a pod).
+CRI_ANNOTATIONS = {"name": "io.kubernetes.cri.sandbox-name", "namespace": "io.kubernetes.cri.sandbox-namespace",
+                   "uid": "io.kubernetes.cri.sandbox-uid", "log_directory": "io.kubernetes.cri.sandbox-log-directory"}
+SHIM_STATE = "kuasar-shim.json"
+ADDRESS_FILE = "address"
+# The whole start must fit containerd's shim start (no timeout of its own, but CRI's callers have one);
+# a sandboxer answers in milliseconds, a VM sandbox may take seconds to boot.
+RPC_TIMEOUT = 60.0
+# `delete` runs inside containerd 1.6's 5 s cleanup budget, behind ~0.5 s of frozen-binary start-up.
+DELETE_RPC_TIMEOUT = 3.0
+POD_CONFIG_TYPE_URL = "type.googleapis.com/runtime.v1.PodSandboxConfig"
+
+
+class ShimError(Exception):
+    pass
+
+
+# -- configuration ---------------------------------------------------------------------------------
+def sandbox_type(program: str, env: Mapping[str, str]) -> str:
+    match = PROGRAM_RE.match(os.path.basename(program))
+    if match:
+        return match.group("type")
+    if env.get(TYPE_ENV):
+        return env[TYPE_ENV]
+    raise ShimError(f"cannot tell the sandbox type from the program name {program!r} "
+                    f"(want containerd-shim-kuasar-<type>-v2, or set {TYPE_ENV})")
+
+
+def config_candidates(env: Mapping[str, str], executable: str) -> list[Path]:
+    if env.get(CONFIG_ENV):
+        return [Path(env[CONFIG_ENV])]
+    candidates = [SYSTEM_CONFIG]
+    exe = Path(executable).absolute()
+    if exe.parent.name == "bin":
+        candidates.append(exe.parent.parent / "etc" / "kuasar" / "shim.toml")
+    return candidates
+
+
+def default_address(kind: str) -> str:
+    return f"/run/kuasar/{kind}-sandboxer.sock"
+
+
+def sandboxer_address(kind: str, env: Mapping[str, str], executable: str) -> str:
+    """The sandboxer's gRPC socket path for this sandbox type (see the module docstring for the order)."""
+    if env.get(ADDRESS_ENV):
+        return env[ADDRESS_ENV].removeprefix("unix://")
+    for path in config_candidates(env, executable):
+        try:
+            data = tomllib.loads(path.read_text())
+        except FileNotFoundError:
+            continue
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ShimError(f"shim config {path}: {exc}") from None
+        section = data.get(kind, {})
+        if isinstance(section, dict) and section.get("sandboxer_address"):
+            return str(section["sandboxer_address"]).removeprefix("unix://")
+        break  # the first config file found is the one that counts
+    return default_address(kind)
+
+
+# -- the bundle ------------------------------------------------------------------------------------
+@dataclass
+class BundleInfo:
+    container_id: str
+    sandbox_id: str
+    annotations: dict[str, str]
+    hostname: str
+    netns_path: str
+
+
+def read_bundle(bundle: Path, container_id: str) -> BundleInfo:
+    try:
+        spec = json.loads((bundle / "config.json").read_bytes())
+    except (OSError, ValueError) as exc:
+        raise ShimError(f"{bundle}/config.json: {exc}") from None
+    annotations = {str(k): str(v) for k, v in (spec.get("annotations") or {}).items()}
+    sandbox_id = annotations.get(SANDBOX_ID_ANNOTATION) or container_id
+    netns = ""
+    for ns in (spec.get("linux") or {}).get("namespaces") or []:
+        if ns.get("type") == "network" and ns.get("path"):
+            netns = str(ns["path"])
+    return BundleInfo(container_id, validate_id(sandbox_id, "sandbox id"), annotations,
+                      str(spec.get("hostname") or ""), netns)
+
+
+def pod_config(info: BundleInfo, namespace: str) -> cri.PodSandboxConfig:
+    """The PodSandboxConfig a sandboxer expects, from what a 1.6 bundle tells (CRI's annotations if any)."""
+    ann = info.annotations
+    host_network = not info.netns_path
+    return cri.PodSandboxConfig(
+        metadata=cri.PodSandboxMetadata(name=ann.get(CRI_ANNOTATIONS["name"], info.sandbox_id),
+                                        namespace=ann.get(CRI_ANNOTATIONS["namespace"], namespace),
+                                        uid=ann.get(CRI_ANNOTATIONS["uid"], "")),
+        hostname="" if host_network else info.hostname,
+        log_directory=ann.get(CRI_ANNOTATIONS["log_directory"], ""),
+        annotations={k: v for k, v in ann.items() if not k.startswith("io.kubernetes.cri.")},
+        linux=cri.LinuxPodSandboxConfig(security_context=cri.LinuxSandboxSecurityContext(
+            namespace_options=cri.NamespaceOption(network=cri.NODE if host_network else cri.POD,
+                                                  pid=cri.CONTAINER, ipc=cri.POD))))
+
+
+def task_address(address: str) -> str:
+    """`ttrpc+unix:///x` -> `unix:///x`, the only form containerd 1.6 dials."""
+    proto, sep, rest = address.partition("+")
+    if sep and proto != "ttrpc":
+        raise ShimError(f"the sandboxer's task address {address!r} is {proto}, containerd 1.6 speaks ttrpc only")
+    rest = rest if sep else address
+    if not rest.startswith("unix://"):
+        raise ShimError(f"the sandboxer's task address {address!r} is not a unix socket; containerd 1.6 can "
+                        "only dial unix sockets (use containerd >= 2.1 and its Sandbox API for this type)")
+    return rest
+
+
+# -- talking to the sandboxer ----------------------------------------------------------------------
+class Sandboxer:
+    """A synchronous Controller client on the sandboxer's unix socket."""
+
+    def __init__(self, socket_path: str, kind: str, timeout: float = RPC_TIMEOUT) -> None:
+        self.socket_path = socket_path
+        self.kind = kind
+        self.timeout = timeout
+        self.channel = grpc.insecure_channel(f"unix://{socket_path}")
+        self.stub = sb_grpc.ControllerStub(self.channel)
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> Sandboxer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def call(self, method: str, request: Any) -> Any:
+        try:
+            return getattr(self.stub, method)(request, timeout=self.timeout)
+        except grpc.RpcError as exc:
+            code = exc.code()  # type: ignore[attr-defined]
+            if code == grpc.StatusCode.UNAVAILABLE:
+                raise ShimError(f"the {self.kind} sandboxer does not answer on {self.socket_path} "
+                                f"(is it running? set {ADDRESS_ENV} or the shim config)") from None
+            raise
+
+    def status(self, sandbox_id: str) -> sb.ControllerStatusResponse | None:
+        try:
+            return self.call("Status", sb.ControllerStatusRequest(sandbox_id=sandbox_id, sandboxer=self.kind))
+        except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.NOT_FOUND:  # type: ignore[attr-defined]
+                return None
+            raise
+
+    def ensure(self, info: BundleInfo, namespace: str) -> tuple[str, bool]:
+        """(task address, whether this call created the sandbox) for a ready sandbox `info.sandbox_id`."""
+        sandbox_id = info.sandbox_id
+        status = self.status(sandbox_id)
+        if status is not None and status.state == "SANDBOX_READY" and status.address:
+            return status.address, False
+        if status is not None:
+            if info.container_id != sandbox_id:
+                raise ShimError(f"sandbox {sandbox_id} is {status.state}; containers cannot join it")
+            # A stopped sandbox of the same id (a container re-run under its old id): replace it.
+            log.info("sandbox %s exists but is %s; replacing it", sandbox_id, status.state)
+            self.remove(sandbox_id)
+        options = any_pb2.Any(type_url=POD_CONFIG_TYPE_URL,
+                              value=pod_config(info, namespace).SerializeToString())
+        request = sb.ControllerCreateRequest(sandbox_id=sandbox_id, options=options, netns_path=info.netns_path,
+                                             annotations=info.annotations, sandboxer=self.kind)
+        request.sandbox.sandbox_id = sandbox_id
+        request.sandbox.labels["io.kuasar.shim"] = "v2"
+        created = True
+        try:
+            self.call("Create", request)
+        except grpc.RpcError as exc:
+            if exc.code() != grpc.StatusCode.ALREADY_EXISTS:  # type: ignore[attr-defined]
+                raise
+            created = False  # a concurrent start made it first; Start below is idempotent for READY
+        started = self.call("Start", sb.ControllerStartRequest(sandbox_id=sandbox_id, sandboxer=self.kind))
+        return started.address, created
+
+    def remove(self, sandbox_id: str) -> None:
+        self.call("Stop", sb.ControllerStopRequest(sandbox_id=sandbox_id, timeout_secs=0, sandboxer=self.kind))
+        self.call("Shutdown", sb.ControllerShutdownRequest(sandbox_id=sandbox_id, sandboxer=self.kind))
+
+
+# -- actions ---------------------------------------------------------------------------------------
+def start(opts: argparse.Namespace, kind: str, socket_path: str) -> str:
+    container_id = validate_id(opts.id, "-id")
+    bundle = Path(os.getcwd())
+    info = read_bundle(bundle, container_id)
+    with Sandboxer(socket_path, kind) as sandboxer:
+        address, created = sandboxer.ensure(info, opts.namespace)
+    plain = task_address(address)
+    state = {"sandbox_id": info.sandbox_id, "sandboxer": socket_path, "type": kind,
+             "owner": info.sandbox_id == container_id, "created": created, "address": plain}
+    _write(bundle / SHIM_STATE, json.dumps(state) + "\n")
+    _write(bundle / ADDRESS_FILE, plain)
+    log.info("container %s -> sandbox %s at %s", container_id, info.sandbox_id, plain)
+    return plain
+
+
+def _write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def delete(opts: argparse.Namespace, kind: str, socket_path: str) -> task.DeleteResponse:
+    container_id = validate_id(opts.id, "-id")
+    bundle = Path(opts.bundle or os.getcwd())
+    if not bundle.is_absolute():
+        bundle = Path(os.getcwd()) / bundle
+    if bundle.name != container_id:
+        raise ShimError(f"bundle {str(bundle)!r} is not the bundle of container {container_id!r}")
+    state: dict[str, Any] = {}
+    try:
+        state = json.loads((bundle / SHIM_STATE).read_text())
+    except (OSError, ValueError):
+        pass
+    address = str(state.get("address") or "")
+    if not address:
+        try:
+            address = (bundle / ADDRESS_FILE).read_text().strip()
+        except OSError:
+            pass
+    response = None
+    if address.startswith("unix://"):
+        try:
+            response = asyncio.run(delete_via_task_server(address.removeprefix("unix://"), container_id,
+                                                          opts.namespace))
+        except (KuasarError, OSError, TimeoutError) as exc:
+            message = exc.message if isinstance(exc, KuasarError) else str(exc) or type(exc).__name__
+            log.warning("task server did not delete %s (%s); cleaning up locally", container_id, message)
+    if response is None:
+        unmount_rootfs(bundle)
+        response = lost_response()
+    sandbox_id = str(state.get("sandbox_id") or "")
+    if state.get("owner") and sandbox_id == container_id:
+        try:
+            with Sandboxer(str(state.get("sandboxer") or socket_path), kind, DELETE_RPC_TIMEOUT) as sandboxer:
+                sandboxer.remove(sandbox_id)
+            log.info("sandbox %s of container %s removed", sandbox_id, container_id)
+        except (ShimError, grpc.RpcError) as exc:
+            log.warning("removing sandbox %s: %s", sandbox_id, exc)
+    return response
+
+
+# -- command line ----------------------------------------------------------------------------------
+VALUE_FLAGS = frozenset({"namespace", "address", "publish-binary", "id", "bundle", "socket"})
+
+
+def parse_args(argv: Sequence[str], prog: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog=prog, allow_abbrev=False,
+                                     description="forwarding shim v2 for a kuasar sandboxer (containerd 1.6/1.7)")
+
+    def flag(name: str, **kwargs: Any) -> None:
+        parser.add_argument(f"-{name}", f"--{name}", **kwargs)
+
+    flag("namespace", default=os.environ.get("NAMESPACE", "default"))
+    flag("address", default="", help="containerd's gRPC socket (unused)")
+    flag("publish-binary", dest="publish_binary", default="", help="containerd binary (unused)")
+    flag("id", default="")
+    flag("bundle", default="", help="the task bundle (default: the working directory)")
+    flag("socket", default="", help="ignored (containerd compatibility)")
+    flag("debug", action="store_true")
+    parser.add_argument("-v", "--version", dest="show_version", action="store_true",
+                        help="print the version and exit")
+    parser.add_argument("action", nargs="?", default="", choices=["", "start", "delete"])
+    return parser.parse_args(_go_style(argv, VALUE_FLAGS))
+
+
+def setup_logging(debug: bool, action: str) -> None:
+    # containerd 1.6 reads start's stdout AND stderr together as the address: `start` logs only to a file.
+    # `delete`'s stderr ends up in containerd's log as "cleanup warnings".
+    level = logging.DEBUG if debug else logging.WARNING
+    fmt = "%(asctime)s %(name)s: %(levelname)s: %(message)s"
+    if action == "start":
+        log_file = os.environ.get("KUASAR_SHIM_LOG", "")
+        if log_file:
+            logging.basicConfig(level=level, filename=log_file, format=fmt)
+        else:
+            logging.basicConfig(level=logging.CRITICAL + 1, handlers=[logging.NullHandler()])
+    else:
+        logging.basicConfig(level=level, stream=sys.stderr, format=fmt)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    prog = os.path.basename(sys.argv[0]) or "containerd-shim-kuasar-v2"
+    try:
+        opts = parse_args(sys.argv[1:] if argv is None else argv, prog)
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else 2
+    if opts.show_version:
+        print(f"{prog}:\n  Version: {__version__}\n  Revision: kuasar-py (forwarding shim v2)")
+        return 0
+    setup_logging(opts.debug, opts.action)
+    if opts.action not in ("start", "delete"):
+        print(f"{prog}: an action is required: start or delete", file=sys.stderr)
+        return 2
+    try:
+        kind = sandbox_type(sys.argv[0], os.environ)
+        socket_path = sandboxer_address(kind, os.environ, sys.executable if getattr(sys, "frozen", False)
+                                        else sys.argv[0])
+        if opts.action == "start":
+            sys.stdin.close()  # the runtime options (an Any); our sandboxers take theirs from their config
+            print(start(opts, kind, socket_path))
+            return 0
+        response = delete(opts, kind, socket_path)
+    except (ShimError, KuasarError, grpc.RpcError) as exc:
+        if isinstance(exc, grpc.RpcError):
+            message = f"{exc.code().name}: {exc.details()}"  # type: ignore[attr-defined]
+        else:
+            message = exc.message if isinstance(exc, KuasarError) else str(exc)
+        print(f"{prog} {opts.action}: {message}", file=sys.stderr)
+        return 1
+    sys.stdout.buffer.write(response.SerializeToString())
+    sys.stdout.buffer.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,267 @@
+#!/usr/bin/env python3
+"""Install / uninstall kuasar-py's frozen binaries, systemd units, configs and containerd fragments.
+
+    python3 packaging/install.py install   [--prefix /usr/local] [--destdir D] [--dist dist] [--shimdir DIR]
+    python3 packaging/install.py uninstall [--prefix /usr/local] [--destdir D]
+
+(`make install PREFIX=... DESTDIR=...` / `make uninstall` call this.) Standard library only.
+
+What goes where (paths as seen on the target system; everything is written below DESTDIR):
+
+* `$PREFIX/bin/`: `kuasar` (the multi-call binary) and one hard link to it per program (runc-sandboxer,
+  wasm-sandboxer, vmm-sandboxer, quark-sandboxer, vm-agent, kuasar-ctl, containerd-shim-kuasar-*-v1/-v2);
+* `--shimdir` (default `$PREFIX/bin`): the containerd-shim-kuasar-* names again, for a prefix that is not
+  on containerd's PATH (links to the ones in `$PREFIX/bin`);
+* `$SYSCONFDIR/kuasar/` (`/etc` for PREFIX=/usr, else `$PREFIX/etc`): one config per sandboxer, the shims'
+  `shim.toml`, and the containerd fragments `containerd-kuasar.toml` (2.x) and `containerd-kuasar-1.6.toml`.
+  An existing config is never overwritten (a changed one is kept on uninstall too);
+* `$PREFIX/lib/systemd/system/` (`/usr/lib/systemd/system` for PREFIX=/usr): `kuasar-<type>.service`;
+* `$PREFIX/share/kuasar/install-manifest.json`: every file, link and directory this install created, so
+  `uninstall` removes exactly those (configs only when unchanged).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+MULTICALL = "kuasar"
+MANIFEST = "share/kuasar/install-manifest.json"
+STAMP = ".kuasar-build.json"  # written by build_binaries.py next to the binaries
+
+# kind -> (program, description); gvisor is a second quark-sandboxer with the runsc backend.
+SANDBOXERS = {
+    "runc": ("runc-sandboxer", "runc containers"),
+    "wasm": ("wasm-sandboxer", "WebAssembly"),
+    "vmm": ("vmm-sandboxer", "micro-VMs"),
+    "quark": ("quark-sandboxer", "Quark app kernel"),
+    "gvisor": ("quark-sandboxer", "gVisor runsc app kernel"),
+}
+CONFIGS = ["runc.toml", "wasm.toml", "vmm.toml", "quark.toml", "gvisor.toml", "shim.toml",
+           "containerd-kuasar.toml", "containerd-kuasar-1.6.toml"]
+
+
+class Layout:
+    """Target paths (as the installed system sees them) and where to write them (under DESTDIR)."""
+
+    def __init__(self, prefix: str, destdir: str = "", sysconfdir: str | None = None,
+                 unitdir: str | None = None, shimdir: str | None = None) -> None:
+        self.prefix = Path(prefix)
+        if not self.prefix.is_absolute():
+            raise SystemExit(f"install: PREFIX must be absolute, not {prefix!r}")
+        self.destdir = Path(destdir) if destdir else None
+        usr = self.prefix == Path("/usr")
+        self.bindir = self.prefix / "bin"
+        self.sysconfdir = Path(sysconfdir) if sysconfdir else (Path("/etc") if usr else self.prefix / "etc")
+        self.confdir = self.sysconfdir / "kuasar"
+        self.unitdir = Path(unitdir) if unitdir else (Path("/usr/lib/systemd/system") if usr
+                                                      else self.prefix / "lib/systemd/system")
+        self.shimdir = Path(shimdir) if shimdir else self.bindir
+        self.manifest = self.prefix / MANIFEST
+
+    def real(self, path: Path) -> Path:
+        """Where `path` of the target system is written now (DESTDIR + path)."""
+        return self.destdir / path.relative_to("/") if self.destdir else path
+
+
+_digests: dict[tuple[int, int, int, int], str] = {}
+
+
+def sha256(path: Path) -> str:
+    """Content hash, computed once per inode (the programs are ~20 hard links to one 40 MB file)."""
+    st = path.stat()
+    key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    if key not in _digests:
+        h = hashlib.sha256()
+        with path.open("rb") as f:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+        _digests[key] = h.hexdigest()
+    return _digests[key]
+
+
+class Installer:
+    def __init__(self, layout: Layout) -> None:
+        self.layout = layout
+        self.entries: list[dict[str, str]] = []  # in creation order
+        self.kept: list[str] = []
+
+    def _mkdirs(self, directory: Path) -> None:
+        missing = []
+        d = directory
+        while not self.layout.real(d).exists():
+            missing.append(d)
+            d = d.parent
+        for d in reversed(missing):
+            self.layout.real(d).mkdir(mode=0o755)
+            self.entries.append({"type": "dir", "path": str(d)})
+
+    def _replace(self, path: Path) -> None:
+        real = self.layout.real(path)
+        if real.is_symlink() or real.exists():
+            real.unlink()
+
+    def binary(self, src: Path, dest: Path) -> None:
+        self._mkdirs(dest.parent)
+        real = self.layout.real(dest)
+        tmp = real.with_name(f".{real.name}.new")
+        tmp.unlink(missing_ok=True)
+        shutil.copy2(src, tmp)
+        os.chmod(tmp, 0o755)
+        os.replace(tmp, real)
+        self.entries.append({"type": "file", "path": str(dest), "sha256": sha256(real)})
+
+    def link(self, target: Path, dest: Path) -> None:
+        """A hard link to `target` (same file system), else a symlink (the program name is argv[0])."""
+        self._mkdirs(dest.parent)
+        real = self.layout.real(dest)
+        self._replace(dest)
+        try:
+            os.link(self.layout.real(target), real)
+            self.entries.append({"type": "file", "path": str(dest), "sha256": sha256(real)})
+        except OSError:
+            os.symlink(target, real)
+            self.entries.append({"type": "symlink", "path": str(dest), "target": str(target)})
+
+    def text(self, content: str, dest: Path, mode: int = 0o644, keep_existing: bool = False) -> None:
+        self._mkdirs(dest.parent)
+        real = self.layout.real(dest)
+        if keep_existing and real.exists():
+            if real.read_text() != content:
+                self.kept.append(str(dest))
+            return  # an administrator's config (or an identical one from an earlier install) stays
+        tmp = real.with_name(f".{real.name}.new")
+        tmp.write_text(content)
+        os.chmod(tmp, mode)
+        os.replace(tmp, real)
+        self.entries.append({"type": "file", "path": str(dest), "sha256": sha256(real)})
+
+    def write_manifest(self, programs: list[str]) -> None:
+        manifest = self.layout.manifest
+        self._mkdirs(manifest.parent)
+        data = {"prefix": str(self.layout.prefix), "programs": programs, "entries": self.entries}
+        self.layout.real(manifest).write_text(json.dumps(data, indent=2) + "\n")
+
+
+def programs_in(dist: Path) -> list[str]:
+    try:
+        stamp = json.loads((dist / STAMP).read_text())
+    except (OSError, ValueError):
+        raise SystemExit(f"install: no binaries in {dist} (run `make binaries` first)") from None
+    programs = list(stamp.get("programs", []))
+    missing = [p for p in [MULTICALL, *programs] if not (dist / p).is_file()]
+    if missing:
+        raise SystemExit(f"install: missing in {dist}: {', '.join(missing)} (run `make binaries`)")
+    return programs
+
+
+def render_unit(kind: str, layout: Layout) -> str:
+    program, description = SANDBOXERS[kind]
+    text = (HERE / "systemd" / "kuasar-sandboxer.service.in").read_text()
+    for key, value in {"KIND": kind, "PROGRAM": program, "DESCRIPTION": description,
+                       "BINDIR": str(layout.bindir), "CONFDIR": str(layout.confdir)}.items():
+        text = text.replace(f"@{key}@", value)
+    return text
+
+
+def render_config(name: str, layout: Layout) -> str:
+    text = (HERE / "config" / name).read_text()
+    # The fragments' comments name the path they are imported from.
+    return text.replace("/etc/kuasar/", f"{layout.confdir}/")
+
+
+def install(layout: Layout, dist: Path) -> Installer:
+    if layout.real(layout.manifest).exists():
+        uninstall(layout, quiet=True)  # a re-install replaces the previous one exactly
+    programs = programs_in(dist)
+    installer = Installer(layout)
+    installer.binary(dist / MULTICALL, layout.bindir / MULTICALL)
+    for program in programs:
+        installer.link(layout.bindir / MULTICALL, layout.bindir / program)
+    if layout.shimdir != layout.bindir:
+        for program in programs:
+            if program.startswith("containerd-shim-"):
+                installer.link(layout.bindir / program, layout.shimdir / program)
+    for name in CONFIGS:
+        installer.text(render_config(name, layout), layout.confdir / name, keep_existing=True)
+    for kind in SANDBOXERS:
+        installer.text(render_unit(kind, layout), layout.unitdir / f"kuasar-{kind}.service")
+    installer.write_manifest(programs)
+    return installer
+
+
+def uninstall(layout: Layout, quiet: bool = False) -> list[str]:
+    """Remove what the manifest lists (newest first); returns what was kept (changed configs, busy dirs)."""
+    manifest = layout.real(layout.manifest)
+    try:
+        data = json.loads(manifest.read_text())
+    except FileNotFoundError:
+        raise SystemExit(f"uninstall: no install manifest at {manifest}") from None
+    kept: list[str] = []
+    for entry in reversed(data["entries"]):
+        path = Path(entry["path"])
+        real = layout.real(path)
+        if entry["type"] == "dir":
+            continue
+        if entry["type"] == "symlink":
+            if real.is_symlink():
+                real.unlink()
+            continue
+        if not real.exists():
+            continue
+        if real.is_symlink() or sha256(real) != entry["sha256"]:
+            kept.append(str(path))  # changed since install (an edited config): not ours to delete
+            continue
+        real.unlink()
+    manifest.unlink()
+    created = {Path(e["path"]) for e in data["entries"] if e["type"] == "dir"}
+    for path in sorted(created, key=lambda p: -len(p.parts)):  # deepest first
+        try:
+            layout.real(path).rmdir()
+        except FileNotFoundError:
+            pass
+        except OSError:
+            kept.append(f"{path}/")  # something else lives there now
+    if not quiet:
+        for path in kept:
+            print(f"uninstall: kept {path} (changed since install, or not empty)")
+    return kept
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("action", choices=["install", "uninstall"])
+    parser.add_argument("--prefix", default=os.environ.get("PREFIX") or "/usr/local")
+    parser.add_argument("--destdir", default=os.environ.get("DESTDIR", ""))
+    parser.add_argument("--sysconfdir", default=None, help="default: /etc for PREFIX=/usr, else PREFIX/etc")
+    parser.add_argument("--unitdir", default=None, help="default: PREFIX/lib/systemd/system")
+    parser.add_argument("--shimdir", default=os.environ.get("SHIMDIR") or None,
+                        help="also link the containerd shims here (a directory on containerd's PATH)")
+    parser.add_argument("--dist", type=Path, default=ROOT / "dist")
+    opts = parser.parse_args(argv)
+    layout = Layout(opts.prefix, opts.destdir, opts.sysconfdir, opts.unitdir, opts.shimdir)
+    if opts.action == "uninstall":
+        uninstall(layout)
+        print(f"uninstalled kuasar-py from {layout.prefix}")
+        return 0
+    installer = install(layout, opts.dist)
+    for path in installer.kept:
+        print(f"install: kept the existing {path} (the shipped version differs)")
+    files = sum(1 for e in installer.entries if e["type"] != "dir")
+    print(f"installed {files} files under {layout.prefix} (manifest {layout.manifest})")
+    print(f"  containerd >= 2.1: add  imports = [\"{layout.confdir}/containerd-kuasar.toml\"]  to its config.toml")
+    print(f"  containerd 1.6/1.7: add imports = [\"{layout.confdir}/containerd-kuasar-1.6.toml\"] "
+          f"and keep {layout.shimdir} on containerd's PATH")
+    print(f"  then: systemctl daemon-reload && systemctl enable --now kuasar-runc (units in {layout.unitdir})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

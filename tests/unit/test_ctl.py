@@ -1,0 +1,259 @@
+"""kuasar-ctl without containerd: configs from files and flags, CRI log parsing, tables, progress, the
+sandboxer state listing, and the command line's offline paths (errors before any RPC)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from kuasar.common.api.runtime.v1 import api_pb2 as cri
+from kuasar.ctl import configs, logs, output, progress, sandboxers
+from kuasar.ctl.cli import main
+
+
+# -- configs -------------------------------------------------------------------------------------------------
+def test_pod_config_from_flags_gets_kubelets_defaults() -> None:
+    config = configs.pod_config(name="web")
+    assert config.metadata.name == "web" and config.metadata.namespace == "default"
+    assert len(config.metadata.uid) == 32
+    assert config.log_directory == f"/var/log/pods/default_web_{config.metadata.uid}"
+    ns = config.linux.security_context.namespace_options
+    assert (ns.network, ns.pid) == (cri.NODE, cri.CONTAINER)
+    assert config.hostname == ""  # host network: the node's hostname shows through
+
+    pod_net = configs.pod_config(name="db", namespace="prod", uid="u1", host_network=False, share_pid=True,
+                                 labels={"a": "b"}, cgroup_parent="/kubepods")
+    ns = pod_net.linux.security_context.namespace_options
+    assert (ns.network, ns.pid) == (cri.POD, cri.POD)
+    assert pod_net.hostname == "db" and pod_net.labels["a"] == "b" and pod_net.linux.cgroup_parent == "/kubepods"
+    assert pod_net.log_directory == "/var/log/pods/prod_db_u1"
+
+
+def test_pod_config_file_crictl_style_and_flag_overrides(tmp_path: Path) -> None:
+    path = tmp_path / "pod.json"
+    path.write_text(json.dumps({
+        "metadata": {"name": "nginx-sandbox", "namespace": "default", "attempt": 1, "uid": "hdishd83djaidwnduwk28bcsb"},
+        "logDirectory": "/tmp", "hostname": "nginx",
+        "linux": {"security_context": {"namespace_options": {"network": 0}}},
+        "unknown_field": 1,
+    }))
+    config = configs.pod_config(str(path))
+    assert config.metadata.attempt == 1 and config.log_directory == "/tmp" and config.hostname == "nginx"
+    assert config.linux.security_context.namespace_options.network == cri.POD  # the file says POD
+    override = configs.pod_config(str(path), name="other", log_directory="/var/tmp/x")
+    assert override.metadata.name == "other" and override.log_directory == "/var/tmp/x"
+
+
+@pytest.mark.parametrize(("text", "message"), [("{nope", "is not JSON"), ('{"metadata": 5}', "PodSandboxConfig")])
+def test_bad_pod_files(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "pod.json"
+    path.write_text(text)
+    with pytest.raises(configs.ConfigError, match=message):
+        configs.pod_config(str(path))
+    with pytest.raises(configs.ConfigError, match="No such file"):
+        configs.pod_config(str(tmp_path / "missing.json"))
+    with pytest.raises(configs.ConfigError, match="needs a name"):
+        configs.pod_config()
+
+
+def test_container_config(tmp_path: Path) -> None:
+    pod = configs.pod_config(name="p", share_pid=True)
+    config = configs.container_config(image="docker.io/library/busybox:1.36", command=["sh", "-c", "true"],
+                                      env={"A": "1"}, tty=True, pod=pod)
+    assert config.metadata.name == "busybox" and list(config.command) == ["sh", "-c", "true"]
+    assert config.log_path == "busybox/0.log" and config.tty
+    assert [(e.key, e.value) for e in config.envs] == [("A", "1")]
+    assert config.linux.security_context.namespace_options.pid == cri.POD  # copied from the pod
+
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"metadata": {"name": "c"}, "image": {"image": "busybox"},
+                                "command": ["top"], "args": ["-b"], "log_path": "c.log"}))
+    from_file = configs.container_config(str(path))
+    assert (list(from_file.command), list(from_file.args), from_file.log_path) == (["top"], ["-b"], "c.log")
+    replaced = configs.container_config(str(path), command=["echo", "hi"])
+    assert (list(replaced.command), list(replaced.args)) == (["echo", "hi"], [])
+    with pytest.raises(configs.ConfigError, match="needs an image"):
+        configs.container_config(name="x")
+
+
+def test_parse_pairs() -> None:
+    assert configs.parse_pairs(["a=b", "c=d=e", "e="], "--label") == {"a": "b", "c": "d=e", "e": ""}
+    with pytest.raises(configs.ConfigError, match="KEY=VALUE"):
+        configs.parse_pairs(["novalue"], "--label")
+
+
+def test_pod_config_back_from_status() -> None:
+    status = cri.PodSandboxStatusResponse()
+    assert configs.pod_config_from_status(status) is None
+    original = configs.pod_config(name="web", uid="u", log_directory="/logs/web")
+    # containerd's podsandbox info: Go's encoding/json of the CRI config (snake_case, enums as numbers).
+    status.info["info"] = json.dumps({"config": {"metadata": {"name": "web", "uid": "u", "namespace": "default"},
+                                                 "log_directory": "/logs/web",
+                                                 "linux": {"security_context": {"namespace_options": {"network": 2}}}}})
+    back = configs.pod_config_from_status(status)
+    assert back is not None and back.log_directory == original.log_directory
+    assert back.linux.security_context.namespace_options.network == cri.NODE
+
+    pod_status = cri.PodSandboxStatus(metadata=cri.PodSandboxMetadata(name="n", namespace="ns", uid="u2"),
+                                      labels={"l": "v"})
+    pod_status.linux.namespaces.options.network = cri.NODE
+    rebuilt = configs.pod_config_from_pod_status(pod_status)
+    assert rebuilt.log_directory == "/var/log/pods/ns_n_u2" and rebuilt.labels["l"] == "v"
+    assert rebuilt.linux.security_context.namespace_options.network == cri.NODE
+
+
+def test_remembered_pod_configs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(configs.STATE_ENV, str(tmp_path / "state"))
+    config = configs.pod_config(name="kept", log_directory="/somewhere")
+    assert configs.remembered_pod("abc") is None
+    configs.remember_pod("abc", config)
+    assert configs.remembered_pod("abc") == config
+    configs.forget_pod("abc")
+    assert configs.remembered_pod("abc") is None
+    configs.forget_pod("abc")  # twice is fine
+    monkeypatch.setenv(configs.STATE_ENV, "/proc/not-writable")
+    configs.remember_pod("abc", config)  # best effort: no exception
+
+
+# -- logs ----------------------------------------------------------------------------------------------------
+LOG = (b"2024-01-01T00:00:00.000000001Z stdout F hello\n"
+       b"2024-01-01T00:00:00.000000002Z stderr F oops\n"
+       b"2024-01-01T00:00:00.000000003Z stdout P par\n"
+       b"2024-01-01T00:00:00.000000004Z stdout F tial\n"
+       b"garbage line\n"
+       b"2024-01-01T00:00:00.000000005Z stdout F \n")
+
+
+def test_parse_and_render_cri_log_lines() -> None:
+    items = list(logs.records(LOG))
+    assert [(r.stream, r.partial, r.text) for r in items] == [
+        ("stdout", False, b"hello"), ("stderr", False, b"oops"), ("stdout", True, b"par"),
+        ("stdout", False, b"tial"), ("stdout", False, b"")]
+    assert logs.render(items[0], timestamps=True) == b"2024-01-01T00:00:00.000000001Z hello\n"
+    assert logs.render(items[2], timestamps=False) == b"par"
+    assert [r.text for r in logs.tail_records(LOG, 2)] == [b"par", b"tial", b""]
+    assert len(logs.tail_records(LOG, None)) == 5
+
+
+def test_show_and_follow(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "c.log"
+    path.write_bytes(LOG[:90])  # the second line is cut in the middle: not printed yet
+    out, err = io.BytesIO(), io.BytesIO()
+    polls = 0
+
+    async def running() -> bool:
+        nonlocal polls
+        polls += 1
+        if polls == 2:
+            path.write_bytes(LOG)
+        return polls < 3
+
+    monkeypatch.setattr(logs, "FOLLOW_POLL", 0.01)
+    asyncio.run(logs.show(str(path), follow=True, still_running=running, stdout=out, stderr=err))
+    assert out.getvalue() == b"hello\npartial\n\n" and err.getvalue() == b"oops\n"
+    out = io.BytesIO()
+    asyncio.run(logs.show(str(tmp_path / "missing.log"), stdout=out, stderr=io.BytesIO()))
+    assert out.getvalue() == b""
+
+
+# -- output and progress -------------------------------------------------------------------------------------
+def test_age_and_sizes() -> None:
+    now = 10**18
+    assert output.age(0) == "-"
+    assert output.age(now - 500_000_000, now) == "Less than a second ago"
+    assert output.age(now - 1_000_000_000, now) == "1 second ago"
+    assert output.age(now - 125 * 10**9, now) == "2 minutes ago"
+    assert output.age(now - 7200 * 10**9, now) == "2 hours ago"
+    assert output.age(now - 86400 * 10**9, now) == "1 day ago"
+    assert output.human_size(999) == "999B" and output.human_size(4_300_000) == "4.3MB"
+    assert output.short_id("a" * 64) == "a" * 13 and output.short_id("abc", no_trunc=True) == "abc"
+
+
+def test_table() -> None:
+    out = io.StringIO()
+    output.table(["ID", "NAME"], [["1", "short"], ["12345", "x"]], out)
+    assert out.getvalue() == "ID      NAME\n1       short\n12345   x\n"
+
+
+class FakeTty(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_spinner_only_on_a_terminal() -> None:
+    async def run(out: io.StringIO, fail: bool = False) -> None:
+        async with progress.step("RunPodSandbox web", out=out):
+            await asyncio.sleep(0.25)
+            if fail:
+                raise RuntimeError("boom")
+
+    tty = FakeTty()
+    asyncio.run(run(tty))
+    assert "RunPodSandbox web" in tty.getvalue() and tty.getvalue().endswith("s)\033[K\n")
+    assert "... done (" in tty.getvalue() and "\r|" in tty.getvalue()
+    failed = FakeTty()
+    with pytest.raises(RuntimeError):
+        asyncio.run(run(failed, fail=True))
+    assert "... failed (" in failed.getvalue()
+    pipe = io.StringIO()
+    asyncio.run(run(pipe))
+    assert pipe.getvalue() == ""  # scripts read clean stderr
+
+
+# -- sandboxers ----------------------------------------------------------------------------------------------
+def write_record(directory: Path, sandbox_id: str, name: str, state: str = "ready") -> None:
+    config = cri.PodSandboxConfig(metadata=cri.PodSandboxMetadata(name=name, namespace="ns"))
+    record = {"id": sandbox_id, "state": state, "pid": 42, "created_at_ns": 1,
+              "pod_config_b64": base64.b64encode(config.SerializeToString()).decode(), "address": "ttrpc+unix:///x"}
+    (directory / "sandboxes" / sandbox_id).mkdir(parents=True)
+    (directory / "sandboxes" / sandbox_id / "sandbox.json").write_text(json.dumps(record))
+
+
+def test_sandboxes_from_state_files(tmp_path: Path) -> None:
+    write_record(tmp_path, "aaa111", "web")
+    write_record(tmp_path, "aab222", "db", state="stopped")
+    (tmp_path / "sandboxes" / "broken").mkdir()
+    ref = sandboxers.SandboxerRef("runc", str(tmp_path / "absent.sock"), str(tmp_path))
+    rows = sandboxers.list_sandboxes([ref, sandboxers.SandboxerRef("wasm", "/nonexistent.sock", "/nonexistent")])
+    assert [(r.id, r.kind, r.state, r.name, r.namespace, r.live) for r in rows] == [
+        ("aaa111", "runc", "ready", "web", "ns", False), ("aab222", "runc", "stopped", "db", "ns", False)]
+    assert sandboxers.find([ref], "aaa")[1] == "aaa111"
+    with pytest.raises(LookupError, match="several"):
+        sandboxers.find([ref], "aa")
+    with pytest.raises(LookupError, match="no sandboxer knows"):
+        sandboxers.find([ref], "zzz")
+    assert sandboxers.default_ref("gvisor") == sandboxers.SandboxerRef(
+        "gvisor", "/run/kuasar/gvisor-sandboxer.sock", "/run/kuasar-gvisor")
+
+
+# -- the command line, offline -------------------------------------------------------------------------------
+def test_cli_offline_paths(tmp_path: Path) -> None:
+    runner = CliRunner()
+    result = runner.invoke(main, ["--help"])
+    assert result.exit_code == 0 and "runp" in result.output and "sandboxes" in result.output
+    result = runner.invoke(main, ["--version"])
+    assert result.exit_code == 0 and "kuasar-ctl, version" in result.output
+    result = runner.invoke(main, ["runp"])
+    assert result.exit_code == 1 and "needs a name" in result.output
+    result = runner.invoke(main, ["exec", "-it", "abc", "--", "sh"])
+    assert result.exit_code == 1 and "not available" in result.output
+    result = runner.invoke(main, ["--timeout", "1", "-r", str(tmp_path / "none.sock"), "pods"])
+    assert result.exit_code == 1 and "containerd does not answer" in result.output
+
+    write_record(tmp_path, "abc123", "web")
+    flags = ["--type", "runc", "--address", str(tmp_path / "none.sock"), "--dir", str(tmp_path)]
+    result = runner.invoke(main, ["--json", "sandboxes", "ls", *flags])
+    assert result.exit_code == 0
+    assert [s["id"] for s in json.loads(result.output)["sandboxes"]] == ["abc123"]
+    result = runner.invoke(main, ["sandboxes", "ls", *flags])
+    assert "abc123" in result.output and "ready (state file)" in result.output and "ns/web" in result.output
+    result = runner.invoke(main, ["sandbox", "shell", "abc", *flags])
+    assert result.exit_code == 1 and "runc pod: it has no guest" in result.output
+    result = runner.invoke(main, ["sandboxes", "ls", "--address", "/x.sock"])
+    assert result.exit_code == 1 and "exactly one --type" in result.output
