@@ -126,7 +126,7 @@ class RuncTasks(TaskBackend):
             annotations = spec.get("annotations") or {}
             pod_id = next((annotations[k] for k in SANDBOX_ID_ANNOTATIONS if k in annotations), "")
             io = ProcessIO(req.stdin, req.stdout, req.stderr, req.terminal)
-            container = Container(req.id, bundle, pod_id, ctx.namespace or "k8s.io", Process("", io))
+            container = Container(req.id, bundle, pod_id, ctx.namespace or bundle_namespace(bundle), Process("", io))
             if req.rootfs:
                 mounts.mount_rootfs(req.rootfs, bundle / "rootfs")
                 container.rootfs_mounted = True
@@ -384,6 +384,16 @@ class RuncTasks(TaskBackend):
                 await self.wait_pod_containers(pod_id, 10.0)
             await self._remove(container)
             log.info("pod %s: removed leftover container %s", pod_id, container.id)
+
+
+def bundle_namespace(bundle: Path) -> str:
+    """The containerd namespace of a task, for callers that send none (containerd 1.6 does not).
+
+    containerd lays task bundles out as `<state>/io.containerd.runtime.v2.task/<namespace>/<id>`.
+    """
+    if bundle.parent.parent.name == "io.containerd.runtime.v2.task":
+        return bundle.parent.name
+    return "k8s.io"
 
 
 def _ts(ns: int) -> timestamp_pb2.Timestamp:
