@@ -1,1 +1,3 @@
-"""vm-agent: the guest agent (PID 1 in the VM). Not implemented yet; see the README's status table."""
+"""vm-agent: the guest agent, PID 1 in a pod's micro-VM (Task, Streaming and Agent services over vsock)."""
+
+__version__ = "0.1.0"

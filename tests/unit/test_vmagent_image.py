@@ -1,0 +1,266 @@
+"""The guest image's building blocks on the host: newc cpio writer, kernel module dependency resolution,
+ELF reading (shared-library needs, .modinfo), vmlinux extraction from a bzImage."""
+
+from __future__ import annotations
+
+import io
+import lzma
+import os
+import shutil
+import stat
+import struct
+import subprocess
+import zlib
+from pathlib import Path
+
+import pytest
+
+from kuasar.vmagent.imagebuild import bzimage, cpio, elf, kmods
+
+# -- cpio -----------------------------------------------------------------------------------------------
+
+
+def sample_tree(tmp_path: Path) -> cpio.Tree:
+    host = tmp_path / "host-file"
+    host.write_bytes(b"x" * 1001)
+    host.chmod(0o751)
+    tree = cpio.Tree()
+    tree.file("etc/hostname", b"guest\n")
+    tree.copy("usr/bin/tool", host)
+    tree.symlink("bin/sh", "/bin/busybox")
+    tree.dir("tmp", 0o1777)
+    tree.chardev("dev/console", 5, 1)
+    tree.file("init", b"#!/bin/sh\n", mode=0o755)
+    return tree
+
+
+def test_cpio_roundtrip_parents_first_and_types(tmp_path: Path) -> None:
+    out = io.BytesIO()
+    size = cpio.write(sample_tree(tmp_path), out)
+    data = out.getvalue()
+    assert size == len(data) and len(data) % 512 == 0
+    entries = cpio.read(data)
+    names = [name for name, _, _ in entries]
+    assert names == sorted(names)
+    # every parent appears before its children, created implicitly
+    for name in names:
+        parent = name.rpartition("/")[0]
+        assert not parent or names.index(parent) < names.index(name)
+    by_name = {name: (mode, body) for name, mode, body in entries}
+    assert by_name["etc/hostname"] == (stat.S_IFREG | 0o644, b"guest\n")
+    assert by_name["usr/bin/tool"] == (stat.S_IFREG | 0o751, b"x" * 1001)
+    assert by_name["bin/sh"] == (stat.S_IFLNK | 0o777, b"/bin/busybox")
+    assert by_name["tmp"][0] == stat.S_IFDIR | 0o1777
+    assert by_name["usr"][0] == stat.S_IFDIR | 0o755
+    assert stat.S_ISCHR(by_name["dev/console"][0])
+
+
+def test_cpio_is_reproducible_and_newc(tmp_path: Path) -> None:
+    first, second = io.BytesIO(), io.BytesIO()
+    cpio.write(sample_tree(tmp_path), first)
+    cpio.write(sample_tree(tmp_path), second)
+    assert first.getvalue() == second.getvalue()
+    data = first.getvalue()
+    assert data.startswith(b"070701")
+    # header fields: ino 1, uid/gid 0, mtime 0; names NUL-terminated and 4-byte aligned
+    fields = [int(data[6 + 8 * i: 14 + 8 * i], 16) for i in range(13)]
+    assert fields[0] == 1 and fields[2] == 0 and fields[3] == 0 and fields[5] == 0
+    assert b"TRAILER!!!\x00" in data
+
+
+@pytest.mark.skipif(shutil.which("cpio") is None and not os.path.exists("/bin/busybox"),
+                    reason="no cpio tool to cross-check with")
+def test_cpio_readable_by_an_independent_cpio(tmp_path: Path) -> None:
+    archive = tmp_path / "a.cpio"
+    with open(archive, "wb") as f:
+        cpio.write(sample_tree(tmp_path), f)
+    tool = ["cpio"] if shutil.which("cpio") else ["/bin/busybox", "cpio"]
+    listing = subprocess.run([*tool, "-t"], stdin=open(archive, "rb"), capture_output=True, check=True)
+    assert set(listing.stdout.decode().split()) >= {"etc/hostname", "usr/bin/tool", "bin/sh", "dev/console"}
+    dest = tmp_path / "x"
+    dest.mkdir()
+    subprocess.run([*tool, "-id"], stdin=open(archive, "rb"), cwd=dest, capture_output=True, check=True)
+    assert (dest / "usr/bin/tool").read_bytes() == b"x" * 1001
+    assert os.readlink(dest / "bin/sh") == "/bin/busybox"
+
+
+def test_cpio_tree_rejects_bad_paths_and_type_clashes() -> None:
+    tree = cpio.Tree()
+    tree.file("a/b", b"")
+    with pytest.raises(ValueError):
+        tree.file("a/b/c", b"")  # a/b is a file, not a directory
+    with pytest.raises(ValueError):
+        tree.dir("a/b")
+    with pytest.raises(ValueError):
+        tree.file("../etc/passwd", b"")
+    with pytest.raises(ValueError):
+        tree.file("/", b"")
+    assert "a/b" in tree and "/a" in tree
+
+
+# -- kernel module dependencies ------------------------------------------------------------------------
+
+INFOS = {
+    "kernel/drivers/virtio/virtio_ring.ko": {"depends": [""]},
+    "kernel/drivers/virtio/virtio.ko": {"depends": ["virtio_ring"]},
+    "kernel/drivers/virtio/virtio_mmio.ko": {"depends": ["virtio,virtio_ring"]},
+    "kernel/net/vmw_vsock/vsock.ko": {"depends": [""]},
+    "kernel/net/vmw_vsock/vmw_vsock_virtio_transport_common.ko": {"depends": ["vsock,virtio,virtio_ring"]},
+    "kernel/net/vmw_vsock/vmw_vsock_virtio_transport.ko": {
+        "depends": ["vmw_vsock_virtio_transport_common,vsock,virtio,virtio_ring"]},
+    "kernel/net/9p/9pnet.ko": {"depends": [""]},
+    "kernel/fs/netfs/netfs.ko": {"depends": [""]},
+    "kernel/fs/fscache/fscache.ko": {"depends": ["netfs"]},
+    "kernel/fs/9p/9p.ko": {"depends": ["9pnet,fscache,netfs"]},
+    "kernel/fs/overlayfs/overlay.ko": {"depends": [""], "softdep": ["pre: crc32c"]},
+    "kernel/lib/libcrc32c.ko": {"depends": [""]},
+    "kernel/fs/ext4/ext4.ko": {"depends": [""], "softdep": ["pre: libcrc32c post: foo"]},
+}
+
+
+def table() -> dict:
+    return kmods.parse_modules_dep(kmods.build_modules_dep_from_info(INFOS))
+
+
+def test_modules_dep_lists_each_closure_like_depmod() -> None:
+    text = kmods.build_modules_dep_from_info(INFOS)
+    lines = dict(line.split(":", 1) for line in text.splitlines())
+    assert set(lines["kernel/fs/9p/9p.ko"].split()) == {
+        "kernel/net/9p/9pnet.ko", "kernel/fs/fscache/fscache.ko", "kernel/fs/netfs/netfs.ko"}
+    assert lines["kernel/net/vmw_vsock/vsock.ko"] == ""
+    # softdep pre: modules the package has become dependencies; missing ones are skipped
+    assert lines["kernel/fs/ext4/ext4.ko"].split() == ["kernel/lib/libcrc32c.ko"]
+    assert lines["kernel/fs/overlayfs/overlay.ko"] == ""
+
+
+def test_load_order_puts_dependencies_first_without_duplicates() -> None:
+    order = kmods.load_order(table(), ["virtio_mmio", "vmw_vsock_virtio_transport", "9p"])
+    names = [kmods.module_name(p) for p in order]
+    assert len(names) == len(set(names))
+    for module, deps in (("virtio_mmio", ["virtio", "virtio_ring"]),
+                         ("vmw_vsock_virtio_transport", ["vmw_vsock_virtio_transport_common", "vsock"]),
+                         ("9p", ["9pnet", "fscache", "netfs"]), ("fscache", ["netfs"]), ("virtio", ["virtio_ring"])):
+        for dep in deps:
+            assert names.index(dep) < names.index(module), (dep, module, names)
+    assert names[0] == "virtio_ring"
+
+
+def test_load_order_reads_real_depmod_output_and_names_with_dashes() -> None:
+    text = ("kernel/a/foo-bar.ko: kernel/b/baz.ko kernel/c/qux.ko\n"
+            "kernel/b/baz.ko: kernel/c/qux.ko\nkernel/c/qux.ko:\n")
+    assert kmods.load_order(kmods.parse_modules_dep(text), ["foo_bar"]) == [
+        "kernel/c/qux.ko", "kernel/b/baz.ko", "kernel/a/foo-bar.ko"]
+    assert kmods.module_name("kernel/x/nf-nat.ko.xz") == "nf_nat"
+
+
+def test_load_order_errors_and_builtins() -> None:
+    with pytest.raises(kmods.ModuleError, match="nosuch"):
+        kmods.load_order(table(), ["nosuch"])
+    # a built-in "module" needs no loading
+    assert kmods.load_order(table(), ["virtio_blk"], builtin=["kernel/drivers/block/virtio_blk.ko"]) == []
+    cyclic = {"a": ("a.ko", ["b.ko"]), "b": ("b.ko", ["a.ko"])}
+    with pytest.raises(kmods.ModuleError, match="cycle"):
+        kmods.load_order(cyclic, ["a"])
+    with pytest.raises(kmods.ModuleError, match="not in the package"):
+        kmods.build_modules_dep_from_info({"x.ko": {"depends": ["missing"]}})
+
+
+def test_module_table_for_the_guest() -> None:
+    per = {"9p": kmods.load_order(table(), ["9p"])}
+    text = kmods.module_table(per)
+    line = [ln for ln in text.splitlines() if not ln.startswith("#")][0].split()
+    assert line[0] == "9p" and line[-1] == "kernel/fs/9p/9p.ko" and len(line) == 5
+
+
+# -- ELF -----------------------------------------------------------------------------------------------
+
+
+def make_relocatable(sections: dict[str, bytes]) -> bytes:
+    """A minimal ELF64 ET_REL file with the given sections (enough for .modinfo)."""
+    names = b"\0" + b"".join(n.encode() + b"\0" for n in [*sections, ".shstrtab"])
+    body = b"".join(sections.values())
+    data_off = 64
+    shstr_off = data_off + len(body)
+    sh_off = (shstr_off + len(names) + 7) // 8 * 8
+    shnum = len(sections) + 2
+    head = b"\x7fELF" + bytes([2, 1, 1]) + bytes(9)
+    head += struct.pack("<HHIQQQIHHHHHH", 1, 62, 1, 0, 0, sh_off, 0, 64, 0, 0, 64, shnum, shnum - 1)
+    out = bytearray(head + body + names)
+    out += bytes(sh_off - len(out))
+    out += bytes(64)  # null section
+    pos, name_pos = data_off, 1
+    for name, content in sections.items():
+        out += struct.pack("<IIQQQQIIQQ", name_pos, 1, 0, 0, pos, len(content), 0, 0, 1, 0)
+        pos += len(content)
+        name_pos += len(name) + 1
+    out += struct.pack("<IIQQQQIIQQ", name_pos, 3, 0, 0, shstr_off, len(names), 0, 0, 1, 0)
+    return bytes(out)
+
+
+def test_modinfo_of_a_module() -> None:
+    ko = make_relocatable({".text": b"\x90" * 8,
+                           ".modinfo": b"license=GPL\0depends=virtio,virtio_ring\0name=virtio_net\0alias=a\0alias=b\0"})
+    info = elf.modinfo(ko)
+    assert info["depends"] == ["virtio,virtio_ring"]
+    assert info["name"] == ["virtio_net"] and info["alias"] == ["a", "b"]
+    with pytest.raises(elf.ElfError):
+        elf.modinfo(make_relocatable({".text": b""}))
+    with pytest.raises(elf.ElfError):
+        elf.modinfo(b"not an elf file at all, really")
+
+
+def test_library_closure_of_host_binaries() -> None:
+    python = Path("/usr/bin/python3.11")
+    if not python.exists():
+        pytest.skip("no /usr/bin/python3.11")
+    info = elf.dynamic_info(python.read_bytes())
+    assert info.interpreter == "/lib64/ld-linux-x86-64.so.2"
+    assert "libc.so.6" in info.needed
+    libs = elf.library_closure([python])
+    assert "/lib64/ld-linux-x86-64.so.2" in libs
+    assert any(p.endswith("/libc.so.6") for p in libs)
+    assert all(path.exists() for path in libs.values())
+    static = Path("/bin/busybox")
+    if static.exists():
+        assert elf.dynamic_info(static.read_bytes()).needed == []
+
+
+def test_find_library_follows_runpath_origin(tmp_path: Path) -> None:
+    (tmp_path / "lib").mkdir()
+    (tmp_path / "lib" / "libx.so.1").write_bytes(b"")
+    assert elf.find_library("libx.so.1", ["$ORIGIN/lib"], str(tmp_path), lib_dirs=()) == f"{tmp_path}/lib/libx.so.1"
+    assert elf.find_library("libnothere.so", [], str(tmp_path), lib_dirs=(str(tmp_path),)) is None
+
+
+# -- bzImage -> vmlinux ----------------------------------------------------------------------------------
+
+FAKE_VMLINUX = b"\x7fELF" + bytes(range(256)) * 64
+
+
+def make_bzimage(payload: bytes, setup_sects: int = 3) -> bytes:
+    image = bytearray(512 * ((setup_sects or 4) + 1))  # 0 means 4 in the boot protocol
+    image[0x1F1] = setup_sects
+    image[0x202:0x206] = b"HdrS"
+    offset = 0x40
+    struct.pack_into("<II", image, 0x248, offset, len(payload))
+    image += bytes(offset) + payload + b"trailing"
+    return bytes(image)
+
+
+def test_extract_vmlinux_xz_with_appended_size() -> None:
+    payload = lzma.compress(FAKE_VMLINUX, format=lzma.FORMAT_XZ, check=lzma.CHECK_CRC32)
+    payload += struct.pack("<I", len(FAKE_VMLINUX))  # what the kernel build appends
+    assert bzimage.extract_vmlinux(make_bzimage(payload)) == FAKE_VMLINUX
+
+
+def test_extract_vmlinux_gzip_and_errors() -> None:
+    compressor = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+    gz = compressor.compress(FAKE_VMLINUX) + compressor.flush()
+    assert bzimage.extract_vmlinux(make_bzimage(gz, setup_sects=0)) == FAKE_VMLINUX
+    with pytest.raises(bzimage.KernelImageError, match="LZ4"):
+        bzimage.extract_vmlinux(make_bzimage(b"\x02\x21\x4c\x18" + bytes(32)))
+    with pytest.raises(bzimage.KernelImageError, match="HdrS"):
+        bzimage.payload(bytes(4096))
+    not_elf = lzma.compress(b"plain data", format=lzma.FORMAT_XZ)
+    with pytest.raises(bzimage.KernelImageError, match="not an ELF"):
+        bzimage.extract_vmlinux(make_bzimage(not_elf))

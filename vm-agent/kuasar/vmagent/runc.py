@@ -1,0 +1,111 @@
+"""runc inside the guest, driven without a shell. Its state and logs live in the guest's tmpfs, not in
+the (shared) bundle directory."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from kuasar.common.errors import NotFound, RuntimeFailure
+from kuasar.common.reaper import Reaper
+from kuasar.common.spawn import Completed, run
+
+# Only the tail of runc's log matters: the error that ended this command is its last entry.
+LOG_TAIL = 8192
+
+
+@dataclass
+class Stdio:
+    """File descriptors runc hands to the container process (None: /dev/null)."""
+
+    stdin: int | None = None
+    stdout: int | None = None
+    stderr: int | None = None
+
+
+class Runc:
+    def __init__(self, reaper: Reaper, root: Path, binary: str = "runc", no_pivot: bool = False) -> None:
+        self.reaper = reaper
+        self.root = root
+        self.binary = binary
+        self.no_pivot = no_pivot
+        root.mkdir(parents=True, exist_ok=True, mode=0o700)
+
+    async def _run(self, args: list[str], *, log_path: Path | None = None, stdio: Stdio | None = None,
+                   capture: bool = True) -> Completed:
+        stdio = stdio or Stdio()
+        argv = [self.binary, "--root", str(self.root)]
+        if log_path is not None:
+            argv += ["--log", str(log_path), "--log-format", "json"]
+        offset = log_path.stat().st_size if log_path is not None and log_path.exists() else 0
+        result = await run(self.reaper, argv + args, stdin=stdio.stdin, stdout=stdio.stdout, stderr=stdio.stderr,
+                           capture=capture)
+        if result.status != 0:
+            message = last_error(log_path, offset) or result.stderr.decode(errors="replace").strip()
+            if "does not exist" in message or "not exist" in message:
+                raise NotFound(f"runc {args[0]}: {message}")
+            raise RuntimeFailure(f"runc {args[0]} failed ({result.status}): {message or 'no message'}")
+        return result
+
+    async def create(self, container_id: str, bundle: Path, pid_file: Path, log_path: Path, stdio: Stdio,
+                     console_socket: Path | None = None) -> None:
+        args = ["create", "--bundle", str(bundle), "--pid-file", str(pid_file)]
+        if self.no_pivot:
+            args.append("--no-pivot")
+        if console_socket is not None:
+            args += ["--console-socket", str(console_socket)]
+        await self._run([*args, container_id], log_path=log_path, stdio=stdio, capture=False)
+
+    async def start(self, container_id: str, log_path: Path) -> None:
+        await self._run(["start", container_id], log_path=log_path)
+
+    async def exec(self, container_id: str, process_json: Path, pid_file: Path, log_path: Path, stdio: Stdio,
+                   console_socket: Path | None = None) -> None:
+        args = ["exec", "--detach", "--process", str(process_json), "--pid-file", str(pid_file)]
+        if console_socket is not None:
+            args += ["--console-socket", str(console_socket)]
+        await self._run([*args, container_id], log_path=log_path, stdio=stdio, capture=False)
+
+    async def kill(self, container_id: str, signal: int, all_processes: bool = False) -> None:
+        await self._run(["kill"] + (["--all"] if all_processes else []) + [container_id, str(signal)])
+
+    async def delete(self, container_id: str) -> None:
+        try:
+            await self._run(["delete", "--force", container_id])
+        except NotFound:
+            pass
+
+    async def pause(self, container_id: str) -> None:
+        await self._run(["pause", container_id])
+
+    async def resume(self, container_id: str) -> None:
+        await self._run(["resume", container_id])
+
+    async def update(self, container_id: str, resources_json: Path) -> None:
+        await self._run(["update", "--resources", str(resources_json), container_id])
+
+    async def ps(self, container_id: str) -> list[int]:
+        result = await self._run(["ps", "--format", "json", container_id])
+        return [int(pid) for pid in json.loads(result.stdout or b"[]") or []]
+
+
+def last_error(log_path: Path | None, offset: int) -> str:
+    """The error runc logged (as JSON) after `offset`, i.e. by the command that just failed."""
+    if log_path is None or not log_path.exists():
+        return ""
+    try:
+        with open(log_path, "rb") as f:
+            f.seek(max(offset, os.path.getsize(log_path) - LOG_TAIL))
+            lines = f.read().decode(errors="replace").splitlines()
+    except OSError:
+        return ""
+    for line in reversed(lines):
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if entry.get("level") in ("error", "fatal"):
+            return str(entry.get("msg", ""))
+    return ""

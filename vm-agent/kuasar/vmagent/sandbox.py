@@ -1,0 +1,250 @@
+"""`kuasar.agent.v1.Agent`: the guest sandbox service the host's sandboxer talks to."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from google.protobuf import empty_pb2
+
+from kuasar.common.api.kuasar.agent.v1 import agent_pb2 as pb
+from kuasar.common.errors import DeadlineExceeded, InvalidArgument, NotFound
+from kuasar.common.reaper import Reaper
+from kuasar.common.spawn import MAX_CAPTURE, resolve
+from kuasar.common.ttrpc import Context, ServerStream, TtrpcServer
+
+from . import __version__
+from .events import EventQueue
+from .netconf import NetConfig
+
+log = logging.getLogger(__name__)
+
+AGENT_SERVICE = "kuasar.agent.v1.Agent"
+DEFAULT_EXEC_TIMEOUT = 30.0
+# How long after answering Poweroff the agent waits before cutting power (lets the reply leave).
+POWEROFF_DELAY = 0.1
+
+
+@dataclass
+class GuestPaths:
+    """Files the service writes; tests point them into a temporary directory."""
+
+    etc: Path = Path("/etc")
+    proc_sys: Path = Path("/proc/sys")
+
+
+def _write_atomic(path: Path, data: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(data)
+    os.replace(tmp, path)
+
+
+def write_sysctl(proc_sys: Path, key: str, value: str) -> None:
+    """`net.ipv4.ip_forward` -> <proc_sys>/net/ipv4/ip_forward (dots or slashes separate)."""
+    parts = key.replace(".", "/").split("/")
+    if not key or any(p in ("", ".", "..") for p in parts):
+        raise InvalidArgument(f"bad sysctl name {key!r}")
+    path = proc_sys.joinpath(*parts)
+    if not path.exists():
+        raise NotFound(f"sysctl {key} does not exist in the guest")
+    path.write_text(value)
+
+
+class AgentService:
+    def __init__(self, reaper: Reaper, events: EventQueue, net: NetConfig, *,
+                 started_ns: int, share_dir: str = "", pivot_root: bool = True,
+                 paths: GuestPaths | None = None, sethostname: Callable[[str], None] = socket.sethostname,
+                 poweroff: Callable[[], None] | None = None,
+                 stop_containers: Callable[[float], object] | None = None) -> None:
+        self.reaper = reaper
+        self.events = events
+        self.net = net
+        self.started_ns = started_ns
+        self.ready_ns = 0
+        self.share_dir = share_dir
+        self.pivot_root = pivot_root
+        self.paths = paths or GuestPaths()
+        self.sethostname = sethostname
+        self.poweroff = poweroff
+        self.stop_containers = stop_containers
+        self.powering_off = False
+
+    def register(self, server: TtrpcServer) -> None:
+        for method, request_type, handler in (
+            ("Check", pb.CheckRequest, self.check),
+            ("SetupSandbox", pb.SetupSandboxRequest, self.setup_sandbox),
+            ("UpdateInterfaces", pb.UpdateInterfacesRequest, self.update_interfaces),
+            ("UpdateRoutes", pb.UpdateRoutesRequest, self.update_routes),
+            ("SyncClock", pb.SyncClockPacket, self.sync_clock),
+            ("ExecVMProcess", pb.ExecVMProcessRequest, self.exec_vm_process),
+            ("Poweroff", pb.PoweroffRequest, self.power_off),
+        ):
+            server.add_unary(AGENT_SERVICE, method, request_type, handler)
+        server.add_stream(AGENT_SERVICE, "Events", self.stream_events)
+
+    async def check(self, req: pb.CheckRequest, ctx: Context) -> pb.CheckResponse:
+        return pb.CheckResponse(agent_version=__version__, kernel_release=os.uname().release,
+                                agent_started_ns=self.started_ns, agent_ready_ns=self.ready_ns,
+                                now_ns=time.clock_gettime_ns(time.CLOCK_BOOTTIME), share_dir=self.share_dir,
+                                pivot_root=self.pivot_root)
+
+    async def setup_sandbox(self, req: pb.SetupSandboxRequest, ctx: Context) -> empty_pb2.Empty:
+        if req.hostname:
+            if len(req.hostname) > 64 or any(c.isspace() or c == "/" for c in req.hostname):
+                raise InvalidArgument(f"bad hostname {req.hostname!r}")
+            self.sethostname(req.hostname)
+            _write_atomic(self.paths.etc / "hostname", req.hostname + "\n")
+        if req.hosts:
+            _write_atomic(self.paths.etc / "hosts", req.hosts)
+        if req.resolv_conf:
+            _write_atomic(self.paths.etc / "resolv.conf", req.resolv_conf)
+        for key, value in sorted(req.sysctls.items()):
+            write_sysctl(self.paths.proc_sys, key, value)
+        if req.interfaces:
+            await self.net.update_interfaces(req.interfaces)
+        if req.routes:
+            await self.net.update_routes(req.routes)
+        log.info("sandbox %s set up (hostname %r, %d sysctls, %d interfaces, %d routes)", req.sandbox_id,
+                 req.hostname, len(req.sysctls), len(req.interfaces), len(req.routes))
+        return empty_pb2.Empty()
+
+    async def update_interfaces(self, req: pb.UpdateInterfacesRequest, ctx: Context) -> empty_pb2.Empty:
+        await self.net.update_interfaces(req.interfaces)
+        return empty_pb2.Empty()
+
+    async def update_routes(self, req: pb.UpdateRoutesRequest, ctx: Context) -> empty_pb2.Empty:
+        await self.net.update_routes(req.routes)
+        return empty_pb2.Empty()
+
+    async def sync_clock(self, req: pb.SyncClockPacket, ctx: Context) -> pb.SyncClockPacket:
+        reply = pb.SyncClockPacket()
+        reply.CopyFrom(req)
+        if req.delta == 0:
+            reply.client_arrive_time = time.clock_gettime_ns(time.CLOCK_REALTIME)
+            reply.server_send_time = time.clock_gettime_ns(time.CLOCK_REALTIME)
+        else:
+            now = time.clock_gettime_ns(time.CLOCK_REALTIME)
+            time.clock_settime_ns(time.CLOCK_REALTIME, now + req.delta)
+            log.info("clock shifted by %.3f ms", req.delta / 1e6)
+        return reply
+
+    async def stream_events(self, stream: ServerStream, ctx: Context) -> None:
+        await stream.recv()  # EventsRequest: nothing to read in it
+        token = self.events.take_over()
+        while True:
+            envelope = await self.events.get(token)
+            if envelope is None:
+                return  # a newer Events call took over
+            await stream.send(envelope.SerializeToString())
+            self.events.delivered(envelope)
+
+    async def exec_vm_process(self, req: pb.ExecVMProcessRequest, ctx: Context) -> pb.ExecVMProcessResponse:
+        if not req.args:
+            raise InvalidArgument("ExecVMProcess needs args")
+        env = dict(os.environ)
+        for item in req.env:
+            key, sep, value = item.partition("=")
+            if not sep or not key:
+                raise InvalidArgument(f"bad environment entry {item!r}")
+            env[key] = value
+        timeout = req.timeout_ms / 1000 if req.timeout_ms else DEFAULT_EXEC_TIMEOUT
+        status, out, err = await run_command(self.reaper, list(req.args), bytes(req.stdin), env, timeout)
+        return pb.ExecVMProcessResponse(exit_status=status, stdout=out, stderr=err)
+
+    async def power_off(self, req: pb.PoweroffRequest, ctx: Context) -> empty_pb2.Empty:
+        if self.powering_off:
+            return empty_pb2.Empty()
+        self.powering_off = True
+        log.info("power off requested")
+        if self.stop_containers is not None:
+            await self.stop_containers(req.grace_ms / 1000)  # type: ignore[misc]
+        if self.poweroff is not None:
+            asyncio.get_running_loop().call_later(POWEROFF_DELAY, self.poweroff)
+        return empty_pb2.Empty()
+
+
+async def _wait_fd(fd: int, writable: bool) -> None:
+    loop = asyncio.get_running_loop()
+    ready = loop.create_future()
+    add, remove = (loop.add_writer, loop.remove_writer) if writable else (loop.add_reader, loop.remove_reader)
+    add(fd, lambda: ready.done() or ready.set_result(None))
+    try:
+        await ready
+    finally:
+        remove(fd)
+
+
+async def _feed(fd: int, data: bytes) -> None:
+    """Write `data` into a pipe without blocking the loop, then close it."""
+    try:
+        while data:
+            try:
+                data = data[os.write(fd, data):]
+            except BlockingIOError:
+                await _wait_fd(fd, writable=True)
+    except OSError:
+        pass  # the command closed its stdin
+    finally:
+        os.close(fd)
+
+
+async def _collect(fd: int) -> bytes:
+    chunks, size = [], 0
+    try:
+        while True:
+            try:
+                data = os.read(fd, 65536)
+            except BlockingIOError:
+                await _wait_fd(fd, writable=False)
+                continue
+            if not data:
+                return b"".join(chunks)
+            if size < MAX_CAPTURE:
+                chunks.append(data[:MAX_CAPTURE - size])
+                size += len(chunks[-1])
+    finally:
+        os.close(fd)
+
+
+async def run_command(reaper: Reaper, argv: list[str], stdin: bytes, env: dict[str, str],
+                      timeout: float) -> tuple[int, bytes, bytes]:  # noqa: ASYNC109
+    """Run argv (no shell) in its own session; on timeout kill the session and say so."""
+    path = resolve(argv[0])
+    in_r, in_w = os.pipe()
+    out_r, out_w = os.pipe()
+    err_r, err_w = os.pipe()
+    try:
+        pid = os.posix_spawn(path, argv, env, setsid=True, file_actions=[
+            (os.POSIX_SPAWN_DUP2, in_r, 0), (os.POSIX_SPAWN_DUP2, out_w, 1), (os.POSIX_SPAWN_DUP2, err_w, 2)])
+        exited = reaper.watch(pid)
+    except BaseException:
+        for fd in (in_w, out_r, err_r):
+            os.close(fd)
+        raise
+    finally:
+        for fd in (in_r, out_w, err_w):
+            os.close(fd)
+    for fd in (in_w, out_r, err_r):
+        os.set_blocking(fd, False)
+    feeding = asyncio.create_task(_feed(in_w, stdin))
+    reading = asyncio.gather(_collect(out_r), _collect(err_r))
+    try:
+        async with asyncio.timeout(timeout):
+            out, err = await reading
+            status = (await exited).status
+    except TimeoutError:
+        try:
+            os.killpg(pid, 9)
+        except ProcessLookupError:
+            pass
+        raise DeadlineExceeded(f"{argv[0]} did not finish within {timeout:g}s (killed)") from None
+    finally:
+        feeding.cancel()
+        reading.cancel()
+    return status, out, err
