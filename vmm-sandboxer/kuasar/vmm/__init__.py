@@ -1,1 +1,1 @@
-"""vmm-sandboxer: micro-VM pods (QEMU). Not implemented yet; see the README's status table."""
+"""vmm-sandboxer: a micro-VM per pod (QEMU), whose guest agent serves the Task API (see sandboxer.py)."""

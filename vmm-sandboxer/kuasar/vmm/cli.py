@@ -1,12 +1,38 @@
-"""`vmm-sandboxer` entry point. The component is planned, not built: it says so and exits non-zero."""
+"""`vmm-sandboxer`: micro-VM pods (QEMU) behind containerd's Sandbox API, Kuasar's flags.
+
+    vmm-sandboxer --listen /run/kuasar/vmm-sandboxer.sock --dir /run/kuasar-vmm --config vmm.toml
+
+`task-proxy` is the per-VM relay the sandboxer starts itself (see kuasar.vmm.proxy).
+"""
 
 from __future__ import annotations
 
 import sys
 
-from kuasar.common.cli import not_implemented_command
+import click
 
-main = not_implemented_command("vmm-sandboxer", "micro-VM pods (QEMU)")
+from kuasar.common.cli import sandboxer_command
+from kuasar.common.config import DaemonConfig
+from kuasar.common.sandboxer import Sandboxer
+
+
+def make_sandboxer(config: DaemonConfig) -> Sandboxer:
+    from .sandboxer import VmmSandboxer
+
+    return VmmSandboxer(config)
+
+
+main = sandboxer_command("vmm", "/run/kuasar/vmm-sandboxer.sock", "/run/kuasar-vmm", make_sandboxer)
+
+
+@main.command("task-proxy", context_settings={"ignore_unknown_options": True, "help_option_names": []})
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def task_proxy(args: tuple[str, ...]) -> None:
+    """The hybrid-vsock task endpoint of one VM (started by the sandboxer)."""
+    from .proxy import main as proxy_main
+
+    sys.exit(proxy_main(list(args)))
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,0 +1,360 @@
+"""vmm-sandboxer under a real containerd 2.x through CRI, `io_type = "streaming"`: a QEMU micro-VM
+per pod (TCG on this kind of host), its guest agent serving the Task API.
+
+TCG makes every VM boot cost seconds, so there are two boots in all, each carrying a whole story:
+
+1. a CNI-networked pod: two containers, output in the CRI log, the pod IP seen inside the guest,
+   exec with exit code, stop, remove, sandbox metrics, and nothing left behind;
+2. a host-network pod (no NIC) whose QEMU is killed with SIGKILL from outside: the pod is reported
+   exited and removing it leaves nothing behind.
+
+The guest image is built (cached) with scripts/build_guest_image.py when missing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+
+from kuasar.common.api.containerd.cgroups.v2 import metrics_pb2 as v2
+from kuasar.common.api.containerd.services.sandbox.v1 import sandbox_pb2 as sb
+from kuasar.common.api.containerd.services.sandbox.v1 import sandbox_pb2_grpc as sb_grpc
+from kuasar.common.api.runtime.v1 import api_pb2 as cri
+from kuasar.common.cri_client import CriClient, container_config, pod_config
+from tests.support import containerd as cd
+from tests.support import images
+
+from .conftest import integration_skip_reason, start_sandboxer, stop_process
+from .cri_helpers import wait_log, wait_state
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
+IMAGE_DIR = REPO / "build" / "guest"
+BUSYBOX = "localhost/kuasar/busybox:latest"
+HANDLER = "kuasar-vmm"
+RUNTIME = {"runtime_type": "io.containerd.kuasar-vmm.v1", "sandboxer": "vmm", "io_type": "streaming"}
+TIMEOUT = 180.0  # CRI calls: a VM boot plus runc under TCG
+
+
+@dataclass
+class VmStack:
+    containerd: cd.ContainerdInstance
+    sandboxer: subprocess.Popen
+    socket: Path
+    directory: Path
+    log: Path
+    log_dir: Path
+    config: Path
+
+    @property
+    def address(self) -> str:
+        return self.containerd.address
+
+
+def vm_skip_reason() -> str | None:
+    reason = integration_skip_reason()
+    if reason:
+        return reason
+    if shutil.which("qemu-system-x86_64") is None:
+        return "qemu-system-x86_64 not installed (make setup)"
+    from kuasar.vmm.config import find_program
+
+    if find_program("vhost-device-vsock") is None:
+        return "vhost-device-vsock not installed (make setup)"
+    for tool in ("/usr/bin/python3.11", "/bin/busybox", "nsenter", "tc"):
+        if not os.path.exists(tool) and shutil.which(tool) is None:
+            return f"{tool} missing"
+    return None
+
+
+def guest_image() -> tuple[Path, Path]:
+    """build/guest/{vmlinux, initramfs}: built by the (cached) image script when missing or stale."""
+    result = subprocess.run([sys.executable, str(REPO / "scripts" / "build_guest_image.py")],
+                            capture_output=True, text=True, timeout=1200)
+    if result.returncode != 0:
+        if "apt-get" in result.stderr and "download" in result.stderr:
+            pytest.skip(f"guest kernel package could not be downloaded:\n{result.stderr[-2000:]}")
+        pytest.fail(f"guest image build failed:\n{result.stderr[-4000:]}")
+    manifest = json.loads((IMAGE_DIR / "manifest.json").read_text())
+    return IMAGE_DIR / "vmlinux", IMAGE_DIR / manifest["initramfs"]["file"]
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VmStack]:
+    reason = vm_skip_reason()
+    if reason:
+        pytest.skip(reason)
+    kernel, initrd = guest_image()
+    base = tmp_path_factory.mktemp("vmm")
+    short = Path(f"/run/kvm0-{secrets.token_hex(2)}")  # unix socket paths must stay short
+    short.mkdir(mode=0o700)
+    socket, directory = short / "vmm.sock", short / "vmm"
+    config = base / "vmm.toml"
+    config.write_text(f'[hypervisor]\nkernel_path = "{kernel}"\ninitrd_path = "{initrd}"\n'
+                      'vcpus = 1\nmemory_in_mb = 512\naccel = "auto"\n')
+    image_dir = base / "images"
+    busybox_tar = images.build_busybox_image(image_dir / "busybox.tar", ref=BUSYBOX)
+    pause_tar = images.build_pause_image(image_dir / "pause.tar")
+    instance = cd.ContainerdInstance(base / "containerd", sandboxers={"vmm": str(socket)},
+                                     runtimes={HANDLER: RUNTIME}, bridge="kuasar-vm0", subnet="10.249.0.0/16",
+                                     log_level="info")
+    instance.sock_dir = short / "cd"
+    instance.address = str(instance.sock_dir / "containerd.sock")
+    instance.ttrpc_address = str(instance.sock_dir / "containerd.sock.ttrpc")
+    instance.start()
+    sandboxer = None
+    log = base / "vmm-sandboxer.log"
+    try:
+        instance.import_image(busybox_tar)
+        instance.import_image(pause_tar)
+        os.environ["KUASAR_VMM_KEEP_LOGS"] = str(base / "vm-logs")  # console, QEMU, proxy logs of each VM
+        sandboxer = start_sandboxer(socket, directory, log, instance.ttrpc_address, module="kuasar.vmm.cli",
+                                    extra_args=("--config", str(config)))
+        current = VmStack(instance, sandboxer, socket, directory, log, base / "logs", config)
+        yield current
+        sandboxer = current.sandboxer  # a test may have restarted it
+    finally:
+        instance.stop()
+        if sandboxer is not None:
+            stop_process(sandboxer)
+        for leftover in (directory / "vm").glob("*/*.log"):  # a failed test's VM: keep its logs
+            (base / "vm-logs" / leftover.parent.name).mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(leftover, base / "vm-logs" / leftover.parent.name / leftover.name)
+        kill_leftovers(directory)
+        print(f"\nvmm-sandboxer log tail:\n{log.read_text()[-3000:] if log.exists() else ''}")
+        shutil.rmtree(short, ignore_errors=True)
+        os.environ.pop("KUASAR_VMM_KEEP_LOGS", None)
+
+
+def kill_leftovers(directory: Path) -> None:
+    """Last resort after a failed test: every process whose command line names our VM directory."""
+    import psutil
+
+    for proc in psutil.process_iter(["cmdline"]):
+        if any(str(directory) in arg for arg in proc.info["cmdline"] or []):
+            proc.kill()
+    from kuasar.vmm import hostfs
+
+    hostfs.unmount_tree(directory)
+
+
+def sandbox_state(stack: VmStack, pod_id: str) -> dict:
+    return json.loads((stack.directory / "sandboxes" / pod_id / "sandbox.json").read_text())
+
+
+def vm_processes(state: dict) -> list[int]:
+    vm = state["extra"]["vm"]
+    pids = [vm["hypervisor"]["qemu"]["pid"], vm["proxy"]["pid"]]
+    return pids + [h["pid"] for h in vm["hypervisor"]["helpers"].values()]
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def mounts_under(path: Path) -> list[str]:
+    with open("/proc/self/mountinfo") as f:
+        return [line.split()[4] for line in f if line.split()[4].startswith(str(path))]
+
+
+async def run_pod(client: CriClient, stack: VmStack, name: str, **kwargs) -> tuple[str, cri.PodSandboxConfig]:
+    uid = uuid.uuid4().hex[:12]
+    config = pod_config(name, uid=uid, log_directory=str(stack.log_dir / f"{name}-{uid}"), **kwargs)
+    response = await client.run_pod_sandbox(config, runtime_handler=HANDLER)
+    return response.pod_sandbox_id, config
+
+
+async def start(client: CriClient, pod_id: str, pod: cri.PodSandboxConfig, name: str, command: list[str],
+                mounts: list[cri.Mount] | None = None) -> str:
+    config = container_config(name, BUSYBOX, command, log_path=f"{name}.log")
+    config.mounts.extend(mounts or [])
+    cid = (await client.create_container(pod_id, config, pod)).container_id
+    await client.start_container(cid)
+    return cid
+
+
+def assert_nothing_left(stack: VmStack, pod_id: str, pids: list[int], netns: str = "") -> None:
+    for pid in pids:
+        deadline = time.monotonic() + 10
+        while alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not alive(pid), f"process {pid} ({open(f'/proc/{pid}/cmdline').read()!r}) left running"
+    vm_dir = stack.directory / "vm" / pod_id
+    assert not mounts_under(vm_dir), mounts_under(vm_dir)
+    assert not vm_dir.exists(), list(vm_dir.rglob("*"))
+    assert not (stack.directory / "sandboxes" / pod_id).exists()
+    if netns:
+        assert not os.path.exists(netns), "CRI removes the pod netns (and the tap with it)"
+
+
+async def tcp_read(host: str, port: int, timeout: float = 60.0) -> bytes:
+    """Everything a TCP server in the pod sends (retried until it listens, bounded)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 5)
+            break
+        except (OSError, TimeoutError):
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.2)
+    try:
+        return await asyncio.wait_for(reader.read(), 10)
+    finally:
+        writer.close()
+
+
+async def sandbox_metrics(stack: VmStack, pod_id: str) -> v2.Metrics:
+    async with grpc.aio.insecure_channel(f"unix://{stack.socket}") as channel:
+        stub = sb_grpc.ControllerStub(channel)
+        response = await stub.Metrics(sb.ControllerMetricsRequest(sandbox_id=pod_id), timeout=30)
+    assert response.metrics.data.type_url == "io.containerd.cgroups.v2.Metrics"
+    return v2.Metrics.FromString(response.metrics.data.value)
+
+
+def test_vm_pod_with_network_two_containers_exec_and_cleanup(stack: VmStack) -> None:
+    async def scenario() -> None:
+        async with CriClient(stack.address, timeout=TIMEOUT) as client:
+            t0 = time.monotonic()
+            pod_id, pod = await run_pod(client, stack, "vmpod", host_network=False, hostname="vmpod")
+            ready_s = time.monotonic() - t0
+            status = (await client.pod_sandbox_status(pod_id)).status
+            assert status.state == cri.SANDBOX_READY
+            pod_ip = status.network.ip
+            assert pod_ip.startswith("10.249."), pod_ip
+            state = sandbox_state(stack, pod_id)
+            qemu_pid = state["pid"]
+            assert "qemu-system" in open(f"/proc/{qemu_pid}/cmdline").read()
+            assert state["address"].startswith("ttrpc+hvsock://") and state["version"] == 3
+            netns = state["netns_path"]
+            assert os.stat(f"/proc/{qemu_pid}/ns/net").st_ino == os.stat(netns).st_ino, "QEMU runs in the pod netns"
+            pids = vm_processes(state)
+
+            # Container 1: output through streaming IO into the CRI log, the pod IP inside the guest,
+            # host volumes (read-only in, read-write out) shared into the VM.
+            volume_in, volume_out = stack.log_dir.parent / "vol-in", stack.log_dir.parent / "vol-out"
+            for d in (volume_in, volume_out):
+                d.mkdir(exist_ok=True)
+            (volume_in / "greeting").write_text("from-a-host-volume\n")
+            t1 = time.monotonic()
+            hello = await start(client, pod_id, pod, "hello",
+                                ["sh", "-c", "echo hello from $(hostname); ip -o -4 addr show eth0; cat /in/greeting; "
+                                             "echo written-in-the-vm > /out/result; echo to-stderr >&2; exit 3"],
+                                mounts=[cri.Mount(container_path="/in", host_path=str(volume_in), readonly=True),
+                                        cri.Mount(container_path="/out", host_path=str(volume_out))])
+            exited = await wait_state(client, hello, cri.CONTAINER_EXITED, timeout=TIMEOUT)
+            container_s = time.monotonic() - t1
+            assert exited.exit_code == 3
+            text = await wait_log(pod, "hello", "to-stderr")
+            assert "hello from vmpod" in text, text
+            assert f"inet {pod_ip}/16" in text, text
+            assert "from-a-host-volume" in text, text
+            assert (volume_out / "result").read_text() == "written-in-the-vm\n"
+
+            # Container 2 in the same VM: reachable from the host at the pod IP (veth <-> tap <-> guest),
+            # exec with output and exit code, then stop.
+            sleeper = await start(client, pod_id, pod, "sleeper",
+                                  ["sh", "-c", "echo pong-from-the-vm | nc -l -p 8080; exec sleep 3600"])
+            await wait_state(client, sleeper, cri.CONTAINER_RUNNING, timeout=TIMEOUT)
+            assert await tcp_read(pod_ip, 8080) == b"pong-from-the-vm\n"
+            t2 = time.monotonic()
+            result = await client.exec_sync(sleeper, ["sh", "-c", "echo exec-ok; cat /etc/hostname; exit 5"])
+            exec_s = time.monotonic() - t2
+            assert result.exit_code == 5
+            assert result.stdout.decode().split() == ["exec-ok", "vmpod"], result
+            metrics = await sandbox_metrics(stack, pod_id)
+            assert metrics.cpu.usage_usec > 0 and metrics.memory.usage > 0
+            assert metrics.pids.current >= 1, "the guest's pod cgroup holds the sleeper"
+            await client.stop_container(sleeper, timeout=2)
+            stopped = await wait_state(client, sleeper, cri.CONTAINER_EXITED, timeout=TIMEOUT)
+            assert stopped.exit_code in (137, 143)
+            for cid in (hello, sleeper):
+                await client.remove_container(cid)
+            assert not mounts_under(stack.directory / "vm" / pod_id / "shared" / hello), \
+                "the container's rootfs is unmounted on the host once it is deleted"
+
+            t3 = time.monotonic()
+            await client.stop_pod_sandbox(pod_id)
+            await client.remove_pod_sandbox(pod_id)
+            stop_s = time.monotonic() - t3
+            assert_nothing_left(stack, pod_id, pids, netns)
+            print(f"\nvm pod figures: ready {ready_s:.2f}s, first container run {container_s:.2f}s, "
+                  f"exec {exec_s:.2f}s, stop+remove {stop_s:.2f}s, boot {state['extra']['vm'].get('boot')}")
+
+    asyncio.run(scenario())
+
+
+async def pod_status_after_restart(client: CriClient, pod_id: str) -> cri.PodSandboxStatus:
+    """containerd's connection to the proxy plugin backs off while the sandboxer is down."""
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            return (await client.pod_sandbox_status(pod_id)).status
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.2)
+
+
+def test_sandboxer_restart_then_vm_killed_from_outside(stack: VmStack) -> None:
+    """A host-network pod (no NIC) sized by annotations. The sandboxer is killed and restarted: it re-attaches to the VM
+    and containerd's task connections (through the task proxy) survive. Then QEMU is SIGKILLed from
+    outside: the pod is reported exited and removing it leaves nothing behind."""
+
+    async def scenario() -> None:
+        async with CriClient(stack.address, timeout=TIMEOUT) as client:
+            pod_id, pod = await run_pod(client, stack, "victim", host_network=True,
+                                        annotations={"io.kuasar.vmm.vcpus": "2", "io.kuasar.vmm.memory_mb": "384"})
+            state = sandbox_state(stack, pod_id)
+            assert not state["extra"]["vm"]["network"], "a host-network pod gets no NIC"
+            argv = open(f"/proc/{state['pid']}/cmdline").read().split("\0")
+            assert argv[argv.index("-smp") + 1] == "2" and argv[argv.index("-m") + 1] == "384M"
+            assert "-netdev" not in argv
+            cid = await start(client, pod_id, pod, "sleeper", ["sleep", "3600"])
+            await wait_state(client, cid, cri.CONTAINER_RUNNING, timeout=TIMEOUT)
+            sizes = await client.exec_sync(cid, ["sh", "-c", "nproc; grep MemTotal /proc/meminfo"])
+            assert sizes.stdout.split()[0] == b"2" and 300_000 < int(sizes.stdout.split()[2]) < 393_216, sizes
+            pids = vm_processes(state)
+
+            stop_process(stack.sandboxer, signal.SIGKILL)
+            stack.sandboxer = start_sandboxer(stack.socket, stack.directory, stack.log,
+                                              stack.containerd.ttrpc_address, module="kuasar.vmm.cli",
+                                              extra_args=("--config", str(stack.config)))
+            assert (await pod_status_after_restart(client, pod_id)).state == cri.SANDBOX_READY
+            result = await client.exec_sync(cid, ["sh", "-c", "echo still-here"])
+            assert result.stdout == b"still-here\n" and result.exit_code == 0
+            assert (await client.container_status(cid)).status.state == cri.CONTAINER_RUNNING
+
+            os.kill(state["pid"], signal.SIGKILL)
+            deadline = time.monotonic() + 30
+            while (await client.pod_sandbox_status(pod_id)).status.state != cri.SANDBOX_NOTREADY:
+                assert time.monotonic() < deadline, "the killed VM was not reported"
+                await asyncio.sleep(0.1)
+            await wait_state(client, cid, cri.CONTAINER_EXITED, timeout=60)
+            # A re-attached QEMU is no longer our child: its exit is seen, its status is not.
+            assert sandbox_state(stack, pod_id)["exit_status"] in (137, 255)
+            await client.stop_pod_sandbox(pod_id)
+            await client.remove_container(cid)
+            await client.remove_pod_sandbox(pod_id)
+            assert_nothing_left(stack, pod_id, pids)
+
+    asyncio.run(scenario())

@@ -1,0 +1,138 @@
+"""The task proxy between containerd and a VM's agent: the hybrid-vsock handshake on both sides,
+Task.Create rewritten after the host side was prepared (rootfs mounted, spec rewritten, volumes bound
+into the shared directory), the host side taken down again after Delete, everything else relayed."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from kuasar.common import hvsock
+from kuasar.common.api.containerd.runtime.task.v2 import shim_pb2 as task
+from kuasar.common.api.containerd.types import mount_pb2
+from kuasar.common.errors import InvalidArgument
+from kuasar.common.ttrpc import Context, TtrpcServer
+from kuasar.vmm import hostfs
+from kuasar.vmm.proxy import HostPrep, TaskProxy
+
+TASK = "containerd.task.v3.Task"
+
+
+class FakeAgent:
+    """The guest side: answers CONNECT like vhost-device-vsock, then serves a recording Task API."""
+
+    def __init__(self, share: Path) -> None:
+        self.share = share
+        self.created: list[task.CreateTaskRequest] = []
+        self.seen_in_share: dict[str, object] = {}
+        self.server = TtrpcServer()
+        self.server.add_unary(TASK, "Create", task.CreateTaskRequest, self.create)
+        self.server.add_unary(TASK, "Delete", task.DeleteRequest, self.delete)
+        self.server.add_unary(TASK, "Pids", task.PidsRequest, self.pids)
+
+    async def create(self, req: task.CreateTaskRequest, ctx: Context) -> task.CreateTaskResponse:
+        self.created.append(req)
+        host_view = self.share / req.id  # what the guest would see through 9p
+        self.seen_in_share = {"config": json.loads((host_view / "config.json").read_text()),
+                              "rootfs": sorted(os.listdir(host_view / "rootfs")),
+                              "volume": (host_view / "volumes" / "0" / "v.txt").read_text()}
+        return task.CreateTaskResponse(pid=42)
+
+    async def delete(self, req: task.DeleteRequest, ctx: Context) -> task.DeleteResponse:
+        return task.DeleteResponse(pid=42, exit_status=0)
+
+    async def pids(self, req: task.PidsRequest, ctx: Context) -> task.PidsResponse:
+        return task.PidsResponse()
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        line = await reader.readline()
+        assert line == b"CONNECT 1024\n"
+        writer.write(b"OK 1024\n")
+        await writer.drain()
+        await self.server.serve_connection(reader, writer)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="binds the rootfs and a volume (needs root)")
+def test_create_is_prepared_on_the_host_and_rewritten(tmp_path: Path) -> None:
+    share = tmp_path / "shared"
+    share.mkdir()
+    image = tmp_path / "image"
+    (image / "bin").mkdir(parents=True)
+    (image / "bin" / "sh").write_text("")
+    volume = tmp_path / "volume"
+    volume.mkdir()
+    (volume / "v.txt").write_text("volume data")
+    bundle = tmp_path / "bundle"
+    (bundle / "rootfs").mkdir(parents=True)
+    spec = {"process": {"args": ["sh"]}, "root": {"path": "rootfs"},
+            "mounts": [{"destination": "/data", "type": "bind", "source": str(volume), "options": ["rbind", "ro"]}],
+            "linux": {"namespaces": [{"type": "network", "path": "/proc/1/ns/net"}, {"type": "mount"}]}}
+    (bundle / "config.json").write_text(json.dumps(spec))
+    agent = FakeAgent(share)
+
+    async def scenario() -> None:
+        uds = str(tmp_path / "vsock.sock")
+        guest = await asyncio.start_unix_server(agent.handle, path=uds)
+        proxy = TaskProxy(uds, HostPrep(share, "/run/kuasar/state"))
+        listen = str(tmp_path / "task.vsock")
+        front = await asyncio.start_unix_server(proxy.handle, path=listen)
+        try:
+            client = await hvsock.connect_ttrpc(listen, 1024)  # what containerd's hvsock dialer does
+            ns = {"containerd-namespace-ttrpc": "k8s.io"}
+            created = await client.call(TASK, "Create", task.CreateTaskRequest(
+                id="c1", bundle=str(bundle), stdout="ttrpc+hvsock:///x:1024?streaming_id=c1-stdout",
+                rootfs=[mount_pb2.Mount(type="bind", source=str(image), options=["rbind", "ro"])]),
+                task.CreateTaskResponse, timeout=10, metadata=ns)
+            assert created.pid == 42
+            [forwarded] = agent.created
+            assert forwarded.bundle == "/run/kuasar/state/c1" and not forwarded.rootfs
+            assert forwarded.stdout.endswith("streaming_id=c1-stdout")
+            seen = agent.seen_in_share
+            assert seen["rootfs"] == ["bin"] and seen["volume"] == "volume data"
+            config = seen["config"]
+            assert config["root"]["path"] == "rootfs" and config["linux"]["namespaces"] == [{"type": "mount"}]
+            assert config["mounts"][0]["source"] == "/run/kuasar/state/c1/volumes/0"
+            assert hostfs.mounts_under(share / "c1")
+            # Other calls pass through untouched.
+            await client.call(TASK, "Pids", task.PidsRequest(id="c1"), task.PidsResponse, timeout=10)
+            # A refused Create never reaches the guest and leaves nothing behind.
+            with pytest.raises(InvalidArgument):
+                await client.call(TASK, "Create", task.CreateTaskRequest(id="c2", bundle=str(tmp_path / "nope")),
+                                  task.CreateTaskResponse, timeout=10)
+            assert len(agent.created) == 1 and not (share / "c2").exists()
+            # Delete of the init process takes the host side down.
+            await client.call(TASK, "Delete", task.DeleteRequest(id="c1"), task.DeleteResponse, timeout=10)
+            for _ in range(100):
+                if not (share / "c1").exists():
+                    break
+                await asyncio.sleep(0.02)
+            assert not (share / "c1").exists() and not hostfs.mounts_under(share)
+            assert (volume / "v.txt").read_text() == "volume data", "the volume itself is untouched"
+            await client.close()
+        finally:
+            front.close()
+            guest.close()
+            hostfs.unmount_tree(share)
+
+    asyncio.run(scenario())
+
+
+def test_handshake_refusals(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        proxy = TaskProxy(str(tmp_path / "absent.sock"), HostPrep(tmp_path, "/run/kuasar/state"))
+        listen = str(tmp_path / "task.vsock")
+        server = await asyncio.start_unix_server(proxy.handle, path=listen)
+        try:
+            for line in (b"CONNECT 1025\n", b"HELLO\n", b"CONNECT 1024\n"):  # wrong port, junk, guest absent
+                reader, writer = await asyncio.open_unix_connection(listen)
+                writer.write(line)
+                assert await asyncio.wait_for(reader.read(), 10) == b"", "closed without OK"
+                writer.close()
+        finally:
+            server.close()
+
+    asyncio.run(scenario())

@@ -1,0 +1,97 @@
+"""Host-side mounts in a VM's shared directory: bind what the guest must see, and take every mount
+down before anything is deleted (a recursive delete through a leftover bind would wipe a volume)."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import shutil
+import stat as stat_mod
+from pathlib import Path
+
+from kuasar.common import linux
+from kuasar.common.errors import InvalidArgument, RuntimeFailure
+
+log = logging.getLogger(__name__)
+
+
+def _unescape(path: str) -> str:
+    out, i = [], 0
+    while i < len(path):
+        if path[i] == "\\" and path[i + 1:i + 4].isdigit() and len(path[i + 1:i + 4]) == 3:
+            out.append(chr(int(path[i + 1:i + 4], 8)))
+            i += 4
+        else:
+            out.append(path[i])
+            i += 1
+    return "".join(out)
+
+
+def mounts_under(root: str | os.PathLike[str]) -> list[str]:
+    """Mount points at or below `root`, deepest first (from /proc/self/mountinfo)."""
+    top = os.path.realpath(root).rstrip("/") or "/"
+    found = set()
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+            for line in f:
+                point = _unescape(line.split()[4])
+                if point == top or point.startswith(top + "/"):
+                    found.add(point)
+    except OSError:
+        return []
+    return sorted(found, key=lambda p: (-p.count("/"), p))
+
+
+def unmount_tree(root: str | os.PathLike[str]) -> list[str]:
+    """Unmount everything at or below `root` (lazily when busy); returns what is still mounted."""
+    for _ in range(8):
+        points = mounts_under(root)
+        if not points:
+            return []
+        for point in points:
+            try:
+                linux.umount(point)
+            except OSError as err:
+                if err.errno == errno.EBUSY:
+                    try:
+                        linux.umount(point, linux.MNT_DETACH)
+                    except OSError:
+                        pass
+                elif err.errno not in (errno.EINVAL, errno.ENOENT):
+                    log.warning("umount %s: %s", point, err)
+    return mounts_under(root)
+
+
+def remove_tree(root: str | os.PathLike[str]) -> None:
+    """Unmount, then delete `root`; refuses to delete while anything is still mounted below it."""
+    if not os.path.lexists(root):
+        return
+    left = unmount_tree(root)
+    if left:
+        raise RuntimeFailure(f"not removing {root}: still mounted: {', '.join(left)}")
+    shutil.rmtree(root, ignore_errors=True)
+    if os.path.lexists(root):
+        raise RuntimeFailure(f"could not remove {root}")
+
+
+def bind(source: str, target: Path, readonly: bool) -> None:
+    """Bind a host file or directory onto `target` (created to match), read-only if asked."""
+    try:
+        st = os.stat(source)
+    except OSError as err:
+        raise InvalidArgument(f"bind source {source}: {err.strerror}") from None
+    if stat_mod.S_ISDIR(st.st_mode):
+        target.mkdir(parents=True, exist_ok=True)
+    elif stat_mod.S_ISREG(st.st_mode):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.touch(exist_ok=True)
+    else:
+        raise InvalidArgument(f"bind source {source}: only files and directories can be shared with a VM")
+    try:
+        linux.mount(source, str(target), "", linux.MS_BIND | linux.MS_REC)
+        if readonly:
+            linux.mount("", str(target), "", linux.MS_BIND | linux.MS_REMOUNT | linux.MS_RDONLY)
+    except OSError as err:
+        unmount_tree(target)
+        raise RuntimeFailure(f"binding {source} into the VM's shared directory: {err}") from None

@@ -1,0 +1,296 @@
+"""The task proxy of one VM: the hybrid-vsock endpoint containerd dials, relaying to the guest agent.
+
+    python -m kuasar.vmm.proxy --listen <vm dir>/task.vsock --uds <vm dir>/vsock.sock \
+        --share <vm dir>/shared --guest-share /run/kuasar/state
+
+Why it exists: containerd sends `Task.Create` straight to the task address with the *host* bundle
+path and the container's rootfs as host overlay mounts, which the guest cannot see. Upstream CRI
+never calls `Controller.Update`, so nothing reaches the sandboxer between CreateContainer and that
+`Task.Create`. The proxy sits on that path and, for `Create`, does the host side first:
+
+1. mount the rootfs (`CreateTaskRequest.rootfs`, normally one overlay) on the host at
+   `<share>/<id>/rootfs`, bind the container's host volumes at `<share>/<id>/volumes/<n>`;
+2. write the spec rewritten for the guest (`spec.rewrite_spec`) to `<share>/<id>/config.json`;
+3. forward `Create` with `bundle = <guest share>/<id>` and no rootfs mounts.
+
+The share reaches the guest over 9p (or virtio-fs). A successful `Delete` of the init process (or a
+failed `Create`) takes the host mounts down again. Every other frame, including the streaming IO
+calls, is relayed unchanged. The listening socket speaks the hybrid-vsock handshake (`CONNECT
+<port>` / `OK <port>`), so the address containerd gets is `ttrpc+hvsock://<listen>:1024`, the same
+shape as a VMM's own vsock socket; each connection is one `CONNECT` to the guest through
+vhost-device-vsock.
+
+It is a process of its own (one per VM, in its own session) so that containerd's task connections
+survive a restart of the sandboxer, as they would if containerd dialed the VMM's socket directly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import re
+import signal
+import struct
+import sys
+from pathlib import Path
+
+from kuasar.common import hvsock, mounts
+from kuasar.common.api.containerd.runtime.task.v2 import shim_pb2 as task
+from kuasar.common.api.ttrpc import request_pb2
+from kuasar.common.errors import Code, InvalidArgument, KuasarError, RuntimeFailure
+from kuasar.common.ids import validate_id
+from kuasar.common.state import write_atomic
+
+from . import hostfs
+from .spec import VOLUMES_DIR, rewrite_process, rewrite_spec
+
+log = logging.getLogger("kuasar.vmm.proxy")
+
+HEADER = struct.Struct(">IIBB")
+REQUEST, RESPONSE = 1, 2
+MAX_FRAME = 4 << 20
+TASK_SERVICES = ("containerd.task.v3.Task", "containerd.task.v2.Task")
+HANDSHAKE_TIMEOUT = 10.0
+GUEST_CONNECT_TIMEOUT = 5.0
+MAX_SPEC_BYTES = 4 << 20
+_CONNECT_RE = re.compile(rb"CONNECT (\d{1,10})\r?\n")
+
+
+class HostPrep:
+    """The host half of a container in a VM: its directory in the shared directory."""
+
+    def __init__(self, share: Path, guest_share: str) -> None:
+        self.share = share
+        self.guest_share = guest_share.rstrip("/")
+
+    def host_dir(self, container_id: str) -> Path:
+        return self.share / validate_id(container_id, "container id")
+
+    def prepare(self, req: task.CreateTaskRequest) -> task.CreateTaskRequest:
+        """Mount and write what the guest needs; returns the request to forward."""
+        cid = validate_id(req.id, "container id")
+        host_dir = self.host_dir(cid)
+        guest_bundle = f"{self.guest_share}/{cid}"
+        if not os.path.isabs(req.bundle):
+            raise InvalidArgument(f"bundle {req.bundle!r} is not an absolute host path")
+        try:
+            raw = (Path(req.bundle) / "config.json").read_bytes()
+        except OSError as err:
+            raise InvalidArgument(f"reading {req.bundle}/config.json: {err.strerror}") from None
+        if len(raw) > MAX_SPEC_BYTES:
+            raise InvalidArgument("config.json is too large")
+        try:
+            spec = json.loads(raw)
+        except ValueError:
+            raise InvalidArgument(f"{req.bundle}/config.json is not JSON") from None
+        guest_spec, binds = rewrite_spec(spec, cid, guest_bundle)
+        if os.path.lexists(host_dir):  # a leftover of an earlier attempt
+            hostfs.remove_tree(host_dir)
+        host_dir.mkdir(mode=0o711)
+        try:
+            rootfs = host_dir / "rootfs"
+            if req.rootfs:
+                mounts.mount_rootfs(req.rootfs, rootfs)
+            else:
+                root = (spec.get("root") or {}).get("path", "rootfs")
+                source = root if os.path.isabs(root) else os.path.join(req.bundle, root)
+                hostfs.bind(source, rootfs, readonly=False)
+            for share in binds:
+                hostfs.bind(share.source, host_dir / VOLUMES_DIR / share.name, share.readonly)
+            write_atomic(host_dir / "config.json", json.dumps(guest_spec).encode(), mode=0o644)
+        except BaseException:
+            self.cleanup(cid)
+            raise
+        forward = task.CreateTaskRequest()
+        forward.CopyFrom(req)
+        forward.bundle = guest_bundle
+        del forward.rootfs[:]
+        log.info("container %s: rootfs and %d volume(s) shared, bundle %s", cid, len(binds), guest_bundle)
+        return forward
+
+    def cleanup(self, container_id: str) -> None:
+        try:
+            hostfs.remove_tree(self.host_dir(container_id))
+        except KuasarError as err:
+            log.error("container %s: %s", container_id, err.message)
+
+
+def _frame(stream_id: int, ftype: int, payload: bytes, flags: int = 0) -> bytes:
+    return HEADER.pack(len(payload), stream_id, ftype, flags) + payload
+
+
+def error_response(stream_id: int, err: KuasarError) -> bytes:
+    response = request_pb2.Response(status=request_pb2.Status(code=int(err.code), message=err.message))
+    return _frame(stream_id, RESPONSE, response.SerializeToString())
+
+
+async def read_frame(reader: asyncio.StreamReader) -> tuple[int, int, int, bytes] | None:
+    try:
+        header = await reader.readexactly(HEADER.size)
+    except asyncio.IncompleteReadError:
+        return None
+    length, stream_id, ftype, flags = HEADER.unpack(header)
+    if length > MAX_FRAME:
+        raise RuntimeFailure(f"frame of {length} bytes")
+    try:
+        payload = await reader.readexactly(length)
+    except asyncio.IncompleteReadError:
+        return None
+    return stream_id, ftype, flags, payload
+
+
+class TaskProxy:
+    def __init__(self, uds: str, prep: HostPrep, port: int = 1024) -> None:
+        self.uds = uds
+        self.prep = prep
+        self.port = port
+
+    def intercept(self, stream_id: int, payload: bytes, pending: dict[int, tuple[str, str]]) -> bytes | None:
+        """The (possibly rewritten) request payload to forward; raises KuasarError to refuse it."""
+        req = request_pb2.Request.FromString(payload)
+        if req.service not in TASK_SERVICES:
+            return payload
+        if req.method == "Create":
+            create = task.CreateTaskRequest.FromString(req.payload)
+            forward = self.prep.prepare(create)
+            pending[stream_id] = ("create", create.id)
+            req.payload = forward.SerializeToString()
+            return req.SerializeToString()
+        if req.method == "Delete":
+            delete = task.DeleteRequest.FromString(req.payload)
+            if not delete.exec_id:
+                pending[stream_id] = ("delete", delete.id)
+            return payload
+        if req.method == "Exec":
+            exec_req = task.ExecProcessRequest.FromString(req.payload)
+            try:
+                process = json.loads(exec_req.spec.value or b"{}")
+            except ValueError:
+                return payload  # the agent reports it
+            rewritten = rewrite_process(process)
+            if rewritten != process:
+                exec_req.spec.value = json.dumps(rewritten).encode()
+                req.payload = exec_req.SerializeToString()
+                return req.SerializeToString()
+        return payload
+
+    def responded(self, payload: bytes, what: tuple[str, str]) -> None:
+        kind, cid = what
+        try:
+            code = request_pb2.Response.FromString(payload).status.code
+        except Exception:  # noqa: BLE001 - an undecodable reply is containerd's problem, not ours
+            return
+        if (kind == "create" and code != Code.OK) or (kind == "delete" and code in (Code.OK, Code.NOT_FOUND)):
+            self.prep.cleanup(cid)
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        guest_writer: asyncio.StreamWriter | None = None
+        try:
+            try:
+                line = await asyncio.wait_for(reader.readline(), HANDSHAKE_TIMEOUT)
+            except TimeoutError:
+                return
+            match = _CONNECT_RE.fullmatch(line)
+            if match is None or int(match.group(1)) != self.port:
+                log.warning("refusing handshake %r", line[:64])
+                return
+            try:
+                guest_reader, guest_writer = await hvsock.connect(self.uds, self.port,
+                                                                  timeout=GUEST_CONNECT_TIMEOUT)
+            except KuasarError as err:
+                log.warning("guest unreachable: %s", err.message)
+                return  # EOF without a reply: containerd's dialer retries
+            writer.write(f"OK {self.port}\n".encode())
+            await writer.drain()
+            pending: dict[int, tuple[str, str]] = {}
+            up = asyncio.create_task(self._upstream(reader, writer, guest_writer, pending))
+            down = asyncio.create_task(self._downstream(guest_reader, writer, pending))
+            try:
+                done, rest = await asyncio.wait([up, down], return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for t in (up, down):
+                    t.cancel()
+                await asyncio.gather(up, down, return_exceptions=True)
+            for t in done:
+                if not t.cancelled() and t.exception() is not None:
+                    log.warning("connection ended: %r", t.exception())
+        except asyncio.CancelledError:
+            pass  # the proxy is exiting; containerd sees the connection close
+        finally:
+            for w in (writer, guest_writer):
+                if w is not None:
+                    w.close()
+
+    async def _upstream(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                        guest: asyncio.StreamWriter, pending: dict[int, tuple[str, str]]) -> None:
+        while (frame := await read_frame(reader)) is not None:
+            stream_id, ftype, flags, payload = frame
+            if ftype == REQUEST:
+                try:
+                    forward = self.intercept(stream_id, payload, pending)
+                except KuasarError as err:
+                    log.warning("request on stream %d refused: %s", stream_id, err.message)
+                    writer.write(error_response(stream_id, err))
+                    await writer.drain()
+                    continue
+                except Exception as err:  # noqa: BLE001 - reported to containerd, the relay goes on
+                    log.exception("request on stream %d failed", stream_id)
+                    writer.write(error_response(stream_id, RuntimeFailure(f"vmm task proxy: {err}")))
+                    await writer.drain()
+                    continue
+                payload = forward
+            guest.write(_frame(stream_id, ftype, payload, flags))
+            await guest.drain()
+
+    async def _downstream(self, guest: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                          pending: dict[int, tuple[str, str]]) -> None:
+        while (frame := await read_frame(guest)) is not None:
+            stream_id, ftype, flags, payload = frame
+            if ftype == RESPONSE and stream_id in pending:
+                self.responded(payload, pending.pop(stream_id))
+            writer.write(_frame(stream_id, ftype, payload, flags))
+            await writer.drain()
+
+
+async def serve(args: argparse.Namespace) -> None:
+    proxy = TaskProxy(args.uds, HostPrep(Path(args.share), args.guest_share), args.port)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(args.listen)
+    old = os.umask(0o177)
+    try:
+        server = await asyncio.start_unix_server(proxy.handle, path=args.listen)
+    finally:
+        os.umask(old)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    log.info("relaying %s to guest port %d through %s", args.listen, args.port, args.uds)
+    async with server:
+        await stop.wait()
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(args.listen)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="kuasar.vmm.proxy", description=__doc__.splitlines()[0])
+    parser.add_argument("--listen", required=True)
+    parser.add_argument("--uds", required=True, help="vhost-device-vsock's hybrid-vsock socket")
+    parser.add_argument("--share", required=True, help="the VM's shared directory on the host")
+    parser.add_argument("--guest-share", default="/run/kuasar/state", help="where the guest mounts it")
+    parser.add_argument("--port", type=int, default=1024)
+    parser.add_argument("--sandbox", default="", help="sandbox id (for ps and logs)")
+    parser.add_argument("--log-level", default="info")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr, force=True,
+                        format=f"%(asctime)s %(levelname)s proxy[{args.sandbox[:12]}]: %(message)s")
+    asyncio.run(serve(args))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,137 @@
+"""Rewrite the OCI spec CRI generated on the host into one runc can use inside the pod's VM.
+
+CRI writes the spec for a host runtime: namespaces point at `/proc/<pod pid>/ns/*` (here the QEMU
+process), mounts name host paths, the cgroup path and cpuset are the host's. In the VM:
+
+* **namespaces**: the guest's root network namespace *is* the pod network (the NIC was copied in),
+  so `network` is dropped; `ipc`/`uts` (and `pid` for a shared PID namespace) that CRI wants shared
+  through a path are dropped too, i.e. shared with the guest, whose hostname is the pod's; those
+  without a path stay private (new). `mount`/`cgroup` stay new; a `user` namespace path is dropped.
+* **mounts**: binds whose source is a host file or directory are shared through the VM's shared
+  directory (`volumes/<n>` next to the bundle, bind-mounted there on the host); `/etc/hosts`,
+  `/etc/hostname`, `/etc/resolv.conf` use the guest's own files (written by SetupSandbox from the
+  pod's hostname and DNS config; added when CRI mounted none, which it does not for a proxy
+  sandboxer's pods) and `/dev/shm` the guest's pod-wide shm; propagation is made private (9p cannot
+  propagate). proc/sysfs/tmpfs/devpts/mqueue/cgroup mounts are kept: they are made in the guest (an
+  emptyDir of medium Memory is such a tmpfs).
+* **paths**: `root.path` -> `rootfs` in the guest bundle; `linux.cgroupsPath` -> `/kuasar/<id>`
+  (one guest cgroup for the pod's containers, read for sandbox metrics).
+* **host-only settings**: cpuset cpus/mems (host CPU numbers), `linux.devices` (host devices),
+  hooks (host binaries), AppArmor/SELinux labels, sysctls (set pod-wide by SetupSandbox: runc
+  refuses net/ipc sysctls once those namespaces are shared with the guest) are removed.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from kuasar.common.errors import InvalidArgument
+
+GUEST_CGROUP_PARENT = "/kuasar"
+# Destinations served by the guest's own files, whatever host path CRI named.
+GUEST_FILES = {"/etc/hosts": "/etc/hosts", "/etc/hostname": "/etc/hostname", "/etc/resolv.conf": "/etc/resolv.conf",
+               "/dev/shm": "/dev/shm"}
+# CRI mounts the pod's hostname/hosts/resolv.conf only when *its* sandbox controller wrote them on the
+# host (podsandbox does, a proxy sandboxer's pod has none), so the guest's files are added when absent.
+POD_FILES = ("/etc/hostname", "/etc/hosts", "/etc/resolv.conf")
+SHARED_NAMESPACE_TYPES = ("ipc", "uts", "pid")
+PROPAGATION = {"shared", "rshared", "slave", "rslave", "private", "rprivate", "unbindable", "runbindable"}
+VOLUMES_DIR = "volumes"
+
+
+@dataclass(frozen=True)
+class ShareBind:
+    """A host path to bind into the shared directory at `<guest bundle on host>/volumes/<name>`."""
+
+    source: str
+    name: str
+    readonly: bool
+
+
+def _is_bind(mount: dict[str, Any]) -> bool:
+    options = mount.get("options") or []
+    return mount.get("type") in ("bind", "rbind") or "bind" in options or "rbind" in options
+
+
+def rewrite_namespaces(namespaces: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], set[str]]:
+    """(the guest's namespace list, the types shared with the guest)."""
+    out, shared = [], set()
+    for ns in namespaces:
+        kind = ns.get("type", "")
+        if kind == "network":
+            shared.add(kind)
+            continue
+        if kind in SHARED_NAMESPACE_TYPES and ns.get("path"):
+            shared.add(kind)
+            continue
+        out.append({"type": kind})  # new, private to the container (a host path means nothing here)
+    return out, shared
+
+
+def rewrite_mounts(mounts: list[dict[str, Any]], guest_bundle: str) -> tuple[list[dict[str, Any]], list[ShareBind]]:
+    out, binds = [], []
+    for mount in mounts:
+        mount = copy.deepcopy(mount)
+        if not _is_bind(mount):
+            out.append(mount)
+            continue
+        source, dest = mount.get("source", ""), mount.get("destination", "")
+        if not os.path.isabs(source):
+            raise InvalidArgument(f"bind mount {dest!r}: source {source!r} is not an absolute host path")
+        options = [o for o in mount.get("options") or [] if o not in PROPAGATION]
+        options.append("rprivate")
+        mount["options"] = options
+        if dest in GUEST_FILES:
+            mount["source"] = GUEST_FILES[dest]
+        else:
+            name = str(len(binds))
+            binds.append(ShareBind(source=source, name=name, readonly="ro" in options))
+            mount["source"] = f"{guest_bundle}/{VOLUMES_DIR}/{name}"
+        out.append(mount)
+    present = {m.get("destination") for m in out}
+    for dest in POD_FILES:
+        if dest not in present:
+            out.append({"destination": dest, "type": "bind", "source": GUEST_FILES[dest],
+                        "options": ["rbind", "rprivate", "rw"]})
+    return out, binds
+
+
+def rewrite_spec(spec: dict[str, Any], container_id: str, guest_bundle: str) -> tuple[dict[str, Any], list[ShareBind]]:
+    """The guest's spec and the host binds the proxy must make before the agent sees it (pure)."""
+    if not isinstance(spec, dict) or not isinstance(spec.get("process"), dict):
+        raise InvalidArgument("config.json is not an OCI runtime spec with a process")
+    guest = copy.deepcopy(spec)
+    root = guest.get("root") or {}
+    guest["root"] = {"path": "rootfs", "readonly": bool(root.get("readonly", False))}
+    guest.pop("hooks", None)
+    process = guest["process"]
+    for key in ("apparmorProfile", "selinuxLabel"):
+        process.pop(key, None)
+    linux = guest.setdefault("linux", {})
+    namespaces, shared = rewrite_namespaces(linux.get("namespaces") or [])
+    linux["namespaces"] = namespaces
+    if "uts" in shared:
+        guest.pop("hostname", None)  # runc refuses a hostname without a private UTS namespace
+        guest.pop("domainname", None)
+    linux["cgroupsPath"] = f"{GUEST_CGROUP_PARENT}/{container_id}"
+    for key in ("devices", "mountLabel", "intelRdt", "sysctl"):
+        linux.pop(key, None)
+    cpu = (linux.get("resources") or {}).get("cpu")
+    if isinstance(cpu, dict):
+        cpu.pop("cpus", None)
+        cpu.pop("mems", None)
+    guest["mounts"], binds = rewrite_mounts(guest.get("mounts") or [], guest_bundle)
+    return guest, binds
+
+
+def rewrite_process(process: dict[str, Any]) -> dict[str, Any]:
+    """An exec's OCI Process for the guest (host security labels removed)."""
+    if not isinstance(process, dict):
+        raise InvalidArgument("exec spec is not an OCI Process")
+    out = dict(process)
+    for key in ("apparmorProfile", "selinuxLabel"):
+        out.pop(key, None)
+    return out
