@@ -41,6 +41,20 @@ def proc_cgroups(pid: int) -> dict[str, str]:
     return paths
 
 
+def cgroup_procs_of(pid: int) -> list[int]:
+    """Every process in the cgroup `pid` lives in (the pids, memory or unified hierarchy)."""
+    paths = proc_cgroups(pid)
+    for controller in ("", "pids", "memory", "freezer"):
+        if controller in paths and (controller or is_unified()):
+            base = CGROUP_ROOT / controller if controller else CGROUP_ROOT
+            try:
+                text = (base / _clean_relative(paths[controller]) / "cgroup.procs").read_text()
+            except OSError:
+                continue
+            return [int(line) for line in text.split()]
+    return []
+
+
 def _clean_relative(path: str) -> str:
     rel = os.path.normpath("/" + path).lstrip("/")
     if ".." in rel.split("/"):

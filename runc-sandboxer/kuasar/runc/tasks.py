@@ -237,14 +237,24 @@ class RuncTasks(TaskBackend):
         if proc.status == types.STOPPED:
             raise NotFound(f"process {req.exec_id or req.id} already finished")
         if req.exec_id:
-            if proc.pid:
-                try:
-                    os.kill(proc.pid, req.signal)
-                except ProcessLookupError:
-                    pass
-            return empty_pb2.Empty()
-        await self.runc.kill(req.id, req.signal, all_processes=req.all)
+            _signal([proc.pid] if proc.pid else [], req.signal)
+        elif not self._signal_directly(container, req.signal, req.all):
+            await self.runc.kill(req.id, req.signal, all_processes=req.all)
         return empty_pb2.Empty()
+
+    def _signal_directly(self, container: Container, sig: int, all_processes: bool) -> bool:
+        """Signal without a `runc kill` round trip; False when runc has to (a frozen container).
+
+        Answering Kill before the process can die matters: containerd deletes the task (closing its
+        connection) as soon as it sees the exit, and a Kill still waiting on runc then fails with
+        "ttrpc: closed". Our pids cannot be reused behind our back: we are the reaper, and a reaped
+        init is STOPPED.
+        """
+        if container.init.status == types.PAUSED:
+            return False
+        pids = cgroups.cgroup_procs_of(container.init.pid) if all_processes else []
+        _signal(pids or [container.init.pid], sig)
+        return True
 
     async def wait(self, req: task.WaitRequest, ctx: Context) -> task.WaitResponse:
         proc = self._get(req.id).process(req.exec_id)
@@ -359,7 +369,7 @@ class RuncTasks(TaskBackend):
 
     async def kill_pod_containers(self, pod_id: str, sig: int) -> None:
         for container in [c for c in self.containers.values() if c.pod_id == pod_id]:
-            if container.init.status != types.STOPPED:
+            if container.init.status != types.STOPPED and not self._signal_directly(container, sig, True):
                 try:
                     await self.runc.kill(container.id, sig, all_processes=True)
                 except (NotFound, Exception) as exc:  # noqa: BLE001 - best effort during pod stop
@@ -384,6 +394,14 @@ class RuncTasks(TaskBackend):
                 await self.wait_pod_containers(pod_id, 10.0)
             await self._remove(container)
             log.info("pod %s: removed leftover container %s", pod_id, container.id)
+
+
+def _signal(pids: list[int], sig: int) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
 
 
 def bundle_namespace(bundle: Path) -> str:
