@@ -44,10 +44,13 @@ def prepare_bundle(bundle: Path) -> None:
 
 
 def _runc(root: Path, *args: str) -> None:
-    result = subprocess.run(["runc", "--root", str(root), *args], stdin=subprocess.DEVNULL,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, check=False)
-    if result.returncode != 0:
-        raise RuntimeError(f"runc {args[0]} failed: {result.stderr.decode(errors='replace').strip()}")
+    # Not a pipe for stderr: a detached container inherits runc's stdio and would hold it open.
+    with tempfile.TemporaryFile() as err:
+        result = subprocess.run(["runc", "--root", str(root), *args], stdin=subprocess.DEVNULL,
+                                stdout=subprocess.DEVNULL, stderr=err, check=False)
+        if result.returncode != 0:
+            err.seek(0)
+            raise RuntimeError(f"runc {args[0]} failed: {err.read().decode(errors='replace').strip()}")
 
 
 def _reap() -> None:
@@ -58,34 +61,39 @@ def _reap() -> None:
         pass
 
 
+def _timed(root: Path, *args: str) -> float:
+    t0 = time.perf_counter()
+    _runc(root, *args)
+    return (time.perf_counter() - t0) * 1000.0
+
+
 def measure(count: int, workdir: Path) -> dict[str, list[float]]:
-    """`count` rounds of run -d (timed until runc returns: the container is running) and delete -f."""
+    """`count` rounds of `run -d` (timed until runc returns: the container is running) + `delete -f`,
+    each followed by the two-step `create` + `start` that a shim has to do, for reference."""
     bundle, root = workdir / "bundle", workdir / "runc-root"
     prepare_bundle(bundle)
     root.mkdir(mode=0o700)
     prefix = f"kuasar-floor-{secrets.token_hex(3)}"
-    run_ms: list[float] = []
-    delete_ms: list[float] = []
+    result: dict[str, list[float]] = {"run_ms": [], "delete_ms": [], "create_ms": [], "start_ms": []}
     live: set[str] = set()
     try:
         for i in range(count):
             name = f"{prefix}-{i}"
-            t0 = time.perf_counter()
             live.add(name)
-            _runc(root, "run", "--detach", "--bundle", str(bundle), name)
-            t1 = time.perf_counter()
-            _runc(root, "delete", "--force", name)
-            live.discard(name)
-            t2 = time.perf_counter()
-            run_ms.append((t1 - t0) * 1000.0)
-            delete_ms.append((t2 - t1) * 1000.0)
+            result["run_ms"].append(_timed(root, "run", "--detach", "--bundle", str(bundle), name))
+            result["delete_ms"].append(_timed(root, "delete", "--force", name))
+            live.add(f"{name}-2")
+            result["create_ms"].append(_timed(root, "create", "--bundle", str(bundle), f"{name}-2"))
+            result["start_ms"].append(_timed(root, "start", f"{name}-2"))
+            _runc(root, "delete", "--force", f"{name}-2")
+            live -= {name, f"{name}-2"}
             _reap()
     finally:
         for name in live:
             subprocess.run(["runc", "--root", str(root), "delete", "--force", name], capture_output=True,
                            check=False)
         _reap()
-    return {"run_ms": run_ms, "delete_ms": delete_ms}
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -145,15 +145,16 @@ async def _fill(client: CriClient, stack: Stack, handler: str, label: str, pods:
                                        for k in range(batch)))
 
 
-async def _drain(client: CriClient, pods: list[Pod]) -> None:
+async def _drain(client: CriClient, pods: list[Pod], errors: list[str]) -> None:
     while pods:
         batch, pods[:] = pods[:FILL_BATCH], pods[FILL_BATCH:]
-        await asyncio.gather(*(teardown(client, pod) for pod in batch))
+        await asyncio.gather(*(teardown(client, pod, errors) for pod in batch))
 
 
 async def memory_phase(client: CriClient, stack: Stack, levels: list[int], settle: float,
-                       order: list[str]) -> dict[str, list[dict[str, object]]]:
-    """For each path in `order`: grow to every level, let it settle, sample, then remove all pods."""
+                       order: list[str], errors: list[str]) -> dict[str, list[dict[str, object]]]:
+    """For each path in `order`: grow to every level, let it settle, sample, then remove all pods
+    (teardown errors, retried, are appended to `errors`)."""
     results: dict[str, list[dict[str, object]]] = {}
     for label in order:
         handler = HANDLERS[label]
@@ -165,7 +166,7 @@ async def memory_phase(client: CriClient, stack: Stack, levels: list[int], settl
                 await asyncio.sleep(settle)
                 rows.append((await sample(client, stack, label, pods)).to_json())
         finally:
-            await _drain(client, pods)
+            await _drain(client, pods, errors)
         results[label] = rows
         await asyncio.sleep(settle)
     return results

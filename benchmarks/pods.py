@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+
+import grpc
 
 from kuasar.common.api.runtime.v1 import api_pb2 as cri
 from kuasar.common.cri_client import CriClient, container_config, pod_config
@@ -14,6 +17,8 @@ from .stack import BUSYBOX
 
 # What every benchmark container runs: a long sleep, killed (grace 0) at teardown.
 WORKLOAD = ["sleep", "3600"]
+# After a failed StopContainer, how long to wait for CRI to see the container's exit.
+EXIT_WAIT_S = 10.0
 
 
 @dataclass
@@ -64,14 +69,32 @@ async def start_pod(client: CriClient, handler: str, name: str, log_root: Path) 
     return Pod(handler, pod_id, container_id, config, PodTiming(run_pod, create, start))
 
 
-async def teardown(client: CriClient, pod: Pod) -> float:
-    """StopContainer (grace 0) + RemoveContainer + StopPodSandbox + RemovePodSandbox, in ms."""
+async def teardown(client: CriClient, pod: Pod, errors: list[str] | None = None) -> float:
+    """StopContainer (grace 0) + RemoveContainer + StopPodSandbox + RemovePodSandbox, in ms.
+
+    A failed StopContainer is recorded in `errors` and recovered from (wait until CRI reports the
+    container exited, stop it again), so a flaky Kill shows up in the results instead of ending the run.
+    """
     t0 = time.perf_counter()
-    await client.stop_container(pod.container_id, timeout=0)
+    try:
+        await client.stop_container(pod.container_id, timeout=0)
+    except grpc.aio.AioRpcError as exc:
+        if errors is not None:
+            errors.append(f"{pod.handler}: StopContainer: {exc.code().name}: {exc.details()}")
+        await _wait_exited(client, pod.container_id)
+        await client.stop_container(pod.container_id, timeout=0)
     await client.remove_container(pod.container_id)
     await client.stop_pod_sandbox(pod.pod_id)
     await client.remove_pod_sandbox(pod.pod_id)
     return _ms(t0)
+
+
+async def _wait_exited(client: CriClient, container_id: str) -> None:
+    deadline = time.monotonic() + EXIT_WAIT_S
+    while time.monotonic() < deadline:
+        if (await client.container_status(container_id)).status.state == cri.CONTAINER_EXITED:
+            return
+        await asyncio.sleep(0.02)
 
 
 async def remove_pod_only(client: CriClient, pod_id: str) -> None:

@@ -16,6 +16,7 @@ from .pods import Pod, start_pod, teardown
 from .stack import HANDLERS, Stack
 
 SERIAL_KEYS = ("total_ms", "run_pod_ms", "create_ms", "start_ms", "teardown_ms")
+StartupResults = dict[str, dict[str, list]]
 
 
 def alternate(i: int) -> Iterator[tuple[str, str]]:
@@ -25,13 +26,15 @@ def alternate(i: int) -> Iterator[tuple[str, str]]:
 
 
 async def serial_phase(client: CriClient, stack: Stack, count: int, warmup: int,
-                       gap: float) -> dict[str, dict[str, list[float]]]:
-    """`warmup` unrecorded rounds, then `count` rounds of start + teardown of one pod per path."""
-    results = {label: {key: [] for key in SERIAL_KEYS} for label in HANDLERS}
+                       gap: float) -> StartupResults:
+    """`warmup` unrecorded rounds, then `count` rounds of start + teardown of one pod per path.
+    Teardown errors (retried, see pods.teardown) are listed under "teardown_errors"."""
+    results: StartupResults = {label: {key: [] for key in (*SERIAL_KEYS, "teardown_errors")}
+                               for label in HANDLERS}
     for i in range(-warmup, count):
         for label, handler in alternate(i):
             pod = await start_pod(client, handler, f"serial-{label}-{i + warmup}", stack.log_dir)
-            down = await teardown(client, pod)
+            down = await teardown(client, pod, results[label]["teardown_errors"])
             if i >= 0:
                 row = results[label]
                 row["total_ms"].append(pod.timing.total)
@@ -43,38 +46,41 @@ async def serial_phase(client: CriClient, stack: Stack, count: int, warmup: int,
     return results
 
 
-async def _parallel_round(client: CriClient, stack: Stack, label: str, handler: str,
-                          size: int) -> dict[str, object]:
+async def _parallel_round(client: CriClient, stack: Stack, label: str, handler: str, size: int,
+                          into: dict[str, list]) -> None:
     t0 = time.perf_counter()
     outcomes = await asyncio.gather(
         *(start_pod(client, handler, f"par{size}-{label}-{k}", stack.log_dir) for k in range(size)),
         return_exceptions=True)
     wall = (time.perf_counter() - t0) * 1000.0
     pods = [p for p in outcomes if isinstance(p, Pod)]
-    errors = [repr(e)[:300] for e in outcomes if isinstance(e, BaseException)]
+    into["errors"] += [repr(e)[:300] for e in outcomes if isinstance(e, BaseException)]
     t1 = time.perf_counter()
-    await asyncio.gather(*(teardown(client, pod) for pod in pods))
+    await asyncio.gather(*(teardown(client, pod, into["teardown_errors"]) for pod in pods))
     down = (time.perf_counter() - t1) * 1000.0
     if not pods:
-        raise RuntimeError(f"parallel {size} on {handler}: every pod failed: {errors[:3]}")
-    return {
-        "latency_ms": [p.timing.total for p in pods],
-        "run_pod_ms": [p.timing.run_pod for p in pods],
-        "create_ms": [p.timing.create for p in pods],
-        "start_ms": [p.timing.start for p in pods],
-        "wall_ms": wall,
-        "teardown_wall_ms": down,
-        "errors": errors,
-    }
+        raise RuntimeError(f"parallel {size} on {handler}: every pod failed: {into['errors'][-3:]}")
+    into["latency_ms"] += [p.timing.total for p in pods]
+    into["run_pod_ms"] += [p.timing.run_pod for p in pods]
+    into["create_ms"] += [p.timing.create for p in pods]
+    into["start_ms"] += [p.timing.start for p in pods]
+    into["wall_ms"].append(wall)
+    into["teardown_wall_ms"].append(down)
 
 
-async def parallel_phase(client: CriClient, stack: Stack, sizes: list[int],
-                         settle: float) -> dict[str, dict[str, dict[str, object]]]:
-    """For each size: one round per path (alternating which goes first), all pods removed between."""
-    results: dict[str, dict[str, dict[str, object]]] = {}
-    for i, size in enumerate(sizes):
-        results[str(size)] = {}
-        for label, handler in alternate(i):
-            results[str(size)][label] = await _parallel_round(client, stack, label, handler, size)
-            await asyncio.sleep(settle)
+PARALLEL_KEYS = ("latency_ms", "run_pod_ms", "create_ms", "start_ms", "wall_ms", "teardown_wall_ms", "errors",
+                 "teardown_errors")
+
+
+async def parallel_phase(client: CriClient, stack: Stack, sizes: list[int], rounds: int,
+                         settle: float) -> dict[str, dict[str, dict[str, list]]]:
+    """`rounds` passes over `sizes`; each size gets one round per path per pass (which path goes first
+    alternates), all pods removed between rounds. Per-pod numbers are pooled over the rounds; wall
+    and teardown times are kept per round."""
+    results = {str(size): {label: {key: [] for key in PARALLEL_KEYS} for label in HANDLERS} for size in sizes}
+    for r in range(rounds):
+        for i, size in enumerate(sizes):
+            for label, handler in alternate(r * len(sizes) + i):
+                await _parallel_round(client, stack, label, handler, size, results[str(size)][label])
+                await asyncio.sleep(settle)
     return results

@@ -1,0 +1,65 @@
+"""`make bench-smoke` in a subprocess: the benchmark code runs end to end and writes sane outputs.
+
+No thresholds: the numbers only have to exist and be positive, for both handlers.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from .conftest import integration_skip_reason
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
+SMOKE_TIMEOUT_S = 240
+
+
+def test_bench_smoke_writes_json_report_and_plots(tmp_path: Path) -> None:
+    reason = integration_skip_reason()
+    if reason:
+        pytest.skip(reason)
+    out = tmp_path / "bench"
+    token = secrets.randbelow(50)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "run.py"), "--smoke", "--out", str(out),
+         "--bridge", f"kuasar-bt{token}", "--subnet", f"10.{150 + token}.0.0/16"],
+        cwd=REPO, capture_output=True, text=True, timeout=SMOKE_TIMEOUT_S, check=False)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+
+    data = json.loads((out / "results.json").read_text())
+    for label in ("stock", "ours"):
+        serial = data["serial"][label]
+        assert len(serial["total_ms"]) == 3
+        for key in ("total_ms", "run_pod_ms", "create_ms", "start_ms", "teardown_ms"):
+            assert all(v > 0 for v in serial[key]), (label, key, serial[key])
+        parallel = data["parallel"]["3"][label]
+        assert len(parallel["latency_ms"]) == 3 and parallel["errors"] == []
+        assert all(v > 0 for v in parallel["latency_ms"]) and len(parallel["wall_ms"]) == 1
+        assert parallel["wall_ms"][0] > 0 and parallel["teardown_wall_ms"][0] > 0
+        memory = {row["pods"]: row for row in data["memory"][label]}
+        assert {1, 3} <= set(memory)
+        assert all(memory[n]["management"]["pss_kb"] > 0 for n in (1, 3))
+        assert all(memory[n]["containerd"]["pss_kb"] > 0 for n in (1, 3))
+    # Each side's process set is what the issue defines.
+    assert data["memory"]["stock"][-1]["parts"]["shims"]["processes"] == 3
+    assert data["memory"]["stock"][-1]["parts"]["pause"]["processes"] == 3
+    assert data["memory"]["ours"][-1]["parts"]["pod_processes"]["processes"] == 3
+    assert len(data["floor"]["run_ms"]) == 3 and all(v > 0 for v in data["floor"]["run_ms"])
+    assert data["summary"]["ratios"]["serial_p50"] > 0
+    assert {t["name"] for t in data["summary"]["targets"]}
+    cleanup = data["cleanup"]
+    assert cleanup["pods_left"] == 0 and cleanup["leftover_mounts"] == []
+
+    report = (out / "report.md").read_text()
+    for needle in ("## Targets", "## Serial start", "## Parallel start", "## Management memory", "## Floor",
+                   "stock", "ours"):
+        assert needle in report
+    for png in ("serial_cdf.png", "parallel_cdf.png", "pss.png", "serial_breakdown.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
