@@ -43,6 +43,8 @@ PACKAGES=(runc containernetworking-plugins busybox-static iproute2 util-linux mo
           ca-certificates debian-archive-keyring)
 # QEMU (TCG micro-VMs of vm-agent / vmm-sandboxer); vhost-device-vsock comes from unstable (2c).
 PACKAGES+=(qemu-system-x86)
+# A C compiler and static libc for kuasar-pause, the few-KB program every pod process becomes (2d).
+PACKAGES+=(gcc libc6-dev)
 # The venv module of Debian's python3 needs python3-venv (ensurepip); other interpreters ship it.
 if ! "$PY" -c 'import ensurepip, venv' >/dev/null 2>&1; then
     PACKAGES+=(python3-venv)
@@ -391,6 +393,19 @@ if [[ -n "$have_vhost" ]]; then
     log "vhost-device-vsock $have_vhost present in $PREFIX/bin"
 elif install_vhost_vsock_from_unstable; then
     log "vhost-device-vsock $(vhost_vsock_version "$PREFIX/bin/vhost-device-vsock") installed in $PREFIX/bin"
+fi
+
+# ---------------------------------------------------------------------------------------------
+# 2d. kuasar-pause in $PREFIX/bin (the pod process's program once its namespaces are set up)
+# ---------------------------------------------------------------------------------------------
+PAUSE_SRC="$ROOT/common/kuasar/common/native/kuasar-pause.c"
+PAUSE_BIN="$PREFIX/bin/kuasar-pause"
+if [[ ! -x "$PAUSE_BIN" || "$PAUSE_SRC" -nt "$PAUSE_BIN" ]]; then
+    log "building kuasar-pause"
+    gcc -Os -static -s -Wall -Werror -o "$PAUSE_BIN.new" "$PAUSE_SRC"
+    mv -f "$PAUSE_BIN.new" "$PAUSE_BIN"
+else
+    log "kuasar-pause present in $PREFIX/bin"
 fi
 
 # ---------------------------------------------------------------------------------------------

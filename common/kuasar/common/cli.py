@@ -10,8 +10,8 @@ import click
 
 from . import __version__
 from .config import DaemonConfig, load_config
-from .daemon import serve, setup_logging
 from .errors import KuasarError
+from .logs import setup_logging
 from .sandboxer import Sandboxer
 
 LOG_LEVELS = click.Choice(["debug", "info", "warning", "error"], case_sensitive=False)
@@ -44,6 +44,9 @@ def sandboxer_command(name: str, default_listen: str, default_dir: str,
             raise click.ClickException(exc.message) from None
         ctx.obj = config
         if ctx.invoked_subcommand is None:
+            # Imported here: a task server started through this same command never loads gRPC (MBs).
+            from .daemon import serve
+
             try:
                 asyncio.run(serve(config, make_sandboxer))
             except KuasarError as exc:

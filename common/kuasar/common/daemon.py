@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-import sys
 from collections.abc import Callable
 
 from . import sd_notify
@@ -15,13 +14,6 @@ from .sandbox_api import SandboxApiServer
 from .sandboxer import Sandboxer
 
 log = logging.getLogger(__name__)
-
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-
-
-def setup_logging(level: str) -> None:
-    logging.basicConfig(level=level.upper(), format=LOG_FORMAT, stream=sys.stderr, force=True)
-
 
 async def serve(config: DaemonConfig, make_sandboxer: Callable[[DaemonConfig], Sandboxer]) -> None:
     systemd = sd_notify.take_environment()  # before any child (task server, runc) is started

@@ -9,12 +9,17 @@ import click
 
 from kuasar.common.cli import sandboxer_command
 from kuasar.common.config import DaemonConfig
-from kuasar.common.task_server import run_task_server
+from kuasar.common.sandboxer import Sandboxer
 
-from .sandboxer import RuncSandboxer
-from .tasks import RuncTasks
 
-main = sandboxer_command("runc", "/run/kuasar/runc-sandboxer.sock", "/run/kuasar-runc", RuncSandboxer)
+def make_sandboxer(config: DaemonConfig) -> Sandboxer:
+    # Imported on use: the task server, started through this same command, needs none of it.
+    from .sandboxer import RuncSandboxer
+
+    return RuncSandboxer(config)
+
+
+main = sandboxer_command("runc", "/run/kuasar/runc-sandboxer.sock", "/run/kuasar-runc", make_sandboxer)
 
 
 @main.command("task-server", hidden=True)
@@ -23,6 +28,10 @@ main = sandboxer_command("runc", "/run/kuasar/runc-sandboxer.sock", "/run/kuasar
 @click.pass_obj
 def task_server(config: DaemonConfig, runc_binary: str, ready_fd: int) -> None:
     """Serve the Task API and hold the pods (started by the sandboxer, outlives it)."""
+    from kuasar.common.task_server import run_task_server
+
+    from .tasks import RuncTasks
+
     directory = Path(config.dir)
     asyncio.run(run_task_server(
         directory, config.events_address, ready_fd,
