@@ -40,7 +40,7 @@ binaries: setup
 PREFIX ?= /usr/local
 DESTDIR ?=
 SHIMDIR ?=
-install: binaries
+install: binaries guest-image
 	python3 packaging/install.py install --prefix "$(PREFIX)" --destdir "$(DESTDIR)" --shimdir "$(SHIMDIR)"
 
 uninstall:

@@ -35,6 +35,10 @@ ROOT = HERE.parent
 MULTICALL = "kuasar"
 MANIFEST = "share/kuasar/install-manifest.json"
 STAMP = ".kuasar-build.json"  # written by build_binaries.py next to the binaries
+# Built by `make setup` (the static program pod processes exec) and `make guest-image` (vmm's guest).
+PAUSE = ROOT / ".prefix" / "bin" / "kuasar-pause"
+GUEST_DIR = ROOT / "build" / "guest"
+GUEST_FILES = ("vmlinux", "initramfs.cpio", "manifest.json")
 
 # kind -> (program, description); gvisor is a second quark-sandboxer with the runsc backend.
 SANDBOXERS = {
@@ -65,6 +69,7 @@ class Layout:
                                                       else self.prefix / "lib/systemd/system")
         self.shimdir = Path(shimdir) if shimdir else self.bindir
         self.manifest = self.prefix / MANIFEST
+        self.guestdir = self.prefix / "share/kuasar/guest"
 
     def real(self, path: Path) -> Path:
         """Where `path` of the target system is written now (DESTDIR + path)."""
@@ -174,7 +179,8 @@ def render_unit(kind: str, layout: Layout) -> str:
 def render_config(name: str, layout: Layout) -> str:
     text = (HERE / "config" / name).read_text()
     # The fragments' comments name the path they are imported from.
-    return text.replace("/etc/kuasar/", f"{layout.confdir}/")
+    text = text.replace("/etc/kuasar/", f"{layout.confdir}/")
+    return text.replace("@GUESTDIR@", str(layout.guestdir))
 
 
 def install(layout: Layout, dist: Path) -> Installer:
@@ -189,6 +195,15 @@ def install(layout: Layout, dist: Path) -> Installer:
         for program in programs:
             if program.startswith("containerd-shim-"):
                 installer.link(layout.bindir / program, layout.shimdir / program)
+    if PAUSE.is_file():
+        installer.binary(PAUSE, layout.bindir / PAUSE.name)
+    else:
+        print(f"install: {PAUSE} missing (run `make setup`): pod processes will sleep in Python")
+    if all((GUEST_DIR / name).is_file() for name in GUEST_FILES):
+        for name in GUEST_FILES:
+            installer.binary(GUEST_DIR / name, layout.guestdir / name)
+    else:
+        print(f"install: no guest image in {GUEST_DIR} (run `make guest-image`): vmm pods cannot boot")
     for name in CONFIGS:
         installer.text(render_config(name, layout), layout.confdir / name, keep_existing=True)
     for kind in SANDBOXERS:
