@@ -22,8 +22,9 @@ import psutil
 from kuasar.common.cri_client import CriClient
 from tests.support import containerd as cd
 
-from . import plots, report
+from . import plots, report, sections
 from .floor import run_floor
+from .gvisor import gvisor_phase
 from .memory import memory_phase
 from .pods import remove_all
 from .stack import Stack, start_stack, stop_stack
@@ -36,9 +37,11 @@ SMOKE_OUT = DEFAULT_OUT / "smoke"
 # RPC deadline: 50 stock pods started at once on 2 cores take several seconds each.
 CRI_TIMEOUT = 180.0
 FULL = {"serial": 100, "parallel": [10, 30, 50], "memory": [1, 5, 10, 20, 30, 50, 100], "floor": 100,
-        "rounds": 3, "warmup": 2, "settle": 2.0, "gap": 0.1}
+        "rounds": 3, "warmup": 2, "settle": 2.0, "gap": 0.1,
+        "wasm_runs": 7, "vm_runs": 3, "vm_warmup": 1, "gvisor_runs": 20, "gvisor_memory": [1, 5, 10]}
 SMOKE = {"serial": 3, "parallel": [3], "memory": [1, 3], "floor": 3, "rounds": 1, "warmup": 1,
-         "settle": 0.5, "gap": 0.02}
+         "settle": 0.5, "gap": 0.02,
+         "wasm_runs": 1, "vm_runs": 1, "vm_warmup": 0, "gvisor_runs": 1, "gvisor_memory": [1]}
 PUBLISHED = ("report.md", "results.json", *(name for name, _ in report.PLOTS))
 
 
@@ -57,6 +60,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, help="unrecorded rounds before the serial phase and the floor")
     p.add_argument("--settle", type=float, help="seconds to let things settle before memory samples")
     p.add_argument("--gap", type=float, help="seconds between serial pods")
+    p.add_argument("--only", type=sections.section_list, default=None,
+                   help=f"comma-separated sections to run, of {','.join(sections.SECTIONS)} (default: all); "
+                        "runc = floor, serial, parallel and memory of runc-sandboxer against the stock path")
+    p.add_argument("--skip", type=sections.section_list, default=None,
+                   help="comma-separated sections to leave out, e.g. --skip vm")
+    p.add_argument("--wasm-runs", type=int, help="samples per wasm row (default 7)")
+    p.add_argument("--vm-runs", type=int, help="rounds of bare boot + VM pod ready (default 3; TCG is slow)")
+    p.add_argument("--vm-warmup", type=int, help="unrecorded VM rounds first (default 1)")
+    p.add_argument("--gvisor-runs", type=int, help="rounds of gVisor / ours / stock pod start (default 20)")
+    p.add_argument("--gvisor-memory", type=_ints, help="comma-separated gVisor pod counts (default 1,5,10)")
     p.add_argument("--out", type=Path, default=None,
                    help="output directory (default benchmarks/results, benchmarks/results/smoke with --smoke)")
     p.add_argument("--publish", type=Path, default=None,
@@ -109,44 +122,79 @@ def machine_meta(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-async def cri_phases(stack: Stack, args: argparse.Namespace, timings: dict[str, float]) -> dict[str, Any]:
+async def cri_phases(stack: Stack, args: argparse.Namespace, timings: dict[str, float],
+                     runc: bool) -> dict[str, Any]:
     results: dict[str, Any] = {}
     async with CriClient(stack.address, timeout=CRI_TIMEOUT) as client:
         try:
-            t0 = time.monotonic()
-            results["serial"] = await serial_phase(client, stack, args.serial, args.warmup, args.gap)
-            timings["serial_s"] = time.monotonic() - t0
-            t0 = time.monotonic()
-            results["parallel"] = await parallel_phase(client, stack, args.parallel, args.rounds, args.settle)
-            timings["parallel_s"] = time.monotonic() - t0
-            t0 = time.monotonic()
-            results["memory_teardown_errors"] = []
-            results["memory"] = await memory_phase(client, stack, args.memory, args.settle, ["stock", "ours"],
-                                                   results["memory_teardown_errors"])
-            timings["memory_s"] = time.monotonic() - t0
+            if runc:
+                await _runc_phases(client, stack, args, timings, results)
+            if stack.gvisor is not None:
+                t0 = time.monotonic()
+                try:
+                    results["gvisor"] = await gvisor_phase(client, stack, args.gvisor_runs, args.warmup,
+                                                           args.gap, args.gvisor_memory, args.settle)
+                except Exception as exc:  # noqa: BLE001 - reported, and the run exits non-zero
+                    results["gvisor"] = {"failed": repr(exc)[:2000]}
+                timings["gvisor_s"] = time.monotonic() - t0
         finally:
             results["pods_left"] = await remove_all(client)
     return results
+
+
+async def _runc_phases(client: CriClient, stack: Stack, args: argparse.Namespace, timings: dict[str, float],
+                       results: dict[str, Any]) -> None:
+    t0 = time.monotonic()
+    results["serial"] = await serial_phase(client, stack, args.serial, args.warmup, args.gap)
+    timings["serial_s"] = time.monotonic() - t0
+    t0 = time.monotonic()
+    results["parallel"] = await parallel_phase(client, stack, args.parallel, args.rounds, args.settle)
+    timings["parallel_s"] = time.monotonic() - t0
+    t0 = time.monotonic()
+    results["memory_teardown_errors"] = []
+    results["memory"] = await memory_phase(client, stack, args.memory, args.settle, ["stock", "ours"],
+                                           results["memory_teardown_errors"])
+    timings["memory_s"] = time.monotonic() - t0
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     started = time.monotonic()
     meta = machine_meta(args)
     timings: dict[str, float] = {}
-    t0 = time.monotonic()
-    floor = run_floor(args.floor, args.warmup)
-    timings["floor_s"] = time.monotonic() - t0
-    base = Path(tempfile.mkdtemp(prefix="kuasar-bench-"))
-    stack = start_stack(base, args.bridge, args.subnet)
-    try:
-        results = asyncio.run(cri_phases(stack, args, timings))
-    finally:
-        cleanup = stop_stack(stack)
-        _keep_logs(base, args.out / "logs")
-        shutil.rmtree(base, ignore_errors=True)
-    pods_left = results.pop("pods_left")
-    results["floor"] = floor
-    results["cleanup"] = {**asdict(cleanup), "pods_left": pods_left}
+    skipped = sections.skip_reasons(args)
+    meta["sections"] = {name: ("run" if reason is None else f"skipped: {reason}") for name, reason in skipped.items()}
+    results: dict[str, Any] = {}
+    runc = skipped["runc"] is None
+    if runc:
+        t0 = time.monotonic()
+        results["floor"] = run_floor(args.floor, args.warmup)
+        timings["floor_s"] = time.monotonic() - t0
+    if runc or skipped["gvisor"] is None:
+        base = Path(tempfile.mkdtemp(prefix="kuasar-bench-"))
+        stack = start_stack(base, args.bridge, args.subnet,
+                            runsc=sections.gvisor.runsc() if skipped["gvisor"] is None else None)
+        try:
+            results.update(asyncio.run(cri_phases(stack, args, timings, runc)))
+        finally:
+            cleanup = stop_stack(stack)
+            _keep_logs(base, args.out / "logs")
+            shutil.rmtree(base, ignore_errors=True)
+        pods_left = results.pop("pods_left")
+        results["cleanup"] = {**asdict(cleanup), "pods_left": pods_left}
+    for name, section in (("wasm", lambda: sections.run_wasm(args, args.out / "logs")),
+                          ("vm", lambda: sections.run_vm(args))):
+        if skipped[name] is None:
+            t0 = time.monotonic()
+            try:
+                results[name] = section()
+            except Exception as exc:  # noqa: BLE001 - reported, and the run exits non-zero
+                results[name] = {"failed": repr(exc)[:2000]}
+            timings[f"{name}_s"] = time.monotonic() - t0
+    for name in ("wasm", "vm", "gvisor"):
+        if skipped[name] is not None:
+            results[name] = {"skipped": skipped[name]}
+    if not runc:
+        results["runc_skipped"] = skipped["runc"]
     meta["load_end"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
     meta["duration_s"] = time.monotonic() - started
     meta["phase_s"] = timings
@@ -156,7 +204,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def _keep_logs(base: Path, dest: Path) -> None:
     dest.mkdir(parents=True, exist_ok=True)
-    for src in (base / "containerd" / "containerd.log", base / "runc-sandboxer.log", base / "task-server.log"):
+    for src in (base / "containerd" / "containerd.log", base / "runc-sandboxer.log", base / "task-server.log",
+                base / "gvisor-sandboxer.log", base / "gvisor-task-server.log"):
         if src.exists():
             shutil.copy(src, dest / src.name)
 
@@ -193,10 +242,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.publish is not None:
         args.publish.mkdir(parents=True, exist_ok=True)
         for name in PUBLISHED:
-            shutil.copy(args.out / name, args.publish / name)
+            if (args.out / name).exists():
+                shutil.copy(args.out / name, args.publish / name)
     for target in summary["targets"]:
         print(f"bench: {'met    ' if target['met'] else 'NOT met'} {target['name']}: "
               f"{target['value']:.3f} (limit {target['limit']:.3f} {target['unit']})")
+    failed = [name for name in ("wasm", "vm", "gvisor") if "failed" in results.get(name, {})]
+    for name in ("wasm", "vm", "gvisor"):
+        state = results.get(name, {})
+        print(f"bench: section {name}: " + (f"FAILED: {state['failed'][:300]}" if "failed" in state else
+                                             f"skipped: {state['skipped']}" if "skipped" in state else "done"))
     print(f"bench: wrote {args.out / 'results.json'}, {args.out / 'report.md'} and plots "
           f"in {results['meta']['duration_s']:.0f} s")
-    return 0
+    return 1 if failed else 0

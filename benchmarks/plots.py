@@ -105,6 +105,8 @@ def serial_breakdown(summary: dict[str, Any], path: Path) -> None:
 
 def write_all(results: dict[str, Any], summary: dict[str, Any], out: Path) -> list[Path]:
     paths = [out / "serial_cdf.png", out / "parallel_cdf.png", out / "pss.png", out / "serial_breakdown.png"]
+    if "serial" not in results:  # the runc section did not run: nothing to plot
+        return []
     serial_cdf(results, paths[0])
     parallel_cdf(results, paths[1])
     pss(results, paths[2])

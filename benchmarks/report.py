@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from . import extra_report
 from .stats import ratio
 from .summary import pss_at
 
@@ -30,17 +31,32 @@ def _stats_cells(s: dict[str, float]) -> list[str]:
 
 
 def render(results: dict[str, Any], summary: dict[str, Any]) -> str:
-    out: list[str] = ["# runc-sandboxer against containerd's stock runc path", ""]
+    out: list[str] = ["# runc-sandboxer against containerd's stock runc path, plus wasm, VM and gVisor", ""]
     out += _meta(results["meta"])
-    out += _targets(summary["targets"])
-    out += _serial(results, summary)
-    out += _parallel(summary)
-    out += _memory(results, summary)
-    out += _floor(summary)
-    out += _errors(summary["teardown_errors"])
-    out += _cleanup(results["cleanup"])
-    out += ["## Plots", ""] + [f"![{title}]({name})" for name, title in PLOTS] + [""]
+    out += _sections(results["meta"])
+    if "serial" in results:
+        out += _targets(summary["targets"])
+        out += _serial(results, summary)
+        out += _parallel(summary)
+        out += _memory(results, summary)
+        out += _floor(summary)
+        out += _errors(summary["teardown_errors"])
+    else:
+        out += ["## runc-sandboxer against the stock path", "", f"Skipped: {results.get('runc_skipped')}.", ""]
+    out += extra_report.render(results, summary)
+    if "cleanup" in results:
+        out += _cleanup(results["cleanup"])
+    if "serial" in results:
+        out += ["## Plots", ""] + [f"![{title}]({name})" for name, title in PLOTS] + [""]
     return "\n".join(out)
+
+
+def _sections(meta: dict[str, Any]) -> list[str]:
+    states = meta.get("sections", {})
+    if not states:
+        return []
+    return ["Sections (`--only` / `--skip`): " + "; ".join(f"**{name}** {state}" for name, state in states.items())
+            + ".", ""]
 
 
 def _meta(meta: dict[str, Any]) -> list[str]:

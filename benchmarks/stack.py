@@ -25,10 +25,29 @@ from tests.support import images
 BUSYBOX = images.BUSYBOX_REF
 STOCK = "runc"
 OURS = "kuasar-runc"
+GVISOR = "kuasar-gvisor"
 HANDLERS = {"stock": STOCK, "ours": OURS}
 SANDBOXER_START_TIMEOUT = 30.0
 # The task server checks every 2 s whether it is still wanted; give it a few rounds.
 TASK_SERVER_EXIT_TIMEOUT = 10.0
+
+
+@dataclass
+class GvisorDaemon:
+    """The optional second sandboxer: quark-sandboxer with its runsc backend (handler `kuasar-gvisor`)."""
+
+    proc: subprocess.Popen[bytes]
+    short: Path  # its own short dir: Quark's per-pod `<dir>/<64-hex id>/quark-task.sock` must stay < 108 bytes
+
+    @property
+    def directory(self) -> Path:
+        return self.short / "gvisor"
+
+    def task_server_pid(self) -> int | None:
+        try:
+            return int((self.directory / "task-server.pid").read_text())
+        except (FileNotFoundError, ValueError):
+            return None
 
 
 @dataclass
@@ -39,6 +58,7 @@ class Stack:
     short: Path
     log_dir: Path
     busybox_tar: Path
+    gvisor: GvisorDaemon | None = None
 
     @property
     def address(self) -> str:
@@ -64,41 +84,59 @@ class CleanupReport:
     notes: list[str] = field(default_factory=list)
 
 
-def _start_sandboxer(short: Path, log_path: Path, events_address: str) -> subprocess.Popen[bytes]:
-    socket = short / "runc.sock"
+def _start_sandboxer(short: Path, log_path: Path, events_address: str, name: str = "runc",
+                     module: str = "kuasar.runc.cli", extra: tuple[str, ...] = ()) -> subprocess.Popen[bytes]:
+    socket = short / f"{name}.sock"
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(  # noqa: S603 - fixed argv, no shell
-            [sys.executable, "-m", "kuasar.runc.cli", "--listen", str(socket), "--dir", str(short / "runc"),
-             "--log-level", "info", "--events-address", events_address],
+            [sys.executable, "-m", module, "--listen", str(socket), "--dir", str(short / name),
+             "--log-level", "info", "--events-address", events_address, *extra],
             stdout=log, stderr=log, stdin=subprocess.DEVNULL)
     deadline = time.monotonic() + SANDBOXER_START_TIMEOUT
     while not socket.exists():
         if proc.poll() is not None or time.monotonic() > deadline:
             proc.kill()
-            raise RuntimeError(f"runc-sandboxer did not start; see {log_path}")
+            raise RuntimeError(f"{module} did not start; see {log_path}")
         time.sleep(0.05)
     return proc
 
 
-def start_stack(base: Path, bridge: str, subnet: str) -> Stack:
-    """Build the images, start containerd (log level info) and runc-sandboxer, import the images."""
+def start_stack(base: Path, bridge: str, subnet: str, runsc: str | None = None) -> Stack:
+    """Build the images, start containerd (log level info) and runc-sandboxer, import the images.
+    With `runsc`, also quark-sandboxer with that runsc (proxy plugin `gvisor`, handler `kuasar-gvisor`)."""
     base.mkdir(parents=True, exist_ok=True)
     short = Path(f"/run/kuasar-bn-{secrets.token_hex(3)}")
     short.mkdir(mode=0o700)
+    gv_short = Path(f"/run/kgb-{secrets.token_hex(2)}") if runsc else None
+    sandboxers = {"runc": str(short / "runc.sock")}
+    runtimes = {}
+    if gv_short is not None:
+        gv_short.mkdir(mode=0o700)
+        sandboxers["gvisor"] = str(gv_short / "gvisor.sock")
+        runtimes[GVISOR] = {"runtime_type": "io.containerd.kuasar-quark.v1", "sandboxer": "gvisor"}
     busybox_tar = images.build_busybox_image(base / "images" / "busybox.tar")
     pause_tar = images.build_pause_image(base / "images" / "pause.tar")
-    instance = cd.ContainerdInstance(base / "containerd", sandboxers={"runc": str(short / "runc.sock")},
+    instance = cd.ContainerdInstance(base / "containerd", sandboxers=sandboxers, runtimes=runtimes,
                                      bridge=bridge, subnet=subnet, log_level="info")
     instance.start()
+    gvisor = None
     try:
         instance.import_image(busybox_tar)
         instance.import_image(pause_tar)
         sandboxer = _start_sandboxer(short, base / "runc-sandboxer.log", instance.ttrpc_address)
+        if gv_short is not None:
+            config = base / "gvisor.toml"
+            config.write_text(f'[quark]\nbackend = "runsc"\nrunsc = "{runsc}"\nplatform = "systrap"\n')
+            proc = _start_sandboxer(gv_short, base / "gvisor-sandboxer.log", instance.ttrpc_address, "gvisor",
+                                    "kuasar.quark.cli", ("--config", str(config)))
+            gvisor = GvisorDaemon(proc, gv_short)
     except BaseException:
         instance.stop()
         shutil.rmtree(short, ignore_errors=True)
+        if gv_short is not None:
+            shutil.rmtree(gv_short, ignore_errors=True)
         raise
-    return Stack(instance, sandboxer, base, short, base / "pod-logs", busybox_tar)
+    return Stack(instance, sandboxer, base, short, base / "pod-logs", busybox_tar, gvisor)
 
 
 def _pod_processes(server_pid: int) -> list[psutil.Process]:
@@ -132,7 +170,9 @@ def stop_stack(stack: Stack) -> CleanupReport:
             report.notes.append("runc-sandboxer ignored SIGTERM for 15 s and was killed")
     if server_pid is not None:
         _wait_task_server(server_pid, report)
-    report.leftover_mounts = cd.unmount_all(stack.base, stack.short)
+    if stack.gvisor is not None:
+        _stop_gvisor(stack.gvisor, stack.base, report)
+    report.leftover_mounts += cd.unmount_all(stack.base, stack.short)
     task_log = stack.sandboxer_dir / "task-server.log"
     if task_log.exists():
         shutil.copy(task_log, stack.base / "task-server.log")
@@ -140,7 +180,7 @@ def stop_stack(stack: Stack) -> CleanupReport:
     return report
 
 
-def _wait_task_server(pid: int, report: CleanupReport) -> None:
+def _wait_task_server(pid: int, report: CleanupReport, what: str = "task server") -> None:
     try:
         server = psutil.Process(pid)
     except psutil.NoSuchProcess:
@@ -150,10 +190,11 @@ def _wait_task_server(pid: int, report: CleanupReport) -> None:
         return
     except psutil.TimeoutExpired:
         pass
-    report.task_server_exited_by_itself = False
-    report.task_server_killed = True
     victims = [*server.children(recursive=True), server]
-    report.notes.append(f"task server {pid} still alive {TASK_SERVER_EXIT_TIMEOUT:.0f}s after the sandboxer "
+    if what == "task server":
+        report.task_server_exited_by_itself = False
+        report.task_server_killed = True
+    report.notes.append(f"{what} {pid} still alive {TASK_SERVER_EXIT_TIMEOUT:.0f}s after the sandboxer "
                         f"exited; killed it and {len(victims) - 1} descendants")
     for proc in victims:
         try:
@@ -161,3 +202,22 @@ def _wait_task_server(pid: int, report: CleanupReport) -> None:
         except psutil.NoSuchProcess:
             pass
     psutil.wait_procs(victims, timeout=10)
+
+
+def _stop_gvisor(gvisor: GvisorDaemon, base: Path, report: CleanupReport) -> None:
+    server_pid = gvisor.task_server_pid()
+    if gvisor.proc.poll() is None:
+        gvisor.proc.send_signal(signal.SIGTERM)
+        try:
+            gvisor.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            gvisor.proc.kill()
+            gvisor.proc.wait(5)
+            report.notes.append("quark-sandboxer (gVisor) ignored SIGTERM for 15 s and was killed")
+    if server_pid is not None:
+        _wait_task_server(server_pid, report, "quark-sandboxer's task server (gVisor)")
+    task_log = gvisor.directory / "task-server.log"
+    if task_log.exists():
+        shutil.copy(task_log, base / "gvisor-task-server.log")
+    report.leftover_mounts += cd.unmount_all(gvisor.short)
+    shutil.rmtree(gvisor.short, ignore_errors=True)

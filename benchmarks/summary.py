@@ -6,6 +6,7 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from .sections import summarize_sections
 from .stack import HANDLERS
 from .startup import SERIAL_KEYS
 from .stats import percentile, ratio, slope, summarize
@@ -29,6 +30,13 @@ class Target:
 
 
 def summarize_run(results: dict[str, Any]) -> dict[str, Any]:
+    """The runc comparison (when it ran: "serial" in results), its targets, and the other sections."""
+    summary = _summarize_runc(results) if "serial" in results else {"targets": []}
+    summary["sections"] = summarize_sections(results)
+    return summary
+
+
+def _summarize_runc(results: dict[str, Any]) -> dict[str, Any]:
     serial = {label: {key: summarize(rows[key]) for key in SERIAL_KEYS}
               for label, rows in results["serial"].items()}
     parallel = {size: {label: {"latency_ms": summarize(row["latency_ms"]),

@@ -48,6 +48,35 @@ PROBE = b"echo BARE-$((6*7))-READY\n"
 STANDALONE_FLAGS = {"-no-reboot", "-no-user-config", "-nodefaults"}
 
 
+GUEST_DIR = REPO / "build" / "guest"
+
+
+def built_image() -> tuple[str, str] | None:
+    """The guest kernel and initramfs `make guest-image` left in build/guest/, without building."""
+    try:
+        manifest = json.loads((GUEST_DIR / "manifest.json").read_text())
+        kernel, initrd = GUEST_DIR / "vmlinux", GUEST_DIR / manifest["initramfs"]["file"]
+    except (OSError, ValueError, KeyError):
+        return None
+    return (str(kernel), str(initrd)) if kernel.is_file() and initrd.is_file() else None
+
+
+def skip_reason() -> str | None:
+    """Why the VM measurement cannot run here (without building anything), or None."""
+    if os.geteuid() != 0:
+        return "needs root (containerd, CNI, QEMU with taps)"
+    if built_image() is None:
+        return "no guest image in build/guest/ (`make guest-image` builds it)"
+    import tomllib
+
+    config = parse_config(tomllib.loads('[hypervisor]\nkernel_path = "k"\ninitrd_path = "i"\n')["hypervisor"])
+    if not (find_program(config.qemu_path) or shutil.which(config.qemu_path)):
+        return f"QEMU ({config.qemu_path}) is not installed"
+    if not shutil.which("vhost-device-vsock"):
+        return "vhost-device-vsock is not on PATH (`make setup` installs it into .prefix/bin)"
+    return cd.skip_reason()
+
+
 def image_paths() -> tuple[str, str]:
     result = subprocess.run([sys.executable, str(REPO / "scripts" / "build_guest_image.py")],
                             capture_output=True, text=True, timeout=1200)
@@ -137,7 +166,7 @@ def start_sandboxer(socket: Path, directory: Path, config: Path, log: Path, even
     deadline = time.monotonic() + 60
     while not socket.exists():
         if proc.poll() is not None or time.monotonic() > deadline:
-            sys.exit(f"vmm-sandboxer did not start:\n{log.read_text()[-3000:]}")
+            raise RuntimeError(f"vmm-sandboxer did not start:\n{log.read_text()[-3000:]}")
         time.sleep(0.05)
     return proc
 
@@ -147,16 +176,20 @@ def row(name: str, values: list[float]) -> str:
             f"| {len(values)} |")
 
 
-async def measure(args: argparse.Namespace, base: Path, short: Path) -> dict[str, list[float]]:
-    kernel, initrd = image_paths()
-    config_text = Path(args.config).read_text() if args.config else (
+async def measure(args: argparse.Namespace, base: Path, short: Path, *, image: tuple[str, str] | None = None,
+                  warmup: int = 1, bridge: str = "kuasar-vmb0", subnet: str = "10.248.0.0/16",
+                  verbose: bool = True) -> dict[str, list[float]]:
+    """`warmup` unrecorded rounds, then `args.runs` rounds of bare boot + pod ready (order alternating).
+    `image`: (kernel, initramfs), default: build (or reuse) the guest image first."""
+    kernel, initrd = image or image_paths()
+    config_text = Path(args.config).read_text() if getattr(args, "config", None) else (
         f'[hypervisor]\nkernel_path = "{kernel}"\ninitrd_path = "{initrd}"\n')
     config = base / "vmm.toml"
     config.write_text(config_text)
     instance = cd.ContainerdInstance(base / "containerd", sandboxers={"vmm": str(short / "vmm.sock")},
                                      runtimes={HANDLER: {"runtime_type": "io.containerd.kuasar-vmm.v1",
                                                          "sandboxer": "vmm", "io_type": "streaming"}},
-                                     bridge="kuasar-vmb0", subnet="10.248.0.0/16", log_level="warn")
+                                     bridge=bridge, subnet=subnet, log_level="warn")
     instance.sock_dir = short / "cd"
     instance.address = str(instance.sock_dir / "containerd.sock")
     instance.ttrpc_address = str(instance.sock_dir / "containerd.sock.ttrpc")
@@ -173,7 +206,7 @@ async def measure(args: argparse.Namespace, base: Path, short: Path) -> dict[str
                 accel = "kvm"
         argv = bare_argv(config_text, accel, base)
         async with CriClient(instance.address, timeout=300) as client:
-            for i in range(-1, args.runs):  # one warm-up round (page cache, CNI plugin binaries)
+            for i in range(-warmup, args.runs):  # warm-up rounds (page cache, CNI plugin binaries)
                 order = ("bare", "pod") if i % 2 == 0 else ("pod", "bare")
                 for what in order:
                     if what == "bare":
@@ -186,7 +219,8 @@ async def measure(args: argparse.Namespace, base: Path, short: Path) -> dict[str
                             results["pod"].append(value)
                             results["launch"].append(boot.get("launch_s", 0.0))
                             results["ready"].append(boot.get("ready_s", 0.0) - boot.get("launch_s", 0.0))
-                    print(f"round {i}: {what} {value:.2f}s", file=sys.stderr)
+                    if verbose:
+                        print(f"round {i}: {what} {value:.2f}s", file=sys.stderr)
         results["accel"] = [1.0 if accel == "kvm" else 0.0]
     finally:
         instance.stop()

@@ -125,8 +125,8 @@ def clear_cache(wasm_dir: Path) -> None:
         artifact.unlink()
 
 
-async def measure(address: str, wasm_dir: Path, log_dir: Path, runs: int,
-                  sizes: dict[str, int]) -> tuple[list[Series], dict[str, int]]:
+async def measure(address: str, wasm_dir: Path, log_dir: Path, runs: int, sizes: dict[str, int],
+                  with_memory: bool = True) -> tuple[list[Series], dict[str, int]]:
     runc = Series("busybox `echo` (runc)", "runc", "-")
     series = [runc]
     wasm: dict[tuple[str, str], Series] = {}
@@ -151,8 +151,10 @@ async def measure(address: str, wasm_dir: Path, log_dir: Path, runs: int,
                 clear_cache(wasm_dir)
                 await sample(client, *wasm_pod, WASM_IMAGE, [f"/{module}"], wasm[(module, "cold")])
                 await sample(client, *wasm_pod, WASM_IMAGE, [f"/{module}"], wasm[(module, "cached")])
-        memory["runc: busybox `sleep`"] = await working_set(client, *runc_pod, BUSYBOX, ["sleep", "3600"])
-        memory["wasm: loop.wasm (spinning)"] = await working_set(client, *wasm_pod, WASM_IMAGE, ["/loop.wasm"])
+        if with_memory:
+            memory["runc: busybox `sleep`"] = await working_set(client, *runc_pod, BUSYBOX, ["sleep", "3600"])
+            memory["wasm: loop.wasm (spinning)"] = await working_set(client, *wasm_pod, WASM_IMAGE,
+                                                                     ["/loop.wasm"])
         for pod_id, _ in pods.values():
             await client.stop_pod_sandbox(pod_id)
             await client.remove_pod_sandbox(pod_id)
@@ -174,14 +176,20 @@ def table(series: list[Series], memory: dict[str, int], runs: int) -> str:
     return "\n".join(lines)
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0])
-    parser.add_argument("--runs", type=int, default=7, help="samples per row (default 7)")
-    args = parser.parse_args()
-    reason = cd.skip_reason()
-    if reason:
-        print(f"cannot run: {reason}", file=sys.stderr)
-        return 2
+def skip_reason() -> str | None:
+    """Why the wasm section cannot run here, or None."""
+    import importlib.util
+
+    for module, what in (("wasmtime", "the wasmtime Python package"), ("kuasar.wasm", "wasm-sandboxer")):
+        if importlib.util.find_spec(module) is None:
+            return f"{what} is not installed (`make setup`)"
+    return cd.skip_reason()
+
+
+def run_measurement(runs: int, *, bridge: str = BRIDGE, subnet: str = SUBNET, with_memory: bool = True,
+                    keep_logs: Path | None = None) -> tuple[list[Series], dict[str, int], dict[str, int]]:
+    """One private containerd with runc- and wasm-sandboxer; `runs` samples per row. Returns the
+    series, the working sets (empty without `with_memory`) and the module sizes."""
     base = Path(tempfile.mkdtemp(prefix="kuasar-wasm-bench-"))
     short = Path(f"/run/kuasar-wb-{secrets.token_hex(2)}")  # unix socket paths must stay short
     short.mkdir(mode=0o700)
@@ -191,7 +199,7 @@ def main() -> int:
     instance = cd.ContainerdInstance(
         base / "containerd", sandboxers={k: str(v) for k, v in sockets.items()},
         runtimes={"kuasar-wasm": {"runtime_type": "io.containerd.kuasar-wasm.v1", "sandboxer": "wasm"}},
-        bridge=BRIDGE, subnet=SUBNET, log_level="warn")
+        bridge=bridge, subnet=subnet, log_level="warn")
     instance.sock_dir = short / "cd"
     instance.address = str(instance.sock_dir / "containerd.sock")
     instance.ttrpc_address = str(instance.sock_dir / "containerd.sock.ttrpc")
@@ -203,16 +211,33 @@ def main() -> int:
         for name, module in (("runc", "kuasar.runc.cli"), ("wasm", "kuasar.wasm.cli")):
             daemons.append(start_sandboxer(sockets[name], dirs[name], base / f"{name}-sandboxer.log",
                                            instance.ttrpc_address, module=module))
-        series, memory = asyncio.run(measure(instance.address, dirs["wasm"], base / "logs", args.runs, sizes))
-        print(table(series, memory, args.runs))
+        series, memory = asyncio.run(measure(instance.address, dirs["wasm"], base / "logs", runs, sizes,
+                                             with_memory=with_memory))
     finally:
         instance.stop()
         for daemon in daemons:
             stop_process(daemon)
         for directory in dirs.values():
             kill_task_server(directory)
+        if keep_logs is not None:
+            keep_logs.mkdir(parents=True, exist_ok=True)
+            for log in base.glob("*-sandboxer.log"):
+                shutil.copy(log, keep_logs / f"wasm-bench-{log.name}")
         shutil.rmtree(short, ignore_errors=True)
         shutil.rmtree(base, ignore_errors=True)
+    return series, memory, sizes
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0])
+    parser.add_argument("--runs", type=int, default=7, help="samples per row (default 7)")
+    args = parser.parse_args()
+    reason = skip_reason()
+    if reason:
+        print(f"cannot run: {reason}", file=sys.stderr)
+        return 2
+    series, memory, _ = run_measurement(args.runs)
+    print(table(series, memory, args.runs))
     return 0
 
 

@@ -57,9 +57,26 @@ def test_bench_smoke_writes_json_report_and_plots(tmp_path: Path) -> None:
     cleanup = data["cleanup"]
     assert cleanup["pods_left"] == 0 and cleanup["leftover_mounts"] == []
 
+    # The other sections: each ran once (or was skipped for a stated reason), none failed.
+    for name in ("wasm", "vm", "gvisor"):
+        assert "failed" not in data[name], (name, data[name])
+        assert set(data[name]) != {"skipped"} or data[name]["skipped"], name
+    if "series" in data["wasm"]:
+        assert {(s["sandboxer"], s["cache"]) for s in data["wasm"]["series"]} >= {("runc", "-"), ("wasm", "cold"),
+                                                                                  ("wasm", "cached")}
+        assert all(len(s["start_ms"]) == 1 and s["start_ms"][0] > 0 for s in data["wasm"]["series"])
+    if "pod_s" in data["vm"]:
+        assert len(data["vm"]["pod_s"]) == 1 and data["vm"]["pod_s"][0] > 0 and data["vm"]["bare_s"][0] > 0
+    if "start" in data["gvisor"]:
+        for label in ("stock", "ours", "gvisor"):
+            assert len(data["gvisor"]["start"][label]["total_ms"]) == 1, label
+        loaded = data["gvisor"]["memory"][-1]
+        assert loaded["pods"] == 1 and loaded["parts"]["runsc_sandbox"]["processes"] == 1
+        assert loaded["management"]["pss_kb"] > 0
+
     report = (out / "report.md").read_text()
     for needle in ("## Targets", "## Serial start", "## Parallel start", "## Management memory", "## Floor",
-                   "stock", "ours"):
+                   "## wasm container start", "## VM pod ready", "## gVisor", "stock", "ours"):
         assert needle in report
     for png in ("serial_cdf.png", "parallel_cdf.png", "pss.png", "serial_breakdown.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
