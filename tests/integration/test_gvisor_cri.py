@@ -12,7 +12,7 @@ import platform
 import secrets
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -43,7 +43,7 @@ def runsc_binary() -> str | None:
 
 @contextmanager
 def app_kernel_stack(base: Path, *, name: str, handler: str, bridge: str, subnet: str, quark_section: str,
-                     extra_path: tuple[str, ...] = ()) -> Iterator[Stack]:
+                     extra_path: Sequence[str | Path] = (), log_level: str = "info") -> Iterator[Stack]:
     """containerd + one quark-sandboxer (proxy plugin `name`, runtime handler `handler`), own bridge and sockets."""
     # Unix socket paths must stay short: Quark's per-pod `<dir>/<64-hex id>/quark-task.sock` is ~100 bytes.
     short = Path(f"/run/{bridge.replace('kuasar-', 'k')}-{secrets.token_hex(2)}")
@@ -58,7 +58,7 @@ def app_kernel_stack(base: Path, *, name: str, handler: str, bridge: str, subnet
     instance = cd.ContainerdInstance(
         base / "containerd", sandboxers={name: str(sandboxer_socket)},
         runtimes={handler: {"runtime_type": "io.containerd.kuasar-quark.v1", "sandboxer": name}},
-        bridge=bridge, subnet=subnet, extra_path=extra_path, log_level="info")
+        bridge=bridge, subnet=subnet, extra_path=extra_path, log_level=log_level)
     instance.sock_dir = short / "cd"
     instance.address = str(instance.sock_dir / "containerd.sock")
     instance.ttrpc_address = str(instance.sock_dir / "containerd.sock.ttrpc")
@@ -104,10 +104,16 @@ def gvisor(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     runsc = runsc_binary()
     if runsc is None:
         pytest.skip("gVisor's runsc is not installed (`make setup` installs it into .prefix/bin)")
-    section = f'[quark]\nbackend = "runsc"\nrunsc = "{runsc}"\nplatform = "systrap"\n'
-    with app_kernel_stack(tmp_path_factory.mktemp("gvisor"), name="gvisor", handler=HANDLER,
-                          bridge="kuasar-gv0", subnet="10.254.0.0/16", quark_section=section) as stack:
+    with gvisor_stack(tmp_path_factory.mktemp("gvisor"), runsc, bridge="kuasar-gv0", subnet="10.254.0.0/16") as stack:
         yield stack
+
+
+def gvisor_stack(base: Path, runsc: str, *, bridge: str, subnet: str, extra_path: Sequence[str | Path] = (),
+                 log_level: str = "info"):
+    """app_kernel_stack with quark-sandboxer's runsc backend: proxy plugin `gvisor`, handler `kuasar-gvisor`."""
+    section = f'[quark]\nbackend = "runsc"\nrunsc = "{runsc}"\nplatform = "systrap"\n'
+    return app_kernel_stack(base, name="gvisor", handler=HANDLER, bridge=bridge, subnet=subnet,
+                            quark_section=section, extra_path=extra_path, log_level=log_level)
 
 
 async def run_pod(client: CriClient, name: str, log_root: Path, handler: str = HANDLER,

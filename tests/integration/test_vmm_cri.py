@@ -24,6 +24,7 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -96,12 +97,18 @@ def guest_image() -> tuple[Path, Path]:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VmStack]:
+    with vm_stack(tmp_path_factory.mktemp("vmm"), bridge="kuasar-vm0", subnet="10.249.0.0/16") as current:
+        yield current
+
+
+@contextmanager
+def vm_stack(base: Path, *, bridge: str, subnet: str) -> Iterator[VmStack]:
+    """containerd + vmm-sandboxer (handler `kuasar-vmm`) with the guest image; skips when it cannot run here."""
     reason = vm_skip_reason()
     if reason:
         pytest.skip(reason)
     kernel, initrd = guest_image()
-    base = tmp_path_factory.mktemp("vmm")
-    short = Path(f"/run/kvm0-{secrets.token_hex(2)}")  # unix socket paths must stay short
+    short = Path(f"/run/{bridge.replace('kuasar-', 'k')}-{secrets.token_hex(2)}")  # socket paths must stay short
     short.mkdir(mode=0o700)
     socket, directory = short / "vmm.sock", short / "vmm"
     config = base / "vmm.toml"
@@ -111,7 +118,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VmStack]:
     busybox_tar = images.build_busybox_image(image_dir / "busybox.tar", ref=BUSYBOX)
     pause_tar = images.build_pause_image(image_dir / "pause.tar")
     instance = cd.ContainerdInstance(base / "containerd", sandboxers={"vmm": str(socket)},
-                                     runtimes={HANDLER: RUNTIME}, bridge="kuasar-vm0", subnet="10.249.0.0/16",
+                                     runtimes={HANDLER: RUNTIME}, bridge=bridge, subnet=subnet,
                                      log_level="info")
     instance.sock_dir = short / "cd"
     instance.address = str(instance.sock_dir / "containerd.sock")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import secrets
 import shutil
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -54,7 +54,7 @@ def build_wasm_image(dest: Path, ref: str = WASM_IMAGE,
 
 @contextmanager
 def wasm_stack(base: Path, *, bridge: str, subnet: str, config_text: str = "",
-               log_level: str = "info") -> Iterator[Stack]:
+               extra_path: Sequence[str | Path] = (), log_level: str = "info") -> Iterator[Stack]:
     """containerd + wasm-sandboxer with the wasm test image (and the pause image CRI pins)."""
     short = Path(f"/run/{bridge}-{secrets.token_hex(2)}")  # unix socket paths must stay short
     short.mkdir(mode=0o700)
@@ -65,7 +65,7 @@ def wasm_stack(base: Path, *, bridge: str, subnet: str, config_text: str = "",
     pause_tar = images.build_pause_image(image_dir / "pause.tar")
     instance = cd.ContainerdInstance(base / "containerd", sandboxers={"wasm": str(sandboxer_socket)},
                                      runtimes={WASM_HANDLER: WASM_RUNTIME}, bridge=bridge, subnet=subnet,
-                                     log_level=log_level)
+                                     extra_path=extra_path, log_level=log_level)
     instance.sock_dir = short / "cd"  # containerd's own sockets, next to ours
     instance.address = str(instance.sock_dir / "containerd.sock")
     instance.ttrpc_address = str(instance.sock_dir / "containerd.sock.ttrpc")

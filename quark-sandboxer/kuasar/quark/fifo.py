@@ -5,24 +5,10 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from kuasar.common.errors import InvalidArgument, RuntimeFailure
+from kuasar.common.console import open_fifo
+from kuasar.common.errors import RuntimeFailure
 
 from .runsc import Stdio
-
-
-def _fifo_path(path: str, what: str) -> str:
-    if "://" in path:
-        raise InvalidArgument(f"{what} {path!r}: only FIFO paths are supported by this sandboxer")
-    if not os.path.isabs(path):
-        raise InvalidArgument(f"{what} {path!r} must be an absolute path")
-    return path
-
-
-def _open(path: str, flags: int, what: str) -> int:
-    # containerd (CRI) already holds the other end, so a non-blocking open succeeds at once.
-    fd = os.open(_fifo_path(path, what), flags | os.O_NONBLOCK | os.O_CLOEXEC)
-    os.set_blocking(fd, True)
-    return fd
 
 
 @dataclass
@@ -33,17 +19,20 @@ class FifoIO:
     fds: list[int] = field(default_factory=list)
 
     def open(self) -> Stdio:
-        """Open the FIFOs; close our copies with `release` once the runtime process has them."""
+        """Open the FIFOs; close our copies with `release` once the runtime process has them.
+
+        containerd (CRI) already holds the other ends, so the non-blocking opens succeed at once.
+        """
         stdio = Stdio()
         try:
             if self.stdin:
-                stdio.stdin = _open(self.stdin, os.O_RDONLY, "stdin")
+                stdio.stdin = open_fifo(self.stdin, os.O_RDONLY, "stdin")
                 self.fds.append(stdio.stdin)
             if self.stdout:
-                stdio.stdout = _open(self.stdout, os.O_WRONLY, "stdout")
+                stdio.stdout = open_fifo(self.stdout, os.O_WRONLY, "stdout")
                 self.fds.append(stdio.stdout)
             if self.stderr:
-                stdio.stderr = _open(self.stderr, os.O_WRONLY, "stderr")
+                stdio.stderr = open_fifo(self.stderr, os.O_WRONLY, "stderr")
                 self.fds.append(stdio.stderr)
         except OSError as exc:
             self.release()

@@ -15,17 +15,15 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import shutil
 import signal
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-from google.protobuf import empty_pb2, timestamp_pb2
+from google.protobuf import empty_pb2
 
 from kuasar.common import cgroups, mounts
-from kuasar.common.api.containerd.events import task_pb2 as events
 from kuasar.common.api.containerd.runtime.task.v2 import shim_pb2 as task
 from kuasar.common.api.containerd.types.task import task_pb2 as types
 from kuasar.common.api.kuasar.pods.v1 import pods_pb2 as pods
@@ -41,7 +39,16 @@ from kuasar.common.errors import (
 from kuasar.common.events import EventPublisher
 from kuasar.common.ids import validate_id
 from kuasar.common.reaper import Exit, Reaper
-from kuasar.common.task_api import TaskBackend
+from kuasar.common.task_table import (
+    ContainerTasks,
+    TaskContainer,
+    TaskProcess,
+    host_bundle,
+    parse_exec_spec,
+    state_response,
+    timestamp,
+    wait_exited,
+)
 from kuasar.common.ttrpc import Context
 
 from . import gvisor_net, gvisor_pod, gvisor_stats
@@ -51,9 +58,6 @@ from .runsc import NETSTACK_FIXED_DATE, RUNSC_FAILURE, Runsc, Stdio, last_error
 
 log = logging.getLogger(__name__)
 
-# OCI Process JSON larger than this is not a process spec (containerd's whole message cap is 4 MiB).
-MAX_SPEC_BYTES = 1 << 20
-VERSION = "kuasar-py"
 # A foreground `runsc exec` writes the process's pid within tens of milliseconds; this bounds a stuck one.
 EXEC_START_TIMEOUT = 20.0
 EXEC_POLL_INTERVAL = 0.01
@@ -74,54 +78,25 @@ class GvisorPod:
 
 
 @dataclass
-class Process:
-    id: str
+class Process(TaskProcess):
     io: FifoIO
-    pid: int = 0
     internal_pid: int = 0  # exec only: the pid inside the sandbox, for `runsc kill --pid`
-    status: int = types.CREATED
-    exit_status: int = 0
-    exited_at_ns: int = 0
     spec: bytes = b""
-    exited: asyncio.Event = field(default_factory=asyncio.Event)
-
-    def set_exited(self, status: int, at_ns: int = 0) -> None:
-        if self.status == types.STOPPED:
-            return
-        self.status, self.exit_status, self.exited_at_ns = types.STOPPED, status, at_ns or time.time_ns()
-        self.exited.set()
 
 
 @dataclass
-class Container:
-    id: str
-    bundle: Path
+class Container(TaskContainer):
     pod: GvisorPod
     namespace: str
     init: Process
-    execs: dict[str, Process] = field(default_factory=dict)
-    rootfs_mounted: bool = False
     waiter: asyncio.Task[None] | None = None
 
-    def process(self, exec_id: str) -> Process:
-        if not exec_id:
-            return self.init
-        proc = self.execs.get(exec_id)
-        if proc is None:
-            raise NotFound(f"exec {exec_id} not found in container {self.id}")
-        return proc
 
-
-def _ts(ns: int) -> timestamp_pb2.Timestamp:
-    ts = timestamp_pb2.Timestamp()
-    ts.FromNanoseconds(ns or time.time_ns())
-    return ts
-
-
-class GvisorTasks(TaskBackend):
+class GvisorTasks(ContainerTasks):
     """The Task API backend and, as a `PodLauncher`, the maker of each pod's sandbox."""
 
     def __init__(self, reaper: Reaper, events: EventPublisher, directory: Path, config: QuarkConfig) -> None:
+        super().__init__()
         self.reaper = reaper
         self.events = events
         self.directory = directory
@@ -130,17 +105,7 @@ class GvisorTasks(TaskBackend):
         self.runsc = Runsc(reaper, directory / "runsc", config.runsc, config.platform, debug_dir)
         self.pods: dict[str, GvisorPod] = {}
         self.containers: dict[str, Container] = {}
-        self._locks: dict[str, asyncio.Lock] = {}
         self._netstack_ok: bool | None = None
-
-    def _get(self, container_id: str) -> Container:
-        container = self.containers.get(validate_id(container_id, "container id"))
-        if container is None:
-            raise NotFound(f"container {container_id} not found")
-        return container
-
-    def _lock(self, container_id: str) -> asyncio.Lock:
-        return self._locks.setdefault(container_id, asyncio.Lock())
 
     # -- pods (kuasar.common.pod_service.PodLauncher) -----------------------------------------------
     async def _network_for(self, req: pods.CreatePodRequest) -> str:
@@ -195,9 +160,7 @@ class GvisorTasks(TaskBackend):
         validate_id(req.id, "container id")
         if req.terminal:
             raise Unimplemented("terminals are not supported by quark-sandboxer's gVisor backend")
-        bundle = Path(req.bundle)
-        if not bundle.is_absolute() or not (bundle / "config.json").is_file():
-            raise InvalidArgument(f"bundle {req.bundle!r} has no config.json")
+        bundle = host_bundle(req.bundle)
         async with self._lock(req.id):
             if req.id in self.containers:
                 raise AlreadyExists(f"container {req.id} already exists")
@@ -229,23 +192,18 @@ class GvisorTasks(TaskBackend):
                 raise
             self.containers[req.id] = container
         log.info("container %s created in gVisor pod %s", req.id, pod_id)
-        self.events.publish("/tasks/create", events.TaskCreate(
-            container_id=req.id, bundle=req.bundle, rootfs=req.rootfs, pid=container.init.pid,
-            io=events.TaskIO(stdin=req.stdin, stdout=req.stdout, stderr=req.stderr)), container.namespace)
+        self._publish_create(req, req.bundle, container.init.pid, container.namespace)  # req.terminal is False
         return task.CreateTaskResponse(pid=container.init.pid)
 
     async def start(self, req: task.StartRequest, ctx: Context) -> task.StartResponse:
         container = self._get(req.id)
         async with self._lock(req.id):
-            proc = container.process(req.exec_id)
-            if proc.status != types.CREATED:
-                raise FailedPrecondition(f"process {req.exec_id or req.id} is not in created state")
+            proc = container.created_process(req.exec_id)
             if req.exec_id:
                 if container.init.status != types.RUNNING:
                     raise FailedPrecondition(f"container {req.id} is not running")
                 await self._start_exec(container, proc)
-                self.events.publish("/tasks/exec-started", events.TaskExecStarted(
-                    container_id=req.id, exec_id=req.exec_id, pid=proc.pid), container.namespace)
+                self._publish_started(req, proc.pid, container.namespace)
             else:
                 stdio = proc.io.open()
                 try:
@@ -254,8 +212,7 @@ class GvisorTasks(TaskBackend):
                     proc.io.release()
                 proc.status = types.RUNNING
                 container.waiter = asyncio.create_task(self._wait_init(container), name=f"runsc-wait-{req.id}")
-                self.events.publish("/tasks/start", events.TaskStart(container_id=req.id, pid=proc.pid),
-                                    container.namespace)
+                self._publish_started(req, proc.pid, container.namespace)
         log.info("container %s exec %r started pid %d", req.id, req.exec_id, proc.pid)
         return task.StartResponse(pid=proc.pid)
 
@@ -272,11 +229,9 @@ class GvisorTasks(TaskBackend):
     def _exited(self, container: Container, proc: Process, status: int, at_ns: int = 0) -> None:
         if proc.status == types.STOPPED:
             return
-        proc.set_exited(status, at_ns)
+        proc.record_exit(status, at_ns or time.time_ns())
         log.info("container %s exec %r exited %d", container.id, proc.id, status)
-        self.events.publish("/tasks/exit", events.TaskExit(
-            container_id=container.id, id=proc.id or container.id, pid=proc.pid, exit_status=proc.exit_status,
-            exited_at=_ts(proc.exited_at_ns)), container.namespace)
+        self._publish_exit(container, proc)
 
     async def _start_exec(self, container: Container, proc: Process) -> None:
         process_json = container.bundle / f"{proc.id}.process.json"
@@ -324,24 +279,13 @@ class GvisorTasks(TaskBackend):
         validate_id(req.exec_id, "exec id")
         if req.terminal:
             raise Unimplemented("terminals are not supported by quark-sandboxer's gVisor backend")
-        if len(req.spec.value) > MAX_SPEC_BYTES:
-            raise InvalidArgument("exec process spec is too large")
-        try:
-            spec = json.loads(req.spec.value)
-        except ValueError:
-            raise InvalidArgument("exec spec is not an OCI Process JSON") from None
-        if not isinstance(spec, dict) or not spec.get("args"):
-            raise InvalidArgument("exec spec has no args")
+        spec = parse_exec_spec(req)
         async with self._lock(req.id):
-            if req.exec_id in container.execs:
-                raise AlreadyExists(f"exec {req.exec_id} already exists in container {req.id}")
-            if container.init.status == types.STOPPED:
-                raise FailedPrecondition(f"container {req.id} is stopped")
+            container.check_new_exec(req.exec_id)
             spec["terminal"] = False
             container.execs[req.exec_id] = Process(req.exec_id, FifoIO(req.stdin, req.stdout, req.stderr),
                                                    spec=json.dumps(spec).encode())
-        self.events.publish("/tasks/exec-added", events.TaskExecAdded(container_id=req.id, exec_id=req.exec_id),
-                            container.namespace)
+        self._publish_exec_added(req, container.namespace)
         return empty_pb2.Empty()
 
     async def kill(self, req: task.KillRequest, ctx: Context) -> empty_pb2.Empty:
@@ -368,26 +312,9 @@ class GvisorTasks(TaskBackend):
             raise NotFound(f"process {req.id} already finished") from None
         return empty_pb2.Empty()
 
-    async def wait(self, req: task.WaitRequest, ctx: Context) -> task.WaitResponse:
-        proc = self._get(req.id).process(req.exec_id)
-        await proc.exited.wait()
-        return task.WaitResponse(exit_status=proc.exit_status, exited_at=_ts(proc.exited_at_ns))
-
-    async def delete(self, req: task.DeleteRequest, ctx: Context) -> task.DeleteResponse:
-        container = self._get(req.id)
-        async with self._lock(req.id):
-            proc = container.process(req.exec_id)
-            if proc.status in (types.RUNNING, types.PAUSED):
-                raise FailedPrecondition(f"process {req.exec_id or req.id} is still running")
-            if req.exec_id:
-                del container.execs[req.exec_id]
-            else:
-                await self._remove(container)
-        self.events.publish("/tasks/delete", events.TaskDelete(
-            container_id=req.id, id=req.exec_id or req.id, pid=proc.pid, exit_status=proc.exit_status,
-            exited_at=_ts(proc.exited_at_ns)), container.namespace)
-        log.info("container %s exec %r deleted (exit %d)", req.id, req.exec_id, proc.exit_status)
-        return task.DeleteResponse(pid=proc.pid, exit_status=proc.exit_status, exited_at=_ts(proc.exited_at_ns))
+    def _delete_response(self, proc: Process) -> task.DeleteResponse:
+        # Unlike the other backends, a task deleted before it ran is answered with the time of the delete.
+        return task.DeleteResponse(pid=proc.pid, exit_status=proc.exit_status, exited_at=timestamp(proc.exited_at_ns))
 
     async def _remove(self, container: Container) -> None:
         await self.runsc.delete(container.id, container.pod.network)
@@ -395,24 +322,20 @@ class GvisorTasks(TaskBackend):
             container.waiter.cancel()
         if container.rootfs_mounted:
             mounts.unmount_all(container.bundle / "rootfs")
-        self.containers.pop(container.id, None)
-        self._locks.pop(container.id, None)
+        self._forget(container.id)
 
     # -- inspection --------------------------------------------------------------------------------
     async def state(self, req: task.StateRequest, ctx: Context) -> task.StateResponse:
         container = self._get(req.id)
         proc = container.process(req.exec_id)
-        response = task.StateResponse(
-            id=req.id, exec_id=req.exec_id, bundle=str(container.bundle), pid=proc.pid, status=proc.status,
-            stdin=proc.io.stdin, stdout=proc.io.stdout, stderr=proc.io.stderr, exit_status=proc.exit_status)
-        if proc.exited_at_ns:
-            response.exited_at.FromNanoseconds(proc.exited_at_ns)
-        return response
+        return state_response(req, container.bundle, proc, proc.io.stdin, proc.io.stdout, proc.io.stderr)
 
     async def pids(self, req: task.PidsRequest, ctx: Context) -> task.PidsResponse:
         container = self._get(req.id)
         if container.init.status == types.STOPPED:
-            return task.PidsResponse()
+            # The dead init, not nothing: containerd reloading after a restart deletes a task without
+            # pids as a leaked shim, losing the real exit status.
+            return task.PidsResponse(processes=[types.ProcessInfo(pid=container.init.pid)])
         pids = await self.runsc.ps(req.id, container.pod.network)
         return task.PidsResponse(processes=[types.ProcessInfo(pid=pid) for pid in pids])
 
@@ -423,23 +346,19 @@ class GvisorTasks(TaskBackend):
         data = await self.runsc.stats(req.id, container.pod.network)
         return task.StatsResponse(stats=gvisor_stats.to_metrics(data))
 
-    async def connect(self, req: task.ConnectRequest, ctx: Context) -> task.ConnectResponse:
-        container = self._get(req.id)
-        return task.ConnectResponse(shim_pid=os.getpid(), task_pid=container.init.pid, version=VERSION)
-
     # -- control -----------------------------------------------------------------------------------
     async def pause(self, req: task.PauseRequest, ctx: Context) -> empty_pb2.Empty:
         container = self._get(req.id)
         await self.runsc.pause(req.id, container.pod.network)
         container.init.status = types.PAUSED
-        self.events.publish("/tasks/paused", events.TaskPaused(container_id=req.id), container.namespace)
+        self._publish_paused(req.id, True, container.namespace)
         return empty_pb2.Empty()
 
     async def resume(self, req: task.ResumeRequest, ctx: Context) -> empty_pb2.Empty:
         container = self._get(req.id)
         await self.runsc.resume(req.id, container.pod.network)
         container.init.status = types.RUNNING
-        self.events.publish("/tasks/resumed", events.TaskResumed(container_id=req.id), container.namespace)
+        self._publish_paused(req.id, False, container.namespace)
         return empty_pb2.Empty()
 
     async def close_io(self, req: task.CloseIORequest, ctx: Context) -> empty_pb2.Empty:
@@ -464,16 +383,8 @@ class GvisorTasks(TaskBackend):
                     log.warning("pod %s: killing container %s: %s", pod_id, container.id, exc.message)
 
     async def wait_pod_containers(self, pod_id: str, timeout: float) -> bool:
-        waits = [c.init.exited.wait() for c in self.containers.values()
-                 if c.pod.id == pod_id and c.init.status != types.STOPPED]
-        if not waits:
-            return True
-        try:
-            async with asyncio.timeout(timeout):
-                await asyncio.gather(*waits)
-            return True
-        except TimeoutError:
-            return False
+        return await wait_exited([c.init for c in self.containers.values()
+                                  if c.pod.id == pod_id and c.init.status != types.STOPPED], timeout)
 
     async def remove_pod_containers(self, pod_id: str) -> None:
         for container in [c for c in self.containers.values() if c.pod.id == pod_id]:

@@ -10,29 +10,23 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 from kuasar.common.errors import NotFound, RuntimeFailure
 from kuasar.common.reaper import Exit, Reaper
+from kuasar.common.runc_cli import ERROR_LEVELS, Stdio, log_offset
+from kuasar.common.runc_cli import last_error as _last_logged_error
 from kuasar.common.spawn import Completed, resolve, run
 
-# Only the tail of a log matters: the error that ended the command is its last entry.
-LOG_TAIL = 8192
 # runsc exits 128 when it fails itself (bad spec, missing container, ...), before running anything.
 RUNSC_FAILURE = 128
 # Releases from this date on tell a pod's netns from the host's by /proc/sys/net/core/dev_weight;
 # older ones look for rmem_default, which kernels >= 6.x also have in every other netns.
 NETSTACK_FIXED_DATE = 20240801
+# runsc logs some failures (a missing container, ...) as warnings.
+RUNSC_ERROR_LEVELS = (*ERROR_LEVELS, "warning")
 
-
-@dataclass
-class Stdio:
-    """File descriptors handed to the runsc process, and through it to the container (None: /dev/null)."""
-
-    stdin: int | None = None
-    stdout: int | None = None
-    stderr: int | None = None
+__all__ = ["NETSTACK_FIXED_DATE", "RUNSC_FAILURE", "Runsc", "Stdio", "last_error"]
 
 
 class Runsc:
@@ -55,7 +49,7 @@ class Runsc:
     async def _run(self, network: str, args: list[str], *, log_path: Path | None = None,
                    stdio: Stdio | None = None, capture: bool = True) -> Completed:
         stdio = stdio or Stdio()
-        offset = log_path.stat().st_size if log_path is not None and log_path.exists() else 0
+        offset = log_offset(log_path)
         result = await run(self.reaper, self.argv(network, log_path, *args), stdin=stdio.stdin,
                            stdout=stdio.stdout, stderr=stdio.stderr, capture=capture)
         if result.status != 0:
@@ -154,19 +148,4 @@ def _first_line(data: bytes) -> str:
 
 def last_error(log_path: Path | None, offset: int = 0) -> str:
     """The error runsc logged (JSON lines, `--log-format json`) after `offset`."""
-    if log_path is None or not log_path.exists():
-        return ""
-    try:
-        with open(log_path, "rb") as f:
-            f.seek(max(offset, os.path.getsize(log_path) - LOG_TAIL))
-            lines = f.read().decode(errors="replace").splitlines()
-    except OSError:
-        return ""
-    for line in reversed(lines):
-        try:
-            entry = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(entry, dict) and entry.get("level") in ("error", "fatal", "warning"):
-            return str(entry.get("msg", ""))
-    return ""
+    return _last_logged_error(log_path, offset, RUNSC_ERROR_LEVELS)

@@ -12,17 +12,14 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import fcntl
 import os
 import socket
-import struct
-import termios
 from pathlib import Path
 
+from kuasar.common.console import ConsoleReceiver
 from kuasar.common.errors import InvalidArgument, RuntimeFailure
+from kuasar.common.runc_cli import Stdio
 from kuasar.common.streaming_io import InputChannel, OutputChannel, StreamHub, streaming_id
-
-from .runc import Stdio
 
 CHUNK = 32 * 1024
 # runc sends the pty master right after it creates the console; this only bounds a broken runc.
@@ -88,7 +85,7 @@ async def pump_in(channel: InputChannel, fd: int) -> None:
         os.close(fd)
 
 
-class ProcessIO:
+class ProcessIO(ConsoleReceiver):
     def __init__(self, hub: StreamHub, stdin: str = "", stdout: str = "", stderr: str = "",
                  terminal: bool = False) -> None:
         self.hub = hub
@@ -159,52 +156,15 @@ class ProcessIO:
             os.close(fd)
         self._child_fds = []
 
-    # -- with a terminal: runc's console socket ----------------------------------------------------
-    def listen_console(self, path: Path) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        path.unlink(missing_ok=True)
-        sock.bind(str(path))
-        os.chmod(path, 0o600)
-        sock.listen(1)
-        sock.setblocking(False)
-        self._console, self.console_path = sock, path
-
+    # -- with a terminal: runc's console socket (kuasar.common.console) ------------------------------
     async def receive_console(self) -> None:
-        assert self._console is not None
-        loop = asyncio.get_running_loop()
-        try:
-            async with asyncio.timeout(CONSOLE_TIMEOUT):
-                conn, _ = await loop.sock_accept(self._console)
-                with conn:
-                    await _readable(conn.fileno())
-                    _, fds, _, _ = socket.recv_fds(conn, 4096, 1)
-        finally:
-            self._close_console_socket()
-        if not fds:
-            raise RuntimeFailure("runc sent no console")
-        self.master = fds[0]
-        if self.size is not None:
-            self.resize(*self.size)
+        await self._receive_master(CONSOLE_TIMEOUT)
         out = streaming_id(self.stdout) if self.stdout else None
         if out is not None:
             self._spawn(pump_out(os.dup(self.master), self.hub.output(out)), f"pty output {out}")
         sin = streaming_id(self.stdin) if self.stdin else None
         if sin is not None:
             self._stdin_task = self._spawn(pump_in(self.hub.input(sin), os.dup(self.master)), f"pty stdin {sin}")
-
-    def _close_console_socket(self) -> None:
-        if self._console is not None:
-            self._console.close()
-            self._console = None
-        if self.console_path is not None:
-            self.console_path.unlink(missing_ok=True)
-
-    def resize(self, width: int, height: int) -> None:
-        if not self.terminal:
-            raise InvalidArgument("process has no terminal")
-        self.size = (width, height)
-        if self.master >= 0:
-            fcntl.ioctl(self.master, termios.TIOCSWINSZ, struct.pack("HHHH", height, width, 0, 0))
 
     def close_stdin(self) -> None:
         if self._stdin_task is not None:

@@ -8,20 +8,14 @@ from __future__ import annotations
 
 import os
 
-from kuasar.common.errors import InvalidArgument, RuntimeFailure
+from kuasar.common.console import open_fifo
+from kuasar.common.errors import RuntimeFailure
 
 from .launch import Stdio
 
 NO_TERMINAL = ("terminal: true is not supported by the wasm sandboxer (a WebAssembly module has no "
                "pty); run the container without tty")
-
-
-def _fifo_path(path: str, what: str) -> str:
-    if "://" in path:
-        raise InvalidArgument(f"{what} {path!r}: only FIFO paths are supported by the wasm sandboxer")
-    if not os.path.isabs(path):
-        raise InvalidArgument(f"{what} {path!r} must be an absolute path")
-    return path
+SANDBOXER = "the wasm sandboxer"
 
 
 def open_stdio(stdin: str, stdout: str, stderr: str) -> Stdio:
@@ -29,14 +23,11 @@ def open_stdio(stdin: str, stdout: str, stderr: str) -> Stdio:
     stdio = Stdio()
     try:
         if stdin:
-            stdio.stdin = os.open(_fifo_path(stdin, "stdin"), os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-            os.set_blocking(stdio.stdin, True)
+            stdio.stdin = open_fifo(stdin, os.O_RDONLY, "stdin", SANDBOXER)
         if stdout:
-            stdio.stdout = os.open(_fifo_path(stdout, "stdout"), os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-            os.set_blocking(stdio.stdout, True)
+            stdio.stdout = open_fifo(stdout, os.O_WRONLY, "stdout", SANDBOXER)
         if stderr:
-            stdio.stderr = os.open(_fifo_path(stderr, "stderr"), os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-            os.set_blocking(stdio.stderr, True)
+            stdio.stderr = open_fifo(stderr, os.O_WRONLY, "stderr", SANDBOXER)
     except OSError as exc:
         stdio.close()
         raise RuntimeFailure(f"opening stdio: {exc}") from None

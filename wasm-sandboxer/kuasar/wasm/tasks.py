@@ -18,11 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from google.protobuf import empty_pb2, timestamp_pb2
-from google.protobuf.message import Message
+from google.protobuf import empty_pb2
 
 from kuasar.common import cgroups, mounts
-from kuasar.common.api.containerd.events import task_pb2 as events
 from kuasar.common.api.containerd.runtime.task.v2 import shim_pb2 as task
 from kuasar.common.api.containerd.types.task import task_pb2 as types
 from kuasar.common.errors import (
@@ -36,7 +34,17 @@ from kuasar.common.events import EventPublisher
 from kuasar.common.ids import validate_id
 from kuasar.common.oom import OomWatch
 from kuasar.common.reaper import Exit, Reaper
-from kuasar.common.task_api import TaskBackend
+from kuasar.common.task_table import (
+    ContainerTasks,
+    TaskContainer,
+    TaskProcess,
+    host_bundle,
+    parse_exec_spec,
+    pod_id_of,
+    signal_quietly,
+    state_response,
+    wait_exited,
+)
 from kuasar.common.ttrpc import Context
 
 from . import resources
@@ -48,16 +56,10 @@ from .stdio import NO_TERMINAL, open_stdio
 
 log = logging.getLogger(__name__)
 
-# CRI (and cri-o, and Kuasar) name the pod of a container with one of these annotations.
-SANDBOX_ID_ANNOTATIONS = ("io.kubernetes.cri.sandbox-id", "io.kubernetes.cri-o.SandboxID",
-                          "io.kubernetes.sandbox.id")
 # Per-container engine choice; CRI passes it on only if the runtime's `container_annotations`
 # (or `pod_annotations`) allow it, e.g. container_annotations = ["io.kuasar.wasm.*"].
 RUNTIME_ANNOTATION = "io.kuasar.wasm.runtime"
 RUNTIMES = ("wasmtime", "wasmedge")
-# OCI Process JSON larger than this is not a process spec (containerd's whole message cap is 4 MiB).
-MAX_SPEC_BYTES = 1 << 20
-VERSION = "kuasar-py"
 # Bind mounts below these are kernel interfaces, never preopened into a module.
 NOT_PREOPENED = ("/proc", "/sys", "/dev")
 # After a process exits its cgroup may stay busy for a moment; this bounds the wait before rmdir.
@@ -76,32 +78,20 @@ class WasmSettings:
 
 
 @dataclass
-class Process:
-    id: str
+class Process(TaskProcess):
     stdin: str = ""
     stdout: str = ""
     stderr: str = ""
     spec: dict[str, Any] = field(default_factory=dict)
-    pid: int = 0
-    status: int = types.CREATED
-    exit_status: int = 0
-    exited_at_ns: int = 0
-    exited: asyncio.Event = field(default_factory=asyncio.Event)
     launch: Launch | None = None
 
     @property
     def alive(self) -> bool:
         return self.pid > 0 and self.status != types.STOPPED
 
-    def set_exited(self, exited: Exit) -> None:
-        self.status, self.exit_status, self.exited_at_ns = types.STOPPED, exited.status, exited.at_ns
-        self.exited.set()
-
 
 @dataclass
-class Container:
-    id: str
-    bundle: Path
+class Container(TaskContainer):
     pod_id: str
     namespace: str
     spec: dict[str, Any]
@@ -110,32 +100,8 @@ class Container:
     wasmedge: str
     init: Process
     memory_limit: int = 0
-    execs: dict[str, Process] = field(default_factory=dict)
-    rootfs_mounted: bool = False
     cgroup: cgroups.PodCgroup | None = None
     oom: OomWatch | None = None
-
-    def process(self, exec_id: str) -> Process:
-        if not exec_id:
-            return self.init
-        proc = self.execs.get(exec_id)
-        if proc is None:
-            raise NotFound(f"exec {exec_id} not found in container {self.id}")
-        return proc
-
-    def processes(self) -> list[Process]:
-        return [self.init, *self.execs.values()]
-
-
-def _timestamp_ns(message: Message, name: str, ns: int) -> None:
-    if ns:
-        getattr(message, name).FromNanoseconds(ns)
-
-
-def _ts(ns: int) -> timestamp_pb2.Timestamp:
-    ts = timestamp_pb2.Timestamp()
-    ts.FromNanoseconds(ns or time.time_ns())
-    return ts
 
 
 def memory_limit_of(spec: dict[str, Any]) -> int:
@@ -162,9 +128,10 @@ def bind_preopens(spec_mounts: list[dict[str, Any]]) -> list[Preopen]:
     return preopens
 
 
-class WasmTasks(TaskBackend):
+class WasmTasks(ContainerTasks):
     def __init__(self, reaper: Reaper, events: EventPublisher, directory: Path,
                  settings: WasmSettings | None = None) -> None:
+        super().__init__()
         self.reaper = reaper
         self.events = events
         self.settings = settings or WasmSettings()
@@ -177,16 +144,6 @@ class WasmTasks(TaskBackend):
             self.cache.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._pruned_at = 0.0
         self.containers: dict[str, Container] = {}
-        self._locks: dict[str, asyncio.Lock] = {}
-
-    def _get(self, container_id: str) -> Container:
-        container = self.containers.get(validate_id(container_id, "container id"))
-        if container is None:
-            raise NotFound(f"container {container_id} not found")
-        return container
-
-    def _lock(self, container_id: str) -> asyncio.Lock:
-        return self._locks.setdefault(container_id, asyncio.Lock())
 
     # -- planning ----------------------------------------------------------------------------------
     def select_runtime(self, spec: dict[str, Any]) -> tuple[str, str]:
@@ -249,9 +206,7 @@ class WasmTasks(TaskBackend):
             raise InvalidArgument(NO_TERMINAL)
         if req.checkpoint:
             raise Unimplemented("restoring from a checkpoint is not supported by the wasm sandboxer")
-        bundle = Path(req.bundle)
-        if not bundle.is_absolute() or not (bundle / "config.json").is_file():
-            raise InvalidArgument(f"bundle {req.bundle!r} has no config.json")
+        bundle = host_bundle(req.bundle)
         async with self._lock(req.id):
             if req.id in self.containers:
                 raise AlreadyExists(f"container {req.id} already exists")
@@ -259,8 +214,7 @@ class WasmTasks(TaskBackend):
                 spec = json.loads((bundle / "config.json").read_bytes())
             except ValueError:
                 raise InvalidArgument(f"{bundle / 'config.json'} is not JSON") from None
-            annotations = spec.get("annotations") or {}
-            pod_id = next((annotations[k] for k in SANDBOX_ID_ANNOTATIONS if k in annotations), "")
+            pod_id = pod_id_of(spec.get("annotations") or {})
             runtime, wasmedge = self.select_runtime(spec)
             root_path = Path(str((spec.get("root") or {}).get("path") or "rootfs"))
             rootfs = bundle / "rootfs" if req.rootfs else (root_path if root_path.is_absolute()
@@ -289,10 +243,7 @@ class WasmTasks(TaskBackend):
                 raise
             self.containers[req.id] = container
         log.info("container %s created in pod %s pid %d (%s)", req.id, pod_id, proc.pid, runtime)
-        self.events.publish("/tasks/create", events.TaskCreate(
-            container_id=req.id, bundle=req.bundle, rootfs=req.rootfs, pid=proc.pid,
-            io=events.TaskIO(stdin=req.stdin, stdout=req.stdout, stderr=req.stderr, terminal=req.terminal)),
-            container.namespace)
+        self._publish_create(req, req.bundle, proc.pid, container.namespace)
         return task.CreateTaskResponse(pid=proc.pid)
 
     async def _launch(self, container: Container, proc: Process, wait_for_go: bool) -> None:
@@ -309,7 +260,7 @@ class WasmTasks(TaskBackend):
             await started.ready()
         except BaseException:
             started.close_go()
-            _signal(started.pid, signal.SIGKILL)
+            signal_quietly(started.pid, signal.SIGKILL)
             await asyncio.shield(started.exited)
             proc.launch, proc.pid = None, 0
             raise
@@ -324,69 +275,48 @@ class WasmTasks(TaskBackend):
         if proc.launch is not None:
             proc.launch.close_go()
         log.info("container %s exec %r pid %d exited %d", container.id, proc.id, proc.pid, exited.status)
-        self.events.publish("/tasks/exit", events.TaskExit(
-            container_id=container.id, id=proc.id or container.id, pid=proc.pid,
-            exit_status=exited.status, exited_at=_ts(exited.at_ns)), container.namespace)
+        self._publish_exit(container, proc)
         if proc is container.init:
             # As when a container's PID namespace ends: its execs do not outlive it.
             for other in container.execs.values():
                 if other.alive:
-                    _signal(other.pid, signal.SIGKILL)
+                    signal_quietly(other.pid, signal.SIGKILL)
 
     async def start(self, req: task.StartRequest, ctx: Context) -> task.StartResponse:
         container = self._get(req.id)
         async with self._lock(req.id):
-            proc = container.process(req.exec_id)
-            if proc.status != types.CREATED:
-                raise FailedPrecondition(f"process {req.exec_id or req.id} is not in created state")
+            proc = container.created_process(req.exec_id)
             if req.exec_id:
                 if container.init.status not in (types.RUNNING, types.PAUSED):
                     raise FailedPrecondition(f"container {req.id} is not running")
                 await self._launch(container, proc, wait_for_go=False)
                 if proc.status == types.CREATED:
                     proc.status = types.RUNNING
-                self.events.publish("/tasks/exec-started", events.TaskExecStarted(
-                    container_id=req.id, exec_id=req.exec_id, pid=proc.pid), container.namespace)
+                self._publish_started(req, proc.pid, container.namespace)
             else:
                 if proc.launch is None or proc.launch.go_fd < 0:
                     raise FailedPrecondition(f"container {req.id} process is gone")
                 proc.launch.go()
                 proc.status = types.RUNNING
                 container.oom = OomWatch(proc.pid, lambda: self._on_oom(container))
-                self.events.publish("/tasks/start", events.TaskStart(container_id=req.id, pid=proc.pid),
-                                    container.namespace)
+                self._publish_started(req, proc.pid, container.namespace)
         log.info("container %s exec %r started pid %d", req.id, req.exec_id, proc.pid)
         return task.StartResponse(pid=proc.pid)
-
-    def _on_oom(self, container: Container) -> None:
-        log.info("container %s: OOM kill in its memory cgroup", container.id)
-        self.events.publish("/tasks/oom", events.TaskOOM(container_id=container.id), container.namespace)
 
     async def exec(self, req: task.ExecProcessRequest, ctx: Context) -> empty_pb2.Empty:
         container = self._get(req.id)
         validate_id(req.exec_id, "exec id")
         if req.terminal:
             raise InvalidArgument(NO_TERMINAL)
-        if len(req.spec.value) > MAX_SPEC_BYTES:
-            raise InvalidArgument("exec process spec is too large")
-        try:
-            spec = json.loads(req.spec.value)
-        except ValueError:
-            raise InvalidArgument("exec spec is not an OCI Process JSON") from None
-        if not isinstance(spec, dict) or not spec.get("args"):
-            raise InvalidArgument("exec spec has no args")
+        spec = parse_exec_spec(req)
         if spec.get("terminal"):
             raise InvalidArgument(NO_TERMINAL)
         async with self._lock(req.id):
-            if req.exec_id in container.execs:
-                raise AlreadyExists(f"exec {req.exec_id} already exists in container {req.id}")
-            if container.init.status == types.STOPPED:
-                raise FailedPrecondition(f"container {req.id} is stopped")
+            container.check_new_exec(req.exec_id)
             # Fail now, not at Start, if the module is not there (ExecSync then says why).
             locate_module(container.rootfs, [str(a) for a in spec["args"]], str(spec.get("cwd") or "/"))
             container.execs[req.exec_id] = Process(req.exec_id, req.stdin, req.stdout, req.stderr, spec)
-        self.events.publish("/tasks/exec-added", events.TaskExecAdded(container_id=req.id, exec_id=req.exec_id),
-                            container.namespace)
+        self._publish_exec_added(req, container.namespace)
         return empty_pb2.Empty()
 
     async def kill(self, req: task.KillRequest, ctx: Context) -> empty_pb2.Empty:
@@ -397,48 +327,22 @@ class WasmTasks(TaskBackend):
             raise NotFound(f"process {req.exec_id or req.id} already finished")
         for target in targets:
             if target.alive:
-                _signal(target.pid, req.signal)
+                signal_quietly(target.pid, req.signal)
         if container.init.status == types.PAUSED and req.signal == signal.SIGKILL:
             await self._thaw(container)  # a frozen process only dies once thawed
         return empty_pb2.Empty()
 
-    async def wait(self, req: task.WaitRequest, ctx: Context) -> task.WaitResponse:
-        proc = self._get(req.id).process(req.exec_id)
-        await proc.exited.wait()
-        response = task.WaitResponse(exit_status=proc.exit_status)
-        _timestamp_ns(response, "exited_at", proc.exited_at_ns)
-        return response
-
-    async def delete(self, req: task.DeleteRequest, ctx: Context) -> task.DeleteResponse:
-        container = self._get(req.id)
-        async with self._lock(req.id):
-            proc = container.process(req.exec_id)
-            if proc.status in (types.RUNNING, types.PAUSED):
-                raise FailedPrecondition(f"process {req.exec_id or req.id} is still running")
-            if req.exec_id:
-                del container.execs[req.exec_id]
-            else:
-                await self._remove(container)
-        response = task.DeleteResponse(pid=proc.pid, exit_status=proc.exit_status)
-        _timestamp_ns(response, "exited_at", proc.exited_at_ns)
-        self.events.publish("/tasks/delete", events.TaskDelete(
-            container_id=req.id, id=req.exec_id or req.id, pid=proc.pid, exit_status=proc.exit_status,
-            exited_at=_ts(proc.exited_at_ns)), container.namespace)
-        log.info("container %s exec %r deleted (exit %d)", req.id, req.exec_id, proc.exit_status)
-        return response
-
     async def _remove(self, container: Container) -> None:
         await self._kill_and_wait(container)
         await self._release(container)
-        self.containers.pop(container.id, None)
-        self._locks.pop(container.id, None)
+        self._forget(container.id)
 
     async def _kill_and_wait(self, container: Container) -> None:
         if container.init.status == types.PAUSED:
             await self._thaw(container)
         alive = [p for p in container.processes() if p.alive]
         for proc in alive:
-            _signal(proc.pid, signal.SIGKILL)
+            signal_quietly(proc.pid, signal.SIGKILL)
         if alive:
             try:
                 async with asyncio.timeout(KILL_WAIT):
@@ -465,17 +369,14 @@ class WasmTasks(TaskBackend):
     async def state(self, req: task.StateRequest, ctx: Context) -> task.StateResponse:
         container = self._get(req.id)
         proc = container.process(req.exec_id)
-        response = task.StateResponse(
-            id=req.id, exec_id=req.exec_id, bundle=str(container.bundle), pid=proc.pid, status=proc.status,
-            stdin=proc.stdin, stdout=proc.stdout, stderr=proc.stderr, terminal=False,
-            exit_status=proc.exit_status)
-        _timestamp_ns(response, "exited_at", proc.exited_at_ns)
-        return response
+        return state_response(req, container.bundle, proc, proc.stdin, proc.stdout, proc.stderr, terminal=False)
 
     async def pids(self, req: task.PidsRequest, ctx: Context) -> task.PidsResponse:
         container = self._get(req.id)
-        return task.PidsResponse(processes=[types.ProcessInfo(pid=p.pid) for p in container.processes()
-                                            if p.alive])
+        alive = [types.ProcessInfo(pid=p.pid) for p in container.processes() if p.alive]
+        # A stopped task answers with its dead init, not nothing: containerd reloading its tasks after a
+        # restart deletes a task without pids as a leaked shim, losing the real exit status.
+        return task.PidsResponse(processes=alive or [types.ProcessInfo(pid=container.init.pid)])
 
     async def stats(self, req: task.StatsRequest, ctx: Context) -> task.StatsResponse:
         container = self._get(req.id)
@@ -485,10 +386,6 @@ class WasmTasks(TaskBackend):
             raise FailedPrecondition(f"container {req.id} is stopped")
         return task.StatsResponse(stats=cgroups.metrics_for_pid(container.init.pid))
 
-    async def connect(self, req: task.ConnectRequest, ctx: Context) -> task.ConnectResponse:
-        container = self._get(req.id)
-        return task.ConnectResponse(shim_pid=os.getpid(), task_pid=container.init.pid, version=VERSION)
-
     # -- control -----------------------------------------------------------------------------------
     async def pause(self, req: task.PauseRequest, ctx: Context) -> empty_pb2.Empty:
         container = self._get(req.id)
@@ -496,7 +393,7 @@ class WasmTasks(TaskBackend):
             raise FailedPrecondition(f"container {req.id} is not running")
         await resources.freeze(container.cgroup, True)
         container.init.status = types.PAUSED
-        self.events.publish("/tasks/paused", events.TaskPaused(container_id=req.id), container.namespace)
+        self._publish_paused(req.id, True, container.namespace)
         return empty_pb2.Empty()
 
     async def resume(self, req: task.ResumeRequest, ctx: Context) -> empty_pb2.Empty:
@@ -504,7 +401,7 @@ class WasmTasks(TaskBackend):
         if container.init.status != types.PAUSED:
             raise FailedPrecondition(f"container {req.id} is not paused")
         await self._thaw(container)
-        self.events.publish("/tasks/resumed", events.TaskResumed(container_id=req.id), container.namespace)
+        self._publish_paused(req.id, False, container.namespace)
         return empty_pb2.Empty()
 
     async def _thaw(self, container: Container) -> None:
@@ -539,33 +436,19 @@ class WasmTasks(TaskBackend):
         for container in [c for c in self.containers.values() if c.pod_id == pod_id]:
             for proc in container.processes():
                 if proc.alive:
-                    _signal(proc.pid, sig)
+                    signal_quietly(proc.pid, sig)
             if sig == signal.SIGKILL and container.init.status == types.PAUSED:
                 await self._thaw(container)
 
     async def wait_pod_containers(self, pod_id: str, timeout: float) -> bool:
-        waits = [c.init.exited.wait() for c in self.containers.values() if c.pod_id == pod_id and c.init.alive]
-        if not waits:
-            return True
-        try:
-            async with asyncio.timeout(timeout):
-                await asyncio.gather(*waits)
-            return True
-        except TimeoutError:
-            return False
+        return await wait_exited([c.init for c in self.containers.values() if c.pod_id == pod_id and c.init.alive],
+                                 timeout)
 
     async def remove_pod_containers(self, pod_id: str) -> None:
         for container in [c for c in self.containers.values() if c.pod_id == pod_id]:
             async with self._lock(container.id):
                 await self._remove(container)
             log.info("pod %s: removed leftover container %s", pod_id, container.id)
-
-
-def _signal(pid: int, sig: int) -> None:
-    try:
-        os.kill(pid, sig)
-    except ProcessLookupError:
-        pass
 
 
 async def _drain(cgroup: cgroups.PodCgroup) -> None:

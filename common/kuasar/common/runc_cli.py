@@ -1,5 +1,9 @@
-"""runc inside the guest, driven without a shell. Its state and logs live in the guest's tmpfs, not in
-the (shared) bundle directory."""
+"""The `runc` command line, driven without a shell; every failure carries runc's own message.
+
+Used by runc-sandboxer (logs in the bundle) and by the vm-agent inside the guest (logs in the guest's
+tmpfs), so every command that logs takes its log path. `Stdio` and `last_error` also serve runsc,
+which speaks the same JSON log format.
+"""
 
 from __future__ import annotations
 
@@ -8,21 +12,48 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from kuasar.common.errors import NotFound, RuntimeFailure
-from kuasar.common.reaper import Reaper
-from kuasar.common.spawn import Completed, run
+from .errors import NotFound, RuntimeFailure
+from .reaper import Reaper
+from .spawn import Completed, run
 
-# Only the tail of runc's log matters: the error that ended this command is its last entry.
+# Only the tail of a log matters: the error that ended the command is its last entry.
 LOG_TAIL = 8192
+# The levels of a runc log entry that explain a failure.
+ERROR_LEVELS = ("error", "fatal")
 
 
 @dataclass
 class Stdio:
-    """File descriptors runc hands to the container process (None: /dev/null)."""
+    """File descriptors handed to the runtime's process, and through it to the container (None: /dev/null)."""
 
     stdin: int | None = None
     stdout: int | None = None
     stderr: int | None = None
+
+
+def log_offset(log_path: Path | None) -> int:
+    """Where the next command's entries will start in `log_path`."""
+    return log_path.stat().st_size if log_path is not None and log_path.exists() else 0
+
+
+def last_error(log_path: Path | None, offset: int = 0, levels: tuple[str, ...] = ERROR_LEVELS) -> str:
+    """The error logged (JSON lines, `--log-format json`) after `offset`, i.e. by the command that just failed."""
+    if log_path is None or not log_path.exists():
+        return ""
+    try:
+        with open(log_path, "rb") as f:
+            f.seek(max(offset, os.path.getsize(log_path) - LOG_TAIL))
+            lines = f.read().decode(errors="replace").splitlines()
+    except OSError:
+        return ""
+    for line in reversed(lines):
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(entry, dict) and entry.get("level") in levels:
+            return str(entry.get("msg", ""))
+    return ""
 
 
 class Runc:
@@ -33,15 +64,18 @@ class Runc:
         self.no_pivot = no_pivot
         root.mkdir(parents=True, exist_ok=True, mode=0o700)
 
-    async def _run(self, args: list[str], *, log_path: Path | None = None, stdio: Stdio | None = None,
-                   capture: bool = True) -> Completed:
-        stdio = stdio or Stdio()
+    def _argv(self, log_path: Path | None, *args: str) -> list[str]:
         argv = [self.binary, "--root", str(self.root)]
         if log_path is not None:
             argv += ["--log", str(log_path), "--log-format", "json"]
-        offset = log_path.stat().st_size if log_path is not None and log_path.exists() else 0
-        result = await run(self.reaper, argv + args, stdin=stdio.stdin, stdout=stdio.stdout, stderr=stdio.stderr,
-                           capture=capture)
+        return argv + list(args)
+
+    async def _run(self, args: list[str], *, log_path: Path | None = None, stdio: Stdio | None = None,
+                   capture: bool = True) -> Completed:
+        stdio = stdio or Stdio()
+        offset = log_offset(log_path)
+        result = await run(self.reaper, self._argv(log_path, *args), stdin=stdio.stdin,
+                           stdout=stdio.stdout, stderr=stdio.stderr, capture=capture)
         if result.status != 0:
             message = last_error(log_path, offset) or result.stderr.decode(errors="replace").strip()
             if "does not exist" in message or "not exist" in message:
@@ -90,22 +124,6 @@ class Runc:
         result = await self._run(["ps", "--format", "json", container_id])
         return [int(pid) for pid in json.loads(result.stdout or b"[]") or []]
 
-
-def last_error(log_path: Path | None, offset: int) -> str:
-    """The error runc logged (as JSON) after `offset`, i.e. by the command that just failed."""
-    if log_path is None or not log_path.exists():
-        return ""
-    try:
-        with open(log_path, "rb") as f:
-            f.seek(max(offset, os.path.getsize(log_path) - LOG_TAIL))
-            lines = f.read().decode(errors="replace").splitlines()
-    except OSError:
-        return ""
-    for line in reversed(lines):
-        try:
-            entry = json.loads(line)
-        except ValueError:
-            continue
-        if entry.get("level") in ("error", "fatal"):
-            return str(entry.get("msg", ""))
-    return ""
+    async def state(self, container_id: str) -> dict:
+        result = await self._run(["state", container_id])
+        return json.loads(result.stdout)

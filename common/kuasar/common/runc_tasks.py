@@ -1,0 +1,227 @@
+"""The Task API over runc, where runc-sandboxer (on the host) and the vm-agent (in the guest) agree.
+
+Both start an init with `runc create` and an exec with `runc exec --detach`, learn the pid from runc's
+pid file, watch its exit through the reaper, and answer Start, Exec, Delete, State, Stats,
+Pause/Resume, ResizePty, CloseIO and Update the same way. What differs is where a container's files
+live (`_files`), where runc's console socket goes (`_console_socket`), how a process's IO is made
+(`_process_io`), how its fds are dropped (`_release_io` once runc holds them, `_discard_io` when
+starting failed), whether its output is drained before Delete closes it (`_drain_io`) and what else a
+removed container leaves (`_remove_files`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from google.protobuf import empty_pb2
+
+from . import cgroups, mounts
+from .api.containerd.runtime.task.v2 import shim_pb2 as task
+from .api.containerd.types.task import task_pb2 as types
+from .errors import FailedPrecondition, InvalidArgument
+from .ids import validate_id
+from .oom import OomWatch
+from .reaper import Exit, Reaper
+from .runc_cli import Runc, Stdio
+from .task_table import ContainerTasks, TaskProcess, parse_exec_spec, state_response
+from .ttrpc import Context
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RuncProcess(TaskProcess):
+    """A process runc runs: its IO (the backend's ProcessIO) and, for an exec, its OCI Process JSON."""
+
+    io: Any
+    spec: bytes = b""
+
+
+class RuncContainerTasks(ContainerTasks):
+    """A backend's containers are run by `self.runc`; each has `bundle`, `namespace`, `init`, `execs`,
+    `oom` and `log` (runc's log file)."""
+
+    runc: Runc
+    reaper: Reaper
+
+    # -- what a backend decides ----------------------------------------------------------------------
+    def _files(self, container: Any) -> Path:
+        """The directory for a container's pid files and passed JSON files."""
+        raise NotImplementedError
+
+    def _console_socket(self, container: Any) -> Path:
+        """A fresh path for runc's console socket."""
+        raise NotImplementedError
+
+    def _process_io(self, req: task.ExecProcessRequest) -> Any:
+        raise NotImplementedError
+
+    def _release_io(self, io: Any) -> None:
+        """runc (and so the process) holds its fds now: drop ours."""
+        raise NotImplementedError
+
+    def _discard_io(self, io: Any) -> None:
+        """Starting the process failed: drop what was opened for it."""
+        raise NotImplementedError
+
+    async def _drain_io(self, io: Any) -> None:
+        """A process is being deleted: let its output reach containerd before its IO is closed."""
+
+    def _remove_files(self, container: Any) -> None:
+        """A container is being removed: delete what the backend kept for it besides the bundle."""
+
+    # -- processes -----------------------------------------------------------------------------------
+    def _watch(self, container: Any, proc: RuncProcess) -> None:
+        def on_exit(future: asyncio.Future[Exit]) -> None:
+            if future.cancelled():
+                return
+            exited = future.result()
+            proc.set_exited(exited)
+            log.info("container %s exec %r pid %d exited %d", container.id, proc.id, proc.pid, exited.status)
+            self._publish_exit(container, proc)
+
+        self.reaper.watch(proc.pid).add_done_callback(on_exit)
+
+    async def _start_process(self, container: Any, proc: RuncProcess, is_exec: bool) -> None:
+        """`runc create` for init, `runc exec --detach` for an exec; learn the pid, watch its exit."""
+        io = proc.io
+        console = None
+        receiving = None
+        stdio = Stdio()
+        if io.terminal:
+            console = self._console_socket(container)
+            io.listen_console(console)
+            receiving = asyncio.create_task(io.receive_console())
+        else:
+            stdio = io.runc_stdio()
+        files = self._files(container)
+        pid_file = files / (f"{proc.id}.pid" if is_exec else "init.pid")
+        try:
+            if is_exec:
+                process_json = files / f"{proc.id}.process.json"
+                process_json.write_bytes(proc.spec)
+                try:
+                    await self.runc.exec(container.id, process_json, pid_file, container.log, stdio, console)
+                finally:
+                    process_json.unlink(missing_ok=True)
+            else:
+                await self.runc.create(container.id, container.bundle, pid_file, container.log, stdio, console)
+            if receiving is not None:
+                await receiving
+        except BaseException:
+            if receiving is not None:
+                receiving.cancel()
+            self._discard_io(io)
+            raise
+        self._release_io(io)
+        proc.pid = int(pid_file.read_text().strip())
+        self._watch(container, proc)
+
+    # -- lifecycle -----------------------------------------------------------------------------------
+    async def start(self, req: task.StartRequest, ctx: Context) -> task.StartResponse:
+        container = self._get(req.id)
+        async with self._lock(req.id):
+            proc = container.created_process(req.exec_id)
+            if req.exec_id:
+                if container.init.status != types.RUNNING:
+                    raise FailedPrecondition(f"container {req.id} is not running")
+                await self._start_process(container, proc, is_exec=True)
+                if proc.status == types.CREATED:
+                    proc.status = types.RUNNING
+                self._publish_started(req, proc.pid, container.namespace)
+            else:
+                await self.runc.start(req.id, container.log)
+                if proc.status == types.CREATED:
+                    proc.status = types.RUNNING
+                    container.oom = OomWatch(proc.pid, lambda: self._on_oom(container))
+                self._publish_started(req, proc.pid, container.namespace)
+        log.info("container %s exec %r started pid %d", req.id, req.exec_id, proc.pid)
+        return task.StartResponse(pid=proc.pid)
+
+    def _is_running(self, proc: TaskProcess) -> bool:
+        return super()._is_running(proc) and bool(proc.pid)
+
+    async def _delete_exec(self, proc: RuncProcess) -> None:
+        await self._drain_io(proc.io)
+        proc.io.close()
+
+    async def _remove(self, container: Any) -> None:
+        await self.runc.delete(container.id)
+        for proc in container.processes():
+            await self._drain_io(proc.io)
+            proc.io.close()
+        if container.oom is not None:
+            container.oom.close()
+        if container.rootfs_mounted:
+            mounts.unmount_all(container.bundle / "rootfs")
+        self._remove_files(container)
+        self._forget(container.id)
+
+    async def exec(self, req: task.ExecProcessRequest, ctx: Context) -> empty_pb2.Empty:
+        container = self._get(req.id)
+        validate_id(req.exec_id, "exec id")
+        spec = parse_exec_spec(req)
+        async with self._lock(req.id):
+            container.check_new_exec(req.exec_id)
+            spec["terminal"] = req.terminal
+            proc = RuncProcess(req.exec_id, self._process_io(req), spec=json.dumps(spec).encode())
+            container.execs[req.exec_id] = proc
+        self._publish_exec_added(req, container.namespace)
+        return empty_pb2.Empty()
+
+    # -- inspection ----------------------------------------------------------------------------------
+    async def state(self, req: task.StateRequest, ctx: Context) -> task.StateResponse:
+        container = self._get(req.id)
+        proc = container.process(req.exec_id)
+        return state_response(req, container.bundle, proc, proc.io.stdin, proc.io.stdout, proc.io.stderr,
+                              proc.io.terminal)
+
+    async def stats(self, req: task.StatsRequest, ctx: Context) -> task.StatsResponse:
+        container = self._get(req.id)
+        if container.init.status == types.STOPPED:
+            raise FailedPrecondition(f"container {req.id} is stopped")
+        return task.StatsResponse(stats=cgroups.metrics_for_pid(container.init.pid))
+
+    # -- control -------------------------------------------------------------------------------------
+    async def pause(self, req: task.PauseRequest, ctx: Context) -> empty_pb2.Empty:
+        container = self._get(req.id)
+        await self.runc.pause(req.id)
+        container.init.status = types.PAUSED
+        self._publish_paused(req.id, True, container.namespace)
+        return empty_pb2.Empty()
+
+    async def resume(self, req: task.ResumeRequest, ctx: Context) -> empty_pb2.Empty:
+        container = self._get(req.id)
+        await self.runc.resume(req.id)
+        container.init.status = types.RUNNING
+        self._publish_paused(req.id, False, container.namespace)
+        return empty_pb2.Empty()
+
+    async def resize_pty(self, req: task.ResizePtyRequest, ctx: Context) -> empty_pb2.Empty:
+        self._get(req.id).process(req.exec_id).io.resize(req.width, req.height)
+        return empty_pb2.Empty()
+
+    async def close_io(self, req: task.CloseIORequest, ctx: Context) -> empty_pb2.Empty:
+        proc = self._get(req.id).process(req.exec_id)
+        if req.stdin:
+            proc.io.close_stdin()
+        return empty_pb2.Empty()
+
+    async def update(self, req: task.UpdateTaskRequest, ctx: Context) -> empty_pb2.Empty:
+        container = self._get(req.id)
+        try:
+            json.loads(req.resources.value or b"{}")
+        except ValueError:
+            raise InvalidArgument("resources is not OCI LinuxResources JSON") from None
+        path = self._files(container) / "update-resources.json"
+        path.write_bytes(req.resources.value or b"{}")
+        try:
+            await self.runc.update(req.id, path)
+        finally:
+            path.unlink(missing_ok=True)
+        return empty_pb2.Empty()

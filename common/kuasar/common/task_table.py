@@ -1,0 +1,285 @@
+"""What every Task API backend keeps the same way: its containers and their processes.
+
+A backend (runc-sandboxer, wasm-sandboxer, quark-sandboxer's gVisor backend, the vm-agent) subclasses
+`TaskProcess` and `TaskContainer` with what its own processes and containers carry, and derives from
+`ContainerTasks`, which holds them by id with a lock each, looks them up (NotFound otherwise), checks
+the states every backend checks, builds the State/Wait/Delete answers and publishes the events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import time
+from collections.abc import Iterable
+from dataclasses import KW_ONLY, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from google.protobuf import timestamp_pb2
+from google.protobuf.message import Message
+
+from .api.containerd.events import task_pb2 as events
+from .api.containerd.runtime.task.v2 import shim_pb2 as task
+from .api.containerd.types.task import task_pb2 as types
+from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from .ids import validate_id
+from .reaper import Exit
+from .task_api import TaskBackend
+from .ttrpc import Context
+
+log = logging.getLogger(__name__)
+
+# CRI (and cri-o, and Kuasar) name the pod of a container with one of these annotations.
+SANDBOX_ID_ANNOTATIONS = ("io.kubernetes.cri.sandbox-id", "io.kubernetes.cri-o.SandboxID",
+                          "io.kubernetes.sandbox.id")
+# OCI Process JSON larger than this is not a process spec (containerd's whole message cap is 4 MiB).
+MAX_SPEC_BYTES = 1 << 20
+VERSION = "kuasar-py"
+
+
+class Publisher(Protocol):
+    def publish(self, topic: str, message: Message, namespace: str) -> None: ...
+
+
+def timestamp(ns: int) -> timestamp_pb2.Timestamp:
+    """`ns` as a protobuf Timestamp; now when it is 0 (an event always carries a time)."""
+    ts = timestamp_pb2.Timestamp()
+    ts.FromNanoseconds(ns or time.time_ns())
+    return ts
+
+
+def set_timestamp(message: Message, name: str, ns: int) -> None:
+    """Set the Timestamp field `name` of `message` if `ns` is known (a response leaves it unset otherwise)."""
+    if ns:
+        getattr(message, name).FromNanoseconds(ns)
+
+
+def pod_id_of(annotations: dict[str, Any]) -> str:
+    """The pod of a container, from its spec's annotations ("" if none names it)."""
+    return next((annotations[k] for k in SANDBOX_ID_ANNOTATIONS if k in annotations), "")
+
+
+def host_bundle(bundle: str) -> Path:
+    """A bundle on this host: an absolute directory holding a config.json."""
+    path = Path(bundle)
+    if not path.is_absolute() or not (path / "config.json").is_file():
+        raise InvalidArgument(f"bundle {bundle!r} has no config.json")
+    return path
+
+
+def parse_exec_spec(req: task.ExecProcessRequest) -> dict[str, Any]:
+    """The OCI Process of an Exec, checked to be a JSON object with args."""
+    if len(req.spec.value) > MAX_SPEC_BYTES:
+        raise InvalidArgument("exec process spec is too large")
+    try:
+        spec = json.loads(req.spec.value)
+    except ValueError:
+        raise InvalidArgument("exec spec is not an OCI Process JSON") from None
+    if not isinstance(spec, dict) or not spec.get("args"):
+        raise InvalidArgument("exec spec has no args")
+    return spec
+
+
+def signal_quietly(pid: int, sig: int) -> None:
+    """Signal `pid`; one that is already gone is not an error."""
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+@dataclass
+class TaskProcess:
+    """A container's init (id "") or one of its execs."""
+
+    id: str
+    _: KW_ONLY
+    pid: int = 0
+    status: int = types.CREATED
+    exit_status: int = 0
+    exited_at_ns: int = 0
+    exited: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def set_exited(self, exited: Exit) -> None:
+        self.record_exit(exited.status, exited.at_ns)
+
+    def record_exit(self, status: int, at_ns: int) -> None:
+        self.status, self.exit_status, self.exited_at_ns = types.STOPPED, status, at_ns
+        self.exited.set()
+
+
+@dataclass
+class TaskContainer:
+    """A container; a subclass adds its `namespace` and `init` (and whatever else it keeps)."""
+
+    id: str
+    bundle: Path
+    _: KW_ONLY
+    execs: dict[str, Any] = field(default_factory=dict)
+    rootfs_mounted: bool = False
+
+    def process(self, exec_id: str) -> Any:
+        if not exec_id:
+            return self.init  # type: ignore[attr-defined]
+        proc = self.execs.get(exec_id)
+        if proc is None:
+            raise NotFound(f"exec {exec_id} not found in container {self.id}")
+        return proc
+
+    def processes(self) -> list[Any]:
+        return [self.init, *self.execs.values()]  # type: ignore[attr-defined]
+
+    def created_process(self, exec_id: str) -> Any:
+        """The process Start may start: one still in created state."""
+        proc = self.process(exec_id)
+        if proc.status != types.CREATED:
+            raise FailedPrecondition(f"process {exec_id or self.id} is not in created state")
+        return proc
+
+    def check_new_exec(self, exec_id: str) -> None:
+        """Exec may add `exec_id`: it is new and the container has not stopped."""
+        if exec_id in self.execs:
+            raise AlreadyExists(f"exec {exec_id} already exists in container {self.id}")
+        if self.init.status == types.STOPPED:  # type: ignore[attr-defined]
+            raise FailedPrecondition(f"container {self.id} is stopped")
+
+
+async def wait_exited(procs: Iterable[TaskProcess], timeout: float) -> bool:
+    """Wait until every one of `procs` has exited; False if `timeout` seconds pass first."""
+    waits = [proc.exited.wait() for proc in procs]
+    if not waits:
+        return True
+    try:
+        async with asyncio.timeout(timeout):
+            await asyncio.gather(*waits)
+        return True
+    except TimeoutError:
+        return False
+
+
+def state_response(req: task.StateRequest, bundle: Path, proc: TaskProcess, stdin: str, stdout: str,
+                   stderr: str, terminal: bool = False) -> task.StateResponse:
+    response = task.StateResponse(
+        id=req.id, exec_id=req.exec_id, bundle=str(bundle), pid=proc.pid, status=proc.status,
+        stdin=stdin, stdout=stdout, stderr=stderr, terminal=terminal, exit_status=proc.exit_status)
+    set_timestamp(response, "exited_at", proc.exited_at_ns)
+    return response
+
+
+def wait_response(proc: TaskProcess) -> task.WaitResponse:
+    response = task.WaitResponse(exit_status=proc.exit_status)
+    set_timestamp(response, "exited_at", proc.exited_at_ns)
+    return response
+
+
+def delete_response(proc: TaskProcess) -> task.DeleteResponse:
+    response = task.DeleteResponse(pid=proc.pid, exit_status=proc.exit_status)
+    set_timestamp(response, "exited_at", proc.exited_at_ns)
+    return response
+
+
+class ContainerTasks(TaskBackend):
+    """A TaskBackend's containers by id, with a lock each, and what every backend answers alike."""
+
+    events: Publisher
+    version = VERSION
+
+    def __init__(self) -> None:
+        self.containers: dict[str, Any] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    def _get(self, container_id: str) -> Any:
+        container = self.containers.get(validate_id(container_id, "container id"))
+        if container is None:
+            raise NotFound(f"container {container_id} not found")
+        return container
+
+    def _lock(self, container_id: str) -> asyncio.Lock:
+        return self._locks.setdefault(container_id, asyncio.Lock())
+
+    def _forget(self, container_id: str) -> None:
+        self.containers.pop(container_id, None)
+        self._locks.pop(container_id, None)
+
+    # -- events ------------------------------------------------------------------------------------
+    def _publish_exit(self, container: Any, proc: TaskProcess) -> None:
+        """`/tasks/exit` for a process whose exit is recorded."""
+        self.events.publish("/tasks/exit", events.TaskExit(
+            container_id=container.id, id=proc.id or container.id, pid=proc.pid,
+            exit_status=proc.exit_status, exited_at=timestamp(proc.exited_at_ns)), container.namespace)
+
+    def _publish_delete(self, req: task.DeleteRequest, proc: TaskProcess, namespace: str) -> None:
+        self.events.publish("/tasks/delete", events.TaskDelete(
+            container_id=req.id, id=req.exec_id or req.id, pid=proc.pid, exit_status=proc.exit_status,
+            exited_at=timestamp(proc.exited_at_ns)), namespace)
+
+    def _publish_create(self, req: task.CreateTaskRequest, bundle: str, pid: int, namespace: str) -> None:
+        self.events.publish("/tasks/create", events.TaskCreate(
+            container_id=req.id, bundle=bundle, rootfs=req.rootfs, pid=pid,
+            io=events.TaskIO(stdin=req.stdin, stdout=req.stdout, stderr=req.stderr, terminal=req.terminal)),
+            namespace)
+
+    def _publish_started(self, req: task.StartRequest, pid: int, namespace: str) -> None:
+        """`/tasks/exec-started` for an exec, `/tasks/start` for a container's init."""
+        if req.exec_id:
+            self.events.publish("/tasks/exec-started", events.TaskExecStarted(
+                container_id=req.id, exec_id=req.exec_id, pid=pid), namespace)
+        else:
+            self.events.publish("/tasks/start", events.TaskStart(container_id=req.id, pid=pid), namespace)
+
+    def _publish_paused(self, container_id: str, paused: bool, namespace: str) -> None:
+        if paused:
+            self.events.publish("/tasks/paused", events.TaskPaused(container_id=container_id), namespace)
+        else:
+            self.events.publish("/tasks/resumed", events.TaskResumed(container_id=container_id), namespace)
+
+    def _publish_exec_added(self, req: task.ExecProcessRequest, namespace: str) -> None:
+        self.events.publish("/tasks/exec-added", events.TaskExecAdded(container_id=req.id, exec_id=req.exec_id),
+                            namespace)
+
+    def _on_oom(self, container: Any) -> None:
+        log.info("container %s: OOM kill in its memory cgroup", container.id)
+        self.events.publish("/tasks/oom", events.TaskOOM(container_id=container.id), container.namespace)
+
+    # -- answers alike in every backend ----------------------------------------------------------------
+    def _is_running(self, proc: TaskProcess) -> bool:
+        """Whether Delete must refuse `proc` as still running."""
+        return proc.status in (types.RUNNING, types.PAUSED)
+
+    async def _delete_exec(self, proc: Any) -> None:
+        """An exec is being deleted (its container stays): release what it holds."""
+
+    async def _remove(self, container: Any) -> None:
+        """A container is being deleted: undo everything it holds and forget it."""
+        raise NotImplementedError
+
+    def _delete_response(self, proc: TaskProcess) -> task.DeleteResponse:
+        return delete_response(proc)
+
+    async def delete(self, req: task.DeleteRequest, ctx: Context) -> task.DeleteResponse:
+        container = self._get(req.id)
+        async with self._lock(req.id):
+            proc = container.process(req.exec_id)
+            if self._is_running(proc):
+                raise FailedPrecondition(f"process {req.exec_id or req.id} is still running")
+            if req.exec_id:
+                await self._delete_exec(proc)
+                del container.execs[req.exec_id]
+            else:
+                await self._remove(container)
+        response = self._delete_response(proc)
+        self._publish_delete(req, proc, container.namespace)
+        log.info("container %s exec %r deleted (exit %d)", req.id, req.exec_id, proc.exit_status)
+        return response
+
+    async def wait(self, req: task.WaitRequest, ctx: Context) -> task.WaitResponse:
+        proc = self._get(req.id).process(req.exec_id)
+        await proc.exited.wait()
+        return wait_response(proc)
+
+    async def connect(self, req: task.ConnectRequest, ctx: Context) -> task.ConnectResponse:
+        container = self._get(req.id)
+        return task.ConnectResponse(shim_pid=os.getpid(), task_pid=container.init.pid, version=self.version)
