@@ -16,7 +16,7 @@ from google.protobuf import empty_pb2
 
 from kuasar.common.api.containerd.events import task_pb2 as task_events
 from kuasar.common.api.containerd.runtime.task.v2 import shim_pb2 as task
-from kuasar.common.api.containerd.types import event_pb2
+from kuasar.common.api.containerd.types import event_pb2, mount_pb2
 from kuasar.common.api.kuasar.agent.v1 import agent_pb2 as pb
 from kuasar.common.errors import DeadlineExceeded, InvalidArgument, NotFound
 from kuasar.common.reaper import Reaper
@@ -263,7 +263,21 @@ def test_task_backend_validation(short_dir: Path) -> None:
         other.mkdir()
         (other / "config.json").write_text("{}")
         assert guest.tasks.resolve_bundle("c1", "/host/path/that/is/not/in/the/guest") == share / "c1"
-        assert guest.tasks.resolve_bundle("c1", str(other)) == other
+        # Least privilege: the host may only point the agent at what it shared with the guest.
+        with pytest.raises(InvalidArgument, match="outside the sandbox's shared directory"):
+            guest.tasks.resolve_bundle("c1", str(other))
+        (share / "link").symlink_to(other)
+        with pytest.raises(InvalidArgument, match="outside the sandbox's shared directory"):
+            guest.tasks.resolve_bundle("c1", str(share / "link"))
+        (share / "nested" / "b").mkdir(parents=True)
+        (share / "nested" / "b" / "config.json").write_text("{}")
+        assert guest.tasks.resolve_bundle("c3", str(share / "nested" / "b")) == (share / "nested" / "b").resolve()
+        with pytest.raises(InvalidArgument, match="rootfs source"):
+            guest.tasks._check_rootfs_paths([mount_pb2.Mount(type="bind", source=str(other))])
+        with pytest.raises(InvalidArgument, match="rootfs lowerdir"):
+            guest.tasks._check_rootfs_paths([mount_pb2.Mount(
+                type="overlay", source="overlay", options=[f"lowerdir={share}:{other}"])])
+        guest.tasks._check_rootfs_paths([mount_pb2.Mount(type="bind", source=str(share / "nested"))])
         with pytest.raises(InvalidArgument, match="no config.json"):
             guest.tasks.resolve_bundle("c2", "")
         tsvc = "containerd.task.v3.Task"

@@ -93,10 +93,18 @@ class GuestTasks(RuncContainerTasks):
         except OSError:
             pass
 
+    def _inside_share(self, path: str, what: str) -> Path:
+        """`path` if it lies in the shared directory: the host may only point the agent at what it shared."""
+        resolved = Path(os.path.realpath(path))
+        share = Path(os.path.realpath(self.share_dir)) if self.share_dir is not None else None
+        if share is None or not resolved.is_relative_to(share):
+            raise InvalidArgument(f"{what} {path!r} is outside the sandbox's shared directory")
+        return resolved
+
     def resolve_bundle(self, container_id: str, requested: str) -> Path:
         candidates = []
-        if requested and os.path.isabs(requested):
-            candidates.append(Path(requested))
+        if requested and os.path.isabs(requested) and (Path(requested) / "config.json").is_file():
+            candidates.append(self._inside_share(requested, "bundle"))
         if self.share_dir is not None:
             candidates.append(self.share_dir / container_id)
         for candidate in candidates:
@@ -104,6 +112,17 @@ class GuestTasks(RuncContainerTasks):
                 return candidate
         where = " or ".join(str(c) for c in candidates) or "(no shared directory)"
         raise InvalidArgument(f"no bundle for container {container_id}: no config.json in {where}")
+
+    def _check_rootfs_paths(self, rootfs) -> None:
+        """Every host-provided path a rootfs mount names (source, overlay dirs) must be in the share."""
+        for m in rootfs:
+            if m.source and m.source.startswith("/"):
+                self._inside_share(m.source, "rootfs source")
+            for option in m.options:
+                key, _, value = option.partition("=")
+                if key in ("lowerdir", "upperdir", "workdir"):
+                    for part in value.split(":"):
+                        self._inside_share(part, f"rootfs {key}")
 
     # -- lifecycle ---------------------------------------------------------------------------------
     async def create(self, req: task.CreateTaskRequest, ctx: Context) -> task.CreateTaskResponse:
@@ -117,6 +136,7 @@ class GuestTasks(RuncContainerTasks):
             io = ProcessIO(self.hub, req.stdin, req.stdout, req.stderr, req.terminal)
             container = Container(req.id, bundle, state, ctx.namespace or "k8s.io", RuncProcess("", io))
             if req.rootfs:
+                self._check_rootfs_paths(req.rootfs)
                 mounts.mount_rootfs(req.rootfs, bundle / "rootfs")
                 container.rootfs_mounted = True
             try:
