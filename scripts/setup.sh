@@ -151,25 +151,24 @@ print(f"{uri.rstrip('/')}\t{signed_by}")
 PYEOF
 }
 
-install_containerd_from_unstable() {
-    local aptdir="$PREFIX/apt" mirror uri signed_by
-    mirror="$(debian_mirror)" || die "cannot find the machine's Debian mirror in /etc/apt"
+# fetch_debian_package SUITE PACKAGE STAGE: download PACKAGE from the machine's own Debian mirror's SUITE
+# with a private apt state (the machine's apt configuration is never touched) and unpack it into STAGE.
+# Prints the .deb's file name; returns non-zero (after saying why) when it cannot. The index and the
+# .deb are not kept: only what the caller installs from STAGE is.
+fetch_debian_package() {
+    local suite="$1" package="$2" stage="$3" aptdir="$PREFIX/apt-$2" mirror uri signed_by
+    mirror="$(debian_mirror)" || { log "no Debian mirror found in /etc/apt" >&2; return 1; }
     uri="${mirror%%$'\t'*}"
     signed_by="${mirror#*$'\t'}"
     [[ -n "$signed_by" ]] || signed_by=/usr/share/keyrings/debian-archive-keyring.gpg
-    log "fetching containerd from Debian unstable (private apt state in $aptdir)"
-    rm -rf "$aptdir"
+    log "fetching $package from Debian $suite (private apt state in $aptdir)" >&2
+    rm -rf "$aptdir" "$stage"
     mkdir -p "$aptdir/etc" "$aptdir/lists/partial" "$aptdir/cache/archives/partial" "$aptdir/download"
-    cat >"$aptdir/etc/unstable.sources" <<EOF
-Types: deb
-URIs: $uri
-Suites: unstable
-Components: main
-Signed-By: $signed_by
-EOF
+    printf 'Types: deb\nURIs: %s\nSuites: %s\nComponents: main\nSigned-By: %s\n' "$uri" "$suite" "$signed_by" \
+        >"$aptdir/etc/private.sources"
     : >"$aptdir/etc/status"
     local apt_opts=(
-        -o "Dir::Etc::SourceList=$aptdir/etc/unstable.sources"
+        -o "Dir::Etc::SourceList=$aptdir/etc/private.sources"
         -o "Dir::Etc::SourceParts=/dev/null"
         -o "Dir::Etc::Preferences=/dev/null"
         -o "Dir::Etc::PreferencesParts=/dev/null"
@@ -181,15 +180,23 @@ EOF
         -o "Acquire::Languages=none"
         -o "Acquire::IndexTargets::deb::Contents-deb::DefaultEnabled=false"
     )
-    apt-get -qq "${apt_opts[@]}" update >/dev/null || die "apt-get update (private, unstable) failed"
-    (cd "$aptdir/download" && apt-get -qq "${apt_opts[@]}" download containerd >/dev/null) \
-        || die "apt-get download containerd failed"
-    local deb
-    deb="$(ls "$aptdir"/download/containerd_*.deb 2>/dev/null | head -n1)"
-    [[ -n "$deb" ]] || die "no containerd .deb downloaded"
-    local stage="$PREFIX/.containerd-stage"
-    rm -rf "$stage"
-    dpkg-deb -x "$deb" "$stage"
+    local deb=""
+    if apt-get -qq "${apt_opts[@]}" update >/dev/null \
+        && (cd "$aptdir/download" && apt-get -qq "${apt_opts[@]}" download "$package" >/dev/null); then
+        deb="$(ls "$aptdir/download/${package}"_*.deb 2>/dev/null | head -n1)"
+    fi
+    if [[ -z "$deb" ]] || ! dpkg-deb -x "$deb" "$stage"; then
+        rm -rf "$aptdir" "$stage"
+        log "could not download $package from Debian $suite" >&2
+        return 1
+    fi
+    basename "$deb"
+    rm -rf "$aptdir"
+}
+
+install_containerd_from_unstable() {
+    local stage="$PREFIX/.containerd-stage" deb
+    deb="$(fetch_debian_package unstable containerd "$stage")" || die "cannot fetch containerd from Debian unstable"
     local new_version
     new_version="$(containerd_version "$stage/usr/bin/containerd")"
     version_ok "$new_version" \
@@ -204,9 +211,8 @@ EOF
     done
     # (the mirror's address is deliberately not recorded: it is the machine's, not the project's)
     printf 'containerd %s\npackage %s\nsource debian unstable\n' \
-        "$new_version" "$(basename "$deb")" >"$PREFIX/containerd.version"
-    # Only the binaries are needed; the index (~25 MB) and the .deb (~30 MB) are not kept.
-    rm -rf "$stage" "$aptdir"
+        "$new_version" "$deb" >"$PREFIX/containerd.version"
+    rm -rf "$stage"
 }
 
 mkdir -p "$PREFIX/bin"
@@ -259,55 +265,18 @@ runsc_suite() {
 }
 
 install_runsc_from_debian() {
-    local suite="$1" aptdir="$PREFIX/apt-runsc" mirror uri signed_by
-    mirror="$(debian_mirror)" || { log "WARNING: no Debian mirror in /etc/apt; runsc not installed"; return 1; }
-    uri="${mirror%%$'\t'*}"
-    signed_by="${mirror#*$'\t'}"
-    [[ -n "$signed_by" ]] || signed_by=/usr/share/keyrings/debian-archive-keyring.gpg
-    log "fetching runsc from Debian $suite (private apt state in $aptdir)"
-    rm -rf "$aptdir"
-    mkdir -p "$aptdir/etc" "$aptdir/lists/partial" "$aptdir/cache/archives/partial" "$aptdir/download"
-    cat >"$aptdir/etc/runsc.sources" <<EOF
-Types: deb
-URIs: $uri
-Suites: $suite
-Components: main
-Signed-By: $signed_by
-EOF
-    : >"$aptdir/etc/status"
-    local apt_opts=(
-        -o "Dir::Etc::SourceList=$aptdir/etc/runsc.sources"
-        -o "Dir::Etc::SourceParts=/dev/null"
-        -o "Dir::Etc::Preferences=/dev/null"
-        -o "Dir::Etc::PreferencesParts=/dev/null"
-        -o "Dir::State::Lists=$aptdir/lists"
-        -o "Dir::State::status=$aptdir/etc/status"
-        -o "Dir::Cache=$aptdir/cache"
-        -o "APT::Architectures::=$(dpkg --print-architecture)"
-        -o "APT::Sandbox::User=root"
-        -o "Acquire::Languages=none"
-        -o "Acquire::IndexTargets::deb::Contents-deb::DefaultEnabled=false"
-    )
-    if ! apt-get -qq "${apt_opts[@]}" update >/dev/null \
-        || ! (cd "$aptdir/download" && apt-get -qq "${apt_opts[@]}" download runsc >/dev/null); then
-        rm -rf "$aptdir"
-        log "WARNING: could not download runsc from Debian $suite"
-        return 1
-    fi
-    local deb stage="$PREFIX/.runsc-stage" date
-    deb="$(ls "$aptdir"/download/runsc_*.deb 2>/dev/null | head -n1)"
-    rm -rf "$stage"
-    [[ -n "$deb" ]] && dpkg-deb -x "$deb" "$stage"
+    local suite="$1" stage="$PREFIX/.runsc-stage" deb date
+    deb="$(fetch_debian_package "$suite" runsc "$stage")" || { log "WARNING: runsc not installed"; return 1; }
     date="$(runsc_date "$stage/usr/bin/runsc")"
     if ! runsc_ok "$date"; then
-        rm -rf "$stage" "$aptdir"
+        rm -rf "$stage"
         log "WARNING: runsc from Debian $suite is '${date:-unrunnable}' (need a build from $MIN_RUNSC_DATE on)"
         return 1
     fi
     install -m 0755 "$stage/usr/bin/runsc" "$PREFIX/bin/.runsc.new"
     mv -f "$PREFIX/bin/.runsc.new" "$PREFIX/bin/runsc"
-    printf 'runsc %s\npackage %s\nsource debian %s\n' "$date" "$(basename "$deb")" "$suite" >"$PREFIX/runsc.version"
-    rm -rf "$stage" "$aptdir"
+    printf 'runsc %s\npackage %s\nsource debian %s\n' "$date" "$deb" "$suite" >"$PREFIX/runsc.version"
+    rm -rf "$stage"
 }
 
 have_runsc="$(runsc_date "$PREFIX/bin/runsc")"
@@ -341,51 +310,20 @@ vhost_vsock_version() {
 }
 
 install_vhost_vsock_from_unstable() {
-    local aptdir="$PREFIX/apt-vhost" mirror uri signed_by
-    mirror="$(debian_mirror)" || { log "WARNING: no Debian mirror in /etc/apt; vhost-device-vsock not installed"; return 1; }
-    uri="${mirror%%$'\t'*}"
-    signed_by="${mirror#*$'\t'}"
-    [[ -n "$signed_by" ]] || signed_by=/usr/share/keyrings/debian-archive-keyring.gpg
-    log "fetching vhost-device-vsock from Debian unstable (private apt state in $aptdir)"
-    rm -rf "$aptdir"
-    mkdir -p "$aptdir/etc" "$aptdir/lists/partial" "$aptdir/cache/archives/partial" "$aptdir/download"
-    printf 'Types: deb\nURIs: %s\nSuites: unstable\nComponents: main\nSigned-By: %s\n' "$uri" "$signed_by" \
-        >"$aptdir/etc/unstable.sources"
-    : >"$aptdir/etc/status"
-    local apt_opts=(
-        -o "Dir::Etc::SourceList=$aptdir/etc/unstable.sources"
-        -o "Dir::Etc::SourceParts=/dev/null"
-        -o "Dir::Etc::Preferences=/dev/null"
-        -o "Dir::Etc::PreferencesParts=/dev/null"
-        -o "Dir::State::Lists=$aptdir/lists"
-        -o "Dir::State::status=$aptdir/etc/status"
-        -o "Dir::Cache=$aptdir/cache"
-        -o "APT::Architectures::=$(dpkg --print-architecture)"
-        -o "APT::Sandbox::User=root"
-        -o "Acquire::Languages=none"
-        -o "Acquire::IndexTargets::deb::Contents-deb::DefaultEnabled=false"
-    )
-    if ! apt-get -qq "${apt_opts[@]}" update >/dev/null \
-        || ! (cd "$aptdir/download" && apt-get -qq "${apt_opts[@]}" download vhost-device-vsock >/dev/null); then
-        rm -rf "$aptdir"
-        log "WARNING: could not download vhost-device-vsock from Debian unstable"
-        return 1
-    fi
-    local deb stage="$PREFIX/.vhost-stage" version
-    deb="$(ls "$aptdir"/download/vhost-device-vsock_*.deb 2>/dev/null | head -n1)"
-    rm -rf "$stage"
-    [[ -n "$deb" ]] && dpkg-deb -x "$deb" "$stage"
+    local stage="$PREFIX/.vhost-stage" deb version
+    deb="$(fetch_debian_package unstable vhost-device-vsock "$stage")" \
+        || { log "WARNING: vhost-device-vsock not installed"; return 1; }
     version="$(vhost_vsock_version "$stage/usr/bin/vhost-device-vsock")"
     if [[ -z "$version" ]]; then
-        rm -rf "$stage" "$aptdir"
+        rm -rf "$stage"
         log "WARNING: vhost-device-vsock from Debian unstable does not run on this system"
         return 1
     fi
     install -m 0755 "$stage/usr/bin/vhost-device-vsock" "$PREFIX/bin/.vhost-device-vsock.new"
     mv -f "$PREFIX/bin/.vhost-device-vsock.new" "$PREFIX/bin/vhost-device-vsock"
-    printf 'vhost-device-vsock %s\npackage %s\nsource debian unstable\n' "$version" "$(basename "$deb")" \
+    printf 'vhost-device-vsock %s\npackage %s\nsource debian unstable\n' "$version" "$deb" \
         >"$PREFIX/vhost-device-vsock.version"
-    rm -rf "$stage" "$aptdir"
+    rm -rf "$stage"
 }
 
 have_vhost="$(vhost_vsock_version "$PREFIX/bin/vhost-device-vsock")"
