@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
-import shutil
 import signal
 import socket as socketlib
 import subprocess
@@ -22,7 +21,6 @@ import psutil
 import pytest
 
 from tests.support import containerd as cd
-from tests.support import images
 
 REPO = Path(__file__).resolve().parents[2]
 BUSYBOX = "localhost/kuasar/busybox:latest"
@@ -114,33 +112,10 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     reason = integration_skip_reason()
     if reason:
         pytest.skip(reason)
-    base = tmp_path_factory.mktemp("stack")
-    short = Path(f"/run/kuasar-it-{secrets.token_hex(3)}")
-    short.mkdir(mode=0o700)
-    sandboxer_socket = short / "runc.sock"
-    sandboxer_dir = short / "runc"
-    image_dir = base / "images"
-    busybox_tar = images.build_busybox_image(image_dir / "busybox.tar", ref=BUSYBOX)
-    pause_tar = images.build_pause_image(image_dir / "pause.tar")
+    from .private_stack import private_stack  # built on this module's helpers
+
     # A bridge and subnet of its own, so test stacks (and benchmarks) can run side by side.
     token = secrets.randbelow(50)
-    instance = cd.ContainerdInstance(base / "containerd", sandboxers={"runc": str(sandboxer_socket)},
-                                     bridge=f"kuasar-it{token}", subnet=f"10.{200 + token}.0.0/16",
-                                     log_level="info")
-    instance.start()
-    current: Stack | None = None
-    try:
-        instance.import_image(busybox_tar)
-        instance.import_image(pause_tar)
-        sandboxer_log = base / "runc-sandboxer.log"
-        sandboxer = start_sandboxer(sandboxer_socket, sandboxer_dir, sandboxer_log, instance.ttrpc_address)
-        current = Stack(instance, sandboxer, sandboxer_socket, sandboxer_dir, sandboxer_log, base / "logs")
+    with private_stack(tmp_path_factory.mktemp("stack"), bridge=f"kuasar-it{token}",
+                       subnet=f"10.{200 + token}.0.0/16") as current:
         yield current
-    finally:
-        instance.stop()
-        if current is not None:  # a test may have restarted the sandboxer: stop the live one
-            stop_process(current.sandboxer)
-        kill_task_server(sandboxer_dir)
-        if (sandboxer_dir / "task-server.log").exists():  # keep it for post-mortems
-            shutil.copy(sandboxer_dir / "task-server.log", base / "task-server.log")
-        shutil.rmtree(short, ignore_errors=True)
