@@ -205,11 +205,12 @@ def rmp(settings: Settings, pods: tuple[str, ...], force: bool, as_json: bool) -
 
 
 def _report(settings: Settings, as_json: bool, verb: str, ids: list[str]) -> None:
+    """The ids a command acted on: JSON for scripts, else one per line (after `verb`, if any)."""
     if settings.use_json(as_json):
         output.print_json({"ids": ids})
     else:
         for i in ids:
-            click.echo(f"{verb} {i}")
+            click.echo(f"{verb} {i}" if verb else i)
 
 
 @main.command()
@@ -341,12 +342,7 @@ def start(settings: Settings, containers: tuple[str, ...], as_json: bool) -> Non
             done.append(container.id)
         return done
 
-    ids = run_cri(settings, body)
-    if settings.use_json(as_json):
-        output.print_json({"ids": ids})
-    else:
-        for i in ids:
-            click.echo(i)
+    _report(settings, as_json, "", run_cri(settings, body))
 
 
 @main.command()
@@ -367,12 +363,7 @@ def stop(settings: Settings, containers: tuple[str, ...], grace: int, as_json: b
             done.append(container.id)
         return done
 
-    ids = run_cri(settings, body)
-    if settings.use_json(as_json):
-        output.print_json({"ids": ids})
-    else:
-        for i in ids:
-            click.echo(i)
+    _report(settings, as_json, "", run_cri(settings, body))
 
 
 @main.command()
@@ -396,12 +387,7 @@ def rm(settings: Settings, containers: tuple[str, ...], force: bool, as_json: bo
             done.append(container.id)
         return done
 
-    ids = run_cri(settings, body)
-    if settings.use_json(as_json):
-        output.print_json({"ids": ids})
-    else:
-        for i in ids:
-            click.echo(i)
+    _report(settings, as_json, "", run_cri(settings, body))
 
 
 @main.command()
