@@ -3,7 +3,7 @@
 Both start an init with `runc create` and an exec with `runc exec --detach`, learn the pid from runc's
 pid file, watch its exit through the reaper, and answer Start, Exec, Delete, State, Stats,
 Pause/Resume, ResizePty, CloseIO and Update the same way. What differs is where a container's files
-live (`_files`), where runc's console socket goes (`_console_socket`), how a process's IO is made
+live (`RuncContainer.files`), where runc's console socket goes (`_console_socket`), how a process's IO is made
 (`_process_io`), how its fds are dropped (`_release_io` once runc holds them, `_discard_io` when
 starting failed), whether its output is drained before Delete closes it (`_drain_io`) and what else a
 removed container leaves (`_remove_files`).
@@ -28,7 +28,7 @@ from .ids import validate_id
 from .oom import OomWatch
 from .reaper import Exit, Reaper
 from .runc_cli import Runc, Stdio
-from .task_table import ContainerTasks, TaskProcess, parse_exec_spec, state_response
+from .task_table import ContainerTasks, TaskContainer, TaskProcess, parse_exec_spec, state_response
 from .ttrpc import Context
 
 log = logging.getLogger(__name__)
@@ -42,18 +42,27 @@ class RuncProcess(TaskProcess):
     spec: bytes = b""
 
 
+@dataclass
+class RuncContainer(TaskContainer):
+    """A container runc runs; `files` is the directory for its pid files, passed JSON files and log."""
+
+    files: Path
+    namespace: str
+    init: RuncProcess
+    oom: OomWatch | None = None
+
+    @property
+    def log(self) -> Path:
+        return self.files / "log.json"
+
+
 class RuncContainerTasks(ContainerTasks):
-    """A backend's containers are run by `self.runc`; each has `bundle`, `namespace`, `init`, `execs`,
-    `oom` and `log` (runc's log file)."""
+    """A backend's containers (RuncContainer) are run by `self.runc`."""
 
     runc: Runc
     reaper: Reaper
 
     # -- what a backend decides ----------------------------------------------------------------------
-    def _files(self, container: Any) -> Path:
-        """The directory for a container's pid files and passed JSON files."""
-        raise NotImplementedError
-
     def _console_socket(self, container: Any) -> Path:
         """A fresh path for runc's console socket."""
         raise NotImplementedError
@@ -99,7 +108,7 @@ class RuncContainerTasks(ContainerTasks):
             receiving = asyncio.create_task(io.receive_console())
         else:
             stdio = io.runc_stdio()
-        files = self._files(container)
+        files = container.files
         pid_file = files / (f"{proc.id}.pid" if is_exec else "init.pid")
         try:
             if is_exec:
@@ -218,7 +227,7 @@ class RuncContainerTasks(ContainerTasks):
             json.loads(req.resources.value or b"{}")
         except ValueError:
             raise InvalidArgument("resources is not OCI LinuxResources JSON") from None
-        path = self._files(container) / "update-resources.json"
+        path = container.files / "update-resources.json"
         path.write_bytes(req.resources.value or b"{}")
         try:
             await self.runc.update(req.id, path)

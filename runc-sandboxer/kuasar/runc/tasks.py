@@ -17,12 +17,10 @@ from kuasar.common.api.containerd.types.task import task_pb2 as types
 from kuasar.common.errors import AlreadyExists, NotFound
 from kuasar.common.events import EventPublisher
 from kuasar.common.ids import validate_id
-from kuasar.common.oom import OomWatch
 from kuasar.common.reaper import Reaper
 from kuasar.common.runc_cli import Runc
-from kuasar.common.runc_tasks import RuncContainerTasks, RuncProcess
+from kuasar.common.runc_tasks import RuncContainer, RuncContainerTasks, RuncProcess
 from kuasar.common.task_table import (
-    TaskContainer,
     host_bundle,
     pod_id_of,
     signal_quietly,
@@ -36,15 +34,10 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class Container(TaskContainer):
-    pod_id: str
-    namespace: str
-    init: RuncProcess
-    oom: OomWatch | None = None
+class Container(RuncContainer):
+    """runc-sandboxer keeps a container's files in containerd's bundle, and knows its pod."""
 
-    @property
-    def log(self) -> Path:
-        return self.bundle / "log.json"
+    pod_id: str = ""
 
 
 class RuncTasks(RuncContainerTasks):
@@ -56,9 +49,6 @@ class RuncTasks(RuncContainerTasks):
         self.console_dir = directory / "console"
         self.console_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.containers: dict[str, Container] = {}
-
-    def _files(self, container: Container) -> Path:
-        return container.bundle
 
     def _console_socket(self, container: Container) -> Path:
         return self.console_dir / f"{secrets.token_hex(8)}.sock"
@@ -82,8 +72,8 @@ class RuncTasks(RuncContainerTasks):
             spec = json.loads((bundle / "config.json").read_bytes())
             pod_id = pod_id_of(spec.get("annotations") or {})
             io = ProcessIO(req.stdin, req.stdout, req.stderr, req.terminal)
-            container = Container(req.id, bundle, pod_id, ctx.namespace or bundle_namespace(bundle),
-                                  RuncProcess("", io))
+            container = Container(req.id, bundle, bundle, ctx.namespace or bundle_namespace(bundle),
+                                  RuncProcess("", io), pod_id=pod_id)
             if req.rootfs:
                 mounts.mount_rootfs(req.rootfs, bundle / "rootfs")
                 container.rootfs_mounted = True

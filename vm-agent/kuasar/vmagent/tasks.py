@@ -13,7 +13,6 @@ import logging
 import os
 import secrets
 import signal
-from dataclasses import dataclass
 from pathlib import Path
 
 from google.protobuf import empty_pb2
@@ -23,12 +22,11 @@ from kuasar.common.api.containerd.runtime.task.v2 import shim_pb2 as task
 from kuasar.common.api.containerd.types.task import task_pb2 as types
 from kuasar.common.errors import AlreadyExists, InvalidArgument, NotFound
 from kuasar.common.ids import validate_id
-from kuasar.common.oom import OomWatch
 from kuasar.common.reaper import Reaper
 from kuasar.common.runc_cli import Runc
-from kuasar.common.runc_tasks import RuncContainerTasks, RuncProcess
+from kuasar.common.runc_tasks import RuncContainer, RuncContainerTasks, RuncProcess
 from kuasar.common.streaming_io import StreamHub
-from kuasar.common.task_table import TaskContainer, signal_quietly
+from kuasar.common.task_table import signal_quietly
 from kuasar.common.ttrpc import Context
 
 from .events import EventQueue
@@ -41,16 +39,8 @@ VERSION = "kuasar-py vm-agent"
 OUTPUT_DRAIN_TIMEOUT = 2.0
 
 
-@dataclass
-class Container(TaskContainer):
-    state: Path
-    namespace: str
-    init: RuncProcess
-    oom: OomWatch | None = None
-
-    @property
-    def log(self) -> Path:
-        return self.state / "log.json"
+# In the guest a container's files live in the agent's state dir: the bundle is the host's share.
+Container = RuncContainer
 
 
 class GuestTasks(RuncContainerTasks):
@@ -67,11 +57,8 @@ class GuestTasks(RuncContainerTasks):
         self.runc = Runc(reaper, state_dir / "runc", runc_binary, no_pivot=no_pivot)
         self.containers: dict[str, Container] = {}
 
-    def _files(self, container: Container) -> Path:
-        return container.state
-
     def _console_socket(self, container: Container) -> Path:
-        return container.state / f"console-{secrets.token_hex(6)}.sock"
+        return container.files / f"console-{secrets.token_hex(6)}.sock"
 
     def _process_io(self, req: task.ExecProcessRequest) -> ProcessIO:
         return ProcessIO(self.hub, req.stdin, req.stdout, req.stderr, req.terminal)
@@ -86,10 +73,10 @@ class GuestTasks(RuncContainerTasks):
         await io.wait_output(OUTPUT_DRAIN_TIMEOUT)
 
     def _remove_files(self, container: Container) -> None:
-        for leftover in container.state.glob("*"):
+        for leftover in container.files.glob("*"):
             leftover.unlink(missing_ok=True)
         try:
-            container.state.rmdir()
+            container.files.rmdir()
         except OSError:
             pass
 
