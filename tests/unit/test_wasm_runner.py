@@ -1,16 +1,22 @@
 """Container processes without containerd: fork, prepare, go, exit codes, signals, limits, cache.
 
-These fork from the test process like the task server does. Nothing here compiles a module in the
-test process itself (`wat2wasm` only assembles, it starts no compile threads), so the children can.
+The task server forks container processes from a single-threaded process that never compiles. The
+pytest process is neither once other tests have run (gRPC and ttrpc tests leave threads behind, and a
+child forked from a multi-threaded process may die before it reports), so each launch here runs in a
+worker interpreter of its own, started with `spawn`, that is in the task server's condition: one thread,
+compiling forbidden (`forbid_compiling_here`). Its forked children compile, as they do in production.
 """
 
 from __future__ import annotations
 
 import asyncio
+import multiprocessing
 import os
 import signal
 import sys
 import time
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -23,6 +29,16 @@ from kuasar.wasm.launch import LaunchPlan, Stdio, launch
 from kuasar.wasm.runner import Preopen, RunSpec
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "wasm"
+_worker: ProcessPoolExecutor | None = None
+
+
+@pytest.fixture(scope="module", autouse=True)
+def launcher_process() -> Iterator[None]:
+    global _worker
+    _worker = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+    yield
+    _worker.shutdown()
+    _worker = None
 
 
 @pytest.fixture(scope="module")
@@ -53,11 +69,19 @@ def _drain(fd: int) -> bytes:
     return b"".join(chunks)
 
 
-def run(rootfs: Path, args: list[str], *, stdin: bytes | None = None, memory_limit: int = 0,
-        cache_dir: Path | None = None, env: list[str] | None = None, go: bool = True,
-        signal_after: tuple[float, int] | None = None, keep_stdin_open: bool = False,
-        wasmedge: str = "") -> Result:
-    """Launch `args` (module in `rootfs`), optionally feed stdin / signal it, and collect its output."""
+def run(rootfs: Path, args: list[str], **options) -> Result:
+    """Launch `args` (module in `rootfs`) from the worker, which plays the task server."""
+    assert _worker is not None
+    return _worker.submit(_run_in_worker, rootfs, args, **options).result(timeout=60)
+
+
+def _run_in_worker(rootfs: Path, args: list[str], *, stdin: bytes | None = None, memory_limit: int = 0,
+                   cache_dir: Path | None = None, env: list[str] | None = None, go: bool = True,
+                   signal_after: tuple[float, int] | None = None, keep_stdin_open: bool = False,
+                   wasmedge: str = "") -> Result:
+    """Launch `args`, optionally feed stdin / signal it, and collect its output (in the worker)."""
+    runner.forbid_compiling_here()  # as in the task server: only the forked children compile
+
     async def scenario() -> Result:
         reaper = Reaper()
         reaper.install()
