@@ -1,15 +1,17 @@
 """The per-pod process: it holds the pod's namespaces and is the pid `Controller.Start` returns.
 
 CRI writes `/proc/<pid>/ns/{net,ipc,uts[,pid]}` into every container spec, so this process must live
-as long as the pod. It is forked from the (single-threaded) task server to enter or make the
-namespaces, then execs `kuasar-pause` (a few-KB static C program, built by setup): a forked Python
-process that stays Python dirties its copy-on-write heap within milliseconds (measured 3.6-5 MB per
-pod), while the exec'd sleeper costs a few pages. Without the program it sleeps in Python (and logs
-that once). There is no pause container and no shim.
+as long as the pod. It is `kuasar-pause` (a few-KB static C program, built by setup), spawned by the
+task server with `--setup`: it enters or makes the namespaces itself and reports its host pid on a
+pipe. An older kuasar-pause (no `--setup`) is exec'd by a child forked from the (single-threaded) task
+server once that child has set the namespaces up; without the program at all the forked child sleeps
+in Python (and logs that once), which costs its copy-on-write heap (measured 3.6-5 MB per pod). There
+is no pause container and no shim.
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import os
@@ -27,6 +29,14 @@ log = logging.getLogger(__name__)
 # The child reports "<pid>" or "!<error>" on a pipe; both fit easily in one atomic pipe write.
 REPORT_MAX = 512
 PAUSE_PROGRAM = "kuasar-pause"
+# What a kuasar-pause that takes `--setup` carries in its binary (PROTOCOL in kuasar-pause.c).
+SETUP_PROTOCOL = b"kuasar-pause-protocol: setup-v1"
+# The largest kuasar-pause we read looking for SETUP_PROTOCOL (a static build is ~700 KB), in chunks
+# so a resident task server never holds the whole binary.
+MAX_PAUSE_BYTES = 8 << 20
+PROBE_CHUNK = 64 << 10
+# Entering namespaces takes a millisecond; this only bounds a child stuck in the kernel.
+SETUP_TIMEOUT = 10.0
 
 
 @functools.cache
@@ -44,6 +54,24 @@ def pause_program() -> str | None:
     return None
 
 
+@functools.cache
+def speaks_setup(program: str) -> bool:
+    """Whether `program` is a kuasar-pause that sets up namespaces itself (`--setup`)."""
+    tail = b""
+    try:
+        with open(program, "rb") as f:
+            for _ in range(MAX_PAUSE_BYTES // PROBE_CHUNK):
+                chunk = f.read(PROBE_CHUNK)
+                if not chunk:
+                    return False
+                if SETUP_PROTOCOL in tail + chunk:
+                    return True
+                tail = chunk[-len(SETUP_PROTOCOL):]
+    except OSError:
+        pass
+    return False
+
+
 @dataclass(frozen=True)
 class PodNamespaces:
     """Which namespaces the pod gets of its own, from PodSandboxConfig's namespace options."""
@@ -54,8 +82,119 @@ class PodNamespaces:
     new_pid: bool = False  # a pod-wide PID namespace (shareProcessNamespace / NamespaceMode POD)
 
 
+async def start_pod_holder(name: str, namespaces: PodNamespaces, hostname: str = "") -> int:
+    """Start the pod process; return its host pid once it sits in its namespaces.
+
+    The task server must reap it (and, with a PID namespace, the intermediate process that exits at
+    once): the pid is only returned after its exit may already have been reaped.
+    """
+    pause = pause_program()
+    if pause is None or not speaks_setup(pause):
+        return spawn_pod_holder(name, namespaces, hostname)
+    return await _spawn_pause(pause, _comm(name), namespaces, hostname)
+
+
+def _comm(name: str) -> str:
+    return f"pod-{name[:11]}"
+
+
+async def _spawn_pause(pause: str, comm: str, ns: PodNamespaces, hostname: str) -> int:
+    """posix_spawn `kuasar-pause --setup`: no fork of the task server's heap, no Python in the child."""
+    argv = [pause, "--setup"]
+    if ns.netns_path:
+        argv += ["--netns", ns.netns_path]
+    if ns.new_ipc:
+        argv.append("--ipc")
+    if ns.new_uts:
+        argv.append("--uts")
+        if hostname:
+            argv += ["--hostname", hostname]
+    if ns.new_pid:
+        argv.append("--pid")
+    argv.append(comm)
+    read_fd, write_fd = os.pipe()
+    try:
+        devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            # Its stdout is the report pipe; nothing else is inherited (our fds are all close-on-exec).
+            spawned = os.posix_spawn(pause, argv, {}, file_actions=[
+                (os.POSIX_SPAWN_DUP2, write_fd, 1), (os.POSIX_SPAWN_DUP2, devnull, 0),
+                (os.POSIX_SPAWN_DUP2, devnull, 2)],
+                setsigmask=(), setsigdef=(signal.SIGPIPE, signal.SIGCHLD, signal.SIGTERM, signal.SIGINT,
+                                          signal.SIGHUP))
+        finally:
+            os.close(devnull)
+    except OSError as exc:
+        os.close(read_fd)
+        raise RuntimeFailure(f"pod process for {comm}: starting {pause}: {exc}") from None
+    finally:
+        os.close(write_fd)
+    reading = asyncio.ensure_future(_read_report(read_fd, spawned))
+    try:
+        report = await asyncio.shield(reading)
+    except asyncio.CancelledError:
+        # The report still comes (or the child dies); a pod nobody will ever know of must not stay.
+        reading.add_done_callback(_kill_reported)
+        raise
+    return _reported_pid(comm, report)
+
+
+async def _read_report(fd: int, spawned: int) -> str:
+    """What the child wrote before closing its end of the pipe (it closes it once in the pod)."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[None] = loop.create_future()
+    chunks: list[bytes] = []
+
+    def readable() -> None:
+        try:
+            data = os.read(fd, REPORT_MAX)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            if not done.done():
+                done.set_exception(exc)
+            return
+        chunks.append(data)
+        if (not data or sum(map(len, chunks)) >= REPORT_MAX) and not done.done():
+            done.set_result(None)
+
+    os.set_blocking(fd, False)
+    loop.add_reader(fd, readable)
+    try:
+        async with asyncio.timeout(SETUP_TIMEOUT):
+            await done
+    except TimeoutError:
+        _kill_quietly(spawned)
+        return "!no report within the setup timeout"
+    finally:
+        loop.remove_reader(fd)
+        os.close(fd)
+    return b"".join(chunks).decode(errors="replace")
+
+
+def _reported_pid(comm: str, report: str) -> int:
+    if not report or report.startswith("!") or not report.isdigit():
+        raise RuntimeFailure(f"pod process {comm} failed: {report.removeprefix('!') or 'no report'}")
+    return int(report)
+
+
+def _kill_reported(reading: asyncio.Future[str]) -> None:
+    if not reading.cancelled() and reading.exception() is None and reading.result().isdigit():
+        _kill_quietly(int(reading.result()))
+
+
+def _kill_quietly(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
 def spawn_pod_holder(name: str, namespaces: PodNamespaces, hostname: str = "") -> int:
-    """Fork the holder; return its host pid once it sits in its namespaces. Call from a thread-free process."""
+    """Fork the holder; return its host pid once it sits in its namespaces. Call from a thread-free process.
+
+    The fallback for a kuasar-pause without `--setup` (or none at all): see start_pod_holder.
+    """
     pause = pause_program()  # resolved in the parent: the child must not log or search
     read_fd, write_fd = os.pipe()
     pid = os.fork()
@@ -92,7 +231,7 @@ def _child(name: str, ns: PodNamespaces, hostname: str, report_fd: int, pause: s
             socket.sethostname(hostname)
         if ns.new_pid and os.fork() != 0:
             os._exit(0)  # the grandchild is PID 1 of the pod's PID namespace and re-parents to us
-        comm = f"pod-{name[:11]}"
+        comm = _comm(name)
         linux.set_process_name(comm)
         os.write(report_fd, str(_host_pid()).encode())
         os.closerange(0, report_fd)

@@ -19,7 +19,7 @@ from . import cgroups
 from .api.kuasar.pods.v1 import pods_pb2 as pb
 from .errors import AlreadyExists, InvalidArgument, NotFound
 from .ids import validate_id
-from .pod_holder import PodNamespaces, spawn_pod_holder
+from .pod_holder import PodNamespaces, start_pod_holder
 from .reaper import Exit, Reaper
 from .ttrpc import Context, TtrpcServer
 
@@ -106,8 +106,8 @@ class PodService:
             if self.launcher is not None:
                 pid = await self.launcher.launch_pod(req, cgroup)
             else:
-                pid = spawn_pod_holder(req.id, PodNamespaces(req.netns_path, req.new_ipc, req.new_uts,
-                                                             req.new_pid), req.hostname)
+                pid = await start_pod_holder(req.id, PodNamespaces(req.netns_path, req.new_ipc, req.new_uts,
+                                                                   req.new_pid), req.hostname)
         except Exception:
             if cgroup is not None:
                 cgroup.remove()

@@ -1,25 +1,95 @@
 /*
- * kuasar-pause: what a pod process becomes once it sits in the pod's namespaces.
+ * kuasar-pause: the pod process. It holds the pod's namespaces and sleeps; as PID 1 of a pod-wide PID
+ * namespace it reaps the orphans that re-parent to it.
  *
- * The pod process is forked from the Python task server to set up namespaces, then execs this so a
- * pod costs a few pages instead of a copy-on-write Python heap (measured 3.6-5 MB per pod before).
- * As PID 1 of a pod-wide PID namespace it reaps the orphans that re-parent to it.
+ * Usage:
+ *   kuasar-pause [NAME]
+ *       Already in the pod's namespaces (the task server forked, set them up, then exec'd us).
+ *   kuasar-pause --setup [--netns PATH] [--ipc] [--uts] [--hostname NAME] [--pid] NAME
+ *       The task server spawns us directly (posix_spawn: no fork of a Python heap, whose copy-on-write
+ *       faults cost milliseconds on both sides): start a session, join the netns, unshare IPC/UTS
+ *       (and PID, forking once so the child is PID 1), set the hostname, then write our host pid in
+ *       decimal to stdout and close it. Any failure writes "!<what>: <error>" instead and exits 1.
  *
- * Usage: kuasar-pause [NAME]   (NAME, at most 15 bytes, becomes the process's comm)
+ * NAME (at most 15 bytes) becomes the process's comm. The task server only uses --setup when it finds
+ * PROTOCOL below in this file, so an older build is never handed arguments it does not know.
  */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <fcntl.h>
+#include <sched.h>
 #include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
 #include <sys/prctl.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
-int main(int argc, char **argv) {
+/* Searched for by kuasar.common.pod_holder; keep in sync with SETUP_PROTOCOL there. */
+static const char PROTOCOL[] = "kuasar-pause-protocol: setup-v1";
+
+static void fail(const char *what) {
+    char msg[256];
+    int len = snprintf(msg, sizeof msg, "!%s: %s", what, strerror(errno));
+    if (len > 0)
+        (void)!write(STDOUT_FILENO, msg, (size_t)len < sizeof msg ? (size_t)len : sizeof msg - 1);
+    _exit(1);
+}
+
+static void usage(void) {
+    /* Printing PROTOCOL also keeps it in the binary. */
+    fprintf(stderr, "%s\nusage: kuasar-pause [--setup [--netns PATH] [--ipc] [--uts] "
+                    "[--hostname NAME] [--pid]] [NAME]\n", PROTOCOL);
+    _exit(2);
+}
+
+/* Enter or make the pod's namespaces, report our host pid on stdout; returns in the pod process. */
+static void setup(const char *netns, int flags, const char *hostname, int new_pid) {
+    char self[32];
+    ssize_t n;
+    int fd;
+
+    if (setsid() < 0)
+        fail("setsid");
+    if (netns != NULL) {
+        fd = open(netns, O_RDONLY | O_CLOEXEC);
+        if (fd < 0)
+            fail("open netns");
+        if (setns(fd, CLONE_NEWNET) < 0)
+            fail("setns net");
+        close(fd);
+    }
+    if (flags != 0 && unshare(flags) < 0)
+        fail("unshare");
+    if (hostname != NULL && sethostname(hostname, strlen(hostname)) < 0)
+        fail("sethostname");
+    if (new_pid) {
+        pid_t child = fork();
+        if (child < 0)
+            fail("fork");
+        if (child > 0)
+            _exit(0); /* the child is PID 1 of the pod's PID namespace and re-parents to the task server */
+    }
+    /* In a new PID namespace getpid() says 1; /proc is still the host's, so /proc/self names our host pid. */
+    n = readlink("/proc/self", self, sizeof self - 1);
+    if (n <= 0)
+        fail("readlink /proc/self");
+    if (write(STDOUT_FILENO, self, (size_t)n) != n)
+        _exit(1); /* the task server is gone: nobody will ever use this pod */
+    fd = open("/dev/null", O_WRONLY | O_CLOEXEC);
+    if (fd >= 0) {
+        dup2(fd, STDOUT_FILENO); /* the report pipe's end-of-file tells the task server we are done */
+        close(fd);
+    } else {
+        close(STDOUT_FILENO);
+    }
+}
+
+static void sleep_forever(void) {
     sigset_t wanted;
     int sig;
 
-    if (argc > 1)
-        prctl(PR_SET_NAME, argv[1], 0, 0, 0);
     sigemptyset(&wanted);
     sigaddset(&wanted, SIGCHLD);
     sigprocmask(SIG_BLOCK, &wanted, NULL);
@@ -35,5 +105,38 @@ int main(int argc, char **argv) {
         while (waitpid(-1, NULL, WNOHANG) > 0)
             ;
     }
+}
+
+int main(int argc, char **argv) {
+    const char *netns = NULL, *hostname = NULL, *name = NULL;
+    int flags = 0, new_pid = 0, do_setup = 0;
+
+    for (int i = 1; i < argc; i++) {
+        if (strcmp(argv[i], "--setup") == 0)
+            do_setup = 1;
+        else if (strcmp(argv[i], "--netns") == 0 && i + 1 < argc)
+            netns = argv[++i];
+        else if (strcmp(argv[i], "--hostname") == 0 && i + 1 < argc)
+            hostname = argv[++i];
+        else if (strcmp(argv[i], "--ipc") == 0)
+            flags |= CLONE_NEWIPC;
+        else if (strcmp(argv[i], "--uts") == 0)
+            flags |= CLONE_NEWUTS;
+        else if (strcmp(argv[i], "--pid") == 0)
+            new_pid = 1;
+        else if (argv[i][0] == '-' || name != NULL)
+            usage();
+        else
+            name = argv[i];
+    }
+    if (!do_setup && (netns || hostname || flags || new_pid))
+        usage();
+    if (new_pid)
+        flags |= CLONE_NEWPID;
+    if (name != NULL)
+        prctl(PR_SET_NAME, name, 0, 0, 0);
+    if (do_setup)
+        setup(netns, flags, hostname, new_pid);
+    sleep_forever();
     return 0;
 }
