@@ -1,7 +1,14 @@
-"""gRPC `containerd.services.sandbox.v1.Controller` on a unix socket, translating to SandboxController."""
+"""gRPC `containerd.services.sandbox.v1.Controller` on a unix socket, translating to SandboxController.
+
+Served with grpclib (HTTP/2 by h2, pure Python on our asyncio loop) rather than grpcio: the sandboxer
+is resident, and grpcio's core library alone adds about 11 MB of resident memory and a pool of threads
+to serve nine unary methods to one local client. grpcio stays for our gRPC *clients* (kuasar-ctl, the
+shim v2 helper, the tests), which also checks that the two implementations interoperate.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -10,11 +17,13 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-import grpc
 from google.protobuf import timestamp_pb2
+from google.protobuf.message import Message
+from grpclib.const import Cardinality, Handler, Status
+from grpclib.exceptions import GRPCError
+from grpclib.server import Server, Stream
 
 from .api.containerd.services.sandbox.v1 import sandbox_pb2 as pb
-from .api.containerd.services.sandbox.v1 import sandbox_pb2_grpc as pb_grpc
 from .api.containerd.types import metrics_pb2, platform_pb2
 from .controller import SandboxController, new_record
 from .errors import InvalidArgument, KuasarError
@@ -24,7 +33,9 @@ log = logging.getLogger(__name__)
 
 R = TypeVar("R")
 
-_STATUS_CODES = {code.value[0]: code for code in grpc.StatusCode}
+SERVICE = "containerd.services.sandbox.v1.Controller"
+# How long in-flight calls get to finish when the sandboxer is stopped.
+STOP_GRACE = 1.0
 # containerd stores CRI's own metadata under this extension key (its type_url is a Go type path).
 CRI_METADATA_EXTENSION = "metadata"
 # Architecture names as Go's GOARCH spells them; containerd compares platforms by these.
@@ -50,76 +61,79 @@ def host_platform() -> platform_pb2.Platform:
     return platform_pb2.Platform(os="linux", architecture=_GOARCH.get(machine, machine))
 
 
-class ControllerService(pb_grpc.ControllerServicer):
+# Method name -> (request type, response type), as the service is declared in sandbox.proto.
+METHODS: dict[str, tuple[type[Message], type[Message]]] = {
+    name: (getattr(pb, f"Controller{name}Request"), getattr(pb, f"Controller{name}Response"))
+    for name in ("Create", "Start", "Platform", "Stop", "Wait", "Status", "Shutdown", "Metrics", "Update")
+}
+
+
+class ControllerService:
+    """The nine Controller methods; `__mapping__` is how grpclib finds a service's handlers."""
+
     def __init__(self, controller: SandboxController) -> None:
         self.controller = controller
 
-    async def _call(self, name: str, context: grpc.aio.ServicerContext, fn: Callable[[], Awaitable[R]]) -> R:
+    def __mapping__(self) -> dict[str, Handler]:
+        return {f"/{SERVICE}/{name}": Handler(self._unary(name), Cardinality.UNARY_UNARY, request, response)
+                for name, (request, response) in METHODS.items()}
+
+    def _unary(self, name: str) -> Callable[[Stream], Awaitable[None]]:
+        method = getattr(self, name)
+
+        async def handle(stream: Stream) -> None:
+            request = await stream.recv_message()
+            await stream.send_message(await self._call(name, lambda: method(request)))
+
+        return handle
+
+    async def _call(self, name: str, fn: Callable[[], Awaitable[R]]) -> R:
         try:
             return await fn()
         except KuasarError as exc:
             log.info("%s failed: %s (%s)", name, exc.message, exc.code.name)
-            await context.abort(_STATUS_CODES[int(exc.code)], exc.message)
+            raise GRPCError(Status(int(exc.code)), exc.message) from None
         except Exception as exc:
             log.exception("%s failed", name)
-            await context.abort(grpc.StatusCode.UNKNOWN, f"{name}: {exc}")
-        raise AssertionError("unreachable")  # context.abort always raises
+            raise GRPCError(Status.UNKNOWN, f"{name}: {exc}") from None
 
-    async def Create(self, request: pb.ControllerCreateRequest, context):  # noqa: N802 - gRPC names
-        async def run() -> pb.ControllerCreateResponse:
-            _require_id(request.sandbox_id)
-            metadata: dict[str, Any] = {}
-            ext = request.sandbox.extensions.get(CRI_METADATA_EXTENSION)
-            if ext is not None and ext.value:
-                try:
-                    metadata = json.loads(ext.value)
-                except ValueError:
-                    raise InvalidArgument("sandbox.extensions[metadata] is not JSON") from None
-            record = new_record(request.sandbox_id, request.sandboxer, request.netns_path,
-                                request.options.value, metadata, dict(request.sandbox.labels),
-                                dict(request.annotations))
-            await self.controller.create(record)
-            return pb.ControllerCreateResponse(sandbox_id=request.sandbox_id)
+    async def Create(self, request: pb.ControllerCreateRequest) -> pb.ControllerCreateResponse:  # noqa: N802
+        _require_id(request.sandbox_id)
+        metadata: dict[str, Any] = {}
+        ext = request.sandbox.extensions.get(CRI_METADATA_EXTENSION)
+        if ext is not None and ext.value:
+            try:
+                metadata = json.loads(ext.value)
+            except ValueError:
+                raise InvalidArgument("sandbox.extensions[metadata] is not JSON") from None
+        record = new_record(request.sandbox_id, request.sandboxer, request.netns_path,
+                            request.options.value, metadata, dict(request.sandbox.labels),
+                            dict(request.annotations))
+        await self.controller.create(record)
+        return pb.ControllerCreateResponse(sandbox_id=request.sandbox_id)
 
-        return await self._call("Create", context, run)
+    async def Start(self, request: pb.ControllerStartRequest) -> pb.ControllerStartResponse:  # noqa: N802
+        record = await self.controller.start(_require_id(request.sandbox_id))
+        return pb.ControllerStartResponse(
+            sandbox_id=record.id, pid=record.pid, created_at=_timestamp(record.created_at_ns),
+            labels=record.labels, address=record.address, version=record.version)
 
-    async def Start(self, request: pb.ControllerStartRequest, context):  # noqa: N802
-        async def run() -> pb.ControllerStartResponse:
-            record = await self.controller.start(_require_id(request.sandbox_id))
-            return pb.ControllerStartResponse(
-                sandbox_id=record.id, pid=record.pid, created_at=_timestamp(record.created_at_ns),
-                labels=record.labels, address=record.address, version=record.version)
+    async def Platform(self, request: pb.ControllerPlatformRequest) -> pb.ControllerPlatformResponse:  # noqa: N802
+        self.controller.get(_require_id(request.sandbox_id))
+        return pb.ControllerPlatformResponse(platform=host_platform())
 
-        return await self._call("Start", context, run)
+    async def Stop(self, request: pb.ControllerStopRequest) -> pb.ControllerStopResponse:  # noqa: N802
+        await self.controller.stop(_require_id(request.sandbox_id), request.timeout_secs)
+        return pb.ControllerStopResponse()
 
-    async def Platform(self, request: pb.ControllerPlatformRequest, context):  # noqa: N802
-        async def run() -> pb.ControllerPlatformResponse:
-            self.controller.get(_require_id(request.sandbox_id))
-            return pb.ControllerPlatformResponse(platform=host_platform())
+    async def Wait(self, request: pb.ControllerWaitRequest) -> pb.ControllerWaitResponse:  # noqa: N802
+        record = await self.controller.wait(_require_id(request.sandbox_id))
+        return pb.ControllerWaitResponse(exit_status=record.exit_status,
+                                         exited_at=_timestamp(record.exited_at_ns))
 
-        return await self._call("Platform", context, run)
-
-    async def Stop(self, request: pb.ControllerStopRequest, context):  # noqa: N802
-        async def run() -> pb.ControllerStopResponse:
-            await self.controller.stop(_require_id(request.sandbox_id), request.timeout_secs)
-            return pb.ControllerStopResponse()
-
-        return await self._call("Stop", context, run)
-
-    async def Wait(self, request: pb.ControllerWaitRequest, context):  # noqa: N802
-        async def run() -> pb.ControllerWaitResponse:
-            record = await self.controller.wait(_require_id(request.sandbox_id))
-            return pb.ControllerWaitResponse(exit_status=record.exit_status,
-                                             exited_at=_timestamp(record.exited_at_ns))
-
-        return await self._call("Wait", context, run)
-
-    async def Status(self, request: pb.ControllerStatusRequest, context):  # noqa: N802
-        async def run() -> pb.ControllerStatusResponse:
-            record = self.controller.get(_require_id(request.sandbox_id))
-            return self._status(record, request.verbose)
-
-        return await self._call("Status", context, run)
+    async def Status(self, request: pb.ControllerStatusRequest) -> pb.ControllerStatusResponse:  # noqa: N802
+        record = self.controller.get(_require_id(request.sandbox_id))
+        return self._status(record, request.verbose)
 
     def _status(self, record: SandboxRecord, verbose: bool) -> pb.ControllerStatusResponse:
         ready = record.state == SandboxState.READY
@@ -135,51 +149,41 @@ class ControllerService(pb_grpc.ControllerServicer):
             response.exited_at.CopyFrom(_timestamp(record.exited_at_ns))
         return response
 
-    async def Shutdown(self, request: pb.ControllerShutdownRequest, context):  # noqa: N802
-        async def run() -> pb.ControllerShutdownResponse:
-            await self.controller.shutdown(_require_id(request.sandbox_id))
-            return pb.ControllerShutdownResponse()
+    async def Shutdown(self, request: pb.ControllerShutdownRequest) -> pb.ControllerShutdownResponse:  # noqa: N802
+        await self.controller.shutdown(_require_id(request.sandbox_id))
+        return pb.ControllerShutdownResponse()
 
-        return await self._call("Shutdown", context, run)
+    async def Metrics(self, request: pb.ControllerMetricsRequest) -> pb.ControllerMetricsResponse:  # noqa: N802
+        record = self.controller.get(_require_id(request.sandbox_id))
+        data = await self.controller.sandboxer.metrics(record)
+        metric = metrics_pb2.Metric(id=record.id, data=data)
+        metric.timestamp.GetCurrentTime()
+        return pb.ControllerMetricsResponse(metrics=metric)
 
-    async def Metrics(self, request: pb.ControllerMetricsRequest, context):  # noqa: N802
-        async def run() -> pb.ControllerMetricsResponse:
-            record = self.controller.get(_require_id(request.sandbox_id))
-            data = await self.controller.sandboxer.metrics(record)
-            metric = metrics_pb2.Metric(id=record.id, data=data)
-            metric.timestamp.GetCurrentTime()
-            return pb.ControllerMetricsResponse(metrics=metric)
+    async def Update(self, request: pb.ControllerUpdateRequest) -> pb.ControllerUpdateResponse:  # noqa: N802
+        fields = list(request.fields)
 
-        return await self._call("Metrics", context, run)
+        def apply(record: SandboxRecord) -> None:
+            # containerd sends the whole Sandbox; `fields` narrows what changed (empty = labels).
+            if not fields or "labels" in fields:
+                record.labels = dict(request.sandbox.labels)
+            for key in fields:
+                if key.startswith("extensions."):
+                    name = key.split(".", 1)[1]
+                    ext = request.sandbox.extensions.get(name)
+                    record.extra.setdefault("extensions", {})[name] = (
+                        ext.value.decode(errors="replace") if ext is not None else None)
 
-    async def Update(self, request: pb.ControllerUpdateRequest, context):  # noqa: N802
-        async def run() -> pb.ControllerUpdateResponse:
-            fields = list(request.fields)
-
-            def apply(record: SandboxRecord) -> None:
-                # containerd sends the whole Sandbox; `fields` narrows what changed (empty = labels).
-                if not fields or "labels" in fields:
-                    record.labels = dict(request.sandbox.labels)
-                for key in fields:
-                    if key.startswith("extensions."):
-                        name = key.split(".", 1)[1]
-                        ext = request.sandbox.extensions.get(name)
-                        record.extra.setdefault("extensions", {})[name] = (
-                            ext.value.decode(errors="replace") if ext is not None else None)
-
-            await self.controller.update(_require_id(request.sandbox_id), apply, fields)
-            return pb.ControllerUpdateResponse()
-
-        return await self._call("Update", context, run)
+        await self.controller.update(_require_id(request.sandbox_id), apply, fields)
+        return pb.ControllerUpdateResponse()
 
 
 class SandboxApiServer:
-    """grpc.aio server bound to the `--listen` unix socket, created 0600 (only root talks to us)."""
+    """The gRPC server bound to the `--listen` unix socket, created 0600 (only root talks to us)."""
 
     def __init__(self, controller: SandboxController, listen: Path) -> None:
         self.listen = listen
-        self.server = grpc.aio.server()
-        pb_grpc.add_ControllerServicer_to_server(ControllerService(controller), self.server)
+        self.server = Server([ControllerService(controller)])
 
     async def start(self) -> None:
         if not self.listen.parent.exists():
@@ -188,15 +192,18 @@ class SandboxApiServer:
             self.listen.unlink()
         old_umask = os.umask(0o177)  # no window in which the socket is reachable by others
         try:
-            self.server.add_insecure_port(f"unix://{self.listen}")
-            await self.server.start()
+            await self.server.start(path=str(self.listen))
         finally:
             os.umask(old_umask)
         os.chmod(self.listen, 0o600)
         log.info("Sandbox API listening on %s", self.listen)
 
-    async def stop(self, grace: float = 1.0) -> None:
-        await self.server.stop(grace)
+    async def stop(self, grace: float = STOP_GRACE) -> None:
+        self.server.close()  # stops accepting and cancels calls still running (a Wait may block forever)
+        try:
+            await asyncio.wait_for(self.server.wait_closed(), grace)
+        except TimeoutError:
+            log.warning("Sandbox API calls still running %.1f s after stop", grace)
         try:
             self.listen.unlink()
         except FileNotFoundError:
