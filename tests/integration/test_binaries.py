@@ -277,7 +277,7 @@ def test_installed_runc_sandboxer_serves_a_pod(installed: Path, tmp_path: Path) 
         task_server = int((sandboxer_dir / "task-server.pid").read_text())
         assert os.readlink(f"/proc/{task_server}/exe") == str(installed / "bin/runc-sandboxer")
         cmdline = Path(f"/proc/{task_server}/cmdline").read_bytes().split(b"\0")
-        assert b"task-server" in cmdline
+        assert cmdline[0] == b"runc-task-server"  # the multi-call binary picks the program by argv[0]
         interpreters = (str(REPO / ".venv"), os.path.realpath(sys.base_prefix))
         for pid in (task_server, *[int(p) for p in subprocess.run(
                 ["pgrep", "-P", str(proc.pid)], capture_output=True, text=True, check=False).stdout.split()]):

@@ -14,7 +14,7 @@ from google.protobuf import any_pb2
 
 from kuasar.common import sd_notify
 from kuasar.common.config import DaemonConfig
-from kuasar.common.daemon import serve
+from kuasar.common.daemon import prepare, serve
 from kuasar.common.sandboxer import ExitInfo, Sandboxer, SandboxRecord, StartResult
 
 
@@ -118,7 +118,8 @@ def test_daemon_notifies_ready_once_listening(tmp_path: Path, monkeypatch: pytes
     seen: list[bytes] = []
 
     async def run(sock: socket.socket) -> None:
-        server = asyncio.create_task(serve(config, lambda _config: IdleSandboxer()))
+        sandboxer, systemd = prepare(config, lambda _config: IdleSandboxer())
+        server = asyncio.create_task(serve(config, sandboxer, systemd))
         loop = asyncio.get_running_loop()
         sock.setblocking(False)
         seen.append(await asyncio.wait_for(loop.sock_recv(sock, 4096), 20))

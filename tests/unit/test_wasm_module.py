@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -128,12 +129,11 @@ def test_runtime_selection(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
     assert tasks.select_runtime({"annotations": {"io.kuasar.wasm.runtime": "wasmtime"}}) == ("wasmtime", "")
 
 
-def test_config_section_becomes_task_server_flags() -> None:
-    assert task_server_options({}) == ["--runtime", "wasmtime", "--wasmedge", "wasmedge", "--cache",
-                                       "--cache-max-mb", "512"]
-    assert task_server_options({"runtime": "WasmEdge", "wasmedge": "/opt/we", "cache": False,
-                                "cache_max_mb": 64}) == ["--runtime", "wasmedge", "--wasmedge", "/opt/we",
-                                                         "--no-cache", "--cache-max-mb", "64"]
+def test_config_section_becomes_task_server_settings() -> None:
+    assert WasmSettings(**task_server_options({})) == WasmSettings("wasmtime", "wasmedge", True, 512 << 20)
+    options = task_server_options({"runtime": "WasmEdge", "wasmedge": "/opt/we", "cache": False, "cache_max_mb": 64})
+    assert WasmSettings(**options) == WasmSettings("wasmedge", "/opt/we", False, 64 << 20)
+    assert json.loads(json.dumps(options)) == options  # handed to the task server as JSON
     with pytest.raises(InvalidArgument):
         task_server_options({"runtime": "wamr"})
     with pytest.raises(InvalidArgument):

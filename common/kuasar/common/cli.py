@@ -2,24 +2,28 @@
 
 from __future__ import annotations
 
-import asyncio
 import sys
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import click
 
 from . import __version__
 from .config import DaemonConfig, load_config
 from .errors import KuasarError
+from .lean import keep_out_unused_modules
 from .logs import setup_logging
-from .sandboxer import Sandboxer
+
+if TYPE_CHECKING:
+    from .sandboxer import Sandboxer
 
 LOG_LEVELS = click.Choice(["debug", "info", "warning", "error"], case_sensitive=False)
 
 
 def sandboxer_command(name: str, default_listen: str, default_dir: str,
-                      make_sandboxer: Callable[[DaemonConfig], Sandboxer]) -> click.Group:
-    """A click group whose bare invocation serves the Sandbox API; subcommands are added by the type."""
+                      make_sandboxer: Callable[[DaemonConfig], Sandboxer], lean: bool = True) -> click.Group:
+    """A click group whose bare invocation serves the Sandbox API; subcommands are added by the type.
+    `lean`: keep lean.UNUSED_MODULES out of the daemon (False for a type whose libraries import them)."""
 
     @click.group(name=f"{name}-sandboxer", invoke_without_command=True,
                  context_settings={"help_option_names": ["-h", "--help"]})
@@ -44,11 +48,17 @@ def sandboxer_command(name: str, default_listen: str, default_dir: str,
             raise click.ClickException(exc.message) from None
         ctx.obj = config
         if ctx.invoked_subcommand is None:
-            # Imported here: a task server started through this same command never loads gRPC (MBs).
-            from .daemon import serve
+            # The daemon's modules are imported only now, after the unused ones are kept out: nothing
+            # imported so far (click, the config loader) pulls in asyncio, which would import ssl.
+            if lean:
+                keep_out_unused_modules()
+            import asyncio
+
+            from .daemon import prepare, serve
 
             try:
-                asyncio.run(serve(config, make_sandboxer))
+                sandboxer, systemd = prepare(config, make_sandboxer)
+                asyncio.run(serve(config, sandboxer, systemd))
             except KuasarError as exc:
                 click.echo(f"{name}-sandboxer: {exc.message}", err=True)
                 sys.exit(1)

@@ -10,16 +10,26 @@ from collections.abc import Callable
 from . import sd_notify
 from .config import DaemonConfig
 from .controller import SandboxController
-from .sandbox_api import SandboxApiServer
 from .sandboxer import Sandboxer
 
 log = logging.getLogger(__name__)
 
-async def serve(config: DaemonConfig, make_sandboxer: Callable[[DaemonConfig], Sandboxer]) -> None:
+
+def prepare(config: DaemonConfig,
+            make_sandboxer: Callable[[DaemonConfig], Sandboxer]) -> tuple[Sandboxer, dict[str, str]]:
+    """Everything before the event loop: returns the sandboxer and systemd's notification variables."""
     systemd = sd_notify.take_environment()  # before any child (task server, runc) is started
     config.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     config.dir.chmod(0o700)  # sockets, bundles and state live here: root only
     sandboxer = make_sandboxer(config)
+    sandboxer.prepare()
+    return sandboxer, systemd
+
+
+async def serve(config: DaemonConfig, sandboxer: Sandboxer, systemd: dict[str, str]) -> None:
+    # Imported only now: a task server forked in prepare() must not carry the gRPC server's modules.
+    from .sandbox_api import SandboxApiServer
+
     await sandboxer.open()
     controller = SandboxController(sandboxer, config.dir / "sandboxes")
     await controller.recover()

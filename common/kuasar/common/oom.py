@@ -9,17 +9,16 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
-import ctypes.util
 import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
 
 from . import cgroups
+from .linux import libc
 
 log = logging.getLogger(__name__)
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 IN_MODIFY = 0x2
 IN_NONBLOCK = os.O_NONBLOCK
 IN_CLOEXEC = os.O_CLOEXEC
@@ -61,12 +60,12 @@ class OomWatch:
         self.on_oom()
 
     def _watch_v2(self, directory: Path) -> None:
-        fd = _libc.inotify_init1(IN_NONBLOCK | IN_CLOEXEC)
+        fd = libc.inotify_init1(IN_NONBLOCK | IN_CLOEXEC)
         if fd < 0:
             raise OSError(ctypes.get_errno(), "inotify_init1")
         self._fds.append(fd)
         self._events_path = directory / "memory.events"
-        if _libc.inotify_add_watch(fd, str(self._events_path).encode(), IN_MODIFY) < 0:
+        if libc.inotify_add_watch(fd, str(self._events_path).encode(), IN_MODIFY) < 0:
             raise OSError(ctypes.get_errno(), f"inotify_add_watch {self._events_path}")
         self._last_kills = self._oom_kills()
         self._start(fd, self._on_v2)

@@ -1,6 +1,6 @@
 """A Sandboxer whose pods are namespace-holding processes kept by a task server (runc, wasm).
 
-The sandbox type only supplies the task server's command line; pod lifecycle is the same for both.
+The sandbox type only says how its task server is launched; pod lifecycle is the same for both.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from .api.runtime.v1 import api_pb2 as cri
 from .config import DaemonConfig
 from .errors import InvalidArgument, NotFound
 from .sandboxer import LOST_EXIT_STATUS, ExitInfo, Sandboxer, SandboxRecord, SandboxState, StartResult
-from .task_server import TaskServerHandle
+from .task_server import TaskServerHandle, TaskServerLaunch
 
 log = logging.getLogger(__name__)
 
@@ -45,9 +45,13 @@ def pod_request(record: SandboxRecord) -> pods.CreatePodRequest:
 
 
 class PodSandboxer(Sandboxer):
-    def __init__(self, config: DaemonConfig, task_server_command: list[str]) -> None:
+    def __init__(self, config: DaemonConfig, task_server: TaskServerLaunch) -> None:
         self.config = config
-        self.task_server = TaskServerHandle(config.dir, task_server_command)
+        self.task_server = TaskServerHandle(config.dir, task_server)
+
+    def prepare(self) -> None:
+        self.task_server.hold_lock()
+        self.task_server.fork_if_absent()
 
     async def open(self) -> None:
         self.task_server.hold_lock()

@@ -79,6 +79,10 @@ class Sandboxer(abc.ABC):
 
     name: str = "sandboxer"
 
+    def prepare(self) -> None:  # noqa: B027 - optional hook
+        """Synchronous start-up work that must happen before the event loop and its threads exist
+        (e.g. forking a helper process from this still single-threaded one)."""
+
     async def open(self) -> None:  # noqa: B027 - optional hook
         """Acquire long-lived resources (task server, runtime checks) before serving."""
 

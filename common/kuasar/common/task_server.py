@@ -11,20 +11,28 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import gc
+import importlib
+import json
 import logging
 import os
+import select
 import signal
+import socket
 import subprocess
 import sys
+import traceback
 from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from google.protobuf.message import Message
 
-from . import linux
+from . import __version__, linux
 from .errors import Unavailable
 from .events import EventPublisher
+from .logs import setup_logging
 from .pod_service import PODS_SERVICE, PodLauncher, PodService
 from .reaper import Reaper
 from .task_api import TaskBackend, register_task_service
@@ -38,6 +46,9 @@ PID_FILE = "task-server.pid"
 LOG_FILE = "task-server.log"
 # How often an idle task server checks whether it is still wanted.
 IDLE_CHECK_INTERVAL = 2.0
+# The forked task server's comm (ps, top): its argv is still the sandboxer's. Not the program name:
+# per-pod processes are found by their own comm prefixes ("pod-", "wasm-").
+PROCESS_NAME = "task-server"
 # A fresh task server binds its socket in well under a second; this only bounds a broken start.
 START_TIMEOUT = 20.0
 CALL_TIMEOUT = 60.0
@@ -48,6 +59,51 @@ def self_command(module: str) -> list[str]:
     if getattr(sys, "frozen", False):
         return [sys.executable]
     return [sys.executable, "-m", module]
+
+
+@dataclass
+class TaskServerSettings:
+    """All a task server needs, handed over by the sandboxer that starts it: it reads no config file
+    and has no CLI of its own (click and the config loader would stay resident in it for nothing)."""
+
+    dir: str
+    events_address: str = ""
+    log_level: str = "info"
+    options: dict[str, Any] = field(default_factory=dict)  # the sandbox type's own, e.g. its runc binary
+
+
+@dataclass
+class TaskServerLaunch:
+    """How a sandbox type's task server is started: the module whose `main()` runs it (task_server_main),
+    the program name a frozen multi-call binary knows it by, and its settings."""
+
+    module: str
+    program: str
+    settings: TaskServerSettings
+
+    def argv(self, ready_fd: int) -> list[str]:
+        """argv to run as `sys.executable`: `python -m module SETTINGS READY_FD` from a venv; a frozen
+        multi-call binary picks its program by argv[0], so there it is `program SETTINGS READY_FD`."""
+        head = [self.program] if getattr(sys, "frozen", False) else [sys.executable, "-m", self.module]
+        return [*head, json.dumps(asdict(self.settings)), str(ready_fd)]
+
+
+def task_server_main(make_backend: Callable[[dict[str, Any], Reaper, EventPublisher, Path], TaskBackend]) -> None:
+    """Entry point of a type's task server: `PROGRAM SETTINGS_JSON READY_FD`, as TaskServerHandle runs it."""
+    if sys.argv[1:] == ["--version"]:
+        print(f"{os.path.basename(sys.argv[0])} {__version__} (internal: started by its sandboxer)")
+        return
+    try:
+        settings = TaskServerSettings(**json.loads(sys.argv[1]))
+        ready_fd = int(sys.argv[2])
+    except (IndexError, ValueError, TypeError) as exc:
+        sys.stderr.write(f"{sys.argv[0]}: internal program, started by its sandboxer "
+                         f"(usage: SETTINGS_JSON READY_FD): {exc}\n")
+        sys.exit(2)
+    setup_logging(settings.log_level)
+    asyncio.run(run_task_server(
+        Path(settings.dir), settings.events_address, ready_fd,
+        lambda reaper, events, directory: make_backend(settings.options, reaper, events, directory)))
 
 
 # -- inside the task server ------------------------------------------------------------------------
@@ -108,9 +164,9 @@ def _sandboxer_alive(directory: Path) -> bool:
 class TaskServerHandle:
     """Finds the running task server for `directory`, or starts one, and calls its Pods service."""
 
-    def __init__(self, directory: Path, command: list[str]) -> None:
+    def __init__(self, directory: Path, launch: TaskServerLaunch) -> None:
         self.directory = directory
-        self.command = command
+        self.launch = launch
         self.socket = directory / TASK_SOCKET
         self.client: TtrpcClient | None = None
         self._lock_fd = -1
@@ -121,6 +177,8 @@ class TaskServerHandle:
         return f"ttrpc+unix://{self.socket}"
 
     def hold_lock(self) -> None:
+        if self._lock_fd >= 0:
+            return
         self._lock_fd = os.open(self.directory / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -139,17 +197,85 @@ class TaskServerHandle:
                 self.client = await TtrpcClient.connect_unix(str(self.socket))
             return self.client
 
+    def fork_if_absent(self) -> None:
+        """Start the task server by forking this process, unless one is serving already.
+
+        Called before the sandboxer's event loop, threads and gRPC server exist. The child runs the
+        task server's `main()` without exec'ing a new interpreter: the pages of everything imported so
+        far (the interpreter, asyncio, protobuf, the shared modules) stay shared copy-on-write between
+        the two resident processes, as Kuasar's runc-sandboxer forks its task server. If the task
+        server has to be started again later, from the running loop, `_spawn` execs a fresh one.
+
+        A frozen one-file binary always execs: its bootloader deletes the extracted libraries when the
+        sandboxer exits, and a forked task server would go on using them.
+        """
+        if getattr(sys, "frozen", False) or self._serving():
+            return
+        read_fd, write_fd = os.pipe()
+        log_fd = os.open(self.directory / LOG_FILE, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        gc.freeze()  # the collector would otherwise write to, and so unshare, every page it scans
+        pid = os.fork()
+        if pid == 0:
+            self._run_forked_child(read_fd, write_fd, log_fd)  # never returns
+        os.close(write_fd)
+        os.close(log_fd)
+        os.waitpid(pid, 0)  # the intermediate child exits at once; the task server is re-parented
+        try:
+            ready = _read_ready(read_fd, START_TIMEOUT)
+        finally:
+            os.close(read_fd)
+        if ready != b"1":
+            raise Unavailable(f"task server failed to start; see {self.directory / LOG_FILE}")
+        log.info("forked task server (%s)", self.socket)
+
+    def _run_forked_child(self, read_fd: int, write_fd: int, log_fd: int) -> None:
+        status = 1
+        try:
+            os.close(read_fd)
+            os.setsid()  # like start_new_session: a signal to the sandboxer's group spares the pods
+            if os.fork() != 0:  # double fork: the task server is never a zombie of the sandboxer
+                os._exit(0)
+            null = os.open(os.devnull, os.O_RDONLY)
+            os.dup2(null, 0)
+            os.dup2(log_fd, 1)
+            os.dup2(log_fd, 2)
+            # Nothing of the sandboxer's may stay open here (its lock above all: the task server
+            # exits once no sandboxer holds it).
+            os.closerange(3, write_fd)
+            os.closerange(write_fd + 1, os.sysconf("SC_OPEN_MAX"))
+            linux.set_process_name(PROCESS_NAME)
+            sys.argv = [self.launch.program, *self.launch.argv(write_fd)[-2:]]
+            importlib.import_module(self.launch.module).main()
+            status = 0
+        except SystemExit as exc:
+            status = exc.code if isinstance(exc.code, int) else 1
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            os._exit(status)  # never back into the sandboxer's code (atexit, click, finally blocks)
+
+    def _serving(self) -> bool:
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            probe.connect(str(self.socket))
+            return True
+        except OSError:
+            return False
+        finally:
+            probe.close()
+
     async def _spawn(self) -> None:
         read_fd, write_fd = os.pipe()
         log_path = self.directory / LOG_FILE
         with open(log_path, "ab") as log_file:
             process = subprocess.Popen(  # noqa: S603 - fixed argv, no shell
-                [*self.command, "--ready-fd", str(write_fd)], stdin=subprocess.DEVNULL,
+                self.launch.argv(write_fd), executable=sys.executable, stdin=subprocess.DEVNULL,
                 stdout=log_file, stderr=log_file, pass_fds=(write_fd,), start_new_session=True)
         os.close(write_fd)
-        loop = asyncio.get_running_loop()
         try:
-            ready = await asyncio.wait_for(loop.run_in_executor(None, os.read, read_fd, 1), START_TIMEOUT)
+            ready = await _wait_ready(read_fd, START_TIMEOUT)
         finally:
             os.close(read_fd)
         if ready != b"1":
@@ -169,3 +295,21 @@ class TaskServerHandle:
         if self._lock_fd >= 0:
             os.close(self._lock_fd)
             self._lock_fd = -1
+
+
+def _read_ready(fd: int, timeout: float) -> bytes:
+    readable, _, _ = select.select([fd], [], [], timeout)
+    return os.read(fd, 1) if readable else b""
+
+
+async def _wait_ready(fd: int, timeout: float) -> bytes:
+    """The task server's ready byte, or b"" (it died, or the timeout), without a thread."""
+    loop = asyncio.get_running_loop()
+    ready: asyncio.Future[bytes] = loop.create_future()
+    loop.add_reader(fd, lambda: ready.done() or ready.set_result(os.read(fd, 1)))
+    try:
+        return await asyncio.wait_for(ready, timeout)
+    except TimeoutError:
+        return b""
+    finally:
+        loop.remove_reader(fd)

@@ -12,11 +12,12 @@ from kuasar.common.errors import FailedPrecondition, NotFound
 from kuasar.common.pod_sandboxer import PodSandboxer
 from kuasar.common.sandboxer import SandboxRecord
 from kuasar.common.spawn import resolve
-from kuasar.common.task_server import self_command
+from kuasar.common.task_server import TaskServerLaunch, TaskServerSettings
 
 from .config import QuarkConfig
 
-CLI_MODULE = "kuasar.quark.cli"
+TASK_SERVER_MODULE = "kuasar.quark.task_server_main"
+TASK_SERVER_PROGRAM = "quark-task-server"
 
 
 def require_binary(program: str, what: str, hint: str) -> str:
@@ -29,15 +30,12 @@ def require_binary(program: str, what: str, hint: str) -> str:
 class GvisorSandboxer(PodSandboxer):
     name = "quark(runsc)"
 
-    def __init__(self, config: DaemonConfig, quark: QuarkConfig, config_path: str | None) -> None:
+    def __init__(self, config: DaemonConfig, quark: QuarkConfig) -> None:
         self.quark = quark
-        command = [*self_command(CLI_MODULE), "--dir", str(config.dir), "--log-level", config.log_level]
-        if config_path:
-            command += ["--config", config_path]
-        if config.events_address:
-            command += ["--events-address", config.events_address]
-        command += ["task-server"]
-        super().__init__(config, command)
+        # The task server gets the [quark] section as checked here, not the config file's path.
+        settings = TaskServerSettings(str(config.dir), config.events_address, config.log_level,
+                                      config.section("quark"))
+        super().__init__(config, TaskServerLaunch(TASK_SERVER_MODULE, TASK_SERVER_PROGRAM, settings))
 
     async def open(self) -> None:
         require_binary(self.quark.runsc, "gVisor runsc",

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from kuasar.common.config import DaemonConfig
 from kuasar.common.pod_sandboxer import PodSandboxer
-from kuasar.common.task_server import self_command
+from kuasar.common.task_server import TaskServerLaunch, TaskServerSettings
 
-CLI_MODULE = "kuasar.runc.cli"
+TASK_SERVER_MODULE = "kuasar.runc.task_server_main"
+TASK_SERVER_PROGRAM = "runc-task-server"
 
 
 class RuncSandboxer(PodSandboxer):
@@ -14,8 +15,6 @@ class RuncSandboxer(PodSandboxer):
 
     def __init__(self, config: DaemonConfig) -> None:
         section = config.section("runc")
-        command = [*self_command(CLI_MODULE), "--dir", str(config.dir), "--log-level", config.log_level]
-        if config.events_address:
-            command += ["--events-address", config.events_address]
-        command += ["task-server", "--runc", str(section.get("binary", "runc"))]
-        super().__init__(config, command)
+        settings = TaskServerSettings(str(config.dir), config.events_address, config.log_level,
+                                      {"runc": str(section.get("binary", "runc"))})
+        super().__init__(config, TaskServerLaunch(TASK_SERVER_MODULE, TASK_SERVER_PROGRAM, settings))

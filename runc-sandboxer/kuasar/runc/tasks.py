@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
-import secrets
+import os
 import signal
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,7 +51,7 @@ class RuncTasks(RuncContainerTasks):
         self.containers: dict[str, Container] = {}
 
     def _console_socket(self, container: Container) -> Path:
-        return self.console_dir / f"{secrets.token_hex(8)}.sock"
+        return self.console_dir / f"{os.urandom(8).hex()}.sock"
 
     def _process_io(self, req: task.ExecProcessRequest) -> ProcessIO:
         return ProcessIO(req.stdin, req.stdout, req.stderr, req.terminal)

@@ -22,7 +22,8 @@ def make_sandboxer(config: DaemonConfig) -> Sandboxer:
     return VmmSandboxer(config)
 
 
-main = sandboxer_command("vmm", "/run/kuasar/vmm-sandboxer.sock", "/run/kuasar-vmm", make_sandboxer)
+# Not lean: qemu.qmp imports ssl unconditionally (for QMP over TLS, which we never use).
+main = sandboxer_command("vmm", "/run/kuasar/vmm-sandboxer.sock", "/run/kuasar-vmm", make_sandboxer, lean=False)
 
 
 @main.command("task-proxy", context_settings={"ignore_unknown_options": True, "help_option_names": []})

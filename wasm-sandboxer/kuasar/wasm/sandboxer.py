@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from kuasar.common.config import DaemonConfig
 from kuasar.common.errors import InvalidArgument
 from kuasar.common.pod_sandboxer import PodSandboxer
-from kuasar.common.task_server import self_command
+from kuasar.common.task_server import TaskServerLaunch, TaskServerSettings
 
 from .cache import DEFAULT_MAX_BYTES
 from .tasks import RUNTIMES
 
-CLI_MODULE = "kuasar.wasm.cli"
+TASK_SERVER_MODULE = "kuasar.wasm.task_server_main"
+TASK_SERVER_PROGRAM = "wasm-task-server"
 
 
-def task_server_options(section: dict) -> list[str]:
-    """`[wasm]` config keys as task-server flags (the task server reads no config file)."""
+def task_server_options(section: dict) -> dict[str, Any]:
+    """`[wasm]` config keys, checked, as the task server's WasmSettings (it reads no config file)."""
     runtime = str(section.get("runtime", "wasmtime")).lower()
     if runtime not in RUNTIMES:
         raise InvalidArgument(f"[wasm] runtime must be one of {', '.join(RUNTIMES)}, not {runtime!r}")
@@ -24,16 +27,14 @@ def task_server_options(section: dict) -> list[str]:
         raise InvalidArgument("[wasm] cache must be true or false")
     if isinstance(max_mb, bool) or not isinstance(max_mb, int) or max_mb < 0:
         raise InvalidArgument("[wasm] cache_max_mb must be a non-negative integer")
-    return ["--runtime", runtime, "--wasmedge", str(section.get("wasmedge", "wasmedge")),
-            "--cache" if cache else "--no-cache", "--cache-max-mb", str(max_mb)]
+    return {"runtime": runtime, "wasmedge": str(section.get("wasmedge", "wasmedge")), "cache": cache,
+            "cache_max_bytes": max_mb << 20}
 
 
 class WasmSandboxer(PodSandboxer):
     name = "wasm"
 
     def __init__(self, config: DaemonConfig) -> None:
-        command = [*self_command(CLI_MODULE), "--dir", str(config.dir), "--log-level", config.log_level]
-        if config.events_address:
-            command += ["--events-address", config.events_address]
-        command += ["task-server", *task_server_options(config.section("wasm"))]
-        super().__init__(config, command)
+        settings = TaskServerSettings(str(config.dir), config.events_address, config.log_level,
+                                      task_server_options(config.section("wasm")))
+        super().__init__(config, TaskServerLaunch(TASK_SERVER_MODULE, TASK_SERVER_PROGRAM, settings))
