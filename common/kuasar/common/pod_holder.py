@@ -3,10 +3,10 @@
 CRI writes `/proc/<pid>/ns/{net,ipc,uts[,pid]}` into every container spec, so this process must live
 as long as the pod. It is `kuasar-pause` (a few-KB static C program, built by setup), spawned by the
 task server with `--setup`: it enters or makes the namespaces itself and reports its host pid on a
-pipe. An older kuasar-pause (no `--setup`) is exec'd by a child forked from the (single-threaded) task
-server once that child has set the namespaces up; without the program at all the forked child sleeps
-in Python (and logs that once), which costs its copy-on-write heap (measured 3.6-5 MB per pod). There
-is no pause container and no shim.
+pipe (setup builds it from the same tree as this module, so the two always agree). Without the
+program a child forked from the (single-threaded) task server sets the namespaces up and sleeps in
+Python (and logs that once), which costs its copy-on-write heap (measured 3.6-5 MB per pod). There is
+no pause container and no shim.
 """
 
 from __future__ import annotations
@@ -29,12 +29,6 @@ log = logging.getLogger(__name__)
 # The child reports "<pid>" or "!<error>" on a pipe; both fit easily in one atomic pipe write.
 REPORT_MAX = 512
 PAUSE_PROGRAM = "kuasar-pause"
-# What a kuasar-pause that takes `--setup` carries in its binary (PROTOCOL in kuasar-pause.c).
-SETUP_PROTOCOL = b"kuasar-pause-protocol: setup-v1"
-# The largest kuasar-pause we read looking for SETUP_PROTOCOL (a static build is ~700 KB), in chunks
-# so a resident task server never holds the whole binary.
-MAX_PAUSE_BYTES = 8 << 20
-PROBE_CHUNK = 64 << 10
 # Entering namespaces takes a millisecond; this only bounds a child stuck in the kernel.
 SETUP_TIMEOUT = 10.0
 
@@ -54,24 +48,6 @@ def pause_program() -> str | None:
     return None
 
 
-@functools.cache
-def speaks_setup(program: str) -> bool:
-    """Whether `program` is a kuasar-pause that sets up namespaces itself (`--setup`)."""
-    tail = b""
-    try:
-        with open(program, "rb") as f:
-            for _ in range(MAX_PAUSE_BYTES // PROBE_CHUNK):
-                chunk = f.read(PROBE_CHUNK)
-                if not chunk:
-                    return False
-                if SETUP_PROTOCOL in tail + chunk:
-                    return True
-                tail = chunk[-len(SETUP_PROTOCOL):]
-    except OSError:
-        pass
-    return False
-
-
 @dataclass(frozen=True)
 class PodNamespaces:
     """Which namespaces the pod gets of its own, from PodSandboxConfig's namespace options."""
@@ -89,7 +65,7 @@ async def start_pod_holder(name: str, namespaces: PodNamespaces, hostname: str =
     once): the pid is only returned after its exit may already have been reaped.
     """
     pause = pause_program()
-    if pause is None or not speaks_setup(pause):
+    if pause is None:
         return spawn_pod_holder(name, namespaces, hostname)
     return await _spawn_pause(pause, _comm(name), namespaces, hostname)
 
@@ -193,14 +169,13 @@ def _kill_quietly(pid: int) -> None:
 def spawn_pod_holder(name: str, namespaces: PodNamespaces, hostname: str = "") -> int:
     """Fork the holder; return its host pid once it sits in its namespaces. Call from a thread-free process.
 
-    The fallback for a kuasar-pause without `--setup` (or none at all): see start_pod_holder.
+    The fallback when kuasar-pause is not installed: see start_pod_holder.
     """
-    pause = pause_program()  # resolved in the parent: the child must not log or search
     read_fd, write_fd = os.pipe()
     pid = os.fork()
     if pid == 0:  # child: never returns
         os.close(read_fd)
-        _child(name, namespaces, hostname, write_fd, pause)
+        _child(name, namespaces, hostname, write_fd)
     os.close(write_fd)
     try:
         report = os.read(read_fd, REPORT_MAX).decode(errors="replace")
@@ -211,7 +186,7 @@ def spawn_pod_holder(name: str, namespaces: PodNamespaces, hostname: str = "") -
     return int(report)
 
 
-def _child(name: str, ns: PodNamespaces, hostname: str, report_fd: int, pause: str | None) -> None:
+def _child(name: str, ns: PodNamespaces, hostname: str, report_fd: int) -> None:
     try:
         signal.set_wakeup_fd(-1)
         for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
@@ -236,11 +211,6 @@ def _child(name: str, ns: PodNamespaces, hostname: str, report_fd: int, pause: s
         os.write(report_fd, str(_host_pid()).encode())
         os.closerange(0, report_fd)
         os.closerange(report_fd, os.sysconf("SC_OPEN_MAX"))
-        if pause is not None:
-            try:
-                os.execv(pause, [pause, comm])
-            except OSError:
-                pass  # keep the pod alive the slow way rather than lose it
         _sleep_forever(as_init=ns.new_pid)
     except BaseException as exc:  # report anything, then die: the child must never reach the loop
         try:

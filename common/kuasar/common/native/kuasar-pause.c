@@ -4,15 +4,15 @@
  *
  * Usage:
  *   kuasar-pause [NAME]
- *       Already in the pod's namespaces (the task server forked, set them up, then exec'd us).
+ *       Already in the pod's namespaces: just hold them.
  *   kuasar-pause --setup [--netns PATH] [--ipc] [--uts] [--hostname NAME] [--pid] NAME
  *       The task server spawns us directly (posix_spawn: no fork of a Python heap, whose copy-on-write
  *       faults cost milliseconds on both sides): start a session, join the netns, unshare IPC/UTS
  *       (and PID, forking once so the child is PID 1), set the hostname, then write our host pid in
  *       decimal to stdout and close it. Any failure writes "!<what>: <error>" instead and exits 1.
  *
- * NAME (at most 15 bytes) becomes the process's comm. The task server only uses --setup when it finds
- * PROTOCOL below in this file, so an older build is never handed arguments it does not know.
+ * NAME (at most 15 bytes) becomes the process's comm. setup builds this file from the same tree as
+ * kuasar.common.pod_holder, which calls it, so the two always agree on these arguments.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -26,9 +26,6 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
-/* Searched for by kuasar.common.pod_holder; keep in sync with SETUP_PROTOCOL there. */
-static const char PROTOCOL[] = "kuasar-pause-protocol: setup-v1";
-
 static void fail(const char *what) {
     char msg[256];
     int len = snprintf(msg, sizeof msg, "!%s: %s", what, strerror(errno));
@@ -38,9 +35,8 @@ static void fail(const char *what) {
 }
 
 static void usage(void) {
-    /* Printing PROTOCOL also keeps it in the binary. */
-    fprintf(stderr, "%s\nusage: kuasar-pause [--setup [--netns PATH] [--ipc] [--uts] "
-                    "[--hostname NAME] [--pid]] [NAME]\n", PROTOCOL);
+    fprintf(stderr, "usage: kuasar-pause [--setup [--netns PATH] [--ipc] [--uts] "
+                    "[--hostname NAME] [--pid]] [NAME]\n");
     _exit(2);
 }
 

@@ -1,0 +1,82 @@
+"""The pod process: kuasar-pause --setup (spawned) and the forked fallback make the same namespaces."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from kuasar.common import linux, pod_holder
+from kuasar.common.errors import RuntimeFailure
+from kuasar.common.pod_holder import PodNamespaces, start_pod_holder
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="namespaces need root")
+
+
+def ns_of(pid: int | str, kind: str) -> str:
+    return os.readlink(f"/proc/{pid}/ns/{kind}")
+
+
+def finish(pid: int) -> None:
+    os.kill(pid, signal.SIGKILL)
+    try:
+        os.waitpid(pid, 0)
+    except ChildProcessError:
+        pass  # the PID-namespace case re-parents it away from us
+
+
+@pytest.fixture(params=["kuasar-pause", "forked"])
+def holder_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    pod_holder.pause_program.cache_clear()
+    if request.param == "kuasar-pause":
+        if pod_holder.pause_program() is None:
+            pytest.skip("kuasar-pause is not built (make setup)")
+    else:
+        monkeypatch.setattr(pod_holder, "pause_program", lambda: None)
+    yield request.param
+
+
+@pytest.mark.parametrize("new_pid", [False, True])
+def test_holder_sits_in_new_ipc_uts_and_pid_namespaces_with_its_hostname(holder_path: str, new_pid: bool) -> None:
+    ns = PodNamespaces(new_ipc=True, new_uts=True, new_pid=new_pid)
+    pid = asyncio.run(start_pod_holder("abcdef0123456789", ns, "pod-host"))
+    try:
+        assert Path(f"/proc/{pid}/comm").read_text().strip() == "pod-abcdef01234"
+        assert ns_of(pid, "ipc") != ns_of("self", "ipc")
+        assert ns_of(pid, "uts") != ns_of("self", "uts")
+        assert ns_of(pid, "net") == ns_of("self", "net")  # no netns path: the host network
+        assert (ns_of(pid, "pid") != ns_of("self", "pid")) == new_pid
+        if new_pid:
+            assert Path(f"/proc/{pid}/status").read_text().split("NSpid:")[1].splitlines()[0].split()[-1] == "1"
+        # The hostname is set inside: read it through the holder's UTS namespace.
+        with open(f"/proc/{pid}/ns/uts") as uts:
+            child = os.fork()
+            if child == 0:
+                linux.setns(uts.fileno(), linux.CLONE_NEWUTS)
+                os._exit(0 if os.uname().nodename == "pod-host" else 1)
+            assert os.waitpid(child, 0)[1] == 0
+    finally:
+        finish(pid)
+
+
+def test_a_missing_netns_is_reported_and_leaves_no_process(holder_path: str) -> None:
+    before = {p for p in os.listdir("/proc") if p.isdigit()}
+    with pytest.raises(RuntimeFailure, match="netns"):
+        asyncio.run(start_pod_holder("badnetns", PodNamespaces(netns_path="/nonexistent/netns")))
+    time.sleep(0.2)
+    assert [pid for pid in set(os.listdir("/proc")) - before if pid.isdigit() and live_holder(pid)] == []
+
+
+def live_holder(pid: str) -> bool:
+    """A process of this test that is still alive (an exited, unreaped child is not: the task server's
+    reaper collects those)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+    return "State:\tZ" not in status and ("pod-badnetns" in status or "kuasar-pause" in status)
