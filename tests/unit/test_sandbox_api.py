@@ -199,3 +199,25 @@ def test_socket_is_private_and_state_survives_restart(tmp_path: Path) -> None:
 
     run(tmp_path, first)
     run(tmp_path, second)
+
+
+def test_more_pending_waits_than_http2_default_stream_limit_do_not_block_other_calls(tmp_path: Path) -> None:
+    """containerd keeps one Controller.Wait open per pod on its one connection to us: hundreds of pods
+    mean hundreds of concurrent streams, and every other call must still get through."""
+    pods = 300
+
+    async def body(stub, sandboxer: MemorySandboxer, controller) -> None:
+        ids = [f"{n:064x}" for n in range(1, pods + 1)]
+        for sandbox_id in ids:
+            await stub.Create(create_request(sandbox_id))
+            await stub.Start(pb.ControllerStartRequest(sandbox_id=sandbox_id))
+        waits = [asyncio.ensure_future(stub.Wait(pb.ControllerWaitRequest(sandbox_id=i))) for i in ids]
+        await asyncio.sleep(0.5)
+        assert not any(w.done() for w in waits)
+        status = await asyncio.wait_for(stub.Status(pb.ControllerStatusRequest(sandbox_id=ids[-1])), 10)
+        assert status.state == "SANDBOX_READY"
+        for sandbox_id in ids:
+            await asyncio.wait_for(stub.Stop(pb.ControllerStopRequest(sandbox_id=sandbox_id)), 10)
+        assert {(await w).exit_status for w in waits} == {137}
+
+    run(tmp_path, body)

@@ -21,7 +21,9 @@ from google.protobuf import timestamp_pb2
 from google.protobuf.message import Message
 from grpclib.const import Cardinality, Handler, Status
 from grpclib.exceptions import GRPCError
+from grpclib.protocol import H2Protocol
 from grpclib.server import Server, Stream
+from h2.settings import SettingCodes
 
 from .api.containerd.services.sandbox.v1 import sandbox_pb2 as pb
 from .api.containerd.types import metrics_pb2, platform_pb2
@@ -36,6 +38,10 @@ R = TypeVar("R")
 SERVICE = "containerd.services.sandbox.v1.Controller"
 # How long in-flight calls get to finish when the sandboxer is stopped.
 STOP_GRACE = 1.0
+# containerd keeps one Controller.Wait open per pod on its single connection to us. h2 advertises 100
+# concurrent streams, and a client at the limit queues every further call: pod 101 would stall the
+# whole Sandbox API. The real bound is how many pods a node holds.
+MAX_CONCURRENT_STREAMS = 1 << 20
 # containerd stores CRI's own metadata under this extension key (its type_url is a Go type path).
 CRI_METADATA_EXTENSION = "metadata"
 # Architecture names as Go's GOARCH spells them; containerd compares platforms by these.
@@ -178,12 +184,28 @@ class ControllerService:
         return pb.ControllerUpdateResponse()
 
 
+class _ManyStreamsProtocol(H2Protocol):
+    def connection_made(self, transport) -> None:  # type: ignore[no-untyped-def]
+        super().connection_made(transport)
+        self.connection._connection.update_settings({SettingCodes.MAX_CONCURRENT_STREAMS: MAX_CONCURRENT_STREAMS})
+        self.connection.flush()
+
+
+class _Server(Server):
+    """grpclib's server with MAX_CONCURRENT_STREAMS raised (grpclib has no setting for it; this
+    relies on its protocol factory, hence the version pin in pyproject.toml)."""
+
+    def _protocol_factory(self) -> H2Protocol:
+        made = super()._protocol_factory()
+        return _ManyStreamsProtocol(made.handler, made.config, made.h2_config)
+
+
 class SandboxApiServer:
     """The gRPC server bound to the `--listen` unix socket, created 0600 (only root talks to us)."""
 
     def __init__(self, controller: SandboxController, listen: Path) -> None:
         self.listen = listen
-        self.server = Server([ControllerService(controller)])
+        self.server = _Server([ControllerService(controller)])
 
     async def start(self) -> None:
         if not self.listen.parent.exists():
