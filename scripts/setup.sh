@@ -43,8 +43,10 @@ PACKAGES=(runc containernetworking-plugins busybox-static iproute2 util-linux mo
           ca-certificates debian-archive-keyring)
 # QEMU (TCG micro-VMs of vm-agent / vmm-sandboxer); vhost-device-vsock comes from unstable (2c).
 PACKAGES+=(qemu-system-x86)
-# A C compiler and static libc for kuasar-pause, the few-KB program every pod process becomes (2d).
-PACKAGES+=(gcc libc6-dev)
+# A C compiler and musl for kuasar-pause, the few-KB program every pod process becomes (2d): linked
+# statically against musl it is 34 KB and keeps ~12 KB of private memory per pod (glibc's static
+# startup: 690 KB and ~44 KB per pod).
+PACKAGES+=(gcc libc6-dev musl-tools)
 # The venv module of Debian's python3 needs python3-venv (ensurepip); other interpreters ship it.
 if ! "$PY" -c 'import ensurepip, venv' >/dev/null 2>&1; then
     PACKAGES+=(python3-venv)
@@ -338,9 +340,9 @@ fi
 # ---------------------------------------------------------------------------------------------
 PAUSE_SRC="$ROOT/common/kuasar/common/native/kuasar-pause.c"
 PAUSE_BIN="$PREFIX/bin/kuasar-pause"
-if [[ ! -x "$PAUSE_BIN" || "$PAUSE_SRC" -nt "$PAUSE_BIN" ]]; then
+if [[ ! -x "$PAUSE_BIN" || "$PAUSE_SRC" -nt "$PAUSE_BIN" || "$0" -nt "$PAUSE_BIN" ]]; then
     log "building kuasar-pause"
-    gcc -Os -static -s -Wall -Werror -o "$PAUSE_BIN.new" "$PAUSE_SRC"
+    musl-gcc -Os -static -s -Wall -Werror -o "$PAUSE_BIN.new" "$PAUSE_SRC"
     mv -f "$PAUSE_BIN.new" "$PAUSE_BIN"
 else
     log "kuasar-pause present in $PREFIX/bin"

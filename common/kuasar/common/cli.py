@@ -2,28 +2,26 @@
 
 from __future__ import annotations
 
+import os
 import sys
-from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 import click
 
-from . import __version__
-from .config import DaemonConfig, load_config
+from . import __version__, daemon_main
+from .config import load_config
 from .errors import KuasarError
-from .lean import keep_out_unused_modules
 from .logs import setup_logging
-
-if TYPE_CHECKING:
-    from .sandboxer import Sandboxer
 
 LOG_LEVELS = click.Choice(["debug", "info", "warning", "error"], case_sensitive=False)
 
 
-def sandboxer_command(name: str, default_listen: str, default_dir: str,
-                      make_sandboxer: Callable[[DaemonConfig], Sandboxer], lean: bool = True) -> click.Group:
+def sandboxer_command(name: str, default_listen: str, default_dir: str, factory: str,
+                      lean: bool = True) -> click.Group:
     """A click group whose bare invocation serves the Sandbox API; subcommands are added by the type.
-    `lean`: keep lean.UNUSED_MODULES out of the daemon (False for a type whose libraries import them)."""
+
+    `factory`: "module:callable" making the type's Sandboxer from a DaemonConfig. `lean`: keep
+    lean.UNUSED_MODULES out of the daemon (False for a type whose libraries import them).
+    """
 
     @click.group(name=f"{name}-sandboxer", invoke_without_command=True,
                  context_settings={"help_option_names": ["-h", "--help"]})
@@ -48,20 +46,24 @@ def sandboxer_command(name: str, default_listen: str, default_dir: str,
             raise click.ClickException(exc.message) from None
         ctx.obj = config
         if ctx.invoked_subcommand is None:
-            # The daemon's modules are imported only now, after the unused ones are kept out: nothing
-            # imported so far (click, the config loader) pulls in asyncio, which would import ssl.
-            if lean:
-                keep_out_unused_modules()
-            import asyncio
-
-            from .daemon import prepare, serve
-
+            spec = {"name": name, "listen": str(config.listen), "dir": str(config.dir), "log_level": log_level,
+                    "events_address": config.events_address, "sections": config.sections,
+                    "factory": factory, "lean": lean}
             try:
-                sandboxer, systemd = prepare(config, make_sandboxer)
-                asyncio.run(serve(config, sandboxer, systemd))
-            except KuasarError as exc:
-                click.echo(f"{name}-sandboxer: {exc.message}", err=True)
-                sys.exit(1)
+                argv = daemon_main.spec_argv(spec)
+            except (TypeError, ValueError) as exc:  # a TOML date or time has no JSON form
+                raise click.ClickException(f"configuration: {exc}") from None
+            if getattr(sys, "frozen", False):
+                # A frozen binary is its own interpreter and cannot be re-run as `python -m`.
+                try:
+                    daemon_main.run(spec)
+                except KuasarError as exc:
+                    click.echo(f"{name}-sandboxer: {exc.message}", err=True)
+                    sys.exit(1)
+                return
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.execv(sys.executable, argv)  # the daemon proper, without this CLI resident in it
 
     return command
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 from collections.abc import Callable
@@ -10,9 +11,13 @@ from collections.abc import Callable
 from . import sd_notify
 from .config import DaemonConfig
 from .controller import SandboxController
+from .lean import CollectAfterRemovals
 from .sandboxer import Sandboxer
 
 log = logging.getLogger(__name__)
+
+# How often the sandboxer looks whether sandboxes were removed (and their garbage can be collected).
+GARBAGE_CHECK_INTERVAL = 2.0
 
 
 def prepare(config: DaemonConfig,
@@ -42,7 +47,14 @@ async def serve(config: DaemonConfig, sandboxer: Sandboxer, systemd: dict[str, s
     log.info("%s sandboxer ready (dir=%s)", sandboxer.name, config.dir)
     sd_notify.ready(f"serving {config.listen}", systemd)
     watchdog = sd_notify.start_watchdog(systemd)
-    await stopping.wait()
+    gc.freeze()  # the start-up heap is never garbage: keep collections from walking (and unsharing) it
+    garbage = CollectAfterRemovals(lambda: len(controller.records))
+    while not stopping.is_set():
+        try:
+            async with asyncio.timeout(GARBAGE_CHECK_INTERVAL):
+                await stopping.wait()
+        except TimeoutError:
+            garbage.check()
     log.info("shutting down; running pods are left to the task server")
     sd_notify.stopping(systemd)
     if watchdog is not None:

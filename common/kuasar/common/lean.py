@@ -7,7 +7,9 @@ entry point, before asyncio is imported.
 
 from __future__ import annotations
 
+import gc
 import sys
+from collections.abc import Callable
 
 # The daemons talk over unix sockets and vsock only, never TLS. asyncio imports ssl whenever it can,
 # which maps libssl and libcrypto (about 4 MB of one process's PSS); without it asyncio works as
@@ -18,3 +20,26 @@ UNUSED_MODULES = ("ssl",)
 def keep_out_unused_modules() -> None:
     for name in UNUSED_MODULES:
         sys.modules.setdefault(name, None)  # type: ignore[arg-type]
+
+
+class CollectAfterRemovals:
+    """Runs a full garbage collection when fewer pods or containers are held than at the last check.
+
+    What a removed pod or container leaves behind (its records, watchers, connection state) partly
+    sits in reference cycles, which only Python's cyclic collector frees; in a daemon that makes few
+    new objects that can take very long (measured: ~2,000 objects still held after 130 pods were
+    removed). The daemons freeze their start-up heap (gc.freeze), so a collection walks only the
+    objects made since: well under a millisecond here.
+    """
+
+    def __init__(self, held: Callable[[], int]) -> None:
+        self.held = held
+        self.last = held()
+        self.collections = 0
+
+    def check(self) -> None:
+        now = self.held()
+        if now < self.last:
+            gc.collect()
+            self.collections += 1
+        self.last = now

@@ -12,7 +12,6 @@ import asyncio
 import json
 import logging
 import os
-import platform
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -63,7 +62,7 @@ def _require_id(sandbox_id: str) -> str:
 
 
 def host_platform() -> platform_pb2.Platform:
-    machine = platform.machine()
+    machine = os.uname().machine
     return platform_pb2.Platform(os="linux", architecture=_GOARCH.get(machine, machine))
 
 

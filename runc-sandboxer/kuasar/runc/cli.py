@@ -1,23 +1,12 @@
-"""`runc-sandboxer`: the resident daemon (its task server is `runc-task-server`, task_server_main.py)."""
+"""`runc-sandboxer`: the resident daemon's CLI (the daemon proper is kuasar.common.daemon_main; its
+task server is `runc-task-server`, task_server_main.py)."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from kuasar.common.cli import sandboxer_command
-from kuasar.common.config import DaemonConfig
 
-if TYPE_CHECKING:
-    from kuasar.common.sandboxer import Sandboxer
-
-
-def make_sandboxer(config: DaemonConfig) -> Sandboxer:
-    from .sandboxer import RuncSandboxer
-
-    return RuncSandboxer(config)
-
-
-main = sandboxer_command("runc", "/run/kuasar/runc-sandboxer.sock", "/run/kuasar-runc", make_sandboxer)
+main = sandboxer_command("runc", "/run/kuasar/runc-sandboxer.sock", "/run/kuasar-runc",
+                         "kuasar.runc.sandboxer:RuncSandboxer")
 
 
 if __name__ == "__main__":

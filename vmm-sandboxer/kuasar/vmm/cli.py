@@ -12,18 +12,10 @@ import sys
 import click
 
 from kuasar.common.cli import sandboxer_command
-from kuasar.common.config import DaemonConfig
-from kuasar.common.sandboxer import Sandboxer
-
-
-def make_sandboxer(config: DaemonConfig) -> Sandboxer:
-    from .sandboxer import VmmSandboxer
-
-    return VmmSandboxer(config)
-
 
 # Not lean: qemu.qmp imports ssl unconditionally (for QMP over TLS, which we never use).
-main = sandboxer_command("vmm", "/run/kuasar/vmm-sandboxer.sock", "/run/kuasar-vmm", make_sandboxer, lean=False)
+main = sandboxer_command("vmm", "/run/kuasar/vmm-sandboxer.sock", "/run/kuasar-vmm",
+                         "kuasar.vmm.sandboxer:VmmSandboxer", lean=False)
 
 
 @main.command("task-proxy", context_settings={"ignore_unknown_options": True, "help_option_names": []})

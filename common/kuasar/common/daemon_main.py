@@ -1,0 +1,69 @@
+"""The daemon proper of every sandboxer: `python -m kuasar.common.daemon_main SPEC_JSON`.
+
+A sandboxer's click CLI (cli.py) parses the flags and the TOML config, then execs this module with
+the result (same pid, so systemd's Type=notify and any supervisor see one process). The resident
+daemon thereby carries neither click nor the TOML loader (~1.3 MB of every resident pair, measured
+in benchmarks/), and this module imports nothing heavy before the unused modules are kept out.
+A frozen binary runs the daemon in-process instead (`run`), without the exec.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+from typing import Any
+
+from .lean import keep_out_unused_modules
+
+
+def spec_argv(spec: dict[str, Any]) -> list[str]:
+    """argv that runs the daemon for `spec` (see `DaemonSpec` in cli.py for its keys)."""
+    return [sys.executable, "-m", __name__, json.dumps(spec)]
+
+
+def run(spec: dict[str, Any]) -> None:
+    """Serve until SIGTERM. Raises KuasarError when the sandboxer cannot start."""
+    if spec.get("lean", True):
+        keep_out_unused_modules()
+    import asyncio
+
+    from .config import DaemonConfig
+    from .daemon import prepare, serve
+    from .logs import setup_logging
+
+    setup_logging(spec["log_level"])
+    config = DaemonConfig(listen=_path(spec["listen"]), dir=_path(spec["dir"]), log_level=spec["log_level"],
+                          events_address=spec["events_address"], sections=spec["sections"])
+    module, _, attr = spec["factory"].partition(":")
+    make_sandboxer = getattr(importlib.import_module(module), attr)
+    sandboxer, systemd = prepare(config, make_sandboxer)
+    asyncio.run(serve(config, sandboxer, systemd))
+
+
+def _path(value: str):  # type: ignore[no-untyped-def]
+    from pathlib import Path
+
+    return Path(value)
+
+
+def main() -> None:
+    try:
+        spec = json.loads(sys.argv[1])
+        if not isinstance(spec, dict) or not {"listen", "dir", "log_level", "events_address", "sections",
+                                              "factory"} <= spec.keys():
+            raise ValueError("missing keys")
+    except (IndexError, ValueError) as exc:
+        sys.stderr.write(f"{__name__}: internal program, exec'd by a sandboxer's CLI (usage: SPEC_JSON): {exc}\n")
+        sys.exit(2)
+    from .errors import KuasarError
+
+    try:
+        run(spec)
+    except KuasarError as exc:
+        sys.stderr.write(f"{spec.get('name', 'kuasar')}-sandboxer: {exc.message}\n")
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
