@@ -36,3 +36,12 @@ def test_launch_argv_carries_the_settings_as_json() -> None:
 def test_version_is_answered() -> None:
     result = subprocess.run([sys.executable, "-m", MODULES[0], "--version"], capture_output=True, timeout=60)
     assert result.returncode == 0 and b"0.1.0" in result.stdout
+
+
+@pytest.mark.parametrize("args", [[], ["not json"], ['{"listen": "/x"}'], ["[1, 2]"]])
+def test_the_daemon_proper_refuses_anything_but_a_spec_from_its_cli(args: list[str]) -> None:
+    result = subprocess.run([sys.executable, "-m", "kuasar.common.daemon_main", *args], capture_output=True,
+                            timeout=60)
+    assert result.returncode == 2
+    assert b"internal program, exec'd by a sandboxer's CLI" in result.stderr
+    assert b"Traceback" not in result.stderr
