@@ -1,6 +1,6 @@
-"""runc-sandboxer's two resident processes: the task server is forked from the sandboxer before its
-event loop (pages shared), keeps out what neither needs (TLS, grpcio), and is started again by exec
-when it is gone."""
+"""runc-sandboxer's two resident processes: the CLI execs the daemon proper, which forks the task
+server before its event loop (pages shared); both keep out what they never use (TLS, grpcio, click),
+and a task server that is gone is started again by exec."""
 
 from __future__ import annotations
 
@@ -47,6 +47,8 @@ def test_task_server_is_forked_into_its_own_session_and_keeps_tls_and_grpcio_out
     assert mapped_unwanted(sandboxer.pid) == []
     assert mapped_unwanted(server.pid) == []
     assert sandboxer.num_threads() == 1  # grpclib on the asyncio loop: no gRPC core threads
+    # The CLI exec'd the daemon proper (same pid): click and the TOML parser are not resident.
+    assert sandboxer.cmdline()[1:3] == ["-m", "kuasar.common.daemon_main"]
 
 
 def test_a_task_server_that_is_gone_is_started_again_by_exec(stack: Stack) -> None:

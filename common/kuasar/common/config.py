@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +31,8 @@ class DaemonConfig:
 def load_config(listen: str, directory: str, config_path: str | None, log_level: str) -> DaemonConfig:
     sections: dict[str, Any] = {}
     if config_path:
+        import tomllib  # only the CLI parses TOML; the daemon it execs never loads the parser
+
         path = Path(config_path)
         try:
             sections = tomllib.loads(path.read_text())
