@@ -23,6 +23,7 @@ from pathlib import Path
 
 from . import linux
 from .errors import RuntimeFailure
+from .spawn import RESTORED_SIGNALS
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +97,7 @@ async def _spawn_pause(pause: str, comm: str, ns: PodNamespaces, hostname: str) 
             spawned = os.posix_spawn(pause, argv, {}, file_actions=[
                 (os.POSIX_SPAWN_DUP2, write_fd, 1), (os.POSIX_SPAWN_DUP2, devnull, 0),
                 (os.POSIX_SPAWN_DUP2, devnull, 2)],
-                setsigmask=(), setsigdef=(signal.SIGPIPE, signal.SIGCHLD, signal.SIGTERM, signal.SIGINT,
+                setsigmask=(), setsigdef=(*RESTORED_SIGNALS, signal.SIGCHLD, signal.SIGTERM, signal.SIGINT,
                                           signal.SIGHUP))
         finally:
             os.close(devnull)

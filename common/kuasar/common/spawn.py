@@ -9,11 +9,18 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import signal
 from dataclasses import dataclass
 
 from .errors import NotFound
 from .reaper import Reaper
 
+# Python starts with SIGPIPE and SIGXFSZ ignored, and an ignored signal stays ignored across exec: every
+# program we start gets them back at their defaults (as subprocess's restore_signals does). Otherwise
+# runc would pass them on to the container, where e.g. `yes | head` would never end on SIGPIPE. (glibc's
+# posix_spawn leaves its own internal signals 32 and 33 ignored in the child, and refuses a request to
+# reset them; runc resets 33, and glibc programs install a handler for 32 when they need it.)
+RESTORED_SIGNALS = (signal.SIGPIPE, signal.SIGXFSZ)
 # Output kept from a helper program; runc's messages are short, so more means something is wrong.
 MAX_CAPTURE = 1 << 20
 
@@ -65,7 +72,7 @@ async def run(reaper: Reaper, argv: list[str], *, stdin: int | None = None, stdo
     ]
     spawn_env = dict(os.environ if env is None else env)
     try:
-        pid = os.posix_spawn(path, argv, spawn_env, file_actions=actions)
+        pid = os.posix_spawn(path, argv, spawn_env, file_actions=actions, setsigdef=RESTORED_SIGNALS)
         exited = reaper.watch(pid)  # same loop step as the spawn: the reaper cannot miss it
     finally:
         for fd in close_after:

@@ -12,6 +12,7 @@ import os
 import socket
 
 from kuasar.common.reaper import Reaper
+from kuasar.common.spawn import RESTORED_SIGNALS
 
 from .stdio import _readable, _writable
 
@@ -63,7 +64,8 @@ class DebugConsole:
             # busybox `setsid -c` makes the pty the shell's controlling terminal (job control works).
             argv = ["/bin/busybox", "setsid", "-c", self.shell, "-i"]
             pid = os.posix_spawn(argv[0], argv, env, file_actions=[
-                (os.POSIX_SPAWN_DUP2, slave, 0), (os.POSIX_SPAWN_DUP2, slave, 1), (os.POSIX_SPAWN_DUP2, slave, 2)])
+                (os.POSIX_SPAWN_DUP2, slave, 0), (os.POSIX_SPAWN_DUP2, slave, 1), (os.POSIX_SPAWN_DUP2, slave, 2)],
+                setsigdef=RESTORED_SIGNALS)
             exited = self.reaper.watch(pid)
             os.close(slave)
             slave = -1

@@ -16,7 +16,7 @@ from google.protobuf import empty_pb2
 from kuasar.common.api.kuasar.agent.v1 import agent_pb2 as pb
 from kuasar.common.errors import DeadlineExceeded, InvalidArgument, NotFound
 from kuasar.common.reaper import Reaper
-from kuasar.common.spawn import MAX_CAPTURE, resolve
+from kuasar.common.spawn import MAX_CAPTURE, RESTORED_SIGNALS, resolve
 from kuasar.common.ttrpc import Context, ServerStream, TtrpcServer
 
 from . import __version__
@@ -221,7 +221,8 @@ async def run_command(reaper: Reaper, argv: list[str], stdin: bytes, env: dict[s
     err_r, err_w = os.pipe()
     try:
         pid = os.posix_spawn(path, argv, env, setsid=True, file_actions=[
-            (os.POSIX_SPAWN_DUP2, in_r, 0), (os.POSIX_SPAWN_DUP2, out_w, 1), (os.POSIX_SPAWN_DUP2, err_w, 2)])
+            (os.POSIX_SPAWN_DUP2, in_r, 0), (os.POSIX_SPAWN_DUP2, out_w, 1), (os.POSIX_SPAWN_DUP2, err_w, 2)],
+            setsigdef=RESTORED_SIGNALS)
         exited = reaper.watch(pid)
     except BaseException:
         for fd in (in_w, out_r, err_r):
