@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 import subprocess
+import uuid
 from pathlib import Path
 
 import grpc
 import pytest
 
 from kuasar.common.api.runtime.v1 import api_pb2 as cri
-from kuasar.common.cri_client import CriClient
+from kuasar.common.cri_client import CriClient, pod_config
 
 from .conftest import Stack
 from .cri_helpers import (
+    HANDLER,
     children_of,
     exec_over_websocket,
     log_text,
@@ -49,6 +52,43 @@ def test_container_output_reaches_cri_log_and_pod_is_served_without_pause(stack:
             assert all(p.ppid() == server for p in pod_processes())
             await client.remove_container(cid)
             await remove_pod(client, pod_id)
+
+    stack.run(scenario())
+
+
+def test_containers_see_the_pods_hostname_hosts_and_dns_config(stack: Stack) -> None:
+    """/etc/hostname, /etc/hosts and /etc/resolv.conf as containerd's own pod sandbox provides them."""
+    async def cat(client: CriClient, cid: str, path: str) -> str:
+        result = await client.exec_sync(cid, ["cat", path], timeout=20)
+        assert result.exit_code == 0, result.stderr
+        return result.stdout.decode()
+
+    async def scenario() -> None:
+        async with CriClient(stack.address) as client:
+            config = pod_config("dns", uid=uuid.uuid4().hex[:12], log_directory=str(stack.log_dir / "dns"),
+                                host_network=False, hostname="web-1")
+            config.dns_config.servers.extend(["10.96.0.10", "10.96.0.11"])
+            config.dns_config.searches.extend(["default.svc.cluster.local", "svc.cluster.local"])
+            config.dns_config.options.append("ndots:5")
+            pod_id = (await client.run_pod_sandbox(config, runtime_handler=HANDLER)).pod_sandbox_id
+            cid = await start_container(client, pod_id, config, "sleeper", ["sleep", "3600"])
+            await wait_state(client, cid, cri.CONTAINER_RUNNING)
+            assert await cat(client, cid, "/etc/hostname") == "web-1\n"
+            assert await cat(client, cid, "/etc/resolv.conf") == (
+                "search default.svc.cluster.local svc.cluster.local\n"
+                "nameserver 10.96.0.10\nnameserver 10.96.0.11\noptions ndots:5\n")
+            assert await cat(client, cid, "/etc/hosts") == Path("/etc/hosts").read_text()
+            # A host-network pod without DNS config: the node's hostname and resolv.conf.
+            host_id, host = await run_pod(client, "hostnet", stack.log_dir)
+            host_cid = await start_container(client, host_id, host, "sleeper", ["sleep", "3600"])
+            await wait_state(client, host_cid, cri.CONTAINER_RUNNING)
+            assert await cat(client, host_cid, "/etc/hostname") == socket.gethostname() + "\n"
+            assert await cat(client, host_cid, "/etc/resolv.conf") == Path("/etc/resolv.conf").read_text()
+            pods_dir = stack.sandboxer_dir / "pods"
+            assert {p.name for p in pods_dir.iterdir()} >= {pod_id, host_id}
+            await remove_pod(client, pod_id)
+            await remove_pod(client, host_id)
+            assert not (pods_dir / pod_id).exists() and not (pods_dir / host_id).exists()
 
     stack.run(scenario())
 

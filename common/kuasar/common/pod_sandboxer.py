@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import logging
 import shutil
-from pathlib import Path
 
 from google.protobuf import any_pb2, empty_pb2
 
@@ -15,6 +14,7 @@ from .api.kuasar.pods.v1 import pods_pb2 as pods
 from .api.runtime.v1 import api_pb2 as cri
 from .config import DaemonConfig
 from .errors import InvalidArgument, NotFound
+from .pod_files import pod_dir, write_pod_files
 from .sandboxer import LOST_EXIT_STATUS, ExitInfo, Sandboxer, SandboxRecord, SandboxState, StartResult
 from .task_server import TaskServerHandle, TaskServerLaunch
 
@@ -61,7 +61,15 @@ class PodSandboxer(Sandboxer):
         await self.task_server.close()
 
     async def create(self, record: SandboxRecord) -> None:
-        decode_pod_config(record)  # reject garbage before anything is made
+        config = decode_pod_config(record)  # reject garbage before anything is made
+        dns = config.dns_config
+        path = pod_dir(self.config.dir, record.id)
+        try:
+            write_pod_files(path, config.hostname, (list(dns.servers), list(dns.searches), list(dns.options))
+                            if config.HasField("dns_config") else None)
+        except BaseException:
+            shutil.rmtree(path, ignore_errors=True)
+            raise
 
     async def start(self, record: SandboxRecord) -> StartResult:
         response = await self.task_server.call("Create", pod_request(record), pods.CreatePodResponse)
@@ -88,7 +96,7 @@ class PodSandboxer(Sandboxer):
             await self.task_server.call("Delete", pods.PodRequest(id=record.id), empty_pb2.Empty)
         except NotFound:
             pass
-        shutil.rmtree(Path(self.config.dir) / "pods" / record.id, ignore_errors=True)
+        shutil.rmtree(pod_dir(self.config.dir, record.id), ignore_errors=True)
 
     async def metrics(self, record: SandboxRecord) -> any_pb2.Any:
         response = await self.task_server.call("Stats", pods.PodRequest(id=record.id), pods.PodStats)

@@ -17,9 +17,11 @@ from kuasar.common.api.containerd.types.task import task_pb2 as types
 from kuasar.common.errors import AlreadyExists, NotFound
 from kuasar.common.events import EventPublisher
 from kuasar.common.ids import validate_id
+from kuasar.common.pod_files import add_pod_file_mounts, pod_dir
 from kuasar.common.reaper import Reaper
 from kuasar.common.runc_cli import Runc
 from kuasar.common.runc_tasks import RuncContainer, RuncContainerTasks, RuncProcess
+from kuasar.common.state import write_atomic
 from kuasar.common.task_table import (
     host_bundle,
     pod_id_of,
@@ -45,6 +47,7 @@ class RuncTasks(RuncContainerTasks):
         super().__init__()
         self.reaper = reaper
         self.events = events
+        self.directory = directory
         self.runc = Runc(reaper, directory / "runc", runc_binary)
         self.console_dir = directory / "console"
         self.console_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -78,6 +81,9 @@ class RuncTasks(RuncContainerTasks):
                 mounts.mount_rootfs(req.rootfs, bundle / "rootfs")
                 container.rootfs_mounted = True
             try:
+                if pod_id and add_pod_file_mounts(spec, pod_dir(self.directory, pod_id),
+                                                  bundle / (spec.get("root") or {}).get("path", "rootfs")):
+                    write_atomic(bundle / "config.json", json.dumps(spec).encode(), 0o644, durable=False)
                 await self._start_process(container, container.init, is_exec=False)
             except Exception:
                 if container.rootfs_mounted:

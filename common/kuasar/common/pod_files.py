@@ -1,0 +1,93 @@
+"""A pod's /etc/hostname, /etc/hosts and /etc/resolv.conf, as containerd's own pod sandbox provides them.
+
+CRI bind-mounts these files into a container only for pods of its built-in sandboxer (it writes them
+while starting the pause container). For our pods the sandboxer writes them at Create, with the
+content containerd would give them, under `<dir>/pods/<id>/`; the task server binds them into every
+container of the pod whose spec does not mount those paths itself. Without them a container sees its
+image's files: no cluster DNS, no pod hostname in /etc/hostname.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+from .errors import InvalidArgument
+from .ids import validate_id
+from .state import write_atomic
+
+PODS_DIR = "pods"
+# file name under the pod's directory -> where containers see it
+MOUNTS = {"hostname": "/etc/hostname", "hosts": "/etc/hosts", "resolv.conf": "/etc/resolv.conf"}
+HOST_HOSTS = Path("/etc/hosts")
+HOST_RESOLV_CONF = Path("/etc/resolv.conf")
+
+
+def pod_dir(directory: Path, pod_id: str) -> Path:
+    return directory / PODS_DIR / validate_id(pod_id, "pod id")
+
+
+def resolv_conf(servers: list[str], searches: list[str], options: list[str]) -> str:
+    """resolv.conf from CRI's DNSConfig, laid out as containerd writes it."""
+    lines = []
+    if searches:
+        lines.append("search " + " ".join(searches))
+    lines += [f"nameserver {server}" for server in servers]
+    if options:
+        lines.append("options " + " ".join(options))
+    return "".join(line + "\n" for line in lines)
+
+
+def write_pod_files(path: Path, hostname: str, dns: tuple[list[str], list[str], list[str]] | None) -> None:
+    """Write the three files into `path` (made 0700). `dns` is CRI's (servers, searches, options), or
+    None for the host's resolv.conf; an empty hostname means the node's, as for host-network pods."""
+    for item in [entry for entries in dns or () for entry in entries]:
+        if "\n" in item or "\0" in item:
+            raise InvalidArgument(f"dns_config entry {item!r} has a line break")
+    if "\n" in hostname or "/" in hostname:
+        raise InvalidArgument(f"hostname {hostname!r} is not a host name")
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    # 0644: containers read them as any user. Not durable: they are rewritten by every Create.
+    write_atomic(path / "hostname", ((hostname or socket.gethostname()) + "\n").encode(), 0o644, durable=False)
+    write_atomic(path / "hosts", _read_or_empty(HOST_HOSTS), 0o644, durable=False)
+    write_atomic(path / "resolv.conf", resolv_conf(*dns).encode() if dns is not None
+                 else _read_or_empty(HOST_RESOLV_CONF), 0o644, durable=False)
+
+
+def add_pod_file_mounts(spec: dict[str, Any], path: Path, rootfs: Path) -> list[str]:
+    """Bind the pod's files into `spec` where it mounts nothing at those paths and runc can mount them in
+    `rootfs` (the file is there, or can be made: a read-only rootfs without it is left alone); returns
+    what was added."""
+    taken = {m.get("destination") for m in spec.get("mounts") or [] if isinstance(m, dict)}
+    readonly = bool((spec.get("root") or {}).get("readonly"))
+    added = []
+    for name, destination in MOUNTS.items():
+        source = path / name
+        if destination in taken or not source.is_file() or not _mountable(rootfs, destination):
+            continue
+        spec.setdefault("mounts", []).append({
+            "destination": destination, "type": "bind", "source": str(source),
+            "options": ["rbind", "rprivate", "ro" if readonly else "rw"]})
+        added.append(destination)
+    return added
+
+
+def _mountable(rootfs: Path, destination: str) -> bool:
+    target = rootfs / destination.lstrip("/")
+    if target.is_file():
+        return True
+    if target.exists() or target.is_symlink():
+        return False  # a directory or a link there: not ours to cover
+    ancestor = target.parent
+    while not ancestor.exists() and ancestor != rootfs:
+        ancestor = ancestor.parent
+    return os.access(ancestor, os.W_OK)  # False on a read-only mount (EROFS)
+
+
+def _read_or_empty(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        return b""

@@ -1,0 +1,61 @@
+"""The pod's /etc files: containerd's resolv.conf layout, mounts added only where the spec has none."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from kuasar.common.errors import InvalidArgument
+from kuasar.common.pod_files import add_pod_file_mounts, pod_dir, resolv_conf, write_pod_files
+
+
+def test_resolv_conf_is_laid_out_as_containerd_writes_it() -> None:
+    assert resolv_conf(["1.1.1.1", "8.8.8.8"], ["a.local", "b"], ["ndots:5", "edns0"]) == (
+        "search a.local b\nnameserver 1.1.1.1\nnameserver 8.8.8.8\noptions ndots:5 edns0\n")
+    assert resolv_conf([], [], []) == ""
+
+
+def test_files_are_written_readable_and_bad_entries_refused(tmp_path: Path) -> None:
+    path = tmp_path / "pods" / "p1"
+    write_pod_files(path, "web-1", (["10.0.0.1"], [], []))
+    assert (path / "hostname").read_text() == "web-1\n"
+    assert (path / "resolv.conf").read_text() == "nameserver 10.0.0.1\n"
+    assert (path / "hosts").read_bytes() == Path("/etc/hosts").read_bytes()
+    assert oct((path / "hosts").stat().st_mode & 0o777) == "0o644"
+    with pytest.raises(InvalidArgument):
+        write_pod_files(tmp_path / "p2", "h", (["10.0.0.1\nnameserver 6.6.6.6"], [], []))
+    with pytest.raises(InvalidArgument):
+        write_pod_files(tmp_path / "p3", "../etc", None)
+    with pytest.raises(InvalidArgument):
+        pod_dir(tmp_path, "../escape")
+
+
+def test_mounts_are_added_only_where_the_spec_mounts_nothing(tmp_path: Path) -> None:
+    files, rootfs = tmp_path / "pod", tmp_path / "rootfs"
+    write_pod_files(files, "h", None)
+    rootfs.mkdir()
+    spec = {"root": {"path": "rootfs", "readonly": True},
+            "mounts": [{"destination": "/etc/hosts", "type": "bind", "source": "/mine"}]}
+    assert add_pod_file_mounts(spec, files, rootfs) == ["/etc/hostname", "/etc/resolv.conf"]
+    added = {m["destination"]: m for m in spec["mounts"]}
+    assert added["/etc/hosts"]["source"] == "/mine"
+    assert added["/etc/resolv.conf"]["options"] == ["rbind", "rprivate", "ro"]
+    assert add_pod_file_mounts({}, tmp_path / "missing", rootfs) == []
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a read-only bind mount needs root")
+def test_a_read_only_rootfs_without_the_file_gets_no_mount(tmp_path: Path) -> None:
+    files, rootfs = tmp_path / "pod", tmp_path / "rootfs"
+    write_pod_files(files, "h", None)
+    (rootfs / "etc").mkdir(parents=True)
+    (rootfs / "etc" / "hosts").write_text("127.0.0.1 localhost\n")
+    (rootfs / "etc" / "resolv.conf").mkdir()  # something else is there: not ours to cover
+    subprocess.run(["mount", "--bind", str(rootfs), str(rootfs)], check=True)
+    try:
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(rootfs)], check=True)
+        assert add_pod_file_mounts({}, files, rootfs) == ["/etc/hosts"]  # it exists: a bind needs no write
+    finally:
+        subprocess.run(["umount", str(rootfs)], check=True)
