@@ -23,6 +23,7 @@ from grpclib.exceptions import GRPCError
 from grpclib.protocol import H2Protocol
 from grpclib.server import Server, Stream
 from h2.settings import SettingCodes
+from h2.utilities import SizeLimitDict
 
 from .api.containerd.services.sandbox.v1 import sandbox_pb2 as pb
 from .api.containerd.types import metrics_pb2, platform_pb2
@@ -41,6 +42,10 @@ STOP_GRACE = 1.0
 # concurrent streams, and a client at the limit queues every further call: pod 101 would stall the
 # whole Sandbox API. The real bound is how many pods a node holds.
 MAX_CONCURRENT_STREAMS = 1 << 20
+# h2 remembers how each closed stream ended, to classify frames that arrive late, for the last 65,536
+# streams of a connection: ~10 MB once containerd's one long-lived connection has made that many
+# calls (a few per pod operation). A late frame on a forgotten stream is still refused as closed.
+REMEMBERED_CLOSED_STREAMS = 256
 # containerd stores CRI's own metadata under this extension key (its type_url is a Go type path).
 CRI_METADATA_EXTENSION = "metadata"
 # Architecture names as Go's GOARCH spells them; containerd compares platforms by these.
@@ -186,13 +191,16 @@ class ControllerService:
 class _ManyStreamsProtocol(H2Protocol):
     def connection_made(self, transport) -> None:  # type: ignore[no-untyped-def]
         super().connection_made(transport)
-        self.connection._connection.update_settings({SettingCodes.MAX_CONCURRENT_STREAMS: MAX_CONCURRENT_STREAMS})
+        h2_connection = self.connection._connection
+        h2_connection.update_settings({SettingCodes.MAX_CONCURRENT_STREAMS: MAX_CONCURRENT_STREAMS})
+        h2_connection._closed_streams = SizeLimitDict(size_limit=REMEMBERED_CLOSED_STREAMS)
         self.connection.flush()
 
 
 class _Server(Server):
-    """grpclib's server with MAX_CONCURRENT_STREAMS raised (grpclib has no setting for it; this
-    relies on its protocol factory, hence the version pin in pyproject.toml)."""
+    """grpclib's server with MAX_CONCURRENT_STREAMS raised and h2's closed-stream memory bounded
+    (neither library has a setting for them; this relies on grpclib's protocol factory and h2's
+    connection internals, hence the version pins in pyproject.toml)."""
 
     def _protocol_factory(self) -> H2Protocol:
         made = super()._protocol_factory()
