@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import gc
 import logging
 import signal
 from collections.abc import Callable
@@ -11,7 +10,7 @@ from collections.abc import Callable
 from . import sd_notify
 from .config import DaemonConfig
 from .controller import SandboxController
-from .lean import CollectAfterRemovals
+from .lean import serve_until
 from .sandboxer import Sandboxer
 
 log = logging.getLogger(__name__)
@@ -47,14 +46,7 @@ async def serve(config: DaemonConfig, sandboxer: Sandboxer, systemd: dict[str, s
     log.info("%s sandboxer ready (dir=%s)", sandboxer.name, config.dir)
     sd_notify.ready(f"serving {config.listen}", systemd)
     watchdog = sd_notify.start_watchdog(systemd)
-    gc.freeze()  # the start-up heap is never garbage: keep collections from walking (and unsharing) it
-    garbage = CollectAfterRemovals(lambda: len(controller.records))
-    while not stopping.is_set():
-        try:
-            async with asyncio.timeout(GARBAGE_CHECK_INTERVAL):
-                await stopping.wait()
-        except TimeoutError:
-            garbage.check()
+    await serve_until(stopping, GARBAGE_CHECK_INTERVAL, lambda: len(controller.records))
     log.info("shutting down; running pods are left to the task server")
     sd_notify.stopping(systemd)
     if watchdog is not None:

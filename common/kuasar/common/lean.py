@@ -7,6 +7,7 @@ entry point, before asyncio is imported.
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import sys
 from collections.abc import Callable
@@ -43,3 +44,20 @@ class CollectAfterRemovals:
             gc.collect()
             self.collections += 1
         self.last = now
+
+
+async def serve_until(stop: asyncio.Event, interval: float, held: Callable[[], int],
+                      finished: Callable[[], bool] = lambda: False) -> None:
+    """A resident daemon's main wait: freeze the start-up heap, then, until `stop` is set or
+    `finished()` says so at a check, look every `interval` seconds whether pods or containers were
+    removed (CollectAfterRemovals)."""
+    gc.freeze()  # the start-up heap is never garbage: keep collections from walking (and unsharing) it
+    garbage = CollectAfterRemovals(held)
+    while not stop.is_set():
+        try:
+            async with asyncio.timeout(interval):
+                await stop.wait()
+        except TimeoutError:
+            garbage.check()
+            if finished():
+                return

@@ -32,7 +32,7 @@ from google.protobuf.message import Message
 from . import __version__, linux
 from .errors import Unavailable
 from .events import EventPublisher
-from .lean import CollectAfterRemovals
+from .lean import serve_until
 from .logs import setup_logging
 from .pod_service import PODS_SERVICE, PodLauncher, PodService
 from .reaper import Reaper
@@ -128,18 +128,16 @@ async def run_task_server(directory: Path, events_address: str, ready_fd: int,
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
-    gc.freeze()  # the start-up heap is never garbage: keep collections from walking (and unsharing) it
-    garbage = CollectAfterRemovals(lambda: len(pods.pods) + len(getattr(backend, "containers", ())))
     log.info("task server %d serving %s", os.getpid(), directory / TASK_SOCKET)
-    while not stop.is_set():
-        try:
-            async with asyncio.timeout(IDLE_CHECK_INTERVAL):
-                await stop.wait()
-        except TimeoutError:
-            garbage.check()
-            if not pods.pods and not backend_has_work(backend) and not _sandboxer_alive(directory):
-                log.info("no sandboxer and no pods left; task server exits")
-                break
+
+    def unwanted() -> bool:
+        if pods.pods or backend_has_work(backend) or _sandboxer_alive(directory):
+            return False
+        log.info("no sandboxer and no pods left; task server exits")
+        return True
+
+    await serve_until(stop, IDLE_CHECK_INTERVAL, lambda: len(pods.pods) + len(getattr(backend, "containers", ())),
+                      unwanted)
     await server.close()
     await events.close()
     for name in (TASK_SOCKET, PID_FILE):
