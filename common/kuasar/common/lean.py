@@ -7,10 +7,13 @@ entry point, before asyncio is imported.
 
 from __future__ import annotations
 
-import asyncio
 import gc
 import sys
 from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # not at run time: this module is imported before asyncio may be, see above
+    import asyncio
 
 # The daemons talk over unix sockets and vsock only, never TLS. asyncio imports ssl whenever it can,
 # which maps libssl and libcrypto (about 4 MB of one process's PSS); without it asyncio works as
@@ -51,6 +54,8 @@ async def serve_until(stop: asyncio.Event, interval: float, held: Callable[[], i
     """A resident daemon's main wait: freeze the start-up heap, then, until `stop` is set or
     `finished()` says so at a check, look every `interval` seconds whether pods or containers were
     removed (CollectAfterRemovals)."""
+    import asyncio
+
     gc.freeze()  # the start-up heap is never garbage: keep collections from walking (and unsharing) it
     garbage = CollectAfterRemovals(held)
     while not stop.is_set():
