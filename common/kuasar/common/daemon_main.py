@@ -12,13 +12,18 @@ from __future__ import annotations
 import importlib
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
 from .lean import keep_out_unused_modules
 
+# What the CLI hands over: the DaemonConfig's fields, the type's Sandboxer factory ("module:callable")
+# and its name; "lean" (optional, default true) says whether lean.UNUSED_MODULES may be kept out.
+SPEC_KEYS = frozenset({"name", "listen", "dir", "log_level", "events_address", "sections", "factory"})
+
 
 def spec_argv(spec: dict[str, Any]) -> list[str]:
-    """argv that runs the daemon for `spec` (see `DaemonSpec` in cli.py for its keys)."""
+    """argv that runs the daemon for `spec` (SPEC_KEYS)."""
     return [sys.executable, "-m", __name__, json.dumps(spec)]
 
 
@@ -33,7 +38,7 @@ def run(spec: dict[str, Any]) -> None:
     from .logs import setup_logging
 
     setup_logging(spec["log_level"])
-    config = DaemonConfig(listen=_path(spec["listen"]), dir=_path(spec["dir"]), log_level=spec["log_level"],
+    config = DaemonConfig(listen=Path(spec["listen"]), dir=Path(spec["dir"]), log_level=spec["log_level"],
                           events_address=spec["events_address"], sections=spec["sections"])
     module, _, attr = spec["factory"].partition(":")
     make_sandboxer = getattr(importlib.import_module(module), attr)
@@ -41,18 +46,11 @@ def run(spec: dict[str, Any]) -> None:
     asyncio.run(serve(config, sandboxer, systemd))
 
 
-def _path(value: str):  # type: ignore[no-untyped-def]
-    from pathlib import Path
-
-    return Path(value)
-
-
 def main() -> None:
     try:
         spec = json.loads(sys.argv[1])
-        if not isinstance(spec, dict) or not {"listen", "dir", "log_level", "events_address", "sections",
-                                              "factory"} <= spec.keys():
-            raise ValueError("missing keys")
+        if not isinstance(spec, dict) or not SPEC_KEYS <= spec.keys():
+            raise ValueError(f"a JSON object with {', '.join(sorted(SPEC_KEYS))}")
     except (IndexError, ValueError) as exc:
         sys.stderr.write(f"{__name__}: internal program, exec'd by a sandboxer's CLI (usage: SPEC_JSON): {exc}\n")
         sys.exit(2)
