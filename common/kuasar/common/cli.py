@@ -55,11 +55,7 @@ def sandboxer_command(name: str, default_listen: str, default_dir: str, factory:
                 raise click.ClickException(f"configuration: {exc}") from None
             if getattr(sys, "frozen", False):
                 # A frozen binary is its own interpreter and cannot be re-run as `python -m`.
-                try:
-                    daemon_main.run(spec)
-                except KuasarError as exc:
-                    click.echo(f"{name}-sandboxer: {exc.message}", err=True)
-                    sys.exit(1)
+                daemon_main.run_or_exit(spec)
                 return
             sys.stdout.flush()
             sys.stderr.flush()

@@ -27,6 +27,17 @@ def spec_argv(spec: dict[str, Any]) -> list[str]:
     return [sys.executable, "-m", __name__, json.dumps(spec)]
 
 
+def run_or_exit(spec: dict[str, Any]) -> None:
+    """Serve until SIGTERM; a sandboxer that cannot start says why on stderr and exits with status 1."""
+    from .errors import KuasarError
+
+    try:
+        run(spec)
+    except KuasarError as exc:
+        sys.stderr.write(f"{spec['name']}-sandboxer: {exc.message}\n")
+        sys.exit(1)
+
+
 def run(spec: dict[str, Any]) -> None:
     """Serve until SIGTERM. Raises KuasarError when the sandboxer cannot start."""
     if spec.get("lean", True):
@@ -54,13 +65,7 @@ def main() -> None:
     except (IndexError, ValueError) as exc:
         sys.stderr.write(f"{__name__}: internal program, exec'd by a sandboxer's CLI (usage: SPEC_JSON): {exc}\n")
         sys.exit(2)
-    from .errors import KuasarError
-
-    try:
-        run(spec)
-    except KuasarError as exc:
-        sys.stderr.write(f"{spec.get('name', 'kuasar')}-sandboxer: {exc.message}\n")
-        sys.exit(1)
+    run_or_exit(spec)
 
 
 if __name__ == "__main__":

@@ -39,13 +39,11 @@ class CollectAfterRemovals:
     def __init__(self, held: Callable[[], int]) -> None:
         self.held = held
         self.last = held()
-        self.collections = 0
 
     def check(self) -> None:
         now = self.held()
         if now < self.last:
             gc.collect()
-            self.collections += 1
         self.last = now
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from . import linux
 from .errors import RuntimeFailure
-from .spawn import RESTORED_SIGNALS
+from .spawn import RESTORED_SIGNALS, read_to_eof
 
 log = logging.getLogger(__name__)
 
@@ -118,35 +118,12 @@ async def _spawn_pause(pause: str, comm: str, ns: PodNamespaces, hostname: str) 
 
 async def _read_report(fd: int, spawned: int) -> str:
     """What the child wrote before closing its end of the pipe (it closes it once in the pod)."""
-    loop = asyncio.get_running_loop()
-    done: asyncio.Future[None] = loop.create_future()
-    chunks: list[bytes] = []
-
-    def readable() -> None:
-        try:
-            data = os.read(fd, REPORT_MAX)
-        except BlockingIOError:
-            return
-        except OSError as exc:
-            if not done.done():
-                done.set_exception(exc)
-            return
-        chunks.append(data)
-        if (not data or sum(map(len, chunks)) >= REPORT_MAX) and not done.done():
-            done.set_result(None)
-
-    os.set_blocking(fd, False)
-    loop.add_reader(fd, readable)
     try:
         async with asyncio.timeout(SETUP_TIMEOUT):
-            await done
+            return (await read_to_eof(fd, REPORT_MAX)).decode(errors="replace")
     except TimeoutError:
         _kill_quietly(spawned)
         return "!no report within the setup timeout"
-    finally:
-        loop.remove_reader(fd)
-        os.close(fd)
-    return b"".join(chunks).decode(errors="replace")
 
 
 def _reported_pid(comm: str, report: str) -> int:
@@ -182,9 +159,7 @@ def spawn_pod_holder(name: str, namespaces: PodNamespaces, hostname: str = "") -
         report = os.read(read_fd, REPORT_MAX).decode(errors="replace")
     finally:
         os.close(read_fd)
-    if not report or report.startswith("!"):
-        raise RuntimeFailure(f"pod process for {name} failed: {report[1:] or 'no report'}")
-    return int(report)
+    return _reported_pid(_comm(name), report)
 
 
 def _child(name: str, ns: PodNamespaces, hostname: str, report_fd: int) -> None:

@@ -40,13 +40,20 @@ def resolve(program: str) -> str:
     return path
 
 
-async def _read_all(fd: int) -> bytes:
+async def read_to_eof(fd: int, limit: int = MAX_CAPTURE) -> bytes:
+    """What is written to pipe `fd` until its last writer closes it, kept up to `limit` bytes (the rest is
+    not read). Takes `fd` over and closes it, also when cancelled (e.g. by a timeout)."""
     loop = asyncio.get_running_loop()
-    reader = asyncio.StreamReader(limit=MAX_CAPTURE)
+    reader = asyncio.StreamReader(limit=limit)
     transport, _ = await loop.connect_read_pipe(
         lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(fd, "rb", buffering=0))
+    chunks: list[bytes] = []
+    size = 0
     try:
-        return await reader.read(MAX_CAPTURE)
+        while size < limit and (chunk := await reader.read(limit - size)):
+            chunks.append(chunk)
+            size += len(chunk)
+        return b"".join(chunks)
     finally:
         transport.close()
 
@@ -77,8 +84,8 @@ async def run(reaper: Reaper, argv: list[str], *, stdin: int | None = None, stdo
     finally:
         for fd in close_after:
             os.close(fd)
-    reads = [_read_all(out_r) if out_r is not None else _empty(),
-             _read_all(err_r) if err_r is not None else _empty()]
+    reads = [read_to_eof(out_r) if out_r is not None else _empty(),
+             read_to_eof(err_r) if err_r is not None else _empty()]
     out, err = await asyncio.gather(*reads)
     result = await exited
     return Completed(argv, result.status, out, err)

@@ -36,6 +36,7 @@ from .lean import serve_until
 from .logs import setup_logging
 from .pod_service import PODS_SERVICE, PodLauncher, PodService
 from .reaper import Reaper
+from .spawn import read_to_eof
 from .task_api import TaskBackend, register_task_service
 from .ttrpc import TtrpcClient, TtrpcServer
 
@@ -82,11 +83,15 @@ class TaskServerLaunch:
     program: str
     settings: TaskServerSettings
 
+    def args(self, ready_fd: int) -> list[str]:
+        """What task_server_main reads after argv[0]: SETTINGS READY_FD."""
+        return [json.dumps(asdict(self.settings)), str(ready_fd)]
+
     def argv(self, ready_fd: int) -> list[str]:
         """argv to run as `sys.executable`: `python -m module SETTINGS READY_FD` from a venv; a frozen
         multi-call binary picks its program by argv[0], so there it is `program SETTINGS READY_FD`."""
         head = [self.program] if getattr(sys, "frozen", False) else [sys.executable, "-m", self.module]
-        return [*head, json.dumps(asdict(self.settings)), str(ready_fd)]
+        return [*head, *self.args(ready_fd)]
 
 
 def task_server_main(make_backend: Callable[[dict[str, Any], Reaper, EventPublisher, Path], TaskBackend]) -> None:
@@ -248,7 +253,7 @@ class TaskServerHandle:
             os.closerange(3, write_fd)
             os.closerange(write_fd + 1, os.sysconf("SC_OPEN_MAX"))
             linux.set_process_name(PROCESS_NAME)
-            sys.argv = [self.launch.program, *self.launch.argv(write_fd)[-2:]]
+            sys.argv = [self.launch.program, *self.launch.args(write_fd)]
             importlib.import_module(self.launch.module).main()
             status = 0
         except SystemExit as exc:
@@ -277,9 +282,9 @@ class TaskServerHandle:
                 stdout=log_file, stderr=log_file, pass_fds=(write_fd,), start_new_session=True)
         os.close(write_fd)
         try:
-            ready = await _wait_ready(read_fd, START_TIMEOUT)
-        finally:
-            os.close(read_fd)
+            ready = await asyncio.wait_for(read_to_eof(read_fd, 1), START_TIMEOUT)  # closes read_fd
+        except TimeoutError:
+            ready = b""
         if ready != b"1":
             process.kill()
             raise Unavailable(f"task server failed to start; see {log_path}")
@@ -302,16 +307,3 @@ class TaskServerHandle:
 def _read_ready(fd: int, timeout: float) -> bytes:
     readable, _, _ = select.select([fd], [], [], timeout)
     return os.read(fd, 1) if readable else b""
-
-
-async def _wait_ready(fd: int, timeout: float) -> bytes:
-    """The task server's ready byte, or b"" (it died, or the timeout), without a thread."""
-    loop = asyncio.get_running_loop()
-    ready: asyncio.Future[bytes] = loop.create_future()
-    loop.add_reader(fd, lambda: ready.done() or ready.set_result(os.read(fd, 1)))
-    try:
-        return await asyncio.wait_for(ready, timeout)
-    except TimeoutError:
-        return b""
-    finally:
-        loop.remove_reader(fd)
