@@ -24,9 +24,10 @@ from tests.integration.test_gvisor_cri import runsc_binary
 from .memory import Usage
 from .pods import Pod, start_pod, teardown
 from .stack import GVISOR, OURS, STOCK, Stack
+from .startup import SERIAL_KEYS, record_start
 
 HANDLERS = {"stock": STOCK, "ours": OURS, "gvisor": GVISOR}
-START_KEYS = ("total_ms", "run_pod_ms", "create_ms", "start_ms", "teardown_ms")
+START_KEYS = SERIAL_KEYS
 
 
 def skip_reason() -> str | None:
@@ -60,12 +61,7 @@ async def start_phase(client: CriClient, stack: Stack, runs: int, warmup: int, g
             pod = await start_pod(client, handler, f"gv-{label}-{i + warmup}", stack.log_dir)
             down = await teardown(client, pod, results[label]["teardown_errors"])
             if i >= 0:
-                row = results[label]
-                row["total_ms"].append(pod.timing.total)
-                row["run_pod_ms"].append(pod.timing.run_pod)
-                row["create_ms"].append(pod.timing.create)
-                row["start_ms"].append(pod.timing.start)
-                row["teardown_ms"].append(down)
+                record_start(results[label], pod, down)
             await asyncio.sleep(gap)
     return results
 

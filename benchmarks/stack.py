@@ -19,6 +19,7 @@ from pathlib import Path
 
 import psutil
 
+from kuasar.common.task_server import PID_FILE
 from tests.support import containerd as cd
 from tests.support import images
 
@@ -44,10 +45,7 @@ class GvisorDaemon:
         return self.short / "gvisor"
 
     def task_server_pid(self) -> int | None:
-        try:
-            return int((self.directory / "task-server.pid").read_text())
-        except (FileNotFoundError, ValueError):
-            return None
+        return task_server_pid(self.directory)
 
 
 @dataclass
@@ -69,10 +67,15 @@ class Stack:
         return self.short / "runc"
 
     def task_server_pid(self) -> int | None:
-        try:
-            return int((self.sandboxer_dir / "task-server.pid").read_text())
-        except (FileNotFoundError, ValueError):
-            return None
+        return task_server_pid(self.sandboxer_dir)
+
+
+def task_server_pid(directory: Path) -> int | None:
+    """The pid a sandboxer's task server wrote into its directory, if it runs."""
+    try:
+        return int((directory / PID_FILE).read_text())
+    except (FileNotFoundError, ValueError):
+        return None
 
 
 @dataclass

@@ -36,14 +36,18 @@ async def serial_phase(client: CriClient, stack: Stack, count: int, warmup: int,
             pod = await start_pod(client, handler, f"serial-{label}-{i + warmup}", stack.log_dir)
             down = await teardown(client, pod, results[label]["teardown_errors"])
             if i >= 0:
-                row = results[label]
-                row["total_ms"].append(pod.timing.total)
-                row["run_pod_ms"].append(pod.timing.run_pod)
-                row["create_ms"].append(pod.timing.create)
-                row["start_ms"].append(pod.timing.start)
-                row["teardown_ms"].append(down)
+                record_start(results[label], pod, down)
             await asyncio.sleep(gap)
     return results
+
+
+def record_start(row: dict[str, list], pod: Pod, teardown_ms: float) -> None:
+    """One pod's start timings and teardown time into a results row keyed by SERIAL_KEYS."""
+    row["total_ms"].append(pod.timing.total)
+    row["run_pod_ms"].append(pod.timing.run_pod)
+    row["create_ms"].append(pod.timing.create)
+    row["start_ms"].append(pod.timing.start)
+    row["teardown_ms"].append(teardown_ms)
 
 
 async def _parallel_round(client: CriClient, stack: Stack, label: str, handler: str, size: int,
