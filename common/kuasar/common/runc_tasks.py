@@ -144,7 +144,7 @@ class RuncContainerTasks(ContainerTasks):
                     proc.status = types.RUNNING
                 self._publish_started(req, proc.pid, container.namespace)
             else:
-                await self.runc.start(req.id, container.log)
+                await self.runc.start(req.id, container.bundle, container.log, proc.exited)
                 if proc.status == types.CREATED:
                     proc.status = types.RUNNING
                     container.oom = OomWatch(proc.pid, lambda: self._on_oom(container))
