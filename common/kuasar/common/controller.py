@@ -90,8 +90,12 @@ class SandboxController:
             if record.id in self.records:
                 raise AlreadyExists(f"sandbox {record.id} already exists")
             await self._bounded("create", self.sandboxer.create(record))
+            try:
+                self.save(record)
+            except BaseException:
+                await self.sandboxer.shutdown(record)  # what create made must not outlive a failed Create
+                raise
             self.records[record.id] = record
-            self.save(record)
         log.info("sandbox %s created (netns=%r)", record.id, record.netns_path)
 
     async def start(self, sandbox_id: str) -> SandboxRecord:

@@ -5,6 +5,7 @@ The sandbox type only says how its task server is launched; pod lifecycle is the
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import shutil
 
@@ -13,7 +14,7 @@ from google.protobuf import any_pb2, empty_pb2
 from .api.kuasar.pods.v1 import pods_pb2 as pods
 from .api.runtime.v1 import api_pb2 as cri
 from .config import DaemonConfig
-from .errors import InvalidArgument, NotFound
+from .errors import AlreadyExists, InvalidArgument, NotFound
 from .pod_files import pod_dir, write_pod_files
 from .sandboxer import LOST_EXIT_STATUS, ExitInfo, Sandboxer, SandboxRecord, SandboxState, StartResult
 from .task_server import TaskServerHandle, TaskServerLaunch
@@ -48,6 +49,8 @@ class PodSandboxer(Sandboxer):
     def __init__(self, config: DaemonConfig, task_server: TaskServerLaunch) -> None:
         self.config = config
         self.task_server = TaskServerHandle(config.dir, task_server)
+        # Pod processes being started for a Create, by sandbox id, until Start (or Shutdown) collects them.
+        self._launches: dict[str, asyncio.Task[int]] = {}
 
     def prepare(self) -> None:
         self.task_server.hold_lock()
@@ -58,6 +61,8 @@ class PodSandboxer(Sandboxer):
         await self.task_server.connect()
 
     async def close(self) -> None:
+        for launch in self._launches.values():
+            launch.cancel()
         await self.task_server.close()
 
     async def create(self, record: SandboxRecord) -> None:
@@ -70,10 +75,29 @@ class PodSandboxer(Sandboxer):
         except BaseException:
             shutil.rmtree(path, ignore_errors=True)
             raise
+        # The pod's process is started now rather than in Start: containerd's own work between the two
+        # calls hides its start-up. Start (or Shutdown) collects the outcome.
+        self._launches[record.id] = asyncio.ensure_future(self._launch(record))
+
+    async def _launch(self, record: SandboxRecord) -> int:
+        try:
+            response = await self.task_server.call("Create", pod_request(record), pods.CreatePodResponse)
+        except AlreadyExists:
+            # Launched for a Create that came before a restart of ours: the pod is the one we made.
+            status = await self.task_server.call("Status", pods.PodRequest(id=record.id), pods.PodStatus)
+            return status.pid
+        return response.pid
+
+    async def _launched(self, record: SandboxRecord) -> None:
+        """Let a launch still under way finish (its outcome is Start's to report)."""
+        launch = self._launches.pop(record.id, None)
+        if launch is not None:
+            await asyncio.gather(launch, return_exceptions=True)
 
     async def start(self, record: SandboxRecord) -> StartResult:
-        response = await self.task_server.call("Create", pod_request(record), pods.CreatePodResponse)
-        return StartResult(pid=response.pid, address=self.task_server.address, version=3)
+        launch = self._launches.pop(record.id, None)
+        pid = await (launch if launch is not None else self._launch(record))
+        return StartResult(pid=pid, address=self.task_server.address, version=3)
 
     async def wait(self, record: SandboxRecord) -> ExitInfo:
         try:
@@ -84,6 +108,7 @@ class PodSandboxer(Sandboxer):
         return ExitInfo(exit_.exit_status, exit_.exited_at.ToNanoseconds())
 
     async def stop(self, record: SandboxRecord, timeout: float) -> None:
+        await self._launched(record)
         try:
             await self.task_server.call("Kill", pods.KillPodRequest(id=record.id, signal=9, containers=True,
                                                                    timeout_secs=int(timeout)),
@@ -92,6 +117,7 @@ class PodSandboxer(Sandboxer):
             pass
 
     async def shutdown(self, record: SandboxRecord) -> None:
+        await self._launched(record)
         try:
             await self.task_server.call("Delete", pods.PodRequest(id=record.id), empty_pb2.Empty)
         except NotFound:

@@ -91,7 +91,8 @@ class Sandboxer(abc.ABC):
 
     @abc.abstractmethod
     async def create(self, record: SandboxRecord) -> None:
-        """Prepare the sandbox (directories, config); nothing runs yet."""
+        """Prepare the sandbox (directories, config). A type may begin starting it here (runc and wasm
+        launch the pod process), provided Start reports the outcome and Stop/Shutdown remove it."""
 
     @abc.abstractmethod
     async def start(self, record: SandboxRecord) -> StartResult:

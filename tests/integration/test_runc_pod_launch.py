@@ -1,0 +1,93 @@
+"""The pod process is launched at Create and collected at Start: Shutdown without Start, and a restart
+of the sandboxer between the two, leave exactly one pod process and nothing behind."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+
+import grpc
+import psutil
+import pytest
+
+from kuasar.common.api.containerd.services.sandbox.v1 import sandbox_pb2 as sb
+from kuasar.common.api.containerd.services.sandbox.v1 import sandbox_pb2_grpc as sb_grpc
+from kuasar.common.api.runtime.v1 import api_pb2 as cri
+
+from .conftest import Stack, start_sandboxer
+from .cri_helpers import task_server_pid
+
+pytestmark = pytest.mark.integration
+
+
+def pod_processes(stack: Stack) -> list[psutil.Process]:
+    return [p for p in psutil.Process(task_server_pid(stack.sandboxer_dir)).children()
+            if p.name().startswith("pod-")]
+
+
+def create_request(sandbox_id: str) -> sb.ControllerCreateRequest:
+    request = sb.ControllerCreateRequest(sandbox_id=sandbox_id, sandboxer="runc")
+    request.options.value = cri.PodSandboxConfig(hostname="launch").SerializeToString()
+    return request
+
+
+async def wait_for_pod_processes(stack: Stack, count: int) -> list[psutil.Process]:
+    for _ in range(100):
+        found = pod_processes(stack)
+        if len(found) == count:
+            return found
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"expected {count} pod processes, found {pod_processes(stack)}")
+
+
+def test_create_then_shutdown_without_start_leaves_no_pod_process(stack: Stack) -> None:
+    sandbox_id = "a" * 64
+
+    async def scenario() -> None:
+        async with grpc.aio.insecure_channel(f"unix://{stack.sandboxer_socket}") as channel:
+            controller = sb_grpc.ControllerStub(channel)
+            before = len(pod_processes(stack))
+            await controller.Create(create_request(sandbox_id))
+            await wait_for_pod_processes(stack, before + 1)  # launched by Create already
+            await controller.Stop(sb.ControllerStopRequest(sandbox_id=sandbox_id))
+            await controller.Shutdown(sb.ControllerShutdownRequest(sandbox_id=sandbox_id))
+            await wait_for_pod_processes(stack, before)
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await controller.Status(sb.ControllerStatusRequest(sandbox_id=sandbox_id))
+            assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+    stack.run(scenario())
+    assert not (stack.sandboxer_dir / "pods" / sandbox_id).exists()
+    assert not (stack.sandboxer_dir / "sandboxes" / sandbox_id).exists()
+
+
+def test_start_after_a_restart_between_create_and_start_adopts_the_launched_pod(stack: Stack) -> None:
+    sandbox_id = "b" * 64
+
+    async def create() -> psutil.Process:
+        async with grpc.aio.insecure_channel(f"unix://{stack.sandboxer_socket}") as channel:
+            before = len(pod_processes(stack))
+            await sb_grpc.ControllerStub(channel).Create(create_request(sandbox_id))
+            launched = await wait_for_pod_processes(stack, before + 1)
+            return next(p for p in launched if p.name() == f"pod-{sandbox_id[:11]}"[:15])
+
+    launched = stack.run(create())
+    stack.sandboxer.send_signal(signal.SIGKILL)
+    stack.sandboxer.wait(10)
+    stack.sandboxer = start_sandboxer(stack.sandboxer_socket, stack.sandboxer_dir, stack.sandboxer_log,
+                                      stack.containerd.ttrpc_address)
+
+    async def start_and_remove() -> None:
+        async with grpc.aio.insecure_channel(f"unix://{stack.sandboxer_socket}") as channel:
+            controller = sb_grpc.ControllerStub(channel)
+            started = await controller.Start(sb.ControllerStartRequest(sandbox_id=sandbox_id))
+            assert started.pid == launched.pid
+            status = await controller.Status(sb.ControllerStatusRequest(sandbox_id=sandbox_id))
+            assert status.state == "SANDBOX_READY" and status.pid == launched.pid
+            count = len(pod_processes(stack))
+            await controller.Stop(sb.ControllerStopRequest(sandbox_id=sandbox_id))
+            await controller.Shutdown(sb.ControllerShutdownRequest(sandbox_id=sandbox_id))
+            await wait_for_pod_processes(stack, count - 1)
+
+    stack.run(start_and_remove())
+    assert not launched.is_running()
