@@ -8,14 +8,12 @@ after `runc delete -f` instead of depending on the machine's PID 1.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import secrets
 import shutil
 import subprocess
 import sys
-import tarfile
 import tempfile
 import time
 from pathlib import Path
@@ -31,8 +29,7 @@ def prepare_bundle(bundle: Path) -> None:
     the same `sleep`, no terminal, and the host network (as the CRI pods use)."""
     rootfs = bundle / "rootfs"
     rootfs.mkdir(parents=True)
-    with tarfile.open(fileobj=io.BytesIO(images.busybox_layer())) as layer:
-        layer.extractall(rootfs, filter="fully_trusted")
+    images.extract_busybox_rootfs(rootfs)
     subprocess.run(["runc", "spec", "--bundle", str(bundle)], check=True, capture_output=True)
     config_path = bundle / "config.json"
     spec = json.loads(config_path.read_text())

@@ -24,6 +24,7 @@ import signal
 import socket
 import subprocess
 import sys
+import sysconfig
 import time
 import tomllib
 import warnings
@@ -278,11 +279,16 @@ def test_installed_runc_sandboxer_serves_a_pod(installed: Path, tmp_path: Path) 
         assert os.readlink(f"/proc/{task_server}/exe") == str(installed / "bin/runc-sandboxer")
         cmdline = Path(f"/proc/{task_server}/cmdline").read_bytes().split(b"\0")
         assert cmdline[0] == b"runc-task-server"  # the multi-call binary picks the program by argv[0]
-        interpreters = (str(REPO / ".venv"), os.path.realpath(sys.base_prefix))
+        # The build host's interpreter: the venv, its stdlib and extension modules, its libpython.
+        paths = sysconfig.get_paths()
+        interpreters = tuple({str(REPO / ".venv"), paths["stdlib"], paths["platstdlib"],
+                              os.path.realpath(sys.executable)})
         for pid in (task_server, *[int(p) for p in subprocess.run(
                 ["pgrep", "-P", str(proc.pid)], capture_output=True, text=True, check=False).stdout.split()]):
             mapped = mapped_files(pid)
-            assert not [m for m in mapped if m.startswith(interpreters)], f"pid {pid} maps the build host's Python"
+            host_python = [m for m in mapped if m.startswith(interpreters)
+                           or ("libpython3" in m and "/_MEI" not in m)]
+            assert not host_python, f"pid {pid} maps the build host's Python"
             assert any("libpython3" in m and "/_MEI" in m for m in mapped), f"pid {pid}: no bundled libpython"
 
         async def scenario() -> None:

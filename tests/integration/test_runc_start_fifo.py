@@ -5,13 +5,11 @@ the container runs and runc sees it running; a spec with poststart hooks still g
 from __future__ import annotations
 
 import asyncio
-import io
 import json
 import os
 import shutil
 import signal
 import subprocess
-import tarfile
 from pathlib import Path
 
 import psutil
@@ -31,8 +29,7 @@ def image_rootfs(tmp_path_factory: pytest.TempPathFactory) -> Path:
         pytest.skip("needs root and runc")
     rootfs = tmp_path_factory.mktemp("image") / "rootfs"
     rootfs.mkdir()
-    with tarfile.open(fileobj=io.BytesIO(images.busybox_layer())) as layer:
-        layer.extractall(rootfs, filter="tar")
+    images.extract_busybox_rootfs(rootfs)
     return rootfs
 
 

@@ -4,10 +4,8 @@ pause/resume, pids, connect, close-io, stats, metrics, unimplemented methods, pu
 from __future__ import annotations
 
 import asyncio
-import io
 import json
 import subprocess
-import tarfile
 import time
 from pathlib import Path
 
@@ -45,8 +43,7 @@ def make_bundle(base: Path, pod_pid: int) -> tuple[Path, Path]:
     """A bundle whose container joins the pod's namespaces, like CRI's spec, plus a rootfs to bind."""
     rootfs = base / "image-rootfs"
     rootfs.mkdir(parents=True)
-    with tarfile.open(fileobj=io.BytesIO(images.busybox_layer())) as layer:
-        layer.extractall(rootfs, filter="tar")
+    images.extract_busybox_rootfs(rootfs)
     bundle = base / "bundle"
     (bundle / "rootfs").mkdir(parents=True)
     subprocess.run(["runc", "spec", "--bundle", str(bundle)], check=True)

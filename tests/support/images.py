@@ -176,6 +176,16 @@ def busybox_layer(
     return build_layer(DIRS, files)
 
 
+def extract_busybox_rootfs(rootfs: Path) -> None:
+    """Unpack the busybox layer into the existing directory `rootfs` (a bundle's rootfs for runc)."""
+    with tarfile.open(fileobj=io.BytesIO(busybox_layer())) as layer:
+        # Our own layer, so any filter does; Python before 3.11.4 (Debian 12's 3.11.2) has none.
+        if hasattr(tarfile, "tar_filter"):
+            layer.extractall(rootfs, filter="tar")
+        else:
+            layer.extractall(rootfs)  # noqa: S202 - built above from known files
+
+
 def build_busybox_image(
     dest: str | os.PathLike[str],
     ref: str = BUSYBOX_REF,

@@ -34,8 +34,9 @@ from kuasar.common.state import STATE_FILE
 from tests.unit.test_sandbox_api import MemorySandboxer, create_request
 
 MAX_EXAMPLES = int(os.environ.get("KUASAR_FUZZ_SEQUENCES", "800"))
-# A Wait on a sandbox that has not exited blocks by design; the client gives up after this.
-WAIT_PROBE = 0.05
+# A Wait on a sandbox that has not exited blocks by design; the client gives up after this. Any other
+# Wait must be answered within it, also on a loaded machine (0.05 s was seen to be too short).
+WAIT_PROBE = 0.1
 S = grpc.StatusCode
 ALLOWED = {S.OK, S.INVALID_ARGUMENT, S.NOT_FOUND, S.ALREADY_EXISTS, S.FAILED_PRECONDITION}
 
@@ -180,6 +181,7 @@ class Harness:
         self.server = SandboxApiServer(self.controller, self.root / "api.sock")
         await self.server.start()
         self.channel = grpc.aio.insecure_channel(f"unix://{self.root / 'api.sock'}")
+        await self.channel.channel_ready()  # the first probe must not pay for the connection
         self.stub = pb_grpc.ControllerStub(self.channel)
 
     def call(self, call: Call) -> tuple[grpc.StatusCode, object]:
