@@ -66,10 +66,18 @@ def test_start_after_a_restart_between_create_and_start_adopts_the_launched_pod(
 
     async def create() -> psutil.Process:
         async with grpc.aio.insecure_channel(f"unix://{stack.sandboxer_socket}") as channel:
-            before = len(pod_processes(stack))
             await sb_grpc.ControllerStub(channel).Create(create_request(sandbox_id))
-            launched = await wait_for_pod_processes(stack, before + 1)
-            return next(p for p in launched if p.name() == f"pod-{sandbox_id[:11]}"[:15])
+            # With a pod PID namespace kuasar-pause forks its namespace holder and the first process
+            # exits: the pod process is the one left.
+            seen: list[int] = []
+            for _ in range(200):
+                live = [p for p in pod_processes(stack) if p.name() == f"pod-{sandbox_id[:11]}"
+                        and p.status() != psutil.STATUS_ZOMBIE]
+                seen.append(live[0].pid if len(live) == 1 else 0)
+                if len(seen) >= 3 and seen[-1] and len(set(seen[-3:])) == 1:
+                    return psutil.Process(seen[-1])
+                await asyncio.sleep(0.05)
+            raise AssertionError(f"no single pod process settled: {seen[-10:]}")
 
     launched = stack.run(create())
     stack.sandboxer.send_signal(signal.SIGKILL)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from kuasar.common.errors import InvalidArgument
-from kuasar.common.pod_files import add_pod_file_mounts, pod_dir, resolv_conf, write_pod_files
+from kuasar.common.pod_files import add_pod_file_mounts, pod_dir, pod_file_contents, resolv_conf, write_pod_files
 
 
 def test_resolv_conf_is_laid_out_as_containerd_writes_it() -> None:
@@ -20,22 +20,22 @@ def test_resolv_conf_is_laid_out_as_containerd_writes_it() -> None:
 
 def test_files_are_written_readable_and_bad_entries_refused(tmp_path: Path) -> None:
     path = tmp_path / "pods" / "p1"
-    write_pod_files(path, "web-1", (["10.0.0.1"], [], []))
+    write_pod_files(path, pod_file_contents("web-1", (["10.0.0.1"], [], [])))
     assert (path / "hostname").read_text() == "web-1\n"
     assert (path / "resolv.conf").read_text() == "nameserver 10.0.0.1\n"
     assert (path / "hosts").read_bytes() == Path("/etc/hosts").read_bytes()
     assert oct((path / "hosts").stat().st_mode & 0o777) == "0o644"
     with pytest.raises(InvalidArgument):
-        write_pod_files(tmp_path / "p2", "h", (["10.0.0.1\nnameserver 6.6.6.6"], [], []))
+        pod_file_contents("h", (["10.0.0.1\nnameserver 6.6.6.6"], [], []))
     with pytest.raises(InvalidArgument):
-        write_pod_files(tmp_path / "p3", "../etc", None)
+        pod_file_contents("../etc", None)
     with pytest.raises(InvalidArgument):
         pod_dir(tmp_path, "../escape")
 
 
 def test_mounts_are_added_only_where_the_spec_mounts_nothing(tmp_path: Path) -> None:
     files, rootfs = tmp_path / "pod", tmp_path / "rootfs"
-    write_pod_files(files, "h", None)
+    write_pod_files(files, pod_file_contents("h", None))
     rootfs.mkdir()
     spec = {"root": {"path": "rootfs", "readonly": True},
             "mounts": [{"destination": "/etc/hosts", "type": "bind", "source": "/mine"}]}
@@ -49,7 +49,7 @@ def test_mounts_are_added_only_where_the_spec_mounts_nothing(tmp_path: Path) -> 
 @pytest.mark.skipif(os.geteuid() != 0, reason="a read-only bind mount needs root")
 def test_a_read_only_rootfs_without_the_file_gets_no_mount(tmp_path: Path) -> None:
     files, rootfs = tmp_path / "pod", tmp_path / "rootfs"
-    write_pod_files(files, "h", None)
+    write_pod_files(files, pod_file_contents("h", None))
     (rootfs / "etc").mkdir(parents=True)
     (rootfs / "etc" / "hosts").write_text("127.0.0.1 localhost\n")
     (rootfs / "etc" / "resolv.conf").mkdir()  # something else is there: not ours to cover

@@ -16,7 +16,6 @@ from typing import Any
 
 from .errors import InvalidArgument
 from .ids import validate_id
-from .state import write_atomic
 
 PODS_DIR = "pods"
 # file name under the pod's directory -> where containers see it
@@ -40,20 +39,31 @@ def resolv_conf(servers: list[str], searches: list[str], options: list[str]) -> 
     return "".join(line + "\n" for line in lines)
 
 
-def write_pod_files(path: Path, hostname: str, dns: tuple[list[str], list[str], list[str]] | None) -> None:
-    """Write the three files into `path` (made 0700). `dns` is CRI's (servers, searches, options), or
-    None for the host's resolv.conf; an empty hostname means the node's, as for host-network pods."""
+def pod_file_contents(hostname: str, dns: tuple[list[str], list[str], list[str]] | None) -> dict[str, bytes]:
+    """The three files by name. `dns` is CRI's (servers, searches, options), or None for the host's
+    resolv.conf; an empty hostname means the node's, as for host-network pods."""
     for item in [entry for entries in dns or () for entry in entries]:
         if "\n" in item or "\0" in item:
             raise InvalidArgument(f"dns_config entry {item!r} has a line break")
     if "\n" in hostname or "/" in hostname:
         raise InvalidArgument(f"hostname {hostname!r} is not a host name")
+    return {"hostname": ((hostname or socket.gethostname()) + "\n").encode(),
+            "hosts": _read_or_empty(HOST_HOSTS),
+            "resolv.conf": resolv_conf(*dns).encode() if dns is not None else _read_or_empty(HOST_RESOLV_CONF)}
+
+
+def write_pod_files(path: Path, contents: dict[str, bytes]) -> None:
+    """Write the files into `path` (made 0700), 0644 so that containers read them as any user.
+
+    Written in place, not via a rename: nothing reads them before the pod's first container, and a
+    container's bind mount holds the file it was given anyway."""
     path.mkdir(parents=True, exist_ok=True, mode=0o700)
-    # 0644: containers read them as any user. Not durable: they are rewritten by every Create.
-    write_atomic(path / "hostname", ((hostname or socket.gethostname()) + "\n").encode(), 0o644, durable=False)
-    write_atomic(path / "hosts", _read_or_empty(HOST_HOSTS), 0o644, durable=False)
-    write_atomic(path / "resolv.conf", resolv_conf(*dns).encode() if dns is not None
-                 else _read_or_empty(HOST_RESOLV_CONF), 0o644, durable=False)
+    for name, data in contents.items():
+        fd = os.open(path / name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        try:
+            os.write(fd, data)
+        finally:
+            os.close(fd)
 
 
 def add_pod_file_mounts(spec: dict[str, Any], path: Path, rootfs: Path) -> list[str]:

@@ -15,7 +15,7 @@ from .api.kuasar.pods.v1 import pods_pb2 as pods
 from .api.runtime.v1 import api_pb2 as cri
 from .config import DaemonConfig
 from .errors import AlreadyExists, InvalidArgument, NotFound
-from .pod_files import pod_dir, write_pod_files
+from .pod_files import pod_dir, pod_file_contents, write_pod_files
 from .sandboxer import LOST_EXIT_STATUS, ExitInfo, Sandboxer, SandboxRecord, SandboxState, StartResult
 from .task_server import TaskServerHandle, TaskServerLaunch
 
@@ -29,6 +29,14 @@ def decode_pod_config(record: SandboxRecord) -> cri.PodSandboxConfig:
     except Exception:
         raise InvalidArgument("options is not a runtime.v1.PodSandboxConfig") from None
     return config
+
+
+def pod_files_of(record: SandboxRecord) -> dict[str, bytes]:
+    """The pod's /etc/hostname, /etc/hosts and /etc/resolv.conf, from its PodSandboxConfig."""
+    config = decode_pod_config(record)
+    dns = config.dns_config
+    return pod_file_contents(config.hostname, (list(dns.servers), list(dns.searches), list(dns.options))
+                             if config.HasField("dns_config") else None)
 
 
 def pod_request(record: SandboxRecord) -> pods.CreatePodRequest:
@@ -66,20 +74,13 @@ class PodSandboxer(Sandboxer):
         await self.task_server.close()
 
     async def create(self, record: SandboxRecord) -> None:
-        config = decode_pod_config(record)  # reject garbage before anything is made
-        dns = config.dns_config
-        path = pod_dir(self.config.dir, record.id)
-        try:
-            write_pod_files(path, config.hostname, (list(dns.servers), list(dns.searches), list(dns.options))
-                            if config.HasField("dns_config") else None)
-        except BaseException:
-            shutil.rmtree(path, ignore_errors=True)
-            raise
-        # The pod's process is started now rather than in Start: containerd's own work between the two
-        # calls hides its start-up. Start (or Shutdown) collects the outcome.
-        self._launches[record.id] = asyncio.ensure_future(self._launch(record))
+        files = pod_files_of(record)  # reject garbage before anything is made
+        # The pod's files and process are made now rather than in Start: containerd's own work between
+        # the two calls hides that time. Start (or Shutdown) collects the outcome.
+        self._launches[record.id] = asyncio.ensure_future(self._launch(record, files))
 
-    async def _launch(self, record: SandboxRecord) -> int:
+    async def _launch(self, record: SandboxRecord, files: dict[str, bytes] | None = None) -> int:
+        write_pod_files(pod_dir(self.config.dir, record.id), files or pod_files_of(record))
         try:
             response = await self.task_server.call("Create", pod_request(record), pods.CreatePodResponse)
         except AlreadyExists:
