@@ -61,7 +61,8 @@ def main() -> int:
         print("gen_protos: protoc failed", file=sys.stderr)
         return 1
     top_levels = {p.relative_to(PROTO_ROOT).parts[0] for p in sources}
-    for generated in sorted(OUT.rglob("*_pb2*.py*")):
+    # .py and .pyi only: an earlier import may have left compiled files in __pycache__.
+    for generated in sorted(p for p in OUT.rglob("*_pb2*.py*") if p.suffix in (".py", ".pyi")):
         generated.write_text(_rewrite(generated.read_text(), top_levels))
     for directory in sorted({p.parent for p in OUT.rglob("*_pb2*.py")}):
         while directory != OUT:

@@ -93,6 +93,51 @@ def test_containers_see_the_pods_hostname_hosts_and_dns_config(stack: Stack) -> 
     stack.run(scenario())
 
 
+def test_containers_of_a_pod_share_its_dev_shm_and_a_host_ipc_pod_uses_the_hosts(stack: Stack) -> None:
+    """One tmpfs per pod at /dev/shm, as through a pause container's IPC: what one container writes
+    there the other reads; it is unmounted with the pod. A host-IPC pod gets CRI's host /dev/shm."""
+    async def run(client: CriClient, cid: str, command: str) -> str:
+        result = await client.exec_sync(cid, ["sh", "-c", command], timeout=20)
+        assert result.exit_code == 0, result.stderr
+        return result.stdout.decode()
+
+    async def scenario() -> None:
+        async with CriClient(stack.address) as client:
+            pod_id, pod = await run_pod(client, "shm", stack.log_dir)
+            writer = await start_container(client, pod_id, pod, "writer",
+                                           ["sh", "-c", "echo from-writer > /dev/shm/note; sleep 3600"])
+            reader = await start_container(client, pod_id, pod, "reader", ["sleep", "3600"])
+            await wait_state(client, writer, cri.CONTAINER_RUNNING)
+            await wait_state(client, reader, cri.CONTAINER_RUNNING)
+            assert (await run(client, reader, "for i in $(seq 50); do [ -s /dev/shm/note ] && break; "
+                                              "sleep 0.1; done; cat /dev/shm/note")) == "from-writer\n"
+            mount = (await run(client, reader, "grep ' /dev/shm ' /proc/mounts")).split()
+            assert mount[2] == "tmpfs" and "size=65536k" in mount[3]
+            shm = stack.sandboxer_dir / "pods" / pod_id / "shm"
+            assert os.path.ismount(shm) and (shm / "note").read_text() == "from-writer\n"
+
+            host_config = pod_config("hostipc", uid=uuid.uuid4().hex[:12],
+                                     log_directory=str(stack.log_dir / "hostipc"), host_network=True)
+            host_config.linux.security_context.namespace_options.ipc = cri.NODE
+            host_id = (await client.run_pod_sandbox(host_config, runtime_handler=HANDLER)).pod_sandbox_id
+            host_cid = await start_container(client, host_id, host_config, "sleeper", ["sleep", "3600"])
+            await wait_state(client, host_cid, cri.CONTAINER_RUNNING)
+            assert not (stack.sandboxer_dir / "pods" / host_id / "shm").exists()
+            marker = f"kuasar-shm-{uuid.uuid4().hex[:8]}"
+            Path("/dev/shm", marker).write_text("host\n")
+            try:
+                assert await run(client, host_cid, f"cat /dev/shm/{marker}") == "host\n"
+            finally:
+                Path("/dev/shm", marker).unlink()
+
+            await remove_pod(client, pod_id)
+            await remove_pod(client, host_id)
+            assert not os.path.ismount(shm) and not shm.parent.exists()
+            assert not mounts_containing(str(stack.sandboxer_dir / "pods"))
+
+    stack.run(scenario())
+
+
 def ignored_signals(status_text: str) -> set[int]:
     mask = int(next(line.split()[-1] for line in status_text.splitlines() if "SigIgn:" in line), 16)
     return {n for n in range(1, 65) if mask & (1 << (n - 1))}

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from kuasar.common.errors import InvalidArgument
+from kuasar.common.mounts import mount_tmpfs, unmount_all
 from kuasar.common.pod_files import add_pod_file_mounts, pod_dir, pod_file_contents, resolv_conf, write_pod_files
 
 
@@ -59,3 +60,28 @@ def test_a_read_only_rootfs_without_the_file_gets_no_mount(tmp_path: Path) -> No
         assert add_pod_file_mounts({}, files, rootfs) == ["/etc/hosts"]  # it exists: a bind needs no write
     finally:
         subprocess.run(["umount", str(rootfs)], check=True)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
+def test_the_pods_dev_shm_replaces_only_the_default_private_tmpfs(tmp_path: Path) -> None:
+    files, rootfs = tmp_path / "pod", tmp_path / "rootfs"
+    write_pod_files(files, pod_file_contents("h", None))
+    rootfs.mkdir()
+    default_shm = {"destination": "/dev/shm", "type": "tmpfs", "source": "shm",
+                   "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]}
+    assert "/dev/shm" not in add_pod_file_mounts({"mounts": [dict(default_shm)]}, files, rootfs)  # no shm yet
+    mount_tmpfs(files / "shm", 1 << 20)
+    try:
+        spec = {"mounts": [{"destination": "/proc", "type": "proc"}, dict(default_shm)]}
+        assert "/dev/shm" in add_pod_file_mounts(spec, files, rootfs)
+        assert spec["mounts"][1] == {"destination": "/dev/shm", "type": "bind", "source": str(files / "shm"),
+                                     "options": ["rbind", "rprivate", "rw"]}
+        assert len([m for m in spec["mounts"] if m["destination"] == "/dev/shm"]) == 1
+        host = {"destination": "/dev/shm", "type": "bind", "source": "/dev/shm", "options": ["rbind"]}
+        spec = {"mounts": [dict(host)]}
+        assert "/dev/shm" not in add_pod_file_mounts(spec, files, rootfs)  # CRI's host /dev/shm stays
+        assert [m for m in spec["mounts"] if m["destination"] == "/dev/shm"] == [host]
+        spec = {}
+        assert "/dev/shm" in add_pod_file_mounts(spec, files, rootfs)
+    finally:
+        unmount_all(files / "shm")

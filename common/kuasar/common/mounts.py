@@ -90,3 +90,10 @@ def unmount_all(target: Path) -> None:
 
 def is_mountpoint(path: Path) -> bool:
     return os.path.ismount(path)
+
+
+def mount_tmpfs(target: Path, size: int) -> None:
+    """A tmpfs of `size` bytes at `target` (made if missing), as CRI mounts a pod's /dev/shm."""
+    target.mkdir(parents=True, exist_ok=True, mode=0o755)
+    linux.mount("shm", str(target), "tmpfs", linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC,
+                f"mode=1777,size={size}")

@@ -20,6 +20,9 @@ from .ids import validate_id
 PODS_DIR = "pods"
 # file name under the pod's directory -> where containers see it
 MOUNTS = {"hostname": "/etc/hostname", "hosts": "/etc/hosts", "resolv.conf": "/etc/resolv.conf"}
+# The pod's /dev/shm: a tmpfs the task server mounts under the pod's directory (see PodService).
+SHM = "shm"
+DEV_SHM = "/dev/shm"
 HOST_HOSTS = Path("/etc/hosts")
 HOST_RESOLV_CONF = Path("/etc/resolv.conf")
 
@@ -81,7 +84,29 @@ def add_pod_file_mounts(spec: dict[str, Any], path: Path, rootfs: Path) -> list[
             "destination": destination, "type": "bind", "source": str(source),
             "options": ["rbind", "rprivate", "ro" if readonly else "rw"]})
         added.append(destination)
+    if _use_pod_shm(spec, path / SHM):
+        added.append(DEV_SHM)
     return added
+
+
+def _use_pod_shm(spec: dict[str, Any], shm: Path) -> bool:
+    """Bind the pod's /dev/shm over the private tmpfs of containerd's default spec (or where the spec
+    mounts nothing at /dev/shm); a /dev/shm the spec takes from elsewhere (CRI's host /dev/shm of a
+    host-IPC pod, a volume) is left alone."""
+    if not os.path.ismount(shm):
+        return False
+    mounts = spec.setdefault("mounts", [])
+    at_shm = [m for m in mounts if isinstance(m, dict) and m.get("destination") == DEV_SHM]
+    if any(m.get("type") != "tmpfs" for m in at_shm):
+        return False
+    bind = {"destination": DEV_SHM, "type": "bind", "source": str(shm), "options": ["rbind", "rprivate", "rw"]}
+    if at_shm:
+        mounts[mounts.index(at_shm[0])] = bind
+        for extra in at_shm[1:]:
+            mounts.remove(extra)
+    else:
+        mounts.append(bind)
+    return True
 
 
 def _mountable(rootfs: Path, destination: str) -> bool:

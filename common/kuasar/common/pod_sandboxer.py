@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import shutil
 
 from google.protobuf import any_pb2, empty_pb2
@@ -15,7 +16,7 @@ from .api.kuasar.pods.v1 import pods_pb2 as pods
 from .api.runtime.v1 import api_pb2 as cri
 from .config import DaemonConfig
 from .errors import AlreadyExists, InvalidArgument, NotFound
-from .pod_files import pod_dir, pod_file_contents, write_pod_files
+from .pod_files import SHM, pod_dir, pod_file_contents, write_pod_files
 from .sandboxer import LOST_EXIT_STATUS, ExitInfo, Sandboxer, SandboxRecord, SandboxState, StartResult
 from .task_server import TaskServerHandle, TaskServerLaunch
 
@@ -39,8 +40,9 @@ def pod_files_of(record: SandboxRecord) -> dict[str, bytes]:
                              if config.HasField("dns_config") else None)
 
 
-def pod_request(record: SandboxRecord) -> pods.CreatePodRequest:
-    """Translate CRI's namespace options into what the pod process must unshare or join."""
+def pod_request(record: SandboxRecord, shm_size: int = 0) -> pods.CreatePodRequest:
+    """Translate CRI's namespace options into what the pod process must unshare or join; a pod with
+    its own IPC namespace also gets its own /dev/shm of `shm_size` bytes (if not 0)."""
     config = decode_pod_config(record)
     ns = config.linux.security_context.namespace_options
     host_network = ns.network == cri.NODE or not record.netns_path
@@ -50,12 +52,14 @@ def pod_request(record: SandboxRecord) -> pods.CreatePodRequest:
         new_uts=not host_network,
         new_pid=ns.pid == cri.POD,
         hostname=config.hostname if not host_network else "",
-        cgroup_parent=config.linux.cgroup_parent)
+        cgroup_parent=config.linux.cgroup_parent,
+        shm_size=shm_size if ns.ipc != cri.NODE else 0)
 
 
 class PodSandboxer(Sandboxer):
-    def __init__(self, config: DaemonConfig, task_server: TaskServerLaunch) -> None:
+    def __init__(self, config: DaemonConfig, task_server: TaskServerLaunch, pod_shm_size: int = 0) -> None:
         self.config = config
+        self.pod_shm_size = pod_shm_size  # bytes of each pod's /dev/shm, for types whose containers see one
         self.task_server = TaskServerHandle(config.dir, task_server)
         # Pod processes being started for a Create, by sandbox id, until Start (or Shutdown) collects them.
         self._launches: dict[str, asyncio.Task[int]] = {}
@@ -82,7 +86,8 @@ class PodSandboxer(Sandboxer):
     async def _launch(self, record: SandboxRecord, files: dict[str, bytes] | None = None) -> int:
         write_pod_files(pod_dir(self.config.dir, record.id), files or pod_files_of(record))
         try:
-            response = await self.task_server.call("Create", pod_request(record), pods.CreatePodResponse)
+            response = await self.task_server.call("Create", pod_request(record, self.pod_shm_size),
+                                                   pods.CreatePodResponse)
         except AlreadyExists:
             # Launched for a Create that came before a restart of ours: the pod is the one we made.
             status = await self.task_server.call("Status", pods.PodRequest(id=record.id), pods.PodStatus)
@@ -123,7 +128,12 @@ class PodSandboxer(Sandboxer):
             await self.task_server.call("Delete", pods.PodRequest(id=record.id), empty_pb2.Empty)
         except NotFound:
             pass
-        shutil.rmtree(pod_dir(self.config.dir, record.id), ignore_errors=True)
+        path = pod_dir(self.config.dir, record.id)
+        if os.path.ismount(path / SHM):  # its task server did not unmount it (it was restarted)
+            from .mounts import unmount_all  # only here: the sandboxer keeps ctypes out otherwise
+
+            unmount_all(path / SHM)
+        shutil.rmtree(path, ignore_errors=True)
 
     async def metrics(self, record: SandboxRecord) -> any_pb2.Any:
         response = await self.task_server.call("Stats", pods.PodRequest(id=record.id), pods.PodStats)

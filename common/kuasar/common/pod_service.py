@@ -11,14 +11,16 @@ import logging
 import os
 import signal
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 from google.protobuf import empty_pb2
 
-from . import cgroups
+from . import cgroups, mounts
 from .api.kuasar.pods.v1 import pods_pb2 as pb
 from .errors import AlreadyExists, InvalidArgument, NotFound
 from .ids import validate_id
+from .pod_files import SHM, pod_dir
 from .pod_holder import PodNamespaces, start_pod_holder
 from .reaper import Exit, Reaper
 from .ttrpc import Context, TtrpcServer
@@ -62,6 +64,7 @@ class Pod:
     pid: int
     exit: asyncio.Future[Exit]
     cgroup: cgroups.PodCgroup | None = None
+    shm: Path | None = None
     extra: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -70,10 +73,12 @@ class Pod:
 
 
 class PodService:
-    def __init__(self, reaper: Reaper, containers: PodContainers, launcher: PodLauncher | None = None) -> None:
+    def __init__(self, reaper: Reaper, containers: PodContainers, launcher: PodLauncher | None = None,
+                 directory: Path | None = None) -> None:
         self.reaper = reaper
         self.containers = containers
         self.launcher = launcher
+        self.directory = directory  # the sandboxer's --dir, where a pod's /dev/shm is mounted
         self.pods: dict[str, Pod] = {}
         self._creating: set[str] = set()  # a launcher awaits: keep a second Create of the id out
 
@@ -98,24 +103,31 @@ class PodService:
             raise AlreadyExists(f"pod {req.id} already exists")
         if req.netns_path and not os.path.exists(req.netns_path):
             raise InvalidArgument(f"netns {req.netns_path} does not exist")
+        if req.shm_size and self.directory is None:
+            raise InvalidArgument("this task server keeps no pod /dev/shm")
         cgroup = cgroups.PodCgroup(req.cgroup_parent) if req.cgroup_parent else None
         if cgroup is not None:
             cgroup.create()
+        shm = pod_dir(self.directory, req.id) / SHM if req.shm_size and self.directory else None
         self._creating.add(req.id)
         try:
+            if shm is not None:
+                mounts.mount_tmpfs(shm, req.shm_size)
             if self.launcher is not None:
                 pid = await self.launcher.launch_pod(req, cgroup)
             else:
                 pid = await start_pod_holder(req.id, PodNamespaces(req.netns_path, req.new_ipc, req.new_uts,
                                                                    req.new_pid), req.hostname)
         except Exception:
+            if shm is not None:
+                mounts.unmount_all(shm)
             if cgroup is not None:
                 cgroup.remove()
             raise
         finally:
             self._creating.discard(req.id)
         # An exit reaped before this watch is kept by the reaper, so a launcher's await loses nothing.
-        pod = Pod(req.id, pid, self.reaper.watch(pid), cgroup)
+        pod = Pod(req.id, pid, self.reaper.watch(pid), cgroup, shm)
         self.pods[req.id] = pod
         if cgroup is not None and self.launcher is None:
             cgroup.add(pid)
@@ -162,6 +174,8 @@ class PodService:
             await self.launcher.release_pod(pod.id)
         if pod.cgroup is not None:
             pod.cgroup.remove()
+        if pod.shm is not None:
+            mounts.unmount_all(pod.shm)
         del self.pods[pod.id]
         log.info("pod %s removed", pod.id)
         return empty_pb2.Empty()

@@ -8,6 +8,8 @@ from kuasar.common.task_server import TaskServerLaunch, TaskServerSettings
 
 TASK_SERVER_MODULE = "kuasar.runc.task_server_main"
 TASK_SERVER_PROGRAM = "runc-task-server"
+# A pod's /dev/shm, shared by its containers as through a pause container's: containerd's default size.
+POD_SHM_SIZE = 64 << 20
 
 
 class RuncSandboxer(PodSandboxer):
@@ -17,4 +19,4 @@ class RuncSandboxer(PodSandboxer):
         section = config.section("runc")
         settings = TaskServerSettings(str(config.dir), config.events_address, config.log_level,
                                       {"runc": str(section.get("binary", "runc"))})
-        super().__init__(config, TaskServerLaunch(TASK_SERVER_MODULE, TASK_SERVER_PROGRAM, settings))
+        super().__init__(config, TaskServerLaunch(TASK_SERVER_MODULE, TASK_SERVER_PROGRAM, settings), POD_SHM_SIZE)
