@@ -24,7 +24,7 @@ die() { echo "setup: ERROR: $*" >&2; exit 1; }
 # ---------------------------------------------------------------------------------------------
 # The distribution's python3 comes first: Debian builds it with PGO and LTO and links libpython
 # statically, while interpreters built from source (pyenv's default) have neither. Measured here, the
-# daemons then spend ~13% less CPU per Sandbox API call and the resident pair keeps ~3.5 MB less PSS.
+# daemons then spend ~13% less CPU per Sandbox API call (their memory is about the same).
 find_python() {
     local cand
     for cand in "${PYTHON:-}" /usr/bin/python3 python3 python3.13 python3.12 python3.11; do
