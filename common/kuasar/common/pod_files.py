@@ -1,10 +1,11 @@
 """A pod's /etc/hostname, /etc/hosts and /etc/resolv.conf, as containerd's own pod sandbox provides them.
 
 CRI bind-mounts these files into a container only for pods of its built-in sandboxer (it writes them
-while starting the pause container). For our pods the sandboxer writes them at Create, with the
-content containerd would give them, under `<dir>/pods/<id>/`; the task server binds them into every
-container of the pod whose spec does not mount those paths itself. Without them a container sees its
-image's files: no cluster DNS, no pod hostname in /etc/hostname.
+while starting the pause container). For our pods the sandboxer writes them when it launches the pod
+(at Create), with the content containerd would give them, under `<dir>/pods/<id>/`; the task server
+binds them into every container of the pod whose spec does not mount those paths itself. Without them
+a container sees its image's files: no cluster DNS, no pod hostname in /etc/hostname. The pod's
+/dev/shm is mounted there too, by the task server (see PodService).
 """
 
 from __future__ import annotations

@@ -103,12 +103,14 @@ class PodService:
             raise AlreadyExists(f"pod {req.id} already exists")
         if req.netns_path and not os.path.exists(req.netns_path):
             raise InvalidArgument(f"netns {req.netns_path} does not exist")
-        if req.shm_size and self.directory is None:
-            raise InvalidArgument("this task server keeps no pod /dev/shm")
+        shm = None
+        if req.shm_size:
+            if self.directory is None:
+                raise InvalidArgument("this task server keeps no pod /dev/shm")
+            shm = pod_dir(self.directory, req.id) / SHM
         cgroup = cgroups.PodCgroup(req.cgroup_parent) if req.cgroup_parent else None
         if cgroup is not None:
             cgroup.create()
-        shm = pod_dir(self.directory, req.id) / SHM if req.shm_size and self.directory else None
         self._creating.add(req.id)
         try:
             if shm is not None:
