@@ -7,6 +7,7 @@ The task backend plugs in through `PodContainers` so pod Stop can take the conta
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -18,6 +19,7 @@ from google.protobuf import empty_pb2
 
 from . import cgroups, mounts
 from .api.kuasar.pods.v1 import pods_pb2 as pb
+from .cgroup_attach import AttachLockWarmer
 from .errors import AlreadyExists, InvalidArgument, NotFound
 from .ids import validate_id
 from .pod_files import SHM, pod_dir
@@ -74,8 +76,10 @@ class Pod:
 
 class PodService:
     def __init__(self, reaper: Reaper, containers: PodContainers, launcher: PodLauncher | None = None,
-                 directory: Path | None = None) -> None:
+                 directory: Path | None = None, attach_warmer: AttachLockWarmer | None = None) -> None:
         self.reaper = reaper
+        # Warm from a pod's Create on: its cgroup placement and its first container's runc come next.
+        self.attach_warmer = attach_warmer
         self.containers = containers
         self.launcher = launcher
         self.directory = directory  # the sandboxer's --dir, where a pod's /dev/shm is mounted
@@ -98,6 +102,10 @@ class PodService:
         return pod
 
     async def create(self, req: pb.CreatePodRequest, ctx: Context) -> pb.CreatePodResponse:
+        with self.attach_warmer.held() if self.attach_warmer else contextlib.nullcontext():
+            return await self._create(req)
+
+    async def _create(self, req: pb.CreatePodRequest) -> pb.CreatePodResponse:
         validate_id(req.id, "pod id")
         if req.id in self.pods or req.id in self._creating:
             raise AlreadyExists(f"pod {req.id} already exists")

@@ -12,6 +12,7 @@ removed container leaves (`_remove_files`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from google.protobuf import empty_pb2
 from . import cgroups, mounts
 from .api.containerd.runtime.task.v2 import shim_pb2 as task
 from .api.containerd.types.task import task_pb2 as types
+from .cgroup_attach import AttachLockWarmer
 from .errors import FailedPrecondition, InvalidArgument
 from .ids import validate_id
 from .oom import OomWatch
@@ -61,6 +63,8 @@ class RuncContainerTasks(ContainerTasks):
 
     runc: Runc
     reaper: Reaper
+    # Set by a backend on a host whose runc start-ups should not wait on the cgroup attach lock.
+    attach_warmer: AttachLockWarmer | None = None
 
     # -- what a backend decides ----------------------------------------------------------------------
     def _console_socket(self, container: Any) -> Path:
@@ -108,18 +112,10 @@ class RuncContainerTasks(ContainerTasks):
             receiving = asyncio.create_task(io.receive_console())
         else:
             stdio = io.runc_stdio()
-        files = container.files
-        pid_file = files / (f"{proc.id}.pid" if is_exec else "init.pid")
+        pid_file = container.files / (f"{proc.id}.pid" if is_exec else "init.pid")
         try:
-            if is_exec:
-                process_json = files / f"{proc.id}.process.json"
-                process_json.write_bytes(proc.spec)
-                try:
-                    await self.runc.exec(container.id, process_json, pid_file, container.log, stdio, console)
-                finally:
-                    process_json.unlink(missing_ok=True)
-            else:
-                await self.runc.create(container.id, container.bundle, pid_file, container.log, stdio, console)
+            with self.attach_warmer.held() if self.attach_warmer else contextlib.nullcontext():
+                await self._run_runc(container, proc, is_exec, pid_file, stdio, console)
             if receiving is not None:
                 await receiving
         except BaseException:
@@ -130,6 +126,19 @@ class RuncContainerTasks(ContainerTasks):
         self._release_io(io)
         proc.pid = int(pid_file.read_text().strip())
         self._watch(container, proc)
+
+    async def _run_runc(self, container: Any, proc: RuncProcess, is_exec: bool, pid_file: Path, stdio: Stdio,
+                        console: Path | None) -> None:
+        files = container.files
+        if is_exec:
+            process_json = files / f"{proc.id}.process.json"
+            process_json.write_bytes(proc.spec)
+            try:
+                await self.runc.exec(container.id, process_json, pid_file, container.log, stdio, console)
+            finally:
+                process_json.unlink(missing_ok=True)
+        else:
+            await self.runc.create(container.id, container.bundle, pid_file, container.log, stdio, console)
 
     # -- lifecycle -----------------------------------------------------------------------------------
     async def start(self, req: task.StartRequest, ctx: Context) -> task.StartResponse:

@@ -121,7 +121,8 @@ async def run_task_server(directory: Path, events_address: str, ready_fd: int,
     events = EventPublisher(events_address)
     backend = make_backend(reaper, events, directory)
     # A backend that makes its own pod processes (gVisor's sandbox) says so by being a PodLauncher.
-    pods = PodService(reaper, backend, backend if isinstance(backend, PodLauncher) else None, directory)
+    pods = PodService(reaper, backend, backend if isinstance(backend, PodLauncher) else None, directory,
+                      getattr(backend, "attach_warmer", None))
     server = TtrpcServer()
     register_task_service(server, backend)
     pods.register(server)

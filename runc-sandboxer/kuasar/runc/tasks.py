@@ -11,7 +11,7 @@ from pathlib import Path
 
 from google.protobuf import empty_pb2
 
-from kuasar.common import cgroups, mounts
+from kuasar.common import cgroup_attach, cgroups, mounts
 from kuasar.common.api.containerd.runtime.task.v2 import shim_pb2 as task
 from kuasar.common.api.containerd.types.task import task_pb2 as types
 from kuasar.common.errors import AlreadyExists, NotFound
@@ -52,6 +52,7 @@ class RuncTasks(RuncContainerTasks):
         self.console_dir = directory / "console"
         self.console_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.containers: dict[str, Container] = {}
+        self.attach_warmer = cgroup_attach.WARMER
 
     def _console_socket(self, container: Container) -> Path:
         return self.console_dir / f"{os.urandom(8).hex()}.sock"

@@ -1,0 +1,156 @@
+"""The cgroup attach-lock warmer: what it writes, when it stops, and that runc starts run inside it."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from kuasar.common import cgroup_attach, cgroups
+from kuasar.common.cgroup_attach import AttachLockWarmer, own_procs_file
+from kuasar.common.events import EventPublisher
+from kuasar.common.reaper import Reaper
+from kuasar.runc.stdio import ProcessIO
+from kuasar.runc.tasks import Container, RuncProcess, RuncTasks
+
+WAIT_S = 5.0  # bounds a thread that should have ended long before
+
+
+def _wait_until(predicate, what: str) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + WAIT_S
+    while not predicate():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.005)
+
+
+def test_own_procs_file_is_the_cgroup_this_process_is_in() -> None:
+    target = own_procs_file()
+    if target is None:
+        pytest.skip("no writable cgroup hierarchy here")
+    assert str(os.getpid()) in target.read_text().split()
+
+
+@pytest.mark.parametrize("unified", [False, True])
+def test_own_procs_file_follows_proc_self_cgroup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                 unified: bool) -> None:
+    monkeypatch.setattr(cgroups, "CGROUP_ROOT", tmp_path)
+    monkeypatch.setattr(cgroups, "is_unified", lambda: unified)
+    paths = {"": "/system.slice/x.service"} if unified else {"cpu": "/a", "pids": "/k8s/b", "name=systemd": "/c"}
+    monkeypatch.setattr(cgroups, "proc_cgroups", lambda pid: paths)
+    expected = tmp_path / ("system.slice/x.service" if unified else "pids/k8s/b") / "cgroup.procs"
+    assert own_procs_file() is None  # nothing there yet
+    expected.parent.mkdir(parents=True)
+    expected.write_text("")
+    assert own_procs_file() == expected
+    paths.clear()
+    paths.update({"": "/../escape"} if unified else {"pids": "/../escape"})
+    (tmp_path / ("escape" if unified else "pids/../escape")).mkdir(parents=True, exist_ok=True)
+    assert own_procs_file() is None
+
+
+@contextlib.contextmanager
+def _target(monkeypatch: pytest.MonkeyPatch, path: Path) -> Iterator[Path]:
+    monkeypatch.setattr(cgroup_attach, "own_procs_file", lambda: path)
+    yield path
+
+
+def test_writes_our_pid_while_held_and_for_the_linger_then_stops(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    warmer = AttachLockWarmer(linger=0.2)
+    with _target(monkeypatch, tmp_path / "cgroup.procs") as target:
+        target.write_text("")
+        with warmer.held():
+            _wait_until(lambda: warmer.writes >= 3, "no rewrites while held")
+            with warmer.held():  # nested and concurrent users share the one thread
+                pass
+            assert target.read_text() == str(os.getpid())
+        after_exit = warmer.writes
+        _wait_until(lambda: warmer.writes > after_exit, "the burst did not linger")
+        _wait_until(lambda: warmer._thread is None, "the thread did not end after the linger")
+        done = warmer.writes
+        time.sleep(3 * cgroup_attach.REWRITE_INTERVAL_S)
+        assert warmer.writes == done and not warmer.disabled
+        with warmer.held():  # a later burst starts a new thread
+            _wait_until(lambda: warmer.writes > done, "no second burst")
+
+
+def test_a_failed_write_disables_it_quietly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    warmer = AttachLockWarmer(linger=0.0)
+    with _target(monkeypatch, tmp_path / "missing" / "cgroup.procs"):
+        with warmer.held():
+            _wait_until(lambda: warmer.disabled, "a failing write did not disable it")
+        _wait_until(lambda: warmer._thread is None, "the thread did not end")
+        with warmer.held():
+            assert warmer._thread is None and warmer.writes == 0
+
+
+def test_no_cgroup_to_write_means_no_thread(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cgroup_attach, "own_procs_file", lambda: None)
+    warmer = AttachLockWarmer()
+    with warmer.held():
+        assert warmer._thread is None and warmer.disabled
+
+
+def test_the_real_rewrites_leave_this_process_in_its_cgroups() -> None:
+    if own_procs_file() is None:
+        pytest.skip("no writable cgroup hierarchy here")
+    before = Path("/proc/self/cgroup").read_text()
+    warmer = AttachLockWarmer(linger=0.0)
+    with warmer.held():
+        _wait_until(lambda: warmer.writes >= 2 or warmer.disabled, "no rewrites")
+    assert not warmer.disabled
+    assert Path("/proc/self/cgroup").read_text() == before
+
+
+class RecordingWarmer:
+    def __init__(self) -> None:
+        self.active = 0
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        self.active += 1
+        try:
+            yield
+        finally:
+            self.active -= 1
+
+
+class RecordingRunc:
+    """Stands in for `Runc`: notes whether the warmer was held while runc would have run."""
+
+    def __init__(self, warmer: RecordingWarmer) -> None:
+        self.warmer = warmer
+        self.calls: list[tuple[str, int]] = []
+
+    async def create(self, container_id: str, bundle: Path, pid_file: Path, *args: object) -> None:
+        self.calls.append(("create", self.warmer.active))
+        pid_file.write_text(str(os.getpid()))
+
+    async def exec(self, container_id: str, process_json: Path, pid_file: Path, *args: object) -> None:
+        self.calls.append(("exec", self.warmer.active))
+        pid_file.write_text(str(os.getpid()))
+
+
+def test_runc_sandboxer_runs_runc_create_and_exec_inside_the_warmer(tmp_path: Path) -> None:
+    async def main() -> None:
+        tasks = RuncTasks(Reaper(), EventPublisher(""), tmp_path / "dir")
+        assert tasks.attach_warmer is cgroup_attach.WARMER
+        warmer = RecordingWarmer()
+        runc = RecordingRunc(warmer)
+        tasks.attach_warmer, tasks.runc = warmer, runc  # type: ignore[assignment]
+        bundle = tmp_path / "bundle"
+        bundle.mkdir()
+        container = Container("c1", bundle, bundle, "k8s.io", RuncProcess("", ProcessIO()))
+        await tasks._start_process(container, container.init, is_exec=False)
+        exec_proc = RuncProcess("e1", ProcessIO(), spec=b"{}")
+        await tasks._start_process(container, exec_proc, is_exec=True)
+        assert runc.calls == [("create", 1), ("exec", 1)]
+        assert warmer.active == 0 and container.init.pid == exec_proc.pid == os.getpid()
+        tasks.reaper.forget(os.getpid())
+
+    asyncio.run(main())
