@@ -217,6 +217,39 @@ def test_unary_call_round_trip_with_metadata_and_deadline(sock_path: str) -> Non
     run(main())
 
 
+def test_begin_call_writes_the_request_before_returning_and_its_coroutine_gets_the_reply() -> None:
+    async def main() -> None:
+        ours, peer = socket.socketpair()
+        client = TtrpcClient.from_streams(*await asyncio.open_connection(sock=ours))
+        peer.settimeout(5)
+        decoder = FrameDecoder()
+        try:
+            replies = []
+            for value in ("a", "b"):
+                pending = client.begin_call(SVC, "Echo", KV(value=value), KV, timeout=30)
+                # No await since begin_call: the request must already be on the socket.
+                (frame,) = decoder.feed(peer.recv(65536))
+                req = request_pb2.Request.FromString(frame.payload)
+                assert (frame.type, req.service, req.method) == (FrameType.REQUEST, SVC, "Echo")
+                assert KV.FromString(req.payload).value == value and req.timeout_nano > 0
+                reply = request_pb2.Response(payload=KV(value=value.upper()).SerializeToString())
+                peer.sendall(encode_frame(Frame(frame.stream_id, FrameType.RESPONSE, Flag(0),
+                                                reply.SerializeToString())))
+                replies.append(await pending)
+            assert [r.value for r in replies] == ["A", "B"]
+            pending = client.begin_call(SVC, "Fail", KV(), KV)
+            (frame,) = decoder.feed(peer.recv(65536))
+            failed = request_pb2.Response(status={"code": int(Code.NOT_FOUND), "message": "gone"})
+            peer.sendall(encode_frame(Frame(frame.stream_id, FrameType.RESPONSE, Flag(0),
+                                            failed.SerializeToString())))
+            with pytest.raises(NotFound, match="gone"):
+                await pending
+        finally:
+            await client.close()
+            peer.close()
+    run(main())
+
+
 def test_handler_error_status_maps_to_typed_error_and_back(sock_path: str) -> None:
     async def main() -> None:
         async with serving(sock_path), client_of(sock_path) as client:

@@ -6,9 +6,12 @@ The sandbox type only says how its task server is launched; pod lifecycle is the
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import shutil
+from collections.abc import Coroutine
+from typing import Any
 
 from google.protobuf import any_pb2, empty_pb2
 
@@ -80,14 +83,26 @@ class PodSandboxer(Sandboxer):
     async def create(self, record: SandboxRecord) -> None:
         files = pod_files_of(record)  # reject garbage before anything is made
         # The pod's files and process are made now rather than in Start: containerd's own work between
-        # the two calls hides that time. Start (or Shutdown) collects the outcome.
+        # the two calls hides that time. Start (or Shutdown) collects the outcome. The request is
+        # written before Create saves the record and answers; the files while the task server works.
         self._launches[record.id] = asyncio.ensure_future(self._launch(record, files))
 
-    async def _launch(self, record: SandboxRecord, files: dict[str, bytes] | None = None) -> int:
-        write_pod_files(pod_dir(self.config.dir, record.id), files or pod_files_of(record))
+    def _launch(self, record: SandboxRecord, files: dict[str, bytes] | None = None) -> Coroutine[Any, Any, int]:
+        creating = self.task_server.begin_call("Create", pod_request(record, self.pod_shm_size),
+                                               pods.CreatePodResponse)
+        return self._launched_pid(record, creating, files)
+
+    async def _launched_pid(self, record: SandboxRecord, creating: Coroutine[Any, Any, Any],
+                            files: dict[str, bytes] | None) -> int:
         try:
-            response = await self.task_server.call("Create", pod_request(record, self.pod_shm_size),
-                                                   pods.CreatePodResponse)
+            # Nothing reads the pod's files before its first container.
+            write_pod_files(pod_dir(self.config.dir, record.id), files or pod_files_of(record))
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await creating  # Shutdown removes what it made
+            raise
+        try:
+            response = await creating
         except AlreadyExists:
             # Launched for a Create that came before a restart of ours: the pod is the one we made.
             status = await self.task_server.call("Status", pods.PodRequest(id=record.id), pods.PodStatus)

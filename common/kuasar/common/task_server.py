@@ -22,7 +22,7 @@ import socket
 import subprocess
 import sys
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -295,6 +295,14 @@ class TaskServerHandle:
                    timeout: float | None = CALL_TIMEOUT) -> Any:
         client = await self.connect()
         return await client.call(PODS_SERVICE, method, request, response_type, timeout=timeout)
+
+    def begin_call(self, method: str, request: Message, response_type: type[Message],
+                   timeout: float | None = CALL_TIMEOUT) -> Coroutine[Any, Any, Any]:
+        """`call`, with the request already written when this returns if the connection is up
+        (otherwise it goes once the returned coroutine has reconnected)."""
+        if self.client is not None and not self.client.closed:
+            return self.client.begin_call(PODS_SERVICE, method, request, response_type, timeout=timeout)
+        return self.call(method, request, response_type, timeout)
 
     async def close(self) -> None:
         if self.client is not None:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Mapping
-from typing import TypeVar, overload
+from collections.abc import Coroutine, Mapping
+from typing import Any, TypeVar, overload
 
 from google.protobuf.message import DecodeError, Message
 
@@ -102,18 +102,29 @@ class TtrpcClient:
         `timeout` (seconds) bounds the wait here and is sent as timeout_nano, so the server
         cancels its handler too. A non-OK status raises the matching KuasarError.
         """
+        return await self.begin_call(service, method, request, response_type, timeout=timeout, metadata=metadata)
+
+    def begin_call(self, service: str, method: str, request: Message | bytes,
+                   response_type: type[M] | None = None, *, timeout: float | None = None,
+                   metadata: Mapping[str, str] | None = None) -> Coroutine[Any, Any, M | bytes]:
+        """`call`, with the request written before this returns (no await in between). The returned
+        coroutine waits for the reply; it must be awaited or made a task, or the call stays registered."""
         payload = request if isinstance(request, bytes) else request.SerializeToString()
         req = _request(service, method, payload, metadata, timeout)
         future: asyncio.Future[request_pb2.Response] = asyncio.get_running_loop().create_future()
         sid = self._start(req, NO_FLAGS)
         self._calls[sid] = future
+        return self._reply(f"/{service}/{method}", sid, future, response_type, timeout)
+
+    async def _reply(self, name: str, sid: int, future: asyncio.Future[request_pb2.Response],
+                     response_type: type[M] | None, timeout: float | None) -> M | bytes:  # noqa: ASYNC109
         try:
             async with asyncio.timeout(timeout) as scope:
                 await self._drain()
                 response = await future
         except TimeoutError:
             if scope.expired():
-                raise DeadlineExceeded(f"/{service}/{method}: deadline exceeded") from None
+                raise DeadlineExceeded(f"{name}: deadline exceeded") from None
             raise
         finally:
             self._calls.pop(sid, None)
@@ -125,7 +136,7 @@ class TtrpcClient:
         try:
             return response_type.FromString(response.payload)
         except DecodeError as err:
-            raise Internal(f"/{service}/{method}: undecodable reply: {err}") from None
+            raise Internal(f"{name}: undecodable reply: {err}") from None
 
     async def open_stream(self, service: str, method: str, metadata: Mapping[str, str] | None = None, *,
                           payload: bytes = b"", client_streaming: bool = True) -> ClientStream:

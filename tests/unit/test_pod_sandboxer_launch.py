@@ -1,0 +1,98 @@
+"""PodSandboxer.create: the pod's Create request leaves before Create returns; Start gets its pid."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Coroutine
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kuasar.common.api.kuasar.pods.v1 import pods_pb2 as pods
+from kuasar.common.api.runtime.v1 import api_pb2 as cri
+from kuasar.common.config import DaemonConfig
+from kuasar.common.controller import new_record
+from kuasar.common.errors import AlreadyExists, InvalidArgument
+from kuasar.common.pod_sandboxer import PodSandboxer
+from kuasar.common.sandboxer import SandboxRecord
+from kuasar.common.task_server import TaskServerLaunch, TaskServerSettings
+
+
+class FakeTaskServer:
+    """Records when a request is written; replies only when the test says so."""
+
+    address = "unix:///fake/task.sock"
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, Any]] = []
+        self.replies: dict[str, asyncio.Future[Any]] = {}
+
+    def begin_call(self, method: str, request: Any, response_type: type, timeout: float | None = None
+                   ) -> Coroutine[Any, Any, Any]:
+        self.sent.append((method, request))
+        reply = self.replies.setdefault(method, asyncio.get_running_loop().create_future())
+
+        async def wait() -> Any:
+            return await reply
+
+        return wait()
+
+    async def call(self, method: str, request: Any, response_type: type, timeout: float | None = None) -> Any:
+        return await self.begin_call(method, request, response_type, timeout)
+
+
+def make(tmp_path: Path) -> tuple[PodSandboxer, FakeTaskServer]:
+    launch = TaskServerLaunch("kuasar.runc.task_server_main", "runc-task-server", TaskServerSettings(str(tmp_path)))
+    sandboxer = PodSandboxer(DaemonConfig(listen=tmp_path / "s.sock", dir=tmp_path), launch)
+    fake = FakeTaskServer()
+    sandboxer.task_server = fake  # type: ignore[assignment]
+    return sandboxer, fake
+
+
+def record(sandbox_id: str, hostname: str = "web") -> SandboxRecord:
+    config = cri.PodSandboxConfig(hostname=hostname)
+    return new_record(sandbox_id, "runc", "", config.SerializeToString(), {}, {}, {})
+
+
+def test_create_writes_the_pod_request_before_it_returns_and_start_collects_the_pid(tmp_path: Path) -> None:
+    async def main() -> None:
+        sandboxer, fake = make(tmp_path)
+        rec = record("a" * 64)
+        await sandboxer.create(rec)
+        # No yield to the loop since create returned: the request must already be out.
+        assert [(m, r.id) for m, r in fake.sent] == [("Create", rec.id)]
+        starting = asyncio.ensure_future(sandboxer.start(rec))
+        await asyncio.sleep(0.01)
+        assert not starting.done()  # Start waits for the pod process
+        assert (tmp_path / "pods" / rec.id / "hostname").read_text() == "web\n"
+        fake.replies["Create"].set_result(pods.CreatePodResponse(pid=4242))
+        result = await starting
+        assert (result.pid, result.version) == (4242, 3)
+
+    asyncio.run(main())
+
+
+def test_a_pod_launched_before_a_restart_is_adopted(tmp_path: Path) -> None:
+    async def main() -> None:
+        sandboxer, fake = make(tmp_path)
+        rec = record("b" * 64)
+        starting = asyncio.ensure_future(sandboxer.start(rec))  # no Create in this process's lifetime
+        await asyncio.sleep(0)
+        fake.replies["Create"].set_exception(AlreadyExists("pod exists"))
+        await asyncio.sleep(0.01)
+        assert [m for m, _ in fake.sent] == ["Create", "Status"]
+        fake.replies["Status"].set_result(pods.PodStatus(id=rec.id, pid=77))
+        assert (await starting).pid == 77
+
+    asyncio.run(main())
+
+
+def test_bad_pod_config_is_refused_before_any_request(tmp_path: Path) -> None:
+    async def main() -> None:
+        sandboxer, fake = make(tmp_path)
+        with pytest.raises(InvalidArgument):
+            await sandboxer.create(record("c" * 64, hostname="evil\nhost"))
+        assert fake.sent == [] and not (tmp_path / "pods").exists()
+
+    asyncio.run(main())
