@@ -42,9 +42,9 @@ class FakeTaskServer:
         return await self.begin_call(method, request, response_type, timeout)
 
 
-def make(tmp_path: Path) -> tuple[PodSandboxer, FakeTaskServer]:
+def make(tmp_path: Path, pod_files: bool = True) -> tuple[PodSandboxer, FakeTaskServer]:
     launch = TaskServerLaunch("kuasar.runc.task_server_main", "runc-task-server", TaskServerSettings(str(tmp_path)))
-    sandboxer = PodSandboxer(DaemonConfig(listen=tmp_path / "s.sock", dir=tmp_path), launch)
+    sandboxer = PodSandboxer(DaemonConfig(listen=tmp_path / "s.sock", dir=tmp_path), launch, pod_files=pod_files)
     fake = FakeTaskServer()
     sandboxer.task_server = fake  # type: ignore[assignment]
     return sandboxer, fake
@@ -94,5 +94,18 @@ def test_bad_pod_config_is_refused_before_any_request(tmp_path: Path) -> None:
         with pytest.raises(InvalidArgument):
             await sandboxer.create(record("c" * 64, hostname="evil\nhost"))
         assert fake.sent == [] and not (tmp_path / "pods").exists()
+
+    asyncio.run(main())
+
+
+def test_a_type_without_pod_files_leaves_the_pod_directory_to_its_task_server(tmp_path: Path) -> None:
+    # gVisor's task server makes its sandbox bundle in that directory while Create is answered.
+    async def main() -> None:
+        sandboxer, fake = make(tmp_path, pod_files=False)
+        rec = record("d" * 64)
+        await sandboxer.create(rec)
+        fake.replies["Create"].set_result(pods.CreatePodResponse(pid=9))
+        assert (await sandboxer.start(rec)).pid == 9
+        assert not (tmp_path / "pods").exists()
 
     asyncio.run(main())

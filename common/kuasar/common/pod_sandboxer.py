@@ -60,9 +60,13 @@ def pod_request(record: SandboxRecord, shm_size: int = 0) -> pods.CreatePodReque
 
 
 class PodSandboxer(Sandboxer):
-    def __init__(self, config: DaemonConfig, task_server: TaskServerLaunch, pod_shm_size: int = 0) -> None:
+    def __init__(self, config: DaemonConfig, task_server: TaskServerLaunch, pod_shm_size: int = 0,
+                 pod_files: bool = False) -> None:
         self.config = config
         self.pod_shm_size = pod_shm_size  # bytes of each pod's /dev/shm, for types whose containers see one
+        # Whether the type's containers mount the pod's /etc/hostname, hosts and resolv.conf (pod_files):
+        # only then are they written, into the pod's directory, which other types may use for themselves.
+        self.pod_files = pod_files
         self.task_server = TaskServerHandle(config.dir, task_server)
         # Pod processes being started for a Create, by sandbox id, until Start (or Shutdown) collects them.
         self._launches: dict[str, asyncio.Task[int]] = {}
@@ -95,8 +99,8 @@ class PodSandboxer(Sandboxer):
     async def _launched_pid(self, record: SandboxRecord, creating: Coroutine[Any, Any, Any],
                             files: dict[str, bytes] | None) -> int:
         try:
-            # Nothing reads the pod's files before its first container.
-            write_pod_files(pod_dir(self.config.dir, record.id), files or pod_files_of(record))
+            if self.pod_files:  # nothing reads them before the pod's first container
+                write_pod_files(pod_dir(self.config.dir, record.id), files or pod_files_of(record))
         except BaseException:
             with contextlib.suppress(Exception):
                 await creating  # Shutdown removes what it made

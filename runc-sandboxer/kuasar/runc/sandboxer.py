@@ -19,4 +19,5 @@ class RuncSandboxer(PodSandboxer):
         section = config.section("runc")
         settings = TaskServerSettings(str(config.dir), config.events_address, config.log_level,
                                       {"runc": str(section.get("binary", "runc"))})
-        super().__init__(config, TaskServerLaunch(TASK_SERVER_MODULE, TASK_SERVER_PROGRAM, settings), POD_SHM_SIZE)
+        super().__init__(config, TaskServerLaunch(TASK_SERVER_MODULE, TASK_SERVER_PROGRAM, settings), POD_SHM_SIZE,
+                         pod_files=True)
