@@ -154,3 +154,29 @@ def test_runc_sandboxer_runs_runc_create_and_exec_inside_the_warmer(tmp_path: Pa
         tasks.reaper.forget(os.getpid())
 
     asyncio.run(main())
+
+
+def test_wasm_sandboxer_places_a_container_inside_the_warmer(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from kuasar.common.errors import InvalidArgument
+    from kuasar.wasm.tasks import WasmTasks
+
+    async def main() -> None:
+        tasks = WasmTasks(Reaper(), EventPublisher(""), tmp_path)
+        assert tasks.attach_warmer is cgroup_attach.WARMER
+        warmer = RecordingWarmer()
+        tasks.attach_warmer = warmer  # type: ignore[assignment]
+        seen: list[int] = []
+
+        def plan(container: object, spec: object, name: str) -> None:
+            seen.append(warmer.active)  # the plan makes the cgroup; the fork and the child's move follow
+            raise InvalidArgument("stop before forking")
+
+        tasks.plan = plan  # type: ignore[method-assign]
+        with pytest.raises(InvalidArgument):
+            await tasks._launch(SimpleNamespace(id="c1"), SimpleNamespace(id="", spec={}),  # type: ignore[arg-type]
+                                wait_for_go=True)
+        assert seen == [1] and warmer.active == 0
+
+    asyncio.run(main())

@@ -20,7 +20,7 @@ from typing import Any
 
 from google.protobuf import empty_pb2
 
-from kuasar.common import cgroups, mounts
+from kuasar.common import cgroup_attach, cgroups, mounts
 from kuasar.common.api.containerd.runtime.task.v2 import shim_pb2 as task
 from kuasar.common.api.containerd.types.task import task_pb2 as types
 from kuasar.common.errors import (
@@ -134,6 +134,8 @@ class WasmTasks(ContainerTasks):
         super().__init__()
         self.reaper = reaper
         self.events = events
+        # A container's process moves itself into its cgroup first thing after the fork.
+        self.attach_warmer = cgroup_attach.WARMER
         self.settings = settings or WasmSettings()
         if self.settings.runtime not in RUNTIMES:
             raise InvalidArgument(f"[wasm] runtime must be one of {', '.join(RUNTIMES)}, "
@@ -249,21 +251,22 @@ class WasmTasks(ContainerTasks):
     async def _launch(self, container: Container, proc: Process, wait_for_go: bool) -> None:
         """Fork the process, wait until its module is ready (or fail with the reason), watch its exit."""
         name = container.id if not proc.id else f"{container.id}-{proc.id}"
-        plan = self.plan(container, proc.spec, name)
-        stdio = open_stdio(proc.stdin, proc.stdout, proc.stderr)
-        try:
-            started = launch(plan, stdio, self.reaper, wait_for_go)
-        finally:
-            stdio.close()  # the child holds them now
-        proc.launch = started
-        try:
-            await started.ready()
-        except BaseException:
-            started.close_go()
-            signal_quietly(started.pid, signal.SIGKILL)
-            await asyncio.shield(started.exited)
-            proc.launch, proc.pid = None, 0
-            raise
+        with self.attach_warmer.held():  # until the child has reported, by when it is in its cgroup
+            plan = self.plan(container, proc.spec, name)
+            stdio = open_stdio(proc.stdin, proc.stdout, proc.stderr)
+            try:
+                started = launch(plan, stdio, self.reaper, wait_for_go)
+            finally:
+                stdio.close()  # the child holds them now
+            proc.launch = started
+            try:
+                await started.ready()
+            except BaseException:
+                started.close_go()
+                signal_quietly(started.pid, signal.SIGKILL)
+                await asyncio.shield(started.exited)
+                proc.launch, proc.pid = None, 0
+                raise
         proc.pid = started.pid
         started.exited.add_done_callback(lambda future: self._on_exit(container, proc, future))
 
