@@ -40,6 +40,24 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o600, durable: bool = Tru
         os.close(dfd)
 
 
+def overwrite(path: Path, data: bytes) -> None:
+    """Write `data` over an existing file from its start, cutting off what is left of the old content.
+
+    For a file that only we read, and only after this returns: no temp file and rename (~0.3-0.5 ms on
+    ext4), and no truncation to zero first, which makes ext4 flush the new data at close (~0.15 ms).
+    A crash in the middle leaves a torn file, so it is not for anything read after a restart.
+    """
+    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        if os.fstat(fd).st_size > len(data):
+            os.ftruncate(fd, len(data))
+    finally:
+        os.close(fd)
+
+
 class StateStore:
     """One directory per sandbox (`<root>/<id>/`), holding `sandbox.json` and whatever the sandbox type adds."""
 

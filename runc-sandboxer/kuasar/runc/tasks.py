@@ -21,7 +21,7 @@ from kuasar.common.pod_files import add_pod_file_mounts, pod_dir
 from kuasar.common.reaper import Reaper
 from kuasar.common.runc_cli import Runc
 from kuasar.common.runc_tasks import RuncContainer, RuncContainerTasks, RuncProcess
-from kuasar.common.state import write_atomic
+from kuasar.common.state import overwrite
 from kuasar.common.task_table import (
     host_bundle,
     pod_id_of,
@@ -84,7 +84,8 @@ class RuncTasks(RuncContainerTasks):
             try:
                 if pod_id and add_pod_file_mounts(spec, pod_dir(self.directory, pod_id),
                                                   bundle / (spec.get("root") or {}).get("path", "rootfs")):
-                    write_atomic(bundle / "config.json", json.dumps(spec).encode(), 0o644, durable=False)
+                    # containerd wrote the file for this Create and only runc, started below, reads it.
+                    overwrite(bundle / "config.json", json.dumps(spec).encode())
                 await self._start_process(container, container.init, is_exec=False)
             except Exception:
                 if container.rootfs_mounted:
