@@ -180,3 +180,27 @@ def test_wasm_sandboxer_places_a_container_inside_the_warmer(tmp_path: Path) -> 
         assert seen == [1] and warmer.active == 0
 
     asyncio.run(main())
+
+
+def test_a_forked_child_starts_its_own_bursts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    target = tmp_path / "cgroup.procs"
+    target.write_text("")
+    monkeypatch.setattr(cgroup_attach, "own_procs_file", lambda: target)
+    warmer = cgroup_attach.WARMER
+    monkeypatch.setattr(warmer, "linger", 0.0)
+    with warmer.held():
+        _wait_until(lambda: warmer.writes >= 1, "no rewrites in the parent")
+        pid = os.fork()
+        if pid == 0:  # the child: the parent's thread is not here; a burst of its own must still run
+            ok = warmer._thread is None and warmer._users == 0
+            mine = tmp_path / "child.procs"
+            mine.write_text("")
+            cgroup_attach.own_procs_file = lambda: mine  # type: ignore[assignment]
+            with warmer.held():
+                deadline = time.monotonic() + WAIT_S
+                while mine.read_text() != str(os.getpid()) and time.monotonic() < deadline:
+                    time.sleep(0.005)
+            os._exit(0 if ok and mine.read_text() == str(os.getpid()) else 1)
+        _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    _wait_until(lambda: warmer._thread is None, "the parent's thread did not end")

@@ -64,6 +64,13 @@ class AttachLockWarmer:
         self.disabled = False  # set once a write failed (no cgroupfs, no permission): nothing to gain
         self.writes = 0
 
+    def forget_thread(self) -> None:
+        """In a forked child: the thread (and whatever held the lock) stayed in the parent."""
+        self._lock = threading.Lock()
+        self._users = 0
+        self._until = 0.0
+        self._thread = None
+
     @contextmanager
     def held(self) -> Iterator[None]:
         with self._lock:
@@ -109,3 +116,4 @@ class AttachLockWarmer:
 
 # One per process: the kernel lock it warms is one per machine.
 WARMER = AttachLockWarmer()
+os.register_at_fork(after_in_child=WARMER.forget_thread)
