@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from kuasar.common import pod_files
 from kuasar.common.api.kuasar.pods.v1 import pods_pb2 as pods
 from kuasar.common.api.runtime.v1 import api_pb2 as cri
 from kuasar.common.config import DaemonConfig
@@ -88,9 +89,10 @@ def test_a_pod_launched_before_a_restart_is_adopted(tmp_path: Path) -> None:
     asyncio.run(main())
 
 
-def test_bad_pod_config_is_refused_before_any_request(tmp_path: Path) -> None:
+@pytest.mark.parametrize("pod_files", [True, False])
+def test_bad_pod_config_is_refused_before_any_request(tmp_path: Path, pod_files: bool) -> None:
     async def main() -> None:
-        sandboxer, fake = make(tmp_path)
+        sandboxer, fake = make(tmp_path, pod_files)
         with pytest.raises(InvalidArgument):
             await sandboxer.create(record("c" * 64, hostname="evil\nhost"))
         assert fake.sent == [] and not (tmp_path / "pods").exists()
@@ -98,8 +100,11 @@ def test_bad_pod_config_is_refused_before_any_request(tmp_path: Path) -> None:
     asyncio.run(main())
 
 
-def test_a_type_without_pod_files_leaves_the_pod_directory_to_its_task_server(tmp_path: Path) -> None:
+def test_a_type_without_pod_files_leaves_the_pod_directory_to_its_task_server(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # gVisor's task server makes its sandbox bundle in that directory while Create is answered.
+    monkeypatch.setattr(pod_files, "HOST_HOSTS", tmp_path)  # reading it would fail: it is a directory
+
     async def main() -> None:
         sandboxer, fake = make(tmp_path, pod_files=False)
         rec = record("d" * 64)

@@ -43,14 +43,19 @@ def resolv_conf(servers: list[str], searches: list[str], options: list[str]) -> 
     return "".join(line + "\n" for line in lines)
 
 
-def pod_file_contents(hostname: str, dns: tuple[list[str], list[str], list[str]] | None) -> dict[str, bytes]:
-    """The three files by name. `dns` is CRI's (servers, searches, options), or None for the host's
-    resolv.conf; an empty hostname means the node's, as for host-network pods."""
+def check_names(hostname: str, dns: tuple[list[str], list[str], list[str]] | None) -> None:
+    """Refuse a hostname or DNS entry that would not stay one line (or one path part) in the files."""
     for item in [entry for entries in dns or () for entry in entries]:
         if "\n" in item or "\0" in item:
             raise InvalidArgument(f"dns_config entry {item!r} has a line break")
     if "\n" in hostname or "/" in hostname:
         raise InvalidArgument(f"hostname {hostname!r} is not a host name")
+
+
+def pod_file_contents(hostname: str, dns: tuple[list[str], list[str], list[str]] | None) -> dict[str, bytes]:
+    """The three files by name. `dns` is CRI's (servers, searches, options), or None for the host's
+    resolv.conf; an empty hostname means the node's, as for host-network pods."""
+    check_names(hostname, dns)
     return {"hostname": ((hostname or socket.gethostname()) + "\n").encode(),
             "hosts": _read_or_empty(HOST_HOSTS),
             "resolv.conf": resolv_conf(*dns).encode() if dns is not None else _read_or_empty(HOST_RESOLV_CONF)}

@@ -19,7 +19,7 @@ from .api.kuasar.pods.v1 import pods_pb2 as pods
 from .api.runtime.v1 import api_pb2 as cri
 from .config import DaemonConfig
 from .errors import AlreadyExists, InvalidArgument, NotFound
-from .pod_files import SHM, pod_dir, pod_file_contents, write_pod_files
+from .pod_files import SHM, check_names, pod_dir, pod_file_contents, write_pod_files
 from .sandboxer import LOST_EXIT_STATUS, ExitInfo, Sandboxer, SandboxRecord, SandboxState, StartResult
 from .task_server import TaskServerHandle, TaskServerLaunch
 
@@ -35,12 +35,17 @@ def decode_pod_config(record: SandboxRecord) -> cri.PodSandboxConfig:
     return config
 
 
-def pod_files_of(record: SandboxRecord) -> dict[str, bytes]:
-    """The pod's /etc/hostname, /etc/hosts and /etc/resolv.conf, from its PodSandboxConfig."""
+def pod_names(record: SandboxRecord) -> tuple[str, tuple[list[str], list[str], list[str]] | None]:
+    """The pod's hostname and CRI DNSConfig (servers, searches, options), or None without one."""
     config = decode_pod_config(record)
     dns = config.dns_config
-    return pod_file_contents(config.hostname, (list(dns.servers), list(dns.searches), list(dns.options))
+    return config.hostname, ((list(dns.servers), list(dns.searches), list(dns.options))
                              if config.HasField("dns_config") else None)
+
+
+def pod_files_of(record: SandboxRecord) -> dict[str, bytes]:
+    """The pod's /etc/hostname, /etc/hosts and /etc/resolv.conf, from its PodSandboxConfig."""
+    return pod_file_contents(*pod_names(record))
 
 
 def pod_request(record: SandboxRecord, shm_size: int = 0) -> pods.CreatePodRequest:
@@ -85,7 +90,12 @@ class PodSandboxer(Sandboxer):
         await self.task_server.close()
 
     async def create(self, record: SandboxRecord) -> None:
-        files = pod_files_of(record)  # reject garbage before anything is made
+        # Reject garbage before anything is made; the host's files are read only for a type that uses them.
+        if self.pod_files:
+            files = pod_files_of(record)
+        else:
+            check_names(*pod_names(record))
+            files = None
         # The pod's files and process are made now rather than in Start: containerd's own work between
         # the two calls hides that time. Start (or Shutdown) collects the outcome. The request is
         # written before Create saves the record and answers; the files while the task server works.
