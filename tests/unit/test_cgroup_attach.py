@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -71,7 +72,7 @@ def test_writes_our_pid_while_held_and_for_the_linger_then_stops(tmp_path: Path,
             assert target.read_text() == str(os.getpid())
         after_exit = warmer.writes
         _wait_until(lambda: warmer.writes > after_exit, "the burst did not linger")
-        _wait_until(lambda: warmer._thread is None, "the thread did not end after the linger")
+        _wait_until(lambda: warmer._burst is None, "the thread did not end after the linger")
         done = warmer.writes
         time.sleep(3 * cgroup_attach.REWRITE_INTERVAL_S)
         assert warmer.writes == done and not warmer.disabled
@@ -84,16 +85,16 @@ def test_a_failed_write_disables_it_quietly(tmp_path: Path, monkeypatch: pytest.
     with _target(monkeypatch, tmp_path / "missing" / "cgroup.procs"):
         with warmer.held():
             _wait_until(lambda: warmer.disabled, "a failing write did not disable it")
-        _wait_until(lambda: warmer._thread is None, "the thread did not end")
+        _wait_until(lambda: warmer._burst is None, "the thread did not end")
         with warmer.held():
-            assert warmer._thread is None and warmer.writes == 0
+            assert warmer._burst is None and warmer.writes == 0
 
 
 def test_no_cgroup_to_write_means_no_thread(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(cgroup_attach, "own_procs_file", lambda: None)
     warmer = AttachLockWarmer()
     with warmer.held():
-        assert warmer._thread is None and warmer.disabled
+        _wait_until(lambda: warmer.disabled and warmer._burst is None, "not disabled without a cgroup")
 
 
 def test_the_real_rewrites_leave_this_process_in_its_cgroups() -> None:
@@ -192,7 +193,7 @@ def test_a_forked_child_starts_its_own_bursts(tmp_path: Path, monkeypatch: pytes
         _wait_until(lambda: warmer.writes >= 1, "no rewrites in the parent")
         pid = os.fork()
         if pid == 0:  # the child: the parent's thread is not here; a burst of its own must still run
-            ok = warmer._thread is None and warmer._users == 0
+            ok = warmer._burst is None and warmer._users == 0
             mine = tmp_path / "child.procs"
             mine.write_text("")
             cgroup_attach.own_procs_file = lambda: mine  # type: ignore[assignment]
@@ -203,4 +204,26 @@ def test_a_forked_child_starts_its_own_bursts(tmp_path: Path, monkeypatch: pytes
             os._exit(0 if ok and mine.read_text() == str(os.getpid()) else 1)
         _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
-    _wait_until(lambda: warmer._thread is None, "the parent's thread did not end")
+    _wait_until(lambda: warmer._burst is None, "the parent's thread did not end")
+
+
+def test_entering_does_not_wait_for_the_burst_thread(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The cgroup lookup and the first write are the burst thread's: a caller placing a process never
+    waits for them (they took ~0.5 ms of pod creation on a busy machine)."""
+    release = threading.Event()
+    target = tmp_path / "cgroup.procs"
+    target.write_text("")
+
+    def slow_lookup() -> Path:
+        release.wait(WAIT_S)
+        return target
+
+    monkeypatch.setattr(cgroup_attach, "own_procs_file", slow_lookup)
+    warmer = AttachLockWarmer(linger=0.0)
+    started = time.monotonic()
+    with warmer.held():
+        entered = time.monotonic() - started
+        release.set()
+        _wait_until(lambda: warmer.writes >= 1, "no rewrite once the lookup returned")
+    assert entered < 0.5
+    _wait_until(lambda: warmer._burst is None, "the thread did not end")

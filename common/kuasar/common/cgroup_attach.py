@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import _thread
 import threading
 import time
 from collections.abc import Iterator
@@ -60,7 +61,7 @@ class AttachLockWarmer:
         self._lock = threading.Lock()
         self._users = 0
         self._until = 0.0  # monotonic time the current burst may end, once no block is open
-        self._thread: threading.Thread | None = None
+        self._burst: object | None = None  # the running burst's token
         self.disabled = False  # set once a write failed (no cgroupfs, no permission): nothing to gain
         self.writes = 0
 
@@ -69,21 +70,17 @@ class AttachLockWarmer:
         self._lock = threading.Lock()
         self._users = 0
         self._until = 0.0
-        self._thread = None
+        self._burst = None
 
     @contextmanager
     def held(self) -> Iterator[None]:
         with self._lock:
             self._users += 1
-            if self._thread is None and not self.disabled:
-                # Looked up for every burst: writing a cgroup we have since been moved out of would move us back.
-                target = own_procs_file()
-                if target is None:
-                    self.disabled = True
-                else:
-                    self._thread = threading.Thread(target=self._rewrite, args=(target,),
-                                                    name="cgroup-attach-warmer", daemon=True)
-                    self._thread.start()
+            if self._burst is None and not self.disabled:
+                # Not threading.Thread: its start() waits until the new thread has run, which on a busy
+                # machine made pod creation wait ~0.5 ms for a free CPU. Nothing here needs that handshake.
+                self._burst = burst = object()
+                _thread.start_new_thread(self._rewrite, (burst,))
         try:
             yield
         finally:
@@ -91,12 +88,28 @@ class AttachLockWarmer:
                 self._users -= 1
                 self._until = time.monotonic() + self.linger
 
-    def _rewrite(self, target: Path) -> None:
+    def _end(self, burst: object, disable: bool = False) -> None:
+        with self._lock:
+            self.disabled = self.disabled or disable
+            if self._burst is burst:
+                self._burst = None
+
+    def _rewrite(self, burst: object) -> None:
+        # Looked up for every burst: writing a cgroup we have since been moved out of would move us back.
+        try:
+            target = own_procs_file()
+        except OSError:
+            target = None
+        if target is None:
+            self._end(burst, disable=True)
+            return
         pid = str(os.getpid()).encode()
         while True:
             with self._lock:
+                if self._burst is not burst:  # forgotten in a forked child
+                    return
                 if self._users == 0 and time.monotonic() >= self._until:
-                    self._thread = None
+                    self._burst = None
                     return
             try:
                 fd = os.open(target, os.O_WRONLY | os.O_CLOEXEC)
@@ -107,9 +120,7 @@ class AttachLockWarmer:
                 self.writes += 1
             except OSError as exc:
                 log.info("not keeping the cgroup attach lock warm: writing %s failed: %s", target, exc)
-                with self._lock:
-                    self.disabled = True
-                    self._thread = None
+                self._end(burst, disable=True)
                 return
             time.sleep(REWRITE_INTERVAL_S)
 
