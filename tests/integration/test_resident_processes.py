@@ -20,7 +20,7 @@ from .cri_helpers import remove_pod, run_pod, start_container, task_server_pid, 
 pytestmark = pytest.mark.integration
 
 # Libraries whose mapping would mean a resident process loaded what it never uses: ssl (asyncio imports
-# it when it can), hashlib's libcrypto, and grpcio's core (the Sandbox API is served by grpclib).
+# it when it can), hashlib's libcrypto, and grpcio's core (the Sandbox API is served on h2 by grpc_h2).
 UNWANTED_LIBRARIES = ("libssl.so", "libcrypto.so", "cygrpc")
 
 
@@ -46,7 +46,7 @@ def test_task_server_is_forked_into_its_own_session_and_keeps_tls_and_grpcio_out
     assert os.getsid(server.pid) != os.getsid(sandboxer.pid)  # signals to the sandboxer's session spare it
     assert mapped_unwanted(sandboxer.pid) == []
     assert mapped_unwanted(server.pid) == []
-    assert sandboxer.num_threads() == 1  # grpclib on the asyncio loop: no gRPC core threads
+    assert sandboxer.num_threads() == 1  # h2 on the asyncio loop: no gRPC core threads
     # The CLI exec'd the daemon proper (same pid): click and the TOML parser are not resident.
     assert sandboxer.cmdline()[1:3] == ["-m", "kuasar.common.daemon_main"]
 

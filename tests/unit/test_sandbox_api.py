@@ -227,14 +227,14 @@ def test_the_connection_forgets_old_closed_streams(tmp_path: Path) -> None:
     """h2 would remember 65,536 closed streams of containerd's one long-lived connection (~10 MB)."""
     import gc
 
-    from kuasar.common.sandbox_api import REMEMBERED_CLOSED_STREAMS, _ManyStreamsProtocol
+    from kuasar.common.grpc_h2 import REMEMBERED_CLOSED_STREAMS, GrpcConnection
 
     async def body(stub, sandboxer: MemorySandboxer, controller) -> None:
         await stub.Create(create_request())
         for _ in range(REMEMBERED_CLOSED_STREAMS + 300):
             await stub.Platform(pb.ControllerPlatformRequest(sandbox_id=SID))
-        protocols = [o for o in gc.get_objects() if isinstance(o, _ManyStreamsProtocol)]
-        remembered = [len(p.connection._connection._closed_streams) for p in protocols]
+        protocols = [o for o in gc.get_objects() if isinstance(o, GrpcConnection)]
+        remembered = [len(p.h2._closed_streams) for p in protocols]
         assert remembered and max(remembered) <= REMEMBERED_CLOSED_STREAMS
 
     run(tmp_path, body)

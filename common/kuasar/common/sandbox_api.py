@@ -1,14 +1,13 @@
 """gRPC `containerd.services.sandbox.v1.Controller` on a unix socket, translating to SandboxController.
 
-Served with grpclib (HTTP/2 by h2, pure Python on our asyncio loop) rather than grpcio: the sandboxer
-is resident, and grpcio's core library alone adds about 11 MB of resident memory and a pool of threads
-to serve nine unary methods to one local client. grpcio stays for our gRPC *clients* (kuasar-ctl, the
-shim v2 helper, the tests), which also checks that the two implementations interoperate.
+Served by `grpc_h2` (h2's HTTP/2 on our asyncio loop) rather than grpcio, whose core library alone adds
+about 11 MB of resident memory and a pool of threads to serve nine unary methods to one local client.
+grpcio stays for our gRPC *clients* (kuasar-ctl, the shim v2 helper, the tests), which also checks that
+the two implementations interoperate.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import os
@@ -18,17 +17,12 @@ from typing import Any, TypeVar
 
 from google.protobuf import timestamp_pb2
 from google.protobuf.message import Message
-from grpclib.const import Cardinality, Handler, Status
-from grpclib.exceptions import GRPCError
-from grpclib.protocol import H2Protocol
-from grpclib.server import Server, Stream
-from h2.settings import SettingCodes
-from h2.utilities import SizeLimitDict
 
 from .api.containerd.services.sandbox.v1 import sandbox_pb2 as pb
 from .api.containerd.types import metrics_pb2, platform_pb2
 from .controller import SandboxController, new_record
-from .errors import InvalidArgument, KuasarError
+from .errors import Code, InvalidArgument, KuasarError
+from .grpc_h2 import GrpcError, GrpcServer, Method
 from .sandboxer import SandboxRecord, SandboxState
 
 log = logging.getLogger(__name__)
@@ -38,14 +32,6 @@ R = TypeVar("R")
 SERVICE = "containerd.services.sandbox.v1.Controller"
 # How long in-flight calls get to finish when the sandboxer is stopped.
 STOP_GRACE = 1.0
-# containerd keeps one Controller.Wait open per pod on its single connection to us. h2 advertises 100
-# concurrent streams, and a client at the limit queues every further call: pod 101 would stall the
-# whole Sandbox API. The real bound is how many pods a node holds.
-MAX_CONCURRENT_STREAMS = 1 << 20
-# h2 remembers how each closed stream ended, to classify frames that arrive late, for the last 65,536
-# streams of a connection: ~10 MB once containerd's one long-lived connection has made that many
-# calls (a few per pod operation). A late frame on a forgotten stream is still refused as closed.
-REMEMBERED_CLOSED_STREAMS = 256
 # containerd stores CRI's own metadata under this extension key (its type_url is a Go type path).
 CRI_METADATA_EXTENSION = "metadata"
 # Architecture names as Go's GOARCH spells them; containerd compares platforms by these.
@@ -79,21 +65,19 @@ METHODS: dict[str, tuple[type[Message], type[Message]]] = {
 
 
 class ControllerService:
-    """The nine Controller methods; `__mapping__` is how grpclib finds a service's handlers."""
+    """The nine Controller methods, by the paths gRPC calls them."""
 
     def __init__(self, controller: SandboxController) -> None:
         self.controller = controller
 
-    def __mapping__(self) -> dict[str, Handler]:
-        return {f"/{SERVICE}/{name}": Handler(self._unary(name), Cardinality.UNARY_UNARY, request, response)
-                for name, (request, response) in METHODS.items()}
+    def methods(self) -> dict[str, Method]:
+        return {f"/{SERVICE}/{name}": Method(request, self._unary(name)) for name, (request, _) in METHODS.items()}
 
-    def _unary(self, name: str) -> Callable[[Stream], Awaitable[None]]:
+    def _unary(self, name: str) -> Callable[[Message], Awaitable[Message]]:
         method = getattr(self, name)
 
-        async def handle(stream: Stream) -> None:
-            request = await stream.recv_message()
-            await stream.send_message(await self._call(name, lambda: method(request)))
+        async def handle(request: Message) -> Message:
+            return await self._call(name, lambda: method(request))
 
         return handle
 
@@ -102,10 +86,10 @@ class ControllerService:
             return await fn()
         except KuasarError as exc:
             log.info("%s failed: %s (%s)", name, exc.message, exc.code.name)
-            raise GRPCError(Status(int(exc.code)), exc.message) from None
+            raise GrpcError(exc.code, exc.message) from None
         except Exception as exc:
             log.exception("%s failed", name)
-            raise GRPCError(Status.UNKNOWN, f"{name}: {exc}") from None
+            raise GrpcError(Code.UNKNOWN, f"{name}: {exc}") from None
 
     async def Create(self, request: pb.ControllerCreateRequest) -> pb.ControllerCreateResponse:  # noqa: N802
         _require_id(request.sandbox_id)
@@ -188,51 +172,23 @@ class ControllerService:
         return pb.ControllerUpdateResponse()
 
 
-class _ManyStreamsProtocol(H2Protocol):
-    def connection_made(self, transport) -> None:  # type: ignore[no-untyped-def]
-        super().connection_made(transport)
-        h2_connection = self.connection._connection
-        h2_connection.update_settings({SettingCodes.MAX_CONCURRENT_STREAMS: MAX_CONCURRENT_STREAMS})
-        h2_connection._closed_streams = SizeLimitDict(size_limit=REMEMBERED_CLOSED_STREAMS)
-        self.connection.flush()
-
-
-class _Server(Server):
-    """grpclib's server with MAX_CONCURRENT_STREAMS raised and h2's closed-stream memory bounded
-    (neither library has a setting for them; this relies on grpclib's protocol factory and h2's
-    connection internals, hence the version pins in pyproject.toml)."""
-
-    def _protocol_factory(self) -> H2Protocol:
-        made = super()._protocol_factory()
-        return _ManyStreamsProtocol(made.handler, made.config, made.h2_config)
-
-
 class SandboxApiServer:
     """The gRPC server bound to the `--listen` unix socket, created 0600 (only root talks to us)."""
 
     def __init__(self, controller: SandboxController, listen: Path) -> None:
         self.listen = listen
-        self.server = _Server([ControllerService(controller)])
+        self.server = GrpcServer(ControllerService(controller).methods())
 
     async def start(self) -> None:
         if not self.listen.parent.exists():
             self.listen.parent.mkdir(parents=True, mode=0o700)  # a directory we make is ours alone
         if self.listen.exists() or self.listen.is_symlink():
             self.listen.unlink()
-        old_umask = os.umask(0o177)  # no window in which the socket is reachable by others
-        try:
-            await self.server.start(path=str(self.listen))
-        finally:
-            os.umask(old_umask)
-        os.chmod(self.listen, 0o600)
+        await self.server.start(self.listen)
         log.info("Sandbox API listening on %s", self.listen)
 
     async def stop(self, grace: float = STOP_GRACE) -> None:
-        self.server.close()  # stops accepting and cancels calls still running (a Wait may block forever)
-        try:
-            await asyncio.wait_for(self.server.wait_closed(), grace)
-        except TimeoutError:
-            log.warning("Sandbox API calls still running %.1f s after stop", grace)
+        await self.server.stop(grace)  # calls still running then (a Wait may block forever) are cancelled
         try:
             self.listen.unlink()
         except FileNotFoundError:

@@ -1,0 +1,171 @@
+"""The unary gRPC server on h2, against grpcio's client (what containerd's Go client also speaks) and
+raw bytes on the socket."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from pathlib import Path
+
+import grpc
+import pytest
+
+from kuasar.common.api.containerd.services.sandbox.v1 import sandbox_pb2 as pb
+from kuasar.common.errors import Code
+from kuasar.common.grpc_h2 import GRPC_PREFIX, MAX_REQUEST_BYTES, GrpcError, GrpcServer, Method, decode_message
+
+ECHO = "/test.Echo/Status"
+SLOW = "/test.Echo/Slow"
+FAIL = "/test.Echo/Fail"
+BUG = "/test.Echo/Bug"
+
+
+class Service:
+    def __init__(self) -> None:
+        self.slow_cancelled = asyncio.Event()
+        self.slow_started = asyncio.Event()
+
+    def methods(self) -> dict[str, Method]:
+        handlers = {ECHO: self.echo, SLOW: self.slow, FAIL: self.fail, BUG: self.bug}
+        return {path: Method(pb.ControllerStatusRequest, handler) for path, handler in handlers.items()}
+
+    async def echo(self, request: pb.ControllerStatusRequest) -> pb.ControllerStatusResponse:
+        # `verbose` asks for a reply far larger than the client's initial flow-control window (64 KB).
+        info = {f"k{i}": "v" * 1000 for i in range(300)} if request.verbose else {}
+        return pb.ControllerStatusResponse(sandbox_id=request.sandbox_id, info=info)
+
+    async def slow(self, request: pb.ControllerStatusRequest) -> pb.ControllerStatusResponse:
+        self.slow_started.set()
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            self.slow_cancelled.set()
+            raise
+        return pb.ControllerStatusResponse()
+
+    async def fail(self, request: pb.ControllerStatusRequest) -> pb.ControllerStatusResponse:
+        raise GrpcError(Code.NOT_FOUND, "sandbox ünknown: 100%")
+
+    async def bug(self, request: pb.ControllerStatusRequest) -> pb.ControllerStatusResponse:
+        raise RuntimeError("oops")
+
+
+def call(channel: grpc.aio.Channel, path: str, request_serializer=pb.ControllerStatusRequest.SerializeToString):
+    return channel.unary_unary(path, request_serializer=request_serializer,
+                               response_deserializer=pb.ControllerStatusResponse.FromString)
+
+
+def serve(tmp_path: Path, body) -> Service:
+    service = Service()
+
+    async def main() -> None:
+        server = GrpcServer(service.methods())
+        sock = tmp_path / "api.sock"
+        await server.start(sock)
+        try:
+            async with grpc.aio.insecure_channel(f"unix://{sock}") as channel, asyncio.timeout(30):
+                await body(channel, service, server, sock)
+        finally:
+            await server.stop(0)
+
+    asyncio.run(main())
+    return service
+
+
+async def code_of(awaitable) -> tuple[grpc.StatusCode, str]:
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await awaitable
+    return info.value.code(), info.value.details()
+
+
+def test_echo_and_a_reply_larger_than_the_flow_control_window(tmp_path: Path) -> None:
+    async def body(channel, service, server, sock):
+        reply = await call(channel, ECHO)(pb.ControllerStatusRequest(sandbox_id="abc"))
+        assert reply.sandbox_id == "abc"
+        big = await call(channel, ECHO)(pb.ControllerStatusRequest(sandbox_id="big", verbose=True))
+        assert len(big.info) == 300 and big.info["k299"] == "v" * 1000
+        # the connection is still good for the next call
+        assert (await call(channel, ECHO)(pb.ControllerStatusRequest(sandbox_id="x"))).sandbox_id == "x"
+
+    serve(tmp_path, body)
+
+
+def test_errors_carry_their_status_and_message(tmp_path: Path) -> None:
+    async def body(channel, service, server, sock):
+        assert await code_of(call(channel, FAIL)(pb.ControllerStatusRequest())) == (
+            grpc.StatusCode.NOT_FOUND, "sandbox ünknown: 100%")
+        code, details = await code_of(call(channel, BUG)(pb.ControllerStatusRequest()))
+        assert code == grpc.StatusCode.UNKNOWN and "oops" in details
+        code, details = await code_of(call(channel, "/test.Echo/Nope")(pb.ControllerStatusRequest()))
+        assert code == grpc.StatusCode.UNIMPLEMENTED and "/test.Echo/Nope" in details
+        code, _ = await code_of(call(channel, ECHO, lambda _: b"\xff\xff\xff")(pb.ControllerStatusRequest()))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT
+        too_big = pb.ControllerStatusRequest(sandbox_id="x" * (MAX_REQUEST_BYTES + 1))
+        code, _ = await code_of(call(channel, ECHO)(too_big))
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert (await call(channel, ECHO)(pb.ControllerStatusRequest(sandbox_id="ok"))).sandbox_id == "ok"
+
+    serve(tmp_path, body)
+
+
+def test_a_cancelled_or_expired_call_cancels_its_handler_and_blocks_nothing(tmp_path: Path) -> None:
+    async def body(channel, service, server, sock):
+        code, _ = await code_of(call(channel, SLOW)(pb.ControllerStatusRequest(), timeout=0.3))
+        assert code == grpc.StatusCode.DEADLINE_EXCEEDED
+        await asyncio.wait_for(service.slow_cancelled.wait(), 5)
+        service.slow_cancelled.clear()
+        pending = call(channel, SLOW)(pb.ControllerStatusRequest())
+        await asyncio.wait_for(service.slow_started.wait(), 5)
+        assert (await call(channel, ECHO)(pb.ControllerStatusRequest(sandbox_id="y"))).sandbox_id == "y"
+        pending.cancel()
+        await asyncio.wait_for(service.slow_cancelled.wait(), 5)
+        assert not any(conn.calls for conn in server.connections)
+
+    serve(tmp_path, body)
+
+
+def test_stop_cancels_calls_still_running(tmp_path: Path) -> None:
+    async def body(channel, service, server, sock):
+        pending = asyncio.ensure_future(call(channel, SLOW)(pb.ControllerStatusRequest()))
+        await asyncio.wait_for(service.slow_started.wait(), 5)
+        await server.stop(0.05)
+        assert service.slow_cancelled.is_set()
+        code, _ = await code_of(pending)
+        assert code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.INTERNAL)
+
+    serve(tmp_path, body)
+
+
+def test_garbage_on_the_socket_closes_that_connection_only(tmp_path: Path) -> None:
+    async def body(channel, service, server, sock):
+        loop = asyncio.get_running_loop()
+        raw = socket.socket(socket.AF_UNIX)
+        raw.setblocking(False)
+        await loop.sock_connect(raw, str(sock))
+        await loop.sock_sendall(raw, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" + b"\x00" * 64)
+        received = b""
+        async with asyncio.timeout(5):
+            while chunk := await loop.sock_recv(raw, 65536):
+                received += chunk
+        raw.close()
+        assert b"\x07" in received[:200]  # h2 sent GOAWAY (frame type 7) before closing
+        assert (await call(channel, ECHO)(pb.ControllerStatusRequest(sandbox_id="z"))).sandbox_id == "z"
+
+    serve(tmp_path, body)
+
+
+@pytest.mark.parametrize("body, code", [
+    (b"", Code.INVALID_ARGUMENT),
+    (b"\x00\x00\x00", Code.INVALID_ARGUMENT),
+    (GRPC_PREFIX.pack(0, 5) + b"\x0a\x01a", Code.INVALID_ARGUMENT),  # length says 5, 3 follow
+    (GRPC_PREFIX.pack(1, 3) + b"\x0a\x01a", Code.UNIMPLEMENTED),  # compressed
+    (GRPC_PREFIX.pack(0, 2) + b"\x0a\x05", Code.INVALID_ARGUMENT),  # string field cut short
+])
+def test_request_framing_is_checked(body: bytes, code: Code) -> None:
+    with pytest.raises(GrpcError) as info:
+        decode_message(body, pb.ControllerStatusRequest)
+    assert info.value.code == code
+
+
+def test_one_exact_message_decodes() -> None:
+    assert decode_message(GRPC_PREFIX.pack(0, 3) + b"\x0a\x01a", pb.ControllerStatusRequest).sandbox_id == "a"
