@@ -15,9 +15,9 @@ anyway and this costs one cheap write per interval.
 
 from __future__ import annotations
 
+import _thread
 import logging
 import os
-import _thread
 import threading
 import time
 from collections.abc import Iterator
