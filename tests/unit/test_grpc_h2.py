@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import time
 from pathlib import Path
 
 import grpc
@@ -169,3 +170,48 @@ def test_request_framing_is_checked(body: bytes, code: Code) -> None:
 
 def test_one_exact_message_decodes() -> None:
     assert decode_message(GRPC_PREFIX.pack(0, 3) + b"\x0a\x01a", pb.ControllerStatusRequest).sandbox_id == "a"
+
+
+def test_control_answers_wait_for_the_next_reply_and_follow_it(tmp_path: Path) -> None:
+    """A PING that comes with a request is acked after that request's reply, in the same write; a PING
+    alone is still acked (by the timer)."""
+    import h2.config
+    import h2.connection
+    import h2.events
+
+    from kuasar.common.grpc_h2 import CONTROL_DELAY, encode_message
+
+    async def body(channel, service, server, sock):
+        reader, writer = await asyncio.open_unix_connection(str(sock))
+        client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding=None))
+        client.initiate_connection()
+        writer.write(client.data_to_send())
+
+        async def events_until(done) -> list[h2.events.Event]:
+            seen: list[h2.events.Event] = []
+            while not done(seen):
+                seen += client.receive_data(await reader.read(65536))
+                writer.write(client.data_to_send())
+            return seen
+
+        client.ping(b"alone...")
+        writer.write(client.data_to_send())
+        started = time.monotonic()
+        await events_until(lambda seen: any(isinstance(e, h2.events.PingAckReceived) for e in seen))
+        assert time.monotonic() - started >= CONTROL_DELAY * 0.5
+
+        stream = client.get_next_available_stream_id()
+        client.ping(b"withcall")
+        client.send_headers(stream, [(b":method", b"POST"), (b":scheme", b"http"), (b":path", ECHO.encode()),
+                                     (b":authority", b"x"), (b"content-type", b"application/grpc"),
+                                     (b"te", b"trailers")])
+        client.send_data(stream, encode_message(pb.ControllerStatusRequest(sandbox_id="q")), end_stream=True)
+        writer.write(client.data_to_send())
+        seen = await events_until(lambda seen: any(isinstance(e, h2.events.PingAckReceived) for e in seen))
+        kinds = [type(e) for e in seen]
+        assert kinds.index(h2.events.StreamEnded) < kinds.index(h2.events.PingAckReceived)
+        data = b"".join(e.data for e in seen if isinstance(e, h2.events.DataReceived))
+        assert pb.ControllerStatusResponse.FromString(data[5:]).sandbox_id == "q"
+        writer.close()
+
+    serve(tmp_path, body)

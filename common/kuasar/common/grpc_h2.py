@@ -47,6 +47,11 @@ MAX_CONCURRENT_STREAMS = 1 << 20
 REMEMBERED_CLOSED_STREAMS = 256
 # gRPC's own default receive limit; no Controller request comes near it (a pod config is a few KB).
 MAX_REQUEST_BYTES = 4 << 20
+# How long the frames h2 answers control frames with (PING and SETTINGS acks, window updates) may wait
+# to leave with the next reply. containerd's gRPC client sends a WINDOW_UPDATE and a PING after every
+# reply it reads; acked at once, each call costs both sides one more write and wake-up. Sent after the
+# next reply's frames, the ack also stops the client pinging again for that reply.
+CONTROL_DELAY = 0.01
 # How long stop() lets cancelled calls unwind (a handler's cleanup) before closing connections.
 CANCEL_WAIT = 1.0
 GRPC_PREFIX = struct.Struct(">BI")  # compressed flag, message length
@@ -121,6 +126,9 @@ class GrpcConnection(asyncio.Protocol):
         self.h2 = h2.connection.H2Connection(_H2_CONFIG)
         self.calls: dict[int, _Call] = {}
         self.blocked: dict[int, _Call] = {}  # answered, waiting for the client's flow-control window
+        self.receiving: set[int] = set()  # streams whose request has not fully arrived
+        self._control = b""  # h2's answers to control frames, waiting to go out after the next reply
+        self._control_timer: asyncio.TimerHandle | None = None
         self.transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -140,6 +148,9 @@ class GrpcConnection(asyncio.Protocol):
                 call.task.cancel()
         self.calls.clear()
         self.blocked.clear()
+        self.receiving.clear()
+        if self._control_timer is not None:
+            self._control_timer.cancel()
         self.transport = None
 
     def data_received(self, data: bytes) -> None:
@@ -154,12 +165,14 @@ class GrpcConnection(asyncio.Protocol):
             return
         for event in events:
             self._on_event(event)
-        self._flush()
+        self._hold_control()
 
     def _on_event(self, event: h2.events.Event) -> None:
         if isinstance(event, h2.events.RequestReceived):
             headers = dict(event.headers)
             self.calls[event.stream_id] = _Call(headers.get(b":path", b""))
+            if not event.stream_ended:
+                self.receiving.add(event.stream_id)
         elif isinstance(event, h2.events.DataReceived):
             self.h2.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
             call = self.calls.get(event.stream_id)
@@ -169,10 +182,12 @@ class GrpcConnection(asyncio.Protocol):
                     self._fail(event.stream_id, call, Code.RESOURCE_EXHAUSTED,
                                f"request larger than {MAX_REQUEST_BYTES} bytes")
         elif isinstance(event, h2.events.StreamEnded):
+            self.receiving.discard(event.stream_id)
             call = self.calls.get(event.stream_id)
             if call is not None and call.task is None and not call.trailers:
                 call.task = asyncio.ensure_future(self._run(event.stream_id, call))
         elif isinstance(event, h2.events.StreamReset):
+            self.receiving.discard(event.stream_id)
             call = self.calls.pop(event.stream_id, None)
             self.blocked.pop(event.stream_id, None)
             if call is not None and call.task is not None:
@@ -229,8 +244,23 @@ class GrpcConnection(asyncio.Protocol):
         self.calls.pop(stream_id, None)
         self.blocked.pop(stream_id, None)
 
+    def _hold_control(self) -> None:
+        """Keep what h2 queued while reading (answers to control frames: replies are written by the
+        calls' tasks) for the next reply, or CONTROL_DELAY at the latest. Not while a request is still
+        arriving: its sender may be waiting for our window update."""
+        if self.receiving:
+            self._flush()
+            return
+        self._control += self.h2.data_to_send()
+        if self._control and self._control_timer is None:
+            self._control_timer = asyncio.get_running_loop().call_later(CONTROL_DELAY, self._flush)
+
     def _flush(self) -> None:
-        data = self.h2.data_to_send()
+        data = self.h2.data_to_send() + self._control
+        self._control = b""
+        if self._control_timer is not None:
+            self._control_timer.cancel()
+            self._control_timer = None
         if data and self.transport is not None and not self.transport.is_closing():
             self.transport.write(data)
 
