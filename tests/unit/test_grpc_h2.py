@@ -19,6 +19,7 @@ ECHO = "/test.Echo/Status"
 SLOW = "/test.Echo/Slow"
 FAIL = "/test.Echo/Fail"
 BUG = "/test.Echo/Bug"
+SELF_CANCEL = "/test.Echo/SelfCancel"
 
 
 class Service:
@@ -27,7 +28,8 @@ class Service:
         self.slow_started = asyncio.Event()
 
     def methods(self) -> dict[str, Method]:
-        handlers = {ECHO: self.echo, SLOW: self.slow, FAIL: self.fail, BUG: self.bug}
+        handlers = {ECHO: self.echo, SLOW: self.slow, FAIL: self.fail, BUG: self.bug,
+                    SELF_CANCEL: self.self_cancel}
         return {path: Method(pb.ControllerStatusRequest, handler) for path, handler in handlers.items()}
 
     async def echo(self, request: pb.ControllerStatusRequest) -> pb.ControllerStatusResponse:
@@ -49,6 +51,9 @@ class Service:
 
     async def bug(self, request: pb.ControllerStatusRequest) -> pb.ControllerStatusResponse:
         raise RuntimeError("oops")
+
+    async def self_cancel(self, request: pb.ControllerStatusRequest) -> pb.ControllerStatusResponse:
+        raise asyncio.CancelledError  # e.g. something the handler awaited was cancelled
 
 
 def call(channel: grpc.aio.Channel, path: str, request_serializer=pb.ControllerStatusRequest.SerializeToString):
@@ -97,6 +102,8 @@ def test_errors_carry_their_status_and_message(tmp_path: Path) -> None:
             grpc.StatusCode.NOT_FOUND, "sandbox ünknown: 100%")
         code, details = await code_of(call(channel, BUG)(pb.ControllerStatusRequest()))
         assert code == grpc.StatusCode.UNKNOWN and "oops" in details
+        code, _ = await code_of(call(channel, SELF_CANCEL)(pb.ControllerStatusRequest(), timeout=10))
+        assert code == grpc.StatusCode.CANCELLED
         code, details = await code_of(call(channel, "/test.Echo/Nope")(pb.ControllerStatusRequest()))
         assert code == grpc.StatusCode.UNIMPLEMENTED and "/test.Echo/Nope" in details
         code, _ = await code_of(call(channel, ECHO, lambda _: b"\xff\xff\xff")(pb.ControllerStatusRequest()))

@@ -206,6 +206,12 @@ class GrpcConnection(asyncio.Protocol):
             reply = encode_message(await method.handler(decode_message(bytes(call.body), method.request_type)))
         except GrpcError as exc:
             self._fail(stream_id, call, exc.code, exc.message)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():  # reset by the client, or the server stopping
+                raise
+            # A cancellation escaping from inside the handler: the client is still owed an answer.
+            self._fail(stream_id, call, Code.CANCELLED, "handler cancelled")
         except Exception as exc:  # a bug of ours: the client still gets an answer
             log.exception("Sandbox API %s failed", call.path.decode(errors="replace"))
             self._fail(stream_id, call, Code.UNKNOWN, f"{call.path.decode(errors='replace')}: {exc}")
@@ -300,7 +306,8 @@ class GrpcServer:
             await asyncio.wait(tasks, timeout=CANCEL_WAIT)
         for conn in list(self.connections):
             if conn.transport is not None:
-                conn.h2.close_connection(ErrorCodes.NO_ERROR)
+                with contextlib.suppress(h2.exceptions.ProtocolError):  # already closed by h2
+                    conn.h2.close_connection(ErrorCodes.NO_ERROR)
                 conn._flush()
             conn.close()
         await self._server.wait_closed()
