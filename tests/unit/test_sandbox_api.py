@@ -238,3 +238,18 @@ def test_the_connection_forgets_old_closed_streams(tmp_path: Path) -> None:
         assert remembered and max(remembered) <= REMEMBERED_CLOSED_STREAMS
 
     run(tmp_path, body)
+
+
+def test_a_bug_in_a_sandbox_type_is_unknown_and_names_the_method(tmp_path: Path) -> None:
+    class Broken(MemorySandboxer):
+        async def metrics(self, record: SandboxRecord) -> any_pb2.Any:
+            raise RuntimeError("metrics exploded")
+
+    async def body(stub, sandboxer, controller):
+        await stub.Create(create_request())
+        details = await expect_code(stub.Metrics(pb.ControllerMetricsRequest(sandbox_id=SID)),
+                                    grpc.StatusCode.UNKNOWN)
+        assert "Controller/Metrics" in details and "metrics exploded" in details
+        assert (await stub.Status(pb.ControllerStatusRequest(sandbox_id=SID))).sandbox_id == SID
+
+    run(tmp_path, body, Broken())
