@@ -21,7 +21,7 @@ import os
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 
 from . import cgroups
@@ -123,6 +123,11 @@ class AttachLockWarmer:
                 self._end(burst, disable=True)
                 return
             time.sleep(REWRITE_INTERVAL_S)
+
+
+def warm(warmer: AttachLockWarmer | None) -> AbstractContextManager[None]:
+    """`warmer.held()`, or nothing where a backend keeps no warmer (the guest's agent, tests)."""
+    return warmer.held() if warmer is not None else nullcontext()
 
 
 # One per process: the kernel lock it warms is one per machine.

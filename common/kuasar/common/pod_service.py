@@ -7,7 +7,6 @@ The task backend plugs in through `PodContainers` so pod Stop can take the conta
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import signal
@@ -19,7 +18,7 @@ from google.protobuf import empty_pb2
 
 from . import cgroups, mounts
 from .api.kuasar.pods.v1 import pods_pb2 as pb
-from .cgroup_attach import AttachLockWarmer
+from .cgroup_attach import AttachLockWarmer, warm
 from .errors import AlreadyExists, InvalidArgument, NotFound
 from .ids import validate_id
 from .pod_files import SHM, pod_dir
@@ -102,7 +101,7 @@ class PodService:
         return pod
 
     async def create(self, req: pb.CreatePodRequest, ctx: Context) -> pb.CreatePodResponse:
-        with self.attach_warmer.held() if self.attach_warmer else contextlib.nullcontext():
+        with warm(self.attach_warmer):
             return await self._create(req)
 
     async def _create(self, req: pb.CreatePodRequest) -> pb.CreatePodResponse:

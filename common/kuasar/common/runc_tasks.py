@@ -12,7 +12,6 @@ removed container leaves (`_remove_files`).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 from dataclasses import dataclass
@@ -24,7 +23,7 @@ from google.protobuf import empty_pb2
 from . import cgroups, mounts
 from .api.containerd.runtime.task.v2 import shim_pb2 as task
 from .api.containerd.types.task import task_pb2 as types
-from .cgroup_attach import AttachLockWarmer
+from .cgroup_attach import AttachLockWarmer, warm
 from .errors import FailedPrecondition, InvalidArgument
 from .ids import validate_id
 from .oom import OomWatch
@@ -114,7 +113,7 @@ class RuncContainerTasks(ContainerTasks):
             stdio = io.runc_stdio()
         pid_file = container.files / (f"{proc.id}.pid" if is_exec else "init.pid")
         try:
-            with self.attach_warmer.held() if self.attach_warmer else contextlib.nullcontext():
+            with warm(self.attach_warmer):
                 await self._run_runc(container, proc, is_exec, pid_file, stdio, console)
             if receiving is not None:
                 await receiving
