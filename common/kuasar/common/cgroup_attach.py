@@ -103,26 +103,38 @@ class AttachLockWarmer:
         if target is None:
             self._end(burst, disable=True)
             return
+        try:
+            # Opened once per burst: every call that releases the GIL is a hand-over the event loop's
+            # thread may have to wait for, so the loop makes only the write and the sleep.
+            fd = os.open(target, os.O_WRONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            self._give_up(burst, target, exc)
+            return
         pid = str(os.getpid()).encode()
-        while True:
-            with self._lock:
-                if self._burst is not burst:  # forgotten in a forked child
-                    return
-                if self._users == 0 and time.monotonic() >= self._until:
-                    self._burst = None
-                    return
-            try:
-                fd = os.open(target, os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            while self._goes_on(burst):
                 try:
                     os.write(fd, pid)
-                finally:
-                    os.close(fd)
+                except OSError as exc:
+                    self._give_up(burst, target, exc)
+                    return
                 self.writes += 1
-            except OSError as exc:
-                log.info("not keeping the cgroup attach lock warm: writing %s failed: %s", target, exc)
-                self._end(burst, disable=True)
-                return
-            time.sleep(REWRITE_INTERVAL_S)
+                time.sleep(REWRITE_INTERVAL_S)
+        finally:
+            os.close(fd)
+
+    def _goes_on(self, burst: object) -> bool:
+        with self._lock:
+            if self._burst is not burst:  # forgotten in a forked child
+                return False
+            if self._users == 0 and time.monotonic() >= self._until:
+                self._burst = None
+                return False
+            return True
+
+    def _give_up(self, burst: object, target: Path, exc: OSError) -> None:
+        log.info("not keeping the cgroup attach lock warm: writing %s failed: %s", target, exc)
+        self._end(burst, disable=True)
 
 
 def warm(warmer: AttachLockWarmer | None) -> AbstractContextManager[None]:
