@@ -20,6 +20,10 @@ SLOW = "/test.Echo/Slow"
 FAIL = "/test.Echo/Fail"
 BUG = "/test.Echo/Bug"
 SELF_CANCEL = "/test.Echo/SelfCancel"
+# The same answers from plain functions (Method.answer): made while the request is read, without a task.
+ECHO_NOW = "/test.Echo/StatusNow"
+FAIL_NOW = "/test.Echo/FailNow"
+BUG_NOW = "/test.Echo/BugNow"
 
 
 class Service:
@@ -30,12 +34,23 @@ class Service:
     def methods(self) -> dict[str, Method]:
         handlers = {ECHO: self.echo, SLOW: self.slow, FAIL: self.fail, BUG: self.bug,
                     SELF_CANCEL: self.self_cancel}
-        return {path: Method(pb.ControllerStatusRequest, handler) for path, handler in handlers.items()}
+        answers = {ECHO_NOW: self.echo_now, FAIL_NOW: self.fail_now, BUG_NOW: self.bug_now}
+        return ({path: Method(pb.ControllerStatusRequest, handler) for path, handler in handlers.items()}
+                | {path: Method(pb.ControllerStatusRequest, answer=answer) for path, answer in answers.items()})
 
     async def echo(self, request: pb.ControllerStatusRequest) -> pb.ControllerStatusResponse:
+        return self.echo_now(request)
+
+    def echo_now(self, request: pb.ControllerStatusRequest) -> pb.ControllerStatusResponse:
         # `verbose` asks for a reply far larger than the client's initial flow-control window (64 KB).
         info = {f"k{i}": "v" * 1000 for i in range(300)} if request.verbose else {}
         return pb.ControllerStatusResponse(sandbox_id=request.sandbox_id, info=info)
+
+    def fail_now(self, request: pb.ControllerStatusRequest) -> pb.ControllerStatusResponse:
+        raise GrpcError(Code.NOT_FOUND, "sandbox ünknown: 100%")
+
+    def bug_now(self, request: pb.ControllerStatusRequest) -> pb.ControllerStatusResponse:
+        raise RuntimeError("oops")
 
     async def slow(self, request: pb.ControllerStatusRequest) -> pb.ControllerStatusResponse:
         self.slow_started.set()
@@ -84,14 +99,15 @@ async def code_of(awaitable) -> tuple[grpc.StatusCode, str]:
     return info.value.code(), info.value.details()
 
 
-def test_echo_and_a_reply_larger_than_the_flow_control_window(tmp_path: Path) -> None:
+@pytest.mark.parametrize("path", [ECHO, ECHO_NOW])
+def test_echo_and_a_reply_larger_than_the_flow_control_window(tmp_path: Path, path: str) -> None:
     async def body(channel, service, server, sock):
-        reply = await call(channel, ECHO)(pb.ControllerStatusRequest(sandbox_id="abc"))
+        reply = await call(channel, path)(pb.ControllerStatusRequest(sandbox_id="abc"))
         assert reply.sandbox_id == "abc"
-        big = await call(channel, ECHO)(pb.ControllerStatusRequest(sandbox_id="big", verbose=True))
+        big = await call(channel, path)(pb.ControllerStatusRequest(sandbox_id="big", verbose=True))
         assert len(big.info) == 300 and big.info["k299"] == "v" * 1000
         # the connection is still good for the next call
-        assert (await call(channel, ECHO)(pb.ControllerStatusRequest(sandbox_id="x"))).sandbox_id == "x"
+        assert (await call(channel, path)(pb.ControllerStatusRequest(sandbox_id="x"))).sandbox_id == "x"
 
     serve(tmp_path, body)
 
@@ -100,14 +116,18 @@ def test_errors_carry_their_status_and_message(tmp_path: Path) -> None:
     async def body(channel, service, server, sock):
         assert await code_of(call(channel, FAIL)(pb.ControllerStatusRequest())) == (
             grpc.StatusCode.NOT_FOUND, "sandbox ünknown: 100%")
-        code, details = await code_of(call(channel, BUG)(pb.ControllerStatusRequest()))
-        assert code == grpc.StatusCode.UNKNOWN and "oops" in details
+        assert await code_of(call(channel, FAIL_NOW)(pb.ControllerStatusRequest())) == (
+            grpc.StatusCode.NOT_FOUND, "sandbox ünknown: 100%")
+        for path in (BUG, BUG_NOW):
+            code, details = await code_of(call(channel, path)(pb.ControllerStatusRequest()))
+            assert code == grpc.StatusCode.UNKNOWN and "oops" in details and path in details
         code, _ = await code_of(call(channel, SELF_CANCEL)(pb.ControllerStatusRequest(), timeout=10))
         assert code == grpc.StatusCode.CANCELLED
         code, details = await code_of(call(channel, "/test.Echo/Nope")(pb.ControllerStatusRequest()))
         assert code == grpc.StatusCode.UNIMPLEMENTED and "/test.Echo/Nope" in details
-        code, _ = await code_of(call(channel, ECHO, lambda _: b"\xff\xff\xff")(pb.ControllerStatusRequest()))
-        assert code == grpc.StatusCode.INVALID_ARGUMENT
+        for path in (ECHO, ECHO_NOW):
+            code, _ = await code_of(call(channel, path, lambda _: b"\xff\xff\xff")(pb.ControllerStatusRequest()))
+            assert code == grpc.StatusCode.INVALID_ARGUMENT
         too_big = pb.ControllerStatusRequest(sandbox_id="x" * (MAX_REQUEST_BYTES + 1))
         code, _ = await code_of(call(channel, ECHO)(too_big))
         assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -125,6 +145,7 @@ def test_a_cancelled_or_expired_call_cancels_its_handler_and_blocks_nothing(tmp_
         pending = call(channel, SLOW)(pb.ControllerStatusRequest())
         await asyncio.wait_for(service.slow_started.wait(), 5)
         assert (await call(channel, ECHO)(pb.ControllerStatusRequest(sandbox_id="y"))).sandbox_id == "y"
+        assert (await call(channel, ECHO_NOW)(pb.ControllerStatusRequest(sandbox_id="n"))).sandbox_id == "n"
         pending.cancel()
         await asyncio.wait_for(service.slow_cancelled.wait(), 5)
         assert not any(conn.calls for conn in server.connections)
@@ -175,11 +196,20 @@ def test_request_framing_is_checked(body: bytes, code: Code) -> None:
     assert info.value.code == code
 
 
+def test_a_method_has_a_handler_or_an_answer() -> None:
+    service = Service()
+    with pytest.raises(ValueError):
+        Method(pb.ControllerStatusRequest)
+    with pytest.raises(ValueError):
+        Method(pb.ControllerStatusRequest, service.echo, answer=service.echo_now)
+
+
 def test_one_exact_message_decodes() -> None:
     assert decode_message(GRPC_PREFIX.pack(0, 3) + b"\x0a\x01a", pb.ControllerStatusRequest).sandbox_id == "a"
 
 
-def test_control_answers_wait_for_the_next_reply_and_follow_it(tmp_path: Path) -> None:
+@pytest.mark.parametrize("path", [ECHO, ECHO_NOW])
+def test_control_answers_wait_for_the_next_reply_and_follow_it(tmp_path: Path, path: str) -> None:
     """A PING that comes with a request is acked after that request's reply, in the same write; a PING
     alone is still acked (by the timer)."""
     import h2.config
@@ -209,7 +239,7 @@ def test_control_answers_wait_for_the_next_reply_and_follow_it(tmp_path: Path) -
 
         stream = client.get_next_available_stream_id()
         client.ping(b"withcall")
-        client.send_headers(stream, [(b":method", b"POST"), (b":scheme", b"http"), (b":path", ECHO.encode()),
+        client.send_headers(stream, [(b":method", b"POST"), (b":scheme", b"http"), (b":path", path.encode()),
                                      (b":authority", b"x"), (b"content-type", b"application/grpc"),
                                      (b"te", b"trailers")])
         client.send_data(stream, encode_message(pb.ControllerStatusRequest(sandbox_id="q")), end_stream=True)

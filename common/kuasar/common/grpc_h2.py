@@ -9,7 +9,8 @@ same calls straight on h2 cost ~490 µs (see the README). Only what gRPC adds to
 flow control, stream states) stays h2's.
 
 Every unary call runs as its own task, so a long `Wait` blocks nothing, and a stream the client resets
-(a cancelled call or an expired deadline) cancels its task.
+(a cancelled call or an expired deadline) cancels its task. A method answered from memory (Status,
+Platform) is instead answered in the loop step its request arrived in: no task, no extra loop turn.
 """
 
 from __future__ import annotations
@@ -65,6 +66,7 @@ _REPLY_HEADERS = ((b":status", b"200"), (b"content-type", b"application/grpc"))
 _OK_TRAILERS = ((b"grpc-status", b"0"),)
 
 Handler = Callable[[Message], Awaitable[Message]]
+Answer = Callable[[Message], Message]
 
 
 class GrpcError(Exception):
@@ -78,8 +80,16 @@ class GrpcError(Exception):
 
 @dataclass(frozen=True)
 class Method:
+    """A method is served either by `handler`, as its own task, or by `answer`, which must never block:
+    it runs inside `data_received`, saving each call a task and a loop turn (~60 µs here)."""
+
     request_type: type[Message]
-    handler: Handler
+    handler: Handler | None = None
+    answer: Answer | None = None
+
+    def __post_init__(self) -> None:
+        if (self.handler is None) == (self.answer is None):
+            raise ValueError("a Method has either a handler or an answer")
 
 
 @dataclass
@@ -128,6 +138,7 @@ class GrpcConnection(asyncio.Protocol):
         self.blocked: dict[int, _Call] = {}  # answered, waiting for the client's flow-control window
         self.receiving: set[int] = set()  # streams whose request has not fully arrived
         self._control = b""  # h2's answers to control frames, waiting to go out after the next reply
+        self._answered = False  # a reply was made while reading: it goes out when the read is done
         self._control_timer: asyncio.TimerHandle | None = None
         self.transport: asyncio.Transport | None = None
 
@@ -163,6 +174,8 @@ class GrpcConnection(asyncio.Protocol):
             self._flush()
             self.close()
             return
+        # Taken now so that they leave behind any reply the events below make at once.
+        self._control += self.h2.data_to_send()
         for event in events:
             self._on_event(event)
         self._hold_control()
@@ -185,7 +198,7 @@ class GrpcConnection(asyncio.Protocol):
             self.receiving.discard(event.stream_id)
             call = self.calls.get(event.stream_id)
             if call is not None and call.task is None and not call.trailers:
-                call.task = asyncio.ensure_future(self._run(event.stream_id, call))
+                self._dispatch(event.stream_id, call)
         elif isinstance(event, h2.events.StreamReset):
             self.receiving.discard(event.stream_id)
             call = self.calls.pop(event.stream_id, None)
@@ -198,12 +211,26 @@ class GrpcConnection(asyncio.Protocol):
         elif isinstance(event, h2.events.ConnectionTerminated):
             self.close()
 
-    async def _run(self, stream_id: int, call: _Call) -> None:
+    def _dispatch(self, stream_id: int, call: _Call) -> None:
         method = self.methods.get(call.path)
+        if method is not None and method.handler is not None:
+            call.task = asyncio.ensure_future(self._run(stream_id, call, method.handler, method.request_type))
+            return
+        self._answered = True
         try:
-            if method is None:
+            if method is None or method.answer is None:
                 raise GrpcError(Code.UNIMPLEMENTED, f"unknown method {call.path.decode(errors='replace')}")
-            reply = encode_message(await method.handler(decode_message(bytes(call.body), method.request_type)))
+            reply = encode_message(method.answer(decode_message(bytes(call.body), method.request_type)))
+        except GrpcError as exc:
+            self._fail(stream_id, call, exc.code, exc.message)
+        except Exception as exc:  # a bug of ours: the client still gets an answer
+            self._fail_with_bug(stream_id, call, exc)
+        else:
+            self._reply(stream_id, call, reply, _OK_TRAILERS)
+
+    async def _run(self, stream_id: int, call: _Call, handler: Handler, request_type: type[Message]) -> None:
+        try:
+            reply = encode_message(await handler(decode_message(bytes(call.body), request_type)))
         except GrpcError as exc:
             self._fail(stream_id, call, exc.code, exc.message)
         except asyncio.CancelledError:
@@ -213,11 +240,15 @@ class GrpcConnection(asyncio.Protocol):
             # A cancellation escaping from inside the handler: the client is still owed an answer.
             self._fail(stream_id, call, Code.CANCELLED, "handler cancelled")
         except Exception as exc:  # a bug of ours: the client still gets an answer
-            log.exception("Sandbox API %s failed", call.path.decode(errors="replace"))
-            self._fail(stream_id, call, Code.UNKNOWN, f"{call.path.decode(errors='replace')}: {exc}")
+            self._fail_with_bug(stream_id, call, exc)
         else:
             self._reply(stream_id, call, reply, _OK_TRAILERS)
         self._flush()
+
+    def _fail_with_bug(self, stream_id: int, call: _Call, exc: Exception) -> None:
+        path = call.path.decode(errors="replace")
+        log.error("Sandbox API %s failed", path, exc_info=exc)
+        self._fail(stream_id, call, Code.UNKNOWN, f"{path}: {exc}")
 
     def _fail(self, stream_id: int, call: _Call, code: Code, message: str) -> None:
         self._reply(stream_id, call, b"", status_trailers(code, message))
@@ -251,10 +282,11 @@ class GrpcConnection(asyncio.Protocol):
         self.blocked.pop(stream_id, None)
 
     def _hold_control(self) -> None:
-        """Keep what h2 queued while reading (answers to control frames: replies are written by the
-        calls' tasks) for the next reply, or CONTROL_DELAY at the latest. Not while a request is still
-        arriving: its sender may be waiting for our window update."""
-        if self.receiving:
+        """Keep what h2 queued while reading (answers to control frames) for the next reply, or
+        CONTROL_DELAY at the latest. Not while a request is still arriving (its sender may be waiting
+        for our window update), and not behind a reply made while reading: they leave together."""
+        if self.receiving or self._answered:
+            self._answered = False
             self._flush()
             return
         self._control += self.h2.data_to_send()
