@@ -72,6 +72,26 @@ def test_a_missing_netns_is_reported_and_leaves_no_process(holder_path: str) -> 
     assert [pid for pid in set(os.listdir("/proc")) - before if pid.isdigit() and live_holder(pid)] == []
 
 
+@pytest.mark.parametrize("new_pid", [False, True])
+def test_what_runs_meanwhile_runs_and_its_failure_leaves_no_process(holder_path: str, new_pid: bool) -> None:
+    ran: list[bool] = []
+    pid = asyncio.run(start_pod_holder("meanwhile-ok", PodNamespaces(new_pid=new_pid),
+                                       meanwhile=lambda: ran.append(True)))
+    finish(pid)
+    assert ran == [True]
+
+    def fail() -> None:
+        raise OSError("no shm for you")
+
+    before = {p for p in os.listdir("/proc") if p.isdigit()}
+    with pytest.raises(OSError, match="no shm for you"):
+        asyncio.run(start_pod_holder("badnetns", PodNamespaces(new_pid=new_pid), meanwhile=fail))
+    deadline = time.monotonic() + 5
+    while [p for p in set(os.listdir("/proc")) - before if p.isdigit() and live_holder(p)]:
+        assert time.monotonic() < deadline, "the pod process outlived the failure"
+        time.sleep(0.02)
+
+
 def live_holder(pid: str) -> bool:
     """A process of this test that is still alive (an exited, unreaped child is not: the task server's
     reaper collects those)."""

@@ -12,12 +12,14 @@ no pause container and no shim.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import os
 import shutil
 import signal
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,23 +61,30 @@ class PodNamespaces:
     new_pid: bool = False  # a pod-wide PID namespace (shareProcessNamespace / NamespaceMode POD)
 
 
-async def start_pod_holder(name: str, namespaces: PodNamespaces, hostname: str = "") -> int:
+async def start_pod_holder(name: str, namespaces: PodNamespaces, hostname: str = "",
+                           meanwhile: Callable[[], None] | None = None) -> int:
     """Start the pod process; return its host pid once it sits in its namespaces.
+
+    `meanwhile` runs while the new process enters its namespaces (other set-up of the pod, e.g. its
+    /dev/shm); if it fails, the process is killed and its error raised.
 
     The task server must reap it (and, with a PID namespace, the intermediate process that exits at
     once): the pid is only returned after its exit may already have been reaped.
     """
     pause = pause_program()
     if pause is None:
+        if meanwhile is not None:
+            meanwhile()
         return spawn_pod_holder(name, namespaces, hostname)
-    return await _spawn_pause(pause, _comm(name), namespaces, hostname)
+    return await _spawn_pause(pause, _comm(name), namespaces, hostname, meanwhile)
 
 
 def _comm(name: str) -> str:
     return f"pod-{name[:11]}"
 
 
-async def _spawn_pause(pause: str, comm: str, ns: PodNamespaces, hostname: str) -> int:
+async def _spawn_pause(pause: str, comm: str, ns: PodNamespaces, hostname: str,
+                       meanwhile: Callable[[], None] | None = None) -> int:
     """posix_spawn `kuasar-pause --setup`: no fork of the task server's heap, no Python in the child."""
     argv = [pause, "--setup"]
     if ns.netns_path:
@@ -107,6 +116,14 @@ async def _spawn_pause(pause: str, comm: str, ns: PodNamespaces, hostname: str) 
     finally:
         os.close(write_fd)
     reading = asyncio.ensure_future(_read_report(read_fd, spawned))
+    if meanwhile is not None:
+        try:
+            meanwhile()
+        except Exception:
+            with contextlib.suppress(Exception):
+                await reading  # bounded by SETUP_TIMEOUT
+            _kill_reported(reading)
+            raise
     try:
         report = await asyncio.shield(reading)
     except asyncio.CancelledError:
