@@ -23,6 +23,8 @@ from .reaper import Reaper
 RESTORED_SIGNALS = (signal.SIGPIPE, signal.SIGXFSZ)
 # Output kept from a helper program; runc's messages are short, so more means something is wrong.
 MAX_CAPTURE = 1 << 20
+# One pipe buffer's worth per read.
+READ_CHUNK = 65536
 
 
 @dataclass
@@ -43,19 +45,39 @@ def resolve(program: str) -> str:
 async def read_to_eof(fd: int, limit: int = MAX_CAPTURE) -> bytes:
     """What is written to pipe `fd` until its last writer closes it, kept up to `limit` bytes (the rest is
     not read). Takes `fd` over and closes it, also when cancelled (e.g. by a timeout)."""
+    # A bare reader callback rather than a pipe transport and StreamReader: this runs for every runc
+    # call and pod process start, and their set-up and teardown cost ~0.1 ms more per read.
     loop = asyncio.get_running_loop()
-    reader = asyncio.StreamReader(limit=limit)
-    transport, _ = await loop.connect_read_pipe(
-        lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(fd, "rb", buffering=0))
+    finished: asyncio.Future[None] = loop.create_future()
     chunks: list[bytes] = []
     size = 0
+
+    def readable() -> None:
+        nonlocal size
+        try:
+            chunk = os.read(fd, min(limit - size, READ_CHUNK))
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            if not finished.done():
+                finished.set_exception(exc)
+            return
+        chunks.append(chunk)
+        size += len(chunk)
+        if (not chunk or size >= limit) and not finished.done():
+            finished.set_result(None)
+
     try:
-        while size < limit and (chunk := await reader.read(limit - size)):
-            chunks.append(chunk)
-            size += len(chunk)
+        os.set_blocking(fd, False)
+        if limit > 0:
+            loop.add_reader(fd, readable)
+            try:
+                await finished
+            finally:
+                loop.remove_reader(fd)
         return b"".join(chunks)
     finally:
-        transport.close()
+        os.close(fd)
 
 
 async def run(reaper: Reaper, argv: list[str], *, stdin: int | None = None, stdout: int | None = None,

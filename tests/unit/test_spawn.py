@@ -1,0 +1,91 @@
+"""Running helper programs (spawn.run) and reading a pipe to its end (spawn.read_to_eof)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import time
+
+import pytest
+
+from kuasar.common.errors import NotFound
+from kuasar.common.reaper import Reaper
+from kuasar.common.spawn import read_to_eof, run
+
+
+def is_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
+
+
+def test_run_captures_output_and_exit_status() -> None:
+    async def main() -> None:
+        reaper = Reaper()
+        reaper.install()
+        done = await run(reaper, ["sh", "-c", "echo out; printf 'err' >&2; exit 3"])
+        assert (done.status, done.stdout, done.stderr) == (3, b"out\n", b"err")
+        quiet = await run(reaper, ["sh", "-c", "echo hidden"], capture=False)
+        assert (quiet.status, quiet.stdout) == (0, b"")
+
+    asyncio.run(main())
+
+
+def test_run_refuses_a_missing_program() -> None:
+    async def main() -> None:
+        with pytest.raises(NotFound):
+            await run(Reaper(), ["/nonexistent/program"])
+
+    asyncio.run(main())
+
+
+def test_read_to_eof_collects_writes_that_come_in_pieces_and_closes_the_fd() -> None:
+    read_fd, write_fd = os.pipe()
+
+    def writer() -> None:
+        for piece in (b"one ", b"two ", b"three"):
+            os.write(write_fd, piece)
+            time.sleep(0.02)
+        os.close(write_fd)
+
+    async def main() -> bytes:
+        thread = threading.Thread(target=writer)
+        thread.start()
+        try:
+            return await read_to_eof(read_fd)
+        finally:
+            thread.join()
+
+    assert asyncio.run(main()) == b"one two three"
+    assert not is_open(read_fd)
+
+
+def test_read_to_eof_keeps_at_most_the_limit() -> None:
+    read_fd, write_fd = os.pipe()
+    os.write(write_fd, b"x" * 1000)
+
+    async def main() -> bytes:
+        return await read_to_eof(read_fd, 10)  # the writer is still open: the limit alone ends the read
+
+    try:
+        assert asyncio.run(main()) == b"x" * 10
+        assert not is_open(read_fd)
+    finally:
+        os.close(write_fd)
+
+
+def test_read_to_eof_closes_the_fd_when_cancelled() -> None:
+    read_fd, write_fd = os.pipe()
+
+    async def main() -> None:
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(read_to_eof(read_fd), 0.05)
+
+    try:
+        asyncio.run(main())
+        assert not is_open(read_fd)
+    finally:
+        os.close(write_fd)
