@@ -120,9 +120,9 @@ async def _spawn_pause(pause: str, comm: str, ns: PodNamespaces, hostname: str,
         try:
             meanwhile()
         except Exception:
+            reading.add_done_callback(_kill_reported)
             with contextlib.suppress(Exception):
-                await reading  # bounded by SETUP_TIMEOUT
-            _kill_reported(reading)
+                await asyncio.shield(reading)  # bounded by SETUP_TIMEOUT; the process is gone after it
             raise
     try:
         report = await asyncio.shield(reading)
