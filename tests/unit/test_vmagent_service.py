@@ -119,6 +119,8 @@ def test_check_and_setup_sandbox(short_dir: Path) -> None:
         assert (guest.etc / "hostname").read_text() == "web-0\n"
         assert (guest.etc / "hosts").read_text() == "127.0.0.1 localhost web-0\n"
         assert (guest.etc / "resolv.conf").read_text() == "nameserver 1.1.1.1\n"
+        for name in ("hostname", "hosts", "resolv.conf"):  # every user of the guest reads them
+            assert (guest.etc / name).stat().st_mode & 0o777 == 0o644, name
         assert (guest.proc_sys / "net/ipv4/ip_forward").read_text() == "1"
         calls = [" ".join(c) for c in guest.ip_calls]
         # eth1 (found by MAC) takes the name eth0, which another link holds: that one moves aside first

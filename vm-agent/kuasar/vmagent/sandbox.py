@@ -17,6 +17,7 @@ from kuasar.common.api.kuasar.agent.v1 import agent_pb2 as pb
 from kuasar.common.errors import DeadlineExceeded, InvalidArgument, NotFound
 from kuasar.common.reaper import Reaper
 from kuasar.common.spawn import MAX_CAPTURE, RESTORED_SIGNALS, resolve
+from kuasar.common.state import write_atomic
 from kuasar.common.ttrpc import Context, ServerStream, TtrpcServer
 
 from . import __version__
@@ -29,6 +30,7 @@ AGENT_SERVICE = "kuasar.agent.v1.Agent"
 DEFAULT_EXEC_TIMEOUT = 30.0
 # How long after answering Poweroff the agent waits before cutting power (lets the reply leave).
 POWEROFF_DELAY = 0.1
+ETC_FILE_MODE = 0o644  # the guest's /etc/hostname, hosts and resolv.conf
 
 
 @dataclass
@@ -39,10 +41,9 @@ class GuestPaths:
     proc_sys: Path = Path("/proc/sys")
 
 
-def _write_atomic(path: Path, data: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(data)
-    os.replace(tmp, path)
+def _write_etc_file(path: Path, text: str) -> None:
+    # Readable by every user of the guest, as /etc files are; the guest's files die with the VM.
+    write_atomic(path, text.encode(), ETC_FILE_MODE, durable=False)
 
 
 def write_sysctl(proc_sys: Path, key: str, value: str) -> None:
@@ -99,11 +100,11 @@ class AgentService:
             if len(req.hostname) > 64 or any(c.isspace() or c == "/" for c in req.hostname):
                 raise InvalidArgument(f"bad hostname {req.hostname!r}")
             self.sethostname(req.hostname)
-            _write_atomic(self.paths.etc / "hostname", req.hostname + "\n")
+            _write_etc_file(self.paths.etc / "hostname", req.hostname + "\n")
         if req.hosts:
-            _write_atomic(self.paths.etc / "hosts", req.hosts)
+            _write_etc_file(self.paths.etc / "hosts", req.hosts)
         if req.resolv_conf:
-            _write_atomic(self.paths.etc / "resolv.conf", req.resolv_conf)
+            _write_etc_file(self.paths.etc / "resolv.conf", req.resolv_conf)
         for key, value in sorted(req.sysctls.items()):
             write_sysctl(self.paths.proc_sys, key, value)
         if req.interfaces:
