@@ -128,7 +128,8 @@ def status_trailers(code: Code, message: str) -> tuple[tuple[bytes, bytes], ...]
 
 
 class GrpcConnection(asyncio.Protocol):
-    """One client connection: h2 turns bytes into events, each finished request becomes a task."""
+    """One client connection: h2 turns bytes into events; a finished request becomes a task, or is
+    answered at once when its method has an `answer`."""
 
     def __init__(self, methods: dict[bytes, Method], connections: set[GrpcConnection]) -> None:
         self.methods = methods
