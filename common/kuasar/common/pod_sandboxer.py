@@ -35,23 +35,16 @@ def decode_pod_config(record: SandboxRecord) -> cri.PodSandboxConfig:
     return config
 
 
-def pod_names(record: SandboxRecord) -> tuple[str, tuple[list[str], list[str], list[str]] | None]:
+def pod_names(config: cri.PodSandboxConfig) -> tuple[str, tuple[list[str], list[str], list[str]] | None]:
     """The pod's hostname and CRI DNSConfig (servers, searches, options), or None without one."""
-    config = decode_pod_config(record)
     dns = config.dns_config
     return config.hostname, ((list(dns.servers), list(dns.searches), list(dns.options))
                              if config.HasField("dns_config") else None)
 
 
-def pod_files_of(record: SandboxRecord) -> dict[str, bytes]:
-    """The pod's /etc/hostname, /etc/hosts and /etc/resolv.conf, from its PodSandboxConfig."""
-    return pod_file_contents(*pod_names(record))
-
-
-def pod_request(record: SandboxRecord, shm_size: int = 0) -> pods.CreatePodRequest:
+def pod_request(record: SandboxRecord, config: cri.PodSandboxConfig, shm_size: int = 0) -> pods.CreatePodRequest:
     """Translate CRI's namespace options into what the pod process must unshare or join; a pod with
     its own IPC namespace also gets its own /dev/shm of `shm_size` bytes (if not 0)."""
-    config = decode_pod_config(record)
     ns = config.linux.security_context.namespace_options
     host_network = ns.network == cri.NODE or not record.netns_path
     return pods.CreatePodRequest(
@@ -91,26 +84,30 @@ class PodSandboxer(Sandboxer):
 
     async def create(self, record: SandboxRecord) -> None:
         # Reject garbage before anything is made; the host's files are read only for a type that uses them.
-        if self.pod_files:
-            files = pod_files_of(record)
-        else:
-            check_names(*pod_names(record))
-            files = None
+        config = decode_pod_config(record)
+        names = pod_names(config)
+        files = pod_file_contents(*names) if self.pod_files else None
+        if files is None:
+            check_names(*names)
         # The pod's files and process are made now rather than in Start: containerd's own work between
         # the two calls hides that time. Start (or Shutdown) collects the outcome. The request is
         # written before Create saves the record and answers; the files while the task server works.
-        self._launches[record.id] = asyncio.ensure_future(self._launch(record, files))
+        self._launches[record.id] = asyncio.ensure_future(self._launch(record, config, files))
 
-    def _launch(self, record: SandboxRecord, files: dict[str, bytes] | None = None) -> Coroutine[Any, Any, int]:
-        creating = self.task_server.begin_call("Create", pod_request(record, self.pod_shm_size),
+    def _launch(self, record: SandboxRecord, config: cri.PodSandboxConfig | None = None,
+                files: dict[str, bytes] | None = None) -> Coroutine[Any, Any, int]:
+        config = config or decode_pod_config(record)
+        if self.pod_files and files is None:
+            files = pod_file_contents(*pod_names(config))
+        creating = self.task_server.begin_call("Create", pod_request(record, config, self.pod_shm_size),
                                                pods.CreatePodResponse)
         return self._launched_pid(record, creating, files)
 
     async def _launched_pid(self, record: SandboxRecord, creating: Coroutine[Any, Any, Any],
                             files: dict[str, bytes] | None) -> int:
         try:
-            if self.pod_files:  # nothing reads them before the pod's first container
-                write_pod_files(pod_dir(self.config.dir, record.id), files or pod_files_of(record))
+            if files is not None:  # nothing reads them before the pod's first container
+                write_pod_files(pod_dir(self.config.dir, record.id), files)
         except BaseException:
             with contextlib.suppress(Exception):
                 await creating  # Shutdown removes what it made
