@@ -335,6 +335,7 @@ def test_sandboxer_restart_then_vm_killed_from_outside(stack: VmStack) -> None:
             assert not state["extra"]["vm"]["network"], "a host-network pod gets no NIC"
             argv = open(f"/proc/{state['pid']}/cmdline").read().split("\0")
             assert argv[argv.index("-smp") + 1] == "2" and argv[argv.index("-m") + 1] == "384M"
+            assert argv[argv.index("-accel") + 1] in ("kvm", "tcg,thread=single")  # see VmmConfig.tcg_thread
             assert "-netdev" not in argv
             cid = await start(client, pod_id, pod, "sleeper", ["sleep", "3600"])
             await wait_state(client, cid, cri.CONTAINER_RUNNING, timeout=TIMEOUT)

@@ -42,6 +42,7 @@ def test_kuasar_keys_and_spellings() -> None:
     ({"hugepages": True}, "hugepages"),
     ({"machine_type": "virt"}, "machine_type"),
     ({"accel": "hvf"}, "accel"),
+    ({"tcg_thread": "many"}, "tcg_thread"),
     ({"driver": "cloud-hypervisor"}, "only qemu"),
     ({"vcpus": 8, "default_max_vcpus": 2}, "vcpus"),
     ({"memory_in_mb": 100}, "memory"),

@@ -25,7 +25,7 @@ def test_microvm_under_tcg() -> None:
     argv = qemu_command(VmmConfig(), s, "/usr/bin/qemu-system-x86_64")
     assert argv[0] == "/usr/bin/qemu-system-x86_64"
     assert option(argv, "-machine") == ["microvm,memory-backend=mem"]
-    assert option(argv, "-accel") == ["tcg"] and option(argv, "-cpu") == ["max"]
+    assert option(argv, "-accel") == ["tcg,thread=single"] and option(argv, "-cpu") == ["max"]
     assert option(argv, "-smp") == ["2"] and option(argv, "-m") == ["768M"]
     assert "memory-backend-memfd,id=mem,size=768M,share=on" in option(argv, "-object")  # vhost-user needs it
     for flag in ("-no-reboot", "-nodefaults", "-no-user-config"):
@@ -45,6 +45,11 @@ def test_microvm_under_tcg() -> None:
                  "task.notify_port=1025", "task.sharefs_type=9p", "task.share_cache=mmap"):
         assert word in cmdline
     assert "task.debug" not in cmdline
+
+
+def test_multi_threaded_tcg_only_when_configured() -> None:
+    argv = qemu_command(VmmConfig(tcg_thread="multi"), spec(), "qemu")
+    assert option(argv, "-accel") == ["tcg,thread=multi"]
 
 
 def test_pc_with_kvm_uses_pci_devices_and_the_host_cpu() -> None:

@@ -90,7 +90,8 @@ class VmConfig:
 
     def qemu_argv(self) -> list[str]:
         mem = f"{self.memory_mb}M"
-        argv = [self.qemu, "-M", "microvm,memory-backend=mem", "-accel", "tcg", "-cpu", "max",
+        # Single-threaded TCG, as vmm-sandboxer's default `tcg_thread`: multi-threaded TCG soft-locks SMP guests.
+        argv = [self.qemu, "-M", "microvm,memory-backend=mem", "-accel", "tcg,thread=single", "-cpu", "max",
                 "-smp", str(self.cpus), "-m", mem,
                 "-object", f"memory-backend-memfd,id=mem,size={mem},share=on",
                 "-no-reboot", "-no-user-config", "-nodefaults", "-display", "none", "-serial", "stdio",

@@ -11,6 +11,7 @@ initrd_path = "/var/lib/kuasar/initramfs.cpio"
 machine_type = "microvm"               # microvm | pc | q35
 machine_accelerators = ""              # extra -machine options, e.g. "kernel_irqchip=on"
 accel = "auto"                         # auto (KVM when a probe boot works, else TCG) | kvm | tcg
+tcg_thread = "single"                  # TCG only: single | multi (one host thread per vCPU)
 cpu_model = ""                         # "" = host under KVM, max under TCG
 cpu_features = ""                      # appended to -cpu
 vcpus = 1                              # default vCPUs of a pod VM
@@ -42,6 +43,7 @@ SECTION = "hypervisor"
 DRIVERS = ("qemu",)
 MACHINE_TYPES = ("microvm", "pc", "q35")
 ACCELS = ("auto", "kvm", "tcg")
+TCG_THREADS = ("single", "multi")
 # Kuasar spells the share types Virtio9P / VirtioFS; accept both spellings.
 SHARE_FS = {"9p": "9p", "virtio9p": "9p", "virtio-9p": "9p", "virtiofs": "virtio-fs", "virtio-fs": "virtio-fs",
             "none": "none"}
@@ -70,6 +72,10 @@ class VmmConfig:
     machine_type: str = "microvm"
     machine_accelerators: str = ""
     accel: str = "auto"
+    # Multi-threaded TCG locks up an SMP guest now and then: both vCPUs soft-lock in the kernel (seen
+    # in a 2-vCPU pod's first `runc create`, and in 2 of 4 runs flipping a static key 2500 times in a
+    # loop), which single-threaded TCG did not do. An SMP guest then shares one host thread.
+    tcg_thread: str = "single"
     cpu_model: str = ""
     cpu_features: str = ""
     vcpus: int = 1
@@ -112,6 +118,9 @@ class VmmConfig:
                                   f"{', '.join(MACHINE_TYPES)}")
         if self.accel not in ACCELS:
             raise InvalidArgument(f"[hypervisor] accel {self.accel!r}: expected one of {', '.join(ACCELS)}")
+        if self.tcg_thread not in TCG_THREADS:
+            raise InvalidArgument(f"[hypervisor] tcg_thread {self.tcg_thread!r}: expected one of "
+                                  f"{', '.join(TCG_THREADS)}")
         if not self.use_vsock:
             raise InvalidArgument("[hypervisor] use_vsock = false is not supported: the agent is reached over "
                                   "(hybrid) vsock only")

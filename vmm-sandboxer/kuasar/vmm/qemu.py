@@ -67,8 +67,9 @@ def qemu_command(config: VmmConfig, spec: VmSpec, qemu: str) -> list[str]:
     cpu = config.cpu_model or ("host" if spec.accel == "kvm" else "max")
     if config.cpu_features:
         cpu += f",{config.cpu_features}"
+    accel = f"tcg,thread={config.tcg_thread}" if spec.accel == "tcg" else spec.accel
     argv = [qemu, "-name", f"sandbox-{spec.sandbox_id},debug-threads=on",
-            "-machine", machine, "-accel", spec.accel, "-cpu", cpu,
+            "-machine", machine, "-accel", accel, "-cpu", cpu,
             "-smp", str(spec.vcpus), "-m", mem,
             "-object", f"memory-backend-memfd,id=mem,size={mem},share=on",
             "-no-reboot", "-no-user-config", "-nodefaults", "-display", "none",
