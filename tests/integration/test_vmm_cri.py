@@ -323,13 +323,14 @@ async def pod_status_after_restart(client: CriClient, pod_id: str) -> cri.PodSan
 
 
 def test_sandboxer_restart_then_vm_killed_from_outside(stack: VmStack) -> None:
-    """A host-network pod (no NIC) sized by annotations. The sandboxer is killed and restarted: it re-attaches to the VM
-    and containerd's task connections (through the task proxy) survive. Then QEMU is SIGKILLed from
-    outside: the pod is reported exited and removing it leaves nothing behind."""
+    """A host-network pod (no NIC) sized by annotations, with a shared PID namespace. The sandboxer is
+    killed and restarted: it re-attaches to the VM and containerd's task connections (through the task
+    proxy) survive. Then QEMU is SIGKILLed from outside: the pod is reported exited and removing it
+    leaves nothing behind."""
 
     async def scenario() -> None:
         async with CriClient(stack.address, timeout=TIMEOUT) as client:
-            pod_id, pod = await run_pod(client, stack, "victim", host_network=True,
+            pod_id, pod = await run_pod(client, stack, "victim", host_network=True, share_pid=True,
                                         annotations={"io.kuasar.vmm.vcpus": "2", "io.kuasar.vmm.memory_mb": "384"})
             state = sandbox_state(stack, pod_id)
             assert not state["extra"]["vm"]["network"], "a host-network pod gets no NIC"
@@ -341,6 +342,11 @@ def test_sandboxer_restart_then_vm_killed_from_outside(stack: VmStack) -> None:
             await wait_state(client, cid, cri.CONTAINER_RUNNING, timeout=TIMEOUT)
             sizes = await client.exec_sync(cid, ["sh", "-c", "nproc; grep MemTotal /proc/meminfo"])
             assert sizes.stdout.split()[0] == b"2" and 300_000 < int(sizes.stdout.split()[2]) < 393_216, sizes
+            # The pod's shared PID namespace is its own: PID 1 is the pod's holder, the agent is out of sight.
+            seen = await client.exec_sync(cid, ["sh", "-c", "cat /proc/1/comm; cat /proc/[0-9]*/comm"])
+            first, *others = seen.stdout.decode().split()
+            assert first == f"pod-{pod_id[:11]}" and "sleep" in others, seen
+            assert not any("python" in name or "agent" in name for name in others), seen
             pids = vm_processes(state)
 
             stop_process(stack.sandboxer, signal.SIGKILL)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import signal
 import tempfile
 import time
 from collections.abc import Awaitable, Iterator
@@ -71,7 +72,7 @@ class Guest:
         self.net = NetConfig(self._ip, sys_net=self.sys_net)
         self.service = AgentService(
             self.reaper, self.events, self.net, started_ns=1, share_dir="/run/kuasar/state",
-            paths=GuestPaths(etc=self.etc, proc_sys=self.proc_sys), sethostname=self.hostnames.append,
+            paths=GuestPaths(etc=self.etc, proc_sys=self.proc_sys, run=root / "run"), sethostname=self.hostnames.append,
             poweroff=self.powered_off.set, stop_containers=self._stop)
         self.server = TtrpcServer()
         self.service.register(self.server)
@@ -142,6 +143,33 @@ def test_check_and_setup_sandbox(short_dir: Path) -> None:
             with pytest.raises(error):
                 await guest.call("SetupSandbox", bad)
         await guest.close()
+
+    run(scenario())
+
+
+def test_setup_sandbox_makes_the_pods_shared_pid_namespace_once(short_dir: Path) -> None:
+    async def scenario() -> None:
+        guest = Guest(short_dir)
+        await guest.start()
+        link = short_dir / "run" / "pod-pid-ns"
+        for bad in ("relative/pod-pid-ns", str(short_dir / "run/../pod-pid-ns"), str(short_dir / "elsewhere")):
+            with pytest.raises(InvalidArgument, match="not under"):
+                await guest.call("SetupSandbox", pb.SetupSandboxRequest(sandbox_id="p1", pod_pid_namespace_path=bad))
+        assert guest.service.pod_pid_holder == 0 and not (short_dir / "run").exists()
+        try:
+            for _ in range(2):  # a repeated SetupSandbox keeps the one holder
+                await guest.call("SetupSandbox", pb.SetupSandboxRequest(sandbox_id="p1",
+                                                                        pod_pid_namespace_path=str(link)))
+                holder = guest.service.pod_pid_holder
+                assert os.readlink(link) == f"/proc/{holder}/ns/pid"
+            assert os.stat(link).st_ino != os.stat("/proc/self/ns/pid").st_ino
+            with open(f"/proc/{holder}/status") as f:
+                nspid = next(line.split()[1:] for line in f if line.startswith("NSpid:"))
+            assert nspid == [str(holder), "1"], "the holder is PID 1 of the new namespace"
+        finally:
+            if guest.service.pod_pid_holder:
+                os.kill(guest.service.pod_pid_holder, signal.SIGKILL)
+            await guest.close()
 
     run(scenario())
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from kuasar.common.errors import InvalidArgument
-from kuasar.vmm.spec import rewrite_process, rewrite_spec
+from kuasar.vmm.spec import GUEST_POD_PID_NS, rewrite_process, rewrite_spec
 
 GUEST = "/run/kuasar/state/c1"
 
@@ -62,9 +62,10 @@ def test_namespaces_paths_and_host_only_settings() -> None:
     assert len(binds) == 2
 
 
-def test_shared_pid_namespace_is_the_guests() -> None:
+def test_shared_pid_namespace_is_the_pods_own_in_the_guest() -> None:
     spec, _ = rewrite_spec(cri_spec(pid_path=True), "c1", GUEST)
-    assert spec["linux"]["namespaces"] == [{"type": "mount"}, {"type": "cgroup"}]
+    assert spec["linux"]["namespaces"] == [{"type": "pid", "path": GUEST_POD_PID_NS}, {"type": "mount"},
+                                           {"type": "cgroup"}]
 
 
 def test_mounts() -> None:

@@ -15,6 +15,7 @@ from google.protobuf import empty_pb2
 
 from kuasar.common.api.kuasar.agent.v1 import agent_pb2 as pb
 from kuasar.common.errors import DeadlineExceeded, InvalidArgument, NotFound
+from kuasar.common.pod_holder import PodNamespaces, start_pod_holder
 from kuasar.common.reaper import Reaper
 from kuasar.common.spawn import MAX_CAPTURE, RESTORED_SIGNALS, resolve
 from kuasar.common.state import write_atomic
@@ -39,6 +40,7 @@ class GuestPaths:
 
     etc: Path = Path("/etc")
     proc_sys: Path = Path("/proc/sys")
+    run: Path = Path("/run/kuasar")  # where the host may ask for links (the pod PID namespace's)
 
 
 def _write_etc_file(path: Path, text: str) -> None:
@@ -75,6 +77,7 @@ class AgentService:
         self.poweroff = poweroff
         self.stop_containers = stop_containers
         self.powering_off = False
+        self.pod_pid_holder = 0  # the process holding the pod's shared PID namespace, once made
 
     def register(self, server: TtrpcServer) -> None:
         for method, request_type, handler in (
@@ -111,9 +114,28 @@ class AgentService:
             await self.net.update_interfaces(req.interfaces)
         if req.routes:
             await self.net.update_routes(req.routes)
+        if req.pod_pid_namespace_path:
+            await self._hold_pod_pid_namespace(req.sandbox_id, req.pod_pid_namespace_path)
         log.info("sandbox %s set up (hostname %r, %d sysctls, %d interfaces, %d routes)", req.sandbox_id,
                  req.hostname, len(req.sysctls), len(req.interfaces), len(req.routes))
         return empty_pb2.Empty()
+
+    async def _hold_pod_pid_namespace(self, sandbox_id: str, link_path: str) -> None:
+        """Start the pod's PID namespace holder (its PID 1, which reaps the pod's orphans; the agent
+        stays out of the containers' sight) and link `link_path` to its namespace. Once per VM."""
+        link = Path(link_path)
+        if not link.is_absolute() or ".." in link.parts or not link.is_relative_to(self.paths.run):
+            raise InvalidArgument(f"pod PID namespace path {link_path!r} is not under {self.paths.run}")
+        if not self.pod_pid_holder:
+            pid = await start_pod_holder(sandbox_id or "pod", PodNamespaces(new_ipc=False, new_uts=False,
+                                                                             new_pid=True))
+            self.reaper.watch(pid).add_done_callback(_holder_exited)
+            self.pod_pid_holder = pid
+        link.parent.mkdir(parents=True, exist_ok=True)
+        tmp = link.with_name(f".{link.name}.tmp")
+        tmp.unlink(missing_ok=True)
+        os.symlink(f"/proc/{self.pod_pid_holder}/ns/pid", tmp)
+        os.replace(tmp, link)
 
     async def update_interfaces(self, req: pb.UpdateInterfacesRequest, ctx: Context) -> empty_pb2.Empty:
         await self.net.update_interfaces(req.interfaces)
@@ -168,6 +190,12 @@ class AgentService:
         if self.poweroff is not None:
             asyncio.get_running_loop().call_later(POWEROFF_DELAY, self.poweroff)
         return empty_pb2.Empty()
+
+
+def _holder_exited(exited: asyncio.Future) -> None:
+    if not exited.cancelled():
+        log.error("the holder of the pod's PID namespace exited (%d): new containers cannot join it",
+                  exited.result().status)
 
 
 async def _wait_fd(fd: int, writable: bool) -> None:

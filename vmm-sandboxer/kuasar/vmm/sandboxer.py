@@ -9,7 +9,8 @@ Start of a pod (RunPodSandbox -> Controller.Start):
 4. the task proxy (proxy.py) on `<vm dir>/task.vsock`, the address containerd gets;
 5. the guest announces itself (`READY` on port 1025: no CONNECT polling during boot, which can wedge
    vhost-device-vsock), one hybrid-vsock connection to port 1024, `Agent/Check`, then
-   `Agent/SetupSandbox` (hostname, hosts, resolv.conf, sysctls, interfaces, routes) and a clock sync;
+   `Agent/SetupSandbox` (hostname, hosts, resolv.conf, sysctls, interfaces, routes, the pod's shared
+   PID namespace) and a clock sync;
 6. Start returns the QEMU pid (it runs in the pod netns) and `ttrpc+hvsock://<vm dir>/task.vsock:1024`
    with task API version 3.
 
@@ -54,7 +55,7 @@ from . import accel, hostfs, network
 from .config import VmmConfig, parse_config
 from .hypervisor import AGENT_PORT, GUEST_SHARE_DIR, NOTIFY_PORT, NicDevice, Vm, VmSpec, make_hypervisor
 from .procs import ExitWatch, ProcessRef, spawn, terminate
-from .spec import GUEST_CGROUP_PARENT
+from .spec import GUEST_CGROUP_PARENT, GUEST_POD_PID_NS
 
 log = logging.getLogger(__name__)
 
@@ -480,6 +481,8 @@ class VmmSandboxer(Sandboxer):
                                             hosts=hosts_file(hostname, addresses),
                                             resolv_conf=resolv_conf(pod.dns_config),
                                             sysctls=dict(pod.linux.sysctls))
+        if pod.linux.security_context.namespace_options.pid == cri.POD:
+            request.pod_pid_namespace_path = GUEST_POD_PID_NS
         for nic in net.nics if net else []:
             request.interfaces.append(agent.Interface(
                 name=nic.name, hw_addr=nic.mac, mtu=nic.mtu, raw_flags=nic.flags,

@@ -4,9 +4,11 @@ CRI writes the spec for a host runtime: namespaces point at `/proc/<pod pid>/ns/
 process), mounts name host paths, the cgroup path and cpuset are the host's. In the VM:
 
 * **namespaces**: the guest's root network namespace *is* the pod network (the NIC was copied in),
-  so `network` is dropped; `ipc`/`uts` (and `pid` for a shared PID namespace) that CRI wants shared
-  through a path are dropped too, i.e. shared with the guest, whose hostname is the pod's; those
-  without a path stay private (new). `mount`/`cgroup` stay new; a `user` namespace path is dropped.
+  so `network` is dropped; `ipc`/`uts` that CRI wants shared through a path are dropped too, i.e.
+  shared with the guest, whose hostname is the pod's. A shared `pid` namespace is the pod's own in the
+  guest (`GUEST_POD_PID_NS`, made by the agent's SetupSandbox): the containers see each other and
+  the pod process as PID 1, not the agent. Namespaces without a path stay private (new).
+  `mount`/`cgroup` stay new; a `user` namespace path is dropped.
 * **mounts**: binds whose source is a host file or directory are shared through the VM's shared
   directory (`volumes/<n>` next to the bundle, bind-mounted there on the host); `/etc/hosts`,
   `/etc/hostname`, `/etc/resolv.conf` use the guest's own files (written by SetupSandbox from the
@@ -31,13 +33,15 @@ from typing import Any
 from kuasar.common.errors import InvalidArgument
 
 GUEST_CGROUP_PARENT = "/kuasar"
+# The guest path of the pod's shared PID namespace (a link the agent makes to its holder's ns/pid).
+GUEST_POD_PID_NS = "/run/kuasar/pod-pid-ns"
 # Destinations served by the guest's own files, whatever host path CRI named.
 GUEST_FILES = {"/etc/hosts": "/etc/hosts", "/etc/hostname": "/etc/hostname", "/etc/resolv.conf": "/etc/resolv.conf",
                "/dev/shm": "/dev/shm"}
 # CRI mounts the pod's hostname/hosts/resolv.conf only when *its* sandbox controller wrote them on the
 # host (podsandbox does, a proxy sandboxer's pod has none), so the guest's files are added when absent.
 POD_FILES = ("/etc/hostname", "/etc/hosts", "/etc/resolv.conf")
-SHARED_NAMESPACE_TYPES = ("ipc", "uts", "pid")
+SHARED_NAMESPACE_TYPES = ("ipc", "uts")
 PROPAGATION = {"shared", "rshared", "slave", "rslave", "private", "rprivate", "unbindable", "runbindable"}
 VOLUMES_DIR = "volumes"
 
@@ -66,6 +70,9 @@ def rewrite_namespaces(namespaces: list[dict[str, Any]]) -> tuple[list[dict[str,
             continue
         if kind in SHARED_NAMESPACE_TYPES and ns.get("path"):
             shared.add(kind)
+            continue
+        if kind == "pid" and ns.get("path"):
+            out.append({"type": kind, "path": GUEST_POD_PID_NS})
             continue
         out.append({"type": kind})  # new, private to the container (a host path means nothing here)
     return out, shared

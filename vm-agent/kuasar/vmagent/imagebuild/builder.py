@@ -6,6 +6,7 @@ Inputs, all from the host's Debian packages and this repository:
   fetched with `apt-get download`, never installed; `vmlinux` is decompressed from its bzImage and
   the modules the agent loads are resolved from their own `.modinfo` (modules.dep);
 * busybox (static), runc with the shared libraries it links (resolved like ldd, from ELF headers);
+* kuasar-pause (static, built by setup): the holder of a pod's shared PID namespace;
 * Debian's `python3` (3.11 or later; `/usr/bin/python3.11` first) with only the stdlib modules the
   agent imports, as sourceless `.pyc`, the protobuf runtime (upb) from the venv, and the agent code
   (kuasar.common + kuasar.vmagent).
@@ -32,6 +33,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from kuasar.common.pod_holder import PAUSE_PROGRAM, pause_program
 
 from . import bzimage, cpio, elf, kmods
 
@@ -131,6 +134,7 @@ class Options:
     python: Path | None = None  # the guest's interpreter; default: default_python()
     busybox: Path = Path("/bin/busybox")
     runc: Path | None = None
+    pause: Path | None = None  # kuasar-pause; default: where the pod holder finds it ($KUASAR_PREFIX/bin, PATH)
     site_packages: Path | None = None  # where google/protobuf comes from (default: this interpreter's)
     compression: str = "none"  # "none" or "lz4"
     modules: tuple[str, ...] = DEFAULT_MODULES
@@ -424,7 +428,9 @@ def _build_locked(opts: Options) -> dict:
     python = opts.python or default_python()
     if python is None:
         raise BuildError("no Python >= 3.11 in /usr/bin for the guest (python3.11 or python3)")
-    for path in (python, opts.busybox, runc):
+    found_pause = pause_program()
+    pause = opts.pause or (Path(found_pause) if found_pause else Path(PAUSE_PROGRAM))
+    for path in (python, opts.busybox, runc, pause):
         if not os.access(path, os.X_OK):
             raise BuildError(f"{path} missing (run `make setup`)")
     kernel = prepare_kernel(opts)
@@ -433,7 +439,7 @@ def _build_locked(opts: Options) -> dict:
     short_version = parts.version.rsplit(".", 1)[0]
     sources, py_binaries = _image_py_files(parts, site_packages)
     binaries = {f"usr/bin/python{short_version}": python.resolve(), "bin/busybox": opts.busybox.resolve(),
-                "usr/bin/runc": runc.resolve(), **py_binaries}
+                "usr/bin/runc": runc.resolve(), f"usr/bin/{PAUSE_PROGRAM}": pause.resolve(), **py_binaries}
     builder_files = sorted(Path(__file__).parent.glob("*.py"))
     digest = input_digest(opts, kernel, [*sources.values(), *binaries.values(), *builder_files],
                           {"python": parts.version})
