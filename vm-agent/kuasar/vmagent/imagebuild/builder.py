@@ -421,6 +421,15 @@ def build(opts: Options) -> dict:
         return _build_locked(opts)
 
 
+def _pause_program() -> Path:
+    """setup's kuasar-pause in this checkout's prefix, else wherever the pod holder would find it."""
+    in_checkout = REPO / ".prefix" / "bin" / PAUSE_PROGRAM
+    if os.access(in_checkout, os.X_OK):
+        return in_checkout
+    found = pause_program()
+    return Path(found) if found else in_checkout
+
+
 def _build_locked(opts: Options) -> dict:
     t_start = time.monotonic()
     runc = opts.runc or _which("runc", ("/usr/sbin/runc", "/usr/bin/runc"))
@@ -428,8 +437,7 @@ def _build_locked(opts: Options) -> dict:
     python = opts.python or default_python()
     if python is None:
         raise BuildError("no Python >= 3.11 in /usr/bin for the guest (python3.11 or python3)")
-    found_pause = pause_program()
-    pause = opts.pause or (Path(found_pause) if found_pause else Path(PAUSE_PROGRAM))
+    pause = opts.pause or _pause_program()
     for path in (python, opts.busybox, runc, pause):
         if not os.access(path, os.X_OK):
             raise BuildError(f"{path} missing (run `make setup`)")
