@@ -131,3 +131,19 @@ async def exec_over_websocket(url: str, stdin: bytes = b"", resize: tuple[int, i
             except websockets.ConnectionClosed:
                 pass
     return out, error
+
+
+async def terminal_exec(client: CriClient, cid: str) -> str:
+    """`kubectl exec -it` into `cid`: a terminal with stdin; the shell reads a line typed into it and
+    reports its terminal and the size CRI forwards (asynchronously: it polls until there is one).
+    Returns the session's output, checked for all three."""
+    script = ("read line; [ -t 0 ] && echo on-a-terminal=$(tty); for i in $(seq 100); do "
+              "s=$(stty size 2>/dev/null); [ -n \"$s\" ] && [ \"$s\" != '0 0' ] && break; sleep 0.05; done; "
+              "echo size=$s; echo got-$line")
+    url = await client.exec(cid, ["sh", "-c", script], tty=True, stdin=True, stdout=True)
+    out, error = await exec_over_websocket(url, stdin=b"typed\n", resize=(111, 33))
+    text = out.decode(errors="replace")
+    assert "on-a-terminal=" in text, (text, error)
+    assert "size=33 111" in text, (text, error)
+    assert "got-typed" in text, (text, error)
+    return text

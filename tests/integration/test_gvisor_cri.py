@@ -26,7 +26,15 @@ from tests.support import containerd as cd
 from tests.support import images
 
 from .conftest import BUSYBOX, Stack, integration_skip_reason, kill_task_server, start_sandboxer, stop_process
-from .cri_helpers import log_text, mounts_containing, remove_pod, start_container, wait_log, wait_state
+from .cri_helpers import (
+    log_text,
+    mounts_containing,
+    remove_pod,
+    start_container,
+    terminal_exec,
+    wait_log,
+    wait_state,
+)
 from .cri_helpers import run_pod as cri_run_pod
 
 pytestmark = pytest.mark.integration
@@ -257,7 +265,7 @@ def test_task_api_pause_resume_pids_and_what_gvisor_does_not_do(gvisor: Stack) -
 
     from kuasar.common.api.containerd.runtime.task.v2 import shim_pb2 as task
     from kuasar.common.api.containerd.types.task import task_pb2 as types
-    from kuasar.common.errors import Unimplemented
+    from kuasar.common.errors import InvalidArgument, Unimplemented
     from kuasar.common.ttrpc import TtrpcClient
 
     service, ns = "containerd.task.v3.Task", {"containerd-namespace-ttrpc": "k8s.io"}
@@ -281,15 +289,33 @@ def test_task_api_pause_resume_pids_and_what_gvisor_does_not_do(gvisor: Stack) -
                 state = await call("State", task.StateRequest(id=cid), task.StateResponse)
                 assert state.status == types.RUNNING
                 for method, request in (("Checkpoint", task.CheckpointTaskRequest(id=cid)),
-                                        ("Update", task.UpdateTaskRequest(id=cid)),
-                                        ("ResizePty", task.ResizePtyRequest(id=cid, width=80, height=24))):
+                                        ("Update", task.UpdateTaskRequest(id=cid))):
                     with pytest.raises(Unimplemented):
                         await call(method, request)
+                with pytest.raises(InvalidArgument, match="no terminal"):
+                    await call("ResizePty", task.ResizePtyRequest(id=cid, width=80, height=24))
             finally:
                 await tasks.close()
             ok = await client.exec_sync(cid, ["echo", "resumed"], timeout=20)
             assert ok.stdout == b"resumed\n"
             await remove_pod(client, pod_id)
+
+    gvisor.run(scenario())
+
+
+def test_terminals_a_tty_container_and_an_interactive_exec_with_resize(gvisor: Stack) -> None:
+    async def scenario() -> None:
+        async with CriClient(gvisor.address) as client:
+            pod_id, pod = await run_pod(client, "gv-tty", gvisor.log_dir)
+            on_a_terminal = "[ -t 0 ] && [ -t 1 ] && echo on-a-terminal; exec sleep 3600"
+            # `tty: true`: the sub-container's stdio is a pty (runsc sends its master at create), and
+            # what it writes reaches the CRI log through our copy.
+            cid = await start_container(client, pod_id, pod, "term", ["sh", "-c", on_a_terminal], tty=True, stdin=True)
+            await wait_state(client, cid, cri.CONTAINER_RUNNING)
+            await wait_log(pod, "term", "on-a-terminal")
+            await terminal_exec(client, cid)  # the exec's pty: made here, passed through runsc exec's stdio
+            await remove_pod(client, pod_id)
+            assert not list(gvisor.sandboxer_dir.glob("console-*.sock")), "console sockets are removed"
 
     gvisor.run(scenario())
 

@@ -19,7 +19,6 @@ from .conftest import Stack
 from .cri_helpers import (
     HANDLER,
     children_of,
-    exec_over_websocket,
     log_text,
     mounts_containing,
     pod_processes,
@@ -27,6 +26,7 @@ from .cri_helpers import (
     run_pod,
     start_container,
     task_server_pid,
+    terminal_exec,
     wait_log,
     wait_state,
 )
@@ -294,18 +294,8 @@ def test_terminal_exec_gets_a_pty_and_resize(stack: Stack) -> None:
             pod_id, pod = await run_pod(client, "tty", stack.log_dir)
             cid = await start_container(client, pod_id, pod, "main", ["sleep", "3600"])
             await wait_state(client, cid, cri.CONTAINER_RUNNING)
-            # `kubectl exec -it`: a terminal with stdin; the shell reads a line typed into it.
-            # CRI forwards the resize asynchronously: poll until the terminal has a size.
-            script = ("read line; tty; for i in $(seq 100); do s=$(stty size 2>/dev/null); "
-                      "[ -n \"$s\" ] && [ \"$s\" != '0 0' ] && break; sleep 0.05; done; "
-                      "echo size=$s; echo got-$line")
-            url = await client.exec(cid, ["sh", "-c", script],
-                                    tty=True, stdin=True, stdout=True)
-            out, error = await exec_over_websocket(url, stdin=b"typed\n", resize=(111, 33))
-            text = out.decode(errors="replace")
-            assert "/dev/pts/" in text, (text, error)
-            assert "size=33 111" in text, (text, error)
-            assert "got-typed" in text, (text, error)
+            text = await terminal_exec(client, cid)
+            assert "on-a-terminal=/dev/pts/" in text, text
             await remove_pod(client, pod_id)
 
     stack.run(scenario())

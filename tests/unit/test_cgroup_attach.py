@@ -15,8 +15,8 @@ import pytest
 from kuasar.common import cgroup_attach, cgroups
 from kuasar.common.cgroup_attach import AttachLockWarmer, own_procs_file
 from kuasar.common.events import EventPublisher
+from kuasar.common.fifo_stdio import ProcessIO
 from kuasar.common.reaper import Reaper
-from kuasar.runc.stdio import ProcessIO
 from kuasar.runc.tasks import Container, RuncProcess, RuncTasks
 
 WAIT_S = 5.0  # bounds a thread that should have ended long before

@@ -101,6 +101,13 @@ class ConsoleReceiver:
         if self.console_path is not None:
             self.console_path.unlink(missing_ok=True)
 
+    def _close_console(self) -> None:
+        """The process is done with its terminal: the socket (if still listening) and the master."""
+        self._close_console_socket()
+        if self.master >= 0:
+            os.close(self.master)
+            self.master = -1
+
     def resize(self, width: int, height: int) -> None:
         if not self.terminal:
             raise InvalidArgument("process has no terminal")

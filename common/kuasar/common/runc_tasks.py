@@ -29,7 +29,7 @@ from .ids import validate_id
 from .oom import OomWatch
 from .reaper import Exit, Reaper
 from .runc_cli import Runc, Stdio
-from .task_table import ContainerTasks, TaskContainer, TaskProcess, parse_exec_spec, state_response
+from .task_table import TaskContainer, TaskProcess, TerminalTasks, parse_exec_spec, state_response
 from .ttrpc import Context
 
 log = logging.getLogger(__name__)
@@ -57,7 +57,7 @@ class RuncContainer(TaskContainer):
         return self.files / "log.json"
 
 
-class RuncContainerTasks(ContainerTasks):
+class RuncContainerTasks(TerminalTasks):
     """A backend's containers (RuncContainer) are run by `self.runc`."""
 
     runc: Runc
@@ -224,16 +224,6 @@ class RuncContainerTasks(ContainerTasks):
         await self.runc.resume(req.id)
         container.init.status = types.RUNNING
         self._publish_paused(req.id, False, container.namespace)
-        return empty_pb2.Empty()
-
-    async def resize_pty(self, req: task.ResizePtyRequest, ctx: Context) -> empty_pb2.Empty:
-        self._get(req.id).process(req.exec_id).io.resize(req.width, req.height)
-        return empty_pb2.Empty()
-
-    async def close_io(self, req: task.CloseIORequest, ctx: Context) -> empty_pb2.Empty:
-        proc = self._get(req.id).process(req.exec_id)
-        if req.stdin:
-            proc.io.close_stdin()
         return empty_pb2.Empty()
 
     async def update(self, req: task.UpdateTaskRequest, ctx: Context) -> empty_pb2.Empty:

@@ -18,7 +18,7 @@ from dataclasses import KW_ONLY, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from google.protobuf import timestamp_pb2
+from google.protobuf import empty_pb2, timestamp_pb2
 from google.protobuf.message import Message
 
 from .api.containerd.events import task_pb2 as events
@@ -283,3 +283,20 @@ class ContainerTasks(TaskBackend):
     async def connect(self, req: task.ConnectRequest, ctx: Context) -> task.ConnectResponse:
         container = self._get(req.id)
         return task.ConnectResponse(shim_pid=os.getpid(), task_pid=container.init.pid, version=self.version)
+
+
+class TerminalTasks(ContainerTasks):
+    """Backends whose processes may have a terminal: each process's `io` resizes its pty and closes
+    the copy into it (fifo_stdio.ProcessIO, the vm-agent's streams)."""
+
+    async def resize_pty(self, req: task.ResizePtyRequest, ctx: Context) -> empty_pb2.Empty:
+        self._get(req.id).process(req.exec_id).io.resize(req.width, req.height)
+        return empty_pb2.Empty()
+
+    async def close_io(self, req: task.CloseIORequest, ctx: Context) -> empty_pb2.Empty:
+        # Without a terminal the process holds its stdin FIFO itself and sees end of input when
+        # containerd closes its end; with one, our copy into the pty is what must stop.
+        proc = self._get(req.id).process(req.exec_id)
+        if req.stdin:
+            proc.io.close_stdin()
+        return empty_pb2.Empty()

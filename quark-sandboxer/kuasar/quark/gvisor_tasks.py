@@ -15,6 +15,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
+import secrets
 import shutil
 import signal
 import time
@@ -34,15 +36,15 @@ from kuasar.common.errors import (
     KuasarError,
     NotFound,
     RuntimeFailure,
-    Unimplemented,
 )
 from kuasar.common.events import EventPublisher
+from kuasar.common.fifo_stdio import ProcessIO
 from kuasar.common.ids import validate_id
 from kuasar.common.reaper import Exit, Reaper
 from kuasar.common.task_table import (
-    ContainerTasks,
     TaskContainer,
     TaskProcess,
+    TerminalTasks,
     host_bundle,
     parse_exec_spec,
     state_response,
@@ -53,7 +55,6 @@ from kuasar.common.ttrpc import Context
 
 from . import gvisor_net, gvisor_pod, gvisor_stats
 from .config import QuarkConfig
-from .fifo import FifoIO
 from .runsc import NETSTACK_FIXED_DATE, RUNSC_FAILURE, Runsc, Stdio, last_error
 
 log = logging.getLogger(__name__)
@@ -79,7 +80,7 @@ class GvisorPod:
 
 @dataclass
 class Process(TaskProcess):
-    io: FifoIO
+    io: ProcessIO
     internal_pid: int = 0  # exec only: the pid inside the sandbox, for `runsc kill --pid`
     spec: bytes = b""
 
@@ -92,7 +93,7 @@ class Container(TaskContainer):
     waiter: asyncio.Task[None] | None = None
 
 
-class GvisorTasks(ContainerTasks):
+class GvisorTasks(TerminalTasks):
     """The Task API backend and, as a `PodLauncher`, the maker of each pod's sandbox."""
 
     def __init__(self, reaper: Reaper, events: EventPublisher, directory: Path, config: QuarkConfig) -> None:
@@ -158,8 +159,6 @@ class GvisorTasks(ContainerTasks):
     # -- lifecycle ---------------------------------------------------------------------------------
     async def create(self, req: task.CreateTaskRequest, ctx: Context) -> task.CreateTaskResponse:
         validate_id(req.id, "container id")
-        if req.terminal:
-            raise Unimplemented("terminals are not supported by quark-sandboxer's gVisor backend")
         bundle = host_bundle(req.bundle)
         async with self._lock(req.id):
             if req.id in self.containers:
@@ -173,16 +172,26 @@ class GvisorTasks(ContainerTasks):
                                          "sandboxer (annotation io.kubernetes.cri.sandbox-id)")
             if annotations.get(gvisor_pod.CONTAINER_TYPE, "container") != "container":
                 raise InvalidArgument(f"container {req.id}: only containers can join a pod's sandbox")
-            io = FifoIO(req.stdin, req.stdout, req.stderr)
+            io = ProcessIO(req.stdin, req.stdout, req.stderr, req.terminal)
             container = Container(req.id, bundle, pod, ctx.namespace or "k8s.io", Process("", io))
             if req.rootfs:
                 mounts.mount_rootfs(req.rootfs, bundle / "rootfs")
                 container.rootfs_mounted = True
             try:
-                # runsc hands a sub-container the stdio of `runsc start`, so the FIFOs wait for Start.
-                await self.runsc.create(req.id, bundle, bundle / "init.pid", pod.network, Stdio())
+                # runsc hands a sub-container the stdio of `runsc start`, so the FIFOs wait for Start; a
+                # terminal is made at create, its master sent to our console socket.
+                console = self._listen_console(io)
+                receiving = asyncio.ensure_future(io.receive_console()) if console is not None else None
+                try:
+                    await self.runsc.create(req.id, bundle, bundle / "init.pid", pod.network, Stdio(), console)
+                    if receiving is not None:
+                        await receiving
+                finally:
+                    if receiving is not None and not receiving.done():
+                        receiving.cancel()
                 container.init.pid = int((bundle / "init.pid").read_text().strip())
             except BaseException:
+                io.close()
                 try:
                     await self.runsc.delete(req.id, pod.network)
                 except KuasarError as exc:  # keep the original error
@@ -192,8 +201,17 @@ class GvisorTasks(ContainerTasks):
                 raise
             self.containers[req.id] = container
         log.info("container %s created in gVisor pod %s", req.id, pod_id)
-        self._publish_create(req, req.bundle, container.init.pid, container.namespace)  # req.terminal is False
+        self._publish_create(req, req.bundle, container.init.pid, container.namespace)
         return task.CreateTaskResponse(pid=container.init.pid)
+
+    def _listen_console(self, io: ProcessIO) -> Path | None:
+        """For a process with a terminal: the console socket runsc sends the pty master to (short: it
+        lives in our directory, not in containerd's long bundle path)."""
+        if not io.terminal:
+            return None
+        path = self.directory / f"console-{secrets.token_hex(8)}.sock"
+        io.listen_console(path)
+        return path
 
     async def start(self, req: task.StartRequest, ctx: Context) -> task.StartResponse:
         container = self._get(req.id)
@@ -205,11 +223,11 @@ class GvisorTasks(ContainerTasks):
                 await self._start_exec(container, proc)
                 self._publish_started(req, proc.pid, container.namespace)
             else:
-                stdio = proc.io.open()
+                stdio = Stdio() if proc.io.terminal else proc.io.runc_stdio()
                 try:
                     await self.runsc.start(req.id, container.bundle, container.pod.network, stdio)
                 finally:
-                    proc.io.release()
+                    proc.io.release_fds()
                 proc.status = types.RUNNING
                 container.waiter = asyncio.create_task(self._wait_init(container), name=f"runsc-wait-{req.id}")
                 self._publish_started(req, proc.pid, container.namespace)
@@ -239,12 +257,27 @@ class GvisorTasks(ContainerTasks):
         log_path = container.bundle / f"{proc.id}.runsc.log"
         process_json.write_bytes(proc.spec)
         pid_file.unlink(missing_ok=True)
-        stdio = proc.io.open()
+        # A foreground `runsc exec` ignores --console-socket: it hands the sandbox its own stdio, a
+        # terminal if that is one. So the pty is made here, its replica given as the runner's stdio.
+        master = replica = -1
+        if proc.io.terminal:
+            master, replica = os.openpty()
+            stdio = Stdio(replica, replica, replica)
+        else:
+            stdio = proc.io.runc_stdio()
         try:
             proc.pid, exited = self.runsc.spawn_exec(container.id, container.pod.network, process_json, pid_file,
                                                      log_path, stdio)
+        except BaseException:
+            if master >= 0:
+                os.close(master)
+            raise
         finally:
-            proc.io.release()
+            proc.io.release_fds()
+            if replica >= 0:
+                os.close(replica)
+        if master >= 0:
+            proc.io.attach_master(master)
         try:
             async with asyncio.timeout(EXEC_START_TIMEOUT):
                 # runsc writes the file from another process: nothing to await but the file itself.
@@ -277,13 +310,12 @@ class GvisorTasks(ContainerTasks):
     async def exec(self, req: task.ExecProcessRequest, ctx: Context) -> empty_pb2.Empty:
         container = self._get(req.id)
         validate_id(req.exec_id, "exec id")
-        if req.terminal:
-            raise Unimplemented("terminals are not supported by quark-sandboxer's gVisor backend")
         spec = parse_exec_spec(req)
         async with self._lock(req.id):
             container.check_new_exec(req.exec_id)
-            spec["terminal"] = False
-            container.execs[req.exec_id] = Process(req.exec_id, FifoIO(req.stdin, req.stdout, req.stderr),
+            spec["terminal"] = req.terminal
+            container.execs[req.exec_id] = Process(req.exec_id,
+                                                   ProcessIO(req.stdin, req.stdout, req.stderr, req.terminal),
                                                    spec=json.dumps(spec).encode())
         self._publish_exec_added(req, container.namespace)
         return empty_pb2.Empty()
@@ -316,8 +348,13 @@ class GvisorTasks(ContainerTasks):
         # Unlike the other backends, a task deleted before it ran is answered with the time of the delete.
         return task.DeleteResponse(pid=proc.pid, exit_status=proc.exit_status, exited_at=timestamp(proc.exited_at_ns))
 
+    async def _delete_exec(self, proc: Process) -> None:
+        proc.io.close()
+
     async def _remove(self, container: Container) -> None:
         await self.runsc.delete(container.id, container.pod.network)
+        for proc in container.processes():
+            proc.io.close()
         if container.waiter is not None and not container.waiter.done():
             container.waiter.cancel()
         if container.rootfs_mounted:
@@ -361,11 +398,6 @@ class GvisorTasks(ContainerTasks):
         self._publish_paused(req.id, False, container.namespace)
         return empty_pb2.Empty()
 
-    async def close_io(self, req: task.CloseIORequest, ctx: Context) -> empty_pb2.Empty:
-        # Without a terminal the container holds its stdin FIFO itself and sees EOF when containerd
-        # closes the other end; there is nothing of ours to close.
-        self._get(req.id).process(req.exec_id)
-        return empty_pb2.Empty()
 
     # -- pod hooks (kuasar.common.pod_service.PodContainers) -----------------------------------------
     def pod_container_ids(self, pod_id: str) -> list[str]:

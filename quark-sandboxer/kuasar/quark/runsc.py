@@ -70,9 +70,12 @@ class Runsc:
                 return int(digits)
         return 0
 
-    async def create(self, container_id: str, bundle: Path, pid_file: Path, network: str, stdio: Stdio) -> None:
-        await self._run(network, ["create", "--bundle", str(bundle), "--pid-file", str(pid_file), container_id],
-                        log_path=bundle / "runsc.log", stdio=stdio, capture=False)
+    async def create(self, container_id: str, bundle: Path, pid_file: Path, network: str, stdio: Stdio,
+                     console_socket: Path | None = None) -> None:
+        """With `console_socket`, runsc makes the container's pty and sends its master there (here, at create)."""
+        console = ["--console-socket", str(console_socket)] if console_socket is not None else []
+        await self._run(network, ["create", "--bundle", str(bundle), "--pid-file", str(pid_file), *console,
+                                  container_id], log_path=bundle / "runsc.log", stdio=stdio, capture=False)
 
     async def start(self, container_id: str, bundle: Path, network: str, stdio: Stdio | None = None) -> None:
         """Start a created container. A sub-container takes its stdio from `runsc start` (not `create`)."""
@@ -121,7 +124,8 @@ class Runsc:
             raise RuntimeFailure(f"runsc wait: unexpected output {result.stdout[:200]!r}") from None
 
     def spawn_exec(self, container_id: str, network: str, process_json: Path, internal_pid_file: Path,
-                   log_path: Path, stdio: Stdio) -> tuple[int, asyncio.Future[Exit]]:
+                   log_path: Path, stdio: Stdio, console_socket: Path | None = None
+                   ) -> tuple[int, asyncio.Future[Exit]]:
         """Start a foreground `runsc exec` and return its pid and exit.
 
         `exec --detach` + `wait --pid` loses the status of a process that ends before the wait starts
@@ -129,8 +133,9 @@ class Runsc:
         exits and exits with its status (128 + signal for a signal). Killing the runner does not kill
         the process; signals go through `runsc kill --pid` with the pid from `internal_pid_file`.
         """
+        console = ["--console-socket", str(console_socket)] if console_socket is not None else []
         argv = self.argv(network, log_path, "exec", "--process", str(process_json),
-                         "--internal-pid-file", str(internal_pid_file), container_id)
+                         "--internal-pid-file", str(internal_pid_file), *console, container_id)
         devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
         try:
             actions = [(os.POSIX_SPAWN_DUP2, devnull if fd is None else fd, target)

@@ -16,6 +16,7 @@ from kuasar.common.api.containerd.runtime.task.v2 import shim_pb2 as task
 from kuasar.common.api.containerd.types.task import task_pb2 as types
 from kuasar.common.errors import AlreadyExists, NotFound
 from kuasar.common.events import EventPublisher
+from kuasar.common.fifo_stdio import ProcessIO
 from kuasar.common.ids import validate_id
 from kuasar.common.pod_files import add_pod_file_mounts, pod_dir
 from kuasar.common.reaper import Reaper
@@ -29,8 +30,6 @@ from kuasar.common.task_table import (
     wait_exited,
 )
 from kuasar.common.ttrpc import Context
-
-from .stdio import ProcessIO
 
 log = logging.getLogger(__name__)
 

@@ -183,12 +183,9 @@ class ProcessIO(ConsoleReceiver):
     def close(self) -> None:
         """The process is deleted: stop pumping and forget its streams."""
         self.release_child_fds()
-        self._close_console_socket()
         for task in self._tasks:
             task.cancel()
         self._tasks = []
-        if self.master >= 0:
-            os.close(self.master)
-            self.master = -1
+        self._close_console()
         for sid in self.ids:
             self.hub.release(sid)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from kuasar.runc.stdio import open_fifo_for_writing
+from kuasar.common.fifo_stdio import open_fifo_for_writing
 
 
 def test_fifo_with_a_reader_is_opened_write_only(tmp_path: Path) -> None:

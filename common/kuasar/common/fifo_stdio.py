@@ -1,8 +1,9 @@
-"""Container stdio: containerd's FIFOs handed straight to runc, or a pty copied to and from them.
+"""Container stdio: containerd's FIFOs handed straight to the runtime (runc, runsc), or a pty copied
+to and from them.
 
 Without a terminal the container holds the FIFO ends itself, so its output does not depend on the
-task server copying anything. With a terminal runc passes the pty master over a console socket and
-the task server pumps bytes between it and the FIFOs.
+task server copying anything. With a terminal the runtime passes the pty master over a console socket
+and the task server pumps bytes between it and the FIFOs.
 """
 
 from __future__ import annotations
@@ -13,14 +14,14 @@ import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kuasar.common.console import ConsoleReceiver, open_fifo
-from kuasar.common.errors import RuntimeFailure
-from kuasar.common.iopump import Pump
-from kuasar.common.runc_cli import Stdio
+from .console import ConsoleReceiver, open_fifo
+from .errors import RuntimeFailure
+from .iopump import Pump
+from .runc_cli import Stdio
 
 log = logging.getLogger(__name__)
 
-# runc sends the pty master right after it creates the console; this only bounds a broken runc.
+# The runtime sends the pty master right after it creates the console; this only bounds a broken one.
 CONSOLE_TIMEOUT = 30.0
 
 
@@ -66,8 +67,18 @@ class ProcessIO(ConsoleReceiver):
         return stdio
 
     async def receive_console(self) -> None:
-        """Take the pty master runc sends and start copying it to/from the FIFOs."""
+        """Take the pty master the runtime sends and start copying it to/from the FIFOs."""
         await self._receive_master(CONSOLE_TIMEOUT)
+        self._pump_console()
+
+    def attach_master(self, master: int) -> None:
+        """Use a pty master made here (for a runtime that takes its terminal from its own stdio)."""
+        self.master = master
+        if self.size is not None:
+            self.resize(*self.size)
+        self._pump_console()
+
+    def _pump_console(self) -> None:
         if self.stdout:
             out = open_fifo_for_writing(self.stdout)
             self.pumps.append(Pump(self.master, out, close_src=False))
@@ -86,12 +97,9 @@ class ProcessIO(ConsoleReceiver):
         self.fds = []
 
     def close(self) -> None:
-        self.release_fds()
-        self._close_console_socket()
-        for pump in self.pumps:
+        pumps, self.pumps = self.pumps, []
+        for pump in pumps:  # before the master they read goes
             pump.cancel()
-        self.pumps = []
-        if self.master >= 0:
-            os.close(self.master)
-            self.master = -1
+        self.release_fds()
+        self._close_console()
 
