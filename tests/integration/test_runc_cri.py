@@ -271,6 +271,30 @@ def test_pod_stop_kills_containers_and_remove_leaves_nothing(stack: Stack) -> No
     assert_nothing_left(stack)
 
 
+def test_a_systemd_slice_parent_is_laid_out_as_systemd_would(stack: Stack) -> None:
+    """Kubelet's systemd cgroup driver names the pod's slice; containerd then writes the containers'
+    cgroupsPath as `slice:cri-containerd:<id>`. Both land where systemd puts them."""
+    from kuasar.common import cgroups
+
+    top = f"kuasarit{os.getpid()}"
+    root = cgroups.CGROUP_ROOT if cgroups.is_unified() else cgroups.CGROUP_ROOT / "memory"
+    pod_slice = root / f"{top}.slice" / f"{top}-poda.slice"
+
+    async def scenario() -> None:
+        async with CriClient(stack.address) as client:
+            pod_id, pod = await run_pod(client, "slice", stack.log_dir, cgroup_parent=f"{top}-poda.slice")
+            cid = await start_container(client, pod_id, pod, "main", ["sleep", "3600"])
+            await wait_state(client, cid, cri.CONTAINER_RUNNING)
+            assert (pod_slice / "cgroup.procs").read_text().split(), "the pod process is in the pod's slice"
+            scope = pod_slice / f"cri-containerd-{cid}.scope"
+            assert (scope / "cgroup.procs").read_text().split(), "the container is in its scope under the slice"
+            await remove_pod(client, pod_id)
+
+    stack.run(scenario())
+    assert not (root / f"{top}.slice").exists()
+    assert_nothing_left(stack)
+
+
 def assert_nothing_left(stack: Stack) -> None:
     """Nothing this stack made outlives its pods (other stacks on the machine are not our business)."""
     server = task_server_pid(stack.sandboxer_dir)

@@ -10,7 +10,6 @@ import pytest
 
 from kuasar.common.errors import FailedPrecondition, InvalidArgument, NotFound
 from kuasar.wasm.module import locate_module, resolve_in_root
-from kuasar.wasm.resources import cgroup_path
 from kuasar.wasm.runner import Preopen, RunSpec, proc_exit_status, split_env, wasmedge_argv
 from kuasar.wasm.sandboxer import task_server_options
 from kuasar.wasm.tasks import WasmSettings, WasmTasks, bind_preopens, memory_limit_of
@@ -90,11 +89,6 @@ def test_spec_helpers() -> None:
     assert memory_limit_of({"linux": {"resources": {"memory": {"limit": -1}}}}) == 0
     assert memory_limit_of({}) == 0
     assert split_env(["A=1", "B==2", "C=", "junk", "=x"]) == [["A", "1"], ["B", "=2"], ["C", ""]]
-    assert cgroup_path("/k8s.io/abc") == "/k8s.io/abc"
-    assert cgroup_path("kubepods-besteffort-pod12.slice:cri-containerd:abc") == \
-        "kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod12.slice/cri-containerd-abc.scope"
-    with pytest.raises(InvalidArgument):
-        cgroup_path("a:b")
 
 
 def test_exit_status_mapping() -> None:

@@ -55,6 +55,52 @@ def cgroup_procs_of(pid: int) -> list[int]:
     return []
 
 
+SLICE = ".slice"
+
+
+def slice_path(slice_name: str) -> str:
+    """Where systemd puts a slice's cgroup: `a-b-c.slice` -> `a.slice/a-b.slice/a-b-c.slice`."""
+    stem = slice_name[: -len(SLICE)] if slice_name.endswith(SLICE) else ""
+    words = stem.split("-")
+    if not stem or "/" in stem or not all(words):
+        raise InvalidArgument(f"{slice_name!r} is not a systemd slice name")
+    return "/".join("-".join(words[:i]) + SLICE for i in range(1, len(words) + 1))
+
+
+def pod_parent_path(cgroup_parent: str) -> str:
+    """CRI's `cgroup_parent` as a cgroupfs path. Kubelet's systemd cgroup driver names the pod's slice
+    (`kubepods-besteffort-pod<uid>.slice`); like containerd, a parent whose last part is a slice is
+    taken as that slice, which lives at its expanded path."""
+    base = cgroup_parent.rstrip("/").rsplit("/", 1)[-1]
+    return slice_path(base) if base.endswith(SLICE) else cgroup_parent
+
+
+def cgroupfs_path(spec_path: str) -> str:
+    """An OCI `linux.cgroupsPath` as a cgroupfs path: containerd's systemd form `slice:prefix:name`
+    (what it writes for a pod whose parent is a slice) becomes `/<slice path>/<prefix>-<name>.scope`,
+    where systemd's runc driver would put it; a path stays as it is."""
+    if ":" not in spec_path:
+        return spec_path
+    parts = spec_path.split(":")
+    if len(parts) != 3 or not parts[2]:
+        raise InvalidArgument(f"cgroupsPath {spec_path!r} is neither a path nor slice:prefix:name")
+    slice_name, prefix, name = parts
+    unit = f"{prefix}-{name}.scope" if prefix else (name if name.endswith((".scope", SLICE)) else f"{name}.scope")
+    # Absolute: runc takes a relative path under its own cgroup, which need not be the root.
+    return f"/{slice_path(slice_name or 'system.slice')}/{unit}"
+
+
+def use_cgroupfs_path(spec: dict) -> bool:
+    """Rewrite a spec's systemd-form `cgroupsPath` for a runtime run with its cgroupfs driver (as we run
+    runc and runsc); True if the spec changed."""
+    linux = spec.get("linux") or {}
+    path = linux.get("cgroupsPath")
+    if not isinstance(path, str) or ":" not in path:
+        return False
+    linux["cgroupsPath"] = cgroupfs_path(path)
+    return True
+
+
 def _clean_relative(path: str) -> str:
     rel = os.path.normpath("/" + path).lstrip("/")
     if ".." in rel.split("/"):

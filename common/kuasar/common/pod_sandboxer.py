@@ -15,6 +15,7 @@ from typing import Any
 
 from google.protobuf import any_pb2, empty_pb2
 
+from . import cgroups
 from .api.kuasar.pods.v1 import pods_pb2 as pods
 from .api.runtime.v1 import api_pb2 as cri
 from .config import DaemonConfig
@@ -85,6 +86,7 @@ class PodSandboxer(Sandboxer):
     async def create(self, record: SandboxRecord) -> None:
         # Reject garbage before anything is made; the host's files are read only for a type that uses them.
         config = decode_pod_config(record)
+        cgroups.pod_parent_path(config.linux.cgroup_parent)  # a malformed slice name is refused now
         names = pod_names(config)
         files = pod_file_contents(*names) if self.pod_files else None
         if files is None:

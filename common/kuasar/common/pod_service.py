@@ -115,7 +115,7 @@ class PodService:
             if self.directory is None:
                 raise InvalidArgument("this task server keeps no pod /dev/shm")
             shm = pod_dir(self.directory, req.id) / SHM
-        cgroup = cgroups.PodCgroup(req.cgroup_parent) if req.cgroup_parent else None
+        cgroup = cgroups.PodCgroup(cgroups.pod_parent_path(req.cgroup_parent)) if req.cgroup_parent else None
         if cgroup is not None:
             cgroup.create()
         self._creating.add(req.id)

@@ -41,6 +41,7 @@ from kuasar.common.events import EventPublisher
 from kuasar.common.fifo_stdio import ProcessIO
 from kuasar.common.ids import validate_id
 from kuasar.common.reaper import Exit, Reaper
+from kuasar.common.state import overwrite
 from kuasar.common.task_table import (
     TaskContainer,
     TaskProcess,
@@ -164,6 +165,8 @@ class GvisorTasks(TerminalTasks):
             if req.id in self.containers:
                 raise AlreadyExists(f"container {req.id} already exists")
             spec = json.loads((bundle / "config.json").read_bytes())
+            if cgroups.use_cgroupfs_path(spec):  # runsc runs with its cgroupfs driver
+                overwrite(bundle / "config.json", json.dumps(spec).encode())
             annotations = spec.get("annotations") or {}
             pod_id = annotations.get(gvisor_pod.SANDBOX_ID, "")
             pod = self.pods.get(pod_id)

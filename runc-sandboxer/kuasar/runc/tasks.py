@@ -81,8 +81,12 @@ class RuncTasks(RuncContainerTasks):
                 mounts.mount_rootfs(req.rootfs, bundle / "rootfs")
                 container.rootfs_mounted = True
             try:
+                # runc runs with its cgroupfs driver: a systemd-form cgroupsPath becomes the path systemd's would use.
+                changed = cgroups.use_cgroupfs_path(spec)
                 if pod_id and add_pod_file_mounts(spec, pod_dir(self.directory, pod_id),
                                                   bundle / (spec.get("root") or {}).get("path", "rootfs")):
+                    changed = True
+                if changed:
                     # containerd wrote the file for this Create and only runc, started below, reads it.
                     overwrite(bundle / "config.json", json.dumps(spec).encode())
                 await self._start_process(container, container.init, is_exec=False)

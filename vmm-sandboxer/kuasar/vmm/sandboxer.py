@@ -416,7 +416,7 @@ class VmmSandboxer(Sandboxer):
         parent = pod_config.linux.cgroup_parent
         if not parent:
             return None
-        cgroup = cgroups.PodCgroup(parent)
+        cgroup = cgroups.PodCgroup(cgroups.pod_parent_path(parent))
         try:
             cgroup.create()
             for pid in vm.process_pids():

@@ -19,28 +19,6 @@ from kuasar.common.errors import FailedPrecondition, InvalidArgument, RuntimeFai
 FREEZE_TIMEOUT = 10.0
 
 
-def cgroup_path(spec_path: str) -> str:
-    """The cgroupfs path for `linux.cgroupsPath`; systemd's `slice:prefix:name` form is expanded."""
-    if not spec_path:
-        return ""
-    if ":" not in spec_path:
-        return spec_path
-    parts = spec_path.split(":")
-    if len(parts) != 3:
-        raise InvalidArgument(f"cgroupsPath {spec_path!r} is neither a path nor slice:prefix:name")
-    slice_name, prefix, name = parts
-    slice_name = slice_name or "system.slice"
-    if not slice_name.endswith(".slice"):
-        raise InvalidArgument(f"cgroupsPath {spec_path!r}: {slice_name!r} is not a systemd slice")
-    # "a-b-c.slice" lives at a.slice/a-b.slice/a-b-c.slice (systemd's slice nesting rule).
-    dirs, words = [], slice_name[: -len(".slice")].split("-")
-    for i in range(1, len(words) + 1):
-        if words[0]:
-            dirs.append("-".join(words[:i]) + ".slice")
-    unit = f"{prefix}-{name}.scope" if prefix else (name if name.endswith((".scope", ".slice")) else f"{name}.scope")
-    return "/".join([*dirs, unit])
-
-
 def _dirs(cgroup: cgroups.PodCgroup) -> dict[str, Path]:
     """Controller -> directory ("" for the unified hierarchy)."""
     if cgroups.is_unified():

@@ -228,7 +228,7 @@ class WasmTasks(ContainerTasks):
                 if req.rootfs:
                     mounts.mount_rootfs(req.rootfs, rootfs)
                     container.rootfs_mounted = True
-                path = resources.cgroup_path(str((spec.get("linux") or {}).get("cgroupsPath") or ""))
+                path = cgroups.cgroupfs_path(str((spec.get("linux") or {}).get("cgroupsPath") or ""))
                 if path:
                     container.cgroup = cgroups.PodCgroup(path)
                     container.cgroup.create()

@@ -1,0 +1,44 @@
+"""Cgroup paths from CRI and OCI: cgroupfs paths stay, systemd slices and `slice:prefix:name` expand."""
+
+from __future__ import annotations
+
+import pytest
+
+from kuasar.common.cgroups import cgroupfs_path, pod_parent_path, slice_path, use_cgroupfs_path
+from kuasar.common.errors import InvalidArgument
+
+POD_SLICE = "kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod12.slice"
+
+
+def test_a_slice_lives_under_its_parents() -> None:
+    assert slice_path("kubepods-besteffort-pod12.slice") == POD_SLICE
+    assert slice_path("system.slice") == "system.slice"
+    for bad in ("kubepods", ".slice", "a--b.slice", "-a.slice", "a/b.slice"):
+        with pytest.raises(InvalidArgument, match="not a systemd slice"):
+            slice_path(bad)
+
+
+def test_pod_parent_from_either_cgroup_driver() -> None:
+    assert pod_parent_path("/kubepods/besteffort/pod12") == "/kubepods/besteffort/pod12"  # cgroupfs driver
+    assert pod_parent_path("kubepods-besteffort-pod12.slice") == POD_SLICE  # systemd driver
+    # containerd takes a slice from the last part of the parent too (getCgroupsPath)
+    assert pod_parent_path("/kubepods.slice/kubepods-besteffort-pod12.slice/") == POD_SLICE
+
+
+def test_oci_cgroups_path() -> None:
+    assert cgroupfs_path("/k8s.io/abc") == "/k8s.io/abc"
+    systemd_form = "kubepods-besteffort-pod12.slice:cri-containerd:abc"
+    assert cgroupfs_path(systemd_form) == f"/{POD_SLICE}/cri-containerd-abc.scope"
+    assert cgroupfs_path(":cri-containerd:abc") == "/system.slice/cri-containerd-abc.scope"
+    assert cgroupfs_path("system.slice::web.scope") == "/system.slice/web.scope"
+    for bad in ("a:b", "a.slice:p:", "notaslice:p:n"):
+        with pytest.raises(InvalidArgument):
+            cgroupfs_path(bad)
+
+
+def test_a_spec_is_rewritten_only_when_systemd_named() -> None:
+    spec = {"linux": {"cgroupsPath": "kubepods-besteffort-pod12.slice:cri-containerd:abc"}}
+    assert use_cgroupfs_path(spec)
+    assert spec["linux"]["cgroupsPath"] == f"/{POD_SLICE}/cri-containerd-abc.scope"
+    assert not use_cgroupfs_path(spec)  # already a path
+    assert not use_cgroupfs_path({"process": {}})
