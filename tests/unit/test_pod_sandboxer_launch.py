@@ -51,8 +51,9 @@ def make(tmp_path: Path, pod_files: bool = True) -> tuple[PodSandboxer, FakeTask
     return sandboxer, fake
 
 
-def record(sandbox_id: str, hostname: str = "web") -> SandboxRecord:
+def record(sandbox_id: str, hostname: str = "web", cgroup_parent: str = "") -> SandboxRecord:
     config = cri.PodSandboxConfig(hostname=hostname)
+    config.linux.cgroup_parent = cgroup_parent
     return new_record(sandbox_id, "runc", "", config.SerializeToString(), {}, {}, {})
 
 
@@ -90,11 +91,12 @@ def test_a_pod_launched_before_a_restart_is_adopted(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("pod_files", [True, False])
-def test_bad_pod_config_is_refused_before_any_request(tmp_path: Path, pod_files: bool) -> None:
+@pytest.mark.parametrize("bad", [{"hostname": "evil\nhost"}, {"cgroup_parent": "kubepods--pod1.slice"}])
+def test_bad_pod_config_is_refused_before_any_request(tmp_path: Path, pod_files: bool, bad: dict) -> None:
     async def main() -> None:
         sandboxer, fake = make(tmp_path, pod_files)
         with pytest.raises(InvalidArgument):
-            await sandboxer.create(record("c" * 64, hostname="evil\nhost"))
+            await sandboxer.create(record("c" * 64, **bad))
         assert fake.sent == [] and not (tmp_path / "pods").exists()
 
     asyncio.run(main())

@@ -195,6 +195,7 @@ class VmmSandboxer(Sandboxer):
         pod = decode_pod_config(record)
         network.validate_netns(record.netns_path)
         vm_resources(self.config, pod)  # annotations are checked now, not at start
+        cgroups.pod_parent_path(pod.linux.cgroup_parent)  # so is a slice name
         longest = self.vm_root / record.id / f"vsock.sock_{NOTIFY_PORT}"
         if len(str(longest)) > SOCKET_PATH_MAX:
             raise InvalidArgument(f"--dir {self.daemon.dir} is too long for the VM's unix sockets "
