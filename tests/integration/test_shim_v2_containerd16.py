@@ -310,16 +310,22 @@ def test_detached_container_exec_and_containerd_restart(stack16: tuple[Container
 def test_cri_pod_on_containerd16(cri_stack16: tuple[Containerd16, Path], tmp_path: Path) -> None:
     """CRI on 1.6: RunPodSandbox starts the pause container through the shim (its own id is the pod's
     sandbox-id: the shim makes the sandbox), the app container joins that sandbox; removing the pause
-    container (RemovePodSandbox) removes the sandbox."""
+    container (RemovePodSandbox) removes the sandbox. The pod's cgroup_parent reaches the sandbox (read
+    back from the pause container's cgroupsPath)."""
     instance, sandboxer_dir = cri_stack16
     log_dir = tmp_path / "logs"
+    parent = f"kuasar16-{os.getpid()}/pod"
+    memory = Path("/sys/fs/cgroup/memory")
 
     async def scenario() -> None:
         async with CriClient(instance.address) as client:
             assert (await client.version()).runtime_version.startswith("1.6.")
-            pod = pod_config("p16", log_directory=str(log_dir))
+            pod = pod_config("p16", log_directory=str(log_dir), cgroup_parent=parent)
             pod_id = (await client.run_pod_sandbox(pod, runtime_handler="kuasar-runc")).pod_sandbox_id
             assert sandboxes(sandboxer_dir) == [pod_id]
+            if memory.is_dir():  # cgroup v1 (v2 has no memory/ directory)
+                assert set(pod_processes(sandboxer_dir)) & {int(p) for p in (memory / parent / "cgroup.procs")
+                                                           .read_text().split()}, "the pod process is in its parent"
             config = container_config("c1", BUSYBOX, ["sh", "-c", "echo hello from CRI on 1.6; exec sleep 300"])
             cid = (await client.create_container(pod_id, config, pod)).container_id
             await client.start_container(cid)
@@ -335,6 +341,7 @@ def test_cri_pod_on_containerd16(cri_stack16: tuple[Containerd16, Path], tmp_pat
 
     asyncio.run(scenario())
     wait_until(lambda: sandboxes(sandboxer_dir) == [] and not pod_processes(sandboxer_dir), "the pod is gone")
+    assert not (memory / parent.split("/")[0]).exists(), "the pod's cgroup is removed with it"
 
 
 def test_sandboxer_down_fails_start_clearly(stack16: tuple[Containerd16, Path], tmp_path: Path) -> None:
@@ -419,6 +426,16 @@ def test_shim_reads_the_bundle(tmp_path: Path) -> None:
     assert (config.metadata.name, config.metadata.namespace, config.metadata.uid) == ("web", "prod", "u1")
     assert config.log_directory == "/var/log/pods/x" and dict(config.annotations) == {"team": "a"}
     assert config.linux.security_context.namespace_options.network == cri.POD and config.hostname == "web"
+    assert config.linux.cgroup_parent == ""  # not a pause container's spec
+
+    # The pod's cgroup_parent, from the pause container's cgroupsPath (either cgroup driver's form).
+    pod_slice = "kubepods-besteffort-podu1.slice"
+    for cgroups_path, parent in (("/kubepods/besteffort/podu1/pod1", "/kubepods/besteffort/podu1"),
+                                 (f"{pod_slice}:cri-containerd:pod1", pod_slice), ("/k8s.io/other", "")):
+        (bundle / "config.json").write_text(json.dumps({
+            "annotations": {"io.kubernetes.cri.sandbox-id": "pod1", "io.kubernetes.cri.container-type": "sandbox"},
+            "linux": {"cgroupsPath": cgroups_path}}))
+        assert shim_v2.pod_config(shim_v2.read_bundle(bundle, "pod1"), "k8s.io").linux.cgroup_parent == parent
     (bundle / "config.json").write_text("{")
     with pytest.raises(shim_v2.ShimError, match="config.json"):
         shim_v2.read_bundle(bundle, "c1")

@@ -65,6 +65,7 @@ CONFIG_ENV = "KUASAR_SHIM_CONFIG"
 TYPE_ENV = "KUASAR_SANDBOX_TYPE"
 SYSTEM_CONFIG = Path("/etc/kuasar/shim.toml")
 SANDBOX_ID_ANNOTATION = "io.kubernetes.cri.sandbox-id"
+CONTAINER_TYPE_ANNOTATION = "io.kubernetes.cri.container-type"
 # CRI's other sandbox annotations (containerd 1.6 puts them on every container of a pod).
 CRI_ANNOTATIONS = {"name": "io.kubernetes.cri.sandbox-name", "namespace": "io.kubernetes.cri.sandbox-namespace",
                    "uid": "io.kubernetes.cri.sandbox-uid", "log_directory": "io.kubernetes.cri.sandbox-log-directory"}
@@ -133,6 +134,20 @@ class BundleInfo:
     annotations: dict[str, str]
     hostname: str
     netns_path: str
+    cgroup_parent: str = ""
+
+
+def _pod_cgroup_parent(spec: dict, container_id: str) -> str:
+    """CRI's cgroup_parent, read back from its pause container's cgroupsPath: containerd 1.6 writes
+    `<parent>/<id>`, or `<slice>:cri-containerd:<id>` for a systemd slice."""
+    if (spec.get("annotations") or {}).get(CONTAINER_TYPE_ANNOTATION) != "sandbox":
+        return ""  # not a CRI pod (`ctr run`): no parent to honour
+    path = str((spec.get("linux") or {}).get("cgroupsPath") or "")
+    slice_name, sep, rest = path.partition(":")
+    if sep:
+        return slice_name if rest.endswith(f":{container_id}") else ""
+    parent, _, leaf = path.rstrip("/").rpartition("/")
+    return parent if leaf == container_id and parent else ""
 
 
 def read_bundle(bundle: Path, container_id: str) -> BundleInfo:
@@ -147,13 +162,14 @@ def read_bundle(bundle: Path, container_id: str) -> BundleInfo:
         if ns.get("type") == "network" and ns.get("path"):
             netns = str(ns["path"])
     return BundleInfo(container_id, validate_id(sandbox_id, "sandbox id"), annotations,
-                      str(spec.get("hostname") or ""), netns)
+                      str(spec.get("hostname") or ""), netns, _pod_cgroup_parent(spec, container_id))
 
 
 def pod_config(info: BundleInfo, namespace: str) -> cri.PodSandboxConfig:
     """The PodSandboxConfig a sandboxer expects, from what a 1.6 bundle tells (CRI's annotations if any)."""
     ann = info.annotations
     host_network = not info.netns_path
+    namespaces = cri.NamespaceOption(network=cri.NODE if host_network else cri.POD, pid=cri.CONTAINER, ipc=cri.POD)
     return cri.PodSandboxConfig(
         metadata=cri.PodSandboxMetadata(name=ann.get(CRI_ANNOTATIONS["name"], info.sandbox_id),
                                         namespace=ann.get(CRI_ANNOTATIONS["namespace"], namespace),
@@ -161,9 +177,9 @@ def pod_config(info: BundleInfo, namespace: str) -> cri.PodSandboxConfig:
         hostname="" if host_network else info.hostname,
         log_directory=ann.get(CRI_ANNOTATIONS["log_directory"], ""),
         annotations={k: v for k, v in ann.items() if not k.startswith("io.kubernetes.cri.")},
-        linux=cri.LinuxPodSandboxConfig(security_context=cri.LinuxSandboxSecurityContext(
-            namespace_options=cri.NamespaceOption(network=cri.NODE if host_network else cri.POD,
-                                                  pid=cri.CONTAINER, ipc=cri.POD))))
+        linux=cri.LinuxPodSandboxConfig(
+            cgroup_parent=info.cgroup_parent,
+            security_context=cri.LinuxSandboxSecurityContext(namespace_options=namespaces)))
 
 
 def task_address(address: str) -> str:
