@@ -326,6 +326,8 @@ def test_cri_pod_on_containerd16(cri_stack16: tuple[Containerd16, Path], tmp_pat
             if memory.is_dir():  # cgroup v1 (v2 has no memory/ directory)
                 assert set(pod_processes(sandboxer_dir)) & {int(p) for p in (memory / parent / "cgroup.procs")
                                                            .read_text().split()}, "the pod process is in its parent"
+            host_pid_ns = os.readlink("/proc/self/ns/pid")
+            assert all(os.readlink(f"/proc/{pid}/ns/pid") != host_pid_ns for pid in pod_processes(sandboxer_dir))
             config = container_config("c1", BUSYBOX, ["sh", "-c", "echo hello from CRI on 1.6; exec sleep 300"])
             cid = (await client.create_container(pod_id, config, pod)).container_id
             await client.start_container(cid)
@@ -410,6 +412,7 @@ def test_shim_reads_the_bundle(tmp_path: Path) -> None:
     config = shim_v2.pod_config(info, "default")
     assert config.metadata.name == "c1" and config.metadata.namespace == "default"
     assert config.linux.security_context.namespace_options.network == cri.NODE and config.hostname == ""
+    assert config.linux.security_context.namespace_options.pid == cri.POD  # the pod process holds one
 
     # CRI on containerd 1.6: the pause container names the pod and its netns.
     (bundle / "config.json").write_text(json.dumps({
@@ -427,6 +430,7 @@ def test_shim_reads_the_bundle(tmp_path: Path) -> None:
     assert config.log_directory == "/var/log/pods/x" and dict(config.annotations) == {"team": "a"}
     assert config.linux.security_context.namespace_options.network == cri.POD and config.hostname == "web"
     assert config.linux.cgroup_parent == ""  # not a pause container's spec
+    assert config.linux.security_context.namespace_options.pid == cri.NODE  # no PID namespace: hostPID
 
     # The pod's cgroup_parent, from the pause container's cgroupsPath (either cgroup driver's form).
     pod_slice = "kubepods-besteffort-podu1.slice"

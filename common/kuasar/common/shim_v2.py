@@ -135,6 +135,7 @@ class BundleInfo:
     hostname: str
     netns_path: str
     cgroup_parent: str = ""
+    host_pid: bool = False  # the spec has no PID namespace of its own (hostPID)
 
 
 def _pod_cgroup_parent(spec: dict, container_id: str) -> str:
@@ -158,18 +159,23 @@ def read_bundle(bundle: Path, container_id: str) -> BundleInfo:
     annotations = {str(k): str(v) for k, v in (spec.get("annotations") or {}).items()}
     sandbox_id = annotations.get(SANDBOX_ID_ANNOTATION) or container_id
     netns = ""
-    for ns in (spec.get("linux") or {}).get("namespaces") or []:
+    namespaces = (spec.get("linux") or {}).get("namespaces") or []
+    for ns in namespaces:
         if ns.get("type") == "network" and ns.get("path"):
             netns = str(ns["path"])
     return BundleInfo(container_id, validate_id(sandbox_id, "sandbox id"), annotations,
-                      str(spec.get("hostname") or ""), netns, _pod_cgroup_parent(spec, container_id))
+                      str(spec.get("hostname") or ""), netns, _pod_cgroup_parent(spec, container_id),
+                      host_pid=not any(ns.get("type") == "pid" for ns in namespaces))
 
 
 def pod_config(info: BundleInfo, namespace: str) -> cri.PodSandboxConfig:
     """The PodSandboxConfig a sandboxer expects, from what a 1.6 bundle tells (CRI's annotations if any)."""
     ann = info.annotations
     host_network = not info.netns_path
-    namespaces = cri.NamespaceOption(network=cri.NODE if host_network else cri.POD, pid=cri.CONTAINER, ipc=cri.POD)
+    # A pause spec has a PID namespace of its own whether or not the pod shares one, so the pod process
+    # always holds one: a container that joins it (shareProcessNamespace) never lands in the host's.
+    namespaces = cri.NamespaceOption(network=cri.NODE if host_network else cri.POD,
+                                     pid=cri.NODE if info.host_pid else cri.POD, ipc=cri.POD)
     return cri.PodSandboxConfig(
         metadata=cri.PodSandboxMetadata(name=ann.get(CRI_ANNOTATIONS["name"], info.sandbox_id),
                                         namespace=ann.get(CRI_ANNOTATIONS["namespace"], namespace),
