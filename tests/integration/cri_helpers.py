@@ -147,3 +147,13 @@ async def terminal_exec(client: CriClient, cid: str) -> str:
     assert "size=33 111" in text, (text, error)
     assert "got-typed" in text, (text, error)
     return text
+
+
+def cgroups_named(relative: str) -> list[Path]:
+    """`relative` in every cgroup hierarchy that has it (all of them: runc and runsc make paths in the
+    named and hybrid ones too, which a check of `memory` alone would miss)."""
+    from kuasar.common import cgroups
+
+    roots = [cgroups.CGROUP_ROOT] if cgroups.is_unified() else \
+        [cgroups.CGROUP_ROOT / h for h in cgroups.v1_hierarchies()]
+    return [root / relative for root in roots if (root / relative).exists()]

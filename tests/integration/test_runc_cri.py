@@ -18,6 +18,7 @@ from kuasar.common.cri_client import CriClient, pod_config
 from .conftest import Stack
 from .cri_helpers import (
     HANDLER,
+    cgroups_named,
     children_of,
     log_text,
     mounts_containing,
@@ -267,7 +268,7 @@ def test_pod_stop_kills_containers_and_remove_leaves_nothing(stack: Stack) -> No
                 await client.pod_sandbox_status(pod_id)
 
     stack.run(scenario())
-    assert not Path("/sys/fs/cgroup/memory", cgroup_parent.split("/")[0]).exists()
+    assert cgroups_named(cgroup_parent.split("/")[0]) == [], "the parent is gone from every hierarchy"
     assert_nothing_left(stack)
 
 
@@ -291,7 +292,7 @@ def test_a_systemd_slice_parent_is_laid_out_as_systemd_would(stack: Stack) -> No
             await remove_pod(client, pod_id)
 
     stack.run(scenario())
-    assert not (root / f"{top}.slice").exists()
+    assert cgroups_named(f"{top}.slice") == []
     assert_nothing_left(stack)
 
 

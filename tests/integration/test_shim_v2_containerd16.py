@@ -33,6 +33,7 @@ from tests.support import containerd as cd
 from tests.support import images
 
 from .conftest import kill_task_server, start_sandboxer, stop_process
+from .cri_helpers import cgroups_named
 
 pytestmark = pytest.mark.integration
 
@@ -343,7 +344,7 @@ def test_cri_pod_on_containerd16(cri_stack16: tuple[Containerd16, Path], tmp_pat
 
     asyncio.run(scenario())
     wait_until(lambda: sandboxes(sandboxer_dir) == [] and not pod_processes(sandboxer_dir), "the pod is gone")
-    assert not (memory / parent.split("/")[0]).exists(), "the pod's cgroup is removed with it"
+    assert cgroups_named(parent.split("/")[0]) == [], "the pod's cgroup is removed with it"
 
 
 def test_sandboxer_down_fails_start_clearly(stack16: tuple[Containerd16, Path], tmp_path: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import os
 from pathlib import Path
@@ -19,8 +20,22 @@ CGROUP_ROOT = Path("/sys/fs/cgroup")
 # containerd looks these type URLs up in its registry when decoding Task.Stats for CRI.
 V1_TYPE_URL = "io.containerd.cgroups.v1.Metrics"
 V2_TYPE_URL = "io.containerd.cgroups.v2.Metrics"
-# v1 controllers a pod cgroup is made in (the ones runc and kubelet use for limits and accounting).
+# v1 controllers whose files we read and write (limits, accounting, freezing); a pod cgroup is made in
+# every mounted hierarchy (`v1_hierarchies`).
 V1_CONTROLLERS = ("cpu", "cpuacct", "cpuset", "memory", "pids", "blkio", "devices", "freezer")
+
+
+@functools.cache
+def v1_hierarchies() -> tuple[str, ...]:
+    """The hierarchies mounted under CGROUP_ROOT on a v1 (or hybrid) host, each once. runc and runsc
+    make a container's cgroup path in every one of them, named (`systemd`) and hybrid's `unified`
+    included, so a pod cgroup made in fewer would leave its parent directories behind in the rest."""
+    names = []
+    for entry in sorted(os.listdir(CGROUP_ROOT)):
+        path = CGROUP_ROOT / entry
+        if not path.is_symlink() and os.path.ismount(path):  # `cpu` -> `cpu,cpuacct` links: one mount
+            names.append(entry)
+    return tuple(names)
 
 
 def is_unified() -> bool:
@@ -118,7 +133,7 @@ class PodCgroup:
     def _dirs(self) -> list[Path]:
         if is_unified():
             return [CGROUP_ROOT / self.path]
-        return [CGROUP_ROOT / c / self.path for c in V1_CONTROLLERS if (CGROUP_ROOT / c).is_dir()]
+        return [CGROUP_ROOT / h / self.path for h in v1_hierarchies()]
 
     def create(self) -> None:
         for directory in self._dirs():
