@@ -90,21 +90,21 @@ def stop_process(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
 
 
 def kill_task_server(directory: Path) -> None:
-    """Last-resort teardown: the task server and everything under it (pods, containers)."""
+    """Last-resort teardown: the task server and everything under it (pods, containers), then what
+    its pods had mounted in `directory` (their /dev/shm), which nobody else would unmount."""
     pid_file = directory / "task-server.pid"
-    if not pid_file.exists():
-        return
     try:
         server = psutil.Process(int(pid_file.read_text()))
         victims = [*server.children(recursive=True), server]
-    except (psutil.NoSuchProcess, ValueError):
-        return
+    except (psutil.NoSuchProcess, ValueError, FileNotFoundError):
+        victims = []
     for proc in victims:
         try:
             proc.kill()
         except psutil.NoSuchProcess:
             pass
     psutil.wait_procs(victims, timeout=10)
+    cd.unmount_all(directory)
 
 
 @pytest.fixture(scope="module")
