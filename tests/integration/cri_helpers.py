@@ -154,6 +154,4 @@ def cgroups_named(relative: str) -> list[Path]:
     named and hybrid ones too, which a check of `memory` alone would miss)."""
     from kuasar.common import cgroups
 
-    roots = [cgroups.CGROUP_ROOT] if cgroups.is_unified() else \
-        [cgroups.CGROUP_ROOT / h for h in cgroups.v1_hierarchies()]
-    return [root / relative for root in roots if (root / relative).exists()]
+    return [root / relative for root in cgroups.hierarchy_roots() if (root / relative).exists()]

@@ -38,6 +38,11 @@ def v1_hierarchies() -> tuple[str, ...]:
     return tuple(names)
 
 
+def hierarchy_roots() -> list[Path]:
+    """Where a cgroup path is made: the unified root on a v2 host, every mounted hierarchy on v1."""
+    return [CGROUP_ROOT] if is_unified() else [CGROUP_ROOT / h for h in v1_hierarchies()]
+
+
 def is_unified() -> bool:
     return (CGROUP_ROOT / "cgroup.controllers").exists()
 
@@ -130,28 +135,21 @@ class PodCgroup:
         self.path = _clean_relative(path)
         self.created = created or []
 
-    def _dirs(self) -> list[Path]:
-        if is_unified():
-            return [CGROUP_ROOT / self.path]
-        return [CGROUP_ROOT / h / self.path for h in v1_hierarchies()]
-
     def create(self) -> None:
-        for directory in self._dirs():
-            controller_root = CGROUP_ROOT / directory.relative_to(CGROUP_ROOT).parts[0]
-            current = CGROUP_ROOT if is_unified() else controller_root
-            for part in directory.relative_to(current).parts:
+        for root in hierarchy_roots():
+            current = root
+            for part in Path(self.path).parts:
                 current = current / part
                 if current.exists():
                     continue
                 current.mkdir()
                 self.created.append(str(current))
-                if controller_root.name == "cpuset":
+                if root.name == "cpuset":
                     _inherit_cpuset(current)
 
     def add(self, pid: int) -> None:
-        for directory in self._dirs():
-            procs = directory / "cgroup.procs"
-            procs.write_text(str(pid))
+        for root in hierarchy_roots():
+            (root / self.path / "cgroup.procs").write_text(str(pid))
 
     def remove(self) -> None:
         for directory in reversed(self.created):

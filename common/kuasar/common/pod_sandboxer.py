@@ -98,7 +98,8 @@ class PodSandboxer(Sandboxer):
 
     def _launch(self, record: SandboxRecord, config: cri.PodSandboxConfig | None = None,
                 files: dict[str, bytes] | None = None) -> Coroutine[Any, Any, int]:
-        config = config or decode_pod_config(record)
+        if config is None:  # Start after a restart of ours: no Create in this process decoded it
+            config = decode_pod_config(record)
         if self.pod_files and files is None:
             files = pod_file_contents(*pod_names(config))
         creating = self.task_server.begin_call("Create", pod_request(record, config, self.pod_shm_size),

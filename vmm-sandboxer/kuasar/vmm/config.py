@@ -73,8 +73,9 @@ class VmmConfig:
     machine_accelerators: str = ""
     accel: str = "auto"
     # Multi-threaded TCG locks up an SMP guest now and then: both vCPUs soft-lock in the kernel (seen
-    # in a 2-vCPU pod's first `runc create`, and in 2 of 4 runs flipping a static key 2500 times in a
-    # loop), which single-threaded TCG did not do. An SMP guest then shares one host thread.
+    # in a 2-vCPU pod's first `runc create`, and in 4 of 6 VMs flipping a static key a few thousand
+    # times in a loop), which single-threaded TCG did not do in 12,000 flips. An SMP guest then shares
+    # one host thread.
     tcg_thread: str = "single"
     cpu_model: str = ""
     cpu_features: str = ""
