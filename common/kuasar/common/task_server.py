@@ -262,6 +262,7 @@ class TaskServerHandle:
         except BaseException:
             traceback.print_exc()
         finally:
+            logging.shutdown()  # what the task server logged last may still wait for a write (logs.py)
             os._exit(status)  # never back into the sandboxer's code (atexit, click, finally blocks)
 
     def _serving(self) -> bool:
