@@ -34,6 +34,20 @@ def test_run_captures_output_and_exit_status() -> None:
     asyncio.run(main())
 
 
+def test_a_started_program_ignores_no_signal_and_its_exit_reaches_the_reaper() -> None:
+    """Python ignores SIGPIPE and SIGXFSZ, and glibc's posix_spawn would leave 32 and 33 ignored: none of
+    that may reach a program (runc passes it on to every container process)."""
+    async def main() -> None:
+        reaper = Reaper()
+        reaper.install()
+        done = await run(reaper, ["grep", "SigIgn", "/proc/self/status"])
+        assert done.status == 0 and int(done.stdout.split()[-1], 16) == 0, done.stdout
+        for _ in range(3):  # each run's Popen must leave the exit to the Reaper, also for the next one
+            assert (await run(reaper, ["sh", "-c", "exit 4"])).status == 4
+
+    asyncio.run(main())
+
+
 def test_run_refuses_a_missing_program() -> None:
     async def main() -> None:
         with pytest.raises(NotFound):

@@ -16,7 +16,7 @@ from kuasar.common.errors import NotFound, RuntimeFailure
 from kuasar.common.reaper import Exit, Reaper
 from kuasar.common.runc_cli import ERROR_LEVELS, Stdio, log_offset
 from kuasar.common.runc_cli import last_error as _last_logged_error
-from kuasar.common.spawn import RESTORED_SIGNALS, Completed, resolve, run
+from kuasar.common.spawn import Completed, resolve, run, start_program
 
 # runsc exits 128 when it fails itself (bad spec, missing container, ...), before running anything.
 RUNSC_FAILURE = 128
@@ -138,10 +138,8 @@ class Runsc:
                          "--internal-pid-file", str(internal_pid_file), *console, container_id)
         devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
         try:
-            actions = [(os.POSIX_SPAWN_DUP2, devnull if fd is None else fd, target)
-                       for fd, target in ((stdio.stdin, 0), (stdio.stdout, 1), (stdio.stderr, 2))]
-            pid = os.posix_spawn(resolve(argv[0]), argv, dict(os.environ), file_actions=actions,
-                                 setsigdef=RESTORED_SIGNALS)
+            pid = start_program(resolve(argv[0]), argv, os.environ,
+                                *(devnull if fd is None else fd for fd in (stdio.stdin, stdio.stdout, stdio.stderr)))
             return pid, self.reaper.watch(pid)  # same loop step as the spawn: the reaper cannot miss it
         finally:
             os.close(devnull)

@@ -12,7 +12,7 @@ import os
 import socket
 
 from kuasar.common.reaper import Reaper
-from kuasar.common.spawn import RESTORED_SIGNALS
+from kuasar.common.spawn import start_program
 
 from .stdio import _readable, _writable
 
@@ -63,9 +63,7 @@ class DebugConsole:
             env = dict(os.environ, TERM="vt100", PS1="[vm-agent debug] \\w # ", HOME="/root")
             # busybox `setsid -c` makes the pty the shell's controlling terminal (job control works).
             argv = ["/bin/busybox", "setsid", "-c", self.shell, "-i"]
-            pid = os.posix_spawn(argv[0], argv, env, file_actions=[
-                (os.POSIX_SPAWN_DUP2, slave, 0), (os.POSIX_SPAWN_DUP2, slave, 1), (os.POSIX_SPAWN_DUP2, slave, 2)],
-                setsigdef=RESTORED_SIGNALS)
+            pid = start_program(argv[0], argv, env, slave, slave, slave)
             exited = self.reaper.watch(pid)
             os.close(slave)
             slave = -1

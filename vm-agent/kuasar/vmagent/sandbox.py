@@ -17,7 +17,7 @@ from kuasar.common.api.kuasar.agent.v1 import agent_pb2 as pb
 from kuasar.common.errors import DeadlineExceeded, InvalidArgument, NotFound
 from kuasar.common.pod_holder import PodNamespaces, start_pod_holder
 from kuasar.common.reaper import Reaper
-from kuasar.common.spawn import MAX_CAPTURE, RESTORED_SIGNALS, resolve
+from kuasar.common.spawn import MAX_CAPTURE, resolve, start_program
 from kuasar.common.state import write_atomic
 from kuasar.common.ttrpc import Context, ServerStream, TtrpcServer
 
@@ -249,9 +249,7 @@ async def run_command(reaper: Reaper, argv: list[str], stdin: bytes, env: dict[s
     out_r, out_w = os.pipe()
     err_r, err_w = os.pipe()
     try:
-        pid = os.posix_spawn(path, argv, env, setsid=True, file_actions=[
-            (os.POSIX_SPAWN_DUP2, in_r, 0), (os.POSIX_SPAWN_DUP2, out_w, 1), (os.POSIX_SPAWN_DUP2, err_w, 2)],
-            setsigdef=RESTORED_SIGNALS)
+        pid = start_program(path, argv, env, in_r, out_w, err_w, new_session=True)
         exited = reaper.watch(pid)
     except BaseException:
         for fd in (in_w, out_r, err_r):
