@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sys
 import threading
 import time
 
 import pytest
 
+from kuasar.common import linux
 from kuasar.common.errors import NotFound
 from kuasar.common.reaper import Reaper
 from kuasar.common.spawn import read_to_eof, run
@@ -37,6 +39,8 @@ def test_run_captures_output_and_exit_status() -> None:
 def test_a_started_program_ignores_no_signal_and_its_exit_reaches_the_reaper() -> None:
     """Python ignores SIGPIPE and SIGXFSZ, and glibc's posix_spawn would leave 32 and 33 ignored: none of
     that may reach a program (runc passes it on to every container process)."""
+    linux.forget_inherited_ignores()  # what a task server does first (this test may run under GNU make)
+
     async def main() -> None:
         reaper = Reaper()
         reaper.install()
@@ -103,3 +107,18 @@ def test_read_to_eof_closes_the_fd_when_cancelled() -> None:
         assert not is_open(read_fd)
     finally:
         os.close(write_fd)
+
+
+def test_a_process_started_by_posix_spawn_gets_glibcs_signal_32_back() -> None:
+    """posix_spawn (as GNU make uses it) hands signal 32 on ignored; forget_inherited_ignores undoes it."""
+    script = ("from kuasar.common import linux; before = linux.ignored_signals(); linux.forget_inherited_ignores();"
+              " print(sorted(before & {32, 33}), sorted(linux.ignored_signals() & {32, 33}))")
+    read_fd, write_fd = os.pipe()
+    pid = os.posix_spawn(sys.executable, [sys.executable, "-c", script], dict(os.environ),
+                         file_actions=[(os.POSIX_SPAWN_DUP2, write_fd, 1)])
+    os.close(write_fd)
+    with os.fdopen(read_fd) as out:
+        printed = out.read()
+    assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+    before, after = printed.split("] [")
+    assert "32" in before and after == "]\n", printed

@@ -33,6 +33,16 @@ MS_RELATIME = 1 << 21
 MNT_DETACH = 2
 
 
+# rt_sigaction by number: glibc's sigaction refuses the signals it reserves (32 and 33), the kernel does not.
+_SYS_RT_SIGACTION = {"x86_64": 13, "aarch64": 134}
+_SIGSET_BYTES = 8  # the kernel's sigset_t: 64 signals
+
+
+class _KernelSigaction(ctypes.Structure):
+    _fields_ = [("handler", ctypes.c_void_p), ("flags", ctypes.c_ulong), ("restorer", ctypes.c_void_p),
+                ("mask", ctypes.c_uint64)]
+
+
 def _check(result: int, what: str) -> None:
     if result != 0:
         err = ctypes.get_errno()
@@ -64,3 +74,33 @@ def mount(source: str, target: str, fstype: str, flags: int = 0, data: str = "")
 
 def umount(target: str, flags: int = 0) -> None:
     _check(libc.umount2(target.encode(), flags), f"umount {target}")
+
+
+def ignored_signals() -> set[int]:
+    """The signals this process ignores (SigIgn of /proc/self/status)."""
+    with open("/proc/self/status") as status:
+        line = next(line for line in status if line.startswith("SigIgn:"))
+    mask = int(line.split()[1], 16)
+    return {sig for sig in range(1, 65) if mask & (1 << (sig - 1))}
+
+
+def reset_to_default(sig: int) -> None:
+    """Give `sig` its default action, also a signal glibc reserves (what a process started by exec from
+    a process that ignored it would otherwise keep ignoring)."""
+    number = _SYS_RT_SIGACTION.get(os.uname().machine)
+    if number is None:
+        raise OSError(f"rt_sigaction: no system call number for {os.uname().machine}")
+    action = _KernelSigaction()  # all zero: SIG_DFL, no flags, nothing blocked
+    _check(libc.syscall(number, sig, ctypes.byref(action), None, _SIGSET_BYTES), f"rt_sigaction({sig})")
+
+
+# The signals glibc keeps for itself. Its posix_spawn sets them to ignored in the child, and a program
+# started that way (by GNU make, or Python's subprocess without close_fds) keeps 32 ignored for life.
+GLIBC_RESERVED_SIGNALS = frozenset({32, 33})
+
+
+def forget_inherited_ignores() -> None:
+    """Give glibc's reserved signals their default action where this process inherited them ignored: an
+    ignored signal stays ignored across exec, through runc into every container process."""
+    for sig in GLIBC_RESERVED_SIGNALS & ignored_signals():
+        reset_to_default(sig)
