@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 import psutil
 
 from kuasar.common.cri_client import CriClient
+from tests.support.procs import live_children
 
 from .pods import Pod, start_pod, teardown
 from .stack import HANDLERS, Stack
@@ -79,20 +80,7 @@ def shim_pids(address: str) -> list[int]:
 
 
 def pod_process_pids(task_server: int | None) -> list[int]:
-    if task_server is None:
-        return []
-    try:
-        children = psutil.Process(task_server).children()
-    except psutil.NoSuchProcess:
-        return []
-    pids = []
-    for child in children:
-        try:
-            if child.name().startswith("pod-"):
-                pids.append(child.pid)
-        except psutil.NoSuchProcess:
-            continue
-    return pids
+    return [] if task_server is None else [proc.pid for proc in live_children(task_server, "pod-")]
 
 
 def _info_pid(response: object) -> int:

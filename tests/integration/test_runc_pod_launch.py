@@ -13,6 +13,7 @@ import pytest
 from kuasar.common.api.containerd.services.sandbox.v1 import sandbox_pb2 as sb
 from kuasar.common.api.containerd.services.sandbox.v1 import sandbox_pb2_grpc as sb_grpc
 from kuasar.common.api.runtime.v1 import api_pb2 as cri
+from tests.support.procs import live_children
 
 from .conftest import Stack, start_sandboxer
 from .cri_helpers import task_server_pid
@@ -20,9 +21,8 @@ from .cri_helpers import task_server_pid
 pytestmark = pytest.mark.integration
 
 
-def pod_processes(stack: Stack) -> list[psutil.Process]:
-    return [p for p in psutil.Process(task_server_pid(stack.sandboxer_dir)).children()
-            if p.name().startswith("pod-")]
+def pod_processes(stack: Stack, name: str = "pod-") -> list[psutil.Process]:
+    return live_children(task_server_pid(stack.sandboxer_dir), name)
 
 
 def create_request(sandbox_id: str) -> sb.ControllerCreateRequest:
@@ -71,8 +71,7 @@ def test_start_after_a_restart_between_create_and_start_adopts_the_launched_pod(
             # exits: the pod process is the one left.
             seen: list[int] = []
             for _ in range(200):
-                live = [p for p in pod_processes(stack) if p.name() == f"pod-{sandbox_id[:11]}"
-                        and p.status() != psutil.STATUS_ZOMBIE]
+                live = pod_processes(stack, f"pod-{sandbox_id[:11]}")
                 seen.append(live[0].pid if len(live) == 1 else 0)
                 if len(seen) >= 3 and seen[-1] and len(set(seen[-3:])) == 1:
                     return psutil.Process(seen[-1])

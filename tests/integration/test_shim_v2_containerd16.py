@@ -25,12 +25,12 @@ import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 
-import psutil
 import pytest
 
 from kuasar.common.cri_client import CriClient, container_config, pod_config
 from tests.support import containerd as cd
 from tests.support import images
+from tests.support.procs import live_children
 
 from .conftest import kill_task_server, start_sandboxer, stop_process
 from .cri_helpers import cgroups_named
@@ -240,10 +240,10 @@ def sandboxes(sandboxer_dir: Path) -> list[str]:
 
 def pod_processes(sandboxer_dir: Path) -> list[int]:
     try:
-        server = psutil.Process(int((sandboxer_dir / "task-server.pid").read_text()))
-        return [p.pid for p in server.children() if (p.name() or "").startswith("pod-") and p.status() != "zombie"]
-    except (psutil.NoSuchProcess, FileNotFoundError):
+        server = int((sandboxer_dir / "task-server.pid").read_text())
+    except FileNotFoundError:
         return []
+    return [proc.pid for proc in live_children(server, "pod-")]
 
 
 def wait_until(predicate, what: str, timeout: float = 15.0) -> None:

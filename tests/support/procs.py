@@ -1,0 +1,21 @@
+"""Process look-ups shared by the tests and the benchmarks."""
+
+from __future__ import annotations
+
+import psutil
+
+
+def live_children(pid: int, name_prefix: str) -> list[psutil.Process]:
+    """`pid`'s children (not zombies) whose name starts with `name_prefix`; [] once `pid` is gone."""
+    try:
+        children = psutil.Process(pid).children()
+    except psutil.NoSuchProcess:
+        return []
+    found = []
+    for proc in children:
+        try:
+            if proc.name().startswith(name_prefix) and proc.status() != psutil.STATUS_ZOMBIE:
+                found.append(proc)
+        except psutil.NoSuchProcess:  # gone between the listing and the look (kuasar-pause's first process)
+            pass
+    return found
