@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
 import os
 import signal
+import struct
+import termios
 import time
 import uuid
 from collections.abc import Iterator
@@ -20,9 +23,12 @@ from kuasar.common.cri_client import CriClient, container_config, pod_config
 
 from .conftest import Stack, start_sandboxer
 from .cri_helpers import (
+    ERROR,
+    RESIZE,
     STDIN,
     cgroups_named,
     children_of,
+    exec_over_websocket,
     mounts_containing,
     pod_processes,
     task_server_pid,
@@ -165,7 +171,7 @@ def test_args_env_preopened_rootfs_and_bind_mount(stack: Stack, tmp_path: Path) 
     asyncio.run(scenario())
 
 
-def test_missing_module_and_terminal_are_clear_create_errors(stack: Stack) -> None:
+def test_a_missing_module_is_a_clear_create_error(stack: Stack) -> None:
     async def scenario() -> None:
         async with CriClient(stack.address) as client:
             pod_id, pod = await run_pod(client, "errors", stack.log_dir)
@@ -175,9 +181,82 @@ def test_missing_module_and_terminal_are_clear_create_errors(stack: Stack) -> No
             with pytest.raises(grpc.aio.AioRpcError) as notwasm:
                 await start(client, pod_id, pod, "notwasm", ["/etc/greeting.txt"])
             assert "not a WebAssembly module" in notwasm.value.details()
-            with pytest.raises(grpc.aio.AioRpcError) as tty:
-                await start(client, pod_id, pod, "tty", ["/hello.wasm"], tty=True)
-            assert "terminal" in tty.value.details()
+            await remove_pod(client, pod_id)
+
+    asyncio.run(scenario())
+
+
+def pty_size(pid: int) -> tuple[int, int]:
+    """(width, height) of the terminal on `pid`'s stdin, read through /proc."""
+    fd = os.open(f"/proc/{pid}/fd/0", os.O_RDWR | os.O_NOCTTY)
+    try:
+        rows, cols, _, _ = struct.unpack("HHHH", fcntl.ioctl(fd, termios.TIOCGWINSZ, bytes(8)))
+    finally:
+        os.close(fd)
+    return cols, rows
+
+
+def on_a_terminal(stack: Stack) -> list[int]:
+    """The task server's wasm processes whose stdin is a pty."""
+    found = []
+    for proc in psutil.Process(task_server_pid(stack.sandboxer_dir)).children():
+        try:
+            if os.readlink(f"/proc/{proc.pid}/fd/0").startswith("/dev/pts/"):
+                found.append(proc.pid)
+        except OSError:  # gone meanwhile
+            pass
+    return found
+
+
+async def interrupted_terminal_exec(stack: Stack, url: str, size: tuple[int, int]) -> str:
+    """`kubectl exec -it`: resize the terminal, see the size arrive at the process's pty, then type ^C.
+    Returns what the error channel said (the exit status)."""
+    import websockets
+
+    async with asyncio.timeout(30), websockets.connect(url.replace("http://", "ws://", 1),
+                                                       subprotocols=["v4.channel.k8s.io"], max_size=None) as ws:
+        await ws.send(bytes([RESIZE]) + json.dumps({"Width": size[0], "Height": size[1]}).encode())
+        for _ in range(400):  # the asyncio.timeout above bounds it too
+            if [pid for pid in on_a_terminal(stack) if pty_size(pid) == size]:
+                break
+            await asyncio.sleep(0.05)
+        else:
+            raise AssertionError(f"no process with a {size} terminal: {on_a_terminal(stack)}")
+        await ws.send(bytes([STDIN]) + b"\x03")
+        error = ""
+        try:
+            async for message in ws:
+                data = message if isinstance(message, bytes) else message.encode()
+                if data and data[0] == ERROR:
+                    error += data[1:].decode(errors="replace")
+        except websockets.ConnectionClosed:
+            pass
+    return error
+
+
+def test_terminals_a_tty_container_and_interactive_execs_with_resize_and_interrupt(stack: Stack) -> None:
+    """tty: true gives a module a pty (its line discipline shows: \r\n line ends, echo, ^D as end of
+    input, ^C as SIGINT), resized through ResizePty, copied to and from containerd's FIFOs."""
+    async def scenario() -> None:
+        async with CriClient(stack.address) as client:
+            pod_id, pod = await run_pod(client, "tty", stack.log_dir)
+            tty = await start(client, pod_id, pod, "tty", ["/hello.wasm"], tty=True)
+            assert (await wait_state(client, tty, cri.CONTAINER_EXITED)).exit_code == 0
+            await wait_log(pod, "tty", "hello on stderr")
+            raw = (Path(pod.log_directory) / "tty.log").read_bytes()
+            # Both lines came through the one pty (CRI strips its \r): the stderr line is logged as stdout.
+            assert b" stdout F hello from wasm\n" in raw and b" stdout F hello on stderr\n" in raw, raw
+            # An idle init (it reads a stdin nobody writes to), then `kubectl exec -it` twice.
+            idle = await start(client, pod_id, pod, "idle", ["/cat.wasm"], stdin=True)
+            await wait_state(client, idle, cri.CONTAINER_RUNNING)
+            url = await client.exec(idle, ["/cat.wasm"], tty=True, stdin=True, stdout=True)
+            out, error = await exec_over_websocket(url, stdin=b"typed\n\x04")
+            # The terminal echoes the line, cat copies it, ^D ends its input, and its stderr arrives too.
+            assert out.count(b"typed\r\n") == 2 and out.endswith(b"EOF\r\n"), (out, error)
+            url = await client.exec(idle, ["/cat.wasm"], tty=True, stdin=True, stdout=True)
+            error = await interrupted_terminal_exec(stack, url, (111, 33))
+            assert "130" in error, error  # 128 + SIGINT: ^C signalled the module, its terminal's foreground
+            assert on_a_terminal(stack) == []  # nothing left holding a pty
             await remove_pod(client, pod_id)
 
     asyncio.run(scenario())

@@ -26,6 +26,7 @@ import gc
 import os
 import resource
 import signal
+import termios
 from dataclasses import dataclass, field
 
 from kuasar.common import linux
@@ -59,6 +60,7 @@ class LaunchPlan:
     rlimits: list[tuple[int, int, int]] = field(default_factory=list)  # (resource, soft, hard)
     oom_score_adj: int | None = None
     wasmedge: str = ""  # WasmEdge binary when runtime == "wasmedge"
+    terminal: bool = False  # stdio is a pty's slave, made the process's controlling terminal
 
 
 @dataclass
@@ -71,7 +73,7 @@ class Stdio:
         return [fd for fd in (self.stdin, self.stdout, self.stderr) if fd >= 0]
 
     def close(self) -> None:
-        for fd in self.fds():
+        for fd in set(self.fds()):  # a pty's slave is all three
             os.close(fd)
         self.stdin = self.stdout = self.stderr = -1
 
@@ -167,6 +169,9 @@ def _child(plan: LaunchPlan, stdio: Stdio, report_fd: int, go_fd: int) -> None:
         signal.pthread_sigmask(signal.SIG_SETMASK, [])
         os.setsid()
         report_fd, go_fd = _setup_fds(stdio, report_fd, go_fd)
+        if plan.terminal:
+            # Its controlling terminal (this new session's first): the pty's ^C and ^Z signal it.
+            fcntl.ioctl(0, termios.TIOCSCTTY, 0)
         if plan.cgroup is not None:
             plan.cgroup.add(os.getpid())  # first: everything allocated from here on is charged to it
         for kind, path in plan.namespaces:

@@ -1,7 +1,8 @@
-"""containerd's stdio FIFOs, opened by the task server and handed to the container process.
+"""containerd's stdio FIFOs, opened by the task server and handed to a container process without a
+terminal.
 
 The container process holds the FIFO ends itself (dup'd onto its fds 0-2), so its output never
-depends on the task server copying anything. There is no terminal: a WebAssembly module gets no pty.
+depends on the task server copying anything. (A process with a terminal gets a pty instead: tasks.py.)
 """
 
 from __future__ import annotations
@@ -13,8 +14,6 @@ from kuasar.common.errors import RuntimeFailure
 
 from .launch import Stdio
 
-NO_TERMINAL = ("terminal: true is not supported by the wasm sandboxer (a WebAssembly module has no "
-               "pty); run the container without tty")
 SANDBOXER = "the wasm sandboxer"
 
 

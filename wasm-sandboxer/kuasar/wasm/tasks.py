@@ -3,6 +3,8 @@
 A container is one process forked from the task server (launch.py) that joins the pod's namespaces
 and the container's own cgroup and runs one module (runner.py); an exec is another such process in
 the same cgroup, namespaces and rootfs. Exits come from the task server's reaper, like runc's.
+A process with a terminal gets a pty made here as its stdio and controlling terminal; the task server
+copies between its master and containerd's FIFOs (fifo_stdio.ProcessIO), as for runc's consoles.
 """
 
 from __future__ import annotations
@@ -31,13 +33,14 @@ from kuasar.common.errors import (
     Unimplemented,
 )
 from kuasar.common.events import EventPublisher
+from kuasar.common.fifo_stdio import ProcessIO
 from kuasar.common.ids import validate_id
 from kuasar.common.oom import OomWatch
 from kuasar.common.reaper import Exit, Reaper
 from kuasar.common.task_table import (
-    ContainerTasks,
     TaskContainer,
     TaskProcess,
+    TerminalTasks,
     host_bundle,
     parse_exec_spec,
     pod_id_of,
@@ -49,10 +52,10 @@ from kuasar.common.ttrpc import Context
 
 from . import resources
 from .cache import DEFAULT_MAX_BYTES, ModuleCache
-from .launch import RLIMITS, Launch, LaunchPlan, User, launch
+from .launch import RLIMITS, Launch, LaunchPlan, Stdio, User, launch
 from .module import locate_module
 from .runner import Preopen, RunSpec
-from .stdio import NO_TERMINAL, open_stdio
+from .stdio import open_stdio
 
 log = logging.getLogger(__name__)
 
@@ -79,9 +82,7 @@ class WasmSettings:
 
 @dataclass
 class Process(TaskProcess):
-    stdin: str = ""
-    stdout: str = ""
-    stderr: str = ""
+    io: ProcessIO = field(default_factory=ProcessIO)  # containerd's FIFOs; with a terminal, the pty copy
     spec: dict[str, Any] = field(default_factory=dict)
     launch: Launch | None = None
 
@@ -128,7 +129,7 @@ def bind_preopens(spec_mounts: list[dict[str, Any]]) -> list[Preopen]:
     return preopens
 
 
-class WasmTasks(ContainerTasks):
+class WasmTasks(TerminalTasks):
     def __init__(self, reaper: Reaper, events: EventPublisher, directory: Path,
                  settings: WasmSettings | None = None) -> None:
         super().__init__()
@@ -169,8 +170,6 @@ class WasmTasks(ContainerTasks):
     def plan(self, container: Container, process: dict[str, Any], name: str) -> LaunchPlan:
         if not isinstance(process, dict):
             raise InvalidArgument("the OCI spec has no process")
-        if process.get("terminal"):
-            raise InvalidArgument(NO_TERMINAL)
         args = [str(a) for a in process.get("args") or []]
         cwd = str(process.get("cwd") or "/")
         module = locate_module(container.rootfs, args, cwd)
@@ -194,7 +193,8 @@ class WasmTasks(ContainerTasks):
         return LaunchPlan(name, container.runtime, run, namespaces, container.cgroup,
                           User(int(user.get("uid", 0)), int(user.get("gid", 0)),
                                [int(g) for g in user.get("additionalGids") or []]),
-                          rlimits, oom if isinstance(oom, int) else None, container.wasmedge)
+                          rlimits, oom if isinstance(oom, int) else None, container.wasmedge,
+                          terminal=bool(process.get("terminal")))
 
     def _maybe_prune(self) -> None:
         if self.cache is not None and time.monotonic() - self._pruned_at > PRUNE_INTERVAL:
@@ -204,8 +204,6 @@ class WasmTasks(ContainerTasks):
     # -- lifecycle ---------------------------------------------------------------------------------
     async def create(self, req: task.CreateTaskRequest, ctx: Context) -> task.CreateTaskResponse:
         validate_id(req.id, "container id")
-        if req.terminal:
-            raise InvalidArgument(NO_TERMINAL)
         if req.checkpoint:
             raise Unimplemented("restoring from a checkpoint is not supported by the wasm sandboxer")
         bundle = host_bundle(req.bundle)
@@ -221,7 +219,9 @@ class WasmTasks(ContainerTasks):
             root_path = Path(str((spec.get("root") or {}).get("path") or "rootfs"))
             rootfs = bundle / "rootfs" if req.rootfs else (root_path if root_path.is_absolute()
                                                             else bundle / root_path)
-            proc = Process("", req.stdin, req.stdout, req.stderr, spec.get("process") or {})
+            process_spec = dict(spec.get("process") or {})
+            process_spec["terminal"] = req.terminal  # what containerd asks for, as runc's shim goes by
+            proc = Process("", io=ProcessIO(req.stdin, req.stdout, req.stderr, req.terminal), spec=process_spec)
             container = Container(req.id, bundle, pod_id, ctx.namespace or "k8s.io", spec, rootfs, runtime,
                                   wasmedge, proc, memory_limit_of(spec))
             try:
@@ -253,15 +253,26 @@ class WasmTasks(ContainerTasks):
         name = container.id if not proc.id else f"{container.id}-{proc.id}"
         with self.attach_warmer.held():  # until the child has reported, by when it is in its cgroup
             plan = self.plan(container, proc.spec, name)
-            stdio = open_stdio(proc.stdin, proc.stdout, proc.stderr)
+            if plan.terminal:
+                master, stdio = _terminal_stdio()
+            else:
+                master, stdio = -1, open_stdio(proc.io.stdin, proc.io.stdout, proc.io.stderr)
             try:
                 started = launch(plan, stdio, self.reaper, wait_for_go)
+            except BaseException:
+                if master >= 0:
+                    os.close(master)
+                raise
             finally:
                 stdio.close()  # the child holds them now
             proc.launch = started
             try:
+                if master >= 0:
+                    owned, master = master, -1  # the io closes it from here on
+                    proc.io.attach_master(owned)
                 await started.ready()
             except BaseException:
+                proc.io.close()
                 started.close_go()
                 signal_quietly(started.pid, signal.SIGKILL)
                 await asyncio.shield(started.exited)
@@ -309,16 +320,14 @@ class WasmTasks(ContainerTasks):
     async def exec(self, req: task.ExecProcessRequest, ctx: Context) -> empty_pb2.Empty:
         container = self._get(req.id)
         validate_id(req.exec_id, "exec id")
-        if req.terminal:
-            raise InvalidArgument(NO_TERMINAL)
         spec = parse_exec_spec(req)
-        if spec.get("terminal"):
-            raise InvalidArgument(NO_TERMINAL)
+        spec["terminal"] = req.terminal
         async with self._lock(req.id):
             container.check_new_exec(req.exec_id)
             # Fail now, not at Start, if the module is not there (ExecSync then says why).
             locate_module(container.rootfs, [str(a) for a in spec["args"]], str(spec.get("cwd") or "/"))
-            container.execs[req.exec_id] = Process(req.exec_id, req.stdin, req.stdout, req.stderr, spec)
+            container.execs[req.exec_id] = Process(
+                req.exec_id, io=ProcessIO(req.stdin, req.stdout, req.stderr, req.terminal), spec=spec)
         self._publish_exec_added(req, container.namespace)
         return empty_pb2.Empty()
 
@@ -338,7 +347,12 @@ class WasmTasks(ContainerTasks):
     async def _remove(self, container: Container) -> None:
         await self._kill_and_wait(container)
         await self._release(container)
+        for proc in container.processes():
+            proc.io.close()
         self._forget(container.id)
+
+    async def _delete_exec(self, proc: Process) -> None:
+        proc.io.close()
 
     async def _kill_and_wait(self, container: Container) -> None:
         if container.init.status == types.PAUSED:
@@ -372,7 +386,8 @@ class WasmTasks(ContainerTasks):
     async def state(self, req: task.StateRequest, ctx: Context) -> task.StateResponse:
         container = self._get(req.id)
         proc = container.process(req.exec_id)
-        return state_response(req, container.bundle, proc, proc.stdin, proc.stdout, proc.stderr, terminal=False)
+        return state_response(req, container.bundle, proc, proc.io.stdin, proc.io.stdout, proc.io.stderr,
+                              terminal=proc.io.terminal)
 
     async def pids(self, req: task.PidsRequest, ctx: Context) -> task.PidsResponse:
         container = self._get(req.id)
@@ -466,3 +481,9 @@ async def _drain(cgroup: cgroups.PodCgroup) -> None:
         except OSError:
             return
         await asyncio.sleep(0.01)
+
+
+def _terminal_stdio() -> tuple[int, Stdio]:
+    """A new pty: its master for the task server, its slave as the process's stdin, stdout and stderr."""
+    master, slave = os.openpty()
+    return master, Stdio(slave, slave, slave)
