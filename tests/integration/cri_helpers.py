@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 import time
 import uuid
 from pathlib import Path
@@ -131,6 +132,99 @@ async def exec_over_websocket(url: str, stdin: bytes = b"", resize: tuple[int, i
             except websockets.ConnectionClosed:
                 pass
     return out, error
+
+
+async def check_pod_files(address: str, handler: str, log_dir: Path, pods_dir: Path) -> None:
+    """Containers see /etc/hostname, /etc/hosts and /etc/resolv.conf as containerd's own pod sandbox
+    provides them: the pod's hostname and DNS config in a networked pod, the node's in a host-network
+    one; the files live in `pods_dir` while the pod does."""
+    async def cat(client: CriClient, cid: str, path: str) -> str:
+        result = await client.exec_sync(cid, ["cat", path], timeout=20)
+        assert result.exit_code == 0, result.stderr
+        return result.stdout.decode()
+
+    async with CriClient(address) as client:
+        config = pod_config("dns", uid=uuid.uuid4().hex[:12], log_directory=str(log_dir / "dns"),
+                            host_network=False, hostname="web-1")
+        config.dns_config.servers.extend(["10.96.0.10", "10.96.0.11"])
+        config.dns_config.searches.extend(["default.svc.cluster.local", "svc.cluster.local"])
+        config.dns_config.options.append("ndots:5")
+        pod_id = (await client.run_pod_sandbox(config, runtime_handler=handler)).pod_sandbox_id
+        cid = await start_container(client, pod_id, config, "sleeper", ["sleep", "3600"])
+        await wait_state(client, cid, cri.CONTAINER_RUNNING)
+        assert await cat(client, cid, "/etc/hostname") == "web-1\n"
+        assert await cat(client, cid, "/etc/resolv.conf") == (
+            "search default.svc.cluster.local svc.cluster.local\n"
+            "nameserver 10.96.0.10\nnameserver 10.96.0.11\noptions ndots:5\n")
+        assert await cat(client, cid, "/etc/hosts") == Path("/etc/hosts").read_text()
+        host_id, host = await run_pod(client, "hostnet", log_dir, handler)
+        host_cid = await start_container(client, host_id, host, "sleeper", ["sleep", "3600"])
+        await wait_state(client, host_cid, cri.CONTAINER_RUNNING)
+        assert await cat(client, host_cid, "/etc/hostname") == socket.gethostname() + "\n"
+        assert await cat(client, host_cid, "/etc/resolv.conf") == Path("/etc/resolv.conf").read_text()
+        assert {p.name for p in pods_dir.iterdir()} >= {pod_id, host_id}
+        await remove_pod(client, pod_id)
+        await remove_pod(client, host_id)
+        assert not (pods_dir / pod_id).exists() and not (pods_dir / host_id).exists()
+
+
+async def check_port_forward(address: str, handler: str, log_dir: Path) -> None:
+    """`kubectl port-forward`: containerd connects to the port inside the pod's network namespace (the
+    one the pod's process holds), through its streaming server; a closed port is reported, not hung."""
+    async with CriClient(address) as client:
+        pod_id, pod = await run_pod(client, "web", log_dir, handler, host_network=False, hostname="web-pod")
+        server = "mkdir -p /tmp/www && hostname > /tmp/www/name && exec httpd -f -p 8080 -h /tmp/www"
+        cid = await start_container(client, pod_id, pod, "httpd", ["sh", "-c", server])
+        await wait_state(client, cid, cri.CONTAINER_RUNNING)
+        for _ in range(100):  # httpd may not listen yet; a URL serves one session
+            url = await client.port_forward(pod_id, [8080])
+            answer, error = await forward_once(url, 8080, b"GET /name HTTP/1.0\r\n\r\n")
+            if answer:
+                break
+            await asyncio.sleep(0.1)
+        assert answer.startswith(b"HTTP/1.1 200 OK") and answer.endswith(b"\r\n\r\nweb-pod\n"), (answer, error)
+        answer, error = await forward_once(await client.port_forward(pod_id, [8081]), 8081, b"x")
+        assert not answer and "8081" in error, error
+        await remove_pod(client, pod_id)
+
+
+async def forward_once(url: str, port: int, request: bytes, timeout: float = 20.0) -> tuple[bytes, str]:
+    """One connection through a CRI PortForward session at `url` (kubectl port-forward's WebSocket
+    protocol): send `request` to `port`, return (everything the pod answered, the error channel's text).
+
+    Each port has a data channel (0) and an error channel (1); the server first writes the port number
+    (16 bits, little-endian) on both, then the connection's bytes flow on the data channel."""
+    import struct
+
+    import websockets
+
+    ws_url = url.replace("http://", "ws://", 1) + f"?port={port}"
+    answer, error, prefixes = b"", "", {0: b"", 1: b""}
+    async with asyncio.timeout(timeout), websockets.connect(ws_url, subprotocols=["v4.channel.k8s.io"],
+                                                            max_size=None) as ws:
+        try:
+            await ws.send(bytes([0]) + request)
+        except websockets.ConnectionClosed:  # over already (a closed port): what it said is still read below
+            pass
+        try:
+            async for message in ws:
+                data = message if isinstance(message, bytes) else message.encode()
+                if not data or data[0] not in prefixes:
+                    continue
+                channel, payload = data[0], data[1:]
+                if len(prefixes[channel]) < 2:  # the port number comes first on each channel
+                    take = 2 - len(prefixes[channel])
+                    prefixes[channel] += payload[:take]
+                    payload = payload[take:]
+                    if len(prefixes[channel]) == 2:
+                        assert struct.unpack("<H", prefixes[channel])[0] == port, prefixes
+                if channel == 0:
+                    answer += payload
+                else:
+                    error += payload.decode(errors="replace")
+        except websockets.ConnectionClosed:
+            pass
+    return answer, error
 
 
 async def terminal_exec(client: CriClient, cid: str) -> str:

@@ -28,6 +28,8 @@ from tests.support import images
 from .conftest import BUSYBOX, Stack, integration_skip_reason, kill_task_server, start_sandboxer, stop_process
 from .cri_helpers import (
     cgroups_named,
+    check_pod_files,
+    check_port_forward,
     log_text,
     mounts_containing,
     remove_pod,
@@ -172,6 +174,14 @@ def test_two_containers_share_one_gvisor_kernel_and_reach_the_cri_log(gvisor: St
 
     gvisor.run(scenario())
     print(f"\ngVisor pod with two containers, exec and teardown: {time.monotonic() - started:.2f}s")
+
+
+def test_containers_see_the_pods_hostname_hosts_and_dns_config(gvisor: Stack) -> None:
+    gvisor.run(check_pod_files(gvisor.address, HANDLER, gvisor.log_dir, gvisor.sandboxer_dir / "pods"))
+
+
+def test_port_forward_reaches_a_server_in_the_sandbox(gvisor: Stack) -> None:
+    gvisor.run(check_port_forward(gvisor.address, HANDLER, gvisor.log_dir))
 
 
 def test_exit_codes_are_reported(gvisor: Stack) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 import subprocess
 import uuid
 from pathlib import Path
@@ -19,6 +18,8 @@ from .conftest import Stack
 from .cri_helpers import (
     HANDLER,
     cgroups_named,
+    check_pod_files,
+    check_port_forward,
     children_of,
     log_text,
     mounts_containing,
@@ -58,40 +59,7 @@ def test_container_output_reaches_cri_log_and_pod_is_served_without_pause(stack:
 
 
 def test_containers_see_the_pods_hostname_hosts_and_dns_config(stack: Stack) -> None:
-    """/etc/hostname, /etc/hosts and /etc/resolv.conf as containerd's own pod sandbox provides them."""
-    async def cat(client: CriClient, cid: str, path: str) -> str:
-        result = await client.exec_sync(cid, ["cat", path], timeout=20)
-        assert result.exit_code == 0, result.stderr
-        return result.stdout.decode()
-
-    async def scenario() -> None:
-        async with CriClient(stack.address) as client:
-            config = pod_config("dns", uid=uuid.uuid4().hex[:12], log_directory=str(stack.log_dir / "dns"),
-                                host_network=False, hostname="web-1")
-            config.dns_config.servers.extend(["10.96.0.10", "10.96.0.11"])
-            config.dns_config.searches.extend(["default.svc.cluster.local", "svc.cluster.local"])
-            config.dns_config.options.append("ndots:5")
-            pod_id = (await client.run_pod_sandbox(config, runtime_handler=HANDLER)).pod_sandbox_id
-            cid = await start_container(client, pod_id, config, "sleeper", ["sleep", "3600"])
-            await wait_state(client, cid, cri.CONTAINER_RUNNING)
-            assert await cat(client, cid, "/etc/hostname") == "web-1\n"
-            assert await cat(client, cid, "/etc/resolv.conf") == (
-                "search default.svc.cluster.local svc.cluster.local\n"
-                "nameserver 10.96.0.10\nnameserver 10.96.0.11\noptions ndots:5\n")
-            assert await cat(client, cid, "/etc/hosts") == Path("/etc/hosts").read_text()
-            # A host-network pod without DNS config: the node's hostname and resolv.conf.
-            host_id, host = await run_pod(client, "hostnet", stack.log_dir)
-            host_cid = await start_container(client, host_id, host, "sleeper", ["sleep", "3600"])
-            await wait_state(client, host_cid, cri.CONTAINER_RUNNING)
-            assert await cat(client, host_cid, "/etc/hostname") == socket.gethostname() + "\n"
-            assert await cat(client, host_cid, "/etc/resolv.conf") == Path("/etc/resolv.conf").read_text()
-            pods_dir = stack.sandboxer_dir / "pods"
-            assert {p.name for p in pods_dir.iterdir()} >= {pod_id, host_id}
-            await remove_pod(client, pod_id)
-            await remove_pod(client, host_id)
-            assert not (pods_dir / pod_id).exists() and not (pods_dir / host_id).exists()
-
-    stack.run(scenario())
+    stack.run(check_pod_files(stack.address, HANDLER, stack.log_dir, stack.sandboxer_dir / "pods"))
 
 
 def test_containers_of_a_pod_share_its_dev_shm_and_a_host_ipc_pod_uses_the_hosts(stack: Stack) -> None:
@@ -248,6 +216,10 @@ def test_two_pods_side_by_side_have_their_own_namespaces(stack: Stack) -> None:
                 await remove_pod(client, pod_id)
 
     stack.run(scenario())
+
+
+def test_port_forward_reaches_a_server_in_the_pods_network(stack: Stack) -> None:
+    stack.run(check_port_forward(stack.address, HANDLER, stack.log_dir))
 
 
 def test_pod_stop_kills_containers_and_remove_leaves_nothing(stack: Stack) -> None:

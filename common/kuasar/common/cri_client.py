@@ -231,6 +231,12 @@ class CriClient:
         response: cri.ExecResponse = await self._call(self.runtime.Exec, request)
         return response.url
 
+    async def port_forward(self, pod_id: str, ports: Sequence[int]) -> str:
+        """Return the streaming-server URL that forwards to `ports` in the pod's network namespace."""
+        request = cri.PortForwardRequest(pod_sandbox_id=pod_id, port=list(ports))
+        response: cri.PortForwardResponse = await self._call(self.runtime.PortForward, request)
+        return response.url
+
     async def container_stats(self, container_id: str) -> cri.ContainerStatsResponse:
         """Built by containerd from our task Stats answer (cgroups Metrics in an Any), so this is
         the end-to-end check of those protos."""

@@ -10,13 +10,16 @@ a container sees its image's files: no cluster DNS, no pod hostname in /etc/host
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 from pathlib import Path
 from typing import Any
 
+from . import cgroups
 from .errors import InvalidArgument
 from .ids import validate_id
+from .state import overwrite
 
 PODS_DIR = "pods"
 # file name under the pod's directory -> where containers see it
@@ -93,6 +96,20 @@ def add_pod_file_mounts(spec: dict[str, Any], path: Path, rootfs: Path) -> list[
     if _use_pod_shm(spec, path / SHM):
         added.append(DEV_SHM)
     return added
+
+
+def rewrite_container_spec(bundle: Path, spec: dict[str, Any], pod_path: Path | None) -> None:
+    """Change a CRI container's config.json (`spec`, read from `bundle`) for a host runtime (runc, runsc)
+    run with its cgroupfs driver: a systemd-form cgroupsPath becomes the path systemd's would be, and the
+    pod's files and /dev/shm in `pod_path` (if any) are bound in. Call with the rootfs mounted: what can
+    be bound depends on what it holds. Written back only if something changed; containerd wrote the file
+    for this Create and only the runtime, started next, reads it."""
+    changed = cgroups.use_cgroupfs_path(spec)
+    rootfs = bundle / (spec.get("root") or {}).get("path", "rootfs")
+    if pod_path is not None and add_pod_file_mounts(spec, pod_path, rootfs):
+        changed = True
+    if changed:
+        overwrite(bundle / "config.json", json.dumps(spec).encode())
 
 
 def _use_pod_shm(spec: dict[str, Any], shm: Path) -> bool:

@@ -35,7 +35,9 @@ class GvisorSandboxer(PodSandboxer):
         # The task server gets the [quark] section as checked here, not the config file's path.
         settings = TaskServerSettings(str(config.dir), config.events_address, config.log_level,
                                       config.section("quark"))
-        super().__init__(config, TaskServerLaunch(TASK_SERVER_MODULE, TASK_SERVER_PROGRAM, settings))
+        # Containers get the pod's /etc/hostname, hosts and resolv.conf bound in (gvisor_tasks), as runc's do.
+        super().__init__(config, TaskServerLaunch(TASK_SERVER_MODULE, TASK_SERVER_PROGRAM, settings),
+                         pod_files=True)
 
     async def open(self) -> None:
         require_binary(self.quark.runsc, "gVisor runsc",

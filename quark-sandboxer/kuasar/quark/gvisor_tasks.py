@@ -40,8 +40,8 @@ from kuasar.common.errors import (
 from kuasar.common.events import EventPublisher
 from kuasar.common.fifo_stdio import ProcessIO
 from kuasar.common.ids import validate_id
+from kuasar.common.pod_files import pod_dir, rewrite_container_spec
 from kuasar.common.reaper import Exit, Reaper
-from kuasar.common.state import overwrite
 from kuasar.common.task_table import (
     TaskContainer,
     TaskProcess,
@@ -64,6 +64,8 @@ log = logging.getLogger(__name__)
 EXEC_START_TIMEOUT = 20.0
 EXEC_POLL_INTERVAL = 0.01
 # What a container whose status nobody can tell any more is reported with (containerd's lost shim).
+# A pod's gVisor sandbox bundle (the pause container's), in the pod's directory.
+SANDBOX_BUNDLE = "sandbox"
 LOST_EXIT_STATUS = 255
 KILLED_EXIT_STATUS = 128 + signal.SIGKILL
 # How long a failed kill waits to see whether the container had just exited (and the failure is moot).
@@ -123,7 +125,8 @@ class GvisorTasks(TerminalTasks):
 
     async def launch_pod(self, req: pods.CreatePodRequest, cgroup: cgroups.PodCgroup | None) -> int:
         pod_id = validate_id(req.id, "pod id")
-        bundle = self.directory / "pods" / pod_id
+        # Inside the pod's directory, next to the pod's files the sandboxer writes there meanwhile.
+        bundle = pod_dir(self.directory, pod_id) / SANDBOX_BUNDLE
         rootfs = gvisor_pod.ensure_pause_rootfs(self.directory)
         network = await self._network_for(req)
         spec = gvisor_pod.root_spec(pod_id, rootfs, netns_path=req.netns_path,
@@ -165,8 +168,6 @@ class GvisorTasks(TerminalTasks):
             if req.id in self.containers:
                 raise AlreadyExists(f"container {req.id} already exists")
             spec = json.loads((bundle / "config.json").read_bytes())
-            if cgroups.use_cgroupfs_path(spec):  # runsc runs with its cgroupfs driver
-                overwrite(bundle / "config.json", json.dumps(spec).encode())
             annotations = spec.get("annotations") or {}
             pod_id = annotations.get(gvisor_pod.SANDBOX_ID, "")
             pod = self.pods.get(pod_id)
@@ -181,6 +182,7 @@ class GvisorTasks(TerminalTasks):
                 mounts.mount_rootfs(req.rootfs, bundle / "rootfs")
                 container.rootfs_mounted = True
             try:
+                rewrite_container_spec(bundle, spec, pod_dir(self.directory, pod_id))
                 # runsc hands a sub-container the stdio of `runsc start`, so the FIFOs wait for Start; a
                 # terminal is made at create, its master sent to our console socket.
                 console = self._listen_console(io)

@@ -18,11 +18,10 @@ from kuasar.common.errors import AlreadyExists, NotFound
 from kuasar.common.events import EventPublisher
 from kuasar.common.fifo_stdio import ProcessIO
 from kuasar.common.ids import validate_id
-from kuasar.common.pod_files import add_pod_file_mounts, pod_dir
+from kuasar.common.pod_files import pod_dir, rewrite_container_spec
 from kuasar.common.reaper import Reaper
 from kuasar.common.runc_cli import Runc
 from kuasar.common.runc_tasks import RuncContainer, RuncContainerTasks, RuncProcess
-from kuasar.common.state import overwrite
 from kuasar.common.task_table import (
     host_bundle,
     pod_id_of,
@@ -81,14 +80,7 @@ class RuncTasks(RuncContainerTasks):
                 mounts.mount_rootfs(req.rootfs, bundle / "rootfs")
                 container.rootfs_mounted = True
             try:
-                # runc runs with its cgroupfs driver: a systemd-form cgroupsPath becomes the path systemd's would use.
-                changed = cgroups.use_cgroupfs_path(spec)
-                if pod_id and add_pod_file_mounts(spec, pod_dir(self.directory, pod_id),
-                                                  bundle / (spec.get("root") or {}).get("path", "rootfs")):
-                    changed = True
-                if changed:
-                    # containerd wrote the file for this Create and only runc, started below, reads it.
-                    overwrite(bundle / "config.json", json.dumps(spec).encode())
+                rewrite_container_spec(bundle, spec, pod_dir(self.directory, pod_id) if pod_id else None)
                 await self._start_process(container, container.init, is_exec=False)
             except Exception:
                 if container.rootfs_mounted:
