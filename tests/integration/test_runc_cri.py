@@ -21,6 +21,7 @@ from .cri_helpers import (
     check_pod_files,
     check_port_forward,
     children_of,
+    exec_over_websocket,
     log_text,
     mounts_containing,
     pod_processes,
@@ -292,6 +293,24 @@ def test_terminal_exec_gets_a_pty_and_resize(stack: Stack) -> None:
             await wait_state(client, cid, cri.CONTAINER_RUNNING)
             text = await terminal_exec(client, cid)
             assert "on-a-terminal=/dev/pts/" in text, text
+            await remove_pod(client, pod_id)
+
+    stack.run(scenario())
+
+
+def test_attach_to_a_tty_container_like_kubectl_run_it(stack: Stack) -> None:
+    """`kubectl run -it`: a shell on a terminal with stdin once; attach, type, see it answer, exit it."""
+    async def scenario() -> None:
+        async with CriClient(stack.address) as client:
+            pod_id, pod = await run_pod(client, "attach", stack.log_dir)
+            cid = await start_container(client, pod_id, pod, "shell", ["sh"], tty=True, stdin=True,
+                                        stdin_once=True)
+            await wait_state(client, cid, cri.CONTAINER_RUNNING)
+            url = await client.attach(cid, tty=True, stdin=True)
+            out, error = await exec_over_websocket(url, stdin=b"echo attached-$((40+2)) $(stty size)\nexit 3\n",
+                                                   resize=(100, 30))
+            assert b"attached-42 30 100" in out, (out, error)
+            assert (await wait_state(client, cid, cri.CONTAINER_EXITED)).exit_code == 3
             await remove_pod(client, pod_id)
 
     stack.run(scenario())

@@ -262,6 +262,21 @@ def test_terminals_a_tty_container_and_interactive_execs_with_resize_and_interru
     asyncio.run(scenario())
 
 
+def test_attach_to_a_tty_module_like_kubectl_run_it(stack: Stack) -> None:
+    async def scenario() -> None:
+        async with CriClient(stack.address) as client:
+            pod_id, pod = await run_pod(client, "attach", stack.log_dir)
+            cid = await start(client, pod_id, pod, "cat", ["/cat.wasm"], tty=True, stdin=True, stdin_once=True)
+            await wait_state(client, cid, cri.CONTAINER_RUNNING)
+            out, error = await exec_over_websocket(await client.attach(cid, tty=True, stdin=True),
+                                                   stdin=b"attached\n\x04", resize=(100, 30))
+            assert out.count(b"attached\r\n") == 2 and out.endswith(b"EOF\r\n"), (out, error)
+            assert (await wait_state(client, cid, cri.CONTAINER_EXITED)).exit_code == 0
+            await remove_pod(client, pod_id)
+
+    asyncio.run(scenario())
+
+
 def test_wasmedge_selected_without_binary_is_a_clear_error(stack: Stack) -> None:
     async def scenario() -> None:
         async with CriClient(stack.address) as client:

@@ -231,6 +231,15 @@ class CriClient:
         response: cri.ExecResponse = await self._call(self.runtime.Exec, request)
         return response.url
 
+    async def attach(self, container_id: str, tty: bool = False, stdin: bool = False, stdout: bool = True,
+                     stderr: bool | None = None) -> str:
+        """Return the streaming-server URL that attaches to the container's own stdio (`kubectl attach`,
+        `kubectl run -it`); `stderr` defaults to `not tty`, as for exec."""
+        request = cri.AttachRequest(container_id=container_id, tty=tty, stdin=stdin, stdout=stdout,
+                                    stderr=(not tty) if stderr is None else stderr)
+        response: cri.AttachResponse = await self._call(self.runtime.Attach, request)
+        return response.url
+
     async def port_forward(self, pod_id: str, ports: Sequence[int]) -> str:
         """Return the streaming-server URL that forwards to `ports` in the pod's network namespace."""
         request = cri.PortForwardRequest(pod_sandbox_id=pod_id, port=list(ports))
@@ -333,6 +342,7 @@ def container_config(
     log_path: str | None = None,
     tty: bool = False,
     stdin: bool = False,
+    stdin_once: bool = False,
     env: Mapping[str, str] | None = None,
     working_dir: str | None = None,
     memory_limit: int | None = None,
@@ -356,6 +366,7 @@ def container_config(
         labels=dict(labels or {}),
         log_path=f"{name}.log" if log_path is None else log_path,
         stdin=stdin,
+        stdin_once=stdin_once,
         tty=tty,
     )
     if memory_limit is not None:
