@@ -107,7 +107,10 @@ def task_server_main(make_backend: Callable[[dict[str, Any], Reaper, EventPublis
                          f"(usage: SETTINGS_JSON READY_FD): {exc}\n")
         sys.exit(2)
     setup_logging(settings.log_level)
-    linux.forget_inherited_ignores()  # before any runc is started
+    try:
+        linux.forget_inherited_ignores()  # before any runc is started
+    except OSError as exc:  # an architecture whose system call number we do not know
+        log.warning("signals 32/33 stay ignored, and so in containers: %s", exc)
     asyncio.run(run_task_server(
         Path(settings.dir), settings.events_address, ready_fd,
         lambda reaper, events, directory: make_backend(settings.options, reaper, events, directory)))

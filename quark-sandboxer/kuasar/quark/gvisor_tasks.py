@@ -63,9 +63,9 @@ log = logging.getLogger(__name__)
 # A foreground `runsc exec` writes the process's pid within tens of milliseconds; this bounds a stuck one.
 EXEC_START_TIMEOUT = 20.0
 EXEC_POLL_INTERVAL = 0.01
-# What a container whose status nobody can tell any more is reported with (containerd's lost shim).
 # A pod's gVisor sandbox bundle (the pause container's), in the pod's directory.
 SANDBOX_BUNDLE = "sandbox"
+# What a container whose status nobody can tell any more is reported with (containerd's lost shim).
 LOST_EXIT_STATUS = 255
 KILLED_EXIT_STATUS = 128 + signal.SIGKILL
 # How long a failed kill waits to see whether the container had just exited (and the failure is moot).
