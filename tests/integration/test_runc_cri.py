@@ -11,6 +11,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from kuasar.common import linux
 from kuasar.common.api.runtime.v1 import api_pb2 as cri
 from kuasar.common.cri_client import CriClient, pod_config
 
@@ -115,11 +116,6 @@ def test_containers_of_a_pod_share_its_dev_shm_and_a_host_ipc_pod_uses_the_hosts
     stack.run(scenario())
 
 
-def ignored_signals(status_text: str) -> set[int]:
-    mask = int(next(line.split()[-1] for line in status_text.splitlines() if "SigIgn:" in line), 16)
-    return {n for n in range(1, 65) if mask & (1 << (n - 1))}
-
-
 def test_containers_and_execs_do_not_inherit_pythons_ignored_signals(stack: Stack) -> None:
     """Python ignores SIGPIPE and SIGXFSZ, and glibc's posix_spawn leaves 32 and 33 ignored; none of that
     may reach a container through runc (e.g. `yes | head` would never end, `kill -32` would do nothing)."""
@@ -129,9 +125,9 @@ def test_containers_and_execs_do_not_inherit_pythons_ignored_signals(stack: Stac
             cid = await start_container(client, pod_id, pod, "status",
                                         ["sh", "-c", "cat /proc/self/status; sleep 3600"])
             text = await wait_log(pod, "status", "SigIgn")
-            assert ignored_signals(text) == set(), text
+            assert linux.ignored_signals(text) == set(), text
             result = await client.exec_sync(cid, ["cat", "/proc/self/status"], timeout=20)
-            assert ignored_signals(result.stdout.decode()) == set(), result.stdout
+            assert linux.ignored_signals(result.stdout.decode()) == set(), result.stdout
             piped = await client.exec_sync(cid, ["sh", "-c", "yes | head -n 2"], timeout=20)
             assert piped.stdout == b"y\ny\n" and piped.exit_code == 0
             await remove_pod(client, pod_id)
@@ -324,8 +320,8 @@ def test_container_stats_and_update_resources(stack: Stack) -> None:
             await wait_state(client, cid, cri.CONTAINER_RUNNING)
             stats = (await client.container_stats(cid)).stats
             assert stats.memory.working_set_bytes.value > 0 or stats.memory.usage_bytes.value > 0
-            linux = cri.LinuxContainerResources(memory_limit_in_bytes=64 << 20, cpu_shares=512)
-            await client.update_container_resources(cid, linux)
+            resources = cri.LinuxContainerResources(memory_limit_in_bytes=64 << 20, cpu_shares=512)
+            await client.update_container_resources(cid, resources)
             limit = await client.exec_sync(cid, ["cat", "/sys/fs/cgroup/memory/memory.limit_in_bytes"],
                                            timeout=20)
             assert limit.stdout.strip() == str(64 << 20).encode(), limit

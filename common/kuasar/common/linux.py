@@ -76,10 +76,13 @@ def umount(target: str, flags: int = 0) -> None:
     _check(libc.umount2(target.encode(), flags), f"umount {target}")
 
 
-def ignored_signals() -> set[int]:
-    """The signals this process ignores (SigIgn of /proc/self/status)."""
-    with open("/proc/self/status") as status:
-        line = next(line for line in status if line.startswith("SigIgn:"))
+def ignored_signals(status_text: str | None = None) -> set[int]:
+    """The signals a process ignores, from the SigIgn line of its /proc/<pid>/status text (this
+    process's own when None)."""
+    if status_text is None:
+        with open("/proc/self/status") as status:
+            status_text = status.read()
+    line = next(line for line in status_text.splitlines() if line.startswith("SigIgn:"))
     mask = int(line.split()[1], 16)
     return {sig for sig in range(1, 65) if mask & (1 << (sig - 1))}
 
