@@ -78,12 +78,46 @@ def test_writes_our_pid_while_held_and_for_the_linger_then_stops(tmp_path: Path,
             assert _only_our_pid_written(target)
         after_exit = warmer.writes
         _wait_until(lambda: warmer.writes > after_exit, "the burst did not linger")
-        _wait_until(lambda: warmer._burst is None, "the thread did not end after the linger")
+        _wait_until(lambda: not warmer.bursting, "the thread did not end after the linger")
         done = warmer.writes
         time.sleep(3 * cgroup_attach.REWRITE_INTERVAL_S)
         assert warmer.writes == done and not warmer.disabled
-        with warmer.held():  # a later burst starts a new thread
+        with warmer.held():  # a later burst wakes the same thread
             _wait_until(lambda: warmer.writes > done, "no second burst")
+
+
+def test_bursts_share_one_thread_and_look_our_cgroup_up_only_after_a_move(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    first, second = tmp_path / "a.procs", tmp_path / "b.procs"
+    first.write_text("")
+    second.write_text("")
+    placed = {"text": b"4:pids:/a\n", "path": first}
+    lookups: list[Path] = []
+
+    def lookup() -> Path:
+        lookups.append(placed["path"])
+        return placed["path"]
+
+    monkeypatch.setattr(cgroup_attach, "own_procs_file", lookup)
+    monkeypatch.setattr(cgroup_attach, "_read_proc_self_cgroup", lambda: placed["text"])
+    warmer = AttachLockWarmer(linger=0.0)
+
+    def burst() -> None:
+        before = warmer.writes
+        with warmer.held():
+            _wait_until(lambda: warmer.writes > before, "no rewrite in this burst")
+        _wait_until(lambda: not warmer.bursting, "the burst did not end")
+
+    burst()
+    thread = warmer.thread_id
+    burst()
+    assert thread is not None and warmer.thread_id == thread
+    assert lookups == [first]  # the second burst reused the open file
+    placed.update(text=b"4:pids:/b\n", path=second)  # moved to another cgroup meanwhile
+    written_to_first = first.read_text()
+    burst()
+    assert lookups == [first, second] and warmer.thread_id == thread
+    assert first.read_text() == written_to_first and _only_our_pid_written(second)
 
 
 def test_a_failed_write_disables_it_quietly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -91,16 +125,16 @@ def test_a_failed_write_disables_it_quietly(tmp_path: Path, monkeypatch: pytest.
     with _target(monkeypatch, tmp_path / "missing" / "cgroup.procs"):
         with warmer.held():
             _wait_until(lambda: warmer.disabled, "a failing write did not disable it")
-        _wait_until(lambda: warmer._burst is None, "the thread did not end")
+        _wait_until(lambda: not warmer.bursting, "the thread did not end")
         with warmer.held():
-            assert warmer._burst is None and warmer.writes == 0
+            assert not warmer.bursting and warmer.writes == 0
 
 
 def test_no_cgroup_to_write_means_no_thread(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(cgroup_attach, "own_procs_file", lambda: None)
     warmer = AttachLockWarmer()
     with warmer.held():
-        _wait_until(lambda: warmer.disabled and warmer._burst is None, "not disabled without a cgroup")
+        _wait_until(lambda: warmer.disabled and not warmer.bursting, "not disabled without a cgroup")
 
 
 def test_the_real_rewrites_leave_this_process_in_its_cgroups() -> None:
@@ -199,7 +233,7 @@ def test_a_forked_child_starts_its_own_bursts(tmp_path: Path, monkeypatch: pytes
         _wait_until(lambda: warmer.writes >= 1, "no rewrites in the parent")
         pid = os.fork()
         if pid == 0:  # the child: the parent's thread is not here; a burst of its own must still run
-            ok = warmer._burst is None and warmer._users == 0
+            ok = not warmer.bursting and warmer._users == 0
             mine = tmp_path / "child.procs"
             mine.write_text("")
             cgroup_attach.own_procs_file = lambda: mine  # type: ignore[assignment]
@@ -210,7 +244,7 @@ def test_a_forked_child_starts_its_own_bursts(tmp_path: Path, monkeypatch: pytes
             os._exit(0 if ok and _only_our_pid_written(mine) else 1)
         _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
-    _wait_until(lambda: warmer._burst is None, "the parent's thread did not end")
+    _wait_until(lambda: not warmer.bursting, "the parent's thread did not end")
 
 
 def test_entering_does_not_wait_for_the_burst_thread(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -232,4 +266,4 @@ def test_entering_does_not_wait_for_the_burst_thread(tmp_path: Path, monkeypatch
         release.set()
         _wait_until(lambda: warmer.writes >= 1, "no rewrite once the lookup returned")
     assert entered < 0.5
-    _wait_until(lambda: warmer._burst is None, "the thread did not end")
+    _wait_until(lambda: not warmer.bursting, "the thread did not end")

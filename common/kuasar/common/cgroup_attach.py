@@ -16,6 +16,7 @@ anyway and this costs one cheap write per interval.
 from __future__ import annotations
 
 import _thread
+import contextlib
 import logging
 import os
 import threading
@@ -36,6 +37,8 @@ REWRITE_INTERVAL_S = 0.004
 LINGER_S = 0.05
 # Where we look for our own cgroup on cgroup v1: any hierarchy will do, the lock is kernel-wide.
 V1_HIERARCHIES = ("pids", "memory", "cpu", "freezer", "devices")
+# /proc/self/cgroup is one line per hierarchy (a dozen on cgroup v1), each well under 300 bytes.
+PROC_CGROUP_MAX = 16384
 
 
 def own_procs_file() -> Path | None:
@@ -58,29 +61,45 @@ class AttachLockWarmer:
 
     def __init__(self, linger: float = LINGER_S) -> None:
         self.linger = linger
+        self.disabled = False  # set once a write failed (no cgroupfs, no permission): nothing to gain
+        self.writes = 0
+        self.thread_id: int | None = None  # the thread's, once it runs
+        self._reset()
+
+    def _reset(self) -> None:
         self._lock = threading.Lock()
         self._users = 0
         self._until = 0.0  # monotonic time the current burst may end, once no block is open
-        self._burst: object | None = None  # the running burst's token
-        self.disabled = False  # set once a write failed (no cgroupfs, no permission): nothing to gain
-        self.writes = 0
+        self.bursting = False
+        # Released once per burst; the thread waits on it between bursts. A raw lock, not an Event:
+        # waking must cost the thread next to no Python, which would hold the GIL the loop needs.
+        self._wake = _thread.allocate_lock()
+        self._wake.acquire()
+        self._thread_started = False
+        self.thread_id = None
+        self._target: tuple[bytes, int] | None = None  # /proc/self/cgroup as read, our cgroup.procs fd
 
     def forget_thread(self) -> None:
         """In a forked child: the thread (and whatever held the lock) stayed in the parent."""
-        self._lock = threading.Lock()
-        self._users = 0
-        self._until = 0.0
-        self._burst = None
+        if self._target is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._target[1])
+        self._reset()
 
     @contextmanager
     def held(self) -> Iterator[None]:
         with self._lock:
             self._users += 1
-            if self._burst is None and not self.disabled:
-                # Not threading.Thread: its start() waits until the new thread has run, which on a busy
-                # machine made pod creation wait ~0.5 ms for a free CPU. Nothing here needs that handshake.
-                self._burst = burst = object()
-                _thread.start_new_thread(self._rewrite, (burst,))
+            if not self.bursting and not self.disabled:
+                self.bursting = True
+                if not self._thread_started:
+                    # One thread for the process's life: starting one per burst cost the event loop
+                    # ~0.3-1.5 ms (the new thread's start-up and cgroup lookup held the GIL while a pod
+                    # was being spawned). Not threading.Thread: its start() waits until the new thread
+                    # has run, which on a busy machine made pod creation wait for a free CPU.
+                    self._thread_started = True
+                    _thread.start_new_thread(self._serve, (self._wake,))
+                self._wake.release()
         try:
             yield
         finally:
@@ -88,53 +107,79 @@ class AttachLockWarmer:
                 self._users -= 1
                 self._until = time.monotonic() + self.linger
 
-    def _end(self, burst: object, disable: bool = False) -> None:
-        with self._lock:
-            self.disabled = self.disabled or disable
-            if self._burst is burst:
-                self._burst = None
+    def _serve(self, wake: _thread.LockType) -> None:
+        self.thread_id = _thread.get_ident()
+        while True:
+            wake.acquire()
+            if wake is not self._wake:  # forgotten in a forked child; a parent's thread never is
+                return
+            self._burst()
 
-    def _rewrite(self, burst: object) -> None:
-        # Looked up for every burst: writing a cgroup we have since been moved out of would move us back.
-        try:
-            target = own_procs_file()
-        except OSError:
-            target = None
-        if target is None:
-            self._end(burst, disable=True)
-            return
-        try:
-            # Opened once per burst: every call that releases the GIL is a hand-over the event loop's
-            # thread may have to wait for, so the loop makes only the write and the sleep.
-            fd = os.open(target, os.O_WRONLY | os.O_CLOEXEC)
-        except OSError as exc:
-            self._give_up(burst, target, exc)
+    def _burst(self) -> None:
+        fd = self._target_fd()
+        if fd is None:
             return
         pid = str(os.getpid()).encode()
-        try:
-            while self._goes_on(burst):
-                try:
-                    os.write(fd, pid)
-                except OSError as exc:
-                    self._give_up(burst, target, exc)
-                    return
-                self.writes += 1
-                time.sleep(REWRITE_INTERVAL_S)
-        finally:
-            os.close(fd)
+        while self._goes_on():
+            try:
+                os.write(fd, pid)
+            except OSError as exc:
+                self._give_up(exc)
+                return
+            self.writes += 1
+            time.sleep(REWRITE_INTERVAL_S)
 
-    def _goes_on(self, burst: object) -> bool:
+    def _target_fd(self) -> int | None:
+        """Our cgroup.procs, opened once and kept while /proc/self/cgroup says the same: writing a
+        cgroup we have since been moved out of would move us back. Only a move costs the lookup."""
+        try:
+            placed = _read_proc_self_cgroup()
+        except OSError as exc:
+            self._give_up(exc)
+            return None
+        if self._target is not None and self._target[0] == placed:
+            return self._target[1]
+        self._drop_target()
+        try:
+            path = own_procs_file()
+            if path is None:
+                self._give_up(None)
+                return None
+            # Kept open: every call that releases the GIL is a hand-over the event loop's thread may
+            # have to wait for, so a burst makes only the write and the sleep.
+            self._target = (placed, os.open(path, os.O_WRONLY | os.O_CLOEXEC))
+        except OSError as exc:
+            self._give_up(exc)
+            return None
+        return self._target[1]
+
+    def _drop_target(self) -> None:
+        if self._target is not None:
+            os.close(self._target[1])
+            self._target = None
+
+    def _goes_on(self) -> bool:
         with self._lock:
-            if self._burst is not burst:  # forgotten in a forked child
-                return False
             if self._users == 0 and time.monotonic() >= self._until:
-                self._burst = None
+                self.bursting = False
                 return False
             return True
 
-    def _give_up(self, burst: object, target: Path, exc: OSError) -> None:
-        log.info("not keeping the cgroup attach lock warm: writing %s failed: %s", target, exc)
-        self._end(burst, disable=True)
+    def _give_up(self, exc: OSError | None) -> None:
+        if exc is not None:
+            log.info("not keeping the cgroup attach lock warm: %s", exc)
+        self._drop_target()
+        with self._lock:
+            self.disabled = True
+            self.bursting = False
+
+
+def _read_proc_self_cgroup() -> bytes:
+    fd = os.open("/proc/self/cgroup", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return os.read(fd, PROC_CGROUP_MAX)
+    finally:
+        os.close(fd)
 
 
 def warm(warmer: AttachLockWarmer | None) -> AbstractContextManager[None]:
