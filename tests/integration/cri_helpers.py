@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import os
 import socket
+import struct
 import time
 import uuid
+from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import psutil
 
@@ -103,34 +108,46 @@ def exists(pid: int) -> bool:
 STDIN, STDOUT, STDERR, ERROR, RESIZE = range(5)
 
 
+@contextlib.asynccontextmanager
+async def streaming_session(url: str, timeout: float = 20.0) -> AsyncIterator[Any]:
+    """A WebSocket session with containerd's streaming server at `url` (from Exec, Attach or
+    PortForward), in Kubernetes' v4 channel protocol, bounded by `timeout` seconds."""
+    import websockets
+
+    async with asyncio.timeout(timeout), websockets.connect(url.replace("http://", "ws://", 1),
+                                                            subprotocols=["v4.channel.k8s.io"],
+                                                            max_size=None) as ws:
+        yield ws
+
+
+async def channel_messages(ws: Any) -> AsyncIterator[tuple[int, bytes]]:
+    """(channel, payload) of every message the server sends, until it closes the session."""
+    import websockets
+
+    try:
+        async for message in ws:
+            data = message if isinstance(message, bytes) else message.encode()
+            if data:
+                yield data[0], data[1:]
+    except websockets.ConnectionClosed:
+        pass
+
+
 async def exec_over_websocket(url: str, stdin: bytes = b"", resize: tuple[int, int] | None = None,
                               timeout: float = 20.0) -> tuple[bytes, str]:
     """Run a CRI Exec session at `url` (from Exec) and return (stdout, error channel text)."""
-    import json
-
-    import websockets
-
-    ws_url = url.replace("http://", "ws://", 1)
     out, error = b"", ""
-    async with asyncio.timeout(timeout):
-        async with websockets.connect(ws_url, subprotocols=["v4.channel.k8s.io"],
-                                      max_size=None) as ws:
-            if resize is not None:
-                width, height = resize
-                await ws.send(bytes([RESIZE]) + json.dumps({"Width": width, "Height": height}).encode())
-            if stdin:
-                await ws.send(bytes([STDIN]) + stdin)
-            try:
-                async for message in ws:
-                    data = message if isinstance(message, bytes) else message.encode()
-                    if not data:
-                        continue
-                    if data[0] in (STDOUT, STDERR):
-                        out += data[1:]
-                    elif data[0] == ERROR:
-                        error += data[1:].decode(errors="replace")
-            except websockets.ConnectionClosed:
-                pass
+    async with streaming_session(url, timeout) as ws:
+        if resize is not None:
+            width, height = resize
+            await ws.send(bytes([RESIZE]) + json.dumps({"Width": width, "Height": height}).encode())
+        if stdin:
+            await ws.send(bytes([STDIN]) + stdin)
+        async for channel, payload in channel_messages(ws):
+            if channel in (STDOUT, STDERR):
+                out += payload
+            elif channel == ERROR:
+                error += payload.decode(errors="replace")
     return out, error
 
 
@@ -194,36 +211,27 @@ async def forward_once(url: str, port: int, request: bytes, timeout: float = 20.
 
     Each port has a data channel (0) and an error channel (1); the server first writes the port number
     (16 bits, little-endian) on both, then the connection's bytes flow on the data channel."""
-    import struct
-
     import websockets
 
-    ws_url = url.replace("http://", "ws://", 1) + f"?port={port}"
     answer, error, prefixes = b"", "", {0: b"", 1: b""}
-    async with asyncio.timeout(timeout), websockets.connect(ws_url, subprotocols=["v4.channel.k8s.io"],
-                                                            max_size=None) as ws:
+    async with streaming_session(url + f"?port={port}", timeout) as ws:
         try:
             await ws.send(bytes([0]) + request)
         except websockets.ConnectionClosed:  # over already (a closed port): what it said is still read below
             pass
-        try:
-            async for message in ws:
-                data = message if isinstance(message, bytes) else message.encode()
-                if not data or data[0] not in prefixes:
-                    continue
-                channel, payload = data[0], data[1:]
-                if len(prefixes[channel]) < 2:  # the port number comes first on each channel
-                    take = 2 - len(prefixes[channel])
-                    prefixes[channel] += payload[:take]
-                    payload = payload[take:]
-                    if len(prefixes[channel]) == 2:
-                        assert struct.unpack("<H", prefixes[channel])[0] == port, prefixes
-                if channel == 0:
-                    answer += payload
-                else:
-                    error += payload.decode(errors="replace")
-        except websockets.ConnectionClosed:
-            pass
+        async for channel, payload in channel_messages(ws):
+            if channel not in prefixes:
+                continue
+            if len(prefixes[channel]) < 2:  # the port number comes first on each channel
+                take = 2 - len(prefixes[channel])
+                prefixes[channel] += payload[:take]
+                payload = payload[take:]
+                if len(prefixes[channel]) == 2:
+                    assert struct.unpack("<H", prefixes[channel])[0] == port, prefixes
+            if channel == 0:
+                answer += payload
+            else:
+                error += payload.decode(errors="replace")
     return answer, error
 
 

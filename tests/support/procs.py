@@ -19,3 +19,17 @@ def live_children(pid: int, name_prefix: str) -> list[psutil.Process]:
         except psutil.NoSuchProcess:  # gone between the listing and the look (kuasar-pause's first process)
             pass
     return found
+
+
+def thread_names(pid: int, but_main: bool = False) -> list[str]:
+    """The comm names of `pid`'s threads (leaving out its main thread with `but_main`)."""
+    names = []
+    for thread in psutil.Process(pid).threads():
+        if but_main and thread.id == pid:
+            continue
+        try:
+            with open(f"/proc/{pid}/task/{thread.id}/comm") as comm:
+                names.append(comm.read().strip())
+        except FileNotFoundError:  # ended between the listing and the look
+            pass
+    return names

@@ -18,6 +18,7 @@ from kuasar.common.events import EventPublisher
 from kuasar.common.fifo_stdio import ProcessIO
 from kuasar.common.reaper import Reaper
 from kuasar.runc.tasks import Container, RuncProcess, RuncTasks
+from tests.support.procs import thread_names
 
 WAIT_S = 5.0  # bounds a thread that should have ended long before
 
@@ -112,6 +113,7 @@ def test_bursts_share_one_thread_and_look_our_cgroup_up_only_after_a_move(
     thread = warmer.thread_id
     burst()
     assert thread is not None and warmer.thread_id == thread
+    assert cgroup_attach.THREAD_NAME in thread_names(os.getpid(), but_main=True)  # named for `ps -T`
     assert lookups == [first]  # the second burst reused the open file
     placed.update(text=b"4:pids:/b\n", path=second)  # moved to another cgroup meanwhile
     written_to_first = first.read_text()

@@ -1,6 +1,7 @@
 """Container processes without containerd: fork, prepare, go, exit codes, signals, limits, cache.
 
-The task server forks container processes from a single-threaded process that never compiles. The
+The task server forks container processes from a process that runs Python on one thread (besides the
+attach-lock warmer, which holds no lock a child needs) and never compiles. The
 pytest process is neither once other tests have run (gRPC and ttrpc tests leave threads behind, and a
 child forked from a multi-threaded process may die before it reports), so each launch here runs in a
 worker interpreter of its own, started with `spawn`, that is in the task server's condition: one thread,

@@ -37,6 +37,9 @@ REWRITE_INTERVAL_S = 0.004
 LINGER_S = 0.05
 # Where we look for our own cgroup on cgroup v1: any hierarchy will do, the lock is kernel-wide.
 V1_HIERARCHIES = ("pids", "memory", "cpu", "freezer", "devices")
+# The thread's comm name (`ps -T`, /proc/<pid>/task/<tid>/comm): what a look at the task server's
+# threads tells apart from its event loop's.
+THREAD_NAME = "attach-warmer"
 # /proc/self/cgroup is one line per hierarchy (a dozen on cgroup v1), each well under 300 bytes.
 PROC_CGROUP_MAX = 16384
 
@@ -57,7 +60,12 @@ def own_procs_file() -> Path | None:
 
 class AttachLockWarmer:
     """Holds the lock in writer mode, from one thread, while a `held()` block is open and `linger`
-    seconds after the last one closed."""
+    seconds after the last one closed.
+
+    The thread is safe to fork beside (the wasm task server forks container processes that run
+    Python): the forking thread holds the GIL, so this one is asleep in the kernel or between two
+    bytecodes, and the only lock it may hold is its own, which a forked child replaces
+    (`forget_thread`, registered with os.register_at_fork)."""
 
     def __init__(self, linger: float = LINGER_S) -> None:
         self.linger = linger
@@ -109,6 +117,8 @@ class AttachLockWarmer:
 
     def _serve(self, wake: _thread.LockType) -> None:
         self.thread_id = _thread.get_ident()
+        with contextlib.suppress(OSError), open("/proc/thread-self/comm", "w") as comm:
+            comm.write(THREAD_NAME)
         while True:
             wake.acquire()
             if wake is not self._wake:  # forgotten in a forked child; a parent's thread never is

@@ -4,7 +4,7 @@ CRI writes `/proc/<pid>/ns/{net,ipc,uts[,pid]}` into every container spec, so th
 as long as the pod. It is `kuasar-pause` (a few-KB static C program, built by setup), spawned by the
 task server with `--setup`: it enters or makes the namespaces itself and reports its host pid on a
 pipe (setup builds it from the same tree as this module, so the two always agree). Without the
-program a child forked from the (single-threaded) task server sets the namespaces up and sleeps in
+program a child forked from the task server's loop thread sets the namespaces up and sleeps in
 Python (and logs that once), which costs its copy-on-write heap (measured 3.6-5 MB per pod). There is
 no pause container and no shim.
 """
@@ -162,7 +162,8 @@ def _kill_quietly(pid: int) -> None:
 
 
 def spawn_pod_holder(name: str, namespaces: PodNamespaces, hostname: str = "") -> int:
-    """Fork the holder; return its host pid once it sits in its namespaces. Call from a thread-free process.
+    """Fork the holder; return its host pid once it sits in its namespaces. Call from a process whose
+    other threads hold no lock the child needs (the task server's attach-lock warmer holds none).
 
     The fallback when kuasar-pause is not installed: see start_pod_holder.
     """

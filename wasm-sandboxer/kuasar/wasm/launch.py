@@ -6,8 +6,9 @@ Process model, measured on the 2-core test machine (hello module, median of 10, 
     interpreter and libwasmtime stays shared copy-on-write with the task server;
   * exec of a fresh interpreter that imports wasmtime and deserializes the same artifact: 48 ms warm
     (~120 ms cold), and a private interpreter (~17 MB RSS) per container.
-So we fork. The task server stays single-threaded and never compiles (runner.py says why), so the
-child inherits no locks or thread pools. It resets the signal dispositions the event loop installed,
+So we fork. The task server runs Python on one thread (its other one, the cgroup attach-lock warmer,
+holds nothing a child could inherit: cgroup_attach.py) and never compiles (runner.py says why), so
+the child inherits no locks or thread pools. It resets the signal dispositions the event loop installed,
 keeps only its stdio and two pipes, joins the container's cgroup (before it allocates anything, so
 its memory is charged there), joins the pod's net/ipc/uts namespaces, then compiles or deserializes
 and instantiates the module (runner.py). It reports "ok" or "!<kind><error>" on the report pipe, so
