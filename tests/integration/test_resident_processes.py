@@ -11,8 +11,10 @@ from pathlib import Path
 import psutil
 import pytest
 
+from kuasar.common import cgroup_attach
 from kuasar.common.api.runtime.v1 import api_pb2 as cri
 from kuasar.common.cri_client import CriClient
+from tests.support.procs import thread_names
 
 from .conftest import Stack
 from .cri_helpers import remove_pod, run_pod, start_container, task_server_pid, wait_state
@@ -47,6 +49,7 @@ def test_task_server_is_forked_into_its_own_session_and_keeps_tls_and_grpcio_out
     assert mapped_unwanted(sandboxer.pid) == []
     assert mapped_unwanted(server.pid) == []
     assert sandboxer.num_threads() == 1  # h2 on the asyncio loop: no gRPC core threads
+    assert set(thread_names(server.pid, but_main=True)) == {cgroup_attach.THREAD_NAME}  # nothing else beside the loop
     # The CLI exec'd the daemon proper (same pid): click and the TOML parser are not resident.
     assert sandboxer.cmdline()[1:3] == ["-m", "kuasar.common.daemon_main"]
 
