@@ -64,8 +64,9 @@ class AttachLockWarmer:
 
     The thread is safe to fork beside (the wasm task server forks container processes that run
     Python): the forking thread holds the GIL, so this one is asleep in the kernel or between two
-    bytecodes, and the only lock it may hold is its own, which a forked child replaces
-    (`forget_thread`, registered with os.register_at_fork)."""
+    bytecodes, and the locks it may hold then are its own, which a forked child replaces
+    (`forget_thread`, registered with os.register_at_fork), and logging's (only while it reports
+    giving up), which logging re-creates in a child."""
 
     def __init__(self, linger: float = LINGER_S) -> None:
         self.linger = linger
