@@ -9,6 +9,7 @@ import uuid
 from pathlib import Path
 
 import grpc
+import psutil
 import pytest
 
 from kuasar.common import linux
@@ -228,6 +229,7 @@ def test_pod_stop_kills_containers_and_remove_leaves_nothing(stack: Stack) -> No
             cid = await start_container(client, pod_id, pod, "main", ["sleep", "3600"])
             await wait_state(client, cid, cri.CONTAINER_RUNNING)
             assert Path("/sys/fs/cgroup/memory", cgroup_parent).is_dir()
+            await wait_pod_process_in(Path("/sys/fs/cgroup/memory", cgroup_parent))
             await client.stop_pod_sandbox(pod_id)
             assert (await client.container_status(cid)).status.state == cri.CONTAINER_EXITED
             assert (await client.pod_sandbox_status(pod_id)).status.state == cri.SANDBOX_NOTREADY
@@ -254,7 +256,7 @@ def test_a_systemd_slice_parent_is_laid_out_as_systemd_would(stack: Stack) -> No
             pod_id, pod = await run_pod(client, "slice", stack.log_dir, cgroup_parent=f"{top}-poda.slice")
             cid = await start_container(client, pod_id, pod, "main", ["sleep", "3600"])
             await wait_state(client, cid, cri.CONTAINER_RUNNING)
-            assert (pod_slice / "cgroup.procs").read_text().split(), "the pod process is in the pod's slice"
+            await wait_pod_process_in(pod_slice)
             scope = pod_slice / f"cri-containerd-{cid}.scope"
             assert (scope / "cgroup.procs").read_text().split(), "the container is in its scope under the slice"
             await remove_pod(client, pod_id)
@@ -262,6 +264,16 @@ def test_a_systemd_slice_parent_is_laid_out_as_systemd_would(stack: Stack) -> No
     stack.run(scenario())
     assert cgroups_named(f"{top}.slice") == []
     assert_nothing_left(stack)
+
+
+async def wait_pod_process_in(cgroup: Path) -> None:
+    """The pod's process is moved into its cgroup after Create has answered (PodService._place)."""
+    for _ in range(1000):
+        names = [psutil.Process(int(pid)).name() for pid in (cgroup / "cgroup.procs").read_text().split()]
+        if any(name.startswith("pod-") for name in names):
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"no pod process in {cgroup}: {names}")
 
 
 def assert_nothing_left(stack: Stack) -> None:

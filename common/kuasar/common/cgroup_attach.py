@@ -16,6 +16,7 @@ anyway and this costs one cheap write per interval.
 from __future__ import annotations
 
 import _thread
+import concurrent.futures
 import contextlib
 import logging
 import os
@@ -87,6 +88,8 @@ class AttachLockWarmer:
         self._thread_started = False
         self.thread_id = None
         self._target: tuple[bytes, int] | None = None  # /proc/self/cgroup as read, our cgroup.procs fd
+        # Processes to put in cgroups (procs files, pid, outcome), written by the thread first thing.
+        self._placements: list[tuple[list[Path], int, concurrent.futures.Future[None]]] = []
 
     def forget_thread(self) -> None:
         """In a forked child: the thread (and whatever held the lock) stayed in the parent."""
@@ -95,26 +98,48 @@ class AttachLockWarmer:
                 os.close(self._target[1])
         self._reset()
 
+    def place(self, procs_files: list[Path], pid: int) -> concurrent.futures.Future[None]:
+        """Write `pid` into each of `procs_files` from the thread, as the first writes of a burst.
+
+        Putting a process in a cgroup is itself a write that may wait out an RCU grace period (~8 ms,
+        holding the kernel's cgroup_mutex); made here it is off the caller's path, and it warms the
+        lock as the thread's own writes do. Without a thread (disabled) the writes are made at once.
+        """
+        outcome: concurrent.futures.Future[None] = concurrent.futures.Future()
+        with self._lock:
+            if not self.disabled:
+                self._placements.append((procs_files, pid, outcome))
+                self._start_burst()
+                return outcome
+        _write_placement(procs_files, pid, outcome)
+        return outcome
+
     @contextmanager
     def held(self) -> Iterator[None]:
         with self._lock:
             self._users += 1
-            if not self.bursting and not self.disabled:
-                self.bursting = True
-                if not self._thread_started:
-                    # One thread for the process's life: starting one per burst cost the event loop
-                    # ~0.3-1.5 ms (the new thread's start-up and cgroup lookup held the GIL while a pod
-                    # was being spawned). Not threading.Thread: its start() waits until the new thread
-                    # has run, which on a busy machine made pod creation wait for a free CPU.
-                    self._thread_started = True
-                    _thread.start_new_thread(self._serve, (self._wake,))
-                self._wake.release()
+            if not self.disabled:
+                self._start_burst()
         try:
             yield
         finally:
             with self._lock:
                 self._users -= 1
                 self._until = time.monotonic() + self.linger
+
+    def _start_burst(self) -> None:
+        # Called with self._lock held.
+        if self.bursting:
+            return
+        self.bursting = True
+        if not self._thread_started:
+            # One thread for the process's life: starting one per burst cost the event loop ~0.3-1.5 ms
+            # (the new thread's start-up and cgroup lookup held the GIL while a pod was being spawned).
+            # Not threading.Thread: its start() waits until the new thread has run, which on a busy
+            # machine made pod creation wait for a free CPU.
+            self._thread_started = True
+            _thread.start_new_thread(self._serve, (self._wake,))
+        self._wake.release()
 
     def _serve(self, wake: _thread.LockType) -> None:
         self.thread_id = _thread.get_ident()
@@ -128,17 +153,29 @@ class AttachLockWarmer:
 
     def _burst(self) -> None:
         fd = self._target_fd()
-        if fd is None:
-            return
         pid = str(os.getpid()).encode()
-        while self._goes_on():
+        while True:
+            self._run_placements()
+            if fd is None:  # disabled: only the placements were still to be made
+                if self._goes_on(placements_only=True):
+                    continue
+                return
+            if not self._goes_on():
+                return
             try:
                 os.write(fd, pid)
             except OSError as exc:
                 self._give_up(exc)
-                return
+                fd = None
+                continue
             self.writes += 1
             time.sleep(REWRITE_INTERVAL_S)
+
+    def _run_placements(self) -> None:
+        with self._lock:
+            placements, self._placements = self._placements, []
+        for procs_files, pid, outcome in placements:
+            _write_placement(procs_files, pid, outcome)
 
     def _target_fd(self) -> int | None:
         """Our cgroup.procs, opened once and kept while /proc/self/cgroup says the same: writing a
@@ -169,9 +206,11 @@ class AttachLockWarmer:
             os.close(self._target[1])
             self._target = None
 
-    def _goes_on(self) -> bool:
+    def _goes_on(self, placements_only: bool = False) -> bool:
         with self._lock:
-            if self._users == 0 and time.monotonic() >= self._until:
+            if self._placements:
+                return True
+            if placements_only or (self._users == 0 and time.monotonic() >= self._until):
                 self.bursting = False
                 return False
             return True
@@ -182,7 +221,22 @@ class AttachLockWarmer:
         self._drop_target()
         with self._lock:
             self.disabled = True
-            self.bursting = False
+
+
+def _write_placement(procs_files: list[Path], pid: int, outcome: concurrent.futures.Future[None]) -> None:
+    if not outcome.set_running_or_notify_cancel():
+        return
+    try:
+        for path in procs_files:
+            fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+            try:
+                os.write(fd, str(pid).encode())
+            finally:
+                os.close(fd)
+    except OSError as exc:
+        outcome.set_exception(exc)
+    else:
+        outcome.set_result(None)
 
 
 def _read_proc_self_cgroup() -> bytes:

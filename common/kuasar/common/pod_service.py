@@ -7,6 +7,7 @@ The task backend plugs in through `PodContainers` so pod Stop can take the conta
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -67,6 +68,7 @@ class Pod:
     cgroup: cgroups.PodCgroup | None = None
     shm: Path | None = None
     extra: dict[str, str] = field(default_factory=dict)
+    placed: asyncio.Future[None] | None = None  # the process's move into `cgroup`, while it is made
 
     @property
     def running(self) -> bool:
@@ -101,10 +103,6 @@ class PodService:
         return pod
 
     async def create(self, req: pb.CreatePodRequest, ctx: Context) -> pb.CreatePodResponse:
-        with warm(self.attach_warmer):
-            return await self._create(req)
-
-    async def _create(self, req: pb.CreatePodRequest) -> pb.CreatePodResponse:
         validate_id(req.id, "pod id")
         if req.id in self.pods or req.id in self._creating:
             raise AlreadyExists(f"pod {req.id} already exists")
@@ -117,7 +115,19 @@ class PodService:
             shm = pod_dir(self.directory, req.id) / SHM
         cgroup = cgroups.PodCgroup(cgroups.pod_parent_path(req.cgroup_parent)) if req.cgroup_parent else None
         if cgroup is not None:
-            cgroup.create()
+            # Before the warmer's burst: its first write holds the kernel's cgroup_mutex through an RCU
+            # grace period, and these mkdirs would wait for it.
+            try:
+                cgroup.create()
+            except BaseException:
+                cgroup.remove()
+                raise
+        # Warm from a pod's Create on: its cgroup placement and its first container's runc come next.
+        with warm(self.attach_warmer):
+            return await self._create(req, cgroup, shm)
+
+    async def _create(self, req: pb.CreatePodRequest, cgroup: cgroups.PodCgroup | None,
+                      shm: Path | None) -> pb.CreatePodResponse:
         self._creating.add(req.id)
         mount_shm = (lambda: mounts.mount_tmpfs(shm, req.shm_size)) if shm is not None else None
         try:
@@ -142,9 +152,29 @@ class PodService:
         pod = Pod(req.id, pid, self.reaper.watch(pid), cgroup, shm)
         self.pods[req.id] = pod
         if cgroup is not None and self.launcher is None:
-            cgroup.add(pid)
+            pod.placed = self._place(pod, cgroup)
         log.info("pod %s: process %d holds its namespaces", req.id, pid)
         return pb.CreatePodResponse(pid=pid)
+
+    def _place(self, pod: Pod, cgroup: cgroups.PodCgroup) -> asyncio.Future[None] | None:
+        """Move the pod's process into its cgroup: by the attach-lock warmer's thread, after Create has
+        answered. The move may wait out an RCU grace period (~8 ms here); nothing of the pod's start
+        needs it done, as its containers get cgroups of their own below this one, which exists."""
+        if self.attach_warmer is None:
+            cgroup.add(pod.pid)
+            return None
+        placed = asyncio.wrap_future(self.attach_warmer.place(cgroup.procs_files(), pod.pid))
+        placed.add_done_callback(lambda done: self._placed(pod, cgroup, done))
+        return placed
+
+    def _placed(self, pod: Pod, cgroup: cgroups.PodCgroup, placed: asyncio.Future[None]) -> None:
+        error = None if placed.cancelled() else placed.exception()
+        if error is not None and pod.running and self.pods.get(pod.id) is pod:
+            # As a failed move failed Create when it was made before answering: the pod does not run.
+            log.error("pod %s: moving its process into cgroup %s failed: %s; stopping the pod",
+                      pod.id, cgroup.path, error)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pod.pid, signal.SIGKILL)
 
     async def kill(self, req: pb.KillPodRequest, ctx: Context) -> empty_pb2.Empty:
         pod = self._get(req.id)
@@ -184,6 +214,8 @@ class PodService:
             await asyncio.shield(pod.exit)
         if self.launcher is not None:
             await self.launcher.release_pod(pod.id)
+        if pod.placed is not None:
+            await asyncio.gather(pod.placed, return_exceptions=True)  # a move still under way, then rmdir
         if pod.cgroup is not None:
             pod.cgroup.remove()
         if pod.shm is not None:
