@@ -74,9 +74,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="output directory (default benchmarks/results, benchmarks/results/smoke with --smoke)")
     p.add_argument("--publish", type=Path, default=None,
                    help="also copy report.md, results.json and the PNGs here (e.g. benchmarks/latest)")
+    p.add_argument("--pod-cgroup-parent", default="",
+                   help="give every pod the CRI cgroup parent <this>/pod<uid>, as kubelet does (e.g. "
+                        "kubepods-bench); default: none")
     p.add_argument("--bridge", default=None, help="CNI bridge name of the private containerd (<= 15 chars)")
     p.add_argument("--subnet", default=None, help="CNI subnet of the private containerd")
     args = p.parse_args(argv)
+    if ".." in args.pod_cgroup_parent.split("/") or args.pod_cgroup_parent.endswith(".slice"):
+        p.error("--pod-cgroup-parent: a cgroupfs path without '..' (systemd slices are not supported here)")
     defaults = SMOKE if args.smoke else FULL
     for key, value in defaults.items():
         if getattr(args, key) is None:
@@ -118,7 +123,8 @@ def machine_meta(args: argparse.Namespace) -> dict[str, Any]:
         "cgroup": cgroup,
         "load_start": " ".join(f"{x:.2f}" for x in os.getloadavg()),
         "other_containerd": _other_containerds(),
-        "notes": [],
+        "notes": [f"every pod has the CRI cgroup parent `{args.pod_cgroup_parent}/pod<uid>`, as kubelet "
+                  "gives one (`--pod-cgroup-parent`)"] if args.pod_cgroup_parent else [],
     }
 
 
@@ -172,7 +178,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if runc or skipped["gvisor"] is None:
         base = Path(tempfile.mkdtemp(prefix="kuasar-bench-"))
         stack = start_stack(base, args.bridge, args.subnet,
-                            runsc=sections.gvisor.runsc() if skipped["gvisor"] is None else None)
+                            runsc=sections.gvisor.runsc() if skipped["gvisor"] is None else None,
+                            pod_cgroup_parent=args.pod_cgroup_parent)
         try:
             results.update(asyncio.run(cri_phases(stack, args, timings, runc)))
         finally:

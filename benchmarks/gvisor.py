@@ -58,7 +58,7 @@ async def start_phase(client: CriClient, stack: Stack, runs: int, warmup: int, g
     for i in range(-warmup, runs):
         k = i % len(items)
         for label, handler in items[k:] + items[:k]:
-            pod = await start_pod(client, handler, f"gv-{label}-{i + warmup}", stack.log_dir)
+            pod = await start_pod(client, handler, f"gv-{label}-{i + warmup}", stack.log_dir, stack.pod_cgroup_parent)
             down = await teardown(client, pod, results[label]["teardown_errors"])
             if i >= 0:
                 record_start(results[label], pod, down)
@@ -117,7 +117,8 @@ async def memory_phase(client: CriClient, stack: Stack, levels: list[int], settl
             while len(pods) < level:
                 base = len(pods)
                 batch = min(5, level - base)
-                pods += await asyncio.gather(*(start_pod(client, GVISOR, f"gv-mem-{base + k}", stack.log_dir)
+                pods += await asyncio.gather(*(start_pod(client, GVISOR, f"gv-mem-{base + k}", stack.log_dir,
+                                                         stack.pod_cgroup_parent)
                                                for k in range(batch)))
             await asyncio.sleep(settle)
             rows.append(sample(stack, len(pods)))

@@ -129,7 +129,8 @@ async def _fill(client: CriClient, stack: Stack, handler: str, label: str, pods:
     while len(pods) < level:
         batch = min(FILL_BATCH, level - len(pods))
         base = len(pods)
-        pods += await asyncio.gather(*(start_pod(client, handler, f"mem-{label}-{base + k}", stack.log_dir)
+        pods += await asyncio.gather(*(start_pod(client, handler, f"mem-{label}-{base + k}", stack.log_dir,
+                                                 stack.pod_cgroup_parent)
                                        for k in range(batch)))
 
 

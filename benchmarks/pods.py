@@ -48,10 +48,12 @@ def _ms(start: float) -> float:
     return (time.perf_counter() - start) * 1000.0
 
 
-async def start_pod(client: CriClient, handler: str, name: str, log_root: Path) -> Pod:
-    """RunPodSandbox (host network) + CreateContainer + StartContainer, each timed separately."""
+async def start_pod(client: CriClient, handler: str, name: str, log_root: Path, cgroup_parent: str = "") -> Pod:
+    """RunPodSandbox (host network) + CreateContainer + StartContainer, each timed separately. With
+    `cgroup_parent`, the pod's CRI cgroup parent is `<cgroup_parent>/pod<uid>`, as kubelet names one."""
     uid = uuid.uuid4().hex[:12]
-    config = pod_config(name, uid=uid, log_directory=str(log_root / f"{name}-{uid}"), host_network=True)
+    config = pod_config(name, uid=uid, log_directory=str(log_root / f"{name}-{uid}"), host_network=True,
+                        cgroup_parent=f"{cgroup_parent}/pod{uid}" if cgroup_parent else "")
     container = container_config("main", BUSYBOX, WORKLOAD)
     t0 = time.perf_counter()
     pod_id = (await client.run_pod_sandbox(config, runtime_handler=handler)).pod_sandbox_id

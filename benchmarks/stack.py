@@ -19,6 +19,7 @@ from pathlib import Path
 
 import psutil
 
+from kuasar.common import cgroups
 from kuasar.common.task_server import PID_FILE
 from tests.support import containerd as cd
 from tests.support import images
@@ -57,6 +58,7 @@ class Stack:
     log_dir: Path
     busybox_tar: Path
     gvisor: GvisorDaemon | None = None
+    pod_cgroup_parent: str = ""  # "": pods have no CRI cgroup parent; else each gets <this>/pod<uid>
 
     @property
     def address(self) -> str:
@@ -104,7 +106,8 @@ def _start_sandboxer(short: Path, log_path: Path, events_address: str, name: str
     return proc
 
 
-def start_stack(base: Path, bridge: str, subnet: str, runsc: str | None = None) -> Stack:
+def start_stack(base: Path, bridge: str, subnet: str, runsc: str | None = None,
+                pod_cgroup_parent: str = "") -> Stack:
     """Build the images, start containerd (log level info) and runc-sandboxer, import the images.
     With `runsc`, also quark-sandboxer with that runsc (proxy plugin `gvisor`, handler `kuasar-gvisor`)."""
     base.mkdir(parents=True, exist_ok=True)
@@ -139,7 +142,7 @@ def start_stack(base: Path, bridge: str, subnet: str, runsc: str | None = None) 
         if gv_short is not None:
             shutil.rmtree(gv_short, ignore_errors=True)
         raise
-    return Stack(instance, sandboxer, base, short, base / "pod-logs", busybox_tar, gvisor)
+    return Stack(instance, sandboxer, base, short, base / "pod-logs", busybox_tar, gvisor, pod_cgroup_parent)
 
 
 def _pod_processes(server_pid: int) -> list[psutil.Process]:
@@ -176,11 +179,30 @@ def stop_stack(stack: Stack) -> CleanupReport:
     if stack.gvisor is not None:
         _stop_gvisor(stack.gvisor, stack.base, report)
     report.leftover_mounts += cd.unmount_all(stack.base, stack.short)
+    if stack.pod_cgroup_parent:
+        report.notes += _remove_cgroup_parent(stack.pod_cgroup_parent)
     task_log = stack.sandboxer_dir / "task-server.log"
     if task_log.exists():
         shutil.copy(task_log, stack.base / "task-server.log")
     shutil.rmtree(stack.short, ignore_errors=True)
     return report
+
+
+def _remove_cgroup_parent(parent: str) -> list[str]:
+    """The pods' common cgroup parent, in every hierarchy, once empty: containerd's stock path leaves
+    the parents runc made for its pause containers (kubelet would remove them)."""
+    notes = []
+    for root in cgroups.hierarchy_roots():
+        top = root / parent.strip("/")
+        if not top.is_dir():
+            continue
+        for directory in sorted((d for d in top.rglob("*") if d.is_dir()), key=lambda d: len(d.parts),
+                                reverse=True) + [top]:
+            try:
+                directory.rmdir()
+            except OSError as exc:
+                notes.append(f"cgroup {directory} left in place: {exc.strerror}")
+    return notes
 
 
 def _wait_task_server(pid: int, report: CleanupReport, what: str = "task server") -> None:

@@ -33,7 +33,8 @@ async def serial_phase(client: CriClient, stack: Stack, count: int, warmup: int,
                                for label in HANDLERS}
     for i in range(-warmup, count):
         for label, handler in alternate(i):
-            pod = await start_pod(client, handler, f"serial-{label}-{i + warmup}", stack.log_dir)
+            pod = await start_pod(client, handler, f"serial-{label}-{i + warmup}", stack.log_dir,
+                                  stack.pod_cgroup_parent)
             down = await teardown(client, pod, results[label]["teardown_errors"])
             if i >= 0:
                 record_start(results[label], pod, down)
@@ -54,7 +55,8 @@ async def _parallel_round(client: CriClient, stack: Stack, label: str, handler: 
                           into: dict[str, list]) -> None:
     t0 = time.perf_counter()
     outcomes = await asyncio.gather(
-        *(start_pod(client, handler, f"par{size}-{label}-{k}", stack.log_dir) for k in range(size)),
+        *(start_pod(client, handler, f"par{size}-{label}-{k}", stack.log_dir, stack.pod_cgroup_parent)
+          for k in range(size)),
         return_exceptions=True)
     wall = (time.perf_counter() - t0) * 1000.0
     pods = [p for p in outcomes if isinstance(p, Pod)]

@@ -27,9 +27,10 @@ def test_bench_smoke_writes_json_report_and_plots(tmp_path: Path) -> None:
         pytest.skip(reason)
     out = tmp_path / "bench"
     token = secrets.randbelow(50)
+    parent = f"kuasar-bench-smoke-{token}"  # every pod a kubelet-style cgroup parent, gone afterwards
     proc = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / "run.py"), "--smoke", "--out", str(out),
-         "--bridge", f"kuasar-bt{token}", "--subnet", f"10.{150 + token}.0.0/16"],
+         "--bridge", f"kuasar-bt{token}", "--subnet", f"10.{150 + token}.0.0/16", "--pod-cgroup-parent", parent],
         cwd=REPO, capture_output=True, text=True, timeout=SMOKE_TIMEOUT_S, check=False)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
 
@@ -56,6 +57,8 @@ def test_bench_smoke_writes_json_report_and_plots(tmp_path: Path) -> None:
     assert {t["name"] for t in data["summary"]["targets"]}
     cleanup = data["cleanup"]
     assert cleanup["pods_left"] == 0 and cleanup["leftover_mounts"] == []
+    assert not [note for note in cleanup["notes"] if "left in place" in note], cleanup["notes"]
+    assert not list(Path("/sys/fs/cgroup").glob(f"*/{parent}")) and not Path("/sys/fs/cgroup", parent).exists()
 
     # The other sections: each ran once (or was skipped for a stated reason), none failed.
     for name in ("wasm", "vm", "gvisor"):
@@ -75,6 +78,7 @@ def test_bench_smoke_writes_json_report_and_plots(tmp_path: Path) -> None:
         assert loaded["management"]["pss_kb"] > 0
 
     report = (out / "report.md").read_text()
+    assert f"CRI cgroup parent `{parent}/pod<uid>`" in report
     for needle in ("## Targets", "## Serial start", "## Parallel start", "## Management memory", "## Floor",
                    "## wasm container start", "## VM pod ready", "## gVisor", "stock", "ours"):
         assert needle in report
