@@ -75,8 +75,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--publish", type=Path, default=None,
                    help="also copy report.md, results.json and the PNGs here (e.g. benchmarks/latest)")
     p.add_argument("--pod-cgroup-parent", default="",
-                   help="give every pod the CRI cgroup parent <this>/pod<uid>, as kubelet does (e.g. "
-                        "kubepods-bench); default: none")
+                   help="give every pod the CRI cgroup parent <this>/pod<uid>, made before RunPodSandbox "
+                        "and removed after teardown (untimed), as kubelet does (e.g. kubepods-bench); "
+                        "default: none")
     p.add_argument("--bridge", default=None, help="CNI bridge name of the private containerd (<= 15 chars)")
     p.add_argument("--subnet", default=None, help="CNI subnet of the private containerd")
     args = p.parse_args(argv)
@@ -123,8 +124,9 @@ def machine_meta(args: argparse.Namespace) -> dict[str, Any]:
         "cgroup": cgroup,
         "load_start": " ".join(f"{x:.2f}" for x in os.getloadavg()),
         "other_containerd": _other_containerds(),
-        "notes": [f"every pod has the CRI cgroup parent `{args.pod_cgroup_parent}/pod<uid>`, as kubelet "
-                  "gives one (`--pod-cgroup-parent`)"] if args.pod_cgroup_parent else [],
+        "notes": [f"every pod has the CRI cgroup parent `{args.pod_cgroup_parent}/pod<uid>`, made before "
+                  "RunPodSandbox and removed after teardown, untimed, as kubelet does (`--pod-cgroup-parent`)"]
+                 if args.pod_cgroup_parent else [],
     }
 
 

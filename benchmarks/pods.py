@@ -10,6 +10,7 @@ from pathlib import Path
 
 import grpc
 
+from kuasar.common import cgroups
 from kuasar.common.api.runtime.v1 import api_pb2 as cri
 from kuasar.common.cri_client import CriClient, container_config, pod_config
 
@@ -42,6 +43,7 @@ class Pod:
     container_id: str
     config: cri.PodSandboxConfig
     timing: PodTiming
+    cgroup: cgroups.PodCgroup | None = None  # made beforehand and removed afterwards, as kubelet does
 
 
 def _ms(start: float) -> float:
@@ -55,8 +57,17 @@ async def start_pod(client: CriClient, handler: str, name: str, log_root: Path, 
     config = pod_config(name, uid=uid, log_directory=str(log_root / f"{name}-{uid}"), host_network=True,
                         cgroup_parent=f"{cgroup_parent}/pod{uid}" if cgroup_parent else "")
     container = container_config("main", BUSYBOX, WORKLOAD)
+    cgroup = None
+    if cgroup_parent:  # kubelet makes the pod's cgroup before it asks for the sandbox (untimed there too)
+        cgroup = cgroups.PodCgroup(config.linux.cgroup_parent)
+        cgroup.create()
     t0 = time.perf_counter()
-    pod_id = (await client.run_pod_sandbox(config, runtime_handler=handler)).pod_sandbox_id
+    try:
+        pod_id = (await client.run_pod_sandbox(config, runtime_handler=handler)).pod_sandbox_id
+    except BaseException:
+        if cgroup is not None:
+            cgroup.remove()
+        raise
     run_pod = _ms(t0)
     t1 = time.perf_counter()
     try:
@@ -67,8 +78,10 @@ async def start_pod(client: CriClient, handler: str, name: str, log_root: Path, 
         start = _ms(t2)
     except BaseException:
         await remove_pod_only(client, pod_id)
+        if cgroup is not None:
+            cgroup.remove()
         raise
-    return Pod(handler, pod_id, container_id, config, PodTiming(run_pod, create, start))
+    return Pod(handler, pod_id, container_id, config, PodTiming(run_pod, create, start), cgroup)
 
 
 async def teardown(client: CriClient, pod: Pod, errors: list[str] | None = None) -> float:
@@ -88,7 +101,10 @@ async def teardown(client: CriClient, pod: Pod, errors: list[str] | None = None)
     await client.remove_container(pod.container_id)
     await client.stop_pod_sandbox(pod.pod_id)
     await client.remove_pod_sandbox(pod.pod_id)
-    return _ms(t0)
+    elapsed = _ms(t0)
+    if pod.cgroup is not None:  # kubelet's part again, after the runtime's
+        pod.cgroup.remove()
+    return elapsed
 
 
 async def _wait_exited(client: CriClient, container_id: str) -> None:
