@@ -122,51 +122,57 @@ def test_bursts_share_one_thread_and_look_our_cgroup_up_only_after_a_move(
     assert first.read_text() == written_to_first and _only_our_pid_written(second)
 
 
-def test_place_writes_the_pid_from_the_thread_before_its_own_writes(tmp_path: Path,
-                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+def _write_pid(files: list[Path], pid: int) -> None:
+    for path in files:
+        with open(path, "r+") as procs:  # as cgroup.procs: the file must be there
+            procs.write(str(pid))
+
+
+def test_submitted_work_runs_on_the_thread_before_its_own_writes(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     own = tmp_path / "own.procs"
     own.write_text("")
     pod_files = [tmp_path / "memory.procs", tmp_path / "pids.procs"]
     for path in pod_files:
         path.write_text("")
-    seen_own_before: list[str] = []
-    real_write = cgroup_attach._write_placement
+    seen: list[tuple[str, int]] = []
 
-    def watching(files: list[Path], pid: int, outcome) -> None:  # type: ignore[no-untyped-def]
-        seen_own_before.append(own.read_text())
-        real_write(files, pid, outcome)
+    def place() -> None:
+        seen.append((own.read_text(), threading.get_ident()))
+        _write_pid(pod_files, 4242)
 
-    monkeypatch.setattr(cgroup_attach, "_write_placement", watching)
     with _target(monkeypatch, own):
         warmer = AttachLockWarmer(linger=0.0)
-        placed = warmer.place(pod_files, 4242)
+        placed = warmer.submit(place)
         assert placed.result(WAIT_S) is None
         assert [path.read_text() for path in pod_files] == ["4242", "4242"]
-        assert seen_own_before == [""]  # the burst's first writes: they pay the grace period
-        _wait_until(lambda: not warmer.bursting, "a burst for a placement alone did not end")
+        # The burst's first writes (they pay the grace period), made by the warmer's thread.
+        assert seen == [("", warmer.thread_id)]
+        _wait_until(lambda: not warmer.bursting, "a burst for submitted work alone did not end")
         assert warmer.thread_id is not None
 
 
-def test_a_failed_placement_is_reported_and_the_burst_still_ends(tmp_path: Path,
-                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+def test_failed_submitted_work_is_reported_and_the_burst_still_ends(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     with _target(monkeypatch, tmp_path / "own.procs") as own:
         own.write_text("")
         warmer = AttachLockWarmer(linger=0.0)
-        placed = warmer.place([tmp_path / "gone" / "cgroup.procs"], 4242)
+        placed = warmer.submit(lambda: _write_pid([tmp_path / "gone" / "cgroup.procs"], 4242))
         with pytest.raises(FileNotFoundError):
             placed.result(WAIT_S)
         _wait_until(lambda: not warmer.bursting, "the burst did not end")
         assert not warmer.disabled  # the warmer's own writes are fine
 
 
-def test_place_on_a_disabled_warmer_writes_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_work_submitted_to_a_disabled_warmer_is_done_at_once(tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(cgroup_attach, "own_procs_file", lambda: None)
     warmer = AttachLockWarmer(linger=0.0)
     with warmer.held():
         _wait_until(lambda: warmer.disabled and not warmer.bursting, "not disabled without a cgroup")
     target = tmp_path / "cgroup.procs"
     target.write_text("")
-    placed = warmer.place([target], 77)
+    placed = warmer.submit(lambda: _write_pid([target], 77))
     assert placed.done() and placed.result() is None and target.read_text() == "77"
 
 

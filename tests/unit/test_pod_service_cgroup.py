@@ -5,7 +5,10 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
+
+import pytest
 
 from kuasar.common import cgroups
 from kuasar.common.pod_service import Pod, PodService
@@ -15,26 +18,27 @@ WAIT_S = 5.0
 
 
 class FakeWarmer:
-    """Records placements; each one's outcome is given by the test."""
+    """Runs submitted work at once (the real one runs it on its thread), or fails it with `error`."""
 
     def __init__(self, error: OSError | None) -> None:
         self.error = error
-        self.placed: list[tuple[list[Path], int]] = []
+        self.submitted = 0
 
-    def place(self, procs_files: list[Path], pid: int) -> concurrent.futures.Future[None]:
-        self.placed.append((procs_files, pid))
+    def submit(self, work: Callable[[], None]) -> concurrent.futures.Future[None]:
+        self.submitted += 1
         outcome: concurrent.futures.Future[None] = concurrent.futures.Future()
         if self.error is None:
+            work()
             outcome.set_result(None)
         else:
             outcome.set_exception(self.error)
         return outcome
 
 
-def _placement(error: OSError | None) -> tuple[list[tuple[list[Path], int]], int | None]:
-    """Place a real child process through PodService; return what the warmer was asked to do and how
-    the child ended (None: still running, then killed here)."""
-    async def main() -> tuple[list[tuple[list[Path], int]], int | None]:
+def _placement(error: OSError | None) -> tuple[int, int, int | None]:
+    """Place a real child process through PodService; return how often the warmer was asked, the
+    child's pid and how it ended (None: still running, then killed here)."""
+    async def main() -> tuple[int, int, int | None]:
         warmer = FakeWarmer(error)
         service = PodService(Reaper(), containers=None, attach_warmer=warmer)  # type: ignore[arg-type]
         child = subprocess.Popen(["sleep", "30"])
@@ -48,9 +52,9 @@ def _placement(error: OSError | None) -> tuple[list[tuple[list[Path], int]], int
             await asyncio.gather(pod.placed, return_exceptions=True)
             await asyncio.sleep(0)  # the done callback
             try:
-                return warmer.placed, child.wait(timeout=WAIT_S if error is not None else 0.2)
+                return warmer.submitted, child.pid, child.wait(timeout=WAIT_S if error is not None else 0.2)
             except subprocess.TimeoutExpired:
-                return warmer.placed, None
+                return warmer.submitted, child.pid, None
         finally:
             child.kill()
             child.wait()
@@ -58,14 +62,19 @@ def _placement(error: OSError | None) -> tuple[list[tuple[list[Path], int]], int
     return asyncio.run(main())
 
 
-def test_the_warmer_is_asked_to_write_the_pods_pid_into_every_hierarchy() -> None:
-    placed, ended = _placement(None)
-    [(files, _pid)] = placed
-    assert files == cgroups.PodCgroup("kuasar-unit/p1").procs_files()
-    assert all(path.name == "cgroup.procs" and "kuasar-unit/p1" in str(path) for path in files)
+def test_the_warmer_writes_the_pods_pid_into_every_hierarchy(tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    roots = [tmp_path / "memory", tmp_path / "pids"]
+    for root in roots:
+        (root / "kuasar-unit" / "p1").mkdir(parents=True)
+        (root / "kuasar-unit" / "p1" / "cgroup.procs").write_text("")
+    monkeypatch.setattr(cgroups, "hierarchy_roots", lambda: roots)
+    submitted, pid, ended = _placement(None)
+    assert submitted == 1
+    assert [(root / "kuasar-unit" / "p1" / "cgroup.procs").read_text() for root in roots] == [str(pid)] * 2
     assert ended is None  # a placed pod keeps running
 
 
 def test_a_failed_move_stops_the_pod() -> None:
-    placed, ended = _placement(PermissionError(13, "Permission denied"))
-    assert placed and ended == -9  # SIGKILL: the sandbox reports its exit, as a pod that never ran
+    submitted, _pid, ended = _placement(PermissionError(13, "Permission denied"))
+    assert submitted == 1 and ended == -9  # SIGKILL: the sandbox reports its exit, as a pod that never ran

@@ -22,7 +22,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 
@@ -73,7 +73,6 @@ class AttachLockWarmer:
         self.linger = linger
         self.disabled = False  # set once a write failed (no cgroupfs, no permission): nothing to gain
         self.writes = 0
-        self.thread_id: int | None = None  # the thread's, once it runs
         self._reset()
 
     def _reset(self) -> None:
@@ -86,10 +85,10 @@ class AttachLockWarmer:
         self._wake = _thread.allocate_lock()
         self._wake.acquire()
         self._thread_started = False
-        self.thread_id = None
+        self.thread_id: int | None = None  # the thread's, once it runs
         self._target: tuple[bytes, int] | None = None  # /proc/self/cgroup as read, our cgroup.procs fd
-        # Processes to put in cgroups (procs files, pid, outcome), written by the thread first thing.
-        self._placements: list[tuple[list[Path], int, concurrent.futures.Future[None]]] = []
+        # Cgroup writes handed to the thread (work, outcome), made by it first thing.
+        self._submitted: list[tuple[Callable[[], None], concurrent.futures.Future[None]]] = []
 
     def forget_thread(self) -> None:
         """In a forked child: the thread (and whatever held the lock) stayed in the parent."""
@@ -98,20 +97,21 @@ class AttachLockWarmer:
                 os.close(self._target[1])
         self._reset()
 
-    def place(self, procs_files: list[Path], pid: int) -> concurrent.futures.Future[None]:
-        """Write `pid` into each of `procs_files` from the thread, as the first writes of a burst.
+    def submit(self, work: Callable[[], None]) -> concurrent.futures.Future[None]:
+        """Run `work`, a write to cgroup.procs files (putting a process in a cgroup), on the thread as the
+        first writes of a burst.
 
-        Putting a process in a cgroup is itself a write that may wait out an RCU grace period (~8 ms,
-        holding the kernel's cgroup_mutex); made here it is off the caller's path, and it warms the
-        lock as the thread's own writes do. Without a thread (disabled) the writes are made at once.
+        Such a write may itself wait out an RCU grace period (~8 ms, holding the kernel's cgroup_mutex);
+        made here it is off the caller's path, and it warms the lock as the thread's own writes do.
+        Without a thread (disabled) it is made at once.
         """
         outcome: concurrent.futures.Future[None] = concurrent.futures.Future()
         with self._lock:
             if not self.disabled:
-                self._placements.append((procs_files, pid, outcome))
+                self._submitted.append((work, outcome))
                 self._start_burst()
                 return outcome
-        _write_placement(procs_files, pid, outcome)
+        _run(work, outcome)
         return outcome
 
     @contextmanager
@@ -155,9 +155,9 @@ class AttachLockWarmer:
         fd = self._target_fd()
         pid = str(os.getpid()).encode()
         while True:
-            self._run_placements()
-            if fd is None:  # disabled: only the placements were still to be made
-                if self._goes_on(placements_only=True):
+            self._run_submitted()
+            if fd is None:  # disabled: only the submitted work was still to be done
+                if self._goes_on(submitted_only=True):
                     continue
                 return
             if not self._goes_on():
@@ -171,11 +171,11 @@ class AttachLockWarmer:
             self.writes += 1
             time.sleep(REWRITE_INTERVAL_S)
 
-    def _run_placements(self) -> None:
+    def _run_submitted(self) -> None:
         with self._lock:
-            placements, self._placements = self._placements, []
-        for procs_files, pid, outcome in placements:
-            _write_placement(procs_files, pid, outcome)
+            submitted, self._submitted = self._submitted, []
+        for work, outcome in submitted:
+            _run(work, outcome)
 
     def _target_fd(self) -> int | None:
         """Our cgroup.procs, opened once and kept while /proc/self/cgroup says the same: writing a
@@ -206,11 +206,11 @@ class AttachLockWarmer:
             os.close(self._target[1])
             self._target = None
 
-    def _goes_on(self, placements_only: bool = False) -> bool:
+    def _goes_on(self, submitted_only: bool = False) -> bool:
         with self._lock:
-            if self._placements:
+            if self._submitted:
                 return True
-            if placements_only or (self._users == 0 and time.monotonic() >= self._until):
+            if submitted_only or (self._users == 0 and time.monotonic() >= self._until):
                 self.bursting = False
                 return False
             return True
@@ -223,16 +223,11 @@ class AttachLockWarmer:
             self.disabled = True
 
 
-def _write_placement(procs_files: list[Path], pid: int, outcome: concurrent.futures.Future[None]) -> None:
+def _run(work: Callable[[], None], outcome: concurrent.futures.Future[None]) -> None:
     if not outcome.set_running_or_notify_cancel():
         return
     try:
-        for path in procs_files:
-            fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
-            try:
-                os.write(fd, str(pid).encode())
-            finally:
-                os.close(fd)
+        work()
     except OSError as exc:
         outcome.set_exception(exc)
     else:

@@ -147,12 +147,9 @@ class PodCgroup:
                 if root.name == "cpuset":
                     _inherit_cpuset(current)
 
-    def procs_files(self) -> list[Path]:
-        return [root / self.path / "cgroup.procs" for root in hierarchy_roots()]
-
     def add(self, pid: int) -> None:
-        for procs in self.procs_files():
-            procs.write_text(str(pid))
+        for root in hierarchy_roots():
+            (root / self.path / "cgroup.procs").write_text(str(pid))
 
     def remove(self) -> None:
         for directory in reversed(self.created):

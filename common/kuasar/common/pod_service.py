@@ -163,7 +163,7 @@ class PodService:
         if self.attach_warmer is None:
             cgroup.add(pod.pid)
             return None
-        placed = asyncio.wrap_future(self.attach_warmer.place(cgroup.procs_files(), pod.pid))
+        placed = asyncio.wrap_future(self.attach_warmer.submit(lambda: cgroup.add(pod.pid)))
         placed.add_done_callback(lambda done: self._placed(pod, cgroup, done))
         return placed
 
