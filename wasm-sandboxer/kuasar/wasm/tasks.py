@@ -55,7 +55,6 @@ from .cache import DEFAULT_MAX_BYTES, ModuleCache
 from .launch import RLIMITS, Launch, LaunchPlan, Stdio, User, launch
 from .module import locate_module
 from .runner import Preopen, RunSpec
-from .stdio import open_stdio
 
 log = logging.getLogger(__name__)
 
@@ -256,7 +255,7 @@ class WasmTasks(TerminalTasks):
             if plan.terminal:
                 master, stdio = _terminal_stdio()
             else:
-                master, stdio = -1, open_stdio(proc.io.stdin, proc.io.stdout, proc.io.stderr)
+                master, stdio = -1, _fifo_stdio(proc.io)
             try:
                 started = launch(plan, stdio, self.reaper, wait_for_go)
             except BaseException:
@@ -264,7 +263,11 @@ class WasmTasks(TerminalTasks):
                     os.close(master)
                 raise
             finally:
-                stdio.close()  # the child holds them now
+                # The child holds them now: the pty's slave is ours alone, the FIFOs are the io's.
+                if plan.terminal:
+                    stdio.close()
+                else:
+                    proc.io.release_fds()
             proc.launch = started
             try:
                 if master >= 0:
@@ -481,6 +484,13 @@ async def _drain(cgroup: cgroups.PodCgroup) -> None:
         except OSError:
             return
         await asyncio.sleep(0.01)
+
+
+def _fifo_stdio(io: ProcessIO) -> Stdio:
+    """containerd's FIFOs as the process's stdio (it holds them itself, so its output never depends on
+    the task server copying anything); the io keeps our copies until release_fds."""
+    opened = io.runc_stdio()
+    return Stdio(*(-1 if fd is None else fd for fd in (opened.stdin, opened.stdout, opened.stderr)))
 
 
 def _terminal_stdio() -> tuple[int, Stdio]:
