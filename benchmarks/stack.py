@@ -23,6 +23,7 @@ from kuasar.common import cgroups
 from kuasar.common.task_server import PID_FILE
 from tests.support import containerd as cd
 from tests.support import images
+from tests.support.procs import live_children
 
 BUSYBOX = images.BUSYBOX_REF
 STOCK = "runc"
@@ -111,6 +112,10 @@ def start_stack(base: Path, bridge: str, subnet: str, runsc: str | None = None,
     """Build the images, start containerd (log level info) and runc-sandboxer, import the images.
     With `runsc`, also quark-sandboxer with that runsc (proxy plugin `gvisor`, handler `kuasar-gvisor`)."""
     base.mkdir(parents=True, exist_ok=True)
+    if pod_cgroup_parent:
+        # Made once, here: each pod then makes (and removes) only its own cgroup below it, and none
+        # tries to remove the parent while the others are still in it.
+        cgroups.PodCgroup(pod_cgroup_parent).create()
     short = Path(f"/run/kuasar-bn-{secrets.token_hex(3)}")
     short.mkdir(mode=0o700)
     gv_short = Path(f"/run/kgb-{secrets.token_hex(2)}") if runsc else None
@@ -138,6 +143,8 @@ def start_stack(base: Path, bridge: str, subnet: str, runsc: str | None = None,
             gvisor = GvisorDaemon(proc, gv_short)
     except BaseException:
         instance.stop()
+        if pod_cgroup_parent:
+            _remove_cgroup_parent(pod_cgroup_parent)
         shutil.rmtree(short, ignore_errors=True)
         if gv_short is not None:
             shutil.rmtree(gv_short, ignore_errors=True)
@@ -145,26 +152,11 @@ def start_stack(base: Path, bridge: str, subnet: str, runsc: str | None = None,
     return Stack(instance, sandboxer, base, short, base / "pod-logs", busybox_tar, gvisor, pod_cgroup_parent)
 
 
-def _pod_processes(server_pid: int) -> list[psutil.Process]:
-    try:
-        children = psutil.Process(server_pid).children()
-    except psutil.NoSuchProcess:
-        return []
-    return [p for p in children if _comm(p).startswith("pod-")]
-
-
-def _comm(proc: psutil.Process) -> str:
-    try:
-        return proc.name()
-    except psutil.Error:
-        return ""
-
-
 def stop_stack(stack: Stack) -> CleanupReport:
     """containerd through the harness, runc-sandboxer with SIGTERM, then wait for the task server."""
     report = CleanupReport()
     server_pid = stack.task_server_pid()
-    report.leftover_pod_processes = len(_pod_processes(server_pid)) if server_pid else 0
+    report.leftover_pod_processes = len(live_children(server_pid, "pod-")) if server_pid else 0
     stack.containerd.stop()
     if stack.sandboxer.poll() is None:
         stack.sandboxer.send_signal(signal.SIGTERM)

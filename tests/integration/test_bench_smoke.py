@@ -58,6 +58,7 @@ def test_bench_smoke_writes_json_report_and_plots(tmp_path: Path) -> None:
     cleanup = data["cleanup"]
     assert cleanup["pods_left"] == 0 and cleanup["leftover_mounts"] == []
     assert not [note for note in cleanup["notes"] if "left in place" in note], cleanup["notes"]
+    assert "left in place" not in proc.stderr  # no pod's cgroup removal found its parent busy
     assert not list(Path("/sys/fs/cgroup").glob(f"*/{parent}")) and not Path("/sys/fs/cgroup", parent).exists()
 
     # The other sections: each ran once (or was skipped for a stated reason), none failed.
