@@ -9,7 +9,6 @@ import uuid
 from pathlib import Path
 
 import grpc
-import psutil
 import pytest
 
 from kuasar.common import linux
@@ -269,11 +268,11 @@ def test_a_systemd_slice_parent_is_laid_out_as_systemd_would(stack: Stack) -> No
 async def wait_pod_process_in(cgroup: Path) -> None:
     """The pod's process is moved into its cgroup after Create has answered (PodService._place)."""
     for _ in range(1000):
-        names = [psutil.Process(int(pid)).name() for pid in (cgroup / "cgroup.procs").read_text().split()]
-        if any(name.startswith("pod-") for name in names):
+        members = {int(pid) for pid in (cgroup / "cgroup.procs").read_text().split()}
+        if members & {proc.pid for proc in pod_processes()}:
             return
         await asyncio.sleep(0.01)
-    raise AssertionError(f"no pod process in {cgroup}: {names}")
+    raise AssertionError(f"no pod process in {cgroup}: {members}")
 
 
 def assert_nothing_left(stack: Stack) -> None:
