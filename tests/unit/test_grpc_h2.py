@@ -4,6 +4,7 @@ raw bytes on the socket."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import time
 from pathlib import Path
@@ -252,3 +253,21 @@ def test_control_answers_wait_for_the_next_reply_and_follow_it(tmp_path: Path, p
         writer.close()
 
     serve(tmp_path, body)
+
+
+@pytest.mark.parametrize("path", [ECHO, ECHO_NOW, FAIL])
+def test_request_timing_records_each_answered_call(tmp_path: Path, monkeypatch, path: str) -> None:
+    from kuasar.common import grpc_h2
+    from kuasar.common.request_timing import RequestTiming
+
+    (tmp_path / "timing").mkdir()
+    monkeypatch.setattr(grpc_h2, "TIMING", RequestTiming(str(tmp_path / "timing")))
+
+    async def body(channel, service, server, sock):
+        with contextlib.suppress(grpc.aio.AioRpcError):
+            await call(channel, path)(pb.ControllerStatusRequest(sandbox_id="abc"))
+
+    serve(tmp_path, body)
+    rows = [line.split("\t") for f in (tmp_path / "timing").iterdir() for line in f.read_text().splitlines()]
+    assert [row[:2] for row in rows] == [["sandbox", path.rpartition("/")[2]]]
+    assert int(rows[0][2]) <= int(rows[0][3])

@@ -615,3 +615,19 @@ def test_serve_connection_works_on_any_stream_pair() -> None:
         await serving_task
         assert probe.closed_connections == [1]
     run(main())
+
+
+def test_request_timing_records_each_answered_request(sock_path: str, tmp_path, monkeypatch) -> None:
+    from kuasar.common.request_timing import RequestTiming
+    from kuasar.common.ttrpc import server as server_module
+
+    monkeypatch.setattr(server_module, "TIMING", RequestTiming(str(tmp_path)))
+
+    async def main() -> None:
+        async with serving(sock_path) as _, client_of(sock_path) as client:
+            await client.call(SVC, "Echo", KV(value="a"), KV)
+            with pytest.raises(NotFound):
+                await client.call(SVC, "Fail", KV(key="notfound", value="a"), KV)
+    run(main())
+    rows = [line.split("\t") for line in (tmp_path / f"{os.getpid()}.tsv").read_text().splitlines()]
+    assert [row[:2] for row in rows] == [["ttrpc", "Echo/Echo"], ["ttrpc", "Echo/Fail"]]

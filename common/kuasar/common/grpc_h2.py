@@ -35,6 +35,7 @@ from h2.settings import SettingCodes
 from h2.utilities import SizeLimitDict
 
 from .errors import Code
+from .request_timing import TIMING
 
 log = logging.getLogger(__name__)
 
@@ -140,6 +141,8 @@ class GrpcConnection(asyncio.Protocol):
         self.receiving: set[int] = set()  # streams whose request has not fully arrived
         self._control = b""  # h2's answers to control frames, waiting to go out after the next reply
         self._answered = False  # a reply was made while reading: it goes out when the read is done
+        self._received_at = 0  # when the bytes being read arrived, with request timing on
+        self._answered_paths: list[bytes] = []  # what was answered while reading them, to time
         self._control_timer: asyncio.TimerHandle | None = None
         self.transport: asyncio.Transport | None = None
 
@@ -166,6 +169,7 @@ class GrpcConnection(asyncio.Protocol):
         self.transport = None
 
     def data_received(self, data: bytes) -> None:
+        self._received_at = TIMING.start()
         try:
             events = self.h2.receive_data(data)
         except h2.exceptions.ProtocolError as exc:
@@ -179,6 +183,10 @@ class GrpcConnection(asyncio.Protocol):
         self._control += self.h2.data_to_send()
         for event in events:
             self._on_event(event)
+        if self._answered_paths:  # answered while reading; _hold_control writes the replies
+            for path in self._answered_paths:
+                TIMING.done("sandbox", _method_name(path), self._received_at)
+            self._answered_paths.clear()
         self._hold_control()
 
     def _on_event(self, event: h2.events.Event) -> None:
@@ -215,7 +223,8 @@ class GrpcConnection(asyncio.Protocol):
     def _dispatch(self, stream_id: int, call: _Call) -> None:
         method = self.methods.get(call.path)
         if method is not None and method.handler is not None:
-            call.task = asyncio.ensure_future(self._run(stream_id, call, method.handler, method.request_type))
+            call.task = asyncio.ensure_future(self._run(stream_id, call, method.handler, method.request_type,
+                                                        self._received_at))
             return
         self._answered = True
         try:
@@ -228,8 +237,11 @@ class GrpcConnection(asyncio.Protocol):
             self._fail_with_bug(stream_id, call, exc)
         else:
             self._reply(stream_id, call, reply, _OK_TRAILERS)
+        if self._received_at:
+            self._answered_paths.append(call.path)
 
-    async def _run(self, stream_id: int, call: _Call, handler: Handler, request_type: type[Message]) -> None:
+    async def _run(self, stream_id: int, call: _Call, handler: Handler, request_type: type[Message],
+                   started: int = 0) -> None:
         try:
             reply = encode_message(await handler(decode_message(bytes(call.body), request_type)))
         except GrpcError as exc:
@@ -244,6 +256,7 @@ class GrpcConnection(asyncio.Protocol):
             self._fail_with_bug(stream_id, call, exc)
         else:
             self._reply(stream_id, call, reply, _OK_TRAILERS)
+        TIMING.done("sandbox", _method_name(call.path), started)
         self._flush()
 
     def _fail_with_bug(self, stream_id: int, call: _Call, exc: Exception) -> None:
@@ -345,3 +358,8 @@ class GrpcServer:
             conn.close()
         await self._server.wait_closed()
         self._server = None
+
+
+def _method_name(path: bytes) -> str:
+    """`/containerd.runtime.sandbox.v1.Controller/Start` -> `Start`."""
+    return path.decode(errors="replace").rpartition("/")[2]

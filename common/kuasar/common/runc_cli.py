@@ -18,6 +18,7 @@ from pathlib import Path
 
 from .errors import FailedPrecondition, NotFound, RuntimeFailure
 from .reaper import Reaper
+from .request_timing import TIMING
 from .spawn import Completed, run
 
 # Only the tail of a log matters: the error that ended the command is its last entry.
@@ -83,8 +84,10 @@ class Runc:
                    capture: bool = True) -> Completed:
         stdio = stdio or Stdio()
         offset = log_offset(log_path)
+        started = TIMING.start()
         result = await run(self.reaper, self._argv(log_path, *args), stdin=stdio.stdin,
                            stdout=stdio.stdout, stderr=stdio.stderr, capture=capture)
+        TIMING.done("runc", args[0], started)
         if result.status != 0:
             message = last_error(log_path, offset) or result.stderr.decode(errors="replace").strip()
             if "does not exist" in message or "not exist" in message:

@@ -17,6 +17,7 @@ from google.protobuf.message import DecodeError, Message
 
 from kuasar.common.api.ttrpc import request_pb2
 from kuasar.common.errors import AlreadyExists, Code, Internal, InvalidArgument, KuasarError, from_code
+from kuasar.common.request_timing import TIMING
 
 from .connection import NewRequest, ServerConnection, StreamClosed, StreamData, status_response
 from .frames import Flag, ProtocolError
@@ -122,12 +123,13 @@ class _ServerConn:
     async def _read_loop(self) -> None:
         while True:
             data = await self.reader.read(READ_CHUNK)
+            received = TIMING.start()
             if not data:
                 self.proto.receive_eof()
                 return
             for event in self.proto.receive_data(data):
                 if isinstance(event, NewRequest):
-                    self._start(event)
+                    self._start(event, received)
                 elif isinstance(event, StreamData):
                     stream = self.streams.get(event.stream_id)
                     if stream is None:  # data for a unary method: nobody to give it to
@@ -137,7 +139,7 @@ class _ServerConn:
                     if event.end:
                         stream._inbox.close()
 
-    def _start(self, event: NewRequest) -> None:
+    def _start(self, event: NewRequest, received: int = 0) -> None:
         req = event.request
         route = self.server._routes.get(req.service, {}).get(req.method)
         stream = None
@@ -149,12 +151,13 @@ class _ServerConn:
                 stream._inbox.put_nowait(req.payload)
             if not event.flags & Flag.REMOTE_OPEN:
                 stream._inbox.close()
-        task = asyncio.create_task(self._handle(event, route, stream),
+        task = asyncio.create_task(self._handle(event, route, stream, received),
                                    name=f"ttrpc /{req.service}/{req.method} #{event.stream_id}")
         self.tasks[event.stream_id] = task
         task.add_done_callback(lambda _t, sid=event.stream_id: self.tasks.pop(sid, None))
 
-    async def _handle(self, event: NewRequest, route: _Route | None, stream: ServerStream | None) -> None:
+    async def _handle(self, event: NewRequest, route: _Route | None, stream: ServerStream | None,
+                      started: int = 0) -> None:
         req, sid = event.request, event.stream_id
         try:
             payload = await self._invoke(event, route, stream)
@@ -173,9 +176,11 @@ class _ServerConn:
                 stream._inbox.close()
         try:
             if response is None:  # a stream that ended well: Data REMOTE_CLOSED|NO_DATA, never a Response
-                await self.write(self.proto.send_data(sid, None, end=True))
+                reply = self.proto.send_data(sid, None, end=True)
             else:
-                await self.write(self._encode_response(sid, response))
+                reply = self._encode_response(sid, response)
+            TIMING.done("ttrpc", f"{req.service.rpartition('.')[2]}/{req.method}", started)
+            await self.write(reply)
         except (OSError, StreamClosed) as err:
             log.debug("ttrpc connection %d: reply to /%s/%s lost: %s", self.id, req.service, req.method, err)
 
