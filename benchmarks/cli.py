@@ -22,7 +22,7 @@ import psutil
 from kuasar.common.cri_client import CriClient
 from tests.support import containerd as cd
 
-from . import plots, report, sections
+from . import attribution, plots, report, sections
 from .floor import run_floor
 from .gvisor import gvisor_phase
 from .memory import memory_phase
@@ -155,6 +155,8 @@ async def _runc_phases(client: CriClient, stack: Stack, args: argparse.Namespace
     t0 = time.monotonic()
     results["serial"] = await serial_phase(client, stack, args.serial, args.warmup, args.gap)
     timings["serial_s"] = time.monotonic() - t0
+    results["attribution"] = attribution.attribute(results["serial"]["ours"].get("marks_ns", []),
+                                                   attribution.load(stack.timing_dir))
     t0 = time.monotonic()
     results["parallel"] = await parallel_phase(client, stack, args.parallel, args.rounds, args.settle)
     timings["parallel_s"] = time.monotonic() - t0

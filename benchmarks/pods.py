@@ -30,6 +30,8 @@ class PodTiming:
     run_pod: float
     create: float
     start: float
+    # CLOCK_MONOTONIC ns before RunPodSandbox and after each of the three calls (see attribution.py).
+    marks_ns: tuple[int, int, int, int] = (0, 0, 0, 0)
 
     @property
     def total(self) -> float:
@@ -46,8 +48,8 @@ class Pod:
     cgroup: cgroups.PodCgroup | None = None  # made beforehand and removed afterwards, as kubelet does
 
 
-def _ms(start: float) -> float:
-    return (time.perf_counter() - start) * 1000.0
+def _ms(start: int) -> float:
+    return (time.monotonic_ns() - start) / 1e6
 
 
 async def start_pod(client: CriClient, handler: str, name: str, log_root: Path, cgroup_parent: str = "") -> Pod:
@@ -61,27 +63,26 @@ async def start_pod(client: CriClient, handler: str, name: str, log_root: Path, 
     if cgroup_parent:  # kubelet makes the pod's cgroup before it asks for the sandbox (untimed there too)
         cgroup = cgroups.PodCgroup(config.linux.cgroup_parent)
         cgroup.create()
-    t0 = time.perf_counter()
+    t0 = time.monotonic_ns()
     try:
         pod_id = (await client.run_pod_sandbox(config, runtime_handler=handler)).pod_sandbox_id
     except BaseException:
         if cgroup is not None:
             cgroup.remove()
         raise
-    run_pod = _ms(t0)
-    t1 = time.perf_counter()
+    t1 = time.monotonic_ns()
     try:
         container_id = (await client.create_container(pod_id, container, config)).container_id
-        create = _ms(t1)
-        t2 = time.perf_counter()
+        t2 = time.monotonic_ns()
         await client.start_container(container_id)
-        start = _ms(t2)
+        t3 = time.monotonic_ns()
     except BaseException:
         await remove_pod_only(client, pod_id)
         if cgroup is not None:
             cgroup.remove()
         raise
-    return Pod(handler, pod_id, container_id, config, PodTiming(run_pod, create, start), cgroup)
+    timing = PodTiming((t1 - t0) / 1e6, (t2 - t1) / 1e6, (t3 - t2) / 1e6, (t0, t1, t2, t3))
+    return Pod(handler, pod_id, container_id, config, timing, cgroup)
 
 
 async def teardown(client: CriClient, pod: Pod, errors: list[str] | None = None) -> float:
@@ -90,7 +91,7 @@ async def teardown(client: CriClient, pod: Pod, errors: list[str] | None = None)
     A failed StopContainer is recorded in `errors` and recovered from (wait until CRI reports the
     container exited, stop it again), so a flaky Kill shows up in the results instead of ending the run.
     """
-    t0 = time.perf_counter()
+    t0 = time.monotonic_ns()
     try:
         await client.stop_container(pod.container_id, timeout=0)
     except grpc.aio.AioRpcError as exc:

@@ -100,7 +100,28 @@ def _serial(results: dict[str, Any], summary: dict[str, Any]) -> list[str]:
         s, o = serial["stock"][key], serial["ours"][key]
         rows.append([title, f"{_n(s['p50'])} ({_n(s['p90'])})", f"{_n(o['p50'])} ({_n(o['p90'])})",
                      _n(ratio(o["p50"], s["p50"]), 3)])
-    return out + _table(["call", "stock", "ours", "ours/stock p50"], rows)
+    return out + _table(["call", "stock", "ours", "ours/stock p50"], rows) + _attribution(results)
+
+
+def _attribution(results: dict[str, Any]) -> list[str]:
+    found = results.get("attribution")
+    if not found or not found.get("pods"):
+        return []
+    out = ["### Where our serial start goes", "",
+           f"Our daemons timed every request they answered and every runc command they ran "
+           f"({found['intervals']} intervals); each of the {found['pods']} serial pods of ours is split by "
+           "CRI call into the time runc ran, the time one of our daemons was answering (less runc), and "
+           "the rest: containerd's own work and the benchmark client's gRPC (see benchmarks/attribution.py). "
+           "p50 ms (p90 in brackets):", ""]
+    rows = []
+    for call, parts in found["calls"].items():
+        rows.append([call, *(f"{_n(parts[part]['p50'])} ({_n(parts[part]['p90'])})"
+                             for part in ("containerd", "ours", "runc"))])
+    out += _table(["call", "containerd and client", "our daemons", "runc"], rows)
+    without = found["without_ours_ms"]
+    out += [f"A start less our daemons' time, i.e. what a sandboxer taking no time at all would leave: "
+            f"p50 {_n(without['p50'])} ms (p90 {_n(without['p90'])}).", ""]
+    return out
 
 
 def _parallel(summary: dict[str, Any]) -> list[str]:

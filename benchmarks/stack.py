@@ -8,6 +8,7 @@ between the two measurements is the sandbox/task path.
 
 from __future__ import annotations
 
+import os
 import secrets
 import shutil
 import signal
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import psutil
 
-from kuasar.common import cgroups
+from kuasar.common import cgroups, request_timing
 from kuasar.common.task_server import PID_FILE
 from tests.support import containerd as cd
 from tests.support import images
@@ -30,6 +31,7 @@ STOCK = "runc"
 OURS = "kuasar-runc"
 GVISOR = "kuasar-gvisor"
 HANDLERS = {"stock": STOCK, "ours": OURS}
+REQUEST_TIMING_DIR = "request-timing"
 SANDBOXER_START_TIMEOUT = 30.0
 # The task server checks every 2 s whether it is still wanted; give it a few rounds.
 TASK_SERVER_EXIT_TIMEOUT = 10.0
@@ -62,6 +64,11 @@ class Stack:
     pod_cgroup_parent: str = ""  # "": pods have no CRI cgroup parent; else each gets <this>/pod<uid>
 
     @property
+    def timing_dir(self) -> Path:
+        """Where runc-sandboxer and its task server record their requests (see attribution.py)."""
+        return self.base / REQUEST_TIMING_DIR
+
+    @property
     def address(self) -> str:
         return self.containerd.address
 
@@ -91,13 +98,19 @@ class CleanupReport:
 
 
 def _start_sandboxer(short: Path, log_path: Path, events_address: str, name: str = "runc",
-                     module: str = "kuasar.runc.cli", extra: tuple[str, ...] = ()) -> subprocess.Popen[bytes]:
+                     module: str = "kuasar.runc.cli", extra: tuple[str, ...] = (),
+                     timing_dir: Path | None = None) -> subprocess.Popen[bytes]:
     socket = short / f"{name}.sock"
+    env = dict(os.environ)
+    env.pop(request_timing.ENV, None)
+    if timing_dir is not None:
+        timing_dir.mkdir(mode=0o700, exist_ok=True)
+        env[request_timing.ENV] = str(timing_dir)
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(  # noqa: S603 - fixed argv, no shell
             [sys.executable, "-m", module, "--listen", str(socket), "--dir", str(short / name),
              "--log-level", "info", "--events-address", events_address, *extra],
-            stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+            stdout=log, stderr=log, stdin=subprocess.DEVNULL, env=env)
     deadline = time.monotonic() + SANDBOXER_START_TIMEOUT
     while not socket.exists():
         if proc.poll() is not None or time.monotonic() > deadline:
@@ -134,7 +147,8 @@ def start_stack(base: Path, bridge: str, subnet: str, runsc: str | None = None,
     try:
         instance.import_image(busybox_tar)
         instance.import_image(pause_tar)
-        sandboxer = _start_sandboxer(short, base / "runc-sandboxer.log", instance.ttrpc_address)
+        sandboxer = _start_sandboxer(short, base / "runc-sandboxer.log", instance.ttrpc_address,
+                                     timing_dir=base / REQUEST_TIMING_DIR)
         if gv_short is not None:
             config = base / "gvisor.toml"
             config.write_text(f'[quark]\nbackend = "runsc"\nrunsc = "{runsc}"\nplatform = "systrap"\n')

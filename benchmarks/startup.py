@@ -49,6 +49,7 @@ def record_start(row: dict[str, list], pod: Pod, teardown_ms: float) -> None:
     row["create_ms"].append(pod.timing.create)
     row["start_ms"].append(pod.timing.start)
     row["teardown_ms"].append(teardown_ms)
+    row.setdefault("marks_ns", []).append(list(pod.timing.marks_ns))
 
 
 async def _parallel_round(client: CriClient, stack: Stack, label: str, handler: str, size: int,

@@ -53,6 +53,16 @@ def test_bench_smoke_writes_json_report_and_plots(tmp_path: Path) -> None:
     assert data["memory"]["stock"][-1]["parts"]["pause"]["processes"] == 3
     assert data["memory"]["ours"][-1]["parts"]["pod_processes"]["processes"] == 3
     assert len(data["floor"]["run_ms"]) == 3 and all(v > 0 for v in data["floor"]["run_ms"])
+    # Our serial starts split by where the time went: our daemons timed their requests and runc commands.
+    split = data["attribution"]
+    assert split["pods"] == 3
+    for call in ("RunPodSandbox", "StartContainer"):
+        assert split["calls"][call]["ours"]["min"] > 0, (call, split["calls"][call])
+    assert split["calls"]["StartContainer"]["runc"]["min"] > 0  # `runc create` runs inside StartContainer
+    assert split["calls"]["CreateContainer"]["runc"]["max"] == 0
+    for part in ("containerd", "ours", "runc"):
+        assert split["calls"]["start total"][part]["min"] >= 0
+    assert 0 < split["without_ours_ms"]["p50"] < data["summary"]["serial"]["ours"]["total_ms"]["max"]
     assert data["summary"]["ratios"]["serial_p50"] > 0
     assert {t["name"] for t in data["summary"]["targets"]}
     cleanup = data["cleanup"]
@@ -80,7 +90,8 @@ def test_bench_smoke_writes_json_report_and_plots(tmp_path: Path) -> None:
 
     report = (out / "report.md").read_text()
     assert f"CRI cgroup parent `{parent}/pod<uid>`" in report
-    for needle in ("## Targets", "## Serial start", "## Parallel start", "## Management memory", "## Floor",
+    for needle in ("## Targets", "## Serial start", "### Where our serial start goes", "## Parallel start",
+                   "## Management memory", "## Floor",
                    "## wasm container start", "## VM pod ready", "## gVisor", "stock", "ours"):
         assert needle in report
     for png in ("serial_cdf.png", "parallel_cdf.png", "pss.png", "serial_breakdown.png"):
