@@ -92,9 +92,8 @@ class AttachLockWarmer:
 
     def forget_thread(self) -> None:
         """In a forked child: the thread (and whatever held the lock) stayed in the parent."""
-        if self._target is not None:
-            with contextlib.suppress(OSError):
-                os.close(self._target[1])
+        with contextlib.suppress(OSError):
+            self._drop_target()
         self._reset()
 
     def submit(self, work: Callable[[], None]) -> concurrent.futures.Future[None]:

@@ -256,7 +256,8 @@ class GrpcConnection(asyncio.Protocol):
             self._fail_with_bug(stream_id, call, exc)
         else:
             self._reply(stream_id, call, reply, _OK_TRAILERS)
-        TIMING.done("sandbox", _method_name(call.path), started)
+        if started:  # the name is only made with timing on
+            TIMING.done("sandbox", _method_name(call.path), started)
         self._flush()
 
     def _fail_with_bug(self, stream_id: int, call: _Call, exc: Exception) -> None:

@@ -179,7 +179,8 @@ class _ServerConn:
                 reply = self.proto.send_data(sid, None, end=True)
             else:
                 reply = self._encode_response(sid, response)
-            TIMING.done("ttrpc", f"{req.service.rpartition('.')[2]}/{req.method}", started)
+            if started:  # the name is only made with timing on
+                TIMING.done("ttrpc", f"{req.service.rpartition('.')[2]}/{req.method}", started)
             await self.write(reply)
         except (OSError, StreamClosed) as err:
             log.debug("ttrpc connection %d: reply to /%s/%s lost: %s", self.id, req.service, req.method, err)
