@@ -42,7 +42,7 @@ PY="$(find_python)" || die "Python >= 3.11 is required (set PYTHON=/path/to/pyth
 # ---------------------------------------------------------------------------------------------
 # 1. Distro packages
 # ---------------------------------------------------------------------------------------------
-PACKAGES=(runc containernetworking-plugins busybox-static iproute2 util-linux mount kmod procps
+PACKAGES=(runc containernetworking-plugins busybox-static iproute2 iptables util-linux mount kmod procps
           ca-certificates debian-archive-keyring)
 # QEMU (TCG micro-VMs of vm-agent / vmm-sandboxer); vhost-device-vsock comes from unstable (2c).
 PACKAGES+=(qemu-system-x86)

@@ -4,6 +4,7 @@ per pod (TCG on this kind of host), its guest agent serving the Task API.
 TCG makes every VM boot cost seconds, so there are two boots in all, each carrying a whole story:
 
 1. a CNI-networked pod: two containers, output in the CRI log, the pod IP seen inside the guest,
+   a server in the guest reached from the host at the pod IP and through CRI port-forward,
    exec with exit code, stop, remove, sandbox metrics, and nothing left behind;
 2. a host-network pod (no NIC) whose QEMU is killed with SIGKILL from outside: the pod is reported
    exited and removing it leaves nothing behind.
@@ -40,7 +41,7 @@ from tests.support import containerd as cd
 from tests.support import images
 
 from .conftest import integration_skip_reason, start_sandboxer, stop_process
-from .cri_helpers import wait_log, wait_state
+from .cri_helpers import forward_once, wait_log, wait_state
 
 pytestmark = pytest.mark.integration
 
@@ -230,6 +231,16 @@ async def tcp_read(host: str, port: int, timeout: float = 60.0) -> bytes:
         writer.close()
 
 
+async def port_forward_once(client: CriClient, pod_id: str, port: int, request: bytes) -> tuple[bytes, str]:
+    """One connection through CRI PortForward, retried (bounded) until the server in the guest answers."""
+    deadline = time.monotonic() + 30
+    while True:
+        answer, error = await forward_once(await client.port_forward(pod_id, [port]), port, request)
+        if answer or time.monotonic() > deadline:
+            return answer, error
+        await asyncio.sleep(0.2)
+
+
 async def sandbox_metrics(stack: VmStack, pod_id: str) -> v2.Metrics:
     async with grpc.aio.insecure_channel(f"unix://{stack.socket}") as channel:
         stub = sb_grpc.ControllerStub(channel)
@@ -277,12 +288,19 @@ def test_vm_pod_with_network_two_containers_exec_and_cleanup(stack: VmStack) -> 
             assert "from-a-host-volume" in text, text
             assert (volume_out / "result").read_text() == "written-in-the-vm\n"
 
-            # Container 2 in the same VM: reachable from the host at the pod IP (veth <-> tap <-> guest),
-            # exec with output and exit code, then stop.
+            # Container 2 in the same VM: reachable from the host at the pod IP (veth <-> tap <-> guest)
+            # and through CRI port-forward (a closed port is reported, not hung), exec with output and
+            # exit code, then stop.
+            web = "mkdir -p /tmp/www && echo forwarded-from-the-vm > /tmp/www/name && httpd -p 8081 -h /tmp/www"
             sleeper = await start(client, pod_id, pod, "sleeper",
-                                  ["sh", "-c", "echo pong-from-the-vm | nc -l -p 8080; exec sleep 3600"])
+                                  ["sh", "-c", f"{web}; echo pong-from-the-vm | nc -l -p 8080; exec sleep 3600"])
             await wait_state(client, sleeper, cri.CONTAINER_RUNNING, timeout=TIMEOUT)
             assert await tcp_read(pod_ip, 8080) == b"pong-from-the-vm\n"
+            answer, error = await port_forward_once(client, pod_id, 8081, b"GET /name HTTP/1.0\r\n\r\n")
+            assert answer.startswith(b"HTTP/1.1 200 OK") and answer.endswith(b"\r\n\r\nforwarded-from-the-vm\n"), \
+                (answer, error)
+            answer, error = await forward_once(await client.port_forward(pod_id, [8082]), 8082, b"x")
+            assert not answer and "8082" in error, error
             t2 = time.monotonic()
             result = await client.exec_sync(sleeper, ["sh", "-c", "echo exec-ok; cat /etc/hostname; exit 5"])
             exec_s = time.monotonic() - t2

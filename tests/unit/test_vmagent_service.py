@@ -357,6 +357,20 @@ def test_config_from_kernel_cmdline() -> None:
     assert flag.debug is False and flag.no_pivot is True
 
 
+def test_forward_port_is_settable_and_never_shares_a_port() -> None:
+    assert AgentConfig().forward_port == 1026
+    moved, none = AgentConfig.from_cmdline("task.forward_port=3000")
+    assert moved.forward_port == 3000 and none == []
+    off, _ = AgentConfig.from_cmdline("task.forward_port=0")
+    assert off.forward_port == 0
+    # A second listener on the Task API's or the debug console's port would stop the agent: forwarding goes.
+    for cmdline in ("task.forward_port=1024", "task.debug task.forward_port=1025", "task.debug task.debug_port=1026"):
+        clash, problems = AgentConfig.from_cmdline(cmdline)
+        assert clash.forward_port == 0 and any("forward_port" in p for p in problems), (cmdline, problems)
+    no_debug, none = AgentConfig.from_cmdline("task.forward_port=1025")  # the console is off: no clash
+    assert no_debug.forward_port == 1025 and none == []
+
+
 def test_module_set_loads_dependencies_once(short_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from kuasar.vmagent import pid1
 

@@ -29,6 +29,7 @@ from .config import AgentConfig
 from .console import DebugConsole
 from .events import EventQueue
 from .netconf import NetConfig
+from .portforward import PortForwardService
 from .sandbox import AgentService
 from .tasks import GuestTasks
 
@@ -117,6 +118,8 @@ async def serve_guest(config: AgentConfig, started_ns: int, share_dir: str, pivo
     await agent.start(vsock_listener(config.port))
     log.info("serving Task, Streaming and Agent on vsock port %d (%.3f s after boot, %.3f s after /init)",
              config.port, agent.service.ready_ns / 1e9, (agent.service.ready_ns - started_ns) / 1e9)
+    if config.forward_port:
+        agent.start_background(PortForwardService().serve(vsock_listener(config.forward_port)), "port forward")
     if config.debug:
         console = DebugConsole(agent.reaper, config.debug_shell)
         agent.start_background(console.serve(vsock_listener(config.debug_port)), "debug console")

@@ -8,6 +8,7 @@
 | `task.share_tag=T` | `kuasar` | its mount tag |
 | `task.share_dir=P` | `/run/kuasar/state` | where it is mounted |
 | `task.share_cache=C` | `loose` | 9p cache mode |
+| `task.forward_port=N` | 1026 | vsock port of forwarded connections (`kubectl port-forward`); 0 = off |
 | `task.debug[=bool]` | off | debug console (a root shell) on vsock `task.debug_port` |
 | `task.debug_port=N` | 1025 | |
 | `task.debug_shell=P` | `/bin/sh` | |
@@ -21,6 +22,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
+from kuasar.common import guest_forward
+
 PREFIX = "task."
 TRUE = {"", "1", "true", "yes", "on", "y"}
 FALSE = {"0", "false", "no", "off", "n"}
@@ -30,6 +33,7 @@ FALSE = {"0", "false", "no", "off", "n"}
 class AgentConfig:
     port: int = 1024
     notify_port: int = 1025
+    forward_port: int = guest_forward.DEFAULT_PORT
     sharefs_type: str = "9p"
     share_tag: str = "kuasar"
     share_dir: str = "/run/kuasar/state"
@@ -50,8 +54,8 @@ class AgentConfig:
         config = cls()
         problems: list[str] = []
         types = {f.name: f.type for f in fields(cls)}
-        settable = {"port", "notify_port", "sharefs_type", "share_tag", "share_dir", "share_cache", "debug",
-                    "debug_port", "debug_shell", "log_level", "no_pivot"}
+        settable = {"port", "notify_port", "forward_port", "sharefs_type", "share_tag", "share_dir", "share_cache",
+                    "debug", "debug_port", "debug_shell", "log_level", "no_pivot"}
         for token in cmdline.split():
             if not token.startswith(PREFIX):
                 continue
@@ -78,4 +82,8 @@ class AgentConfig:
         if config.sharefs_type not in ("9p", "virtiofs", "none"):
             problems.append(f"unknown {PREFIX}sharefs_type {config.sharefs_type!r}; using 9p")
             config.sharefs_type = "9p"
+        taken = {config.port} | ({config.debug_port} if config.debug else set())
+        if config.forward_port in taken:  # a second listener on a port would stop the agent
+            problems.append(f"{PREFIX}forward_port {config.forward_port} is taken; port forwarding off")
+            config.forward_port = 0
         return config, problems

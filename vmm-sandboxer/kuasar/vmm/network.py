@@ -19,12 +19,14 @@ import logging
 import os
 import struct
 import threading
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from kuasar.common import linux
 from kuasar.common.errors import InvalidArgument, RuntimeFailure
 
+T = TypeVar("T")
 log = logging.getLogger(__name__)
 
 TUNSETIFF = 0x400454CA
@@ -180,8 +182,9 @@ async def discover(netns: str) -> PodNetwork:
     return PodNetwork(netns, nics, routes)
 
 
-def _open_tap_in(netns: str, name: str) -> int:
-    """TUNSETIFF from a thread that sits in `netns`, so the tap is created there."""
+def call_in_netns(netns: str, what: str, fn: Callable[[], T]) -> T:
+    """`fn()` in a short-lived thread that sits in `netns`: what it creates (a tap, a socket) belongs
+    to that namespace, while the rest of the process stays where it is."""
     result: dict[str, Any] = {}
 
     def worker() -> None:
@@ -190,14 +193,7 @@ def _open_tap_in(netns: str, name: str) -> int:
         try:
             linux.setns(target, linux.CLONE_NEWNET)
             try:
-                fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
-                try:
-                    ifr = struct.pack("16sH", name.encode(), IFF_TAP | IFF_NO_PI | IFF_VNET_HDR)
-                    fcntl.ioctl(fd, TUNSETIFF, ifr)
-                except BaseException:
-                    os.close(fd)
-                    raise
-                result["fd"] = fd
+                result["value"] = fn()
             finally:
                 linux.setns(own, linux.CLONE_NEWNET)
         except BaseException as err:  # noqa: BLE001 - handed to the caller
@@ -206,12 +202,28 @@ def _open_tap_in(netns: str, name: str) -> int:
             os.close(own)
             os.close(target)
 
-    thread = threading.Thread(target=worker, name=f"tap-{name}")
+    thread = threading.Thread(target=worker, name=what[:15])
     thread.start()
     thread.join()
     if "error" in result:
-        raise RuntimeFailure(f"creating tap {name} in {netns}: {result['error']}")
-    return int(result["fd"])
+        raise RuntimeFailure(f"{what} in {netns}: {result['error']}")
+    return result["value"]
+
+
+def _open_tap_in(netns: str, name: str) -> int:
+    """TUNSETIFF in `netns`, so the tap is created there."""
+
+    def open_tap() -> int:
+        fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
+        try:
+            ifr = struct.pack("16sH", name.encode(), IFF_TAP | IFF_NO_PI | IFF_VNET_HDR)
+            fcntl.ioctl(fd, TUNSETIFF, ifr)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    return call_in_netns(netns, f"creating tap {name}", open_tap)
 
 
 async def create_taps(network: PodNetwork) -> dict[str, int]:

@@ -38,7 +38,7 @@ import struct
 import sys
 from pathlib import Path
 
-from kuasar.common import hvsock, mounts
+from kuasar.common import guest_forward, hvsock, mounts
 from kuasar.common.api.containerd.runtime.task.v2 import shim_pb2 as task
 from kuasar.common.api.ttrpc import request_pb2
 from kuasar.common.errors import Code, InvalidArgument, KuasarError, RuntimeFailure
@@ -46,6 +46,7 @@ from kuasar.common.ids import validate_id
 from kuasar.common.state import write_atomic
 
 from . import hostfs
+from .portforward import PortForwarder
 from .spec import VOLUMES_DIR, rewrite_process, rewrite_spec
 
 log = logging.getLogger("kuasar.vmm.proxy")
@@ -270,8 +271,16 @@ async def serve(args: argparse.Namespace) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     log.info("relaying %s to guest port %d through %s", args.listen, args.port, args.uds)
+    forwarding = None
+    if args.netns:  # after the task socket is up: containerd's first task call need not wait for this
+        try:
+            forwarding = await PortForwarder(args.uds, args.forward_port).serve(args.netns)
+        except KuasarError as err:
+            log.warning("port forwarding to the guest unavailable: %s", err.message)
     async with server:
         await stop.wait()
+    if forwarding is not None:
+        forwarding.close()
     with contextlib.suppress(FileNotFoundError):
         os.unlink(args.listen)
 
@@ -283,6 +292,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--share", required=True, help="the VM's shared directory on the host")
     parser.add_argument("--guest-share", default="/run/kuasar/state", help="where the guest mounts it")
     parser.add_argument("--port", type=int, default=1024)
+    parser.add_argument("--netns", default="", help="the pod's network namespace, for port forwarding")
+    parser.add_argument("--forward-port", type=int, default=guest_forward.DEFAULT_PORT,
+                        help="the guest agent's vsock port for forwarded connections")
     parser.add_argument("--sandbox", default="", help="sandbox id (for ps and logs)")
     parser.add_argument("--log-level", default="info")
     args = parser.parse_args(argv)

@@ -51,7 +51,7 @@ from kuasar.common.sandboxer import LOST_EXIT_STATUS, ExitInfo, Sandboxer, Sandb
 from kuasar.common.task_server import self_command
 from kuasar.common.ttrpc import TtrpcClient
 
-from . import accel, hostfs, network
+from . import accel, hostfs, network, portforward
 from .config import VmmConfig, parse_config
 from .hypervisor import AGENT_PORT, GUEST_SHARE_DIR, NOTIFY_PORT, NicDevice, Vm, VmSpec, make_hypervisor
 from .procs import ExitWatch, ProcessRef, spawn, terminate
@@ -437,6 +437,8 @@ class VmmSandboxer(Sandboxer):
         argv = program + [
             "--listen", str(listen), "--uds", pod.uds, "--share", str(spec.share_dir),
             "--guest-share", GUEST_SHARE_DIR, "--sandbox", pod.id, "--log-level", self.daemon.log_level]
+        if pod.network is not None and pod.network.netns:
+            argv += ["--netns", pod.network.netns]
         proc = spawn(argv, pod.vm_dir / "proxy.log")
         pod.proxy = ProcessRef.of(proc.pid)
         pod.proxy_watch = ExitWatch(pod.proxy, proc)
@@ -550,7 +552,7 @@ class VmmSandboxer(Sandboxer):
         await terminate(pod.proxy, pod.proxy_watch, grace=1.0)
         await pod.vm.stop(timeout=0)
         if pod.network is not None:
-            await network.remove_redirects(pod.network)
+            await _undo_netns_setup(pod.network)
 
     async def _abort_start(self, record: SandboxRecord, pod: VmPod | None, vm: Vm | None,
                            net: network.PodNetwork | None, vm_dir: Path) -> None:
@@ -564,7 +566,7 @@ class VmmSandboxer(Sandboxer):
             elif vm is not None:
                 await vm.stop(timeout=0)
             if net is not None:
-                await network.remove_redirects(net)
+                await _undo_netns_setup(net)
             hostfs.remove_tree(vm_dir)
         except Exception:  # noqa: BLE001 - the start error is what matters
             log.exception("sandbox %s: cleaning up a failed start", record.id)
@@ -579,7 +581,13 @@ class VmmSandboxer(Sandboxer):
         if proxy is not None:
             await terminate(proxy, None, grace=0.5)
         if state.get("network"):
-            await network.remove_redirects(network.PodNetwork.from_json(state["network"]))
+            await _undo_netns_setup(network.PodNetwork.from_json(state["network"]))
+
+
+async def _undo_netns_setup(net: network.PodNetwork) -> None:
+    """What we added to the pod's netns (CRI deletes the netns itself): tc redirects, the port-forward rule."""
+    await network.remove_redirects(net)
+    await portforward.remove_redirect(net.netns)
 
 
 async def kill_strays(vm_dir: Path) -> None:
