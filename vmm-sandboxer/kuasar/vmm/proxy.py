@@ -22,6 +22,9 @@ vhost-device-vsock.
 
 It is a process of its own (one per VM, in its own session) so that containerd's task connections
 survive a restart of the sandboxer, as they would if containerd dialed the VMM's socket directly.
+
+With `--netns` it also serves `kubectl port-forward` into the guest (see portforward.py): those
+connections, too, then outlive a restart of the sandboxer.
 """
 
 from __future__ import annotations

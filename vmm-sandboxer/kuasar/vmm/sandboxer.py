@@ -6,7 +6,8 @@ Start of a pod (RunPodSandbox -> Controller.Start):
    resources/annotations within the configured bounds;
 2. the pod network (if CNI gave the pod a netns): a tap per veth, tc redirects (network.py);
 3. listen on `<uds>_1025`, then the driver starts vhost-device-vsock and QEMU in the netns;
-4. the task proxy (proxy.py) on `<vm dir>/task.vsock`, the address containerd gets;
+4. the task proxy (proxy.py) on `<vm dir>/task.vsock`, the address containerd gets; with a pod netns
+   it also carries CRI port-forward connections into the guest (portforward.py);
 5. the guest announces itself (`READY` on port 1025: no CONNECT polling during boot, which can wedge
    vhost-device-vsock), one hybrid-vsock connection to port 1024, `Agent/Check`, then
    `Agent/SetupSandbox` (hostname, hosts, resolv.conf, sysctls, interfaces, routes, the pod's shared
@@ -15,7 +16,8 @@ Start of a pod (RunPodSandbox -> Controller.Start):
    with task API version 3.
 
 Wait completes when QEMU exits for whatever reason (pidfd). Stop asks the agent to power off, then
-QMP `quit`, then SIGKILL; Shutdown removes processes, taps' redirects, mounts and files. Everything
+QMP `quit`, then SIGKILL; Shutdown removes processes, taps' redirects, the port-forward rule, mounts
+and files. Everything
 needed to find the VM again is persisted in the record, so a restarted sandboxer re-attaches.
 """
 
