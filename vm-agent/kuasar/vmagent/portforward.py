@@ -24,19 +24,13 @@ CONNECT_TIMEOUT = 5.0
 class PortForwardService:
     def __init__(self, host: str = "127.0.0.1") -> None:
         self.host = host
-        self.sessions: set[asyncio.Task[None]] = set()
 
     async def serve(self, listener: socket.socket) -> None:
-        listener.setblocking(False)
         server = await asyncio.start_server(self._session, sock=listener)
         async with server:
             await server.serve_forever()
 
     async def _session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        if task is not None:
-            self.sessions.add(task)
-            task.add_done_callback(self.sessions.discard)
         try:
             port = proto.parse_request(await proto.read_line(reader))
         except proto.ProtocolError as err:
@@ -45,22 +39,15 @@ class PortForwardService:
             return
         try:
             async with asyncio.timeout(CONNECT_TIMEOUT):
-                target = await asyncio.open_connection(self.host, port, limit=proto.RELAY_CHUNK)
+                target = await asyncio.open_connection(self.host, port)
         except (OSError, TimeoutError) as err:
             cause = os.strerror(err.errno) if isinstance(err, OSError) and err.errno else "timed out"
             reason = f"connect to {self.host}:{port} in the guest: {cause}"
             log.info("port forward: %s", reason)
             writer.write(proto.error_line(reason))
-            await _drain_and_close(writer)
+            writer.close()  # after what was written has gone out
             return
         writer.write(proto.OK_LINE)
         log.debug("port forward to %s:%d", self.host, port)
         await proto.relay((reader, writer), target)
 
-
-async def _drain_and_close(writer: asyncio.StreamWriter) -> None:
-    try:
-        await writer.drain()
-    except OSError:
-        pass
-    writer.close()

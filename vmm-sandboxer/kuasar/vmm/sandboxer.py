@@ -17,8 +17,8 @@ Start of a pod (RunPodSandbox -> Controller.Start):
 
 Wait completes when QEMU exits for whatever reason (pidfd). Stop asks the agent to power off, then
 QMP `quit`, then SIGKILL; Shutdown removes processes, taps' redirects, the port-forward rule, mounts
-and files. Everything
-needed to find the VM again is persisted in the record, so a restarted sandboxer re-attaches.
+and files. Everything needed to find the VM again is persisted in the record, so a restarted
+sandboxer re-attaches.
 """
 
 from __future__ import annotations
