@@ -14,6 +14,7 @@ import pytest
 from kuasar.common import linux, pod_holder
 from kuasar.common.errors import RuntimeFailure
 from kuasar.common.pod_holder import PodNamespaces, start_pod_holder
+from tests.support.userns import namespace_holder
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="namespaces need root")
 
@@ -90,6 +91,53 @@ def test_what_runs_meanwhile_runs_and_its_failure_leaves_no_process(holder_path:
     while [p for p in set(os.listdir("/proc")) - before if p.isdigit() and live_holder(p)]:
         assert time.monotonic() < deadline, "the pod process outlived the failure"
         time.sleep(0.02)
+
+
+def owner_of(pid: int | str, kind: str) -> str:
+    """The user namespace that owns `pid`'s namespace of `kind`."""
+    import fcntl
+
+    fd = os.open(f"/proc/{pid}/ns/{kind}", os.O_RDONLY)
+    try:
+        owner = fcntl.ioctl(fd, linux.NS_GET_USERNS)
+    finally:
+        os.close(fd)
+    try:
+        return os.readlink(f"/proc/self/fd/{owner}")
+    finally:
+        os.close(owner)
+
+
+@pytest.mark.parametrize("new_pid", [False, True])
+def test_with_userns_the_pod_joins_the_user_namespace_its_netns_was_made_in(holder_path: str, new_pid: bool) -> None:
+    """CRI's hostUsers: false: containerd makes the pod's netns inside the pod's user namespace; the pod
+    process enters that one, and the namespaces it makes belong to it (or containers could not use them)."""
+    with namespace_holder(host_id=300000) as made_in:
+        ns = PodNamespaces(netns_path=f"/proc/{made_in}/ns/net", new_pid=new_pid, userns=True)
+        pid = asyncio.run(start_pod_holder("userns0123456789", ns, "uns-host"))
+        try:
+            assert ns_of(pid, "user") == ns_of(made_in, "user") != ns_of("self", "user")
+            assert ns_of(pid, "net") == ns_of(made_in, "net")
+            for kind in ("ipc", "uts", *(["pid_for_children"] if new_pid else [])):
+                assert owner_of(pid, kind) == ns_of(made_in, "user"), kind
+            assert Path(f"/proc/{pid}/uid_map").read_text().split() == ["0", "300000", "65536"]
+        finally:
+            finish(pid)
+
+
+def test_userns_with_a_netns_of_the_hosts_user_namespace_is_refused(holder_path: str) -> None:
+    before = {p for p in os.listdir("/proc") if p.isdigit()}
+    with namespace_holder(user=False) as made_in:
+        ns = PodNamespaces(netns_path=f"/proc/{made_in}/ns/net", userns=True)
+        try:
+            pid = asyncio.run(start_pod_holder("hostuserns", ns))
+        except RuntimeFailure as exc:
+            assert "host's user namespace" in str(exc)
+        else:
+            finish(pid)
+            pytest.fail("a netns of the host's user namespace was taken for the pod's")
+    time.sleep(0.2)
+    assert [pid for pid in set(os.listdir("/proc")) - before if pid.isdigit() and live_holder(pid)] == []
 
 
 def live_holder(pid: str) -> bool:

@@ -78,3 +78,22 @@ def test_the_warmer_writes_the_pods_pid_into_every_hierarchy(tmp_path: Path,
 def test_a_failed_move_stops_the_pod() -> None:
     submitted, _pid, ended = _placement(PermissionError(13, "Permission denied"))
     assert submitted == 1 and ended == -9  # SIGKILL: the sandbox reports its exit, as a pod that never ran
+
+
+def test_a_user_namespaced_pod_without_a_netns_or_on_a_launcher_is_refused_before_anything_is_made() -> None:
+    """The task server's own guard (the sandboxer refuses these first): nothing to join, or a type whose
+    pods its launcher makes (gVisor's)."""
+    from kuasar.common.api.kuasar.pods.v1 import pods_pb2 as pb
+    from kuasar.common.errors import InvalidArgument
+
+    async def main() -> None:
+        plain = PodService(Reaper(), containers=None)  # type: ignore[arg-type]
+        with pytest.raises(InvalidArgument, match="needs a netns"):
+            await plain.create(pb.CreatePodRequest(id="u1", userns=True), None)  # type: ignore[arg-type]
+        launched = PodService(Reaper(), containers=None, launcher=object())  # type: ignore[arg-type]
+        with pytest.raises(InvalidArgument, match="cannot have their own user namespace"):
+            await launched.create(pb.CreatePodRequest(id="u2", userns=True, netns_path="/proc/self/ns/net"),
+                                  None)  # type: ignore[arg-type]
+        assert plain.pods == {} and launched.pods == {}
+
+    asyncio.run(main())

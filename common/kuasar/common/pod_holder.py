@@ -59,6 +59,9 @@ class PodNamespaces:
     new_ipc: bool = True
     new_uts: bool = True
     new_pid: bool = False  # a pod-wide PID namespace (shareProcessNamespace / NamespaceMode POD)
+    # Join the user namespace that owns netns_path first (CRI's hostUsers: false), so that the IPC, UTS
+    # and PID namespaces made next belong to it as well.
+    userns: bool = False
 
 
 async def start_pod_holder(name: str, namespaces: PodNamespaces, hostname: str = "",
@@ -89,6 +92,8 @@ async def _spawn_pause(pause: str, comm: str, ns: PodNamespaces, hostname: str,
     argv = [pause, "--setup"]
     if ns.netns_path:
         argv += ["--netns", ns.netns_path]
+        if ns.userns:
+            argv.append("--userns")
     if ns.new_ipc:
         argv.append("--ipc")
     if ns.new_uts:
@@ -188,6 +193,8 @@ def _child(name: str, ns: PodNamespaces, hostname: str, report_fd: int) -> None:
         os.setsid()
         if ns.netns_path:
             fd = os.open(ns.netns_path, os.O_RDONLY | os.O_CLOEXEC)
+            if ns.userns:
+                _join_owner_userns(fd)
             linux.setns(fd, linux.CLONE_NEWNET)
             os.close(fd)
         flags = (linux.CLONE_NEWIPC if ns.new_ipc else 0) | (linux.CLONE_NEWUTS if ns.new_uts else 0)
@@ -211,6 +218,19 @@ def _child(name: str, ns: PodNamespaces, hostname: str, report_fd: int) -> None:
             os.write(report_fd, f"!{exc}".encode()[:REPORT_MAX])
         finally:
             os._exit(1)
+
+
+def _join_owner_userns(netns_fd: int) -> None:
+    """What kuasar-pause's --userns does: enter the user namespace that owns the pod's netns."""
+    import fcntl
+
+    owner = fcntl.ioctl(netns_fd, linux.NS_GET_USERNS)
+    try:
+        if os.path.samestat(os.fstat(owner), os.stat("/proc/self/ns/user")):
+            raise RuntimeError("netns belongs to the host's user namespace, not the pod's")
+        linux.setns(owner, linux.CLONE_NEWUSER)
+    finally:
+        os.close(owner)
 
 
 def _host_pid() -> int:

@@ -108,6 +108,10 @@ class PodService:
             raise AlreadyExists(f"pod {req.id} already exists")
         if req.netns_path and not os.path.exists(req.netns_path):
             raise InvalidArgument(f"netns {req.netns_path} does not exist")
+        if req.userns and not req.netns_path:
+            raise InvalidArgument("a pod with its own user namespace needs a netns made in it")
+        if req.userns and self.launcher is not None:
+            raise InvalidArgument("this task server's pods cannot have their own user namespace")
         shm = None
         if req.shm_size:
             if self.directory is None:
@@ -139,7 +143,8 @@ class PodService:
                 # The mount is made while the new process enters its namespaces: ~0.1 ms alone, and
                 # 0.4 ms on a busy machine, on the path of the pod's Start.
                 pid = await start_pod_holder(req.id, PodNamespaces(req.netns_path, req.new_ipc, req.new_uts,
-                                                                   req.new_pid), req.hostname, meanwhile=mount_shm)
+                                                                   req.new_pid, req.userns),
+                                             req.hostname, meanwhile=mount_shm)
         except Exception:
             if shm is not None:
                 mounts.unmount_all(shm)

@@ -5,11 +5,13 @@
  * Usage:
  *   kuasar-pause [NAME]
  *       Already in the pod's namespaces: just hold them.
- *   kuasar-pause --setup [--netns PATH] [--ipc] [--uts] [--hostname NAME] [--pid] NAME
+ *   kuasar-pause --setup [--netns PATH [--userns]] [--ipc] [--uts] [--hostname NAME] [--pid] NAME
  *       The task server spawns us directly (posix_spawn: no fork of a Python heap, whose copy-on-write
- *       faults cost milliseconds on both sides): start a session, join the netns, unshare IPC/UTS
- *       (and PID, forking once so the child is PID 1), set the hostname, then write our host pid in
- *       decimal to stdout and close it. Any failure writes "!<what>: <error>" instead and exits 1.
+ *       faults cost milliseconds on both sides): start a session, join the netns (with --userns first
+ *       the user namespace that owns it, so that the namespaces made next belong to that one too),
+ *       unshare IPC/UTS (and PID, forking once so the child is PID 1), set the hostname, then write our
+ *       host pid in decimal to stdout and close it. Any failure writes "!<what>: <error>" instead and
+ *       exits 1.
  *
  * NAME (at most 15 bytes) becomes the process's comm. setup builds this file from the same tree as
  * kuasar.common.pod_holder, which calls it, so the two always agree on these arguments.
@@ -22,9 +24,16 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/ioctl.h>
 #include <sys/prctl.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
+
+/* <linux/nsfs.h>'s request, spelled here: musl's headers do not include the kernel's. */
+#ifndef NS_GET_USERNS
+#define NS_GET_USERNS _IO(0xb7, 0x1)
+#endif
 
 static void fail(const char *what) {
     char msg[256];
@@ -35,13 +44,32 @@ static void fail(const char *what) {
 }
 
 static void usage(void) {
-    fprintf(stderr, "usage: kuasar-pause [--setup [--netns PATH] [--ipc] [--uts] "
+    fprintf(stderr, "usage: kuasar-pause [--setup [--netns PATH [--userns]] [--ipc] [--uts] "
                     "[--hostname NAME] [--pid]] [NAME]\n");
     _exit(2);
 }
 
+/* Join the user namespace that owns the network namespace `netns_fd` (containerd makes a pod's netns
+ * inside the pod's user namespace, with its id mappings). Ours owning it means there is none to join. */
+static void join_owner_userns(int netns_fd) {
+    struct stat owner, own;
+    int fd = ioctl(netns_fd, NS_GET_USERNS);
+
+    if (fd < 0)
+        fail("netns owner");
+    if (fstat(fd, &owner) < 0 || stat("/proc/self/ns/user", &own) < 0)
+        fail("stat user namespace");
+    if (owner.st_ino == own.st_ino && owner.st_dev == own.st_dev) {
+        errno = EINVAL;
+        fail("netns belongs to the host's user namespace, not the pod's");
+    }
+    if (setns(fd, CLONE_NEWUSER) < 0)
+        fail("setns user");
+    close(fd);
+}
+
 /* Enter or make the pod's namespaces, report our host pid on stdout; returns in the pod process. */
-static void setup(const char *netns, int flags, const char *hostname, int new_pid) {
+static void setup(const char *netns, int userns, int flags, const char *hostname, int new_pid) {
     char self[32];
     ssize_t n;
     int fd;
@@ -52,6 +80,8 @@ static void setup(const char *netns, int flags, const char *hostname, int new_pi
         fd = open(netns, O_RDONLY | O_CLOEXEC);
         if (fd < 0)
             fail("open netns");
+        if (userns)
+            join_owner_userns(fd);
         if (setns(fd, CLONE_NEWNET) < 0)
             fail("setns net");
         close(fd);
@@ -105,7 +135,7 @@ static void sleep_forever(void) {
 
 int main(int argc, char **argv) {
     const char *netns = NULL, *hostname = NULL, *name = NULL;
-    int flags = 0, new_pid = 0, do_setup = 0;
+    int flags = 0, new_pid = 0, do_setup = 0, userns = 0;
 
     for (int i = 1; i < argc; i++) {
         if (strcmp(argv[i], "--setup") == 0)
@@ -114,6 +144,8 @@ int main(int argc, char **argv) {
             netns = argv[++i];
         else if (strcmp(argv[i], "--hostname") == 0 && i + 1 < argc)
             hostname = argv[++i];
+        else if (strcmp(argv[i], "--userns") == 0)
+            userns = 1;
         else if (strcmp(argv[i], "--ipc") == 0)
             flags |= CLONE_NEWIPC;
         else if (strcmp(argv[i], "--uts") == 0)
@@ -125,14 +157,14 @@ int main(int argc, char **argv) {
         else
             name = argv[i];
     }
-    if (!do_setup && (netns || hostname || flags || new_pid))
+    if ((!do_setup && (netns || hostname || flags || new_pid)) || (userns && netns == NULL))
         usage();
     if (new_pid)
         flags |= CLONE_NEWPID;
     if (name != NULL)
         prctl(PR_SET_NAME, name, 0, 0, 0);
     if (do_setup)
-        setup(netns, flags, hostname, new_pid);
+        setup(netns, userns, flags, hostname, new_pid);
     sleep_forever();
     return 0;
 }
