@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
-from collections.abc import Iterable
+import re
+import shutil
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Protocol
 
@@ -26,6 +29,14 @@ _FLAG_OPTIONS = {
 }
 # mount(2) takes at most one page of data; longer overlay lowerdir lists need another approach.
 MAX_MOUNT_DATA = 4095
+# containerd's own options, not the kernel's: its snapshotter's `remap-ids` for a container in a user
+# namespace (hostUsers: false) asks that the layers be seen through an id-mapped mount, as
+# "uidmap=<container>:<host>:<size>[,...]" and the same for gids.
+ID_MAP_OPTIONS = ("uidmap=", "gidmap=")
+# Where the id-mapped views of an overlay's lower layers are attached while the overlay is mounted on
+# them, beside the rootfs (overlayfs keeps its own clones of its layers' mounts, so they go right after).
+IDMAPPED_LAYERS = ".idmapped-layers"
+_PROC_USERNS = re.compile(r"/proc/(\d+)/ns/user")
 
 
 class MountLike(Protocol):
@@ -48,26 +59,125 @@ def parse_options(options: Iterable[str]) -> tuple[int, str]:
     return flags, joined
 
 
-def mount_rootfs(mounts: Iterable[MountLike], target: Path) -> None:
-    """Mount containerd's rootfs mounts onto `target` in order (normally one overlay)."""
+def split_id_maps(options: Iterable[str]) -> tuple[list[str], dict[str, str]]:
+    """The options without containerd's uidmap=/gidmap=, and those two by name ({} when absent)."""
+    rest, maps = [], {}
+    for option in options:
+        name = next((prefix for prefix in ID_MAP_OPTIONS if option.startswith(prefix)), None)
+        if name is None:
+            rest.append(option)
+        else:
+            maps[name[:-1]] = option[len(name):]
+    return rest, maps
+
+
+def parse_id_map(text: str) -> list[tuple[int, int, int]]:
+    """containerd's "<container>:<host>:<size>[,...]" as (container, host, size) triples."""
+    try:
+        triples = [tuple(int(part) for part in entry.split(":")) for entry in text.split(",")]
+    except ValueError:
+        triples = []
+    if not triples or any(len(t) != 3 or min(t) < 0 or t[2] == 0 for t in triples):
+        raise InvalidArgument(f"id map {text!r} is not <container>:<host>:<size>[,...]")
+    return sorted(triples)  # type: ignore[arg-type]
+
+
+def _check_userns_maps(userns: str, maps: dict[str, str]) -> None:
+    """The rootfs must be mapped as the container's user namespace maps ids, or its files would show
+    other owners inside than the processes that use them expect. Checked where /proc tells the maps."""
+    if set(maps) != {"uidmap", "gidmap"}:
+        raise InvalidArgument("rootfs id mapping needs both uidmap= and gidmap=")
+    match = _PROC_USERNS.fullmatch(userns)
+    for name in ("uidmap", "gidmap"):
+        wanted = parse_id_map(maps[name])
+        if match is None:
+            continue
+        try:
+            lines = Path(f"/proc/{match.group(1)}/{name[:3]}_map").read_text().split("\n")
+        except OSError as exc:
+            raise InvalidArgument(f"user namespace {userns}: {exc.strerror}") from None
+        actual = sorted(tuple(int(x) for x in line.split()) for line in lines if line.strip())
+        if actual != wanted:
+            raise InvalidArgument(f"rootfs {name} {maps[name]} is not how user namespace {userns} maps ids")
+
+
+@contextlib.contextmanager
+def _idmapped_layers(options: list[str], target: Path, userns_fd: int) -> Iterator[list[str]]:
+    """An overlay's options with each lowerdir replaced by an id-mapped view of it, attached under
+    IDMAPPED_LAYERS beside `target` for as long as the block runs (mount the overlay inside it)."""
+    index = next((i for i, option in enumerate(options) if option.startswith("lowerdir=")), None)
+    if index is None:
+        raise InvalidArgument("an id-mapped overlay needs a lowerdir= option")
+    work = target.parent / IDMAPPED_LAYERS
+    work.mkdir(mode=0o700, exist_ok=True)
+    attached: list[Path] = []
+    try:
+        views = []
+        for layer in options[index].removeprefix("lowerdir=").split(":"):
+            view = work / str(len(views))
+            view.mkdir(exist_ok=True)
+            linux.idmapped_bind(layer, str(view), userns_fd)
+            attached.append(view)
+            views.append(str(view))
+        yield [*options[:index], "lowerdir=" + ":".join(views), *options[index + 1:]]
+    finally:
+        for view in attached:
+            with contextlib.suppress(OSError):
+                linux.umount(str(view), linux.MNT_DETACH)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _mount_one(m: MountLike, target: Path, userns: str) -> None:
+    options, maps = split_id_maps(m.options)
+    if maps and not userns:
+        raise InvalidArgument("rootfs asks for id-mapped layers (uidmap=/gidmap=) but the container "
+                          "joins no user namespace")
+    if maps:
+        _check_userns_maps(userns, maps)
+        userns_fd = os.open(userns, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            if m.type == "overlay":
+                with _idmapped_layers(options, target, userns_fd) as mapped:
+                    flags, data = parse_options(mapped)
+                    linux.mount(m.source, str(target), m.type, flags, data)
+                return
+            flags, _ = parse_options(options)
+            if m.type != "bind" and not flags & linux.MS_BIND:
+                raise InvalidArgument(f"id-mapped {m.type} rootfs: only overlay and bind mounts can be mapped")
+            linux.idmapped_bind(m.source, str(target), userns_fd,
+                                linux.MOUNT_ATTR_RDONLY if flags & linux.MS_RDONLY else 0)
+        finally:
+            os.close(userns_fd)
+        return
+    flags, data = parse_options(options)
+    fstype = "" if flags & linux.MS_BIND else m.type
+    if m.type == "bind":
+        flags |= linux.MS_BIND
+        fstype = ""
+    linux.mount(m.source, str(target), fstype, flags & ~linux.MS_RDONLY if flags & linux.MS_BIND else flags, data)
+    if flags & linux.MS_BIND and flags & linux.MS_RDONLY:
+        try:
+            linux.mount("", str(target), "", flags | linux.MS_REMOUNT)
+        except OSError:
+            unmount_all(target)
+            raise
+
+
+def mount_rootfs(mounts: Iterable[MountLike], target: Path, userns: str = "") -> None:
+    """Mount containerd's rootfs mounts onto `target` in order (normally one overlay). `userns` is the
+    user namespace the container joins (a path), which layers marked uidmap=/gidmap= are mapped by."""
     target.mkdir(parents=True, exist_ok=True)
-    done: list[str] = []
+    done = 0
     try:
         for m in mounts:
-            flags, data = parse_options(m.options)
-            fstype = "" if flags & linux.MS_BIND else m.type
-            if m.type == "bind":
-                flags |= linux.MS_BIND
-                fstype = ""
-            linux.mount(m.source, str(target), fstype, flags & ~linux.MS_RDONLY if flags & linux.MS_BIND
-                        else flags, data)
-            done.append(str(target))
-            if flags & linux.MS_BIND and flags & linux.MS_RDONLY:
-                linux.mount("", str(target), "", flags | linux.MS_REMOUNT)
-    except OSError as exc:
-        for path in reversed(done):
-            unmount_all(Path(path))
-        raise RuntimeFailure(f"mounting rootfs on {target}: {exc}") from None
+            _mount_one(m, target, userns)
+            done += 1
+    except (OSError, InvalidArgument) as exc:
+        if done:
+            unmount_all(target)  # every layer stacked so far
+        if isinstance(exc, OSError):
+            raise RuntimeFailure(f"mounting rootfs on {target}: {exc}") from None
+        raise
 
 
 def unmount_all(target: Path) -> None:

@@ -33,6 +33,12 @@ from kuasar.common.ttrpc import Context
 log = logging.getLogger(__name__)
 
 
+def user_namespace_path(spec: dict) -> str:
+    """The user namespace a container joins (CRI's hostUsers: false: its pod's), "" for none."""
+    namespaces = (spec.get("linux") or {}).get("namespaces") or []
+    return next((ns.get("path") or "" for ns in namespaces if ns.get("type") == "user"), "")
+
+
 @dataclass
 class Container(RuncContainer):
     """runc-sandboxer keeps a container's files in containerd's bundle, and knows its pod."""
@@ -77,7 +83,7 @@ class RuncTasks(RuncContainerTasks):
             container = Container(req.id, bundle, bundle, ctx.namespace or bundle_namespace(bundle),
                                   RuncProcess("", io), pod_id=pod_id)
             if req.rootfs:
-                mounts.mount_rootfs(req.rootfs, bundle / "rootfs")
+                mounts.mount_rootfs(req.rootfs, bundle / "rootfs", user_namespace_path(spec))
                 container.rootfs_mounted = True
             try:
                 rewrite_container_spec(bundle, spec, pod_dir(self.directory, pod_id) if pod_id else None)
