@@ -10,7 +10,7 @@ import socket
 import struct
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +64,54 @@ async def wait_log(pod: cri.PodSandboxConfig, name: str, needle: str, timeout: f
             raise AssertionError(f"{needle!r} not in log of {name}: {text!r}")
         await asyncio.sleep(0.05)
     return text
+
+
+async def run_userns_pod(client: CriClient, name: str, log_root: Path, handler: str, host_id: int,
+                         **kwargs) -> tuple[str, cri.PodSandboxConfig]:
+    """RunPodSandbox of a pod with its own user namespace, as kubelet asks for `hostUsers: false`:
+    ids 0..65535 inside are host_id.. outside."""
+    uid = uuid.uuid4().hex[:12]
+    config = pod_config(name, uid=uid, log_directory=str(log_root / f"{name}-{uid}"), **kwargs)
+    ids = cri.IDMapping(host_id=host_id, container_id=0, length=65536)
+    config.linux.security_context.namespace_options.userns_options.CopyFrom(
+        cri.UserNamespace(mode=cri.POD, uids=[ids], gids=[ids]))
+    response = await client.run_pod_sandbox(config, runtime_handler=handler)
+    return response.pod_sandbox_id, config
+
+
+async def check_user_namespace_refused(address: str, handler: str, log_dir: Path, sandbox_type: str) -> None:
+    """A type whose containers cannot enter a pod's user namespace says so at RunPodSandbox."""
+    import grpc
+
+    async with CriClient(address) as client:
+        try:
+            pod_id, _ = await run_userns_pod(client, "userns", log_dir, handler, 500000, host_network=False)
+        except grpc.aio.AioRpcError as exc:
+            assert f"not supported by the {sandbox_type} sandboxer" in (exc.details() or ""), exc.details()
+            assert "hostUsers: false" in (exc.details() or "")
+        else:
+            await remove_pod(client, pod_id)
+            raise AssertionError(f"{handler} ran a pod with its own user namespace")
+        listed = await client.list_pod_sandbox()
+        assert [p for p in listed.items if p.metadata.name == "userns"] == [], "no pod is left of it"
+
+
+@contextlib.contextmanager
+def traversable(path: Path) -> Iterator[None]:
+    """Let every user through `path`'s ancestors (o+x) while the block runs, as containerd's own state
+    directories are (/run/containerd is 0711): a user-namespaced container's root is an unprivileged
+    host uid, and runc, entered in that namespace, must reach the rootfs under the bundle."""
+    changed = []
+    for directory in [path, *path.parents]:
+        mode = directory.stat().st_mode & 0o7777
+        if not mode & 0o001:
+            directory.chmod(mode | 0o001)
+            changed.append((directory, mode))
+    try:
+        yield
+    finally:
+        for directory, mode in changed:
+            directory.chmod(mode)
 
 
 async def remove_pod(client: CriClient, pod_id: str) -> None:

@@ -30,6 +30,7 @@ from .cri_helpers import (
     cgroups_named,
     check_pod_files,
     check_port_forward,
+    check_user_namespace_refused,
     log_text,
     mounts_containing,
     remove_pod,
@@ -389,3 +390,8 @@ def test_a_sandbox_killed_from_outside_ends_the_pod_and_its_containers(gvisor: S
 
     gvisor.run(scenario())
     assert_nothing_left(gvisor)
+
+
+def test_a_pod_with_its_own_user_namespace_is_refused_at_run_pod_sandbox(gvisor: Stack) -> None:
+    """Our gVisor sandbox is not made in the pod's user namespace, so its containers could not be."""
+    gvisor.run(check_user_namespace_refused(gvisor.address, HANDLER, gvisor.log_dir, "quark(runsc)"))

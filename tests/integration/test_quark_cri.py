@@ -24,6 +24,7 @@ from kuasar.common.cri_client import CriClient
 
 from . import test_gvisor_cri as gv
 from .conftest import Stack, integration_skip_reason
+from .cri_helpers import check_user_namespace_refused
 
 pytestmark = pytest.mark.integration
 
@@ -204,3 +205,7 @@ def test_sandboxer_sigkill_and_restart_reattaches_to_the_quark_daemon(quark: Sta
             assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
 
     quark.run(after())
+
+
+def test_a_pod_with_its_own_user_namespace_is_refused_at_run_pod_sandbox(quark: Stack) -> None:
+    quark.run(check_user_namespace_refused(quark.address, HANDLER, quark.log_dir, "quark"))

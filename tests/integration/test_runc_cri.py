@@ -28,9 +28,11 @@ from .cri_helpers import (
     pod_processes,
     remove_pod,
     run_pod,
+    run_userns_pod,
     start_container,
     task_server_pid,
     terminal_exec,
+    traversable,
     wait_log,
     wait_state,
 )
@@ -217,6 +219,43 @@ def test_two_pods_side_by_side_have_their_own_namespaces(stack: Stack) -> None:
 
 def test_port_forward_reaches_a_server_in_the_pods_network(stack: Stack) -> None:
     stack.run(check_port_forward(stack.address, HANDLER, stack.log_dir))
+
+
+def test_a_pod_with_its_own_user_namespace_maps_its_containers_ids(stack: Stack) -> None:
+    """kubelet's `hostUsers: false`: the pod process enters the user namespace containerd made the pod's
+    netns in, its containers join it (their spec names the pod process's), and their image layers are
+    mounted id-mapped, so root inside is an unprivileged host uid that still owns the image's files."""
+    import psutil
+
+    host_id = 600000
+
+    async def scenario() -> None:
+        async with CriClient(stack.address) as client:
+            pod_id, pod = await run_userns_pod(client, "userns", stack.log_dir, HANDLER, host_id,
+                                               host_network=False, hostname="uns-pod")
+            holder = next(p for p in pod_processes() if p.name() == f"pod-{pod_id[:11]}")
+            cid = await start_container(client, pod_id, pod, "main", ["sleep", "3600"])
+            await wait_state(client, cid, cri.CONTAINER_RUNNING)
+            script = ("cat /proc/self/uid_map /proc/self/gid_map; id -u; hostname; stat -c %u /bin/busybox; "
+                      "touch /made-here && stat -c %u /made-here")
+            seen = await client.exec_sync(cid, ["sh", "-c", script], timeout=20)
+            assert seen.exit_code == 0, seen.stderr
+            lines = seen.stdout.decode().splitlines()
+            assert [line.split() for line in lines[:2]] == [["0", str(host_id), "65536"]] * 2
+            assert lines[2:] == ["0", "uns-pod", "0", "0"]
+            sleepers = [p for p in psutil.process_iter(["name", "uids"])
+                        if p.info["name"] == "sleep" and p.info["uids"].real == host_id]
+            assert len(sleepers) == 1, "the container runs as the pod's mapped root on the host"
+            pod_userns = os.readlink(f"/proc/{holder.pid}/ns/user")
+            assert os.readlink(f"/proc/{sleepers[0].pid}/ns/user") == pod_userns != os.readlink("/proc/self/ns/user")
+            await remove_pod(client, pod_id)
+            # Kubernetes refuses hostNetwork with hostUsers: false; a pod asking anyway gets a clear error.
+            with pytest.raises(grpc.aio.AioRpcError, match="needs its own network namespace"):
+                await run_userns_pod(client, "userns-hostnet", stack.log_dir, HANDLER, host_id, host_network=True)
+
+    with traversable(stack.containerd.state_dir):
+        stack.run(scenario())
+    assert_nothing_left(stack)
 
 
 def test_pod_stop_kills_containers_and_remove_leaves_nothing(stack: Stack) -> None:

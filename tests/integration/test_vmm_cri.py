@@ -41,7 +41,7 @@ from tests.support import containerd as cd
 from tests.support import images
 
 from .conftest import integration_skip_reason, start_sandboxer, stop_process
-from .cri_helpers import forward_once, wait_log, wait_state
+from .cri_helpers import check_user_namespace_refused, forward_once, wait_log, wait_state
 
 pytestmark = pytest.mark.integration
 
@@ -390,3 +390,8 @@ def test_sandboxer_restart_then_vm_killed_from_outside(stack: VmStack) -> None:
             assert_nothing_left(stack, pod_id, pids)
 
     asyncio.run(scenario())
+
+
+def test_a_pod_with_its_own_user_namespace_is_refused_at_run_pod_sandbox(stack: VmStack) -> None:
+    """The VM is the pod's isolation; its guest maps no ids. Refused before any VM is started."""
+    asyncio.run(check_user_namespace_refused(stack.address, HANDLER, stack.log_dir, "vmm"))

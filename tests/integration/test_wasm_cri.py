@@ -30,6 +30,7 @@ from .cri_helpers import (
     STDIN,
     cgroups_named,
     channel_messages,
+    check_user_namespace_refused,
     children_of,
     exec_over_websocket,
     mounts_containing,
@@ -489,3 +490,8 @@ def test_sandboxer_sigkill_and_restart_keeps_wasm_containers_running(stack: Stac
     asyncio.run(after())
     assert task_server_pid(stack.sandboxer_dir) == server, "a second task server was started"
     assert_nothing_left(stack)
+
+
+def test_a_pod_with_its_own_user_namespace_is_refused_at_run_pod_sandbox(stack: Stack) -> None:
+    """Modules run in processes of the task server, which cannot enter a pod's user namespace."""
+    asyncio.run(check_user_namespace_refused(stack.address, WASM_HANDLER, stack.log_dir, "wasm"))

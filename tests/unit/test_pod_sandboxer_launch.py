@@ -14,8 +14,8 @@ from kuasar.common.api.kuasar.pods.v1 import pods_pb2 as pods
 from kuasar.common.api.runtime.v1 import api_pb2 as cri
 from kuasar.common.config import DaemonConfig
 from kuasar.common.controller import new_record
-from kuasar.common.errors import AlreadyExists, InvalidArgument
-from kuasar.common.pod_sandboxer import PodSandboxer
+from kuasar.common.errors import AlreadyExists, InvalidArgument, Unimplemented
+from kuasar.common.pod_sandboxer import PodSandboxer, wants_user_namespace
 from kuasar.common.sandboxer import SandboxRecord
 from kuasar.common.task_server import TaskServerLaunch, TaskServerSettings
 
@@ -43,18 +43,25 @@ class FakeTaskServer:
         return await self.begin_call(method, request, response_type, timeout)
 
 
-def make(tmp_path: Path, pod_files: bool = True) -> tuple[PodSandboxer, FakeTaskServer]:
+def make(tmp_path: Path, pod_files: bool = True, user_namespaces: bool = False) -> tuple[PodSandboxer, FakeTaskServer]:
     launch = TaskServerLaunch("kuasar.runc.task_server_main", "runc-task-server", TaskServerSettings(str(tmp_path)))
-    sandboxer = PodSandboxer(DaemonConfig(listen=tmp_path / "s.sock", dir=tmp_path), launch, pod_files=pod_files)
+    sandboxer = PodSandboxer(DaemonConfig(listen=tmp_path / "s.sock", dir=tmp_path), launch, pod_files=pod_files,
+                             user_namespaces=user_namespaces)
     fake = FakeTaskServer()
     sandboxer.task_server = fake  # type: ignore[assignment]
     return sandboxer, fake
 
 
-def record(sandbox_id: str, hostname: str = "web", cgroup_parent: str = "") -> SandboxRecord:
+def record(sandbox_id: str, hostname: str = "web", cgroup_parent: str = "", userns: int | None = None,
+           netns: str = "") -> SandboxRecord:
+    """With `userns` (a NamespaceMode), the pod config carries CRI's userns_options in that mode."""
     config = cri.PodSandboxConfig(hostname=hostname)
     config.linux.cgroup_parent = cgroup_parent
-    return new_record(sandbox_id, "runc", "", config.SerializeToString(), {}, {}, {})
+    if userns is not None:
+        ids = cri.IDMapping(host_id=65536, container_id=0, length=65536)
+        config.linux.security_context.namespace_options.userns_options.CopyFrom(
+            cri.UserNamespace(mode=userns, uids=[ids], gids=[ids]))
+    return new_record(sandbox_id, "runc", netns, config.SerializeToString(), {}, {}, {})
 
 
 def test_create_writes_the_pod_request_before_it_returns_and_start_collects_the_pid(tmp_path: Path) -> None:
@@ -114,5 +121,42 @@ def test_a_type_without_pod_files_leaves_the_pod_directory_to_its_task_server(
         fake.replies["Create"].set_result(pods.CreatePodResponse(pid=9))
         assert (await sandboxer.start(rec)).pid == 9
         assert not (tmp_path / "pods").exists()
+
+    asyncio.run(main())
+
+
+def test_a_user_namespace_is_asked_for_only_by_userns_options_in_mode_pod() -> None:
+    def config(mode: int | None) -> cri.PodSandboxConfig:
+        pod = cri.PodSandboxConfig()
+        pod.ParseFromString(record("u" * 64, userns=mode).pod_config_bytes)
+        return pod
+
+    # Unset options read as mode POD (the enum's zero): only their presence counts.
+    assert [wants_user_namespace(config(m)) for m in (None, cri.NODE, cri.POD)] == [False, False, True]
+
+
+def test_a_user_namespaced_pod_joins_its_netns_owner_where_the_type_supports_it(tmp_path: Path) -> None:
+    async def main() -> None:
+        sandboxer, fake = make(tmp_path, user_namespaces=True)
+        await sandboxer.create(record("e" * 64, userns=cri.POD, netns="/var/run/netns/cni-1"))
+        await sandboxer.create(record("f" * 64, userns=cri.NODE, netns="/var/run/netns/cni-2"))
+        assert [(r.netns_path, r.userns) for _, r in fake.sent] == [
+            ("/var/run/netns/cni-1", True), ("/var/run/netns/cni-2", False)]
+        # containerd makes the pod's netns inside its user namespace: without one there is nothing to join.
+        with pytest.raises(InvalidArgument, match="needs its own network namespace"):
+            await sandboxer.create(record("g" * 64, userns=cri.POD))
+        assert len(fake.sent) == 2
+
+    asyncio.run(main())
+
+
+def test_a_type_whose_containers_cannot_enter_it_refuses_a_user_namespace(tmp_path: Path) -> None:
+    async def main() -> None:
+        sandboxer, fake = make(tmp_path, user_namespaces=False)
+        with pytest.raises(Unimplemented, match="hostUsers: false"):
+            await sandboxer.create(record("h" * 64, userns=cri.POD, netns="/var/run/netns/cni-3"))
+        assert fake.sent == [] and not (tmp_path / "pods").exists()
+        await sandboxer.create(record("i" * 64, userns=cri.NODE, netns="/var/run/netns/cni-4"))
+        assert len(fake.sent) == 1
 
     asyncio.run(main())

@@ -19,7 +19,7 @@ from . import cgroups
 from .api.kuasar.pods.v1 import pods_pb2 as pods
 from .api.runtime.v1 import api_pb2 as cri
 from .config import DaemonConfig
-from .errors import AlreadyExists, InvalidArgument, NotFound
+from .errors import AlreadyExists, InvalidArgument, NotFound, Unimplemented
 from .pod_files import SHM, check_names, pod_dir, pod_file_contents, write_pod_files
 from .sandboxer import LOST_EXIT_STATUS, ExitInfo, Sandboxer, SandboxRecord, SandboxState, StartResult
 from .task_server import TaskServerHandle, TaskServerLaunch
@@ -36,6 +36,21 @@ def decode_pod_config(record: SandboxRecord) -> cri.PodSandboxConfig:
     return config
 
 
+def wants_user_namespace(config: cri.PodSandboxConfig) -> bool:
+    """Whether CRI asks for a pod-level user namespace (kubelet's `hostUsers: false`). An unset
+    userns_options reads as mode POD (the enum's zero), so its presence is what says it."""
+    ns = config.linux.security_context.namespace_options
+    return ns.HasField("userns_options") and ns.userns_options.mode == cri.POD
+
+
+def refuse_user_namespace(config: cri.PodSandboxConfig, sandbox_type: str) -> None:
+    """For types whose containers cannot enter a pod's user namespace: say so at RunPodSandbox rather
+    than let every container of the pod fail, or run in the host's user namespace."""
+    if wants_user_namespace(config):
+        raise Unimplemented(f"pods with their own user namespace (hostUsers: false) are not supported "
+                            f"by the {sandbox_type} sandboxer")
+
+
 def pod_names(config: cri.PodSandboxConfig) -> tuple[str, tuple[list[str], list[str], list[str]] | None]:
     """The pod's hostname and CRI DNSConfig (servers, searches, options), or None without one."""
     dns = config.dns_config
@@ -49,7 +64,7 @@ def pod_request(record: SandboxRecord, config: cri.PodSandboxConfig, shm_size: i
     ns = config.linux.security_context.namespace_options
     host_network = ns.network == cri.NODE or not record.netns_path
     return pods.CreatePodRequest(
-        id=record.id, netns_path=record.netns_path,
+        id=record.id, netns_path=record.netns_path, userns=wants_user_namespace(config),
         new_ipc=ns.ipc != cri.NODE,
         new_uts=not host_network,
         new_pid=ns.pid == cri.POD,
@@ -60,8 +75,10 @@ def pod_request(record: SandboxRecord, config: cri.PodSandboxConfig, shm_size: i
 
 class PodSandboxer(Sandboxer):
     def __init__(self, config: DaemonConfig, task_server: TaskServerLaunch, pod_shm_size: int = 0,
-                 pod_files: bool = False) -> None:
+                 pod_files: bool = False, user_namespaces: bool = False) -> None:
         self.config = config
+        # Whether the type's containers can join a pod's user namespace (runc's, through their spec).
+        self.user_namespaces = user_namespaces
         self.pod_shm_size = pod_shm_size  # bytes of each pod's /dev/shm, for types whose containers see one
         # Whether the type's containers mount the pod's /etc/hostname, hosts and resolv.conf (pod_files):
         # only then are they written, into the pod's directory, which other types may use for themselves.
@@ -87,6 +104,13 @@ class PodSandboxer(Sandboxer):
         # Reject garbage before anything is made; the host's files are read only for a type that uses them.
         config = decode_pod_config(record)
         cgroups.pod_parent_path(config.linux.cgroup_parent)  # a malformed slice name is refused now
+        if not self.user_namespaces:
+            refuse_user_namespace(config, self.name)
+        elif wants_user_namespace(config) and not record.netns_path:
+            # containerd makes a user-namespaced pod's netns inside its user namespace; the pod joins
+            # that one, so a pod without a netns of its own has none to join (Kubernetes refuses
+            # hostNetwork with hostUsers: false for the same reason).
+            raise InvalidArgument("a pod with its own user namespace needs its own network namespace")
         names = pod_names(config)
         files = pod_file_contents(*names) if self.pod_files else None
         if files is None:

@@ -37,7 +37,7 @@ from google.protobuf import any_pb2
 from kuasar.common import cgroups
 from kuasar.common.config import DaemonConfig
 from kuasar.common.errors import FailedPrecondition, InvalidArgument, RuntimeFailure
-from kuasar.common.pod_sandboxer import decode_pod_config
+from kuasar.common.pod_sandboxer import decode_pod_config, refuse_user_namespace
 from kuasar.common.sandboxer import ExitInfo, Sandboxer, SandboxRecord, StartResult
 from kuasar.common.state import write_atomic
 
@@ -126,6 +126,7 @@ class QuarkSandboxer(Sandboxer):
         if len(str(socket)) > SOCKET_PATH_MAX:
             raise InvalidArgument(f"task socket {socket} is longer than {SOCKET_PATH_MAX} bytes; use a shorter --dir")
         config = decode_pod_config(record)
+        refuse_user_namespace(config, self.name)
         bundle = self.base(record) / "sandbox"
         (bundle / "rootfs" / "dev").mkdir(parents=True, exist_ok=True)
         os.chmod(self.base(record), 0o700)

@@ -19,5 +19,6 @@ class RuncSandboxer(PodSandboxer):
         section = config.section("runc")
         settings = TaskServerSettings(str(config.dir), config.events_address, config.log_level,
                                       {"runc": str(section.get("binary", "runc"))})
+        # runc containers join the pod's user namespace through the spec containerd writes for them.
         super().__init__(config, TaskServerLaunch(TASK_SERVER_MODULE, TASK_SERVER_PROGRAM, settings), POD_SHM_SIZE,
-                         pod_files=True)
+                         pod_files=True, user_namespaces=True)

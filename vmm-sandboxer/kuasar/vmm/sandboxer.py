@@ -48,7 +48,7 @@ from kuasar.common.api.runtime.v1 import api_pb2 as cri
 from kuasar.common.config import DaemonConfig
 from kuasar.common.errors import InvalidArgument, KuasarError, RuntimeFailure
 from kuasar.common.events import EventPublisher
-from kuasar.common.pod_sandboxer import decode_pod_config
+from kuasar.common.pod_sandboxer import decode_pod_config, refuse_user_namespace
 from kuasar.common.sandboxer import LOST_EXIT_STATUS, ExitInfo, Sandboxer, SandboxRecord, SandboxState, StartResult
 from kuasar.common.task_server import self_command
 from kuasar.common.ttrpc import TtrpcClient
@@ -195,6 +195,7 @@ class VmmSandboxer(Sandboxer):
     # -- Sandbox API -------------------------------------------------------------------------------
     async def create(self, record: SandboxRecord) -> None:
         pod = decode_pod_config(record)
+        refuse_user_namespace(pod, self.name)  # the VM is the pod's isolation; the guest has no id mapping
         network.validate_netns(record.netns_path)
         vm_resources(self.config, pod)  # annotations are checked now, not at start
         cgroups.pod_parent_path(pod.linux.cgroup_parent)  # so is a slice name
