@@ -91,6 +91,10 @@ def test_maps_other_than_the_user_namespaces_or_no_user_namespace_are_refused_an
     with namespace_holder(host_id=HOST_ID + 65536, net=False) as pid:
         with pytest.raises(InvalidArgument, match="is not how user namespace"):
             mounts.mount_rootfs([m], rootfs, f"/proc/{pid}/ns/user")
+    with namespace_holder(host_id=HOST_ID, net=False) as pid:
+        tmpfs = SimpleNamespace(type="tmpfs", source="tmpfs", options=MAPS)
+        with pytest.raises(InvalidArgument, match="only overlay and bind"):
+            mounts.mount_rootfs([tmpfs], rootfs, f"/proc/{pid}/ns/user")
     half = SimpleNamespace(type="overlay", source="overlay", options=[o for o in m.options if "gidmap" not in o])
     with pytest.raises(InvalidArgument, match="both uidmap= and gidmap="):
         mounts.mount_rootfs([half], rootfs, "/proc/self/ns/user")

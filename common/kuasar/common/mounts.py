@@ -129,25 +129,8 @@ def _idmapped_layers(options: list[str], target: Path, userns_fd: int) -> Iterat
 
 def _mount_one(m: MountLike, target: Path, userns: str) -> None:
     options, maps = split_id_maps(m.options)
-    if maps and not userns:
-        raise InvalidArgument("rootfs asks for id-mapped layers (uidmap=/gidmap=) but the container "
-                          "joins no user namespace")
     if maps:
-        _check_userns_maps(userns, maps)
-        userns_fd = os.open(userns, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            if m.type == "overlay":
-                with _idmapped_layers(options, target, userns_fd) as mapped:
-                    flags, data = parse_options(mapped)
-                    linux.mount(m.source, str(target), m.type, flags, data)
-                return
-            flags, _ = parse_options(options)
-            if m.type != "bind" and not flags & linux.MS_BIND:
-                raise InvalidArgument(f"id-mapped {m.type} rootfs: only overlay and bind mounts can be mapped")
-            linux.idmapped_bind(m.source, str(target), userns_fd,
-                                linux.MOUNT_ATTR_RDONLY if flags & linux.MS_RDONLY else 0)
-        finally:
-            os.close(userns_fd)
+        _mount_idmapped(m, options, maps, target, userns)
         return
     flags, data = parse_options(options)
     fstype = "" if flags & linux.MS_BIND else m.type
@@ -161,6 +144,29 @@ def _mount_one(m: MountLike, target: Path, userns: str) -> None:
         except OSError:
             unmount_all(target)
             raise
+
+
+def _mount_idmapped(m: MountLike, options: list[str], maps: dict[str, str], target: Path, userns: str) -> None:
+    """An overlay on id-mapped views of its lower layers (its upper dir is the snapshotter's, already
+    owned by the mapped root), or a bind mount that is id-mapped itself."""
+    if not userns:
+        raise InvalidArgument("rootfs asks for id-mapped layers (uidmap=/gidmap=) but the container "
+                              "joins no user namespace")
+    _check_userns_maps(userns, maps)
+    flags, _ = parse_options(options)
+    if m.type != "overlay" and m.type != "bind" and not flags & linux.MS_BIND:
+        raise InvalidArgument(f"id-mapped {m.type} rootfs: only overlay and bind mounts can be mapped")
+    userns_fd = os.open(userns, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        if m.type == "overlay":
+            with _idmapped_layers(options, target, userns_fd) as mapped:
+                flags, data = parse_options(mapped)
+                linux.mount(m.source, str(target), m.type, flags, data)
+        else:
+            linux.idmapped_bind(m.source, str(target), userns_fd,
+                                linux.MOUNT_ATTR_RDONLY if flags & linux.MS_RDONLY else 0)
+    finally:
+        os.close(userns_fd)
 
 
 def mount_rootfs(mounts: Iterable[MountLike], target: Path, userns: str = "") -> None:
