@@ -217,6 +217,40 @@ def test_two_pods_side_by_side_have_their_own_namespaces(stack: Stack) -> None:
     stack.run(scenario())
 
 
+def test_pod_sysctls_and_containerds_defaults_are_set_in_the_pods_namespaces(stack: Stack) -> None:
+    """As containerd's own sandbox sets them on its pause container: the pod's sysctls, and for a pod
+    with its own network unprivileged low ports and ICMP sockets; the host keeps its values."""
+    keys = ("net.ipv4.ip_local_port_range", "kernel.shm_rmid_forced", "net.ipv4.ip_unprivileged_port_start",
+            "net.ipv4.ping_group_range")
+    host = {key: Path("/proc/sys", key.replace(".", "/")).read_text().split() for key in keys}
+
+    async def scenario() -> None:
+        async with CriClient(stack.address) as client:
+            uid = uuid.uuid4().hex[:12]
+            config = pod_config("sysctls", uid=uid, log_directory=str(stack.log_dir / f"sysctls-{uid}"),
+                                host_network=False)
+            config.linux.sysctls.update({"net.ipv4.ip_local_port_range": "40000 41000",
+                                         "kernel.shm_rmid_forced": "1"})
+            pod_id = (await client.run_pod_sandbox(config, runtime_handler=HANDLER)).pod_sandbox_id
+            cid = await start_container(client, pod_id, config, "main", ["sleep", "3600"])
+            await wait_state(client, cid, cri.CONTAINER_RUNNING)
+            paths = " ".join(str(Path("/proc/sys", key.replace(".", "/"))) for key in keys)
+            seen = await client.exec_sync(cid, ["sh", "-c", f"for f in {paths}; do echo $(cat $f); done"], timeout=20)
+            assert seen.exit_code == 0, seen.stderr
+            assert [line.split() for line in seen.stdout.decode().splitlines()] == [
+                ["40000", "41000"], ["1"], ["0"], ["0", "2147483647"]]
+            await remove_pod(client, pod_id)
+            # A sysctl the pod's namespaces do not scope is refused before anything is made.
+            config.metadata.uid = uuid.uuid4().hex[:12]
+            config.linux.sysctls["vm.swappiness"] = "1"
+            with pytest.raises(grpc.aio.AioRpcError, match="vm.swappiness is not scoped"):
+                await client.run_pod_sandbox(config, runtime_handler=HANDLER)
+
+    stack.run(scenario())
+    assert {key: Path("/proc/sys", key.replace(".", "/")).read_text().split() for key in keys} == host
+    assert_nothing_left(stack)
+
+
 def test_port_forward_reaches_a_server_in_the_pods_network(stack: Stack) -> None:
     stack.run(check_port_forward(stack.address, HANDLER, stack.log_dir))
 

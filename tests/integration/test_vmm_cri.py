@@ -276,7 +276,8 @@ def test_vm_pod_with_network_two_containers_exec_and_cleanup(stack: VmStack) -> 
             t1 = time.monotonic()
             hello = await start(client, pod_id, pod, "hello",
                                 ["sh", "-c", "echo hello from $(hostname); ip -o -4 addr show eth0; cat /in/greeting; "
-                                             "echo written-in-the-vm > /out/result; echo to-stderr >&2; exit 3"],
+                                             "echo low ports from $(cat /proc/sys/net/ipv4/ip_unprivileged_port_start);"
+                                             " echo written-in-the-vm > /out/result; echo to-stderr >&2; exit 3"],
                                 mounts=[cri.Mount(container_path="/in", host_path=str(volume_in), readonly=True),
                                         cri.Mount(container_path="/out", host_path=str(volume_out))])
             exited = await wait_state(client, hello, cri.CONTAINER_EXITED, timeout=TIMEOUT)
@@ -286,6 +287,7 @@ def test_vm_pod_with_network_two_containers_exec_and_cleanup(stack: VmStack) -> 
             assert "hello from vmpod" in text, text
             assert f"inet {pod_ip}/16" in text, text
             assert "from-a-host-volume" in text, text
+            assert "low ports from 0" in text, "containerd's default sysctls reach the guest"
             assert (volume_out / "result").read_text() == "written-in-the-vm\n"
 
             # Container 2 in the same VM: reachable from the host at the pod IP (veth <-> tap <-> guest)

@@ -140,6 +140,49 @@ def test_userns_with_a_netns_of_the_hosts_user_namespace_is_refused(holder_path:
     assert [pid for pid in set(os.listdir("/proc")) - before if pid.isdigit() and live_holder(pid)] == []
 
 
+def sysctl_in(pid: int, kind: int, key: str) -> str:
+    """`key` as a process in `pid`'s namespace of `kind` reads it (/proc/sys serves the reader's)."""
+    read_fd, write_fd = os.pipe()
+    child = os.fork()
+    if child == 0:
+        try:
+            name = {linux.CLONE_NEWNET: "net", linux.CLONE_NEWIPC: "ipc"}[kind]
+            with open(f"/proc/{pid}/ns/{name}") as ns:
+                linux.setns(ns.fileno(), kind)
+            os.write(write_fd, Path("/proc/sys", key.replace(".", "/")).read_bytes())
+        finally:
+            os._exit(0)
+    os.close(write_fd)
+    try:
+        return os.read(read_fd, 4096).decode().strip()
+    finally:
+        os.close(read_fd)
+        os.waitpid(child, 0)
+
+
+def test_sysctls_are_set_in_the_pods_namespaces_and_not_the_hosts(holder_path: str) -> None:
+    host = {key: Path("/proc/sys", key.replace(".", "/")).read_text().strip()
+            for key in ("net.ipv4.ip_unprivileged_port_start", "kernel.shm_rmid_forced")}
+    with namespace_holder(user=False) as made_in:
+        ns = PodNamespaces(netns_path=f"/proc/{made_in}/ns/net",
+                           sysctls=(("net.ipv4.ip_unprivileged_port_start", "123"), ("kernel.shm_rmid_forced", "1")))
+        pid = asyncio.run(start_pod_holder("sysctls", ns))
+        try:
+            assert sysctl_in(pid, linux.CLONE_NEWNET, "net.ipv4.ip_unprivileged_port_start") == "123"
+            assert sysctl_in(pid, linux.CLONE_NEWIPC, "kernel.shm_rmid_forced") == "1"
+        finally:
+            finish(pid)
+    assert {key: Path("/proc/sys", key.replace(".", "/")).read_text().strip() for key in host} == host
+
+
+def test_a_sysctl_that_cannot_be_set_fails_the_pod_and_leaves_no_process(holder_path: str) -> None:
+    before = {p for p in os.listdir("/proc") if p.isdigit()}
+    with pytest.raises(RuntimeFailure, match="sysctl net.ipv4.no_such_knob"):
+        asyncio.run(start_pod_holder("badsysctl", PodNamespaces(sysctls=(("net.ipv4.no_such_knob", "1"),))))
+    time.sleep(0.2)
+    assert [pid for pid in set(os.listdir("/proc")) - before if pid.isdigit() and live_holder(pid)] == []
+
+
 def live_holder(pid: str) -> bool:
     """A process of this test that is still alive (an exited, unreaped child is not: the task server's
     reaper collects those)."""

@@ -53,10 +53,13 @@ def make(tmp_path: Path, pod_files: bool = True, user_namespaces: bool = False) 
 
 
 def record(sandbox_id: str, hostname: str = "web", cgroup_parent: str = "", userns: int | None = None,
-           netns: str = "") -> SandboxRecord:
-    """With `userns` (a NamespaceMode), the pod config carries CRI's userns_options in that mode."""
+           netns: str = "", sysctls: dict[str, str] | None = None) -> SandboxRecord:
+    """With `userns` (a NamespaceMode), the pod config carries CRI's userns_options in that mode; with
+    `netns`, the pod's network namespace mode is POD, as CRI sends it when it made one."""
     config = cri.PodSandboxConfig(hostname=hostname)
     config.linux.cgroup_parent = cgroup_parent
+    config.linux.sysctls.update(sysctls or {})
+    config.linux.security_context.namespace_options.network = cri.POD if netns else cri.NODE
     if userns is not None:
         ids = cri.IDMapping(host_id=65536, container_id=0, length=65536)
         config.linux.security_context.namespace_options.userns_options.CopyFrom(
@@ -158,5 +161,25 @@ def test_a_type_whose_containers_cannot_enter_it_refuses_a_user_namespace(tmp_pa
         assert fake.sent == [] and not (tmp_path / "pods").exists()
         await sandboxer.create(record("i" * 64, userns=cri.NODE, netns="/var/run/netns/cni-4"))
         assert len(fake.sent) == 1
+
+    asyncio.run(main())
+
+
+def test_the_pod_request_carries_its_sysctls_with_containerds_defaults_and_bad_ones_send_nothing(
+        tmp_path: Path) -> None:
+    def with_sysctls(sandbox_id: str, sysctls: dict[str, str], netns: str) -> SandboxRecord:
+        return record(sandbox_id, netns=netns, sysctls=sysctls)
+
+    async def main() -> None:
+        sandboxer, fake = make(tmp_path)
+        await sandboxer.create(with_sysctls("j" * 64, {"net.core.somaxconn": "4096"}, "/var/run/netns/cni-5"))
+        await sandboxer.create(with_sysctls("k" * 64, {"kernel.shm_rmid_forced": "1"}, ""))
+        assert [dict(r.sysctls) for _, r in fake.sent] == [
+            {"net.core.somaxconn": "4096", "net.ipv4.ip_unprivileged_port_start": "0",
+             "net.ipv4.ping_group_range": "0 2147483647"},
+            {"kernel.shm_rmid_forced": "1"}]  # the host network: no defaults, and no net.* allowed
+        with pytest.raises(InvalidArgument, match="own network namespace"):
+            await sandboxer.create(with_sysctls("l" * 64, {"net.core.somaxconn": "1"}, ""))
+        assert len(fake.sent) == 2
 
     asyncio.run(main())

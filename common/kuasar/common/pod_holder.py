@@ -62,6 +62,8 @@ class PodNamespaces:
     # Join the user namespace that owns netns_path first (CRI's hostUsers: false), so that the IPC, UTS
     # and PID namespaces made next belong to it as well.
     userns: bool = False
+    # (name, value) to write under /proc/sys once in the namespaces, which scope them.
+    sysctls: tuple[tuple[str, str], ...] = ()
 
 
 async def start_pod_holder(name: str, namespaces: PodNamespaces, hostname: str = "",
@@ -102,6 +104,8 @@ async def _spawn_pause(pause: str, comm: str, ns: PodNamespaces, hostname: str,
             argv += ["--hostname", hostname]
     if ns.new_pid:
         argv.append("--pid")
+    for key, value in ns.sysctls:
+        argv += ["--sysctl", f"{key}={value}"]
     argv.append(comm)
     read_fd, write_fd = os.pipe()
     try:
@@ -205,6 +209,8 @@ def _child(name: str, ns: PodNamespaces, hostname: str, report_fd: int) -> None:
             import socket
 
             socket.sethostname(hostname)
+        for key, value in ns.sysctls:
+            _write_sysctl(key, value)
         if ns.new_pid and os.fork() != 0:
             os._exit(0)  # the grandchild is PID 1 of the pod's PID namespace and re-parents to us
         comm = _comm(name)
@@ -231,6 +237,15 @@ def _join_owner_userns(netns_fd: int) -> None:
         linux.setns(owner, linux.CLONE_NEWUSER)
     finally:
         os.close(owner)
+
+
+def _write_sysctl(key: str, value: str) -> None:
+    """What kuasar-pause's --sysctl does: /proc/sys serves the writer's own namespaces' values."""
+    try:
+        with open(os.path.join("/proc/sys", key.replace(".", "/")), "w") as knob:
+            knob.write(value)
+    except OSError as exc:
+        raise RuntimeError(f"sysctl {key}: {exc.strerror}") from None
 
 
 def _host_pid() -> int:

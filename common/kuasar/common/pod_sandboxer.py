@@ -21,6 +21,7 @@ from .api.runtime.v1 import api_pb2 as cri
 from .config import DaemonConfig
 from .errors import AlreadyExists, InvalidArgument, NotFound, Unimplemented
 from .pod_files import SHM, check_names, pod_dir, pod_file_contents, write_pod_files
+from .pod_sysctls import pod_sysctls
 from .sandboxer import LOST_EXIT_STATUS, ExitInfo, Sandboxer, SandboxRecord, SandboxState, StartResult
 from .task_server import TaskServerHandle, TaskServerLaunch
 
@@ -59,12 +60,16 @@ def pod_names(config: cri.PodSandboxConfig) -> tuple[str, tuple[list[str], list[
 
 
 def pod_request(record: SandboxRecord, config: cri.PodSandboxConfig, shm_size: int = 0) -> pods.CreatePodRequest:
-    """Translate CRI's namespace options into what the pod process must unshare or join; a pod with
-    its own IPC namespace also gets its own /dev/shm of `shm_size` bytes (if not 0)."""
+    """Translate CRI's namespace options into what the pod process must unshare or join, and the
+    sysctls it sets there (INVALID_ARGUMENT for one its namespaces do not scope); a pod with its own
+    IPC namespace also gets its own /dev/shm of `shm_size` bytes (if not 0)."""
     ns = config.linux.security_context.namespace_options
     host_network = ns.network == cri.NODE or not record.netns_path
+    userns = wants_user_namespace(config)
+    sysctls = pod_sysctls(config.linux.sysctls, own_net=not host_network, own_ipc=ns.ipc != cri.NODE,
+                          own_uts=not host_network, userns=userns)
     return pods.CreatePodRequest(
-        id=record.id, netns_path=record.netns_path, userns=wants_user_namespace(config),
+        id=record.id, netns_path=record.netns_path, userns=userns, sysctls=sysctls,
         new_ipc=ns.ipc != cri.NODE,
         new_uts=not host_network,
         new_pid=ns.pid == cri.POD,

@@ -142,9 +142,9 @@ class PodService:
             else:
                 # The mount is made while the new process enters its namespaces: ~0.1 ms alone, and
                 # 0.4 ms on a busy machine, on the path of the pod's Start.
-                pid = await start_pod_holder(req.id, PodNamespaces(req.netns_path, req.new_ipc, req.new_uts,
-                                                                   req.new_pid, req.userns),
-                                             req.hostname, meanwhile=mount_shm)
+                namespaces = PodNamespaces(req.netns_path, req.new_ipc, req.new_uts, req.new_pid, req.userns,
+                                           tuple(sorted(req.sysctls.items())))
+                pid = await start_pod_holder(req.id, namespaces, req.hostname, meanwhile=mount_shm)
         except Exception:
             if shm is not None:
                 mounts.unmount_all(shm)

@@ -16,6 +16,7 @@ from google.protobuf import empty_pb2
 from kuasar.common.api.kuasar.agent.v1 import agent_pb2 as pb
 from kuasar.common.errors import DeadlineExceeded, InvalidArgument, NotFound
 from kuasar.common.pod_holder import PodNamespaces, start_pod_holder
+from kuasar.common.pod_sysctls import sysctl_parts
 from kuasar.common.reaper import Reaper
 from kuasar.common.spawn import MAX_CAPTURE, resolve, start_program
 from kuasar.common.state import write_atomic
@@ -50,10 +51,7 @@ def _write_etc_file(path: Path, text: str) -> None:
 
 def write_sysctl(proc_sys: Path, key: str, value: str) -> None:
     """`net.ipv4.ip_forward` -> <proc_sys>/net/ipv4/ip_forward (dots or slashes separate)."""
-    parts = key.replace(".", "/").split("/")
-    if not key or any(p in ("", ".", "..") for p in parts):
-        raise InvalidArgument(f"bad sysctl name {key!r}")
-    path = proc_sys.joinpath(*parts)
+    path = proc_sys.joinpath(*sysctl_parts(key))
     if not path.exists():
         raise NotFound(f"sysctl {key} does not exist in the guest")
     path.write_text(value)

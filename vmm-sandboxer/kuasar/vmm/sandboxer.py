@@ -49,6 +49,7 @@ from kuasar.common.config import DaemonConfig
 from kuasar.common.errors import InvalidArgument, KuasarError, RuntimeFailure
 from kuasar.common.events import EventPublisher
 from kuasar.common.pod_sandboxer import decode_pod_config, refuse_user_namespace
+from kuasar.common.pod_sysctls import with_containerd_defaults
 from kuasar.common.sandboxer import LOST_EXIT_STATUS, ExitInfo, Sandboxer, SandboxRecord, SandboxState, StartResult
 from kuasar.common.task_server import self_command
 from kuasar.common.ttrpc import TtrpcClient
@@ -486,7 +487,7 @@ class VmmSandboxer(Sandboxer):
         request = agent.SetupSandboxRequest(sandbox_id=sandbox_id, hostname=hostname,
                                             hosts=hosts_file(hostname, addresses),
                                             resolv_conf=resolv_conf(pod.dns_config),
-                                            sysctls=dict(pod.linux.sysctls))
+                                            sysctls=with_containerd_defaults(pod.linux.sysctls, not host_net))
         if pod.linux.security_context.namespace_options.pid == cri.POD:
             request.pod_pid_namespace_path = GUEST_POD_PID_NS
         for nic in net.nics if net else []:

@@ -5,13 +5,15 @@
  * Usage:
  *   kuasar-pause [NAME]
  *       Already in the pod's namespaces: just hold them.
- *   kuasar-pause --setup [--netns PATH [--userns]] [--ipc] [--uts] [--hostname NAME] [--pid] NAME
+ *   kuasar-pause --setup [--netns PATH [--userns]] [--ipc] [--uts] [--hostname NAME] [--pid]
+ *                [--sysctl KEY=VALUE]... NAME
  *       The task server spawns us directly (posix_spawn: no fork of a Python heap, whose copy-on-write
  *       faults cost milliseconds on both sides): start a session, join the netns (with --userns first
  *       the user namespace that owns it, so that the namespaces made next belong to that one too),
- *       unshare IPC/UTS (and PID, forking once so the child is PID 1), set the hostname, then write our
- *       host pid in decimal to stdout and close it. Any failure writes "!<what>: <error>" instead and
- *       exits 1.
+ *       unshare IPC/UTS (and PID, forking once so the child is PID 1), set the hostname and the sysctls
+ *       (/proc/sys serves the writer's own namespaces: these are the pod's now), then write our host
+ *       pid in decimal to stdout and close it. Any failure writes "!<what>: <error>" instead and
+ *       exits 1. The task server has checked the sysctls' names.
  *
  * NAME (at most 15 bytes) becomes the process's comm. setup builds this file from the same tree as
  * kuasar.common.pod_holder, which calls it, so the two always agree on these arguments.
@@ -45,8 +47,36 @@ static void fail(const char *what) {
 
 static void usage(void) {
     fprintf(stderr, "usage: kuasar-pause [--setup [--netns PATH [--userns]] [--ipc] [--uts] "
-                    "[--hostname NAME] [--pid]] [NAME]\n");
+                    "[--hostname NAME] [--pid] [--sysctl KEY=VALUE]...] [NAME]\n");
     _exit(2);
+}
+
+/* More than any pod sets (kubelet's safe sysctls are a dozen); it bounds the array below. */
+#define MAX_SYSCTLS 128
+
+/* KEY=VALUE -> /proc/sys/<KEY with dots as slashes>, as runc writes a container's. */
+static void write_sysctl(const char *setting) {
+    char path[512], what[160];
+    const char *eq = strchr(setting, '=');
+    size_t key_len, len;
+    int fd;
+
+    if (eq == NULL || eq == setting || (key_len = (size_t)(eq - setting)) >= sizeof path - 10) {
+        errno = EINVAL;
+        fail("sysctl");
+    }
+    memcpy(path, "/proc/sys/", 10);
+    for (size_t i = 0; i < key_len; i++)
+        path[10 + i] = setting[i] == '.' ? '/' : setting[i];
+    path[10 + key_len] = '\0';
+    snprintf(what, sizeof what, "sysctl %.*s", (int)key_len, setting);
+    fd = open(path, O_WRONLY | O_CLOEXEC);
+    if (fd < 0)
+        fail(what);
+    len = strlen(eq + 1);
+    if (write(fd, eq + 1, len) != (ssize_t)len)
+        fail(what);
+    close(fd);
 }
 
 /* Join the user namespace that owns the network namespace `netns_fd` (containerd makes a pod's netns
@@ -69,7 +99,8 @@ static void join_owner_userns(int netns_fd) {
 }
 
 /* Enter or make the pod's namespaces, report our host pid on stdout; returns in the pod process. */
-static void setup(const char *netns, int userns, int flags, const char *hostname, int new_pid) {
+static void setup(const char *netns, int userns, int flags, const char *hostname, int new_pid,
+                  const char **sysctls, int n_sysctls) {
     char self[32];
     ssize_t n;
     int fd;
@@ -90,6 +121,8 @@ static void setup(const char *netns, int userns, int flags, const char *hostname
         fail("unshare");
     if (hostname != NULL && sethostname(hostname, strlen(hostname)) < 0)
         fail("sethostname");
+    for (int i = 0; i < n_sysctls; i++)
+        write_sysctl(sysctls[i]);
     if (new_pid) {
         pid_t child = fork();
         if (child < 0)
@@ -135,7 +168,8 @@ static void sleep_forever(void) {
 
 int main(int argc, char **argv) {
     const char *netns = NULL, *hostname = NULL, *name = NULL;
-    int flags = 0, new_pid = 0, do_setup = 0, userns = 0;
+    int flags = 0, new_pid = 0, do_setup = 0, userns = 0, n_sysctls = 0;
+    const char *sysctls[MAX_SYSCTLS];
 
     for (int i = 1; i < argc; i++) {
         if (strcmp(argv[i], "--setup") == 0)
@@ -144,6 +178,8 @@ int main(int argc, char **argv) {
             netns = argv[++i];
         else if (strcmp(argv[i], "--hostname") == 0 && i + 1 < argc)
             hostname = argv[++i];
+        else if (strcmp(argv[i], "--sysctl") == 0 && i + 1 < argc && n_sysctls < MAX_SYSCTLS)
+            sysctls[n_sysctls++] = argv[++i];
         else if (strcmp(argv[i], "--userns") == 0)
             userns = 1;
         else if (strcmp(argv[i], "--ipc") == 0)
@@ -157,14 +193,14 @@ int main(int argc, char **argv) {
         else
             name = argv[i];
     }
-    if ((!do_setup && (netns || hostname || flags || new_pid)) || (userns && netns == NULL))
+    if ((!do_setup && (netns || hostname || flags || new_pid || n_sysctls)) || (userns && netns == NULL))
         usage();
     if (new_pid)
         flags |= CLONE_NEWPID;
     if (name != NULL)
         prctl(PR_SET_NAME, name, 0, 0, 0);
     if (do_setup)
-        setup(netns, userns, flags, hostname, new_pid);
+        setup(netns, userns, flags, hostname, new_pid, sysctls, n_sysctls);
     sleep_forever();
     return 0;
 }
