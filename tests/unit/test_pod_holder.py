@@ -65,6 +65,33 @@ def test_holder_sits_in_new_ipc_uts_and_pid_namespaces_with_its_hostname(holder_
         finish(pid)
 
 
+def test_the_pod_process_sets_its_oom_score_adjustment_and_keeps_the_inherited_one_where_it_may_not(
+        holder_path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """-998 (containerd's for its pause container) needs CAP_SYS_RESOURCE, which this machine's root
+    lacks; raising needs nothing, so a raised value shows the setting reaches the pod process."""
+    monkeypatch.setattr(pod_holder, "POD_OOM_SCORE_ADJ", 321)
+    pid = asyncio.run(start_pod_holder("oomadj", PodNamespaces()))
+    try:
+        assert Path(f"/proc/{pid}/oom_score_adj").read_text().strip() == "321"
+    finally:
+        finish(pid)
+    monkeypatch.setattr(pod_holder, "POD_OOM_SCORE_ADJ", -998)
+    inherited = Path("/proc/self/oom_score_adj").read_text().strip()
+    pid = asyncio.run(start_pod_holder("oomadj", PodNamespaces()))
+    try:
+        can_lower = "sys_resource" in _capabilities()
+        assert Path(f"/proc/{pid}/oom_score_adj").read_text().strip() == ("-998" if can_lower else inherited)
+    finally:
+        finish(pid)
+
+
+def _capabilities() -> set[str]:
+    """The effective capabilities of this process that matter here, by short name."""
+    effective = int(next(line for line in Path("/proc/self/status").read_text().splitlines()
+                         if line.startswith("CapEff:")).split()[1], 16)
+    return {"sys_resource"} if effective & (1 << 24) else set()
+
+
 def test_a_missing_netns_is_reported_and_leaves_no_process(holder_path: str) -> None:
     before = {p for p in os.listdir("/proc") if p.isdigit()}
     with pytest.raises(RuntimeFailure, match="netns"):

@@ -34,6 +34,9 @@ REPORT_MAX = 512
 PAUSE_PROGRAM = "kuasar-pause"
 # Entering namespaces takes a millisecond; this only bounds a child stuck in the kernel.
 SETUP_TIMEOUT = 10.0
+# containerd's for its pause container (defaultSandboxOOMAdj): the pod process is the OOM killer's last
+# choice in the pod, below even a Guaranteed pod's containers (-997). Its death would end the pod.
+POD_OOM_SCORE_ADJ = -998
 
 
 @functools.cache
@@ -91,7 +94,7 @@ def _comm(name: str) -> str:
 async def _spawn_pause(pause: str, comm: str, ns: PodNamespaces, hostname: str,
                        meanwhile: Callable[[], None] | None = None) -> int:
     """posix_spawn `kuasar-pause --setup`: no fork of the task server's heap, no Python in the child."""
-    argv = [pause, "--setup"]
+    argv = [pause, "--setup", "--oom-score-adj", str(POD_OOM_SCORE_ADJ)]
     if ns.netns_path:
         argv += ["--netns", ns.netns_path]
         if ns.userns:
@@ -195,6 +198,7 @@ def _child(name: str, ns: PodNamespaces, hostname: str, report_fd: int) -> None:
         for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, signal.SIG_DFL)
         os.setsid()
+        _set_oom_score_adj(POD_OOM_SCORE_ADJ)
         if ns.netns_path:
             fd = os.open(ns.netns_path, os.O_RDONLY | os.O_CLOEXEC)
             if ns.userns:
@@ -237,6 +241,16 @@ def _join_owner_userns(netns_fd: int) -> None:
         linux.setns(owner, linux.CLONE_NEWUSER)
     finally:
         os.close(owner)
+
+
+def _set_oom_score_adj(value: int) -> None:
+    """What kuasar-pause's --oom-score-adj does, before any user namespace is joined (lowering it needs
+    privilege in the host's); best effort, as containerd's restricted mode keeps the inherited value."""
+    try:
+        with open("/proc/self/oom_score_adj", "w") as adj:
+            adj.write(str(value))
+    except OSError:
+        pass
 
 
 def _write_sysctl(key: str, value: str) -> None:

@@ -5,10 +5,12 @@
  * Usage:
  *   kuasar-pause [NAME]
  *       Already in the pod's namespaces: just hold them.
- *   kuasar-pause --setup [--netns PATH [--userns]] [--ipc] [--uts] [--hostname NAME] [--pid]
- *                [--sysctl KEY=VALUE]... NAME
+ *   kuasar-pause --setup [--oom-score-adj N] [--netns PATH [--userns]] [--ipc] [--uts]
+ *                [--hostname NAME] [--pid] [--sysctl KEY=VALUE]... NAME
  *       The task server spawns us directly (posix_spawn: no fork of a Python heap, whose copy-on-write
- *       faults cost milliseconds on both sides): start a session, join the netns (with --userns first
+ *       faults cost milliseconds on both sides): start a session, set our OOM score adjustment (where
+ *       we may: lowering it needs privilege in the host's user namespace, so it comes first), join
+ *       the netns (with --userns first
  *       the user namespace that owns it, so that the namespaces made next belong to that one too),
  *       unshare IPC/UTS (and PID, forking once so the child is PID 1), set the hostname and the sysctls
  *       (/proc/sys serves the writer's own namespaces: these are the pod's now), then write our host
@@ -46,8 +48,8 @@ static void fail(const char *what) {
 }
 
 static void usage(void) {
-    fprintf(stderr, "usage: kuasar-pause [--setup [--netns PATH [--userns]] [--ipc] [--uts] "
-                    "[--hostname NAME] [--pid] [--sysctl KEY=VALUE]...] [NAME]\n");
+    fprintf(stderr, "usage: kuasar-pause [--setup [--oom-score-adj N] [--netns PATH [--userns]] [--ipc] "
+                    "[--uts] [--hostname NAME] [--pid] [--sysctl KEY=VALUE]...] [NAME]\n");
     _exit(2);
 }
 
@@ -98,15 +100,27 @@ static void join_owner_userns(int netns_fd) {
     close(fd);
 }
 
+/* Best effort, as containerd's restricted mode: where we may not lower it, the inherited value stays. */
+static void set_oom_score_adj(const char *value) {
+    int fd = open("/proc/self/oom_score_adj", O_WRONLY | O_CLOEXEC);
+
+    if (fd < 0)
+        return;
+    (void)!write(fd, value, strlen(value));
+    close(fd);
+}
+
 /* Enter or make the pod's namespaces, report our host pid on stdout; returns in the pod process. */
-static void setup(const char *netns, int userns, int flags, const char *hostname, int new_pid,
-                  const char **sysctls, int n_sysctls) {
+static void setup(const char *oom_score_adj, const char *netns, int userns, int flags,
+                  const char *hostname, int new_pid, const char **sysctls, int n_sysctls) {
     char self[32];
     ssize_t n;
     int fd;
 
     if (setsid() < 0)
         fail("setsid");
+    if (oom_score_adj != NULL)
+        set_oom_score_adj(oom_score_adj);
     if (netns != NULL) {
         fd = open(netns, O_RDONLY | O_CLOEXEC);
         if (fd < 0)
@@ -167,7 +181,7 @@ static void sleep_forever(void) {
 }
 
 int main(int argc, char **argv) {
-    const char *netns = NULL, *hostname = NULL, *name = NULL;
+    const char *netns = NULL, *hostname = NULL, *name = NULL, *oom_score_adj = NULL;
     int flags = 0, new_pid = 0, do_setup = 0, userns = 0, n_sysctls = 0;
     const char *sysctls[MAX_SYSCTLS];
 
@@ -176,6 +190,8 @@ int main(int argc, char **argv) {
             do_setup = 1;
         else if (strcmp(argv[i], "--netns") == 0 && i + 1 < argc)
             netns = argv[++i];
+        else if (strcmp(argv[i], "--oom-score-adj") == 0 && i + 1 < argc)
+            oom_score_adj = argv[++i];
         else if (strcmp(argv[i], "--hostname") == 0 && i + 1 < argc)
             hostname = argv[++i];
         else if (strcmp(argv[i], "--sysctl") == 0 && i + 1 < argc && n_sysctls < MAX_SYSCTLS)
@@ -193,14 +209,15 @@ int main(int argc, char **argv) {
         else
             name = argv[i];
     }
-    if ((!do_setup && (netns || hostname || flags || new_pid || n_sysctls)) || (userns && netns == NULL))
+    if ((!do_setup && (netns || hostname || flags || new_pid || n_sysctls || oom_score_adj))
+        || (userns && netns == NULL))
         usage();
     if (new_pid)
         flags |= CLONE_NEWPID;
     if (name != NULL)
         prctl(PR_SET_NAME, name, 0, 0, 0);
     if (do_setup)
-        setup(netns, userns, flags, hostname, new_pid, sysctls, n_sysctls);
+        setup(oom_score_adj, netns, userns, flags, hostname, new_pid, sysctls, n_sysctls);
     sleep_forever();
     return 0;
 }
