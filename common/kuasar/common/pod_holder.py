@@ -1,6 +1,6 @@
 """The per-pod process: it holds the pod's namespaces and is the pid `Controller.Start` returns.
 
-CRI writes `/proc/<pid>/ns/{net,ipc,uts[,pid]}` into every container spec, so this process must live
+CRI writes `/proc/<pid>/ns/{net,ipc,uts[,pid][,user]}` into every container spec, so this process must live
 as long as the pod. It is `kuasar-pause` (a few-KB static C program, built by setup), spawned by the
 task server with `--setup`: it enters or makes the namespaces itself and reports its host pid on a
 pipe (setup builds it from the same tree as this module, so the two always agree). Without the

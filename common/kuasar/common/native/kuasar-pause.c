@@ -9,13 +9,12 @@
  *                [--hostname NAME] [--pid] [--sysctl KEY=VALUE]... NAME
  *       The task server spawns us directly (posix_spawn: no fork of a Python heap, whose copy-on-write
  *       faults cost milliseconds on both sides): start a session, set our OOM score adjustment (where
- *       we may: lowering it needs privilege in the host's user namespace, so it comes first), join
- *       the netns (with --userns first
- *       the user namespace that owns it, so that the namespaces made next belong to that one too),
- *       unshare IPC/UTS (and PID, forking once so the child is PID 1), set the hostname and the sysctls
- *       (/proc/sys serves the writer's own namespaces: these are the pod's now), then write our host
- *       pid in decimal to stdout and close it. Any failure writes "!<what>: <error>" instead and
- *       exits 1. The task server has checked the sysctls' names.
+ *       we may: lowering it needs privilege in the host's user namespace, so it comes first), join the
+ *       netns (with --userns first the user namespace that owns it, so that the namespaces made next
+ *       belong to that one too), unshare IPC/UTS (and PID, forking once so the child is PID 1), set the
+ *       hostname and the sysctls (/proc/sys serves the writer's own namespaces: these are the pod's
+ *       now), then write our host pid in decimal to stdout and close it. Any failure writes
+ *       "!<what>: <error>" instead and exits 1. The task server has checked the sysctls' names.
  *
  * NAME (at most 15 bytes) becomes the process's comm. setup builds this file from the same tree as
  * kuasar.common.pod_holder, which calls it, so the two always agree on these arguments.
