@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
+import grpc
 import psutil
 
 from kuasar.common.api.runtime.v1 import api_pb2 as cri
@@ -66,26 +67,11 @@ async def wait_log(pod: cri.PodSandboxConfig, name: str, needle: str, timeout: f
     return text
 
 
-async def run_userns_pod(client: CriClient, name: str, log_root: Path, handler: str, host_id: int,
-                         **kwargs) -> tuple[str, cri.PodSandboxConfig]:
-    """RunPodSandbox of a pod with its own user namespace, as kubelet asks for `hostUsers: false`:
-    ids 0..65535 inside are host_id.. outside."""
-    uid = uuid.uuid4().hex[:12]
-    config = pod_config(name, uid=uid, log_directory=str(log_root / f"{name}-{uid}"), **kwargs)
-    ids = cri.IDMapping(host_id=host_id, container_id=0, length=65536)
-    config.linux.security_context.namespace_options.userns_options.CopyFrom(
-        cri.UserNamespace(mode=cri.POD, uids=[ids], gids=[ids]))
-    response = await client.run_pod_sandbox(config, runtime_handler=handler)
-    return response.pod_sandbox_id, config
-
-
 async def check_user_namespace_refused(address: str, handler: str, log_dir: Path, sandbox_type: str) -> None:
     """A type whose containers cannot enter a pod's user namespace says so at RunPodSandbox."""
-    import grpc
-
     async with CriClient(address) as client:
         try:
-            pod_id, _ = await run_userns_pod(client, "userns", log_dir, handler, 500000, host_network=False)
+            pod_id, _ = await run_pod(client, "userns", log_dir, handler, host_network=False, userns_host_id=500000)
         except grpc.aio.AioRpcError as exc:
             assert f"not supported by the {sandbox_type} sandboxer" in (exc.details() or ""), exc.details()
             assert "hostUsers: false" in (exc.details() or "")

@@ -28,7 +28,6 @@ from .cri_helpers import (
     pod_processes,
     remove_pod,
     run_pod,
-    run_userns_pod,
     start_container,
     task_server_pid,
     terminal_exec,
@@ -226,12 +225,8 @@ def test_pod_sysctls_and_containerds_defaults_are_set_in_the_pods_namespaces(sta
 
     async def scenario() -> None:
         async with CriClient(stack.address) as client:
-            uid = uuid.uuid4().hex[:12]
-            config = pod_config("sysctls", uid=uid, log_directory=str(stack.log_dir / f"sysctls-{uid}"),
-                                host_network=False)
-            config.linux.sysctls.update({"net.ipv4.ip_local_port_range": "40000 41000",
-                                         "kernel.shm_rmid_forced": "1"})
-            pod_id = (await client.run_pod_sandbox(config, runtime_handler=HANDLER)).pod_sandbox_id
+            sysctls = {"net.ipv4.ip_local_port_range": "40000 41000", "kernel.shm_rmid_forced": "1"}
+            pod_id, config = await run_pod(client, "sysctls", stack.log_dir, host_network=False, sysctls=sysctls)
             cid = await start_container(client, pod_id, config, "main", ["sleep", "3600"])
             await wait_state(client, cid, cri.CONTAINER_RUNNING)
             paths = " ".join(str(Path("/proc/sys", key.replace(".", "/"))) for key in keys)
@@ -241,10 +236,9 @@ def test_pod_sysctls_and_containerds_defaults_are_set_in_the_pods_namespaces(sta
                 ["40000", "41000"], ["1"], ["0"], ["0", "2147483647"]]
             await remove_pod(client, pod_id)
             # A sysctl the pod's namespaces do not scope is refused before anything is made.
-            config.metadata.uid = uuid.uuid4().hex[:12]
-            config.linux.sysctls["vm.swappiness"] = "1"
             with pytest.raises(grpc.aio.AioRpcError, match="vm.swappiness is not scoped"):
-                await client.run_pod_sandbox(config, runtime_handler=HANDLER)
+                await run_pod(client, "sysctls", stack.log_dir, host_network=False,
+                              sysctls={**sysctls, "vm.swappiness": "1"})
 
     stack.run(scenario())
     assert {key: Path("/proc/sys", key.replace(".", "/")).read_text().split() for key in keys} == host
@@ -265,8 +259,8 @@ def test_a_pod_with_its_own_user_namespace_maps_its_containers_ids(stack: Stack)
 
     async def scenario() -> None:
         async with CriClient(stack.address) as client:
-            pod_id, pod = await run_userns_pod(client, "userns", stack.log_dir, HANDLER, host_id,
-                                               host_network=False, hostname="uns-pod")
+            pod_id, pod = await run_pod(client, "userns", stack.log_dir, host_network=False, hostname="uns-pod",
+                                        userns_host_id=host_id)
             holder = next(p for p in pod_processes() if p.name() == f"pod-{pod_id[:11]}")
             cid = await start_container(client, pod_id, pod, "main", ["sleep", "3600"])
             await wait_state(client, cid, cri.CONTAINER_RUNNING)
@@ -285,7 +279,7 @@ def test_a_pod_with_its_own_user_namespace_maps_its_containers_ids(stack: Stack)
             await remove_pod(client, pod_id)
             # Kubernetes refuses hostNetwork with hostUsers: false; a pod asking anyway gets a clear error.
             with pytest.raises(grpc.aio.AioRpcError, match="needs its own network namespace"):
-                await run_userns_pod(client, "userns-hostnet", stack.log_dir, HANDLER, host_id, host_network=True)
+                await run_pod(client, "userns-hostnet", stack.log_dir, host_network=True, userns_host_id=host_id)
 
     with traversable(stack.containerd.state_dir):
         stack.run(scenario())

@@ -289,6 +289,9 @@ class CriClient:
 
 # --- builders --------------------------------------------------------------------------------
 
+# How many ids kubelet maps into each user-namespaced pod.
+USERNS_IDS_PER_POD = 65536
+
 
 def pod_config(
     name: str,
@@ -302,8 +305,13 @@ def pod_config(
     share_pid: bool = False,
     labels: Mapping[str, str] | None = None,
     annotations: Mapping[str, str] | None = None,
+    sysctls: Mapping[str, str] | None = None,
+    userns_host_id: int | None = None,
 ) -> cri.PodSandboxConfig:
     """A PodSandboxConfig shaped like kubelet's for a plain pod.
+
+    With `userns_host_id`, the pod has its own user namespace as kubelet asks for `hostUsers: false`:
+    ids 0..65535 inside are userns_host_id.. outside (kubelet's 65536 ids per pod).
 
     host_network defaults to True because test hosts usually have no CNI configured; with
     host_network=False containerd needs a working CNI plugin to set up the pod network.
@@ -321,6 +329,9 @@ def pod_config(
         pid=cri.POD if share_pid else cri.CONTAINER,
         ipc=cri.POD,
     )
+    if userns_host_id is not None:
+        ids = cri.IDMapping(host_id=userns_host_id, container_id=0, length=USERNS_IDS_PER_POD)
+        namespace_options.userns_options.CopyFrom(cri.UserNamespace(mode=cri.POD, uids=[ids], gids=[ids]))
     return cri.PodSandboxConfig(
         metadata=cri.PodSandboxMetadata(name=name, uid=uid, namespace=namespace, attempt=attempt),
         hostname=hostname,
@@ -330,6 +341,7 @@ def pod_config(
         linux=cri.LinuxPodSandboxConfig(
             cgroup_parent=cgroup_parent,
             security_context=cri.LinuxSandboxSecurityContext(namespace_options=namespace_options),
+            sysctls=dict(sysctls or {}),
         ),
     )
 
