@@ -121,7 +121,21 @@ def _attribution(results: dict[str, Any]) -> list[str]:
     without = found["without_ours_ms"]
     out += [f"A start less our daemons' time, i.e. what a sandboxer taking no time at all would leave: "
             f"p50 {_n(without['p50'])} ms (p90 {_n(without['p90'])}).", ""]
-    return out
+    return out + _requests(found.get("requests") or [])
+
+
+def _requests(requests: list[dict[str, Any]]) -> list[str]:
+    if not requests:
+        return []
+    out = ["Our daemons' requests and runc commands during those starts (`sandbox`: Sandbox API, `ttrpc`: "
+           "Task API and pod service, `runc`: commands), largest share first. *Own* is a request's time "
+           "less what ran nested inside it in another process (runc inside the Task API's Create, the pod "
+           "service's Create inside the Sandbox API's Start); two of our processes may work at once, so own "
+           "times can add up to more than our daemons' share above; ms:", ""]
+    rows = [[row["kind"], row["method"], _n(row["per_start"], 1), _n(row["ms"]["p50"], 2),
+             _n(row["own_ms"]["p50"], 2), _n(row["own_per_start_ms"], 2)] for row in requests]
+    return out + _table(["kind", "request", "per start", "each, p50", "own, p50", "own per start (mean)"],
+                        rows)
 
 
 def _parallel(summary: dict[str, Any]) -> list[str]:

@@ -63,6 +63,12 @@ def test_bench_smoke_writes_json_report_and_plots(tmp_path: Path) -> None:
     for part in ("containerd", "ours", "runc"):
         assert split["calls"]["start total"][part]["min"] >= 0
     assert 0 < split["without_ours_ms"]["p50"] < data["summary"]["serial"]["ours"]["total_ms"]["max"]
+    requests = {(r["kind"], r["method"]): r for r in split["requests"]}
+    for key in (("sandbox", "Create"), ("sandbox", "Start"), ("ttrpc", "Task/Create"), ("runc", "create")):
+        assert requests[key]["per_start"] == 1, (key, requests[key])
+    # runc create runs inside the Task API's Create: the request's own time is what is left of it
+    assert 0 < requests[("ttrpc", "Task/Create")]["own_ms"]["p50"] < requests[("runc", "create")]["ms"]["p50"]
+    assert not [key for key in requests if key[1].endswith("Wait")]
     assert data["summary"]["ratios"]["serial_p50"] > 0
     assert {t["name"] for t in data["summary"]["targets"]}
     cleanup = data["cleanup"]

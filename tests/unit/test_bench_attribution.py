@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.attribution import Interval, attribute, covered, load, split_call
+from benchmarks.attribution import Interval, attribute, by_request, covered, load, split_call
+from benchmarks.report import _attribution
 
 MS = 1_000_000
 
@@ -55,3 +56,27 @@ def test_load_reads_every_process_file_and_skips_torn_lines(tmp_path: Path) -> N
     (tmp_path / "200.tsv").write_text("runc\tcreate\t1\t4\nruncX\tcreate\tnot-a-number\t4\n")
     (tmp_path / "notes.txt").write_text("sandbox\tStart\t0\t1\n")
     assert load(tmp_path) == [Interval("runc", "create", 1, 4), Interval("sandbox", "Start", 5, 9)]
+
+
+def test_requests_are_listed_with_their_own_time_less_what_ran_nested() -> None:
+    intervals = [*INTERVALS, iv("ttrpc", "Pods/Create", 5.8, 6.6)]  # inside the sandbox's Start
+    rows = {(r["kind"], r["method"]): r for r in by_request(MARKS, intervals)}
+    # Long-lived Waits and what began after StartContainer returned are not part of a start.
+    assert set(rows) == {("sandbox", "Create"), ("ttrpc", "Pods/Create"), ("sandbox", "Start"),
+                         ("ttrpc", "Task/Create"), ("runc", "create"), ("ttrpc", "Task/Start"),
+                         ("ttrpc", "Task/State")}
+    create = rows[("ttrpc", "Task/Create")]
+    assert (create["ms"]["p50"], create["own_ms"]["p50"], create["per_start"]) == pytest.approx((22.0, 3.0, 1.0))
+    start = rows[("sandbox", "Start")]
+    assert start["ms"]["p50"] == pytest.approx(1.5) and start["own_ms"]["p50"] == pytest.approx(0.7)
+    assert rows[("ttrpc", "Pods/Create")]["per_start"] == 2
+    assert rows[("sandbox", "Create")]["own_ms"]["p50"] == pytest.approx(1.0)  # only overlapped: kept
+    assert rows[("ttrpc", "Task/State")]["ms"]["p50"] == pytest.approx(1.0)  # cut where the start ended
+    own = [r["own_per_start_ms"] for r in by_request(MARKS, intervals)]
+    assert own == sorted(own, reverse=True) and own[0] == pytest.approx(19.0)  # runc create
+
+
+def test_the_report_lists_the_requests() -> None:
+    lines = _attribution({"attribution": attribute(MARKS, INTERVALS)})
+    assert any(line.startswith("| ttrpc | Task/Create | 1.0 | 22.00 | 3.00 | 3.00 |") for line in lines)
+    assert not any("Wait" in line for line in lines if line.startswith("| "))
