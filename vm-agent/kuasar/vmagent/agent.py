@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes.util
 import logging
 import os
 import signal
@@ -134,18 +133,6 @@ async def serve_guest(config: AgentConfig, started_ns: int, share_dir: str, pivo
     await asyncio.Event().wait()  # PID 1 serves until power off
 
 
-def _find_library(name: str) -> str | None:
-    """ctypes.util.find_library without its ldconfig/gcc subprocesses (absent in the guest)."""
-    for directory in ("/lib/x86_64-linux-gnu", "/usr/lib/x86_64-linux-gnu", "/lib64", "/lib"):
-        try:
-            for entry in sorted(os.listdir(directory)):
-                if entry.startswith(f"lib{name}.so"):
-                    return entry
-        except OSError:
-            continue
-    return None
-
-
 def _setup_logging(level: str) -> None:
     logging.basicConfig(stream=sys.stderr, level=getattr(logging, level.upper(), logging.INFO),
                         format="vm-agent %(relativeCreated)7.0fms %(levelname)s %(name)s: %(message)s")
@@ -192,7 +179,6 @@ def init_main(started_ns: int = 0) -> None:
     """
     imported_ns = pid1.boottime_ns()
     started_ns = started_ns or imported_ns
-    ctypes.util.find_library = _find_library
     # PID 1 is immune to signals it does not handle, so SIGPIPE can go back to its default, which
     # every process we start (runc, containers) then inherits instead of Python's SIG_IGN.
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)

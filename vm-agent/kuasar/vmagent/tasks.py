@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import secrets
 import signal
 from pathlib import Path
 
@@ -58,7 +57,7 @@ class GuestTasks(RuncContainerTasks):
         self.containers: dict[str, Container] = {}
 
     def _console_socket(self, container: Container) -> Path:
-        return container.files / f"console-{secrets.token_hex(6)}.sock"
+        return container.files / f"console-{os.urandom(6).hex()}.sock"
 
     def _process_io(self, req: task.ExecProcessRequest) -> ProcessIO:
         return ProcessIO(self.hub, req.stdin, req.stdout, req.stderr, req.terminal)
