@@ -72,10 +72,14 @@ def covered(spans: Iterable[tuple[int, int]]) -> int:
     return total
 
 
+def _long_lived(interval: Interval) -> bool:
+    return interval.method.rpartition("/")[2] == LONG_LIVED
+
+
 def split_call(start: int, end: int, intervals: Sequence[Interval]) -> dict[str, float]:
     """One CRI call's wall time [start, end] split into PARTS, in ms."""
     clipped = [(i.kind, max(i.start, start), min(i.end, end)) for i in intervals
-               if i.method.rpartition("/")[2] != LONG_LIVED and i.start < end and i.end > start]
+               if not _long_lived(i) and i.start < end and i.end > start]
     busy = covered((a, b) for _, a, b in clipped)
     runc = covered((a, b) for kind, a, b in clipped if kind == "runc")
     return {"containerd": (end - start - busy) / NS_PER_MS, "ours": (busy - runc) / NS_PER_MS,
@@ -120,8 +124,7 @@ def by_request(marks: Sequence[Sequence[int]], intervals: Sequence[Interval]) ->
     spans: dict[tuple[str, str], list[tuple[float, float]]] = {}
     for pod in marks:
         begin, end = pod[0], pod[-1]
-        inside = [i for i in intervals
-                  if i.method.rpartition("/")[2] != LONG_LIVED and begin <= i.start < end]
+        inside = [i for i in intervals if not _long_lived(i) and begin <= i.start < end]
         for outer in inside:
             stop = min(outer.end, end)
             nested = covered((i.start, i.end) for i in inside

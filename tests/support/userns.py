@@ -12,6 +12,8 @@ import subprocess
 import sys
 from collections.abc import Iterator
 
+from kuasar.common import linux
+
 _HOLDER = """
 import ctypes, os, sys
 libc = ctypes.CDLL(None, use_errno=True)
@@ -21,15 +23,13 @@ if libc.unshare(int(sys.argv[1])) != 0:
 print("ready", flush=True)
 sys.stdin.read()
 """
-CLONE_NEWUSER = 0x10000000
-CLONE_NEWNET = 0x40000000
 
 
 @contextlib.contextmanager
 def namespace_holder(host_id: int = 0, length: int = 65536, user: bool = True, net: bool = True) -> Iterator[int]:
     """The pid of a process that sits in new namespaces (user and/or net) until the block ends; with
     `user`, uids and gids 0..length-1 inside are host_id.. outside."""
-    flags = (CLONE_NEWUSER if user else 0) | (CLONE_NEWNET if net else 0)
+    flags = (linux.CLONE_NEWUSER if user else 0) | (linux.CLONE_NEWNET if net else 0)
     proc = subprocess.Popen([sys.executable, "-c", _HOLDER, str(flags)], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, text=True)
     try:

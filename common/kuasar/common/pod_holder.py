@@ -25,6 +25,7 @@ from pathlib import Path
 
 from . import linux
 from .errors import RuntimeFailure
+from .pod_sysctls import sysctl_parts
 from .spawn import RESTORED_SIGNALS, read_to_eof
 
 log = logging.getLogger(__name__)
@@ -256,7 +257,7 @@ def _set_oom_score_adj(value: int) -> None:
 def _write_sysctl(key: str, value: str) -> None:
     """What kuasar-pause's --sysctl does: /proc/sys serves the writer's own namespaces' values."""
     try:
-        with open(os.path.join("/proc/sys", key.replace(".", "/")), "w") as knob:
+        with open(os.path.join("/proc/sys", *sysctl_parts(key)), "w") as knob:
             knob.write(value)
     except OSError as exc:
         raise RuntimeError(f"sysctl {key}: {exc.strerror}") from None
