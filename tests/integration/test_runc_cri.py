@@ -9,6 +9,7 @@ import uuid
 from pathlib import Path
 
 import grpc
+import psutil
 import pytest
 
 from kuasar.common import linux
@@ -253,8 +254,6 @@ def test_a_pod_with_its_own_user_namespace_maps_its_containers_ids(stack: Stack)
     """kubelet's `hostUsers: false`: the pod process enters the user namespace containerd made the pod's
     netns in, its containers join it (their spec names the pod process's), and their image layers are
     mounted id-mapped, so root inside is an unprivileged host uid that still owns the image's files."""
-    import psutil
-
     host_id = 600000
 
     async def scenario() -> None:
