@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,6 +15,7 @@ import pytest
 from kuasar.common import linux, pod_holder
 from kuasar.common.errors import RuntimeFailure
 from kuasar.common.pod_holder import PodNamespaces, start_pod_holder
+from kuasar.common.pod_sysctls import sysctl_path
 from tests.support.userns import namespace_holder
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="namespaces need root")
@@ -176,7 +178,7 @@ def sysctl_in(pid: int, kind: int, key: str) -> str:
             name = {linux.CLONE_NEWNET: "net", linux.CLONE_NEWIPC: "ipc"}[kind]
             with open(f"/proc/{pid}/ns/{name}") as ns:
                 linux.setns(ns.fileno(), kind)
-            os.write(write_fd, Path("/proc/sys", key.replace(".", "/")).read_bytes())
+            os.write(write_fd, Path("/proc/sys", sysctl_path(key)).read_bytes())
         finally:
             os._exit(0)
     os.close(write_fd)
@@ -187,24 +189,43 @@ def sysctl_in(pid: int, kind: int, key: str) -> str:
         os.waitpid(child, 0)
 
 
+def read_in_pod(made_in: int, sysctls: tuple[tuple[str, str], ...], reads: dict[str, int]) -> dict[str, str]:
+    """Start a pod process in `made_in`'s netns with `sysctls`; read back `reads` (key -> namespace kind)."""
+    pid = asyncio.run(start_pod_holder("sysctls", PodNamespaces(netns_path=f"/proc/{made_in}/ns/net",
+                                                                sysctls=sysctls)))
+    try:
+        return {key: sysctl_in(pid, kind, key) for key, kind in reads.items()}
+    finally:
+        finish(pid)
+
+
 def test_sysctls_are_set_in_the_pods_namespaces_and_not_the_hosts(holder_path: str) -> None:
     host = {key: Path("/proc/sys", key.replace(".", "/")).read_text().strip()
             for key in ("net.ipv4.ip_unprivileged_port_start", "kernel.shm_rmid_forced")}
     with namespace_holder(user=False) as made_in:
-        ns = PodNamespaces(netns_path=f"/proc/{made_in}/ns/net",
-                           sysctls=(("net.ipv4.ip_unprivileged_port_start", "123"), ("kernel.shm_rmid_forced", "1")))
-        pid = asyncio.run(start_pod_holder("sysctls", ns))
-        try:
-            assert sysctl_in(pid, linux.CLONE_NEWNET, "net.ipv4.ip_unprivileged_port_start") == "123"
-            assert sysctl_in(pid, linux.CLONE_NEWIPC, "kernel.shm_rmid_forced") == "1"
-        finally:
-            finish(pid)
+        assert read_in_pod(made_in, (("net.ipv4.ip_unprivileged_port_start", "123"), ("kernel.shm_rmid_forced", "1")),
+                           {"net.ipv4.ip_unprivileged_port_start": linux.CLONE_NEWNET,
+                            "kernel.shm_rmid_forced": linux.CLONE_NEWIPC}) == {
+            "net.ipv4.ip_unprivileged_port_start": "123", "kernel.shm_rmid_forced": "1"}
     assert {key: Path("/proc/sys", key.replace(".", "/")).read_text().strip() for key in host} == host
+
+
+def test_a_sysctl_of_an_interface_with_a_dot_in_its_name_reaches_that_interface(holder_path: str) -> None:
+    """kubelet names VLAN interface vl.7's knob `net.ipv4.conf.vl/7.forwarding` (sysctl.d(5)'s dotted
+    form, a slash for the literal dot); the slash-first form keeps the dot as it is."""
+    with namespace_holder(user=False) as made_in:
+        subprocess.run(["nsenter", f"--net=/proc/{made_in}/ns/net", "ip", "link", "add", "vl.7", "type", "veth",
+                        "peer", "name", "vl.8"], check=True)
+        assert read_in_pod(made_in, (("net.ipv4.conf.vl/7.forwarding", "1"),
+                                     ("net/ipv4/conf/vl.7/accept_redirects", "0")),
+                           {"net/ipv4/conf/vl.7/forwarding": linux.CLONE_NEWNET,
+                            "net.ipv4.conf.vl/7.accept_redirects": linux.CLONE_NEWNET}) == {
+            "net/ipv4/conf/vl.7/forwarding": "1", "net.ipv4.conf.vl/7.accept_redirects": "0"}
 
 
 def test_a_sysctl_that_cannot_be_set_fails_the_pod_and_leaves_no_process(holder_path: str) -> None:
     before = {p for p in os.listdir("/proc") if p.isdigit()}
-    with pytest.raises(RuntimeFailure, match="sysctl net.ipv4.no_such_knob"):
+    with pytest.raises(RuntimeFailure, match="sysctl net/ipv4/no_such_knob"):
         asyncio.run(start_pod_holder("badsysctl", PodNamespaces(sysctls=(("net.ipv4.no_such_knob", "1"),))))
     time.sleep(0.2)
     assert [pid for pid in set(os.listdir("/proc")) - before if pid.isdigit() and live_holder(pid)] == []

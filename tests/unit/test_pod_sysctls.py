@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from kuasar.common.errors import InvalidArgument
-from kuasar.common.pod_sysctls import MAX_SYSCTLS, pod_sysctls, sysctl_parts, with_containerd_defaults
+from kuasar.common.pod_sysctls import MAX_SYSCTLS, pod_sysctls, sysctl_parts, sysctl_path, with_containerd_defaults
 
 PORTS, ICMP = "net.ipv4.ip_unprivileged_port_start", "net.ipv4.ping_group_range"
 
@@ -40,6 +40,20 @@ def test_sysctls_the_pods_namespaces_do_not_scope_or_bad_names_are_refused(
         pod_sysctls(sysctls, *own)
 
 
-def test_names_split_on_dots_or_slashes_as_runc_reads_them() -> None:
+def test_names_are_read_as_sysctl_d_reads_them() -> None:
     assert sysctl_parts("net.ipv4.ip_forward") == sysctl_parts("net/ipv4/ip_forward") == ["net", "ipv4", "ip_forward"]
     assert pod_sysctls({"net/ipv4/tcp_syncookies": "1"}, True, False, False)["net/ipv4/tcp_syncookies"] == "1"
+    # Dotted form: a slash is a literal dot (kubelet's name for VLAN interface eth0.100's knob) ...
+    assert sysctl_path("net.ipv4.conf.eth0/100.rp_filter") == "net/ipv4/conf/eth0.100/rp_filter"
+    # ... slash-first form: a dot is literal.
+    assert sysctl_path("net/ipv4/conf/eth0.100/rp_filter") == "net/ipv4/conf/eth0.100/rp_filter"
+    assert sysctl_path("kernel.shm_rmid_forced") == "kernel/shm_rmid_forced"
+    assert pod_sysctls({"net.ipv4.conf.eth0/100.rp_filter": "1"}, True, False, False)[
+        "net.ipv4.conf.eth0/100.rp_filter"] == "1"
+
+
+@pytest.mark.parametrize("name", ["net.ipv4.conf.//.x", "net.ipv4.conf./.x", "net/ipv4/conf/../x",
+                                  "net/ipv4/./x", "/net/ipv4/x"])
+def test_a_name_that_would_leave_its_directory_is_refused_in_either_form(name: str) -> None:
+    with pytest.raises(InvalidArgument, match="bad sysctl name"):
+        sysctl_parts(name)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from . import linux
 from .errors import RuntimeFailure
-from .pod_sysctls import sysctl_parts
+from .pod_sysctls import sysctl_path
 from .spawn import RESTORED_SIGNALS, read_to_eof
 
 log = logging.getLogger(__name__)
@@ -109,7 +109,7 @@ async def _spawn_pause(pause: str, comm: str, ns: PodNamespaces, hostname: str,
     if ns.new_pid:
         argv.append("--pid")
     for key, value in ns.sysctls:
-        argv += ["--sysctl", f"{key}={value}"]
+        argv += ["--sysctl", f"{sysctl_path(key)}={value}"]
     argv.append(comm)
     read_fd, write_fd = os.pipe()
     try:
@@ -256,11 +256,12 @@ def _set_oom_score_adj(value: int) -> None:
 
 def _write_sysctl(key: str, value: str) -> None:
     """What kuasar-pause's --sysctl does: /proc/sys serves the writer's own namespaces' values."""
+    path = sysctl_path(key)
     try:
-        with open(os.path.join("/proc/sys", *sysctl_parts(key)), "w") as knob:
+        with open(os.path.join("/proc/sys", path), "w") as knob:
             knob.write(value)
     except OSError as exc:
-        raise RuntimeError(f"sysctl {key}: {exc.strerror}") from None
+        raise RuntimeError(f"sysctl {path}: {exc.strerror}") from None
 
 
 def _host_pid() -> int:

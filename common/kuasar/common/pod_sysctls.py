@@ -30,14 +30,23 @@ MAX_SYSCTLS = 128
 
 
 def sysctl_parts(key: str) -> list[str]:
-    """`net.ipv4.ip_forward` -> ["net", "ipv4", "ip_forward"] (dots or slashes separate, as runc and
-    sysctl(8) read them); a name that could leave /proc/sys, or that kuasar-pause's KEY=VALUE could
-    not carry, is refused."""
-    parts = key.replace(".", "/").split("/")
+    """A sysctl's name -> its path's parts under /proc/sys, read as sysctl.d(5) does: in the dotted form
+    a slash stands for a literal dot (kubelet's `net.ipv4.conf.eth0/100.rp_filter` is VLAN interface
+    eth0.100's), and a name whose first separator is a slash is a path whose dots are literal
+    (`net/ipv4/conf/eth0.100/rp_filter`). A name that could leave /proc/sys, or that kuasar-pause's
+    KEY=VALUE could not carry, is refused."""
+    first = next((c for c in key if c in "./"), ".")
+    parts = key.split("/") if first == "/" else [p.replace("/", ".") for p in key.split(".")]
     if (not key or len(key.encode()) > MAX_NAME_BYTES or "=" in key
             or any(p in ("", ".", "..") or not p.isprintable() or p != p.strip() for p in parts)):
         raise InvalidArgument(f"bad sysctl name {key!r}")
     return parts
+
+
+def sysctl_path(key: str) -> str:
+    """A sysctl's path relative to /proc/sys: `net.ipv4.conf.eth0/100.rp_filter` ->
+    `net/ipv4/conf/eth0.100/rp_filter`."""
+    return "/".join(sysctl_parts(key))
 
 
 def _scope(key: str) -> str:
@@ -69,8 +78,7 @@ def pod_sysctls(requested: Mapping[str, str], own_net: bool, own_ipc: bool, own_
         raise InvalidArgument(f"{len(sysctls)} sysctls; at most {MAX_SYSCTLS} are taken")
     own = {"network": own_net, "IPC": own_ipc, "UTS": own_uts}
     for key, value in sysctls.items():
-        sysctl_parts(key)
-        scope = _scope(key.replace("/", "."))
+        scope = _scope(".".join(sysctl_parts(key)))
         if not scope:
             raise InvalidArgument(f"sysctl {key} is not scoped by a pod's namespaces (only net.*, IPC "
                                   "and kernel.domainname sysctls are)")

@@ -50,7 +50,7 @@ def _write_etc_file(path: Path, text: str) -> None:
 
 
 def write_sysctl(proc_sys: Path, key: str, value: str) -> None:
-    """`net.ipv4.ip_forward` -> <proc_sys>/net/ipv4/ip_forward (dots or slashes separate)."""
+    """`net.ipv4.ip_forward` -> <proc_sys>/net/ipv4/ip_forward (named as sysctl.d(5) reads names)."""
     path = proc_sys.joinpath(*sysctl_parts(key))
     if not path.exists():
         raise NotFound(f"sysctl {key} does not exist in the guest")

@@ -6,7 +6,7 @@
  *   kuasar-pause [NAME]
  *       Already in the pod's namespaces: just hold them.
  *   kuasar-pause --setup [--oom-score-adj N] [--netns PATH [--userns]] [--ipc] [--uts]
- *                [--hostname NAME] [--pid] [--sysctl KEY=VALUE]... NAME
+ *                [--hostname NAME] [--pid] [--sysctl PATH=VALUE]... NAME
  *       The task server spawns us directly (posix_spawn: no fork of a Python heap, whose copy-on-write
  *       faults cost milliseconds on both sides): start a session, set our OOM score adjustment (where
  *       we may: lowering it needs privilege in the host's user namespace, so it comes first), join the
@@ -14,7 +14,8 @@
  *       belong to that one too), unshare IPC/UTS (and PID, forking once so the child is PID 1), set the
  *       hostname and the sysctls (/proc/sys serves the writer's own namespaces: these are the pod's
  *       now), then write our host pid in decimal to stdout and close it. Any failure writes
- *       "!<what>: <error>" instead and exits 1. The task server has checked the sysctls' names.
+ *       "!<what>: <error>" instead and exits 1. A sysctl comes as its path under /proc/sys, which
+ *       the task server has made from its name (a dot in that path is literal: eth0.100) and checked.
  *
  * NAME (at most 15 bytes) becomes the process's comm. setup builds this file from the same tree as
  * kuasar.common.pod_holder, which calls it, so the two always agree on these arguments.
@@ -48,14 +49,14 @@ static void fail(const char *what) {
 
 static void usage(void) {
     fprintf(stderr, "usage: kuasar-pause [--setup [--oom-score-adj N] [--netns PATH [--userns]] [--ipc] "
-                    "[--uts] [--hostname NAME] [--pid] [--sysctl KEY=VALUE]...] [NAME]\n");
+                    "[--uts] [--hostname NAME] [--pid] [--sysctl PATH=VALUE]...] [NAME]\n");
     _exit(2);
 }
 
 /* More than any pod sets (kubelet's safe sysctls are a dozen); it bounds the array below. */
 #define MAX_SYSCTLS 128
 
-/* KEY=VALUE -> /proc/sys/<KEY with dots as slashes>, as runc writes a container's. */
+/* PATH=VALUE -> /proc/sys/PATH. */
 static void write_sysctl(const char *setting) {
     char path[512], what[160];
     const char *eq = strchr(setting, '=');
@@ -67,8 +68,7 @@ static void write_sysctl(const char *setting) {
         fail("sysctl");
     }
     memcpy(path, "/proc/sys/", 10);
-    for (size_t i = 0; i < key_len; i++)
-        path[10 + i] = setting[i] == '.' ? '/' : setting[i];
+    memcpy(path + 10, setting, key_len);
     path[10 + key_len] = '\0';
     snprintf(what, sizeof what, "sysctl %.*s", (int)key_len, setting);
     fd = open(path, O_WRONLY | O_CLOEXEC);
