@@ -61,6 +61,8 @@ class Guest:
         for d in (self.etc, self.proc_sys / "net/ipv4", self.sys_net / "eth0", self.sys_net / "eth1"):
             d.mkdir(parents=True)
         (self.proc_sys / "net/ipv4/ip_forward").write_text("0\n")
+        (self.proc_sys / "net/ipv4/conf/eth0.100").mkdir(parents=True)  # a VLAN interface's knobs
+        (self.proc_sys / "net/ipv4/conf/eth0.100/rp_filter").write_text("0\n")
         (self.sys_net / "eth0/address").write_text("52:54:00:00:00:01\n")
         (self.sys_net / "eth1/address").write_text(MAC + "\n")
         self.ip_calls: list[list[str]] = []
@@ -112,7 +114,7 @@ def test_check_and_setup_sandbox(short_dir: Path) -> None:
         assert check.agent_version and check.share_dir == "/run/kuasar/state" and check.now_ns > 0
         await guest.call("SetupSandbox", pb.SetupSandboxRequest(
             sandbox_id="p1", hostname="web-0", hosts="127.0.0.1 localhost web-0\n", resolv_conf="nameserver 1.1.1.1\n",
-            sysctls={"net.ipv4.ip_forward": "1"},
+            sysctls={"net.ipv4.ip_forward": "1", "net.ipv4.conf.eth0/100.rp_filter": "2"},
             interfaces=[pb.Interface(hw_addr=MAC.upper(), name="eth0", mtu=1450,
                                      addresses=[pb.IPAddress(cidr="10.88.0.5/16")])],
             routes=[pb.Route(dest="", gateway="10.88.0.1"), pb.Route(dest="10.88.0.0/16", device="eth0", scope=253)]))
@@ -123,6 +125,7 @@ def test_check_and_setup_sandbox(short_dir: Path) -> None:
         for name in ("hostname", "hosts", "resolv.conf"):  # every user of the guest reads them
             assert (guest.etc / name).stat().st_mode & 0o777 == 0o644, name
         assert (guest.proc_sys / "net/ipv4/ip_forward").read_text() == "1"
+        assert (guest.proc_sys / "net/ipv4/conf/eth0.100/rp_filter").read_text() == "2"  # kubelet's dotted name
         calls = [" ".join(c) for c in guest.ip_calls]
         # eth1 (found by MAC) takes the name eth0, which another link holds: that one moves aside first
         assert calls[:3] == ["ip link set dev eth1 down", "ip addr flush dev eth1",
