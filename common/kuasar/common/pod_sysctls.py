@@ -34,7 +34,7 @@ def sysctl_parts(key: str) -> list[str]:
     a slash stands for a literal dot (kubelet's `net.ipv4.conf.eth0/100.rp_filter` is VLAN interface
     eth0.100's), and a name whose first separator is a slash is a path whose dots are literal
     (`net/ipv4/conf/eth0.100/rp_filter`). A name that could leave /proc/sys, or that kuasar-pause's
-    KEY=VALUE could not carry, is refused."""
+    PATH=VALUE could not carry, is refused."""
     first = next((c for c in key if c in "./"), ".")
     parts = key.split("/") if first == "/" else [p.replace("/", ".") for p in key.split(".")]
     if (not key or len(key.encode()) > MAX_NAME_BYTES or "=" in key
