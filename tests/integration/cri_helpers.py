@@ -10,9 +10,9 @@ import socket
 import struct
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 import psutil
@@ -22,6 +22,7 @@ from kuasar.common.cri_client import CriClient, container_config, pod_config
 
 BUSYBOX = "localhost/kuasar/busybox:latest"
 HANDLER = "kuasar-runc"
+T = TypeVar("T")
 
 
 async def run_pod(client: CriClient, name: str, log_root: Path, handler: str = HANDLER,
@@ -49,6 +50,19 @@ async def wait_state(client: CriClient, cid: str, state: int, timeout: float = 3
         if time.monotonic() > deadline:
             raise AssertionError(f"container {cid} stayed {cri.ContainerState.Name(status.state)}")
         await asyncio.sleep(0.05)
+
+
+async def while_unavailable(call: Callable[[], Awaitable[T]], timeout: float = 60.0) -> T:
+    """`call()`, retried while containerd answers UNAVAILABLE: its channel to a restarted sandboxer
+    backs off for a while, and its own CRI is not served until it has come back up."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return await call()
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() > deadline:
+                raise
+        await asyncio.sleep(0.2)
 
 
 def log_text(pod: cri.PodSandboxConfig, name: str) -> str:
@@ -217,6 +231,39 @@ async def check_pod_files(address: str, handler: str, log_dir: Path, pods_dir: P
         await remove_pod(client, pod_id)
         await remove_pod(client, host_id)
         assert not (pods_dir / pod_id).exists() and not (pods_dir / host_id).exists()
+
+
+async def check_exit_codes(address: str, handler: str, log_dir: Path) -> None:
+    """An exit status and a death by signal, as CRI reports them. The pod shares one PID namespace:
+    its own process is PID 1 there, so a container's shell can die of a signal it sends itself."""
+    async with CriClient(address) as client:
+        pod_id, pod = await run_pod(client, "codes", log_dir, handler, share_pid=True)
+        seven = await start_container(client, pod_id, pod, "seven", ["sh", "-c", "exit 7"])
+        killed = await start_container(client, pod_id, pod, "killed", ["sh", "-c", "kill -9 $$"])
+        assert (await wait_state(client, seven, cri.CONTAINER_EXITED)).exit_code == 7
+        assert (await wait_state(client, killed, cri.CONTAINER_EXITED)).exit_code == 137
+        await remove_pod(client, pod_id)
+
+
+async def check_stop_sends_sigterm_then_sigkill(address: str, handler: str, log_dir: Path) -> None:
+    """StopContainer: SIGTERM, and SIGKILL once the grace period is over for a container ignoring it."""
+    async with CriClient(address) as client:
+        pod_id, pod = await run_pod(client, "stop", log_dir, handler)
+        polite = await start_container(client, pod_id, pod, "polite",
+                                       ["sh", "-c", "trap 'echo got-term; exit 143' TERM; "
+                                                    "while true; do sleep 0.1; done"])
+        stubborn = await start_container(client, pod_id, pod, "stubborn",
+                                         ["sh", "-c", "trap '' TERM; while true; do sleep 0.1; done"])
+        await wait_state(client, polite, cri.CONTAINER_RUNNING)
+        await wait_state(client, stubborn, cri.CONTAINER_RUNNING)
+        await client.stop_container(polite, timeout=10)
+        assert (await client.container_status(polite)).status.exit_code == 143
+        assert "got-term" in log_text(pod, "polite")
+        await client.stop_container(stubborn, timeout=1)
+        assert (await client.container_status(stubborn)).status.exit_code == 137
+        await client.remove_container(polite)
+        await client.remove_container(stubborn)
+        await remove_pod(client, pod_id)
 
 
 async def check_port_forward(address: str, handler: str, log_dir: Path) -> None:

@@ -6,7 +6,6 @@ One scenario, run for every sandbox type whose CRI path is tested here: runc, wa
 
 from __future__ import annotations
 
-import asyncio
 import os
 import time
 from collections.abc import Iterator
@@ -18,7 +17,7 @@ from kuasar.common.api.runtime.v1 import api_pb2 as cri
 from kuasar.common.cri_client import CriClient
 
 from .conftest import Stack
-from .cri_helpers import children_of, mounts_containing, task_server_pid, wait_state
+from .cri_helpers import children_of, mounts_containing, task_server_pid, wait_state, while_unavailable
 from .flavors import (
     FLAVORS,
     Flavor,
@@ -56,18 +55,6 @@ def stack(tmp_path_factory: pytest.TempPathFactory, flavor: Flavor) -> Iterator[
                             log_level="debug")
 
 
-async def until_serving(call, timeout: float = 60.0):
-    """Retry `call` while containerd's CRI is still coming back up."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            return await call()
-        except grpc.aio.AioRpcError as err:
-            if err.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() > deadline:
-                raise
-        await asyncio.sleep(0.2)
-
-
 def task_bundles(stack: Stack) -> list[str]:
     root = stack.containerd.state_dir / "io.containerd.runtime.v2.task" / "k8s.io"
     return sorted(os.listdir(root)) if root.is_dir() else []
@@ -93,7 +80,7 @@ def test_containerd_restart_keeps_pods_and_containers_manageable(stack: Stack, f
 
     async def after() -> None:
         async with CriClient(stack.address) as client:
-            pod = await until_serving(lambda: client.pod_sandbox_status(ids["pod"]))
+            pod = await while_unavailable(lambda: client.pod_sandbox_status(ids["pod"]))
             assert pod.status.state == cri.SANDBOX_READY
             long = (await client.container_status(ids["long"])).status
             assert long.state == cri.CONTAINER_RUNNING, cri.ContainerState.Name(long.state)

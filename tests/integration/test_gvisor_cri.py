@@ -28,16 +28,18 @@ from tests.support import images
 from .conftest import BUSYBOX, Stack, integration_skip_reason, kill_task_server, start_sandboxer, stop_process
 from .cri_helpers import (
     cgroups_named,
+    check_exit_codes,
     check_pod_files,
     check_port_forward,
+    check_stop_sends_sigterm_then_sigkill,
     check_user_namespace_refused,
-    log_text,
     mounts_containing,
     remove_pod,
     start_container,
     terminal_exec,
     wait_log,
     wait_state,
+    while_unavailable,
 )
 from .cri_helpers import run_pod as cri_run_pod
 
@@ -186,39 +188,11 @@ def test_port_forward_reaches_a_server_in_the_sandbox(gvisor: Stack) -> None:
 
 
 def test_exit_codes_are_reported(gvisor: Stack) -> None:
-    async def scenario() -> None:
-        async with CriClient(gvisor.address) as client:
-            pod_id, pod = await run_pod(client, "gv-codes", gvisor.log_dir, share_pid=True)
-            seven = await start_container(client, pod_id, pod, "seven", ["sh", "-c", "exit 7"])
-            killed = await start_container(client, pod_id, pod, "killed", ["sh", "-c", "kill -9 $$"])
-            assert (await wait_state(client, seven, cri.CONTAINER_EXITED)).exit_code == 7
-            assert (await wait_state(client, killed, cri.CONTAINER_EXITED)).exit_code == 137
-            await remove_pod(client, pod_id)
-
-    gvisor.run(scenario())
+    gvisor.run(check_exit_codes(gvisor.address, HANDLER, gvisor.log_dir))
 
 
 def test_stop_sends_sigterm_then_sigkill(gvisor: Stack) -> None:
-    async def scenario() -> None:
-        async with CriClient(gvisor.address) as client:
-            pod_id, pod = await run_pod(client, "gv-stop", gvisor.log_dir)
-            polite = await start_container(client, pod_id, pod, "polite",
-                                           ["sh", "-c", "trap 'echo got-term; exit 143' TERM; "
-                                                        "while true; do sleep 0.1; done"])
-            stubborn = await start_container(client, pod_id, pod, "stubborn",
-                                             ["sh", "-c", "trap '' TERM; while true; do sleep 0.1; done"])
-            await wait_state(client, polite, cri.CONTAINER_RUNNING)
-            await wait_state(client, stubborn, cri.CONTAINER_RUNNING)
-            await client.stop_container(polite, timeout=10)
-            assert (await client.container_status(polite)).status.exit_code == 143
-            assert "got-term" in log_text(pod, "polite")
-            await client.stop_container(stubborn, timeout=1)
-            assert (await client.container_status(stubborn)).status.exit_code == 137
-            await client.remove_container(polite)
-            await client.remove_container(stubborn)
-            await remove_pod(client, pod_id)
-
-    gvisor.run(scenario())
+    gvisor.run(check_stop_sends_sigterm_then_sigkill(gvisor.address, HANDLER, gvisor.log_dir))
 
 
 def test_host_network_pod_gets_loopback_only(gvisor: Stack) -> None:
@@ -351,15 +325,7 @@ def test_sandboxer_sigkill_and_restart_reattaches_to_gvisor_pods(gvisor: Stack) 
 
     async def after() -> None:
         async with CriClient(gvisor.address) as client:
-            deadline = time.monotonic() + 60
-            while True:
-                try:
-                    status = (await client.pod_sandbox_status(pod_id)).status
-                    break
-                except grpc.aio.AioRpcError as exc:
-                    if exc.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() > deadline:
-                        raise
-                    await asyncio.sleep(0.2)
+            status = (await while_unavailable(lambda: client.pod_sandbox_status(pod_id))).status
             assert status.state == cri.SANDBOX_READY
             result = await client.exec_sync(cid, ["uname", "-r"], timeout=20)
             assert result.stdout == b"4.4.0\n"

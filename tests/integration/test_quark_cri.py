@@ -24,7 +24,7 @@ from kuasar.common.cri_client import CriClient
 
 from . import test_gvisor_cri as gv
 from .conftest import Stack, integration_skip_reason
-from .cri_helpers import check_user_namespace_refused
+from .cri_helpers import check_user_namespace_refused, while_unavailable
 
 pytestmark = pytest.mark.integration
 
@@ -188,15 +188,7 @@ def test_sandboxer_sigkill_and_restart_reattaches_to_the_quark_daemon(quark: Sta
 
     async def after() -> None:
         async with CriClient(quark.address) as client:
-            deadline = time.monotonic() + 60
-            while True:
-                try:
-                    status = (await client.pod_sandbox_status(pod_id)).status
-                    break
-                except grpc.aio.AioRpcError as exc:
-                    if exc.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() > deadline:
-                        raise
-                    await asyncio.sleep(0.2)
+            status = (await while_unavailable(lambda: client.pod_sandbox_status(pod_id))).status
             assert status.state == cri.SANDBOX_READY  # re-attached to the same live daemon
             assert psutil.Process(pid).is_running()
             result = await client.exec_sync(cid, ["echo", "still-here"], timeout=20)

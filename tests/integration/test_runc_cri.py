@@ -20,11 +20,12 @@ from .conftest import Stack
 from .cri_helpers import (
     HANDLER,
     cgroups_named,
+    check_exit_codes,
     check_pod_files,
     check_port_forward,
+    check_stop_sends_sigterm_then_sigkill,
     children_of,
     exec_over_websocket,
-    log_text,
     mounts_containing,
     pod_processes,
     remove_pod,
@@ -138,17 +139,7 @@ def test_containers_and_execs_do_not_inherit_pythons_ignored_signals(stack: Stac
 
 
 def test_exit_codes_are_reported(stack: Stack) -> None:
-    async def scenario() -> None:
-        async with CriClient(stack.address) as client:
-            # A pod-wide PID namespace: the pod process is PID 1, so a container can die of a signal.
-            pod_id, pod = await run_pod(client, "codes", stack.log_dir, share_pid=True)
-            seven = await start_container(client, pod_id, pod, "seven", ["sh", "-c", "exit 7"])
-            killed = await start_container(client, pod_id, pod, "killed", ["sh", "-c", "kill -9 $$"])
-            assert (await wait_state(client, seven, cri.CONTAINER_EXITED)).exit_code == 7
-            assert (await wait_state(client, killed, cri.CONTAINER_EXITED)).exit_code == 137
-            await remove_pod(client, pod_id)
-
-    stack.run(scenario())
+    stack.run(check_exit_codes(stack.address, HANDLER, stack.log_dir))
 
 
 def test_exec_sync_returns_output_and_exit_code(stack: Stack) -> None:
@@ -170,26 +161,7 @@ def test_exec_sync_returns_output_and_exit_code(stack: Stack) -> None:
 
 
 def test_stop_sends_sigterm_then_sigkill(stack: Stack) -> None:
-    async def scenario() -> None:
-        async with CriClient(stack.address) as client:
-            pod_id, pod = await run_pod(client, "stop", stack.log_dir)
-            polite = await start_container(client, pod_id, pod, "polite",
-                                           ["sh", "-c", "trap 'echo got-term; exit 143' TERM; "
-                                                        "while true; do sleep 0.1; done"])
-            stubborn = await start_container(client, pod_id, pod, "stubborn",
-                                             ["sh", "-c", "trap '' TERM; while true; do sleep 0.1; done"])
-            await wait_state(client, polite, cri.CONTAINER_RUNNING)
-            await wait_state(client, stubborn, cri.CONTAINER_RUNNING)
-            await client.stop_container(polite, timeout=10)
-            assert (await client.container_status(polite)).status.exit_code == 143
-            assert "got-term" in log_text(pod, "polite")
-            await client.stop_container(stubborn, timeout=1)
-            assert (await client.container_status(stubborn)).status.exit_code == 137
-            await client.remove_container(polite)
-            await client.remove_container(stubborn)
-            await remove_pod(client, pod_id)
-
-    stack.run(scenario())
+    stack.run(check_stop_sends_sigterm_then_sigkill(stack.address, HANDLER, stack.log_dir))
 
 
 def test_two_pods_side_by_side_have_their_own_namespaces(stack: Stack) -> None:

@@ -8,14 +8,13 @@ import os
 import signal
 import time
 
-import grpc
 import pytest
 
 from kuasar.common.api.runtime.v1 import api_pb2 as cri
 from kuasar.common.cri_client import CriClient
 
 from .conftest import Stack, start_sandboxer
-from .cri_helpers import remove_pod, run_pod, start_container, task_server_pid, wait_state
+from .cri_helpers import remove_pod, run_pod, start_container, task_server_pid, wait_state, while_unavailable
 
 pytestmark = pytest.mark.integration
 
@@ -48,7 +47,7 @@ def test_sandboxer_sigkill_and_restart_keeps_pods_and_reports_exits_seen_while_d
     async def after() -> None:
         async with CriClient(stack.address) as client:
             # containerd's gRPC channel to us backs off while we were down; it reconnects by itself.
-            status = await until_reconnected(lambda: client.pod_sandbox_status(ids["keep"]))
+            status = await while_unavailable(lambda: client.pod_sandbox_status(ids["keep"]))
             assert status.status.state == cri.SANDBOX_READY
             assert (await client.container_status(ids["long"])).status.state == cri.CONTAINER_RUNNING
             short = await wait_state(client, ids["short"], cri.CONTAINER_EXITED)
@@ -71,14 +70,3 @@ def test_sandboxer_sigkill_and_restart_keeps_pods_and_reports_exits_seen_while_d
 
 async def asyncio_sleep(seconds: float) -> None:
     await asyncio.sleep(seconds)
-
-
-async def until_reconnected(call, timeout: float = 60.0):
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            return await call()
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() > deadline:
-                raise
-            await asyncio.sleep(0.2)

@@ -41,7 +41,7 @@ from tests.support import containerd as cd
 from tests.support import images
 
 from .conftest import integration_skip_reason, start_sandboxer, stop_process
-from .cri_helpers import check_user_namespace_refused, forward_once, wait_log, wait_state
+from .cri_helpers import check_user_namespace_refused, forward_once, wait_log, wait_state, while_unavailable
 
 pytestmark = pytest.mark.integration
 
@@ -330,18 +330,6 @@ def test_vm_pod_with_network_two_containers_exec_and_cleanup(stack: VmStack) -> 
     asyncio.run(scenario())
 
 
-async def pod_status_after_restart(client: CriClient, pod_id: str) -> cri.PodSandboxStatus:
-    """containerd's connection to the proxy plugin backs off while the sandboxer is down."""
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            return (await client.pod_sandbox_status(pod_id)).status
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() > deadline:
-                raise
-            await asyncio.sleep(0.2)
-
-
 def test_sandboxer_restart_then_vm_killed_from_outside(stack: VmStack) -> None:
     """A host-network pod (no NIC) sized by annotations, with a shared PID namespace. The sandboxer is
     killed and restarted: it re-attaches to the VM and containerd's task connections (through the task
@@ -373,7 +361,8 @@ def test_sandboxer_restart_then_vm_killed_from_outside(stack: VmStack) -> None:
             stack.sandboxer = start_sandboxer(stack.socket, stack.directory, stack.log,
                                               stack.containerd.ttrpc_address, module="kuasar.vmm.cli",
                                               extra_args=("--config", str(stack.config)))
-            assert (await pod_status_after_restart(client, pod_id)).state == cri.SANDBOX_READY
+            status = (await while_unavailable(lambda: client.pod_sandbox_status(pod_id))).status
+            assert status.state == cri.SANDBOX_READY
             result = await client.exec_sync(cid, ["sh", "-c", "echo still-here"])
             assert result.stdout == b"still-here\n" and result.exit_code == 0
             assert (await client.container_status(cid)).status.state == cri.CONTAINER_RUNNING

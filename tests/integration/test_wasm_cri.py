@@ -39,6 +39,7 @@ from .cri_helpers import (
     task_server_pid,
     wait_log,
     wait_state,
+    while_unavailable,
 )
 from .wasm_stack import GREETING, WASM_HANDLER, WASM_IMAGE, stack_fixture
 
@@ -470,15 +471,7 @@ def test_sandboxer_sigkill_and_restart_keeps_wasm_containers_running(stack: Stac
 
     async def after() -> None:
         async with CriClient(stack.address) as client:
-            deadline = time.monotonic() + 60
-            while True:  # containerd's channel to the sandboxer backs off while it was down
-                try:
-                    status = await client.pod_sandbox_status(pod_id)
-                    break
-                except grpc.aio.AioRpcError as exc:
-                    if exc.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() > deadline:
-                        raise
-                    await asyncio.sleep(0.2)
+            status = await while_unavailable(lambda: client.pod_sandbox_status(pod_id))
             assert status.status.state == cri.SANDBOX_READY
             assert (await client.container_status(cid)).status.state == cri.CONTAINER_RUNNING
             hello = await client.exec_sync(cid, ["/hello.wasm"], timeout=20)
