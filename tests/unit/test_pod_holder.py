@@ -15,7 +15,7 @@ import pytest
 from kuasar.common import linux, pod_holder
 from kuasar.common.errors import RuntimeFailure
 from kuasar.common.pod_holder import PodNamespaces, start_pod_holder
-from kuasar.common.pod_sysctls import sysctl_path
+from kuasar.common.pod_sysctls import MAX_SYSCTLS, sysctl_path
 from tests.support.userns import namespace_holder
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="namespaces need root")
@@ -229,6 +229,16 @@ def test_a_sysctl_that_cannot_be_set_fails_the_pod_and_leaves_no_process(holder_
         asyncio.run(start_pod_holder("badsysctl", PodNamespaces(sysctls=(("net.ipv4.no_such_knob", "1"),))))
     time.sleep(0.2)
     assert [pid for pid in set(os.listdir("/proc")) - before if pid.isdigit() and live_holder(pid)] == []
+
+
+def test_kuasar_pause_refuses_more_sysctls_than_it_holds_instead_of_misreading_them() -> None:
+    pod_holder.pause_program.cache_clear()
+    pause = pod_holder.pause_program()
+    if pause is None:
+        pytest.skip("kuasar-pause is not built (make setup)")
+    too_many = [arg for i in range(MAX_SYSCTLS + 1) for arg in ("--sysctl", f"kernel/none{i}=1")]
+    done = subprocess.run([pause, "--setup", *too_many, "toomany"], capture_output=True, text=True, timeout=10)
+    assert done.returncode == 2 and "usage" in done.stderr and not done.stdout
 
 
 def live_holder(pid: str) -> bool:

@@ -193,8 +193,11 @@ int main(int argc, char **argv) {
             oom_score_adj = argv[++i];
         else if (strcmp(argv[i], "--hostname") == 0 && i + 1 < argc)
             hostname = argv[++i];
-        else if (strcmp(argv[i], "--sysctl") == 0 && i + 1 < argc && n_sysctls < MAX_SYSCTLS)
+        else if (strcmp(argv[i], "--sysctl") == 0 && i + 1 < argc) {
+            if (n_sysctls == MAX_SYSCTLS)
+                usage();  /* not dropped: one more would be read as NAME */
             sysctls[n_sysctls++] = argv[++i];
+        }
         else if (strcmp(argv[i], "--userns") == 0)
             userns = 1;
         else if (strcmp(argv[i], "--ipc") == 0)
