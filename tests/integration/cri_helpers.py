@@ -274,16 +274,24 @@ async def check_port_forward(address: str, handler: str, log_dir: Path) -> None:
         server = "mkdir -p /tmp/www && hostname > /tmp/www/name && exec httpd -f -p 8080 -h /tmp/www"
         cid = await start_container(client, pod_id, pod, "httpd", ["sh", "-c", server])
         await wait_state(client, cid, cri.CONTAINER_RUNNING)
-        for _ in range(100):  # httpd may not listen yet; a URL serves one session
-            url = await client.port_forward(pod_id, [8080])
-            answer, error = await forward_once(url, 8080, b"GET /name HTTP/1.0\r\n\r\n")
-            if answer:
-                break
-            await asyncio.sleep(0.1)
+        # httpd may not listen yet
+        answer, error = await forward_until_answered(client, pod_id, 8080, b"GET /name HTTP/1.0\r\n\r\n", 10.0)
         assert answer.startswith(b"HTTP/1.1 200 OK") and answer.endswith(b"\r\n\r\nweb-pod\n"), (answer, error)
         answer, error = await forward_once(await client.port_forward(pod_id, [8081]), 8081, b"x")
         assert not answer and "8081" in error, error
         await remove_pod(client, pod_id)
+
+
+async def forward_until_answered(client: CriClient, pod_id: str, port: int, request: bytes,
+                                 timeout: float = 30.0) -> tuple[bytes, str]:  # noqa: ASYNC109
+    """forward_once through a new CRI PortForward session each time (a URL serves one), until the
+    server in the pod answers or `timeout` has passed; the last (answer, error)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        answer, error = await forward_once(await client.port_forward(pod_id, [port]), port, request)
+        if answer or time.monotonic() > deadline:
+            return answer, error
+        await asyncio.sleep(0.1)
 
 
 async def forward_once(url: str, port: int, request: bytes, timeout: float = 20.0) -> tuple[bytes, str]:

@@ -15,6 +15,7 @@ import pytest
 from kuasar.common import linux
 from kuasar.common.api.runtime.v1 import api_pb2 as cri
 from kuasar.common.cri_client import CriClient, pod_config
+from kuasar.common.pod_sysctls import sysctl_path
 
 from .conftest import Stack
 from .cri_helpers import (
@@ -194,7 +195,7 @@ def test_pod_sysctls_and_containerds_defaults_are_set_in_the_pods_namespaces(sta
     with its own network unprivileged low ports and ICMP sockets; the host keeps its values."""
     keys = ("net.ipv4.ip_local_port_range", "kernel.shm_rmid_forced", "net.ipv4.ip_unprivileged_port_start",
             "net.ipv4.ping_group_range")
-    host = {key: Path("/proc/sys", key.replace(".", "/")).read_text().split() for key in keys}
+    host = {key: Path("/proc/sys", sysctl_path(key)).read_text().split() for key in keys}
 
     async def scenario() -> None:
         async with CriClient(stack.address) as client:
@@ -202,7 +203,7 @@ def test_pod_sysctls_and_containerds_defaults_are_set_in_the_pods_namespaces(sta
             pod_id, config = await run_pod(client, "sysctls", stack.log_dir, host_network=False, sysctls=sysctls)
             cid = await start_container(client, pod_id, config, "main", ["sleep", "3600"])
             await wait_state(client, cid, cri.CONTAINER_RUNNING)
-            paths = " ".join(str(Path("/proc/sys", key.replace(".", "/"))) for key in keys)
+            paths = " ".join(str(Path("/proc/sys", sysctl_path(key))) for key in keys)
             seen = await client.exec_sync(cid, ["sh", "-c", f"for f in {paths}; do echo $(cat $f); done"], timeout=20)
             assert seen.exit_code == 0, seen.stderr
             assert [line.split() for line in seen.stdout.decode().splitlines()] == [
@@ -214,7 +215,7 @@ def test_pod_sysctls_and_containerds_defaults_are_set_in_the_pods_namespaces(sta
                               sysctls={**sysctls, "vm.swappiness": "1"})
 
     stack.run(scenario())
-    assert {key: Path("/proc/sys", key.replace(".", "/")).read_text().split() for key in keys} == host
+    assert {key: Path("/proc/sys", sysctl_path(key)).read_text().split() for key in keys} == host
     assert_nothing_left(stack)
 
 

@@ -41,7 +41,14 @@ from tests.support import containerd as cd
 from tests.support import images
 
 from .conftest import integration_skip_reason, start_sandboxer, stop_process
-from .cri_helpers import check_user_namespace_refused, forward_once, wait_log, wait_state, while_unavailable
+from .cri_helpers import (
+    check_user_namespace_refused,
+    forward_once,
+    forward_until_answered,
+    wait_log,
+    wait_state,
+    while_unavailable,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -231,16 +238,6 @@ async def tcp_read(host: str, port: int, timeout: float = 60.0) -> bytes:
         writer.close()
 
 
-async def port_forward_once(client: CriClient, pod_id: str, port: int, request: bytes) -> tuple[bytes, str]:
-    """One connection through CRI PortForward, retried (bounded) until the server in the guest answers."""
-    deadline = time.monotonic() + 30
-    while True:
-        answer, error = await forward_once(await client.port_forward(pod_id, [port]), port, request)
-        if answer or time.monotonic() > deadline:
-            return answer, error
-        await asyncio.sleep(0.2)
-
-
 async def sandbox_metrics(stack: VmStack, pod_id: str) -> v2.Metrics:
     async with grpc.aio.insecure_channel(f"unix://{stack.socket}") as channel:
         stub = sb_grpc.ControllerStub(channel)
@@ -298,7 +295,7 @@ def test_vm_pod_with_network_two_containers_exec_and_cleanup(stack: VmStack) -> 
                                   ["sh", "-c", f"{web}; echo pong-from-the-vm | nc -l -p 8080; exec sleep 3600"])
             await wait_state(client, sleeper, cri.CONTAINER_RUNNING, timeout=TIMEOUT)
             assert await tcp_read(pod_ip, 8080) == b"pong-from-the-vm\n"
-            answer, error = await port_forward_once(client, pod_id, 8081, b"GET /name HTTP/1.0\r\n\r\n")
+            answer, error = await forward_until_answered(client, pod_id, 8081, b"GET /name HTTP/1.0\r\n\r\n")
             assert answer.startswith(b"HTTP/1.1 200 OK") and answer.endswith(b"\r\n\r\nforwarded-from-the-vm\n"), \
                 (answer, error)
             answer, error = await forward_once(await client.port_forward(pod_id, [8082]), 8082, b"x")

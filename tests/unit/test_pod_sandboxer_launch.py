@@ -167,19 +167,16 @@ def test_a_type_whose_containers_cannot_enter_it_refuses_a_user_namespace(tmp_pa
 
 def test_the_pod_request_carries_its_sysctls_with_containerds_defaults_and_bad_ones_send_nothing(
         tmp_path: Path) -> None:
-    def with_sysctls(sandbox_id: str, sysctls: dict[str, str], netns: str) -> SandboxRecord:
-        return record(sandbox_id, netns=netns, sysctls=sysctls)
-
     async def main() -> None:
         sandboxer, fake = make(tmp_path)
-        await sandboxer.create(with_sysctls("j" * 64, {"net.core.somaxconn": "4096"}, "/var/run/netns/cni-5"))
-        await sandboxer.create(with_sysctls("k" * 64, {"kernel.shm_rmid_forced": "1"}, ""))
+        await sandboxer.create(record("j" * 64, netns="/var/run/netns/cni-5", sysctls={"net.core.somaxconn": "4096"}))
+        await sandboxer.create(record("k" * 64, sysctls={"kernel.shm_rmid_forced": "1"}))
         assert [dict(r.sysctls) for _, r in fake.sent] == [
             {"net.core.somaxconn": "4096", "net.ipv4.ip_unprivileged_port_start": "0",
              "net.ipv4.ping_group_range": "0 2147483647"},
             {"kernel.shm_rmid_forced": "1"}]  # the host network: no defaults, and no net.* allowed
         with pytest.raises(InvalidArgument, match="own network namespace"):
-            await sandboxer.create(with_sysctls("l" * 64, {"net.core.somaxconn": "1"}, ""))
+            await sandboxer.create(record("l" * 64, sysctls={"net.core.somaxconn": "1"}))
         assert len(fake.sent) == 2
 
     asyncio.run(main())

@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 
 from kuasar.common import cgroups
+from kuasar.common.api.kuasar.pods.v1 import pods_pb2 as pb
+from kuasar.common.errors import InvalidArgument
 from kuasar.common.pod_service import Pod, PodService
 from kuasar.common.reaper import Reaper
 
@@ -83,9 +85,6 @@ def test_a_failed_move_stops_the_pod() -> None:
 def test_a_user_namespaced_pod_without_a_netns_or_on_a_launcher_is_refused_before_anything_is_made() -> None:
     """The task server's own guard (the sandboxer refuses these first): nothing to join, or a type whose
     pods its launcher makes (gVisor's)."""
-    from kuasar.common.api.kuasar.pods.v1 import pods_pb2 as pb
-    from kuasar.common.errors import InvalidArgument
-
     async def main() -> None:
         plain = PodService(Reaper(), containers=None)  # type: ignore[arg-type]
         with pytest.raises(InvalidArgument, match="needs a netns"):

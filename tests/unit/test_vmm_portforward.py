@@ -20,7 +20,6 @@ import pytest
 from kuasar.common import guest_forward
 from kuasar.common.errors import RuntimeFailure
 from kuasar.vmagent.portforward import PortForwardService
-from kuasar.vmm import portforward
 from kuasar.vmm.network import call_in_netns
 from kuasar.vmm.portforward import CHAIN, PortForwarder, redirect_rules, remove_redirect
 
@@ -135,7 +134,7 @@ def test_an_unreachable_guest_resets_the_connection(netns: str, tmp_path: Path) 
         server = await PortForwarder(str(tmp_path / "no-vsock.sock")).serve(netns)
         await assert_reset(netns, 8080)
         server.close()
-        await portforward.remove_redirect(netns)
+        await remove_redirect(netns)
 
     asyncio.run(scenario())
 

@@ -50,4 +50,3 @@ class PortForwardService:
         writer.write(proto.OK_LINE)
         log.debug("port forward to %s:%d", self.host, port)
         await proto.relay((reader, writer), target)
-
