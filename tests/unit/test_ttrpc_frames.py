@@ -14,6 +14,7 @@ from kuasar.common.ttrpc import (
     Frame,
     FrameDecoder,
     FrameType,
+    OversizedFrame,
     ProtocolError,
     encode_frame,
 )
@@ -93,15 +94,41 @@ def test_decode_zero_length_data_without_no_data_flag_is_an_empty_message() -> N
     assert frame == Frame(1, FrameType.DATA, Flag(0), b"")
 
 
-def test_decode_rejects_oversized_length_without_waiting_for_the_payload() -> None:
+def test_decode_reports_an_oversized_frame_at_its_header_and_skips_its_payload_unbuffered() -> None:
     decoder = FrameDecoder()
-    header = (MAX_MESSAGE_SIZE + 1).to_bytes(4, "big") + b"\x00\x00\x00\x09\x01\x00"
+    length = MAX_MESSAGE_SIZE + 5
+    # Type 7 and flag 0x80 are unknown too: the length is checked first, as Go does, so that the
+    # frame's bytes are skipped whatever else is wrong with it.
+    header = length.to_bytes(4, "big") + b"\x00\x00\x00\x09\x07\x80"
+    (refused,) = decoder.feed(header)  # no payload byte has been sent yet
+    assert refused == OversizedFrame(9, length)
+    assert refused.message == "message length 4194309 exceed maximum message size of 4194304"
+    assert decoder.feed(b"\xff" * MAX_MESSAGE_SIZE) == []
+    assert decoder.pending == 0  # skipped, not held
+    following = b"\x00\x00\x00\x02\x00\x00\x00\x0b\x01\x00hi"
+    # The payload's last 5 bytes and the next frame arrive in one read.
+    assert decoder.feed(b"\xff" * 5 + following) == [Frame(11, FrameType.REQUEST, Flag(0), b"hi")]
+
+
+def test_decode_skips_an_oversized_payload_split_over_reads_and_in_the_same_read() -> None:
+    length = MAX_MESSAGE_SIZE + 1
+    raw = (length.to_bytes(4, "big") + b"\x00\x00\x00\x03\x03\x00" + b"\x00" * length
+           + b"\x00\x00\x00\x01\x00\x00\x00\x05\x03\x00z")
+    whole = FrameDecoder().feed(raw)
+    assert whole == [OversizedFrame(3, length), Frame(5, FrameType.DATA, Flag(0), b"z")]
+    decoder, pieces = FrameDecoder(), []
+    for start in range(0, len(raw), 1 << 20):
+        pieces += decoder.feed(raw[start:start + (1 << 20)])
+    assert pieces == whole
+
+
+def test_eof_in_an_oversized_payload_is_data_loss_on_no_stream() -> None:
+    decoder = FrameDecoder()
+    decoder.feed((MAX_MESSAGE_SIZE + 1).to_bytes(4, "big") + b"\x00\x00\x00\x09\x01\x00" + b"\x00" * 10)
     with pytest.raises(ProtocolError) as info:
-        decoder.feed(header)  # no payload byte has been sent
-    assert info.value.code == Code.RESOURCE_EXHAUSTED
-    assert info.value.stream_id == 9
-    assert "exceed maximum message size of 4194304" in info.value.message
-    assert decoder.pending == 0  # nothing buffered
+        decoder.eof()
+    assert info.value.code == Code.DATA_LOSS
+    assert info.value.stream_id is None  # its status went out when the header came
 
 
 def test_decode_rejects_unknown_frame_type() -> None:
@@ -119,7 +146,7 @@ def test_decode_rejects_unknown_flag_bits() -> None:
 def test_decoder_refuses_to_continue_after_an_error() -> None:
     decoder = FrameDecoder()
     with pytest.raises(ProtocolError):
-        decoder.feed(b"\xff" * HEADER_SIZE)
+        decoder.feed(b"\x00" * 7 + b"\x01\xff\x00")  # unknown type
     with pytest.raises(ProtocolError):
         decoder.feed(REQUEST_BYTES)
     with pytest.raises(ProtocolError):

@@ -376,16 +376,96 @@ def test_garbage_bytes_close_that_connection_and_server_keeps_serving(sock_path:
     async def main() -> None:
         async with serving(sock_path) as (server, probe):
             peer = await RawPeer.connect(sock_path)
-            await peer.send(b"\xff" * 64)
+            await peer.send(b"\x00" * 4 + b"\xff" * 60)  # an empty frame of type 0xff, then noise
             (frame,) = await peer.frames(1)  # the status goes back on the id the header named
             assert frame.stream_id == 0xFFFFFFFF
-            assert status_of(frame)[0] == Code.RESOURCE_EXHAUSTED
+            assert status_of(frame)[0] == Code.INVALID_ARGUMENT
             assert await peer.at_eof()
             peer.close()
             async with client_of(sock_path) as client:
                 assert (await client.call(SVC, "Echo", KV(value="ok"), KV)).value == "OK"
             await until(lambda: len(probe.closed_connections) == 2)
             assert server.active_connections == 0
+    run(main())
+
+
+def test_oversized_request_is_refused_on_its_stream_and_the_connection_serves_on(sock_path: str) -> None:
+    """As Go's ttrpc: the payload is skipped, RESOURCE_EXHAUSTED goes back on that stream, and the other
+    calls on the connection (containerd's one connection to a task server) are not touched."""
+    async def main() -> None:
+        async with serving(sock_path) as (server, _):
+            peer = await RawPeer.connect(sock_path)
+            await peer.request(1, "Sleep", KV(value="0.3").SerializeToString())
+            length = MAX_MESSAGE_SIZE + 1
+            await peer.send(length.to_bytes(4, "big") + b"\x00\x00\x00\x03\x01\x00")
+            (refused,) = await peer.frames(1)  # at the header: no need to wait for the payload
+            assert refused.stream_id == 3
+            assert status_of(refused) == (Code.RESOURCE_EXHAUSTED,
+                                          f"message length {length} exceed maximum message size of 4194304")
+            await peer.send(b"\x00" * length)
+            await peer.request(5, "Echo", KV(value="after").SerializeToString())
+            replies = {frame.stream_id: frame for frame in await peer.frames(2)}
+            assert status_of(replies[1])[0] == Code.OK  # the call in flight was answered
+            assert KV.FromString(request_pb2.Response.FromString(replies[5].payload).payload).value == "AFTER"
+            assert server.active_connections == 1
+            peer.close()
+    run(main())
+
+
+def test_oversized_data_on_a_stream_ends_that_stream_and_cancels_its_handler(sock_path: str) -> None:
+    async def main() -> None:
+        async with serving(sock_path) as (server, _):
+            peer = await RawPeer.connect(sock_path)
+            await peer.request(1, "EchoStream", flags=int(Flag.REMOTE_OPEN))
+            await until(lambda: server.active_handlers == 1)
+            length = MAX_MESSAGE_SIZE + 1
+            await peer.send(length.to_bytes(4, "big") + b"\x00\x00\x00\x01\x03\x00" + b"\x00" * length)
+            (refused,) = await peer.frames(1)
+            assert refused.stream_id == 1 and status_of(refused)[0] == Code.RESOURCE_EXHAUSTED
+            await until(lambda: server.active_handlers == 0)
+            await peer.request(3, "Echo", KV(value="x").SerializeToString())
+            (answer,) = await peer.frames(1)
+            assert answer.stream_id == 3 and status_of(answer)[0] == Code.OK
+            peer.close()
+    run(main())
+
+
+def test_client_fails_only_the_call_whose_reply_is_oversized(sock_path: str) -> None:
+    async def fake_server(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        decoder, seen = FrameDecoder(), []
+        while len(seen) < 2:
+            seen += decoder.feed(await reader.read(65536))
+        length = MAX_MESSAGE_SIZE + 1
+        writer.write(length.to_bytes(4, "big") + b"\x00\x00\x00\x01\x02\x00" + b"\x00" * length)
+        fine = request_pb2.Response(payload=KV(value="fine").SerializeToString()).SerializeToString()
+        writer.write(encode_frame(Frame(3, FrameType.RESPONSE, Flag(0), fine)))
+        await writer.drain()
+        await reader.read()  # until the client hangs up
+
+    async def main() -> None:
+        server = await asyncio.start_unix_server(fake_server, sock_path)
+        try:
+            async with client_of(sock_path) as client:
+                first = asyncio.ensure_future(client.call(SVC, "A", KV(), KV, timeout=5))
+                second = asyncio.ensure_future(client.call(SVC, "B", KV(), KV, timeout=5))
+                with pytest.raises(ResourceExhausted, match="exceed maximum message size"):
+                    await first
+                assert (await second).value == "fine"
+        finally:
+            server.close()
+    run(main())
+
+
+def test_a_deadline_already_past_runs_nothing(sock_path: str) -> None:
+    """Go's client sends the time left, negative once its caller gave up; only 0 means no deadline."""
+    async def main() -> None:
+        async with serving(sock_path) as (_, probe):
+            peer = await RawPeer.connect(sock_path)
+            await peer.request(1, "Echo", KV(value="late").SerializeToString(), timeout_nano=-1_000_000)
+            (frame,) = await peer.frames(1)
+            assert status_of(frame)[0] == Code.DEADLINE_EXCEEDED
+            assert probe.contexts == []  # the handler never ran
+            peer.close()
     run(main())
 
 

@@ -6,6 +6,7 @@ from .connection import (
     MAX_STREAM_ID,
     ClientConnection,
     Event,
+    MessageRefused,
     NewRequest,
     ResponseReceived,
     ServerConnection,
@@ -21,6 +22,7 @@ from .frames import (
     Frame,
     FrameDecoder,
     FrameType,
+    OversizedFrame,
     ProtocolError,
     encode_frame,
 )
@@ -30,7 +32,7 @@ from .server import NAMESPACE_KEY, Context, ServerStream, StreamHandler, TtrpcSe
 __all__ = [
     "HEADER_SIZE", "MAX_MESSAGE_SIZE", "MAX_STREAM_ID", "NAMESPACE_KEY", "NO_FLAGS", "STREAM_FULL_TIMEOUT",
     "STREAM_RECV_BUFFER", "ClientConnection", "ClientStream", "Context", "Event", "Flag", "Frame",
-    "FrameDecoder", "FrameType", "NewRequest", "ProtocolError", "ResponseReceived", "ServerConnection",
-    "ServerStream", "StreamClosed", "StreamData", "StreamHandler", "TtrpcClient", "TtrpcServer",
-    "UnaryHandler", "encode_frame", "status_response",
+    "FrameDecoder", "FrameType", "MessageRefused", "NewRequest", "OversizedFrame", "ProtocolError",
+    "ResponseReceived", "ServerConnection", "ServerStream", "StreamClosed", "StreamData", "StreamHandler",
+    "TtrpcClient", "TtrpcServer", "UnaryHandler", "encode_frame", "status_response",
 ]

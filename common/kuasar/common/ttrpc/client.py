@@ -11,9 +11,9 @@ from typing import Any, TypeVar, overload
 from google.protobuf.message import DecodeError, Message
 
 from kuasar.common.api.ttrpc import request_pb2
-from kuasar.common.errors import Code, DeadlineExceeded, Internal, Unavailable, from_code
+from kuasar.common.errors import Code, DeadlineExceeded, Internal, ResourceExhausted, Unavailable, from_code
 
-from .connection import ClientConnection, Event, ResponseReceived, StreamData
+from .connection import ClientConnection, Event, MessageRefused, ResponseReceived, StreamData
 from .frames import NO_FLAGS, Flag, ProtocolError
 from .inbox import Inbox
 
@@ -241,6 +241,14 @@ class TtrpcClient:
             if event.end:
                 self._streams.pop(event.stream_id, None)
                 stream._inbox.close()
+        elif isinstance(event, MessageRefused):  # a reply over the size limit fails its call alone
+            error = ResourceExhausted(event.message)
+            future = self._calls.get(event.stream_id)
+            if future is not None and not future.done():
+                future.set_exception(error)
+            stream = self._streams.pop(event.stream_id, None)
+            if stream is not None:
+                stream._inbox.close(error)
 
     def _fail_all(self, reason: str) -> None:
         if self._error is None:

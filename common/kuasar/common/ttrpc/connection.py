@@ -12,9 +12,9 @@ from dataclasses import dataclass
 from google.protobuf.message import DecodeError
 
 from kuasar.common.api.ttrpc import request_pb2
-from kuasar.common.errors import FailedPrecondition, ResourceExhausted
+from kuasar.common.errors import Code, FailedPrecondition, ResourceExhausted
 
-from .frames import NO_FLAGS, Flag, Frame, FrameDecoder, FrameType, ProtocolError, encode_frame
+from .frames import NO_FLAGS, Flag, Frame, FrameDecoder, FrameType, OversizedFrame, ProtocolError, encode_frame
 
 # Stream ids are uint32 on the wire; a client that used them all up must reconnect.
 MAX_STREAM_ID = 0xFFFF_FFFF
@@ -47,7 +47,17 @@ class ResponseReceived:
     response: request_pb2.Response
 
 
-Event = NewRequest | StreamData | ResponseReceived
+@dataclass(frozen=True)
+class MessageRefused:
+    """The peer sent a frame over MAX_MESSAGE_SIZE on `stream_id` (its payload was skipped). A server
+    answers that stream with RESOURCE_EXHAUSTED (`refuse`); a client fails the call with it. The
+    stream, if it was open, is finished; the connection goes on."""
+
+    stream_id: int
+    message: str
+
+
+Event = NewRequest | StreamData | ResponseReceived | MessageRefused
 
 
 class StreamClosed(FailedPrecondition):
@@ -86,7 +96,7 @@ class _Connection:
         events: list[Event] = []
         try:
             for frame in self._decoder.feed(data):
-                event = self._on_frame(frame)
+                event = self._on_oversized(frame) if isinstance(frame, OversizedFrame) else self._on_frame(frame)
                 if event is not None:
                     events.append(event)
         except ProtocolError as err:
@@ -116,6 +126,10 @@ class _Connection:
 
     def _on_frame(self, frame: Frame) -> Event | None:
         raise NotImplementedError
+
+    def _on_oversized(self, frame: OversizedFrame) -> MessageRefused | None:
+        self._streams.pop(frame.stream_id, None)
+        return MessageRefused(frame.stream_id, frame.message)
 
     def _on_data(self, frame: Frame, stream: _Stream) -> StreamData | None:
         if stream.remote_closed:
@@ -188,6 +202,12 @@ class ServerConnection(_Connection):
         del self._streams[stream_id]
 
     @staticmethod
+    def refuse(event: MessageRefused) -> bytes:
+        """The RESOURCE_EXHAUSTED Response for an oversized frame, on the stream it named."""
+        payload = status_response(Code.RESOURCE_EXHAUSTED, event.message).SerializeToString()
+        return encode_frame(Frame(event.stream_id, FrameType.RESPONSE, NO_FLAGS, payload))
+
+    @staticmethod
     def reject(error: ProtocolError) -> bytes | None:
         """The status Response for a protocol error, on the offending stream id if it had one.
         Independent of stream state: the id may be one the client was not allowed to use."""
@@ -223,6 +243,10 @@ class ClientConnection(_Connection):
         """Stop tracking a stream the caller gave up on (timeout, cancellation)."""
         self._streams.pop(stream_id, None)
 
+    def _on_oversized(self, frame: OversizedFrame) -> MessageRefused | None:
+        # Like Go's client: only a stream we still wait on hears of it.
+        return super()._on_oversized(frame) if frame.stream_id in self._streams else None
+
     def _on_frame(self, frame: Frame) -> Event | None:
         sid = frame.stream_id
         if frame.type is FrameType.REQUEST:
@@ -255,6 +279,6 @@ def _encode(frame: Frame) -> bytes:
 
 
 __all__ = [
-    "ClientConnection", "Event", "MAX_STREAM_ID", "NewRequest", "ResponseReceived", "ServerConnection",
-    "StreamClosed", "StreamData", "status_response",
+    "ClientConnection", "Event", "MAX_STREAM_ID", "MessageRefused", "NewRequest", "ResponseReceived",
+    "ServerConnection", "StreamClosed", "StreamData", "status_response",
 ]

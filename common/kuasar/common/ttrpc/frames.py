@@ -14,6 +14,7 @@ from kuasar.common.errors import Code, KuasarError
 HEADER_SIZE = 10
 _HEADER = struct.Struct(">IIBB")
 assert _HEADER.size == HEADER_SIZE
+_LENGTH_AND_STREAM = struct.Struct(">II")
 
 # The limit every ttrpc implementation (Go `messageLengthMax`, Rust `MESSAGE_LENGTH_MAX`) enforces.
 # Peers reject anything larger, so sending more is pointless, and accepting more would let one
@@ -62,21 +63,41 @@ class Frame:
     payload: bytes = b""
 
 
+@dataclass(frozen=True)
+class OversizedFrame:
+    """A frame longer than MAX_MESSAGE_SIZE. Its payload is skipped as it arrives, never buffered, and
+    the connection goes on: like Go's ttrpc, the peer answers the stream it named with `message`
+    (RESOURCE_EXHAUSTED) instead of dropping every other call on the connection."""
+
+    stream_id: int
+    length: int
+
+    @property
+    def message(self) -> str:
+        return _too_long(self.length)
+
+
+def _too_long(length: int) -> str:
+    # Go's words, so clients see a familiar error.
+    return f"message length {length} exceed maximum message size of {MAX_MESSAGE_SIZE}"
+
+
 def encode_frame(frame: Frame) -> bytes:
     """Header plus payload; refuses payloads the peer would reject anyway."""
     size = len(frame.payload)
     if size > MAX_MESSAGE_SIZE:
-        raise ProtocolError(f"message length {size} exceed maximum message size of {MAX_MESSAGE_SIZE}",
-                            Code.RESOURCE_EXHAUSTED, frame.stream_id)
+        raise ProtocolError(_too_long(size), Code.RESOURCE_EXHAUSTED, frame.stream_id)
     return _HEADER.pack(size, frame.stream_id, frame.type, frame.flags) + frame.payload
 
 
 class FrameDecoder:
-    """Turns a byte stream into frames. After the first error every later call raises it again."""
+    """Turns a byte stream into frames (and OversizedFrame for each frame over the limit). After the
+    first error every later call raises it again."""
 
     def __init__(self) -> None:
         self._buf = bytearray()
         self._header: tuple[int, int, FrameType, Flag] | None = None
+        self._skip = 0  # payload bytes of an oversized frame still to be dropped
         self._error: ProtocolError | None = None
 
     @property
@@ -84,20 +105,36 @@ class FrameDecoder:
         """Bytes of an incomplete frame held back; non-zero at EOF means the peer truncated it."""
         return len(self._buf) + (HEADER_SIZE if self._header else 0)
 
-    def feed(self, data: bytes) -> list[Frame]:
+    def feed(self, data: bytes) -> list[Frame | OversizedFrame]:
         if self._error:
             raise self._error
+        if self._skip:
+            dropped = min(self._skip, len(data))
+            self._skip -= dropped
+            data = data[dropped:]
         self._buf += data
-        frames: list[Frame] = []
+        frames: list[Frame | OversizedFrame] = []
         try:
             while True:
+                if self._skip:
+                    dropped = min(self._skip, len(self._buf))
+                    del self._buf[:dropped]
+                    self._skip -= dropped
+                    if self._skip:
+                        break
                 if self._header is None:
                     if len(self._buf) < HEADER_SIZE:
                         break
-                    # Validate as soon as the header is in: an oversized length is refused
-                    # before a single payload byte is buffered.
-                    self._header = _parse_header(bytes(self._buf[:HEADER_SIZE]))
+                    raw = bytes(self._buf[:HEADER_SIZE])
                     del self._buf[:HEADER_SIZE]
+                    # Checked before anything else in the header, as Go does: the length decides how
+                    # many bytes belong to this frame, whatever else is wrong with it.
+                    length, stream_id = _LENGTH_AND_STREAM.unpack(raw[:8])
+                    if length > MAX_MESSAGE_SIZE:
+                        self._skip = length
+                        frames.append(OversizedFrame(stream_id, length))
+                        continue
+                    self._header = _parse_header(raw)
                 length, stream_id, ftype, flags = self._header
                 if len(self._buf) < length:
                     break
@@ -115,6 +152,10 @@ class FrameDecoder:
         """Call when the peer closed; raises if it stopped in the middle of a frame."""
         if self._error:
             raise self._error
+        if self._skip:  # its stream was answered when the header came: no stream to blame now
+            self._error = ProtocolError(f"connection closed with {self._skip} bytes of an oversized "
+                                        f"frame still to come", Code.DATA_LOSS)
+            raise self._error
         if self.pending:
             stream_id = self._header[1] if self._header else None
             self._error = ProtocolError(f"connection closed with {self.pending} bytes of a partial frame",
@@ -124,10 +165,6 @@ class FrameDecoder:
 
 def _parse_header(raw: bytes) -> tuple[int, int, FrameType, Flag]:
     length, stream_id, ftype, flags = _HEADER.unpack(raw)
-    if length > MAX_MESSAGE_SIZE:
-        # Same status and words as Go, so clients see a familiar error.
-        raise ProtocolError(f"message length {length} exceed maximum message size of {MAX_MESSAGE_SIZE}",
-                            Code.RESOURCE_EXHAUSTED, stream_id)
     if ftype not in FrameType._value2member_map_:
         raise ProtocolError(f"unknown message type {ftype:#x}", Code.INVALID_ARGUMENT, stream_id)
     if flags & ~_KNOWN_FLAGS:

@@ -19,7 +19,7 @@ from kuasar.common.api.ttrpc import request_pb2
 from kuasar.common.errors import AlreadyExists, Code, Internal, InvalidArgument, KuasarError, from_code
 from kuasar.common.request_timing import TIMING
 
-from .connection import NewRequest, ServerConnection, StreamClosed, StreamData, status_response
+from .connection import MessageRefused, NewRequest, ServerConnection, StreamClosed, StreamData, status_response
 from .frames import Flag, ProtocolError
 from .inbox import Inbox
 
@@ -138,6 +138,20 @@ class _ServerConn:
                         await stream._inbox.put(event.payload)
                     if event.end:
                         stream._inbox.close()
+                elif isinstance(event, MessageRefused):
+                    await self._refuse(event)
+
+    async def _refuse(self, event: MessageRefused) -> None:
+        """Answer a frame over the size limit on its stream; a call already running there is given up
+        (its client now holds the answer), and the connection serves on."""
+        log.warning("ttrpc connection %d: %s on stream %d", self.id, event.message, event.stream_id)
+        task = self.tasks.get(event.stream_id)
+        if task is not None:
+            task.cancel()
+        stream = self.streams.pop(event.stream_id, None)
+        if stream is not None:
+            stream._inbox.close()
+        await self.write(self.proto.refuse(event))
 
     def _start(self, event: NewRequest, received: int = 0) -> None:
         req = event.request
@@ -192,6 +206,8 @@ class _ServerConn:
             what = f"method {req.method}" if req.service in self.server._routes else f"service {req.service}"
             raise from_code(Code.UNIMPLEMENTED, what)
         ctx = self._context(req)
+        if ctx.timeout == 0:  # expired before it came: run nothing (a timeout would fire only at an await)
+            raise from_code(Code.DEADLINE_EXCEEDED, "deadline exceeded")
         scope = asyncio.timeout_at(ctx.deadline)
         try:
             async with scope:
@@ -225,7 +241,9 @@ class _ServerConn:
         metadata: dict[str, list[str]] = {}
         for kv in req.metadata:  # keys are case-insensitive; Go lowercases them too
             metadata.setdefault(kv.key.lower(), []).append(kv.value)
-        timeout = req.timeout_nano / 1e9 if req.timeout_nano > 0 else None
+        # Only 0 means no deadline: Go's client sends the time left, negative once its caller's
+        # deadline has passed, and such a call must not run on as if it had none.
+        timeout = max(req.timeout_nano, 0) / 1e9 if req.timeout_nano else None
         deadline = asyncio.get_running_loop().time() + timeout if timeout is not None else None
         return Context(req.service, req.method, MappingProxyType(metadata), timeout, deadline, self.id)
 
