@@ -149,8 +149,7 @@ class RuncContainerTasks(TerminalTasks):
 
     # -- lifecycle -----------------------------------------------------------------------------------
     async def start(self, req: task.StartRequest, ctx: Context) -> task.StartResponse:
-        container = self._get(req.id)
-        async with self._lock(req.id):
+        async with self._holding(req.id) as container:
             proc = container.created_process(req.exec_id)
             if req.exec_id:
                 if container.init.status != types.RUNNING:
@@ -187,10 +186,9 @@ class RuncContainerTasks(TerminalTasks):
         self._forget(container.id)
 
     async def exec(self, req: task.ExecProcessRequest, ctx: Context) -> empty_pb2.Empty:
-        container = self._get(req.id)
         validate_id(req.exec_id, "exec id")
         spec = parse_exec_spec(req)
-        async with self._lock(req.id):
+        async with self._holding(req.id) as container:
             container.check_new_exec(req.exec_id)
             spec["terminal"] = req.terminal
             proc = RuncProcess(req.exec_id, self._process_io(req), spec=json.dumps(spec).encode())

@@ -9,11 +9,12 @@ the states every backend checks, builds the State/Wait/Delete answers and publis
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import KW_ONLY, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -200,6 +201,17 @@ class ContainerTasks(TaskBackend):
     def _lock(self, container_id: str) -> asyncio.Lock:
         return self._locks.setdefault(container_id, asyncio.Lock())
 
+    @contextlib.asynccontextmanager
+    async def _holding(self, container_id: str) -> AsyncIterator[Any]:
+        """The container, with its lock held. NotFound if it is gone by the time the lock is ours:
+        a Delete that went first (the container may even have been created again under the same id,
+        which is not the one the caller asked about)."""
+        container = self._get(container_id)
+        async with self._lock(container_id):
+            if self.containers.get(container_id) is not container:
+                raise NotFound(f"container {container_id} not found")
+            yield container
+
     def _forget(self, container_id: str) -> None:
         self.containers.pop(container_id, None)
         self._locks.pop(container_id, None)
@@ -260,8 +272,7 @@ class ContainerTasks(TaskBackend):
         return delete_response(proc)
 
     async def delete(self, req: task.DeleteRequest, ctx: Context) -> task.DeleteResponse:
-        container = self._get(req.id)
-        async with self._lock(req.id):
+        async with self._holding(req.id) as container:
             proc = container.process(req.exec_id)
             if self._is_running(proc):
                 raise FailedPrecondition(f"process {req.exec_id or req.id} is still running")

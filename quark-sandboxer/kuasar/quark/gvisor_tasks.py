@@ -219,8 +219,7 @@ class GvisorTasks(TerminalTasks):
         return path
 
     async def start(self, req: task.StartRequest, ctx: Context) -> task.StartResponse:
-        container = self._get(req.id)
-        async with self._lock(req.id):
+        async with self._holding(req.id) as container:
             proc = container.created_process(req.exec_id)
             if req.exec_id:
                 if container.init.status != types.RUNNING:
@@ -313,10 +312,9 @@ class GvisorTasks(TerminalTasks):
         exited.add_done_callback(on_exit)
 
     async def exec(self, req: task.ExecProcessRequest, ctx: Context) -> empty_pb2.Empty:
-        container = self._get(req.id)
         validate_id(req.exec_id, "exec id")
         spec = parse_exec_spec(req)
-        async with self._lock(req.id):
+        async with self._holding(req.id) as container:
             container.check_new_exec(req.exec_id)
             spec["terminal"] = req.terminal
             container.execs[req.exec_id] = Process(req.exec_id,

@@ -300,8 +300,7 @@ class WasmTasks(TerminalTasks):
                     signal_quietly(other.pid, signal.SIGKILL)
 
     async def start(self, req: task.StartRequest, ctx: Context) -> task.StartResponse:
-        container = self._get(req.id)
-        async with self._lock(req.id):
+        async with self._holding(req.id) as container:
             proc = container.created_process(req.exec_id)
             if req.exec_id:
                 if container.init.status not in (types.RUNNING, types.PAUSED):
@@ -321,11 +320,10 @@ class WasmTasks(TerminalTasks):
         return task.StartResponse(pid=proc.pid)
 
     async def exec(self, req: task.ExecProcessRequest, ctx: Context) -> empty_pb2.Empty:
-        container = self._get(req.id)
         validate_id(req.exec_id, "exec id")
         spec = parse_exec_spec(req)
         spec["terminal"] = req.terminal
-        async with self._lock(req.id):
+        async with self._holding(req.id) as container:
             container.check_new_exec(req.exec_id)
             # Fail now, not at Start, if the module is not there (ExecSync then says why).
             locate_module(container.rootfs, [str(a) for a in spec["args"]], str(spec.get("cwd") or "/"))
@@ -468,6 +466,8 @@ class WasmTasks(TerminalTasks):
     async def remove_pod_containers(self, pod_id: str) -> None:
         for container in [c for c in self.containers.values() if c.pod_id == pod_id]:
             async with self._lock(container.id):
+                if self.containers.get(container.id) is not container:
+                    continue  # a Delete got there first
                 await self._remove(container)
             log.info("pod %s: removed leftover container %s", pod_id, container.id)
 

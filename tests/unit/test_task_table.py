@@ -1,0 +1,98 @@
+"""ContainerTasks: what every backend answers alike, under concurrent calls for one container id."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kuasar.common.api.containerd.runtime.task.v2 import shim_pb2 as task
+from kuasar.common.api.containerd.types.task import task_pb2 as types
+from kuasar.common.errors import NotFound
+from kuasar.common.task_table import ContainerTasks, TaskContainer, TaskProcess
+
+CONTAINER = "c1"
+
+
+@dataclass
+class Container(TaskContainer):
+    namespace: str = "k8s.io"
+    init: TaskProcess = field(default_factory=lambda: TaskProcess("", pid=1, status=types.STOPPED))
+
+
+class Events:
+    def __init__(self) -> None:
+        self.topics: list[str] = []
+
+    def publish(self, topic: str, message: Any, namespace: str | None) -> None:
+        self.topics.append(topic)
+
+
+class Backend(ContainerTasks):
+    """A backend whose removal takes a while, as `runc delete --force` does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.events = Events()  # type: ignore[assignment]
+        self.removed: list[Container] = []
+
+    async def _remove(self, container: Any) -> None:
+        await asyncio.sleep(0.05)
+        self.removed.append(container)
+        self._forget(container.id)
+
+    async def create(self, container_id: str) -> Container:  # as the backends' Create: under the id's lock
+        async with self._lock(container_id):
+            container = self.containers[container_id] = Container(container_id, Path("/bundle"))
+            return container
+
+
+def delete(backend: Backend) -> Any:
+    return backend.delete(task.DeleteRequest(id=CONTAINER), None)  # type: ignore[arg-type]
+
+
+def test_a_second_concurrent_delete_is_not_found_and_removes_nothing_twice() -> None:
+    async def main() -> None:
+        backend = Backend()
+        await backend.create(CONTAINER)
+        first, second = await asyncio.gather(delete(backend), delete(backend), return_exceptions=True)
+        assert isinstance(first, task.DeleteResponse)
+        assert isinstance(second, NotFound)
+        assert len(backend.removed) == 1
+        assert backend.events.topics == ["/tasks/delete"]
+    asyncio.run(main())
+
+
+def test_a_late_delete_leaves_a_container_created_again_under_the_same_id() -> None:
+    async def main() -> None:
+        backend = Backend()
+        old = await backend.create(CONTAINER)
+        first = asyncio.ensure_future(delete(backend))
+        retried = asyncio.ensure_future(delete(backend))  # waits for the first one's lock
+        await first
+        new = await backend.create(CONTAINER)
+        with pytest.raises(NotFound):
+            await retried
+        assert backend.containers[CONTAINER] is new
+        assert backend.removed == [old]
+    asyncio.run(main())
+
+
+def test_holding_refuses_a_container_deleted_while_the_caller_waited() -> None:
+    async def main() -> None:
+        backend = Backend()
+        await backend.create(CONTAINER)
+
+        async def start() -> None:  # what Start and Exec do
+            async with backend._holding(CONTAINER):
+                raise AssertionError("ran on a deleted container")
+
+        deleting = asyncio.ensure_future(delete(backend))
+        await asyncio.sleep(0)  # the Delete holds the lock now
+        with pytest.raises(NotFound):
+            await start()
+        await deleting
+    asyncio.run(main())
