@@ -10,11 +10,25 @@ import time
 from pathlib import Path
 
 import grpc
+import h2.config
+import h2.connection
+import h2.events
 import pytest
+from h2.settings import SettingCodes
 
+from kuasar.common import grpc_h2
 from kuasar.common.api.containerd.services.sandbox.v1 import sandbox_pb2 as pb
 from kuasar.common.errors import Code
-from kuasar.common.grpc_h2 import GRPC_PREFIX, MAX_REQUEST_BYTES, GrpcError, GrpcServer, Method, decode_message
+from kuasar.common.grpc_h2 import (
+    CONTROL_DELAY,
+    GRPC_PREFIX,
+    MAX_REQUEST_BYTES,
+    GrpcError,
+    GrpcServer,
+    Method,
+    decode_message,
+    encode_message,
+)
 
 ECHO = "/test.Echo/Status"
 SLOW = "/test.Echo/Slow"
@@ -98,6 +112,56 @@ async def code_of(awaitable) -> tuple[grpc.StatusCode, str]:
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await awaitable
     return info.value.code(), info.value.details()
+
+
+class RawClient:
+    """An h2 client driven by hand, for what grpcio's client does not let a test choose."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                 settings: dict[int, int] | None = None) -> None:
+        self.reader, self.writer = reader, writer
+        self.h2 = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding=None))
+        self.h2.initiate_connection()
+        if settings:
+            self.h2.update_settings(settings)
+        self.send()
+
+    @classmethod
+    async def connect(cls, sock: Path, settings: dict[int, int] | None = None) -> RawClient:
+        return cls(*await asyncio.open_unix_connection(str(sock)), settings)
+
+    def send(self) -> None:
+        self.writer.write(self.h2.data_to_send())
+
+    def request(self, path: str, message: pb.ControllerStatusRequest) -> int:
+        stream = self.h2.get_next_available_stream_id()
+        self.h2.send_headers(stream, [(b":method", b"POST"), (b":scheme", b"http"), (b":path", path.encode()),
+                                      (b":authority", b"x"), (b"content-type", b"application/grpc"),
+                                      (b"te", b"trailers")])
+        self.h2.send_data(stream, encode_message(message), end_stream=True)
+        return stream
+
+    async def events_until(self, done, acknowledge: bool = False) -> list[h2.events.Event]:
+        seen: list[h2.events.Event] = []
+        while not done(seen):
+            data = await self.reader.read(65536)
+            assert data, "the server closed the connection"
+            events = self.h2.receive_data(data)
+            if acknowledge:  # hand back window for what arrived, as a reading client does
+                for event in events:
+                    if isinstance(event, h2.events.DataReceived):
+                        self.h2.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+            seen += events
+            self.send()
+        return seen
+
+
+def ended(seen: list[h2.events.Event]) -> bool:
+    return any(isinstance(e, h2.events.StreamEnded) for e in seen)
+
+
+def received_bytes(seen: list[h2.events.Event]) -> int:
+    return sum(len(e.data) for e in seen if isinstance(e, h2.events.DataReceived))
 
 
 @pytest.mark.parametrize("path", [ECHO, ECHO_NOW])
@@ -213,44 +277,75 @@ def test_one_exact_message_decodes() -> None:
 def test_control_answers_wait_for_the_next_reply_and_follow_it(tmp_path: Path, path: str) -> None:
     """A PING that comes with a request is acked after that request's reply, in the same write; a PING
     alone is still acked (by the timer)."""
-    import h2.config
-    import h2.connection
-    import h2.events
-
-    from kuasar.common.grpc_h2 import CONTROL_DELAY, encode_message
-
     async def body(channel, service, server, sock):
-        reader, writer = await asyncio.open_unix_connection(str(sock))
-        client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding=None))
-        client.initiate_connection()
-        writer.write(client.data_to_send())
-
-        async def events_until(done) -> list[h2.events.Event]:
-            seen: list[h2.events.Event] = []
-            while not done(seen):
-                seen += client.receive_data(await reader.read(65536))
-                writer.write(client.data_to_send())
-            return seen
-
-        client.ping(b"alone...")
-        writer.write(client.data_to_send())
+        client = await RawClient.connect(sock)
+        client.h2.ping(b"alone...")
+        client.send()
         started = time.monotonic()
-        await events_until(lambda seen: any(isinstance(e, h2.events.PingAckReceived) for e in seen))
+        await client.events_until(lambda seen: any(isinstance(e, h2.events.PingAckReceived) for e in seen))
         assert time.monotonic() - started >= CONTROL_DELAY * 0.5
 
-        stream = client.get_next_available_stream_id()
-        client.ping(b"withcall")
-        client.send_headers(stream, [(b":method", b"POST"), (b":scheme", b"http"), (b":path", path.encode()),
-                                     (b":authority", b"x"), (b"content-type", b"application/grpc"),
-                                     (b"te", b"trailers")])
-        client.send_data(stream, encode_message(pb.ControllerStatusRequest(sandbox_id="q")), end_stream=True)
-        writer.write(client.data_to_send())
-        seen = await events_until(lambda seen: any(isinstance(e, h2.events.PingAckReceived) for e in seen))
+        client.h2.ping(b"withcall")
+        client.request(path, pb.ControllerStatusRequest(sandbox_id="q"))
+        client.send()
+        seen = await client.events_until(lambda seen: any(isinstance(e, h2.events.PingAckReceived) for e in seen))
         kinds = [type(e) for e in seen]
         assert kinds.index(h2.events.StreamEnded) < kinds.index(h2.events.PingAckReceived)
         data = b"".join(e.data for e in seen if isinstance(e, h2.events.DataReceived))
         assert pb.ControllerStatusResponse.FromString(data[5:]).sandbox_id == "q"
-        writer.close()
+        client.writer.close()
+
+    serve(tmp_path, body)
+
+
+@pytest.mark.parametrize("path", [ECHO, ECHO_NOW])
+def test_a_reply_waiting_for_window_goes_on_when_settings_open_it(tmp_path: Path, path: str) -> None:
+    """Go's gRPC client may grow its stream windows with SETTINGS_INITIAL_WINDOW_SIZE alone (no
+    WINDOW_UPDATE); a reply waiting for window must go on then, after our ack of those settings."""
+    async def body(channel, service, server, sock):
+        client = await RawClient.connect(sock, {SettingCodes.INITIAL_WINDOW_SIZE: 1000})
+        client.h2.increment_flow_control_window(1 << 20)  # only the stream's window holds the reply back
+        client.request(path, pb.ControllerStatusRequest(sandbox_id="big", verbose=True))
+        client.send()
+        seen = await client.events_until(lambda seen: received_bytes(seen) >= 1000)
+        assert not ended(seen)
+        client.h2.update_settings({SettingCodes.INITIAL_WINDOW_SIZE: 1 << 20})
+        client.send()
+        seen += await client.events_until(ended)  # h2 refuses data beyond a window not yet acked
+        assert received_bytes(seen) > 300_000
+        client.writer.close()
+
+    serve(tmp_path, body)
+
+
+def test_a_reply_goes_on_at_once_when_window_comes(tmp_path: Path, monkeypatch) -> None:
+    """The rest of a reply is not held back like an answer to a control frame (CONTROL_DELAY)."""
+    monkeypatch.setattr(grpc_h2, "CONTROL_DELAY", 3600.0)
+
+    async def body(channel, service, server, sock):
+        client = await RawClient.connect(sock)
+        client.request(ECHO, pb.ControllerStatusRequest(sandbox_id="big", verbose=True))
+        client.send()
+        seen = await client.events_until(ended, acknowledge=True)  # serve()'s 30 s bound, not an hour
+        assert received_bytes(seen) > 300_000
+        client.writer.close()
+
+    serve(tmp_path, body)
+
+
+def test_a_request_read_with_the_clients_goaway_breaks_nothing(tmp_path: Path) -> None:
+    """After GOAWAY h2 refuses to send at all (not only on the stream): the reply is dropped quietly."""
+    async def body(channel, service, server, sock):
+        failures: list[dict] = []
+        asyncio.get_running_loop().set_exception_handler(lambda _loop, context: failures.append(context))
+        client = await RawClient.connect(sock)
+        client.request(ECHO_NOW, pb.ControllerStatusRequest(sandbox_id="q"))
+        client.h2.close_connection()
+        client.send()  # one write: the server reads both at once
+        await asyncio.sleep(0.2)
+        client.writer.close()
+        assert failures == []
+        assert (await call(channel, ECHO)(pb.ControllerStatusRequest(sandbox_id="next"))).sandbox_id == "next"
 
     serve(tmp_path, body)
 

@@ -215,10 +215,20 @@ class GrpcConnection(asyncio.Protocol):
             if call is not None and call.task is not None:
                 call.task.cancel()
         elif isinstance(event, h2.events.WindowUpdated):
-            for stream_id, call in list(self.blocked.items()):
-                self._send_pending(stream_id, call)
+            self._resume_blocked()
+        elif isinstance(event, h2.events.RemoteSettingsChanged):
+            # Go's gRPC client grows stream windows through SETTINGS as well as WINDOW_UPDATE.
+            if SettingCodes.INITIAL_WINDOW_SIZE in event.changed_settings and self.blocked:
+                self._flush()  # our ack first: only once it has that may the client count on the window
+                self._resume_blocked()
         elif isinstance(event, h2.events.ConnectionTerminated):
             self.close()
+
+    def _resume_blocked(self) -> None:
+        if self.blocked:
+            for stream_id, call in list(self.blocked.items()):
+                self._send_pending(stream_id, call)
+            self._answered = True  # a reply's next part goes out now, not held like a control answer
 
     def _dispatch(self, stream_id: int, call: _Call) -> None:
         method = self.methods.get(call.path)
@@ -274,7 +284,7 @@ class GrpcConnection(asyncio.Protocol):
         call.pending, call.trailers = reply, trailers
         try:
             self.h2.send_headers(stream_id, _REPLY_HEADERS)
-        except h2.exceptions.StreamClosedError:
+        except h2.exceptions.ProtocolError:  # the stream, or after the client's GOAWAY the connection, closed
             self.calls.pop(stream_id, None)
             return
         self._send_pending(stream_id, call)
@@ -291,7 +301,7 @@ class GrpcConnection(asyncio.Protocol):
                 self.h2.send_data(stream_id, call.pending[:size])
                 call.pending = call.pending[size:]
             self.h2.send_headers(stream_id, call.trailers, end_stream=True)
-        except h2.exceptions.StreamClosedError:
+        except h2.exceptions.ProtocolError:  # as in _reply
             pass
         self.calls.pop(stream_id, None)
         self.blocked.pop(stream_id, None)
