@@ -7,20 +7,26 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
 from .errors import AlreadyExists, FailedPrecondition, KuasarError, NotFound
 from .ids import validate_id
+from .keyed_locks import KeyedLocks
 from .sandboxer import LOST_EXIT_STATUS, ExitInfo, Sandboxer, SandboxRecord, SandboxState, StartResult
 from .state import StateStore
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+
+class SandboxGone(NotFound):
+    """The sandbox a call is for is not (or no longer) known here."""
 
 # Bounds every lifecycle step so a stuck runtime cannot wedge a sandbox's lock forever.
 OPERATION_TIMEOUT = 120.0
@@ -35,13 +41,22 @@ class SandboxController:
         self.sandboxer = sandboxer
         self.store = StateStore(state_dir)
         self.records: dict[str, SandboxRecord] = {}
-        self._locks: dict[str, asyncio.Lock] = {}
+        self._locks = KeyedLocks()
         self._exited: dict[str, asyncio.Event] = {}
         self._watchers: dict[str, asyncio.Task[None]] = {}
 
     # -- bookkeeping -------------------------------------------------------------------------------
-    def _lock(self, sandbox_id: str) -> asyncio.Lock:
-        return self._locks.setdefault(sandbox_id, asyncio.Lock())
+    @contextlib.asynccontextmanager
+    async def _holding(self, sandbox_id: str) -> AsyncIterator[SandboxRecord]:
+        """The sandbox's record, with its lock held. SandboxGone if there is none, or it is gone by the
+        time the lock is ours (a Shutdown that went first), even if one of the same id was made since."""
+        record = self.records.get(validate_id(sandbox_id, "sandbox id"))
+        if record is None:
+            raise SandboxGone(f"sandbox {sandbox_id} not found")
+        async with self._locks.hold(sandbox_id):
+            if self.records.get(sandbox_id) is not record:
+                raise SandboxGone(f"sandbox {sandbox_id} not found")
+            yield record
 
     def _event(self, sandbox_id: str) -> asyncio.Event:
         return self._exited.setdefault(sandbox_id, asyncio.Event())
@@ -86,7 +101,7 @@ class SandboxController:
     # -- API ---------------------------------------------------------------------------------------
     async def create(self, record: SandboxRecord) -> None:
         validate_id(record.id, "sandbox id")
-        async with self._lock(record.id):
+        async with self._locks.hold(record.id):
             if record.id in self.records:
                 raise AlreadyExists(f"sandbox {record.id} already exists")
             await self._bounded("create", self.sandboxer.create(record))
@@ -94,13 +109,13 @@ class SandboxController:
                 self.save(record)
             except BaseException:
                 await self.sandboxer.shutdown(record)  # what create made must not outlive a failed Create
+                self.store.remove(record.id)
                 raise
             self.records[record.id] = record
         log.info("sandbox %s created (netns=%r)", record.id, record.netns_path)
 
     async def start(self, sandbox_id: str) -> SandboxRecord:
-        record = self.get(sandbox_id)
-        async with self._lock(sandbox_id):
+        async with self._holding(sandbox_id) as record:
             if record.state == SandboxState.READY:
                 return record
             if record.state != SandboxState.CREATED:
@@ -121,11 +136,10 @@ class SandboxController:
 
     async def stop(self, sandbox_id: str, timeout_secs: int) -> None:
         try:
-            record = self.get(sandbox_id)
-        except NotFound:
+            async with self._holding(sandbox_id) as record:
+                await self._stop_locked(record, float(timeout_secs))
+        except SandboxGone:
             return  # containerd retries Stop on removal; an unknown sandbox is already stopped
-        async with self._lock(sandbox_id):
-            await self._stop_locked(record, float(timeout_secs))
 
     async def _stop_locked(self, record: SandboxRecord, timeout: float) -> None:
         if record.state == SandboxState.STOPPED:
@@ -144,24 +158,21 @@ class SandboxController:
 
     async def shutdown(self, sandbox_id: str) -> None:
         try:
-            record = self.get(sandbox_id)
-        except NotFound:
+            async with self._holding(sandbox_id) as record:
+                await self._stop_locked(record, 0.0)
+                await self._bounded("shutdown", self.sandboxer.shutdown(record))
+                self.store.remove(sandbox_id)
+                self.records.pop(sandbox_id, None)
+                watcher = self._watchers.pop(sandbox_id, None)
+                if watcher:
+                    watcher.cancel()
+                self._exited.pop(sandbox_id, None)
+        except SandboxGone:
             return
-        async with self._lock(sandbox_id):
-            await self._stop_locked(record, 0.0)
-            await self._bounded("shutdown", self.sandboxer.shutdown(record))
-            self.store.remove(sandbox_id)
-            self.records.pop(sandbox_id, None)
-            watcher = self._watchers.pop(sandbox_id, None)
-            if watcher:
-                watcher.cancel()
-        self._locks.pop(sandbox_id, None)
-        self._exited.pop(sandbox_id, None)
         log.info("sandbox %s shut down", sandbox_id)
 
     async def update(self, sandbox_id: str, apply: Callable[[SandboxRecord], None], fields: list[str]) -> None:
-        record = self.get(sandbox_id)
-        async with self._lock(sandbox_id):
+        async with self._holding(sandbox_id) as record:
             apply(record)
             await self._bounded("update", self.sandboxer.update(record, fields))
             self.save(record)
@@ -189,8 +200,12 @@ class SandboxController:
             return
         record.state = SandboxState.STOPPED
         record.exit_status, record.exited_at_ns = info.exit_status, info.exited_at_ns
-        if record.id in self.records:
-            self.save(record)
+        if self.records.get(record.id) is record:
+            try:
+                self.save(record)
+            except OSError as exc:  # a full disk must not keep Wait waiting for an exit already seen;
+                # a restart still finds the pod gone (recover reports a lost READY one exited)
+                log.error("sandbox %s: its exit could not be saved: %s", record.id, exc)
         self._event(record.id).set()
         log.info("sandbox %s exited status=%d", record.id, info.exit_status)
 

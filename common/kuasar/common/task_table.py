@@ -27,6 +27,7 @@ from .api.containerd.runtime.task.v2 import shim_pb2 as task
 from .api.containerd.types.task import task_pb2 as types
 from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from .ids import validate_id
+from .keyed_locks import KeyedLocks
 from .reaper import Exit
 from .task_api import TaskBackend
 from .ttrpc import Context
@@ -190,7 +191,7 @@ class ContainerTasks(TaskBackend):
 
     def __init__(self) -> None:
         self.containers: dict[str, Any] = {}
-        self._locks: dict[str, asyncio.Lock] = {}
+        self._locks = KeyedLocks()
 
     def _get(self, container_id: str) -> Any:
         container = self.containers.get(validate_id(container_id, "container id"))
@@ -198,8 +199,8 @@ class ContainerTasks(TaskBackend):
             raise NotFound(f"container {container_id} not found")
         return container
 
-    def _lock(self, container_id: str) -> asyncio.Lock:
-        return self._locks.setdefault(container_id, asyncio.Lock())
+    def _lock(self, container_id: str) -> contextlib.AbstractAsyncContextManager[None]:
+        return self._locks.hold(container_id)
 
     @contextlib.asynccontextmanager
     async def _holding(self, container_id: str) -> AsyncIterator[Any]:
@@ -214,7 +215,6 @@ class ContainerTasks(TaskBackend):
 
     def _forget(self, container_id: str) -> None:
         self.containers.pop(container_id, None)
-        self._locks.pop(container_id, None)
 
     # -- events ------------------------------------------------------------------------------------
     def _publish_exit(self, container: Any, proc: TaskProcess) -> None:

@@ -1,0 +1,160 @@
+"""SandboxController under calls for one sandbox that overlap, and under a state disk that fails."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+from pathlib import Path
+
+import pytest
+
+from kuasar.common import controller as controller_module
+from kuasar.common import state
+from kuasar.common.controller import SandboxController, new_record
+from kuasar.common.errors import AlreadyExists, NotFound
+from kuasar.common.keyed_locks import KeyedLocks
+from kuasar.common.sandboxer import ExitInfo, SandboxRecord
+from tests.unit.test_sandbox_api import SID, MemorySandboxer
+
+
+class SlowShutdown(MemorySandboxer):
+    """A sandboxer whose Shutdown takes a while, as tearing a pod down does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shutdown_delay = 0.0
+
+    async def shutdown(self, record: SandboxRecord) -> None:
+        await asyncio.sleep(self.shutdown_delay)
+        await super().shutdown(record)
+
+
+def record() -> SandboxRecord:
+    return new_record(SID, "memory", "", b"", {}, {}, {})
+
+
+def files_under(directory: Path) -> list[str]:
+    return sorted(str(path.relative_to(directory)) for path in directory.rglob("*"))
+
+
+def disk_full(*_args: object) -> None:
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def test_update_arriving_during_shutdown_is_not_found_and_writes_nothing(tmp_path: Path) -> None:
+    async def main() -> None:
+        sandboxer = SlowShutdown()
+        controller = SandboxController(sandboxer, tmp_path / "state")
+        await controller.create(record())
+        sandboxer.shutdown_delay = 0.1
+        shutting_down = asyncio.ensure_future(controller.shutdown(SID))
+        await asyncio.sleep(0.02)
+        updating = asyncio.ensure_future(controller.update(SID, lambda _record: None, []))
+        await shutting_down
+        with pytest.raises(NotFound):
+            await updating
+        # Its save would have brought the sandbox back at the next start of the sandboxer.
+        assert files_under(tmp_path / "state") == []
+        restarted = SandboxController(MemorySandboxer(), tmp_path / "state")
+        await restarted.recover()
+        assert restarted.records == {}
+    asyncio.run(main())
+
+
+def test_a_retried_shutdown_leaves_a_sandbox_created_again_under_the_same_id(tmp_path: Path) -> None:
+    async def main() -> None:
+        sandboxer = SlowShutdown()
+        controller = SandboxController(sandboxer, tmp_path / "state")
+        await controller.create(record())
+        sandboxer.shutdown_delay = 0.05
+        first = asyncio.ensure_future(controller.shutdown(SID))
+        retried = asyncio.ensure_future(controller.shutdown(SID))  # waits for the first one's lock
+        await first
+        sandboxer.shutdown_delay = 0.0
+        await controller.create(record())  # the next RunPodSandbox reuses the id
+        await retried
+        assert SID in controller.records
+        assert (tmp_path / "state" / SID / state.STATE_FILE).exists()
+        assert sandboxer.shut == [SID]
+    asyncio.run(main())
+
+
+def test_locks_are_kept_only_while_a_call_holds_or_waits_for_them(tmp_path: Path) -> None:
+    async def main() -> None:
+        controller = SandboxController(MemorySandboxer(), tmp_path / "state")
+        for _ in range(3):
+            with pytest.raises(NotFound):
+                await controller.start(SID)
+        await controller.create(record())
+        for _ in range(3):  # kubelet retrying a RunPodSandbox: one lock each, kept for good until now
+            with pytest.raises(AlreadyExists):
+                await controller.create(record())
+        await controller.start(SID)
+        assert len(controller._locks) == 0
+    asyncio.run(main())
+
+
+def test_keyed_locks_exclude_a_waiter_from_a_later_caller() -> None:
+    async def main() -> None:
+        locks, inside, overlaps = KeyedLocks(), [], []
+
+        async def hold(name: str) -> None:
+            async with locks.hold("id"):
+                if inside:
+                    overlaps.append((inside[0], name))
+                inside.append(name)
+                await asyncio.sleep(0.01)
+                inside.remove(name)
+
+        first = asyncio.ensure_future(hold("first"))
+        await asyncio.sleep(0)
+        second = asyncio.ensure_future(hold("second"))  # waits
+        await first
+        await asyncio.gather(second, hold("third"))
+        assert overlaps == []
+        assert len(locks) == 0
+    asyncio.run(main())
+
+
+def test_wait_returns_when_saving_the_exit_fails(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(controller_module, "STOP_EXIT_TIMEOUT", 0.2)
+
+    async def main() -> None:
+        sandboxer = MemorySandboxer()
+        controller = SandboxController(sandboxer, tmp_path / "state")
+        await controller.create(record())
+        await controller.start(SID)
+        waiting = asyncio.ensure_future(controller.wait(SID))
+        monkeypatch.setattr(controller.store, "save", disk_full)
+        sandboxer.exits[SID].set_result(ExitInfo(3))
+        done, _ = await asyncio.wait([waiting], timeout=5)
+        assert done, "Wait never returned"
+        assert (await waiting).exit_status == 3
+    asyncio.run(main())
+
+
+def test_a_create_whose_record_cannot_be_saved_leaves_no_state(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(state, "_write_all", disk_full)
+
+    async def main() -> None:
+        sandboxer = MemorySandboxer()
+        controller = SandboxController(sandboxer, tmp_path / "state")
+        with pytest.raises(OSError, match="No space left"):
+            await controller.create(record())
+        assert sandboxer.shut == [SID]  # what the sandboxer made is undone
+        assert files_under(tmp_path / "state") == []  # and so is the record's directory
+        assert SID not in controller.records
+    asyncio.run(main())
+
+
+def test_a_short_write_never_replaces_the_record(tmp_path: Path, monkeypatch) -> None:
+    store = state.StateStore(tmp_path)
+    store.save("abc", {"id": "abc", "version": 1})
+    real_write = os.write
+    # write(2) may take fewer bytes than asked (a nearly full disk); the rest must follow, not be lost.
+    monkeypatch.setattr(state.os, "write", lambda fd, data: real_write(fd, bytes(data[:10])))
+    store.save("abc", {"id": "abc", "version": 2, "padding": "x" * 100})
+    monkeypatch.undo()
+    assert store.load_all() == {"abc": {"id": "abc", "version": 2, "padding": "x" * 100}}
+    assert files_under(tmp_path) == ["abc", "abc/sandbox.json"]
