@@ -1,4 +1,5 @@
-"""SandboxController under calls for one sandbox that overlap, and under a state disk that fails."""
+"""SandboxController under calls for one sandbox that overlap, and under a state disk that fails or holds
+files that are not records."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from kuasar.common import state
 from kuasar.common.controller import SandboxController, new_record
 from kuasar.common.errors import AlreadyExists, NotFound
 from kuasar.common.keyed_locks import KeyedLocks
-from kuasar.common.sandboxer import ExitInfo, SandboxRecord
+from kuasar.common.sandboxer import ExitInfo, SandboxRecord, StartResult
 from tests.unit.test_sandbox_api import SID, MemorySandboxer
 
 
@@ -158,3 +159,31 @@ def test_a_short_write_never_replaces_the_record(tmp_path: Path, monkeypatch) ->
     monkeypatch.undo()
     assert store.load_all() == {"abc": {"id": "abc", "version": 2, "padding": "x" * 100}}
     assert files_under(tmp_path) == ["abc", "abc/sandbox.json"]
+
+
+def test_a_state_file_that_is_not_a_record_is_skipped_at_recovery(tmp_path: Path) -> None:
+    async def main() -> None:
+        store = state.StateStore(tmp_path / "state")
+        store.save(SID, record().to_json())
+        (tmp_path / "state" / ("b" * 64)).mkdir()
+        (tmp_path / "state" / ("b" * 64) / state.STATE_FILE).write_text("[]")
+        (tmp_path / "state" / ("c" * 64)).mkdir()
+        (tmp_path / "state" / ("c" * 64) / state.STATE_FILE).write_text("{}")
+        store.save("d" * 64, record().to_json())  # a copy of another sandbox's record
+        controller = SandboxController(MemorySandboxer(), tmp_path / "state")
+        await controller.recover()
+        assert list(controller.records) == [SID]
+    asyncio.run(main())
+
+
+def test_a_timeout_of_the_sandbox_types_own_is_not_reported_as_the_operation_bound(tmp_path: Path) -> None:
+    class TimesOut(MemorySandboxer):
+        async def start(self, record: SandboxRecord) -> StartResult:
+            raise TimeoutError("connecting to the task server timed out")
+
+    async def main() -> None:
+        controller = SandboxController(TimesOut(), tmp_path / "state")
+        await controller.create(record())
+        with pytest.raises(TimeoutError, match="task server"):
+            await controller.start(SID)
+    asyncio.run(main())

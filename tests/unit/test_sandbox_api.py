@@ -150,6 +150,8 @@ def test_garbage_pod_config_is_kept_opaque_but_missing_id_is_invalid(tmp_path: P
         bad = create_request()
         bad.sandbox.extensions["metadata"].value = b"{not json"
         await expect_code(stub.Create(bad), grpc.StatusCode.INVALID_ARGUMENT)
+        bad.sandbox.extensions["metadata"].value = b"[" * 100_000 + b"]" * 100_000  # deeper than json goes
+        await expect_code(stub.Create(bad), grpc.StatusCode.INVALID_ARGUMENT)
 
     run(tmp_path, body)
 

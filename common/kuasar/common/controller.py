@@ -73,15 +73,27 @@ class SandboxController:
 
     async def _bounded(self, what: str, coro: Awaitable[T]) -> T:
         try:
-            async with asyncio.timeout(OPERATION_TIMEOUT):
+            async with asyncio.timeout(OPERATION_TIMEOUT) as scope:
                 return await coro
         except TimeoutError:
+            if not scope.expired():  # the sandbox type's own timeout (a socket's, a runtime's)
+                raise
             raise KuasarError(f"{what} did not finish within {OPERATION_TIMEOUT:.0f}s") from None
 
     # -- start-up ----------------------------------------------------------------------------------
     async def recover(self) -> None:
         """Load persisted sandboxes and let the sandbox type re-attach to the running ones."""
-        records = [SandboxRecord.from_json(data) for data in self.store.load_all().values()]
+        records = []
+        for name, data in self.store.load_all().items():
+            try:
+                record = SandboxRecord.from_json(data)
+            except (AttributeError, TypeError) as exc:  # JSON, but not a record: one bad file must not stop us
+                log.error("skipping state of sandbox %s: not a sandbox record (%s)", name, exc)
+                continue
+            if record.id != name:
+                log.error("skipping state of sandbox %s: it is the record of %r", name, record.id)
+                continue
+            records.append(record)
         for record in records:
             self.records[record.id] = record
         await self.sandboxer.recover(records)

@@ -113,7 +113,7 @@ class ControllerService:
         if ext is not None and ext.value:
             try:
                 metadata = json.loads(ext.value)
-            except ValueError:
+            except (ValueError, RecursionError):  # RecursionError: nested deeper than json can follow
                 raise InvalidArgument("sandbox.extensions[metadata] is not JSON") from None
         record = new_record(request.sandbox_id, request.sandboxer, request.netns_path,
                             request.options.value, metadata, dict(request.sandbox.labels),
