@@ -15,6 +15,7 @@ from google.protobuf import any_pb2, timestamp_pb2
 from google.protobuf.message import Message
 
 from .api.containerd.services.events.ttrpc.v1 import events_pb2
+from .errors import Code, KuasarError
 from .ttrpc import TtrpcClient
 
 log = logging.getLogger(__name__)
@@ -26,6 +27,10 @@ DEFAULT_NAMESPACE = "k8s.io"
 MAX_QUEUED_EVENTS = 1024
 FORWARD_TIMEOUT = 5.0
 RECONNECT_DELAY = 1.0
+# Answers that say this event will never be taken (a bad topic or namespace, no Events service): sent
+# again it would be refused again, and every event behind it (a task's exit) would wait forever.
+REFUSALS = frozenset({Code.INVALID_ARGUMENT, Code.NOT_FOUND, Code.ALREADY_EXISTS, Code.PERMISSION_DENIED,
+                      Code.FAILED_PRECONDITION, Code.OUT_OF_RANGE, Code.UNIMPLEMENTED, Code.UNAUTHENTICATED})
 
 
 class EventPublisher:
@@ -70,7 +75,11 @@ class EventPublisher:
                                           metadata={NAMESPACE_KEY: request.envelope.namespace})
                         self.sent += 1
                         break
-                    except (OSError, Exception) as exc:  # noqa: BLE001 - any failure: reconnect later
+                    except Exception as exc:  # noqa: BLE001 - a refusal is dropped, anything else retried
+                        if isinstance(exc, KuasarError) and exc.code in REFUSALS:
+                            log.error("event %s refused by containerd, dropped: %s", request.envelope.topic, exc)
+                            self.dropped += 1
+                            break
                         log.debug("event %s not forwarded yet: %s", request.envelope.topic, exc)
                         if client is not None:
                             await client.close()
