@@ -96,3 +96,37 @@ def test_a_user_namespaced_pod_without_a_netns_or_on_a_launcher_is_refused_befor
         assert plain.pods == {} and launched.pods == {}
 
     asyncio.run(main())
+
+
+def test_a_parent_made_for_two_pods_goes_with_the_last_of_them(tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    roots = [tmp_path / "memory", tmp_path / "pids"]
+    for root in roots:
+        root.mkdir()
+    monkeypatch.setattr(cgroups, "hierarchy_roots", lambda: roots)
+    monkeypatch.setattr(cgroups, "_USERS", {})
+    first, second = cgroups.PodCgroup("made/pod-a"), cgroups.PodCgroup("made/pod-b")
+    first.create()
+    second.create()
+    first.remove()
+    assert all((root / "made" / "pod-b").is_dir() for root in roots)
+    assert not any((root / "made" / "pod-a").exists() for root in roots)
+    second.remove()
+    assert [list(root.iterdir()) for root in roots] == [[], []]
+    assert cgroups._USERS == {}
+
+
+def test_a_cgroup_that_leaves_its_parents_removes_only_itself(tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    roots = [tmp_path / "memory"]
+    roots[0].mkdir()
+    monkeypatch.setattr(cgroups, "hierarchy_roots", lambda: roots)
+    monkeypatch.setattr(cgroups, "_USERS", {})
+    pod, container = cgroups.PodCgroup("k8s.io/pod"), cgroups.PodCgroup("k8s.io/container")
+    pod.create()
+    container.create()
+    container.leave_parents()  # as runc leaves a container's parents (wasm-sandboxer does the same)
+    container.remove()
+    pod.remove()  # the parent was made for the pod, and goes with it
+    assert list(roots[0].iterdir()) == []
+    assert cgroups._USERS == {}

@@ -128,6 +128,12 @@ def _clean_relative(path: str) -> str:
     return rel
 
 
+# Directories this process made for pod cgroups, by how many PodCgroups still stand in or below them:
+# two pods under a parent neither found (a cgroup_parent of crictl's, no kubelet to make it) share the
+# parent, and whichever goes last removes it.
+_USERS: dict[str, int] = {}
+
+
 class PodCgroup:
     """The cgroup named by CRI's `cgroup_parent` (created if missing, removed only if we created it)."""
 
@@ -140,12 +146,26 @@ class PodCgroup:
             current = root
             for part in Path(self.path).parts:
                 current = current / part
+                key = str(current)
                 if current.exists():
+                    if key in _USERS:  # ours, made for another pod that is still there
+                        _USERS[key] += 1
+                        self.created.append(key)
                     continue
                 current.mkdir()
-                self.created.append(str(current))
+                _USERS[key] = 1
+                self.created.append(key)
                 if root.name == "cpuset":
                     _inherit_cpuset(current)
+
+    def leave_parents(self) -> None:
+        """From now on remove() takes only the cgroup itself, never the parents made for it: what runc
+        does with a container's cgroup (under containerd's /k8s.io, say)."""
+        leaf = "/" + self.path
+        for directory in self.created:
+            if not directory.endswith(leaf):
+                _release(directory)
+        self.created = [d for d in self.created if d.endswith(leaf)]
 
     def add(self, pid: int) -> None:
         for root in hierarchy_roots():
@@ -153,6 +173,8 @@ class PodCgroup:
 
     def remove(self) -> None:
         for directory in reversed(self.created):
+            if not _release(directory):
+                continue
             try:
                 os.rmdir(directory)
             except FileNotFoundError:
@@ -163,6 +185,15 @@ class PodCgroup:
                 else:
                     raise
         self.created = []
+
+
+def _release(directory: str) -> bool:
+    """One PodCgroup less in `directory`; whether it was the last (one unknown here was made by a
+    process of ours before a restart, for that PodCgroup alone)."""
+    users = _USERS.pop(directory, 1) - 1
+    if users > 0:
+        _USERS[directory] = users
+    return users <= 0
 
 
 def _inherit_cpuset(directory: Path) -> None:

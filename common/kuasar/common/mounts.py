@@ -17,6 +17,10 @@ from .errors import InvalidArgument, RuntimeFailure
 
 log = logging.getLogger(__name__)
 
+# The kernel's default fs.mount-max: no namespace holds more mounts, so no target more layers. (containerd
+# hands a rootfs as any number of mounts; a fixed small bound left the layers above it mounted.)
+MOUNT_MAX = 100_000
+
 # Options that are mount(2) flags rather than filesystem data, as mount(8) spells them.
 _FLAG_OPTIONS = {
     "ro": (linux.MS_RDONLY, True), "rw": (linux.MS_RDONLY, False),
@@ -188,7 +192,7 @@ def mount_rootfs(mounts: Iterable[MountLike], target: Path, userns: str = "") ->
 
 def unmount_all(target: Path) -> None:
     """Unmount every layer stacked on `target`; a missing path or no mount is fine."""
-    for _ in range(16):  # bound: at most this many stacked mounts
+    for _ in range(MOUNT_MAX):  # every round takes one layer off, or ends the loop
         try:
             linux.umount(str(target))
         except OSError as exc:

@@ -145,7 +145,7 @@ class PodService:
                 namespaces = PodNamespaces(req.netns_path, req.new_ipc, req.new_uts, req.new_pid, req.userns,
                                            tuple(sorted(req.sysctls.items())))
                 pid = await start_pod_holder(req.id, namespaces, req.hostname, meanwhile=mount_shm)
-        except Exception:
+        except BaseException:  # also a cancelled Create (its deadline, its connection gone)
             if shm is not None:
                 mounts.unmount_all(shm)
             if cgroup is not None:

@@ -12,8 +12,11 @@ removed container leaves (`_remove_files`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
+import os
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -112,6 +115,7 @@ class RuncContainerTasks(TerminalTasks):
         else:
             stdio = io.runc_stdio()
         pid_file = container.files / (f"{proc.id}.pid" if is_exec else "init.pid")
+        pid_file.unlink(missing_ok=True)  # what _undo_runc reads must be this run's
         try:
             with warm(self.attach_warmer):
                 await self._run_runc(container, proc, is_exec, pid_file, stdio, console)
@@ -121,6 +125,9 @@ class RuncContainerTasks(TerminalTasks):
             if receiving is not None:
                 receiving.cancel()
             self._discard_io(io)
+            # runc may have made the process before what failed here (the console never came, a cancel):
+            # nobody would know of it.
+            await self._undo_runc(container, is_exec, pid_file)
             raise
         self._release_io(io)
         proc.pid = int(pid_file.read_text().strip())
@@ -129,6 +136,16 @@ class RuncContainerTasks(TerminalTasks):
             # After the Create reply is written and before containerd's Start can arrive: off the start's
             # critical path (~0.15 ms), and set while the init still waits on its exec FIFO.
             asyncio.get_running_loop().call_soon(self._watch_oom, container, proc)
+
+    async def _undo_runc(self, container: Any, is_exec: bool, pid_file: Path) -> None:
+        if is_exec:
+            with contextlib.suppress(OSError, ValueError):
+                os.kill(int(pid_file.read_text().strip()), signal.SIGKILL)
+            return
+        try:
+            await self.runc.delete(container.id)
+        except Exception as exc:  # noqa: BLE001 - the first failure is the one to report
+            log.warning("container %s: runc delete after a failed create: %s", container.id, exc)
 
     def _watch_oom(self, container: Any, proc: RuncProcess) -> None:
         if container.oom is None and self.containers.get(container.id) is container and proc.status == types.CREATED:

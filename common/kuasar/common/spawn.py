@@ -7,6 +7,7 @@ asyncio's watcher would race our process-wide `Reaper` for exit statuses, so pro
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import signal
@@ -124,8 +125,15 @@ async def run(reaper: Reaper, argv: list[str], *, stdin: int | None = None, stdo
             os.close(fd)
     reads = [read_to_eof(out_r) if out_r is not None else _empty(),
              read_to_eof(err_r) if err_r is not None else _empty()]
-    out, err = await asyncio.gather(*reads)
-    result = await exited
+    try:
+        out, err = await asyncio.gather(*reads)
+        result = await asyncio.shield(exited)  # a cancel of ours must not cancel the reaper's record
+    except asyncio.CancelledError:
+        # The command goes on without us (runc half way through a create); what the caller undoes
+        # after a cancel must come after it, not race it. A second cancel stops the waiting.
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.shield(exited)
+        raise
     return Completed(argv, result.status, out, err)
 
 

@@ -61,7 +61,31 @@ def set_timestamp(message: Message, name: str, ns: int) -> None:
 
 def pod_id_of(annotations: dict[str, Any]) -> str:
     """The pod of a container, from its spec's annotations ("" if none names it)."""
-    return next((annotations[k] for k in SANDBOX_ID_ANNOTATIONS if k in annotations), "")
+    pod_id = next((annotations[k] for k in SANDBOX_ID_ANNOTATIONS if k in annotations), "")
+    if not isinstance(pod_id, str):
+        raise InvalidArgument(f"the spec's sandbox id annotation is not a string: {pod_id!r}")
+    return pod_id
+
+
+# Sections of an OCI spec the task servers read or rewrite, with their JSON types.
+_SPEC_SECTIONS: dict[str, type] = {"annotations": dict, "linux": dict, "process": dict, "root": dict,
+                                   "mounts": list}
+
+
+def read_bundle_spec(bundle: Path) -> dict[str, Any]:
+    """The bundle's config.json: a JSON object whose sections we use have their OCI types (anything
+    else is INVALID_ARGUMENT here, not a Python error from deep inside a Create)."""
+    path = bundle / "config.json"
+    try:
+        spec = json.loads(path.read_bytes())
+    except (ValueError, RecursionError):
+        raise InvalidArgument(f"{path} is not JSON") from None
+    if not isinstance(spec, dict):
+        raise InvalidArgument(f"{path} is not a JSON object")
+    for name, kind in _SPEC_SECTIONS.items():
+        if spec.get(name) is not None and not isinstance(spec[name], kind):
+            raise InvalidArgument(f"{path}: {name} is not a JSON {'object' if kind is dict else 'array'}")
+    return spec
 
 
 def host_bundle(bundle: str) -> Path:

@@ -48,6 +48,7 @@ from kuasar.common.task_table import (
     TerminalTasks,
     host_bundle,
     parse_exec_spec,
+    read_bundle_spec,
     state_response,
     timestamp,
     wait_exited,
@@ -167,7 +168,7 @@ class GvisorTasks(TerminalTasks):
         async with self._lock(req.id):
             if req.id in self.containers:
                 raise AlreadyExists(f"container {req.id} already exists")
-            spec = json.loads((bundle / "config.json").read_bytes())
+            spec = read_bundle_spec(bundle)
             annotations = spec.get("annotations") or {}
             pod_id = annotations.get(gvisor_pod.SANDBOX_ID, "")
             pod = self.pods.get(pod_id)

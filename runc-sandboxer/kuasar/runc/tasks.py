@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
@@ -25,6 +24,7 @@ from kuasar.common.runc_tasks import RuncContainer, RuncContainerTasks, RuncProc
 from kuasar.common.task_table import (
     host_bundle,
     pod_id_of,
+    read_bundle_spec,
     signal_quietly,
     wait_exited,
 )
@@ -77,7 +77,7 @@ class RuncTasks(RuncContainerTasks):
         async with self._lock(req.id):
             if req.id in self.containers:
                 raise AlreadyExists(f"container {req.id} already exists")
-            spec = json.loads((bundle / "config.json").read_bytes())
+            spec = read_bundle_spec(bundle)
             pod_id = pod_id_of(spec.get("annotations") or {})
             io = ProcessIO(req.stdin, req.stdout, req.stderr, req.terminal)
             container = Container(req.id, bundle, bundle, ctx.namespace or bundle_namespace(bundle),
@@ -88,7 +88,7 @@ class RuncTasks(RuncContainerTasks):
             try:
                 rewrite_container_spec(bundle, spec, pod_dir(self.directory, pod_id) if pod_id else None)
                 await self._start_process(container, container.init, is_exec=False)
-            except Exception:
+            except BaseException:  # also a cancelled Create (its deadline, its connection gone)
                 if container.rootfs_mounted:
                     mounts.unmount_all(bundle / "rootfs")
                 raise

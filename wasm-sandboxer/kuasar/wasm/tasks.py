@@ -44,6 +44,7 @@ from kuasar.common.task_table import (
     host_bundle,
     parse_exec_spec,
     pod_id_of,
+    read_bundle_spec,
     signal_quietly,
     state_response,
     wait_exited,
@@ -209,10 +210,7 @@ class WasmTasks(TerminalTasks):
         async with self._lock(req.id):
             if req.id in self.containers:
                 raise AlreadyExists(f"container {req.id} already exists")
-            try:
-                spec = json.loads((bundle / "config.json").read_bytes())
-            except ValueError:
-                raise InvalidArgument(f"{bundle / 'config.json'} is not JSON") from None
+            spec = read_bundle_spec(bundle)
             pod_id = pod_id_of(spec.get("annotations") or {})
             runtime, wasmedge = self.select_runtime(spec)
             root_path = Path(str((spec.get("root") or {}).get("path") or "rootfs"))
@@ -231,10 +229,7 @@ class WasmTasks(TerminalTasks):
                 if path:
                     container.cgroup = cgroups.PodCgroup(path)
                     container.cgroup.create()
-                    # Like runc, remove only the container's own cgroup later, never shared parents
-                    # such as containerd's /k8s.io.
-                    leaf = "/" + container.cgroup.path
-                    container.cgroup.created = [d for d in container.cgroup.created if d.endswith(leaf)]
+                    container.cgroup.leave_parents()
                     resources.apply_resources(container.cgroup,
                                               (spec.get("linux") or {}).get("resources") or {})
                 self._maybe_prune()
