@@ -36,9 +36,16 @@ def test_oci_cgroups_path() -> None:
             cgroupfs_path(bad)
 
 
-def test_a_spec_is_rewritten_only_when_systemd_named() -> None:
+def test_a_systemd_named_cgroups_path_is_rewritten_once() -> None:
     spec = {"linux": {"cgroupsPath": "kubepods-besteffort-pod12.slice:cri-containerd:abc"}}
     assert use_cgroupfs_path(spec)
     assert spec["linux"]["cgroupsPath"] == f"/{POD_SLICE}/cri-containerd-abc.scope"
     assert not use_cgroupfs_path(spec)  # already a path
     assert not use_cgroupfs_path({"process": {}})
+
+
+def test_a_relative_cgroups_path_is_made_absolute_as_the_pods_cgroup_is() -> None:
+    spec = {"linux": {"cgroupsPath": "crictl-parent/pod-a/abc"}}  # containerd's parent/id, parent relative
+    assert use_cgroupfs_path(spec)
+    assert spec["linux"]["cgroupsPath"] == "/crictl-parent/pod-a/abc"
+    assert not use_cgroupfs_path(spec)

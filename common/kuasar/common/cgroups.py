@@ -111,13 +111,20 @@ def cgroupfs_path(spec_path: str) -> str:
 
 
 def use_cgroupfs_path(spec: dict) -> bool:
-    """Rewrite a spec's systemd-form `cgroupsPath` for a runtime run with its cgroupfs driver (as we run
-    runc and runsc); True if the spec changed."""
+    """Rewrite a spec's `cgroupsPath` for a runtime run with its cgroupfs driver (as we run runc and
+    runsc); True if the spec changed. The systemd form becomes its cgroupfs path, and a relative path
+    (containerd's parent/id for a relative CRI cgroup_parent, which crictl allows) an absolute one: the
+    pod's cgroup is that parent under each hierarchy's root, where runc would take a relative path under
+    its own cgroup (the task server's, not the root where a service manager puts us), away from its
+    pod and its limits, and leave the parents it made there behind."""
     linux = spec.get("linux") or {}
     path = linux.get("cgroupsPath")
-    if not isinstance(path, str) or ":" not in path:
+    if not isinstance(path, str) or not path:
         return False
-    linux["cgroupsPath"] = cgroupfs_path(path)
+    absolute = cgroupfs_path(path) if ":" in path else "/" + path.lstrip("/")
+    if absolute == path:
+        return False
+    linux["cgroupsPath"] = absolute
     return True
 
 
