@@ -24,6 +24,8 @@ from .errors import AlreadyExists, InvalidArgument, NotFound
 from .ids import validate_id
 from .pod_files import SHM, pod_dir
 from .pod_holder import PodNamespaces, start_pod_holder
+from .pod_leftovers import PodLeftovers, process_start
+from .pod_leftovers import forget as forget_leftovers
 from .reaper import Exit, Reaper
 from .ttrpc import Context, TtrpcServer
 
@@ -156,10 +158,22 @@ class PodService:
         # An exit reaped before this watch is kept by the reaper, so a launcher's await loses nothing.
         pod = Pod(req.id, pid, self.reaper.watch(pid), cgroup, shm)
         self.pods[req.id] = pod
+        if self.directory is not None:  # after the reply is written: off the pod start's path
+            asyncio.get_running_loop().call_soon(self._record_leftovers, pod)
         if cgroup is not None and self.launcher is None:
             pod.placed = self._place(pod, cgroup)
         log.info("pod %s: process %d holds its namespaces", req.id, pid)
         return pb.CreatePodResponse(pid=pid)
+
+    def _record_leftovers(self, pod: Pod) -> None:
+        if self.directory is None or self.pods.get(pod.id) is not pod:
+            return
+        record = PodLeftovers(pod.pid, process_start(pod.pid), list(pod.cgroup.created) if pod.cgroup else [],
+                              str(pod.shm) if pod.shm is not None else "")
+        try:
+            record.write(pod_dir(self.directory, pod.id))
+        except OSError as exc:  # the pod runs anyway; only a task server crash would now leak it
+            log.error("pod %s: recording what it holds: %s", pod.id, exc)
 
     def _place(self, pod: Pod, cgroup: cgroups.PodCgroup) -> asyncio.Future[None] | None:
         """Move the pod's process into its cgroup: by the attach-lock warmer's thread, after Create has
@@ -225,6 +239,8 @@ class PodService:
             pod.cgroup.remove()
         if pod.shm is not None:
             mounts.unmount_all(pod.shm)
+        if self.directory is not None:
+            forget_leftovers(pod_dir(self.directory, pod.id))
         del self.pods[pod.id]
         log.info("pod %s removed", pod.id)
         return empty_pb2.Empty()

@@ -27,7 +27,7 @@ from . import cgroups, mounts
 from .api.containerd.runtime.task.v2 import shim_pb2 as task
 from .api.containerd.types.task import task_pb2 as types
 from .cgroup_attach import AttachLockWarmer, warm
-from .errors import FailedPrecondition, InvalidArgument
+from .errors import FailedPrecondition, InvalidArgument, KuasarError
 from .ids import validate_id
 from .oom import OomWatch
 from .reaper import Exit, Reaper
@@ -58,6 +58,15 @@ class RuncContainer(TaskContainer):
     @property
     def log(self) -> Path:
         return self.files / "log.json"
+
+
+def _bundle_of(state: Any) -> Path | None:
+    """The bundle a container was created from, from runc's state.json (its `bundle=` label)."""
+    config = state.get("config") if isinstance(state, dict) else None
+    labels = (config.get("labels") if isinstance(config, dict) else None) or []
+    bundle = next((label.partition("=")[2] for label in labels
+                   if isinstance(label, str) and label.startswith("bundle=")), "")
+    return Path(bundle) if os.path.isabs(bundle) else None
 
 
 class RuncContainerTasks(TerminalTasks):
@@ -136,6 +145,25 @@ class RuncContainerTasks(TerminalTasks):
             # After the Create reply is written and before containerd's Start can arrive: off the start's
             # critical path (~0.15 ms), and set while the init still waits on its exec FIFO.
             asyncio.get_running_loop().call_soon(self._watch_oom, container, proc)
+
+    async def sweep_leftovers(self) -> None:
+        """Delete every container in our runc root, with its rootfs mount: a task server just started
+        knows none of them, so they are a dead one's (see pod_leftovers)."""
+        if not self.runc.root.is_dir():
+            return
+        for entry in sorted(self.runc.root.iterdir()):
+            try:
+                container_id = validate_id(entry.name, "container id")
+                bundle = _bundle_of(json.loads((entry / "state.json").read_bytes()))
+            except (OSError, ValueError, KuasarError):
+                continue  # not a container runc made for us
+            log.warning("container %s: left by a task server that is gone; deleting it", container_id)
+            try:
+                await self.runc.delete(container_id)
+            except KuasarError as exc:
+                log.error("container %s: %s", container_id, exc.message)
+            if bundle is not None:
+                mounts.unmount_all(bundle / "rootfs")
 
     async def _undo_runc(self, container: Any, is_exec: bool, pid_file: Path) -> None:
         if is_exec:

@@ -29,7 +29,7 @@ from typing import Any
 
 from google.protobuf.message import Message
 
-from . import __version__, linux
+from . import __version__, linux, pod_leftovers
 from .errors import Unavailable
 from .events import EventPublisher
 from .lean import serve_until
@@ -44,6 +44,9 @@ log = logging.getLogger(__name__)
 
 TASK_SOCKET = "task.sock"
 LOCK_FILE = "sandboxer.lock"
+# Held by the task server for its whole life: a second one (a sandboxer that could not connect for a
+# moment) must not start, least of all sweep the pods of the first as left by a dead one.
+SERVER_LOCK_FILE = "task-server.lock"
 PID_FILE = "task-server.pid"
 LOG_FILE = "task-server.log"
 # How often an idle task server checks whether it is still wanted.
@@ -119,11 +122,19 @@ def task_server_main(make_backend: Callable[[dict[str, Any], Reaper, EventPublis
 # -- inside the task server ------------------------------------------------------------------------
 async def run_task_server(directory: Path, events_address: str, ready_fd: int,
                           make_backend: Callable[[Reaper, EventPublisher, Path], TaskBackend]) -> None:
+    server_lock = _hold_server_lock(directory)
     linux.set_child_subreaper()  # containers re-parent here when runc exits, so we see their exits
     reaper = Reaper()
     reaper.install()
     events = EventPublisher(events_address)
     backend = make_backend(reaper, events, directory)
+    # Ours is the only task server (the lock): whatever a task server left is a dead one's. Containers
+    # first: they live in the pods' cgroups.
+    sweep_containers = getattr(backend, "sweep_leftovers", None)
+    if sweep_containers is not None:
+        await sweep_containers()
+    if pod_leftovers.sweep(directory):
+        log.warning("ended the pods of a task server that died (see above)")
     # A backend that makes its own pod processes (gVisor's sandbox) says so by being a PodLauncher.
     pods = PodService(reaper, backend, backend if isinstance(backend, PodLauncher) else None, directory,
                       getattr(backend, "attach_warmer", None))
@@ -152,6 +163,17 @@ async def run_task_server(directory: Path, events_address: str, ready_fd: int,
     await events.close()
     for name in (TASK_SOCKET, PID_FILE):
         (directory / name).unlink(missing_ok=True)
+    os.close(server_lock)
+
+
+def _hold_server_lock(directory: Path) -> int:
+    fd = os.open(directory / SERVER_LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise SystemExit(f"another task server serves {directory}") from None
+    return fd
 
 
 def backend_has_work(backend: TaskBackend) -> bool:

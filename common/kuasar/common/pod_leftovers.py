@@ -1,0 +1,108 @@
+"""What a pod holds on the host, on disk, so that a task server started after another one died can undo it.
+
+A task server keeps its pods in memory. If it dies (a crash, `kill -9`) its pod processes live on,
+re-parented to PID 1, with their cgroups and /dev/shm mounts; the task server the sandboxer starts in
+its place knows none of them, and containerd's removal of the pod then finds nothing to remove. So
+each pod's process (pid and start time, which tell it from a later process given the same pid), the
+cgroup directories made for it and its /dev/shm mount are written to `<dir>/pods/<id>/pod.json`, and
+a fresh task server ends whatever such files describe before it serves.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import signal
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from . import cgroups, mounts
+from .pod_files import PODS_DIR
+
+log = logging.getLogger(__name__)
+
+RECORD_FILE = "pod.json"
+# A killed pod process is gone in milliseconds; only then may its cgroups be removed.
+EXIT_WAIT_S = 5.0
+EXIT_POLL_S = 0.01
+# /proc/<pid>/stat is one line of ~50 fields, well under this.
+STAT_MAX = 4096
+
+
+@dataclass
+class PodLeftovers:
+    pid: int
+    start: int  # the process's start time (clock ticks after boot), /proc/<pid>/stat field 22
+    cgroups: list[str] = field(default_factory=list)  # directories made for the pod, parents first
+    shm: str = ""  # the pod's /dev/shm mount, if it has one
+
+    def write(self, directory: Path) -> None:
+        """Into the pod's directory. Not atomic: a torn file (a crash right here) is skipped."""
+        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(directory / RECORD_FILE, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            os.write(fd, json.dumps(asdict(self)).encode())
+        finally:
+            os.close(fd)
+
+
+def process_start(pid: int) -> int:
+    """The start time of `pid` (0 if there is no such process)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            line = stat.read(STAT_MAX)
+    except OSError:
+        return 0
+    # The command name, in parentheses, may itself hold spaces and parentheses: count from the last ")".
+    fields = line[line.rfind(b")") + 2:].split()
+    return int(fields[19]) if len(fields) > 19 else 0
+
+
+def forget(directory: Path) -> None:
+    with contextlib.suppress(OSError):
+        (directory / RECORD_FILE).unlink()
+
+
+def sweep(sandboxer_dir: Path) -> int:
+    """End every pod a dead task server left (see the module's docstring); how many there were."""
+    found = 0
+    for record_path in sorted((sandboxer_dir / PODS_DIR).glob(f"*/{RECORD_FILE}")):
+        try:
+            leftovers = PodLeftovers(**json.loads(record_path.read_bytes()))
+        except (OSError, ValueError, TypeError) as exc:
+            log.error("%s unreadable, skipped: %s", record_path, exc)
+            continue
+        found += 1
+        log.warning("pod %s: left by a task server that is gone; ending its process %d",
+                    record_path.parent.name, leftovers.pid)
+        _end_process(leftovers.pid, leftovers.start)
+        if leftovers.shm:
+            mounts.unmount_all(Path(leftovers.shm))
+        try:
+            cgroups.PodCgroup("", list(leftovers.cgroups)).remove()
+        except OSError as exc:
+            log.error("pod %s: its cgroups: %s", record_path.parent.name, exc)
+        forget(record_path.parent)
+    return found
+
+
+def _end_process(pid: int, start: int) -> None:
+    if not start or process_start(pid) != start:
+        return  # gone already (the pid may be another process's now)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + EXIT_WAIT_S
+    while process_start(pid) == start and not _is_zombie(pid) and time.monotonic() < deadline:
+        time.sleep(EXIT_POLL_S)
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            line = stat.read(STAT_MAX)
+    except OSError:
+        return True
+    return line[line.rfind(b")") + 2:line.rfind(b")") + 3] == b"Z"

@@ -1,0 +1,47 @@
+"""pod_leftovers: what a task server records of each pod, and the sweep a fresh task server makes."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+from kuasar.common import pod_leftovers
+from kuasar.common.pod_files import PODS_DIR
+from kuasar.common.pod_leftovers import PodLeftovers, process_start, sweep
+
+
+def test_the_start_time_survives_a_command_name_with_spaces_and_parentheses(tmp_path: Path) -> None:
+    odd = tmp_path / "a b) c"
+    odd.symlink_to("/bin/sleep")
+    child = subprocess.Popen([str(odd), "30"])
+    try:
+        stat = Path(f"/proc/{child.pid}/stat").read_text()
+        assert "(a b) c)" in stat
+        assert process_start(child.pid) == int(stat.rsplit(")", 1)[1].split()[19]) > 0
+    finally:
+        child.kill()
+        child.wait()
+    assert process_start(child.pid) == 0  # gone
+
+
+def test_the_sweep_ends_recorded_pods_and_nothing_else(tmp_path: Path) -> None:
+    recorded = subprocess.Popen(["sleep", "30"])
+    stranger = subprocess.Popen(["sleep", "30"])  # a record whose start time is not this process's
+    cgroup_dirs = [tmp_path / "cg" / "parent", tmp_path / "cg" / "parent" / "pod"]
+    cgroup_dirs[1].mkdir(parents=True)
+    try:
+        PodLeftovers(recorded.pid, process_start(recorded.pid), [str(d) for d in cgroup_dirs]).write(
+            tmp_path / PODS_DIR / "a")
+        PodLeftovers(stranger.pid, process_start(stranger.pid) + 1).write(tmp_path / PODS_DIR / "b")
+        (tmp_path / PODS_DIR / "c").mkdir()
+        (tmp_path / PODS_DIR / "c" / pod_leftovers.RECORD_FILE).write_text('{"pid": 1')  # torn by a crash
+        assert sweep(tmp_path) == 2
+        assert recorded.wait(timeout=5) == -9
+        assert stranger.poll() is None
+        assert not (tmp_path / "cg" / "parent").exists()
+        assert sorted(p.parent.name for p in (tmp_path / PODS_DIR).glob(f"*/{pod_leftovers.RECORD_FILE}")) == ["c"]
+        assert sweep(tmp_path) == 0  # nothing twice
+    finally:
+        for child in (recorded, stranger):
+            child.kill()
+            child.wait()
