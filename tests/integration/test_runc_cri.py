@@ -378,6 +378,13 @@ def test_container_stats_and_update_resources(stack: Stack) -> None:
             limit = await client.exec_sync(cid, ["cat", "/sys/fs/cgroup/memory/memory.limit_in_bytes"],
                                            timeout=20)
             assert limit.stdout.strip() == str(64 << 20).encode(), limit
+            # Updates at once: each is applied whole (the task server writes one resources file at a time).
+            limits = [48 << 20, 56 << 20, 72 << 20, 80 << 20]
+            await asyncio.gather(*(client.update_container_resources(
+                cid, cri.LinuxContainerResources(memory_limit_in_bytes=m)) for m in limits))
+            limit = await client.exec_sync(cid, ["cat", "/sys/fs/cgroup/memory/memory.limit_in_bytes"],
+                                           timeout=20)
+            assert int(limit.stdout) in limits, limit
             await remove_pod(client, pod_id)
 
     stack.run(scenario())

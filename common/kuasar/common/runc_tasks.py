@@ -270,15 +270,15 @@ class RuncContainerTasks(TerminalTasks):
         return empty_pb2.Empty()
 
     async def update(self, req: task.UpdateTaskRequest, ctx: Context) -> empty_pb2.Empty:
-        container = self._get(req.id)
         try:
             json.loads(req.resources.value or b"{}")
         except ValueError:
             raise InvalidArgument("resources is not OCI LinuxResources JSON") from None
-        path = container.files / "update-resources.json"
-        path.write_bytes(req.resources.value or b"{}")
-        try:
-            await self.runc.update(req.id, path)
-        finally:
-            path.unlink(missing_ok=True)
+        async with self._holding(req.id) as container:  # one update-resources.json at a time
+            path = container.files / "update-resources.json"
+            path.write_bytes(req.resources.value or b"{}")
+            try:
+                await self.runc.update(req.id, path)
+            finally:
+                path.unlink(missing_ok=True)
         return empty_pb2.Empty()
