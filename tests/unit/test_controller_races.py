@@ -43,16 +43,21 @@ def disk_full(*_args: object) -> None:
     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
 
+async def shutting_down(state_dir: Path, delay: float) -> tuple[SlowShutdown, SandboxController, asyncio.Future]:
+    """A sandbox made, and its Shutdown under way for `delay` seconds."""
+    sandboxer = SlowShutdown()
+    controller = SandboxController(sandboxer, state_dir)
+    await controller.create(record())
+    sandboxer.shutdown_delay = delay
+    return sandboxer, controller, asyncio.ensure_future(controller.shutdown(SID))
+
+
 def test_update_arriving_during_shutdown_is_not_found_and_writes_nothing(tmp_path: Path) -> None:
     async def main() -> None:
-        sandboxer = SlowShutdown()
-        controller = SandboxController(sandboxer, tmp_path / "state")
-        await controller.create(record())
-        sandboxer.shutdown_delay = 0.1
-        shutting_down = asyncio.ensure_future(controller.shutdown(SID))
+        _, controller, shutting = await shutting_down(tmp_path / "state", 0.1)
         await asyncio.sleep(0.02)
         updating = asyncio.ensure_future(controller.update(SID, lambda _record: None, []))
-        await shutting_down
+        await shutting
         with pytest.raises(NotFound):
             await updating
         # Its save would have brought the sandbox back at the next start of the sandboxer.
@@ -65,11 +70,7 @@ def test_update_arriving_during_shutdown_is_not_found_and_writes_nothing(tmp_pat
 
 def test_a_retried_shutdown_leaves_a_sandbox_created_again_under_the_same_id(tmp_path: Path) -> None:
     async def main() -> None:
-        sandboxer = SlowShutdown()
-        controller = SandboxController(sandboxer, tmp_path / "state")
-        await controller.create(record())
-        sandboxer.shutdown_delay = 0.05
-        first = asyncio.ensure_future(controller.shutdown(SID))
+        sandboxer, controller, first = await shutting_down(tmp_path / "state", 0.05)
         retried = asyncio.ensure_future(controller.shutdown(SID))  # waits for the first one's lock
         await first
         sandboxer.shutdown_delay = 0.0

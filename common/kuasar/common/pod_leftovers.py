@@ -49,15 +49,20 @@ class PodLeftovers:
             os.close(fd)
 
 
-def process_start(pid: int) -> int:
-    """The start time of `pid` (0 if there is no such process)."""
+def _stat_fields(pid: int) -> list[bytes]:
+    """/proc/<pid>/stat from its third field (the state) on; empty if there is no such process."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as stat:
             line = stat.read(STAT_MAX)
     except OSError:
-        return 0
+        return []
     # The command name, in parentheses, may itself hold spaces and parentheses: count from the last ")".
-    fields = line[line.rfind(b")") + 2:].split()
+    return line[line.rfind(b")") + 2:].split()
+
+
+def process_start(pid: int) -> int:
+    """The start time of `pid` (0 if there is no such process)."""
+    fields = _stat_fields(pid)
     return int(fields[19]) if len(fields) > 19 else 0
 
 
@@ -100,9 +105,5 @@ def _end_process(pid: int, start: int) -> None:
 
 
 def _is_zombie(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as stat:
-            line = stat.read(STAT_MAX)
-    except OSError:
-        return True
-    return line[line.rfind(b")") + 2:line.rfind(b")") + 3] == b"Z"
+    fields = _stat_fields(pid)
+    return not fields or fields[0] == b"Z"
