@@ -485,6 +485,44 @@ def test_sandboxer_sigkill_and_restart_keeps_wasm_containers_running(stack: Stac
     assert_nothing_left(stack)
 
 
+def test_a_killed_task_server_takes_its_wasm_containers_along_and_leaves_nothing(stack: Stack) -> None:
+    cgroup_parent = f"kuasar-wasm-crash-{os.getpid()}/pod-a"
+
+    async def before() -> tuple[str, str]:
+        async with CriClient(stack.address) as client:
+            pod_id, pod = await run_pod(client, "crash", stack.log_dir, cgroup_parent=cgroup_parent)
+            cid = await start(client, pod_id, pod, "loop", ["/loop.wasm"])
+            await wait_state(client, cid, cri.CONTAINER_RUNNING)
+            return pod_id, cid
+
+    pod_id, cid = asyncio.run(before())
+    assert len(container_processes()) == 1
+    deadline = time.monotonic() + 10
+    while not (stack.sandboxer_dir / "pods" / pod_id / "pod.json").exists():  # written just after Create
+        assert time.monotonic() < deadline, "the pod's leftovers were never recorded"
+        time.sleep(0.05)
+    pod_pid = json.loads((stack.sandboxer_dir / "sandboxes" / pod_id / "sandbox.json").read_text())["pid"]
+    old_server = task_server_pid(stack.sandboxer_dir)
+    os.kill(old_server, signal.SIGKILL)
+
+    async def after() -> None:
+        async with CriClient(stack.address) as client:
+            deadline = time.monotonic() + 30
+            while (await client.pod_sandbox_status(pod_id)).status.state != cri.SANDBOX_NOTREADY:
+                assert time.monotonic() < deadline, "the pod was never reported exited"
+                await asyncio.sleep(0.1)
+            await wait_state(client, cid, cri.CONTAINER_EXITED)
+            assert container_processes() == []  # it died with its task server
+            assert cgroups_named(cgroup_parent) == []  # the new task server swept the pod's and its own
+            await remove_pod(client, pod_id)
+
+    asyncio.run(after())
+    assert task_server_pid(stack.sandboxer_dir) != old_server
+    assert cgroups_named(cgroup_parent.split("/")[0]) == []
+    assert [p for p in pod_processes() if p.pid == pod_pid] == []
+    assert_nothing_left(stack)
+
+
 def test_a_pod_with_its_own_user_namespace_is_refused_at_run_pod_sandbox(stack: Stack) -> None:
     """Modules run in processes of the task server, which cannot enter a pod's user namespace."""
     asyncio.run(check_user_namespace_refused(stack.address, WASM_HANDLER, stack.log_dir, "wasm"))

@@ -84,6 +84,10 @@ def set_child_subreaper() -> None:
     _check(libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0), "prctl(PR_SET_CHILD_SUBREAPER)")
 
 
+def set_parent_death_signal(sig: int) -> None:
+    _check(libc.prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0), "prctl(PR_SET_PDEATHSIG)")
+
+
 def set_process_name(name: str) -> None:
     """Set the kernel's comm name (what `ps -o comm` and /proc/<pid>/comm show; 15 bytes kept)."""
     libc.prctl(PR_SET_NAME, ctypes.c_char_p(name.encode()[:15]), 0, 0, 0)

@@ -86,12 +86,23 @@ def sweep(sandboxer_dir: Path) -> int:
         _end_process(leftovers.pid, leftovers.start)
         if leftovers.shm:
             mounts.unmount_all(Path(leftovers.shm))
+        for directory in reversed(leftovers.cgroups):  # its containers' cgroups, below the pod's
+            _remove_empty_below(Path(directory))
         try:
             cgroups.PodCgroup("", list(leftovers.cgroups)).remove()
         except OSError as exc:
             log.error("pod %s: its cgroups: %s", record_path.parent.name, exc)
         forget(record_path.parent)
     return found
+
+
+def _remove_empty_below(directory: Path) -> None:
+    """Every cgroup below `directory` without processes (those of the dead task server's containers
+    that their runtime did not remove: a wasm container's); one still in use stays (EBUSY)."""
+    for below, _, _ in sorted(os.walk(directory), key=lambda entry: len(entry[0]), reverse=True):
+        if below != str(directory):
+            with contextlib.suppress(OSError):
+                os.rmdir(below)
 
 
 def _end_process(pid: int, start: int) -> None:

@@ -142,6 +142,7 @@ def launch(plan: LaunchPlan, stdio: Stdio, reaper: Reaper, wait_for_go: bool) ->
     """Fork the container process. The exit future is taken in the same loop step as the fork."""
     report_r, report_w = os.pipe()
     go_r, go_w = os.pipe() if wait_for_go else (-1, -1)
+    task_server = os.getpid()
     try:
         pid = os.fork()
     except OSError:
@@ -150,7 +151,7 @@ def launch(plan: LaunchPlan, stdio: Stdio, reaper: Reaper, wait_for_go: bool) ->
                 os.close(fd)
         raise
     if pid == 0:  # the child: never returns
-        _child(plan, stdio, report_w, go_r)
+        _child(plan, stdio, report_w, go_r, task_server)
     exited = reaper.watch(pid)
     os.close(report_w)
     if go_r >= 0:
@@ -159,7 +160,7 @@ def launch(plan: LaunchPlan, stdio: Stdio, reaper: Reaper, wait_for_go: bool) ->
 
 
 # -- in the child ----------------------------------------------------------------------------------
-def _child(plan: LaunchPlan, stdio: Stdio, report_fd: int, go_fd: int) -> None:
+def _child(plan: LaunchPlan, stdio: Stdio, report_fd: int, go_fd: int, task_server: int) -> None:
     reported = False
     try:
         gc.disable()  # a collection would touch (and so copy) the parent's shared pages for nothing
@@ -192,6 +193,12 @@ def _child(plan: LaunchPlan, stdio: Stdio, report_fd: int, go_fd: int) -> None:
         for res, soft, hard in plan.rlimits:
             resource.setrlimit(res, (soft, hard))
         _drop_privileges(plan.user)
+        # Dies with its task server (a crash, kill -9): containerd takes the end of the task connection
+        # for every container's exit anyway, and nobody else would know of this process. Set after the
+        # credentials change, which clears it.
+        linux.set_parent_death_signal(signal.SIGKILL)
+        if os.getppid() != task_server:  # it died before that
+            os._exit(137)
         os.write(report_fd, b"ok")
         os.close(report_fd)
         reported = True
