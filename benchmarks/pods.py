@@ -54,10 +54,11 @@ def _ms(start: int) -> float:
 
 async def start_pod(client: CriClient, handler: str, name: str, log_root: Path, cgroup_parent: str = "") -> Pod:
     """RunPodSandbox (host network) + CreateContainer + StartContainer, each timed separately. With
-    `cgroup_parent`, the pod's CRI cgroup parent is `<cgroup_parent>/pod<uid>`, as kubelet names one."""
+    `cgroup_parent`, the pod's CRI cgroup parent is `/<cgroup_parent>/pod<uid>`, absolute as kubelet names
+    one (runc would put a relative one's containers under the cgroup of whoever runs it, here a shim's)."""
     uid = uuid.uuid4().hex[:12]
     config = pod_config(name, uid=uid, log_directory=str(log_root / f"{name}-{uid}"), host_network=True,
-                        cgroup_parent=f"{cgroup_parent}/pod{uid}" if cgroup_parent else "")
+                        cgroup_parent=f"/{cgroup_parent.strip('/')}/pod{uid}" if cgroup_parent else "")
     container = container_config("main", BUSYBOX, WORKLOAD)
     cgroup = None
     if cgroup_parent:  # kubelet makes the pod's cgroup before it asks for the sandbox (untimed there too)

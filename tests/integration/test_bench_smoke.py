@@ -6,12 +6,15 @@ No thresholds: the numbers only have to exist and be positive, for both handlers
 from __future__ import annotations
 
 import json
+import os
 import secrets
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from kuasar.common import cgroups
 
 from .conftest import integration_skip_reason
 
@@ -76,6 +79,10 @@ def test_bench_smoke_writes_json_report_and_plots(tmp_path: Path) -> None:
     assert not [note for note in cleanup["notes"] if "left in place" in note], cleanup["notes"]
     assert "left in place" not in proc.stderr  # no pod's cgroup removal found its parent busy
     assert not list(Path("/sys/fs/cgroup").glob(f"*/{parent}")) and not Path("/sys/fs/cgroup", parent).exists()
+    # Nor below the cgroup the benchmark runs in (not the root everywhere: here the memory hierarchy's),
+    # where runc puts a relative parent's containers.
+    own = {name: path for name, path in cgroups.proc_cgroups(os.getpid()).items() if path != "/"}
+    assert not [name for name, path in own.items() if Path("/sys/fs/cgroup", name, path.lstrip("/"), parent).exists()]
 
     # The other sections: each ran once (or was skipped for a stated reason), none failed.
     for name in ("wasm", "vm", "gvisor"):
