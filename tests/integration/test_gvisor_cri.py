@@ -358,6 +358,34 @@ def test_a_sandbox_killed_from_outside_ends_the_pod_and_its_containers(gvisor: S
     assert_nothing_left(gvisor)
 
 
+def test_a_killed_task_server_leaves_no_sandbox_behind(gvisor: Stack) -> None:
+    """Its successor deletes the runsc sandboxes (and their gofers) in its root before it serves."""
+    import signal
+
+    async def before() -> tuple[str, str]:
+        async with CriClient(gvisor.address) as client:
+            pod_id, pod = await run_pod(client, "gv-crash", gvisor.log_dir)
+            cid = await start_container(client, pod_id, pod, "main", ["sleep", "3600"])
+            await wait_state(client, cid, cri.CONTAINER_RUNNING)
+            return pod_id, cid
+
+    pod_id, cid = gvisor.run(before())
+    assert runsc_processes(gvisor.sandboxer_dir / "runsc")
+    os.kill(int((gvisor.sandboxer_dir / "task-server.pid").read_text()), signal.SIGKILL)
+
+    async def after() -> None:
+        async with CriClient(gvisor.address) as client:
+            deadline = time.monotonic() + 30
+            while (await client.pod_sandbox_status(pod_id)).status.state != cri.SANDBOX_NOTREADY:
+                assert time.monotonic() < deadline, "the pod was never reported exited"
+                await asyncio.sleep(0.1)
+            await wait_state(client, cid, cri.CONTAINER_EXITED)
+            await remove_pod(client, pod_id)
+
+    gvisor.run(after())
+    assert_nothing_left(gvisor)
+
+
 def test_a_pod_with_its_own_user_namespace_is_refused_at_run_pod_sandbox(gvisor: Stack) -> None:
     """Our gVisor sandbox is not made in the pod's user namespace, so its containers could not be."""
     gvisor.run(check_user_namespace_refused(gvisor.address, HANDLER, gvisor.log_dir, "quark(runsc)"))

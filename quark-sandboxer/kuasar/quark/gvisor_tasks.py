@@ -57,7 +57,7 @@ from kuasar.common.ttrpc import Context
 
 from . import gvisor_net, gvisor_pod, gvisor_stats
 from .config import QuarkConfig
-from .runsc import NETSTACK_FIXED_DATE, RUNSC_FAILURE, Runsc, Stdio, last_error
+from .runsc import NETSTACK_FIXED_DATE, NO_NETWORK, RUNSC_FAILURE, Runsc, Stdio, last_error
 
 log = logging.getLogger(__name__)
 
@@ -148,6 +148,23 @@ class GvisorTasks(TerminalTasks):
         log.info("pod %s: gVisor sandbox pid %d (--network=%s, platform %s)", pod_id, pod.pid, network,
                  self.config.platform)
         return pod.pid
+
+    async def sweep_leftovers(self) -> None:
+        """Delete every sandbox and container in our runsc root: a task server just started knows none of
+        them, so they are a dead one's (see pod_leftovers; the pods' bundles go with their directories
+        at Shutdown). A sandbox goes with its root container; what a first pass leaves goes in a second."""
+        for _ in range(2):
+            try:
+                left = await self.runsc.container_ids()
+            except KuasarError as exc:
+                log.error("runsc list: %s", exc.message)
+                return
+            for container_id in left:
+                log.warning("runsc container %s: left by a task server that is gone; deleting it", container_id)
+                try:
+                    await self.runsc.delete(container_id, NO_NETWORK)
+                except KuasarError as exc:
+                    log.error("runsc container %s: %s", container_id, exc.message)
 
     async def release_pod(self, pod_id: str) -> None:
         pod = self.pods.pop(pod_id, None)

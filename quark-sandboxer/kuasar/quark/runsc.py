@@ -29,6 +29,9 @@ RUNSC_ERROR_LEVELS = (*ERROR_LEVELS, "warning")
 __all__ = ["NETSTACK_FIXED_DATE", "RUNSC_FAILURE", "Runsc", "Stdio", "last_error"]
 
 
+# The --network flag for commands that touch no network (list, delete of what is left).
+NO_NETWORK = "none"
+
 class Runsc:
     def __init__(self, reaper: Reaper, root: Path, binary: str = "runsc", platform: str = "systrap",
                  debug_dir: Path | None = None) -> None:
@@ -92,6 +95,11 @@ class Runsc:
             await self._run(network, ["delete", "--force", container_id])
         except NotFound:
             pass
+
+    async def container_ids(self) -> list[str]:
+        """Every container (sandboxes too) runsc keeps in our root."""
+        result = await self._run(NO_NETWORK, ["list", "--quiet"])
+        return result.stdout.decode(errors="replace").split()
 
     async def pause(self, container_id: str, network: str) -> None:
         await self._run(network, ["pause", container_id])
