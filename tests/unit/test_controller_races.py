@@ -13,7 +13,7 @@ import pytest
 from kuasar.common import controller as controller_module
 from kuasar.common import state
 from kuasar.common.controller import SandboxController, new_record
-from kuasar.common.errors import AlreadyExists, NotFound
+from kuasar.common.errors import AlreadyExists, InvalidArgument, NotFound
 from kuasar.common.keyed_locks import KeyedLocks
 from kuasar.common.sandboxer import ExitInfo, SandboxRecord, StartResult
 from tests.unit.test_sandbox_api import SID, MemorySandboxer
@@ -187,4 +187,25 @@ def test_a_timeout_of_the_sandbox_types_own_is_not_reported_as_the_operation_bou
         await controller.create(record())
         with pytest.raises(TimeoutError, match="task server"):
             await controller.start(SID)
+    asyncio.run(main())
+
+
+def test_a_failed_update_changes_nothing(tmp_path: Path) -> None:
+    class RefusesUpdates(MemorySandboxer):
+        async def update(self, record: SandboxRecord, fields: list[str]) -> None:
+            raise InvalidArgument("no such field")
+
+    def apply(target: SandboxRecord) -> None:
+        target.labels = {"new": "label"}
+        target.extra.setdefault("extensions", {})["x"] = "y"
+
+    async def main() -> None:
+        controller = SandboxController(RefusesUpdates(), tmp_path / "state")
+        await controller.create(new_record(SID, "memory", "", b"", {}, {"old": "label"}, {}))
+        with pytest.raises(InvalidArgument):
+            await controller.update(SID, apply, ["labels", "extensions.x"])
+        current = controller.records[SID]
+        assert current.labels == {"old": "label"} and "extensions" not in current.extra
+        controller.save(current)  # what the next change of state writes
+        assert state.StateStore(tmp_path / "state").load_all()[SID]["labels"] == {"old": "label"}
     asyncio.run(main())

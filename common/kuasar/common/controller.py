@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import copy
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -185,9 +186,14 @@ class SandboxController:
 
     async def update(self, sandbox_id: str, apply: Callable[[SandboxRecord], None], fields: list[str]) -> None:
         async with self._holding(sandbox_id) as record:
+            before = copy.deepcopy(record.to_json())  # `apply` may change the record's dicts in place
             apply(record)
-            await self._bounded("update", self.sandboxer.update(record, fields))
-            self.save(record)
+            try:
+                await self._bounded("update", self.sandboxer.update(record, fields))
+                self.save(record)
+            except BaseException:  # a failed Update changes nothing, not even what a later save writes
+                vars(record).update(vars(SandboxRecord.from_json(before)))
+                raise
 
     # -- exit tracking -----------------------------------------------------------------------------
     def _watch(self, record: SandboxRecord) -> None:
