@@ -444,8 +444,11 @@ class GvisorTasks(TerminalTasks):
             if container.init.status != types.STOPPED:
                 await self.kill_pod_containers(pod_id, signal.SIGKILL)
                 await self.wait_pod_containers(pod_id, 10.0)
-            for proc in [container.init, *container.execs.values()]:
-                if proc.status != types.STOPPED:
-                    self._exited(container, proc, KILLED_EXIT_STATUS)
-            await self._remove(container)
+            async with self._lock(container.id):
+                if self.containers.get(container.id) is not container:
+                    continue  # a Delete got there first
+                for proc in [container.init, *container.execs.values()]:
+                    if proc.status != types.STOPPED:
+                        self._exited(container, proc, KILLED_EXIT_STATUS)
+                await self._remove(container)
             log.info("pod %s: removed leftover container %s", pod_id, container.id)

@@ -154,7 +154,10 @@ class RuncTasks(RuncContainerTasks):
             if container.init.status != types.STOPPED:
                 await self.kill_pod_containers(pod_id, signal.SIGKILL)
                 await self.wait_pod_containers(pod_id, 10.0)
-            await self._remove(container)
+            async with self._lock(container.id):
+                if self.containers.get(container.id) is not container:
+                    continue  # a Delete got there first
+                await self._remove(container)
             log.info("pod %s: removed leftover container %s", pod_id, container.id)
 
 
