@@ -393,3 +393,27 @@ def test_module_set_loads_dependencies_once(short_dir: Path, monkeypatch: pytest
     assert loaded == [f"/lib/modules/6.1.0-test/a/{m}.ko" for m in ("virtio_ring", "virtio", "virtio_mmio", "9p")]
     assert modules.failed == [("a/9pnet.ko", "[Errno 8] Exec format error")]
     assert os.path.basename(loaded[-1]) == "9p.ko"
+
+
+def test_a_poweroff_whose_container_stop_failed_still_cuts_the_power() -> None:
+    """The host's Poweroff may be cancelled (its deadline) while containers stop; a second one answers
+    at once, so the first must have scheduled the power cut anyway."""
+    from kuasar.vmagent import sandbox as agent_sandbox
+
+    async def scenario() -> None:
+        cut: list[int] = []
+
+        async def stop_containers(grace: float) -> None:
+            await asyncio.sleep(3600)  # e.g. a runc delete that hangs
+
+        service = agent_sandbox.AgentService(None, None, None, started_ns=0, poweroff=lambda: cut.append(1),
+                                             stop_containers=stop_containers)
+        first = asyncio.create_task(service.power_off(pb.PoweroffRequest(grace_ms=100), None))
+        await asyncio.sleep(0.05)
+        first.cancel()
+        await asyncio.gather(first, return_exceptions=True)
+        await service.power_off(pb.PoweroffRequest(grace_ms=100), None)  # the host asks again
+        await asyncio.sleep(agent_sandbox.POWEROFF_DELAY + 0.3)
+        assert cut == [1]
+
+    asyncio.run(scenario())

@@ -41,6 +41,7 @@ class SandboxController:
     def __init__(self, sandboxer: Sandboxer, state_dir: Path) -> None:
         self.sandboxer = sandboxer
         self.store = StateStore(state_dir)
+        sandboxer.persist = self._persist  # type: ignore[method-assign]
         self.records: dict[str, SandboxRecord] = {}
         self._locks = KeyedLocks()
         self._exited: dict[str, asyncio.Event] = {}
@@ -71,6 +72,10 @@ class SandboxController:
 
     def save(self, record: SandboxRecord) -> None:
         self.store.save(record.id, record.to_json())
+
+    def _persist(self, record: SandboxRecord) -> None:
+        if self.records.get(record.id) is record:  # not one Shutdown removed meanwhile
+            self.save(record)
 
     async def _bounded(self, what: str, coro: Awaitable[T]) -> T:
         try:

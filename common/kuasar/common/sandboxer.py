@@ -81,6 +81,10 @@ class Sandboxer(abc.ABC):
 
     name: str = "sandboxer"
 
+    def persist(self, record: SandboxRecord) -> None:  # noqa: B027 - the controller puts its own here
+        """Write `record` to disk now: for a change the type makes outside a call of the controller's
+        (which saves a record after each of its own), e.g. a helper process started again."""
+
     def prepare(self) -> None:  # noqa: B027 - optional hook
         """Synchronous start-up work that must happen before the event loop and its threads exist
         (e.g. forking a helper process from this still single-threaded one)."""

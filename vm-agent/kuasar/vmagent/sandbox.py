@@ -183,10 +183,14 @@ class AgentService:
             return empty_pb2.Empty()
         self.powering_off = True
         log.info("power off requested")
-        if self.stop_containers is not None:
-            await self.stop_containers(req.grace_ms / 1000)  # type: ignore[misc]
-        if self.poweroff is not None:
-            asyncio.get_running_loop().call_later(POWEROFF_DELAY, self.poweroff)
+        try:
+            if self.stop_containers is not None:
+                await self.stop_containers(req.grace_ms / 1000)  # type: ignore[misc]
+        finally:
+            # Also when stopping the containers failed or this call was cancelled (its deadline, its
+            # connection): a later Poweroff returns at once, so this one must cut the power.
+            if self.poweroff is not None:
+                asyncio.get_running_loop().call_later(POWEROFF_DELAY, self.poweroff)
         return empty_pb2.Empty()
 
 

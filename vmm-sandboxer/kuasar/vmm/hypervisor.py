@@ -22,6 +22,8 @@ GUEST_SHARE_DIR = "/run/kuasar/state"
 AGENT_PORT = 1024
 NOTIFY_PORT = 1025
 GUEST_CID = 3
+# The task proxy's hybrid-vsock socket in the VM's directory: containerd's task address.
+TASK_SOCKET = "task.vsock"
 
 
 @dataclass
@@ -68,6 +70,13 @@ class VmSpec:
     @property
     def qmp_socket(self) -> Path:
         return self.vm_dir / "qmp.sock"
+
+    def socket_paths(self) -> list[Path]:
+        """Every unix socket of the VM's directory, the guest-port listeners (`<uds>_<port>`) and the
+        task proxy's included: what must fit in sun_path."""
+        uds = str(self.uds)
+        return [self.uds, self.vhost_socket, self.virtiofs_socket, self.qmp_socket, self.vm_dir / TASK_SOCKET,
+                *(Path(f"{uds}_{port}") for port in (AGENT_PORT, NOTIFY_PORT))]
 
     @property
     def console_log(self) -> Path:

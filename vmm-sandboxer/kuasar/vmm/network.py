@@ -188,19 +188,21 @@ def call_in_netns(netns: str, what: str, fn: Callable[[], T]) -> T:
     result: dict[str, Any] = {}
 
     def worker() -> None:
-        own = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
-        target = os.open(netns, os.O_RDONLY | os.O_CLOEXEC)
+        fds: list[int] = []
         try:
-            linux.setns(target, linux.CLONE_NEWNET)
+            # Opened in here too: a netns that is gone is the caller's error, not a dead thread's.
+            fds.append(os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC))
+            fds.append(os.open(netns, os.O_RDONLY | os.O_CLOEXEC))
+            linux.setns(fds[1], linux.CLONE_NEWNET)
             try:
                 result["value"] = fn()
             finally:
-                linux.setns(own, linux.CLONE_NEWNET)
+                linux.setns(fds[0], linux.CLONE_NEWNET)
         except BaseException as err:  # noqa: BLE001 - handed to the caller
             result["error"] = err
         finally:
-            os.close(own)
-            os.close(target)
+            for fd in fds:
+                os.close(fd)
 
     thread = threading.Thread(target=worker, name=what[:15])
     thread.start()

@@ -44,7 +44,7 @@ from pathlib import Path
 from kuasar.common import guest_forward, hvsock, mounts
 from kuasar.common.api.containerd.runtime.task.v2 import shim_pb2 as task
 from kuasar.common.api.ttrpc import request_pb2
-from kuasar.common.errors import Code, InvalidArgument, KuasarError, RuntimeFailure
+from kuasar.common.errors import AlreadyExists, Code, InvalidArgument, KuasarError, RuntimeFailure
 from kuasar.common.ids import validate_id
 from kuasar.common.state import write_atomic
 
@@ -92,8 +92,10 @@ class HostPrep:
         except ValueError:
             raise InvalidArgument(f"{req.bundle}/config.json is not JSON") from None
         guest_spec, binds = rewrite_spec(spec, cid, guest_bundle)
-        if os.path.lexists(host_dir):  # a leftover of an earlier attempt
-            hostfs.remove_tree(host_dir)
+        if os.path.lexists(host_dir):
+            # A container of that id runs (its rootfs and volumes are mounted there), or a failed
+            # attempt's cleanup failed; containerd's Delete of the id removes either.
+            raise AlreadyExists(f"container {cid} already exists")
         host_dir.mkdir(mode=0o711)
         try:
             rootfs = host_dir / "rootfs"

@@ -38,6 +38,7 @@ from typing import Any
 
 import psutil
 from google.protobuf import any_pb2
+from google.protobuf.message import DecodeError
 
 from kuasar.common import cgroups, hvsock
 from kuasar.common.api.containerd.cgroups.v2 import metrics_pb2 as v2
@@ -56,7 +57,7 @@ from kuasar.common.ttrpc import TtrpcClient
 
 from . import accel, hostfs, network, portforward
 from .config import VmmConfig, parse_config
-from .hypervisor import AGENT_PORT, GUEST_SHARE_DIR, NOTIFY_PORT, NicDevice, Vm, VmSpec, make_hypervisor
+from .hypervisor import AGENT_PORT, GUEST_SHARE_DIR, NOTIFY_PORT, TASK_SOCKET, NicDevice, Vm, VmSpec, make_hypervisor
 from .procs import ExitWatch, ProcessRef, spawn, terminate
 from .spec import GUEST_CGROUP_PARENT, GUEST_POD_PID_NS
 
@@ -200,7 +201,9 @@ class VmmSandboxer(Sandboxer):
         network.validate_netns(record.netns_path)
         vm_resources(self.config, pod)  # annotations are checked now, not at start
         cgroups.pod_parent_path(pod.linux.cgroup_parent)  # so is a slice name
-        longest = self.vm_root / record.id / f"vsock.sock_{NOTIFY_PORT}"
+        sockets = VmSpec(sandbox_id=record.id, vm_dir=self.vm_root / record.id, kernel="", initrd="", vcpus=1,
+                         memory_mb=0, accel="tcg", tsc_khz=0, share_fs="9p").socket_paths()  # paths only
+        longest = max(sockets, key=lambda path: len(str(path)))
         if len(str(longest)) > SOCKET_PATH_MAX:
             raise InvalidArgument(f"--dir {self.daemon.dir} is too long for the VM's unix sockets "
                                   f"({len(str(longest))} > {SOCKET_PATH_MAX} bytes)")
@@ -237,7 +240,7 @@ class VmmSandboxer(Sandboxer):
             for fd in tap_fds.values():
                 os.close(fd)
             tap_fds = {}
-            address = hvsock.format_address(str(vm_dir / "task.vsock"), AGENT_PORT)
+            address = hvsock.format_address(str(vm_dir / TASK_SOCKET), AGENT_PORT)
             pod = VmPod(record.id, vm, vm_dir, str(spec.uds), address, memory_mb=memory, network=net)
             pod.cgroup = self._place_in_cgroup(pod_config, vm)
             self._start_proxy(pod, spec)
@@ -409,6 +412,10 @@ class VmmSandboxer(Sandboxer):
                                           memory_mb=0, accel=self.accel, tsc_khz=0, share_fs="9p"))
             if "vm" in record.extra and pod.proxy is not None:
                 record.extra["vm"]["proxy"] = pod.proxy.to_json()
+                try:
+                    self.persist(record)  # a restart of ours must find this proxy, not start another
+                except OSError as exc:
+                    log.error("sandbox %s: saving the new proxy's pid: %s", pod.id, exc)
 
     def _state(self, pod: VmPod, spec: VmSpec) -> dict[str, Any]:
         return {"vm_dir": str(pod.vm_dir), "uds": pod.uds, "address": pod.address, "accel": spec.accel,
@@ -431,7 +438,7 @@ class VmmSandboxer(Sandboxer):
         return cgroup
 
     def _start_proxy(self, pod: VmPod, spec: VmSpec) -> None:
-        listen = pod.vm_dir / "task.vsock"
+        listen = pod.vm_dir / TASK_SOCKET
         with contextlib.suppress(FileNotFoundError):
             listen.unlink()
         # A frozen binary re-executes itself (`vmm-sandboxer task-proxy`); from source the module runs
@@ -451,7 +458,7 @@ class VmmSandboxer(Sandboxer):
                 pod.cgroup.add(proc.pid)
 
     async def _wait_proxy(self, pod: VmPod) -> None:
-        listen = pod.vm_dir / "task.vsock"
+        listen = pod.vm_dir / TASK_SOCKET
         deadline = time.monotonic() + PROXY_START_TIMEOUT
         while not listen.exists():
             if pod.proxy_watch is not None and pod.proxy_watch.done:
@@ -467,9 +474,13 @@ class VmmSandboxer(Sandboxer):
         try:
             await asyncio.wait([ready, exited], return_when=asyncio.FIRST_COMPLETED)
         finally:
-            exited.cancel()
-        if not ready.done():
-            ready.cancel()
+            # Also when Start itself is cancelled: an accept still pending on the listener that the
+            # caller closes next would leave the loop polling a dead fd, which the next socket reuses.
+            for task in (ready, exited):
+                if not task.done():
+                    task.cancel()
+            await asyncio.gather(ready, exited, return_exceptions=True)
+        if ready.cancelled():
             raise RuntimeFailure(f"QEMU exited before the guest agent was ready:\n{_tail(spec.console_log)}"
                                  f"\n{_tail(spec.vm_dir / 'qemu.log')}")
         try:
@@ -522,22 +533,30 @@ class VmmSandboxer(Sandboxer):
         if not self.events.enabled:
             return
         while not pod.vm.exited():
-            client = pod.agent
-            if client is None or client.closed:
-                await asyncio.sleep(1.0)
-                continue
             try:
+                client = await self._agent(pod)
                 stream = await client.open_stream(AGENT, "Events", payload=agent.EventsRequest().SerializeToString(),
                                                   client_streaming=False)
                 while (message := await stream.recv()) is not None:
-                    envelope = event_pb2.Envelope.FromString(message)
-                    kind = EVENT_TYPES.get(envelope.event.type_url.rsplit("/", 1)[-1])
-                    if kind is not None:
-                        self.events.publish(envelope.topic, kind.FromString(envelope.event.value),
-                                            envelope.namespace)
+                    try:
+                        envelope = event_pb2.Envelope.FromString(message)
+                        kind = EVENT_TYPES.get(envelope.event.type_url.rsplit("/", 1)[-1])
+                        event = kind.FromString(envelope.event.value) if kind is not None else None
+                    except DecodeError as err:  # one bad message must not end the forwarding
+                        log.warning("sandbox %s: undecodable event from the guest skipped: %s", pod.id, err)
+                        continue
+                    if event is not None:
+                        self.events.publish(envelope.topic, event, envelope.namespace)
             except KuasarError as err:
                 log.debug("sandbox %s: event stream ended: %s", pod.id, err.message)
             await asyncio.sleep(1.0)
+
+    async def _agent(self, pod: VmPod) -> TtrpcClient:
+        """The guest agent's client, connected again if it was lost (an agent restarted, or not yet
+        reachable when the sandboxer re-attached after its own restart)."""
+        if pod.agent is None or pod.agent.closed:
+            pod.agent = await hvsock.connect_ttrpc(pod.uds, AGENT_PORT, timeout=AGENT_CONNECT_TIMEOUT)
+        return pod.agent
 
     async def _monitor(self, pod: VmPod) -> None:
         status = await pod.vm.wait()
@@ -545,9 +564,11 @@ class VmmSandboxer(Sandboxer):
             status = 0 if pod.stopping else LOST_EXIT_STATUS
         if not pod.stopping:
             log.warning("sandbox %s: VM (QEMU %d) exited unexpectedly with status %d", pod.id, pod.vm.pid, status)
-        await self._teardown_helpers(pod)
-        if not pod.exit.done():
-            pod.exit.set_result(ExitInfo(status))
+        try:
+            await self._teardown_helpers(pod)
+        finally:  # a teardown that fails must not keep Wait waiting for an exit already seen
+            if not pod.exit.done():
+                pod.exit.set_result(ExitInfo(status))
 
     async def _teardown_helpers(self, pod: VmPod) -> None:
         """What must not outlive the VM: its daemons, the proxy, the tc redirects, the agent client."""

@@ -1,0 +1,294 @@
+"""vmm-sandboxer on its failure paths: a Start cancelled during boot, a guest that sends garbage or is away
+for a while, a teardown that fails, a task proxy started again, a netns that is gone, a duplicate
+Create, and a --dir too long for the VM's sockets. QEMU and the guest are fakes here; the integration
+tests (test_vmm_cri.py) run the real ones."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import socket
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+from google.protobuf import any_pb2
+
+from kuasar.common import hvsock
+from kuasar.common.api.containerd.events import task_pb2 as task_events
+from kuasar.common.api.containerd.runtime.task.v2 import shim_pb2 as task
+from kuasar.common.api.containerd.types import event_pb2, mount_pb2
+from kuasar.common.api.runtime.v1 import api_pb2 as cri
+from kuasar.common.config import DaemonConfig
+from kuasar.common.controller import SandboxController
+from kuasar.common.errors import AlreadyExists, InvalidArgument, KuasarError, RuntimeFailure
+from kuasar.common.sandboxer import SandboxRecord, SandboxState
+from kuasar.common.ttrpc import TtrpcServer
+from kuasar.vmm import hostfs, network
+from kuasar.vmm import sandboxer as sandboxer_module
+from kuasar.vmm.config import VmmConfig
+from kuasar.vmm.hypervisor import VmSpec
+from kuasar.vmm.procs import ExitWatch, ProcessRef
+from kuasar.vmm.proxy import HostPrep, TaskProxy
+from kuasar.vmm.sandboxer import SOCKET_PATH_MAX, VmmSandboxer, VmPod
+
+TASK = "containerd.task.v3.Task"
+AGENT = "kuasar.agent.v1.Agent"
+
+
+class FakeVm:
+    pid = 4242
+
+    def __init__(self) -> None:
+        self.exit: asyncio.Future[int | None] = asyncio.get_running_loop().create_future()
+
+    def exited(self) -> bool:
+        return self.exit.done()
+
+    async def wait(self) -> int | None:
+        return await asyncio.shield(self.exit)
+
+    async def stop(self, timeout: float) -> None:
+        if not self.exit.done():
+            self.exit.set_result(0)
+
+    async def close(self) -> None:
+        pass
+
+    def process_pids(self) -> list[int]:
+        return []
+
+
+class Events:
+    enabled = True
+
+    def __init__(self) -> None:
+        self.topics: list[str] = []
+        self.published = asyncio.Event()
+
+    def publish(self, topic: str, event: Any, namespace: str) -> None:
+        self.topics.append(topic)
+        self.published.set()
+
+
+def bare_sandboxer(**attributes: Any) -> VmmSandboxer:
+    """A VmmSandboxer without open(): only what the code under test reads."""
+    sandboxer = VmmSandboxer.__new__(VmmSandboxer)
+    sandboxer.config, sandboxer.accel, sandboxer.pods = VmmConfig(), "tcg", {}
+    for name, value in attributes.items():
+        setattr(sandboxer, name, value)
+    return sandboxer
+
+
+def spec_in(directory: Path) -> VmSpec:
+    return VmSpec(sandbox_id="p", vm_dir=directory, kernel="", initrd="", vcpus=1, memory_mb=1, accel="tcg",
+                  tsc_khz=0, share_fs="none")
+
+
+def short_dir() -> Path:
+    """Unix socket paths are short; pytest's tmp_path may not be."""
+    return Path(tempfile.mkdtemp(prefix="vmm", dir="/tmp"))
+
+
+def test_a_start_cancelled_during_boot_leaves_no_accept_polling_a_closed_socket() -> None:
+    directory = short_dir()
+
+    async def scenario() -> None:
+        listener = hvsock.GuestPortListener(str(spec_in(directory).uds), 1025)
+        fd = listener._sock.fileno()
+        before = set(asyncio.all_tasks())
+        waiting = asyncio.create_task(bare_sandboxer()._wait_ready(listener, FakeVm(), spec_in(directory)))
+        await asyncio.sleep(0.1)
+        waiting.cancel()  # containerd gave up on RunPodSandbox
+        await asyncio.gather(waiting, return_exceptions=True)
+        listener.close()  # what start() does next
+        assert [t for t in asyncio.all_tasks() - before if not t.done() and t is not asyncio.current_task()] == []
+        first, second = socket.socketpair()  # an unrelated socket, given the same fd number
+        if first.fileno() != fd:
+            first, second = second, first
+        reader, _ = await asyncio.open_unix_connection(sock=first)
+        second.sendall(b"hello\n")
+        assert await asyncio.wait_for(reader.readline(), 5) == b"hello\n"
+
+    asyncio.run(scenario())
+
+
+def test_event_forwarding_skips_garbage_and_reconnects_to_an_agent_that_was_away() -> None:
+    exit_event = event_pb2.Envelope(
+        topic="/tasks/exit", namespace="k8s.io",
+        event=any_pb2.Any(type_url="containerd.events.TaskExit",
+                          value=task_events.TaskExit(container_id="c1").SerializeToString())).SerializeToString()
+    directory = short_dir()
+
+    async def scenario() -> None:
+        server = TtrpcServer()
+
+        async def events(stream: Any, ctx: Any) -> None:
+            for message in (b"\xff\xff\xff", exit_event):  # garbage first
+                await stream.send(message)
+            await asyncio.sleep(3600)
+
+        server.add_stream(AGENT, "Events", events)
+
+        async def guest(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await reader.readline()
+            writer.write(b"OK 1024\n")
+            await writer.drain()
+            await server.serve_connection(reader, writer)
+
+        sandboxer = bare_sandboxer(events=Events())
+        pod = VmPod("p1", FakeVm(), directory, str(directory / "vsock.sock"), "address")  # no agent client yet
+        forwarding = asyncio.create_task(sandboxer._forward_events(pod))
+        await asyncio.sleep(0.2)
+        guest_server = await asyncio.start_unix_server(guest, path=pod.uds)  # the guest answers again
+        try:
+            async with asyncio.timeout(10):
+                await sandboxer.events.published.wait()
+            assert sandboxer.events.topics == ["/tasks/exit"] and not forwarding.done()
+        finally:
+            forwarding.cancel()
+            await asyncio.gather(forwarding, return_exceptions=True)
+            if pod.agent is not None:
+                await pod.agent.close()
+            guest_server.close()
+
+    asyncio.run(scenario())
+
+
+def test_wait_returns_when_the_teardown_after_the_vm_fails(monkeypatch: pytest.MonkeyPatch) -> None:
+    async def failing(net: Any) -> None:
+        raise RuntimeFailure("tc qdisc del did not finish in 20s")
+
+    monkeypatch.setattr(network, "remove_redirects", failing)
+
+    async def scenario() -> None:
+        pod = VmPod("p1", FakeVm(), Path("/nonexistent"), "/nonexistent/u", "a",
+                    network=network.PodNetwork("/run/netns/x"))
+        monitor = asyncio.create_task(bare_sandboxer()._monitor(pod))
+        pod.vm.exit.set_result(137)  # QEMU died
+        await asyncio.gather(monitor, return_exceptions=True)
+        assert pod.exit.done() and pod.exit.result().exit_status == 137
+
+    asyncio.run(scenario())
+
+
+def test_a_task_proxy_started_again_is_saved(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    spawned: list[subprocess.Popen] = []
+    restarted = asyncio.Event()
+
+    def spawn(argv: list[str], log_path: Path, pass_fds: tuple = (), env: Any = None) -> subprocess.Popen:
+        spawned.append(subprocess.Popen(["sleep", "300"], start_new_session=True))
+        restarted.set()
+        return spawned[-1]
+
+    monkeypatch.setattr(sandboxer_module, "spawn", spawn)
+
+    class Daemon:
+        log_level = "info"
+
+    async def scenario() -> None:
+        sandboxer = bare_sandboxer(daemon=Daemon())
+        controller = SandboxController(sandboxer, tmp_path / "state")
+        first = subprocess.Popen(["sleep", "0.2"], start_new_session=True)
+        pod = VmPod("p1", FakeVm(), tmp_path, str(tmp_path / "vsock.sock"), "address")
+        pod.proxy = ProcessRef.of(first.pid)
+        pod.proxy_watch = ExitWatch(pod.proxy, first)
+        record = SandboxRecord(id="p1", state=SandboxState.READY, extra={"vm": {"proxy": pod.proxy.to_json()}})
+        controller.records["p1"] = record
+        controller.save(record)
+        keeper = asyncio.create_task(sandboxer._keep_proxy(pod, record))
+        try:
+            async with asyncio.timeout(10):
+                await restarted.wait()
+            await asyncio.sleep(0)  # _keep_proxy saves right after the spawn returns
+            on_disk = controller.store.load_all()["p1"]["extra"]["vm"]["proxy"]["pid"]
+            assert on_disk == spawned[0].pid  # a restart of ours re-attaches to it, not to the dead one
+        finally:
+            keeper.cancel()
+            await asyncio.gather(keeper, return_exceptions=True)
+            for proc in spawned:
+                proc.kill()
+                proc.wait()
+
+    asyncio.run(scenario())
+
+
+def test_a_netns_that_is_gone_is_a_clear_error_and_leaks_no_fd() -> None:
+    before = len(os.listdir("/proc/self/fd"))
+    with pytest.raises(RuntimeFailure, match="does-not-exist"):
+        network.call_in_netns("/run/netns/does-not-exist", "creating a tap", lambda: 1)
+    assert len(os.listdir("/proc/self/fd")) == before
+
+
+def test_a_dir_too_long_for_any_of_the_vms_sockets_is_refused_at_create() -> None:
+    base = short_dir()
+    sandbox_id = "a" * 40
+    # vhost-vsock.sock is the longest name: one byte past the limit with it, and room for vsock.sock_1025
+    room = SOCKET_PATH_MAX - len(f"/vm/{sandbox_id}/vhost-vsock.sock") + 1
+    directory = Path(str(base) + "/" + "x" * (room - len(str(base)) - 1))
+    directory.mkdir()
+    assert len(str(directory / "vm" / sandbox_id / "vsock.sock_1025")) <= SOCKET_PATH_MAX  # the old check
+    sandboxer = bare_sandboxer(daemon=DaemonConfig(listen=directory / "s.sock", dir=directory),
+                               vm_root=directory / "vm")
+    record = SandboxRecord(id=sandbox_id, pod_config_b64=base64.b64encode(
+        cri.PodSandboxConfig().SerializeToString()).decode())
+    with pytest.raises(InvalidArgument, match="too long"):
+        asyncio.run(sandboxer.create(record))
+
+
+def test_a_duplicate_create_leaves_the_running_containers_files_and_mounts(tmp_path: Path) -> None:
+    share = tmp_path / "shared"
+    share.mkdir()
+    image = tmp_path / "image"
+    (image / "bin").mkdir(parents=True)
+    bundle = tmp_path / "bundle"
+    (bundle / "rootfs").mkdir(parents=True)
+    (bundle / "config.json").write_text(json.dumps({"process": {"args": ["sh"]}, "root": {"path": "rootfs"}}))
+    directory = short_dir()
+
+    async def scenario() -> None:
+        server, created = TtrpcServer(), []
+
+        async def create(req: task.CreateTaskRequest, ctx: Any) -> task.CreateTaskResponse:
+            if req.id in created:
+                raise AlreadyExists(f"container {req.id} already exists")
+            created.append(req.id)
+            return task.CreateTaskResponse(pid=42)
+
+        server.add_unary(TASK, "Create", task.CreateTaskRequest, create)
+
+        async def guest(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await reader.readline()
+            writer.write(b"OK 1024\n")
+            await writer.drain()
+            await server.serve_connection(reader, writer)
+
+        uds = str(directory / "vsock.sock")
+        guest_server = await asyncio.start_unix_server(guest, path=uds)
+        proxy = TaskProxy(uds, HostPrep(share, "/run/kuasar/state"))
+        front = await asyncio.start_unix_server(proxy.handle, path=str(directory / "task.vsock"))
+        request = task.CreateTaskRequest(id="c1", bundle=str(bundle), rootfs=[
+            mount_pb2.Mount(type="bind", source=str(image), options=["rbind", "ro"])])
+        try:
+            client = await hvsock.connect_ttrpc(str(directory / "task.vsock"), 1024)
+            await client.call(TASK, "Create", request, task.CreateTaskResponse, timeout=10)
+            with pytest.raises(AlreadyExists):
+                await client.call(TASK, "Create", request, task.CreateTaskResponse, timeout=10)
+            assert (share / "c1" / "config.json").exists() and hostfs.mounts_under(share / "c1")
+            await client.close()
+        finally:
+            front.close()
+            guest_server.close()
+            hostfs.unmount_tree(share)
+
+    asyncio.run(scenario())
+
+
+def test_a_guest_that_is_away_is_a_kuasar_error() -> None:
+    # What the event forwarder's retry relies on: not an OSError, which would end it.
+    with pytest.raises(KuasarError):
+        asyncio.run(hvsock.connect_ttrpc("/nonexistent/vsock.sock", 1024, timeout=1))
