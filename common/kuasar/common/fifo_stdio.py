@@ -44,6 +44,7 @@ class ProcessIO(ConsoleReceiver):
     fds: list[int] = field(default_factory=list)
     master: int = -1
     pumps: list[Pump] = field(default_factory=list)
+    stdin_pump: Pump | None = None  # the copy into the pty (of `pumps`), which CloseIO ends
     console_path: Path | None = None
     size: tuple[int, int] | None = None  # (width, height) asked for before the console existed
     _console: socket.socket | None = None
@@ -84,11 +85,12 @@ class ProcessIO(ConsoleReceiver):
             self.pumps.append(Pump(self.master, out, close_src=False))
         if self.stdin:
             stdin = open_fifo_for_reading(self.stdin)
-            self.pumps.append(Pump(stdin, os.dup(self.master)))
+            self.stdin_pump = Pump(stdin, os.dup(self.master))
+            self.pumps.append(self.stdin_pump)
 
     def close_stdin(self) -> None:
-        if self.terminal and len(self.pumps) > 1:
-            self.pumps[1].cancel()
+        if self.terminal and self.stdin_pump is not None:
+            self.stdin_pump.cancel()
 
     def release_fds(self) -> None:
         """runc (and so the container) now holds the FIFOs; drop our copies."""

@@ -121,6 +121,10 @@ class OutputChannel:
                 if self.chunks:
                     chunk = self.chunks[0]
                     await stream.send(_any(DATA_URL, transfer.Data(data=chunk)))
+                    if attachment.preempted.is_set():
+                        # A new stream took over meanwhile (a send may return once the connection is
+                        # gone): the queue is its now, this chunk included.
+                        return
                     # Only now is it delivered: a chunk whose send failed is resent on the next stream.
                     self.chunks.popleft()
                     self.buffered -= len(chunk)

@@ -13,6 +13,7 @@ under a foreground `runsc exec`, which exits with the process's status.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -49,6 +50,7 @@ from kuasar.common.task_table import (
     host_bundle,
     parse_exec_spec,
     read_bundle_spec,
+    signal_quietly,
     state_response,
     timestamp,
     wait_exited,
@@ -63,6 +65,8 @@ log = logging.getLogger(__name__)
 
 # A foreground `runsc exec` writes the process's pid within tens of milliseconds; this bounds a stuck one.
 EXEC_START_TIMEOUT = 20.0
+# A killed `runsc exec` runner is reaped in milliseconds; this only bounds a wait for one that is not.
+EXEC_KILL_WAIT = 10.0
 EXEC_POLL_INTERVAL = 0.01
 # A pod's gVisor sandbox bundle (the pause container's), in the pod's directory.
 SANDBOX_BUNDLE = "sandbox"
@@ -95,6 +99,14 @@ class Container(TaskContainer):
     namespace: str
     init: Process
     waiter: asyncio.Task[None] | None = None
+
+
+def _read_pid(pid_file: Path) -> int:
+    """The exec's pid inside the sandbox, 0 if runsc wrote none (it ran and exited at once)."""
+    try:
+        return int(pid_file.read_text().strip())
+    except (OSError, ValueError):
+        return 0
 
 
 class GvisorTasks(TerminalTasks):
@@ -273,6 +285,28 @@ class GvisorTasks(TerminalTasks):
         log.info("container %s exec %r exited %d", container.id, proc.id, status)
         self._publish_exit(container, proc)
 
+    async def _exec_started(self, container: Container, pid_file: Path, log_path: Path, process_json: Path,
+                            exited: asyncio.Future[Exit]) -> None:
+        """Until runsc wrote the exec's pid, or failed before running anything (it then exits 128
+        and says why)."""
+        try:
+            async with asyncio.timeout(EXEC_START_TIMEOUT):
+                # runsc writes the file from another process: nothing to await but the file itself.
+                while not pid_file.exists() and not exited.done():  # noqa: ASYNC110
+                    await asyncio.sleep(EXEC_POLL_INTERVAL)
+        except TimeoutError:
+            raise RuntimeFailure(f"runsc exec in {container.id} did not start within {EXEC_START_TIMEOUT:.0f}s") \
+                from None
+        finally:
+            process_json.unlink(missing_ok=True)
+        if pid_file.exists():
+            return
+        result = exited.result() if exited.done() else None
+        if result is not None and result.status == RUNSC_FAILURE:
+            message = last_error(log_path) or "no message"
+            log_path.unlink(missing_ok=True)
+            raise RuntimeFailure(f"runsc exec in {container.id} failed: {message}")
+
     async def _start_exec(self, container: Container, proc: Process) -> None:
         process_json = container.bundle / f"{proc.id}.process.json"
         pid_file = container.bundle / f"{proc.id}.ipid"
@@ -298,27 +332,19 @@ class GvisorTasks(TerminalTasks):
             proc.io.release_fds()
             if replica >= 0:
                 os.close(replica)
-        if master >= 0:
-            proc.io.attach_master(master)
         try:
-            async with asyncio.timeout(EXEC_START_TIMEOUT):
-                # runsc writes the file from another process: nothing to await but the file itself.
-                while not pid_file.exists() and not exited.done():  # noqa: ASYNC110
-                    await asyncio.sleep(EXEC_POLL_INTERVAL)
-        except TimeoutError:
-            raise RuntimeFailure(f"runsc exec in {container.id} did not start within {EXEC_START_TIMEOUT:.0f}s") \
-                from None
-        finally:
-            process_json.unlink(missing_ok=True)
-        try:
-            proc.internal_pid = int(pid_file.read_text().strip())
-        except (OSError, ValueError):
-            # No pid: runsc failed before running anything (it then exits 128 and says why).
-            result = exited.result() if exited.done() else None
-            if result is not None and result.status == RUNSC_FAILURE:
-                message = last_error(log_path) or "no message"
-                log_path.unlink(missing_ok=True)
-                raise RuntimeFailure(f"runsc exec in {container.id} failed: {message}") from None
+            if master >= 0:
+                proc.io.attach_master(master)
+            await self._exec_started(container, pid_file, log_path, process_json, exited)
+            proc.internal_pid = _read_pid(pid_file)
+        except BaseException:
+            # The runner must not go on unwatched, and a retried Start must not find its pid.
+            signal_quietly(proc.pid, signal.SIGKILL)
+            with contextlib.suppress(asyncio.CancelledError, TimeoutError):
+                await asyncio.wait_for(asyncio.shield(exited), EXEC_KILL_WAIT)
+            proc.io.close()
+            proc.pid = 0
+            raise
         pid_file.unlink(missing_ok=True)
         proc.status = types.RUNNING
 

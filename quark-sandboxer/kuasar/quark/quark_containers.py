@@ -27,6 +27,7 @@ from typing import Any
 from kuasar.common import linux, mounts
 from kuasar.common.errors import InvalidArgument
 from kuasar.common.ids import validate_id
+from kuasar.common.rootfs_paths import resolve_in_root
 from kuasar.common.state import write_atomic
 
 log = logging.getLogger(__name__)
@@ -145,7 +146,8 @@ class QuarkContainers:
                 destination = str(m.get("destination", "")).lstrip("/")
                 if not destination or ".." in Path(destination).parts:
                     raise InvalidArgument(f"task {cid}: bad mount destination {m.get('destination')!r}")
-                self._bind(str(m.get("source", "")), rootfs / destination, done)
+                # Through the image's symlinks as the container would see them, never onto the host.
+                self._bind(str(m.get("source", "")), resolve_in_root(rootfs, "/" + destination), done)
             else:
                 kept.append(m)
         spec["mounts"] = kept

@@ -10,6 +10,7 @@ deserializing is only safe for artifacts we wrote ourselves.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -58,9 +59,13 @@ class ModuleCache:
     def store(self, path: Path, artifact: bytes) -> None:
         self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        with open(tmp, "wb") as f:
-            f.write(artifact)
-        os.replace(tmp, path)
+        try:
+            with open(tmp, "wb") as f:
+                f.write(artifact)
+            os.replace(tmp, path)
+        except BaseException:  # a full disk: no partial artifact left for prune() to find an hour later
+            tmp.unlink(missing_ok=True)
+            raise
 
     def touch(self, path: Path) -> None:
         """Mark `path` as recently used (prune() drops the least recently used first)."""
@@ -88,8 +93,11 @@ class ModuleCache:
         try:
             with os.scandir(self.directory) as it:
                 for entry in it:
-                    if entry.name.endswith(".tmp") and now - entry.stat().st_mtime > STALE_TMP_SECONDS:
-                        os.unlink(entry.path)
+                    # A container process may rename its temp file meanwhile: that one is no business
+                    # of ours, and no reason to give up on the rest.
+                    with contextlib.suppress(FileNotFoundError):
+                        if entry.name.endswith(".tmp") and now - entry.stat().st_mtime > STALE_TMP_SECONDS:
+                            os.unlink(entry.path)
         except FileNotFoundError:
             return 0
         entries = self.entries()

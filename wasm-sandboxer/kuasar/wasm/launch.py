@@ -88,8 +88,9 @@ class Launch:
 
     async def ready(self, timeout: float = PREPARE_TIMEOUT) -> None:
         """Wait for the child's report; raise with its message if it could not prepare the module."""
+        fd, self.report_fd = self.report_fd, -1  # _read_once closes it
         try:
-            report = await _read_once(self.report_fd, timeout)
+            report = await _read_once(fd, timeout)
         except TimeoutError:
             raise RuntimeFailure(f"container process {self.pid} did not finish preparing its module "
                                  f"within {timeout:.0f} s") from None
@@ -112,6 +113,12 @@ class Launch:
         if self.go_fd >= 0:
             os.close(self.go_fd)
             self.go_fd = -1
+
+    def close_report(self) -> None:
+        """For a launch given up before its report was read (ready() closes it otherwise)."""
+        if self.report_fd >= 0:
+            os.close(self.report_fd)
+            self.report_fd = -1
 
 
 async def _read_once(fd: int, timeout: float) -> bytes:

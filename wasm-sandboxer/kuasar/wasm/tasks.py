@@ -272,6 +272,7 @@ class WasmTasks(TerminalTasks):
             except BaseException:
                 proc.io.close()
                 started.close_go()
+                started.close_report()
                 signal_quietly(started.pid, signal.SIGKILL)
                 await asyncio.shield(started.exited)
                 proc.launch, proc.pid = None, 0
@@ -298,7 +299,9 @@ class WasmTasks(TerminalTasks):
         async with self._holding(req.id) as container:
             proc = container.created_process(req.exec_id)
             if req.exec_id:
-                if container.init.status not in (types.RUNNING, types.PAUSED):
+                if container.init.status != types.RUNNING:
+                    # Paused too: the exec would join the frozen cgroup and freeze before it reports,
+                    # and Start (holding the container's lock) would wait for it (as runc refuses).
                     raise FailedPrecondition(f"container {req.id} is not running")
                 await self._launch(container, proc, wait_for_go=False)
                 if proc.status == types.CREATED:

@@ -1,0 +1,275 @@
+"""wasm-sandboxer, the gVisor and Quark backends and the shared IO on their failure paths: a stream
+preempted mid-send, a module cache write that fails or a temp file renamed during a prune, CloseIO of a
+terminal without stdout, an image symlink under a bind mount, a `runsc exec` that never starts, and a
+launch given up before its report was read."""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import errno
+import os
+import subprocess
+
+import pytest
+from google.protobuf import any_pb2
+
+from kuasar.common import streaming_io as sio
+from kuasar.common.api.containerd.types.task import task_pb2 as types
+from kuasar.common.api.containerd.types.transfer import streaming_pb2 as transfer
+from kuasar.common.errors import KuasarError
+from kuasar.common.fifo_stdio import ProcessIO
+from kuasar.common.reaper import Exit
+from kuasar.quark import gvisor_tasks as gt
+from kuasar.quark import quark_containers
+from kuasar.wasm import cache as cache_mod
+from kuasar.wasm import tasks as wasm_tasks
+from kuasar.wasm.cache import ModuleCache
+from kuasar.wasm.launch import Launch, LaunchPlan
+from kuasar.wasm.runner import RunSpec
+
+
+class FakeStream:
+    def __init__(self, gate=None):
+        self.sent, self.gate = [], gate
+        self._never = asyncio.Event()
+
+    async def send(self, payload):
+        if self.gate is not None:
+            await self.gate.wait()  # e.g. writer.drain() of a paused transport
+        a = any_pb2.Any.FromString(payload)
+        self.sent.append(transfer.Data.FromString(a.value).data)
+
+    async def recv(self):
+        await self._never.wait()
+
+
+def test_a_stream_preempted_mid_send_loses_no_chunk():
+    async def main():
+        hub = sio.StreamHub()
+        ch = hub.output("x-stdout")
+        await ch.write(b"A")
+        gate = asyncio.Event()
+        old = FakeStream(gate)
+        old_att = ch.attachment = sio._Attachment()
+        t_old = asyncio.create_task(ch.serve(old, old_att))
+        await asyncio.sleep(0.01)               # old is blocked sending "A"
+        old_att.preempted.set()                 # containerd re-attaches
+        new = FakeStream()
+        new_att = ch.attachment = sio._Attachment()
+        t_new = asyncio.create_task(ch.serve(new, new_att))
+        await asyncio.sleep(0.01)               # new sends "A"
+        await ch.write(b"B")
+        await ch.write(b"C")
+        # old's send now completes (drain returned: e.g. connection_lost(None) wakes drain waiters)
+        # in the same loop step as more output arrives, before new got to send it
+        gate.set()
+        await asyncio.sleep(0.05)
+        ch.close()
+        await asyncio.sleep(0.05)
+        old_exc = t_old.exception() if t_old.done() else None
+        print("old sent", old.sent, "new sent", new.sent, "old task exc", repr(old_exc))
+        delivered = b"".join(new.sent)
+        assert delivered == b"ABC", f"new stream delivered {delivered!r}, expected b'ABC'"
+        t_new.cancel()
+    asyncio.run(main())
+
+
+def test_a_stream_preempted_mid_send_leaves_the_queue_to_its_successor():
+    async def main():
+        hub = sio.StreamHub()
+        ch = hub.output("y-stdout")
+        await ch.write(b"A")
+        gate = asyncio.Event()
+        old = FakeStream(gate)
+        old_att = ch.attachment = sio._Attachment()
+        t_old = asyncio.create_task(ch.serve(old, old_att))
+        await asyncio.sleep(0.01)
+        old_att.preempted.set()
+        new = FakeStream()
+        new_att = ch.attachment = sio._Attachment()
+        t_new = asyncio.create_task(ch.serve(new, new_att))
+        await asyncio.sleep(0.01)
+        gate.set()
+        await asyncio.sleep(0.01)
+        exc = t_old.exception()
+        print("old serve raised:", repr(exc), "buffered:", ch.buffered)
+        t_new.cancel()
+        assert exc is None and ch.buffered == 0
+    asyncio.run(main())
+
+
+def test_a_cache_write_that_fails_leaves_no_temp_file(tmp_path, monkeypatch):
+    """ENOSPC half way through writing the artifact: load_module swallows the OSError, but the partial
+    .tmp stays (and prune() only removes it an hour later, never counting it against max_bytes)."""
+    c = ModuleCache(tmp_path / "cache")
+    real_open = builtins.open
+
+    class Short:
+        def __init__(self, f): self.f = f
+        def __enter__(self): return self
+        def __exit__(self, *a): self.f.close()
+        def write(self, data):
+            self.f.write(data[:100])
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    def short_writes(p, m="r", *a, **k):
+        return Short(real_open(p, m, *a, **k)) if str(p).endswith(".tmp") else real_open(p, m, *a, **k)
+
+    monkeypatch.setattr(builtins, "open", short_writes)
+    target = c.path("d" * 64, "fp")
+    with pytest.raises(OSError):
+        c.store(target, b"x" * 1000)
+    left = [p.name for p in (tmp_path / "cache").iterdir()]
+    print("left in the cache dir after a failed store:", left)
+    assert left == []
+
+
+def test_prune_goes_on_past_a_temp_file_renamed_meanwhile(tmp_path, monkeypatch):
+    """A container process renames its .tmp (store()) between prune()'s scandir and entry.stat():
+    FileNotFoundError from that one entry aborts the whole prune (returns 0, nothing pruned)."""
+    c = ModuleCache(tmp_path, max_bytes=10)
+    for i in range(3):
+        (tmp_path / f"{i}{cache_mod.SUFFIX}").write_bytes(b"x" * 100)
+    tmp = tmp_path / f".a{cache_mod.SUFFIX}.123.tmp"
+    tmp.write_bytes(b"partial")
+    real_scandir = os.scandir
+
+    class Scan:
+        def __init__(self, d): self.it = real_scandir(d)
+        def __enter__(self): return self
+        def __exit__(self, *a): self.it.close()
+        def __iter__(self):
+            for e in self.it:
+                if e.name.endswith(".tmp") and tmp.exists():
+                    os.replace(tmp, tmp_path / f"a{cache_mod.SUFFIX}")  # the child's os.replace
+                yield e
+    monkeypatch.setattr(cache_mod.os, "scandir", Scan)
+    removed = c.prune()
+    size = sum(p.stat().st_size for p in tmp_path.iterdir())
+    print("prune removed", removed, "files, cache now", size, "bytes, max", c.max_bytes)
+    assert removed > 0
+
+
+def test_close_io_ends_the_stdin_copy_of_a_terminal_without_stdout(tmp_path):
+    async def main():
+        fifo = tmp_path / "stdin"
+        os.mkfifo(fifo)
+        w = os.open(fifo, os.O_RDWR)  # containerd's writer end
+        master, slave = os.openpty()
+        io = ProcessIO(stdin=str(fifo), terminal=True)
+        io.attach_master(master)
+        io.close_stdin()
+        await asyncio.sleep(0.05)
+        running = [not p._task.done() for p in io.pumps]
+        print("pumps after close_stdin:", len(io.pumps), "still running:", running)
+        io.close()
+        os.close(slave)
+        os.close(w)
+        assert not any(running)
+    asyncio.run(main())
+
+
+def test_a_bind_mount_follows_the_images_symlinks_inside_the_rootfs_only(tmp_path, monkeypatch):
+    image = tmp_path / "image"
+    image.mkdir()
+    host_dir = tmp_path / "HOST-etc"            # stands for the host's /etc
+    host_dir.mkdir()
+    os.symlink(str(host_dir), image / "data")  # image: /data -> /etc  (absolute link)
+    (image / "etc").mkdir()
+    os.symlink(str(host_dir / "new.conf"), image / "etc" / "x")  # dangling link for a file bind
+    vol = tmp_path / "vol"
+    vol.mkdir()
+    volfile = tmp_path / "volfile"
+    volfile.write_text("v")
+    calls = []
+
+    def fake_mount(source, target, fstype, flags, data=None):
+        calls.append((source, target))
+    monkeypatch.setattr(quark_containers.linux, "mount", fake_mount)
+    # rootfs "mount" = copy of the image (symlinks kept), as mount_rootfs would expose it
+    def fake_mount_rootfs(ms, rootfs):
+        import shutil
+        shutil.copytree(image, rootfs, symlinks=True)
+    monkeypatch.setattr(quark_containers.mounts, "mount_rootfs", fake_mount_rootfs)
+    layout = quark_containers.QuarkContainers(tmp_path / "sandbox", {})
+    layout.append("c1", {"rootfs": [{"type": "bind", "source": str(image)}],
+                         "spec": {"mounts": [
+                             {"destination": "/data", "type": "bind", "source": str(vol)},
+                             {"destination": "/etc/x", "type": "bind", "source": str(volfile)}]}})
+    rootfs = os.path.realpath(tmp_path / "sandbox" / "c1" / "rootfs")
+    escaped = [t for _, t in calls if not os.path.realpath(t).startswith(rootfs + "/")]
+    print("mount targets:", [(t, os.path.realpath(t)) for _, t in calls])
+    print("host file created through the image's symlink:", (host_dir / "new.conf").exists())
+    assert not escaped, f"bind targets resolve outside the rootfs: {[os.path.realpath(t) for t in escaped]}"
+
+
+def test_a_runsc_exec_that_never_starts_is_killed_and_can_be_retried(tmp_path, monkeypatch):
+    monkeypatch.setattr(gt, "EXEC_START_TIMEOUT", 0.3)
+    monkeypatch.setattr(gt, "EXEC_KILL_WAIT", 0.5)
+    spawned = []
+
+    class FakeRunsc:
+        def spawn_exec(self, cid, network, process_json, pid_file, log_path, stdio):
+            p = subprocess.Popen(["bash", "-c", "exec -a rv5-runsc-exec sleep 30"])
+            spawned.append(p)
+            return p.pid, asyncio.get_running_loop().create_future()  # never exits by itself
+
+    async def main():
+        t = gt.GvisorTasks.__new__(gt.GvisorTasks)
+        t.runsc = FakeRunsc()
+        pod = gt.GvisorPod("pod", tmp_path, "none")
+        proc = gt.Process("e1", ProcessIO(), spec=b"{}")
+        container = gt.Container("c1", tmp_path, pod=pod, namespace="k8s.io", init=gt.Process("", ProcessIO()))
+        for attempt in range(2):
+            try:
+                await t._start_exec(container, proc)
+            except KuasarError as exc:
+                print(f"start {attempt}: {exc.message}, status {types.Status.Name(proc.status)} pid {proc.pid}")
+            assert proc.pid == 0 and proc.status == types.CREATED  # Start may be tried again
+        alive = [p.pid for p in spawned if p.poll() is None]
+        print("runsc exec runners still alive after failed Starts:", alive)
+        for p in spawned:
+            p.kill()
+            p.wait()
+        assert not alive
+    asyncio.run(main())
+
+
+class FakeEvents:
+    def publish(self, *args: object, **kwargs: object) -> None:
+        pass
+
+
+def test_a_launch_given_up_before_its_report_closes_the_report_pipe(tmp_path, monkeypatch):
+    async def main():
+        tasks = wasm_tasks.WasmTasks(reaper=None, events=FakeEvents(), directory=tmp_path,
+                                     settings=wasm_tasks.WasmSettings(cache=False))
+        child = subprocess.Popen(["sleep", "30"])
+        report_r, report_w = os.pipe()
+        launched = {}
+
+        def fake_launch(plan, stdio, reaper, wait_for_go):
+            exited = asyncio.get_running_loop().create_future()
+
+            def reap():
+                child.kill()
+                child.wait()
+                exited.set_result(Exit(child.pid, 137, 0))
+            asyncio.get_running_loop().call_later(0.1, reap)
+            launched["launch"] = Launch(child.pid, exited, report_r, -1)
+            return launched["launch"]
+
+        monkeypatch.setattr(wasm_tasks, "launch", fake_launch)
+        monkeypatch.setattr(tasks, "plan", lambda c, p, n: LaunchPlan(n, "wasmtime", RunSpec("m", ["m"], []),
+                                                                      terminal=True))
+        # A terminal process whose stdout FIFO is not there: attaching the pty master fails.
+        proc = wasm_tasks.Process("e1", io=ProcessIO("", str(tmp_path / "no-such-fifo"), "", True), spec={})
+        container = wasm_tasks.Container("c1", tmp_path, "pod", "k8s.io", {}, tmp_path, "wasmtime", "", proc)
+        with pytest.raises(OSError):
+            await tasks._launch(container, proc, wait_for_go=False)
+        assert launched["launch"].report_fd == -1
+        with pytest.raises(BrokenPipeError):  # nobody holds the read end any more
+            os.write(report_w, b"x")
+        os.close(report_w)
+    asyncio.run(main())
