@@ -44,58 +44,45 @@ class FakeStream:
         await self._never.wait()
 
 
+async def preempted_mid_send(name: str):
+    """A channel with "A" queued, its first stream blocked sending it when a second one takes over
+    (containerd re-attaching); returns the channel, both streams and their tasks, and the gate that lets
+    the first one's send return (as drain() does once the connection is lost)."""
+    channel = sio.StreamHub().output(name)
+    await channel.write(b"A")
+    gate = asyncio.Event()
+    old, new = FakeStream(gate), FakeStream()
+    old_attachment = channel.attachment = sio._Attachment()
+    old_task = asyncio.create_task(channel.serve(old, old_attachment))
+    await asyncio.sleep(0.01)  # the old stream is blocked sending "A"
+    old_attachment.preempted.set()
+    new_attachment = channel.attachment = sio._Attachment()
+    new_task = asyncio.create_task(channel.serve(new, new_attachment))
+    await asyncio.sleep(0.01)  # the new one sends "A"
+    return channel, old_task, new, new_task, gate
+
+
 def test_a_stream_preempted_mid_send_loses_no_chunk():
     async def main():
-        hub = sio.StreamHub()
-        ch = hub.output("x-stdout")
-        await ch.write(b"A")
-        gate = asyncio.Event()
-        old = FakeStream(gate)
-        old_att = ch.attachment = sio._Attachment()
-        t_old = asyncio.create_task(ch.serve(old, old_att))
-        await asyncio.sleep(0.01)               # old is blocked sending "A"
-        old_att.preempted.set()                 # containerd re-attaches
-        new = FakeStream()
-        new_att = ch.attachment = sio._Attachment()
-        t_new = asyncio.create_task(ch.serve(new, new_att))
-        await asyncio.sleep(0.01)               # new sends "A"
-        await ch.write(b"B")
-        await ch.write(b"C")
-        # old's send now completes (drain returned: e.g. connection_lost(None) wakes drain waiters)
-        # in the same loop step as more output arrives, before new got to send it
-        gate.set()
+        channel, old_task, new, new_task, gate = await preempted_mid_send("x-stdout")
+        await channel.write(b"B")
+        await channel.write(b"C")
+        gate.set()  # in the same loop step as more output arrives, before the new stream sent it
         await asyncio.sleep(0.05)
-        ch.close()
+        channel.close()
         await asyncio.sleep(0.05)
-        old_exc = t_old.exception() if t_old.done() else None
-        print("old sent", old.sent, "new sent", new.sent, "old task exc", repr(old_exc))
-        delivered = b"".join(new.sent)
-        assert delivered == b"ABC", f"new stream delivered {delivered!r}, expected b'ABC'"
-        t_new.cancel()
+        assert b"".join(new.sent) == b"ABC"
+        new_task.cancel()
     asyncio.run(main())
 
 
 def test_a_stream_preempted_mid_send_leaves_the_queue_to_its_successor():
     async def main():
-        hub = sio.StreamHub()
-        ch = hub.output("y-stdout")
-        await ch.write(b"A")
-        gate = asyncio.Event()
-        old = FakeStream(gate)
-        old_att = ch.attachment = sio._Attachment()
-        t_old = asyncio.create_task(ch.serve(old, old_att))
-        await asyncio.sleep(0.01)
-        old_att.preempted.set()
-        new = FakeStream()
-        new_att = ch.attachment = sio._Attachment()
-        t_new = asyncio.create_task(ch.serve(new, new_att))
-        await asyncio.sleep(0.01)
+        channel, old_task, new, new_task, gate = await preempted_mid_send("y-stdout")
         gate.set()
         await asyncio.sleep(0.01)
-        exc = t_old.exception()
-        print("old serve raised:", repr(exc), "buffered:", ch.buffered)
-        t_new.cancel()
-        assert exc is None and ch.buffered == 0
+        assert old_task.exception() is None and channel.buffered == 0
+        new_task.cancel()
     asyncio.run(main())
 
 
