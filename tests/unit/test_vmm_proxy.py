@@ -127,7 +127,8 @@ def test_handshake_refusals(tmp_path: Path) -> None:
         listen = str(tmp_path / "task.vsock")
         server = await asyncio.start_unix_server(proxy.handle, path=listen)
         try:
-            for line in (b"CONNECT 1025\n", b"HELLO\n", b"CONNECT 1024\n"):  # wrong port, junk, guest absent
+            # wrong port, junk, guest absent, a line past the reader's limit
+            for line in (b"CONNECT 1025\n", b"HELLO\n", b"CONNECT 1024\n", b"x" * (1 << 17) + b"\n"):
                 reader, writer = await asyncio.open_unix_connection(listen)
                 writer.write(line)
                 assert await asyncio.wait_for(reader.read(), 10) == b"", "closed without OK"

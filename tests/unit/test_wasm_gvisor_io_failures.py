@@ -17,7 +17,7 @@ from google.protobuf import any_pb2
 from kuasar.common import streaming_io as sio
 from kuasar.common.api.containerd.types.task import task_pb2 as types
 from kuasar.common.api.containerd.types.transfer import streaming_pb2 as transfer
-from kuasar.common.errors import KuasarError
+from kuasar.common.errors import InvalidArgument, KuasarError
 from kuasar.common.fifo_stdio import ProcessIO
 from kuasar.common.reaper import Exit
 from kuasar.quark import gvisor_tasks as gt
@@ -260,3 +260,18 @@ def test_a_launch_given_up_before_its_report_closes_the_report_pipe(tmp_path, mo
             os.write(report_w, b"x")
         os.close(report_w)
     asyncio.run(main())
+
+
+@pytest.mark.parametrize("process", [
+    {"user": {"uid": "root"}},
+    {"user": {"additionalGids": ["wheel"]}},
+    {"rlimits": [{"type": "RLIMIT_NOFILE", "soft": "many", "hard": 1}]},
+])
+def test_a_wasm_process_with_numbers_that_are_not_numbers_is_invalid_argument(tmp_path, process):
+    (tmp_path / "m.wasm").write_bytes(b"\0asm\x01\0\0\0")
+    tasks = wasm_tasks.WasmTasks(reaper=None, events=FakeEvents(), directory=tmp_path / "dir",
+                                 settings=wasm_tasks.WasmSettings(cache=False))
+    init = wasm_tasks.Process("", io=ProcessIO(), spec={})
+    container = wasm_tasks.Container("c1", tmp_path, "pod", "k8s.io", {}, tmp_path, "wasmtime", "", init)
+    with pytest.raises(InvalidArgument):
+        tasks.plan(container, {"args": ["/m.wasm"], **process}, "c1")

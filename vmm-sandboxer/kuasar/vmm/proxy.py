@@ -198,7 +198,7 @@ class TaskProxy:
         try:
             try:
                 line = await asyncio.wait_for(reader.readline(), HANDSHAKE_TIMEOUT)
-            except TimeoutError:
+            except (TimeoutError, ValueError):  # ValueError: a line past the reader's 64 KiB limit
                 return
             match = _CONNECT_RE.fullmatch(line)
             if match is None or int(match.group(1)) != self.port:

@@ -184,15 +184,18 @@ class WasmTasks(TerminalTasks):
                       if ns.get("type") in ("network", "ipc", "uts")]
         user = process.get("user") or {}
         rlimits = []
-        for rlimit in process.get("rlimits") or []:
-            kind = RLIMITS.get(str(rlimit.get("type", "")).removeprefix("RLIMIT_"))
-            if kind is None:
-                raise InvalidArgument(f"unknown rlimit {rlimit.get('type')!r}")
-            rlimits.append((kind, int(rlimit.get("soft", 0)), int(rlimit.get("hard", 0))))
+        try:
+            for rlimit in process.get("rlimits") or []:
+                kind = RLIMITS.get(str(rlimit.get("type", "")).removeprefix("RLIMIT_"))
+                if kind is None:
+                    raise InvalidArgument(f"unknown rlimit {rlimit.get('type')!r}")
+                rlimits.append((kind, int(rlimit.get("soft", 0)), int(rlimit.get("hard", 0))))
+            owner = User(int(user.get("uid", 0)), int(user.get("gid", 0)),
+                         [int(g) for g in user.get("additionalGids") or []])
+        except (TypeError, ValueError, AttributeError) as exc:  # a spec's numbers that are not numbers
+            raise InvalidArgument(f"process.user or process.rlimits: {exc}") from None
         oom = process.get("oomScoreAdj")
-        return LaunchPlan(name, container.runtime, run, namespaces, container.cgroup,
-                          User(int(user.get("uid", 0)), int(user.get("gid", 0)),
-                               [int(g) for g in user.get("additionalGids") or []]),
+        return LaunchPlan(name, container.runtime, run, namespaces, container.cgroup, owner,
                           rlimits, oom if isinstance(oom, int) else None, container.wasmedge,
                           terminal=bool(process.get("terminal")))
 
