@@ -15,6 +15,7 @@ import pytest
 from google.protobuf import any_pb2
 
 from kuasar.common import streaming_io as sio
+from kuasar.common.api.containerd.runtime.task.v2 import shim_pb2 as task
 from kuasar.common.api.containerd.types.task import task_pb2 as types
 from kuasar.common.api.containerd.types.transfer import streaming_pb2 as transfer
 from kuasar.common.errors import InvalidArgument, KuasarError
@@ -275,3 +276,29 @@ def test_a_wasm_process_with_numbers_that_are_not_numbers_is_invalid_argument(tm
     container = wasm_tasks.Container("c1", tmp_path, "pod", "k8s.io", {}, tmp_path, "wasmtime", "", init)
     with pytest.raises(InvalidArgument):
         tasks.plan(container, {"args": ["/m.wasm"], **process}, "c1")
+
+
+def test_close_io_of_a_wasm_terminal_process_ends_its_stdin_copy(tmp_path):
+    """A terminal process reads a pty whose input the task server copies from containerd's stdin FIFO:
+    CloseIO must stop that copy (without a terminal the process holds the FIFO itself)."""
+    async def main():
+        fifo = tmp_path / "stdin"
+        os.mkfifo(fifo)
+        writer = os.open(fifo, os.O_RDWR)  # containerd's end
+        master, replica = os.openpty()
+        io = ProcessIO(stdin=str(fifo), terminal=True)
+        io.attach_master(master)
+        tasks = wasm_tasks.WasmTasks(reaper=None, events=FakeEvents(), directory=tmp_path / "dir",
+                                     settings=wasm_tasks.WasmSettings(cache=False))
+        init = wasm_tasks.Process("", io=io, spec={})
+        tasks.containers["c1"] = wasm_tasks.Container("c1", tmp_path, "pod", "k8s.io", {}, tmp_path, "wasmtime",
+                                                      "", init)
+        await tasks.close_io(task.CloseIORequest(id="c1", stdin=True), None)
+        await asyncio.sleep(0.05)
+        try:
+            assert io.stdin_pump is not None and io.stdin_pump._task.done()
+        finally:
+            io.close()
+            os.close(replica)
+            os.close(writer)
+    asyncio.run(main())

@@ -429,11 +429,6 @@ class WasmTasks(TerminalTasks):
         if container.init.status == types.PAUSED:
             container.init.status = types.RUNNING
 
-    async def close_io(self, req: task.CloseIORequest, ctx: Context) -> empty_pb2.Empty:
-        # The process holds its stdin FIFO itself: it sees end of input when containerd closes its end.
-        self._get(req.id).process(req.exec_id)
-        return empty_pb2.Empty()
-
     async def update(self, req: task.UpdateTaskRequest, ctx: Context) -> empty_pb2.Empty:
         container = self._get(req.id)
         try:
