@@ -52,6 +52,22 @@ async def wait_state(client: CriClient, cid: str, state: int, timeout: float = 3
         await asyncio.sleep(0.05)
 
 
+async def wait_pod_not_ready(client: CriClient, pod_id: str, why: str, timeout: float = 30.0) -> None:
+    """Until CRI reports the pod NOTREADY (its sandbox exited); `why` is the failure's message."""
+    deadline = time.monotonic() + timeout
+    while (await client.pod_sandbox_status(pod_id)).status.state != cri.SANDBOX_NOTREADY:
+        assert time.monotonic() < deadline, why
+        await asyncio.sleep(0.1)
+
+
+def wait_leftovers_recorded(sandboxer_dir: Path, pod_id: str, timeout: float = 10.0) -> None:
+    """Until the task server wrote the pod's pod.json (just after its Create answered)."""
+    deadline = time.monotonic() + timeout
+    while not (sandboxer_dir / "pods" / pod_id / "pod.json").exists():
+        assert time.monotonic() < deadline, "the pod's leftovers were never recorded"
+        time.sleep(0.05)
+
+
 async def while_unavailable(call: Callable[[], Awaitable[T]], timeout: float = 60.0) -> T:
     """`call()`, retried while containerd answers UNAVAILABLE: its channel to a restarted sandboxer
     backs off for a while, and its own CRI is not served until it has come back up."""

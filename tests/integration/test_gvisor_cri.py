@@ -38,6 +38,7 @@ from .cri_helpers import (
     start_container,
     terminal_exec,
     wait_log,
+    wait_pod_not_ready,
     wait_state,
     while_unavailable,
 )
@@ -375,10 +376,7 @@ def test_a_killed_task_server_leaves_no_sandbox_behind(gvisor: Stack) -> None:
 
     async def after() -> None:
         async with CriClient(gvisor.address) as client:
-            deadline = time.monotonic() + 30
-            while (await client.pod_sandbox_status(pod_id)).status.state != cri.SANDBOX_NOTREADY:
-                assert time.monotonic() < deadline, "the pod was never reported exited"
-                await asyncio.sleep(0.1)
+            await wait_pod_not_ready(client, pod_id, "the pod was never reported exited")
             await wait_state(client, cid, cri.CONTAINER_EXITED)
             await remove_pod(client, pod_id)
 

@@ -8,7 +8,6 @@ command, the pid file, the per-pod task address containerd dials, Wait through a
 
 from __future__ import annotations
 
-import asyncio
 import os
 import sys
 import time
@@ -24,7 +23,7 @@ from kuasar.common.cri_client import CriClient
 
 from . import test_gvisor_cri as gv
 from .conftest import Stack, integration_skip_reason
-from .cri_helpers import check_user_namespace_refused, while_unavailable
+from .cri_helpers import check_user_namespace_refused, wait_pod_not_ready, while_unavailable
 
 pytestmark = pytest.mark.integration
 
@@ -157,10 +156,7 @@ def test_a_dead_daemon_is_reported_by_wait(quark: Stack) -> None:
             pod_id, _ = await gv.run_pod(client, "qk-dies", quark.log_dir, handler=HANDLER)
             pid = int((quark.sandboxer_dir / pod_id / "pid").read_text())
             os.kill(pid, 9)  # QVisor dies on its own: Controller.Wait must notice (Kuasar's does not)
-            deadline = time.monotonic() + 20
-            while (await client.pod_sandbox_status(pod_id)).status.state != cri.SANDBOX_NOTREADY:
-                assert time.monotonic() < deadline, "pod still ready after its QVisor died"
-                await asyncio.sleep(0.1)
+            await wait_pod_not_ready(client, pod_id, "pod still ready after its QVisor died", timeout=20)
             await gv.remove_pod(client, pod_id)
 
     quark.run(scenario())

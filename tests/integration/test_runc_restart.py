@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import signal
@@ -14,7 +13,15 @@ from kuasar.common.api.runtime.v1 import api_pb2 as cri
 from kuasar.common.cri_client import CriClient
 
 from .conftest import Stack, start_sandboxer
-from .cri_helpers import remove_pod, run_pod, start_container, task_server_pid, wait_state, while_unavailable
+from .cri_helpers import (
+    remove_pod,
+    run_pod,
+    start_container,
+    task_server_pid,
+    wait_pod_not_ready,
+    wait_state,
+    while_unavailable,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -53,10 +60,7 @@ def test_sandboxer_sigkill_and_restart_keeps_pods_and_reports_exits_seen_while_d
             short = await wait_state(client, ids["short"], cri.CONTAINER_EXITED)
             assert short.exit_code == 5
             # containerd's Controller.Wait retried through the outage and now sees the real exit.
-            deadline = time.monotonic() + 20
-            while (await client.pod_sandbox_status(ids["doomed"])).status.state != cri.SANDBOX_NOTREADY:
-                assert time.monotonic() < deadline, "doomed pod never became NOTREADY"
-                await asyncio_sleep(0.1)
+            await wait_pod_not_ready(client, ids["doomed"], "doomed pod never became NOTREADY", timeout=20)
             result = await client.exec_sync(ids["long"], ["echo", "still-here"], timeout=20)
             assert result.stdout == b"still-here\n"
             await remove_pod(client, ids["keep"])
@@ -67,6 +71,3 @@ def test_sandboxer_sigkill_and_restart_keeps_pods_and_reports_exits_seen_while_d
     assert len(pods_before) == 2
     assert os.listdir(stack.sandboxer_dir / "sandboxes") == []
 
-
-async def asyncio_sleep(seconds: float) -> None:
-    await asyncio.sleep(seconds)

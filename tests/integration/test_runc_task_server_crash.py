@@ -4,12 +4,10 @@ removing them through CRI leaves nothing."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import psutil
@@ -28,6 +26,8 @@ from .cri_helpers import (
     run_pod,
     start_container,
     task_server_pid,
+    wait_leftovers_recorded,
+    wait_pod_not_ready,
     wait_state,
 )
 
@@ -64,20 +64,14 @@ def test_a_killed_task_server_leaves_nothing_behind(stack: Stack) -> None:
     shm = stack.sandboxer_dir / "pods" / pod_id / "shm"
     old_server = task_server_pid(stack.sandboxer_dir)
     assert alive(pod_pid) and alive(container_pid) and str(shm) in mounts_containing(str(shm))
-    deadline = time.monotonic() + 10
-    while not (stack.sandboxer_dir / "pods" / pod_id / "pod.json").exists():  # written just after Create
-        assert time.monotonic() < deadline, "the pod's leftovers were never recorded"
-        time.sleep(0.05)
+    wait_leftovers_recorded(stack.sandboxer_dir, pod_id)  # written just after Create
 
     os.kill(old_server, signal.SIGKILL)
 
     async def after() -> None:
         async with CriClient(stack.address) as client:
             # The sandboxer's watch of the pod fails, starts a task server again, and learns the pod is gone.
-            deadline = time.monotonic() + 30
-            while (await client.pod_sandbox_status(pod_id)).status.state != cri.SANDBOX_NOTREADY:
-                assert time.monotonic() < deadline, "the pod was never reported exited"
-                await asyncio.sleep(0.1)
+            await wait_pod_not_ready(client, pod_id, "the pod was never reported exited")
             await wait_state(client, cid, cri.CONTAINER_EXITED)  # containerd lost its task connection
             assert task_server_pid(stack.sandboxer_dir) != old_server
             # Ended before the new task server served: nothing of the dead one's runs on.

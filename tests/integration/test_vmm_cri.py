@@ -46,6 +46,7 @@ from .cri_helpers import (
     forward_once,
     forward_until_answered,
     wait_log,
+    wait_pod_not_ready,
     wait_state,
     while_unavailable,
 )
@@ -365,10 +366,7 @@ def test_sandboxer_restart_then_vm_killed_from_outside(stack: VmStack) -> None:
             assert (await client.container_status(cid)).status.state == cri.CONTAINER_RUNNING
 
             os.kill(state["pid"], signal.SIGKILL)
-            deadline = time.monotonic() + 30
-            while (await client.pod_sandbox_status(pod_id)).status.state != cri.SANDBOX_NOTREADY:
-                assert time.monotonic() < deadline, "the killed VM was not reported"
-                await asyncio.sleep(0.1)
+            await wait_pod_not_ready(client, pod_id, "the killed VM was not reported")
             await wait_state(client, cid, cri.CONTAINER_EXITED, timeout=60)
             # A re-attached QEMU is no longer our child: its exit is seen, its status is not.
             assert sandbox_state(stack, pod_id)["exit_status"] in (137, 255)

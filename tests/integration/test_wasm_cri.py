@@ -37,7 +37,9 @@ from .cri_helpers import (
     pod_processes,
     streaming_session,
     task_server_pid,
+    wait_leftovers_recorded,
     wait_log,
+    wait_pod_not_ready,
     wait_state,
     while_unavailable,
 )
@@ -497,20 +499,14 @@ def test_a_killed_task_server_takes_its_wasm_containers_along_and_leaves_nothing
 
     pod_id, cid = asyncio.run(before())
     assert len(container_processes()) == 1
-    deadline = time.monotonic() + 10
-    while not (stack.sandboxer_dir / "pods" / pod_id / "pod.json").exists():  # written just after Create
-        assert time.monotonic() < deadline, "the pod's leftovers were never recorded"
-        time.sleep(0.05)
+    wait_leftovers_recorded(stack.sandboxer_dir, pod_id)  # written just after Create
     pod_pid = json.loads((stack.sandboxer_dir / "sandboxes" / pod_id / "sandbox.json").read_text())["pid"]
     old_server = task_server_pid(stack.sandboxer_dir)
     os.kill(old_server, signal.SIGKILL)
 
     async def after() -> None:
         async with CriClient(stack.address) as client:
-            deadline = time.monotonic() + 30
-            while (await client.pod_sandbox_status(pod_id)).status.state != cri.SANDBOX_NOTREADY:
-                assert time.monotonic() < deadline, "the pod was never reported exited"
-                await asyncio.sleep(0.1)
+            await wait_pod_not_ready(client, pod_id, "the pod was never reported exited")
             await wait_state(client, cid, cri.CONTAINER_EXITED)
             assert container_processes() == []  # it died with its task server
             assert cgroups_named(cgroup_parent) == []  # the new task server swept the pod's and its own

@@ -1,13 +1,12 @@
 """vmm-sandboxer on its failure paths: a Start cancelled during boot, a guest that sends garbage or is away
-for a while, a teardown that fails, a task proxy started again, a netns that is gone, a duplicate
-Create, and a --dir too long for the VM's sockets. QEMU and the guest are fakes here; the integration
+for a while, a teardown that fails, a task proxy started again, a netns that is gone and a
+--dir too long for the VM's sockets. QEMU and the guest are fakes here; the integration
 tests (test_vmm_cri.py) run the real ones."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
-import json
 import os
 import socket
 import subprocess
@@ -20,20 +19,18 @@ from google.protobuf import any_pb2
 
 from kuasar.common import hvsock
 from kuasar.common.api.containerd.events import task_pb2 as task_events
-from kuasar.common.api.containerd.runtime.task.v2 import shim_pb2 as task
-from kuasar.common.api.containerd.types import event_pb2, mount_pb2
+from kuasar.common.api.containerd.types import event_pb2
 from kuasar.common.api.runtime.v1 import api_pb2 as cri
 from kuasar.common.config import DaemonConfig
 from kuasar.common.controller import SandboxController
-from kuasar.common.errors import AlreadyExists, InvalidArgument, KuasarError, RuntimeFailure
+from kuasar.common.errors import InvalidArgument, KuasarError, RuntimeFailure
 from kuasar.common.sandboxer import SandboxRecord, SandboxState
 from kuasar.common.ttrpc import TtrpcServer
-from kuasar.vmm import hostfs, network
+from kuasar.vmm import network
 from kuasar.vmm import sandboxer as sandboxer_module
 from kuasar.vmm.config import VmmConfig
 from kuasar.vmm.hypervisor import VmSpec
 from kuasar.vmm.procs import ExitWatch, ProcessRef
-from kuasar.vmm.proxy import HostPrep, TaskProxy
 from kuasar.vmm.sandboxer import SOCKET_PATH_MAX, VmmSandboxer, VmPod
 
 TASK = "containerd.task.v3.Task"
@@ -238,54 +235,6 @@ def test_a_dir_too_long_for_any_of_the_vms_sockets_is_refused_at_create() -> Non
         cri.PodSandboxConfig().SerializeToString()).decode())
     with pytest.raises(InvalidArgument, match="too long"):
         asyncio.run(sandboxer.create(record))
-
-
-def test_a_duplicate_create_leaves_the_running_containers_files_and_mounts(tmp_path: Path) -> None:
-    share = tmp_path / "shared"
-    share.mkdir()
-    image = tmp_path / "image"
-    (image / "bin").mkdir(parents=True)
-    bundle = tmp_path / "bundle"
-    (bundle / "rootfs").mkdir(parents=True)
-    (bundle / "config.json").write_text(json.dumps({"process": {"args": ["sh"]}, "root": {"path": "rootfs"}}))
-    directory = short_dir()
-
-    async def scenario() -> None:
-        server, created = TtrpcServer(), []
-
-        async def create(req: task.CreateTaskRequest, ctx: Any) -> task.CreateTaskResponse:
-            if req.id in created:
-                raise AlreadyExists(f"container {req.id} already exists")
-            created.append(req.id)
-            return task.CreateTaskResponse(pid=42)
-
-        server.add_unary(TASK, "Create", task.CreateTaskRequest, create)
-
-        async def guest(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            await reader.readline()
-            writer.write(b"OK 1024\n")
-            await writer.drain()
-            await server.serve_connection(reader, writer)
-
-        uds = str(directory / "vsock.sock")
-        guest_server = await asyncio.start_unix_server(guest, path=uds)
-        proxy = TaskProxy(uds, HostPrep(share, "/run/kuasar/state"))
-        front = await asyncio.start_unix_server(proxy.handle, path=str(directory / "task.vsock"))
-        request = task.CreateTaskRequest(id="c1", bundle=str(bundle), rootfs=[
-            mount_pb2.Mount(type="bind", source=str(image), options=["rbind", "ro"])])
-        try:
-            client = await hvsock.connect_ttrpc(str(directory / "task.vsock"), 1024)
-            await client.call(TASK, "Create", request, task.CreateTaskResponse, timeout=10)
-            with pytest.raises(AlreadyExists):
-                await client.call(TASK, "Create", request, task.CreateTaskResponse, timeout=10)
-            assert (share / "c1" / "config.json").exists() and hostfs.mounts_under(share / "c1")
-            await client.close()
-        finally:
-            front.close()
-            guest_server.close()
-            hostfs.unmount_tree(share)
-
-    asyncio.run(scenario())
 
 
 def test_a_guest_that_is_away_is_a_kuasar_error() -> None:

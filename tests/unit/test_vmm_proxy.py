@@ -14,7 +14,7 @@ import pytest
 from kuasar.common import hvsock
 from kuasar.common.api.containerd.runtime.task.v2 import shim_pb2 as task
 from kuasar.common.api.containerd.types import mount_pb2
-from kuasar.common.errors import InvalidArgument
+from kuasar.common.errors import AlreadyExists, InvalidArgument
 from kuasar.common.ttrpc import Context, TtrpcServer
 from kuasar.vmm import hostfs
 from kuasar.vmm.proxy import HostPrep, TaskProxy
@@ -96,6 +96,12 @@ def test_create_is_prepared_on_the_host_and_rewritten(tmp_path: Path) -> None:
             config = seen["config"]
             assert config["root"]["path"] == "rootfs" and config["linux"]["namespaces"] == [{"type": "mount"}]
             assert config["mounts"][0]["source"] == "/run/kuasar/state/c1/volumes/0"
+            assert hostfs.mounts_under(share / "c1")
+            # A second Create of a running container is refused before it touches that one's files.
+            with pytest.raises(AlreadyExists):
+                await client.call(TASK, "Create", task.CreateTaskRequest(id="c1", bundle=str(bundle)),
+                                  task.CreateTaskResponse, timeout=10, metadata=ns)
+            assert len(agent.created) == 1 and (share / "c1" / "config.json").exists()
             assert hostfs.mounts_under(share / "c1")
             # Other calls pass through untouched.
             await client.call(TASK, "Pids", task.PidsRequest(id="c1"), task.PidsResponse, timeout=10)
