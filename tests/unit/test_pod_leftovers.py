@@ -1,4 +1,5 @@
-"""pod_leftovers: what a task server records of each pod, and the sweep a fresh task server makes."""
+"""pod_leftovers: what a task server records of each pod, and the sweep a fresh task server makes; and
+proc_stat, which tells the pod process it recorded from a later one given the same pid."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ from pathlib import Path
 
 from kuasar.common import pod_leftovers
 from kuasar.common.pod_files import PODS_DIR
-from kuasar.common.pod_leftovers import PodLeftovers, process_start, sweep
+from kuasar.common.pod_leftovers import PodLeftovers, sweep
+from kuasar.common.proc_stat import start_time
 
 
 def test_the_start_time_survives_a_command_name_with_spaces_and_parentheses(tmp_path: Path) -> None:
@@ -17,11 +19,11 @@ def test_the_start_time_survives_a_command_name_with_spaces_and_parentheses(tmp_
     try:
         stat = Path(f"/proc/{child.pid}/stat").read_text()
         assert "(a b) c)" in stat
-        assert process_start(child.pid) == int(stat.rsplit(")", 1)[1].split()[19]) > 0
+        assert start_time(child.pid) == int(stat.rsplit(")", 1)[1].split()[19]) > 0
     finally:
         child.kill()
         child.wait()
-    assert process_start(child.pid) == 0  # gone
+    assert start_time(child.pid) == 0  # gone
 
 
 def test_the_sweep_ends_recorded_pods_and_nothing_else(tmp_path: Path) -> None:
@@ -30,9 +32,9 @@ def test_the_sweep_ends_recorded_pods_and_nothing_else(tmp_path: Path) -> None:
     cgroup_dirs = [tmp_path / "cg" / "parent", tmp_path / "cg" / "parent" / "pod"]
     cgroup_dirs[1].mkdir(parents=True)
     try:
-        PodLeftovers(recorded.pid, process_start(recorded.pid), [str(d) for d in cgroup_dirs]).write(
+        PodLeftovers(recorded.pid, start_time(recorded.pid), [str(d) for d in cgroup_dirs]).write(
             tmp_path / PODS_DIR / "a")
-        PodLeftovers(stranger.pid, process_start(stranger.pid) + 1).write(tmp_path / PODS_DIR / "b")
+        PodLeftovers(stranger.pid, start_time(stranger.pid) + 1).write(tmp_path / PODS_DIR / "b")
         (tmp_path / PODS_DIR / "c").mkdir()
         (tmp_path / PODS_DIR / "c" / pod_leftovers.RECORD_FILE).write_text('{"pid": 1')  # torn by a crash
         assert sweep(tmp_path) == 2

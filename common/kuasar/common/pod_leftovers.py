@@ -19,7 +19,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from . import cgroups, mounts
+from . import cgroups, mounts, proc_stat
 from .pod_files import PODS_DIR
 
 log = logging.getLogger(__name__)
@@ -28,8 +28,6 @@ RECORD_FILE = "pod.json"
 # A killed pod process is gone in milliseconds; only then may its cgroups be removed.
 EXIT_WAIT_S = 5.0
 EXIT_POLL_S = 0.01
-# /proc/<pid>/stat is one line of ~50 fields, well under this.
-STAT_MAX = 4096
 
 
 @dataclass
@@ -47,23 +45,6 @@ class PodLeftovers:
             os.write(fd, json.dumps(asdict(self)).encode())
         finally:
             os.close(fd)
-
-
-def _stat_fields(pid: int) -> list[bytes]:
-    """/proc/<pid>/stat from its third field (the state) on; empty if there is no such process."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as stat:
-            line = stat.read(STAT_MAX)
-    except OSError:
-        return []
-    # The command name, in parentheses, may itself hold spaces and parentheses: count from the last ")".
-    return line[line.rfind(b")") + 2:].split()
-
-
-def process_start(pid: int) -> int:
-    """The start time of `pid` (0 if there is no such process)."""
-    fields = _stat_fields(pid)
-    return int(fields[19]) if len(fields) > 19 else 0
 
 
 def forget(directory: Path) -> None:
@@ -106,15 +87,10 @@ def _remove_empty_below(directory: Path) -> None:
 
 
 def _end_process(pid: int, start: int) -> None:
-    if not start or process_start(pid) != start:
+    if not start or proc_stat.start_time(pid) != start:
         return  # gone already (the pid may be another process's now)
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGKILL)
     deadline = time.monotonic() + EXIT_WAIT_S
-    while process_start(pid) == start and not _is_zombie(pid) and time.monotonic() < deadline:
+    while proc_stat.start_time(pid) == start and not proc_stat.exited(pid) and time.monotonic() < deadline:
         time.sleep(EXIT_POLL_S)
-
-
-def _is_zombie(pid: int) -> bool:
-    fields = _stat_fields(pid)
-    return not fields or fields[0] == b"Z"

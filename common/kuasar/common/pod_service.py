@@ -17,14 +17,14 @@ from typing import Protocol, runtime_checkable
 
 from google.protobuf import empty_pb2
 
-from . import cgroups, mounts
+from . import cgroups, mounts, proc_stat
 from .api.kuasar.pods.v1 import pods_pb2 as pb
 from .cgroup_attach import AttachLockWarmer, warm
 from .errors import AlreadyExists, InvalidArgument, NotFound
 from .ids import validate_id
 from .pod_files import SHM, pod_dir
 from .pod_holder import PodNamespaces, start_pod_holder
-from .pod_leftovers import PodLeftovers, process_start
+from .pod_leftovers import PodLeftovers
 from .pod_leftovers import forget as forget_leftovers
 from .reaper import Exit, Reaper
 from .ttrpc import Context, TtrpcServer
@@ -168,7 +168,7 @@ class PodService:
     def _record_leftovers(self, pod: Pod) -> None:
         if self.directory is None or self.pods.get(pod.id) is not pod:
             return
-        record = PodLeftovers(pod.pid, process_start(pod.pid), list(pod.cgroup.created) if pod.cgroup else [],
+        record = PodLeftovers(pod.pid, proc_stat.start_time(pod.pid), list(pod.cgroup.created) if pod.cgroup else [],
                               str(pod.shm) if pod.shm is not None else "")
         try:
             record.write(pod_dir(self.directory, pod.id))

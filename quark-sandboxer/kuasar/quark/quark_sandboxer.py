@@ -34,7 +34,7 @@ from pathlib import Path
 
 from google.protobuf import any_pb2
 
-from kuasar.common import cgroups
+from kuasar.common import cgroups, proc_stat
 from kuasar.common.config import DaemonConfig
 from kuasar.common.errors import FailedPrecondition, InvalidArgument, RuntimeFailure
 from kuasar.common.pod_sandboxer import decode_pod_config, refuse_user_namespace
@@ -66,12 +66,7 @@ RESERVED = {"sandboxes"}
 def process_start_time(pid: int) -> int:
     """Field 22 of /proc/<pid>/stat (clock ticks since boot), telling a live pid from a recycled one;
     0 when there is no such process or it has exited (a zombie nobody reaped yet)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return 0
-    fields = stat.rsplit(")", 1)[1].split()
-    return 0 if fields[0] in ("Z", "X") else int(fields[19])
+    return 0 if proc_stat.exited(pid) else proc_stat.start_time(pid)
 
 
 def is_alive(pid: int, start_time: int) -> bool:

@@ -20,22 +20,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from kuasar.common import proc_stat
+
 log = logging.getLogger(__name__)
-
-
-def start_time(pid: int) -> int:
-    """The process's start time in clock ticks since boot (0 if it does not exist)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-    except OSError:
-        return 0
-    # comm (field 2) may contain spaces and parentheses: split after the last ')'.
-    rest = data[data.rfind(b")") + 2:].split()
-    try:
-        return int(rest[19])
-    except (IndexError, ValueError):
-        return 0
 
 
 @dataclass
@@ -47,7 +34,7 @@ class ProcessRef:
 
     @classmethod
     def of(cls, pid: int) -> ProcessRef:
-        return cls(pid, start_time(pid))
+        return cls(pid, proc_stat.start_time(pid))
 
     @classmethod
     def from_json(cls, data: Any) -> ProcessRef | None:
@@ -60,14 +47,7 @@ class ProcessRef:
 
     def alive(self) -> bool:
         """Still this very process (and not a zombie)."""
-        if self.pid <= 0 or start_time(self.pid) != self.start:
-            return False
-        try:
-            with open(f"/proc/{self.pid}/stat", "rb") as f:
-                data = f.read()
-            return data[data.rfind(b")") + 2:].split()[0] != b"Z"
-        except (OSError, IndexError):
-            return False
+        return self.pid > 0 and proc_stat.start_time(self.pid) == self.start and not proc_stat.exited(self.pid)
 
     def signal(self, sig: int) -> bool:
         if not self.alive():
