@@ -94,7 +94,7 @@ def test_decode_zero_length_data_without_no_data_flag_is_an_empty_message() -> N
     assert frame == Frame(1, FrameType.DATA, Flag(0), b"")
 
 
-def test_decode_reports_an_oversized_frame_at_its_header_and_skips_its_payload_unbuffered() -> None:
+def test_decode_reports_an_oversized_frame_at_its_header_and_keeps_none_of_its_payload() -> None:
     decoder = FrameDecoder()
     length = MAX_MESSAGE_SIZE + 5
     # Type 7 and flag 0x80 are unknown too: the length is checked first, as Go does, so that the

@@ -65,7 +65,7 @@ class Frame:
 
 @dataclass(frozen=True)
 class OversizedFrame:
-    """A frame longer than MAX_MESSAGE_SIZE. Its payload is skipped as it arrives, never buffered, and
+    """A frame longer than MAX_MESSAGE_SIZE. Its payload is dropped as it arrives, never kept, and
     the connection goes on: like Go's ttrpc, the peer answers the stream it named with `message`
     (RESOURCE_EXHAUSTED) instead of dropping every other call on the connection."""
 
@@ -108,11 +108,7 @@ class FrameDecoder:
     def feed(self, data: bytes) -> list[Frame | OversizedFrame]:
         if self._error:
             raise self._error
-        if self._skip:
-            dropped = min(self._skip, len(data))
-            self._skip -= dropped
-            data = data[dropped:]
-        self._buf += data
+        self._buf += data  # a read's worth at most (64 KiB): what is skipped goes again below
         frames: list[Frame | OversizedFrame] = []
         try:
             while True:
