@@ -47,3 +47,25 @@ def test_the_sweep_ends_recorded_pods_and_nothing_else(tmp_path: Path) -> None:
         for child in (recorded, stranger):
             child.kill()
             child.wait()
+
+
+def test_the_sweep_kills_every_recorded_pod_before_it_waits_for_any(tmp_path: Path, monkeypatch) -> None:
+    # A dead task server may leave hundreds of pods: waiting for each one's exit in turn made the
+    # sweep (which runs before its successor answers anything) as slow as the sum of those waits.
+    children = [subprocess.Popen(["sleep", "30"]) for _ in range(3)]
+    steps: list[tuple[str, int]] = []
+    kill, wait_gone = pod_leftovers._kill, pod_leftovers._wait_gone
+    monkeypatch.setattr(pod_leftovers, "_kill", lambda pid, start: (steps.append(("kill", pid)), kill(pid, start)))
+    monkeypatch.setattr(pod_leftovers, "_wait_gone",
+                        lambda pid, start: (steps.append(("wait", pid)), wait_gone(pid, start)))
+    try:
+        for index, child in enumerate(children):
+            PodLeftovers(child.pid, start_time(child.pid)).write(tmp_path / PODS_DIR / f"pod{index}")
+        assert sweep(tmp_path) == 3
+        pids = [child.pid for child in children]
+        assert steps == [("kill", pid) for pid in pids] + [("wait", pid) for pid in pids]
+        assert [child.wait(timeout=5) for child in children] == [-9, -9, -9]
+    finally:
+        for child in children:
+            child.kill()
+            child.wait()

@@ -54,17 +54,21 @@ def forget(directory: Path) -> None:
 
 def sweep(sandboxer_dir: Path) -> int:
     """End every pod a dead task server left (see the module's docstring); how many there were."""
-    found = 0
+    found: list[tuple[Path, PodLeftovers]] = []
     for record_path in sorted((sandboxer_dir / PODS_DIR).glob(f"*/{RECORD_FILE}")):
         try:
             leftovers = PodLeftovers(**json.loads(record_path.read_bytes()))
         except (OSError, ValueError, TypeError) as exc:
             log.error("%s unreadable, skipped: %s", record_path, exc)
             continue
-        found += 1
         log.warning("pod %s: left by a task server that is gone; ending its process %d",
                     record_path.parent.name, leftovers.pid)
-        _end_process(leftovers.pid, leftovers.start)
+        # Every process is killed before any is waited for: each takes a few ms to go, paid once
+        # rather than once per pod (a dead task server may have left hundreds).
+        _kill(leftovers.pid, leftovers.start)
+        found.append((record_path, leftovers))
+    for record_path, leftovers in found:
+        _wait_gone(leftovers.pid, leftovers.start)
         if leftovers.shm:
             mounts.unmount_all(Path(leftovers.shm))
         for directory in reversed(leftovers.cgroups):  # its containers' cgroups, below the pod's
@@ -74,7 +78,7 @@ def sweep(sandboxer_dir: Path) -> int:
         except OSError as exc:
             log.error("pod %s: its cgroups: %s", record_path.parent.name, exc)
         forget(record_path.parent)
-    return found
+    return len(found)
 
 
 def _remove_empty_below(directory: Path) -> None:
@@ -86,11 +90,15 @@ def _remove_empty_below(directory: Path) -> None:
                 os.rmdir(below)
 
 
-def _end_process(pid: int, start: int) -> None:
-    if not start or proc_stat.start_time(pid) != start:
-        return  # gone already (the pid may be another process's now)
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGKILL)
+def _kill(pid: int, start: int) -> None:
+    if start and proc_stat.start_time(pid) == start:  # else gone already (the pid may be another's now)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def _wait_gone(pid: int, start: int) -> None:
+    if not start:
+        return
     deadline = time.monotonic() + EXIT_WAIT_S
     while proc_stat.start_time(pid) == start and not proc_stat.exited(pid) and time.monotonic() < deadline:
         time.sleep(EXIT_POLL_S)

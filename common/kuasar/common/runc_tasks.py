@@ -26,6 +26,7 @@ from google.protobuf import empty_pb2
 from . import cgroups, mounts
 from .api.containerd.runtime.task.v2 import shim_pb2 as task
 from .api.containerd.types.task import task_pb2 as types
+from .bounded import SWEEP_CONCURRENCY, each_bounded
 from .cgroup_attach import AttachLockWarmer, warm
 from .errors import FailedPrecondition, InvalidArgument, KuasarError
 from .ids import validate_id
@@ -151,19 +152,28 @@ class RuncContainerTasks(TerminalTasks):
         knows none of them, so they are a dead one's (see pod_leftovers)."""
         if not self.runc.root.is_dir():
             return
+        leftovers: list[tuple[str, Path | None]] = []
         for entry in sorted(self.runc.root.iterdir()):
             try:
                 container_id = validate_id(entry.name, "container id")
-                bundle = _bundle_of(json.loads((entry / "state.json").read_bytes()))
+                leftovers.append((container_id, _bundle_of(json.loads((entry / "state.json").read_bytes()))))
             except (OSError, ValueError, KuasarError):
                 continue  # not a container runc made for us
+
+        async def sweep_one(leftover: tuple[str, Path | None]) -> None:
+            container_id, bundle = leftover
             log.warning("container %s: left by a task server that is gone; deleting it", container_id)
             try:
                 await self.runc.delete(container_id)
             except KuasarError as exc:
                 log.error("container %s: %s", container_id, exc.message)
             if bundle is not None:
-                mounts.unmount_all(bundle / "rootfs")
+                try:
+                    mounts.unmount_all(bundle / "rootfs")
+                except OSError as exc:  # one stuck mount must not keep the others
+                    log.error("container %s: unmounting its rootfs: %s", container_id, exc)
+
+        await each_bounded(leftovers, sweep_one, SWEEP_CONCURRENCY)
 
     async def _undo_runc(self, container: Any, is_exec: bool, pid_file: Path) -> None:
         if is_exec:

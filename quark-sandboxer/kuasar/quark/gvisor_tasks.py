@@ -30,6 +30,7 @@ from kuasar.common import cgroups, mounts
 from kuasar.common.api.containerd.runtime.task.v2 import shim_pb2 as task
 from kuasar.common.api.containerd.types.task import task_pb2 as types
 from kuasar.common.api.kuasar.pods.v1 import pods_pb2 as pods
+from kuasar.common.bounded import SWEEP_CONCURRENCY, each_bounded
 from kuasar.common.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -171,12 +172,14 @@ class GvisorTasks(TerminalTasks):
             except KuasarError as exc:
                 log.error("runsc list: %s", exc.message)
                 return
-            for container_id in left:
-                log.warning("runsc container %s: left by a task server that is gone; deleting it", container_id)
-                try:
-                    await self.runsc.delete(container_id, NO_NETWORK)
-                except KuasarError as exc:
-                    log.error("runsc container %s: %s", container_id, exc.message)
+            await each_bounded(left, self._sweep_container, SWEEP_CONCURRENCY)
+
+    async def _sweep_container(self, container_id: str) -> None:
+        log.warning("runsc container %s: left by a task server that is gone; deleting it", container_id)
+        try:
+            await self.runsc.delete(container_id, NO_NETWORK)
+        except KuasarError as exc:  # one of a sandbox deleted with it meanwhile: the next pass sees
+            log.error("runsc container %s: %s", container_id, exc.message)
 
     async def release_pod(self, pod_id: str) -> None:
         pod = self.pods.pop(pod_id, None)
