@@ -34,6 +34,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from kuasar.common.mounts import mount_points_under
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_NAMESPACE = "k8s.io"
 PAUSE_REF = "localhost/kuasar/pause:latest"
@@ -123,28 +125,9 @@ def _table(name: str, items: Mapping[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _unescape_mountinfo(path: str) -> str:
-    out, i = [], 0
-    while i < len(path):
-        if path[i] == "\\" and i + 3 < len(path) and path[i + 1 : i + 4].isdigit():
-            out.append(chr(int(path[i + 1 : i + 4], 8)))
-            i += 4
-        else:
-            out.append(path[i])
-            i += 1
-    return "".join(out)
-
-
 def mounts_under(*dirs: str | os.PathLike[str]) -> list[str]:
     """Mount points at or below any of ``dirs`` (from /proc/self/mountinfo), deepest first."""
-    roots = [os.path.realpath(d) for d in dirs]
-    found = []
-    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
-        for line in f:
-            mnt = _unescape_mountinfo(line.split()[4])
-            if any(mnt == r or mnt.startswith(r.rstrip("/") + "/") for r in roots):
-                found.append(mnt)
-    return sorted(set(found), key=lambda p: (-p.count("/"), p))
+    return mount_points_under(*dirs)
 
 
 _libc = ctypes.CDLL(None, use_errno=True)

@@ -94,13 +94,14 @@ def set_process_name(name: str) -> None:
 
 
 def mount(source: str, target: str, fstype: str, flags: int = 0, data: str = "") -> None:
-    _check(libc.mount(source.encode(), target.encode(), fstype.encode() if fstype else None,
+    # Paths as the file system APIs encode them: a name that is not UTF-8 reaches us as surrogates.
+    _check(libc.mount(os.fsencode(source), os.fsencode(target), fstype.encode() if fstype else None,
                        ctypes.c_ulong(flags), data.encode() if data else None),
            f"mount {source} on {target} ({fstype})")
 
 
 def umount(target: str, flags: int = 0) -> None:
-    _check(libc.umount2(target.encode(), flags), f"umount {target}")
+    _check(libc.umount2(os.fsencode(target), flags), f"umount {target}")
 
 
 def idmapped_bind(source: str, target: str, userns_fd: int, attrs: int = 0) -> None:
@@ -108,14 +109,14 @@ def idmapped_bind(source: str, target: str, userns_fd: int, attrs: int = 0) -> N
     owned by host ids the namespace maps appear owned by the ids they map to (`attrs`: more
     MOUNT_ATTR_* bits, e.g. read-only)."""
     syscall = libc.syscall
-    tree = syscall(_SYS_OPEN_TREE, _AT_FDCWD, source.encode(), _OPEN_TREE_CLONE | os.O_CLOEXEC)
+    tree = syscall(_SYS_OPEN_TREE, _AT_FDCWD, os.fsencode(source), _OPEN_TREE_CLONE | os.O_CLOEXEC)
     if tree < 0:
         _check(-1, f"open_tree {source}")
     try:
         attr = _MountAttr(attr_set=MOUNT_ATTR_IDMAP | attrs, userns_fd=userns_fd)
         _check(syscall(_SYS_MOUNT_SETATTR, tree, b"", _AT_EMPTY_PATH, ctypes.byref(attr),
                        ctypes.c_size_t(ctypes.sizeof(attr))), f"mount_setattr (id map) {source}")
-        _check(syscall(_SYS_MOVE_MOUNT, tree, b"", _AT_FDCWD, target.encode(), _MOVE_MOUNT_F_EMPTY_PATH),
+        _check(syscall(_SYS_MOVE_MOUNT, tree, b"", _AT_FDCWD, os.fsencode(target), _MOVE_MOUNT_F_EMPTY_PATH),
                f"move_mount {source} to {target}")
     finally:
         os.close(tree)

@@ -208,6 +208,26 @@ def unmount_all(target: Path) -> None:
                 raise
 
 
+MOUNTINFO = "/proc/self/mountinfo"
+# The kernel writes a mount point's space, tab, newline and backslash as \ooo and every other byte as it is.
+_OCTAL_ESCAPE = re.compile(rb"\\([0-7]{3})")
+
+
+def mount_points_under(*roots: str | os.PathLike[str]) -> list[str]:
+    """Mount points at or below any of `roots`, deepest first, from /proc/self/mountinfo.
+
+    Decoded as os.fsdecode (and so os.path.realpath) decodes a path: a name that is not UTF-8 still
+    compares equal and can be passed back to umount."""
+    tops = [os.path.realpath(root).rstrip("/") for root in roots]
+    found = set()
+    with open(MOUNTINFO, "rb") as mountinfo:
+        for line in mountinfo:
+            point = os.fsdecode(_OCTAL_ESCAPE.sub(lambda m: bytes([int(m.group(1), 8)]), line.split()[4]))
+            if any(point == top or point.startswith(top + "/") for top in tops):
+                found.add(point)
+    return sorted(found, key=lambda point: (-point.count("/"), point))
+
+
 def is_mountpoint(path: Path) -> bool:
     return os.path.ismount(path)
 

@@ -75,15 +75,8 @@ def unmount(path: Path) -> None:
 
 
 def mounts_under(directory: Path) -> list[Path]:
-    """Mount points at or below `directory`, deepest first (from /proc/self/mountinfo)."""
-    root = os.path.realpath(directory)
-    found = []
-    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
-        for line in f:
-            point = line.split()[4].encode().decode("unicode_escape")
-            if point == root or point.startswith(root.rstrip("/") + "/"):
-                found.append(Path(point))
-    return sorted(set(found), key=lambda p: (-len(p.parts), str(p)))
+    """Mount points at or below `directory`, deepest first."""
+    return [Path(point) for point in mounts.mount_points_under(directory)]
 
 
 def unmount_all_under(directory: Path) -> list[Path]:

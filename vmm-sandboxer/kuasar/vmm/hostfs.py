@@ -10,37 +10,18 @@ import shutil
 import stat as stat_mod
 from pathlib import Path
 
-from kuasar.common import linux
+from kuasar.common import linux, mounts
 from kuasar.common.errors import InvalidArgument, RuntimeFailure
 
 log = logging.getLogger(__name__)
 
 
-def _unescape(path: str) -> str:
-    out, i = [], 0
-    while i < len(path):
-        if path[i] == "\\" and path[i + 1:i + 4].isdigit() and len(path[i + 1:i + 4]) == 3:
-            out.append(chr(int(path[i + 1:i + 4], 8)))
-            i += 4
-        else:
-            out.append(path[i])
-            i += 1
-    return "".join(out)
-
-
 def mounts_under(root: str | os.PathLike[str]) -> list[str]:
-    """Mount points at or below `root`, deepest first (from /proc/self/mountinfo)."""
-    top = os.path.realpath(root).rstrip("/") or "/"
-    found = set()
+    """Mount points at or below `root`, deepest first (none when mountinfo cannot be read)."""
     try:
-        with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
-            for line in f:
-                point = _unescape(line.split()[4])
-                if point == top or point.startswith(top + "/"):
-                    found.add(point)
+        return mounts.mount_points_under(root)
     except OSError:
         return []
-    return sorted(found, key=lambda p: (-p.count("/"), p))
 
 
 def unmount_tree(root: str | os.PathLike[str]) -> list[str]:
