@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
+import threading
+
+import pytest
+
+from kuasar.vmm import network
 from kuasar.vmm.network import IFF_NOARP, parse_links, parse_routes, tc_commands
 
 LINKS = [
@@ -52,3 +59,33 @@ def test_tc_redirects_both_ways() -> None:
         "qdisc add dev eth0 ingress",
         "filter add dev eth0 parent ffff: protocol all u32 match u8 0 0 action mirred egress redirect dev tap_kua_2",
     ]
+
+
+def test_a_start_cancelled_while_a_tap_is_opened_closes_that_tap(monkeypatch) -> None:
+    # The thread that opens a tap runs on after a cancel; its fd (which keeps the tap device in the
+    # pod's netns) used to be dropped unclosed.
+    release, opened = threading.Event(), []
+
+    def open_tap(netns: str, name: str) -> int:
+        release.wait(10)
+        fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+        opened.append(fd)
+        return fd
+
+    monkeypatch.setattr(network, "_open_tap_in", open_tap)
+    pod = network.PodNetwork(netns="", nics=[network.Nic("eth0", 2, "3a:1f:9c:00:11:22", 1450, 0, "tap_kua_2")])
+
+    async def scenario() -> None:
+        creating = asyncio.ensure_future(network.create_taps(pod))
+        await asyncio.sleep(0.05)
+        creating.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await creating
+        release.set()
+        for _ in range(200):
+            if opened and not os.path.exists(f"/proc/self/fd/{opened[0]}"):
+                return
+            await asyncio.sleep(0.01)
+        raise AssertionError(f"tap fds {opened} still open")
+
+    asyncio.run(scenario())

@@ -236,7 +236,14 @@ async def create_taps(network: PodNetwork) -> dict[str, int]:
     fds: dict[str, int] = {}
     try:
         for nic in network.nics:
-            fds[nic.tap] = await asyncio.to_thread(_open_tap_in, network.netns, nic.tap)
+            opening = asyncio.ensure_future(asyncio.to_thread(_open_tap_in, network.netns, nic.tap))
+            try:
+                fds[nic.tap] = await asyncio.shield(opening)
+            except asyncio.CancelledError:
+                # A cancel does not stop the thread: the tap it opens (which lives as long as its fd)
+                # is closed when it is done.
+                opening.add_done_callback(_close_opened)
+                raise
         ip_batch = "".join(f"link set dev {n.tap} mtu {n.mtu} up\n" for n in network.nics)
         if ip_batch:
             await _batch(network.netns, "ip", ip_batch)
@@ -247,6 +254,11 @@ async def create_taps(network: PodNetwork) -> dict[str, int]:
         await remove_redirects(network)
         raise
     return fds
+
+
+def _close_opened(opening: asyncio.Future[int]) -> None:
+    if not opening.cancelled() and opening.exception() is None:
+        os.close(opening.result())
 
 
 def tc_commands(nics: list[Nic]) -> str:
