@@ -271,7 +271,7 @@ def test_task_api_pause_resume_pids_and_what_gvisor_does_not_do(gvisor: Stack) -
                 assert len(pids.processes) == 1
                 await call("Pause", task.PauseRequest(id=cid))
                 state = await call("State", task.StateRequest(id=cid), task.StateResponse)
-                assert state.status == types.PAUSED
+                assert state.status == types.PAUSED and not state.terminal
                 await call("Resume", task.ResumeRequest(id=cid))
                 state = await call("State", task.StateRequest(id=cid), task.StateResponse)
                 assert state.status == types.RUNNING
@@ -291,6 +291,9 @@ def test_task_api_pause_resume_pids_and_what_gvisor_does_not_do(gvisor: Stack) -
 
 
 def test_terminals_a_tty_container_and_an_interactive_exec_with_resize(gvisor: Stack) -> None:
+    from kuasar.common.api.containerd.runtime.task.v2 import shim_pb2 as task
+    from kuasar.common.ttrpc import TtrpcClient
+
     async def scenario() -> None:
         async with CriClient(gvisor.address) as client:
             pod_id, pod = await run_pod(client, "gv-tty", gvisor.log_dir)
@@ -300,6 +303,13 @@ def test_terminals_a_tty_container_and_an_interactive_exec_with_resize(gvisor: S
             cid = await start_container(client, pod_id, pod, "term", ["sh", "-c", on_a_terminal], tty=True, stdin=True)
             await wait_state(client, cid, cri.CONTAINER_RUNNING)
             await wait_log(pod, "term", "on-a-terminal")
+            tasks = await TtrpcClient.connect_unix(str(gvisor.sandboxer_dir / "task.sock"))
+            try:  # State says so (it said no terminal for every gVisor container)
+                state = await tasks.call("containerd.task.v3.Task", "State", task.StateRequest(id=cid),
+                                         task.StateResponse, metadata={"containerd-namespace-ttrpc": "k8s.io"})
+                assert state.terminal and state.stdin
+            finally:
+                await tasks.close()
             await terminal_exec(client, cid)  # the exec's pty: made here, passed through runsc exec's stdio
             await remove_pod(client, pod_id)
             assert not list(gvisor.sandboxer_dir.glob("console-*.sock")), "console sockets are removed"
