@@ -370,25 +370,33 @@ def test_a_sandbox_killed_from_outside_ends_the_pod_and_its_containers(gvisor: S
 
 
 def test_a_killed_task_server_leaves_no_sandbox_behind(gvisor: Stack) -> None:
-    """Its successor deletes the runsc sandboxes (and their gofers) in its root before it serves."""
+    """Its successor deletes the runsc sandboxes (and their gofers) in its root before it serves: two pods
+    of two containers each, which it deletes at the same time (a sandbox and its sub-containers too)."""
     import signal
 
-    async def before() -> tuple[str, str]:
+    async def before() -> list[tuple[str, list[str]]]:
+        made = []
         async with CriClient(gvisor.address) as client:
-            pod_id, pod = await run_pod(client, "gv-crash", gvisor.log_dir)
-            cid = await start_container(client, pod_id, pod, "main", ["sleep", "3600"])
-            await wait_state(client, cid, cri.CONTAINER_RUNNING)
-            return pod_id, cid
+            for index in range(2):
+                pod_id, pod = await run_pod(client, f"gv-crash-{index}", gvisor.log_dir)
+                cids = [await start_container(client, pod_id, pod, name, ["sleep", "3600"])
+                        for name in ("main", "side")]
+                for cid in cids:
+                    await wait_state(client, cid, cri.CONTAINER_RUNNING)
+                made.append((pod_id, cids))
+        return made
 
-    pod_id, cid = gvisor.run(before())
+    made = gvisor.run(before())
     assert runsc_processes(gvisor.sandboxer_dir / "runsc")
     os.kill(int((gvisor.sandboxer_dir / "task-server.pid").read_text()), signal.SIGKILL)
 
     async def after() -> None:
         async with CriClient(gvisor.address) as client:
-            await wait_pod_not_ready(client, pod_id, "the pod was never reported exited")
-            await wait_state(client, cid, cri.CONTAINER_EXITED)
-            await remove_pod(client, pod_id)
+            for pod_id, cids in made:
+                await wait_pod_not_ready(client, pod_id, "the pod was never reported exited")
+                for cid in cids:
+                    await wait_state(client, cid, cri.CONTAINER_EXITED)
+                await remove_pod(client, pod_id)
 
     gvisor.run(after())
     assert_nothing_left(gvisor)

@@ -60,7 +60,7 @@ from kuasar.common.ttrpc import Context
 
 from . import gvisor_net, gvisor_pod, gvisor_stats
 from .config import QuarkConfig
-from .runsc import NETSTACK_FIXED_DATE, NO_NETWORK, RUNSC_FAILURE, Runsc, Stdio, last_error
+from .runsc import NETSTACK_FIXED_DATE, NO_NETWORK, RUNSC_FAILURE, Leftover, Runsc, Stdio, last_error
 
 log = logging.getLogger(__name__)
 
@@ -163,23 +163,34 @@ class GvisorTasks(TerminalTasks):
         return pod.pid
 
     async def sweep_leftovers(self) -> None:
-        """Delete every sandbox and container in our runsc root: a task server just started knows none of
-        them, so they are a dead one's (see pod_leftovers; the pods' bundles go with their directories
-        at Shutdown). A sandbox goes with its root container; what a first pass leaves goes in a second."""
+        """Delete every sandbox and container in our runsc root, and unmount the rootfs of each: a task
+        server just started knows none of them, so they are a dead one's (see pod_leftovers; the pods'
+        bundles go with their directories at Shutdown). Sandboxes are swept side by side, each one's
+        containers before it (deleting both at once left runsc's lock files behind); what a first
+        pass leaves goes in a second."""
         for _ in range(2):
             try:
-                left = await self.runsc.container_ids()
+                left = await self.runsc.leftovers()
             except KuasarError as exc:
                 log.error("runsc list: %s", exc.message)
                 return
-            await each_bounded(left, self._sweep_container, SWEEP_CONCURRENCY)
+            sandboxes: dict[str, list[Leftover]] = {}
+            for leftover in left:
+                sandboxes.setdefault(leftover.sandbox, []).append(leftover)
+            await each_bounded(sandboxes.values(), self._sweep_sandbox, SWEEP_CONCURRENCY)
 
-    async def _sweep_container(self, container_id: str) -> None:
-        log.warning("runsc container %s: left by a task server that is gone; deleting it", container_id)
-        try:
-            await self.runsc.delete(container_id, NO_NETWORK)
-        except KuasarError as exc:  # one of a sandbox deleted with it meanwhile: the next pass sees
-            log.error("runsc container %s: %s", container_id, exc.message)
+    async def _sweep_sandbox(self, leftovers: list[Leftover]) -> None:
+        for leftover in sorted(leftovers, key=lambda one: one.id == one.sandbox):  # the sandbox last
+            log.warning("runsc container %s: left by a task server that is gone; deleting it", leftover.id)
+            try:
+                await self.runsc.delete(leftover.id, NO_NETWORK)
+            except KuasarError as exc:
+                log.error("runsc container %s: %s", leftover.id, exc.message)
+            if os.path.isabs(leftover.bundle):
+                try:
+                    mounts.unmount_all(Path(leftover.bundle) / "rootfs")
+                except OSError as exc:
+                    log.error("runsc container %s: unmounting its rootfs: %s", leftover.id, exc)
 
     async def release_pod(self, pod_id: str) -> None:
         pod = self.pods.pop(pod_id, None)

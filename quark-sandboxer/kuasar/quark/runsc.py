@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 from kuasar.common.errors import NotFound, RuntimeFailure
@@ -26,11 +27,20 @@ NETSTACK_FIXED_DATE = 20240801
 # runsc logs some failures (a missing container, ...) as warnings.
 RUNSC_ERROR_LEVELS = (*ERROR_LEVELS, "warning")
 
-__all__ = ["NETSTACK_FIXED_DATE", "RUNSC_FAILURE", "Runsc", "Stdio", "last_error"]
+__all__ = ["NETSTACK_FIXED_DATE", "Leftover", "RUNSC_FAILURE", "Runsc", "Stdio", "last_error"]
 
 
 # The --network flag for commands that touch no network (list, delete of what is left).
 NO_NETWORK = "none"
+
+@dataclass(frozen=True)
+class Leftover:
+    """A container in runsc's root that no task server of ours knows."""
+
+    id: str
+    bundle: str
+    sandbox: str
+
 
 class Runsc:
     def __init__(self, reaper: Reaper, root: Path, binary: str = "runsc", platform: str = "systrap",
@@ -96,10 +106,26 @@ class Runsc:
         except NotFound:
             pass
 
-    async def container_ids(self) -> list[str]:
-        """Every container (sandboxes too) runsc keeps in our root."""
-        result = await self._run(NO_NETWORK, ["list", "--quiet"])
-        return result.stdout.decode(errors="replace").split()
+    async def leftovers(self) -> list[Leftover]:
+        """Every container (sandboxes too) runsc keeps in our root, with its bundle and sandbox."""
+        result = await self._run(NO_NETWORK, ["list", "--format=json"])
+        try:
+            listed = json.loads(result.stdout or b"[]") or []
+        except ValueError as exc:
+            raise RuntimeFailure(f"runsc list: not JSON: {exc}") from None
+        # runsc names each container's state `<container id>_sandbox:<sandbox id>.state` in its root;
+        # a container whose file is not found there counts as a sandbox of its own.
+        sandbox_of = {}
+        for state in self.root.glob("*_sandbox:*.state"):
+            container, _, sandbox = state.name.removesuffix(".state").partition("_sandbox:")
+            sandbox_of[container] = sandbox
+        found = []
+        for entry in listed:
+            container_id = str(entry.get("id", "")) if isinstance(entry, dict) else ""
+            if container_id:
+                found.append(Leftover(container_id, str(entry.get("bundle") or ""),
+                                      sandbox_of.get(container_id, container_id)))
+        return found
 
     async def pause(self, container_id: str, network: str) -> None:
         await self._run(network, ["pause", container_id])
