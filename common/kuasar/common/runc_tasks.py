@@ -268,6 +268,10 @@ class RuncContainerTasks(TerminalTasks):
     async def pause(self, req: task.PauseRequest, ctx: Context) -> empty_pb2.Empty:
         container = self._get(req.id)
         await self.runc.pause(req.id)
+        # The init's exit may have been seen while runc ran: a stopped container stays stopped (or
+        # it would never be deletable, being "still running").
+        if container.init.status != types.RUNNING:
+            raise FailedPrecondition(f"container {req.id} is {types.Status.Name(container.init.status).lower()}")
         container.init.status = types.PAUSED
         self._publish_paused(req.id, True, container.namespace)
         return empty_pb2.Empty()
@@ -275,8 +279,9 @@ class RuncContainerTasks(TerminalTasks):
     async def resume(self, req: task.ResumeRequest, ctx: Context) -> empty_pb2.Empty:
         container = self._get(req.id)
         await self.runc.resume(req.id)
-        container.init.status = types.RUNNING
-        self._publish_paused(req.id, False, container.namespace)
+        if container.init.status == types.PAUSED:  # not an exit seen while runc ran (a pending SIGTERM)
+            container.init.status = types.RUNNING
+            self._publish_paused(req.id, False, container.namespace)
         return empty_pb2.Empty()
 
     async def update(self, req: task.UpdateTaskRequest, ctx: Context) -> empty_pb2.Empty:
