@@ -9,7 +9,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from kuasar.common.fifo_stdio import open_fifo_for_writing
+import pytest
+
+from kuasar.common.fifo_stdio import ProcessIO, open_fifo_for_writing
 
 
 def test_fifo_with_a_reader_is_opened_write_only(tmp_path: Path) -> None:
@@ -38,3 +40,31 @@ def test_fifo_whose_reader_comes_late_is_opened_and_keeps_early_output(tmp_path:
         assert os.read(reader, 16) == b""  # and the reader still sees EOF once the writer is gone
     finally:
         os.close(reader)
+
+
+def test_output_survives_containerd_closing_its_read_end_until_the_process_is_deleted(tmp_path: Path) -> None:
+    # containerd's reads stop while it restarts. The container held the only write end and nothing
+    # held a read end, so its next write killed it with SIGPIPE (EPIPE here, Python ignores SIGPIPE).
+    paths = {name: tmp_path / name for name in ("stdout", "stderr")}
+    containerd = {}
+    for name, path in paths.items():
+        os.mkfifo(path)
+        containerd[name] = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    io = ProcessIO(stdout=str(paths["stdout"]), stderr=str(paths["stderr"]))
+    stdio = io.runc_stdio()
+    container = [os.dup(stdio.stdout), os.dup(stdio.stderr)]  # what runc hands on to the container
+    io.release_fds()
+    try:
+        for fd in containerd.values():
+            os.close(fd)  # containerd goes away
+        for fd in container:
+            assert os.write(fd, b"while containerd restarts\n") == 26
+        again = os.open(paths["stdout"], os.O_RDONLY | os.O_NONBLOCK)  # containerd is back
+        assert os.read(again, 64) == b"while containerd restarts\n"
+        os.close(again)
+        io.close()  # the process is deleted: our read ends go
+        with pytest.raises(BrokenPipeError):
+            os.write(container[0], b"x")
+    finally:
+        for fd in container:
+            os.close(fd)

@@ -42,6 +42,7 @@ class ProcessIO(ConsoleReceiver):
     stderr: str = ""
     terminal: bool = False
     fds: list[int] = field(default_factory=list)
+    readers: list[int] = field(default_factory=list)  # our read ends of the output FIFOs, kept to the end
     master: int = -1
     pumps: list[Pump] = field(default_factory=list)
     stdin_pump: Pump | None = None  # the copy into the pty (of `pumps`), which CloseIO ends
@@ -62,6 +63,7 @@ class ProcessIO(ConsoleReceiver):
             if self.stderr:
                 stdio.stderr = open_fifo_for_writing(self.stderr)
                 self.fds.append(stdio.stderr)
+            self._hold_readers()
         except OSError as exc:
             self.close()
             raise RuntimeFailure(f"opening stdio: {exc}") from None
@@ -83,10 +85,19 @@ class ProcessIO(ConsoleReceiver):
         if self.stdout:
             out = open_fifo_for_writing(self.stdout)
             self.pumps.append(Pump(self.master, out, close_src=False))
+            self._hold_readers()
         if self.stdin:
             stdin = open_fifo_for_reading(self.stdin)
             self.stdin_pump = Pump(stdin, os.dup(self.master))
             self.pumps.append(self.stdin_pump)
+
+    def _hold_readers(self) -> None:
+        """Keep a read end of each output FIFO for as long as the process lives, as containerd's shim
+        does: while containerd restarts nobody else reads them, and a write to a FIFO without a reader
+        kills the writer with SIGPIPE (or, for our pty copy, ends it). With ours held, output waits in
+        the FIFO (then the writer waits) until containerd opens it again. We never read from it."""
+        for path in dict.fromkeys(p for p in (self.stdout, self.stderr) if p):  # once each, stdout may be stderr
+            self.readers.append(os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC))
 
     def close_stdin(self) -> None:
         if self.terminal and self.stdin_pump is not None:
@@ -103,5 +114,8 @@ class ProcessIO(ConsoleReceiver):
         for pump in pumps:  # before the master they read goes
             pump.cancel()
         self.release_fds()
+        readers, self.readers = self.readers, []
+        for fd in readers:
+            os.close(fd)
         self._close_console()
 
