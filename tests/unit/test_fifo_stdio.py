@@ -6,6 +6,7 @@ FIFO first; a plain O_WRONLY|O_NONBLOCK open then fails with ENXIO (found by tes
 
 from __future__ import annotations
 
+import asyncio
 import os
 from pathlib import Path
 
@@ -68,3 +69,37 @@ def test_output_survives_containerd_closing_its_read_end_until_the_process_is_de
     finally:
         for fd in container:
             os.close(fd)
+
+
+def _fds_on(path: Path) -> list[int]:
+    found = []
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{name}") == str(path):
+                found.append(int(name))
+        except OSError:
+            pass
+    return found
+
+
+def test_a_terminal_whose_stdin_cannot_be_opened_leaves_no_fd_on_its_stdout(tmp_path: Path) -> None:
+    # The stdout copy was made, then opening stdin failed and the IO was closed in the same loop step:
+    # the copy's task was cancelled before it first ran, so the code that closed its FIFO never ran.
+    stdout = tmp_path / "stdout"
+    os.mkfifo(stdout)
+    containerd = os.open(stdout, os.O_RDONLY | os.O_NONBLOCK)
+
+    async def scenario() -> None:
+        master, replica = os.openpty()
+        io = ProcessIO(stdin=str(tmp_path / "no-such-stdin"), stdout=str(stdout), terminal=True)
+        with pytest.raises(FileNotFoundError):
+            io.attach_master(master)
+        io.close()
+        await asyncio.sleep(0.05)
+        os.close(replica)  # the master went with the IO
+
+    try:
+        asyncio.run(scenario())
+        assert _fds_on(stdout) == [containerd]
+    finally:
+        os.close(containerd)

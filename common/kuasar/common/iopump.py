@@ -22,6 +22,9 @@ class Pump:
         os.set_blocking(dst, False)
         self.done = asyncio.get_running_loop().create_future()
         self._task = asyncio.create_task(self._run())
+        # Closed when the task is done, not in its coroutine: a task cancelled before it first ran never
+        # runs its coroutine at all (a process whose IO setup failed right after this pump was made).
+        self._task.add_done_callback(self._finish)
 
     async def _wait(self, fd: int, writable: bool) -> None:
         loop = asyncio.get_running_loop()
@@ -53,12 +56,13 @@ class Pump:
                         data = data[written:]
                     except BlockingIOError:
                         await self._wait(self.dst, writable=True)
-        except (OSError, asyncio.CancelledError):
+        except OSError:
             pass
-        finally:
-            self._close()
-            if not self.done.done():
-                self.done.set_result(None)
+
+    def _finish(self, task: asyncio.Task[None]) -> None:
+        self._close()
+        if not self.done.done():
+            self.done.set_result(None)
 
     def _close(self) -> None:
         for fd, wanted in ((self.src, self._close_src), (self.dst, self._close_dst)):
