@@ -10,7 +10,14 @@ import pytest
 
 from kuasar.common.errors import InvalidArgument
 from kuasar.common.mounts import mount_tmpfs, unmount_all
-from kuasar.common.pod_files import add_pod_file_mounts, pod_dir, pod_file_contents, resolv_conf, write_pod_files
+from kuasar.common.pod_files import (
+    add_pod_file_mounts,
+    pod_dir,
+    pod_file_contents,
+    pod_resolv_conf,
+    resolv_conf,
+    write_pod_files,
+)
 
 
 def test_resolv_conf_is_laid_out_as_containerd_writes_it() -> None:
@@ -85,3 +92,37 @@ def test_the_pods_dev_shm_replaces_only_the_default_private_tmpfs(tmp_path: Path
         assert "/dev/shm" in add_pod_file_mounts(spec, files, rootfs)
     finally:
         unmount_all(files / "shm")
+
+
+def test_an_empty_dns_config_means_the_hosts_resolv_conf(tmp_path: Path) -> None:
+    # containerd gives the host's file for a DNSConfig with nothing in it (crictl's `dns_config: {}`);
+    # the pod got an empty resolv.conf, so no DNS at all.
+    host = tmp_path / "resolv.conf"
+    host.write_text("nameserver 192.0.2.53\n")
+    assert pod_resolv_conf(([], [], []), host) == b"nameserver 192.0.2.53\n"
+    assert pod_resolv_conf(None, host) == b"nameserver 192.0.2.53\n"
+    assert pod_resolv_conf((["10.0.0.1"], [], []), host) == b"nameserver 10.0.0.1\n"
+    assert pod_resolv_conf(([], [], []), tmp_path / "none") == b""
+    assert pod_file_contents("h", ([], [], []))["resolv.conf"] == Path("/etc/resolv.conf").read_bytes()
+
+
+def test_a_hostname_with_a_nul_is_refused() -> None:
+    # It was written to the hostname file, then made kuasar-pause's spawn fail with a ValueError.
+    with pytest.raises(InvalidArgument):
+        pod_file_contents("web\0x", None)
+
+
+def test_an_images_symlinks_are_followed_inside_its_rootfs(tmp_path: Path) -> None:
+    # An /etc/resolv.conf linked to a file the image lacks (systemd-resolved's) got no mount, and an
+    # absolute link was followed on the host: whether the pod's DNS reached the container depended on
+    # the host's files. runc follows the link inside the rootfs and makes the missing file there.
+    files, rootfs = tmp_path / "pod", tmp_path / "rootfs"
+    write_pod_files(files, pod_file_contents("h", None))
+    (rootfs / "etc").mkdir(parents=True)
+    (rootfs / "etc" / "resolv.conf").symlink_to("../run/systemd/resolve/stub-resolv.conf")
+    (rootfs / "etc" / "hosts").symlink_to("/no-such-file-on-the-host")
+    (rootfs / "etc" / "hostname").symlink_to("/etc")  # a directory, inside the rootfs
+    assert add_pod_file_mounts({}, files, rootfs) == ["/etc/hosts", "/etc/resolv.conf"]
+    (rootfs / "etc" / "hosts").unlink()
+    (rootfs / "etc" / "hosts").symlink_to("hosts")  # a loop: runc would fail on it
+    assert add_pod_file_mounts({}, files, rootfs) == ["/etc/resolv.conf"]

@@ -19,6 +19,7 @@ from typing import Any
 from . import cgroups
 from .errors import InvalidArgument
 from .ids import validate_id
+from .rootfs_paths import resolve_in_root
 from .state import overwrite
 
 PODS_DIR = "pods"
@@ -51,7 +52,7 @@ def check_names(hostname: str, dns: tuple[list[str], list[str], list[str]] | Non
     for item in [entry for entries in dns or () for entry in entries]:
         if "\n" in item or "\0" in item:
             raise InvalidArgument(f"dns_config entry {item!r} has a line break")
-    if "\n" in hostname or "/" in hostname:
+    if "\n" in hostname or "\0" in hostname or "/" in hostname:
         raise InvalidArgument(f"hostname {hostname!r} is not a host name")
 
 
@@ -61,7 +62,14 @@ def pod_file_contents(hostname: str, dns: tuple[list[str], list[str], list[str]]
     check_names(hostname, dns)
     return {"hostname": ((hostname or socket.gethostname()) + "\n").encode(),
             "hosts": _read_or_empty(HOST_HOSTS),
-            "resolv.conf": resolv_conf(*dns).encode() if dns is not None else _read_or_empty(HOST_RESOLV_CONF)}
+            "resolv.conf": pod_resolv_conf(dns)}
+
+
+def pod_resolv_conf(dns: tuple[list[str], list[str], list[str]] | None, host_file: Path = HOST_RESOLV_CONF) -> bytes:
+    """A pod's resolv.conf: from CRI's DNSConfig, or the host's when it has none or, as containerd
+    decides, one with nothing in it (crictl's `dns_config: {}`)."""
+    content = resolv_conf(*dns) if dns is not None else ""
+    return content.encode() if content else _read_or_empty(host_file)
 
 
 def write_pod_files(path: Path, contents: dict[str, bytes]) -> None:
@@ -133,11 +141,17 @@ def _use_pod_shm(spec: dict[str, Any], shm: Path) -> bool:
 
 
 def _mountable(rootfs: Path, destination: str) -> bool:
-    target = rootfs / destination.lstrip("/")
+    """Whether runc can bind a file at `destination`: it follows the image's symlinks inside the rootfs
+    (an /etc/resolv.conf linked to systemd-resolved's file, which the image lacks, is common) and makes
+    a missing file, but not on a read-only rootfs; a directory there is not ours to cover."""
+    try:
+        target = resolve_in_root(rootfs, destination)
+    except InvalidArgument:  # a symlink loop: runc would fail on it
+        return False
     if target.is_file():
         return True
-    if target.exists() or target.is_symlink():
-        return False  # a directory or a link there: not ours to cover
+    if target.exists():
+        return False
     ancestor = target.parent
     while not ancestor.exists() and ancestor != rootfs:
         ancestor = ancestor.parent
@@ -147,5 +161,5 @@ def _mountable(rootfs: Path, destination: str) -> bool:
 def _read_or_empty(path: Path) -> bytes:
     try:
         return path.read_bytes()
-    except FileNotFoundError:
+    except OSError:  # no such file on this host (or not a readable one): the pod gets an empty one
         return b""

@@ -49,6 +49,7 @@ from kuasar.common.api.runtime.v1 import api_pb2 as cri
 from kuasar.common.config import DaemonConfig
 from kuasar.common.errors import InvalidArgument, KuasarError, RuntimeFailure
 from kuasar.common.events import EventPublisher
+from kuasar.common.pod_files import HOST_RESOLV_CONF, pod_resolv_conf
 from kuasar.common.pod_sandboxer import decode_pod_config, refuse_user_namespace
 from kuasar.common.pod_sysctls import with_containerd_defaults
 from kuasar.common.sandboxer import LOST_EXIT_STATUS, ExitInfo, Sandboxer, SandboxRecord, SandboxState, StartResult
@@ -116,19 +117,9 @@ def hosts_file(hostname: str, addresses: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def resolv_conf(dns: cri.DNSConfig, host_file: Path = Path("/etc/resolv.conf")) -> str:
-    if not (dns.servers or dns.searches or dns.options):
-        try:
-            return host_file.read_text()
-        except OSError:
-            return ""
-    lines = []
-    if dns.searches:
-        lines.append("search " + " ".join(dns.searches))
-    lines += [f"nameserver {server}" for server in dns.servers]
-    if dns.options:
-        lines.append("options " + " ".join(dns.options))
-    return "\n".join(lines) + "\n"
+def resolv_conf(dns: cri.DNSConfig, host_file: Path = HOST_RESOLV_CONF) -> str:
+    return pod_resolv_conf((list(dns.servers), list(dns.searches), list(dns.options)),
+                           host_file).decode(errors="replace")
 
 
 def is_host_network(pod: cri.PodSandboxConfig, netns: str) -> bool:
