@@ -123,9 +123,12 @@ async def _spawn_pause(pause: str, comm: str, ns: PodNamespaces, hostname: str,
                                           signal.SIGHUP))
         finally:
             os.close(devnull)
-    except OSError as exc:
+    except (OSError, ValueError) as exc:  # ValueError: a NUL in an argument (a hostname, a sysctl value)
         os.close(read_fd)
         raise RuntimeFailure(f"pod process for {comm}: starting {pause}: {exc}") from None
+    except BaseException:
+        os.close(read_fd)
+        raise
     finally:
         os.close(write_fd)
     reading = asyncio.ensure_future(_read_report(read_fd, spawned))
