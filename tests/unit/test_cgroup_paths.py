@@ -23,6 +23,15 @@ def test_pod_parent_from_either_cgroup_driver() -> None:
     assert pod_parent_path("kubepods-besteffort-pod12.slice") == POD_SLICE  # systemd driver
     # containerd takes a slice from the last part of the parent too (getCgroupsPath)
     assert pod_parent_path("/kubepods.slice/kubepods-besteffort-pod12.slice/") == POD_SLICE
+    assert pod_parent_path("") == ""  # none: the pod gets no cgroup of its own
+
+
+@pytest.mark.parametrize("parent", ["/", "//", ".", "..", "/kubepods/../..", "../../etc", "a/../b"])
+def test_a_pod_parent_that_is_the_root_or_climbs_is_refused(parent: str) -> None:
+    # Normalised, these became the root cgroup (the pod's process then left its service's cgroup
+    # for every hierarchy's root, and its Stats were the whole host's) or another path (`etc`).
+    with pytest.raises(InvalidArgument):
+        pod_parent_path(parent)
 
 
 def test_oci_cgroups_path() -> None:

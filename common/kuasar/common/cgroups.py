@@ -91,6 +91,13 @@ def pod_parent_path(cgroup_parent: str) -> str:
     """CRI's `cgroup_parent` as a cgroupfs path. Kubelet's systemd cgroup driver names the pod's slice
     (`kubepods-besteffort-pod<uid>.slice`); like containerd, a parent whose last part is a slice is
     taken as that slice, which lives at its expanded path."""
+    parts = [part for part in cgroup_parent.split("/") if part not in ("", ".")]
+    # Refused here, at Create: normalised later, `..` would just vanish at the root and `/` (or `a/..`)
+    # would put the pod's process in every hierarchy's root cgroup, out of its service's limits.
+    if ".." in parts:
+        raise InvalidArgument(f"cgroup_parent {cgroup_parent!r} has a '..'")
+    if cgroup_parent and not parts:
+        raise InvalidArgument(f"cgroup_parent {cgroup_parent!r} is the root cgroup")
     base = cgroup_parent.rstrip("/").rsplit("/", 1)[-1]
     return slice_path(base) if base.endswith(SLICE) else cgroup_parent
 
