@@ -164,6 +164,25 @@ def test_failed_submitted_work_is_reported_and_the_burst_still_ends(tmp_path: Pa
         assert not warmer.disabled  # the warmer's own writes are fine
 
 
+def test_work_that_raises_something_else_is_reported_and_the_next_still_runs(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Only OSError was caught: anything else ended the thread with its burst still marked as running,
+    # and every later placement (so every pod) waited for ever.
+    with _target(monkeypatch, tmp_path / "own.procs") as own:
+        own.write_text("")
+        warmer = AttachLockWarmer(linger=0.0)
+
+        def broken() -> None:
+            raise ValueError("not a pid")
+
+        with pytest.raises(ValueError):
+            warmer.submit(broken).result(WAIT_S)
+        target = tmp_path / "cgroup.procs"
+        target.write_text("")
+        assert warmer.submit(lambda: _write_pid([target], 77)).result(WAIT_S) is None
+        assert target.read_text() == "77"
+
+
 def test_work_submitted_to_a_disabled_warmer_is_done_at_once(tmp_path: Path,
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(cgroup_attach, "own_procs_file", lambda: None)

@@ -227,7 +227,7 @@ def _run(work: Callable[[], None], outcome: concurrent.futures.Future[None]) -> 
         return
     try:
         work()
-    except OSError as exc:
+    except Exception as exc:  # noqa: BLE001 - whatever it is, the caller hears of it; our thread goes on
         outcome.set_exception(exc)
     else:
         outcome.set_result(None)
