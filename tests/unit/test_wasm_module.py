@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 from pathlib import Path
 
 import pytest
 
 from kuasar.common.errors import FailedPrecondition, InvalidArgument, NotFound
+from kuasar.common.fifo_stdio import ProcessIO
 from kuasar.wasm.module import locate_module, resolve_in_root
 from kuasar.wasm.runner import Preopen, RunSpec, proc_exit_status, split_env, wasmedge_argv
 from kuasar.wasm.sandboxer import task_server_options
-from kuasar.wasm.tasks import WasmSettings, WasmTasks, bind_preopens, memory_limit_of
+from kuasar.wasm.tasks import Container, Process, WasmSettings, WasmTasks, bind_preopens, memory_limit_of
 
 MODULE = b"\0asm\x01\x00\x00\x00"
 
@@ -103,6 +105,49 @@ def test_wasmedge_argv_puts_guest_path_first() -> None:
     assert wasmedge_argv("/opt/wasmedge", spec) == [
         "/opt/wasmedge", "--dir", "/:/rootfs", "--dir", "/data:/vol", "--env", "K=v",
         "--memory-page-limit", "160", "/rootfs/app.wasm", "a", "b c"]
+
+
+def test_wasmedge_argv_keeps_read_only_preopens_read_only() -> None:
+    # WasmEdge used to get a bare `--dir guest:host` for a read-only rootfs or "ro" bind mount too,
+    # which grants the module full write rights there (wasmtime honoured Preopen.writable).
+    spec = RunSpec("/rootfs/app.wasm", ["/app.wasm"], [],
+                   [Preopen("/rootfs", "/", writable=False), Preopen("/vol", "/data", writable=False),
+                    Preopen("/scratch", "/tmp")])
+    assert wasmedge_argv("/opt/wasmedge", spec) == [
+        "/opt/wasmedge", "--dir", "/:/rootfs:readonly", "--dir", "/data:/vol:readonly", "--dir", "/tmp:/scratch",
+        "/rootfs/app.wasm"]
+
+
+def _plan_rlimits(rootfs: Path, tmp_path: Path, rlimits: list[dict]) -> list[tuple[int, int, int]]:
+    tasks = WasmTasks(reaper=None, events=None, directory=tmp_path / "dir",  # type: ignore[arg-type]
+                      settings=WasmSettings(cache=False))
+    init = Process("", io=ProcessIO(), spec={})
+    container = Container("c1", tmp_path, "pod", "k8s.io", {}, rootfs, "wasmtime", "", init)
+    return tasks.plan(container, {"args": ["/hello.wasm"], "rlimits": rlimits}, "c1").rlimits
+
+
+UNLIMITED = 2**64 - 1  # OCI's uint64 "unlimited", what containerd writes for -1
+
+
+def test_unlimited_oci_rlimits_become_rlim_infinity(rootfs: Path, tmp_path: Path) -> None:
+    # 2**64-1 used to go to the child's setrlimit as it was, which raised OverflowError (it takes a signed
+    # C long), so Create failed with "container process setup failed: Python int too large ...".
+    planned = _plan_rlimits(rootfs, tmp_path, [
+        {"type": "RLIMIT_CORE", "soft": UNLIMITED, "hard": UNLIMITED},
+        {"type": "RLIMIT_NOFILE", "soft": 1024, "hard": UNLIMITED},
+        {"type": "RLIMIT_STACK", "soft": 2**63, "hard": 2**63},
+    ])
+    assert planned == [(resource.RLIMIT_CORE, resource.RLIM_INFINITY, resource.RLIM_INFINITY),
+                       (resource.RLIMIT_NOFILE, 1024, resource.RLIM_INFINITY),
+                       (resource.RLIMIT_STACK, resource.RLIM_INFINITY, resource.RLIM_INFINITY)]
+
+
+@pytest.mark.parametrize(("soft", "hard"), [(2048, 1024), (UNLIMITED, 1024), (-1, 1024)])
+def test_rlimits_setrlimit_would_refuse_are_invalid_argument(rootfs: Path, tmp_path: Path, soft: int,
+                                                             hard: int) -> None:
+    # A soft limit above its hard one used to fail only in the forked child, as a setup failure.
+    with pytest.raises(InvalidArgument, match="RLIMIT_NOFILE"):
+        _plan_rlimits(rootfs, tmp_path, [{"type": "RLIMIT_NOFILE", "soft": soft, "hard": hard}])
 
 
 def test_runtime_selection(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

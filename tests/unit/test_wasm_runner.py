@@ -28,6 +28,7 @@ from kuasar.wasm import runner
 from kuasar.wasm.cache import ModuleCache, engine_fingerprint, module_digest
 from kuasar.wasm.launch import LaunchPlan, Stdio, launch
 from kuasar.wasm.runner import Preopen, RunSpec
+from kuasar.wasm.tasks import Container, Process, WasmSettings, WasmTasks
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "wasm"
 _worker: ProcessPoolExecutor | None = None
@@ -79,7 +80,7 @@ def run(rootfs: Path, args: list[str], **options) -> Result:
 def _run_in_worker(rootfs: Path, args: list[str], *, stdin: bytes | None = None, memory_limit: int = 0,
                    cache_dir: Path | None = None, env: list[str] | None = None, go: bool = True,
                    signal_after: tuple[float, int] | None = None, keep_stdin_open: bool = False,
-                   wasmedge: str = "") -> Result:
+                   wasmedge: str = "", rlimits: list[tuple[int, int, int]] | None = None) -> Result:
     """Launch `args`, optionally feed stdin / signal it, and collect its output (in the worker)."""
     runner.forbid_compiling_here()  # as in the task server: only the forked children compile
 
@@ -92,7 +93,8 @@ def _run_in_worker(rootfs: Path, args: list[str], *, stdin: bytes | None = None,
         spec = RunSpec(str(rootfs / args[0].lstrip("/")), args, env or ["A=1"], [Preopen(str(rootfs), "/")],
                        memory_limit, str(cache_dir or ""), 1 << 30)
         started = time.monotonic()
-        plan = LaunchPlan("unit", "wasmedge" if wasmedge else "wasmtime", spec, wasmedge=wasmedge)
+        plan = LaunchPlan("unit", "wasmedge" if wasmedge else "wasmtime", spec, wasmedge=wasmedge,
+                          rlimits=rlimits or [])
         child = launch(plan, Stdio(in_r, out_w, err_w), reaper, wait_for_go=True)
         for fd in (in_r, out_w, err_w):
             if fd >= 0:
@@ -218,3 +220,36 @@ def test_wasmedge_runtime_execs_the_binary_with_its_own_flags(rootfs: Path, tmp_
     assert result.out.decode().splitlines() == [
         str(["--dir", f"/:{rootfs}", "--env", "A=1", "--memory-page-limit", "16", str(rootfs / "hello.wasm"),
              "x"]), "1"]
+
+
+def _stand_in_wasmedge(tmp_path: Path, command: str) -> str:
+    """A `wasmedge` that runs a shell command instead: it shows what the container process inherited."""
+    fake = tmp_path / "wasmedge"
+    fake.write_text(f"#!/bin/sh\nexec {command}\n")
+    fake.chmod(0o755)
+    return str(fake)
+
+
+def test_a_container_process_gets_sigpipe_and_sigxfsz_back_at_their_defaults(rootfs: Path, tmp_path: Path) -> None:
+    # SIGXFSZ, which CPython ignores at start-up, used to stay ignored across the exec of WasmEdge: a
+    # module past RLIMIT_FSIZE got EFBIG instead of being killed by SIGXFSZ as under runc.
+    result = run(rootfs, ["/hello.wasm"], wasmedge=_stand_in_wasmedge(tmp_path, "grep SigIgn /proc/self/status"))
+    ignored = int(result.out.split()[1], 16)
+    assert result.status == 0
+    assert not ignored & (1 << (signal.SIGXFSZ - 1))
+    assert not ignored & (1 << (signal.SIGPIPE - 1))
+
+
+def test_an_unlimited_oci_rlimit_is_set_as_unlimited(rootfs: Path, tmp_path: Path) -> None:
+    # OCI's uint64 "unlimited" (2**64-1) used to reach the child's setrlimit as it was: OverflowError,
+    # so the process reported a setup failure and Create failed.
+    tasks = WasmTasks(reaper=None, events=None, directory=tmp_path / "dir",  # type: ignore[arg-type]
+                      settings=WasmSettings(cache=False))
+    container = Container("c1", tmp_path, "pod", "k8s.io", {}, rootfs, "wasmtime", "", Process("", spec={}))
+    unlimited = 2**64 - 1
+    planned = tasks.plan(container, {"args": ["/hello.wasm"], "rlimits": [
+        {"type": "RLIMIT_CORE", "soft": unlimited, "hard": unlimited}]}, "c1").rlimits
+    result = run(rootfs, ["/hello.wasm"], rlimits=planned,
+                 wasmedge=_stand_in_wasmedge(tmp_path, "grep 'core file size' /proc/self/limits"))
+    assert result.status == 0, result.err
+    assert result.out.split()[-3:-1] == [b"unlimited", b"unlimited"]

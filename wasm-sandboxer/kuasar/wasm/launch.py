@@ -34,6 +34,7 @@ from kuasar.common import linux
 from kuasar.common.cgroups import PodCgroup
 from kuasar.common.errors import InvalidArgument, RuntimeFailure
 from kuasar.common.reaper import Exit, Reaper
+from kuasar.common.spawn import RESTORED_SIGNALS
 
 from .runner import ModuleError, RunSpec, WasmtimeModule, wasmedge_argv
 
@@ -43,6 +44,27 @@ REPORT_MAX = 4096
 PREPARE_TIMEOUT = 300.0
 NAMESPACE_FLAGS = {"network": linux.CLONE_NEWNET, "ipc": linux.CLONE_NEWIPC, "uts": linux.CLONE_NEWUTS}
 RLIMITS = {name[len("RLIMIT_"):]: getattr(resource, name) for name in dir(resource) if name.startswith("RLIMIT_")}
+# OCI rlimits are uint64, and "unlimited" is 2**64-1 (the kernel's RLIM_INFINITY). setrlimit here takes
+# a signed C long, so every value from 2**63 on (none a limit anyone means as finite) is given as infinity.
+RLIMIT_UNLIMITED_FROM = 1 << 63
+
+
+def rlimit_values(name: str, soft: int, hard: int) -> tuple[int, int]:
+    """An OCI (uint64) rlimit's soft and hard values as setrlimit takes them, RLIM_INFINITY for
+    "unlimited"; checked here, before the fork, so that Create says which limit is wrong."""
+    def value(number: int) -> int:
+        if number < 0:
+            raise InvalidArgument(f"rlimit {name}: {number} is negative (OCI rlimits are unsigned)")
+        return resource.RLIM_INFINITY if number >= RLIMIT_UNLIMITED_FROM else number
+
+    soft, hard = value(soft), value(hard)
+    unlimited = resource.RLIM_INFINITY
+    if hard != unlimited and (soft == unlimited or soft > hard):
+        raise InvalidArgument(f"rlimit {name}: soft value {'unlimited' if soft == unlimited else soft} "
+                              f"is above its hard value {hard}")
+    return soft, hard
+
+
 @dataclass
 class User:
     uid: int = 0
@@ -58,7 +80,7 @@ class LaunchPlan:
     namespaces: list[tuple[str, str]] = field(default_factory=list)  # (OCI type, path or "" for new)
     cgroup: PodCgroup | None = None
     user: User = field(default_factory=User)
-    rlimits: list[tuple[int, int, int]] = field(default_factory=list)  # (resource, soft, hard)
+    rlimits: list[tuple[int, int, int]] = field(default_factory=list)  # (resource, soft, hard): rlimit_values
     oom_score_adj: int | None = None
     wasmedge: str = ""  # WasmEdge binary when runtime == "wasmedge"
     terminal: bool = False  # stdio is a pty's slave, made the process's controlling terminal
@@ -172,8 +194,10 @@ def _child(plan: LaunchPlan, stdio: Stdio, report_fd: int, go_fd: int, task_serv
     try:
         gc.disable()  # a collection would touch (and so copy) the parent's shared pages for nothing
         signal.set_wakeup_fd(-1)
-        for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGPIPE,
-                    signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2):
+        # The loop's handlers, and what CPython ignores at start-up (an ignored signal stays ignored
+        # across the exec of WasmEdge: a module over RLIMIT_FSIZE would get EFBIG, not SIGXFSZ).
+        for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT,
+                    signal.SIGUSR1, signal.SIGUSR2, *RESTORED_SIGNALS):
             signal.signal(sig, signal.SIG_DFL)
         signal.pthread_sigmask(signal.SIG_SETMASK, [])
         os.setsid()

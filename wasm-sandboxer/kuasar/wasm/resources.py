@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import logging
 import time
 from pathlib import Path
 from typing import Any
 
 from kuasar.common import cgroups
 from kuasar.common.errors import FailedPrecondition, InvalidArgument, RuntimeFailure
+
+log = logging.getLogger(__name__)
 
 # How long Pause waits for the freezer to report every process frozen.
 FREEZE_TIMEOUT = 10.0
@@ -122,25 +125,41 @@ def _apply_v2(directory: Path, memory: dict, cpu: dict, pids: dict, unified: dic
         _write(directory / key, value)
 
 
-async def freeze(cgroup: cgroups.PodCgroup | None, frozen: bool) -> None:
-    """Freeze (Pause) or thaw (Resume) every process of the container through its cgroup."""
+def _freezer(cgroup: cgroups.PodCgroup | None, frozen: bool) -> tuple[Path, str, Path | None]:
+    """(knob, value to write, v2 cgroup.events or None on v1) that freeze or thaw the container."""
     if cgroup is None:
         raise FailedPrecondition("container has no cgroup to freeze")
     dirs = _dirs(cgroup)
     if "" in dirs:
-        knob, want, state = dirs[""] / "cgroup.freeze", "1" if frozen else "0", dirs[""] / "cgroup.events"
-    elif "freezer" in dirs:
-        knob, want, state = dirs["freezer"] / "freezer.state", "FROZEN" if frozen else "THAWED", None
-    else:
-        raise FailedPrecondition("no freezer controller on this host")
-    _write(knob, want)
+        return dirs[""] / "cgroup.freeze", "1" if frozen else "0", dirs[""] / "cgroup.events"
+    if "freezer" in dirs:
+        return dirs["freezer"] / "freezer.state", "FROZEN" if frozen else "THAWED", None
+    raise FailedPrecondition("no freezer controller on this host")
+
+
+async def freeze(cgroup: cgroups.PodCgroup | None, frozen: bool) -> None:
+    """Freeze (Pause) or thaw (Resume) every process of the container through its cgroup."""
+    knob, want, events = _freezer(cgroup, frozen)
+    try:
+        _write(knob, want)
+        await _settle(knob, want, events, frozen)
+    except BaseException:
+        if frozen:
+            # A Pause that fails, times out or is cancelled leaves the container running as far as its
+            # State goes: its cgroup must not stay frozen (or freezing) behind that.
+            thaw_now(cgroup)
+        raise
+
+
+async def _settle(knob: Path, want: str, events: Path | None, frozen: bool) -> None:
+    """Wait until the freezer reports `want` for every process."""
     deadline = time.monotonic() + FREEZE_TIMEOUT
     while True:
         try:
-            if state is None:
+            if events is None:
                 done = knob.read_text().strip() == want
             else:
-                done = f"frozen {want}" in state.read_text()
+                done = f"frozen {want}" in events.read_text()
         except OSError as exc:
             if exc.errno == errno.ENOENT:
                 raise FailedPrecondition("container cgroup is gone") from None
@@ -148,7 +167,17 @@ async def freeze(cgroup: cgroups.PodCgroup | None, frozen: bool) -> None:
         if done:
             return
         if time.monotonic() > deadline:
-            raise RuntimeFailure(f"cgroup {cgroup.path} did not reach {want} within {FREEZE_TIMEOUT} s")
-        if state is None and frozen:
+            raise RuntimeFailure(f"cgroup {knob.parent} did not reach {want} within {FREEZE_TIMEOUT} s")
+        if events is None and frozen:
             _write(knob, want)  # v1 may fall back to THAWED if a task was busy; ask again
         await asyncio.sleep(0.01)
+
+
+def thaw_now(cgroup: cgroups.PodCgroup | None) -> None:
+    """Thaw without waiting for the freezer, on the way out of a Pause that did not happen (the error
+    being raised is what the caller hears; a thaw that fails too is only logged)."""
+    knob, want, _ = _freezer(cgroup, False)
+    try:
+        _write(knob, want)
+    except RuntimeFailure as exc:
+        log.warning("thawing after a failed freeze: %s", exc.message)

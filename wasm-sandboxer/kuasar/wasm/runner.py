@@ -40,6 +40,8 @@ UNREPRESENTABLE_EXIT_STATUS = 255
 WASI_MODULE = "wasi_snapshot_preview1"
 MAIN_INSTANCE = "kuasar:main"
 WASM_PAGE = 65536
+# WasmEdge's suffix of `--dir guest:host` for a preopen without write rights (it grants them all otherwise).
+WASMEDGE_READONLY = ":readonly"
 # The task server's pid (forbid_compiling_here): WasmtimeModule refuses to run there, so a mistake
 # shows up as an error instead of every later container hanging.
 _NO_COMPILE_PID = 0
@@ -209,10 +211,11 @@ def _stderr(text: str) -> None:
 
 
 def wasmedge_argv(binary: str, spec: RunSpec) -> list[str]:
-    """The WasmEdge command line for `spec` (note `--dir guest:host`, the other way round from wasmtime)."""
+    """The WasmEdge command line for `spec` (note `--dir guest:host`, the other way round from wasmtime,
+    and `guest:host:readonly` for a read-only rootfs or bind mount)."""
     argv = [binary]
     for preopen in spec.preopens:
-        argv += ["--dir", f"{preopen.guest}:{preopen.host}"]
+        argv += ["--dir", f"{preopen.guest}:{preopen.host}" + ("" if preopen.writable else WASMEDGE_READONLY)]
     for entry in spec.env:
         argv += ["--env", entry]
     if spec.memory_limit > 0:

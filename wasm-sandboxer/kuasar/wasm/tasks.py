@@ -53,7 +53,7 @@ from kuasar.common.ttrpc import Context
 
 from . import resources
 from .cache import DEFAULT_MAX_BYTES, ModuleCache
-from .launch import RLIMITS, Launch, LaunchPlan, Stdio, User, launch
+from .launch import RLIMITS, Launch, LaunchPlan, Stdio, User, launch, rlimit_values
 from .module import locate_module
 from .runner import Preopen, RunSpec
 
@@ -70,6 +70,9 @@ CGROUP_DRAIN_TIMEOUT = 5.0
 # How long Delete waits for killed processes of a container (SIGKILL does not take longer).
 KILL_WAIT = 10.0
 PRUNE_INTERVAL = 60.0
+# The exit status of an exec that never ran (its Start failed, or it was deleted unstarted): containerd's
+# UnknownExitStatus, so it cannot read as success.
+NEVER_RAN_EXIT_STATUS = 255
 
 
 @dataclass
@@ -186,10 +189,12 @@ class WasmTasks(TerminalTasks):
         rlimits = []
         try:
             for rlimit in process.get("rlimits") or []:
-                kind = RLIMITS.get(str(rlimit.get("type", "")).removeprefix("RLIMIT_"))
+                rlimit_type = str(rlimit.get("type", ""))
+                kind = RLIMITS.get(rlimit_type.removeprefix("RLIMIT_"))
                 if kind is None:
                     raise InvalidArgument(f"unknown rlimit {rlimit.get('type')!r}")
-                rlimits.append((kind, int(rlimit.get("soft", 0)), int(rlimit.get("hard", 0))))
+                soft, hard = rlimit_values(rlimit_type, int(rlimit.get("soft", 0)), int(rlimit.get("hard", 0)))
+                rlimits.append((kind, soft, hard))
             owner = User(int(user.get("uid", 0)), int(user.get("gid", 0)),
                          [int(g) for g in user.get("additionalGids") or []])
         except (TypeError, ValueError, AttributeError) as exc:  # a spec's numbers that are not numbers
@@ -306,7 +311,13 @@ class WasmTasks(TerminalTasks):
                     # Paused too: the exec would join the frozen cgroup and freeze before it reports,
                     # and Start (holding the container's lock) would wait for it (as runc refuses).
                     raise FailedPrecondition(f"container {req.id} is not running")
-                await self._launch(container, proc, wait_for_go=False)
+                try:
+                    await self._launch(container, proc, wait_for_go=False)
+                except BaseException:
+                    # No exit will ever come from the reaper for it: Wait (which containerd calls before
+                    # Start) must still return.
+                    proc.record_exit(NEVER_RAN_EXIT_STATUS, time.time_ns())
+                    raise
                 if proc.status == types.CREATED:
                     proc.status = types.RUNNING
                 self._publish_started(req, proc.pid, container.namespace)
@@ -342,8 +353,10 @@ class WasmTasks(TerminalTasks):
         for target in targets:
             if target.alive:
                 signal_quietly(target.pid, req.signal)
-        if container.init.status == types.PAUSED and req.signal == signal.SIGKILL:
-            await self._thaw(container)  # a frozen process only dies once thawed
+        if not req.exec_id and container.init.status == types.PAUSED and req.signal == signal.SIGKILL:
+            # A frozen process only dies once thawed. Only a kill of the init (with or without `all`) ends
+            # the container; an exec alone dies when the container is resumed, as under runc.
+            await self._thaw(container)
         return empty_pb2.Empty()
 
     async def _remove(self, container: Container) -> None:
@@ -355,6 +368,8 @@ class WasmTasks(TerminalTasks):
 
     async def _delete_exec(self, proc: Process) -> None:
         proc.io.close()
+        if proc.status == types.CREATED:  # never started: its Wait must not outlive it
+            proc.record_exit(NEVER_RAN_EXIT_STATUS, time.time_ns())
 
     async def _kill_and_wait(self, container: Container) -> None:
         if container.init.status == types.PAUSED:
@@ -388,8 +403,13 @@ class WasmTasks(TerminalTasks):
     async def state(self, req: task.StateRequest, ctx: Context) -> task.StateResponse:
         container = self._get(req.id)
         proc = container.process(req.exec_id)
-        return state_response(req, container.bundle, proc, proc.io.stdin, proc.io.stdout, proc.io.stderr,
-                              terminal=proc.io.terminal)
+        response = state_response(req, container.bundle, proc, proc.io.stdin, proc.io.stdout, proc.io.stderr,
+                                  terminal=proc.io.terminal)
+        if req.exec_id and proc.status == types.RUNNING and container.init.status == types.PAUSED:
+            # Frozen with the rest of its cgroup, which only the init's status records (runc's shim too
+            # answers for an exec with its container's paused state).
+            response.status = types.PAUSED
+        return response
 
     async def pids(self, req: task.PidsRequest, ctx: Context) -> task.PidsResponse:
         container = self._get(req.id)
@@ -408,20 +428,27 @@ class WasmTasks(TerminalTasks):
 
     # -- control -----------------------------------------------------------------------------------
     async def pause(self, req: task.PauseRequest, ctx: Context) -> empty_pb2.Empty:
-        container = self._get(req.id)
-        if container.init.status != types.RUNNING:
-            raise FailedPrecondition(f"container {req.id} is not running")
-        await resources.freeze(container.cgroup, True)
-        container.init.status = types.PAUSED
-        self._publish_paused(req.id, True, container.namespace)
+        # Under the container's lock: an exec Start holds it from joining the cgroup until its process
+        # has reported, and a freeze in between would leave that Start waiting for a frozen process.
+        async with self._holding(req.id) as container:
+            if container.init.status != types.RUNNING:
+                raise FailedPrecondition(f"container {req.id} is not running")
+            await resources.freeze(container.cgroup, True)  # thaws again if it fails
+            if container.init.status != types.RUNNING:
+                # The init exited while the freezer settled (the reaper has recorded STOPPED): PAUSED
+                # would hide that exit from State and make Delete refuse a dead container.
+                resources.thaw_now(container.cgroup)
+                raise FailedPrecondition(f"container {req.id} stopped while it was being paused")
+            container.init.status = types.PAUSED
+            self._publish_paused(req.id, True, container.namespace)
         return empty_pb2.Empty()
 
     async def resume(self, req: task.ResumeRequest, ctx: Context) -> empty_pb2.Empty:
-        container = self._get(req.id)
-        if container.init.status != types.PAUSED:
-            raise FailedPrecondition(f"container {req.id} is not paused")
-        await self._thaw(container)
-        self._publish_paused(req.id, False, container.namespace)
+        async with self._holding(req.id) as container:
+            if container.init.status != types.PAUSED:
+                raise FailedPrecondition(f"container {req.id} is not paused")
+            await self._thaw(container)
+            self._publish_paused(req.id, False, container.namespace)
         return empty_pb2.Empty()
 
     async def _thaw(self, container: Container) -> None:
