@@ -14,17 +14,11 @@ from google.protobuf import wrappers_pb2
 from kuasar.common import hvsock
 from kuasar.common.errors import DeadlineExceeded, InvalidArgument, Unavailable
 from kuasar.common.ttrpc import TtrpcServer
+from tests.support.aio import run_bounded as run
 
-TEST_TIMEOUT = 20.0
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
 
-def run(coro: Awaitable[None]) -> None:
-    async def bounded() -> None:
-        async with asyncio.timeout(TEST_TIMEOUT):
-            await coro
-
-    asyncio.run(bounded())
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ import shutil
 import socket
 import stat
 import tempfile
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 
 import pytest
 
@@ -40,18 +40,13 @@ from kuasar.common.ttrpc import (
     encode_frame,
 )
 from kuasar.common.ttrpc import inbox as inbox_module
+from tests.support.aio import run_bounded as run
 
 SVC = "test.v1.Echo"
 KV = request_pb2.KeyValue
 END_OF_STREAM = b"\x00\x00\x00\x00" b"\x00\x00\x00\x01" b"\x03\x05"
-TEST_TIMEOUT = 20.0
 
 
-def run(coro: Awaitable[None]) -> None:
-    async def bounded() -> None:
-        async with asyncio.timeout(TEST_TIMEOUT):  # a hang is a failure, not a stuck CI job
-            await coro
-    asyncio.run(bounded())
 
 
 @pytest.fixture

@@ -4,6 +4,7 @@ network command generation, the Task backend's validation, and kernel command-li
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import signal
@@ -30,17 +31,16 @@ from kuasar.vmagent.events import EventQueue
 from kuasar.vmagent.netconf import NetConfig
 from kuasar.vmagent.sandbox import AGENT_SERVICE, AgentService, GuestPaths
 from kuasar.vmagent.tasks import GuestTasks
+from tests.support.aio import run_bounded
 
 TEST_TIMEOUT = 30.0
-MAC = "52:54:00:aa:bb:cc"
 
 
 def run(coro: Awaitable[None]) -> None:
-    async def bounded() -> None:
-        async with asyncio.timeout(TEST_TIMEOUT):
-            await coro
+    run_bounded(coro, TEST_TIMEOUT)
 
-    asyncio.run(bounded())
+
+MAC = "52:54:00:aa:bb:cc"
 
 
 @pytest.fixture
@@ -235,6 +235,34 @@ def test_exec_vm_process(short_dir: Path) -> None:
     run(scenario())
 
 
+def test_exec_vm_process_cancelled_by_the_callers_deadline_kills_the_command(short_dir: Path) -> None:
+    # Only ExecVMProcess's own timeout killed the command's session: when the caller's ttrpc deadline
+    # cancelled the call first, the command ran on with nobody waiting for it.
+    async def scenario() -> None:
+        guest = Guest(short_dir)
+        client = await guest.start()
+        pid_file = short_dir / "pid"
+        with pytest.raises(DeadlineExceeded):
+            await client.call(AGENT_SERVICE, "ExecVMProcess", pb.ExecVMProcessRequest(
+                args=["sh", "-c", f"echo $$ > {pid_file}; exec sleep 30"]), pb.ExecVMProcessResponse, timeout=0.5)
+        pid = int(pid_file.read_text())
+        try:
+            for _ in range(100):  # killed, then reaped by the agent's reaper
+                try:
+                    os.kill(pid, 0)
+                except ProcessLookupError:
+                    break
+                await asyncio.sleep(0.05)
+            else:
+                pytest.fail("the command outlived its cancelled ExecVMProcess call")
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            await guest.close()
+
+    run(scenario())
+
+
 def test_events_stream_delivers_backlog_then_live_and_hands_over(short_dir: Path) -> None:
     async def scenario() -> None:
         guest = Guest(short_dir)
@@ -417,3 +445,4 @@ def test_a_poweroff_whose_container_stop_failed_still_cuts_the_power() -> None:
         assert cut == [1]
 
     asyncio.run(scenario())
+

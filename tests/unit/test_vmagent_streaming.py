@@ -7,7 +7,7 @@ import asyncio
 import os
 import shutil
 import tempfile
-from collections.abc import Awaitable, Iterator
+from collections.abc import Iterator
 
 import pytest
 from google.protobuf import any_pb2
@@ -19,16 +19,7 @@ from kuasar.common.errors import InvalidArgument
 from kuasar.common.streaming_io import StreamHub, streaming_id
 from kuasar.common.ttrpc import ClientStream, TtrpcClient, TtrpcServer
 from kuasar.vmagent.stdio import ProcessIO, pump_in, pump_out
-
-TEST_TIMEOUT = 20.0
-
-
-def run(coro: Awaitable[None]) -> None:
-    async def bounded() -> None:
-        async with asyncio.timeout(TEST_TIMEOUT):
-            await coro
-
-    asyncio.run(bounded())
+from tests.support.aio import run_bounded as run
 
 
 @pytest.fixture

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import signal
 import socket
 import time
 from collections.abc import Callable
@@ -245,7 +246,8 @@ async def _collect(fd: int) -> bytes:
 
 async def run_command(reaper: Reaper, argv: list[str], stdin: bytes, env: dict[str, str],
                       timeout: float) -> tuple[int, bytes, bytes]:  # noqa: ASYNC109
-    """Run argv (no shell) in its own session; on timeout kill the session and say so."""
+    """Run argv (no shell) in its own session; on timeout kill the session and say so. The session is
+    killed too when this call is cancelled (the caller's ttrpc deadline, a dropped connection)."""
     path = resolve(argv[0])
     in_r, in_w = os.pipe()
     out_r, out_w = os.pipe()
@@ -269,12 +271,20 @@ async def run_command(reaper: Reaper, argv: list[str], stdin: bytes, env: dict[s
             out, err = await reading
             status = (await exited).status
     except TimeoutError:
-        try:
-            os.killpg(pid, 9)
-        except ProcessLookupError:
-            pass
+        _kill_session(pid)
         raise DeadlineExceeded(f"{argv[0]} did not finish within {timeout:g}s (killed)") from None
+    except BaseException:
+        _kill_session(pid)  # cancelled (or its output failed): nobody is left to wait for the command
+        raise
     finally:
         feeding.cancel()
         reading.cancel()
     return status, out, err
+
+
+def _kill_session(pid: int) -> None:
+    """SIGKILL every process of the session `pid` leads (its process group)."""
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass

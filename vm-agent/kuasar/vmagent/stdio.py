@@ -14,6 +14,8 @@ import asyncio
 import errno
 import os
 import socket
+from collections.abc import Awaitable, Callable
+from functools import partial
 from pathlib import Path
 
 from kuasar.common.console import ConsoleReceiver
@@ -48,8 +50,8 @@ async def _writable(fd: int) -> None:
 
 async def pump_out(fd: int, channel: OutputChannel, close_fd: bool = True) -> None:
     """Copy a pipe or pty master into an output channel until end of file (EIO on a pty)."""
-    os.set_blocking(fd, False)
     try:
+        os.set_blocking(fd, False)
         while True:
             try:
                 data = os.read(fd, CHUNK)
@@ -71,8 +73,8 @@ async def pump_out(fd: int, channel: OutputChannel, close_fd: bool = True) -> No
 
 async def pump_in(channel: InputChannel, fd: int) -> None:
     """Copy an input channel into a pipe or pty master until end of input; then close `fd`."""
-    os.set_blocking(fd, False)
     try:
+        os.set_blocking(fd, False)
         while (data := await channel.read()) is not None:
             while data:
                 try:
@@ -93,6 +95,7 @@ class ProcessIO(ConsoleReceiver):
         self.ids = [i for i in (self._stream(stdin), self._stream(stdout), self._stream(stderr)) if i]
         self._child_fds: list[int] = []
         self._tasks: list[asyncio.Task[None]] = []
+        self._unstarted: dict[asyncio.Task[None], int] = {}  # pumps yet to run, and the fd each is to own
         self._stdin_task: asyncio.Task[None] | None = None
         self.master = -1
         self.size: tuple[int, int] | None = None
@@ -114,6 +117,25 @@ class ProcessIO(ConsoleReceiver):
         self._tasks.append(task)
         return task
 
+    def _spawn_pump(self, fd: int, pump: Callable[[int], Awaitable[None]], name: str) -> asyncio.Task[None]:
+        """Run `pump(fd)`, whose finally closes `fd`. Until the pump's first step `fd` stays ours to
+        close: a task cancelled before it ever ran never enters its coroutine, so never that finally."""
+        async def run() -> None:
+            self._unstarted.pop(task, None)
+            await pump(fd)
+
+        task = self._spawn(run(), name)
+        self._unstarted[task] = fd
+        return task
+
+    def _cancel(self, task: asyncio.Task[None]) -> None:
+        """Stop a pump; one that never ran has its fd closed here (it was never watched by the loop, so
+        closing it now cannot race a reader or writer registered on that fd number)."""
+        task.cancel()
+        fd = self._unstarted.pop(task, None)
+        if fd is not None:
+            os.close(fd)
+
     # -- without a terminal: pipes ------------------------------------------------------------------
     def runc_stdio(self) -> Stdio:
         """Open the fds runc gives the process; the pumps start at once (output is buffered per id)."""
@@ -128,26 +150,35 @@ class ProcessIO(ConsoleReceiver):
         except OSError as err:
             self.close()
             raise RuntimeFailure(f"opening stdio: {err}") from None
+        except BaseException:  # e.g. InvalidArgument for a stream id of the wrong direction
+            self.close()
+            raise
         return stdio
 
+    # Each channel is looked up before its pipe is made (the hub may refuse the id), and each pipe end
+    # is handed to its owner (the child fds, a pump) at once, so that close() finds every one.
     def _input_fd(self, url: str) -> int:
         sid = streaming_id(url)
         if sid is None:
             fd = os.open(url, os.O_RDONLY | os.O_CLOEXEC)
-        else:
-            fd, write_end = os.pipe()
-            self._stdin_task = self._spawn(pump_in(self.hub.input(sid), write_end), f"stdin {sid}")
+            self._child_fds.append(fd)
+            return fd
+        channel = self.hub.input(sid)
+        fd, write_end = os.pipe()
         self._child_fds.append(fd)
+        self._stdin_task = self._spawn_pump(write_end, partial(pump_in, channel), f"stdin {sid}")
         return fd
 
     def _output_fd(self, url: str) -> int:
         sid = streaming_id(url)
         if sid is None:
             fd = os.open(url, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
-        else:
-            read_end, fd = os.pipe()
-            self._spawn(pump_out(read_end, self.hub.output(sid)), f"output {sid}")
+            self._child_fds.append(fd)
+            return fd
+        channel = self.hub.output(sid)
+        read_end, fd = os.pipe()
         self._child_fds.append(fd)
+        self._spawn_pump(read_end, lambda end: pump_out(end, channel), f"output {sid}")
         return fd
 
     def release_child_fds(self) -> None:
@@ -161,14 +192,23 @@ class ProcessIO(ConsoleReceiver):
         await self._receive_master(CONSOLE_TIMEOUT)
         out = streaming_id(self.stdout) if self.stdout else None
         if out is not None:
-            self._spawn(pump_out(os.dup(self.master), self.hub.output(out)), f"pty output {out}")
+            channel = self.hub.output(out)
+            self._spawn_pump(os.dup(self.master), lambda end: pump_out(end, channel), f"pty output {out}")
         sin = streaming_id(self.stdin) if self.stdin else None
         if sin is not None:
-            self._stdin_task = self._spawn(pump_in(self.hub.input(sin), os.dup(self.master)), f"pty stdin {sin}")
+            stdin = self.hub.input(sin)
+            self._stdin_task = self._spawn_pump(os.dup(self.master), partial(pump_in, stdin), f"pty stdin {sin}")
 
     def close_stdin(self) -> None:
+        if not self.terminal:
+            # Nothing to do: our pump closes the pipe's write end at containerd's half-close of the
+            # stream, which is the process's end of input. containerd sends CloseIO right after
+            # closing its stdin, while the rest of the data and that half-close may still be on their
+            # way on the stream's own connection: stopping the pump here would drop them. (The runc
+            # backend's kuasar.common.fifo_stdio does nothing here either.)
+            return
         if self._stdin_task is not None:
-            self._stdin_task.cancel()  # its finally closes the write end: the process sees EOF
+            self._cancel(self._stdin_task)  # the copy into the pty stops and closes its copy of the master
         elif self.stdin:
             sid = streaming_id(self.stdin)
             if sid is not None:
@@ -184,7 +224,7 @@ class ProcessIO(ConsoleReceiver):
         """The process is deleted: stop pumping and forget its streams."""
         self.release_child_fds()
         for task in self._tasks:
-            task.cancel()
+            self._cancel(task)
         self._tasks = []
         self._close_console()
         for sid in self.ids:

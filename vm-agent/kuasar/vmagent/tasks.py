@@ -40,6 +40,13 @@ OUTPUT_DRAIN_TIMEOUT = 2.0
 
 # In the guest a container's files live in the agent's state dir: the bundle is the host's share.
 Container = RuncContainer
+# Options that make any mount a bind mount (mount(8)'s spelling, as kuasar.common.mounts reads them).
+BIND_OPTIONS = ("bind", "rbind")
+
+
+def _is_bind(m: mounts.MountLike) -> bool:
+    """Whether a rootfs mount binds its source, a path (other types' source may be a mere label)."""
+    return m.type == "bind" or any(option in BIND_OPTIONS for option in m.options)
 
 
 class GuestTasks(RuncContainerTasks):
@@ -72,8 +79,14 @@ class GuestTasks(RuncContainerTasks):
         await io.wait_output(OUTPUT_DRAIN_TIMEOUT)
 
     def _remove_files(self, container: Container) -> None:
+        # Also called while a failed Create unwinds, where raising would hide why it failed. Only the
+        # files runc and we leave (log.json, pid files, console sockets) are removed, never a directory.
         for leftover in container.files.glob("*"):
-            leftover.unlink(missing_ok=True)
+            try:
+                if not leftover.is_dir() or leftover.is_symlink():
+                    leftover.unlink(missing_ok=True)
+            except OSError as err:
+                log.warning("container %s: removing %s: %s", container.id, leftover, err)
         try:
             container.files.rmdir()
         except OSError:
@@ -102,7 +115,10 @@ class GuestTasks(RuncContainerTasks):
     def _check_rootfs_paths(self, rootfs) -> None:
         """Every host-provided path a rootfs mount names (source, overlay dirs) must be in the share."""
         for m in rootfs:
-            if m.source and m.source.startswith("/"):
+            if _is_bind(m) and not m.source.startswith("/"):
+                # mount(2) would resolve it from the agent's working directory, outside the share.
+                raise InvalidArgument(f"rootfs bind source {m.source!r} must be an absolute path")
+            if m.source.startswith("/"):
                 self._inside_share(m.source, "rootfs source")
             for option in m.options:
                 key, _, value = option.partition("=")
@@ -117,20 +133,22 @@ class GuestTasks(RuncContainerTasks):
             if req.id in self.containers:
                 raise AlreadyExists(f"container {req.id} already exists")
             bundle = self.resolve_bundle(req.id, req.bundle)
-            state = self.state_dir / req.id
-            state.mkdir(parents=True, exist_ok=True, mode=0o700)
+            self._check_rootfs_paths(req.rootfs)
             io = ProcessIO(self.hub, req.stdin, req.stdout, req.stderr, req.terminal)
-            container = Container(req.id, bundle, state, ctx.namespace or "k8s.io", RuncProcess("", io))
-            if req.rootfs:
-                self._check_rootfs_paths(req.rootfs)
-                mounts.mount_rootfs(req.rootfs, bundle / "rootfs")
-                container.rootfs_mounted = True
+            container = Container(req.id, bundle, self.state_dir / req.id, ctx.namespace or "k8s.io",
+                                  RuncProcess("", io))
+            container.files.mkdir(parents=True, exist_ok=True, mode=0o700)
             try:
+                if req.rootfs:
+                    mounts.mount_rootfs(req.rootfs, bundle / "rootfs")
+                    container.rootfs_mounted = True
                 await self._start_process(container, container.init, is_exec=False)
             except BaseException:
+                io.close()
+                # The guest's tmpfs is its memory: a failed Create must not leave runc's log behind.
+                self._remove_files(container)
                 if container.rootfs_mounted:
                     mounts.unmount_all(bundle / "rootfs")
-                io.close()
                 raise
             self.containers[req.id] = container
         log.info("container %s created, pid %d, bundle %s", req.id, container.init.pid, bundle)

@@ -1,0 +1,143 @@
+"""vm-agent's container stdio (kuasar.vmagent.stdio): what CloseIO does to stdin, and the pipes a
+process's IO opens being closed again when opening them fails partway."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+from pathlib import Path
+
+import pytest
+
+from kuasar.common.errors import InvalidArgument, RuntimeFailure
+from kuasar.common.streaming_io import StreamHub
+from kuasar.vmagent.stdio import ProcessIO
+from tests.support.aio import run_bounded as run
+
+STDIN = "ttrpc+hvsock:///x.sock:1024?streaming_id=e1-stdin"
+STDOUT = "ttrpc+hvsock:///x.sock:1024?streaming_id=e1-stdout"
+# More than a pipe holds (64 KiB): the pump is still writing when CloseIO comes.
+LARGE_INPUT = 200_000
+
+
+
+
+def open_fds() -> set[str]:
+    return set(os.listdir("/proc/self/fd"))
+
+
+def read_to_end(fd: int) -> bytes:
+    """What the process reads from its stdin, up to end of input (blocking: run it in a thread)."""
+    os.set_blocking(fd, True)
+    data = b""
+    try:
+        while chunk := os.read(fd, 1 << 16):
+            data += chunk
+    finally:
+        os.close(fd)
+    return data
+
+
+async def piped_stdin(hub: StreamHub) -> tuple[ProcessIO, int]:
+    """A process's IO without a terminal, and the stdin read end the process holds."""
+    io = ProcessIO(hub, stdin=STDIN)
+    stdio = io.runc_stdio()
+    assert stdio.stdin is not None
+    process_stdin = os.dup(stdio.stdin)  # runc hands it to the process
+    io.release_child_fds()
+    await asyncio.sleep(0)  # the pump runs and waits for input
+    return io, process_stdin
+
+
+# -- CloseIO --------------------------------------------------------------------------------------------
+
+
+def test_closeio_without_a_terminal_keeps_the_stdin_not_yet_written() -> None:
+    # containerd sends CloseIO right after its stdin copy ended; CloseIO used to cancel the pump, and
+    # what it had not written into the pipe yet (here most of it) never reached the process.
+    async def scenario() -> None:
+        hub = StreamHub()
+        io, process_stdin = await piped_stdin(hub)
+        channel = hub.input("e1-stdin")
+        channel._push(b"x" * LARGE_INPUT)
+        channel._push(None)  # containerd's half-close
+        await asyncio.sleep(0.05)  # the pipe is full; the pump waits for the process
+        io.close_stdin()
+        assert len(await asyncio.to_thread(read_to_end, process_stdin)) == LARGE_INPUT
+        io.close()
+
+    run(scenario())
+
+
+def test_closeio_without_a_terminal_lets_stdin_still_arriving_through() -> None:
+    # The stream's data and half-close come on their own connection and may follow CloseIO; it used to
+    # end the process's input at once, with none of them.
+    async def scenario() -> None:
+        hub = StreamHub()
+        io, process_stdin = await piped_stdin(hub)
+        io.close_stdin()
+        await asyncio.sleep(0.01)
+        channel = hub.input("e1-stdin")
+        channel._push(b"late input\n")
+        channel._push(None)  # the half-close is what ends the process's input
+        assert await asyncio.to_thread(read_to_end, process_stdin) == b"late input\n"
+        io.close()
+
+    run(scenario())
+
+
+def test_closeio_with_a_terminal_stops_the_copy_into_the_pty(tmp_path: Path) -> None:
+    # With a pty there is no pipe to end: CloseIO stops the copy into the master (and closes its fd).
+    async def scenario() -> None:
+        hub = StreamHub()
+        io = ProcessIO(hub, stdin=STDIN, terminal=True)
+        io.listen_console(tmp_path / "console.sock")
+        receiving = asyncio.create_task(io.receive_console())
+        master, slave = os.openpty()
+        with socket.socket(socket.AF_UNIX) as runc:  # what runc does with --console-socket
+            await asyncio.to_thread(runc.connect, str(tmp_path / "console.sock"))
+            socket.send_fds(runc, [b"pty"], [master])
+        os.close(master)
+        await receiving
+        before = open_fds()
+        await asyncio.sleep(0)  # the copy into the pty runs
+        io.close_stdin()
+        await asyncio.sleep(0.01)
+        assert io._stdin_task is not None and io._stdin_task.done()
+        assert len(before - open_fds()) == 1  # its copy of the master
+        io.close()
+        os.close(slave)
+
+    run(scenario())
+
+
+# -- pipes closed when opening stdio fails ----------------------------------------------------------------
+
+
+def test_failed_runc_stdio_closes_the_pipes_it_had_opened() -> None:
+    # stderr cannot be opened after stdin's and stdout's pipes were made: their pumps, cancelled before
+    # they ever ran, never ran their `finally`, and both pipes' pump ends stayed open in PID 1.
+    async def scenario() -> None:
+        hub = StreamHub()
+        before = open_fds()
+        io = ProcessIO(hub, stdin=STDIN, stdout=STDOUT, stderr="/nonexistent/dir/stderr.log")
+        with pytest.raises(RuntimeFailure):
+            io.runc_stdio()
+        assert open_fds() == before
+
+    run(scenario())
+
+
+def test_refused_stream_id_closes_the_pipes_opened_before_it() -> None:
+    # An output stream named like an input one is refused (InvalidArgument) by the hub: the pipe made
+    # for it beforehand, and stdin's, were left open (only OSError was cleaned up).
+    async def scenario() -> None:
+        hub = StreamHub()
+        before = open_fds()
+        io = ProcessIO(hub, stdin=STDIN, stdout="ttrpc+hvsock:///x.sock:1024?streaming_id=e1-out-stdin")
+        with pytest.raises(InvalidArgument):
+            io.runc_stdio()
+        assert open_fds() == before
+
+    run(scenario())
