@@ -40,6 +40,10 @@ def load_config(listen: str, directory: str, config_path: str | None, log_level:
             raise InvalidArgument(f"config file {path} does not exist") from None
         except tomllib.TOMLDecodeError as exc:
             raise InvalidArgument(f"config file {path} is not valid TOML: {exc}") from None
+        except UnicodeDecodeError:
+            raise InvalidArgument(f"config file {path} is not UTF-8 text") from None
+        except OSError as exc:  # a directory, no permission
+            raise InvalidArgument(f"config file {path}: {exc.strerror}") from None
     general = sections.get("sandboxer", {})
     if not isinstance(general, dict):
         raise InvalidArgument("config section [sandboxer] must be a table")

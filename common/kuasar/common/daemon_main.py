@@ -36,6 +36,10 @@ def run_or_exit(spec: dict[str, Any]) -> None:
     except KuasarError as exc:
         sys.stderr.write(f"{spec['name']}-sandboxer: {exc.message}\n")
         sys.exit(1)
+    except OSError as exc:  # --dir or --listen unusable: a file in the way, a path too long for a socket
+        where = f" ({exc.filename})" if exc.filename else ""
+        sys.stderr.write(f"{spec['name']}-sandboxer: cannot start: {exc.strerror or exc}{where}\n")
+        sys.exit(1)
 
 
 def run(spec: dict[str, Any]) -> None:

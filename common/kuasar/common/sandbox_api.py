@@ -195,8 +195,9 @@ class SandboxApiServer:
         self.server = GrpcServer(ControllerService(controller).methods())
 
     async def start(self) -> None:
-        if not self.listen.parent.exists():
-            self.listen.parent.mkdir(parents=True, mode=0o700)  # a directory we make is ours alone
+        # A directory we make is ours alone; /run/kuasar is shared by every type's sandboxer, which
+        # systemd may start at once.
+        self.listen.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         if self.listen.exists() or self.listen.is_symlink():
             self.listen.unlink()
         await self.server.start(self.listen)
