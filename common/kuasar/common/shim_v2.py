@@ -263,8 +263,21 @@ class Sandboxer:
             if exc.code() != grpc.StatusCode.ALREADY_EXISTS:  # type: ignore[attr-defined]
                 raise
             created = False  # a concurrent start made it first; Start below is idempotent for READY
-        started = self.call("Start", sb.ControllerStartRequest(sandbox_id=sandbox_id, sandboxer=self.kind))
+        try:
+            started = self.call("Start", sb.ControllerStartRequest(sandbox_id=sandbox_id, sandboxer=self.kind))
+        except BaseException:
+            if created:
+                self.discard(sandbox_id)
+            raise
         return started.address, created
+
+    def discard(self, sandbox_id: str) -> None:
+        """Remove a sandbox this start made, on its way out with an error: containerd 1.6 only deletes
+        the bundle of a shim whose start failed, so nothing else would ever remove it."""
+        try:
+            self.remove(sandbox_id)
+        except Exception as exc:  # noqa: BLE001 - the error being raised is the one to report
+            log.error("sandbox %s: removing it after a failed start: %s", sandbox_id, exc)
 
     def remove(self, sandbox_id: str) -> None:
         self.call("Stop", sb.ControllerStopRequest(sandbox_id=sandbox_id, timeout_secs=0, sandboxer=self.kind))
@@ -278,11 +291,16 @@ def start(opts: argparse.Namespace, kind: str, socket_path: str) -> str:
     info = read_bundle(bundle, container_id)
     with Sandboxer(socket_path, kind) as sandboxer:
         address, created = sandboxer.ensure(info, opts.namespace)
-    plain = task_address(address)
-    state = {"sandbox_id": info.sandbox_id, "sandboxer": socket_path, "type": kind,
-             "owner": info.sandbox_id == container_id, "created": created, "address": plain}
-    _write(bundle / SHIM_STATE, json.dumps(state) + "\n")
-    _write(bundle / ADDRESS_FILE, plain)
+        try:
+            plain = task_address(address)  # a VM's (hvsock) is not one containerd 1.6 can dial
+            state = {"sandbox_id": info.sandbox_id, "sandboxer": socket_path, "type": kind,
+                     "owner": info.sandbox_id == container_id, "created": created, "address": plain}
+            _write(bundle / SHIM_STATE, json.dumps(state) + "\n")
+            _write(bundle / ADDRESS_FILE, plain)
+        except BaseException:
+            if created:
+                sandboxer.discard(info.sandbox_id)
+            raise
     log.info("container %s -> sandbox %s at %s", container_id, info.sandbox_id, plain)
     return plain
 
