@@ -297,7 +297,11 @@ def test_a_systemd_slice_parent_is_laid_out_as_systemd_would(stack: Stack) -> No
             pod_id, pod = await run_pod(client, "slice", stack.log_dir, cgroup_parent=f"{top}-poda.slice")
             cid = await start_container(client, pod_id, pod, "main", ["sleep", "3600"])
             await wait_state(client, cid, cri.CONTAINER_RUNNING)
-            await wait_pod_process_in(pod_slice)
+            # In a cgroup of its own below the pod's (as containerd's pause container): under cgroup v2 a
+            # cgroup that holds a process cannot give its children controllers, so the pod's would have
+            # left its containers without limits.
+            await wait_pod_process_in(pod_slice / pod_id)
+            assert (pod_slice / "cgroup.procs").read_text() == "", "the pod's cgroup holds no process itself"
             scope = pod_slice / f"cri-containerd-{cid}.scope"
             assert (scope / "cgroup.procs").read_text().split(), "the container is in its scope under the slice"
             await remove_pod(client, pod_id)

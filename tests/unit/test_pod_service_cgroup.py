@@ -130,3 +130,25 @@ def test_a_cgroup_that_leaves_its_parents_removes_only_itself(tmp_path: Path,
     pod.remove()  # the parent was made for the pod, and goes with it
     assert list(roots[0].iterdir()) == []
     assert cgroups._USERS == {}
+
+
+def test_a_pod_process_goes_into_a_cgroup_of_its_own_below_the_pods(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    # It went into the pod's cgroup itself, the parent of its containers' cgroups: cgroup v2 refuses
+    # controllers to the children of a cgroup that holds a process, so the containers got no limits.
+    roots = [tmp_path / "memory", tmp_path / "pids"]
+    for root in roots:
+        root.mkdir()
+    monkeypatch.setattr(cgroups, "hierarchy_roots", lambda: roots)
+    cgroup = cgroups.PodCgroup("kubepods/pod1", process_leaf="p1")
+    cgroup.create()
+    assert cgroup.path == "kubepods/pod1" and cgroup.process_path == "kubepods/pod1/p1"
+    cgroup.add(4242)
+    for root in roots:
+        assert (root / "kubepods" / "pod1" / "p1" / "cgroup.procs").read_text() == "4242"
+        assert not (root / "kubepods" / "pod1" / "cgroup.procs").exists()
+        (root / "kubepods" / "pod1" / "p1" / "cgroup.procs").unlink()  # a real cgroup's file goes with it
+    cgroup.remove()
+    assert [list(root.iterdir()) for root in roots] == [[], []]
+    with pytest.raises(InvalidArgument):
+        cgroups.PodCgroup("kubepods/pod1", process_leaf="../escape")

@@ -13,6 +13,7 @@ from google.protobuf import any_pb2
 from .api.containerd.cgroups.v1 import metrics_pb2 as v1
 from .api.containerd.cgroups.v2 import metrics_pb2 as v2
 from .errors import InvalidArgument
+from .ids import validate_id
 
 log = logging.getLogger(__name__)
 
@@ -149,16 +150,23 @@ _USERS: dict[str, int] = {}
 
 
 class PodCgroup:
-    """The cgroup named by CRI's `cgroup_parent` (created if missing, removed only if we created it)."""
+    """The cgroup named by CRI's `cgroup_parent` (created if missing, removed only if we created it).
 
-    def __init__(self, path: str, created: list[str] | None = None) -> None:
+    With `process_leaf`, the process `add` places goes into that child of it (made and removed with it),
+    not into the cgroup itself: the pod's containers get cgroups of their own below the pod's, and cgroup
+    v2 lets no cgroup both hold a process and hand controllers down to children (runc's writes to the
+    pod cgroup's cgroup.subtree_control would fail with EBUSY, and so every container's limits). It is
+    where containerd puts a pod's pause container, `<cgroup_parent>/<pod id>`."""
+
+    def __init__(self, path: str, created: list[str] | None = None, process_leaf: str = "") -> None:
         self.path = _clean_relative(path)
         self.created = created or []
+        self.process_path = f"{self.path}/{validate_id(process_leaf, 'pod id')}" if process_leaf else self.path
 
     def create(self) -> None:
         for root in hierarchy_roots():
             current = root
-            for part in Path(self.path).parts:
+            for part in Path(self.process_path).parts:
                 current = current / part
                 key = str(current)
                 if current.exists():
@@ -183,7 +191,7 @@ class PodCgroup:
 
     def add(self, pid: int) -> None:
         for root in hierarchy_roots():
-            (root / self.path / "cgroup.procs").write_text(str(pid))
+            (root / self.process_path / "cgroup.procs").write_text(str(pid))
 
     def remove(self) -> None:
         for directory in reversed(self.created):

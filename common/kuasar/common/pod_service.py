@@ -119,7 +119,10 @@ class PodService:
             if self.directory is None:
                 raise InvalidArgument("this task server keeps no pod /dev/shm")
             shm = pod_dir(self.directory, req.id) / SHM
-        cgroup = cgroups.PodCgroup(cgroups.pod_parent_path(req.cgroup_parent)) if req.cgroup_parent else None
+        # A launcher (gVisor's) puts its own pod process where it wants: below the cgroup, as we do.
+        cgroup = cgroups.PodCgroup(cgroups.pod_parent_path(req.cgroup_parent),
+                                   process_leaf="" if self.launcher is not None else req.id) \
+            if req.cgroup_parent else None
         if cgroup is not None:
             # Before the warmer's burst: its first write holds the kernel's cgroup_mutex through an RCU
             # grace period, and these mkdirs would wait for it.
