@@ -11,6 +11,7 @@ import contextlib
 import logging
 import os
 import signal
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -139,6 +140,7 @@ class PodService:
                       shm: Path | None) -> pb.CreatePodResponse:
         self._creating.add(req.id)
         mount_shm = (lambda: mounts.mount_tmpfs(shm, req.shm_size)) if shm is not None else None
+        started_ns = time.monotonic_ns()
         try:
             if self.launcher is not None:
                 if mount_shm is not None:
@@ -159,7 +161,7 @@ class PodService:
         finally:
             self._creating.discard(req.id)
         # An exit reaped before this watch is kept by the reaper, so a launcher's await loses nothing.
-        pod = Pod(req.id, pid, self.reaper.watch(pid), cgroup, shm)
+        pod = Pod(req.id, pid, self.reaper.watch(pid, started_ns), cgroup, shm)
         self.pods[req.id] = pod
         if self.directory is not None:  # after the reply is written: off the pod start's path
             asyncio.get_running_loop().call_soon(self._record_leftovers, pod)

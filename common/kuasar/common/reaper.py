@@ -37,18 +37,27 @@ class Reaper:
     def __init__(self) -> None:
         self._waiters: dict[int, list[asyncio.Future[Exit]]] = {}
         self._unclaimed: OrderedDict[int, Exit] = OrderedDict()
+        self._unclaimed_seen: dict[int, int] = {}  # pid -> time.monotonic_ns() its kept exit was reaped
         self._loop: asyncio.AbstractEventLoop | None = None
 
     def install(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._loop.add_signal_handler(signal.SIGCHLD, self.reap)
 
-    def watch(self, pid: int) -> asyncio.Future[Exit]:
-        """A future for `pid`'s exit. Call it in the same loop step as the spawn (no await between)."""
+    def watch(self, pid: int, since_ns: int | None = None) -> asyncio.Future[Exit]:
+        """A future for `pid`'s exit.
+
+        Pids are reused (32768 of them by default), so an exit kept for a pid may be an earlier
+        process's. Called in the same loop step as the spawn (no await between), `since_ns` None, any
+        kept exit is one. A pid learned later (from runc's pid file, a pod process's report) passes
+        `since_ns`, time.monotonic_ns() from before the command that made the process: only an exit
+        reaped since then can be its own.
+        """
         loop = self._loop or asyncio.get_running_loop()
         future: asyncio.Future[Exit] = loop.create_future()
         early = self._unclaimed.pop(pid, None)
-        if early is not None:
+        early_seen = self._unclaimed_seen.pop(pid, 0)
+        if early is not None and since_ns is not None and early_seen >= since_ns:
             future.set_result(early)
         else:
             self._waiters.setdefault(pid, []).append(future)
@@ -69,9 +78,11 @@ class Reaper:
             exited = Exit(pid, exit_status(wait_status), time.time_ns())
             waiters = self._waiters.pop(pid, None)
             if not waiters:
+                self._unclaimed.pop(pid, None)  # a pid reused since: the newest exit goes last
                 self._unclaimed[pid] = exited
+                self._unclaimed_seen[pid] = time.monotonic_ns()
                 while len(self._unclaimed) > MAX_UNCLAIMED_EXITS:
-                    self._unclaimed.popitem(last=False)
+                    self._unclaimed_seen.pop(self._unclaimed.popitem(last=False)[0], None)
                 continue
             for future in waiters:
                 if not future.done():

@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import signal
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -101,7 +102,7 @@ class RuncContainerTasks(TerminalTasks):
         """A container is being removed: delete what the backend kept for it besides the bundle."""
 
     # -- processes -----------------------------------------------------------------------------------
-    def _watch(self, container: Any, proc: RuncProcess) -> None:
+    def _watch(self, container: Any, proc: RuncProcess, since_ns: int) -> None:
         def on_exit(future: asyncio.Future[Exit]) -> None:
             if future.cancelled():
                 return
@@ -110,7 +111,7 @@ class RuncContainerTasks(TerminalTasks):
             log.info("container %s exec %r pid %d exited %d", container.id, proc.id, proc.pid, exited.status)
             self._publish_exit(container, proc)
 
-        self.reaper.watch(proc.pid).add_done_callback(on_exit)
+        self.reaper.watch(proc.pid, since_ns).add_done_callback(on_exit)
 
     async def _start_process(self, container: Any, proc: RuncProcess, is_exec: bool) -> None:
         """`runc create` for init, `runc exec --detach` for an exec; learn the pid, watch its exit."""
@@ -126,6 +127,7 @@ class RuncContainerTasks(TerminalTasks):
             stdio = io.runc_stdio()
         pid_file = container.files / (f"{proc.id}.pid" if is_exec else "init.pid")
         pid_file.unlink(missing_ok=True)  # what _undo_runc reads must be this run's
+        started_ns = time.monotonic_ns()  # the process runc makes exits after this, if it already has
         try:
             with warm(self.attach_warmer):
                 await self._run_runc(container, proc, is_exec, pid_file, stdio, console)
@@ -141,7 +143,7 @@ class RuncContainerTasks(TerminalTasks):
             raise
         self._release_io(io)
         proc.pid = int(pid_file.read_text().strip())
-        self._watch(container, proc)
+        self._watch(container, proc, started_ns)
         if not is_exec:
             # After the Create reply is written and before containerd's Start can arrive: off the start's
             # critical path (~0.15 ms), and set while the init still waits on its exec FIFO.

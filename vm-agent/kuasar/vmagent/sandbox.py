@@ -126,9 +126,10 @@ class AgentService:
         if not link.is_absolute() or ".." in link.parts or not link.is_relative_to(self.paths.run):
             raise InvalidArgument(f"pod PID namespace path {link_path!r} is not under {self.paths.run}")
         if not self.pod_pid_holder:
+            started_ns = time.monotonic_ns()
             pid = await start_pod_holder(sandbox_id or "pod", PodNamespaces(new_ipc=False, new_uts=False,
                                                                              new_pid=True))
-            self.reaper.watch(pid).add_done_callback(_holder_exited)
+            self.reaper.watch(pid, started_ns).add_done_callback(_holder_exited)
             self.pod_pid_holder = pid
         link.parent.mkdir(parents=True, exist_ok=True)
         tmp = link.with_name(f".{link.name}.tmp")
