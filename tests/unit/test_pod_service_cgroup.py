@@ -152,3 +152,26 @@ def test_a_pod_process_goes_into_a_cgroup_of_its_own_below_the_pods(tmp_path: Pa
     assert [list(root.iterdir()) for root in roots] == [[], []]
     with pytest.raises(InvalidArgument):
         cgroups.PodCgroup("kubepods/pod1", process_leaf="../escape")
+
+
+def test_a_cgroup_another_process_makes_meanwhile_is_used_and_left_to_it(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    # Between our exists() and mkdir() another task server (another sandbox type, the same new
+    # cgroup_parent) made it: Create failed with FileExistsError.
+    root = tmp_path / "memory"
+    root.mkdir()
+    monkeypatch.setattr(cgroups, "hierarchy_roots", lambda: [root])
+    real_exists = Path.exists
+
+    def made_meanwhile(path: Path) -> bool:
+        found = real_exists(path)
+        if path == root / "shared" and not found:
+            path.mkdir()  # the other process wins the race
+        return found
+
+    monkeypatch.setattr(Path, "exists", made_meanwhile)
+    cgroup = cgroups.PodCgroup("shared/pod1")
+    cgroup.create()
+    assert cgroup.created == [str(root / "shared" / "pod1")]
+    cgroup.remove()
+    assert (root / "shared").is_dir() and not (root / "shared" / "pod1").exists()

@@ -174,7 +174,10 @@ class PodCgroup:
                         _USERS[key] += 1
                         self.created.append(key)
                     continue
-                current.mkdir()
+                try:
+                    current.mkdir()
+                except FileExistsError:  # made meanwhile by another process (a task server of another type)
+                    continue
                 _USERS[key] = 1
                 self.created.append(key)
                 if root.name == "cpuset":
