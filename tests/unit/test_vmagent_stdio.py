@@ -12,6 +12,7 @@ import pytest
 
 from kuasar.common.errors import InvalidArgument, RuntimeFailure
 from kuasar.common.streaming_io import StreamHub
+from kuasar.vmagent import stdio
 from kuasar.vmagent.stdio import ProcessIO
 from tests.support.aio import run_bounded as run
 
@@ -82,6 +83,21 @@ def test_closeio_without_a_terminal_lets_stdin_still_arriving_through() -> None:
         channel._push(b"late input\n")
         channel._push(None)  # the half-close is what ends the process's input
         assert await asyncio.to_thread(read_to_end, process_stdin) == b"late input\n"
+        io.close()
+
+    run(scenario())
+
+
+def test_closeio_without_a_terminal_and_without_a_half_close_ends_the_input_after_a_grace(monkeypatch) -> None:
+    # A client that never half-closes its stream still gets CloseIO's end of input, with what it sent.
+    monkeypatch.setattr(stdio, "STDIN_CLOSE_GRACE", 0.05)
+
+    async def scenario() -> None:
+        hub = StreamHub()
+        io, process_stdin = await piped_stdin(hub)
+        hub.input("e1-stdin")._push(b"all there is\n")
+        io.close_stdin()
+        assert await asyncio.to_thread(read_to_end, process_stdin) == b"all there is\n"
         io.close()
 
     run(scenario())

@@ -26,6 +26,9 @@ from kuasar.common.streaming_io import InputChannel, OutputChannel, StreamHub, s
 CHUNK = 32 * 1024
 # runc sends the pty master right after it creates the console; this only bounds a broken runc.
 CONSOLE_TIMEOUT = 60.0
+# How long stdin may still arrive after CloseIO without a terminal (see ProcessIO.close_stdin): what
+# containerd sends before it, which is in flight for milliseconds.
+STDIN_CLOSE_GRACE = 1.0
 
 
 async def _readable(fd: int) -> None:
@@ -201,11 +204,15 @@ class ProcessIO(ConsoleReceiver):
 
     def close_stdin(self) -> None:
         if not self.terminal:
-            # Nothing to do: our pump closes the pipe's write end at containerd's half-close of the
-            # stream, which is the process's end of input. containerd sends CloseIO right after
-            # closing its stdin, while the rest of the data and that half-close may still be on their
-            # way on the stream's own connection: stopping the pump here would drop them. (The runc
-            # backend's kuasar.common.fifo_stdio does nothing here either.)
+            # Our pump ends the process's input at the stream's half-close, which containerd sends
+            # just before CloseIO, on the stream's own connection: the rest of the data and that
+            # half-close may still be on their way, and stopping the pump now would drop them. A client
+            # that never half-closes still gets its CloseIO: after STDIN_CLOSE_GRACE the channel is
+            # released, and the pump ends once it has written what arrived.
+            sid = streaming_id(self.stdin) if self.stdin else None
+            channel = self.hub.channels.get(sid) if sid is not None else None
+            if channel is not None and self._stdin_task is not None and not self._stdin_task.done():
+                asyncio.get_running_loop().call_later(STDIN_CLOSE_GRACE, self._end_input, channel)
             return
         if self._stdin_task is not None:
             self._cancel(self._stdin_task)  # the copy into the pty stops and closes its copy of the master
@@ -213,6 +220,10 @@ class ProcessIO(ConsoleReceiver):
             sid = streaming_id(self.stdin)
             if sid is not None:
                 self.hub.release(sid)
+
+    def _end_input(self, channel: InputChannel | OutputChannel) -> None:
+        if self.hub.channels.get(channel.id) is channel:  # not a later process's of the same id
+            self.hub.release(channel.id)
 
     async def wait_output(self, timeout: float) -> None:  # noqa: ASYNC109
         """Give the output pumps up to `timeout` to reach end of file (after the process exited)."""
