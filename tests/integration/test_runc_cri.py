@@ -270,7 +270,7 @@ def test_pod_stop_kills_containers_and_remove_leaves_nothing(stack: Stack) -> No
             # In its pod's cgroup, though the parent is relative and the task server's own memory cgroup
             # need not be the root (runc puts a relative path under its own).
             assert Path("/sys/fs/cgroup/memory", cgroup_parent, cid).is_dir()
-            await wait_pod_process_in(Path("/sys/fs/cgroup/memory", cgroup_parent))
+            await wait_pod_process_in(Path("/sys/fs/cgroup/memory", cgroup_parent, pod_id))
             await client.stop_pod_sandbox(pod_id)
             assert (await client.container_status(cid)).status.state == cri.CONTAINER_EXITED
             assert (await client.pod_sandbox_status(pod_id)).status.state == cri.SANDBOX_NOTREADY
