@@ -14,10 +14,14 @@ What goes where (paths as seen on the target system; everything is written below
   on containerd's PATH (links to the ones in `$PREFIX/bin`);
 * `$SYSCONFDIR/kuasar/` (`/etc` for PREFIX=/usr, else `$PREFIX/etc`): one config per sandboxer, the shims'
   `shim.toml`, and the containerd fragments `containerd-kuasar.toml` (2.x) and `containerd-kuasar-1.6.toml`.
-  An existing config is never overwritten (a changed one is kept on uninstall too);
-* `$PREFIX/lib/systemd/system/` (`/usr/lib/systemd/system` for PREFIX=/usr): `kuasar-<type>.service`;
+  An existing config that differs from ours is never overwritten: ours goes beside it as `<name>.kuasar-new`
+  (a changed one is kept on uninstall too);
+* `$PREFIX/lib/systemd/system/` (`/usr/lib/systemd/system` for PREFIX=/usr): `kuasar-<type>.service`, kept
+  like a config when an administrator changed it (systemd ignores the `.kuasar-new` beside it);
 * `$PREFIX/share/kuasar/install-manifest.json`: every file, link and directory this install created, so
-  `uninstall` removes exactly those (configs only when unchanged).
+  `uninstall` removes exactly those (configs and units only when unchanged). With a DESTDIR, the shared
+  directories (`bin`, `etc`, `lib/systemd/system`, ...) were only missing from the staging tree: they are
+  recorded as such and removed by an uninstall with a DESTDIR only, never on the target system.
 """
 
 from __future__ import annotations
@@ -35,6 +39,8 @@ ROOT = HERE.parent
 MULTICALL = "kuasar"
 MANIFEST = "share/kuasar/install-manifest.json"
 STAMP = ".kuasar-build.json"  # written by build_binaries.py next to the binaries
+# Our version of a config or unit an administrator changed is written next to it under this suffix.
+NEW_SUFFIX = ".kuasar-new"
 # Built by `make setup` (the static program pod processes exec) and `make guest-image` (vmm's guest).
 PAUSE = ROOT / ".prefix" / "bin" / "kuasar-pause"
 GUEST_DIR = ROOT / "build" / "guest"
@@ -60,7 +66,8 @@ class Layout:
         self.prefix = Path(prefix)
         if not self.prefix.is_absolute():
             raise SystemExit(f"install: PREFIX must be absolute, not {prefix!r}")
-        self.destdir = Path(destdir) if destdir else None
+        # Absolute, so a relative DESTDIR means the same tree wherever a later step runs from.
+        self.destdir = Path(destdir).absolute() if destdir else None
         usr = self.prefix == Path("/usr")
         self.bindir = self.prefix / "bin"
         self.sysconfdir = Path(sysconfdir) if sysconfdir else (Path("/etc") if usr else self.prefix / "etc")
@@ -74,6 +81,11 @@ class Layout:
     def real(self, path: Path) -> Path:
         """Where `path` of the target system is written now (DESTDIR + path)."""
         return self.destdir / path.relative_to("/") if self.destdir else path
+
+    def owns(self, directory: Path) -> bool:
+        """A directory only kuasar uses (its configs, its share dir), as opposed to a shared one like bin."""
+        ours = (self.confdir, self.prefix / "share/kuasar")
+        return any(directory == d or d in directory.parents for d in ours)
 
 
 _digests: dict[tuple[int, int, int, int], str] = {}
@@ -99,14 +111,25 @@ class Installer:
         self.kept: list[str] = []
 
     def _mkdirs(self, directory: Path) -> None:
+        """Create `directory` and its missing parents, recording each one the target system lacked."""
+        destdir = self.layout.destdir
+        if destdir is not None:
+            destdir.mkdir(mode=0o755, parents=True, exist_ok=True)  # the staging root is not part of the install
         missing = []
         d = directory
-        while not self.layout.real(d).exists():
+        while d != d.parent and not self.layout.real(d).exists():  # Path("/").parent is "/" itself
             missing.append(d)
             d = d.parent
         for d in reversed(missing):
             self.layout.real(d).mkdir(mode=0o755)
-            self.entries.append({"type": "dir", "path": str(d)})
+            self.entries.append({"type": self._dir_type(d), "path": str(d)})
+
+    def _dir_type(self, directory: Path) -> str:
+        """A DESTDIR starts empty, so /usr, /usr/local/bin, ... are "created" there, yet on the target they
+        belong to the system: an uninstall there must not remove them even when they happen to be empty."""
+        if self.layout.destdir is None or self.layout.owns(directory):
+            return "dir"
+        return "stagedir"
 
     def _replace(self, path: Path) -> None:
         real = self.layout.real(path)
@@ -136,12 +159,15 @@ class Installer:
             self.entries.append({"type": "symlink", "path": str(dest), "target": str(target)})
 
     def text(self, content: str, dest: Path, mode: int = 0o644, keep_existing: bool = False) -> None:
+        """Write `dest`; with keep_existing, a file already there stays: an administrator's config or
+        unit (or an identical one from an earlier install). When it differs, ours goes beside it."""
         self._mkdirs(dest.parent)
         real = self.layout.real(dest)
-        if keep_existing and real.exists():
-            if real.read_text() != content:
+        if keep_existing and (real.exists() or real.is_symlink()):
+            if not real.is_file() or real.read_bytes() != content.encode():
                 self.kept.append(str(dest))
-            return  # an administrator's config (or an identical one from an earlier install) stays
+                self.text(content, dest.with_name(dest.name + NEW_SUFFIX), mode)
+            return
         tmp = real.with_name(f".{real.name}.new")
         tmp.write_text(content)
         os.chmod(tmp, mode)
@@ -184,9 +210,13 @@ def render_config(name: str, layout: Layout) -> str:
 
 
 def install(layout: Layout, dist: Path) -> Installer:
+    # Everything that can fail before a file is touched fails here: a re-install that stops half-way
+    # must not have removed the working install first.
+    programs = programs_in(dist)
+    configs = {name: render_config(name, layout) for name in CONFIGS}
+    units = {kind: render_unit(kind, layout) for kind in SANDBOXERS}
     if layout.real(layout.manifest).exists():
         uninstall(layout, quiet=True)  # a re-install replaces the previous one exactly
-    programs = programs_in(dist)
     installer = Installer(layout)
     installer.binary(dist / MULTICALL, layout.bindir / MULTICALL)
     for program in programs:
@@ -204,10 +234,11 @@ def install(layout: Layout, dist: Path) -> Installer:
             installer.binary(GUEST_DIR / name, layout.guestdir / name)
     else:
         print(f"install: no guest image in {GUEST_DIR} (run `make guest-image`): vmm pods cannot boot")
-    for name in CONFIGS:
-        installer.text(render_config(name, layout), layout.confdir / name, keep_existing=True)
-    for kind in SANDBOXERS:
-        installer.text(render_unit(kind, layout), layout.unitdir / f"kuasar-{kind}.service")
+    for name, content in configs.items():
+        installer.text(content, layout.confdir / name, keep_existing=True)
+    for kind, content in units.items():
+        # An edited unit survives uninstall (changed since install): re-installing must not overwrite it.
+        installer.text(content, layout.unitdir / f"kuasar-{kind}.service", keep_existing=True)
     installer.write_manifest(programs)
     return installer
 
@@ -223,7 +254,7 @@ def uninstall(layout: Layout, quiet: bool = False) -> list[str]:
     for entry in reversed(data["entries"]):
         path = Path(entry["path"])
         real = layout.real(path)
-        if entry["type"] == "dir":
+        if entry["type"] in ("dir", "stagedir"):
             continue
         if entry["type"] == "symlink":
             if real.is_symlink():
@@ -236,7 +267,9 @@ def uninstall(layout: Layout, quiet: bool = False) -> list[str]:
             continue
         real.unlink()
     manifest.unlink()
-    created = {Path(e["path"]) for e in data["entries"] if e["type"] == "dir"}
+    # "stagedir"s were only missing from a DESTDIR: on the target system they are not ours to remove.
+    dir_types = ("dir", "stagedir") if layout.destdir else ("dir",)
+    created = {Path(e["path"]) for e in data["entries"] if e["type"] in dir_types}
     for path in sorted(created, key=lambda p: -len(p.parts)):  # deepest first
         try:
             layout.real(path).rmdir()
@@ -268,8 +301,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     installer = install(layout, opts.dist)
     for path in installer.kept:
-        print(f"install: kept the existing {path} (the shipped version differs)")
-    files = sum(1 for e in installer.entries if e["type"] != "dir")
+        print(f"install: kept the existing {path} (the shipped version differs: it is in {path}{NEW_SUFFIX})")
+    files = sum(1 for e in installer.entries if e["type"] not in ("dir", "stagedir"))
     print(f"installed {files} files under {layout.prefix} (manifest {layout.manifest})")
     print(f"  containerd >= 2.1: add  imports = [\"{layout.confdir}/containerd-kuasar.toml\"]  to its config.toml")
     print(f"  containerd 1.6/1.7: add imports = [\"{layout.confdir}/containerd-kuasar-1.6.toml\"] "
