@@ -8,12 +8,14 @@ import base64
 import io
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 from click.testing import CliRunner
 
 from kuasar.common.api.runtime.v1 import api_pb2 as cri
-from kuasar.ctl import configs, logs, output, progress, sandboxers
+from kuasar.common.cri_client import CriClient
+from kuasar.ctl import cli, configs, logs, output, progress, sandboxers
 from kuasar.ctl.cli import main
 
 
@@ -232,6 +234,25 @@ def test_sandboxes_from_state_files(tmp_path: Path) -> None:
         "gvisor", "/run/kuasar/gvisor-sandboxer.sock", "/run/kuasar-gvisor")
 
 
+def test_sandboxes_ls_survives_damaged_state_records(tmp_path: Path) -> None:
+    # A state file with a non-integer pid (or created_at_ns), or one that is a JSON list, crashed the
+    # whole listing (ValueError/TypeError from int(), AttributeError from list.get).
+    write_record(tmp_path, "good", "web")
+    for sandbox_id, content in {"badpid": {"id": "badpid", "state": "ready", "pid": "forty-two",
+                                           "created_at_ns": [1]},
+                                "alist": ["not", "a", "record"]}.items():
+        (tmp_path / "sandboxes" / sandbox_id).mkdir()
+        (tmp_path / "sandboxes" / sandbox_id / "sandbox.json").write_text(json.dumps(content))
+    ref = sandboxers.SandboxerRef("runc", str(tmp_path / "absent.sock"), str(tmp_path))
+    rows = {r.id: r for r in sandboxers.list_sandboxes([ref])}
+    assert sorted(rows) == ["badpid", "good"]  # the list is skipped like a file that is not JSON
+    assert (rows["badpid"].pid, rows["badpid"].created_at_ns, rows["good"].pid) == (0, 0, 42)
+    result = CliRunner().invoke(main, ["sandboxes", "ls", "--type", "runc", "--address", ref.socket,
+                                       "--dir", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert "badpid" in result.output and "good" in result.output
+
+
 # -- the command line, offline -------------------------------------------------------------------------------
 def test_cli_offline_paths(tmp_path: Path) -> None:
     runner = CliRunner()
@@ -257,3 +278,97 @@ def test_cli_offline_paths(tmp_path: Path) -> None:
     assert result.exit_code == 1 and "runc pod: it has no guest" in result.output
     result = runner.invoke(main, ["sandboxes", "ls", "--address", "/x.sock"])
     assert result.exit_code == 1 and "exactly one --type" in result.output
+
+
+# -- the command line against a fake CRI client --------------------------------------------------------------
+class FakeRuntime:
+    """A RuntimeService stub behind a real CriClient: records what was sent and each call's RPC deadline."""
+
+    def __init__(self) -> None:
+        self.created: cri.ContainerConfig | None = None
+        self.exec_request: cri.ExecSyncRequest | None = None
+        self.exec_deadline: float | None = None
+
+    async def ListPodSandbox(self, request: object, timeout: float | None = None) -> cri.ListPodSandboxResponse:
+        return cri.ListPodSandboxResponse(items=[cri.PodSandbox(id="pod1")])
+
+    async def ListContainers(self, request: object, timeout: float | None = None) -> cri.ListContainersResponse:
+        return cri.ListContainersResponse(containers=[cri.Container(id="c1")])
+
+    async def CreateContainer(self, request: cri.CreateContainerRequest,
+                              timeout: float | None = None) -> cri.CreateContainerResponse:
+        self.created = request.config
+        return cri.CreateContainerResponse(container_id="c1")
+
+    async def ExecSync(self, request: cri.ExecSyncRequest, timeout: float | None = None) -> cri.ExecSyncResponse:
+        self.exec_request, self.exec_deadline = request, timeout
+        return cri.ExecSyncResponse(stdout=b"out\n", exit_code=0)
+
+
+@pytest.fixture
+def fake_cri(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> FakeRuntime:
+    """`run_cri` with a CriClient (the global --timeout's 60 s) whose stub is a FakeRuntime: no socket."""
+    runtime = FakeRuntime()
+
+    def run_cri(settings: cli.Settings, body: Any) -> Any:
+        client = CriClient("/nonexistent.sock", timeout=settings.timeout)
+        client._runtime = runtime  # type: ignore[assignment]
+        return asyncio.run(body(client))
+
+    monkeypatch.setattr(cli, "run_cri", run_cri)
+    monkeypatch.setenv(configs.STATE_ENV, str(tmp_path / "state"))
+    configs.remember_pod("pod1", configs.pod_config(name="p"))
+    return runtime
+
+
+def test_create_never_takes_words_after_double_dash_as_config_files(
+        fake_cri: FakeRuntime, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # `create POD --image busybox -- cat data.json` loaded data.json as the ContainerConfig (any existing
+    # *.json among the first two positionals was a config file, even after `--`) and ran `data.json`.
+    (tmp_path / "data.json").write_text('{"hello": "world"}')
+    monkeypatch.chdir(tmp_path)
+    runner = CliRunner()
+    result = runner.invoke(main, ["create", "pod1", "--image", "busybox", "--", "cat", "data.json"])
+    assert result.exit_code == 0, result.output
+    assert fake_cri.created is not None and list(fake_cri.created.command) == ["cat", "data.json"]
+    # Files are a leading run: a word that is not one ends it (`echo data.json` lost its `echo`).
+    result = runner.invoke(main, ["create", "pod1", "--image", "busybox", "echo", "data.json"])
+    assert result.exit_code == 0, result.output
+    assert list(fake_cri.created.command) == ["echo", "data.json"]
+    # Before the command (and before `--`) a file is still the container's config.
+    (tmp_path / "ctr.json").write_text(json.dumps({"metadata": {"name": "from-file"}, "image": {"image": "x"}}))
+    result = runner.invoke(main, ["create", "pod1", "ctr.json", "--", "cat", "data.json"])
+    assert result.exit_code == 0, result.output
+    assert fake_cri.created.metadata.name == "from-file"
+    assert list(fake_cri.created.command) == ["cat", "data.json"]
+
+
+def test_exec_timeout_zero_means_no_rpc_deadline(fake_cri: FakeRuntime) -> None:
+    # `exec --timeout 0` (the default, "0: none") still cut the call off after the global --timeout (60 s).
+    result = CliRunner().invoke(main, ["exec", "c1", "--", "sleep", "300"])
+    assert result.exit_code == 0, result.output
+    request = fake_cri.exec_request
+    assert request is not None and (list(request.cmd), request.timeout) == (["sleep", "300"], 0)
+    assert fake_cri.exec_deadline is None
+    # With a timeout, containerd's comes first: the deadline is that plus a grace (not the global 60 s).
+    result = CliRunner().invoke(main, ["exec", "--timeout", "5", "c1", "--", "true"])
+    assert result.exit_code == 0, result.output
+    request, deadline = fake_cri.exec_request, fake_cri.exec_deadline
+    assert request is not None and request.timeout == 5 and deadline is not None and 5 < deadline < 60
+
+
+@pytest.mark.parametrize("argv", [
+    ["runp", "--name", "p", "--attempt", "-1"], ["runp", "--name", "p", "--attempt", "5000000000"],
+    ["exec", "--timeout", "-1", "c1", "--", "true"], ["exec", "--timeout", str(2**63), "c1", "--", "true"],
+    ["stop", "-t", "-1", "c1"], ["stop", "-t", str(2**63), "c1"],
+])
+def test_int_options_outside_their_protobuf_field_are_usage_errors(
+        argv: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    # `runp --attempt -1` or 5000000000 (a uint32) ended in protobuf's ValueError traceback, as did seconds
+    # beyond int64 for exec/stop; negative seconds went on to containerd.
+    def no_rpc(*_: object) -> None:
+        raise AssertionError("a bad option must stop before any RPC")
+
+    monkeypatch.setattr(cli, "run_cri", no_rpc)
+    result = CliRunner().invoke(main, argv)
+    assert result.exit_code == 2 and "Invalid value" in result.output, (result.output, result.exception)

@@ -26,7 +26,7 @@ import grpc
 
 from kuasar.common import __version__
 from kuasar.common.api.runtime.v1 import api_pb2 as cri
-from kuasar.common.cri_client import CriClient
+from kuasar.common.cri_client import EXEC_SYNC_GRACE_S, CriClient
 
 from . import configs, logs, output, progress, sandboxers
 
@@ -38,6 +38,13 @@ CONTAINER_STATES = {"created": cri.CONTAINER_CREATED, "running": cri.CONTAINER_R
                     "exited": cri.CONTAINER_EXITED, "unknown": cri.CONTAINER_UNKNOWN}
 POD_STATES = {"ready": cri.SANDBOX_READY, "notready": cri.SANDBOX_NOTREADY}
 CONTEXT = {"help_option_names": ["-h", "--help"]}
+# Integer options go into protobuf fields, which raise a ValueError (a traceback) for what does not fit:
+# click checks the range instead. ATTEMPT is a uint32; SECONDS are int64 fields, but containerd turns
+# them into a Go time.Duration and we into a gRPC deadline, both int64 nanoseconds: 2**31 s is ~68 years.
+ATTEMPT = click.IntRange(0, 2**32 - 1)
+SECONDS = click.IntRange(0, 2**31 - 1)
+# `ctx.meta` key: how many of a command's words came after `--` (see CommandWithDashes).
+AFTER_DASHES = "kuasar.ctl.after_dashes"
 
 
 @dataclass
@@ -121,7 +128,7 @@ def main(ctx: click.Context, endpoint: str, timeout: float, as_json: bool, no_pr
 @click.option("--name", help="Pod name (metadata.name).")
 @click.option("--namespace", help="Pod namespace [default: default].")
 @click.option("--uid", help="Pod uid [default: random].")
-@click.option("--attempt", type=int)
+@click.option("--attempt", type=ATTEMPT)
 @click.option("--hostname")
 @click.option("--host-network/--pod-network", default=None,
               help="Share the host's network, or get one from CNI [default: host network].")
@@ -269,7 +276,29 @@ def _with_info(response: Any) -> dict[str, Any]:
 
 
 # -- containers ------------------------------------------------------------------------------------
-@main.command(context_settings={"ignore_unknown_options": False})
+class CommandWithDashes(click.Command):
+    """Click hands the words after `--` to a nargs=-1 argument together with the positionals before it;
+    this remembers how many there were (in ctx.meta[AFTER_DASHES]), as they are never options or files."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        ctx.meta[AFTER_DASHES] = len(args) - args.index("--") - 1 if "--" in args else 0
+        return super().parse_args(ctx, args)
+
+
+def split_create_args(args: Sequence[str], after_dashes: int) -> tuple[list[str], list[str]]:
+    """(config files, command) of `create POD [container.json [pod.json]] [-- COMMAND...]`: the files are
+    the existing *.json among the first two words, as a leading run that stops before the first other word
+    and before `--` (`create POD --image busybox -- cat data.json` runs `cat data.json`)."""
+    before_dashes = len(args) - min(after_dashes, len(args))
+    files: list[str] = []
+    for arg in args[:min(2, before_dashes)]:
+        if not (arg.endswith(".json") and Path(arg).is_file()):
+            break
+        files.append(arg)
+    return files, list(args[len(files):])
+
+
+@main.command(cls=CommandWithDashes, context_settings={"ignore_unknown_options": False})
 @click.argument("pod")
 @click.argument("args", nargs=-1)
 @click.option("--image", help="Image reference.")
@@ -293,8 +322,7 @@ def create(settings: Settings, pod: str, args: tuple[str, ...], image: str | Non
     Without a pod config file, the config `runp` used is taken (kuasar-ctl remembers it under
     $KUASAR_CTL_STATE or /run/kuasar/ctl), else rebuilt from the pod's status (kubelet's log directory).
     """
-    files = [a for a in args[:2] if a.endswith(".json") and Path(a).is_file()]
-    command = list(args[len(files):])
+    files, command = split_create_args(args, click.get_current_context().meta.get(AFTER_DASHES, 0))
     config_file = config_file or (files[0] if files else None)
     pod_file = pod_file or (files[1] if len(files) > 1 else None)
 
@@ -347,7 +375,7 @@ def start(settings: Settings, containers: tuple[str, ...], as_json: bool) -> Non
 
 @main.command()
 @click.argument("containers", nargs=-1, required=True)
-@click.option("-t", "--timeout", "grace", type=int, default=10, show_default=True,
+@click.option("-t", "--timeout", "grace", type=SECONDS, default=10, show_default=True,
               help="Seconds between SIGTERM and SIGKILL.")
 @json_option
 @click.pass_obj
@@ -449,7 +477,8 @@ def inspect(settings: Settings, container: str) -> None:
 @main.command(name="exec")
 @click.argument("container")
 @click.argument("command", nargs=-1, required=True)
-@click.option("--timeout", "exec_timeout", type=int, default=0, help="Seconds before containerd kills it (0: none).")
+@click.option("--timeout", "exec_timeout", type=SECONDS, default=0,
+              help="Seconds before containerd kills it (0: none).")
 @click.option("-i", "--interactive", is_flag=True, help="Not supported: interactive sessions need crictl.")
 @click.option("-t", "--tty", is_flag=True, help="Not supported: interactive sessions need crictl.")
 @json_option
@@ -466,8 +495,10 @@ def exec_(settings: Settings, container: str, command: tuple[str, ...], exec_tim
 
     async def body(client: CriClient) -> cri.ExecSyncResponse:
         found = await resolve_container(client, container)
-        client.timeout = max(settings.timeout, exec_timeout + 10)
-        return await client.exec_sync(found.id, list(command), timeout=exec_timeout)
+        # CriClient.exec_sync always keeps a deadline (a hung exec must not hang a test run); here the
+        # user decides, so the raw stub: none for --timeout 0, as with crictl.
+        request = cri.ExecSyncRequest(container_id=found.id, cmd=list(command), timeout=exec_timeout)
+        return await client.runtime.ExecSync(request, timeout=exec_deadline(exec_timeout))
 
     response = run_cri(settings, body)
     if settings.use_json(as_json):
@@ -479,6 +510,12 @@ def exec_(settings: Settings, container: str, command: tuple[str, ...], exec_tim
         sys.stderr.buffer.write(response.stderr)
         sys.stderr.buffer.flush()
     sys.exit(response.exit_code)
+
+
+def exec_deadline(exec_timeout: int) -> float | None:
+    """The ExecSync RPC deadline: none when containerd lets the command run for ever (0), else containerd's
+    timeout plus a grace, so containerd reports the timeout (with the output so far) before we cut the call."""
+    return None if exec_timeout == 0 else exec_timeout + EXEC_SYNC_GRACE_S
 
 
 @main.command(name="logs")

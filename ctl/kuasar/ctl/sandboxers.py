@@ -76,7 +76,8 @@ class SandboxerClient:
 
 
 def read_records(directory: str) -> dict[str, dict[str, Any]]:
-    """`{sandbox id: sandbox.json}` from a sandboxer's state dir; {} when it has none (or we may not read it)."""
+    """`{sandbox id: sandbox.json}` from a sandboxer's state dir; {} when it has none (or we may not read it).
+    A record that is not a JSON object is skipped like one that is not JSON at all."""
     root = Path(directory) / "sandboxes"
     found: dict[str, dict[str, Any]] = {}
     try:
@@ -85,9 +86,11 @@ def read_records(directory: str) -> dict[str, dict[str, Any]]:
         return found
     for entry in entries:
         try:
-            found[entry.name] = json.loads((entry / STATE_FILE).read_bytes())
+            record = json.loads((entry / STATE_FILE).read_bytes())
         except (OSError, ValueError):
             continue
+        if isinstance(record, dict):
+            found[entry.name] = record
     return found
 
 
@@ -100,10 +103,19 @@ def pod_names(record: dict[str, Any]) -> tuple[str, str]:
     return config.metadata.name, config.metadata.namespace
 
 
+def _int(value: Any) -> int:
+    """A record's number, or 0 (shown as "-") when the file holds something else: one damaged or
+    foreign state file must not take the whole listing down."""
+    try:
+        return int(value or 0)
+    except (TypeError, ValueError, OverflowError):
+        return 0
+
+
 def row_from_record(kind: str, sandbox_id: str, record: dict[str, Any]) -> SandboxRow:
     name, namespace = pod_names(record)
     return SandboxRow(id=sandbox_id, kind=kind, state=str(record.get("state", "unknown")),
-                      pid=int(record.get("pid") or 0), created_at_ns=int(record.get("created_at_ns") or 0),
+                      pid=_int(record.get("pid")), created_at_ns=_int(record.get("created_at_ns")),
                       name=name, namespace=namespace, address=str(record.get("address") or ""), record=record)
 
 
