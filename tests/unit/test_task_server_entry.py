@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import subprocess
 import sys
+import threading
+from pathlib import Path
 
 import pytest
 
-from kuasar.common.task_server import TaskServerLaunch, TaskServerSettings
+from kuasar.common.errors import Unavailable
+from kuasar.common.task_server import LOCK_FILE, TaskServerHandle, TaskServerLaunch, TaskServerSettings
 
 MODULES = ["kuasar.runc.task_server_main", "kuasar.wasm.task_server_main", "kuasar.quark.task_server_main"]
 
@@ -45,3 +50,37 @@ def test_the_daemon_proper_refuses_anything_but_a_spec_from_its_cli(args: list[s
     assert result.returncode == 2
     assert b"internal program, exec'd by a sandboxer's CLI" in result.stderr
     assert b"Traceback" not in result.stderr
+
+
+def test_a_sandboxer_starting_while_its_idle_task_server_probes_the_lock_still_gets_it(tmp_path: Path) -> None:
+    # An idle task server takes the sandboxer's lock for microseconds every 2 s to see whether a
+    # sandboxer is alive; a sandboxer starting in that moment refused to start ("another sandboxer").
+    probe = os.open(tmp_path / LOCK_FILE, os.O_RDWR | os.O_CREAT)
+    fcntl.flock(probe, fcntl.LOCK_EX)
+    threading.Timer(0.05, os.close, (probe,)).start()  # the probe lets go
+    handle = TaskServerHandle(tmp_path, None)  # type: ignore[arg-type]
+    handle.hold_lock()
+    assert not _lock_is_free(tmp_path)
+
+
+def test_a_lock_held_by_a_live_sandboxer_is_refused_and_can_be_taken_once_it_is_gone(tmp_path: Path) -> None:
+    other = os.open(tmp_path / LOCK_FILE, os.O_RDWR | os.O_CREAT)
+    fcntl.flock(other, fcntl.LOCK_EX)
+    handle = TaskServerHandle(tmp_path, None)  # type: ignore[arg-type]
+    with pytest.raises(Unavailable, match="another sandboxer"):
+        handle.hold_lock()
+    os.close(other)
+    handle.hold_lock()  # it kept the closed fd's number as if it held the lock
+    assert not _lock_is_free(tmp_path)
+
+
+def _lock_is_free(directory: Path) -> bool:
+    """Whether another open file could take the lock (flock is per open file: this one sees ours)."""
+    probe = os.open(directory / LOCK_FILE, os.O_RDWR)
+    try:
+        fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(probe)

@@ -21,6 +21,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 import traceback
 from collections.abc import Callable, Coroutine
 from dataclasses import asdict, dataclass, field
@@ -56,6 +57,10 @@ IDLE_CHECK_INTERVAL = 2.0
 PROCESS_NAME = "task-server"
 # A fresh task server binds its socket in well under a second; this only bounds a broken start.
 START_TIMEOUT = 20.0
+# An idle task server probes the sandboxer's lock (_sandboxer_alive) every IDLE_CHECK_INTERVAL, holding
+# it for microseconds: a sandboxer starting then tries again for a while before it calls the lock taken.
+LOCK_ATTEMPTS = 20
+LOCK_RETRY_S = 0.01
 CALL_TIMEOUT = 60.0
 
 
@@ -213,12 +218,17 @@ class TaskServerHandle:
     def hold_lock(self) -> None:
         if self._lock_fd >= 0:
             return
-        self._lock_fd = os.open(self.directory / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(self._lock_fd)
-            raise Unavailable(f"another sandboxer already serves {self.directory}") from None
+        fd = os.open(self.directory / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        for attempt in range(LOCK_ATTEMPTS):
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if attempt == LOCK_ATTEMPTS - 1:
+                    os.close(fd)
+                    raise Unavailable(f"another sandboxer already serves {self.directory}") from None
+                time.sleep(LOCK_RETRY_S)  # before the loop: a probe of an idle task server's holds it
+        self._lock_fd = fd
 
     async def connect(self) -> TtrpcClient:
         async with self._connecting:
