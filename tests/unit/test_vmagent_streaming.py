@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import struct
 import tempfile
 from collections.abc import Iterator
 
@@ -18,6 +19,7 @@ from kuasar.common.api.containerd.types.transfer import streaming_pb2 as transfe
 from kuasar.common.errors import InvalidArgument
 from kuasar.common.streaming_io import StreamHub, streaming_id
 from kuasar.common.ttrpc import ClientStream, TtrpcClient, TtrpcServer
+from kuasar.common.ttrpc.frames import MAX_MESSAGE_SIZE
 from kuasar.vmagent.stdio import ProcessIO, pump_in, pump_out
 from tests.support.aio import run_bounded as run
 
@@ -264,6 +266,34 @@ def test_stdin_survives_containerd_leaving_right_after_half_close(sock: str) -> 
         await client.close()  # at once: the server may see end of file before handling the messages
         assert await channel.read() == b"last words"
         assert await channel.read() is None
+        await server.close()
+
+    run(scenario())
+
+
+def test_a_stdin_stream_refused_for_an_oversized_frame_does_not_end_the_input(sock: str) -> None:
+    # The refused stream's buffer was closed without an error, which reads as containerd's half-close:
+    # the process's stdin ended although nobody closed it (a new stream may still bring more).
+    async def scenario() -> None:
+        server, hub = await serving(sock)
+        channel = hub.input("c5-stdin")
+        client, stream = await containerd_open(sock, "c5-stdin")
+        await stream.recv()  # the first window
+        await stream.send(pack("containerd.types.transfer.Data", transfer.Data(data=b"before ")))
+        assert await channel.read() == b"before "
+        size = MAX_MESSAGE_SIZE + 1  # one frame over the limit, as a broken client might send
+        client._writer.write(struct.pack(">IIBB", size, stream.stream_id, 2, 0) + b"\0" * size)
+        await client._writer.drain()
+        await asyncio.sleep(0.2)
+        assert None not in channel.chunks and not channel.released
+        again, stream = await containerd_open(sock, "c5-stdin")  # the input goes on on a new stream
+        await stream.send(pack("containerd.types.transfer.Data", transfer.Data(data=b"after")))
+        await stream.close_send()
+        assert await channel.read() == b"after"
+        assert await channel.read() is None
+        for done in (client, again):
+            await done.close()
+        hub.release("c5-stdin")
         await server.close()
 
     run(scenario())

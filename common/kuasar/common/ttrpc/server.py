@@ -16,7 +16,15 @@ from types import MappingProxyType
 from google.protobuf.message import DecodeError, Message
 
 from kuasar.common.api.ttrpc import request_pb2
-from kuasar.common.errors import AlreadyExists, Code, Internal, InvalidArgument, KuasarError, from_code
+from kuasar.common.errors import (
+    AlreadyExists,
+    Code,
+    Internal,
+    InvalidArgument,
+    KuasarError,
+    ResourceExhausted,
+    from_code,
+)
 from kuasar.common.request_timing import TIMING
 
 from .connection import MessageRefused, NewRequest, ServerConnection, StreamClosed, StreamData, status_response
@@ -150,7 +158,8 @@ class _ServerConn:
             task.cancel()
         stream = self.streams.pop(event.stream_id, None)
         if stream is not None:
-            stream._inbox.close()
+            # With the error: a clean close reads as the client's half-close (a process's end of stdin).
+            stream._inbox.close(ResourceExhausted(event.message))
         await self.write(self.proto.refuse(event))
 
     def _start(self, event: NewRequest, received: int = 0) -> None:
