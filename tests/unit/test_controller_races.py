@@ -136,6 +136,23 @@ def test_wait_returns_when_saving_the_exit_fails(tmp_path: Path, monkeypatch) ->
     asyncio.run(main())
 
 
+def test_a_started_pod_whose_record_cannot_be_saved_still_has_its_exit_seen(tmp_path: Path, monkeypatch) -> None:
+    # Start's save failed after the pod started: nothing watched its exit, so Stop waited out its
+    # timeout and reported the exit lost.
+    monkeypatch.setattr(controller_module, "STOP_EXIT_TIMEOUT", 5.0)
+
+    async def main() -> None:
+        sandboxer = MemorySandboxer()
+        controller = SandboxController(sandboxer, tmp_path / "state")
+        await controller.create(record())
+        monkeypatch.setattr(controller.store, "save", disk_full)
+        with pytest.raises(OSError, match="No space left"):
+            await controller.start(SID)
+        await asyncio.wait_for(controller.stop(SID, 0), 2)
+        assert (await asyncio.wait_for(controller.wait(SID), 2)).exit_status == 137
+    asyncio.run(main())
+
+
 def test_a_create_whose_record_cannot_be_saved_leaves_no_state(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setattr(state, "_write_all", disk_full)
 

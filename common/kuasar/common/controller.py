@@ -142,8 +142,10 @@ class SandboxController:
             record.pid, record.address, record.version = result.pid, result.address, result.version
             record.labels.update(result.labels)
             record.state = SandboxState.READY
-            self.save(record)
+            # Watched before it is saved: a save that fails is Start's error to report, but the pod runs
+            # (containerd will stop it), and Stop and Wait need its exit.
             self._watch(record)
+            self.save(record)
         log.info("sandbox %s started pid=%d address=%s", sandbox_id, record.pid, record.address)
         return record
 
