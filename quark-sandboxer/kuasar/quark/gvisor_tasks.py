@@ -23,6 +23,7 @@ import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
 from google.protobuf import empty_pb2
 
@@ -76,6 +77,9 @@ LOST_EXIT_STATUS = 255
 KILLED_EXIT_STATUS = 128 + signal.SIGKILL
 # How long a failed kill waits to see whether the container had just exited (and the failure is moot).
 KILL_RACE_GRACE = 1.0
+# Removing a pod's containers: how long SIGKILLed ones get for their `runsc wait` to report the exit
+# (milliseconds when the sandbox is healthy) before they are deleted by force anyway.
+POD_REMOVE_WAIT = 10.0
 
 
 @dataclass
@@ -103,11 +107,13 @@ class Container(TaskContainer):
 
 
 def _read_pid(pid_file: Path) -> int:
-    """The exec's pid inside the sandbox, 0 if runsc wrote none (it ran and exited at once)."""
+    """The exec's pid inside the sandbox, 0 while runsc has not written it (yet): runsc creates the file
+    and then writes it, so a reader may find it empty; only a positive number is a pid."""
     try:
-        return int(pid_file.read_text().strip())
+        pid = int(pid_file.read_text().strip())
     except (OSError, ValueError):
         return 0
+    return max(pid, 0)
 
 
 class GvisorTasks(TerminalTasks):
@@ -137,8 +143,22 @@ class GvisorTasks(TerminalTasks):
         return gvisor_net.network_mode(own_netns, self.config.network, self.config.host_network,
                                        bool(self._netstack_ok))
 
+    def _refuse_known_id(self, runsc_id: str) -> None:
+        """Pods and containers share runsc's ids: a second one under an id runsc already has fails in
+        runsc, and that failure's cleanup (`runsc delete --force <id>`) would destroy the first. Called
+        with the id's lock held, which every Create, pod launch and pod release takes."""
+        if runsc_id in self.pods or runsc_id in self.containers:
+            raise AlreadyExists(f"{runsc_id} already exists (a pod or a container)")
+        if self.runsc.has(runsc_id):  # none of ours (one a dead task server left): not ours to delete
+            raise AlreadyExists(f"runsc already has a container {runsc_id}")
+
     async def launch_pod(self, req: pods.CreatePodRequest, cgroup: cgroups.PodCgroup | None) -> int:
         pod_id = validate_id(req.id, "pod id")
+        async with self._lock(pod_id):
+            self._refuse_known_id(pod_id)
+            return await self._launch_pod(pod_id, req, cgroup)
+
+    async def _launch_pod(self, pod_id: str, req: pods.CreatePodRequest, cgroup: cgroups.PodCgroup | None) -> int:
         # Inside the pod's directory, next to the pod's files the sandboxer writes there meanwhile.
         bundle = pod_dir(self.directory, pod_id) / SANDBOX_BUNDLE
         rootfs = gvisor_pod.ensure_pause_rootfs(self.directory)
@@ -193,9 +213,10 @@ class GvisorTasks(TerminalTasks):
                     log.error("runsc container %s: unmounting its rootfs: %s", leftover.id, exc)
 
     async def release_pod(self, pod_id: str) -> None:
-        pod = self.pods.pop(pod_id, None)
-        if pod is not None:
-            await self._destroy_sandbox(pod)
+        async with self._lock(pod_id):  # no Create may take the id while runsc still has it
+            pod = self.pods.pop(pod_id, None)
+            if pod is not None:
+                await self._destroy_sandbox(pod)
 
     async def _destroy_sandbox(self, pod: GvisorPod) -> None:
         try:
@@ -209,8 +230,7 @@ class GvisorTasks(TerminalTasks):
         validate_id(req.id, "container id")
         bundle = host_bundle(req.bundle)
         async with self._lock(req.id):
-            if req.id in self.containers:
-                raise AlreadyExists(f"container {req.id} already exists")
+            self._refuse_known_id(req.id)
             spec = read_bundle_spec(bundle)
             annotations = spec.get("annotations") or {}
             pod_id = annotations.get(gvisor_pod.SANDBOX_ID, "")
@@ -225,6 +245,7 @@ class GvisorTasks(TerminalTasks):
             if req.rootfs:
                 mounts.mount_rootfs(req.rootfs, bundle / "rootfs")
                 container.rootfs_mounted = True
+            created = False  # whether runsc may hold a container this call made
             try:
                 rewrite_container_spec(bundle, spec, pod_dir(self.directory, pod_id))
                 # runsc hands a sub-container the stdio of `runsc start`, so the FIFOs wait for Start; a
@@ -232,6 +253,7 @@ class GvisorTasks(TerminalTasks):
                 console = self._listen_console(io)
                 receiving = asyncio.ensure_future(io.receive_console()) if console is not None else None
                 try:
+                    created = True
                     await self.runsc.create(req.id, bundle, bundle / "init.pid", pod.network, Stdio(), console)
                     if receiving is not None:
                         await receiving
@@ -242,7 +264,8 @@ class GvisorTasks(TerminalTasks):
             except BaseException:
                 io.close()
                 try:
-                    await self.runsc.delete(req.id, pod.network)
+                    if created:  # and the id is no other pod's or container's: _refuse_known_id
+                        await self.runsc.delete(req.id, pod.network)
                 except KuasarError as exc:  # keep the original error
                     log.warning("container %s: cleaning up after a failed create: %s", req.id, exc.message)
                 if container.rootfs_mounted:
@@ -300,26 +323,31 @@ class GvisorTasks(TerminalTasks):
         self._publish_exit(container, proc)
 
     async def _exec_started(self, container: Container, pid_file: Path, log_path: Path, process_json: Path,
-                            exited: asyncio.Future[Exit]) -> None:
-        """Until runsc wrote the exec's pid, or failed before running anything (it then exits 128
-        and says why)."""
+                            exited: asyncio.Future[Exit]) -> int:
+        """The exec's pid inside the sandbox once runsc wrote it, 0 if the runner exited first (the
+        process ran and ended at once); RuntimeFailure if runsc failed before running anything (it
+        then exits 128 and says why)."""
+        pid = 0
         try:
             async with asyncio.timeout(EXEC_START_TIMEOUT):
-                # runsc writes the file from another process: nothing to await but the file itself.
-                while not pid_file.exists() and not exited.done():  # noqa: ASYNC110
+                # runsc writes the file from another process: nothing to await but the file itself, which
+                # exists (empty) a moment before the pid is in it.
+                while not (pid := _read_pid(pid_file)) and not exited.done():  # noqa: ASYNC110
                     await asyncio.sleep(EXEC_POLL_INTERVAL)
         except TimeoutError:
             raise RuntimeFailure(f"runsc exec in {container.id} did not start within {EXEC_START_TIMEOUT:.0f}s") \
                 from None
         finally:
             process_json.unlink(missing_ok=True)
-        if pid_file.exists():
-            return
+        pid = pid or _read_pid(pid_file)  # a runner that exited has written all it ever will
+        if pid:
+            return pid
         result = exited.result() if exited.done() else None
         if result is not None and result.status == RUNSC_FAILURE:
             message = last_error(log_path) or "no message"
             log_path.unlink(missing_ok=True)
             raise RuntimeFailure(f"runsc exec in {container.id} failed: {message}")
+        return 0
 
     async def _start_exec(self, container: Container, proc: Process) -> None:
         process_json = container.bundle / f"{proc.id}.process.json"
@@ -349,11 +377,12 @@ class GvisorTasks(TerminalTasks):
         try:
             if master >= 0:
                 proc.io.attach_master(master)
-            await self._exec_started(container, pid_file, log_path, process_json, exited)
-            proc.internal_pid = _read_pid(pid_file)
+            proc.internal_pid = await self._exec_started(container, pid_file, log_path, process_json, exited)
         except BaseException:
-            # The runner must not go on unwatched, and a retried Start must not find its pid.
-            signal_quietly(proc.pid, signal.SIGKILL)
+            # The runner must not go on unwatched, and a retried Start must not find its pid. One whose
+            # exit is in was reaped: its pid may be another process's by now.
+            if not exited.done():
+                signal_quietly(proc.pid, signal.SIGKILL)
             with contextlib.suppress(asyncio.CancelledError, TimeoutError):
                 await asyncio.wait_for(asyncio.shield(exited), EXEC_KILL_WAIT)
             proc.io.close()
@@ -387,23 +416,35 @@ class GvisorTasks(TerminalTasks):
         if proc.status == types.STOPPED:
             raise NotFound(f"process {req.exec_id or req.id} already finished")
         if req.exec_id:
-            if proc.internal_pid:
-                try:
-                    await self.runsc.kill(req.id, req.signal, container.pod.network, pid=proc.internal_pid)
-                except KuasarError as exc:  # it ended meanwhile: the runner reports the exit
-                    log.debug("kill exec %s/%s: %s", req.id, req.exec_id, exc.message)
+            await self._kill_exec(container, proc, req.signal)
             return empty_pb2.Empty()
         try:
             await self.runsc.kill(req.id, req.signal, container.pod.network, all_processes=req.all)
         except KuasarError as exc:
             # runsc refuses to signal a container that has just stopped; its `runsc wait` says so shortly.
-            try:
-                async with asyncio.timeout(KILL_RACE_GRACE):
-                    await proc.exited.wait()
-            except TimeoutError:
-                raise exc from None
-            raise NotFound(f"process {req.id} already finished") from None
+            await self._finished_meanwhile(proc, req.id, exc)
         return empty_pb2.Empty()
+
+    async def _kill_exec(self, container: Container, proc: Process, sig: int) -> None:
+        if proc.status == types.CREATED:  # as containerd's runc shim: no process to signal yet
+            raise FailedPrecondition(f"exec {proc.id} in container {container.id} is not started")
+        if not proc.internal_pid:
+            # Only a runner that exited before runsc wrote the pid leaves none: its exit is on its way.
+            await self._finished_meanwhile(proc, proc.id, FailedPrecondition(
+                f"exec {proc.id} in container {container.id}: its pid inside the sandbox is unknown"))
+        try:
+            await self.runsc.kill(container.id, sig, container.pod.network, pid=proc.internal_pid)
+        except KuasarError as exc:  # it ended meanwhile: the runner reports the exit
+            log.debug("kill exec %s/%s: %s", container.id, proc.id, exc.message)
+
+    async def _finished_meanwhile(self, proc: Process, name: str, error: KuasarError) -> NoReturn:
+        """A kill that could not be made: NotFound if `proc` turns out to have just exited, else `error`."""
+        try:
+            async with asyncio.timeout(KILL_RACE_GRACE):
+                await proc.exited.wait()
+        except TimeoutError:
+            raise error from None
+        raise NotFound(f"process {name} already finished") from None
 
     def _delete_response(self, proc: Process) -> task.DeleteResponse:
         # Unlike the other backends, a task deleted before it ran is answered with the time of the delete.
@@ -446,20 +487,28 @@ class GvisorTasks(TerminalTasks):
         return task.StatsResponse(stats=gvisor_stats.to_metrics(data))
 
     # -- control -----------------------------------------------------------------------------------
+    # Both hold the container's lock, so a Pause, a Resume and a Delete of it do not interleave. Nothing
+    # they await needs it: Kill and what records an exit (`_wait_init`, an exec's runner) never lock.
     async def pause(self, req: task.PauseRequest, ctx: Context) -> empty_pb2.Empty:
-        container = self._get(req.id)
-        await self.runsc.pause(req.id, container.pod.network)
-        container.init.status = types.PAUSED
+        async with self._holding(req.id) as container:
+            _require_init(container, types.RUNNING)
+            await self.runsc.pause(req.id, container.pod.network)
+            # The init's exit may have been seen while runsc ran: a stopped container stays stopped (or
+            # Delete would refuse it for ever as still running).
+            _require_init(container, types.RUNNING)
+            container.init.status = types.PAUSED
         self._publish_paused(req.id, True, container.namespace)
         return empty_pb2.Empty()
 
     async def resume(self, req: task.ResumeRequest, ctx: Context) -> empty_pb2.Empty:
-        container = self._get(req.id)
-        await self.runsc.resume(req.id, container.pod.network)
-        container.init.status = types.RUNNING
+        async with self._holding(req.id) as container:
+            _require_init(container, types.PAUSED)
+            await self.runsc.resume(req.id, container.pod.network)
+            if container.init.status != types.PAUSED:  # an exit seen while runsc ran (a pending kill)
+                return empty_pb2.Empty()
+            container.init.status = types.RUNNING
         self._publish_paused(req.id, False, container.namespace)
         return empty_pb2.Empty()
-
 
     # -- pod hooks (kuasar.common.pod_service.PodContainers) -----------------------------------------
     def pod_container_ids(self, pod_id: str) -> list[str]:
@@ -477,14 +526,16 @@ class GvisorTasks(TerminalTasks):
                     log.warning("pod %s: killing container %s: %s", pod_id, container.id, exc.message)
 
     async def wait_pod_containers(self, pod_id: str, timeout: float) -> bool:
+        # A created container's init has no `runsc wait` yet: nothing would ever report its exit.
         return await wait_exited([c.init for c in self.containers.values()
-                                  if c.pod.id == pod_id and c.init.status != types.STOPPED], timeout)
+                                  if c.pod.id == pod_id and _reports_exit(c)], timeout)
 
     async def remove_pod_containers(self, pod_id: str) -> None:
-        for container in [c for c in self.containers.values() if c.pod.id == pod_id]:
-            if container.init.status != types.STOPPED:
-                await self.kill_pod_containers(pod_id, signal.SIGKILL)
-                await self.wait_pod_containers(pod_id, 10.0)
+        containers = [c for c in self.containers.values() if c.pod.id == pod_id]
+        if any(_reports_exit(c) for c in containers):
+            await self.kill_pod_containers(pod_id, signal.SIGKILL)
+            await self.wait_pod_containers(pod_id, POD_REMOVE_WAIT)
+        for container in containers:  # a created one goes by `runsc delete --force`, unwaited
             async with self._lock(container.id):
                 if self.containers.get(container.id) is not container:
                     continue  # a Delete got there first
@@ -493,3 +544,14 @@ class GvisorTasks(TerminalTasks):
                         self._exited(container, proc, KILLED_EXIT_STATUS)
                 await self._remove(container)
             log.info("pod %s: removed leftover container %s", pod_id, container.id)
+
+
+def _reports_exit(container: Container) -> bool:
+    """Whether the container's init was started, so its `runsc wait` will report its exit."""
+    return container.waiter is not None and container.init.status in (types.RUNNING, types.PAUSED)
+
+
+def _require_init(container: Container, status: int) -> None:
+    if container.init.status != status:
+        raise FailedPrecondition(f"container {container.id} is {types.Status.Name(container.init.status).lower()}, "
+                                 f"not {types.Status.Name(status).lower()}")

@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -90,6 +91,15 @@ def unmount_all_under(directory: Path) -> list[Path]:
     return mounts_under(directory)
 
 
+def _undo(what: str, step: Callable[[], None]) -> None:
+    """One step of undoing a failed layout: its own failure is logged, so the layout's error is the one
+    raised."""
+    try:
+        step()
+    except OSError as exc:
+        log.error("quark: undoing the layout of %s: %s", what, exc)
+
+
 class QuarkContainers:
     """The container bundles of one Quark sandbox; `state` is the persisted part (a JSON-able dict)."""
 
@@ -98,14 +108,31 @@ class QuarkContainers:
         self.state = state  # {cid: {"mounts": [host paths], "io": {...}, "execs": {exec: [host paths]}}}
 
     def apply(self, tasks: dict[str, dict[str, Any]]) -> None:
-        """Diff the announced tasks against what is laid out and append, update or remove."""
-        for cid in [c for c in self.state if c not in tasks]:
-            self.remove(cid)
-        for cid, entry in tasks.items():
-            if cid not in self.state:
-                self.append(cid, entry)
-            else:
-                self.update(cid, entry)
+        """Diff the announced tasks against what is laid out and append, update or remove.
+
+        A failed Update leaves the sandbox's record as it was (the controller restores it), so a failure
+        here undoes what this call laid out before it is raised: mounts the record no longer names would
+        stay for good. What is removed cannot be put back, so removals come last, once nothing new can fail.
+        """
+        added: list[str] = []  # containers laid out by this call
+        added_execs: list[tuple[str, str]] = []  # (cid, exec id) of execs added to containers already there
+        try:
+            for cid, entry in tasks.items():
+                if cid not in self.state:
+                    self.append(cid, entry)
+                    added.append(cid)
+                else:
+                    self._add_execs(cid, entry, added_execs)
+            for cid in [c for c in self.state if c not in tasks]:
+                self.remove(cid)
+            for cid, entry in tasks.items():
+                self._remove_execs(cid, entry)
+        except BaseException:
+            for cid, exec_id in reversed(added_execs):
+                _undo(f"exec {exec_id} of {cid}", lambda cid=cid, exec_id=exec_id: self._remove_exec(cid, exec_id))
+            for cid in reversed(added):
+                _undo(f"container {cid}", lambda cid=cid: self.remove(cid))
+            raise
 
     def _bind(self, source: str, target: Path, done: list[str]) -> None:
         if not os.path.isabs(source) or not os.path.exists(source):
@@ -119,11 +146,21 @@ class QuarkContainers:
         done.append(str(target))
 
     def append(self, cid: str, entry: dict[str, Any]) -> None:
-        cbundle = self.bundle / validate_id(cid, "task_id")
+        """Lay a new container out; on failure, undo all of it (see apply) before raising."""
+        validate_id(cid, "task_id")
+        try:
+            self._lay_out(cid, entry)
+        except BaseException:
+            _undo(f"container {cid}", lambda: self.remove(cid))
+            raise
+        log.info("quark: container %s laid out in %s", cid, self.bundle / cid)
+
+    def _lay_out(self, cid: str, entry: dict[str, Any]) -> None:
+        cbundle = self.bundle / cid
         rootfs = cbundle / "rootfs"
         done: list[str] = []
         record: dict[str, Any] = {"mounts": done, "io": {}, "execs": {}}
-        self.state[cid] = record  # recorded first: a failure half-way is still unmounted by remove()
+        self.state[cid] = record  # recorded first: what a failure half-way made is in it for remove()
         spec = dict(entry.get("spec") or {})
         rootfs_mounts = [OciMount(str(m.get("type", "")), str(m.get("source", "")), tuple(m.get("options") or ()))
                          for m in entry.get("rootfs") or []]
@@ -152,27 +189,37 @@ class QuarkContainers:
         write_atomic(cbundle / "config.json", json.dumps(spec).encode())
         for process in entry.get("processes") or []:
             self._add_exec(cid, process)
-        log.info("quark: container %s laid out in %s", cid, cbundle)
 
-    def _add_exec(self, cid: str, process: dict[str, Any]) -> None:
+    def _add_exec(self, cid: str, process: dict[str, Any]) -> str:
+        """Bind an exec's stdio; on failure, undo that (see apply) before raising."""
         exec_id = validate_id(str(process.get("exec_id", "")), "exec_id")
-        done: list[str] = []
-        self.state[cid]["execs"][exec_id] = done
-        for name in STDIO:
-            path = str(process.get(name) or "")
-            if path:
-                self._bind(path, self.bundle / cid / f"{exec_id}-{name}", done)
+        self.state[cid]["execs"][exec_id] = done = []
+        try:
+            for name in STDIO:
+                path = str(process.get(name) or "")
+                if path:
+                    self._bind(path, self.bundle / cid / f"{exec_id}-{name}", done)
+        except BaseException:
+            _undo(f"exec {exec_id} of {cid}", lambda: self._remove_exec(cid, exec_id))
+            raise
+        return exec_id
 
-    def update(self, cid: str, entry: dict[str, Any]) -> None:
-        wanted = {str(p.get("exec_id", "")): p for p in entry.get("processes") or []}
-        execs = self.state[cid]["execs"]
-        for exec_id in [e for e in execs if e not in wanted]:
-            for target in reversed(execs.pop(exec_id)):
-                unmount(Path(target))
-                Path(target).unlink(missing_ok=True)
-        for exec_id, process in wanted.items():
-            if exec_id not in execs:
-                self._add_exec(cid, process)
+    def _add_execs(self, cid: str, entry: dict[str, Any], added: list[tuple[str, str]]) -> None:
+        """Lay out the container's execs that are new in `entry`, each noted in `added` once it is."""
+        for process in entry.get("processes") or []:
+            if str(process.get("exec_id", "")) not in self.state[cid]["execs"]:
+                added.append((cid, self._add_exec(cid, process)))
+
+    def _remove_execs(self, cid: str, entry: dict[str, Any]) -> None:
+        """Release the container's execs that `entry` no longer has."""
+        wanted = {str(p.get("exec_id", "")) for p in entry.get("processes") or []}
+        for exec_id in [e for e in self.state[cid]["execs"] if e not in wanted]:
+            self._remove_exec(cid, exec_id)
+
+    def _remove_exec(self, cid: str, exec_id: str) -> None:
+        for target in reversed(self.state[cid]["execs"].pop(exec_id, [])):
+            unmount(Path(target))
+            Path(target).unlink(missing_ok=True)
 
     def remove(self, cid: str) -> None:
         record = self.state.pop(cid, None) or {}

@@ -127,6 +127,11 @@ class Runsc:
                                       sandbox_of.get(container_id, container_id)))
         return found
 
+    def has(self, container_id: str) -> bool:
+        """Whether our root holds runsc's state of a container (or sandbox) `container_id`: its
+        `<container id>_sandbox:<sandbox id>.state` (an id is letters, digits and `._-`: no glob)."""
+        return any(self.root.glob(f"{container_id}_sandbox:*.state"))
+
     async def pause(self, container_id: str, network: str) -> None:
         await self._run(network, ["pause", container_id])
 

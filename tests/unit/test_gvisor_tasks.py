@@ -1,0 +1,372 @@
+"""The gVisor Task API against a fake runsc: Pause/Resume racing an exit, ids that pods and containers
+share in runsc, removing a pod's never-started containers, and an exec's pid inside the sandbox."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kuasar.common.api.containerd.runtime.task.v2 import shim_pb2 as task
+from kuasar.common.api.containerd.types.task import task_pb2 as types
+from kuasar.common.api.kuasar.pods.v1 import pods_pb2 as pods
+from kuasar.common.errors import AlreadyExists, FailedPrecondition, NotFound, RuntimeFailure
+from kuasar.common.fifo_stdio import ProcessIO
+from kuasar.common.reaper import Exit, Reaper
+from kuasar.quark import gvisor_pod
+from kuasar.quark import gvisor_tasks as gt
+from kuasar.quark.config import QuarkConfig
+from kuasar.quark.runsc import RUNSC_FAILURE, Runsc
+
+
+class Events:
+    def __init__(self) -> None:
+        self.topics: list[str] = []
+
+    def publish(self, topic: str, message: object, namespace: str = "") -> None:
+        self.topics.append(topic)
+
+
+class Ctx:
+    namespace = "k8s.io"
+
+
+class FakeRunsc(Runsc):
+    """runsc's command line, recorded instead of run (`has` is the real one, over a real root)."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(Reaper(), root)
+        self.calls: list[tuple[str, str]] = []
+
+    async def create(self, container_id: str, bundle: Path, pid_file: Path, network: str, stdio: Any,
+                     console_socket: Path | None = None) -> None:
+        self.calls.append(("create", container_id))
+        pid_file.write_text("4242")
+
+    async def start(self, container_id: str, bundle: Path, network: str, stdio: Any = None) -> None:
+        self.calls.append(("start", container_id))
+
+    async def delete(self, container_id: str, network: str) -> None:
+        self.calls.append(("delete", container_id))
+
+    async def kill(self, container_id: str, signal: int, network: str, *, all_processes: bool = False,
+                   pid: int = 0) -> None:
+        self.calls.append(("kill", f"{container_id}:{pid}" if pid else container_id))
+
+    async def pause(self, container_id: str, network: str) -> None:
+        self.calls.append(("pause", container_id))
+
+    async def resume(self, container_id: str, network: str) -> None:
+        self.calls.append(("resume", container_id))
+
+
+def make_tasks(tmp_path: Path, runsc_class: type[FakeRunsc] = FakeRunsc) -> tuple[gt.GvisorTasks, FakeRunsc, Events]:
+    events = Events()
+    tasks = gt.GvisorTasks(Reaper(), events, tmp_path, QuarkConfig(backend="runsc"))  # type: ignore[arg-type]
+    runsc = runsc_class(tmp_path / "runsc")
+    tasks.runsc = runsc
+    return tasks, runsc, events
+
+
+def add_pod(tasks: gt.GvisorTasks, tmp_path: Path, pod_id: str = "pod") -> gt.GvisorPod:
+    pod = gt.GvisorPod(pod_id, tmp_path / pod_id, "none", pid=1)
+    tasks.pods[pod_id] = pod
+    return pod
+
+
+def add_container(tasks: gt.GvisorTasks, tmp_path: Path, cid: str = "c1", pod_id: str = "pod",
+                  status: int = types.RUNNING) -> gt.Container:
+    pod = tasks.pods.get(pod_id) or add_pod(tasks, tmp_path, pod_id)
+    bundle = tmp_path / cid
+    bundle.mkdir(exist_ok=True)
+    container = gt.Container(cid, bundle, pod=pod, namespace="k8s.io", init=gt.Process("", ProcessIO()))
+    container.init.status, container.init.pid = status, 42
+    tasks.containers[cid] = container
+    return container
+
+
+def container_bundle(tmp_path: Path, pod_id: str) -> Path:
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    (bundle / "config.json").write_text(json.dumps({"annotations": {gvisor_pod.SANDBOX_ID: pod_id,
+                                                                    gvisor_pod.CONTAINER_TYPE: "container"}}))
+    return bundle
+
+
+# -- Pause / Resume ----------------------------------------------------------------------------------
+def test_an_exit_seen_while_runsc_pauses_leaves_the_container_stopped_and_deletable(tmp_path: Path) -> None:
+    # Pause set PAUSED after `runsc pause` returned, over the exit `runsc wait` had reported meanwhile:
+    # State said paused for a dead init and Delete refused it for ever as still running.
+    class ExitingRunsc(FakeRunsc):
+        async def pause(self, container_id: str, network: str) -> None:
+            tasks._exited(container, container.init, 137)
+
+    tasks, runsc, events = make_tasks(tmp_path, ExitingRunsc)
+    container = add_container(tasks, tmp_path)
+
+    async def scenario() -> None:
+        with pytest.raises(FailedPrecondition, match="stopped"):
+            await tasks.pause(task.PauseRequest(id="c1"), Ctx())  # type: ignore[arg-type]
+        assert (container.init.status, container.init.exit_status) == (types.STOPPED, 137)
+        deleted = await tasks.delete(task.DeleteRequest(id="c1"), Ctx())  # type: ignore[arg-type]
+        assert deleted.exit_status == 137 and "c1" not in tasks.containers
+
+    asyncio.run(scenario())
+    assert "/tasks/paused" not in events.topics
+
+
+def test_an_exit_seen_while_runsc_resumes_leaves_the_container_stopped(tmp_path: Path) -> None:
+    # Resume set RUNNING after `runsc resume` returned, over the exit of a kill pending while paused.
+    class ExitingRunsc(FakeRunsc):
+        async def resume(self, container_id: str, network: str) -> None:
+            tasks._exited(container, container.init, 137)
+
+    tasks, runsc, events = make_tasks(tmp_path, ExitingRunsc)
+    container = add_container(tasks, tmp_path, status=types.PAUSED)
+    asyncio.run(tasks.resume(task.ResumeRequest(id="c1"), Ctx()))  # type: ignore[arg-type]
+    assert container.init.status == types.STOPPED
+    assert "/tasks/resumed" not in events.topics
+
+
+def test_pause_of_a_container_not_running_is_refused_without_runsc(tmp_path: Path) -> None:
+    # A created container was paused by runsc and marked PAUSED: a Resume then made it RUNNING without
+    # it ever being started.
+    tasks, runsc, events = make_tasks(tmp_path)
+    add_container(tasks, tmp_path, status=types.CREATED)
+    with pytest.raises(FailedPrecondition, match="created"):
+        asyncio.run(tasks.pause(task.PauseRequest(id="c1"), Ctx()))  # type: ignore[arg-type]
+    assert runsc.calls == [] and events.topics == []
+
+
+def test_pause_and_resume_of_a_container_take_turns(tmp_path: Path) -> None:
+    # Without the container's lock a Resume ran `runsc resume` while `runsc pause` was still at work,
+    # and the two set the status in whatever order they returned.
+    class SlowRunsc(FakeRunsc):
+        async def pause(self, container_id: str, network: str) -> None:
+            self.calls.append(("pause", container_id))
+            await asyncio.sleep(0.05)
+            self.calls.append(("paused", container_id))
+
+    tasks, runsc, events = make_tasks(tmp_path, SlowRunsc)
+    container = add_container(tasks, tmp_path)
+
+    async def scenario() -> None:
+        pausing = asyncio.create_task(tasks.pause(task.PauseRequest(id="c1"), Ctx()))  # type: ignore[arg-type]
+        await asyncio.sleep(0.01)
+        await tasks.resume(task.ResumeRequest(id="c1"), Ctx())  # type: ignore[arg-type]
+        await pausing
+
+    asyncio.run(scenario())
+    assert [call for call, _ in runsc.calls] == ["pause", "paused", "resume"]
+    assert container.init.status == types.RUNNING
+    assert events.topics == ["/tasks/paused", "/tasks/resumed"]
+
+
+# -- ids pods and containers share in runsc ----------------------------------------------------------------
+class CreateFailsIfTaken(FakeRunsc):
+    """runsc refuses an id it already has; the fake knows the pods given to it."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.taken: set[str] = set()
+
+    async def create(self, container_id: str, bundle: Path, pid_file: Path, network: str, stdio: Any,
+                     console_socket: Path | None = None) -> None:
+        self.calls.append(("create", container_id))
+        await asyncio.sleep(0.05)
+        if container_id in self.taken:
+            raise RuntimeFailure(f"runsc create failed (128): container with id {container_id} already exists")
+        self.taken.add(container_id)
+        pid_file.write_text("4242")
+
+
+def test_create_of_a_container_with_a_pods_id_is_refused_and_leaves_the_pod_alone(tmp_path: Path) -> None:
+    # Only container ids were checked: `runsc create podB` failed and its cleanup ran
+    # `runsc delete --force podB`, destroying that other pod's sandbox.
+    tasks, runsc, events = make_tasks(tmp_path, CreateFailsIfTaken)
+    add_pod(tasks, tmp_path, "podA")
+    add_pod(tasks, tmp_path, "podB")
+    runsc.taken.add("podB")
+    bundle = container_bundle(tmp_path, "podA")
+    with pytest.raises(AlreadyExists):
+        asyncio.run(tasks.create(task.CreateTaskRequest(id="podB", bundle=str(bundle)), Ctx()))  # type: ignore[arg-type]
+    assert runsc.calls == []
+    assert "podB" in tasks.pods and "podB" not in tasks.containers
+
+
+def test_create_of_an_id_runsc_already_has_is_refused_without_deleting_it(tmp_path: Path) -> None:
+    # A container runsc has (a dead task server's, that the sweep missed) but we do not know: the failed
+    # create's cleanup force-deleted it although this call never made it.
+    tasks, runsc, events = make_tasks(tmp_path, CreateFailsIfTaken)
+    add_pod(tasks, tmp_path, "podA")
+    runsc.taken.add("old")
+    (runsc.root / "old_sandbox:old.state").write_text("{}")  # runsc's state file for it
+    bundle = container_bundle(tmp_path, "podA")
+    with pytest.raises(AlreadyExists, match="runsc already has"):
+        asyncio.run(tasks.create(task.CreateTaskRequest(id="old", bundle=str(bundle)), Ctx()))  # type: ignore[arg-type]
+    assert runsc.calls == []
+
+
+def test_a_create_that_fails_before_runsc_create_deletes_nothing(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    # The cleanup ran `runsc delete --force <id>` even when runsc had not been asked to make anything.
+    tasks, runsc, events = make_tasks(tmp_path)
+    add_pod(tasks, tmp_path, "podA")
+
+    def broken_spec(*args: object) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(gt, "rewrite_container_spec", broken_spec)
+    bundle = container_bundle(tmp_path, "podA")
+    with pytest.raises(OSError, match="disk full"):
+        asyncio.run(tasks.create(task.CreateTaskRequest(id="c1", bundle=str(bundle)), Ctx()))  # type: ignore[arg-type]
+    assert runsc.calls == []
+
+
+def test_launch_pod_refuses_a_containers_id(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A pod launched under a container's id failed in runsc, and its cleanup force-deleted that container.
+    monkeypatch.setattr(gvisor_pod, "ensure_pause_rootfs", lambda directory: tmp_path / "pause-rootfs")
+    tasks, runsc, events = make_tasks(tmp_path)
+    add_container(tasks, tmp_path, "c1")
+    with pytest.raises(AlreadyExists):
+        asyncio.run(tasks.launch_pod(pods.CreatePodRequest(id="c1"), None))
+    assert runsc.calls == [] and "c1" in tasks.containers
+
+
+def test_a_container_created_under_the_id_of_a_pod_being_launched_waits_and_is_refused(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The pod is known only once launched: a Create of its id meanwhile went to runsc, failed there,
+    # and its cleanup deleted the pod's new sandbox.
+    monkeypatch.setattr(gvisor_pod, "ensure_pause_rootfs", lambda directory: tmp_path / "pause-rootfs")
+    tasks, runsc, events = make_tasks(tmp_path, CreateFailsIfTaken)
+    add_pod(tasks, tmp_path, "podA")
+    bundle = container_bundle(tmp_path, "podA")
+
+    async def scenario() -> None:
+        launching = asyncio.create_task(tasks.launch_pod(pods.CreatePodRequest(id="podB"), None))
+        await asyncio.sleep(0.01)  # in `runsc create podB`
+        with pytest.raises(AlreadyExists):
+            await tasks.create(task.CreateTaskRequest(id="podB", bundle=str(bundle)), Ctx())  # type: ignore[arg-type]
+        assert await launching == 4242
+
+    asyncio.run(scenario())
+    assert ("delete", "podB") not in runsc.calls and "podB" in tasks.pods
+
+
+# -- removing a pod's containers --------------------------------------------------------------------
+def test_removing_a_pod_does_not_wait_for_its_created_containers(tmp_path: Path) -> None:
+    # A created container's init has no `runsc wait`, so nothing ever reported its exit: removing the pod
+    # waited the full 10 s for each one (and StopPodSandbox its whole timeout).
+    class KillExits(FakeRunsc):
+        async def kill(self, container_id: str, signal: int, network: str, *, all_processes: bool = False,
+                       pid: int = 0) -> None:
+            self.calls.append(("kill", container_id))
+            if container_id == "running":  # its `runsc wait` answers
+                tasks._exited(running, running.init, 137)
+
+    tasks, runsc, events = make_tasks(tmp_path, KillExits)
+    add_container(tasks, tmp_path, "created", status=types.CREATED)
+    running = add_container(tasks, tmp_path, "running")
+
+    async def scenario() -> float:
+        running.waiter = asyncio.get_running_loop().create_future()  # its `runsc wait`, as Start makes it
+        started = time.monotonic()
+        await tasks.remove_pod_containers("pod")
+        return time.monotonic() - started
+
+    assert asyncio.run(scenario()) < 2.0
+    assert ("kill", "running") in runsc.calls
+    assert ("delete", "created") in runsc.calls and ("delete", "running") in runsc.calls
+    assert tasks.containers == {}
+
+
+def test_waiting_for_a_pods_containers_skips_those_never_started(tmp_path: Path) -> None:
+    # wait_pod_containers waited for a created container's exit, which no `runsc wait` reports.
+    tasks, runsc, events = make_tasks(tmp_path)
+    add_container(tasks, tmp_path, "created", status=types.CREATED)
+
+    async def scenario() -> bool:
+        return await tasks.wait_pod_containers("pod", 0.5)
+
+    assert asyncio.run(scenario()) is True
+
+
+# -- an exec's pid inside the sandbox ------------------------------------------------------------------
+class ExecRunsc(FakeRunsc):
+    """`runsc exec` as a runner that `pid_text` steps write the internal pid file with, and `exit` ends."""
+
+    steps: list[tuple[float, str]] = []
+    exit: Exit | None = None
+
+    def spawn_exec(self, container_id: str, network: str, process_json: Path, internal_pid_file: Path,
+                   log_path: Path, stdio: Any, console_socket: Path | None = None
+                   ) -> tuple[int, asyncio.Future[Exit]]:
+        loop = asyncio.get_running_loop()
+        for delay, text in self.steps:
+            loop.call_later(delay, internal_pid_file.write_text, text)
+        exited: asyncio.Future[Exit] = loop.create_future()
+        if self.exit is not None:
+            exited.set_result(self.exit)
+        return 999_999, exited  # no process of ours: nothing may signal it
+
+
+def test_an_exec_pid_file_found_empty_is_read_once_runsc_has_written_it(tmp_path: Path) -> None:
+    # runsc creates --internal-pid-file and then writes it: a poll that saw the file empty took pid 0,
+    # and every Kill of the exec then did nothing, silently.
+    class HalfWritten(ExecRunsc):
+        steps = [(0.0, ""), (0.05, "7")]
+
+    tasks, runsc, events = make_tasks(tmp_path, HalfWritten)
+    container = add_container(tasks, tmp_path)
+    proc = container.execs["e1"] = gt.Process("e1", ProcessIO(), spec=b"{}")
+
+    async def scenario() -> None:
+        await tasks._start_exec(container, proc)
+        await tasks.kill(task.KillRequest(id="c1", exec_id="e1", signal=9), Ctx())  # type: ignore[arg-type]
+
+    asyncio.run(scenario())
+    assert proc.internal_pid == 7 and ("kill", "c1:7") in runsc.calls
+
+
+def test_kill_of_a_running_exec_whose_pid_is_unknown_fails(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Kill answered OK without signalling anything.
+    monkeypatch.setattr(gt, "KILL_RACE_GRACE", 0.05)
+    tasks, runsc, events = make_tasks(tmp_path)
+    container = add_container(tasks, tmp_path)
+    running = container.execs["e1"] = gt.Process("e1", ProcessIO(), status=types.RUNNING)
+    created = container.execs["e2"] = gt.Process("e2", ProcessIO())
+    ending = container.execs["e3"] = gt.Process("e3", ProcessIO(), status=types.RUNNING)
+
+    async def scenario() -> None:
+        with pytest.raises(FailedPrecondition, match="unknown"):
+            await tasks.kill(task.KillRequest(id="c1", exec_id="e1", signal=9), Ctx())  # type: ignore[arg-type]
+        with pytest.raises(FailedPrecondition, match="not started"):
+            await tasks.kill(task.KillRequest(id="c1", exec_id="e2", signal=9), Ctx())  # type: ignore[arg-type]
+        # one whose runner exited before runsc wrote the pid: its exit is being recorded
+        asyncio.get_running_loop().call_later(0.01, tasks._exited, container, ending, 0)
+        with pytest.raises(NotFound, match="already finished"):
+            await tasks.kill(task.KillRequest(id="c1", exec_id="e3", signal=9), Ctx())  # type: ignore[arg-type]
+
+    asyncio.run(scenario())
+    assert runsc.calls == [] and running.status == types.RUNNING and created.status == types.CREATED
+
+
+def test_a_failed_exec_start_does_not_signal_a_runner_already_reaped(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    # The cleanup SIGKILLed the runner's pid even after the reaper had reaped it: by then the pid may be
+    # another process's.
+    class FailedRunner(ExecRunsc):
+        exit = Exit(999_999, RUNSC_FAILURE, 1)
+
+    signalled: list[tuple[int, int]] = []
+    monkeypatch.setattr(gt, "signal_quietly", lambda pid, sig: signalled.append((pid, sig)))
+    tasks, runsc, events = make_tasks(tmp_path, FailedRunner)
+    container = add_container(tasks, tmp_path)
+    proc = container.execs["e1"] = gt.Process("e1", ProcessIO(), spec=b"{}")
+    with pytest.raises(RuntimeFailure, match="failed"):
+        asyncio.run(tasks._start_exec(container, proc))
+    assert signalled == [] and proc.pid == 0 and proc.status == types.CREATED
