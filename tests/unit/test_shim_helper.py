@@ -174,6 +174,20 @@ def test_hung_task_server_costs_a_bounded_wait_then_local_cleanup(server, tmp_pa
     assert "deadline exceeded" in caplog.text and "cleaning up locally" in caplog.text
 
 
+def test_the_whole_conversation_with_a_slow_task_server_fits_containerds_cleanup_budget(
+        server, tmp_path: Path, capsysbinary, caplog: pytest.LogCaptureFixture, monkeypatch) -> None:
+    # Each call had its own bound and they could add up to 7 s, past the 5 s containerd gives `delete`
+    # before it kills it and reads no answer at all.
+    monkeypatch.setattr(shim_helper, "TASK_SERVER_BUDGET", 0.3)
+    threaded, backend = server
+    backend.hang = True
+    start = time.monotonic()
+    code, response, _ = run_delete(capsysbinary, make_bundle(tmp_path, f"unix://{threaded.path}"))
+    assert code == 0 and response.exit_status == 255
+    assert time.monotonic() - start < shim_helper.CALL_TIMEOUT
+    assert "did not delete" in caplog.text and "within" in caplog.text
+
+
 def test_task_server_behind_hybrid_vsock_is_reached_too(server, tmp_path: Path, capsysbinary) -> None:
     """The VM sandboxer's task server is a guest agent: `hvsock://<vmm socket>:<port>` in bootstrap.json."""
     pytest.importorskip("kuasar.common.hvsock")

@@ -49,6 +49,10 @@ LOST_EXIT_STATUS = 255
 CONNECT_TIMEOUT = 1.0
 CALL_TIMEOUT = 1.0
 KILL_WAIT_TIMEOUT = 2.0
+# containerd gives `delete` 5 s (io.containerd.timeout.shim.cleanup) and kills it then, with no answer
+# read: the calls above could add up to 7 s, so the whole conversation is bounded, leaving time for the
+# local clean-up and the answer.
+TASK_SERVER_BUDGET = 4.0
 DEFAULT_NAMESPACE = "k8s.io"
 # unix: the runc and wasm task servers; hvsock: a VM's agent behind its VMM's hybrid-vsock socket.
 DIALABLE = ("unix://", "hvsock://")
@@ -190,7 +194,11 @@ async def delete(container_id: str, bundle: Path, namespace: str) -> task.Delete
     address = bootstrap_address(bundle)
     if address is not None:
         try:
-            return await delete_via_task_server(address, container_id, namespace)
+            async with asyncio.timeout(TASK_SERVER_BUDGET):
+                return await delete_via_task_server(address, container_id, namespace)
+        except TimeoutError:
+            log.warning("task server %s did not delete %s within %.0f s; cleaning up locally", address,
+                        container_id, TASK_SERVER_BUDGET)
         except Exception as exc:  # whatever went wrong, containerd still gets its DeleteResponse
             message = exc.message if isinstance(exc, KuasarError) else str(exc) or type(exc).__name__
             log.warning("task server %s did not delete %s (%s); cleaning up locally", address, container_id,
