@@ -65,3 +65,34 @@ def test_an_exit_seen_while_runc_pauses_or_resumes_is_kept(tmp_path: Path, pause
 
     asyncio.run(scenario())
     assert events.topics == []
+
+
+class CountingRunc:
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    async def pause(self, container_id: str) -> None:
+        self.calls.append("pause")
+
+    async def resume(self, container_id: str) -> None:
+        self.calls.append("resume")
+
+
+@pytest.mark.parametrize(("status", "method"), [(types.CREATED, "pause"), (types.RUNNING, "resume"),
+                                                (types.STOPPED, "pause"), (types.CREATED, "resume")])
+def test_pause_and_resume_in_the_wrong_state_are_refused_before_runc_runs(tmp_path: Path, status: int,
+                                                                          method: str) -> None:
+    # runc pauses a created container too, and then refuses to start it: Pause froze it and then
+    # refused, leaving a container that could never start.
+    tasks, events = _tasks(tmp_path, status)
+    runc = CountingRunc()
+    tasks.runc = runc  # type: ignore[assignment]
+    request = task.PauseRequest(id="c1") if method == "pause" else task.ResumeRequest(id="c1")
+
+    async def scenario() -> None:
+        with pytest.raises(FailedPrecondition, match=f"cannot {method}"):
+            await getattr(tasks, method)(request, None)
+
+    asyncio.run(scenario())
+    assert runc.calls == [] and events.topics == []
+    assert tasks.containers["c1"].init.status == status

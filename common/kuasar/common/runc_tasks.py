@@ -268,22 +268,25 @@ class RuncContainerTasks(TerminalTasks):
 
     # -- control -------------------------------------------------------------------------------------
     async def pause(self, req: task.PauseRequest, ctx: Context) -> empty_pb2.Empty:
-        container = self._get(req.id)
-        await self.runc.pause(req.id)
-        # The init's exit may have been seen while runc ran: a stopped container stays stopped (or
-        # it would never be deletable, being "still running").
-        if container.init.status != types.RUNNING:
-            raise FailedPrecondition(f"container {req.id} is {types.Status.Name(container.init.status).lower()}")
-        container.init.status = types.PAUSED
-        self._publish_paused(req.id, True, container.namespace)
+        # Under the container's lock, as Start and Delete: runc would pause a created container too (its
+        # start then refuses a paused one), so the state is checked first, as containerd's shim does.
+        async with self._holding(req.id) as container:
+            _require_status(container, types.RUNNING, "pause")
+            await self.runc.pause(req.id)
+            # The init's exit may have been seen while runc ran: a stopped container stays stopped (or
+            # it would never be deletable, being "still running").
+            _require_status(container, types.RUNNING, "pause")
+            container.init.status = types.PAUSED
+            self._publish_paused(req.id, True, container.namespace)
         return empty_pb2.Empty()
 
     async def resume(self, req: task.ResumeRequest, ctx: Context) -> empty_pb2.Empty:
-        container = self._get(req.id)
-        await self.runc.resume(req.id)
-        if container.init.status == types.PAUSED:  # not an exit seen while runc ran (a pending SIGTERM)
-            container.init.status = types.RUNNING
-            self._publish_paused(req.id, False, container.namespace)
+        async with self._holding(req.id) as container:
+            _require_status(container, types.PAUSED, "resume")
+            await self.runc.resume(req.id)
+            if container.init.status == types.PAUSED:  # not an exit seen while runc ran (a pending SIGTERM)
+                container.init.status = types.RUNNING
+                self._publish_paused(req.id, False, container.namespace)
         return empty_pb2.Empty()
 
     async def update(self, req: task.UpdateTaskRequest, ctx: Context) -> empty_pb2.Empty:
@@ -299,3 +302,9 @@ class RuncContainerTasks(TerminalTasks):
             finally:
                 path.unlink(missing_ok=True)
         return empty_pb2.Empty()
+
+
+def _require_status(container: Any, wanted: int, action: str) -> None:
+    status = container.init.status
+    if status != wanted:
+        raise FailedPrecondition(f"cannot {action} container {container.id}: it is {types.Status.Name(status).lower()}")
