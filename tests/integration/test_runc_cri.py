@@ -12,7 +12,7 @@ import grpc
 import psutil
 import pytest
 
-from kuasar.common import linux
+from kuasar.common import cgroups, linux
 from kuasar.common.api.runtime.v1 import api_pb2 as cri
 from kuasar.common.cri_client import CriClient, pod_config
 from kuasar.common.pod_sysctls import sysctl_path
@@ -270,7 +270,7 @@ def test_pod_stop_kills_containers_and_remove_leaves_nothing(stack: Stack) -> No
             # In its pod's cgroup, though the parent is relative and the task server's own memory cgroup
             # need not be the root (runc puts a relative path under its own).
             assert Path("/sys/fs/cgroup/memory", cgroup_parent, cid).is_dir()
-            await wait_pod_process_in(Path("/sys/fs/cgroup/memory", cgroup_parent, pod_id))
+            await wait_pod_process_in(pod_process_cgroup(Path("/sys/fs/cgroup/memory", cgroup_parent), pod_id))
             await client.stop_pod_sandbox(pod_id)
             assert (await client.container_status(cid)).status.state == cri.CONTAINER_EXITED
             assert (await client.pod_sandbox_status(pod_id)).status.state == cri.SANDBOX_NOTREADY
@@ -283,11 +283,26 @@ def test_pod_stop_kills_containers_and_remove_leaves_nothing(stack: Stack) -> No
     assert_nothing_left(stack)
 
 
+def test_a_root_cgroup_parent_gives_the_pod_process_a_cgroup_of_its_own(stack: Stack) -> None:
+    """kubelet without QoS cgroups gives `/`: the pod process goes to /<pod id>, as containerd's pause
+    container, not into the root cgroup (it was refused at Create for a while)."""
+    async def scenario() -> None:
+        async with CriClient(stack.address) as client:
+            pod_id, pod = await run_pod(client, "rootparent", stack.log_dir, cgroup_parent="/")
+            cid = await start_container(client, pod_id, pod, "main", ["sleep", "3600"])
+            await wait_state(client, cid, cri.CONTAINER_RUNNING)
+            root = cgroups.CGROUP_ROOT if cgroups.is_unified() else cgroups.CGROUP_ROOT / "memory"
+            await wait_pod_process_in(root / pod_id)
+            await remove_pod(client, pod_id)
+            assert cgroups_named(pod_id) == [], "the pod process's cgroup went with the pod"
+
+    stack.run(scenario())
+    assert_nothing_left(stack)
+
+
 def test_a_systemd_slice_parent_is_laid_out_as_systemd_would(stack: Stack) -> None:
     """Kubelet's systemd cgroup driver names the pod's slice; containerd then writes the containers'
     cgroupsPath as `slice:cri-containerd:<id>`. Both land where systemd puts them."""
-    from kuasar.common import cgroups
-
     top = f"kuasarit{os.getpid()}"
     root = cgroups.CGROUP_ROOT if cgroups.is_unified() else cgroups.CGROUP_ROOT / "memory"
     pod_slice = root / f"{top}.slice" / f"{top}-poda.slice"
@@ -297,11 +312,7 @@ def test_a_systemd_slice_parent_is_laid_out_as_systemd_would(stack: Stack) -> No
             pod_id, pod = await run_pod(client, "slice", stack.log_dir, cgroup_parent=f"{top}-poda.slice")
             cid = await start_container(client, pod_id, pod, "main", ["sleep", "3600"])
             await wait_state(client, cid, cri.CONTAINER_RUNNING)
-            # In a cgroup of its own below the pod's (as containerd's pause container): under cgroup v2 a
-            # cgroup that holds a process cannot give its children controllers, so the pod's would have
-            # left its containers without limits.
-            await wait_pod_process_in(pod_slice / pod_id)
-            assert (pod_slice / "cgroup.procs").read_text() == "", "the pod's cgroup holds no process itself"
+            await wait_pod_process_in(pod_process_cgroup(pod_slice, pod_id))
             scope = pod_slice / f"cri-containerd-{cid}.scope"
             assert (scope / "cgroup.procs").read_text().split(), "the container is in its scope under the slice"
             await remove_pod(client, pod_id)
@@ -309,6 +320,12 @@ def test_a_systemd_slice_parent_is_laid_out_as_systemd_would(stack: Stack) -> No
     stack.run(scenario())
     assert cgroups_named(f"{top}.slice") == []
     assert_nothing_left(stack)
+
+
+def pod_process_cgroup(pod_cgroup: Path, pod_id: str) -> Path:
+    """Under cgroup v2 the pod process has a cgroup of its own below the pod's (as containerd's pause
+    container): a cgroup holding a process cannot give its children, the containers', controllers."""
+    return pod_cgroup / pod_id if cgroups.is_unified() else pod_cgroup
 
 
 async def wait_pod_process_in(cgroup: Path) -> None:

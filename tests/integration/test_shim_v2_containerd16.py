@@ -325,8 +325,8 @@ def test_cri_pod_on_containerd16(cri_stack16: tuple[Containerd16, Path], tmp_pat
             pod_id = (await client.run_pod_sandbox(pod, runtime_handler="kuasar-runc")).pod_sandbox_id
             assert sandboxes(sandboxer_dir) == [pod_id]
             if memory.is_dir():  # cgroup v1 (v2 has no memory/ directory)
-                assert set(pod_processes(sandboxer_dir)) & {int(p) for p in (memory / parent / pod_id / "cgroup.procs")
-                                                           .read_text().split()}, "the pod process is below its parent"
+                assert set(pod_processes(sandboxer_dir)) & {int(p) for p in (memory / parent / "cgroup.procs")
+                                                           .read_text().split()}, "the pod process is in its parent"
             host_pid_ns = os.readlink("/proc/self/ns/pid")
             assert all(os.readlink(f"/proc/{pid}/ns/pid") != host_pid_ns for pid in pod_processes(sandboxer_dir))
             config = container_config("c1", BUSYBOX, ["sh", "-c", "echo hello from CRI on 1.6; exec sleep 300"])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from kuasar.common import cgroups
 from kuasar.common.cgroups import cgroupfs_path, pod_parent_path, slice_path, use_cgroupfs_path
 from kuasar.common.errors import InvalidArgument
 
@@ -26,12 +27,26 @@ def test_pod_parent_from_either_cgroup_driver() -> None:
     assert pod_parent_path("") == ""  # none: the pod gets no cgroup of its own
 
 
-@pytest.mark.parametrize("parent", ["/", "//", ".", "..", "/kubepods/../..", "../../etc", "a/../b"])
-def test_a_pod_parent_that_is_the_root_or_climbs_is_refused(parent: str) -> None:
-    # Normalised, these became the root cgroup (the pod's process then left its service's cgroup
-    # for every hierarchy's root, and its Stats were the whole host's) or another path (`etc`).
+@pytest.mark.parametrize("parent", ["..", "/kubepods/../..", "../../etc", "a/../b"])
+def test_a_pod_parent_that_climbs_is_refused(parent: str) -> None:
+    # Normalised, these became the root cgroup (the pod's process then left its service's cgroup for
+    # every hierarchy's root, and its Stats were the whole host's) or another path (`etc`).
     with pytest.raises(InvalidArgument):
         pod_parent_path(parent)
+
+
+def test_the_root_is_a_parent_and_its_pods_process_gets_a_cgroup_of_its_own(monkeypatch: pytest.MonkeyPatch) -> None:
+    # kubelet without QoS cgroups gives `/`; the pod process then goes to /<pod id>, as containerd's pause.
+    assert pod_parent_path("/") == "/"
+    monkeypatch.setattr(cgroups, "is_unified", lambda: False)
+    assert cgroups.pod_process_leaf("p1", "/") == "p1"
+    assert cgroups.pod_process_leaf("p1", "kubepods/pod1") == ""  # v1: no rule against it, no cost
+    monkeypatch.setattr(cgroups, "is_unified", lambda: True)
+    assert cgroups.pod_process_leaf("p1", "kubepods/pod1") == "p1"
+    root = cgroups.PodCgroup("/", process_leaf="p1")
+    assert (root.path, root.process_path, root.stats_path()) == ("", "p1", "p1")
+    pod = cgroups.PodCgroup("kubepods/pod1", process_leaf="p1")
+    assert (pod.process_path, pod.stats_path()) == ("kubepods/pod1/p1", "kubepods/pod1")
 
 
 def test_oci_cgroups_path() -> None:

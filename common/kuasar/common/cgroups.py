@@ -88,17 +88,20 @@ def slice_path(slice_name: str) -> str:
     return "/".join("-".join(words[:i]) + SLICE for i in range(1, len(words) + 1))
 
 
+def pod_process_leaf(pod_id: str, parent: str) -> str:
+    """The `process_leaf` of a pod whose process we place: its id under cgroup v2, or for a root parent
+    (not the root cgroup itself, as containerd's pause); none otherwise under v1."""
+    return pod_id if is_unified() or not parent.strip("/") else ""
+
+
 def pod_parent_path(cgroup_parent: str) -> str:
     """CRI's `cgroup_parent` as a cgroupfs path. Kubelet's systemd cgroup driver names the pod's slice
     (`kubepods-besteffort-pod<uid>.slice`); like containerd, a parent whose last part is a slice is
     taken as that slice, which lives at its expanded path."""
-    parts = [part for part in cgroup_parent.split("/") if part not in ("", ".")]
-    # Refused here, at Create: normalised later, `..` would just vanish at the root and `/` (or `a/..`)
-    # would put the pod's process in every hierarchy's root cgroup, out of its service's limits.
-    if ".." in parts:
+    # Refused here, at Create: normalised later, a `..` would just vanish at the root (`a/../..` is the
+    # root, `../../etc` is `etc`). `/` itself is a parent kubelet gives without QoS cgroups.
+    if ".." in cgroup_parent.split("/"):
         raise InvalidArgument(f"cgroup_parent {cgroup_parent!r} has a '..'")
-    if cgroup_parent and not parts:
-        raise InvalidArgument(f"cgroup_parent {cgroup_parent!r} is the root cgroup")
     base = cgroup_parent.rstrip("/").rsplit("/", 1)[-1]
     return slice_path(base) if base.endswith(SLICE) else cgroup_parent
 
@@ -156,12 +159,20 @@ class PodCgroup:
     not into the cgroup itself: the pod's containers get cgroups of their own below the pod's, and cgroup
     v2 lets no cgroup both hold a process and hand controllers down to children (runc's writes to the
     pod cgroup's cgroup.subtree_control would fail with EBUSY, and so every container's limits). It is
-    where containerd puts a pod's pause container, `<cgroup_parent>/<pod id>`."""
+    where containerd puts a pod's pause container, `<cgroup_parent>/<pod id>`; a root parent (`/`) has
+    the leaf alone. Callers ask for it under v2 only (`pod_process_leaf`): v1 has no such rule, and a
+    leaf there costs a mkdir and an rmdir in every hierarchy (about a dozen) per pod."""
 
     def __init__(self, path: str, created: list[str] | None = None, process_leaf: str = "") -> None:
         self.path = _clean_relative(path)
         self.created = created or []
-        self.process_path = f"{self.path}/{validate_id(process_leaf, 'pod id')}" if process_leaf else self.path
+        leaf = validate_id(process_leaf, "pod id") if process_leaf else ""
+        self.process_path = "/".join(part for part in (self.path, leaf) if part)
+
+    def stats_path(self) -> str:
+        """Where the pod's usage is read: its cgroup, or with a root parent (no cgroup of the pod's own
+        above its containers) its process's."""
+        return self.path or self.process_path
 
     def create(self) -> None:
         for root in hierarchy_roots():

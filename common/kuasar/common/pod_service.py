@@ -120,10 +120,12 @@ class PodService:
             if self.directory is None:
                 raise InvalidArgument("this task server keeps no pod /dev/shm")
             shm = pod_dir(self.directory, req.id) / SHM
-        # A launcher (gVisor's) puts its own pod process where it wants: below the cgroup, as we do.
-        cgroup = cgroups.PodCgroup(cgroups.pod_parent_path(req.cgroup_parent),
-                                   process_leaf="" if self.launcher is not None else req.id) \
-            if req.cgroup_parent else None
+        cgroup = None
+        if req.cgroup_parent:
+            parent = cgroups.pod_parent_path(req.cgroup_parent)
+            # A launcher (gVisor's) puts its own pod process where it wants: below the cgroup, as we do.
+            leaf = "" if self.launcher is not None else cgroups.pod_process_leaf(req.id, parent)
+            cgroup = cgroups.PodCgroup(parent, process_leaf=leaf)
         if cgroup is not None:
             # Before the warmer's burst: its first write holds the kernel's cgroup_mutex through an RCU
             # grace period, and these mkdirs would wait for it.
@@ -256,7 +258,7 @@ class PodService:
     async def stats(self, req: pb.PodRequest, ctx: Context) -> pb.PodStats:
         pod = self._get(req.id)
         if pod.cgroup is not None:
-            return pb.PodStats(stats=cgroups.metrics_for_path(pod.cgroup.path))
+            return pb.PodStats(stats=cgroups.metrics_for_path(pod.cgroup.stats_path()))
         return pb.PodStats(stats=cgroups.metrics_for_pid(pod.pid))
 
 

@@ -165,7 +165,8 @@ class GvisorTasks(TerminalTasks):
         network = await self._network_for(req)
         spec = gvisor_pod.root_spec(pod_id, rootfs, netns_path=req.netns_path,
                                     hostname=req.hostname if req.new_uts else "",
-                                    cgroups_path=f"/{cgroup.path}/{pod_id}" if cgroup is not None else "")
+                                    cgroups_path="/" + "/".join(p for p in (cgroup.path, pod_id) if p)
+                                    if cgroup is not None else "")
         shutil.rmtree(bundle, ignore_errors=True)
         bundle.mkdir(parents=True, mode=0o700)
         (bundle / "config.json").write_text(json.dumps(spec))
