@@ -31,6 +31,7 @@ MS_NODIRATIME = 0x800
 MS_BIND = 0x1000
 MS_REC = 0x4000
 MS_PRIVATE = 1 << 18
+MS_SLAVE = 1 << 19
 MS_RELATIME = 1 << 21
 MNT_DETACH = 2
 
@@ -45,6 +46,7 @@ _SYS_MOVE_MOUNT = 429
 _SYS_MOUNT_SETATTR = 442
 _AT_FDCWD = -100
 _AT_EMPTY_PATH = 0x1000
+_AT_RECURSIVE = 0x8000
 _OPEN_TREE_CLONE = 1
 _MOVE_MOUNT_F_EMPTY_PATH = 0x4
 MOUNT_ATTR_RDONLY = 0x1
@@ -120,6 +122,14 @@ def idmapped_bind(source: str, target: str, userns_fd: int, attrs: int = 0) -> N
                f"move_mount {source} to {target}")
     finally:
         os.close(tree)
+
+
+def set_readonly_recursive(target: str) -> None:
+    """Make the mount at `target` and every mount below it read-only (mount_setattr, Linux 5.12):
+    a bind remount with MS_RDONLY changes the top mount only."""
+    attr = _MountAttr(attr_set=MOUNT_ATTR_RDONLY)
+    _check(libc.syscall(_SYS_MOUNT_SETATTR, _AT_FDCWD, os.fsencode(target), _AT_RECURSIVE, ctypes.byref(attr),
+                        ctypes.c_size_t(ctypes.sizeof(attr))), f"mount_setattr (read-only, recursive) {target}")
 
 
 def ignored_signals(status_text: str | None = None) -> set[int]:

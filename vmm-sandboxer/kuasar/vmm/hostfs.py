@@ -71,8 +71,12 @@ def bind(source: str, target: Path, readonly: bool) -> None:
         raise InvalidArgument(f"bind source {source}: only files and directories can be shared with a VM")
     try:
         linux.mount(source, str(target), "", linux.MS_BIND | linux.MS_REC)
+        # A slave, not a peer of the source (mounts are shared on a systemd host): unmount_tree takes our
+        # copy's submounts one by one, and as a peer each unmount reached the source too, taking a
+        # hostPath volume's own submounts off the host. The host's mounts still show through.
+        linux.mount("", str(target), "", linux.MS_REC | linux.MS_SLAVE)
         if readonly:
-            linux.mount("", str(target), "", linux.MS_BIND | linux.MS_REMOUNT | linux.MS_RDONLY)
+            linux.set_readonly_recursive(str(target))  # its submounts too, not only the top mount
     except OSError as err:
         unmount_tree(target)
         raise RuntimeFailure(f"binding {source} into the VM's shared directory: {err}") from None
