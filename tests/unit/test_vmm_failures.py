@@ -12,19 +12,20 @@ import socket
 import subprocess
 import tempfile
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 from google.protobuf import any_pb2
 
-from kuasar.common import hvsock
+from kuasar.common import cgroups, hvsock
 from kuasar.common.api.containerd.events import task_pb2 as task_events
 from kuasar.common.api.containerd.types import event_pb2
 from kuasar.common.api.runtime.v1 import api_pb2 as cri
 from kuasar.common.config import DaemonConfig
 from kuasar.common.controller import SandboxController
-from kuasar.common.errors import InvalidArgument, KuasarError, RuntimeFailure
-from kuasar.common.sandboxer import SandboxRecord, SandboxState
+from kuasar.common.errors import InvalidArgument, KuasarError, RuntimeFailure, Unavailable
+from kuasar.common.sandboxer import LOST_EXIT_STATUS, SandboxRecord, SandboxState
 from kuasar.common.ttrpc import TtrpcServer
 from kuasar.vmm import network
 from kuasar.vmm import sandboxer as sandboxer_module
@@ -241,3 +242,82 @@ def test_a_guest_that_is_away_is_a_kuasar_error() -> None:
     # What the event forwarder's retry relies on: not an OSError, which would end it.
     with pytest.raises(KuasarError):
         asyncio.run(hvsock.connect_ttrpc("/nonexistent/vsock.sock", 1024, timeout=1))
+
+
+def test_a_root_cgroup_parent_gives_the_vm_a_cgroup_of_its_own(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # kubelet without QoS cgroups gives `/`: QEMU and its helpers were moved into the root cgroup.
+    root = tmp_path / "cgroup"
+    root.mkdir()
+    (root / "cgroup.controllers").write_text("cpu memory pids\n")  # a cgroup v2 root
+    (root / "cgroup.procs").write_text("")
+    monkeypatch.setattr(cgroups, "CGROUP_ROOT", root)
+
+    class Vm(FakeVm):
+        def process_pids(self) -> list[int]:
+            return [4242]
+
+    pod_config = cri.PodSandboxConfig()
+    pod_config.linux.cgroup_parent = "/"
+
+    async def place() -> cgroups.PodCgroup | None:  # a VM lives in a loop
+        return bare_sandboxer()._place_in_cgroup("p1", pod_config, Vm())
+
+    cgroup = asyncio.run(place())
+    assert (root / "cgroup.procs").read_text() == ""
+    assert (root / "p1" / "cgroup.procs").read_text() == "4242"
+    assert cgroup is not None and cgroup.created == [str(root / "p1")]
+
+
+def test_a_vm_that_exits_0_unasked_is_not_reported_as_a_clean_exit() -> None:
+    # With panic=-1 and -no-reboot a guest kernel panic ends QEMU with status 0, which Wait reported
+    # as the pod's success.
+    async def scenario() -> int:
+        pod = VmPod("p1", FakeVm(), Path("/nonexistent"), "/nonexistent/u", "a")
+        monitor = asyncio.create_task(bare_sandboxer()._monitor(pod))
+        pod.vm.exit.set_result(0)
+        await monitor
+        return pod.exit.result().exit_status
+
+    assert asyncio.run(scenario()) == LOST_EXIT_STATUS
+
+
+def test_a_recovered_pod_keeps_its_cgroup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A sandboxer restarted forgot the pod's cgroup: a task proxy it started again stayed in its own.
+    class Proc:
+        pid = 999999
+
+    class Watch:
+        def __init__(self, *args: Any) -> None:
+            self.done = False
+
+        async def wait(self, timeout: float | None = None) -> None:
+            await asyncio.sleep(3600)
+
+    class Hypervisor:
+        async def reattach(self, state: dict) -> Any:
+            return FakeVm()
+
+    async def agent_away(*args: Any, **kwargs: Any) -> Any:
+        raise Unavailable("away")
+
+    placed: list[int] = []
+    monkeypatch.setattr(sandboxer_module, "spawn", lambda *args, **kwargs: Proc())
+    monkeypatch.setattr(sandboxer_module, "ExitWatch", Watch)
+    monkeypatch.setattr(hvsock, "connect_ttrpc", agent_away)
+    monkeypatch.setattr(cgroups.PodCgroup, "add", lambda self, pid: placed.append(pid))
+
+    async def scenario() -> VmPod:
+        sandboxer = bare_sandboxer(daemon=SimpleNamespace(log_level="info"), hypervisor=Hypervisor())
+        state = {"vm_dir": str(tmp_path), "uds": str(tmp_path / "vsock.sock"), "address": "a", "memory_mb": 512,
+                 "hypervisor": {}, "proxy": None, "network": None,
+                 "cgroup": {"path": "kubepods/podX", "created": []}}
+        await sandboxer.recover([SandboxRecord(id="p1", state=SandboxState.READY, extra={"vm": state})])
+        pod = sandboxer.pods["p1"]
+        for task in list(pod.tasks):
+            task.cancel()
+        await asyncio.gather(*pod.tasks, return_exceptions=True)
+        return pod
+
+    pod = asyncio.run(scenario())
+    assert pod.cgroup is not None and pod.cgroup.path == "kubepods/podX"
+    assert placed == [Proc.pid], "the task proxy started again went into the pod's cgroup"

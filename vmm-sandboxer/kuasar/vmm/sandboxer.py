@@ -233,7 +233,7 @@ class VmmSandboxer(Sandboxer):
             tap_fds = {}
             address = hvsock.format_address(str(vm_dir / TASK_SOCKET), AGENT_PORT)
             pod = VmPod(record.id, vm, vm_dir, str(spec.uds), address, memory_mb=memory, network=net)
-            pod.cgroup = self._place_in_cgroup(pod_config, vm)
+            pod.cgroup = self._place_in_cgroup(record.id, pod_config, vm)
             self._start_proxy(pod, spec)
             record.extra["vm"] = self._state(pod, spec)
             t_launched = time.monotonic()
@@ -348,6 +348,8 @@ class VmmSandboxer(Sandboxer):
             net = network.PodNetwork.from_json(state["network"]) if state.get("network") else None
             pod = VmPod(record.id, vm, Path(state["vm_dir"]), state["uds"], state["address"],
                         memory_mb=int(state.get("memory_mb", 0)), network=net)
+            if state.get("cgroup"):  # where a task proxy started again below goes, and what Shutdown removes
+                pod.cgroup = cgroups.PodCgroup(state["cgroup"]["path"], list(state["cgroup"]["created"]))
             pod.proxy = ProcessRef.from_json(state.get("proxy"))
             if pod.proxy is not None and pod.proxy.alive():
                 pod.proxy_watch = ExitWatch(pod.proxy)
@@ -415,11 +417,13 @@ class VmmSandboxer(Sandboxer):
                 "network": pod.network.to_json() if pod.network else None,
                 "cgroup": {"path": pod.cgroup.path, "created": pod.cgroup.created} if pod.cgroup else None}
 
-    def _place_in_cgroup(self, pod_config: cri.PodSandboxConfig, vm: Vm) -> cgroups.PodCgroup | None:
+    def _place_in_cgroup(self, pod_id: str, pod_config: cri.PodSandboxConfig, vm: Vm) -> cgroups.PodCgroup | None:
         parent = pod_config.linux.cgroup_parent
         if not parent:
             return None
-        cgroup = cgroups.PodCgroup(cgroups.pod_parent_path(parent))
+        path = cgroups.pod_parent_path(parent)
+        # A root parent (`/`) gets the VM a cgroup of its own, /<pod id>, not the root cgroup.
+        cgroup = cgroups.PodCgroup(path, process_leaf=cgroups.pod_process_leaf(pod_id, path))
         try:
             cgroup.create()
             for pid in vm.process_pids():
@@ -555,6 +559,10 @@ class VmmSandboxer(Sandboxer):
             status = 0 if pod.stopping else LOST_EXIT_STATUS
         if not pod.stopping:
             log.warning("sandbox %s: VM (QEMU %d) exited unexpectedly with status %d", pod.id, pod.vm.pid, status)
+            if status == 0:
+                # QEMU's clean exit: the guest powered off or, with -no-reboot, panicked and rebooted. A
+                # pod's VM does neither unless asked: its exit is not the success 0 would report.
+                status = LOST_EXIT_STATUS
         try:
             await self._teardown_helpers(pod)
         finally:  # a teardown that fails must not keep Wait waiting for an exit already seen
