@@ -12,7 +12,7 @@ from google.protobuf import any_pb2
 
 from .api.containerd.cgroups.v1 import metrics_pb2 as v1
 from .api.containerd.cgroups.v2 import metrics_pb2 as v2
-from .errors import InvalidArgument
+from .errors import FailedPrecondition, InvalidArgument
 from .ids import validate_id
 
 log = logging.getLogger(__name__)
@@ -62,18 +62,23 @@ def proc_cgroups(pid: int) -> dict[str, str]:
     return paths
 
 
-def cgroup_procs_of(pid: int) -> list[int]:
-    """Every process in the cgroup `pid` lives in (the pids, memory or unified hierarchy)."""
+def cgroup_procs_of(pid: int) -> list[int] | None:
+    """Every process in the cgroup `pid` lives in (the pids, memory or unified hierarchy); None when
+    that is not known: `pid` gone, or in the root cgroup, which is where the kernel moves an exited
+    process while it is a zombie (its "cgroup" would be every process of the host)."""
     paths = proc_cgroups(pid)
     for controller in ("", "pids", "memory", "freezer"):
         if controller in paths and (controller or is_unified()):
+            relative = _clean_relative(paths[controller])
+            if not relative:
+                return None
             base = CGROUP_ROOT / controller if controller else CGROUP_ROOT
             try:
-                text = (base / _clean_relative(paths[controller]) / "cgroup.procs").read_text()
+                text = (base / relative / "cgroup.procs").read_text()
             except OSError:
                 continue
             return [int(line) for line in text.split()]
-    return []
+    return None
 
 
 SLICE = ".slice"
@@ -268,6 +273,10 @@ def _read_kv(path: Path) -> dict[str, int]:
 def metrics_for_pid(pid: int) -> any_pb2.Any:
     """Stats of the cgroup `pid` lives in, packed as containerd expects from Task.Stats."""
     paths = proc_cgroups(pid)
+    if not any(_clean_relative(path) for path in paths.values()):
+        # Gone, or an exited process not reaped yet, which the kernel moves to the root cgroup: its
+        # "stats" would be the whole host's.
+        raise FailedPrecondition(f"process {pid} has exited")
     if is_unified():
         return _pack(V2_TYPE_URL, _v2_metrics(CGROUP_ROOT / _clean_relative(paths.get("", "/"))))
     return _pack(V1_TYPE_URL, _v1_metrics({c: CGROUP_ROOT / c / _clean_relative(p)

@@ -113,4 +113,4 @@ class ConsoleReceiver:
             raise InvalidArgument("process has no terminal")
         self.size = (width, height)
         if self.master >= 0:  # else applied as soon as runc hands over the console
-            fcntl.ioctl(self.master, termios.TIOCSWINSZ, struct.pack("HHHH", height, width, 0, 0))
+            fcntl.ioctl(self.master, termios.TIOCSWINSZ, struct.pack("HHHH", height & 0xFFFF, width & 0xFFFF, 0, 0))

@@ -39,6 +39,10 @@ from .ttrpc import Context
 
 log = logging.getLogger(__name__)
 
+# The exit status of an exec that never ran (its start failed): containerd's UnknownExitStatus, so that
+# it cannot read as success (the wasm backend reports the same).
+NEVER_RAN_EXIT_STATUS = 255
+
 
 @dataclass
 class RuncProcess(TaskProcess):
@@ -125,7 +129,7 @@ class RuncContainerTasks(TerminalTasks):
             receiving = asyncio.create_task(io.receive_console())
         else:
             stdio = io.runc_stdio()
-        pid_file = container.files / (f"{proc.id}.pid" if is_exec else "init.pid")
+        pid_file = _pid_file(container, proc.id if is_exec else "")
         pid_file.unlink(missing_ok=True)  # what _undo_runc reads must be this run's
         started_ns = time.monotonic_ns()  # the process runc makes exits after this, if it already has
         try:
@@ -211,7 +215,13 @@ class RuncContainerTasks(TerminalTasks):
             if req.exec_id:
                 if container.init.status != types.RUNNING:
                     raise FailedPrecondition(f"container {req.id} is not running")
-                await self._start_process(container, proc, is_exec=True)
+                try:
+                    await self._start_process(container, proc, is_exec=True)
+                except BaseException:
+                    # No exit will come from the reaper for it: Wait (which containerd calls before
+                    # Start) must still return, as the shim's does.
+                    proc.record_exit(NEVER_RAN_EXIT_STATUS, time.time_ns())
+                    raise
                 if proc.status == types.CREATED:
                     proc.status = types.RUNNING
                 self._publish_started(req, proc.pid, container.namespace)
@@ -226,17 +236,22 @@ class RuncContainerTasks(TerminalTasks):
     def _is_running(self, proc: TaskProcess) -> bool:
         return super()._is_running(proc) and bool(proc.pid)
 
-    async def _delete_exec(self, proc: RuncProcess) -> None:
+    async def _delete_exec(self, container: Any, proc: RuncProcess) -> None:
         await self._drain_io(proc.io)
         proc.io.close()
+        # Its pid file would stay until the container goes: an exec probe every 10 s leaves thousands.
+        _pid_file(container, proc.id).unlink(missing_ok=True)
 
     async def _remove(self, container: Any) -> None:
+        if container.oom is not None:
+            # Before runc removes the cgroup: cgroup v1 signals its OOM eventfd when the cgroup goes,
+            # which read as an OOM kill (CRI then reports the container "OOMKilled").
+            container.oom.close()
+            container.oom = None
         await self.runc.delete(container.id)
         for proc in container.processes():
             await self._drain_io(proc.io)
             proc.io.close()
-        if container.oom is not None:
-            container.oom.close()
         if container.rootfs_mounted:
             mounts.unmount_all(container.bundle / "rootfs")
         self._remove_files(container)
@@ -308,3 +323,8 @@ def _require_status(container: Any, wanted: int, action: str) -> None:
     status = container.init.status
     if status != wanted:
         raise FailedPrecondition(f"cannot {action} container {container.id}: it is {types.Status.Name(status).lower()}")
+
+
+def _pid_file(container: Any, exec_id: str) -> Path:
+    """runc's pid file of the init (exec_id "") or of an exec, apart from each other whatever the ids."""
+    return container.files / (f"exec-{exec_id}.pid" if exec_id else "init.pid")

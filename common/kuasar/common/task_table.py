@@ -285,7 +285,7 @@ class ContainerTasks(TaskBackend):
         """Whether Delete must refuse `proc` as still running."""
         return proc.status in (types.RUNNING, types.PAUSED)
 
-    async def _delete_exec(self, proc: Any) -> None:
+    async def _delete_exec(self, container: Any, proc: Any) -> None:
         """An exec is being deleted (its container stays): release what it holds."""
 
     async def _remove(self, container: Any) -> None:
@@ -301,12 +301,13 @@ class ContainerTasks(TaskBackend):
             if self._is_running(proc):
                 raise FailedPrecondition(f"process {req.exec_id or req.id} is still running")
             if req.exec_id:
-                await self._delete_exec(proc)
+                await self._delete_exec(container, proc)
                 del container.execs[req.exec_id]
             else:
                 await self._remove(container)
         response = self._delete_response(proc)
-        self._publish_delete(req, proc, container.namespace)
+        if not req.exec_id:  # as containerd's shim: an exec's delete is no task's
+            self._publish_delete(req, proc, container.namespace)
         log.info("container %s exec %r deleted (exit %d)", req.id, req.exec_id, proc.exit_status)
         return response
 

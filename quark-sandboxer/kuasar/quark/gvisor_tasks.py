@@ -451,7 +451,7 @@ class GvisorTasks(TerminalTasks):
         # Unlike the other backends, a task deleted before it ran is answered with the time of the delete.
         return task.DeleteResponse(pid=proc.pid, exit_status=proc.exit_status, exited_at=timestamp(proc.exited_at_ns))
 
-    async def _delete_exec(self, proc: Process) -> None:
+    async def _delete_exec(self, container: Container, proc: Process) -> None:
         proc.io.close()
 
     async def _remove(self, container: Container) -> None:

@@ -13,7 +13,7 @@ from google.protobuf import empty_pb2
 from kuasar.common import cgroup_attach, cgroups, mounts
 from kuasar.common.api.containerd.runtime.task.v2 import shim_pb2 as task
 from kuasar.common.api.containerd.types.task import task_pb2 as types
-from kuasar.common.errors import AlreadyExists, NotFound
+from kuasar.common.errors import AlreadyExists, FailedPrecondition, NotFound
 from kuasar.common.events import EventPublisher
 from kuasar.common.fifo_stdio import ProcessIO
 from kuasar.common.ids import validate_id
@@ -103,7 +103,9 @@ class RuncTasks(RuncContainerTasks):
         if proc.status == types.STOPPED:
             raise NotFound(f"process {req.exec_id or req.id} already finished")
         if req.exec_id:
-            _signal([proc.pid] if proc.pid else [], req.signal)
+            if not proc.pid:  # not started (or starting): as containerd's shim, nothing to signal yet
+                raise FailedPrecondition(f"exec {req.exec_id} of {req.id} is not running")
+            _signal([proc.pid], req.signal)
         elif not self._signal_directly(container, req.signal, req.all):
             await self.runc.kill(req.id, req.signal, all_processes=req.all)
         return empty_pb2.Empty()
@@ -118,7 +120,12 @@ class RuncTasks(RuncContainerTasks):
         """
         if container.init.status == types.PAUSED:
             return False
-        pids = cgroups.cgroup_procs_of(container.init.pid) if all_processes else []
+        if not all_processes:
+            _signal([container.init.pid], sig)
+            return True
+        pids = cgroups.cgroup_procs_of(container.init.pid)
+        if pids is None:  # the init is gone or a zombie (in the root cgroup): runc knows the cgroup
+            return False
         _signal(pids or [container.init.pid], sig)
         return True
 

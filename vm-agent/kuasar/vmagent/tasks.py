@@ -19,7 +19,7 @@ from google.protobuf import empty_pb2
 from kuasar.common import mounts
 from kuasar.common.api.containerd.runtime.task.v2 import shim_pb2 as task
 from kuasar.common.api.containerd.types.task import task_pb2 as types
-from kuasar.common.errors import AlreadyExists, InvalidArgument, NotFound
+from kuasar.common.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from kuasar.common.ids import validate_id
 from kuasar.common.reaper import Reaper
 from kuasar.common.runc_cli import Runc
@@ -161,8 +161,9 @@ class GuestTasks(RuncContainerTasks):
         if proc.status == types.STOPPED:
             raise NotFound(f"process {req.exec_id or req.id} already finished")
         if req.exec_id:
-            if proc.pid:
-                signal_quietly(proc.pid, req.signal)
+            if not proc.pid:  # not started (or starting): as containerd's shim, nothing to signal yet
+                raise FailedPrecondition(f"exec {req.exec_id} of {req.id} is not running")
+            signal_quietly(proc.pid, req.signal)
             return empty_pb2.Empty()
         await self.runc.kill(req.id, req.signal, all_processes=req.all)
         return empty_pb2.Empty()

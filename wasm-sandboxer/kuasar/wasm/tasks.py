@@ -366,7 +366,7 @@ class WasmTasks(TerminalTasks):
             proc.io.close()
         self._forget(container.id)
 
-    async def _delete_exec(self, proc: Process) -> None:
+    async def _delete_exec(self, container: Container, proc: Process) -> None:
         proc.io.close()
         if proc.status == types.CREATED:  # never started: its Wait must not outlive it
             proc.record_exit(NEVER_RAN_EXIT_STATUS, time.time_ns())

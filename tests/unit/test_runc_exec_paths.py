@@ -1,0 +1,141 @@
+"""The runc task server's exec, kill, delete and stats paths where they differed from containerd's shim."""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import json
+import os
+import struct
+import termios
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from google.protobuf import any_pb2
+
+from kuasar.common import cgroups
+from kuasar.common.api.containerd.runtime.task.v2 import shim_pb2 as task
+from kuasar.common.api.containerd.types.task import task_pb2 as types
+from kuasar.common.errors import FailedPrecondition, RuntimeFailure
+from kuasar.common.fifo_stdio import ProcessIO
+from kuasar.common.reaper import Reaper
+from kuasar.common.runc_tasks import NEVER_RAN_EXIT_STATUS, RuncContainer, RuncProcess
+from kuasar.runc.tasks import RuncTasks
+
+CTX = SimpleNamespace(namespace="k8s.io")
+SPEC = any_pb2.Any(value=json.dumps({"args": ["true"], "cwd": "/"}).encode())
+
+
+class Events:
+    def __init__(self) -> None:
+        self.topics: list[str] = []
+
+    def publish(self, topic: str, event: object, namespace: str = "") -> None:
+        self.topics.append(topic)
+
+
+class FakeRunc:
+    """runc whose `exec` fails (a missing binary) or writes its pid file, and whose `delete` says when
+    it ran."""
+
+    def __init__(self, exec_fails: bool, steps: list[str]) -> None:
+        self.exec_fails, self.steps = exec_fails, steps
+
+    async def exec(self, container_id: str, process_json: Path, pid_file: Path, *args: object) -> None:
+        if self.exec_fails:
+            raise RuntimeFailure("runc exec failed (1): exec: \"nope\": executable file not found")
+        pid_file.write_text(str(os.getpid()))
+
+    async def delete(self, container_id: str) -> None:
+        self.steps.append("runc delete")
+
+
+def _tasks(tmp_path: Path, exec_fails: bool = False) -> tuple[RuncTasks, Events, list[str]]:
+    events, steps = Events(), []
+    tasks = RuncTasks(Reaper(), events, tmp_path)  # type: ignore[arg-type]
+    io = SimpleNamespace(stdin="", stdout="", stderr="", terminal=False, close=lambda: None)
+    init = RuncProcess("", io, pid=os.getpid(), status=types.RUNNING)
+    tasks.containers["c1"] = RuncContainer("c1", tmp_path, files=tmp_path, namespace="k8s.io", init=init)
+    tasks.runc = FakeRunc(exec_fails, steps)  # type: ignore[assignment]
+    return tasks, events, steps
+
+
+def test_wait_on_an_exec_whose_start_failed_returns_and_kill_of_it_is_refused(tmp_path: Path) -> None:
+    # A failed `runc exec` left the exec CREATED with no exit: Wait (called before Start) never returned
+    # and containerd's clean-up (Kill, Wait, Delete) held a CRI exec for its whole minute.
+    tasks, _, _ = _tasks(tmp_path, exec_fails=True)
+
+    async def scenario() -> None:
+        await tasks.exec(task.ExecProcessRequest(id="c1", exec_id="e1", spec=SPEC), CTX)  # type: ignore[arg-type]
+        waiting = asyncio.ensure_future(tasks.wait(task.WaitRequest(id="c1", exec_id="e1"), CTX))  # type: ignore
+        with pytest.raises(FailedPrecondition, match="not running"):  # not started: nothing to signal
+            await tasks.kill(task.KillRequest(id="c1", exec_id="e1", signal=9), CTX)  # type: ignore[arg-type]
+        with pytest.raises(RuntimeFailure):
+            await tasks.start(task.StartRequest(id="c1", exec_id="e1"), CTX)  # type: ignore[arg-type]
+        assert (await asyncio.wait_for(waiting, 2)).exit_status == NEVER_RAN_EXIT_STATUS
+
+    asyncio.run(scenario())
+
+
+def test_a_deleted_exec_leaves_no_pid_file_and_no_task_delete_event(tmp_path: Path) -> None:
+    # Every exec left its pid file in the bundle until the container went, and its Delete published
+    # /tasks/delete, which containerd's shim sends for a task (the init) only.
+    tasks, events, _ = _tasks(tmp_path)
+
+    async def scenario() -> None:
+        await tasks.exec(task.ExecProcessRequest(id="c1", exec_id="init", spec=SPEC), CTX)  # type: ignore
+        await tasks.start(task.StartRequest(id="c1", exec_id="init"), CTX)  # type: ignore[arg-type]
+        assert (tmp_path / "exec-init.pid").exists() and not (tmp_path / "init.pid").exists()
+        tasks.containers["c1"].execs["init"].record_exit(0, 1)
+        await tasks.delete(task.DeleteRequest(id="c1", exec_id="init"), CTX)  # type: ignore[arg-type]
+
+    asyncio.run(scenario())
+    assert not list(tmp_path.glob("*.pid"))
+    assert "/tasks/delete" not in events.topics and "/tasks/exec-started" in events.topics
+
+
+def test_the_oom_watch_is_closed_before_runc_removes_the_cgroup(tmp_path: Path) -> None:
+    # cgroup v1 signals the OOM eventfd when the cgroup is removed: closed after `runc delete`, the
+    # watch read that as an OOM kill and CRI reported a container that exited normally "OOMKilled".
+    tasks, _, steps = _tasks(tmp_path)
+    container = tasks.containers["c1"]
+    container.oom = SimpleNamespace(close=lambda: steps.append("oom watch closed"))
+    container.init.record_exit(0, 1)
+    asyncio.run(tasks.delete(task.DeleteRequest(id="c1"), CTX))  # type: ignore[arg-type]
+    assert steps == ["oom watch closed", "runc delete"]
+
+
+def test_a_zombie_init_has_no_cgroup_to_kill_all_in_or_to_read_stats_from(tmp_path: Path) -> None:
+    # An exited init not reaped yet is in the root cgroup: Kill(all) signalled every process listed
+    # there (the whole host: PID 1, the task server) and Stats reported the host's usage.
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    try:
+        for _ in range(200):
+            if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                break
+            asyncio.run(asyncio.sleep(0.01))
+        assert cgroups.cgroup_procs_of(pid) is None
+        with pytest.raises(FailedPrecondition, match="exited"):
+            cgroups.metrics_for_pid(pid)
+        tasks, _, _ = _tasks(tmp_path)
+        tasks.containers["c1"].init.pid = pid
+        assert tasks._signal_directly(tasks.containers["c1"], 9, all_processes=True) is False  # runc's turn
+    finally:
+        os.waitpid(pid, 0)
+
+
+def test_a_window_size_over_16_bits_is_cut_as_containerds_shim_cuts_it() -> None:
+    # struct.error reached the client as UNKNOWN; containerd's shim keeps the low 16 bits.
+    master, replica = os.openpty()
+    try:
+        io = ProcessIO(terminal=True)
+        io.master = master
+        io.resize(70000, 80)
+        rows, cols = struct.unpack("HHHH", fcntl.ioctl(replica, termios.TIOCGWINSZ, b"\0" * 8))[:2]
+        assert (cols, rows) == (70000 - 65536, 80)
+    finally:
+        os.close(master)
+        os.close(replica)
