@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -93,3 +94,12 @@ def test_create_refused_for_its_stdio_leaves_no_pipe_open(tmp_path: Path) -> Non
 
     run(scenario())
     assert not (tmp_path / "state" / "c1").exists()
+
+
+def test_a_console_socket_path_does_not_grow_with_the_container_id(tmp_path: Path) -> None:
+    # It was made under <state>/<id>/: in the guest (/run/vmagent/state) an id over 68 characters (76
+    # are allowed) passed the 107 bytes of a unix socket path, and a terminal Create or exec Start
+    # failed with UNKNOWN.
+    tasks = guest_tasks(tmp_path)
+    paths = [tasks._console_socket(SimpleNamespace(id=cid, files=tasks.state_dir / cid)) for cid in ("c", "c" * 76)]
+    assert len(paths[0].name) == len(paths[1].name) and paths[0].parent == paths[1].parent == tasks.state_dir

@@ -64,7 +64,9 @@ class GuestTasks(RuncContainerTasks):
         self.containers: dict[str, Container] = {}
 
     def _console_socket(self, container: Container) -> Path:
-        return container.files / f"console-{os.urandom(6).hex()}.sock"
+        # Not under the container's own directory: with an id of up to 76 characters that path could
+        # pass the 107 bytes a unix socket's may have.
+        return self.state_dir / f"console-{os.urandom(6).hex()}.sock"
 
     def _process_io(self, req: task.ExecProcessRequest) -> ProcessIO:
         return ProcessIO(self.hub, req.stdin, req.stdout, req.stderr, req.terminal)
