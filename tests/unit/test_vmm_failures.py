@@ -321,3 +321,12 @@ def test_a_recovered_pod_keeps_its_cgroup(tmp_path: Path, monkeypatch: pytest.Mo
     pod = asyncio.run(scenario())
     assert pod.cgroup is not None and pod.cgroup.path == "kubepods/podX"
     assert placed == [Proc.pid], "the task proxy started again went into the pod's cgroup"
+
+
+@pytest.mark.parametrize("odd", ["a:b", "a,b"])
+def test_a_dir_that_would_split_qemus_or_hvsocks_options_is_refused_up_front(tmp_path: Path, odd: str) -> None:
+    # A comma was let through: QEMU's `path=`/`file:` options and vhost-device-vsock's `socket=` split
+    # there, and a VM could not start. (The check on ':' came only after the KVM probe.)
+    with pytest.raises(InvalidArgument, match="must not contain"):
+        VmmSandboxer(DaemonConfig(listen=tmp_path / "s.sock", dir=tmp_path / odd))
+    assert not (tmp_path / odd).exists()

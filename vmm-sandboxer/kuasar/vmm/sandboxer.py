@@ -157,6 +157,11 @@ class VmmSandboxer(Sandboxer):
         self.config = parse_config(daemon.section("hypervisor"))
         self.hypervisor = make_hypervisor(self.config)
         self.vm_root = daemon.dir / "vm"
+        # Refused before anything is started: every VM's sockets and files live under it.
+        for separator, where in ((":", "hvsock addresses split there"),
+                                 (",", "QEMU's and vhost-device-vsock's options split there")):
+            if separator in str(self.vm_root):
+                raise InvalidArgument(f"--dir {daemon.dir} must not contain {separator!r} ({where})")
         self.events = EventPublisher(daemon.events_address)
         self.pods: dict[str, VmPod] = {}
         self.accel = "tcg"
@@ -172,8 +177,6 @@ class VmmSandboxer(Sandboxer):
                                     self.config.kernel_is_pvm_guest, self.config.kvm_probe_timeout)
         self.accel = choice.accel
         self.vm_root.mkdir(parents=True, exist_ok=True, mode=0o700)
-        if ":" in str(self.vm_root):
-            raise InvalidArgument(f"--dir {self.daemon.dir} must not contain ':' (hvsock addresses split there)")
 
     async def close(self) -> None:
         for pod in self.pods.values():
