@@ -20,7 +20,8 @@ from kuasar.common.api.containerd.types.task import task_pb2 as types
 from kuasar.common.errors import FailedPrecondition, RuntimeFailure
 from kuasar.common.fifo_stdio import ProcessIO
 from kuasar.common.reaper import Reaper
-from kuasar.common.runc_tasks import NEVER_RAN_EXIT_STATUS, RuncContainer, RuncProcess
+from kuasar.common.runc_tasks import RuncContainer, RuncProcess
+from kuasar.common.task_table import NEVER_RAN_EXIT_STATUS
 from kuasar.runc.tasks import RuncTasks
 
 CTX = SimpleNamespace(namespace="k8s.io")

@@ -15,6 +15,7 @@ from kuasar.common.api.containerd.types.task import task_pb2 as types
 from kuasar.common.errors import InvalidArgument
 from kuasar.common.fifo_stdio import ProcessIO
 from kuasar.common.reaper import Exit
+from kuasar.common.task_table import NEVER_RAN_EXIT_STATUS
 from kuasar.wasm import tasks as wasm_tasks
 from kuasar.wasm.launch import Launch, LaunchPlan
 from kuasar.wasm.runner import RunSpec
@@ -63,7 +64,7 @@ def test_wait_on_an_exec_whose_start_failed_returns(tmp_path: Path, monkeypatch:
         with pytest.raises(InvalidArgument, match="unknown import"):
             await tasks.start(task.StartRequest(id="c1", exec_id="e1"), None)  # type: ignore[arg-type]
         response = await asyncio.wait_for(waiter, WAIT_TIMEOUT)
-        assert response.exit_status == wasm_tasks.NEVER_RAN_EXIT_STATUS
+        assert response.exit_status == NEVER_RAN_EXIT_STATUS
         state = await tasks.state(task.StateRequest(id="c1", exec_id="e1"), None)  # type: ignore[arg-type]
         assert state.status == types.STOPPED
         await tasks.delete(task.DeleteRequest(id="c1", exec_id="e1"), None)  # type: ignore[arg-type]
@@ -78,6 +79,6 @@ def test_wait_on_an_exec_deleted_before_start_returns(tmp_path: Path) -> None:
         await asyncio.sleep(0)
         await tasks.delete(task.DeleteRequest(id="c1", exec_id="e1"), None)  # type: ignore[arg-type]
         response = await asyncio.wait_for(waiter, WAIT_TIMEOUT)
-        assert response.exit_status == wasm_tasks.NEVER_RAN_EXIT_STATUS
+        assert response.exit_status == NEVER_RAN_EXIT_STATUS
         assert "e1" not in container.execs
     asyncio.run(main())

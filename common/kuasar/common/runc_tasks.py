@@ -34,14 +34,17 @@ from .ids import validate_id
 from .oom import OomWatch
 from .reaper import Exit, Reaper
 from .runc_cli import Runc, Stdio
-from .task_table import TaskContainer, TaskProcess, TerminalTasks, parse_exec_spec, state_response
+from .task_table import (
+    NEVER_RAN_EXIT_STATUS,
+    TaskContainer,
+    TaskProcess,
+    TerminalTasks,
+    parse_exec_spec,
+    state_response,
+)
 from .ttrpc import Context
 
 log = logging.getLogger(__name__)
-
-# The exit status of an exec that never ran (its start failed): containerd's UnknownExitStatus, so that
-# it cannot read as success (the wasm backend reports the same).
-NEVER_RAN_EXIT_STATUS = 255
 
 
 @dataclass
@@ -286,18 +289,18 @@ class RuncContainerTasks(TerminalTasks):
         # Under the container's lock, as Start and Delete: runc would pause a created container too (its
         # start then refuses a paused one), so the state is checked first, as containerd's shim does.
         async with self._holding(req.id) as container:
-            _require_status(container, types.RUNNING, "pause")
+            container.require_init(types.RUNNING, "pause")
             await self.runc.pause(req.id)
             # The init's exit may have been seen while runc ran: a stopped container stays stopped (or
             # it would never be deletable, being "still running").
-            _require_status(container, types.RUNNING, "pause")
+            container.require_init(types.RUNNING, "pause")
             container.init.status = types.PAUSED
             self._publish_paused(req.id, True, container.namespace)
         return empty_pb2.Empty()
 
     async def resume(self, req: task.ResumeRequest, ctx: Context) -> empty_pb2.Empty:
         async with self._holding(req.id) as container:
-            _require_status(container, types.PAUSED, "resume")
+            container.require_init(types.PAUSED, "resume")
             await self.runc.resume(req.id)
             if container.init.status == types.PAUSED:  # not an exit seen while runc ran (a pending SIGTERM)
                 container.init.status = types.RUNNING
@@ -317,12 +320,6 @@ class RuncContainerTasks(TerminalTasks):
             finally:
                 path.unlink(missing_ok=True)
         return empty_pb2.Empty()
-
-
-def _require_status(container: Any, wanted: int, action: str) -> None:
-    status = container.init.status
-    if status != wanted:
-        raise FailedPrecondition(f"cannot {action} container {container.id}: it is {types.Status.Name(status).lower()}")
 
 
 def _pid_file(container: Any, exec_id: str) -> Path:

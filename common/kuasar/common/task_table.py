@@ -34,6 +34,10 @@ from .ttrpc import Context
 
 log = logging.getLogger(__name__)
 
+# The exit status of an exec that never ran (its start failed, or it was deleted unstarted): containerd's
+# UnknownExitStatus, so that it cannot read as success.
+NEVER_RAN_EXIT_STATUS = 255
+
 # CRI (and cri-o, and Kuasar) name the pod of a container with one of these annotations.
 SANDBOX_ID_ANNOTATIONS = ("io.kubernetes.cri.sandbox-id", "io.kubernetes.cri-o.SandboxID",
                           "io.kubernetes.sandbox.id")
@@ -157,6 +161,13 @@ class TaskContainer:
 
     def processes(self) -> list[Any]:
         return [self.init, *self.execs.values()]  # type: ignore[attr-defined]
+
+    def require_init(self, status: int, action: str) -> None:
+        """Refuse `action` (pause, resume) unless the init is in `status`: checked before the runtime runs,
+        and again after it, where the reaper may have recorded the init's exit meanwhile."""
+        current = self.init.status  # type: ignore[attr-defined]
+        if current != status:
+            raise FailedPrecondition(f"cannot {action} container {self.id}: it is {types.Status.Name(current).lower()}")
 
     def created_process(self, exec_id: str) -> Any:
         """The process Start may start: one still in created state."""

@@ -492,18 +492,18 @@ class GvisorTasks(TerminalTasks):
     # they await needs it: Kill and what records an exit (`_wait_init`, an exec's runner) never lock.
     async def pause(self, req: task.PauseRequest, ctx: Context) -> empty_pb2.Empty:
         async with self._holding(req.id) as container:
-            _require_init(container, types.RUNNING)
+            container.require_init(types.RUNNING, "pause")
             await self.runsc.pause(req.id, container.pod.network)
             # The init's exit may have been seen while runsc ran: a stopped container stays stopped (or
             # Delete would refuse it for ever as still running).
-            _require_init(container, types.RUNNING)
+            container.require_init(types.RUNNING, "pause")
             container.init.status = types.PAUSED
         self._publish_paused(req.id, True, container.namespace)
         return empty_pb2.Empty()
 
     async def resume(self, req: task.ResumeRequest, ctx: Context) -> empty_pb2.Empty:
         async with self._holding(req.id) as container:
-            _require_init(container, types.PAUSED)
+            container.require_init(types.PAUSED, "resume")
             await self.runsc.resume(req.id, container.pod.network)
             if container.init.status != types.PAUSED:  # an exit seen while runsc ran (a pending kill)
                 return empty_pb2.Empty()
@@ -550,9 +550,3 @@ class GvisorTasks(TerminalTasks):
 def _reports_exit(container: Container) -> bool:
     """Whether the container's init was started, so its `runsc wait` will report its exit."""
     return container.waiter is not None and container.init.status in (types.RUNNING, types.PAUSED)
-
-
-def _require_init(container: Container, status: int) -> None:
-    if container.init.status != status:
-        raise FailedPrecondition(f"container {container.id} is {types.Status.Name(container.init.status).lower()}, "
-                                 f"not {types.Status.Name(status).lower()}")

@@ -38,6 +38,7 @@ from kuasar.common.ids import validate_id
 from kuasar.common.oom import OomWatch
 from kuasar.common.reaper import Exit, Reaper
 from kuasar.common.task_table import (
+    NEVER_RAN_EXIT_STATUS,
     TaskContainer,
     TaskProcess,
     TerminalTasks,
@@ -70,9 +71,6 @@ CGROUP_DRAIN_TIMEOUT = 5.0
 # How long Delete waits for killed processes of a container (SIGKILL does not take longer).
 KILL_WAIT = 10.0
 PRUNE_INTERVAL = 60.0
-# The exit status of an exec that never ran (its Start failed, or it was deleted unstarted): containerd's
-# UnknownExitStatus, so it cannot read as success.
-NEVER_RAN_EXIT_STATUS = 255
 
 
 @dataclass
@@ -431,8 +429,7 @@ class WasmTasks(TerminalTasks):
         # Under the container's lock: an exec Start holds it from joining the cgroup until its process
         # has reported, and a freeze in between would leave that Start waiting for a frozen process.
         async with self._holding(req.id) as container:
-            if container.init.status != types.RUNNING:
-                raise FailedPrecondition(f"container {req.id} is not running")
+            container.require_init(types.RUNNING, "pause")
             await resources.freeze(container.cgroup, True)  # thaws again if it fails
             if container.init.status != types.RUNNING:
                 # The init exited while the freezer settled (the reaper has recorded STOPPED): PAUSED
@@ -445,8 +442,7 @@ class WasmTasks(TerminalTasks):
 
     async def resume(self, req: task.ResumeRequest, ctx: Context) -> empty_pb2.Empty:
         async with self._holding(req.id) as container:
-            if container.init.status != types.PAUSED:
-                raise FailedPrecondition(f"container {req.id} is not paused")
+            container.require_init(types.PAUSED, "resume")
             await self._thaw(container)
             self._publish_paused(req.id, False, container.namespace)
         return empty_pb2.Empty()
