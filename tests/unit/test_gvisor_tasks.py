@@ -21,14 +21,7 @@ from kuasar.quark import gvisor_pod
 from kuasar.quark import gvisor_tasks as gt
 from kuasar.quark.config import QuarkConfig
 from kuasar.quark.runsc import RUNSC_FAILURE, Runsc
-
-
-class Events:
-    def __init__(self) -> None:
-        self.topics: list[str] = []
-
-    def publish(self, topic: str, message: object, namespace: str = "") -> None:
-        self.topics.append(topic)
+from tests.support.events import RecordedEvents
 
 
 class Ctx:
@@ -64,8 +57,9 @@ class FakeRunsc(Runsc):
         self.calls.append(("resume", container_id))
 
 
-def make_tasks(tmp_path: Path, runsc_class: type[FakeRunsc] = FakeRunsc) -> tuple[gt.GvisorTasks, FakeRunsc, Events]:
-    events = Events()
+def make_tasks(tmp_path: Path, runsc_class: type[FakeRunsc] = FakeRunsc) -> tuple[gt.GvisorTasks, FakeRunsc,
+                                                                                    RecordedEvents]:
+    events = RecordedEvents()
     tasks = gt.GvisorTasks(Reaper(), events, tmp_path, QuarkConfig(backend="runsc"))  # type: ignore[arg-type]
     runsc = runsc_class(tmp_path / "runsc")
     tasks.runsc = runsc

@@ -64,6 +64,15 @@ def _placement(error: OSError | None) -> tuple[int, int, int | None]:
     return asyncio.run(main())
 
 
+def fake_hierarchies(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *names: str) -> list[Path]:
+    """Empty directories standing for cgroup hierarchies' roots, as cgroups.hierarchy_roots gives them."""
+    roots = [tmp_path / name for name in names]
+    for root in roots:
+        root.mkdir()
+    monkeypatch.setattr(cgroups, "hierarchy_roots", lambda: roots)
+    return roots
+
+
 def test_the_warmer_writes_the_pods_pid_into_every_hierarchy(tmp_path: Path,
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     roots = [tmp_path / "memory", tmp_path / "pids"]
@@ -100,10 +109,7 @@ def test_a_user_namespaced_pod_without_a_netns_or_on_a_launcher_is_refused_befor
 
 def test_a_parent_made_for_two_pods_goes_with_the_last_of_them(tmp_path: Path,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    roots = [tmp_path / "memory", tmp_path / "pids"]
-    for root in roots:
-        root.mkdir()
-    monkeypatch.setattr(cgroups, "hierarchy_roots", lambda: roots)
+    roots = fake_hierarchies(tmp_path, monkeypatch, "memory", "pids")
     monkeypatch.setattr(cgroups, "_USERS", {})
     first, second = cgroups.PodCgroup("made/pod-a"), cgroups.PodCgroup("made/pod-b")
     first.create()
@@ -118,9 +124,7 @@ def test_a_parent_made_for_two_pods_goes_with_the_last_of_them(tmp_path: Path,
 
 def test_a_cgroup_that_leaves_its_parents_removes_only_itself(tmp_path: Path,
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    roots = [tmp_path / "memory"]
-    roots[0].mkdir()
-    monkeypatch.setattr(cgroups, "hierarchy_roots", lambda: roots)
+    roots = fake_hierarchies(tmp_path, monkeypatch, "memory")
     monkeypatch.setattr(cgroups, "_USERS", {})
     pod, container = cgroups.PodCgroup("k8s.io/pod"), cgroups.PodCgroup("k8s.io/container")
     pod.create()
@@ -136,10 +140,7 @@ def test_a_pod_process_goes_into_a_cgroup_of_its_own_below_the_pods(tmp_path: Pa
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     # It went into the pod's cgroup itself, the parent of its containers' cgroups: cgroup v2 refuses
     # controllers to the children of a cgroup that holds a process, so the containers got no limits.
-    roots = [tmp_path / "memory", tmp_path / "pids"]
-    for root in roots:
-        root.mkdir()
-    monkeypatch.setattr(cgroups, "hierarchy_roots", lambda: roots)
+    roots = fake_hierarchies(tmp_path, monkeypatch, "memory", "pids")
     cgroup = cgroups.PodCgroup("kubepods/pod1", process_leaf="p1")
     cgroup.create()
     assert cgroup.path == "kubepods/pod1" and cgroup.process_path == "kubepods/pod1/p1"
@@ -158,9 +159,7 @@ def test_a_cgroup_another_process_makes_meanwhile_is_used_and_left_to_it(tmp_pat
                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     # Between our exists() and mkdir() another task server (another sandbox type, the same new
     # cgroup_parent) made it: Create failed with FileExistsError.
-    root = tmp_path / "memory"
-    root.mkdir()
-    monkeypatch.setattr(cgroups, "hierarchy_roots", lambda: [root])
+    [root] = fake_hierarchies(tmp_path, monkeypatch, "memory")
     real_exists = Path.exists
 
     def made_meanwhile(path: Path) -> bool:

@@ -23,17 +23,11 @@ from kuasar.common.reaper import Reaper
 from kuasar.common.runc_tasks import RuncContainer, RuncProcess
 from kuasar.common.task_table import NEVER_RAN_EXIT_STATUS
 from kuasar.runc.tasks import RuncTasks
+from tests.support.events import RecordedEvents
 
 CTX = SimpleNamespace(namespace="k8s.io")
 SPEC = any_pb2.Any(value=json.dumps({"args": ["true"], "cwd": "/"}).encode())
 
-
-class Events:
-    def __init__(self) -> None:
-        self.topics: list[str] = []
-
-    def publish(self, topic: str, event: object, namespace: str = "") -> None:
-        self.topics.append(topic)
 
 
 class FakeRunc:
@@ -52,8 +46,8 @@ class FakeRunc:
         self.steps.append("runc delete")
 
 
-def _tasks(tmp_path: Path, exec_fails: bool = False) -> tuple[RuncTasks, Events, list[str]]:
-    events, steps = Events(), []
+def _tasks(tmp_path: Path, exec_fails: bool = False) -> tuple[RuncTasks, RecordedEvents, list[str]]:
+    events, steps = RecordedEvents(), []
     tasks = RuncTasks(Reaper(), events, tmp_path)  # type: ignore[arg-type]
     io = SimpleNamespace(stdin="", stdout="", stderr="", terminal=False, close=lambda: None)
     init = RuncProcess("", io, pid=os.getpid(), status=types.RUNNING)

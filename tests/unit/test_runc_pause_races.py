@@ -14,14 +14,7 @@ from kuasar.common.errors import FailedPrecondition
 from kuasar.common.reaper import Reaper
 from kuasar.common.runc_tasks import RuncContainer, RuncProcess
 from kuasar.runc.tasks import RuncTasks
-
-
-class Events:
-    def __init__(self) -> None:
-        self.topics: list[str] = []
-
-    def publish(self, topic: str, event: object, namespace: str = "") -> None:
-        self.topics.append(topic)
+from tests.support.events import RecordedEvents
 
 
 class ExitingRunc:
@@ -38,8 +31,8 @@ class ExitingRunc:
         self.init.record_exit(143, 1)
 
 
-def _tasks(tmp_path: Path, status: int) -> tuple[RuncTasks, Events]:
-    events = Events()
+def _tasks(tmp_path: Path, status: int) -> tuple[RuncTasks, RecordedEvents]:
+    events = RecordedEvents()
     tasks = RuncTasks(Reaper(), events, tmp_path)  # type: ignore[arg-type]
     io = SimpleNamespace(stdin="", stdout="", stderr="", terminal=False)
     init = RuncProcess("", io, pid=4242, status=status)
