@@ -25,6 +25,7 @@ from kuasar.common.api.runtime.v1 import api_pb2 as cri
 from kuasar.common.config import DaemonConfig
 from kuasar.common.controller import SandboxController
 from kuasar.common.errors import InvalidArgument, KuasarError, RuntimeFailure, Unavailable
+from kuasar.common.linux import SOCKET_PATH_MAX
 from kuasar.common.sandboxer import LOST_EXIT_STATUS, SandboxRecord, SandboxState
 from kuasar.common.ttrpc import TtrpcServer
 from kuasar.vmm import network
@@ -32,7 +33,7 @@ from kuasar.vmm import sandboxer as sandboxer_module
 from kuasar.vmm.config import VmmConfig
 from kuasar.vmm.hypervisor import VmSpec
 from kuasar.vmm.procs import ExitWatch, ProcessRef
-from kuasar.vmm.sandboxer import SOCKET_PATH_MAX, VmmSandboxer, VmPod
+from kuasar.vmm.sandboxer import VmmSandboxer, VmPod
 
 TASK = "containerd.task.v3.Task"
 AGENT = "kuasar.agent.v1.Agent"

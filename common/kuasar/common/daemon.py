@@ -11,7 +11,7 @@ import stat
 from collections.abc import Callable
 from pathlib import Path
 
-from . import sd_notify
+from . import linux, sd_notify
 from .config import DaemonConfig
 from .controller import SandboxController
 from .errors import FailedPrecondition, InvalidArgument
@@ -20,8 +20,6 @@ from .sandboxer import Sandboxer
 
 log = logging.getLogger(__name__)
 
-# sun_path's size, with its terminating NUL.
-SOCKET_PATH_MAX = 108
 # How often the sandboxer looks whether sandboxes were removed (and their garbage can be collected).
 GARBAGE_CHECK_INTERVAL = 2.0
 
@@ -54,9 +52,9 @@ def _own_directory(directory: Path) -> None:
 
 
 def _check_listen(listen: Path) -> None:
-    if len(os.fsencode(listen)) >= SOCKET_PATH_MAX:
+    if len(os.fsencode(listen)) > linux.SOCKET_PATH_MAX:
         raise InvalidArgument(f"--listen {listen} is longer than a unix socket path may be "
-                              f"({SOCKET_PATH_MAX - 1} bytes)")
+                              f"({linux.SOCKET_PATH_MAX} bytes)")
     # A directory we make is ours alone; /run/kuasar is shared by every type's sandboxer, which
     # systemd may start at once.
     listen.parent.mkdir(parents=True, exist_ok=True, mode=0o700)

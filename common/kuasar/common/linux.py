@@ -34,6 +34,8 @@ MS_PRIVATE = 1 << 18
 MS_SLAVE = 1 << 19
 MS_RELATIME = 1 << 21
 MNT_DETACH = 2
+# The longest unix socket path, in bytes: sun_path holds 108 with the terminating NUL.
+SOCKET_PATH_MAX = 107
 
 # ioctl on a namespace file: a new fd for the user namespace that owns it (<linux/nsfs.h>).
 NS_GET_USERNS = 0xB701

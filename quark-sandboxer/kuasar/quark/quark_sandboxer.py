@@ -37,6 +37,7 @@ from google.protobuf import any_pb2
 from kuasar.common import cgroups, proc_stat
 from kuasar.common.config import DaemonConfig
 from kuasar.common.errors import FailedPrecondition, InvalidArgument, RuntimeFailure
+from kuasar.common.linux import SOCKET_PATH_MAX
 from kuasar.common.pod_sandboxer import decode_pod_config, refuse_user_namespace
 from kuasar.common.sandboxer import ExitInfo, Sandboxer, SandboxRecord, StartResult
 from kuasar.common.state import write_atomic
@@ -51,7 +52,6 @@ log = logging.getLogger(__name__)
 TASK_SOCKET = "quark-task.sock"
 PID_FILE = "pid"
 QUARK_LOG = "quark.log"
-SOCKET_PATH_MAX = 107  # sun_path is 108 bytes with its NUL
 # `quark ... sandbox` boots a VM before it returns; this only bounds a hung one.
 START_TIMEOUT = 60.0
 # The daemon must have its socket bound before the foreground command exits; allow a little slack.

@@ -49,6 +49,7 @@ from kuasar.common.api.runtime.v1 import api_pb2 as cri
 from kuasar.common.config import DaemonConfig
 from kuasar.common.errors import InvalidArgument, KuasarError, RuntimeFailure
 from kuasar.common.events import EventPublisher
+from kuasar.common.linux import SOCKET_PATH_MAX
 from kuasar.common.pod_files import HOST_RESOLV_CONF, pod_resolv_conf
 from kuasar.common.pod_sandboxer import decode_pod_config, refuse_user_namespace
 from kuasar.common.pod_sysctls import with_containerd_defaults
@@ -65,7 +66,6 @@ from .spec import GUEST_CGROUP_PARENT, GUEST_POD_PID_NS
 log = logging.getLogger(__name__)
 
 AGENT = "kuasar.agent.v1.Agent"
-SOCKET_PATH_MAX = 107  # sun_path holds 108 bytes with the NUL
 AGENT_CALL_TIMEOUT = 30.0
 AGENT_CONNECT_TIMEOUT = 5.0
 PROXY_START_TIMEOUT = 20.0
