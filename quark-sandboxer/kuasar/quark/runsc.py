@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -113,12 +114,8 @@ class Runsc:
             listed = json.loads(result.stdout or b"[]") or []
         except ValueError as exc:
             raise RuntimeFailure(f"runsc list: not JSON: {exc}") from None
-        # runsc names each container's state `<container id>_sandbox:<sandbox id>.state` in its root;
-        # a container whose file is not found there counts as a sandbox of its own.
-        sandbox_of = {}
-        for state in self.root.glob("*_sandbox:*.state"):
-            container, _, sandbox = state.name.removesuffix(".state").partition("_sandbox:")
-            sandbox_of[container] = sandbox
+        # A container whose state file is not found counts as a sandbox of its own.
+        sandbox_of = dict(_state_files(self.root))
         found = []
         for entry in listed:
             container_id = str(entry.get("id", "")) if isinstance(entry, dict) else ""
@@ -128,9 +125,9 @@ class Runsc:
         return found
 
     def has(self, container_id: str) -> bool:
-        """Whether our root holds runsc's state of a container (or sandbox) `container_id`: its
-        `<container id>_sandbox:<sandbox id>.state` (an id is letters, digits and `._-`: no glob)."""
-        return any(self.root.glob(f"{container_id}_sandbox:*.state"))
+        """Whether our root holds runsc's state of a container (or sandbox) `container_id` (an id is
+        letters, digits and `._-`: no glob)."""
+        return any(_state_files(self.root, container_id))
 
     async def pause(self, container_id: str, network: str) -> None:
         await self._run(network, ["pause", container_id])
@@ -192,3 +189,14 @@ def _first_line(data: bytes) -> str:
 def last_error(log_path: Path | None, offset: int = 0) -> str:
     """The error runsc logged (JSON lines, `--log-format json`) after `offset`."""
     return _last_logged_error(log_path, offset, RUNSC_ERROR_LEVELS)
+
+
+# runsc keeps each container's state in its root as `<container id>_sandbox:<sandbox id>.state`.
+_STATE_SEPARATOR, _STATE_SUFFIX = "_sandbox:", ".state"
+
+
+def _state_files(root: Path, container_id: str = "*") -> Iterator[tuple[str, str]]:
+    """(container id, sandbox id) of every state file in `root`, or of `container_id`'s."""
+    for state in root.glob(f"{container_id}{_STATE_SEPARATOR}*{_STATE_SUFFIX}"):
+        container, _, sandbox = state.name.removesuffix(_STATE_SUFFIX).partition(_STATE_SEPARATOR)
+        yield container, sandbox
