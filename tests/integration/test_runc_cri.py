@@ -446,3 +446,22 @@ def test_remove_pod_during_exec_is_consistent(stack: Stack) -> None:
 
     stack.run(scenario())
     assert_nothing_left(stack)
+
+
+def test_a_pod_whose_start_fails_leaves_nothing(stack: Stack) -> None:
+    """containerd forgets a sandbox whose Start failed and never calls Shutdown for it: what Create and
+    Start made (the record, the pod's files, its cgroup) is ours to remove, there and then."""
+    cgroup_parent = f"kuasar-it-{os.getpid()}/failed"
+
+    async def scenario() -> None:
+        async with CriClient(stack.address) as client:
+            # Valid as a name and scoped by the pod's IPC namespace, so only the write in it fails.
+            with pytest.raises(grpc.aio.AioRpcError, match="shm_rmid_forced"):
+                await run_pod(client, "failing", stack.log_dir, cgroup_parent=cgroup_parent,
+                              sysctls={"kernel.shm_rmid_forced": "not-a-number"})
+            assert all(p.metadata.name != "failing" for p in (await client.list_pod_sandbox()).items)
+
+    stack.run(scenario())
+    assert cgroups_named(cgroup_parent.split("/")[0]) == [], "the parent is gone from every hierarchy"
+    assert not (stack.sandboxer_dir / "pods").exists() or list((stack.sandboxer_dir / "pods").iterdir()) == []
+    assert_nothing_left(stack)

@@ -15,6 +15,7 @@ The guest image is built (cached) with scripts/build_guest_image.py when missing
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import secrets
@@ -42,6 +43,7 @@ from tests.support import images
 
 from .conftest import integration_skip_reason, start_sandboxer, stop_process
 from .cri_helpers import (
+    cgroups_named,
     check_user_namespace_refused,
     forward_once,
     forward_until_answered,
@@ -376,6 +378,48 @@ def test_sandboxer_restart_then_vm_killed_from_outside(stack: VmStack) -> None:
             assert_nothing_left(stack, pod_id, pids)
 
     asyncio.run(scenario())
+
+
+def test_a_sandboxer_killed_during_a_vm_boot_removes_the_vm_when_it_restarts(stack: VmStack) -> None:
+    """SIGKILL while the guest boots: containerd's Start fails, and containerd forgets the pod without
+    a Stop or Shutdown. The restarted sandboxer removes what that Start had made: QEMU, its helper
+    daemons and the task proxy, the VM's cgroup, its files and the record."""
+    cgroup_parent = f"kuasar-vmk-{os.getpid()}/booting"
+
+    async def scenario() -> tuple[str, list[int]]:
+        async with CriClient(stack.address, timeout=TIMEOUT) as client:
+            running = asyncio.ensure_future(run_pod(client, stack, "booting", host_network=True,
+                                                    cgroup_parent=cgroup_parent))
+            pod_id = await booting_pod(stack, running)
+            pids = vm_processes(sandbox_state(stack, pod_id))
+            assert all(alive(pid) for pid in pids)
+            assert Path("/sys/fs/cgroup/memory", cgroup_parent).is_dir()
+            stop_process(stack.sandboxer, signal.SIGKILL)
+            with pytest.raises(grpc.aio.AioRpcError):
+                await running
+            stack.sandboxer = start_sandboxer(stack.socket, stack.directory, stack.log,
+                                              stack.containerd.ttrpc_address, module="kuasar.vmm.cli",
+                                              extra_args=("--config", str(stack.config)))
+            assert all(p.id != pod_id for p in (await client.list_pod_sandbox()).items)
+            return pod_id, pids
+
+    pod_id, pids = asyncio.run(scenario())
+    assert_nothing_left(stack, pod_id, pids)
+    assert cgroups_named(cgroup_parent.split("/")[0]) == [], "the VM's cgroup is gone from every hierarchy"
+
+
+async def booting_pod(stack: VmStack, running: asyncio.Future) -> str:
+    """The id of the one pod whose VM was launched and saved but is not ready yet."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        assert not running.done(), "the pod started (or failed) before its boot could be interrupted"
+        for entry in (stack.directory / "sandboxes").iterdir():
+            with contextlib.suppress(OSError, ValueError):
+                state = json.loads((entry / "sandbox.json").read_text())
+                if state["state"] == "created" and state.get("extra", {}).get("vm"):
+                    return state["id"]
+        await asyncio.sleep(0.05)
+    raise AssertionError("no VM was launched within 60 s")
 
 
 def test_a_pod_with_its_own_user_namespace_is_refused_at_run_pod_sandbox(stack: VmStack) -> None:

@@ -15,7 +15,7 @@ from kuasar.common import state
 from kuasar.common.controller import SandboxController, new_record
 from kuasar.common.errors import AlreadyExists, InvalidArgument, NotFound
 from kuasar.common.keyed_locks import KeyedLocks
-from kuasar.common.sandboxer import ExitInfo, SandboxRecord, StartResult
+from kuasar.common.sandboxer import ExitInfo, SandboxRecord, SandboxState, StartResult
 from tests.unit.test_sandbox_api import SID, MemorySandboxer
 
 
@@ -136,9 +136,8 @@ def test_wait_returns_when_saving_the_exit_fails(tmp_path: Path, monkeypatch) ->
     asyncio.run(main())
 
 
-def test_a_started_pod_whose_record_cannot_be_saved_still_has_its_exit_seen(tmp_path: Path, monkeypatch) -> None:
-    # Start's save failed after the pod started: nothing watched its exit, so Stop waited out its
-    # timeout and reported the exit lost.
+def test_a_started_pod_whose_record_cannot_be_saved_is_stopped_and_removed(tmp_path: Path, monkeypatch) -> None:
+    # containerd forgets a sandbox whose Start failed; a pod left running then had nobody to stop it.
     monkeypatch.setattr(controller_module, "STOP_EXIT_TIMEOUT", 5.0)
 
     async def main() -> None:
@@ -147,9 +146,56 @@ def test_a_started_pod_whose_record_cannot_be_saved_still_has_its_exit_seen(tmp_
         await controller.create(record())
         monkeypatch.setattr(controller.store, "save", disk_full)
         with pytest.raises(OSError, match="No space left"):
+            await asyncio.wait_for(controller.start(SID), 2)
+        assert sandboxer.exits[SID].result().exit_status == 137  # stopped, and its exit was seen
+        assert sandboxer.shut == [SID]
+        assert SID not in controller.records and files_under(tmp_path / "state") == []
+        with pytest.raises(NotFound):
+            await controller.wait(SID)
+    asyncio.run(main())
+
+
+class FailingStart(MemorySandboxer):
+    def __init__(self, shutdown_fails: bool = False) -> None:
+        super().__init__()
+        self.shutdown_fails = shutdown_fails
+
+    async def start(self, record: SandboxRecord) -> StartResult:
+        raise InvalidArgument("the pod's sysctl could not be set")
+
+    async def shutdown(self, record: SandboxRecord) -> None:
+        await super().shutdown(record)
+        if self.shutdown_fails:
+            raise OSError(errno.EBUSY, "busy")
+
+
+def test_a_failed_start_removes_the_sandbox_and_what_its_create_made(tmp_path: Path) -> None:
+    # CRI never calls Shutdown for a sandbox whose Start failed: its record and files stayed for good.
+    async def main() -> None:
+        sandboxer = FailingStart()
+        controller = SandboxController(sandboxer, tmp_path / "state")
+        await controller.create(record())
+        with pytest.raises(InvalidArgument, match="sysctl"):
             await controller.start(SID)
-        await asyncio.wait_for(controller.stop(SID, 0), 2)
-        assert (await asyncio.wait_for(controller.wait(SID), 2)).exit_status == 137
+        assert sandboxer.shut == [SID]
+        assert SID not in controller.records and files_under(tmp_path / "state") == []
+        await controller.shutdown(SID)  # a late Shutdown of it succeeds and does nothing more
+        assert sandboxer.shut == [SID]
+    asyncio.run(main())
+
+
+def test_a_failed_start_whose_removal_fails_keeps_the_record_for_a_later_shutdown(tmp_path: Path) -> None:
+    async def main() -> None:
+        sandboxer = FailingStart(shutdown_fails=True)
+        controller = SandboxController(sandboxer, tmp_path / "state")
+        await controller.create(record())
+        with pytest.raises(InvalidArgument, match="sysctl"):
+            await controller.start(SID)
+        assert SID in controller.records and files_under(tmp_path / "state") != []
+        sandboxer.shutdown_fails = False
+        await controller.shutdown(SID)
+        assert sandboxer.shut == [SID, SID]
+        assert SID not in controller.records and files_under(tmp_path / "state") == []
     asyncio.run(main())
 
 
@@ -179,18 +225,42 @@ def test_a_short_write_never_replaces_the_record(tmp_path: Path, monkeypatch) ->
     assert files_under(tmp_path) == ["abc", "abc/sandbox.json"]
 
 
+def started_record() -> SandboxRecord:
+    started = record()
+    started.state, started.pid = SandboxState.READY, 4242
+    return started
+
+
 def test_a_state_file_that_is_not_a_record_is_skipped_at_recovery(tmp_path: Path) -> None:
     async def main() -> None:
         store = state.StateStore(tmp_path / "state")
-        store.save(SID, record().to_json())
+        store.save(SID, started_record().to_json())
         (tmp_path / "state" / ("b" * 64)).mkdir()
         (tmp_path / "state" / ("b" * 64) / state.STATE_FILE).write_text("[]")
         (tmp_path / "state" / ("c" * 64)).mkdir()
         (tmp_path / "state" / ("c" * 64) / state.STATE_FILE).write_text("{}")
-        store.save("d" * 64, record().to_json())  # a copy of another sandbox's record
+        store.save("d" * 64, started_record().to_json())  # a copy of another sandbox's record
         controller = SandboxController(MemorySandboxer(), tmp_path / "state")
         await controller.recover()
         assert list(controller.records) == [SID]
+    asyncio.run(main())
+
+
+def test_a_sandbox_created_but_never_started_before_a_restart_is_removed_at_recovery(tmp_path: Path) -> None:
+    # Its Start was under way when the sandboxer died (containerd sends it right after Create): failed for
+    # containerd, which forgets the sandbox, while what that Start had made (a pod process, a VM) ran on.
+    async def main() -> None:
+        store = state.StateStore(tmp_path / "state")
+        store.save(SID, record().to_json())
+        other = started_record()
+        other.id = "e" * 64
+        store.save(other.id, other.to_json())
+        sandboxer = MemorySandboxer()
+        controller = SandboxController(sandboxer, tmp_path / "state")
+        await controller.recover()
+        assert sandboxer.shut == [SID]
+        assert list(controller.records) == [other.id]
+        assert files_under(tmp_path / "state") == [other.id, f"{other.id}/{state.STATE_FILE}"]
     asyncio.run(main())
 
 

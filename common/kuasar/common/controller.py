@@ -104,12 +104,19 @@ class SandboxController:
             self.records[record.id] = record
         await self.sandboxer.recover(records)
         for record in records:
+            if record.state == SandboxState.CREATED:
+                # Made, and never started while we ran: a Start under way when we stopped has failed
+                # for containerd (it follows Create at once), and containerd forgets such a sandbox.
+                # What that Start had made yet (a pod process, a VM) would run on for good.
+                log.warning("sandbox %s: created but not started before a restart; removing it", record.id)
+                await self._discard(record)
+                continue
             self.save(record)
             if record.state == SandboxState.READY:
                 self._watch(record)
             elif record.state == SandboxState.STOPPED:
                 self._event(record.id).set()
-        log.info("recovered %d sandboxes", len(records))
+        log.info("recovered %d sandboxes", len(self.records))
 
     async def close(self) -> None:
         for task in self._watchers.values():
@@ -138,16 +145,47 @@ class SandboxController:
                 return record
             if record.state != SandboxState.CREATED:
                 raise FailedPrecondition(f"sandbox {sandbox_id} is {record.state}, cannot start")
-            result: StartResult = await self._bounded("start", self.sandboxer.start(record))
+            try:
+                result: StartResult = await self._bounded("start", self.sandboxer.start(record))
+            except BaseException:
+                await asyncio.shield(self._discard(record))
+                raise
             record.pid, record.address, record.version = result.pid, result.address, result.version
             record.labels.update(result.labels)
             record.state = SandboxState.READY
-            # Watched before it is saved: a save that fails is Start's error to report, but the pod runs
-            # (containerd will stop it), and Stop and Wait need its exit.
+            # Watched before it is saved: stopping the pod after a failed save needs its exit.
             self._watch(record)
-            self.save(record)
+            try:
+                self.save(record)
+            except BaseException:
+                await asyncio.shield(self._discard(record))
+                raise
         log.info("sandbox %s started pid=%d address=%s", sandbox_id, record.pid, record.address)
         return record
+
+    async def _discard(self, record: SandboxRecord) -> None:
+        """Remove a sandbox whose Start is failing, with all that its Create and Start made.
+
+        containerd forgets a sandbox whose Start failed: CRI deletes it from its store and never calls
+        Stop or Shutdown for it. Anything kept here would stay until the node is wiped. Called with the
+        sandbox's lock held. If the removal fails, the record stays, so a Shutdown or a restart can
+        still find it."""
+        try:
+            await self._stop_locked(record, 0.0)
+            await self._bounded("shutdown", self.sandboxer.shutdown(record))
+        except Exception as exc:  # noqa: BLE001 - Start's own error is the one to report
+            log.error("sandbox %s: removing it after its failed start: %s", record.id, exc)
+            return
+        self._forget(record.id)
+        log.info("sandbox %s removed: its start failed or was cut short", record.id)
+
+    def _forget(self, sandbox_id: str) -> None:
+        self.store.remove(sandbox_id)
+        self.records.pop(sandbox_id, None)
+        watcher = self._watchers.pop(sandbox_id, None)
+        if watcher:
+            watcher.cancel()
+        self._exited.pop(sandbox_id, None)
 
     async def wait(self, sandbox_id: str) -> SandboxRecord:
         record = self.get(sandbox_id)
@@ -181,12 +219,7 @@ class SandboxController:
             async with self._holding(sandbox_id) as record:
                 await self._stop_locked(record, 0.0)
                 await self._bounded("shutdown", self.sandboxer.shutdown(record))
-                self.store.remove(sandbox_id)
-                self.records.pop(sandbox_id, None)
-                watcher = self._watchers.pop(sandbox_id, None)
-                if watcher:
-                    watcher.cancel()
-                self._exited.pop(sandbox_id, None)
+                self._forget(sandbox_id)
         except SandboxGone:
             return
         log.info("sandbox %s shut down", sandbox_id)

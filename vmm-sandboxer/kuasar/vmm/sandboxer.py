@@ -239,6 +239,9 @@ class VmmSandboxer(Sandboxer):
             pod.cgroup = self._place_in_cgroup(record.id, pod_config, vm)
             self._start_proxy(pod, spec)
             record.extra["vm"] = self._state(pod, spec)
+            # Saved before the boot is waited for (seconds under TCG): a sandboxer killed meanwhile
+            # finds the VM's processes and cgroup by it, and removes them (SandboxController.recover).
+            self.persist(record)
             t_launched = time.monotonic()
             await self._wait_ready(listener, vm, spec)
             t_ready = time.monotonic()
@@ -306,12 +309,12 @@ class VmmSandboxer(Sandboxer):
             await asyncio.gather(*pod.tasks, return_exceptions=True)
         else:
             await self._cleanup_by_state(record)
+        await kill_strays(self.vm_root / record.id)  # before the cgroup: a cgroup with processes stays
         state = record.extra.get("vm") or {}
         if state.get("cgroup"):
             with contextlib.suppress(OSError):
                 cgroups.PodCgroup(state["cgroup"]["path"], state["cgroup"]["created"]).remove()
         self._keep_logs(record.id)
-        await kill_strays(self.vm_root / record.id)
         hostfs.remove_tree(self.vm_root / record.id)
 
     def _keep_logs(self, sandbox_id: str) -> None:
