@@ -296,3 +296,57 @@ def test_a_failed_update_changes_nothing(tmp_path: Path) -> None:
         controller.save(current)  # what the next change of state writes
         assert state.StateStore(tmp_path / "state").load_all()[SID]["labels"] == {"old": "label"}
     asyncio.run(main())
+
+
+def test_a_failed_start_whose_removal_failed_is_removed_by_a_restart(tmp_path: Path) -> None:
+    # Marked exited before its removal failed, it was neither started nor created for a restart to remove.
+    async def main() -> None:
+        controller = SandboxController(FailingStart(shutdown_fails=True), tmp_path / "state")
+        await controller.create(record())
+        with pytest.raises(InvalidArgument):
+            await controller.start(SID)
+        restarted = MemorySandboxer()
+        await SandboxController(restarted, tmp_path / "state").recover()
+        assert restarted.shut == [SID]
+        assert files_under(tmp_path / "state") == []
+    asyncio.run(main())
+
+
+def test_a_start_cancelled_twice_holds_the_lock_until_its_removal_is_done(tmp_path: Path) -> None:
+    class Slow(MemorySandboxer):
+        def __init__(self) -> None:
+            super().__init__()
+            self.gate = asyncio.Event()
+            self.running = 0
+            self.overlap = False
+
+        async def start(self, record: SandboxRecord) -> StartResult:
+            await asyncio.sleep(3600)
+            raise AssertionError("not reached")
+
+        async def shutdown(self, record: SandboxRecord) -> None:
+            self.running += 1
+            self.overlap |= self.running > 1
+            await self.gate.wait()
+            self.running -= 1
+            await super().shutdown(record)
+
+    async def main() -> None:
+        sandboxer = Slow()
+        controller = SandboxController(sandboxer, tmp_path / "state")
+        await controller.create(record())
+        starting = asyncio.create_task(controller.start(SID))
+        await asyncio.sleep(0.01)
+        starting.cancel()  # the client's deadline
+        await asyncio.sleep(0.01)  # the removal is in the sandboxer's shutdown now
+        starting.cancel()  # the server stopping
+        await asyncio.sleep(0.01)
+        assert not starting.done()
+        other = asyncio.create_task(controller.shutdown(SID))  # the shim helper's clean-up, or containerd's
+        await asyncio.sleep(0.01)
+        sandboxer.gate.set()
+        results = await asyncio.gather(starting, other, return_exceptions=True)
+        assert isinstance(results[0], asyncio.CancelledError) and results[1] is None
+        assert not sandboxer.overlap, "two shutdowns of one sandbox ran at once"
+        assert sandboxer.shut == [SID] and SID not in controller.records
+    asyncio.run(main())

@@ -180,3 +180,27 @@ def test_the_pod_request_carries_its_sysctls_with_containerds_defaults_and_bad_o
         assert len(fake.sent) == 2
 
     asyncio.run(main())
+
+
+def test_a_cancelled_start_leaves_its_pod_to_shutdown_which_waits_for_it(tmp_path: Path) -> None:
+    # The task server's Create goes on after a cancelled call (ttrpc sends no cancel): a Delete sent before
+    # it finished found no pod, and the pod made right after it ran on with nobody to remove it.
+    async def main() -> None:
+        sandboxer, fake = make(tmp_path)
+        rec = record("m" * 64)
+        await sandboxer.create(rec)
+        starting = asyncio.ensure_future(sandboxer.start(rec))
+        await asyncio.sleep(0)
+        starting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await starting
+        shutting = asyncio.ensure_future(sandboxer.shutdown(rec))
+        await asyncio.sleep(0.01)
+        assert [m for m, _ in fake.sent] == ["Create"]  # Shutdown waits for the pod being made
+        fake.replies["Create"].set_result(pods.CreatePodResponse(pid=4343))
+        await asyncio.sleep(0.01)
+        assert [m for m, _ in fake.sent] == ["Create", "Delete"]
+        fake.replies["Delete"].set_result(None)
+        await shutting
+
+    asyncio.run(main())

@@ -244,3 +244,33 @@ def test_quark_failure_is_reported_with_its_output(tmp_path: Path, monkeypatch: 
         await sandboxer.shutdown(rec)
 
     asyncio.run(scenario())
+
+
+@needs_root
+def test_quark_a_start_cut_short_by_a_restart_leaves_no_qvisor(tmp_path: Path) -> None:
+    # The sandboxer died after `quark sandbox` had started QVisor but before Start was saved: the record on
+    # disk is the created one, without QVisor's pid. Removing it at the restart left QVisor running.
+    from kuasar.common.controller import SandboxController
+    from kuasar.quark.quark_sandboxer import is_alive, process_start_time
+
+    binary = str(fake_quark(tmp_path))
+
+    async def main() -> None:
+        first = quark_sandboxer(tmp_path, binary)
+        await first.open()
+        rec = record("pod3")
+        await SandboxController(first, tmp_path / "state").create(rec)
+        pid = (await first.start(rec)).pid  # not through the controller: nothing saved of it
+        start_time = process_start_time(pid)
+        try:
+            second = QuarkSandboxer(first.config, first.quark)
+            await second.open()
+            restarted = SandboxController(second, tmp_path / "state")
+            await restarted.recover()
+            assert restarted.records == {} and not first.base(rec).exists()
+            assert not is_alive(pid, start_time)
+        finally:
+            if is_alive(pid, start_time):
+                os.kill(pid, 9)
+
+    asyncio.run(main())

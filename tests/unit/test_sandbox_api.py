@@ -42,8 +42,8 @@ class MemorySandboxer(Sandboxer):
         return await self.exits[record.id]
 
     async def stop(self, record: SandboxRecord, timeout: float) -> None:
-        future = self.exits[record.id]
-        if not future.done():
+        future = self.exits.get(record.id)  # none for a sandbox never started: nothing to stop
+        if future is not None and not future.done():
             future.set_result(ExitInfo(137))
 
     async def shutdown(self, record: SandboxRecord) -> None:

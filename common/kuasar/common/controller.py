@@ -148,36 +148,51 @@ class SandboxController:
             try:
                 result: StartResult = await self._bounded("start", self.sandboxer.start(record))
             except BaseException:
-                await asyncio.shield(self._discard(record))
+                await self._discard_to_the_end(record)
                 raise
             record.pid, record.address, record.version = result.pid, result.address, result.version
             record.labels.update(result.labels)
             record.state = SandboxState.READY
-            # Watched before it is saved: stopping the pod after a failed save needs its exit.
+            # Watched before it is saved: if a failed save's removal fails too, the pod's exit is still seen.
             self._watch(record)
             try:
                 self.save(record)
             except BaseException:
-                await asyncio.shield(self._discard(record))
+                await self._discard_to_the_end(record)
                 raise
         log.info("sandbox %s started pid=%d address=%s", sandbox_id, record.pid, record.address)
         return record
 
     async def _discard(self, record: SandboxRecord) -> None:
-        """Remove a sandbox whose Start is failing, with all that its Create and Start made.
+        """Remove a sandbox whose Start failed or was cut short, with all that its Create and Start made.
 
         containerd forgets a sandbox whose Start failed: CRI deletes it from its store and never calls
         Stop or Shutdown for it. Anything kept here would stay until the node is wiped. Called with the
-        sandbox's lock held. If the removal fails, the record stays, so a Shutdown or a restart can
-        still find it."""
+        sandbox's lock held (or before the API is served). The record keeps its state until it is
+        removed: if the removal fails, a restart finds it still created and tries again."""
         try:
-            await self._stop_locked(record, 0.0)
+            # Stop as well: what a Start cut short had made (a process it had launched) may run.
+            await self._bounded("stop", self.sandboxer.stop(record, 0.0))
             await self._bounded("shutdown", self.sandboxer.shutdown(record))
         except Exception as exc:  # noqa: BLE001 - Start's own error is the one to report
             log.error("sandbox %s: removing it after its failed start: %s", record.id, exc)
             return
         self._forget(record.id)
         log.info("sandbox %s removed: its start failed or was cut short", record.id)
+
+    async def _discard_to_the_end(self, record: SandboxRecord) -> None:
+        """`_discard`, holding the caller (and the sandbox's lock with it) until it is done, however often
+        the caller is cancelled meanwhile: a Shutdown let in half way would remove the sandbox twice at
+        once. A cancel is passed on once the removal is done."""
+        removal = asyncio.ensure_future(self._discard(record))
+        cancelled = False
+        while not removal.done():
+            try:
+                await asyncio.shield(removal)
+            except asyncio.CancelledError:
+                cancelled = True
+        if cancelled:
+            raise asyncio.CancelledError
 
     def _forget(self, sandbox_id: str) -> None:
         self.store.remove(sandbox_id)

@@ -160,7 +160,15 @@ class PodSandboxer(Sandboxer):
 
     async def start(self, record: SandboxRecord) -> StartResult:
         launch = self._launches.pop(record.id, None)
-        pid = await (launch if launch is not None else self._launch(record))
+        if launch is None:
+            launch = asyncio.ensure_future(self._launch(record))
+        try:
+            pid = await asyncio.shield(launch)
+        except asyncio.CancelledError:
+            # A cancelled call is not cancelled in the task server (ttrpc sends nothing): its pod is made
+            # all the same. Kept for Stop and Shutdown, which wait for it, so that they remove that pod.
+            self._launches[record.id] = launch
+            raise
         return StartResult(pid=pid, address=self.task_server.address, version=3)
 
     async def wait(self, record: SandboxRecord) -> ExitInfo:

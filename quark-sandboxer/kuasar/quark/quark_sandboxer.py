@@ -41,6 +41,7 @@ from kuasar.common.linux import SOCKET_PATH_MAX
 from kuasar.common.pod_sandboxer import decode_pod_config, refuse_user_namespace
 from kuasar.common.sandboxer import ExitInfo, Sandboxer, SandboxRecord, StartResult
 from kuasar.common.state import write_atomic
+from kuasar.common.strays import kill_strays
 
 from . import quark_containers
 from .config import QuarkConfig
@@ -139,6 +140,19 @@ class QuarkSandboxer(Sandboxer):
             process = await asyncio.create_subprocess_exec(*argv, cwd=bundle, stdin=subprocess.DEVNULL,
                                                            stdout=log_file, stderr=log_file)
         try:
+            return await self._started(record, process, socket, pid_file, log_path)
+        except BaseException:
+            # Also a cancelled Start: `quark sandbox` would go on to start QVisor, which nothing would stop.
+            if process.returncode is None:
+                process.kill()
+            state = self._state(record)
+            if is_alive(int(state.get("pid", 0)), int(state.get("start_time", 0))):
+                _kill(int(state["pid"]))
+            raise
+
+    async def _started(self, record: SandboxRecord, process: asyncio.subprocess.Process, socket: Path,
+                       pid_file: Path, log_path: Path) -> StartResult:
+        try:
             async with asyncio.timeout(START_TIMEOUT):
                 status = await process.wait()
         except TimeoutError:
@@ -156,7 +170,6 @@ class QuarkSandboxer(Sandboxer):
                 while not socket.is_socket():  # noqa: ASYNC110 - another process binds it
                     await asyncio.sleep(0.02)
         except TimeoutError:
-            _kill(pid)
             raise RuntimeFailure(f"quark sandbox {record.id}: pid {pid} serves no {socket}: {_tail(log_path)}") \
                 from None
         log.info("sandbox %s: QVisor pid %d serves %s", record.id, pid, socket)
@@ -195,6 +208,9 @@ class QuarkSandboxer(Sandboxer):
 
     async def shutdown(self, record: SandboxRecord) -> None:
         base = self.base(record)
+        # QVisor of a Start cut short by a crash of ours: the record never got its pid. Found by the
+        # sandbox's directory in its command line (`-r <base>/sandbox`), as `quark sandbox` started it.
+        await kill_strays(base)
         containers = self._containers(record)
         for cid in list(containers.state):
             containers.remove(cid)

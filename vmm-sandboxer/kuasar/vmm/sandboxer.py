@@ -54,6 +54,7 @@ from kuasar.common.pod_files import HOST_RESOLV_CONF, pod_resolv_conf
 from kuasar.common.pod_sandboxer import decode_pod_config, refuse_user_namespace
 from kuasar.common.pod_sysctls import with_containerd_defaults
 from kuasar.common.sandboxer import LOST_EXIT_STATUS, ExitInfo, Sandboxer, SandboxRecord, SandboxState, StartResult
+from kuasar.common.strays import kill_strays
 from kuasar.common.task_server import self_command
 from kuasar.common.ttrpc import TtrpcClient
 
@@ -599,7 +600,9 @@ class VmmSandboxer(Sandboxer):
                 await _undo_netns_setup(net)
             hostfs.remove_tree(vm_dir)
         except Exception:  # noqa: BLE001 - the start error is what matters
+            # The VM's state stays: the removal that follows a failed Start finds by it what is left.
             log.exception("sandbox %s: cleaning up a failed start", record.id)
+            return
         record.extra.pop("vm", None)
 
     async def _cleanup_by_state(self, record: SandboxRecord) -> None:
@@ -618,19 +621,6 @@ async def _undo_netns_setup(net: network.PodNetwork) -> None:
     """What we added to the pod's netns (CRI deletes the netns itself): tc redirects, the port-forward rule."""
     await network.remove_redirects(net)
     await portforward.remove_redirect(net.netns)
-
-
-async def kill_strays(vm_dir: Path) -> None:
-    """Processes of this VM that no record names (a sandboxer that died mid-start never saved their
-    pids): every process whose command line holds the VM's own directory, which nothing else uses."""
-    needle = str(vm_dir) + "/"
-    strays = []
-    for proc in psutil.process_iter(["cmdline"]):
-        if proc.pid != os.getpid() and any(needle in arg for arg in proc.info["cmdline"] or []):
-            strays.append(ProcessRef.of(proc.pid))
-    for ref in strays:
-        log.warning("killing stray process %d of %s", ref.pid, vm_dir)
-        await terminate(ref, None, grace=0)
 
 
 def host_metrics(pod: VmPod, metrics: v2.Metrics) -> None:
