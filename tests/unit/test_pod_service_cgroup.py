@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import os
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -174,3 +175,48 @@ def test_a_cgroup_another_process_makes_meanwhile_is_used_and_left_to_it(tmp_pat
     assert cgroup.created == [str(root / "shared" / "pod1")]
     cgroup.remove()
     assert (root / "shared").is_dir() and not (root / "shared" / "pod1").exists()
+
+
+def test_a_delete_of_a_pod_being_made_waits_for_it_and_removes_it() -> None:
+    """The Create of a caller that gave up (a cancelled Start: ttrpc sends no cancel) goes on in the task
+    server. A Delete that answered NotFound meanwhile left the pod it made running for good."""
+
+    class SlowLauncher:  # gVisor's: runsc create and start take ~0.5 s
+        def __init__(self, pid: int) -> None:
+            self.pid = pid
+            self.go = asyncio.Event()
+            self.released: list[str] = []
+
+        async def launch_pod(self, req: pb.CreatePodRequest, cgroup: object) -> int:
+            await self.go.wait()
+            return self.pid
+
+        async def release_pod(self, pod_id: str) -> None:
+            self.released.append(pod_id)
+
+    class NoContainers:
+        async def remove_pod_containers(self, pod_id: str) -> None:
+            pass
+
+    async def main() -> None:
+        reaper = Reaper()
+        reaper.install()
+        child = subprocess.Popen(["sleep", "30"])
+        try:
+            launcher = SlowLauncher(child.pid)
+            service = PodService(reaper, containers=NoContainers(), launcher=launcher)  # type: ignore[arg-type]
+            pod_id = "p" * 64
+            creating = asyncio.create_task(service.create(pb.CreatePodRequest(id=pod_id), None))  # type: ignore[arg-type]
+            await asyncio.sleep(0.01)
+            deleting = asyncio.create_task(service.delete(pb.PodRequest(id=pod_id), None))  # type: ignore[arg-type]
+            await asyncio.sleep(0.01)
+            assert not deleting.done()  # not NotFound: it waits for the pod being made
+            launcher.go.set()
+            await creating
+            await asyncio.wait_for(deleting, 5)
+            assert launcher.released == [pod_id] and pod_id not in service.pods
+            assert not os.path.exists(f"/proc/{child.pid}"), "the pod's process was killed and reaped"
+        finally:
+            child.kill()
+
+    asyncio.run(main())

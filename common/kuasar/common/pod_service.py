@@ -88,7 +88,9 @@ class PodService:
         self.launcher = launcher
         self.directory = directory  # the sandboxer's --dir, where a pod's /dev/shm is mounted
         self.pods: dict[str, Pod] = {}
-        self._creating: set[str] = set()  # a launcher awaits: keep a second Create of the id out
+        # Pods being made, each set once its Create is done: a second Create of the id is refused, and a
+        # Delete waits (the Create of a caller that gave up goes on: ttrpc sends no cancel).
+        self._creating: dict[str, asyncio.Event] = {}
 
     def register(self, server: TtrpcServer) -> None:
         server.add_unary(PODS_SERVICE, "Create", pb.CreatePodRequest, self.create)
@@ -140,7 +142,7 @@ class PodService:
 
     async def _create(self, req: pb.CreatePodRequest, cgroup: cgroups.PodCgroup | None,
                       shm: Path | None) -> pb.CreatePodResponse:
-        self._creating.add(req.id)
+        self._creating[req.id] = asyncio.Event()
         mount_shm = (lambda: mounts.mount_tmpfs(shm, req.shm_size)) if shm is not None else None
         started_ns = time.monotonic_ns()
         try:
@@ -161,7 +163,7 @@ class PodService:
                 cgroup.remove()
             raise
         finally:
-            self._creating.discard(req.id)
+            self._creating.pop(req.id).set()
         # An exit reaped before this watch is kept by the reaper, so a launcher's await loses nothing.
         pod = Pod(req.id, pid, self.reaper.watch(pid, started_ns), cgroup, shm)
         self.pods[req.id] = pod
@@ -233,6 +235,9 @@ class PodService:
         return status
 
     async def delete(self, req: pb.PodRequest, ctx: Context) -> empty_pb2.Empty:
+        creating = self._creating.get(validate_id(req.id, "pod id"))
+        if creating is not None:  # what that Create makes is this Delete's to remove
+            await creating.wait()
         pod = self._get(req.id)
         await self.containers.remove_pod_containers(pod.id)
         if pod.running:
