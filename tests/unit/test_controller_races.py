@@ -350,3 +350,16 @@ def test_a_start_cancelled_twice_holds_the_lock_until_its_removal_is_done(tmp_pa
         assert not sandboxer.overlap, "two shutdowns of one sandbox ran at once"
         assert sandboxer.shut == [SID] and SID not in controller.records
     asyncio.run(main())
+
+
+def test_a_state_directory_whose_first_save_was_cut_short_is_removed_at_recovery(tmp_path: Path) -> None:
+    async def main() -> None:
+        store = state.StateStore(tmp_path / "state")
+        store.save(SID, started_record().to_json())
+        torn = tmp_path / "state" / ("t" * 64)
+        torn.mkdir()
+        (torn / f".{state.STATE_FILE}.tmp").write_text('{"id": ')
+        controller = SandboxController(MemorySandboxer(), tmp_path / "state")
+        await controller.recover()
+        assert files_under(tmp_path / "state") == [SID, f"{SID}/{state.STATE_FILE}"]
+    asyncio.run(main())

@@ -58,8 +58,9 @@ def test_each_sandbox_goes_after_its_containers_and_sandboxes_go_side_by_side(tm
             await asyncio.sleep(0.01)
             steps.append(("end", container_id))
 
-    tasks = GvisorTasks.__new__(GvisorTasks)  # only its runsc is used
+    tasks = GvisorTasks.__new__(GvisorTasks)  # only its runsc and its directory are used
     tasks.runsc = FakeRunsc()
+    tasks.directory = tmp_path
     asyncio.run(tasks.sweep_leftovers())
     order = [container_id for step, container_id in steps if step == "begin"]
     for sandbox, containers in (("pod1", ("c1", "c3")), ("pod2", ("c2",))):

@@ -364,3 +364,15 @@ def test_a_failed_exec_start_does_not_signal_a_runner_already_reaped(tmp_path: P
     with pytest.raises(RuntimeFailure, match="failed"):
         asyncio.run(tasks._start_exec(container, proc))
     assert signalled == [] and proc.pid == 0 and proc.status == types.CREATED
+
+
+def test_the_sweep_removes_console_sockets_a_dead_task_server_left(tmp_path: Path) -> None:
+    tasks, runsc, _ = make_tasks(tmp_path)
+
+    async def nothing_left() -> list:
+        return []
+
+    runsc.leftovers = nothing_left  # type: ignore[method-assign]
+    (tmp_path / "console-0123456789abcdef.sock").write_bytes(b"")
+    asyncio.run(tasks.sweep_leftovers())
+    assert list(tmp_path.glob("console-*")) == []

@@ -204,3 +204,27 @@ def test_a_cancelled_start_leaves_its_pod_to_shutdown_which_waits_for_it(tmp_pat
         await shutting
 
     asyncio.run(main())
+
+
+def test_recovery_removes_pods_and_pod_files_of_sandboxes_without_a_record(tmp_path: Path) -> None:
+    # Killed after the pod's Create was sent but before the sandbox's record was saved: containerd's
+    # Create failed with us and nothing would ever ask for that pod again.
+    async def main() -> None:
+        sandboxer, fake = make(tmp_path)
+        known, orphan, files_only = "k" * 64, "o" * 64, "f" * 64
+        for pod_id in (known, orphan, files_only):
+            (tmp_path / "pods" / pod_id).mkdir(parents=True)
+        rec = record(known)
+        rec.state = "ready"
+        recovering = asyncio.ensure_future(sandboxer.recover([rec]))
+        await asyncio.sleep(0)
+        fake.replies["List"].set_result(pods.PodList(pods=[pods.PodStatus(id=known, pid=1),
+                                                           pods.PodStatus(id=orphan, pid=2)]))
+        await asyncio.sleep(0.01)
+        assert [(m, r.id) for m, r in fake.sent if m == "Delete"] == [("Delete", orphan)]
+        fake.replies["Delete"].set_result(None)
+        await recovering
+        assert sorted(p.name for p in (tmp_path / "pods").iterdir()) == [known]
+        assert rec.state == "ready"
+
+    asyncio.run(main())

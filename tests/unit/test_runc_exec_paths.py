@@ -134,3 +134,13 @@ def test_a_window_size_over_16_bits_is_cut_as_containerds_shim_cuts_it() -> None
     finally:
         os.close(master)
         os.close(replica)
+
+
+def test_the_sweep_removes_console_sockets_a_dead_task_server_left(tmp_path: Path) -> None:
+    # A console socket lives while runc starts a terminal process; a task server killed then left it.
+    tasks, _, _ = _tasks(tmp_path)
+    tasks.runc.root = tmp_path / "no-runc-root"  # type: ignore[attr-defined]
+    stale = tasks.console_dir / "0123456789abcdef.sock"
+    stale.write_bytes(b"")
+    asyncio.run(tasks.sweep_leftovers())
+    assert list(tasks.console_dir.iterdir()) == []

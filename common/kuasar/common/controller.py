@@ -89,6 +89,8 @@ class SandboxController:
     # -- start-up ----------------------------------------------------------------------------------
     async def recover(self) -> None:
         """Load persisted sandboxes and let the sandbox type re-attach to the running ones."""
+        for name in self.store.remove_incomplete():
+            log.warning("removed %s: a sandbox's state whose first save was cut short", name)
         records = []
         for name, data in self.store.load_all().items():
             try:

@@ -104,5 +104,15 @@ class StateStore:
                 log.error("skipping unreadable state %s: %s", path, exc)
         return found
 
+    def remove_incomplete(self) -> list[str]:
+        """Remove the directories that hold no record: a first save cut short (made, its file not yet
+        renamed in) by a crash. Nothing else lives there. Returns their names."""
+        removed = []
+        for entry in sorted(self.root.iterdir()):
+            if entry.is_dir() and not entry.is_symlink() and not (entry / STATE_FILE).exists():
+                shutil.rmtree(entry, ignore_errors=True)
+                removed.append(entry.name)
+        return removed
+
     def remove(self, sandbox_id: str) -> None:
         shutil.rmtree(self.sandbox_dir(sandbox_id), ignore_errors=True)

@@ -188,7 +188,9 @@ class GvisorTasks(TerminalTasks):
         server just started knows none of them, so they are a dead one's (see pod_leftovers; the pods'
         bundles go with their directories at Shutdown). Sandboxes are swept side by side, each one's
         containers before it (deleting both at once left runsc's lock files behind); what a first
-        pass leaves goes in a second."""
+        pass leaves goes in a second. Console sockets of processes that were being started go too."""
+        for stale in self.directory.glob("console-*.sock"):
+            stale.unlink(missing_ok=True)
         for _ in range(2):
             try:
                 left = await self.runsc.leftovers()

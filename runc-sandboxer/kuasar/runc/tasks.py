@@ -61,6 +61,13 @@ class RuncTasks(RuncContainerTasks):
     def _console_socket(self, container: Container) -> Path:
         return self.console_dir / f"{os.urandom(8).hex()}.sock"
 
+    async def sweep_leftovers(self) -> None:
+        # A console socket lives while runc creates a terminal process; a task server that died then left
+        # it, under a random name nothing reuses. None is in use before this task server serves.
+        for stale in self.console_dir.glob("*.sock"):
+            stale.unlink(missing_ok=True)
+        await super().sweep_leftovers()
+
     def _process_io(self, req: task.ExecProcessRequest) -> ProcessIO:
         return ProcessIO(req.stdin, req.stdout, req.stderr, req.terminal)
 
