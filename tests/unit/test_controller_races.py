@@ -363,3 +363,57 @@ def test_a_state_directory_whose_first_save_was_cut_short_is_removed_at_recovery
         await controller.recover()
         assert files_under(tmp_path / "state") == [SID, f"{SID}/{state.STATE_FILE}"]
     asyncio.run(main())
+
+
+def test_a_failed_start_whose_removal_fails_stays_created_on_disk_for_a_restart(tmp_path: Path) -> None:
+    # The save after Start failed once; the removal's Stop ended the pod and its watcher saved the exit
+    # (the disk had room again), then Shutdown failed: a restart found a stopped record and kept it.
+    async def main() -> None:
+        sandboxer = FailingStart(shutdown_fails=True)
+        sandboxer.start = MemorySandboxer.start.__get__(sandboxer)  # type: ignore[method-assign]
+        controller = SandboxController(sandboxer, tmp_path / "state")
+        await controller.create(record())
+        real_save, calls = controller.store.save, []
+
+        def save_fails_once(*args: object) -> None:
+            calls.append(1)
+            if len(calls) == 1:
+                disk_full()
+            real_save(*args)  # type: ignore[arg-type]
+
+        controller.store.save = save_fails_once  # type: ignore[method-assign]
+        with pytest.raises(OSError):
+            await controller.start(SID)
+        await asyncio.sleep(0.01)  # the watcher has seen the exit
+        restarted = MemorySandboxer()
+        await SandboxController(restarted, tmp_path / "state").recover()
+        assert restarted.shut == [SID]
+        assert files_under(tmp_path / "state") == []
+    asyncio.run(main())
+
+
+class RemovesUnrecorded(MemorySandboxer):
+    def __init__(self) -> None:
+        super().__init__()
+        self.recorded: set[str] | None = None
+
+    async def remove_unrecorded(self, recorded: set[str]) -> None:
+        self.recorded = recorded
+        raise RuntimeError("the task server is not answering")
+
+
+def test_start_up_tells_the_type_every_recorded_id_even_unreadable_ones_and_survives_its_failure(
+        tmp_path: Path) -> None:
+    # A record that cannot be read must not get its pod removed as one without a record; and what a
+    # type fails to remove must not keep the sandboxer from serving the sandboxes it knows.
+    async def main() -> None:
+        store = state.StateStore(tmp_path / "state")
+        store.save(SID, started_record().to_json())
+        (tmp_path / "state" / ("b" * 64)).mkdir()
+        (tmp_path / "state" / ("b" * 64) / state.STATE_FILE).write_text("[]")
+        sandboxer = RemovesUnrecorded()
+        controller = SandboxController(sandboxer, tmp_path / "state")
+        await controller.recover()
+        assert sandboxer.recorded == {SID, "b" * 64}
+        assert list(controller.records) == [SID]
+    asyncio.run(main())

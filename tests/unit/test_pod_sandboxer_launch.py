@@ -14,7 +14,7 @@ from kuasar.common.api.kuasar.pods.v1 import pods_pb2 as pods
 from kuasar.common.api.runtime.v1 import api_pb2 as cri
 from kuasar.common.config import DaemonConfig
 from kuasar.common.controller import new_record
-from kuasar.common.errors import AlreadyExists, InvalidArgument, Unimplemented
+from kuasar.common.errors import AlreadyExists, InvalidArgument, RuntimeFailure, Unimplemented
 from kuasar.common.pod_sandboxer import PodSandboxer, wants_user_namespace
 from kuasar.common.sandboxer import SandboxRecord
 from kuasar.common.task_server import TaskServerLaunch, TaskServerSettings
@@ -206,25 +206,55 @@ def test_a_cancelled_start_leaves_its_pod_to_shutdown_which_waits_for_it(tmp_pat
     asyncio.run(main())
 
 
-def test_recovery_removes_pods_and_pod_files_of_sandboxes_without_a_record(tmp_path: Path) -> None:
+def test_pods_and_pod_files_of_sandboxes_without_a_record_are_removed_at_start_up(tmp_path: Path) -> None:
     # Killed after the pod's Create was sent but before the sandbox's record was saved: containerd's
-    # Create failed with us and nothing would ever ask for that pod again.
+    # Create failed with us and nothing would ever ask for that pod again. One whose Create is still
+    # under way in the task server is not listed yet: its files name it, and Delete waits for it.
     async def main() -> None:
         sandboxer, fake = make(tmp_path)
-        known, orphan, files_only = "k" * 64, "o" * 64, "f" * 64
-        for pod_id in (known, orphan, files_only):
+        known, orphan, being_made = "k" * 64, "o" * 64, "f" * 64
+        for pod_id in (known, orphan, being_made):
             (tmp_path / "pods" / pod_id).mkdir(parents=True)
-        rec = record(known)
-        rec.state = "ready"
-        recovering = asyncio.ensure_future(sandboxer.recover([rec]))
+        removing = asyncio.ensure_future(sandboxer.remove_unrecorded({known}))
         await asyncio.sleep(0)
         fake.replies["List"].set_result(pods.PodList(pods=[pods.PodStatus(id=known, pid=1),
                                                            pods.PodStatus(id=orphan, pid=2)]))
         await asyncio.sleep(0.01)
-        assert [(m, r.id) for m, r in fake.sent if m == "Delete"] == [("Delete", orphan)]
         fake.replies["Delete"].set_result(None)
-        await recovering
+        await asyncio.wait_for(removing, 5)
+        assert sorted(r.id for m, r in fake.sent if m == "Delete") == [being_made, orphan]
         assert sorted(p.name for p in (tmp_path / "pods").iterdir()) == [known]
-        assert rec.state == "ready"
+
+    asyncio.run(main())
+
+
+def test_a_pod_that_cannot_be_removed_at_start_up_keeps_neither_us_nor_the_others_from_going_on(
+        tmp_path: Path) -> None:
+    class OneDeleteFails(FakeTaskServer):
+        def begin_call(self, method: str, request: Any, response_type: type, timeout: float | None = None
+                       ) -> Coroutine[Any, Any, Any]:
+            if method == "Delete" and request.id == "a" * 64:
+                self.sent.append((method, request))
+
+                async def fail() -> Any:
+                    raise RuntimeFailure("runc delete: device or resource busy")
+
+                return fail()
+            return super().begin_call(method, request, response_type, timeout)
+
+    async def main() -> None:
+        sandboxer, _ = make(tmp_path)
+        fake = OneDeleteFails()
+        sandboxer.task_server = fake  # type: ignore[assignment]
+        for pod_id in ("a" * 64, "b" * 64):
+            (tmp_path / "pods" / pod_id).mkdir(parents=True)
+        removing = asyncio.ensure_future(sandboxer.remove_unrecorded(set()))
+        await asyncio.sleep(0)
+        fake.replies["List"].set_result(pods.PodList())
+        fake.replies["Delete"] = asyncio.get_running_loop().create_future()
+        fake.replies["Delete"].set_result(None)
+        await asyncio.wait_for(removing, 5)
+        assert [r.id for m, r in fake.sent if m == "Delete"] == ["a" * 64, "b" * 64]
+        assert [p.name for p in (tmp_path / "pods").iterdir()] == ["a" * 64]  # kept with its pod
 
     asyncio.run(main())

@@ -43,6 +43,9 @@ class SandboxController:
         self.store = StateStore(state_dir)
         sandboxer.persist = self._persist  # type: ignore[method-assign]
         self.records: dict[str, SandboxRecord] = {}
+        # Sandboxes being removed after a failed Start, or whose removal failed: their exit is not saved,
+        # so that on disk they stay created, which a restart removes.
+        self._discarding: set[str] = set()
         self._locks = KeyedLocks()
         self._exited: dict[str, asyncio.Event] = {}
         self._watchers: dict[str, asyncio.Task[None]] = {}
@@ -91,6 +94,7 @@ class SandboxController:
         """Load persisted sandboxes and let the sandbox type re-attach to the running ones."""
         for name in self.store.remove_incomplete():
             log.warning("removed %s: a sandbox's state whose first save was cut short", name)
+        recorded = self.store.names()  # also those skipped below: what a bad file names is not removed
         records = []
         for name, data in self.store.load_all().items():
             try:
@@ -118,6 +122,10 @@ class SandboxController:
                 self._watch(record)
             elif record.state == SandboxState.STOPPED:
                 self._event(record.id).set()
+        try:
+            await self._bounded("removing what has no record", self.sandboxer.remove_unrecorded(recorded))
+        except Exception as exc:  # noqa: BLE001 - serving the sandboxes we know matters more
+            log.error("removing what sandboxes without a record left: %s", exc)
         log.info("recovered %d sandboxes", len(self.records))
 
     async def close(self) -> None:
@@ -172,11 +180,13 @@ class SandboxController:
         Stop or Shutdown for it. Anything kept here would stay until the node is wiped. Called with the
         sandbox's lock held (or before the API is served). The record keeps its state until it is
         removed: if the removal fails, a restart finds it still created and tries again."""
+        self._discarding.add(record.id)
         try:
             # Stop as well: what a Start cut short had made (a process it had launched) may run.
             await self._bounded("stop", self.sandboxer.stop(record, 0.0))
             await self._bounded("shutdown", self.sandboxer.shutdown(record))
         except Exception as exc:  # noqa: BLE001 - Start's own error is the one to report
+            # Still in _discarding: its exit is not saved, so on disk it stays created for a restart.
             log.error("sandbox %s: removing it after its failed start: %s", record.id, exc)
             return
         self._forget(record.id)
@@ -199,6 +209,7 @@ class SandboxController:
     def _forget(self, sandbox_id: str) -> None:
         self.store.remove(sandbox_id)
         self.records.pop(sandbox_id, None)
+        self._discarding.discard(sandbox_id)
         watcher = self._watchers.pop(sandbox_id, None)
         if watcher:
             watcher.cancel()
@@ -275,7 +286,8 @@ class SandboxController:
             return
         record.state = SandboxState.STOPPED
         record.exit_status, record.exited_at_ns = info.exit_status, info.exited_at_ns
-        if self.records.get(record.id) is record:
+        # Not while a failed Start's removal runs: on disk it stays created, for a restart to remove.
+        if self.records.get(record.id) is record and record.id not in self._discarding:
             try:
                 self.save(record)
             except OSError as exc:  # a full disk must not keep Wait waiting for an exit already seen;

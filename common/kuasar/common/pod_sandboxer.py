@@ -11,6 +11,7 @@ import logging
 import os
 import shutil
 from collections.abc import Coroutine
+from pathlib import Path
 from typing import Any
 
 from google.protobuf import any_pb2, empty_pb2
@@ -208,14 +209,6 @@ class PodSandboxer(Sandboxer):
     async def recover(self, records: list[SandboxRecord]) -> None:
         listed = await self.task_server.call("List", empty_pb2.Empty(), pods.PodList)
         alive = {pod.id for pod in listed.pods}
-        known = {record.id for record in records}
-        # A pod whose sandbox has no record: its Create was sent to the task server, and we died before
-        # the record was saved. containerd's Create failed with us, so nothing will ever ask for it.
-        for orphan in sorted(alive - known):
-            log.warning("pod %s: no sandbox of ours has it (a Create cut short); removing it", orphan)
-            with contextlib.suppress(NotFound):
-                await self.task_server.call("Delete", pods.PodRequest(id=orphan), empty_pb2.Empty)
-        self._remove_orphan_pod_dirs(known)
         for record in records:
             if record.state == SandboxState.READY and record.id not in alive:
                 log.warning("sandbox %s: its pod process is gone; reporting it exited", record.id)
@@ -226,20 +219,30 @@ class PodSandboxer(Sandboxer):
     def status_info(self, record: SandboxRecord, verbose: bool) -> dict[str, str]:
         return {"task_address": record.address} if verbose else {}
 
-    def _remove_orphan_pod_dirs(self, known: set[str]) -> None:
-        """The pod files of sandboxes without a record (written while the task server made the pod)."""
+    async def remove_unrecorded(self, recorded: set[str]) -> None:
+        """Pods, and pod files, of sandboxes with no state at all: the pod's Create goes to the task
+        server before the sandbox's record is saved, and we died in between. containerd's Create failed
+        with us, so nothing would ever ask for them. A pod still being made is waited for by Delete."""
+        listed = await self.task_server.call("List", empty_pb2.Empty(), pods.PodList)
         root = pod_dir(self.config.dir, "x").parent
-        orphans = [path for path in root.iterdir() if path.name not in known and path.is_dir()] \
-            if root.is_dir() else []
-        if not orphans:
+        with_files = {path.name for path in root.iterdir() if path.is_dir()} if root.is_dir() else set()
+        for orphan in sorted(({pod.id for pod in listed.pods} | with_files) - recorded):
+            log.warning("pod %s: no sandbox of ours has it (a Create cut short); removing it", orphan)
+            try:
+                with contextlib.suppress(NotFound):
+                    await self.task_server.call("Delete", pods.PodRequest(id=orphan), empty_pb2.Empty)
+                self._remove_pod_files(root / orphan)
+            except Exception as exc:  # noqa: BLE001 - one pod must not keep the others (or us) from going on
+                log.error("pod %s: removing it: %s", orphan, exc)
+
+    def _remove_pod_files(self, path: Path) -> None:
+        if not path.is_dir():
             return
         from .mounts import mount_points_under, unmount_all  # only here: the sandboxer keeps ctypes out otherwise
 
-        for path in orphans:
-            if os.path.ismount(path / SHM):  # its task server did not unmount it (the pod is gone with it)
-                unmount_all(path / SHM)
-            if mount_points_under(path):  # never remove files through a mount that is not ours to empty
-                log.error("pod %s: something is still mounted under %s; leaving it", path.name, path)
-                continue
-            log.warning("pod %s: removing the files of a sandbox we have no record of", path.name)
-            shutil.rmtree(path, ignore_errors=True)
+        if os.path.ismount(path / SHM):  # its task server did not unmount it (the pod is gone with it)
+            unmount_all(path / SHM)
+        if mount_points_under(path):  # never remove files through a mount that is not ours to empty
+            log.error("pod %s: something is still mounted under %s; leaving it", path.name, path)
+            return
+        shutil.rmtree(path, ignore_errors=True)

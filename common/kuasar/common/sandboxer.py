@@ -123,6 +123,10 @@ class Sandboxer(abc.ABC):
     async def recover(self, records: list[SandboxRecord]) -> None:  # noqa: B027 - optional hook
         """Re-attach to sandboxes that were running before a restart (mark dead ones exited)."""
 
+    async def remove_unrecorded(self, recorded: set[str]) -> None:  # noqa: B027 - optional hook
+        """At start-up, after recover: remove what this type holds for sandbox ids outside `recorded`
+        (every id with state on disk, readable or not), left by a crash before a first save."""
+
     async def update(self, record: SandboxRecord, fields: list[str]) -> None:  # noqa: B027
         """React to Controller.Update; the controller already stored labels/extensions."""
 

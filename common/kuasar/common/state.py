@@ -104,6 +104,10 @@ class StateStore:
                 log.error("skipping unreadable state %s: %s", path, exc)
         return found
 
+    def names(self) -> set[str]:
+        """The name of every sandbox directory, whatever its record holds."""
+        return {entry.name for entry in self.root.iterdir() if entry.is_dir()}
+
     def remove_incomplete(self) -> list[str]:
         """Remove the directories that hold no record: a first save cut short (made, its file not yet
         renamed in) by a crash. Nothing else lives there. Returns their names."""
