@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from kuasar.common import linux, pod_holder
+from kuasar.common import linux, pod_holder, pod_leftovers, proc_stat
 from kuasar.common.errors import RuntimeFailure
 from kuasar.common.pod_holder import PodNamespaces, start_pod_holder
 from kuasar.common.pod_sysctls import MAX_SYSCTLS, sysctl_path
@@ -262,3 +262,19 @@ def test_an_argument_with_a_nul_is_a_clear_failure_that_leaves_no_fd() -> None:
         with pytest.raises(RuntimeFailure, match="null"):
             asyncio.run(start_pod_holder("nul", PodNamespaces(new_uts=True), hostname="web\0x"))
     assert sorted(os.listdir("/proc/self/fd")) == before
+
+
+@pytest.mark.parametrize("new_pid", [False, True])
+def test_the_pod_process_names_its_owner_so_that_a_sweep_finds_it_without_a_record(
+        tmp_path: Path, new_pid: bool) -> None:
+    pod_holder.pause_program.cache_clear()
+    if pod_holder.pause_program() is None:
+        pytest.skip("kuasar-pause is not built (make setup)")
+    owner = tmp_path / "pods" / ("o" * 64)
+    pid = asyncio.run(start_pod_holder("o" * 64, PodNamespaces(new_pid=new_pid), owner=owner))
+    try:
+        # The PID 1 child of a pod-wide PID namespace is what is left: it carries the flag too.
+        assert pod_leftovers.owned_processes(tmp_path / "pods") == [(pid, proc_stat.start_time(pid))]
+        assert pod_leftovers.owned_processes(tmp_path / "other") == []
+    finally:
+        finish(pid)

@@ -4,6 +4,7 @@ proc_stat, which tells the pod process it recorded from a later one given the sa
 from __future__ import annotations
 
 import subprocess
+import time
 from pathlib import Path
 
 from kuasar.common import pod_leftovers
@@ -67,5 +68,26 @@ def test_the_sweep_kills_every_recorded_pod_before_it_waits_for_any(tmp_path: Pa
         assert [child.wait(timeout=5) for child in children] == [-9, -9, -9]
     finally:
         for child in children:
+            child.kill()
+            child.wait()
+
+
+def test_the_sweep_ends_pod_processes_whose_record_was_never_written(tmp_path: Path) -> None:
+    # A task server killed between a pod's spawn and the write of its record: only the process's own
+    # command line (kuasar-pause --owner <pod dir>) says whose it is.
+    ours = subprocess.Popen(["python3", "-c", "import time; time.sleep(30)", "--owner",
+                             str(tmp_path / PODS_DIR / ("o" * 64))])
+    theirs = subprocess.Popen(["python3", "-c", "import time; time.sleep(30)", "--owner",
+                               str(tmp_path / "elsewhere" / PODS_DIR / ("o" * 64))])
+    try:
+        for child in (ours, theirs):  # python has put its argv in place
+            deadline = time.monotonic() + 5
+            while b"--owner" not in Path(f"/proc/{child.pid}/cmdline").read_bytes() and time.monotonic() < deadline:
+                time.sleep(0.01)
+        assert sweep(tmp_path) == 0  # no record
+        assert ours.wait(timeout=5) == -9
+        assert theirs.poll() is None
+    finally:
+        for child in (ours, theirs):
             child.kill()
             child.wait()

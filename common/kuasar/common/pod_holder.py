@@ -71,11 +71,12 @@ class PodNamespaces:
 
 
 async def start_pod_holder(name: str, namespaces: PodNamespaces, hostname: str = "",
-                           meanwhile: Callable[[], None] | None = None) -> int:
+                           meanwhile: Callable[[], None] | None = None, owner: Path | None = None) -> int:
     """Start the pod process; return its host pid once it sits in its namespaces.
 
     `meanwhile` runs while the new process enters its namespaces (other set-up of the pod, e.g. its
-    /dev/shm); if it fails, the process is killed and its error raised.
+    /dev/shm); if it fails, the process is killed and its error raised. `owner`, the pod's directory,
+    goes into the process's command line, where pod_leftovers finds a pod whose record was never written.
 
     The task server must reap it (and, with a PID namespace, the intermediate process that exits at
     once): the pid is only returned after its exit may already have been reaped.
@@ -85,7 +86,7 @@ async def start_pod_holder(name: str, namespaces: PodNamespaces, hostname: str =
         if meanwhile is not None:
             meanwhile()
         return spawn_pod_holder(name, namespaces, hostname)
-    return await _spawn_pause(pause, _comm(name), namespaces, hostname, meanwhile)
+    return await _spawn_pause(pause, _comm(name), namespaces, hostname, meanwhile, owner)
 
 
 def _comm(name: str) -> str:
@@ -93,9 +94,11 @@ def _comm(name: str) -> str:
 
 
 async def _spawn_pause(pause: str, comm: str, ns: PodNamespaces, hostname: str,
-                       meanwhile: Callable[[], None] | None = None) -> int:
+                       meanwhile: Callable[[], None] | None = None, owner: Path | None = None) -> int:
     """posix_spawn `kuasar-pause --setup`: no fork of the task server's heap, no Python in the child."""
     argv = [pause, "--setup", "--oom-score-adj", str(POD_OOM_SCORE_ADJ)]
+    if owner is not None:
+        argv += ["--owner", str(owner)]
     if ns.netns_path:
         argv += ["--netns", ns.netns_path]
         if ns.userns:

@@ -6,11 +6,17 @@ its place knows none of them, and containerd's removal of the pod then finds not
 each pod's process (pid and start time, which tell it from a later process given the same pid), the
 cgroup directories made for it and its /dev/shm mount are written to `<dir>/pods/<id>/pod.json`, and
 a fresh task server ends whatever such files describe before it serves.
+
+The record is written just after the pod's Create; a task server killed before that leaves a pod
+process nobody recorded. kuasar-pause carries the pod's directory in its command line (`--owner`), so
+every process that names one under our `pods/` is ended as well: none can be a live task server's, as
+only one runs per directory.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import logging
 import os
@@ -25,6 +31,8 @@ from .pod_files import PODS_DIR
 log = logging.getLogger(__name__)
 
 RECORD_FILE = "pod.json"
+# The flag before a pod process's directory in its command line (kuasar-pause --owner PATH).
+OWNER_FLAG = b"--owner"
 # A killed pod process is gone in milliseconds; only then may its cgroups be removed.
 EXIT_WAIT_S = 5.0
 EXIT_POLL_S = 0.01
@@ -67,6 +75,13 @@ def sweep(sandboxer_dir: Path) -> int:
         # rather than once per pod (a dead task server may have left hundreds).
         _kill(leftovers.pid, leftovers.start)
         found.append((record_path, leftovers))
+    recorded = {(leftovers.pid, leftovers.start) for _, leftovers in found}
+    unrecorded = [process for process in owned_processes(sandboxer_dir / PODS_DIR) if process not in recorded]
+    for pid, start in unrecorded:
+        log.warning("pod process %d: its record was never written; ending it", pid)
+        _kill(pid, start)
+    for pid, start in unrecorded:
+        _wait_gone(pid, start)
     for record_path, leftovers in found:
         _wait_gone(leftovers.pid, leftovers.start)
         if leftovers.shm:
@@ -79,6 +94,26 @@ def sweep(sandboxer_dir: Path) -> int:
             log.error("pod %s: its cgroups: %s", record_path.parent.name, exc)
         forget(record_path.parent)
     return len(found)
+
+
+def owned_processes(pods_root: Path) -> list[tuple[int, int]]:
+    """(pid, start time) of every process whose command line has `--owner <a path under pods_root>`."""
+    prefix = os.fsencode(pods_root) + b"/"
+    found = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/cmdline", "rb") as cmdline:
+                argv = cmdline.read().split(b"\0")
+        except OSError:  # gone meanwhile
+            continue
+        if any(flag == OWNER_FLAG and value.startswith(prefix) for flag, value in itertools.pairwise(argv)):
+            pid = int(entry.name)
+            start = proc_stat.start_time(pid)
+            if start:
+                found.append((pid, start))
+    return found
 
 
 def _remove_empty_below(directory: Path) -> None:

@@ -155,7 +155,8 @@ class PodService:
                 # 0.4 ms on a busy machine, on the path of the pod's Start.
                 namespaces = PodNamespaces(req.netns_path, req.new_ipc, req.new_uts, req.new_pid, req.userns,
                                            tuple(sorted(req.sysctls.items())))
-                pid = await start_pod_holder(req.id, namespaces, req.hostname, meanwhile=mount_shm)
+                owner = pod_dir(self.directory, req.id) if self.directory is not None else None
+                pid = await start_pod_holder(req.id, namespaces, req.hostname, meanwhile=mount_shm, owner=owner)
         except BaseException:  # also a cancelled Create (its deadline, its connection gone)
             if shm is not None:
                 mounts.unmount_all(shm)

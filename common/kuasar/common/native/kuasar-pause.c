@@ -5,7 +5,7 @@
  * Usage:
  *   kuasar-pause [NAME]
  *       Already in the pod's namespaces: just hold them.
- *   kuasar-pause --setup [--oom-score-adj N] [--netns PATH [--userns]] [--ipc] [--uts]
+ *   kuasar-pause --setup [--owner PATH] [--oom-score-adj N] [--netns PATH [--userns]] [--ipc] [--uts]
  *                [--hostname NAME] [--pid] [--sysctl PATH=VALUE]... NAME
  *       The task server spawns us directly (posix_spawn: no fork of a Python heap, whose copy-on-write
  *       faults cost milliseconds on both sides): start a session, set our OOM score adjustment (where
@@ -16,6 +16,10 @@
  *       now), then write our host pid in decimal to stdout and close it. Any failure writes
  *       "!<what>: <error>" instead and exits 1. A sysctl comes as its path under /proc/sys, which
  *       the task server has made from its name (a dot in that path is literal: eth0.100) and checked.
+ *
+ * --owner names the pod's directory of the task server that spawned us. Unused here: it stays in our
+ * command line (and our PID 1 child's), where a task server started after that one died finds a pod
+ * process whose record was never written.
  *
  * NAME (at most 15 bytes) becomes the process's comm. setup builds this file from the same tree as
  * kuasar.common.pod_holder, which calls it, so the two always agree on these arguments.
@@ -48,7 +52,7 @@ static void fail(const char *what) {
 }
 
 static void usage(void) {
-    fprintf(stderr, "usage: kuasar-pause [--setup [--oom-score-adj N] [--netns PATH [--userns]] [--ipc] "
+    fprintf(stderr, "usage: kuasar-pause [--setup [--owner PATH] [--oom-score-adj N] [--netns PATH [--userns]] [--ipc] "
                     "[--uts] [--hostname NAME] [--pid] [--sysctl PATH=VALUE]...] [NAME]\n");
     _exit(2);
 }
@@ -180,7 +184,7 @@ static void sleep_forever(void) {
 }
 
 int main(int argc, char **argv) {
-    const char *netns = NULL, *hostname = NULL, *name = NULL, *oom_score_adj = NULL;
+    const char *netns = NULL, *hostname = NULL, *name = NULL, *oom_score_adj = NULL, *owner = NULL;
     int flags = 0, new_pid = 0, do_setup = 0, userns = 0, n_sysctls = 0;
     const char *sysctls[MAX_SYSCTLS];
 
@@ -189,6 +193,8 @@ int main(int argc, char **argv) {
             do_setup = 1;
         else if (strcmp(argv[i], "--netns") == 0 && i + 1 < argc)
             netns = argv[++i];
+        else if (strcmp(argv[i], "--owner") == 0 && i + 1 < argc)
+            owner = argv[++i];
         else if (strcmp(argv[i], "--oom-score-adj") == 0 && i + 1 < argc)
             oom_score_adj = argv[++i];
         else if (strcmp(argv[i], "--hostname") == 0 && i + 1 < argc)
@@ -211,7 +217,7 @@ int main(int argc, char **argv) {
         else
             name = argv[i];
     }
-    if ((!do_setup && (netns || hostname || flags || new_pid || n_sysctls || oom_score_adj))
+    if ((!do_setup && (netns || hostname || flags || new_pid || n_sysctls || oom_score_adj || owner))
         || (userns && netns == NULL))
         usage();
     if (new_pid)
