@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import json
 import os
 import subprocess
 from collections.abc import Callable
@@ -11,9 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from kuasar.common import cgroups
+from kuasar.common import cgroups, pod_leftovers
 from kuasar.common.api.kuasar.pods.v1 import pods_pb2 as pb
 from kuasar.common.errors import InvalidArgument
+from kuasar.common.pod_files import PODS_DIR
 from kuasar.common.pod_service import Pod, PodService
 from kuasar.common.reaper import Reaper
 
@@ -218,5 +220,43 @@ def test_a_delete_of_a_pod_being_made_waits_for_it_and_removes_it() -> None:
             assert not os.path.exists(f"/proc/{child.pid}"), "the pod's process was killed and reaped"
         finally:
             child.kill()
+
+    asyncio.run(main())
+
+
+def test_what_a_pod_holds_is_recorded_before_its_process_is_known(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    # A task server killed while a pod's process was being started left the cgroups made for it: its
+    # record was only written once the process was known.
+    (tmp_path / "cg").mkdir()
+    roots = fake_hierarchies(tmp_path / "cg", monkeypatch, "memory")
+    monkeypatch.setattr(cgroups, "_USERS", {})
+
+    class SlowLauncher:
+        def __init__(self) -> None:
+            self.go = asyncio.Event()
+            self.fail = False
+
+        async def launch_pod(self, req: pb.CreatePodRequest, cgroup: object) -> int:
+            await self.go.wait()
+            if self.fail:
+                raise RuntimeError("runsc create failed")
+            return os.getpid()
+
+    async def main() -> None:
+        launcher = SlowLauncher()
+        directory = tmp_path / "sandboxer"
+        service = PodService(Reaper(), containers=None, launcher=launcher, directory=directory)  # type: ignore[arg-type]
+        record = directory / PODS_DIR / ("p" * 64) / pod_leftovers.RECORD_FILE
+        creating = asyncio.create_task(service.create(
+            pb.CreatePodRequest(id="p" * 64, cgroup_parent="kubepods/pod-p"), None))  # type: ignore[arg-type]
+        await asyncio.sleep(0.01)
+        made = [str(root / "kubepods") for root in roots] + [str(root / "kubepods" / "pod-p") for root in roots]
+        assert json.loads(record.read_text()) == {"pid": 0, "start": 0, "cgroups": made, "shm": ""}
+        launcher.fail = True
+        launcher.go.set()
+        with pytest.raises(RuntimeError):
+            await creating
+        assert not record.exists() and [list(root.iterdir()) for root in roots] == [[]]
 
     asyncio.run(main())

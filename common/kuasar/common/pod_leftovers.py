@@ -69,8 +69,8 @@ def sweep(sandboxer_dir: Path) -> int:
         except (OSError, ValueError, TypeError) as exc:
             log.error("%s unreadable, skipped: %s", record_path, exc)
             continue
-        log.warning("pod %s: left by a task server that is gone; ending its process %d",
-                    record_path.parent.name, leftovers.pid)
+        log.warning("pod %s: left by a task server that is gone; ending its process %s",
+                    record_path.parent.name, leftovers.pid or "(not recorded yet)")
         # Every process is killed before any is waited for: each takes a few ms to go, paid once
         # rather than once per pod (a dead task server may have left hundreds).
         _kill(leftovers.pid, leftovers.start)

@@ -143,12 +143,15 @@ class PodService:
     async def _create(self, req: pb.CreatePodRequest, cgroup: cgroups.PodCgroup | None,
                       shm: Path | None) -> pb.CreatePodResponse:
         self._creating[req.id] = asyncio.Event()
-        mount_shm = (lambda: mounts.mount_tmpfs(shm, req.shm_size)) if shm is not None else None
+        def meanwhile() -> None:
+            if shm is not None:
+                mounts.mount_tmpfs(shm, req.shm_size)
+            self._record_before_the_process(req.id, cgroup, shm)
+
         started_ns = time.monotonic_ns()
         try:
             if self.launcher is not None:
-                if mount_shm is not None:
-                    mount_shm()
+                meanwhile()
                 pid = await self.launcher.launch_pod(req, cgroup)
             else:
                 # The mount is made while the new process enters its namespaces: ~0.1 ms alone, and
@@ -156,12 +159,14 @@ class PodService:
                 namespaces = PodNamespaces(req.netns_path, req.new_ipc, req.new_uts, req.new_pid, req.userns,
                                            tuple(sorted(req.sysctls.items())))
                 owner = pod_dir(self.directory, req.id) if self.directory is not None else None
-                pid = await start_pod_holder(req.id, namespaces, req.hostname, meanwhile=mount_shm, owner=owner)
+                pid = await start_pod_holder(req.id, namespaces, req.hostname, meanwhile=meanwhile, owner=owner)
         except BaseException:  # also a cancelled Create (its deadline, its connection gone)
             if shm is not None:
                 mounts.unmount_all(shm)
             if cgroup is not None:
                 cgroup.remove()
+            if self.directory is not None:
+                forget_leftovers(pod_dir(self.directory, req.id))
             raise
         finally:
             self._creating.pop(req.id).set()
@@ -174,6 +179,18 @@ class PodService:
             pod.placed = self._place(pod, cgroup)
         log.info("pod %s: process %d holds its namespaces", req.id, pid)
         return pb.CreatePodResponse(pid=pid)
+
+    def _record_before_the_process(self, pod_id: str, cgroup: cgroups.PodCgroup | None, shm: Path | None) -> None:
+        """What a pod holds before its process is known (its cgroups, its /dev/shm), for the sweep of a
+        task server started after this one died meanwhile; that sweep finds the process itself by its
+        command line. Written while the new process enters its namespaces, so it costs the start nothing."""
+        if self.directory is None or (cgroup is None and shm is None):
+            return
+        try:
+            PodLeftovers(0, 0, list(cgroup.created) if cgroup else [], str(shm) if shm is not None else "").write(
+                pod_dir(self.directory, pod_id))
+        except OSError as exc:  # the pod starts anyway; only a task server crash now would leak it
+            log.error("pod %s: recording what it holds: %s", pod_id, exc)
 
     def _record_leftovers(self, pod: Pod) -> None:
         if self.directory is None or self.pods.get(pod.id) is not pod:
