@@ -128,7 +128,7 @@ class PodSandboxer(Sandboxer):
 
     def _launch(self, record: SandboxRecord, config: cri.PodSandboxConfig | None = None,
                 files: dict[str, bytes] | None = None) -> Coroutine[Any, Any, int]:
-        if config is None:  # Start after a restart of ours: no Create in this process decoded it
+        if config is None:  # no Create in this process decoded it (a record a restart could not remove)
             config = decode_pod_config(record)
         if self.pod_files and files is None:
             files = pod_file_contents(*pod_names(config))
@@ -148,7 +148,7 @@ class PodSandboxer(Sandboxer):
         try:
             response = await creating
         except AlreadyExists:
-            # Launched for a Create that came before a restart of ours: the pod is the one we made.
+            # Launched before a restart of ours that could not remove this sandbox: the pod is ours.
             status = await self.task_server.call("Status", pods.PodRequest(id=record.id), pods.PodStatus)
             return status.pid
         return response.pid
