@@ -138,8 +138,6 @@ def test_wait_returns_when_saving_the_exit_fails(tmp_path: Path, monkeypatch) ->
 
 def test_a_started_pod_whose_record_cannot_be_saved_is_stopped_and_removed(tmp_path: Path, monkeypatch) -> None:
     # containerd forgets a sandbox whose Start failed; a pod left running then had nobody to stop it.
-    monkeypatch.setattr(controller_module, "STOP_EXIT_TIMEOUT", 5.0)
-
     async def main() -> None:
         sandboxer = MemorySandboxer()
         controller = SandboxController(sandboxer, tmp_path / "state")

@@ -55,8 +55,9 @@ def test_the_sweep_kills_every_recorded_pod_before_it_waits_for_any(tmp_path: Pa
     # sweep (which runs before its successor answers anything) as slow as the sum of those waits.
     children = [subprocess.Popen(["sleep", "30"]) for _ in range(3)]
     steps: list[tuple[str, int]] = []
-    kill, wait_gone = pod_leftovers._kill, pod_leftovers._wait_gone
-    monkeypatch.setattr(pod_leftovers, "_kill", lambda pid, start: (steps.append(("kill", pid)), kill(pid, start)))
+    kill, wait_gone = pod_leftovers.strays.kill, pod_leftovers._wait_gone
+    monkeypatch.setattr(pod_leftovers.strays, "kill",
+                        lambda pid, start: (steps.append(("kill", pid)), kill(pid, start)))
     monkeypatch.setattr(pod_leftovers, "_wait_gone",
                         lambda pid, start: (steps.append(("wait", pid)), wait_gone(pid, start)))
     try:

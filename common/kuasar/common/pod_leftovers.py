@@ -20,12 +20,11 @@ import itertools
 import json
 import logging
 import os
-import signal
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from . import cgroups, mounts, proc_stat
+from . import cgroups, mounts, strays
 from .pod_files import PODS_DIR
 
 log = logging.getLogger(__name__)
@@ -73,13 +72,13 @@ def sweep(sandboxer_dir: Path) -> int:
                     record_path.parent.name, leftovers.pid or "(not recorded yet)")
         # Every process is killed before any is waited for: each takes a few ms to go, paid once
         # rather than once per pod (a dead task server may have left hundreds).
-        _kill(leftovers.pid, leftovers.start)
+        strays.kill(leftovers.pid, leftovers.start)
         found.append((record_path, leftovers))
     recorded = {(leftovers.pid, leftovers.start) for _, leftovers in found}
     unrecorded = [process for process in owned_processes(sandboxer_dir / PODS_DIR) if process not in recorded]
     for pid, start in unrecorded:
         log.warning("pod process %d: its record was never written; ending it", pid)
-        _kill(pid, start)
+        strays.kill(pid, start)
     for pid, start in unrecorded:
         _wait_gone(pid, start)
     for record_path, leftovers in found:
@@ -99,21 +98,8 @@ def sweep(sandboxer_dir: Path) -> int:
 def owned_processes(pods_root: Path) -> list[tuple[int, int]]:
     """(pid, start time) of every process whose command line has `--owner <a path under pods_root>`."""
     prefix = os.fsencode(pods_root) + b"/"
-    found = []
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry.name}/cmdline", "rb") as cmdline:
-                argv = cmdline.read().split(b"\0")
-        except OSError:  # gone meanwhile
-            continue
-        if any(flag == OWNER_FLAG and value.startswith(prefix) for flag, value in itertools.pairwise(argv)):
-            pid = int(entry.name)
-            start = proc_stat.start_time(pid)
-            if start:
-                found.append((pid, start))
-    return found
+    return strays.processes_with(lambda argv: any(flag == OWNER_FLAG and value.startswith(prefix)
+                                                  for flag, value in itertools.pairwise(argv)))
 
 
 def _remove_empty_below(directory: Path) -> None:
@@ -125,15 +111,7 @@ def _remove_empty_below(directory: Path) -> None:
                 os.rmdir(below)
 
 
-def _kill(pid: int, start: int) -> None:
-    if start and proc_stat.start_time(pid) == start:  # else gone already (the pid may be another's now)
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-
-
 def _wait_gone(pid: int, start: int) -> None:
-    if not start:
-        return
     deadline = time.monotonic() + EXIT_WAIT_S
-    while proc_stat.start_time(pid) == start and not proc_stat.exited(pid) and time.monotonic() < deadline:
+    while not strays.gone(pid, start) and time.monotonic() < deadline:
         time.sleep(EXIT_POLL_S)

@@ -184,23 +184,22 @@ class PodService:
         """What a pod holds before its process is known (its cgroups, its /dev/shm), for the sweep of a
         task server started after this one died meanwhile; that sweep finds the process itself by its
         command line. Written while the new process enters its namespaces, so it costs the start nothing."""
-        if self.directory is None or (cgroup is None and shm is None):
-            return
-        try:
-            PodLeftovers(0, 0, list(cgroup.created) if cgroup else [], str(shm) if shm is not None else "").write(
-                pod_dir(self.directory, pod_id))
-        except OSError as exc:  # the pod starts anyway; only a task server crash now would leak it
-            log.error("pod %s: recording what it holds: %s", pod_id, exc)
+        if cgroup is not None or shm is not None:
+            self._write_leftovers(pod_id, 0, 0, cgroup, shm)
 
     def _record_leftovers(self, pod: Pod) -> None:
-        if self.directory is None or self.pods.get(pod.id) is not pod:
+        if self.pods.get(pod.id) is pod:
+            self._write_leftovers(pod.id, pod.pid, proc_stat.start_time(pod.pid), pod.cgroup, pod.shm)
+
+    def _write_leftovers(self, pod_id: str, pid: int, start: int, cgroup: cgroups.PodCgroup | None,
+                         shm: Path | None) -> None:
+        if self.directory is None:
             return
-        record = PodLeftovers(pod.pid, proc_stat.start_time(pod.pid), list(pod.cgroup.created) if pod.cgroup else [],
-                              str(pod.shm) if pod.shm is not None else "")
+        record = PodLeftovers(pid, start, list(cgroup.created) if cgroup else [], str(shm) if shm is not None else "")
         try:
-            record.write(pod_dir(self.directory, pod.id))
+            record.write(pod_dir(self.directory, pod_id))
         except OSError as exc:  # the pod runs anyway; only a task server crash would now leak it
-            log.error("pod %s: recording what it holds: %s", pod.id, exc)
+            log.error("pod %s: recording what it holds: %s", pod_id, exc)
 
     def _place(self, pod: Pod, cgroup: cgroups.PodCgroup) -> asyncio.Future[None] | None:
         """Move the pod's process into its cgroup: by the attach-lock warmer's thread, after Create has

@@ -1,13 +1,20 @@
-"""Processes a sandbox left behind without a record of their pids (its sandboxer died while starting it):
-found by a directory of that sandbox's own in their command line, which nothing else names."""
+"""Processes left behind without a record of their pids (their sandboxer or task server died while
+starting them): found by their command line, which names a directory of their sandbox's own, and told
+from a later process given the same pid by their start time (proc_stat). No psutil: the resident task
+server sweeps with this and does not import it."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
+import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
+
+from . import proc_stat
 
 log = logging.getLogger(__name__)
 
@@ -17,33 +24,48 @@ KILL_WAIT = 5.0
 POLL_INTERVAL = 0.02
 
 
+def processes_with(matches: Callable[[list[bytes]], bool]) -> list[tuple[int, int]]:
+    """(pid, start time) of every live process but this one whose command line (its arguments, as
+    bytes) `matches`."""
+    found = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/cmdline", "rb") as cmdline:
+                argv = cmdline.read().split(b"\0")
+        except OSError:  # gone meanwhile
+            continue
+        if matches(argv):
+            pid = int(entry.name)
+            start = proc_stat.start_time(pid)
+            if start:
+                found.append((pid, start))
+    return found
+
+
+def kill(pid: int, start: int) -> None:
+    """SIGKILL `pid` if it is still the process that started at `start` (else it is gone already, and the
+    pid may be another's now)."""
+    if start and proc_stat.start_time(pid) == start:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def gone(pid: int, start: int) -> bool:
+    """The process that started at `start` has exited (a zombie counts)."""
+    return not start or proc_stat.start_time(pid) != start or proc_stat.exited(pid)
+
+
 async def kill_strays(directory: Path) -> list[int]:
     """SIGKILL every process (but this one) whose command line holds `directory`/; return their pids
     once they are gone, or KILL_WAIT has passed."""
-    import psutil  # only here: the daemons that never need it keep it out of memory
-
-    needle = str(directory) + "/"
-    strays = []
-    for proc in psutil.process_iter(["cmdline"]):
-        if proc.pid != os.getpid() and any(needle in arg for arg in proc.info["cmdline"] or []):
-            strays.append(proc)
-    for proc in strays:
-        log.warning("killing stray process %d of %s", proc.pid, directory)
-        try:
-            proc.kill()  # psutil checks the pid still names the process it found (no reused pid)
-        except psutil.NoSuchProcess:
-            pass
+    needle = os.fsencode(directory) + b"/"
+    strays = processes_with(lambda argv: any(needle in arg for arg in argv))
+    for pid, start in strays:
+        log.warning("killing stray process %d of %s", pid, directory)
+        kill(pid, start)
     deadline = time.monotonic() + KILL_WAIT
-    while any(_running(proc) for proc in strays) and time.monotonic() < deadline:  # noqa: ASYNC110 - not our children: no exit to await
+    while not all(gone(pid, start) for pid, start in strays) and time.monotonic() < deadline:  # noqa: ASYNC110 - not our children: no exit to await
         await asyncio.sleep(POLL_INTERVAL)
-    return [proc.pid for proc in strays]
-
-
-def _running(proc: object) -> bool:
-    import psutil
-
-    assert isinstance(proc, psutil.Process)
-    try:
-        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
+    return [pid for pid, _ in strays]
