@@ -10,7 +10,7 @@ from pathlib import Path
 from kuasar.common import pod_leftovers
 from kuasar.common.pod_files import PODS_DIR
 from kuasar.common.pod_leftovers import PodLeftovers, sweep
-from kuasar.common.proc_stat import start_time
+from kuasar.common.proc_stat import exited, start_time, stat_fields
 
 
 def test_the_start_time_survives_a_command_name_with_spaces_and_parentheses(tmp_path: Path) -> None:
@@ -92,3 +92,25 @@ def test_the_sweep_ends_pod_processes_whose_record_was_never_written(tmp_path: P
         for child in (ours, theirs):
             child.kill()
             child.wait()
+
+
+def test_a_process_whose_first_thread_exited_while_another_runs_has_not_exited() -> None:
+    # Its first thread shows Z at once; its other threads (a killed QEMU's, still ending) keep its cgroups busy.
+    child = subprocess.Popen(["python3", "-c", "import ctypes, threading, time; "
+                              "threading.Thread(target=time.sleep, args=(30,)).start(); time.sleep(0.05); "
+                              "ctypes.CDLL(None).syscall(60, 0)"])  # SYS_exit: this thread alone
+    try:
+        deadline = time.monotonic() + 5
+        while stat_fields(child.pid)[0] != b"Z" and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert stat_fields(child.pid)[0] == b"Z"
+        assert not exited(child.pid)
+        child.kill()
+        deadline = time.monotonic() + 5
+        while not exited(child.pid) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert exited(child.pid)  # a zombie with no thread left, not reaped yet
+    finally:
+        child.kill()
+        child.wait()
+    assert exited(child.pid)

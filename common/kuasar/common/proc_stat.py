@@ -31,7 +31,22 @@ def start_time(pid: int) -> int:
         return 0
 
 
+# Where num_threads (field 20) is in stat_fields, which start at the state (field 3).
+NUM_THREADS = 17
+
+
 def exited(pid: int) -> bool:
-    """Gone, or a zombie nobody has reaped yet."""
+    """Gone, or a zombie nobody has reaped yet, once all its threads are gone too.
+
+    The first thread shows Z as soon as it exits, while the process's other threads may still run (or be
+    ending: a SIGKILLed QEMU's vCPU and I/O threads). Until they are gone the process still holds what it
+    held: removing its cgroup then failed with EBUSY."""
     fields = stat_fields(pid)
-    return not fields or fields[0] in (b"Z", b"X")
+    if not fields or fields[0] == b"X":
+        return True
+    if fields[0] != b"Z":
+        return False
+    try:
+        return int(fields[NUM_THREADS]) <= 1
+    except (IndexError, ValueError):
+        return True
