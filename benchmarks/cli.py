@@ -23,7 +23,7 @@ from kuasar.common.cri_client import CriClient
 from tests.support import containerd as cd
 
 from . import attribution, plots, report, sections
-from .floor import run_floor
+from .floor import InterleavedFloor, run_floor
 from .gvisor import gvisor_phase
 from .memory import memory_phase
 from .pods import remove_all
@@ -153,7 +153,13 @@ async def cri_phases(stack: Stack, args: argparse.Namespace, timings: dict[str, 
 async def _runc_phases(client: CriClient, stack: Stack, args: argparse.Namespace, timings: dict[str, float],
                        results: dict[str, Any]) -> None:
     t0 = time.monotonic()
-    results["serial"] = await serial_phase(client, stack, args.serial, args.warmup, args.gap)
+    floor = InterleavedFloor()
+    try:
+        await floor.start(args.warmup)
+        results["serial"] = await serial_phase(client, stack, args.serial, args.warmup, args.gap, floor)
+    finally:
+        await floor.close()
+    results["floor_interleaved"] = floor.times
     timings["serial_s"] = time.monotonic() - t0
     results["attribution"] = attribution.attribute(results["serial"]["ours"].get("marks_ns", []),
                                                    attribution.load(stack.timing_dir))

@@ -8,6 +8,7 @@ after `runc delete -f` instead of depending on the machine's PID 1.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import secrets
@@ -22,6 +23,8 @@ from kuasar.common import linux
 from tests.support import images
 
 from .pods import WORKLOAD
+
+FLOOR_KEYS = ("run_ms", "delete_ms", "create_ms", "start_ms")
 
 
 def prepare_bundle(bundle: Path) -> None:
@@ -64,43 +67,77 @@ def _timed(root: Path, *args: str) -> float:
     return (time.perf_counter() - t0) * 1000.0
 
 
-def measure(count: int, workdir: Path) -> dict[str, list[float]]:
-    """`count` rounds of `run -d` (timed until runc returns: the container is running) + `delete -f`,
-    each followed by the two-step `create` + `start` that a shim has to do, for reference."""
-    bundle, root = workdir / "bundle", workdir / "runc-root"
-    prepare_bundle(bundle)
-    root.mkdir(mode=0o700)
-    prefix = f"kuasar-floor-{secrets.token_hex(3)}"
-    result: dict[str, list[float]] = {"run_ms": [], "delete_ms": [], "create_ms": [], "start_ms": []}
-    live: set[str] = set()
-    try:
-        for i in range(count):
-            name = f"{prefix}-{i}"
-            live.add(name)
-            result["run_ms"].append(_timed(root, "run", "--detach", "--bundle", str(bundle), name))
-            result["delete_ms"].append(_timed(root, "delete", "--force", name))
-            live.add(f"{name}-2")
-            result["create_ms"].append(_timed(root, "create", "--bundle", str(bundle), f"{name}-2"))
-            result["start_ms"].append(_timed(root, "start", f"{name}-2"))
-            _runc(root, "delete", "--force", f"{name}-2")
-            live -= {name, f"{name}-2"}
-            _reap()
-    finally:
-        for name in live:
-            subprocess.run(["runc", "--root", str(root), "delete", "--force", name], capture_output=True,
+class FloorRounds:
+    """Rounds of the floor on one prepared bundle: each a timed `run -d` + `delete -f`, then the two-step
+    `create` + `start` that a shim has to do (for reference), deleted untimed."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.bundle, self.root = workdir / "bundle", workdir / "runc-root"
+        prepare_bundle(self.bundle)
+        self.root.mkdir(mode=0o700)
+        self.prefix = f"kuasar-floor-{secrets.token_hex(3)}"
+        self.rounds = 0
+        self.live: set[str] = set()
+
+    def round(self) -> dict[str, float]:
+        name = f"{self.prefix}-{self.rounds}"
+        self.rounds += 1
+        times: dict[str, float] = {}
+        self.live.add(name)
+        times["run_ms"] = _timed(self.root, "run", "--detach", "--bundle", str(self.bundle), name)
+        times["delete_ms"] = _timed(self.root, "delete", "--force", name)
+        self.live.add(f"{name}-2")
+        times["create_ms"] = _timed(self.root, "create", "--bundle", str(self.bundle), f"{name}-2")
+        times["start_ms"] = _timed(self.root, "start", f"{name}-2")
+        _runc(self.root, "delete", "--force", f"{name}-2")
+        self.live -= {name, f"{name}-2"}
+        _reap()
+        return times
+
+    def close(self) -> None:
+        for name in self.live:
+            subprocess.run(["runc", "--root", str(self.root), "delete", "--force", name], capture_output=True,
                            check=False)
         _reap()
+
+
+def measure(count: int, workdir: Path) -> dict[str, list[float]]:
+    """`count` rounds (see FloorRounds), their times by step."""
+    rounds = FloorRounds(workdir)
+    result: dict[str, list[float]] = {key: [] for key in FLOOR_KEYS}
+    try:
+        for _ in range(count):
+            for key, value in rounds.round().items():
+                result[key].append(value)
+    finally:
+        rounds.close()
     return result
+
+
+def serve(warmup: int, workdir: Path) -> None:
+    """One round per line read from stdin, its times as a JSON line on stdout, until end of input: the
+    floor measured between the serial pods, under the same machine conditions as they are."""
+    measure(warmup, workdir / "warmup")
+    rounds = FloorRounds(workdir / "measured")
+    try:
+        for _ in sys.stdin:
+            print(json.dumps(rounds.round()), flush=True)
+    finally:
+        rounds.close()
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0])
     parser.add_argument("--count", type=int, default=100)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--serve", action="store_true", help="a round per line of stdin (see serve)")
     args = parser.parse_args(argv)
     linux.set_child_subreaper()
     workdir = Path(tempfile.mkdtemp(prefix="kuasar-floor-"))
     try:
+        if args.serve:
+            serve(args.warmup, workdir)
+            return 0
         measure(args.warmup, workdir / "warmup")
         result = measure(args.count, workdir / "measured")
     finally:
@@ -109,11 +146,15 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+REPO = Path(__file__).resolve().parents[1]
+# A round is four runc commands; one that takes this long is stuck.
+ROUND_TIMEOUT = 60.0
+
+
 def run_floor(count: int, warmup: int) -> dict[str, list[float]]:
     """Run `main` in a fresh interpreter (see the module docstring) and return its numbers."""
-    repo = Path(__file__).resolve().parents[1]
     proc = subprocess.run([sys.executable, "-m", "benchmarks.floor", "--count", str(count), "--warmup",
-                           str(warmup)], cwd=repo, capture_output=True, text=True, check=False, timeout=600)
+                           str(warmup)], cwd=REPO, capture_output=True, text=True, check=False, timeout=600)
     if proc.returncode != 0:
         raise RuntimeError(f"floor benchmark failed ({proc.returncode}): {proc.stderr.strip()[-2000:]}")
     return json.loads(proc.stdout)
@@ -121,3 +162,37 @@ def run_floor(count: int, warmup: int) -> dict[str, list[float]]:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+class InterleavedFloor:
+    """`serve` in a fresh interpreter, asked for one round at a time (between the serial pods)."""
+
+    def __init__(self) -> None:
+        self._proc: asyncio.subprocess.Process | None = None
+        self.times: dict[str, list[float]] = {key: [] for key in FLOOR_KEYS}
+
+    async def start(self, warmup: int) -> None:
+        self._proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "benchmarks.floor", "--serve", "--warmup", str(warmup), cwd=REPO,
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
+
+    async def round(self, record: bool = True) -> None:
+        assert self._proc is not None and self._proc.stdin is not None and self._proc.stdout is not None
+        self._proc.stdin.write(b"round\n")
+        line = await asyncio.wait_for(self._proc.stdout.readline(), ROUND_TIMEOUT)
+        if not line:
+            raise RuntimeError(f"floor benchmark ended ({await self._proc.wait()}) before its round")
+        if record:
+            for key, value in json.loads(line).items():
+                self.times[key].append(value)
+
+    async def close(self) -> None:
+        if self._proc is None:
+            return
+        if self._proc.stdin is not None:
+            self._proc.stdin.close()
+        try:
+            await asyncio.wait_for(self._proc.wait(), ROUND_TIMEOUT)
+        except TimeoutError:
+            self._proc.kill()
+            await self._proc.wait()

@@ -1,7 +1,7 @@
 """Start-up latency through CRI: serial (one pod at a time) and parallel (K pods at once) phases.
 
-The two paths alternate so that drift on a shared machine hits both alike: serially pod by pod
-(ABBA order), in parallel round by round.
+The two paths alternate so that drift on a shared machine hits both alike: serially pod by pod, with
+a round of the raw runc floor between them, in parallel round by round.
 """
 
 from __future__ import annotations
@@ -12,11 +12,19 @@ from collections.abc import Iterator
 
 from kuasar.common.cri_client import CriClient
 
+from .floor import InterleavedFloor
 from .pods import Pod, start_pod, teardown
 from .stack import HANDLERS, Stack
 
 SERIAL_KEYS = ("total_ms", "run_pod_ms", "create_ms", "start_ms", "teardown_ms")
 StartupResults = dict[str, dict[str, list]]
+FLOOR = "floor"
+# The order of the serial phase's rounds, repeated: each of the three comes first, second and last
+# equally often, and follows each of the three (itself across a round's boundary) equally often. What
+# the previous step leaves to the kernel (a pod's teardown, runc's delete) slows the next one, so each
+# is measured after the same mix of predecessors.
+SERIAL_ORDERS = (("stock", "ours", FLOOR), (FLOOR, "stock", "ours"), ("ours", "stock", FLOOR),
+                 (FLOOR, "ours", "stock"), ("stock", FLOOR, "ours"), ("ours", FLOOR, "stock"))
 
 
 def alternate(i: int) -> Iterator[tuple[str, str]]:
@@ -25,19 +33,23 @@ def alternate(i: int) -> Iterator[tuple[str, str]]:
     yield from (items if i % 2 == 0 else reversed(items))
 
 
-async def serial_phase(client: CriClient, stack: Stack, count: int, warmup: int,
-                       gap: float) -> StartupResults:
-    """`warmup` unrecorded rounds, then `count` rounds of start + teardown of one pod per path.
-    Teardown errors (retried, see pods.teardown) are listed under "teardown_errors"."""
+async def serial_phase(client: CriClient, stack: Stack, count: int, warmup: int, gap: float,
+                       floor: InterleavedFloor) -> StartupResults:
+    """`warmup` unrecorded rounds, then `count` rounds of start + teardown of one pod per path and one
+    round of `floor` (its times are kept there), in SERIAL_ORDERS. Teardown errors (retried, see
+    pods.teardown) are listed under "teardown_errors"."""
     results: StartupResults = {label: {key: [] for key in (*SERIAL_KEYS, "teardown_errors")}
                                for label in HANDLERS}
     for i in range(-warmup, count):
-        for label, handler in alternate(i):
-            pod = await start_pod(client, handler, f"serial-{label}-{i + warmup}", stack.log_dir,
-                                  stack.pod_cgroup_parent)
-            down = await teardown(client, pod, results[label]["teardown_errors"])
-            if i >= 0:
-                record_start(results[label], pod, down)
+        for label in SERIAL_ORDERS[i % len(SERIAL_ORDERS)]:
+            if label == FLOOR:
+                await floor.round(record=i >= 0)
+            else:
+                pod = await start_pod(client, HANDLERS[label], f"serial-{label}-{i + warmup}", stack.log_dir,
+                                      stack.pod_cgroup_parent)
+                down = await teardown(client, pod, results[label]["teardown_errors"])
+                if i >= 0:
+                    record_start(results[label], pod, down)
             await asyncio.sleep(gap)
     return results
 

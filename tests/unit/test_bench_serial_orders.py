@@ -1,0 +1,55 @@
+"""The serial phase's rotation of stock, ours and the floor, and which floor the floor target uses."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from benchmarks.startup import FLOOR, SERIAL_ORDERS
+from benchmarks.summary import FLOOR_FACTOR, floor_run_ms, floor_target
+
+STEPS = ("stock", "ours", FLOOR)
+
+
+def test_every_round_runs_each_step_once() -> None:
+    assert len(set(SERIAL_ORDERS)) == len(SERIAL_ORDERS)
+    assert all(sorted(order) == sorted(STEPS) for order in SERIAL_ORDERS)
+
+
+def test_each_step_takes_each_place_equally_often() -> None:
+    for place in range(len(STEPS)):
+        assert Counter(order[place] for order in SERIAL_ORDERS) == Counter({step: 2 for step in STEPS})
+
+
+def test_each_step_follows_each_step_equally_often_across_rounds() -> None:
+    sequence = [step for _ in range(3) for order in SERIAL_ORDERS for step in order]
+    pairs = Counter(zip(sequence, sequence[1:], strict=False))
+    # Over whole cycles (the wrap from the last round to the first included) every pair is as common.
+    cycle = [step for order in SERIAL_ORDERS for step in order]
+    wrapped = Counter(zip(cycle, cycle[1:] + cycle[:1], strict=True))
+    assert set(wrapped.values()) == {2} and len(wrapped) == len(STEPS) ** 2
+    assert max(pairs.values()) - min(pairs.values()) <= 1
+
+
+def _summary(between: float | None) -> dict:
+    return {"serial": {"ours": {"total_ms": {"p50": 42.0}, "create_ms": {"p50": 7.0}}},
+            "floor": {"run_ms": {"p50": 25.0}},
+            "floor_between": None if between is None else {"run_ms": {"p50": between}}}
+
+
+def _floor_target(summary: dict) -> dict:
+    return vars(floor_target(summary, {}))
+
+
+def test_the_floor_target_uses_the_floor_measured_between_the_serial_pods() -> None:
+    summary = _summary(between=29.0)
+    assert floor_run_ms(summary) == 29.0
+    target = _floor_target(summary)
+    assert target["limit"] == FLOOR_FACTOR * (29.0 + 7.0) and target["met"]
+    assert "29.0 ms between the serial pods; 25.0 ms in a loop of its own" in target["detail"]
+
+
+def test_results_from_before_the_rotation_use_the_loop() -> None:
+    summary = _summary(between=None)
+    assert floor_run_ms(summary) == 25.0
+    target = _floor_target(summary)
+    assert target["limit"] == FLOOR_FACTOR * (25.0 + 7.0) and not target["met"]
