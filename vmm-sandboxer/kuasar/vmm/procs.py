@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from kuasar.common import proc_stat
+from kuasar.common import proc_stat, strays
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ class ProcessRef:
 
     def alive(self) -> bool:
         """Still this very process (and not a zombie)."""
-        return self.pid > 0 and proc_stat.start_time(self.pid) == self.start and not proc_stat.exited(self.pid)
+        return self.pid > 0 and not strays.gone(self.pid, self.start)
 
     def signal(self, sig: int) -> bool:
         if not self.alive():
