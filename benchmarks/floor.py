@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import secrets
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -120,6 +122,7 @@ def serve(warmup: int, workdir: Path) -> None:
     measure(warmup, workdir / "warmup")
     rounds = FloorRounds(workdir / "measured")
     try:
+        print(READY, flush=True)  # the bundle is made and warmed up: nothing of that overlaps a pod
         for _ in sys.stdin:
             print(json.dumps(rounds.round()), flush=True)
     finally:
@@ -136,6 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="kuasar-floor-"))
     try:
         if args.serve:
+            # Stopped by its parent: end through the finally clauses, which delete the containers.
+            signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
             serve(args.warmup, workdir)
             return 0
         measure(args.warmup, workdir / "warmup")
@@ -149,6 +154,9 @@ def main(argv: list[str] | None = None) -> int:
 REPO = Path(__file__).resolve().parents[1]
 # A round is four runc commands; one that takes this long is stuck.
 ROUND_TIMEOUT = 60.0
+# Preparing the bundle (extracting busybox) and the warm-up rounds.
+READY_TIMEOUT = 120.0
+READY = "ready"
 
 
 def run_floor(count: int, warmup: int) -> dict[str, list[float]]:
@@ -158,10 +166,6 @@ def run_floor(count: int, warmup: int) -> dict[str, list[float]]:
     if proc.returncode != 0:
         raise RuntimeError(f"floor benchmark failed ({proc.returncode}): {proc.stderr.strip()[-2000:]}")
     return json.loads(proc.stdout)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
 
 
 class InterleavedFloor:
@@ -175,6 +179,10 @@ class InterleavedFloor:
         self._proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "benchmarks.floor", "--serve", "--warmup", str(warmup), cwd=REPO,
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
+        assert self._proc.stdout is not None
+        line = await asyncio.wait_for(self._proc.stdout.readline(), READY_TIMEOUT)
+        if line.strip() != READY.encode():
+            raise RuntimeError(f"floor benchmark did not start ({await self._proc.wait()})")
 
     async def round(self, record: bool = True) -> None:
         assert self._proc is not None and self._proc.stdin is not None and self._proc.stdout is not None
@@ -191,8 +199,17 @@ class InterleavedFloor:
             return
         if self._proc.stdin is not None:
             self._proc.stdin.close()
-        try:
-            await asyncio.wait_for(self._proc.wait(), ROUND_TIMEOUT)
-        except TimeoutError:
-            self._proc.kill()
-            await self._proc.wait()
+        # End of input ends it; SIGTERM still deletes its containers; SIGKILL only if that hangs too.
+        for stop in (None, self._proc.terminate, self._proc.kill):
+            if stop is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    stop()
+            try:
+                await asyncio.wait_for(self._proc.wait(), ROUND_TIMEOUT)
+                return
+            except TimeoutError:
+                continue
+
+
+if __name__ == "__main__":
+    sys.exit(main())
