@@ -199,13 +199,16 @@ def _floor(summary: dict[str, Any]) -> list[str]:
     rows = [[title, where, *_stats_cells(floor[key])] for key, title in steps
             for where, floor in floors if floor and key in floor]
     n = " and ".join(f"{floor['run_ms']['n']} {where}" for where, floor in floors if floor)
-    return [f"## Floor: raw runc, no containerd ({n})", "",
+    return [f"## Floor: raw runc, not through containerd ({n})", "",
             "The same busybox rootfs and `sleep`, host network, a private `--root`; ms. `run -d` is the "
             "floor of the targets; `create` + `start` is what any shim or task server must do instead "
-            "(containerd asks for the two steps separately), shown for reference. The target uses the "
-            "rounds between the serial pods (in the rotation described under *Serial start*): they run under "
-            "the conditions our start is measured in. The loop runs before containerd starts, each runc "
-            "command right after another.", "",
+            "(containerd asks for the two steps separately), shown for reference. Between the serial pods "
+            "(in the rotation described under *Serial start*) each round follows the same idle gap as every "
+            "pod; the loop runs before containerd starts, each round right after the last. The target uses "
+            "the lower `run -d` p50 of the two: after an idle spell raw runc is several ms slower (most likely "
+            "its first cgroup attach waiting for an RCU grace period, which our start pays ahead: see the "
+            "README's *cgroup attach lock*), while our start hardly changes, and a floor that paid it would "
+            "credit us with it.", "",
             *_table(["step", "measured", "min", "p50", "p90", "max"], rows)]
 
 

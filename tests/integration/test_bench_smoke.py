@@ -58,7 +58,7 @@ def test_bench_smoke_writes_json_report_and_plots(tmp_path: Path) -> None:
     for floor in (data["floor"], data["floor_interleaved"]):  # in a loop of its own; between the serial pods
         assert set(floor) == {"run_ms", "delete_ms", "create_ms", "start_ms"}
         assert all(len(values) == 3 and all(v > 0 for v in values) for values in floor.values()), floor
-    assert "between the serial pods" in data["summary"]["targets"][-1]["detail"]
+    assert "between the serial pods" in data["summary"]["targets"][-1]["detail"]  # the two floors named
     # Our serial starts split by where the time went: our daemons timed their requests and runc commands.
     split = data["attribution"]
     assert split["pods"] == 3

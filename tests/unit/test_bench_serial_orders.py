@@ -40,12 +40,14 @@ def _floor_target(summary: dict) -> dict:
     return vars(floor_target(summary, {}))
 
 
-def test_the_floor_target_uses_the_floor_measured_between_the_serial_pods() -> None:
-    summary = _summary(between=29.0)
-    assert floor_run_ms(summary) == 29.0
-    target = _floor_target(summary)
-    assert target["limit"] == FLOOR_FACTOR * (29.0 + 7.0) and target["met"]
-    assert "29.0 ms between the serial pods; 25.0 ms in a loop of its own" in target["detail"]
+def test_the_floor_target_uses_the_lower_of_the_two_floors() -> None:
+    for between, lower in ((29.0, 25.0), (21.0, 21.0)):
+        summary = _summary(between=between)
+        assert floor_run_ms(summary) == lower
+        target = _floor_target(summary)
+        assert target["limit"] == FLOOR_FACTOR * (lower + 7.0)
+        assert target["met"] == (42.0 <= FLOOR_FACTOR * (lower + 7.0))
+        assert f"the lower of 25.0 ms in a loop of its own and {between:.1f} ms between" in target["detail"]
 
 
 def test_results_from_before_the_rotation_use_the_loop() -> None:
@@ -53,3 +55,4 @@ def test_results_from_before_the_rotation_use_the_loop() -> None:
     assert floor_run_ms(summary) == 25.0
     target = _floor_target(summary)
     assert target["limit"] == FLOOR_FACTOR * (25.0 + 7.0) and not target["met"]
+    assert "lower" not in target["detail"]
