@@ -4,17 +4,26 @@ removing them through CRI leaves nothing."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 from pathlib import Path
 
+import grpc
 import psutil
 import pytest
 
+from kuasar.common.api.containerd.runtime.task.v2 import shim_pb2 as task
+from kuasar.common.api.containerd.services.sandbox.v1 import sandbox_pb2 as sb
+from kuasar.common.api.containerd.services.sandbox.v1 import sandbox_pb2_grpc as sb_grpc
+from kuasar.common.api.containerd.types import mount_pb2
 from kuasar.common.api.runtime.v1 import api_pb2 as cri
 from kuasar.common.cri_client import CriClient
+from kuasar.common.ttrpc import TtrpcClient
 
 from .conftest import Stack
 from .cri_helpers import (
@@ -29,6 +38,7 @@ from .cri_helpers import (
     wait_pod_not_ready,
     wait_state,
 )
+from .test_runc_task_api import make_bundle
 
 pytestmark = pytest.mark.integration
 
@@ -87,3 +97,77 @@ def test_a_killed_task_server_leaves_nothing_behind(stack: Stack) -> None:
     assert cgroups_named(cgroup_parent.split("/")[0]) == []
     assert mounts_containing(str(stack.containerd.state_dir)) == []
     assert list(Path(stack.sandboxer_dir / "pods").glob("*/pod.json")) == []
+
+
+NS = {"containerd-namespace-ttrpc": "k8s.io"}
+HOOK_SECONDS = "417"  # a duration nothing else sleeps for, so that the hook's process is found by it
+
+
+def test_a_runc_create_still_running_when_its_task_server_dies_is_ended_by_the_next(
+        stack: Stack, tmp_path: Path) -> None:
+    """A `runc create` outlives its task server (here, waiting on a createRuntime hook): the next task
+    server ends it before it sweeps, and removes what it had made before runc saved any state (the
+    rootfs mount, the container's cgroup, runc's directory). Left running, it would finish after the
+    sweep and leave a created container that nobody knows of."""
+    pod_id, cid = "d" * 64, "hung-create"
+    cgroup = f"kuasar-it-hung-create-{os.getpid()}"
+    runc_root = stack.sandboxer_dir / "runc"
+
+    def on_our_root() -> list[psutil.Process]:
+        return [p for p in psutil.process_iter(["cmdline"]) if str(runc_root) in (p.info["cmdline"] or [])]
+
+    def hook_processes() -> list[psutil.Process]:
+        return [p for p in psutil.process_iter(["cmdline"]) if (p.info["cmdline"] or [])[1:] == [HOOK_SECONDS]]
+
+    async def scenario() -> None:
+        async with grpc.aio.insecure_channel(f"unix://{stack.sandboxer_socket}") as channel:
+            controller = sb_grpc.ControllerStub(channel)
+            create = sb.ControllerCreateRequest(sandbox_id=pod_id, sandboxer="runc")
+            create.options.value = cri.PodSandboxConfig(hostname="hung").SerializeToString()
+            await controller.Create(create)
+            started = await controller.Start(sb.ControllerStartRequest(sandbox_id=pod_id))
+            try:
+                bundle, rootfs = make_bundle(tmp_path, started.pid)
+                spec = json.loads((bundle / "config.json").read_text())
+                spec["linux"]["cgroupsPath"] = f"/{cgroup}"
+                spec["annotations"] = {"io.kubernetes.cri.sandbox-id": pod_id}
+                spec["hooks"] = {"createRuntime": [{"path": shutil.which("sleep"), "args": ["sleep", HOOK_SECONDS]}]}
+                (bundle / "config.json").write_text(json.dumps(spec))
+                client = await TtrpcClient.connect_unix(started.address.removeprefix("ttrpc+unix://"))
+                bind = mount_pb2.Mount(type="bind", source=str(rootfs), options=["rbind", "ro"])
+                request = task.CreateTaskRequest(id=cid, bundle=str(bundle), rootfs=[bind])
+                creating = asyncio.ensure_future(client.call("containerd.task.v3.Task", "Create", request,
+                                                             task.CreateTaskResponse, timeout=60, metadata=NS))
+                for _ in range(200):  # runc has made the cgroup and waits on the hook
+                    if cgroups_named(cgroup) and hook_processes():
+                        break
+                    await asyncio.sleep(0.05)
+                else:
+                    raise AssertionError("runc create never reached its hook")
+                assert on_our_root() and mounts_containing(str(bundle / "rootfs"))
+                old_server = task_server_pid(stack.sandboxer_dir)
+                os.kill(old_server, signal.SIGKILL)
+                with contextlib.suppress(Exception):
+                    await creating  # the connection is gone with the task server
+                await client.close()
+                for _ in range(200):  # the sandboxer sees its pod's watch fail and starts another
+                    if task_server_pid(stack.sandboxer_dir) != old_server and not on_our_root():
+                        break
+                    await asyncio.sleep(0.1)
+                assert task_server_pid(stack.sandboxer_dir) != old_server
+                assert on_our_root() == []  # the hung create was ended, not left to finish
+                assert mounts_containing(str(bundle / "rootfs")) == []
+                assert cgroups_named(cgroup) == []
+                assert not (runc_root / cid).exists()
+                assert runc_containers(stack) == []
+            finally:
+                await controller.Stop(sb.ControllerStopRequest(sandbox_id=pod_id))
+                await controller.Shutdown(sb.ControllerShutdownRequest(sandbox_id=pod_id))
+
+    try:
+        stack.run(scenario())
+    finally:
+        for hook in hook_processes():  # runc's hook is not ours to end: only this test's leftover
+            hook.kill()
+        for directory in cgroups_named(cgroup):
+            directory.rmdir()

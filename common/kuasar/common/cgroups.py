@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import logging
 import os
+import signal
+import time
 from pathlib import Path
 
 from google.protobuf import any_pb2
@@ -149,6 +152,44 @@ def _clean_relative(path: str) -> str:
     if ".." in rel.split("/"):
         raise InvalidArgument(f"cgroup path {path!r} escapes the cgroup root")
     return rel
+
+
+# How long the processes of a cgroup being removed get to go after SIGKILL (they are ending, not
+# stuck: waiting longer only holds up the removal of the rest).
+EMPTY_WAIT_S = 5.0
+EMPTY_POLL_S = 0.02
+
+
+def empty_and_remove(path: str) -> list[Path]:
+    """Kill every process in the cgroup at `path` (a cgroupfs path) in every hierarchy, then remove
+    it there; what is still busy after EMPTY_WAIT_S stays, and is returned. Never the root."""
+    relative = _clean_relative(path)
+    if not relative:
+        return []
+    directories = [root / relative for root in hierarchy_roots() if (root / relative).is_dir()]
+    for directory in directories:
+        try:
+            pids = (directory / "cgroup.procs").read_text().split()
+        except OSError:
+            continue
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(pid), signal.SIGKILL)
+    deadline = time.monotonic() + EMPTY_WAIT_S
+    left = []
+    for directory in directories:
+        while True:
+            try:
+                os.rmdir(directory)
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                if exc.errno == errno.EBUSY and time.monotonic() < deadline:
+                    time.sleep(EMPTY_POLL_S)  # its killed processes are still exiting
+                    continue
+                left.append(directory)
+            break
+    return left
 
 
 # Directories this process made for pod cgroups, by how many PodCgroups still stand in or below them:

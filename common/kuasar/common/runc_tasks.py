@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import logging
 import os
+import shutil
 import signal
 import time
 from dataclasses import dataclass
@@ -24,7 +26,7 @@ from typing import Any
 
 from google.protobuf import empty_pb2
 
-from . import cgroups, mounts
+from . import cgroups, mounts, strays
 from .api.containerd.runtime.task.v2 import shim_pb2 as task
 from .api.containerd.types.task import task_pb2 as types
 from .bounded import SWEEP_CONCURRENCY, each_bounded
@@ -33,7 +35,7 @@ from .errors import FailedPrecondition, InvalidArgument, KuasarError
 from .ids import validate_id
 from .oom import OomWatch
 from .reaper import Exit, Reaper
-from .runc_cli import Runc, Stdio
+from .runc_cli import RUNC_ROOT_FLAG, Runc, Stdio
 from .task_table import (
     NEVER_RAN_EXIT_STATUS,
     TaskContainer,
@@ -161,6 +163,7 @@ class RuncContainerTasks(TerminalTasks):
         knows none of them, so they are a dead one's (see pod_leftovers)."""
         if not self.runc.root.is_dir():
             return
+        await self._end_runc_commands()
         leftovers: list[tuple[str, Path | None]] = []
         for entry in sorted(self.runc.root.iterdir()):
             try:
@@ -183,6 +186,48 @@ class RuncContainerTasks(TerminalTasks):
                     log.error("container %s: unmounting its rootfs: %s", container_id, exc)
 
         await each_bounded(leftovers, sweep_one, SWEEP_CONCURRENCY)
+
+    async def _end_runc_commands(self) -> None:
+        """End every runc command a dead task server left running on our root (a `runc create` waiting
+        on a hook, say): one that finished after the sweep would leave a container nobody knows of. A
+        create ended before runc saved its state leaves what the sweep cannot find, removed here: the
+        rootfs mount, the container's cgroup (and its init, if it lingers) and runc's directory."""
+        root = os.fsencode(self.runc.root)
+        creates: list[tuple[str, Path]] = []
+
+        def on_our_root(argv: list[bytes]) -> bool:
+            if not any(flag == RUNC_ROOT_FLAG and value == root for flag, value in itertools.pairwise(argv)):
+                return False
+            create = _create_of(argv)
+            if create is not None:
+                creates.append(create)
+            return True
+
+        commands = strays.processes_with(on_our_root)
+        for pid, start in commands:
+            log.warning("runc command %d of a task server that is gone: ending it", pid)
+            strays.kill(pid, start)
+        await strays.wait_gone(commands)
+        for container_id, bundle in creates:
+            if not (self.runc.root / container_id / "state.json").exists():  # else the sweep deletes it
+                self._remove_unsaved(container_id, bundle)
+
+    def _remove_unsaved(self, container_id: str, bundle: Path) -> None:
+        log.warning("container %s: its runc create ended before runc saved it; removing what it made",
+                    container_id)
+        try:
+            mounts.unmount_all(bundle / "rootfs")
+        except OSError as exc:
+            log.error("container %s: unmounting its rootfs: %s", container_id, exc)
+        try:
+            spec = json.loads((bundle / "config.json").read_bytes())
+            path = spec["linux"]["cgroupsPath"]  # made a cgroupfs path by our Create
+        except (OSError, ValueError, KeyError, TypeError):
+            path = None
+        if isinstance(path, str) and path.startswith("/"):
+            for directory in cgroups.empty_and_remove(path):
+                log.error("container %s: cgroup %s still busy, left in place", container_id, directory)
+        shutil.rmtree(self.runc.root / container_id, ignore_errors=True)
 
     async def _undo_runc(self, container: Any, is_exec: bool, pid_file: Path) -> None:
         if is_exec:
@@ -320,6 +365,20 @@ class RuncContainerTasks(TerminalTasks):
             finally:
                 path.unlink(missing_ok=True)
         return empty_pb2.Empty()
+
+
+def _create_of(argv: list[bytes]) -> tuple[str, Path] | None:
+    """(container id, bundle) of a `runc ... create --bundle <bundle> ... <id>` command line (the shape
+    `Runc.create` gives it), else None."""
+    args = [arg for arg in argv if arg]
+    if b"create" not in args or b"--bundle" not in args[:-1]:
+        return None
+    bundle = Path(os.fsdecode(args[args.index(b"--bundle") + 1]))
+    try:
+        container_id = validate_id(os.fsdecode(args[-1]), "container id")
+    except KuasarError:
+        return None
+    return (container_id, bundle) if bundle.is_absolute() else None
 
 
 def _pid_file(container: Any, exec_id: str) -> Path:

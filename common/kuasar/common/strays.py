@@ -65,7 +65,12 @@ async def kill_strays(directory: Path) -> list[int]:
     for pid, start in strays:
         log.warning("killing stray process %d of %s", pid, directory)
         kill(pid, start)
-    deadline = time.monotonic() + KILL_WAIT
-    while not all(gone(pid, start) for pid, start in strays) and time.monotonic() < deadline:  # noqa: ASYNC110 - not our children: no exit to await
-        await asyncio.sleep(POLL_INTERVAL)
+    await wait_gone(strays)
     return [pid for pid, _ in strays]
+
+
+async def wait_gone(processes: list[tuple[int, int]]) -> None:
+    """Until every (pid, start time) is gone, or KILL_WAIT has passed."""
+    deadline = time.monotonic() + KILL_WAIT
+    while not all(gone(pid, start) for pid, start in processes) and time.monotonic() < deadline:  # noqa: ASYNC110 - not our children: no exit to await
+        await asyncio.sleep(POLL_INTERVAL)
