@@ -160,14 +160,16 @@ EMPTY_WAIT_S = 5.0
 EMPTY_POLL_S = 0.02
 
 
-def empty_and_remove(path: str) -> list[Path]:
-    """Kill every process in the cgroup at `path` (a cgroupfs path) in every hierarchy, then remove
-    it there; what is still busy after EMPTY_WAIT_S stays, and is returned. Never the root."""
-    relative = _clean_relative(path)
-    if not relative:
-        return []
-    directories = [root / relative for root in hierarchy_roots() if (root / relative).is_dir()]
-    for directory in directories:
+def empty_and_remove(paths: list[str]) -> list[Path]:
+    """Kill every process in the cgroups at `paths` (cgroupfs paths) in every hierarchy, then remove
+    them there; what is still busy after EMPTY_WAIT_S (one wait for all) stays, and is returned. Never
+    the root."""
+    directories = []
+    for path in paths:
+        relative = _clean_relative(path)
+        if relative:
+            directories += [root / relative for root in hierarchy_roots() if (root / relative).is_dir()]
+    for directory in directories:  # all killed before any is waited for
         try:
             pids = (directory / "cgroup.procs").read_text().split()
         except OSError:

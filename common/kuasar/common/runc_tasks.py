@@ -31,11 +31,12 @@ from .api.containerd.runtime.task.v2 import shim_pb2 as task
 from .api.containerd.types.task import task_pb2 as types
 from .bounded import SWEEP_CONCURRENCY, each_bounded
 from .cgroup_attach import AttachLockWarmer, warm
-from .errors import FailedPrecondition, InvalidArgument, KuasarError
+from .errors import FailedPrecondition, InvalidArgument, KuasarError, NotFound
 from .ids import validate_id
 from .oom import OomWatch
 from .reaper import Exit, Reaper
 from .runc_cli import RUNC_ROOT_FLAG, Runc, Stdio
+from .spawn import resolve
 from .task_table import (
     NEVER_RAN_EXIT_STATUS,
     TaskContainer,
@@ -189,45 +190,58 @@ class RuncContainerTasks(TerminalTasks):
 
     async def _end_runc_commands(self) -> None:
         """End every runc command a dead task server left running on our root (a `runc create` waiting
-        on a hook, say): one that finished after the sweep would leave a container nobody knows of. A
-        create ended before runc saved its state leaves what the sweep cannot find, removed here: the
-        rootfs mount, the container's cgroup (and its init, if it lingers) and runc's directory."""
+        on a hook, say), and what it had started (the hook): one that finished after the sweep would
+        leave a container nobody knows of. A create ended before runc saved its state leaves what the
+        sweep cannot find, removed here: the rootfs mount, the container's cgroup (and its init, if it
+        lingers) and runc's directory. Only our runc binary, in our mount namespace, is believed."""
         root = os.fsencode(self.runc.root)
-        creates: list[tuple[str, Path]] = []
-
-        def on_our_root(argv: list[bytes]) -> bool:
-            if not any(flag == RUNC_ROOT_FLAG and value == root for flag, value in itertools.pairwise(argv)):
-                return False
-            create = _create_of(argv)
-            if create is not None:
-                creates.append(create)
-            return True
-
-        commands = strays.processes_with(on_our_root)
-        for pid, start in commands:
-            log.warning("runc command %d of a task server that is gone: ending it", pid)
+        try:
+            runc = resolve(self.runc.binary)
+        except NotFound:  # then no runc command of ours can be running either
+            return
+        commands = strays.commands_of(runc, lambda argv: any(
+            flag == RUNC_ROOT_FLAG and value == root for flag, value in itertools.pairwise(argv)))
+        if not commands:
+            return
+        ended = [(pid, start) for pid, start, _ in commands]
+        ended += strays.children_of({pid for pid, _ in ended})
+        for pid, start in ended:
+            log.warning("process %d of a runc command a task server that is gone left running: ending it", pid)
             strays.kill(pid, start)
-        await strays.wait_gone(commands)
-        for container_id, bundle in creates:
-            if not (self.runc.root / container_id / "state.json").exists():  # else the sweep deletes it
-                self._remove_unsaved(container_id, bundle)
+        await strays.wait_gone(ended)
+        unsaved: list[tuple[str, Path]] = []
+        for pid, start, argv in commands:
+            create = _create_of(argv)
+            if not strays.gone(pid, start):
+                log.error("runc command %d is still there after SIGKILL; what it makes stays", pid)
+            elif create is not None and not (self.runc.root / create[0] / "state.json").exists():
+                unsaved.append(create)  # with a state, the sweep deletes it
+        paths = [path for container_id, bundle in unsaved if (path := self._remove_unsaved(container_id, bundle))]
+        for directory in cgroups.empty_and_remove(paths):
+            log.error("cgroup %s of a runc create that was ended is still busy; left in place", directory)
 
-    def _remove_unsaved(self, container_id: str, bundle: Path) -> None:
+    def _remove_unsaved(self, container_id: str, bundle: Path) -> str | None:
+        """Unmount the rootfs of a create that runc had not saved and remove runc's directory of it; the
+        container's cgroup path, if it is one of a container (named after it), for the caller to remove."""
         log.warning("container %s: its runc create ended before runc saved it; removing what it made",
                     container_id)
+        shutil.rmtree(self.runc.root / container_id, ignore_errors=True)
+        # containerd names a task's bundle after it (<state>/io.containerd.runtime.v2.task/<ns>/<id>).
+        if bundle.name != container_id or bundle.is_symlink() or not bundle.is_dir():
+            log.error("container %s: bundle %s is not the container's; left alone", container_id, bundle)
+            return None
         try:
             mounts.unmount_all(bundle / "rootfs")
         except OSError as exc:
             log.error("container %s: unmounting its rootfs: %s", container_id, exc)
         try:
-            spec = json.loads((bundle / "config.json").read_bytes())
-            path = spec["linux"]["cgroupsPath"]  # made a cgroupfs path by our Create
+            path = json.loads((bundle / "config.json").read_bytes())["linux"]["cgroupsPath"]
         except (OSError, ValueError, KeyError, TypeError):
-            path = None
-        if isinstance(path, str) and path.startswith("/"):
-            for directory in cgroups.empty_and_remove(path):
-                log.error("container %s: cgroup %s still busy, left in place", container_id, directory)
-        shutil.rmtree(self.runc.root / container_id, ignore_errors=True)
+            return None
+        # Made a cgroupfs path by our Create; a parent's (shared with other containers) is not taken.
+        if isinstance(path, str) and path.startswith("/") and container_id in path.rsplit("/", 1)[-1]:
+            return path
+        return None
 
     async def _undo_runc(self, container: Any, is_exec: bool, pid_file: Path) -> None:
         if is_exec:

@@ -11,7 +11,7 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from . import proc_stat
@@ -22,25 +22,62 @@ log = logging.getLogger(__name__)
 # and waiting past this only delays the removal of everything else.
 KILL_WAIT = 5.0
 POLL_INTERVAL = 0.02
+# Where the parent's pid (field 4) is in proc_stat.stat_fields, which start at the state (field 3).
+PPID = 1
+
+
+def _command_lines() -> Iterator[tuple[int, list[bytes]]]:
+    """(pid, command line split at NULs) of every live process but this one."""
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/cmdline", "rb") as cmdline:
+                yield int(entry.name), cmdline.read().split(b"\0")
+        except OSError:  # gone meanwhile
+            continue
 
 
 def processes_with(matches: Callable[[list[bytes]], bool]) -> list[tuple[int, int]]:
     """(pid, start time) of every live process but this one whose command line (its arguments, as
     bytes) `matches`."""
     found = []
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+    for pid, argv in _command_lines():
+        if matches(argv) and (start := proc_stat.start_time(pid)):
+            found.append((pid, start))
+    return found
+
+
+def commands_of(program: str, matches: Callable[[list[bytes]], bool]) -> list[tuple[int, int, list[bytes]]]:
+    """(pid, start time, command line) of every live process but this one whose command line `matches`
+    and that runs the very file `program` (its device and inode, not a name any process can take), in
+    our mount namespace, as our user: one we may believe its arguments about what it was doing."""
+    binary = os.stat(program)
+    our_mounts, our_uid = os.stat("/proc/self/ns/mnt").st_ino, os.getuid()
+    found = []
+    for pid, argv in _command_lines():
+        if not matches(argv):
             continue
         try:
-            with open(f"/proc/{entry.name}/cmdline", "rb") as cmdline:
-                argv = cmdline.read().split(b"\0")
+            exe, mounts = os.stat(f"/proc/{pid}/exe"), os.stat(f"/proc/{pid}/ns/mnt")
+            owner = os.stat(f"/proc/{pid}").st_uid
         except OSError:  # gone meanwhile
             continue
-        if matches(argv):
-            pid = int(entry.name)
-            start = proc_stat.start_time(pid)
-            if start:
-                found.append((pid, start))
+        if (exe.st_dev, exe.st_ino) != (binary.st_dev, binary.st_ino) or mounts.st_ino != our_mounts:
+            continue
+        if owner == our_uid and (start := proc_stat.start_time(pid)):
+            found.append((pid, start, argv))
+    return found
+
+
+def children_of(parents: set[int]) -> list[tuple[int, int]]:
+    """(pid, start time) of every live child of `parents`."""
+    found = []
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            fields = proc_stat.stat_fields(int(entry.name))
+            if len(fields) > PPID and int(fields[PPID]) in parents and (start := proc_stat.start_time(int(entry.name))):
+                found.append((int(entry.name), start))
     return found
 
 

@@ -1,0 +1,64 @@
+"""Finding the commands a dead process left running, believing only the ones that run our program."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from kuasar.common import proc_stat, strays
+
+MARK = "kuasar-test-strays-commands"
+SLEEPER = ["-c", "import time; time.sleep(60)", MARK]
+
+
+@pytest.fixture
+def running() -> Iterator[list[subprocess.Popen]]:
+    started: list[subprocess.Popen] = []
+    yield started
+    for proc in started:
+        proc.kill()
+        proc.wait()
+
+
+def _marked(argv: list[bytes]) -> bool:
+    return MARK.encode() in argv
+
+
+def _settle(proc: subprocess.Popen) -> None:
+    deadline = time.monotonic() + 5
+    while MARK.encode() not in Path(f"/proc/{proc.pid}/cmdline").read_bytes() and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+def test_a_command_of_our_program_is_found_with_its_arguments(running: list[subprocess.Popen]) -> None:
+    running.append(subprocess.Popen([sys.executable, *SLEEPER]))
+    _settle(running[0])
+    found = strays.commands_of(sys.executable, _marked)
+    assert [(pid, start) for pid, start, _ in found] == [(running[0].pid, proc_stat.start_time(running[0].pid))]
+    assert found[0][2][-2] == MARK.encode()
+
+
+def test_the_same_arguments_from_another_program_are_not_believed(running: list[subprocess.Popen],
+                                                                   tmp_path: Path) -> None:
+    # What a process says in its arguments is anyone's to say; the file it runs is not.
+    impostor = tmp_path / "python3"
+    shutil.copy2(Path(sys.executable).resolve(), impostor)
+    running.append(subprocess.Popen([str(impostor), *SLEEPER]))
+    _settle(running[0])
+    assert strays.processes_with(_marked) != []  # the command line alone would have named it
+    assert strays.commands_of(sys.executable, _marked) == []
+    assert strays.commands_of(shutil.which("sleep") or "/bin/sleep", _marked) == []
+
+
+def test_children_of_a_process_are_found(running: list[subprocess.Popen]) -> None:
+    running.append(subprocess.Popen([sys.executable, *SLEEPER]))
+    child = running[0].pid
+    assert (child, proc_stat.start_time(child)) in strays.children_of({os.getpid()})
+    assert all(pid != child for pid, _ in strays.children_of({child}))
