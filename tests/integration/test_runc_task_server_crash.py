@@ -132,7 +132,9 @@ def test_a_runc_create_still_running_when_its_task_server_dies_is_ended_by_the_n
                 spec = json.loads((bundle / "config.json").read_text())
                 spec["linux"]["cgroupsPath"] = f"/{cgroup}/{cid}"
                 spec["annotations"] = {"io.kubernetes.cri.sandbox-id": pod_id}
-                spec["hooks"] = {"createRuntime": [{"path": shutil.which("sleep"), "args": ["sleep", HOOK_SECONDS]}]}
+                # A hook that forks (its sleep's background twin is runc's grandchild), then waits.
+                hook = f"sleep {HOOK_SECONDS} & exec sleep {HOOK_SECONDS}"
+                spec["hooks"] = {"createRuntime": [{"path": shutil.which("sh"), "args": ["sh", "-c", hook]}]}
                 (bundle / "config.json").write_text(json.dumps(spec))
                 client = await TtrpcClient.connect_unix(started.address.removeprefix("ttrpc+unix://"))
                 bind = mount_pb2.Mount(type="bind", source=str(rootfs), options=["rbind", "ro"])
@@ -140,7 +142,7 @@ def test_a_runc_create_still_running_when_its_task_server_dies_is_ended_by_the_n
                 creating = asyncio.ensure_future(client.call("containerd.task.v3.Task", "Create", request,
                                                              task.CreateTaskResponse, timeout=60, metadata=NS))
                 for _ in range(200):  # runc has made the cgroup and waits on the hook
-                    if cgroups_named(f"{cgroup}/{cid}") and hook_processes():
+                    if cgroups_named(f"{cgroup}/{cid}") and len(hook_processes()) == 2:
                         break
                     await asyncio.sleep(0.05)
                 else:
@@ -157,7 +159,7 @@ def test_a_runc_create_still_running_when_its_task_server_dies_is_ended_by_the_n
                     await asyncio.sleep(0.1)
                 assert task_server_pid(stack.sandboxer_dir) != old_server
                 assert on_our_root() == []  # the hung create was ended, not left to finish
-                assert hook_processes() == []  # and what it ran
+                assert hook_processes() == []  # and what it ran, however deep
                 assert mounts_containing(str(bundle / "rootfs")) == []
                 assert cgroups_named(f"{cgroup}/{cid}") == []
                 assert not (runc_root / cid).exists()

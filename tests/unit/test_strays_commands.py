@@ -57,8 +57,14 @@ def test_the_same_arguments_from_another_program_are_not_believed(running: list[
     assert strays.commands_of(shutil.which("sleep") or "/bin/sleep", _marked) == []
 
 
-def test_children_of_a_process_are_found(running: list[subprocess.Popen]) -> None:
-    running.append(subprocess.Popen([sys.executable, *SLEEPER]))
+def test_descendants_of_a_process_are_found_however_deep(running: list[subprocess.Popen]) -> None:
+    # A child that starts a grandchild (as a hook runs what it runs) and prints the grandchild's pid.
+    running.append(subprocess.Popen([sys.executable, "-c", "import subprocess, sys, time; "
+                                     f"p = subprocess.Popen([sys.executable, *{SLEEPER!r}]); "
+                                     "print(p.pid, flush=True); time.sleep(60)"], stdout=subprocess.PIPE))
+    grandchild = int(running[0].stdout.readline())  # type: ignore[union-attr]
     child = running[0].pid
-    assert (child, proc_stat.start_time(child)) in strays.children_of({os.getpid()})
-    assert all(pid != child for pid, _ in strays.children_of({child}))
+    found = dict(strays.descendants_of({os.getpid()}))
+    assert found[child] == proc_stat.start_time(child) and found[grandchild] == proc_stat.start_time(grandchild)
+    assert [pid for pid, _ in strays.descendants_of({child})] == [grandchild]
+    os.kill(grandchild, 9)

@@ -190,10 +190,11 @@ class RuncContainerTasks(TerminalTasks):
 
     async def _end_runc_commands(self) -> None:
         """End every runc command a dead task server left running on our root (a `runc create` waiting
-        on a hook, say), and what it had started (the hook): one that finished after the sweep would
-        leave a container nobody knows of. A create ended before runc saved its state leaves what the
-        sweep cannot find, removed here: the rootfs mount, the container's cgroup (and its init, if it
-        lingers) and runc's directory. Only our runc binary, in our mount namespace, is believed."""
+        on a hook, say), and all it started (the hook, and what that forked): one that finished after
+        the sweep would leave a container nobody knows of. A create ended before runc saved its state
+        leaves what the sweep cannot find, removed here: the rootfs mount, the container's cgroup (and
+        its init, if it lingers) and runc's directory. Only our runc binary, in our mount namespace, is
+        believed."""
         root = os.fsencode(self.runc.root)
         try:
             runc = resolve(self.runc.binary)
@@ -204,7 +205,7 @@ class RuncContainerTasks(TerminalTasks):
         if not commands:
             return
         ended = [(pid, start) for pid, start, _ in commands]
-        ended += strays.children_of({pid for pid, _ in ended})
+        ended += strays.descendants_of({pid for pid, _ in ended})
         for pid, start in ended:
             log.warning("process %d of a runc command a task server that is gone left running: ending it", pid)
             strays.kill(pid, start)

@@ -70,14 +70,20 @@ def commands_of(program: str, matches: Callable[[list[bytes]], bool]) -> list[tu
     return found
 
 
-def children_of(parents: set[int]) -> list[tuple[int, int]]:
-    """(pid, start time) of every live child of `parents`."""
-    found = []
+def descendants_of(ancestors: set[int]) -> list[tuple[int, int]]:
+    """(pid, start time) of every live descendant of `ancestors` (a hook a runc command ran, and what
+    that hook forked), found while the ancestors are alive: once they die, theirs are reparented."""
+    parents: dict[int, int] = {}
     for entry in os.scandir("/proc"):
         if entry.name.isdigit():
             fields = proc_stat.stat_fields(int(entry.name))
-            if len(fields) > PPID and int(fields[PPID]) in parents and (start := proc_stat.start_time(int(entry.name))):
-                found.append((int(entry.name), start))
+            if len(fields) > PPID:
+                parents[int(entry.name)] = int(fields[PPID])
+    found, frontier = [], set(ancestors)
+    while frontier:
+        frontier = {pid for pid, parent in parents.items() if parent in frontier} - set(ancestors)
+        found += [(pid, start) for pid in sorted(frontier) if (start := proc_stat.start_time(pid))]
+        ancestors = ancestors | frontier
     return found
 
 
