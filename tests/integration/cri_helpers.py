@@ -17,6 +17,8 @@ from typing import Any, TypeVar
 import grpc
 import psutil
 
+from kuasar.common.api.containerd.services.sandbox.v1 import sandbox_pb2 as sb
+from kuasar.common.api.containerd.services.sandbox.v1 import sandbox_pb2_grpc as sb_grpc
 from kuasar.common.api.runtime.v1 import api_pb2 as cri
 from kuasar.common.cri_client import CriClient, container_config, pod_config
 
@@ -154,6 +156,20 @@ def children_of(pid: int) -> list[int]:
         return [p.pid for p in psutil.Process(pid).children(recursive=True)]
     except psutil.NoSuchProcess:
         return []
+
+
+def sandbox_create_request(sandbox_id: str, sandboxer: str, hostname: str) -> sb.ControllerCreateRequest:
+    """A Sandbox API Create of a pod with only a hostname, as containerd sends for RunPodSandbox."""
+    request = sb.ControllerCreateRequest(sandbox_id=sandbox_id, sandboxer=sandboxer)
+    request.options.value = cri.PodSandboxConfig(hostname=hostname).SerializeToString()
+    return request
+
+
+async def start_sandbox(controller: sb_grpc.ControllerStub, sandbox_id: str, sandboxer: str,
+                        hostname: str) -> sb.ControllerStartResponse:
+    """Create and Start a sandbox straight through the Sandbox API (no CRI)."""
+    await controller.Create(sandbox_create_request(sandbox_id, sandboxer, hostname))
+    return await controller.Start(sb.ControllerStartRequest(sandbox_id=sandbox_id))
 
 
 def task_server_pid(directory: Path) -> int:

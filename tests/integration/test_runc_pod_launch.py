@@ -12,11 +12,10 @@ import pytest
 
 from kuasar.common.api.containerd.services.sandbox.v1 import sandbox_pb2 as sb
 from kuasar.common.api.containerd.services.sandbox.v1 import sandbox_pb2_grpc as sb_grpc
-from kuasar.common.api.runtime.v1 import api_pb2 as cri
 from tests.support.procs import live_children
 
 from .conftest import Stack, start_sandboxer
-from .cri_helpers import task_server_pid
+from .cri_helpers import sandbox_create_request, task_server_pid
 
 pytestmark = pytest.mark.integration
 
@@ -26,9 +25,7 @@ def pod_processes(stack: Stack, name: str = "pod-") -> list[psutil.Process]:
 
 
 def create_request(sandbox_id: str) -> sb.ControllerCreateRequest:
-    request = sb.ControllerCreateRequest(sandbox_id=sandbox_id, sandboxer="runc")
-    request.options.value = cri.PodSandboxConfig(hostname="launch").SerializeToString()
-    return request
+    return sandbox_create_request(sandbox_id, "runc", "launch")
 
 
 async def wait_for_pod_processes(stack: Stack, count: int) -> list[psutil.Process]:

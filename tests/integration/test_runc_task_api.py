@@ -18,13 +18,12 @@ from kuasar.common.api.containerd.services.sandbox.v1 import sandbox_pb2 as sb
 from kuasar.common.api.containerd.services.sandbox.v1 import sandbox_pb2_grpc as sb_grpc
 from kuasar.common.api.containerd.types import mount_pb2
 from kuasar.common.api.containerd.types.task import task_pb2 as types
-from kuasar.common.api.runtime.v1 import api_pb2 as cri
 from kuasar.common.errors import FailedPrecondition, NotFound, Unimplemented
 from kuasar.common.ttrpc import TtrpcClient
 from tests.support import images
 
 from .conftest import Stack
-from .cri_helpers import mounts_containing
+from .cri_helpers import mounts_containing, start_sandbox
 
 pytestmark = pytest.mark.integration
 
@@ -73,10 +72,7 @@ def test_task_api_beyond_cri_and_sandbox_metrics(stack: Stack, tmp_path: Path) -
     async def scenario() -> None:
         async with grpc.aio.insecure_channel(f"unix://{stack.sandboxer_socket}") as channel:
             controller = sb_grpc.ControllerStub(channel)
-            create = sb.ControllerCreateRequest(sandbox_id=POD, sandboxer="runc")
-            create.options.value = cri.PodSandboxConfig(hostname="direct").SerializeToString()
-            await controller.Create(create)
-            started = await controller.Start(sb.ControllerStartRequest(sandbox_id=POD))
+            started = await start_sandbox(controller, POD, "runc", "direct")
             bundle, rootfs = make_bundle(tmp_path, started.pid)
             client = await TtrpcClient.connect_unix(started.address.removeprefix("ttrpc+unix://"))
             try:

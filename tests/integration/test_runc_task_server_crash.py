@@ -33,6 +33,7 @@ from .cri_helpers import (
     remove_pod,
     run_pod,
     start_container,
+    start_sandbox,
     task_server_pid,
     wait_leftovers_recorded,
     wait_pod_not_ready,
@@ -122,10 +123,7 @@ def test_a_runc_create_still_running_when_its_task_server_dies_is_ended_by_the_n
     async def scenario() -> None:
         async with grpc.aio.insecure_channel(f"unix://{stack.sandboxer_socket}") as channel:
             controller = sb_grpc.ControllerStub(channel)
-            create = sb.ControllerCreateRequest(sandbox_id=pod_id, sandboxer="runc")
-            create.options.value = cri.PodSandboxConfig(hostname="hung").SerializeToString()
-            await controller.Create(create)
-            started = await controller.Start(sb.ControllerStartRequest(sandbox_id=pod_id))
+            started = await start_sandbox(controller, pod_id, "runc", "hung")
             try:
                 made, rootfs = make_bundle(tmp_path, started.pid)
                 bundle = made.rename(made.with_name(cid))  # named after its task, as containerd does

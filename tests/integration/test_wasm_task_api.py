@@ -22,12 +22,11 @@ from kuasar.common.api.containerd.services.sandbox.v1 import sandbox_pb2 as sb
 from kuasar.common.api.containerd.services.sandbox.v1 import sandbox_pb2_grpc as sb_grpc
 from kuasar.common.api.containerd.types import mount_pb2
 from kuasar.common.api.containerd.types.task import task_pb2 as types
-from kuasar.common.api.runtime.v1 import api_pb2 as cri
 from kuasar.common.errors import FailedPrecondition, InvalidArgument, NotFound, Unimplemented
 from kuasar.common.ttrpc import TtrpcClient
 
 from .conftest import Stack
-from .cri_helpers import mounts_containing
+from .cri_helpers import mounts_containing, start_sandbox
 from .wasm_stack import assemble_modules, stack_fixture
 
 pytestmark = pytest.mark.integration
@@ -94,10 +93,7 @@ def test_task_api_beyond_cri(stack: Stack, tmp_path: Path) -> None:
     async def scenario() -> None:
         async with grpc.aio.insecure_channel(f"unix://{stack.sandboxer_socket}") as channel:
             controller = sb_grpc.ControllerStub(channel)
-            create = sb.ControllerCreateRequest(sandbox_id=POD, sandboxer="wasm")
-            create.options.value = cri.PodSandboxConfig(hostname="direct").SerializeToString()
-            await controller.Create(create)
-            started = await controller.Start(sb.ControllerStartRequest(sandbox_id=POD))
+            started = await start_sandbox(controller, POD, "wasm", "direct")
             assert started.address.startswith("ttrpc+unix://") and started.pid > 0
             client = await TtrpcClient.connect_unix(started.address.removeprefix("ttrpc+unix://"))
             try:
