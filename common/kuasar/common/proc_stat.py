@@ -31,7 +31,9 @@ def start_time(pid: int) -> int:
         return 0
 
 
-# Where num_threads (field 20) is in stat_fields, which start at the state (field 3).
+# Where a field is in stat_fields, which start at the state (field 3): the parent's pid (field 4) and
+# num_threads (field 20).
+PPID = 1
 NUM_THREADS = 17
 
 

@@ -29,7 +29,7 @@ ERROR_LEVELS = ("error", "fatal")
 # (`<root>/<id>/`); `runc start` is reading that byte and removing the FIFO (runc 1.0 to 1.5 alike).
 EXEC_FIFO = "exec.fifo"
 # How every command names our root: how a task server finds the commands a dead one left running.
-RUNC_ROOT_FLAG = b"--root"
+RUNC_ROOT_FLAG = "--root"
 # Newer runc runs poststart hooks in `runc start` itself; a spec naming one is started by the command.
 POSTSTART_HOOKS = b'"poststart"'
 
@@ -77,7 +77,7 @@ class Runc:
         root.mkdir(parents=True, exist_ok=True, mode=0o700)
 
     def _argv(self, log_path: Path | None, *args: str) -> list[str]:
-        argv = [self.binary, os.fsdecode(RUNC_ROOT_FLAG), str(self.root)]
+        argv = [self.binary, RUNC_ROOT_FLAG, str(self.root)]
         if log_path is not None:
             argv += ["--log", str(log_path), "--log-format", "json"]
         return argv + list(args)

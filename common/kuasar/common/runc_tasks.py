@@ -195,13 +195,13 @@ class RuncContainerTasks(TerminalTasks):
         leaves what the sweep cannot find, removed here: the rootfs mount, the container's cgroup (and
         its init, if it lingers) and runc's directory. Only our runc binary, in our mount namespace, is
         believed."""
-        root = os.fsencode(self.runc.root)
+        flag, root = os.fsencode(RUNC_ROOT_FLAG), os.fsencode(self.runc.root)
         try:
             runc = resolve(self.runc.binary)
         except NotFound:  # then no runc command of ours can be running either
             return
         commands = strays.commands_of(runc, lambda argv: any(
-            flag == RUNC_ROOT_FLAG and value == root for flag, value in itertools.pairwise(argv)))
+            (name, value) == (flag, root) for name, value in itertools.pairwise(argv)))
         if not commands:
             return
         ended = [(pid, start) for pid, start, _ in commands]

@@ -22,8 +22,6 @@ log = logging.getLogger(__name__)
 # and waiting past this only delays the removal of everything else.
 KILL_WAIT = 5.0
 POLL_INTERVAL = 0.02
-# Where the parent's pid (field 4) is in proc_stat.stat_fields, which start at the state (field 3).
-PPID = 1
 
 
 def _command_lines() -> Iterator[tuple[int, list[bytes]]]:
@@ -77,11 +75,11 @@ def descendants_of(ancestors: set[int]) -> list[tuple[int, int]]:
     for entry in os.scandir("/proc"):
         if entry.name.isdigit():
             fields = proc_stat.stat_fields(int(entry.name))
-            if len(fields) > PPID:
-                parents[int(entry.name)] = int(fields[PPID])
+            if len(fields) > proc_stat.PPID:
+                parents[int(entry.name)] = int(fields[proc_stat.PPID])
     found, frontier = [], set(ancestors)
     while frontier:
-        frontier = {pid for pid, parent in parents.items() if parent in frontier} - set(ancestors)
+        frontier = {pid for pid, parent in parents.items() if parent in frontier} - ancestors
         found += [(pid, start) for pid in sorted(frontier) if (start := proc_stat.start_time(pid))]
         ancestors = ancestors | frontier
     return found
