@@ -267,14 +267,32 @@ async def check_pod_files(address: str, handler: str, log_dir: Path, pods_dir: P
 
 async def check_exit_codes(address: str, handler: str, log_dir: Path) -> None:
     """An exit status and a death by signal, as CRI reports them. The pod shares one PID namespace:
-    its own process is PID 1 there, so a container's shell can die of a signal it sends itself."""
+    its own process is PID 1 there, so a container's shell can die of a signal it sends itself. What
+    a container's init left running dies with it, as under containerd's shim (the kernel would only
+    do that for a PID namespace of the container's own); the pod's other containers live on."""
     async with CriClient(address) as client:
         pod_id, pod = await run_pod(client, "codes", log_dir, handler, share_pid=True)
-        seven = await start_container(client, pod_id, pod, "seven", ["sh", "-c", "exit 7"])
+        watcher = await start_container(client, pod_id, pod, "watcher", ["sleep", "3600"])
+        await wait_state(client, watcher, cri.CONTAINER_RUNNING)
+        seven = await start_container(client, pod_id, pod, "seven", ["sh", "-c", "sleep 4343 & sleep 0.2; exit 7"])
         killed = await start_container(client, pod_id, pod, "killed", ["sh", "-c", "kill -9 $$"])
         assert (await wait_state(client, seven, cri.CONTAINER_EXITED)).exit_code == 7
         assert (await wait_state(client, killed, cri.CONTAINER_EXITED)).exit_code == 137
+        await wait_pod_processes_gone(client, watcher, "sleep4343")
+        assert (await client.container_status(watcher)).status.state == cri.CONTAINER_RUNNING
         await remove_pod(client, pod_id)
+
+
+async def wait_pod_processes_gone(client: CriClient, cid: str, cmdline: str, timeout: float = 10.0) -> None:
+    """Until no process whose command line (NULs dropped) is `cmdline` is seen from container `cid`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        listing = "for f in /proc/[0-9]*/cmdline; do tr -d '\\0' < $f; echo; done"
+        seen = await client.exec_sync(cid, ["sh", "-c", listing], timeout=20)
+        if cmdline not in seen.stdout.decode().split():
+            return
+        assert time.monotonic() < deadline, f"{cmdline} is still running: {seen.stdout!r}"
+        await asyncio.sleep(0.1)
 
 
 async def check_stop_sends_sigterm_then_sigkill(address: str, handler: str, log_dir: Path) -> None:

@@ -49,6 +49,7 @@ from .cri_helpers import (
     forward_until_answered,
     wait_log,
     wait_pod_not_ready,
+    wait_pod_processes_gone,
     wait_state,
     while_unavailable,
 )
@@ -355,6 +356,11 @@ def test_sandboxer_restart_then_vm_killed_from_outside(stack: VmStack) -> None:
             first, *others = seen.stdout.decode().split()
             assert first == f"pod-{pod_id[:11]}" and "sleep" in others, seen
             assert not any("python" in name or "agent" in name for name in others), seen
+            # What a container's init leaves in the shared namespace ends with it, as under containerd's shim.
+            parent = await start(client, pod_id, pod, "parent", ["sh", "-c", "sleep 4343 & sleep 0.2; exit 7"])
+            assert (await wait_state(client, parent, cri.CONTAINER_EXITED, timeout=TIMEOUT)).exit_code == 7
+            await wait_pod_processes_gone(client, cid, "sleep4343", timeout=TIMEOUT)
+            await client.remove_container(parent)
             pids = vm_processes(state)
 
             stop_process(stack.sandboxer, signal.SIGKILL)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import json
 import os
@@ -17,10 +18,10 @@ from google.protobuf import any_pb2
 from kuasar.common import cgroups
 from kuasar.common.api.containerd.runtime.task.v2 import shim_pb2 as task
 from kuasar.common.api.containerd.types.task import task_pb2 as types
-from kuasar.common.errors import FailedPrecondition, RuntimeFailure
+from kuasar.common.errors import FailedPrecondition, NotFound, RuntimeFailure
 from kuasar.common.fifo_stdio import ProcessIO
 from kuasar.common.reaper import Reaper
-from kuasar.common.runc_tasks import RuncContainer, RuncProcess
+from kuasar.common.runc_tasks import RuncContainer, RuncProcess, _container_procs_file
 from kuasar.common.task_table import NEVER_RAN_EXIT_STATUS
 from kuasar.runc.tasks import RuncTasks
 from tests.support.events import RecordedEvents
@@ -144,3 +145,64 @@ def test_the_sweep_removes_console_sockets_a_dead_task_server_left(tmp_path: Pat
     stale.write_bytes(b"")
     asyncio.run(tasks.sweep_leftovers())
     assert list(tasks.console_dir.iterdir()) == []
+
+
+def _sleeper() -> int:
+    pid = os.fork()
+    if pid == 0:
+        os.execvp("sleep", ["sleep", "60"])
+    return pid
+
+
+def test_kill_all_of_a_container_whose_init_is_gone_ends_what_it_left_in_a_shared_pid_namespace(
+        tmp_path: Path) -> None:
+    # containerd's Delete sends Kill(all) after the init's exit; the shim's `runc kill --all` ends what is
+    # left in the container's cgroup. A container without a cgroup of its own known has nothing to end.
+    tasks, _, _ = _tasks(tmp_path)
+    container = tasks.containers["c1"]
+    container.init.record_exit(0, 1)
+    kill_all = task.KillRequest(id="c1", signal=9, all=True)
+    with pytest.raises(NotFound, match="already finished"):
+        asyncio.run(tasks.kill(kill_all, CTX))  # type: ignore[arg-type]
+    left = _sleeper()
+    try:
+        container.procs_file = tmp_path / "cgroup.procs"
+        container.procs_file.write_text(f"{left}\n")
+        with pytest.raises(NotFound, match="already finished"):  # one process, not all: nothing to end
+            asyncio.run(tasks.kill(task.KillRequest(id="c1", signal=9), CTX))  # type: ignore[arg-type]
+        assert os.waitpid(left, os.WNOHANG) == (0, 0)
+        asyncio.run(tasks.kill(kill_all, CTX))  # type: ignore[arg-type]
+        _, status = os.waitpid(left, 0)
+        assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == 9
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(left, 9)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(left, 0)
+
+
+def test_only_a_cgroup_named_after_the_container_is_one_to_end_the_rest_of(tmp_path: Path) -> None:
+    # A cgroup shared with others (the root's, a parent's) is not: ending "the rest" there would end
+    # other processes.
+    hierarchy = cgroups.CGROUP_ROOT if cgroups.is_unified() else cgroups.CGROUP_ROOT / "pids"
+    if not hierarchy.is_dir():
+        pytest.skip("no pids hierarchy to make a cgroup in")
+    directory = hierarchy / f"kuasar-unit-{os.urandom(4).hex()}-c1"
+    directory.mkdir()
+    child = _sleeper()
+    try:
+        (directory / "cgroup.procs").write_text(str(child))
+        assert _container_procs_file("c1", child) == directory / "cgroup.procs"
+        assert cgroups.read_procs(directory / "cgroup.procs") == [child]
+        assert _container_procs_file("c2", child) is None
+        os.kill(child, 9)
+        os.waitpid(child, 0)
+        assert _container_procs_file("c1", child) is None  # gone
+        assert cgroups.read_procs(directory / "cgroup.procs") == []
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child, 9)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(child, 0)
+        directory.rmdir()
+    assert cgroups.read_procs(directory / "cgroup.procs") is None

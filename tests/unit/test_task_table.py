@@ -12,7 +12,7 @@ import pytest
 from kuasar.common.api.containerd.runtime.task.v2 import shim_pb2 as task
 from kuasar.common.api.containerd.types.task import task_pb2 as types
 from kuasar.common.errors import NotFound
-from kuasar.common.task_table import ContainerTasks, TaskContainer, TaskProcess
+from kuasar.common.task_table import ContainerTasks, TaskContainer, TaskProcess, shares_pid_namespace
 
 CONTAINER = "c1"
 
@@ -96,3 +96,17 @@ def test_holding_refuses_a_container_deleted_while_the_caller_waited() -> None:
             await start()
         await deleting
     asyncio.run(main())
+
+
+@pytest.mark.parametrize(("namespaces", "shared"), [
+    ([{"type": "pid"}], False),  # its own: the kernel ends the rest when the init exits
+    ([{"type": "network", "path": "/proc/9/ns/net"}, {"type": "pid", "path": ""}], False),
+    ([{"type": "pid", "path": "/proc/9/ns/pid"}], True),  # the pod's
+    ([{"type": "mount"}], True),  # none: the host's
+    (None, True),
+    (["pid", 3, {"type": "pid", "path": "/proc/9/ns/pid"}], True),  # what is not an OCI namespace is skipped
+])
+def test_a_container_shares_a_pid_namespace_unless_the_spec_gives_it_a_new_one(namespaces: Any,
+                                                                                  shared: bool) -> None:
+    assert shares_pid_namespace({"linux": {"namespaces": namespaces}}) is shared
+    assert shares_pid_namespace({}) is True  # as containerd's shim reads a spec without `linux`

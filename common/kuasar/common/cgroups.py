@@ -65,9 +65,9 @@ def proc_cgroups(pid: int) -> dict[str, str]:
     return paths
 
 
-def cgroup_procs_of(pid: int) -> list[int] | None:
-    """Every process in the cgroup `pid` lives in (the pids, memory or unified hierarchy); None when
-    that is not known: `pid` gone, or in the root cgroup, which is where the kernel moves an exited
+def cgroup_procs_file(pid: int) -> Path | None:
+    """The cgroup.procs file of the cgroup `pid` lives in (the pids, memory or unified hierarchy); None
+    when that is not known: `pid` gone, or in the root cgroup, which is where the kernel moves an exited
     process while it is a zombie (its "cgroup" would be every process of the host)."""
     paths = proc_cgroups(pid)
     for controller in ("", "pids", "memory", "freezer"):
@@ -75,13 +75,41 @@ def cgroup_procs_of(pid: int) -> list[int] | None:
             relative = _clean_relative(paths[controller])
             if not relative:
                 return None
-            base = CGROUP_ROOT / controller if controller else CGROUP_ROOT
-            try:
-                text = (base / relative / "cgroup.procs").read_text()
-            except OSError:
-                continue
-            return [int(line) for line in text.split()]
+            procs = (CGROUP_ROOT / controller if controller else CGROUP_ROOT) / relative / "cgroup.procs"
+            if procs.is_file():
+                return procs
     return None
+
+
+def read_procs(procs_file: Path) -> list[int] | None:
+    """The processes a cgroup.procs file lists; None if it cannot be read (the cgroup is gone)."""
+    try:
+        return [int(line) for line in procs_file.read_text().split()]
+    except OSError:
+        return None
+
+
+def cgroup_procs_of(pid: int) -> list[int] | None:
+    """Every process in the cgroup `pid` lives in; None when that is not known (see cgroup_procs_file)."""
+    procs_file = cgroup_procs_file(pid)
+    return None if procs_file is None else read_procs(procs_file)
+
+
+# Passes of kill_members over a cgroup's list: a process that forked as it was killed may have a child
+# the pass's read did not list yet (the kernel adds a new child to the cgroup at the end of fork), which
+# the next pass finds. runc freezes the cgroup instead; a kill on a process's exit cannot wait for that.
+KILL_PASSES = 3
+
+
+def kill_members(procs_file: Path) -> None:
+    """SIGKILL every process in the cgroup of `procs_file`, without waiting for them to end."""
+    for _ in range(KILL_PASSES):
+        pids = read_procs(procs_file)
+        if not pids:
+            return
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
 
 SLICE = ".slice"

@@ -66,6 +66,10 @@ class RuncContainer(TaskContainer):
     namespace: str
     init: RuncProcess
     oom: OomWatch | None = None
+    # Set by a backend's Create from the spec (`shares_pid_namespace`): its init's exit ends the rest.
+    shares_pids: bool = False
+    # The cgroup.procs of a container that shares a PID namespace, learnt while its init is alive.
+    procs_file: Path | None = None
 
     @property
     def log(self) -> Path:
@@ -117,11 +121,29 @@ class RuncContainerTasks(TerminalTasks):
             if future.cancelled():
                 return
             exited = future.result()
+            if proc is container.init:
+                self._end_the_rest(container)
             proc.set_exited(exited)
             log.info("container %s exec %r pid %d exited %d", container.id, proc.id, proc.pid, exited.status)
             self._publish_exit(container, proc)
 
         self.reaper.watch(proc.pid, since_ns).add_done_callback(on_exit)
+
+    def _end_the_rest(self, container: Any) -> bool:
+        """SIGKILL what a container's init left in its shared PID namespace (its execs included), as
+        containerd's shim does before it reports the init's exit; False if there is nothing we can end
+        (a container with a PID namespace of its own has nothing left: the kernel ended it)."""
+        if container.procs_file is None:
+            return False
+        log.info("container %s: ending the processes its init left", container.id)
+        cgroups.kill_members(container.procs_file)
+        return True
+
+    def _ends_the_rest_of_stopped(self, container: Any, req: task.KillRequest) -> bool:
+        """A Kill of every process of a container whose init is gone (containerd's Delete sends one):
+        what is left in a shared PID namespace is ended, as the shim's `runc kill --all` would."""
+        stopped = container.init.status == types.STOPPED
+        return req.all and not req.exec_id and stopped and self._end_the_rest(container)
 
     async def _start_process(self, container: Any, proc: RuncProcess, is_exec: bool) -> None:
         """`runc create` for init, `runc exec --detach` for an exec; learn the pid, watch its exit."""
@@ -153,6 +175,8 @@ class RuncContainerTasks(TerminalTasks):
             raise
         self._release_io(io)
         proc.pid = int(pid_file.read_text().strip())
+        if not is_exec and container.shares_pids:
+            container.procs_file = _container_procs_file(container.id, proc.pid)
         self._watch(container, proc, started_ns)
         if not is_exec:
             # After the Create reply is written and before containerd's Start can arrive: off the start's
@@ -394,6 +418,17 @@ def _create_of(argv: list[bytes]) -> tuple[str, Path] | None:
     except KuasarError:
         return None
     return (container_id, bundle) if bundle.is_absolute() else None
+
+
+def _container_procs_file(container_id: str, pid: int) -> Path | None:
+    """The cgroup.procs of container `container_id`'s cgroup, where its init `pid` is; None if that
+    cgroup is not the container's own (named after it, as CRI's and our paths are): ending the rest of
+    a shared one would end other containers."""
+    procs_file = cgroups.cgroup_procs_file(pid)
+    if procs_file is None or container_id not in procs_file.parent.name:
+        log.warning("container %s: its cgroup is not its own; its init's exit ends only the init", container_id)
+        return None
+    return procs_file
 
 
 def _pid_file(container: Any, exec_id: str) -> Path:

@@ -92,6 +92,16 @@ def read_bundle_spec(bundle: Path) -> dict[str, Any]:
     return spec
 
 
+def shares_pid_namespace(spec: dict[str, Any]) -> bool:
+    """Whether a container's processes live in a PID namespace not its own (its pod's, or the host's),
+    as containerd's shim decides it (runc.ShouldKillAllOnExit): only a namespace of its own ends them
+    all when its init exits; in a shared one they would live on, holding the container's output open
+    (so containerd never sees it end) until we end them."""
+    linux = spec.get("linux") if isinstance(spec.get("linux"), dict) else {}
+    namespaces = linux.get("namespaces") or []
+    return not any(isinstance(ns, dict) and ns.get("type") == "pid" and not ns.get("path") for ns in namespaces)
+
+
 def host_bundle(bundle: str) -> Path:
     """A bundle on this host: an absolute directory holding a config.json."""
     path = Path(bundle)

@@ -52,6 +52,7 @@ from kuasar.common.task_table import (
     host_bundle,
     parse_exec_spec,
     read_bundle_spec,
+    shares_pid_namespace,
     signal_quietly,
     state_response,
     timestamp,
@@ -104,6 +105,8 @@ class Container(TaskContainer):
     namespace: str
     init: Process
     waiter: asyncio.Task[None] | None = None
+    # From the spec (`shares_pid_namespace`): its init's exit ends what it left, as under runc.
+    shares_pids: bool = False
 
 
 def _read_pid(pid_file: Path) -> int:
@@ -244,7 +247,8 @@ class GvisorTasks(TerminalTasks):
             if annotations.get(gvisor_pod.CONTAINER_TYPE, "container") != "container":
                 raise InvalidArgument(f"container {req.id}: only containers can join a pod's sandbox")
             io = ProcessIO(req.stdin, req.stdout, req.stderr, req.terminal)
-            container = Container(req.id, bundle, pod, ctx.namespace or "k8s.io", Process("", io))
+            container = Container(req.id, bundle, pod, ctx.namespace or "k8s.io", Process("", io),
+                                  shares_pids=shares_pid_namespace(spec))
             if req.rootfs:
                 mounts.mount_rootfs(req.rootfs, bundle / "rootfs")
                 container.rootfs_mounted = True
@@ -316,7 +320,19 @@ class GvisorTasks(TerminalTasks):
         except Exception as exc:  # the sandbox died under it: the status is gone with it
             status = KILLED_EXIT_STATUS if container.pod.stopping else LOST_EXIT_STATUS
             log.warning("container %s: runsc wait failed (%s); reporting exit %d", container.id, exc, status)
+        else:
+            if container.shares_pids:
+                await self._end_the_rest(container)
         self._exited(container, container.init, status)
+
+    async def _end_the_rest(self, container: Container) -> None:
+        """SIGKILL what the init of a container in a shared PID namespace left (its execs too), before
+        its exit is reported, as containerd's shims do: in the sandbox they would live on, holding the
+        container's output open, so containerd would never see the container end."""
+        try:
+            await self.runsc.kill(container.id, signal.SIGKILL, container.pod.network, all_processes=True)
+        except KuasarError as exc:
+            log.warning("container %s: ending what its init left: %s", container.id, exc.message)
 
     def _exited(self, container: Container, proc: Process, status: int, at_ns: int = 0) -> None:
         if proc.status == types.STOPPED:

@@ -25,6 +25,7 @@ from kuasar.common.task_table import (
     host_bundle,
     pod_id_of,
     read_bundle_spec,
+    shares_pid_namespace,
     signal_quietly,
     wait_exited,
 )
@@ -88,7 +89,7 @@ class RuncTasks(RuncContainerTasks):
             pod_id = pod_id_of(spec.get("annotations") or {})
             io = ProcessIO(req.stdin, req.stdout, req.stderr, req.terminal)
             container = Container(req.id, bundle, bundle, ctx.namespace or bundle_namespace(bundle),
-                                  RuncProcess("", io), pod_id=pod_id)
+                                  RuncProcess("", io), shares_pids=shares_pid_namespace(spec), pod_id=pod_id)
             if req.rootfs:
                 mounts.mount_rootfs(req.rootfs, bundle / "rootfs", user_namespace_path(spec))
                 container.rootfs_mounted = True
@@ -108,6 +109,8 @@ class RuncTasks(RuncContainerTasks):
         container = self._get(req.id)
         proc = container.process(req.exec_id)
         if proc.status == types.STOPPED:
+            if self._ends_the_rest_of_stopped(container, req):
+                return empty_pb2.Empty()
             raise NotFound(f"process {req.exec_id or req.id} already finished")
         if req.exec_id:
             if not proc.pid:  # not started (or starting): as containerd's shim, nothing to signal yet

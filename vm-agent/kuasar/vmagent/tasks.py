@@ -25,7 +25,7 @@ from kuasar.common.reaper import Reaper
 from kuasar.common.runc_cli import Runc
 from kuasar.common.runc_tasks import RuncContainer, RuncContainerTasks, RuncProcess
 from kuasar.common.streaming_io import StreamHub
-from kuasar.common.task_table import signal_quietly
+from kuasar.common.task_table import read_bundle_spec, shares_pid_namespace, signal_quietly
 from kuasar.common.ttrpc import Context
 
 from .events import EventQueue
@@ -136,9 +136,10 @@ class GuestTasks(RuncContainerTasks):
                 raise AlreadyExists(f"container {req.id} already exists")
             bundle = self.resolve_bundle(req.id, req.bundle)
             self._check_rootfs_paths(req.rootfs)
+            shares_pids = shares_pid_namespace(read_bundle_spec(bundle))
             io = ProcessIO(self.hub, req.stdin, req.stdout, req.stderr, req.terminal)
             container = Container(req.id, bundle, self.state_dir / req.id, ctx.namespace or "k8s.io",
-                                  RuncProcess("", io))
+                                  RuncProcess("", io), shares_pids=shares_pids)
             container.files.mkdir(parents=True, exist_ok=True, mode=0o700)
             try:
                 if req.rootfs:
@@ -161,6 +162,8 @@ class GuestTasks(RuncContainerTasks):
         container = self._get(req.id)
         proc = container.process(req.exec_id)
         if proc.status == types.STOPPED:
+            if self._ends_the_rest_of_stopped(container, req):
+                return empty_pb2.Empty()
             raise NotFound(f"process {req.exec_id or req.id} already finished")
         if req.exec_id:
             if not proc.pid:  # not started (or starting): as containerd's shim, nothing to signal yet
