@@ -3,6 +3,7 @@ proc_stat, which tells the pod process it recorded from a later one given the sa
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import time
 from pathlib import Path
@@ -38,12 +39,12 @@ def test_the_sweep_ends_recorded_pods_and_nothing_else(tmp_path: Path) -> None:
         PodLeftovers(stranger.pid, start_time(stranger.pid) + 1).write(tmp_path / PODS_DIR / "b")
         (tmp_path / PODS_DIR / "c").mkdir()
         (tmp_path / PODS_DIR / "c" / pod_leftovers.RECORD_FILE).write_text('{"pid": 1')  # torn by a crash
-        assert sweep(tmp_path) == 2
+        assert asyncio.run(sweep(tmp_path)) == 2
         assert recorded.wait(timeout=5) == -9
         assert stranger.poll() is None
         assert not (tmp_path / "cg" / "parent").exists()
         assert sorted(p.parent.name for p in (tmp_path / PODS_DIR).glob(f"*/{pod_leftovers.RECORD_FILE}")) == ["c"]
-        assert sweep(tmp_path) == 0  # nothing twice
+        assert asyncio.run(sweep(tmp_path)) == 0  # nothing twice
     finally:
         for child in (recorded, stranger):
             child.kill()
@@ -55,15 +56,19 @@ def test_the_sweep_kills_every_recorded_pod_before_it_waits_for_any(tmp_path: Pa
     # sweep (which runs before its successor answers anything) as slow as the sum of those waits.
     children = [subprocess.Popen(["sleep", "30"]) for _ in range(3)]
     steps: list[tuple[str, int]] = []
-    kill, wait_gone = pod_leftovers.strays.kill, pod_leftovers._wait_gone
+    kill, wait_gone = pod_leftovers.strays.kill, pod_leftovers.strays.wait_gone
+
+    async def recorded_wait(processes: list[tuple[int, int]]) -> None:
+        steps.extend(("wait", pid) for pid, _ in processes)
+        await wait_gone(processes)
+
     monkeypatch.setattr(pod_leftovers.strays, "kill",
                         lambda pid, start: (steps.append(("kill", pid)), kill(pid, start)))
-    monkeypatch.setattr(pod_leftovers, "_wait_gone",
-                        lambda pid, start: (steps.append(("wait", pid)), wait_gone(pid, start)))
+    monkeypatch.setattr(pod_leftovers.strays, "wait_gone", recorded_wait)
     try:
         for index, child in enumerate(children):
             PodLeftovers(child.pid, start_time(child.pid)).write(tmp_path / PODS_DIR / f"pod{index}")
-        assert sweep(tmp_path) == 3
+        assert asyncio.run(sweep(tmp_path)) == 3
         pids = [child.pid for child in children]
         assert steps == [("kill", pid) for pid in pids] + [("wait", pid) for pid in pids]
         assert [child.wait(timeout=5) for child in children] == [-9, -9, -9]
@@ -85,7 +90,7 @@ def test_the_sweep_ends_pod_processes_whose_record_was_never_written(tmp_path: P
             deadline = time.monotonic() + 5
             while b"--owner" not in Path(f"/proc/{child.pid}/cmdline").read_bytes() and time.monotonic() < deadline:
                 time.sleep(0.01)
-        assert sweep(tmp_path) == 0  # no record
+        assert asyncio.run(sweep(tmp_path)) == 0  # no record
         assert ours.wait(timeout=5) == -9
         assert theirs.poll() is None
     finally:

@@ -20,7 +20,6 @@ import itertools
 import json
 import logging
 import os
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -32,9 +31,6 @@ log = logging.getLogger(__name__)
 RECORD_FILE = "pod.json"
 # The flag before a pod process's directory in its command line (kuasar-pause --owner PATH).
 OWNER_FLAG = b"--owner"
-# A killed pod process is gone in milliseconds; only then may its cgroups be removed.
-EXIT_WAIT_S = 5.0
-EXIT_POLL_S = 0.01
 
 
 @dataclass
@@ -59,7 +55,7 @@ def forget(directory: Path) -> None:
         (directory / RECORD_FILE).unlink()
 
 
-def sweep(sandboxer_dir: Path) -> int:
+async def sweep(sandboxer_dir: Path) -> int:
     """End every pod a dead task server left (see the module's docstring); how many there were."""
     found: list[tuple[Path, PodLeftovers]] = []
     for record_path in sorted((sandboxer_dir / PODS_DIR).glob(f"*/{RECORD_FILE}")):
@@ -79,10 +75,8 @@ def sweep(sandboxer_dir: Path) -> int:
     for pid, start in unrecorded:
         log.warning("pod process %d: its record was never written; ending it", pid)
         strays.kill(pid, start)
-    for pid, start in unrecorded:
-        _wait_gone(pid, start)
+    await strays.wait_gone(unrecorded + [(leftovers.pid, leftovers.start) for _, leftovers in found])
     for record_path, leftovers in found:
-        _wait_gone(leftovers.pid, leftovers.start)
         if leftovers.shm:
             mounts.unmount_all(Path(leftovers.shm))
         for directory in reversed(leftovers.cgroups):  # its containers' cgroups, below the pod's
@@ -109,9 +103,3 @@ def _remove_empty_below(directory: Path) -> None:
         if below != str(directory):
             with contextlib.suppress(OSError):
                 os.rmdir(below)
-
-
-def _wait_gone(pid: int, start: int) -> None:
-    deadline = time.monotonic() + EXIT_WAIT_S
-    while not strays.gone(pid, start) and time.monotonic() < deadline:
-        time.sleep(EXIT_POLL_S)

@@ -138,7 +138,7 @@ async def run_task_server(directory: Path, events_address: str, ready_fd: int,
     sweep_containers = getattr(backend, "sweep_leftovers", None)
     if sweep_containers is not None:
         await sweep_containers()
-    if pod_leftovers.sweep(directory):
+    if await pod_leftovers.sweep(directory):
         log.warning("ended the pods of a task server that died (see above)")
     # A backend that makes its own pod processes (gVisor's sandbox) says so by being a PodLauncher.
     pods = PodService(reaper, backend, backend if isinstance(backend, PodLauncher) else None, directory,
