@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import subprocess
 import uuid
@@ -111,6 +112,14 @@ def test_containers_of_a_pod_share_its_dev_shm_and_a_host_ipc_pod_uses_the_hosts
             stray.mkdir()
             subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "stray", str(stray)], check=True)
 
+            # A stopped pod's /dev/shm is unmounted (its memory freed) at once, as containerd's own
+            # sandbox Stop does; its other files stay until the pod is removed.
+            await client.stop_pod_sandbox(pod_id)
+            for _ in range(100):
+                if not os.path.ismount(shm):
+                    break
+                await asyncio.sleep(0.05)
+            assert not os.path.ismount(shm) and (shm.parent / "hostname").exists()
             await remove_pod(client, pod_id)
             await remove_pod(client, host_id)
             assert not os.path.ismount(shm) and not shm.parent.exists()
@@ -271,9 +280,16 @@ def test_pod_stop_kills_containers_and_remove_leaves_nothing(stack: Stack) -> No
             # need not be the root (runc puts a relative path under its own).
             assert Path("/sys/fs/cgroup/memory", cgroup_parent, cid).is_dir()
             await wait_pod_process_in(pod_process_cgroup(Path("/sys/fs/cgroup/memory", cgroup_parent), pod_id))
+            # `crictl inspectp` reads containerd's SandboxInfo JSON under "info", as its own sandboxes give it.
+            info = json.loads((await client.pod_sandbox_status(pod_id, verbose=True)).info["info"])
+            assert psutil.Process(info["pid"]).name() == f"pod-{pod_id[:11]}" and info["processStatus"] == "running"
+            assert info["config"]["metadata"]["name"] == "teardown" and info["runtimeHandler"] == HANDLER
             await client.stop_pod_sandbox(pod_id)
             assert (await client.container_status(cid)).status.state == cri.CONTAINER_EXITED
-            assert (await client.pod_sandbox_status(pod_id)).status.state == cri.SANDBOX_NOTREADY
+            stopped = await client.pod_sandbox_status(pod_id, verbose=True)
+            assert stopped.status.state == cri.SANDBOX_NOTREADY
+            assert (json.loads(stopped.info["info"])["pid"], json.loads(stopped.info["info"])["processStatus"]) == (
+                0, "stopped")
             await client.remove_pod_sandbox(pod_id)
             with pytest.raises(grpc.aio.AioRpcError):
                 await client.pod_sandbox_status(pod_id)

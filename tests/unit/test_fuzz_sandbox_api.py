@@ -90,7 +90,7 @@ def create_calls(draw: st.DrawFn, sandbox_id: str) -> Call:
         request.sandbox.extensions["metadata"].value = metadata
         if metadata:
             try:
-                json.loads(metadata)
+                bad = not isinstance(json.loads(metadata), dict)  # containerd's is its Metadata object
             except ValueError:
                 bad = True
     return Call("Create", sandbox_id, request, bad)
@@ -252,6 +252,9 @@ def test_generated_call_sequences_get_only_expected_codes_and_stay_inside_the_st
             if call.method == "Status" and code == S.OK:
                 assert detail.state == ("SANDBOX_READY" if model.state[call.sandbox_id] == "ready"
                                         else "SANDBOX_NOTREADY")
+                assert detail.pid == 0 or model.state[call.sandbox_id] == "ready"
+                if call.request.verbose:
+                    assert json.loads(detail.info["info"])["pid"] == detail.pid
             assert harness.files_outside_state() == []
         # Leave nothing for the next sequence: Shutdown is how containerd forgets a sandbox.
         for sandbox_id in list(model.state):

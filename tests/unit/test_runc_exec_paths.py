@@ -9,6 +9,7 @@ import json
 import os
 import struct
 import termios
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -154,6 +155,17 @@ def _sleeper() -> int:
     return pid
 
 
+def _killed(pid: int, timeout: float = 5.0) -> bool:
+    """Whether child `pid` ends by SIGKILL within `timeout` seconds (a failing test must not hang)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.WIFSIGNALED(status) and os.WTERMSIG(status) == 9
+        time.sleep(0.01)
+    return False
+
+
 def test_kill_all_of_a_container_whose_init_is_gone_ends_what_it_left_in_a_shared_pid_namespace(
         tmp_path: Path) -> None:
     # containerd's Delete sends Kill(all) after the init's exit; the shim's `runc kill --all` ends what is
@@ -172,8 +184,7 @@ def test_kill_all_of_a_container_whose_init_is_gone_ends_what_it_left_in_a_share
             asyncio.run(tasks.kill(task.KillRequest(id="c1", signal=9), CTX))  # type: ignore[arg-type]
         assert os.waitpid(left, os.WNOHANG) == (0, 0)
         asyncio.run(tasks.kill(kill_all, CTX))  # type: ignore[arg-type]
-        _, status = os.waitpid(left, 0)
-        assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == 9
+        assert _killed(left)
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.kill(left, 9)
@@ -206,3 +217,31 @@ def test_only_a_cgroup_named_after_the_container_is_one_to_end_the_rest_of(tmp_p
             os.waitpid(child, 0)
         directory.rmdir()
     assert cgroups.read_procs(directory / "cgroup.procs") is None
+
+
+def test_the_rest_of_a_container_is_ended_in_the_cgroups_it_made_below_its_own_too(tmp_path: Path) -> None:
+    # systemd or docker-in-docker in a container move its processes into cgroups of their own below the
+    # container's; runc's `kill --all` finds them there, and so must we.
+    hierarchy = cgroups.CGROUP_ROOT if cgroups.is_unified() else cgroups.CGROUP_ROOT / "pids"
+    if not hierarchy.is_dir():
+        pytest.skip("no pids hierarchy to make a cgroup in")
+    top = hierarchy / f"kuasar-unit-{os.urandom(4).hex()}-c1"
+    below = top / "init"
+    below.mkdir(parents=True)
+    children = [_sleeper(), _sleeper()]
+    try:
+        (top / "cgroup.procs").write_text(str(children[0]))
+        (below / "cgroup.procs").write_text(str(children[1]))
+        assert sorted(cgroups.procs_below(top / "cgroup.procs") or []) == sorted(children)
+        assert sorted(cgroups.cgroup_procs_of(children[0]) or []) == sorted(children)
+        assert cgroups.cgroup_procs_of(children[1]) == [children[1]]  # from the one below: only its own
+        cgroups.kill_members(top / "cgroup.procs")
+        assert [_killed(child) for child in children] == [True, True]
+    finally:
+        for child in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child, 9)
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(child, 0)
+        below.rmdir()
+        top.rmdir()

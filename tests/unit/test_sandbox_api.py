@@ -4,6 +4,7 @@ sandbox type (the runtime side is covered by the integration tests)."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import stat
 from pathlib import Path
@@ -152,6 +153,37 @@ def test_garbage_pod_config_is_kept_opaque_but_missing_id_is_invalid(tmp_path: P
         await expect_code(stub.Create(bad), grpc.StatusCode.INVALID_ARGUMENT)
         bad.sandbox.extensions["metadata"].value = b"[" * 100_000 + b"]" * 100_000  # deeper than json goes
         await expect_code(stub.Create(bad), grpc.StatusCode.INVALID_ARGUMENT)
+        bad.sandbox.extensions["metadata"].value = b'["ID"]'  # what a verbose Status reads is an object
+        await expect_code(stub.Create(bad), grpc.StatusCode.INVALID_ARGUMENT)
+        assert not (tmp_path / "state").exists() or list((tmp_path / "state").iterdir()) == []
+
+    run(tmp_path, body)
+
+
+def test_a_verbose_status_carries_containerds_sandbox_info_and_no_pid_once_exited(tmp_path: Path) -> None:
+    # `crictl inspectp` shows containerd's own sandboxes' SandboxInfo JSON under "info" (`.info.pid`,
+    # `.info.config`); CRI passes a sandboxer's map on as it is. An exited pod's pid may be reused.
+    fields = {"ID": SID, "Name": "pod_default_uid_0", "RuntimeHandler": "kuasar-runc",
+              "Config": {"metadata": {"name": "pod", "uid": "uid"}, "hostname": "h"}}
+    metadata = {"Version": "v1", "Metadata": fields}  # as containerd versions it
+
+    async def body(stub, sandboxer, controller):
+        request = create_request()
+        request.sandbox.extensions["metadata"].value = json.dumps(metadata).encode()
+        await stub.Create(request)
+        created = json.loads((await stub.Status(pb.ControllerStatusRequest(sandbox_id=SID, verbose=True))).info["info"])
+        assert (created["pid"], created["processStatus"]) == (0, "created")
+        await stub.Start(pb.ControllerStartRequest(sandbox_id=SID))
+        status = await stub.Status(pb.ControllerStatusRequest(sandbox_id=SID, verbose=True))
+        info = json.loads(status.info["info"])
+        assert (status.pid, info["pid"], info["processStatus"]) == (4242, 4242, "running")
+        assert info["config"] == fields["Config"] and info["runtimeHandler"] == "kuasar-runc"
+        assert info["sandboxMetadata"] == metadata and info["netNamespaceClosed"] is False
+        assert "info" not in (await stub.Status(pb.ControllerStatusRequest(sandbox_id=SID))).info
+        await stub.Stop(pb.ControllerStopRequest(sandbox_id=SID))
+        stopped = await stub.Status(pb.ControllerStatusRequest(sandbox_id=SID, verbose=True))
+        info = json.loads(stopped.info["info"])
+        assert (stopped.state, stopped.pid, info["pid"], info["processStatus"]) == ("SANDBOX_NOTREADY", 0, 0, "stopped")
 
     run(tmp_path, body)
 

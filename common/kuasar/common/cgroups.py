@@ -89,10 +89,23 @@ def read_procs(procs_file: Path) -> list[int] | None:
         return None
 
 
+def procs_below(procs_file: Path) -> list[int] | None:
+    """The processes of a cgroup and of every cgroup below it (a container may make its own: systemd,
+    docker-in-docker), as runc's `kill --all` finds them; None if the cgroup is gone."""
+    found = read_procs(procs_file)
+    if found is None:
+        return None
+    for below, _, files in os.walk(procs_file.parent):
+        if below != str(procs_file.parent) and "cgroup.procs" in files:
+            found += read_procs(Path(below) / "cgroup.procs") or []
+    return found
+
+
 def cgroup_procs_of(pid: int) -> list[int] | None:
-    """Every process in the cgroup `pid` lives in; None when that is not known (see cgroup_procs_file)."""
+    """Every process in the cgroup `pid` lives in and below it; None when that is not known (see
+    cgroup_procs_file)."""
     procs_file = cgroup_procs_file(pid)
-    return None if procs_file is None else read_procs(procs_file)
+    return None if procs_file is None else procs_below(procs_file)
 
 
 # Passes of kill_members over a cgroup's list: a process that forked as it was killed may have a child
@@ -102,9 +115,9 @@ KILL_PASSES = 3
 
 
 def kill_members(procs_file: Path) -> None:
-    """SIGKILL every process in the cgroup of `procs_file`, without waiting for them to end."""
+    """SIGKILL every process in the cgroup of `procs_file` and below it, without waiting for them to end."""
     for _ in range(KILL_PASSES):
-        pids = read_procs(procs_file)
+        pids = procs_below(procs_file)
         if not pids:
             return
         for pid in pids:

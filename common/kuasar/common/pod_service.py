@@ -229,12 +229,23 @@ class PodService:
             await self.containers.wait_pod_containers(pod.id, float(req.timeout_secs))
         if req.containers:
             await self.containers.kill_pod_containers(pod.id, sig)
+            # A pod stop, after which containerd's own sandboxes unmount the pod's /dev/shm (the rest of
+            # its files wait for the removal): what was written there is memory, and kubelet may keep a
+            # stopped pod for long.
+            pod.exit.add_done_callback(lambda _: self._release_shm(pod))
         if pod.running:
             try:
                 os.kill(pod.pid, sig)
             except ProcessLookupError:
                 pass
         return empty_pb2.Empty()
+
+    def _release_shm(self, pod: Pod) -> None:
+        if pod.shm is not None and self.pods.get(pod.id) is pod:
+            try:
+                mounts.unmount_all(pod.shm)
+            except OSError as exc:  # Delete tries again
+                log.error("pod %s: unmounting its /dev/shm: %s", pod.id, exc)
 
     async def wait(self, req: pb.PodRequest, ctx: Context) -> pb.PodExit:
         pod = self._get(req.id)

@@ -32,9 +32,32 @@ SERVICE = "containerd.services.sandbox.v1.Controller"
 STOP_GRACE = 1.0
 # containerd stores CRI's own metadata under this extension key (its type_url is a Go type path).
 CRI_METADATA_EXTENSION = "metadata"
+# Where containerd's own sandboxes put their SandboxInfo JSON in a verbose Status; CRI hands the map on
+# as it is, and `crictl inspectp` users read `.info.pid` and `.info.config` there.
+CRI_INFO_KEY = "info"
+# SandboxInfo's processStatus: containerd's task status names.
+PROCESS_STATUS = {SandboxState.CREATED: "created", SandboxState.READY: "running", SandboxState.STOPPED: "stopped"}
 # Architecture names as Go's GOARCH spells them; containerd compares platforms by these.
 _GOARCH = {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm", "ppc64le": "ppc64le",
            "s390x": "s390x", "riscv64": "riscv64"}
+
+
+def cri_sandbox_info(record: SandboxRecord, pid: int) -> str:
+    """The fields of containerd's SandboxInfo a sandboxer knows: the process, and CRI's own metadata
+    of the pod (its config, runtime handler and CNI result as of Create); no runtime spec, as a pod
+    here is no container."""
+    # containerd versions the JSON of its Metadata ({"Version": "v1", "Metadata": {...}}), and so shows it.
+    fields = record.cri_metadata.get("Metadata")
+    fields = fields if isinstance(fields, dict) else {}
+    return json.dumps({
+        "pid": pid,
+        "processStatus": PROCESS_STATUS.get(record.state, "unknown"),
+        "netNamespaceClosed": bool(record.netns_path) and not os.path.exists(record.netns_path),
+        "runtimeHandler": fields.get("RuntimeHandler", ""),
+        "config": fields.get("Config"),
+        "cniResult": fields.get("CNIResult"),
+        "sandboxMetadata": record.cri_metadata,
+    })
 
 
 def _timestamp(ns: int) -> timestamp_pb2.Timestamp:
@@ -115,6 +138,8 @@ class ControllerService:
                 metadata = json.loads(ext.value)
             except (ValueError, RecursionError):  # RecursionError: nested deeper than json can follow
                 raise InvalidArgument("sandbox.extensions[metadata] is not JSON") from None
+            if not isinstance(metadata, dict):
+                raise InvalidArgument("sandbox.extensions[metadata] is not a JSON object")
         record = new_record(request.sandbox_id, request.sandboxer, request.netns_path,
                             request.options.value, metadata, dict(request.sandbox.labels),
                             dict(request.annotations))
@@ -146,12 +171,16 @@ class ControllerService:
 
     def _status(self, record: SandboxRecord, verbose: bool) -> pb.ControllerStatusResponse:
         ready = record.state == SandboxState.READY
+        # No pid once it exited, as containerd's own sandboxes: CRI builds a container's namespace paths
+        # from this pid, which may be another process's by then.
+        pid = 0 if record.state == SandboxState.STOPPED else record.pid
         info = self.controller.sandboxer.status_info(record, verbose)
         if verbose:
             info.setdefault("state", record.state)
             info.setdefault("netns_path", record.netns_path)
+            info.setdefault(CRI_INFO_KEY, cri_sandbox_info(record, pid))
         response = pb.ControllerStatusResponse(
-            sandbox_id=record.id, pid=record.pid,
+            sandbox_id=record.id, pid=pid,
             state="SANDBOX_READY" if ready else "SANDBOX_NOTREADY", info=info,
             created_at=_timestamp(record.created_at_ns), address=record.address, version=record.version)
         if record.state == SandboxState.STOPPED:
