@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ from kuasar.common.config import DaemonConfig
 from kuasar.common.controller import new_record
 from kuasar.common.errors import AlreadyExists, InvalidArgument, RuntimeFailure, Unimplemented
 from kuasar.common.pod_sandboxer import PodSandboxer, wants_user_namespace
-from kuasar.common.sandboxer import SandboxRecord
+from kuasar.common.sandboxer import LOST_EXIT_STATUS, SandboxRecord, SandboxState
 from kuasar.common.task_server import TaskServerLaunch, TaskServerSettings
 
 
@@ -258,3 +259,22 @@ def test_a_pod_that_cannot_be_removed_at_start_up_keeps_neither_us_nor_the_other
         assert [p.name for p in (tmp_path / "pods").iterdir()] == ["a" * 64]  # kept with its pod
 
     asyncio.run(main())
+
+
+def test_a_ready_pod_its_task_server_no_longer_has_is_found_exited_now(tmp_path: Path) -> None:
+    # Its exit time is when it was found gone, not 0: CRI stores it, and Wait would say 1970.
+    sandboxer, fake = make(tmp_path)
+    gone, alive = record("a" * 64), record("b" * 64)
+    for rec in (gone, alive):
+        rec.state, rec.pid = SandboxState.READY, 42
+
+    async def scenario() -> None:
+        fake.replies["List"] = asyncio.get_running_loop().create_future()
+        fake.replies["List"].set_result(pods.PodList(pods=[pods.PodStatus(id=alive.id, pid=42, running=True)]))
+        before = time.time_ns()
+        await sandboxer.recover([gone, alive])
+        assert (gone.state, gone.exit_status) == (SandboxState.STOPPED, LOST_EXIT_STATUS)
+        assert before <= gone.exited_at_ns <= time.time_ns()
+        assert (alive.state, alive.exited_at_ns, alive.address) == (SandboxState.READY, 0, fake.address)
+
+    asyncio.run(scenario())
