@@ -147,6 +147,12 @@ async def exercise_tasks(client: TtrpcClient, bundle: Path, rootfs: Path, pod_pi
     waiter = asyncio.ensure_future(call(client, "Wait", task.WaitRequest(id=CID), task.WaitResponse))
     await call(client, "Kill", task.KillRequest(id=CID, signal=9, all=True))
     assert (await waiter).exit_status == 137
+    # Exited, not deleted: no statistics, quietly (containerd's metrics collection logs any error but
+    # NotFound on every CRI stats poll), and the dead init for Pids (an empty list reads as a leaked task).
+    with pytest.raises(NotFound, match="exited"):
+        await call(client, "Stats", task.StatsRequest(id=CID), task.StatsResponse)
+    assert [p.pid for p in (await call(client, "Pids", task.PidsRequest(id=CID), task.PidsResponse)).processes] == [
+        created.pid]
     deleted = await call(client, "Delete", task.DeleteRequest(id=CID), task.DeleteResponse)
     assert deleted.exit_status == 137 and deleted.pid == created.pid
     assert not mounted(bundle / "rootfs")

@@ -22,6 +22,7 @@ from kuasar.common.api.containerd.types.task import task_pb2 as types
 from kuasar.common.errors import FailedPrecondition, NotFound, RuntimeFailure
 from kuasar.common.fifo_stdio import ProcessIO
 from kuasar.common.reaper import Reaper
+from kuasar.common.runc_cli import Runc
 from kuasar.common.runc_tasks import RuncContainer, RuncProcess, _container_procs_file
 from kuasar.common.task_table import NEVER_RAN_EXIT_STATUS
 from kuasar.runc.tasks import RuncTasks
@@ -245,3 +246,23 @@ def test_the_rest_of_a_container_is_ended_in_the_cgroups_it_made_below_its_own_t
                 os.waitpid(child, 0)
         below.rmdir()
         top.rmdir()
+
+
+@pytest.mark.parametrize(("said", "code"), [
+    ("container not running", NotFound), ("kill: No such process", NotFound),
+    ("os: process already finished", NotFound), ("container c1 does not exist", NotFound),
+    ("permission denied", RuntimeFailure)])
+def test_a_kill_whose_process_ended_meanwhile_is_not_found_as_containerds_shim_reads_runc(
+        tmp_path: Path, said: str, code: type) -> None:
+    # CRI's StopContainer takes NotFound for "stopped"; any other error is a failed stop kubelet retries.
+    fake = tmp_path / "runc"
+    fake.write_text(f"#!/bin/sh\necho '{said}' >&2\nexit 1\n")
+    fake.chmod(0o755)
+
+    async def main() -> None:
+        reaper = Reaper()
+        reaper.install()
+        with pytest.raises(code, match=said):
+            await Runc(reaper, tmp_path / "root", str(fake)).kill("c1", 9, all_processes=True)
+
+    asyncio.run(main())

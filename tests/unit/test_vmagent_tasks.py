@@ -11,8 +11,10 @@ import pytest
 
 from kuasar.common.api.containerd.runtime.task.v2 import shim_pb2 as task
 from kuasar.common.api.containerd.types import mount_pb2
+from kuasar.common.api.containerd.types.task import task_pb2 as types
 from kuasar.common.errors import InvalidArgument, KuasarError
 from kuasar.common.reaper import Reaper
+from kuasar.common.runc_tasks import RuncContainer, RuncProcess
 from kuasar.common.streaming_io import StreamHub
 from kuasar.common.ttrpc import Context
 from kuasar.vmagent.events import EventQueue
@@ -103,3 +105,14 @@ def test_a_console_socket_path_does_not_grow_with_the_container_id(tmp_path: Pat
     tasks = guest_tasks(tmp_path)
     paths = [tasks._console_socket(SimpleNamespace(id=cid, files=tasks.state_dir / cid)) for cid in ("c", "c" * 76)]
     assert len(paths[0].name) == len(paths[1].name) and paths[0].parent == paths[1].parent == tasks.state_dir
+
+
+def test_pids_of_a_stopped_container_name_its_dead_init(tmp_path: Path) -> None:
+    # An empty list made containerd, reloading its tasks after a restart, delete the task as a leaked
+    # shim (shim_load.go): an exit that happened while it was down became 255/Unknown.
+    tasks = guest_tasks(tmp_path)
+    io = SimpleNamespace(stdin="", stdout="", stderr="", terminal=False)
+    init = RuncProcess("", io, pid=4321, status=types.STOPPED)
+    tasks.containers["c1"] = RuncContainer("c1", tmp_path, files=tmp_path, namespace="k8s.io", init=init)
+    pids = run(tasks.pids(task.PidsRequest(id="c1"), create_context()))
+    assert [p.pid for p in pids.processes] == [4321]

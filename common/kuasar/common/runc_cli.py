@@ -30,6 +30,8 @@ ERROR_LEVELS = ("error", "fatal")
 EXEC_FIFO = "exec.fifo"
 # How every command names our root: how a task server finds the commands a dead one left running.
 RUNC_ROOT_FLAG = "--root"
+# What runc says when the process to signal has ended (lower case), as containerd's shim reads it.
+KILL_TARGET_GONE = ("container not running", "no such process", "process already finished")
 # Newer runc runs poststart hooks in `runc start` itself; a spec naming one is started by the command.
 POSTSTART_HOOKS = b'"poststart"'
 
@@ -131,7 +133,14 @@ class Runc:
         await self._run([*args, container_id], log_path=log_path, stdio=stdio, capture=False)
 
     async def kill(self, container_id: str, signal: int, all_processes: bool = False) -> None:
-        await self._run(["kill"] + (["--all"] if all_processes else []) + [container_id, str(signal)])
+        try:
+            await self._run(["kill"] + (["--all"] if all_processes else []) + [container_id, str(signal)])
+        except RuntimeFailure as exc:
+            # As containerd's shim reads runc's answer (checkKillError): a process that ended meanwhile
+            # is NotFound, which CRI's StopContainer takes for "stopped" rather than a failure.
+            if any(gone in exc.message.lower() for gone in KILL_TARGET_GONE):
+                raise NotFound(exc.message) from None
+            raise
 
     async def delete(self, container_id: str) -> None:
         try:

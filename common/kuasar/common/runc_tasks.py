@@ -39,6 +39,7 @@ from .runc_cli import RUNC_ROOT_FLAG, Runc, Stdio
 from .spawn import resolve
 from .task_table import (
     NEVER_RAN_EXIT_STATUS,
+    STATS_OF_STOPPED,
     TaskContainer,
     TaskProcess,
     TerminalTasks,
@@ -362,10 +363,20 @@ class RuncContainerTasks(TerminalTasks):
         return state_response(req, container.bundle, proc, proc.io.stdin, proc.io.stdout, proc.io.stderr,
                               proc.io.terminal)
 
+    async def pids(self, req: task.PidsRequest, ctx: Context) -> task.PidsResponse:
+        container = self._get(req.id)
+        if container.init.status == types.STOPPED:
+            # The dead init, not an empty list: containerd reloading its tasks after a restart deletes a
+            # task without pids as a "leaked shim" (shim_load.go), which would turn an exit that happened
+            # while it was down into 255/Unknown. A deleted container answers NotFound instead.
+            return task.PidsResponse(processes=[types.ProcessInfo(pid=container.init.pid)])
+        pids = await self.runc.ps(req.id)
+        return task.PidsResponse(processes=[types.ProcessInfo(pid=pid) for pid in pids])
+
     async def stats(self, req: task.StatsRequest, ctx: Context) -> task.StatsResponse:
         container = self._get(req.id)
         if container.init.status == types.STOPPED:
-            raise FailedPrecondition(f"container {req.id} is stopped")
+            raise NotFound(STATS_OF_STOPPED.format(req.id))
         return task.StatsResponse(stats=cgroups.metrics_for_pid(container.init.pid))
 
     # -- control -------------------------------------------------------------------------------------

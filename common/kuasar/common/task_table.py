@@ -76,6 +76,11 @@ _SPEC_SECTIONS: dict[str, type] = {"annotations": dict, "linux": dict, "process"
                                    "mounts": list}
 
 
+# Stats of a container whose init has exited: NotFound, which containerd's metrics collection (CRI's
+# stats polling) passes over quietly; any other error it logs on every poll until the task is deleted.
+STATS_OF_STOPPED = "container {} has exited: no statistics"
+
+
 def read_bundle_spec(bundle: Path) -> dict[str, Any]:
     """The bundle's config.json: a JSON object whose sections we use have their OCI types (anything
     else is INVALID_ARGUMENT here, not a Python error from deep inside a Create)."""

@@ -46,6 +46,7 @@ from kuasar.common.ids import validate_id
 from kuasar.common.pod_files import pod_dir, rewrite_container_spec
 from kuasar.common.reaper import Exit, Reaper
 from kuasar.common.task_table import (
+    STATS_OF_STOPPED,
     TaskContainer,
     TaskProcess,
     TerminalTasks,
@@ -501,7 +502,7 @@ class GvisorTasks(TerminalTasks):
     async def stats(self, req: task.StatsRequest, ctx: Context) -> task.StatsResponse:
         container = self._get(req.id)
         if container.init.status == types.STOPPED:
-            raise FailedPrecondition(f"container {req.id} is stopped")
+            raise NotFound(STATS_OF_STOPPED.format(req.id))
         data = await self.runsc.stats(req.id, container.pod.network)
         return task.StatsResponse(stats=gvisor_stats.to_metrics(data))
 

@@ -139,17 +139,6 @@ class RuncTasks(RuncContainerTasks):
         _signal(pids or [container.init.pid], sig)
         return True
 
-    # -- inspection --------------------------------------------------------------------------------
-    async def pids(self, req: task.PidsRequest, ctx: Context) -> task.PidsResponse:
-        container = self._get(req.id)
-        if container.init.status == types.STOPPED:
-            # The dead init, not an empty list: containerd reloading its tasks after a restart deletes a
-            # task without pids as a "leaked shim" (shim_load.go), which would turn an exit that happened
-            # while it was down into 255/Unknown. A deleted container answers NotFound instead.
-            return task.PidsResponse(processes=[types.ProcessInfo(pid=container.init.pid)])
-        pids = await self.runc.ps(req.id)
-        return task.PidsResponse(processes=[types.ProcessInfo(pid=pid) for pid in pids])
-
     # -- pod hooks (kuasar.common.pod_service.PodContainers) -----------------------------------------
     def pod_container_ids(self, pod_id: str) -> list[str]:
         return [c.id for c in self.containers.values() if c.pod_id == pod_id]

@@ -174,13 +174,6 @@ class GuestTasks(RuncContainerTasks):
         return empty_pb2.Empty()
 
     # -- inspection --------------------------------------------------------------------------------
-    async def pids(self, req: task.PidsRequest, ctx: Context) -> task.PidsResponse:
-        container = self._get(req.id)
-        if container.init.status == types.STOPPED:
-            return task.PidsResponse()
-        pids = await self.runc.ps(req.id)
-        return task.PidsResponse(processes=[types.ProcessInfo(pid=pid) for pid in pids])
-
     # -- whole guest ---------------------------------------------------------------------------------
     async def stop_all(self, grace: float) -> None:
         """SIGTERM every running container, SIGKILL after `grace` seconds, then delete them all."""

@@ -39,6 +39,7 @@ from kuasar.common.oom import OomWatch
 from kuasar.common.reaper import Exit, Reaper
 from kuasar.common.task_table import (
     NEVER_RAN_EXIT_STATUS,
+    STATS_OF_STOPPED,
     TaskContainer,
     TaskProcess,
     TerminalTasks,
@@ -421,7 +422,7 @@ class WasmTasks(TerminalTasks):
         if container.cgroup is not None:
             return task.StatsResponse(stats=cgroups.metrics_for_path(container.cgroup.path))
         if not container.init.alive:
-            raise FailedPrecondition(f"container {req.id} is stopped")
+            raise NotFound(STATS_OF_STOPPED.format(req.id))
         return task.StatsResponse(stats=cgroups.metrics_for_pid(container.init.pid))
 
     # -- control -----------------------------------------------------------------------------------
