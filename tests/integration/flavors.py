@@ -175,8 +175,8 @@ async def run_pod(client: CriClient, flavor: Flavor, name: str, log_root: Path,
 
 
 async def start_container(client: CriClient, flavor: Flavor, pod_id: str, pod: cri.PodSandboxConfig, name: str,
-                          command: list[str]) -> str:
-    config = container_config(name, flavor.image, command, log_path=f"{name}.log")
+                          command: list[str], stdin: bool = False) -> str:
+    config = container_config(name, flavor.image, command, log_path=f"{name}.log", stdin=stdin)
     cid = (await client.create_container(pod_id, config, pod)).container_id
     await client.start_container(cid)
     return cid

@@ -34,6 +34,7 @@ pytestmark = pytest.mark.integration
 # How long containerd stays down: long enough for a short container to exit meanwhile.
 DOWNTIME = 3.0
 CHATTY = ["sh", "-c", "while :; do echo tick; sleep 0.05; done"]
+READER = ["sh", "-c", "cat > /dev/null; exit 9"]
 NETWORKS = {"runc": ("kuasar-rl0", "10.252.0.0/16"), "wasm": ("kuasar-rl1", "10.248.0.0/16"),
             "gvisor": ("kuasar-rl2", "10.247.0.0/16")}
 
@@ -72,6 +73,9 @@ def test_containerd_restart_keeps_pods_and_containers_manageable(stack: Stack, f
             if flavor.name != "wasm":  # one that writes all the time: nobody reads while containerd is down
                 made["chatty"] = await start_container(client, flavor, pod_id, pod, "chatty", CHATTY)
                 await wait_state(client, made["chatty"], cri.CONTAINER_RUNNING)
+                # One reading its stdin (`stdin: true`): nobody writes while containerd is down.
+                made["reader"] = await start_container(client, flavor, pod_id, pod, "reader", READER, stdin=True)
+                await wait_state(client, made["reader"], cri.CONTAINER_RUNNING)
             return made
 
     ids = stack.run(before())
@@ -96,6 +100,12 @@ def test_containerd_restart_keeps_pods_and_containers_manageable(stack: Stack, f
                 assert chatty.state == cri.CONTAINER_RUNNING, (cri.ContainerState.Name(chatty.state), chatty.exit_code)
                 await client.stop_container(ids["chatty"], timeout=0)
                 await client.remove_container(ids["chatty"])
+                # containerd's end of its stdin went with containerd; ours, as its shim's, kept the
+                # container from reading end of input (a shell would have exited).
+                reader = (await client.container_status(ids["reader"])).status
+                assert reader.state == cri.CONTAINER_RUNNING, (cri.ContainerState.Name(reader.state), reader.exit_code)
+                await client.stop_container(ids["reader"], timeout=0)
+                await client.remove_container(ids["reader"])
             short = await wait_state(client, ids["short"], cri.CONTAINER_EXITED)
             short_codes.append(short.exit_code)
             result = await exec_sync(client, flavor, ids["long"], races)

@@ -103,3 +103,43 @@ def test_a_terminal_whose_stdin_cannot_be_opened_leaves_no_fd_on_its_stdout(tmp_
         assert _fds_on(stdout) == [containerd]
     finally:
         os.close(containerd)
+
+
+def test_stdin_ends_only_at_close_io_not_when_containerd_goes(tmp_path: Path) -> None:
+    # containerd's write end goes with containerd (a restart, a crash): when it was the only one, the
+    # process read end of input there, and a shell reading it exited. As under containerd's shim,
+    # CloseIO (or the process's deletion) is what ends it.
+    fifo = tmp_path / "stdin"
+    os.mkfifo(fifo)
+    containerd = os.open(fifo, os.O_RDWR | os.O_NONBLOCK)  # CRI opens its end before Create
+    io = ProcessIO(stdin=str(fifo))
+    stdio = io.runc_stdio()
+    process_end = os.dup(stdio.stdin)
+    io.release_fds()  # runc has it now
+    os.set_blocking(process_end, False)
+    try:
+        os.write(containerd, b"typed")
+        os.close(containerd)  # containerd is gone
+        assert os.read(process_end, 16) == b"typed"
+        with pytest.raises(BlockingIOError):  # no end of input: a write end is still held
+            os.read(process_end, 16)
+        again = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)  # a containerd back up finds a reader
+        os.write(again, b"more")
+        os.close(again)
+        assert os.read(process_end, 16) == b"more"
+        io.close_stdin()
+        assert os.read(process_end, 16) == b""
+        io.close()  # and nothing twice
+    finally:
+        os.close(process_end)
+
+
+def test_a_deleted_process_leaves_no_write_end_of_its_stdin(tmp_path: Path) -> None:
+    fifo = tmp_path / "stdin"
+    os.mkfifo(fifo)
+    io = ProcessIO(stdin=str(fifo))
+    before = set(os.listdir("/proc/self/fd"))
+    stdio = io.runc_stdio()
+    assert io.stdin_writer >= 0 and stdio.stdin in io.fds
+    io.close()
+    assert set(os.listdir("/proc/self/fd")) == before

@@ -30,8 +30,6 @@ def open_fifo_for_writing(path: str) -> int:
 
 
 def open_fifo_for_reading(path: str) -> int:
-    # CRI opens the writing end at CreateContainer, before Task.Create, so the container sees end of
-    # input exactly when containerd closes its end.
     return open_fifo(path, os.O_RDONLY, "stdin")
 
 
@@ -46,6 +44,7 @@ class ProcessIO(ConsoleReceiver):
     master: int = -1
     pumps: list[Pump] = field(default_factory=list)
     stdin_pump: Pump | None = None  # the copy into the pty (of `pumps`), which CloseIO ends
+    stdin_writer: int = -1  # our write end of the stdin FIFO, which CloseIO closes (see _hold_stdin)
     console_path: Path | None = None
     size: tuple[int, int] | None = None  # (width, height) asked for before the console existed
     _console: socket.socket | None = None
@@ -57,6 +56,7 @@ class ProcessIO(ConsoleReceiver):
             if self.stdin:
                 stdio.stdin = open_fifo_for_reading(self.stdin)
                 self.fds.append(stdio.stdin)
+                self._hold_stdin()
             if self.stdout:
                 stdio.stdout = open_fifo_for_writing(self.stdout)
                 self.fds.append(stdio.stdout)
@@ -88,6 +88,7 @@ class ProcessIO(ConsoleReceiver):
             self._hold_readers()
         if self.stdin:
             stdin = open_fifo_for_reading(self.stdin)
+            self._hold_stdin()
             self.stdin_pump = Pump(stdin, os.dup(self.master))
             self.pumps.append(self.stdin_pump)
 
@@ -99,9 +100,24 @@ class ProcessIO(ConsoleReceiver):
         for path in dict.fromkeys(p for p in (self.stdout, self.stderr) if p):  # once each, stdout may be stderr
             self.readers.append(os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC))
 
+    def _hold_stdin(self) -> None:
+        """Keep a write end of the stdin FIFO until CloseIO, as containerd's shim does: the process (or
+        our copy into its pty) then sees end of input only when both containerd is done with it and
+        CloseIO says so, not when containerd merely goes away (a restart, a crash) and its end with
+        it. A `sh` reading it would exit; our pty copy would end for good. A containerd that comes
+        back opens the FIFO again."""
+        if self.stdin_writer < 0:
+            self.stdin_writer = os.open(self.stdin, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+
     def close_stdin(self) -> None:
         if self.terminal and self.stdin_pump is not None:
             self.stdin_pump.cancel()
+        self._drop_stdin_writer()
+
+    def _drop_stdin_writer(self) -> None:
+        writer, self.stdin_writer = self.stdin_writer, -1
+        if writer >= 0:
+            os.close(writer)
 
     def release_fds(self) -> None:
         """runc (and so the container) now holds the FIFOs; drop our copies."""
@@ -117,5 +133,6 @@ class ProcessIO(ConsoleReceiver):
         readers, self.readers = self.readers, []
         for fd in readers:
             os.close(fd)
+        self._drop_stdin_writer()
         self._close_console()
 
