@@ -122,6 +122,8 @@ async def exercise_tasks(client: TtrpcClient, bundle: Path, rootfs: Path, pod_pi
 
     await call(client, "Pause", task.PauseRequest(id=CID))
     assert (await call(client, "State", task.StateRequest(id=CID), task.StateResponse)).status == types.PAUSED
+    with pytest.raises(FailedPrecondition, match="paused"):  # refused there, not published and never started
+        await call(client, "Exec", task.ExecProcessRequest(id=CID, exec_id="frozen", spec=spec))
     await call(client, "Resume", task.ResumeRequest(id=CID))
     assert (await call(client, "State", task.StateRequest(id=CID), task.StateResponse)).status == types.RUNNING
 

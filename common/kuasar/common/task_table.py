@@ -192,11 +192,14 @@ class TaskContainer:
         return proc
 
     def check_new_exec(self, exec_id: str) -> None:
-        """Exec may add `exec_id`: it is new and the container has not stopped."""
+        """Exec may add `exec_id`: it is new and the container has not stopped, nor is paused (as
+        containerd's shim refuses it there, rather than publish an exec that could never start)."""
         if exec_id in self.execs:
             raise AlreadyExists(f"exec {exec_id} already exists in container {self.id}")
         if self.init.status == types.STOPPED:  # type: ignore[attr-defined]
             raise FailedPrecondition(f"container {self.id} is stopped")
+        if self.init.status == types.PAUSED:  # type: ignore[attr-defined]
+            raise FailedPrecondition(f"cannot exec in paused container {self.id}")
 
 
 async def wait_exited(procs: Iterable[TaskProcess], timeout: float) -> bool:
