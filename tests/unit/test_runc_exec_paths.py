@@ -266,3 +266,44 @@ def test_a_kill_whose_process_ended_meanwhile_is_not_found_as_containerds_shim_r
             await Runc(reaper, tmp_path / "root", str(fake)).kill("c1", 9, all_processes=True)
 
     asyncio.run(main())
+
+
+def test_an_inits_exit_is_recorded_after_its_running_execs_exits(tmp_path: Path) -> None:
+    # As containerd's shim (handleInitExit): the init's TaskExit comes last and its Wait returns once the
+    # execs' exits are in. Meanwhile its pid, reaped, may be another process's: a Kill must not reach it.
+    tasks, events, _ = _tasks(tmp_path)
+    container = tasks.containers["c1"]
+    init_pid, exec_pid = _sleeper(), _sleeper()
+    io = SimpleNamespace(stdin="", stdout="", stderr="", terminal=False, close=lambda: None)
+    container.init.pid = init_pid
+    container.execs["e1"] = RuncProcess("e1", io, pid=exec_pid, status=types.RUNNING)
+    seen: list[tuple[str, int]] = []
+    tasks.events.publish = lambda topic, event, namespace="": seen.append((event.id, event.exit_status))
+
+    async def scenario() -> None:
+        tasks.reaper.install()
+        since = time.monotonic_ns() - 10**9
+        tasks._watch(container, container.init, since)
+        tasks._watch(container, container.execs["e1"], since)
+        os.kill(init_pid, 15)
+        for _ in range(500):  # the reaper's turn
+            if container.init.reaped:
+                break
+            await asyncio.sleep(0.01)
+        assert container.init.reaped and container.init.status == types.RUNNING and seen == []
+        with pytest.raises(NotFound, match="already finished"):
+            await tasks.kill(task.KillRequest(id="c1", signal=9), CTX)  # type: ignore[arg-type]
+        with pytest.raises(NotFound, match="exited"):
+            await tasks.stats(task.StatsRequest(id="c1"), CTX)  # type: ignore[arg-type]
+        os.kill(exec_pid, 9)
+        await asyncio.wait_for(container.init.exited.wait(), 5)
+        assert seen == [("e1", 137), ("c1", 143)]
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        for pid in (init_pid, exec_pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, 9)
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)

@@ -45,10 +45,15 @@ from .task_table import (
     TerminalTasks,
     parse_exec_spec,
     state_response,
+    wait_exited,
 )
 from .ttrpc import Context
 
 log = logging.getLogger(__name__)
+
+# How long an init's exit waits for its execs' (they are ending: the kernel ended its PID namespace, or
+# we ended the rest of a shared one); one stuck in the kernel must not hide the init's exit for ever.
+EXECS_EXIT_WAIT = 10.0
 
 
 @dataclass
@@ -57,6 +62,8 @@ class RuncProcess(TaskProcess):
 
     io: Any
     spec: bytes = b""
+    # An init reaped whose exit waits for its execs' (see _watch): its pid may be another's already.
+    reaped: bool = False
 
 
 @dataclass
@@ -124,11 +131,32 @@ class RuncContainerTasks(TerminalTasks):
             exited = future.result()
             if proc is container.init:
                 self._end_the_rest(container)
-            proc.set_exited(exited)
-            log.info("container %s exec %r pid %d exited %d", container.id, proc.id, proc.pid, exited.status)
-            self._publish_exit(container, proc)
+                running = [e for e in container.execs.values() if e.pid and e.status != types.STOPPED]
+                if running:
+                    # As containerd's shim: the init's exit is recorded (Wait returns, the event goes)
+                    # once its execs' are, so it comes last; they end with it (its PID namespace, or
+                    # the rest just ended).
+                    proc.reaped = True
+                    asyncio.ensure_future(self._exit_after(container, proc, exited, running))
+                    return
+            self._exited(container, proc, exited)
 
         self.reaper.watch(proc.pid, since_ns).add_done_callback(on_exit)
+
+    async def _exit_after(self, container: Any, init: RuncProcess, exited: Exit, execs: list[RuncProcess]) -> None:
+        if not await wait_exited(execs, EXECS_EXIT_WAIT):
+            log.warning("container %s: execs still running %.0f s after its init exited; reporting its exit",
+                        container.id, EXECS_EXIT_WAIT)
+        self._exited(container, init, exited)
+
+    def _exited(self, container: Any, proc: RuncProcess, exited: Exit) -> None:
+        proc.set_exited(exited)
+        log.info("container %s exec %r pid %d exited %d", container.id, proc.id, proc.pid, exited.status)
+        self._publish_exit(container, proc)
+
+    def _has_ended(self, proc: RuncProcess) -> bool:
+        """Its exit is recorded, or it is an init reaped whose exit waits for its execs'."""
+        return proc.status == types.STOPPED or proc.reaped
 
     def _end_the_rest(self, container: Any) -> bool:
         """SIGKILL what a container's init left in its shared PID namespace (its execs included), as
@@ -143,8 +171,7 @@ class RuncContainerTasks(TerminalTasks):
     def _ends_the_rest_of_stopped(self, container: Any, req: task.KillRequest) -> bool:
         """A Kill of every process of a container whose init is gone (containerd's Delete sends one):
         what is left in a shared PID namespace is ended, as the shim's `runc kill --all` would."""
-        stopped = container.init.status == types.STOPPED
-        return req.all and not req.exec_id and stopped and self._end_the_rest(container)
+        return req.all and not req.exec_id and self._has_ended(container.init) and self._end_the_rest(container)
 
     async def _start_process(self, container: Any, proc: RuncProcess, is_exec: bool) -> None:
         """`runc create` for init, `runc exec --detach` for an exec; learn the pid, watch its exit."""
@@ -375,7 +402,7 @@ class RuncContainerTasks(TerminalTasks):
 
     async def stats(self, req: task.StatsRequest, ctx: Context) -> task.StatsResponse:
         container = self._get(req.id)
-        if container.init.status == types.STOPPED:
+        if self._has_ended(container.init):
             raise NotFound(STATS_OF_STOPPED.format(req.id))
         return task.StatsResponse(stats=cgroups.metrics_for_pid(container.init.pid))
 

@@ -359,8 +359,9 @@ class TerminalTasks(ContainerTasks):
         return empty_pb2.Empty()
 
     async def close_io(self, req: task.CloseIORequest, ctx: Context) -> empty_pb2.Empty:
-        # Without a terminal the process holds its stdin FIFO itself and sees end of input when
-        # containerd closes its end; with one, our copy into the pty is what must stop.
+        # The process sees end of input once containerd has closed its end of the stdin FIFO and our
+        # write end is closed here (fifo_stdio.ProcessIO._hold_stdin); with a terminal our copy into
+        # the pty stops too.
         proc = self._get(req.id).process(req.exec_id)
         if req.stdin:
             proc.io.close_stdin()

@@ -108,7 +108,7 @@ class RuncTasks(RuncContainerTasks):
     async def kill(self, req: task.KillRequest, ctx: Context) -> empty_pb2.Empty:
         container = self._get(req.id)
         proc = container.process(req.exec_id)
-        if proc.status == types.STOPPED:
+        if self._has_ended(proc):
             if self._ends_the_rest_of_stopped(container, req):
                 return empty_pb2.Empty()
             raise NotFound(f"process {req.exec_id or req.id} already finished")
@@ -128,6 +128,10 @@ class RuncTasks(RuncContainerTasks):
         "ttrpc: closed". Our pids cannot be reused behind our back: we are the reaper, and a reaped
         init is STOPPED.
         """
+        if container.init.reaped:  # its pid may be another's: only the rest is ours to end
+            if all_processes:
+                self._end_the_rest(container)
+            return True
         if container.init.status == types.PAUSED:
             return False
         if not all_processes:

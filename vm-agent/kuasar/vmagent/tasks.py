@@ -161,7 +161,7 @@ class GuestTasks(RuncContainerTasks):
     async def kill(self, req: task.KillRequest, ctx: Context) -> empty_pb2.Empty:
         container = self._get(req.id)
         proc = container.process(req.exec_id)
-        if proc.status == types.STOPPED:
+        if self._has_ended(proc):
             if self._ends_the_rest_of_stopped(container, req):
                 return empty_pb2.Empty()
             raise NotFound(f"process {req.exec_id or req.id} already finished")
