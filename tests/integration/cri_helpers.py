@@ -283,6 +283,34 @@ async def check_exit_codes(address: str, handler: str, log_dir: Path) -> None:
         await remove_pod(client, pod_id)
 
 
+async def check_failed_start_leaves_a_removable_container(address: str, handler: str, log_dir: Path) -> None:
+    """A container whose entrypoint does not exist fails to start, is reported exited, and it and its
+    pod can be removed (under gVisor a failed start left it created for ever: neither removable nor its
+    pod). An exec of a missing program fails and the container goes on."""
+    async with CriClient(address) as client:
+        pod_id, pod = await run_pod(client, "badstart", log_dir, handler)
+        sleeper = await start_container(client, pod_id, pod, "sleeper", ["sleep", "3600"])
+        await wait_state(client, sleeper, cri.CONTAINER_RUNNING)
+        try:  # runc's shell-less exec exits 127; gVisor's (as under its own shim) fails to start
+            missing = await client.exec_sync(sleeper, ["/no/such/program"], timeout=20)
+            assert missing.exit_code != 0, missing
+        except grpc.aio.AioRpcError as exc:
+            assert "no such file" in (exc.details() or "").lower(), exc.details()
+        config = container_config("broken", BUSYBOX, ["/no/such/program"], log_path="broken.log")
+        cid = (await client.create_container(pod_id, config, pod)).container_id
+        try:
+            await client.start_container(cid)
+        except grpc.aio.AioRpcError as exc:
+            assert "no such file" in (exc.details() or "").lower(), exc.details()
+        else:
+            raise AssertionError("a container without its entrypoint started")
+        assert (await client.container_status(cid)).status.state == cri.CONTAINER_EXITED
+        await client.remove_container(cid)
+        assert (await client.container_status(sleeper)).status.state == cri.CONTAINER_RUNNING
+        await remove_pod(client, pod_id)
+        assert [p for p in (await client.list_pod_sandbox()).items if p.id == pod_id] == []
+
+
 async def wait_pod_processes_gone(client: CriClient, cid: str, cmdline: str, timeout: float = 10.0) -> None:
     """Until no process whose command line (NULs dropped) is `cmdline` is seen from container `cid`."""
     deadline = time.monotonic() + timeout

@@ -29,6 +29,7 @@ from .conftest import BUSYBOX, Stack, integration_skip_reason, kill_task_server,
 from .cri_helpers import (
     cgroups_named,
     check_exit_codes,
+    check_failed_start_leaves_a_removable_container,
     check_pod_files,
     check_port_forward,
     check_stop_sends_sigterm_then_sigkill,
@@ -190,6 +191,10 @@ def test_port_forward_reaches_a_server_in_the_sandbox(gvisor: Stack) -> None:
 
 def test_exit_codes_are_reported(gvisor: Stack) -> None:
     gvisor.run(check_exit_codes(gvisor.address, HANDLER, gvisor.log_dir))
+
+
+def test_a_container_whose_start_fails_is_removed_with_its_pod(gvisor: Stack) -> None:
+    gvisor.run(check_failed_start_leaves_a_removable_container(gvisor.address, HANDLER, gvisor.log_dir))
 
 
 def test_stop_sends_sigterm_then_sigkill(gvisor: Stack) -> None:

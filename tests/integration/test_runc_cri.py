@@ -23,6 +23,7 @@ from .cri_helpers import (
     HANDLER,
     cgroups_named,
     check_exit_codes,
+    check_failed_start_leaves_a_removable_container,
     check_pod_files,
     check_port_forward,
     check_stop_sends_sigterm_then_sigkill,
@@ -150,6 +151,10 @@ def test_containers_and_execs_do_not_inherit_pythons_ignored_signals(stack: Stac
 
 def test_exit_codes_are_reported(stack: Stack) -> None:
     stack.run(check_exit_codes(stack.address, HANDLER, stack.log_dir))
+
+
+def test_a_container_whose_start_fails_is_removed_with_its_pod(stack: Stack) -> None:
+    stack.run(check_failed_start_leaves_a_removable_container(stack.address, HANDLER, stack.log_dir))
 
 
 def test_exec_sync_returns_output_and_exit_code(stack: Stack) -> None:

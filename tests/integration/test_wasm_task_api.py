@@ -159,12 +159,11 @@ async def exercise(client: TtrpcClient, base: Path, pod_pid: int, cgroup: str) -
     cpu_before = psutil.Process(created.pid).cpu_times().user
     await asyncio.sleep(0.3)
     assert psutil.Process(created.pid).cpu_times().user - cpu_before < 0.05  # the spinning module is frozen
-    # An exec of a paused container is refused at once: its process would freeze before it reported,
-    # and Start would hold the container's lock until someone resumed it.
-    await call(client, "Exec", task.ExecProcessRequest(id=CID, exec_id="frozen", spec=process_spec(["/hello.wasm"])))
-    with pytest.raises(FailedPrecondition, match="not running"):
-        await asyncio.wait_for(call(client, "Start", task.StartRequest(id=CID, exec_id="frozen")), 10)
-    await call(client, "Delete", task.DeleteRequest(id=CID, exec_id="frozen"), task.DeleteResponse)
+    # An exec of a paused container is refused at once (as containerd's shim refuses it): its process
+    # would freeze before it reported, and Start would hold the container's lock until someone resumed it.
+    with pytest.raises(FailedPrecondition, match="paused"):
+        await call(client, "Exec", task.ExecProcessRequest(id=CID, exec_id="frozen",
+                                                           spec=process_spec(["/hello.wasm"])))
     await call(client, "Resume", task.ResumeRequest(id=CID))
     assert (await call(client, "State", task.StateRequest(id=CID), task.StateResponse)).status == types.RUNNING
 

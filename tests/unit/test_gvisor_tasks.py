@@ -376,3 +376,45 @@ def test_the_sweep_removes_console_sockets_a_dead_task_server_left(tmp_path: Pat
     (tmp_path / "console-0123456789abcdef.sock").write_bytes(b"")
     asyncio.run(tasks.sweep_leftovers())
     assert list(tmp_path.glob("console-*")) == []
+
+
+def test_a_container_whose_runsc_start_failed_is_stopped_so_it_can_be_deleted(tmp_path: Path) -> None:
+    # runsc leaves it Created, where `runsc kill` refuses it, and containerd deletes no created task with
+    # a pid: CRI's cleanup, RemoveContainer and then RemovePodSandbox failed for ever.
+    class FailingStart(FakeRunsc):
+        async def start(self, container_id: str, bundle: Path, network: str, stdio: Any = None) -> None:
+            raise RuntimeFailure("runsc start failed (128): starting container: no such file or directory")
+
+    tasks, runsc, events = make_tasks(tmp_path, FailingStart)
+    container = add_container(tasks, tmp_path, status=types.CREATED)
+
+    async def scenario() -> None:
+        waiting = asyncio.ensure_future(tasks.wait(task.WaitRequest(id="c1"), Ctx()))  # type: ignore[arg-type]
+        with pytest.raises(RuntimeFailure, match="no such file"):
+            await tasks.start(task.StartRequest(id="c1"), Ctx())  # type: ignore[arg-type]
+        assert (await asyncio.wait_for(waiting, 5)).exit_status == gt.NEVER_RAN_EXIT_STATUS
+        deleted = await tasks.delete(task.DeleteRequest(id="c1"), Ctx())  # type: ignore[arg-type]
+        assert deleted.exit_status == gt.NEVER_RAN_EXIT_STATUS
+
+    asyncio.run(scenario())
+    assert container.init.status == types.STOPPED and "c1" not in tasks.containers
+    assert ("delete", "c1") in runsc.calls and ("kill", "c1") not in runsc.calls
+
+
+def test_a_failed_exec_start_ends_its_wait(tmp_path: Path) -> None:
+    # CRI's ExecSync waits before it starts and never cancels that Wait: each failed exec (a probe naming
+    # a missing binary, every 10 s) left one waiting in the task server for ever.
+    class FailedRunner(ExecRunsc):
+        exit = Exit(999_999, RUNSC_FAILURE, 1)
+
+    tasks, runsc, events = make_tasks(tmp_path, FailedRunner)
+    container = add_container(tasks, tmp_path)
+    container.execs["e1"] = gt.Process("e1", ProcessIO(), spec=b"{}")
+
+    async def scenario() -> None:
+        waiting = asyncio.ensure_future(tasks.wait(task.WaitRequest(id="c1", exec_id="e1"), Ctx()))  # type: ignore[arg-type]
+        with pytest.raises(RuntimeFailure, match="failed"):
+            await tasks.start(task.StartRequest(id="c1", exec_id="e1"), Ctx())  # type: ignore[arg-type]
+        assert (await asyncio.wait_for(waiting, 5)).exit_status == gt.NEVER_RAN_EXIT_STATUS
+
+    asyncio.run(scenario())

@@ -46,6 +46,7 @@ from kuasar.common.ids import validate_id
 from kuasar.common.pod_files import pod_dir, rewrite_container_spec
 from kuasar.common.reaper import Exit, Reaper
 from kuasar.common.task_table import (
+    NEVER_RAN_EXIT_STATUS,
     STATS_OF_STOPPED,
     TaskContainer,
     TaskProcess,
@@ -299,12 +300,25 @@ class GvisorTasks(TerminalTasks):
             if req.exec_id:
                 if container.init.status != types.RUNNING:
                     raise FailedPrecondition(f"container {req.id} is not running")
-                await self._start_exec(container, proc)
+                try:
+                    await self._start_exec(container, proc)
+                except BaseException:
+                    # No runner's exit will come for it: Wait (which containerd calls before Start, and
+                    # CRI's ExecSync never cancels) must still return, as gVisor's shim ends it.
+                    proc.record_exit(NEVER_RAN_EXIT_STATUS, time.time_ns())
+                    raise
                 self._publish_started(req, proc.pid, container.namespace)
             else:
                 stdio = Stdio() if proc.io.terminal else proc.io.runc_stdio()
                 try:
                     await self.runsc.start(req.id, container.bundle, container.pod.network, stdio)
+                except BaseException:
+                    # runsc leaves a sub-container whose start failed Created, where it can be neither
+                    # signalled nor started again, and containerd deletes no created task with a pid
+                    # (CRI's cleanup, then RemoveContainer and RemovePodSandbox, failed for ever): as
+                    # gVisor's shim, it is stopped here, so Wait returns and Delete removes it.
+                    proc.record_exit(NEVER_RAN_EXIT_STATUS, time.time_ns())
+                    raise
                 finally:
                     proc.io.release_fds()
                 proc.status = types.RUNNING
