@@ -274,13 +274,19 @@ def test_vm_pod_with_network_two_containers_exec_and_cleanup(stack: VmStack) -> 
             for d in (volume_in, volume_out):
                 d.mkdir(exist_ok=True)
             (volume_in / "greeting").write_text("from-a-host-volume\n")
+            # kubelet mounts its own etc-hosts (hostAliases, the pod's FQDN): that one is what the
+            # container sees, not the guest's.
+            kubelet_hosts = stack.log_dir.parent / "etc-hosts"
+            kubelet_hosts.write_text("127.0.0.1 localhost\n10.9.8.7 alias.example\n")
             t1 = time.monotonic()
             hello = await start(client, pod_id, pod, "hello",
                                 ["sh", "-c", "echo hello from $(hostname); ip -o -4 addr show eth0; cat /in/greeting; "
                                              "echo low ports from $(cat /proc/sys/net/ipv4/ip_unprivileged_port_start);"
+                                             " grep alias /etc/hosts;"
                                              " echo written-in-the-vm > /out/result; echo to-stderr >&2; exit 3"],
                                 mounts=[cri.Mount(container_path="/in", host_path=str(volume_in), readonly=True),
-                                        cri.Mount(container_path="/out", host_path=str(volume_out))])
+                                        cri.Mount(container_path="/out", host_path=str(volume_out)),
+                                        cri.Mount(container_path="/etc/hosts", host_path=str(kubelet_hosts))])
             exited = await wait_state(client, hello, cri.CONTAINER_EXITED, timeout=TIMEOUT)
             container_s = time.monotonic() - t1
             assert exited.exit_code == 3
@@ -289,6 +295,7 @@ def test_vm_pod_with_network_two_containers_exec_and_cleanup(stack: VmStack) -> 
             assert f"inet {pod_ip}/16" in text, text
             assert "from-a-host-volume" in text, text
             assert "low ports from 0" in text, "containerd's default sysctls reach the guest"
+            assert "10.9.8.7 alias.example" in text, text
             assert (volume_out / "result").read_text() == "written-in-the-vm\n"
 
             # Container 2 in the same VM: reachable from the host at the pod IP (veth <-> tap <-> guest)

@@ -24,7 +24,7 @@ def cri_spec(pid_path: bool = False) -> dict:
             {"destination": "/proc", "type": "proc", "source": "proc", "options": ["nosuid", "noexec", "nodev"]},
             {"destination": "/dev/shm", "type": "bind", "source": "/run/containerd/.../shm",
              "options": ["rbind", "ro", "rprivate"]},
-            {"destination": "/etc/hosts", "type": "bind", "source": "/var/lib/containerd/.../hosts",
+            {"destination": "/etc/hosts", "type": "bind", "source": "/var/lib/kubelet/pods/1/etc-hosts",
              "options": ["rbind", "rprivate", "rw"]},
             {"destination": "/data", "type": "bind", "source": "/srv/data", "options": ["rbind", "rshared", "ro"]},
             {"destination": "/cfg/app.conf", "source": "/etc/app.conf", "options": ["bind", "rw"]},
@@ -59,7 +59,7 @@ def test_namespaces_paths_and_host_only_settings() -> None:
     assert spec["linux"]["maskedPaths"] == ["/proc/kcore"]
     assert "hooks" not in spec
     assert "apparmorProfile" not in spec["process"] and "selinuxLabel" not in spec["process"]
-    assert len(binds) == 2
+    assert len(binds) == 3
 
 
 def test_shared_pid_namespace_is_the_pods_own_in_the_guest() -> None:
@@ -74,16 +74,23 @@ def test_mounts() -> None:
     assert by_dest["/proc"] == cri_spec()["mounts"][0]  # made in the guest
     assert by_dest["/cache"]["type"] == "tmpfs"
     assert by_dest["/dev/shm"]["source"] == "/dev/shm"  # the guest's pod-wide shm
-    assert by_dest["/etc/hosts"]["source"] == "/etc/hosts"  # written by SetupSandbox
-    # CRI mounted no hostname/resolv.conf (a proxy sandboxer's pod has none on the host): the guest's
+    # kubelet's etc-hosts (hostAliases, the pod's FQDN) is shared from the host like any volume
+    assert by_dest["/etc/hosts"]["source"] == f"{GUEST}/volumes/0"
+    # CRI mounted no hostname/resolv.conf (a proxy sandboxer's pod has none on the host): the guest's,
+    # read-only as the rootfs is (as containerd adds its own)
     assert by_dest["/etc/hostname"] == {"destination": "/etc/hostname", "type": "bind", "source": "/etc/hostname",
-                                        "options": ["rbind", "rprivate", "rw"]}
+                                        "options": ["rbind", "rprivate", "ro"]}
     assert by_dest["/etc/resolv.conf"]["source"] == "/etc/resolv.conf"
     # host volumes go through the shared directory; propagation made private
-    assert by_dest["/data"]["source"] == f"{GUEST}/volumes/0"
+    assert by_dest["/data"]["source"] == f"{GUEST}/volumes/1"
     assert by_dest["/data"]["options"] == ["rbind", "ro", "rprivate"]
-    assert by_dest["/cfg/app.conf"]["source"] == f"{GUEST}/volumes/1"
-    assert [(b.source, b.name, b.readonly) for b in binds] == [("/srv/data", "0", True), ("/etc/app.conf", "1", False)]
+    assert by_dest["/cfg/app.conf"]["source"] == f"{GUEST}/volumes/2"
+    assert [(b.source, b.name, b.readonly) for b in binds] == [
+        ("/var/lib/kubelet/pods/1/etc-hosts", "0", False), ("/srv/data", "1", True), ("/etc/app.conf", "2", False)]
+    writable = cri_spec()
+    writable["root"]["readonly"] = False
+    spec, _ = rewrite_spec(writable, "c1", GUEST)
+    assert {m["destination"]: m for m in spec["mounts"]}["/etc/resolv.conf"]["options"] == ["rbind", "rprivate", "rw"]
 
 
 def test_input_is_not_modified_and_bad_input_refused() -> None:

@@ -10,12 +10,13 @@ process), mounts name host paths, the cgroup path and cpuset are the host's. In 
   the pod process as PID 1, not the agent. Namespaces without a path stay private (new).
   `mount`/`cgroup` stay new; a `user` namespace path is dropped.
 * **mounts**: binds whose source is a host file or directory are shared through the VM's shared
-  directory (`volumes/<n>` next to the bundle, bind-mounted there on the host); `/etc/hosts`,
-  `/etc/hostname`, `/etc/resolv.conf` use the guest's own files (written by SetupSandbox from the
-  pod's hostname and DNS config; added when CRI mounted none, which it does not for a proxy
-  sandboxer's pods) and `/dev/shm` the guest's pod-wide shm; propagation is made private (9p cannot
-  propagate). proc/sysfs/tmpfs/devpts/mqueue/cgroup mounts are kept: they are made in the guest (an
-  emptyDir of medium Memory is such a tmpfs).
+  directory (`volumes/<n>` next to the bundle, bind-mounted there on the host), kubelet's own
+  `/etc/hosts` (its hostAliases, the pod's FQDN) among them; where CRI mounted no `/etc/hosts`,
+  `/etc/hostname` or `/etc/resolv.conf` (containerd mounts its own only for its own sandboxes) the
+  guest's are added (written by SetupSandbox from the pod's hostname and DNS config), read-only with
+  a read-only rootfs as containerd adds them; `/dev/shm` is the guest's pod-wide shm; propagation is
+  made private (9p cannot propagate). proc/sysfs/tmpfs/devpts/mqueue/cgroup mounts are kept: they
+  are made in the guest (an emptyDir of medium Memory is such a tmpfs).
 * **paths**: `root.path` -> `rootfs` in the guest bundle; `linux.cgroupsPath` -> `/kuasar/<id>`
   (one guest cgroup for the pod's containers, read for sandbox metrics).
 * **host-only settings**: cpuset cpus/mems (host CPU numbers), `linux.devices` (host devices),
@@ -35,11 +36,11 @@ from kuasar.common.errors import InvalidArgument
 GUEST_CGROUP_PARENT = "/kuasar"
 # The guest path of the pod's shared PID namespace (a link the agent makes to its holder's ns/pid).
 GUEST_POD_PID_NS = "/run/kuasar/pod-pid-ns"
-# Destinations served by the guest's own files, whatever host path CRI named.
-GUEST_FILES = {"/etc/hosts": "/etc/hosts", "/etc/hostname": "/etc/hostname", "/etc/resolv.conf": "/etc/resolv.conf",
-               "/dev/shm": "/dev/shm"}
-# CRI mounts the pod's hostname/hosts/resolv.conf only when *its* sandbox controller wrote them on the
-# host (podsandbox does, a proxy sandboxer's pod has none), so the guest's files are added when absent.
+# Destinations served by the guest's own, whatever host path CRI named: the pod-wide shm.
+GUEST_FILES = {"/dev/shm": "/dev/shm"}
+# containerd mounts the pod's hostname/hosts/resolv.conf only when *its* sandbox controller wrote them
+# on the host (podsandbox does, a proxy sandboxer's pod has none), so the guest's are added when absent;
+# one CRI does mount is kubelet's (its etc-hosts), shared from the host as any volume.
 POD_FILES = ("/etc/hostname", "/etc/hosts", "/etc/resolv.conf")
 SHARED_NAMESPACE_TYPES = ("ipc", "uts")
 PROPAGATION = {"shared", "rshared", "slave", "rslave", "private", "rprivate", "unbindable", "runbindable"}
@@ -78,7 +79,8 @@ def rewrite_namespaces(namespaces: list[dict[str, Any]]) -> tuple[list[dict[str,
     return out, shared
 
 
-def rewrite_mounts(mounts: list[dict[str, Any]], guest_bundle: str) -> tuple[list[dict[str, Any]], list[ShareBind]]:
+def rewrite_mounts(mounts: list[dict[str, Any]], guest_bundle: str,
+                   readonly_root: bool = False) -> tuple[list[dict[str, Any]], list[ShareBind]]:
     out, binds = [], []
     for mount in mounts:
         mount = copy.deepcopy(mount)
@@ -101,8 +103,8 @@ def rewrite_mounts(mounts: list[dict[str, Any]], guest_bundle: str) -> tuple[lis
     present = {m.get("destination") for m in out}
     for dest in POD_FILES:
         if dest not in present:
-            out.append({"destination": dest, "type": "bind", "source": GUEST_FILES[dest],
-                        "options": ["rbind", "rprivate", "rw"]})
+            out.append({"destination": dest, "type": "bind", "source": dest,
+                        "options": ["rbind", "rprivate", "ro" if readonly_root else "rw"]})
     return out, binds
 
 
@@ -130,7 +132,7 @@ def rewrite_spec(spec: dict[str, Any], container_id: str, guest_bundle: str) -> 
     if isinstance(cpu, dict):
         cpu.pop("cpus", None)
         cpu.pop("mems", None)
-    guest["mounts"], binds = rewrite_mounts(guest.get("mounts") or [], guest_bundle)
+    guest["mounts"], binds = rewrite_mounts(guest.get("mounts") or [], guest_bundle, guest["root"]["readonly"])
     return guest, binds
 
 
