@@ -311,6 +311,17 @@ def test_vm_pod_with_network_two_containers_exec_and_cleanup(stack: VmStack) -> 
                 (answer, error)
             answer, error = await forward_once(await client.port_forward(pod_id, [8082]), 8082, b"x")
             assert not answer and "8082" in error, error
+            # `kubectl debug --target=sleeper`: a container in the sleeper's PID namespace (the pod shares
+            # none), which CRI names by the sleeper's pid, a guest pid.
+            debug = container_config("debugger", BUSYBOX, ["sh", "-c", "cat /proc/[0-9]*/comm; sleep 3600"],
+                                     log_path="debugger.log")
+            debug.linux.security_context.namespace_options.CopyFrom(cri.NamespaceOption(
+                network=cri.POD, pid=cri.TARGET, ipc=cri.POD, target_id=sleeper))
+            debugger = (await client.create_container(pod_id, debug, pod)).container_id
+            await client.start_container(debugger)
+            assert "httpd" in await wait_log(pod, "debugger", "httpd", timeout=60)
+            await client.stop_container(debugger, timeout=0)
+            await client.remove_container(debugger)
             t2 = time.monotonic()
             result = await client.exec_sync(sleeper, ["sh", "-c", "echo exec-ok; cat /etc/hostname; exit 5"])
             exec_s = time.monotonic() - t2

@@ -109,3 +109,17 @@ def test_exec_process() -> None:
     process = {"args": ["sh"], "apparmorProfile": "p", "cwd": "/"}
     assert rewrite_process(process) == {"args": ["sh"], "cwd": "/"}
     assert process["apparmorProfile"] == "p"
+
+
+def test_a_target_containers_pid_namespace_is_kept_by_its_guest_pid() -> None:
+    # `kubectl debug --target=<ctr>`: CRI names the target's PID namespace by the pid our Task API gave
+    # for it (a guest pid). Mapped to the pod's shared namespace, which a pod that shares none lacks,
+    # runc create failed and the debug container never ran.
+    target = cri_spec()
+    target["linux"]["namespaces"][0] = {"type": "pid", "path": "/proc/77/ns/pid"}
+    spec, _ = rewrite_spec(target, "c1", GUEST, sandbox_pid=4242)
+    assert spec["linux"]["namespaces"][0] == {"type": "pid", "path": "/proc/77/ns/pid"}
+    pod, _ = rewrite_spec(cri_spec(pid_path=True), "c1", GUEST, sandbox_pid=4242)  # the pod's (QEMU's pid)
+    assert pod["linux"]["namespaces"][0] == {"type": "pid", "path": GUEST_POD_PID_NS}
+    unknown, _ = rewrite_spec(target, "c1", GUEST)  # no sandbox pid known: every pid path is the pod's
+    assert unknown["linux"]["namespaces"][0] == {"type": "pid", "path": GUEST_POD_PID_NS}

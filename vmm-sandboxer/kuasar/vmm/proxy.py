@@ -67,9 +67,10 @@ _CONNECT_RE = re.compile(rb"CONNECT (\d{1,10})\r?\n")
 class HostPrep:
     """The host half of a container in a VM: its directory in the shared directory."""
 
-    def __init__(self, share: Path, guest_share: str) -> None:
+    def __init__(self, share: Path, guest_share: str, sandbox_pid: int = 0) -> None:
         self.share = share
         self.guest_share = guest_share.rstrip("/")
+        self.sandbox_pid = sandbox_pid  # QEMU's: CRI names the pod's namespaces by it
 
     def host_dir(self, container_id: str) -> Path:
         return self.share / validate_id(container_id, "container id")
@@ -91,7 +92,7 @@ class HostPrep:
             spec = json.loads(raw)
         except ValueError:
             raise InvalidArgument(f"{req.bundle}/config.json is not JSON") from None
-        guest_spec, binds = rewrite_spec(spec, cid, guest_bundle)
+        guest_spec, binds = rewrite_spec(spec, cid, guest_bundle, self.sandbox_pid)
         if os.path.lexists(host_dir):
             # A container of that id runs (its rootfs and volumes are mounted there), or a failed
             # attempt's cleanup failed; containerd's Delete of the id removes either.
@@ -263,7 +264,7 @@ class TaskProxy:
 
 
 async def serve(args: argparse.Namespace) -> None:
-    proxy = TaskProxy(args.uds, HostPrep(Path(args.share), args.guest_share), args.port)
+    proxy = TaskProxy(args.uds, HostPrep(Path(args.share), args.guest_share, args.sandbox_pid), args.port)
     with contextlib.suppress(FileNotFoundError):
         os.unlink(args.listen)
     old = os.umask(0o177)
@@ -301,6 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--forward-port", type=int, default=guest_forward.DEFAULT_PORT,
                         help="the guest agent's vsock port for forwarded connections")
     parser.add_argument("--sandbox", default="", help="sandbox id (for ps and logs)")
+    parser.add_argument("--sandbox-pid", type=int, default=0, help="the pod's pid containerd knows (QEMU's)")
     parser.add_argument("--log-level", default="info")
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr, force=True,

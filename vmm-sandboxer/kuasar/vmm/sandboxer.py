@@ -449,7 +449,8 @@ class VmmSandboxer(Sandboxer):
             sys.executable, "-m", "kuasar.vmm.proxy"]
         argv = program + [
             "--listen", str(listen), "--uds", pod.uds, "--share", str(spec.share_dir),
-            "--guest-share", GUEST_SHARE_DIR, "--sandbox", pod.id, "--log-level", self.daemon.log_level]
+            "--guest-share", GUEST_SHARE_DIR, "--sandbox", pod.id, "--sandbox-pid", str(pod.vm.pid),
+            "--log-level", self.daemon.log_level]
         if pod.network is not None and pod.network.netns:
             argv += ["--netns", pod.network.netns]
         proc = spawn(argv, pod.vm_dir / "proxy.log")

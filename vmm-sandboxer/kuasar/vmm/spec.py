@@ -7,7 +7,9 @@ process), mounts name host paths, the cgroup path and cpuset are the host's. In 
   so `network` is dropped; `ipc`/`uts` that CRI wants shared through a path are dropped too, i.e.
   shared with the guest, whose hostname is the pod's. A shared `pid` namespace is the pod's own in the
   guest (`GUEST_POD_PID_NS`, made by the agent's SetupSandbox): the containers see each other and
-  the pod process as PID 1, not the agent. Namespaces without a path stay private (new).
+  the pod process as PID 1, not the agent. Another container's (`kubectl debug --target`: CRI names
+  it by the pid our Task API gave, a guest pid) stays as it is, valid in the guest. Namespaces without
+  a path stay private (new).
   `mount`/`cgroup` stay new; a `user` namespace path is dropped.
 * **mounts**: binds whose source is a host file or directory are shared through the VM's shared
   directory (`volumes/<n>` next to the bundle, bind-mounted there on the host), kubelet's own
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,6 +39,8 @@ from kuasar.common.errors import InvalidArgument
 GUEST_CGROUP_PARENT = "/kuasar"
 # The guest path of the pod's shared PID namespace (a link the agent makes to its holder's ns/pid).
 GUEST_POD_PID_NS = "/run/kuasar/pod-pid-ns"
+# How CRI names another process's PID namespace (the pod's, or a target container's).
+TARGET_PID_NS = re.compile(r"/proc/([1-9][0-9]{0,9})/ns/pid")
 # Destinations served by the guest's own, whatever host path CRI named: the pod-wide shm.
 GUEST_FILES = {"/dev/shm": "/dev/shm"}
 # containerd mounts the pod's hostname/hosts/resolv.conf only when *its* sandbox controller wrote them
@@ -61,8 +66,10 @@ def _is_bind(mount: dict[str, Any]) -> bool:
     return mount.get("type") in ("bind", "rbind") or "bind" in options or "rbind" in options
 
 
-def rewrite_namespaces(namespaces: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], set[str]]:
-    """(the guest's namespace list, the types shared with the guest)."""
+def rewrite_namespaces(namespaces: list[dict[str, Any]],
+                       sandbox_pid: int = 0) -> tuple[list[dict[str, Any]], set[str]]:
+    """(the guest's namespace list, the types shared with the guest); `sandbox_pid` is the pod's on the
+    host (QEMU's), which CRI names the pod's namespaces by (0: unknown, every pid path is the pod's)."""
     out, shared = [], set()
     for ns in namespaces:
         kind = ns.get("type", "")
@@ -73,7 +80,11 @@ def rewrite_namespaces(namespaces: list[dict[str, Any]]) -> tuple[list[dict[str,
             shared.add(kind)
             continue
         if kind == "pid" and ns.get("path"):
-            out.append({"type": kind, "path": GUEST_POD_PID_NS})
+            target = TARGET_PID_NS.fullmatch(ns["path"])
+            if target and sandbox_pid and int(target.group(1)) != sandbox_pid:
+                out.append({"type": kind, "path": ns["path"]})  # a container's, by its guest pid
+            else:
+                out.append({"type": kind, "path": GUEST_POD_PID_NS})
             continue
         out.append({"type": kind})  # new, private to the container (a host path means nothing here)
     return out, shared
@@ -108,7 +119,8 @@ def rewrite_mounts(mounts: list[dict[str, Any]], guest_bundle: str,
     return out, binds
 
 
-def rewrite_spec(spec: dict[str, Any], container_id: str, guest_bundle: str) -> tuple[dict[str, Any], list[ShareBind]]:
+def rewrite_spec(spec: dict[str, Any], container_id: str, guest_bundle: str,
+                 sandbox_pid: int = 0) -> tuple[dict[str, Any], list[ShareBind]]:
     """The guest's spec and the host binds the proxy must make before the agent sees it (pure)."""
     if not isinstance(spec, dict) or not isinstance(spec.get("process"), dict):
         raise InvalidArgument("config.json is not an OCI runtime spec with a process")
@@ -120,7 +132,7 @@ def rewrite_spec(spec: dict[str, Any], container_id: str, guest_bundle: str) -> 
     for key in ("apparmorProfile", "selinuxLabel"):
         process.pop(key, None)
     linux = guest.setdefault("linux", {})
-    namespaces, shared = rewrite_namespaces(linux.get("namespaces") or [])
+    namespaces, shared = rewrite_namespaces(linux.get("namespaces") or [], sandbox_pid)
     linux["namespaces"] = namespaces
     if "uts" in shared:
         guest.pop("hostname", None)  # runc refuses a hostname without a private UTS namespace
