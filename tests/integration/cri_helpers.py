@@ -274,6 +274,11 @@ async def check_exit_codes(address: str, handler: str, log_dir: Path) -> None:
         pod_id, pod = await run_pod(client, "codes", log_dir, handler, share_pid=True)
         watcher = await start_container(client, pod_id, pod, "watcher", ["sleep", "3600"])
         await wait_state(client, watcher, cri.CONTAINER_RUNNING)
+        # An orphan re-parents to the pod's PID 1, which reaps it as pause does: no zombie stays.
+        listing = await client.exec_sync(watcher, ["sh", "-c", "(sleep 0.1 &); sleep 1; cat /proc/[0-9]*/stat"],
+                                         timeout=20)
+        states = [line.rsplit(")", 1)[1].split()[0] for line in listing.stdout.decode().splitlines() if ")" in line]
+        assert states and "Z" not in states, listing.stdout
         seven = await start_container(client, pod_id, pod, "seven", ["sh", "-c", "sleep 4343 & sleep 0.2; exit 7"])
         killed = await start_container(client, pod_id, pod, "killed", ["sh", "-c", "kill -9 $$"])
         assert (await wait_state(client, seven, cri.CONTAINER_EXITED)).exit_code == 7

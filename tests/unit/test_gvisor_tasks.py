@@ -223,7 +223,7 @@ def test_a_create_that_fails_before_runsc_create_deletes_nothing(tmp_path: Path,
 
 def test_launch_pod_refuses_a_containers_id(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # A pod launched under a container's id failed in runsc, and its cleanup force-deleted that container.
-    monkeypatch.setattr(gvisor_pod, "ensure_pause_rootfs", lambda directory: tmp_path / "pause-rootfs")
+    monkeypatch.setattr(gvisor_pod, "ensure_pause_rootfs", lambda directory, pause=None: tmp_path / "pause-rootfs")
     tasks, runsc, events = make_tasks(tmp_path)
     add_container(tasks, tmp_path, "c1")
     with pytest.raises(AlreadyExists):
@@ -235,7 +235,7 @@ def test_a_container_created_under_the_id_of_a_pod_being_launched_waits_and_is_r
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # The pod is known only once launched: a Create of its id meanwhile went to runsc, failed there,
     # and its cleanup deleted the pod's new sandbox.
-    monkeypatch.setattr(gvisor_pod, "ensure_pause_rootfs", lambda directory: tmp_path / "pause-rootfs")
+    monkeypatch.setattr(gvisor_pod, "ensure_pause_rootfs", lambda directory, pause=None: tmp_path / "pause-rootfs")
     tasks, runsc, events = make_tasks(tmp_path, CreateFailsIfTaken)
     add_pod(tasks, tmp_path, "podA")
     bundle = container_bundle(tmp_path, "podA")

@@ -18,6 +18,7 @@ from kuasar.common.api.runtime.v1 import api_pb2 as cri
 from kuasar.common.config import DaemonConfig
 from kuasar.common.controller import new_record
 from kuasar.common.errors import FailedPrecondition, InvalidArgument, RuntimeFailure
+from kuasar.common.pod_holder import pause_program
 from kuasar.quark import gvisor_net, gvisor_pod, gvisor_stats, quark_containers
 from kuasar.quark.config import QuarkConfig
 from kuasar.quark.quark_sandboxer import QuarkSandboxer
@@ -82,6 +83,19 @@ def test_root_spec_and_pause_rootfs(tmp_path: Path) -> None:
     not_static.write_bytes(b"#!/bin/sh\n")
     with pytest.raises(FailedPrecondition):
         gvisor_pod.ensure_pause_rootfs(tmp_path / "other", str(not_static))
+
+
+def test_the_pods_root_runs_kuasar_pause_to_reap_orphans_where_it_is_installed(tmp_path: Path) -> None:
+    # busybox `sleep` as the sandbox's PID 1 reaped nothing: in a pod sharing its PID namespace every
+    # orphan stayed a zombie until the pod went.
+    pause = pause_program()
+    if pause is None or not gvisor_pod.is_static_elf(Path(gvisor_pod.DEFAULT_BUSYBOX)):
+        pytest.skip("kuasar-pause (make setup) or a static busybox is missing")
+    plain = gvisor_pod.ensure_pause_rootfs(tmp_path)
+    assert gvisor_pod.root_spec("p", plain)["process"]["args"] == ["/bin/sleep", gvisor_pod.SLEEP_SECONDS]
+    rootfs = gvisor_pod.ensure_pause_rootfs(tmp_path, pause=pause)  # made again, with it
+    assert rootfs == plain and (rootfs / gvisor_pod.PAUSE_IN_ROOTFS).read_bytes() == Path(pause).read_bytes()
+    assert gvisor_pod.root_spec("p", rootfs)["process"]["args"] == ["/bin/kuasar-pause"]
 
 
 def test_runsc_stats_become_cgroup_metrics() -> None:

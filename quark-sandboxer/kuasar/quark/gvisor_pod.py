@@ -4,11 +4,13 @@ runsc runs several containers in one sandbox, and so under one application kerne
 created is the sandbox's root: the sandbox lives exactly as long as it does. A pod needs its sandbox at
 RunPodSandbox, before any user container, and must outlive every one of them, so the root is a
 container of our own, like Kubernetes' pause container but without an image: its rootfs is one small
-shared, read-only directory holding the host's statically linked busybox, and it runs `sleep` as the
-sandbox's PID 1. User containers join it as sub-containers (runsc recognises them by the CRI
-annotations `io.kubernetes.cri.container-type = container` and `io.kubernetes.cri.sandbox-id = <pod>`,
-the pod id being the root container's runsc id). A pod sharing one PID namespace sees the sleeper as
-PID 1, as it would see pause.
+shared, read-only directory holding our static `kuasar-pause` (the runc pods' pod process), which as
+the sandbox's PID 1 reaps the orphans of a pod sharing its PID namespace as pause does, or where it is
+not installed the host's statically linked busybox running `sleep` (which reaps nothing). User
+containers join it as sub-containers (runsc recognises them by the CRI annotations
+`io.kubernetes.cri.container-type = container` and `io.kubernetes.cri.sandbox-id = <pod>`, the pod id
+being the root container's runsc id). A pod sharing one PID namespace sees it as PID 1, as it would
+see pause.
 
 The sandbox process (`runsc-sandbox`, the sentry) is what Controller.Start returns: it is a live host
 process, re-parented to the task server (a child subreaper) once `runsc create` exits, so its exit is
@@ -33,6 +35,8 @@ SANDBOX_ID = "io.kubernetes.cri.sandbox-id"
 SLEEP_SECONDS = "2147483647"
 PAUSE_ROOTFS = "pause-rootfs"
 DEFAULT_BUSYBOX = "/bin/busybox"
+# Where kuasar-pause goes in the root container's rootfs, and runs from.
+PAUSE_IN_ROOTFS = "bin/kuasar-pause"
 PT_INTERP = 3
 
 
@@ -53,11 +57,14 @@ def is_static_elf(path: Path) -> bool:
     return all(struct.unpack_from(endian + "I", table, i * phentsize)[0] != PT_INTERP for i in range(phnum))
 
 
-def ensure_pause_rootfs(directory: Path, busybox: str = DEFAULT_BUSYBOX) -> Path:
-    """`<directory>/pause-rootfs`: bin/busybox + bin/sleep and the mount points, made once, shared."""
+def ensure_pause_rootfs(directory: Path, busybox: str = DEFAULT_BUSYBOX, pause: str | None = None) -> Path:
+    """`<directory>/pause-rootfs`: bin/busybox + bin/sleep, bin/kuasar-pause if `pause` names a static
+    one, and the mount points; made once, shared."""
     rootfs = directory / PAUSE_ROOTFS
     target = rootfs / "bin" / "busybox"
-    if target.is_file() and (rootfs / "bin" / "sleep").is_symlink():
+    pause = pause if pause is not None and is_static_elf(Path(pause)) else None
+    if target.is_file() and (rootfs / "bin" / "sleep").is_symlink() and (
+            pause is None or (rootfs / PAUSE_IN_ROOTFS).is_file()):
         return rootfs
     source = Path(busybox)
     if not is_static_elf(source):
@@ -70,6 +77,9 @@ def ensure_pause_rootfs(directory: Path, busybox: str = DEFAULT_BUSYBOX) -> Path
     shutil.copy2(source, staging / "bin" / "busybox")
     os.chmod(staging / "bin" / "busybox", 0o755)
     (staging / "bin" / "sleep").symlink_to("busybox")
+    if pause is not None:
+        shutil.copy2(pause, staging / PAUSE_IN_ROOTFS)
+        os.chmod(staging / PAUSE_IN_ROOTFS, 0o755)
     shutil.rmtree(rootfs, ignore_errors=True)
     os.replace(staging, rootfs)
     return rootfs
@@ -77,7 +87,9 @@ def ensure_pause_rootfs(directory: Path, busybox: str = DEFAULT_BUSYBOX) -> Path
 
 def root_spec(pod_id: str, rootfs: Path, *, netns_path: str = "", hostname: str = "",
               cgroups_path: str = "") -> dict[str, Any]:
-    """OCI spec of a pod's root container: `sleep` as nobody, no capabilities, read-only root."""
+    """OCI spec of a pod's root container: kuasar-pause if the rootfs has it, else `sleep`, as nobody,
+    no capabilities, read-only root."""
+    args = [f"/{PAUSE_IN_ROOTFS}"] if (rootfs / PAUSE_IN_ROOTFS).is_file() else ["/bin/sleep", SLEEP_SECONDS]
     namespaces: list[dict[str, str]] = [{"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"}]
     if netns_path:
         namespaces.append({"type": "network", "path": netns_path})
@@ -86,7 +98,7 @@ def root_spec(pod_id: str, rootfs: Path, *, netns_path: str = "", hostname: str 
         "process": {
             "terminal": False,
             "user": {"uid": 65534, "gid": 65534},
-            "args": ["/bin/sleep", SLEEP_SECONDS],
+            "args": args,
             "env": ["PATH=/bin"],
             "cwd": "/",
             "capabilities": {"bounding": [], "effective": [], "permitted": []},

@@ -44,6 +44,7 @@ from kuasar.common.events import EventPublisher
 from kuasar.common.fifo_stdio import ProcessIO
 from kuasar.common.ids import validate_id
 from kuasar.common.pod_files import pod_dir, rewrite_container_spec
+from kuasar.common.pod_holder import pause_program
 from kuasar.common.reaper import Exit, Reaper
 from kuasar.common.task_table import (
     NEVER_RAN_EXIT_STATUS,
@@ -166,7 +167,7 @@ class GvisorTasks(TerminalTasks):
     async def _launch_pod(self, pod_id: str, req: pods.CreatePodRequest, cgroup: cgroups.PodCgroup | None) -> int:
         # Inside the pod's directory, next to the pod's files the sandboxer writes there meanwhile.
         bundle = pod_dir(self.directory, pod_id) / SANDBOX_BUNDLE
-        rootfs = gvisor_pod.ensure_pause_rootfs(self.directory)
+        rootfs = gvisor_pod.ensure_pause_rootfs(self.directory, pause=pause_program())
         network = await self._network_for(req)
         spec = gvisor_pod.root_spec(pod_id, rootfs, netns_path=req.netns_path,
                                     hostname=req.hostname if req.new_uts else "",
