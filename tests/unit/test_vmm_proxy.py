@@ -10,10 +10,12 @@ import os
 from pathlib import Path
 
 import pytest
+from google.protobuf import any_pb2
 
 from kuasar.common import hvsock
 from kuasar.common.api.containerd.runtime.task.v2 import shim_pb2 as task
 from kuasar.common.api.containerd.types import mount_pb2
+from kuasar.common.api.ttrpc import request_pb2
 from kuasar.common.errors import AlreadyExists, InvalidArgument
 from kuasar.common.ttrpc import Context, TtrpcServer
 from kuasar.vmm import hostfs
@@ -143,3 +145,18 @@ def test_handshake_refusals(tmp_path: Path) -> None:
             server.close()
 
     asyncio.run(scenario())
+
+
+def test_update_loses_the_host_cpuset_on_its_way_to_the_guest(tmp_path: Path) -> None:
+    # CRI sends the whole merged LinuxResources on every UpdateContainerResources, a static CPU
+    # manager's host cpuset included: the guest's cgroup refused it and kubelet retried for ever.
+    proxy = TaskProxy(str(tmp_path / "vsock.sock"), HostPrep(tmp_path, "/run/kuasar/state"))
+    resources = {"cpu": {"shares": 512, "cpus": "2-3", "mems": "0"}, "memory": {"limit": 1 << 27}}
+    update = task.UpdateTaskRequest(id="c1", resources=any_pb2.Any(value=json.dumps(resources).encode()))
+    payload = request_pb2.Request(service=TASK, method="Update", payload=update.SerializeToString()).SerializeToString()
+    forwarded = request_pb2.Request.FromString(proxy.intercept(1, payload, {}))
+    sent = json.loads(task.UpdateTaskRequest.FromString(forwarded.payload).resources.value)
+    assert sent == {"cpu": {"shares": 512}, "memory": {"limit": 1 << 27}}
+    plain = request_pb2.Request(service=TASK, method="Update", payload=task.UpdateTaskRequest(
+        id="c1", resources=any_pb2.Any(value=b'{"memory": {"limit": 1}}')).SerializeToString()).SerializeToString()
+    assert proxy.intercept(2, plain, {}) == plain  # nothing of the host's: passed on as it came

@@ -50,7 +50,7 @@ from kuasar.common.state import write_atomic
 
 from . import hostfs
 from .portforward import PortForwarder
-from .spec import VOLUMES_DIR, rewrite_process, rewrite_spec
+from .spec import VOLUMES_DIR, rewrite_process, rewrite_resources, rewrite_spec
 
 log = logging.getLogger("kuasar.vmm.proxy")
 
@@ -182,6 +182,17 @@ class TaskProxy:
             if rewritten != process:
                 exec_req.spec.value = json.dumps(rewritten).encode()
                 req.payload = exec_req.SerializeToString()
+                return req.SerializeToString()
+        if req.method == "Update":
+            update = task.UpdateTaskRequest.FromString(req.payload)
+            try:
+                resources = json.loads(update.resources.value or b"{}")
+            except ValueError:
+                return payload  # the agent reports it
+            guest_resources = rewrite_resources(resources)
+            if guest_resources != resources:
+                update.resources.value = json.dumps(guest_resources).encode()
+                req.payload = update.SerializeToString()
                 return req.SerializeToString()
         return payload
 

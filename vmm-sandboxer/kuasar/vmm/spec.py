@@ -140,12 +140,27 @@ def rewrite_spec(spec: dict[str, Any], container_id: str, guest_bundle: str,
     linux["cgroupsPath"] = f"{GUEST_CGROUP_PARENT}/{container_id}"
     for key in ("devices", "mountLabel", "intelRdt", "sysctl"):
         linux.pop(key, None)
-    cpu = (linux.get("resources") or {}).get("cpu")
+    _drop_host_cpuset(linux.get("resources"))
+    guest["mounts"], binds = rewrite_mounts(guest.get("mounts") or [], guest_bundle, guest["root"]["readonly"])
+    return guest, binds
+
+
+def _drop_host_cpuset(resources: Any) -> None:
+    """cpuset cpus/mems name the host's CPUs and memory nodes, which the guest does not have."""
+    cpu = resources.get("cpu") if isinstance(resources, dict) else None
     if isinstance(cpu, dict):
         cpu.pop("cpus", None)
         cpu.pop("mems", None)
-    guest["mounts"], binds = rewrite_mounts(guest.get("mounts") or [], guest_bundle, guest["root"]["readonly"])
-    return guest, binds
+
+
+def rewrite_resources(resources: Any) -> Any:
+    """UpdateContainerResources' OCI LinuxResources for the guest: CRI sends the whole merged set again,
+    the host cpuset of a static CPU manager included, which the guest's cgroup would refuse."""
+    if not isinstance(resources, dict):
+        raise InvalidArgument("resources are not OCI LinuxResources")
+    out = copy.deepcopy(resources)
+    _drop_host_cpuset(out)
+    return out
 
 
 def rewrite_process(process: dict[str, Any]) -> dict[str, Any]:
