@@ -13,6 +13,7 @@ import grpc
 import pytest
 from google.protobuf import any_pb2
 
+from kuasar.common.api.containerd.runc.options import oci_pb2 as runc_options
 from kuasar.common.api.containerd.runtime.task.v2 import shim_pb2 as task
 from kuasar.common.api.containerd.services.sandbox.v1 import sandbox_pb2 as sb
 from kuasar.common.api.containerd.services.sandbox.v1 import sandbox_pb2_grpc as sb_grpc
@@ -131,6 +132,11 @@ async def exercise_tasks(client: TtrpcClient, bundle: Path, rootfs: Path, pod_pi
     exec_pid = (await call(client, "Start", task.StartRequest(id=CID, exec_id="sleeper"), task.StartResponse)).pid
     pids = await call(client, "Pids", task.PidsRequest(id=CID), task.PidsResponse)
     assert {created.pid, exec_pid} <= {p.pid for p in pids.processes}
+    # the exec's entry names it, as containerd's shim does (`ctr task ps`'s INFO column)
+    [details] = [p.info for p in pids.processes if p.pid == exec_pid]
+    assert details.type_url == "containerd.runc.v1.ProcessDetails"
+    assert runc_options.ProcessDetails.FromString(details.value).exec_id == "sleeper"
+    assert not [p.info for p in pids.processes if p.pid == created.pid][0].value
     await call(client, "CloseIO", task.CloseIORequest(id=CID, exec_id="sleeper", stdin=True))
     stats = await call(client, "Stats", task.StatsRequest(id=CID), task.StatsResponse)
     assert stats.stats.type_url.startswith("io.containerd.cgroups.v")

@@ -143,6 +143,8 @@ async def exercise(client: TtrpcClient, base: Path, pod_pid: int, cgroup: str) -
     await call(client, "Exec", task.ExecProcessRequest(id=CID, exec_id="early", spec=process_spec(["/hello.wasm"])))
     with pytest.raises(FailedPrecondition):  # an exec cannot start before its container runs
         await call(client, "Start", task.StartRequest(id=CID, exec_id="early"))
+    with pytest.raises(FailedPrecondition, match="not running"):  # nor be signalled: as containerd's shim
+        await call(client, "Kill", task.KillRequest(id=CID, exec_id="early", signal=9))
     await call(client, "Delete", task.DeleteRequest(id=CID, exec_id="early"), task.DeleteResponse)
     with pytest.raises(NotFound, match="not found in the container's rootfs"):
         await call(client, "Exec", task.ExecProcessRequest(id=CID, exec_id="bad", spec=process_spec(["/no.wasm"])))

@@ -24,9 +24,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from google.protobuf import empty_pb2
+from google.protobuf import any_pb2, empty_pb2
 
 from . import cgroups, mounts, strays
+from .api.containerd.runc.options import oci_pb2 as runc_options
 from .api.containerd.runtime.task.v2 import shim_pb2 as task
 from .api.containerd.types.task import task_pb2 as types
 from .bounded import SWEEP_CONCURRENCY, each_bounded
@@ -51,6 +52,8 @@ from .ttrpc import Context
 
 log = logging.getLogger(__name__)
 
+# The type URL containerd's typeurl gives runc's ProcessDetails (the message's full name).
+PROCESS_DETAILS_TYPE_URL = "containerd.runc.v1.ProcessDetails"
 # How long an init's exit waits for its execs' (they are ending: the kernel ended its PID namespace, or
 # we ended the rest of a shared one); one stuck in the kernel must not hide the init's exit for ever.
 EXECS_EXIT_WAIT = 10.0
@@ -398,7 +401,8 @@ class RuncContainerTasks(TerminalTasks):
             # while it was down into 255/Unknown. A deleted container answers NotFound instead.
             return task.PidsResponse(processes=[types.ProcessInfo(pid=container.init.pid)])
         pids = await self.runc.ps(req.id)
-        return task.PidsResponse(processes=[types.ProcessInfo(pid=pid) for pid in pids])
+        execs = {proc.pid: proc.id for proc in container.execs.values() if proc.pid}
+        return task.PidsResponse(processes=[_process_info(pid, execs.get(pid, "")) for pid in pids])
 
     async def stats(self, req: task.StatsRequest, ctx: Context) -> task.StatsResponse:
         container = self._get(req.id)
@@ -456,6 +460,15 @@ def _create_of(argv: list[bytes]) -> tuple[str, Path] | None:
     except KuasarError:
         return None
     return (container_id, bundle) if bundle.is_absolute() else None
+
+
+def _process_info(pid: int, exec_id: str) -> types.ProcessInfo:
+    """A Pids entry; an exec's names its exec id, as containerd's shim gives it (`ctr task ps`'s INFO)."""
+    info = types.ProcessInfo(pid=pid)
+    if exec_id:
+        details = runc_options.ProcessDetails(exec_id=exec_id)
+        info.info.CopyFrom(any_pb2.Any(type_url=PROCESS_DETAILS_TYPE_URL, value=details.SerializeToString()))
+    return info
 
 
 def _container_procs_file(container_id: str, pid: int) -> Path | None:

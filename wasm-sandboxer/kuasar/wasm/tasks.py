@@ -347,6 +347,9 @@ class WasmTasks(TerminalTasks):
         container = self._get(req.id)
         proc = container.process(req.exec_id)
         targets = [proc] if req.exec_id or not req.all else container.processes()
+        if req.exec_id and proc.status == types.CREATED:
+            # As containerd's shim (and the runc backend): an exec not started has nothing to signal yet.
+            raise FailedPrecondition(f"exec {req.exec_id} of {req.id} is not running")
         if not any(p.alive for p in targets):
             raise NotFound(f"process {req.exec_id or req.id} already finished")
         for target in targets:
