@@ -76,3 +76,25 @@ def test_garbage_gets_no_answer() -> None:
         serving.cancel()
 
     asyncio.run(scenario())
+
+
+def test_a_server_on_ipv6_loopback_alone_is_reached() -> None:
+    # containerd dials a host pod's port over tcp4, then tcp6: a guest that tried 127.0.0.1 alone
+    # answered an error for a server listening on ::1 only.
+    async def scenario() -> None:
+        async def hello(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            writer.write(b"hello over ipv6\n")
+            writer.close()
+
+        only_v6 = await asyncio.start_server(hello, "::1", 0, family=socket.AF_INET6)
+        port = only_v6.sockets[0].getsockname()[1]
+        serving, agent_port = await _agent()
+        reader, writer = await asyncio.open_connection("127.0.0.1", agent_port)
+        writer.write(proto.request_line(port))
+        assert proto.parse_reply(await proto.read_line(reader)) is None
+        assert await asyncio.wait_for(reader.readline(), 5) == b"hello over ipv6\n"
+        writer.close()
+        serving.cancel()
+        only_v6.close()
+
+    asyncio.run(scenario())

@@ -21,9 +21,14 @@ log = logging.getLogger("vm-agent.portforward")
 CONNECT_TIMEOUT = 5.0
 
 
+# Where a forwarded port is dialled, in turn: IPv4's loopback, then IPv6's, as containerd dials a
+# host pod's port (tcp4, then tcp6), so a server listening on ::1 alone is reached too.
+LOOPBACKS = ("127.0.0.1", "::1")
+
+
 class PortForwardService:
-    def __init__(self, host: str = "127.0.0.1") -> None:
-        self.host = host
+    def __init__(self, hosts: tuple[str, ...] = LOOPBACKS) -> None:
+        self.hosts = hosts
 
     async def serve(self, listener: socket.socket) -> None:
         server = await asyncio.start_server(self._session, sock=listener)
@@ -37,16 +42,21 @@ class PortForwardService:
             log.warning("refused a forward request: %s", err)
             writer.close()
             return
-        try:
-            async with asyncio.timeout(CONNECT_TIMEOUT):
-                target = await asyncio.open_connection(self.host, port)
-        except (OSError, TimeoutError) as err:
-            cause = os.strerror(err.errno) if isinstance(err, OSError) and err.errno else "timed out"
-            reason = f"connect to {self.host}:{port} in the guest: {cause}"
+        target, failures = None, []
+        for host in self.hosts:
+            try:
+                async with asyncio.timeout(CONNECT_TIMEOUT):
+                    target = await asyncio.open_connection(host, port)
+                break
+            except (OSError, TimeoutError) as err:
+                cause = os.strerror(err.errno) if isinstance(err, OSError) and err.errno else "timed out"
+                failures.append(f"{host}:{port}: {cause}")
+        if target is None:
+            reason = f"connect in the guest to {', '.join(failures)}"
             log.info("port forward: %s", reason)
             writer.write(proto.error_line(reason))
             writer.close()  # after what was written has gone out
             return
         writer.write(proto.OK_LINE)
-        log.debug("port forward to %s:%d", self.host, port)
+        log.debug("port forward to port %d", port)
         await proto.relay((reader, writer), target)
