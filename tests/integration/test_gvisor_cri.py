@@ -181,6 +181,27 @@ def test_two_containers_share_one_gvisor_kernel_and_reach_the_cri_log(gvisor: St
     print(f"\ngVisor pod with two containers, exec and teardown: {time.monotonic() - started:.2f}s")
 
 
+def test_containers_of_a_pod_share_one_dev_shm(gvisor: Stack) -> None:
+    """As under gVisor's own shim: one tmpfs the sandbox makes (runsc's pod mount hint), so what one
+    container writes to /dev/shm another reads, and shm_open (which needs a tmpfs there) works."""
+    async def scenario() -> None:
+        async with CriClient(gvisor.address) as client:
+            pod_id, pod = await run_pod(client, "gv-shm", gvisor.log_dir)
+            writer = await start_container(client, pod_id, pod, "writer",
+                                           ["sh", "-c", "echo from-writer > /dev/shm/note; sleep 3600"])
+            reader = await start_container(client, pod_id, pod, "reader", ["sleep", "3600"])
+            await wait_state(client, writer, cri.CONTAINER_RUNNING)
+            await wait_state(client, reader, cri.CONTAINER_RUNNING)
+            read = await client.exec_sync(reader, ["sh", "-c", "for i in $(seq 50); do [ -s /dev/shm/note ] && break; "
+                                                               "sleep 0.1; done; cat /dev/shm/note"], timeout=20)
+            assert read.stdout == b"from-writer\n", read
+            mount = await client.exec_sync(reader, ["sh", "-c", "grep ' /dev/shm ' /proc/mounts"], timeout=20)
+            assert mount.stdout.split()[2] == b"tmpfs", mount.stdout
+            await remove_pod(client, pod_id)
+
+    gvisor.run(scenario())
+
+
 def test_containers_see_the_pods_hostname_hosts_and_dns_config(gvisor: Stack) -> None:
     gvisor.run(check_pod_files(gvisor.address, HANDLER, gvisor.log_dir, gvisor.sandboxer_dir / "pods"))
 

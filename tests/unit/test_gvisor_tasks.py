@@ -211,7 +211,7 @@ def test_a_create_that_fails_before_runsc_create_deletes_nothing(tmp_path: Path,
     tasks, runsc, events = make_tasks(tmp_path)
     add_pod(tasks, tmp_path, "podA")
 
-    def broken_spec(*args: object) -> None:
+    def broken_spec(*args: object, **kwargs: object) -> None:
         raise OSError("disk full")
 
     monkeypatch.setattr(gt, "rewrite_container_spec", broken_spec)

@@ -288,3 +288,17 @@ def test_quark_a_start_cut_short_by_a_restart_leaves_no_qvisor(tmp_path: Path) -
                 os.kill(pid, 9)
 
     asyncio.run(main())
+
+
+def test_a_pods_dev_shm_is_one_tmpfs_runsc_shares_by_its_source(tmp_path: Path) -> None:
+    root = gvisor_pod.root_spec("p", tmp_path, shm_source="/x/pods/p/shm")
+    hint = {k.rsplit(".", 1)[1]: v for k, v in root["annotations"].items() if k.startswith(gvisor_pod.SHM_HINT)}
+    assert hint == {"source": "/x/pods/p/shm", "type": "tmpfs", "share": "pod", "options": "rw"}
+    assert not any(k.startswith(gvisor_pod.SHM_HINT) for k in gvisor_pod.root_spec("p", tmp_path)["annotations"])
+    private = {"destination": "/dev/shm", "type": "tmpfs", "source": "shm", "options": ["nosuid", "size=65536k"]}
+    spec = {"mounts": [dict(private), dict(private, source="dup")]}  # containerd's private tmpfs, and a duplicate
+    assert gvisor_pod.use_pod_shm(spec, "/x/pods/p/shm")
+    assert spec["mounts"] == [dict(private, source="/x/pods/p/shm")]
+    host_ipc = {"mounts": [{"destination": "/dev/shm", "type": "bind", "source": "/dev/shm", "options": ["rbind"]}]}
+    assert not gvisor_pod.use_pod_shm(host_ipc, "/x") and host_ipc["mounts"][0]["source"] == "/dev/shm"
+    assert not gvisor_pod.use_pod_shm({"mounts": []}, "/x")

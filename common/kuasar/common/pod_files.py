@@ -106,13 +106,14 @@ def add_pod_file_mounts(spec: dict[str, Any], path: Path, rootfs: Path) -> list[
     return added
 
 
-def rewrite_container_spec(bundle: Path, spec: dict[str, Any], pod_path: Path | None) -> None:
+def rewrite_container_spec(bundle: Path, spec: dict[str, Any], pod_path: Path | None, changed: bool = False) -> None:
     """Change a CRI container's config.json (`spec`, read from `bundle`) for a host runtime (runc, runsc)
     run with its cgroupfs driver: a systemd-form cgroupsPath becomes the path systemd's would be, and the
     pod's files and /dev/shm in `pod_path` (if any) are bound in. Call with the rootfs mounted: what can
-    be bound depends on what it holds. Written back only if something changed; containerd wrote the file
-    for this Create and only the runtime, started next, reads it."""
-    changed = cgroups.use_cgroupfs_path(spec)
+    be bound depends on what it holds. Written back only if something changed (`changed`: the caller
+    changed `spec` already); containerd wrote the file for this Create and only the runtime, started
+    next, reads it."""
+    changed = cgroups.use_cgroupfs_path(spec) or changed
     rootfs = bundle / (spec.get("root") or {}).get("path", "rootfs")
     if pod_path is not None and add_pod_file_mounts(spec, pod_path, rootfs):
         changed = True

@@ -37,6 +37,9 @@ PAUSE_ROOTFS = "pause-rootfs"
 DEFAULT_BUSYBOX = "/bin/busybox"
 # Where kuasar-pause goes in the root container's rootfs, and runs from.
 PAUSE_IN_ROOTFS = "bin/kuasar-pause"
+DEV_SHM = "/dev/shm"
+# The annotations of the pod's shared /dev/shm (runsc's `dev.gvisor.spec.mount.<name>.<field>`).
+SHM_HINT = "dev.gvisor.spec.mount.kuasarpodshm."
 PT_INTERP = 3
 
 
@@ -85,8 +88,30 @@ def ensure_pause_rootfs(directory: Path, busybox: str = DEFAULT_BUSYBOX, pause: 
     return rootfs
 
 
+def shm_annotations(source: str) -> dict[str, str]:
+    """runsc's pod mount hints for the pod's /dev/shm: one tmpfs the sandbox makes, mounted by every
+    container whose /dev/shm names `source` (runsc matches hints by source), as gVisor's own shim
+    shares it. A bind of a host tmpfs would not do: glibc's shm_open uses /dev/shm only if it is a
+    tmpfs, and in the sandbox a bind is no tmpfs."""
+    return {f"{SHM_HINT}source": source, f"{SHM_HINT}type": "tmpfs", f"{SHM_HINT}share": "pod",
+            f"{SHM_HINT}options": "rw"}
+
+
+def use_pod_shm(spec: dict[str, Any], source: str) -> bool:
+    """Make a container's /dev/shm the pod's shared tmpfs: containerd's private tmpfs there is named by
+    the pod's `source`. A /dev/shm taken from elsewhere (a host-IPC pod's host /dev/shm, a volume) is
+    left alone, and so is a spec without one."""
+    at_shm = [m for m in spec.get("mounts") or [] if isinstance(m, dict) and m.get("destination") == DEV_SHM]
+    if not at_shm or any(m.get("type") != "tmpfs" for m in at_shm):
+        return False
+    at_shm[0]["source"] = source
+    for extra in at_shm[1:]:
+        spec["mounts"].remove(extra)
+    return True
+
+
 def root_spec(pod_id: str, rootfs: Path, *, netns_path: str = "", hostname: str = "",
-              cgroups_path: str = "") -> dict[str, Any]:
+              cgroups_path: str = "", shm_source: str = "") -> dict[str, Any]:
     """OCI spec of a pod's root container: kuasar-pause if the rootfs has it, else `sleep`, as nobody,
     no capabilities, read-only root."""
     args = [f"/{PAUSE_IN_ROOTFS}"] if (rootfs / PAUSE_IN_ROOTFS).is_file() else ["/bin/sleep", SLEEP_SECONDS]
@@ -112,7 +137,8 @@ def root_spec(pod_id: str, rootfs: Path, *, netns_path: str = "", hostname: str 
             {"destination": "/sys", "type": "sysfs", "source": "sysfs",
              "options": ["nosuid", "noexec", "nodev", "ro"]},
         ],
-        "annotations": {CONTAINER_TYPE: "sandbox", SANDBOX_ID: pod_id},
+        "annotations": {CONTAINER_TYPE: "sandbox", SANDBOX_ID: pod_id,
+                        **(shm_annotations(shm_source) if shm_source else {})},
         "linux": {"namespaces": namespaces},
     }
     if cgroups_path:

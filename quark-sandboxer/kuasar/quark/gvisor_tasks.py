@@ -93,6 +93,7 @@ class GvisorPod:
     network: str  # runsc --network for every command on this sandbox
     pid: int = 0
     stopping: bool = False
+    shm_source: str = ""  # what names the pod's shared /dev/shm (none for a host-IPC pod)
 
 
 @dataclass
@@ -169,14 +170,16 @@ class GvisorTasks(TerminalTasks):
         bundle = pod_dir(self.directory, pod_id) / SANDBOX_BUNDLE
         rootfs = gvisor_pod.ensure_pause_rootfs(self.directory, pause=pause_program())
         network = await self._network_for(req)
+        # A name, not a host directory: the tmpfs lives in the sandbox.
+        shm_source = str(pod_dir(self.directory, pod_id) / "shm") if req.new_ipc else ""
         spec = gvisor_pod.root_spec(pod_id, rootfs, netns_path=req.netns_path,
                                     hostname=req.hostname if req.new_uts else "",
                                     cgroups_path="/" + "/".join(p for p in (cgroup.path, pod_id) if p)
-                                    if cgroup is not None else "")
+                                    if cgroup is not None else "", shm_source=shm_source)
         shutil.rmtree(bundle, ignore_errors=True)
         bundle.mkdir(parents=True, mode=0o700)
         (bundle / "config.json").write_text(json.dumps(spec))
-        pod = GvisorPod(pod_id, bundle, network)
+        pod = GvisorPod(pod_id, bundle, network, shm_source=shm_source)
         try:
             await self.runsc.create(pod_id, bundle, bundle / "sandbox.pid", network, Stdio())
             await self.runsc.start(pod_id, bundle, network)
@@ -257,7 +260,8 @@ class GvisorTasks(TerminalTasks):
                 container.rootfs_mounted = True
             created = False  # whether runsc may hold a container this call made
             try:
-                rewrite_container_spec(bundle, spec, pod_dir(self.directory, pod_id))
+                shared_shm = bool(pod.shm_source) and gvisor_pod.use_pod_shm(spec, pod.shm_source)
+                rewrite_container_spec(bundle, spec, pod_dir(self.directory, pod_id), changed=shared_shm)
                 # runsc hands a sub-container the stdio of `runsc start`, so the FIFOs wait for Start; a
                 # terminal is made at create, its master sent to our console socket.
                 console = self._listen_console(io)
