@@ -288,6 +288,22 @@ async def check_exit_codes(address: str, handler: str, log_dir: Path) -> None:
         await remove_pod(client, pod_id)
 
 
+async def start_shm_writer_and_reader(client: CriClient, pod_id: str,
+                                      pod: cri.PodSandboxConfig) -> tuple[str, list[str]]:
+    """Two containers of the pod: one writes /dev/shm/note, the other must read it (one /dev/shm per pod,
+    as through a pause container's IPC). The reader's id and its /dev/shm line of /proc/mounts, split."""
+    writer = await start_container(client, pod_id, pod, "writer",
+                                   ["sh", "-c", "echo from-writer > /dev/shm/note; sleep 3600"])
+    reader = await start_container(client, pod_id, pod, "reader", ["sleep", "3600"])
+    await wait_state(client, writer, cri.CONTAINER_RUNNING)
+    await wait_state(client, reader, cri.CONTAINER_RUNNING)
+    read = await client.exec_sync(reader, ["sh", "-c", "for i in $(seq 50); do [ -s /dev/shm/note ] && break; "
+                                                       "sleep 0.1; done; cat /dev/shm/note"], timeout=20)
+    assert read.stdout == b"from-writer\n", read
+    mount = await client.exec_sync(reader, ["sh", "-c", "grep ' /dev/shm ' /proc/mounts"], timeout=20)
+    return reader, mount.stdout.decode().split()
+
+
 async def check_failed_start_leaves_a_removable_container(address: str, handler: str, log_dir: Path) -> None:
     """A container whose entrypoint does not exist fails to start, is reported exited, and it and its
     pod can be removed (under gVisor a failed start left it created for ever: neither removable nor its

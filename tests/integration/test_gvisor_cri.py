@@ -37,6 +37,7 @@ from .cri_helpers import (
     mounts_containing,
     remove_pod,
     start_container,
+    start_shm_writer_and_reader,
     terminal_exec,
     wait_log,
     wait_pod_not_ready,
@@ -187,16 +188,8 @@ def test_containers_of_a_pod_share_one_dev_shm(gvisor: Stack) -> None:
     async def scenario() -> None:
         async with CriClient(gvisor.address) as client:
             pod_id, pod = await run_pod(client, "gv-shm", gvisor.log_dir)
-            writer = await start_container(client, pod_id, pod, "writer",
-                                           ["sh", "-c", "echo from-writer > /dev/shm/note; sleep 3600"])
-            reader = await start_container(client, pod_id, pod, "reader", ["sleep", "3600"])
-            await wait_state(client, writer, cri.CONTAINER_RUNNING)
-            await wait_state(client, reader, cri.CONTAINER_RUNNING)
-            read = await client.exec_sync(reader, ["sh", "-c", "for i in $(seq 50); do [ -s /dev/shm/note ] && break; "
-                                                               "sleep 0.1; done; cat /dev/shm/note"], timeout=20)
-            assert read.stdout == b"from-writer\n", read
-            mount = await client.exec_sync(reader, ["sh", "-c", "grep ' /dev/shm ' /proc/mounts"], timeout=20)
-            assert mount.stdout.split()[2] == b"tmpfs", mount.stdout
+            _, mount = await start_shm_writer_and_reader(client, pod_id, pod)
+            assert mount[2] == "tmpfs", mount
             await remove_pod(client, pod_id)
 
     gvisor.run(scenario())

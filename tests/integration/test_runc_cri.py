@@ -34,6 +34,7 @@ from .cri_helpers import (
     remove_pod,
     run_pod,
     start_container,
+    start_shm_writer_and_reader,
     task_server_pid,
     terminal_exec,
     traversable,
@@ -81,14 +82,7 @@ def test_containers_of_a_pod_share_its_dev_shm_and_a_host_ipc_pod_uses_the_hosts
     async def scenario() -> None:
         async with CriClient(stack.address) as client:
             pod_id, pod = await run_pod(client, "shm", stack.log_dir)
-            writer = await start_container(client, pod_id, pod, "writer",
-                                           ["sh", "-c", "echo from-writer > /dev/shm/note; sleep 3600"])
-            reader = await start_container(client, pod_id, pod, "reader", ["sleep", "3600"])
-            await wait_state(client, writer, cri.CONTAINER_RUNNING)
-            await wait_state(client, reader, cri.CONTAINER_RUNNING)
-            assert (await run(client, reader, "for i in $(seq 50); do [ -s /dev/shm/note ] && break; "
-                                              "sleep 0.1; done; cat /dev/shm/note")) == "from-writer\n"
-            mount = (await run(client, reader, "grep ' /dev/shm ' /proc/mounts")).split()
+            _, mount = await start_shm_writer_and_reader(client, pod_id, pod)
             assert mount[2] == "tmpfs" and "size=65536k" in mount[3]
             shm = stack.sandboxer_dir / "pods" / pod_id / "shm"
             assert os.path.ismount(shm) and (shm / "note").read_text() == "from-writer\n"
