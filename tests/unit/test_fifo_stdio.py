@@ -143,3 +143,24 @@ def test_a_deleted_process_leaves_no_write_end_of_its_stdin(tmp_path: Path) -> N
     assert io.stdin_writer >= 0 and stdio.stdin in io.fds
     io.close()
     assert set(os.listdir("/proc/self/fd")) == before
+
+
+def test_a_close_io_before_start_leaves_no_write_end_to_hold(tmp_path: Path) -> None:
+    # CRI's attach sends CloseIO as soon as its input is done, which can be before Start opens the FIFOs:
+    # the write end Start then took was held until Delete, and the process never read end of input.
+    fifo = tmp_path / "stdin"
+    os.mkfifo(fifo)
+    containerd = os.open(fifo, os.O_RDWR | os.O_NONBLOCK)
+    io = ProcessIO(stdin=str(fifo))
+    io.close_stdin()
+    stdio = io.runc_stdio()
+    process_end = os.dup(stdio.stdin)
+    io.release_fds()
+    os.set_blocking(process_end, False)
+    try:
+        assert io.stdin_writer < 0
+        os.close(containerd)
+        assert os.read(process_end, 16) == b""
+    finally:
+        os.close(process_end)
+        io.close()

@@ -418,3 +418,35 @@ def test_a_failed_exec_start_ends_its_wait(tmp_path: Path) -> None:
         assert (await asyncio.wait_for(waiting, 5)).exit_status == gt.NEVER_RAN_EXIT_STATUS
 
     asyncio.run(scenario())
+
+
+@pytest.mark.parametrize(("runsc_says", "running"), [("running", True), ("created", False)])
+def test_a_cancelled_start_watches_a_container_runsc_did_start(tmp_path: Path, runsc_says: str,
+                                                                running: bool) -> None:
+    # A Start cancelled once `runsc start` had ended (a deadline, containerd gone) was taken for a failed
+    # one: the running container was reported exited (255) and nothing watched its real exit.
+    class CancelledStart(FakeRunsc):
+        async def start(self, container_id: str, bundle: Path, network: str, stdio: Any = None) -> None:
+            raise asyncio.CancelledError
+
+        async def status(self, container_id: str, network: str) -> str:
+            return runsc_says
+
+        async def wait(self, container_id: str, network: str) -> int:
+            await asyncio.Event().wait()  # runs on
+            return 0
+
+    tasks, runsc, events = make_tasks(tmp_path, CancelledStart)
+    container = add_container(tasks, tmp_path, status=types.CREATED)
+
+    async def scenario() -> None:
+        with pytest.raises(asyncio.CancelledError):
+            await tasks.start(task.StartRequest(id="c1"), Ctx())  # type: ignore[arg-type]
+        if running:
+            assert container.init.status == types.RUNNING and container.waiter is not None
+            container.waiter.cancel()
+        else:
+            assert container.init.status == types.STOPPED and container.waiter is None
+            assert container.init.exit_status == gt.NEVER_RAN_EXIT_STATUS
+
+    asyncio.run(scenario())

@@ -96,6 +96,9 @@ def test_the_pods_root_runs_kuasar_pause_to_reap_orphans_where_it_is_installed(t
     rootfs = gvisor_pod.ensure_pause_rootfs(tmp_path, pause=pause)  # made again, with it
     assert rootfs == plain and (rootfs / gvisor_pod.PAUSE_IN_ROOTFS).read_bytes() == Path(pause).read_bytes()
     assert gvisor_pod.root_spec("p", rootfs)["process"]["args"] == ["/bin/kuasar-pause"]
+    (rootfs / gvisor_pod.PAUSE_IN_ROOTFS).write_bytes(b"an older build")  # an upgrade brings a new one
+    assert gvisor_pod.ensure_pause_rootfs(tmp_path, pause=pause) == rootfs
+    assert (rootfs / gvisor_pod.PAUSE_IN_ROOTFS).read_bytes() == Path(pause).read_bytes()
 
 
 def test_runsc_stats_become_cgroup_metrics() -> None:

@@ -307,3 +307,50 @@ def test_an_inits_exit_is_recorded_after_its_running_execs_exits(tmp_path: Path)
                 os.kill(pid, 9)
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(pid, 0)
+
+
+def test_kill_all_of_an_ended_init_sends_the_signal_asked_for(tmp_path: Path) -> None:
+    # As `runc kill --all <sig>`: a SIGTERM to the rest is a SIGTERM, not a SIGKILL.
+    tasks, _, _ = _tasks(tmp_path)
+    container = tasks.containers["c1"]
+    container.init.record_exit(0, 1)
+    left = _sleeper()
+    try:
+        container.procs_file = tmp_path / "cgroup.procs"
+        container.procs_file.write_text(f"{left}\n")
+        asyncio.run(tasks.kill(task.KillRequest(id="c1", signal=15, all=True), CTX))  # type: ignore[arg-type]
+        _, status = os.waitpid(left, 0)
+        assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == 15
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(left, 9)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(left, 0)
+
+
+def test_an_inits_exit_is_not_held_for_execs_nothing_can_end(tmp_path: Path) -> None:
+    # In a shared PID namespace whose cgroup is not the container's own, the execs outlive the init: the
+    # exit waited the whole EXECS_EXIT_WAIT for them every time.
+    tasks, _, _ = _tasks(tmp_path)
+    container = tasks.containers["c1"]
+    container.shares_pids = True  # and no procs_file
+    init_pid, exec_pid = _sleeper(), _sleeper()
+    io = SimpleNamespace(stdin="", stdout="", stderr="", terminal=False, close=lambda: None)
+    container.init.pid = init_pid
+    container.execs["e1"] = RuncProcess("e1", io, pid=exec_pid, status=types.RUNNING)
+
+    async def scenario() -> None:
+        tasks.reaper.install()
+        tasks._watch(container, container.init, time.monotonic_ns() - 10**9)
+        os.kill(init_pid, 9)
+        await asyncio.wait_for(container.init.exited.wait(), 5)
+        assert not container.init.reaped and container.execs["e1"].status == types.RUNNING
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        for pid in (init_pid, exec_pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, 9)
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)

@@ -114,15 +114,16 @@ def cgroup_procs_of(pid: int) -> list[int] | None:
 KILL_PASSES = 3
 
 
-def kill_members(procs_file: Path) -> None:
-    """SIGKILL every process in the cgroup of `procs_file` and below it, without waiting for them to end."""
-    for _ in range(KILL_PASSES):
+def kill_members(procs_file: Path, sig: int = signal.SIGKILL) -> None:
+    """Send `sig` to every process in the cgroup of `procs_file` and below it, without waiting for them
+    to end; SIGKILL in KILL_PASSES passes (another signal once: a handler would see it each time)."""
+    for _ in range(KILL_PASSES if sig == signal.SIGKILL else 1):
         pids = procs_below(procs_file)
         if not pids:
             return
         for pid in pids:
             with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+                os.kill(pid, sig)
 
 
 SLICE = ".slice"

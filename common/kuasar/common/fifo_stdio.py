@@ -45,6 +45,7 @@ class ProcessIO(ConsoleReceiver):
     pumps: list[Pump] = field(default_factory=list)
     stdin_pump: Pump | None = None  # the copy into the pty (of `pumps`), which CloseIO ends
     stdin_writer: int = -1  # our write end of the stdin FIFO, which CloseIO closes (see _hold_stdin)
+    stdin_closed: bool = False  # CloseIO came (it may come before Start opens the FIFOs: CRI's attach)
     console_path: Path | None = None
     size: tuple[int, int] | None = None  # (width, height) asked for before the console existed
     _console: socket.socket | None = None
@@ -106,10 +107,11 @@ class ProcessIO(ConsoleReceiver):
         CloseIO says so, not when containerd merely goes away (a restart, a crash) and its end with
         it. A `sh` reading it would exit; our pty copy would end for good. A containerd that comes
         back opens the FIFO again."""
-        if self.stdin_writer < 0:
+        if self.stdin_writer < 0 and not self.stdin_closed:
             self.stdin_writer = os.open(self.stdin, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
 
     def close_stdin(self) -> None:
+        self.stdin_closed = True
         if self.terminal and self.stdin_pump is not None:
             self.stdin_pump.cancel()
         self._drop_stdin_writer()

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import linux
+from . import linux, spawn
 from .errors import RuntimeFailure
 from .pod_sysctls import sysctl_path
 from .spawn import RESTORED_SIGNALS, read_to_eof
@@ -50,8 +50,8 @@ def pause_program() -> str | None:
     for candidate in candidates:
         if candidate and os.access(candidate, os.X_OK):
             return candidate
-    log.warning("%s not found: pod processes will sleep in Python (a few MB each instead of KB)",
-                PAUSE_PROGRAM)
+    log.warning("%s not found: pod processes will sleep in Python (a few MB each instead of KB); a gVisor "
+                "pod's root runs busybox sleep, which reaps no orphans", PAUSE_PROGRAM)
     return None
 
 
@@ -187,7 +187,7 @@ def spawn_pod_holder(name: str, namespaces: PodNamespaces, hostname: str = "") -
     The fallback when kuasar-pause is not installed: see start_pod_holder.
     """
     read_fd, write_fd = os.pipe()
-    pid = os.fork()
+    pid = spawn.fork()
     if pid == 0:  # child: never returns
         os.close(read_fd)
         _child(name, namespaces, hostname, write_fd)
@@ -222,7 +222,7 @@ def _child(name: str, ns: PodNamespaces, hostname: str, report_fd: int) -> None:
             socket.sethostname(hostname)
         for key, value in ns.sysctls:
             _write_sysctl(key, value)
-        if ns.new_pid and os.fork() != 0:
+        if ns.new_pid and spawn.fork() != 0:
             os._exit(0)  # the grandchild is PID 1 of the pod's PID namespace and re-parents to us
         comm = _comm(name)
         linux.set_process_name(comm)

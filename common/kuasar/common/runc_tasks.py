@@ -133,9 +133,14 @@ class RuncContainerTasks(TerminalTasks):
                 return
             exited = future.result()
             if proc is container.init:
-                self._end_the_rest(container)
+                # Not for a container already removed (a pod's removal does not wait for ever): its id
+                # and so its cgroup may be another's by now.
+                current = self.containers.get(container.id) is container
+                ended = current and self._end_the_rest(container)
                 running = [e for e in container.execs.values() if e.pid and e.status != types.STOPPED]
-                if running:
+                # Held only while the execs are ending: with their PID namespace (the init's own), or
+                # with the rest just ended; otherwise nothing would end them in time.
+                if running and (ended or not container.shares_pids):
                     # As containerd's shim: the init's exit is recorded (Wait returns, the event goes)
                     # once its execs' are, so it comes last; they end with it (its PID namespace, or
                     # the rest just ended).
@@ -161,20 +166,21 @@ class RuncContainerTasks(TerminalTasks):
         """Its exit is recorded, or it is an init reaped whose exit waits for its execs'."""
         return proc.status == types.STOPPED or proc.reaped
 
-    def _end_the_rest(self, container: Any) -> bool:
-        """SIGKILL what a container's init left in its shared PID namespace (its execs included), as
-        containerd's shim does before it reports the init's exit; False if there is nothing we can end
-        (a container with a PID namespace of its own has nothing left: the kernel ended it)."""
+    def _end_the_rest(self, container: Any, sig: int = signal.SIGKILL) -> bool:
+        """SIGKILL (or `sig`) what a container's init left in its shared PID namespace (its execs
+        included), as containerd's shim does before it reports the init's exit; False if there is nothing
+        we can reach (a container with a PID namespace of its own has nothing left: the kernel ended it)."""
         if container.procs_file is None:
             return False
-        log.info("container %s: ending the processes its init left", container.id)
-        cgroups.kill_members(container.procs_file)
+        log.info("container %s: signal %d to the processes its init left", container.id, sig)
+        cgroups.kill_members(container.procs_file, sig)
         return True
 
     def _ends_the_rest_of_stopped(self, container: Any, req: task.KillRequest) -> bool:
         """A Kill of every process of a container whose init is gone (containerd's Delete sends one):
-        what is left in a shared PID namespace is ended, as the shim's `runc kill --all` would."""
-        return req.all and not req.exec_id and self._has_ended(container.init) and self._end_the_rest(container)
+        what is left in a shared PID namespace gets the signal, as from the shim's `runc kill --all`."""
+        return (req.all and not req.exec_id and self._has_ended(container.init)
+                and self._end_the_rest(container, req.signal or signal.SIGKILL))
 
     async def _start_process(self, container: Any, proc: RuncProcess, is_exec: bool) -> None:
         """`runc create` for init, `runc exec --detach` for an exec; learn the pid, watch its exit."""
@@ -401,7 +407,7 @@ class RuncContainerTasks(TerminalTasks):
             # while it was down into 255/Unknown. A deleted container answers NotFound instead.
             return task.PidsResponse(processes=[types.ProcessInfo(pid=container.init.pid)])
         pids = await self.runc.ps(req.id)
-        execs = {proc.pid: proc.id for proc in container.execs.values() if proc.pid}
+        execs = {proc.pid: proc.id for proc in container.execs.values() if proc.pid and proc.status != types.STOPPED}
         return task.PidsResponse(processes=[_process_info(pid, execs.get(pid, "")) for pid in pids])
 
     async def stats(self, req: task.StatsRequest, ctx: Context) -> task.StatsResponse:

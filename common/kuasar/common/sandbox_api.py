@@ -47,7 +47,8 @@ def cri_sandbox_info(record: SandboxRecord, pid: int) -> str:
     of the pod (its config, runtime handler and CNI result as of Create); no runtime spec, as a pod
     here is no container."""
     # containerd versions the JSON of its Metadata ({"Version": "v1", "Metadata": {...}}), and so shows it.
-    fields = record.cri_metadata.get("Metadata")
+    metadata = record.cri_metadata if isinstance(record.cri_metadata, dict) else {}  # older records took any JSON
+    fields = metadata.get("Metadata")
     fields = fields if isinstance(fields, dict) else {}
     return json.dumps({
         "pid": pid,
@@ -56,7 +57,7 @@ def cri_sandbox_info(record: SandboxRecord, pid: int) -> str:
         "runtimeHandler": fields.get("RuntimeHandler", ""),
         "config": fields.get("Config"),
         "cniResult": fields.get("CNIResult"),
-        "sandboxMetadata": record.cri_metadata,
+        "sandboxMetadata": metadata,
     })
 
 

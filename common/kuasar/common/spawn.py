@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import os
 import shutil
 import signal
@@ -41,6 +42,25 @@ def resolve(program: str) -> str:
     if not path or not os.access(path, os.X_OK):
         raise NotFound(f"program {program!r} not found or not executable")
     return path
+
+
+def fork() -> int:
+    """os.fork with the collector off across it (on again in the parent, off for good in the child).
+    CPython's fork handlers run in the child, and a collection there runs the finalizers of what the
+    parent left as garbage; some join threads that exist only in the parent (a gRPC channel's, in a
+    test process), and the child spins for ever. Our children fork at most once more, then exec or
+    sleep: they have no use for the collector."""
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        pid = os.fork()
+    except BaseException:
+        if collecting:
+            gc.enable()
+        raise
+    if pid != 0 and collecting:
+        gc.enable()
+    return pid
 
 
 def start_program(path: str, argv: list[str], env: Mapping[str, str], stdin: int, stdout: int, stderr: int,

@@ -21,6 +21,7 @@ namespaces whatever the paths say, except that a PID namespace path means "share
 
 from __future__ import annotations
 
+import filecmp
 import os
 import shutil
 import struct
@@ -67,7 +68,7 @@ def ensure_pause_rootfs(directory: Path, busybox: str = DEFAULT_BUSYBOX, pause: 
     target = rootfs / "bin" / "busybox"
     pause = pause if pause is not None and is_static_elf(Path(pause)) else None
     if target.is_file() and (rootfs / "bin" / "sleep").is_symlink() and (
-            pause is None or (rootfs / PAUSE_IN_ROOTFS).is_file()):
+            pause is None or _same_file(pause, rootfs / PAUSE_IN_ROOTFS)):  # an upgraded one is copied again
         return rootfs
     source = Path(busybox)
     if not is_static_elf(source):
@@ -108,6 +109,13 @@ def use_pod_shm(spec: dict[str, Any], source: str) -> bool:
     for extra in at_shm[1:]:
         spec["mounts"].remove(extra)
     return True
+
+
+def _same_file(source: str, copy: Path) -> bool:
+    try:
+        return filecmp.cmp(source, copy, shallow=False)
+    except OSError:
+        return False
 
 
 def root_spec(pod_id: str, rootfs: Path, *, netns_path: str = "", hostname: str = "",

@@ -69,6 +69,9 @@ from .runsc import NETSTACK_FIXED_DATE, NO_NETWORK, RUNSC_FAILURE, Leftover, Run
 
 log = logging.getLogger(__name__)
 
+# How long a cancelled Start may ask runsc what became of the container (`runsc state` answers at once).
+CANCELLED_START_CHECK = 10.0
+
 # A foreground `runsc exec` writes the process's pid within tens of milliseconds; this bounds a stuck one.
 EXEC_START_TIMEOUT = 20.0
 # A killed `runsc exec` runner is reaped in milliseconds; this only bounds a wait for one that is not.
@@ -317,20 +320,41 @@ class GvisorTasks(TerminalTasks):
                 stdio = Stdio() if proc.io.terminal else proc.io.runc_stdio()
                 try:
                     await self.runsc.start(req.id, container.bundle, container.pod.network, stdio)
-                except BaseException:
+                except KuasarError:
                     # runsc leaves a sub-container whose start failed Created, where it can be neither
                     # signalled nor started again, and containerd deletes no created task with a pid
                     # (CRI's cleanup, then RemoveContainer and RemovePodSandbox, failed for ever): as
                     # gVisor's shim, it is stopped here, so Wait returns and Delete removes it.
                     proc.record_exit(NEVER_RAN_EXIT_STATUS, time.time_ns())
                     raise
+                except asyncio.CancelledError:
+                    # Cancelled (a deadline, containerd gone) once `runsc start` had ended, one way or
+                    # the other: a container it did start is watched as any other, one it did not is
+                    # stopped as above.
+                    await self._after_cancelled_start(container)
+                    raise
                 finally:
                     proc.io.release_fds()
-                proc.status = types.RUNNING
-                container.waiter = asyncio.create_task(self._wait_init(container), name=f"runsc-wait-{req.id}")
+                self._started(container)
                 self._publish_started(req, proc.pid, container.namespace)
         log.info("container %s exec %r started pid %d", req.id, req.exec_id, proc.pid)
         return task.StartResponse(pid=proc.pid)
+
+    def _started(self, container: Container) -> None:
+        container.init.status = types.RUNNING
+        container.waiter = asyncio.create_task(self._wait_init(container), name=f"runsc-wait-{container.id}")
+
+    async def _after_cancelled_start(self, container: Container) -> None:
+        try:
+            async with asyncio.timeout(CANCELLED_START_CHECK):
+                status = await self.runsc.status(container.id, container.pod.network)
+        except (KuasarError, TimeoutError) as exc:
+            status = f"unknown ({exc})"
+        if status in ("running", "stopped"):
+            self._started(container)  # a stopped one: its `runsc wait` reports the exit
+        else:
+            log.warning("container %s: its start was cancelled and runsc says %s", container.id, status)
+            container.init.record_exit(NEVER_RAN_EXIT_STATUS, time.time_ns())
 
     async def _wait_init(self, container: Container) -> None:
         try:

@@ -129,6 +129,14 @@ class Runsc:
         letters, digits and `._-`: no glob)."""
         return any(_state_files(self.root, container_id))
 
+    async def status(self, container_id: str, network: str) -> str:
+        """The container's status as runsc keeps it (`created`, `running`, `stopped`, ...)."""
+        result = await self._run(network, ["state", container_id])
+        try:
+            return str(json.loads(result.stdout)["status"]).lower()
+        except (ValueError, KeyError, TypeError):
+            raise RuntimeFailure(f"runsc state: unexpected output {result.stdout[:200]!r}") from None
+
     async def pause(self, container_id: str, network: str) -> None:
         await self._run(network, ["pause", container_id])
 

@@ -128,9 +128,9 @@ class RuncTasks(RuncContainerTasks):
         "ttrpc: closed". Our pids cannot be reused behind our back: we are the reaper, and a reaped
         init is STOPPED.
         """
-        if container.init.reaped:  # its pid may be another's: only the rest is ours to end
+        if container.init.reaped:  # its pid may be another's: only the rest is ours to reach
             if all_processes:
-                self._end_the_rest(container)
+                self._end_the_rest(container, sig)
             return True
         if container.init.status == types.PAUSED:
             return False

@@ -17,8 +17,10 @@ from kuasar.common import guest_forward as proto
 
 log = logging.getLogger("vm-agent.portforward")
 
-# How long a connection to a port in the guest may take: loopback answers at once or not at all.
-CONNECT_TIMEOUT = 5.0
+# How long a connection to a port in the guest may take, per loopback: loopback answers at once or
+# not at all. Both tries together stay under the host's wait for our answer (HANDSHAKE_TIMEOUT), so a
+# hung one comes back as our error line, not as the host's timeout.
+CONNECT_TIMEOUT = proto.HANDSHAKE_TIMEOUT / 4
 
 
 # Where a forwarded port is dialled, in turn: IPv4's loopback, then IPv6's, as containerd dials a

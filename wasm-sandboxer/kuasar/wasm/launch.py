@@ -30,7 +30,7 @@ import signal
 import termios
 from dataclasses import dataclass, field
 
-from kuasar.common import linux
+from kuasar.common import linux, spawn
 from kuasar.common.cgroups import PodCgroup
 from kuasar.common.errors import InvalidArgument, RuntimeFailure
 from kuasar.common.reaper import Exit, Reaper
@@ -173,7 +173,7 @@ def launch(plan: LaunchPlan, stdio: Stdio, reaper: Reaper, wait_for_go: bool) ->
     go_r, go_w = os.pipe() if wait_for_go else (-1, -1)
     task_server = os.getpid()
     try:
-        pid = os.fork()
+        pid = spawn.fork()
     except OSError:
         for fd in (report_r, report_w, go_r, go_w):
             if fd >= 0:

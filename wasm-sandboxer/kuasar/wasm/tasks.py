@@ -263,6 +263,7 @@ class WasmTasks(TerminalTasks):
             except BaseException:
                 if master >= 0:
                     os.close(master)
+                proc.io.close()  # the output readers and the stdin writer it holds for the process
                 raise
             finally:
                 # The child holds them now: the pty's slave is ours alone, the FIFOs are the io's.
