@@ -10,6 +10,7 @@ import os
 import struct
 import termios
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -156,6 +157,25 @@ def _sleeper() -> int:
     return pid
 
 
+@contextlib.contextmanager
+def _sleepers(count: int) -> Iterator[list[int]]:
+    """`count` children sleeping, gone again when the block ends whatever happened in it."""
+    pids = [_sleeper() for _ in range(count)]
+    try:
+        yield pids
+    finally:
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, 9)
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)
+
+
+def _running_exec(container: RuncContainer, pid: int) -> None:
+    io = SimpleNamespace(stdin="", stdout="", stderr="", terminal=False, close=lambda: None)
+    container.execs["e1"] = RuncProcess("e1", io, pid=pid, status=types.RUNNING)
+
+
 def _killed(pid: int, timeout: float = 5.0) -> bool:
     """Whether child `pid` ends by SIGKILL within `timeout` seconds (a failing test must not hang)."""
     deadline = time.monotonic() + timeout
@@ -177,8 +197,7 @@ def test_kill_all_of_a_container_whose_init_is_gone_ends_what_it_left_in_a_share
     kill_all = task.KillRequest(id="c1", signal=9, all=True)
     with pytest.raises(NotFound, match="already finished"):
         asyncio.run(tasks.kill(kill_all, CTX))  # type: ignore[arg-type]
-    left = _sleeper()
-    try:
+    with _sleepers(1) as [left]:
         container.procs_file = tmp_path / "cgroup.procs"
         container.procs_file.write_text(f"{left}\n")
         with pytest.raises(NotFound, match="already finished"):  # one process, not all: nothing to end
@@ -186,11 +205,6 @@ def test_kill_all_of_a_container_whose_init_is_gone_ends_what_it_left_in_a_share
         assert os.waitpid(left, os.WNOHANG) == (0, 0)
         asyncio.run(tasks.kill(kill_all, CTX))  # type: ignore[arg-type]
         assert _killed(left)
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(left, 9)
-        with contextlib.suppress(ChildProcessError):
-            os.waitpid(left, 0)
 
 
 def test_only_a_cgroup_named_after_the_container_is_one_to_end_the_rest_of(tmp_path: Path) -> None:
@@ -201,21 +215,17 @@ def test_only_a_cgroup_named_after_the_container_is_one_to_end_the_rest_of(tmp_p
         pytest.skip("no pids hierarchy to make a cgroup in")
     directory = hierarchy / f"kuasar-unit-{os.urandom(4).hex()}-c1"
     directory.mkdir()
-    child = _sleeper()
     try:
-        (directory / "cgroup.procs").write_text(str(child))
-        assert _container_procs_file("c1", child) == directory / "cgroup.procs"
-        assert cgroups.read_procs(directory / "cgroup.procs") == [child]
-        assert _container_procs_file("c2", child) is None
-        os.kill(child, 9)
-        os.waitpid(child, 0)
-        assert _container_procs_file("c1", child) is None  # gone
-        assert cgroups.read_procs(directory / "cgroup.procs") == []
-    finally:
-        with contextlib.suppress(ProcessLookupError):
+        with _sleepers(1) as [child]:
+            (directory / "cgroup.procs").write_text(str(child))
+            assert _container_procs_file("c1", child) == directory / "cgroup.procs"
+            assert cgroups.read_procs(directory / "cgroup.procs") == [child]
+            assert _container_procs_file("c2", child) is None
             os.kill(child, 9)
-        with contextlib.suppress(ChildProcessError):
             os.waitpid(child, 0)
+            assert _container_procs_file("c1", child) is None  # gone
+            assert cgroups.read_procs(directory / "cgroup.procs") == []
+    finally:
         directory.rmdir()
     assert cgroups.read_procs(directory / "cgroup.procs") is None
 
@@ -229,21 +239,16 @@ def test_the_rest_of_a_container_is_ended_in_the_cgroups_it_made_below_its_own_t
     top = hierarchy / f"kuasar-unit-{os.urandom(4).hex()}-c1"
     below = top / "init"
     below.mkdir(parents=True)
-    children = [_sleeper(), _sleeper()]
     try:
-        (top / "cgroup.procs").write_text(str(children[0]))
-        (below / "cgroup.procs").write_text(str(children[1]))
-        assert sorted(cgroups.procs_below(top / "cgroup.procs") or []) == sorted(children)
-        assert sorted(cgroups.cgroup_procs_of(children[0]) or []) == sorted(children)
-        assert cgroups.cgroup_procs_of(children[1]) == [children[1]]  # from the one below: only its own
-        cgroups.kill_members(top / "cgroup.procs")
-        assert [_killed(child) for child in children] == [True, True]
+        with _sleepers(2) as children:
+            (top / "cgroup.procs").write_text(str(children[0]))
+            (below / "cgroup.procs").write_text(str(children[1]))
+            assert sorted(cgroups.procs_below(top / "cgroup.procs") or []) == sorted(children)
+            assert sorted(cgroups.cgroup_procs_of(children[0]) or []) == sorted(children)
+            assert cgroups.cgroup_procs_of(children[1]) == [children[1]]  # from the one below: only its own
+            cgroups.kill_members(top / "cgroup.procs")
+            assert [_killed(child) for child in children] == [True, True]
     finally:
-        for child in children:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(child, 9)
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(child, 0)
         below.rmdir()
         top.rmdir()
 
@@ -273,14 +278,10 @@ def test_an_inits_exit_is_recorded_after_its_running_execs_exits(tmp_path: Path)
     # execs' exits are in. Meanwhile its pid, reaped, may be another process's: a Kill must not reach it.
     tasks, events, _ = _tasks(tmp_path)
     container = tasks.containers["c1"]
-    init_pid, exec_pid = _sleeper(), _sleeper()
-    io = SimpleNamespace(stdin="", stdout="", stderr="", terminal=False, close=lambda: None)
-    container.init.pid = init_pid
-    container.execs["e1"] = RuncProcess("e1", io, pid=exec_pid, status=types.RUNNING)
     seen: list[tuple[str, int]] = []
     tasks.events.publish = lambda topic, event, namespace="": seen.append((event.id, event.exit_status))
 
-    async def scenario() -> None:
+    async def scenario(init_pid: int, exec_pid: int) -> None:
         tasks.reaper.install()
         since = time.monotonic_ns() - 10**9
         tasks._watch(container, container.init, since)
@@ -299,14 +300,10 @@ def test_an_inits_exit_is_recorded_after_its_running_execs_exits(tmp_path: Path)
         await asyncio.wait_for(container.init.exited.wait(), 5)
         assert seen == [("e1", 137), ("c1", 143)]
 
-    try:
-        asyncio.run(scenario())
-    finally:
-        for pid in (init_pid, exec_pid):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, 9)
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(pid, 0)
+    with _sleepers(2) as (init_pid, exec_pid):
+        container.init.pid = init_pid
+        _running_exec(container, exec_pid)
+        asyncio.run(scenario(init_pid, exec_pid))
 
 
 def test_kill_all_of_an_ended_init_sends_the_signal_asked_for(tmp_path: Path) -> None:
@@ -314,18 +311,12 @@ def test_kill_all_of_an_ended_init_sends_the_signal_asked_for(tmp_path: Path) ->
     tasks, _, _ = _tasks(tmp_path)
     container = tasks.containers["c1"]
     container.init.record_exit(0, 1)
-    left = _sleeper()
-    try:
+    with _sleepers(1) as [left]:
         container.procs_file = tmp_path / "cgroup.procs"
         container.procs_file.write_text(f"{left}\n")
         asyncio.run(tasks.kill(task.KillRequest(id="c1", signal=15, all=True), CTX))  # type: ignore[arg-type]
         _, status = os.waitpid(left, 0)
         assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == 15
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(left, 9)
-        with contextlib.suppress(ChildProcessError):
-            os.waitpid(left, 0)
 
 
 def test_an_inits_exit_is_not_held_for_execs_nothing_can_end(tmp_path: Path) -> None:
@@ -334,23 +325,15 @@ def test_an_inits_exit_is_not_held_for_execs_nothing_can_end(tmp_path: Path) -> 
     tasks, _, _ = _tasks(tmp_path)
     container = tasks.containers["c1"]
     container.shares_pids = True  # and no procs_file
-    init_pid, exec_pid = _sleeper(), _sleeper()
-    io = SimpleNamespace(stdin="", stdout="", stderr="", terminal=False, close=lambda: None)
-    container.init.pid = init_pid
-    container.execs["e1"] = RuncProcess("e1", io, pid=exec_pid, status=types.RUNNING)
 
-    async def scenario() -> None:
+    async def scenario(init_pid: int) -> None:
         tasks.reaper.install()
         tasks._watch(container, container.init, time.monotonic_ns() - 10**9)
         os.kill(init_pid, 9)
         await asyncio.wait_for(container.init.exited.wait(), 5)
         assert not container.init.reaped and container.execs["e1"].status == types.RUNNING
 
-    try:
-        asyncio.run(scenario())
-    finally:
-        for pid in (init_pid, exec_pid):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, 9)
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(pid, 0)
+    with _sleepers(2) as (init_pid, exec_pid):
+        container.init.pid = init_pid
+        _running_exec(container, exec_pid)
+        asyncio.run(scenario(init_pid))
