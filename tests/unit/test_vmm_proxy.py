@@ -147,9 +147,10 @@ def test_handshake_refusals(tmp_path: Path) -> None:
     asyncio.run(scenario())
 
 
-def test_update_loses_the_host_cpuset_on_its_way_to_the_guest(tmp_path: Path) -> None:
+def test_update_and_exec_lose_what_is_the_hosts_on_their_way_to_the_guest(tmp_path: Path) -> None:
     # CRI sends the whole merged LinuxResources on every UpdateContainerResources, a static CPU
-    # manager's host cpuset included: the guest's cgroup refused it and kubelet retried for ever.
+    # manager's host cpuset included: the guest's cgroup refused it and kubelet retried for ever. An
+    # exec's host security labels go too.
     proxy = TaskProxy(str(tmp_path / "vsock.sock"), HostPrep(tmp_path, "/run/kuasar/state"))
     resources = {"cpu": {"shares": 512, "cpus": "2-3", "mems": "0"}, "memory": {"limit": 1 << 27}}
     update = task.UpdateTaskRequest(id="c1", resources=any_pb2.Any(value=json.dumps(resources).encode()))
@@ -160,3 +161,8 @@ def test_update_loses_the_host_cpuset_on_its_way_to_the_guest(tmp_path: Path) ->
     plain = request_pb2.Request(service=TASK, method="Update", payload=task.UpdateTaskRequest(
         id="c1", resources=any_pb2.Any(value=b'{"memory": {"limit": 1}}')).SerializeToString()).SerializeToString()
     assert proxy.intercept(2, plain, {}) == plain  # nothing of the host's: passed on as it came
+    process = {"args": ["sh"], "cwd": "/", "apparmorProfile": "cri-containerd.apparmor.d"}
+    exec_req = task.ExecProcessRequest(id="c1", exec_id="e1", spec=any_pb2.Any(value=json.dumps(process).encode()))
+    payload = request_pb2.Request(service=TASK, method="Exec", payload=exec_req.SerializeToString()).SerializeToString()
+    forwarded = request_pb2.Request.FromString(proxy.intercept(3, payload, {}))
+    assert json.loads(task.ExecProcessRequest.FromString(forwarded.payload).spec.value) == {"args": ["sh"], "cwd": "/"}

@@ -39,7 +39,9 @@ import re
 import signal
 import struct
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from kuasar.common import guest_forward, hvsock, mounts
 from kuasar.common.api.containerd.runtime.task.v2 import shim_pb2 as task
@@ -58,6 +60,11 @@ HEADER = struct.Struct(">IIBB")
 REQUEST, RESPONSE = 1, 2
 MAX_FRAME = 4 << 20
 TASK_SERVICES = ("containerd.task.v3.Task", "containerd.task.v2.Task")
+# Requests whose JSON (in an Any field) names host things the guest lacks: (message, field, rewrite).
+JSON_REWRITES: dict[str, tuple[type[Any], str, Callable[[Any], Any]]] = {
+    "Exec": (task.ExecProcessRequest, "spec", rewrite_process),  # host security labels
+    "Update": (task.UpdateTaskRequest, "resources", rewrite_resources),  # the host cpuset
+}
 HANDSHAKE_TIMEOUT = 10.0
 GUEST_CONNECT_TIMEOUT = 5.0
 MAX_SPEC_BYTES = 4 << 20
@@ -172,27 +179,18 @@ class TaskProxy:
             if not delete.exec_id:
                 pending[stream_id] = ("delete", delete.id)
             return payload
-        if req.method == "Exec":
-            exec_req = task.ExecProcessRequest.FromString(req.payload)
+        if req.method in JSON_REWRITES:
+            message_type, field, rewrite = JSON_REWRITES[req.method]
+            message = message_type.FromString(req.payload)
+            carried = getattr(message, field)  # an Any whose value is JSON
             try:
-                process = json.loads(exec_req.spec.value or b"{}")
+                value = json.loads(carried.value or b"{}")
             except ValueError:
                 return payload  # the agent reports it
-            rewritten = rewrite_process(process)
-            if rewritten != process:
-                exec_req.spec.value = json.dumps(rewritten).encode()
-                req.payload = exec_req.SerializeToString()
-                return req.SerializeToString()
-        if req.method == "Update":
-            update = task.UpdateTaskRequest.FromString(req.payload)
-            try:
-                resources = json.loads(update.resources.value or b"{}")
-            except ValueError:
-                return payload  # the agent reports it
-            guest_resources = rewrite_resources(resources)
-            if guest_resources != resources:
-                update.resources.value = json.dumps(guest_resources).encode()
-                req.payload = update.SerializeToString()
+            rewritten = rewrite(value)
+            if rewritten != value:
+                carried.value = json.dumps(rewritten).encode()
+                req.payload = message.SerializeToString()
                 return req.SerializeToString()
         return payload
 
