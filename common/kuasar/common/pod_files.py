@@ -121,23 +121,33 @@ def rewrite_container_spec(bundle: Path, spec: dict[str, Any], pod_path: Path | 
         overwrite(bundle / "config.json", json.dumps(spec).encode())
 
 
-def _use_pod_shm(spec: dict[str, Any], shm: Path) -> bool:
-    """Bind the pod's /dev/shm over the private tmpfs of containerd's default spec (or where the spec
-    mounts nothing at /dev/shm); a /dev/shm the spec takes from elsewhere (CRI's host /dev/shm of a
-    host-IPC pod, a volume) is left alone."""
-    if not os.path.ismount(shm):
-        return False
+def private_dev_shm(spec: dict[str, Any]) -> list[dict[str, Any]] | None:
+    """The spec's mounts at /dev/shm if each is the private tmpfs of containerd's default spec ([] when
+    it mounts nothing there); None when /dev/shm comes from elsewhere (CRI's host /dev/shm of a
+    host-IPC pod, a volume), which is not ours to replace."""
+    at_shm = [m for m in spec.get("mounts") or [] if isinstance(m, dict) and m.get("destination") == DEV_SHM]
+    return None if any(m.get("type") != "tmpfs" for m in at_shm) else at_shm
+
+
+def put_dev_shm(spec: dict[str, Any], private: list[dict[str, Any]], mount: dict[str, Any]) -> None:
+    """`mount` at /dev/shm in place of the `private` mounts there (see private_dev_shm), or added."""
     mounts = spec.setdefault("mounts", [])
-    at_shm = [m for m in mounts if isinstance(m, dict) and m.get("destination") == DEV_SHM]
-    if any(m.get("type") != "tmpfs" for m in at_shm):
-        return False
-    bind = {"destination": DEV_SHM, "type": "bind", "source": str(shm), "options": ["rbind", "rprivate", "rw"]}
-    if at_shm:
-        mounts[mounts.index(at_shm[0])] = bind
-        for extra in at_shm[1:]:
+    if private:
+        mounts[mounts.index(private[0])] = mount
+        for extra in private[1:]:
             mounts.remove(extra)
     else:
-        mounts.append(bind)
+        mounts.append(mount)
+
+
+def _use_pod_shm(spec: dict[str, Any], shm: Path) -> bool:
+    """Bind the pod's /dev/shm over the private tmpfs of containerd's default spec (or where the spec
+    mounts nothing at /dev/shm); a /dev/shm the spec takes from elsewhere is left alone."""
+    private = private_dev_shm(spec)
+    if not os.path.ismount(shm) or private is None:
+        return False
+    put_dev_shm(spec, private, {"destination": DEV_SHM, "type": "bind", "source": str(shm),
+                                "options": ["rbind", "rprivate", "rw"]})
     return True
 
 

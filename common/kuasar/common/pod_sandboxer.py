@@ -10,7 +10,6 @@ import contextlib
 import logging
 import os
 import shutil
-import time
 from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
@@ -213,8 +212,7 @@ class PodSandboxer(Sandboxer):
         for record in records:
             if record.state == SandboxState.READY and record.id not in alive:
                 log.warning("sandbox %s: its pod process is gone; reporting it exited", record.id)
-                record.state, record.exit_status = SandboxState.STOPPED, LOST_EXIT_STATUS
-                record.exited_at_ns = time.time_ns()  # when it was found gone: CRI shows no 1970 exit
+                record.found_gone()
             elif record.state == SandboxState.READY:
                 record.address = self.task_server.address
 

@@ -44,6 +44,7 @@ from .task_table import (
     TaskContainer,
     TaskProcess,
     TerminalTasks,
+    dead_init_pids,
     parse_exec_spec,
     state_response,
     wait_exited,
@@ -176,11 +177,16 @@ class RuncContainerTasks(TerminalTasks):
         cgroups.kill_members(container.procs_file, sig)
         return True
 
-    def _ends_the_rest_of_stopped(self, container: Any, req: task.KillRequest) -> bool:
-        """A Kill of every process of a container whose init is gone (containerd's Delete sends one):
-        what is left in a shared PID namespace gets the signal, as from the shim's `runc kill --all`."""
-        return (req.all and not req.exec_id and self._has_ended(container.init)
-                and self._end_the_rest(container, req.signal or signal.SIGKILL))
+    def _kill_of_ended(self, container: Any, proc: RuncProcess, req: task.KillRequest) -> bool:
+        """Answer a Kill of a process that has ended: NotFound, as containerd's shim reads runc's
+        answer, except that a Kill of every process of a container whose init is gone (containerd's
+        Delete sends one) gives what is left in a shared PID namespace the signal, as from the shim's
+        `runc kill --all`. False when `proc` has not ended: the backend signals it."""
+        if not self._has_ended(proc):
+            return False
+        if req.all and not req.exec_id and self._end_the_rest(container, req.signal or signal.SIGKILL):
+            return True
+        raise NotFound(f"process {req.exec_id or req.id} already finished")
 
     async def _start_process(self, container: Any, proc: RuncProcess, is_exec: bool) -> None:
         """`runc create` for init, `runc exec --detach` for an exec; learn the pid, watch its exit."""
@@ -402,10 +408,7 @@ class RuncContainerTasks(TerminalTasks):
     async def pids(self, req: task.PidsRequest, ctx: Context) -> task.PidsResponse:
         container = self._get(req.id)
         if container.init.status == types.STOPPED:
-            # The dead init, not an empty list: containerd reloading its tasks after a restart deletes a
-            # task without pids as a "leaked shim" (shim_load.go), which would turn an exit that happened
-            # while it was down into 255/Unknown. A deleted container answers NotFound instead.
-            return task.PidsResponse(processes=[types.ProcessInfo(pid=container.init.pid)])
+            return dead_init_pids(container.init)
         pids = await self.runc.ps(req.id)
         execs = {proc.pid: proc.id for proc in container.execs.values() if proc.pid and proc.status != types.STOPPED}
         return task.PidsResponse(processes=[_process_info(pid, execs.get(pid, "")) for pid in pids])

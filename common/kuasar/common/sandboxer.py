@@ -53,6 +53,11 @@ class SandboxRecord:
     # Sandbox-type specific facts (cgroup paths, task server generation, ...).
     extra: dict[str, Any] = field(default_factory=dict)
 
+    def found_gone(self) -> None:
+        """A ready sandbox whose process a restarted sandboxer no longer finds: exited, status lost,
+        at the time it was found gone (CRI would otherwise show an exit in 1970)."""
+        self.state, self.exit_status, self.exited_at_ns = SandboxState.STOPPED, LOST_EXIT_STATUS, time.time_ns()
+
     @property
     def pod_config_bytes(self) -> bytes:
         return base64.b64decode(self.pod_config_b64) if self.pod_config_b64 else b""

@@ -97,6 +97,14 @@ def read_bundle_spec(bundle: Path) -> dict[str, Any]:
     return spec
 
 
+def dead_init_pids(init: TaskProcess) -> task.PidsResponse:
+    """Pids of a container whose processes have all ended: its dead init, not an empty list, which
+    containerd reloading its tasks after a restart takes for a leaked shim (shim_load.go) and deletes,
+    turning an exit that happened while it was down into 255/Unknown. A deleted container answers
+    NotFound instead."""
+    return task.PidsResponse(processes=[types.ProcessInfo(pid=init.pid)])
+
+
 def shares_pid_namespace(spec: dict[str, Any]) -> bool:
     """Whether a container's processes live in a PID namespace not its own (its pod's, or the host's),
     as containerd's shim decides it (runc.ShouldKillAllOnExit): only a namespace of its own ends them

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from kuasar.common.errors import FailedPrecondition
+from kuasar.common.pod_files import private_dev_shm, put_dev_shm
 
 CONTAINER_TYPE = "io.kubernetes.cri.container-type"
 SANDBOX_ID = "io.kubernetes.cri.sandbox-id"
@@ -38,7 +39,6 @@ PAUSE_ROOTFS = "pause-rootfs"
 DEFAULT_BUSYBOX = "/bin/busybox"
 # Where kuasar-pause goes in the root container's rootfs, and runs from.
 PAUSE_IN_ROOTFS = "bin/kuasar-pause"
-DEV_SHM = "/dev/shm"
 # The annotations of the pod's shared /dev/shm (runsc's `dev.gvisor.spec.mount.<name>.<field>`).
 SHM_HINT = "dev.gvisor.spec.mount.kuasarpodshm."
 PT_INTERP = 3
@@ -102,12 +102,10 @@ def use_pod_shm(spec: dict[str, Any], source: str) -> bool:
     """Make a container's /dev/shm the pod's shared tmpfs: containerd's private tmpfs there is named by
     the pod's `source`. A /dev/shm taken from elsewhere (a host-IPC pod's host /dev/shm, a volume) is
     left alone, and so is a spec without one."""
-    at_shm = [m for m in spec.get("mounts") or [] if isinstance(m, dict) and m.get("destination") == DEV_SHM]
-    if not at_shm or any(m.get("type") != "tmpfs" for m in at_shm):
+    private = private_dev_shm(spec)
+    if not private:
         return False
-    at_shm[0]["source"] = source
-    for extra in at_shm[1:]:
-        spec["mounts"].remove(extra)
+    put_dev_shm(spec, private, dict(private[0], source=source))
     return True
 
 

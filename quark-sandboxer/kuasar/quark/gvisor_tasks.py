@@ -52,6 +52,7 @@ from kuasar.common.task_table import (
     TaskContainer,
     TaskProcess,
     TerminalTasks,
+    dead_init_pids,
     host_bundle,
     parse_exec_spec,
     read_bundle_spec,
@@ -536,9 +537,7 @@ class GvisorTasks(TerminalTasks):
     async def pids(self, req: task.PidsRequest, ctx: Context) -> task.PidsResponse:
         container = self._get(req.id)
         if container.init.status == types.STOPPED:
-            # The dead init, not nothing: containerd reloading after a restart deletes a task without
-            # pids as a leaked shim, losing the real exit status.
-            return task.PidsResponse(processes=[types.ProcessInfo(pid=container.init.pid)])
+            return dead_init_pids(container.init)
         pids = await self.runsc.ps(req.id, container.pod.network)
         return task.PidsResponse(processes=[types.ProcessInfo(pid=pid) for pid in pids])
 

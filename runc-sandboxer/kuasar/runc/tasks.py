@@ -108,10 +108,8 @@ class RuncTasks(RuncContainerTasks):
     async def kill(self, req: task.KillRequest, ctx: Context) -> empty_pb2.Empty:
         container = self._get(req.id)
         proc = container.process(req.exec_id)
-        if self._has_ended(proc):
-            if self._ends_the_rest_of_stopped(container, req):
-                return empty_pb2.Empty()
-            raise NotFound(f"process {req.exec_id or req.id} already finished")
+        if self._kill_of_ended(container, proc, req):
+            return empty_pb2.Empty()
         if req.exec_id:
             if not proc.pid:  # not started (or starting): as containerd's shim, nothing to signal yet
                 raise FailedPrecondition(f"exec {req.exec_id} of {req.id} is not running")

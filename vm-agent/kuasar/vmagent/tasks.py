@@ -19,7 +19,7 @@ from google.protobuf import empty_pb2
 from kuasar.common import mounts
 from kuasar.common.api.containerd.runtime.task.v2 import shim_pb2 as task
 from kuasar.common.api.containerd.types.task import task_pb2 as types
-from kuasar.common.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from kuasar.common.errors import AlreadyExists, FailedPrecondition, InvalidArgument
 from kuasar.common.ids import validate_id
 from kuasar.common.reaper import Reaper
 from kuasar.common.runc_cli import Runc
@@ -161,10 +161,8 @@ class GuestTasks(RuncContainerTasks):
     async def kill(self, req: task.KillRequest, ctx: Context) -> empty_pb2.Empty:
         container = self._get(req.id)
         proc = container.process(req.exec_id)
-        if self._has_ended(proc):
-            if self._ends_the_rest_of_stopped(container, req):
-                return empty_pb2.Empty()
-            raise NotFound(f"process {req.exec_id or req.id} already finished")
+        if self._kill_of_ended(container, proc, req):
+            return empty_pb2.Empty()
         if req.exec_id:
             if not proc.pid:  # not started (or starting): as containerd's shim, nothing to signal yet
                 raise FailedPrecondition(f"exec {req.exec_id} of {req.id} is not running")

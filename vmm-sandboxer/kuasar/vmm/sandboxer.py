@@ -348,8 +348,7 @@ class VmmSandboxer(Sandboxer):
             vm = await self.hypervisor.reattach(state.get("hypervisor") or {})
             if vm is None:
                 log.warning("sandbox %s: its VM is gone; reporting it exited", record.id)
-                record.state, record.exit_status = SandboxState.STOPPED, LOST_EXIT_STATUS
-                record.exited_at_ns = time.time_ns()
+                record.found_gone()
                 await self._cleanup_by_state(record)
                 continue
             net = network.PodNetwork.from_json(state["network"]) if state.get("network") else None

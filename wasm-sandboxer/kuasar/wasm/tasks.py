@@ -43,6 +43,7 @@ from kuasar.common.task_table import (
     TaskContainer,
     TaskProcess,
     TerminalTasks,
+    dead_init_pids,
     host_bundle,
     parse_exec_spec,
     pod_id_of,
@@ -417,9 +418,7 @@ class WasmTasks(TerminalTasks):
     async def pids(self, req: task.PidsRequest, ctx: Context) -> task.PidsResponse:
         container = self._get(req.id)
         alive = [types.ProcessInfo(pid=p.pid) for p in container.processes() if p.alive]
-        # A stopped task answers with its dead init, not nothing: containerd reloading its tasks after a
-        # restart deletes a task without pids as a leaked shim, losing the real exit status.
-        return task.PidsResponse(processes=alive or [types.ProcessInfo(pid=container.init.pid)])
+        return task.PidsResponse(processes=alive) if alive else dead_init_pids(container.init)
 
     async def stats(self, req: task.StatsRequest, ctx: Context) -> task.StatsResponse:
         container = self._get(req.id)
