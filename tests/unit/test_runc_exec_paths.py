@@ -126,6 +126,13 @@ def test_a_zombie_init_has_no_cgroup_to_kill_all_in_or_to_read_stats_from(tmp_pa
         os.waitpid(pid, 0)
 
 
+def test_resizing_a_process_without_a_terminal_is_accepted_and_ignored() -> None:
+    # containerd's shims answer it with success; an error reached nerdctl/ctr on a window change.
+    io = ProcessIO(terminal=False)
+    io.resize(100, 40)
+    assert io.size is None and io.master == -1
+
+
 def test_a_window_size_over_16_bits_is_cut_as_containerds_shim_cuts_it() -> None:
     # struct.error reached the client as UNKNOWN; containerd's shim keeps the low 16 bits.
     master, replica = os.openpty()

@@ -109,8 +109,10 @@ class ConsoleReceiver:
             self.master = -1
 
     def resize(self, width: int, height: int) -> None:
+        # Without a terminal there is nothing to size: containerd's shims answer such a ResizePty
+        # with success, and clients (ctr, nerdctl) may send one on a window change regardless.
         if not self.terminal:
-            raise InvalidArgument("process has no terminal")
+            return
         self.size = (width, height)
         if self.master >= 0:  # else applied as soon as runc hands over the console
             fcntl.ioctl(self.master, termios.TIOCSWINSZ, struct.pack("HHHH", height & 0xFFFF, width & 0xFFFF, 0, 0))
