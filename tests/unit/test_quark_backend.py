@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -234,8 +235,11 @@ def test_quark_backend_lifecycle_against_the_fake(tmp_path: Path) -> None:
         await sandboxer.stop(rec, 0)
         exit_info = await asyncio.wait_for(waiter, 10)
         assert exit_info.exit_status == 137
+        rec.exited_at_ns = 0
+        found_at = time.time_ns()
         await sandboxer.recover([_ready(rec)])
         assert rec.state == "stopped" and rec.exit_status == 255  # dead at recovery: lost
+        assert rec.exited_at_ns >= found_at  # when it was found gone, not when it was created
         await sandboxer.shutdown(rec)
         assert not base.exists()
 

@@ -236,8 +236,7 @@ class QuarkSandboxer(Sandboxer):
             state = self._state(record)
             if record.state == "ready" and not is_alive(int(state.get("pid", 0)), int(state.get("start_time", 0))):
                 log.warning("sandbox %s: QVisor pid %s is gone; reporting it exited", record.id, state.get("pid"))
-                record.state, record.exit_status = "stopped", LOST_EXIT_STATUS
-                record.exited_at_ns = record.exited_at_ns or record.created_at_ns
+                record.found_gone()
 
     def status_info(self, record: SandboxRecord, verbose: bool) -> dict[str, str]:
         if not verbose:
