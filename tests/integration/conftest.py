@@ -116,6 +116,21 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 
     # A bridge and subnet of its own, so test stacks (and benchmarks) can run side by side.
     token = secrets.randbelow(50)
-    with private_stack(tmp_path_factory.mktemp("stack"), bridge=f"kuasar-it{token}",
-                       subnet=f"10.{200 + token}.0.0/16") as current:
+    base = tmp_path_factory.mktemp("stack")
+    # As installed (`make install`): containerd finds the type's v1 helper on its PATH (for `-info`,
+    # and for re-attaching after its own restart).
+    with private_stack(base, bridge=f"kuasar-it{token}", subnet=f"10.{200 + token}.0.0/16",
+                       extra_path=[shim_dir(base, "containerd-shim-kuasar-runc-v1")]) as current:
         yield current
+
+
+def shim_dir(base: Path, helper_name: str) -> Path:
+    """A folder holding only the venv's `helper_name` (a containerd-shim-kuasar-<type>-v1), for the front
+    of containerd's PATH."""
+    helper = Path(sys.executable).parent / helper_name
+    if not os.access(helper, os.X_OK):
+        pytest.skip(f"{helper} missing (run `make setup`)")
+    folder = base / "shim-bin"
+    folder.mkdir()
+    (folder / helper_name).symlink_to(helper)
+    return folder

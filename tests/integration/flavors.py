@@ -8,7 +8,6 @@ processes and state its pods would leave behind.
 from __future__ import annotations
 
 import os
-import sys
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
@@ -24,7 +23,7 @@ from kuasar.common.cri_client import CriClient, container_config, pod_config
 
 from . import test_gvisor_cri as gv
 from . import test_vmm_cri as vmm
-from .conftest import Stack, integration_skip_reason
+from .conftest import Stack, integration_skip_reason, shim_dir
 from .cri_helpers import BUSYBOX, pod_processes
 from .private_stack import private_stack
 from .wasm_stack import WASM_HANDLER, WASM_IMAGE, wasm_stack
@@ -155,13 +154,7 @@ def flavor_stack(factory: pytest.TempPathFactory, flavor: Flavor, *, bridge: str
     base = factory.mktemp(f"{flavor.name}-{bridge}")
     extra_path: list[Path] = []
     if with_shim:
-        helper = Path(sys.executable).parent / flavor.shim
-        if not os.access(helper, os.X_OK):
-            pytest.skip(f"{helper} missing (run `make setup`)")
-        shim_dir = base / "shim-bin"
-        shim_dir.mkdir()
-        (shim_dir / flavor.shim).symlink_to(helper)
-        extra_path.append(shim_dir)
+        extra_path.append(shim_dir(base, flavor.shim))
     with flavor.build(base, bridge, subnet, extra_path, log_level) as stack:
         yield stack
 

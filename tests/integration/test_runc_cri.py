@@ -15,11 +15,12 @@ import pytest
 
 from kuasar.common import cgroups, linux
 from kuasar.common.api.runtime.v1 import api_pb2 as cri
-from kuasar.common.cri_client import CriClient, pod_config
+from kuasar.common.cri_client import CriClient, container_config, pod_config
 from kuasar.common.pod_sysctls import sysctl_path
 
 from .conftest import Stack
 from .cri_helpers import (
+    BUSYBOX,
     HANDLER,
     cgroups_named,
     check_exit_codes,
@@ -43,6 +44,11 @@ from .cri_helpers import (
 )
 
 pytestmark = pytest.mark.integration
+
+
+def runc_supports_idmap_mounts() -> bool:
+    features = json.loads(subprocess.run(["runc", "features"], capture_output=True, check=True).stdout)
+    return bool(((features.get("linux") or {}).get("mountExtensions") or {}).get("idmap", {}).get("enabled"))
 
 
 def test_container_output_reaches_cri_log_and_pod_is_served_without_pause(stack: Stack) -> None:
@@ -256,6 +262,22 @@ def test_a_pod_with_its_own_user_namespace_maps_its_containers_ids(stack: Stack)
             assert len(sleepers) == 1, "the container runs as the pod's mapped root on the host"
             pod_userns = os.readlink(f"/proc/{holder.pid}/ns/user")
             assert os.readlink(f"/proc/{sleepers[0].pid}/ns/user") == pod_userns != os.readlink("/proc/self/ns/user")
+            # CRI gives such a pod's volumes id mappings; containerd 2.1 then runs our v1 helper's `-info`
+            # for the runtime's features and needs runc's id-mapped mounts (runc >= 1.2) before it
+            # creates the task: with an older runc a clear refusal, not the helper's usage error.
+            volume = stack.log_dir / "uns-volume"
+            volume.mkdir()
+            ids = cri.IDMapping(host_id=host_id, container_id=0, length=65536)
+            config = container_config("vol", BUSYBOX, ["sleep", "3600"], log_path="vol.log")
+            config.mounts.append(cri.Mount(container_path="/data", host_path=str(volume),
+                                           uidMappings=[ids], gidMappings=[ids]))
+            vol_cid = (await client.create_container(pod_id, config, pod)).container_id
+            if runc_supports_idmap_mounts():
+                await client.start_container(vol_cid)
+                await wait_state(client, vol_cid, cri.CONTAINER_RUNNING)
+            else:
+                with pytest.raises(grpc.aio.AioRpcError, match="idmap mounts not supported: missing"):
+                    await client.start_container(vol_cid)
             await remove_pod(client, pod_id)
             # Kubernetes refuses hostNetwork with hostUsers: false; a pod asking anyway gets a clear error.
             with pytest.raises(grpc.aio.AioRpcError, match="needs its own network namespace"):

@@ -22,6 +22,7 @@ import asyncio
 import json
 import logging
 import os
+import re
 import signal
 import sys
 import time
@@ -31,7 +32,7 @@ from pathlib import Path
 from google.protobuf import empty_pb2
 from google.protobuf.message import Message
 
-from . import __version__, mounts
+from . import __version__, mounts, runtime_info
 from .api.containerd.runtime.task.v2 import shim_pb2 as task
 from .api.containerd.types.task import task_pb2 as types
 from .errors import KuasarError, NotFound
@@ -79,8 +80,19 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     flag("socket", default="", help="ignored; kept for compatibility with containerd's shim flags")
     flag("debug", action="store_true")
     flag("v", dest="show_version", action="store_true", help="print the version and exit")
+    flag("info", action="store_true",
+         help="read the runtime options from stdin, print the runtime's info (protobuf) and exit")
     parser.add_argument("action", nargs="?", default="", choices=["", "start", "delete"])
     return parser.parse_args(_go_style(argv, VALUE_FLAGS))
+
+
+PROGRAM_RE = re.compile(r"^containerd-shim-kuasar-(?P<type>[a-z0-9]+)-v1$")
+
+
+def helper_type(prog: str) -> str | None:
+    """The sandbox type this helper stands for, from its name (`containerd-shim-kuasar-runc-v1`)."""
+    match = PROGRAM_RE.match(prog)
+    return match.group("type") if match else None
 
 
 VALUE_FLAGS = frozenset({"namespace", "address", "publish-binary", "id", "bundle", "socket"})
@@ -230,6 +242,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if opts.show_version:
         print(f"{prog}:\n  Version: {__version__}\n  Revision: kuasar-py")
         return 0
+    if opts.info:
+        kind = helper_type(prog)
+        if kind is None:
+            print(f"{prog}: -info: cannot tell the sandbox type from the program name "
+                  "(want containerd-shim-kuasar-<type>-v1)", file=sys.stderr)
+            return 2
+        return runtime_info.print_info(prog, kind)
     if opts.action == "start":
         print(f"{prog}: start: {START_REFUSED}", file=sys.stderr)
         return 1

@@ -47,7 +47,7 @@ from typing import Any
 import grpc
 from google.protobuf import any_pb2
 
-from . import __version__
+from . import __version__, runtime_info
 from .api.containerd.runtime.task.v2 import shim_pb2 as task
 from .api.containerd.services.sandbox.v1 import sandbox_pb2 as sb
 from .api.containerd.services.sandbox.v1 import sandbox_pb2_grpc as sb_grpc
@@ -371,6 +371,8 @@ def parse_args(argv: Sequence[str], prog: str) -> argparse.Namespace:
     flag("debug", action="store_true")
     parser.add_argument("-v", "--version", dest="show_version", action="store_true",
                         help="print the version and exit")
+    flag("info", action="store_true",
+         help="read the runtime options from stdin, print the runtime's info (protobuf) and exit")
     parser.add_argument("action", nargs="?", default="", choices=["", "start", "delete"])
     return parser.parse_args(_go_style(argv, VALUE_FLAGS))
 
@@ -399,6 +401,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if opts.show_version:
         print(f"{prog}:\n  Version: {__version__}\n  Revision: kuasar-py (forwarding shim v2)")
         return 0
+    if opts.info:
+        try:
+            kind = sandbox_type(sys.argv[0], os.environ)
+        except ShimError as exc:
+            print(f"{prog}: -info: {exc}", file=sys.stderr)
+            return 2
+        return runtime_info.print_info(prog, kind, shim="v2")
     setup_logging(opts.debug, opts.action)
     if opts.action not in ("start", "delete"):
         print(f"{prog}: an action is required: start or delete", file=sys.stderr)
