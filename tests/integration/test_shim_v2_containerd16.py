@@ -25,6 +25,7 @@ import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 
 from kuasar.common.cri_client import CriClient, container_config, pod_config
@@ -306,6 +307,37 @@ def test_detached_container_exec_and_containerd_restart(stack16: tuple[Container
         instance.ctr("tasks", "kill", "-s", "SIGKILL", "sleeper16", check=False)
         instance.ctr("tasks", "delete", "-f", "sleeper16", check=False)
         instance.ctr("containers", "rm", "sleeper16", check=False)
+
+
+def test_a_sandbox_its_owner_left_while_the_sandboxer_was_down_is_removed_at_its_restart(
+        stack16: tuple[Containerd16, Path], tmp_path: Path) -> None:
+    """The owner's `delete` reaches the task server (it outlives the sandboxer) but not the sandboxer, and
+    containerd removes the bundle after it all the same: the restarted sandboxer removes the orphan."""
+    instance, sandboxer_dir = stack16
+    instance.ctr("run", "-d", "--runtime", RUNTIME, BUSYBOX, "orphan16", "sleep", "300")
+    socket = sandboxer_dir.parent / "runc.sock"
+    restarted = None
+    try:
+        assert sandboxes(sandboxer_dir) == ["orphan16"] and len(pod_processes(sandboxer_dir)) == 1
+        sandboxer = next(p for p in psutil.process_iter(["cmdline"])  # (its spec is one JSON argument)
+                         if any(str(socket) in arg for arg in p.info["cmdline"] or []) and p.pid != os.getpid())
+        sandboxer.kill()
+        sandboxer.wait(10)
+        instance.ctr("tasks", "kill", "-s", "SIGKILL", "orphan16")
+        wait_until(lambda: "STOPPED" in instance.ctr("tasks", "ls").stdout, "the task is stopped")
+        instance.ctr("tasks", "delete", "orphan16")
+        bundle = instance.state / "io.containerd.runtime.v2.task" / NAMESPACE / "orphan16"
+        wait_until(lambda: not bundle.exists(), "containerd removed the owner's bundle")
+        assert sandboxes(sandboxer_dir) == ["orphan16"] and len(pod_processes(sandboxer_dir)) == 1
+        restarted = start_sandboxer(socket, sandboxer_dir, tmp_path / "runc-sandboxer.log", instance.ttrpc_address)
+        wait_until(lambda: sandboxes(sandboxer_dir) == [] and not pod_processes(sandboxer_dir),
+                   "the restarted sandboxer removed the orphaned sandbox and its pod process")
+        assert "its owner's bundle is gone" in (tmp_path / "runc-sandboxer.log").read_text()
+    finally:
+        if restarted is not None:
+            stop_process(restarted)
+        instance.ctr("tasks", "delete", "-f", "orphan16", check=False)
+        instance.ctr("containers", "rm", "orphan16", check=False)
 
 
 def test_cri_pod_on_containerd16(cri_stack16: tuple[Containerd16, Path], tmp_path: Path) -> None:

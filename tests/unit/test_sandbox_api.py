@@ -287,3 +287,45 @@ def test_a_bug_in_a_sandbox_type_is_unknown_and_names_the_method(tmp_path: Path)
         assert (await stub.Status(pb.ControllerStatusRequest(sandbox_id=SID))).sandbox_id == SID
 
     run(tmp_path, body, Broken())
+
+
+def shim_request(sandbox_id: str, bundle: Path) -> pb.ControllerCreateRequest:
+    """A Create as the containerd 1.6/1.7 forwarding shim sends it for its owner container's bundle."""
+    request = create_request(sandbox_id)
+    request.sandbox.labels["io.kuasar.shim"] = "v2"
+    request.sandbox.labels["io.kuasar.shim.bundle"] = str(bundle)
+    return request
+
+
+def test_a_forwarding_shims_sandbox_whose_owners_bundle_is_gone_is_removed(tmp_path: Path) -> None:
+    # The owner's `delete` could not reach us (we were down), and containerd removed its bundle after it.
+    bundles = tmp_path / "io.containerd.runtime.v2.task" / "k8s.io"
+    live, gone, unseen, later = "b" * 64, "c" * 64, "d" * 64, "e" * 64
+    for sandbox_id in (live, gone, later):
+        (bundles / sandbox_id).mkdir(parents=True)
+
+    async def first(stub, sandboxer, controller):
+        # `unseen`: a bundle in a folder we cannot see proves nothing, and is kept
+        for sandbox_id, bundle in ((live, bundles / live), (gone, bundles / gone),
+                                   (unseen, tmp_path / "elsewhere" / unseen)):
+            await stub.Create(shim_request(sandbox_id, bundle))
+            await stub.Start(pb.ControllerStartRequest(sandbox_id=sandbox_id))
+
+    async def second(stub, sandboxer, controller):
+        assert sandboxer.shut == [gone]
+        await expect_code(stub.Status(pb.ControllerStatusRequest(sandbox_id=gone)), grpc.StatusCode.NOT_FOUND)
+        for sandbox_id in (live, unseen):
+            assert (await stub.Status(pb.ControllerStatusRequest(sandbox_id=sandbox_id))).state == "SANDBOX_READY"
+        # One orphaned while we run: the next sandbox the shim makes has it swept, off its own Create.
+        (bundles / live).rmdir()
+        await stub.Create(shim_request(later, bundles / later))
+        for _ in range(100):
+            if live in sandboxer.shut:
+                break
+            await asyncio.sleep(0.02)
+        assert sandboxer.shut == [gone, live]
+        await expect_code(stub.Status(pb.ControllerStatusRequest(sandbox_id=live)), grpc.StatusCode.NOT_FOUND)
+
+    run(tmp_path, first)
+    (bundles / gone).rmdir()
+    run(tmp_path, second)

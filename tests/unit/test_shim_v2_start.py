@@ -40,12 +40,15 @@ def _rpc_error(code: Any) -> Exception:
     return error
 
 
-def _start(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, calls: Calls, kind: str = "runc") -> str:
+def _start(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, calls: Calls, kind: str = "runc",
+           sandbox_id: str = "") -> str:
     bundle = tmp_path / "c1"
     bundle.mkdir()
-    (bundle / "config.json").write_text(json.dumps({"linux": {"namespaces": [{"type": "pid"}]}}))
+    annotations = {shim_v2.SANDBOX_ID_ANNOTATION: sandbox_id} if sandbox_id else {}
+    (bundle / "config.json").write_text(json.dumps({"linux": {"namespaces": [{"type": "pid"}]},
+                                                    "annotations": annotations}))
     monkeypatch.chdir(bundle)
-    monkeypatch.setattr(shim_v2.Sandboxer, "call", lambda self, method, request: calls(method, request))
+    monkeypatch.setattr(shim_v2.Sandboxer, "call", lambda self, method, request, timeout=None: calls(method, request))
     return shim_v2.start(argparse.Namespace(id="c1", namespace="default"), kind, str(tmp_path / "sb.sock"))
 
 
@@ -78,3 +81,13 @@ def test_a_started_sandbox_is_written_down(tmp_path: Path, monkeypatch: pytest.M
     assert _start(tmp_path, monkeypatch, calls) == "unix:///run/kuasar/task.sock"
     assert (tmp_path / "c1" / shim_v2.ADDRESS_FILE).read_text() == "unix:///run/kuasar/task.sock"
     assert "Shutdown" not in calls.made
+
+
+def test_a_pod_container_never_makes_its_missing_sandbox(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # containerd 1.6 tearing a pod down (its pause task deleted, so the sandbox removed) while a
+    # StartContainer of the same pod runs: a sandbox made again here would belong to nobody.
+    calls = Calls(address="ttrpc+unix:///run/kuasar/task.sock")
+    with pytest.raises(shim_v2.ShimError, match="sandbox pod1 is gone; containers cannot join it"):
+        _start(tmp_path, monkeypatch, calls, sandbox_id="pod1")
+    assert calls.made == ["Status"]
+    assert not (tmp_path / "c1" / shim_v2.SHIM_STATE).exists()

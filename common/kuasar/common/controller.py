@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+from . import shim_orphans
 from .errors import AlreadyExists, FailedPrecondition, KuasarError, NotFound
 from .ids import validate_id
 from .keyed_locks import KeyedLocks
@@ -49,6 +50,7 @@ class SandboxController:
         self._locks = KeyedLocks()
         self._exited: dict[str, asyncio.Event] = {}
         self._watchers: dict[str, asyncio.Task[None]] = {}
+        self._orphan_sweep: asyncio.Future[None] | None = None
 
     # -- bookkeeping -------------------------------------------------------------------------------
     @contextlib.asynccontextmanager
@@ -126,9 +128,24 @@ class SandboxController:
             await self._bounded("removing what has no record", self.sandboxer.remove_unrecorded(recorded))
         except Exception as exc:  # noqa: BLE001 - serving the sandboxes we know matters more
             log.error("removing what sandboxes without a record left: %s", exc)
+        await self.remove_shim_orphans()
         log.info("recovered %d sandboxes", len(self.records))
 
+    async def remove_shim_orphans(self) -> None:
+        """Shut down the sandboxes the containerd 1.6/1.7 forwarding shim made whose owner containerd has
+        deleted (shim_orphans.py)."""
+        for sandbox_id in shim_orphans.orphans(list(self.records.values())):
+            log.warning("sandbox %s: its owner's bundle is gone (the forwarding shim could not remove it); "
+                        "removing it", sandbox_id)
+            try:
+                await self.shutdown(sandbox_id)
+            except Exception as exc:  # noqa: BLE001 - the next sweep tries again
+                log.error("sandbox %s: removing the orphan: %s", sandbox_id, exc)
+
     async def close(self) -> None:
+        if self._orphan_sweep is not None:
+            self._orphan_sweep.cancel()
+            await asyncio.gather(self._orphan_sweep, return_exceptions=True)
         for task in self._watchers.values():
             task.cancel()
         await asyncio.gather(*self._watchers.values(), return_exceptions=True)
@@ -148,6 +165,15 @@ class SandboxController:
                 raise
             self.records[record.id] = record
         log.info("sandbox %s created (netns=%r)", record.id, record.netns_path)
+        if shim_orphans.made_by_the_shim(record) and self._orphan_sweep is None:
+            # Off the Create's path: a sweep shuts sandboxes down, each under its own lock.
+            self._orphan_sweep = asyncio.ensure_future(self._sweep_shim_orphans())
+
+    async def _sweep_shim_orphans(self) -> None:
+        try:
+            await self.remove_shim_orphans()
+        finally:
+            self._orphan_sweep = None
 
     async def start(self, sandbox_id: str) -> SandboxRecord:
         async with self._holding(sandbox_id) as record:

@@ -203,14 +203,22 @@ def unmount_rootfs(bundle: Path) -> None:
 
 async def delete(container_id: str, bundle: Path, namespace: str) -> task.DeleteResponse:
     """The whole `delete` action; never raises for a missing or broken task server."""
-    address = bootstrap_address(bundle)
+    return await delete_or_clean_up(bootstrap_address(bundle), container_id, bundle, namespace)
+
+
+async def delete_or_clean_up(address: str | None, container_id: str, bundle: Path, namespace: str,
+                             budget: float | None = None) -> task.DeleteResponse:
+    """Have the task server at `address` delete the container within `budget` seconds (TASK_SERVER_BUDGET
+    by default); else (no address, no answer, an error) unmount its rootfs here and report its exit
+    lost. Never raises for those."""
+    budget = TASK_SERVER_BUDGET if budget is None else budget
     if address is not None:
         try:
-            async with asyncio.timeout(TASK_SERVER_BUDGET):
+            async with asyncio.timeout(budget):
                 return await delete_via_task_server(address, container_id, namespace)
         except TimeoutError:
-            log.warning("task server %s did not delete %s within %.0f s; cleaning up locally", address,
-                        container_id, TASK_SERVER_BUDGET)
+            log.warning("task server %s did not delete %s within %.1f s; cleaning up locally", address,
+                        container_id, budget)
         except Exception as exc:  # whatever went wrong, containerd still gets its DeleteResponse
             message = exc.message if isinstance(exc, KuasarError) else str(exc) or type(exc).__name__
             log.warning("task server %s did not delete %s (%s); cleaning up locally", address, container_id,

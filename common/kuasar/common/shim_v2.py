@@ -38,6 +38,7 @@ import logging
 import os
 import re
 import sys
+import time
 import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -54,7 +55,8 @@ from .api.containerd.services.sandbox.v1 import sandbox_pb2_grpc as sb_grpc
 from .api.runtime.v1 import api_pb2 as cri
 from .errors import KuasarError
 from .ids import validate_id
-from .shim_helper import _go_style, delete_via_task_server, lost_response, unmount_rootfs
+from .shim_helper import _go_style, delete_or_clean_up
+from .shim_orphans import BUNDLE_LABEL, SHIM_LABEL
 
 log = logging.getLogger("kuasar.shim.v2")
 
@@ -74,8 +76,11 @@ ADDRESS_FILE = "address"
 # The whole start must fit containerd's shim start (no timeout of its own, but CRI's callers have one);
 # a sandboxer answers in milliseconds, a VM sandbox may take seconds to boot.
 RPC_TIMEOUT = 60.0
-# `delete` runs inside containerd 1.6's 5 s cleanup budget, behind ~0.5 s of frozen-binary start-up.
-DELETE_RPC_TIMEOUT = 3.0
+# containerd 1.6 kills `delete` after 5 s (io.containerd.timeout.shim.cleanup), then keeps the bundle and
+# never asks again; ~0.5 s of that goes to a frozen binary's start-up. The whole action fits in this:
+DELETE_DEADLINE = 4.0
+# ... of which the owner's sandbox removal (Stop, then Shutdown) keeps this much for itself.
+SANDBOX_REMOVAL_RESERVE = 1.5
 POD_CONFIG_TYPE_URL = "type.googleapis.com/runtime.v1.PodSandboxConfig"
 
 
@@ -136,6 +141,7 @@ class BundleInfo:
     netns_path: str
     cgroup_parent: str = ""
     host_pid: bool = False  # the spec has no PID namespace of its own (hostPID)
+    bundle: str = ""
 
 
 def _pod_cgroup_parent(spec: dict, container_id: str) -> str:
@@ -165,7 +171,7 @@ def read_bundle(bundle: Path, container_id: str) -> BundleInfo:
             netns = str(ns["path"])
     return BundleInfo(container_id, validate_id(sandbox_id, "sandbox id"), annotations,
                       str(spec.get("hostname") or ""), netns, _pod_cgroup_parent(spec, container_id),
-                      host_pid=not any(ns.get("type") == "pid" for ns in namespaces))
+                      host_pid=not any(ns.get("type") == "pid" for ns in namespaces), bundle=str(bundle))
 
 
 def pod_config(info: BundleInfo, namespace: str) -> cri.PodSandboxConfig:
@@ -220,9 +226,9 @@ class Sandboxer:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def call(self, method: str, request: Any) -> Any:
+    def call(self, method: str, request: Any, timeout: float | None = None) -> Any:
         try:
-            return getattr(self.stub, method)(request, timeout=self.timeout)
+            return getattr(self.stub, method)(request, timeout=self.timeout if timeout is None else timeout)
         except grpc.RpcError as exc:
             code = exc.code()  # type: ignore[attr-defined]
             if code == grpc.StatusCode.UNAVAILABLE:
@@ -244,9 +250,13 @@ class Sandboxer:
         status = self.status(sandbox_id)
         if status is not None and status.state == "SANDBOX_READY" and status.address:
             return status.address, False
+        if info.container_id != sandbox_id:
+            # Only the container that names the sandbox (CRI's pause container, `ctr run`'s) makes it:
+            # a missing one was removed with that container's delete (1.6's pod teardown may still be
+            # starting a container meanwhile), and one made here would have no owner to remove it.
+            state = status.state if status is not None else "gone"
+            raise ShimError(f"sandbox {sandbox_id} is {state}; containers cannot join it")
         if status is not None:
-            if info.container_id != sandbox_id:
-                raise ShimError(f"sandbox {sandbox_id} is {status.state}; containers cannot join it")
             # A stopped sandbox of the same id (a container re-run under its old id): replace it.
             log.info("sandbox %s exists but is %s; replacing it", sandbox_id, status.state)
             self.remove(sandbox_id)
@@ -255,7 +265,10 @@ class Sandboxer:
         request = sb.ControllerCreateRequest(sandbox_id=sandbox_id, options=options, netns_path=info.netns_path,
                                              annotations=info.annotations, sandboxer=self.kind)
         request.sandbox.sandbox_id = sandbox_id
-        request.sandbox.labels["io.kuasar.shim"] = "v2"
+        request.sandbox.labels[SHIM_LABEL] = "v2"
+        # Whose bundle, once containerd removed it, tells the sandboxer the sandbox is an orphan
+        # (shim_orphans.py), in case the owner's `delete` could not remove it.
+        request.sandbox.labels[BUNDLE_LABEL] = info.bundle
         created = True
         try:
             self.call("Create", request)
@@ -279,9 +292,20 @@ class Sandboxer:
         except Exception as exc:  # noqa: BLE001 - the error being raised is the one to report
             log.error("sandbox %s: removing it after a failed start: %s", sandbox_id, exc)
 
-    def remove(self, sandbox_id: str) -> None:
-        self.call("Stop", sb.ControllerStopRequest(sandbox_id=sandbox_id, timeout_secs=0, sandboxer=self.kind))
-        self.call("Shutdown", sb.ControllerShutdownRequest(sandbox_id=sandbox_id, sandboxer=self.kind))
+    def remove(self, sandbox_id: str, deadline: float | None = None) -> None:
+        """Stop and Shut down the sandbox; with a `deadline` (time.monotonic()) both calls end by then."""
+
+        def timeout() -> float | None:
+            if deadline is None:
+                return None
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise ShimError("no time left before containerd's cleanup deadline")
+            return left
+
+        self.call("Stop", sb.ControllerStopRequest(sandbox_id=sandbox_id, timeout_secs=0, sandboxer=self.kind),
+                  timeout())
+        self.call("Shutdown", sb.ControllerShutdownRequest(sandbox_id=sandbox_id, sandboxer=self.kind), timeout())
 
 
 # -- actions ---------------------------------------------------------------------------------------
@@ -312,6 +336,7 @@ def _write(path: Path, text: str) -> None:
 
 
 def delete(opts: argparse.Namespace, kind: str, socket_path: str) -> task.DeleteResponse:
+    deadline = time.monotonic() + DELETE_DEADLINE
     container_id = validate_id(opts.id, "-id")
     bundle = Path(opts.bundle or os.getcwd())
     if not bundle.is_absolute():
@@ -329,25 +354,20 @@ def delete(opts: argparse.Namespace, kind: str, socket_path: str) -> task.Delete
             address = (bundle / ADDRESS_FILE).read_text().strip()
         except OSError:
             pass
-    response = None
-    if address.startswith("unix://"):
-        try:
-            response = asyncio.run(delete_via_task_server(address.removeprefix("unix://"), container_id,
-                                                          opts.namespace))
-        except (KuasarError, OSError, TimeoutError) as exc:
-            message = exc.message if isinstance(exc, KuasarError) else str(exc) or type(exc).__name__
-            log.warning("task server did not delete %s (%s); cleaning up locally", container_id, message)
-    if response is None:
-        unmount_rootfs(bundle)
-        response = lost_response()
     sandbox_id = str(state.get("sandbox_id") or "")
-    if state.get("owner") and sandbox_id == container_id:
+    owner = bool(state.get("owner")) and sandbox_id == container_id
+    budget = DELETE_DEADLINE - (SANDBOX_REMOVAL_RESERVE if owner else 0.0)
+    response = asyncio.run(delete_or_clean_up(address if address.startswith("unix://") else None, container_id,
+                                              bundle, opts.namespace, budget))
+    if owner:
         try:
-            with Sandboxer(str(state.get("sandboxer") or socket_path), kind, DELETE_RPC_TIMEOUT) as sandboxer:
-                sandboxer.remove(sandbox_id)
+            with Sandboxer(str(state.get("sandboxer") or socket_path), kind) as sandboxer:
+                sandboxer.remove(sandbox_id, deadline)
             log.info("sandbox %s of container %s removed", sandbox_id, container_id)
         except (ShimError, grpc.RpcError) as exc:
-            log.warning("removing sandbox %s: %s", sandbox_id, exc)
+            message = f"{exc.code().name}: {exc.details()}" if isinstance(exc, grpc.RpcError) else str(exc)  # type: ignore[attr-defined]
+            log.warning("removing sandbox %s: %s; the sandboxer removes it once containerd has removed %s",
+                        sandbox_id, message, bundle)
     return response
 
 
