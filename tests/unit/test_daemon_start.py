@@ -71,6 +71,23 @@ def test_a_socket_someone_serves_is_refused_and_a_dead_ones_is_not(tmp_path: Pat
     refuse_served_socket(tmp_path / "none.sock")
 
 
+def test_a_listen_path_that_is_not_a_socket_is_refused_and_left_alone(tmp_path: Path) -> None:
+    # `--listen /etc/kuasar/runc.toml` by mistake: start-up deleted the file and bound a socket there.
+    precious = tmp_path / "precious.toml"
+    precious.write_text("important\n")
+    link = tmp_path / "link.sock"
+    link.symlink_to(precious)
+    for path in (precious, link, tmp_path):
+        with pytest.raises(InvalidArgument, match="exists and is not a socket"):
+            _check_listen(path)
+    assert precious.read_text() == "important\n" and link.is_symlink()
+    dead = tmp_path / "dead.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as crashed:  # closed, the file left: a crashed one's
+        crashed.bind(str(dead))
+    _check_listen(dead)
+    _check_listen(tmp_path / "none.sock")
+
+
 def test_a_dir_in_the_way_is_a_one_line_error_not_a_traceback(tmp_path: Path) -> None:
     # FileExistsError and friends from --dir/--listen came out as Python tracebacks.
     (tmp_path / "file").write_text("")

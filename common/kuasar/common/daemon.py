@@ -58,6 +58,14 @@ def _check_listen(listen: Path) -> None:
     # A directory we make is ours alone; /run/kuasar is shared by every type's sandboxer, which
     # systemd may start at once.
     listen.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    try:
+        mode = listen.lstat().st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        # Start-up replaces a dead socket; anything else there (a config file named by mistake) stays.
+        raise InvalidArgument(f"--listen {listen} exists and is not a socket ({stat.filemode(mode)}); "
+                              "it is left alone: name a socket path")
     refuse_served_socket(listen)
 
 

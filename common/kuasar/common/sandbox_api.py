@@ -8,9 +8,11 @@ the two implementations interoperate.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import stat
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -228,8 +230,9 @@ class SandboxApiServer:
         # A directory we make is ours alone; /run/kuasar is shared by every type's sandboxer, which
         # systemd may start at once.
         self.listen.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        if self.listen.exists() or self.listen.is_symlink():
-            self.listen.unlink()
+        with contextlib.suppress(FileNotFoundError):
+            if stat.S_ISSOCK(self.listen.lstat().st_mode):  # a dead sandboxer's (daemon._check_listen)
+                self.listen.unlink()
         await self.server.start(self.listen)
         log.info("Sandbox API listening on %s", self.listen)
 
