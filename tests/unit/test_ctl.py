@@ -7,6 +7,8 @@ import asyncio
 import base64
 import io
 import json
+import socket
+import time
 from pathlib import Path
 from typing import Any
 
@@ -159,9 +161,19 @@ def test_show_and_follow(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
     monkeypatch.setattr(logs, "FOLLOW_POLL", 0.01)
     asyncio.run(logs.show(str(path), follow=True, still_running=running, stdout=out, stderr=err))
     assert out.getvalue() == b"hello\npartial\n\n" and err.getvalue() == b"oops\n"
+    # A log that is not there, or cannot be read, is an error (it printed nothing, or a traceback); only
+    # a followed one may not exist yet (a container just created).
+    for unreadable, message in ((tmp_path / "missing.log", "does not exist"), (tmp_path, "Is a directory")):
+        with pytest.raises(logs.LogFileError, match=message):
+            asyncio.run(logs.show(str(unreadable), stdout=out, stderr=io.BytesIO()))
     out = io.BytesIO()
-    asyncio.run(logs.show(str(tmp_path / "missing.log"), stdout=out, stderr=io.BytesIO()))
+    asyncio.run(logs.show(str(tmp_path / "missing.log"), follow=True, still_running=lambda: _false(),
+                          stdout=out, stderr=io.BytesIO()))
     assert out.getvalue() == b""
+
+
+async def _false() -> bool:
+    return False
 
 
 # -- output and progress -------------------------------------------------------------------------------------
@@ -264,8 +276,8 @@ def test_cli_offline_paths(tmp_path: Path) -> None:
     assert result.exit_code == 1 and "needs a name" in result.output
     result = runner.invoke(main, ["exec", "-it", "abc", "--", "sh"])
     assert result.exit_code == 1 and "not available" in result.output
-    result = runner.invoke(main, ["--timeout", "1", "-r", str(tmp_path / "none.sock"), "pods"])
-    assert result.exit_code == 1 and "containerd does not answer" in result.output
+    result = runner.invoke(main, ["--timeout", "0", "pods"])
+    assert result.exit_code == 2 and "Invalid value for '--timeout'" in result.output
 
     write_record(tmp_path, "abc123", "web")
     flags = ["--type", "runc", "--address", str(tmp_path / "none.sock"), "--dir", str(tmp_path)]
@@ -372,3 +384,55 @@ def test_int_options_outside_their_protobuf_field_are_usage_errors(
     monkeypatch.setattr(cli, "run_cri", no_rpc)
     result = CliRunner().invoke(main, argv)
     assert result.exit_code == 2 and "Invalid value" in result.output, (result.output, result.exception)
+
+
+def test_an_endpoint_that_cannot_answer_fails_at_once_with_its_reason(tmp_path: Path) -> None:
+    # It waited the whole --timeout (60 s) for a gRPC channel, then blamed the endpoint for any cause.
+    runner = CliRunner()
+    dead = tmp_path / "dead.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as gone:  # its file stays: a crashed server's
+        gone.bind(str(dead))
+    for endpoint, reason in ((tmp_path / "none.sock", "no socket at"), (dead, "nothing listens on")):
+        started = time.monotonic()
+        result = runner.invoke(main, ["-r", f"unix://{endpoint}", "pods"])
+        assert result.exit_code == 1 and reason in result.output, result.output
+        assert time.monotonic() - started < 5
+
+
+def test_a_config_file_that_is_not_there_is_an_error_not_the_command(
+        fake_cri: FakeRuntime, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # `create POD ctr.json pdo.json` (a typo) ran `pdo.json` as the container's command.
+    (tmp_path / "ctr.json").write_text(json.dumps({"metadata": {"name": "c"}, "image": {"image": "x"}}))
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(main, ["create", "pod1", "ctr.json", "pdo.json"])
+    assert result.exit_code == 2 and "pdo.json: no such config file" in result.output
+    assert fake_cri.created is None
+
+
+def test_exec_takes_everything_after_the_container_as_the_command(fake_cri: FakeRuntime) -> None:
+    # `exec C ls -la` failed (No such option '-l'), and `exec C curl --timeout 5 URL` lost `--timeout 5`
+    # to our own option.
+    for argv, command in ((["c1", "ls", "-la"], ["ls", "-la"]),
+                          (["c1", "sh", "-c", "echo hi"], ["sh", "-c", "echo hi"]),
+                          (["c1", "curl", "--timeout", "5", "http://x"], ["curl", "--timeout", "5", "http://x"]),
+                          (["c1", "--", "ls", "-la"], ["ls", "-la"])):
+        result = CliRunner().invoke(main, ["exec", *argv])
+        assert result.exit_code == 0, result.output
+        request = fake_cri.exec_request
+        assert request is not None and (list(request.cmd), request.timeout) == (command, 0)
+    result = CliRunner().invoke(main, ["exec", "c1", "--"])
+    assert result.exit_code == 2 and "no command to run" in result.output
+
+
+def test_sandbox_state_we_may_not_read_is_an_error_not_an_empty_list(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    write_record(tmp_path, "abc123", "web")
+
+    def denied(self: Path) -> Any:
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "iterdir", denied)
+    flags = ["--type", "runc", "--address", str(tmp_path / "none.sock"), "--dir", str(tmp_path)]
+    for argv in (["sandboxes", "ls", *flags], ["sandbox", "status", "abc", *flags]):
+        result = CliRunner().invoke(main, argv)
+        assert result.exit_code == 1 and "permission denied" in result.output, result.output

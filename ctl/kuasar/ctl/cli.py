@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -77,12 +78,34 @@ def run_cri(settings: Settings, body: Callable[[CriClient], Awaitable[T]]) -> T:
         finally:
             await client.close()
 
+    check_endpoint(settings.endpoint)
     try:
         return asyncio.run(run())
     except grpc.aio.AioRpcError as exc:
         raise click.ClickException(f"{exc.details()} ({exc.code().name})") from None
     except configs.ConfigError as exc:
         raise click.ClickException(str(exc)) from None
+
+
+def check_endpoint(path: str) -> None:
+    """A missing socket, one we may not open or one nobody listens on fails at once, with its reason,
+    instead of after --timeout seconds of waiting for a gRPC channel."""
+    if "://" in path:
+        return  # not a unix socket path: gRPC says what is wrong with it
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except FileNotFoundError:
+        raise click.ClickException(f"no socket at {path}: is containerd running? "
+                                   "(wrong --runtime-endpoint / CONTAINER_RUNTIME_ENDPOINT?)") from None
+    except PermissionError:
+        raise click.ClickException(f"{path}: permission denied (containerd's socket is root's)") from None
+    except ConnectionRefusedError:
+        raise click.ClickException(f"nothing listens on {path}: containerd is not running") from None
+    except OSError as exc:
+        raise click.ClickException(f"{path}: {exc.strerror or exc}") from None
+    finally:
+        probe.close()
 
 
 async def resolve_container(client: CriClient, prefix: str) -> cri.Container:
@@ -110,7 +133,8 @@ def _unique(prefix: str, items: Sequence[T], what: str, key: Callable[[T], str])
 @click.group(context_settings=CONTEXT)
 @click.option("-r", "--runtime-endpoint", "endpoint", envvar="CONTAINER_RUNTIME_ENDPOINT", default=DEFAULT_ENDPOINT,
               show_default=True, help="containerd's CRI socket (env CONTAINER_RUNTIME_ENDPOINT).")
-@click.option("--timeout", type=float, default=60.0, show_default=True, help="Seconds per CRI call.")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=60.0, show_default=True,
+              help="Seconds per CRI call.")
 @click.option("--json", "as_json", is_flag=True, help="JSON output for every command (for scripts).")
 @click.option("--no-progress", is_flag=True, help="Never show a spinner for slow steps.")
 @click.version_option(__version__, prog_name="kuasar-ctl")
@@ -292,8 +316,11 @@ def split_create_args(args: Sequence[str], after_dashes: int) -> tuple[list[str]
     before_dashes = len(args) - min(after_dashes, len(args))
     files: list[str] = []
     for arg in args[:min(2, before_dashes)]:
-        if not (arg.endswith(".json") and Path(arg).is_file()):
+        if not arg.endswith(".json"):
             break
+        if not Path(arg).is_file():
+            # crictl's "no such file": taken for the command, a mistyped name ran as one.
+            raise click.UsageError(f"{arg}: no such config file (a command goes after `--`)")
         files.append(arg)
     return files, list(args[len(files):])
 
@@ -474,7 +501,9 @@ def inspect(settings: Settings, container: str) -> None:
     output.print_json(_with_info(run_cri(settings, body)))
 
 
-@main.command(name="exec")
+# Everything after CONTAINER is the command, as with crictl: its own flags (`ls -la`, `sh -c`, `curl
+# --timeout 5`) are never taken for ours.
+@main.command(name="exec", context_settings={"allow_interspersed_args": False})
 @click.argument("container")
 @click.argument("command", nargs=-1, required=True)
 @click.option("--timeout", "exec_timeout", type=SECONDS, default=0,
@@ -492,6 +521,10 @@ def exec_(settings: Settings, container: str, command: tuple[str, ...], exec_tim
     if interactive or tty:
         raise click.ClickException("interactive exec (-i/-t) is not available in kuasar-ctl; "
                                    "use `crictl exec -it` for a terminal session")
+    if command[0] == "--":  # `exec C -- CMD`: click keeps the `--` once options have ended
+        command = command[1:]
+    if not command:
+        raise click.UsageError("no command to run: exec CONTAINER [--] CMD [ARGS...]")
 
     async def body(client: CriClient) -> cri.ExecSyncResponse:
         found = await resolve_container(client, container)
@@ -539,7 +572,11 @@ def logs_(settings: Settings, container: str, follow: bool, tail: int | None, ti
             except grpc.aio.AioRpcError:
                 return False
 
-        await logs.show(status.log_path, tail=tail, timestamps=timestamps, follow=follow, still_running=running)
+        try:
+            await logs.show(status.log_path, tail=tail, timestamps=timestamps, follow=follow,
+                            still_running=running)
+        except logs.LogFileError as exc:
+            raise click.ClickException(str(exc)) from None
 
     run_cri(settings, body)
 
@@ -635,7 +672,10 @@ def sandboxes_group() -> None:
 def sandboxes_ls(settings: Settings, kinds: tuple[str, ...], address: str | None, directory: str | None,
                  no_trunc: bool, as_json: bool) -> None:
     """List every sandbox of the local sandboxers (live state when the sandboxer answers)."""
-    rows = sandboxers.list_sandboxes(sandboxer_refs(kinds, address, directory))
+    try:
+        rows = sandboxers.list_sandboxes(sandboxer_refs(kinds, address, directory))
+    except LookupError as exc:
+        raise click.ClickException(str(exc)) from None
     rows.sort(key=lambda r: -r.created_at_ns)
     if settings.use_json(as_json):
         output.print_json({"sandboxes": [r.to_json() for r in rows]})

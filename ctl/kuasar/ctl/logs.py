@@ -62,6 +62,10 @@ def tail_records(data: bytes, tail: int | None) -> list[Record]:
     return list(reversed(out))
 
 
+class LogFileError(Exception):
+    """The log file cannot be read (gone, or not ours to read)."""
+
+
 def write(record: Record, timestamps: bool, stdout: BinaryIO, stderr: BinaryIO) -> None:
     target = stderr if record.stream == "stderr" else stdout
     target.write(render(record, timestamps))
@@ -79,7 +83,11 @@ async def show(path: str, *, tail: int | None = None, timestamps: bool = False, 
     try:
         data = file.read_bytes()
     except FileNotFoundError:
+        if not follow:  # (a container just created may not have written its log yet)
+            raise LogFileError(f"log file {path} does not exist") from None
         data = b""
+    except OSError as exc:
+        raise LogFileError(f"log file {path}: {exc.strerror or exc}") from None
     complete = data[: data.rfind(b"\n") + 1]
     for record in tail_records(complete, tail):
         write(record, timestamps, stdout, stderr)
@@ -92,6 +100,8 @@ async def show(path: str, *, tail: int | None = None, timestamps: bool = False, 
                 chunk = f.read()
         except FileNotFoundError:
             chunk = b""
+        except OSError as exc:
+            raise LogFileError(f"log file {path}: {exc.strerror or exc}") from None
         complete = chunk[: chunk.rfind(b"\n") + 1]
         for record in records(complete):
             write(record, timestamps, stdout, stderr)

@@ -76,12 +76,15 @@ class SandboxerClient:
 
 
 def read_records(directory: str) -> dict[str, dict[str, Any]]:
-    """`{sandbox id: sandbox.json}` from a sandboxer's state dir; {} when it has none (or we may not read it).
+    """`{sandbox id: sandbox.json}` from a sandboxer's state dir; {} when it has none; LookupError when we may
+    not read it (an empty list would say there are no sandboxes).
     A record that is not a JSON object is skipped like one that is not JSON at all."""
     root = Path(directory) / "sandboxes"
     found: dict[str, dict[str, Any]] = {}
     try:
         entries = sorted(root.iterdir())
+    except PermissionError:
+        raise LookupError(f"cannot read {root}: permission denied (a sandboxer's state is root's)") from None
     except OSError:
         return found
     for entry in entries:
@@ -167,8 +170,12 @@ def find(refs: list[SandboxerRef], sandbox_id: str) -> tuple[SandboxerRef, str]:
                           + ", ".join(i for _, i in matches))
     # Not in any state dir we can read: ask every socket that exists.
     for ref in refs:
-        if not Path(ref.socket).exists():
-            continue
+        try:
+            if not Path(ref.socket).exists():
+                continue
+        except PermissionError:
+            raise LookupError(f"cannot reach {ref.socket}: permission denied (a sandboxer's socket is root's)"
+                              ) from None
         with SandboxerClient(ref.socket) as client:
             try:
                 client.status(sandbox_id)
