@@ -27,6 +27,37 @@ def test_a_config_path_that_is_a_directory_or_not_text_is_invalid(tmp_path: Path
         load_config("/run/x.sock", str(tmp_path), str(binary), "info")
 
 
+@pytest.mark.parametrize(("text", "message"), [
+    ('[sandboxer]\nevents-address = "/x"\n', r"unknown key\(s\) in \[sandboxer\]: events-address"),
+    ("[sandboxer]\nevents_address = 5\n", r"\[sandboxer\] events_address must be a string, not 5"),
+    ('[runc]\nbinary = ["runc"]\n', r"\[runc\] binary must be a string"),
+    ('[runc]\nbinray = "runc"\n', r"unknown key\(s\) in \[runc\]: binray \(known: binary\)"),
+    ('[runc]\nbinary = "/nonexistent/runc"\n', "no such program"),
+    ('[wasm]\nruntime = "wasmtime"\n', r"unknown config table\(s\) \[wasm\]: this sandboxer reads"),
+    ("[hypervisor]\n", r"unknown config table\(s\) \[hypervisor\]"),
+])
+def test_a_misspelt_or_mistyped_config_key_is_refused(tmp_path: Path, text: str, message: str) -> None:
+    # Each of these started and reported ready (events silently off, a runc named "['runc']", ...).
+    from kuasar.runc.sandboxer import RuncSandboxer
+
+    path = tmp_path / "runc.toml"
+    path.write_text(text)
+    with pytest.raises(InvalidArgument, match=message):
+        RuncSandboxer(load_config("/run/x.sock", str(tmp_path / "d"), str(path), "info"))
+
+
+def test_wasm_config_keys_are_checked_too(tmp_path: Path) -> None:
+    from kuasar.wasm.sandboxer import WasmSandboxer
+
+    for text, message in (('[wasm]\nruntme = "wasmtime"\n', r"unknown key\(s\) in \[wasm\]: runtme"),
+                          ('[wasm]\nwasmedge = 1\n', r"\[wasm\] wasmedge must be a string"),
+                          ('[runc]\nbinary = "runc"\n', r"unknown config table\(s\) \[runc\]")):
+        path = tmp_path / "wasm.toml"
+        path.write_text(text)
+        with pytest.raises(InvalidArgument, match=message):
+            WasmSandboxer(load_config("/run/x.sock", str(tmp_path / "d"), str(path), "info"))
+
+
 def test_a_shared_directory_is_refused_and_left_as_it_was(tmp_path: Path) -> None:
     # `--dir /tmp` made /tmp root-only (0700, sticky bit gone).
     shared = tmp_path / "shared"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,11 +22,41 @@ class DaemonConfig:
     events_address: str = ""
     sections: dict[str, Any] = field(default_factory=dict)
 
-    def section(self, name: str) -> dict[str, Any]:
+    def section(self, name: str, keys: Mapping[str, type] | None = None) -> dict[str, Any]:
+        """Table `[name]` ({} when absent); with `keys`, only those keys, each of its type."""
         value = self.sections.get(name, {})
-        if not isinstance(value, dict):
-            raise InvalidArgument(f"config section [{name}] must be a table")
-        return value
+        return checked_table(value, name, keys) if keys is not None else _table(value, name)
+
+    def check_tables(self, *names: str) -> None:
+        """Refuse top-level tables this sandboxer does not read besides [sandboxer] (another type's, a typo)."""
+        unknown = sorted(set(self.sections) - {"sandboxer", *names})
+        if unknown:
+            raise InvalidArgument(f"unknown config table(s) {', '.join(f'[{n}]' for n in unknown)}: this "
+                                  f"sandboxer reads [sandboxer] and {', '.join(f'[{n}]' for n in names)}")
+
+
+TYPE_NAMES = {str: "a string", bool: "true or false", int: "an integer"}
+SANDBOXER_KEYS: Mapping[str, type] = {"events_address": str}
+
+
+def _table(value: Any, name: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise InvalidArgument(f"config section [{name}] must be a table")
+    return value
+
+
+def checked_table(value: Any, name: str, keys: Mapping[str, type]) -> dict[str, Any]:
+    """`value` as table `[name]` whose keys are all in `keys` and of their type: a misspelt key
+    (`events-address`) or a wrong type (`binary = ["runc"]`) was taken silently."""
+    table = _table(value, name)
+    unknown = sorted(set(table) - set(keys))
+    if unknown:
+        raise InvalidArgument(f"unknown key(s) in [{name}]: {', '.join(unknown)} "
+                              f"(known: {', '.join(sorted(keys)) or 'none'})")
+    for key, kind in keys.items():
+        if key in table and (not isinstance(table[key], kind) or (kind is int and isinstance(table[key], bool))):
+            raise InvalidArgument(f"[{name}] {key} must be {TYPE_NAMES[kind]}, not {table[key]!r}")
+    return table
 
 
 def load_config(listen: str, directory: str, config_path: str | None, log_level: str) -> DaemonConfig:
@@ -44,9 +75,7 @@ def load_config(listen: str, directory: str, config_path: str | None, log_level:
             raise InvalidArgument(f"config file {path} is not UTF-8 text") from None
         except OSError as exc:  # a directory, no permission
             raise InvalidArgument(f"config file {path}: {exc.strerror}") from None
-    general = sections.get("sandboxer", {})
-    if not isinstance(general, dict):
-        raise InvalidArgument("config section [sandboxer] must be a table")
+    general = checked_table(sections.get("sandboxer", {}), "sandboxer", SANDBOXER_KEYS)
     return DaemonConfig(
         listen=Path(listen).absolute(),
         dir=Path(directory).absolute(),

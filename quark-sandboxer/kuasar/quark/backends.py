@@ -9,6 +9,7 @@ from .config import QuarkConfig
 
 
 def make_sandboxer(config: DaemonConfig) -> Sandboxer:
+    config.check_tables("quark")
     quark = QuarkConfig.from_daemon(config)
     if quark.backend == "runsc":
         from .gvisor_sandboxer import GvisorSandboxer

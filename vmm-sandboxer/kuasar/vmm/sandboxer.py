@@ -155,6 +155,7 @@ class VmmSandboxer(Sandboxer):
 
     def __init__(self, daemon: DaemonConfig) -> None:
         self.daemon = daemon
+        daemon.check_tables("hypervisor")
         self.config = parse_config(daemon.section("hypervisor"))
         self.hypervisor = make_hypervisor(self.config)
         self.vm_root = daemon.dir / "vm"

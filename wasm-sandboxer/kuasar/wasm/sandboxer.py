@@ -16,6 +16,9 @@ TASK_SERVER_MODULE = "kuasar.wasm.task_server_main"
 TASK_SERVER_PROGRAM = "wasm-task-server"
 
 
+WASM_KEYS = {"runtime": str, "cache": bool, "cache_max_mb": int, "wasmedge": str}
+
+
 def task_server_options(section: dict) -> dict[str, Any]:
     """`[wasm]` config keys, checked, as the task server's WasmSettings (it reads no config file)."""
     runtime = str(section.get("runtime", "wasmtime")).lower()
@@ -35,6 +38,7 @@ class WasmSandboxer(PodSandboxer):
     name = "wasm"
 
     def __init__(self, config: DaemonConfig) -> None:
+        config.check_tables("wasm")
         settings = TaskServerSettings(str(config.dir), config.events_address, config.log_level,
-                                      task_server_options(config.section("wasm")))
+                                      task_server_options(config.section("wasm", WASM_KEYS)))
         super().__init__(config, TaskServerLaunch(TASK_SERVER_MODULE, TASK_SERVER_PROGRAM, settings))
