@@ -271,7 +271,7 @@ def test_task_api_pause_resume_pids_and_what_gvisor_does_not_do(gvisor: Stack) -
 
     from kuasar.common.api.containerd.runtime.task.v2 import shim_pb2 as task
     from kuasar.common.api.containerd.types.task import task_pb2 as types
-    from kuasar.common.errors import InvalidArgument, Unimplemented
+    from kuasar.common.errors import Unimplemented
     from kuasar.common.ttrpc import TtrpcClient
 
     service, ns = "containerd.task.v3.Task", {"containerd-namespace-ttrpc": "k8s.io"}
@@ -298,8 +298,8 @@ def test_task_api_pause_resume_pids_and_what_gvisor_does_not_do(gvisor: Stack) -
                                         ("Update", task.UpdateTaskRequest(id=cid))):
                     with pytest.raises(Unimplemented):
                         await call(method, request)
-                with pytest.raises(InvalidArgument, match="no terminal"):
-                    await call("ResizePty", task.ResizePtyRequest(id=cid, width=80, height=24))
+                # without a terminal: accepted and ignored, as containerd's shims answer it
+                await call("ResizePty", task.ResizePtyRequest(id=cid, width=80, height=24))
             finally:
                 await tasks.close()
             ok = await client.exec_sync(cid, ["echo", "resumed"], timeout=20)
