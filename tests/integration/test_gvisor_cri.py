@@ -215,6 +215,41 @@ def test_stop_sends_sigterm_then_sigkill(gvisor: Stack) -> None:
     gvisor.run(check_stop_sends_sigterm_then_sigkill(gvisor.address, HANDLER, gvisor.log_dir))
 
 
+def test_an_oom_kill_in_the_pods_cgroup_is_reported_as_oomkilled(gvisor: Stack) -> None:
+    """kubelet bounds a pod's memory with its pod cgroup, to which gVisor's whole sandbox is charged (its
+    memory limits inside are not enforced on the host): an OOM kill there ends the sandbox and each of its
+    containers is reported OOMKilled, as gVisor's own shim reports it (TaskOOM per container)."""
+    from kuasar.common import cgroups
+
+    if cgroups.is_unified():
+        pytest.skip("the pod cgroup's limit is set through cgroup v1 here")
+    parent = f"kuasar-it-{os.getpid()}-gvoom"
+    memory = Path("/sys/fs/cgroup/memory") / parent
+    memory.mkdir()
+    (memory / "memory.limit_in_bytes").write_text(str(256 << 20))
+
+    async def scenario() -> None:
+        async with CriClient(gvisor.address) as client:
+            pod_id, pod = await run_pod(client, "gv-oom", gvisor.log_dir, cgroup_parent=parent)
+            try:
+                cid = await start_container(client, pod_id, pod, "hog",
+                                            ["sh", "-c", "sleep 0.3; x=aaaaaaaa; while true; do x=$x$x; done"])
+                status = await wait_state(client, cid, cri.CONTAINER_EXITED, timeout=60)
+                assert status.reason == "OOMKilled", status
+            finally:  # (also when it failed: the pod's cgroups must go before their parent)
+                await remove_pod(client, pod_id)
+
+    try:
+        gvisor.run(scenario())
+    finally:
+        for directory in cgroups_named(parent):
+            for below in sorted(directory.rglob("*"), key=lambda p: -len(p.parts)):
+                if below.is_dir():
+                    below.rmdir()
+            directory.rmdir()
+    assert_nothing_left(gvisor)
+
+
 def test_host_network_pod_gets_loopback_only(gvisor: Stack) -> None:
     async def scenario() -> None:
         async with CriClient(gvisor.address) as client:

@@ -33,6 +33,7 @@ class OomWatch:
         self._reader_fd = -1
         self._last_kills = 0
         self._events_path: Path | None = None
+        self._control_fd = -1
         paths = cgroups.proc_cgroups(pid)
         try:
             if cgroups.is_unified():
@@ -48,6 +49,7 @@ class OomWatch:
         self._fds.append(efd)
         control = os.open(directory / "memory.oom_control", os.O_RDONLY | os.O_CLOEXEC)
         self._fds.append(control)
+        self._control_fd = control
         with open(directory / "cgroup.event_control", "w") as f:
             f.write(f"{efd} {control}")
         self._start(efd, self._on_v1)
@@ -56,6 +58,12 @@ class OomWatch:
         try:
             os.eventfd_read(self._reader_fd)
         except BlockingIOError:
+            return
+        try:
+            # cgroup v1 signals the eventfd also when the cgroup is removed; its files then fail (ENODEV).
+            # (Not the oom_kill count: the signal comes before the kill is counted.)
+            os.pread(self._control_fd, 256, 0)
+        except OSError:
             return
         self.on_oom()
 

@@ -43,6 +43,7 @@ from kuasar.common.errors import (
 from kuasar.common.events import EventPublisher
 from kuasar.common.fifo_stdio import ProcessIO
 from kuasar.common.ids import validate_id
+from kuasar.common.oom import OomWatch
 from kuasar.common.pod_files import pod_dir, rewrite_container_spec
 from kuasar.common.pod_holder import pause_program
 from kuasar.common.reaper import Exit, Reaper
@@ -115,6 +116,9 @@ class Container(TaskContainer):
     waiter: asyncio.Task[None] | None = None
     # From the spec (`shares_pid_namespace`): its init's exit ends what it left, as under runc.
     shares_pids: bool = False
+    # The sandbox's memory cgroup, watched for this container: the pod's memory limit bounds the
+    # whole sandbox, whose OOM kill ends every container in it (gVisor's shim reports it for each).
+    oom: OomWatch | None = None
 
 
 def _read_pid(pid_file: Path) -> int:
@@ -290,6 +294,7 @@ class GvisorTasks(TerminalTasks):
                     mounts.unmount_all(bundle / "rootfs")
                 raise
             self.containers[req.id] = container
+            container.oom = OomWatch(pod.pid, lambda: self._on_oom(container))
         log.info("container %s created in gVisor pod %s", req.id, pod_id)
         self._publish_create(req, req.bundle, container.init.pid, container.namespace)
         return task.CreateTaskResponse(pid=container.init.pid)
@@ -518,6 +523,9 @@ class GvisorTasks(TerminalTasks):
         proc.io.close()
 
     async def _remove(self, container: Container) -> None:
+        if container.oom is not None:
+            container.oom.close()
+            container.oom = None
         await self.runsc.delete(container.id, container.pod.network)
         for proc in container.processes():
             proc.io.close()

@@ -1,0 +1,91 @@
+"""OomWatch on a real cgroup v1 memory cgroup: an OOM kill is reported, a removed cgroup is not."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from kuasar.common import cgroups
+from kuasar.common.oom import OomWatch
+
+MEMORY = Path("/sys/fs/cgroup/memory")
+
+
+@pytest.fixture
+def memcg() -> Iterator[Path]:
+    if os.geteuid() != 0 or cgroups.is_unified() or not MEMORY.is_dir():
+        pytest.skip("needs root and cgroup v1's memory controller")
+    directory = MEMORY / f"kuasar-it-oomwatch-{os.getpid()}"
+    directory.mkdir()
+    try:
+        yield directory
+    finally:
+        if directory.exists():
+            for pid in (directory / "cgroup.procs").read_text().split():
+                os.kill(int(pid), 9)
+            for _ in range(100):
+                try:
+                    directory.rmdir()
+                    break
+                except OSError:
+                    asyncio.run(asyncio.sleep(0.05))
+
+
+def in_cgroup(directory: Path, *argv: str) -> subprocess.Popen:
+    procs = str(directory / "cgroup.procs")
+    return subprocess.Popen(argv, preexec_fn=lambda: Path(procs).write_text(str(os.getpid())))  # noqa: PLW1509
+
+
+def test_an_oom_kill_is_reported(memcg: Path) -> None:
+    (memcg / "memory.limit_in_bytes").write_text(str(16 << 20))
+    sleeper = in_cgroup(memcg, "sleep", "30")
+
+    async def scenario() -> int:
+        seen = asyncio.Event()
+        count = 0
+
+        def on_oom() -> None:
+            nonlocal count
+            count += 1
+            seen.set()
+
+        watch = OomWatch(sleeper.pid, on_oom)
+        hog = in_cgroup(memcg, sys.executable, "-c", "b = []\nwhile True: b.append(bytearray(1 << 20))")
+        try:
+            await asyncio.wait_for(seen.wait(), 20)
+        finally:
+            watch.close()
+            hog.kill()
+            hog.wait()
+        return count
+
+    try:
+        assert asyncio.run(scenario()) >= 1
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+def test_a_removed_cgroup_is_not_an_oom_kill(memcg: Path) -> None:
+    # cgroup v1 signals the eventfd when the cgroup goes: CRI would show the container "OOMKilled".
+    sleeper = in_cgroup(memcg, "sleep", "30")
+
+    async def scenario() -> list[str]:
+        calls: list[str] = []
+        watch = OomWatch(sleeper.pid, lambda: calls.append("oom"))
+        try:
+            sleeper.kill()
+            sleeper.wait()
+            memcg.rmdir()
+            await asyncio.sleep(0.3)
+        finally:
+            watch.close()
+        return calls
+
+    assert asyncio.run(scenario()) == []
