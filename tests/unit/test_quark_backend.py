@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -309,3 +310,24 @@ def test_a_pods_dev_shm_is_one_tmpfs_runsc_shares_by_its_source(tmp_path: Path) 
     host_ipc = {"mounts": [{"destination": "/dev/shm", "type": "bind", "source": "/dev/shm", "options": ["rbind"]}]}
     assert not gvisor_pod.use_pod_shm(host_ipc, "/x") and host_ipc["mounts"][0]["source"] == "/dev/shm"
     assert not gvisor_pod.use_pod_shm({"mounts": []}, "/x")
+
+
+def test_stop_kills_qvisor_at_once_whatever_the_timeout(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # QVisor forwards every signal but SIGKILL into its guest: a SIGTERM first only cost the whole timeout.
+    from kuasar.quark import quark_sandboxer as module
+
+    sent: list[int] = []
+    monkeypatch.setattr(module, "_kill", lambda pid, sig=signal.SIGKILL: sent.append(sig))
+    monkeypatch.setattr(module, "is_alive", lambda pid, start_time: True)
+    sandboxer, rec = quark_sandboxer(tmp_path, "/bin/true"), record()
+    rec.extra["quark"] = {"pid": 4242, "start_time": 1}
+    started = time.monotonic()
+    asyncio.run(sandboxer.stop(rec, 30))
+    assert sent == [signal.SIGKILL] and time.monotonic() - started < 5
+
+
+def test_an_update_naming_tasks_without_the_extension_is_refused(tmp_path: Path) -> None:
+    # It read as "no containers" and unmounted every container the sandbox had.
+    sandboxer, rec = quark_sandboxer(tmp_path, "/bin/true"), record()
+    with pytest.raises(InvalidArgument, match="carries no tasks extension"):
+        asyncio.run(sandboxer.update(rec, ["extensions.tasks"]))
