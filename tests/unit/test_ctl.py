@@ -397,6 +397,26 @@ def test_an_endpoint_that_cannot_answer_fails_at_once_with_its_reason(tmp_path: 
         result = runner.invoke(main, ["-r", f"unix://{endpoint}", "pods"])
         assert result.exit_code == 1 and reason in result.output, result.output
         assert time.monotonic() - started < 5
+    # A containerd that stopped accepting (its listen queue full): the probe's connect blocked for ever.
+    stuck = tmp_path / "stuck.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as server:
+        server.bind(str(stuck))
+        server.listen(0)
+        queued = []
+        for _ in range(4):
+            client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            client.setblocking(False)
+            queued.append(client)
+            try:
+                client.connect(str(stuck))
+            except BlockingIOError:
+                break
+        try:
+            result = runner.invoke(main, ["-r", str(stuck), "pods"])
+            assert result.exit_code == 1 and "does not accept connections" in result.output, result.output
+        finally:
+            for client in queued:
+                client.close()
 
 
 def test_a_config_file_that_is_not_there_is_an_error_not_the_command(

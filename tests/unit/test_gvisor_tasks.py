@@ -450,3 +450,18 @@ def test_a_cancelled_start_watches_a_container_runsc_did_start(tmp_path: Path, r
             assert container.init.exit_status == gt.NEVER_RAN_EXIT_STATUS
 
     asyncio.run(scenario())
+
+
+# -- OOM ------------------------------------------------------------------------------------------------
+def test_a_sandbox_oom_counts_for_running_containers_and_those_it_just_ended_only(tmp_path: Path) -> None:
+    # The watch is on the pod's cgroup, shared by its containers: a later OOM in the pod turned an init
+    # container that had completed long before into "OOMKilled" (CRI takes the event at any time).
+    tasks, _, events = make_tasks(tmp_path)
+    running = add_container(tasks, tmp_path, "running")
+    just_ended = add_container(tasks, tmp_path, "just-ended")
+    just_ended.init.record_exit(1, time.time_ns())
+    long_done = add_container(tasks, tmp_path, "long-done")
+    long_done.init.record_exit(0, time.time_ns() - 60 * 10**9)
+    for container in (running, just_ended, long_done):
+        tasks._on_sandbox_oom(container)
+    assert events.topics == ["/tasks/oom", "/tasks/oom"]

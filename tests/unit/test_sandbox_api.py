@@ -329,3 +329,32 @@ def test_a_forwarding_shims_sandbox_whose_owners_bundle_is_gone_is_removed(tmp_p
     run(tmp_path, first)
     (bundles / gone).rmdir()
     run(tmp_path, second)
+
+
+def test_an_orphan_whose_bundle_is_back_by_its_turn_in_the_sweep_is_kept(tmp_path: Path) -> None:
+    # The sweep's list was made once; removing one orphan may take long, and meanwhile the owner of the
+    # next (`ctr run` of the same id) may be back and rejoin its ready sandbox.
+    bundles = tmp_path / "io.containerd.runtime.v2.task" / "k8s.io"
+    first, second = "f" * 64, "0" * 64
+    for sandbox_id in (first, second):
+        (bundles / sandbox_id).mkdir(parents=True)
+
+    class OwnerReturns(MemorySandboxer):
+        async def shutdown(self, record: SandboxRecord) -> None:
+            await super().shutdown(record)
+            if record.id == first:
+                (bundles / second).mkdir()
+
+    async def body(stub, sandboxer, controller):
+        for sandbox_id in (first, second):
+            await stub.Create(shim_request(sandbox_id, bundles / sandbox_id))
+            await stub.Start(pb.ControllerStartRequest(sandbox_id=sandbox_id))
+        if controller._orphan_sweep is not None:  # the Creates' own sweeps (nothing orphaned yet)
+            await controller._orphan_sweep
+        for sandbox_id in (first, second):
+            (bundles / sandbox_id).rmdir()
+        await controller.remove_shim_orphans()
+        assert sandboxer.shut == [first]
+        assert (await stub.Status(pb.ControllerStatusRequest(sandbox_id=second))).state == "SANDBOX_READY"
+
+    run(tmp_path, body, OwnerReturns())

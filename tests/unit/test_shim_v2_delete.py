@@ -25,7 +25,7 @@ from tests.support.ttrpc_thread import ThreadedTtrpcServer
 
 CID = "c" * 64
 # Scaled down from containerd's 5 s so the test is quick; the shape of the budget is what is tested.
-DEADLINE, RESERVE = 1.2, 0.5
+DEADLINE, RESERVE = 2.0, 1.0
 
 
 class DyingSlowly(TaskBackend):
@@ -103,7 +103,7 @@ def test_a_slow_task_server_and_a_hung_sandboxer_still_end_within_the_deadline(
     response, elapsed = delete_beside_a_task_server_dying_slowly(tmp_path, monkeypatch, socket_path)
     assert response.exit_status == 255  # the task server never answered the delete: reported lost
     assert fake.calls == ["Stop"]  # asked within the reserve, then given up on at the deadline
-    assert elapsed < DEADLINE + 0.4, f"delete took {elapsed:.2f} s"
+    assert elapsed < DEADLINE + 1.0, f"delete took {elapsed:.2f} s"  # (the old code: 5 s)
 
 
 @pytest.mark.parametrize("sandboxer_socket", [False], indirect=True)

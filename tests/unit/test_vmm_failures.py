@@ -331,3 +331,12 @@ def test_a_dir_that_would_split_qemus_or_hvsocks_options_is_refused_up_front(tmp
     with pytest.raises(InvalidArgument, match="must not contain"):
         VmmSandboxer(DaemonConfig(listen=tmp_path / "s.sock", dir=tmp_path / odd))
     assert not (tmp_path / odd).exists()
+
+
+def test_kuasars_sandbox_table_is_accepted_and_another_table_refused(tmp_path: Path) -> None:
+    # Kuasar's config_qemu_x86_64.toml starts with [sandbox] (log_level): an adapted copy must still load.
+    with pytest.raises(InvalidArgument, match="must not contain"):  # gets past the table check
+        VmmSandboxer(DaemonConfig(listen=tmp_path / "s.sock", dir=tmp_path / "a,b",
+                                  sections={"sandbox": {"log_level": "info"}}))
+    with pytest.raises(InvalidArgument, match=r"unknown config table\(s\) \[runc\]"):
+        VmmSandboxer(DaemonConfig(listen=tmp_path / "s.sock", dir=tmp_path / "v", sections={"runc": {}}))

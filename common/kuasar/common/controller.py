@@ -51,6 +51,7 @@ class SandboxController:
         self._exited: dict[str, asyncio.Event] = {}
         self._watchers: dict[str, asyncio.Task[None]] = {}
         self._orphan_sweep: asyncio.Future[None] | None = None
+        self._sweep_again = False
 
     # -- bookkeeping -------------------------------------------------------------------------------
     @contextlib.asynccontextmanager
@@ -135,6 +136,11 @@ class SandboxController:
         """Shut down the sandboxes the containerd 1.6/1.7 forwarding shim made whose owner containerd has
         deleted (shim_orphans.py)."""
         for sandbox_id in shim_orphans.orphans(list(self.records.values())):
+            record = self.records.get(sandbox_id)
+            # Checked again right before: an earlier removal may have taken long, and the owner's
+            # bundle may be back meanwhile (`ctr run` of the same id rejoins a ready sandbox).
+            if record is None or not shim_orphans.orphans([record]):
+                continue
             log.warning("sandbox %s: its owner's bundle is gone (the forwarding shim could not remove it); "
                         "removing it", sandbox_id)
             try:
@@ -165,13 +171,18 @@ class SandboxController:
                 raise
             self.records[record.id] = record
         log.info("sandbox %s created (netns=%r)", record.id, record.netns_path)
-        if shim_orphans.made_by_the_shim(record) and self._orphan_sweep is None:
-            # Off the Create's path: a sweep shuts sandboxes down, each under its own lock.
-            self._orphan_sweep = asyncio.ensure_future(self._sweep_shim_orphans())
+        if shim_orphans.made_by_the_shim(record):
+            # Off the Create's path: a sweep shuts sandboxes down, each under its own lock. One that
+            # runs already goes round once more, for what was orphaned after it made its list.
+            self._sweep_again = True
+            if self._orphan_sweep is None:
+                self._orphan_sweep = asyncio.ensure_future(self._sweep_shim_orphans())
 
     async def _sweep_shim_orphans(self) -> None:
         try:
-            await self.remove_shim_orphans()
+            while self._sweep_again:
+                self._sweep_again = False
+                await self.remove_shim_orphans()
         finally:
             self._orphan_sweep = None
 

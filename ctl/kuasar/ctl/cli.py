@@ -63,6 +63,10 @@ def json_option(f: Callable[..., Any]) -> Callable[..., Any]:
     return click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")(f)
 
 
+# How long the socket probe waits for containerd to accept (it answers in microseconds when it works).
+ENDPOINT_PROBE_TIMEOUT = 2.0
+
+
 def run_cri(settings: Settings, body: Callable[[CriClient], Awaitable[T]]) -> T:
     """Run `body` with a connected CRI client; gRPC failures become one clear line and exit 1."""
 
@@ -78,7 +82,7 @@ def run_cri(settings: Settings, body: Callable[[CriClient], Awaitable[T]]) -> T:
         finally:
             await client.close()
 
-    check_endpoint(settings.endpoint)
+    check_endpoint(settings.endpoint, settings.timeout)
     try:
         return asyncio.run(run())
     except grpc.aio.AioRpcError as exc:
@@ -87,14 +91,18 @@ def run_cri(settings: Settings, body: Callable[[CriClient], Awaitable[T]]) -> T:
         raise click.ClickException(str(exc)) from None
 
 
-def check_endpoint(path: str) -> None:
+def check_endpoint(path: str, timeout: float) -> None:
     """A missing socket, one we may not open or one nobody listens on fails at once, with its reason,
     instead of after --timeout seconds of waiting for a gRPC channel."""
     if "://" in path:
         return  # not a unix socket path: gRPC says what is wrong with it
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    # A full listen backlog (a containerd that stopped accepting) blocks connect() for ever.
+    probe.settimeout(min(timeout, ENDPOINT_PROBE_TIMEOUT))
     try:
         probe.connect(path)
+    except (TimeoutError, BlockingIOError):  # (a full backlog answers a timed connect with EAGAIN)
+        raise click.ClickException(f"containerd does not accept connections on {path}") from None
     except FileNotFoundError:
         raise click.ClickException(f"no socket at {path}: is containerd running? "
                                    "(wrong --runtime-endpoint / CONTAINER_RUNTIME_ENDPOINT?)") from None

@@ -89,6 +89,9 @@ KILL_RACE_GRACE = 1.0
 # Removing a pod's containers: how long SIGKILLed ones get for their `runsc wait` to report the exit
 # (milliseconds when the sandbox is healthy) before they are deleted by force anyway.
 POD_REMOVE_WAIT = 10.0
+# An OOM kill in the sandbox's cgroup counts for a container that ended at most this long before it was
+# seen: the kill's own exits come within moments (runsc wait returns as the sandbox dies).
+OOM_EXIT_SLACK_NS = 2 * 10**9
 
 
 @dataclass
@@ -99,6 +102,9 @@ class GvisorPod:
     pid: int = 0
     stopping: bool = False
     shm_source: str = ""  # what names the pod's shared /dev/shm (none for a host-IPC pod)
+    # Whether the sandbox is in a cgroup of its own (the pod's): else it shares the task server's, whose
+    # OOM kills are not this pod's.
+    own_cgroup: bool = False
 
 
 @dataclass
@@ -187,7 +193,7 @@ class GvisorTasks(TerminalTasks):
         shutil.rmtree(bundle, ignore_errors=True)
         bundle.mkdir(parents=True, mode=0o700)
         (bundle / "config.json").write_text(json.dumps(spec))
-        pod = GvisorPod(pod_id, bundle, network, shm_source=shm_source)
+        pod = GvisorPod(pod_id, bundle, network, shm_source=shm_source, own_cgroup=cgroup is not None)
         try:
             await self.runsc.create(pod_id, bundle, bundle / "sandbox.pid", network, Stdio())
             await self.runsc.start(pod_id, bundle, network)
@@ -294,7 +300,8 @@ class GvisorTasks(TerminalTasks):
                     mounts.unmount_all(bundle / "rootfs")
                 raise
             self.containers[req.id] = container
-            container.oom = OomWatch(pod.pid, lambda: self._on_oom(container))
+            if pod.own_cgroup:
+                container.oom = OomWatch(pod.pid, lambda: self._on_sandbox_oom(container))
         log.info("container %s created in gVisor pod %s", req.id, pod_id)
         self._publish_create(req, req.bundle, container.init.pid, container.namespace)
         return task.CreateTaskResponse(pid=container.init.pid)
@@ -522,11 +529,20 @@ class GvisorTasks(TerminalTasks):
     async def _delete_exec(self, container: Container, proc: Process) -> None:
         proc.io.close()
 
+    def _on_sandbox_oom(self, container: Container) -> None:
+        """An OOM kill in the sandbox's cgroup: this container's too, unless it had ended well before
+        (an init container that completed must not turn OOMKilled; CRI takes the event at any time). The
+        kill ends the sandbox, so the containers' exits it causes come within moments of it."""
+        init = container.init
+        if init.status == types.STOPPED and time.time_ns() - init.exited_at_ns > OOM_EXIT_SLACK_NS:
+            return
+        self._on_oom(container)
+
     async def _remove(self, container: Container) -> None:
-        if container.oom is not None:
+        await self.runsc.delete(container.id, container.pod.network)
+        if container.oom is not None:  # (the pod's cgroup stays: no removal signal to mistake)
             container.oom.close()
             container.oom = None
-        await self.runsc.delete(container.id, container.pod.network)
         for proc in container.processes():
             proc.io.close()
         if container.waiter is not None and not container.waiter.done():
