@@ -48,10 +48,11 @@ class Pod:
         os.mkfifo(path)
         return str(path)
 
-    def container(self, cid: str, volume: str = "volume", processes: list[dict[str, Any]] | None = None
-                  ) -> dict[str, Any]:
+    def container(self, cid: str, volume: str = "volume", processes: list[dict[str, Any]] | None = None,
+                  options: list[str] | None = None) -> dict[str, Any]:
         return {"task_id": cid, "rootfs": [{"type": "bind", "source": str(self.host / "image"), "options": ["rbind"]}],
-                "spec": {"mounts": [{"destination": "/data", "type": "bind", "source": str(self.host / volume)}]},
+                "spec": {"mounts": [{"destination": "/data", "type": "bind", "source": str(self.host / volume),
+                                     "options": options or ["rbind"]}]},
                 "processes": processes or []}
 
     def update(self, *tasks: dict[str, Any]) -> None:
@@ -109,3 +110,11 @@ def test_a_failed_update_undoes_the_execs_it_added_and_removes_nothing(pod: Pod)
     # and the next Update that drops everything unmounts everything
     pod.update()
     assert pod.recorded() == {} and pod.mounted() == []
+
+
+def test_a_read_only_volume_is_bound_read_only(pod: Pod) -> None:
+    # The bind left the spec with its `ro`, and came out writable inside the sandbox.
+    pod.update(pod.container("ro", options=["rbind", "ro"]), pod.container("rw"))
+    assert os.statvfs(pod.bundle / "ro" / "rootfs" / "data").f_flag & os.ST_RDONLY
+    assert not os.statvfs(pod.bundle / "rw" / "rootfs" / "data").f_flag & os.ST_RDONLY
+    assert not os.statvfs(pod.host / "volume").f_flag & os.ST_RDONLY  # the host's own stays as it was

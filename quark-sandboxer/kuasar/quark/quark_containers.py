@@ -2,13 +2,15 @@
 
 Quark's VM sees the sandbox bundle (`<base>/sandbox`) and nothing else of the host, so every container
 gets a bundle inside it, `<base>/sandbox/<cid>`: its rootfs mounts are mounted onto `<cbundle>/rootfs`,
-each `bind` mount of its spec is bind-mounted to `<cbundle>/rootfs/<destination>` (and dropped from the
-spec), its stdio FIFOs are bind-mounted onto `<cbundle>/stdin|stdout|stderr` with the io paths rewritten
-to `/<cid>/stdout` etc. (the path inside the sandbox), and the spec is written to `<cbundle>/config.json`.
-Exec processes get `<cbundle>/<exec>-stdin|stdout|stderr` the same way.
+each `bind` mount of its spec is bind-mounted to `<cbundle>/rootfs/<destination>` (read-only if its
+options say `ro`; dropped from the spec), its stdio FIFOs are bind-mounted onto
+`<cbundle>/stdin|stdout|stderr` with the io paths rewritten to `/<cid>/stdout` etc. (the path inside the
+sandbox), and the spec is written to `<cbundle>/config.json`. Exec processes get
+`<cbundle>/<exec>-stdin|stdout|stderr` the same way.
 
 Only Kuasar's containerd fork and iSulad send this Update; upstream containerd's CRI never does, and
-then Quark reads everything from the Task.Create request itself. Unlike Kuasar, a removed exec's FIFO
+real Quark then finds no container (it reads `/<cid>` of its sandbox bundle in sandbox mode): see the
+README's quark section. Unlike Kuasar, a removed exec's FIFO
 mounts are released at once (by their host path), and the layout is persisted so a restarted
 sandboxer still knows what to unmount.
 """
@@ -134,7 +136,7 @@ class QuarkContainers:
                 _undo(f"container {cid}", lambda cid=cid: self.remove(cid))
             raise
 
-    def _bind(self, source: str, target: Path, done: list[str]) -> None:
+    def _bind(self, source: str, target: Path, done: list[str], readonly: bool = False) -> None:
         if not os.path.isabs(source) or not os.path.exists(source):
             raise InvalidArgument(f"bind source {source!r} must be an existing absolute path")
         if os.path.isdir(source):
@@ -144,6 +146,10 @@ class QuarkContainers:
             target.touch(exist_ok=True)
         linux.mount(source, str(target), "", linux.MS_BIND | linux.MS_REC)
         done.append(str(target))
+        if readonly:
+            # The mount leaves the spec (Quark sees the bind, not the entry), so its `ro` is applied here,
+            # to the bind and every mount below it, as Kuasar remounts its binds read-only.
+            linux.set_readonly_recursive(str(target))
 
     def append(self, cid: str, entry: dict[str, Any]) -> None:
         """Lay a new container out; on failure, undo all of it (see apply) before raising."""
@@ -177,7 +183,8 @@ class QuarkContainers:
                 if not destination or ".." in Path(destination).parts:
                     raise InvalidArgument(f"task {cid}: bad mount destination {m.get('destination')!r}")
                 # Through the image's symlinks as the container would see them, never onto the host.
-                self._bind(str(m.get("source", "")), resolve_in_root(rootfs, "/" + destination), done)
+                self._bind(str(m.get("source", "")), resolve_in_root(rootfs, "/" + destination), done,
+                           readonly="ro" in options)
             else:
                 kept.append(m)
         spec["mounts"] = kept
