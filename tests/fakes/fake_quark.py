@@ -8,8 +8,9 @@ relies on (wasm-and-app-kernel-runtimes.md B1.2), so the sandboxer's side can be
 1. cwd is the sandbox bundle, where `config.json` and `rootfs/dev` must already exist;
 2. a detached daemon (double fork, setsid, stdio to `<base>/fake-quark.log`) joins the pod's netns from
    `config.json`, takes IPC and UTS namespaces of its own (CRI points every container at the daemon's
-   `/proc/<pid>/ns/*`) and serves `containerd.task.v3.Task` over ttrpc on `--task-socket`, running the
-   containers with runc under the hood (kuasar.runc's task backend; the daemon is their subreaper);
+   `/proc/<pid>/ns/*`) and serves `containerd.task.v2.Task` (only: QVisor has no v3) over ttrpc on
+   `--task-socket`, running the containers with runc under the hood (kuasar.runc's task backend; the
+   daemon is their subreaper), each read from `/<id>` of the sandbox bundle as QVisor reads it;
 3. the daemon's pid goes to `--pid-file` as bare decimal digits (no newline), and both the pid file and
    the listening socket exist before the foreground command exits 0;
 4. SIGKILL kills the daemon like a VM: a guardian process it leaves behind kills its containers; SIGTERM
@@ -147,9 +148,28 @@ def kill_containers(runc_root: Path) -> None:
 
 
 class FakeQuarkTasks(RuncTasks):
-    """runc containers in the daemon's namespaces; a pod-wide PID namespace is not faked."""
+    """runc containers in the daemon's namespaces; a pod-wide PID namespace is not faked.
+
+    As QVisor in sandbox mode: a container is read from `/<id>` of the sandbox bundle (QVisor's root),
+    whatever `bundle` the request names, with its rootfs already there; stdio paths are paths in that
+    root. Only `containerd.task.v2.Task` is served (QVisor's shim crate has no v3)."""
+
+    sandbox_bundle = Path("/")
+
+    def _in_sandbox(self, path: str) -> str:
+        return str(self.sandbox_bundle / path.lstrip("/")) if path else ""
+
+    async def exec(self, req, ctx):  # type: ignore[no-untyped-def]
+        for name in ("stdin", "stdout", "stderr"):
+            setattr(req, name, self._in_sandbox(getattr(req, name)))
+        return await super().exec(req, ctx)
 
     async def create(self, req, ctx):  # type: ignore[no-untyped-def]
+        req.bundle = str(self.sandbox_bundle / req.id)
+        if req.rootfs:
+            raise ValueError("QVisor takes no rootfs mounts: the container's rootfs is laid out in its bundle")
+        for name in ("stdin", "stdout", "stderr"):
+            setattr(req, name, self._in_sandbox(getattr(req, name)))
         # CRI names the daemon's PID namespace for a pod sharing one, which is the host's here: give such
         # a container a PID namespace of its own instead of joining the host's.
         path = Path(req.bundle) / "config.json"
@@ -165,8 +185,9 @@ async def serve(args: dict[str, str], base: Path, ready_fd: int) -> None:
     reaper = Reaper()
     reaper.install()
     tasks = FakeQuarkTasks(reaper, EventPublisher(""), base / "fake-quark")
+    tasks.sandbox_bundle = Path(args["bundle"]).resolve()
     server = TtrpcServer()
-    register_task_service(server, tasks)
+    register_task_service(server, tasks, services=("containerd.task.v2.Task",))
     await server.start_unix(args["task-socket"], mode=0o600)
     Path(args["pid-file"]).write_text(str(os.getpid()))  # bare digits: Kuasar parses without trimming
     os.write(ready_fd, b"ok")

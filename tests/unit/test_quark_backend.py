@@ -216,6 +216,8 @@ def test_cli_says_which_runtime_binary_is_missing(tmp_path: Path) -> None:
 
 @needs_root
 def test_quark_backend_lifecycle_against_the_fake(tmp_path: Path) -> None:
+    from kuasar.quark import quark_sandboxer as module
+
     sandboxer = quark_sandboxer(tmp_path, str(fake_quark(tmp_path)))
 
     async def scenario() -> None:
@@ -225,17 +227,29 @@ def test_quark_backend_lifecycle_against_the_fake(tmp_path: Path) -> None:
         base = sandboxer.base(rec)
         assert json.loads((base / "sandbox" / "config.json").read_text())["hostname"] == "p"
         result = await sandboxer.start(rec)
-        assert result.address == f"ttrpc+unix://{base}/quark-task.sock" and result.version == 3
+        # containerd's address is the task relay's, in front of QVisor's own (v2-only) socket
+        assert result.address == f"ttrpc+unix://{base}/task.sock" and result.version == 3
         rec.pid = result.pid
         waiter = asyncio.create_task(sandboxer.wait(rec))
         await asyncio.sleep(0.2)
         assert not waiter.done()
-        # a restarted sandboxer re-attaches to the live daemon (same pid, same start time)
-        await sandboxer.recover([rec])
-        assert rec.state != "stopped"
+        # a restarted sandboxer re-attaches to the live daemon (same pid, same start time), and starts a
+        # new relay at the same address for one that died meanwhile
+        relay = rec.extra["quark"]["relay_pid"]
+        os.kill(relay, signal.SIGKILL)
+        await asyncio.sleep(0.1)
+        await sandboxer.recover([_ready(rec)])
+        assert rec.state != "stopped" and rec.extra["quark"]["relay_pid"] != relay
+        relay = rec.extra["quark"]["relay_pid"]
+        assert (base / "task.sock").is_socket() and module.is_alive(relay, rec.extra["quark"]["relay_start_time"])
         await sandboxer.stop(rec, 0)
         exit_info = await asyncio.wait_for(waiter, 10)
         assert exit_info.exit_status == 137
+        for _ in range(200):  # the relay ends with QVisor's socket
+            if not module.is_alive(relay, rec.extra["quark"]["relay_start_time"]):
+                break
+            await asyncio.sleep(0.05)
+        assert not module.is_alive(relay, rec.extra["quark"]["relay_start_time"])
         rec.exited_at_ns = 0
         found_at = time.time_ns()
         await sandboxer.recover([_ready(rec)])

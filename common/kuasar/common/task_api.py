@@ -101,7 +101,8 @@ class TaskBackend:
         return empty_pb2.Empty()
 
 
-def register_task_service(server: TtrpcServer, backend: TaskBackend) -> None:
-    for service in TASK_SERVICES:
+def register_task_service(server: TtrpcServer, backend: TaskBackend,
+                          services: tuple[str, ...] = TASK_SERVICES) -> None:
+    for service in services:
         for method, request_type in TASK_METHODS.items():
             server.add_unary(service, method, request_type, getattr(backend, _snake(method)))

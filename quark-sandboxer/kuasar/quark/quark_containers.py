@@ -8,9 +8,9 @@ options say `ro`; dropped from the spec), its stdio FIFOs are bind-mounted onto
 sandbox), and the spec is written to `<cbundle>/config.json`. Exec processes get
 `<cbundle>/<exec>-stdin|stdout|stderr` the same way.
 
-Only Kuasar's containerd fork and iSulad send this Update; upstream containerd's CRI never does, and
-real Quark then finds no container (it reads `/<cid>` of its sandbox bundle in sandbox mode): see the
-README's quark section. Unlike Kuasar, a removed exec's FIFO
+Only Kuasar's containerd fork and iSulad send this Update; with upstream containerd the task relay
+(task_relay.py) lays each container out the same way at its `Task.Create`, since QVisor reads `/<cid>` of
+its sandbox bundle in sandbox mode. Unlike Kuasar, a removed exec's FIFO
 mounts are released at once (by their host path), and the layout is persisted so a restarted
 sandboxer still knows what to unmount.
 """
@@ -131,7 +131,7 @@ class QuarkContainers:
                 self._remove_execs(cid, entry)
         except BaseException:
             for cid, exec_id in reversed(added_execs):
-                _undo(f"exec {exec_id} of {cid}", lambda cid=cid, exec_id=exec_id: self._remove_exec(cid, exec_id))
+                _undo(f"exec {exec_id} of {cid}", lambda cid=cid, exec_id=exec_id: self.remove_exec(cid, exec_id))
             for cid in reversed(added):
                 _undo(f"container {cid}", lambda cid=cid: self.remove(cid))
             raise
@@ -195,9 +195,9 @@ class QuarkContainers:
                 record["io"][name] = f"/{cid}/{name}"
         write_atomic(cbundle / "config.json", json.dumps(spec).encode())
         for process in entry.get("processes") or []:
-            self._add_exec(cid, process)
+            self.add_exec(cid, process)
 
-    def _add_exec(self, cid: str, process: dict[str, Any]) -> str:
+    def add_exec(self, cid: str, process: dict[str, Any]) -> str:
         """Bind an exec's stdio; on failure, undo that (see apply) before raising."""
         exec_id = validate_id(str(process.get("exec_id", "")), "exec_id")
         self.state[cid]["execs"][exec_id] = done = []
@@ -207,7 +207,7 @@ class QuarkContainers:
                 if path:
                     self._bind(path, self.bundle / cid / f"{exec_id}-{name}", done)
         except BaseException:
-            _undo(f"exec {exec_id} of {cid}", lambda: self._remove_exec(cid, exec_id))
+            _undo(f"exec {exec_id} of {cid}", lambda: self.remove_exec(cid, exec_id))
             raise
         return exec_id
 
@@ -215,15 +215,15 @@ class QuarkContainers:
         """Lay out the container's execs that are new in `entry`, each noted in `added` once it is."""
         for process in entry.get("processes") or []:
             if str(process.get("exec_id", "")) not in self.state[cid]["execs"]:
-                added.append((cid, self._add_exec(cid, process)))
+                added.append((cid, self.add_exec(cid, process)))
 
     def _remove_execs(self, cid: str, entry: dict[str, Any]) -> None:
         """Release the container's execs that `entry` no longer has."""
         wanted = {str(p.get("exec_id", "")) for p in entry.get("processes") or []}
         for exec_id in [e for e in self.state[cid]["execs"] if e not in wanted]:
-            self._remove_exec(cid, exec_id)
+            self.remove_exec(cid, exec_id)
 
-    def _remove_exec(self, cid: str, exec_id: str) -> None:
+    def remove_exec(self, cid: str, exec_id: str) -> None:
         for target in reversed(self.state[cid]["execs"].pop(exec_id, [])):
             unmount(Path(target))
             Path(target).unlink(missing_ok=True)

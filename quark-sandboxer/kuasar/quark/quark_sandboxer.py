@@ -9,14 +9,17 @@ Per sandbox, `<base>` = `<dir>/<id>` and the sandbox bundle is `<base>/sandbox`:
 * Create writes `<base>/sandbox/config.json` (quark_spec.py) and `rootfs/dev`.
 * Start runs `quark -r <base>/sandbox sandbox --task-socket <base>/quark-task.sock --id <id>
   --pid-file <base>/pid` in the bundle and waits for it to exit (Quark daemonises its VM process, QVisor),
-  then reads the pid. Quark serves the Task API on that socket itself, so containerd talks to it
-  directly: the address is `ttrpc+unix://<base>/quark-task.sock`, version 3 (Kuasar omits `ttrpc+`,
-  which upstream containerd rejects, and says version 2).
+  then reads the pid. QVisor serves `containerd.task.v2.Task` on that socket and reads containers from
+  its bundle, so a task relay (task_relay.py, a process of its own) serves containerd the address
+  `ttrpc+unix://<base>/task.sock`, version 3, and lays each container out before QVisor's Create (Kuasar
+  says version 2 and omits `ttrpc+`, which upstream containerd refuses, and leaves the layout to its
+  forked containerd's Update).
 * QVisor is not our child: its exit is watched with a pidfd (Kuasar watches nothing, so its Wait only
   returns after Stop); its status is unknowable, so a kill by Stop reports 137 and any other death 255.
-* Stop honours the timeout (SIGTERM, then SIGKILL); Shutdown detaches every mount under `<base>`
-  and removes it. The pid and its start time are persisted, so a restarted sandboxer re-attaches to a
-  live QVisor and reports a dead (or recycled) pid as exited.
+* Stop SIGKILLs QVisor (it forwards other signals into its guest); the relay then ends with QVisor's
+  socket. Shutdown detaches every mount under `<base>` and removes it. The pids and their start times
+  are persisted, so a restarted sandboxer re-attaches to a live QVisor and reports a dead (or recycled)
+  pid as exited.
 * `Controller.Update` with `extensions.tasks` (Kuasar's fork and iSulad) lays containers out in the bundle
   (quark_containers.py); upstream containerd never sends it.
 """
@@ -30,6 +33,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 from pathlib import Path
 
 from google.protobuf import any_pb2
@@ -51,6 +55,10 @@ from .quark_spec import sandbox_spec
 log = logging.getLogger(__name__)
 
 TASK_SOCKET = "quark-task.sock"
+RELAY_SOCKET = "task.sock"
+RELAY_LOG = "relay.log"
+# The relay connects to QVisor's socket and listens: milliseconds, unless this machine is very busy.
+RELAY_START_TIMEOUT = 10.0
 PID_FILE = "pid"
 QUARK_LOG = "quark.log"
 # `quark ... sandbox` boots a VM before it returns; this only bounds a hung one.
@@ -173,7 +181,38 @@ class QuarkSandboxer(Sandboxer):
             raise RuntimeFailure(f"quark sandbox {record.id}: pid {pid} serves no {socket}: {_tail(log_path)}") \
                 from None
         log.info("sandbox %s: QVisor pid %d serves %s", record.id, pid, socket)
-        return StartResult(pid=pid, address=f"ttrpc+unix://{socket}", version=3)
+        relay = await self._start_relay(record, socket)
+        return StartResult(pid=pid, address=f"ttrpc+unix://{relay}", version=3)
+
+    async def _start_relay(self, record: SandboxRecord, quark_socket: Path) -> Path:
+        base = self.base(record)
+        listen = base / RELAY_SOCKET
+        listen.unlink(missing_ok=True)
+        argv = [*relay_command(), "--listen", str(listen), "--upstream", str(quark_socket),
+                "--sandbox-bundle", str(base / "sandbox"), "--log-level", self.config.log_level]
+        with open(base / RELAY_LOG, "ab") as log_file:
+            # Its own session: a sandboxer restart (or its process group's SIGTERM) must not end
+            # containerd's task connections.
+            process = await asyncio.create_subprocess_exec(*argv, executable=sys.executable, stdin=subprocess.DEVNULL,
+                                                           stdout=log_file, stderr=log_file, start_new_session=True)
+        state = self._state(record)
+        state.update(relay_pid=process.pid, relay_start_time=process_start_time(process.pid))
+        try:
+            async with asyncio.timeout(RELAY_START_TIMEOUT):
+                while not listen.is_socket():  # noqa: ASYNC110 - another process binds it
+                    if process.returncode is not None:
+                        raise RuntimeFailure(f"sandbox {record.id}: the task relay exited {process.returncode}: "
+                                             f"{_tail(base / RELAY_LOG)}")
+                    await asyncio.sleep(0.01)
+        except TimeoutError:
+            process.kill()
+            raise RuntimeFailure(f"sandbox {record.id}: the task relay did not listen within "
+                                 f"{RELAY_START_TIMEOUT:.0f}s: {_tail(base / RELAY_LOG)}") from None
+        except BaseException:
+            process.kill()
+            raise
+        # Not waited for: it outlives us; its exit is reaped by whoever inherits it.
+        return listen
 
     @staticmethod
     def _read_pid(path: Path) -> int:
@@ -202,8 +241,12 @@ class QuarkSandboxer(Sandboxer):
 
     async def shutdown(self, record: SandboxRecord) -> None:
         base = self.base(record)
-        # QVisor of a Start cut short by a crash of ours: the record never got its pid. Found by the
-        # sandbox's directory in its command line (`-r <base>/sandbox`), as `quark sandbox` started it.
+        state = self._state(record)
+        relay_pid, relay_start = int(state.get("relay_pid", 0)), int(state.get("relay_start_time", 0))
+        if is_alive(relay_pid, relay_start):
+            _kill(relay_pid)
+        # QVisor or a relay of a Start cut short by a crash of ours: the record never got its pid. Found by
+        # the sandbox's directory in its command line (`-r <base>/sandbox`, `--listen <base>/task.sock`).
         await kill_strays(base)
         containers = self._containers(record)
         for cid in list(containers.state):
@@ -231,15 +274,33 @@ class QuarkSandboxer(Sandboxer):
     async def recover(self, records: list[SandboxRecord]) -> None:
         for record in records:
             state = self._state(record)
-            if record.state == "ready" and not is_alive(int(state.get("pid", 0)), int(state.get("start_time", 0))):
+            if record.state != "ready":
+                continue
+            if not is_alive(int(state.get("pid", 0)), int(state.get("start_time", 0))):
                 log.warning("sandbox %s: QVisor pid %s is gone; reporting it exited", record.id, state.get("pid"))
                 record.found_gone()
+            elif not is_alive(int(state.get("relay_pid", 0)), int(state.get("relay_start_time", 0))):
+                # Gone while we were down: containerd lost its task connections then; a relay at the same
+                # address lets it reconnect (after its own restart, say).
+                log.warning("sandbox %s: task relay gone; starting a new one", record.id)
+                try:
+                    await self._start_relay(record, self.base(record) / TASK_SOCKET)
+                except Exception as exc:  # noqa: BLE001 - the other sandboxes still recover
+                    log.error("sandbox %s: restarting its task relay: %s", record.id, exc)
 
     def status_info(self, record: SandboxRecord, verbose: bool) -> dict[str, str]:
         if not verbose:
             return {}
         return {"backend": "quark", "task_address": record.address,
                 "quark_pid": str(self._state(record).get("pid", 0))}
+
+
+def relay_command() -> list[str]:
+    """How to run the task relay: a frozen binary runs itself (`quark-sandboxer task-relay`), from
+    source the module runs alone, without the sandboxer's gRPC stack (a smaller process per pod)."""
+    if getattr(sys, "frozen", False):
+        return ["quark-sandboxer", "task-relay"]  # argv[0] picks the multi-call binary's program
+    return [sys.executable, "-m", "kuasar.quark.task_relay"]
 
 
 def _kill(pid: int, sig: int = signal.SIGKILL) -> None:

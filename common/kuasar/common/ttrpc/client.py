@@ -151,6 +151,10 @@ class TtrpcClient:
         await self._drain()
         return stream
 
+    async def wait_closed(self) -> None:
+        """Until the connection is gone (the server closed it, or `close`)."""
+        await asyncio.wait({self._read_task})
+
     async def close(self) -> None:
         """Close the connection; pending calls and streams fail with Unavailable."""
         self._read_task.cancel()

@@ -79,7 +79,7 @@ class ServerStream:
         await self._conn.write(self._conn.proto.send_data(self.stream_id, payload))
 
 
-UnaryHandler = Callable[[Message, Context], Awaitable[Message]]
+UnaryHandler = Callable[[Message, Context], Awaitable[Message | bytes]]
 StreamHandler = Callable[[ServerStream, Context], Awaitable[None]]
 
 
@@ -230,6 +230,8 @@ class _ServerConn:
                     name = route.request_type.DESCRIPTOR.full_name
                     raise InvalidArgument(f"unmarshal {name}: {err}") from None
                 result = await route.handler(message, ctx)
+            if isinstance(result, bytes):  # a relay's reply, serialized already by whoever answered it
+                return result
             if not isinstance(result, Message):
                 raise Internal(f"/{req.service}/{req.method} returned {type(result).__name__}, not a message")
             return result.SerializeToString()

@@ -1,0 +1,113 @@
+"""The Quark task relay against a stand-in for QVisor's socket that, like QVisor, serves only
+`containerd.task.v2.Task`: v3 calls arrive as v2, a Create finds its container laid out in the sandbox
+bundle (as QVisor reads it, at `/<id>`), a Delete takes the layout down, and the relay ends with QVisor."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+from pathlib import Path
+
+import pytest
+from google.protobuf import empty_pb2
+
+from kuasar.common.api.containerd.runtime.task.v2 import shim_pb2 as task
+from kuasar.common.errors import FailedPrecondition, Unimplemented
+from kuasar.common.task_api import TaskBackend, register_task_service
+from kuasar.common.ttrpc import NAMESPACE_KEY, Context, TtrpcClient, TtrpcServer
+from kuasar.quark import quark_containers, task_relay
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (bind mounts)")
+
+
+class QVisor(TaskBackend):
+    def __init__(self, sandbox_bundle: Path) -> None:
+        self.bundle = sandbox_bundle
+        self.calls: list[tuple[str, object, str | None]] = []
+
+    async def create(self, req: task.CreateTaskRequest, ctx: Context) -> task.CreateTaskResponse:
+        self.calls.append(("Create", req, ctx.namespace))
+        laid_out = self.bundle / req.bundle.lstrip("/")
+        if not (laid_out / "config.json").is_file() or not (laid_out / "rootfs" / "hello").is_file():
+            raise FailedPrecondition(f"nothing laid out at {laid_out}")
+        return task.CreateTaskResponse(pid=4242)
+
+    async def exec(self, req: task.ExecProcessRequest, ctx: Context) -> empty_pb2.Empty:
+        self.calls.append(("Exec", req, ctx.namespace))
+        return empty_pb2.Empty()
+
+    async def state(self, req: task.StateRequest, ctx: Context) -> task.StateResponse:
+        self.calls.append(("State", req, ctx.namespace))
+        return task.StateResponse(id=req.id, pid=4242)
+
+    async def delete(self, req: task.DeleteRequest, ctx: Context) -> task.DeleteResponse:
+        self.calls.append(("Delete", req, ctx.namespace))
+        return task.DeleteResponse(pid=4242, exit_status=3)
+
+
+def test_v3_calls_reach_qvisor_as_v2_with_the_container_laid_out_in_its_bundle(tmp_path: Path) -> None:
+    sandbox = tmp_path / "base" / "sandbox"
+    sandbox.mkdir(parents=True)
+    host_bundle, image = tmp_path / "host-bundle", tmp_path / "image"
+    host_bundle.mkdir()
+    image.mkdir()
+    (image / "hello").write_text("hi")
+    (host_bundle / "config.json").write_text(json.dumps({"root": {"path": "rootfs"}, "mounts": []}))
+    stdout = tmp_path / "stdout"
+    os.mkfifo(stdout)
+    exec_out = tmp_path / "exec-stdout"
+    os.mkfifo(exec_out)
+    qvisor = QVisor(sandbox)
+
+    async def scenario() -> None:
+        upstream = TtrpcServer()
+        register_task_service(upstream, qvisor, services=(task_relay.QUARK_SERVICE,))
+        await upstream.start_unix(str(tmp_path / "quark.sock"))
+        args = argparse.Namespace(listen=str(tmp_path / "task.sock"), upstream=str(tmp_path / "quark.sock"),
+                                  sandbox_bundle=str(sandbox))
+        relay = asyncio.create_task(task_relay.serve(args))
+        while not (tmp_path / "task.sock").exists():  # noqa: ASYNC110 - the relay binds it
+            await asyncio.sleep(0.01)
+        client = await TtrpcClient.connect_unix(str(tmp_path / "task.sock"))
+        meta = {NAMESPACE_KEY: "k8s.io"}
+        v3 = task_relay.SERVED_SERVICE
+        async with await TtrpcClient.connect_unix(str(tmp_path / "quark.sock")) as direct:
+            with pytest.raises(Unimplemented):  # what containerd dialing QVisor itself would get
+                await direct.call(v3, "State", task.StateRequest(id="c1"), task.StateResponse)
+        created = await client.call(v3, "Create", task.CreateTaskRequest(
+            id="c1", bundle=str(host_bundle), stdout=str(stdout),
+            rootfs=[{"type": "bind", "source": str(image), "options": ["rbind"]}]), task.CreateTaskResponse,
+            metadata=meta)
+        assert created.pid == 4242
+        name, forwarded, namespace = qvisor.calls[-1]
+        assert (name, namespace) == ("Create", "k8s.io")
+        assert (forwarded.bundle, list(forwarded.rootfs), forwarded.stdout) == ("/c1", [], "/c1/stdout")
+        assert quark_containers.mounts_under(sandbox / "c1")  # rootfs and FIFO bound in QVisor's root
+        await client.call(v3, "Exec", task.ExecProcessRequest(id="c1", exec_id="e1", stdout=str(exec_out)),
+                          metadata=meta)
+        assert qvisor.calls[-1][1].stdout == "/c1/e1-stdout" and (sandbox / "c1" / "e1-stdout").exists()
+        await client.call(v3, "Delete", task.DeleteRequest(id="c1", exec_id="e1"), task.DeleteResponse)
+        assert not (sandbox / "c1" / "e1-stdout").exists()
+        state = await client.call(v3, "State", task.StateRequest(id="c1"), task.StateResponse)
+        assert state.pid == 4242
+        deleted = await client.call(v3, "Delete", task.DeleteRequest(id="c1"), task.DeleteResponse)
+        assert deleted.exit_status == 3
+        assert not (sandbox / "c1").exists() and quark_containers.mounts_under(sandbox) == []
+        # A Create QVisor refuses leaves nothing laid out.
+        (tmp_path / "image" / "hello").unlink()
+        with pytest.raises(FailedPrecondition, match="nothing laid out"):
+            await client.call(v3, "Create", task.CreateTaskRequest(
+                id="c2", bundle=str(host_bundle),
+                rootfs=[{"type": "bind", "source": str(image), "options": ["rbind"]}]), task.CreateTaskResponse)
+        assert not (sandbox / "c2").exists() and quark_containers.mounts_under(sandbox) == []
+        # QVisor dies: the relay ends, and containerd's connection with it.
+        await upstream.close()
+        await asyncio.wait_for(relay, 5)
+        await asyncio.wait_for(client.wait_closed(), 5)
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        quark_containers.unmount_all_under(tmp_path)
