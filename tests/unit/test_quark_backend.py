@@ -233,15 +233,17 @@ def test_quark_backend_lifecycle_against_the_fake(tmp_path: Path) -> None:
         waiter = asyncio.create_task(sandboxer.wait(rec))
         await asyncio.sleep(0.2)
         assert not waiter.done()
-        # a restarted sandboxer re-attaches to the live daemon (same pid, same start time), and starts a
-        # new relay at the same address for one that died meanwhile
-        relay = rec.extra["quark"]["relay_pid"]
-        os.kill(relay, signal.SIGKILL)
-        await asyncio.sleep(0.1)
-        await sandboxer.recover([_ready(rec)])
-        assert rec.state != "stopped" and rec.extra["quark"]["relay_pid"] != relay
-        relay = rec.extra["quark"]["relay_pid"]
-        assert (base / "task.sock").is_socket() and module.is_alive(relay, rec.extra["quark"]["relay_start_time"])
+        # a relay that dies is started again at the same address
+        relay = await relay_replaced(rec, rec.extra["quark"]["relay_pid"])
+        # ... also by a restarted sandboxer, which re-attaches to the live daemon (same pid, same start time)
+        for watcher in sandboxer._relay_watchers.values():  # the old sandboxer is gone
+            watcher.cancel()
+        restarted = QuarkSandboxer(sandboxer.config, sandboxer.quark)
+        await restarted.recover([_ready(rec)])
+        assert rec.state != "stopped"
+        relay = await relay_replaced(rec, relay)
+        for watcher in restarted._relay_watchers.values():
+            watcher.cancel()
         await sandboxer.stop(rec, 0)
         exit_info = await asyncio.wait_for(waiter, 10)
         assert exit_info.exit_status == 137
@@ -259,6 +261,20 @@ def test_quark_backend_lifecycle_against_the_fake(tmp_path: Path) -> None:
         assert not base.exists()
 
     asyncio.run(scenario())
+
+
+async def relay_replaced(rec, relay: int) -> int:
+    """SIGKILL the relay `relay`, then the pid of the one started in its place (at the same address)."""
+    from kuasar.quark import quark_sandboxer as module
+
+    os.kill(relay, signal.SIGKILL)
+    state = rec.extra["quark"]
+    for _ in range(200):
+        if state["relay_pid"] != relay and module.is_alive(state["relay_pid"], state["relay_start_time"]):
+            break
+        await asyncio.sleep(0.05)
+    assert state["relay_pid"] != relay and module.is_alive(state["relay_pid"], state["relay_start_time"])
+    return state["relay_pid"]
 
 
 def _ready(rec):

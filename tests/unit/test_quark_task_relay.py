@@ -14,7 +14,7 @@ import pytest
 from google.protobuf import empty_pb2
 
 from kuasar.common.api.containerd.runtime.task.v2 import shim_pb2 as task
-from kuasar.common.errors import FailedPrecondition, Unimplemented
+from kuasar.common.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Unimplemented
 from kuasar.common.task_api import TaskBackend, register_task_service
 from kuasar.common.ttrpc import NAMESPACE_KEY, Context, TtrpcClient, TtrpcServer
 from kuasar.quark import quark_containers, task_relay
@@ -106,6 +106,86 @@ def test_v3_calls_reach_qvisor_as_v2_with_the_container_laid_out_in_its_bundle(t
         await upstream.close()
         await asyncio.wait_for(relay, 5)
         await asyncio.wait_for(client.wait_closed(), 5)
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        quark_containers.unmount_all_under(tmp_path)
+
+
+class StrictQVisor(QVisor):
+    """Refuses a second Create of an id, and answers NotFound for a Delete of one it does not have."""
+
+    def __init__(self, sandbox_bundle: Path) -> None:
+        super().__init__(sandbox_bundle)
+        self.created: set[str] = set()
+
+    async def create(self, req: task.CreateTaskRequest, ctx: Context) -> task.CreateTaskResponse:
+        if req.id in self.created:
+            raise AlreadyExists(f"container {req.id} exists")
+        reply = await super().create(req, ctx)
+        self.created.add(req.id)
+        return reply
+
+    async def delete(self, req: task.DeleteRequest, ctx: Context) -> task.DeleteResponse:
+        if req.id not in self.created:
+            raise NotFound(f"container {req.id} not found")
+        if not req.exec_id:
+            self.created.discard(req.id)
+        return await super().delete(req, ctx)
+
+
+def test_duplicates_reserved_ids_and_deletes_qvisor_does_not_know(tmp_path: Path) -> None:
+    sandbox = tmp_path / "base" / "sandbox"
+    (sandbox / "rootfs").mkdir(parents=True)
+    host_bundle, image = tmp_path / "host-bundle", tmp_path / "image"
+    host_bundle.mkdir()
+    image.mkdir()
+    (image / "hello").write_text("hi")
+    (host_bundle / "config.json").write_text(json.dumps({"root": {"path": "rootfs"}, "mounts": []}))
+    fifo = tmp_path / "exec-stdout"
+    os.mkfifo(fifo)
+    qvisor = StrictQVisor(sandbox)
+    rootfs = [{"type": "bind", "source": str(image), "options": ["rbind"]}]
+
+    async def scenario() -> None:
+        upstream = TtrpcServer()
+        register_task_service(upstream, qvisor, services=(task_relay.QUARK_SERVICE,))
+        await upstream.start_unix(str(tmp_path / "quark.sock"))
+        quark = await TtrpcClient.connect_unix(str(tmp_path / "quark.sock"))
+        relay = task_relay.QuarkTaskRelay(quark, sandbox)
+        server = TtrpcServer()
+        relay.register(server)
+        await server.start_unix(str(tmp_path / "task.sock"))
+        client = await TtrpcClient.connect_unix(str(tmp_path / "task.sock"))
+        v3 = task_relay.SERVED_SERVICE
+
+        async def create(cid: str) -> None:
+            await client.call(v3, "Create", task.CreateTaskRequest(id=cid, bundle=str(host_bundle), rootfs=rootfs),
+                              task.CreateTaskResponse)
+
+        await create("c1")
+        # A second Create of a running container: it tore the running container's layout down.
+        with pytest.raises(AlreadyExists):
+            await create("c1")
+        assert (sandbox / "c1" / "rootfs" / "hello").is_file()
+        await client.call(v3, "Exec", task.ExecProcessRequest(id="c1", exec_id="e1", stdout=str(fifo)))
+        with pytest.raises(AlreadyExists):  # it re-bound the FIFO and lost the first exec's record
+            await client.call(v3, "Exec", task.ExecProcessRequest(id="c1", exec_id="e1", stdout=str(fifo)))
+        assert (sandbox / "c1" / "e1-stdout").exists()
+        # An id that names the sandbox bundle's own rootfs: its Delete removed QVisor's root.
+        with pytest.raises(InvalidArgument, match="reserved"):
+            await create("rootfs")
+        assert (sandbox / "rootfs").is_dir()
+        # QVisor forgot c1 (or never had it): containerd takes NotFound for deleted, the layout goes too.
+        qvisor.created.clear()
+        with pytest.raises(NotFound):
+            await client.call(v3, "Delete", task.DeleteRequest(id="c1"), task.DeleteResponse)
+        assert not (sandbox / "c1").exists() and quark_containers.mounts_under(sandbox) == []
+        await client.close()
+        await server.close()
+        await quark.close()
+        await upstream.close()
 
     try:
         asyncio.run(scenario())

@@ -37,6 +37,8 @@ log = logging.getLogger(__name__)
 
 UMOUNT_NOFOLLOW = 8
 STDIO = ("stdin", "stdout", "stderr")
+# What the sandbox bundle itself holds (quark_spec): no container may be laid out under these names.
+SANDBOX_BUNDLE_NAMES = frozenset({"rootfs", "config.json"})
 
 
 @dataclass(frozen=True)
@@ -154,6 +156,8 @@ class QuarkContainers:
     def append(self, cid: str, entry: dict[str, Any]) -> None:
         """Lay a new container out; on failure, undo all of it (see apply) before raising."""
         validate_id(cid, "task_id")
+        if cid in SANDBOX_BUNDLE_NAMES:  # its bundle would be the sandbox's own, and its removal QVisor's root
+            raise InvalidArgument(f"container id {cid!r} is reserved in a Quark sandbox")
         try:
             self._lay_out(cid, entry)
         except BaseException:

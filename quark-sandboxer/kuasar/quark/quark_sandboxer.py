@@ -105,6 +105,7 @@ class QuarkSandboxer(Sandboxer):
         self.config = config
         self.quark = quark
         self.binary = quark.quark
+        self._relay_watchers: dict[str, asyncio.Future[None]] = {}
 
     async def open(self) -> None:
         self.binary = require_binary(self.quark.quark, "Quark",
@@ -205,14 +206,42 @@ class QuarkSandboxer(Sandboxer):
                                              f"{_tail(base / RELAY_LOG)}")
                     await asyncio.sleep(0.01)
         except TimeoutError:
-            process.kill()
+            if process.returncode is None:
+                process.kill()
             raise RuntimeFailure(f"sandbox {record.id}: the task relay did not listen within "
                                  f"{RELAY_START_TIMEOUT:.0f}s: {_tail(base / RELAY_LOG)}") from None
         except BaseException:
-            process.kill()
+            if process.returncode is None:
+                process.kill()
             raise
-        # Not waited for: it outlives us; its exit is reaped by whoever inherits it.
+        self._watch_relay(record)
         return listen
+
+    def _watch_relay(self, record: SandboxRecord) -> None:
+        old = self._relay_watchers.pop(record.id, None)
+        if old is not None and old is not asyncio.current_task():  # (a watcher starting the next relay)
+            old.cancel()
+        self._relay_watchers[record.id] = asyncio.ensure_future(self._relay_watcher(record))
+
+    async def _relay_watcher(self, record: SandboxRecord) -> None:
+        """A relay that dies while QVisor lives is started again at the same address: containerd lost its
+        task connections with it (their containers read as exited), but can connect anew (new
+        containers, Deletes). If that fails, QVisor is ended too, so the sandbox reads as exited."""
+        state = self._state(record)
+        pid, start_time = int(state.get("relay_pid", 0)), int(state.get("relay_start_time", 0))
+        if is_alive(pid, start_time):
+            await wait_for_exit(pid)
+        qvisor, qvisor_start = int(state.get("pid", 0)), int(state.get("start_time", 0))
+        if state.get("killed") or state.get("relay_pid") != pid or not is_alive(qvisor, qvisor_start):
+            return
+        log.warning("sandbox %s: task relay pid %d exited; starting a new one", record.id, pid)
+        try:
+            await self._start_relay(record, self.base(record) / TASK_SOCKET)
+        except Exception as exc:  # noqa: BLE001 - the sandbox is ended instead
+            log.error("sandbox %s: restarting its task relay failed (%s); ending QVisor", record.id, exc)
+            _kill(qvisor)
+            return
+        self.persist(record)  # a restart of ours must find this relay, not start another
 
     @staticmethod
     def _read_pid(path: Path) -> int:
@@ -242,6 +271,9 @@ class QuarkSandboxer(Sandboxer):
     async def shutdown(self, record: SandboxRecord) -> None:
         base = self.base(record)
         state = self._state(record)
+        watcher = self._relay_watchers.pop(record.id, None)
+        if watcher is not None:
+            watcher.cancel()
         relay_pid, relay_start = int(state.get("relay_pid", 0)), int(state.get("relay_start_time", 0))
         if is_alive(relay_pid, relay_start):
             _kill(relay_pid)
@@ -279,14 +311,9 @@ class QuarkSandboxer(Sandboxer):
             if not is_alive(int(state.get("pid", 0)), int(state.get("start_time", 0))):
                 log.warning("sandbox %s: QVisor pid %s is gone; reporting it exited", record.id, state.get("pid"))
                 record.found_gone()
-            elif not is_alive(int(state.get("relay_pid", 0)), int(state.get("relay_start_time", 0))):
-                # Gone while we were down: containerd lost its task connections then; a relay at the same
-                # address lets it reconnect (after its own restart, say).
-                log.warning("sandbox %s: task relay gone; starting a new one", record.id)
-                try:
-                    await self._start_relay(record, self.base(record) / TASK_SOCKET)
-                except Exception as exc:  # noqa: BLE001 - the other sandboxes still recover
-                    log.error("sandbox %s: restarting its task relay: %s", record.id, exc)
+            else:
+                # A relay gone while we were down is started again by its watcher, as one that dies later.
+                self._watch_relay(record)
 
     def status_info(self, record: SandboxRecord, verbose: bool) -> dict[str, str]:
         if not verbose:

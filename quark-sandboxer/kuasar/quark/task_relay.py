@@ -32,7 +32,8 @@ from typing import Any
 from google.protobuf.message import Message
 
 from kuasar.common.api.containerd.runtime.task.v2 import shim_pb2 as task
-from kuasar.common.errors import InvalidArgument
+from kuasar.common.errors import AlreadyExists, DeadlineExceeded, InvalidArgument, KuasarError, NotFound, Unavailable
+from kuasar.common.keyed_locks import KeyedLocks
 from kuasar.common.state import write_atomic
 from kuasar.common.task_api import TASK_METHODS
 from kuasar.common.ttrpc import NAMESPACE_KEY, Context, TtrpcClient, TtrpcServer
@@ -45,6 +46,10 @@ SERVED_SERVICE = "containerd.task.v3.Task"
 QUARK_SERVICE = "containerd.task.v2.Task"
 # What the relay remembers of its layouts, next to the sandbox bundle: what a restart must unmount.
 STATE_FILE = "relay-containers.json"
+# Errors after which QVisor may still have done the call (no answer came): the layout is kept for Delete.
+UNANSWERED = (Unavailable, DeadlineExceeded)
+# A forwarded call whose deadline has just passed still goes out this long, for QVisor to refuse it.
+MIN_FORWARD_TIMEOUT = 0.001
 
 
 class QuarkTaskRelay:
@@ -56,6 +61,7 @@ class QuarkTaskRelay:
         except (OSError, ValueError):
             state = {}
         self.containers = QuarkContainers(sandbox_bundle, state)
+        self._locks = KeyedLocks()  # one container's Create, Exec and Delete, one at a time
 
     def register(self, server: TtrpcServer) -> None:
         for method, request_type in TASK_METHODS.items():
@@ -69,62 +75,84 @@ class QuarkTaskRelay:
 
     async def forward(self, method: str, req: Message, ctx: Context) -> bytes:
         metadata = {NAMESPACE_KEY: ctx.namespace} if ctx.namespace else None
+        # The time containerd has left, not what it allowed when the call came (a Create's layout took some).
+        timeout = None if ctx.deadline is None else max(ctx.deadline - asyncio.get_running_loop().time(),
+                                                         MIN_FORWARD_TIMEOUT)
         # QVisor's reply goes back as it came (the same message in v2 and v3).
-        return await self.quark.call(QUARK_SERVICE, method, req, None, timeout=ctx.timeout, metadata=metadata)
+        return await self.quark.call(QUARK_SERVICE, method, req, None, timeout=timeout, metadata=metadata)
 
     def _save(self) -> None:
         write_atomic(self.state_path, json.dumps(self.containers.state).encode())
 
     async def create(self, req: task.CreateTaskRequest, ctx: Context) -> bytes:
-        try:
-            spec = json.loads((Path(req.bundle) / "config.json").read_bytes())
-        except (OSError, ValueError) as exc:
-            raise InvalidArgument(f"container {req.id}: bundle {req.bundle}: {exc}") from None
-        entry = {"spec": spec, "stdin": req.stdin, "stdout": req.stdout, "stderr": req.stderr,
-                 "rootfs": [{"type": m.type, "source": m.source, "options": list(m.options)} for m in req.rootfs]}
-        self.containers.append(req.id, entry)
-        self._save()
-        io = self.containers.state[req.id]["io"]
-        forwarded = task.CreateTaskRequest()
-        forwarded.CopyFrom(req)
-        forwarded.bundle = f"/{req.id}"
-        del forwarded.rootfs[:]
-        for name in STDIO:
-            setattr(forwarded, name, io.get(name, ""))
-        try:
-            return await self.forward("Create", forwarded, ctx)
-        except BaseException:
-            self.containers.remove(req.id)
+        async with self._locks.hold(req.id):
+            if req.id in self.containers.state:  # laid out and maybe running: a second layout would stack
+                raise AlreadyExists(f"container {req.id} already exists")
+            try:
+                spec = json.loads((Path(req.bundle) / "config.json").read_bytes())
+            except (OSError, ValueError) as exc:
+                raise InvalidArgument(f"container {req.id}: bundle {req.bundle}: {exc}") from None
+            entry = {"spec": spec, "stdin": req.stdin, "stdout": req.stdout, "stderr": req.stderr,
+                     "rootfs": [{"type": m.type, "source": m.source, "options": list(m.options)}
+                                for m in req.rootfs]}
+            self.containers.append(req.id, entry)
             self._save()
-            raise
+            io = self.containers.state[req.id]["io"]
+            forwarded = task.CreateTaskRequest()
+            forwarded.CopyFrom(req)
+            forwarded.bundle = f"/{req.id}"
+            del forwarded.rootfs[:]
+            for name in STDIO:
+                setattr(forwarded, name, io.get(name, ""))
+            try:
+                return await self.forward("Create", forwarded, ctx)
+            except KuasarError as exc:
+                if not isinstance(exc, UNANSWERED):  # QVisor refused it: nothing runs from the layout
+                    self._remove(req.id)
+                raise
+            # Cancelled, or no answer: QVisor may have created it and run from the layout, which the
+            # Delete that follows takes down.
 
     async def exec(self, req: task.ExecProcessRequest, ctx: Context) -> bytes:
-        if req.id not in self.containers.state:
-            return await self.forward("Exec", req, ctx)  # QVisor answers for a container it does not know
-        process = {"exec_id": req.exec_id, **{name: getattr(req, name) for name in STDIO}}
-        exec_id = self.containers.add_exec(req.id, process)
-        self._save()
-        forwarded = task.ExecProcessRequest()
-        forwarded.CopyFrom(req)
-        for name in STDIO:
-            if getattr(req, name):
-                setattr(forwarded, name, f"/{req.id}/{exec_id}-{name}")
-        try:
-            return await self.forward("Exec", forwarded, ctx)
-        except BaseException:
-            self.containers.remove_exec(req.id, exec_id)
+        async with self._locks.hold(req.id):
+            if req.id not in self.containers.state:
+                return await self.forward("Exec", req, ctx)  # QVisor answers for a container it does not know
+            if req.exec_id in self.containers.state[req.id]["execs"]:
+                raise AlreadyExists(f"exec {req.exec_id} of container {req.id} already exists")
+            process = {"exec_id": req.exec_id, **{name: getattr(req, name) for name in STDIO}}
+            exec_id = self.containers.add_exec(req.id, process)
             self._save()
-            raise
+            forwarded = task.ExecProcessRequest()
+            forwarded.CopyFrom(req)
+            for name in STDIO:
+                if getattr(req, name):
+                    setattr(forwarded, name, f"/{req.id}/{exec_id}-{name}")
+            try:
+                return await self.forward("Exec", forwarded, ctx)
+            except KuasarError as exc:
+                if not isinstance(exc, UNANSWERED):
+                    self.containers.remove_exec(req.id, exec_id)
+                    self._save()
+                raise
 
     async def delete(self, req: task.DeleteRequest, ctx: Context) -> bytes:
-        reply = await self.forward("Delete", req, ctx)
-        if req.id in self.containers.state:
-            if req.exec_id:
-                self.containers.remove_exec(req.id, req.exec_id)
-            else:
-                self.containers.remove(req.id)
-            self._save()
-        return reply
+        async with self._locks.hold(req.id):
+            try:
+                reply = await self.forward("Delete", req, ctx)
+            except NotFound:
+                self._remove(req.id, req.exec_id)  # QVisor never had it (or forgot it): its layout goes too
+                raise
+            self._remove(req.id, req.exec_id)
+            return reply
+
+    def _remove(self, container_id: str, exec_id: str = "") -> None:
+        if container_id not in self.containers.state:
+            return
+        if exec_id:
+            self.containers.remove_exec(container_id, exec_id)
+        else:
+            self.containers.remove(container_id)
+        self._save()
 
 
 async def serve(args: argparse.Namespace) -> None:
