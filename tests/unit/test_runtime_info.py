@@ -80,3 +80,27 @@ def test_v2_shim_prints_the_info_too(monkeypatch: pytest.MonkeyPatch, capsysbina
     monkeypatch.delenv(shim_v2.TYPE_ENV, raising=False)
     code, out, _ = run_main(monkeypatch, capsysbinary, shim_v2.main, "containerd-shim-kuasar-vmm-v2", b"")
     assert code == 0 and introspection.RuntimeInfo.FromString(out).name == "io.containerd.kuasar-vmm.v2"
+
+
+def test_the_runc_is_the_one_runc_sandboxer_is_configured_with(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    # containerd's idmap check must see the features of the runc that will run the container.
+    monkeypatch.setattr(runtime_info, "Path", _without_system_config(tmp_path))
+    helper = tmp_path / "prefix" / "bin" / "containerd-shim-kuasar-runc-v1"
+    config = tmp_path / "prefix" / "etc" / "kuasar" / "runc.toml"
+    config.parent.mkdir(parents=True)
+    assert runtime_info.configured_runc(str(helper)) == "runc"  # no config: runc-sandboxer's default
+    config.write_text('[runc]\nbinary = "/opt/runc/runc"\n')
+    assert runtime_info.configured_runc(str(helper)) == "/opt/runc/runc"
+    config.write_text("[runc\n")  # broken: PATH's runc, with a warning
+    assert runtime_info.configured_runc(str(helper)) == "runc"
+
+
+def _without_system_config(tmp_path: Path):
+    """Path, with /etc/kuasar/runc.toml (which a machine may have) moved into `tmp_path`."""
+
+    def make(*parts: object) -> Path:
+        path = Path(*parts)
+        return tmp_path / "no-etc" / "runc.toml" if str(path) == "/etc/kuasar/runc.toml" else path
+
+    return make

@@ -15,6 +15,7 @@ import json
 import logging
 import subprocess
 import sys
+from pathlib import Path
 
 from google.protobuf import any_pb2
 from google.protobuf.message import DecodeError
@@ -72,10 +73,32 @@ def runc_features(runc: str) -> bytes | None:
     return json.dumps(document, separators=(",", ":")).encode()
 
 
+def configured_runc(executable: str) -> str:
+    """The runc runc-sandboxer runs: `[runc] binary` of its installed config (`/etc/kuasar/runc.toml`, or
+    `<prefix>/etc/kuasar/runc.toml` next to this binary's `bin/`, as `make install` lays them out), else
+    `runc` on PATH (its default too)."""
+    import tomllib  # only for -info
+
+    exe = Path(executable).absolute()
+    candidates = [Path("/etc/kuasar/runc.toml")]
+    if exe.parent.name == "bin":
+        candidates.append(exe.parent.parent / "etc" / "kuasar" / "runc.toml")
+    for path in candidates:
+        try:
+            binary = tomllib.loads(path.read_text()).get("runc", {}).get("binary")
+        except (OSError, ValueError, AttributeError) as exc:
+            if not isinstance(exc, FileNotFoundError):
+                log.warning("%s: %s; taking runc from PATH", path, exc)
+            continue
+        return binary if isinstance(binary, str) and binary else "runc"
+    return "runc"
+
+
 def print_info(prog: str, kind: str, shim: str = "v1") -> int:
     """The whole `-info` action: options from stdin, the RuntimeInfo on stdout; 1 with a message on stderr."""
+    executable = sys.executable if getattr(sys, "frozen", False) else sys.argv[0]
     try:
-        info = runtime_info(kind, sys.stdin.buffer.read(), shim=shim)
+        info = runtime_info(kind, sys.stdin.buffer.read(), runc=configured_runc(executable), shim=shim)
     except InfoError as exc:
         print(f"{prog}: -info: {exc}", file=sys.stderr)
         return 1
