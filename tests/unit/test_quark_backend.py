@@ -265,9 +265,13 @@ def test_quark_backend_lifecycle_against_the_fake(tmp_path: Path) -> None:
 
 async def relay_replaced(rec, relay: int) -> int:
     """SIGKILL the relay `relay`, then the pid of the one started in its place (at the same address)."""
+    os.kill(relay, signal.SIGKILL)
+    return await relay_replaced_after_kill(rec, relay)
+
+
+async def relay_replaced_after_kill(rec, relay: int) -> int:
     from kuasar.quark import quark_sandboxer as module
 
-    os.kill(relay, signal.SIGKILL)
     state = rec.extra["quark"]
     for _ in range(200):
         if state["relay_pid"] != relay and module.is_alive(state["relay_pid"], state["relay_start_time"]):
@@ -361,3 +365,38 @@ def test_an_update_naming_tasks_without_the_extension_is_refused(tmp_path: Path)
     sandboxer, rec = quark_sandboxer(tmp_path, "/bin/true"), record()
     with pytest.raises(InvalidArgument, match="carries no tasks extension"):
         asyncio.run(sandboxer.update(rec, ["extensions.tasks"]))
+
+
+@needs_root
+def test_qvisor_and_its_relay_run_in_the_pods_cgroup(tmp_path: Path) -> None:
+    # Quark ignores the sandbox spec's cgroupsPath: QVisor (the VM, its guest's memory) ran outside the pod's
+    # limits, and the pod's metrics were the sandboxer's own cgroup's.
+    from kuasar.common import cgroups
+
+    parent = f"kuasar-it-{os.getpid()}-qk"
+    sandboxer = quark_sandboxer(tmp_path, str(fake_quark(tmp_path)))
+    config = cri.PodSandboxConfig(hostname="p")
+    config.linux.cgroup_parent = parent
+    rec = new_record("pod1", "quark", "", config.SerializeToString(), {}, {}, {})
+
+    def in_pod_cgroup(pid: int) -> bool:
+        return any(path.lstrip("/").startswith(parent) for path in cgroups.proc_cgroups(pid).values())
+
+    async def scenario() -> None:
+        await sandboxer.open()
+        await sandboxer.create(rec)
+        await sandboxer.start(rec)
+        state = rec.extra["quark"]
+        assert in_pod_cgroup(state["pid"]) and in_pod_cgroup(state["relay_pid"])
+        os.kill(state["relay_pid"], signal.SIGKILL)  # one started again goes there too
+        relay = await relay_replaced_after_kill(rec, state["relay_pid"])
+        for _ in range(100):  # (placed once it listens)
+            if in_pod_cgroup(relay):
+                break
+            await asyncio.sleep(0.05)
+        assert in_pod_cgroup(relay)
+        await sandboxer.stop(rec, 0)
+        await sandboxer.shutdown(rec)
+        assert not any((root / parent).exists() for root in cgroups.hierarchy_roots())
+
+    asyncio.run(scenario())

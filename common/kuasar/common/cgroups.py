@@ -15,7 +15,7 @@ from google.protobuf import any_pb2
 
 from .api.containerd.cgroups.v1 import metrics_pb2 as v1
 from .api.containerd.cgroups.v2 import metrics_pb2 as v2
-from .errors import FailedPrecondition, InvalidArgument
+from .errors import FailedPrecondition, InvalidArgument, KuasarError
 from .ids import validate_id
 
 log = logging.getLogger(__name__)
@@ -311,6 +311,24 @@ class PodCgroup:
                 else:
                     raise
         self.created = []
+
+
+def place_in_pod_cgroup(pod_id: str, cgroup_parent: str, pids: list[int], what: str) -> PodCgroup | None:
+    """Put a pod's own processes (a VM's, a QVisor) into the cgroup CRI names for the pod, so the pod's
+    limits bound them and its metrics count them; None without a parent. A failure is logged, not
+    raised: the pod runs on, outside its limits, as it would without a parent."""
+    if not cgroup_parent:
+        return None
+    path = pod_parent_path(cgroup_parent)
+    # A root parent (`/`) gets the processes a cgroup of their own, /<pod id>, not the root cgroup.
+    cgroup = PodCgroup(path, process_leaf=pod_process_leaf(pod_id, path))
+    try:
+        cgroup.create()
+        for pid in pids:
+            cgroup.add(pid)
+    except (OSError, KuasarError) as err:
+        log.warning("cgroup %s for %s: %s", cgroup_parent, what, err)
+    return cgroup
 
 
 def _release(directory: str) -> bool:

@@ -27,6 +27,7 @@ Per sandbox, `<base>` = `<dir>/<id>` and the sandbox bundle is `<base>/sandbox`:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -40,7 +41,7 @@ from google.protobuf import any_pb2
 
 from kuasar.common import cgroups, proc_stat
 from kuasar.common.config import DaemonConfig
-from kuasar.common.errors import FailedPrecondition, InvalidArgument, RuntimeFailure
+from kuasar.common.errors import FailedPrecondition, InvalidArgument, KuasarError, RuntimeFailure
 from kuasar.common.linux import SOCKET_PATH_MAX
 from kuasar.common.pod_sandboxer import decode_pod_config, refuse_user_namespace
 from kuasar.common.sandboxer import ExitInfo, Sandboxer, SandboxRecord, StartResult
@@ -132,6 +133,8 @@ class QuarkSandboxer(Sandboxer):
             raise InvalidArgument(f"task socket {socket} is longer than {SOCKET_PATH_MAX} bytes; use a shorter --dir")
         config = decode_pod_config(record)
         refuse_user_namespace(config, self.name)
+        if config.linux.cgroup_parent:
+            cgroups.pod_parent_path(config.linux.cgroup_parent)  # refused now, not at Start, if bad
         bundle = self.base(record) / "sandbox"
         (bundle / "rootfs" / "dev").mkdir(parents=True, exist_ok=True)
         os.chmod(self.base(record), 0o700)
@@ -183,6 +186,12 @@ class QuarkSandboxer(Sandboxer):
                 from None
         log.info("sandbox %s: QVisor pid %d serves %s", record.id, pid, socket)
         relay = await self._start_relay(record, socket)
+        # Quark ignores the sandbox spec's cgroupsPath: QVisor (the VM and its guest's memory) and its relay
+        # are put into the pod's cgroup here, so the pod's limits bound them and its metrics count them.
+        cgroup = cgroups.place_in_pod_cgroup(record.id, decode_pod_config(record).linux.cgroup_parent,
+                                             [pid, int(state["relay_pid"])], "QVisor")
+        if cgroup is not None:
+            state["cgroup"] = {"path": cgroup.path, "created": cgroup.created}
         return StartResult(pid=pid, address=f"ttrpc+unix://{relay}", version=3)
 
     async def _start_relay(self, record: SandboxRecord, quark_socket: Path) -> Path:
@@ -214,6 +223,11 @@ class QuarkSandboxer(Sandboxer):
             if process.returncode is None:
                 process.kill()
             raise
+        saved = state.get("cgroup")
+        if saved:  # a relay started again goes where the first went (Start places the first with QVisor)
+            with contextlib.suppress(OSError, KuasarError):
+                cgroups.PodCgroup(saved["path"], process_leaf=cgroups.pod_process_leaf(record.id, saved["path"])
+                                  ).add(process.pid)
         self._watch_relay(record)
         return listen
 
@@ -280,6 +294,9 @@ class QuarkSandboxer(Sandboxer):
         # QVisor or a relay of a Start cut short by a crash of ours: the record never got its pid. Found by
         # the sandbox's directory in its command line (`-r <base>/sandbox`, `--listen <base>/task.sock`).
         await kill_strays(base)
+        if state.get("cgroup"):  # after the processes (gone by now): a cgroup that holds one stays
+            with contextlib.suppress(OSError):
+                cgroups.PodCgroup(state["cgroup"]["path"], list(state["cgroup"]["created"])).remove()
         containers = self._containers(record)
         for cid in list(containers.state):
             containers.remove(cid)

@@ -426,19 +426,7 @@ class VmmSandboxer(Sandboxer):
                 "cgroup": {"path": pod.cgroup.path, "created": pod.cgroup.created} if pod.cgroup else None}
 
     def _place_in_cgroup(self, pod_id: str, pod_config: cri.PodSandboxConfig, vm: Vm) -> cgroups.PodCgroup | None:
-        parent = pod_config.linux.cgroup_parent
-        if not parent:
-            return None
-        path = cgroups.pod_parent_path(parent)
-        # A root parent (`/`) gets the VM a cgroup of its own, /<pod id>, not the root cgroup.
-        cgroup = cgroups.PodCgroup(path, process_leaf=cgroups.pod_process_leaf(pod_id, path))
-        try:
-            cgroup.create()
-            for pid in vm.process_pids():
-                cgroup.add(pid)
-        except (OSError, KuasarError) as err:
-            log.warning("cgroup %s for the VM: %s", parent, err)
-        return cgroup
+        return cgroups.place_in_pod_cgroup(pod_id, pod_config.linux.cgroup_parent, vm.process_pids(), "the VM")
 
     def _start_proxy(self, pod: VmPod, spec: VmSpec) -> None:
         listen = pod.vm_dir / TASK_SOCKET
