@@ -66,7 +66,7 @@ def test_v3_calls_reach_qvisor_as_v2_with_the_container_laid_out_in_its_bundle(t
         register_task_service(upstream, qvisor, services=(task_relay.QUARK_SERVICE,))
         await upstream.start_unix(str(tmp_path / "quark.sock"))
         args = argparse.Namespace(listen=str(tmp_path / "task.sock"), upstream=str(tmp_path / "quark.sock"),
-                                  sandbox_bundle=str(sandbox))
+                                  sandbox_bundle=str(sandbox), probe_timeout=5.0)
         relay = asyncio.create_task(task_relay.serve(args))
         while not (tmp_path / "task.sock").exists():  # noqa: ASYNC110 - the relay binds it
             await asyncio.sleep(0.01)
@@ -191,3 +191,29 @@ def test_duplicates_reserved_ids_and_deletes_qvisor_does_not_know(tmp_path: Path
         asyncio.run(scenario())
     finally:
         quark_containers.unmount_all_under(tmp_path)
+
+
+def test_a_qvisor_whose_vm_never_comes_up_fails_the_relay_with_the_reason(tmp_path: Path) -> None:
+    # `quark sandbox` returns once QVisor has bound its socket, before the VM runs: without KVM it dies
+    # then, and Start reported a ready sandbox whose first Create failed.
+    async def scenario(answer: str) -> str:
+        async def qvisor(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            if answer == "close":
+                writer.close()
+                return
+            await reader.read()  # "hang": reads, never answers
+
+        path = tmp_path / f"{answer}.sock"
+        upstream = await asyncio.start_unix_server(qvisor, str(path))
+        args = argparse.Namespace(listen=str(tmp_path / f"{answer}-task.sock"), upstream=str(path),
+                                  sandbox_bundle=str(tmp_path / "sandbox"), probe_timeout=0.5)
+        try:
+            with pytest.raises(RuntimeError, match="does not answer") as info:
+                await asyncio.wait_for(task_relay.serve(args), 10)
+        finally:
+            upstream.close()
+        assert not (tmp_path / f"{answer}-task.sock").exists()  # containerd never got an address
+        return str(info.value)
+
+    assert "deadline" in asyncio.run(scenario("hang"))
+    assert "closed" in asyncio.run(scenario("close"))

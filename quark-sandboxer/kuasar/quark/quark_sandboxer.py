@@ -58,8 +58,9 @@ log = logging.getLogger(__name__)
 TASK_SOCKET = "quark-task.sock"
 RELAY_SOCKET = "task.sock"
 RELAY_LOG = "relay.log"
-# The relay connects to QVisor's socket and listens: milliseconds, unless this machine is very busy.
-RELAY_START_TIMEOUT = 10.0
+# The relay listens once QVisor answered its first call (task_relay.PROBE_TIMEOUT, the VM's boot), then
+# in milliseconds.
+RELAY_START_TIMEOUT = 40.0
 PID_FILE = "pid"
 QUARK_LOG = "quark.log"
 # `quark ... sandbox` boots a VM before it returns; this only bounds a hung one.

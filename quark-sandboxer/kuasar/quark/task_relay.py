@@ -50,6 +50,8 @@ STATE_FILE = "relay-containers.json"
 UNANSWERED = (Unavailable, DeadlineExceeded)
 # A forwarded call whose deadline has just passed still goes out this long, for QVisor to refuse it.
 MIN_FORWARD_TIMEOUT = 0.001
+# QVisor answers its first call once its VM runs: a boot takes seconds; this bounds a hung one.
+PROBE_TIMEOUT = 30.0
 
 
 class QuarkTaskRelay:
@@ -155,8 +157,20 @@ class QuarkTaskRelay:
         self._save()
 
 
+async def wait_serving(quark: TtrpcClient, timeout: float) -> None:  # noqa: ASYNC109
+    """Until QVisor answers a ttrpc call. `quark sandbox` returns once QVisor has bound its socket, before
+    the VM runs (without KVM, say, it dies then): an answer, any status, is what shows the VM is up."""
+    try:
+        await quark.call(QUARK_SERVICE, "Connect", task.ConnectRequest(id=""), None, timeout=timeout)
+    except UNANSWERED as exc:
+        raise RuntimeError(f"QVisor does not answer on its task socket ({exc.message})") from None
+    except KuasarError:
+        pass  # answered (it has no such container): serving
+
+
 async def serve(args: argparse.Namespace) -> None:
     quark = await TtrpcClient.connect_unix(args.upstream)
+    await wait_serving(quark, args.probe_timeout)
     relay = QuarkTaskRelay(quark, Path(args.sandbox_bundle))
     server = TtrpcServer()
     relay.register(server)
@@ -183,6 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--upstream", required=True, help="QVisor's task socket (v2)")
     parser.add_argument("--sandbox-bundle", required=True, help="QVisor's root: <base>/sandbox")
     parser.add_argument("--log-level", default="info")
+    parser.add_argument("--probe-timeout", type=float, default=PROBE_TIMEOUT,
+                        help="seconds QVisor has to answer its first call (its VM boots meanwhile)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
