@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import errno
 import functools
@@ -19,6 +20,9 @@ from .errors import FailedPrecondition, InvalidArgument, KuasarError
 from .ids import validate_id
 
 log = logging.getLogger(__name__)
+
+# How often remove_when_empty looks whether the killed processes have left.
+EMPTY_POLL = 0.02
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 # containerd looks these type URLs up in its registry when decoding Task.Stats for CRI.
@@ -311,6 +315,27 @@ class PodCgroup:
                 else:
                     raise
         self.created = []
+
+
+async def remove_when_empty(cgroup: PodCgroup, timeout: float) -> None:
+    """`cgroup.remove()` once the processes just killed have left it: a dead process keeps a cgroup busy
+    until it is reaped (by us, or by an init that may take its time), and rmdir then fails."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    # (polled: the kernel tells a cgroup's emptying only through inotify on cgroup.events, v2 alone)
+    while any(_populated(directory) for directory in cgroup.created) and loop.time() < deadline:  # noqa: ASYNC110
+        await asyncio.sleep(EMPTY_POLL)
+    cgroup.remove()
+
+
+def _populated(directory: str) -> bool:
+    try:
+        events = Path(directory, "cgroup.events")  # cgroup v2 (and the unified hierarchy of a hybrid)
+        if events.exists():
+            return "populated 1" in events.read_text()
+        return bool(Path(directory, "cgroup.procs").read_text().strip())
+    except OSError:  # gone meanwhile
+        return False
 
 
 def place_in_pod_cgroup(pod_id: str, cgroup_parent: str, pids: list[int], what: str) -> PodCgroup | None:

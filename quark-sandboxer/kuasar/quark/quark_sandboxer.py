@@ -61,6 +61,8 @@ RELAY_LOG = "relay.log"
 # The relay listens once QVisor answered its first call (task_relay.PROBE_TIMEOUT, the VM's boot), then
 # in milliseconds.
 RELAY_START_TIMEOUT = 40.0
+# How long Shutdown waits for the killed QVisor and relay to leave the pod's cgroup (until reaped).
+CGROUP_EMPTY_WAIT = 5.0
 PID_FILE = "pid"
 QUARK_LOG = "quark.log"
 # `quark ... sandbox` boots a VM before it returns; this only bounds a hung one.
@@ -108,6 +110,9 @@ class QuarkSandboxer(Sandboxer):
         self.quark = quark
         self.binary = quark.quark
         self._relay_watchers: dict[str, asyncio.Future[None]] = {}
+        # The relays this process started (its children): Shutdown reaps them before it removes the pod's
+        # cgroup, which an unreaped one keeps busy (cgroup v2 counts zombies).
+        self._relays: dict[str, asyncio.subprocess.Process] = {}
 
     async def open(self) -> None:
         self.binary = require_binary(self.quark.quark, "Quark",
@@ -208,6 +213,7 @@ class QuarkSandboxer(Sandboxer):
                                                            stdout=log_file, stderr=log_file, start_new_session=True)
         state = self._state(record)
         state.update(relay_pid=process.pid, relay_start_time=process_start_time(process.pid))
+        self._relays[record.id] = process
         try:
             async with asyncio.timeout(RELAY_START_TIMEOUT):
                 while not listen.is_socket():  # noqa: ASYNC110 - another process binds it
@@ -292,12 +298,19 @@ class QuarkSandboxer(Sandboxer):
         relay_pid, relay_start = int(state.get("relay_pid", 0)), int(state.get("relay_start_time", 0))
         if is_alive(relay_pid, relay_start):
             _kill(relay_pid)
+        process = self._relays.pop(record.id, None)
+        if process is not None:  # ours to reap
+            if process.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    process.kill()
+            await process.wait()
         # QVisor or a relay of a Start cut short by a crash of ours: the record never got its pid. Found by
         # the sandbox's directory in its command line (`-r <base>/sandbox`, `--listen <base>/task.sock`).
         await kill_strays(base)
-        if state.get("cgroup"):  # after the processes (gone by now): a cgroup that holds one stays
+        if state.get("cgroup"):  # after the processes: a cgroup that holds one stays
             with contextlib.suppress(OSError):
-                cgroups.PodCgroup(state["cgroup"]["path"], list(state["cgroup"]["created"])).remove()
+                await cgroups.remove_when_empty(
+                    cgroups.PodCgroup(state["cgroup"]["path"], list(state["cgroup"]["created"])), CGROUP_EMPTY_WAIT)
         containers = self._containers(record)
         for cid in list(containers.state):
             containers.remove(cid)
