@@ -47,7 +47,8 @@ class QVisor(TaskBackend):
         return task.DeleteResponse(pid=4242, exit_status=3)
 
 
-def test_v3_calls_reach_qvisor_as_v2_with_the_container_laid_out_in_its_bundle(tmp_path: Path) -> None:
+def host_side(tmp_path: Path) -> tuple[Path, Path, Path]:
+    """(QVisor's sandbox bundle, a container's host bundle as containerd writes it, its image layer)."""
     sandbox = tmp_path / "base" / "sandbox"
     sandbox.mkdir(parents=True)
     host_bundle, image = tmp_path / "host-bundle", tmp_path / "image"
@@ -55,6 +56,11 @@ def test_v3_calls_reach_qvisor_as_v2_with_the_container_laid_out_in_its_bundle(t
     image.mkdir()
     (image / "hello").write_text("hi")
     (host_bundle / "config.json").write_text(json.dumps({"root": {"path": "rootfs"}, "mounts": []}))
+    return sandbox, host_bundle, image
+
+
+def test_v3_calls_reach_qvisor_as_v2_with_the_container_laid_out_in_its_bundle(tmp_path: Path) -> None:
+    sandbox, host_bundle, image = host_side(tmp_path)
     stdout = tmp_path / "stdout"
     os.mkfifo(stdout)
     exec_out = tmp_path / "exec-stdout"
@@ -136,13 +142,8 @@ class StrictQVisor(QVisor):
 
 
 def test_duplicates_reserved_ids_and_deletes_qvisor_does_not_know(tmp_path: Path) -> None:
-    sandbox = tmp_path / "base" / "sandbox"
-    (sandbox / "rootfs").mkdir(parents=True)
-    host_bundle, image = tmp_path / "host-bundle", tmp_path / "image"
-    host_bundle.mkdir()
-    image.mkdir()
-    (image / "hello").write_text("hi")
-    (host_bundle / "config.json").write_text(json.dumps({"root": {"path": "rootfs"}, "mounts": []}))
+    sandbox, host_bundle, image = host_side(tmp_path)
+    (sandbox / "rootfs").mkdir()
     fifo = tmp_path / "exec-stdout"
     os.mkfifo(fifo)
     qvisor = StrictQVisor(sandbox)

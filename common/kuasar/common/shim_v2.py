@@ -55,7 +55,7 @@ from .api.containerd.services.sandbox.v1 import sandbox_pb2_grpc as sb_grpc
 from .api.runtime.v1 import api_pb2 as cri
 from .errors import KuasarError
 from .ids import validate_id
-from .shim_helper import _go_style, delete_or_clean_up
+from .shim_helper import _go_style, check_bundle, delete_or_clean_up
 from .shim_orphans import BUNDLE_LABEL, SHIM_LABEL
 
 log = logging.getLogger("kuasar.shim.v2")
@@ -338,11 +338,10 @@ def _write(path: Path, text: str) -> None:
 def delete(opts: argparse.Namespace, kind: str, socket_path: str) -> task.DeleteResponse:
     deadline = time.monotonic() + DELETE_DEADLINE
     container_id = validate_id(opts.id, "-id")
-    bundle = Path(opts.bundle or os.getcwd())
-    if not bundle.is_absolute():
-        bundle = Path(os.getcwd()) / bundle
-    if bundle.name != container_id:
-        raise ShimError(f"bundle {str(bundle)!r} is not the bundle of container {container_id!r}")
+    try:
+        bundle = check_bundle(container_id, opts.bundle)
+    except ValueError as exc:
+        raise ShimError(str(exc)) from None
     state: dict[str, Any] = {}
     try:
         state = json.loads((bundle / SHIM_STATE).read_text())

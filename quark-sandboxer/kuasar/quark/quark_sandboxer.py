@@ -221,14 +221,12 @@ class QuarkSandboxer(Sandboxer):
                         raise RuntimeFailure(f"sandbox {record.id}: the task relay exited {process.returncode}: "
                                              f"{_tail(base / RELAY_LOG)}")
                     await asyncio.sleep(0.01)
-        except TimeoutError:
+        except BaseException as exc:
             if process.returncode is None:
                 process.kill()
-            raise RuntimeFailure(f"sandbox {record.id}: the task relay did not listen within "
-                                 f"{RELAY_START_TIMEOUT:.0f}s: {_tail(base / RELAY_LOG)}") from None
-        except BaseException:
-            if process.returncode is None:
-                process.kill()
+            if isinstance(exc, TimeoutError):
+                raise RuntimeFailure(f"sandbox {record.id}: the task relay did not listen within "
+                                     f"{RELAY_START_TIMEOUT:.0f}s: {_tail(base / RELAY_LOG)}") from None
             raise
         saved = state.get("cgroup")
         if saved:  # a relay started again goes where the first went (Start places the first with QVisor)

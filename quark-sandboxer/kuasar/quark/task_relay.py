@@ -133,8 +133,7 @@ class QuarkTaskRelay:
                 return await self.forward("Exec", forwarded, ctx)
             except KuasarError as exc:
                 if not isinstance(exc, UNANSWERED):
-                    self.containers.remove_exec(req.id, exec_id)
-                    self._save()
+                    self._remove(req.id, exec_id)
                 raise
 
     async def delete(self, req: task.DeleteRequest, ctx: Context) -> bytes:
