@@ -66,6 +66,20 @@ class LogFileError(Exception):
     """The log file cannot be read (gone, or not ours to read)."""
 
 
+def _read_from(file: Path, offset: int, *, missing_ok: bool) -> bytes:
+    """The file's bytes from `offset` on; nothing for a missing file if `missing_ok`."""
+    try:
+        with file.open("rb") as f:
+            f.seek(offset)
+            return f.read()
+    except FileNotFoundError:
+        if missing_ok:
+            return b""
+        raise LogFileError(f"log file {file} does not exist") from None
+    except OSError as exc:
+        raise LogFileError(f"log file {file}: {exc.strerror or exc}") from None
+
+
 def write(record: Record, timestamps: bool, stdout: BinaryIO, stderr: BinaryIO) -> None:
     target = stderr if record.stream == "stderr" else stdout
     target.write(render(record, timestamps))
@@ -79,29 +93,15 @@ async def show(path: str, *, tail: int | None = None, timestamps: bool = False, 
     stdout = stdout or sys.stdout.buffer
     stderr = stderr or sys.stderr.buffer
     file = Path(path)
-    offset = 0
-    try:
-        data = file.read_bytes()
-    except FileNotFoundError:
-        if not follow:  # (a container just created may not have written its log yet)
-            raise LogFileError(f"log file {path} does not exist") from None
-        data = b""
-    except OSError as exc:
-        raise LogFileError(f"log file {path}: {exc.strerror or exc}") from None
+    # Following, a missing file is one a container just created has not written yet.
+    data = _read_from(file, 0, missing_ok=follow)
     complete = data[: data.rfind(b"\n") + 1]
     for record in tail_records(complete, tail):
         write(record, timestamps, stdout, stderr)
     offset = len(complete)
     while follow:
         running = await still_running() if still_running is not None else True
-        try:
-            with file.open("rb") as f:
-                f.seek(offset)
-                chunk = f.read()
-        except FileNotFoundError:
-            chunk = b""
-        except OSError as exc:
-            raise LogFileError(f"log file {path}: {exc.strerror or exc}") from None
+        chunk = _read_from(file, offset, missing_ok=True)
         complete = chunk[: chunk.rfind(b"\n") + 1]
         for record in records(complete):
             write(record, timestamps, stdout, stderr)
