@@ -412,6 +412,8 @@ def test_shim_finds_its_type_and_sandboxer(tmp_path: Path) -> None:
     assert shim_v2.sandbox_type("shim", {"KUASAR_SANDBOX_TYPE": "vmm"}) == "vmm"
     with pytest.raises(shim_v2.ShimError, match="containerd-shim-kuasar-<type>-v2"):
         shim_v2.sandbox_type("containerd-shim-runc-v2", {})
+    with pytest.raises(shim_v2.ShimError):  # the v1 helper's name is not the forwarding shim's
+        shim_v2.sandbox_type("containerd-shim-kuasar-runc-v1", {})
 
     exe = str(tmp_path / "bin" / SHIM)
     if not shim_v2.SYSTEM_CONFIG.exists():

@@ -294,3 +294,12 @@ def test_console_scripts_for_every_sandbox_type_point_at_the_helper() -> None:
 
 async def _call(fn, *args) -> None:
     fn(*args)
+
+
+def test_a_shim_programs_type_comes_from_its_name_and_version() -> None:
+    assert shim_helper.program_type("containerd-shim-kuasar-gvisor-v1", "v1") == "gvisor"
+    assert shim_helper.program_type("containerd-shim-kuasar-wasm-v2", "v2") == "wasm"
+    # Neither shim takes the other's name for its own, nor containerd's runc shim for ours.
+    assert shim_helper.program_type("containerd-shim-kuasar-runc-v2", "v1") is None
+    assert shim_helper.program_type("containerd-shim-kuasar-runc-v1", "v2") is None
+    assert shim_helper.program_type("containerd-shim-runc-v2", "v2") is None

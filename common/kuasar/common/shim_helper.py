@@ -86,13 +86,15 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     return parser.parse_args(_go_style(argv, VALUE_FLAGS))
 
 
-PROGRAM_RE = re.compile(r"^containerd-shim-kuasar-(?P<type>[a-z0-9]+)-v1$")
+# containerd runs `containerd-shim-<runtime>-<version>`: ours are named after their sandbox type.
+PROGRAM_RE = re.compile(r"^containerd-shim-kuasar-(?P<type>[a-z0-9]+)-(?P<version>v[12])$")
 
 
-def helper_type(prog: str) -> str | None:
-    """The sandbox type this helper stands for, from its name (`containerd-shim-kuasar-runc-v1`)."""
+def program_type(prog: str, version: str) -> str | None:
+    """The sandbox type a shim program of this version (`v1`: this helper, `v2`: the forwarding shim)
+    stands for, from its name (`containerd-shim-kuasar-runc-v1`)."""
     match = PROGRAM_RE.match(prog)
-    return match.group("type") if match else None
+    return match.group("type") if match and match.group("version") == version else None
 
 
 VALUE_FLAGS = frozenset({"namespace", "address", "publish-binary", "id", "bundle", "socket"})
@@ -251,7 +253,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{prog}:\n  Version: {__version__}\n  Revision: kuasar-py")
         return 0
     if opts.info:
-        kind = helper_type(prog)
+        kind = program_type(prog, "v1")
         if kind is None:
             print(f"{prog}: -info: cannot tell the sandbox type from the program name "
                   "(want containerd-shim-kuasar-<type>-v1)", file=sys.stderr)

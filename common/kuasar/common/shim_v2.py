@@ -36,7 +36,6 @@ import asyncio
 import json
 import logging
 import os
-import re
 import sys
 import time
 import tomllib
@@ -55,13 +54,12 @@ from .api.containerd.services.sandbox.v1 import sandbox_pb2_grpc as sb_grpc
 from .api.runtime.v1 import api_pb2 as cri
 from .errors import KuasarError
 from .ids import validate_id
-from .shim_helper import _go_style, check_bundle, delete_or_clean_up
+from .shim_helper import _go_style, check_bundle, delete_or_clean_up, program_type
 from .shim_orphans import BUNDLE_LABEL, SHIM_LABEL
 
 log = logging.getLogger("kuasar.shim.v2")
 
 SANDBOX_TYPES = ("runc", "wasm", "vmm", "quark", "gvisor")
-PROGRAM_RE = re.compile(r"^containerd-shim-kuasar-(?P<type>[a-z0-9]+)-v2$")
 ADDRESS_ENV = "KUASAR_SANDBOXER_ADDRESS"
 CONFIG_ENV = "KUASAR_SHIM_CONFIG"
 TYPE_ENV = "KUASAR_SANDBOX_TYPE"
@@ -90,9 +88,9 @@ class ShimError(Exception):
 
 # -- configuration ---------------------------------------------------------------------------------
 def sandbox_type(program: str, env: Mapping[str, str]) -> str:
-    match = PROGRAM_RE.match(os.path.basename(program))
-    if match:
-        return match.group("type")
+    own_type = program_type(os.path.basename(program), "v2")
+    if own_type:
+        return own_type
     if env.get(TYPE_ENV):
         return env[TYPE_ENV]
     raise ShimError(f"cannot tell the sandbox type from the program name {program!r} "
