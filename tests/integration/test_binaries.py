@@ -95,6 +95,13 @@ def test_each_program_runs_without_python(dist: Path, tmp_path: Path) -> None:
     assert res.returncode == 0 and "runc-sandboxer, version" in res.stdout
     res = subprocess.run([str(dist / "kuasar")], env=env, capture_output=True, text=True, timeout=60, check=False)
     assert res.returncode == 2 and "runc-sandboxer" in res.stderr and "kuasar-ctl" in res.stderr
+    # The per-pod helpers a sandboxer starts from its own binary, as task_server.helper_argv names them:
+    # argv[0] picks the program whatever the executable's file name is.
+    for program, subcommand, prog_name in (("vmm-sandboxer", "task-proxy", "kuasar.vmm.proxy"),
+                                           ("quark-sandboxer", "task-relay", "quark-task-relay")):
+        res = subprocess.run([program, subcommand, "--help"], executable=str(dist / "kuasar"), env=env,
+                             capture_output=True, text=True, timeout=60, check=False)
+        assert res.returncode == 0 and prog_name in res.stdout, f"{program} {subcommand}: {res}"
     # kuasar-ctl's own commands work frozen too (a clear error when containerd is absent).
     res = subprocess.run([str(dist / "kuasar-ctl"), "--timeout", "1", "-r", str(tmp_path / "no.sock"), "pods"],
                          env=env, capture_output=True, text=True, timeout=60, check=False)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from kuasar.common.errors import Unavailable
-from kuasar.common.task_server import LOCK_FILE, TaskServerHandle, TaskServerLaunch, TaskServerSettings
+from kuasar.common.task_server import LOCK_FILE, TaskServerHandle, TaskServerLaunch, TaskServerSettings, helper_argv
 
 MODULES = ["kuasar.runc.task_server_main", "kuasar.wasm.task_server_main", "kuasar.quark.task_server_main"]
 
@@ -84,3 +84,11 @@ def _lock_is_free(directory: Path) -> bool:
         return False
     finally:
         os.close(probe)
+
+
+def test_a_per_pod_helper_runs_from_its_module_or_as_a_program_of_the_frozen_binary(monkeypatch) -> None:
+    assert helper_argv("vmm-sandboxer", "task-proxy", "kuasar.vmm.proxy") == [
+        sys.executable, "-m", "kuasar.vmm.proxy"]
+    # Frozen, sys.executable is the multi-call binary: argv[0] names the program (test_binaries runs it).
+    monkeypatch.setattr(sys, "frozen", True, raising=False)
+    assert helper_argv("vmm-sandboxer", "task-proxy", "kuasar.vmm.proxy") == ["vmm-sandboxer", "task-proxy"]

@@ -179,7 +179,8 @@ def test_a_task_proxy_started_again_is_saved(tmp_path: Path, monkeypatch: pytest
     spawned: list[subprocess.Popen] = []
     restarted = asyncio.Event()
 
-    def spawn(argv: list[str], log_path: Path, pass_fds: tuple = (), env: Any = None) -> subprocess.Popen:
+    def spawn(argv: list[str], log_path: Path, pass_fds: tuple = (), env: Any = None,
+              executable: str | None = None) -> subprocess.Popen:
         spawned.append(subprocess.Popen(["sleep", "300"], start_new_session=True))
         restarted.set()
         return spawned[-1]

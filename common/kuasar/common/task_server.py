@@ -64,10 +64,12 @@ LOCK_RETRY_S = 0.01
 CALL_TIMEOUT = 60.0
 
 
-def self_command(module: str) -> list[str]:
-    """How to start this program again: a frozen binary is its own interpreter."""
+def helper_argv(program: str, subcommand: str, module: str) -> list[str]:
+    """argv to run, as `sys.executable`, a per-pod helper process of a sandboxer: a frozen multi-call
+    binary picks its program by argv[0] (`vmm-sandboxer task-proxy`); from source the helper's module
+    runs alone, without the sandboxer's gRPC stack (a smaller process per pod)."""
     if getattr(sys, "frozen", False):
-        return [sys.executable]
+        return [program, subcommand]
     return [sys.executable, "-m", module]
 
 

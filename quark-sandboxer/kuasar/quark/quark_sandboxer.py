@@ -47,6 +47,7 @@ from kuasar.common.pod_sandboxer import decode_pod_config, refuse_user_namespace
 from kuasar.common.sandboxer import ExitInfo, Sandboxer, SandboxRecord, StartResult
 from kuasar.common.state import write_atomic
 from kuasar.common.strays import kill_strays
+from kuasar.common.task_server import helper_argv
 
 from . import quark_containers
 from .config import QuarkConfig
@@ -204,7 +205,8 @@ class QuarkSandboxer(Sandboxer):
         base = self.base(record)
         listen = base / RELAY_SOCKET
         listen.unlink(missing_ok=True)
-        argv = [*relay_command(), "--listen", str(listen), "--upstream", str(quark_socket),
+        argv = [*helper_argv("quark-sandboxer", "task-relay", "kuasar.quark.task_relay"),
+                "--listen", str(listen), "--upstream", str(quark_socket),
                 "--sandbox-bundle", str(base / "sandbox"), "--log-level", self.config.log_level]
         with open(base / RELAY_LOG, "ab") as log_file:
             # Its own session: a sandboxer restart (or its process group's SIGTERM) must not end
@@ -349,14 +351,6 @@ class QuarkSandboxer(Sandboxer):
             return {}
         return {"backend": "quark", "task_address": record.address,
                 "quark_pid": str(self._state(record).get("pid", 0))}
-
-
-def relay_command() -> list[str]:
-    """How to run the task relay: a frozen binary runs itself (`quark-sandboxer task-relay`), from
-    source the module runs alone, without the sandboxer's gRPC stack (a smaller process per pod)."""
-    if getattr(sys, "frozen", False):
-        return ["quark-sandboxer", "task-relay"]  # argv[0] picks the multi-call binary's program
-    return [sys.executable, "-m", "kuasar.quark.task_relay"]
 
 
 def _kill(pid: int, sig: int = signal.SIGKILL) -> None:

@@ -65,11 +65,12 @@ def exit_status(returncode: int) -> int:
 
 
 def spawn(argv: Sequence[str], log_path: Path, pass_fds: Sequence[int] = (),
-          env: dict[str, str] | None = None) -> subprocess.Popen:
+          env: dict[str, str] | None = None, executable: str | None = None) -> subprocess.Popen:
     """Start `argv` (no shell) in a new session, stdin from /dev/null, output appended to `log_path`."""
     with open(log_path, "ab") as out:
-        return subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True, pass_fds=tuple(pass_fds), close_fds=True, env=env)
+        return subprocess.Popen(list(argv), executable=executable, stdin=subprocess.DEVNULL, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True, pass_fds=tuple(pass_fds),
+                                close_fds=True, env=env)
 
 
 class ExitWatch:

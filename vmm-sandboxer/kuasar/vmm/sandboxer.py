@@ -55,7 +55,7 @@ from kuasar.common.pod_sandboxer import decode_pod_config, refuse_user_namespace
 from kuasar.common.pod_sysctls import with_containerd_defaults
 from kuasar.common.sandboxer import LOST_EXIT_STATUS, ExitInfo, Sandboxer, SandboxRecord, SandboxState, StartResult
 from kuasar.common.strays import kill_strays
-from kuasar.common.task_server import self_command
+from kuasar.common.task_server import helper_argv
 from kuasar.common.ttrpc import TtrpcClient
 
 from . import accel, hostfs, network, portforward
@@ -432,17 +432,13 @@ class VmmSandboxer(Sandboxer):
         listen = pod.vm_dir / TASK_SOCKET
         with contextlib.suppress(FileNotFoundError):
             listen.unlink()
-        # A frozen binary re-executes itself (`vmm-sandboxer task-proxy`); from source the module runs
-        # alone, without the sandboxer's gRPC stack (a smaller process per VM).
-        program = self_command("kuasar.vmm.cli") + ["task-proxy"] if getattr(sys, "frozen", False) else [
-            sys.executable, "-m", "kuasar.vmm.proxy"]
-        argv = program + [
+        argv = helper_argv("vmm-sandboxer", "task-proxy", "kuasar.vmm.proxy") + [
             "--listen", str(listen), "--uds", pod.uds, "--share", str(spec.share_dir),
             "--guest-share", GUEST_SHARE_DIR, "--sandbox", pod.id, "--sandbox-pid", str(pod.vm.pid),
             "--log-level", self.daemon.log_level]
         if pod.network is not None and pod.network.netns:
             argv += ["--netns", pod.network.netns]
-        proc = spawn(argv, pod.vm_dir / "proxy.log")
+        proc = spawn(argv, pod.vm_dir / "proxy.log", executable=sys.executable)
         pod.proxy = ProcessRef.of(proc.pid)
         pod.proxy_watch = ExitWatch(pod.proxy, proc)
         if pod.cgroup is not None:
