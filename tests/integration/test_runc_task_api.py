@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
 import time
 from pathlib import Path
@@ -150,6 +151,7 @@ async def exercise_tasks(client: TtrpcClient, bundle: Path, rootfs: Path, pod_pi
     await call(client, "Kill", task.KillRequest(id=CID, exec_id="sleeper", signal=9))
     assert (await waiter).exit_status == 137
     await call(client, "Delete", task.DeleteRequest(id=CID, exec_id="sleeper"), task.DeleteResponse)
+    await terminal_exec_leaving_a_child(client, bundle.parent / "tty-stdout")
     with pytest.raises(FailedPrecondition):  # the init process still runs
         await call(client, "Delete", task.DeleteRequest(id=CID), task.DeleteResponse)
     waiter = asyncio.ensure_future(call(client, "Wait", task.WaitRequest(id=CID), task.WaitResponse))
@@ -165,3 +167,48 @@ async def exercise_tasks(client: TtrpcClient, bundle: Path, rootfs: Path, pod_pi
     assert deleted.exit_status == 137 and deleted.pid == created.pid
     assert not mounted(bundle / "rootfs")
     await call(client, "Shutdown", task.ShutdownRequest(id=CID))  # v3 callers never send it; harmless
+
+
+# The child a terminal exec leaves behind lives this long; its output must end well before.
+CHILD_LIFE_S = 30
+
+
+async def terminal_exec_leaving_a_child(client: TtrpcClient, stdout: Path) -> None:
+    """`kubectl exec -it`, `sleep 30 &`, `exit 3`: the exec's output ends at its exit, with all it wrote,
+    though the child still holds the pty (kubectl's session waits for that end: it hung for 30 s)."""
+    os.mkfifo(stdout)
+    reader = os.open(stdout, os.O_RDONLY | os.O_NONBLOCK)  # containerd opens its end first
+    try:
+        # The child ignores the SIGHUP the pty's hang-up sends (an interactive shell's background job is
+        # not in the foreground group that gets it).
+        spec = {"args": ["sh", "-c", f"trap '' HUP; sleep {CHILD_LIFE_S} & echo left a child; exit 3"], "cwd": "/",
+                "env": ["PATH=/bin"], "user": {"uid": 0, "gid": 0}, "terminal": True}
+        await call(client, "Exec", task.ExecProcessRequest(id=CID, exec_id="tty", terminal=True, stdout=str(stdout),
+                                                           spec=any_pb2.Any(value=json.dumps(spec).encode())))
+        started = time.monotonic()
+        await call(client, "Start", task.StartRequest(id=CID, exec_id="tty"), task.StartResponse)
+        waited = await call(client, "Wait", task.WaitRequest(id=CID, exec_id="tty"), task.WaitResponse)
+        assert waited.exit_status == 3
+        output = await read_to_end(reader, timeout=CHILD_LIFE_S / 2)
+        assert output.replace(b"\r\n", b"\n") == b"left a child\n"
+        assert time.monotonic() - started < CHILD_LIFE_S / 2
+        await call(client, "Delete", task.DeleteRequest(id=CID, exec_id="tty"), task.DeleteResponse)
+    finally:
+        os.close(reader)
+
+
+async def read_to_end(fd: int, timeout: float) -> bytes:  # noqa: ASYNC109
+    """What a FIFO gives until every writer closed it (containerd's read of a process's output)."""
+    loop = asyncio.get_running_loop()
+    out = bytearray()
+    deadline = loop.time() + timeout
+    while loop.time() < deadline:
+        try:
+            chunk = os.read(fd, 65536)
+        except BlockingIOError:
+            await asyncio.sleep(0.02)
+            continue
+        if not chunk:
+            return bytes(out)
+        out += chunk
+    raise AssertionError(f"the output did not end within {timeout:g}s; read so far: {bytes(out)!r}")

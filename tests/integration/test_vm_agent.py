@@ -297,6 +297,22 @@ async def scenario(vm: MicroVm, config: VmConfig, figures: dict[str, float]) -> 
     await call(client, "Delete", task.DeleteRequest(id="sleeper", exec_id="tty1"), task.DeleteResponse)
     await tty_client.close()
 
+    # A terminal exec that leaves a child on its pty (`kubectl exec -it`, `sleep 300 &`, `exit`): its
+    # output still ends at its exit, with all it wrote (the child ignores the pty's hang-up, as an
+    # interactive shell's background job is not in the group that gets it).
+    tty_client, tty_out = await read_output(uds, "tty2-stdout")
+    spec = {"args": ["sh", "-c", "trap '' HUP; sleep 300 & echo left a child; exit 4"], "cwd": "/",
+            "env": ["PATH=/bin"], "user": {"uid": 0, "gid": 0}, "terminal": True}
+    await call(client, "Exec", task.ExecProcessRequest(id="sleeper", exec_id="tty2", terminal=True,
+                                                       stdout=stream_url(uds, "tty2-stdout"), spec=any_pb2.Any(
+        type_url="types.containerd.io/opencontainers/runtime-spec/1/Process", value=json.dumps(spec).encode())))
+    await call(client, "Start", task.StartRequest(id="sleeper", exec_id="tty2"), task.StartResponse)
+    tty_wait = await call(client, "Wait", task.WaitRequest(id="sleeper", exec_id="tty2"), task.WaitResponse)
+    assert tty_wait.exit_status == 4
+    assert (await asyncio.wait_for(tty_out, 30)).replace(b"\r\n", b"\n") == b"left a child\n"
+    await call(client, "Delete", task.DeleteRequest(id="sleeper", exec_id="tty2"), task.DeleteResponse)
+    await tty_client.close()
+
     await call(client, "Pause", task.PauseRequest(id="sleeper"))
     paused = await call(client, "State", task.StateRequest(id="sleeper"), task.StateResponse)
     assert paused.status == types.PAUSED
@@ -332,13 +348,13 @@ async def scenario(vm: MicroVm, config: VmConfig, figures: dict[str, float]) -> 
 
     # -- events: the host sees every exit --------------------------------------------------------------------
     exits = []
-    while len(exits) < 6:
+    while len(exits) < 7:
         envelope = event_pb2.Envelope.FromString(await asyncio.wait_for(events.recv(), 30))
         if envelope.topic == "/tasks/exit":
             exits.append(task_events.TaskExit.FromString(envelope.event.value))
     assert sorted((e.container_id, e.id, e.exit_status) for e in exits) == sorted([
         ("hello", "hello", 3), ("sleeper", "cat1", 0), ("sleeper", "seven", 7), ("sleeper", "sleeper", 137),
-        ("sleeper", "tty1", 0), ("sleeper", "cat2", 0)])
+        ("sleeper", "tty1", 0), ("sleeper", "tty2", 4), ("sleeper", "cat2", 0)])
 
     # -- nothing left in the guest, then a clean poweroff ------------------------------------------------------
     leftovers = await call(client, "ExecVMProcess", agent.ExecVMProcessRequest(

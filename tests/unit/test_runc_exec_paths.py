@@ -53,7 +53,7 @@ class FakeRunc:
 def _tasks(tmp_path: Path, exec_fails: bool = False) -> tuple[RuncTasks, RecordedEvents, list[str]]:
     events, steps = RecordedEvents(), []
     tasks = RuncTasks(Reaper(), events, tmp_path)  # type: ignore[arg-type]
-    io = SimpleNamespace(stdin="", stdout="", stderr="", terminal=False, close=lambda: None)
+    io = ProcessIO()  # no stdio
     init = RuncProcess("", io, pid=os.getpid(), status=types.RUNNING)
     tasks.containers["c1"] = RuncContainer("c1", tmp_path, files=tmp_path, namespace="k8s.io", init=init)
     tasks.runc = FakeRunc(exec_fails, steps)  # type: ignore[assignment]
@@ -179,7 +179,7 @@ def _sleepers(count: int) -> Iterator[list[int]]:
 
 
 def _running_exec(container: RuncContainer, pid: int) -> None:
-    io = SimpleNamespace(stdin="", stdout="", stderr="", terminal=False, close=lambda: None)
+    io = ProcessIO()  # no stdio
     container.execs["e1"] = RuncProcess("e1", io, pid=pid, status=types.RUNNING)
 
 

@@ -17,6 +17,7 @@ from kuasar.common import streaming_io
 from kuasar.common.api.containerd.services.streaming.v1 import streaming_pb2
 from kuasar.common.api.containerd.types.transfer import streaming_pb2 as transfer
 from kuasar.common.errors import InvalidArgument
+from kuasar.common.iopump import Source
 from kuasar.common.streaming_io import StreamHub, streaming_id
 from kuasar.common.ttrpc import ClientStream, TtrpcClient, TtrpcServer
 from kuasar.common.ttrpc.frames import MAX_MESSAGE_SIZE
@@ -185,7 +186,7 @@ def test_pipe_pumps_and_process_io(sock: str) -> None:
         hub = StreamHub()
         out = hub.output("p-stdout")
         read_end, write_end = os.pipe()
-        pumping = asyncio.create_task(pump_out(read_end, out))
+        pumping = asyncio.create_task(pump_out(Source(read_end), out))
         os.write(write_end, b"from the process")
         os.close(write_end)
         await pumping

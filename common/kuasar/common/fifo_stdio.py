@@ -8,6 +8,7 @@ and the task server pumps bytes between it and the FIFOs.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import socket
@@ -48,6 +49,7 @@ class ProcessIO(ConsoleReceiver):
     stdin_closed: bool = False  # CloseIO came (it may come before Start opens the FIFOs: CRI's attach)
     console_path: Path | None = None
     size: tuple[int, int] | None = None  # (width, height) asked for before the console existed
+    exited: bool = False  # the process exited: the copy out of its pty ends once it has what it left
     _console: socket.socket | None = None
 
     def runc_stdio(self) -> Stdio:
@@ -87,11 +89,32 @@ class ProcessIO(ConsoleReceiver):
             out = open_fifo_for_writing(self.stdout)
             self.pumps.append(Pump(self.master, out, close_src=False))
             self._hold_readers()
+            if self.exited:
+                self.pumps[-1].finish()
         if self.stdin:
             stdin = open_fifo_for_reading(self.stdin)
             self._hold_stdin()
             self.stdin_pump = Pump(stdin, os.dup(self.master))
             self.pumps.append(self.stdin_pump)
+
+    def process_exited(self) -> None:
+        """End the copy out of the pty once it has what the process left (iopump.Pump.finish), so that
+        containerd sees the end of its output even while children it left hold the pty (`sleep 100 &`
+        in `kubectl exec -it`, whose session would otherwise hang), as containerd's shim shuts its
+        console down when the process exits. Without a terminal the process's FIFOs are its own."""
+        self.exited = True
+        for pump in self._output_pumps():
+            pump.finish()
+
+    def _output_pumps(self) -> list[Pump]:
+        return [pump for pump in self.pumps if pump is not self.stdin_pump]
+
+    async def wait_output(self, timeout: float) -> None:  # noqa: ASYNC109
+        """Give the copy out of the pty up to `timeout` to deliver the rest to containerd, before a
+        Delete closes it (a reader behind, a pty buffer not yet read)."""
+        pending = [pump.done for pump in self._output_pumps() if not pump.done.done()]
+        if pending:
+            await asyncio.wait(pending, timeout=timeout)
 
     def _hold_readers(self) -> None:
         """Keep a read end of each output FIFO for as long as the process lives, as containerd's shim

@@ -12,13 +12,89 @@ import os
 
 # One read per wakeup; a pty delivers at most a few KiB at a time anyway.
 CHUNK = 32 * 1024
+# After the process on the far side of a pty exited, what it wrote last reaches the master a moment
+# later (the kernel pushes a pty's buffer from a work queue): a finishing read stops at the first lull
+# this long, not at the first empty read.
+FINISH_LULL = 0.05
+# ... and this long after `finish` at the latest: children the process left may write on for ever
+# (`sleep 100 &` in an interactive shell), and their output is not the process's.
+FINISH_LIMIT = 1.0
+
+
+async def wait_fd(fd: int, writable: bool, waiting: list[asyncio.Future[None]] | None = None) -> None:
+    """Wait until `fd` is readable (writable); the wait's future is in `waiting` meanwhile, for whoever
+    needs to end it early."""
+    loop = asyncio.get_running_loop()
+    ready = loop.create_future()
+    add, remove = (loop.add_writer, loop.remove_writer) if writable else (loop.add_reader, loop.remove_reader)
+    add(fd, lambda: ready.done() or ready.set_result(None))
+    if waiting is not None:
+        waiting.append(ready)
+    try:
+        await ready
+    finally:
+        remove(fd)
+        if waiting is not None:
+            waiting.remove(ready)
+
+
+class Source:
+    """Reads of a non-blocking fd (a pipe, or a pty master), awaited on the loop, which end at end of
+    file, at EIO (a pty master once the last slave closed), or, once told that the process writing
+    into it exited (`finish`), at the first lull."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        os.set_blocking(fd, False)
+        self._finish_by: float | None = None
+        self._waiting: list[asyncio.Future[None]] = []
+
+    async def read(self) -> bytes:
+        """The next bytes; b"" at the end."""
+        while True:
+            try:
+                return os.read(self.fd, CHUNK)
+            except BlockingIOError:
+                if not await self._readable():
+                    return b""
+            except OSError as exc:
+                if exc.errno == errno.EIO:
+                    return b""
+                raise
+
+    def finishing_over(self) -> bool:
+        return self._finish_by is not None and asyncio.get_running_loop().time() >= self._finish_by
+
+    async def _readable(self) -> bool:
+        if self._finish_by is None:
+            await wait_fd(self.fd, False, self._waiting)  # finish() may end this early
+            return True
+        left = self._finish_by - asyncio.get_running_loop().time()
+        if left <= 0:
+            return False
+        try:
+            async with asyncio.timeout(min(FINISH_LULL, left)):
+                await wait_fd(self.fd, False, self._waiting)
+        except TimeoutError:
+            return False
+        return True
+
+    def finish(self) -> None:
+        """The process writing into this fd exited: what it left is read, then the reads end, even
+        while others still hold the pty's far side open."""
+        if self._finish_by is not None:
+            return
+        self._finish_by = asyncio.get_running_loop().time() + FINISH_LIMIT
+        for ready in self._waiting:
+            if not ready.done():
+                ready.set_result(None)  # read again now: empty then, the lull decides
 
 
 class Pump:
     def __init__(self, src: int, dst: int, *, close_src: bool = True, close_dst: bool = True) -> None:
         self.src, self.dst = src, dst
+        self.source = Source(src)
         self._close_src, self._close_dst = close_src, close_dst
-        os.set_blocking(src, False)
         os.set_blocking(dst, False)
         self.done = asyncio.get_running_loop().create_future()
         self._task = asyncio.create_task(self._run())
@@ -26,38 +102,26 @@ class Pump:
         # runs its coroutine at all (a process whose IO setup failed right after this pump was made).
         self._task.add_done_callback(self._finish)
 
-    async def _wait(self, fd: int, writable: bool) -> None:
-        loop = asyncio.get_running_loop()
-        ready = loop.create_future()
-        add, remove = (loop.add_writer, loop.remove_writer) if writable else (loop.add_reader, loop.remove_reader)
-        add(fd, lambda: ready.done() or ready.set_result(None))
-        try:
-            await ready
-        finally:
-            remove(fd)
-
     async def _run(self) -> None:
         try:
-            while True:
-                try:
-                    data = os.read(self.src, CHUNK)
-                except BlockingIOError:
-                    await self._wait(self.src, writable=False)
-                    continue
-                except OSError as exc:
-                    if exc.errno == errno.EIO:  # pty master after the last slave closed: EOF
-                        break
-                    raise
-                if not data:
-                    break
+            while data := await self.source.read():
                 while data:
                     try:
                         written = os.write(self.dst, data)
                         data = data[written:]
                     except BlockingIOError:
-                        await self._wait(self.dst, writable=True)
+                        await wait_fd(self.dst, True)
+                if self.source.finishing_over():
+                    break
+                # One loop turn per chunk: a pty that always has output and a reader that always takes it
+                # would otherwise keep every other pod's calls, exits and copies waiting.
+                await asyncio.sleep(0)
         except OSError:
             pass
+
+    def finish(self) -> None:
+        """The process writing into `src` exited: copy what it left, then end (see Source.finish)."""
+        self.source.finish()
 
     def _finish(self, task: asyncio.Task[None]) -> None:
         self._close()

@@ -5,8 +5,7 @@ pid file, watch its exit through the reaper, and answer Start, Exec, Delete, Sta
 Pause/Resume, ResizePty, CloseIO and Update the same way. What differs is where a container's files
 live (`RuncContainer.files`), where runc's console socket goes (`_console_socket`), how a process's IO is made
 (`_process_io`), how its fds are dropped (`_release_io` once runc holds them, `_discard_io` when
-starting failed), whether its output is drained before Delete closes it (`_drain_io`) and what else a
-removed container leaves (`_remove_files`).
+starting failed) and what else a removed container leaves (`_remove_files`).
 """
 
 from __future__ import annotations
@@ -40,6 +39,7 @@ from .runc_cli import RUNC_ROOT_FLAG, Runc, Stdio
 from .spawn import resolve
 from .task_table import (
     NEVER_RAN_EXIT_STATUS,
+    OUTPUT_DRAIN_TIMEOUT,
     STATS_OF_STOPPED,
     TaskContainer,
     TaskProcess,
@@ -120,9 +120,6 @@ class RuncContainerTasks(TerminalTasks):
     def _discard_io(self, io: Any) -> None:
         """Starting the process failed: drop what was opened for it."""
         raise NotImplementedError
-
-    async def _drain_io(self, io: Any) -> None:
-        """A process is being deleted: let its output reach containerd before its IO is closed."""
 
     def _remove_files(self, container: Any) -> None:
         """A container is being removed: delete what the backend kept for it besides the bundle."""
@@ -367,7 +364,7 @@ class RuncContainerTasks(TerminalTasks):
         return super()._is_running(proc) and bool(proc.pid)
 
     async def _delete_exec(self, container: Any, proc: RuncProcess) -> None:
-        await self._drain_io(proc.io)
+        await proc.io.wait_output(OUTPUT_DRAIN_TIMEOUT)  # what it left, to containerd
         proc.io.close()
         # Its pid file would stay until the container goes: an exec probe every 10 s leaves thousands.
         _pid_file(container, proc.id).unlink(missing_ok=True)
@@ -380,7 +377,7 @@ class RuncContainerTasks(TerminalTasks):
             container.oom = None
         await self.runc.delete(container.id)
         for proc in container.processes():
-            await self._drain_io(proc.io)
+            await proc.io.wait_output(OUTPUT_DRAIN_TIMEOUT)  # what it left, to containerd
             proc.io.close()
         if container.rootfs_mounted:
             mounts.unmount_all(container.bundle / "rootfs")

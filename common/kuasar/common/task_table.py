@@ -144,6 +144,12 @@ def signal_quietly(pid: int, sig: int) -> None:
         pass
 
 
+# How long a Delete lets a process's copied output reach containerd before it closes the copy
+# (containerd's shim waits up to 10 s; ours ends by itself within iopump.FINISH_LIMIT of the exit
+# unless containerd's reader is behind).
+OUTPUT_DRAIN_TIMEOUT = 2.0
+
+
 @dataclass
 class TaskProcess:
     """A container's init (id "") or one of its execs."""
@@ -359,8 +365,13 @@ class ContainerTasks(TaskBackend):
 
 
 class TerminalTasks(ContainerTasks):
-    """Backends whose processes may have a terminal: each process's `io` resizes its pty and closes
-    the copy into it (fifo_stdio.ProcessIO, the vm-agent's streams)."""
+    """Backends whose processes may have a terminal: each process's `io` resizes its pty, closes the
+    copy into it and ends the copy out of it when the process exits (fifo_stdio.ProcessIO, the
+    vm-agent's streams)."""
+
+    def _publish_exit(self, container: Any, proc: TaskProcess) -> None:
+        proc.io.process_exited()  # before containerd hears of the exit, as the shim shuts its console
+        super()._publish_exit(container, proc)
 
     async def resize_pty(self, req: task.ResizePtyRequest, ctx: Context) -> empty_pb2.Empty:
         self._get(req.id).process(req.exec_id).io.resize(req.width, req.height)

@@ -49,6 +49,7 @@ from kuasar.common.pod_holder import pause_program
 from kuasar.common.reaper import Exit, Reaper
 from kuasar.common.task_table import (
     NEVER_RAN_EXIT_STATUS,
+    OUTPUT_DRAIN_TIMEOUT,
     STATS_OF_STOPPED,
     TaskContainer,
     TaskProcess,
@@ -527,6 +528,7 @@ class GvisorTasks(TerminalTasks):
         return task.DeleteResponse(pid=proc.pid, exit_status=proc.exit_status, exited_at=timestamp(proc.exited_at_ns))
 
     async def _delete_exec(self, container: Container, proc: Process) -> None:
+        await proc.io.wait_output(OUTPUT_DRAIN_TIMEOUT)  # what it left, to containerd
         proc.io.close()
 
     def _on_sandbox_oom(self, container: Container) -> None:
@@ -544,6 +546,7 @@ class GvisorTasks(TerminalTasks):
             container.oom.close()
             container.oom = None
         for proc in container.processes():
+            await proc.io.wait_output(OUTPUT_DRAIN_TIMEOUT)
             proc.io.close()
         if container.waiter is not None and not container.waiter.done():
             container.waiter.cancel()

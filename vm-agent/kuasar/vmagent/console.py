@@ -11,34 +11,24 @@ import logging
 import os
 import socket
 
+from kuasar.common.iopump import Source, wait_fd
 from kuasar.common.reaper import Reaper
 from kuasar.common.spawn import start_program
 
-from .stdio import _readable, _writable
-
 log = logging.getLogger(__name__)
-
-CHUNK = 16 * 1024
 
 
 async def _copy(src: int, dst: int) -> None:
-    while True:
-        try:
-            data = os.read(src, CHUNK)
-        except BlockingIOError:
-            await _readable(src)
-            continue
-        except OSError:
-            return  # EIO: the shell and everything on its pty is gone
-        if not data:
-            return
-        while data:
-            try:
-                data = data[os.write(dst, data):]
-            except BlockingIOError:
-                await _writable(dst)
-            except OSError:
-                return
+    source = Source(src)
+    try:
+        while data := await source.read():  # ends at EIO too: the shell and all on its pty are gone
+            while data:
+                try:
+                    data = data[os.write(dst, data):]
+                except BlockingIOError:
+                    await wait_fd(dst, writable=True)
+    except OSError:
+        return
 
 
 class DebugConsole:

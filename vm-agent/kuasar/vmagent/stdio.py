@@ -11,7 +11,6 @@ A stdio string is one of:
 from __future__ import annotations
 
 import asyncio
-import errno
 import os
 import socket
 from collections.abc import Awaitable, Callable
@@ -20,10 +19,10 @@ from pathlib import Path
 
 from kuasar.common.console import ConsoleReceiver
 from kuasar.common.errors import InvalidArgument, RuntimeFailure
+from kuasar.common.iopump import Source, wait_fd
 from kuasar.common.runc_cli import Stdio
 from kuasar.common.streaming_io import InputChannel, OutputChannel, StreamHub, streaming_id
 
-CHUNK = 32 * 1024
 # runc sends the pty master right after it creates the console; this only bounds a broken runc.
 CONSOLE_TIMEOUT = 60.0
 # How long stdin may still arrive after CloseIO without a terminal (see ProcessIO.close_stdin): what
@@ -31,47 +30,17 @@ CONSOLE_TIMEOUT = 60.0
 STDIN_CLOSE_GRACE = 1.0
 
 
-async def _readable(fd: int) -> None:
-    loop = asyncio.get_running_loop()
-    ready = loop.create_future()
-    loop.add_reader(fd, lambda: ready.done() or ready.set_result(None))
+async def pump_out(source: Source, channel: OutputChannel, close_fd: bool = True) -> None:
+    """Copy a pipe or pty master into an output channel until its end (see iopump.Source)."""
     try:
-        await ready
-    finally:
-        loop.remove_reader(fd)
-
-
-async def _writable(fd: int) -> None:
-    loop = asyncio.get_running_loop()
-    ready = loop.create_future()
-    loop.add_writer(fd, lambda: ready.done() or ready.set_result(None))
-    try:
-        await ready
-    finally:
-        loop.remove_writer(fd)
-
-
-async def pump_out(fd: int, channel: OutputChannel, close_fd: bool = True) -> None:
-    """Copy a pipe or pty master into an output channel until end of file (EIO on a pty)."""
-    try:
-        os.set_blocking(fd, False)
-        while True:
-            try:
-                data = os.read(fd, CHUNK)
-            except BlockingIOError:
-                await _readable(fd)
-                continue
-            except OSError as err:
-                if err.errno == errno.EIO:
-                    break
-                raise
-            if not data:
-                break
+        while data := await source.read():
             await channel.write(data)
+            if source.finishing_over():
+                break
     finally:
         channel.close()
         if close_fd:
-            os.close(fd)
+            os.close(source.fd)
 
 
 async def pump_in(channel: InputChannel, fd: int) -> None:
@@ -83,7 +52,7 @@ async def pump_in(channel: InputChannel, fd: int) -> None:
                 try:
                     data = data[os.write(fd, data):]
                 except BlockingIOError:
-                    await _writable(fd)
+                    await wait_fd(fd, writable=True)
     except OSError:
         pass  # the process closed its stdin
     finally:
@@ -100,6 +69,8 @@ class ProcessIO(ConsoleReceiver):
         self._tasks: list[asyncio.Task[None]] = []
         self._unstarted: dict[asyncio.Task[None], int] = {}  # pumps yet to run, and the fd each is to own
         self._stdin_task: asyncio.Task[None] | None = None
+        self._pty_out: Source | None = None  # the copy out of the pty, which ends once the process exited
+        self.exited = False
         self.master = -1
         self.size: tuple[int, int] | None = None
         self._console: socket.socket | None = None
@@ -181,7 +152,7 @@ class ProcessIO(ConsoleReceiver):
         channel = self.hub.output(sid)
         read_end, fd = os.pipe()
         self._child_fds.append(fd)
-        self._spawn_pump(read_end, lambda end: pump_out(end, channel), f"output {sid}")
+        self._spawn_pump(read_end, lambda end: pump_out(Source(end), channel), f"output {sid}")
         return fd
 
     def release_child_fds(self) -> None:
@@ -196,11 +167,22 @@ class ProcessIO(ConsoleReceiver):
         out = streaming_id(self.stdout) if self.stdout else None
         if out is not None:
             channel = self.hub.output(out)
-            self._spawn_pump(os.dup(self.master), lambda end: pump_out(end, channel), f"pty output {out}")
+            self._pty_out = pty_out = Source(os.dup(self.master))
+            self._spawn_pump(pty_out.fd, lambda _: pump_out(pty_out, channel), f"pty output {out}")
+            if self.exited:
+                pty_out.finish()
         sin = streaming_id(self.stdin) if self.stdin else None
         if sin is not None:
             stdin = self.hub.input(sin)
             self._stdin_task = self._spawn_pump(os.dup(self.master), partial(pump_in, stdin), f"pty stdin {sin}")
+
+    def process_exited(self) -> None:
+        """End the copy out of the pty once it has what the process left, so containerd sees the end of
+        its output even while children it left hold the pty (as fifo_stdio.ProcessIO does). Without a
+        terminal, as containerd's shim, output ends when every holder of the pipe has closed it."""
+        self.exited = True
+        if self._pty_out is not None:
+            self._pty_out.finish()
 
     def close_stdin(self) -> None:
         if not self.terminal:

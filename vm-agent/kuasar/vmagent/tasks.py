@@ -25,7 +25,11 @@ from kuasar.common.reaper import Reaper
 from kuasar.common.runc_cli import Runc
 from kuasar.common.runc_tasks import RuncContainer, RuncContainerTasks, RuncProcess
 from kuasar.common.streaming_io import StreamHub
-from kuasar.common.task_table import read_bundle_spec, shares_pid_namespace, signal_quietly
+from kuasar.common.task_table import (
+    read_bundle_spec,
+    shares_pid_namespace,
+    signal_quietly,
+)
 from kuasar.common.ttrpc import Context
 
 from .events import EventQueue
@@ -34,8 +38,6 @@ from .stdio import ProcessIO
 log = logging.getLogger(__name__)
 
 VERSION = "kuasar-py vm-agent"
-# After a process exits, how long Wait/Delete let its output drain into the streams.
-OUTPUT_DRAIN_TIMEOUT = 2.0
 
 
 # In the guest a container's files live in the agent's state dir: the bundle is the host's share.
@@ -76,9 +78,6 @@ class GuestTasks(RuncContainerTasks):
 
     def _discard_io(self, io: ProcessIO) -> None:
         io.release_child_fds()
-
-    async def _drain_io(self, io: ProcessIO) -> None:
-        await io.wait_output(OUTPUT_DRAIN_TIMEOUT)
 
     def _remove_files(self, container: Container) -> None:
         # Also called while a failed Create unwinds, where raising would hide why it failed. Only the

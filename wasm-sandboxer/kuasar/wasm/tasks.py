@@ -39,6 +39,7 @@ from kuasar.common.oom import OomWatch
 from kuasar.common.reaper import Exit, Reaper
 from kuasar.common.task_table import (
     NEVER_RAN_EXIT_STATUS,
+    OUTPUT_DRAIN_TIMEOUT,
     STATS_OF_STOPPED,
     TaskContainer,
     TaskProcess,
@@ -367,10 +368,12 @@ class WasmTasks(TerminalTasks):
         await self._kill_and_wait(container)
         await self._release(container)
         for proc in container.processes():
+            await proc.io.wait_output(OUTPUT_DRAIN_TIMEOUT)  # what it left, to containerd
             proc.io.close()
         self._forget(container.id)
 
     async def _delete_exec(self, container: Container, proc: Process) -> None:
+        await proc.io.wait_output(OUTPUT_DRAIN_TIMEOUT)
         proc.io.close()
         if proc.status == types.CREATED:  # never started: its Wait must not outlive it
             proc.record_exit(NEVER_RAN_EXIT_STATUS, time.time_ns())
