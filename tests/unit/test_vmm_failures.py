@@ -1,5 +1,5 @@
 """vmm-sandboxer on its failure paths: a Start cancelled during boot, a guest that sends garbage or is away
-for a while, a teardown that fails, a task proxy started again, a netns that is gone and a
+for a while, a teardown that fails, a task proxy that dies (the VM ends with it), a netns that is gone and a
 --dir too long for the VM's sockets. QEMU and the guest are fakes here; the integration
 tests (test_vmm_cri.py) run the real ones."""
 
@@ -23,7 +23,6 @@ from kuasar.common.api.containerd.events import task_pb2 as task_events
 from kuasar.common.api.containerd.types import event_pb2
 from kuasar.common.api.runtime.v1 import api_pb2 as cri
 from kuasar.common.config import DaemonConfig
-from kuasar.common.controller import SandboxController
 from kuasar.common.errors import InvalidArgument, KuasarError, RuntimeFailure, Unavailable
 from kuasar.common.linux import SOCKET_PATH_MAX
 from kuasar.common.sandboxer import LOST_EXIT_STATUS, SandboxRecord, SandboxState
@@ -175,46 +174,55 @@ def test_wait_returns_when_the_teardown_after_the_vm_fails(monkeypatch: pytest.M
     asyncio.run(scenario())
 
 
-def test_a_task_proxy_started_again_is_saved(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    spawned: list[subprocess.Popen] = []
-    restarted = asyncio.Event()
+def test_a_task_proxy_that_dies_ends_its_vm() -> None:
+    # containerd takes every container behind a dropped task connection for exited and deletes it; a
+    # proxy started again left them running in the guest beside the copies kubelet then started.
+    async def scenario() -> VmPod:
+        proxy = subprocess.Popen(["sleep", "0.2"], start_new_session=True)
+        pod = VmPod("p1", FakeVm(), Path("/nonexistent"), "/nonexistent/u", "a")
+        pod.proxy = ProcessRef.of(proxy.pid)
+        pod.proxy_watch = ExitWatch(pod.proxy, proxy)
+        sandboxer = bare_sandboxer()
+        monitor = asyncio.create_task(sandboxer._monitor(pod))
+        async with asyncio.timeout(10):
+            await sandboxer._end_with_proxy(pod)
+            await monitor
+        return pod
 
-    def spawn(argv: list[str], log_path: Path, pass_fds: tuple = (), env: Any = None,
-              executable: str | None = None) -> subprocess.Popen:
-        spawned.append(subprocess.Popen(["sleep", "300"], start_new_session=True))
-        restarted.set()
-        return spawned[-1]
+    pod = asyncio.run(scenario())
+    assert pod.vm.exited() and pod.exit.result().exit_status == LOST_EXIT_STATUS
 
-    monkeypatch.setattr(sandboxer_module, "spawn", spawn)
 
-    class Daemon:
-        log_level = "info"
+def test_a_task_proxy_that_died_while_the_sandboxer_was_down_ends_its_vm_at_recovery(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    spawned: list[Any] = []
+    monkeypatch.setattr(sandboxer_module, "spawn", lambda *args, **kwargs: spawned.append(args))
+    monkeypatch.setattr(hvsock, "connect_ttrpc", _agent_away)
 
-    async def scenario() -> None:
-        sandboxer = bare_sandboxer(daemon=Daemon())
-        controller = SandboxController(sandboxer, tmp_path / "state")
-        first = subprocess.Popen(["sleep", "0.2"], start_new_session=True)
-        pod = VmPod("p1", FakeVm(), tmp_path, str(tmp_path / "vsock.sock"), "address")
-        pod.proxy = ProcessRef.of(first.pid)
-        pod.proxy_watch = ExitWatch(pod.proxy, first)
-        record = SandboxRecord(id="p1", state=SandboxState.READY, extra={"vm": {"proxy": pod.proxy.to_json()}})
-        controller.records["p1"] = record
-        controller.save(record)
-        keeper = asyncio.create_task(sandboxer._keep_proxy(pod, record))
-        try:
-            async with asyncio.timeout(10):
-                await restarted.wait()
-            await asyncio.sleep(0)  # _keep_proxy saves right after the spawn returns
-            on_disk = controller.store.load_all()["p1"]["extra"]["vm"]["proxy"]["pid"]
-            assert on_disk == spawned[0].pid  # a restart of ours re-attaches to it, not to the dead one
-        finally:
-            keeper.cancel()
-            await asyncio.gather(keeper, return_exceptions=True)
-            for proc in spawned:
-                proc.kill()
-                proc.wait()
+    async def scenario() -> VmPod:
+        sandboxer = bare_sandboxer(daemon=SimpleNamespace(log_level="info"), hypervisor=_Reattached())
+        dead = subprocess.Popen(["true"])
+        dead.wait()
+        state = {"vm_dir": str(tmp_path), "uds": str(tmp_path / "vsock.sock"), "address": "a", "memory_mb": 512,
+                 "hypervisor": {}, "proxy": ProcessRef.of(dead.pid).to_json(), "network": None}
+        await sandboxer.recover([SandboxRecord(id="p1", state=SandboxState.READY, extra={"vm": state})])
+        pod = sandboxer.pods["p1"]
+        async with asyncio.timeout(10):
+            await pod.exit
+        return pod
 
-    asyncio.run(scenario())
+    pod = asyncio.run(scenario())
+    assert pod.vm.exited() and pod.exit.result().exit_status == LOST_EXIT_STATUS
+    assert spawned == []  # no proxy started again
+
+
+class _Reattached:
+    async def reattach(self, state: dict) -> Any:
+        return FakeVm()
+
+
+async def _agent_away(*args: Any, **kwargs: Any) -> Any:
+    raise Unavailable("away")
 
 
 def test_a_netns_that_is_gone_is_a_clear_error_and_leaks_no_fd() -> None:
@@ -284,10 +292,7 @@ def test_a_vm_that_exits_0_unasked_is_not_reported_as_a_clean_exit() -> None:
 
 
 def test_a_recovered_pod_keeps_its_cgroup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    # A sandboxer restarted forgot the pod's cgroup: a task proxy it started again stayed in its own.
-    class Proc:
-        pid = 999999
-
+    # A sandboxer restarted forgot the pod's cgroup, which Shutdown then left behind.
     class Watch:
         def __init__(self, *args: Any) -> None:
             self.done = False
@@ -295,23 +300,13 @@ def test_a_recovered_pod_keeps_its_cgroup(tmp_path: Path, monkeypatch: pytest.Mo
         async def wait(self, timeout: float | None = None) -> None:
             await asyncio.sleep(3600)
 
-    class Hypervisor:
-        async def reattach(self, state: dict) -> Any:
-            return FakeVm()
-
-    async def agent_away(*args: Any, **kwargs: Any) -> Any:
-        raise Unavailable("away")
-
-    placed: list[int] = []
-    monkeypatch.setattr(sandboxer_module, "spawn", lambda *args, **kwargs: Proc())
     monkeypatch.setattr(sandboxer_module, "ExitWatch", Watch)
-    monkeypatch.setattr(hvsock, "connect_ttrpc", agent_away)
-    monkeypatch.setattr(cgroups.PodCgroup, "add", lambda self, pid: placed.append(pid))
+    monkeypatch.setattr(hvsock, "connect_ttrpc", _agent_away)
 
     async def scenario() -> VmPod:
-        sandboxer = bare_sandboxer(daemon=SimpleNamespace(log_level="info"), hypervisor=Hypervisor())
+        sandboxer = bare_sandboxer(daemon=SimpleNamespace(log_level="info"), hypervisor=_Reattached())
         state = {"vm_dir": str(tmp_path), "uds": str(tmp_path / "vsock.sock"), "address": "a", "memory_mb": 512,
-                 "hypervisor": {}, "proxy": None, "network": None,
+                 "hypervisor": {}, "proxy": ProcessRef.of(os.getpid()).to_json(), "network": None,
                  "cgroup": {"path": "kubepods/podX", "created": []}}
         await sandboxer.recover([SandboxRecord(id="p1", state=SandboxState.READY, extra={"vm": state})])
         pod = sandboxer.pods["p1"]
@@ -322,7 +317,7 @@ def test_a_recovered_pod_keeps_its_cgroup(tmp_path: Path, monkeypatch: pytest.Mo
 
     pod = asyncio.run(scenario())
     assert pod.cgroup is not None and pod.cgroup.path == "kubepods/podX"
-    assert placed == [Proc.pid], "the task proxy started again went into the pod's cgroup"
+    assert not pod.vm.exited()
 
 
 @pytest.mark.parametrize("odd", ["a:b", "a,b"])

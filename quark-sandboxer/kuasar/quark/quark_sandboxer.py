@@ -41,7 +41,7 @@ from google.protobuf import any_pb2
 
 from kuasar.common import cgroups, proc_stat
 from kuasar.common.config import DaemonConfig
-from kuasar.common.errors import FailedPrecondition, InvalidArgument, KuasarError, RuntimeFailure
+from kuasar.common.errors import FailedPrecondition, InvalidArgument, RuntimeFailure
 from kuasar.common.linux import SOCKET_PATH_MAX
 from kuasar.common.pod_sandboxer import decode_pod_config, refuse_user_namespace
 from kuasar.common.sandboxer import ExitInfo, Sandboxer, SandboxRecord, StartResult
@@ -230,39 +230,30 @@ class QuarkSandboxer(Sandboxer):
                 raise RuntimeFailure(f"sandbox {record.id}: the task relay did not listen within "
                                      f"{RELAY_START_TIMEOUT:.0f}s: {_tail(base / RELAY_LOG)}") from None
             raise
-        saved = state.get("cgroup")
-        if saved:  # a relay started again goes where the first went (Start places the first with QVisor)
-            with contextlib.suppress(OSError, KuasarError):
-                cgroups.PodCgroup(saved["path"], process_leaf=cgroups.pod_process_leaf(record.id, saved["path"])
-                                  ).add(process.pid)
         self._watch_relay(record)
         return listen
 
     def _watch_relay(self, record: SandboxRecord) -> None:
         old = self._relay_watchers.pop(record.id, None)
-        if old is not None and old is not asyncio.current_task():  # (a watcher starting the next relay)
+        if old is not None:
             old.cancel()
         self._relay_watchers[record.id] = asyncio.ensure_future(self._relay_watcher(record))
 
     async def _relay_watcher(self, record: SandboxRecord) -> None:
-        """A relay that dies while QVisor lives is started again at the same address: containerd lost its
-        task connections with it (their containers read as exited), but can connect anew (new
-        containers, Deletes). If that fails, QVisor is ended too, so the sandbox reads as exited."""
+        """The relay holds containerd's task connections. When it dies, containerd takes every container
+        of the sandbox for exited (255) and deletes it, while in QVisor they would run on (and kubelet
+        would start a second copy of each beside the first): QVisor is ended with it, so the sandbox
+        reads as exited too and kubelet makes it anew, as a runc pod ends with its task server."""
         state = self._state(record)
         pid, start_time = int(state.get("relay_pid", 0)), int(state.get("relay_start_time", 0))
         if is_alive(pid, start_time):
             await wait_for_exit(pid)
         qvisor, qvisor_start = int(state.get("pid", 0)), int(state.get("start_time", 0))
-        if state.get("killed") or state.get("relay_pid") != pid or not is_alive(qvisor, qvisor_start):
+        if state.get("killed") or not is_alive(qvisor, qvisor_start):
             return
-        log.warning("sandbox %s: task relay pid %d exited; starting a new one", record.id, pid)
-        try:
-            await self._start_relay(record, self.base(record) / TASK_SOCKET)
-        except Exception as exc:  # noqa: BLE001 - the sandbox is ended instead
-            log.error("sandbox %s: restarting its task relay failed (%s); ending QVisor", record.id, exc)
-            _kill(qvisor)
-            return
-        self.persist(record)  # a restart of ours must find this relay, not start another
+        log.error("sandbox %s: task relay pid %d exited (see %s); ending QVisor, whose containers containerd "
+                  "now takes for exited", record.id, pid, self.base(record) / RELAY_LOG)
+        _kill(qvisor)
 
     @staticmethod
     def _read_pid(path: Path) -> int:
@@ -342,8 +333,7 @@ class QuarkSandboxer(Sandboxer):
             if not is_alive(int(state.get("pid", 0)), int(state.get("start_time", 0))):
                 log.warning("sandbox %s: QVisor pid %s is gone; reporting it exited", record.id, state.get("pid"))
                 record.found_gone()
-            else:
-                # A relay gone while we were down is started again by its watcher, as one that dies later.
+            else:  # a relay gone while we were down ends QVisor now, as one that dies later
                 self._watch_relay(record)
 
     def status_info(self, record: SandboxRecord, verbose: bool) -> dict[str, str]:

@@ -268,7 +268,7 @@ class VmmSandboxer(Sandboxer):
             if listener is not None:
                 listener.close()
         self.pods[record.id] = pod
-        self._background(pod, record)
+        self._background(pod)
         record.extra["vm"]["boot"] = {"launch_s": round(t_launched - t0, 3), "ready_s": round(t_ready - t0, 3),
                                       "total_s": round(time.monotonic() - t0, 3),
                                       "guest_ready_s": round(check.agent_ready_ns / 1e9, 3)}
@@ -356,23 +356,20 @@ class VmmSandboxer(Sandboxer):
             net = network.PodNetwork.from_json(state["network"]) if state.get("network") else None
             pod = VmPod(record.id, vm, Path(state["vm_dir"]), state["uds"], state["address"],
                         memory_mb=int(state.get("memory_mb", 0)), network=net)
-            if state.get("cgroup"):  # where a task proxy started again below goes, and what Shutdown removes
+            if state.get("cgroup"):  # what Shutdown removes
                 pod.cgroup = cgroups.PodCgroup(state["cgroup"]["path"], list(state["cgroup"]["created"]))
             pod.proxy = ProcessRef.from_json(state.get("proxy"))
             if pod.proxy is not None and pod.proxy.alive():
                 pod.proxy_watch = ExitWatch(pod.proxy)
-            else:
-                log.warning("sandbox %s: task proxy gone; starting a new one", record.id)
-                self._start_proxy(pod, VmSpec(sandbox_id=record.id, vm_dir=pod.vm_dir, kernel="", initrd="", vcpus=1,
-                                              memory_mb=0, accel=self.accel, tsc_khz=0, share_fs="9p"))
-                record.extra["vm"]["proxy"] = pod.proxy.to_json() if pod.proxy else None
+            else:  # _end_with_proxy ends the VM at once
+                pod.proxy = None
             try:
                 pod.agent = await hvsock.connect_ttrpc(pod.uds, AGENT_PORT, timeout=3.0)
                 await pod.agent.call(AGENT, "Check", agent.CheckRequest(), agent.CheckResponse, timeout=5)
             except KuasarError as err:
                 log.warning("sandbox %s: agent not reachable after restart: %s", record.id, err.message)
             self.pods[record.id] = pod
-            self._background(pod, record)
+            self._background(pod)
             record.pid, record.address = vm.pid, pod.address
             log.info("sandbox %s: re-attached to VM pid %d", record.id, vm.pid)
 
@@ -391,32 +388,24 @@ class VmmSandboxer(Sandboxer):
         return info
 
     # -- helpers -----------------------------------------------------------------------------------
-    def _background(self, pod: VmPod, record: SandboxRecord) -> None:
+    def _background(self, pod: VmPod) -> None:
         pod.background(self._monitor(pod), "monitor")
         pod.background(self._forward_events(pod), "events")
         pod.background(self._clock_loop(pod), "clock")
-        pod.background(self._keep_proxy(pod, record), "proxy")
+        pod.background(self._end_with_proxy(pod), "proxy")
 
-    async def _keep_proxy(self, pod: VmPod, record: SandboxRecord) -> None:
-        """A task proxy that dies while its VM runs is started again (containerd's open task
-        connections are gone with it, but new calls and the pod's later containers work)."""
-        while pod.proxy_watch is not None:
+    async def _end_with_proxy(self, pod: VmPod) -> None:
+        """The task proxy holds containerd's task connections. When it dies, containerd takes every
+        container of the pod for exited (255) and deletes it, while in the guest they would run on (and
+        kubelet would start a second copy of each beside the first): the VM is ended with it, so the
+        pod reads as exited too and kubelet makes it anew, as a runc pod ends with its task server."""
+        if pod.proxy_watch is not None:
             await pod.proxy_watch.wait()
-            if pod.stopping or pod.vm.exited():
-                return
-            log.error("sandbox %s: the task proxy exited; starting it again (see %s)", pod.id,
-                      pod.vm_dir / "proxy.log")
-            await asyncio.sleep(0.5)
-            if pod.stopping or pod.vm.exited():
-                return
-            self._start_proxy(pod, VmSpec(sandbox_id=pod.id, vm_dir=pod.vm_dir, kernel="", initrd="", vcpus=1,
-                                          memory_mb=0, accel=self.accel, tsc_khz=0, share_fs="9p"))
-            if "vm" in record.extra and pod.proxy is not None:
-                record.extra["vm"]["proxy"] = pod.proxy.to_json()
-                try:
-                    self.persist(record)  # a restart of ours must find this proxy, not start another
-                except OSError as exc:
-                    log.error("sandbox %s: saving the new proxy's pid: %s", pod.id, exc)
+        if pod.stopping or pod.vm.exited():
+            return
+        log.error("sandbox %s: the task proxy exited (see %s); ending the VM, whose containers containerd "
+                  "now takes for exited", pod.id, pod.vm_dir / "proxy.log")
+        await pod.vm.stop(timeout=0)
 
     def _state(self, pod: VmPod, spec: VmSpec) -> dict[str, Any]:
         return {"vm_dir": str(pod.vm_dir), "uds": pod.uds, "address": pod.address, "accel": spec.accel,
