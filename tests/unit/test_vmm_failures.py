@@ -336,3 +336,41 @@ def test_kuasars_sandbox_table_is_accepted_and_another_table_refused(tmp_path: P
                                   sections={"sandbox": {"log_level": "info"}}))
     with pytest.raises(InvalidArgument, match=r"unknown config table\(s\) \[runc\]"):
         VmmSandboxer(DaemonConfig(listen=tmp_path / "s.sock", dir=tmp_path / "v", sections={"runc": {}}))
+
+
+def test_a_record_recovery_cannot_read_is_reported_exited_and_the_others_are_recovered(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A state another version wrote (a renamed field): the TypeError stopped start-up for every pod, and
+    # the sandboxer restarted into it again and again.
+    cleaned: list[dict] = []
+
+    class Hypervisor(_Reattached):
+        async def cleanup(self, state: dict) -> None:
+            cleaned.append(state)
+
+    monkeypatch.setattr(hvsock, "connect_ttrpc", _agent_away)
+
+    async def scenario() -> tuple[list[SandboxRecord], set[str]]:
+        sandboxer = bare_sandboxer(daemon=SimpleNamespace(log_level="info"), hypervisor=Hypervisor())
+        records = []
+        odd_proxy = subprocess.Popen(["sleep", "300"], start_new_session=True)
+        proxies = {"odd": ProcessRef.of(odd_proxy.pid), "fine": ProcessRef.of(os.getpid())}
+        for pod_id, net in (("odd", {"netns": "", "routes": [{"renamed_field": 1}]}), ("fine", None)):
+            state = {"vm_dir": str(tmp_path), "uds": str(tmp_path / "vsock.sock"), "address": "a",
+                     "hypervisor": {"pid": pod_id}, "proxy": proxies[pod_id].to_json(), "network": net}
+            records.append(SandboxRecord(id=pod_id, state=SandboxState.READY, extra={"vm": state}))
+        monkeypatch.setattr(sandboxer_module, "ExitWatch", lambda *args: SimpleNamespace(wait=asyncio.Event().wait))
+        sandboxer.events = SimpleNamespace(enabled=False)
+        await sandboxer.recover(records)
+        assert odd_proxy.wait(5) is not None  # ended with its VM
+        recovered = set(sandboxer.pods)
+        for pod in sandboxer.pods.values():
+            for task in list(pod.tasks):
+                task.cancel()
+            await asyncio.gather(*pod.tasks, return_exceptions=True)
+        return records, recovered
+
+    records, recovered = asyncio.run(scenario())
+    assert recovered == {"fine"}
+    assert records[0].state == SandboxState.STOPPED and records[1].state == SandboxState.READY
+    assert cleaned == [{"pid": "odd"}]  # its VM is ended: reported exited, it must not run on

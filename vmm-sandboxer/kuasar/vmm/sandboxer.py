@@ -347,31 +347,48 @@ class VmmSandboxer(Sandboxer):
             state = record.extra.get("vm")
             if record.state != SandboxState.READY or not state:
                 continue
-            vm = await self.hypervisor.reattach(state.get("hypervisor") or {})
-            if vm is None:
-                log.warning("sandbox %s: its VM is gone; reporting it exited", record.id)
-                record.found_gone()
-                await self._cleanup_by_state(record)
-                continue
-            net = network.PodNetwork.from_json(state["network"]) if state.get("network") else None
-            pod = VmPod(record.id, vm, Path(state["vm_dir"]), state["uds"], state["address"],
-                        memory_mb=int(state.get("memory_mb", 0)), network=net)
-            if state.get("cgroup"):  # what Shutdown removes
-                pod.cgroup = cgroups.PodCgroup(state["cgroup"]["path"], list(state["cgroup"]["created"]))
-            pod.proxy = ProcessRef.from_json(state.get("proxy"))
-            if pod.proxy is not None and pod.proxy.alive():
-                pod.proxy_watch = ExitWatch(pod.proxy)
-            else:  # _end_with_proxy ends the VM at once
-                pod.proxy = None
             try:
-                pod.agent = await hvsock.connect_ttrpc(pod.uds, AGENT_PORT, timeout=3.0)
-                await pod.agent.call(AGENT, "Check", agent.CheckRequest(), agent.CheckResponse, timeout=5)
-            except KuasarError as err:
-                log.warning("sandbox %s: agent not reachable after restart: %s", record.id, err.message)
-            self.pods[record.id] = pod
-            self._background(pod)
-            record.pid, record.address = vm.pid, pod.address
-            log.info("sandbox %s: re-attached to VM pid %d", record.id, vm.pid)
+                await self._reattach(record, state)
+            except Exception as exc:  # noqa: BLE001 - one record we cannot read must not stop the others
+                # (a state an older or newer sandboxer wrote, a file edited by hand): a sandboxer that
+                # never starts serves no pod at all, and containerd could not even remove this one.
+                log.error("sandbox %s: cannot re-attach to its VM (%r); ending it and reporting it exited",
+                          record.id, exc)
+                record.found_gone()
+                pod = self.pods.pop(record.id, None)
+                if pod is not None:
+                    pod.stopping = True
+                try:
+                    await self._cleanup_by_state(record)
+                except Exception as cleanup_exc:  # noqa: BLE001 - Shutdown tries again
+                    log.error("sandbox %s: ending what its state names: %r", record.id, cleanup_exc)
+
+    async def _reattach(self, record: SandboxRecord, state: dict[str, Any]) -> None:
+        vm = await self.hypervisor.reattach(state.get("hypervisor") or {})
+        if vm is None:
+            log.warning("sandbox %s: its VM is gone; reporting it exited", record.id)
+            record.found_gone()
+            await self._cleanup_by_state(record)
+            return
+        net = network.PodNetwork.from_json(state["network"]) if state.get("network") else None
+        pod = VmPod(record.id, vm, Path(state["vm_dir"]), state["uds"], state["address"],
+                    memory_mb=int(state.get("memory_mb", 0)), network=net)
+        if state.get("cgroup"):  # what Shutdown removes
+            pod.cgroup = cgroups.PodCgroup(state["cgroup"]["path"], list(state["cgroup"]["created"]))
+        pod.proxy = ProcessRef.from_json(state.get("proxy"))
+        if pod.proxy is not None and pod.proxy.alive():
+            pod.proxy_watch = ExitWatch(pod.proxy)
+        else:  # _end_with_proxy ends the VM at once
+            pod.proxy = None
+        try:
+            pod.agent = await hvsock.connect_ttrpc(pod.uds, AGENT_PORT, timeout=3.0)
+            await pod.agent.call(AGENT, "Check", agent.CheckRequest(), agent.CheckResponse, timeout=5)
+        except KuasarError as err:
+            log.warning("sandbox %s: agent not reachable after restart: %s", record.id, err.message)
+        self.pods[record.id] = pod
+        self._background(pod)
+        record.pid, record.address = vm.pid, pod.address
+        log.info("sandbox %s: re-attached to VM pid %d", record.id, vm.pid)
 
     def status_info(self, record: SandboxRecord, verbose: bool) -> dict[str, str]:
         if not verbose:
