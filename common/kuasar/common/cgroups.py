@@ -449,20 +449,31 @@ def _v1_metrics(dirs: dict[str, Path]) -> v1.Metrics:
     memory = dirs.get("memory")
     if memory is not None:
         stat = _read_kv(memory / "memory.stat")
-        for key, field in (("cache", "cache"), ("rss", "rss"), ("rss_huge", "rss_huge"),
-                           ("mapped_file", "mapped_file"), ("dirty", "dirty"),
-                           ("writeback", "writeback"), ("pgfault", "pg_fault"),
-                           ("pgmajfault", "pg_maj_fault"), ("inactive_anon", "inactive_anon"),
-                           ("active_anon", "active_anon"), ("inactive_file", "inactive_file"),
-                           ("active_file", "active_file"), ("unevictable", "unevictable"),
-                           ("total_cache", "total_cache"), ("total_rss", "total_rss"),
-                           ("total_inactive_file", "total_inactive_file")):
+        for key, field in V1_MEMORY_STAT_FIELDS.items():
             setattr(metrics.memory, field, stat.get(key, 0))
-        metrics.memory.usage.usage = _read_int(memory / "memory.usage_in_bytes")
-        metrics.memory.usage.max = _read_int(memory / "memory.max_usage_in_bytes")
-        metrics.memory.usage.limit = _read_int(memory / "memory.limit_in_bytes")
-        metrics.memory.usage.failcnt = _read_int(memory / "memory.failcnt")
+        for entry, prefix in (("usage", "memory"), ("swap", "memory.memsw"), ("kernel", "memory.kmem"),
+                              ("kernel_tcp", "memory.kmem.tcp")):
+            target = getattr(metrics.memory, entry)
+            target.usage = _read_int(memory / f"{prefix}.usage_in_bytes")
+            target.max = _read_int(memory / f"{prefix}.max_usage_in_bytes")
+            target.limit = _read_int(memory / f"{prefix}.limit_in_bytes")
+            target.failcnt = _read_int(memory / f"{prefix}.failcnt")
     return metrics
+
+
+def _v1_memory_stat_fields() -> dict[str, str]:
+    """memory.stat's keys by the MemoryStat field each fills, its own and its hierarchy's (`total_`), as
+    containerd's cgroups library reads them: CRI's stats take page faults from total_pgfault."""
+    own = {"cache": "cache", "rss": "rss", "rss_huge": "rss_huge", "mapped_file": "mapped_file", "dirty": "dirty",
+           "writeback": "writeback", "pgpgin": "pg_pg_in", "pgpgout": "pg_pg_out", "pgfault": "pg_fault",
+           "pgmajfault": "pg_maj_fault", "inactive_anon": "inactive_anon", "active_anon": "active_anon",
+           "inactive_file": "inactive_file", "active_file": "active_file", "unevictable": "unevictable"}
+    return {**own, **{f"total_{key}": f"total_{field}" for key, field in own.items()},
+            "hierarchical_memory_limit": "hierarchical_memory_limit",
+            "hierarchical_memsw_limit": "hierarchical_swap_limit"}
+
+
+V1_MEMORY_STAT_FIELDS = _v1_memory_stat_fields()
 
 
 def _v2_metrics(directory: Path) -> v2.Metrics:
