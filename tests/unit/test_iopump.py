@@ -4,10 +4,15 @@ exit though others still hold the pty (a background job of `kubectl exec -it`)."
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import os
 import pty
+import tty
 from pathlib import Path
 
+import pytest
+
+from kuasar.common import iopump
 from kuasar.common.fifo_stdio import ProcessIO
 from kuasar.common.iopump import FINISH_LIMIT, Pump
 
@@ -66,12 +71,76 @@ def test_a_process_that_exits_before_its_console_arrives_still_ends_its_output(t
             io.process_exited()
             os.write(slave, b"early")
             io.attach_master(master)
-            await io.wait_output(FINISH_LIMIT + 1)
+            await asyncio.wait([pump.done for pump in io.pumps], timeout=FINISH_LIMIT + 1)
             assert all(pump.done.done() for pump in io.pumps)
             assert os.read(reader, 100) == b"early"
         finally:
             io.close()
             os.close(slave)
             os.close(reader)
+
+    asyncio.run(main())
+
+
+def test_a_finishing_copy_to_a_slow_reader_still_delivers_everything(monkeypatch) -> None:
+    # Time spent waiting for the reader (containerd behind, a slow `kubectl exec -t` client) counted
+    # against the limit: the copy stopped with the process's last output still in the pty.
+    monkeypatch.setattr(iopump, "FINISH_LIMIT", 0.2)
+    payload = bytes(range(256)) * 64  # 16 KiB
+
+    async def main() -> bytes:
+        master, slave = pty.openpty()
+        tty.setraw(slave)
+        read_end, write_end = os.pipe()
+        fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, 4096)
+        os.set_blocking(slave, False)
+        pump = Pump(master, write_end)
+        try:
+            rest = payload
+            while rest:
+                try:
+                    rest = rest[os.write(slave, rest[:1024]):]
+                except BlockingIOError:
+                    await asyncio.sleep(0.01)
+            pump.finish()  # the process exited; its last output is in the pty and in the pump
+            os.set_blocking(read_end, False)
+            got = bytearray()
+            async with asyncio.timeout(20):
+                while True:
+                    await asyncio.sleep(0.05)  # 1 KiB per 50 ms: well past the limit
+                    try:
+                        chunk = os.read(read_end, 1024)
+                    except BlockingIOError:
+                        continue
+                    if not chunk:
+                        return bytes(got)
+                    got += chunk
+        finally:
+            os.close(slave)
+            os.close(read_end)
+
+    assert asyncio.run(main()) == payload
+
+
+def test_closing_a_terminals_io_closes_the_master_only_once_its_copy_stopped_watching_it(tmp_path: Path) -> None:
+    # Closed at once, the master's fd number could be reused before the cancelled copy's unwinding
+    # unregistered it from the loop, taking another fd's watch away.
+    async def main() -> None:
+        fifo = tmp_path / "stdout"
+        os.mkfifo(fifo)
+        reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+        master, slave = pty.openpty()
+        io = ProcessIO(stdout=str(fifo), terminal=True)
+        io.attach_master(master)
+        await asyncio.sleep(0.05)  # the copy is waiting on the master
+        pump = io.pumps[0]
+        io.close()
+        os.fstat(master)  # still open
+        await asyncio.wait_for(pump.done, 1)
+        await asyncio.sleep(0)
+        with pytest.raises(OSError):
+            os.fstat(master)
+        os.close(slave)
+        os.close(reader)
 
     asyncio.run(main())

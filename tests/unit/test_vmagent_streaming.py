@@ -208,7 +208,7 @@ def test_pipe_pumps_and_process_io(sock: str) -> None:
         assert stdio.stdin is None and stdio.stdout is not None and stdio.stderr is not None
         os.write(stdio.stdout, b"via runc's fd")
         io.release_child_fds()  # the process is the only writer now; it "exits"
-        await io.wait_output(5)
+        await io.drain_output(5)
         assert b"".join(hub.channels["q-stdout"].chunks) == b"via runc's fd"
         io.close()
         assert "q-stdout" not in hub.channels

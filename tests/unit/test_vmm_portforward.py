@@ -1,7 +1,7 @@
 """The host side of port forwarding to a VM pod, in a real network namespace with real iptables: a
 connection to 127.0.0.1:<port> made inside the namespace (as containerd makes it) reaches the server
 behind the guest agent's forward service, through a fake of vhost-device-vsock's hybrid-vsock socket;
-a port the guest refuses resets the connection; a restarted proxy replaces the rule; removal leaves
+a port the guest refuses resets the connection; serving the pod again replaces the rule; removal leaves
 no rule behind."""
 
 from __future__ import annotations
@@ -106,7 +106,7 @@ def test_loopback_connections_in_the_pod_netns_reach_the_guest(netns: str, tmp_p
         vsock = await FakeVsock(tmp_path / "vsock.sock").start()
         forwarder = PortForwarder(str(tmp_path / "vsock.sock"))
         first = await forwarder.serve(netns)
-        server = await forwarder.serve(netns)  # a proxy started again for the same pod
+        server = await forwarder.serve(netns)  # served again for the same pod
         first.close()
         assert nat_rules(netns).count("REDIRECT") == 1 and nat_rules(netns).count(f"-j {CHAIN}") == 1
 

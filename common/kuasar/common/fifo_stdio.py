@@ -109,9 +109,11 @@ class ProcessIO(ConsoleReceiver):
     def _output_pumps(self) -> list[Pump]:
         return [pump for pump in self.pumps if pump is not self.stdin_pump]
 
-    async def wait_output(self, timeout: float) -> None:  # noqa: ASYNC109
-        """Give the copy out of the pty up to `timeout` to deliver the rest to containerd, before a
-        Delete closes it (a reader behind, a pty buffer not yet read)."""
+    async def drain_output(self, timeout: float) -> None:  # noqa: ASYNC109
+        """The process is gone (a Delete): give the copy out of the pty up to `timeout` to deliver what
+        it left to containerd (a reader behind, a pty buffer not yet read) before the IO is closed.
+        Also for an exit that was recorded but never published (a start that failed)."""
+        self.process_exited()
         pending = [pump.done for pump in self._output_pumps() if not pump.done.done()]
         if pending:
             await asyncio.wait(pending, timeout=timeout)
@@ -152,12 +154,19 @@ class ProcessIO(ConsoleReceiver):
 
     def close(self) -> None:
         pumps, self.pumps = self.pumps, []
-        for pump in pumps:  # before the master they read goes
+        for pump in pumps:
             pump.cancel()
         self.release_fds()
         readers, self.readers = self.readers, []
         for fd in readers:
             os.close(fd)
         self._drop_stdin_writer()
+        running = [pump.done for pump in pumps if not pump.done.done()]
+        if running and self.master >= 0:
+            # A cancelled copy stops watching the master only when its task unwinds, a loop turn later;
+            # closed before, the master's number could be another fd's by then, whose watch that
+            # would remove.
+            master, self.master = self.master, -1
+            asyncio.gather(*running).add_done_callback(lambda _: os.close(master))
         self._close_console()
 

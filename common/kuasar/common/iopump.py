@@ -16,8 +16,9 @@ CHUNK = 32 * 1024
 # later (the kernel pushes a pty's buffer from a work queue): a finishing read stops at the first lull
 # this long, not at the first empty read.
 FINISH_LULL = 0.05
-# ... and this long after `finish` at the latest: children the process left may write on for ever
-# (`sleep 100 &` in an interactive shell), and their output is not the process's.
+# ... and after this long of reading at the latest (time spent waiting for the reader does not count):
+# children the process left may write on for ever (`sleep 100 &` in an interactive shell), and their
+# output is not the process's.
 FINISH_LIMIT = 1.0
 
 
@@ -79,6 +80,12 @@ class Source:
             return False
         return True
 
+    def postpone(self, seconds: float) -> None:
+        """The copy waited `seconds` for its reader: that time does not count against FINISH_LIMIT (what
+        the process left must not be cut off because containerd or a client read slowly)."""
+        if self._finish_by is not None:
+            self._finish_by += seconds
+
     def finish(self) -> None:
         """The process writing into this fd exited: what it left is read, then the reads end, even
         while others still hold the pty's far side open."""
@@ -110,7 +117,9 @@ class Pump:
                         written = os.write(self.dst, data)
                         data = data[written:]
                     except BlockingIOError:
+                        waited_from = asyncio.get_running_loop().time()
                         await wait_fd(self.dst, True)
+                        self.source.postpone(asyncio.get_running_loop().time() - waited_from)
                 if self.source.finishing_over():
                     break
                 # One loop turn per chunk: a pty that always has output and a reader that always takes it

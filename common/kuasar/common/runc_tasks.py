@@ -39,12 +39,12 @@ from .runc_cli import RUNC_ROOT_FLAG, Runc, Stdio
 from .spawn import resolve
 from .task_table import (
     NEVER_RAN_EXIT_STATUS,
-    OUTPUT_DRAIN_TIMEOUT,
     STATS_OF_STOPPED,
     TaskContainer,
     TaskProcess,
     TerminalTasks,
     dead_init_pids,
+    drain_and_close_io,
     parse_exec_spec,
     state_response,
     wait_exited,
@@ -364,8 +364,7 @@ class RuncContainerTasks(TerminalTasks):
         return super()._is_running(proc) and bool(proc.pid)
 
     async def _delete_exec(self, container: Any, proc: RuncProcess) -> None:
-        await proc.io.wait_output(OUTPUT_DRAIN_TIMEOUT)  # what it left, to containerd
-        proc.io.close()
+        await drain_and_close_io([proc])
         # Its pid file would stay until the container goes: an exec probe every 10 s leaves thousands.
         _pid_file(container, proc.id).unlink(missing_ok=True)
 
@@ -376,9 +375,7 @@ class RuncContainerTasks(TerminalTasks):
             container.oom.close()
             container.oom = None
         await self.runc.delete(container.id)
-        for proc in container.processes():
-            await proc.io.wait_output(OUTPUT_DRAIN_TIMEOUT)  # what it left, to containerd
-            proc.io.close()
+        await drain_and_close_io(container.processes())
         if container.rootfs_mounted:
             mounts.unmount_all(container.bundle / "rootfs")
         self._remove_files(container)

@@ -150,6 +150,15 @@ def signal_quietly(pid: int, sig: int) -> None:
 OUTPUT_DRAIN_TIMEOUT = 2.0
 
 
+async def drain_and_close_io(procs: Iterable[Any]) -> None:
+    """Processes being deleted, all gone: what they left reaches containerd (each given up to
+    OUTPUT_DRAIN_TIMEOUT, all at once), then their IO is closed."""
+    procs = list(procs)
+    await asyncio.gather(*(proc.io.drain_output(OUTPUT_DRAIN_TIMEOUT) for proc in procs))
+    for proc in procs:
+        proc.io.close()
+
+
 @dataclass
 class TaskProcess:
     """A container's init (id "") or one of its execs."""

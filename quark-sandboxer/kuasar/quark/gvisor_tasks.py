@@ -49,12 +49,12 @@ from kuasar.common.pod_holder import pause_program
 from kuasar.common.reaper import Exit, Reaper
 from kuasar.common.task_table import (
     NEVER_RAN_EXIT_STATUS,
-    OUTPUT_DRAIN_TIMEOUT,
     STATS_OF_STOPPED,
     TaskContainer,
     TaskProcess,
     TerminalTasks,
     dead_init_pids,
+    drain_and_close_io,
     host_bundle,
     parse_exec_spec,
     read_bundle_spec,
@@ -528,8 +528,7 @@ class GvisorTasks(TerminalTasks):
         return task.DeleteResponse(pid=proc.pid, exit_status=proc.exit_status, exited_at=timestamp(proc.exited_at_ns))
 
     async def _delete_exec(self, container: Container, proc: Process) -> None:
-        await proc.io.wait_output(OUTPUT_DRAIN_TIMEOUT)  # what it left, to containerd
-        proc.io.close()
+        await drain_and_close_io([proc])
 
     def _on_sandbox_oom(self, container: Container) -> None:
         """An OOM kill in the sandbox's cgroup: this container's too, unless it had ended well before
@@ -545,9 +544,7 @@ class GvisorTasks(TerminalTasks):
         if container.oom is not None:  # (the pod's cgroup stays: no removal signal to mistake)
             container.oom.close()
             container.oom = None
-        for proc in container.processes():
-            await proc.io.wait_output(OUTPUT_DRAIN_TIMEOUT)
-            proc.io.close()
+        await drain_and_close_io(container.processes())
         if container.waiter is not None and not container.waiter.done():
             container.waiter.cancel()
         if container.rootfs_mounted:

@@ -34,7 +34,6 @@ from google.protobuf.message import Message
 from kuasar.common.api.containerd.runtime.task.v2 import shim_pb2 as task
 from kuasar.common.errors import AlreadyExists, DeadlineExceeded, InvalidArgument, KuasarError, NotFound, Unavailable
 from kuasar.common.keyed_locks import KeyedLocks
-from kuasar.common.state import write_atomic
 from kuasar.common.task_api import TASK_METHODS
 from kuasar.common.ttrpc import NAMESPACE_KEY, Context, TtrpcClient, TtrpcServer
 
@@ -44,8 +43,6 @@ log = logging.getLogger("kuasar.quark.relay")
 
 SERVED_SERVICE = "containerd.task.v3.Task"
 QUARK_SERVICE = "containerd.task.v2.Task"
-# What the relay remembers of its layouts, next to the sandbox bundle: what a restart must unmount.
-STATE_FILE = "relay-containers.json"
 # Errors after which QVisor may still have done the call (no answer came): the layout is kept for Delete.
 UNANSWERED = (Unavailable, DeadlineExceeded)
 # A forwarded call whose deadline has just passed still goes out this long, for QVisor to refuse it.
@@ -57,12 +54,8 @@ PROBE_TIMEOUT = 30.0
 class QuarkTaskRelay:
     def __init__(self, quark: TtrpcClient, sandbox_bundle: Path) -> None:
         self.quark = quark
-        self.state_path = sandbox_bundle.parent / STATE_FILE
-        try:
-            state = json.loads(self.state_path.read_text())
-        except (OSError, ValueError):
-            state = {}
-        self.containers = QuarkContainers(sandbox_bundle, state)
+        # In memory only: a relay that dies ends its sandbox, whose Shutdown unmounts all under it.
+        self.containers = QuarkContainers(sandbox_bundle, {})
         self._locks = KeyedLocks()  # one container's Create, Exec and Delete, one at a time
 
     def register(self, server: TtrpcServer) -> None:
@@ -83,9 +76,6 @@ class QuarkTaskRelay:
         # QVisor's reply goes back as it came (the same message in v2 and v3).
         return await self.quark.call(QUARK_SERVICE, method, req, None, timeout=timeout, metadata=metadata)
 
-    def _save(self) -> None:
-        write_atomic(self.state_path, json.dumps(self.containers.state).encode())
-
     async def create(self, req: task.CreateTaskRequest, ctx: Context) -> bytes:
         async with self._locks.hold(req.id):
             if req.id in self.containers.state:  # laid out and maybe running: a second layout would stack
@@ -98,7 +88,6 @@ class QuarkTaskRelay:
                      "rootfs": [{"type": m.type, "source": m.source, "options": list(m.options)}
                                 for m in req.rootfs]}
             self.containers.append(req.id, entry)
-            self._save()
             io = self.containers.state[req.id]["io"]
             forwarded = task.CreateTaskRequest()
             forwarded.CopyFrom(req)
@@ -123,7 +112,6 @@ class QuarkTaskRelay:
                 raise AlreadyExists(f"exec {req.exec_id} of container {req.id} already exists")
             process = {"exec_id": req.exec_id, **{name: getattr(req, name) for name in STDIO}}
             exec_id = self.containers.add_exec(req.id, process)
-            self._save()
             forwarded = task.ExecProcessRequest()
             forwarded.CopyFrom(req)
             for name in STDIO:
@@ -153,7 +141,6 @@ class QuarkTaskRelay:
             self.containers.remove_exec(container_id, exec_id)
         else:
             self.containers.remove(container_id)
-        self._save()
 
 
 async def wait_serving(quark: TtrpcClient, timeout: float) -> None:  # noqa: ASYNC109

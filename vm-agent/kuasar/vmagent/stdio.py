@@ -33,8 +33,11 @@ STDIN_CLOSE_GRACE = 1.0
 async def pump_out(source: Source, channel: OutputChannel, close_fd: bool = True) -> None:
     """Copy a pipe or pty master into an output channel until its end (see iopump.Source)."""
     try:
+        loop = asyncio.get_running_loop()
         while data := await source.read():
-            await channel.write(data)
+            writing_from = loop.time()
+            await channel.write(data)  # waits while the host is behind
+            source.postpone(loop.time() - writing_from)
             if source.finishing_over():
                 break
     finally:
@@ -207,8 +210,10 @@ class ProcessIO(ConsoleReceiver):
         if self.hub.channels.get(channel.id) is channel:  # not a later process's of the same id
             self.hub.release(channel.id)
 
-    async def wait_output(self, timeout: float) -> None:  # noqa: ASYNC109
-        """Give the output pumps up to `timeout` to reach end of file (after the process exited)."""
+    async def drain_output(self, timeout: float) -> None:  # noqa: ASYNC109
+        """The process is gone (a Delete): give the output pumps up to `timeout` to deliver what it
+        left and reach their end (see fifo_stdio.ProcessIO.drain_output)."""
+        self.process_exited()
         pending = [t for t in self._tasks if t is not self._stdin_task and not t.done()]
         if pending:
             await asyncio.wait(pending, timeout=timeout)

@@ -68,7 +68,7 @@ async def _iptables(netns: str, args: list[str]) -> tuple[int, str]:
 
 
 async def install_redirect(netns: str, port: int) -> None:
-    await _iptables(netns, ["-t", "nat", "-N", CHAIN])  # fails when it exists (a restarted proxy): fine
+    await _iptables(netns, ["-t", "nat", "-N", CHAIN])  # fails when it exists (made before): fine
     for args in redirect_rules(port):
         status, err = await _iptables(netns, args)
         if status != 0:

@@ -32,6 +32,7 @@ import shutil
 import socket
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -355,13 +356,7 @@ class VmmSandboxer(Sandboxer):
                 log.error("sandbox %s: cannot re-attach to its VM (%r); ending it and reporting it exited",
                           record.id, exc)
                 record.found_gone()
-                pod = self.pods.pop(record.id, None)
-                if pod is not None:
-                    pod.stopping = True
-                try:
-                    await self._cleanup_by_state(record)
-                except Exception as cleanup_exc:  # noqa: BLE001 - Shutdown tries again
-                    log.error("sandbox %s: ending what its state names: %r", record.id, cleanup_exc)
+                await self._cleanup_by_state(record)
 
     async def _reattach(self, record: SandboxRecord, state: dict[str, Any]) -> None:
         vm = await self.hypervisor.reattach(state.get("hypervisor") or {})
@@ -370,6 +365,13 @@ class VmmSandboxer(Sandboxer):
             record.found_gone()
             await self._cleanup_by_state(record)
             return
+        try:
+            await self._adopt(record, state, vm)
+        except BaseException:
+            await vm.close()  # its QMP connection; the VM itself is ended by the caller
+            raise
+
+    async def _adopt(self, record: SandboxRecord, state: dict[str, Any], vm: Vm) -> None:
         net = network.PodNetwork.from_json(state["network"]) if state.get("network") else None
         pod = VmPod(record.id, vm, Path(state["vm_dir"]), state["uds"], state["address"],
                     memory_mb=int(state.get("memory_mb", 0)), network=net)
@@ -598,15 +600,30 @@ class VmmSandboxer(Sandboxer):
         record.extra.pop("vm", None)
 
     async def _cleanup_by_state(self, record: SandboxRecord) -> None:
-        """A sandbox whose VM we do not hold (dead before a restart): kill leftovers by recorded pid."""
+        """A sandbox whose VM we do not hold (dead before a restart, or a state we cannot read): kill
+        leftovers by recorded pid. Each step on its own: a part of the state we cannot read must not keep
+        the rest (or Shutdown's removal of the pod's files and cgroup) from happening."""
         state = record.extra.get("vm") or {}
         if state.get("hypervisor"):
-            await self.hypervisor.cleanup(state["hypervisor"])
-        proxy = ProcessRef.from_json(state.get("proxy"))
-        if proxy is not None:
-            await terminate(proxy, None, grace=0.5)
+            await _best_effort(record.id, "the VM", lambda: self.hypervisor.cleanup(state["hypervisor"]))
+        if state.get("proxy"):
+            await _best_effort(record.id, "the task proxy", lambda: _terminate_recorded(state["proxy"]))
         if state.get("network"):
-            await _undo_netns_setup(network.PodNetwork.from_json(state["network"]))
+            await _best_effort(record.id, "the pod's network",
+                               lambda: _undo_netns_setup(network.PodNetwork.from_json(state["network"])))
+
+
+async def _best_effort(sandbox_id: str, what: str, step: Callable[[], Awaitable[None]]) -> None:
+    try:
+        await step()
+    except Exception as exc:  # noqa: BLE001 - the caller's other steps still run
+        log.error("sandbox %s: ending %s from its saved state: %r", sandbox_id, what, exc)
+
+
+async def _terminate_recorded(saved: Any) -> None:
+    proxy = ProcessRef.from_json(saved)
+    if proxy is not None:
+        await terminate(proxy, None, grace=0.5)
 
 
 async def _undo_netns_setup(net: network.PodNetwork) -> None:

@@ -39,12 +39,12 @@ from kuasar.common.oom import OomWatch
 from kuasar.common.reaper import Exit, Reaper
 from kuasar.common.task_table import (
     NEVER_RAN_EXIT_STATUS,
-    OUTPUT_DRAIN_TIMEOUT,
     STATS_OF_STOPPED,
     TaskContainer,
     TaskProcess,
     TerminalTasks,
     dead_init_pids,
+    drain_and_close_io,
     host_bundle,
     parse_exec_spec,
     pod_id_of,
@@ -367,14 +367,11 @@ class WasmTasks(TerminalTasks):
     async def _remove(self, container: Container) -> None:
         await self._kill_and_wait(container)
         await self._release(container)
-        for proc in container.processes():
-            await proc.io.wait_output(OUTPUT_DRAIN_TIMEOUT)  # what it left, to containerd
-            proc.io.close()
+        await drain_and_close_io(container.processes())
         self._forget(container.id)
 
     async def _delete_exec(self, container: Container, proc: Process) -> None:
-        await proc.io.wait_output(OUTPUT_DRAIN_TIMEOUT)
-        proc.io.close()
+        await drain_and_close_io([proc])
         if proc.status == types.CREATED:  # never started: its Wait must not outlive it
             proc.record_exit(NEVER_RAN_EXIT_STATUS, time.time_ns())
 
