@@ -449,3 +449,27 @@ async def booting_pod(stack: VmStack, running: asyncio.Future) -> str:
 def test_a_pod_with_its_own_user_namespace_is_refused_at_run_pod_sandbox(stack: VmStack) -> None:
     """The VM is the pod's isolation; its guest maps no ids. Refused before any VM is started."""
     asyncio.run(check_user_namespace_refused(stack.address, HANDLER, stack.log_dir, "vmm"))
+
+
+def test_a_task_proxy_killed_ends_its_vm_and_the_pod(stack: VmStack) -> None:
+    """containerd takes every container behind a dropped task connection for exited (255); the VM that
+    would run them on is ended too, so the pod reads as exited (kubelet makes it anew) instead of the
+    guest running each container beside the copy kubelet then starts. Removing it leaves nothing."""
+
+    async def scenario() -> None:
+        async with CriClient(stack.address, timeout=TIMEOUT) as client:
+            pod_id, pod = await run_pod(client, stack, "proxied", host_network=True)
+            state = sandbox_state(stack, pod_id)
+            cid = await start(client, pod_id, pod, "sleeper", ["sleep", "3600"])
+            await wait_state(client, cid, cri.CONTAINER_RUNNING, timeout=TIMEOUT)
+            pids = vm_processes(state)
+            os.kill(state["extra"]["vm"]["proxy"]["pid"], signal.SIGKILL)
+            await wait_state(client, cid, cri.CONTAINER_EXITED, timeout=60)
+            await wait_pod_not_ready(client, pod_id, "the VM of the dead proxy was not ended")
+            assert not Path(f"/proc/{state['pid']}").exists(), "QEMU still runs"
+            await client.stop_pod_sandbox(pod_id)
+            await client.remove_container(cid)
+            await client.remove_pod_sandbox(pod_id)
+            assert_nothing_left(stack, pod_id, pids)
+
+    asyncio.run(scenario())
