@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import fcntl
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
 from pathlib import Path
 
+import psutil
 import pytest
+from google.protobuf import empty_pb2
 
 from kuasar.common.errors import Unavailable
 from kuasar.common.task_server import LOCK_FILE, TaskServerHandle, TaskServerLaunch, TaskServerSettings, helper_argv
@@ -92,3 +96,53 @@ def test_a_per_pod_helper_runs_from_its_module_or_as_a_program_of_the_frozen_bin
     # Frozen, sys.executable is the multi-call binary: argv[0] names the program (test_binaries runs it).
     monkeypatch.setattr(sys, "frozen", True, raising=False)
     assert helper_argv("vmm-sandboxer", "task-proxy", "kuasar.vmm.proxy") == ["vmm-sandboxer", "task-proxy"]
+
+
+def test_a_task_server_of_another_build_retires_when_it_holds_nothing_and_stays_while_it_holds_a_pod(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Task servers outlive their sandboxer by design: after an upgrade, the old code served on for good.
+    from kuasar.common import task_server
+    from kuasar.common.api.kuasar.pods.v1 import pods_pb2
+
+    launch = TaskServerLaunch("kuasar.runc.task_server_main", "runc-task-server", TaskServerSettings(str(tmp_path)))
+
+    def server_pid() -> int:
+        return int((tmp_path / task_server.PID_FILE).read_text())
+
+    async def sandboxer_start(build: str) -> TaskServerHandle:
+        monkeypatch.setattr(task_server, "BUILD_ID", build)
+        handle = TaskServerHandle(tmp_path, launch)
+        handle.hold_lock()
+        await handle.replace_if_outdated()
+        await handle.connect()
+        return handle
+
+    ours = task_server.BUILD_ID  # what a task server started from these files computes too
+
+    async def main() -> None:
+        handle = await sandboxer_start(ours)  # starts one of its build
+        first = server_pid()
+        await handle.call("Create", pods_pb2.CreatePodRequest(id="busy"), pods_pb2.CreatePodResponse)
+        await handle.close()
+        handle = await sandboxer_start("an-upgrade")
+        assert server_pid() == first  # it holds a pod: it stays, and serves
+        await handle.call("Delete", pods_pb2.PodRequest(id="busy"), empty_pb2.Empty)
+        await handle.close()
+        handle = await sandboxer_start("another-upgrade")
+        assert server_pid() != first and _ended(first)
+        second = server_pid()
+        await handle.close()
+        handle = await sandboxer_start(ours)  # the build the new one was started from: kept
+        assert server_pid() == second
+        await handle.close()
+        os.kill(second, signal.SIGTERM)
+
+    asyncio.run(main())
+
+
+def _ended(pid: int) -> bool:
+    """Exited (this process started it, so it may wait as a zombie for its status)."""
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True

@@ -95,10 +95,12 @@ class PodSandboxer(Sandboxer):
 
     def prepare(self) -> None:
         self.task_server.hold_lock()
+        asyncio.run(self.task_server.replace_if_outdated())  # (before the sandboxer's loop exists)
         self.task_server.fork_if_absent()
 
     async def open(self) -> None:
         self.task_server.hold_lock()
+        await self.task_server.replace_if_outdated()  # when prepare() did not run (a frozen binary: no fork)
         await self.task_server.connect()
 
     async def close(self) -> None:

@@ -101,6 +101,11 @@ class PodService:
         server.add_unary(PODS_SERVICE, "List", empty_pb2.Empty, self.list)
         server.add_unary(PODS_SERVICE, "Stats", pb.PodRequest, self.stats)
 
+    @property
+    def creating(self) -> int:
+        """Pods whose Create is under way."""
+        return len(self._creating)
+
     def _get(self, pod_id: str) -> Pod:
         pod = self.pods.get(validate_id(pod_id, "pod id"))
         if pod is None:

@@ -31,7 +31,9 @@ from typing import Any
 from google.protobuf.message import Message
 
 from . import __version__, linux, pod_leftovers
-from .errors import Unavailable
+from .api.kuasar.pods.v1 import pods_pb2
+from .build import build_id
+from .errors import Unavailable, Unimplemented
 from .events import EventPublisher
 from .lean import serve_until
 from .logs import setup_logging
@@ -62,6 +64,11 @@ START_TIMEOUT = 20.0
 LOCK_ATTEMPTS = 20
 LOCK_RETRY_S = 0.01
 CALL_TIMEOUT = 60.0
+# Computed once, in the sandboxer before it forks its task server (which so shares it) or in a task
+# server started anew from the same files.
+BUILD_ID = build_id()
+# How long a sandboxer waits for a task server of an earlier build to answer Retire and then be gone.
+RETIRE_TIMEOUT = 10.0
 
 
 def helper_argv(program: str, subcommand: str, module: str) -> list[str]:
@@ -148,12 +155,24 @@ async def run_task_server(directory: Path, events_address: str, ready_fd: int,
     server = TtrpcServer()
     register_task_service(server, backend)
     pods.register(server)
+    stop = asyncio.Event()
+
+    async def retire(req: pods_pb2.RetireRequest, ctx: Any) -> pods_pb2.RetireResponse:
+        reply = pods_pb2.RetireResponse(build=BUILD_ID, pods=len(pods.pods) + pods.creating,
+                                        containers=len(getattr(backend, "containers", None) or ()))
+        if req.build and req.build != BUILD_ID and not reply.pods and not reply.containers:
+            log.info("a sandboxer of another build (%s, ours %s) starts and we hold nothing: task server exits",
+                     req.build, BUILD_ID)
+            reply.retiring = True
+            asyncio.get_running_loop().call_soon(stop.set)  # after this reply is written
+        return reply
+
+    server.add_unary(PODS_SERVICE, "Retire", pods_pb2.RetireRequest, retire)
     await server.start_unix(str(directory / TASK_SOCKET), mode=0o600)
     (directory / PID_FILE).write_text(str(os.getpid()))
     if ready_fd >= 0:
         os.write(ready_fd, b"1")
         os.close(ready_fd)
-    stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     log.info("task server %d serving %s", os.getpid(), directory / TASK_SOCKET)
@@ -212,6 +231,7 @@ class TaskServerHandle:
         self.client: TtrpcClient | None = None
         self._lock_fd = -1
         self._connecting = asyncio.Lock()
+        self._replace_checked = False  # replace_if_outdated runs once, at start-up
 
     @property
     def address(self) -> str:
@@ -231,6 +251,52 @@ class TaskServerHandle:
                     raise Unavailable(f"another sandboxer already serves {self.directory}") from None
                 time.sleep(LOCK_RETRY_S)  # before the loop: a probe of an idle task server's holds it
         self._lock_fd = fd
+
+    async def replace_if_outdated(self) -> None:
+        """A task server an earlier build left running (an upgrade: task servers outlive their
+        sandboxer) is asked to retire, and exits if it holds no pod and no container; the next connect
+        then starts one of ours. A busy one keeps serving, with its code, until a restart of the
+        sandboxer finds it empty (drain the node, then restart)."""
+        if self._replace_checked or not self._serving():
+            return
+        self._replace_checked = True
+        try:
+            client = await TtrpcClient.connect_unix(str(self.socket))
+        except Unavailable:
+            return
+        try:
+            reply = await client.call(PODS_SERVICE, "Retire", pods_pb2.RetireRequest(build=BUILD_ID),
+                                      pods_pb2.RetireResponse, timeout=RETIRE_TIMEOUT)
+        except Unimplemented:
+            log.warning("the task server of %s is of a build that cannot retire: it keeps serving with its own "
+                        "code until it ends (no pods and no sandboxer)", self.directory)
+            return
+        except Unavailable:  # it closed the connection: gone as it retired, or just now
+            reply = pods_pb2.RetireResponse(retiring=True)
+        finally:
+            await client.close()
+        if reply.retiring:
+            await self._wait_server_gone()
+            log.info("the task server of an earlier build retired; one of this build takes its place")
+        elif reply.build != BUILD_ID:
+            log.warning("the task server of %s is of another build (%s, ours %s) and keeps serving its %d pods and "
+                        "%d containers with its own code; once none is left, a restart of the sandboxer replaces it",
+                        self.directory, reply.build, BUILD_ID, reply.pods, reply.containers)
+
+    async def _wait_server_gone(self) -> None:
+        """Until the retiring task server released its lock (so that a new one can take it)."""
+        deadline = time.monotonic() + RETIRE_TIMEOUT
+        while time.monotonic() < deadline:
+            fd = os.open(self.directory / SERVER_LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                pass
+            finally:
+                os.close(fd)  # (drops the probe lock if we got it)
+            await asyncio.sleep(0.02)
+        raise Unavailable(f"the task server of {self.directory} of an earlier build did not exit")
 
     async def connect(self) -> TtrpcClient:
         async with self._connecting:
