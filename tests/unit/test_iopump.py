@@ -4,10 +4,12 @@ exit though others still hold the pty (a background job of `kubectl exec -it`)."
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import os
 import pty
 import tty
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -60,24 +62,32 @@ def test_a_finished_copy_delivers_what_was_written_then_ends_while_the_pty_is_st
     asyncio.run(main())
 
 
+@contextlib.contextmanager
+def terminal_io(tmp_path: Path) -> Iterator[tuple[ProcessIO, int, int, int]]:
+    """A terminal process's IO to a stdout FIFO containerd reads: (io, master, slave, containerd's reader);
+    the master is io's once attached."""
+    fifo = tmp_path / "stdout"
+    os.mkfifo(fifo)
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    master, slave = pty.openpty()
+    io = ProcessIO(stdout=str(fifo), terminal=True)
+    try:
+        yield io, master, slave, reader
+    finally:
+        io.close()
+        os.close(slave)
+        os.close(reader)
+
+
 def test_a_process_that_exits_before_its_console_arrives_still_ends_its_output(tmp_path: Path) -> None:
     async def main() -> None:
-        fifo = tmp_path / "stdout"
-        os.mkfifo(fifo)
-        reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
-        master, slave = pty.openpty()
-        io = ProcessIO(stdout=str(fifo), terminal=True)
-        try:
+        with terminal_io(tmp_path) as (io, master, slave, reader):
             io.process_exited()
             os.write(slave, b"early")
             io.attach_master(master)
             await asyncio.wait([pump.done for pump in io.pumps], timeout=FINISH_LIMIT + 1)
             assert all(pump.done.done() for pump in io.pumps)
             assert os.read(reader, 100) == b"early"
-        finally:
-            io.close()
-            os.close(slave)
-            os.close(reader)
 
     asyncio.run(main())
 
@@ -126,21 +136,15 @@ def test_closing_a_terminals_io_closes_the_master_only_once_its_copy_stopped_wat
     # Closed at once, the master's fd number could be reused before the cancelled copy's unwinding
     # unregistered it from the loop, taking another fd's watch away.
     async def main() -> None:
-        fifo = tmp_path / "stdout"
-        os.mkfifo(fifo)
-        reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
-        master, slave = pty.openpty()
-        io = ProcessIO(stdout=str(fifo), terminal=True)
-        io.attach_master(master)
-        await asyncio.sleep(0.05)  # the copy is waiting on the master
-        pump = io.pumps[0]
-        io.close()
-        os.fstat(master)  # still open
-        await asyncio.wait_for(pump.done, 1)
-        await asyncio.sleep(0)
-        with pytest.raises(OSError):
-            os.fstat(master)
-        os.close(slave)
-        os.close(reader)
+        with terminal_io(tmp_path) as (io, master, _, _):
+            io.attach_master(master)
+            await asyncio.sleep(0.05)  # the copy is waiting on the master
+            pump = io.pumps[0]
+            io.close()
+            os.fstat(master)  # still open
+            await asyncio.wait_for(pump.done, 1)
+            await asyncio.sleep(0)
+            with pytest.raises(OSError):
+                os.fstat(master)
 
     asyncio.run(main())

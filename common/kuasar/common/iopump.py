@@ -39,6 +39,15 @@ async def wait_fd(fd: int, writable: bool, waiting: list[asyncio.Future[None]] |
             waiting.remove(ready)
 
 
+async def write_all(fd: int, data: bytes) -> None:
+    """Write all of `data` to a non-blocking fd, waiting on the loop while it is full."""
+    while data:
+        try:
+            data = data[os.write(fd, data):]
+        except BlockingIOError:
+            await wait_fd(fd, writable=True)
+
+
 class Source:
     """Reads of a non-blocking fd (a pipe, or a pty master), awaited on the loop, which end at end of
     file, at EIO (a pty master once the last slave closed), or, once told that the process writing
@@ -111,15 +120,11 @@ class Pump:
 
     async def _run(self) -> None:
         try:
+            loop = asyncio.get_running_loop()
             while data := await self.source.read():
-                while data:
-                    try:
-                        written = os.write(self.dst, data)
-                        data = data[written:]
-                    except BlockingIOError:
-                        waited_from = asyncio.get_running_loop().time()
-                        await wait_fd(self.dst, True)
-                        self.source.postpone(asyncio.get_running_loop().time() - waited_from)
+                writing_from = loop.time()
+                await write_all(self.dst, data)  # waits while the reader is behind
+                self.source.postpone(loop.time() - writing_from)
                 if self.source.finishing_over():
                     break
                 # One loop turn per chunk: a pty that always has output and a reader that always takes it

@@ -11,7 +11,7 @@ import logging
 import os
 import socket
 
-from kuasar.common.iopump import Source, wait_fd
+from kuasar.common.iopump import Source, write_all
 from kuasar.common.reaper import Reaper
 from kuasar.common.spawn import start_program
 
@@ -22,11 +22,7 @@ async def _copy(src: int, dst: int) -> None:
     source = Source(src)
     try:
         while data := await source.read():  # ends at EIO too: the shell and all on its pty are gone
-            while data:
-                try:
-                    data = data[os.write(dst, data):]
-                except BlockingIOError:
-                    await wait_fd(dst, writable=True)
+            await write_all(dst, data)
     except OSError:
         return
 

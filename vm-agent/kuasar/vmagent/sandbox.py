@@ -16,6 +16,7 @@ from google.protobuf import empty_pb2
 
 from kuasar.common.api.kuasar.agent.v1 import agent_pb2 as pb
 from kuasar.common.errors import DeadlineExceeded, InvalidArgument, NotFound
+from kuasar.common.iopump import wait_fd, write_all
 from kuasar.common.pod_holder import PodNamespaces, start_pod_holder
 from kuasar.common.pod_sysctls import sysctl_parts
 from kuasar.common.reaper import Reaper
@@ -202,25 +203,10 @@ def _holder_exited(exited: asyncio.Future) -> None:
                   exited.result().status)
 
 
-async def _wait_fd(fd: int, writable: bool) -> None:
-    loop = asyncio.get_running_loop()
-    ready = loop.create_future()
-    add, remove = (loop.add_writer, loop.remove_writer) if writable else (loop.add_reader, loop.remove_reader)
-    add(fd, lambda: ready.done() or ready.set_result(None))
-    try:
-        await ready
-    finally:
-        remove(fd)
-
-
 async def _feed(fd: int, data: bytes) -> None:
     """Write `data` into a pipe without blocking the loop, then close it."""
     try:
-        while data:
-            try:
-                data = data[os.write(fd, data):]
-            except BlockingIOError:
-                await _wait_fd(fd, writable=True)
+        await write_all(fd, data)
     except OSError:
         pass  # the command closed its stdin
     finally:
@@ -234,7 +220,7 @@ async def _collect(fd: int) -> bytes:
             try:
                 data = os.read(fd, 65536)
             except BlockingIOError:
-                await _wait_fd(fd, writable=False)
+                await wait_fd(fd, writable=False)
                 continue
             if not data:
                 return b"".join(chunks)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from kuasar.common.console import ConsoleReceiver
 from kuasar.common.errors import InvalidArgument, RuntimeFailure
-from kuasar.common.iopump import Source, wait_fd
+from kuasar.common.iopump import Source, write_all
 from kuasar.common.runc_cli import Stdio
 from kuasar.common.streaming_io import InputChannel, OutputChannel, StreamHub, streaming_id
 
@@ -51,11 +51,7 @@ async def pump_in(channel: InputChannel, fd: int) -> None:
     try:
         os.set_blocking(fd, False)
         while (data := await channel.read()) is not None:
-            while data:
-                try:
-                    data = data[os.write(fd, data):]
-                except BlockingIOError:
-                    await wait_fd(fd, writable=True)
+            await write_all(fd, data)
     except OSError:
         pass  # the process closed its stdin
     finally:
