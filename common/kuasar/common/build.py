@@ -3,10 +3,10 @@ task server an earlier build left running (task servers outlive their sandboxer 
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import os
 import sys
+import zlib
 from pathlib import Path
 
 from . import __version__
@@ -28,12 +28,14 @@ def _code_files() -> list[str]:
 
 
 def build_id() -> str:
-    """A digest of the version and of each code file's path, size and modification time."""
-    digest = hashlib.sha256(__version__.encode())
+    """A digest of the version and of each code file's path, size and modification time. zlib's
+    checksums, not hashlib: hashlib maps OpenSSL's libcrypto (~4 MB) into both resident processes, and
+    telling two builds apart needs no cryptography."""
+    text = bytearray(__version__.encode())
     for name in _code_files():
         try:
             info = os.stat(name)
         except OSError:
             continue
-        digest.update(f"{name}\0{info.st_size}\0{info.st_mtime_ns}\n".encode())
-    return digest.hexdigest()[:16]
+        text += f"\n{name}\0{info.st_size}\0{info.st_mtime_ns}".encode()
+    return f"{zlib.crc32(text):08x}{zlib.adler32(text):08x}"
