@@ -439,6 +439,33 @@ async def terminal_exec(client: CriClient, cid: str) -> str:
     return text
 
 
+async def signalled_terminal_exec(client: CriClient, cid: str) -> None:
+    """`kubectl exec -it` with a resize and a ^C while the process runs: the resize reaches it as SIGWINCH
+    and ^C ends it as SIGINT (exit 130), as its terminal's foreground process."""
+    script = "trap 'echo got-winch' WINCH; echo ready; while :; do sleep 0.1; done"
+    url = await client.exec(cid, ["sh", "-c", script], tty=True, stdin=True, stdout=True)
+    out, error = b"", ""
+    async with streaming_session(url, timeout=30) as ws:
+        messages = channel_messages(ws)
+
+        async def read_until(marker: bytes) -> None:
+            nonlocal out
+            async for channel, payload in messages:
+                out += payload if channel in (STDOUT, STDERR) else b""
+                if marker in out:
+                    return
+            raise AssertionError(f"the session ended before {marker!r}: {out!r}")
+
+        await read_until(b"ready")
+        await ws.send(bytes([RESIZE]) + json.dumps({"Width": 101, "Height": 31}).encode())
+        await read_until(b"got-winch")
+        await ws.send(bytes([STDIN]) + b"\x03")
+        async for channel, payload in messages:
+            if channel == ERROR:
+                error += payload.decode(errors="replace")
+    assert "130" in error, (out, error)  # 128 + SIGINT
+
+
 def cgroups_named(relative: str) -> list[Path]:
     """`relative` in every cgroup hierarchy that has it (all of them: runc and runsc make paths in the
     named and hybrid ones too, which a check of `memory` alone would miss)."""

@@ -36,6 +36,7 @@ from .cri_helpers import (
     check_user_namespace_refused,
     mounts_containing,
     remove_pod,
+    signalled_terminal_exec,
     start_container,
     start_shm_writer_and_reader,
     terminal_exec,
@@ -365,6 +366,8 @@ def test_terminals_a_tty_container_and_an_interactive_exec_with_resize(gvisor: S
             finally:
                 await tasks.close()
             await terminal_exec(client, cid)  # the exec's pty: made here, passed through runsc exec's stdio
+            # ... and runsc exec's controlling terminal, so that a resize and ^C reach the process as signals
+            await signalled_terminal_exec(client, cid)
             await remove_pod(client, pod_id)
             assert not list(gvisor.sandboxer_dir.glob("console-*.sock")), "console sockets are removed"
 

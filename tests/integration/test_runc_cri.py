@@ -34,6 +34,7 @@ from .cri_helpers import (
     pod_processes,
     remove_pod,
     run_pod,
+    signalled_terminal_exec,
     start_container,
     start_shm_writer_and_reader,
     task_server_pid,
@@ -400,6 +401,7 @@ def test_terminal_exec_gets_a_pty_and_resize(stack: Stack) -> None:
             await wait_state(client, cid, cri.CONTAINER_RUNNING)
             text = await terminal_exec(client, cid)
             assert "on-a-terminal=/dev/pts/" in text, text
+            await signalled_terminal_exec(client, cid)
             await remove_pod(client, pod_id)
 
     stack.run(scenario())

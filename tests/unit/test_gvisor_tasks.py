@@ -297,8 +297,7 @@ class ExecRunsc(FakeRunsc):
     exit: Exit | None = None
 
     def spawn_exec(self, container_id: str, network: str, process_json: Path, internal_pid_file: Path,
-                   log_path: Path, stdio: Any, console_socket: Path | None = None
-                   ) -> tuple[int, asyncio.Future[Exit]]:
+                   log_path: Path, stdio: Any, terminal: bool = False) -> tuple[int, asyncio.Future[Exit]]:
         loop = asyncio.get_running_loop()
         for delay, text in self.steps:
             loop.call_later(delay, internal_pid_file.write_text, text)

@@ -89,3 +89,30 @@ def test_a_removed_cgroup_is_not_an_oom_kill(memcg: Path) -> None:
         return calls
 
     assert asyncio.run(scenario()) == []
+
+
+def test_an_oom_kill_not_yet_handled_by_the_loop_is_reported_by_check_now_once(memcg: Path) -> None:
+    # A container's exit and its OOM notification wait in the same loop turn; the exit handled first
+    # gave CRI's reason Error (wasm could even close the watch before the OOM was ever read).
+    (memcg / "memory.limit_in_bytes").write_text(str(16 << 20))
+    sleeper = in_cgroup(memcg, "sleep", "30")
+
+    async def scenario() -> list[str]:
+        calls: list[str] = []
+        watch = OomWatch(sleeper.pid, lambda: calls.append("oom"))
+        hog = in_cgroup(memcg, sys.executable, "-c", "b = []\nwhile True: b.append(bytearray(1 << 20))")
+        hog.wait(20)  # blocking: the loop has not looked at the watch
+        try:
+            watch.check_now()
+            calls.append("exit published")
+            await asyncio.sleep(0.2)  # the loop's own notification now finds nothing new
+            watch.check_now()
+        finally:
+            watch.close()
+        return calls
+
+    try:
+        assert asyncio.run(scenario()) == ["oom", "exit published"]
+    finally:
+        sleeper.kill()
+        sleeper.wait()

@@ -198,7 +198,7 @@ def test_a_runsc_exec_that_never_starts_is_killed_and_can_be_retried(tmp_path, m
     spawned = []
 
     class FakeRunsc:
-        def spawn_exec(self, cid, network, process_json, pid_file, log_path, stdio):
+        def spawn_exec(self, cid, network, process_json, pid_file, log_path, stdio, terminal=False):
             p = subprocess.Popen(["bash", "-c", "exec -a rv5-runsc-exec sleep 30"])
             spawned.append(p)
             return p.pid, asyncio.get_running_loop().create_future()  # never exits by itself

@@ -91,6 +91,9 @@ class OomWatch:
             os.read(self._reader_fd, 4096)
         except BlockingIOError:
             return
+        self._count_v2()
+
+    def _count_v2(self) -> None:
         try:
             kills = self._oom_kills()
         except OSError:
@@ -98,6 +101,18 @@ class OomWatch:
         if kills > self._last_kills:
             self._last_kills = kills
             self.on_oom()
+
+    def check_now(self) -> None:
+        """Report an OOM kill whose notification is not handled yet. A container's exit may be seen
+        first (both wait in the same turn of the loop; cgroup v2 notifies at most every 10 ms), and
+        CRI gives a container whose exit came before its OOM event the reason Error; gVisor's shim looks
+        the same way when a container exits. Each kill is still reported once."""
+        if self._reader_fd < 0:
+            return
+        if self._events_path is not None:
+            self._count_v2()
+        else:
+            self._on_v1()
 
     def _start(self, fd: int, callback: Callable[[], None]) -> None:
         self._reader_fd = fd

@@ -294,7 +294,11 @@ class ContainerTasks(TaskBackend):
 
     # -- events ------------------------------------------------------------------------------------
     def _publish_exit(self, container: Any, proc: TaskProcess) -> None:
-        """`/tasks/exit` for a process whose exit is recorded."""
+        """`/tasks/exit` for a process whose exit is recorded; for a container's init, after `/tasks/oom`
+        if an OOM kill not reported yet ended it (OomWatch.check_now)."""
+        oom = getattr(container, "oom", None)
+        if oom is not None and not proc.id:
+            oom.check_now()
         self.events.publish("/tasks/exit", events.TaskExit(
             container_id=container.id, id=proc.id or container.id, pid=proc.pid,
             exit_status=proc.exit_status, exited_at=timestamp(proc.exited_at_ns)), container.namespace)

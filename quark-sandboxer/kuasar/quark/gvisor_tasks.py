@@ -442,7 +442,7 @@ class GvisorTasks(TerminalTasks):
             stdio = proc.io.runc_stdio()
         try:
             proc.pid, exited = self.runsc.spawn_exec(container.id, container.pod.network, process_json, pid_file,
-                                                     log_path, stdio)
+                                                     log_path, stdio, terminal=proc.io.terminal)
         except BaseException:
             if master >= 0:
                 os.close(master)

@@ -168,18 +168,24 @@ class Runsc:
             raise RuntimeFailure(f"runsc wait: unexpected output {result.stdout[:200]!r}") from None
 
     def spawn_exec(self, container_id: str, network: str, process_json: Path, internal_pid_file: Path,
-                   log_path: Path, stdio: Stdio, console_socket: Path | None = None
-                   ) -> tuple[int, asyncio.Future[Exit]]:
-        """Start a foreground `runsc exec` and return its pid and exit.
+                   log_path: Path, stdio: Stdio, terminal: bool = False) -> tuple[int, asyncio.Future[Exit]]:
+        r"""Start a foreground `runsc exec` and return its pid and exit.
 
         `exec --detach` + `wait --pid` loses the status of a process that ends before the wait starts
         (the sandbox reaps it: "no such process"); a foreground `runsc exec` stays until the process
         exits and exits with its status (128 + signal for a signal). Killing the runner does not kill
         the process; signals go through `runsc kill --pid` with the pid from `internal_pid_file`.
+
+        With a `terminal` (a pty replica as stdio), the runner gets a session of its own with that pty as
+        its controlling terminal, as runsc's own detached exec gives its waiting child: then a resize
+        (SIGWINCH) and ^C, ^Z, ^\ reach it as signals, which it forwards to the foreground process in
+        the sandbox. `setsid --ctty` does that in the same process (it forks only when already a
+        process group leader, which the runner, in the task server's group, is not).
         """
-        console = ["--console-socket", str(console_socket)] if console_socket is not None else []
         argv = self.argv(network, log_path, "exec", "--process", str(process_json),
-                         "--internal-pid-file", str(internal_pid_file), *console, container_id)
+                         "--internal-pid-file", str(internal_pid_file), container_id)
+        if terminal:
+            argv = [resolve("setsid"), "--ctty", *argv]
         devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
         try:
             pid = start_program(resolve(argv[0]), argv, os.environ,
