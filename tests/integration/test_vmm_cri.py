@@ -327,6 +327,17 @@ def test_vm_pod_with_network_two_containers_exec_and_cleanup(stack: VmStack) -> 
             exec_s = time.monotonic() - t2
             assert result.exit_code == 5
             assert result.stdout.decode().split() == ["exec-ok", "vmpod"], result
+            # containerd 2.1 dials a connection per exec stream and never closes it: each probe left two
+            # open in the task proxy (and the guest agent) until the agent ran out of descriptors.
+            proxy_fds = Path(f"/proc/{state['extra']['vm']['proxy']['pid']}/fd")
+            before = len(list(proxy_fds.iterdir()))
+            for _ in range(8):
+                assert (await client.exec_sync(sleeper, ["true"])).exit_code == 0
+            for _ in range(100):  # (closed as the streams end, moments after the reply)
+                if len(list(proxy_fds.iterdir())) <= before:
+                    break
+                await asyncio.sleep(0.05)
+            assert len(list(proxy_fds.iterdir())) <= before, "exec streams left connections open"
             metrics = await sandbox_metrics(stack, pod_id)
             assert metrics.cpu.usage_usec > 0 and metrics.memory.usage > 0
             assert metrics.pids.current >= 1, "the guest's pod cgroup holds the sleeper"

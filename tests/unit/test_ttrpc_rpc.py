@@ -550,6 +550,35 @@ def test_bidi_stream_with_client(sock_path: str) -> None:
     run(main())
 
 
+def test_a_stream_that_ends_its_connection_closes_it_once_nothing_else_runs_there(sock_path: str) -> None:
+    # containerd before 2.3 dials a connection per streaming-IO stream and never closes it: each exec
+    # probe left two, until the guest agent ran out of file descriptors.
+    async def main() -> None:
+        async with serving(sock_path) as (server, probe):
+            server.add_stream(SVC, "Once", probe.echo_stream, ends_connection=True)
+            async with client_of(sock_path) as kept:  # an ordinary stream leaves its connection open
+                stream = await kept.open_stream(SVC, "EchoStream")
+                await stream.close_send()
+                assert await stream.recv() is None
+                async with client_of(sock_path) as client:
+                    stream = await client.open_stream(SVC, "Once")
+                    await stream.send(b"1")
+                    assert await stream.recv() == b"echo:1"
+                    busy = asyncio.ensure_future(client.call(SVC, "Sleep", KV(value="0.3"), KV))
+                    await asyncio.sleep(0.05)
+                    await stream.close_send()
+                    assert await stream.recv() is None
+                    await busy  # another call ran there: the connection stayed for it
+                    stream = await client.open_stream(SVC, "Once")
+                    await stream.close_send()
+                    assert await stream.recv() is None
+                    await until(lambda: client.closed)  # done, and nothing else: closed by the server
+                    assert server.active_connections == 1  # only `kept`'s
+                assert (await kept.call(SVC, "Echo", KV(value="x"), KV)).value == "X"
+
+    run(main())
+
+
 def test_request_payload_is_the_first_stream_message(sock_path: str) -> None:
     async def main() -> None:
         async with serving(sock_path), client_of(sock_path) as client:

@@ -298,3 +298,35 @@ def test_a_stdin_stream_refused_for_an_oversized_frame_does_not_end_the_input(so
         await server.close()
 
     run(scenario())
+
+
+def test_finished_streams_leave_no_connection_and_a_half_closed_output_stream_ends(sock: str) -> None:
+    # containerd 2.1 dials a connection per stream and never closes it: every exec probe left two open
+    # connections in the agent (and the proxy, and vhost-device-vsock) until the agent ran out of fds;
+    # an output stream containerd closed before any output (an exec whose Exec failed) stayed for ever.
+    async def scenario() -> None:
+        server, hub = await serving(sock)
+        clients = []
+        for i in range(5):
+            client, stream = await containerd_open(sock, f"e{i}-stdout")
+            clients.append(client)
+            receiving = asyncio.create_task(receive_all(stream))
+            channel = hub.output(f"e{i}-stdout")
+            await channel.write(b"probe ok\n")
+            channel.close()
+            assert await receiving == b"probe ok\n"
+            hub.release(f"e{i}-stdout")
+        client, stream = await containerd_open(sock, "failed-stdout")  # its Exec never came
+        clients.append(client)
+        await stream.close_send()
+        assert await stream.recv() is None
+        for _ in range(100):
+            if server.active_connections == 0 and all(client.closed for client in clients):
+                break
+            await asyncio.sleep(0.02)
+        assert server.active_connections == 0
+        assert all(client.closed for client in clients)  # closed by the agent (the proxy follows suit)
+        assert hub.channels == {}
+        await server.close()
+
+    run(scenario())

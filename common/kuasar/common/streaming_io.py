@@ -140,18 +140,20 @@ class OutputChannel:
                     await asyncio.wait([changed, preempted, drain], return_when=asyncio.FIRST_COMPLETED)
                 finally:
                     changed.cancel()
-                if drain.done() and drain.exception() is not None:
-                    return  # the connection failed; a new stream will pick up where this one stopped
+                if drain.done():
+                    # The connection failed (a new stream will pick up where this one stopped), or containerd
+                    # half-closed it: it closes its reader only when it no longer wants the output (an
+                    # exec whose Exec failed), and would otherwise leave this stream waiting for ever.
+                    return
         finally:
             drain.cancel()
             preempted.cancel()
 
 
 async def _drain(stream: ServerStream) -> None:
-    """Read (and ignore) what containerd sends on an output stream: window updates, its half-close."""
+    """Read (and ignore) what containerd sends on an output stream, window updates, until its half-close."""
     while await stream.recv() is not None:
         pass
-    await asyncio.Event().wait()  # half-closed: nothing more will come, keep the stream open
 
 
 class InputChannel:
@@ -273,7 +275,7 @@ class StreamHub:
         self.channels: dict[str, Channel] = {}
 
     def register(self, server: TtrpcServer) -> None:
-        server.add_stream(STREAMING_SERVICE, "Stream", self._stream)
+        server.add_stream(STREAMING_SERVICE, "Stream", self._stream, ends_connection=True)
 
     @staticmethod
     def _is_input(stream_id: str) -> bool:

@@ -87,6 +87,7 @@ StreamHandler = Callable[[ServerStream, Context], Awaitable[None]]
 class _Route:
     handler: Callable[..., Awaitable[object]]
     request_type: type[Message] | None  # None for streams
+    ends_connection: bool = False  # see TtrpcServer.add_stream
 
 
 class _ServerConn:
@@ -207,6 +208,8 @@ class _ServerConn:
             await self.write(reply)
         except (OSError, StreamClosed) as err:
             log.debug("ttrpc connection %d: reply to /%s/%s lost: %s", self.id, req.service, req.method, err)
+        if route is not None and route.ends_connection and self.tasks.keys() <= {sid} and not self.streams:
+            self.writer.close()  # the read loop then sees the end and shuts the connection down
 
     async def _invoke(self, event: NewRequest, route: _Route | None, stream: ServerStream | None) -> bytes:
         """Run the handler; every failure comes out as a KuasarError carrying its status."""
@@ -307,8 +310,12 @@ class TtrpcServer:
                   handler: UnaryHandler) -> None:
         self._add(service, method, _Route(handler, request_type))
 
-    def add_stream(self, service: str, method: str, handler: StreamHandler) -> None:
-        self._add(service, method, _Route(handler, None))
+    def add_stream(self, service: str, method: str, handler: StreamHandler, *, ends_connection: bool = False) -> None:
+        """With `ends_connection`, a connection is closed once such a stream is done and nothing else runs
+        on it: for clients that dial a connection per stream and never close it (containerd before 2.3
+        for its streaming IO: every exec probe left two open connections, and the guest agent ran out of
+        file descriptors after some hundreds)."""
+        self._add(service, method, _Route(handler, None, ends_connection))
 
     def _add(self, service: str, method: str, route: _Route) -> None:
         methods = self._routes.setdefault(service, {})
