@@ -41,7 +41,7 @@ class FakeAgent:
         host_view = self.share / req.id  # what the guest would see through 9p
         self.seen_in_share = {"config": json.loads((host_view / "config.json").read_text()),
                               "rootfs": sorted(os.listdir(host_view / "rootfs")),
-                              "volume": (host_view / "volumes" / "0" / "v.txt").read_text()}
+                              "volume": (self.share / ".volumes" / "0" / "v.txt").read_text()}
         return task.CreateTaskResponse(pid=42)
 
     async def delete(self, req: task.DeleteRequest, ctx: Context) -> task.DeleteResponse:
@@ -97,7 +97,7 @@ def test_create_is_prepared_on_the_host_and_rewritten(tmp_path: Path) -> None:
             assert seen["rootfs"] == ["bin"] and seen["volume"] == "volume data"
             config = seen["config"]
             assert config["root"]["path"] == "rootfs" and config["linux"]["namespaces"] == [{"type": "mount"}]
-            assert config["mounts"][0]["source"] == "/run/kuasar/state/c1/volumes/0"
+            assert config["mounts"][0]["source"] == "/run/kuasar/state/.volumes/0"
             assert hostfs.mounts_under(share / "c1")
             # A second Create of a running container is refused before it touches that one's files.
             with pytest.raises(AlreadyExists):
@@ -166,3 +166,39 @@ def test_update_and_exec_lose_what_is_the_hosts_on_their_way_to_the_guest(tmp_pa
     payload = request_pb2.Request(service=TASK, method="Exec", payload=exec_req.SerializeToString()).SerializeToString()
     forwarded = request_pb2.Request.FromString(proxy.intercept(3, payload, {}))
     assert json.loads(task.ExecProcessRequest.FromString(forwarded.payload).spec.value) == {"args": ["sh"], "cwd": "/"}
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="binds rootfs and volumes (needs root)")
+def test_a_volume_two_containers_bind_is_shared_into_the_vm_once_until_the_last_is_deleted(tmp_path: Path) -> None:
+    # Through a 9p path of its own per container, the guest saw two inodes: a socket or FIFO one
+    # container made in an emptyDir the other could not reach.
+    share = tmp_path / "shared"
+    share.mkdir()
+    volume = tmp_path / "emptydir"
+    volume.mkdir()
+    prep = HostPrep(share, "/run/kuasar/state")
+
+    def create(cid: str, readonly: bool = False) -> str:
+        bundle = tmp_path / f"bundle-{cid}"
+        (bundle / "rootfs").mkdir(parents=True)
+        mount = {"destination": "/data", "type": "bind", "source": str(volume),
+                 "options": ["rbind", "ro" if readonly else "rw"]}
+        (bundle / "config.json").write_text(json.dumps({"process": {"args": ["sh"]}, "root": {"path": "rootfs"},
+                                                        "mounts": [mount]}))
+        prep.prepare(task.CreateTaskRequest(id=cid, bundle=str(bundle)))
+        config = json.loads((share / cid / "config.json").read_text())
+        return next(m["source"] for m in config["mounts"] if m["destination"] == "/data")
+
+    try:
+        assert create("a") == create("b") == "/run/kuasar/state/.volumes/0"
+        assert create("r", readonly=True) == "/run/kuasar/state/.volumes/1"  # read-only: a bind of its own
+        (volume / "made-on-the-host").write_text("x")
+        assert (share / ".volumes" / "0" / "made-on-the-host").exists()
+        prep.cleanup("a")
+        assert (share / ".volumes" / "0" / "made-on-the-host").exists()  # b still uses it
+        prep.cleanup("b")
+        prep.cleanup("r")
+        assert not (share / ".volumes" / "0").exists() and not hostfs.mounts_under(share)
+        assert (volume / "made-on-the-host").exists(), "the volume itself is untouched"
+    finally:
+        hostfs.unmount_tree(share)

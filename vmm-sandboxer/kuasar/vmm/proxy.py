@@ -9,7 +9,8 @@ never calls `Controller.Update`, so nothing reaches the sandboxer between Create
 `Task.Create`. The proxy sits on that path and, for `Create`, does the host side first:
 
 1. mount the rootfs (`CreateTaskRequest.rootfs`, normally one overlay) on the host at
-   `<share>/<id>/rootfs`, bind the container's host volumes at `<share>/<id>/volumes/<n>`;
+   `<share>/<id>/rootfs`, bind the container's host volumes at `<share>/.volumes/<n>`, once for
+   the pod per host path (and read-only flag), however many of its containers bind it;
 2. write the spec rewritten for the guest (`spec.rewrite_spec`) to `<share>/<id>/config.json`;
 3. forward `Create` with `bundle = <guest share>/<id>` and no rootfs mounts.
 
@@ -32,6 +33,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import itertools
 import json
 import logging
 import os
@@ -40,6 +42,7 @@ import signal
 import struct
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +55,7 @@ from kuasar.common.state import write_atomic
 
 from . import hostfs
 from .portforward import PortForwarder
-from .spec import VOLUMES_DIR, rewrite_process, rewrite_resources, rewrite_spec
+from .spec import VOLUMES_DIR, ShareBind, rewrite_process, rewrite_resources, rewrite_spec
 
 log = logging.getLogger("kuasar.vmm.proxy")
 
@@ -71,13 +74,28 @@ MAX_SPEC_BYTES = 4 << 20
 _CONNECT_RE = re.compile(rb"CONNECT (\d{1,10})\r?\n")
 
 
+# Where the pod's volumes are bound in the shared directory: not a valid container id, so never one's.
+POD_VOLUMES = ".volumes"
+
+
+@dataclass
+class _PodVolume:
+    name: str
+    users: set[str]  # container ids
+
+
 class HostPrep:
-    """The host half of a container in a VM: its directory in the shared directory."""
+    """The host half of a container in a VM: its directory in the shared directory, and the pod's
+    volumes. A host path the pod's containers bind is shared into the VM once (per source and
+    read-only flag), as on a host where both containers bind the one inode: through two 9p paths the
+    guest sees two inodes, and a socket or FIFO one container makes there the other cannot reach."""
 
     def __init__(self, share: Path, guest_share: str, sandbox_pid: int = 0) -> None:
         self.share = share
         self.guest_share = guest_share.rstrip("/")
         self.sandbox_pid = sandbox_pid  # QEMU's: CRI names the pod's namespaces by it
+        self.volumes: dict[tuple[str, bool], _PodVolume] = {}
+        self._names = itertools.count()
 
     def host_dir(self, container_id: str) -> Path:
         return self.share / validate_id(container_id, "container id")
@@ -113,8 +131,10 @@ class HostPrep:
                 root = (spec.get("root") or {}).get("path", "rootfs")
                 source = root if os.path.isabs(root) else os.path.join(req.bundle, root)
                 hostfs.bind(source, rootfs, readonly=False)
-            for share in binds:
-                hostfs.bind(share.source, host_dir / VOLUMES_DIR / share.name, share.readonly)
+            shared = {f"{guest_bundle}/{VOLUMES_DIR}/{bind.name}": self._share_volume(cid, bind) for bind in binds}
+            for mount in guest_spec.get("mounts") or []:
+                if mount.get("source") in shared:
+                    mount["source"] = f"{self.guest_share}/{POD_VOLUMES}/{shared[mount['source']]}"
             write_atomic(host_dir / "config.json", json.dumps(guest_spec).encode(), mode=0o644)
         except BaseException:
             self.cleanup(cid)
@@ -126,11 +146,32 @@ class HostPrep:
         log.info("container %s: rootfs and %d volume(s) shared, bundle %s", cid, len(binds), guest_bundle)
         return forward
 
+    def _share_volume(self, container_id: str, bind: ShareBind) -> str:
+        """The name of the pod's share of `bind`'s source, bound now if no container had it."""
+        key = (bind.source, bind.readonly)
+        volume = self.volumes.get(key)
+        if volume is None:
+            name = str(next(self._names))
+            hostfs.bind(bind.source, self.share / POD_VOLUMES / name, bind.readonly)
+            volume = self.volumes[key] = _PodVolume(name, set())
+        volume.users.add(container_id)
+        return volume.name
+
     def cleanup(self, container_id: str) -> None:
         try:
             hostfs.remove_tree(self.host_dir(container_id))
         except KuasarError as err:
             log.error("container %s: %s", container_id, err.message)
+        for key, volume in list(self.volumes.items()):
+            volume.users.discard(container_id)
+            if volume.users:
+                continue
+            try:
+                hostfs.remove_tree(self.share / POD_VOLUMES / volume.name)
+            except KuasarError as err:
+                log.error("pod volume %s (%s): %s", volume.name, key[0], err.message)
+                continue  # kept: Shutdown removes the whole shared directory
+            del self.volumes[key]
 
 
 def _frame(stream_id: int, ftype: int, payload: bytes, flags: int = 0) -> bytes:
