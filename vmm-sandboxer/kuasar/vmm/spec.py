@@ -12,7 +12,7 @@ process), mounts name host paths, the cgroup path and cpuset are the host's. In 
   a path stay private (new).
   `mount`/`cgroup` stay new; a `user` namespace path is dropped.
 * **mounts**: binds whose source is a host file or directory are shared through the VM's shared
-  directory (`volumes/<n>` next to the bundle, bind-mounted there on the host), kubelet's own
+  directory (the proxy binds each host path there once for the pod, see proxy.HostPrep), kubelet's own
   `/etc/hosts` (its hostAliases, the pod's FQDN) among them; where CRI mounted no `/etc/hosts`,
   `/etc/hostname` or `/etc/resolv.conf` (containerd mounts its own only for its own sandboxes) the
   guest's are added (written by SetupSandbox from the pod's hostname and DNS config), read-only with
@@ -54,7 +54,8 @@ VOLUMES_DIR = "volumes"
 
 @dataclass(frozen=True)
 class ShareBind:
-    """A host path to bind into the shared directory at `<guest bundle on host>/volumes/<name>`."""
+    """A host path to share into the VM; the rewritten spec names it `<guest bundle>/volumes/<name>` until
+    the proxy replaces that with the pod's share of it (proxy.HostPrep)."""
 
     source: str
     name: str
