@@ -486,7 +486,7 @@ def test_a_task_proxy_killed_ends_its_vm_and_the_pod(stack: VmStack) -> None:
     asyncio.run(scenario())
 
 
-def test_containers_binding_one_volume_share_one_path_of_the_vm(stack: VmStack) -> None:
+def test_containers_share_a_volume_through_one_path_of_the_vm_and_the_pods_dev_shm(stack: VmStack) -> None:
     """Two containers of a pod bind one host directory (an emptyDir): the VM gets it once, so both see
     the one guest inode, as on a host (through a 9p path each, a socket or FIFO one made there was
     another inode to the other; this machine's 9p refuses FIFOs and sockets outright, so the test
@@ -500,17 +500,22 @@ def test_containers_binding_one_volume_share_one_path_of_the_vm(stack: VmStack) 
             empty_dir = stack.log_dir.parent / f"empty-dir-{pod_id[:8]}"
             empty_dir.mkdir()
             volume = [cri.Mount(container_path="/data", host_path=str(empty_dir))]
-            show = "echo from-$HOSTNAME > /data/$0; grep ' /data ' /proc/self/mountinfo | cut -d' ' -f4"
-            names = ("one", "two")
-            cids = [await start(client, pod_id, pod, name, ["sh", "-c", show, name], mounts=volume) for name in names]
-            roots = []
-            for name, cid in zip(names, cids, strict=True):
-                assert (await wait_state(client, cid, cri.CONTAINER_EXITED, timeout=TIMEOUT)).exit_code == 0
-                roots.append((await wait_log(pod, name, "/")).split()[-1])
+            # Each also leaves a file in /dev/shm, which the pod's containers share as a runc pod's do (each
+            # had a tmpfs of its own).
+            show = ("echo from-$HOSTNAME > /data/$0; touch /dev/shm/$0; ls /dev/shm | tr '\\n' ' '; echo;"
+                    " grep ' /data ' /proc/self/mountinfo | cut -d' ' -f4")
+            one = await start(client, pod_id, pod, "one", ["sh", "-c", show + "; exec sleep 3600", "one"],
+                              mounts=volume)
+            roots = [(await wait_log(pod, "one", "/")).split()[-1]]
+            two = await start(client, pod_id, pod, "two", ["sh", "-c", show, "two"], mounts=volume)
+            assert (await wait_state(client, two, cri.CONTAINER_EXITED, timeout=TIMEOUT)).exit_code == 0
+            roots.append((await wait_log(pod, "two", "/")).split()[-1])
+            await client.stop_container(one, timeout=0)
+            for cid in (one, two):
+                await client.remove_container(cid)
             assert roots[0] == roots[1] and ".volumes" in roots[0], roots
             assert sorted(p.name for p in empty_dir.iterdir()) == ["one", "two"]
-            for cid in cids:
-                await client.remove_container(cid)
+            assert "one two" in await wait_log(pod, "two", "one two"), "/dev/shm is the pod's"
             await client.stop_pod_sandbox(pod_id)
             await client.remove_pod_sandbox(pod_id)
             assert_nothing_left(stack, pod_id, pids)

@@ -123,3 +123,18 @@ def test_a_target_containers_pid_namespace_is_kept_by_its_guest_pid() -> None:
     assert pod["linux"]["namespaces"][0] == {"type": "pid", "path": GUEST_POD_PID_NS}
     unknown, _ = rewrite_spec(target, "c1", GUEST)  # no sandbox pid known: every pid path is the pod's
     assert unknown["linux"]["namespaces"][0] == {"type": "pid", "path": GUEST_POD_PID_NS}
+
+
+def test_a_containers_private_dev_shm_becomes_the_guests_pod_wide_one() -> None:
+    # containerd's default spec gives each container a tmpfs of its own at /dev/shm (only its own pod
+    # sandbox makes a shared one): POSIX shared memory was not shared between a VM pod's containers.
+    spec = cri_spec()
+    spec["mounts"] = [m for m in spec["mounts"] if m["destination"] != "/dev/shm"]
+    spec["mounts"].append({"destination": "/dev/shm", "type": "tmpfs", "source": "shm",
+                           "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]})
+    guest, _ = rewrite_spec(spec, "c1", GUEST)
+    [shm] = [m for m in guest["mounts"] if m["destination"] == "/dev/shm"]
+    assert shm["type"] == "bind" and shm["source"] == "/dev/shm" and "rbind" in shm["options"]
+    # a /dev/shm that comes from elsewhere (a host-IPC pod's host one) is the guest's too, as a bind
+    [shm] = [m for m in rewrite_spec(cri_spec(), "c1", GUEST)[0]["mounts"] if m["destination"] == "/dev/shm"]
+    assert shm["source"] == "/dev/shm"

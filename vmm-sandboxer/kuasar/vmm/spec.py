@@ -16,7 +16,8 @@ process), mounts name host paths, the cgroup path and cpuset are the host's. In 
   `/etc/hosts` (its hostAliases, the pod's FQDN) among them; where CRI mounted no `/etc/hosts`,
   `/etc/hostname` or `/etc/resolv.conf` (containerd mounts its own only for its own sandboxes) the
   guest's are added (written by SetupSandbox from the pod's hostname and DNS config), read-only with
-  a read-only rootfs as containerd adds them; `/dev/shm` is the guest's pod-wide shm; propagation is
+  a read-only rootfs as containerd adds them; `/dev/shm` is the guest's pod-wide shm (in place of
+  the private tmpfs of containerd's default spec too); propagation is
   made private (9p cannot propagate). proc/sysfs/tmpfs/devpts/mqueue/cgroup mounts are kept: they
   are made in the guest (an emptyDir of medium Memory is such a tmpfs).
 * **paths**: `root.path` -> `rootfs` in the guest bundle; `linux.cgroupsPath` -> `/kuasar/<id>`
@@ -35,6 +36,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kuasar.common.errors import InvalidArgument
+from kuasar.common.pod_files import private_dev_shm, put_dev_shm
 
 GUEST_CGROUP_PARENT = "/kuasar"
 # The guest path of the pod's shared PID namespace (a link the agent makes to its holder's ns/pid).
@@ -47,6 +49,9 @@ GUEST_FILES = {"/dev/shm": "/dev/shm"}
 # on the host (podsandbox does, a proxy sandboxer's pod has none), so the guest's are added when absent;
 # one CRI does mount is kubelet's (its etc-hosts), shared from the host as any volume.
 POD_FILES = ("/etc/hostname", "/etc/hosts", "/etc/resolv.conf")
+# The guest's /dev/shm (the agent mounts it at boot) in place of a container's private one.
+GUEST_SHM_MOUNT = {"destination": "/dev/shm", "type": "bind", "source": "/dev/shm",
+                   "options": ["rbind", "rprivate", "nosuid", "nodev", "noexec"]}
 SHARED_NAMESPACE_TYPES = ("ipc", "uts")
 PROPAGATION = {"shared", "rshared", "slave", "rslave", "private", "rprivate", "unbindable", "runbindable"}
 VOLUMES_DIR = "volumes"
@@ -143,6 +148,12 @@ def rewrite_spec(spec: dict[str, Any], container_id: str, guest_bundle: str,
         linux.pop(key, None)
     _drop_host_cpuset(linux.get("resources"))
     guest["mounts"], binds = rewrite_mounts(guest.get("mounts") or [], guest_bundle, guest["root"]["readonly"])
+    private_shm = private_dev_shm(guest)
+    if private_shm is not None:
+        # containerd's default spec gives each container a tmpfs of its own, since only its own pod
+        # sandbox makes a shared one; the containers of a VM pod share the guest's, as those of a runc
+        # pod share their pod's (their IPC namespace is the guest's too: SysV memory is shared already).
+        put_dev_shm(guest, private_shm, dict(GUEST_SHM_MOUNT, options=list(GUEST_SHM_MOUNT["options"])))
     return guest, binds
 
 
