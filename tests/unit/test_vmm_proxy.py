@@ -16,7 +16,7 @@ from kuasar.common import hvsock
 from kuasar.common.api.containerd.runtime.task.v2 import shim_pb2 as task
 from kuasar.common.api.containerd.types import mount_pb2
 from kuasar.common.api.ttrpc import request_pb2
-from kuasar.common.errors import AlreadyExists, InvalidArgument
+from kuasar.common.errors import AlreadyExists, FailedPrecondition, InvalidArgument
 from kuasar.common.ttrpc import Context, TtrpcServer
 from kuasar.vmm import hostfs
 from kuasar.vmm.proxy import HostPrep, TaskProxy
@@ -202,3 +202,21 @@ def test_a_volume_two_containers_bind_is_shared_into_the_vm_once_until_the_last_
         assert (volume / "made-on-the-host").exists(), "the volume itself is untouched"
     finally:
         hostfs.unmount_tree(share)
+
+
+def test_host_fifos_for_stdio_are_refused_with_what_to_set(tmp_path: Path) -> None:
+    # containerd's default io_type ("fifo") names FIFOs on the host; every container failed with the
+    # guest's "No such file or directory" from deep inside its Create.
+    proxy = TaskProxy(str(tmp_path / "vsock.sock"), HostPrep(tmp_path, "/run/kuasar/state"))
+    fifo = "/run/containerd/io.containerd.grpc.v1.cri/containers/c1/io/1/c1-stdout"
+    for method, message in (("Create", task.CreateTaskRequest(id="c1", bundle=str(tmp_path), stdout=fifo)),
+                            ("Exec", task.ExecProcessRequest(id="c1", exec_id="e1", stdout=fifo,
+                                                             spec=any_pb2.Any(value=b'{"args": ["sh"]}')))):
+        payload = request_pb2.Request(service=TASK, method=method, payload=message.SerializeToString())
+        with pytest.raises(FailedPrecondition, match='io_type = "streaming"'):
+            proxy.intercept(1, payload.SerializeToString(), {})
+    assert not (tmp_path / "c1").exists()  # refused before anything was prepared
+    streaming = task.ExecProcessRequest(id="c1", exec_id="e1", stdout="ttrpc+hvsock:///x:1024?streaming_id=e1-stdout",
+                                        stdin="/dev/null", spec=any_pb2.Any(value=b'{"args": ["sh"]}'))
+    payload = request_pb2.Request(service=TASK, method="Exec", payload=streaming.SerializeToString())
+    assert proxy.intercept(2, payload.SerializeToString(), {}) == payload.SerializeToString()

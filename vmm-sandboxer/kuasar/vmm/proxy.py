@@ -49,7 +49,7 @@ from typing import Any
 from kuasar.common import guest_forward, hvsock, mounts
 from kuasar.common.api.containerd.runtime.task.v2 import shim_pb2 as task
 from kuasar.common.api.ttrpc import request_pb2
-from kuasar.common.errors import AlreadyExists, Code, InvalidArgument, KuasarError, RuntimeFailure
+from kuasar.common.errors import AlreadyExists, Code, FailedPrecondition, InvalidArgument, KuasarError, RuntimeFailure
 from kuasar.common.ids import validate_id
 from kuasar.common.state import write_atomic
 
@@ -211,6 +211,7 @@ class TaskProxy:
             return payload
         if req.method == "Create":
             create = task.CreateTaskRequest.FromString(req.payload)
+            self.check_stdio(create)
             forward = self.prep.prepare(create)
             pending[stream_id] = ("create", create.id)
             req.payload = forward.SerializeToString()
@@ -223,6 +224,8 @@ class TaskProxy:
         if req.method in JSON_REWRITES:
             message_type, field, rewrite = JSON_REWRITES[req.method]
             message = message_type.FromString(req.payload)
+            if req.method == "Exec":
+                self.check_stdio(message)
             carried = getattr(message, field)  # an Any whose value is JSON
             try:
                 value = json.loads(carried.value or b"{}")
@@ -234,6 +237,18 @@ class TaskProxy:
                 req.payload = message.SerializeToString()
                 return req.SerializeToString()
         return payload
+
+    def check_stdio(self, req: task.CreateTaskRequest | task.ExecProcessRequest) -> None:
+        """containerd's default `io_type = "fifo"` names FIFOs on the host, which the guest cannot open:
+        refused here with what to change, not as the guest's "No such file" from deep inside Create."""
+        guest_share = self.prep.guest_share + "/"
+        for name in ("stdin", "stdout", "stderr"):
+            url = getattr(req, name)
+            # (containerd's own rule: with "://" a URL, streaming IO; else a path)
+            if url and "://" not in url and url != os.devnull and not url.startswith(guest_share):
+                raise FailedPrecondition(
+                    f"{name} {url!r} is a host path the VM cannot open: set io_type = \"streaming\" for this "
+                    "runtime handler in containerd's CRI config")
 
     def responded(self, payload: bytes, what: tuple[str, str]) -> None:
         kind, cid = what
