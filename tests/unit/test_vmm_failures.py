@@ -384,3 +384,33 @@ def test_a_record_recovery_cannot_read_is_reported_exited_and_the_others_are_rec
     assert recovered == {"fine"}
     assert records[0].state == SandboxState.STOPPED and records[1].state == SandboxState.READY
     assert cleaned == [{"pid": "odd"}] * 2  # its VM is ended: reported exited, it must not run on
+
+
+def test_vms_are_re_attached_all_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # One after the other, each guest that does not answer cost 8 s before the sandboxer served again.
+    in_flight, all_in, waited_in_vain = 0, asyncio.Event(), []
+
+    class Hypervisor:
+        async def reattach(self, state: dict) -> Any:
+            nonlocal in_flight
+            in_flight += 1
+            if in_flight == 4:
+                all_in.set()
+            try:
+                await asyncio.wait_for(all_in.wait(), 5)
+            except TimeoutError:  # one at a time: the first waited here in vain
+                waited_in_vain.append(state)
+            return None  # (gone: reported exited)
+
+        async def cleanup(self, state: dict) -> None:
+            pass
+
+    async def scenario() -> list[SandboxRecord]:
+        sandboxer = bare_sandboxer(daemon=SimpleNamespace(log_level="info"), hypervisor=Hypervisor())
+        records = [SandboxRecord(id=f"p{i}", state=SandboxState.READY, extra={"vm": {"hypervisor": {"pid": i}}})
+                   for i in range(4)]
+        await sandboxer.recover(records)
+        return records
+
+    assert all(record.state == SandboxState.STOPPED for record in asyncio.run(scenario()))
+    assert waited_in_vain == []

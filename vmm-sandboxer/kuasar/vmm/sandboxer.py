@@ -344,19 +344,24 @@ class VmmSandboxer(Sandboxer):
         return any_pb2.Any(type_url=cgroups.V2_TYPE_URL, value=metrics.SerializeToString())
 
     async def recover(self, records: list[SandboxRecord]) -> None:
-        for record in records:
-            state = record.extra.get("vm")
-            if record.state != SandboxState.READY or not state:
-                continue
-            try:
-                await self._reattach(record, state)
-            except Exception as exc:  # noqa: BLE001 - one record we cannot read must not stop the others
-                # (a state an older or newer sandboxer wrote, a file edited by hand): a sandboxer that
-                # never starts serves no pod at all, and containerd could not even remove this one.
-                log.error("sandbox %s: cannot re-attach to its VM (%r); ending it and reporting it exited",
-                          record.id, exc)
-                record.found_gone()
-                await self._cleanup_by_state(record)
+        # All VMs at once: a guest that does not answer costs its agent's connect and Check timeouts
+        # (8 s), and the sandboxer serves nothing until recovery is done (a containerd restarting
+        # meanwhile takes its pods for unknown).
+        await asyncio.gather(*(self._recover_one(record) for record in records))
+
+    async def _recover_one(self, record: SandboxRecord) -> None:
+        state = record.extra.get("vm")
+        if record.state != SandboxState.READY or not state:
+            return
+        try:
+            await self._reattach(record, state)
+        except Exception as exc:  # noqa: BLE001 - one record we cannot read must not stop the others
+            # (a state an older or newer sandboxer wrote, a file edited by hand): a sandboxer that
+            # never starts serves no pod at all, and containerd could not even remove this one.
+            log.error("sandbox %s: cannot re-attach to its VM (%r); ending it and reporting it exited",
+                      record.id, exc)
+            record.found_gone()
+            await self._cleanup_by_state(record)
 
     async def _reattach(self, record: SandboxRecord, state: dict[str, Any]) -> None:
         vm = await self.hypervisor.reattach(state.get("hypervisor") or {})
