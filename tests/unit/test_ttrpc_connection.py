@@ -98,12 +98,14 @@ def test_server_rejects_data_for_a_stream_never_opened() -> None:
     assert info.value.stream_id == 1
 
 
-def test_server_drops_late_data_for_a_stream_it_already_ended() -> None:
+def test_server_drops_late_data_for_a_stream_it_already_ended_and_tells_its_half_close() -> None:
     conn = ServerConnection()
     conn.receive_data(request_frame(1, flags=Flag.REMOTE_OPEN, payload=b""))
     conn.send_data(1, None, end=True)
-    # The client's half-close crossed our end-of-stream on the wire: not an error.
-    assert conn.receive_data(data_frame(1, flags=0x05)) == []
+    # A window update, and the client's half-close, after our end-of-stream: not errors; the half-close
+    # is told without data (the client is done reading: see TtrpcServer.add_stream's ends_connection).
+    assert conn.receive_data(data_frame(1, flags=0x00, payload=b"window")) == []
+    assert conn.receive_data(data_frame(1, flags=0x05)) == [StreamData(1, None, True)]
 
 
 def test_server_rejects_undecodable_request_payload() -> None:

@@ -556,6 +556,11 @@ def test_a_stream_that_ends_its_connection_closes_it_once_nothing_else_runs_ther
     async def main() -> None:
         async with serving(sock_path) as (server, probe):
             server.add_stream(SVC, "Once", probe.echo_stream, ends_connection=True)
+
+            async def ends_first(stream: ServerStream, ctx: Context) -> None:
+                await stream.send(b"last")
+
+            server.add_stream(SVC, "EndsFirst", ends_first, ends_connection=True)
             async with client_of(sock_path) as kept:  # an ordinary stream leaves its connection open
                 stream = await kept.open_stream(SVC, "EchoStream")
                 await stream.close_send()
@@ -568,12 +573,22 @@ def test_a_stream_that_ends_its_connection_closes_it_once_nothing_else_runs_ther
                     await asyncio.sleep(0.05)
                     await stream.close_send()
                     assert await stream.recv() is None
-                    await busy  # another call ran there: the connection stayed for it
-                    stream = await client.open_stream(SVC, "Once")
-                    await stream.close_send()
-                    assert await stream.recv() is None
-                    await until(lambda: client.closed)  # done, and nothing else: closed by the server
+                    await busy  # another call ran there: the connection stayed for it, and goes with it
+                    await until(lambda: client.closed)
                     assert server.active_connections == 1  # only `kept`'s
+                # Ended by the server first: the client may still be reading it (containerd sends window
+                # updates while it reads, and stops reading if one fails), so only its half-close, which Go's
+                # client sends even after the server's end (containerd's cio.Close), lets the connection go.
+                peer = await RawPeer.connect(sock_path)
+                await peer.request(1, "EndsFirst", flags=Flag.REMOTE_OPEN)
+                await peer.frames(2)  # "last", then the end of the stream
+                assert peer.raw.endswith(END_OF_STREAM)
+                await peer.send(encode_frame(Frame(1, FrameType.DATA, Flag(0), b"window update")))
+                await asyncio.sleep(0.1)
+                assert server.active_connections == 2  # still open (and `kept`'s)
+                await peer.send(b"\x00\x00\x00\x00\x00\x00\x00\x01\x03\x05")  # the half-close
+                assert await asyncio.wait_for(peer.at_eof(), 5)
+                peer.close()
                 assert (await kept.call(SVC, "Echo", KV(value="x"), KV)).value == "X"
 
     run(main())

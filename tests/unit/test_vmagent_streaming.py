@@ -20,7 +20,7 @@ from kuasar.common.errors import InvalidArgument
 from kuasar.common.iopump import Source
 from kuasar.common.streaming_io import StreamHub, streaming_id
 from kuasar.common.ttrpc import ClientStream, TtrpcClient, TtrpcServer
-from kuasar.common.ttrpc.frames import MAX_MESSAGE_SIZE
+from kuasar.common.ttrpc.frames import MAX_MESSAGE_SIZE, Flag, Frame, FrameType, encode_frame
 from kuasar.vmagent.stdio import ProcessIO, pump_in, pump_out
 from tests.support.aio import run_bounded as run
 
@@ -44,6 +44,12 @@ async def containerd_open(path: str, sid: str) -> tuple[TtrpcClient, ClientStrea
     ack = any_pb2.Any.FromString(await stream.recv())
     assert ack.type_url == "google.protobuf.Empty" and ack.value == b""
     return client, stream
+
+
+async def containerd_close(client: TtrpcClient, stream: ClientStream) -> None:
+    """The half-close Go's ttrpc client sends at containerd's cio.Close even after the server ended the
+    stream (our client, like Rust's, takes the server's end for the end of the stream and sends none)."""
+    await client._write(encode_frame(Frame(stream.stream_id, FrameType.DATA, Flag.REMOTE_CLOSED | Flag.NO_DATA, b"")))
 
 
 async def receive_all(stream: ClientStream) -> bytes:
@@ -316,6 +322,10 @@ def test_finished_streams_leave_no_connection_and_a_half_closed_output_stream_en
             channel.close()
             assert await receiving == b"probe ok\n"
             hub.release(f"e{i}-stdout")
+            if i == 0:  # ended by us, but containerd may still be reading (its window updates would fail)
+                await asyncio.sleep(0.1)
+                assert server.active_connections == 1
+            await containerd_close(client, stream)  # containerd's cio.Close, once it has read all
         client, stream = await containerd_open(sock, "failed-stdout")  # its Exec never came
         clients.append(client)
         await stream.close_send()

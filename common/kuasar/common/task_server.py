@@ -33,7 +33,7 @@ from google.protobuf.message import Message
 from . import __version__, linux, pod_leftovers
 from .api.kuasar.pods.v1 import pods_pb2
 from .build import build_id
-from .errors import Unavailable, Unimplemented
+from .errors import KuasarError, Unavailable, Unimplemented
 from .events import EventPublisher
 from .lean import serve_until
 from .logs import setup_logging
@@ -273,10 +273,18 @@ class TaskServerHandle:
             return
         except Unavailable:  # it closed the connection: gone as it retired, or just now
             reply = pods_pb2.RetireResponse(retiring=True)
+        except KuasarError as exc:  # (a hung one: it keeps serving, as before there was this check)
+            log.warning("the task server of %s did not answer Retire (%s); it keeps serving", self.directory,
+                        exc.message)
+            return
         finally:
             await client.close()
         if reply.retiring:
-            await self._wait_server_gone()
+            try:
+                await self._wait_server_gone()
+            except Unavailable as exc:  # the next connect finds it still serving, or starts one
+                log.warning("%s", exc.message)
+                return
             log.info("the task server of an earlier build retired; one of this build takes its place")
         elif reply.build != BUILD_ID:
             log.warning("the task server of %s is of another build (%s, ours %s) and keeps serving its %d pods and "

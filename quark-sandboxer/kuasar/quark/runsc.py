@@ -179,13 +179,14 @@ class Runsc:
         With a `terminal` (a pty replica as stdio), the runner gets a session of its own with that pty as
         its controlling terminal, as runsc's own detached exec gives its waiting child: then a resize
         (SIGWINCH) and ^C, ^Z, ^\ reach it as signals, which it forwards to the foreground process in
-        the sandbox. `setsid --ctty` does that in the same process (it forks only when already a
-        process group leader, which the runner, in the task server's group, is not).
+        the sandbox. `setsid -c` (util-linux's and busybox's spelling) does that in the same process (it
+        forks only when already a process group leader, which the runner, in the task server's group,
+        is not).
         """
         argv = self.argv(network, log_path, "exec", "--process", str(process_json),
                          "--internal-pid-file", str(internal_pid_file), container_id)
         if terminal:
-            argv = [resolve("setsid"), "--ctty", *argv]
+            argv = [resolve("setsid"), "-c", *argv]
         devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
         try:
             pid = start_program(resolve(argv[0]), argv, os.environ,

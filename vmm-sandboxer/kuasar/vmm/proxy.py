@@ -166,12 +166,11 @@ class HostPrep:
             volume.users.discard(container_id)
             if volume.users:
                 continue
+            del self.volumes[key]  # (a later user gets a fresh bind, never a half-removed one)
             try:
                 hostfs.remove_tree(self.share / POD_VOLUMES / volume.name)
-            except KuasarError as err:
+            except KuasarError as err:  # left for Shutdown, which removes the whole shared directory
                 log.error("pod volume %s (%s): %s", volume.name, key[0], err.message)
-                continue  # kept: Shutdown removes the whole shared directory
-            del self.volumes[key]
 
 
 def _frame(stream_id: int, ftype: int, payload: bytes, flags: int = 0) -> bytes:

@@ -168,7 +168,10 @@ class ServerConnection(_Connection):
             if stream is None:
                 if sid <= self._last_stream_id:
                     # The stream existed and we already ended it; a half-close or window update
-                    # crossing our final frame on the wire is normal, not an error.
+                    # crossing our final frame on the wire is normal, not an error. The half-close is
+                    # still told (no data): it says the client is done reading too.
+                    if frame.flags & Flag.REMOTE_CLOSED:
+                        return StreamData(sid, None, True)
                     return None
                 raise ProtocolError(f"StreamID {sid} is not active", stream_id=sid)
             return self._on_data(frame, stream)

@@ -70,6 +70,7 @@ class ServerStream:
         self._conn = conn
         self.stream_id = stream_id
         self._inbox = Inbox()
+        self.remote_closed = False  # the client half-closed it
 
     async def recv(self) -> bytes | None:
         """The next message, or None once the client half-closed."""
@@ -104,6 +105,10 @@ class _ServerConn:
         self.streams: dict[int, ServerStream] = {}
         self.done = asyncio.Event()
         self._write_lock = asyncio.Lock()
+        # Streams of an `ends_connection` route that we have ended, whose client has not half-closed yet:
+        # until it has, it may still be reading what we sent (and sends window updates meanwhile).
+        self._ending: set[int] = set()
+        self._close_when_idle = False
 
     async def write(self, data: bytes) -> None:
         if self.writer.is_closing():
@@ -141,14 +146,28 @@ class _ServerConn:
                     self._start(event, received)
                 elif isinstance(event, StreamData):
                     stream = self.streams.get(event.stream_id)
-                    if stream is None:  # data for a unary method: nobody to give it to
+                    if stream is None:  # data for a unary method, or a stream we ended: nobody to give it to
+                        if event.end and event.stream_id in self._ending:
+                            self._ending.discard(event.stream_id)
+                            self._close_when_idle = True
                         continue
                     if event.payload is not None:
                         await stream._inbox.put(event.payload)
                     if event.end:
+                        stream.remote_closed = True
                         stream._inbox.close()
                 elif isinstance(event, MessageRefused):
                     await self._refuse(event)
+            # Decided here, after the whole chunk: a request later in it is a reason to stay.
+            self._close_if_idle()
+
+    def _close_if_idle(self, finishing: int | None = None) -> None:
+        """Close a connection whose `ends_connection` streams are over in both directions, once no other
+        call or stream runs on it (`finishing`: the stream whose handler is ending now)."""
+        if not self._close_when_idle or self._ending or self.streams:
+            return
+        if self.tasks.keys() <= ({finishing} if finishing is not None else set()):
+            self.writer.close()  # the read loop then sees the end and shuts the connection down
 
     async def _refuse(self, event: MessageRefused) -> None:
         """Answer a frame over the size limit on its stream; a call already running there is given up
@@ -208,8 +227,14 @@ class _ServerConn:
             await self.write(reply)
         except (OSError, StreamClosed) as err:
             log.debug("ttrpc connection %d: reply to /%s/%s lost: %s", self.id, req.service, req.method, err)
-        if route is not None and route.ends_connection and self.tasks.keys() <= {sid} and not self.streams:
-            self.writer.close()  # the read loop then sees the end and shuts the connection down
+        if route is not None and route.ends_connection and stream is not None:
+            if stream.remote_closed or response is not None:  # (a Response ends the call for the client too)
+                self._close_when_idle = True
+                self._close_if_idle(finishing=sid)
+            else:  # the client may still be reading what we sent: its half-close decides (the read loop)
+                self._ending.add(sid)
+        elif self._close_when_idle:  # the last of other calls that kept such a connection open
+            self._close_if_idle(finishing=sid)
 
     async def _invoke(self, event: NewRequest, route: _Route | None, stream: ServerStream | None) -> bytes:
         """Run the handler; every failure comes out as a KuasarError carrying its status."""
@@ -311,10 +336,11 @@ class TtrpcServer:
         self._add(service, method, _Route(handler, request_type))
 
     def add_stream(self, service: str, method: str, handler: StreamHandler, *, ends_connection: bool = False) -> None:
-        """With `ends_connection`, a connection is closed once such a stream is done and nothing else runs
-        on it: for clients that dial a connection per stream and never close it (containerd before 2.3
-        for its streaming IO: every exec probe left two open connections, and the guest agent ran out of
-        file descriptors after some hundreds)."""
+        """With `ends_connection`, a connection is closed once such a stream is over in both directions (we
+        ended it and the client half-closed it) and nothing else runs on it: for clients that dial a
+        connection per stream and never close it (containerd before 2.3 for its streaming IO: every exec
+        probe left two open connections, and the guest agent ran out of file descriptors after some
+        hundreds). Not at our end alone: a client may still be reading, and sending window updates."""
         self._add(service, method, _Route(handler, None, ends_connection))
 
     def _add(self, service: str, method: str, route: _Route) -> None:
