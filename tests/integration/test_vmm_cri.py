@@ -211,6 +211,17 @@ async def start(client: CriClient, pod_id: str, pod: cri.PodSandboxConfig, name:
     return cid
 
 
+async def remove_pod_and_check(client: CriClient, stack: VmStack, pod_id: str, pids: list[int],
+                               containers: tuple[str, ...] = ()) -> None:
+    """StopPodSandbox, then RemoveContainer of `containers` (ones kubelet had not removed yet), then
+    RemovePodSandbox; nothing of the pod may be left."""
+    await client.stop_pod_sandbox(pod_id)
+    for cid in containers:
+        await client.remove_container(cid)
+    await client.remove_pod_sandbox(pod_id)
+    assert_nothing_left(stack, pod_id, pids)
+
+
 def assert_nothing_left(stack: VmStack, pod_id: str, pids: list[int], netns: str = "") -> None:
     for pid in pids:
         deadline = time.monotonic() + 10
@@ -407,10 +418,7 @@ def test_sandboxer_restart_then_vm_killed_from_outside(stack: VmStack) -> None:
             await wait_state(client, cid, cri.CONTAINER_EXITED, timeout=60)
             # A re-attached QEMU is no longer our child: its exit is seen, its status is not.
             assert sandbox_state(stack, pod_id)["exit_status"] in (137, 255)
-            await client.stop_pod_sandbox(pod_id)
-            await client.remove_container(cid)
-            await client.remove_pod_sandbox(pod_id)
-            assert_nothing_left(stack, pod_id, pids)
+            await remove_pod_and_check(client, stack, pod_id, pids, (cid,))
 
     asyncio.run(scenario())
 
@@ -478,10 +486,7 @@ def test_a_task_proxy_killed_ends_its_vm_and_the_pod(stack: VmStack) -> None:
             await wait_state(client, cid, cri.CONTAINER_EXITED, timeout=60)
             await wait_pod_not_ready(client, pod_id, "the VM of the dead proxy was not ended")
             assert not Path(f"/proc/{state['pid']}").exists(), "QEMU still runs"
-            await client.stop_pod_sandbox(pod_id)
-            await client.remove_container(cid)
-            await client.remove_pod_sandbox(pod_id)
-            assert_nothing_left(stack, pod_id, pids)
+            await remove_pod_and_check(client, stack, pod_id, pids, (cid,))
 
     asyncio.run(scenario())
 
@@ -516,8 +521,6 @@ def test_containers_share_a_volume_through_one_path_of_the_vm_and_the_pods_dev_s
             assert roots[0] == roots[1] and ".volumes" in roots[0], roots
             assert sorted(p.name for p in empty_dir.iterdir()) == ["one", "two"]
             assert "one two" in await wait_log(pod, "two", "one two"), "/dev/shm is the pod's"
-            await client.stop_pod_sandbox(pod_id)
-            await client.remove_pod_sandbox(pod_id)
-            assert_nothing_left(stack, pod_id, pids)
+            await remove_pod_and_check(client, stack, pod_id, pids)
 
     asyncio.run(scenario())

@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+from collections.abc import Awaitable, Callable
+from functools import partial
 
 # One read per wakeup; a pty delivers at most a few KiB at a time anyway.
 CHUNK = 32 * 1024
@@ -72,8 +74,21 @@ class Source:
                     return b""
                 raise
 
-    def finishing_over(self) -> bool:
-        return self._finish_by is not None and asyncio.get_running_loop().time() >= self._finish_by
+    async def copy_to(self, write: Callable[[bytes], Awaitable[object]]) -> None:
+        """Hand everything read to `write` until the end. Time `write` spends waiting for its reader does
+        not count against FINISH_LIMIT: what the process left must not be cut off because containerd
+        or a client reads slowly."""
+        loop = asyncio.get_running_loop()
+        while data := await self.read():
+            writing_from = loop.time()
+            await write(data)
+            if self._finish_by is not None:
+                self._finish_by += loop.time() - writing_from
+                if loop.time() >= self._finish_by:
+                    return
+            # One loop turn per chunk: a pty that always has output and a reader that always takes it
+            # would otherwise keep every other pod's calls, exits and copies waiting.
+            await asyncio.sleep(0)
 
     async def _readable(self) -> bool:
         if self._finish_by is None:
@@ -88,12 +103,6 @@ class Source:
         except TimeoutError:
             return False
         return True
-
-    def postpone(self, seconds: float) -> None:
-        """The copy waited `seconds` for its reader: that time does not count against FINISH_LIMIT (what
-        the process left must not be cut off because containerd or a client read slowly)."""
-        if self._finish_by is not None:
-            self._finish_by += seconds
 
     def finish(self) -> None:
         """The process writing into this fd exited: what it left is read, then the reads end, even
@@ -120,16 +129,7 @@ class Pump:
 
     async def _run(self) -> None:
         try:
-            loop = asyncio.get_running_loop()
-            while data := await self.source.read():
-                writing_from = loop.time()
-                await write_all(self.dst, data)  # waits while the reader is behind
-                self.source.postpone(loop.time() - writing_from)
-                if self.source.finishing_over():
-                    break
-                # One loop turn per chunk: a pty that always has output and a reader that always takes it
-                # would otherwise keep every other pod's calls, exits and copies waiting.
-                await asyncio.sleep(0)
+            await self.source.copy_to(partial(write_all, self.dst))
         except OSError:
             pass
 

@@ -207,8 +207,13 @@ def backend_has_work(backend: TaskBackend) -> bool:
 
 
 def _sandboxer_alive(directory: Path) -> bool:
+    return _lock_held(directory / LOCK_FILE)
+
+
+def _lock_held(path: Path) -> bool:
+    """Whether a process holds the flock on `path` (a lock file that does not exist: no)."""
     try:
-        fd = os.open(directory / LOCK_FILE, os.O_RDWR | os.O_CLOEXEC)
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
     except FileNotFoundError:
         return False
     try:
@@ -295,14 +300,8 @@ class TaskServerHandle:
         """Until the retiring task server released its lock (so that a new one can take it)."""
         deadline = time.monotonic() + RETIRE_TIMEOUT
         while time.monotonic() < deadline:
-            fd = os.open(self.directory / SERVER_LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if not _lock_held(self.directory / SERVER_LOCK_FILE):
                 return
-            except BlockingIOError:
-                pass
-            finally:
-                os.close(fd)  # (drops the probe lock if we got it)
             await asyncio.sleep(0.02)
         raise Unavailable(f"the task server of {self.directory} of an earlier build did not exit")
 

@@ -10,6 +10,7 @@ import contextlib
 import logging
 import os
 import socket
+from functools import partial
 
 from kuasar.common.iopump import Source, write_all
 from kuasar.common.reaper import Reaper
@@ -19,10 +20,8 @@ log = logging.getLogger(__name__)
 
 
 async def _copy(src: int, dst: int) -> None:
-    source = Source(src)
-    try:
-        while data := await source.read():  # ends at EIO too: the shell and all on its pty are gone
-            await write_all(dst, data)
+    try:  # (ends at EIO too: the shell and all on its pty are gone)
+        await Source(src).copy_to(partial(write_all, dst))
     except OSError:
         return
 

@@ -33,13 +33,7 @@ STDIN_CLOSE_GRACE = 1.0
 async def pump_out(source: Source, channel: OutputChannel, close_fd: bool = True) -> None:
     """Copy a pipe or pty master into an output channel until its end (see iopump.Source)."""
     try:
-        loop = asyncio.get_running_loop()
-        while data := await source.read():
-            writing_from = loop.time()
-            await channel.write(data)  # waits while the host is behind
-            source.postpone(loop.time() - writing_from)
-            if source.finishing_over():
-                break
+        await source.copy_to(channel.write)  # (which waits while the host is behind)
     finally:
         channel.close()
         if close_fd:
