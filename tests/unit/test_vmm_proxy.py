@@ -16,7 +16,7 @@ from kuasar.common import hvsock
 from kuasar.common.api.containerd.runtime.task.v2 import shim_pb2 as task
 from kuasar.common.api.containerd.types import mount_pb2
 from kuasar.common.api.ttrpc import request_pb2
-from kuasar.common.errors import AlreadyExists, FailedPrecondition, InvalidArgument
+from kuasar.common.errors import AlreadyExists, FailedPrecondition, InvalidArgument, Unimplemented
 from kuasar.common.ttrpc import Context, TtrpcServer
 from kuasar.vmm import hostfs
 from kuasar.vmm.proxy import HostPrep, TaskProxy
@@ -220,3 +220,17 @@ def test_host_fifos_for_stdio_are_refused_with_what_to_set(tmp_path: Path) -> No
                                         stdin="/dev/null", spec=any_pb2.Any(value=b'{"args": ["sh"]}'))
     payload = request_pb2.Request(service=TASK, method="Exec", payload=streaming.SerializeToString())
     assert proxy.intercept(2, payload.SerializeToString(), {}) == payload.SerializeToString()
+
+
+def test_a_restore_from_a_checkpoint_is_refused_before_the_host_prepares_anything(tmp_path: Path) -> None:
+    # containerd's CRI restores a checkpointed container with a Create naming the checkpoint: the guest
+    # would have run a fresh container, which containerd then reports as restored.
+    prep = HostPrep(tmp_path, "/run/kuasar/state")
+    prepared: list[str] = []
+    prep.prepare = lambda create: prepared.append(create.id)  # type: ignore[method-assign]
+    proxy = TaskProxy(str(tmp_path / "vsock.sock"), prep)
+    create = task.CreateTaskRequest(id="c1", bundle=str(tmp_path), checkpoint="/var/lib/containerd/checkpoint")
+    payload = request_pb2.Request(service=TASK, method="Create", payload=create.SerializeToString())
+    with pytest.raises(Unimplemented, match="checkpoint"):
+        proxy.intercept(1, payload.SerializeToString(), {})
+    assert prepared == []

@@ -6,6 +6,8 @@ caller that downgrades after UNIMPLEMENTED (or an older containerd through a shi
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+
 from google.protobuf import empty_pb2
 from google.protobuf.message import Message
 
@@ -35,6 +37,22 @@ TASK_METHODS: dict[str, type[Message]] = {
     "Connect": task.ConnectRequest,
     "Shutdown": task.ShutdownRequest,
 }
+
+
+def refuse_restore(req: task.CreateTaskRequest) -> None:
+    """containerd's CRI restores a checkpointed container with a Create that names the checkpoint. None
+    of our runtimes can restore one, and creating it afresh would run a new container that containerd
+    then reports as restored."""
+    if req.checkpoint:
+        raise Unimplemented(f"container {req.id}: restoring from a checkpoint is not supported")
+
+
+def _refusing_restore(create: Callable[[task.CreateTaskRequest, Context], Awaitable[Message]]) -> \
+        Callable[[task.CreateTaskRequest, Context], Awaitable[Message]]:
+    async def handle(req: task.CreateTaskRequest, ctx: Context) -> Message:
+        refuse_restore(req)
+        return await create(req, ctx)
+    return handle
 
 
 def _snake(name: str) -> str:
@@ -105,4 +123,7 @@ def register_task_service(server: TtrpcServer, backend: TaskBackend,
                           services: tuple[str, ...] = TASK_SERVICES) -> None:
     for service in services:
         for method, request_type in TASK_METHODS.items():
-            server.add_unary(service, method, request_type, getattr(backend, _snake(method)))
+            handler = getattr(backend, _snake(method))
+            if method == "Create":
+                handler = _refusing_restore(handler)
+            server.add_unary(service, method, request_type, handler)

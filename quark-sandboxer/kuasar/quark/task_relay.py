@@ -34,7 +34,7 @@ from google.protobuf.message import Message
 from kuasar.common.api.containerd.runtime.task.v2 import shim_pb2 as task
 from kuasar.common.errors import AlreadyExists, DeadlineExceeded, InvalidArgument, KuasarError, NotFound, Unavailable
 from kuasar.common.keyed_locks import KeyedLocks
-from kuasar.common.task_api import TASK_METHODS
+from kuasar.common.task_api import TASK_METHODS, refuse_restore
 from kuasar.common.ttrpc import NAMESPACE_KEY, Context, TtrpcClient, TtrpcServer
 
 from .quark_containers import STDIO, QuarkContainers
@@ -77,6 +77,7 @@ class QuarkTaskRelay:
         return await self.quark.call(QUARK_SERVICE, method, req, None, timeout=timeout, metadata=metadata)
 
     async def create(self, req: task.CreateTaskRequest, ctx: Context) -> bytes:
+        refuse_restore(req)
         async with self._locks.hold(req.id):
             if req.id in self.containers.state:  # laid out and maybe running: a second layout would stack
                 raise AlreadyExists(f"container {req.id} already exists")

@@ -52,6 +52,7 @@ from kuasar.common.api.ttrpc import request_pb2
 from kuasar.common.errors import AlreadyExists, Code, FailedPrecondition, InvalidArgument, KuasarError, RuntimeFailure
 from kuasar.common.ids import validate_id
 from kuasar.common.state import write_atomic
+from kuasar.common.task_api import TASK_SERVICES, refuse_restore
 
 from . import hostfs
 from .portforward import PortForwarder
@@ -62,7 +63,6 @@ log = logging.getLogger("kuasar.vmm.proxy")
 HEADER = struct.Struct(">IIBB")
 REQUEST, RESPONSE = 1, 2
 MAX_FRAME = 4 << 20
-TASK_SERVICES = ("containerd.task.v3.Task", "containerd.task.v2.Task")
 # Requests whose JSON (in an Any field) names host things the guest lacks: (message, field, rewrite).
 JSON_REWRITES: dict[str, tuple[type[Any], str, Callable[[Any], Any]]] = {
     "Exec": (task.ExecProcessRequest, "spec", rewrite_process),  # host security labels
@@ -210,6 +210,7 @@ class TaskProxy:
             return payload
         if req.method == "Create":
             create = task.CreateTaskRequest.FromString(req.payload)
+            refuse_restore(create)  # before the host prepares anything for it
             self.check_stdio(create)
             forward = self.prep.prepare(create)
             pending[stream_id] = ("create", create.id)

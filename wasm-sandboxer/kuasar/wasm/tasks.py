@@ -30,7 +30,6 @@ from kuasar.common.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
-    Unimplemented,
 )
 from kuasar.common.events import EventPublisher
 from kuasar.common.fifo_stdio import ProcessIO
@@ -213,8 +212,6 @@ class WasmTasks(TerminalTasks):
     # -- lifecycle ---------------------------------------------------------------------------------
     async def create(self, req: task.CreateTaskRequest, ctx: Context) -> task.CreateTaskResponse:
         validate_id(req.id, "container id")
-        if req.checkpoint:
-            raise Unimplemented("restoring from a checkpoint is not supported by the wasm sandboxer")
         bundle = host_bundle(req.bundle)
         async with self._lock(req.id):
             if req.id in self.containers:
