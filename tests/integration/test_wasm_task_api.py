@@ -22,7 +22,7 @@ from kuasar.common.api.containerd.services.sandbox.v1 import sandbox_pb2 as sb
 from kuasar.common.api.containerd.services.sandbox.v1 import sandbox_pb2_grpc as sb_grpc
 from kuasar.common.api.containerd.types import mount_pb2
 from kuasar.common.api.containerd.types.task import task_pb2 as types
-from kuasar.common.errors import FailedPrecondition, NotFound, Unimplemented
+from kuasar.common.errors import FailedPrecondition, InvalidArgument, NotFound, Unimplemented
 from kuasar.common.ttrpc import TtrpcClient
 
 from .conftest import Stack
@@ -146,7 +146,7 @@ async def exercise(client: TtrpcClient, base: Path, pod_pid: int, cgroup: str) -
     with pytest.raises(FailedPrecondition, match="not running"):  # nor be signalled: as containerd's shim
         await call(client, "Kill", task.KillRequest(id=CID, exec_id="early", signal=9))
     await call(client, "Delete", task.DeleteRequest(id=CID, exec_id="early"), task.DeleteResponse)
-    with pytest.raises(NotFound, match="not found in the container's rootfs"):
+    with pytest.raises(InvalidArgument, match="not found in the container's rootfs"):
         await call(client, "Exec", task.ExecProcessRequest(id=CID, exec_id="bad", spec=process_spec(["/no.wasm"])))
 
     await call(client, "Start", task.StartRequest(id=CID), task.StartResponse)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import posixpath
 from pathlib import Path
 
-from kuasar.common.errors import InvalidArgument, NotFound
+from kuasar.common.errors import InvalidArgument
 from kuasar.common.rootfs_paths import resolve_in_root
 
 WASM_MAGIC = b"\0asm"
@@ -30,7 +30,8 @@ def locate_module(rootfs: Path, args: list[str], cwd: str = "/") -> Path:
         if path.is_file():
             check_module_header(path, name)
             return path
-    raise NotFound(f"wasm module {name!r} not found in the container's rootfs (looked for "
+    # Not NOT_FOUND: containerd passes the code on to CRI, where it reads as an unknown container.
+    raise InvalidArgument(f"wasm module {name!r} not found in the container's rootfs (looked for "
                    f"{', '.join(tried)}); args[0] must name a .wasm file in the image")
 
 
