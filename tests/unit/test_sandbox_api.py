@@ -358,3 +358,22 @@ def test_an_orphan_whose_bundle_is_back_by_its_turn_in_the_sweep_is_kept(tmp_pat
         assert (await stub.Status(pb.ControllerStatusRequest(sandbox_id=second))).state == "SANDBOX_READY"
 
     run(tmp_path, body, OwnerReturns())
+
+
+class FailingStart(MemorySandboxer):
+    async def start(self, record: SandboxRecord) -> StartResult:
+        await asyncio.sleep(0.1)
+        raise RuntimeError("the pod could not be started")
+
+
+def test_a_wait_on_a_sandbox_whose_start_failed_ends_with_not_found(tmp_path: Path) -> None:
+    # The failed Start removes the sandbox there and then; a Wait made before it hung until its deadline.
+    async def body(stub, sandboxer, controller):
+        await stub.Create(create_request())
+        waiter = asyncio.ensure_future(stub.Wait(pb.ControllerWaitRequest(sandbox_id=SID)))
+        await asyncio.sleep(0.05)
+        await expect_code(stub.Start(pb.ControllerStartRequest(sandbox_id=SID)), grpc.StatusCode.UNKNOWN)
+        details = await expect_code(asyncio.wait_for(waiter, 5), grpc.StatusCode.NOT_FOUND)
+        assert "removed" in details
+        await expect_code(stub.Wait(pb.ControllerWaitRequest(sandbox_id=SID)), grpc.StatusCode.NOT_FOUND)
+    run(tmp_path, body, FailingStart())

@@ -250,11 +250,15 @@ class SandboxController:
         watcher = self._watchers.pop(sandbox_id, None)
         if watcher:
             watcher.cancel()
-        self._exited.pop(sandbox_id, None)
+        exited = self._exited.pop(sandbox_id, None)
+        if exited is not None:
+            exited.set()  # a Wait still waiting learns that the sandbox is gone
 
     async def wait(self, sandbox_id: str) -> SandboxRecord:
         record = self.get(sandbox_id)
         await self._event(sandbox_id).wait()
+        if record.state != SandboxState.STOPPED:  # removed without an exit: its Start failed
+            raise NotFound(f"sandbox {sandbox_id} was removed (its start failed)")
         return record
 
     async def stop(self, sandbox_id: str, timeout_secs: int) -> None:
