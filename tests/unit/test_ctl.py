@@ -54,10 +54,16 @@ def test_pod_config_file_crictl_style_and_flag_overrides(tmp_path: Path) -> None
     assert override.metadata.name == "other" and override.log_directory == "/var/tmp/x"
 
 
-@pytest.mark.parametrize(("text", "message"), [("{nope", "is not JSON"), ('{"metadata": 5}', "PodSandboxConfig")])
-def test_bad_pod_files(tmp_path: Path, text: str, message: str) -> None:
+@pytest.mark.parametrize(("text", "message"), [
+    ("{nope", "is not JSON"), ('{"metadata": 5}', "PodSandboxConfig"),
+    (b"\xff\xfe{}", "is not UTF-8"), ("[" * 100_000, "nested too deeply"),  # tracebacks before
+])
+def test_bad_pod_files(tmp_path: Path, text: str | bytes, message: str) -> None:
     path = tmp_path / "pod.json"
-    path.write_text(text)
+    if isinstance(text, bytes):
+        path.write_bytes(text)
+    else:
+        path.write_text(text)
     with pytest.raises(configs.ConfigError, match=message):
         configs.pod_config(str(path))
     with pytest.raises(configs.ConfigError, match="No such file"):
@@ -68,7 +74,7 @@ def test_bad_pod_files(tmp_path: Path, text: str, message: str) -> None:
 
 def test_container_config(tmp_path: Path) -> None:
     pod = configs.pod_config(name="p", share_pid=True)
-    config = configs.container_config(image="docker.io/library/busybox:1.36", command=["sh", "-c", "true"],
+    config = configs.container_config(image="localhost/library/busybox:1.36", command=["sh", "-c", "true"],
                                       env={"A": "1"}, tty=True, pod=pod)
     assert config.metadata.name == "busybox" and list(config.command) == ["sh", "-c", "true"]
     assert config.log_path == "busybox/0.log" and config.tty
@@ -242,6 +248,11 @@ def test_sandboxes_from_state_files(tmp_path: Path) -> None:
         sandboxers.find([ref], "aa")
     with pytest.raises(LookupError, match="no sandboxer knows"):
         sandboxers.find([ref], "zzz")
+    only = sandboxers.SandboxerRef("runc", str(tmp_path / "absent.sock"), str(tmp_path / "one"))
+    write_record(tmp_path / "one", "ccc333", "solo")
+    assert sandboxers.find([only], "c")[1] == "ccc333"
+    with pytest.raises(LookupError, match="id .* is needed"):  # an empty id was a prefix of the only one
+        sandboxers.find([only], "")
     assert sandboxers.default_ref("gvisor") == sandboxers.SandboxerRef(
         "gvisor", "/run/kuasar/gvisor-sandboxer.sock", "/run/kuasar-gvisor")
 

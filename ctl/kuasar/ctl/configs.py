@@ -30,10 +30,14 @@ def load_message(path: str | Path, message: json_format.Message) -> json_format.
         text = Path(path).read_text()
     except OSError as exc:
         raise ConfigError(f"{path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:  # a ValueError, but not JSON's
+        raise ConfigError(f"{path} is not UTF-8 text: {exc.reason} at byte {exc.start}") from None
     try:
         json.loads(text)
     except ValueError as exc:
         raise ConfigError(f"{path} is not JSON: {exc}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: JSON nested too deeply") from None
     try:
         return json_format.Parse(text, message, ignore_unknown_fields=True)
     except json_format.ParseError as exc:

@@ -157,6 +157,8 @@ def list_sandboxes(refs: list[SandboxerRef], live: bool = True) -> list[SandboxR
 
 def find(refs: list[SandboxerRef], sandbox_id: str) -> tuple[SandboxerRef, str]:
     """The sandboxer holding `sandbox_id` (or the one sandbox whose id starts with it) and the full id."""
+    if not sandbox_id:  # a prefix of every id: it named the only sandbox there was
+        raise LookupError("a sandbox id (or the start of one) is needed")
     matches: list[tuple[SandboxerRef, str]] = []
     for ref in refs:
         ids = read_records(ref.directory)
