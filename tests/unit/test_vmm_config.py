@@ -50,6 +50,8 @@ def test_kuasar_keys_and_spellings() -> None:
     ({"share_fs": "nfs"}, "share_fs"),
     ({"task": {"bogus": 1}}, "hypervisor.task"),
     ({"kernel_params": "a\nb"}, "one line"),
+    ({"agent_ready_timeout": float("nan")}, "positive number"),  # accepted before: every VM start failed
+    ({"agent_ready_timeout": float("inf")}, "positive number"),
 ])
 def test_refused(section: dict, words: str) -> None:
     with pytest.raises(InvalidArgument, match=words):

@@ -28,6 +28,7 @@ cannot honour (image_path, hugepages, use_vsock = false) are refused instead of 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import shutil
 from dataclasses import dataclass, field, fields
@@ -187,7 +188,8 @@ def _coerce(key: str, kind: Any, value: Any) -> Any:
             raise InvalidArgument(f"[hypervisor] {key} must be a non-negative integer")
         return value
     if kind == "float":
-        if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+        # nan passes `<= 0`, and asyncio.timeout(nan) fires at once: every VM start failed
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < math.inf:
             raise InvalidArgument(f"[hypervisor] {key} must be a positive number")
         return float(value)
     if not isinstance(value, str):
