@@ -112,6 +112,13 @@ def test_a_hostname_with_a_nul_is_refused() -> None:
         pod_file_contents("web\0x", None)
 
 
+def test_a_hostname_longer_than_linux_takes_is_refused() -> None:
+    # sethostname(2) refused it in the pod process, at Start, as an UNKNOWN error.
+    assert pod_file_contents("h" * 64, None)["hostname"] == b"h" * 64 + b"\n"
+    with pytest.raises(InvalidArgument):
+        pod_file_contents("h" * 65, None)
+
+
 def test_an_images_symlinks_are_followed_inside_its_rootfs(tmp_path: Path) -> None:
     # An /etc/resolv.conf linked to a file the image lacks (systemd-resolved's) got no mount, and an
     # absolute link was followed on the host: whether the pod's DNS reached the container depended on

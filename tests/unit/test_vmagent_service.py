@@ -138,7 +138,8 @@ def test_check_and_setup_sandbox(short_dir: Path) -> None:
                               "ip route replace default via 10.88.0.1 proto boot"]
         for bad, error in ((pb.SetupSandboxRequest(hostname="a b"), InvalidArgument),
                            (pb.SetupSandboxRequest(sysctls={"../../etc/x": "1"}), InvalidArgument),
-                           (pb.SetupSandboxRequest(sysctls={"net.nosuch": "1"}), NotFound),
+                           # not NOT_FOUND, which CRI reads as an unknown sandbox
+                           (pb.SetupSandboxRequest(sysctls={"net.nosuch": "1"}), InvalidArgument),
                            (pb.SetupSandboxRequest(interfaces=[pb.Interface(hw_addr="00:11:22:33:44:55")]), NotFound),
                            (pb.SetupSandboxRequest(interfaces=[pb.Interface(device="eth0",
                                                                             addresses=[pb.IPAddress(cidr="x")])]),

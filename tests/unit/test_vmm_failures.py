@@ -232,6 +232,27 @@ def test_a_netns_that_is_gone_is_a_clear_error_and_leaks_no_fd() -> None:
     assert len(os.listdir("/proc/self/fd")) == before
 
 
+@pytest.mark.parametrize("mutate", [
+    lambda c: setattr(c, "hostname", "bad\nname"),
+    lambda c: setattr(c, "hostname", "x" * 65),
+    lambda c: c.dns_config.searches.append("svc.local\nnameserver 6.6.6.6"),
+    lambda c: c.linux.sysctls.__setitem__("../../etc/x", "1"),
+    lambda c: c.linux.sysctls.__setitem__("net.ipv4.ip_forward", "1\n2"),
+], ids=["newline-hostname", "long-hostname", "dns-newline", "traversal-sysctl", "two-line-value"])
+def test_a_pod_config_a_runc_pod_is_refused_for_is_refused_at_create_before_a_vm_boots(mutate) -> None:
+    # Accepted before: the guest refused it once QEMU had booted, or wrote the DNS entry's second line.
+    directory = short_dir()
+    sandboxer = bare_sandboxer(daemon=DaemonConfig(listen=directory / "s.sock", dir=directory),
+                               vm_root=directory / "vm")
+    config = cri.PodSandboxConfig()
+    config.metadata.name = "p"
+    mutate(config)
+    record = SandboxRecord(id="a" * 64, pod_config_b64=base64.b64encode(config.SerializeToString()).decode())
+    with pytest.raises(InvalidArgument):
+        asyncio.run(sandboxer.create(record))
+    assert not (directory / "vm").exists()
+
+
 def test_a_dir_too_long_for_any_of_the_vms_sockets_is_refused_at_create() -> None:
     base = short_dir()
     sandbox_id = "a" * 40

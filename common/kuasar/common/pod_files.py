@@ -30,6 +30,8 @@ SHM = "shm"
 DEV_SHM = "/dev/shm"
 HOST_HOSTS = Path("/etc/hosts")
 HOST_RESOLV_CONF = Path("/etc/resolv.conf")
+# Linux's HOST_NAME_MAX: sethostname(2) refuses a longer one, which the pod process found out at Start.
+HOST_NAME_MAX = 64
 
 
 def pod_dir(directory: Path, pod_id: str) -> Path:
@@ -52,7 +54,7 @@ def check_names(hostname: str, dns: tuple[list[str], list[str], list[str]] | Non
     for item in [entry for entries in dns or () for entry in entries]:
         if "\n" in item or "\0" in item:
             raise InvalidArgument(f"dns_config entry {item!r} has a line break")
-    if "\n" in hostname or "\0" in hostname or "/" in hostname:
+    if "\n" in hostname or "\0" in hostname or "/" in hostname or len(hostname.encode()) > HOST_NAME_MAX:
         raise InvalidArgument(f"hostname {hostname!r} is not a host name")
 
 

@@ -74,16 +74,23 @@ def pod_sysctls(requested: Mapping[str, str], own_net: bool, own_ipc: bool, own_
     """The sysctls to set in the pod's namespaces: `requested` plus containerd's defaults, each one
     checked to be scoped by a namespace the pod has of its own (else INVALID_ARGUMENT)."""
     sysctls = with_containerd_defaults(requested, own_net, userns)
-    if len(sysctls) > MAX_SYSCTLS:
-        raise InvalidArgument(f"{len(sysctls)} sysctls; at most {MAX_SYSCTLS} are taken")
+    check_sysctls(sysctls)
     own = {"network": own_net, "IPC": own_ipc, "UTS": own_uts}
-    for key, value in sysctls.items():
+    for key in sysctls:
         scope = _scope(".".join(sysctl_parts(key)))
         if not scope:
             raise InvalidArgument(f"sysctl {key} is not scoped by a pod's namespaces (only net.*, IPC "
                                   "and kernel.domainname sysctls are)")
         if not own[scope]:
             raise InvalidArgument(f"sysctl {key} needs the pod's own {scope} namespace; it shares the host's")
+    return sysctls
+
+
+def check_sysctls(sysctls: Mapping[str, str]) -> None:
+    """Refuse too many sysctls, a name that could leave /proc/sys, or a value that is not one line."""
+    if len(sysctls) > MAX_SYSCTLS:
+        raise InvalidArgument(f"{len(sysctls)} sysctls; at most {MAX_SYSCTLS} are taken")
+    for key, value in sysctls.items():
+        sysctl_parts(key)
         if "\n" in value or "\0" in value or len(value.encode()) > MAX_VALUE_BYTES:
             raise InvalidArgument(f"sysctl {key}: bad value {value[:64]!r}")
-    return sysctls

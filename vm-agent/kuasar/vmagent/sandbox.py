@@ -15,7 +15,7 @@ from pathlib import Path
 from google.protobuf import empty_pb2
 
 from kuasar.common.api.kuasar.agent.v1 import agent_pb2 as pb
-from kuasar.common.errors import DeadlineExceeded, InvalidArgument, NotFound
+from kuasar.common.errors import DeadlineExceeded, InvalidArgument
 from kuasar.common.iopump import wait_fd, write_all
 from kuasar.common.pod_holder import PodNamespaces, start_pod_holder
 from kuasar.common.pod_sysctls import sysctl_parts
@@ -55,7 +55,8 @@ def write_sysctl(proc_sys: Path, key: str, value: str) -> None:
     """`net.ipv4.ip_forward` -> <proc_sys>/net/ipv4/ip_forward (named as sysctl.d(5) reads names)."""
     path = proc_sys.joinpath(*sysctl_parts(key))
     if not path.exists():
-        raise NotFound(f"sysctl {key} does not exist in the guest")
+        # Not NOT_FOUND: containerd hands the code to CRI, where it reads as an unknown sandbox.
+        raise InvalidArgument(f"sysctl {key} does not exist in the guest's kernel")
     path.write_text(value)
 
 

@@ -51,9 +51,9 @@ from kuasar.common.config import DaemonConfig
 from kuasar.common.errors import InvalidArgument, KuasarError, RuntimeFailure
 from kuasar.common.events import EventPublisher
 from kuasar.common.linux import SOCKET_PATH_MAX
-from kuasar.common.pod_files import HOST_RESOLV_CONF, pod_resolv_conf
-from kuasar.common.pod_sandboxer import decode_pod_config, refuse_user_namespace
-from kuasar.common.pod_sysctls import with_containerd_defaults
+from kuasar.common.pod_files import HOST_RESOLV_CONF, check_names, pod_resolv_conf
+from kuasar.common.pod_sandboxer import decode_pod_config, pod_names, refuse_user_namespace
+from kuasar.common.pod_sysctls import check_sysctls, with_containerd_defaults
 from kuasar.common.sandboxer import LOST_EXIT_STATUS, ExitInfo, Sandboxer, SandboxRecord, SandboxState, StartResult
 from kuasar.common.strays import kill_strays
 from kuasar.common.task_server import helper_argv
@@ -196,6 +196,10 @@ class VmmSandboxer(Sandboxer):
     async def create(self, record: SandboxRecord) -> None:
         pod = decode_pod_config(record)
         refuse_user_namespace(pod, self.name)  # the VM is the pod's isolation; the guest has no id mapping
+        # As for a runc pod: refused now, not by the guest once the VM has booted. Any sysctl is the
+        # pod's own in its VM, so only names and values are checked here.
+        check_names(*pod_names(pod))
+        check_sysctls(pod.linux.sysctls)
         network.validate_netns(record.netns_path)
         vm_resources(self.config, pod)  # annotations are checked now, not at start
         cgroups.pod_parent_path(pod.linux.cgroup_parent)  # so is a slice name
