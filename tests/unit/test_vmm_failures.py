@@ -115,19 +115,35 @@ def test_a_start_cancelled_during_boot_leaves_no_accept_polling_a_closed_socket(
     asyncio.run(scenario())
 
 
+def guest_event(kind: type[Any], topic: str, container_id: str, namespace: str = "k8s.io") -> bytes:
+    return event_pb2.Envelope(topic=topic, namespace=namespace, event=any_pb2.Any(
+        type_url=kind.DESCRIPTOR.full_name, value=kind(container_id=container_id).SerializeToString())
+    ).SerializeToString()
+
+
 def test_event_forwarding_skips_garbage_and_reconnects_to_an_agent_that_was_away() -> None:
-    exit_event = event_pb2.Envelope(
-        topic="/tasks/exit", namespace="k8s.io",
-        event=any_pb2.Any(type_url="containerd.events.TaskExit",
-                          value=task_events.TaskExit(container_id="c1").SerializeToString())).SerializeToString()
     directory = short_dir()
+    (directory / "shared" / "c1").mkdir(parents=True)  # the task proxy's, made at c1's Create
+    # The guest is outside the host's trust: containerd's CRI deletes the task of any container a
+    # /tasks/exit names and marks one a /tasks/oom names OOMKilled, whatever pod it is in. These were
+    # all forwarded before.
+    forged = [guest_event(task_events.TaskOOM, "/tasks/oom", "b" * 64),  # another pod's container
+              guest_event(task_events.TaskExit, "/tasks/oom", "c1"),  # a topic not its type's
+              guest_event(task_events.TaskExit, "/tasks/exit", "c1", "moby"),  # another namespace
+              event_pb2.Envelope(topic="/containers/delete", namespace="k8s.io").SerializeToString()]
 
     async def scenario() -> None:
         server = TtrpcServer()
+        exited = asyncio.Event()
 
         async def events(stream: Any, ctx: Any) -> None:
-            for message in (b"\xff\xff\xff", exit_event):  # garbage first
+            await stream.send(guest_event(task_events.TaskCreate, "/tasks/create", "c1"))
+            for message in (b"\xff\xff\xff", *forged, guest_event(task_events.TaskExit, "/tasks/exit", "c1")):
                 await stream.send(message)
+            await exited.wait()
+            # c1's Delete: the proxy removes its directory, perhaps before the guest's event arrives
+            (directory / "shared" / "c1").rmdir()
+            await stream.send(guest_event(task_events.TaskDelete, "/tasks/delete", "c1"))
             await asyncio.sleep(3600)
 
         server.add_stream(AGENT, "Events", events)
@@ -145,8 +161,15 @@ def test_event_forwarding_skips_garbage_and_reconnects_to_an_agent_that_was_away
         guest_server = await asyncio.start_unix_server(guest, path=pod.uds)  # the guest answers again
         try:
             async with asyncio.timeout(10):
-                await sandboxer.events.published.wait()
-            assert sandboxer.events.topics == ["/tasks/exit"] and not forwarding.done()
+                while sandboxer.events.topics[-1:] != ["/tasks/exit"]:
+                    sandboxer.events.published.clear()
+                    await sandboxer.events.published.wait()
+                exited.set()
+                while sandboxer.events.topics[-1:] != ["/tasks/delete"]:
+                    sandboxer.events.published.clear()
+                    await sandboxer.events.published.wait()
+            assert sandboxer.events.topics == ["/tasks/create", "/tasks/exit", "/tasks/delete"]
+            assert not forwarding.done()
         finally:
             forwarding.cancel()
             await asyncio.gather(forwarding, return_exceptions=True)

@@ -19,6 +19,7 @@ from .config import VmmConfig
 
 SHARE_TAG = "kuasar"
 GUEST_SHARE_DIR = "/run/kuasar/state"
+SHARE_DIR_NAME = "shared"  # <vm dir>/shared: the host side of the share, one directory per container
 AGENT_PORT = 1024
 NOTIFY_PORT = 1025
 GUEST_CID = 3
@@ -52,7 +53,7 @@ class VmSpec:
 
     @property
     def share_dir(self) -> Path:
-        return self.vm_dir / "shared"
+        return self.vm_dir / SHARE_DIR_NAME
 
     @property
     def uds(self) -> Path:

@@ -61,7 +61,17 @@ from kuasar.common.ttrpc import TtrpcClient
 
 from . import accel, hostfs, network, portforward
 from .config import VmmConfig, parse_config
-from .hypervisor import AGENT_PORT, GUEST_SHARE_DIR, NOTIFY_PORT, TASK_SOCKET, NicDevice, Vm, VmSpec, make_hypervisor
+from .hypervisor import (
+    AGENT_PORT,
+    GUEST_SHARE_DIR,
+    NOTIFY_PORT,
+    SHARE_DIR_NAME,
+    TASK_SOCKET,
+    NicDevice,
+    Vm,
+    VmSpec,
+    make_hypervisor,
+)
 from .procs import ExitWatch, ProcessRef, spawn, terminate
 from .spec import GUEST_CGROUP_PARENT, GUEST_POD_PID_NS
 
@@ -78,7 +88,19 @@ MiB = 1 << 20
 # Pod annotations that size the VM (Kata's names are honoured too).
 VCPU_ANNOTATIONS = ("io.kuasar.vmm.vcpus", "io.katacontainers.config.hypervisor.default_vcpus")
 MEMORY_ANNOTATIONS = ("io.kuasar.vmm.memory_mb", "io.katacontainers.config.hypervisor.default_memory")
-EVENT_TYPES = {d.full_name: getattr(task_events, d.name) for d in task_events.DESCRIPTOR.message_types_by_name.values()}
+# What a guest may publish, by type: the topic containerd's own shims give each. Anything else from
+# the guest (another topic, TaskIO with no container id) is dropped: the guest is outside the host's trust.
+GUEST_EVENTS: dict[str, tuple[type[Any], str]] = {
+    "containerd.events.TaskCreate": (task_events.TaskCreate, "/tasks/create"),
+    "containerd.events.TaskStart": (task_events.TaskStart, "/tasks/start"),
+    "containerd.events.TaskDelete": (task_events.TaskDelete, "/tasks/delete"),
+    "containerd.events.TaskExit": (task_events.TaskExit, "/tasks/exit"),
+    "containerd.events.TaskOOM": (task_events.TaskOOM, "/tasks/oom"),
+    "containerd.events.TaskExecAdded": (task_events.TaskExecAdded, "/tasks/exec-added"),
+    "containerd.events.TaskExecStarted": (task_events.TaskExecStarted, "/tasks/exec-started"),
+    "containerd.events.TaskPaused": (task_events.TaskPaused, "/tasks/paused"),
+    "containerd.events.TaskResumed": (task_events.TaskResumed, "/tasks/resumed"),
+}
 
 
 def vm_resources(config: VmmConfig, pod: cri.PodSandboxConfig) -> tuple[int, int]:
@@ -141,6 +163,7 @@ class VmPod:
     network: network.PodNetwork | None = None
     cgroup: cgroups.PodCgroup | None = None
     agent: TtrpcClient | None = None
+    containers: dict[str, str] = field(default_factory=dict)  # id -> namespace, of events from the guest
     stopping: bool = False
     exit: asyncio.Future[ExitInfo] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
     tasks: set[asyncio.Task[Any]] = field(default_factory=set)
@@ -545,16 +568,32 @@ class VmmSandboxer(Sandboxer):
                 while (message := await stream.recv()) is not None:
                     try:
                         envelope = event_pb2.Envelope.FromString(message)
-                        kind = EVENT_TYPES.get(envelope.event.type_url.rsplit("/", 1)[-1])
+                        kind, topic = GUEST_EVENTS.get(envelope.event.type_url.rsplit("/", 1)[-1], (None, ""))
                         event = kind.FromString(envelope.event.value) if kind is not None else None
                     except DecodeError as err:  # one bad message must not end the forwarding
                         log.warning("sandbox %s: undecodable event from the guest skipped: %s", pod.id, err)
                         continue
-                    if event is not None:
-                        self.events.publish(envelope.topic, event, envelope.namespace)
+                    if event is not None and self._pods_event(pod, envelope, topic, event.container_id):
+                        self.events.publish(topic, event, envelope.namespace)
             except KuasarError as err:
                 log.debug("sandbox %s: event stream ended: %s", pod.id, err.message)
             await asyncio.sleep(1.0)
+
+    @staticmethod
+    def _pods_event(pod: VmPod, envelope: Any, topic: str, container_id: str) -> bool:
+        """Whether a guest's event is about one of its pod's containers, in the namespace that container
+        was made in: containerd acts on a /tasks/exit or /tasks/oom of any container it names (CRI
+        deletes an exited one's task), so a guest must not speak for another pod's."""
+        known = pod.containers.get(container_id)
+        if known is None and container_id and os.path.isdir(pod.vm_dir / SHARE_DIR_NAME / container_id):
+            # The task proxy made its shared directory at Create: it is this pod's. Kept in memory, as
+            # the directory goes at Delete, perhaps before that container's last events arrive.
+            known = pod.containers[container_id] = envelope.namespace
+        if envelope.topic == topic and known is not None and known == envelope.namespace:
+            return True
+        log.warning("sandbox %s: guest event %s for container %r in namespace %r dropped: not one of this "
+                    "pod's", pod.id, envelope.topic[:64], container_id[:80], envelope.namespace[:64])
+        return False
 
     async def _agent(self, pod: VmPod) -> TtrpcClient:
         """The guest agent's client, connected again if it was lost (an agent restarted, or not yet
