@@ -11,8 +11,8 @@ import pytest
 
 from kuasar.common.api.containerd.runtime.task.v2 import shim_pb2 as task
 from kuasar.common.api.containerd.types.task import task_pb2 as types
-from kuasar.common.errors import NotFound
-from kuasar.common.task_table import ContainerTasks, TaskContainer, TaskProcess, shares_pid_namespace
+from kuasar.common.errors import InvalidArgument, NotFound
+from kuasar.common.task_table import ContainerTasks, TaskContainer, TaskProcess, read_bundle_spec, shares_pid_namespace
 
 CONTAINER = "c1"
 
@@ -110,3 +110,16 @@ def test_a_container_shares_a_pid_namespace_unless_the_spec_gives_it_a_new_one(n
                                                                                   shared: bool) -> None:
     assert shares_pid_namespace({"linux": {"namespaces": namespaces}}) is shared
     assert shares_pid_namespace({}) is True  # as containerd's shim reads a spec without `linux`
+
+
+@pytest.mark.parametrize(("spec", "words"), [
+    ("[]", "not a JSON object"), ('{"process": []}', "process is not a JSON object"),
+    ('{"mounts": {}}', "mounts is not a JSON array"), ('{"root": {"path": 5}}', "root.path is not a string"),
+    ("{nope", "not JSON"),
+])
+def test_a_bundle_spec_of_the_wrong_shape_is_invalid_argument(tmp_path: Path, spec: str, words: str) -> None:
+    (tmp_path / "config.json").write_text(spec)
+    with pytest.raises(InvalidArgument, match=words):
+        read_bundle_spec(tmp_path)
+    (tmp_path / "config.json").write_text('{"root": {"path": "rootfs"}, "mounts": []}')
+    assert read_bundle_spec(tmp_path)["root"] == {"path": "rootfs"}

@@ -94,6 +94,8 @@ def read_bundle_spec(bundle: Path) -> dict[str, Any]:
     for name, kind in _SPEC_SECTIONS.items():
         if spec.get(name) is not None and not isinstance(spec[name], kind):
             raise InvalidArgument(f"{path}: {name} is not a JSON {'object' if kind is dict else 'array'}")
+    if not isinstance((spec.get("root") or {}).get("path", ""), str):  # a TypeError after the rootfs mount
+        raise InvalidArgument(f"{path}: root.path is not a string")
     return spec
 
 
