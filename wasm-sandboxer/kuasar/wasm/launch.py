@@ -8,15 +8,16 @@ Process model, measured on the 2-core test machine (hello module, median of 10, 
     (~120 ms cold), and a private interpreter (~17 MB RSS) per container.
 So we fork. The task server runs Python on one thread (its other one, the cgroup attach-lock warmer,
 holds nothing a child could inherit: cgroup_attach.py) and never compiles (runner.py says why), so
-the child inherits no locks or thread pools. It resets the signal dispositions the event loop installed,
-keeps only its stdio and two pipes, joins the container's cgroup (before it allocates anything, so
-its memory is charged there), joins the pod's net/ipc/uts namespaces, then compiles or deserializes
-and instantiates the module (runner.py). It reports "ok" or "!<kind><error>" on the report pipe, so
-a module that cannot run fails Task.Create with wasmtime's own words, and a container's init process
-then waits for the one byte Task.Start writes on the go pipe: the created/started split runc gives.
-Execs run as soon as they are ready. Signals reach the process as for any container: SIGTERM and
-SIGKILL work even while the module is blocked in a host call (reading an idle FIFO), which
-wasmtime's epoch interruption cannot do.
+the child inherits no locks or thread pools. It first asks to die with the task server
+(PR_SET_PDEATHSIG: what follows may take seconds, and a crash meanwhile must not leave it behind),
+resets the signal dispositions the event loop installed, keeps only its stdio and two pipes, joins
+the container's cgroup (before it allocates anything, so its memory is charged there), joins the
+pod's net/ipc/uts namespaces, then compiles or deserializes and instantiates the module (runner.py).
+It reports "ok" or "!<kind><error>" on the report pipe, so a module that cannot run fails Task.Create
+with wasmtime's own words, and a container's init process then waits for the one byte Task.Start
+writes on the go pipe: the created/started split runc gives. Execs run as soon as they are ready.
+Signals reach the process as for any container: SIGTERM and SIGKILL work even while the module is
+blocked in a host call (reading an idle FIFO), which wasmtime's epoch interruption cannot do.
 """
 
 from __future__ import annotations
@@ -192,6 +193,7 @@ def launch(plan: LaunchPlan, stdio: Stdio, reaper: Reaper, wait_for_go: bool) ->
 def _child(plan: LaunchPlan, stdio: Stdio, report_fd: int, go_fd: int, task_server: int) -> None:
     reported = False
     try:
+        _die_with(task_server)  # first: joining the pod and compiling the module may take seconds
         gc.disable()  # a collection would touch (and so copy) the parent's shared pages for nothing
         signal.set_wakeup_fd(-1)
         # The loop's handlers, and what CPython ignores at start-up (an ignored signal stays ignored
@@ -224,12 +226,7 @@ def _child(plan: LaunchPlan, stdio: Stdio, report_fd: int, go_fd: int, task_serv
         for res, soft, hard in plan.rlimits:
             resource.setrlimit(res, (soft, hard))
         _drop_privileges(plan.user)
-        # Dies with its task server (a crash, kill -9): containerd takes the end of the task connection
-        # for every container's exit anyway, and nobody else would know of this process. Set after the
-        # credentials change, which clears it.
-        linux.set_parent_death_signal(signal.SIGKILL)
-        if os.getppid() != task_server:  # it died before that
-            os._exit(137)
+        _die_with(task_server)  # again: a change of credentials clears it
         os.write(report_fd, b"ok")
         os.close(report_fd)
         reported = True
@@ -251,6 +248,15 @@ def _child(plan: LaunchPlan, stdio: Stdio, report_fd: int, go_fd: int, task_serv
                 os.write(2, f"wasm-sandboxer: {exc}\n".encode(errors="replace"))
         finally:
             os._exit(1 if not reported else 126)
+
+
+def _die_with(task_server: int) -> None:
+    """Be killed when the task server dies (a crash, kill -9): containerd takes the end of the task
+    connection for every container's exit anyway, and nobody else would know of this process, which
+    lives in the pod's cgroup and namespaces. Exits now if the task server is already gone."""
+    linux.set_parent_death_signal(signal.SIGKILL)
+    if os.getppid() != task_server:  # it died before the signal was set
+        os._exit(137)
 
 
 def _setup_fds(stdio: Stdio, report_fd: int, go_fd: int) -> tuple[int, int]:
