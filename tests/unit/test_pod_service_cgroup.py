@@ -14,7 +14,7 @@ import pytest
 
 from kuasar.common import cgroups, pod_leftovers
 from kuasar.common.api.kuasar.pods.v1 import pods_pb2 as pb
-from kuasar.common.errors import InvalidArgument
+from kuasar.common.errors import FailedPrecondition, InvalidArgument, NotFound
 from kuasar.common.pod_files import PODS_DIR
 from kuasar.common.pod_service import Pod, PodService
 from kuasar.common.reaper import Reaper
@@ -260,3 +260,27 @@ def test_what_a_pod_holds_is_recorded_before_its_process_is_known(tmp_path: Path
         assert not record.exists() and [list(root.iterdir()) for root in roots] == [[]]
 
     asyncio.run(main())
+
+
+def test_the_delete_of_a_pod_a_dead_task_server_left_tries_its_kept_record_again(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The sweep keeps the record of a pod whose cgroups would not go; the sandboxer's Shutdown then
+    # removed the pod's directory, record and all, and nothing was ever tried again.
+    left: dict[Path, bool] = {}
+
+    async def retry(pod_directory: Path) -> bool:
+        return not left.pop(pod_directory, False)
+
+    monkeypatch.setattr(pod_leftovers, "retry", retry)
+    directory = tmp_path / "sandboxer"
+    service = PodService(Reaper(), containers=None, directory=directory)  # type: ignore[arg-type]
+    pod_id = "p" * 64
+    left[directory / PODS_DIR / pod_id] = True
+
+    async def delete() -> None:
+        await service.delete(pb.PodRequest(id=pod_id), None)  # type: ignore[arg-type]
+
+    with pytest.raises(FailedPrecondition, match="still in use"):
+        asyncio.run(delete())  # so that its Shutdown is tried again
+    with pytest.raises(NotFound):  # nothing left of it now: as for any pod it does not know
+        asyncio.run(delete())

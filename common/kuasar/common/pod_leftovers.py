@@ -5,7 +5,10 @@ re-parented to PID 1, with their cgroups and /dev/shm mounts; the task server th
 its place knows none of them, and containerd's removal of the pod then finds nothing to remove. So
 each pod's process (pid and start time, which tell it from a later process given the same pid), the
 cgroup directories made for it and its /dev/shm mount are written to `<dir>/pods/<id>/pod.json`, and
-a fresh task server ends whatever such files describe before it serves.
+a fresh task server ends whatever such files describe before it serves: the process, then whatever
+is left in the pod's own cgroups (killed, and waited for), then the mount and the cgroups. A record
+goes only with all it lists: one whose cgroups are still in use (a process that would not die in
+time) stays, and the next task server's sweep or the pod's Delete (its Shutdown) tries again.
 
 The record is written just after the pod's Create; a task server killed before that leaves a pod
 process nobody recorded. kuasar-pause carries the pod's directory in its command line (`--owner`), so
@@ -15,11 +18,13 @@ only one runs per directory.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import itertools
 import json
 import logging
 import os
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -56,37 +61,102 @@ def forget(directory: Path) -> None:
 
 
 async def sweep(sandboxer_dir: Path) -> int:
-    """End every pod a dead task server left (see the module's docstring); how many there were."""
+    """End every pod a dead task server left (see the module's docstring); how many there were. A record
+    stays while something it lists is still there, for the next sweep or the pod's Delete (`retry`)."""
     found: list[tuple[Path, PodLeftovers]] = []
     for record_path in sorted((sandboxer_dir / PODS_DIR).glob(f"*/{RECORD_FILE}")):
-        try:
-            leftovers = PodLeftovers(**json.loads(record_path.read_bytes()))
-        except (OSError, ValueError, TypeError) as exc:
-            log.error("%s unreadable, skipped: %s", record_path, exc)
-            continue
-        log.warning("pod %s: left by a task server that is gone; ending its process %s",
-                    record_path.parent.name, leftovers.pid or "(not recorded yet)")
-        # Every process is killed before any is waited for: each takes a few ms to go, paid once
-        # rather than once per pod (a dead task server may have left hundreds).
-        strays.kill(leftovers.pid, leftovers.start)
-        found.append((record_path, leftovers))
+        leftovers = _read(record_path)
+        if leftovers is not None:
+            log.warning("pod %s: left by a task server that is gone; ending its process %s",
+                        record_path.parent.name, leftovers.pid or "(not recorded yet)")
+            found.append((record_path.parent, leftovers))
     recorded = {(leftovers.pid, leftovers.start) for _, leftovers in found}
     unrecorded = [process for process in owned_processes(sandboxer_dir / PODS_DIR) if process not in recorded]
-    for pid, start in unrecorded:
+    for pid, _ in unrecorded:
         log.warning("pod process %d: its record was never written; ending it", pid)
-        strays.kill(pid, start)
-    await strays.wait_gone(unrecorded + [(leftovers.pid, leftovers.start) for _, leftovers in found])
-    for record_path, leftovers in found:
-        if leftovers.shm:
-            mounts.unmount_all(Path(leftovers.shm))
-        for directory in reversed(leftovers.cgroups):  # its containers' cgroups, below the pod's
-            _remove_empty_below(Path(directory))
-        try:
-            cgroups.PodCgroup("", list(leftovers.cgroups)).remove()
-        except OSError as exc:
-            log.error("pod %s: its cgroups: %s", record_path.parent.name, exc)
-        forget(record_path.parent)
+    await _end(found, unrecorded)
     return len(found)
+
+
+async def retry(pod_directory: Path) -> bool:
+    """End what the record in `pod_directory` still lists (a sweep kept it: something would not go then),
+    for the pod's Delete in a task server that does not know the pod; whether nothing is left of it."""
+    record_path = pod_directory / RECORD_FILE
+    leftovers = _read(record_path) if record_path.exists() else None
+    if leftovers is None:  # none (the common case: no such pod), or torn: nothing to go by
+        return True
+    log.warning("pod %s: a task server that is gone left it, and not all of it went; trying again",
+                pod_directory.name)
+    return not await _end([(pod_directory, leftovers)], [])
+
+
+def _read(record_path: Path) -> PodLeftovers | None:
+    try:
+        return PodLeftovers(**json.loads(record_path.read_bytes()))
+    except (OSError, ValueError, TypeError) as exc:
+        log.error("%s unreadable, skipped: %s", record_path, exc)
+        return None
+
+
+async def _end(found: list[tuple[Path, PodLeftovers]], unrecorded: list[tuple[int, int]]) -> list[Path]:
+    """Kill the pods' processes, then whatever is left in their own cgroups, and remove what they hold;
+    forget the record of each pod nothing is left of. The pod directories whose record stays."""
+    # Every process is killed before any is waited for: each takes a few ms to go, paid once rather
+    # than once per pod (a dead task server may have left hundreds).
+    processes = [(leftovers.pid, leftovers.start) for _, leftovers in found] + unrecorded
+    for pid, start in processes:
+        strays.kill(pid, start)
+    await strays.wait_gone(processes)
+    # What else is in a pod's own cgroups (an exec's process, a container's the runtime's sweep missed)
+    # would keep them, and the record could never go.
+    owned = [Path(directory) for _, leftovers in found for directory in own_cgroups(leftovers.cgroups)]
+    for directory in owned:
+        cgroups.kill_members(directory / "cgroup.procs")
+    await _wait_emptied(owned)
+    kept = []
+    for pod_directory, leftovers in found:
+        if _remove(pod_directory.name, leftovers):
+            forget(pod_directory)
+        else:
+            kept.append(pod_directory)
+    return kept
+
+
+def own_cgroups(directories: list[str]) -> list[str]:
+    """The pod's own cgroups among those its record lists, in every hierarchy: those with none of the
+    others below them. The rest are parents made for it, which a pod made later (by a task server of
+    another type, which found them there) may share: not ours to empty."""
+    return [d for d in directories if not any(other.startswith(d + "/") for other in directories)]
+
+
+async def _wait_emptied(directories: list[Path]) -> None:
+    """Until no process is left in the cgroups at `directories` or below them, or EMPTY_WAIT_S has passed:
+    a killed process keeps its cgroup busy until it is reaped (by an init that may take its time)."""
+    deadline = time.monotonic() + cgroups.EMPTY_WAIT_S
+    while any(cgroups.procs_below(d / "cgroup.procs") for d in directories) and time.monotonic() < deadline:  # noqa: ASYNC110 - not our children: no exit to await
+        await asyncio.sleep(cgroups.EMPTY_POLL_S)
+
+
+def _remove(pod_id: str, leftovers: PodLeftovers) -> bool:
+    """Unmount the pod's /dev/shm and remove its cgroups, deepest first; whether all of its own went (a
+    parent still in use is another pod's now, and stays, as PodCgroup.remove leaves it)."""
+    removed = True
+    if leftovers.shm:
+        try:
+            mounts.unmount_all(Path(leftovers.shm))
+        except OSError as exc:
+            log.error("pod %s: unmounting its /dev/shm: %s", pod_id, exc)
+            removed = False
+    own = own_cgroups(leftovers.cgroups)
+    for directory in reversed(leftovers.cgroups):  # children before their parents
+        if directory in own:
+            _remove_empty_below(Path(directory))
+        with contextlib.suppress(OSError):  # busy (or gone): told below
+            os.rmdir(directory)
+    busy = [directory for directory in own if os.path.isdir(directory)]
+    if busy:
+        log.error("pod %s: cgroups %s are still in use; its record stays, to be tried again", pod_id, busy)
+    return removed and not busy
 
 
 def owned_processes(pods_root: Path) -> list[tuple[int, int]]:
@@ -97,8 +167,8 @@ def owned_processes(pods_root: Path) -> list[tuple[int, int]]:
 
 
 def _remove_empty_below(directory: Path) -> None:
-    """Every cgroup below `directory` without processes (those of the dead task server's containers
-    that their runtime did not remove: a wasm container's); one still in use stays (EBUSY)."""
+    """Every cgroup below `directory` without processes (what made its own below the pod's); one still in
+    use stays (EBUSY)."""
     for below, _, _ in sorted(os.walk(directory), key=lambda entry: len(entry[0]), reverse=True):
         if below != str(directory):
             with contextlib.suppress(OSError):

@@ -18,10 +18,10 @@ from typing import Protocol, runtime_checkable
 
 from google.protobuf import empty_pb2
 
-from . import cgroups, mounts, proc_stat
+from . import cgroups, mounts, pod_leftovers, proc_stat
 from .api.kuasar.pods.v1 import pods_pb2 as pb
 from .cgroup_attach import AttachLockWarmer, warm
-from .errors import AlreadyExists, InvalidArgument, NotFound
+from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from .ids import validate_id
 from .pod_files import SHM, pod_dir
 from .pod_holder import PodNamespaces, start_pod_holder
@@ -271,6 +271,11 @@ class PodService:
         creating = self._creating.get(validate_id(req.id, "pod id"))
         if creating is not None:  # what that Create makes is this Delete's to remove
             await creating.wait()
+        if req.id not in self.pods and self.directory is not None and \
+                not await pod_leftovers.retry(pod_dir(self.directory, req.id)):
+            # Failed, so that the Shutdown behind it is tried again (and the sandboxer keeps the record).
+            raise FailedPrecondition(f"pod {req.id}: a task server that died left cgroups of it that are "
+                                     "still in use (see the task server's log)")
         pod = self._get(req.id)
         await self.containers.remove_pod_containers(pod.id)
         if pod.running:
