@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import json
 import os
@@ -18,7 +19,7 @@ import grpc
 import psutil
 import pytest
 
-from kuasar.common import cgroup_attach
+from kuasar.common import cgroup_attach, cgroups
 from kuasar.common.api.runtime.v1 import api_pb2 as cri
 from kuasar.common.cri_client import CriClient, container_config, pod_config
 from tests.support.procs import thread_names
@@ -487,8 +488,15 @@ def test_sandboxer_sigkill_and_restart_keeps_wasm_containers_running(stack: Stac
     assert_nothing_left(stack)
 
 
-def test_a_killed_task_server_takes_its_wasm_containers_along_and_leaves_nothing(stack: Stack) -> None:
+@pytest.mark.parametrize("made_by_kubelet", [False, True], ids=["parent-made-for-the-pod", "parent-made-by-kubelet"])
+def test_a_killed_task_server_takes_its_wasm_containers_along_and_leaves_nothing(stack: Stack,
+                                                                                 made_by_kubelet: bool) -> None:
+    # With a parent kubelet made (not in the pod's record), the container's cgroup <parent>/<id>, beside
+    # the pod's process leaf, was left for good: only the wasm task server's own record of it says it is ours.
     cgroup_parent = f"kuasar-wasm-crash-{os.getpid()}/pod-a"
+    kubelets = [root / cgroup_parent for root in cgroups.hierarchy_roots()] if made_by_kubelet else []
+    for directory in kubelets:
+        directory.mkdir(parents=True)
 
     async def before() -> tuple[str, str]:
         async with CriClient(stack.address) as client:
@@ -509,10 +517,18 @@ def test_a_killed_task_server_takes_its_wasm_containers_along_and_leaves_nothing
             await wait_pod_not_ready(client, pod_id, "the pod was never reported exited")
             await wait_state(client, cid, cri.CONTAINER_EXITED)
             assert container_processes() == []  # it died with its task server
-            assert cgroups_named(cgroup_parent) == []  # the new task server swept the pod's and its own
+            # The new task server swept the pod's cgroups and the container's (and the parent made for it).
+            assert cgroups_named(f"{cgroup_parent}/{cid}") == []
+            assert cgroups_named(cgroup_parent) == kubelets
             await remove_pod(client, pod_id)
 
-    asyncio.run(after())
+    try:
+        asyncio.run(after())
+    finally:
+        for directory in kubelets:  # kubelet's to remove
+            for below in (directory, directory.parent):
+                with contextlib.suppress(OSError):
+                    below.rmdir()
     assert task_server_pid(stack.sandboxer_dir) != old_server
     assert cgroups_named(cgroup_parent.split("/")[0]) == []
     assert [p for p in pod_processes() if p.pid == pod_pid] == []

@@ -4,8 +4,6 @@ proc_stat, which tells the pod process it recorded from a later one given the sa
 from __future__ import annotations
 
 import asyncio
-import errno
-import os
 import subprocess
 import time
 from pathlib import Path
@@ -16,6 +14,7 @@ from kuasar.common import pod_leftovers
 from kuasar.common.pod_files import PODS_DIR
 from kuasar.common.pod_leftovers import PodLeftovers, sweep
 from kuasar.common.proc_stat import exited, start_time, stat_fields
+from tests.support.cgroupfs import cgroup, empty, stand_in_cgroupfs
 
 
 def test_the_start_time_survives_a_command_name_with_spaces_and_parentheses(tmp_path: Path) -> None:
@@ -128,32 +127,7 @@ def test_a_process_whose_first_thread_exited_while_another_runs_has_not_exited()
 
 @pytest.fixture
 def cgroupfs(monkeypatch: pytest.MonkeyPatch) -> None:
-    """rmdir as on cgroupfs, for directories standing for cgroups: one whose cgroup.procs lists a process
-    is busy (EBUSY; unlike the kernel, it is emptied only by `_empty`), an empty one goes with its
-    cgroup.procs. The sweep's wait for killed processes to leave is cut short: these never leave."""
-    real_rmdir = os.rmdir
-
-    def rmdir(path: str | os.PathLike[str]) -> None:
-        procs = Path(path) / "cgroup.procs"
-        if procs.exists():
-            if procs.read_text().strip():
-                raise OSError(errno.EBUSY, "Device or resource busy", str(path))
-            procs.unlink()
-        real_rmdir(path)
-
-    monkeypatch.setattr(pod_leftovers.os, "rmdir", rmdir)
-    monkeypatch.setattr(pod_leftovers.cgroups, "EMPTY_WAIT_S", 0.2)
-
-
-def _cgroup(directory: Path, *pids: int) -> Path:
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / "cgroup.procs").write_text("".join(f"{pid}\n" for pid in pids))
-    return directory
-
-
-def _empty(directory: Path) -> None:
-    """What the kernel does once the processes killed in a cgroup are reaped."""
-    (directory / "cgroup.procs").write_text("")
+    stand_in_cgroupfs(monkeypatch)
 
 
 def test_the_sweep_empties_a_pods_own_cgroups_and_keeps_its_record_while_they_are_in_use(
@@ -162,10 +136,10 @@ def test_the_sweep_empties_a_pods_own_cgroups_and_keeps_its_record_while_they_ar
     # one: an exec, a container process without its death signal yet), and nothing ever tried again.
     left_in_pod, others = subprocess.Popen(["sleep", "30"]), subprocess.Popen(["sleep", "30"])
     try:
-        parent = _cgroup(tmp_path / "cg" / "parent")  # made for the pod, and since shared with another's pod
-        leaf = _cgroup(parent / "pod1")
-        below = _cgroup(leaf / "c1", left_in_pod.pid)
-        _cgroup(parent / "another-pod", others.pid)
+        parent = cgroup(tmp_path / "cg" / "parent")  # made for the pod, and since shared with another's pod
+        leaf = cgroup(parent / "pod1")
+        below = cgroup(leaf / "c1", left_in_pod.pid)
+        cgroup(parent / "another-pod", others.pid)
         PodLeftovers(0, 0, [str(parent), str(leaf)]).write(tmp_path / PODS_DIR / "pod1")
         assert asyncio.run(sweep(tmp_path)) == 1
         assert left_in_pod.wait(timeout=5) == -9  # killed, being below the pod's own cgroup
@@ -173,7 +147,7 @@ def test_the_sweep_empties_a_pods_own_cgroups_and_keeps_its_record_while_they_ar
         assert leaf.exists()
         assert (tmp_path / PODS_DIR / "pod1" / pod_leftovers.RECORD_FILE).exists(), "kept, for another try"
 
-        _empty(below)
+        empty(below)
         assert asyncio.run(sweep(tmp_path)) == 1
         assert not leaf.exists()
         assert parent.exists()  # in use by the other pod: left to it, and no reason to keep the record
@@ -187,11 +161,11 @@ def test_the_sweep_empties_a_pods_own_cgroups_and_keeps_its_record_while_they_ar
 def test_a_kept_record_is_tried_again_at_the_pods_delete(tmp_path: Path, cgroupfs: None) -> None:
     left_in_pod = subprocess.Popen(["sleep", "30"])
     try:
-        leaf = _cgroup(tmp_path / "cg" / "parent" / "pod1", left_in_pod.pid)
+        leaf = cgroup(tmp_path / "cg" / "parent" / "pod1", left_in_pod.pid)
         PodLeftovers(0, 0, [str(leaf)]).write(tmp_path / PODS_DIR / "pod1")
         assert asyncio.run(pod_leftovers.retry(tmp_path / PODS_DIR / "pod1")) is False
         assert left_in_pod.wait(timeout=5) == -9
-        _empty(leaf)
+        empty(leaf)
         assert asyncio.run(pod_leftovers.retry(tmp_path / PODS_DIR / "pod1")) is True
         assert not leaf.exists()
         assert not (tmp_path / PODS_DIR / "pod1" / pod_leftovers.RECORD_FILE).exists()

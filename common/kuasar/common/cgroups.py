@@ -206,15 +206,17 @@ EMPTY_WAIT_S = 5.0
 EMPTY_POLL_S = 0.02
 
 
+def directories_of(path: str) -> list[Path]:
+    """The cgroup at `path` (a cgroupfs path) in every hierarchy it exists in; none for the root."""
+    relative = _clean_relative(path)
+    return [root / relative for root in hierarchy_roots() if (root / relative).is_dir()] if relative else []
+
+
 def empty_and_remove(paths: list[str]) -> list[Path]:
     """Kill every process in the cgroups at `paths` (cgroupfs paths) in every hierarchy, then remove
     them there; what is still busy after EMPTY_WAIT_S (one wait for all) stays, and is returned. Never
     the root."""
-    directories = []
-    for path in paths:
-        relative = _clean_relative(path)
-        if relative:
-            directories += [root / relative for root in hierarchy_roots() if (root / relative).is_dir()]
+    directories = [directory for path in paths for directory in directories_of(path)]
     for directory in directories:  # all killed before any is waited for
         try:
             pids = (directory / "cgroup.procs").read_text().split()

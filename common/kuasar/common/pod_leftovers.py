@@ -27,6 +27,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any, TypeVar
 
 from . import cgroups, mounts, strays
 from .pod_files import PODS_DIR
@@ -36,6 +37,7 @@ log = logging.getLogger(__name__)
 RECORD_FILE = "pod.json"
 # The flag before a pod process's directory in its command line (kuasar-pause --owner PATH).
 OWNER_FLAG = b"--owner"
+Record = TypeVar("Record")
 
 
 @dataclass
@@ -46,13 +48,28 @@ class PodLeftovers:
     shm: str = ""  # the pod's /dev/shm mount, if it has one
 
     def write(self, directory: Path) -> None:
-        """Into the pod's directory. Not atomic: a torn file (a crash right here) is skipped."""
-        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-        fd = os.open(directory / RECORD_FILE, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        try:
-            os.write(fd, json.dumps(asdict(self)).encode())
-        finally:
-            os.close(fd)
+        """Into the pod's directory."""
+        write_record(directory / RECORD_FILE, self)
+
+
+def write_record(path: Path, record: Any) -> None:
+    """A dataclass instance as JSON into `path`, its directory made if missing. Not atomic: a torn file
+    (a crash right here) is skipped by `read_record`."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        os.write(fd, json.dumps(asdict(record)).encode())
+    finally:
+        os.close(fd)
+
+
+def read_record(path: Path, kind: type[Record]) -> Record | None:
+    """What `write_record` wrote into `path`; None, logged, if it cannot be read (torn, say)."""
+    try:
+        return kind(**json.loads(path.read_bytes()))
+    except (OSError, ValueError, TypeError) as exc:
+        log.error("%s unreadable, skipped: %s", path, exc)
+        return None
 
 
 def forget(directory: Path) -> None:
@@ -65,7 +82,7 @@ async def sweep(sandboxer_dir: Path) -> int:
     stays while something it lists is still there, for the next sweep or the pod's Delete (`retry`)."""
     found: list[tuple[Path, PodLeftovers]] = []
     for record_path in sorted((sandboxer_dir / PODS_DIR).glob(f"*/{RECORD_FILE}")):
-        leftovers = _read(record_path)
+        leftovers = read_record(record_path, PodLeftovers)
         if leftovers is not None:
             log.warning("pod %s: left by a task server that is gone; ending its process %s",
                         record_path.parent.name, leftovers.pid or "(not recorded yet)")
@@ -82,20 +99,12 @@ async def retry(pod_directory: Path) -> bool:
     """End what the record in `pod_directory` still lists (a sweep kept it: something would not go then),
     for the pod's Delete in a task server that does not know the pod; whether nothing is left of it."""
     record_path = pod_directory / RECORD_FILE
-    leftovers = _read(record_path) if record_path.exists() else None
+    leftovers = read_record(record_path, PodLeftovers) if record_path.exists() else None
     if leftovers is None:  # none (the common case: no such pod), or torn: nothing to go by
         return True
     log.warning("pod %s: a task server that is gone left it, and not all of it went; trying again",
                 pod_directory.name)
     return not await _end([(pod_directory, leftovers)], [])
-
-
-def _read(record_path: Path) -> PodLeftovers | None:
-    try:
-        return PodLeftovers(**json.loads(record_path.read_bytes()))
-    except (OSError, ValueError, TypeError) as exc:
-        log.error("%s unreadable, skipped: %s", record_path, exc)
-        return None
 
 
 async def _end(found: list[tuple[Path, PodLeftovers]], unrecorded: list[tuple[int, int]]) -> list[Path]:

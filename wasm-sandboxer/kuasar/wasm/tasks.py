@@ -5,6 +5,8 @@ and the container's own cgroup and runs one module (runner.py); an exec is anoth
 the same cgroup, namespaces and rootfs. Exits come from the task server's reaper, like runc's.
 A process with a terminal gets a pty made here as its stdio and controlling terminal; the task server
 copies between its master and containerd's FIFOs (fifo_stdio.ProcessIO), as for runc's consoles.
+A container's cgroup and rootfs mount outlive a crash of the task server: they are recorded before
+they are made, for the task server started next (leftovers.py).
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ from kuasar.common.ttrpc import Context
 from . import resources
 from .cache import DEFAULT_MAX_BYTES, ModuleCache
 from .launch import RLIMITS, Launch, LaunchPlan, Stdio, User, launch, rlimit_values
+from .leftovers import ContainerLeftovers, ContainerRecords
 from .module import locate_module
 from .runner import Preopen, RunSpec
 
@@ -150,6 +153,7 @@ class WasmTasks(TerminalTasks):
             self.cache.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._pruned_at = 0.0
         self.containers: dict[str, Container] = {}
+        self.leftovers = ContainerRecords(directory)
 
     # -- planning ----------------------------------------------------------------------------------
     def select_runtime(self, spec: dict[str, Any]) -> tuple[str, str]:
@@ -227,13 +231,17 @@ class WasmTasks(TerminalTasks):
             proc = Process("", io=ProcessIO(req.stdin, req.stdout, req.stderr, req.terminal), spec=process_spec)
             container = Container(req.id, bundle, pod_id, ctx.namespace or "k8s.io", spec, rootfs, runtime,
                                   wasmedge, proc, memory_limit_of(spec))
+            path = cgroups.cgroupfs_path(str((spec.get("linux") or {}).get("cgroupsPath") or ""))
+            if path:
+                container.cgroup = cgroups.PodCgroup(path)  # (refuses a path out of the hierarchy)
+            # Before they are made: a task server killed in between would leave them to nobody.
+            self.leftovers.write(req.id, ContainerLeftovers(container.cgroup.path if container.cgroup else "",
+                                                            str(rootfs) if req.rootfs else ""))
             try:
                 if req.rootfs:
                     mounts.mount_rootfs(req.rootfs, rootfs)
                     container.rootfs_mounted = True
-                path = cgroups.cgroupfs_path(str((spec.get("linux") or {}).get("cgroupsPath") or ""))
-                if path:
-                    container.cgroup = cgroups.PodCgroup(path)
+                if container.cgroup is not None:
                     container.cgroup.create()
                     container.cgroup.leave_parents()
                     resources.apply_resources(container.cgroup,
@@ -387,18 +395,29 @@ class WasmTasks(TerminalTasks):
                             [p.pid for p in alive if not p.exited.is_set()])
 
     async def _release(self, container: Container) -> None:
-        """Undo what Create set up: go pipe, OOM watch, cgroup, rootfs mount."""
+        """Undo what Create set up: go pipe, OOM watch, cgroup, rootfs mount; and forget its record
+        unless the cgroup is still in use (the next task server's sweep tries again)."""
         if container.init.launch is not None:
             container.init.launch.close_go()
         if container.oom is not None:
             container.oom.close()
             container.oom = None
+        in_use = []
         if container.cgroup is not None:
             await _drain(container.cgroup)
-            container.cgroup.remove()
+            made = list(container.cgroup.created)
+            container.cgroup.remove()  # (leaves one still in use, and says so)
+            in_use = [directory for directory in made if os.path.isdir(directory)]
         if container.rootfs_mounted:
             mounts.unmount_all(container.rootfs)
             container.rootfs_mounted = False
+        if not in_use:
+            self.leftovers.forget(container.id)
+
+    async def sweep_leftovers(self) -> None:
+        """Remove what the containers of a task server that died left (leftovers.py); ours is the only
+        task server of the directory, so a container recorded there is none of ours."""
+        self.leftovers.sweep()
 
     # -- inspection --------------------------------------------------------------------------------
     async def state(self, req: task.StateRequest, ctx: Context) -> task.StateResponse:
