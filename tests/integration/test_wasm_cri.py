@@ -495,8 +495,8 @@ def test_a_killed_task_server_takes_its_wasm_containers_along_and_leaves_nothing
     # the pod's process leaf, was left for good: only the wasm task server's own record of it says it is ours.
     cgroup_parent = f"kuasar-wasm-crash-{os.getpid()}/pod-a"
     kubelets = [root / cgroup_parent for root in cgroups.hierarchy_roots()] if made_by_kubelet else []
-    for directory in kubelets:
-        directory.mkdir(parents=True)
+    if made_by_kubelet:  # as kubelet makes it: a v1 cpuset one with the CPUs and memory nodes of its parent
+        cgroups.PodCgroup(cgroup_parent).create()
 
     async def before() -> tuple[str, str]:
         async with CriClient(stack.address) as client:
