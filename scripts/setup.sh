@@ -46,6 +46,8 @@ PACKAGES=(runc containernetworking-plugins busybox-static iproute2 iptables util
           ca-certificates debian-archive-keyring)
 # QEMU (TCG micro-VMs of vm-agent / vmm-sandboxer); vhost-device-vsock comes from unstable (2c).
 PACKAGES+=(qemu-system-x86)
+# zstd: the guest image build unpacks Debian 13's zstd-compressed kernel (vmlinuz) with it.
+PACKAGES+=(zstd)
 # A C compiler and musl for kuasar-pause, the few-KB program every pod process becomes (2d): linked
 # statically against musl it is 34 KB and keeps ~12 KB of private memory per pod (glibc's static
 # startup: 690 KB and ~44 KB per pod).

@@ -1,8 +1,11 @@
 """The guest image's building blocks on the host: newc cpio writer, kernel module dependency resolution,
-ELF reading (shared-library needs, .modinfo), vmlinux extraction from a bzImage."""
+ELF reading (shared-library needs, .modinfo), vmlinux extraction from a bzImage, and the kernel
+package as Debian 12 and 13 ship it (synthetic .deb files: modules in lib/ or usr/lib/, plain or
+compressed; xz or zstd kernels)."""
 
 from __future__ import annotations
 
+import gzip
 import io
 import lzma
 import os
@@ -15,7 +18,10 @@ from pathlib import Path
 
 import pytest
 
-from kuasar.vmagent.imagebuild import bzimage, cpio, elf, kmods
+from kuasar.vmagent.imagebuild import builder, bzimage, compression, cpio, elf, kmods
+
+HAVE_ZSTD = shutil.which("zstd") is not None
+needs_zstd = pytest.mark.skipif(not HAVE_ZSTD, reason="no zstd program (make setup installs it)")
 
 # -- cpio -----------------------------------------------------------------------------------------------
 
@@ -264,3 +270,196 @@ def test_extract_vmlinux_gzip_and_errors() -> None:
     not_elf = lzma.compress(b"plain data", format=lzma.FORMAT_XZ)
     with pytest.raises(bzimage.KernelImageError, match="not an ELF"):
         bzimage.extract_vmlinux(make_bzimage(not_elf))
+
+
+# -- compression: zstd frames, compressed modules --------------------------------------------------------
+
+
+def zstd_frame(*blocks: tuple[int, bytes], descriptor: int = 0x20, header_extra: bytes = b"\x00",
+               checksum: bytes = b"") -> bytes:
+    """A hand-made zstd frame: (block type, block body) pairs; descriptor 0x20 is a single segment with
+    a 1-byte content size (header_extra), 0x24 adds a content checksum."""
+    out = compression.ZSTD_MAGIC + bytes([descriptor]) + header_extra
+    for i, (kind, body) in enumerate(blocks):
+        size = len(body) if kind != 1 else 200  # an RLE block's size is its regenerated size
+        last = 1 if i == len(blocks) - 1 else 0
+        out += (last | kind << 1 | size << 3).to_bytes(3, "little") + body
+    return out + checksum
+
+
+def test_zstd_frame_length_walks_blocks_and_ignores_what_follows() -> None:
+    raw, rle = (0, b"hello world"), (1, b"x")
+    assert compression.zstd_frame_length(zstd_frame(raw) + b"SIZE") == 4 + 2 + 3 + 11
+    assert compression.zstd_frame_length(zstd_frame(raw, rle, raw) + b"SIZE") == 4 + 2 + 3 * 3 + 11 + 1 + 11
+    # a frame with a checksum, a window descriptor (not single segment) and a 2-byte dictionary id
+    framed = zstd_frame(raw, descriptor=0x06, header_extra=b"\x50" + b"\x01\x02", checksum=b"CSUM")
+    assert compression.zstd_frame_length(framed + b"SIZE") == len(framed)
+    with pytest.raises(compression.CompressionError, match="truncated"):
+        compression.zstd_frame_length(zstd_frame(raw)[:-3])
+    with pytest.raises(compression.CompressionError, match="reserved"):
+        compression.zstd_frame_length(zstd_frame((3, b"")))
+
+
+@needs_zstd
+def test_zstd_frame_length_matches_the_zstd_program() -> None:
+    for argv in (["zstd", "-q", "-c", "-1"], ["zstd", "-q", "-c", "--ultra", "-22", "--check"]):
+        frame = subprocess.run(argv, input=FAKE_VMLINUX * 8, capture_output=True, check=True).stdout
+        assert compression.zstd_frame_length(frame + b"\x01\x02\x03\x04") == len(frame)
+    # the hand-made frames are real ones (1-byte content size: 11)
+    assert compression.decompress(zstd_frame((0, b"hello world"), header_extra=b"\x0b") + b"SIZE") == b"hello world"
+
+
+def zstd(data: bytes) -> bytes:
+    return subprocess.run(["zstd", "-q", "-c", "-19"], input=data, capture_output=True, check=True).stdout
+
+
+@needs_zstd
+def test_extract_vmlinux_zstd_with_appended_size() -> None:
+    """Debian 13's kernels are zstd-compressed (CONFIG_KERNEL_ZSTD), with the size appended."""
+    payload = zstd(FAKE_VMLINUX) + struct.pack("<I", len(FAKE_VMLINUX))
+    assert bzimage.extract_vmlinux(make_bzimage(payload)) == FAKE_VMLINUX
+
+
+def test_zstd_without_the_program_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(bzimage.KernelImageError, match="needs the zstd program"):
+        bzimage.extract_vmlinux(make_bzimage(zstd_frame((0, FAKE_VMLINUX[:100])) + b"SIZE"))
+
+
+def test_truncated_or_corrupt_streams_are_errors() -> None:
+    xz = lzma.compress(FAKE_VMLINUX, format=lzma.FORMAT_XZ)
+    with pytest.raises(compression.CompressionError, match="truncated"):
+        compression.decompress(xz[:len(xz) // 2])
+    with pytest.raises(compression.CompressionError, match="corrupt"):
+        compression.decompress(xz[:20] + bytes(200))
+
+
+def test_compressed_module_paths_and_contents() -> None:
+    ko = make_relocatable({".modinfo": b"name=9p\0depends=9pnet\0"})
+    assert compression.ko_path("kernel/fs/9p/9p.ko.xz") == "kernel/fs/9p/9p.ko"
+    assert compression.ko_path("kernel/fs/9p/9p.ko") == "kernel/fs/9p/9p.ko"
+    assert compression.module_contents("9p.ko.xz", lzma.compress(ko)) == ko
+    assert compression.module_contents("9p.ko.gz", gzip.compress(ko)) == ko
+    assert compression.module_contents("9p.ko", ko) == ko
+    assert kmods.is_module_file("a/b.ko.zst") and kmods.is_module_file("b.ko")
+    assert not kmods.is_module_file("modules.order") and not kmods.is_module_file("b.ko.bak")
+
+
+# -- the kernel package (synthetic .deb files shaped like Debian 12's and 13's) -----------------------------
+
+RELEASE = "6.99.0-1-amd64"
+PACKAGE = f"linux-image-{RELEASE}"
+# module path -> its dependencies (what the kernel build records in .modinfo)
+PACKAGE_MODULES = {
+    "kernel/drivers/virtio/virtio_mmio.ko": "",
+    "kernel/net/9p/9pnet.ko": "",
+    "kernel/fs/netfs/netfs.ko": "",
+    "kernel/fs/9p/9p.ko": "9pnet,netfs",
+    "kernel/fs/ext4/ext4.ko": "",
+}
+BUILTIN = "kernel/drivers/virtio/virtio.ko\nkernel/drivers/virtio/virtio_pci.ko\n"
+WANTED = ("virtio_mmio", "9p", "virtio_pci")
+EXPECTED_ORDER = ["kernel/drivers/virtio/virtio_mmio.ko", "kernel/fs/netfs/netfs.ko", "kernel/net/9p/9pnet.ko",
+                  "kernel/fs/9p/9p.ko"]
+
+
+def make_pvh_vmlinux() -> bytes:
+    """An ELF64 file whose one PT_NOTE holds the Xen PVH entry note (XEN_ELFNOTE_PHYS32_ENTRY)."""
+    note = struct.pack("<III", 4, 4, 18) + b"Xen\0" + struct.pack("<I", 0x1000000)
+    phoff, note_off = 64, 64 + 56
+    header = b"\x7fELF" + bytes([2, 1, 1]) + bytes(9)
+    header += struct.pack("<HHIQQQIHHHHHH", 2, 62, 1, 0, phoff, 0, 0, 64, 56, 1, 64, 0, 0)
+    phdr = struct.pack("<IIQQQQQQ", 4, 4, note_off, 0, 0, len(note), len(note), 4)
+    return header + phdr + note + bytes(range(256)) * 16
+
+
+def module_ko(path: str, depends: str) -> bytes:
+    name = kmods.module_name(path)
+    return make_relocatable({".text": b"\x90" * 16, ".modinfo": f"name={name}\0depends={depends}\0".encode()})
+
+
+MODULE_COMPRESSORS = {".ko": lambda data: data, ".ko.xz": lzma.compress, ".ko.gz": gzip.compress,
+                      ".ko.zst": lambda data: zstd(data)}
+KERNEL_COMPRESSORS = {"xz": lambda data: lzma.compress(data, format=lzma.FORMAT_XZ, check=lzma.CHECK_CRC32),
+                      "zstd": lambda data: zstd(data)}
+
+
+def make_kernel_deb(debs: Path, modules_dir: str, suffix: str, kernel_compression: str,
+                    modules: dict[str, str] = PACKAGE_MODULES, vmlinux: bytes | None = None) -> Path:
+    """debs/<package>_<version>_amd64.deb with boot/vmlinuz-*, boot/config-* and <modules_dir>/<release>/."""
+    root = debs.parent / f"root-{modules_dir.replace('/', '-')}{suffix}"
+    mod_root = root / modules_dir / RELEASE
+    for path, depends in modules.items():
+        target = mod_root / (compression.ko_path(path).removesuffix(".ko") + suffix)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(MODULE_COMPRESSORS[suffix](module_ko(path, depends)))
+    (mod_root / "modules.builtin").write_text(BUILTIN)
+    (mod_root / "modules.order").write_text("\n".join(modules) + "\n")
+    (root / "boot").mkdir(parents=True)
+    vmlinux = make_pvh_vmlinux() if vmlinux is None else vmlinux
+    payload = KERNEL_COMPRESSORS[kernel_compression](vmlinux) + struct.pack("<I", len(vmlinux))
+    (root / "boot" / f"vmlinuz-{RELEASE}").write_bytes(make_bzimage(payload))
+    (root / "boot" / f"config-{RELEASE}").write_text("CONFIG_PVH=y\n")
+    (root / "DEBIAN").mkdir()
+    (root / "DEBIAN" / "control").write_text(f"Package: {PACKAGE}\nVersion: 6.99.0-1\nArchitecture: amd64\n"
+                                             "Maintainer: test <test@example.invalid>\nDescription: test kernel\n")
+    debs.mkdir(parents=True, exist_ok=True)
+    deb = debs / f"{PACKAGE}_6.99.0-1_amd64.deb"
+    subprocess.run(["dpkg-deb", "--root-owner-group", "-Zgzip", "--build", str(root), str(deb)], check=True,
+                   capture_output=True)
+    return deb
+
+
+def kernel_options(tmp_path: Path, modules: tuple[str, ...] = WANTED) -> builder.Options:
+    return builder.Options(out_dir=tmp_path / "out", cache_dir=tmp_path / "cache", kernel_package=PACKAGE,
+                           modules=modules, progress=lambda message: None)
+
+
+@pytest.mark.parametrize("modules_dir, suffix, kernel_compression", [
+    pytest.param("lib/modules", ".ko", "xz", id="debian12"),
+    pytest.param("usr/lib/modules", ".ko.xz", "zstd", id="debian13", marks=needs_zstd),
+    pytest.param("usr/lib/modules", ".ko.xz", "xz", id="merged-usr-ko.xz"),
+    pytest.param("usr/lib/modules", ".ko.gz", "xz", id="ko.gz"),
+    pytest.param("lib/modules", ".ko.zst", "xz", id="ko.zst", marks=needs_zstd),
+])
+def test_prepare_kernel_from_debian_12_and_13_packages(tmp_path: Path, modules_dir: str, suffix: str,
+                                                       kernel_compression: str) -> None:
+    make_kernel_deb(tmp_path / "cache" / "debs", modules_dir, suffix, kernel_compression)
+    kernel = builder.prepare_kernel(kernel_options(tmp_path))
+    assert kernel.release == RELEASE
+    assert kernel.vmlinux.read_bytes() == make_pvh_vmlinux()
+    # virtio_pci is built in; the image gets plain .ko files (finit_module without decompression)
+    assert kernel.load_order == EXPECTED_ORDER
+    assert kernel.per_module["virtio_pci"] == [] and kernel.per_module["9p"] == EXPECTED_ORDER[1:]
+    for rel in kernel.load_order:
+        assert elf.modinfo((kernel.modules_dir / rel).read_bytes())["name"] == [kmods.module_name(rel)]
+    assert sorted(p.relative_to(kernel.modules_dir).as_posix() for p in kernel.modules_dir.rglob("*.ko")) == \
+        sorted(EXPECTED_ORDER)
+
+
+def test_kernel_package_problems_are_build_errors(tmp_path: Path) -> None:
+    """What the script reports as one line (a BuildError) instead of a traceback."""
+    debs = tmp_path / "cache" / "debs"
+    make_kernel_deb(debs, "usr/lib/modules", ".ko.xz", "xz")
+    with pytest.raises(builder.BuildError, match="module nosuch not found"):
+        builder.prepare_kernel(kernel_options(tmp_path, ("nosuch",)))
+
+    shutil.rmtree(tmp_path / "cache")
+    make_kernel_deb(debs, "usr/lib/modules", ".ko.xz", "xz", modules={"kernel/fs/9p/9p.ko": "9pnet"})
+    with pytest.raises(builder.BuildError, match="depends on modules not in the package: 9pnet"):
+        builder.prepare_kernel(kernel_options(tmp_path))
+
+    shutil.rmtree(tmp_path / "cache")
+    make_kernel_deb(debs, "usr/lib/modules", ".ko.xz", "xz", vmlinux=b"not an ELF file")
+    with pytest.raises(builder.BuildError, match="not an ELF"):
+        builder.prepare_kernel(kernel_options(tmp_path))
+
+
+def test_corrupt_compressed_module_is_a_build_error_naming_it(tmp_path: Path) -> None:
+    deb = make_kernel_deb(tmp_path / "cache" / "debs", "usr/lib/modules", ".ko.xz", "xz")
+    root = tmp_path / "cache" / "root-usr-lib-modules.ko.xz"
+    (root / "usr/lib/modules" / RELEASE / "kernel/fs/9p/9p.ko.xz").write_bytes(b"\xfd7zXZ\x00" + bytes(64))
+    subprocess.run(["dpkg-deb", "--root-owner-group", "-Zgzip", "--build", str(root), str(deb)], check=True,
+                   capture_output=True)
+    with pytest.raises(builder.BuildError, match=r"kernel/fs/9p/9p\.ko\.xz: corrupt"):
+        builder.prepare_kernel(kernel_options(tmp_path))

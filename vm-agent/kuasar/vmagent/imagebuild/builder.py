@@ -4,7 +4,9 @@ Inputs, all from the host's Debian packages and this repository:
 
 * kernel: the generic `linux-image-<abi>-amd64` flavour (it has 9p; the cloud flavour does not),
   fetched with `apt-get download`, never installed; `vmlinux` is decompressed from its bzImage and
-  the modules the agent loads are resolved from their own `.modinfo` (modules.dep);
+  the modules the agent loads are resolved from their own `.modinfo` (modules.dep). Debian 12's
+  package has xz and plain `lib/modules/*/*.ko`, Debian 13's zstd and `usr/lib/modules/*/*.ko.xz`
+  (the image gets them decompressed);
 * busybox (static), runc with the shared libraries it links (resolved like ldd, from ELF headers);
 * kuasar-pause (static, built by setup): the holder of a pod's shared PID namespace;
 * Debian's `python3` (3.11 or later; `/usr/bin/python3.11` first) with only the stdlib modules the
@@ -30,13 +32,15 @@ import sys
 import tarfile
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from kuasar.common.pod_holder import PAUSE_PROGRAM, pause_program
 
 from . import bzimage, cpio, elf, kmods
+from .compression import CompressionError, ko_path, module_contents
 
 REPO = Path(__file__).resolve().parents[4]
 BUILDER_VERSION = "1"
@@ -124,6 +128,18 @@ for src, dst, dfile in json.load(sys.stdin):
 
 class BuildError(RuntimeError):
     pass
+
+
+# Errors of the package, kernel and ELF readers: the build reports them as BuildError, naming the input.
+_READER_ERRORS = (kmods.ModuleError, bzimage.KernelImageError, elf.ElfError, CompressionError)
+
+
+@contextmanager
+def _reading(what: str) -> Iterator[None]:
+    try:
+        yield
+    except _READER_ERRORS as err:
+        raise BuildError(f"{what}: {err}") from err
 
 
 @dataclass
@@ -214,8 +230,13 @@ def _data_tar(deb: Path):
     return subprocess.Popen(["dpkg-deb", "--fsys-tarfile", str(deb)], stdout=subprocess.PIPE)
 
 
+# Debian 12 ships the modules in lib/modules/<release>/, Debian 13 (merged /usr) in usr/lib/modules/.
+_MODULES_DIR = re.compile(r"(?:usr/)?lib/modules/([^/]+)/(.*)$")
+
+
 def _scan_package(deb: Path) -> tuple[dict[str, bytes], dict[str, dict[str, list[str]]], str]:
-    """Pass 1: boot files and modules.builtin (kept) and every module's modinfo (parsed)."""
+    """Pass 1: boot files and modules.builtin (kept) and every module's modinfo (parsed), keyed by
+    its path as a plain .ko (the image carries compressed modules decompressed)."""
     keep: dict[str, bytes] = {}
     infos: dict[str, dict[str, list[str]]] = {}
     release = ""
@@ -226,14 +247,15 @@ def _scan_package(deb: Path) -> tuple[dict[str, bytes], dict[str, dict[str, list
             name = member.name.removeprefix("./")
             if not member.isfile():
                 continue
-            match = re.match(r"lib/modules/([^/]+)/(.*)$", name)
+            match = _MODULES_DIR.match(name)
             if name.startswith("boot/vmlinuz-") or name.startswith("boot/config-"):
                 keep[name] = tar.extractfile(member).read()
                 release = name.split("-", 1)[1]
             elif match and match.group(2) in ("modules.builtin", "modules.order"):
                 keep[match.group(2)] = tar.extractfile(member).read()
-            elif match and name.endswith(".ko"):
-                infos[match.group(2)] = elf.modinfo(tar.extractfile(member).read())
+            elif match and kmods.is_module_file(name):
+                with _reading(f"{deb.name}: {name}"):
+                    infos[ko_path(match.group(2))] = elf.modinfo(module_contents(name, tar.extractfile(member).read()))
     if proc.wait() != 0:
         raise BuildError(f"dpkg-deb --fsys-tarfile {deb} failed")
     if not release or f"boot/vmlinuz-{release}" not in keep:
@@ -242,17 +264,18 @@ def _scan_package(deb: Path) -> tuple[dict[str, bytes], dict[str, dict[str, list
 
 
 def _extract_modules(deb: Path, release: str, wanted: set[str], dest: Path) -> None:
-    """Pass 2: just the wanted .ko files."""
+    """Pass 2: just the wanted modules, as plain .ko files (`wanted`: their .ko paths)."""
     proc = _data_tar(deb)
     assert proc.stdout is not None
-    prefix = f"lib/modules/{release}/"
     with tarfile.open(fileobj=proc.stdout, mode="r|") as tar:
         for member in tar:
             name = member.name.removeprefix("./")
-            if member.isfile() and name.startswith(prefix) and name[len(prefix):] in wanted:
-                target = dest / name[len(prefix):]
+            match = _MODULES_DIR.match(name)
+            if member.isfile() and match and match.group(1) == release and ko_path(match.group(2)) in wanted:
+                target = dest / ko_path(match.group(2))
                 target.parent.mkdir(parents=True, exist_ok=True)
-                target.write_bytes(tar.extractfile(member).read())
+                with _reading(f"{deb.name}: {name}"):
+                    target.write_bytes(module_contents(name, tar.extractfile(member).read()))
     if proc.wait() != 0:
         raise BuildError(f"dpkg-deb --fsys-tarfile {deb} failed")
     missing = [w for w in wanted if not (dest / w).is_file()]
@@ -290,15 +313,17 @@ def prepare_kernel(opts: Options) -> Kernel:
     shutil.rmtree(kdir, ignore_errors=True)
     kdir.mkdir(parents=True)
     keep, infos, release = _scan_package(deb)
-    dep_text = kmods.build_modules_dep_from_info(infos)
-    (kdir / "modules.dep").write_text(dep_text)
-    table = kmods.parse_modules_dep(dep_text)
-    builtin = keep.get("modules.builtin", b"").decode().split()
-    order = kmods.load_order(table, opts.modules, builtin)
-    per_module = {kmods.normalize(m): kmods.load_order(table, [m], builtin) for m in opts.modules}
-    opts.progress(f"extracting vmlinux from vmlinuz-{release} ({len(order)} modules to load)")
-    vmlinux = bzimage.extract_vmlinux(keep[f"boot/vmlinuz-{release}"])
-    if not bzimage.has_pvh_note(vmlinux):
+    with _reading(deb.name):
+        dep_text = kmods.build_modules_dep_from_info(infos)
+        (kdir / "modules.dep").write_text(dep_text)
+        table = kmods.parse_modules_dep(dep_text)
+        builtin = keep.get("modules.builtin", b"").decode().split()
+        order = kmods.load_order(table, opts.modules, builtin)
+        per_module = {kmods.normalize(m): kmods.load_order(table, [m], builtin) for m in opts.modules}
+        opts.progress(f"extracting vmlinux from vmlinuz-{release} ({len(order)} modules to load)")
+        vmlinux = bzimage.extract_vmlinux(keep[f"boot/vmlinuz-{release}"])
+        pvh = bzimage.has_pvh_note(vmlinux)
+    if not pvh:
         raise BuildError(f"vmlinux of {package} has no PVH entry note: QEMU cannot boot it directly")
     (kdir / "vmlinux").write_bytes(vmlinux)
     (kdir / f"config-{release}").write_bytes(keep[f"boot/config-{release}"])
@@ -467,7 +492,8 @@ def _build_locked(opts: Options) -> dict:
         pycs = compile_pycs(python, sources, staging / "py")
         opts.progress("resolving shared libraries (ELF DT_NEEDED)")
         so_files = [p for img, p in binaries.items() if img.endswith(".so")]
-        libs = elf.library_closure([python, runc, *so_files])
+        with _reading("shared libraries"):
+            libs = elf.library_closure([python, runc, *so_files])
         tree = _base_tree(opts.busybox)
         for img_path, src in binaries.items():
             tree.copy(img_path, src)

@@ -10,21 +10,14 @@ position from the boot protocol header instead of scanning for magic bytes:
 
 from __future__ import annotations
 
-import bz2
-import lzma
 import struct
-import zlib
+
+from .compression import CompressionError, decompress
 
 SETUP_SECTS = 0x1F1
 HEADER_MAGIC_OFFSET = 0x202
 PAYLOAD_OFFSET = 0x248
 
-XZ_MAGIC = b"\xfd7zXZ\x00"
-GZIP_MAGIC = b"\x1f\x8b"
-BZIP2_MAGIC = b"BZh"
-LZMA_MAGIC = b"\x5d\x00\x00"
-LZ4_LEGACY_MAGIC = b"\x02\x21\x4c\x18"
-ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 ELF_MAGIC = b"\x7fELF"
 
 
@@ -44,25 +37,11 @@ def payload(bzimage: bytes) -> bytes:
     return bzimage[start:start + length]
 
 
-def decompress(data: bytes) -> bytes:
-    """Decompress one stream; trailing bytes (the kernel appends the size) are ignored."""
-    if data.startswith(XZ_MAGIC):
-        return lzma.LZMADecompressor(format=lzma.FORMAT_XZ).decompress(data)
-    if data.startswith(GZIP_MAGIC):
-        return zlib.decompressobj(16 + zlib.MAX_WBITS).decompress(data)
-    if data.startswith(BZIP2_MAGIC):
-        return bz2.BZ2Decompressor().decompress(data)
-    if data.startswith(LZMA_MAGIC):
-        return lzma.LZMADecompressor(format=lzma.FORMAT_ALONE).decompress(data)
-    if data.startswith(LZ4_LEGACY_MAGIC) or data.startswith(ZSTD_MAGIC):
-        kind = "LZ4" if data.startswith(LZ4_LEGACY_MAGIC) else "zstd"
-        raise KernelImageError(f"{kind}-compressed kernel: use a flavour compressed with xz or gzip "
-                               "(Debian's generic amd64 flavour is xz)")
-    raise KernelImageError(f"unknown kernel compression (magic {data[:6].hex()})")
-
-
 def extract_vmlinux(bzimage: bytes) -> bytes:
-    vmlinux = decompress(payload(bzimage))
+    try:
+        vmlinux = decompress(payload(bzimage))
+    except CompressionError as err:
+        raise KernelImageError(f"kernel payload: {err}") from None
     if not vmlinux.startswith(ELF_MAGIC):
         raise KernelImageError("decompressed payload is not an ELF file")
     return vmlinux
@@ -87,4 +66,4 @@ def has_pvh_note(vmlinux: bytes) -> bool:
     return False
 
 
-__all__ = ["KernelImageError", "decompress", "extract_vmlinux", "has_pvh_note", "payload"]
+__all__ = ["KernelImageError", "extract_vmlinux", "has_pvh_note", "payload"]

@@ -13,8 +13,9 @@ from collections.abc import Iterable, Mapping
 from pathlib import PurePosixPath
 
 from . import elf
+from .compression import MODULE_SUFFIXES
 
-_KO_RE = re.compile(r"\.ko(\.xz|\.zst|\.gz)?$")
+_KO_RE = re.compile("(" + "|".join(re.escape(s) for s in (".ko", *MODULE_SUFFIXES)) + ")$")
 
 
 class ModuleError(LookupError):
@@ -24,6 +25,11 @@ class ModuleError(LookupError):
 def module_name(path: str) -> str:
     """"kernel/net/9p/9pnet_virtio.ko" -> "9pnet_virtio" (dashes and underscores are the same)."""
     return _KO_RE.sub("", PurePosixPath(path).name).replace("-", "_")
+
+
+def is_module_file(path: str) -> bool:
+    """`x.ko`, or `x.ko` compressed the ways kmod knows."""
+    return _KO_RE.search(path) is not None
 
 
 def normalize(name: str) -> str:
