@@ -4,7 +4,8 @@
     python scripts/build_guest_image.py [--out DIR] [--kernel-package linux-image-X-amd64]
                                          [--compression none|lz4] [--force]
 
-See kuasar.vmagent.imagebuild.builder for what goes in.
+See kuasar.vmagent.imagebuild.builder for what goes in. Exit status: 0 built (or up to date),
+3 (EXIT_KERNEL_UNAVAILABLE) the kernel package cannot be downloaded here, 1 any other failure.
 """
 
 from __future__ import annotations
@@ -16,7 +17,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT / "vm-agent"), str(ROOT / "common")]
 
-from kuasar.vmagent.imagebuild.builder import BuildError, Options, build  # noqa: E402
+from kuasar.vmagent.imagebuild.builder import (  # noqa: E402
+    EXIT_KERNEL_UNAVAILABLE,
+    BuildError,
+    KernelUnavailable,
+    Options,
+    build,
+)
 
 
 def main() -> int:
@@ -37,7 +44,7 @@ def main() -> int:
                       python_flags=args.python_flags))
     except BuildError as err:
         print(f"guest-image: ERROR: {err}", file=sys.stderr)
-        return 1
+        return EXIT_KERNEL_UNAVAILABLE if isinstance(err, KernelUnavailable) else 1
     return 0
 
 

@@ -15,7 +15,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -36,6 +35,7 @@ from kuasar.common.errors import NotFound
 from kuasar.common.ttrpc import TtrpcClient
 from kuasar.vmagent.imagebuild.builder import default_python
 from kuasar.vmagent.launch import MicroVm, VmConfig, find_tool
+from tests.support.guest_image import build_guest_image
 
 pytestmark = pytest.mark.integration
 
@@ -64,16 +64,6 @@ def skip_reason() -> str | None:
         if not os.path.exists(tool) and shutil.which(tool) is None:
             return f"{tool} missing: cannot build the guest image"
     return None
-
-
-def build_image() -> None:
-    """`make guest-image` (cached: a no-op when nothing changed). A kernel that cannot be fetched skips."""
-    result = subprocess.run([sys.executable, str(REPO / "scripts" / "build_guest_image.py")],
-                            capture_output=True, text=True, timeout=900)
-    if result.returncode != 0:
-        if "apt-get" in result.stderr and "download" in result.stderr:
-            pytest.skip(f"guest kernel package could not be downloaded:\n{result.stderr[-2000:]}")
-        pytest.fail(f"guest image build failed:\n{result.stderr[-4000:]}")
 
 
 def make_bundle(share: Path, cid: str, args: list[str]) -> None:
@@ -149,17 +139,15 @@ def test_vm_agent_end_to_end() -> None:
     if reason:
         pytest.skip(reason)
     t0 = time.monotonic()
-    build_image()
+    vmlinux, initrd = build_guest_image(timeout=900)
     build_s = time.monotonic() - t0
-    manifest = json.loads((IMAGE / "manifest.json").read_text())
-    initrd = IMAGE / manifest["initramfs"]["file"]
     # Short paths: unix socket names (and `<uds>_1025`) must fit in 108 bytes.
     work = Path(tempfile.mkdtemp(prefix="vmagent-", dir="/tmp"))
     share = work / "share"
     share.mkdir()
     make_bundle(share, "hello", ["sh", "-c", "echo hello from $(hostname) in the vm; echo to-stderr >&2; exit 3"])
     make_bundle(share, "sleeper", ["sleep", "3600"])
-    config = VmConfig(IMAGE / "vmlinux", initrd, work / "vm", share_dir=share, debug_console=True, nics=[MAC],
+    config = VmConfig(vmlinux, initrd, work / "vm", share_dir=share, debug_console=True, nics=[MAC],
                       vhost_vsock=find_tool("vhost-device-vsock") or "vhost-device-vsock")
     vm = MicroVm(config)
     figures: dict[str, float] = {"image_build_s": build_s}

@@ -22,7 +22,6 @@ import secrets
 import shutil
 import signal
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -40,6 +39,7 @@ from kuasar.common.api.runtime.v1 import api_pb2 as cri
 from kuasar.common.cri_client import CriClient, container_config, pod_config
 from tests.support import containerd as cd
 from tests.support import images
+from tests.support.guest_image import build_guest_image
 
 from .conftest import integration_skip_reason, start_sandboxer, stop_process
 from .cri_helpers import (
@@ -56,8 +56,6 @@ from .cri_helpers import (
 
 pytestmark = pytest.mark.integration
 
-REPO = Path(__file__).resolve().parents[2]
-IMAGE_DIR = REPO / "build" / "guest"
 BUSYBOX = "localhost/kuasar/busybox:latest"
 HANDLER = "kuasar-vmm"
 RUNTIME = {"runtime_type": "io.containerd.kuasar-vmm.v1", "sandboxer": "vmm", "io_type": "streaming"}
@@ -95,18 +93,6 @@ def vm_skip_reason() -> str | None:
     return None
 
 
-def guest_image() -> tuple[Path, Path]:
-    """build/guest/{vmlinux, initramfs}: built by the (cached) image script when missing or stale."""
-    result = subprocess.run([sys.executable, str(REPO / "scripts" / "build_guest_image.py")],
-                            capture_output=True, text=True, timeout=1200)
-    if result.returncode != 0:
-        if "apt-get" in result.stderr and "download" in result.stderr:
-            pytest.skip(f"guest kernel package could not be downloaded:\n{result.stderr[-2000:]}")
-        pytest.fail(f"guest image build failed:\n{result.stderr[-4000:]}")
-    manifest = json.loads((IMAGE_DIR / "manifest.json").read_text())
-    return IMAGE_DIR / "vmlinux", IMAGE_DIR / manifest["initramfs"]["file"]
-
-
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VmStack]:
     with vm_stack(tmp_path_factory.mktemp("vmm"), bridge="kuasar-vm0", subnet="10.249.0.0/16") as current:
@@ -119,7 +105,7 @@ def vm_stack(base: Path, *, bridge: str, subnet: str) -> Iterator[VmStack]:
     reason = vm_skip_reason()
     if reason:
         pytest.skip(reason)
-    kernel, initrd = guest_image()
+    kernel, initrd = build_guest_image(timeout=1200)
     short = Path(f"/run/{bridge.replace('kuasar-', 'k')}-{secrets.token_hex(2)}")  # socket paths must stay short
     short.mkdir(mode=0o700)
     socket, directory = short / "vmm.sock", short / "vmm"

@@ -6,6 +6,7 @@ compressed; xz or zstd kernels)."""
 from __future__ import annotations
 
 import gzip
+import importlib.util
 import io
 import lzma
 import os
@@ -13,6 +14,7 @@ import shutil
 import stat
 import struct
 import subprocess
+import sys
 import zlib
 from pathlib import Path
 
@@ -20,6 +22,7 @@ import pytest
 
 from kuasar.vmagent.imagebuild import builder, bzimage, compression, cpio, elf, kmods
 
+REPO = Path(__file__).resolve().parents[2]
 HAVE_ZSTD = shutil.which("zstd") is not None
 needs_zstd = pytest.mark.skipif(not HAVE_ZSTD, reason="no zstd program (make setup installs it)")
 
@@ -463,3 +466,53 @@ def test_corrupt_compressed_module_is_a_build_error_naming_it(tmp_path: Path) ->
                    capture_output=True)
     with pytest.raises(builder.BuildError, match=r"kernel/fs/9p/9p\.ko\.xz: corrupt"):
         builder.prepare_kernel(kernel_options(tmp_path))
+
+
+# -- the kernel download and what the image script reports ----------------------------------------------
+
+
+def fake_apt(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """apt-get and apt-cache that fail as they do offline."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in ("apt-get", "apt-cache"):
+        (bin_dir / tool).write_text("#!/bin/sh\necho 'E: Failed to fetch' >&2\nexit 100\n")
+        (bin_dir / tool).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:/usr/bin:/bin")
+
+
+def test_a_kernel_that_cannot_be_downloaded_is_kernel_unavailable(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    fake_apt(tmp_path, monkeypatch)
+    with pytest.raises(builder.KernelUnavailable, match="Failed to fetch"):
+        builder.fetch_kernel_deb(PACKAGE, tmp_path / "debs", lambda message: None)
+    with pytest.raises(builder.KernelUnavailable):
+        builder.resolve_kernel_package()
+
+
+def load_image_script():
+    spec = importlib.util.spec_from_file_location("build_guest_image", REPO / "scripts" / "build_guest_image.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("unavailable", [True, False], ids=["kernel-unavailable", "build-failed"])
+def test_image_script_exit_status_tells_an_unavailable_kernel_from_a_failed_build(
+        unavailable: bool, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """The VM tests skip on the first (offline) and fail on the second, whatever progress lines came before."""
+    script = load_image_script()
+    if unavailable:
+        error, status = builder.KernelUnavailable("apt-get download failed"), builder.EXIT_KERNEL_UNAVAILABLE
+    else:
+        error, status = builder.BuildError("zstd-compressed data needs the zstd program"), 1
+
+    def fail(options: builder.Options) -> dict:
+        options.progress(f"downloading {PACKAGE} (apt-get download)")
+        raise error
+
+    monkeypatch.setattr(script, "build", fail)
+    monkeypatch.setattr(sys, "argv", ["build_guest_image.py"])
+    assert script.main() == status
+    assert f"guest-image: ERROR: {error}" in capsys.readouterr().err
