@@ -59,7 +59,7 @@ def skip_reason() -> str | None:
     if find_tool("vhost-device-vsock") is None:
         return "vhost-device-vsock not installed (make setup puts it in .prefix/bin)"
     if default_python() is None:
-        return "no /usr/bin/python3.11 (or python3 >= 3.11) to put in the guest image"
+        return "no /usr/bin/python3 >= 3.11 to put in the guest image"
     for tool in (str(BUSYBOX), "apt-get", "dpkg-deb"):
         if not os.path.exists(tool) and shutil.which(tool) is None:
             return f"{tool} missing: cannot build the guest image"

@@ -37,6 +37,7 @@ from kuasar.common.api.containerd.services.sandbox.v1 import sandbox_pb2 as sb
 from kuasar.common.api.containerd.services.sandbox.v1 import sandbox_pb2_grpc as sb_grpc
 from kuasar.common.api.runtime.v1 import api_pb2 as cri
 from kuasar.common.cri_client import CriClient, container_config, pod_config
+from kuasar.vmagent.imagebuild.builder import default_python
 from tests.support import containerd as cd
 from tests.support import images
 from tests.support.guest_image import build_guest_image
@@ -87,7 +88,9 @@ def vm_skip_reason() -> str | None:
 
     if find_program("vhost-device-vsock") is None:
         return "vhost-device-vsock not installed (make setup)"
-    for tool in ("/usr/bin/python3.11", "/bin/busybox", "nsenter", "tc"):
+    if default_python() is None:
+        return "no /usr/bin/python3 >= 3.11 to put in the guest image"
+    for tool in ("/bin/busybox", "nsenter", "tc"):
         if not os.path.exists(tool) and shutil.which(tool) is None:
             return f"{tool} missing"
     return None
