@@ -7,6 +7,7 @@ sandbox per pod, every container of the pod a runsc sub-container on the same ap
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import platform
 import secrets
@@ -457,6 +458,56 @@ def test_a_killed_task_server_leaves_no_sandbox_behind(gvisor: Stack) -> None:
 
     gvisor.run(after())
     assert_nothing_left(gvisor)
+
+
+CREATE_CATCH_ATTEMPTS = 10
+
+
+def test_a_runsc_create_still_running_when_its_task_server_dies_is_ended_by_the_next(gvisor: Stack) -> None:
+    """A SIGKILL of the task server during `runsc create` (~0.1-0.2 s of every RunPodSandbox) left the
+    create running. runsc saves a sandbox's state only at the end of its create, so the next task
+    server's sweep (`runsc list`) did not see it, and the sandbox it then finished (runsc-sandbox, gofer,
+    its cgroup) lived on until the task server after that. The next task server now ends the create,
+    and what it started, before it sweeps."""
+    import signal
+
+    root = gvisor.sandboxer_dir / "runsc"
+    cgroup = f"kuasar-it-gv-create-{os.getpid()}"
+
+    def creating() -> bool:
+        return any("create" in (p.info["cmdline"] or []) for p in runsc_processes(root))
+
+    async def attempt(index: int) -> bool:
+        """Whether the task server was killed while a create ran (a create missed is a pod removed)."""
+        async with CriClient(gvisor.address) as client:
+            name = f"gv-hung-create-{index}"
+            running = asyncio.ensure_future(run_pod(client, name, gvisor.log_dir, cgroup_parent=cgroup))
+            while not running.done() and not creating():  # noqa: ASYNC110 - runsc is another process: polled
+                await asyncio.sleep(0.005)
+            if running.done():
+                pod_id, _ = running.result()
+                await remove_pod(client, pod_id)
+                return False
+            os.kill(int((gvisor.sandboxer_dir / "task-server.pid").read_text()), signal.SIGKILL)
+            with contextlib.suppress(Exception):  # its Start failed with its task server: the pod is removed
+                pod_id, _ = await running
+                await remove_pod(client, pod_id)
+            return True
+
+    try:
+        assert any(gvisor.run(attempt(index)) for index in range(CREATE_CATCH_ATTEMPTS)), \
+            "no RunPodSandbox was caught during its runsc create"
+        time.sleep(2)  # past the end a create left running would have reached
+        assert_nothing_left(gvisor)
+        assert cgroups_named(cgroup) == []  # the sandbox's, and the pod's parent made for it
+    finally:
+        for directory in sorted(cgroups_named(cgroup), reverse=True):  # left only if the test failed
+            for child in directory.iterdir():
+                if child.is_dir():
+                    with contextlib.suppress(OSError):
+                        child.rmdir()
+            with contextlib.suppress(OSError):
+                directory.rmdir()
 
 
 def test_a_pod_with_its_own_user_namespace_is_refused_at_run_pod_sandbox(gvisor: Stack) -> None:

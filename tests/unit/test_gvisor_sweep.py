@@ -61,6 +61,7 @@ def test_each_sandbox_goes_after_its_containers_and_sandboxes_go_side_by_side(tm
     tasks = GvisorTasks.__new__(GvisorTasks)  # only its runsc and its directory are used
     tasks.runsc = FakeRunsc()
     tasks.directory = tmp_path
+    tasks._end_runtime_commands = lambda: asyncio.sleep(0)  # no runsc runs here (test_runtime_commands)
     asyncio.run(tasks.sweep_leftovers())
     order = [container_id for step, container_id in steps if step == "begin"]
     for sandbox, containers in (("pod1", ("c1", "c3")), ("pod2", ("c2",))):

@@ -8,7 +8,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from kuasar.common.bounded import SWEEP_CONCURRENCY
-from kuasar.common.runc_tasks import RuncContainerTasks, _create_of
+from kuasar.common.runc_tasks import RuncContainerTasks
 
 
 class CountingRunc:
@@ -46,18 +46,8 @@ def test_leftover_containers_are_deleted_many_at_a_time_and_only_ours(tmp_path: 
     _leftover(root, "not an id!", {})
     (root / "no-state").mkdir()
     runc = CountingRunc(root)
-    tasks = SimpleNamespace(runc=runc, _end_runc_commands=lambda: asyncio.sleep(0))  # no runc runs here
+    tasks = SimpleNamespace(runc=runc, _end_runtime_commands=lambda: asyncio.sleep(0))  # no runc runs here
     asyncio.run(RuncContainerTasks.sweep_leftovers(tasks))  # type: ignore[arg-type]
     assert sorted(runc.deleted) == names
     assert runc.most_at_once == SWEEP_CONCURRENCY
 
-
-def test_a_runc_create_command_line_names_its_container_and_bundle() -> None:
-    argv = [b"runc", b"--root", b"/run/k/runc", b"--log", b"/x/log.json", b"--log-format", b"json", b"create",
-            b"--bundle", b"/b/ctr", b"--pid-file", b"/x/init.pid", b"--console-socket", b"/c/1.sock", b"ctr-1", b""]
-    assert _create_of(argv) == ("ctr-1", Path("/b/ctr"))
-    # Not a create, a relative bundle, an id runc would not have taken, a truncated line: nothing to remove.
-    assert _create_of([b"runc", b"--root", b"/r", b"delete", b"--force", b"ctr-1"]) is None
-    assert _create_of([b"runc", b"--root", b"/r", b"create", b"--bundle", b"b", b"ctr-1"]) is None
-    assert _create_of([b"runc", b"--root", b"/r", b"create", b"--bundle", b"/b", b"../x"]) is None
-    assert _create_of([b"runc", b"--root", b"/r", b"create", b"--bundle"]) is None

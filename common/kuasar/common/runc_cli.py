@@ -28,8 +28,9 @@ ERROR_LEVELS = ("error", "fatal")
 # A created container's init blocks writing one byte to this FIFO in its state directory
 # (`<root>/<id>/`); `runc start` is reading that byte and removing the FIFO (runc 1.0 to 1.5 alike).
 EXEC_FIFO = "exec.fifo"
-# How every command names our root: how a task server finds the commands a dead one left running.
-RUNC_ROOT_FLAG = "--root"
+# How every command names our root, runc's and runsc's alike: how a task server finds the commands a
+# dead one left running (runtime_commands).
+ROOT_FLAG = "--root"
 # What runc says when the process to signal has ended (lower case), as containerd's shim reads it.
 KILL_TARGET_GONE = ("container not running", "no such process", "process already finished")
 # Newer runc runs poststart hooks in `runc start` itself; a spec naming one is started by the command.
@@ -79,7 +80,7 @@ class Runc:
         root.mkdir(parents=True, exist_ok=True, mode=0o700)
 
     def _argv(self, log_path: Path | None, *args: str) -> list[str]:
-        argv = [self.binary, RUNC_ROOT_FLAG, str(self.root)]
+        argv = [self.binary, ROOT_FLAG, str(self.root)]
         if log_path is not None:
             argv += ["--log", str(log_path), "--log-format", "json"]
         return argv + list(args)

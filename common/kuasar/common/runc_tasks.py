@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import json
 import logging
 import os
@@ -25,7 +24,7 @@ from typing import Any
 
 from google.protobuf import any_pb2, empty_pb2
 
-from . import cgroups, mounts, strays
+from . import cgroups, mounts
 from .api.containerd.runc.options import oci_pb2 as runc_options
 from .api.containerd.runtime.task.v2 import shim_pb2 as task
 from .api.containerd.types.task import task_pb2 as types
@@ -35,8 +34,8 @@ from .errors import FailedPrecondition, InvalidArgument, KuasarError, NotFound
 from .ids import validate_id
 from .oom import OomWatch
 from .reaper import Exit, Reaper
-from .runc_cli import RUNC_ROOT_FLAG, Runc, Stdio
-from .spawn import resolve
+from .runc_cli import Runc, Stdio
+from .runtime_commands import LeftRuntimeCommands
 from .task_table import (
     NEVER_RAN_EXIT_STATUS,
     STATS_OF_STOPPED,
@@ -97,7 +96,7 @@ def _bundle_of(state: Any) -> Path | None:
     return Path(bundle) if os.path.isabs(bundle) else None
 
 
-class RuncContainerTasks(TerminalTasks):
+class RuncContainerTasks(LeftRuntimeCommands, TerminalTasks):
     """A backend's containers (RuncContainer) are run by `self.runc`."""
 
     runc: Runc
@@ -225,10 +224,11 @@ class RuncContainerTasks(TerminalTasks):
 
     async def sweep_leftovers(self) -> None:
         """Delete every container in our runc root, with its rootfs mount: a task server just started
-        knows none of them, so they are a dead one's (see pod_leftovers)."""
+        knows none of them, so they are a dead one's (see pod_leftovers). The runc commands it left
+        running are ended first (runtime_commands)."""
         if not self.runc.root.is_dir():
             return
-        await self._end_runc_commands()
+        await self._end_runtime_commands()
         leftovers: list[tuple[str, Path | None]] = []
         for entry in sorted(self.runc.root.iterdir()):
             try:
@@ -252,61 +252,15 @@ class RuncContainerTasks(TerminalTasks):
 
         await each_bounded(leftovers, sweep_one, SWEEP_CONCURRENCY)
 
-    async def _end_runc_commands(self) -> None:
-        """End every runc command a dead task server left running on our root (a `runc create` waiting
-        on a hook, say), and all it started (the hook, and what that forked): one that finished after
-        the sweep would leave a container nobody knows of. A create ended before runc saved its state
-        leaves what the sweep cannot find, removed here: the rootfs mount, the container's cgroup (and
-        its init, if it lingers) and runc's directory. Only our runc binary, in our mount namespace, is
-        believed."""
-        flag, root = os.fsencode(RUNC_ROOT_FLAG), os.fsencode(self.runc.root)
-        try:
-            runc = resolve(self.runc.binary)
-        except NotFound:  # then no runc command of ours can be running either
-            return
-        commands = strays.commands_of(runc, lambda argv: any(
-            (name, value) == (flag, root) for name, value in itertools.pairwise(argv)))
-        if not commands:
-            return
-        ended = [(pid, start) for pid, start, _ in commands]
-        ended += strays.descendants_of({pid for pid, _ in ended})
-        for pid, start in ended:
-            log.warning("process %d of a runc command a task server that is gone left running: ending it", pid)
-            strays.kill(pid, start)
-        await strays.wait_gone(ended)
-        unsaved: list[tuple[str, Path]] = []
-        for pid, start, argv in commands:
-            create = _create_of(argv)
-            if not strays.gone(pid, start):
-                log.error("runc command %d is still there after SIGKILL; what it makes stays", pid)
-            elif create is not None and not (self.runc.root / create[0] / "state.json").exists():
-                unsaved.append(create)  # with a state, the sweep deletes it
-        paths = [path for container_id, bundle in unsaved if (path := self._remove_unsaved(container_id, bundle))]
-        for directory in cgroups.empty_and_remove(paths):
-            log.error("cgroup %s of a runc create that was ended is still busy; left in place", directory)
+    # -- what runtime_commands needs to know of runc -------------------------------------------------
+    def _runtime_binary_and_root(self) -> tuple[str, Path]:
+        return self.runc.binary, self.runc.root
 
-    def _remove_unsaved(self, container_id: str, bundle: Path) -> str | None:
-        """Unmount the rootfs of a create that runc had not saved and remove runc's directory of it; the
-        container's cgroup path, if it is one of a container (named after it), for the caller to remove."""
-        log.warning("container %s: its runc create ended before runc saved it; removing what it made",
-                    container_id)
+    def _runtime_saved(self, container_id: str) -> bool:
+        return (self.runc.root / container_id / "state.json").exists()
+
+    def _forget_unsaved(self, container_id: str) -> None:
         shutil.rmtree(self.runc.root / container_id, ignore_errors=True)
-        # containerd names a task's bundle after it (<state>/io.containerd.runtime.v2.task/<ns>/<id>).
-        if bundle.name != container_id or bundle.is_symlink() or not bundle.is_dir():
-            log.error("container %s: bundle %s is not the container's; left alone", container_id, bundle)
-            return None
-        try:
-            mounts.unmount_all(bundle / "rootfs")
-        except OSError as exc:
-            log.error("container %s: unmounting its rootfs: %s", container_id, exc)
-        try:
-            path = json.loads((bundle / "config.json").read_bytes())["linux"]["cgroupsPath"]
-        except (OSError, ValueError, KeyError, TypeError):
-            return None
-        # Made a cgroupfs path by our Create; a parent's (shared with other containers) is not taken.
-        if isinstance(path, str) and path.startswith("/") and container_id in path.rsplit("/", 1)[-1]:
-            return path
-        return None
 
     async def _undo_runc(self, container: Any, is_exec: bool, pid_file: Path) -> None:
         if is_exec:
@@ -449,20 +403,6 @@ class RuncContainerTasks(TerminalTasks):
             finally:
                 path.unlink(missing_ok=True)
         return empty_pb2.Empty()
-
-
-def _create_of(argv: list[bytes]) -> tuple[str, Path] | None:
-    """(container id, bundle) of a `runc ... create --bundle <bundle> ... <id>` command line (the shape
-    `Runc.create` gives it), else None."""
-    args = [arg for arg in argv if arg]
-    if b"create" not in args or b"--bundle" not in args[:-1]:
-        return None
-    bundle = Path(os.fsdecode(args[args.index(b"--bundle") + 1]))
-    try:
-        container_id = validate_id(os.fsdecode(args[-1]), "container id")
-    except KuasarError:
-        return None
-    return (container_id, bundle) if bundle.is_absolute() else None
 
 
 def _process_info(pid: int, exec_id: str) -> types.ProcessInfo:

@@ -47,6 +47,7 @@ from kuasar.common.oom import OomWatch
 from kuasar.common.pod_files import pod_dir, rewrite_container_spec
 from kuasar.common.pod_holder import pause_program
 from kuasar.common.reaper import Exit, Reaper
+from kuasar.common.runtime_commands import LeftRuntimeCommands
 from kuasar.common.task_table import (
     NEVER_RAN_EXIT_STATUS,
     STATS_OF_STOPPED,
@@ -138,7 +139,7 @@ def _read_pid(pid_file: Path) -> int:
     return max(pid, 0)
 
 
-class GvisorTasks(TerminalTasks):
+class GvisorTasks(LeftRuntimeCommands, TerminalTasks):
     """The Task API backend and, as a `PodLauncher`, the maker of each pod's sandbox."""
 
     def __init__(self, reaper: Reaper, events: EventPublisher, directory: Path, config: QuarkConfig) -> None:
@@ -212,9 +213,12 @@ class GvisorTasks(TerminalTasks):
         server just started knows none of them, so they are a dead one's (see pod_leftovers; the pods'
         bundles go with their directories at Shutdown). Sandboxes are swept side by side, each one's
         containers before it (deleting both at once left runsc's lock files behind); what a first
-        pass leaves goes in a second. Console sockets of processes that were being started go too."""
+        pass leaves goes in a second. Console sockets of processes that were being started go too.
+        The runsc commands it left running are ended first (runtime_commands): a `runsc create` that
+        finished after the list would leave a whole sandbox nobody knows of."""
         for stale in self.directory.glob("console-*.sock"):
             stale.unlink(missing_ok=True)
+        await self._end_runtime_commands()
         for _ in range(2):
             try:
                 left = await self.runsc.leftovers()
@@ -225,6 +229,21 @@ class GvisorTasks(TerminalTasks):
             for leftover in left:
                 sandboxes.setdefault(leftover.sandbox, []).append(leftover)
             await each_bounded(sandboxes.values(), self._sweep_sandbox, SWEEP_CONCURRENCY)
+
+    # -- what runtime_commands needs to know of runsc ------------------------------------------------
+    def _runtime_binary_and_root(self) -> tuple[str, Path]:
+        return self.runsc.binary, self.runsc.root
+
+    def _runtime_saved(self, container_id: str) -> bool:
+        return self.runsc.has(container_id)
+
+    def _forget_unsaved(self, container_id: str) -> None:
+        self.runsc.forget_unsaved(container_id)
+
+    def _is_bundle_of(self, container_id: str, bundle: Path) -> bool:
+        # A pod's sandbox bundle is ours, in the pod's directory (_launch_pod); a container's, containerd's.
+        return super()._is_bundle_of(container_id, bundle) or \
+            bundle == pod_dir(self.directory, container_id) / SANDBOX_BUNDLE
 
     async def _sweep_sandbox(self, leftovers: list[Leftover]) -> None:
         for leftover in sorted(leftovers, key=lambda one: one.id == one.sandbox):  # the sandbox last

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from kuasar.common.errors import NotFound, RuntimeFailure
 from kuasar.common.reaper import Exit, Reaper
-from kuasar.common.runc_cli import ERROR_LEVELS, Stdio, log_offset
+from kuasar.common.runc_cli import ERROR_LEVELS, ROOT_FLAG, Stdio, log_offset
 from kuasar.common.runc_cli import last_error as _last_logged_error
 from kuasar.common.spawn import Completed, resolve, run, start_program
 
@@ -54,7 +54,7 @@ class Runsc:
         root.mkdir(parents=True, exist_ok=True, mode=0o700)
 
     def argv(self, network: str, log_path: Path | None, *args: str) -> list[str]:
-        argv = [self.binary, "--root", str(self.root), f"--platform={self.platform}", f"--network={network}",
+        argv = [self.binary, ROOT_FLAG, str(self.root), f"--platform={self.platform}", f"--network={network}",
                 "--log", str(log_path) if log_path is not None else os.devnull, "--log-format", "json"]
         if self.debug_dir is not None:
             argv += ["--debug", f"--debug-log={self.debug_dir}/"]
@@ -123,6 +123,12 @@ class Runsc:
                 found.append(Leftover(container_id, str(entry.get("bundle") or ""),
                                       sandbox_of.get(container_id, container_id)))
         return found
+
+    def forget_unsaved(self, container_id: str) -> None:
+        """Remove the lock file of a container whose create ended before runsc saved its state (runsc
+        takes the lock first and writes the state last)."""
+        for lock in self.root.glob(f"{container_id}{_STATE_SEPARATOR}*{_LOCK_SUFFIX}"):
+            lock.unlink(missing_ok=True)
 
     def has(self, container_id: str) -> bool:
         """Whether our root holds runsc's state of a container (or sandbox) `container_id` (an id is
@@ -206,8 +212,9 @@ def last_error(log_path: Path | None, offset: int = 0) -> str:
     return _last_logged_error(log_path, offset, RUNSC_ERROR_LEVELS)
 
 
-# runsc keeps each container's state in its root as `<container id>_sandbox:<sandbox id>.state`.
-_STATE_SEPARATOR, _STATE_SUFFIX = "_sandbox:", ".state"
+# runsc keeps each container's state in its root as `<container id>_sandbox:<sandbox id>.state`, and the
+# lock it takes on it as `... .lock`.
+_STATE_SEPARATOR, _STATE_SUFFIX, _LOCK_SUFFIX = "_sandbox:", ".state", ".lock"
 
 
 def _state_files(root: Path, container_id: str = "*") -> Iterator[tuple[str, str]]:
