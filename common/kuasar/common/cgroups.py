@@ -11,6 +11,7 @@ import os
 import signal
 import time
 from pathlib import Path
+from typing import Any
 
 from google.protobuf import any_pb2
 
@@ -244,8 +245,21 @@ def empty_and_remove(paths: list[str]) -> list[Path]:
 
 # Directories this process made for pod cgroups, by how many PodCgroups still stand in or below them:
 # two pods under a parent neither found (a cgroup_parent of crictl's, no kubelet to make it) share the
-# parent, and whichever goes last removes it.
+# parent, and whichever goes last removes it. A sandboxer whose pods outlive it (Quark's, VM pods) counts
+# again at its restart what their records say they made (`adopt`).
 _USERS: dict[str, int] = {}
+
+
+def adopt(saved: Any) -> None:
+    """Count again a pod cgroup made before a restart, from what its pod's record keeps of it
+    (`PodCgroup.recorded`): a pod made since under a parent that one made then
+    counts the parent too, rather than take it for someone else's (the last pod of the two to go would
+    leave it), and whichever goes last removes it. For every record that has one, before any pod is
+    made; a record without one (or with one this code cannot read) adds nothing."""
+    created = saved.get("created") if isinstance(saved, dict) else None
+    for directory in created if isinstance(created, list) else []:
+        if isinstance(directory, str):
+            _USERS[directory] = _USERS.get(directory, 0) + 1
 
 
 class PodCgroup:
@@ -264,6 +278,14 @@ class PodCgroup:
         self.created = created or []
         leaf = validate_id(process_leaf, "pod id") if process_leaf else ""
         self.process_path = "/".join(part for part in (self.path, leaf) if part)
+
+    def recorded(self) -> dict[str, Any]:
+        """What a pod's record keeps of it: `from_record` makes it again after a restart, `adopt` counts it."""
+        return {"path": self.path, "created": list(self.created)}
+
+    @classmethod
+    def from_record(cls, saved: dict[str, Any]) -> PodCgroup:
+        return cls(saved["path"], list(saved["created"]))
 
     def stats_path(self) -> str:
         """Where the pod's usage is read: its cgroup, or with a root parent (no cgroup of the pod's own
@@ -324,10 +346,19 @@ async def remove_when_empty(cgroup: PodCgroup, timeout: float) -> None:
     until it is reaped (by us, or by an init that may take its time), and rmdir then fails."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
+    # Its own directories only: a parent made for it that other pods share holds their processes, and
+    # waiting for those to leave took the whole timeout at every removal of a pod but the last.
+    own = _deepest(cgroup.created)
     # (polled: the kernel tells a cgroup's emptying only through inotify on cgroup.events, v2 alone)
-    while any(_populated(directory) for directory in cgroup.created) and loop.time() < deadline:  # noqa: ASYNC110
+    while any(_populated(directory) for directory in own) and loop.time() < deadline:  # noqa: ASYNC110
         await asyncio.sleep(EMPTY_POLL)
     cgroup.remove()
+
+
+def _deepest(directories: list[str]) -> list[str]:
+    """Those of `directories` with none of the others below them."""
+    return [directory for directory in directories
+            if not any(other.startswith(directory + "/") for other in directories)]
 
 
 def _populated(directory: str) -> bool:

@@ -198,7 +198,7 @@ class QuarkSandboxer(Sandboxer):
         cgroup = cgroups.place_in_pod_cgroup(record.id, decode_pod_config(record).linux.cgroup_parent,
                                              [pid, int(state["relay_pid"])], "QVisor")
         if cgroup is not None:
-            state["cgroup"] = {"path": cgroup.path, "created": cgroup.created}
+            state["cgroup"] = cgroup.recorded()
         return StartResult(pid=pid, address=f"ttrpc+unix://{relay}", version=3)
 
     async def _start_relay(self, record: SandboxRecord, quark_socket: Path) -> Path:
@@ -298,10 +298,12 @@ class QuarkSandboxer(Sandboxer):
         # QVisor or a relay of a Start cut short by a crash of ours: the record never got its pid. Found by
         # the sandbox's directory in its command line (`-r <base>/sandbox`, `--listen <base>/task.sock`).
         await kill_strays(base)
-        if state.get("cgroup"):  # after the processes: a cgroup that holds one stays
+        # Taken from the record as it is removed: a Shutdown tried again (this one failing below) must not
+        # count it gone twice, which would let a parent it shares go with a pod that still needs it.
+        saved_cgroup = state.pop("cgroup", None)
+        if saved_cgroup:  # after the processes: a cgroup that holds one stays
             with contextlib.suppress(OSError):
-                await cgroups.remove_when_empty(
-                    cgroups.PodCgroup(state["cgroup"]["path"], list(state["cgroup"]["created"])), CGROUP_EMPTY_WAIT)
+                await cgroups.remove_when_empty(cgroups.PodCgroup.from_record(saved_cgroup), CGROUP_EMPTY_WAIT)
         containers = self._containers(record)
         for cid in list(containers.state):
             containers.remove(cid)
@@ -326,6 +328,8 @@ class QuarkSandboxer(Sandboxer):
         self._containers(record).apply(quark_containers.parse_tasks(value))
 
     async def recover(self, records: list[SandboxRecord]) -> None:
+        for record in records:  # whatever their state: each one's Shutdown removes its cgroup
+            cgroups.adopt(self._state(record).get("cgroup"))
         for record in records:
             state = self._state(record)
             if record.state != "ready":

@@ -342,9 +342,12 @@ class VmmSandboxer(Sandboxer):
             await self._cleanup_by_state(record)
         await kill_strays(self.vm_root / record.id)  # before the cgroup: a cgroup with processes stays
         state = record.extra.get("vm") or {}
-        if state.get("cgroup"):
+        # Taken from the record as it is removed: a Shutdown tried again must not count it gone twice,
+        # which would let a parent it shares go with a pod that still needs it.
+        saved_cgroup = state.pop("cgroup", None)
+        if saved_cgroup:
             with contextlib.suppress(OSError):
-                cgroups.PodCgroup(state["cgroup"]["path"], state["cgroup"]["created"]).remove()
+                cgroups.PodCgroup.from_record(saved_cgroup).remove()
         self._keep_logs(record.id)
         hostfs.remove_tree(self.vm_root / record.id)
 
@@ -371,6 +374,9 @@ class VmmSandboxer(Sandboxer):
         return any_pb2.Any(type_url=cgroups.V2_TYPE_URL, value=metrics.SerializeToString())
 
     async def recover(self, records: list[SandboxRecord]) -> None:
+        for record in records:  # whatever their state: each one's Shutdown removes its cgroup
+            state = record.extra.get("vm")
+            cgroups.adopt(state.get("cgroup") if isinstance(state, dict) else None)
         # All VMs at once: a guest that does not answer costs its agent's connect and Check timeouts
         # (8 s), and the sandboxer serves nothing until recovery is done (a containerd restarting
         # meanwhile takes its pods for unknown).
@@ -408,7 +414,7 @@ class VmmSandboxer(Sandboxer):
         pod = VmPod(record.id, vm, Path(state["vm_dir"]), state["uds"], state["address"],
                     memory_mb=int(state.get("memory_mb", 0)), network=net)
         if state.get("cgroup"):  # what Shutdown removes
-            pod.cgroup = cgroups.PodCgroup(state["cgroup"]["path"], list(state["cgroup"]["created"]))
+            pod.cgroup = cgroups.PodCgroup.from_record(state["cgroup"])
         pod.proxy = ProcessRef.from_json(state.get("proxy"))
         if pod.proxy is not None and pod.proxy.alive():
             pod.proxy_watch = ExitWatch(pod.proxy)
@@ -463,7 +469,7 @@ class VmmSandboxer(Sandboxer):
                 "vcpus": spec.vcpus, "memory_mb": spec.memory_mb, "share_fs": spec.share_fs,
                 "hypervisor": pod.vm.to_json(), "proxy": pod.proxy.to_json() if pod.proxy else None,
                 "network": pod.network.to_json() if pod.network else None,
-                "cgroup": {"path": pod.cgroup.path, "created": pod.cgroup.created} if pod.cgroup else None}
+                "cgroup": pod.cgroup.recorded() if pod.cgroup else None}
 
     def _place_in_cgroup(self, pod_id: str, pod_config: cri.PodSandboxConfig, vm: Vm) -> cgroups.PodCgroup | None:
         return cgroups.place_in_pod_cgroup(pod_id, pod_config.linux.cgroup_parent, vm.process_pids(), "the VM")
@@ -636,6 +642,10 @@ class VmmSandboxer(Sandboxer):
                 if pod.cgroup is not None:
                     with contextlib.suppress(OSError):
                         pod.cgroup.remove()
+                    # Gone: the Shutdown that follows must not count it gone a second time (a parent it
+                    # shares would go with a pod that still needs it).
+                    if isinstance(record.extra.get("vm"), dict):
+                        record.extra["vm"]["cgroup"] = None
             elif vm is not None:
                 await vm.stop(timeout=0)
             if net is not None:
