@@ -7,6 +7,7 @@ import asyncio
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -190,6 +191,10 @@ def fake_quark(tmp_path: Path) -> Path:
 def quark_sandboxer(tmp_path: Path, binary: str) -> QuarkSandboxer:
     config = DaemonConfig(listen=tmp_path / "q.sock", dir=tmp_path / "q")
     config.dir.mkdir()
+    return quark_sandboxer_at(config, binary)
+
+
+def quark_sandboxer_at(config: DaemonConfig, binary: str = "/bin/true") -> QuarkSandboxer:
     return QuarkSandboxer(config, QuarkConfig(quark=binary))
 
 
@@ -407,3 +412,87 @@ def test_qvisor_and_its_relay_run_in_the_pods_cgroup(tmp_path: Path) -> None:
         assert not any((root / parent).exists() for root in cgroups.hierarchy_roots())
 
     asyncio.run(scenario())
+
+
+# -- what a Create leaves when no record of it is saved --------------------------------------------------
+def test_a_quark_create_whose_record_was_never_saved_is_removed_at_the_restart(tmp_path: Path) -> None:
+    # Create makes <dir>/<id>/sandbox/{config.json,rootfs/dev} before the controller saves the record; a
+    # sandboxer killed in between left the directory for good (no type's remove_unrecorded looked at it).
+    from kuasar.common.controller import SandboxController
+
+    sandboxer = quark_sandboxer(tmp_path, "/bin/true")
+    other_types = [sandboxer.config.dir / "pods" / "p1" / "sandbox", sandboxer.config.dir / "runsc"]
+    for path in other_types:  # a gVisor task server's, sharing the directory: not Quark sandboxes
+        path.mkdir(parents=True)
+
+    async def scenario() -> None:
+        kept = SandboxController(sandboxer, sandboxer.config.dir / "sandboxes")
+        await kept.create(record("kept"))
+        kept.records["kept"].state = "stopped"  # (a created one is removed at a restart)
+        kept.save(kept.records["kept"])
+        await sandboxer.create(record("pod1"))  # ... and the sandboxer is killed before the controller saves it
+        assert sandboxer.base(record("pod1")).is_dir()
+        restarted = SandboxController(quark_sandboxer_at(sandboxer.config), sandboxer.config.dir / "sandboxes")
+        await restarted.recover()
+        assert list(restarted.records) == ["kept"]
+
+    asyncio.run(scenario())
+    assert not sandboxer.base(record("pod1")).exists(), "the sandbox bundle of an unrecorded Create is left"
+    assert sandboxer.base(record("kept")).is_dir()
+    assert all(path.is_dir() for path in other_types)
+
+
+def test_a_quark_create_that_fails_leaves_no_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from kuasar.quark import quark_sandboxer as module
+
+    def disk_full(*args: object, **kwargs: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(module, "write_atomic", disk_full)
+    sandboxer = quark_sandboxer(tmp_path, "/bin/true")
+    with pytest.raises(OSError, match="No space left"):
+        asyncio.run(sandboxer.create(record()))
+    assert list(sandboxer.config.dir.iterdir()) == []
+
+
+def test_qvisors_cgroup_is_recorded_before_it_is_made(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # It was recorded only by Start's own save, after it was made: a sandboxer that died in between left it.
+    from kuasar.common import cgroups
+
+    root = tmp_path / "cgroup"
+    root.mkdir()
+    (root / "cgroup.controllers").write_text("")  # a cgroup v2 root
+    monkeypatch.setattr(cgroups, "CGROUP_ROOT", root)
+    config = cri.PodSandboxConfig(hostname="p")
+    config.linux.cgroup_parent = "P"
+    rec = new_record("pod1", "quark", "", config.SerializeToString(), {}, {}, {})
+    sandboxer = quark_sandboxer(tmp_path, "/bin/true")
+    persisted: list[tuple[dict, list[bool]]] = []
+
+    def persist(saved) -> None:
+        cgroup = saved.extra["quark"]["cgroup"]
+        persisted.append((dict(cgroup, created=list(cgroup["created"])),
+                          [Path(directory).exists() for directory in cgroup["created"]]))
+
+    async def no_relay(record, quark_socket: Path) -> Path:
+        sandboxer._state(record).update(relay_pid=os.getpid())  # stands for the relay: a live process
+        return tmp_path / "relay.sock"
+
+    async def scenario() -> None:
+        sandboxer.persist = persist  # type: ignore[method-assign]
+        sandboxer._start_relay = no_relay  # type: ignore[method-assign]
+        await sandboxer.create(rec)
+        base = sandboxer.base(rec)
+        (base / "pid").write_text(str(os.getpid()))  # QVisor's, as `quark sandbox` leaves it: a live pid
+        listening = socket.socket(socket.AF_UNIX)
+        listening.bind(str(base / "quark-task.sock"))
+        try:
+            quark = await asyncio.create_subprocess_exec("true")
+            await sandboxer._started(rec, quark, base / "quark-task.sock", base / "pid", base / "quark.log")
+        finally:
+            listening.close()
+
+    asyncio.run(scenario())
+    made = [str(root / "P"), str(root / "P" / "pod1")]
+    assert persisted == [({"path": "P", "created": made}, [False, False])]
+    assert rec.extra["quark"]["cgroup"] == {"path": "P", "created": made} and all(map(os.path.isdir, made))

@@ -10,6 +10,7 @@ import logging
 import os
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -292,25 +293,36 @@ class PodCgroup:
         above its containers) its process's."""
         return self.path or self.process_path
 
-    def create(self) -> None:
+    def create(self, before_making: Callable[[PodCgroup], None] | None = None) -> None:
+        """Make what is missing of it in every hierarchy. `before_making` is called once `created` names
+        every directory about to be made, before the first is: a caller that records them there (in
+        its pod's record) leaves none unrecorded if it dies half way (one not made yet is skipped at
+        removal)."""
+        missing: list[tuple[Path, Path]] = []  # (hierarchy root, directory)
         for root in hierarchy_roots():
             current = root
             for part in Path(self.process_path).parts:
                 current = current / part
                 key = str(current)
-                if current.exists():
-                    if key in _USERS:  # ours, made for another pod that is still there
-                        _USERS[key] += 1
-                        self.created.append(key)
-                    continue
-                try:
-                    current.mkdir()
-                except FileExistsError:  # made meanwhile by another process (a task server of another type)
-                    continue
-                _USERS[key] = 1
-                self.created.append(key)
-                if root.name == "cpuset":
-                    _inherit_cpuset(current)
+                if not current.exists():
+                    missing.append((root, current))
+                elif key in _USERS:  # ours, made for another pod that is still there
+                    _USERS[key] += 1
+                    self.created.append(key)
+        if not missing:
+            return
+        self.created += [str(directory) for _, directory in missing]
+        if before_making is not None:
+            before_making(self)
+        for root, directory in missing:
+            try:
+                directory.mkdir()
+            except FileExistsError:  # made meanwhile by another process (a task server of another type)
+                self.created.remove(str(directory))
+                continue
+            _USERS[str(directory)] = 1
+            if root.name == "cpuset":
+                _inherit_cpuset(directory)
 
     def leave_parents(self) -> None:
         """From now on remove() takes only the cgroup itself, never the parents made for it: what runc
@@ -371,17 +383,19 @@ def _populated(directory: str) -> bool:
         return False
 
 
-def place_in_pod_cgroup(pod_id: str, cgroup_parent: str, pids: list[int], what: str) -> PodCgroup | None:
+def place_in_pod_cgroup(pod_id: str, cgroup_parent: str, pids: list[int], what: str,
+                        before_making: Callable[[PodCgroup], None] | None = None) -> PodCgroup | None:
     """Put a pod's own processes (a VM's, a QVisor) into the cgroup CRI names for the pod, so the pod's
     limits bound them and its metrics count them; None without a parent. A failure is logged, not
-    raised: the pod runs on, outside its limits, as it would without a parent."""
+    raised: the pod runs on, outside its limits, as it would without a parent. `before_making`: as
+    PodCgroup.create's."""
     if not cgroup_parent:
         return None
     path = pod_parent_path(cgroup_parent)
     # A root parent (`/`) gets the processes a cgroup of their own, /<pod id>, not the root cgroup.
     cgroup = PodCgroup(path, process_leaf=pod_process_leaf(pod_id, path))
     try:
-        cgroup.create()
+        cgroup.create(before_making)
         for pid in pids:
             cgroup.add(pid)
     except (OSError, KuasarError) as err:

@@ -6,7 +6,8 @@ the same command line and socket contract.
 
 Per sandbox, `<base>` = `<dir>/<id>` and the sandbox bundle is `<base>/sandbox`:
 
-* Create writes `<base>/sandbox/config.json` (quark_spec.py) and `rootfs/dev`.
+* Create writes `<base>/sandbox/config.json` (quark_spec.py) and `rootfs/dev` (all removed again if it
+  fails; a restart removes a `<base>` whose record was never saved: remove_unrecorded).
 * Start runs `quark -r <base>/sandbox sandbox --task-socket <base>/quark-task.sock --id <id>
   --pid-file <base>/pid` in the bundle and waits for it to exit (Quark daemonises its VM process, QVisor),
   then reads the pid. QVisor serves `containerd.task.v2.Task` on that socket and reads containers from
@@ -41,7 +42,8 @@ from google.protobuf import any_pb2
 
 from kuasar.common import cgroups, proc_stat
 from kuasar.common.config import DaemonConfig
-from kuasar.common.errors import FailedPrecondition, InvalidArgument, RuntimeFailure
+from kuasar.common.errors import FailedPrecondition, InvalidArgument, KuasarError, RuntimeFailure
+from kuasar.common.ids import validate_id
 from kuasar.common.linux import SOCKET_PATH_MAX
 from kuasar.common.pod_sandboxer import decode_pod_config, refuse_user_namespace
 from kuasar.common.sandboxer import ExitInfo, Sandboxer, SandboxRecord, StartResult
@@ -75,6 +77,9 @@ KILLED_EXIT_STATUS = 128 + signal.SIGKILL
 LOG_TAIL = 2000
 # Names under --dir that are not sandboxes.
 RESERVED = {"sandboxes"}
+# A sandbox's bundle, in its directory; its rootfs is made with it at Create, and tells a sandbox's
+# directory from anything else under --dir.
+SANDBOX_BUNDLE = "sandbox"
 
 
 def process_start_time(pid: int) -> int:
@@ -128,7 +133,7 @@ class QuarkSandboxer(Sandboxer):
         return record.extra.setdefault("quark", {})
 
     def _containers(self, record: SandboxRecord) -> quark_containers.QuarkContainers:
-        return quark_containers.QuarkContainers(self.base(record) / "sandbox",
+        return quark_containers.QuarkContainers(self.base(record) / SANDBOX_BUNDLE,
                                                 self._state(record).setdefault("containers", {}))
 
     # -- lifecycle ---------------------------------------------------------------------------------
@@ -142,14 +147,22 @@ class QuarkSandboxer(Sandboxer):
         refuse_user_namespace(config, self.name)
         if config.linux.cgroup_parent:
             cgroups.pod_parent_path(config.linux.cgroup_parent)  # refused now, not at Start, if bad
-        bundle = self.base(record) / "sandbox"
-        (bundle / "rootfs" / "dev").mkdir(parents=True, exist_ok=True)
-        os.chmod(self.base(record), 0o700)
-        write_atomic(bundle / "config.json", json.dumps(sandbox_spec(config, record.netns_path)).encode(), 0o644)
+        spec = json.dumps(sandbox_spec(config, record.netns_path)).encode()
+        base = self.base(record)
+        bundle = base / SANDBOX_BUNDLE
+        try:
+            (bundle / "rootfs" / "dev").mkdir(parents=True, exist_ok=True)
+            os.chmod(base, 0o700)
+            write_atomic(bundle / "config.json", spec, 0o644)
+        except BaseException:
+            # Nothing would remove it: the controller records a sandbox only once Create has returned.
+            # Nothing runs from it or is mounted in it yet.
+            shutil.rmtree(base, ignore_errors=True)
+            raise
 
     async def start(self, record: SandboxRecord) -> StartResult:
         base = self.base(record)
-        bundle, socket, pid_file = base / "sandbox", base / TASK_SOCKET, base / PID_FILE
+        bundle, socket, pid_file = base / SANDBOX_BUNDLE, base / TASK_SOCKET, base / PID_FILE
         for stale in (socket, pid_file):
             stale.unlink(missing_ok=True)
         argv = [self.binary, "-r", str(bundle), "sandbox", "--task-socket", str(socket), "--id", record.id,
@@ -195,8 +208,14 @@ class QuarkSandboxer(Sandboxer):
         relay = await self._start_relay(record, socket)
         # Quark ignores the sandbox spec's cgroupsPath: QVisor (the VM and its guest's memory) and its relay
         # are put into the pod's cgroup here, so the pod's limits bound them and its metrics count them.
+        # Its directories are recorded (with the pids above) before they are made: only Start's own
+        # save would record them otherwise, and a sandboxer that died before it left them.
+        def record_cgroup(cgroup: cgroups.PodCgroup) -> None:
+            state["cgroup"] = cgroup.recorded()
+            self.persist(record)
+
         cgroup = cgroups.place_in_pod_cgroup(record.id, decode_pod_config(record).linux.cgroup_parent,
-                                             [pid, int(state["relay_pid"])], "QVisor")
+                                             [pid, int(state["relay_pid"])], "QVisor", before_making=record_cgroup)
         if cgroup is not None:
             state["cgroup"] = cgroup.recorded()
         return StartResult(pid=pid, address=f"ttrpc+unix://{relay}", version=3)
@@ -207,7 +226,7 @@ class QuarkSandboxer(Sandboxer):
         listen.unlink(missing_ok=True)
         argv = [*helper_argv("quark-sandboxer", "task-relay", "kuasar.quark.task_relay"),
                 "--listen", str(listen), "--upstream", str(quark_socket),
-                "--sandbox-bundle", str(base / "sandbox"), "--log-level", self.config.log_level]
+                "--sandbox-bundle", str(base / SANDBOX_BUNDLE), "--log-level", self.config.log_level]
         with open(base / RELAY_LOG, "ab") as log_file:
             # Its own session: a sandboxer restart (or its process group's SIGTERM) must not end
             # containerd's task connections.
@@ -340,11 +359,34 @@ class QuarkSandboxer(Sandboxer):
             else:  # a relay gone while we were down ends QVisor now, as one that dies later
                 self._watch_relay(record)
 
+    async def remove_unrecorded(self, recorded: set[str]) -> None:
+        """Sandbox directories with no record: made by a Create during which we died, before the
+        controller saved the sandbox (containerd's Create failed with us: nothing would ever ask for
+        them). Removed as Shutdown removes a sandbox, with nothing recorded to go by: whatever runs from
+        the directory is killed, whatever is mounted in it detached."""
+        for base in sorted(self.config.dir.iterdir()) if self.config.dir.is_dir() else []:
+            if base.name in RESERVED or base.name in recorded or not _is_sandbox_dir(base):
+                continue
+            log.warning("sandbox %s: no record of it (a Create cut short); removing %s", base.name, base)
+            try:
+                await self.shutdown(SandboxRecord(id=base.name))
+            except Exception as exc:  # noqa: BLE001 - one sandbox must not keep the others (or us) from going on
+                log.error("sandbox %s: removing it: %s", base.name, exc)
+
     def status_info(self, record: SandboxRecord, verbose: bool) -> dict[str, str]:
         if not verbose:
             return {}
         return {"backend": "quark", "task_address": record.address,
                 "quark_pid": str(self._state(record).get("pid", 0))}
+
+
+def _is_sandbox_dir(path: Path) -> bool:
+    """A directory a Create made under --dir (not another sandbox type's, sharing the directory)."""
+    try:
+        validate_id(path.name, "sandbox id")
+    except KuasarError:
+        return False
+    return not path.is_symlink() and (path / SANDBOX_BUNDLE / "rootfs").is_dir()
 
 
 def _kill(pid: int, sig: int = signal.SIGKILL) -> None:
