@@ -11,7 +11,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -85,15 +84,6 @@ def _runsc(tmp_path: Path, container_id: str) -> Backend:
 
 
 BACKENDS = {"runc": _runc, "runsc": _runsc}
-
-
-@pytest.fixture
-def running() -> Iterator[list[subprocess.Popen]]:
-    started: list[subprocess.Popen] = []
-    yield started
-    for proc in started:
-        proc.kill()
-        proc.wait()
 
 
 @pytest.fixture

@@ -7,24 +7,12 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
-
-import pytest
 
 from kuasar.common import proc_stat, strays
 
 MARK = "kuasar-test-strays-commands"
 SLEEPER = ["-c", "import time; time.sleep(60)", MARK]
-
-
-@pytest.fixture
-def running() -> Iterator[list[subprocess.Popen]]:
-    started: list[subprocess.Popen] = []
-    yield started
-    for proc in started:
-        proc.kill()
-        proc.wait()
 
 
 def _marked(argv: list[bytes]) -> bool:
