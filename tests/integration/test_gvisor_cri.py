@@ -498,6 +498,15 @@ def test_a_runsc_create_still_running_when_its_task_server_dies_is_ended_by_the_
         assert any(gvisor.run(attempt(index)) for index in range(CREATE_CATCH_ATTEMPTS)), \
             "no RunPodSandbox was caught during its runsc create"
         time.sleep(2)  # past the end a create left running would have reached
+
+        async def next_pod() -> None:
+            # The next task server, which sweeps, starts with the next call that needs one: the failed
+            # Start's removal may have found none to ask (its connection was the dead one's).
+            async with CriClient(gvisor.address) as client:
+                pod_id, _ = await run_pod(client, "gv-after-hung-create", gvisor.log_dir)
+                await remove_pod(client, pod_id)
+
+        gvisor.run(next_pod())
         assert_nothing_left(gvisor)
         assert cgroups_named(cgroup) == []  # the sandbox's, and the pod's parent made for it
     finally:

@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -148,6 +149,10 @@ def test_the_gvisor_sweep_ends_a_create_before_it_lists(tmp_path: Path, cgroup_r
     backend.bundle.mkdir(parents=True)
     left, child, child_start = _left_create(backend, tasks.runsc.binary, "pod1", tmp_path)
     running.append(left)
+    # The sandbox's control socket, which runsc makes in its root early in the create (only its
+    # `delete` of a saved sandbox removes it: it was left behind).
+    with socket.socket(socket.AF_UNIX) as control:
+        control.bind(str(backend.root / "runsc-pod1.sock"))
     listed_while_running: list[bool] = []
 
     async def leftovers() -> list[Leftover]:  # `runsc list`: what has a state file

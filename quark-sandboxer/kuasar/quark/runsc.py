@@ -126,9 +126,11 @@ class Runsc:
 
     def forget_unsaved(self, container_id: str) -> None:
         """Remove the lock file of a container whose create ended before runsc saved its state (runsc
-        takes the lock first and writes the state last)."""
+        takes the lock first and writes the state last), and the control socket it made in our root
+        if the container was a sandbox (only `runsc delete` of a saved one removes that)."""
         for lock in self.root.glob(f"{container_id}{_STATE_SEPARATOR}*{_LOCK_SUFFIX}"):
             lock.unlink(missing_ok=True)
+        (self.root / f"{_CONTROL_SOCKET_PREFIX}{container_id}{_CONTROL_SOCKET_SUFFIX}").unlink(missing_ok=True)
 
     def has(self, container_id: str) -> bool:
         """Whether our root holds runsc's state of a container (or sandbox) `container_id` (an id is
@@ -215,6 +217,8 @@ def last_error(log_path: Path | None, offset: int = 0) -> str:
 # runsc keeps each container's state in its root as `<container id>_sandbox:<sandbox id>.state`, and the
 # lock it takes on it as `... .lock`.
 _STATE_SEPARATOR, _STATE_SUFFIX, _LOCK_SUFFIX = "_sandbox:", ".state", ".lock"
+# A sandbox's control socket, made in the root (runsc/sandbox: controlSocketName) early in its create.
+_CONTROL_SOCKET_PREFIX, _CONTROL_SOCKET_SUFFIX = "runsc-", ".sock"
 
 
 def _state_files(root: Path, container_id: str = "*") -> Iterator[tuple[str, str]]:
