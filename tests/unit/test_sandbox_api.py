@@ -17,6 +17,7 @@ from kuasar.common.api.containerd.services.sandbox.v1 import sandbox_pb2 as pb
 from kuasar.common.api.containerd.services.sandbox.v1 import sandbox_pb2_grpc as pb_grpc
 from kuasar.common.api.runtime.v1 import api_pb2 as cri
 from kuasar.common.controller import SandboxController
+from kuasar.common.errors import Unavailable
 from kuasar.common.sandbox_api import SandboxApiServer
 from kuasar.common.sandboxer import ExitInfo, Sandboxer, SandboxRecord, StartResult
 
@@ -377,3 +378,28 @@ def test_a_wait_on_a_sandbox_whose_start_failed_ends_with_not_found(tmp_path: Pa
         assert "removed" in details
         await expect_code(stub.Wait(pb.ControllerWaitRequest(sandbox_id=SID)), grpc.StatusCode.NOT_FOUND)
     run(tmp_path, body, FailingStart())
+
+
+class StartAndFirstStopLost(FailingStart):
+    """A Start that failed because its helper died under it; the first call of its removal meets the dead
+    connection (UNAVAILABLE), the next reaches a new helper."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stops = 0
+
+    async def stop(self, record: SandboxRecord, timeout: float) -> None:
+        self.stops += 1
+        if self.stops == 1:
+            raise Unavailable("ttrpc connection closed: connection closed by server")
+
+
+def test_a_failed_starts_removal_tries_again_past_a_lost_connection(tmp_path: Path) -> None:
+    # Left to a restart of the sandboxer before: the pod's files and whatever its Start made stayed.
+    async def body(stub, sandboxer, controller):
+        await stub.Create(create_request())
+        await expect_code(stub.Start(pb.ControllerStartRequest(sandbox_id=SID)), grpc.StatusCode.UNKNOWN)
+        assert sandboxer.stops == 2 and sandboxer.shut == [SID]
+        await expect_code(stub.Status(pb.ControllerStatusRequest(sandbox_id=SID)), grpc.StatusCode.NOT_FOUND)
+        assert list((tmp_path / "state").iterdir()) == []
+    run(tmp_path, body, StartAndFirstStopLost())

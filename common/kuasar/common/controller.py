@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from . import shim_orphans
-from .errors import AlreadyExists, FailedPrecondition, KuasarError, NotFound
+from .errors import AlreadyExists, FailedPrecondition, KuasarError, NotFound, Unavailable
 from .ids import validate_id
 from .keyed_locks import KeyedLocks
 from .sandboxer import LOST_EXIT_STATUS, ExitInfo, Sandboxer, SandboxRecord, SandboxState, StartResult
@@ -36,6 +36,9 @@ OPERATION_TIMEOUT = 120.0
 STOP_EXIT_TIMEOUT = 15.0
 # After the sandboxer's wait fails (e.g. the task server is briefly unreachable) retry this often.
 WATCH_RETRY_DELAY = 0.5
+# A Start that failed because a helper process died under it (a task server killed during the pod's
+# launch) meets the dead connection again in its removal: UNAVAILABLE. The next try reaches a new one.
+DISCARD_ATTEMPTS = 2
 
 
 class SandboxController:
@@ -218,14 +221,21 @@ class SandboxController:
         sandbox's lock held (or before the API is served). The record keeps its state until it is
         removed: if the removal fails, a restart finds it still created and tries again."""
         self._discarding.add(record.id)
-        try:
-            # Stop as well: what a Start cut short had made (a process it had launched) may run.
-            await self._bounded("stop", self.sandboxer.stop(record, 0.0))
-            await self._bounded("shutdown", self.sandboxer.shutdown(record))
-        except Exception as exc:  # noqa: BLE001 - Start's own error is the one to report
-            # Still in _discarding: its exit is not saved, so on disk it stays created for a restart.
-            log.error("sandbox %s: removing it after its failed start: %s", record.id, exc)
-            return
+        for attempt in range(1, DISCARD_ATTEMPTS + 1):
+            try:
+                # Stop as well: what a Start cut short had made (a process it had launched) may run.
+                await self._bounded("stop", self.sandboxer.stop(record, 0.0))
+                await self._bounded("shutdown", self.sandboxer.shutdown(record))
+                break
+            except Unavailable as exc:
+                if attempt == DISCARD_ATTEMPTS:
+                    log.error("sandbox %s: removing it after its failed start: %s", record.id, exc)
+                    return
+                log.warning("sandbox %s: removing it after its failed start: %s; trying again", record.id, exc)
+            except Exception as exc:  # noqa: BLE001 - Start's own error is the one to report
+                # Still in _discarding: its exit is not saved, so on disk it stays created for a restart.
+                log.error("sandbox %s: removing it after its failed start: %s", record.id, exc)
+                return
         self._forget(record.id)
         log.info("sandbox %s removed: its start failed or was cut short", record.id)
 
