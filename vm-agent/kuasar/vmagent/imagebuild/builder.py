@@ -36,6 +36,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 from kuasar.common.pod_holder import PAUSE_PROGRAM, pause_program
 
@@ -204,18 +205,35 @@ def _sha256_file(path: Path) -> str:
 
 # -- kernel -----------------------------------------------------------------------------------------
 APT_OPTS = ["-o", "APT::Sandbox::User=root", "-q"]
+T = TypeVar("T")
+
+
+def _after_apt_update(what: str, attempt: Callable[[], T], progress: Callable[[str], None] | None = None) -> T:
+    """attempt(), and once more after `apt-get update` if it fails: the package lists may be stale or
+    missing (a base image whose /var/lib/apt/lists was cleaned)."""
+    try:
+        return attempt()
+    except BuildError:
+        if progress:
+            progress(f"{what} failed; refreshing the package lists once (apt-get update)")
+        _run(["apt-get", *APT_OPTS, "update"])
+        return attempt()
+
+
+def _kernel_package_from_apt_cache() -> str:
+    out = _run(["apt-cache", "depends", "linux-image-amd64"]).stdout.decode()
+    names = re.findall(r"Depends:\s*(linux-image-[0-9][\w.+-]*-amd64)\b", out)
+    if not names:
+        raise BuildError("apt-cache knows no linux-image-amd64 dependency")
+    return names[0]
 
 
 def resolve_kernel_package() -> str:
     """The versioned generic flavour the `linux-image-amd64` metapackage points at."""
     try:
-        out = _run(["apt-cache", "depends", "linux-image-amd64"]).stdout.decode()
+        return _after_apt_update("apt-cache depends", _kernel_package_from_apt_cache)
     except BuildError as err:
         raise KernelUnavailable(str(err)) from None
-    names = re.findall(r"Depends:\s*(linux-image-[0-9][\w.+-]*-amd64)\b", out)
-    if not names:
-        raise KernelUnavailable("apt-cache knows no linux-image-amd64 dependency (run `apt-get update`?)")
-    return names[0]
 
 
 def fetch_kernel_deb(package: str, debs: Path, progress: Callable[[str], None]) -> Path:
@@ -225,12 +243,8 @@ def fetch_kernel_deb(package: str, debs: Path, progress: Callable[[str], None]) 
         return found[-1]
     progress(f"downloading {package} (apt-get download)")
     try:
-        try:
-            _run(["apt-get", *APT_OPTS, "download", package], cwd=debs)
-        except BuildError:
-            progress("apt-get download failed; refreshing the package lists once (apt-get update)")
-            _run(["apt-get", *APT_OPTS, "update"])
-            _run(["apt-get", *APT_OPTS, "download", package], cwd=debs)
+        _after_apt_update("apt-get download", lambda: _run(["apt-get", *APT_OPTS, "download", package], cwd=debs),
+                          progress)
     except BuildError as err:
         raise KernelUnavailable(str(err)) from None
     found = sorted(debs.glob(f"{package}_*.deb"))
