@@ -1,23 +1,97 @@
 #!/usr/bin/env bash
-# kuasar-py environment setup (called by `make setup`).
+# kuasar-py environment setup: `bash scripts/setup.sh` (the README's commands; `make setup` runs it too).
 #
 # Idempotent and cheap on rerun: every step first checks whether its result is already in place.
-#   1. distro packages (runc, CNI plugins, static busybox, QEMU, ...), installed only when missing;
+#   0. Python >= 3.11 (Debian's python3, installed when the machine has none);
+#   1. distro packages (make, runc, CNI plugins, static busybox, QEMU, ...), installed only when missing;
 #   2. containerd >= 2.1 in a project-local prefix (${KUASAR_PREFIX:-<repo>/.prefix}/bin), taken from
 #      Debian's `unstable` suite of the mirror this machine is already configured with, through a
 #      private apt state so the machine's own apt configuration is never modified;
 #      vhost-device-vsock (the micro-VMs' vsock backend) the same way, from unstable (2c);
 #   3. a Python venv (${VENV:-<repo>/.venv}) with the project installed editable with its dev extras;
 #   4. generated protobuf/gRPC stubs (scripts/gen_protos.py skips when up to date).
+# Sourced (by tests) it only defines its functions.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PREFIX="${KUASAR_PREFIX:-$ROOT/.prefix}"
 VENV="${VENV:-$ROOT/.venv}"
 MIN_CONTAINERD="2.1"
+# Root's sbin directories, which `su` without `-` leaves out of PATH: dpkg refuses to run without
+# ldconfig and start-stop-daemon on it.
+export PATH="$PATH:/usr/local/sbin:/usr/sbin:/sbin"
 
 log() { echo "setup: $*"; }
 die() { echo "setup: ERROR: $*" >&2; exit 1; }
+
+# ---------------------------------------------------------------------------------------------
+# apt, for the distro packages (1) and for Python itself when the machine has none (0)
+# ---------------------------------------------------------------------------------------------
+# How long apt waits for another apt or dpkg run to end: on a fresh cloud VM, apt-daily and
+# unattended-upgrades hold the locks for minutes after the first boot.
+APT_LOCK_TIMEOUT_S=900
+APT_LOCK_POLL_S=5                       # between two tries of `apt-get update` while its lock is held
+DPKG_UPDATES_DIR=/var/lib/dpkg/updates  # dpkg's journal: files left there mean an interrupted run
+APT_UPDATED=""                          # set once this run refreshed the package lists
+
+apt_get() {
+    DEBIAN_FRONTEND=noninteractive apt-get -o "DPkg::Lock::Timeout=$APT_LOCK_TIMEOUT_S" "$@"
+}
+
+# apt-get update takes the lists' lock without waiting (DPkg::Lock::Timeout is for dpkg's lock):
+# tried again while another apt run holds it, for up to the same time. Once per run.
+apt_update() {
+    [[ -z "$APT_UPDATED" ]] || return 0
+    local deadline=$((SECONDS + APT_LOCK_TIMEOUT_S)) err said=""
+    until err="$(LC_ALL=C apt_get -qq update 2>&1 >/dev/null)"; do
+        if [[ "$err" != *"Could not get lock"* ]] || ((SECONDS >= deadline)); then
+            printf '%s\n' "$err" >&2
+            return 1
+        fi
+        [[ -n "$said" ]] || log "waiting for another apt run to end (apt-get update)"
+        said=1
+        sleep "$APT_LOCK_POLL_S"
+    done
+    [[ -z "$err" ]] || printf '%s\n' "$err" >&2
+    APT_UPDATED=1
+}
+
+# True after a dpkg run was cut short (a power cut, a killed apt): apt-get refuses to install
+# anything until `dpkg --configure -a` has finished it.
+dpkg_interrupted() {
+    [[ -n "$(dpkg --audit 2>/dev/null)" ]] || [[ -n "$(ls -A "$DPKG_UPDATES_DIR" 2>/dev/null)" ]]
+}
+
+# The given packages that are not installed. A held package ("hi") is installed.
+missing_packages() {
+    local pkg status
+    for pkg in "$@"; do
+        status="$(dpkg-query -W -f='${db:Status-Abbrev}' "$pkg" 2>/dev/null || true)"
+        [[ "${status:1:1}" == i ]] || echo "$pkg"
+    done
+}
+
+# install_packages PACKAGE...: install those of the packages that are missing, then check them.
+install_packages() {
+    local missing still
+    mapfile -t missing < <(missing_packages "$@")
+    if ((${#missing[@]} == 0)); then
+        log "distro packages present"
+        return 0
+    fi
+    log "installing distro packages: ${missing[*]}"
+    apt_update || die "apt-get update failed"
+    # A dpkg run that was cut short is finished only once apt, having waited for the lock, refused
+    # because of it: an audit taken while unattended-upgrades runs would see its packages half-done.
+    if ! apt_get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null; then
+        dpkg_interrupted || die "apt-get install failed"
+        log "finishing an interrupted dpkg run (dpkg --configure -a), then installing again"
+        dpkg --configure -a >/dev/null || die "dpkg --configure -a failed"
+        apt_get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null || die "apt-get install failed"
+    fi
+    mapfile -t still < <(missing_packages "$@")
+    ((${#still[@]} == 0)) || die "packages still missing after apt-get install: ${still[*]}"
+}
 
 # ---------------------------------------------------------------------------------------------
 # 0. Python >= 3.11
@@ -37,51 +111,43 @@ find_python() {
     done
     return 1
 }
-PY="$(find_python)" || die "Python >= 3.11 is required (set PYTHON=/path/to/python3.11+); found: $(python3 --version 2>&1 || echo none)"
+
+step_python() {
+    if ! PY="$(find_python)"; then
+        # a minimal image (a container's, a debootstrap) has no python3 at all: Debian's is >= 3.11
+        install_packages python3 python3-venv
+        PY="$(find_python)" \
+            || die "Python >= 3.11 is required (set PYTHON=/path/to/python3.11+); found: $(python3 --version 2>&1 || echo none)"
+    fi
+}
 
 # ---------------------------------------------------------------------------------------------
 # 1. Distro packages
 # ---------------------------------------------------------------------------------------------
-PACKAGES=(runc containernetworking-plugins busybox-static iproute2 iptables util-linux mount kmod procps
-          ca-certificates debian-archive-keyring)
-# QEMU (TCG micro-VMs of vm-agent / vmm-sandboxer); vhost-device-vsock comes from unstable (2c).
-PACKAGES+=(qemu-system-x86)
-# zstd: the guest image build unpacks Debian 13's zstd-compressed kernel (vmlinuz) with it.
-PACKAGES+=(zstd)
-# A C compiler and musl for kuasar-pause, the few-KB program every pod process becomes (2d): linked
-# statically against musl it is 34 KB and keeps ~12 KB of private memory per pod (glibc's static
-# startup: 690 KB and ~44 KB per pod).
-PACKAGES+=(gcc libc6-dev musl-tools)
-# The venv module of Debian's python3 needs python3-venv (ensurepip); other interpreters ship it.
-if ! "$PY" -c 'import ensurepip, venv' >/dev/null 2>&1; then
-    PACKAGES+=(python3-venv)
-fi
-# PyInstaller (`make binaries`) bundles the shared libpython, which Debian's python3 does not use.
-if [[ "$(readlink -f "$PY")" == /usr/bin/python3* ]]; then
-    PACKAGES+=(libpython3-dev)
-fi
-
-missing_packages() {
-    local pkg status
-    for pkg in "$@"; do
-        status="$(dpkg-query -W -f='${db:Status-Abbrev}' "$pkg" 2>/dev/null || true)"
-        [[ "$status" == ii* ]] || echo "$pkg"
-    done
+step_packages() {
+    # make: the README's commands and .ci/run use it, and minimal and cloud images lack it.
+    local packages=(make runc containernetworking-plugins busybox-static iproute2 iptables util-linux mount kmod
+                    procps ca-certificates debian-archive-keyring)
+    # QEMU (TCG micro-VMs of vm-agent / vmm-sandboxer); vhost-device-vsock comes from unstable (2c).
+    packages+=(qemu-system-x86)
+    # zstd: the guest image build unpacks Debian 13's zstd-compressed kernel (vmlinuz) with it.
+    packages+=(zstd)
+    # A C compiler and musl for kuasar-pause, the few-KB program every pod process becomes (2d): linked
+    # statically against musl it is 34 KB and keeps ~12 KB of private memory per pod (glibc's static
+    # startup: 690 KB and ~44 KB per pod).
+    packages+=(gcc libc6-dev musl-tools)
+    # The venv module of Debian's python3 needs python3-venv (ensurepip); other interpreters ship it.
+    if ! "$PY" -c 'import ensurepip, venv' >/dev/null 2>&1; then
+        packages+=(python3-venv)
+    fi
+    # PyInstaller (`make binaries`) bundles the shared libpython, which Debian's python3 does not use.
+    if [[ "$(readlink -f "$PY")" == /usr/bin/python3* ]]; then
+        packages+=(libpython3-dev)
+    fi
+    install_packages "${packages[@]}"
+    [[ -x /bin/busybox ]] || die "/bin/busybox missing (package busybox-static)"
+    /bin/busybox --list >/dev/null 2>&1 || die "/bin/busybox does not run"
 }
-
-mapfile -t MISSING < <(missing_packages "${PACKAGES[@]}")
-if ((${#MISSING[@]})); then
-    log "installing distro packages: ${MISSING[*]}"
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq
-    apt-get install -y -qq --no-install-recommends "${MISSING[@]}" >/dev/null
-    mapfile -t STILL < <(missing_packages "${PACKAGES[@]}")
-    ((${#STILL[@]} == 0)) || die "packages still missing after apt-get install: ${STILL[*]}"
-else
-    log "distro packages present"
-fi
-[[ -x /bin/busybox ]] || die "/bin/busybox missing (package busybox-static)"
-/bin/busybox --list >/dev/null 2>&1 || die "/bin/busybox does not run"
 
 # ---------------------------------------------------------------------------------------------
 # 2. containerd >= 2.1 in $PREFIX/bin
@@ -94,72 +160,33 @@ containerd_version() {
     awk '{print $3}' <<<"$out" | sed -e 's/^v//' -e 's/[+~-].*$//'
 }
 version_ok() { [[ -n "$1" ]] && dpkg --compare-versions "$1" ge "$MIN_CONTAINERD"; }
+# What we use of containerd's package besides containerd: a setup cut short while copying the
+# package's binaries leaves a containerd without them.
+containerd_tools_present() { [[ -x "$PREFIX/bin/ctr" && -x "$PREFIX/bin/containerd-shim-runc-v2" ]]; }
 
-# Prints "URI<TAB>Signed-By" of the machine's main Debian archive (not -security / updates).
-debian_mirror() {
-    "$PY" - <<'PYEOF'
-import glob, re, sys
+# A tool whose fetch failed is not tried again for this long: every try downloads a suite's package
+# index (tens of MB for unstable), and a rerun must stay quick. Deleting the marker retries at once.
+FETCH_RETRY_AFTER_S=$((24 * 3600))
 
-def stanzas_deb822(text):
-    cur, key = {}, None
-    for line in text.splitlines() + [""]:
-        if line.startswith("#"):
-            continue
-        if not line.strip():
-            if cur:
-                yield cur
-            cur, key = {}, None
-        elif line[0] in " \t" and key:
-            cur[key] += " " + line.strip()
-        elif ":" in line:
-            key, _, value = line.partition(":")
-            key = key.strip().lower()
-            cur[key] = value.strip()
-
-entries = []  # (uri, suites, signed_by)
-for path in sorted(glob.glob("/etc/apt/sources.list.d/*.sources")):
-    try:
-        text = open(path, encoding="utf-8").read()
-    except OSError:
-        continue
-    for st in stanzas_deb822(text):
-        if st.get("enabled", "yes").lower() == "no" or "deb" not in st.get("types", "").split():
-            continue
-        for uri in st.get("uris", "").split():
-            entries.append((uri, st.get("suites", "").split(), st.get("signed-by", "")))
-for path in ["/etc/apt/sources.list"] + sorted(glob.glob("/etc/apt/sources.list.d/*.list")):
-    try:
-        lines = open(path, encoding="utf-8").read().splitlines()
-    except OSError:
-        continue
-    for line in lines:
-        line = line.split("#", 1)[0].strip()
-        m = re.match(r"^deb\s+(?:\[([^\]]*)\]\s+)?(\S+)\s+(\S+)", line)
-        if not m:
-            continue
-        opts = dict(o.split("=", 1) for o in (m.group(1) or "").split() if "=" in o)
-        entries.append((m.group(2), [m.group(3)], opts.get("signed-by", "")))
-
-def score(entry):
-    uri, suites, _ = entry
-    if "security" in uri or any("security" in s for s in suites):
-        return None
-    if not uri.startswith(("http://", "https://", "file:", "mirror")):
-        return None
-    s = 0
-    if re.search(r"/debian/?$", uri) or re.search(r"/debian/\d{8}T\d{6}Z/?$", uri):
-        s += 2
-    if any(re.fullmatch(r"[a-z]+", x) for x in suites):  # a plain suite: bookworm, stable, ...
-        s += 1
-    return s
-
-ranked = [(score(e), i, e) for i, e in enumerate(entries) if score(e) is not None]
-if not ranked:
-    sys.exit("no Debian archive entry found in /etc/apt/sources.list{,.d}")
-ranked.sort(key=lambda t: (-t[0], t[1]))
-uri, _, signed_by = ranked[0][2]
-print(f"{uri.rstrip('/')}\t{signed_by}")
-PYEOF
+# try_fetch NAME COMMAND...: run COMMAND (it installs NAME into $PREFIX/bin) unless it failed less
+# than FETCH_RETRY_AFTER_S ago; a failure is recorded in $PREFIX/NAME.unavailable.
+try_fetch() {
+    local name="$1" marker="$PREFIX/$1.unavailable" age
+    shift
+    if [[ -f "$marker" ]]; then
+        age=$(($(date +%s) - $(stat -c %Y "$marker")))
+        if ((age >= 0 && age < FETCH_RETRY_AFTER_S)); then
+            log "WARNING: $name not installed: fetching it failed $((age / 3600)) h ago, next try" \
+                "$((FETCH_RETRY_AFTER_S / 3600)) h after that (rm $marker to retry now)"
+            return 1
+        fi
+    fi
+    if "$@"; then
+        rm -f "$marker"
+        return 0
+    fi
+    date -u '+%Y-%m-%dT%H:%M:%SZ' >"$marker"
+    return 1
 }
 
 # fetch_debian_package SUITE PACKAGE STAGE: download PACKAGE from the machine's own Debian mirror's SUITE
@@ -167,16 +194,15 @@ PYEOF
 # Prints the .deb's file name; returns non-zero (after saying why) when it cannot. The index and the
 # .deb are not kept: only what the caller installs from STAGE is.
 fetch_debian_package() {
-    local suite="$1" package="$2" stage="$3" aptdir="$PREFIX/apt-$2" mirror uri signed_by
-    mirror="$(debian_mirror)" || { log "no Debian mirror found in /etc/apt" >&2; return 1; }
-    uri="${mirror%%$'\t'*}"
-    signed_by="${mirror#*$'\t'}"
-    [[ -n "$signed_by" ]] || signed_by=/usr/share/keyrings/debian-archive-keyring.gpg
+    local suite="$1" package="$2" stage="$3" aptdir="$PREFIX/apt-$2"
     log "fetching $package from Debian $suite (private apt state in $aptdir)" >&2
     rm -rf "$aptdir" "$stage"
     mkdir -p "$aptdir/etc" "$aptdir/lists/partial" "$aptdir/cache/archives/partial" "$aptdir/download"
-    printf 'Types: deb\nURIs: %s\nSuites: %s\nComponents: main\nSigned-By: %s\n' "$uri" "$suite" "$signed_by" \
-        >"$aptdir/etc/private.sources"
+    # the machine's Debian archive, its key and options, for SUITE (see scripts/debian_mirror.py)
+    if ! "$PY" "$ROOT/scripts/debian_mirror.py" "$suite" "$aptdir/etc/private.sources" >&2; then
+        rm -rf "$aptdir"
+        return 1
+    fi
     : >"$aptdir/etc/status"
     local apt_opts=(
         -o "Dir::Etc::SourceList=$aptdir/etc/private.sources"
@@ -226,13 +252,16 @@ install_containerd_from_unstable() {
     rm -rf "$stage"
 }
 
-mkdir -p "$PREFIX/bin"
-have="$(containerd_version "$PREFIX/bin/containerd" 2>/dev/null || true)"
-if version_ok "$have"; then
-    log "containerd $have present in $PREFIX/bin"
-else
+# Sets HAVE_CONTAINERD to the version in $PREFIX/bin.
+step_containerd() {
+    mkdir -p "$PREFIX/bin"
+    HAVE_CONTAINERD="$(containerd_version "$PREFIX/bin/containerd")"
+    if version_ok "$HAVE_CONTAINERD" && containerd_tools_present; then
+        log "containerd $HAVE_CONTAINERD present in $PREFIX/bin"
+        return 0
+    fi
+    local sys_containerd sys_version="" b
     sys_containerd="$(command -v containerd 2>/dev/null || true)"
-    sys_version=""
     [[ -n "$sys_containerd" && "$sys_containerd" != "$PREFIX/bin/containerd" ]] \
         && sys_version="$(containerd_version "$sys_containerd")"
     if version_ok "$sys_version" && command -v ctr >/dev/null && command -v containerd-shim-runc-v2 >/dev/null; then
@@ -244,10 +273,11 @@ else
     else
         install_containerd_from_unstable
     fi
-    have="$(containerd_version "$PREFIX/bin/containerd")"
-    version_ok "$have" || die "containerd in $PREFIX/bin is '${have:-missing}', need >= $MIN_CONTAINERD"
-    log "containerd $have installed in $PREFIX/bin"
-fi
+    HAVE_CONTAINERD="$(containerd_version "$PREFIX/bin/containerd")"
+    version_ok "$HAVE_CONTAINERD" && containerd_tools_present \
+        || die "containerd in $PREFIX/bin is '${HAVE_CONTAINERD:-missing}' (need >= $MIN_CONTAINERD, with ctr and containerd-shim-runc-v2)"
+    log "containerd $HAVE_CONTAINERD installed in $PREFIX/bin"
+}
 
 # ---------------------------------------------------------------------------------------------
 # 2b. gVisor's runsc in $PREFIX/bin (quark-sandboxer's runsc backend and its tests)
@@ -290,23 +320,27 @@ install_runsc_from_debian() {
     rm -rf "$stage"
 }
 
-have_runsc="$(runsc_date "$PREFIX/bin/runsc")"
-if runsc_ok "$have_runsc"; then
-    log "runsc $have_runsc present in $PREFIX/bin"
-else
+step_runsc() {
+    local have_runsc sys_runsc sys_runsc_date="" suite
+    have_runsc="$(runsc_date "$PREFIX/bin/runsc")"
+    if runsc_ok "$have_runsc"; then
+        log "runsc $have_runsc present in $PREFIX/bin"
+        return 0
+    fi
     sys_runsc="$(command -v runsc 2>/dev/null || true)"
-    sys_runsc_date=""
     [[ -n "$sys_runsc" && "$sys_runsc" != "$PREFIX/bin/runsc" ]] && sys_runsc_date="$(runsc_date "$sys_runsc")"
     if runsc_ok "$sys_runsc_date"; then
         log "using the system runsc $sys_runsc_date ($sys_runsc)"
         ln -sfn "$sys_runsc" "$PREFIX/bin/runsc"
         printf 'runsc %s\nsource system %s\n' "$sys_runsc_date" "$sys_runsc" >"$PREFIX/runsc.version"
     elif suite="$(runsc_suite)"; then
-        install_runsc_from_debian "$suite" && log "runsc $(runsc_date "$PREFIX/bin/runsc") installed in $PREFIX/bin"
+        try_fetch runsc install_runsc_from_debian "$suite" \
+            && log "runsc $(runsc_date "$PREFIX/bin/runsc") installed in $PREFIX/bin"
     else
         log "WARNING: not a Debian release this script knows; runsc not installed (gVisor tests will skip)"
     fi
-fi
+    return 0
+}
 
 # ---------------------------------------------------------------------------------------------
 # 2c. vhost-device-vsock in $PREFIX/bin (the vsock backend of the QEMU micro-VMs)
@@ -337,25 +371,31 @@ install_vhost_vsock_from_unstable() {
     rm -rf "$stage"
 }
 
-have_vhost="$(vhost_vsock_version "$PREFIX/bin/vhost-device-vsock")"
-if [[ -n "$have_vhost" ]]; then
-    log "vhost-device-vsock $have_vhost present in $PREFIX/bin"
-elif install_vhost_vsock_from_unstable; then
-    log "vhost-device-vsock $(vhost_vsock_version "$PREFIX/bin/vhost-device-vsock") installed in $PREFIX/bin"
-fi
+step_vhost_vsock() {
+    local have_vhost
+    have_vhost="$(vhost_vsock_version "$PREFIX/bin/vhost-device-vsock")"
+    if [[ -n "$have_vhost" ]]; then
+        log "vhost-device-vsock $have_vhost present in $PREFIX/bin"
+    elif try_fetch vhost-device-vsock install_vhost_vsock_from_unstable; then
+        log "vhost-device-vsock $(vhost_vsock_version "$PREFIX/bin/vhost-device-vsock") installed in $PREFIX/bin"
+    fi
+    return 0
+}
 
 # ---------------------------------------------------------------------------------------------
 # 2d. kuasar-pause in $PREFIX/bin (the pod process's program once its namespaces are set up)
 # ---------------------------------------------------------------------------------------------
-PAUSE_SRC="$ROOT/common/kuasar/common/native/kuasar-pause.c"
-PAUSE_BIN="$PREFIX/bin/kuasar-pause"
-if [[ ! -x "$PAUSE_BIN" || "$PAUSE_SRC" -nt "$PAUSE_BIN" || "$0" -nt "$PAUSE_BIN" ]]; then
-    log "building kuasar-pause"
-    musl-gcc -Os -static -s -Wall -Werror -o "$PAUSE_BIN.new" "$PAUSE_SRC"
-    mv -f "$PAUSE_BIN.new" "$PAUSE_BIN"
-else
-    log "kuasar-pause present in $PREFIX/bin"
-fi
+step_pause() {
+    local src="$ROOT/common/kuasar/common/native/kuasar-pause.c" bin="$PREFIX/bin/kuasar-pause"
+    # (this script holds the build's flags: a change to it rebuilds)
+    if [[ ! -x "$bin" || "$src" -nt "$bin" || "${BASH_SOURCE[0]}" -nt "$bin" ]]; then
+        log "building kuasar-pause"
+        musl-gcc -Os -static -s -Wall -Werror -o "$bin.new" "$src"
+        mv -f "$bin.new" "$bin"
+    else
+        log "kuasar-pause present in $PREFIX/bin"
+    fi
+}
 
 # ---------------------------------------------------------------------------------------------
 # 3. Python venv with the project installed editable
@@ -363,7 +403,6 @@ fi
 # Component folders each hold one part of the `kuasar` namespace package (no kuasar/__init__.py).
 COMPONENTS=(common runc-sandboxer wasm-sandboxer vmm-sandboxer quark-sandboxer vm-agent ctl)
 STAMP="$VENV/.kuasar-setup-stamp"
-want_stamp="$(sha256sum <"$ROOT/pyproject.toml" | cut -d' ' -f1) $(readlink -f "$PY")"
 
 # True when the venv imports kuasar.common and every component's `kuasar/<sub>` folder is what the
 # venv resolves `kuasar.<sub>` to (run from / so the repo's cwd does not count).
@@ -423,10 +462,20 @@ for name, target in scripts.items():
 PYEOF
 }
 
-if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$want_stamp" ]] && venv_imports_ok; then
-    log "venv up to date ($VENV)"
-else
-    if [[ ! -x "$VENV/bin/python" ]] || [[ "$(readlink -f "$VENV/bin/python")" != "$(readlink -f "$PY")" ]]; then
+# True when $VENV is a venv of $PY with a working pip (one cut short after `python -m venv` has none).
+venv_usable() {
+    [[ -x "$VENV/bin/python" ]] && [[ "$(readlink -f "$VENV/bin/python")" == "$(readlink -f "$PY")" ]] \
+        && "$VENV/bin/python" -m pip --version >/dev/null 2>&1
+}
+
+step_venv() {
+    local want_stamp site piplog
+    want_stamp="$(sha256sum <"$ROOT/pyproject.toml" | cut -d' ' -f1) $(readlink -f "$PY")"
+    if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$want_stamp" ]] && venv_imports_ok; then
+        log "venv up to date ($VENV)"
+        return 0
+    fi
+    if ! venv_usable; then
         log "creating venv $VENV with $PY ($("$PY" --version 2>&1))"
         rm -rf "$VENV"
         "$PY" -m venv "$VENV"
@@ -462,10 +511,23 @@ else
     venv_imports_ok || die "the venv cannot import kuasar.common / the kuasar namespace is incomplete"
     echo "$want_stamp" >"$STAMP"
     log "venv ready ($VENV)"
-fi
+}
 
 # ---------------------------------------------------------------------------------------------
-# 4. Generated stubs
+# The steps in order; 4. the generated stubs
 # ---------------------------------------------------------------------------------------------
-"$VENV/bin/python" "$ROOT/scripts/gen_protos.py"
-log "done (containerd $have, $("$VENV/bin/python" --version 2>&1))"
+main() {
+    step_python
+    step_packages
+    step_containerd
+    step_runsc
+    step_vhost_vsock
+    step_pause
+    step_venv
+    "$VENV/bin/python" "$ROOT/scripts/gen_protos.py"
+    log "done (containerd $HAVE_CONTAINERD, $("$VENV/bin/python" --version 2>&1))"
+}
+
+if [[ "${BASH_SOURCE[0]}" == "$0" ]]; then
+    main "$@"
+fi
