@@ -1,10 +1,14 @@
-# kuasar-py: one command sets up and runs the main job (`make setup run`), one runs the tests (`make test`).
+# kuasar-py: one command sets up and runs the main job (`bash scripts/setup.sh && make run`), one runs
+# the tests (`bash scripts/setup.sh && make test`); every target that needs the setup runs it again
+# (a quick no-op once done).
 SHELL := /bin/bash
 VENV ?= $(CURDIR)/.venv
-PY := $(VENV)/bin/python
+# Quoted: the checkout's path may hold spaces.
+PY := "$(VENV)/bin/python"
 PREFIX_DIR ?= $(CURDIR)/.prefix
 export KUASAR_PREFIX := $(PREFIX_DIR)
-export PATH := $(PREFIX_DIR)/bin:$(VENV)/bin:$(PATH)
+# Root's sbin directories last: `su` without `-` leaves them out, and tc, iptables, ... live there.
+export PATH := $(PREFIX_DIR)/bin:$(VENV)/bin:$(PATH):/usr/local/sbin:/usr/sbin:/sbin
 
 .PHONY: setup protos run test test-unit test-integration lint bench bench-smoke clean binaries install uninstall guest-image
 
@@ -47,7 +51,7 @@ uninstall:
 	python3 packaging/install.py uninstall --prefix "$(PREFIX)" --destdir "$(DESTDIR)"
 
 lint:
-	$(VENV)/bin/ruff check .
+	"$(VENV)/bin/ruff" check .
 
 # Benchmarks of runc-sandboxer against containerd's stock runc path (needs root); see benchmarks/README.md.
 # Extra flags through BENCH_ARGS, e.g. `make bench BENCH_ARGS="--serial 50 --publish benchmarks/latest"`.
