@@ -158,7 +158,8 @@ def _origin_rank(entry: Entry, origins: dict[tuple[str, str], str]) -> int | Non
     Debian archive path. None: not Debian's."""
     known = {origins.get((_norm(uri), suite)) for uri in entry.uris for suite in entry.suites} - {None}
     if known:
-        return 0 if known == {DEBIAN_ORIGIN} else None
+        # Debian's own suites say "Debian"; its backports suite "Debian Backports" (often in the same stanza)
+        return 0 if all(o == DEBIAN_ORIGIN or o.startswith(DEBIAN_ORIGIN + " ") for o in known) else None
     keys = entry.signed_by
     if not keys or (len(keys) == 1 and Path(keys[0]).name.startswith("debian-archive-keyring")):
         return 1

@@ -34,8 +34,12 @@ APT_LOCK_POLL_S=5                       # between two tries of `apt-get update` 
 DPKG_UPDATES_DIR=/var/lib/dpkg/updates  # dpkg's journal: files left there mean an interrupted run
 APT_UPDATED=""                          # set once this run refreshed the package lists
 
+# Never a prompt (setup may run with no terminal): a changed config file keeps the machine's version.
+DPKG_CONFFILE_OPTS=(--force-confdef --force-confold)
+
 apt_get() {
-    DEBIAN_FRONTEND=noninteractive apt-get -o "DPkg::Lock::Timeout=$APT_LOCK_TIMEOUT_S" "$@"
+    DEBIAN_FRONTEND=noninteractive apt-get -o "DPkg::Lock::Timeout=$APT_LOCK_TIMEOUT_S" \
+        -o "Dpkg::Options::=${DPKG_CONFFILE_OPTS[0]}" -o "Dpkg::Options::=${DPKG_CONFFILE_OPTS[1]}" "$@"
 }
 
 # apt-get update takes the lists' lock without waiting (DPkg::Lock::Timeout is for dpkg's lock):
@@ -86,7 +90,8 @@ install_packages() {
     if ! apt_get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null; then
         dpkg_interrupted || die "apt-get install failed"
         log "finishing an interrupted dpkg run (dpkg --configure -a), then installing again"
-        dpkg --configure -a >/dev/null || die "dpkg --configure -a failed"
+        DEBIAN_FRONTEND=noninteractive dpkg "${DPKG_CONFFILE_OPTS[@]}" --configure -a >/dev/null \
+            || die "dpkg --configure -a failed"
         apt_get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null || die "apt-get install failed"
     fi
     mapfile -t still < <(missing_packages "$@")
@@ -173,7 +178,8 @@ FETCH_RETRY_AFTER_S=$((24 * 3600))
 try_fetch() {
     local name="$1" marker="$PREFIX/$1.unavailable" age
     shift
-    if [[ -f "$marker" ]]; then
+    # A marker older than the scripts that fetch is stale: a fix to them is tried at once.
+    if [[ -f "$marker" && ! "$ROOT/scripts/setup.sh" -nt "$marker" && ! "$ROOT/scripts/debian_mirror.py" -nt "$marker" ]]; then
         age=$(($(date +%s) - $(stat -c %Y "$marker")))
         if ((age >= 0 && age < FETCH_RETRY_AFTER_S)); then
             log "WARNING: $name not installed: fetching it failed $((age / 3600)) h ago, next try" \

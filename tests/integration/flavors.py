@@ -20,6 +20,7 @@ import pytest
 
 from kuasar.common.api.runtime.v1 import api_pb2 as cri
 from kuasar.common.cri_client import CriClient, container_config, pod_config
+from tests.support.setup_hints import fetched_tool_hint
 
 from . import test_gvisor_cri as gv
 from . import test_vmm_cri as vmm
@@ -107,7 +108,7 @@ def vmm_stack(base: Path, bridge: str, subnet: str, extra_path: Sequence[Path], 
 
 
 def gvisor_skip() -> str | None:
-    return None if gv.runsc_binary() else "gVisor's runsc is not installed (`make setup` installs it into .prefix/bin)"
+    return None if gv.runsc_binary() else f"gVisor's runsc is not installed ({fetched_tool_hint('runsc')})"
 
 
 FLAVORS = {

@@ -25,6 +25,7 @@ from kuasar.common.api.runtime.v1 import api_pb2 as cri
 from kuasar.common.cri_client import CriClient
 from tests.support import containerd as cd
 from tests.support import images
+from tests.support.setup_hints import fetched_tool_hint
 
 from .conftest import BUSYBOX, Stack, integration_skip_reason, kill_task_server, start_sandboxer, stop_process
 from .cri_helpers import (
@@ -122,7 +123,7 @@ def gvisor(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         pytest.skip(reason)
     runsc = runsc_binary()
     if runsc is None:
-        pytest.skip("gVisor's runsc is not installed (`make setup` installs it into .prefix/bin)")
+        pytest.skip(f"gVisor's runsc is not installed ({fetched_tool_hint('runsc')})")
     with gvisor_stack(tmp_path_factory.mktemp("gvisor"), runsc, bridge="kuasar-gv0", subnet="10.254.0.0/16") as stack:
         yield stack
 

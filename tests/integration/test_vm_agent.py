@@ -36,6 +36,7 @@ from kuasar.common.ttrpc import TtrpcClient
 from kuasar.vmagent.imagebuild.builder import default_python
 from kuasar.vmagent.launch import MicroVm, VmConfig, find_tool
 from tests.support.guest_image import build_guest_image
+from tests.support.setup_hints import fetched_tool_hint
 
 pytestmark = pytest.mark.integration
 
@@ -57,7 +58,7 @@ def skip_reason() -> str | None:
     if shutil.which("qemu-system-x86_64") is None:
         return "qemu-system-x86_64 not installed (make setup installs qemu-system-x86)"
     if find_tool("vhost-device-vsock") is None:
-        return "vhost-device-vsock not installed (make setup puts it in .prefix/bin)"
+        return f"vhost-device-vsock not installed ({fetched_tool_hint('vhost-device-vsock')})"
     if default_python() is None:
         return "no /usr/bin/python3 >= 3.11 to put in the guest image"
     for tool in (str(BUSYBOX), "apt-get", "dpkg-deb"):

@@ -41,6 +41,7 @@ from kuasar.vmagent.imagebuild.builder import default_python
 from tests.support import containerd as cd
 from tests.support import images
 from tests.support.guest_image import build_guest_image
+from tests.support.setup_hints import fetched_tool_hint
 
 from .conftest import integration_skip_reason, start_sandboxer, stop_process
 from .cri_helpers import (
@@ -87,7 +88,7 @@ def vm_skip_reason() -> str | None:
     from kuasar.vmm.config import find_program
 
     if find_program("vhost-device-vsock") is None:
-        return "vhost-device-vsock not installed (make setup)"
+        return f"vhost-device-vsock not installed ({fetched_tool_hint('vhost-device-vsock')})"
     if default_python() is None:
         return "no /usr/bin/python3 >= 3.11 to put in the guest image"
     for tool in ("/bin/busybox", "nsenter", "tc"):

@@ -66,6 +66,18 @@ def test_a_third_party_repository_for_the_release_is_not_debians(tmp_path: Path)
     assert chosen(root).uris == [DEBIAN]
 
 
+def test_a_debian_stanza_with_its_backports_suite_is_debians(tmp_path: Path) -> None:
+    # Cloud images list bookworm, -updates and -backports in one stanza; the backports Release file says
+    # "Debian Backports", and the stanza was refused: setup found no mirror and stopped at containerd.
+    stanza = (f"Types: deb\nURIs: {DEBIAN}\nSuites: bookworm bookworm-updates bookworm-backports\n"
+              "Components: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n")
+    root = machine(tmp_path, {"sources.list.d/debian.sources": stanza, "sources.list.d/docker.sources": DOCKER_SOURCES})
+    base = dm._norm(DEBIAN + "/")
+    origins = {(base, "bookworm"): "Debian", (base, "bookworm-updates"): "Debian",
+               (base, "bookworm-backports"): "Debian Backports", (dm._norm(DOCKER + "/"), "bookworm"): "Docker"}
+    assert chosen(root, origins).uris == [DEBIAN]
+
+
 def test_an_unsigned_third_party_entry_loses_to_its_release_file(tmp_path: Path) -> None:
     other = "http://repo.example/debian"
     root = machine(tmp_path, {"sources.list": f"deb {other} bookworm main\n{DEBIAN_LIST}"})
