@@ -25,7 +25,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-DEBIAN_KEYRING = "/usr/share/keyrings/debian-archive-keyring.gpg"
+# For an entry that names no key: debian-archive-keyring's file (.pgp in newer releases, .gpg before).
+DEBIAN_KEYRINGS = ("/usr/share/keyrings/debian-archive-keyring.gpg", "/usr/share/keyrings/debian-archive-keyring.pgp")
 DEBIAN_ORIGIN = "Debian"
 # Options of an entry that the private source needs to reach the same archive, as deb822 fields
 # (one-line sources spell them in lower case inside [ ]): a snapshot's Release files are past
@@ -184,7 +185,7 @@ def choose(entries: list[Entry], codename: str | None, origins: dict[tuple[str, 
 
 def render(entry: Entry, suite: str) -> str:
     """The private deb822 source: the entry's archive, for SUITE's main component."""
-    signed_by = entry.signed_by or [DEBIAN_KEYRING]
+    signed_by = entry.signed_by or [next((k for k in DEBIAN_KEYRINGS if Path(k).exists()), DEBIAN_KEYRINGS[0])]
     lines = ["Types: deb", f"URIs: {' '.join(entry.uris)}", f"Suites: {suite}", "Components: main"]
     if len(signed_by) == 1:
         lines.append(f"Signed-By: {signed_by[0]}")

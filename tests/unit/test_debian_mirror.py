@@ -119,7 +119,16 @@ def test_all_uris_and_options_are_carried_over(tmp_path: Path) -> None:
                                                     "bookworm main\n"})
     assert dm.render(chosen(root), "unstable") == (
         f"Types: deb\nURIs: {DEBIAN}\nSuites: unstable\nComponents: main\n"
-        f"Signed-By: {dm.DEBIAN_KEYRING}\nCheck-Valid-Until: no\nTrusted: yes\n")
+        f"Signed-By: {dm.DEBIAN_KEYRINGS[0]}\nCheck-Valid-Until: no\nTrusted: yes\n")
+
+
+def test_an_entry_without_a_key_gets_the_keyring_file_the_machine_has(tmp_path: Path, monkeypatch) -> None:
+    # Debian 13's debian-archive-keyring ships .pgp; a .gpg named instead would not exist there.
+    pgp = tmp_path / "debian-archive-keyring.pgp"
+    pgp.write_bytes(b"")
+    monkeypatch.setattr(dm, "DEBIAN_KEYRINGS", (str(tmp_path / "debian-archive-keyring.gpg"), str(pgp)))
+    root = machine(tmp_path, {"sources.list": f"deb {DEBIAN} trixie main\n"}, codename="trixie")
+    assert f"Signed-By: {pgp}\n" in dm.render(chosen(root), "unstable")
 
 
 KEY = ["-----BEGIN PGP PUBLIC KEY BLOCK-----", "", "mDMEaw2PjhYJKwYBBAHaRw8BAQdA76Wg8nJfaIuYCoSocr7ayRpjzA3m6AXiAUbk",
