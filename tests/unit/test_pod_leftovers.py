@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from kuasar.common import pod_leftovers
+from kuasar.common import cgroups, pod_leftovers
 from kuasar.common.pod_files import PODS_DIR
 from kuasar.common.pod_leftovers import PodLeftovers, sweep
 from kuasar.common.proc_stat import exited, start_time, stat_fields
@@ -173,3 +173,32 @@ def test_a_kept_record_is_tried_again_at_the_pods_delete(tmp_path: Path, cgroupf
     finally:
         left_in_pod.kill()
         left_in_pod.wait()
+
+
+def test_a_parent_made_for_a_pod_is_never_emptied_it_may_be_another_pods(tmp_path: Path, cgroupfs: None) -> None:
+    # Under v1 a pod has no leaf: its process lives in CRI's cgroup_parent. One made for pod A is shared by
+    # a pod made with the same parent, or made since a restart (it found the parent there and recorded
+    # nothing): A's sweep or retried Delete SIGKILLed that live pod, and kept A's record while it lived.
+    live_pod = subprocess.Popen(["sleep", "30"])
+    try:
+        parent = cgroup(tmp_path / "cg" / "kuasar" / "pods", live_pod.pid)
+        PodLeftovers(0, 0, [str(parent.parent), str(parent)]).write(tmp_path / PODS_DIR / "pod-a")
+        assert asyncio.run(pod_leftovers.retry(tmp_path / PODS_DIR / "pod-a")) is True
+        assert live_pod.poll() is None, "another pod's process in the shared parent was killed"
+        assert parent.exists()  # left to the pod that uses it
+        assert not (tmp_path / PODS_DIR / "pod-a" / pod_leftovers.RECORD_FILE).exists()
+    finally:
+        live_pod.kill()
+        live_pod.wait()
+
+
+def test_killing_what_is_in_a_cgroup_thaws_it_first(tmp_path: Path) -> None:
+    # A paused container's processes, left by a dead task server, do not act on SIGKILL while frozen:
+    # their cgroups stayed busy for good.
+    v1 = cgroup(tmp_path / "freezer" / "pod")
+    (v1 / "freezer.state").write_text("FROZEN")
+    v2 = cgroup(tmp_path / "unified" / "pod" / "c1")
+    (v2 / "cgroup.freeze").write_text("1")
+    cgroups.kill_members(v1 / "cgroup.procs")
+    cgroups.kill_members(v2.parent / "cgroup.procs")
+    assert (v1 / "freezer.state").read_text() == "THAWED" and (v2 / "cgroup.freeze").read_text() == "0"

@@ -123,6 +123,8 @@ KILL_PASSES = 3
 def kill_members(procs_file: Path, sig: int = signal.SIGKILL) -> None:
     """Send `sig` to every process in the cgroup of `procs_file` and below it, without waiting for them
     to end; SIGKILL in KILL_PASSES passes (another signal once: a handler would see it each time)."""
+    if sig == signal.SIGKILL:
+        _thaw_below(procs_file.parent)  # a frozen process does not act on SIGKILL until thawed
     for _ in range(KILL_PASSES if sig == signal.SIGKILL else 1):
         pids = procs_below(procs_file)
         if not pids:
@@ -130,6 +132,16 @@ def kill_members(procs_file: Path, sig: int = signal.SIGKILL) -> None:
         for pid in pids:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, sig)
+
+
+def _thaw_below(directory: Path) -> None:
+    """Thaw the cgroup at `directory` and every one below it (v2's cgroup.freeze; v1's freezer
+    hierarchy): a paused container's processes left by a dead task server would never die otherwise."""
+    for below, _, files in os.walk(directory):
+        for name, thawed in (("cgroup.freeze", "0"), ("freezer.state", "THAWED")):
+            if name in files:
+                with contextlib.suppress(OSError):
+                    Path(below, name).write_text(thawed)
 
 
 SLICE = ".slice"

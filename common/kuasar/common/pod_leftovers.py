@@ -118,7 +118,8 @@ async def _end(found: list[tuple[Path, PodLeftovers]], unrecorded: list[tuple[in
     await strays.wait_gone(processes)
     # What else is in a pod's own cgroups (an exec's process, a container's the runtime's sweep missed)
     # would keep them, and the record could never go.
-    owned = [Path(directory) for _, leftovers in found for directory in own_cgroups(leftovers.cgroups)]
+    owned = [Path(directory) for pod_directory, leftovers in found
+             for directory in own_cgroups(pod_directory.name, leftovers.cgroups)]
     for directory in owned:
         cgroups.kill_members(directory / "cgroup.procs")
     await _wait_emptied(owned)
@@ -131,11 +132,13 @@ async def _end(found: list[tuple[Path, PodLeftovers]], unrecorded: list[tuple[in
     return kept
 
 
-def own_cgroups(directories: list[str]) -> list[str]:
-    """The pod's own cgroups among those its record lists, in every hierarchy: those with none of the
-    others below them. The rest are parents made for it, which a pod made later (by a task server of
-    another type, which found them there) may share: not ours to empty."""
-    return [d for d in directories if not any(other.startswith(d + "/") for other in directories)]
+def own_cgroups(pod_id: str, directories: list[str]) -> list[str]:
+    """The pod's own cgroups among those its record lists, in every hierarchy: its process's leaf, named
+    after the pod (cgroup v2, or a root parent). The rest are parents made for it: CRI's cgroup_parent,
+    which other pods may share (given the same parent, or made since a restart, when the parent already
+    existed and went unrecorded), so never ours to empty. Under v1 a pod has no leaf: its process is
+    ended by pid, and its parents are removed only if empty."""
+    return [d for d in directories if os.path.basename(d) == pod_id]
 
 
 async def _wait_emptied(directories: list[Path]) -> None:
@@ -156,7 +159,7 @@ def _remove(pod_id: str, leftovers: PodLeftovers) -> bool:
         except OSError as exc:
             log.error("pod %s: unmounting its /dev/shm: %s", pod_id, exc)
             removed = False
-    own = own_cgroups(leftovers.cgroups)
+    own = own_cgroups(pod_id, leftovers.cgroups)
     for directory in reversed(leftovers.cgroups):  # children before their parents
         if directory in own:
             _remove_empty_below(Path(directory))
