@@ -134,9 +134,11 @@ def test_a_containers_cgroup_beside_the_pods_and_its_rootfs_mount_go_with_the_ne
     made_with_a_record: list[bool] = []
     real_create = cgroups.PodCgroup.create
 
-    def create(cgroup: cgroups.PodCgroup) -> None:
-        made_with_a_record.append(record.exists())
-        real_create(cgroup)
+    def create(cgroup: cgroups.PodCgroup, before_making=None) -> None:  # noqa: ANN001
+        def recorded_first(made: cgroups.PodCgroup) -> None:
+            before_making(made)
+            made_with_a_record.append(json.loads(record.read_text())["cgroup"] == made.path)
+        real_create(cgroup, recorded_first)
 
     monkeypatch.setattr(cgroups.PodCgroup, "create", create)
     rootfs = Unmounts(monkeypatch)
@@ -187,3 +189,26 @@ def test_a_leftover_containers_cgroup_is_emptied_and_its_record_kept_while_it_is
     finally:
         left.kill()
         left.wait()
+
+
+def test_a_cgroup_that_existed_before_the_container_is_not_swept(
+        tmp_path: Path, cgroup_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A cgroupsPath naming a cgroup that was there already (`ctr run --cgroup`, a service's): it was
+    # recorded all the same, and the next task server killed whatever ran in it.
+    Unmounts(monkeypatch)
+    theirs = subprocess.Popen(["sleep", "30"])
+    try:
+        cgroup(cgroup_root / POD_CGROUP / "c1", theirs.pid)
+        dead = wasm_tasks_in(tmp_path / "sandboxer")
+
+        async def killed_before_it_undoes_anything(container: wasm_tasks.Container) -> None:
+            pass
+
+        dead._release = killed_before_it_undoes_anything  # type: ignore[method-assign]
+        create_until_the_launch(dead, create_request(tmp_path, "c1"))
+        asyncio.run(wasm_tasks_in(tmp_path / "sandboxer").sweep_leftovers())
+        assert theirs.poll() is None, "a process of a cgroup the container did not make was killed"
+        assert (cgroup_root / POD_CGROUP / "c1").is_dir()
+    finally:
+        theirs.kill()
+        theirs.wait()

@@ -234,15 +234,17 @@ class WasmTasks(TerminalTasks):
             path = cgroups.cgroupfs_path(str((spec.get("linux") or {}).get("cgroupsPath") or ""))
             if path:
                 container.cgroup = cgroups.PodCgroup(path)  # (refuses a path out of the hierarchy)
-            # Before they are made: a task server killed in between would leave them to nobody.
-            self.leftovers.write(req.id, ContainerLeftovers(container.cgroup.path if container.cgroup else "",
-                                                            str(rootfs) if req.rootfs else ""))
+            # Before they are made: a task server killed in between would leave them to nobody. The
+            # cgroup only once it is known to be made here: one that exists already is not ours to empty.
+            mounted = str(rootfs) if req.rootfs else ""
+            self.leftovers.write(req.id, ContainerLeftovers("", mounted))
             try:
                 if req.rootfs:
                     mounts.mount_rootfs(req.rootfs, rootfs)
                     container.rootfs_mounted = True
                 if container.cgroup is not None:
-                    container.cgroup.create()
+                    container.cgroup.create(lambda made: self.leftovers.write(
+                        req.id, ContainerLeftovers(made.path, mounted)))
                     container.cgroup.leave_parents()
                     resources.apply_resources(container.cgroup,
                                               (spec.get("linux") or {}).get("resources") or {})
