@@ -123,7 +123,10 @@ def guest_event(kind: type[Any], topic: str, container_id: str, namespace: str =
 
 def test_event_forwarding_skips_garbage_and_reconnects_to_an_agent_that_was_away() -> None:
     directory = short_dir()
-    (directory / "shared" / "c1").mkdir(parents=True)  # the task proxy's, made at c1's Create
+    (directory / "containers").mkdir()
+    (directory / "containers" / "c1").write_text("k8s.io")  # the task proxy's record of c1's Create
+    (directory / "shared").mkdir()
+    (directory / "shared" / ("b" * 64)).mkdir()  # the guest can write to the share: no proof of anything
     # The guest is outside the host's trust: containerd's CRI deletes the task of any container a
     # /tasks/exit names and marks one a /tasks/oom names OOMKilled, whatever pod it is in. These were
     # all forwarded before.
@@ -137,12 +140,15 @@ def test_event_forwarding_skips_garbage_and_reconnects_to_an_agent_that_was_away
         exited = asyncio.Event()
 
         async def events(stream: Any, ctx: Any) -> None:
+            # first of all, c1's exit in a namespace it was not made in (after a restart of the sandboxer
+            # the first event the host sees of a container may be any)
+            await stream.send(guest_event(task_events.TaskExit, "/tasks/exit", "c1", "moby"))
             await stream.send(guest_event(task_events.TaskCreate, "/tasks/create", "c1"))
             for message in (b"\xff\xff\xff", *forged, guest_event(task_events.TaskExit, "/tasks/exit", "c1")):
                 await stream.send(message)
             await exited.wait()
-            # c1's Delete: the proxy removes its directory, perhaps before the guest's event arrives
-            (directory / "shared" / "c1").rmdir()
+            # c1's Delete: the proxy removes its record, perhaps before the guest's event arrives
+            (directory / "containers" / "c1").unlink()
             await stream.send(guest_event(task_events.TaskDelete, "/tasks/delete", "c1"))
             await asyncio.sleep(3600)
 

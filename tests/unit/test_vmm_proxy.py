@@ -90,6 +90,8 @@ def test_create_is_prepared_on_the_host_and_rewritten(tmp_path: Path) -> None:
                 rootfs=[mount_pb2.Mount(type="bind", source=str(image), options=["rbind", "ro"])]),
                 task.CreateTaskResponse, timeout=10, metadata=ns)
             assert created.pid == 42
+            # where the guest cannot write: c1 is this pod's, made in k8s.io (only its events are forwarded)
+            assert (tmp_path / "containers" / "c1").read_text() == "k8s.io"
             [forwarded] = agent.created
             assert forwarded.bundle == "/run/kuasar/state/c1" and not forwarded.rootfs
             assert forwarded.stdout.endswith("streaming_id=c1-stdout")
@@ -112,6 +114,7 @@ def test_create_is_prepared_on_the_host_and_rewritten(tmp_path: Path) -> None:
                 await client.call(TASK, "Create", task.CreateTaskRequest(id="c2", bundle=str(tmp_path / "nope")),
                                   task.CreateTaskResponse, timeout=10)
             assert len(agent.created) == 1 and not (share / "c2").exists()
+            assert not (tmp_path / "containers" / "c2").exists()
             # Delete of the init process takes the host side down.
             await client.call(TASK, "Delete", task.DeleteRequest(id="c1"), task.DeleteResponse, timeout=10)
             for _ in range(100):
@@ -119,6 +122,7 @@ def test_create_is_prepared_on_the_host_and_rewritten(tmp_path: Path) -> None:
                     break
                 await asyncio.sleep(0.02)
             assert not (share / "c1").exists() and not hostfs.mounts_under(share)
+            assert not (tmp_path / "containers" / "c1").exists()
             assert (volume / "v.txt").read_text() == "volume data", "the volume itself is untouched"
             await client.close()
         finally:

@@ -53,6 +53,7 @@ from kuasar.common.errors import AlreadyExists, Code, FailedPrecondition, Invali
 from kuasar.common.ids import validate_id
 from kuasar.common.state import write_atomic
 from kuasar.common.task_api import TASK_SERVICES, refuse_restore
+from kuasar.common.ttrpc import NAMESPACE_KEY
 
 from . import hostfs
 from .portforward import PortForwarder
@@ -60,6 +61,8 @@ from .spec import VOLUMES_DIR, ShareBind, rewrite_process, rewrite_resources, re
 
 log = logging.getLogger("kuasar.vmm.proxy")
 
+# <vm dir>/containers/<id>: the pod's containers, each file holding its namespace (HostPrep.record).
+KNOWN_CONTAINERS_DIR = "containers"
 HEADER = struct.Struct(">IIBB")
 REQUEST, RESPONSE = 1, 2
 MAX_FRAME = 4 << 20
@@ -92,6 +95,8 @@ class HostPrep:
 
     def __init__(self, share: Path, guest_share: str, sandbox_pid: int = 0) -> None:
         self.share = share
+        # Beside the share, never in it (the guest can write there): which containers are this pod's.
+        self.known = share.parent / KNOWN_CONTAINERS_DIR
         self.guest_share = guest_share.rstrip("/")
         self.sandbox_pid = sandbox_pid  # QEMU's: CRI names the pod's namespaces by it
         self.volumes: dict[tuple[str, bool], _PodVolume] = {}
@@ -157,7 +162,14 @@ class HostPrep:
         volume.users.add(container_id)
         return volume.name
 
+    def record(self, container_id: str, namespace: str) -> None:
+        """That the container is this pod's, made in `namespace`: the sandboxer forwards the guest's
+        events of this pod's containers only (see vmm/sandboxer.py, _pods_event)."""
+        self.known.mkdir(mode=0o700, exist_ok=True)
+        write_atomic(self.known / validate_id(container_id, "container id"), namespace.encode(), durable=False)
+
     def cleanup(self, container_id: str) -> None:
+        (self.known / validate_id(container_id, "container id")).unlink(missing_ok=True)
         try:
             hostfs.remove_tree(self.host_dir(container_id))
         except KuasarError as err:
@@ -214,6 +226,7 @@ class TaskProxy:
             self.check_stdio(create)
             forward = self.prep.prepare(create)
             pending[stream_id] = ("create", create.id)
+            self.prep.record(create.id, next((kv.value for kv in req.metadata if kv.key == NAMESPACE_KEY), ""))
             req.payload = forward.SerializeToString()
             return req.SerializeToString()
         if req.method == "Delete":

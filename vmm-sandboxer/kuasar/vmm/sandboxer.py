@@ -50,6 +50,7 @@ from kuasar.common.api.runtime.v1 import api_pb2 as cri
 from kuasar.common.config import DaemonConfig
 from kuasar.common.errors import InvalidArgument, KuasarError, RuntimeFailure
 from kuasar.common.events import EventPublisher
+from kuasar.common.ids import validate_id
 from kuasar.common.linux import SOCKET_PATH_MAX
 from kuasar.common.pod_files import HOST_RESOLV_CONF, check_names, pod_resolv_conf
 from kuasar.common.pod_sandboxer import decode_pod_config, pod_names, refuse_user_namespace
@@ -65,7 +66,6 @@ from .hypervisor import (
     AGENT_PORT,
     GUEST_SHARE_DIR,
     NOTIFY_PORT,
-    SHARE_DIR_NAME,
     TASK_SOCKET,
     NicDevice,
     Vm,
@@ -73,6 +73,7 @@ from .hypervisor import (
     make_hypervisor,
 )
 from .procs import ExitWatch, ProcessRef, spawn, terminate
+from .proxy import KNOWN_CONTAINERS_DIR
 from .spec import GUEST_CGROUP_PARENT, GUEST_POD_PID_NS
 
 log = logging.getLogger(__name__)
@@ -591,10 +592,16 @@ class VmmSandboxer(Sandboxer):
         was made in: containerd acts on a /tasks/exit or /tasks/oom of any container it names (CRI
         deletes an exited one's task), so a guest must not speak for another pod's."""
         known = pod.containers.get(container_id)
-        if known is None and container_id and os.path.isdir(pod.vm_dir / SHARE_DIR_NAME / container_id):
-            # The task proxy made its shared directory at Create: it is this pod's. Kept in memory, as
-            # the directory goes at Delete, perhaps before that container's last events arrive.
-            known = pod.containers[container_id] = envelope.namespace
+        if known is None and container_id:
+            # The task proxy records each container at Create, outside what the guest can write, with
+            # the namespace containerd made it in. Kept in memory as well: the record goes at Delete,
+            # perhaps before that container's last events arrive.
+            try:
+                known = (pod.vm_dir / KNOWN_CONTAINERS_DIR / validate_id(container_id, "container id")).read_text()
+            except (OSError, UnicodeDecodeError, KuasarError):
+                known = None
+            else:
+                pod.containers[container_id] = known
         if envelope.topic == topic and known is not None and known == envelope.namespace:
             return True
         log.warning("sandbox %s: guest event %s for container %r in namespace %r dropped: not one of this "
