@@ -253,9 +253,25 @@ def fetch_kernel_deb(package: str, debs: Path, progress: Callable[[str], None]) 
     return found[-1]
 
 
-def _data_tar(deb: Path):
-    """Stream the package's data.tar through `dpkg-deb --fsys-tarfile` (any compression)."""
-    return subprocess.Popen(["dpkg-deb", "--fsys-tarfile", str(deb)], stdout=subprocess.PIPE)
+@contextmanager
+def _data_tar(deb: Path) -> Iterator[tarfile.TarFile]:
+    """Stream the package's data.tar through `dpkg-deb --fsys-tarfile` (any compression). dpkg-deb is
+    waited for, and killed first if the reading stops half way (a module that cannot be read)."""
+    proc = subprocess.Popen(["dpkg-deb", "--fsys-tarfile", str(deb)], stdout=subprocess.PIPE)
+    assert proc.stdout is not None
+    try:
+        with tarfile.open(fileobj=proc.stdout, mode="r|") as tar:
+            yield tar
+    except BaseException:
+        proc.kill()
+        proc.stdout.close()
+        proc.wait()
+        raise
+    # What tar leaves unread after its end (padding) fits in the pipe: dpkg-deb ends by itself.
+    returncode = proc.wait()
+    proc.stdout.close()
+    if returncode != 0:
+        raise BuildError(f"dpkg-deb --fsys-tarfile {deb} failed")
 
 
 # Debian 12 ships the modules in lib/modules/<release>/, Debian 13 (merged /usr) in usr/lib/modules/.
@@ -268,9 +284,7 @@ def _scan_package(deb: Path) -> tuple[dict[str, bytes], dict[str, dict[str, list
     keep: dict[str, bytes] = {}
     infos: dict[str, dict[str, list[str]]] = {}
     release = ""
-    proc = _data_tar(deb)
-    assert proc.stdout is not None
-    with tarfile.open(fileobj=proc.stdout, mode="r|") as tar:
+    with _data_tar(deb) as tar:
         for member in tar:
             name = member.name.removeprefix("./")
             if not member.isfile():
@@ -284,8 +298,6 @@ def _scan_package(deb: Path) -> tuple[dict[str, bytes], dict[str, dict[str, list
             elif match and kmods.is_module_file(name):
                 with _reading(f"{deb.name}: {name}"):
                     infos[ko_path(match.group(2))] = elf.modinfo(module_contents(name, tar.extractfile(member).read()))
-    if proc.wait() != 0:
-        raise BuildError(f"dpkg-deb --fsys-tarfile {deb} failed")
     if not release or f"boot/vmlinuz-{release}" not in keep:
         raise BuildError(f"{deb.name} holds no boot/vmlinuz-*")
     return keep, infos, release
@@ -293,9 +305,7 @@ def _scan_package(deb: Path) -> tuple[dict[str, bytes], dict[str, dict[str, list
 
 def _extract_modules(deb: Path, release: str, wanted: set[str], dest: Path) -> None:
     """Pass 2: just the wanted modules, as plain .ko files (`wanted`: their .ko paths)."""
-    proc = _data_tar(deb)
-    assert proc.stdout is not None
-    with tarfile.open(fileobj=proc.stdout, mode="r|") as tar:
+    with _data_tar(deb) as tar:
         for member in tar:
             name = member.name.removeprefix("./")
             match = _MODULES_DIR.match(name)
@@ -304,8 +314,6 @@ def _extract_modules(deb: Path, release: str, wanted: set[str], dest: Path) -> N
                 target.parent.mkdir(parents=True, exist_ok=True)
                 with _reading(f"{deb.name}: {name}"):
                     target.write_bytes(module_contents(name, tar.extractfile(member).read()))
-    if proc.wait() != 0:
-        raise BuildError(f"dpkg-deb --fsys-tarfile {deb} failed")
     missing = [w for w in wanted if not (dest / w).is_file()]
     if missing:
         raise BuildError(f"modules missing from {deb.name}: {', '.join(sorted(missing))}")
