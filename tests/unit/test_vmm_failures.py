@@ -464,3 +464,17 @@ def test_vms_are_re_attached_all_at_once(tmp_path: Path, monkeypatch: pytest.Mon
 
     assert all(record.state == SandboxState.STOPPED for record in asyncio.run(scenario()))
     assert waited_in_vain == []
+
+
+def test_a_guest_sending_events_of_other_pods_without_end_does_not_fill_the_log(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    async def forged_without_end() -> None:
+        pod = VmPod("p1", FakeVm(), tmp_path, str(tmp_path / "vsock.sock"), "address")
+        forged = event_pb2.Envelope(topic="/tasks/oom", namespace="k8s.io")
+        for _ in range(1000):
+            assert not VmmSandboxer._pods_event(pod, forged, "/tasks/oom", "b" * 64)
+
+    with caplog.at_level("WARNING", logger="kuasar.vmm.sandboxer"):
+        asyncio.run(forged_without_end())
+    dropped = [r for r in caplog.records if "dropped" in r.getMessage()]
+    assert len(dropped) == sandboxer_module.LOGGED_DROPPED_EVENTS and "the last one" in dropped[-1].getMessage()

@@ -89,6 +89,9 @@ MiB = 1 << 20
 # Pod annotations that size the VM (Kata's names are honoured too).
 VCPU_ANNOTATIONS = ("io.kuasar.vmm.vcpus", "io.katacontainers.config.hypervisor.default_vcpus")
 MEMORY_ANNOTATIONS = ("io.kuasar.vmm.memory_mb", "io.katacontainers.config.hypervisor.default_memory")
+# Dropped guest events logged per pod: a few tell what happened, a guest sending them without end
+# would otherwise fill the host's log.
+LOGGED_DROPPED_EVENTS = 10
 # What a guest may publish, by type: the topic containerd's own shims give each. Anything else from
 # the guest (another topic, TaskIO with no container id) is dropped: the guest is outside the host's trust.
 GUEST_EVENTS: dict[str, tuple[type[Any], str]] = {
@@ -165,6 +168,7 @@ class VmPod:
     cgroup: cgroups.PodCgroup | None = None
     agent: TtrpcClient | None = None
     containers: dict[str, str] = field(default_factory=dict)  # id -> namespace, of events from the guest
+    dropped_events: int = 0  # from the guest, not about one of this pod's containers
     stopping: bool = False
     exit: asyncio.Future[ExitInfo] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
     tasks: set[asyncio.Task[Any]] = field(default_factory=set)
@@ -604,8 +608,11 @@ class VmmSandboxer(Sandboxer):
                 pod.containers[container_id] = known
         if envelope.topic == topic and known is not None and known == envelope.namespace:
             return True
-        log.warning("sandbox %s: guest event %s for container %r in namespace %r dropped: not one of this "
-                    "pod's", pod.id, envelope.topic[:64], container_id[:80], envelope.namespace[:64])
+        pod.dropped_events += 1
+        if pod.dropped_events <= LOGGED_DROPPED_EVENTS:  # a hostile guest must not fill the host's log
+            log.warning("sandbox %s: guest event %s for container %r in namespace %r dropped: not one of this "
+                        "pod's%s", pod.id, envelope.topic[:64], container_id[:80], envelope.namespace[:64],
+                        " (the last one logged)" if pod.dropped_events == LOGGED_DROPPED_EVENTS else "")
         return False
 
     async def _agent(self, pod: VmPod) -> TtrpcClient:
