@@ -43,6 +43,11 @@ STAMP = ".kuasar-build.json"  # written by build_binaries.py next to the binarie
 NEW_SUFFIX = ".kuasar-new"
 # Built by `make setup` (the static program pod processes exec) and `make guest-image` (vmm's guest).
 PAUSE = ROOT / ".prefix" / "bin" / "kuasar-pause"
+# What `make setup` fetched into .prefix/bin that the sandboxers run (vmm-sandboxer and vm-agent boot:
+# vhost-device-vsock; quark-sandboxer's gVisor backend: runsc, new enough for its systrap platform,
+# which Debian 12's own runsc is not): installed beside the binaries, where an installed sandboxer
+# looks first (kuasar.common.tools) and which its unit puts first on PATH.
+FETCHED_HELPERS = ("vhost-device-vsock", "runsc")
 GUEST_DIR = ROOT / "build" / "guest"
 GUEST_FILES = ("vmlinux", "initramfs.cpio", "manifest.json")
 
@@ -229,6 +234,12 @@ def install(layout: Layout, dist: Path) -> Installer:
         installer.binary(PAUSE, layout.bindir / PAUSE.name)
     else:
         print(f"install: {PAUSE} missing (run `make setup`): pod processes will sleep in Python")
+    for helper in FETCHED_HELPERS:
+        fetched = PAUSE.parent / helper
+        if fetched.is_file():
+            installer.binary(fetched, layout.bindir / helper)
+        else:
+            print(f"install: {fetched} missing (run `make setup`): install {helper} on the PATH yourself")
     if all((GUEST_DIR / name).is_file() for name in GUEST_FILES):
         for name in GUEST_FILES:
             installer.binary(GUEST_DIR / name, layout.guestdir / name)

@@ -175,7 +175,8 @@ def test_install_into_a_prefix(dist: Path, tmp_path: Path) -> None:
         unit = parse_unit(unit_path)
         service = unit["Service"]
         assert service["Type"] == "notify" and service["NotifyAccess"] == "all"
-        assert service["Restart"] == "on-failure" and service["KillMode"] == "process"
+        assert service["Restart"] == "always" and service["KillMode"] == "process"
+        assert service["Environment"].startswith(f"PATH={prefix / 'bin'}:")
         program = Path(service["ExecStart"].split()[0])
         assert program.parent == prefix / "bin" and os.access(program, os.X_OK)
         config = service["ExecStart"].split("--config ")[1].split()[0]

@@ -32,9 +32,10 @@ from kuasar.common.api.containerd.types.task import task_pb2 as types
 from kuasar.common.api.containerd.types.transfer import streaming_pb2 as transfer
 from kuasar.common.api.kuasar.agent.v1 import agent_pb2 as agent
 from kuasar.common.errors import NotFound
+from kuasar.common.tools import find_tool
 from kuasar.common.ttrpc import TtrpcClient
 from kuasar.vmagent.imagebuild.builder import default_python
-from kuasar.vmagent.launch import MicroVm, VmConfig, find_tool
+from kuasar.vmagent.launch import MicroVm, VmConfig
 from tests.support.guest_image import build_guest_image
 from tests.support.setup_hints import fetched_tool_hint
 

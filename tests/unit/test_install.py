@@ -104,18 +104,18 @@ def test_reinstall_keeps_an_edited_unit_and_writes_ours_beside(
     assert install_py.main(["install", *argv]) == 0
     unit = prefix / "lib/systemd/system/kuasar-runc.service"
     shipped = unit.read_text()
-    unit.write_text(shipped.replace("Restart=on-failure", "Restart=always"))
+    unit.write_text(shipped.replace("RestartSec=2s", "RestartSec=7s"))
     capsys.readouterr()
 
     assert install_py.main(["install", *argv]) == 0
-    assert "Restart=always" in unit.read_text()
+    assert "RestartSec=7s" in unit.read_text()
     beside = unit.with_name(unit.name + install_py.NEW_SUFFIX)
     assert beside.read_text() == shipped  # ours, for the administrator to compare
     assert f"kept the existing {unit}" in capsys.readouterr().out
 
     # Uninstall leaves the administrator's unit alone and removes ours (in the manifest, unchanged).
     assert install_py.main(["uninstall", "--prefix", str(prefix)]) == 0
-    assert "Restart=always" in unit.read_text() and not beside.exists()
+    assert "RestartSec=7s" in unit.read_text() and not beside.exists()
 
 
 def test_destdir_manifest_never_claims_the_targets_system_dirs(dist: Path, tmp_path: Path) -> None:
@@ -155,3 +155,20 @@ def test_without_destdir_the_directories_it_made_are_removed_and_only_those(dist
     assert f"{prefix}/lib/systemd/system" in owned and f"{prefix}/share" not in owned
     install_py.uninstall(layout, quiet=True)
     assert tree(tmp_path) == before
+
+
+def test_the_helpers_setup_fetched_are_installed_beside_the_binaries_and_first_on_the_units_path(
+        dist: Path, tmp_path: Path) -> None:
+    # They stayed in the checkout's .prefix/bin: an installed kuasar-vmm found no vhost-device-vsock and
+    # kuasar-gvisor no runsc (Debian 12's own is too old for systrap), and both failed every pod.
+    for helper in install_py.FETCHED_HELPERS:
+        (install_py.PAUSE.parent / helper).write_bytes(b"\x7fELF fake " + helper.encode())
+    prefix = tmp_path / "opt-kuasar"
+    assert install_py.main(["install", "--prefix", str(prefix), "--dist", str(dist)]) == 0
+    for helper in install_py.FETCHED_HELPERS:
+        assert (prefix / "bin" / helper).read_bytes() == b"\x7fELF fake " + helper.encode()
+        assert os.access(prefix / "bin" / helper, os.X_OK)
+    unit = (prefix / "lib/systemd/system/kuasar-gvisor.service").read_text()
+    assert f"Environment=PATH={prefix / 'bin'}:" in unit and "Restart=always" in unit
+    assert install_py.main(["uninstall", "--prefix", str(prefix)]) == 0
+    assert not (prefix / "bin" / "runsc").exists()

@@ -17,10 +17,14 @@ from pathlib import Path
 
 import click
 
+from kuasar.common import tools
+
 from . import __version__
 
-REPO = Path(__file__).resolve().parents[3]
-DEFAULT_IMAGE = REPO / "build" / "guest"
+# Where `make guest-image` builds it in a checkout; where `make install` puts it beside an installed binary
+# (<prefix>/bin -> <prefix>/share/kuasar/guest), never below the frozen binary's unpacked modules.
+DEFAULT_IMAGE = (tools.installed_dir().parent / "share" / "kuasar" / "guest" if tools.frozen()
+                 else tools.CHECKOUT / "build" / "guest")
 
 
 @click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
@@ -89,8 +93,9 @@ def boot(image: Path, share: Path | None, workdir: Path | None, memory: int, deb
          command: tuple[str, ...]) -> None:
     """Boot the image under QEMU (TCG) and report start-up figures; Ctrl-C powers it off."""
     from kuasar.common.api.kuasar.agent.v1 import agent_pb2 as pb
+    from kuasar.common.tools import find_tool
 
-    from .launch import MicroVm, VmConfig, find_tool
+    from .launch import MicroVm, VmConfig
 
     manifest = json.loads((image / "manifest.json").read_text())
     work = workdir or Path(tempfile.mkdtemp(prefix="vmagent-", dir="/tmp"))  # short: unix socket paths

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import shutil
 import signal
 import subprocess
 import time
@@ -42,14 +41,6 @@ def tsc_khz() -> int:
     raise RuntimeError("no 'cpu MHz' in /proc/cpuinfo; set KUASAR_TSC_KHZ")
 
 
-def find_tool(name: str) -> str | None:
-    prefix = os.environ.get("KUASAR_PREFIX")
-    candidates = [os.path.join(prefix, "bin", name)] if prefix else []
-    candidates.append(str(Path(__file__).resolve().parents[3] / ".prefix" / "bin" / name))
-    for candidate in candidates:
-        if os.access(candidate, os.X_OK):
-            return candidate
-    return shutil.which(name)
 
 
 @dataclass

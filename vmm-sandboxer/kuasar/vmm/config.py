@@ -30,16 +30,14 @@ from __future__ import annotations
 import logging
 import math
 import os
-import shutil
 from dataclasses import dataclass, field, fields
-from pathlib import Path
 from typing import Any
 
 from kuasar.common.errors import InvalidArgument
+from kuasar.common.tools import find_tool as find_program  # noqa: F401 - qemu.py, tests, benchmarks
 
 log = logging.getLogger(__name__)
 
-REPO = Path(__file__).resolve().parents[3]
 SECTION = "hypervisor"
 DRIVERS = ("qemu",)
 MACHINE_TYPES = ("microvm", "pc", "q35")
@@ -227,17 +225,3 @@ def _apply_virtiofsd(config: VmmConfig, table: Any) -> None:
             raise InvalidArgument(f"[hypervisor.virtiofsd] unknown key {key!r}")
 
 
-def find_program(name: str) -> str | None:
-    """An absolute program path: as given if it has a slash, else from $KUASAR_PREFIX/bin, the
-    repository's .prefix/bin (where `make setup` puts vhost-device-vsock), then PATH."""
-    if "/" in name:
-        return name if os.access(name, os.X_OK) else None
-    candidates = []
-    prefix = os.environ.get("KUASAR_PREFIX")
-    if prefix:
-        candidates.append(Path(prefix) / "bin" / name)
-    candidates.append(REPO / ".prefix" / "bin" / name)
-    for candidate in candidates:
-        if os.access(candidate, os.X_OK):
-            return str(candidate)
-    return shutil.which(name)
