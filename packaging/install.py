@@ -49,6 +49,9 @@ PAUSE = ROOT / ".prefix" / "bin" / "kuasar-pause"
 # looks first (kuasar.common.tools) and which its unit puts first on PATH.
 FETCHED_HELPERS = ("vhost-device-vsock", "runsc")
 GUEST_DIR = ROOT / "build" / "guest"
+# containerd's own config, where an administrator imports our fragment (containerd-kuasar*.toml).
+CONTAINERD_CONFIG = Path("/etc/containerd/config.toml")
+FRAGMENT_PREFIX = "containerd-kuasar"
 GUEST_FILES = ("vmlinux", "initramfs.cpio", "manifest.json")
 
 # kind -> (program, description); gvisor is a second quark-sandboxer with the runsc backend.
@@ -221,7 +224,8 @@ def install(layout: Layout, dist: Path) -> Installer:
     configs = {name: render_config(name, layout) for name in CONFIGS}
     units = {kind: render_unit(kind, layout) for kind in SANDBOXERS}
     if layout.real(layout.manifest).exists():
-        uninstall(layout, quiet=True)  # a re-install replaces the previous one exactly
+        # a re-install replaces the previous one exactly (an imported fragment is written again at once)
+        uninstall(layout, quiet=True, keep_imported=False)
     installer = Installer(layout)
     installer.binary(dist / MULTICALL, layout.bindir / MULTICALL)
     for program in programs:
@@ -254,18 +258,33 @@ def install(layout: Layout, dist: Path) -> Installer:
     return installer
 
 
-def uninstall(layout: Layout, quiet: bool = False) -> list[str]:
-    """Remove what the manifest lists (newest first); returns what was kept (changed configs, busy dirs)."""
+def imported_by_containerd(layout: Layout) -> str:
+    """The text of containerd's config (on the target), where a fragment it imports is named."""
+    try:
+        return layout.real(CONTAINERD_CONFIG).read_text(errors="replace")
+    except OSError:
+        return ""
+
+
+def uninstall(layout: Layout, quiet: bool = False, keep_imported: bool = True) -> list[str]:
+    """Remove what the manifest lists (newest first); returns what was kept (changed configs, busy dirs,
+    and with `keep_imported` a containerd fragment containerd's config imports)."""
     manifest = layout.real(layout.manifest)
     try:
         data = json.loads(manifest.read_text())
     except FileNotFoundError:
         raise SystemExit(f"uninstall: no install manifest at {manifest}") from None
     kept: list[str] = []
+    containerd_config = imported_by_containerd(layout) if keep_imported else ""
     for entry in reversed(data["entries"]):
         path = Path(entry["path"])
         real = layout.real(path)
         if entry["type"] in ("dir", "stagedir"):
+            continue
+        if path.name.startswith(FRAGMENT_PREFIX) and str(path) in containerd_config:
+            # containerd refuses to start with an import that is missing: every workload of the node
+            print(f"uninstall: kept {path}: {CONTAINERD_CONFIG} imports it (remove the import, then the file)")
+            kept.append(str(path))
             continue
         if entry["type"] == "symlink":
             if real.is_symlink():

@@ -172,3 +172,22 @@ def test_the_helpers_setup_fetched_are_installed_beside_the_binaries_and_first_o
     assert f"Environment=PATH={prefix / 'bin'}:" in unit and "Restart=always" in unit
     assert install_py.main(["uninstall", "--prefix", str(prefix)]) == 0
     assert not (prefix / "bin" / "runsc").exists()
+
+
+def test_uninstall_keeps_a_fragment_containerd_imports(
+        dist: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    # containerd does not start with an import that is missing: the uninstall took every workload down
+    # at containerd's next restart.
+    containerd_config = tmp_path / "containerd" / "config.toml"
+    containerd_config.parent.mkdir()
+    monkeypatch.setattr(install_py, "CONTAINERD_CONFIG", containerd_config)
+    prefix = tmp_path / "prefix"
+    assert install_py.main(["install", "--prefix", str(prefix), "--dist", str(dist)]) == 0
+    fragment = prefix / "etc/kuasar/containerd-kuasar.toml"
+    containerd_config.write_text(f'version = 3\nimports = ["{fragment}"]\n')
+    assert install_py.main(["install", "--prefix", str(prefix), "--dist", str(dist)]) == 0  # a re-install
+    assert fragment.is_file() and not fragment.with_name(fragment.name + install_py.NEW_SUFFIX).exists()
+    capsys.readouterr()
+    assert install_py.main(["uninstall", "--prefix", str(prefix)]) == 0
+    assert fragment.is_file() and f"{containerd_config} imports it" in capsys.readouterr().out
+    assert not (prefix / "etc/kuasar/containerd-kuasar-1.6.toml").exists()  # not imported: removed
