@@ -27,6 +27,7 @@ What goes where (paths as seen on the target system; everything is written below
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -52,6 +53,8 @@ GUEST_DIR = ROOT / "build" / "guest"
 # containerd's own config, where an administrator imports our fragment (containerd-kuasar*.toml).
 CONTAINERD_CONFIG = Path("/etc/containerd/config.toml")
 FRAGMENT_PREFIX = "containerd-kuasar"
+# Of a build's sha256 in its file name: enough to tell builds apart.
+BUILD_DIGEST_CHARS = 16
 GUEST_FILES = ("vmlinux", "initramfs.cpio", "manifest.json")
 
 # kind -> (program, description); gvisor is a second quark-sandboxer with the runsc backend.
@@ -85,14 +88,16 @@ class Layout:
         self.shimdir = Path(shimdir) if shimdir else self.bindir
         self.manifest = self.prefix / MANIFEST
         self.guestdir = self.prefix / "share/kuasar/guest"
+        # The multi-call binary, one file per build (kuasar-<digest>); the program names link to it.
+        self.libdir = self.prefix / "lib/kuasar"
 
     def real(self, path: Path) -> Path:
         """Where `path` of the target system is written now (DESTDIR + path)."""
         return self.destdir / path.relative_to("/") if self.destdir else path
 
     def owns(self, directory: Path) -> bool:
-        """A directory only kuasar uses (its configs, its share dir), as opposed to a shared one like bin."""
-        ours = (self.confdir, self.prefix / "share/kuasar")
+        """A directory only kuasar uses (its configs, builds, share dir), as opposed to a shared one like bin."""
+        ours = (self.confdir, self.libdir, self.prefix / "share/kuasar")
         return any(directory == d or d in directory.parents for d in ours)
 
 
@@ -166,6 +171,22 @@ class Installer:
             os.symlink(target, real)
             self.entries.append({"type": "symlink", "path": str(dest), "target": str(target)})
 
+    def symlink(self, target: Path, dest: Path) -> None:
+        """`dest` -> `target` (a path on the target system), replacing what `dest` was. Relative, so that
+        it holds in a DESTDIR's staging tree as on the target."""
+        self._mkdirs(dest.parent)
+        real = self.layout.real(dest)
+        tmp = real.with_name(f".{real.name}.new")
+        tmp.unlink(missing_ok=True)
+        os.symlink(os.path.relpath(target, dest.parent), tmp)
+        os.replace(tmp, real)  # never a moment without the name
+        self.entries.append({"type": "symlink", "path": str(dest), "target": str(target)})
+
+    def keep_file(self, path: Path) -> None:
+        """List a file an earlier install left (still in use) in this install's manifest, for the next
+        uninstall to remove once nothing runs it."""
+        self.entries.append({"type": "file", "path": str(path), "sha256": sha256(self.layout.real(path))})
+
     def text(self, content: str, dest: Path, mode: int = 0o644, keep_existing: bool = False) -> None:
         """Write `dest`; with keep_existing, a file already there stays: an administrator's config or
         unit (or an identical one from an earlier install). When it differs, ours goes beside it."""
@@ -223,17 +244,29 @@ def install(layout: Layout, dist: Path) -> Installer:
     programs = programs_in(dist)
     configs = {name: render_config(name, layout) for name in CONFIGS}
     units = {kind: render_unit(kind, layout) for kind in SANDBOXERS}
+    running: list[str] = []
     if layout.real(layout.manifest).exists():
         # a re-install replaces the previous one exactly (an imported fragment is written again at once)
-        uninstall(layout, quiet=True, keep_imported=False)
+        running = uninstall(layout, quiet=True, keep_imported=False, running=True)
     installer = Installer(layout)
-    installer.binary(dist / MULTICALL, layout.bindir / MULTICALL)
+    # A frozen (PyInstaller one-file) program reads its modules from its own file, by path, for as long
+    # as it runs: a task server started by an earlier install, still holding pods, would read this
+    # build's file. So each build is a file of its own, the program names are symlinks switched to it,
+    # and an earlier build's file stays while anything runs it (this install's manifest lists it).
+    binary = layout.libdir / f"{MULTICALL}-{sha256(dist / MULTICALL)[:BUILD_DIGEST_CHARS]}"
+    if running:  # the directory the last install made stays ours, however long its builds run
+        installer.entries.append({"type": "dir", "path": str(layout.libdir)})
+    installer.binary(dist / MULTICALL, binary)
+    for path in running:
+        if Path(path) != binary:
+            installer.keep_file(Path(path))
+    installer.symlink(binary, layout.bindir / MULTICALL)
     for program in programs:
-        installer.link(layout.bindir / MULTICALL, layout.bindir / program)
+        installer.symlink(binary, layout.bindir / program)
     if layout.shimdir != layout.bindir:
         for program in programs:
             if program.startswith("containerd-shim-"):
-                installer.link(layout.bindir / program, layout.shimdir / program)
+                installer.symlink(binary, layout.shimdir / program)
     if PAUSE.is_file():
         installer.binary(PAUSE, layout.bindir / PAUSE.name)
     else:
@@ -266,15 +299,28 @@ def imported_by_containerd(layout: Layout) -> str:
         return ""
 
 
-def uninstall(layout: Layout, quiet: bool = False, keep_imported: bool = True) -> list[str]:
+def running_from(path: Path) -> bool:
+    """Whether a process runs the program file at `path` (its /proc/<pid>/exe)."""
+    target = str(path)
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                if os.readlink(f"/proc/{entry.name}/exe") == target:
+                    return True
+    return False
+
+
+def uninstall(layout: Layout, quiet: bool = False, keep_imported: bool = True, running: bool = False) -> list[str]:
     """Remove what the manifest lists (newest first); returns what was kept (changed configs, busy dirs,
-    and with `keep_imported` a containerd fragment containerd's config imports)."""
+    with `keep_imported` a containerd fragment containerd's config imports, a build a process still
+    runs). With `running`, only the builds kept because they run."""
     manifest = layout.real(layout.manifest)
     try:
         data = json.loads(manifest.read_text())
     except FileNotFoundError:
         raise SystemExit(f"uninstall: no install manifest at {manifest}") from None
     kept: list[str] = []
+    in_use: list[str] = []
     containerd_config = imported_by_containerd(layout) if keep_imported else ""
     for entry in reversed(data["entries"]):
         path = Path(entry["path"])
@@ -295,6 +341,9 @@ def uninstall(layout: Layout, quiet: bool = False, keep_imported: bool = True) -
         if real.is_symlink() or sha256(real) != entry["sha256"]:
             kept.append(str(path))  # changed since install (an edited config): not ours to delete
             continue
+        if path.parent == layout.libdir and running_from(real):
+            in_use.append(str(path))  # its program reads its modules from it for as long as it runs
+            continue
         real.unlink()
     manifest.unlink()
     # "stagedir"s were only missing from a DESTDIR: on the target system they are not ours to remove.
@@ -310,7 +359,9 @@ def uninstall(layout: Layout, quiet: bool = False, keep_imported: bool = True) -
     if not quiet:
         for path in kept:
             print(f"uninstall: kept {path} (changed since install, or not empty)")
-    return kept
+        for path in in_use:
+            print(f"uninstall: kept {path}: kuasar processes still run it (stop them, then remove it)")
+    return in_use if running else kept + in_use
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -284,7 +284,9 @@ def test_installed_runc_sandboxer_serves_a_pod(installed: Path, tmp_path: Path) 
 
         # Its task server is the same frozen binary, re-executed as an independent process.
         task_server = int((sandboxer_dir / "task-server.pid").read_text())
-        assert os.readlink(f"/proc/{task_server}/exe") == str(installed / "bin/runc-sandboxer")
+        # (the build's own file, which the program names link to: a later install leaves it while it runs)
+        assert os.readlink(f"/proc/{task_server}/exe") == str((installed / "bin/runc-sandboxer").resolve())
+        assert Path(os.readlink(f"/proc/{task_server}/exe")).parent == installed / "lib/kuasar"
         cmdline = Path(f"/proc/{task_server}/cmdline").read_bytes().split(b"\0")
         assert cmdline[0] == b"runc-task-server"  # the multi-call binary picks the program by argv[0]
         # The build host's interpreter: the venv, its stdlib and extension modules, its libpython.

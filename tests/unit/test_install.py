@@ -7,6 +7,7 @@ import importlib.util
 import json
 import os
 import shutil
+import subprocess
 from pathlib import Path
 from types import ModuleType
 
@@ -131,7 +132,7 @@ def test_destdir_manifest_never_claims_the_targets_system_dirs(dist: Path, tmp_p
     layout = install_py.Layout(str(prefix), str(stage))
     install_py.install(layout, dist)
     owned = [e["path"] for e in manifest_of(layout)["entries"] if e["type"] == "dir"]
-    assert sorted(owned) == [f"{prefix}/etc/kuasar", f"{prefix}/share/kuasar"]
+    assert sorted(owned) == [f"{prefix}/etc/kuasar", f"{prefix}/lib/kuasar", f"{prefix}/share/kuasar"]
 
     # A package manager unpacks the staged tree onto the target; later the target uninstalls it.
     shutil.copytree(layout.real(prefix), prefix, symlinks=True, dirs_exist_ok=True)
@@ -191,3 +192,37 @@ def test_uninstall_keeps_a_fragment_containerd_imports(
     assert install_py.main(["uninstall", "--prefix", str(prefix)]) == 0
     assert fragment.is_file() and f"{containerd_config} imports it" in capsys.readouterr().out
     assert not (prefix / "etc/kuasar/containerd-kuasar-1.6.toml").exists()  # not imported: removed
+
+
+def test_a_reinstall_leaves_the_build_a_running_program_reads_from(
+        dist: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # A frozen one-file program reads its modules from its own file, by path, as long as it runs: the
+    # re-install replaced it under a task server still holding pods (its next import read the new build,
+    # or, while the file was missing, ended it).
+    def build(extra: bytes) -> None:
+        (dist / install_py.MULTICALL).unlink()
+        shutil.copy2(shutil.which("sleep") or "/bin/sleep", dist / install_py.MULTICALL)
+        with open(dist / install_py.MULTICALL, "ab") as f:
+            f.write(extra)  # another build: a different digest, still a program that runs
+
+    prefix = tmp_path / "prefix"
+    argv = ["--prefix", str(prefix), "--dist", str(dist)]
+    build(b"build 1")
+    assert install_py.main(["install", *argv]) == 0
+    running = subprocess.Popen([prefix / "bin" / "runc-sandboxer", "30"])  # argv[0] picks the program
+    try:
+        old = Path(os.readlink(f"/proc/{running.pid}/exe"))
+        assert old.parent == prefix / "lib" / "kuasar"
+        build(b"build 2")
+        assert install_py.main(["install", *argv]) == 0
+        new = (prefix / "bin" / "runc-sandboxer").resolve()
+        assert new != old and new.parent == old.parent
+        assert old.read_bytes().endswith(b"build 1"), "the running program's build was replaced"
+        assert os.readlink(f"/proc/{running.pid}/exe") == str(old)  # not "(deleted)"
+        assert str(old) in [e["path"] for e in manifest_of(install_py.Layout(str(prefix)))["entries"]]
+    finally:
+        running.kill()
+        running.wait()
+    capsys.readouterr()
+    assert install_py.main(["uninstall", "--prefix", str(prefix)]) == 0
+    assert not (prefix / "lib" / "kuasar").exists(), "a build nothing runs any more is removed"

@@ -20,7 +20,7 @@ from pathlib import Path
 from google.protobuf import any_pb2
 from google.protobuf.message import DecodeError
 
-from . import __version__
+from . import __version__, tools
 from .api.containerd.types import introspection_pb2 as introspection
 
 log = logging.getLogger("kuasar.shim")
@@ -79,10 +79,10 @@ def configured_runc(executable: str) -> str:
     `runc` on PATH (its default too)."""
     import tomllib  # only for -info
 
-    exe = Path(executable).absolute()
     candidates = [Path("/etc/kuasar/runc.toml")]
-    if exe.parent.name == "bin":
-        candidates.append(exe.parent.parent / "etc" / "kuasar" / "runc.toml")
+    prefix = tools.install_prefix(executable)
+    if prefix is not None:
+        candidates.append(prefix / "etc" / "kuasar" / "runc.toml")
     for path in candidates:
         try:
             binary = tomllib.loads(path.read_text()).get("runc", {}).get("binary")

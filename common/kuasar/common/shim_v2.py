@@ -47,7 +47,7 @@ from typing import Any
 import grpc
 from google.protobuf import any_pb2
 
-from . import __version__, runtime_info
+from . import __version__, runtime_info, tools
 from .api.containerd.runtime.task.v2 import shim_pb2 as task
 from .api.containerd.services.sandbox.v1 import sandbox_pb2 as sb
 from .api.containerd.services.sandbox.v1 import sandbox_pb2_grpc as sb_grpc
@@ -101,9 +101,9 @@ def config_candidates(env: Mapping[str, str], executable: str) -> list[Path]:
     if env.get(CONFIG_ENV):
         return [Path(env[CONFIG_ENV])]
     candidates = [SYSTEM_CONFIG]
-    exe = Path(executable).absolute()
-    if exe.parent.name == "bin":
-        candidates.append(exe.parent.parent / "etc" / "kuasar" / "shim.toml")
+    prefix = tools.install_prefix(executable)
+    if prefix is not None:
+        candidates.append(prefix / "etc" / "kuasar" / "shim.toml")
     return candidates
 
 

@@ -16,9 +16,21 @@ def frozen() -> bool:
     return bool(getattr(sys, "frozen", False))
 
 
+def install_prefix(executable: str) -> Path | None:
+    """The prefix of an installed program, as `make install` lays it out: `<prefix>/bin/<program>`, or
+    the build's own file `<prefix>/lib/kuasar/<build>` the program names link to; else None."""
+    exe = Path(executable).absolute()
+    if exe.parent.name == "bin":
+        return exe.parent.parent
+    if exe.parent.name == "kuasar" and exe.parent.parent.name == "lib":
+        return exe.parent.parent.parent
+    return None
+
+
 def installed_dir() -> Path:
-    """The directory a frozen (installed) binary is in: `make install` puts the helpers beside it."""
-    return Path(sys.executable).resolve().parent
+    """The bin/ of a frozen (installed) binary: `make install` puts the helpers there."""
+    prefix = install_prefix(sys.executable)
+    return prefix / "bin" if prefix is not None else Path(sys.executable).parent
 
 
 def find_tool(name: str) -> str | None:

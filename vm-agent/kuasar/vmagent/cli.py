@@ -24,7 +24,7 @@ from . import __version__
 # Where `make guest-image` builds it in a checkout; where `make install` puts it beside an installed binary
 # (<prefix>/bin -> <prefix>/share/kuasar/guest), never below the frozen binary's unpacked modules.
 DEFAULT_IMAGE = (tools.installed_dir().parent / "share" / "kuasar" / "guest" if tools.frozen()
-                 else tools.CHECKOUT / "build" / "guest")
+                 else tools.CHECKOUT / "build" / "guest")  # (installed_dir: <prefix>/bin)
 
 
 @click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
