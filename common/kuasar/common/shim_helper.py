@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -169,7 +170,12 @@ async def delete_via_task_server(address: str, container_id: str, namespace: str
         try:
             state = await call("State", task.StateRequest(id=container_id), task.StateResponse)
         except NotFound:
-            log.info("task server no longer knows container %s; nothing to delete", container_id)
+            # Still a Delete: a VM's task proxy or a Quark relay in front of the task server keeps the
+            # container's host side (its rootfs, volumes) until it sees a Delete answered, also NOT_FOUND
+            # (a Create cut off by containerd's restart left it there).
+            log.info("task server no longer knows container %s; deleting what is left in front of it", container_id)
+            with contextlib.suppress(NotFound):
+                await call("Delete", task.DeleteRequest(id=container_id), task.DeleteResponse)
             return lost_response()
         if state.status != types.STOPPED:
             log.info("container %s is still %s; killing it", container_id, types.Status.Name(state.status))
