@@ -139,12 +139,19 @@ def test_handshake_refusals(tmp_path: Path) -> None:
         listen = str(tmp_path / "task.vsock")
         server = await asyncio.start_unix_server(proxy.handle, path=listen)
         try:
-            # wrong port, junk, guest absent, a line past the reader's limit
-            for line in (b"CONNECT 1025\n", b"HELLO\n", b"CONNECT 1024\n", b"x" * (1 << 17) + b"\n"):
+            # wrong port, junk, a line past the reader's limit: closed without a word
+            for line in (b"CONNECT 1025\n", b"HELLO\n", b"x" * (1 << 17) + b"\n"):
                 reader, writer = await asyncio.open_unix_connection(listen)
                 writer.write(line)
                 assert await asyncio.wait_for(reader.read(), 10) == b"", "closed without OK"
                 writer.close()
+            # the guest absent: refused with a line that has no "OK" in it. containerd's hvsock dialer took
+            # the EOF it got before for "not ready yet" and retried for 100 s per container at its start.
+            reader, writer = await asyncio.open_unix_connection(listen)
+            writer.write(b"CONNECT 1024\n")
+            answer = await asyncio.wait_for(reader.read(), 10)
+            assert answer.endswith(b"\n") and answer.count(b"\n") == 1 and b"OK" not in answer
+            writer.close()
         finally:
             server.close()
 

@@ -61,6 +61,8 @@ from .spec import VOLUMES_DIR, ShareBind, rewrite_process, rewrite_resources, re
 
 log = logging.getLogger("kuasar.vmm.proxy")
 
+# The handshake's answer when the guest cannot be reached: any line without "OK" fails the dial at once.
+GUEST_UNREACHABLE = b"ERR guest unreachable\n"
 # <vm dir>/containers/<id>: the pod's containers, each file holding its namespace (HostPrep.record).
 KNOWN_CONTAINERS_DIR = "containers"
 HEADER = struct.Struct(">IIBB")
@@ -288,7 +290,11 @@ class TaskProxy:
                                                                   timeout=GUEST_CONNECT_TIMEOUT)
             except KuasarError as err:
                 log.warning("guest unreachable: %s", err.message)
-                return  # EOF without a reply: containerd's dialer retries
+                # A refusal, not EOF: containerd's hybrid vsock dialer takes EOF for "not ready yet" and
+                # retries for 100 s, one container after another while it reloads its tasks at start-up.
+                writer.write(GUEST_UNREACHABLE)
+                await writer.drain()
+                return
             writer.write(f"OK {self.port}\n".encode())
             await writer.drain()
             pending: dict[int, tuple[str, str]] = {}
