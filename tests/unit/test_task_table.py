@@ -123,3 +123,30 @@ def test_a_bundle_spec_of_the_wrong_shape_is_invalid_argument(tmp_path: Path, sp
         read_bundle_spec(tmp_path)
     (tmp_path / "config.json").write_text('{"root": {"path": "rootfs"}, "mounts": []}')
     assert read_bundle_spec(tmp_path)["root"] == {"path": "rootfs"}
+
+
+def test_pids_of_a_container_not_seen_to_stop_never_fail_nor_come_back_empty(monkeypatch: pytest.MonkeyPatch) -> None:
+    # containerd's reload after its restart takes an error or an empty list for a leaked shim and deletes the
+    # task of a container that still runs (CRI then reports 255 and kubelet starts a second copy); a `runc
+    # ps` right after the init exited fails or finds nothing, and a hung one held containerd's start.
+    from kuasar.common import task_table
+    from kuasar.common.errors import RuntimeFailure
+
+    monkeypatch.setattr(task_table, "PIDS_TIMEOUT", 0.2)
+    init = TaskProcess("", pid=4242, status=types.RUNNING)
+
+    async def listing(pids: list[int] | None = None, error: Exception | None = None, hang: bool = False) -> list[int]:
+        if hang:
+            await asyncio.sleep(60)
+        if error is not None:
+            raise error
+        return pids or []
+
+    async def scenario() -> None:
+        assert await task_table.running_pids(init, listing([1, 2])) == [1, 2]
+        assert await task_table.running_pids(init, listing([])) == [4242]
+        assert await task_table.running_pids(init, listing(error=RuntimeFailure("runc ps: container not running"))) \
+            == [4242]
+        assert await task_table.running_pids(init, listing(hang=True)) == [4242]
+
+    asyncio.run(scenario())

@@ -45,6 +45,7 @@ from .task_table import (
     dead_init_pids,
     drain_and_close_io,
     parse_exec_spec,
+    running_pids,
     state_response,
     wait_exited,
 )
@@ -357,7 +358,7 @@ class RuncContainerTasks(LeftRuntimeCommands, TerminalTasks):
         container = self._get(req.id)
         if container.init.status == types.STOPPED:
             return dead_init_pids(container.init)
-        pids = await self.runc.ps(req.id)
+        pids = await running_pids(container.init, self.runc.ps(req.id))
         execs = {proc.pid: proc.id for proc in container.execs.values() if proc.pid and proc.status != types.STOPPED}
         return task.PidsResponse(processes=[_process_info(pid, execs.get(pid, "")) for pid in pids])
 

@@ -14,7 +14,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Coroutine, Iterable
 from dataclasses import KW_ONLY, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -25,7 +25,7 @@ from google.protobuf.message import Message
 from .api.containerd.events import task_pb2 as events
 from .api.containerd.runtime.task.v2 import shim_pb2 as task
 from .api.containerd.types.task import task_pb2 as types
-from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, KuasarError, NotFound
 from .ids import validate_id
 from .keyed_locks import KeyedLocks
 from .reaper import Exit
@@ -79,6 +79,8 @@ _SPEC_SECTIONS: dict[str, type] = {"annotations": dict, "linux": dict, "process"
 # Stats of a container whose init has exited: NotFound, which containerd's metrics collection (CRI's
 # stats polling) passes over quietly; any other error it logs on every poll until the task is deleted.
 STATS_OF_STOPPED = "container {} has exited: no statistics"
+# A `runc ps` (`runsc ps`) takes tens of ms; containerd's reload waits on Pids with no deadline of its own.
+PIDS_TIMEOUT = 2.0
 
 
 def read_bundle_spec(bundle: Path) -> dict[str, Any]:
@@ -105,6 +107,20 @@ def dead_init_pids(init: TaskProcess) -> task.PidsResponse:
     turning an exit that happened while it was down into 255/Unknown. A deleted container answers
     NotFound instead."""
     return task.PidsResponse(processes=[types.ProcessInfo(pid=init.pid)])
+
+
+async def running_pids(init: TaskProcess, listing: Coroutine[Any, Any, list[int]]) -> list[int]:
+    """The pids the runtime lists for a container whose init has not been seen to stop; its init's pid
+    when the listing fails, takes longer than PIDS_TIMEOUT or finds nothing (an init that just exited):
+    containerd, reloading its tasks after a restart, takes an error or an empty list for a leaked shim
+    and deletes the task of a container that still runs (shim_load.go), and a hung one held its start."""
+    try:
+        async with asyncio.timeout(PIDS_TIMEOUT):
+            pids = await listing
+    except (KuasarError, TimeoutError, ValueError) as exc:
+        log.warning("listing the processes of a container with init %d: %s; answering its init", init.pid, exc)
+        pids = []
+    return pids or ([init.pid] if init.pid else [])
 
 
 def shares_pid_namespace(spec: dict[str, Any]) -> bool:

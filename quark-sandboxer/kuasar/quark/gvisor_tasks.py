@@ -59,6 +59,7 @@ from kuasar.common.task_table import (
     host_bundle,
     parse_exec_spec,
     read_bundle_spec,
+    running_pids,
     shares_pid_namespace,
     signal_quietly,
     state_response,
@@ -581,7 +582,7 @@ class GvisorTasks(LeftRuntimeCommands, TerminalTasks):
         container = self._get(req.id)
         if container.init.status == types.STOPPED:
             return dead_init_pids(container.init)
-        pids = await self.runsc.ps(req.id, container.pod.network)
+        pids = await running_pids(container.init, self.runsc.ps(req.id, container.pod.network))
         return task.PidsResponse(processes=[types.ProcessInfo(pid=pid) for pid in pids])
 
     async def stats(self, req: task.StatsRequest, ctx: Context) -> task.StatsResponse:
