@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from kuasar.common.api.containerd.runtime.task.v2 import shim_pb2 as task
-from kuasar.common.errors import Unimplemented
+from kuasar.common.errors import NotFound, Unimplemented
 from kuasar.common.task_api import TASK_SERVICES, TaskBackend, register_task_service
 from kuasar.common.ttrpc import NAMESPACE_KEY, Context
 from kuasar.quark.task_relay import QuarkTaskRelay
@@ -64,3 +64,35 @@ def test_the_quark_relay_refuses_a_restore_before_laying_anything_out(tmp_path: 
         asyncio.run(relay.create(task.CreateTaskRequest(id="c1", bundle=str(bundle), checkpoint=CHECKPOINT),
                                  context()))
     assert relay.containers.state == {}
+
+
+class NamespacedBackend(Backend):
+    def __init__(self) -> None:
+        super().__init__()
+        self.namespaces = {"c1": "a"}
+        self.deleted: list[str] = []
+
+    def namespace_of(self, container_id: str) -> str | None:
+        return self.namespaces.get(container_id)
+
+    async def delete(self, req: task.DeleteRequest, ctx: Context) -> task.DeleteResponse:
+        self.deleted.append(req.id)
+        return task.DeleteResponse(pid=7)
+
+
+def in_namespace(namespace: str) -> Context:
+    return Context("containerd.task.v3.Task", "Delete", {NAMESPACE_KEY: [namespace]}, None, None, 1)
+
+
+def test_a_container_is_not_reached_from_another_containerd_namespace() -> None:
+    # One id in two namespaces (`ctr -n a run ... c1`, then `ctr -n b run ... c1`): b's Delete reached a's
+    # container, and containerd 1.6's clean-up after b's refused Create killed it.
+    handlers, backend = Handlers(), NamespacedBackend()
+    register_task_service(handlers, backend)  # type: ignore[arg-type]
+    delete = handlers.unary["containerd.task.v3.Task", "Delete"]
+    with pytest.raises(NotFound, match="namespace b"):
+        asyncio.run(delete(task.DeleteRequest(id="c1"), in_namespace("b")))
+    assert backend.deleted == []
+    assert asyncio.run(delete(task.DeleteRequest(id="c1"), in_namespace("a"))).pid == 7
+    assert asyncio.run(delete(task.DeleteRequest(id="c2"), in_namespace("b"))).pid == 7  # unknown: the backend says
+    assert backend.deleted == ["c1", "c2"]

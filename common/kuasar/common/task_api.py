@@ -7,12 +7,13 @@ caller that downgrades after UNIMPLEMENTED (or an older containerd through a shi
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from google.protobuf import empty_pb2
 from google.protobuf.message import Message
 
 from .api.containerd.runtime.task.v2 import shim_pb2 as task
-from .errors import Unimplemented
+from .errors import NotFound, Unimplemented
 from .ttrpc import Context, TtrpcServer
 
 TASK_SERVICES = ("containerd.task.v3.Task", "containerd.task.v2.Task")
@@ -52,6 +53,23 @@ def _refusing_restore(create: Callable[[task.CreateTaskRequest, Context], Awaita
     async def handle(req: task.CreateTaskRequest, ctx: Context) -> Message:
         refuse_restore(req)
         return await create(req, ctx)
+    return handle
+
+
+# What a request names no container in, or does before one exists.
+_NO_CONTAINER_YET = ("Create", "Connect", "Shutdown")
+
+
+def _in_its_namespace(handler: Callable[[Any, Context], Awaitable[Message]],
+                      namespace_of: Callable[[str], str | None]) -> Callable[[Any, Context], Awaitable[Message]]:
+    async def handle(req: Any, ctx: Context) -> Message:
+        # One id in two containerd namespaces (`ctr -n a run ... x`, `ctr -n b run ... x`): b's Delete,
+        # Kill or State reached a's container, and containerd 1.6's clean-up after b's refused Create
+        # killed it.
+        namespace = namespace_of(req.id)
+        if namespace is not None and ctx.namespace and namespace != ctx.namespace:
+            raise NotFound(f"container {req.id} not found in namespace {ctx.namespace}")
+        return await handler(req, ctx)
     return handle
 
 
@@ -126,4 +144,7 @@ def register_task_service(server: TtrpcServer, backend: TaskBackend,
             handler = getattr(backend, _snake(method))
             if method == "Create":
                 handler = _refusing_restore(handler)
+            namespace_of = getattr(backend, "namespace_of", None)
+            if namespace_of is not None and method not in _NO_CONTAINER_YET:
+                handler = _in_its_namespace(handler, namespace_of)
             server.add_unary(service, method, request_type, handler)

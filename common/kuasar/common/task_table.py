@@ -287,6 +287,11 @@ class ContainerTasks(TaskBackend):
         self.containers: dict[str, Any] = {}
         self._locks = KeyedLocks()
 
+    def namespace_of(self, container_id: str) -> str | None:
+        """The containerd namespace a container was created in; None for an id not known here."""
+        container = self.containers.get(container_id)
+        return getattr(container, "namespace", None) if container is not None else None
+
     def _get(self, container_id: str) -> Any:
         container = self.containers.get(validate_id(container_id, "container id"))
         if container is None:
