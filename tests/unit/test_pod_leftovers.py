@@ -158,38 +158,34 @@ def test_the_sweep_empties_a_pods_own_cgroups_and_keeps_its_record_while_they_ar
             child.wait()
 
 
-def test_a_kept_record_is_tried_again_at_the_pods_delete(tmp_path: Path, cgroupfs: None) -> None:
+def test_a_kept_record_is_tried_again_at_the_pods_delete(
+        tmp_path: Path, cgroupfs: None, running: list[subprocess.Popen]) -> None:
     left_in_pod = subprocess.Popen(["sleep", "30"])
-    try:
-        leaf = cgroup(tmp_path / "cg" / "parent" / "pod1", left_in_pod.pid)
-        PodLeftovers(0, 0, [str(leaf)]).write(tmp_path / PODS_DIR / "pod1")
-        assert asyncio.run(pod_leftovers.retry(tmp_path / PODS_DIR / "pod1")) is False
-        assert left_in_pod.wait(timeout=5) == -9
-        empty(leaf)
-        assert asyncio.run(pod_leftovers.retry(tmp_path / PODS_DIR / "pod1")) is True
-        assert not leaf.exists()
-        assert not (tmp_path / PODS_DIR / "pod1" / pod_leftovers.RECORD_FILE).exists()
-        assert asyncio.run(pod_leftovers.retry(tmp_path / PODS_DIR / "pod2")) is True  # no record: nothing left
-    finally:
-        left_in_pod.kill()
-        left_in_pod.wait()
+    running.append(left_in_pod)
+    leaf = cgroup(tmp_path / "cg" / "parent" / "pod1", left_in_pod.pid)
+    PodLeftovers(0, 0, [str(leaf)]).write(tmp_path / PODS_DIR / "pod1")
+    assert asyncio.run(pod_leftovers.retry(tmp_path / PODS_DIR / "pod1")) is False
+    assert left_in_pod.wait(timeout=5) == -9
+    empty(leaf)
+    assert asyncio.run(pod_leftovers.retry(tmp_path / PODS_DIR / "pod1")) is True
+    assert not leaf.exists()
+    assert not (tmp_path / PODS_DIR / "pod1" / pod_leftovers.RECORD_FILE).exists()
+    assert asyncio.run(pod_leftovers.retry(tmp_path / PODS_DIR / "pod2")) is True  # no record: nothing left
 
 
-def test_a_parent_made_for_a_pod_is_never_emptied_it_may_be_another_pods(tmp_path: Path, cgroupfs: None) -> None:
+def test_a_parent_made_for_a_pod_is_never_emptied_it_may_be_another_pods(
+        tmp_path: Path, cgroupfs: None, running: list[subprocess.Popen]) -> None:
     # Under v1 a pod has no leaf: its process lives in CRI's cgroup_parent. One made for pod A is shared by
     # a pod made with the same parent, or made since a restart (it found the parent there and recorded
     # nothing): A's sweep or retried Delete SIGKILLed that live pod, and kept A's record while it lived.
     live_pod = subprocess.Popen(["sleep", "30"])
-    try:
-        parent = cgroup(tmp_path / "cg" / "kuasar" / "pods", live_pod.pid)
-        PodLeftovers(0, 0, [str(parent.parent), str(parent)]).write(tmp_path / PODS_DIR / "pod-a")
-        assert asyncio.run(pod_leftovers.retry(tmp_path / PODS_DIR / "pod-a")) is True
-        assert live_pod.poll() is None, "another pod's process in the shared parent was killed"
-        assert parent.exists()  # left to the pod that uses it
-        assert not (tmp_path / PODS_DIR / "pod-a" / pod_leftovers.RECORD_FILE).exists()
-    finally:
-        live_pod.kill()
-        live_pod.wait()
+    running.append(live_pod)
+    parent = cgroup(tmp_path / "cg" / "kuasar" / "pods", live_pod.pid)
+    PodLeftovers(0, 0, [str(parent.parent), str(parent)]).write(tmp_path / PODS_DIR / "pod-a")
+    assert asyncio.run(pod_leftovers.retry(tmp_path / PODS_DIR / "pod-a")) is True
+    assert live_pod.poll() is None, "another pod's process in the shared parent was killed"
+    assert parent.exists()  # left to the pod that uses it
+    assert not (tmp_path / PODS_DIR / "pod-a" / pod_leftovers.RECORD_FILE).exists()
 
 
 def test_killing_what_is_in_a_cgroup_thaws_it_first(tmp_path: Path) -> None:
