@@ -33,6 +33,7 @@ import json
 import os
 import shutil
 import sys
+import tomllib
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -389,7 +390,28 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  containerd 1.6/1.7: add imports = [\"{layout.confdir}/containerd-kuasar-1.6.toml\"] "
           f"and keep {layout.shimdir} on containerd's PATH")
     print(f"  then: systemctl daemon-reload && systemctl enable --now kuasar-runc (units in {layout.unitdir})")
+    for warning in containerd_config_warnings(layout):
+        print(f"install: WARNING: {warning}")
     return 0
+
+
+def containerd_config_warnings(layout: Layout) -> list[str]:
+    """What about containerd's own config would defeat the fragments: imports are merged into it, and
+    containerd 2.x migrates only a main config below version 3 that nothing raised to 3."""
+    text = imported_by_containerd(layout)
+    if not text:
+        return []
+    try:
+        version = tomllib.loads(text).get("version", 1)
+    except tomllib.TOMLDecodeError as exc:
+        return [f"{CONTAINERD_CONFIG} is not TOML ({exc})"]
+    if isinstance(version, int) and version < 3:
+        return [f"{CONTAINERD_CONFIG} is config version {version}: containerd >= 2.1 with "
+                f"containerd-kuasar.toml (version 3) imported does not migrate it, and its CRI settings are "
+                f"ignored; run `containerd config migrate` and use its output first. (containerd 1.6/1.7 "
+                f"replace a plugin table an import names as a whole: merge containerd-kuasar-1.6.toml's "
+                f"runtimes into the main file rather than importing it, or the main file's CRI settings go.)"]
+    return []
 
 
 if __name__ == "__main__":

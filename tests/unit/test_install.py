@@ -226,3 +226,19 @@ def test_a_reinstall_leaves_the_build_a_running_program_reads_from(
     capsys.readouterr()
     assert install_py.main(["uninstall", "--prefix", str(prefix)]) == 0
     assert not (prefix / "lib" / "kuasar").exists(), "a build nothing runs any more is removed"
+
+
+def test_install_warns_of_a_containerd_config_below_version_3(
+        dist: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    # containerd 2.x migrates only a main config below version 3; the fragment's `version = 3` raised it, and
+    # every CRI setting of a version-2 file (left by a 1.7 -> 2.1 upgrade) was ignored without a word.
+    containerd_config = tmp_path / "config.toml"
+    monkeypatch.setattr(install_py, "CONTAINERD_CONFIG", containerd_config)
+    argv = ["install", "--prefix", str(tmp_path / "prefix"), "--dist", str(dist)]
+    containerd_config.write_text('version = 2\n[plugins."io.containerd.grpc.v1.cri"]\n')
+    assert install_py.main(argv) == 0
+    assert "WARNING" in capsys.readouterr().out and "containerd config migrate" in "".join(
+        install_py.containerd_config_warnings(install_py.Layout(str(tmp_path / "prefix"))))
+    containerd_config.write_text("version = 3\n")
+    assert install_py.main(argv) == 0
+    assert "WARNING" not in capsys.readouterr().out
