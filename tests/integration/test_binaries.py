@@ -313,6 +313,10 @@ def test_installed_runc_sandboxer_serves_a_pod(installed: Path, tmp_path: Path) 
                 assert (result.exit_code, result.stdout) == (7, b"exec-ok\n")
                 status = (await client.pod_sandbox_status(pod_id)).status
                 assert status.state == cri.SANDBOX_READY
+                # The pod's process is the installed kuasar-pause, found beside the programs (not the
+                # few-MB Python fallback), though the programs are links to the build's file in lib/kuasar.
+                pod_pid = json.loads((sandboxer_dir / "sandboxes" / pod_id / "sandbox.json").read_text())["pid"]
+                assert os.readlink(f"/proc/{pod_pid}/exe") == str(installed / "bin/kuasar-pause")
                 # The frozen kuasar-ctl sees the same pod and container (and answers for scripts).
                 ctl = [str(installed / "bin/kuasar-ctl"), "-r", instance.address, "--json"]
                 env = empty_env(path_dir)

@@ -16,14 +16,12 @@ import contextlib
 import functools
 import logging
 import os
-import shutil
 import signal
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import linux, spawn
+from . import linux, spawn, tools
 from .errors import RuntimeFailure
 from .pod_sysctls import sysctl_path
 from .spawn import RESTORED_SIGNALS, read_to_eof
@@ -42,14 +40,12 @@ POD_OOM_SCORE_ADJ = -998
 
 @functools.cache
 def pause_program() -> str | None:
-    """Where kuasar-pause is: $KUASAR_POD_PAUSE, beside our executable, $KUASAR_PREFIX/bin, PATH."""
-    candidates = [os.environ.get("KUASAR_POD_PAUSE", ""),
-                  str(Path(sys.executable).parent / PAUSE_PROGRAM),
-                  str(Path(os.environ.get("KUASAR_PREFIX", "/nonexistent")) / "bin" / PAUSE_PROGRAM),
-                  shutil.which(PAUSE_PROGRAM) or ""]
-    for candidate in candidates:
-        if candidate and os.access(candidate, os.X_OK):
-            return candidate
+    """Where kuasar-pause is: $KUASAR_POD_PAUSE, else where every helper program is looked for
+    (tools.find_tool: $KUASAR_PREFIX/bin, an install's bin/ or the checkout's .prefix/bin, PATH)."""
+    override = os.environ.get("KUASAR_POD_PAUSE", "")
+    candidate = override if override and os.access(override, os.X_OK) else tools.find_tool(PAUSE_PROGRAM)
+    if candidate is not None:
+        return candidate
     log.warning("%s not found: pod processes will sleep in Python (a few MB each instead of KB); a gVisor "
                 "pod's root runs busybox sleep, which reaps no orphans", PAUSE_PROGRAM)
     return None
