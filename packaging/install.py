@@ -160,18 +160,6 @@ class Installer:
         os.replace(tmp, real)
         self.entries.append({"type": "file", "path": str(dest), "sha256": sha256(real)})
 
-    def link(self, target: Path, dest: Path) -> None:
-        """A hard link to `target` (same file system), else a symlink (the program name is argv[0])."""
-        self._mkdirs(dest.parent)
-        real = self.layout.real(dest)
-        self._replace(dest)
-        try:
-            os.link(self.layout.real(target), real)
-            self.entries.append({"type": "file", "path": str(dest), "sha256": sha256(real)})
-        except OSError:
-            os.symlink(target, real)
-            self.entries.append({"type": "symlink", "path": str(dest), "target": str(target)})
-
     def symlink(self, target: Path, dest: Path) -> None:
         """`dest` -> `target` (a path on the target system), replacing what `dest` was. Relative, so that
         it holds in a DESTDIR's staging tree as on the target."""

@@ -139,12 +139,12 @@ class TaskBackend:
 
 def register_task_service(server: TtrpcServer, backend: TaskBackend,
                           services: tuple[str, ...] = TASK_SERVICES) -> None:
+    namespace_of = getattr(backend, "namespace_of", None)
     for service in services:
         for method, request_type in TASK_METHODS.items():
             handler = getattr(backend, _snake(method))
             if method == "Create":
                 handler = _refusing_restore(handler)
-            namespace_of = getattr(backend, "namespace_of", None)
             if namespace_of is not None and method not in _NO_CONTAINER_YET:
                 handler = _in_its_namespace(handler, namespace_of)
             server.add_unary(service, method, request_type, handler)

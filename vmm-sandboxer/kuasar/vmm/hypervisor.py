@@ -19,7 +19,6 @@ from .config import VmmConfig
 
 SHARE_TAG = "kuasar"
 GUEST_SHARE_DIR = "/run/kuasar/state"
-SHARE_DIR_NAME = "shared"  # <vm dir>/shared: the host side of the share, one directory per container
 AGENT_PORT = 1024
 NOTIFY_PORT = 1025
 GUEST_CID = 3
@@ -53,7 +52,7 @@ class VmSpec:
 
     @property
     def share_dir(self) -> Path:
-        return self.vm_dir / SHARE_DIR_NAME
+        return self.vm_dir / "shared"
 
     @property
     def uds(self) -> Path:
