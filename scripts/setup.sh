@@ -42,12 +42,27 @@ apt_get() {
         -o "Dpkg::Options::=${DPKG_CONFFILE_OPTS[0]}" -o "Dpkg::Options::=${DPKG_CONFFILE_OPTS[1]}" "$@"
 }
 
+# A mirror may stop syncing one suite while it serves the rest: then that suite's Release file is past
+# its Valid-Until, and apt refuses it ("is expired"), as it refuses one dated ahead of a clock that is
+# behind ("is not valid yet"). Those two date checks are what a second try leaves out, saying so: the
+# Release file's signature is still checked, only its freshness is not (a stale suite is what there is).
+APT_DATE_CHECKS_OFF=(-o "Acquire::Check-Valid-Until=false" -o "Acquire::Check-Date=false")
+
+# True if apt's error output ($1) names a Release file refused for its dates only.
+release_dates_refused() { [[ "$1" == *" is expired "* || "$1" == *" is not valid yet "* ]]; }
+
 # apt-get update takes the lists' lock without waiting (DPkg::Lock::Timeout is for dpkg's lock):
 # tried again while another apt run holds it, for up to the same time. Once per run.
 apt_update() {
     [[ -z "$APT_UPDATED" ]] || return 0
-    local deadline=$((SECONDS + APT_LOCK_TIMEOUT_S)) err said=""
-    until err="$(LC_ALL=C apt_get -qq update 2>&1 >/dev/null)"; do
+    local deadline=$((SECONDS + APT_LOCK_TIMEOUT_S)) err said="" dates=()
+    until err="$(LC_ALL=C apt_get -qq "${dates[@]}" update 2>&1 >/dev/null)"; do
+        if ((${#dates[@]} == 0)) && release_dates_refused "$err"; then
+            log "WARNING: apt refused a Release file for its dates; updating again without date checks:" \
+                "$(grep -m1 -E 'is (expired|not valid yet)' <<<"$err")"
+            dates=("${APT_DATE_CHECKS_OFF[@]}")
+            continue
+        fi
         if [[ "$err" != *"Could not get lock"* ]] || ((SECONDS >= deadline)); then
             printf '%s\n' "$err" >&2
             return 1
@@ -225,8 +240,17 @@ fetch_debian_package() {
         -o "Acquire::Languages=none"
         -o "Acquire::IndexTargets::deb::Contents-deb::DefaultEnabled=false"
     )
-    local deb=""
-    if apt-get -qq "${apt_opts[@]}" update >/dev/null \
+    local deb="" err updated=1
+    err="$(LC_ALL=C apt-get -qq "${apt_opts[@]}" update 2>&1 >/dev/null)" || updated=""
+    if [[ -z "$updated" ]] && release_dates_refused "$err"; then
+        log "WARNING: the mirror's $suite is out of date; fetching from it without date checks:" \
+            "$(grep -m1 -E 'is (expired|not valid yet)' <<<"$err")" >&2
+        apt_opts+=("${APT_DATE_CHECKS_OFF[@]}")
+        updated=1
+        err="$(LC_ALL=C apt-get -qq "${apt_opts[@]}" update 2>&1 >/dev/null)" || updated=""
+    fi
+    [[ -z "$err" ]] || printf '%s\n' "$err" >&2
+    if [[ -n "$updated" ]] \
         && (cd "$aptdir/download" && apt-get -qq "${apt_opts[@]}" download "$package" >/dev/null); then
         deb="$(ls "$aptdir/download/${package}"_*.deb 2>/dev/null | head -n1)"
     fi

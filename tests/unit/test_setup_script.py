@@ -201,3 +201,65 @@ step_vhost_vsock
     out = run_sourced(tmp_path, script)
     assert out.returncode == 0, out.stderr
     assert calls(tmp_path) == ["vhost", "vhost"]
+
+
+# apt-get as against a mirror that stopped syncing one suite: its Release file is past its Valid-Until,
+# which apt refuses unless told not to check the dates.
+EXPIRED = ("E: Release file for http://mirror.invalid/debian/dists/unstable/InRelease is expired "
+           "(invalid since 24d 8h 56min 4s). Updates for this repository will not be applied.")
+STALE_SUITE_STUBS = r"""
+apt-get() {
+    echo "apt-get $*" >>"$CALLS"
+    case " $* " in
+        *" update "*)
+            if [[ " $* " != *" Acquire::Check-Valid-Until=false "* ]]; then
+                echo "${UPDATE_ERROR:-EXPIRED}" >&2
+                return 100
+            fi ;;
+        *" download "*) : >"${@: -1}_1.0_amd64.deb" ;;
+    esac
+}
+dpkg-deb() { mkdir -p "$3"; }
+dpkg() { echo amd64; }
+""".replace("EXPIRED", EXPIRED)
+
+
+def fake_mirror_chooser(tmp_path: Path) -> str:
+    """A $PY that stands in for scripts/debian_mirror.py: writes a source list, says nothing."""
+    chooser = tmp_path / "py"
+    chooser.write_text('#!/bin/sh\necho "Types: deb" >"$3"\n')
+    chooser.chmod(0o755)
+    return f'PY="{chooser}"\n'
+
+
+def test_a_fetch_from_a_suite_past_its_valid_until_goes_on_without_date_checks(tmp_path: Path) -> None:
+    out = run_sourced(tmp_path, fake_mirror_chooser(tmp_path) + STALE_SUITE_STUBS
+                      + 'mkdir -p "$PREFIX"\nfetch_debian_package unstable containerd "$STATE/stage"')
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert out.stdout.strip() == "containerd_1.0_amd64.deb"
+    assert "out of date; fetching from it without date checks" in out.stdout + out.stderr
+    updates = [c for c in calls(tmp_path) if " update" in c]
+    download = [c for c in calls(tmp_path) if " download " in c]
+    assert len(updates) == 2 and "Check-Valid-Until" not in updates[0]
+    # the signature is still checked: only the date checks are off, for this suite's fetch alone
+    assert all("Acquire::Check-Valid-Until=false" in c and "Acquire::Check-Date=false" in c
+               for c in (updates[1], *download))
+    assert not any("AllowInsecureRepositories" in c or "Trusted" in c for c in calls(tmp_path))
+
+
+def test_a_fetch_whose_update_fails_otherwise_is_not_tried_without_date_checks(tmp_path: Path) -> None:
+    out = run_sourced(tmp_path, fake_mirror_chooser(tmp_path) + STALE_SUITE_STUBS
+                      + 'UPDATE_ERROR="E: Failed to fetch http://mirror.invalid/x"\nmkdir -p "$PREFIX"\n'
+                      + 'fetch_debian_package unstable containerd "$STATE/stage"')
+    assert out.returncode != 0 and "could not download containerd" in out.stderr
+    assert "Failed to fetch" in out.stderr  # apt's own reason is shown
+    assert [c for c in calls(tmp_path) if " update" in c] and not any("Check-Valid-Until" in c for c in calls(tmp_path))
+    assert not (tmp_path / "stage").exists()
+
+
+def test_the_machines_apt_update_goes_on_without_date_checks_for_a_stale_suite(tmp_path: Path) -> None:
+    out = run_sourced(tmp_path, STALE_SUITE_STUBS + "apt_update && echo updated")
+    assert out.returncode == 0 and out.stdout.strip().endswith("updated"), out.stdout + out.stderr
+    assert "refused a Release file for its dates" in out.stdout
+    updates = calls(tmp_path)
+    assert len(updates) == 2 and "Check-Valid-Until" not in updates[0] and "Check-Date=false" in updates[1]
