@@ -318,7 +318,7 @@ def test_an_exec_pid_file_found_empty_is_read_once_runsc_has_written_it(tmp_path
     proc = container.execs["e1"] = gt.Process("e1", ProcessIO(), spec=b"{}")
 
     async def scenario() -> None:
-        await tasks._start_exec(container, proc)
+        await tasks._run_exec(container, proc)
         await tasks.kill(task.KillRequest(id="c1", exec_id="e1", signal=9), Ctx())  # type: ignore[arg-type]
 
     asyncio.run(scenario())
@@ -361,7 +361,7 @@ def test_a_failed_exec_start_does_not_signal_a_runner_already_reaped(tmp_path: P
     container = add_container(tasks, tmp_path)
     proc = container.execs["e1"] = gt.Process("e1", ProcessIO(), spec=b"{}")
     with pytest.raises(RuntimeFailure, match="failed"):
-        asyncio.run(tasks._start_exec(container, proc))
+        asyncio.run(tasks._run_exec(container, proc))
     assert signalled == [] and proc.pid == 0 and proc.status == types.CREATED
 
 

@@ -211,7 +211,7 @@ def test_a_runsc_exec_that_never_starts_is_killed_and_can_be_retried(tmp_path, m
         container = gt.Container("c1", tmp_path, pod=pod, namespace="k8s.io", init=gt.Process("", ProcessIO()))
         for attempt in range(2):
             try:
-                await t._start_exec(container, proc)
+                await t._run_exec(container, proc)
             except KuasarError as exc:
                 print(f"start {attempt}: {exc.message}, status {types.Status.Name(proc.status)} pid {proc.pid}")
             assert proc.pid == 0 and proc.status == types.CREATED  # Start may be tried again

@@ -30,14 +30,13 @@ from .api.containerd.runtime.task.v2 import shim_pb2 as task
 from .api.containerd.types.task import task_pb2 as types
 from .bounded import SWEEP_CONCURRENCY, each_bounded
 from .cgroup_attach import AttachLockWarmer, warm
-from .errors import FailedPrecondition, InvalidArgument, KuasarError, NotFound
+from .errors import InvalidArgument, KuasarError, NotFound
 from .ids import validate_id
 from .oom import OomWatch
 from .reaper import Exit, Reaper
 from .runc_cli import Runc, Stdio
 from .runtime_commands import LeftRuntimeCommands
 from .task_table import (
-    NEVER_RAN_EXIT_STATUS,
     STATS_OF_STOPPED,
     TaskContainer,
     TaskProcess,
@@ -292,28 +291,20 @@ class RuncContainerTasks(LeftRuntimeCommands, TerminalTasks):
 
     # -- lifecycle -----------------------------------------------------------------------------------
     async def start(self, req: task.StartRequest, ctx: Context) -> task.StartResponse:
-        async with self._holding(req.id) as container:
-            proc = container.created_process(req.exec_id)
-            if req.exec_id:
-                if container.init.status != types.RUNNING:
-                    raise FailedPrecondition(f"container {req.id} is not running")
-                try:
-                    await self._start_process(container, proc, is_exec=True)
-                except BaseException:
-                    # No exit will come from the reaper for it: Wait (which containerd calls before
-                    # Start) must still return, as the shim's does.
-                    proc.record_exit(NEVER_RAN_EXIT_STATUS, time.time_ns())
-                    raise
-                if proc.status == types.CREATED:
-                    proc.status = types.RUNNING
-                self._publish_started(req, proc.pid, container.namespace)
-            else:
+        if req.exec_id:
+            proc = await self._start_exec(req)
+        else:
+            async with self._holding(req.id) as container:
+                proc = container.created_process("")
                 await self.runc.start(req.id, container.bundle, container.log, proc.exited)
                 if proc.status == types.CREATED:
                     proc.status = types.RUNNING
                 self._publish_started(req, proc.pid, container.namespace)
         log.info("container %s exec %r started pid %d", req.id, req.exec_id, proc.pid)
         return task.StartResponse(pid=proc.pid)
+
+    async def _run_exec(self, container: Any, proc: RuncProcess) -> None:
+        await self._start_process(container, proc, is_exec=True)
 
     def _is_running(self, proc: TaskProcess) -> bool:
         return super()._is_running(proc) and bool(proc.pid)
@@ -339,7 +330,7 @@ class RuncContainerTasks(LeftRuntimeCommands, TerminalTasks):
     async def exec(self, req: task.ExecProcessRequest, ctx: Context) -> empty_pb2.Empty:
         validate_id(req.exec_id, "exec id")
         spec = parse_exec_spec(req)
-        async with self._holding(req.id) as container:
+        async with self._holding(req.id, shared=True) as container:  # not behind other execs' Starts
             container.check_new_exec(req.exec_id)
             spec["terminal"] = req.terminal
             proc = RuncProcess(req.exec_id, self._process_io(req), spec=json.dumps(spec).encode())

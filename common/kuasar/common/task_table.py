@@ -188,6 +188,9 @@ class TaskProcess:
     exit_status: int = 0
     exited_at_ns: int = 0
     exited: asyncio.Event = field(default_factory=asyncio.Event)
+    # An exec's Start and Delete take turns on it (ContainerTasks._holding_exec); the init's go by the
+    # container's exclusive hold.
+    turn: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False, compare=False)
 
     def set_exited(self, exited: Exit) -> None:
         self.record_exit(exited.status, exited.at_ns)
@@ -278,7 +281,19 @@ def delete_response(proc: TaskProcess) -> task.DeleteResponse:
 
 
 class ContainerTasks(TaskBackend):
-    """A TaskBackend's containers by id, with a lock each, and what every backend answers alike."""
+    """A TaskBackend's containers by id, with a lock each, and what every backend answers alike.
+
+    A container's lock is shared by what concerns one of its execs alone (its Exec, Start and Delete;
+    each exec's Start and Delete also take turns on its own `turn`) and held exclusively by all else
+    (Create, the init's Start, Delete, Pause, Resume, runc's Update). Not one plain lock: an exec's
+    Start (`runc exec`, ~20 ms) then waited for every other's, so exec probes due together queued
+    (containerd's shim starts them side by side). An exec's Start touches only what is its own (its
+    files are named after it) and reads the init's state, which only exclusive holders change; so
+    what changes the whole container still waits until no exec is being started: a Pause must not
+    freeze it under one (runc refuses an exec into a frozen container, and a start waits on a frozen
+    process), nor a Delete remove it, nor the init's Start overlap one. Simpler than a lock per
+    process, which every container-wide call would have to take for each exec.
+    """
 
     events: Publisher
     version = VERSION
@@ -298,19 +313,31 @@ class ContainerTasks(TaskBackend):
             raise NotFound(f"container {container_id} not found")
         return container
 
-    def _lock(self, container_id: str) -> contextlib.AbstractAsyncContextManager[None]:
-        return self._locks.hold(container_id)
+    def _lock(self, container_id: str, shared: bool = False) -> contextlib.AbstractAsyncContextManager[None]:
+        return self._locks.hold(container_id, shared)
 
     @contextlib.asynccontextmanager
-    async def _holding(self, container_id: str) -> AsyncIterator[Any]:
-        """The container, with its lock held. NotFound if it is gone by the time the lock is ours:
-        a Delete that went first (the container may even have been created again under the same id,
-        which is not the one the caller asked about)."""
+    async def _holding(self, container_id: str, shared: bool = False) -> AsyncIterator[Any]:
+        """The container, with its lock held (exclusively unless `shared`). NotFound if it is gone by
+        the time the lock is ours: a Delete that went first (the container may even have been created
+        again under the same id, which is not the one the caller asked about)."""
         container = self._get(container_id)
-        async with self._lock(container_id):
+        async with self._lock(container_id, shared):
             if self.containers.get(container_id) is not container:
                 raise NotFound(f"container {container_id} not found")
             yield container
+
+    @contextlib.asynccontextmanager
+    async def _holding_exec(self, container_id: str, exec_id: str) -> AsyncIterator[tuple[Any, Any]]:
+        """The container, held shared, and its exec `exec_id`, its turn ours: of two Starts of one exec
+        the second finds it started (or failed) and is refused, and a Delete never finds it half started.
+        NotFound if the exec was deleted (perhaps added again) while the caller waited."""
+        async with self._holding(container_id, shared=True) as container:
+            proc = container.process(exec_id)
+            async with proc.turn:
+                if container.execs.get(exec_id) is not proc:
+                    raise NotFound(f"exec {exec_id} not found in container {container_id}")
+                yield container, proc
 
     def _forget(self, container_id: str) -> None:
         self.containers.pop(container_id, None)
@@ -364,6 +391,28 @@ class ContainerTasks(TaskBackend):
         """Whether Delete must refuse `proc` as still running."""
         return proc.status in (types.RUNNING, types.PAUSED)
 
+    async def _run_exec(self, container: Any, proc: Any) -> None:
+        """Start an exec's process (the container held shared, the exec's turn ours) and learn its pid."""
+        raise NotImplementedError
+
+    async def _start_exec(self, req: task.StartRequest) -> Any:
+        """Start an exec still created in a running container, beside its other execs being started."""
+        async with self._holding_exec(req.id, req.exec_id) as (container, proc):
+            container.created_process(req.exec_id)
+            if container.init.status != types.RUNNING:  # (not paused: Pause waits for this hold)
+                raise FailedPrecondition(f"container {req.id} is not running")
+            try:
+                await self._run_exec(container, proc)
+            except BaseException:
+                # No exit will come for it: Wait (which containerd calls before Start, and CRI's ExecSync
+                # never cancels) must still return, as containerd's shims end it.
+                proc.record_exit(NEVER_RAN_EXIT_STATUS, time.time_ns())
+                raise
+            if proc.status == types.CREATED:
+                proc.status = types.RUNNING
+            self._publish_started(req, proc.pid, container.namespace)
+        return proc
+
     async def _delete_exec(self, container: Any, proc: Any) -> None:
         """An exec is being deleted (its container stays): release what it holds."""
 
@@ -371,18 +420,23 @@ class ContainerTasks(TaskBackend):
         """A container is being deleted: undo everything it holds and forget it."""
         raise NotImplementedError
 
+    def _refuse_running(self, proc: TaskProcess, req: task.DeleteRequest) -> None:
+        if self._is_running(proc):
+            raise FailedPrecondition(f"process {req.exec_id or req.id} is still running")
+
     def _delete_response(self, proc: TaskProcess) -> task.DeleteResponse:
         return delete_response(proc)
 
     async def delete(self, req: task.DeleteRequest, ctx: Context) -> task.DeleteResponse:
-        async with self._holding(req.id) as container:
-            proc = container.process(req.exec_id)
-            if self._is_running(proc):
-                raise FailedPrecondition(f"process {req.exec_id or req.id} is still running")
-            if req.exec_id:
+        if req.exec_id:
+            async with self._holding_exec(req.id, req.exec_id) as (container, proc):
+                self._refuse_running(proc, req)
                 await self._delete_exec(container, proc)
                 del container.execs[req.exec_id]
-            else:
+        else:
+            async with self._holding(req.id) as container:
+                proc = container.init
+                self._refuse_running(proc, req)
                 await self._remove(container)
         response = self._delete_response(proc)
         if not req.exec_id:  # as containerd's shim: an exec's delete is no task's

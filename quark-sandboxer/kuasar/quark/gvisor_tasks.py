@@ -337,42 +337,35 @@ class GvisorTasks(LeftRuntimeCommands, TerminalTasks):
         return path
 
     async def start(self, req: task.StartRequest, ctx: Context) -> task.StartResponse:
-        async with self._holding(req.id) as container:
-            proc = container.created_process(req.exec_id)
-            if req.exec_id:
-                if container.init.status != types.RUNNING:
-                    raise FailedPrecondition(f"container {req.id} is not running")
-                try:
-                    await self._start_exec(container, proc)
-                except BaseException:
-                    # No runner's exit will come for it: Wait (which containerd calls before Start, and
-                    # CRI's ExecSync never cancels) must still return, as gVisor's shim ends it.
-                    proc.record_exit(NEVER_RAN_EXIT_STATUS, time.time_ns())
-                    raise
-                self._publish_started(req, proc.pid, container.namespace)
-            else:
-                stdio = Stdio() if proc.io.terminal else proc.io.runc_stdio()
-                try:
-                    await self.runsc.start(req.id, container.bundle, container.pod.network, stdio)
-                except KuasarError:
-                    # runsc leaves a sub-container whose start failed Created, where it can be neither
-                    # signalled nor started again, and containerd deletes no created task with a pid
-                    # (CRI's cleanup, then RemoveContainer and RemovePodSandbox, failed for ever): as
-                    # gVisor's shim, it is stopped here, so Wait returns and Delete removes it.
-                    proc.record_exit(NEVER_RAN_EXIT_STATUS, time.time_ns())
-                    raise
-                except asyncio.CancelledError:
-                    # Cancelled (a deadline, containerd gone) once `runsc start` had ended, one way or
-                    # the other: a container it did start is watched as any other, one it did not is
-                    # stopped as above.
-                    await self._after_cancelled_start(container)
-                    raise
-                finally:
-                    proc.io.release_fds()
-                self._started(container)
+        if req.exec_id:
+            proc = await self._start_exec(req)
+        else:
+            async with self._holding(req.id) as container:
+                proc = container.created_process("")
+                await self._start_init(container, proc)
                 self._publish_started(req, proc.pid, container.namespace)
         log.info("container %s exec %r started pid %d", req.id, req.exec_id, proc.pid)
         return task.StartResponse(pid=proc.pid)
+
+    async def _start_init(self, container: Container, proc: Process) -> None:
+        stdio = Stdio() if proc.io.terminal else proc.io.runc_stdio()
+        try:
+            await self.runsc.start(container.id, container.bundle, container.pod.network, stdio)
+        except KuasarError:
+            # runsc leaves a sub-container whose start failed Created, where it can be neither signalled
+            # nor started again, and containerd deletes no created task with a pid (CRI's cleanup, then
+            # RemoveContainer and RemovePodSandbox, failed for ever): as gVisor's shim, it is stopped
+            # here, so Wait returns and Delete removes it.
+            proc.record_exit(NEVER_RAN_EXIT_STATUS, time.time_ns())
+            raise
+        except asyncio.CancelledError:
+            # Cancelled (a deadline, containerd gone) once `runsc start` had ended, one way or the other:
+            # a container it did start is watched as any other, one it did not is stopped as above.
+            await self._after_cancelled_start(container)
+            raise
+        finally:
+            proc.io.release_fds()
+        self._started(container)
 
     def _started(self, container: Container) -> None:
         container.init.status = types.RUNNING
@@ -446,7 +439,7 @@ class GvisorTasks(LeftRuntimeCommands, TerminalTasks):
             raise RuntimeFailure(f"runsc exec in {container.id} failed: {message}")
         return 0
 
-    async def _start_exec(self, container: Container, proc: Process) -> None:
+    async def _run_exec(self, container: Container, proc: Process) -> None:
         process_json = container.bundle / f"{proc.id}.process.json"
         pid_file = container.bundle / f"{proc.id}.ipid"
         log_path = container.bundle / f"{proc.id}.runsc.log"
@@ -498,7 +491,7 @@ class GvisorTasks(LeftRuntimeCommands, TerminalTasks):
     async def exec(self, req: task.ExecProcessRequest, ctx: Context) -> empty_pb2.Empty:
         validate_id(req.exec_id, "exec id")
         spec = parse_exec_spec(req)
-        async with self._holding(req.id) as container:
+        async with self._holding(req.id, shared=True) as container:  # not behind other execs' Starts
             container.check_new_exec(req.exec_id)
             spec["terminal"] = req.terminal
             container.execs[req.exec_id] = Process(req.exec_id,

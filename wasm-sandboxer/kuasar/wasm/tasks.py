@@ -313,24 +313,11 @@ class WasmTasks(TerminalTasks):
                     signal_quietly(other.pid, signal.SIGKILL)
 
     async def start(self, req: task.StartRequest, ctx: Context) -> task.StartResponse:
-        async with self._holding(req.id) as container:
-            proc = container.created_process(req.exec_id)
-            if req.exec_id:
-                if container.init.status != types.RUNNING:
-                    # Paused too: the exec would join the frozen cgroup and freeze before it reports,
-                    # and Start (holding the container's lock) would wait for it (as runc refuses).
-                    raise FailedPrecondition(f"container {req.id} is not running")
-                try:
-                    await self._launch(container, proc, wait_for_go=False)
-                except BaseException:
-                    # No exit will ever come from the reaper for it: Wait (which containerd calls before
-                    # Start) must still return.
-                    proc.record_exit(NEVER_RAN_EXIT_STATUS, time.time_ns())
-                    raise
-                if proc.status == types.CREATED:
-                    proc.status = types.RUNNING
-                self._publish_started(req, proc.pid, container.namespace)
-            else:
+        if req.exec_id:
+            proc = await self._start_exec(req)
+        else:
+            async with self._holding(req.id) as container:
+                proc = container.created_process("")
                 if proc.launch is None or proc.launch.go_fd < 0:
                     raise FailedPrecondition(f"container {req.id} process is gone")
                 proc.launch.go()
@@ -340,11 +327,16 @@ class WasmTasks(TerminalTasks):
         log.info("container %s exec %r started pid %d", req.id, req.exec_id, proc.pid)
         return task.StartResponse(pid=proc.pid)
 
+    async def _run_exec(self, container: Container, proc: Process) -> None:
+        # Never into a paused container (_start_exec refuses it, Pause waits for this): the exec would
+        # join the frozen cgroup and freeze before it reports, and its Start would wait for it.
+        await self._launch(container, proc, wait_for_go=False)
+
     async def exec(self, req: task.ExecProcessRequest, ctx: Context) -> empty_pb2.Empty:
         validate_id(req.exec_id, "exec id")
         spec = parse_exec_spec(req)
         spec["terminal"] = req.terminal
-        async with self._holding(req.id) as container:
+        async with self._holding(req.id, shared=True) as container:  # not behind other execs' Starts
             container.check_new_exec(req.exec_id)
             # Fail now, not at Start, if the module is not there (ExecSync then says why).
             locate_module(container.rootfs, [str(a) for a in spec["args"]], str(spec.get("cwd") or "/"))
@@ -448,8 +440,9 @@ class WasmTasks(TerminalTasks):
 
     # -- control -----------------------------------------------------------------------------------
     async def pause(self, req: task.PauseRequest, ctx: Context) -> empty_pb2.Empty:
-        # Under the container's lock: an exec Start holds it from joining the cgroup until its process
-        # has reported, and a freeze in between would leave that Start waiting for a frozen process.
+        # Under the container's lock, held exclusively: an exec Start holds it shared from joining the
+        # cgroup until its process has reported, and a freeze in between would leave that Start waiting
+        # for a frozen process.
         async with self._holding(req.id) as container:
             container.require_init(types.RUNNING, "pause")
             await resources.freeze(container.cgroup, True)  # thaws again if it fails
