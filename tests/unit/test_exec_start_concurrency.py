@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -16,7 +17,7 @@ from google.protobuf import any_pb2
 
 from kuasar.common.api.containerd.runtime.task.v2 import shim_pb2 as task
 from kuasar.common.api.containerd.types.task import task_pb2 as types
-from kuasar.common.errors import FailedPrecondition
+from kuasar.common.errors import FailedPrecondition, RuntimeFailure
 from kuasar.common.fifo_stdio import ProcessIO
 from kuasar.common.reaper import Reaper
 from kuasar.common.runc_tasks import RuncContainer, RuncProcess
@@ -212,6 +213,52 @@ def test_a_cancelled_exec_start_ends_its_own_process_and_leaves_the_others(tmp_p
         asyncio.run(scenario(e1_pid, e2_pid))
         assert _killed(e1_pid)
         assert os.waitpid(e2_pid, os.WNOHANG) == (0, 0)  # the exec still starting beside it lives on
+
+
+FAKE_RUNC = """#!{python}
+import json, os, sys, time
+args = sys.argv
+log = args[args.index("--log") + 1]
+name = json.load(open(args[args.index("--process") + 1]))["args"][0]
+marks = {marks!r}
+open(os.path.join(marks, name), "w").close()
+deadline = time.monotonic() + 2
+while len(os.listdir(marks)) < 2 and time.monotonic() < deadline:
+    time.sleep(0.005)
+together = len(os.listdir(marks)) == 2
+if name == "second":
+    time.sleep(0.1)  # logs after "first" logged, and exits before it
+with open(log, "a") as f:
+    f.write(json.dumps({{"level": "error", "msg": f"{{name}}: not found (together: {{together}})"}}) + "\\n")
+if name == "first":
+    time.sleep(0.3)
+sys.exit(1)
+"""
+
+
+def test_execs_failing_side_by_side_each_report_their_own_runc_error(tmp_path: Path) -> None:
+    # runc's error is read back from its log: one log for the container's execs gave "first" the
+    # error "second" logged last.
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    binary = tmp_path / "runc"
+    binary.write_text(FAKE_RUNC.format(python=sys.executable, marks=str(marks)))
+    binary.chmod(0o755)
+    files = tmp_path / "files"
+    files.mkdir()
+    tasks = runc_tasks(files, binary=str(binary))
+
+    async def scenario() -> list[Any]:
+        tasks.reaper.install()
+        for exec_id, program in (("e1", "first"), ("e2", "second")):
+            await tasks.exec(task.ExecProcessRequest(id="c1", exec_id=exec_id, spec=spec(program)), CTX)
+        return await asyncio.gather(start(tasks, "e1"), start(tasks, "e2"), return_exceptions=True)
+
+    first, second = asyncio.run(scenario())
+    assert isinstance(first, RuntimeFailure) and isinstance(second, RuntimeFailure)
+    assert "first: not found (together: True)" in first.message
+    assert "second: not found (together: True)" in second.message
+    assert not list(files.glob("exec-*.log.json"))  # each exec's log goes with its start
 
 
 def gvisor_container(tmp_path: Path) -> tuple[Any, Any]:

@@ -282,10 +282,14 @@ class RuncContainerTasks(LeftRuntimeCommands, TerminalTasks):
         if is_exec:
             process_json = files / f"{proc.id}.process.json"
             process_json.write_bytes(proc.spec)
+            # A log of its own: the error runc's `_run` reads back from a log shared by execs started
+            # side by side could be another's.
+            log_path = files / f"exec-{proc.id}.log.json"
             try:
-                await self.runc.exec(container.id, process_json, pid_file, container.log, stdio, console)
+                await self.runc.exec(container.id, process_json, pid_file, log_path, stdio, console)
             finally:
                 process_json.unlink(missing_ok=True)
+                log_path.unlink(missing_ok=True)
         else:
             await self.runc.create(container.id, container.bundle, pid_file, container.log, stdio, console)
 
