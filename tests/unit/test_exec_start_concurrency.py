@@ -294,3 +294,44 @@ def test_the_gvisor_and_wasm_backends_start_execs_side_by_side_too(tmp_path: Pat
 
     asyncio.run(scenario())
 
+
+class GatedQVisor:
+    """QVisor's socket, as the Quark relay calls it: each Exec stays in flight until the gate opens."""
+
+    def __init__(self) -> None:
+        self.runc = GatedRunc()  # (its exec: the in-flight count and the gate)
+        self.calls: list[str] = []
+
+    async def call(self, service: str, method: str, req: Any, *args: object, **kwargs: object) -> bytes:
+        self.calls.append(f"{method} {getattr(req, 'exec_id', '')}".strip())
+        if method == "Exec":
+            await self.runc.exec(req.id, Path(f"{req.exec_id}.process.json"), Path(os.devnull))
+        return b""
+
+
+def test_the_quark_relay_forwards_execs_of_one_container_side_by_side(tmp_path: Path) -> None:
+    # Its Exec holds the container's lock over QVisor's answer: Execs of one container waited for each
+    # other's round trip. Its Delete still waits for them, and an exec id given twice is refused.
+    from kuasar.common.errors import AlreadyExists
+    from kuasar.quark.task_relay import QuarkTaskRelay
+
+    qvisor = GatedQVisor()
+    relay = QuarkTaskRelay(qvisor, tmp_path)  # type: ignore[arg-type]
+    relay.containers.state["c1"] = {"mounts": [], "io": {}, "execs": {}}
+
+    def exec_(exec_id: str) -> asyncio.Future[bytes]:
+        return asyncio.ensure_future(relay.exec(task.ExecProcessRequest(id="c1", exec_id=exec_id), CTX))
+
+    async def scenario() -> None:
+        execs = [exec_("e1"), exec_("e2")]
+        await all_in(qvisor.runc)
+        with pytest.raises(AlreadyExists):
+            await exec_("e1")
+        deleting = asyncio.ensure_future(relay.delete(task.DeleteRequest(id="c1"), CTX))
+        await settle()
+        assert not deleting.done() and "Delete" not in qvisor.calls
+        qvisor.runc.gate.set()
+        await asyncio.gather(*execs, deleting)
+        assert qvisor.calls == ["Exec e1", "Exec e2", "Delete"] and "c1" not in relay.containers.state
+
+    asyncio.run(scenario())

@@ -56,7 +56,9 @@ class QuarkTaskRelay:
         self.quark = quark
         # In memory only: a relay that dies ends its sandbox, whose Shutdown unmounts all under it.
         self.containers = QuarkContainers(sandbox_bundle, {})
-        self._locks = KeyedLocks()  # one container's Create, Exec and Delete, one at a time
+        # A container's Create and Delete one at a time, and with none of its Execs, which run side by
+        # side (each lays out files of its own; two of one exec id: the second finds the first's record).
+        self._locks = KeyedLocks()
 
     def register(self, server: TtrpcServer) -> None:
         for method, request_type in TASK_METHODS.items():
@@ -106,7 +108,7 @@ class QuarkTaskRelay:
             # Delete that follows takes down.
 
     async def exec(self, req: task.ExecProcessRequest, ctx: Context) -> bytes:
-        async with self._locks.hold(req.id):
+        async with self._locks.hold(req.id, shared=True):
             if req.id not in self.containers.state:
                 return await self.forward("Exec", req, ctx)  # QVisor answers for a container it does not know
             if req.exec_id in self.containers.state[req.id]["execs"]:
