@@ -20,7 +20,7 @@ from kuasar.common.api.containerd.services.sandbox.v1 import sandbox_pb2 as sb
 from kuasar.common.api.containerd.services.sandbox.v1 import sandbox_pb2_grpc as sb_grpc
 from kuasar.common.api.containerd.types import mount_pb2
 from kuasar.common.api.containerd.types.task import task_pb2 as types
-from kuasar.common.errors import FailedPrecondition, NotFound, Unimplemented
+from kuasar.common.errors import FailedPrecondition, KuasarError, NotFound, Unimplemented
 from kuasar.common.ttrpc import TtrpcClient
 from tests.support import images
 
@@ -109,9 +109,7 @@ async def exercise_tasks(client: TtrpcClient, bundle: Path, rootfs: Path, pod_pi
     created = await call(client, "Create", task.CreateTaskRequest(id=CID, bundle=str(bundle), rootfs=[bind]),
                          task.CreateTaskResponse)
     assert mounted(bundle / "rootfs")
-    spec = any_pb2.Any(type_url="types.containerd.io/opencontainers/runtime-spec/1/Process",
-                       value=json.dumps({"args": ["sleep", "30"], "cwd": "/", "env": ["PATH=/bin"],
-                                         "user": {"uid": 0, "gid": 0}}).encode())
+    spec = process_spec("sleep", "30")
     await call(client, "Exec", task.ExecProcessRequest(id=CID, exec_id="early", spec=spec))
     with pytest.raises(FailedPrecondition):  # an exec cannot start before its container runs
         await call(client, "Start", task.StartRequest(id=CID, exec_id="early"))
@@ -129,6 +127,7 @@ async def exercise_tasks(client: TtrpcClient, bundle: Path, rootfs: Path, pod_pi
     await call(client, "Resume", task.ResumeRequest(id=CID))
     assert (await call(client, "State", task.StateRequest(id=CID), task.StateResponse)).status == types.RUNNING
 
+    await execs_started_side_by_side(client)
     await call(client, "Exec", task.ExecProcessRequest(id=CID, exec_id="sleeper", spec=spec))
     exec_pid = (await call(client, "Start", task.StartRequest(id=CID, exec_id="sleeper"), task.StartResponse)).pid
     pids = await call(client, "Pids", task.PidsRequest(id=CID), task.PidsResponse)
@@ -167,6 +166,37 @@ async def exercise_tasks(client: TtrpcClient, bundle: Path, rootfs: Path, pod_pi
     assert deleted.exit_status == 137 and deleted.pid == created.pid
     assert not mounted(bundle / "rootfs")
     await call(client, "Shutdown", task.ShutdownRequest(id=CID))  # v3 callers never send it; harmless
+
+
+def process_spec(*args: str) -> any_pb2.Any:
+    return any_pb2.Any(type_url="types.containerd.io/opencontainers/runtime-spec/1/Process",
+                       value=json.dumps({"args": list(args), "cwd": "/", "env": ["PATH=/bin"],
+                                         "user": {"uid": 0, "gid": 0}}).encode())
+
+
+async def execs_started_side_by_side(client: TtrpcClient) -> None:
+    """Probes due together: execs of the container started at once, one of them a binary the image
+    lacks. Each that runs gets a pid of its own, the failing one reports its own runc error (each
+    `runc exec` logs to a file of its own), and all of them then go as usual."""
+    names = [f"probe-{n}" for n in range(4)]
+    for name in names:
+        await call(client, "Exec", task.ExecProcessRequest(id=CID, exec_id=name, spec=process_spec("sleep", "30")))
+    await call(client, "Exec", task.ExecProcessRequest(id=CID, exec_id="missing",
+                                                       spec=process_spec("no-such-binary")))
+    results = await asyncio.gather(*(call(client, "Start", task.StartRequest(id=CID, exec_id=name),
+                                          task.StartResponse) for name in [*names, "missing"]),
+                                   return_exceptions=True)
+    started, missing = results[:-1], results[-1]
+    assert isinstance(missing, KuasarError) and "no-such-binary" in missing.message, missing
+    assert all(isinstance(s, task.StartResponse) for s in started), started
+    assert len({s.pid for s in started}) == len(names)
+    for name in names:
+        waiter = asyncio.ensure_future(call(client, "Wait", task.WaitRequest(id=CID, exec_id=name),
+                                            task.WaitResponse))
+        await call(client, "Kill", task.KillRequest(id=CID, exec_id=name, signal=9))
+        assert (await waiter).exit_status == 137
+    for name in [*names, "missing"]:
+        await call(client, "Delete", task.DeleteRequest(id=CID, exec_id=name), task.DeleteResponse)
 
 
 # The child a terminal exec leaves behind lives this long; its output must end well before.
