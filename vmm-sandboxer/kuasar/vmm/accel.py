@@ -27,6 +27,8 @@ from pathlib import Path
 
 from kuasar.common.errors import FailedPrecondition
 
+from .config import machine_option
+
 log = logging.getLogger(__name__)
 
 KVM_DEVICE = "/dev/kvm"
@@ -80,7 +82,7 @@ async def choose(mode: str, facts: AccelFacts, kernel_is_pvm_guest: bool,
 def probe_argv(qemu: str, kernel: str, machine: str, tsc_khz: int, accel: str = "kvm") -> list[str]:
     """A VM with the kernel alone (no initrd, no devices); `accel` other than kvm is a control run."""
     cpu = "host" if accel == "kvm" else "max"
-    return [qemu, "-M", machine, "-accel", accel, "-cpu", cpu, "-smp", "1", "-m", "128",
+    return [qemu, "-M", machine_option(machine), "-accel", accel, "-cpu", cpu, "-smp", "1", "-m", "128",
             "-no-reboot", "-no-user-config", "-nodefaults", "-display", "none", "-serial", "stdio",
             "-kernel", kernel,
             "-append", f"console=ttyS0 panic=-1 tsc_early_khz={tsc_khz} cryptomgr.notests loglevel=7"]

@@ -28,7 +28,7 @@ from qemu.qmp import QMPClient
 
 from kuasar.common.errors import FailedPrecondition, RuntimeFailure
 
-from .config import VmmConfig, find_program
+from .config import VmmConfig, find_program, machine_option
 from .hypervisor import GUEST_CID, SHARE_TAG, Hypervisor, Vm, VmSpec
 from .procs import ExitWatch, ProcessRef, cmdline, spawn, terminate
 
@@ -61,7 +61,7 @@ def qemu_command(config: VmmConfig, spec: VmSpec, qemu: str) -> list[str]:
     """QEMU's argv for `spec` (pure: unit-tested)."""
     dev = _devices(config.machine_type)
     mem = f"{spec.memory_mb}M"
-    machine = f"{config.machine_type},memory-backend=mem"
+    machine = f"{machine_option(config.machine_type)},memory-backend=mem"
     if config.machine_accelerators:
         machine += f",{config.machine_accelerators}"
     cpu = config.cpu_model or ("host" if spec.accel == "kvm" else "max")
