@@ -104,6 +104,15 @@ def _undo(what: str, step: Callable[[], None]) -> None:
         log.error("quark: undoing the layout of %s: %s", what, exc)
 
 
+def _receive_only(target: Path) -> None:
+    """Make the mount at `target` and those below it slaves. Mounts are shared on a systemd host: a bind
+    joins its source's peer group, so what is mounted below it (a volume in a rootfs bound from an image
+    directory) appeared in the source and in every other bind of it, stacked over their own (a read-only
+    volume showed another container's writable one), and unmounting it there took a hostPath volume's
+    own submounts off the host. A slave still sees what the host mounts in the source later."""
+    linux.mount("", str(target), "", linux.MS_REC | linux.MS_SLAVE)
+
+
 class QuarkContainers:
     """The container bundles of one Quark sandbox; `state` is the persisted part (a JSON-able dict)."""
 
@@ -148,6 +157,7 @@ class QuarkContainers:
             target.touch(exist_ok=True)
         linux.mount(source, str(target), "", linux.MS_BIND | linux.MS_REC)
         done.append(str(target))
+        _receive_only(target)
         if readonly:
             # The mount leaves the spec (Quark sees the bind, not the entry), so its `ro` is applied here,
             # to the bind and every mount below it, as Kuasar remounts its binds read-only.
@@ -177,6 +187,7 @@ class QuarkContainers:
         if rootfs_mounts:
             mounts.mount_rootfs(rootfs_mounts, rootfs)
             done.append(str(rootfs))
+            _receive_only(rootfs)  # the volumes bound below it next
         else:
             rootfs.mkdir(parents=True, exist_ok=True)
         kept = []
