@@ -152,8 +152,9 @@ step_packages() {
     packages+=(qemu-system-x86)
     # zstd: the guest image build unpacks Debian 13's zstd-compressed kernel (vmlinuz) with it.
     packages+=(zstd)
-    # gpg: the tests sign a local archive to check the apt source setup writes (test_debian_mirror).
-    packages+=(gpg)
+    # gpg: the tests sign a local archive to check the apt source setup writes (test_debian_mirror); the
+    # key is made by gpg-agent, which Debian 13's gpg only recommends.
+    packages+=(gpg gpg-agent)
     # A C compiler and musl for kuasar-pause, the few-KB program every pod process becomes (2d): linked
     # statically against musl it is 34 KB and keeps ~12 KB of private memory per pod (glibc's static
     # startup: 690 KB and ~44 KB per pod).
