@@ -1,7 +1,7 @@
 """Debian 12's stock containerd 1.6 (no Sandbox API) running containers on runc-sandboxer through the
 forwarding shim `containerd-shim-kuasar-runc-v2` (kuasar/common/shim_v2.py).
 
-containerd 1.6.20 comes from Debian bookworm as a .deb (`apt-get download containerd/bookworm`), unpacked
+containerd 1.6.20 comes from Debian bookworm as a .deb (setup.sh's private-apt fetch), unpacked
 with `dpkg-deb -x` into build/containerd-1.6/ (cached there; nothing is installed system-wide), and runs
 with its own root, state and sockets. `ctr run --runtime io.containerd.kuasar-runc.v2` has no pod: the
 container becomes its own one-container sandbox on the sandboxer (Controller.Create + Start in the shim's
@@ -79,23 +79,22 @@ def fetch_containerd16() -> Path:
         return bindir
     if shutil.which("apt-get") is None or shutil.which("dpkg-deb") is None:
         pytest.skip("needs apt-get and dpkg-deb to fetch Debian 12's containerd 1.6")
-    download = CACHE / "deb"
+    # setup.sh's own fetch: bookworm's archive from this machine's Debian mirror through a private apt
+    # state, so it works on Debian 13 too, whose sources name no bookworm (and the machine's apt is
+    # left as it is).
     shutil.rmtree(CACHE, ignore_errors=True)
-    download.mkdir(parents=True)
-    cmd = ["apt-get", "-qq", "-o", "APT::Sandbox::User=root", "download", "containerd/bookworm"]
-    res = subprocess.run(cmd, cwd=download, capture_output=True, text=True, timeout=300, check=False)
-    if res.returncode != 0:  # stale package lists: refresh them once
-        subprocess.run(["apt-get", "-qq", "update"], capture_output=True, timeout=300, check=False)
-        res = subprocess.run(cmd, cwd=download, capture_output=True, text=True, timeout=300, check=False)
-    debs = sorted(download.glob("containerd_*.deb"))
-    if res.returncode != 0 or not debs:
-        shutil.rmtree(CACHE, ignore_errors=True)
-        pytest.skip(f"containerd from Debian bookworm is not available from this machine's apt sources: "
-                    f"{res.stderr.strip()[-300:]}")
+    CACHE.mkdir(parents=True)
     stage = CACHE / ".stage"
-    subprocess.run(["dpkg-deb", "-x", str(debs[0]), str(stage)], check=True, timeout=120)
+    fetch = subprocess.run(["bash", "-c", 'source "$1" && fetch_debian_package bookworm containerd "$2"', "bash",
+                            str(REPO / "scripts" / "setup.sh"), str(stage)],
+                           env={**os.environ, "KUASAR_PREFIX": str(CACHE / "prefix"), "PY": sys.executable},
+                           capture_output=True, text=True, timeout=600, check=False)
+    if fetch.returncode != 0 or not (stage / "usr" / "bin" / "containerd").is_file():
+        shutil.rmtree(CACHE, ignore_errors=True)
+        pytest.skip(f"containerd from Debian bookworm is not available from this machine's Debian mirror: "
+                    f"{(fetch.stdout + fetch.stderr).strip()[-300:]}")
     stage.rename(CACHE / "root")
-    shutil.rmtree(download, ignore_errors=True)  # the binaries are what we keep
+    shutil.rmtree(CACHE / "prefix", ignore_errors=True)
     return bindir
 
 
