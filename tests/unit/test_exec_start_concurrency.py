@@ -335,3 +335,26 @@ def test_the_quark_relay_forwards_execs_of_one_container_side_by_side(tmp_path: 
         assert qvisor.calls == ["Exec e1", "Exec e2", "Delete"] and "c1" not in relay.containers.state
 
     asyncio.run(scenario())
+
+
+def runc_container_with_an_exec(tmp_path: Path) -> tuple[Any, Any]:
+    tasks = runc_tasks(tmp_path)
+    asyncio.run(add_execs(tasks, "e1"))
+    return tasks, tasks.containers["c1"]
+
+
+@pytest.mark.parametrize("backend", [runc_container_with_an_exec, gvisor_container, wasm_container])
+def test_the_wait_on_an_exec_whose_start_was_refused_returns_when_it_is_deleted(tmp_path: Path, backend: Any) -> None:
+    # The init exited between the exec's Exec and its Start: the Start is refused, no exit ever comes for
+    # the exec, and containerd deletes it; its Wait (containerd's, made before Start) waited for ever.
+    tasks, container = backend(tmp_path)
+
+    async def scenario() -> None:
+        container.init.status = types.STOPPED
+        waiting = asyncio.ensure_future(tasks.wait(task.WaitRequest(id="c1", exec_id="e1"), CTX))
+        with pytest.raises(FailedPrecondition):
+            await tasks.start(task.StartRequest(id="c1", exec_id="e1"), CTX)
+        await tasks.delete(task.DeleteRequest(id="c1", exec_id="e1"), CTX)
+        assert (await asyncio.wait_for(waiting, 2)).exit_status == NEVER_RAN_EXIT_STATUS
+
+    asyncio.run(scenario())

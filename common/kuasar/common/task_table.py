@@ -432,6 +432,10 @@ class ContainerTasks(TaskBackend):
             async with self._holding_exec(req.id, req.exec_id) as (container, proc):
                 self._refuse_running(proc, req)
                 await self._delete_exec(container, proc)
+                if proc.status == types.CREATED:
+                    # Never started (its Start refused: the init gone, paused, or the Start cancelled while
+                    # it waited): no exit will ever come for it, and a Wait on it must not outlive it.
+                    proc.record_exit(NEVER_RAN_EXIT_STATUS, time.time_ns())
                 del container.execs[req.exec_id]
         else:
             async with self._holding(req.id) as container:

@@ -39,7 +39,6 @@ from kuasar.common.ids import validate_id
 from kuasar.common.oom import OomWatch
 from kuasar.common.reaper import Exit, Reaper
 from kuasar.common.task_table import (
-    NEVER_RAN_EXIT_STATUS,
     STATS_OF_STOPPED,
     TaskContainer,
     TaskProcess,
@@ -371,8 +370,6 @@ class WasmTasks(TerminalTasks):
 
     async def _delete_exec(self, container: Container, proc: Process) -> None:
         await drain_and_close_io([proc])
-        if proc.status == types.CREATED:  # never started: its Wait must not outlive it
-            proc.record_exit(NEVER_RAN_EXIT_STATUS, time.time_ns())
 
     async def _kill_and_wait(self, container: Container) -> None:
         if container.init.status == types.PAUSED:
