@@ -478,3 +478,27 @@ def test_a_guest_sending_events_of_other_pods_without_end_does_not_fill_the_log(
         asyncio.run(forged_without_end())
     dropped = [r for r in caplog.records if "dropped" in r.getMessage()]
     assert len(dropped) == sandboxer_module.LOGGED_DROPPED_EVENTS and "the last one" in dropped[-1].getMessage()
+
+
+@pytest.mark.parametrize(("status", "said"), [(0, "status 0, the guest shut down or reset"),
+                                              (128 + 31, "killed by SIGSYS"), (1, "status 1")])
+def test_a_qemu_that_exits_during_boot_is_reported_with_its_status_and_both_logs(status: int, said: str) -> None:
+    # It said only "QEMU exited before the guest agent was ready:" and two empty lines: a guest that reset
+    # at once (QEMU 10's TCG with microvm's PIT) looked like nothing at all.
+    directory = short_dir()
+    (directory / "qemu.log").write_text("qemu-system-x86_64: -netdev tap: bad fd\n")
+
+    async def scenario() -> str:
+        listener = hvsock.GuestPortListener(str(spec_in(directory).uds), 1025)
+        vm = FakeVm()
+        vm.exit.set_result(status)
+        try:
+            with pytest.raises(RuntimeFailure) as failed:
+                await bare_sandboxer()._wait_ready(listener, vm, spec_in(directory))
+        finally:
+            listener.close()
+        return failed.value.message
+
+    message = asyncio.run(scenario())
+    assert f"QEMU exited ({said}) before the guest agent was ready" in message
+    assert "guest console:\n(nothing)" in message and "QEMU said:\nqemu-system-x86_64: -netdev tap: bad fd" in message

@@ -29,6 +29,7 @@ import logging
 import math
 import os
 import shutil
+import signal
 import socket
 import sys
 import time
@@ -520,8 +521,9 @@ class VmmSandboxer(Sandboxer):
                     task.cancel()
             await asyncio.gather(ready, exited, return_exceptions=True)
         if ready.cancelled():
-            raise RuntimeFailure(f"QEMU exited before the guest agent was ready:\n{_tail(spec.console_log)}"
-                                 f"\n{_tail(spec.vm_dir / 'qemu.log')}")
+            raise RuntimeFailure(f"QEMU exited ({_exit_text(exited.result())}) before the guest agent was ready; "
+                                 f"guest console:\n{_tail(spec.console_log) or '(nothing)'}\n"
+                                 f"QEMU said:\n{_tail(spec.vm_dir / 'qemu.log') or '(nothing)'}")
         try:
             line = ready.result()
         except KuasarError as err:
@@ -767,6 +769,19 @@ async def guest_metrics(client: TtrpcClient, metrics: v2.Metrics) -> None:
     metrics.memory.inactive_file = values.get("memory.stat:inactive_file", 0)
     metrics.memory.active_file = values.get("memory.stat:active_file", 0)
     metrics.memory.shmem = values.get("memory.stat:shmem", 0)
+
+
+def _exit_text(status: int | None) -> str:
+    """QEMU's exit as said to a person (ExitWatch's shell convention: 128 + n for a death by signal n)."""
+    if status is None:
+        return "status unknown"
+    if status > 128:
+        try:
+            return f"killed by {signal.Signals(status - 128).name}"
+        except ValueError:
+            return f"killed by signal {status - 128}"
+    # 0 with -no-reboot: the guest shut down, or reset (a triple fault early in boot says nothing)
+    return f"status {status}{', the guest shut down or reset' if status == 0 else ''}"
 
 
 def _tail(path: Path, lines: int = 25) -> str:
