@@ -10,8 +10,9 @@ T = TypeVar("T")
 
 # How many leftover containers a task server just started deletes at once. A runtime's forced delete
 # of a running container mostly waits (runc polls ~100 ms for the killed init), so one at a time made a
-# task server that died with a few hundred containers take longer to sweep than its successor may take
-# to start (task_server.START_TIMEOUT). The runtimes' processes mostly sleep, so this many cost little.
+# task server that died with a few hundred containers take longer to sweep than its successor then had
+# to start (a fixed 20 s; now task_server.START_CAP, but containerd waits on a slow start all the
+# same). The runtimes' processes mostly sleep, so this many cost little.
 SWEEP_CONCURRENCY = 16
 
 

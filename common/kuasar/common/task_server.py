@@ -21,9 +21,11 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import traceback
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,7 +41,6 @@ from .lean import serve_until
 from .logs import setup_logging
 from .pod_service import PODS_SERVICE, PodLauncher, PodService
 from .reaper import Reaper
-from .spawn import read_to_eof
 from .task_api import TaskBackend, register_task_service
 from .ttrpc import TtrpcClient, TtrpcServer
 
@@ -57,8 +58,24 @@ IDLE_CHECK_INTERVAL = 2.0
 # The forked task server's comm (ps, top): its argv is still the sandboxer's. Not the program name:
 # per-pod processes are found by their own comm prefixes ("pod-", "wasm-").
 PROCESS_NAME = "task-server"
-# A fresh task server binds its socket in well under a second; this only bounds a broken start.
+# What a starting task server writes to its ready pipe: PROGRESS every HEARTBEAT_INTERVAL while it
+# starts, READY once it serves. One byte each, so that a read never splits one.
+PROGRESS = b"."
+READY = b"1"
+# A fresh task server binds its socket in well under a second, but one started after a crash first
+# sweeps what the dead one left (runc/runsc deletes, pods killed and their cgroups waited for): with
+# hundreds of leftovers that takes longer than any fixed budget. So the sandboxer waits START_TIMEOUT
+# from the last sign of life (the start, or a PROGRESS byte), and START_CAP in all.
 START_TIMEOUT = 20.0
+# A tenth of START_TIMEOUT: a few beats may come late (a loaded host, a GIL held by a long call)
+# before the sandboxer takes silence for a hang.
+HEARTBEAT_INTERVAL = 2.0
+# Bounds a start that beats but never gets ready: the heartbeat says the process lives, not that its
+# sweep progresses (the runc and runsc commands a sweep awaits have no timeout of their own). Far past
+# any sweep measured (200 runc containers took 21.7 s one at a time; they go 16 at a time now), short
+# enough that a stuck one is reported within minutes. systemd waits as long for READY=1 (the unit's
+# TimeoutStartSec); a start made for a request (connect) also ends with that request's deadline.
+START_CAP = 300.0
 # An idle task server probes the sandboxer's lock (_sandboxer_alive) every IDLE_CHECK_INTERVAL, holding
 # it for microseconds: a sandboxer starting then tries again for a while before it calls the lock taken.
 LOCK_ATTEMPTS = 20
@@ -136,42 +153,43 @@ def task_server_main(make_backend: Callable[[dict[str, Any], Reaper, EventPublis
 # -- inside the task server ------------------------------------------------------------------------
 async def run_task_server(directory: Path, events_address: str, ready_fd: int,
                           make_backend: Callable[[Reaper, EventPublisher, Path], TaskBackend]) -> None:
-    server_lock = _hold_server_lock(directory)
-    linux.set_child_subreaper()  # containers re-parent here when runc exits, so we see their exits
-    reaper = Reaper()
-    reaper.install()
-    events = EventPublisher(events_address)
-    backend = make_backend(reaper, events, directory)
-    # Ours is the only task server (the lock): whatever a task server left is a dead one's. Containers
-    # first: they live in the pods' cgroups.
-    sweep_containers = getattr(backend, "sweep_leftovers", None)
-    if sweep_containers is not None:
-        await sweep_containers()
-    if await pod_leftovers.sweep(directory):
-        log.warning("ended the pods of a task server that died (see above)")
-    # A backend that makes its own pod processes (gVisor's sandbox) says so by being a PodLauncher.
-    pods = PodService(reaper, backend, backend if isinstance(backend, PodLauncher) else None, directory,
-                      getattr(backend, "attach_warmer", None))
-    server = TtrpcServer()
-    register_task_service(server, backend)
-    pods.register(server)
-    stop = asyncio.Event()
+    with beating(ready_fd):  # until READY, or a failure: the process then exits, and the pipe closes
+        server_lock = _hold_server_lock(directory)
+        linux.set_child_subreaper()  # containers re-parent here when runc exits, so we see their exits
+        reaper = Reaper()
+        reaper.install()
+        events = EventPublisher(events_address)
+        backend = make_backend(reaper, events, directory)
+        # Ours is the only task server (the lock): whatever a task server left is a dead one's. Containers
+        # first: they live in the pods' cgroups.
+        sweep_containers = getattr(backend, "sweep_leftovers", None)
+        if sweep_containers is not None:
+            await sweep_containers()
+        if await pod_leftovers.sweep(directory):
+            log.warning("ended the pods of a task server that died (see above)")
+        # A backend that makes its own pod processes (gVisor's sandbox) says so by being a PodLauncher.
+        pods = PodService(reaper, backend, backend if isinstance(backend, PodLauncher) else None, directory,
+                          getattr(backend, "attach_warmer", None))
+        server = TtrpcServer()
+        register_task_service(server, backend)
+        pods.register(server)
+        stop = asyncio.Event()
 
-    async def retire(req: pods_pb2.RetireRequest, ctx: Any) -> pods_pb2.RetireResponse:
-        reply = pods_pb2.RetireResponse(build=BUILD_ID, pods=len(pods.pods) + pods.creating,
-                                        containers=len(getattr(backend, "containers", None) or ()))
-        if req.build and req.build != BUILD_ID and not reply.pods and not reply.containers:
-            log.info("a sandboxer of another build (%s, ours %s) starts and we hold nothing: task server exits",
-                     req.build, BUILD_ID)
-            reply.retiring = True
-            asyncio.get_running_loop().call_soon(stop.set)  # after this reply is written
-        return reply
+        async def retire(req: pods_pb2.RetireRequest, ctx: Any) -> pods_pb2.RetireResponse:
+            reply = pods_pb2.RetireResponse(build=BUILD_ID, pods=len(pods.pods) + pods.creating,
+                                            containers=len(getattr(backend, "containers", None) or ()))
+            if req.build and req.build != BUILD_ID and not reply.pods and not reply.containers:
+                log.info("a sandboxer of another build (%s, ours %s) starts and we hold nothing: task server "
+                         "exits", req.build, BUILD_ID)
+                reply.retiring = True
+                asyncio.get_running_loop().call_soon(stop.set)  # after this reply is written
+            return reply
 
-    server.add_unary(PODS_SERVICE, "Retire", pods_pb2.RetireRequest, retire)
-    await server.start_unix(str(directory / TASK_SOCKET), mode=0o600)
-    (directory / PID_FILE).write_text(str(os.getpid()))
+        server.add_unary(PODS_SERVICE, "Retire", pods_pb2.RetireRequest, retire)
+        await server.start_unix(str(directory / TASK_SOCKET), mode=0o600)
+        (directory / PID_FILE).write_text(str(os.getpid()))
     if ready_fd >= 0:
-        os.write(ready_fd, b"1")
+        os.write(ready_fd, READY)
         os.close(ready_fd)
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
@@ -190,6 +208,39 @@ async def run_task_server(directory: Path, events_address: str, ready_fd: int,
     for name in (TASK_SOCKET, PID_FILE):
         (directory / name).unlink(missing_ok=True)
     os.close(server_lock)
+
+
+@contextmanager
+def beating(ready_fd: int) -> Iterator[None]:
+    """Write PROGRESS to `ready_fd` every HEARTBEAT_INTERVAL while the block runs (a task server's start:
+    see START_TIMEOUT); none is written once it is left, so READY, written next, is the last byte.
+
+    From a thread rather than the event loop: the sweep has steps that block the loop for seconds
+    (cgroups.empty_and_remove polls in time.sleep for up to EMPTY_WAIT_S; the wasm sweep is synchronous
+    throughout; unmounts and /proc scans grow with the leftovers), and a loop-driven beat would stop
+    for as long as they run. A hang of the loop in an await (a runc delete that never returns) keeps
+    either kind beating; START_CAP bounds that. The thread sleeps and writes one byte in the kernel and
+    holds no lock a fork could inherit (none forks in Python while it runs: the runtimes are started
+    by subprocess's fork-exec), and it is gone before the task server serves."""
+    if ready_fd < 0:
+        yield
+        return
+    stopped = threading.Event()
+
+    def beat() -> None:
+        while not stopped.wait(HEARTBEAT_INTERVAL):
+            try:
+                os.write(ready_fd, PROGRESS)
+            except OSError:  # the sandboxer gave up and closed its end: READY will fail the same way
+                return
+
+    thread = threading.Thread(target=beat, name="start-heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stopped.set()
+        thread.join()  # no beat after this: READY follows, and the fd is closed (its number reused)
 
 
 def _hold_server_lock(directory: Path) -> int:
@@ -342,10 +393,10 @@ class TaskServerHandle:
         os.close(log_fd)
         os.waitpid(pid, 0)  # the intermediate child exits at once; the task server is re-parented
         try:
-            ready = _read_ready(read_fd, START_TIMEOUT)
+            ready = wait_ready(read_fd)
         finally:
             os.close(read_fd)
-        if ready != b"1":
+        if not ready:
             raise Unavailable(f"task server failed to start; see {self.directory / LOG_FILE}")
         log.info("forked task server (%s)", self.socket)
 
@@ -394,11 +445,7 @@ class TaskServerHandle:
                 self.launch.argv(write_fd), executable=sys.executable, stdin=subprocess.DEVNULL,
                 stdout=log_file, stderr=log_file, pass_fds=(write_fd,), start_new_session=True)
         os.close(write_fd)
-        try:
-            ready = await asyncio.wait_for(read_to_eof(read_fd, 1), START_TIMEOUT)  # closes read_fd
-        except TimeoutError:
-            ready = b""
-        if ready != b"1":
+        if not await await_ready(read_fd):  # (closes read_fd)
             process.kill()
             raise Unavailable(f"task server failed to start; see {log_path}")
         log.info("started task server pid %d", process.pid)
@@ -425,6 +472,62 @@ class TaskServerHandle:
             self._lock_fd = -1
 
 
-def _read_ready(fd: int, timeout: float) -> bytes:
-    readable, _, _ = select.select([fd], [], [], timeout)
-    return os.read(fd, 1) if readable else b""
+class StartWatch:
+    """What a sandboxer makes of its task server's ready pipe, without the I/O: `feed` it each read, and
+    it says ready (True), failed (False) or not yet (None); `wait` says how long to wait for the next
+    read, START_TIMEOUT from the last PROGRESS and START_CAP from the start at most (0: given up)."""
+
+    def __init__(self, now: float) -> None:
+        self.started = self.heard = now
+
+    def wait(self, now: float) -> float:
+        return max(0.0, min(self.heard + START_TIMEOUT, self.started + START_CAP) - now)
+
+    def feed(self, data: bytes, now: float) -> bool | None:
+        if not data:  # end of file: the task server exited (or closed the pipe) before it was ready
+            return False
+        for byte in data:
+            if byte == READY[0]:
+                return True
+            if byte != PROGRESS[0]:  # not of this protocol: not to be taken for either
+                return False
+        self.heard = now
+        return None
+
+
+def wait_ready(fd: int) -> bool:
+    """Whether the task server writing to pipe `fd` became ready (StartWatch), blocking: before the
+    sandboxer's event loop exists (fork_if_absent)."""
+    watch = StartWatch(time.monotonic())
+    while (left := watch.wait(time.monotonic())) > 0:
+        readable, _, _ = select.select([fd], [], [], left)
+        if readable and (verdict := watch.feed(os.read(fd, 64), time.monotonic())) is not None:
+            return verdict
+    return False
+
+
+async def await_ready(fd: int) -> bool:
+    """`wait_ready` in the event loop (_spawn). Takes `fd` over and closes it, also when cancelled."""
+    loop = asyncio.get_running_loop()
+    watch = StartWatch(time.monotonic())
+    readable = asyncio.Event()
+    try:
+        os.set_blocking(fd, False)
+        loop.add_reader(fd, readable.set)
+        while (left := watch.wait(time.monotonic())) > 0:
+            try:
+                async with asyncio.timeout(left):
+                    await readable.wait()
+            except TimeoutError:
+                continue  # (the watch has given up by now)
+            readable.clear()
+            try:
+                data = os.read(fd, 64)
+            except BlockingIOError:
+                continue
+            if (verdict := watch.feed(data, time.monotonic())) is not None:
+                return verdict
+        return False
+    finally:
+        loop.remove_reader(fd)
+        os.close(fd)
