@@ -10,6 +10,7 @@ import asyncio
 import gc
 import logging
 import os
+import re
 import signal
 import sys
 import threading
@@ -231,3 +232,11 @@ def test_a_task_server_that_falls_silent_is_given_up_within_the_window(
     assert stopped, "the sweep never began"
     assert stopped[0] <= gave_up < stopped[0] + WINDOW + 1.0  # not before it fell silent, nor long after
     assert not slow_start._serving()
+
+
+def test_systemd_waits_for_ready_longer_than_a_task_server_may_take_to_start() -> None:
+    # Before READY=1 the sandboxer waits for its task server (prepare, open): systemd's default 90 s
+    # start timeout would kill it while a slow sweep still shows progress.
+    unit = (REPO / "packaging/systemd/kuasar-sandboxer.service.in").read_text()
+    value = re.search(r"^TimeoutStartSec=(\d+)min$", unit, re.MULTILINE)
+    assert value is not None and int(value[1]) * 60 > ts.START_CAP
