@@ -44,24 +44,34 @@ apt_get() {
 
 # A mirror may stop syncing one suite while it serves the rest: then that suite's Release file is past
 # its Valid-Until, and apt refuses it ("is expired"), as it refuses one dated ahead of a clock that is
-# behind ("is not valid yet"). Those two date checks are what a second try leaves out, saying so: the
-# Release file's signature is still checked, only its freshness is not (a stale suite is what there is).
+# behind ("is not valid yet"). The one suite setup fetches from privately (unstable, for containerd) is
+# then tried again without those two date checks, saying so: its Release file's signature is still
+# checked, only its freshness is not (a stale suite is what there is). The machine's own sources keep
+# their date checks (they protect what apt installs next against a replayed old Release file): a
+# suite of theirs refused for its dates alone is only reported, and apt goes on with the lists it has.
 APT_DATE_CHECKS_OFF=(-o "Acquire::Check-Valid-Until=false" -o "Acquire::Check-Date=false")
+APT_DATE_REFUSAL='is (expired|not valid yet)'
 
-# True if apt's error output ($1) names a Release file refused for its dates only.
-release_dates_refused() { [[ "$1" == *" is expired "* || "$1" == *" is not valid yet "* ]]; }
+# True if apt's error output ($1) names a Release file refused for its dates.
+release_dates_refused() { grep -q -E "$APT_DATE_REFUSAL" <<<"$1"; }
+
+# True if every error in apt's output ($1) is a Release file refused for its dates.
+only_release_dates_refused() {
+    local others
+    others="$(grep -v -E "$APT_DATE_REFUSAL" <<<"$1" || true)"
+    release_dates_refused "$1" && ! grep -q '^E:' <<<"$others"
+}
 
 # apt-get update takes the lists' lock without waiting (DPkg::Lock::Timeout is for dpkg's lock):
 # tried again while another apt run holds it, for up to the same time. Once per run.
 apt_update() {
     [[ -z "$APT_UPDATED" ]] || return 0
-    local deadline=$((SECONDS + APT_LOCK_TIMEOUT_S)) err said="" dates=()
-    until err="$(LC_ALL=C apt_get -qq "${dates[@]}" update 2>&1 >/dev/null)"; do
-        if ((${#dates[@]} == 0)) && release_dates_refused "$err"; then
-            log "WARNING: apt refused a Release file for its dates; updating again without date checks:" \
-                "$(grep -m1 -E 'is (expired|not valid yet)' <<<"$err")"
-            dates=("${APT_DATE_CHECKS_OFF[@]}")
-            continue
+    local deadline=$((SECONDS + APT_LOCK_TIMEOUT_S)) err said=""
+    until err="$(LC_ALL=C apt_get -qq update 2>&1 >/dev/null)"; do
+        if only_release_dates_refused "$err"; then
+            log "WARNING: apt refused a Release file of this machine's sources for its dates; going on with" \
+                "the package lists it has: $(grep -m1 -E "$APT_DATE_REFUSAL" <<<"$err")"
+            break
         fi
         if [[ "$err" != *"Could not get lock"* ]] || ((SECONDS >= deadline)); then
             printf '%s\n' "$err" >&2
@@ -245,7 +255,7 @@ fetch_debian_package() {
     err="$(LC_ALL=C apt-get -qq "${apt_opts[@]}" update 2>&1 >/dev/null)" || updated=""
     if [[ -z "$updated" ]] && release_dates_refused "$err"; then
         log "WARNING: the mirror's $suite is out of date; fetching from it without date checks:" \
-            "$(grep -m1 -E 'is (expired|not valid yet)' <<<"$err")" >&2
+            "$(grep -m1 -E "$APT_DATE_REFUSAL" <<<"$err")" >&2
         apt_opts+=("${APT_DATE_CHECKS_OFF[@]}")
         updated=1
         err="$(LC_ALL=C apt-get -qq "${apt_opts[@]}" update 2>&1 >/dev/null)" || updated=""

@@ -257,9 +257,19 @@ def test_a_fetch_whose_update_fails_otherwise_is_not_tried_without_date_checks(t
     assert not (tmp_path / "stage").exists()
 
 
-def test_the_machines_apt_update_goes_on_without_date_checks_for_a_stale_suite(tmp_path: Path) -> None:
+def test_the_machines_apt_update_goes_on_with_its_lists_when_a_suite_is_refused_for_its_dates(tmp_path: Path) -> None:
+    # Setup stopped at "apt-get update failed"; the machine's own sources keep their date checks (they guard
+    # what apt installs next), so the refused suite is reported and apt goes on with the lists it has.
     out = run_sourced(tmp_path, STALE_SUITE_STUBS + "apt_update && echo updated")
     assert out.returncode == 0 and out.stdout.strip().endswith("updated"), out.stdout + out.stderr
-    assert "refused a Release file for its dates" in out.stdout
+    assert "refused a Release file of this machine's sources for its dates" in out.stdout
     updates = calls(tmp_path)
-    assert len(updates) == 2 and "Check-Valid-Until" not in updates[0] and "Check-Date=false" in updates[1]
+    assert len(updates) == 1 and "Check-Valid-Until" not in updates[0] and "Check-Date" not in updates[0]
+
+
+def test_the_machines_apt_update_still_fails_on_other_errors_beside_a_stale_suite(tmp_path: Path) -> None:
+    out = run_sourced(tmp_path, STALE_SUITE_STUBS.replace(
+        'echo "${UPDATE_ERROR:-', 'echo "E: Failed to fetch http://mirror.invalid/x 404" >&2; echo "${UPDATE_ERROR:-')
+        + "apt_update && echo updated")
+    assert out.returncode != 0 and "updated" not in out.stdout, out.stdout
+    assert "404" in out.stderr
