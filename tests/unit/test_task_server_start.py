@@ -234,6 +234,26 @@ def test_a_task_server_that_falls_silent_is_given_up_within_the_window(
     assert not slow_start._serving()
 
 
+def test_a_task_server_whose_starter_stopped_waiting_mid_sweep_serves_all_the_same(
+        slow_start: ts.TaskServerHandle, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The request that started it hit its deadline during the sweep: READY then met a closed pipe, and the
+    # task server died of the BrokenPipeError once its sweep was done, the sweep thrown away.
+    monkeypatch.setenv(slow_task_server.SWEEP_S, str(2 * WINDOW))
+
+    async def give_up_mid_sweep() -> None:
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(slow_start._spawn(), WINDOW / 2)
+
+    asyncio.run(give_up_mid_sweep())
+    deadline = time.monotonic() + 2 * WINDOW + 5
+    while not slow_start._serving() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    log = slow_start.directory / ts.LOG_FILE
+    assert slow_start._serving(), log.read_text()[-600:] if log.exists() else "no log"
+    time.sleep(0.5)  # past the READY write
+    assert slow_start._serving()
+
+
 def test_systemd_waits_for_ready_longer_than_a_task_server_may_take_to_start() -> None:
     # Before READY=1 the sandboxer waits for its task server (prepare, open): systemd's default 90 s
     # start timeout would kill it while a slow sweep still shows progress.

@@ -189,7 +189,13 @@ async def run_task_server(directory: Path, events_address: str, ready_fd: int,
         await server.start_unix(str(directory / TASK_SOCKET), mode=0o600)
         (directory / PID_FILE).write_text(str(os.getpid()))
     if ready_fd >= 0:
-        os.write(ready_fd, READY)
+        try:
+            os.write(ready_fd, READY)
+        except BrokenPipeError:
+            # The sandboxer stopped waiting (the deadline of the request that started us, START_CAP): serve
+            # anyway. Dying here threw the sweep away, and left a socket that the next start, refused
+            # by our lock while we lived, took for a server.
+            log.warning("the sandboxer stopped waiting for this task server's start; serving anyway")
         os.close(ready_fd)
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)

@@ -521,7 +521,8 @@ class VmmSandboxer(Sandboxer):
                     task.cancel()
             await asyncio.gather(ready, exited, return_exceptions=True)
         if ready.cancelled():
-            raise RuntimeFailure(f"QEMU exited ({_exit_text(exited.result())}) before the guest agent was ready; "
+            status = exited.result() if exited.done() and not exited.cancelled() else None
+            raise RuntimeFailure(f"QEMU exited ({_exit_text(status)}) before the guest agent was ready; "
                                  f"guest console:\n{_tail(spec.console_log) or '(nothing)'}\n"
                                  f"QEMU said:\n{_tail(spec.vm_dir / 'qemu.log') or '(nothing)'}")
         try:
