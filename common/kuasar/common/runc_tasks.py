@@ -294,18 +294,10 @@ class RuncContainerTasks(LeftRuntimeCommands, TerminalTasks):
             await self.runc.create(container.id, container.bundle, pid_file, container.log, stdio, console)
 
     # -- lifecycle -----------------------------------------------------------------------------------
-    async def start(self, req: task.StartRequest, ctx: Context) -> task.StartResponse:
-        if req.exec_id:
-            proc = await self._start_exec(req)
-        else:
-            async with self._holding(req.id) as container:
-                proc = container.created_process("")
-                await self.runc.start(req.id, container.bundle, container.log, proc.exited)
-                if proc.status == types.CREATED:
-                    proc.status = types.RUNNING
-                self._publish_started(req, proc.pid, container.namespace)
-        log.info("container %s exec %r started pid %d", req.id, req.exec_id, proc.pid)
-        return task.StartResponse(pid=proc.pid)
+    async def _start_init(self, container: Any, proc: RuncProcess) -> None:
+        await self.runc.start(container.id, container.bundle, container.log, proc.exited)
+        if proc.status == types.CREATED:
+            proc.status = types.RUNNING
 
     async def _run_exec(self, container: Any, proc: RuncProcess) -> None:
         await self._start_process(container, proc, is_exec=True)

@@ -391,6 +391,21 @@ class ContainerTasks(TaskBackend):
         """Whether Delete must refuse `proc` as still running."""
         return proc.status in (types.RUNNING, types.PAUSED)
 
+    async def start(self, req: task.StartRequest, ctx: Context) -> task.StartResponse:
+        if req.exec_id:
+            proc = await self._start_exec(req)
+        else:
+            async with self._holding(req.id) as container:
+                proc = container.created_process("")
+                await self._start_init(container, proc)
+                self._publish_started(req, proc.pid, container.namespace)
+        log.info("container %s exec %r started pid %d", req.id, req.exec_id, proc.pid)
+        return task.StartResponse(pid=proc.pid)
+
+    async def _start_init(self, container: Any, proc: Any) -> None:
+        """Start a created container's init (the container held exclusively); it runs once this returns."""
+        raise NotImplementedError
+
     async def _run_exec(self, container: Any, proc: Any) -> None:
         """Start an exec's process (the container held shared, the exec's turn ours) and learn its pid."""
         raise NotImplementedError

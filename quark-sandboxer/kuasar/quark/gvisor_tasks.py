@@ -336,17 +336,6 @@ class GvisorTasks(LeftRuntimeCommands, TerminalTasks):
         io.listen_console(path)
         return path
 
-    async def start(self, req: task.StartRequest, ctx: Context) -> task.StartResponse:
-        if req.exec_id:
-            proc = await self._start_exec(req)
-        else:
-            async with self._holding(req.id) as container:
-                proc = container.created_process("")
-                await self._start_init(container, proc)
-                self._publish_started(req, proc.pid, container.namespace)
-        log.info("container %s exec %r started pid %d", req.id, req.exec_id, proc.pid)
-        return task.StartResponse(pid=proc.pid)
-
     async def _start_init(self, container: Container, proc: Process) -> None:
         stdio = Stdio() if proc.io.terminal else proc.io.runc_stdio()
         try:

@@ -311,20 +311,12 @@ class WasmTasks(TerminalTasks):
                 if other.alive:
                     signal_quietly(other.pid, signal.SIGKILL)
 
-    async def start(self, req: task.StartRequest, ctx: Context) -> task.StartResponse:
-        if req.exec_id:
-            proc = await self._start_exec(req)
-        else:
-            async with self._holding(req.id) as container:
-                proc = container.created_process("")
-                if proc.launch is None or proc.launch.go_fd < 0:
-                    raise FailedPrecondition(f"container {req.id} process is gone")
-                proc.launch.go()
-                proc.status = types.RUNNING
-                container.oom = OomWatch(proc.pid, lambda: self._on_oom(container))
-                self._publish_started(req, proc.pid, container.namespace)
-        log.info("container %s exec %r started pid %d", req.id, req.exec_id, proc.pid)
-        return task.StartResponse(pid=proc.pid)
+    async def _start_init(self, container: Container, proc: Process) -> None:
+        if proc.launch is None or proc.launch.go_fd < 0:
+            raise FailedPrecondition(f"container {container.id} process is gone")
+        proc.launch.go()
+        proc.status = types.RUNNING
+        container.oom = OomWatch(proc.pid, lambda: self._on_oom(container))
 
     async def _run_exec(self, container: Container, proc: Process) -> None:
         # Never into a paused container (_start_exec refuses it, Pause waits for this): the exec would
