@@ -44,11 +44,12 @@ apt_get() {
 
 # A mirror may stop syncing one suite while it serves the rest: then that suite's Release file is past
 # its Valid-Until, and apt refuses it ("is expired"), as it refuses one dated ahead of a clock that is
-# behind ("is not valid yet"). The one suite setup fetches from privately (unstable, for containerd) is
-# then tried again without those two date checks, saying so: its Release file's signature is still
-# checked, only its freshness is not (a stale suite is what there is). The machine's own sources keep
-# their date checks (they protect what apt installs next against a replayed old Release file): a
-# suite of theirs refused for its dates alone is only reported, and apt goes on with the lists it has.
+# behind ("is not valid yet"). A suite setup fetches one package from privately (fetch_debian_package:
+# unstable for containerd, a backports suite for runsc) is then tried again without those two date
+# checks, saying so: its Release file's signature is still checked, only its freshness is not (a stale
+# suite is what there is). The machine's own sources keep their date checks (they protect what apt
+# installs next against a replayed old Release file): a suite of theirs refused for its dates alone is
+# only reported, and apt goes on with the lists it has.
 APT_DATE_CHECKS_OFF=(-o "Acquire::Check-Valid-Until=false" -o "Acquire::Check-Date=false")
 APT_DATE_REFUSAL='is (expired|not valid yet)'
 
