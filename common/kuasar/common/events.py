@@ -14,6 +14,7 @@ import time
 from google.protobuf import any_pb2, timestamp_pb2
 from google.protobuf.message import Message
 
+from .api.containerd.events import task_pb2 as task_events
 from .api.containerd.services.events.ttrpc.v1 import events_pb2
 from .errors import Code, KuasarError
 from .ttrpc import TtrpcClient
@@ -23,6 +24,19 @@ log = logging.getLogger(__name__)
 EVENTS_SERVICE = "containerd.services.events.ttrpc.v1.Events"
 NAMESPACE_KEY = "containerd-namespace-ttrpc"
 DEFAULT_NAMESPACE = "k8s.io"
+# The topic containerd's shims publish each task event under (runtime v2's task service), by type: ours
+# publish under it, and a VM guest's events are forwarded only if they are one of these, under it.
+TASK_EVENT_TOPICS: dict[type[Message], str] = {
+    task_events.TaskCreate: "/tasks/create",
+    task_events.TaskStart: "/tasks/start",
+    task_events.TaskDelete: "/tasks/delete",
+    task_events.TaskExit: "/tasks/exit",
+    task_events.TaskOOM: "/tasks/oom",
+    task_events.TaskExecAdded: "/tasks/exec-added",
+    task_events.TaskExecStarted: "/tasks/exec-started",
+    task_events.TaskPaused: "/tasks/paused",
+    task_events.TaskResumed: "/tasks/resumed",
+}
 # Enough for a burst of pod churn; past it the oldest events are dropped (and counted).
 MAX_QUEUED_EVENTS = 1024
 FORWARD_TIMEOUT = 5.0

@@ -26,6 +26,7 @@ from .api.containerd.events import task_pb2 as events
 from .api.containerd.runtime.task.v2 import shim_pb2 as task
 from .api.containerd.types.task import task_pb2 as types
 from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, KuasarError, NotFound
+from .events import TASK_EVENT_TOPICS
 from .ids import validate_id
 from .keyed_locks import KeyedLocks
 from .reaper import Exit
@@ -343,23 +344,26 @@ class ContainerTasks(TaskBackend):
         self.containers.pop(container_id, None)
 
     # -- events ------------------------------------------------------------------------------------
+    def _publish(self, event: Message, namespace: str) -> None:
+        self.events.publish(TASK_EVENT_TOPICS[type(event)], event, namespace)
+
     def _publish_exit(self, container: Any, proc: TaskProcess) -> None:
         """`/tasks/exit` for a process whose exit is recorded; for a container's init, after `/tasks/oom`
         if an OOM kill not reported yet ended it (OomWatch.check_now)."""
         oom = getattr(container, "oom", None)
         if oom is not None and not proc.id:
             oom.check_now()
-        self.events.publish("/tasks/exit", events.TaskExit(
+        self._publish(events.TaskExit(
             container_id=container.id, id=proc.id or container.id, pid=proc.pid,
             exit_status=proc.exit_status, exited_at=timestamp(proc.exited_at_ns)), container.namespace)
 
     def _publish_delete(self, req: task.DeleteRequest, proc: TaskProcess, namespace: str) -> None:
-        self.events.publish("/tasks/delete", events.TaskDelete(
+        self._publish(events.TaskDelete(
             container_id=req.id, id=req.exec_id or req.id, pid=proc.pid, exit_status=proc.exit_status,
             exited_at=timestamp(proc.exited_at_ns)), namespace)
 
     def _publish_create(self, req: task.CreateTaskRequest, bundle: str, pid: int, namespace: str) -> None:
-        self.events.publish("/tasks/create", events.TaskCreate(
+        self._publish(events.TaskCreate(
             container_id=req.id, bundle=bundle, rootfs=req.rootfs, pid=pid,
             io=events.TaskIO(stdin=req.stdin, stdout=req.stdout, stderr=req.stderr, terminal=req.terminal)),
             namespace)
@@ -367,24 +371,22 @@ class ContainerTasks(TaskBackend):
     def _publish_started(self, req: task.StartRequest, pid: int, namespace: str) -> None:
         """`/tasks/exec-started` for an exec, `/tasks/start` for a container's init."""
         if req.exec_id:
-            self.events.publish("/tasks/exec-started", events.TaskExecStarted(
-                container_id=req.id, exec_id=req.exec_id, pid=pid), namespace)
+            self._publish(events.TaskExecStarted(container_id=req.id, exec_id=req.exec_id, pid=pid), namespace)
         else:
-            self.events.publish("/tasks/start", events.TaskStart(container_id=req.id, pid=pid), namespace)
+            self._publish(events.TaskStart(container_id=req.id, pid=pid), namespace)
 
     def _publish_paused(self, container_id: str, paused: bool, namespace: str) -> None:
         if paused:
-            self.events.publish("/tasks/paused", events.TaskPaused(container_id=container_id), namespace)
+            self._publish(events.TaskPaused(container_id=container_id), namespace)
         else:
-            self.events.publish("/tasks/resumed", events.TaskResumed(container_id=container_id), namespace)
+            self._publish(events.TaskResumed(container_id=container_id), namespace)
 
     def _publish_exec_added(self, req: task.ExecProcessRequest, namespace: str) -> None:
-        self.events.publish("/tasks/exec-added", events.TaskExecAdded(container_id=req.id, exec_id=req.exec_id),
-                            namespace)
+        self._publish(events.TaskExecAdded(container_id=req.id, exec_id=req.exec_id), namespace)
 
     def _on_oom(self, container: Any) -> None:
         log.info("container %s: OOM kill in its memory cgroup", container.id)
-        self.events.publish("/tasks/oom", events.TaskOOM(container_id=container.id), container.namespace)
+        self._publish(events.TaskOOM(container_id=container.id), container.namespace)
 
     # -- answers alike in every backend ----------------------------------------------------------------
     def _is_running(self, proc: TaskProcess) -> bool:

@@ -44,13 +44,12 @@ from google.protobuf.message import DecodeError
 
 from kuasar.common import cgroups, hvsock
 from kuasar.common.api.containerd.cgroups.v2 import metrics_pb2 as v2
-from kuasar.common.api.containerd.events import task_pb2 as task_events
 from kuasar.common.api.containerd.types import event_pb2
 from kuasar.common.api.kuasar.agent.v1 import agent_pb2 as agent
 from kuasar.common.api.runtime.v1 import api_pb2 as cri
 from kuasar.common.config import DaemonConfig
 from kuasar.common.errors import InvalidArgument, KuasarError, RuntimeFailure
-from kuasar.common.events import EventPublisher
+from kuasar.common.events import TASK_EVENT_TOPICS, EventPublisher
 from kuasar.common.ids import validate_id
 from kuasar.common.linux import SOCKET_PATH_MAX
 from kuasar.common.pod_files import HOST_RESOLV_CONF, check_names, pod_resolv_conf
@@ -96,16 +95,7 @@ LOGGED_DROPPED_EVENTS = 10
 # What a guest may publish, by type: the topic containerd's own shims give each. Anything else from
 # the guest (another topic, TaskIO with no container id) is dropped: the guest is outside the host's trust.
 GUEST_EVENTS: dict[str, tuple[type[Any], str]] = {
-    "containerd.events.TaskCreate": (task_events.TaskCreate, "/tasks/create"),
-    "containerd.events.TaskStart": (task_events.TaskStart, "/tasks/start"),
-    "containerd.events.TaskDelete": (task_events.TaskDelete, "/tasks/delete"),
-    "containerd.events.TaskExit": (task_events.TaskExit, "/tasks/exit"),
-    "containerd.events.TaskOOM": (task_events.TaskOOM, "/tasks/oom"),
-    "containerd.events.TaskExecAdded": (task_events.TaskExecAdded, "/tasks/exec-added"),
-    "containerd.events.TaskExecStarted": (task_events.TaskExecStarted, "/tasks/exec-started"),
-    "containerd.events.TaskPaused": (task_events.TaskPaused, "/tasks/paused"),
-    "containerd.events.TaskResumed": (task_events.TaskResumed, "/tasks/resumed"),
-}
+    kind.DESCRIPTOR.full_name: (kind, topic) for kind, topic in TASK_EVENT_TOPICS.items()}
 
 
 def vm_resources(config: VmmConfig, pod: cri.PodSandboxConfig) -> tuple[int, int]:
