@@ -472,3 +472,18 @@ def cgroups_named(relative: str) -> list[Path]:
     from kuasar.common import cgroups
 
     return [root / relative for root in cgroups.hierarchy_roots() if (root / relative).exists()]
+
+
+def hierarchy_of(controller: str) -> Path:
+    """Where `controller`'s cgroups are on the host: its own v1 hierarchy, or the one unified tree of v2."""
+    from kuasar.common import cgroups
+
+    return cgroups.CGROUP_ROOT if cgroups.is_unified() else cgroups.CGROUP_ROOT / controller
+
+
+# A container's own memory limit as it reads it in its cgroup namespace (runc mounts its cgroup at
+# /sys/fs/cgroup): memory.max under v2, memory.limit_in_bytes in v1's memory hierarchy.
+def memory_limit_file_in_container() -> str:
+    from kuasar.common import cgroups
+
+    return "/sys/fs/cgroup/memory.max" if cgroups.is_unified() else "/sys/fs/cgroup/memory/memory.limit_in_bytes"

@@ -30,6 +30,8 @@ from .cri_helpers import (
     check_stop_sends_sigterm_then_sigkill,
     children_of,
     exec_over_websocket,
+    hierarchy_of,
+    memory_limit_file_in_container,
     mounts_containing,
     pod_processes,
     remove_pod,
@@ -297,11 +299,11 @@ def test_pod_stop_kills_containers_and_remove_leaves_nothing(stack: Stack) -> No
             pod_id, pod = await run_pod(client, "teardown", stack.log_dir, cgroup_parent=cgroup_parent)
             cid = await start_container(client, pod_id, pod, "main", ["sleep", "3600"])
             await wait_state(client, cid, cri.CONTAINER_RUNNING)
-            assert Path("/sys/fs/cgroup/memory", cgroup_parent).is_dir()
+            assert (hierarchy_of("memory") / cgroup_parent).is_dir()
             # In its pod's cgroup, though the parent is relative and the task server's own memory cgroup
             # need not be the root (runc puts a relative path under its own).
-            assert Path("/sys/fs/cgroup/memory", cgroup_parent, cid).is_dir()
-            await wait_pod_process_in(pod_process_cgroup(Path("/sys/fs/cgroup/memory", cgroup_parent), pod_id))
+            assert (hierarchy_of("memory") / cgroup_parent / cid).is_dir()
+            await wait_pod_process_in(pod_process_cgroup(hierarchy_of("memory") / cgroup_parent, pod_id))
             # `crictl inspectp` reads containerd's SandboxInfo JSON under "info", as its own sandboxes give it.
             info = json.loads((await client.pod_sandbox_status(pod_id, verbose=True)).info["info"])
             assert psutil.Process(info["pid"]).name() == f"pod-{pod_id[:11]}" and info["processStatus"] == "running"
@@ -329,8 +331,7 @@ def test_a_root_cgroup_parent_gives_the_pod_process_a_cgroup_of_its_own(stack: S
             pod_id, pod = await run_pod(client, "rootparent", stack.log_dir, cgroup_parent="/")
             cid = await start_container(client, pod_id, pod, "main", ["sleep", "3600"])
             await wait_state(client, cid, cri.CONTAINER_RUNNING)
-            root = cgroups.CGROUP_ROOT if cgroups.is_unified() else cgroups.CGROUP_ROOT / "memory"
-            await wait_pod_process_in(root / pod_id)
+            await wait_pod_process_in(hierarchy_of("memory") / pod_id)
             await remove_pod(client, pod_id)
             assert cgroups_named(pod_id) == [], "the pod process's cgroup went with the pod"
 
@@ -342,8 +343,7 @@ def test_a_systemd_slice_parent_is_laid_out_as_systemd_would(stack: Stack) -> No
     """Kubelet's systemd cgroup driver names the pod's slice; containerd then writes the containers'
     cgroupsPath as `slice:cri-containerd:<id>`. Both land where systemd puts them."""
     top = f"kuasarit{os.getpid()}"
-    root = cgroups.CGROUP_ROOT if cgroups.is_unified() else cgroups.CGROUP_ROOT / "memory"
-    pod_slice = root / f"{top}.slice" / f"{top}-poda.slice"
+    pod_slice = hierarchy_of("memory") / f"{top}.slice" / f"{top}-poda.slice"
 
     async def scenario() -> None:
         async with CriClient(stack.address) as client:
@@ -435,14 +435,14 @@ def test_container_stats_and_update_resources(stack: Stack) -> None:
             assert stats.memory.working_set_bytes.value > 0 or stats.memory.usage_bytes.value > 0
             resources = cri.LinuxContainerResources(memory_limit_in_bytes=64 << 20, cpu_shares=512)
             await client.update_container_resources(cid, resources)
-            limit = await client.exec_sync(cid, ["cat", "/sys/fs/cgroup/memory/memory.limit_in_bytes"],
+            limit = await client.exec_sync(cid, ["cat", memory_limit_file_in_container()],
                                            timeout=20)
             assert limit.stdout.strip() == str(64 << 20).encode(), limit
             # Updates at once: each is applied whole (the task server writes one resources file at a time).
             limits = [48 << 20, 56 << 20, 72 << 20, 80 << 20]
             await asyncio.gather(*(client.update_container_resources(
                 cid, cri.LinuxContainerResources(memory_limit_in_bytes=m)) for m in limits))
-            limit = await client.exec_sync(cid, ["cat", "/sys/fs/cgroup/memory/memory.limit_in_bytes"],
+            limit = await client.exec_sync(cid, ["cat", memory_limit_file_in_container()],
                                            timeout=20)
             assert int(limit.stdout) in limits, limit
             await remove_pod(client, pod_id)

@@ -49,6 +49,7 @@ from .cri_helpers import (
     check_user_namespace_refused,
     forward_once,
     forward_until_answered,
+    hierarchy_of,
     wait_log,
     wait_pod_not_ready,
     wait_pod_processes_gone,
@@ -426,7 +427,7 @@ def test_a_sandboxer_killed_during_a_vm_boot_removes_the_vm_when_it_restarts(sta
             pod_id = await booting_pod(stack, running)
             pids = vm_processes(sandbox_state(stack, pod_id))
             assert all(alive(pid) for pid in pids)
-            assert Path("/sys/fs/cgroup/memory", cgroup_parent).is_dir()
+            assert (hierarchy_of("memory") / cgroup_parent).is_dir()
             stop_process(stack.sandboxer, signal.SIGKILL)
             with pytest.raises(grpc.aio.AioRpcError):
                 await running

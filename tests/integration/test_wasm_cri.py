@@ -34,6 +34,7 @@ from .cri_helpers import (
     check_user_namespace_refused,
     children_of,
     exec_over_websocket,
+    hierarchy_of,
     mounts_containing,
     pod_processes,
     streaming_session,
@@ -402,19 +403,19 @@ def test_two_containers_share_the_pod_namespaces_and_have_their_own_cgroups(stac
                 assert f"/{cgroup_path}" in Path(f"/proc/{pid}/cgroup").read_text()
                 seen.append((pid, cgroup_path))
             assert seen[0][1] != seen[1][1]
-            limit = Path("/sys/fs/cgroup/memory", seen[0][1], "memory.limit_in_bytes")
-            if limit.exists():  # cgroup v1
-                assert int(limit.read_text()) == 48 * MiB
+            v2 = cgroups.is_unified()
+            limit = hierarchy_of("memory") / seen[0][1] / ("memory.max" if v2 else "memory.limit_in_bytes")
+            assert int(limit.read_text()) == 48 * MiB
             stats = (await client.container_stats(first)).stats
             assert stats.memory.working_set_bytes.value > 0 or stats.memory.usage_bytes.value > 0
             await client.update_container_resources(first, cri.LinuxContainerResources(
                 memory_limit_in_bytes=96 * MiB, cpu_shares=512))
-            if limit.exists():
-                assert int(limit.read_text()) == 96 * MiB
-                assert Path("/sys/fs/cgroup/cpu", seen[0][1], "cpu.shares").read_text().strip() == "512"
+            assert int(limit.read_text()) == 96 * MiB
+            shares = hierarchy_of("cpu") / seen[0][1] / ("cpu.weight" if v2 else "cpu.shares")
+            assert shares.read_text().strip() == ("20" if v2 else "512")  # v2's weight as runc converts it
             await remove_pod(client, pod_id)
             for _, cgroup_path in seen:
-                assert not Path("/sys/fs/cgroup/memory", cgroup_path).exists()
+                assert cgroups_named(cgroup_path) == []
 
     asyncio.run(scenario())
 
@@ -433,7 +434,7 @@ def test_pod_stop_kills_containers_and_remove_leaves_nothing(stack: Stack) -> No
                 cgroup_paths.append((await runtime_info(client, cid))["runtimeSpec"]["linux"]["cgroupsPath"])
             assert len(container_processes()) == 2
             assert all(path.lstrip("/").startswith(f"{cgroup_parent}/") for path in cgroup_paths), cgroup_paths
-            assert Path("/sys/fs/cgroup/memory", cgroup_paths[0].lstrip("/")).is_dir()
+            assert (hierarchy_of("memory") / cgroup_paths[0].lstrip("/")).is_dir()
             await client.stop_pod_sandbox(pod_id)
             for cid in (looping, blocked):
                 assert (await client.container_status(cid)).status.state == cri.CONTAINER_EXITED

@@ -17,6 +17,7 @@ import psutil
 import pytest
 from google.protobuf import any_pb2
 
+from kuasar.common import cgroups
 from kuasar.common.api.containerd.runtime.task.v2 import shim_pb2 as task
 from kuasar.common.api.containerd.services.sandbox.v1 import sandbox_pb2 as sb
 from kuasar.common.api.containerd.services.sandbox.v1 import sandbox_pb2_grpc as sb_grpc
@@ -112,7 +113,7 @@ def test_task_api_beyond_cri(stack: Stack, tmp_path: Path) -> None:
         watcher.terminate()
         watcher.wait(5)
     # The containers' own cgroups are gone; like runc, the sandboxer leaves parents it did not own.
-    parents = [d for d in Path("/sys/fs/cgroup").glob(f"*/{cgroup}") if d.is_dir()]
+    parents = [d / cgroup for d in cgroups.hierarchy_roots() if (d / cgroup).is_dir()]
     assert all(not any(p.is_dir() for p in d.iterdir()) for d in parents)
     for directory in parents:
         directory.rmdir()
@@ -133,12 +134,15 @@ async def exercise(client: TtrpcClient, base: Path, pod_pid: int, cgroup: str) -
     assert state.status == types.CREATED and state.pid == created.pid
     assert psutil.Process(created.pid).name().startswith("wasm-")
     assert os.readlink(f"/proc/{created.pid}/ns/net") == os.readlink(f"/proc/{pod_pid}/ns/net")
-    memory_dir = Path("/sys/fs/cgroup/memory", cgroup, CID)
-    v1 = memory_dir.is_dir()
-    if v1:
-        assert str(created.pid) in (memory_dir / "cgroup.procs").read_text().split()
-        assert int((memory_dir / "memory.limit_in_bytes").read_text()) == 64 * MiB
-        assert Path("/sys/fs/cgroup/cpu", cgroup, CID, "cpu.shares").read_text().strip() == "256"
+    v2 = cgroups.is_unified()
+    memory_dir = cgroups.CGROUP_ROOT / ("" if v2 else "memory") / cgroup / CID
+    memory_limit = memory_dir / ("memory.max" if v2 else "memory.limit_in_bytes")
+    assert str(created.pid) in (memory_dir / "cgroup.procs").read_text().split()
+    assert int(memory_limit.read_text()) == 64 * MiB
+    if v2:
+        assert (memory_dir / "cpu.weight").read_text().strip() == "10"  # 256 shares, converted as runc does
+    else:
+        assert (cgroups.CGROUP_ROOT / "cpu" / cgroup / CID / "cpu.shares").read_text().strip() == "256"
 
     await call(client, "Exec", task.ExecProcessRequest(id=CID, exec_id="early", spec=process_spec(["/hello.wasm"])))
     with pytest.raises(FailedPrecondition):  # an exec cannot start before its container runs
@@ -156,8 +160,10 @@ async def exercise(client: TtrpcClient, base: Path, pod_pid: int, cgroup: str) -
 
     await call(client, "Pause", task.PauseRequest(id=CID))
     assert (await call(client, "State", task.StateRequest(id=CID), task.StateResponse)).status == types.PAUSED
-    if v1:
-        assert Path("/sys/fs/cgroup/freezer", cgroup, CID, "freezer.state").read_text().strip() == "FROZEN"
+    if v2:
+        assert (memory_dir / "cgroup.freeze").read_text().strip() == "1"
+    else:
+        assert (cgroups.CGROUP_ROOT / "freezer" / cgroup / CID / "freezer.state").read_text().strip() == "FROZEN"
     cpu_before = psutil.Process(created.pid).cpu_times().user
     await asyncio.sleep(0.3)
     assert psutil.Process(created.pid).cpu_times().user - cpu_before < 0.05  # the spinning module is frozen
@@ -171,15 +177,13 @@ async def exercise(client: TtrpcClient, base: Path, pod_pid: int, cgroup: str) -
 
     await call(client, "Update", task.UpdateTaskRequest(
         id=CID, resources=any_pb2.Any(value=json.dumps({"memory": {"limit": 80 * MiB}}).encode())))
-    if v1:
-        assert int((memory_dir / "memory.limit_in_bytes").read_text()) == 80 * MiB
+    assert int(memory_limit.read_text()) == 80 * MiB
 
     await call(client, "Exec", task.ExecProcessRequest(id=CID, exec_id="spinner", spec=process_spec(["/loop.wasm"])))
     exec_pid = (await call(client, "Start", task.StartRequest(id=CID, exec_id="spinner"), task.StartResponse)).pid
     pids = await call(client, "Pids", task.PidsRequest(id=CID), task.PidsResponse)
     assert {p.pid for p in pids.processes} == {created.pid, exec_pid}
-    if v1:
-        assert str(exec_pid) in (memory_dir / "cgroup.procs").read_text().split()
+    assert str(exec_pid) in (memory_dir / "cgroup.procs").read_text().split()
     await call(client, "CloseIO", task.CloseIORequest(id=CID, exec_id="spinner", stdin=True))
     stats = await call(client, "Stats", task.StatsRequest(id=CID), task.StatsResponse)
     assert stats.stats.type_url.startswith("io.containerd.cgroups.v")

@@ -1,4 +1,5 @@
-"""OomWatch on a real cgroup v1 memory cgroup: an OOM kill is reported, a removed cgroup is not."""
+"""OomWatch on a real memory cgroup (v1's memory hierarchy, or v2): an OOM kill is reported, a removed
+cgroup is not."""
 
 from __future__ import annotations
 
@@ -14,14 +15,18 @@ import pytest
 from kuasar.common import cgroups
 from kuasar.common.oom import OomWatch
 
-MEMORY = Path("/sys/fs/cgroup/memory")
-
 
 @pytest.fixture
 def memcg() -> Iterator[Path]:
-    if os.geteuid() != 0 or cgroups.is_unified() or not MEMORY.is_dir():
-        pytest.skip("needs root and cgroup v1's memory controller")
-    directory = MEMORY / f"kuasar-it-oomwatch-{os.getpid()}"
+    if cgroups.is_unified():
+        hierarchy = cgroups.CGROUP_ROOT
+        has_memory = "memory" in (hierarchy / "cgroup.subtree_control").read_text().split()
+    else:
+        hierarchy = cgroups.CGROUP_ROOT / "memory"
+        has_memory = hierarchy.is_dir()
+    if os.geteuid() != 0 or not has_memory:
+        pytest.skip("needs root and a memory controller")
+    directory = hierarchy / f"kuasar-it-oomwatch-{os.getpid()}"
     directory.mkdir()
     try:
         yield directory
@@ -37,13 +42,22 @@ def memcg() -> Iterator[Path]:
                     asyncio.run(asyncio.sleep(0.05))
 
 
+def limit_memory(directory: Path, limit: int) -> None:
+    if cgroups.is_unified():
+        (directory / "memory.max").write_text(str(limit))
+        if (directory / "memory.swap.max").exists():  # else the hog swaps instead of being killed
+            (directory / "memory.swap.max").write_text("0")
+    else:
+        (directory / "memory.limit_in_bytes").write_text(str(limit))
+
+
 def in_cgroup(directory: Path, *argv: str) -> subprocess.Popen:
     procs = str(directory / "cgroup.procs")
     return subprocess.Popen(argv, preexec_fn=lambda: Path(procs).write_text(str(os.getpid())))  # noqa: PLW1509
 
 
 def test_an_oom_kill_is_reported(memcg: Path) -> None:
-    (memcg / "memory.limit_in_bytes").write_text(str(16 << 20))
+    limit_memory(memcg, 16 << 20)
     sleeper = in_cgroup(memcg, "sleep", "30")
 
     async def scenario() -> int:
@@ -94,7 +108,7 @@ def test_a_removed_cgroup_is_not_an_oom_kill(memcg: Path) -> None:
 def test_an_oom_kill_not_yet_handled_by_the_loop_is_reported_by_check_now_once(memcg: Path) -> None:
     # A container's exit and its OOM notification wait in the same loop turn; the exit handled first
     # gave CRI's reason Error (wasm could even close the watch before the OOM was ever read).
-    (memcg / "memory.limit_in_bytes").write_text(str(16 << 20))
+    limit_memory(memcg, 16 << 20)
     sleeper = in_cgroup(memcg, "sleep", "30")
 
     async def scenario() -> list[str]:
