@@ -321,20 +321,21 @@ class PodCgroup:
                 elif key in _USERS:  # ours, made for another pod that is still there
                     _USERS[key] += 1
                     self.created.append(key)
-        if not missing:
-            return
-        self.created += [str(directory) for _, directory in missing]
-        if before_making is not None:
-            before_making(self)
-        for root, directory in missing:
-            try:
-                directory.mkdir()
-            except FileExistsError:  # made meanwhile by another process (a task server of another type)
-                self.created.remove(str(directory))
-                continue
-            _USERS[str(directory)] = 1
-            if root.name == "cpuset":
-                _inherit_cpuset(directory)
+        if missing:
+            self.created += [str(directory) for _, directory in missing]
+            if before_making is not None:
+                before_making(self)
+            for root, directory in missing:
+                try:
+                    directory.mkdir()
+                except FileExistsError:  # made meanwhile by another process (a task server of another type)
+                    self.created.remove(str(directory))
+                    continue
+                _USERS[str(directory)] = 1
+                if root.name == "cpuset":
+                    _inherit_cpuset(directory)
+        if is_unified():
+            enable_controllers(self.process_path)
 
     def leave_parents(self) -> None:
         """From now on remove() takes only the cgroup itself, never the parents made for it: what runc
@@ -413,6 +414,43 @@ def place_in_pod_cgroup(pod_id: str, cgroup_parent: str, pids: list[int], what: 
     except (OSError, KuasarError) as err:
         log.warning("cgroup %s for %s: %s", cgroup_parent, what, err)
     return cgroup
+
+
+def enable_controllers(path: str) -> None:
+    """cgroup v2: hand every controller the root has down to the cgroup at `path` (relative to the
+    root), through the cgroup.subtree_control of the root and of each cgroup between, as runc does for
+    a container's cgroup. A child has the files of a controller only if its parent enables it, so a
+    limit of the wasm task server's (memory.max) could not be written in a cgroup it made under a
+    parent nobody had enabled memory in (writing a file cgroupfs does not have is EACCES). A
+    controller a cgroup cannot enable (one above holds processes, or a manager keeps it) is left
+    out there: a limit that needs it then fails, naming its file."""
+    wanted = (CGROUP_ROOT / "cgroup.controllers").read_text().split()
+    parts = Path(_clean_relative(path)).parts
+    for directory in [CGROUP_ROOT.joinpath(*parts[:depth]) for depth in range(len(parts))]:
+        try:
+            enabled = set((directory / "cgroup.subtree_control").read_text().split())
+            available = set((directory / "cgroup.controllers").read_text().split())
+        except OSError:
+            return  # gone meanwhile: so is `path`
+        missing = [f"+{name}" for name in wanted if name in available and name not in enabled]
+        if not missing:
+            continue
+        try:
+            write_knob(directory / "cgroup.subtree_control", " ".join(missing))
+        except OSError:  # all or nothing: one that cannot be enabled here must not stop the others
+            for one in missing:
+                with contextlib.suppress(OSError):
+                    write_knob(directory / "cgroup.subtree_control", one)
+
+
+def write_knob(path: Path, text: str) -> None:
+    """Write a cgroup file that must exist: cgroupfs makes none, and an open that may create one fails
+    with EACCES where the file is missing, rather than ENOENT."""
+    fd = os.open(path, os.O_WRONLY | os.O_TRUNC | os.O_CLOEXEC)
+    try:
+        os.write(fd, text.encode())
+    finally:
+        os.close(fd)
 
 
 def _release(directory: str) -> bool:

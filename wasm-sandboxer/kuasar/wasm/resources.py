@@ -32,7 +32,7 @@ def _dirs(cgroup: cgroups.PodCgroup) -> dict[str, Path]:
 
 def _write(path: Path, value: object) -> None:
     try:
-        path.write_text(str(value))
+        cgroups.write_knob(path, str(value))
     except FileNotFoundError:
         return  # the controller or knob does not exist on this kernel: nothing to limit with
     except OSError as exc:
