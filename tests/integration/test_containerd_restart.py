@@ -81,7 +81,10 @@ def test_containerd_restart_keeps_pods_and_containers_manageable(stack: Stack, f
     ids = stack.run(before())
     server = task_server_pid(stack.sandboxer_dir)
     workloads = children_of(server)  # the host processes of the pod and its containers (gVisor: none)
-    assert sorted(task_bundles(stack)) == sorted(cid for name, cid in ids.items() if name != "pod")
+    # One task bundle per container; the short one's may be gone already (on a slow machine it can exit,
+    # and CRI delete its task, before the last container is up).
+    running = {cid for name, cid in ids.items() if name not in ("pod", "short")}
+    assert running <= set(task_bundles(stack)) <= running | {ids["short"]}
 
     stack.containerd.terminate()
     time.sleep(DOWNTIME)  # the short container exits while nobody listens
