@@ -28,6 +28,7 @@ import struct
 from pathlib import Path
 from typing import Any
 
+from kuasar.common import linux, mounts
 from kuasar.common.errors import FailedPrecondition
 from kuasar.common.pod_files import private_dev_shm, put_dev_shm
 
@@ -42,6 +43,8 @@ PAUSE_IN_ROOTFS = "bin/kuasar-pause"
 # The annotations of the pod's shared /dev/shm (runsc's `dev.gvisor.spec.mount.<name>.<field>`).
 SHM_HINT = "dev.gvisor.spec.mount.kuasarpodshm."
 PT_INTERP = 3
+# A pause rootfs of its own (see ensure_pause_rootfs): busybox (~2 MB) and kuasar-pause, with room.
+PAUSE_ROOTFS_TMPFS_SIZE = 16 << 20
 
 
 def is_static_elf(path: Path) -> bool:
@@ -61,9 +64,20 @@ def is_static_elf(path: Path) -> bool:
     return all(struct.unpack_from(endian + "I", table, i * phentsize)[0] != PT_INTERP for i in range(phnum))
 
 
+def gofer_cannot_bind_here(directory: Path) -> bool:
+    """Whether the mount `directory` is on has flags runsc's gofer would drop: it binds a read-only
+    root and remounts it MS_RDONLY|MS_NOSUID|MS_NODEV (atime left to the default, relatime) in a user
+    namespace of its own, where the kernel refuses (EPERM) to clear a flag the mount had. systemd
+    mounts /run noexec, so under the default --dir every gVisor pod failed to start there."""
+    flags = os.statvfs(directory).f_flag
+    return bool(flags & (os.ST_NOEXEC | os.ST_NOATIME)) or not flags & os.ST_RELATIME
+
+
 def ensure_pause_rootfs(directory: Path, busybox: str = DEFAULT_BUSYBOX, pause: str | None = None) -> Path:
     """`<directory>/pause-rootfs`: bin/busybox + bin/sleep, bin/kuasar-pause if `pause` names a static
-    one, and the mount points; made once, shared."""
+    one, and the mount points; made once, shared. Where `directory` is on a mount the gofer cannot
+    bind (`gofer_cannot_bind_here`), the rootfs is a small tmpfs of its own, left mounted for the pods
+    to come (and after a restart, found again)."""
     rootfs = directory / PAUSE_ROOTFS
     target = rootfs / "bin" / "busybox"
     pause = pause if pause is not None and is_static_elf(Path(pause)) else None
@@ -74,19 +88,32 @@ def ensure_pause_rootfs(directory: Path, busybox: str = DEFAULT_BUSYBOX, pause: 
     if not is_static_elf(source):
         raise FailedPrecondition(f"{source} is missing or not a statically linked busybox (Debian package "
                                  "busybox-static); the gVisor pod's root container needs one")
+    if mounts.is_mountpoint(rootfs) or gofer_cannot_bind_here(directory):
+        if not mounts.is_mountpoint(rootfs):
+            rootfs.mkdir(mode=0o755, exist_ok=True)
+            linux.mount("tmpfs", str(rootfs), "tmpfs", linux.MS_NOSUID | linux.MS_NODEV,
+                        f"mode=0755,size={PAUSE_ROOTFS_TMPFS_SIZE}")
+        _fill(rootfs, source, pause)
+        return rootfs
     staging = directory / f".{PAUSE_ROOTFS}.{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
-    for sub in ("bin", "dev", "proc", "sys", "tmp", "etc"):
-        (staging / sub).mkdir(parents=True, mode=0o755)
-    shutil.copy2(source, staging / "bin" / "busybox")
-    os.chmod(staging / "bin" / "busybox", 0o755)
-    (staging / "bin" / "sleep").symlink_to("busybox")
-    if pause is not None:
-        shutil.copy2(pause, staging / PAUSE_IN_ROOTFS)
-        os.chmod(staging / PAUSE_IN_ROOTFS, 0o755)
+    _fill(staging, source, pause)
     shutil.rmtree(rootfs, ignore_errors=True)
     os.replace(staging, rootfs)
     return rootfs
+
+
+def _fill(rootfs: Path, busybox: Path, pause: str | None) -> None:
+    for sub in ("bin", "dev", "proc", "sys", "tmp", "etc"):
+        (rootfs / sub).mkdir(parents=True, mode=0o755, exist_ok=True)
+    for name, source in (("bin/busybox", str(busybox)), (PAUSE_IN_ROOTFS, pause)):
+        if source is not None:  # in place (a tmpfs rootfs is not replaced whole): by rename, never half
+            staging = rootfs / f"{name}.{os.getpid()}"
+            shutil.copy2(source, staging)
+            os.chmod(staging, 0o755)
+            os.replace(staging, rootfs / name)
+    if not (rootfs / "bin" / "sleep").is_symlink():
+        (rootfs / "bin" / "sleep").symlink_to("busybox")
 
 
 def shm_annotations(source: str) -> dict[str, str]:
