@@ -1,7 +1,7 @@
 """The gVisor pod's pause rootfs on a mount runsc's gofer cannot bind read-only: systemd mounts /run
 (the default --dir's) noexec, and the gofer's remount in its own user namespace, which would clear that
-flag, failed with EPERM, so no gVisor pod started on a systemd host. There the rootfs gets a tmpfs of
-its own."""
+flag, failed with EPERM, so no host-network gVisor pod started on a systemd host. There the rootfs gets
+a tmpfs of its own."""
 
 from __future__ import annotations
 
