@@ -224,12 +224,18 @@ def test_an_oom_kill_in_the_pods_cgroup_is_reported_as_oomkilled(gvisor: Stack) 
     containers is reported OOMKilled, as gVisor's own shim reports it (TaskOOM per container)."""
     from kuasar.common import cgroups
 
-    if cgroups.is_unified():
-        pytest.skip("the pod cgroup's limit is set through cgroup v1 here")
     parent = f"kuasar-it-{os.getpid()}-gvoom"
-    memory = Path("/sys/fs/cgroup/memory") / parent
-    memory.mkdir()
-    (memory / "memory.limit_in_bytes").write_text(str(256 << 20))
+    if cgroups.is_unified():  # as kubelet makes it: the limit on the pod's cgroup, memory enabled above
+        memory = cgroups.CGROUP_ROOT / parent
+        memory.mkdir()
+        cgroups.enable_controllers(f"{parent}/pod")
+        (memory / "memory.max").write_text(str(256 << 20))
+        if (memory / "memory.swap.max").exists():  # else the sandbox swaps instead of being killed
+            (memory / "memory.swap.max").write_text("0")
+    else:
+        memory = cgroups.CGROUP_ROOT / "memory" / parent
+        memory.mkdir()
+        (memory / "memory.limit_in_bytes").write_text(str(256 << 20))
 
     async def scenario() -> None:
         async with CriClient(gvisor.address) as client:
