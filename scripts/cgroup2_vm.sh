@@ -125,7 +125,8 @@ copy_project() {
 
 write_runner() {
     local tests=("$@")
-    ((${#tests[@]})) || read -r -a tests <<<"$(echo $CGROUP2_DEFAULT_TESTS)"
+    # shellcheck disable=SC2206 # split on purpose: one path per word
+    ((${#tests[@]})) || tests=($CGROUP2_DEFAULT_TESTS)
     {
         echo '#!/bin/bash'
         echo "rm -rf $RESULT_DIR; mkdir -p $RESULT_DIR; cd /root/kuasar"

@@ -68,7 +68,7 @@ def gofer_cannot_bind_here(directory: Path) -> bool:
     """Whether the mount `directory` is on has flags runsc's gofer would drop: it binds a read-only
     root and remounts it MS_RDONLY|MS_NOSUID|MS_NODEV (atime left to the default, relatime) in a user
     namespace of its own, where the kernel refuses (EPERM) to clear a flag the mount had. systemd
-    mounts /run noexec, so under the default --dir every gVisor pod failed to start there."""
+    mounts /run noexec, so under the default --dir host-network gVisor pods failed to start there."""
     flags = os.statvfs(directory).f_flag
     return bool(flags & (os.ST_NOEXEC | os.ST_NOATIME)) or not flags & os.ST_RELATIME
 
@@ -88,8 +88,9 @@ def ensure_pause_rootfs(directory: Path, busybox: str = DEFAULT_BUSYBOX, pause: 
     if not is_static_elf(source):
         raise FailedPrecondition(f"{source} is missing or not a statically linked busybox (Debian package "
                                  "busybox-static); the gVisor pod's root container needs one")
-    if mounts.is_mountpoint(rootfs) or gofer_cannot_bind_here(directory):
-        if not mounts.is_mountpoint(rootfs):
+    own_mount = mounts.is_mountpoint(rootfs)
+    if own_mount or gofer_cannot_bind_here(directory):
+        if not own_mount:
             rootfs.mkdir(mode=0o755, exist_ok=True)
             linux.mount("tmpfs", str(rootfs), "tmpfs", linux.MS_NOSUID | linux.MS_NODEV,
                         f"mode=0755,size={PAUSE_ROOTFS_TMPFS_SIZE}")

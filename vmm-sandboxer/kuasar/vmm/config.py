@@ -45,11 +45,6 @@ MACHINE_TYPES = ("microvm", "pc", "q35")
 # tsc_early_khz, and ticks on the LAPIC timer): under Debian 13's QEMU 10 TCG, a guest calibrating
 # against it died of a divide error early in start_kernel in 2 of 3 boots (QEMU 7.2: never).
 MICROVM_OPTIONS = "pit=off"
-
-
-def machine_option(machine_type: str) -> str:
-    """`-machine`'s value for a machine type, before any memory backend or user options."""
-    return f"{machine_type},{MICROVM_OPTIONS}" if machine_type == "microvm" else machine_type
 ACCELS = ("auto", "kvm", "tcg")
 TCG_THREADS = ("single", "multi")
 # Kuasar spells the share types Virtio9P / VirtioFS; accept both spellings.
@@ -152,6 +147,11 @@ class VmmConfig:
         for key in ("kernel_params", "cpu_features", "machine_accelerators", "seccomp_sandbox"):
             if any(c in getattr(self, key) for c in "\n\0"):
                 raise InvalidArgument(f"[hypervisor] {key} must be one line")
+
+
+def machine_option(machine_type: str) -> str:
+    """`-machine`'s value for a machine type, before any memory backend or user options."""
+    return f"{machine_type},{MICROVM_OPTIONS}" if machine_type == "microvm" else machine_type
 
 
 def parse_config(section: dict[str, Any]) -> VmmConfig:
