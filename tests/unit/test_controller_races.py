@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -13,7 +15,7 @@ import pytest
 from kuasar.common import controller as controller_module
 from kuasar.common import state
 from kuasar.common.controller import SandboxController, new_record
-from kuasar.common.errors import AlreadyExists, InvalidArgument, NotFound
+from kuasar.common.errors import AlreadyExists, Cancelled, InvalidArgument, NotFound
 from kuasar.common.keyed_locks import KeyedLocks
 from kuasar.common.sandboxer import ExitInfo, SandboxRecord, SandboxState, StartResult
 from tests.unit.test_sandbox_api import SID, MemorySandboxer
@@ -414,4 +416,59 @@ def test_start_up_tells_the_type_every_recorded_id_even_unreadable_ones_and_surv
         await controller.recover()
         assert sandboxer.recorded == {SID, "b" * 64}
         assert list(controller.records) == [SID]
+    asyncio.run(main())
+
+
+def test_a_start_replies_before_it_saves_the_sandbox_ready(tmp_path: Path) -> None:
+    # Saved first, a crash between the save and the reply left a pod that containerd forgot (its Start
+    # failed for it, and it never calls Shutdown then) and that a restart kept as READY for good.
+    async def main() -> None:
+        controller = SandboxController(MemorySandboxer(), tmp_path / "state")
+        await controller.create(record())
+        on_disk_at_reply: list[str] = []
+
+        def reply(started: SandboxRecord) -> bool:
+            assert started.state == SandboxState.READY and started.pid == 4242
+            on_disk_at_reply.append(json.loads((tmp_path / "state" / SID / state.STATE_FILE).read_text())["state"])
+            shutil.copytree(tmp_path / "state", tmp_path / "crashed-here")  # what a kill -9 now leaves
+            return True
+
+        await controller.start(SID, reply)
+        assert on_disk_at_reply == [SandboxState.CREATED]
+        assert json.loads((tmp_path / "state" / SID / state.STATE_FILE).read_text())["state"] == SandboxState.READY
+        # A sandboxer restarted from what the crash left removes that sandbox, as containerd's Wait
+        # then learns (NotFound), so kubelet makes the pod anew rather than two of it running.
+        restarted = MemorySandboxer()
+        recovered = SandboxController(restarted, tmp_path / "crashed-here")
+        await recovered.recover()
+        assert restarted.shut == [SID] and SID not in recovered.records
+        assert files_under(tmp_path / "crashed-here") == []
+    asyncio.run(main())
+
+
+def test_a_start_whose_reply_does_not_get_out_removes_the_sandbox(tmp_path: Path) -> None:
+    async def main() -> None:
+        sandboxer = MemorySandboxer()
+        controller = SandboxController(sandboxer, tmp_path / "state")
+        await controller.create(record())
+        with pytest.raises(Cancelled, match="did not get out"):
+            await controller.start(SID, lambda _: False)
+        assert sandboxer.exits[SID].result().exit_status == 137  # its pod was stopped
+        assert sandboxer.shut == [SID]
+        assert SID not in controller.records and files_under(tmp_path / "state") == []
+        await controller.shutdown(SID)  # containerd's late clean-up, if any, finds nothing to do
+        assert sandboxer.shut == [SID]
+    asyncio.run(main())
+
+
+def test_a_create_whose_reply_does_not_get_out_removes_the_sandbox(tmp_path: Path) -> None:
+    async def main() -> None:
+        sandboxer = MemorySandboxer()
+        controller = SandboxController(sandboxer, tmp_path / "state")
+        with pytest.raises(Cancelled, match="did not get out"):
+            await controller.create(record(), lambda _: False)
+        assert sandboxer.shut == [SID]
+        assert SID not in controller.records and files_under(tmp_path / "state") == []
+        await controller.create(record())  # containerd may make it again under the same id
+        assert SID in controller.records
     asyncio.run(main())

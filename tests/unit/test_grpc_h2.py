@@ -35,6 +35,7 @@ SLOW = "/test.Echo/Slow"
 FAIL = "/test.Echo/Fail"
 BUG = "/test.Echo/Bug"
 SELF_CANCEL = "/test.Echo/SelfCancel"
+EARLY = "/test.Echo/Early"  # replies, then goes on (Method.replies_early)
 # The same answers from plain functions (Method.answer): made while the request is read, without a task.
 ECHO_NOW = "/test.Echo/StatusNow"
 FAIL_NOW = "/test.Echo/FailNow"
@@ -45,13 +46,33 @@ class Service:
     def __init__(self) -> None:
         self.slow_cancelled = asyncio.Event()
         self.slow_started = asyncio.Event()
+        self.early_entered = asyncio.Event()
+        self.early_may_reply = asyncio.Event()
+        self.early_may_end = asyncio.Event()
+        self.early_sent: list[bool] = []
+        self.early_ended = asyncio.Event()
 
     def methods(self) -> dict[str, Method]:
         handlers = {ECHO: self.echo, SLOW: self.slow, FAIL: self.fail, BUG: self.bug,
                     SELF_CANCEL: self.self_cancel}
         answers = {ECHO_NOW: self.echo_now, FAIL_NOW: self.fail_now, BUG_NOW: self.bug_now}
         return ({path: Method(pb.ControllerStatusRequest, handler) for path, handler in handlers.items()}
-                | {path: Method(pb.ControllerStatusRequest, answer=answer) for path, answer in answers.items()})
+                | {path: Method(pb.ControllerStatusRequest, answer=answer) for path, answer in answers.items()}
+                | {EARLY: Method(pb.ControllerStatusRequest, self.early, replies_early=True)})
+
+    async def early(self, request: pb.ControllerStatusRequest, reply_now) -> pb.ControllerStatusResponse:
+        """Replies once allowed, whatever cancels it meanwhile (as a sandbox's Start that must finish
+        its work), then waits and fails: the client must see the early reply only."""
+        self.early_entered.set()
+        while not self.early_may_reply.is_set():
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.early_may_reply.wait()
+        self.early_sent.append(reply_now(pb.ControllerStatusResponse(sandbox_id=f"early {request.sandbox_id}")))
+        try:
+            await self.early_may_end.wait()
+            raise GrpcError(Code.INTERNAL, "after the reply")
+        finally:
+            self.early_ended.set()
 
     async def echo(self, request: pb.ControllerStatusRequest) -> pb.ControllerStatusResponse:
         return self.echo_now(request)
@@ -366,3 +387,40 @@ def test_request_timing_records_each_answered_call(tmp_path: Path, monkeypatch, 
     rows = [line.split("\t") for f in (tmp_path / "timing").iterdir() for line in f.read_text().splitlines()]
     assert [row[:2] for row in rows] == [["sandbox", path.rpartition("/")[2]]]
     assert int(rows[0][2]) <= int(rows[0][3])
+
+
+def test_an_early_reply_reaches_the_client_while_its_handler_goes_on(tmp_path: Path) -> None:
+    async def body(channel, service, server, sock):
+        service.early_may_reply.set()
+        reply = await call(channel, EARLY)(pb.ControllerStatusRequest(sandbox_id="a"))
+        assert reply.sandbox_id == "early a" and service.early_sent == [True]
+        assert not service.early_ended.is_set()  # the reply did not wait for the handler
+        service.early_may_end.set()
+        await asyncio.wait_for(service.early_ended.wait(), 5)
+        await asyncio.sleep(0.05)  # its error, had it been sent, would be on the wire by now
+        assert (await call(channel, ECHO)(pb.ControllerStatusRequest(sandbox_id="b"))).sandbox_id == "b"
+        assert not any(conn.calls for conn in server.connections)
+
+    serve(tmp_path, body)
+
+
+def test_an_early_reply_after_the_client_is_gone_says_so(tmp_path: Path) -> None:
+    # What a Start's reply meets when containerd's connection drops while the pod starts: the sandbox
+    # must then go, since containerd takes its Start for failed.
+    async def body(channel, service, server, sock):
+        client = await RawClient.connect(sock)
+        client.request(EARLY, pb.ControllerStatusRequest(sandbox_id="gone"))
+        client.send()
+        await asyncio.wait_for(service.early_entered.wait(), 5)
+        client.writer.close()
+        await client.writer.wait_closed()
+        for _ in range(100):  # the server has seen the connection end
+            if not server.connections:
+                break
+            await asyncio.sleep(0.01)
+        service.early_may_reply.set()
+        service.early_may_end.set()
+        await asyncio.wait_for(service.early_ended.wait(), 5)
+        assert service.early_sent == [False]
+
+    serve(tmp_path, body)

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from . import shim_orphans
-from .errors import AlreadyExists, FailedPrecondition, KuasarError, NotFound, Unavailable
+from .errors import AlreadyExists, Cancelled, FailedPrecondition, KuasarError, NotFound, Unavailable
 from .ids import validate_id
 from .keyed_locks import KeyedLocks
 from .sandboxer import LOST_EXIT_STATUS, ExitInfo, Sandboxer, SandboxRecord, SandboxState, StartResult
@@ -160,7 +160,9 @@ class SandboxController:
         await asyncio.gather(*self._watchers.values(), return_exceptions=True)
 
     # -- API ---------------------------------------------------------------------------------------
-    async def create(self, record: SandboxRecord) -> None:
+    async def create(self, record: SandboxRecord, reply: Callable[[SandboxRecord], bool] | None = None) -> None:
+        """Make a sandbox and save its record; then, with `reply`, answer the caller, and remove the
+        sandbox again if that answer does not get out: containerd would forget it (see `start`)."""
         validate_id(record.id, "sandbox id")
         async with self._locks.hold(record.id):
             if record.id in self.records:
@@ -173,6 +175,11 @@ class SandboxController:
                 self.store.remove(record.id)
                 raise
             self.records[record.id] = record
+            if reply is not None and not reply(record):
+                log.warning("sandbox %s: the reply to its Create did not get out (the client is gone); "
+                            "removing it", record.id)
+                await self._discard_to_the_end(record)
+                raise Cancelled(f"sandbox {record.id}: the reply to its Create did not get out")
         log.info("sandbox %s created (netns=%r)", record.id, record.netns_path)
         if shim_orphans.made_by_the_shim(record):
             # Off the Create's path: a sweep shuts sandboxes down, each under its own lock. One that
@@ -189,7 +196,12 @@ class SandboxController:
         finally:
             self._orphan_sweep = None
 
-    async def start(self, sandbox_id: str) -> SandboxRecord:
+    async def start(self, sandbox_id: str, reply: Callable[[SandboxRecord], bool] | None = None) -> SandboxRecord:
+        """Start a created sandbox. With `reply`, the caller's answer goes out (`reply` says whether it
+        got out) before the READY record is saved: a crash between the two leaves a created record,
+        which a restart removes. Saved first, a crash before the reply left a pod that containerd
+        forgot (its Start failed) and we kept for good. A reply that does not get out removes the
+        sandbox, for the same reason."""
         async with self._holding(sandbox_id) as record:
             if record.state == SandboxState.READY:
                 return record
@@ -205,9 +217,15 @@ class SandboxController:
             record.state = SandboxState.READY
             # Watched before it is saved: if a failed save's removal fails too, the pod's exit is still seen.
             self._watch(record)
+            if reply is not None and not reply(record):
+                log.warning("sandbox %s: the reply to its Start did not get out (the client is gone); "
+                            "removing it", sandbox_id)
+                await self._discard_to_the_end(record)
+                raise Cancelled(f"sandbox {sandbox_id}: the reply to its Start did not get out")
             try:
                 self.save(record)
-            except BaseException:
+            except BaseException as exc:
+                log.error("sandbox %s: saving its record after its Start: %s; removing it", sandbox_id, exc)
                 await self._discard_to_the_end(record)
                 raise
         log.info("sandbox %s started pid=%d address=%s", sandbox_id, record.pid, record.address)

@@ -37,6 +37,10 @@ class KuasarError(Exception):
         self.message = message
 
 
+class Cancelled(KuasarError):
+    code = Code.CANCELLED
+
+
 class InvalidArgument(KuasarError):
     code = Code.INVALID_ARGUMENT
 

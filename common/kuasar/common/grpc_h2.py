@@ -66,8 +66,11 @@ _H2_CONFIG = h2.config.H2Configuration(
 _REPLY_HEADERS = ((b":status", b"200"), (b"content-type", b"application/grpc"))
 _OK_TRAILERS = ((b"grpc-status", b"0"),)
 
-Handler = Callable[[Message], Awaitable[Message]]
+Handler = Callable[..., Awaitable[Message]]
 Answer = Callable[[Message], Message]
+# Given to a handler that replies before it is done (`Method.replies_early`): sends the reply now, and
+# says whether it got out to the client's socket (False: the stream or the connection is gone).
+ReplyNow = Callable[[Message], bool]
 
 
 class GrpcError(Exception):
@@ -82,11 +85,17 @@ class GrpcError(Exception):
 @dataclass(frozen=True)
 class Method:
     """A method is served either by `handler`, as its own task, or by `answer`, which must never block:
-    it runs inside `data_received`, saving each call a task and a loop turn (~60 µs here)."""
+    it runs inside `data_received`, saving each call a task and a loop turn (~60 µs here).
+
+    A handler that `replies_early` is called with the request and a `ReplyNow`, to send its reply
+    before it has finished (what it does next may depend on whether the reply got out); what it
+    returns is then sent only if it has not replied, and an error it raises after replying is logged
+    by it, not sent."""
 
     request_type: type[Message]
     handler: Handler | None = None
     answer: Answer | None = None
+    replies_early: bool = False
 
     def __post_init__(self) -> None:
         if (self.handler is None) == (self.answer is None):
@@ -233,8 +242,7 @@ class GrpcConnection(asyncio.Protocol):
     def _dispatch(self, stream_id: int, call: _Call) -> None:
         method = self.methods.get(call.path)
         if method is not None and method.handler is not None:
-            call.task = asyncio.ensure_future(self._run(stream_id, call, method.handler, method.request_type,
-                                                        self._received_at))
+            call.task = asyncio.ensure_future(self._run(stream_id, call, method, self._received_at))
             return
         self._answered = True
         try:
@@ -250,10 +258,15 @@ class GrpcConnection(asyncio.Protocol):
         if self._received_at:
             self._answered_paths.append(call.path)
 
-    async def _run(self, stream_id: int, call: _Call, handler: Handler, request_type: type[Message],
-                   started: int = 0) -> None:
+    async def _run(self, stream_id: int, call: _Call, method: Method, started: int = 0) -> None:
+        assert method.handler is not None
         try:
-            reply = encode_message(await handler(decode_message(bytes(call.body), request_type)))
+            request = decode_message(bytes(call.body), method.request_type)
+            if method.replies_early:
+                result = await method.handler(request, lambda message: self._reply_now(stream_id, call, message))
+            else:
+                result = await method.handler(request)
+            reply = encode_message(result)
         except GrpcError as exc:
             self._fail(stream_id, call, exc.code, exc.message)
         except asyncio.CancelledError:
@@ -278,33 +291,48 @@ class GrpcConnection(asyncio.Protocol):
     def _fail(self, stream_id: int, call: _Call, code: Code, message: str) -> None:
         self._reply(stream_id, call, b"", status_trailers(code, message))
 
-    def _reply(self, stream_id: int, call: _Call, reply: bytes, trailers: tuple[tuple[bytes, bytes], ...]) -> None:
+    def _reply_now(self, stream_id: int, call: _Call, message: Message) -> bool:
+        """A handler's early reply: True once all of it is written to the client's socket (a reply the
+        kernel took is read by the client even if we die next)."""
+        if call.trailers:
+            raise RuntimeError("a call is answered once")
+        whole = self._reply(stream_id, call, encode_message(message), _OK_TRAILERS)
+        self._flush()
+        return whole and self.transport is not None and not self.transport.is_closing()
+
+    def _reply(self, stream_id: int, call: _Call, reply: bytes, trailers: tuple[tuple[bytes, bytes], ...]) -> bool:
+        """Queue a reply on h2; True if all of it is queued (not reset, closed, or waiting for the
+        client's flow-control window)."""
         if self.calls.get(stream_id) is not call or call.trailers:
-            return  # reset by the client, or already answered
+            return False  # reset by the client, or already answered
         call.pending, call.trailers = reply, trailers
         try:
             self.h2.send_headers(stream_id, _REPLY_HEADERS)
         except h2.exceptions.ProtocolError:  # the stream, or after the client's GOAWAY the connection, closed
             self.calls.pop(stream_id, None)
-            return
-        self._send_pending(stream_id, call)
+            return False
+        return self._send_pending(stream_id, call)
 
-    def _send_pending(self, stream_id: int, call: _Call) -> None:
-        """Send the reply as far as the client's window allows; the trailers once all of it is out."""
+    def _send_pending(self, stream_id: int, call: _Call) -> bool:
+        """Send the reply as far as the client's window allows; the trailers once all of it is out.
+        True if they are."""
+        sent = False
         try:
             while call.pending:
                 size = min(len(call.pending), self.h2.local_flow_control_window(stream_id),
                            self.h2.max_outbound_frame_size)
                 if size <= 0:
                     self.blocked[stream_id] = call
-                    return
+                    return False
                 self.h2.send_data(stream_id, call.pending[:size])
                 call.pending = call.pending[size:]
             self.h2.send_headers(stream_id, call.trailers, end_stream=True)
+            sent = True
         except h2.exceptions.ProtocolError:  # as in _reply
             pass
         self.calls.pop(stream_id, None)
         self.blocked.pop(stream_id, None)
+        return sent
 
     def _hold_control(self) -> None:
         """Keep what h2 queued while reading (answers to control frames) for the next reply, or

@@ -24,7 +24,7 @@ from .api.containerd.services.sandbox.v1 import sandbox_pb2 as pb
 from .api.containerd.types import metrics_pb2, platform_pb2
 from .controller import SandboxController, new_record
 from .errors import InvalidArgument, KuasarError
-from .grpc_h2 import GrpcError, GrpcServer, Method
+from .grpc_h2 import GrpcError, GrpcServer, Method, ReplyNow
 from .sandboxer import SandboxRecord, SandboxState
 
 log = logging.getLogger(__name__)
@@ -91,6 +91,15 @@ METHODS: dict[str, tuple[type[Message], type[Message]]] = {
 # Answered without waiting for anything (see grpc_h2.Method); containerd makes five Status calls and one
 # Platform call per pod start, all on the pod's critical path.
 ANSWERED_FROM_MEMORY = frozenset({"Status", "Platform"})
+# Replied to before the call is done (SandboxController.create and .start): whether the reply got out
+# decides what happens to the sandbox.
+REPLIED_EARLY = frozenset({"Create", "Start"})
+
+
+def _start_response(record: SandboxRecord) -> pb.ControllerStartResponse:
+    return pb.ControllerStartResponse(
+        sandbox_id=record.id, pid=record.pid, created_at=_timestamp(record.created_at_ns),
+        labels=record.labels, address=record.address, version=record.version)
 
 
 def _grpc_error(name: str, exc: KuasarError) -> GrpcError:
@@ -106,16 +115,16 @@ class ControllerService:
 
     def methods(self) -> dict[str, Method]:
         return {f"/{SERVICE}/{name}": (Method(request, answer=self._answer(name)) if name in ANSWERED_FROM_MEMORY
-                                       else Method(request, self._unary(name)))
+                                       else Method(request, self._unary(name), replies_early=name in REPLIED_EARLY))
                 for name, (request, _) in METHODS.items()}
 
-    def _unary(self, name: str) -> Callable[[Message], Awaitable[Message]]:
+    def _unary(self, name: str) -> Callable[..., Awaitable[Message]]:
         method = getattr(self, name)
 
-        async def handle(request: Message) -> Message:
+        async def handle(request: Message, *reply_now: ReplyNow) -> Message:
             # Any other exception is grpc_h2's to log and answer as UNKNOWN, naming the method.
             try:
-                return await method(request)
+                return await method(request, *reply_now)
             except KuasarError as exc:
                 raise _grpc_error(name, exc) from None
 
@@ -132,7 +141,8 @@ class ControllerService:
 
         return answer
 
-    async def Create(self, request: pb.ControllerCreateRequest) -> pb.ControllerCreateResponse:  # noqa: N802
+    async def Create(self, request: pb.ControllerCreateRequest,  # noqa: N802
+                     reply_now: ReplyNow) -> pb.ControllerCreateResponse:
         _require_id(request.sandbox_id)
         metadata: dict[str, Any] = {}
         ext = request.sandbox.extensions.get(CRI_METADATA_EXTENSION)
@@ -146,14 +156,15 @@ class ControllerService:
         record = new_record(request.sandbox_id, request.sandboxer, request.netns_path,
                             request.options.value, metadata, dict(request.sandbox.labels),
                             dict(request.annotations))
-        await self.controller.create(record)
-        return pb.ControllerCreateResponse(sandbox_id=request.sandbox_id)
+        response = pb.ControllerCreateResponse(sandbox_id=request.sandbox_id)
+        await self.controller.create(record, lambda _: reply_now(response))
+        return response
 
-    async def Start(self, request: pb.ControllerStartRequest) -> pb.ControllerStartResponse:  # noqa: N802
-        record = await self.controller.start(_require_id(request.sandbox_id))
-        return pb.ControllerStartResponse(
-            sandbox_id=record.id, pid=record.pid, created_at=_timestamp(record.created_at_ns),
-            labels=record.labels, address=record.address, version=record.version)
+    async def Start(self, request: pb.ControllerStartRequest,  # noqa: N802
+                    reply_now: ReplyNow) -> pb.ControllerStartResponse:
+        record = await self.controller.start(_require_id(request.sandbox_id),
+                                             lambda started: reply_now(_start_response(started)))
+        return _start_response(record)  # sent only if not sent already (a sandbox started before)
 
     def Platform(self, request: pb.ControllerPlatformRequest) -> pb.ControllerPlatformResponse:  # noqa: N802
         self.controller.get(_require_id(request.sandbox_id))
