@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -84,9 +85,11 @@ def test_the_sweep_kills_every_recorded_pod_before_it_waits_for_any(tmp_path: Pa
 def test_the_sweep_ends_pod_processes_whose_record_was_never_written(tmp_path: Path) -> None:
     # A task server killed between a pod's spawn and the write of its record: only the process's own
     # command line (kuasar-pause --owner <pod dir>) says whose it is.
-    ours = subprocess.Popen(["python3", "-c", "import time; time.sleep(30)", "--owner",
+    # The interpreter itself, not "python3": a pyenv shim execs three times on the way, and a command
+    # line read in the middle of an exec is empty, so the sweep could miss it (1 run in 7 here).
+    ours = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)", "--owner",
                              str(tmp_path / PODS_DIR / ("o" * 64))])
-    theirs = subprocess.Popen(["python3", "-c", "import time; time.sleep(30)", "--owner",
+    theirs = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)", "--owner",
                                str(tmp_path / "elsewhere" / PODS_DIR / ("o" * 64))])
     try:
         for child in (ours, theirs):  # python has put its argv in place
