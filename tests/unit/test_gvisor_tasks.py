@@ -464,3 +464,42 @@ def test_a_sandbox_oom_counts_for_running_containers_and_those_it_just_ended_onl
     for container in (running, just_ended, long_done):
         tasks._on_sandbox_oom(container)
     assert events.topics == ["/tasks/oom", "/tasks/oom"]
+
+
+# -- exit order ---------------------------------------------------------------------------------------
+def test_an_inits_exit_is_reported_after_its_execs_which_end_with_it(tmp_path: Path) -> None:
+    # As containerd's shim: `runsc wait` of the init returned first, and its exit went out at once, its
+    # execs' (their runners end as the sandbox ends the container's processes) after it.
+    class InitExits(FakeRunsc):
+        def __init__(self, root: Path) -> None:
+            super().__init__(root)
+            self.init_exits = asyncio.Event()
+
+        async def wait(self, container_id: str, network: str) -> int:
+            await self.init_exits.wait()
+            return 3
+
+    tasks, runsc, _ = make_tasks(tmp_path, InitExits)
+    container = add_container(tasks, tmp_path)
+    seen: list[tuple[str, int]] = []
+    tasks.events.publish = lambda topic, event, namespace="": seen.append((event.id, event.exit_status))
+    exec_proc = gt.Process("e1", ProcessIO(), pid=4343, status=types.RUNNING)
+    exec_proc.internal_pid = 7
+    container.execs["e1"] = exec_proc
+
+    async def scenario() -> None:
+        tasks._started(container)
+        runsc.init_exits.set()
+        for _ in range(500):
+            if container.init.reaped:
+                break
+            await asyncio.sleep(0.01)
+        assert container.init.reaped and container.init.status == types.RUNNING and seen == []
+        with pytest.raises(FailedPrecondition, match="not running"):
+            container.execs["e2"] = gt.Process("e2", ProcessIO())
+            await tasks.start(task.StartRequest(id="c1", exec_id="e2"), Ctx())  # type: ignore[arg-type]
+        tasks._exited(container, exec_proc, 137)  # its runner's exit
+        await asyncio.wait_for(container.init.exited.wait(), 5)
+        assert seen == [("e1", 137), ("c1", 3)]
+
+    asyncio.run(scenario())

@@ -349,3 +349,62 @@ def test_an_inits_exit_is_not_held_for_execs_nothing_can_end(tmp_path: Path) -> 
         container.init.pid = init_pid
         _running_exec(container, exec_pid)
         asyncio.run(scenario(init_pid))
+
+
+class GatedRunc:
+    """runc whose `exec` waits for the test's word, then fails or writes the pid of a process it has."""
+
+    def __init__(self, exec_pid: int) -> None:
+        self.exec_pid = exec_pid
+        self.entered, self.go = asyncio.Event(), asyncio.Event()
+        self.fail = False
+
+    async def exec(self, container_id: str, process_json: Path, pid_file: Path, *args: object) -> None:
+        self.entered.set()
+        await self.go.wait()
+        if self.fail:
+            raise RuntimeFailure("runc exec failed (1): container's init is gone")
+        pid_file.write_text(str(self.exec_pid))
+
+
+@pytest.mark.parametrize("exec_starts", [False, True])
+def test_an_inits_exit_waits_for_an_exec_still_being_started(tmp_path: Path, exec_starts: bool) -> None:
+    # containerd's shim counts an exec as running from its Start on: the init's exit came first when the
+    # init exited while `runc exec` ran. One that starts then is ended (nothing else would end it), and
+    # a later exec Start is refused, as the shim's "init process is not running".
+    tasks, _, _ = _tasks(tmp_path)
+    container = tasks.containers["c1"]
+    seen: list[tuple[str, int]] = []
+    tasks.events.publish = lambda topic, event, namespace="": (  # type: ignore[method-assign]
+        seen.append((event.id, event.exit_status)) if hasattr(event, "exit_status") and event.id else None)
+
+    async def scenario(init_pid: int, exec_pid: int) -> None:
+        tasks.reaper.install()
+        runc = tasks.runc = GatedRunc(exec_pid)  # type: ignore[assignment]
+        runc.fail = not exec_starts
+        tasks._watch(container, container.init, time.monotonic_ns() - 10**9)
+        for exec_id in ("e1", "e2"):
+            await tasks.exec(task.ExecProcessRequest(id="c1", exec_id=exec_id, spec=SPEC), CTX)  # type: ignore
+        starting = asyncio.ensure_future(tasks.start(task.StartRequest(id="c1", exec_id="e1"), CTX))  # type: ignore
+        await asyncio.wait_for(runc.entered.wait(), 5)
+        os.kill(init_pid, 9)
+        for _ in range(500):  # the reaper's turn
+            if container.init.reaped:
+                break
+            await asyncio.sleep(0.01)
+        assert container.init.reaped and container.init.status == types.RUNNING and seen == []
+        with pytest.raises(FailedPrecondition, match="not running"):
+            await tasks.start(task.StartRequest(id="c1", exec_id="e2"), CTX)  # type: ignore[arg-type]
+        runc.go.set()
+        if exec_starts:
+            assert (await asyncio.wait_for(starting, 5)).pid == exec_pid
+        else:
+            with pytest.raises(RuntimeFailure):
+                await asyncio.wait_for(starting, 5)
+        await asyncio.wait_for(container.init.exited.wait(), 5)
+        # A start that failed has no exit to report; one that started was ended before the init's exit.
+        assert seen == ([("e1", 137), ("c1", 137)] if exec_starts else [("c1", 137)])
+
+    with _sleepers(2) as (init_pid, exec_pid):
+        container.init.pid = init_pid
+        asyncio.run(scenario(init_pid, exec_pid))

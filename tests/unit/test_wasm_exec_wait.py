@@ -12,7 +12,7 @@ import pytest
 
 from kuasar.common.api.containerd.runtime.task.v2 import shim_pb2 as task
 from kuasar.common.api.containerd.types.task import task_pb2 as types
-from kuasar.common.errors import InvalidArgument
+from kuasar.common.errors import InvalidArgument, NotFound
 from kuasar.common.fifo_stdio import ProcessIO
 from kuasar.common.reaper import Exit
 from kuasar.common.task_table import NEVER_RAN_EXIT_STATUS
@@ -81,4 +81,31 @@ def test_wait_on_an_exec_deleted_before_start_returns(tmp_path: Path) -> None:
         response = await asyncio.wait_for(waiter, WAIT_TIMEOUT)
         assert response.exit_status == NEVER_RAN_EXIT_STATUS
         assert "e1" not in container.execs
+    asyncio.run(main())
+
+
+def test_an_inits_exit_is_reported_after_its_execs_which_end_with_it(tmp_path: Path) -> None:
+    # As containerd's shim (and the runc backend): the init's exit came first, then its execs' (killed
+    # with it) after; CRI had already taken the container for exited and deleted it.
+    async def main() -> None:
+        tasks, container = make_tasks(tmp_path)
+        seen: list[tuple[str, int]] = []
+        tasks.events.publish = lambda topic, event, namespace="": (  # type: ignore[method-assign]
+            seen.append((event.id, event.exit_status)))
+        exec_child = subprocess.Popen(["sleep", "30"])
+        exec_proc = container.execs["e1"]
+        exec_proc.pid, exec_proc.status = exec_child.pid, types.RUNNING
+        loop = asyncio.get_running_loop()
+        init_exit = loop.create_future()
+        init_exit.set_result(Exit(container.init.pid, 3, 1))
+        tasks._on_exit(container, container.init, init_exit)
+        assert exec_child.wait(timeout=5) == -9  # ended with its init
+        assert container.init.reaped and container.init.status == types.RUNNING and seen == []
+        with pytest.raises(NotFound, match="already finished"):  # the init's pid may be another's now
+            await tasks.kill(task.KillRequest(id="c1", signal=9), None)  # type: ignore[arg-type]
+        exec_exit = loop.create_future()
+        exec_exit.set_result(Exit(exec_child.pid, 137, 2))
+        tasks._on_exit(container, exec_proc, exec_exit)
+        await asyncio.wait_for(container.init.exited.wait(), WAIT_TIMEOUT)
+        assert seen == [("e1", 137), ("c1", 3)]
     asyncio.run(main())

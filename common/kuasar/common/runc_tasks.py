@@ -44,9 +44,11 @@ from .task_table import (
     dead_init_pids,
     drain_and_close_io,
     parse_exec_spec,
+    report_init_exit_last,
     running_pids,
+    signal_quietly,
     state_response,
-    wait_exited,
+    unfinished_execs,
 )
 from .ttrpc import Context
 
@@ -54,9 +56,6 @@ log = logging.getLogger(__name__)
 
 # The type URL containerd's typeurl gives runc's ProcessDetails (the message's full name).
 PROCESS_DETAILS_TYPE_URL = "containerd.runc.v1.ProcessDetails"
-# How long an init's exit waits for its execs' (they are ending: the kernel ended its PID namespace, or
-# we ended the rest of a shared one); one stuck in the kernel must not hide the init's exit for ever.
-EXECS_EXIT_WAIT = 10.0
 
 
 @dataclass
@@ -65,8 +64,6 @@ class RuncProcess(TaskProcess):
 
     io: Any
     spec: bytes = b""
-    # An init reaped whose exit waits for its execs' (see _watch): its pid may be another's already.
-    reaped: bool = False
 
 
 @dataclass
@@ -134,30 +131,25 @@ class RuncContainerTasks(LeftRuntimeCommands, TerminalTasks):
                 # and so its cgroup may be another's by now.
                 current = self.containers.get(container.id) is container
                 ended = current and self._end_the_rest(container)
-                running = [e for e in container.execs.values() if e.pid and e.status != types.STOPPED]
+                unfinished = unfinished_execs(container)
                 # Held only while the execs are ending: with their PID namespace (the init's own), or
                 # with the rest just ended; otherwise nothing would end them in time.
-                if running and (ended or not container.shares_pids):
-                    # As containerd's shim: the init's exit is recorded (Wait returns, the event goes)
-                    # once its execs' are, so it comes last; they end with it (its PID namespace, or
-                    # the rest just ended).
-                    proc.reaped = True
-                    asyncio.ensure_future(self._exit_after(container, proc, exited, running))
+                if unfinished and (ended or not container.shares_pids):
+                    report_init_exit_last(container, unfinished, lambda: self._exited(container, proc, exited))
                     return
             self._exited(container, proc, exited)
 
         self.reaper.watch(proc.pid, since_ns).add_done_callback(on_exit)
 
-    async def _exit_after(self, container: Any, init: RuncProcess, exited: Exit, execs: list[RuncProcess]) -> None:
-        if not await wait_exited(execs, EXECS_EXIT_WAIT):
-            log.warning("container %s: execs still running %.0f s after its init exited; reporting its exit",
-                        container.id, EXECS_EXIT_WAIT)
-        self._exited(container, init, exited)
-
     def _exited(self, container: Any, proc: RuncProcess, exited: Exit) -> None:
         proc.set_exited(exited)
         log.info("container %s exec %r pid %d exited %d", container.id, proc.id, proc.pid, exited.status)
         self._publish_exit(container, proc)
+
+    async def _end_late_exec(self, container: Any, proc: RuncProcess) -> None:
+        # Our child until we reap it, so its pid is its own; with a shared PID namespace, what it started.
+        if not self._end_the_rest(container):
+            signal_quietly(proc.pid, signal.SIGKILL)
 
     def _has_ended(self, proc: RuncProcess) -> bool:
         """Its exit is recorded, or it is an init reaped whose exit waits for its execs'."""

@@ -14,7 +14,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Coroutine, Iterable
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
 from dataclasses import KW_ONLY, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -192,6 +192,12 @@ class TaskProcess:
     # An exec's Start and Delete take turns on it (ContainerTasks._holding_exec); the init's go by the
     # container's exclusive hold.
     turn: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False, compare=False)
+    # An exec whose Start is under way: a container's init that exits meanwhile reports its exit after
+    # this one's (`unfinished_execs`).
+    starting: bool = False
+    # An init that has exited, its exit held until its execs' are in (`report_init_exit_last`). Its pid
+    # may be another process's by then.
+    reaped: bool = False
 
     def set_exited(self, exited: Exit) -> None:
         self.record_exit(exited.status, exited.at_ns)
@@ -245,6 +251,34 @@ class TaskContainer:
             raise FailedPrecondition(f"container {self.id} is stopped")
         if self.init.status == types.PAUSED:  # type: ignore[attr-defined]
             raise FailedPrecondition(f"cannot exec in paused container {self.id}")
+
+
+# How long an init's exit waits for its execs' (they are ending: the kernel ended its PID namespace, or
+# we ended the rest of a shared one); one stuck in the kernel must not hide the init's exit for ever.
+EXECS_EXIT_WAIT = 10.0
+
+
+def unfinished_execs(container: TaskContainer) -> list[TaskProcess]:
+    """A container's execs that are running, or being started, whose exit is not recorded yet."""
+    return [e for e in container.execs.values() if (e.starting or e.pid) and e.status != types.STOPPED]
+
+
+def report_init_exit_last(container: TaskContainer, execs: list[TaskProcess],
+                          report: Callable[[], None]) -> asyncio.Future[None]:
+    """`report` the exit of a container's init once `execs` (`unfinished_execs`, ending with it: its PID
+    namespace is gone, or the rest of a shared one was ended) have exited, as containerd's shim does
+    (handleInitExit): the init's exit is the container's last, and its Wait returns after theirs. From
+    now on the init counts as `reaped` (its pid may be another's: not to be signalled), and an exec
+    Start is refused. One stuck in the kernel is not waited for past EXECS_EXIT_WAIT."""
+    container.init.reaped = True  # type: ignore[attr-defined]
+
+    async def after_execs() -> None:
+        if not await wait_exited(execs, EXECS_EXIT_WAIT):
+            log.warning("container %s: execs still running %.0f s after its init exited; reporting its exit",
+                        container.id, EXECS_EXIT_WAIT)
+        report()
+
+    return asyncio.ensure_future(after_execs())
 
 
 async def wait_exited(procs: Iterable[TaskProcess], timeout: float) -> bool:
@@ -416,8 +450,10 @@ class ContainerTasks(TaskBackend):
         """Start an exec still created in a running container, beside its other execs being started."""
         async with self._holding_exec(req.id, req.exec_id) as (container, proc):
             container.created_process(req.exec_id)
-            if container.init.status != types.RUNNING:  # (not paused: Pause waits for this hold)
+            # (not paused: Pause waits for this hold; not an init that exited, its exit held for execs')
+            if container.init.status != types.RUNNING or container.init.reaped:
                 raise FailedPrecondition(f"container {req.id} is not running")
+            proc.starting = True
             try:
                 await self._run_exec(container, proc)
             except BaseException:
@@ -425,10 +461,21 @@ class ContainerTasks(TaskBackend):
                 # never cancels) must still return, as containerd's shims end it.
                 proc.record_exit(NEVER_RAN_EXIT_STATUS, time.time_ns())
                 raise
+            finally:
+                proc.starting = False
             if proc.status == types.CREATED:
                 proc.status = types.RUNNING
             self._publish_started(req, proc.pid, container.namespace)
+            if container.init.reaped and proc.status != types.STOPPED:
+                # Started as its init exited: its exit must come before the init's, and nothing else
+                # would end it (the rest of a shared PID namespace was ended before it joined).
+                log.info("container %s: exec %s started as its init exited; ending it", req.id, req.exec_id)
+                await self._end_late_exec(container, proc)
         return proc
+
+    async def _end_late_exec(self, container: Any, proc: Any) -> None:
+        """SIGKILL an exec that started while its container's init was exiting."""
+        raise NotImplementedError
 
     async def _delete_exec(self, container: Any, proc: Any) -> None:
         """An exec is being deleted (its container stays): release what it holds."""

@@ -59,11 +59,13 @@ from kuasar.common.task_table import (
     host_bundle,
     parse_exec_spec,
     read_bundle_spec,
+    report_init_exit_last,
     running_pids,
     shares_pid_namespace,
     signal_quietly,
     state_response,
     timestamp,
+    unfinished_execs,
     wait_exited,
 )
 from kuasar.common.ttrpc import Context
@@ -383,7 +385,11 @@ class GvisorTasks(LeftRuntimeCommands, TerminalTasks):
         else:
             if container.shares_pids:
                 await self._end_the_rest(container)
-        self._exited(container, container.init, status)
+        unfinished = unfinished_execs(container)
+        if unfinished:  # ending with it: the sandbox ends a container's processes with its init
+            await report_init_exit_last(container, unfinished, lambda: self._exited(container, container.init, status))
+        else:
+            self._exited(container, container.init, status)
 
     async def _end_the_rest(self, container: Container) -> None:
         """SIGKILL what the init of a container in a shared PID namespace left (its execs too), before
@@ -515,6 +521,9 @@ class GvisorTasks(LeftRuntimeCommands, TerminalTasks):
             await self.runsc.kill(container.id, sig, container.pod.network, pid=proc.internal_pid)
         except KuasarError as exc:  # it ended meanwhile: the runner reports the exit
             log.debug("kill exec %s/%s: %s", container.id, proc.id, exc.message)
+
+    async def _end_late_exec(self, container: Container, proc: Process) -> None:
+        await self._kill_exec(container, proc, signal.SIGKILL)
 
     async def _finished_meanwhile(self, proc: Process, name: str, error: KuasarError) -> NoReturn:
         """A kill that could not be made: NotFound if `proc` turns out to have just exited, else `error`."""

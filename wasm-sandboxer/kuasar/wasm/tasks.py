@@ -49,8 +49,10 @@ from kuasar.common.task_table import (
     parse_exec_spec,
     pod_id_of,
     read_bundle_spec,
+    report_init_exit_last,
     signal_quietly,
     state_response,
+    unfinished_execs,
     wait_exited,
 )
 from kuasar.common.ttrpc import Context
@@ -93,7 +95,8 @@ class Process(TaskProcess):
 
     @property
     def alive(self) -> bool:
-        return self.pid > 0 and self.status != types.STOPPED
+        """Running, and its pid still its own (not reaped: an init whose exit waits for its execs')."""
+        return self.pid > 0 and self.status != types.STOPPED and not self.reaped
 
 
 @dataclass
@@ -300,16 +303,27 @@ class WasmTasks(TerminalTasks):
         if future.cancelled():
             return
         exited = future.result()
-        proc.set_exited(exited)
         if proc.launch is not None:
             proc.launch.close_go()
-        log.info("container %s exec %r pid %d exited %d", container.id, proc.id, proc.pid, exited.status)
-        self._publish_exit(container, proc)
         if proc is container.init:
-            # As when a container's PID namespace ends: its execs do not outlive it.
+            # As when a container's PID namespace ends: its execs do not outlive it, and their exits
+            # come before its own.
             for other in container.execs.values():
                 if other.alive:
                     signal_quietly(other.pid, signal.SIGKILL)
+            unfinished = unfinished_execs(container)
+            if unfinished:
+                report_init_exit_last(container, unfinished, lambda: self._exited(container, proc, exited))
+                return
+        self._exited(container, proc, exited)
+
+    def _exited(self, container: Container, proc: Process, exited: Exit) -> None:
+        proc.set_exited(exited)
+        log.info("container %s exec %r pid %d exited %d", container.id, proc.id, proc.pid, exited.status)
+        self._publish_exit(container, proc)
+
+    async def _end_late_exec(self, container: Container, proc: Process) -> None:
+        signal_quietly(proc.pid, signal.SIGKILL)  # our child, its exit not recorded: the pid is its own
 
     async def _start_init(self, container: Container, proc: Process) -> None:
         if proc.launch is None or proc.launch.go_fd < 0:
