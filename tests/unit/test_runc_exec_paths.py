@@ -183,6 +183,15 @@ def _sleepers(count: int) -> Iterator[list[int]]:
                 os.waitpid(pid, 0)
 
 
+async def _exit_held(container: RuncContainer) -> None:
+    """Until the reaper has seen the init exit and its exit is held for its execs'."""
+    for _ in range(500):
+        if container.init.reaped:
+            break
+        await asyncio.sleep(0.01)
+    assert container.init.reaped and container.init.status == types.RUNNING
+
+
 def _running_exec(container: RuncContainer, pid: int) -> None:
     io = ProcessIO()  # no stdio
     container.execs["e1"] = RuncProcess("e1", io, pid=pid, status=types.RUNNING)
@@ -299,11 +308,8 @@ def test_an_inits_exit_is_recorded_after_its_running_execs_exits(tmp_path: Path)
         tasks._watch(container, container.init, since)
         tasks._watch(container, container.execs["e1"], since)
         os.kill(init_pid, 15)
-        for _ in range(500):  # the reaper's turn
-            if container.init.reaped:
-                break
-            await asyncio.sleep(0.01)
-        assert container.init.reaped and container.init.status == types.RUNNING and seen == []
+        await _exit_held(container)
+        assert seen == []
         with pytest.raises(NotFound, match="already finished"):
             await tasks.kill(task.KillRequest(id="c1", signal=9), CTX)  # type: ignore[arg-type]
         with pytest.raises(NotFound, match="exited"):
@@ -388,11 +394,8 @@ def test_an_inits_exit_waits_for_an_exec_still_being_started(tmp_path: Path, exe
         starting = asyncio.ensure_future(tasks.start(task.StartRequest(id="c1", exec_id="e1"), CTX))  # type: ignore
         await asyncio.wait_for(runc.entered.wait(), 5)
         os.kill(init_pid, 9)
-        for _ in range(500):  # the reaper's turn
-            if container.init.reaped:
-                break
-            await asyncio.sleep(0.01)
-        assert container.init.reaped and container.init.status == types.RUNNING and seen == []
+        await _exit_held(container)
+        assert seen == []
         with pytest.raises(FailedPrecondition, match="not running"):
             await tasks.start(task.StartRequest(id="c1", exec_id="e2"), CTX)  # type: ignore[arg-type]
         runc.go.set()
