@@ -424,3 +424,27 @@ def test_an_early_reply_after_the_client_is_gone_says_so(tmp_path: Path) -> None
         assert service.early_sent == [False]
 
     serve(tmp_path, body)
+
+
+def test_calls_wait_until_the_server_is_ready_but_an_unknown_method_is_refused_at_once(tmp_path: Path) -> None:
+    async def main() -> None:
+        ready = asyncio.Event()
+        server = GrpcServer(Service().methods(), ready)
+        sock = tmp_path / "api.sock"
+        await server.start(sock)
+        try:
+            async with grpc.aio.insecure_channel(f"unix://{sock}") as channel, asyncio.timeout(30):
+                held = [asyncio.ensure_future(call(channel, path)(pb.ControllerStatusRequest(sandbox_id=path)))
+                        for path in (ECHO, ECHO_NOW)]
+                code, _ = await code_of(call(channel, "/test.Echo/Nope")(pb.ControllerStatusRequest()))
+                assert code == grpc.StatusCode.UNIMPLEMENTED
+                done, _ = await asyncio.wait(held, timeout=0.3)
+                assert not done
+                ready.set()
+                assert [(await reply).sandbox_id for reply in held] == [ECHO, ECHO_NOW]
+                # once ready, an answer is made as the request is read again
+                assert (await call(channel, ECHO_NOW)(pb.ControllerStatusRequest(sandbox_id="n"))).sandbox_id == "n"
+        finally:
+            await server.stop(0)
+
+    asyncio.run(main())

@@ -9,12 +9,15 @@ import signal
 import socket
 from pathlib import Path
 
+import grpc
 import pytest
 from google.protobuf import any_pb2
 
 from kuasar.common import sd_notify
+from kuasar.common.api.containerd.services.sandbox.v1 import sandbox_pb2 as pb
 from kuasar.common.config import DaemonConfig
 from kuasar.common.daemon import prepare, serve
+from kuasar.common.sandbox_api import SERVICE
 from kuasar.common.sandboxer import ExitInfo, Sandboxer, SandboxRecord, StartResult
 
 
@@ -135,3 +138,52 @@ def test_daemon_notifies_ready_once_listening(tmp_path: Path, monkeypatch: pytes
     with receiver("\0" + name) as sock:
         asyncio.run(run(sock))
     assert seen == [f"READY=1\nSTATUS=serving {listen}".encode(), b"STOPPING=1"]
+
+
+def test_calls_that_come_while_the_daemon_recovers_wait_for_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The socket used to be bound only after recovery: a containerd restarting meanwhile could not get
+    # its pods' Status and took them for UNKNOWN, so kubelet made every one of them anew.
+    name = f"kuasar-test-{secrets.token_hex(6)}"
+    listen = tmp_path / "sandboxer.sock"
+    monkeypatch.setenv("NOTIFY_SOCKET", "@" + name)
+    config = DaemonConfig(listen=listen, dir=tmp_path / "state")
+
+    class SlowRecovery(IdleSandboxer):
+        def __init__(self) -> None:
+            self.recovering, self.release = asyncio.Event(), asyncio.Event()
+
+        async def recover(self, records: list[SandboxRecord]) -> None:
+            self.recovering.set()
+            await self.release.wait()
+
+    async def run(sock: socket.socket) -> None:
+        sandboxer, systemd = prepare(config, lambda _config: SlowRecovery())
+        assert isinstance(sandboxer, SlowRecovery)
+        server = asyncio.create_task(serve(config, sandboxer, systemd))
+        await asyncio.wait_for(sandboxer.recovering.wait(), 20)
+        loop = asyncio.get_running_loop()
+        sock.setblocking(False)
+        async with grpc.aio.insecure_channel(f"unix://{listen}") as channel:
+            platform = channel.unary_unary(f"/{SERVICE}/Platform",
+                                           request_serializer=pb.ControllerPlatformRequest.SerializeToString,
+                                           response_deserializer=pb.ControllerPlatformResponse.FromString)
+            status = channel.unary_unary(f"/{SERVICE}/Status",
+                                         request_serializer=pb.ControllerStatusRequest.SerializeToString,
+                                         response_deserializer=pb.ControllerStatusResponse.FromString)
+            calls = [asyncio.ensure_future(platform(pb.ControllerPlatformRequest(sandbox_id="s" * 64))),
+                     asyncio.ensure_future(status(pb.ControllerStatusRequest(sandbox_id="s" * 64)))]
+            done, _ = await asyncio.wait(calls, timeout=0.5)
+            assert not done, "answered before the sandboxes were recovered"
+            with pytest.raises(BlockingIOError):
+                sock.recv(4096)  # nor has systemd heard READY
+            sandboxer.release.set()
+            for call in calls:  # no such sandbox: NOT_FOUND, from the recovered state
+                with pytest.raises(grpc.aio.AioRpcError) as info:
+                    await asyncio.wait_for(call, 20)
+                assert info.value.code() == grpc.StatusCode.NOT_FOUND
+        assert (await asyncio.wait_for(loop.sock_recv(sock, 4096), 20)).startswith(b"READY=1")
+        os.kill(os.getpid(), signal.SIGTERM)
+        await asyncio.wait_for(server, 20)
+
+    with receiver("\0" + name) as sock:
+        asyncio.run(run(sock))

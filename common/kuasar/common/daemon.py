@@ -87,11 +87,20 @@ async def serve(config: DaemonConfig, sandboxer: Sandboxer, systemd: dict[str, s
     # Imported only now: a task server forked in prepare() must not carry the gRPC server's modules.
     from .sandbox_api import SandboxApiServer
 
-    await sandboxer.open()
     controller = SandboxController(sandboxer, config.dir / "sandboxes")
-    await controller.recover()
-    server = SandboxApiServer(controller, config.listen)
+    # Served from the start, its calls held until the sandboxes are recovered: containerd (re)starting
+    # meanwhile would take every pod whose Status it cannot get for UNKNOWN, and kubelet would make them
+    # all anew. systemd still hears READY only once they are recovered.
+    recovered = asyncio.Event()
+    server = SandboxApiServer(controller, config.listen, recovered)
     await server.start()
+    try:
+        await sandboxer.open()
+        await controller.recover()
+    except BaseException:
+        await server.stop(0)
+        raise
+    recovered.set()
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

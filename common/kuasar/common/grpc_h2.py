@@ -141,9 +141,11 @@ class GrpcConnection(asyncio.Protocol):
     """One client connection: h2 turns bytes into events; a finished request becomes a task, or is
     answered at once when its method has an `answer`."""
 
-    def __init__(self, methods: dict[bytes, Method], connections: set[GrpcConnection]) -> None:
+    def __init__(self, methods: dict[bytes, Method], connections: set[GrpcConnection],
+                 ready: asyncio.Event | None = None) -> None:
         self.methods = methods
         self.connections = connections
+        self.ready = ready  # until it is set, calls wait (GrpcServer)
         self.h2 = h2.connection.H2Connection(_H2_CONFIG)
         self.calls: dict[int, _Call] = {}
         self.blocked: dict[int, _Call] = {}  # answered, waiting for the client's flow-control window
@@ -241,10 +243,19 @@ class GrpcConnection(asyncio.Protocol):
 
     def _dispatch(self, stream_id: int, call: _Call) -> None:
         method = self.methods.get(call.path)
+        if method is not None and self.ready is not None and not self.ready.is_set():
+            call.task = asyncio.ensure_future(self._run_when_ready(stream_id, call, method, self._received_at))
+            return
         if method is not None and method.handler is not None:
             call.task = asyncio.ensure_future(self._run(stream_id, call, method, self._received_at))
             return
         self._answered = True
+        self._answer(stream_id, call, method)
+        if self._received_at:
+            self._answered_paths.append(call.path)
+
+    def _answer(self, stream_id: int, call: _Call, method: Method | None) -> None:
+        """Answer a call from its method's `answer` (UNIMPLEMENTED if it has none)."""
         try:
             if method is None or method.answer is None:
                 raise GrpcError(Code.UNIMPLEMENTED, f"unknown method {call.path.decode(errors='replace')}")
@@ -255,8 +266,17 @@ class GrpcConnection(asyncio.Protocol):
             self._fail_with_bug(stream_id, call, exc)
         else:
             self._reply(stream_id, call, reply, _OK_TRAILERS)
-        if self._received_at:
-            self._answered_paths.append(call.path)
+
+    async def _run_when_ready(self, stream_id: int, call: _Call, method: Method, started: int) -> None:
+        assert self.ready is not None
+        await self.ready.wait()
+        if method.handler is not None:
+            await self._run(stream_id, call, method, started)
+            return
+        self._answer(stream_id, call, method)
+        if started:
+            TIMING.done("sandbox", _method_name(call.path), started)
+        self._flush()
 
     async def _run(self, stream_id: int, call: _Call, method: Method, started: int = 0) -> None:
         assert method.handler is not None
@@ -363,8 +383,12 @@ class GrpcConnection(asyncio.Protocol):
 class GrpcServer:
     """Unary methods by full path (`/package.Service/Method`) on a unix socket created 0600."""
 
-    def __init__(self, methods: dict[str, Method]) -> None:
+    def __init__(self, methods: dict[str, Method], ready: asyncio.Event | None = None) -> None:
+        """Until `ready` (if given) is set, the socket accepts calls and they wait: a client that comes
+        while the server gets ready (containerd restarting while a sandboxer recovers its sandboxes) is
+        answered late rather than refused. An unknown method is refused at once all the same."""
         self.methods = {path.encode(): method for path, method in methods.items()}
+        self.ready = ready
         self.connections: set[GrpcConnection] = set()
         self._server: asyncio.AbstractServer | None = None
 
@@ -372,7 +396,7 @@ class GrpcServer:
         old_umask = os.umask(0o177)  # no window in which the socket is reachable by others
         try:
             self._server = await asyncio.get_running_loop().create_unix_server(
-                lambda: GrpcConnection(self.methods, self.connections), str(path))
+                lambda: GrpcConnection(self.methods, self.connections, self.ready), str(path))
         finally:
             os.umask(old_umask)
         os.chmod(path, 0o600)

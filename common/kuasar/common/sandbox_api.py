@@ -8,6 +8,7 @@ the two implementations interoperate.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -233,9 +234,9 @@ class ControllerService:
 class SandboxApiServer:
     """The gRPC server bound to the `--listen` unix socket, created 0600 (only root talks to us)."""
 
-    def __init__(self, controller: SandboxController, listen: Path) -> None:
+    def __init__(self, controller: SandboxController, listen: Path, ready: asyncio.Event | None = None) -> None:
         self.listen = listen
-        self.server = GrpcServer(ControllerService(controller).methods())
+        self.server = GrpcServer(ControllerService(controller).methods(), ready)
 
     async def start(self) -> None:
         # A directory we make is ours alone; /run/kuasar is shared by every type's sandboxer, which
