@@ -180,6 +180,36 @@ def test_args_env_preopened_rootfs_and_bind_mount(stack: Stack, tmp_path: Path) 
     asyncio.run(scenario())
 
 
+def test_file_bind_mounts_are_seen_by_the_module_and_leave_no_mount(stack: Stack, tmp_path: Path) -> None:
+    # WASI preopens only directories: a ConfigMap subPath or a single-file hostPath was invisible.
+    config_file = tmp_path / "app.conf"
+    config_file.write_text("setting = 42\n")
+    out = tmp_path / "out.txt"
+    out.write_text("")
+
+    async def scenario() -> None:
+        async with CriClient(stack.address) as client:
+            pod_id, pod = await run_pod(client, "files", stack.log_dir)
+            mounts = [cri.Mount(container_path="/etc/app.conf", host_path=str(config_file), readonly=True),
+                      # not in the image: the mount point is made, as runc makes one
+                      cri.Mount(container_path="/var/out/out.txt", host_path=str(out))]
+            cid = await start(client, pod_id, pod, "files",
+                              ["/argsenv.wasm", "--read", "/etc/app.conf", "--write", "/var/out/out.txt"],
+                              mounts=mounts)
+            assert (await wait_state(client, cid, cri.CONTAINER_EXITED)).exit_code == 0
+            assert "setting = 42" in await wait_log(pod, "files", "setting = 42")
+            assert out.read_text() == "written by wasm\n"  # through the writable file bind
+            # The binds were made in the container process's own mount namespace: none on the host.
+            assert mounts_containing("/etc/app.conf") == [] and mounts_containing("/var/out/out.txt") == []
+            # A read-only file bind stays read-only for the module.
+            ro = await start(client, pod_id, pod, "ro", ["/argsenv.wasm", "--write", "/etc/app.conf"], mounts=mounts)
+            assert (await wait_state(client, ro, cri.CONTAINER_EXITED)).exit_code == 2
+            assert config_file.read_text() == "setting = 42\n"
+            await remove_pod(client, pod_id)
+
+    asyncio.run(scenario())
+
+
 def test_a_missing_module_is_a_clear_create_error(stack: Stack) -> None:
     async def scenario() -> None:
         async with CriClient(stack.address) as client:

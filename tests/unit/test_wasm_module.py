@@ -11,10 +11,19 @@ import pytest
 
 from kuasar.common.errors import FailedPrecondition, InvalidArgument
 from kuasar.common.fifo_stdio import ProcessIO
+from kuasar.wasm.launch import FileBind
 from kuasar.wasm.module import locate_module, resolve_in_root
 from kuasar.wasm.runner import Preopen, RunSpec, proc_exit_status, split_env, wasmedge_argv
 from kuasar.wasm.sandboxer import task_server_options
-from kuasar.wasm.tasks import Container, Process, WasmSettings, WasmTasks, bind_preopens, memory_limit_of
+from kuasar.wasm.tasks import (
+    Container,
+    Process,
+    WasmSettings,
+    WasmTasks,
+    bind_preopens,
+    file_binds,
+    memory_limit_of,
+)
 
 MODULE = b"\0asm\x01\x00\x00\x00"
 
@@ -86,6 +95,26 @@ def test_bind_preopens_takes_directory_binds_only(tmp_path: Path) -> None:
         {"destination": "/tmp", "type": "tmpfs", "source": "tmpfs"},
     ]
     assert bind_preopens(spec_mounts) == [Preopen(str(volume), "/data", True), Preopen(str(volume), "/ro", False)]
+    # The file binds go over their destination in the rootfs instead (WASI preopens directories only).
+    rootfs = tmp_path / "rootfs"
+    (rootfs / "etc").mkdir(parents=True)
+    assert file_binds(spec_mounts, rootfs) == [FileBind(str(hosts), str(rootfs / "etc/hosts"), recursive=True)]
+
+
+def test_file_binds_follow_the_images_symlinks_inside_the_rootfs_only(tmp_path: Path) -> None:
+    # /etc -> /host-etc would otherwise point the bind at the host's own file.
+    conf = tmp_path / "app.conf"
+    conf.write_text("x=1\n")
+    rootfs = tmp_path / "rootfs"
+    (rootfs / "real-etc").mkdir(parents=True)
+    (rootfs / "etc").symlink_to("/real-etc")
+    (rootfs / "escape").symlink_to("../../..")
+    spec_mounts = [{"destination": "/etc/app.conf", "type": "bind", "source": str(conf), "options": ["bind", "ro"]},
+                   {"destination": "/escape/tmp/app.conf", "type": "bind", "source": str(conf), "options": ["bind"]},
+                   {"destination": "/missing/app.conf", "type": "bind", "source": str(tmp_path / "gone")}]
+    assert file_binds(spec_mounts, rootfs) == [
+        FileBind(str(conf), str(rootfs / "real-etc/app.conf"), readonly=True),
+        FileBind(str(conf), str(rootfs / "tmp/app.conf"))]
 
 
 def test_spec_helpers() -> None:

@@ -73,6 +73,18 @@ class User:
     additional_gids: list[int] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class FileBind:
+    """A file the spec binds into the container (a ConfigMap subPath, kubelet's /etc/hosts), bound over
+    `target` (its destination, resolved inside the rootfs) in the container process's own mount
+    namespace: WASI preopens only directories, so a module sees a file only through the rootfs."""
+
+    source: str
+    target: str
+    readonly: bool = False
+    recursive: bool = False
+
+
 @dataclass
 class LaunchPlan:
     name: str  # container id (and exec id): the process is named wasm-<name>
@@ -85,6 +97,7 @@ class LaunchPlan:
     oom_score_adj: int | None = None
     wasmedge: str = ""  # WasmEdge binary when runtime == "wasmedge"
     terminal: bool = False  # stdio is a pty's slave, made the process's controlling terminal
+    file_binds: list[FileBind] = field(default_factory=list)
 
 
 @dataclass
@@ -211,6 +224,8 @@ def _child(plan: LaunchPlan, stdio: Stdio, report_fd: int, go_fd: int, task_serv
             plan.cgroup.add(os.getpid())  # first: everything allocated from here on is charged to it
         for kind, path in plan.namespaces:
             _join_namespace(kind, path)
+        if plan.file_binds:
+            _bind_files(plan.file_binds)
         if plan.oom_score_adj is not None:
             try:
                 with open("/proc/self/oom_score_adj", "w") as f:
@@ -295,6 +310,25 @@ def _join_namespace(kind: str, path: str) -> None:
         linux.setns(fd, flag)
     finally:
         os.close(fd)
+
+
+def _bind_files(binds: list[FileBind]) -> None:
+    """Bind each file over its target in a mount namespace of this process's own (gone with it, so
+    nothing is left to unmount), a slave of the host's: the rootfs's unmount still reaches it, and
+    nothing made here reaches the host. A missing target is made, as runc makes a mount point."""
+    linux.unshare(linux.CLONE_NEWNS)
+    linux.mount("none", "/", "", linux.MS_REC | linux.MS_SLAVE)
+    for bind in binds:
+        try:
+            if not os.path.lexists(bind.target):
+                os.makedirs(os.path.dirname(bind.target), exist_ok=True)
+                os.close(os.open(bind.target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                                 0o644))
+            linux.mount(bind.source, bind.target, "", linux.MS_BIND | (linux.MS_REC if bind.recursive else 0))
+            if bind.readonly:
+                linux.mount("none", bind.target, "", linux.MS_BIND | linux.MS_REMOUNT | linux.MS_RDONLY)
+        except OSError as exc:
+            raise InvalidArgument(f"binding {bind.source} at {bind.target}: {exc.strerror or exc}") from None
 
 
 def _drop_privileges(user: User) -> None:

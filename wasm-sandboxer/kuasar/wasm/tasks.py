@@ -18,6 +18,7 @@ import os
 import shutil
 import signal
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,7 @@ from kuasar.common.fifo_stdio import ProcessIO
 from kuasar.common.ids import validate_id
 from kuasar.common.oom import OomWatch
 from kuasar.common.reaper import Exit, Reaper
+from kuasar.common.rootfs_paths import resolve_in_root
 from kuasar.common.task_table import (
     STATS_OF_STOPPED,
     TaskContainer,
@@ -59,7 +61,7 @@ from kuasar.common.ttrpc import Context
 
 from . import resources
 from .cache import DEFAULT_MAX_BYTES, ModuleCache
-from .launch import RLIMITS, Launch, LaunchPlan, Stdio, User, launch, rlimit_values
+from .launch import RLIMITS, FileBind, Launch, LaunchPlan, Stdio, User, launch, rlimit_values
 from .leftovers import ContainerLeftovers, ContainerRecords
 from .module import locate_module
 from .runner import Preopen, RunSpec
@@ -118,12 +120,11 @@ def memory_limit_of(spec: dict[str, Any]) -> int:
     return limit if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0 else 0
 
 
-def bind_preopens(spec_mounts: list[dict[str, Any]]) -> list[Preopen]:
-    """The spec's directory bind mounts, preopened at their destinations (WASI preopens directories
-    only, so file binds such as /etc/hosts are left out; so is anything under /proc, /sys, /dev)."""
-    preopens = []
+def _binds(spec_mounts: list[dict[str, Any]]) -> Iterator[tuple[str, str, list[str]]]:
+    """(source, destination, options) of the spec's bind mounts a module may see: none under /proc,
+    /sys or /dev."""
     for m in spec_mounts or []:
-        options = m.get("options") or []
+        options = [str(o) for o in m.get("options") or []]
         destination, source = str(m.get("destination", "")), str(m.get("source", ""))
         if m.get("type") != "bind" and "bind" not in options and "rbind" not in options:
             continue
@@ -131,10 +132,23 @@ def bind_preopens(spec_mounts: list[dict[str, Any]]) -> list[Preopen]:
             continue
         if any(destination == p or destination.startswith(p + "/") for p in NOT_PREOPENED):
             continue
-        if not os.path.isdir(source):
-            continue
-        preopens.append(Preopen(source, os.path.normpath(destination), writable="ro" not in options))
-    return preopens
+        yield source, os.path.normpath(destination), options
+
+
+def bind_preopens(spec_mounts: list[dict[str, Any]]) -> list[Preopen]:
+    """The spec's directory bind mounts, preopened at their destinations."""
+    return [Preopen(source, destination, writable="ro" not in options)
+            for source, destination, options in _binds(spec_mounts) if os.path.isdir(source)]
+
+
+def file_binds(spec_mounts: list[dict[str, Any]], rootfs: Path) -> list[FileBind]:
+    """The spec's file bind mounts (WASI preopens directories only), bound over their destinations in
+    the rootfs by the container's process (`launch.FileBind`); the image's symlinks are followed inside
+    the rootfs only."""
+    return [FileBind(source, str(resolve_in_root(rootfs, destination)), readonly="ro" in options,
+                     recursive="rbind" in options)
+            for source, destination, options in _binds(spec_mounts)
+            if os.path.exists(source) and not os.path.isdir(source)]
 
 
 class WasmTasks(TerminalTasks):
@@ -208,7 +222,8 @@ class WasmTasks(TerminalTasks):
         oom = process.get("oomScoreAdj")
         return LaunchPlan(name, container.runtime, run, namespaces, container.cgroup, owner,
                           rlimits, oom if isinstance(oom, int) else None, container.wasmedge,
-                          terminal=bool(process.get("terminal")))
+                          terminal=bool(process.get("terminal")),
+                          file_binds=file_binds(container.spec.get("mounts") or [], container.rootfs))
 
     def _maybe_prune(self) -> None:
         if self.cache is not None and time.monotonic() - self._pruned_at > PRUNE_INTERVAL:
