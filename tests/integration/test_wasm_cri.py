@@ -175,6 +175,10 @@ def test_args_env_preopened_rootfs_and_bind_mount(stack: Stack, tmp_path: Path) 
             rel = await start(client, pod_id, pod, "relative", ["main.wasm"], working_dir="/opt/app")
             assert (await wait_state(client, rel, cri.CONTAINER_EXITED)).exit_code == 0
             assert "hello from wasm" in await wait_log(pod, "relative", "hello from wasm")
+            # runwasi's `module.wasm#function` runs that export instead of _start.
+            export = await start(client, pod_id, pod, "export", ["/hello.wasm#greet"])
+            assert (await wait_state(client, export, cri.CONTAINER_EXITED)).exit_code == 0
+            assert "hello from an export" in await wait_log(pod, "export", "hello from an export")
             await remove_pod(client, pod_id)
 
     asyncio.run(scenario())

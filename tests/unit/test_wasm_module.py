@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from kuasar.common.errors import FailedPrecondition, InvalidArgument
+from kuasar.common.errors import FailedPrecondition, InvalidArgument, Unimplemented
 from kuasar.common.fifo_stdio import ProcessIO
 from kuasar.wasm.launch import FileBind
 from kuasar.wasm.module import locate_module, resolve_in_root
@@ -208,3 +208,19 @@ def test_config_section_becomes_task_server_settings() -> None:
         task_server_options({"runtime": "wamr"})
     with pytest.raises(InvalidArgument):
         task_server_options({"cache_max_mb": "lots"})
+
+
+def test_a_hash_in_args0_names_the_export_to_run(rootfs: Path, tmp_path: Path) -> None:
+    tasks = WasmTasks(reaper=None, events=None, directory=tmp_path / "dir",  # type: ignore[arg-type]
+                      settings=WasmSettings(cache=False))
+    container = Container("c1", tmp_path, "pod", "k8s.io", {}, rootfs, "wasmtime", "", Process("", io=ProcessIO()))
+    plan = tasks.plan(container, {"args": ["hello.wasm#greet", "x"], "cwd": "/"}, "c1")
+    assert (plan.run.module, plan.run.entry, plan.run.argv) == (str(rootfs / "hello.wasm"), "greet",
+                                                                ["hello.wasm#greet", "x"])
+    assert tasks.plan(container, {"args": ["/hello.wasm"]}, "c1").run.entry == "_start"
+    for bad in ("/hello.wasm#", "#greet"):
+        with pytest.raises(InvalidArgument, match="is not module.wasm#function"):
+            tasks.plan(container, {"args": [bad]}, "c1")
+    container.runtime = "wasmedge"
+    with pytest.raises(Unimplemented, match="wasmtime only"):
+        tasks.plan(container, {"args": ["/hello.wasm#greet"]}, "c1")

@@ -28,7 +28,7 @@ from kuasar.wasm import runner
 from kuasar.wasm.cache import ModuleCache, engine_fingerprint, module_digest
 from kuasar.wasm.launch import LaunchPlan, Stdio, launch
 from kuasar.wasm.runner import Preopen, RunSpec
-from kuasar.wasm.tasks import Container, Process, WasmSettings, WasmTasks
+from kuasar.wasm.tasks import Container, Process, WasmSettings, WasmTasks, split_entrypoint
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "wasm"
 _worker: ProcessPoolExecutor | None = None
@@ -90,8 +90,9 @@ def _run_in_worker(rootfs: Path, args: list[str], *, stdin: bytes | None = None,
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
         in_r, in_w = os.pipe() if stdin is not None or keep_stdin_open else (-1, -1)
-        spec = RunSpec(str(rootfs / args[0].lstrip("/")), args, env or ["A=1"], [Preopen(str(rootfs), "/")],
-                       memory_limit, str(cache_dir or ""), 1 << 30)
+        module, entry = split_entrypoint(args[0])
+        spec = RunSpec(str(rootfs / module.lstrip("/")), args, env or ["A=1"], [Preopen(str(rootfs), "/")],
+                       memory_limit, str(cache_dir or ""), 1 << 30, entry)
         started = time.monotonic()
         plan = LaunchPlan("unit", "wasmedge" if wasmedge else "wasmtime", spec, wasmedge=wasmedge,
                           rlimits=rlimits or [])
@@ -155,6 +156,16 @@ def test_modules_that_cannot_run_fail_before_start_with_the_reason(rootfs: Path)
         run(rootfs, ["/nostart.wasm"])
     with pytest.raises(InvalidArgument, match="unknown import: `env::nope`"):
         run(rootfs, ["/badimport.wasm"])
+    with pytest.raises(InvalidArgument, match="exports no function 'nope'"):
+        run(rootfs, ["/hello.wasm#nope"])
+    with pytest.raises(InvalidArgument, match="'add' takes parameters"):
+        run(rootfs, ["/hello.wasm#add"])
+
+
+def test_an_entrypoint_named_after_a_hash_runs_that_export(rootfs: Path) -> None:
+    # runwasi's `module.wasm#function`: the export runs instead of _start.
+    result = run(rootfs, ["/hello.wasm#greet"])
+    assert (result.status, result.out, result.err) == (0, b"hello from an export\n", b"")
 
 
 def test_stdin_is_read_until_end_of_input(rootfs: Path) -> None:

@@ -59,6 +59,10 @@ class Preopen:
     writable: bool = True
 
 
+# What a WASI command runs; args[0] `module.wasm#name` names another export instead (runwasi's syntax).
+DEFAULT_ENTRY = "_start"
+
+
 @dataclass
 class RunSpec:
     """Everything the module gets: resolved in the task server, used in the container process."""
@@ -70,6 +74,7 @@ class RunSpec:
     memory_limit: int = 0  # bytes of linear memory (store limit); 0 = none
     cache_dir: str = ""  # "" disables the compiled-module cache
     cache_max_bytes: int = 0
+    entry: str = DEFAULT_ENTRY  # the exported function run calls (args[0] `module.wasm#name`, as runwasi)
 
 
 class ModuleError(Exception):
@@ -173,11 +178,16 @@ class WasmtimeModule:
         # a module with 2000 exports); the linker looks up one name in Rust.
         linker.define_instance(self.store, MAIN_INSTANCE, instance)
         try:
-            start = linker.get(self.store, MAIN_INSTANCE, "_start")
+            start = linker.get(self.store, MAIN_INSTANCE, spec.entry)
         except wasmtime.WasmtimeError:
             start = None
         if not isinstance(start, wasmtime.Func):
-            raise ModuleError("the module exports no _start function (only WASI commands can run)")
+            if spec.entry == DEFAULT_ENTRY:
+                raise ModuleError("the module exports no _start function (only WASI commands can run)")
+            raise ModuleError(f"the module exports no function {spec.entry!r} (named after '#' in args[0])")
+        if start.type(self.store).params:
+            raise ModuleError(f"the module's function {spec.entry!r} takes parameters; only one without any can "
+                              "be run")
         self.start = start
 
     def run(self) -> int:

@@ -33,6 +33,7 @@ from kuasar.common.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
+    Unimplemented,
 )
 from kuasar.common.events import EventPublisher
 from kuasar.common.fifo_stdio import ProcessIO
@@ -64,7 +65,7 @@ from .cache import DEFAULT_MAX_BYTES, ModuleCache
 from .launch import RLIMITS, FileBind, Launch, LaunchPlan, Stdio, User, launch, rlimit_values
 from .leftovers import ContainerLeftovers, ContainerRecords
 from .module import locate_module
-from .runner import Preopen, RunSpec
+from .runner import DEFAULT_ENTRY, Preopen, RunSpec
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +119,15 @@ class Container(TaskContainer):
 def memory_limit_of(spec: dict[str, Any]) -> int:
     limit = (((spec.get("linux") or {}).get("resources") or {}).get("memory") or {}).get("limit")
     return limit if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0 else 0
+
+
+def split_entrypoint(arg0: str) -> tuple[str, str]:
+    """(module name, exported function) from args[0], `module.wasm#function` as runwasi reads it (the
+    function defaults to `_start`); the whole args[0] stays the module's argv[0]."""
+    name, sep, entry = arg0.partition("#")
+    if sep and not (name and entry):
+        raise InvalidArgument(f"args[0] {arg0!r} is not module.wasm#function")
+    return name, entry or DEFAULT_ENTRY
 
 
 def _binds(spec_mounts: list[dict[str, Any]]) -> Iterator[tuple[str, str, list[str]]]:
@@ -195,13 +205,17 @@ class WasmTasks(TerminalTasks):
             raise InvalidArgument("the OCI spec has no process")
         args = [str(a) for a in process.get("args") or []]
         cwd = str(process.get("cwd") or "/")
-        module = locate_module(container.rootfs, args, cwd)
+        module_name, entry = split_entrypoint(args[0] if args else "")
+        module = locate_module(container.rootfs, [module_name], cwd)
         root = container.spec.get("root") or {}
         preopens = [Preopen(str(container.rootfs), "/", writable=not root.get("readonly", False)),
                     *bind_preopens(container.spec.get("mounts") or [])]
         run = RunSpec(str(module), args, [str(e) for e in process.get("env") or []], preopens,
                       container.memory_limit, str(self.cache.directory) if self.cache else "",
-                      self.cache.max_bytes if self.cache else 0)
+                      self.cache.max_bytes if self.cache else 0, entry)
+        if entry != DEFAULT_ENTRY and container.runtime == "wasmedge":
+            raise Unimplemented(f"{args[0]!r}: a '#function' entrypoint runs with wasmtime only (WasmEdge's "
+                                "command line runs _start with WASI arguments)")
         linux = container.spec.get("linux") or {}
         namespaces = [(str(ns.get("type")), str(ns.get("path") or "")) for ns in linux.get("namespaces") or []
                       if ns.get("type") in ("network", "ipc", "uts")]
