@@ -472,3 +472,27 @@ def test_a_create_whose_reply_does_not_get_out_removes_the_sandbox(tmp_path: Pat
         await controller.create(record())  # containerd may make it again under the same id
         assert SID in controller.records
     asyncio.run(main())
+
+
+def test_a_start_replied_to_whose_record_cannot_be_saved_is_removed_all_the_same(tmp_path: Path,
+                                                                                  monkeypatch) -> None:
+    # containerd has it READY by then; a restart would find its record created and remove it, so it goes
+    # now, and containerd's Wait on it ends (NotFound): kubelet makes the pod anew.
+    async def main() -> None:
+        sandboxer = MemorySandboxer()
+        controller = SandboxController(sandboxer, tmp_path / "state")
+        await controller.create(record())
+        waiting: list[asyncio.Future] = []
+
+        def reply(_: SandboxRecord) -> bool:
+            waiting.append(asyncio.ensure_future(controller.wait(SID)))
+            monkeypatch.setattr(controller.store, "save", disk_full)
+            return True
+
+        with pytest.raises(OSError, match="No space left"):
+            await controller.start(SID, reply)
+        assert sandboxer.exits[SID].result().exit_status == 137 and sandboxer.shut == [SID]
+        assert SID not in controller.records and files_under(tmp_path / "state") == []
+        with pytest.raises(NotFound):
+            await asyncio.wait_for(waiting[0], 2)
+    asyncio.run(main())
