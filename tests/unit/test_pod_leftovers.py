@@ -107,7 +107,7 @@ def test_the_sweep_ends_pod_processes_whose_record_was_never_written(tmp_path: P
 
 def test_a_process_whose_first_thread_exited_while_another_runs_has_not_exited() -> None:
     # Its first thread shows Z at once; its other threads (a killed QEMU's, still ending) keep its cgroups busy.
-    child = subprocess.Popen(["python3", "-c", "import ctypes, threading, time; "
+    child = subprocess.Popen([sys.executable, "-c", "import ctypes, threading, time; "
                               "threading.Thread(target=time.sleep, args=(30,)).start(); time.sleep(0.05); "
                               "ctypes.CDLL(None).syscall(60, 0)"])  # SYS_exit: this thread alone
     try:
