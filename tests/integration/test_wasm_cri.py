@@ -205,6 +205,14 @@ def test_file_bind_mounts_are_seen_by_the_module_and_leave_no_mount(stack: Stack
             assert out.read_text() == "written by wasm\n"  # through the writable file bind
             # The binds were made in the container process's own mount namespace: none on the host.
             assert mounts_containing("/etc/app.conf") == [] and mounts_containing("/var/out/out.txt") == []
+            # kubelet's termination log (under /dev, where nothing else reaches a module) can be written.
+            termination_log = tmp_path / "termination-log"
+            termination_log.write_text("")
+            log_mount = cri.Mount(container_path="/dev/termination-log", host_path=str(termination_log))
+            term = await start(client, pod_id, pod, "term", ["/argsenv.wasm", "--write", "/dev/termination-log"],
+                               mounts=[log_mount])
+            assert (await wait_state(client, term, cri.CONTAINER_EXITED)).exit_code == 0
+            assert termination_log.read_text() == "written by wasm\n"
             # A read-only file bind stays read-only for the module.
             ro = await start(client, pod_id, pod, "ro", ["/argsenv.wasm", "--write", "/etc/app.conf"], mounts=mounts)
             assert (await wait_state(client, ro, cri.CONTAINER_EXITED)).exit_code == 2

@@ -95,10 +95,21 @@ def test_bind_preopens_takes_directory_binds_only(tmp_path: Path) -> None:
         {"destination": "/tmp", "type": "tmpfs", "source": "tmpfs"},
     ]
     assert bind_preopens(spec_mounts) == [Preopen(str(volume), "/data", True), Preopen(str(volume), "/ro", False)]
-    # The file binds go over their destination in the rootfs instead (WASI preopens directories only).
+    # The file binds go over their destination in the rootfs instead (WASI preopens directories only):
+    # regular files only, and under /dev too (kubelet's termination log), but not under /proc or /sys.
     rootfs = tmp_path / "rootfs"
     (rootfs / "etc").mkdir(parents=True)
-    assert file_binds(spec_mounts, rootfs) == [FileBind(str(hosts), str(rootfs / "etc/hosts"), recursive=True)]
+    log = tmp_path / "termination-log"
+    log.write_text("")
+    spec_mounts += [
+        {"destination": "/dev/termination-log", "type": "bind", "source": str(log), "options": ["rbind"]},
+        {"destination": "/etc/null", "type": "bind", "source": "/dev/null", "options": ["bind"]},
+        {"destination": "/x/../proc/hosts", "type": "bind", "source": str(hosts), "options": ["bind"]},
+        {"destination": "/sys/hosts", "type": "bind", "source": str(hosts), "options": ["bind"]},
+    ]
+    assert file_binds(spec_mounts, rootfs) == [FileBind(str(hosts), str(rootfs / "etc/hosts"), recursive=True),
+                                               FileBind(str(log), str(rootfs / "dev/termination-log"),
+                                                        recursive=True)]
 
 
 def test_file_binds_follow_the_images_symlinks_inside_the_rootfs_only(tmp_path: Path) -> None:

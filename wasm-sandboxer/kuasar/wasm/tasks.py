@@ -75,6 +75,9 @@ RUNTIME_ANNOTATION = "io.kuasar.wasm.runtime"
 RUNTIMES = ("wasmtime", "wasmedge")
 # Bind mounts below these are kernel interfaces, never preopened into a module.
 NOT_PREOPENED = ("/proc", "/sys", "/dev")
+# Nor bound over a file of the rootfs; a regular file under /dev may be (kubelet's /dev/termination-log,
+# where a module may leave the message its pod status shows).
+NOT_BOUND = ("/proc", "/sys")
 # After a process exits its cgroup may stay busy for a moment; this bounds the wait before rmdir.
 CGROUP_DRAIN_TIMEOUT = 5.0
 # How long Delete waits for killed processes of a container (SIGKILL does not take longer).
@@ -130,35 +133,34 @@ def split_entrypoint(arg0: str) -> tuple[str, str]:
     return name, entry or DEFAULT_ENTRY
 
 
-def _binds(spec_mounts: list[dict[str, Any]]) -> Iterator[tuple[str, str, list[str]]]:
-    """(source, destination, options) of the spec's bind mounts a module may see: none under /proc,
-    /sys or /dev."""
+def _binds(spec_mounts: list[dict[str, Any]], excluded: tuple[str, ...]) -> Iterator[tuple[str, str, list[str]]]:
+    """(source, destination, options) of the spec's bind mounts, but for those under `excluded`."""
     for m in spec_mounts or []:
         options = [str(o) for o in m.get("options") or []]
         destination, source = str(m.get("destination", "")), str(m.get("source", ""))
         if m.get("type") != "bind" and "bind" not in options and "rbind" not in options:
             continue
-        if not destination.startswith("/") or destination == "/" or not source.startswith("/"):
+        if not destination.startswith("/") or not source.startswith("/"):
             continue
-        if any(destination == p or destination.startswith(p + "/") for p in NOT_PREOPENED):
+        destination = os.path.normpath(destination)
+        if destination == "/" or any(destination == p or destination.startswith(p + "/") for p in excluded):
             continue
-        yield source, os.path.normpath(destination), options
+        yield source, destination, options
 
 
 def bind_preopens(spec_mounts: list[dict[str, Any]]) -> list[Preopen]:
     """The spec's directory bind mounts, preopened at their destinations."""
     return [Preopen(source, destination, writable="ro" not in options)
-            for source, destination, options in _binds(spec_mounts) if os.path.isdir(source)]
+            for source, destination, options in _binds(spec_mounts, NOT_PREOPENED) if os.path.isdir(source)]
 
 
 def file_binds(spec_mounts: list[dict[str, Any]], rootfs: Path) -> list[FileBind]:
-    """The spec's file bind mounts (WASI preopens directories only), bound over their destinations in
-    the rootfs by the container's process (`launch.FileBind`); the image's symlinks are followed inside
-    the rootfs only."""
+    """The spec's bind mounts of regular files (WASI preopens directories only), bound over their
+    destinations in the rootfs by the container's process (`launch.FileBind`); the image's symlinks are
+    followed inside the rootfs only. A device, socket or FIFO is never bound."""
     return [FileBind(source, str(resolve_in_root(rootfs, destination)), readonly="ro" in options,
                      recursive="rbind" in options)
-            for source, destination, options in _binds(spec_mounts)
-            if os.path.exists(source) and not os.path.isdir(source)]
+            for source, destination, options in _binds(spec_mounts, NOT_BOUND) if os.path.isfile(source)]
 
 
 class WasmTasks(TerminalTasks):
