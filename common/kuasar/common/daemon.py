@@ -89,8 +89,8 @@ async def serve(config: DaemonConfig, sandboxer: Sandboxer, systemd: dict[str, s
 
     controller = SandboxController(sandboxer, config.dir / "sandboxes")
     # Served from the start, its calls held until the sandboxes are recovered: containerd (re)starting
-    # meanwhile would take every pod whose Status it cannot get for UNKNOWN, and kubelet would make them
-    # all anew. systemd still hears READY only once they are recovered.
+    # meanwhile asks each pod's Status once, and keeps a pod it cannot get it for as UNKNOWN for good (no
+    # new container in it). systemd still hears READY only once they are recovered.
     recovered = asyncio.Event()
     server = SandboxApiServer(controller, config.listen, recovered)
     await server.start()
