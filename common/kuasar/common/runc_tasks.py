@@ -135,16 +135,11 @@ class RuncContainerTasks(LeftRuntimeCommands, TerminalTasks):
                 # Held only while the execs are ending: with their PID namespace (the init's own), or
                 # with the rest just ended; otherwise nothing would end them in time.
                 if unfinished and (ended or not container.shares_pids):
-                    report_init_exit_last(container, unfinished, lambda: self._exited(container, proc, exited))
+                    report_init_exit_last(container, unfinished, lambda: self._record_exit(container, proc, exited))
                     return
-            self._exited(container, proc, exited)
+            self._record_exit(container, proc, exited)
 
         self.reaper.watch(proc.pid, since_ns).add_done_callback(on_exit)
-
-    def _exited(self, container: Any, proc: RuncProcess, exited: Exit) -> None:
-        proc.set_exited(exited)
-        log.info("container %s exec %r pid %d exited %d", container.id, proc.id, proc.pid, exited.status)
-        self._publish_exit(container, proc)
 
     async def _end_late_exec(self, container: Any, proc: RuncProcess) -> None:
         # Our child until we reap it, so its pid is its own; with a shared PID namespace, what it started.

@@ -391,6 +391,12 @@ class ContainerTasks(TaskBackend):
             container_id=container.id, id=proc.id or container.id, pid=proc.pid,
             exit_status=proc.exit_status, exited_at=timestamp(proc.exited_at_ns)), container.namespace)
 
+    def _record_exit(self, container: Any, proc: TaskProcess, exited: Exit) -> None:
+        """`proc` has exited (its exit reaped as `exited`): record it, and tell containerd."""
+        proc.set_exited(exited)
+        log.info("container %s exec %r pid %d exited %d", container.id, proc.id, proc.pid, exited.status)
+        self._publish_exit(container, proc)
+
     def _publish_delete(self, req: task.DeleteRequest, proc: TaskProcess, namespace: str) -> None:
         self._publish(events.TaskDelete(
             container_id=req.id, id=req.exec_id or req.id, pid=proc.pid, exit_status=proc.exit_status,

@@ -344,14 +344,9 @@ class WasmTasks(TerminalTasks):
                     signal_quietly(other.pid, signal.SIGKILL)
             unfinished = unfinished_execs(container)
             if unfinished:
-                report_init_exit_last(container, unfinished, lambda: self._exited(container, proc, exited))
+                report_init_exit_last(container, unfinished, lambda: self._record_exit(container, proc, exited))
                 return
-        self._exited(container, proc, exited)
-
-    def _exited(self, container: Container, proc: Process, exited: Exit) -> None:
-        proc.set_exited(exited)
-        log.info("container %s exec %r pid %d exited %d", container.id, proc.id, proc.pid, exited.status)
-        self._publish_exit(container, proc)
+        self._record_exit(container, proc, exited)
 
     async def _end_late_exec(self, container: Container, proc: Process) -> None:
         signal_quietly(proc.pid, signal.SIGKILL)  # our child, its exit not recorded: the pid is its own
