@@ -32,10 +32,10 @@ from pathlib import Path
 
 from kuasar.common import linux
 from kuasar.common.events import EventPublisher
+from kuasar.common.host_runc_tasks import RuncTasks
 from kuasar.common.reaper import Reaper
 from kuasar.common.task_api import register_task_service
 from kuasar.common.ttrpc import TtrpcServer
-from kuasar.runc.tasks import RuncTasks
 
 USAGE = "usage: quark -r <bundle> sandbox --task-socket <path> --id <id> --pid-file <path>"
 MARKER = "FAKE-QUARK"

@@ -8,6 +8,7 @@ import json
 import os
 import socket
 import struct
+import subprocess
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -60,6 +61,22 @@ async def wait_pod_not_ready(client: CriClient, pod_id: str, why: str, timeout: 
     while (await client.pod_sandbox_status(pod_id)).status.state != cri.SANDBOX_NOTREADY:
         assert time.monotonic() < deadline, why
         await asyncio.sleep(0.1)
+
+
+async def wait_ended_with_task_server(client: CriClient, pod_id: str, cids: list[str]) -> None:
+    """After a SIGKILL of the task server: until CRI reports the pod NOTREADY (the sandboxer's watch of it
+    failed, and a task server started again said it is gone) and each container exited (containerd lost
+    its task connection)."""
+    await wait_pod_not_ready(client, pod_id, "the pod was never reported exited")
+    for cid in cids:
+        await wait_state(client, cid, cri.CONTAINER_EXITED)
+
+
+def runc_containers(sandboxer_dir: Path) -> list[str]:
+    """The ids in a task server's runc root (runc-sandboxer's, or wasm-sandboxer's Linux containers)."""
+    listed = subprocess.run(["runc", "--root", str(sandboxer_dir / "runc"), "list", "-q"],
+                            capture_output=True, text=True, check=True)
+    return listed.stdout.split()
 
 
 def wait_leftovers_recorded(sandboxer_dir: Path, pod_id: str, timeout: float = 10.0) -> None:

@@ -42,8 +42,8 @@ from .cri_helpers import (
     start_container,
     start_shm_writer_and_reader,
     terminal_exec,
+    wait_ended_with_task_server,
     wait_log,
-    wait_pod_not_ready,
     wait_state,
     while_unavailable,
 )
@@ -458,9 +458,7 @@ def test_a_killed_task_server_leaves_no_sandbox_behind(gvisor: Stack) -> None:
     async def after() -> None:
         async with CriClient(gvisor.address) as client:
             for pod_id, cids in made:
-                await wait_pod_not_ready(client, pod_id, "the pod was never reported exited")
-                for cid in cids:
-                    await wait_state(client, cid, cri.CONTAINER_EXITED)
+                await wait_ended_with_task_server(client, pod_id, cids)
                 await remove_pod(client, pod_id)
 
     gvisor.run(after())

@@ -26,9 +26,9 @@ from kuasar.common.api.kuasar.pods.v1 import pods_pb2
 from kuasar.common.errors import InvalidArgument, RuntimeFailure
 from kuasar.common.events import EventPublisher
 from kuasar.common.fifo_stdio import ProcessIO
+from kuasar.common.host_runc_tasks import RuncTasks
 from kuasar.common.reaper import Reaper
 from kuasar.common.ttrpc import Context
-from kuasar.runc.tasks import RuncTasks
 from tests.support import images
 
 from .cri_helpers import mounts_containing

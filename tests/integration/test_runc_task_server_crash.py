@@ -10,7 +10,6 @@ import json
 import os
 import shutil
 import signal
-import subprocess
 from pathlib import Path
 
 import grpc
@@ -32,22 +31,17 @@ from .cri_helpers import (
     pod_processes,
     remove_pod,
     run_pod,
+    runc_containers,
     start_container,
     start_sandbox,
     task_server_pid,
+    wait_ended_with_task_server,
     wait_leftovers_recorded,
-    wait_pod_not_ready,
     wait_state,
 )
 from .test_runc_task_api import make_bundle
 
 pytestmark = pytest.mark.integration
-
-
-def runc_containers(stack: Stack) -> list[str]:
-    listed = subprocess.run(["runc", "--root", str(stack.sandboxer_dir / "runc"), "list", "-q"],
-                            capture_output=True, text=True, check=True)
-    return listed.stdout.split()
 
 
 def alive(pid: int) -> bool:
@@ -80,13 +74,11 @@ def test_a_killed_task_server_leaves_nothing_behind(stack: Stack) -> None:
 
     async def after() -> None:
         async with CriClient(stack.address) as client:
-            # The sandboxer's watch of the pod fails, starts a task server again, and learns the pod is gone.
-            await wait_pod_not_ready(client, pod_id, "the pod was never reported exited")
-            await wait_state(client, cid, cri.CONTAINER_EXITED)  # containerd lost its task connection
+            await wait_ended_with_task_server(client, pod_id, [cid])
             assert task_server_pid(stack.sandboxer_dir) != old_server
             # Ended before the new task server served: nothing of the dead one's runs on.
             assert not alive(container_pid) and not alive(pod_pid)
-            assert runc_containers(stack) == []
+            assert runc_containers(stack.sandboxer_dir) == []
             assert mounts_containing(str(shm)) == []
             assert cgroups_named(cgroup_parent) == []
             await remove_pod(client, pod_id)
@@ -161,7 +153,7 @@ def test_a_runc_create_still_running_when_its_task_server_dies_is_ended_by_the_n
                 assert mounts_containing(str(bundle / "rootfs")) == []
                 assert cgroups_named(f"{cgroup}/{cid}") == []
                 assert not (runc_root / cid).exists()
-                assert runc_containers(stack) == []
+                assert runc_containers(stack.sandboxer_dir) == []
             finally:
                 await controller.Stop(sb.ControllerStopRequest(sandbox_id=pod_id))
                 await controller.Shutdown(sb.ControllerShutdownRequest(sandbox_id=pod_id))

@@ -39,9 +39,9 @@ from .cri_helpers import (
     pod_processes,
     streaming_session,
     task_server_pid,
+    wait_ended_with_task_server,
     wait_leftovers_recorded,
     wait_log,
-    wait_pod_not_ready,
     wait_state,
     while_unavailable,
 )
@@ -231,6 +231,7 @@ def test_a_missing_module_is_a_clear_create_error(stack: Stack) -> None:
             assert "wasm module '/nope.wasm' not found" in missing.value.details()
             with pytest.raises(grpc.aio.AioRpcError) as notwasm:
                 await start(client, pod_id, pod, "notwasm", ["/etc/greeting.txt"])
+            # (then run as a Linux container: test_wasm_linux_containers.py)
             assert "not a WebAssembly module" in notwasm.value.details()
             await remove_pod(client, pod_id)
 
@@ -557,8 +558,7 @@ def test_a_killed_task_server_takes_its_wasm_containers_along_and_leaves_nothing
 
     async def after() -> None:
         async with CriClient(stack.address) as client:
-            await wait_pod_not_ready(client, pod_id, "the pod was never reported exited")
-            await wait_state(client, cid, cri.CONTAINER_EXITED)
+            await wait_ended_with_task_server(client, pod_id, [cid])
             assert container_processes() == []  # it died with its task server
             # The new task server swept the pod's cgroups and the container's (and the parent made for it).
             assert cgroups_named(f"{cgroup_parent}/{cid}") == []

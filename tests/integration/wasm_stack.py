@@ -55,7 +55,8 @@ def build_wasm_image(dest: Path, ref: str = WASM_IMAGE,
 @contextmanager
 def wasm_stack(base: Path, *, bridge: str, subnet: str, config_text: str = "",
                extra_path: Sequence[str | Path] = (), log_level: str = "info") -> Iterator[Stack]:
-    """containerd + wasm-sandboxer with the wasm test image (and the pause image CRI pins)."""
+    """containerd + wasm-sandboxer with the wasm test image, busybox (Linux containers in wasm pods) and
+    the pause image CRI pins."""
     short = Path(f"/run/{bridge}-{secrets.token_hex(2)}")  # unix socket paths must stay short
     short.mkdir(mode=0o700)
     sandboxer_socket = short / "wasm.sock"
@@ -63,6 +64,7 @@ def wasm_stack(base: Path, *, bridge: str, subnet: str, config_text: str = "",
     image_dir = base / "images"
     wasm_tar = build_wasm_image(image_dir / "wasm.tar")
     pause_tar = images.build_pause_image(image_dir / "pause.tar")
+    busybox_tar = images.build_busybox_image(image_dir / "busybox.tar")  # for a wasm pod's Linux containers
     instance = cd.ContainerdInstance(base / "containerd", sandboxers={"wasm": str(sandboxer_socket)},
                                      runtimes={WASM_HANDLER: WASM_RUNTIME}, bridge=bridge, subnet=subnet,
                                      extra_path=extra_path, log_level=log_level)
@@ -79,6 +81,7 @@ def wasm_stack(base: Path, *, bridge: str, subnet: str, config_text: str = "",
     try:
         instance.import_image(wasm_tar)
         instance.import_image(pause_tar)
+        instance.import_image(busybox_tar)
         sandboxer_log = base / "wasm-sandboxer.log"
         sandboxer = start_sandboxer(sandboxer_socket, sandboxer_dir, sandboxer_log, instance.ttrpc_address,
                                     module="kuasar.wasm.cli", extra_args=extra)

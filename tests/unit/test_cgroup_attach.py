@@ -16,8 +16,8 @@ from kuasar.common import cgroup_attach, cgroups
 from kuasar.common.cgroup_attach import AttachLockWarmer, own_procs_file
 from kuasar.common.events import EventPublisher
 from kuasar.common.fifo_stdio import ProcessIO
+from kuasar.common.host_runc_tasks import Container, RuncProcess, RuncTasks
 from kuasar.common.reaper import Reaper
-from kuasar.runc.tasks import Container, RuncProcess, RuncTasks
 from tests.support.procs import thread_names
 
 WAIT_S = 5.0  # bounds a thread that should have ended long before

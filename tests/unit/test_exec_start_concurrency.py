@@ -19,11 +19,11 @@ from kuasar.common.api.containerd.runtime.task.v2 import shim_pb2 as task
 from kuasar.common.api.containerd.types.task import task_pb2 as types
 from kuasar.common.errors import FailedPrecondition, RuntimeFailure
 from kuasar.common.fifo_stdio import ProcessIO
+from kuasar.common.host_runc_tasks import RuncTasks
 from kuasar.common.reaper import Reaper
 from kuasar.common.runc_tasks import RuncContainer, RuncProcess
 from kuasar.common.task_table import NEVER_RAN_EXIT_STATUS
 from kuasar.quark import gvisor_tasks as gt
-from kuasar.runc.tasks import RuncTasks
 from kuasar.wasm import tasks as wasm_tasks
 from tests.support.events import RecordedEvents
 from tests.unit import test_gvisor_tasks, test_wasm_exec_wait

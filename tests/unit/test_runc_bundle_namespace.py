@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from kuasar.runc.tasks import bundle_namespace
+from kuasar.common.host_runc_tasks import bundle_namespace
 
 
 def test_namespace_comes_from_containerds_bundle_layout() -> None:

@@ -22,11 +22,11 @@ from kuasar.common.api.containerd.runtime.task.v2 import shim_pb2 as task
 from kuasar.common.api.containerd.types.task import task_pb2 as types
 from kuasar.common.errors import FailedPrecondition, NotFound, RuntimeFailure
 from kuasar.common.fifo_stdio import ProcessIO
+from kuasar.common.host_runc_tasks import RuncTasks
 from kuasar.common.reaper import Reaper
 from kuasar.common.runc_cli import Runc
 from kuasar.common.runc_tasks import RuncContainer, RuncProcess, _container_procs_file
 from kuasar.common.task_table import NEVER_RAN_EXIT_STATUS
-from kuasar.runc.tasks import RuncTasks
 from tests.support.events import RecordedEvents
 
 CTX = SimpleNamespace(namespace="k8s.io")

@@ -11,9 +11,9 @@ import pytest
 from kuasar.common.api.containerd.runtime.task.v2 import shim_pb2 as task
 from kuasar.common.api.containerd.types.task import task_pb2 as types
 from kuasar.common.errors import FailedPrecondition
+from kuasar.common.host_runc_tasks import RuncTasks
 from kuasar.common.reaper import Reaper
 from kuasar.common.runc_tasks import RuncContainer, RuncProcess
-from kuasar.runc.tasks import RuncTasks
 from tests.support.events import RecordedEvents
 
 

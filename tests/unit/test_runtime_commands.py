@@ -18,13 +18,13 @@ from pathlib import Path
 import pytest
 
 from kuasar.common import cgroups, proc_stat, strays
+from kuasar.common.host_runc_tasks import RuncTasks
 from kuasar.common.pod_files import pod_dir
 from kuasar.common.reaper import Reaper
 from kuasar.common.runc_cli import Runc
 from kuasar.common.runtime_commands import create_of
 from kuasar.quark.gvisor_tasks import SANDBOX_BUNDLE, GvisorTasks
 from kuasar.quark.runsc import Leftover, Runsc
-from kuasar.runc.tasks import RuncTasks
 
 # Stands for the runtime's create: it takes its lock (runsc) or makes its directory (runc) at once, starts
 # a process of the container's (runsc's sandbox, a runc hook), and saves the state only at the end.

@@ -106,6 +106,7 @@ def create_request(tmp_path: Path, container_id: str) -> task.CreateTaskRequest:
     """CRI's Create of a container of pod1, its cgroupsPath as containerd makes it: <cgroup_parent>/<id>."""
     bundle = tmp_path / "bundles" / container_id
     (bundle / "rootfs").mkdir(parents=True)
+    (bundle / "rootfs" / "m.wasm").write_bytes(b"\0asm\x01\0\0\0")
     (bundle / "config.json").write_text(json.dumps({
         "annotations": {"io.kubernetes.cri.sandbox-id": "pod1"}, "process": {"args": ["/m.wasm"]},
         "root": {"path": "rootfs"}, "linux": {"cgroupsPath": f"/{POD_CGROUP}/{container_id}"}}))

@@ -211,14 +211,18 @@ def test_runtime_selection(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
 
 
 def test_config_section_becomes_task_server_settings() -> None:
-    assert WasmSettings(**task_server_options({})) == WasmSettings("wasmtime", "wasmedge", True, 512 << 20)
-    options = task_server_options({"runtime": "WasmEdge", "wasmedge": "/opt/we", "cache": False, "cache_max_mb": 64})
-    assert WasmSettings(**options) == WasmSettings("wasmedge", "/opt/we", False, 64 << 20)
+    assert WasmSettings(**task_server_options({})) == WasmSettings("wasmtime", "wasmedge", True, 512 << 20, True,
+                                                                   "runc")
+    options = task_server_options({"runtime": "WasmEdge", "wasmedge": "/opt/we", "cache": False, "cache_max_mb": 64,
+                                   "linux_containers": False, "runc": "/opt/runc"})
+    assert WasmSettings(**options) == WasmSettings("wasmedge", "/opt/we", False, 64 << 20, False, "/opt/runc")
     assert json.loads(json.dumps(options)) == options  # handed to the task server as JSON
     with pytest.raises(InvalidArgument):
         task_server_options({"runtime": "wamr"})
     with pytest.raises(InvalidArgument):
         task_server_options({"cache_max_mb": "lots"})
+    with pytest.raises(InvalidArgument, match="linux_containers"):
+        task_server_options({"linux_containers": "yes"})
 
 
 def test_a_hash_in_args0_names_the_export_to_run(rootfs: Path, tmp_path: Path) -> None:

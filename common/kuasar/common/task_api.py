@@ -73,7 +73,8 @@ def _in_its_namespace(handler: Callable[[Any, Context], Awaitable[Message]],
     return handle
 
 
-def _snake(name: str) -> str:
+def backend_method_name(name: str) -> str:
+    """The TaskBackend method that answers Task API method `name`."""
     return {"ResizePty": "resize_pty", "CloseIO": "close_io"}.get(name, name.lower())
 
 
@@ -142,7 +143,7 @@ def register_task_service(server: TtrpcServer, backend: TaskBackend,
     namespace_of = getattr(backend, "namespace_of", None)
     for service in services:
         for method, request_type in TASK_METHODS.items():
-            handler = getattr(backend, _snake(method))
+            handler = getattr(backend, backend_method_name(method))
             if method == "Create":
                 handler = _refusing_restore(handler)
             if namespace_of is not None and method not in _NO_CONTAINER_YET:

@@ -11,9 +11,8 @@ from kuasar.common.lean import keep_out_unused_modules
 
 def main() -> None:
     keep_out_unused_modules()
+    from kuasar.common.host_runc_tasks import RuncTasks
     from kuasar.common.task_server import task_server_main
-
-    from .tasks import RuncTasks
 
     task_server_main(lambda options, reaper, events, directory: RuncTasks(
         reaper, events, directory, str(options.get("runc", "runc"))))

@@ -17,6 +17,13 @@ from kuasar.common.rootfs_paths import resolve_in_root
 
 WASM_MAGIC = b"\0asm"
 MODULE_VERSION = b"\x01\x00\x00\x00"
+
+
+class NotAModule(InvalidArgument):
+    """args[0] names no WebAssembly file in the rootfs: a program runc would look up in $PATH, or a file
+    that is not WebAssembly (an ELF binary, a script). A wasm pod may run such a container with runc."""
+
+
 def locate_module(rootfs: Path, args: list[str], cwd: str = "/") -> Path:
     """The host path of the module `args[0]` names, checked to be a core WebAssembly module."""
     if not args or not args[0]:
@@ -30,9 +37,11 @@ def locate_module(rootfs: Path, args: list[str], cwd: str = "/") -> Path:
         if path.is_file():
             check_module_header(path, name)
             return path
-    # Not NOT_FOUND: containerd passes the code on to CRI, where it reads as an unknown container.
-    raise InvalidArgument(f"wasm module {name!r} not found in the container's rootfs (looked for "
-                   f"{', '.join(tried)}); args[0] must name a .wasm file in the image")
+    # Not NOT_FOUND: containerd passes the code on to CRI, where it reads as an unknown container. A
+    # missing `*.wasm` is a wasm image gone wrong, not a program for $PATH.
+    refusal = InvalidArgument if name.endswith(".wasm") else NotAModule
+    raise refusal(f"wasm module {name!r} not found in the container's rootfs (looked for "
+                  f"{', '.join(tried)}); args[0] must name a .wasm file in the image")
 
 
 def check_module_header(path: Path, name: str) -> None:
@@ -42,7 +51,8 @@ def check_module_header(path: Path, name: str) -> None:
     except OSError as exc:
         raise InvalidArgument(f"wasm module {name!r}: {exc.strerror}") from None
     if header[:4] != WASM_MAGIC:
-        raise InvalidArgument(f"{name!r} is not a WebAssembly module (no \\0asm header)")
+        refusal = InvalidArgument if name.endswith(".wasm") else NotAModule
+        raise refusal(f"{name!r} is not a WebAssembly module (no \\0asm header)")
     if header[4:8] != MODULE_VERSION:
         raise InvalidArgument(f"{name!r} is a WebAssembly component or an unknown binary version "
                               f"({header[4:8].hex()}); only core modules (WASI preview 1) are supported")

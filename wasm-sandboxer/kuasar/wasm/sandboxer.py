@@ -16,7 +16,10 @@ TASK_SERVER_MODULE = "kuasar.wasm.task_server_main"
 TASK_SERVER_PROGRAM = "wasm-task-server"
 
 
-WASM_KEYS = {"runtime": str, "cache": bool, "cache_max_mb": int, "wasmedge": str}
+WASM_KEYS = {"runtime": str, "cache": bool, "cache_max_mb": int, "wasmedge": str, "linux_containers": bool,
+             "runc": str}
+# A pod's /dev/shm for its Linux containers (pod_tasks.py), as runc-sandboxer's: containerd's default size.
+POD_SHM_SIZE = 64 << 20
 
 
 def task_server_options(section: dict) -> dict[str, Any]:
@@ -30,8 +33,12 @@ def task_server_options(section: dict) -> dict[str, Any]:
         raise InvalidArgument("[wasm] cache must be true or false")
     if isinstance(max_mb, bool) or not isinstance(max_mb, int) or max_mb < 0:
         raise InvalidArgument("[wasm] cache_max_mb must be a non-negative integer")
+    linux_containers = section.get("linux_containers", True)
+    if not isinstance(linux_containers, bool):
+        raise InvalidArgument("[wasm] linux_containers must be true or false")
     return {"runtime": runtime, "wasmedge": str(section.get("wasmedge", "wasmedge")), "cache": cache,
-            "cache_max_bytes": max_mb << 20}
+            "cache_max_bytes": max_mb << 20, "linux_containers": linux_containers,
+            "runc": str(section.get("runc", "runc"))}
 
 
 class WasmSandboxer(PodSandboxer):
@@ -39,6 +46,10 @@ class WasmSandboxer(PodSandboxer):
 
     def __init__(self, config: DaemonConfig) -> None:
         config.check_tables("wasm")
-        settings = TaskServerSettings(str(config.dir), config.events_address, config.log_level,
-                                      task_server_options(config.section("wasm", WASM_KEYS)))
-        super().__init__(config, TaskServerLaunch(TASK_SERVER_MODULE, TASK_SERVER_PROGRAM, settings))
+        options = task_server_options(config.section("wasm", WASM_KEYS))
+        settings = TaskServerSettings(str(config.dir), config.events_address, config.log_level, options)
+        # Linux containers see the pod's /etc files and /dev/shm, as in runc-sandboxer's pods; WebAssembly
+        # modules do not use them.
+        linux = options["linux_containers"]
+        super().__init__(config, TaskServerLaunch(TASK_SERVER_MODULE, TASK_SERVER_PROGRAM, settings),
+                         POD_SHM_SIZE if linux else 0, pod_files=linux)

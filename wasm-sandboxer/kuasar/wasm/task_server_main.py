@@ -6,7 +6,14 @@ stays in its memory, so it loads neither click nor the config loader nor the San
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
 from kuasar.common.lean import keep_out_unused_modules
+
+if TYPE_CHECKING:
+    from kuasar.common.events import EventPublisher
+    from kuasar.common.reaper import Reaper
 
 
 def main() -> None:
@@ -15,14 +22,20 @@ def main() -> None:
     # library starts no thread. Compiling would (runner.py), so this process never compiles.
     import wasmtime  # noqa: F401
 
+    from kuasar.common.host_runc_tasks import RuncTasks
     from kuasar.common.task_server import task_server_main
 
+    from .pod_tasks import WasmPodTasks
     from .runner import forbid_compiling_here
     from .tasks import WasmSettings, WasmTasks
 
+    def backend(options: dict[str, Any], reaper: Reaper, events: EventPublisher, directory: Path) -> WasmPodTasks:
+        settings = WasmSettings(**options)
+        linux = RuncTasks(reaper, events, directory, settings.runc) if settings.linux_containers else None
+        return WasmPodTasks(WasmTasks(reaper, events, directory, settings), linux)
+
     forbid_compiling_here()
-    task_server_main(lambda options, reaper, events, directory: WasmTasks(
-        reaper, events, directory, WasmSettings(**options)))
+    task_server_main(backend)
 
 
 if __name__ == "__main__":

@@ -91,6 +91,8 @@ class WasmSettings:
     wasmedge: str = "wasmedge"  # WasmEdge binary (name in PATH or absolute path)
     cache: bool = True
     cache_max_bytes: int = DEFAULT_MAX_BYTES
+    linux_containers: bool = True  # images without a module run as Linux containers (pod_tasks.py)
+    runc: str = "runc"  # their runtime (name in PATH or absolute path)
 
 
 @dataclass
@@ -275,6 +277,11 @@ class WasmTasks(TerminalTasks):
                 if req.rootfs:
                     mounts.mount_rootfs(req.rootfs, rootfs)
                     container.rootfs_mounted = True
+                # Before the cgroup is made: an image without a module (NotAModule) may go to runc instead
+                # (pod_tasks.py), which makes its own.
+                args = [str(a) for a in process_spec.get("args") or []]
+                locate_module(rootfs, [split_entrypoint(args[0])[0]] if args else [],
+                              str(process_spec.get("cwd") or "/"))
                 if container.cgroup is not None:
                     container.cgroup.create(lambda made: self.leftovers.write(
                         req.id, ContainerLeftovers(made.path, mounted)))

@@ -1,4 +1,6 @@
-"""Task API for runc containers, served by the task server (one process for every pod of the node)."""
+"""Task API for runc containers of pods on the host, served by a task server (one process for every pod
+of the node): every container of runc-sandboxer's pods, and the Linux containers of wasm-sandboxer's
+(an image whose entrypoint is not a WebAssembly module: a sidecar, a log shipper)."""
 
 from __future__ import annotations
 
@@ -10,18 +12,18 @@ from pathlib import Path
 
 from google.protobuf import empty_pb2
 
-from kuasar.common import cgroup_attach, cgroups, mounts
-from kuasar.common.api.containerd.runtime.task.v2 import shim_pb2 as task
-from kuasar.common.api.containerd.types.task import task_pb2 as types
-from kuasar.common.errors import AlreadyExists, FailedPrecondition, NotFound
-from kuasar.common.events import EventPublisher
-from kuasar.common.fifo_stdio import ProcessIO
-from kuasar.common.ids import validate_id
-from kuasar.common.pod_files import pod_dir, rewrite_container_spec
-from kuasar.common.reaper import Reaper
-from kuasar.common.runc_cli import Runc
-from kuasar.common.runc_tasks import RuncContainer, RuncContainerTasks, RuncProcess
-from kuasar.common.task_table import (
+from . import cgroup_attach, cgroups, mounts
+from .api.containerd.runtime.task.v2 import shim_pb2 as task
+from .api.containerd.types.task import task_pb2 as types
+from .errors import AlreadyExists, FailedPrecondition, NotFound
+from .events import EventPublisher
+from .fifo_stdio import ProcessIO
+from .ids import validate_id
+from .pod_files import pod_dir, rewrite_container_spec
+from .reaper import Reaper
+from .runc_cli import Runc
+from .runc_tasks import RuncContainer, RuncContainerTasks, RuncProcess
+from .task_table import (
     host_bundle,
     pod_id_of,
     read_bundle_spec,
@@ -29,7 +31,7 @@ from kuasar.common.task_table import (
     signal_quietly,
     wait_exited,
 )
-from kuasar.common.ttrpc import Context
+from .ttrpc import Context
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,141 @@
+"""WasmPodTasks: which backend, wasm or runc, creates a container and answers for it afterwards."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from kuasar.common.api.containerd.runtime.task.v2 import shim_pb2 as task
+from kuasar.common.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, RuntimeFailure
+from kuasar.common.task_api import TASK_METHODS, backend_method_name
+from kuasar.wasm.module import NotAModule, locate_module
+from kuasar.wasm.pod_tasks import NOT_ROUTED, WasmPodTasks
+
+CTX: Any = SimpleNamespace(namespace="k8s.io")
+
+
+class Backend:
+    """Stands for WasmTasks or RuncTasks: records what it was asked, holds what it created."""
+
+    def __init__(self, name: str, refuse: Exception | None = None) -> None:
+        self.name, self.refuse = name, refuse
+        self.containers: dict[str, str] = {}
+        self.calls: list[tuple[str, str]] = []
+        self.attach_warmer = object()
+        self.runc = SimpleNamespace(binary="sh")  # a program that is on PATH
+
+    async def create(self, req: task.CreateTaskRequest, ctx: Any) -> task.CreateTaskResponse:
+        self.calls.append(("create", req.id))
+        await asyncio.sleep(0)
+        if self.refuse is not None:
+            raise self.refuse
+        self.containers[req.id] = self.name
+        return task.CreateTaskResponse(pid=1 if self.name == "wasm" else 2)
+
+    def __getattr__(self, method: str) -> Any:
+        async def call(req: Any, ctx: Any) -> str:
+            self.calls.append((method, req.id))
+            if req.id not in self.containers:
+                raise NotFound(f"container {req.id} not found")
+            return self.name
+        return call
+
+    def namespace_of(self, container_id: str) -> str | None:
+        return "k8s.io" if container_id in self.containers else None
+
+    def pod_container_ids(self, pod_id: str) -> list[str]:
+        return sorted(self.containers)
+
+    async def kill_pod_containers(self, pod_id: str, sig: int) -> None:
+        self.calls.append(("kill_pod", pod_id))
+
+    async def wait_pod_containers(self, pod_id: str, timeout: float) -> bool:
+        return self.name == "wasm"
+
+    async def remove_pod_containers(self, pod_id: str) -> None:
+        self.calls.append(("remove_pod", pod_id))
+
+    async def sweep_leftovers(self) -> None:
+        self.calls.append(("sweep", ""))
+
+
+def create(tasks: WasmPodTasks, cid: str) -> task.CreateTaskResponse:
+    return asyncio.run(tasks.create(task.CreateTaskRequest(id=cid), CTX))
+
+
+def test_an_image_without_a_module_goes_to_runc_and_each_container_is_answered_by_its_backend() -> None:
+    wasm, linux = Backend("wasm"), Backend("runc")
+    tasks = WasmPodTasks(wasm, linux)  # type: ignore[arg-type]
+    assert create(tasks, "module").pid == 1
+    wasm.refuse = NotAModule("'sleep' is no module")
+    assert create(tasks, "sidecar").pid == 2
+    assert wasm.calls == [("create", "module"), ("create", "sidecar")] and linux.calls == [("create", "sidecar")]
+    assert tasks.containers == {"module": "wasm", "sidecar": "runc"}
+    assert tasks.namespace_of("sidecar") == "k8s.io"
+    for method in TASK_METHODS:
+        if method in NOT_ROUTED:
+            continue
+        name = backend_method_name(method)
+        for cid, owner in (("module", "wasm"), ("sidecar", "runc")):
+            assert asyncio.run(getattr(tasks, name)(SimpleNamespace(id=cid), CTX)) == owner, method
+    with pytest.raises(NotFound):  # an unknown id: the wasm backend says so
+        asyncio.run(tasks.state(task.StateRequest(id="nobody"), CTX))
+    assert tasks.pod_container_ids("pod") == ["module", "sidecar"]
+    assert asyncio.run(tasks.wait_pod_containers("pod", 1.0)) is False  # runc's are still running
+    asyncio.run(tasks.kill_pod_containers("pod", 9))
+    asyncio.run(tasks.remove_pod_containers("pod"))
+    asyncio.run(tasks.sweep_leftovers())
+    for backend in (wasm, linux):
+        assert backend.calls[-3:] == [("kill_pod", "pod"), ("remove_pod", "pod"), ("sweep", "")]
+
+
+def test_one_id_is_one_container_across_both_backends_even_while_it_is_being_created() -> None:
+    wasm, linux = Backend("wasm", refuse=NotAModule("no module")), Backend("runc")
+    tasks = WasmPodTasks(wasm, linux)  # type: ignore[arg-type]
+
+    async def twice() -> list[Any]:
+        return await asyncio.gather(*(tasks.create(task.CreateTaskRequest(id="c1"), CTX) for _ in range(2)),
+                                    return_exceptions=True)
+
+    first, second = asyncio.run(twice())
+    assert first.pid == 2 and isinstance(second, AlreadyExists)
+    with pytest.raises(AlreadyExists):
+        create(tasks, "c1")
+    assert linux.calls == [("create", "c1")]
+
+
+def test_without_linux_containers_or_runc_the_wasm_refusal_stands_and_runcs_own_is_joined_to_it() -> None:
+    refusal = NotAModule("'/app' is not a WebAssembly module (no \\0asm header)")
+    with pytest.raises(NotAModule):
+        create(WasmPodTasks(Backend("wasm", refuse=refusal), None), "c1")  # type: ignore[arg-type]
+    linux = Backend("runc")
+    linux.runc.binary = "/no/such/runc"
+    with pytest.raises(FailedPrecondition, match="not a WebAssembly module.*runc '/no/such/runc' is not installed"):
+        create(WasmPodTasks(Backend("wasm", refuse=refusal), linux), "c1")  # type: ignore[arg-type]
+    failing = Backend("runc", refuse=RuntimeFailure("runc create failed: exec: no such file or directory"))
+    with pytest.raises(Exception) as both:
+        create(WasmPodTasks(Backend("wasm", refuse=refusal), failing), "c1")  # type: ignore[arg-type]
+    assert str(both.value) == ("'/app' is not a WebAssembly module (no \\0asm header); as a Linux container: "
+                               "runc create failed: exec: no such file or directory")
+    plain = Backend("wasm", refuse=InvalidArgument("process.args is empty"))  # not a question of kind
+    with pytest.raises(InvalidArgument, match="args is empty"):
+        create(WasmPodTasks(plain, Backend("runc")), "c1")  # type: ignore[arg-type]
+
+
+def test_only_a_name_that_is_no_wasm_file_reads_as_a_linux_program(tmp_path: Path) -> None:
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "sh").write_bytes(b"\x7fELF\x02\x01\x01\x00")
+    (tmp_path / "broken.wasm").write_bytes(b"#!/bin/sh\n")
+    (tmp_path / "component.wasm").write_bytes(b"\0asm\x0d\x00\x01\x00")
+    for args in (["sleep"], ["/bin/sh"], ["bin/sh"]):
+        with pytest.raises(NotAModule):
+            locate_module(tmp_path, args)
+    for args, reason in ((["/gone.wasm"], "not found"), (["/broken.wasm"], "no \\\\0asm header"),
+                         (["/component.wasm"], "component"), ([], "args is empty")):
+        with pytest.raises(InvalidArgument, match=reason) as refused:
+            locate_module(tmp_path, args)
+        assert not isinstance(refused.value, NotAModule), args
