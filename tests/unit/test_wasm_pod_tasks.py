@@ -14,6 +14,8 @@ from kuasar.common.errors import AlreadyExists, FailedPrecondition, InvalidArgum
 from kuasar.common.task_api import TASK_METHODS, backend_method_name
 from kuasar.wasm.module import NotAModule, locate_module
 from kuasar.wasm.pod_tasks import NOT_ROUTED, WasmPodTasks
+from kuasar.wasm.sandboxer import task_server_options
+from kuasar.wasm.task_server_main import make_backend
 
 CTX: Any = SimpleNamespace(namespace="k8s.io")
 
@@ -139,3 +141,11 @@ def test_only_a_name_that_is_no_wasm_file_reads_as_a_linux_program(tmp_path: Pat
         with pytest.raises(InvalidArgument, match=reason) as refused:
             locate_module(tmp_path, args)
         assert not isinstance(refused.value, NotAModule), args
+
+
+def test_the_task_server_runs_linux_containers_with_the_configured_runc_unless_turned_off(tmp_path: Path) -> None:
+    on = make_backend(task_server_options({"runc": "/opt/runc"}), None, None, tmp_path / "on")  # type: ignore[arg-type]
+    assert on.linux is not None and on.linux.runc.binary == "/opt/runc"
+    assert on.linux.runc.root == tmp_path / "on" / "runc"  # swept after a crash, as runc-sandboxer's
+    off = make_backend(task_server_options({"linux_containers": False}), None, None, tmp_path / "off")  # type: ignore[arg-type]
+    assert off.linux is None and off.wasm.settings.runtime == "wasmtime"

@@ -15,6 +15,21 @@ if TYPE_CHECKING:
     from kuasar.common.events import EventPublisher
     from kuasar.common.reaper import Reaper
 
+    from .pod_tasks import WasmPodTasks
+
+
+def make_backend(options: dict[str, Any], reaper: Reaper, events: EventPublisher, directory: Path) -> WasmPodTasks:
+    """The task backend for the sandboxer's `[wasm]` options: wasm containers, and Linux ones unless
+    `linux_containers` is off."""
+    from kuasar.common.host_runc_tasks import RuncTasks
+
+    from .pod_tasks import WasmPodTasks
+    from .tasks import WasmSettings, WasmTasks
+
+    settings = WasmSettings(**options)
+    linux = RuncTasks(reaper, events, directory, settings.runc) if settings.linux_containers else None
+    return WasmPodTasks(WasmTasks(reaper, events, directory, settings), linux)
+
 
 def main() -> None:
     keep_out_unused_modules()
@@ -22,20 +37,12 @@ def main() -> None:
     # library starts no thread. Compiling would (runner.py), so this process never compiles.
     import wasmtime  # noqa: F401
 
-    from kuasar.common.host_runc_tasks import RuncTasks
     from kuasar.common.task_server import task_server_main
 
-    from .pod_tasks import WasmPodTasks
     from .runner import forbid_compiling_here
-    from .tasks import WasmSettings, WasmTasks
-
-    def backend(options: dict[str, Any], reaper: Reaper, events: EventPublisher, directory: Path) -> WasmPodTasks:
-        settings = WasmSettings(**options)
-        linux = RuncTasks(reaper, events, directory, settings.runc) if settings.linux_containers else None
-        return WasmPodTasks(WasmTasks(reaper, events, directory, settings), linux)
 
     forbid_compiling_here()
-    task_server_main(backend)
+    task_server_main(make_backend)
 
 
 if __name__ == "__main__":
