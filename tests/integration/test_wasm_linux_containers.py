@@ -19,6 +19,7 @@ from kuasar.common.cri_client import CriClient, container_config
 
 from .conftest import Stack
 from .cri_helpers import (
+    BUSYBOX,
     cgroups_named,
     check_exit_codes,
     check_failed_start_leaves_a_removable_container,
@@ -135,6 +136,36 @@ def test_a_misnamed_module_is_not_handed_to_runc(stack: Stack) -> None:
             details = text.value.details()
             assert "not a WebAssembly module" in details and "as a Linux container" in details, details
             assert runc_containers(stack.sandboxer_dir) == []
+            await remove_pod(client, pod_id)
+
+    asyncio.run(scenario())
+    assert_nothing_left(stack)
+
+
+def test_kubectl_debug_targets_a_linux_container_but_not_a_module_whose_pid_namespace_is_the_hosts(
+        stack: Stack) -> None:
+    async def debug(client: CriClient, pod_id: str, pod: cri.PodSandboxConfig, name: str, target: str) -> str:
+        config = container_config(name, BUSYBOX, ["sleep", "3600"], log_path=f"{name}.log")
+        config.linux.security_context.namespace_options.pid = cri.TARGET
+        config.linux.security_context.namespace_options.target_id = target
+        cid = (await client.create_container(pod_id, config, pod)).container_id
+        await client.start_container(cid)
+        return cid
+
+    async def scenario() -> None:
+        async with CriClient(stack.address) as client:
+            pod_id, pod = await run_pod(client, "debugged", stack.log_dir, WASM_HANDLER)
+            module = await start_module(client, pod_id, pod, "module", ["/loop.wasm"])
+            app = await start_container(client, pod_id, pod, "app", ["sleep", "4242"])
+            await wait_state(client, module, cri.CONTAINER_RUNNING)
+            await wait_state(client, app, cri.CONTAINER_RUNNING)
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await debug(client, pod_id, pod, "debug-module", module)
+            assert "is the host's" in refused.value.details(), refused.value.details()
+            debugger = await debug(client, pod_id, pod, "debug-app", app)
+            seen = await client.exec_sync(debugger, ["ps", "-o", "args"], timeout=20)
+            assert b"sleep 4242" in seen.stdout and b"loop.wasm" not in seen.stdout, seen.stdout
+            assert sorted(runc_containers(stack.sandboxer_dir)) == sorted([app, debugger])
             await remove_pod(client, pod_id)
 
     asyncio.run(scenario())

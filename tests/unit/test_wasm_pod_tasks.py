@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -65,8 +70,30 @@ class Backend:
         self.calls.append(("sweep", ""))
 
 
+BUNDLE: list[Path] = []  # the bundle every Create of the running test names
+
+
+def write_bundle(directory: Path, pid_namespace_path: str = "") -> Path:
+    directory.mkdir(exist_ok=True)
+    pid = {"type": "pid", "path": pid_namespace_path} if pid_namespace_path else {"type": "pid"}
+    (directory / "config.json").write_text(json.dumps({"linux": {"namespaces": [pid]}}))
+    return directory
+
+
+@pytest.fixture(autouse=True)
+def bundle(tmp_path: Path) -> Iterator[Path]:
+    """A spec with a PID namespace of the container's own."""
+    BUNDLE[:] = [write_bundle(tmp_path / "bundle")]
+    yield BUNDLE[0]
+    BUNDLE.clear()
+
+
+def create_request(cid: str) -> task.CreateTaskRequest:
+    return task.CreateTaskRequest(id=cid, bundle=str(BUNDLE[0]))
+
+
 def create(tasks: WasmPodTasks, cid: str) -> task.CreateTaskResponse:
-    return asyncio.run(tasks.create(task.CreateTaskRequest(id=cid), CTX))
+    return asyncio.run(tasks.create(create_request(cid), CTX))
 
 
 def test_an_image_without_a_module_goes_to_runc_and_each_container_is_answered_by_its_backend() -> None:
@@ -100,7 +127,7 @@ def test_one_id_is_one_container_across_both_backends_even_while_it_is_being_cre
     tasks = WasmPodTasks(wasm, linux)  # type: ignore[arg-type]
 
     async def twice() -> list[Any]:
-        return await asyncio.gather(*(tasks.create(task.CreateTaskRequest(id="c1"), CTX) for _ in range(2)),
+        return await asyncio.gather(*(tasks.create(create_request("c1"), CTX) for _ in range(2)),
                                     return_exceptions=True)
 
     first, second = asyncio.run(twice())
@@ -149,3 +176,31 @@ def test_the_task_server_runs_linux_containers_with_the_configured_runc_unless_t
     assert on.linux.runc.root == tmp_path / "on" / "runc"  # swept after a crash, as runc-sandboxer's
     off = make_backend(task_server_options({"linux_containers": False}), None, None, tmp_path / "off")  # type: ignore[arg-type]
     assert off.linux is None and off.wasm.settings.runtime == "wasmtime"
+
+
+def test_a_linux_container_may_not_join_the_hosts_pid_namespace_a_modules_process_lives_in(tmp_path: Path) -> None:
+    # kubectl debug --target of a wasm container: CRI names that container's PID namespace, the host's.
+    tasks = WasmPodTasks(Backend("wasm", refuse=NotAModule("no module")), Backend("runc"))  # type: ignore[arg-type]
+    module = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])  # a module's process
+    try:
+        for host in ("/proc/self/ns/pid", f"/proc/{module.pid}/ns/pid"):
+            write_bundle(BUNDLE[0], host)
+            with pytest.raises(FailedPrecondition, match="is the host's"):
+                create(tasks, "debugger")
+    finally:
+        module.kill()
+        module.wait()
+    assert tasks.containers == {}
+    # Another container's own PID namespace (a Linux target) is joined as asked.
+    other = subprocess.Popen(["unshare", "--pid", "--fork", sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        for _ in range(200):
+            children = Path(f"/proc/{other.pid}/task/{other.pid}/children").read_text().split()
+            if children:
+                break
+            time.sleep(0.01)
+        write_bundle(BUNDLE[0], f"/proc/{children[0]}/ns/pid")
+        assert create(tasks, "debugger").pid == 2
+    finally:
+        other.kill()
+        other.wait()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import shutil
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -25,6 +26,7 @@ from kuasar.common.api.containerd.runtime.task.v2 import shim_pb2 as task
 from kuasar.common.errors import AlreadyExists, FailedPrecondition, KuasarError, from_code
 from kuasar.common.host_runc_tasks import RuncTasks
 from kuasar.common.task_api import TASK_METHODS, TaskBackend, backend_method_name
+from kuasar.common.task_table import host_bundle, read_bundle_spec
 from kuasar.common.ttrpc import Context
 
 from .module import NotAModule
@@ -74,6 +76,7 @@ class WasmPodTasks(TaskBackend):
             if shutil.which(self.linux.runc.binary) is None:
                 raise FailedPrecondition(f"container {req.id}: {reason}; it would run as a Linux container, but "
                                          f"runc {self.linux.runc.binary!r} is not installed (PATH or [wasm] runc)")
+            refuse_the_hosts_pid_namespace(read_bundle_spec(host_bundle(req.bundle)), req.id)
             log.info("container %s: %s: a Linux container, run with runc", req.id, reason)
             try:
                 return await self.linux.create(req, ctx)
@@ -104,6 +107,27 @@ class WasmPodTasks(TaskBackend):
     async def sweep_leftovers(self) -> None:
         for backend in self._backends():
             await backend.sweep_leftovers()
+
+
+def refuse_the_hosts_pid_namespace(spec: dict[str, Any], container_id: str) -> None:
+    """A Linux container may not join a PID namespace by path that is the host's. CRI gives it the PID
+    namespace of its target container (`kubectl debug --target`), and a WebAssembly container's process
+    lives in the host's (the task server's): joining it would show the container every process of the
+    node, which no pod without hostPID may see."""
+    namespaces = (spec.get("linux") or {}).get("namespaces") or []
+    path = next((str(ns.get("path") or "") for ns in namespaces if isinstance(ns, dict) and ns.get("type") == "pid"),
+                "")
+    if not path:
+        return
+    try:
+        joined, ours = os.stat(path), os.stat("/proc/self/ns/pid")
+    except OSError:
+        return  # runc says what is wrong with it
+    if (joined.st_dev, joined.st_ino) == (ours.st_dev, ours.st_ino):
+        raise FailedPrecondition(
+            f"container {container_id}: its PID namespace ({path}) is the host's: WebAssembly containers run "
+            "in the host's PID namespace, so a Linux container cannot share a module's processes (kubectl "
+            "debug --target a wasm container); debug without --target to see the pod's own")
 
 
 def _routed(method: str) -> Callable[[WasmPodTasks, Any, Context], Awaitable[Message]]:
