@@ -128,6 +128,15 @@ FLAVORS = {
         build=lambda base, bridge, subnet, extra_path, log_level: wasm_stack(
             base, bridge=bridge, subnet=subnet, extra_path=extra_path, log_level=log_level),
         leftovers=wasm_leftovers),
+    # Linux containers in wasm-sandboxer's pods (run with runc by its task server beside the modules).
+    "wasm-linux": Flavor(
+        "wasm-linux", "containerd-shim-kuasar-wasm-v1", WASM_HANDLER, BUSYBOX,
+        long=["sleep", "3600"], short=["sh", "-c", "sleep 1; exit 7"],
+        exec=["sh", "-c", "echo exec-$((6*7))"], exec_stdout=b"exec-42\n",
+        state_subdirs=("sandboxes", "console", "runc", "pods"),
+        build=lambda base, bridge, subnet, extra_path, log_level: wasm_stack(
+            base, bridge=bridge, subnet=subnet, extra_path=extra_path, log_level=log_level),
+        leftovers=lambda stack, pod_ids: runc_leftovers(stack, pod_ids) + wasm_leftovers(stack, pod_ids)),
     "gvisor": Flavor(
         "gvisor", "containerd-shim-kuasar-quark-v1", gv.HANDLER, BUSYBOX,  # io.containerd.kuasar-quark.v1
         long=["sleep", "3600"], short=["sh", "-c", "sleep 1; exit 7"],

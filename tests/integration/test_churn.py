@@ -5,9 +5,10 @@ descriptors left over, and no memory growth in the sandboxer or its task server.
 Run for every sandbox type (tests/integration/flavors.py). N per type, with its override; times
 measured on a 2-core machine with pod networking:
 runc 400 (KUASAR_CHURN_CYCLES; about 80 s, 0.2 s a cycle), wasm 60 (KUASAR_CHURN_CYCLES_WASM; about
-17 s), gVisor 15 (KUASAR_CHURN_CYCLES_GVISOR; about 11 s, a gVisor sandbox boots per pod), vmm 2
-(KUASAR_CHURN_CYCLES_VMM; about 17 s, a TCG VM boot per pod, the baseline taken after the first cycle;
-vmm has no task server, its pods live in the guests).
+17 s), Linux containers in wasm pods 60 (KUASAR_CHURN_CYCLES_WASM_LINUX; about 15 s), gVisor 15
+(KUASAR_CHURN_CYCLES_GVISOR; about 11 s, a gVisor sandbox boots per pod), vmm 2 (KUASAR_CHURN_CYCLES_VMM;
+about 17 s, a TCG VM boot per pod, the baseline taken after the first cycle; vmm has no task server,
+its pods live in the guests).
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ pytestmark = pytest.mark.integration
 CHURN = {
     "runc": (int(os.environ.get("KUASAR_CHURN_CYCLES", "400")), "kuasar-ch0", "10.253.0.0/16"),
     "wasm": (int(os.environ.get("KUASAR_CHURN_CYCLES_WASM", "60")), "kuasar-ch1", "10.246.0.0/16"),
+    "wasm-linux": (int(os.environ.get("KUASAR_CHURN_CYCLES_WASM_LINUX", "60")), "kuasar-ch4", "10.238.0.0/16"),
     "gvisor": (int(os.environ.get("KUASAR_CHURN_CYCLES_GVISOR", "15")), "kuasar-ch2", "10.245.0.0/16"),
     "vmm": (int(os.environ.get("KUASAR_CHURN_CYCLES_VMM", "2")), "kuasar-ch3", "10.244.0.0/16"),
 }
