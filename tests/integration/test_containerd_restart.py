@@ -36,7 +36,7 @@ DOWNTIME = 3.0
 CHATTY = ["sh", "-c", "while :; do echo tick; sleep 0.05; done"]
 READER = ["sh", "-c", "cat > /dev/null; exit 9"]
 NETWORKS = {"runc": ("kuasar-rl0", "10.252.0.0/16"), "wasm": ("kuasar-rl1", "10.248.0.0/16"),
-            "gvisor": ("kuasar-rl2", "10.247.0.0/16")}
+            "wasm-linux": ("kuasar-rl3", "10.237.0.0/16"), "gvisor": ("kuasar-rl2", "10.247.0.0/16")}
 
 
 
