@@ -428,11 +428,17 @@ def test_attach_to_a_tty_container_like_kubectl_run_it(stack: Stack) -> None:
 def test_container_stats_and_update_resources(stack: Stack) -> None:
     async def scenario() -> None:
         async with CriClient(stack.address) as client:
-            pod_id, pod = await run_pod(client, "stats", stack.log_dir)
+            pod_id, pod = await run_pod(client, "stats", stack.log_dir,
+                                        cgroup_parent=f"kuasar-stats-{os.getpid()}/pod-s")
             cid = await start_container(client, pod_id, pod, "main", ["sleep", "3600"])
             await wait_state(client, cid, cri.CONTAINER_RUNNING)
             stats = (await client.container_stats(cid)).stats
             assert stats.memory.working_set_bytes.value > 0 or stats.memory.usage_bytes.value > 0
+            # The pod's own (CRI reads the pod's cgroup parent, where our pod process and containers are).
+            pod_stats = (await client.pod_sandbox_stats(pod_id)).stats
+            assert pod_stats.attributes.id == pod_id
+            assert pod_stats.linux.memory.working_set_bytes.value > 0
+            assert [c.attributes.id for c in pod_stats.linux.containers] == [cid]
             resources = cri.LinuxContainerResources(memory_limit_in_bytes=64 << 20, cpu_shares=512)
             await client.update_container_resources(cid, resources)
             limit = await client.exec_sync(cid, ["cat", memory_limit_file_in_container()],
