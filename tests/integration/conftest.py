@@ -52,31 +52,38 @@ class Stack:
 
 def start_sandboxer(socket: Path, directory: Path, log_path: Path, events_address: str,
                     module: str = "kuasar.runc.cli", extra_args: tuple[str, ...] = ()) -> subprocess.Popen:
-    """Start a sandboxer daemon (`python -m <module>`) and wait until its Sandbox API accepts."""
+    """Start a sandboxer daemon (`python -m <module>`) and wait until it says READY=1 on its
+    $NOTIFY_SOCKET, as systemd would: its Sandbox API accepts before then, holding the calls while it
+    recovers the sandboxes it had, and a test that looks at what recovery removes must not look sooner."""
+    notify = socketlib.socket(socketlib.AF_UNIX, socketlib.SOCK_DGRAM)
+    notify_name = f"kuasar-test-notify-{os.getpid()}-{secrets.token_hex(4)}"
+    notify.bind("\0" + notify_name)
+    notify.settimeout(0.05)
     log = open(log_path, "ab")  # noqa: SIM115 - handed to the child
-    proc = subprocess.Popen(
-        [sys.executable, "-m", module, "--listen", str(socket), "--dir", str(directory),
-         "--log-level", "debug", "--events-address", events_address, *extra_args],
-        stdout=log, stderr=log, stdin=subprocess.DEVNULL)
-    log.close()
-    deadline = time.monotonic() + 30
-    while not accepts_connections(socket):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"runc-sandboxer did not start; see {log_path}:\n{log_path.read_text()[-3000:]}")
-        time.sleep(0.05)
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", module, "--listen", str(socket), "--dir", str(directory),
+             "--log-level", "debug", "--events-address", events_address, *extra_args],
+            env={**os.environ, "NOTIFY_SOCKET": "@" + notify_name},
+            stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+        log.close()
+        deadline = time.monotonic() + 60
+        while not sent_ready(notify):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{module} did not start; see {log_path}:\n{log_path.read_text()[-3000:]}")
+    finally:
+        log.close()
+        notify.close()
     return proc
 
 
-def accepts_connections(path: Path) -> bool:
-    """True once a server listens at `path` (a stale socket file from a killed process refuses)."""
-    probe = socketlib.socket(socketlib.AF_UNIX, socketlib.SOCK_STREAM)
+def sent_ready(notify: socketlib.socket) -> bool:
+    """True if the next datagram on `notify` (within its timeout) carries READY=1."""
     try:
-        probe.connect(str(path))
-        return True
-    except OSError:
+        message = notify.recv(4096)
+    except TimeoutError:
         return False
-    finally:
-        probe.close()
+    return b"READY=1" in message.split(b"\n")
 
 
 def stop_process(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
