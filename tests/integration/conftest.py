@@ -58,7 +58,6 @@ def start_sandboxer(socket: Path, directory: Path, log_path: Path, events_addres
     notify = socketlib.socket(socketlib.AF_UNIX, socketlib.SOCK_DGRAM)
     notify_name = f"kuasar-test-notify-{os.getpid()}-{secrets.token_hex(4)}"
     notify.bind("\0" + notify_name)
-    notify.settimeout(0.05)
     log = open(log_path, "ab")  # noqa: SIM115 - handed to the child
     try:
         proc = subprocess.Popen(
@@ -67,23 +66,25 @@ def start_sandboxer(socket: Path, directory: Path, log_path: Path, events_addres
             env={**os.environ, "NOTIFY_SOCKET": "@" + notify_name},
             stdout=log, stderr=log, stdin=subprocess.DEVNULL)
         log.close()
-        deadline = time.monotonic() + 60
-        while not sent_ready(notify):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"{module} did not start; see {log_path}:\n{log_path.read_text()[-3000:]}")
+        message = wait_ready(notify, proc, log_path)
     finally:
         log.close()
         notify.close()
+    assert b"READY=1" in message.split(b"\n"), message
     return proc
 
 
-def sent_ready(notify: socketlib.socket) -> bool:
-    """True if the next datagram on `notify` (within its timeout) carries READY=1."""
-    try:
-        message = notify.recv(4096)
-    except TimeoutError:
-        return False
-    return b"READY=1" in message.split(b"\n")
+def wait_ready(notify: socketlib.socket, proc: subprocess.Popen, log: Path, timeout: float = 60) -> bytes:
+    """The first message a daemon sends on the $NOTIFY_SOCKET bound to `notify` (READY=1 and its status)."""
+    deadline = time.monotonic() + timeout
+    notify.settimeout(0.2)
+    while time.monotonic() < deadline:
+        try:
+            return notify.recv(4096)
+        except TimeoutError:
+            if proc.poll() is not None:
+                break
+    raise AssertionError(f"no READY=1 from {proc.args}:\n{log.read_text()[-3000:]}")
 
 
 def stop_process(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:

@@ -25,7 +25,6 @@ import socket
 import subprocess
 import sys
 import sysconfig
-import time
 import tomllib
 import warnings
 from collections.abc import Iterator
@@ -39,7 +38,7 @@ from tests.support import containerd as cd
 from tests.support import images
 
 from . import cri_helpers as h
-from .conftest import integration_skip_reason, kill_task_server, stop_process
+from .conftest import integration_skip_reason, kill_task_server, stop_process, wait_ready
 
 pytestmark = pytest.mark.integration
 
@@ -224,18 +223,6 @@ def test_install_into_a_prefix(dist: Path, tmp_path: Path) -> None:
 
 
 # -- the installed runc-sandboxer serving pods ---------------------------------------------------------------
-def wait_ready(notify: socket.socket, proc: subprocess.Popen, log: Path, timeout: float = 60) -> bytes:
-    deadline = time.monotonic() + timeout
-    notify.settimeout(0.2)
-    while time.monotonic() < deadline:
-        try:
-            return notify.recv(4096)
-        except TimeoutError:
-            if proc.poll() is not None:
-                break
-    raise AssertionError(f"no READY=1 from the frozen sandboxer:\n{log.read_text()[-3000:]}")
-
-
 def mapped_files(pid: int) -> set[str]:
     with open(f"/proc/{pid}/maps") as f:
         return {line.split(None, 5)[5].strip() for line in f if len(line.split(None, 5)) == 6}
