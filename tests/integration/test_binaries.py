@@ -25,6 +25,7 @@ import socket
 import subprocess
 import sys
 import sysconfig
+import tempfile
 import tomllib
 import warnings
 from collections.abc import Iterator
@@ -154,6 +155,26 @@ def test_install_with_destdir_then_uninstall(dist: Path, tmp_path: Path) -> None
                           "usr/local/etc/kuasar", "usr/local/etc/kuasar/runc.toml"}
 
 
+def check_enable_makes_containerd_want_it(units: list[Path]) -> None:
+    """`systemctl enable` of a unit (offline, on a root of its own) links it into containerd.service.wants
+    too: a containerd started while the sandboxer is down starts it and, ordered after it, waits for it."""
+    systemctl = shutil.which("systemctl")
+    if systemctl is None:  # not a systemd machine: nothing would read the units either
+        return
+    with tempfile.TemporaryDirectory() as name:
+        root = Path(name)
+        unitdir = root / "usr/lib/systemd/system"
+        unitdir.mkdir(parents=True)
+        for unit_path in units:
+            shutil.copy(unit_path, unitdir / unit_path.name)
+        res = subprocess.run([systemctl, f"--root={root}", "enable", "kuasar-runc.service"], capture_output=True,
+                             text=True, timeout=60, check=False)
+        assert res.returncode == 0, res.stderr
+        wants = root / "etc/systemd/system/containerd.service.wants"
+        assert sorted(p.name for p in wants.iterdir()) == ["kuasar-runc.service"]
+        assert (root / "etc/systemd/system/multi-user.target.wants/kuasar-runc.service").is_symlink()
+
+
 def test_install_into_a_prefix(dist: Path, tmp_path: Path) -> None:
     prefix = tmp_path / "prefix"
     shimdir = tmp_path / "containerd-path"
@@ -180,7 +201,9 @@ def test_install_into_a_prefix(dist: Path, tmp_path: Path) -> None:
         assert program.parent == prefix / "bin" and os.access(program, os.X_OK)
         config = service["ExecStart"].split("--config ")[1].split()[0]
         tomllib.loads(Path(config).read_text())  # every referenced config exists and is TOML
-        assert unit["Install"]["WantedBy"] == "multi-user.target"
+        assert unit["Install"]["WantedBy"].split() == ["multi-user.target", "containerd.service"]
+        assert unit["Unit"]["Before"] == "containerd.service"
+    check_enable_makes_containerd_want_it(units)
     analyze = shutil.which("systemd-analyze")
     if analyze:
         res = subprocess.run([analyze, "verify", "--man=no", *map(str, units)], capture_output=True, text=True,
