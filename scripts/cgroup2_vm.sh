@@ -23,11 +23,13 @@ ACCEL=${CGROUP2_VM_ACCEL:-tcg}
 TIMEOUT=${CGROUP2_VM_TIMEOUT:-1800}
 SUITE=trixie
 # The tests that exercise cgroups through real runc, containerd, wasm and gVisor pods (gVisor's also
-# systemd's noexec /run), and the units that read and write cgroup files themselves.
+# systemd's noexec /run), the units that read and write cgroup files themselves, and the installed
+# systemd unit under a real systemd.
 CGROUP2_DEFAULT_TESTS="tests/unit/test_oom_watch.py tests/unit/test_cgroup_attach.py tests/unit/test_cgroup_controllers.py
 tests/unit/test_runc_exec_paths.py tests/unit/test_pod_service_cgroup.py tests/unit/test_pod_leftovers.py
 tests/unit/test_gvisor_pause_rootfs.py tests/integration/test_runc_cri.py tests/integration/test_runc_task_server_crash.py
-tests/integration/test_wasm_cri.py tests/integration/test_wasm_task_api.py tests/integration/test_gvisor_cri.py"
+tests/integration/test_wasm_cri.py tests/integration/test_wasm_task_api.py tests/integration/test_gvisor_cri.py
+tests/integration/test_systemd_units.py"
 # Packages of the VM beyond debootstrap's minimal base: a booting system with systemd, a kernel with its
 # initramfs, and what scripts/setup.sh expects of any Debian machine.
 GUEST_PACKAGES=systemd,systemd-sysv,udev,linux-image-amd64,initramfs-tools,ca-certificates,kmod,iproute2,procps

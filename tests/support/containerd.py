@@ -321,16 +321,10 @@ class ContainerdInstance:
     def start(self) -> ContainerdInstance:
         if self.proc is not None:
             raise ContainerdError("already started")
-        if not self.containerd_bin.exists():
-            raise ContainerdError(f"{self.containerd_bin} missing: run `make setup`")
-        for d in (self.root_dir, self.state_dir, self.cni_conf_dir, self.cni_data_dir, self.sock_dir):
-            d.mkdir(parents=True, exist_ok=True)
-        (self.cni_conf_dir / "10-kuasar-test.conflist").write_text(json.dumps(self.cni_conflist(), indent=2))
-        self.config_path.write_text(self.config_text())
-        self._bridge_existed = Path(f"/sys/class/net/{self.bridge}").exists()
+        command = self.prepare()
         self._log_file = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
-            [str(self.containerd_bin), "--config", str(self.config_path)],
+            command,
             stdin=subprocess.DEVNULL,
             stdout=self._log_file,
             stderr=subprocess.STDOUT,
@@ -344,6 +338,17 @@ class ContainerdInstance:
             self.stop()
             raise
         return self
+
+    def prepare(self) -> list[str]:
+        """Write the config, CNI config and directories; the command that runs containerd on them."""
+        if not self.containerd_bin.exists():
+            raise ContainerdError(f"{self.containerd_bin} missing: run `make setup`")
+        for d in (self.root_dir, self.state_dir, self.cni_conf_dir, self.cni_data_dir, self.sock_dir):
+            d.mkdir(parents=True, exist_ok=True)
+        (self.cni_conf_dir / "10-kuasar-test.conflist").write_text(json.dumps(self.cni_conflist(), indent=2))
+        self.config_path.write_text(self.config_text())
+        self._bridge_existed = Path(f"/sys/class/net/{self.bridge}").exists()
+        return [str(self.containerd_bin), "--config", str(self.config_path)]
 
     def _wait_ready(self) -> None:
         deadline = time.monotonic() + self.start_timeout
