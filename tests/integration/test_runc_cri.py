@@ -428,8 +428,10 @@ def test_attach_to_a_tty_container_like_kubectl_run_it(stack: Stack) -> None:
 def test_container_stats_and_update_resources(stack: Stack) -> None:
     async def scenario() -> None:
         async with CriClient(stack.address) as client:
+            # Absolute, as kubelet's cgroupfs driver gives it: containerd reads PodSandboxStats from the
+            # pod's cgroup parent, and on cgroup v2 it refuses a relative one ("invalid group path").
             pod_id, pod = await run_pod(client, "stats", stack.log_dir,
-                                        cgroup_parent=f"kuasar-stats-{os.getpid()}/pod-s")
+                                        cgroup_parent=f"/kuasar-stats-{os.getpid()}/pod-s")
             cid = await start_container(client, pod_id, pod, "main", ["sleep", "3600"])
             await wait_state(client, cid, cri.CONTAINER_RUNNING)
             stats = (await client.container_stats(cid)).stats
