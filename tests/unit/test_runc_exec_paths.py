@@ -25,7 +25,7 @@ from kuasar.common.fifo_stdio import ProcessIO
 from kuasar.common.host_runc_tasks import RuncTasks
 from kuasar.common.reaper import Reaper
 from kuasar.common.runc_cli import Runc
-from kuasar.common.runc_tasks import RuncContainer, RuncProcess, _container_procs_file
+from kuasar.common.runc_tasks import RuncContainer, RuncProcess, _container_procs_file, named_after
 from kuasar.common.task_table import NEVER_RAN_EXIT_STATUS
 from tests.support.events import RecordedEvents
 
@@ -228,13 +228,27 @@ def test_kill_all_of_a_container_whose_init_is_gone_ends_what_it_left_in_a_share
         assert _killed(left)
 
 
+@pytest.mark.parametrize(("name", "container_id", "own"), [
+    ("3f2a9c", "3f2a9c", True),  # <parent>/<id>
+    ("cri-containerd-3f2a9c.scope", "3f2a9c", True),  # slice:cri-containerd:<id>
+    ("3f2a9c.scope", "3f2a9c", True),  # slice::<id>
+    ("kuasar-unit-a843bfc2-c1", "c2", False),  # holds the id, and is another's
+    ("web-frontend", "web", False),
+    ("pod-web", "web", False),  # a parent named after its pod: shared by its containers
+    ("cri-containerd-3f2a9c.scope", "9c", False),
+    ("3f2a9c.slice", "3f2a9c", False),
+])
+def test_a_containers_own_cgroup_is_named_exactly_after_it(name: str, container_id: str, own: bool) -> None:
+    assert named_after(name, container_id) is own
+
+
 def test_only_a_cgroup_named_after_the_container_is_one_to_end_the_rest_of(tmp_path: Path) -> None:
     # A cgroup shared with others (the root's, a parent's) is not: ending "the rest" there would end
     # other processes.
     hierarchy = cgroups.CGROUP_ROOT if cgroups.is_unified() else cgroups.CGROUP_ROOT / "pids"
     if not hierarchy.is_dir():
         pytest.skip("no pids hierarchy to make a cgroup in")
-    directory = hierarchy / f"kuasar-unit-{os.urandom(4).hex()}-c1"
+    directory = hierarchy / f"kuasar-unit-{os.urandom(4).hex()}-c1.scope"  # as a systemd scope is named
     directory.mkdir()
     try:
         with _sleepers(1) as [child]:

@@ -389,12 +389,19 @@ def _process_info(pid: int, exec_id: str) -> types.ProcessInfo:
     return info
 
 
+def named_after(cgroup_name: str, container_id: str) -> bool:
+    """A cgroup named as containerd names a container's own: `<parent>/<id>` (cgroupfs) or a systemd
+    scope, `<prefix>-<id>.scope` (`slice:prefix:id`) or `<id>.scope`. Not merely one whose name holds
+    the id: a short id (`ctr run ... web`) is part of many a name, a shared parent's among them."""
+    return cgroup_name in (container_id, f"{container_id}.scope") or cgroup_name.endswith(f"-{container_id}.scope")
+
+
 def _container_procs_file(container_id: str, pid: int) -> Path | None:
     """The cgroup.procs of container `container_id`'s cgroup, where its init `pid` is; None if that
     cgroup is not the container's own (named after it, as CRI's and our paths are): ending the rest of
     a shared one would end other containers."""
     procs_file = cgroups.cgroup_procs_file(pid)
-    if procs_file is None or container_id not in procs_file.parent.name:
+    if procs_file is None or not named_after(procs_file.parent.name, container_id):
         log.warning("container %s: its cgroup is not its own; its init's exit ends only the init", container_id)
         return None
     return procs_file
