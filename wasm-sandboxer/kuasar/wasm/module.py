@@ -24,6 +24,12 @@ class NotAModule(InvalidArgument):
     that is not WebAssembly (an ELF binary, a script). A wasm pod may run such a container with runc."""
 
 
+def _refusal(name: str) -> type[InvalidArgument]:
+    """The error for a name that is no module: a `*.wasm` name is a wasm image gone wrong, never a
+    program for runc; any other may be a Linux container's."""
+    return InvalidArgument if name.endswith(".wasm") else NotAModule
+
+
 def locate_module(rootfs: Path, args: list[str], cwd: str = "/") -> Path:
     """The host path of the module `args[0]` names, checked to be a core WebAssembly module."""
     if not args or not args[0]:
@@ -37,11 +43,9 @@ def locate_module(rootfs: Path, args: list[str], cwd: str = "/") -> Path:
         if path.is_file():
             check_module_header(path, name)
             return path
-    # Not NOT_FOUND: containerd passes the code on to CRI, where it reads as an unknown container. A
-    # missing `*.wasm` is a wasm image gone wrong, not a program for $PATH.
-    refusal = InvalidArgument if name.endswith(".wasm") else NotAModule
-    raise refusal(f"wasm module {name!r} not found in the container's rootfs (looked for "
-                  f"{', '.join(tried)}); args[0] must name a .wasm file in the image")
+    # Not NOT_FOUND: containerd passes the code on to CRI, where it reads as an unknown container.
+    raise _refusal(name)(f"wasm module {name!r} not found in the container's rootfs (looked for "
+                         f"{', '.join(tried)}); args[0] must name a .wasm file in the image")
 
 
 def check_module_header(path: Path, name: str) -> None:
@@ -51,8 +55,7 @@ def check_module_header(path: Path, name: str) -> None:
     except OSError as exc:
         raise InvalidArgument(f"wasm module {name!r}: {exc.strerror}") from None
     if header[:4] != WASM_MAGIC:
-        refusal = InvalidArgument if name.endswith(".wasm") else NotAModule
-        raise refusal(f"{name!r} is not a WebAssembly module (no \\0asm header)")
+        raise _refusal(name)(f"{name!r} is not a WebAssembly module (no \\0asm header)")
     if header[4:8] != MODULE_VERSION:
         raise InvalidArgument(f"{name!r} is a WebAssembly component or an unknown binary version "
                               f"({header[4:8].hex()}); only core modules (WASI preview 1) are supported")

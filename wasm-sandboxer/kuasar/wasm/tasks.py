@@ -279,9 +279,7 @@ class WasmTasks(TerminalTasks):
                     container.rootfs_mounted = True
                 # Before the cgroup is made: an image without a module (NotAModule) may go to runc instead
                 # (pod_tasks.py), which makes its own.
-                args = [str(a) for a in process_spec.get("args") or []]
-                locate_module(rootfs, [split_entrypoint(args[0])[0]] if args else [],
-                              str(process_spec.get("cwd") or "/"))
+                plan = self._plan(container, proc)
                 if container.cgroup is not None:
                     container.cgroup.create(lambda made: self.leftovers.write(
                         req.id, ContainerLeftovers(made.path, mounted)))
@@ -289,7 +287,7 @@ class WasmTasks(TerminalTasks):
                     resources.apply_resources(container.cgroup,
                                               (spec.get("linux") or {}).get("resources") or {})
                 self._maybe_prune()
-                await self._launch(container, proc, wait_for_go=True)
+                await self._launch(container, proc, wait_for_go=True, plan=plan)
             except BaseException:
                 await self._release(container)
                 raise
@@ -298,11 +296,15 @@ class WasmTasks(TerminalTasks):
         self._publish_create(req, req.bundle, proc.pid, container.namespace)
         return task.CreateTaskResponse(pid=proc.pid)
 
-    async def _launch(self, container: Container, proc: Process, wait_for_go: bool) -> None:
-        """Fork the process, wait until its module is ready (or fail with the reason), watch its exit."""
-        name = container.id if not proc.id else f"{container.id}-{proc.id}"
+    def _plan(self, container: Container, proc: Process) -> LaunchPlan:
+        return self.plan(container, proc.spec, container.id if not proc.id else f"{container.id}-{proc.id}")
+
+    async def _launch(self, container: Container, proc: Process, wait_for_go: bool,
+                      plan: LaunchPlan | None = None) -> None:
+        """Fork the process (by `plan`, if it was made already), wait until its module is ready (or fail
+        with the reason), watch its exit."""
         with self.attach_warmer.held():  # until the child has reported, by when it is in its cgroup
-            plan = self.plan(container, proc.spec, name)
+            plan = plan or self._plan(container, proc)
             if plan.terminal:
                 master, stdio = _terminal_stdio()
             else:
