@@ -416,6 +416,9 @@ def test_exec_runs_modules_inside_the_container(stack: Stack) -> None:
             assert write.exit_code == 0, write
             read = await client.exec_sync(cid, ["argsenv.wasm", "--read", "/tmp/note.txt"], timeout=20)
             assert read.stdout.endswith(b"written by wasm\n"), read
+            # An exec runs `module.wasm#function` as a container does (it was refused at Exec).
+            export = await client.exec_sync(cid, ["/hello.wasm#greet"], timeout=20)
+            assert (export.exit_code, export.stdout) == (0, b"hello from an export\n"), export
             with pytest.raises(grpc.aio.AioRpcError) as missing:
                 await client.exec_sync(cid, ["/nope.wasm"], timeout=20)
             assert "not found" in missing.value.details()

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import resource
 from pathlib import Path
 
 import pytest
+from google.protobuf import any_pb2
 
+from kuasar.common.api.containerd.runtime.task.v2 import shim_pb2 as task
+from kuasar.common.api.containerd.types.task import task_pb2 as types
 from kuasar.common.errors import FailedPrecondition, InvalidArgument, Unimplemented
 from kuasar.common.fifo_stdio import ProcessIO
 from kuasar.wasm.launch import FileBind
@@ -239,3 +243,31 @@ def test_a_hash_in_args0_names_the_export_to_run(rootfs: Path, tmp_path: Path) -
     container.runtime = "wasmedge"
     with pytest.raises(Unimplemented, match="wasmtime only"):
         tasks.plan(container, {"args": ["/hello.wasm#greet"]}, "c1")
+
+
+def test_exec_accepts_what_its_launch_runs_and_refuses_the_rest(rootfs: Path, tmp_path: Path) -> None:
+    # Exec checked args[0] whole, so `hello.wasm#greet` (which the launch splits) was refused at Exec.
+    class Events:
+        def publish(self, *args: object, **kwargs: object) -> None:
+            pass
+
+    tasks = WasmTasks(reaper=None, events=Events(), directory=tmp_path / "dir",  # type: ignore[arg-type]
+                      settings=WasmSettings(cache=False))
+    init = Process("", io=ProcessIO(), spec={}, pid=os.getpid(), status=types.RUNNING)
+    tasks.containers["c1"] = Container("c1", tmp_path, "pod", "k8s.io", {}, rootfs, "wasmtime", "", init)
+
+    def exec_of(exec_id: str, args: list[str]) -> task.ExecProcessRequest:
+        return task.ExecProcessRequest(id="c1", exec_id=exec_id,
+                                       spec=any_pb2.Any(value=json.dumps({"args": args, "cwd": "/"}).encode()))
+
+    async def main() -> None:
+        await tasks.exec(exec_of("e1", ["/hello.wasm#greet"]), None)  # type: ignore[arg-type]
+        await tasks.exec(exec_of("e2", ["app/bin/tool.wasm"]), None)  # type: ignore[arg-type]
+        for exec_id, args, error in (("e3", ["/hello.wasm#"], "is not module.wasm#function"),
+                                     ("e4", ["/missing.wasm#greet"], "not found in the container's rootfs"),
+                                     ("e5", ["/text.txt"], "is not a WebAssembly module")):
+            with pytest.raises(InvalidArgument, match=error):
+                await tasks.exec(exec_of(exec_id, args), None)  # type: ignore[arg-type]
+        assert sorted(tasks.containers["c1"].execs) == ["e1", "e2"]
+
+    asyncio.run(main())

@@ -135,6 +135,13 @@ def split_entrypoint(arg0: str) -> tuple[str, str]:
     return name, entry or DEFAULT_ENTRY
 
 
+def module_of(rootfs: Path, args: list[str], cwd: str) -> tuple[Path, str]:
+    """(host path of the module, export to run) that a process's args name: what its launch will run,
+    so that Create and Exec refuse what the launch would."""
+    module_name, entry = split_entrypoint(args[0] if args else "")
+    return locate_module(rootfs, [module_name], cwd), entry
+
+
 def _binds(spec_mounts: list[dict[str, Any]], excluded: tuple[str, ...]) -> Iterator[tuple[str, str, list[str]]]:
     """(source, destination, options) of the spec's bind mounts, but for those under `excluded`."""
     for m in spec_mounts or []:
@@ -209,8 +216,7 @@ class WasmTasks(TerminalTasks):
             raise InvalidArgument("the OCI spec has no process")
         args = [str(a) for a in process.get("args") or []]
         cwd = str(process.get("cwd") or "/")
-        module_name, entry = split_entrypoint(args[0] if args else "")
-        module = locate_module(container.rootfs, [module_name], cwd)
+        module, entry = module_of(container.rootfs, args, cwd)
         root = container.spec.get("root") or {}
         preopens = [Preopen(str(container.rootfs), "/", writable=not root.get("readonly", False)),
                     *bind_preopens(container.spec.get("mounts") or [])]
@@ -379,7 +385,7 @@ class WasmTasks(TerminalTasks):
         async with self._holding(req.id, shared=True) as container:  # not behind other execs' Starts
             container.check_new_exec(req.exec_id)
             # Fail now, not at Start, if the module is not there (ExecSync then says why).
-            locate_module(container.rootfs, [str(a) for a in spec["args"]], str(spec.get("cwd") or "/"))
+            module_of(container.rootfs, [str(a) for a in spec["args"]], str(spec.get("cwd") or "/"))
             container.execs[req.exec_id] = Process(
                 req.exec_id, io=ProcessIO(req.stdin, req.stdout, req.stderr, req.terminal), spec=spec)
         self._publish_exec_added(req, container.namespace)
