@@ -15,18 +15,15 @@ from google.protobuf import empty_pb2
 from . import cgroup_attach, cgroups, mounts
 from .api.containerd.runtime.task.v2 import shim_pb2 as task
 from .api.containerd.types.task import task_pb2 as types
-from .errors import AlreadyExists, FailedPrecondition, NotFound
+from .errors import NotFound
 from .events import EventPublisher
 from .fifo_stdio import ProcessIO
-from .ids import validate_id
 from .pod_files import pod_dir, rewrite_container_spec
 from .reaper import Reaper
 from .runc_cli import Runc
 from .runc_tasks import RuncContainer, RuncContainerTasks, RuncProcess
 from .task_table import (
-    host_bundle,
     pod_id_of,
-    read_bundle_spec,
     shares_pid_namespace,
     signal_quietly,
     wait_exited,
@@ -82,12 +79,7 @@ class RuncTasks(RuncContainerTasks):
 
     # -- lifecycle ---------------------------------------------------------------------------------
     async def create(self, req: task.CreateTaskRequest, ctx: Context) -> task.CreateTaskResponse:
-        validate_id(req.id, "container id")
-        bundle = host_bundle(req.bundle)
-        async with self._lock(req.id):
-            if req.id in self.containers:
-                raise AlreadyExists(f"container {req.id} already exists")
-            spec = read_bundle_spec(bundle)
+        async with self._creating(req) as (bundle, spec):
             pod_id = pod_id_of(spec.get("annotations") or {})
             io = ProcessIO(req.stdin, req.stdout, req.stderr, req.terminal)
             container = Container(req.id, bundle, bundle, ctx.namespace or bundle_namespace(bundle),
@@ -109,14 +101,8 @@ class RuncTasks(RuncContainerTasks):
 
     async def kill(self, req: task.KillRequest, ctx: Context) -> empty_pb2.Empty:
         container = self._get(req.id)
-        proc = container.process(req.exec_id)
-        if self._kill_of_ended(container, proc, req):
-            return empty_pb2.Empty()
-        if req.exec_id:
-            if not proc.pid:  # not started (or starting): as containerd's shim, nothing to signal yet
-                raise FailedPrecondition(f"exec {req.exec_id} of {req.id} is not running")
-            _signal([proc.pid], req.signal)
-        elif not self._signal_directly(container, req.signal, req.all):
+        if not self._kill_without_runc(container, req) and not self._signal_directly(container, req.signal,
+                                                                                      req.all):
             await self.runc.kill(req.id, req.signal, all_processes=req.all)
         return empty_pb2.Empty()
 

@@ -30,7 +30,7 @@ from .api.containerd.runtime.task.v2 import shim_pb2 as task
 from .api.containerd.types.task import task_pb2 as types
 from .bounded import SWEEP_CONCURRENCY, each_bounded
 from .cgroup_attach import AttachLockWarmer, warm
-from .errors import InvalidArgument, KuasarError, NotFound
+from .errors import FailedPrecondition, InvalidArgument, KuasarError, NotFound
 from .ids import validate_id
 from .oom import OomWatch
 from .reaper import Exit, Reaper
@@ -170,6 +170,19 @@ class RuncContainerTasks(LeftRuntimeCommands, TerminalTasks):
         if req.all and not req.exec_id and self._end_the_rest(container, req.signal or signal.SIGKILL):
             return True
         raise NotFound(f"process {req.exec_id or req.id} already finished")
+
+    def _kill_without_runc(self, container: Any, req: task.KillRequest) -> bool:
+        """Answer a Kill that needs no `runc kill`: of an ended process (`_kill_of_ended`) or of an exec,
+        whose pid is signalled directly. False when the container's init is the backend's to signal."""
+        proc = container.process(req.exec_id)
+        if self._kill_of_ended(container, proc, req):
+            return True
+        if not req.exec_id:
+            return False
+        if not proc.pid:  # not started (or starting): as containerd's shim, nothing to signal yet
+            raise FailedPrecondition(f"exec {req.exec_id} of {req.id} is not running")
+        signal_quietly(proc.pid, req.signal)
+        return True
 
     async def _start_process(self, container: Any, proc: RuncProcess, is_exec: bool) -> None:
         """`runc create` for init, `runc exec --detach` for an exec; learn the pid, watch its exit."""

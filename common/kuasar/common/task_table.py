@@ -352,6 +352,20 @@ class ContainerTasks(TaskBackend):
         return self._locks.hold(container_id, shared)
 
     @contextlib.asynccontextmanager
+    async def _creating(self, req: task.CreateTaskRequest) -> AsyncIterator[tuple[Path, dict[str, Any]]]:
+        """What every Create of a host bundle begins with: a valid id, its lock held, the id not taken
+        (`_refuse_known_id`); the bundle and its spec."""
+        validate_id(req.id, "container id")
+        bundle = host_bundle(req.bundle)
+        async with self._lock(req.id):
+            self._refuse_known_id(req.id)
+            yield bundle, read_bundle_spec(bundle)
+
+    def _refuse_known_id(self, container_id: str) -> None:
+        if container_id in self.containers:
+            raise AlreadyExists(f"container {container_id} already exists")
+
+    @contextlib.asynccontextmanager
     async def _holding(self, container_id: str, shared: bool = False) -> AsyncIterator[Any]:
         """The container, with its lock held (exclusively unless `shared`). NotFound if it is gone by
         the time the lock is ours: a Delete that went first (the container may even have been created

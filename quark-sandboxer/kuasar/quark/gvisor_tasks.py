@@ -56,9 +56,7 @@ from kuasar.common.task_table import (
     TerminalTasks,
     dead_init_pids,
     drain_and_close_io,
-    host_bundle,
     parse_exec_spec,
-    read_bundle_spec,
     report_init_exit_last,
     running_pids,
     shares_pid_namespace,
@@ -276,11 +274,7 @@ class GvisorTasks(LeftRuntimeCommands, TerminalTasks):
 
     # -- lifecycle ---------------------------------------------------------------------------------
     async def create(self, req: task.CreateTaskRequest, ctx: Context) -> task.CreateTaskResponse:
-        validate_id(req.id, "container id")
-        bundle = host_bundle(req.bundle)
-        async with self._lock(req.id):
-            self._refuse_known_id(req.id)
-            spec = read_bundle_spec(bundle)
+        async with self._creating(req) as (bundle, spec):
             annotations = spec.get("annotations") or {}
             pod_id = annotations.get(gvisor_pod.SANDBOX_ID, "")
             pod = self.pods.get(pod_id)

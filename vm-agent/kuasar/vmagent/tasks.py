@@ -19,7 +19,7 @@ from google.protobuf import empty_pb2
 from kuasar.common import mounts
 from kuasar.common.api.containerd.runtime.task.v2 import shim_pb2 as task
 from kuasar.common.api.containerd.types.task import task_pb2 as types
-from kuasar.common.errors import AlreadyExists, FailedPrecondition, InvalidArgument
+from kuasar.common.errors import InvalidArgument
 from kuasar.common.ids import validate_id
 from kuasar.common.reaper import Reaper
 from kuasar.common.runc_cli import Runc
@@ -28,7 +28,6 @@ from kuasar.common.streaming_io import StreamHub
 from kuasar.common.task_table import (
     read_bundle_spec,
     shares_pid_namespace,
-    signal_quietly,
 )
 from kuasar.common.ttrpc import Context
 
@@ -131,8 +130,7 @@ class GuestTasks(RuncContainerTasks):
     async def create(self, req: task.CreateTaskRequest, ctx: Context) -> task.CreateTaskResponse:
         validate_id(req.id, "container id")
         async with self._lock(req.id):
-            if req.id in self.containers:
-                raise AlreadyExists(f"container {req.id} already exists")
+            self._refuse_known_id(req.id)
             bundle = self.resolve_bundle(req.id, req.bundle)
             self._check_rootfs_paths(req.rootfs)
             shares_pids = shares_pid_namespace(read_bundle_spec(bundle))
@@ -158,16 +156,8 @@ class GuestTasks(RuncContainerTasks):
         return task.CreateTaskResponse(pid=container.init.pid)
 
     async def kill(self, req: task.KillRequest, ctx: Context) -> empty_pb2.Empty:
-        container = self._get(req.id)
-        proc = container.process(req.exec_id)
-        if self._kill_of_ended(container, proc, req):
-            return empty_pb2.Empty()
-        if req.exec_id:
-            if not proc.pid:  # not started (or starting): as containerd's shim, nothing to signal yet
-                raise FailedPrecondition(f"exec {req.exec_id} of {req.id} is not running")
-            signal_quietly(proc.pid, req.signal)
-            return empty_pb2.Empty()
-        await self.runc.kill(req.id, req.signal, all_processes=req.all)
+        if not self._kill_without_runc(self._get(req.id), req):
+            await self.runc.kill(req.id, req.signal, all_processes=req.all)
         return empty_pb2.Empty()
 
     # -- inspection --------------------------------------------------------------------------------

@@ -29,7 +29,6 @@ from kuasar.common import cgroup_attach, cgroups, mounts
 from kuasar.common.api.containerd.runtime.task.v2 import shim_pb2 as task
 from kuasar.common.api.containerd.types.task import task_pb2 as types
 from kuasar.common.errors import (
-    AlreadyExists,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
@@ -48,10 +47,8 @@ from kuasar.common.task_table import (
     TerminalTasks,
     dead_init_pids,
     drain_and_close_io,
-    host_bundle,
     parse_exec_spec,
     pod_id_of,
-    read_bundle_spec,
     report_init_exit_last,
     signal_quietly,
     state_response,
@@ -256,12 +253,7 @@ class WasmTasks(TerminalTasks):
 
     # -- lifecycle ---------------------------------------------------------------------------------
     async def create(self, req: task.CreateTaskRequest, ctx: Context) -> task.CreateTaskResponse:
-        validate_id(req.id, "container id")
-        bundle = host_bundle(req.bundle)
-        async with self._lock(req.id):
-            if req.id in self.containers:
-                raise AlreadyExists(f"container {req.id} already exists")
-            spec = read_bundle_spec(bundle)
+        async with self._creating(req) as (bundle, spec):
             pod_id = pod_id_of(spec.get("annotations") or {})
             runtime, wasmedge = self.select_runtime(spec)
             root_path = Path(str((spec.get("root") or {}).get("path") or "rootfs"))
