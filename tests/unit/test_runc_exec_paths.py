@@ -20,10 +20,10 @@ from google.protobuf import any_pb2
 from kuasar.common import cgroups
 from kuasar.common.api.containerd.runtime.task.v2 import shim_pb2 as task
 from kuasar.common.api.containerd.types.task import task_pb2 as types
-from kuasar.common.errors import FailedPrecondition, NotFound, RuntimeFailure
+from kuasar.common.errors import FailedPrecondition, InvalidArgument, NotFound, RuntimeFailure
 from kuasar.common.fifo_stdio import ProcessIO
 from kuasar.common.host_runc_tasks import RuncTasks
-from kuasar.common.reaper import Reaper
+from kuasar.common.reaper import Exit, Reaper
 from kuasar.common.runc_cli import Runc
 from kuasar.common.runc_tasks import RuncContainer, RuncProcess, _container_procs_file, named_after
 from kuasar.common.task_table import NEVER_RAN_EXIT_STATUS
@@ -425,3 +425,89 @@ def test_an_inits_exit_waits_for_an_exec_still_being_started(tmp_path: Path, exe
     with _sleepers(2) as (init_pid, exec_pid):
         container.init.pid = init_pid
         asyncio.run(scenario(init_pid, exec_pid))
+
+
+class ExitingRunc(FakeRunc):
+    """runc whose `start` (the command, as with poststart hooks) returns only after the init exited."""
+
+    def __init__(self, tasks: RuncTasks) -> None:
+        super().__init__(False, [])
+        self.tasks = tasks
+
+    async def start(self, container_id: str, bundle: Path, log_path: Path, init_exited: asyncio.Event) -> None:
+        container = self.tasks.containers[container_id]
+        self.tasks._record_exit(container, container.init, Exit(container.init.pid, 0, time.time_ns()))
+        await asyncio.sleep(0)
+
+
+def test_an_exit_during_start_is_published_after_the_start_event(tmp_path: Path) -> None:
+    # A `runc start` (poststart hooks) during which a short init exited published /tasks/exit before
+    # /tasks/start (4 of 30 such containers under real runc); containerd's shim holds the exit back.
+    tasks, events, _ = _tasks(tmp_path)
+    container = tasks.containers["c1"]
+    container.init.status = types.CREATED
+    tasks.runc = ExitingRunc(tasks)  # type: ignore[assignment]
+    container.execs["e1"] = RuncProcess("e1", ProcessIO(), spec=b"{}")
+
+    async def exec_that_exits_at_once(container: RuncContainer, proc: RuncProcess) -> None:
+        proc.pid = os.getpid()
+        tasks._record_exit(container, proc, Exit(proc.pid, 3, time.time_ns()))
+        await asyncio.sleep(0)
+
+    tasks._run_exec = exec_that_exits_at_once  # type: ignore[method-assign]
+
+    async def scenario() -> None:
+        await tasks.start(task.StartRequest(id="c1"), CTX)  # type: ignore[arg-type]
+        container.init.status, container.init.exited = types.RUNNING, asyncio.Event()  # run the exec's case
+        await tasks.start(task.StartRequest(id="c1", exec_id="e1"), CTX)  # type: ignore[arg-type]
+
+    asyncio.run(scenario())
+    assert events.topics == ["/tasks/start", "/tasks/exit", "/tasks/exec-started", "/tasks/exit"]
+    assert container.execs["e1"].exit_status == 3  # its own exit, published once
+
+
+def test_wait_on_an_exec_never_started_returns_when_its_container_is_deleted(tmp_path: Path) -> None:
+    # Its Start refused (the init had exited), the container deleted: the exec's Wait waited for ever.
+    tasks, _, steps = _tasks(tmp_path)
+    container = tasks.containers["c1"]
+
+    async def scenario() -> None:
+        await tasks.exec(task.ExecProcessRequest(id="c1", exec_id="e1", spec=SPEC), CTX)  # type: ignore[arg-type]
+        waiting = asyncio.ensure_future(tasks.wait(task.WaitRequest(id="c1", exec_id="e1"), CTX))  # type: ignore
+        container.init.record_exit(0, time.time_ns())
+        with pytest.raises(FailedPrecondition, match="not running"):
+            await tasks.start(task.StartRequest(id="c1", exec_id="e1"), CTX)  # type: ignore[arg-type]
+        await tasks.delete(task.DeleteRequest(id="c1"), CTX)  # type: ignore[arg-type]
+        assert (await asyncio.wait_for(waiting, 2)).exit_status == NEVER_RAN_EXIT_STATUS
+
+    asyncio.run(scenario())
+    assert steps == ["runc delete"] and "c1" not in tasks.containers
+
+
+def test_a_running_exec_of_a_paused_container_is_paused(tmp_path: Path) -> None:
+    # runc freezes the whole cgroup; State of an exec said RUNNING (containerd's shim: PAUSED).
+    tasks, _, _ = _tasks(tmp_path)
+    container = tasks.containers["c1"]
+    container.execs["e1"] = RuncProcess("e1", ProcessIO(), pid=os.getpid(), status=types.RUNNING)
+    container.execs["e2"] = RuncProcess("e2", ProcessIO(), pid=1, status=types.STOPPED)
+
+    def states() -> list[int]:
+        return [asyncio.run(tasks.state(task.StateRequest(id="c1", exec_id=e), CTX)).status  # type: ignore
+                for e in ("", "e1", "e2")]
+
+    assert states() == [types.RUNNING, types.RUNNING, types.STOPPED]
+    container.init.status = types.PAUSED
+    assert states() == [types.PAUSED, types.PAUSED, types.STOPPED]
+
+
+def test_stdio_refused_after_stdin_was_opened_leaves_no_fd(tmp_path: Path) -> None:
+    # The stdin FIFO's read end and our held write end stayed open when stdout was refused (not a FIFO
+    # path, e.g. containerd's binary:// logging), for the task server's life.
+    stdin = tmp_path / "in"
+    os.mkfifo(stdin)
+    fds = len(os.listdir("/proc/self/fd"))
+    for _ in range(3):
+        io = ProcessIO(str(stdin), "binary:///bin/logger", "")
+        with pytest.raises(InvalidArgument, match="only FIFO paths"):
+            io.runc_stdio()
+    assert len(os.listdir("/proc/self/fd")) == fds

@@ -70,6 +70,9 @@ class ProcessIO(ConsoleReceiver):
         except OSError as exc:
             self.close()
             raise RuntimeFailure(f"opening stdio: {exc}") from None
+        except BaseException:  # a path refused (not a FIFO path): what was opened before it goes too
+            self.close()
+            raise
         return stdio
 
     async def receive_console(self) -> None:

@@ -338,8 +338,7 @@ class RuncContainerTasks(LeftRuntimeCommands, TerminalTasks):
     async def state(self, req: task.StateRequest, ctx: Context) -> task.StateResponse:
         container = self._get(req.id)
         proc = container.process(req.exec_id)
-        return state_response(req, container.bundle, proc, proc.io.stdin, proc.io.stdout, proc.io.stderr,
-                              proc.io.terminal)
+        return state_response(req, container, proc)
 
     async def pids(self, req: task.PidsRequest, ctx: Context) -> task.PidsResponse:
         container = self._get(req.id)

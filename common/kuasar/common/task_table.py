@@ -192,9 +192,11 @@ class TaskProcess:
     # An exec's Start and Delete take turns on it (ContainerTasks._holding_exec); the init's go by the
     # container's exclusive hold.
     turn: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False, compare=False)
-    # An exec whose Start is under way: a container's init that exits meanwhile reports its exit after
-    # this one's (`unfinished_execs`).
+    # Its Start is under way. An exec's: a container's init that exits meanwhile reports its exit after
+    # this one's (`unfinished_execs`). Either's: its own exit, if it comes meanwhile, is published after
+    # its start event (`exit_held`), as containerd's shim orders them.
     starting: bool = False
+    exit_held: bool = False
     # An init that has exited, its exit held until its execs' are in (`report_init_exit_last`). Its pid
     # may be another process's by then.
     reaped: bool = False
@@ -294,11 +296,17 @@ async def wait_exited(procs: Iterable[TaskProcess], timeout: float) -> bool:
         return False
 
 
-def state_response(req: task.StateRequest, bundle: Path, proc: TaskProcess, stdin: str, stdout: str,
-                   stderr: str, terminal: bool = False) -> task.StateResponse:
+def state_response(req: task.StateRequest, container: Any, proc: Any) -> task.StateResponse:
+    """State of `proc` (with its `io`) of `container`. A running exec of a paused container is PAUSED:
+    it is frozen with the rest of the cgroup, which only the init's status records (containerd's shim
+    too answers for an exec with its container's paused state)."""
+    status = proc.status
+    if req.exec_id and status == types.RUNNING and container.init.status == types.PAUSED:
+        status = types.PAUSED
+    io = proc.io
     response = task.StateResponse(
-        id=req.id, exec_id=req.exec_id, bundle=str(bundle), pid=proc.pid, status=proc.status,
-        stdin=stdin, stdout=stdout, stderr=stderr, terminal=terminal, exit_status=proc.exit_status)
+        id=req.id, exec_id=req.exec_id, bundle=str(container.bundle), pid=proc.pid, status=status,
+        stdin=io.stdin, stdout=io.stdout, stderr=io.stderr, terminal=io.terminal, exit_status=proc.exit_status)
     set_timestamp(response, "exited_at", proc.exited_at_ns)
     return response
 
@@ -398,6 +406,9 @@ class ContainerTasks(TaskBackend):
     def _publish_exit(self, container: Any, proc: TaskProcess) -> None:
         """`/tasks/exit` for a process whose exit is recorded; for a container's init, after `/tasks/oom`
         if an OOM kill not reported yet ended it (OomWatch.check_now)."""
+        if proc.starting:
+            proc.exit_held = True  # published by its Start (`_start_over`), after the start event
+            return
         oom = getattr(container, "oom", None)
         if oom is not None and not proc.id:
             oom.check_now()
@@ -453,8 +464,14 @@ class ContainerTasks(TaskBackend):
         else:
             async with self._holding(req.id) as container:
                 proc = container.created_process("")
-                await self._start_init(container, proc)
+                proc.starting = True
+                try:
+                    await self._start_init(container, proc)
+                except BaseException:
+                    self._start_over(container, proc)
+                    raise
                 self._publish_started(req, proc.pid, container.namespace)
+                self._start_over(container, proc)
         log.info("container %s exec %r started pid %d", req.id, req.exec_id, proc.pid)
         return task.StartResponse(pid=proc.pid)
 
@@ -477,21 +494,29 @@ class ContainerTasks(TaskBackend):
             try:
                 await self._run_exec(container, proc)
             except BaseException:
-                # No exit will come for it: Wait (which containerd calls before Start, and CRI's ExecSync
-                # never cancels) must still return, as containerd's shims end it.
-                proc.record_exit(NEVER_RAN_EXIT_STATUS, time.time_ns())
+                if not proc.exited.is_set():
+                    # No exit will come for it: Wait (which containerd calls before Start, and CRI's
+                    # ExecSync never cancels) must still return, as containerd's shims end it.
+                    proc.record_exit(NEVER_RAN_EXIT_STATUS, time.time_ns())
+                self._start_over(container, proc)
                 raise
-            finally:
-                proc.starting = False
             if proc.status == types.CREATED:
                 proc.status = types.RUNNING
             self._publish_started(req, proc.pid, container.namespace)
+            self._start_over(container, proc)
             if container.init.reaped and proc.status != types.STOPPED:
                 # Started as its init exited: its exit must come before the init's, and nothing else
                 # would end it (the rest of a shared PID namespace was ended before it joined).
                 log.info("container %s: exec %s started as its init exited; ending it", req.id, req.exec_id)
                 await self._end_late_exec(container, proc)
         return proc
+
+    def _start_over(self, container: Any, proc: TaskProcess) -> None:
+        """A process's Start is over, done or failed: publish the exit it held meanwhile."""
+        proc.starting = False
+        if proc.exit_held:
+            proc.exit_held = False
+            self._publish_exit(container, proc)
 
     async def _end_late_exec(self, container: Any, proc: Any) -> None:
         """SIGKILL an exec that started while its container's init was exiting."""
@@ -526,6 +551,9 @@ class ContainerTasks(TaskBackend):
                 proc = container.init
                 self._refuse_running(proc, req)
                 await self._remove(container)
+                for never_ran in container.execs.values():
+                    if not never_ran.exited.is_set():  # its Start refused: a Wait on it must not outlive it
+                        never_ran.record_exit(NEVER_RAN_EXIT_STATUS, time.time_ns())
         response = self._delete_response(proc)
         if not req.exec_id:  # as containerd's shim: an exec's delete is no task's
             self._publish_delete(req, proc, container.namespace)

@@ -453,13 +453,7 @@ class WasmTasks(TerminalTasks):
     async def state(self, req: task.StateRequest, ctx: Context) -> task.StateResponse:
         container = self._get(req.id)
         proc = container.process(req.exec_id)
-        response = state_response(req, container.bundle, proc, proc.io.stdin, proc.io.stdout, proc.io.stderr,
-                                  terminal=proc.io.terminal)
-        if req.exec_id and proc.status == types.RUNNING and container.init.status == types.PAUSED:
-            # Frozen with the rest of its cgroup, which only the init's status records (runc's shim too
-            # answers for an exec with its container's paused state).
-            response.status = types.PAUSED
-        return response
+        return state_response(req, container, proc)
 
     async def pids(self, req: task.PidsRequest, ctx: Context) -> task.PidsResponse:
         container = self._get(req.id)
