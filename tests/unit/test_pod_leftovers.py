@@ -4,6 +4,7 @@ proc_stat, which tells the pod process it recorded from a later one given the sa
 from __future__ import annotations
 
 import asyncio
+import json
 import subprocess
 import sys
 import time
@@ -11,10 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from kuasar.common import cgroups, pod_leftovers
+from kuasar.common import cgroups, pod_leftovers, pod_service, state
+from kuasar.common.api.kuasar.pods.v1 import pods_pb2 as pods_pb
 from kuasar.common.pod_files import PODS_DIR
 from kuasar.common.pod_leftovers import PodLeftovers, sweep
 from kuasar.common.proc_stat import exited, start_time, stat_fields
+from kuasar.common.reaper import Reaper
 from tests.support.cgroupfs import cgroup, empty, stand_in_cgroupfs
 
 
@@ -201,3 +204,64 @@ def test_killing_what_is_in_a_cgroup_thaws_it_first(tmp_path: Path) -> None:
     cgroups.kill_members(v1 / "cgroup.procs")
     cgroups.kill_members(v2.parent / "cgroup.procs")
     assert (v1 / "freezer.state").read_text() == "THAWED" and (v2 / "cgroup.freeze").read_text() == "0"
+
+
+class Crash(Exception):
+    """Where the task server dies in these tests."""
+
+
+def test_a_pods_cgroups_and_shm_are_recorded_before_they_are_made(tmp_path: Path, monkeypatch) -> None:
+    # The cgroups were made before pod.json was first written, and /dev/shm mounted before it: a task
+    # server that died in between left both to nobody (the sweep found no record, Delete got NotFound).
+    root = tmp_path / "cgroupfs"
+    root.mkdir()
+    monkeypatch.setattr(cgroups, "hierarchy_roots", lambda: [root])
+    monkeypatch.setattr(cgroups, "is_unified", lambda: True)
+    monkeypatch.setattr(cgroups, "enable_controllers", lambda path: None)
+    record = tmp_path / "dir" / PODS_DIR / "p1" / pod_leftovers.RECORD_FILE
+    seen: dict[str, object] = {}
+
+    def mkdir(directory: Path, *args: object, **kwargs: object) -> None:
+        if directory.is_relative_to(root):
+            seen.setdefault("at first mkdir", record.exists() and json.loads(record.read_text()))
+        real_mkdir(directory, *args, **kwargs)
+
+    real_mkdir = Path.mkdir
+    monkeypatch.setattr(Path, "mkdir", mkdir)
+
+    def mount_tmpfs(path: Path, size: int) -> None:
+        seen["at mount"] = json.loads(record.read_text())
+        raise Crash
+
+    monkeypatch.setattr(pod_service.mounts, "mount_tmpfs", mount_tmpfs)
+
+    async def holder(pod_id: str, namespaces: object, hostname: str = "", meanwhile=None, owner=None) -> int:
+        meanwhile()
+        raise AssertionError("not reached")
+
+    monkeypatch.setattr(pod_service, "start_pod_holder", holder)
+    service = pod_service.PodService(Reaper(), containers=None, directory=tmp_path / "dir")
+    with pytest.raises(Crash):
+        asyncio.run(service.create(pods_pb.CreatePodRequest(id="p1", cgroup_parent="/kubepods/podX",
+                                                            shm_size=1 << 20), None))  # type: ignore[arg-type]
+    made = [str(root / "kubepods"), str(root / "kubepods/podX"), str(root / "kubepods/podX/p1")]
+    shm = str(tmp_path / "dir" / PODS_DIR / "p1" / "shm")
+    assert seen["at first mkdir"] == {"pid": 0, "start": 0, "cgroups": made, "shm": shm}
+    assert seen["at mount"]["cgroups"] == made and seen["at mount"]["shm"] == shm  # type: ignore[index]
+
+
+def test_a_record_written_again_is_the_old_or_the_new_never_torn(tmp_path: Path, monkeypatch) -> None:
+    # Written again in place (O_TRUNC, then write), a crash between the two left an empty pod.json: the
+    # sweep skipped it as unreadable and what the old one listed was left for good.
+    directory = tmp_path / PODS_DIR / "p1"
+    PodLeftovers(0, 0, ["/sys/fs/cgroup/x/p1"], "/run/x/shm").write(directory)
+
+    def dies_writing(fd: int, data: bytes) -> None:
+        raise Crash
+
+    monkeypatch.setattr(state, "_write_all", dies_writing)
+    with pytest.raises(Crash):
+        PodLeftovers(1234, 99, ["/sys/fs/cgroup/x/p1"], "/run/x/shm").write(directory)
+    assert pod_leftovers.read_record(directory / pod_leftovers.RECORD_FILE, PodLeftovers) == PodLeftovers(
+        0, 0, ["/sys/fs/cgroup/x/p1"], "/run/x/shm")
+    assert sorted(p.name for p in directory.iterdir()) == [pod_leftovers.RECORD_FILE]

@@ -181,7 +181,9 @@ def test_a_leftover_containers_cgroup_is_emptied_and_its_record_kept_while_it_is
         busy = cgroup(cgroup_root / POD_CGROUP / "c2", left.pid)
         records.write("c2", ContainerLeftovers(f"{POD_CGROUP}/c2"))
         records.write("nothing", ContainerLeftovers())  # nothing to record: no file
+        (records.directory / ".c3.json.tmp").write_text('{"cgrou')  # its writer died before the rename
         assert records.sweep() == 1
+        assert not (records.directory / ".c3.json.tmp").exists()
         assert left.wait(timeout=5) == -9
         assert busy.exists() and (records.directory / "c2.json").exists()
         empty(busy)

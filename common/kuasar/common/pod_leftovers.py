@@ -31,6 +31,7 @@ from typing import Any, TypeVar
 
 from . import cgroups, mounts, strays
 from .pod_files import PODS_DIR
+from .state import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -53,14 +54,12 @@ class PodLeftovers:
 
 
 def write_record(path: Path, record: Any) -> None:
-    """A dataclass instance as JSON into `path`, its directory made if missing. Not atomic: a torn file
-    (a crash right here) is skipped by `read_record`."""
+    """A dataclass instance as JSON into `path`, its directory made if missing. By rename: a record is
+    written again as what it lists changes, and a crash during a rewrite in place left an empty file,
+    which the sweep skips, losing what the old one listed. Not fsynced: it matters after a crash of
+    the process, not of the machine (a reboot takes the processes, mounts and cgroups with it)."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    try:
-        os.write(fd, json.dumps(asdict(record)).encode())
-    finally:
-        os.close(fd)
+    write_atomic(path, json.dumps(asdict(record)).encode(), durable=False)
 
 
 def read_record(path: Path, kind: type[Record]) -> Record | None:

@@ -133,25 +133,36 @@ class PodService:
             # A launcher (gVisor's) puts its own pod process where it wants: below the cgroup, as we do.
             leaf = "" if self.launcher is not None else cgroups.pod_process_leaf(req.id, parent)
             cgroup = cgroups.PodCgroup(parent, process_leaf=leaf)
+        recorded = False
         if cgroup is not None:
+            def record(made: cgroups.PodCgroup) -> None:
+                # Before the first mkdir: a task server that dies before its pod's process is known
+                # leaves no cgroup (or /dev/shm) its successor's sweep does not know of.
+                nonlocal recorded
+                self._write_leftovers(req.id, 0, 0, made, shm)
+                recorded = True
+
             # Before the warmer's burst: its first write holds the kernel's cgroup_mutex through an RCU
             # grace period, and these mkdirs would wait for it.
             try:
-                cgroup.create()
+                cgroup.create(before_making=record)
             except BaseException:
                 cgroup.remove()
+                if recorded and self.directory is not None:
+                    forget_leftovers(pod_dir(self.directory, req.id))
                 raise
         # Warm from a pod's Create on: its cgroup placement and its first container's runc come next.
         with warm(self.attach_warmer):
-            return await self._create(req, cgroup, shm)
+            return await self._create(req, cgroup, shm, recorded)
 
     async def _create(self, req: pb.CreatePodRequest, cgroup: cgroups.PodCgroup | None,
-                      shm: Path | None) -> pb.CreatePodResponse:
+                      shm: Path | None, recorded: bool) -> pb.CreatePodResponse:
         self._creating[req.id] = asyncio.Event()
         def meanwhile() -> None:
+            if not recorded:
+                self._record_before_the_process(req.id, cgroup, shm)  # before the mount, for the same reason
             if shm is not None:
                 mounts.mount_tmpfs(shm, req.shm_size)
-            self._record_before_the_process(req.id, cgroup, shm)
 
         started_ns = time.monotonic_ns()
         try:

@@ -52,6 +52,8 @@ class ContainerRecords:
     def sweep(self) -> int:
         """Remove what every file lists (see the module's docstring); how many there were."""
         found: list[tuple[Path, ContainerLeftovers]] = []
+        for half_written in self.directory.glob(f".*{SUFFIX}.tmp"):  # its writer died before the rename
+            half_written.unlink(missing_ok=True)
         for path in sorted(self.directory.glob(f"*{SUFFIX}")):
             leftovers = read_record(path, ContainerLeftovers)
             if leftovers is not None:
