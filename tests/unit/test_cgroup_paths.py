@@ -40,6 +40,8 @@ def test_the_root_is_a_parent_and_its_pods_process_gets_a_cgroup_of_its_own(monk
     assert pod_parent_path("/") == "/"
     monkeypatch.setattr(cgroups, "is_unified", lambda: False)
     assert cgroups.pod_process_leaf("p1", "/") == "p1"
+    for also_the_root in (".", "/./", "//"):  # got no leaf: the pod process went into the root cgroup
+        assert cgroups.pod_process_leaf("p1", pod_parent_path(also_the_root)) == "p1"
     assert cgroups.pod_process_leaf("p1", "kubepods/pod1") == ""  # v1: no rule against it, no cost
     monkeypatch.setattr(cgroups, "is_unified", lambda: True)
     assert cgroups.pod_process_leaf("p1", "kubepods/pod1") == "p1"

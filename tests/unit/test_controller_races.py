@@ -298,6 +298,30 @@ def test_a_failed_update_changes_nothing(tmp_path: Path) -> None:
     asyncio.run(main())
 
 
+def test_a_failed_update_keeps_an_exit_seen_meanwhile(tmp_path: Path) -> None:
+    # The rollback restored the whole record: a pod that exited during the Update was READY again in
+    # memory (stopped on disk), Stop did nothing, Wait said NOT_FOUND and the next save wrote READY.
+    class ExitsDuringAFailedUpdate(MemorySandboxer):
+        async def update(self, record: SandboxRecord, fields: list[str]) -> None:
+            self.exits[record.id].set_result(ExitInfo(137))
+            await asyncio.sleep(0.05)  # the exit watcher records it meanwhile
+            raise InvalidArgument("update refused")
+
+    async def main() -> None:
+        controller = SandboxController(ExitsDuringAFailedUpdate(), tmp_path / "state")
+        await controller.create(new_record(SID, "memory", "", b"", {}, {"old": "label"}, {}))
+        await controller.start(SID)
+        with pytest.raises(InvalidArgument):
+            await controller.update(SID, lambda r: r.labels.update(new="label"), ["labels"])
+        current = controller.records[SID]
+        assert (current.state, current.exit_status, current.labels) == (SandboxState.STOPPED, 137, {"old": "label"})
+        assert (await asyncio.wait_for(controller.wait(SID), 1)).exit_status == 137
+        on_disk = state.StateStore(tmp_path / "state").load_all()[SID]
+        assert (on_disk["state"], on_disk["exit_status"], on_disk["labels"]) == ("stopped", 137, {"old": "label"})
+        await controller.close()
+    asyncio.run(main())
+
+
 def test_a_failed_start_whose_removal_failed_is_removed_by_a_restart(tmp_path: Path) -> None:
     # Marked exited before its removal failed, it was neither started nor created for a restart to remove.
     async def main() -> None:

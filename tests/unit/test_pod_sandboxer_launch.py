@@ -14,7 +14,7 @@ from kuasar.common import pod_files
 from kuasar.common.api.kuasar.pods.v1 import pods_pb2 as pods
 from kuasar.common.api.runtime.v1 import api_pb2 as cri
 from kuasar.common.config import DaemonConfig
-from kuasar.common.controller import new_record
+from kuasar.common.controller import SandboxController, new_record
 from kuasar.common.errors import AlreadyExists, InvalidArgument, RuntimeFailure, Unimplemented
 from kuasar.common.pod_sandboxer import PodSandboxer, wants_user_namespace
 from kuasar.common.sandboxer import LOST_EXIT_STATUS, SandboxRecord, SandboxState
@@ -278,3 +278,22 @@ def test_a_ready_pod_its_task_server_no_longer_has_is_found_exited_now(tmp_path:
         assert (alive.state, alive.exited_at_ns, alive.address) == (SandboxState.READY, 0, fake.address)
 
     asyncio.run(scenario())
+
+
+def test_stop_of_a_sandbox_never_started_ends_the_pod_launched_at_create(tmp_path: Path) -> None:
+    # Stop of a CREATED sandbox only marked it exited: the pod process launched at Create went on holding
+    # its namespaces and cgroup (Start now refused, so nothing collected it) until a Shutdown.
+    async def main() -> None:
+        sandboxer, fake = make(tmp_path)
+        controller = SandboxController(sandboxer, tmp_path / "sandboxes")
+        rec = record("s" * 64)
+        await controller.create(rec)
+        fake.replies["Create"].set_result(pods.CreatePodResponse(pid=4242))
+        stopping = asyncio.ensure_future(controller.stop(rec.id, 0))
+        await asyncio.sleep(0.01)
+        assert [m for m, _ in fake.sent] == ["Create", "Kill"]
+        fake.replies["Kill"].set_result(None)
+        await stopping
+        assert (await asyncio.wait_for(controller.wait(rec.id), 1)).state == SandboxState.STOPPED
+
+    asyncio.run(main())

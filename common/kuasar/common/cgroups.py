@@ -159,7 +159,7 @@ def slice_path(slice_name: str) -> str:
 def pod_process_leaf(pod_id: str, parent: str) -> str:
     """The `process_leaf` of a pod whose process we place: its id under cgroup v2, or for a root parent
     (not the root cgroup itself, as containerd's pause); none otherwise under v1."""
-    return pod_id if is_unified() or not parent.strip("/") else ""
+    return pod_id if is_unified() or not _clean_relative(parent) else ""  # `.`, `/./`: the root too
 
 
 def pod_parent_path(cgroup_parent: str) -> str:

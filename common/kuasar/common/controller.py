@@ -39,6 +39,8 @@ WATCH_RETRY_DELAY = 0.5
 # A Start that failed because a helper process died under it (a task server killed during the pod's
 # launch) meets the dead connection again in its removal: UNAVAILABLE. The next try reaches a new one.
 DISCARD_ATTEMPTS = 2
+# What a sandbox's exit watcher changes in its record, without the sandbox's lock.
+LIFECYCLE_FIELDS = ("state", "exit_status", "exited_at_ns")
 
 
 class SandboxController:
@@ -300,6 +302,9 @@ class SandboxController:
         if record.state == SandboxState.STOPPED:
             return
         if record.state == SandboxState.CREATED:
+            # A type may have launched the pod at Create (runc, wasm, gVisor: their pod process): it goes
+            # now, not at Shutdown, or a stopped sandbox would hold its namespaces and cgroup meanwhile.
+            await self._bounded("stop", self.sandboxer.stop(record, timeout))
             self._mark_exited(record, ExitInfo(0))
             return
         await self._bounded("stop", self.sandboxer.stop(record, timeout))
@@ -329,7 +334,13 @@ class SandboxController:
                 await self._bounded("update", self.sandboxer.update(record, fields))
                 self.save(record)
             except BaseException:  # a failed Update changes nothing, not even what a later save writes
+                # ... but what the exit watcher, which holds no lock, recorded meanwhile stays.
+                lifecycle = {name: getattr(record, name) for name in LIFECYCLE_FIELDS}
                 vars(record).update(vars(SandboxRecord.from_json(before)))
+                vars(record).update(lifecycle)
+                if record.state != before["state"]:  # saved then with the update's fields: again without
+                    with contextlib.suppress(OSError):
+                        self.save(record)
                 raise
 
     # -- exit tracking -----------------------------------------------------------------------------
