@@ -451,7 +451,7 @@ def test_a_start_replies_before_it_saves_the_sandbox_ready(tmp_path: Path) -> No
         await controller.create(record())
         on_disk_at_reply: list[str] = []
 
-        def reply(started: SandboxRecord) -> bool:
+        async def reply(started: SandboxRecord) -> bool:
             assert started.state == SandboxState.READY and started.pid == 4242
             on_disk_at_reply.append(json.loads((tmp_path / "state" / SID / state.STATE_FILE).read_text())["state"])
             shutil.copytree(tmp_path / "state", tmp_path / "crashed-here")  # what a kill -9 now leaves
@@ -470,13 +470,41 @@ def test_a_start_replies_before_it_saves_the_sandbox_ready(tmp_path: Path) -> No
     asyncio.run(main())
 
 
+async def not_delivered(_: SandboxRecord) -> bool:
+    return False
+
+
+def test_a_start_cancelled_while_its_reply_waits_for_the_client_removes_the_sandbox(tmp_path: Path) -> None:
+    # A reply waiting for the client's flow-control window, the client resets the call: containerd takes
+    # the Start as failed and forgets the pod.
+    async def main() -> None:
+        sandboxer = MemorySandboxer()
+        controller = SandboxController(sandboxer, tmp_path / "state")
+        await controller.create(record())
+        waiting = asyncio.Event()
+
+        async def reply(_: SandboxRecord) -> bool:
+            waiting.set()
+            await asyncio.sleep(3600)
+            return True
+
+        starting = asyncio.ensure_future(controller.start(SID, reply))
+        await waiting.wait()
+        starting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await starting
+        assert sandboxer.shut == [SID]
+        assert SID not in controller.records and files_under(tmp_path / "state") == []
+    asyncio.run(main())
+
+
 def test_a_start_whose_reply_does_not_get_out_removes_the_sandbox(tmp_path: Path) -> None:
     async def main() -> None:
         sandboxer = MemorySandboxer()
         controller = SandboxController(sandboxer, tmp_path / "state")
         await controller.create(record())
         with pytest.raises(Cancelled, match="did not get out"):
-            await controller.start(SID, lambda _: False)
+            await controller.start(SID, not_delivered)
         assert sandboxer.exits[SID].result().exit_status == 137  # its pod was stopped
         assert sandboxer.shut == [SID]
         assert SID not in controller.records and files_under(tmp_path / "state") == []
@@ -490,7 +518,7 @@ def test_a_create_whose_reply_does_not_get_out_removes_the_sandbox(tmp_path: Pat
         sandboxer = MemorySandboxer()
         controller = SandboxController(sandboxer, tmp_path / "state")
         with pytest.raises(Cancelled, match="did not get out"):
-            await controller.create(record(), lambda _: False)
+            await controller.create(record(), not_delivered)
         assert sandboxer.shut == [SID]
         assert SID not in controller.records and files_under(tmp_path / "state") == []
         await controller.create(record())  # containerd may make it again under the same id
@@ -508,7 +536,7 @@ def test_a_start_replied_to_whose_record_cannot_be_saved_is_removed_all_the_same
         await controller.create(record())
         waiting: list[asyncio.Future] = []
 
-        def reply(_: SandboxRecord) -> bool:
+        async def reply(_: SandboxRecord) -> bool:
             waiting.append(asyncio.ensure_future(controller.wait(SID)))
             monkeypatch.setattr(controller.store, "save", disk_full)
             return True

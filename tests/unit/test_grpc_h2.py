@@ -67,7 +67,9 @@ class Service:
         while not self.early_may_reply.is_set():
             with contextlib.suppress(asyncio.CancelledError):
                 await self.early_may_reply.wait()
-        self.early_sent.append(reply_now(pb.ControllerStatusResponse(sandbox_id=f"early {request.sandbox_id}")))
+        info = {f"k{i}": "v" * 1000 for i in range(300)} if request.verbose else {}
+        self.early_sent.append(await reply_now(pb.ControllerStatusResponse(sandbox_id=f"early {request.sandbox_id}",
+                                                                           info=info)))
         try:
             await self.early_may_end.wait()
             raise GrpcError(Code.INTERNAL, "after the reply")
@@ -426,6 +428,62 @@ def test_an_early_reply_after_the_client_is_gone_says_so(tmp_path: Path) -> None
     serve(tmp_path, body)
 
 
+def test_an_early_reply_waiting_for_window_is_awaited_not_reported_lost(tmp_path: Path) -> None:
+    # A reply larger than what is left of the client's window was reported undelivered at once (the
+    # Start's sandbox was removed) and then reached the client all the same, as a success.
+    async def body(channel, service, server, sock):
+        client = await RawClient.connect(sock, {SettingCodes.INITIAL_WINDOW_SIZE: 1000})
+        service.early_may_reply.set()
+        client.request(EARLY, pb.ControllerStatusRequest(sandbox_id="w", verbose=True))
+        client.send()
+        seen = await client.events_until(lambda seen: received_bytes(seen) >= 1000)
+        await asyncio.sleep(0.05)
+        assert service.early_sent == [] and not ended(seen)  # waiting for the client, not given up
+        client.h2.update_settings({SettingCodes.INITIAL_WINDOW_SIZE: 1 << 20})
+        client.h2.increment_flow_control_window(1 << 20)
+        client.send()
+        seen += await client.events_until(ended, acknowledge=True)
+        assert received_bytes(seen) > 300_000
+        for _ in range(100):
+            if service.early_sent:
+                break
+            await asyncio.sleep(0.01)
+        assert service.early_sent == [True]
+        service.early_may_end.set()
+        client.writer.close()
+
+    serve(tmp_path, body)
+
+
+def test_an_early_reply_the_client_takes_none_of_is_reset_and_reported_lost(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(grpc_h2, "BLOCKED_REPLY_WAIT", 0.2)
+
+    async def body(channel, service, server, sock):
+        client = await RawClient.connect(sock, {SettingCodes.INITIAL_WINDOW_SIZE: 1000})
+        service.early_may_reply.set()
+        client.request(EARLY, pb.ControllerStatusRequest(sandbox_id="stuck", verbose=True))
+        client.send()
+        seen = await client.events_until(lambda seen: any(isinstance(e, h2.events.StreamReset) for e in seen))
+        assert not ended(seen) and service.early_sent == [False]  # the client never reads a success
+        service.early_may_end.set()
+        client.writer.close()
+
+    serve(tmp_path, body)
+
+
+@pytest.mark.parametrize("path", [ECHO, ECHO_NOW])
+def test_a_first_reply_larger_than_16_kib_reaches_a_new_grpcio_channel(tmp_path: Path, path: str) -> None:
+    # grpcio keeps to a 16 KiB frame limit until its larger MAX_FRAME_SIZE is acked; our SETTINGS ack
+    # left after the first reply's frames, so that reply broke the connection, on every new channel.
+    async def body(channel, service, server, sock):
+        for _ in range(2):
+            async with grpc.aio.insecure_channel(f"unix://{sock}") as fresh:
+                big = await call(fresh, path)(pb.ControllerStatusRequest(sandbox_id="big", verbose=True))
+                assert len(big.info) == 300
+
+    serve(tmp_path, body)
+
+
 def test_calls_wait_until_the_server_is_ready_but_an_unknown_method_is_refused_at_once(tmp_path: Path) -> None:
     async def main() -> None:
         ready = asyncio.Event()
@@ -448,3 +506,13 @@ def test_calls_wait_until_the_server_is_ready_but_an_unknown_method_is_refused_a
             await server.stop(0)
 
     asyncio.run(main())
+
+
+def test_settings_frames_are_taken_apart_from_other_control_frames() -> None:
+    settings_ack = bytes.fromhex("000000" "04" "01" "00000000")
+    ping_ack = bytes.fromhex("000008" "06" "01" "00000000") + b"withcall"
+    window_update = bytes.fromhex("000004" "08" "00" "00000000" "00010000")
+    settings = bytes.fromhex("000006" "04" "00" "00000000" "0004" "00100000")
+    apart = grpc_h2._settings_frames_apart(ping_ack + settings_ack + window_update + settings)
+    assert apart == (settings_ack + settings, ping_ack + window_update)
+    assert grpc_h2._settings_frames_apart(b"") == (b"", b"")

@@ -162,7 +162,8 @@ class SandboxController:
         await asyncio.gather(*self._watchers.values(), return_exceptions=True)
 
     # -- API ---------------------------------------------------------------------------------------
-    async def create(self, record: SandboxRecord, reply: Callable[[SandboxRecord], bool] | None = None) -> None:
+    async def create(self, record: SandboxRecord,
+                     reply: Callable[[SandboxRecord], Awaitable[bool]] | None = None) -> None:
         """Make a sandbox and save its record; then, with `reply`, answer the caller, and remove the
         sandbox again if that answer does not get out: containerd would forget it (see `start`)."""
         validate_id(record.id, "sandbox id")
@@ -177,7 +178,7 @@ class SandboxController:
                 self.store.remove(record.id)
                 raise
             self.records[record.id] = record
-            if reply is not None and not reply(record):
+            if reply is not None and not await self._replied(record, reply):
                 log.warning("sandbox %s: the reply to its Create did not get out (the client is gone); "
                             "removing it", record.id)
                 await self._discard_to_the_end(record)
@@ -198,7 +199,8 @@ class SandboxController:
         finally:
             self._orphan_sweep = None
 
-    async def start(self, sandbox_id: str, reply: Callable[[SandboxRecord], bool] | None = None) -> SandboxRecord:
+    async def start(self, sandbox_id: str,
+                    reply: Callable[[SandboxRecord], Awaitable[bool]] | None = None) -> SandboxRecord:
         """Start a created sandbox. With `reply`, the caller's answer goes out (`reply` says whether it
         got out) before the READY record is saved: a crash between the two leaves a created record,
         which a restart removes. Saved first, a crash before the reply left a pod that containerd
@@ -219,7 +221,7 @@ class SandboxController:
             record.state = SandboxState.READY
             # Watched before it is saved: if a failed save's removal fails too, the pod's exit is still seen.
             self._watch(record)
-            if reply is not None and not reply(record):
+            if reply is not None and not await self._replied(record, reply):
                 log.warning("sandbox %s: the reply to its Start did not get out (the client is gone); "
                             "removing it", sandbox_id)
                 await self._discard_to_the_end(record)
@@ -232,6 +234,16 @@ class SandboxController:
                 raise
         log.info("sandbox %s started pid=%d address=%s", sandbox_id, record.pid, record.address)
         return record
+
+    async def _replied(self, record: SandboxRecord, reply: Callable[[SandboxRecord], Awaitable[bool]]) -> bool:
+        """Whether the reply got out. Cancelled while it waits for the client (it reset the call, or went):
+        it did not, and the sandbox goes before the cancel is passed on."""
+        try:
+            return await reply(record)
+        except asyncio.CancelledError:
+            log.warning("sandbox %s: cancelled while its reply was on its way; removing it", record.id)
+            await self._discard_to_the_end(record)
+            raise
 
     async def _discard(self, record: SandboxRecord) -> None:
         """Remove a sandbox whose Start failed or was cut short, with all that its Create and Start made.

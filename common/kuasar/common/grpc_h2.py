@@ -54,9 +54,15 @@ MAX_REQUEST_BYTES = 4 << 20
 # reply it reads; acked at once, each call costs both sides one more write and wake-up. Sent after the
 # next reply's frames, the ack also stops the client pinging again for that reply.
 CONTROL_DELAY = 0.01
+# How long an early reply may wait for the client's flow-control window before it is given up (and
+# its stream reset, so that the client never reads the success the handler then undoes): a client
+# that reads nothing for this long is stuck. Only a client whose window other replies used up waits.
+BLOCKED_REPLY_WAIT = 30.0
 # How long stop() lets cancelled calls unwind (a handler's cleanup) before closing connections.
 CANCEL_WAIT = 1.0
 GRPC_PREFIX = struct.Struct(">BI")  # compressed flag, message length
+FRAME_HEADER_BYTES = 9  # HTTP/2: length (3), type, flags, stream id (4)
+SETTINGS_FRAME_TYPE = 0x4
 _H2_CONFIG = h2.config.H2Configuration(
     client_side=False, header_encoding=None,
     # Our one client is containerd's gRPC library on a private socket; checking every header it sends
@@ -69,8 +75,9 @@ _OK_TRAILERS = ((b"grpc-status", b"0"),)
 Handler = Callable[..., Awaitable[Message]]
 Answer = Callable[[Message], Message]
 # Given to a handler that replies before it is done (`Method.replies_early`): sends the reply now, and
-# says whether it got out to the client's socket (False: the stream or the connection is gone).
-ReplyNow = Callable[[Message], bool]
+# says, once it knows, whether it got out to the client's socket (False: the stream or the connection
+# is gone, or the client took no more of it for BLOCKED_REPLY_WAIT, and the stream was reset).
+ReplyNow = Callable[[Message], Awaitable[bool]]
 
 
 class GrpcError(Exception):
@@ -109,6 +116,18 @@ class _Call:
     task: asyncio.Task[None] | None = None
     pending: bytes = b""  # reply bytes waiting for the client's flow-control window
     trailers: tuple[tuple[bytes, bytes], ...] = ()
+    delivered: asyncio.Future[bool] | None = None  # an early reply's waiting for the window: all sent
+
+
+def _settings_frames_apart(frames: bytes) -> tuple[bytes, bytes]:
+    """(the SETTINGS frames, the other frames) of whole frames h2 queued, each in its order."""
+    settings, others = bytearray(), bytearray()
+    offset = 0
+    while offset + FRAME_HEADER_BYTES <= len(frames):
+        end = offset + FRAME_HEADER_BYTES + int.from_bytes(frames[offset:offset + 3], "big")
+        (settings if frames[offset + 3] == SETTINGS_FRAME_TYPE else others).extend(frames[offset:end])
+        offset = end
+    return bytes(settings), bytes(others + frames[offset:])
 
 
 def encode_message(message: Message) -> bytes:
@@ -228,6 +247,12 @@ class GrpcConnection(asyncio.Protocol):
         elif isinstance(event, h2.events.WindowUpdated):
             self._resume_blocked()
         elif isinstance(event, h2.events.RemoteSettingsChanged):
+            # Our ack (h2 queued it as it read the frame) goes before any reply: until it has it, a client
+            # may hold to its old settings (grpcio refuses a DATA frame over 16 KiB, dropping the
+            # connection, before its larger MAX_FRAME_SIZE is acked), where other control answers
+            # follow the next reply (CONTROL_DELAY).
+            acks, self._control = _settings_frames_apart(self._control)
+            self._write(acks)
             # Go's gRPC client grows stream windows through SETTINGS as well as WINDOW_UPDATE.
             if SettingCodes.INITIAL_WINDOW_SIZE in event.changed_settings and self.blocked:
                 self._flush()  # our ack first: only once it has that may the client count on the window
@@ -311,14 +336,32 @@ class GrpcConnection(asyncio.Protocol):
     def _fail(self, stream_id: int, call: _Call, code: Code, message: str) -> None:
         self._reply(stream_id, call, b"", status_trailers(code, message))
 
-    def _reply_now(self, stream_id: int, call: _Call, message: Message) -> bool:
+    async def _reply_now(self, stream_id: int, call: _Call, message: Message) -> bool:
         """A handler's early reply: True once all of it is written to the client's socket (a reply the
-        kernel took is read by the client even if we die next)."""
+        kernel took is read by the client even if we die next). One that waits for the client's window
+        is awaited: reported undelivered, it would still reach the client later, as a success."""
         if call.trailers:
             raise RuntimeError("a call is answered once")
         whole = self._reply(stream_id, call, encode_message(message), _OK_TRAILERS)
         self._flush()
+        if not whole and self.blocked.get(stream_id) is call:
+            call.delivered = asyncio.get_running_loop().create_future()
+            try:
+                async with asyncio.timeout(BLOCKED_REPLY_WAIT):
+                    whole = await call.delivered
+            except TimeoutError:
+                log.warning("Sandbox API client took none of a reply for %.0f s; resetting its stream",
+                            BLOCKED_REPLY_WAIT)
+                self._give_up(stream_id)
+                whole = False
         return whole and self.transport is not None and not self.transport.is_closing()
+
+    def _give_up(self, stream_id: int) -> None:
+        self.calls.pop(stream_id, None)
+        self.blocked.pop(stream_id, None)
+        with contextlib.suppress(h2.exceptions.ProtocolError):
+            self.h2.reset_stream(stream_id, ErrorCodes.CANCEL)
+        self._flush()
 
     def _reply(self, stream_id: int, call: _Call, reply: bytes, trailers: tuple[tuple[bytes, bytes], ...]) -> bool:
         """Queue a reply on h2; True if all of it is queued (not reset, closed, or waiting for the
@@ -352,6 +395,8 @@ class GrpcConnection(asyncio.Protocol):
             pass
         self.calls.pop(stream_id, None)
         self.blocked.pop(stream_id, None)
+        if call.delivered is not None and not call.delivered.done():
+            call.delivered.set_result(sent)
         return sent
 
     def _hold_control(self) -> None:
@@ -372,6 +417,9 @@ class GrpcConnection(asyncio.Protocol):
         if self._control_timer is not None:
             self._control_timer.cancel()
             self._control_timer = None
+        self._write(data)
+
+    def _write(self, data: bytes) -> None:
         if data and self.transport is not None and not self.transport.is_closing():
             self.transport.write(data)
 
