@@ -13,6 +13,7 @@ from kuasar.common.ttrpc import (
     Frame,
     FrameDecoder,
     FrameType,
+    MessageRefused,
     NewRequest,
     ProtocolError,
     ResponseReceived,
@@ -64,26 +65,27 @@ def test_server_response_finishes_the_stream() -> None:
         conn.send_response(1, request_pb2.Response())
 
 
-def test_server_rejects_even_stream_id() -> None:
-    with pytest.raises(ProtocolError, match="must be odd") as info:
-        ServerConnection().receive_data(request_frame(2))
-    assert info.value.stream_id == 2
-    assert info.value.code == Code.INVALID_ARGUMENT
+def refused(stream_id: int, message: str) -> MessageRefused:
+    return MessageRefused(stream_id, message, Code.INVALID_ARGUMENT)
 
 
-def test_server_rejects_non_increasing_stream_ids() -> None:
+# A frame against its stream's rules is refused on that stream, and the connection goes on, as with Go's
+# ttrpc server: it used to end the connection, and with it every other call on it.
+def test_server_refuses_an_even_stream_id_and_goes_on() -> None:
+    conn = ServerConnection()
+    events = conn.receive_data(request_frame(2) + request_frame(3))
+    assert events[0] == refused(2, "StreamID must be odd for client initiated streams")
+    assert isinstance(events[1], NewRequest) and events[1].stream_id == 3
+
+
+def test_server_refuses_non_increasing_and_reused_stream_ids() -> None:
     conn = ServerConnection()
     conn.receive_data(request_frame(5))
-    with pytest.raises(ProtocolError, match="must increment") as info:
-        conn.receive_data(request_frame(3))
-    assert info.value.stream_id == 3
-
-
-def test_server_rejects_reused_stream_id() -> None:
-    conn = ServerConnection()
-    conn.receive_data(request_frame(1))
-    with pytest.raises(ProtocolError, match="must increment"):
-        conn.receive_data(request_frame(1))
+    assert conn.receive_data(request_frame(3)) == [refused(3, "StreamID cannot be re-used and must increment")]
+    # A reused id of a call still running: the client broke that call, which is finished now.
+    assert conn.receive_data(request_frame(5)) == [refused(5, "StreamID cannot be re-used and must increment")]
+    assert not conn.is_active(5)
+    assert [e.stream_id for e in conn.receive_data(request_frame(7))] == [7]
 
 
 def test_server_accepts_gaps_in_stream_ids() -> None:
@@ -92,10 +94,8 @@ def test_server_accepts_gaps_in_stream_ids() -> None:
     assert [e.stream_id for e in events] == [1, 7, 9]
 
 
-def test_server_rejects_data_for_a_stream_never_opened() -> None:
-    with pytest.raises(ProtocolError, match="not active") as info:
-        ServerConnection().receive_data(data_frame(1, payload=b"x"))
-    assert info.value.stream_id == 1
+def test_server_refuses_data_for_a_stream_never_opened() -> None:
+    assert ServerConnection().receive_data(data_frame(1, payload=b"x")) == [refused(1, "StreamID 1 is not active")]
 
 
 def test_server_drops_late_data_for_a_stream_it_already_ended_and_tells_its_half_close() -> None:
@@ -108,64 +108,48 @@ def test_server_drops_late_data_for_a_stream_it_already_ended_and_tells_its_half
     assert conn.receive_data(data_frame(1, flags=0x05)) == [StreamData(1, None, True)]
 
 
-def test_server_rejects_undecodable_request_payload() -> None:
-    raw = encode_frame(Frame(1, FrameType.REQUEST, Flag(0), b"\xff\xff\xff"))
-    with pytest.raises(ProtocolError, match="unmarshal request") as info:
-        ServerConnection().receive_data(raw)
-    assert info.value.stream_id == 1
+def test_server_refuses_an_undecodable_request_and_a_both_open_and_closed_one() -> None:
+    conn = ServerConnection()
+    (event,) = conn.receive_data(encode_frame(Frame(1, FrameType.REQUEST, Flag(0), b"\xff\xff\xff")))
+    assert isinstance(event, MessageRefused) and event.code == Code.INVALID_ARGUMENT
+    assert event.stream_id == 1 and event.message.startswith("unmarshal request error")
+    assert conn.receive_data(request_frame(3, flags=Flag.REMOTE_OPEN | Flag.REMOTE_CLOSED)) == [
+        refused(3, "request cannot be both remote-open and remote-closed")]
+    assert not conn.is_active(1) and not conn.is_active(3)
 
 
-def test_server_rejects_response_frames_from_a_client() -> None:
-    raw = encode_frame(Frame(1, FrameType.RESPONSE, Flag(0), b""))
-    with pytest.raises(ProtocolError, match="unexpected response"):
-        ServerConnection().receive_data(raw)
-
-
-def test_server_rejects_data_on_a_unary_stream() -> None:
+def test_server_ignores_response_frames_from_a_client() -> None:
     conn = ServerConnection()
     conn.receive_data(request_frame(1))
-    with pytest.raises(ProtocolError, match="after its sender closed"):
-        conn.receive_data(data_frame(1, payload=b"x"))
+    assert conn.receive_data(encode_frame(Frame(1, FrameType.RESPONSE, Flag(0), b""))) == []
+    assert conn.is_active(1)  # the call goes on
 
 
-def test_server_bidi_stream_data_and_half_close() -> None:
+def test_server_refuses_data_on_a_unary_stream_and_finishes_it() -> None:
     conn = ServerConnection()
-    events = conn.receive_data(
-        request_frame(1, flags=Flag.REMOTE_OPEN, payload=b"")
-        + data_frame(1, payload=b"one")
-        + data_frame(1, payload=b"")          # empty message, still a message
-        + data_frame(1, flags=Flag.NO_DATA)   # no message at all: no event
-        + data_frame(1, flags=0x05))
-    assert events[1:] == [StreamData(1, b"one", False), StreamData(1, b"", False), StreamData(1, None, True)]
-    assert conn.is_active(1)  # the server still owes its end of the stream
-    assert conn.send_data(1, b"reply") == b"\x00\x00\x00\x05\x00\x00\x00\x01\x03\x00reply"
-    assert conn.send_data(1, None, end=True) == b"\x00\x00\x00\x00\x00\x00\x00\x01\x03\x05"
+    conn.receive_data(request_frame(1))
+    assert conn.receive_data(data_frame(1, payload=b"x")) == [refused(1, "data on stream 1 after its sender closed it")]
     assert not conn.is_active(1)
-    with pytest.raises(StreamClosed):
-        conn.send_data(1, b"more")
 
 
-def test_server_rejects_data_after_client_half_closed() -> None:
+def test_server_refuses_data_after_client_half_closed() -> None:
     conn = ServerConnection()
     conn.receive_data(request_frame(1, flags=Flag.REMOTE_OPEN) + data_frame(1, flags=0x05))
-    with pytest.raises(ProtocolError):
-        conn.receive_data(data_frame(1, payload=b"x"))
+    assert conn.receive_data(data_frame(1, payload=b"x")) == [refused(1, "data on stream 1 after its sender closed it")]
 
 
-def test_server_refuses_to_continue_after_a_protocol_error() -> None:
-    conn = ServerConnection()
-    with pytest.raises(ProtocolError):
-        conn.receive_data(request_frame(2))
-    with pytest.raises(ProtocolError):
-        conn.receive_data(request_frame(3))
-
-
-def test_server_reject_answers_on_the_offending_stream_id() -> None:
-    error = ProtocolError("StreamID must be odd", stream_id=4)
-    frame = decode_one(ServerConnection.reject(error))
+def test_server_refusal_answers_on_the_offending_stream_id() -> None:
+    frame = decode_one(ServerConnection.refuse(refused(4, "StreamID must be odd")))
     assert (frame.stream_id, frame.type) == (4, FrameType.RESPONSE)
     status = request_pb2.Response.FromString(frame.payload).status
     assert (status.code, status.message) == (Code.INVALID_ARGUMENT, "StreamID must be odd")
+
+
+def test_server_reject_answers_on_the_offending_stream_id() -> None:
+    error = ProtocolError("connection closed with 3 bytes of a partial frame", Code.DATA_LOSS, stream_id=4)
+    frame = decode_one(ServerConnection.reject(error))
+    assert (frame.stream_id, frame.type) == (4, FrameType.RESPONSE)
+    assert request_pb2.Response.FromString(frame.payload).status.code == Code.DATA_LOSS
     assert ServerConnection.reject(ProtocolError("no stream")) is None
 
 

@@ -11,7 +11,7 @@ from typing import Any, TypeVar, overload
 from google.protobuf.message import DecodeError, Message
 
 from kuasar.common.api.ttrpc import request_pb2
-from kuasar.common.errors import Code, DeadlineExceeded, Internal, ResourceExhausted, Unavailable, from_code
+from kuasar.common.errors import Code, DeadlineExceeded, Internal, KuasarError, Unavailable, from_code
 
 from .connection import ClientConnection, Event, MessageRefused, ResponseReceived, StreamData
 from .frames import NO_FLAGS, Flag, ProtocolError
@@ -148,8 +148,21 @@ class TtrpcClient:
         req = _request(service, method, payload, metadata, None)
         sid = self._start(req, flags)
         stream = self._streams[sid] = ClientStream(self, sid)
-        await self._drain()
+        try:
+            await self._drain()
+        except BaseException:  # cancelled, say, while a slow server reads: nobody will own the stream
+            self._abandon(sid)
+            raise
         return stream
+
+    def _abandon(self, sid: int) -> None:
+        """Give up a stream whose request went out: half-closed, so that the server's handler is not
+        left waiting for messages, and forgotten, so that what the server still sends is dropped."""
+        with contextlib.suppress(KuasarError, OSError):
+            if self._error is None and self._proto.is_active(sid):
+                self._writer.write(self._proto.close_send(sid))
+        self._streams.pop(sid, None)
+        self._proto.forget(sid)
 
     async def wait_closed(self) -> None:
         """Until the connection is gone (the server closed it, or `close`)."""
@@ -246,7 +259,7 @@ class TtrpcClient:
                 self._streams.pop(event.stream_id, None)
                 stream._inbox.close()
         elif isinstance(event, MessageRefused):  # a reply over the size limit fails its call alone
-            error = ResourceExhausted(event.message)
+            error = from_code(event.code, event.message)
             future = self._calls.get(event.stream_id)
             if future is not None and not future.done():
                 future.set_exception(error)

@@ -49,12 +49,16 @@ class ResponseReceived:
 
 @dataclass(frozen=True)
 class MessageRefused:
-    """The peer sent a frame over MAX_MESSAGE_SIZE on `stream_id` (its payload was skipped). A server
-    answers that stream with RESOURCE_EXHAUSTED (`refuse`); a client fails the call with it. The
-    stream, if it was open, is finished; the connection goes on."""
+    """The peer sent a frame on `stream_id` that cannot be taken: over MAX_MESSAGE_SIZE (its payload
+    was skipped; RESOURCE_EXHAUSTED) or, to a server, one that breaks the rules for its stream (an even
+    or reused id, an undecodable request, data on a stream not open for it; INVALID_ARGUMENT). A server
+    answers that stream with `code` (`refuse`); a client fails the call with it. The stream, if it was
+    open, is finished; the connection goes on, as with Go's ttrpc server: one bad frame must not end
+    every other call on the connection."""
 
     stream_id: int
     message: str
+    code: int = Code.RESOURCE_EXHAUSTED
 
 
 Event = NewRequest | StreamData | ResponseReceived | MessageRefused
@@ -131,10 +135,15 @@ class _Connection:
         self._streams.pop(frame.stream_id, None)
         return MessageRefused(frame.stream_id, frame.message)
 
-    def _on_data(self, frame: Frame, stream: _Stream) -> StreamData | None:
+    def _refused(self, stream_id: int, message: str) -> MessageRefused:
+        """A frame that breaks its stream's rules: the stream (if open) is finished, the connection
+        goes on."""
+        self._streams.pop(stream_id, None)
+        return MessageRefused(stream_id, message, Code.INVALID_ARGUMENT)
+
+    def _on_data(self, frame: Frame, stream: _Stream) -> StreamData | MessageRefused | None:
         if stream.remote_closed:
-            raise ProtocolError(f"data on stream {frame.stream_id} after its sender closed it",
-                                stream_id=frame.stream_id)
+            return self._refused(frame.stream_id, f"data on stream {frame.stream_id} after its sender closed it")
         end = bool(frame.flags & Flag.REMOTE_CLOSED)
         # Like Go, a no-data frame's payload (if any) is ignored rather than treated as an error.
         payload = None if frame.flags & Flag.NO_DATA else frame.payload
@@ -160,7 +169,7 @@ class ServerConnection(_Connection):
     def _on_frame(self, frame: Frame) -> Event | None:
         sid = frame.stream_id
         if sid % 2 != 1:
-            raise ProtocolError("StreamID must be odd for client initiated streams", stream_id=sid)
+            return self._refused(sid, "StreamID must be odd for client initiated streams")
         if frame.type is FrameType.REQUEST:
             return self._on_request(frame)
         if frame.type is FrameType.DATA:
@@ -173,21 +182,21 @@ class ServerConnection(_Connection):
                     if frame.flags & Flag.REMOTE_CLOSED:
                         return StreamData(sid, None, True)
                     return None
-                raise ProtocolError(f"StreamID {sid} is not active", stream_id=sid)
+                return self._refused(sid, f"StreamID {sid} is not active")
             return self._on_data(frame, stream)
-        raise ProtocolError(f"unexpected {frame.type.name.lower()} frame from a client", stream_id=sid)
+        return None  # a response from a client: as Go's server, not ours to act on
 
-    def _on_request(self, frame: Frame) -> NewRequest:
+    def _on_request(self, frame: Frame) -> NewRequest | MessageRefused:
         sid = frame.stream_id
         if sid <= self._last_stream_id:
-            raise ProtocolError("StreamID cannot be re-used and must increment", stream_id=sid)
+            return self._refused(sid, "StreamID cannot be re-used and must increment")
         self._last_stream_id = sid
         if frame.flags & Flag.REMOTE_OPEN and frame.flags & Flag.REMOTE_CLOSED:
-            raise ProtocolError("request cannot be both remote-open and remote-closed", stream_id=sid)
+            return self._refused(sid, "request cannot be both remote-open and remote-closed")
         try:
             request = request_pb2.Request.FromString(frame.payload)
         except DecodeError as err:
-            raise ProtocolError(f"unmarshal request error: {err}", stream_id=sid) from None
+            return self._refused(sid, f"unmarshal request error: {err}")
         self._streams[sid] = _Stream(remote_closed=not frame.flags & Flag.REMOTE_OPEN)
         return NewRequest(sid, request, frame.flags)
 
@@ -206,8 +215,8 @@ class ServerConnection(_Connection):
 
     @staticmethod
     def refuse(event: MessageRefused) -> bytes:
-        """The RESOURCE_EXHAUSTED Response for an oversized frame, on the stream it named."""
-        payload = status_response(Code.RESOURCE_EXHAUSTED, event.message).SerializeToString()
+        """The status Response for a refused frame, on the stream it named."""
+        payload = status_response(event.code, event.message).SerializeToString()
         return encode_frame(Frame(event.stream_id, FrameType.RESPONSE, NO_FLAGS, payload))
 
     @staticmethod

@@ -36,8 +36,7 @@ class Flag(enum.IntFlag):
 
 
 NO_FLAGS = Flag(0)
-# Bits no ttrpc version defines; a peer setting them speaks something we do not understand.
-# (A plain int: `~` on an IntFlag would invert only within the defined bits.)
+# The flag bits we know; others are ignored (a later version's, as Go's ttrpc ignores them).
 _KNOWN_FLAGS = int(Flag.REMOTE_CLOSED | Flag.REMOTE_OPEN | Flag.NO_DATA)
 
 
@@ -130,6 +129,11 @@ class FrameDecoder:
                         self._skip = length
                         frames.append(OversizedFrame(stream_id, length))
                         continue
+                    if raw[8] not in FrameType._value2member_map_:
+                        # As Go's ttrpc: a type we do not know (a later version's) is skipped, for
+                        # peers of different versions to get along; its payload is never kept.
+                        self._skip = length
+                        continue
                     self._header = _parse_header(raw)
                 length, stream_id, ftype, flags = self._header
                 if len(self._buf) < length:
@@ -161,8 +165,5 @@ class FrameDecoder:
 
 def _parse_header(raw: bytes) -> tuple[int, int, FrameType, Flag]:
     length, stream_id, ftype, flags = _HEADER.unpack(raw)
-    if ftype not in FrameType._value2member_map_:
-        raise ProtocolError(f"unknown message type {ftype:#x}", Code.INVALID_ARGUMENT, stream_id)
-    if flags & ~_KNOWN_FLAGS:
-        raise ProtocolError(f"unknown flags {flags:#x}", Code.INVALID_ARGUMENT, stream_id)
-    return length, stream_id, FrameType(ftype), Flag(flags)
+    # Flag bits no version we know defines are ignored, as Go's ttrpc does.
+    return length, stream_id, FrameType(ftype), Flag(flags & _KNOWN_FLAGS)

@@ -22,7 +22,6 @@ from kuasar.common.errors import (
     Internal,
     InvalidArgument,
     KuasarError,
-    ResourceExhausted,
     from_code,
 )
 from kuasar.common.request_timing import TIMING
@@ -170,8 +169,9 @@ class _ServerConn:
             self.writer.close()  # the read loop then sees the end and shuts the connection down
 
     async def _refuse(self, event: MessageRefused) -> None:
-        """Answer a frame over the size limit on its stream; a call already running there is given up
-        (its client now holds the answer), and the connection serves on."""
+        """Answer a refused frame (over the size limit, or against its stream's rules) on its stream; a
+        call already running there is given up (its client now holds the answer), and the connection
+        serves on."""
         log.warning("ttrpc connection %d: %s on stream %d", self.id, event.message, event.stream_id)
         task = self.tasks.get(event.stream_id)
         if task is not None:
@@ -179,7 +179,7 @@ class _ServerConn:
         stream = self.streams.pop(event.stream_id, None)
         if stream is not None:
             # With the error: a clean close reads as the client's half-close (a process's end of stdin).
-            stream._inbox.close(ResourceExhausted(event.message))
+            stream._inbox.close(from_code(event.code, event.message))
         await self.write(self.proto.refuse(event))
 
     def _start(self, event: NewRequest, received: int = 0) -> None:
