@@ -17,7 +17,7 @@ from kuasar.common.api.ttrpc import request_pb2
 from kuasar.common.errors import (
     Code,
     DeadlineExceeded,
-    InvalidArgument,
+    Internal,
     KuasarError,
     NotFound,
     ResourceExhausted,
@@ -299,10 +299,10 @@ def test_unknown_service_and_method_are_unimplemented(sock_path: str) -> None:
     run(main())
 
 
-def test_undecodable_request_message_is_invalid_argument_and_connection_survives(sock_path: str) -> None:
+def test_undecodable_request_message_is_internal_and_connection_survives(sock_path: str) -> None:
     async def main() -> None:
         async with serving(sock_path), client_of(sock_path) as client:
-            with pytest.raises(InvalidArgument):
+            with pytest.raises(Internal, match="error unmarshalling payload"):  # Go's ttrpc's code
                 await client.call(SVC, "Echo", b"\xff\xff\xff")
             assert (await client.call(SVC, "Echo", KV(value="ok"), KV)).value == "OK"
     run(main())

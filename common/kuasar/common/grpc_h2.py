@@ -147,7 +147,7 @@ def decode_message(body: bytes, request_type: type[Message]) -> Message:
     try:
         return request_type.FromString(body[GRPC_PREFIX.size:])
     except DecodeError as exc:
-        raise GrpcError(Code.INVALID_ARGUMENT, f"undecodable request: {exc}") from None
+        raise GrpcError(Code.INTERNAL, f"grpc: error unmarshalling request: {exc}") from None  # as grpc-go
 
 
 def status_trailers(code: Code, message: str) -> tuple[tuple[bytes, bytes], ...]:

@@ -20,7 +20,6 @@ from kuasar.common.errors import (
     AlreadyExists,
     Code,
     Internal,
-    InvalidArgument,
     KuasarError,
     from_code,
 )
@@ -254,9 +253,9 @@ class _ServerConn:
                 assert route.request_type is not None
                 try:
                     message = route.request_type.FromString(req.payload)
-                except DecodeError as err:
+                except DecodeError as err:  # INTERNAL, as Go's ttrpc answers it
                     name = route.request_type.DESCRIPTOR.full_name
-                    raise InvalidArgument(f"unmarshal {name}: {err}") from None
+                    raise from_code(Code.INTERNAL, f"ttrpc: error unmarshalling payload ({name}): {err}") from None
                 result = await route.handler(message, ctx)
             if isinstance(result, bytes):  # a relay's reply, serialized already by whoever answered it
                 return result
