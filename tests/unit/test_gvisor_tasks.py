@@ -160,6 +160,44 @@ def test_pause_and_resume_of_a_container_take_turns(tmp_path: Path) -> None:
     assert events.topics == ["/tasks/paused", "/tasks/resumed"]
 
 
+def test_pause_is_refused_while_another_container_of_the_pod_runs(tmp_path: Path) -> None:
+    # runsc pauses the whole sandbox: the pod's other containers froze while State said RUNNING.
+    tasks, runsc, events = make_tasks(tmp_path)
+    add_container(tasks, tmp_path, "c1")
+    add_container(tasks, tmp_path, "c2")
+    add_container(tasks, tmp_path, "other-pods", pod_id="pod2")
+    with pytest.raises(FailedPrecondition, match="gVisor pauses its whole pod, where c2 run"):
+        asyncio.run(tasks.pause(task.PauseRequest(id="c1"), Ctx()))  # type: ignore[arg-type]
+    assert runsc.calls == [] and events.topics == []
+    tasks.containers["c2"].init.status = types.STOPPED  # alone in its pod now (another pod's does not count)
+    asyncio.run(tasks.pause(task.PauseRequest(id="c1"), Ctx()))  # type: ignore[arg-type]
+    assert runsc.calls == [("pause", "c1")]
+
+
+def test_a_paused_container_is_resumed_for_a_sigkill_and_for_its_pods_removal(tmp_path: Path) -> None:
+    # runsc refuses to signal anything in a paused sandbox ("in state paused": Kill failed after 1 s)
+    # and its delete --force waits until something resumes it (RemovePodSandbox hung).
+    tasks, runsc, events = make_tasks(tmp_path)
+    container = add_container(tasks, tmp_path, "c1", status=types.PAUSED)
+    container.execs["e1"] = gt.Process("e1", ProcessIO())
+    container.execs["e1"].status, container.execs["e1"].internal_pid = types.RUNNING, 7
+
+    async def scenario() -> None:
+        with pytest.raises(FailedPrecondition, match="paused"):  # not lost without a word
+            await tasks.kill(task.KillRequest(id="c1", exec_id="e1", signal=9), Ctx())  # type: ignore[arg-type]
+        await tasks.kill(task.KillRequest(id="c1", signal=15), Ctx())  # type: ignore[arg-type]
+        assert runsc.calls == [("kill", "c1")]  # pending, as under runc, until the container is resumed
+        await tasks.kill(task.KillRequest(id="c1", signal=9), Ctx())  # type: ignore[arg-type]
+        assert runsc.calls[1:] == [("resume", "c1"), ("kill", "c1")] and container.init.status == types.RUNNING
+
+        container.init.status = types.PAUSED
+        runsc.calls.clear()
+        await tasks.remove_pod_containers("pod")
+        assert runsc.calls == [("resume", "c1"), ("delete", "c1")]
+
+    asyncio.run(scenario())
+
+
 # -- ids pods and containers share in runsc ----------------------------------------------------------------
 class CreateFailsIfTaken(FakeRunsc):
     """runsc refuses an id it already has; the fake knows the pods given to it."""

@@ -497,6 +497,10 @@ class GvisorTasks(LeftRuntimeCommands, TerminalTasks):
         if req.exec_id:
             await self._kill_exec(container, proc, req.signal)
             return empty_pb2.Empty()
+        if req.signal == signal.SIGKILL:
+            # runsc signals nothing in a paused sandbox ("in state paused"): a SIGKILL ends the
+            # container all the same, as under runc, whose frozen processes die once thawed.
+            await self._thaw(container)
         try:
             await self.runsc.kill(req.id, req.signal, container.pod.network, all_processes=req.all)
         except KuasarError as exc:
@@ -507,6 +511,9 @@ class GvisorTasks(LeftRuntimeCommands, TerminalTasks):
     async def _kill_exec(self, container: Container, proc: Process, sig: int) -> None:
         if proc.status == types.CREATED:  # as containerd's runc shim: no process to signal yet
             raise FailedPrecondition(f"exec {proc.id} in container {container.id} is not started")
+        if container.init.status == types.PAUSED:  # runsc would refuse it, and the signal be lost
+            raise FailedPrecondition(f"cannot signal exec {proc.id}: container {container.id} is paused, and "
+                                     "gVisor signals nothing in a paused sandbox; resume it first")
         if not proc.internal_pid:
             # Only a runner that exited before runsc wrote the pid leaves none: its exit is on its way.
             await self._finished_meanwhile(proc, proc.id, FailedPrecondition(
@@ -543,6 +550,14 @@ class GvisorTasks(LeftRuntimeCommands, TerminalTasks):
         if init.status == types.STOPPED and time.time_ns() - init.exited_at_ns > OOM_EXIT_SLACK_NS:
             return
         self._on_oom(container)
+
+    async def _thaw(self, container: Container) -> None:
+        """Resume a paused container's sandbox: runsc refuses to signal anything in it, and its
+        `delete --force` blocks until something resumes it."""
+        if container.init.status == types.PAUSED:
+            await self.runsc.resume(container.id, container.pod.network)
+            if container.init.status == types.PAUSED:
+                container.init.status = types.RUNNING
 
     async def _remove(self, container: Container) -> None:
         await self.runsc.delete(container.id, container.pod.network)
@@ -582,6 +597,13 @@ class GvisorTasks(LeftRuntimeCommands, TerminalTasks):
     async def pause(self, req: task.PauseRequest, ctx: Context) -> empty_pb2.Empty:
         async with self._holding(req.id) as container:
             container.require_init(types.RUNNING, "pause")
+            others = [c.id for c in self.containers.values()
+                      if c.pod is container.pod and c is not container
+                      and c.init.status in (types.RUNNING, types.PAUSED)]
+            if others:
+                # runsc pauses the whole sandbox (its kernel), whichever container it is asked for.
+                raise FailedPrecondition(f"cannot pause container {req.id}: gVisor pauses its whole pod, where "
+                                         f"{', '.join(sorted(others))} run too")
             await self.runsc.pause(req.id, container.pod.network)
             # The init's exit may have been seen while runsc ran: a stopped container stays stopped (or
             # Delete would refuse it for ever as still running).
@@ -611,6 +633,8 @@ class GvisorTasks(LeftRuntimeCommands, TerminalTasks):
         for container in [c for c in self.containers.values() if c.pod.id == pod_id]:
             if container.init.status != types.STOPPED:
                 try:
+                    if sig == signal.SIGKILL:
+                        await self._thaw(container)
                     await self.runsc.kill(container.id, sig, container.pod.network, all_processes=True)
                 except KuasarError as exc:  # best effort during pod stop
                     log.warning("pod %s: killing container %s: %s", pod_id, container.id, exc.message)
@@ -629,6 +653,8 @@ class GvisorTasks(LeftRuntimeCommands, TerminalTasks):
             async with self._lock(container.id):
                 if self.containers.get(container.id) is not container:
                     continue  # a Delete got there first
+                with contextlib.suppress(KuasarError):  # a delete in a paused sandbox would wait for ever
+                    await self._thaw(container)
                 for proc in [container.init, *container.execs.values()]:
                     if proc.status != types.STOPPED:
                         self._exited(container, proc, KILLED_EXIT_STATUS)
