@@ -185,10 +185,11 @@ def test_a_paused_container_is_resumed_for_a_sigkill_and_for_its_pods_removal(tm
     async def scenario() -> None:
         with pytest.raises(FailedPrecondition, match="paused"):  # not lost without a word
             await tasks.kill(task.KillRequest(id="c1", exec_id="e1", signal=9), Ctx())  # type: ignore[arg-type]
-        await tasks.kill(task.KillRequest(id="c1", signal=15), Ctx())  # type: ignore[arg-type]
-        assert runsc.calls == [("kill", "c1")]  # pending, as under runc, until the container is resumed
+        with pytest.raises(FailedPrecondition, match="resume it first"):  # at once, not runsc's refusal
+            await tasks.kill(task.KillRequest(id="c1", signal=15), Ctx())  # type: ignore[arg-type]
+        assert runsc.calls == []
         await tasks.kill(task.KillRequest(id="c1", signal=9), Ctx())  # type: ignore[arg-type]
-        assert runsc.calls[1:] == [("resume", "c1"), ("kill", "c1")] and container.init.status == types.RUNNING
+        assert runsc.calls == [("resume", "c1"), ("kill", "c1")] and container.init.status == types.RUNNING
 
         container.init.status = types.PAUSED
         runsc.calls.clear()

@@ -501,6 +501,9 @@ class GvisorTasks(LeftRuntimeCommands, TerminalTasks):
             # runsc signals nothing in a paused sandbox ("in state paused"): a SIGKILL ends the
             # container all the same, as under runc, whose frozen processes die once thawed.
             await self._thaw(container)
+        elif container.init.status == types.PAUSED:
+            raise FailedPrecondition(f"cannot signal container {req.id}: it is paused, and gVisor signals "
+                                     "nothing in a paused sandbox; resume it first (a SIGKILL does)")
         try:
             await self.runsc.kill(req.id, req.signal, container.pod.network, all_processes=req.all)
         except KuasarError as exc:
