@@ -66,8 +66,9 @@ async def run_pod(client: CriClient, name: str, log_root: Path, **kwargs) -> tup
 
 async def create(client: CriClient, pod_id: str, pod: cri.PodSandboxConfig, name: str, command: list[str],
                  annotations: dict[str, str] | None = None, mounts: list[cri.Mount] | None = None,
-                 stdin_once: bool = False, **kwargs) -> str:
+                 stdin_once: bool = False, readonly_rootfs: bool = False, **kwargs) -> str:
     config = container_config(name, WASM_IMAGE, command, log_path=f"{name}.log", **kwargs)
+    config.linux.security_context.readonly_rootfs = readonly_rootfs
     config.annotations.update(annotations or {})
     config.mounts.extend(mounts or [])
     config.stdin_once = stdin_once
@@ -217,6 +218,24 @@ def test_file_bind_mounts_are_seen_by_the_module_and_leave_no_mount(stack: Stack
             ro = await start(client, pod_id, pod, "ro", ["/argsenv.wasm", "--write", "/etc/app.conf"], mounts=mounts)
             assert (await wait_state(client, ro, cri.CONTAINER_EXITED)).exit_code == 2
             assert config_file.read_text() == "setting = 42\n"
+            # With readOnlyRootFilesystem the termination log is still written, and the root is not.
+            termination_log.write_text("")
+            term_ro = await start(client, pod_id, pod, "term-ro", ["/argsenv.wasm", "--write", "/dev/termination-log"],
+                                  mounts=[log_mount], readonly_rootfs=True)
+            assert (await wait_state(client, term_ro, cri.CONTAINER_EXITED)).exit_code == 0
+            assert termination_log.read_text() == "written by wasm\n"
+            root_ro = await start(client, pod_id, pod, "root-ro", ["/argsenv.wasm", "--write", "/tmp/x.txt"],
+                                  mounts=[log_mount], readonly_rootfs=True)
+            assert (await wait_state(client, root_ro, cri.CONTAINER_EXITED)).exit_code == 2
+            # A subPath file under a volume's mount point is reached through that volume.
+            volume = tmp_path / "volume"
+            volume.mkdir()
+            sub = await start(client, pod_id, pod, "sub", ["/argsenv.wasm", "--read", "/data/app.conf"],
+                              mounts=[cri.Mount(container_path="/data", host_path=str(volume)),
+                                      cri.Mount(container_path="/data/app.conf", host_path=str(config_file),
+                                                readonly=True)])
+            assert (await wait_state(client, sub, cri.CONTAINER_EXITED)).exit_code == 0
+            assert "setting = 42" in await wait_log(pod, "sub", "setting = 42")
             await remove_pod(client, pod_id)
 
     asyncio.run(scenario())

@@ -132,6 +132,46 @@ def test_file_binds_follow_the_images_symlinks_inside_the_rootfs_only(tmp_path: 
         FileBind(str(conf), str(rootfs / "tmp/app.conf"))]
 
 
+def test_a_file_bind_under_a_volume_goes_where_the_volumes_preopen_reaches_it(tmp_path: Path) -> None:
+    # Bound into the rootfs, a subPath file under a volume's mount point was invisible: the module opens
+    # it through the volume's preopen (the longest match), which is the host's volume directory.
+    conf = tmp_path / "extra.conf"
+    conf.write_text("x=1\n")
+    volume, inner = tmp_path / "vol", tmp_path / "inner"
+    volume.mkdir()
+    inner.mkdir()
+    rootfs = tmp_path / "rootfs"
+    rootfs.mkdir()
+    spec_mounts = [{"destination": "/config", "type": "bind", "source": str(volume), "options": ["rbind"]},
+                   {"destination": "/config/deep", "type": "bind", "source": str(inner), "options": ["rbind"]},
+                   {"destination": "/config/extra.conf", "type": "bind", "source": str(conf), "options": ["rbind"]},
+                   {"destination": "/config/deep/a/b.conf", "type": "bind", "source": str(conf), "options": ["rbind"]},
+                   {"destination": "/configs/c.conf", "type": "bind", "source": str(conf), "options": ["rbind"]}]
+    assert [bind.target for bind in file_binds(spec_mounts, rootfs)] == [
+        str(volume / "extra.conf"), str(inner / "a/b.conf"), str(rootfs / "configs/c.conf")]
+
+
+def test_a_writable_file_bind_in_a_read_only_root_is_left_to_the_kernel(rootfs: Path, tmp_path: Path) -> None:
+    # WASI's read-only preopen of the root refused every write, to a writable file bind too (kubelet's
+    # /dev/termination-log with readOnlyRootFilesystem): the kernel keeps the root read-only instead.
+    log = tmp_path / "termination-log"
+    log.write_text("")
+    tasks = WasmTasks(reaper=None, events=None, directory=tmp_path / "dir",  # type: ignore[arg-type]
+                      settings=WasmSettings(cache=False))
+
+    def plan(mounts: list[dict]) -> tuple[bool, str]:
+        spec = {"root": {"readonly": True}, "mounts": mounts}
+        container = Container("c1", tmp_path, "pod", "k8s.io", spec, rootfs, "wasmtime", "",
+                              Process("", io=ProcessIO()))
+        made = tasks.plan(container, {"args": ["/hello.wasm"]}, "c1")
+        return made.run.preopens[0].writable, made.readonly_rootfs
+
+    rw = {"destination": "/dev/termination-log", "type": "bind", "source": str(log), "options": ["rbind"]}
+    assert plan([rw]) == (True, str(rootfs))
+    assert plan([{**rw, "options": ["rbind", "ro"]}]) == (False, "")  # WASI's read-only preopen will do
+    assert plan([]) == (False, "")
+
+
 def test_spec_helpers() -> None:
     assert memory_limit_of({"linux": {"resources": {"memory": {"limit": 64 << 20}}}}) == 64 << 20
     assert memory_limit_of({"linux": {"resources": {"memory": {"limit": -1}}}}) == 0

@@ -98,6 +98,9 @@ class LaunchPlan:
     wasmedge: str = ""  # WasmEdge binary when runtime == "wasmedge"
     terminal: bool = False  # stdio is a pty's slave, made the process's controlling terminal
     file_binds: list[FileBind] = field(default_factory=list)
+    # A rootfs made read-only by the kernel in the process's mount namespace, under its file binds
+    # (set when a read-only root holds a writable file bind: WASI's read-only preopen would refuse it).
+    readonly_rootfs: str = ""
 
 
 @dataclass
@@ -225,7 +228,7 @@ def _child(plan: LaunchPlan, stdio: Stdio, report_fd: int, go_fd: int, task_serv
         for kind, path in plan.namespaces:
             _join_namespace(kind, path)
         if plan.file_binds:
-            _bind_files(plan.file_binds)
+            _bind_files(plan.file_binds, plan.readonly_rootfs)
         if plan.oom_score_adj is not None:
             try:
                 with open("/proc/self/oom_score_adj", "w") as f:
@@ -312,10 +315,12 @@ def _join_namespace(kind: str, path: str) -> None:
         os.close(fd)
 
 
-def _bind_files(binds: list[FileBind]) -> None:
+def _bind_files(binds: list[FileBind], readonly_rootfs: str = "") -> None:
     """Bind each file over its target in a mount namespace of this process's own (gone with it, so
     nothing is left to unmount), a slave of the host's: the rootfs's unmount still reaches it, and
-    nothing made here reaches the host. A missing target is made, as runc makes a mount point."""
+    nothing made here reaches the host. A missing target is made, as runc makes a mount point (before
+    the rootfs is made read-only, as runc does). `readonly_rootfs`: a bind of the rootfs over itself,
+    read-only, goes under the files."""
     linux.unshare(linux.CLONE_NEWNS)
     linux.mount("none", "/", "", linux.MS_REC | linux.MS_SLAVE)
     for bind in binds:
@@ -324,6 +329,16 @@ def _bind_files(binds: list[FileBind]) -> None:
                 os.makedirs(os.path.dirname(bind.target), exist_ok=True)
                 os.close(os.open(bind.target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
                                  0o644))
+        except OSError as exc:
+            raise InvalidArgument(f"binding {bind.source} at {bind.target}: {exc.strerror or exc}") from None
+    if readonly_rootfs:
+        try:
+            linux.mount(readonly_rootfs, readonly_rootfs, "", linux.MS_BIND | linux.MS_REC)
+            linux.mount("none", readonly_rootfs, "", linux.MS_BIND | linux.MS_REMOUNT | linux.MS_RDONLY)
+        except OSError as exc:
+            raise InvalidArgument(f"making the rootfs read-only: {exc.strerror or exc}") from None
+    for bind in binds:
+        try:
             linux.mount(bind.source, bind.target, "", linux.MS_BIND | (linux.MS_REC if bind.recursive else 0))
             if bind.readonly:
                 linux.mount("none", bind.target, "", linux.MS_BIND | linux.MS_REMOUNT | linux.MS_RDONLY)

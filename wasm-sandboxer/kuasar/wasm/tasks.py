@@ -162,11 +162,24 @@ def bind_preopens(spec_mounts: list[dict[str, Any]]) -> list[Preopen]:
 
 def file_binds(spec_mounts: list[dict[str, Any]], rootfs: Path) -> list[FileBind]:
     """The spec's bind mounts of regular files (WASI preopens directories only), bound over their
-    destinations in the rootfs by the container's process (`launch.FileBind`); the image's symlinks are
-    followed inside the rootfs only. A device, socket or FIFO is never bound."""
-    return [FileBind(source, str(resolve_in_root(rootfs, destination)), readonly="ro" in options,
-                     recursive="rbind" in options)
-            for source, destination, options in _binds(spec_mounts, NOT_BOUND) if os.path.isfile(source)]
+    destinations by the container's process (`launch.FileBind`) where the module will look: in the
+    directory of the preopen that covers the destination (a subPath file under a volume's mount point
+    is reached through that volume's preopen, the longest match, as wasi-libc picks it), else in the
+    rootfs. Symlinks are followed inside that directory only. A device, socket or FIFO is never bound."""
+    directories = sorted(((Path(p.guest), Path(p.host)) for p in bind_preopens(spec_mounts)),
+                         key=lambda guest_host: len(guest_host[0].parts), reverse=True)
+    binds = []
+    for source, destination, options in _binds(spec_mounts, NOT_BOUND):
+        if not os.path.isfile(source):
+            continue
+        where, inside = rootfs, destination
+        for guest, host in directories:
+            if Path(destination).is_relative_to(guest):
+                where, inside = host, "/" + str(Path(destination).relative_to(guest))
+                break
+        binds.append(FileBind(source, str(resolve_in_root(where, inside)), readonly="ro" in options,
+                              recursive="rbind" in options))
+    return binds
 
 
 class WasmTasks(TerminalTasks):
@@ -214,8 +227,13 @@ class WasmTasks(TerminalTasks):
         args = [str(a) for a in process.get("args") or []]
         cwd = str(process.get("cwd") or "/")
         module, entry = module_of(container.rootfs, args, cwd)
-        root = container.spec.get("root") or {}
-        preopens = [Preopen(str(container.rootfs), "/", writable=not root.get("readonly", False)),
+        root_readonly = bool((container.spec.get("root") or {}).get("readonly", False))
+        binds = file_binds(container.spec.get("mounts") or [], container.rootfs)
+        # A writable file in a read-only root (kubelet's /dev/termination-log with readOnlyRootFilesystem)
+        # is reached through the rootfs's preopen, which WASI would keep read-only for it too: the
+        # kernel keeps the root read-only instead (`launch`), and the preopen is writable.
+        kernel_readonly_root = root_readonly and any(not bind.readonly for bind in binds)
+        preopens = [Preopen(str(container.rootfs), "/", writable=not root_readonly or kernel_readonly_root),
                     *bind_preopens(container.spec.get("mounts") or [])]
         run = RunSpec(str(module), args, [str(e) for e in process.get("env") or []], preopens,
                       container.memory_limit, str(self.cache.directory) if self.cache else "",
@@ -243,8 +261,8 @@ class WasmTasks(TerminalTasks):
         oom = process.get("oomScoreAdj")
         return LaunchPlan(name, container.runtime, run, namespaces, container.cgroup, owner,
                           rlimits, oom if isinstance(oom, int) else None, container.wasmedge,
-                          terminal=bool(process.get("terminal")),
-                          file_binds=file_binds(container.spec.get("mounts") or [], container.rootfs))
+                          terminal=bool(process.get("terminal")), file_binds=binds,
+                          readonly_rootfs=str(container.rootfs) if kernel_readonly_root else "")
 
     def _maybe_prune(self) -> None:
         if self.cache is not None and time.monotonic() - self._pruned_at > PRUNE_INTERVAL:
