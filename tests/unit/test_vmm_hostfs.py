@@ -74,3 +74,50 @@ def test_a_read_only_volume_is_read_only_all_the_way_down(tmp_path: Path) -> Non
         print("ok")
     """, tmp_path)
     assert out.split() == ["refused", "refused", "ok"]
+
+
+def test_the_guest_cannot_plant_symlinks_where_the_host_mounts_or_deletes(tmp_path: Path) -> None:
+    # QEMU serves the shared directory to the guest as root: a symlink the guest made there at
+    # .volumes/<n> had the host bind a guest-writable volume over a host directory, one at <id> had
+    # Delete unmount another pod's mounts (or, pointing at /, every mount on the host), and one at
+    # .volumes had the host delete a host directory's contents. The guest now gets a read-only view;
+    # the host makes entries beside it and mounts onto it.
+    out = in_own_mount_namespace("""
+        import errno, json, os
+        from kuasar.common.api.containerd.runtime.task.v2 import shim_pb2 as task
+        from kuasar.vmm.proxy import HostPrep
+        vm = base / "vm"
+        vm.mkdir()
+        source, view = vm / "shared.host", vm / "shared"
+        source.mkdir()
+        hostfs.read_only_view(source, view)
+        host_dir = base / "host-etc"
+        host_dir.mkdir()
+        (host_dir / "keep").write_text("x")
+        refused = []
+        for planted in (view / ".volumes", view / "c1", view / "x"):  # what the guest would do
+            try:
+                os.symlink(host_dir, planted)
+            except OSError as err:
+                refused.append(err.errno == errno.EROFS)
+        print(all(refused) and len(refused) == 3)
+        volume, bundle = base / "emptydir", base / "bundle"
+        volume.mkdir()
+        (bundle / "rootfs").mkdir(parents=True)
+        mount = {"destination": "/data", "type": "bind", "source": str(volume), "options": ["rbind", "rw"]}
+        (bundle / "config.json").write_text(json.dumps({"process": {"args": ["sh"]}, "root": {"path": "rootfs"},
+                                                        "mounts": [mount]}))
+        prep = HostPrep(view, "/run/kuasar/state", source=source)
+        prep.prepare(task.CreateTaskRequest(id="c1", bundle=str(bundle)))
+        # What the guest sees: its bundle, and its rootfs and volume writable (they are mounts of their own).
+        print(json.loads((view / "c1" / "config.json").read_text())["root"]["path"] == "rootfs")
+        (view / "c1" / "rootfs" / "written-by-guest").write_text("y")
+        (view / ".volumes" / "0" / "in-volume").write_text("z")
+        print((bundle / "rootfs" / "written-by-guest").exists(), (volume / "in-volume").exists())
+        print(mounts.mount_points_under(str(source)) == [])  # mounts are on the view only
+        prep.cleanup("c1")
+        print(mounts.mount_points_under(str(vm)) == [str(view)], os.listdir(source) == [".volumes"])
+        hostfs.remove_tree(vm)
+        print(vm.exists(), sorted(os.listdir(host_dir)), (volume / "in-volume").exists())
+    """, tmp_path)
+    assert out.split() == ["True", "True", "True", "True", "True", "True", "True", "False", "['keep']", "True"], out

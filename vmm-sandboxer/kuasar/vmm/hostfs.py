@@ -44,11 +44,12 @@ def unmount_tree(root: str | os.PathLike[str]) -> list[str]:
     return mounts_under(root)
 
 
-def remove_tree(root: str | os.PathLike[str]) -> None:
-    """Unmount, then delete `root`; refuses to delete while anything is still mounted below it."""
+def remove_tree(root: str | os.PathLike[str], mounted_at: str | os.PathLike[str] | None = None) -> None:
+    """Unmount, then delete `root`; refuses to delete while anything is still mounted below it.
+    `mounted_at`: where its mounts are, when that is another view of it (`read_only_view`)."""
     if not os.path.lexists(root):
         return
-    left = unmount_tree(root)
+    left = unmount_tree(mounted_at if mounted_at is not None else root)
     if left:
         raise RuntimeFailure(f"not removing {root}: still mounted: {', '.join(left)}")
     shutil.rmtree(root, ignore_errors=True)
@@ -56,17 +57,35 @@ def remove_tree(root: str | os.PathLike[str]) -> None:
         raise RuntimeFailure(f"could not remove {root}")
 
 
-def bind(source: str, target: Path, readonly: bool) -> None:
-    """Bind a host file or directory onto `target` (created to match), read-only if asked."""
+def read_only_view(source: Path, view: Path) -> None:
+    """Make `view` a read-only bind of the directory `source`, private (no mount made in one reaches
+    the other, nor the host's other mount namespaces). A VM's shared directory is such a view: the
+    guest (QEMU serves it as root) cannot create, rename or replace anything there, so no symlink of
+    its making lies on a path the host mounts onto or deletes; the host makes entries in `source` and
+    mounts onto the view, and what is mounted there (a rootfs, a volume) is as writable as it is."""
+    view.mkdir(mode=0o711, exist_ok=True)
+    try:
+        linux.mount(str(source), str(view), "", linux.MS_BIND)
+        linux.mount("", str(view), "", linux.MS_PRIVATE)
+        linux.mount("", str(view), "", linux.MS_BIND | linux.MS_REMOUNT | linux.MS_RDONLY)
+    except OSError as err:
+        unmount_tree(view)
+        raise RuntimeFailure(f"making {view} a read-only view of {source}: {err}") from None
+
+
+def bind(source: str, target: Path, readonly: bool, make_at: Path | None = None) -> None:
+    """Bind a host file or directory onto `target` (created to match, at `make_at` when `target` is
+    in a read-only view of it), read-only if asked."""
     try:
         st = os.stat(source)
     except OSError as err:
         raise InvalidArgument(f"bind source {source}: {err.strerror}") from None
+    point = make_at if make_at is not None else target
     if stat_mod.S_ISDIR(st.st_mode):
-        target.mkdir(parents=True, exist_ok=True)
+        point.mkdir(parents=True, exist_ok=True)
     elif stat_mod.S_ISREG(st.st_mode):
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.touch(exist_ok=True)
+        point.parent.mkdir(parents=True, exist_ok=True)
+        point.touch(exist_ok=True)
     else:
         raise InvalidArgument(f"bind source {source}: only files and directories can be shared with a VM")
     try:

@@ -52,7 +52,14 @@ class VmSpec:
 
     @property
     def share_dir(self) -> Path:
+        """What the guest is given: a read-only view of `share_source` (hostfs.read_only_view), where the
+        rootfs and volume mounts are made."""
         return self.vm_dir / "shared"
+
+    @property
+    def share_source(self) -> Path:
+        """Where the host makes the shared directory's entries (the guest never sees this path)."""
+        return self.vm_dir / "shared.host"
 
     @property
     def uds(self) -> Path:

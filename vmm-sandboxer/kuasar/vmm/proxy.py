@@ -1,7 +1,7 @@
 """The task proxy of one VM: the hybrid-vsock endpoint containerd dials, relaying to the guest agent.
 
     python -m kuasar.vmm.proxy --listen <vm dir>/task.vsock --uds <vm dir>/vsock.sock \
-        --share <vm dir>/shared --guest-share /run/kuasar/state
+        --share <vm dir>/shared --share-source <vm dir>/shared.host --guest-share /run/kuasar/state
 
 Why it exists: containerd sends `Task.Create` straight to the task address with the *host* bundle
 path and the container's rootfs as host overlay mounts, which the guest cannot see. Upstream CRI
@@ -95,8 +95,12 @@ class HostPrep:
     read-only flag), as on a host where both containers bind the one inode: through two 9p paths the
     guest sees two inodes, and a socket or FIFO one container makes there the other cannot reach."""
 
-    def __init__(self, share: Path, guest_share: str, sandbox_pid: int = 0) -> None:
+    def __init__(self, share: Path, guest_share: str, sandbox_pid: int = 0, source: Path | None = None) -> None:
         self.share = share
+        # Where entries of the share are made, when the share is a read-only view of it (the guest then
+        # cannot plant a symlink on a path we mount onto or delete: hostfs.read_only_view); mounts go
+        # onto the share. Without one (a VM started before views), both are the share.
+        self.source = source if source is not None else share
         # Beside the share, never in it (the guest can write there): which containers are this pod's.
         self.known = share.parent / KNOWN_CONTAINERS_DIR
         self.guest_share = guest_share.rstrip("/")
@@ -106,6 +110,9 @@ class HostPrep:
 
     def host_dir(self, container_id: str) -> Path:
         return self.share / validate_id(container_id, "container id")
+
+    def source_dir(self, container_id: str) -> Path:
+        return self.source / validate_id(container_id, "container id")
 
     def prepare(self, req: task.CreateTaskRequest) -> task.CreateTaskRequest:
         """Mount and write what the guest needs; returns the request to forward."""
@@ -129,20 +136,22 @@ class HostPrep:
             # A container of that id runs (its rootfs and volumes are mounted there), or a failed
             # attempt's cleanup failed; containerd's Delete of the id removes either.
             raise AlreadyExists(f"container {cid} already exists")
-        host_dir.mkdir(mode=0o711)
+        source_dir = self.source_dir(cid)
+        source_dir.mkdir(mode=0o711)
         try:
             rootfs = host_dir / "rootfs"
+            (source_dir / "rootfs").mkdir()
             if req.rootfs:
                 mounts.mount_rootfs(req.rootfs, rootfs)
             else:
                 root = (spec.get("root") or {}).get("path", "rootfs")
                 source = root if os.path.isabs(root) else os.path.join(req.bundle, root)
-                hostfs.bind(source, rootfs, readonly=False)
+                hostfs.bind(source, rootfs, readonly=False, make_at=source_dir / "rootfs")
             shared = {f"{guest_bundle}/{VOLUMES_DIR}/{bind.name}": self._share_volume(cid, bind) for bind in binds}
             for mount in guest_spec.get("mounts") or []:
                 if mount.get("source") in shared:
                     mount["source"] = f"{self.guest_share}/{POD_VOLUMES}/{shared[mount['source']]}"
-            write_atomic(host_dir / "config.json", json.dumps(guest_spec).encode(), mode=0o644)
+            write_atomic(source_dir / "config.json", json.dumps(guest_spec).encode(), mode=0o644)
         except BaseException:
             self.cleanup(cid)
             raise
@@ -159,7 +168,8 @@ class HostPrep:
         volume = self.volumes.get(key)
         if volume is None:
             name = str(next(self._names))
-            hostfs.bind(bind.source, self.share / POD_VOLUMES / name, bind.readonly)
+            hostfs.bind(bind.source, self.share / POD_VOLUMES / name, bind.readonly,
+                        make_at=self.source / POD_VOLUMES / name)
             volume = self.volumes[key] = _PodVolume(name, set())
         volume.users.add(container_id)
         return volume.name
@@ -173,7 +183,7 @@ class HostPrep:
     def cleanup(self, container_id: str) -> None:
         (self.known / validate_id(container_id, "container id")).unlink(missing_ok=True)
         try:
-            hostfs.remove_tree(self.host_dir(container_id))
+            hostfs.remove_tree(self.source_dir(container_id), mounted_at=self.host_dir(container_id))
         except KuasarError as err:
             log.error("container %s: %s", container_id, err.message)
         for key, volume in list(self.volumes.items()):
@@ -182,7 +192,8 @@ class HostPrep:
                 continue
             del self.volumes[key]  # (a later user gets a fresh bind, never a half-removed one)
             try:
-                hostfs.remove_tree(self.share / POD_VOLUMES / volume.name)
+                hostfs.remove_tree(self.source / POD_VOLUMES / volume.name,
+                                   mounted_at=self.share / POD_VOLUMES / volume.name)
             except KuasarError as err:  # left for Shutdown, which removes the whole shared directory
                 log.error("pod volume %s (%s): %s", volume.name, key[0], err.message)
 
@@ -348,7 +359,9 @@ class TaskProxy:
 
 
 async def serve(args: argparse.Namespace) -> None:
-    proxy = TaskProxy(args.uds, HostPrep(Path(args.share), args.guest_share, args.sandbox_pid), args.port)
+    prep = HostPrep(Path(args.share), args.guest_share, args.sandbox_pid,
+                    Path(args.share_source) if args.share_source else None)
+    proxy = TaskProxy(args.uds, prep, args.port)
     with contextlib.suppress(FileNotFoundError):
         os.unlink(args.listen)
     old = os.umask(0o177)
@@ -380,6 +393,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--listen", required=True)
     parser.add_argument("--uds", required=True, help="vhost-device-vsock's hybrid-vsock socket")
     parser.add_argument("--share", required=True, help="the VM's shared directory on the host")
+    parser.add_argument("--share-source", default="",
+                        help="the directory the shared directory is a read-only view of (entries are made there)")
     parser.add_argument("--guest-share", default="/run/kuasar/state", help="where the guest mounts it")
     parser.add_argument("--port", type=int, default=1024)
     parser.add_argument("--netns", default="", help="the pod's network namespace, for port forwarding")

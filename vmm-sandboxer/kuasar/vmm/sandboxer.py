@@ -242,7 +242,8 @@ class VmmSandboxer(Sandboxer):
                       tsc_khz=self.tsc_khz, share_fs=self.config.share_fs, debug=self.config.task_debug,
                       agent_log_level=self.config.task_log_level, cache_9p=self.config.cache_9p)
         if spec.share_fs != "none":
-            spec.share_dir.mkdir(mode=0o711)
+            spec.share_source.mkdir(mode=0o711)
+            hostfs.read_only_view(spec.share_source, spec.share_dir)
         net: network.PodNetwork | None = None
         tap_fds: dict[str, int] = {}
         listener: hvsock.GuestPortListener | None = None
@@ -476,6 +477,7 @@ class VmmSandboxer(Sandboxer):
             listen.unlink()
         argv = helper_argv("vmm-sandboxer", "task-proxy", "kuasar.vmm.proxy") + [
             "--listen", str(listen), "--uds", pod.uds, "--share", str(spec.share_dir),
+            *(["--share-source", str(spec.share_source)] if spec.share_source.is_dir() else []),
             "--guest-share", GUEST_SHARE_DIR, "--sandbox", pod.id, "--sandbox-pid", str(pod.vm.pid),
             "--log-level", self.daemon.log_level]
         if pod.network is not None and pod.network.netns:
