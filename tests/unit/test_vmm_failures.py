@@ -502,3 +502,21 @@ def test_a_qemu_that_exits_during_boot_is_reported_with_its_status_and_both_logs
     message = asyncio.run(scenario())
     assert f"QEMU exited ({said}) before the guest agent was ready" in message
     assert "guest console:\n(nothing)" in message and "QEMU said:\nqemu-system-x86_64: -netdev tap: bad fd" in message
+
+
+def test_a_vm_state_that_is_not_an_object_keeps_nothing_from_going_on(tmp_path: Path) -> None:
+    # Its fallback read the same value as a dict: the AttributeError ended recovery (no pod served at
+    # all), and Shutdown failed on it every time, so containerd could never remove the sandbox.
+    class Hypervisor:
+        async def reattach(self, state: dict) -> Any:
+            raise AssertionError("nothing to re-attach to")
+
+    async def scenario() -> None:
+        sandboxer = bare_sandboxer(daemon=SimpleNamespace(log_level="info"), hypervisor=Hypervisor())
+        odd = SandboxRecord(id="odd", state=SandboxState.READY, extra={"vm": "written by hand"})
+        await sandboxer.recover([odd])
+        assert odd.state == SandboxState.STOPPED  # reported exited: there is no VM it can name
+        await sandboxer._cleanup_by_state(odd)
+        assert sandboxer.status_info(odd, verbose=True)["task_address"] == odd.address
+
+    asyncio.run(scenario())

@@ -245,3 +245,23 @@ def test_a_restore_from_a_checkpoint_is_refused_before_the_host_prepares_anythin
     with pytest.raises(Unimplemented, match="checkpoint"):
         proxy.intercept(1, payload.SerializeToString(), {})
     assert prepared == []
+
+
+def test_a_delete_with_a_bad_id_is_refused_on_its_stream_and_a_failed_cleanup_is_not_fatal(tmp_path: Path) -> None:
+    # The id was checked only by the cleanup after the guest's answer: its error ended the relay of the
+    # whole connection (every call on it) and lost the answer.
+    proxy = TaskProxy(str(tmp_path / "vsock.sock"), HostPrep(tmp_path, "/run/kuasar/state"))
+    pending: dict[int, tuple[str, str]] = {}
+    for bad in ("", "../x"):
+        payload = request_pb2.Request(service=TASK, method="Delete",
+                                      payload=task.DeleteRequest(id=bad).SerializeToString())
+        with pytest.raises(InvalidArgument):
+            proxy.intercept(1, payload.SerializeToString(), pending)
+    assert pending == {}
+
+    def cleanup_fails(container_id: str) -> None:
+        raise OSError("disk gone")
+
+    proxy.prep.cleanup = cleanup_fails  # type: ignore[method-assign]
+    ok = request_pb2.Response(status=request_pb2.Status(code=0)).SerializeToString()
+    proxy.responded(ok, ("delete", "c1"))  # logged, not raised into the relay

@@ -245,7 +245,9 @@ class TaskProxy:
         if req.method == "Delete":
             delete = task.DeleteRequest.FromString(req.payload)
             if not delete.exec_id:
-                pending[stream_id] = ("delete", delete.id)
+                # Checked here, refused on its stream: a bad id reached cleanup after the guest's answer,
+                # whose error ended the whole connection (every call on it) and lost that answer.
+                pending[stream_id] = ("delete", validate_id(delete.id, "container id"))
             return payload
         if req.method in JSON_REWRITES:
             message_type, field, rewrite = JSON_REWRITES[req.method]
@@ -283,7 +285,10 @@ class TaskProxy:
         except Exception:  # noqa: BLE001 - an undecodable reply is containerd's problem, not ours
             return
         if (kind == "create" and code != Code.OK) or (kind == "delete" and code in (Code.OK, Code.NOT_FOUND)):
-            self.prep.cleanup(cid)
+            try:
+                self.prep.cleanup(cid)
+            except Exception:  # the guest's answer still goes to containerd, and the connection serves on
+                log.exception("container %s: cleaning up after its %s", cid, kind)
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         guest_writer: asyncio.StreamWriter | None = None

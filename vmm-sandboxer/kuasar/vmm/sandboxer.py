@@ -92,6 +92,8 @@ MEMORY_ANNOTATIONS = ("io.kuasar.vmm.memory_mb", "io.katacontainers.config.hyper
 # Dropped guest events logged per pod: a few tell what happened, a guest sending them without end
 # would otherwise fill the host's log.
 LOGGED_DROPPED_EVENTS = 10
+# How much of a log's end is read for the lines an error quotes (25 of them; console lines are short).
+TAIL_BYTES = 16 << 10
 # What a guest may publish, by type: the topic containerd's own shims give each. Anything else from
 # the guest (another topic, TaskIO with no container id) is dropped: the guest is outside the host's trust.
 GUEST_EVENTS: dict[str, tuple[type[Any], str]] = {
@@ -338,7 +340,7 @@ class VmmSandboxer(Sandboxer):
         else:
             await self._cleanup_by_state(record)
         await kill_strays(self.vm_root / record.id)  # before the cgroup: a cgroup with processes stays
-        state = record.extra.get("vm") or {}
+        state = _vm_state(record)
         # Taken from the record as it is removed: a Shutdown tried again must not count it gone twice,
         # which would let a parent it shares go with a pod that still needs it.
         saved_cgroup = state.pop("cgroup", None)
@@ -372,18 +374,19 @@ class VmmSandboxer(Sandboxer):
 
     async def recover(self, records: list[SandboxRecord]) -> None:
         for record in records:  # whatever their state: each one's Shutdown removes its cgroup
-            state = record.extra.get("vm")
-            cgroups.adopt(state.get("cgroup") if isinstance(state, dict) else None)
+            cgroups.adopt(_vm_state(record).get("cgroup"))
         # All VMs at once: a guest that does not answer costs its agent's connect and Check timeouts
         # (8 s), and the sandboxer serves nothing until recovery is done (a containerd restarting
         # meanwhile takes its pods for unknown).
         await asyncio.gather(*(self._recover_one(record) for record in records))
 
     async def _recover_one(self, record: SandboxRecord) -> None:
-        state = record.extra.get("vm")
-        if record.state != SandboxState.READY or not state:
+        if record.state != SandboxState.READY or not record.extra.get("vm"):
             return
         try:
+            state = record.extra["vm"]
+            if not isinstance(state, dict):
+                raise TypeError(f"its VM state is a {type(state).__name__}, not an object")
             await self._reattach(record, state)
         except Exception as exc:  # noqa: BLE001 - one record we cannot read must not stop the others
             # (a state an older or newer sandboxer wrote, a file edited by hand): a sandboxer that
@@ -430,7 +433,7 @@ class VmmSandboxer(Sandboxer):
     def status_info(self, record: SandboxRecord, verbose: bool) -> dict[str, str]:
         if not verbose:
             return {}
-        state = record.extra.get("vm") or {}
+        state = _vm_state(record)
         info = {"task_address": record.address, "hypervisor": self.config.driver, "accel": self.accel}
         for key in ("vcpus", "memory_mb", "vm_dir"):
             if key in state:
@@ -670,7 +673,7 @@ class VmmSandboxer(Sandboxer):
         """A sandbox whose VM we do not hold (dead before a restart, or a state we cannot read): kill
         leftovers by recorded pid. Each step on its own: a part of the state we cannot read must not keep
         the rest (or Shutdown's removal of the pod's files and cgroup) from happening."""
-        state = record.extra.get("vm") or {}
+        state = _vm_state(record)
         if state.get("hypervisor"):
             await _best_effort(record.id, "the VM", lambda: self.hypervisor.cleanup(state["hypervisor"]))
         if state.get("proxy"):
@@ -778,8 +781,19 @@ def _exit_text(status: int | None) -> str:
 
 
 def _tail(path: Path, lines: int = 25) -> str:
+    """The last `lines` lines of a log, read from its last TAIL_BYTES only: the guest writes the console
+    log, as much as it likes."""
     try:
-        text = path.read_text(errors="replace")
+        with open(path, "rb") as f:
+            f.seek(max(0, os.fstat(f.fileno()).st_size - TAIL_BYTES))
+            text = f.read().decode(errors="replace")
     except OSError:
         return ""
     return "\n".join(text.splitlines()[-lines:])
+
+
+def _vm_state(record: SandboxRecord) -> dict[str, Any]:
+    """The record's VM state; none when it is not an object (a record edited by hand, another version's):
+    it must not keep recovery, Status or Shutdown from going on."""
+    state = record.extra.get("vm")
+    return state if isinstance(state, dict) else {}
