@@ -87,6 +87,9 @@ class Layout:
         self.unitdir = Path(unitdir) if unitdir else (Path("/usr/lib/systemd/system") if usr
                                                       else self.prefix / "lib/systemd/system")
         self.shimdir = Path(shimdir) if shimdir else self.bindir
+        for name, path in (("SYSCONFDIR", self.sysconfdir), ("UNITDIR", self.unitdir), ("SHIMDIR", self.shimdir)):
+            if not path.is_absolute():  # refused before anything is removed or written
+                raise SystemExit(f"install: {name} must be absolute, not {str(path)!r}")
         self.manifest = self.prefix / MANIFEST
         self.guestdir = self.prefix / "share/kuasar/guest"
         # The multi-call binary, one file per build (kuasar-<digest>); the program names link to it.
@@ -150,13 +153,13 @@ class Installer:
         if real.is_symlink() or real.exists():
             real.unlink()
 
-    def binary(self, src: Path, dest: Path) -> None:
+    def binary(self, src: Path, dest: Path, mode: int = 0o755) -> None:
         self._mkdirs(dest.parent)
         real = self.layout.real(dest)
         tmp = real.with_name(f".{real.name}.new")
         tmp.unlink(missing_ok=True)
         shutil.copy2(src, tmp)
-        os.chmod(tmp, 0o755)
+        os.chmod(tmp, mode)
         os.replace(tmp, real)
         self.entries.append({"type": "file", "path": str(dest), "sha256": sha256(real)})
 
@@ -268,7 +271,7 @@ def install(layout: Layout, dist: Path) -> Installer:
             print(f"install: {fetched} missing (run `make setup`): install {helper} on the PATH yourself")
     if all((GUEST_DIR / name).is_file() for name in GUEST_FILES):
         for name in GUEST_FILES:
-            installer.binary(GUEST_DIR / name, layout.guestdir / name)
+            installer.binary(GUEST_DIR / name, layout.guestdir / name, mode=0o644)  # read by QEMU, not run
     else:
         print(f"install: no guest image in {GUEST_DIR} (run `make guest-image`): vmm pods cannot boot")
     for name, content in configs.items():

@@ -57,6 +57,7 @@ def test_pod_config_file_crictl_style_and_flag_overrides(tmp_path: Path) -> None
 @pytest.mark.parametrize(("text", "message"), [
     ("{nope", "is not JSON"), ('{"metadata": 5}', "PodSandboxConfig"),
     (b"\xff\xfe{}", "is not UTF-8"), ("[" * 100_000, "nested too deeply"),  # tracebacks before
+    ('"metadata"', "a JSON object is needed, not a str"), ("[1]", "not a list"),  # ignored, or an odd message
 ])
 def test_bad_pod_files(tmp_path: Path, text: str | bytes, message: str) -> None:
     path = tmp_path / "pod.json"
@@ -287,8 +288,9 @@ def test_cli_offline_paths(tmp_path: Path) -> None:
     assert result.exit_code == 1 and "needs a name" in result.output
     result = runner.invoke(main, ["exec", "-it", "abc", "--", "sh"])
     assert result.exit_code == 1 and "not available" in result.output
-    result = runner.invoke(main, ["--timeout", "0", "pods"])
-    assert result.exit_code == 2 and "Invalid value for '--timeout'" in result.output
+    for timeout in ("0", "nan", "inf", "1e10"):  # nan: a traceback; the huge ones overflowed the deadline
+        result = runner.invoke(main, ["--timeout", timeout, "pods"])
+        assert result.exit_code == 2 and "Invalid value for" in result.output and "--timeout" in result.output
 
     write_record(tmp_path, "abc123", "web")
     flags = ["--type", "runc", "--address", str(tmp_path / "none.sock"), "--dir", str(tmp_path)]

@@ -242,3 +242,10 @@ def test_install_warns_of_a_containerd_config_below_version_3(
     containerd_config.write_text("version = 3\n")
     assert install_py.main(argv) == 0
     assert "WARNING" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("option", ["sysconfdir", "unitdir", "shimdir"])
+def test_a_relative_directory_is_refused_before_anything_is_touched(option: str) -> None:
+    # Only PREFIX was checked: a relative SHIMDIR crashed after uninstall() had removed the working install.
+    with pytest.raises(SystemExit, match=f"{option.upper()} must be absolute"):
+        install_py.Layout("/usr/local", **{option: "relative/dir"})

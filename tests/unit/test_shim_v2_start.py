@@ -91,3 +91,17 @@ def test_a_pod_container_never_makes_its_missing_sandbox(tmp_path: Path, monkeyp
         _start(tmp_path, monkeypatch, calls, sandbox_id="pod1")
     assert calls.made == ["Status"]
     assert not (tmp_path / "c1" / shim_v2.SHIM_STATE).exists()
+
+
+def test_the_shim_config_gives_the_address_and_a_bad_one_a_clear_error(tmp_path: Path) -> None:
+    config = tmp_path / "shim.toml"
+    env = {shim_v2.CONFIG_ENV: str(config)}
+    config.write_text('[runc]\nsandboxer_address = "unix:///run/x.sock"\n')
+    assert shim_v2.sandboxer_address("runc", env, "/usr/bin/x") == "/run/x.sock"
+    assert shim_v2.sandboxer_address("wasm", env, "/usr/bin/x") == shim_v2.default_address("wasm")
+    # A traceback (UnicodeDecodeError is no OSError) became containerd 1.6's start error; a number was
+    # taken for a socket path ("unix://5").
+    for raw, message in ((b"\xff[runc]", "is not UTF-8"), (b"[runc]\nsandboxer_address = 5\n", "must be a string")):
+        config.write_bytes(raw)
+        with pytest.raises(shim_v2.ShimError, match=message):
+            shim_v2.sandboxer_address("runc", env, "/usr/bin/x")

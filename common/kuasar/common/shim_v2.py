@@ -122,9 +122,14 @@ def sandboxer_address(kind: str, env: Mapping[str, str], executable: str) -> str
             continue
         except (OSError, tomllib.TOMLDecodeError) as exc:
             raise ShimError(f"shim config {path}: {exc}") from None
+        except UnicodeDecodeError as exc:  # a ValueError, but not TOML's
+            raise ShimError(f"shim config {path} is not UTF-8: {exc.reason} at byte {exc.start}") from None
         section = data.get(kind, {})
-        if isinstance(section, dict) and section.get("sandboxer_address"):
-            return str(section["sandboxer_address"]).removeprefix("unix://")
+        address = section.get("sandboxer_address") if isinstance(section, dict) else None
+        if address is not None and not isinstance(address, str):
+            raise ShimError(f"shim config {path}: [{kind}] sandboxer_address must be a string (a socket path)")
+        if address:
+            return address.removeprefix("unix://")
         break  # the first config file found is the one that counts
     return default_address(kind)
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import socket
 import sys
 from collections.abc import Awaitable, Callable, Sequence
@@ -44,6 +45,9 @@ CONTEXT = {"help_option_names": ["-h", "--help"]}
 # them into a Go time.Duration and we into a gRPC deadline, both int64 nanoseconds: 2**31 s is ~68 years.
 ATTEMPT = click.IntRange(0, 2**32 - 1)
 SECONDS = click.IntRange(0, 2**31 - 1)
+# The same bound for --timeout: a larger one overflowed the gRPC deadline, and every call failed at once
+# with a misleading DEADLINE_EXCEEDED.
+MAX_TIMEOUT_S = float(2**31 - 1)
 # `ctx.meta` key: how many of a command's words came after `--` (see CommandWithDashes).
 AFTER_DASHES = "kuasar.ctl.after_dashes"
 
@@ -138,10 +142,17 @@ def _unique(prefix: str, items: Sequence[T], what: str, key: Callable[[T], str])
     raise click.ClickException(f"{prefix!r} matches {len(found)} {what}s; give more of the id")
 
 
+def _finite(value: float, name: str) -> float:
+    if math.isnan(value):  # passes FloatRange's comparisons
+        raise click.BadParameter("must be a number of seconds", param_hint=name)
+    return value
+
+
 @click.group(context_settings=CONTEXT)
 @click.option("-r", "--runtime-endpoint", "endpoint", envvar="CONTAINER_RUNTIME_ENDPOINT", default=DEFAULT_ENDPOINT,
               show_default=True, help="containerd's CRI socket (env CONTAINER_RUNTIME_ENDPOINT).")
-@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=60.0, show_default=True,
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True, max=MAX_TIMEOUT_S), default=60.0,
+              show_default=True, callback=lambda ctx, param, value: _finite(value, "--timeout"),
               help="Seconds per CRI call.")
 @click.option("--json", "as_json", is_flag=True, help="JSON output for every command (for scripts).")
 @click.option("--no-progress", is_flag=True, help="Never show a spinner for slow steps.")

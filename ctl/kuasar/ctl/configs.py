@@ -33,11 +33,14 @@ def load_message(path: str | Path, message: json_format.Message) -> json_format.
     except UnicodeDecodeError as exc:  # a ValueError, but not JSON's
         raise ConfigError(f"{path} is not UTF-8 text: {exc.reason} at byte {exc.start}") from None
     try:
-        json.loads(text)
+        parsed = json.loads(text)
     except ValueError as exc:
         raise ConfigError(f"{path} is not JSON: {exc}") from None
     except RecursionError:
         raise ConfigError(f"{path}: JSON nested too deeply") from None
+    if not isinstance(parsed, dict):  # protobuf's parser walked a string's characters, silently
+        raise ConfigError(f"{path}: not a runtime.v1.{type(message).__name__}: a JSON object is needed, "
+                          f"not a {type(parsed).__name__}")
     try:
         return json_format.Parse(text, message, ignore_unknown_fields=True)
     except json_format.ParseError as exc:

@@ -18,6 +18,7 @@ from pathlib import Path
 import click
 
 from kuasar.common import tools
+from kuasar.common.errors import KuasarError
 
 from . import __version__
 
@@ -55,7 +56,8 @@ def init_command() -> None:
 @click.option("--share", default="", help="Directory holding bundles (<share>/<container id>).")
 @click.option("--state-dir", default="/run/vmagent-host", show_default=True)
 @click.option("--runc", "runc_binary", default="runc", show_default=True)
-@click.option("--log-level", default="info", show_default=True)
+@click.option("--log-level", default="info", show_default=True,
+              type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False))
 def serve(listen: str, share: str, state_dir: str, runc_binary: str, log_level: str) -> None:
     """Serve the agent's services on a host (no PID-1 duties): for development and tests."""
     from .agent import _setup_logging, serve_unix
@@ -97,9 +99,13 @@ def boot(image: Path, share: Path | None, workdir: Path | None, memory: int, deb
 
     from .launch import MicroVm, VmConfig
 
-    manifest = json.loads((image / "manifest.json").read_text())
+    try:
+        manifest = json.loads((image / "manifest.json").read_text())
+        kernel, initramfs = image / "vmlinux", image / manifest["initramfs"]["file"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise click.ClickException(f"{image} is not a guest image (make guest-image builds one): {exc}") from None
     work = workdir or Path(tempfile.mkdtemp(prefix="vmagent-", dir="/tmp"))  # short: unix socket paths
-    config = VmConfig(image / "vmlinux", image / manifest["initramfs"]["file"], work, share_dir=share,
+    config = VmConfig(kernel, initramfs, work, share_dir=share,
                       memory_mb=memory, debug_console=debug,
                       vhost_vsock=find_tool("vhost-device-vsock") or "vhost-device-vsock")
     vm = MicroVm(config)
@@ -180,6 +186,8 @@ def console(uds: str, port: int) -> None:
         if saved is not None:
             tty.setraw(fd)
         asyncio.run(run())
+    except (OSError, KuasarError) as exc:  # no such socket, nobody at that port
+        raise click.ClickException(f"the guest's console at {uds}:{port}: {getattr(exc, 'message', exc)}") from None
     finally:
         if saved is not None:
             termios.tcsetattr(fd, termios.TCSADRAIN, saved)
