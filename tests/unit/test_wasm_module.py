@@ -193,6 +193,24 @@ def test_wasmedge_argv_puts_guest_path_first() -> None:
         "--memory-page-limit", "160", "/rootfs/app.wasm", "a", "b c"]
 
 
+def test_a_path_wasmedge_would_split_is_refused(rootfs: Path, tmp_path: Path) -> None:
+    # WasmEdge splits `--dir guest:host[:mode]` at the first two colons: a volume mounted at `/x:/:` got
+    # the host's / preopened read-write (and `:readonly` was lost).
+    volume = tmp_path / "vol"
+    volume.mkdir()
+    with pytest.raises(InvalidArgument, match="':'"):
+        wasmedge_argv("/opt/wasmedge", RunSpec("/m.wasm", ["/m.wasm"], [], [Preopen(str(volume), "/x:/:")]))
+    tasks = WasmTasks(reaper=None, events=None, directory=tmp_path / "dir",  # type: ignore[arg-type]
+                      settings=WasmSettings(cache=False))
+    spec = {"mounts": [{"destination": "/x:/:", "type": "bind", "source": str(volume), "options": ["rbind"]}]}
+    container = Container("c1", tmp_path, "pod", "k8s.io", spec, rootfs, "wasmedge", "/opt/wasmedge",
+                          Process("", io=ProcessIO()))
+    with pytest.raises(InvalidArgument, match="use runtime wasmtime"):  # at Create, before a launch
+        tasks.plan(container, {"args": ["/hello.wasm"]}, "c1")
+    container.runtime = "wasmtime"  # its preopens are no strings to split
+    assert tasks.plan(container, {"args": ["/hello.wasm"]}, "c1").run.preopens[1].guest == "/x:/:"
+
+
 def test_wasmedge_argv_keeps_read_only_preopens_read_only() -> None:
     # WasmEdge used to get a bare `--dir guest:host` for a read-only rootfs or "ro" bind mount too,
     # which grants the module full write rights there (wasmtime honoured Preopen.writable).

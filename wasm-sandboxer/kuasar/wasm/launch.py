@@ -31,7 +31,7 @@ import signal
 import termios
 from dataclasses import dataclass, field
 
-from kuasar.common import linux, spawn
+from kuasar.common import beneath, linux, spawn
 from kuasar.common.cgroups import PodCgroup
 from kuasar.common.errors import InvalidArgument, RuntimeFailure
 from kuasar.common.reaper import Exit, Reaper
@@ -83,6 +83,10 @@ class FileBind:
     target: str
     readonly: bool = False
     recursive: bool = False
+    # `target` as the directory it lies beneath (the rootfs or a volume's) and the path below it: the
+    # bind goes there without following a symlink (beneath.bind_beneath), since the pod can write there.
+    root: str = field(default="", compare=False)
+    relative: str = field(default="", compare=False)
 
 
 @dataclass
@@ -323,12 +327,11 @@ def _bind_files(binds: list[FileBind], readonly_rootfs: str = "") -> None:
     read-only, goes under the files."""
     linux.unshare(linux.CLONE_NEWNS)
     linux.mount("none", "/", "", linux.MS_REC | linux.MS_SLAVE)
-    for bind in binds:
+    for bind in binds:  # the mount points first: a read-only rootfs takes none
         try:
-            if not os.path.lexists(bind.target):
-                os.makedirs(os.path.dirname(bind.target), exist_ok=True)
-                os.close(os.open(bind.target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                                 0o644))
+            parent, fd, _ = beneath.open_beneath(bind.root, bind.relative, beneath.FILE)
+            os.close(fd)
+            os.close(parent)
         except OSError as exc:
             raise InvalidArgument(f"binding {bind.source} at {bind.target}: {exc.strerror or exc}") from None
     if readonly_rootfs:
@@ -338,12 +341,7 @@ def _bind_files(binds: list[FileBind], readonly_rootfs: str = "") -> None:
         except OSError as exc:
             raise InvalidArgument(f"making the rootfs read-only: {exc.strerror or exc}") from None
     for bind in binds:
-        try:
-            linux.mount(bind.source, bind.target, "", linux.MS_BIND | (linux.MS_REC if bind.recursive else 0))
-            if bind.readonly:
-                linux.mount("none", bind.target, "", linux.MS_BIND | linux.MS_REMOUNT | linux.MS_RDONLY)
-        except OSError as exc:
-            raise InvalidArgument(f"binding {bind.source} at {bind.target}: {exc.strerror or exc}") from None
+        beneath.bind_beneath(bind.source, bind.root, bind.relative, readonly=bind.readonly, recursive=bind.recursive)
 
 
 def _drop_privileges(user: User) -> None:

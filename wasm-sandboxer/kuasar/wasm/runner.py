@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kuasar.common.errors import InvalidArgument
+
 from .cache import ModuleCache, engine_fingerprint, module_digest
 
 # `wasmtime.Config` attributes we set. They are part of every cache key: an artifact only
@@ -220,12 +222,25 @@ def _stderr(text: str) -> None:
         pass
 
 
+def wasmedge_dirs(preopens: list[Preopen]) -> list[str]:
+    """WasmEdge's `--dir guest:host[:readonly]` of each preopen (the other way round from wasmtime). A
+    path with a ':' is refused: WasmEdge splits at the first two, so a mount destination `/x:/:` would
+    preopen the host's / read-write."""
+    dirs = []
+    for preopen in preopens:
+        for path in (preopen.guest, preopen.host):
+            if ":" in path or any(ord(c) < 0x20 for c in path):
+                raise InvalidArgument(f"{path!r}: WasmEdge cannot preopen a path with ':' or a control character "
+                                      "(use runtime wasmtime)")
+        dirs.append(f"{preopen.guest}:{preopen.host}" + ("" if preopen.writable else WASMEDGE_READONLY))
+    return dirs
+
+
 def wasmedge_argv(binary: str, spec: RunSpec) -> list[str]:
-    """The WasmEdge command line for `spec` (note `--dir guest:host`, the other way round from wasmtime,
-    and `guest:host:readonly` for a read-only rootfs or bind mount)."""
+    """The WasmEdge command line for `spec` (`wasmedge_dirs` for a read-only rootfs or bind mount too)."""
     argv = [binary]
-    for preopen in spec.preopens:
-        argv += ["--dir", f"{preopen.guest}:{preopen.host}" + ("" if preopen.writable else WASMEDGE_READONLY)]
+    for entry in wasmedge_dirs(spec.preopens):
+        argv += ["--dir", entry]
     for entry in spec.env:
         argv += ["--env", entry]
     if spec.memory_limit > 0:

@@ -62,7 +62,7 @@ from .cache import DEFAULT_MAX_BYTES, ModuleCache
 from .launch import RLIMITS, FileBind, Launch, LaunchPlan, Stdio, User, launch, rlimit_values
 from .leftovers import ContainerLeftovers, ContainerRecords
 from .module import locate_module
-from .runner import DEFAULT_ENTRY, Preopen, RunSpec
+from .runner import DEFAULT_ENTRY, Preopen, RunSpec, wasmedge_dirs
 
 log = logging.getLogger(__name__)
 
@@ -177,8 +177,9 @@ def file_binds(spec_mounts: list[dict[str, Any]], rootfs: Path) -> list[FileBind
             if Path(destination).is_relative_to(guest):
                 where, inside = host, "/" + str(Path(destination).relative_to(guest))
                 break
-        binds.append(FileBind(source, str(resolve_in_root(where, inside)), readonly="ro" in options,
-                              recursive="rbind" in options))
+        target = resolve_in_root(where, inside)
+        binds.append(FileBind(source, str(target), readonly="ro" in options, recursive="rbind" in options,
+                              root=str(where), relative=str(target.relative_to(where))))
     return binds
 
 
@@ -238,6 +239,8 @@ class WasmTasks(TerminalTasks):
         run = RunSpec(str(module), args, [str(e) for e in process.get("env") or []], preopens,
                       container.memory_limit, str(self.cache.directory) if self.cache else "",
                       self.cache.max_bytes if self.cache else 0, entry)
+        if container.runtime == "wasmedge":
+            wasmedge_dirs(preopens)
         if entry != DEFAULT_ENTRY and container.runtime == "wasmedge":
             raise Unimplemented(f"{args[0]!r}: a '#function' entrypoint runs with wasmtime only (WasmEdge's "
                                 "command line runs _start with WASI arguments)")
