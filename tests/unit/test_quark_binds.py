@@ -81,3 +81,35 @@ def test_removing_a_container_leaves_the_mounts_inside_its_hostpath_volume_alone
         print((root / "volume" / "disk" / "precious").exists())
     """, tmp_path)
     assert out == ["True", "True", "True"]
+
+
+def test_a_directory_swapped_for_a_symlink_after_the_check_takes_no_bind_onto_the_host(tmp_path: Path) -> None:
+    # The destination was resolved inside the rootfs and then bound by path: a pod writing its volume or
+    # rootfs could swap a directory on the way for a symlink in between, and the bind, made in the host's
+    # mount namespace, landed on a host path (29 of 300 tries in a review, /etc/cron.d among them).
+    out = on_a_shared_host("""
+        import kuasar.quark.quark_containers as qc
+        from kuasar.common.errors import InvalidArgument
+        host_dir = root / "host-etc"
+        host_dir.mkdir()
+        resolve = qc.resolve_in_root
+
+        def swapped_after_the_check(rootfs, path):
+            target = resolve(rootfs, path)
+            (rootfs / "sub").rename(rootfs / "sub.real")
+            (rootfs / "sub").symlink_to(host_dir)
+            return target
+
+        qc.resolve_in_root = swapped_after_the_check
+        (root / "image" / "sub").mkdir()
+        entry = {"task_id": "c1", "rootfs": [{"type": "bind", "source": str(root / "image"), "options": ["rbind"]}],
+                 "spec": {"mounts": [{"destination": "/sub/cron.d", "type": "bind", "source": str(root / "volume"),
+                                      "options": ["rbind"]}]}}
+        try:
+            pod.append("c1", entry)
+        except InvalidArgument as err:
+            print("refused" if "symbolic link" in str(err) else err)
+        print(os.listdir(host_dir), os.path.ismount(host_dir / "cron.d"))
+        print(mounts.mount_points_under(str(root / "sandbox")) == [])  # the failed Create took its rootfs down
+    """, tmp_path)
+    assert out == ["refused", "[]", "False", "True"]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+from collections.abc import Callable
 from pathlib import Path
 
 from . import linux
@@ -69,9 +70,10 @@ def open_beneath(root: str | os.PathLike[str], relative: str, make: str = "") ->
 
 
 def bind_beneath(source: str, root: str | os.PathLike[str], relative: str, readonly: bool = False,
-                 recursive: bool = False) -> None:
+                 recursive: bool = False, then: Callable[[str], None] | None = None) -> None:
     """Bind `source` (a file or a directory, made to match if missing) onto `root`/`relative`, which is
-    reached without following a symlink (see the module docstring); read-only if asked."""
+    reached without following a symlink (see the module docstring); read-only if asked. `then` is
+    given a path of the new mount (`/proc/self/fd/<n>`, checked to be the bind) to change it further."""
     make = DIRECTORY if os.path.isdir(source) else FILE
     where = f"{Path(root) / relative.lstrip('/')}"
     try:
@@ -83,26 +85,30 @@ def bind_beneath(source: str, root: str | os.PathLike[str], relative: str, reado
             linux.mount(source, f"/proc/self/fd/{fd}", "", linux.MS_BIND | (linux.MS_REC if recursive else 0))
         except OSError as exc:
             raise InvalidArgument(f"binding {source} at {where}: {exc.strerror or exc}") from None
-        if readonly:
-            _remount_readonly(source, parent, name, where)
+        if readonly or then is not None:
+            _change_the_bind(source, parent, name, where, readonly, then)
     finally:
         os.close(fd)
         os.close(parent)
 
 
-def _remount_readonly(source: str, parent: int, name: str, where: str) -> None:
+def _change_the_bind(source: str, parent: int, name: str, where: str, readonly: bool,
+                     then: Callable[[str], None] | None) -> None:
     # The fd opened before the bind names the file it covers; the bind is what `name` leads to now,
     # checked to be the source (a rename meanwhile must not leave the bind writable unnoticed).
     try:
         mounted = _open_component(name, parent, last=True)
     except OSError as exc:
-        raise InvalidArgument(f"binding {source} at {where} read-only: {exc.strerror or exc}") from None
+        raise InvalidArgument(f"binding {source} at {where}: {exc.strerror or exc}") from None
     try:
         got, want = os.fstat(mounted), os.stat(source)
         if (got.st_dev, got.st_ino) != (want.st_dev, want.st_ino):
-            raise InvalidArgument(f"binding {source} at {where} read-only: the place changed under the bind")
-        linux.mount("none", f"/proc/self/fd/{mounted}", "", linux.MS_BIND | linux.MS_REMOUNT | linux.MS_RDONLY)
+            raise InvalidArgument(f"binding {source} at {where}: the place changed under the bind")
+        if then is not None:
+            then(f"/proc/self/fd/{mounted}")
+        if readonly:
+            linux.mount("none", f"/proc/self/fd/{mounted}", "", linux.MS_BIND | linux.MS_REMOUNT | linux.MS_RDONLY)
     except OSError as exc:
-        raise InvalidArgument(f"binding {source} at {where} read-only: {exc.strerror or exc}") from None
+        raise InvalidArgument(f"binding {source} at {where}: {exc.strerror or exc}") from None
     finally:
         os.close(mounted)

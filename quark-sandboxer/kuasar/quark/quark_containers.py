@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kuasar.common import linux, mounts
+from kuasar.common import beneath, linux, mounts
 from kuasar.common.errors import InvalidArgument
 from kuasar.common.ids import validate_id
 from kuasar.common.rootfs_paths import resolve_in_root
@@ -163,6 +163,18 @@ class QuarkContainers:
             # to the bind and every mount below it, as Kuasar remounts its binds read-only.
             linux.set_readonly_recursive(str(target))
 
+    def _bind_beneath(self, source: str, rootfs: Path, target: Path, done: list[str], readonly: bool) -> None:
+        if not os.path.isabs(source) or not os.path.exists(source):
+            raise InvalidArgument(f"bind source {source!r} must be an existing absolute path")
+
+        def settle(mount: str) -> None:
+            _receive_only(Path(mount))
+            if readonly:  # the bind and every mount below it (see _bind)
+                linux.set_readonly_recursive(mount)
+
+        done.append(str(target))  # before it exists: remove() unmounts what is there, if anything
+        beneath.bind_beneath(source, rootfs, str(target.relative_to(rootfs)), recursive=True, then=settle)
+
     def append(self, cid: str, entry: dict[str, Any]) -> None:
         """Lay a new container out; on failure, undo all of it (see apply) before raising."""
         validate_id(cid, "task_id")
@@ -197,9 +209,11 @@ class QuarkContainers:
                 destination = str(m.get("destination", "")).lstrip("/")
                 if not destination or ".." in Path(destination).parts:
                     raise InvalidArgument(f"task {cid}: bad mount destination {m.get('destination')!r}")
-                # Through the image's symlinks as the container would see them, never onto the host.
-                self._bind(str(m.get("source", "")), resolve_in_root(rootfs, "/" + destination), done,
-                           readonly="ro" in options)
+                # Through the image's symlinks as the container would see them, never onto the host: the
+                # place is resolved, then reached without following a symlink (the pod writes its volumes
+                # and rootfs, and could swap one in between), and the mount goes onto it by fd.
+                target = resolve_in_root(rootfs, "/" + destination)
+                self._bind_beneath(str(m.get("source", "")), rootfs, target, done, readonly="ro" in options)
             else:
                 kept.append(m)
         spec["mounts"] = kept
