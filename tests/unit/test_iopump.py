@@ -8,6 +8,7 @@ import contextlib
 import fcntl
 import os
 import pty
+import time
 import tty
 from collections.abc import Iterator
 from pathlib import Path
@@ -146,5 +147,59 @@ def test_closing_a_terminals_io_closes_the_master_only_once_its_copy_stopped_wat
             await asyncio.sleep(0)
             with pytest.raises(OSError):
                 os.fstat(master)
+
+    asyncio.run(main())
+
+
+def test_output_that_comes_while_the_loop_is_busy_at_the_lulls_end_is_still_copied() -> None:
+    # Its readiness and the lull's end fell due in the same loop turn: the timeout won, and the process's
+    # last line stayed in the pty (a 60 ms stall was enough).
+    async def main() -> None:
+        master, slave = pty.openpty()
+        tty.setraw(slave)
+        read_end, write_end = os.pipe()
+        try:
+            pump = Pump(master, write_end)
+            pump.finish()  # the process exited...
+            await asyncio.sleep(0)
+
+            def last_words_then_a_busy_loop() -> None:
+                os.write(slave, b"last line before exit\n")
+                time.sleep(iopump.FINISH_LULL * 2)  # synchronous work of another pod's, say
+
+            asyncio.get_running_loop().call_soon(last_words_then_a_busy_loop)
+            await asyncio.wait_for(pump.done, FINISH_LIMIT + 1)
+            assert os.read(read_end, 100) == b"last line before exit\n"
+        finally:
+            os.close(slave)
+            os.close(read_end)
+
+    asyncio.run(main())
+
+
+def test_stdin_written_before_close_io_reaches_a_terminal_process(tmp_path: Path) -> None:
+    # CloseIO cancelled the copy into the pty: what containerd had written just before (`echo cmd |
+    # kubectl exec -it`) was dropped, all of it when both came in one loop turn.
+    async def main() -> None:
+        fifo = tmp_path / "stdin"
+        os.mkfifo(fifo)
+        writer = os.open(fifo, os.O_RDWR | os.O_NONBLOCK)  # containerd's end
+        master, slave = pty.openpty()
+        tty.setraw(slave)
+        io = ProcessIO(stdin=str(fifo), terminal=True)
+        try:
+            io.attach_master(master)
+            os.write(writer, b"echo hello\n")
+            os.close(writer)  # containerd closes its end, then sends CloseIO
+            io.close_stdin()
+            await asyncio.wait_for(io.stdin_pump.done, FINISH_LIMIT + 1)  # type: ignore[union-attr]
+            os.set_blocking(slave, False)  # (a regression must fail, not hang)
+            with contextlib.suppress(BlockingIOError):
+                assert os.read(slave, 100) == b"echo hello\n"
+                return
+            raise AssertionError("nothing reached the terminal")
+        finally:
+            io.close()
+            os.close(slave)
 
     asyncio.run(main())

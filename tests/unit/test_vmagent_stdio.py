@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import tty
 from pathlib import Path
 
 import pytest
@@ -103,25 +104,69 @@ def test_closeio_without_a_terminal_and_without_a_half_close_ends_the_input_afte
     run(scenario())
 
 
-def test_closeio_with_a_terminal_stops_the_copy_into_the_pty(tmp_path: Path) -> None:
-    # With a pty there is no pipe to end: CloseIO stops the copy into the master (and closes its fd).
+async def terminal_io(tmp_path: Path, hub: StreamHub) -> tuple[ProcessIO, int]:
+    """A terminal process's IO whose console runc has sent, and the pty's slave (the process's side)."""
+    io = ProcessIO(hub, stdin=STDIN, terminal=True)
+    io.listen_console(tmp_path / "console.sock")
+    receiving = asyncio.create_task(io.receive_console())
+    master, slave = os.openpty()
+    tty.setraw(slave)
+    with socket.socket(socket.AF_UNIX) as runc:  # what runc does with --console-socket
+        await asyncio.to_thread(runc.connect, str(tmp_path / "console.sock"))
+        socket.send_fds(runc, [b"pty"], [master])
+    os.close(master)
+    await receiving
+    return io, slave
+
+
+def test_closeio_with_a_terminal_ends_the_copy_into_the_pty_after_a_grace(tmp_path: Path, monkeypatch) -> None:
+    # With a pty there is no pipe to end: without a half-close, CloseIO stops the copy into the master
+    # (and closes its fd) once the grace for input still on its way is over.
+    monkeypatch.setattr(stdio, "STDIN_CLOSE_GRACE", 0.05)
+
     async def scenario() -> None:
-        hub = StreamHub()
-        io = ProcessIO(hub, stdin=STDIN, terminal=True)
-        io.listen_console(tmp_path / "console.sock")
-        receiving = asyncio.create_task(io.receive_console())
-        master, slave = os.openpty()
-        with socket.socket(socket.AF_UNIX) as runc:  # what runc does with --console-socket
-            await asyncio.to_thread(runc.connect, str(tmp_path / "console.sock"))
-            socket.send_fds(runc, [b"pty"], [master])
-        os.close(master)
-        await receiving
-        before = open_fds()
+        io, slave = await terminal_io(tmp_path, StreamHub())
         await asyncio.sleep(0)  # the copy into the pty runs
+        before = open_fds()
         io.close_stdin()
-        await asyncio.sleep(0.01)
+        await asyncio.sleep(0.2)
         assert io._stdin_task is not None and io._stdin_task.done()
         assert len(before - open_fds()) == 1  # its copy of the master
+        io.close()
+        os.close(slave)
+
+    run(scenario())
+
+
+@pytest.mark.parametrize("before_the_console", [False, True])
+def test_closeio_with_a_terminal_keeps_the_stdin_sent_before_it(tmp_path: Path, before_the_console: bool) -> None:
+    # CloseIO cancelled the copy into the pty, dropping what it had not written yet; one that came while
+    # Start waited for runc's console (CRI's attach) released the channel with all it held, and the copy
+    # made later waited on an empty one for ever.
+    async def scenario() -> None:
+        hub = StreamHub()
+        channel = hub.input("e1-stdin")
+        channel._push(b"echo hello\n")
+        channel._push(None)  # containerd's half-close, then its CloseIO
+        if before_the_console:
+            io = ProcessIO(hub, stdin=STDIN, terminal=True)
+            io.close_stdin()
+            io.listen_console(tmp_path / "console.sock")
+            receiving = asyncio.create_task(io.receive_console())
+            master, slave = os.openpty()
+            tty.setraw(slave)
+            with socket.socket(socket.AF_UNIX) as runc:
+                await asyncio.to_thread(runc.connect, str(tmp_path / "console.sock"))
+                socket.send_fds(runc, [b"pty"], [master])
+            os.close(master)
+            await receiving
+        else:
+            io, slave = await terminal_io(tmp_path, hub)
+            io.close_stdin()
+        assert io._stdin_task is not None
+        await asyncio.wait_for(io._stdin_task, 5)
+        os.set_blocking(slave, False)
+        assert os.read(slave, 100) == b"echo hello\n"
         io.close()
         os.close(slave)
 

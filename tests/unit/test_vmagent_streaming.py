@@ -340,3 +340,27 @@ def test_finished_streams_leave_no_connection_and_a_half_closed_output_stream_en
         await server.close()
 
     run(scenario())
+
+
+def test_a_stream_lost_while_its_init_is_acknowledged_leaves_no_channel_attached() -> None:
+    # The ack was sent outside the try that detaches the stream: each connection lost right then kept a
+    # channel attached for good, which the hub's pruning never drops.
+    class LostAtTheAck:
+        def __init__(self, stream_id: str) -> None:
+            init = streaming_pb2.StreamInit(id=stream_id)
+            self.first = any_pb2.Any(type_url=streaming_io.STREAM_INIT_URL, value=init.SerializeToString())
+
+        async def recv(self) -> bytes:
+            return self.first.SerializeToString()
+
+        async def send(self, data: bytes) -> None:
+            raise ConnectionResetError("gone")
+
+    async def scenario() -> None:
+        hub = streaming_io.StreamHub()
+        for i in range(5):
+            with pytest.raises(ConnectionResetError):
+                await hub._stream(LostAtTheAck(f"s{i}"), None)  # type: ignore[arg-type]
+        assert [c for c in hub.channels.values() if c.attachment is not None] == []
+
+    asyncio.run(scenario())

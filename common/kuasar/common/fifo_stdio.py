@@ -44,7 +44,7 @@ class ProcessIO(ConsoleReceiver):
     readers: list[int] = field(default_factory=list)  # our read ends of the output FIFOs, kept to the end
     master: int = -1
     pumps: list[Pump] = field(default_factory=list)
-    stdin_pump: Pump | None = None  # the copy into the pty (of `pumps`), which CloseIO ends
+    stdin_pump: Pump | None = None  # the copy into the pty (of `pumps`), which CloseIO finishes
     stdin_writer: int = -1  # our write end of the stdin FIFO, which CloseIO closes (see _hold_stdin)
     stdin_closed: bool = False  # CloseIO came (it may come before Start opens the FIFOs: CRI's attach)
     console_path: Path | None = None
@@ -141,7 +141,10 @@ class ProcessIO(ConsoleReceiver):
     def close_stdin(self) -> None:
         self.stdin_closed = True
         if self.terminal and self.stdin_pump is not None:
-            self.stdin_pump.cancel()
+            # What containerd wrote before it closed its end is copied into the pty first (cancelled, the
+            # copy dropped it: `echo cmd | kubectl exec -it` lost all of it); then the copy ends, as it
+            # must even while someone else holds the FIFO's write end open.
+            self.stdin_pump.finish()
         self._drop_stdin_writer()
 
     def _drop_stdin_writer(self) -> None:

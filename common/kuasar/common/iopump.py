@@ -68,11 +68,23 @@ class Source:
                 return os.read(self.fd, CHUNK)
             except BlockingIOError:
                 if not await self._readable():
-                    return b""
+                    return self._last_read()
             except OSError as exc:
                 if exc.errno == errno.EIO:
                     return b""
                 raise
+
+    def _last_read(self) -> bytes:
+        """One more read once a finished source fell quiet: data that came while the loop was busy
+        (its readiness and the lull's end due in the same turn) is still read, not left in the pty."""
+        try:
+            return os.read(self.fd, CHUNK)
+        except BlockingIOError:
+            return b""
+        except OSError as exc:
+            if exc.errno == errno.EIO:
+                return b""
+            raise
 
     async def copy_to(self, write: Callable[[bytes], Awaitable[object]]) -> None:
         """Hand everything read to `write` until the end. Time `write` spends waiting for its reader does

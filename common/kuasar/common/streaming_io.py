@@ -354,8 +354,10 @@ class StreamHub:
             log.info("stream %s: re-attached, preempting the previous stream", stream_id)
             channel.attachment.preempted.set()
         attachment = channel.attachment = _Attachment()
-        await stream.send(any_pb2.Any(type_url=EMPTY_URL).SerializeToString())
         try:
+            # The ack inside: a connection lost during it left the attachment, and the channel, for good
+            # (`_prune` keeps attached channels).
+            await stream.send(any_pb2.Any(type_url=EMPTY_URL).SerializeToString())
             await channel.serve(stream, attachment)  # type: ignore[arg-type]
         finally:
             if channel.attachment is attachment:

@@ -62,6 +62,7 @@ class ProcessIO(ConsoleReceiver):
         self._tasks: list[asyncio.Task[None]] = []
         self._unstarted: dict[asyncio.Task[None], int] = {}  # pumps yet to run, and the fd each is to own
         self._stdin_task: asyncio.Task[None] | None = None
+        self._stdin_closed = False  # CloseIO came before the copy into the pty started (CRI's attach)
         self._pty_out: Source | None = None  # the copy out of the pty, which ends once the process exited
         self.exited = False
         self.master = -1
@@ -168,6 +169,8 @@ class ProcessIO(ConsoleReceiver):
         if sin is not None:
             stdin = self.hub.input(sin)
             self._stdin_task = self._spawn_pump(os.dup(self.master), partial(pump_in, stdin), f"pty stdin {sin}")
+            if self._stdin_closed:
+                self._close_input_later(stdin)
 
     def process_exited(self) -> None:
         """End the copy out of the pty once it has what the process left, so containerd sees the end of
@@ -178,23 +181,22 @@ class ProcessIO(ConsoleReceiver):
             self._pty_out.finish()
 
     def close_stdin(self) -> None:
-        if not self.terminal:
-            # Our pump ends the process's input at the stream's half-close, which containerd sends
-            # just before CloseIO, on the stream's own connection: the rest of the data and that
-            # half-close may still be on their way, and stopping the pump now would drop them. A client
-            # that never half-closes still gets its CloseIO: after STDIN_CLOSE_GRACE the channel is
-            # released, and the pump ends once it has written what arrived.
-            sid = streaming_id(self.stdin) if self.stdin else None
-            channel = self.hub.channels.get(sid) if sid is not None else None
-            if channel is not None and self._stdin_task is not None and not self._stdin_task.done():
-                asyncio.get_running_loop().call_later(STDIN_CLOSE_GRACE, self._end_input, channel)
+        # Our pump ends the process's input at the stream's half-close, which containerd sends just
+        # before CloseIO, on the stream's own connection: the rest of the data and that half-close may
+        # still be on their way, and stopping the pump now would drop them (a terminal's copy into the
+        # pty was cancelled, and one not started yet lost its channel with what it held). A client that
+        # never half-closes still gets its CloseIO: after STDIN_CLOSE_GRACE the channel is released, and
+        # the pump ends once it has written what arrived.
+        if self.terminal and self._stdin_task is None:
+            self._stdin_closed = True  # the channel, and what it holds, waits for the copy (receive_console)
             return
-        if self._stdin_task is not None:
-            self._cancel(self._stdin_task)  # the copy into the pty stops and closes its copy of the master
-        elif self.stdin:
-            sid = streaming_id(self.stdin)
-            if sid is not None:
-                self.hub.release(sid)
+        sid = streaming_id(self.stdin) if self.stdin else None
+        channel = self.hub.channels.get(sid) if sid is not None else None
+        if channel is not None and self._stdin_task is not None and not self._stdin_task.done():
+            self._close_input_later(channel)
+
+    def _close_input_later(self, channel: InputChannel | OutputChannel) -> None:
+        asyncio.get_running_loop().call_later(STDIN_CLOSE_GRACE, self._end_input, channel)
 
     def _end_input(self, channel: InputChannel | OutputChannel) -> None:
         if self.hub.channels.get(channel.id) is channel:  # not a later process's of the same id
