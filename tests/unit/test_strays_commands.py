@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import subprocess
@@ -56,3 +57,22 @@ def test_descendants_of_a_process_are_found_however_deep(running: list[subproces
     assert found[child] == proc_stat.start_time(child) and found[grandchild] == proc_stat.start_time(grandchild)
     assert [pid for pid, _ in strays.descendants_of({child})] == [grandchild]
     os.kill(grandchild, 9)
+
+
+def test_kill_strays_ends_the_sandboxs_helpers_only(tmp_path: Path) -> None:
+    # Matched by its directory in a command line, an operator's `tail -f <dir>/console.log` (or a log
+    # shipper's) was SIGKILLed with the VM's leftovers.
+    vm_dir = tmp_path / "vm" / "abc"
+    vm_dir.mkdir(parents=True)
+    (vm_dir / "console.log").write_text("")
+    helper = subprocess.Popen(["sleep", "60"], env=strays.owner_env(vm_dir))
+    other_vm = subprocess.Popen(["sleep", "60"], env=strays.owner_env(tmp_path / "vm" / "abcd"))
+    onlooker = subprocess.Popen(["tail", "-f", str(vm_dir / "console.log")])
+    try:
+        assert asyncio.run(strays.kill_strays(vm_dir)) == [helper.pid]
+        assert helper.wait(5) == -9
+        assert other_vm.poll() is None and onlooker.poll() is None
+    finally:
+        for proc in (helper, other_vm, onlooker):
+            proc.kill()
+            proc.wait()

@@ -18,6 +18,10 @@ from . import proc_stat
 
 log = logging.getLogger(__name__)
 
+# In the environment of every helper started for a sandbox (a VM's QEMU, its helpers and task proxy;
+# Quark's QVisor and task relay), naming the sandbox's directory: `kill_strays` finds them by it, not by
+# a command line, which anyone's can hold (an operator's `tail -f <dir>/console.log` was SIGKILLed).
+OWNER_ENV = "KUASAR_STRAY_OWNER"
 # A SIGKILLed process is gone in milliseconds; one in uninterruptible sleep (a stuck mount) may take longer,
 # and waiting past this only delays the removal of everything else.
 KILL_WAIT = 5.0
@@ -98,11 +102,25 @@ def gone(pid: int, start: int) -> bool:
     return not start or proc_stat.start_time(pid) != start or proc_stat.exited(pid)
 
 
+def owner_env(directory: str | os.PathLike[str]) -> dict[str, str]:
+    """This process's environment, plus OWNER_ENV naming `directory`: for a helper of that sandbox."""
+    return {**os.environ, OWNER_ENV: os.fspath(directory)}
+
+
+def _owned_by(pid: int, tag: bytes) -> bool:
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as environ:
+            return tag in environ.read().split(b"\0")
+    except OSError:  # gone meanwhile
+        return False
+
+
 async def kill_strays(directory: Path) -> list[int]:
-    """SIGKILL every process (but this one) whose command line holds `directory`/; return their pids
-    once they are gone, or KILL_WAIT has passed."""
-    needle = os.fsencode(directory) + b"/"
-    strays = processes_with(lambda argv: any(needle in arg for arg in argv))
+    """SIGKILL every process (but this one) started for the sandbox at `directory` (OWNER_ENV), and what
+    they started; return their pids once they are gone, or KILL_WAIT has passed."""
+    tag = f"{OWNER_ENV}={os.fspath(directory)}".encode()
+    strays = [(pid, start) for pid, _ in _command_lines()
+              if _owned_by(pid, tag) and (start := proc_stat.start_time(pid))]
     for pid, start in strays:
         log.warning("killing stray process %d of %s", pid, directory)
         kill(pid, start)

@@ -48,7 +48,7 @@ from kuasar.common.linux import SOCKET_PATH_MAX
 from kuasar.common.pod_sandboxer import decode_pod_config, refuse_user_namespace
 from kuasar.common.sandboxer import ExitInfo, Sandboxer, SandboxRecord, StartResult
 from kuasar.common.state import write_atomic
-from kuasar.common.strays import kill_strays
+from kuasar.common.strays import kill_strays, owner_env
 from kuasar.common.task_server import helper_argv
 
 from . import quark_containers
@@ -170,7 +170,7 @@ class QuarkSandboxer(Sandboxer):
         log_path = base / QUARK_LOG
         with open(log_path, "ab") as log_file:  # a file, not a pipe: the daemon may keep it open
             process = await asyncio.create_subprocess_exec(*argv, cwd=bundle, stdin=subprocess.DEVNULL,
-                                                           stdout=log_file, stderr=log_file)
+                                                           stdout=log_file, stderr=log_file, env=owner_env(base))
         try:
             return await self._started(record, process, socket, pid_file, log_path)
         except BaseException:
@@ -231,7 +231,8 @@ class QuarkSandboxer(Sandboxer):
             # Its own session: a sandboxer restart (or its process group's SIGTERM) must not end
             # containerd's task connections.
             process = await asyncio.create_subprocess_exec(*argv, executable=sys.executable, stdin=subprocess.DEVNULL,
-                                                           stdout=log_file, stderr=log_file, start_new_session=True)
+                                                           stdout=log_file, stderr=log_file, start_new_session=True,
+                                                           env=owner_env(base))
         state = self._state(record)
         state.update(relay_pid=process.pid, relay_start_time=process_start_time(process.pid))
         self._relays[record.id] = process
@@ -315,7 +316,7 @@ class QuarkSandboxer(Sandboxer):
                     process.kill()
             await process.wait()
         # QVisor or a relay of a Start cut short by a crash of ours: the record never got its pid. Found by
-        # the sandbox's directory in its command line (`-r <base>/sandbox`, `--listen <base>/task.sock`).
+        # the sandbox's directory in its environment (strays.OWNER_ENV).
         await kill_strays(base)
         # Taken from the record as it is removed: a Shutdown tried again (this one failing below) must not
         # count it gone twice, which would let a parent it shares go with a pod that still needs it.

@@ -27,6 +27,7 @@ from typing import Any
 from qemu.qmp import QMPClient
 
 from kuasar.common.errors import FailedPrecondition, RuntimeFailure
+from kuasar.common.strays import owner_env
 
 from .config import VmmConfig, find_program, machine_option
 from .hypervisor import GUEST_CID, SHARE_TAG, Hypervisor, Vm, VmSpec
@@ -265,7 +266,7 @@ class QemuHypervisor(Hypervisor):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(stale)
             vhost_log = spec.vm_dir / "vhost-device-vsock.log"
-            proc = spawn(vhost_vsock_command(self.vhost_vsock, spec), vhost_log)
+            proc = spawn(vhost_vsock_command(self.vhost_vsock, spec), vhost_log, env=owner_env(spec.vm_dir))
             ref = ProcessRef.of(proc.pid)
             watch = ExitWatch(ref, proc)
             started.append((ref, watch))
@@ -273,7 +274,7 @@ class QemuHypervisor(Hypervisor):
             await _wait_for_socket(spec.vhost_socket, watch, "vhost-device-vsock", vhost_log)
             if spec.share_fs == "virtio-fs":
                 fs_log = spec.vm_dir / "virtiofsd.log"
-                proc = spawn(virtiofsd_command(self.virtiofsd, self.config, spec), fs_log)
+                proc = spawn(virtiofsd_command(self.virtiofsd, self.config, spec), fs_log, env=owner_env(spec.vm_dir))
                 ref = ProcessRef.of(proc.pid)
                 watch = ExitWatch(ref, proc)
                 started.append((ref, watch))
@@ -284,7 +285,7 @@ class QemuHypervisor(Hypervisor):
                 argv = ["nsenter", f"--net={spec.netns}", "--", *argv]
             qemu_log = spec.vm_dir / "qemu.log"
             log.debug("sandbox %s: %s", spec.sandbox_id, " ".join(argv))
-            proc = spawn(argv, qemu_log, pass_fds=[n.fd for n in spec.nics])
+            proc = spawn(argv, qemu_log, pass_fds=[n.fd for n in spec.nics], env=owner_env(spec.vm_dir))
             qemu_ref = ProcessRef.of(proc.pid)
             qemu_watch = ExitWatch(qemu_ref, proc)
             started.append((qemu_ref, qemu_watch))

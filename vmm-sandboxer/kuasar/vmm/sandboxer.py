@@ -56,7 +56,7 @@ from kuasar.common.pod_files import HOST_RESOLV_CONF, check_names, pod_resolv_co
 from kuasar.common.pod_sandboxer import decode_pod_config, pod_names, refuse_user_namespace
 from kuasar.common.pod_sysctls import check_sysctls, with_containerd_defaults
 from kuasar.common.sandboxer import LOST_EXIT_STATUS, ExitInfo, Sandboxer, SandboxRecord, SandboxState, StartResult
-from kuasar.common.strays import kill_strays
+from kuasar.common.strays import kill_strays, owner_env
 from kuasar.common.task_server import helper_argv
 from kuasar.common.ttrpc import TtrpcClient
 
@@ -485,7 +485,7 @@ class VmmSandboxer(Sandboxer):
             "--log-level", self.daemon.log_level]
         if pod.network is not None and pod.network.netns:
             argv += ["--netns", pod.network.netns]
-        proc = spawn(argv, pod.vm_dir / "proxy.log", executable=sys.executable)
+        proc = spawn(argv, pod.vm_dir / "proxy.log", executable=sys.executable, env=owner_env(pod.vm_dir))
         pod.proxy = ProcessRef.of(proc.pid)
         pod.proxy_watch = ExitWatch(pod.proxy, proc)
         if pod.cgroup is not None:
