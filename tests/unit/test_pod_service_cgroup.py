@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from kuasar.common import cgroups, pod_leftovers
+from kuasar.common import cgroups, pod_leftovers, proc_stat
 from kuasar.common.api.kuasar.pods.v1 import pods_pb2 as pb
 from kuasar.common.errors import FailedPrecondition, InvalidArgument, NotFound
 from kuasar.common.pod_files import PODS_DIR
@@ -284,3 +284,58 @@ def test_the_delete_of_a_pod_a_dead_task_server_left_tries_its_kept_record_again
         asyncio.run(delete())  # so that its Shutdown is tried again
     with pytest.raises(NotFound):  # nothing left of it now: as for any pod it does not know
         asyncio.run(delete())
+
+
+class SlowWarmer:
+    """Runs submitted work on a thread of its own after `delay` (a burst, an RCU grace period)."""
+
+    def __init__(self, delay: float) -> None:
+        self.delay = delay
+        self.pool = concurrent.futures.ThreadPoolExecutor(1)
+
+    def submit(self, work: Callable[[], None]) -> concurrent.futures.Future[None]:
+        def later() -> None:
+            import time
+            time.sleep(self.delay)
+            work()
+        return self.pool.submit(later)
+
+
+@pytest.mark.parametrize("request_kind", ["Kill", "Delete"])
+def test_a_pod_is_signalled_only_once_its_move_into_its_cgroup_is_done(request_kind: str) -> None:
+    # Kill did not wait for the move, Delete waited only after the pod was killed and reaped: the warmer's
+    # thread, behind, wrote a pid already free (another process's once reused) into the pod's cgroup.
+    written: list[tuple[int, bool]] = []
+
+    class RecordingCgroup(cgroups.PodCgroup):
+        def add(self, pid: int) -> None:
+            written.append((pid, os.path.exists(f"/proc/{pid}") and not proc_stat.exited(pid)))
+
+        def remove(self) -> None:
+            pass
+
+    class NoContainers:
+        async def kill_pod_containers(self, pod_id: str, sig: int) -> None: ...
+        async def remove_pod_containers(self, pod_id: str) -> None: ...
+
+    async def main() -> None:
+        reaper = Reaper()
+        reaper.install()
+        service = PodService(reaper, containers=NoContainers(), attach_warmer=SlowWarmer(0.1))  # type: ignore[arg-type]
+        child = subprocess.Popen(["sleep", "30"])
+        try:
+            pod = Pod("p1", child.pid, reaper.watch(child.pid, 0), RecordingCgroup("kuasar-unit/p1"))
+            service.pods[pod.id] = pod
+            assert pod.cgroup is not None
+            pod.placed = service._place(pod, pod.cgroup)
+            if request_kind == "Kill":
+                await service.kill(pb.KillPodRequest(id="p1", signal=9), None)  # type: ignore[arg-type]
+                await asyncio.wait_for(asyncio.shield(pod.exit), WAIT_S)
+            else:
+                await asyncio.wait_for(service.delete(pb.PodRequest(id="p1"), None), WAIT_S)  # type: ignore[arg-type]
+            assert written == [(child.pid, True)]  # written while the pod still lived
+        finally:
+            child.kill()
+            child.wait()
+
+    asyncio.run(main())

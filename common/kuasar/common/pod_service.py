@@ -224,7 +224,11 @@ class PodService:
         if self.attach_warmer is None:
             cgroup.add(pod.pid)
             return None
-        placed = asyncio.wrap_future(self.attach_warmer.submit(lambda: cgroup.add(pod.pid)))
+        def place() -> None:
+            if pod.running:  # not a pid already reaped, which may be another process's by now
+                cgroup.add(pod.pid)
+
+        placed = asyncio.wrap_future(self.attach_warmer.submit(place))
         placed.add_done_callback(lambda done: self._placed(pod, cgroup, done))
         return placed
 
@@ -249,12 +253,21 @@ class PodService:
             # its files wait for the removal): what was written there is memory, and kubelet may keep a
             # stopped pod for long.
             pod.exit.add_done_callback(lambda _: self._release_shm(pod))
+        await self._placement_done(pod)
         if pod.running:
             try:
                 os.kill(pod.pid, sig)
             except ProcessLookupError:
                 pass
         return empty_pb2.Empty()
+
+    @staticmethod
+    async def _placement_done(pod: Pod) -> None:
+        """Before the pod's process is signalled: its move into its cgroup, under way on the warmer's
+        thread, must not write a pid reaped meanwhile (another process's, once reused, into the pod's
+        cgroup, which then cannot be removed)."""
+        if pod.placed is not None:
+            await asyncio.gather(pod.placed, return_exceptions=True)
 
     def _release_shm(self, pod: Pod) -> None:
         if pod.shm is not None and self.pods.get(pod.id) is pod:
@@ -289,13 +302,12 @@ class PodService:
                                      "still in use (see the task server's log)")
         pod = self._get(req.id)
         await self.containers.remove_pod_containers(pod.id)
+        await self._placement_done(pod)  # (and so before the rmdir too)
         if pod.running:
             os.kill(pod.pid, signal.SIGKILL)
             await asyncio.shield(pod.exit)
         if self.launcher is not None:
             await self.launcher.release_pod(pod.id)
-        if pod.placed is not None:
-            await asyncio.gather(pod.placed, return_exceptions=True)  # a move still under way, then rmdir
         if pod.cgroup is not None:
             pod.cgroup.remove()
         if pod.shm is not None:
