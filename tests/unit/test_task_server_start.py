@@ -232,6 +232,19 @@ def test_a_task_server_that_falls_silent_is_given_up_within_the_window(
     assert stopped, "the sweep never began"
     assert stopped[0] <= gave_up < stopped[0] + WINDOW + 1.0  # not before it fell silent, nor long after
     assert not slow_start._serving()
+    # Ended, forked as exec'd: left, it held task-server.lock, and every later start failed at once.
+    pid = int(pid_file.read_text())
+    deadline = time.monotonic() + 10
+    while _runs(pid):
+        assert time.monotonic() < deadline, f"the given-up task server {pid} ({how}) still runs"
+        time.sleep(0.02)
+
+
+def _runs(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 def test_a_task_server_whose_starter_stopped_waiting_mid_sweep_serves_all_the_same(

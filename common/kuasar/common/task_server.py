@@ -32,7 +32,7 @@ from typing import Any
 
 from google.protobuf.message import Message
 
-from . import __version__, linux, pod_leftovers
+from . import __version__, linux, pod_leftovers, proc_stat, strays
 from .api.kuasar.pods.v1 import pods_pb2
 from .build import build_id
 from .errors import KuasarError, Unavailable, Unimplemented
@@ -388,31 +388,47 @@ class TaskServerHandle:
         if getattr(sys, "frozen", False) or self._serving():
             return
         read_fd, write_fd = os.pipe()
+        pid_read, pid_write = os.pipe()  # the task server's pid, from the intermediate child
         log_fd = os.open(self.directory / LOG_FILE, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
         sys.stdout.flush()
         sys.stderr.flush()
         gc.freeze()  # the collector would otherwise write to, and so unshare, every page it scans
         pid = os.fork()
         if pid == 0:
-            self._run_forked_child(read_fd, write_fd, log_fd)  # never returns
+            os.close(pid_read)
+            self._run_forked_child(read_fd, write_fd, log_fd, pid_write)  # never returns
         os.close(write_fd)
         os.close(log_fd)
+        os.close(pid_write)
         os.waitpid(pid, 0)  # the intermediate child exits at once; the task server is re-parented
+        try:
+            server_pid = int(os.read(pid_read, 32) or b"0")
+        except ValueError:
+            server_pid = 0
+        finally:
+            os.close(pid_read)
+        server_start = proc_stat.start_time(server_pid) if server_pid else 0
         try:
             ready = wait_ready(read_fd)
         finally:
             os.close(read_fd)
         if not ready:
+            # Given up (silent for a window, or past the cap): ended, as `_spawn` ends an exec'd one. Left,
+            # it held task-server.lock, and every later start failed at once until someone killed it.
+            strays.kill(server_pid, server_start)
             raise Unavailable(f"task server failed to start; see {self.directory / LOG_FILE}")
         log.info("forked task server (%s)", self.socket)
 
-    def _run_forked_child(self, read_fd: int, write_fd: int, log_fd: int) -> None:
+    def _run_forked_child(self, read_fd: int, write_fd: int, log_fd: int, pid_write: int) -> None:
         status = 1
         try:
             os.close(read_fd)
             os.setsid()  # like start_new_session: a signal to the sandboxer's group spares the pods
-            if os.fork() != 0:  # double fork: the task server is never a zombie of the sandboxer
+            server = os.fork()
+            if server != 0:  # double fork: the task server is never a zombie of the sandboxer
+                os.write(pid_write, str(server).encode())
                 os._exit(0)
+            os.close(pid_write)
             null = os.open(os.devnull, os.O_RDONLY)
             os.dup2(null, 0)
             os.dup2(log_fd, 1)
@@ -427,6 +443,8 @@ class TaskServerHandle:
             status = 0
         except SystemExit as exc:
             status = exc.code if isinstance(exc.code, int) else 1
+            if exc.code is not None and not isinstance(exc.code, int):  # its reason, as the interpreter prints it
+                print(exc.code, file=sys.stderr, flush=True)
         except BaseException:
             traceback.print_exc()
         finally:
