@@ -273,14 +273,17 @@ def _host_pid() -> int:
 
 
 def _sleep_forever(as_init: bool) -> None:
-    if as_init:
-        # PID 1 of the pod's namespace inherits orphans; reap them so no zombie outlives its container.
-        signal.signal(signal.SIGCHLD, lambda *_: None)
+    if not as_init:
+        while True:
+            signal.pause()
+    # PID 1 of the pod's namespace inherits orphans; reap them so no zombie outlives its container.
+    # SIGCHLD is blocked and waited for, as kuasar-pause does: with a handler and pause(), one that came
+    # between the last reap and pause() was only seen at the next signal, its zombie left meanwhile.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})
     while True:
-        signal.pause()
-        if as_init:
-            try:
-                while os.waitpid(-1, os.WNOHANG)[0] > 0:
-                    pass
-            except ChildProcessError:
+        try:
+            while os.waitpid(-1, os.WNOHANG)[0] > 0:
                 pass
+        except ChildProcessError:
+            pass
+        signal.sigwait({signal.SIGCHLD})
