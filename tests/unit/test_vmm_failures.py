@@ -520,3 +520,21 @@ def test_a_vm_state_that_is_not_an_object_keeps_nothing_from_going_on(tmp_path: 
         assert sandboxer.status_info(odd, verbose=True)["task_address"] == odd.address
 
     asyncio.run(scenario())
+
+
+def test_a_guest_flooding_events_gets_its_budget_and_no_more(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Its own containers' events passed the ownership check at any rate, into the event queue every VM pod
+    # shares, which drops its oldest when full: other pods lost theirs (a /tasks/oom among them).
+    now = [1000.0]
+    monkeypatch.setattr(sandboxer_module.time, "monotonic", lambda: now[0])
+
+    async def scenario() -> None:
+        pod = sandboxer_module.VmPod("p1", FakeVm(), tmp_path, "uds", "address")  # type: ignore[arg-type]
+        within = sandboxer_module.VmmSandboxer._within_budget
+        assert all(within(pod, "/tasks/exit") for _ in range(sandboxer_module.GUEST_EVENTS_BURST))
+        assert not within(pod, "/tasks/exit") and pod.dropped_events == 1
+        now[0] += 1.0  # a second later: a second's worth again
+        passed = sum(within(pod, "/tasks/exit") for _ in range(1000))
+        assert passed == int(sandboxer_module.GUEST_EVENTS_PER_S)
+
+    asyncio.run(scenario())

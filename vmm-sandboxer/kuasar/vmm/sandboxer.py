@@ -92,6 +92,11 @@ MEMORY_ANNOTATIONS = ("io.kuasar.vmm.memory_mb", "io.katacontainers.config.hyper
 # Dropped guest events logged per pod: a few tell what happened, a guest sending them without end
 # would otherwise fill the host's log.
 LOGGED_DROPPED_EVENTS = 10
+# What one guest may publish through the sandboxer's one event queue (shared by every VM pod, dropping
+# its oldest when full): a burst, then a steady rate. A container's life is a handful of events; a guest
+# flooding its own containers' events evicted other pods' (their /tasks/oom among them).
+GUEST_EVENTS_BURST = 256
+GUEST_EVENTS_PER_S = 50.0
 # How much of a log's end is read for the lines an error quotes (25 of them; console lines are short).
 TAIL_BYTES = 16 << 10
 # What a guest may publish, by type: the topic containerd's own shims give each. Anything else from
@@ -161,7 +166,9 @@ class VmPod:
     cgroup: cgroups.PodCgroup | None = None
     agent: TtrpcClient | None = None
     containers: dict[str, str] = field(default_factory=dict)  # id -> namespace, of events from the guest
-    dropped_events: int = 0  # from the guest, not about one of this pod's containers
+    dropped_events: int = 0  # from the guest, not about one of this pod's containers, or over its budget
+    event_budget: float = GUEST_EVENTS_BURST
+    event_budget_at: float = field(default_factory=lambda: time.monotonic())
     stopping: bool = False
     exit: asyncio.Future[ExitInfo] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
     tasks: set[asyncio.Task[Any]] = field(default_factory=set)
@@ -582,11 +589,28 @@ class VmmSandboxer(Sandboxer):
                     except DecodeError as err:  # one bad message must not end the forwarding
                         log.warning("sandbox %s: undecodable event from the guest skipped: %s", pod.id, err)
                         continue
-                    if event is not None and self._pods_event(pod, envelope, topic, event.container_id):
+                    if event is not None and self._pods_event(pod, envelope, topic, event.container_id) \
+                            and self._within_budget(pod, envelope.topic):
                         self.events.publish(topic, event, envelope.namespace)
             except KuasarError as err:
                 log.debug("sandbox %s: event stream ended: %s", pod.id, err.message)
             await asyncio.sleep(1.0)
+
+    @staticmethod
+    def _within_budget(pod: VmPod, topic: str) -> bool:
+        """A token of the pod's event budget (GUEST_EVENTS_BURST, refilled at GUEST_EVENTS_PER_S)."""
+        now = time.monotonic()
+        pod.event_budget = min(GUEST_EVENTS_BURST,
+                               pod.event_budget + max(0.0, now - pod.event_budget_at) * GUEST_EVENTS_PER_S)
+        pod.event_budget_at = now
+        if pod.event_budget >= 1:
+            pod.event_budget -= 1
+            return True
+        pod.dropped_events += 1
+        if pod.dropped_events <= LOGGED_DROPPED_EVENTS:
+            log.warning("sandbox %s: guest event %s dropped: the guest sends more than %d per second",
+                        pod.id, topic[:64], GUEST_EVENTS_PER_S)
+        return False
 
     @staticmethod
     def _pods_event(pod: VmPod, envelope: Any, topic: str, container_id: str) -> bool:
