@@ -28,14 +28,20 @@ KILL_WAIT = 5.0
 POLL_INTERVAL = 0.02
 
 
+def _other_pids() -> Iterator[int]:
+    """Every live process's pid but this one's."""
+    ours = os.getpid()
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit() and int(entry.name) != ours:
+            yield int(entry.name)
+
+
 def _command_lines() -> Iterator[tuple[int, list[bytes]]]:
     """(pid, command line split at NULs) of every live process but this one."""
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
+    for pid in _other_pids():
         try:
-            with open(f"/proc/{entry.name}/cmdline", "rb") as cmdline:
-                yield int(entry.name), cmdline.read().split(b"\0")
+            with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+                yield pid, cmdline.read().split(b"\0")
         except OSError:  # gone meanwhile
             continue
 
@@ -119,8 +125,7 @@ async def kill_strays(directory: Path) -> list[int]:
     """SIGKILL every process (but this one) started for the sandbox at `directory` (OWNER_ENV), and what
     they started; return their pids once they are gone, or KILL_WAIT has passed."""
     tag = f"{OWNER_ENV}={os.fspath(directory)}".encode()
-    strays = [(pid, start) for pid, _ in _command_lines()
-              if _owned_by(pid, tag) and (start := proc_stat.start_time(pid))]
+    strays = [(pid, start) for pid in _other_pids() if _owned_by(pid, tag) and (start := proc_stat.start_time(pid))]
     for pid, start in strays:
         log.warning("killing stray process %d of %s", pid, directory)
         kill(pid, start)

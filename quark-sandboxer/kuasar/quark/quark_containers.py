@@ -113,6 +113,11 @@ def _receive_only(target: Path) -> None:
     linux.mount("", str(target), "", linux.MS_REC | linux.MS_SLAVE)
 
 
+def _require_source(source: str) -> None:
+    if not os.path.isabs(source) or not os.path.exists(source):
+        raise InvalidArgument(f"bind source {source!r} must be an existing absolute path")
+
+
 class QuarkContainers:
     """The container bundles of one Quark sandbox; `state` is the persisted part (a JSON-able dict)."""
 
@@ -148,8 +153,7 @@ class QuarkContainers:
             raise
 
     def _bind(self, source: str, target: Path, done: list[str], readonly: bool = False) -> None:
-        if not os.path.isabs(source) or not os.path.exists(source):
-            raise InvalidArgument(f"bind source {source!r} must be an existing absolute path")
+        _require_source(source)
         if os.path.isdir(source):
             target.mkdir(parents=True, exist_ok=True)
         else:
@@ -164,8 +168,7 @@ class QuarkContainers:
             linux.set_readonly_recursive(str(target))
 
     def _bind_beneath(self, source: str, rootfs: Path, target: Path, done: list[str], readonly: bool) -> None:
-        if not os.path.isabs(source) or not os.path.exists(source):
-            raise InvalidArgument(f"bind source {source!r} must be an existing absolute path")
+        _require_source(source)
 
         def settle(mount: str) -> None:
             _receive_only(Path(mount))
