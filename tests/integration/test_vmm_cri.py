@@ -482,6 +482,44 @@ def test_a_task_proxy_killed_ends_its_vm_and_the_pod(stack: VmStack) -> None:
     asyncio.run(scenario())
 
 
+def restart_sandboxer(stack: VmStack, config: Path) -> None:
+    stop_process(stack.sandboxer)
+    stack.sandboxer = start_sandboxer(stack.socket, stack.directory, stack.log, stack.containerd.ttrpc_address,
+                                      module="kuasar.vmm.cli", extra_args=("--config", str(config)))
+
+
+def test_the_guest_console_log_is_rotated_at_its_limit(stack: VmStack, tmp_path: Path) -> None:
+    """The guest writes its console for the VM's whole life (the agent logs every request): the task
+    proxy rotates the log QEMU appends to. With a 4 KiB limit and a guest kernel printing every message
+    (ignore_loglevel), the boot alone overflows it: its last 4 KiB are in console.log.1, console.log is
+    back under the limit, and removing the pod removes both."""
+    limit = 4096
+    small = tmp_path / "vmm-small-console.toml"
+    small.write_text(stack.config.read_text() + 'console_log_limit_in_kb = 4\nkernel_params = "ignore_loglevel"\n')
+
+    async def scenario() -> None:
+        async with CriClient(stack.address, timeout=TIMEOUT) as client:
+            pod_id, _ = await run_pod(client, stack, "chatty", host_network=True)
+            state = sandbox_state(stack, pod_id)
+            argv = open(f"/proc/{state['pid']}/cmdline").read().split("\0")
+            assert "ignore_loglevel" in argv[argv.index("-append") + 1]
+            log = stack.directory / "vm" / pod_id / "console.log"
+            old = log.with_name("console.log.1")
+            deadline = time.monotonic() + 10
+            while not (old.exists() and log.stat().st_size <= limit) and time.monotonic() < deadline:  # noqa: ASYNC110 - files another process rotates
+                await asyncio.sleep(0.1)
+            assert old.exists(), f"never rotated: console.log has {log.stat().st_size} bytes"
+            assert len(old.read_bytes()) == limit and log.stat().st_size <= limit
+            assert b"\0" not in log.read_bytes(), "QEMU wrote at its old offset, leaving a hole"
+            await remove_pod_and_check(client, stack, pod_id, vm_processes(state))
+
+    restart_sandboxer(stack, small)
+    try:
+        asyncio.run(scenario())
+    finally:
+        restart_sandboxer(stack, stack.config)
+
+
 def test_containers_share_a_volume_through_one_path_of_the_vm_and_the_pods_dev_shm(stack: VmStack) -> None:
     """Two containers of a pod bind one host directory (an emptyDir): the VM gets it once, so both see
     the one guest inode, as on a host (through a 9p path each, a socket or FIFO one made there was

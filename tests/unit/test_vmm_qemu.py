@@ -33,8 +33,10 @@ def test_microvm_under_tcg() -> None:
         assert flag in argv
     assert option(argv, "-qmp") == ["unix:/run/k/vm/abc/qmp.sock,server=on,wait=off"]
     assert option(argv, "-sandbox") == ["on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"]
-    assert option(argv, "-serial") == ["file:/run/k/vm/abc/console.log"]
-    assert option(argv, "-chardev") == ["socket,id=vsock,path=/run/k/vm/abc/vhost-vsock.sock"]
+    # appended to: the task proxy empties it when it rotates it, and QEMU's next write must go to its start
+    assert option(argv, "-serial") == ["chardev:console"]
+    assert option(argv, "-chardev") == ["file,id=console,path=/run/k/vm/abc/console.log,append=on",
+                                        "socket,id=vsock,path=/run/k/vm/abc/vhost-vsock.sock"]
     devices = option(argv, "-device")
     assert devices == ["vhost-user-vsock-device,chardev=vsock", "virtio-9p-device,fsdev=share,mount_tag=kuasar",
                        "virtio-net-device,netdev=net0,mac=aa:bb:cc:dd:ee:ff"]

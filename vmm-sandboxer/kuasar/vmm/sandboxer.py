@@ -60,7 +60,7 @@ from kuasar.common.strays import kill_strays, owner_env
 from kuasar.common.task_server import helper_argv
 from kuasar.common.ttrpc import TtrpcClient
 
-from . import accel, hostfs, network, portforward
+from . import accel, console_log, hostfs, network, portforward
 from .config import VmmConfig, parse_config
 from .hypervisor import (
     AGENT_PORT,
@@ -97,8 +97,6 @@ LOGGED_DROPPED_EVENTS = 10
 # flooding its own containers' events evicted other pods' (their /tasks/oom among them).
 GUEST_EVENTS_BURST = 256
 GUEST_EVENTS_PER_S = 50.0
-# How much of a log's end is read for the lines an error quotes (25 of them; console lines are short).
-TAIL_BYTES = 16 << 10
 # What a guest may publish, by type: the topic containerd's own shims give each. Anything else from
 # the guest (another topic, TaskIO with no container id) is dropped: the guest is outside the host's trust.
 GUEST_EVENTS: dict[str, tuple[type[Any], str]] = {
@@ -365,7 +363,7 @@ class VmmSandboxer(Sandboxer):
             return
         target = Path(keep) / sandbox_id
         target.mkdir(parents=True, exist_ok=True)
-        for path in vm_dir.glob("*.log"):
+        for path in [*vm_dir.glob("*.log"), *vm_dir.glob("*.log.1")]:
             with contextlib.suppress(OSError):
                 shutil.copyfile(path, target / path.name)
 
@@ -489,6 +487,8 @@ class VmmSandboxer(Sandboxer):
             "--listen", str(listen), "--uds", pod.uds, "--share", str(spec.share_dir),
             *(["--share-source", str(spec.share_source)] if spec.share_source.is_dir() else []),
             "--guest-share", GUEST_SHARE_DIR, "--sandbox", pod.id, "--sandbox-pid", str(pod.vm.pid),
+            "--console-log", str(spec.console_log),
+            "--console-log-limit", str(self.config.console_log_limit_in_kb << 10),
             "--log-level", self.daemon.log_level]
         if pod.network is not None and pod.network.netns:
             argv += ["--netns", pod.network.netns]
@@ -525,12 +525,12 @@ class VmmSandboxer(Sandboxer):
         if ready.cancelled():
             status = exited.result() if exited.done() and not exited.cancelled() else None
             raise RuntimeFailure(f"QEMU exited ({_exit_text(status)}) before the guest agent was ready; "
-                                 f"guest console:\n{_tail(spec.console_log) or '(nothing)'}\n"
-                                 f"QEMU said:\n{_tail(spec.vm_dir / 'qemu.log') or '(nothing)'}")
+                                 f"guest console:\n{console_log.tail(spec.console_log) or '(nothing)'}\n"
+                                 f"QEMU said:\n{console_log.tail(spec.vm_dir / 'qemu.log') or '(nothing)'}")
         try:
             line = ready.result()
         except KuasarError as err:
-            raise RuntimeFailure(f"{err.message}; guest console:\n{_tail(spec.console_log)}") from None
+            raise RuntimeFailure(f"{err.message}; guest console:\n{console_log.tail(spec.console_log)}") from None
         if line.strip() != b"READY":
             raise RuntimeFailure(f"unexpected announcement from the guest: {line[:64]!r}")
 
@@ -802,18 +802,6 @@ def _exit_text(status: int | None) -> str:
             return f"killed by signal {status - 128}"
     # 0 with -no-reboot: the guest shut down, or reset (a triple fault early in boot says nothing)
     return f"status {status}{', the guest shut down or reset' if status == 0 else ''}"
-
-
-def _tail(path: Path, lines: int = 25) -> str:
-    """The last `lines` lines of a log, read from its last TAIL_BYTES only: the guest writes the console
-    log, as much as it likes."""
-    try:
-        with open(path, "rb") as f:
-            f.seek(max(0, os.fstat(f.fileno()).st_size - TAIL_BYTES))
-            text = f.read().decode(errors="replace")
-    except OSError:
-        return ""
-    return "\n".join(text.splitlines()[-lines:])
 
 
 def _vm_state(record: SandboxRecord) -> dict[str, Any]:
