@@ -32,7 +32,7 @@ from typing import Any
 
 from google.protobuf.message import Message
 
-from . import __version__, linux, pod_leftovers, proc_stat, strays
+from . import __version__, linux, log_rotation, pod_leftovers, proc_stat, strays
 from .api.kuasar.pods.v1 import pods_pb2
 from .build import build_id
 from .errors import KuasarError, Unavailable, Unimplemented
@@ -106,6 +106,7 @@ class TaskServerSettings:
     events_address: str = ""
     log_level: str = "info"
     options: dict[str, Any] = field(default_factory=dict)  # the sandbox type's own, e.g. its runc binary
+    log_limit: int = log_rotation.TASK_SERVER_LOG_LIMIT  # bytes of LOG_FILE before it is rotated; 0: never
 
 
 @dataclass
@@ -147,12 +148,14 @@ def task_server_main(make_backend: Callable[[dict[str, Any], Reaper, EventPublis
         log.warning("signals 32/33 stay ignored, and so in containers: %s", exc)
     asyncio.run(run_task_server(
         Path(settings.dir), settings.events_address, ready_fd,
-        lambda reaper, events, directory: make_backend(settings.options, reaper, events, directory)))
+        lambda reaper, events, directory: make_backend(settings.options, reaper, events, directory),
+        settings.log_limit))
 
 
 # -- inside the task server ------------------------------------------------------------------------
 async def run_task_server(directory: Path, events_address: str, ready_fd: int,
-                          make_backend: Callable[[Reaper, EventPublisher, Path], TaskBackend]) -> None:
+                          make_backend: Callable[[Reaper, EventPublisher, Path], TaskBackend],
+                          log_limit: int = 0) -> None:
     with beating(ready_fd):  # until READY, or a failure: the process then exits, and the pipe closes
         server_lock = _hold_server_lock(directory)
         linux.set_child_subreaper()  # containers re-parent here when runc exits, so we see their exits
@@ -200,6 +203,11 @@ async def run_task_server(directory: Path, events_address: str, ready_fd: int,
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     log.info("task server %d serving %s", os.getpid(), directory / TASK_SOCKET)
+    rotating = None
+    if log_limit > 0:
+        log_path = directory / LOG_FILE
+        rotating = asyncio.create_task(log_rotation.keep_rotating(
+            lambda: log_rotation.rotate_stdio_log(log_path, log_limit), log_path), name="log rotation")
 
     def unwanted() -> bool:
         if pods.pods or backend_has_work(backend) or _sandboxer_alive(directory):
@@ -209,6 +217,8 @@ async def run_task_server(directory: Path, events_address: str, ready_fd: int,
 
     await serve_until(stop, IDLE_CHECK_INTERVAL, lambda: len(pods.pods) + len(getattr(backend, "containers", ())),
                       unwanted)
+    if rotating is not None:
+        rotating.cancel()
     await server.close()
     await events.close()
     for name in (TASK_SOCKET, PID_FILE):

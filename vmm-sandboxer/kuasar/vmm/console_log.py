@@ -14,27 +14,18 @@ two limits plus what the guest writes in one check period.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import logging
 import os
 from pathlib import Path
 
+from kuasar.common.log_rotation import keep_rotating, rotated
 from kuasar.common.state import write_atomic
 
-log = logging.getLogger(__name__)
-
-# Large enough for a boot's worth of kernel messages with a failing agent's last words after them.
-DEFAULT_LIMIT = 1 << 20
 # How often the size is looked at: one stat a second per VM costs nothing; a guest writing flat out
 # to its UART under TCG gets well under a megabyte past the limit in that time.
 CHECK_PERIOD = 1.0
 # What a tail of the log reads at most of each file: the guest decides how long its lines are.
 TAIL_BYTES = 16 << 10
-
-
-def rotated(path: Path) -> Path:
-    return path.with_name(path.name + ".1")
 
 
 def rotate_if_over(path: Path, limit: int) -> bool:
@@ -64,13 +55,7 @@ def rotate_if_over(path: Path, limit: int) -> bool:
 
 async def keep_bounded(path: Path, limit: int, period: float = CHECK_PERIOD) -> None:
     """Rotate `path` whenever it is over `limit`, until cancelled."""
-    while True:
-        try:
-            if rotate_if_over(path, limit):
-                log.debug("%s rotated at %d bytes", path, limit)
-        except OSError as err:  # a full disk, say: try again next time rather than stop bounding it
-            log.warning("rotating %s: %s", path, err)
-        await asyncio.sleep(period)
+    await keep_rotating(lambda: rotate_if_over(path, limit), path, period)
 
 
 def tail(path: Path, lines: int = 25) -> str:
