@@ -51,6 +51,30 @@ def test_a_log_over_its_limit_moves_to_dot_1_and_stdout_and_stderr_go_on_in_a_ne
     assert oct(log.stat().st_mode & 0o777) == "0o600"
 
 
+# A rotation cut short after the rename (the new file could not be opened): the next one finishes it.
+HALF_DONE = r"""
+import os, sys
+from pathlib import Path
+from kuasar.common.log_rotation import rotate_stdio_log, rotated
+path = Path(sys.argv[1])
+fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+os.dup2(fd, 1); os.dup2(fd, 2); os.close(fd)
+print("before", flush=True)
+os.replace(path, rotated(path))
+print("still into the renamed file", flush=True)
+done = rotate_stdio_log(path, 10**9)
+print("after", flush=True)
+sys.stderr.write(f"{done} {rotate_stdio_log(path, 10**9)}\n")
+"""
+
+
+def test_a_rotation_cut_short_after_the_rename_is_finished_by_the_next(tmp_path: Path) -> None:
+    log = tmp_path / "task-server.log"
+    subprocess.run([sys.executable, "-c", HALF_DONE, str(log)], check=True)
+    assert log_rotation.rotated(log).read_text() == "before\nstill into the renamed file\n"
+    assert log.read_text() == "after\nTrue False\n"
+
+
 def test_a_log_under_its_limit_or_not_behind_fd_2_is_left_alone(tmp_path: Path) -> None:
     log = tmp_path / "task-server.log"
     assert run_child(log, 10_000) == "False False"

@@ -34,9 +34,14 @@ def rotated(path: Path) -> Path:
 def rotate_stdio_log(path: Path, limit: int) -> bool:
     """If fd 2 is `path` (the same file, not just the name) and is over `limit`: rename it to
     `<path>.1` and point fds 1 and 2 at a new `path`. A file that is not ours any more (moved away by an
-    administrator's logrotate) is left to whoever moved it."""
+    administrator's logrotate) is left to whoever moved it; one that we renamed but could not replace
+    (no disk space or fds left for the new file) is replaced now."""
+    current = os.fstat(2)
+    if not os.path.lexists(path) and _is(current, rotated(path)):
+        _point_stdio_at(path)
+        return True
     try:
-        current, named = os.fstat(2), os.stat(path, follow_symlinks=False)
+        named = os.stat(path, follow_symlinks=False)
     except FileNotFoundError:
         return False
     if (current.st_dev, current.st_ino) != (named.st_dev, named.st_ino) or current.st_size <= limit:
@@ -45,13 +50,25 @@ def rotate_stdio_log(path: Path, limit: int) -> bool:
         with contextlib.suppress(OSError, ValueError, AttributeError):
             stream.flush()
     os.replace(path, rotated(path))
+    _point_stdio_at(path)
+    return True
+
+
+def _is(fd_stat: os.stat_result, path: Path) -> bool:
+    try:
+        named = os.stat(path, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    return (fd_stat.st_dev, fd_stat.st_ino) == (named.st_dev, named.st_ino)
+
+
+def _point_stdio_at(path: Path) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
         os.dup2(fd, 1)
         os.dup2(fd, 2)
     finally:
         os.close(fd)
-    return True
 
 
 async def keep_rotating(rotate: Callable[[], bool], what: Path, period: float = CHECK_PERIOD) -> None:
