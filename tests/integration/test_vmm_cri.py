@@ -495,7 +495,7 @@ def test_the_guest_console_log_is_rotated_at_its_limit(stack: VmStack, tmp_path:
     back under the limit, and removing the pod removes both."""
     limit = 4096
     small = tmp_path / "vmm-small-console.toml"
-    small.write_text(stack.config.read_text() + 'console_log_limit_in_kb = 4\nkernel_params = "ignore_loglevel"\n')
+    small.write_text(stack.config.read_text() + 'log_file_limit_in_kb = 4\nkernel_params = "ignore_loglevel"\n')
 
     async def scenario() -> None:
         async with CriClient(stack.address, timeout=TIMEOUT) as client:

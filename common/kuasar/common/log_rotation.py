@@ -51,6 +51,7 @@ def rotate_stdio_log(path: Path, limit: int) -> bool:
             stream.flush()
     os.replace(path, rotated(path))
     _point_stdio_at(path)
+    log.info("log rotated: what came before is in %s", rotated(path).name)
     return True
 
 
@@ -71,13 +72,12 @@ def _point_stdio_at(path: Path) -> None:
         os.close(fd)
 
 
-async def keep_rotating(rotate: Callable[[], bool], what: Path, period: float = CHECK_PERIOD) -> None:
+async def keep_rotating(rotate: Callable[[], object], what: str, period: float = CHECK_PERIOD) -> None:
     """Call `rotate` every `period` seconds until cancelled; a failure (a full disk) is logged and
     tried again next time rather than ending the bound."""
     while True:
         try:
-            if rotate():
-                log.info("%s rotated to %s", what, rotated(what).name)
+            rotate()
         except OSError as err:
             log.warning("rotating %s: %s", what, err)
         await asyncio.sleep(period)

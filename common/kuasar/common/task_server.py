@@ -207,7 +207,7 @@ async def run_task_server(directory: Path, events_address: str, ready_fd: int,
     if log_limit > 0:
         log_path = directory / LOG_FILE
         rotating = asyncio.create_task(log_rotation.keep_rotating(
-            lambda: log_rotation.rotate_stdio_log(log_path, log_limit), log_path), name="log rotation")
+            lambda: log_rotation.rotate_stdio_log(log_path, log_limit), str(log_path)), name="log rotation")
 
     def unwanted() -> bool:
         if pods.pods or backend_has_work(backend) or _sandboxer_alive(directory):

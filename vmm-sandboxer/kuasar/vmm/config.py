@@ -109,9 +109,9 @@ class VmmConfig:
     hugepages: bool = False
     enable_vhost_user_store: bool = False
     image_path: str = ""
-    # The guest console log's rotation size (console_log.py); 0: never rotated. 1 MiB holds a boot's
+    # Each VM log's rotation size (vm_logs.py); 0: never rotated. 1 MiB of the console holds a boot's
     # worth of kernel messages with a failing agent's last words after them.
-    console_log_limit_in_kb: int = 1024
+    log_file_limit_in_kb: int = 1024
     # [hypervisor.task]: the guest agent.
     task_debug: bool = False
     task_log_level: str = "info"

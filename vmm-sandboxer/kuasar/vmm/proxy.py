@@ -25,8 +25,8 @@ It is a process of its own (one per VM, in its own session) so that containerd's
 survive a restart of the sandboxer, as they would if containerd dialed the VMM's socket directly.
 
 With `--netns` it also serves `kubectl port-forward` into the guest (see portforward.py): those
-connections, too, then outlive a restart of the sandboxer. With `--console-log` it keeps the guest's
-console log bounded (console_log.py), also while the sandboxer is down.
+connections, too, then outlive a restart of the sandboxer. With `--log-dir` it keeps the VM's log
+files bounded (vm_logs.py), also while the sandboxer is down.
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ from kuasar.common.state import write_atomic
 from kuasar.common.task_api import TASK_SERVICES, refuse_restore
 from kuasar.common.ttrpc import NAMESPACE_KEY
 
-from . import console_log, hostfs
+from . import hostfs, vm_logs
 from .portforward import PortForwarder
 from .spec import VOLUMES_DIR, ShareBind, rewrite_process, rewrite_resources, rewrite_spec
 
@@ -381,9 +381,8 @@ async def serve(args: argparse.Namespace) -> None:
         loop.add_signal_handler(sig, stop.set)
     log.info("relaying %s to guest port %d through %s", args.listen, args.port, args.uds)
     bounding = None
-    if args.console_log and args.console_log_limit > 0:
-        bounding = asyncio.create_task(console_log.keep_bounded(Path(args.console_log), args.console_log_limit),
-                                       name="console log")
+    if args.log_dir and args.log_limit > 0:
+        bounding = asyncio.create_task(vm_logs.keep_bounded(Path(args.log_dir), args.log_limit), name="VM logs")
     forwarding = None
     if args.netns:  # after the task socket is up: containerd's first task call need not wait for this
         try:
@@ -414,9 +413,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="the guest agent's vsock port for forwarded connections")
     parser.add_argument("--sandbox", default="", help="sandbox id (for ps and logs)")
     parser.add_argument("--sandbox-pid", type=int, default=0, help="the pod's pid containerd knows (QEMU's)")
-    parser.add_argument("--console-log", default="", help="the guest's console log, which QEMU appends to")
-    parser.add_argument("--console-log-limit", type=int, default=0,
-                        help="rotate the console log past this many bytes (0: never)")
+    parser.add_argument("--log-dir", default="", help="the VM's directory, whose *.log files it bounds")
+    parser.add_argument("--log-limit", type=int, default=0, help="rotate each log past this many bytes (0: never)")
     parser.add_argument("--log-level", default="info")
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr, force=True,

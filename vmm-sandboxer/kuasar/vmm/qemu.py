@@ -74,7 +74,7 @@ def qemu_command(config: VmmConfig, spec: VmSpec, qemu: str) -> list[str]:
             "-smp", str(spec.vcpus), "-m", mem,
             "-object", f"memory-backend-memfd,id=mem,size={mem},share=on",
             "-no-reboot", "-no-user-config", "-nodefaults", "-display", "none",
-            # append=on: the task proxy empties the file when it rotates it (console_log.py)
+            # append=on: the task proxy empties the file when it rotates it (vm_logs.py)
             "-chardev", f"file,id=console,path={spec.console_log},append=on", "-serial", "chardev:console",
             "-qmp", f"unix:{spec.qmp_socket},server=on,wait=off"]
     if config.seccomp_sandbox:

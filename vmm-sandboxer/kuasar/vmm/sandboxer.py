@@ -60,7 +60,7 @@ from kuasar.common.strays import kill_strays, owner_env
 from kuasar.common.task_server import helper_argv
 from kuasar.common.ttrpc import TtrpcClient
 
-from . import accel, console_log, hostfs, network, portforward
+from . import accel, hostfs, network, portforward, vm_logs
 from .config import VmmConfig, parse_config
 from .hypervisor import (
     AGENT_PORT,
@@ -487,8 +487,7 @@ class VmmSandboxer(Sandboxer):
             "--listen", str(listen), "--uds", pod.uds, "--share", str(spec.share_dir),
             *(["--share-source", str(spec.share_source)] if spec.share_source.is_dir() else []),
             "--guest-share", GUEST_SHARE_DIR, "--sandbox", pod.id, "--sandbox-pid", str(pod.vm.pid),
-            "--console-log", str(spec.console_log),
-            "--console-log-limit", str(self.config.console_log_limit_in_kb << 10),
+            "--log-dir", str(pod.vm_dir), "--log-limit", str(self.config.log_file_limit_in_kb << 10),
             "--log-level", self.daemon.log_level]
         if pod.network is not None and pod.network.netns:
             argv += ["--netns", pod.network.netns]
@@ -525,12 +524,12 @@ class VmmSandboxer(Sandboxer):
         if ready.cancelled():
             status = exited.result() if exited.done() and not exited.cancelled() else None
             raise RuntimeFailure(f"QEMU exited ({_exit_text(status)}) before the guest agent was ready; "
-                                 f"guest console:\n{console_log.tail(spec.console_log) or '(nothing)'}\n"
-                                 f"QEMU said:\n{console_log.tail(spec.vm_dir / 'qemu.log') or '(nothing)'}")
+                                 f"guest console:\n{vm_logs.tail(spec.console_log) or '(nothing)'}\n"
+                                 f"QEMU said:\n{vm_logs.tail(spec.vm_dir / 'qemu.log') or '(nothing)'}")
         try:
             line = ready.result()
         except KuasarError as err:
-            raise RuntimeFailure(f"{err.message}; guest console:\n{console_log.tail(spec.console_log)}") from None
+            raise RuntimeFailure(f"{err.message}; guest console:\n{vm_logs.tail(spec.console_log)}") from None
         if line.strip() != b"READY":
             raise RuntimeFailure(f"unexpected announcement from the guest: {line[:64]!r}")
 

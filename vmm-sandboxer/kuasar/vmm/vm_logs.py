@@ -1,25 +1,30 @@
-"""The guest's console log (`<vm dir>/console.log`), kept bounded by rotation.
+"""A VM's log files (`<vm dir>/*.log`), kept bounded by rotation.
 
-QEMU writes the guest's serial console to that file for the VM's whole life: the guest kernel's
-messages and the agent's log, which grows with every request (an exec probe every few seconds is a
-few MB a day), and anything a guest process with the console writes, as fast as it likes. A limit on
-QEMU's file size (RLIMIT_FSIZE) would also cap its writes to the shared directory on the guest's
-behalf, so the task proxy, which lives as long as the VM, rotates the file instead: once it has grown
-past the limit, its last `limit` bytes move to `console.log.1` (replacing the one before) and it starts
-again empty. QEMU opens it with `append=on`, so its next write lands at the new end rather than at its
-old offset (which would leave a hole as large as everything before). As with logrotate's copytruncate,
-what QEMU writes between the copy and the truncation (microseconds) is lost; the disk used stays under
-two limits plus what the guest writes in one check period.
+They are written for the VM's whole life, each by a process of its own: QEMU's serial console
+(`console.log`: the guest kernel's messages and the agent's log, which grows with every request, an
+exec probe every few seconds being a few MB a day, and anything a guest process with the console
+writes, as fast as it likes), QEMU's and vhost-device-vsock's (or virtiofsd's) output, which the
+guest's doings can also fill, and the task proxy's. A limit on QEMU's file size (RLIMIT_FSIZE) would
+also cap its writes to the shared directory on the guest's behalf, so the task proxy, which lives as
+long as the VM, rotates them instead: once a file has grown past the limit, its last `limit` bytes
+move to `<name>.1` (replacing the one before) and it starts again empty. Every writer appends
+(QEMU's console with `append=on`, the others opened O_APPEND), so its next write lands at the new end
+rather than at its old offset, which would leave a hole as large as everything before. As with
+logrotate's copytruncate, what is written between the copy and the truncation (microseconds) is lost;
+each log stays under two limits plus what is written to it in one check period.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from pathlib import Path
 
 from kuasar.common.log_rotation import keep_rotating, rotated
 from kuasar.common.state import write_atomic
+
+log = logging.getLogger(__name__)
 
 # How often the size is looked at: one stat a second per VM costs nothing; a guest writing flat out
 # to its UART under TCG gets well under a megabyte past the limit in that time.
@@ -53,9 +58,17 @@ def rotate_if_over(path: Path, limit: int) -> bool:
     return True
 
 
-async def keep_bounded(path: Path, limit: int, period: float = CHECK_PERIOD) -> None:
-    """Rotate `path` whenever it is over `limit`, until cancelled."""
-    await keep_rotating(lambda: rotate_if_over(path, limit), path, period)
+def rotate_logs_in(directory: Path, limit: int) -> list[Path]:
+    """Rotate each `*.log` in `directory` that is over `limit`; the ones rotated."""
+    done = [path for path in sorted(directory.glob("*.log")) if rotate_if_over(path, limit)]
+    for path in done:
+        log.info("%s rotated at %d bytes: its last %d are in %s", path.name, limit, limit, rotated(path).name)
+    return done
+
+
+async def keep_bounded(directory: Path, limit: int, period: float = CHECK_PERIOD) -> None:
+    """Rotate the logs in `directory` whenever one is over `limit`, until cancelled."""
+    await keep_rotating(lambda: rotate_logs_in(directory, limit), f"the logs in {directory}", period)
 
 
 def tail(path: Path, lines: int = 25) -> str:
