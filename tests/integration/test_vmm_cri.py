@@ -499,7 +499,7 @@ def test_the_guest_console_log_is_rotated_at_its_limit(stack: VmStack, tmp_path:
 
     async def scenario() -> None:
         async with CriClient(stack.address, timeout=TIMEOUT) as client:
-            pod_id, _ = await run_pod(client, stack, "chatty", host_network=True)
+            pod_id, pod = await run_pod(client, stack, "chatty", host_network=True)
             state = sandbox_state(stack, pod_id)
             argv = open(f"/proc/{state['pid']}/cmdline").read().split("\0")
             assert "ignore_loglevel" in argv[argv.index("-append") + 1]
@@ -510,8 +510,14 @@ def test_the_guest_console_log_is_rotated_at_its_limit(stack: VmStack, tmp_path:
                 await asyncio.sleep(0.1)
             assert old.exists(), f"never rotated: console.log has {log.stat().st_size} bytes"
             assert len(old.read_bytes()) == limit and log.stat().st_size <= limit
-            assert b"\0" not in log.read_bytes(), "QEMU wrote at its old offset, leaving a hole"
-            await remove_pod_and_check(client, stack, pod_id, vm_processes(state))
+            # What the guest writes after a rotation starts the file again: the agent logs the container.
+            cid = await start(client, pod_id, pod, "sleeper", ["sleep", "3600"])
+            deadline = time.monotonic() + 60
+            while cid.encode() not in (text := log.read_bytes()) and time.monotonic() < deadline:  # noqa: ASYNC110
+                await asyncio.sleep(0.1)
+            assert cid.encode() in text, "the agent's lines about the container never reached console.log"
+            assert b"\0" not in text, "QEMU wrote at its old offset, leaving a hole"
+            await remove_pod_and_check(client, stack, pod_id, vm_processes(state), (cid,))
 
     restart_sandboxer(stack, small)
     try:

@@ -86,24 +86,28 @@ def test_a_log_under_its_limit_or_not_behind_fd_2_is_left_alone(tmp_path: Path) 
     assert not log_rotation.rotate_stdio_log(tmp_path / "missing.log", 100)
 
 
-def test_keep_rotating_goes_on_after_a_failure_until_cancelled() -> None:
+def test_keep_rotating_goes_on_after_a_failure_and_logs_a_lasting_one_once(caplog: pytest.LogCaptureFixture) -> None:
+    outcomes = [OSError(28, "No space left on device")] * 3 + [None, OSError(24, "Too many open files"), None]
     calls: list[int] = []
 
-    def rotate() -> bool:
+    def rotate() -> None:
         calls.append(1)
-        if len(calls) == 1:
-            raise OSError(28, "No space left on device")
-        return len(calls) == 2
+        outcome = outcomes[min(len(calls), len(outcomes)) - 1]
+        if outcome is not None:
+            raise outcome
 
     async def scenario() -> None:
-        task = asyncio.create_task(log_rotation.keep_rotating(rotate, Path("/x/y.log"), period=0.001))
-        while len(calls) < 3:  # noqa: ASYNC110 - counting calls of a plain function
+        task = asyncio.create_task(log_rotation.keep_rotating(rotate, "/x/y.log", period=0.001))
+        while len(calls) < len(outcomes) + 2:  # noqa: ASYNC110 - counting calls of a plain function
             await asyncio.sleep(0.001)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
 
-    asyncio.run(scenario())
+    with caplog.at_level("WARNING", logger="kuasar.common.log_rotation"):
+        asyncio.run(scenario())
+    warned = [r.getMessage() for r in caplog.records]
+    assert len(warned) == 2 and "No space left" in warned[0] and "Too many open files" in warned[1]
 
 
 def test_a_task_server_rotates_its_log(tmp_path: Path) -> None:

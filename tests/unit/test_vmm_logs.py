@@ -137,3 +137,22 @@ def test_the_task_proxy_bounds_the_logs_of_its_vm(tmp_path: Path) -> None:
         proxy.wait(timeout=10)
     assert proxy.returncode == 0, (tmp_path / "proxy.log").read_text()
     assert "console.log rotated at 1000 bytes" in (tmp_path / "proxy.log").read_text()
+
+
+def test_a_log_that_cannot_be_rotated_keeps_neither_the_others_nor_its_content_from_harm(tmp_path: Path) -> None:
+    (tmp_path / "a.log").mkdir()  # not a file
+    (tmp_path / "b.log").symlink_to(tmp_path / "elsewhere")
+    (tmp_path / "elsewhere").write_bytes(b"e" * 500)
+    (tmp_path / "c.log").write_bytes(b"c" * 500)
+    (tmp_path / "d.log").write_bytes(b"d" * 500)
+    (tmp_path / "d.log.1").mkdir()  # its copy cannot be saved: it is not emptied either
+    with pytest.raises(OSError):
+        vm_logs.rotate_logs_in(tmp_path, 100)
+    assert (tmp_path / "c.log.1").read_bytes() == b"c" * 100 and (tmp_path / "c.log").stat().st_size == 0
+    assert (tmp_path / "d.log").read_bytes() == b"d" * 500
+    assert (tmp_path / "elsewhere").read_bytes() == b"e" * 500
+
+
+def test_a_limit_the_proxy_could_not_hold_is_refused() -> None:
+    with pytest.raises(Exception, match="at most"):
+        parse_config({"log_file_limit_in_kb": 10 << 20})

@@ -73,11 +73,16 @@ def _point_stdio_at(path: Path) -> None:
 
 
 async def keep_rotating(rotate: Callable[[], object], what: str, period: float = CHECK_PERIOD) -> None:
-    """Call `rotate` every `period` seconds until cancelled; a failure (a full disk) is logged and
-    tried again next time rather than ending the bound."""
+    """Call `rotate` every `period` seconds until cancelled. A failure (a full disk) is tried again
+    next time rather than ending the bound, and logged when it is new: a failure that lasts, logged at
+    every try, would grow the very log that can no longer be rotated."""
+    last_error = ""
     while True:
         try:
             rotate()
+            last_error = ""
         except OSError as err:
-            log.warning("rotating %s: %s", what, err)
+            if str(err) != last_error:
+                log.warning("rotating %s: %s (logged again only when it changes)", what, err)
+            last_error = str(err)
         await asyncio.sleep(period)

@@ -46,6 +46,9 @@ MACHINE_TYPES = ("microvm", "pc", "q35")
 # against it died of a divide error early in start_kernel in 2 of 3 boots (QEMU 7.2: never).
 MICROVM_OPTIONS = "pit=off"
 ACCELS = ("auto", "kvm", "tcg")
+# A VM log's rotation size at most: the task proxy, in the pod's cgroup, holds one log's kept part in
+# memory while it rotates.
+LOG_FILE_LIMIT_MAX_KB = 64 << 10
 TCG_THREADS = ("single", "multi")
 # Kuasar spells the share types Virtio9P / VirtioFS; accept both spellings.
 SHARE_FS = {"9p": "9p", "virtio9p": "9p", "virtio-9p": "9p", "virtiofs": "virtio-fs", "virtio-fs": "virtio-fs",
@@ -147,6 +150,9 @@ class VmmConfig:
             raise InvalidArgument(f"[hypervisor] virtio_9p_multidevs {self.virtio_9p_multidevs!r}")
         if self.task_log_level not in ("debug", "info", "warning", "error"):
             raise InvalidArgument(f"[hypervisor.task] log_level {self.task_log_level!r}")
+        if self.log_file_limit_in_kb > LOG_FILE_LIMIT_MAX_KB:
+            raise InvalidArgument(f"[hypervisor] log_file_limit_in_kb = {self.log_file_limit_in_kb}: at most "
+                                  f"{LOG_FILE_LIMIT_MAX_KB} (the task proxy holds up to that much while it rotates)")
         for key in ("kernel_params", "cpu_features", "machine_accelerators", "seccomp_sandbox"):
             if any(c in getattr(self, key) for c in "\n\0"):
                 raise InvalidArgument(f"[hypervisor] {key} must be one line")

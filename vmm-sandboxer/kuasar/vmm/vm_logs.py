@@ -34,7 +34,8 @@ TAIL_BYTES = 16 << 10
 
 
 def rotate_if_over(path: Path, limit: int) -> bool:
-    """Move the last `limit` bytes of `path` to `<path>.1` and empty it, if it is over `limit`."""
+    """Move the last `limit` bytes of `path` to `<path>.1` and empty it, if it is over `limit`. The
+    copy is saved before the file is emptied: a copy that fails (a full disk) empties nothing."""
     try:
         fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
     except FileNotFoundError:
@@ -44,25 +45,37 @@ def rotate_if_over(path: Path, limit: int) -> bool:
         if size <= limit:
             return False
         # On to the end, not just `limit` bytes: the guest may have written more since the fstat; but
-        # not for ever behind a guest that writes as fast as this reads.
+        # not for ever behind a guest that writes as fast as this reads, and never more than `limit`
+        # held (the proxy lives in the pod's cgroup).
         os.lseek(fd, size - limit, os.SEEK_SET)
-        chunks, taken = [], 0
+        kept, taken = bytearray(), 0
         while taken < 2 * limit and (chunk := os.read(fd, 1 << 16)):
-            chunks.append(chunk)
+            kept += chunk
             taken += len(chunk)
+            del kept[:-limit]
+        write_atomic(rotated(path), bytes(kept), mode=0o600, durable=False)
         os.ftruncate(fd, 0)
     finally:
         os.close(fd)
-    kept = b"".join(chunks)[-limit:]
-    write_atomic(rotated(path), kept, mode=0o600, durable=False)
     return True
 
 
 def rotate_logs_in(directory: Path, limit: int) -> list[Path]:
-    """Rotate each `*.log` in `directory` that is over `limit`; the ones rotated."""
-    done = [path for path in sorted(directory.glob("*.log")) if rotate_if_over(path, limit)]
+    """Rotate each `*.log` in `directory` that is over `limit`; the ones rotated. One that cannot be
+    rotated (not a regular file, an error) does not keep the others from it: the first error is raised
+    once all were tried."""
+    done: list[Path] = []
+    errors: list[OSError] = []
+    for path in sorted(directory.glob("*.log")):
+        try:
+            if rotate_if_over(path, limit):
+                done.append(path)
+        except OSError as err:
+            errors.append(err)
     for path in done:
         log.info("%s rotated at %d bytes: its last %d are in %s", path.name, limit, limit, rotated(path).name)
+    if errors:
+        raise errors[0]
     return done
 
 
