@@ -64,23 +64,20 @@ class Source:
     async def read(self) -> bytes:
         """The next bytes; b"" at the end."""
         while True:
-            try:
-                return os.read(self.fd, CHUNK)
-            except BlockingIOError:
-                if not await self._readable():
-                    return self._last_read()
-            except OSError as exc:
-                if exc.errno == errno.EIO:
-                    return b""
-                raise
+            data = self._read_now()
+            if data is not None:
+                return data
+            if not await self._readable():
+                # One more read once a finished source fell quiet: data that came while the loop was busy
+                # (its readiness and the lull's end due in the same turn) is still read, not left in the pty.
+                return self._read_now() or b""
 
-    def _last_read(self) -> bytes:
-        """One more read once a finished source fell quiet: data that came while the loop was busy
-        (its readiness and the lull's end due in the same turn) is still read, not left in the pty."""
+    def _read_now(self) -> bytes | None:
+        """What the fd holds now: b"" at its end (end of file, or EIO), None when nothing came yet."""
         try:
             return os.read(self.fd, CHUNK)
         except BlockingIOError:
-            return b""
+            return None
         except OSError as exc:
             if exc.errno == errno.EIO:
                 return b""

@@ -40,11 +40,7 @@ def rotate_stdio_log(path: Path, limit: int) -> bool:
     if not os.path.lexists(path) and _is(current, rotated(path)):
         _point_stdio_at(path)
         return True
-    try:
-        named = os.stat(path, follow_symlinks=False)
-    except FileNotFoundError:
-        return False
-    if (current.st_dev, current.st_ino) != (named.st_dev, named.st_ino) or current.st_size <= limit:
+    if not _is(current, path) or current.st_size <= limit:
         return False
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(OSError, ValueError, AttributeError):
