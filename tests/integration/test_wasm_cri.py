@@ -22,6 +22,7 @@ import pytest
 from kuasar.common import cgroup_attach, cgroups
 from kuasar.common.api.runtime.v1 import api_pb2 as cri
 from kuasar.common.cri_client import CriClient, container_config, pod_config
+from tests.support import images
 from tests.support.procs import thread_names
 
 from .conftest import Stack, start_sandboxer
@@ -45,7 +46,7 @@ from .cri_helpers import (
     wait_state,
     while_unavailable,
 )
-from .wasm_stack import GREETING, WASM_HANDLER, WASM_IMAGE, stack_fixture
+from .wasm_stack import GREETING, WASM_HANDLER, WASM_IMAGE, assemble_modules, stack_fixture
 
 pytestmark = pytest.mark.integration
 
@@ -253,6 +254,60 @@ def test_a_missing_module_is_a_clear_create_error(stack: Stack) -> None:
             # (then run as a Linux container: test_wasm_linux_containers.py)
             assert "not a WebAssembly module" in notwasm.value.details()
             await remove_pod(client, pod_id)
+
+    asyncio.run(scenario())
+
+
+# runwasi's layer media type for a module (or component) in a wasm OCI image.
+WASM_LAYER = "application/vnd.bytecodealliance.wasm.component.layer.v0+wasm"
+
+
+def test_a_module_carried_as_an_image_layer_runs_as_with_runwasi(stack: Stack, tmp_path: Path) -> None:
+    """A wasm OCI image (config architecture `wasm`, the module a layer of a wasm media type, no tar
+    layer): containerd unpacks nothing, the task server reads the layer through containerd's API."""
+    modules = assemble_modules()
+    wasm_ref, linux_ref = "localhost/kuasar/wasm-layer:latest", "localhost/kuasar/wasm-layer-linux:latest"
+    spin_ref = "localhost/kuasar/wasm-layer-spin:latest"
+    for ref, module in ((wasm_ref, "hello"), (spin_ref, "loop")):
+        stack.containerd.import_image(images.build_oci_archive(
+            tmp_path / f"{module}.tar", ref, [(WASM_LAYER, modules[module])], entrypoint=["_start"]),
+            platform="wasip1/wasm")
+    # The same layer in an image that is no wasm image: not run (runwasi goes by the architecture too).
+    stack.containerd.import_image(images.build_oci_archive(
+        tmp_path / "linux.tar", linux_ref, [(WASM_LAYER, modules["hello"])], architecture="amd64",
+        os_name="linux", entrypoint=["_start"]), platform="linux/amd64")
+
+    async def run(client: CriClient, pod_id: str, pod: cri.PodSandboxConfig, name: str, image: str,
+                  command: list[str]) -> str:
+        config = container_config(name, image, command, log_path=f"{name}.log")
+        cid = (await client.create_container(pod_id, config, pod)).container_id
+        await client.start_container(cid)
+        return cid
+
+    async def scenario() -> None:
+        async with CriClient(stack.address) as client:
+            pod_id, pod = await run_pod(client, "layers", stack.log_dir)
+            cid = await run(client, pod_id, pod, "layer", wasm_ref, [])  # the image's entrypoint: _start
+            assert (await wait_state(client, cid, cri.CONTAINER_EXITED)).exit_code == 0
+            assert "hello from wasm" in await wait_log(pod, "layer", "hello on stderr")
+            # args[0] names the export only: the module is the layer's, whatever file it names.
+            export = await run(client, pod_id, pod, "export", wasm_ref, ["/anything.wasm#greet"])
+            assert (await wait_state(client, export, cri.CONTAINER_EXITED)).exit_code == 0
+            assert "hello from an export" in await wait_log(pod, "export", "hello from an export")
+            with pytest.raises(grpc.aio.AioRpcError) as linux:
+                await run(client, pod_id, pod, "linux", linux_ref, [])
+            assert "wasm module '_start' not found in the container's rootfs" in linux.value.details()
+            # The layer is written into the task's bundle, which containerd removes with the task.
+            spinning = await run(client, pod_id, pod, "spin", spin_ref, [])
+            await wait_state(client, spinning, cri.CONTAINER_RUNNING)
+            written = list(stack.containerd.state_dir.rglob("image-layer.wasm"))
+            assert [path.read_bytes() for path in written] == [modules["loop"]]
+            await client.stop_container(spinning, 0)
+            await wait_state(client, spinning, cri.CONTAINER_EXITED)
+            for container in (cid, export, spinning):
+                await client.remove_container(container)
+            await remove_pod(client, pod_id)
+            assert list(stack.containerd.state_dir.rglob("image-layer.wasm")) == []
 
     asyncio.run(scenario())
 

@@ -159,6 +159,61 @@ def build_image(
     return path
 
 
+# Media types of an OCI image layout's documents.
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
+
+
+def build_oci_archive(
+    dest: str | os.PathLike[str],
+    ref: str,
+    layers: Sequence[tuple[str, bytes]],
+    *,
+    architecture: str = "wasm",
+    os_name: str = "wasip1",
+    entrypoint: Sequence[str] | None = None,
+) -> Path:
+    """Write an OCI image layout tarball of one manifest whose ``layers`` are (media type, bytes), as
+    `ctr images import` takes it: for images whose layers are no tar (a wasm layer), which a
+    docker-archive cannot carry. The config lists no diff_ids: containerd unpacks none of them."""
+    blobs: dict[str, bytes] = {}
+
+    def blob(media_type: str, data: bytes) -> dict[str, object]:
+        digest = hashlib.sha256(data).hexdigest()
+        blobs[f"blobs/sha256/{digest}"] = data
+        return {"mediaType": media_type, "digest": f"sha256:{digest}", "size": len(data)}
+
+    def document(value: object) -> bytes:
+        return json.dumps(value, sort_keys=True, separators=(",", ":")).encode()
+
+    config: dict[str, object] = {"Entrypoint": list(entrypoint)} if entrypoint is not None else {}
+    layer_descriptors = [blob(media_type, data) for media_type, data in layers]
+    # The layers' digests in the config, as the CNCF wasm artifact's config lists them: CRI knows an
+    # image by its config's digest, and two images with one config would be one image to it.
+    image_config = {"architecture": architecture, "os": os_name, "created": CREATED, "config": config,
+                    "rootfs": {"type": "layers", "diff_ids": []},
+                    "layerDigests": [d["digest"] for d in layer_descriptors]}
+    manifest = {"schemaVersion": 2, "mediaType": OCI_MANIFEST,
+                "config": blob(OCI_CONFIG, document(image_config)), "layers": layer_descriptors}
+    descriptor = blob(OCI_MANIFEST, document(manifest))
+    descriptor["annotations"] = {"io.containerd.image.name": ref, "org.opencontainers.image.ref.name": ref}
+    descriptor["platform"] = {"architecture": architecture, "os": os_name}
+    members = {**blobs, "index.json": document({"schemaVersion": 2, "mediaType": OCI_INDEX,
+                                                 "manifests": [descriptor]}),
+               "oci-layout": b'{"imageLayoutVersion":"1.0.0"}'}
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name in ("blobs", "blobs/sha256"):
+            tar.addfile(_tarinfo(name, tarfile.DIRTYPE, 0o755))
+        for name in sorted(members):
+            data = members[name]
+            tar.addfile(_tarinfo(name, tarfile.REGTYPE, 0o644, size=len(data)), io.BytesIO(data))
+    path = _resolve_dest(dest, ref)
+    _write_if_changed(path, buf.getvalue())
+    return path
+
+
 def busybox_layer(
     busybox: str | os.PathLike[str] = DEFAULT_BUSYBOX,
     extra_files: Mapping[str, FileSpec] | None = None,

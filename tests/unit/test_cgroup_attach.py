@@ -285,13 +285,14 @@ def test_wasm_sandboxer_places_a_container_inside_the_warmer(tmp_path: Path) -> 
         tasks.attach_warmer = warmer  # type: ignore[assignment]
         seen: list[int] = []
 
-        def plan(container: object, spec: object, name: str) -> None:
+        def plan(container: object, spec: object, name: str, image_module: object = None) -> None:
             seen.append(warmer.active)  # the plan makes the cgroup; the fork and the child's move follow
             raise InvalidArgument("stop before forking")
 
         tasks.plan = plan  # type: ignore[method-assign]
         with pytest.raises(InvalidArgument):
-            await tasks._launch(SimpleNamespace(id="c1"), SimpleNamespace(id="", spec={}),  # type: ignore[arg-type]
+            await tasks._launch(SimpleNamespace(id="c1", image_module=None),  # type: ignore[arg-type]
+                                SimpleNamespace(id="", spec={}),
                                 wait_for_go=True)
         assert seen == [1] and warmer.active == 0
 

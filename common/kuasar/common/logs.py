@@ -87,3 +87,5 @@ def setup_logging(level: str) -> None:
     handler = AfterStepHandler(sys.stderr)
     handler.setFormatter(logging.Formatter(LOG_FORMAT))
     logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
+    # hpack logs every header it codes at DEBUG, some thirty lines per gRPC call: noise in a debug log.
+    logging.getLogger("hpack").setLevel(max(logging.INFO, logging.getLogger().level))

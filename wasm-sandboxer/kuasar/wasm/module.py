@@ -30,22 +30,31 @@ def _refusal(name: str) -> type[InvalidArgument]:
     return InvalidArgument if name.endswith(".wasm") else NotAModule
 
 
+def _candidates(name: str, cwd: str) -> list[str]:
+    return list(dict.fromkeys([name] if name.startswith("/") else [posixpath.join(cwd or "/", name), "/" + name]))
+
+
+def module_file(rootfs: Path, name: str, cwd: str = "/") -> Path | None:
+    """The host path of the file `name` names in the rootfs, if there is one (not checked to be a module)."""
+    for candidate in _candidates(name, cwd):
+        path = resolve_in_root(rootfs, candidate)
+        if path.is_file():
+            return path
+    return None
+
+
 def locate_module(rootfs: Path, args: list[str], cwd: str = "/") -> Path:
     """The host path of the module `args[0]` names, checked to be a core WebAssembly module."""
     if not args or not args[0]:
         raise InvalidArgument("process.args is empty: args[0] must name the .wasm module in the image")
     name = args[0]
-    candidates = [name] if name.startswith("/") else [posixpath.join(cwd or "/", name), "/" + name]
-    tried = []
-    for candidate in dict.fromkeys(candidates):
-        path = resolve_in_root(rootfs, candidate)
-        tried.append(candidate)
-        if path.is_file():
-            check_module_header(path, name)
-            return path
+    path = module_file(rootfs, name, cwd)
+    if path is not None:
+        check_module_header(path, name)
+        return path
     # Not NOT_FOUND: containerd passes the code on to CRI, where it reads as an unknown container.
     raise _refusal(name)(f"wasm module {name!r} not found in the container's rootfs (looked for "
-                         f"{', '.join(tried)}); args[0] must name a .wasm file in the image")
+                         f"{', '.join(_candidates(name, cwd))}); args[0] must name a .wasm file in the image")
 
 
 def check_module_header(path: Path, name: str) -> None:

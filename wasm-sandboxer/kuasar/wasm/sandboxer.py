@@ -10,6 +10,7 @@ from kuasar.common.pod_sandboxer import PodSandboxer
 from kuasar.common.task_server import TaskServerLaunch, TaskServerSettings
 
 from .cache import DEFAULT_MAX_BYTES
+from .image_modules import containerd_address
 from .tasks import RUNTIMES
 
 TASK_SERVER_MODULE = "kuasar.wasm.task_server_main"
@@ -17,13 +18,15 @@ TASK_SERVER_PROGRAM = "wasm-task-server"
 
 
 WASM_KEYS = {"runtime": str, "cache": bool, "cache_max_mb": int, "wasmedge": str, "linux_containers": bool,
-             "runc": str}
+             "runc": str, "containerd_address": str}
 # A pod's /dev/shm for its Linux containers (pod_tasks.py), as runc-sandboxer's: containerd's default size.
 POD_SHM_SIZE = 64 << 20
 
 
-def task_server_options(section: dict) -> dict[str, Any]:
-    """`[wasm]` config keys, checked, as the task server's WasmSettings (it reads no config file)."""
+def task_server_options(section: dict, events_address: str = "") -> dict[str, Any]:
+    """`[wasm]` config keys, checked, as the task server's WasmSettings (it reads no config file).
+    containerd's gRPC socket, where images' wasm layers are read, defaults to the one beside the ttrpc
+    socket events go to."""
     runtime = str(section.get("runtime", "wasmtime")).lower()
     if runtime not in RUNTIMES:
         raise InvalidArgument(f"[wasm] runtime must be one of {', '.join(RUNTIMES)}, not {runtime!r}")
@@ -38,7 +41,8 @@ def task_server_options(section: dict) -> dict[str, Any]:
         raise InvalidArgument("[wasm] linux_containers must be true or false")
     return {"runtime": runtime, "wasmedge": str(section.get("wasmedge", "wasmedge")), "cache": cache,
             "cache_max_bytes": max_mb << 20, "linux_containers": linux_containers,
-            "runc": str(section.get("runc", "runc"))}
+            "runc": str(section.get("runc", "runc")),
+            "containerd_address": str(section.get("containerd_address") or containerd_address(events_address))}
 
 
 class WasmSandboxer(PodSandboxer):
@@ -46,7 +50,7 @@ class WasmSandboxer(PodSandboxer):
 
     def __init__(self, config: DaemonConfig) -> None:
         config.check_tables("wasm")
-        options = task_server_options(config.section("wasm", WASM_KEYS))
+        options = task_server_options(config.section("wasm", WASM_KEYS), config.events_address or "")
         settings = TaskServerSettings(str(config.dir), config.events_address, config.log_level, options)
         # Linux containers see the pod's /etc files and /dev/shm, as in runc-sandboxer's pods; WebAssembly
         # modules do not use them.

@@ -15,6 +15,7 @@ import asyncio
 import json
 import logging
 import os
+import posixpath
 import shutil
 import signal
 import time
@@ -59,12 +60,15 @@ from kuasar.common.ttrpc import Context
 
 from . import resources
 from .cache import DEFAULT_MAX_BYTES, ModuleCache
+from .image_modules import ImageModules
 from .launch import RLIMITS, FileBind, Launch, LaunchPlan, Stdio, User, launch, rlimit_values
 from .leftovers import ContainerLeftovers, ContainerRecords
-from .module import locate_module
+from .module import check_module_header, locate_module, module_file
 from .runner import DEFAULT_ENTRY, Preopen, RunSpec, wasmedge_dirs
 
 log = logging.getLogger(__name__)
+# runc's $PATH for a process whose environment sets none.
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 # Per-container engine choice; CRI passes it on only if the runtime's `container_annotations`
 # (or `pod_annotations`) allow it, e.g. container_annotations = ["io.kuasar.wasm.*"].
@@ -90,6 +94,8 @@ class WasmSettings:
     cache_max_bytes: int = DEFAULT_MAX_BYTES
     linux_containers: bool = True  # images without a module run as Linux containers (pod_tasks.py)
     runc: str = "runc"  # their runtime (name in PATH or absolute path)
+    # containerd's gRPC socket, where an image's wasm layers are read (image_modules.py); "": not read
+    containerd_address: str = ""
 
 
 @dataclass
@@ -116,6 +122,7 @@ class Container(TaskContainer):
     memory_limit: int = 0
     cgroup: cgroups.PodCgroup | None = None
     oom: OomWatch | None = None
+    image_module: Path | None = None  # the init's module, when the image carries it as a layer
 
 
 def memory_limit_of(spec: dict[str, Any]) -> int:
@@ -132,11 +139,22 @@ def split_entrypoint(arg0: str) -> tuple[str, str]:
     return name, entry or DEFAULT_ENTRY
 
 
-def module_of(rootfs: Path, args: list[str], cwd: str) -> tuple[Path, str]:
+def module_of(rootfs: Path, args: list[str], cwd: str, image_module: Path | None = None) -> tuple[Path, str]:
     """(host path of the module, export to run) that a process's args name: what its launch will run,
-    so that Create and Exec refuse what the launch would."""
+    so that Create and Exec refuse what the launch would. With an `image_module` (the image's wasm
+    layer), args[0] only names the export."""
     module_name, entry = split_entrypoint(args[0] if args else "")
+    if image_module is not None:
+        check_module_header(image_module, "the image's wasm layer")
+        return image_module, entry
     return locate_module(rootfs, [module_name], cwd), entry
+
+
+def _on_path(rootfs: Path, name: str, env: list[Any]) -> bool:
+    """Whether `name` is a file in one of the rootfs's directories the process's $PATH lists, where runc
+    would find it."""
+    path = next((str(e)[5:] for e in env if str(e).startswith("PATH=")), DEFAULT_PATH)
+    return any(module_file(rootfs, posixpath.join(d, name)) is not None for d in path.split(":") if d.startswith("/"))
 
 
 def _binds(spec_mounts: list[dict[str, Any]], excluded: tuple[str, ...]) -> Iterator[tuple[str, str, list[str]]]:
@@ -200,6 +218,8 @@ class WasmTasks(TerminalTasks):
         if self.cache is not None:
             self.cache.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._pruned_at = 0.0
+        self.image_modules = ImageModules(self.settings.containerd_address) \
+            if self.settings.containerd_address else None
         self.containers: dict[str, Container] = {}
         self.leftovers = ContainerRecords(directory)
 
@@ -222,12 +242,13 @@ class WasmTasks(TerminalTasks):
                 f"\"/path/to/wasmedge\", or use runtime wasmtime")
         return runtime, path
 
-    def plan(self, container: Container, process: dict[str, Any], name: str) -> LaunchPlan:
+    def plan(self, container: Container, process: dict[str, Any], name: str,
+             image_module: Path | None = None) -> LaunchPlan:
         if not isinstance(process, dict):
             raise InvalidArgument("the OCI spec has no process")
         args = [str(a) for a in process.get("args") or []]
         cwd = str(process.get("cwd") or "/")
-        module, entry = module_of(container.rootfs, args, cwd)
+        module, entry = module_of(container.rootfs, args, cwd, image_module)
         root_readonly = bool((container.spec.get("root") or {}).get("readonly", False))
         binds = file_binds(container.spec.get("mounts") or [], container.rootfs)
         # A writable file in a read-only root (kubelet's /dev/termination-log with readOnlyRootFilesystem)
@@ -296,6 +317,7 @@ class WasmTasks(TerminalTasks):
                 if req.rootfs:
                     mounts.mount_rootfs(req.rootfs, rootfs)
                     container.rootfs_mounted = True
+                container.image_module = await self._image_module(container, proc.spec)
                 # Before the cgroup is made: an image without a module (NotAModule) may go to runc instead
                 # (pod_tasks.py), which makes its own.
                 plan = self._plan(container, proc)
@@ -316,7 +338,28 @@ class WasmTasks(TerminalTasks):
         return task.CreateTaskResponse(pid=proc.pid)
 
     def _plan(self, container: Container, proc: Process) -> LaunchPlan:
-        return self.plan(container, proc.spec, container.id if not proc.id else f"{container.id}-{proc.id}")
+        if proc.id:
+            return self.plan(container, proc.spec, f"{container.id}-{proc.id}")
+        return self.plan(container, proc.spec, container.id, container.image_module)
+
+    async def _image_module(self, container: Container, process: dict[str, Any]) -> Path | None:
+        """The module of the container's image, when args[0] names no file in the rootfs and the image
+        carries its module as a wasm layer (image_modules.py); asked only then, so that a module in the
+        rootfs starts without a call to containerd."""
+        args = process.get("args") if isinstance(process, dict) else None
+        if self.image_modules is None or not args or not isinstance(args[0], str):
+            return None
+        name, _ = split_entrypoint(args[0])
+        if module_file(container.rootfs, name, str(process.get("cwd") or "/")) is not None:
+            return None
+        if "/" not in name and _on_path(container.rootfs, name, process.get("env") or []):
+            return None  # a program of a Linux container's image (pod_tasks.py)
+        found = await self.image_modules.find(container.id, container.namespace, container.bundle)
+        if found is None:
+            return None
+        log.info("container %s runs the wasm layer %s of image %s (%s)", container.id, found.digest, found.image,
+                 found.path)
+        return found.path
 
     async def _launch(self, container: Container, proc: Process, wait_for_go: bool,
                       plan: LaunchPlan | None = None) -> None:

@@ -1,0 +1,182 @@
+"""One gRPC call as a client, on h2's HTTP/2 state machine, for the few calls a task server makes to
+containerd's own API (which image a container was made from, that image's blobs).
+
+grpcio would serve, but it starts threads of its own, and the wasm task server forks container
+processes from its only thread (a fork beside running threads inherits their locks held). Those
+calls are rare (a container whose module is an image layer) and short, so each gets a connection of
+its own.
+
+`CallState` is the protocol, sans I/O: it takes the bytes read from the socket and says what to
+write back, and collects the reply's messages and status. `call` is the asyncio transport around it.
+Only what gRPC adds to HTTP/2 is ours (the 5-byte message prefix, `grpc-status` trailers); HTTP/2
+itself stays h2's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Sequence
+from urllib.parse import unquote
+
+import h2.config
+import h2.connection
+import h2.events
+import h2.exceptions
+from google.protobuf.message import DecodeError, Message
+
+from .errors import Code
+from .grpc_h2 import GRPC_PREFIX, encode_message
+
+# A reply larger than this is refused: the largest thing read is a module's layer, and gRPC's own
+# default receive limit per message (4 MiB) is why containerd sends a blob in chunks of 1 MiB.
+DEFAULT_MAX_REPLY_BYTES = 256 << 20
+# What a socket read asks for; h2 takes any amount.
+READ_BYTES = 1 << 16
+# containerd's own API on its own socket answers a Get in about a millisecond.
+DEFAULT_TIMEOUT = 30.0
+_H2_CONFIG = h2.config.H2Configuration(client_side=True, header_encoding=None)
+
+
+class GrpcCallError(Exception):
+    """The call ended with a gRPC status other than OK (or never got one: `Code.UNAVAILABLE`)."""
+
+    def __init__(self, code: Code, message: str) -> None:
+        super().__init__(f"{code.name}: {message}")
+        self.code = code
+        self.message = message
+
+
+def _status_code(value: bytes) -> Code:
+    try:
+        return Code(int(value))
+    except ValueError:
+        return Code.UNKNOWN
+
+
+class CallState:
+    """A unary or server-streaming call: `start()` gives the bytes to send first, then each
+    `receive(data)` the bytes to send back; `done` once the server ended the call. `messages()` then
+    gives the reply's messages, or raises its error status."""
+
+    def __init__(self, path: str, request: Message, reply_type: type[Message], *,
+                 metadata: Sequence[tuple[str, str]] = (), max_reply_bytes: int = DEFAULT_MAX_REPLY_BYTES) -> None:
+        self._conn = h2.connection.H2Connection(config=_H2_CONFIG)
+        self._path = path
+        self._request = request
+        self._reply_type = reply_type
+        self._metadata = metadata
+        self._max = max_reply_bytes
+        self._stream = 0
+        self._body = bytearray()
+        self._status: tuple[Code, str] | None = None
+        self.done = False
+
+    def start(self) -> bytes:
+        self._conn.initiate_connection()
+        self._stream = self._conn.get_next_available_stream_id()
+        headers = [(b":method", b"POST"), (b":scheme", b"http"), (b":path", self._path.encode()),
+                   (b":authority", b"localhost"), (b"content-type", b"application/grpc"), (b"te", b"trailers"),
+                   *((key.encode(), value.encode()) for key, value in self._metadata)]
+        self._conn.send_headers(self._stream, headers)
+        self._conn.send_data(self._stream, encode_message(self._request), end_stream=True)
+        return self._conn.data_to_send()
+
+    def receive(self, data: bytes) -> bytes:
+        """Feed bytes read from the server; returns what to write back (acks, window updates)."""
+        if not data:
+            self._end(Code.UNAVAILABLE, "the server closed the connection before the call ended")
+            return b""
+        try:
+            events = self._conn.receive_data(data)
+        except h2.exceptions.ProtocolError as exc:
+            self._end(Code.INTERNAL, f"HTTP/2 protocol error from the server: {exc}")
+            return b""
+        for event in events:
+            self._on(event)
+        return self._conn.data_to_send()
+
+    def _on(self, event: h2.events.Event) -> None:
+        if isinstance(event, h2.events.ResponseReceived | h2.events.TrailersReceived):
+            self._headers(dict(event.headers))
+        elif isinstance(event, h2.events.DataReceived):
+            self._body += event.data
+            self._conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+            if len(self._body) > self._max:
+                self._end(Code.RESOURCE_EXHAUSTED, f"reply larger than {self._max} bytes")
+        elif isinstance(event, h2.events.StreamEnded):
+            self._end(Code.INTERNAL, "the server ended the call without a grpc-status")
+        elif isinstance(event, h2.events.StreamReset):
+            self._end(Code.CANCELLED if event.error_code == 8 else Code.INTERNAL,
+                      f"the server reset the call (HTTP/2 error {event.error_code})")
+        elif isinstance(event, h2.events.ConnectionTerminated):
+            self._end(Code.UNAVAILABLE, f"the server ended the connection (HTTP/2 error {event.error_code})")
+
+    def _headers(self, headers: dict[bytes, bytes]) -> None:
+        status = headers.get(b":status")
+        if status is not None and status != b"200":
+            self._end(Code.UNKNOWN, f"HTTP status {status.decode(errors='replace')}")
+        elif b"grpc-status" in headers:  # trailers, or a trailers-only reply
+            message = unquote(headers.get(b"grpc-message", b"").decode(errors="replace"))
+            self._end(_status_code(headers[b"grpc-status"]), message)
+
+    def _end(self, code: Code, message: str) -> None:
+        if self._status is None:  # the first word is the call's
+            self._status = (code, message)
+        self.done = True
+
+    def messages(self) -> list[Message]:
+        if self._status is None:
+            raise GrpcCallError(Code.UNAVAILABLE, "the call has not ended")
+        code, message = self._status
+        if code != Code.OK:
+            raise GrpcCallError(code, message)
+        return list(self._decode())
+
+    def _decode(self):
+        body, offset = bytes(self._body), 0
+        while offset < len(body):
+            if len(body) - offset < GRPC_PREFIX.size:
+                raise GrpcCallError(Code.INTERNAL, "reply ends inside a message's prefix")
+            compressed, length = GRPC_PREFIX.unpack_from(body, offset)
+            offset += GRPC_PREFIX.size
+            if compressed:
+                raise GrpcCallError(Code.UNIMPLEMENTED, "compressed replies are not supported")
+            if offset + length > len(body):
+                raise GrpcCallError(Code.INTERNAL, "reply ends inside a message")
+            try:
+                yield self._reply_type.FromString(body[offset:offset + length])
+            except DecodeError as exc:
+                raise GrpcCallError(Code.INTERNAL, f"undecodable reply: {exc}") from None
+            offset += length
+
+
+async def call(address: str, path: str, request: Message, reply_type: type[Message], *,
+               metadata: Sequence[tuple[str, str]] = (), timeout: float = DEFAULT_TIMEOUT,
+               max_reply_bytes: int = DEFAULT_MAX_REPLY_BYTES) -> list[Message]:
+    """Make one call on a connection of its own to the unix socket `address`; the reply's messages
+    (one for a unary method). Raises GrpcCallError, UNAVAILABLE when the socket cannot be reached and
+    DEADLINE_EXCEEDED after `timeout` seconds."""
+    state = CallState(path, request, reply_type, metadata=metadata, max_reply_bytes=max_reply_bytes)
+    try:
+        async with asyncio.timeout(timeout):
+            try:
+                reader, writer = await asyncio.open_unix_connection(address)
+            except OSError as exc:
+                raise GrpcCallError(Code.UNAVAILABLE, f"cannot connect to {address}: {exc.strerror or exc}") from None
+            try:
+                writer.write(state.start())
+                while not state.done:
+                    reply = state.receive(await reader.read(READ_BYTES))
+                    if reply:
+                        writer.write(reply)
+                        await writer.drain()
+            except OSError as exc:
+                raise GrpcCallError(Code.UNAVAILABLE, f"{address}: {exc.strerror or exc}") from None
+            finally:
+                writer.close()
+                with contextlib.suppress(OSError):
+                    await writer.wait_closed()
+    except TimeoutError:
+        raise GrpcCallError(Code.DEADLINE_EXCEEDED, f"{path} on {address}: no reply within {timeout:g} s") from None
+    return state.messages()
