@@ -46,7 +46,7 @@ from .cri_helpers import (
     wait_state,
     while_unavailable,
 )
-from .wasm_stack import GREETING, WASM_HANDLER, WASM_IMAGE, assemble_modules, stack_fixture
+from .wasm_stack import FIXTURES, GREETING, WASM_HANDLER, WASM_IMAGE, assemble_modules, stack_fixture
 
 pytestmark = pytest.mark.integration
 
@@ -265,10 +265,18 @@ WASM_LAYER = "application/vnd.bytecodealliance.wasm.component.layer.v0+wasm"
 def test_a_module_carried_as_an_image_layer_runs_as_with_runwasi(stack: Stack, tmp_path: Path) -> None:
     """A wasm OCI image (config architecture `wasm`, the module a layer of a wasm media type, no tar
     layer): containerd unpacks nothing, the task server reads the layer through containerd's API."""
+    import wasmtime
+
     modules = assemble_modules()
+    # hello with 3 MiB of data: containerd sends a layer in 1 MiB chunks, and the reply is many times
+    # HTTP/2's initial 64 KiB flow-control window, which only our client's window updates reopen.
+    padding = '(memory (export "memory") 64)\n  (data (i32.const 65536) "%s")' % ("k" * (3 << 20))
+    hello = (FIXTURES / "hello.wat").read_text().replace('(memory (export "memory") 1)', padding)
+    modules["big"] = bytes(wasmtime.wat2wasm(hello))
+    assert len(modules["big"]) > 3 << 20
     wasm_ref, linux_ref = "localhost/kuasar/wasm-layer:latest", "localhost/kuasar/wasm-layer-linux:latest"
     spin_ref = "localhost/kuasar/wasm-layer-spin:latest"
-    for ref, module in ((wasm_ref, "hello"), (spin_ref, "loop")):
+    for ref, module in ((wasm_ref, "big"), (spin_ref, "loop")):
         stack.containerd.import_image(images.build_oci_archive(
             tmp_path / f"{module}.tar", ref, [(WASM_LAYER, modules[module])], entrypoint=["_start"]),
             platform="wasip1/wasm")
