@@ -120,3 +120,20 @@ def test_a_forked_child_does_not_write_the_parents_pending_lines(logged, tmp_pat
 def test_the_daemons_format_is_kept() -> None:
     record = logging.LogRecord("kuasar.x", logging.INFO, __file__, 1, "sandbox %s created", ("abc",), None)
     assert logging.Formatter(LOG_FORMAT).format(record).endswith(" INFO kuasar.x: sandbox abc created")
+
+
+def test_a_debug_log_leaves_out_hpacks_per_header_lines() -> None:
+    from kuasar.common.logs import setup_logging
+
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level, logging.getLogger("hpack").level
+    try:
+        setup_logging("debug")
+        assert logging.getLogger("kuasar.x").isEnabledFor(logging.DEBUG)
+        assert not logging.getLogger("hpack.hpack").isEnabledFor(logging.DEBUG)
+        assert logging.getLogger("hpack.hpack").isEnabledFor(logging.INFO)
+        setup_logging("warning")
+        assert not logging.getLogger("hpack.hpack").isEnabledFor(logging.INFO)
+    finally:
+        root.handlers[:], root.level = saved[0], saved[1]
+        logging.getLogger("hpack").setLevel(saved[2])
