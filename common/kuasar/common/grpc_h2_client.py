@@ -68,8 +68,11 @@ class CallState:
         self._metadata = metadata
         self._max = max_reply_bytes
         self._stream = 0
-        self._body = bytearray()
+        self._buffer = bytearray()  # what arrived of messages not yet decoded
+        self._received = 0
+        self._messages: list[Message] = []
         self._status: tuple[Code, str] | None = None
+        self._malformed: GrpcCallError | None = None
         self.done = False
 
     def start(self) -> bytes:
@@ -100,10 +103,13 @@ class CallState:
         if isinstance(event, h2.events.ResponseReceived | h2.events.TrailersReceived):
             self._headers(dict(event.headers))
         elif isinstance(event, h2.events.DataReceived):
-            self._body += event.data
             self._conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
-            if len(self._body) > self._max:
+            self._received += len(event.data)
+            if self._received > self._max:
                 self._end(Code.RESOURCE_EXHAUSTED, f"reply larger than {self._max} bytes")
+            elif self._malformed is None:
+                self._buffer += event.data
+                self._decode_whole_messages()
         elif isinstance(event, h2.events.StreamEnded):
             self._end(Code.INTERNAL, "the server ended the call without a grpc-status")
         elif isinstance(event, h2.events.StreamReset):
@@ -131,24 +137,33 @@ class CallState:
         code, message = self._status
         if code != Code.OK:
             raise GrpcCallError(code, message)
-        return list(self._decode())
+        if self._malformed is not None:
+            raise self._malformed
+        if self._buffer:
+            what = "a message's prefix" if len(self._buffer) < GRPC_PREFIX.size else "a message"
+            raise GrpcCallError(Code.INTERNAL, f"reply ends inside {what}")
+        return self._messages
 
-    def _decode(self):
-        body, offset = bytes(self._body), 0
-        while offset < len(body):
-            if len(body) - offset < GRPC_PREFIX.size:
-                raise GrpcCallError(Code.INTERNAL, "reply ends inside a message's prefix")
-            compressed, length = GRPC_PREFIX.unpack_from(body, offset)
-            offset += GRPC_PREFIX.size
+    def _decode_whole_messages(self) -> None:
+        """Decode the messages that arrived whole, as they arrive: a long reply (a blob in chunks) is
+        then held once, as messages, rather than also as the bytes they came in."""
+        buffer = self._buffer
+        while len(buffer) >= GRPC_PREFIX.size:
+            compressed, length = GRPC_PREFIX.unpack_from(buffer)
             if compressed:
-                raise GrpcCallError(Code.UNIMPLEMENTED, "compressed replies are not supported")
-            if offset + length > len(body):
-                raise GrpcCallError(Code.INTERNAL, "reply ends inside a message")
-            try:
-                yield self._reply_type.FromString(body[offset:offset + length])
-            except DecodeError as exc:
-                raise GrpcCallError(Code.INTERNAL, f"undecodable reply: {exc}") from None
-            offset += length
+                self._malformed = GrpcCallError(Code.UNIMPLEMENTED, "compressed replies are not supported")
+            elif len(buffer) < GRPC_PREFIX.size + length:
+                return
+            else:
+                try:
+                    self._messages.append(self._reply_type.FromString(
+                        bytes(buffer[GRPC_PREFIX.size:GRPC_PREFIX.size + length])))
+                except DecodeError as exc:
+                    self._malformed = GrpcCallError(Code.INTERNAL, f"undecodable reply: {exc}")
+                del buffer[:GRPC_PREFIX.size + length]
+            if self._malformed is not None:
+                buffer.clear()
+                return
 
 
 async def call(address: str, path: str, request: Message, reply_type: type[Message], *,
