@@ -183,6 +183,60 @@ def test_call_against_a_real_server_on_a_unix_socket(tmp_path: Path) -> None:
     asyncio.run(scenario())
 
 
+def test_a_reply_many_times_the_flow_control_window_arrives_whole(tmp_path: Path) -> None:
+    """HTTP/2 lets a server send 64 KiB before the client's window updates: without them our server's
+    reply of 8 MiB would wait for the window until the deadline."""
+    blob = os.urandom(1 << 20) * 8
+
+    async def read(request: content_pb2.ReadContentRequest) -> content_pb2.ReadContentResponse:
+        return content_pb2.ReadContentResponse(offset=request.offset, data=blob)
+
+    async def scenario() -> None:
+        socket = tmp_path / "big.sock"
+        server = GrpcServer({READ: Method(content_pb2.ReadContentRequest, handler=read)})
+        await server.start(socket)
+        try:
+            seen: list[int] = []
+            replies = await call(str(socket), READ, content_pb2.ReadContentRequest(offset=7),
+                                 content_pb2.ReadContentResponse, timeout=10,
+                                 on_message=lambda m: seen.append(len(m.data)))
+            assert replies == [] and seen == [len(blob)]
+            [reply] = await call(str(socket), READ, content_pb2.ReadContentRequest(offset=7),
+                                 content_pb2.ReadContentResponse, timeout=10)
+            assert reply.offset == 7 and reply.data == blob
+        finally:
+            await server.stop(0.1)
+
+    asyncio.run(scenario())
+
+
+def test_a_graceful_goaway_lets_the_call_finish_and_any_other_ends_it() -> None:
+    for error_code, last_stream, ends in ((0, 1, False), (0, 0, True), (2, 1, True)):
+        state = CallState("/p.S/M", images_pb2.GetImageRequest(), images_pb2.GetImageResponse)
+        server = Server()
+        exchange(state, server)
+        server.conn.close_connection(error_code=error_code, last_stream_id=last_stream)
+        state.receive(server.conn.data_to_send())
+        assert state.done is ends
+        if ends:
+            with pytest.raises(GrpcCallError) as error:
+                state.messages()
+            assert error.value.code == Code.UNAVAILABLE
+
+
+@pytest.mark.parametrize(("status", "code"), [(b"503", Code.UNAVAILABLE), (b"404", Code.UNIMPLEMENTED),
+                                              (b"418", Code.UNKNOWN)])
+def test_an_http_error_status_maps_as_grpc_maps_it(status: bytes, code: Code) -> None:
+    state = CallState("/p.S/M", images_pb2.GetImageRequest(), images_pb2.GetImageResponse)
+    server = Server()
+    exchange(state, server)
+    server.conn.send_headers(1, [(b":status", status)], end_stream=True)
+    state.receive(server.conn.data_to_send())
+    with pytest.raises(GrpcCallError) as error:
+        state.messages()
+    assert error.value.code == code
+
+
 def test_a_server_that_never_answers_is_a_deadline(tmp_path: Path) -> None:
     async def scenario() -> None:
         socket = str(tmp_path / "mute.sock")

@@ -35,6 +35,7 @@ class FakeContainerd:
         self.blobs: dict[str, bytes] = {}
         self.calls: list[tuple[str, tuple]] = []
         self.chunk = 3
+        self.shuffled = False
 
     def blob(self, media_type: str, data: bytes | dict) -> dict:
         raw = data if isinstance(data, bytes) else json.dumps(data).encode()
@@ -50,7 +51,8 @@ class FakeContainerd:
         self.images[name] = target
         return target
 
-    async def __call__(self, address: str, path: str, request, reply_type, *, metadata=(), max_reply_bytes=0):
+    async def __call__(self, address: str, path: str, request, reply_type, *, metadata=(), max_reply_bytes=0,
+                       on_message=None):
         self.calls.append((path, metadata))
         if path.endswith("Containers/Get"):
             if request.id not in self.containers:
@@ -64,8 +66,13 @@ class FakeContainerd:
             target = descriptor_pb2.Descriptor(media_type=d["mediaType"], digest=d["digest"], size=d["size"])
             return [images_pb2.GetImageResponse(image=images_pb2.Image(name=request.name, target=target))]
         data = self.blobs[request.digest]
-        return [content_pb2.ReadContentResponse(offset=i, data=data[i:i + self.chunk])
-                for i in range(0, len(data), self.chunk)][::-1]  # in any order: offsets say where
+        chunks = [content_pb2.ReadContentResponse(offset=i, data=data[i:i + self.chunk])
+                  for i in range(0, len(data), self.chunk)]
+        if self.shuffled:
+            chunks.reverse()
+        for chunk in chunks:  # as grpc_h2_client hands them over: each as it arrives
+            on_message(chunk)
+        return []
 
 
 def find(fake: FakeContainerd, bundle: Path, cid: str = "c1"):
@@ -125,7 +132,23 @@ def test_a_layer_that_does_not_match_its_digest_is_refused(tmp_path: Path) -> No
     fake.blobs[manifest["layers"][0]["digest"]] = b"\0asm\x01\0\0\x01"  # same size, other bytes
     with pytest.raises(InvalidArgument, match="does not match its digest"):
         find(fake, tmp_path)
-    assert not (tmp_path / "image-layer.wasm").exists()
+    assert list(tmp_path.iterdir()) == []  # neither the module nor its temporary file
+
+
+def test_chunks_out_of_order_are_refused_and_a_planted_temporary_file_is_not_written_through(
+        tmp_path: Path) -> None:
+    fake = FakeContainerd()
+    fake.image("app")
+    fake.containers["c1"] = "app"
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"keep")
+    (tmp_path / ".image-layer.wasm.tmp").hardlink_to(victim)
+    found = find(fake, tmp_path)
+    assert found is not None and found.path.read_bytes() == MODULE and victim.read_bytes() == b"keep"
+    fake.shuffled = True
+    with pytest.raises(InvalidArgument, match="out of order"):
+        find(fake, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["image-layer.wasm", "victim"]
 
 
 def test_a_layer_over_the_limit_is_not_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -189,6 +212,8 @@ def test_containerd_is_asked_only_when_args0_names_nothing_in_the_rootfs(tmp_pat
     class Recording:
         async def find(self, container_id: str, namespace: str, bundle: Path) -> None:
             asked.append(container_id)
+            if container_id == "unreachable":
+                raise image_modules.ContainerdUnavailable("containerd is gone")
 
     tasks = WasmTasks(Reaper(), EventPublisher(""), tmp_path / "dir", WasmSettings(cache=False))
     assert tasks.image_modules is None  # no containerd address: never asked
@@ -206,3 +231,20 @@ def test_containerd_is_asked_only_when_args0_names_nothing_in_the_rootfs(tmp_pat
     assert lookup(["tool"]) == ["c1"] and lookup(["tool"], ["PATH=/opt"]) == []
     assert lookup(["_start"]) == ["c1"] and lookup(["/missing.wasm#run"]) == ["c1"]
     assert lookup([]) == []
+    # containerd out of reach: as if the image carried no module (the rootfs's error, or runc, follows).
+    container.id = "unreachable"
+    assert lookup(["_start"]) == ["unreachable"]
+
+
+def test_an_image_layer_that_is_no_module_is_a_wasm_error_never_one_for_runc(tmp_path: Path) -> None:
+    from kuasar.wasm.module import NotAModule
+    from kuasar.wasm.tasks import module_of
+
+    layer = tmp_path / "image-layer.wasm"
+    layer.write_bytes(MODULE)
+    assert module_of(tmp_path / "rootfs", ["/whatever.wasm#greet"], "/", layer) == (layer, "greet")
+    for data, words in ((b"#!/bin/sh\n", "not a WebAssembly module"), (b"\0asm\x0d\0\x01\0", "component")):
+        layer.write_bytes(data)
+        with pytest.raises(InvalidArgument, match=words) as refused:
+            module_of(tmp_path / "rootfs", ["_start"], "/", layer)
+        assert not isinstance(refused.value, NotAModule)

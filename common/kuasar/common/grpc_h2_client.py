@@ -15,8 +15,7 @@ itself stays h2's.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from urllib.parse import unquote
 
 import h2.config
@@ -24,6 +23,7 @@ import h2.connection
 import h2.events
 import h2.exceptions
 from google.protobuf.message import DecodeError, Message
+from h2.errors import ErrorCodes
 
 from .errors import Code
 from .grpc_h2 import GRPC_PREFIX, encode_message
@@ -35,6 +35,13 @@ DEFAULT_MAX_REPLY_BYTES = 256 << 20
 READ_BYTES = 1 << 16
 # containerd's own API on its own socket answers a Get in about a millisecond.
 DEFAULT_TIMEOUT = 30.0
+# gRPC's mapping of what a server says in HTTP/2 terms rather than with a grpc-status.
+HTTP_STATUS_CODES = {b"400": Code.INTERNAL, b"401": Code.UNAUTHENTICATED, b"403": Code.PERMISSION_DENIED,
+                     b"404": Code.UNIMPLEMENTED, b"429": Code.UNAVAILABLE, b"502": Code.UNAVAILABLE,
+                     b"503": Code.UNAVAILABLE, b"504": Code.UNAVAILABLE}
+RESET_CODES = {ErrorCodes.REFUSED_STREAM: Code.UNAVAILABLE, ErrorCodes.CANCEL: Code.CANCELLED,
+               ErrorCodes.ENHANCE_YOUR_CALM: Code.RESOURCE_EXHAUSTED, ErrorCodes.INADEQUATE_SECURITY:
+               Code.PERMISSION_DENIED}
 _H2_CONFIG = h2.config.H2Configuration(client_side=True, header_encoding=None)
 
 
@@ -57,10 +64,13 @@ def _status_code(value: bytes) -> Code:
 class CallState:
     """A unary or server-streaming call: `start()` gives the bytes to send first, then each
     `receive(data)` the bytes to send back; `done` once the server ended the call. `messages()` then
-    gives the reply's messages, or raises its error status."""
+    gives the reply's messages, or raises its error status. With `on_message`, each message is handed
+    to it as soon as it has arrived whole, in order, instead (a blob's chunks go to a file as they
+    come); what it raises ends the call, out of `receive`."""
 
     def __init__(self, path: str, request: Message, reply_type: type[Message], *,
-                 metadata: Sequence[tuple[str, str]] = (), max_reply_bytes: int = DEFAULT_MAX_REPLY_BYTES) -> None:
+                 metadata: Sequence[tuple[str, str]] = (), max_reply_bytes: int = DEFAULT_MAX_REPLY_BYTES,
+                 on_message: Callable[[Message], None] | None = None) -> None:
         self._conn = h2.connection.H2Connection(config=_H2_CONFIG)
         self._path = path
         self._request = request
@@ -71,6 +81,7 @@ class CallState:
         self._buffer = bytearray()  # what arrived of messages not yet decoded
         self._received = 0
         self._messages: list[Message] = []
+        self._on_message = on_message or self._messages.append
         self._status: tuple[Code, str] | None = None
         self._malformed: GrpcCallError | None = None
         self.done = False
@@ -113,15 +124,17 @@ class CallState:
         elif isinstance(event, h2.events.StreamEnded):
             self._end(Code.INTERNAL, "the server ended the call without a grpc-status")
         elif isinstance(event, h2.events.StreamReset):
-            self._end(Code.CANCELLED if event.error_code == 8 else Code.INTERNAL,
+            self._end(RESET_CODES.get(event.error_code, Code.INTERNAL),
                       f"the server reset the call (HTTP/2 error {event.error_code})")
         elif isinstance(event, h2.events.ConnectionTerminated):
-            self._end(Code.UNAVAILABLE, f"the server ended the connection (HTTP/2 error {event.error_code})")
+            # A graceful GOAWAY (a server shutting down) still finishes the streams it let in.
+            if event.error_code != ErrorCodes.NO_ERROR or (event.last_stream_id or 0) < self._stream:
+                self._end(Code.UNAVAILABLE, f"the server ended the connection (HTTP/2 error {event.error_code})")
 
     def _headers(self, headers: dict[bytes, bytes]) -> None:
         status = headers.get(b":status")
         if status is not None and status != b"200":
-            self._end(Code.UNKNOWN, f"HTTP status {status.decode(errors='replace')}")
+            self._end(HTTP_STATUS_CODES.get(status, Code.UNKNOWN), f"HTTP status {status.decode(errors='replace')}")
         elif b"grpc-status" in headers:  # trailers, or a trailers-only reply
             message = unquote(headers.get(b"grpc-message", b"").decode(errors="replace"))
             self._end(_status_code(headers[b"grpc-status"]), message)
@@ -156,10 +169,11 @@ class CallState:
                 return
             else:
                 try:
-                    self._messages.append(self._reply_type.FromString(
-                        bytes(buffer[GRPC_PREFIX.size:GRPC_PREFIX.size + length])))
+                    message = self._reply_type.FromString(bytes(buffer[GRPC_PREFIX.size:GRPC_PREFIX.size + length]))
                 except DecodeError as exc:
                     self._malformed = GrpcCallError(Code.INTERNAL, f"undecodable reply: {exc}")
+                else:
+                    self._on_message(message)
                 del buffer[:GRPC_PREFIX.size + length]
             if self._malformed is not None:
                 buffer.clear()
@@ -168,11 +182,13 @@ class CallState:
 
 async def call(address: str, path: str, request: Message, reply_type: type[Message], *,
                metadata: Sequence[tuple[str, str]] = (), timeout: float = DEFAULT_TIMEOUT,
-               max_reply_bytes: int = DEFAULT_MAX_REPLY_BYTES) -> list[Message]:
+               max_reply_bytes: int = DEFAULT_MAX_REPLY_BYTES,
+               on_message: Callable[[Message], None] | None = None) -> list[Message]:
     """Make one call on a connection of its own to the unix socket `address`; the reply's messages
-    (one for a unary method). Raises GrpcCallError, UNAVAILABLE when the socket cannot be reached and
-    DEADLINE_EXCEEDED after `timeout` seconds."""
-    state = CallState(path, request, reply_type, metadata=metadata, max_reply_bytes=max_reply_bytes)
+    (one for a unary method; none when they went to `on_message`). Raises GrpcCallError, UNAVAILABLE
+    when the socket cannot be reached and DEADLINE_EXCEEDED after `timeout` seconds."""
+    state = CallState(path, request, reply_type, metadata=metadata, max_reply_bytes=max_reply_bytes,
+                      on_message=on_message)
     try:
         async with asyncio.timeout(timeout):
             try:
@@ -189,9 +205,8 @@ async def call(address: str, path: str, request: Message, reply_type: type[Messa
             except OSError as exc:
                 raise GrpcCallError(Code.UNAVAILABLE, f"{address}: {exc.strerror or exc}") from None
             finally:
-                writer.close()
-                with contextlib.suppress(OSError):
-                    await writer.wait_closed()
+                # Not awaited: nothing is left to say, and a close waited for could outlast the deadline.
+                writer.transport.abort()
     except TimeoutError:
         raise GrpcCallError(Code.DEADLINE_EXCEEDED, f"{path} on {address}: no reply within {timeout:g} s") from None
     return state.messages()

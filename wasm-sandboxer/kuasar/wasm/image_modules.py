@@ -14,12 +14,14 @@ makes the calls.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from kuasar.common.errors import Code, FailedPrecondition, InvalidArgument
 
@@ -92,6 +94,11 @@ def _digest_hex(digest: object) -> str:
     return value
 
 
+class ContainerdUnavailable(FailedPrecondition):
+    """containerd could not be asked (its socket, a timeout, an error status): whether the image carries
+    a module is not known."""
+
+
 @dataclass(frozen=True)
 class ImageModule:
     image: str
@@ -107,18 +114,19 @@ class ImageModules:
         self._call_override = call
 
     async def _call(self, path: str, request: Any, reply_type: type, namespace: str, max_reply_bytes: int,
-                    what: str, missing_ok: bool = False) -> list[Any]:
+                    what: str, missing_ok: bool = False, on_message: Callable[[Any], None] | None = None,
+                    ) -> list[Any]:
         # Imported here: h2 is resident only in a task server that looked an image up.
         from kuasar.common import grpc_h2_client
 
         call = self._call_override or grpc_h2_client.call
         try:
             return await call(self.address, path, request, reply_type, metadata=((NAMESPACE_HEADER, namespace),),
-                              max_reply_bytes=max_reply_bytes)
+                              max_reply_bytes=max_reply_bytes, on_message=on_message)
         except grpc_h2_client.GrpcCallError as exc:
             if missing_ok and exc.code == Code.NOT_FOUND:
                 return []
-            raise FailedPrecondition(f"reading {what} from containerd ({self.address}, {path}): {exc}") from None
+            raise ContainerdUnavailable(f"reading {what} from containerd ({self.address}, {path}): {exc}") from None
 
     async def _unary(self, namespace: str, path: str, request: Any, reply_type: type,
                      missing_ok: bool = False) -> Any:
@@ -131,27 +139,59 @@ class ImageModules:
             raise FailedPrecondition(f"containerd answered {path} with {len(replies)} messages")
         return replies[0]
 
-    async def _blob(self, namespace: str, descriptor: dict[str, Any], limit: int, what: str) -> bytes:
+    async def _read(self, namespace: str, descriptor: dict[str, Any], limit: int, what: str,
+                    sink: BinaryIO) -> None:
+        """Write the blob `descriptor` names to `sink` as its chunks arrive, then check it against the
+        descriptor's digest and size: the store checked them when the blob was written; checked again,
+        what runs is what the image names even if the store's file changed since."""
+        import hashlib  # here: hashlib maps libcrypto, which a task server otherwise never needs
+
+        from kuasar.common.api.containerd.services.content.v1 import content_pb2
+
         hex_digest = _digest_hex(descriptor.get("digest"))
         size = descriptor.get("size")
         if not isinstance(size, int) or isinstance(size, bool) or not 0 <= size <= limit:
             raise InvalidArgument(f"the image's {what} ({descriptor.get('digest')}) has size {size!r}; "
                                   f"at most {limit} bytes are read")
-        from kuasar.common.api.containerd.services.content.v1 import content_pb2
+        digest = hashlib.sha256()
+        written = 0
 
-        chunks = await self._call("/containerd.services.content.v1.Content/Read",
-                                  content_pb2.ReadContentRequest(digest=f"sha256:{hex_digest}"),
-                                  content_pb2.ReadContentResponse, namespace, limit + CHUNKS_OVERHEAD,
-                                  f"the image's {what} sha256:{hex_digest}")
-        data = b"".join(chunk.data for chunk in sorted(chunks, key=lambda c: c.offset))
-        # The store checked the digest when the blob was written; checked again, what runs is what the
-        # image names even if the store's file was changed since.
-        import hashlib  # here: hashlib maps libcrypto, which a task server otherwise never needs
+        def chunk_arrived(chunk: Any) -> None:
+            nonlocal written
+            if chunk.offset != written:  # containerd sends a blob in order
+                raise InvalidArgument(f"containerd sent the image's {what} out of order "
+                                      f"(offset {chunk.offset}, expected {written})")
+            sink.write(chunk.data)
+            digest.update(chunk.data)
+            written += len(chunk.data)
 
-        if len(data) != size or hashlib.sha256(data).hexdigest() != hex_digest:
+        await self._call("/containerd.services.content.v1.Content/Read",
+                         content_pb2.ReadContentRequest(digest=f"sha256:{hex_digest}"),
+                         content_pb2.ReadContentResponse, namespace, limit + CHUNKS_OVERHEAD,
+                         f"the image's {what} sha256:{hex_digest}", on_message=chunk_arrived)
+        if written != size or digest.hexdigest() != hex_digest:
             raise InvalidArgument(f"the image's {what} read from containerd does not match its digest "
                                   f"sha256:{hex_digest} and size {size}")
-        return data
+
+    async def _document(self, namespace: str, descriptor: dict[str, Any], what: str) -> dict[str, Any]:
+        sink = io.BytesIO()
+        await self._read(namespace, descriptor, MAX_DOCUMENT_BYTES, what, sink)
+        return _document(sink.getvalue(), what)
+
+    async def _write_module(self, namespace: str, layer: dict[str, Any], path: Path) -> None:
+        """The layer into `path`, through a temporary file made anew (never one planted there before)."""
+        tmp = path.with_name(f".{path.name}.tmp")
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                await self._read(namespace, layer, MAX_MODULE_BYTES, "wasm layer", f)
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
 
     async def find(self, container_id: str, namespace: str, bundle: Path) -> ImageModule | None:
         """The module of the container's image, written to `<bundle>/image-layer.wasm`; None when its
@@ -171,27 +211,22 @@ class ImageModules:
                                    images_pb2.GetImageRequest(name=image_name), images_pb2.GetImageResponse)).image
         target = {"mediaType": image.target.media_type, "digest": image.target.digest, "size": image.target.size}
         if target["mediaType"] in INDEX_TYPES:
-            index = _document(await self._blob(namespace, target, MAX_DOCUMENT_BYTES, "index"), "index")
+            index = await self._document(namespace, target, "index")
             chosen = manifest_of(index)
             if chosen is None:
                 return None
             target = chosen
-        manifest = _document(await self._blob(namespace, target, MAX_DOCUMENT_BYTES, "manifest"), "manifest")
+        manifest = await self._document(namespace, target, "manifest")
         config_descriptor = manifest.get("config")
         layers = wasm_layers(manifest)
         if not layers or not isinstance(config_descriptor, dict):
             return None
-        config = _document(await self._blob(namespace, config_descriptor, MAX_DOCUMENT_BYTES, "config"), "config")
+        config = await self._document(namespace, config_descriptor, "config")
         if not is_wasm_image(config):
             return None
         layer = layers[0]
-        data = await self._blob(namespace, layer, MAX_MODULE_BYTES, "wasm layer")
         path = bundle / BUNDLE_MODULE
-        tmp = path.with_name(f".{BUNDLE_MODULE}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
+        await self._write_module(namespace, layer, path)
         return ImageModule(image_name, str(layer["digest"]), path)
 
 

@@ -60,10 +60,10 @@ from kuasar.common.ttrpc import Context
 
 from . import resources
 from .cache import DEFAULT_MAX_BYTES, ModuleCache
-from .image_modules import ImageModules
+from .image_modules import ContainerdUnavailable, ImageModules
 from .launch import RLIMITS, FileBind, Launch, LaunchPlan, Stdio, User, launch, rlimit_values
 from .leftovers import ContainerLeftovers, ContainerRecords
-from .module import check_module_header, locate_module, module_file
+from .module import NotAModule, check_module_header, locate_module, module_file
 from .runner import DEFAULT_ENTRY, Preopen, RunSpec, wasmedge_dirs
 
 log = logging.getLogger(__name__)
@@ -145,7 +145,10 @@ def module_of(rootfs: Path, args: list[str], cwd: str, image_module: Path | None
     layer), args[0] only names the export."""
     module_name, entry = split_entrypoint(args[0] if args else "")
     if image_module is not None:
-        check_module_header(image_module, "the image's wasm layer")
+        try:
+            check_module_header(image_module, "the image's wasm layer")
+        except NotAModule as exc:  # a wasm image's: never one for runc (pod_tasks.py)
+            raise InvalidArgument(str(exc)) from None
         return image_module, entry
     return locate_module(rootfs, [module_name], cwd), entry
 
@@ -354,7 +357,13 @@ class WasmTasks(TerminalTasks):
             return None
         if "/" not in name and _on_path(container.rootfs, name, process.get("env") or []):
             return None  # a program of a Linux container's image (pod_tasks.py)
-        found = await self.image_modules.find(container.id, container.namespace, container.bundle)
+        try:
+            found = await self.image_modules.find(container.id, container.namespace, container.bundle)
+        except ContainerdUnavailable as exc:
+            # As if the image carried no module: a Linux container still gets to runc, and a missing
+            # module is still reported as missing from the rootfs.
+            log.warning("container %s: %s; its image's layers are not looked at", container.id, exc)
+            return None
         if found is None:
             return None
         log.info("container %s runs the wasm layer %s of image %s (%s)", container.id, found.digest, found.image,
