@@ -258,6 +258,25 @@ def test_a_missing_module_is_a_clear_create_error(stack: Stack) -> None:
     asyncio.run(scenario())
 
 
+def test_a_component_runs_through_cri_with_its_args_and_exit_code(stack: Stack) -> None:
+    """A WASI preview 2 command (tests/fixtures/wasm/component.wat) in the image's rootfs."""
+    async def scenario() -> None:
+        async with CriClient(stack.address) as client:
+            pod_id, pod = await run_pod(client, "components", stack.log_dir)
+            ok = await start(client, pod_id, pod, "ok", ["/component.wasm"])
+            failing = await start(client, pod_id, pod, "failing", ["/component.wasm", "two words"])
+            assert (await wait_state(client, ok, cri.CONTAINER_EXITED)).exit_code == 0
+            assert (await wait_state(client, failing, cri.CONTAINER_EXITED)).exit_code == 1
+            assert "hello from a component" in await wait_log(pod, "ok", "/component.wasm")
+            assert "two words" in await wait_log(pod, "failing", "two words")
+            with pytest.raises(grpc.aio.AioRpcError) as hashed:
+                await start(client, pod_id, pod, "hashed", ["/component.wasm#run"])
+            assert "a component runs its wasi:cli/run export" in hashed.value.details()
+            await remove_pod(client, pod_id)
+
+    asyncio.run(scenario())
+
+
 # runwasi's layer media type for a module (or component) in a wasm OCI image.
 WASM_LAYER = "application/vnd.bytecodealliance.wasm.component.layer.v0+wasm"
 
@@ -276,7 +295,8 @@ def test_a_module_carried_as_an_image_layer_runs_as_with_runwasi(stack: Stack, t
     assert len(modules["big"]) > 3 << 20
     wasm_ref, linux_ref = "localhost/kuasar/wasm-layer:latest", "localhost/kuasar/wasm-layer-linux:latest"
     spin_ref = "localhost/kuasar/wasm-layer-spin:latest"
-    for ref, module in ((wasm_ref, "big"), (spin_ref, "loop")):
+    component_ref = "localhost/kuasar/wasm-layer-component:latest"
+    for ref, module in ((wasm_ref, "big"), (spin_ref, "loop"), (component_ref, "component")):
         stack.containerd.import_image(images.build_oci_archive(
             tmp_path / f"{module}.tar", ref, [(WASM_LAYER, modules[module])], entrypoint=["_start"]),
             platform="wasip1/wasm")
@@ -302,6 +322,10 @@ def test_a_module_carried_as_an_image_layer_runs_as_with_runwasi(stack: Stack, t
             export = await run(client, pod_id, pod, "export", wasm_ref, ["/anything.wasm#greet"])
             assert (await wait_state(client, export, cri.CONTAINER_EXITED)).exit_code == 0
             assert "hello from an export" in await wait_log(pod, "export", "hello from an export")
+            # A component (WASI preview 2) as the layer, as the CNCF wasm artifact carries one.
+            component = await run(client, pod_id, pod, "component", component_ref, ["_start", "x"])
+            assert (await wait_state(client, component, cri.CONTAINER_EXITED)).exit_code == 1  # run: err
+            assert "hello from a component\n_start\nx" in await wait_log(pod, "component", "_start\nx")
             with pytest.raises(grpc.aio.AioRpcError) as linux:
                 await run(client, pod_id, pod, "linux", linux_ref, [])
             assert "wasm module '_start' not found in the container's rootfs" in linux.value.details()
@@ -312,7 +336,7 @@ def test_a_module_carried_as_an_image_layer_runs_as_with_runwasi(stack: Stack, t
             assert [path.read_bytes() for path in written] == [modules["loop"]]
             await client.stop_container(spinning, 0)
             await wait_state(client, spinning, cri.CONTAINER_EXITED)
-            for container in (cid, export, spinning):
+            for container in (cid, export, spinning, component):
                 await client.remove_container(container)
             await remove_pod(client, pod_id)
             assert list(stack.containerd.state_dir.rglob("image-layer.wasm")) == []

@@ -243,7 +243,7 @@ def test_an_image_layer_that_is_no_module_is_a_wasm_error_never_one_for_runc(tmp
     layer = tmp_path / "image-layer.wasm"
     layer.write_bytes(MODULE)
     assert module_of(tmp_path / "rootfs", ["/whatever.wasm#greet"], "/", layer) == (layer, "greet")
-    for data, words in ((b"#!/bin/sh\n", "not a WebAssembly module"), (b"\0asm\x0d\0\x01\0", "component")):
+    for data, words in ((b"#!/bin/sh\n", "not a WebAssembly module"), (b"\0asm\x0e\0\x01\0", "unknown version")):
         layer.write_bytes(data)
         with pytest.raises(InvalidArgument, match=words) as refused:
             module_of(tmp_path / "rootfs", ["_start"], "/", layer)

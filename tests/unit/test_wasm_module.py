@@ -16,7 +16,7 @@ from kuasar.common.api.containerd.types.task import task_pb2 as types
 from kuasar.common.errors import FailedPrecondition, InvalidArgument, Unimplemented
 from kuasar.common.fifo_stdio import ProcessIO
 from kuasar.wasm.launch import FileBind
-from kuasar.wasm.module import locate_module, resolve_in_root
+from kuasar.wasm.module import is_component, locate_module, resolve_in_root
 from kuasar.wasm.runner import Preopen, RunSpec, proc_exit_status, split_env, wasmedge_argv
 from kuasar.wasm.sandboxer import task_server_options
 from kuasar.wasm.tasks import (
@@ -80,8 +80,11 @@ def test_locate_module_errors_say_what_is_wrong(rootfs: Path) -> None:
         locate_module(rootfs, ["/app"])  # a directory is not a module
     with pytest.raises(InvalidArgument, match="not a WebAssembly module"):
         locate_module(rootfs, ["/text.txt"])
-    with pytest.raises(InvalidArgument, match="component"):
-        locate_module(rootfs, ["/component.wasm"])
+    component = locate_module(rootfs, ["/component.wasm"])  # WASI preview 2: runs too (runner.py)
+    assert is_component(component) and not is_component(locate_module(rootfs, ["/hello.wasm"]))
+    (rootfs / "future.wasm").write_bytes(b"\0asm\x0e\x00\x01\x00")
+    with pytest.raises(InvalidArgument, match="unknown version"):
+        locate_module(rootfs, ["/future.wasm"])
 
 
 def test_bind_preopens_takes_directory_binds_only(tmp_path: Path) -> None:
@@ -301,6 +304,19 @@ def test_a_hash_in_args0_names_the_export_to_run(rootfs: Path, tmp_path: Path) -
     container.runtime = "wasmedge"
     with pytest.raises(Unimplemented, match="wasmtime only"):
         tasks.plan(container, {"args": ["/hello.wasm#greet"]}, "c1")
+
+
+def test_a_component_is_planned_for_wasmtime_without_a_hash_export(rootfs: Path, tmp_path: Path) -> None:
+    tasks = WasmTasks(reaper=None, events=None, directory=tmp_path / "dir",  # type: ignore[arg-type]
+                      settings=WasmSettings(cache=False))
+    container = Container("c1", tmp_path, "pod", "k8s.io", {}, rootfs, "wasmtime", "", Process("", io=ProcessIO()))
+    assert tasks.plan(container, {"args": ["/component.wasm", "x"]}, "c1").run.module == str(rootfs / "component.wasm")
+    with pytest.raises(InvalidArgument, match="a component runs its wasi:cli/run export"):
+        tasks.plan(container, {"args": ["/component.wasm#run"]}, "c1")
+    container.runtime = "wasmedge"
+    with pytest.raises(Unimplemented, match="components run with wasmtime only"):
+        tasks.plan(container, {"args": ["/component.wasm"]}, "c1")
+    assert tasks.plan(container, {"args": ["/hello.wasm"]}, "c1").runtime == "wasmedge"
 
 
 def test_exec_accepts_what_its_launch_runs_and_refuses_the_rest(rootfs: Path, tmp_path: Path) -> None:

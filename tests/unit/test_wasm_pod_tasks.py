@@ -159,12 +159,12 @@ def test_only_a_name_that_is_no_wasm_file_reads_as_a_linux_program(tmp_path: Pat
     (tmp_path / "bin").mkdir()
     (tmp_path / "bin" / "sh").write_bytes(b"\x7fELF\x02\x01\x01\x00")
     (tmp_path / "broken.wasm").write_bytes(b"#!/bin/sh\n")
-    (tmp_path / "component.wasm").write_bytes(b"\0asm\x0d\x00\x01\x00")
+    (tmp_path / "future.wasm").write_bytes(b"\0asm\x0e\x00\x01\x00")
     for args in (["sleep"], ["/bin/sh"], ["bin/sh"]):
         with pytest.raises(NotAModule):
             locate_module(tmp_path, args)
     for args, reason in ((["/gone.wasm"], "not found"), (["/broken.wasm"], "no \\\\0asm header"),
-                         (["/component.wasm"], "component"), ([], "args is empty")):
+                         (["/future.wasm"], "unknown version"), ([], "args is empty")):
         with pytest.raises(InvalidArgument, match=reason) as refused:
             locate_module(tmp_path, args)
         assert not isinstance(refused.value, NotAModule), args

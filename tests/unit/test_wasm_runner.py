@@ -195,6 +195,46 @@ def test_memory_limit_caps_linear_memory_and_refuses_too_large_minimums(rootfs: 
         run(rootfs, ["/bigmem.wasm"], memory_limit=16 << 20)
 
 
+@pytest.mark.parametrize(("args", "status"), [
+    (["/component.wasm"], 0),  # run returns ok
+    (["/component.wasm", "two words"], 1),  # run returns err
+    (["/component.wasm", "a", "b"], 0),  # wasi:cli/exit(ok), and a trap after it that must not run
+    (["/component.wasm", "a", "b", "c"], 134),  # a trap
+])
+def test_a_component_runs_as_a_wasi_command_with_its_args(rootfs: Path, args: list[str], status: int) -> None:
+    result = run(rootfs, args)
+    assert result.status == status, result.err
+    assert result.out.decode().splitlines() == ["hello from a component", *args]
+    assert (b"wasm trap" in result.err) is (status == 134)
+
+
+def test_components_are_cached_and_what_cannot_run_fails_before_start(rootfs: Path, tmp_path: Path) -> None:
+    import wasmtime
+
+    cache = ModuleCache(tmp_path / "cache")
+    artifact = cache.path(module_digest((rootfs / "component.wasm").read_bytes()),
+                          engine_fingerprint(runner.ENGINE_SETTINGS))
+    assert run(rootfs, ["/component.wasm"], cache_dir=cache.directory).status == 0
+    inode = artifact.stat().st_ino
+    cached = run(rootfs, ["/component.wasm"], cache_dir=cache.directory)
+    assert cached.out == b"hello from a component\n/component.wasm\n"
+    assert artifact.stat().st_ino == inode  # deserialized as a component, not compiled again
+    with pytest.raises(InvalidArgument, match="a component runs its wasi:cli/run export"):
+        run(rootfs, ["/component.wasm#run"])
+    (rootfs / "library.wasm").write_bytes(wasmtime.wat2wasm("(component)"))
+    with pytest.raises(InvalidArgument, match="exports no wasi:cli/run@0.2"):
+        run(rootfs, ["/library.wasm"])
+    (rootfs / "norun.wasm").write_bytes(wasmtime.wat2wasm(
+        '(component (instance $i) (export "wasi:cli/run@0.2.0" (instance $i)))'))
+    with pytest.raises(InvalidArgument, match="wasi:cli/run@0.2.0 export has no run function"):
+        run(rootfs, ["/norun.wasm"])
+    (rootfs / "unknown.wasm").write_bytes(wasmtime.wat2wasm(
+        '(component (import "example:missing/api" (instance (export "f" (func)))) '
+        '(instance $i) (export "wasi:cli/run@0.2.0" (instance $i)))'))
+    with pytest.raises(InvalidArgument, match="instantiating /unknown.wasm: .*implementation is missing"):
+        run(rootfs, ["/unknown.wasm"])
+
+
 def test_compiled_module_is_cached_and_a_bad_artifact_is_replaced(rootfs: Path, tmp_path: Path) -> None:
     cache = ModuleCache(tmp_path / "cache")
     digest = module_digest((rootfs / "hello.wasm").read_bytes())

@@ -37,7 +37,7 @@ from kuasar.common.errors import InvalidArgument, RuntimeFailure
 from kuasar.common.reaper import Exit, Reaper
 from kuasar.common.spawn import RESTORED_SIGNALS
 
-from .runner import ModuleError, RunSpec, WasmtimeModule, wasmedge_argv
+from .runner import ModuleError, RunSpec, wasmedge_argv, wasmtime_runnable
 
 # The child's report is one write of at most this many bytes (atomic on a pipe).
 REPORT_MAX = 4096
@@ -244,7 +244,7 @@ def _child(plan: LaunchPlan, stdio: Stdio, report_fd: int, go_fd: int, task_serv
             argv = wasmedge_argv(plan.wasmedge, plan.run)
             runnable = None
         else:
-            runnable = WasmtimeModule(plan.run)
+            runnable = wasmtime_runnable(plan.run)
         for res, soft, hard in plan.rlimits:
             resource.setrlimit(res, (soft, hard))
         _drop_privileges(plan.user)

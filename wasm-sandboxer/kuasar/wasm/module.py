@@ -17,6 +17,8 @@ from kuasar.common.rootfs_paths import resolve_in_root
 
 WASM_MAGIC = b"\0asm"
 MODULE_VERSION = b"\x01\x00\x00\x00"
+# The component model's binary: version 0x0d, layer 1 (a core module is layer 0).
+COMPONENT_VERSION = b"\x0d\x00\x01\x00"
 
 
 class NotAModule(InvalidArgument):
@@ -65,6 +67,12 @@ def check_module_header(path: Path, name: str) -> None:
         raise InvalidArgument(f"wasm module {name!r}: {exc.strerror}") from None
     if header[:4] != WASM_MAGIC:
         raise _refusal(name)(f"{name!r} is not a WebAssembly module (no \\0asm header)")
-    if header[4:8] != MODULE_VERSION:
-        raise InvalidArgument(f"{name!r} is a WebAssembly component or an unknown binary version "
-                              f"({header[4:8].hex()}); only core modules (WASI preview 1) are supported")
+    if header[4:8] not in (MODULE_VERSION, COMPONENT_VERSION):
+        raise InvalidArgument(f"{name!r} is a WebAssembly binary of an unknown version ({header[4:8].hex()}); "
+                              "core modules (WASI preview 1) and components (WASI preview 2) are supported")
+
+
+def is_component(path: Path) -> bool:
+    """Whether the (checked) WebAssembly file at `path` is a component rather than a core module."""
+    with open(path, "rb") as f:
+        return f.read(8)[4:8] == COMPONENT_VERSION

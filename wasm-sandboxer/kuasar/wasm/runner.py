@@ -1,4 +1,5 @@
-"""What a container process runs once it sits in the pod: a module under wasmtime, or WasmEdge.
+"""What a container process runs once it sits in the pod: a module or a component under wasmtime, or
+WasmEdge.
 
 This code runs only in the forked container process (launch.py), never in the task server: wasmtime
 starts a compile thread pool the first time it compiles, and a process forked after that hangs on
@@ -7,6 +8,7 @@ thread) but never builds a Module; every container process compiles or deseriali
 
 Exit codes (what Task.Wait reports):
   * `_start` returns                         -> 0
+  * a component's `wasi:cli/run` returns ok / err, or it calls `wasi:cli/exit` with ok / err -> 0 / 1
   * `proc_exit(n)`, 0 <= n <= 255            -> n. wasmtime refuses n >= 126 with an error that does not
     carry n, so `proc_exit` is served by our own host function, which records n and unwinds.
   * `proc_exit(n)`, n > 255                  -> 255 (no Linux exit status carries it; never a false 0)
@@ -32,6 +34,7 @@ from typing import Any
 from kuasar.common.errors import InvalidArgument
 
 from .cache import ModuleCache, engine_fingerprint, module_digest
+from .module import COMPONENT_VERSION
 
 # `wasmtime.Config` attributes we set. They are part of every cache key: an artifact only
 # deserializes under the Config that produced it. Defaults otherwise (Cranelift, optimise for speed,
@@ -41,6 +44,8 @@ TRAP_EXIT_STATUS = 134
 UNREPRESENTABLE_EXIT_STATUS = 255
 WASI_MODULE = "wasi_snapshot_preview1"
 MAIN_INSTANCE = "kuasar:main"
+# What a WASI preview 2 command exports (`wasi:cli/run@0.2.x`, whichever patch version it was built for).
+RUN_INTERFACE = "wasi:cli/run"
 WASM_PAGE = 65536
 # WasmEdge's suffix of `--dir guest:host` for a preopen without write rights (it grants them all otherwise).
 WASMEDGE_READONLY = ":readonly"
@@ -107,22 +112,25 @@ def split_env(env: list[str]) -> list[list[str]]:
     return pairs
 
 
-def load_module(engine: Any, path: Path, cache: ModuleCache | None) -> tuple[Any, bool]:
-    """Deserialize the cached artifact for `path`, or compile it (and store the artifact)."""
+def load_module(engine: Any, path: Path, cache: ModuleCache | None, component: bool = False) -> tuple[Any, bool]:
+    """Deserialize the cached artifact for `path`, or compile it (and store the artifact); a component
+    with `component`, else a core module."""
     import wasmtime
+    import wasmtime.component
 
+    kind = wasmtime.component.Component if component else wasmtime.Module
     data = path.read_bytes()
     if cache is None:
-        return wasmtime.Module(engine, data), False
+        return kind(engine, data), False
     artifact = cache.path(module_digest(data), engine_fingerprint(ENGINE_SETTINGS))
     if artifact.is_file():
         try:
-            module = wasmtime.Module.deserialize_file(engine, str(artifact))
+            module = kind.deserialize_file(engine, str(artifact))
             cache.touch(artifact)
             return module, True
         except wasmtime.WasmtimeError:
             pass  # truncated, or from another wasmtime build: compile afresh and replace it
-    module = wasmtime.Module(engine, data)
+    module = kind(engine, data)
     try:
         cache.store(artifact, bytes(module.serialize()))
     except OSError:
@@ -130,52 +138,83 @@ def load_module(engine: Any, path: Path, cache: ModuleCache | None) -> tuple[Any
     return module, False
 
 
+def _engine_and_store(spec: RunSpec) -> tuple[Any, Any]:
+    """An engine of ENGINE_SETTINGS and a store with the WASI context and memory limit of `spec`."""
+    if os.getpid() == _NO_COMPILE_PID:
+        raise RuntimeError("refusing to compile a module in the task server (forked children would hang)")
+    import wasmtime
+
+    config = wasmtime.Config()
+    for name, value in ENGINE_SETTINGS.items():
+        setattr(config, name, value)
+    engine = wasmtime.Engine(config)
+    store = wasmtime.Store(engine)
+    wasi = wasmtime.WasiConfig()
+    wasi.argv = spec.argv
+    wasi.env = split_env(spec.env)
+    wasi.inherit_stdin()
+    wasi.inherit_stdout()
+    wasi.inherit_stderr()
+    for preopen in spec.preopens:
+        try:
+            wasi.preopen_dir(preopen.host, preopen.guest, preopen.writable)
+        except wasmtime.WasmtimeError as exc:
+            raise ModuleError(f"preopening {preopen.host} as {preopen.guest}: {exc}") from None
+    store.set_wasi(wasi)
+    if spec.memory_limit > 0:
+        store.set_limits(memory_size=spec.memory_limit)
+    return engine, store
+
+
+def _instantiation_error(spec: RunSpec, exc: BaseException) -> ModuleError:
+    message = _first_line(exc)
+    if "exceeds memory limits" in message:
+        message += f" (memory limit {spec.memory_limit} bytes = {spec.memory_limit // WASM_PAGE} pages)"
+    return ModuleError(f"instantiating {spec.argv[0] if spec.argv else spec.module}: {message}")
+
+
+def _compile_error(spec: RunSpec, exc: BaseException) -> ModuleError:
+    return ModuleError(f"compiling {spec.argv[0] if spec.argv else spec.module}: {_first_line(exc)}")
+
+
+def _exit_status(start: Any, store: Any) -> int:
+    """Run `start` and say what it ended with, as the table above has it (a result: its tag)."""
+    import wasmtime
+
+    try:
+        result = start(store)
+    except ProcExit as exc:
+        return proc_exit_status(exc.code)
+    except wasmtime.ExitTrap as exc:
+        return proc_exit_status(exc.code)
+    except (wasmtime.Trap, wasmtime.WasmtimeError) as exc:
+        _stderr(f"wasm trap: {exc}".rstrip() + "\n")
+        return TRAP_EXIT_STATUS
+    return 1 if getattr(result, "tag", "ok") == "err" else 0
+
+
 class WasmtimeModule:
     """A module compiled (or deserialized) and instantiated with WASI; `run()` calls `_start`."""
 
     def __init__(self, spec: RunSpec) -> None:
-        if os.getpid() == _NO_COMPILE_PID:
-            raise RuntimeError("refusing to compile a module in the task server (forked children would hang)")
+        engine, self.store = _engine_and_store(spec)
         import wasmtime
 
-        self.wasmtime = wasmtime
-        config = wasmtime.Config()
-        for name, value in ENGINE_SETTINGS.items():
-            setattr(config, name, value)
-        engine = wasmtime.Engine(config)
         cache = ModuleCache(Path(spec.cache_dir), spec.cache_max_bytes) if spec.cache_dir else None
         try:
             module, self.cache_hit = load_module(engine, Path(spec.module), cache)
         except wasmtime.WasmtimeError as exc:
-            raise ModuleError(f"compiling {spec.argv[0] if spec.argv else spec.module}: {_first_line(exc)}") from None
+            raise _compile_error(spec, exc) from None
         linker = wasmtime.Linker(engine)
         linker.define_wasi()
         linker.allow_shadowing = True
         linker.define_func(WASI_MODULE, "proc_exit", wasmtime.FuncType([wasmtime.ValType.i32()], []), _proc_exit)
-        self.store = wasmtime.Store(engine)
-        wasi = wasmtime.WasiConfig()
-        wasi.argv = spec.argv
-        wasi.env = split_env(spec.env)
-        wasi.inherit_stdin()
-        wasi.inherit_stdout()
-        wasi.inherit_stderr()
-        for preopen in spec.preopens:
-            try:
-                wasi.preopen_dir(preopen.host, preopen.guest, preopen.writable)
-            except wasmtime.WasmtimeError as exc:
-                raise ModuleError(f"preopening {preopen.host} as {preopen.guest}: {exc}") from None
-        self.store.set_wasi(wasi)
-        if spec.memory_limit > 0:
-            self.store.set_limits(memory_size=spec.memory_limit)
         try:
             instance = linker.instantiate(self.store, module)
         except ProcExit as exc:  # a start section that exits: nothing left to run
             raise ModuleError(f"module exited with {exc.code} while being instantiated") from None
         except (wasmtime.WasmtimeError, wasmtime.Trap) as exc:
-            message = _first_line(exc)
-            if "exceeds memory limits" in message:
-                message += f" (memory limit {spec.memory_limit} bytes = {spec.memory_limit // WASM_PAGE} pages)"
-            raise ModuleError(f"instantiating {spec.argv[0] if spec.argv else spec.module}: {message}") from None
+            raise _instantiation_error(spec, exc) from None
         # Not instance.exports(): wasmtime-py wraps every export in Python objects up front (92 ms for
         # a module with 2000 exports); the linker looks up one name in Rust.
         linker.define_instance(self.store, MAIN_INSTANCE, instance)
@@ -193,17 +232,51 @@ class WasmtimeModule:
         self.start = start
 
     def run(self) -> int:
-        wasmtime = self.wasmtime
+        return _exit_status(self.start, self.store)
+
+
+class WasmtimeComponent:
+    """A component (WASI preview 2) compiled (or deserialized) and instantiated with wasmtime's WASI
+    preview 2 host; `run()` calls the `run` function of its `wasi:cli/run` export, as `wasmtime run`
+    does: a command's result `ok` is exit code 0, `err` 1; `wasi:cli/exit` ends it with its status."""
+
+    def __init__(self, spec: RunSpec) -> None:
+        if spec.entry != DEFAULT_ENTRY:
+            raise ModuleError(f"args[0] names the function {spec.entry!r} after '#', but a component runs "
+                              f"its {RUN_INTERFACE} export")
+        engine, self.store = _engine_and_store(spec)
+        import wasmtime
+        import wasmtime.component
+
+        cache = ModuleCache(Path(spec.cache_dir), spec.cache_max_bytes) if spec.cache_dir else None
         try:
-            self.start(self.store)
-            return 0
-        except ProcExit as exc:
-            return proc_exit_status(exc.code)
-        except wasmtime.ExitTrap as exc:
-            return proc_exit_status(exc.code)
-        except (wasmtime.Trap, wasmtime.WasmtimeError) as exc:
-            _stderr(f"wasm trap: {exc}".rstrip() + "\n")
-            return TRAP_EXIT_STATUS
+            component, self.cache_hit = load_module(engine, Path(spec.module), cache, component=True)
+        except wasmtime.WasmtimeError as exc:
+            raise _compile_error(spec, exc) from None
+        run_interface = next((name for name in component.type.exports(engine)
+                              if name.startswith(f"{RUN_INTERFACE}@0.2.")), None)
+        if run_interface is None:
+            raise ModuleError(f"the component exports no {RUN_INTERFACE}@0.2 (only WASI commands can run)")
+        linker = wasmtime.component.Linker(engine)
+        linker.add_wasip2()
+        try:
+            instance = linker.instantiate(self.store, component)
+        except (wasmtime.WasmtimeError, wasmtime.Trap) as exc:
+            raise _instantiation_error(spec, exc) from None
+        run = instance.get_export_index(self.store, "run", instance.get_export_index(self.store, run_interface))
+        self.start = instance.get_func(self.store, run) if run is not None else None
+        if self.start is None:
+            raise ModuleError(f"the component's {run_interface} export has no run function")
+
+    def run(self) -> int:
+        return _exit_status(self.start, self.store)
+
+
+def wasmtime_runnable(spec: RunSpec) -> WasmtimeModule | WasmtimeComponent:
+    """What runs `spec.module` under wasmtime: a component or a core module, by its header."""
+    with open(spec.module, "rb") as f:
+        header = f.read(8)
+    return WasmtimeComponent(spec) if header[4:8] == COMPONENT_VERSION else WasmtimeModule(spec)
 
 
 def _first_line(exc: BaseException) -> str:

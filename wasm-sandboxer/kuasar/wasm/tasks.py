@@ -63,8 +63,8 @@ from .cache import DEFAULT_MAX_BYTES, ModuleCache
 from .image_modules import ContainerdUnavailable, ImageModules
 from .launch import RLIMITS, FileBind, Launch, LaunchPlan, Stdio, User, launch, rlimit_values
 from .leftovers import ContainerLeftovers, ContainerRecords
-from .module import NotAModule, check_module_header, locate_module, module_file
-from .runner import DEFAULT_ENTRY, Preopen, RunSpec, wasmedge_dirs
+from .module import NotAModule, check_module_header, is_component, locate_module, module_file
+from .runner import DEFAULT_ENTRY, RUN_INTERFACE, Preopen, RunSpec, wasmedge_dirs
 
 log = logging.getLogger(__name__)
 # runc's $PATH for a process whose environment sets none.
@@ -252,6 +252,13 @@ class WasmTasks(TerminalTasks):
         args = [str(a) for a in process.get("args") or []]
         cwd = str(process.get("cwd") or "/")
         module, entry = module_of(container.rootfs, args, cwd, image_module)
+        if is_component(module):  # refused here what the container process would refuse at its start
+            if entry != DEFAULT_ENTRY:
+                raise InvalidArgument(f"args[0] {args[0]!r} names a function after '#', but a component runs its "
+                                      f"{RUN_INTERFACE} export")
+            if container.runtime == "wasmedge":
+                raise Unimplemented(f"{args[0]!r} is a component (WASI preview 2): components run with wasmtime "
+                                    "only (WasmEdge runs core modules)")
         root_readonly = bool((container.spec.get("root") or {}).get("readonly", False))
         binds = file_binds(container.spec.get("mounts") or [], container.rootfs)
         # A writable file in a read-only root (kubelet's /dev/termination-log with readOnlyRootFilesystem)
