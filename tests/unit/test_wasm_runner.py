@@ -201,10 +201,12 @@ def test_memory_limit_caps_linear_memory_and_refuses_too_large_minimums(rootfs: 
     (["/component.wasm", "a", "b"], 0),  # wasi:cli/exit(ok), and a trap after it that must not run
     (["/component.wasm", "a", "b", "c"], 134),  # a trap
 ])
-def test_a_component_runs_as_a_wasi_command_with_its_args(rootfs: Path, args: list[str], status: int) -> None:
-    result = run(rootfs, args)
+def test_a_component_runs_as_a_wasi_command_with_its_args_env_and_preopens(rootfs: Path, args: list[str],
+                                                                          status: int) -> None:
+    result = run(rootfs, args, env=["GREETING=hi there", "EMPTY="])
     assert result.status == status, result.err
-    assert result.out.decode().splitlines() == ["hello from a component", *args]
+    assert result.out.decode().splitlines() == ["hello from a component", *args, "env: GREETING=hi there",
+                                                "env: EMPTY=", "preopen: /"]
     assert (b"wasm trap" in result.err) is (status == 134)
 
 
@@ -217,10 +219,14 @@ def test_components_are_cached_and_what_cannot_run_fails_before_start(rootfs: Pa
     assert run(rootfs, ["/component.wasm"], cache_dir=cache.directory).status == 0
     inode = artifact.stat().st_ino
     cached = run(rootfs, ["/component.wasm"], cache_dir=cache.directory)
-    assert cached.out == b"hello from a component\n/component.wasm\n"
+    assert cached.out == b"hello from a component\n/component.wasm\nenv: A=1\npreopen: /\n"
     assert artifact.stat().st_ino == inode  # deserialized as a component, not compiled again
     with pytest.raises(InvalidArgument, match="a component runs its wasi:cli/run export"):
         run(rootfs, ["/component.wasm#run"])
+    # The store's memory limit holds for a component's memories too (it declares one page of 64 KiB).
+    with pytest.raises(InvalidArgument, match="memory limit 32768 bytes"):
+        run(rootfs, ["/component.wasm"], memory_limit=32768)
+    assert run(rootfs, ["/component.wasm"], memory_limit=65536).status == 0
     (rootfs / "library.wasm").write_bytes(wasmtime.wat2wasm("(component)"))
     with pytest.raises(InvalidArgument, match="exports no wasi:cli/run@0.2"):
         run(rootfs, ["/library.wasm"])
