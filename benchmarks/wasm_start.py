@@ -4,8 +4,8 @@ One private containerd 2.x with both proxy sandboxers (`runc` and `wasm`), drive
 one run; every sample is CreateContainer + StartContainer of a container that prints a line and
 exits, in an already running pod of that sandboxer. "cold" empties wasm-sandboxer's compiled-module
 cache before the sample, "cached" runs right after one, so the module is deserialized instead of
-compiled. Two modules: the tiny hello fixture and a generated 2000-function module (~165 KB) whose
-compile time is that of a small real program.
+compiled. Three workloads: the tiny hello fixture, a generated 2000-function module (~165 KB) whose
+compile time is that of a small real program, and the component fixture (a WASI preview 2 command).
 
     sudo .venv/bin/python benchmarks/wasm_start.py [--runs 7]
 
@@ -68,6 +68,7 @@ def build_images(directory: Path) -> tuple[list[Path], dict[str, int]]:
         "hello.wasm": bytes(wasmtime.wat2wasm((REPO / "tests/fixtures/wasm/hello.wat").read_text())),
         "loop.wasm": bytes(wasmtime.wat2wasm((REPO / "tests/fixtures/wasm/loop.wat").read_text())),
         "big.wasm": bytes(wasmtime.wat2wasm(big_module_wat())),
+        "component.wasm": bytes(wasmtime.wat2wasm((REPO / "tests/fixtures/wasm/component.wat").read_text())),
     }
     layer = images.build_layer({}, {name: (data, 0o755) for name, data in modules.items()})
     wasm = images.build_image(directory / "wasm.tar", WASM_IMAGE, [layer], entrypoint=["/hello.wasm"])
@@ -120,6 +121,13 @@ async def working_set(client: CriClient, pod_id: str, pod: cri.PodSandboxConfig,
     return stats.memory.working_set_bytes.value
 
 
+def wasm_rows(sizes: dict[str, int]) -> list[tuple[str, str]]:
+    """(module, how the report names it) of each wasm row."""
+    return [("hello.wasm", f"hello.wasm ({sizes['hello.wasm']} B)"),
+            ("big.wasm", f"big.wasm ({sizes['big.wasm'] // 1000} KB, {BIG_FUNCTIONS} functions)"),
+            ("component.wasm", f"component.wasm ({sizes['component.wasm']} B, a WASI preview 2 component)")]
+
+
 def clear_cache(wasm_dir: Path) -> None:
     for artifact in (wasm_dir / "wasm-cache").glob("*.cwasm"):
         artifact.unlink()
@@ -130,8 +138,7 @@ async def measure(address: str, wasm_dir: Path, log_dir: Path, runs: int, sizes:
     runc = Series("busybox `echo` (runc)", "runc", "-")
     series = [runc]
     wasm: dict[tuple[str, str], Series] = {}
-    for module, what in (("hello.wasm", f"hello.wasm ({sizes['hello.wasm']} B)"),
-                         ("big.wasm", f"big.wasm ({sizes['big.wasm'] // 1000} KB, {BIG_FUNCTIONS} functions)")):
+    for module, what in wasm_rows(sizes):
         for cache in ("cold", "cached"):
             wasm[(module, cache)] = Series(what, "wasm", cache)
             series.append(wasm[(module, cache)])
@@ -147,7 +154,7 @@ async def measure(address: str, wasm_dir: Path, log_dir: Path, runs: int, sizes:
         await sample(client, *wasm_pod, WASM_IMAGE, ["/hello.wasm"], Series("warm-up", "wasm", "-"))
         for _ in range(runs):
             await sample(client, *runc_pod, BUSYBOX, ["echo", "hi"], runc)
-            for module in ("hello.wasm", "big.wasm"):
+            for module, _ in wasm_rows(sizes):
                 clear_cache(wasm_dir)
                 await sample(client, *wasm_pod, WASM_IMAGE, [f"/{module}"], wasm[(module, "cold")])
                 await sample(client, *wasm_pod, WASM_IMAGE, [f"/{module}"], wasm[(module, "cached")])
