@@ -27,6 +27,7 @@ from kuasar.wasm.tasks import (
     bind_preopens,
     file_binds,
     memory_limit_of,
+    runnable_module,
 )
 
 MODULE = b"\0asm\x01\x00\x00\x00"
@@ -317,6 +318,12 @@ def test_a_component_is_planned_for_wasmtime_without_a_hash_export(rootfs: Path,
     with pytest.raises(Unimplemented, match="components run with wasmtime only"):
         tasks.plan(container, {"args": ["/component.wasm"]}, "c1")
     assert tasks.plan(container, {"args": ["/hello.wasm"]}, "c1").runtime == "wasmedge"
+    # Exec refuses the same at Exec, not only when its process starts.
+    with pytest.raises(Unimplemented, match="components run with wasmtime only"):
+        runnable_module(container, ["/component.wasm"], "/")
+    container.runtime = "wasmtime"
+    with pytest.raises(InvalidArgument, match="a component runs its wasi:cli/run export"):
+        runnable_module(container, ["/component.wasm#run"], "/")
 
 
 def test_exec_accepts_what_its_launch_runs_and_refuses_the_rest(rootfs: Path, tmp_path: Path) -> None:

@@ -199,14 +199,16 @@ def test_memory_limit_caps_linear_memory_and_refuses_too_large_minimums(rootfs: 
     (["/component.wasm"], 0),  # run returns ok
     (["/component.wasm", "two words"], 1),  # run returns err
     (["/component.wasm", "a", "b"], 0),  # wasi:cli/exit(ok), and a trap after it that must not run
-    (["/component.wasm", "a", "b", "c"], 134),  # a trap
+    (["/component.wasm", "a", "b", "c"], 1),  # wasi:cli/exit(err)
+    (["/component.wasm", "a", "b", "c", "d"], 134),  # a trap
 ])
 def test_a_component_runs_as_a_wasi_command_with_its_args_env_and_preopens(rootfs: Path, args: list[str],
                                                                           status: int) -> None:
     result = run(rootfs, args, env=["GREETING=hi there", "EMPTY="])
     assert result.status == status, result.err
-    assert result.out.decode().splitlines() == ["hello from a component", *args, "env: GREETING=hi there",
-                                                "env: EMPTY=", "preopen: /"]
+    # The last write has no newline and is not flushed: it is there all the same.
+    assert result.out.decode().split("\n") == ["hello from a component", *args, "env: GREETING=hi there",
+                                               "env: EMPTY=", "preopen: /", "bye"]
     assert (b"wasm trap" in result.err) is (status == 134)
 
 
@@ -219,7 +221,7 @@ def test_components_are_cached_and_what_cannot_run_fails_before_start(rootfs: Pa
     assert run(rootfs, ["/component.wasm"], cache_dir=cache.directory).status == 0
     inode = artifact.stat().st_ino
     cached = run(rootfs, ["/component.wasm"], cache_dir=cache.directory)
-    assert cached.out == b"hello from a component\n/component.wasm\nenv: A=1\npreopen: /\n"
+    assert cached.out == b"hello from a component\n/component.wasm\nenv: A=1\npreopen: /\nbye"
     assert artifact.stat().st_ino == inode  # deserialized as a component, not compiled again
     with pytest.raises(InvalidArgument, match="a component runs its wasi:cli/run export"):
         run(rootfs, ["/component.wasm#run"])
@@ -230,6 +232,15 @@ def test_components_are_cached_and_what_cannot_run_fails_before_start(rootfs: Pa
     (rootfs / "library.wasm").write_bytes(wasmtime.wat2wasm("(component)"))
     with pytest.raises(InvalidArgument, match="exports no wasi:cli/run@0.2"):
         run(rootfs, ["/library.wasm"])
+    for run_type, core in (("(func (result u32))", "(func (export \"r\") (result i32) (i32.const 7))"),
+                           ("(func (param \"x\" u32) (result (result)))",
+                            "(func (export \"r\") (param i32) (result i32) (i32.const 0))")):
+        (rootfs / "badrun.wasm").write_bytes(wasmtime.wat2wasm(
+            f'(component (core module $m {core}) (core instance $i (instantiate $m)) '
+            f'(func $run {run_type[6:-1]} (canon lift (core func $i "r"))) '
+            '(instance $r (export "run" (func $run))) (export "wasi:cli/run@0.2.0" (instance $r)))'))
+        with pytest.raises(InvalidArgument, match="run function is not `func\\(\\) -> result`"):
+            run(rootfs, ["/badrun.wasm"])
     (rootfs / "norun.wasm").write_bytes(wasmtime.wat2wasm(
         '(component (instance $i) (export "wasi:cli/run@0.2.0" (instance $i)))'))
     with pytest.raises(InvalidArgument, match="wasi:cli/run@0.2.0 export has no run function"):

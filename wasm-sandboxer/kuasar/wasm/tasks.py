@@ -153,6 +153,23 @@ def module_of(rootfs: Path, args: list[str], cwd: str, image_module: Path | None
     return locate_module(rootfs, [module_name], cwd), entry
 
 
+def runnable_module(container: Container, args: list[str], cwd: str,
+                    image_module: Path | None = None) -> tuple[Path, str]:
+    """`module_of`, refusing what the container's runtime would refuse when the process starts."""
+    module, entry = module_of(container.rootfs, args, cwd, image_module)
+    if is_component(module):
+        if entry != DEFAULT_ENTRY:
+            raise InvalidArgument(f"args[0] {args[0]!r} names a function after '#', but a component runs its "
+                                  f"{RUN_INTERFACE} export")
+        if container.runtime == "wasmedge":
+            raise Unimplemented(f"{args[0]!r} is a component (WASI preview 2): components run with wasmtime "
+                                "only (WasmEdge runs core modules)")
+    elif entry != DEFAULT_ENTRY and container.runtime == "wasmedge":
+        raise Unimplemented(f"{args[0]!r}: a '#function' entrypoint runs with wasmtime only (WasmEdge's "
+                            "command line runs _start with WASI arguments)")
+    return module, entry
+
+
 def _on_path(rootfs: Path, name: str, env: list[Any]) -> bool:
     """Whether `name` is a file in one of the rootfs's directories the process's $PATH lists, where runc
     would find it."""
@@ -251,14 +268,7 @@ class WasmTasks(TerminalTasks):
             raise InvalidArgument("the OCI spec has no process")
         args = [str(a) for a in process.get("args") or []]
         cwd = str(process.get("cwd") or "/")
-        module, entry = module_of(container.rootfs, args, cwd, image_module)
-        if is_component(module):  # refused here what the container process would refuse at its start
-            if entry != DEFAULT_ENTRY:
-                raise InvalidArgument(f"args[0] {args[0]!r} names a function after '#', but a component runs its "
-                                      f"{RUN_INTERFACE} export")
-            if container.runtime == "wasmedge":
-                raise Unimplemented(f"{args[0]!r} is a component (WASI preview 2): components run with wasmtime "
-                                    "only (WasmEdge runs core modules)")
+        module, entry = runnable_module(container, args, cwd, image_module)
         root_readonly = bool((container.spec.get("root") or {}).get("readonly", False))
         binds = file_binds(container.spec.get("mounts") or [], container.rootfs)
         # A writable file in a read-only root (kubelet's /dev/termination-log with readOnlyRootFilesystem)
@@ -272,9 +282,6 @@ class WasmTasks(TerminalTasks):
                       self.cache.max_bytes if self.cache else 0, entry)
         if container.runtime == "wasmedge":
             wasmedge_dirs(preopens)
-        if entry != DEFAULT_ENTRY and container.runtime == "wasmedge":
-            raise Unimplemented(f"{args[0]!r}: a '#function' entrypoint runs with wasmtime only (WasmEdge's "
-                                "command line runs _start with WASI arguments)")
         linux = container.spec.get("linux") or {}
         namespaces = [(str(ns.get("type")), str(ns.get("path") or "")) for ns in linux.get("namespaces") or []
                       if ns.get("type") in ("network", "ipc", "uts")]
@@ -456,8 +463,8 @@ class WasmTasks(TerminalTasks):
         spec["terminal"] = req.terminal
         async with self._holding(req.id, shared=True) as container:  # not behind other execs' Starts
             container.check_new_exec(req.exec_id)
-            # Fail now, not at Start, if the module is not there (ExecSync then says why).
-            module_of(container.rootfs, [str(a) for a in spec["args"]], str(spec.get("cwd") or "/"))
+            # Fail now, not at Start, if the module is not there or cannot run (ExecSync then says why).
+            runnable_module(container, [str(a) for a in spec["args"]], str(spec.get("cwd") or "/"))
             container.execs[req.exec_id] = Process(
                 req.exec_id, io=ProcessIO(req.stdin, req.stdout, req.stderr, req.terminal), spec=spec)
         self._publish_exec_added(req, container.namespace)
