@@ -56,3 +56,13 @@ def test_results_from_before_the_rotation_use_the_loop() -> None:
     target = _floor_target(summary)
     assert target["limit"] == FLOOR_FACTOR * (25.0 + 7.0) and not target["met"]
     assert "lower" not in target["detail"]
+
+
+def test_the_floor_target_says_whether_any_sandboxer_could_meet_it() -> None:
+    summary = _summary(between=None)  # limit 1.25 x (25 + 7) = 40 ms, ours 42 ms
+    reachable = vars(floor_target(summary, {"attribution": {"without_ours_ms": {"p50": 36.0}}}))
+    assert "p50 36.0 ms, which leaves our daemons 4.0 ms under the limit (they took 6.0 ms)" in reachable["detail"]
+    beyond = vars(floor_target(summary, {"attribution": {"without_ours_ms": {"p50": 41.5}}}))
+    assert "p50 41.5 ms, over the limit by itself: no sandboxer could meet it in this run (1.5 ms over)" \
+        in beyond["detail"]
+    assert "no sandboxer" not in reachable["detail"]
