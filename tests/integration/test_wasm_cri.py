@@ -293,10 +293,19 @@ def test_a_module_carried_as_an_image_layer_runs_as_with_runwasi(stack: Stack, t
     hello = (FIXTURES / "hello.wat").read_text().replace('(memory (export "memory") 1)', padding)
     modules["big"] = bytes(wasmtime.wat2wasm(hello))
     assert len(modules["big"]) > 3 << 20
+    # loop with an export beside its _start, for an exec of the layer's module (`probe#greet`).
+    greet = ('(data (i32.const 96) "greetings from the layer\\n")\n'
+             '  (func (export "greet")\n'
+             '    (i32.store (i32.const 0) (i32.const 96))\n'
+             '    (i32.store (i32.const 4) (i32.const 25))\n'
+             '    (drop (call $fd_write (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 8))))\n'
+             '  (func (export "_start")')
+    modules["spin"] = bytes(wasmtime.wat2wasm((FIXTURES / "loop.wat").read_text().replace(
+        '(func (export "_start")', greet)))
     wasm_ref, linux_ref = "localhost/kuasar/wasm-layer:latest", "localhost/kuasar/wasm-layer-linux:latest"
     spin_ref = "localhost/kuasar/wasm-layer-spin:latest"
     component_ref = "localhost/kuasar/wasm-layer-component:latest"
-    for ref, module in ((wasm_ref, "big"), (spin_ref, "loop"), (component_ref, "component")):
+    for ref, module in ((wasm_ref, "big"), (spin_ref, "spin"), (component_ref, "component")):
         stack.containerd.import_image(images.build_oci_archive(
             tmp_path / f"{module}.tar", ref, [(WASM_LAYER, modules[module])], entrypoint=["_start"]),
             platform="wasip1/wasm")
@@ -333,7 +342,14 @@ def test_a_module_carried_as_an_image_layer_runs_as_with_runwasi(stack: Stack, t
             spinning = await run(client, pod_id, pod, "spin", spin_ref, [])
             await wait_state(client, spinning, cri.CONTAINER_RUNNING)
             written = list(stack.containerd.state_dir.rglob("image-layer.wasm"))
-            assert [path.read_bytes() for path in written] == [modules["loop"]]
+            assert [path.read_bytes() for path in written] == [modules["spin"]]
+            # An exec whose args[0] names no file in the rootfs runs the container's layer, args[0]
+            # choosing the export (the layer read at Create: containerd is not asked again).
+            probe = await client.exec_sync(spinning, ["probe#greet"], timeout=20)
+            assert (probe.exit_code, probe.stdout) == (0, b"greetings from the layer\n"), probe
+            with pytest.raises(grpc.aio.AioRpcError) as no_export:
+                await client.exec_sync(spinning, ["probe#absent"], timeout=20)
+            assert "absent" in no_export.value.details()
             await client.stop_container(spinning, 0)
             await wait_state(client, spinning, cri.CONTAINER_EXITED)
             for container in (cid, export, spinning, component):

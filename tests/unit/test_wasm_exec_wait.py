@@ -59,7 +59,7 @@ def test_wait_on_an_exec_whose_start_failed_returns(tmp_path: Path, monkeypatch:
     async def main() -> None:
         tasks, _ = make_tasks(tmp_path)
         monkeypatch.setattr(wasm_tasks, "launch", launch_that_cannot_instantiate)
-        monkeypatch.setattr(tasks, "plan", lambda c, p, n: LaunchPlan(n, "wasmtime", RunSpec("m", ["m"], [])))
+        monkeypatch.setattr(tasks, "plan", lambda c, p, n, *_: LaunchPlan(n, "wasmtime", RunSpec("m", ["m"], [])))
         waiter = wait_for(tasks)
         with pytest.raises(InvalidArgument, match="unknown import"):
             await tasks.start(task.StartRequest(id="c1", exec_id="e1"), None)  # type: ignore[arg-type]

@@ -253,8 +253,8 @@ def test_a_launch_given_up_before_its_report_closes_the_report_pipe(tmp_path, mo
             return launched["launch"]
 
         monkeypatch.setattr(wasm_tasks, "launch", fake_launch)
-        monkeypatch.setattr(tasks, "plan", lambda c, p, n: LaunchPlan(n, "wasmtime", RunSpec("m", ["m"], []),
-                                                                      terminal=True))
+        monkeypatch.setattr(tasks, "plan", lambda c, p, n, *_: LaunchPlan(n, "wasmtime", RunSpec("m", ["m"], []),
+                                                                          terminal=True))
         # A terminal process whose stdout FIFO is not there: attaching the pty master fails.
         proc = wasm_tasks.Process("e1", io=ProcessIO("", str(tmp_path / "no-such-fifo"), "", True), spec={})
         container = wasm_tasks.Container("c1", tmp_path, "pod", "k8s.io", {}, tmp_path, "wasmtime", "", proc)

@@ -204,7 +204,7 @@ def test_pause_waits_for_an_exec_start_in_progress(tmp_path: Path, freezer: Free
             return Launch(sleepers[1], asyncio.get_running_loop().create_future(), report_r)
 
         monkeypatch.setattr(wasm_tasks, "launch", fake_launch)
-        monkeypatch.setattr(tasks, "plan", lambda c, p, n: LaunchPlan(n, "wasmtime", RunSpec("m", ["m"], [])))
+        monkeypatch.setattr(tasks, "plan", lambda c, p, n, *_: LaunchPlan(n, "wasmtime", RunSpec("m", ["m"], [])))
         container.execs["e1"] = wasm_tasks.Process("e1", io=ProcessIO(), spec={"args": ["/m.wasm"]})
         start = asyncio.create_task(tasks.start(task.StartRequest(id="c1", exec_id="e1"), None))  # type: ignore[arg-type]
         await asyncio.sleep(0.02)
