@@ -426,11 +426,13 @@ def test_terminals_a_tty_container_and_interactive_execs_with_resize_and_interru
     asyncio.run(scenario())
 
 
-def test_attach_to_a_tty_module_like_kubectl_run_it(stack: Stack) -> None:
+@pytest.mark.parametrize("module", ["cat", "component_cat"])  # a core module and a component (preview 2)
+def test_attach_to_a_tty_module_like_kubectl_run_it(stack: Stack, module: str) -> None:
     async def scenario() -> None:
         async with CriClient(stack.address) as client:
             pod_id, pod = await run_pod(client, "attach", stack.log_dir)
-            cid = await start(client, pod_id, pod, "cat", ["/cat.wasm"], tty=True, stdin=True, stdin_once=True)
+            cid = await start(client, pod_id, pod, module, [f"/{module}.wasm"], tty=True, stdin=True,
+                              stdin_once=True)
             await wait_state(client, cid, cri.CONTAINER_RUNNING)
             out, error = await exec_over_websocket(await client.attach(cid, tty=True, stdin=True),
                                                    stdin=b"attached\n\x04", resize=(100, 30))
@@ -457,18 +459,19 @@ def test_wasmedge_selected_without_binary_is_a_clear_error(stack: Stack) -> None
     asyncio.run(scenario())
 
 
-def test_stdin_reaches_the_module(stack: Stack) -> None:
+@pytest.mark.parametrize("module", ["cat", "component_cat"])  # a core module and a component (preview 2)
+def test_stdin_reaches_the_module(stack: Stack, module: str) -> None:
     async def scenario() -> None:
         async with CriClient(stack.address) as client:
             pod_id, pod = await run_pod(client, "stdin", stack.log_dir)
-            cid = await start(client, pod_id, pod, "cat", ["/cat.wasm"], stdin=True, stdin_once=True)
+            cid = await start(client, pod_id, pod, module, [f"/{module}.wasm"], stdin=True, stdin_once=True)
             await wait_state(client, cid, cri.CONTAINER_RUNNING)
             url = (await client.runtime.Attach(cri.AttachRequest(container_id=cid, stdin=True, stdout=False,
                                                                  stderr=False), timeout=20)).url
             # With stdin_once, containerd closes the container's stdin when the attach session ends.
             await send_stdin_and_close(url, b"line one\nline two\n")
             assert (await wait_state(client, cid, cri.CONTAINER_EXITED)).exit_code == 0
-            text = await wait_log(pod, "cat", "EOF")
+            text = await wait_log(pod, module, "EOF")
             assert "line one\nline two" in text
             await remove_pod(client, pod_id)
 

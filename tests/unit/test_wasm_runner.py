@@ -212,6 +212,18 @@ def test_a_component_runs_as_a_wasi_command_with_its_args_env_and_preopens(rootf
     assert (b"wasm trap" in result.err) is (status == 134)
 
 
+def test_a_component_reads_its_stdin_until_it_is_closed(rootfs: Path) -> None:
+    data = bytes(range(256)) * 200  # many of the component's 4 KiB reads, every byte value
+    result = run(rootfs, ["/component_cat.wasm"], stdin=data)
+    assert (result.status, result.out, result.err) == (0, data + b"EOF\n", b"")
+    assert run(rootfs, ["/component_cat.wasm"], stdin=b"").out == b"EOF\n"
+
+
+def test_a_signal_ends_a_component_blocked_on_its_stdin(rootfs: Path) -> None:
+    blocked = run(rootfs, ["/component_cat.wasm"], keep_stdin_open=True, signal_after=(0.2, signal.SIGTERM))
+    assert blocked.status == 143 and blocked.seconds < 5 and blocked.out == b""
+
+
 def test_components_are_cached_and_what_cannot_run_fails_before_start(rootfs: Path, tmp_path: Path) -> None:
     import wasmtime
 
