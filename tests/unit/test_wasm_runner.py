@@ -219,6 +219,11 @@ def test_a_component_reads_its_stdin_until_it_is_closed(rootfs: Path) -> None:
     assert run(rootfs, ["/component_cat.wasm"], stdin=b"").out == b"EOF\n"
 
 
+def test_a_component_exiting_with_a_code_reports_that_code(rootfs: Path) -> None:
+    # wasi:cli/exit's exit-with-code (unstable, linked by wasmtime): any code, not only ok / err.
+    assert run(rootfs, ["/component_exit.wasm"]).status == 42
+
+
 def test_a_signal_ends_a_component_blocked_on_its_stdin(rootfs: Path) -> None:
     blocked = run(rootfs, ["/component_cat.wasm"], keep_stdin_open=True, signal_after=(0.2, signal.SIGTERM))
     assert blocked.status == 143 and blocked.seconds < 5 and blocked.out == b""
