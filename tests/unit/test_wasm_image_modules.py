@@ -253,7 +253,7 @@ def test_an_image_layer_that_is_no_module_is_a_wasm_error_never_one_for_runc(tmp
 def test_an_exec_runs_the_containers_layer_when_args0_names_nothing_in_the_rootfs(tmp_path: Path) -> None:
     from types import SimpleNamespace
 
-    from kuasar.wasm.tasks import exec_image_module, runnable_module
+    from kuasar.wasm.tasks import runnable_module
 
     rootfs = tmp_path / "rootfs"
     (rootfs / "bin").mkdir(parents=True)
@@ -264,15 +264,14 @@ def test_an_exec_runs_the_containers_layer_when_args0_names_nothing_in_the_rootf
     from_layer = SimpleNamespace(rootfs=rootfs, image_module=layer, runtime="wasmtime")
     from_rootfs = SimpleNamespace(rootfs=rootfs, image_module=None, runtime="wasmtime")
 
-    def exec_of(container: SimpleNamespace, args: list[str], env: list[str] | None = None) -> tuple[Path, str]:
-        process = {"args": args, "env": env or [], "cwd": "/"}
-        return runnable_module(container, args, "/", exec_image_module(container, process))  # type: ignore[arg-type]
+    def exec_of(container: SimpleNamespace, args: list[str]) -> tuple[Path, str]:
+        return runnable_module(container, args, "/", container.image_module)  # type: ignore[arg-type]
 
     assert exec_of(from_layer, ["healthy#greet"]) == (layer, "greet")  # args[0] chooses the export
     assert exec_of(from_layer, ["/anything.wasm"]) == (layer, "_start")
     assert exec_of(from_layer, ["/app.wasm#greet"]) == (rootfs / "app.wasm", "greet")  # a module in the rootfs
     # An exec runs modules only: a name on $PATH (which at Create means a Linux container) is the layer's export.
-    assert exec_of(from_layer, ["probe"], ["PATH=/bin"]) == (layer, "_start")
+    assert exec_of(from_layer, ["probe"]) == (layer, "_start")
     assert exec_of(from_layer, ["/bin/probe"]) == (rootfs / "bin" / "probe", "_start")
     # A container whose module was in its rootfs: an exec names a module there, as before.
     with pytest.raises(InvalidArgument, match="not found in the container's rootfs"):

@@ -141,36 +141,18 @@ def split_entrypoint(arg0: str) -> tuple[str, str]:
 
 def module_of(rootfs: Path, args: list[str], cwd: str, image_module: Path | None = None) -> tuple[Path, str]:
     """(host path of the module, export to run) that a process's args name: what its launch will run,
-    so that Create and Exec refuse what the launch would. With an `image_module` (the image's wasm
-    layer), args[0] only names the export."""
+    so that Create and Exec refuse what the launch would. With an `image_module` (the container's image
+    carries its module as a wasm layer), args[0] names only the export unless it names a file in the
+    rootfs: an exec runs a module there, else the layer (`kubectl exec pod -- probe#healthy`), which
+    was read at Create."""
     module_name, entry = split_entrypoint(args[0] if args else "")
-    if image_module is not None:
+    if image_module is not None and module_file(rootfs, module_name, cwd) is None:
         try:
             check_module_header(image_module, "the image's wasm layer")
         except NotAModule as exc:  # a wasm image's: never one for runc (pod_tasks.py)
             raise InvalidArgument(str(exc)) from None
         return image_module, entry
     return locate_module(rootfs, [module_name], cwd), entry
-
-
-def exec_image_module(container: Container, process: dict[str, Any]) -> Path | None:
-    """The module an exec runs when its args[0] names no file in the rootfs and the container's own
-    module came from its image's wasm layer: that layer, args[0] choosing the export, as at Create
-    (`kubectl exec pod -- probe#healthy`). The layer was read at Create: containerd is not asked again."""
-    if container.image_module is None or _names_rootfs_file(container.rootfs, process, on_path=False):
-        return None
-    return container.image_module
-
-
-def _names_rootfs_file(rootfs: Path, process: dict[str, Any], on_path: bool) -> bool:
-    """Whether the process's args[0] names a file in the rootfs: a module there, or, `on_path`, a bare
-    name of a file on its $PATH (a program of a Linux container's image, which goes to runc at Create:
-    pod_tasks.py; an exec in a wasm container runs modules only)."""
-    args = process.get("args") or []
-    name, _ = split_entrypoint(str(args[0]) if args else "")
-    if module_file(rootfs, name, str(process.get("cwd") or "/")) is not None:
-        return True
-    return on_path and "/" not in name and _on_path(rootfs, name, process.get("env") or [])
 
 
 def runnable_module(container: Container, args: list[str], cwd: str,
@@ -375,9 +357,8 @@ class WasmTasks(TerminalTasks):
         return task.CreateTaskResponse(pid=proc.pid)
 
     def _plan(self, container: Container, proc: Process) -> LaunchPlan:
-        if proc.id:
-            return self.plan(container, proc.spec, f"{container.id}-{proc.id}", exec_image_module(container, proc.spec))
-        return self.plan(container, proc.spec, container.id, container.image_module)
+        name = f"{container.id}-{proc.id}" if proc.id else container.id
+        return self.plan(container, proc.spec, name, container.image_module)
 
     async def _image_module(self, container: Container, process: dict[str, Any]) -> Path | None:
         """The module of the container's image, when args[0] names no file in the rootfs and the image
@@ -386,8 +367,11 @@ class WasmTasks(TerminalTasks):
         args = process.get("args") if isinstance(process, dict) else None
         if self.image_modules is None or not args or not isinstance(args[0], str):
             return None
-        if _names_rootfs_file(container.rootfs, process, on_path=True):
+        name, _ = split_entrypoint(args[0])
+        if module_file(container.rootfs, name, str(process.get("cwd") or "/")) is not None:
             return None
+        if "/" not in name and _on_path(container.rootfs, name, process.get("env") or []):
+            return None  # a program of a Linux container's image (pod_tasks.py)
         try:
             found = await self.image_modules.find(container.id, container.namespace, container.bundle)
         except ContainerdUnavailable as exc:
@@ -482,7 +466,7 @@ class WasmTasks(TerminalTasks):
             container.check_new_exec(req.exec_id)
             # Fail now, not at Start, if the module is not there or cannot run (ExecSync then says why).
             runnable_module(container, [str(a) for a in spec["args"]], str(spec.get("cwd") or "/"),
-                            exec_image_module(container, spec))
+                            container.image_module)
             container.execs[req.exec_id] = Process(
                 req.exec_id, io=ProcessIO(req.stdin, req.stdout, req.stderr, req.terminal), spec=spec)
         self._publish_exec_added(req, container.namespace)
