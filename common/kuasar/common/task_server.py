@@ -41,6 +41,7 @@ from .lean import serve_until
 from .logs import setup_logging
 from .pod_service import PODS_SERVICE, PodLauncher, PodService
 from .reaper import Reaper
+from .state import write_atomic
 from .task_api import TaskBackend, register_task_service
 from .ttrpc import TtrpcClient, TtrpcServer
 
@@ -190,7 +191,8 @@ async def run_task_server(directory: Path, events_address: str, ready_fd: int,
 
         server.add_unary(PODS_SERVICE, "Retire", pods_pb2.RetireRequest, retire)
         await server.start_unix(str(directory / TASK_SOCKET), mode=0o600)
-        (directory / PID_FILE).write_text(str(os.getpid()))
+        # Whole or absent: a reader (a sandboxer, ctl, a test) looking while we start must never see it empty.
+        write_atomic(directory / PID_FILE, str(os.getpid()).encode(), mode=0o644, durable=False)
     if ready_fd >= 0:
         try:
             os.write(ready_fd, READY)
