@@ -56,6 +56,7 @@ from .errors import KuasarError
 from .ids import validate_id
 from .shim_helper import _go_style, check_bundle, delete_or_clean_up, program_type
 from .shim_orphans import BUNDLE_LABEL, SHIM_LABEL
+from .state import write_atomic
 
 log = logging.getLogger("kuasar.shim.v2")
 
@@ -322,20 +323,14 @@ def start(opts: argparse.Namespace, kind: str, socket_path: str) -> str:
             plain = task_address(address)  # a VM's (hvsock) is not one containerd 1.6 can dial
             state = {"sandbox_id": info.sandbox_id, "sandboxer": socket_path, "type": kind,
                      "owner": info.sandbox_id == container_id, "created": created, "address": plain}
-            _write(bundle / SHIM_STATE, json.dumps(state) + "\n")
-            _write(bundle / ADDRESS_FILE, plain)
+            write_atomic(bundle / SHIM_STATE, (json.dumps(state) + "\n").encode(), mode=0o644, durable=False)
+            write_atomic(bundle / ADDRESS_FILE, plain.encode(), mode=0o644, durable=False)
         except BaseException:
             if created:
                 sandboxer.discard(info.sandbox_id)
             raise
     log.info("container %s -> sandbox %s at %s", container_id, info.sandbox_id, plain)
     return plain
-
-
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def delete(opts: argparse.Namespace, kind: str, socket_path: str) -> task.DeleteResponse:

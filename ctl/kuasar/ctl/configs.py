@@ -16,6 +16,7 @@ from pathlib import Path
 from google.protobuf import json_format
 
 from kuasar.common.api.runtime.v1 import api_pb2 as cri
+from kuasar.common.state import write_atomic
 
 # kubelet's layout: /var/log/pods/<namespace>_<name>_<uid>/<container>/<attempt>.log
 LOG_ROOT = "/var/log/pods"
@@ -191,9 +192,9 @@ def remember_pod(pod_id: str, config: cri.PodSandboxConfig) -> None:
     try:
         directory = state_dir() / "pods"
         directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-        tmp = directory / f".{pod_id}.json.tmp"
-        tmp.write_text(json_format.MessageToJson(config, preserving_proto_field_name=True))
-        os.replace(tmp, directory / f"{pod_id}.json")
+        write_atomic(directory / f"{pod_id}.json",
+                     json_format.MessageToJson(config, preserving_proto_field_name=True).encode(), mode=0o644,
+                     durable=False)
     except OSError:
         pass
 
