@@ -23,6 +23,7 @@ from kuasar.common import cgroup_attach, cgroups
 from kuasar.common.api.runtime.v1 import api_pb2 as cri
 from kuasar.common.cri_client import CriClient, container_config, pod_config
 from tests.support import images
+from tests.support.http_echo import http_echo_server
 from tests.support.procs import thread_names
 
 from .conftest import Stack, start_sandboxer
@@ -272,6 +273,11 @@ def test_a_component_runs_through_cri_with_its_args_and_exit_code(stack: Stack) 
             with pytest.raises(grpc.aio.AioRpcError) as hashed:
                 await start(client, pod_id, pod, "hashed", ["/component.wasm#run"])
             assert "a component runs its wasi:cli/run export" in hashed.value.details()
+            # Outgoing HTTP through wasi:http, from the pod's network (the host's here) to a server of ours.
+            with http_echo_server() as authority:
+                fetch = await start(client, pod_id, pod, "fetch", ["/http_get.wasm", authority, "/from-a-pod"])
+                assert (await wait_state(client, fetch, cri.CONTAINER_EXITED)).exit_code == 0
+            assert "status 200\nyou asked for /from-a-pod" in await wait_log(pod, "fetch", "/from-a-pod")
             await remove_pod(client, pod_id)
 
     asyncio.run(scenario())

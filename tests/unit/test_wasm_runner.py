@@ -14,6 +14,7 @@ import asyncio
 import multiprocessing
 import os
 import signal
+import socket
 import sys
 import time
 from collections.abc import Iterator
@@ -29,6 +30,7 @@ from kuasar.wasm.cache import ModuleCache, engine_fingerprint, module_digest
 from kuasar.wasm.launch import LaunchPlan, Stdio, launch
 from kuasar.wasm.runner import Preopen, RunSpec
 from kuasar.wasm.tasks import Container, Process, WasmSettings, WasmTasks, split_entrypoint
+from tests.support.http_echo import http_echo_server
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "wasm"
 _worker: ProcessPoolExecutor | None = None
@@ -222,6 +224,18 @@ def test_a_component_reads_its_stdin_until_it_is_closed(rootfs: Path) -> None:
 def test_a_component_exiting_with_a_code_reports_that_code(rootfs: Path) -> None:
     # wasi:cli/exit's exit-with-code (unstable, linked by wasmtime): any code, not only ok / err.
     assert run(rootfs, ["/component_exit.wasm"]).status == 42
+
+
+def test_a_component_makes_an_outgoing_http_request_through_wasi_http(rootfs: Path) -> None:
+    with http_echo_server() as authority:
+        result = run(rootfs, ["/http_get.wasm", authority, "/hello?x=1"])
+    assert (result.status, result.out, result.err) == (0, b"status 200\nyou asked for /hello?x=1\n", b"")
+    # A port nobody listens on: wasi:http's error-code connection-refused (case 6), and run returns err.
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        closed = f"127.0.0.1:{probe.getsockname()[1]}"
+    refused = run(rootfs, ["/http_get.wasm", closed, "/"])
+    assert (refused.status, refused.out) == (1, b"http error 6\n")
 
 
 def test_a_signal_ends_a_component_blocked_on_its_stdin(rootfs: Path) -> None:

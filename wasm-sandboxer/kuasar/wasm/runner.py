@@ -48,6 +48,9 @@ WASI_MODULE = "wasi_snapshot_preview1"
 MAIN_INSTANCE = "kuasar:main"
 # What a WASI preview 2 command exports (`wasi:cli/run@0.2.x`, whichever patch version it was built for).
 RUN_INTERFACE = "wasi:cli/run"
+# Outgoing HTTP (wasi:http/types and outgoing-handler) is linked only for a component that imports it:
+# wasmtime's HTTP host starts its own client state per store, which no other component needs.
+HTTP_PACKAGE = "wasi:http/"
 WASM_PAGE = 65536
 # WasmEdge's suffix of `--dir guest:host` for a preopen without write rights (it grants them all otherwise).
 WASMEDGE_READONLY = ":readonly"
@@ -285,6 +288,9 @@ class WasmtimeComponent:
             raise ModuleError(f"the component exports no {RUN_INTERFACE}@0.2 (only WASI commands can run)")
         linker = wasmtime.component.Linker(engine)
         linker.add_wasip2()
+        if any(name.startswith(HTTP_PACKAGE) for name in component.type.imports(engine)):
+            linker.add_wasi_http()
+            self.store.set_wasi_http()
         try:
             instance = linker.instantiate(self.store, component)
         except (wasmtime.WasmtimeError, wasmtime.Trap) as exc:
