@@ -45,11 +45,12 @@ STAMP = ".kuasar-build.json"  # written by build_binaries.py next to the binarie
 NEW_SUFFIX = ".kuasar-new"
 # Built by `make setup` (the static program pod processes exec) and `make guest-image` (vmm's guest).
 PAUSE = ROOT / ".prefix" / "bin" / "kuasar-pause"
-# What `make setup` fetched into .prefix/bin that the sandboxers run (vmm-sandboxer and vm-agent boot:
-# vhost-device-vsock; quark-sandboxer's gVisor backend: runsc, new enough for its systrap platform,
-# which Debian 12's own runsc is not): installed beside the binaries, where an installed sandboxer
-# looks first (kuasar.common.tools) and which its unit puts first on PATH.
-FETCHED_HELPERS = ("vhost-device-vsock", "runsc")
+# What `make setup` fetched or built into .prefix/bin that the sandboxers run (vmm-sandboxer and
+# vm-agent boot: vhost-device-vsock; quark-sandboxer's gVisor backend: runsc, new enough for its systrap
+# platform, which Debian 12's own runsc is not; runc's checkpoints: criu, which Debian 12's does not
+# run on 6.x kernels): installed beside the binaries, where an installed sandboxer looks first
+# (kuasar.common.tools) and which its unit puts first on PATH (runc finds criu there).
+FETCHED_HELPERS = ("vhost-device-vsock", "runsc", "criu")
 GUEST_DIR = ROOT / "build" / "guest"
 # containerd's own config, where an administrator imports our fragment (containerd-kuasar*.toml).
 CONTAINERD_CONFIG = Path("/etc/containerd/config.toml")

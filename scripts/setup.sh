@@ -7,7 +7,8 @@
 #   2. containerd >= 2.1 in a project-local prefix (${KUASAR_PREFIX:-<repo>/.prefix}/bin), taken from
 #      Debian's `unstable` suite of the mirror this machine is already configured with, through a
 #      private apt state so the machine's own apt configuration is never modified;
-#      vhost-device-vsock (the micro-VMs' vsock backend) the same way, from unstable (2c);
+#      vhost-device-vsock (the micro-VMs' vsock backend) the same way, from unstable (2c); criu built
+#      from unstable's source (2e);
 #   3. a Python venv (${VENV:-<repo>/.venv}) with the project installed editable with its dev extras;
 #   4. generated protobuf/gRPC stubs (scripts/gen_protos.py skips when up to date).
 # Sourced (by tests) it only defines its functions.
@@ -224,6 +225,25 @@ try_fetch() {
     return 1
 }
 
+# private_apt_options ARRAY APTDIR: set ARRAY to the options of an apt whose whole state (sources in
+# APTDIR/etc/private.sources, lists, status, cache) lives in APTDIR; the status file is made empty.
+private_apt_options() {
+    local -n opts="$1"
+    local aptdir="$2"
+    : >"$aptdir/etc/status"
+    opts=(
+        -o "Dir::Etc::SourceList=$aptdir/etc/private.sources"
+        -o "Dir::Etc::SourceParts=/dev/null"
+        -o "Dir::Etc::Preferences=/dev/null"
+        -o "Dir::Etc::PreferencesParts=/dev/null"
+        -o "Dir::State::Lists=$aptdir/lists"
+        -o "Dir::State::status=$aptdir/etc/status"
+        -o "Dir::Cache=$aptdir/cache"
+        -o "APT::Sandbox::User=root"
+        -o "Acquire::Languages=none"
+    )
+}
+
 # fetch_debian_package SUITE PACKAGE STAGE: download PACKAGE from the machine's own Debian mirror's SUITE
 # with a private apt state (the machine's apt configuration is never touched) and unpack it into STAGE.
 # Prints the .deb's file name; returns non-zero (after saying why) when it cannot. The index and the
@@ -238,18 +258,10 @@ fetch_debian_package() {
         rm -rf "$aptdir"
         return 1
     fi
-    : >"$aptdir/etc/status"
-    local apt_opts=(
-        -o "Dir::Etc::SourceList=$aptdir/etc/private.sources"
-        -o "Dir::Etc::SourceParts=/dev/null"
-        -o "Dir::Etc::Preferences=/dev/null"
-        -o "Dir::Etc::PreferencesParts=/dev/null"
-        -o "Dir::State::Lists=$aptdir/lists"
-        -o "Dir::State::status=$aptdir/etc/status"
-        -o "Dir::Cache=$aptdir/cache"
+    local apt_opts
+    private_apt_options apt_opts "$aptdir"
+    apt_opts+=(
         -o "APT::Architectures::=$(dpkg --print-architecture)"
-        -o "APT::Sandbox::User=root"
-        -o "Acquire::Languages=none"
         -o "Acquire::IndexTargets::deb::Contents-deb::DefaultEnabled=false"
     )
     local deb="" err updated=1
@@ -427,6 +439,85 @@ step_vhost_vsock() {
 }
 
 # ---------------------------------------------------------------------------------------------
+# 2e. criu in $PREFIX/bin (runc's checkpoints: CRI CheckpointContainer of runc-sandboxer's containers)
+# ---------------------------------------------------------------------------------------------
+# Debian 12's criu (3.17) fails `criu check` on 6.x kernels ("Unexpected rt vDSO area bounds"), and the
+# binaries of trixie and unstable need a newer glibc; so criu is built from unstable's source (~30 s),
+# with its build dependencies from the machine's own suite. Not fatal: without it Checkpoint says that
+# criu is missing and its tests skip.
+MIN_CRIU_VERSION=4.0   # Debian 12's 3.17 fails `criu check` on this kernel; 4.2.1 passes
+CRIU_BUILD_PACKAGES=(libprotobuf-dev libprotobuf-c-dev protobuf-c-compiler protobuf-compiler python3-protobuf
+                     libnl-3-dev libnet1-dev libcap-dev libbsd-dev pkg-config uuid-dev)
+
+# Prints a criu binary's version ("4.2.1"), or nothing.
+criu_version() {
+    local out
+    out="$("$1" --version 2>/dev/null)" || return 0
+    # "Version: 4.2.1"
+    awk '/^Version:/ {print $2}' <<<"$out"
+}
+criu_ok() { [[ -n "$1" ]] && dpkg --compare-versions "$1" ge "$MIN_CRIU_VERSION"; }
+
+# fetch_debian_source SUITE PACKAGE DIR: download PACKAGE's upstream tarball (checked against the .dsc
+# by apt) from the machine's Debian mirror's SUITE into DIR; prints its path.
+fetch_debian_source() {
+    local suite="$1" package="$2" dir="$3" aptdir="$PREFIX/apt-src-$2" tarball
+    rm -rf "$aptdir" "$dir"
+    mkdir -p "$aptdir/etc" "$aptdir/lists/partial" "$aptdir/cache/archives/partial" "$dir"
+    "$PY" "$ROOT/scripts/debian_mirror.py" "$suite" "$aptdir/etc/private.sources" >&2 || return 1
+    sed -i 's/^Types: deb$/Types: deb-src/' "$aptdir/etc/private.sources"
+    local apt_opts
+    private_apt_options apt_opts "$aptdir"
+    if ! LC_ALL=C apt-get -qq "${apt_opts[@]}" update >/dev/null 2>&1; then
+        apt_opts+=("${APT_DATE_CHECKS_OFF[@]}")
+        LC_ALL=C apt-get -qq "${apt_opts[@]}" update >/dev/null 2>&1 || { rm -rf "$aptdir"; return 1; }
+    fi
+    # Only the upstream tarball is used: a mirror that lacks the Debian packaging tarball (seen) still
+    # serves it, so apt's failure over the other file is not the end.
+    (cd "$dir" && LC_ALL=C apt-get -qq "${apt_opts[@]}" source --download-only "$package" >/dev/null 2>&1) || true
+    rm -rf "$aptdir"
+    tarball="$(ls "$dir/${package}"_*.orig.tar.* 2>/dev/null | head -n1)"
+    [[ -n "$tarball" ]] || { log "could not download the source of $package from Debian $suite" >&2; return 1; }
+    echo "$tarball"
+}
+
+install_criu_from_source() {
+    local dir="$PREFIX/.criu-src" tarball src version
+    install_packages "${CRIU_BUILD_PACKAGES[@]}"
+    tarball="$(fetch_debian_source unstable criu "$dir")" || return 1
+    log "building criu from $(basename "$tarball")"
+    tar -xf "$tarball" -C "$dir"
+    src="$(find "$dir" -mindepth 1 -maxdepth 1 -type d -name 'criu-*' | head -n1)"
+    if [[ -z "$src" ]] || ! make -C "$src" -j"$(nproc)" criu >"$dir.log" 2>&1; then
+        log "WARNING: building criu failed (last lines of $dir.log):"
+        tail -n 5 "$dir.log" >&2 || true
+        rm -rf "$dir"
+        return 1
+    fi
+    version="$(criu_version "$src/criu/criu")"
+    if ! criu_ok "$version" || ! "$src/criu/criu" check >/dev/null 2>&1; then
+        log "WARNING: the criu built ('${version:-unrunnable}') does not pass \`criu check\` on this kernel"
+        rm -rf "$dir"
+        return 1
+    fi
+    install -m 0755 "$src/criu/criu" "$PREFIX/bin/.criu.new"
+    mv -f "$PREFIX/bin/.criu.new" "$PREFIX/bin/criu"
+    printf 'criu %s\nsource debian unstable %s\n' "$version" "$(basename "$tarball")" >"$PREFIX/criu.version"
+    rm -rf "$dir" "$dir.log"
+}
+
+step_criu() {
+    local have_criu
+    have_criu="$(criu_version "$PREFIX/bin/criu")"
+    if criu_ok "$have_criu"; then
+        log "criu $have_criu present in $PREFIX/bin"
+    elif try_fetch criu install_criu_from_source; then
+        log "criu $(criu_version "$PREFIX/bin/criu") installed in $PREFIX/bin"
+    fi
+    return 0
+}
+
+# ---------------------------------------------------------------------------------------------
 # 2d. kuasar-pause in $PREFIX/bin (the pod process's program once its namespaces are set up)
 # ---------------------------------------------------------------------------------------------
 step_pause() {
@@ -566,6 +657,7 @@ main() {
     step_containerd
     step_runsc
     step_vhost_vsock
+    step_criu
     step_pause
     step_venv
     "$VENV/bin/python" "$ROOT/scripts/gen_protos.py"

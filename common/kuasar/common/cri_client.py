@@ -199,6 +199,13 @@ class CriClient:
         request = cri.UpdateContainerResourcesRequest(container_id=container_id, linux=linux)
         return await self._call(self.runtime.UpdateContainerResources, request)
 
+    # `timeout` (seconds, 0: containerd's default) is CRI's own field, not an asyncio deadline.
+    async def checkpoint_container(
+        self, container_id: str, location: str, timeout: int = 0  # noqa: ASYNC109
+    ) -> cri.CheckpointContainerResponse:
+        request = cri.CheckpointContainerRequest(container_id=container_id, location=location, timeout=timeout)
+        return await self._call(self.runtime.CheckpointContainer, request)
+
     # `timeout` is CRI's own field name (enforced by containerd), not an asyncio deadline.
     async def exec_sync(
         self, container_id: str, cmd: Sequence[str], timeout: int = 0  # noqa: ASYNC109

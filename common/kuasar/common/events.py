@@ -36,6 +36,7 @@ TASK_EVENT_TOPICS: dict[type[Message], str] = {
     task_events.TaskExecStarted: "/tasks/exec-started",
     task_events.TaskPaused: "/tasks/paused",
     task_events.TaskResumed: "/tasks/resumed",
+    task_events.TaskCheckpointed: "/tasks/checkpointed",
 }
 # Enough for a burst of pod churn; past it the oldest events are dropped (and counted).
 MAX_QUEUED_EVENTS = 1024

@@ -13,13 +13,23 @@ from pathlib import Path
 from google.protobuf import empty_pb2
 
 from . import cgroup_attach, cgroups, mounts
+from .api.containerd.events import task_pb2 as events
 from .api.containerd.runtime.task.v2 import shim_pb2 as task
 from .api.containerd.types.task import task_pb2 as types
-from .errors import NotFound
+from .errors import FailedPrecondition, NotFound, RuntimeFailure
 from .events import EventPublisher
 from .fifo_stdio import ProcessIO
 from .pod_files import pod_dir, rewrite_container_spec
 from .reaper import Reaper
+from .runc_checkpoint import (
+    CRIU_CONFIG_NAME,
+    criu_errors,
+    external_files,
+    plan_checkpoint,
+    require_criu,
+    use_criu_config,
+    write_criu_config,
+)
 from .runc_cli import Runc
 from .runc_tasks import RuncContainer, RuncContainerTasks, RuncProcess
 from .task_table import (
@@ -88,7 +98,8 @@ class RuncTasks(RuncContainerTasks):
                 mounts.mount_rootfs(req.rootfs, bundle / "rootfs", user_namespace_path(spec))
                 container.rootfs_mounted = True
             try:
-                rewrite_container_spec(bundle, spec, pod_dir(self.directory, pod_id) if pod_id else None)
+                rewrite_container_spec(bundle, spec, pod_dir(self.directory, pod_id) if pod_id else None,
+                                       changed=use_criu_config(spec, bundle))
                 await self._start_process(container, container.init, is_exec=False)
             except BaseException:  # also a cancelled Create (its deadline, its connection gone)
                 if container.rootfs_mounted:
@@ -128,6 +139,30 @@ class RuncTasks(RuncContainerTasks):
             return False
         _signal(pids or [container.init.pid], sig)
         return True
+
+    async def checkpoint(self, req: task.CheckpointTaskRequest, ctx: Context) -> empty_pb2.Empty:
+        container = self._get(req.id)
+        plan = plan_checkpoint(req.path, req.options, container.init.io.terminal)
+        require_criu()
+        # Under the container's lock, as Pause: containerd pauses it first, and a Resume must wait.
+        async with self._holding(req.id) as container:
+            if container.init.status not in (types.RUNNING, types.PAUSED):
+                raise FailedPrecondition(f"cannot checkpoint container {req.id}: it is "
+                                         f"{types.Status.Name(container.init.status).lower()}")
+            config = container.files / CRIU_CONFIG_NAME
+            pids = cgroups.cgroup_procs_of(container.init.pid) or [container.init.pid]
+            write_criu_config(config, external_files(pids, container.init.pid))
+            try:
+                await self.runc.checkpoint(plan.runc_args(req.id), container.log)
+            except RuntimeFailure as exc:
+                errors = criu_errors(plan)
+                raise RuntimeFailure(f"{exc}; criu: {errors}" if errors else str(exc)) from None
+            finally:
+                config.unlink(missing_ok=True)
+        log.info("container %s checkpointed to %s%s", req.id, plan.image_path,
+                 "" if plan.leave_running else " (and stopped)")
+        self._publish(events.TaskCheckpointed(container_id=req.id), container.namespace)
+        return empty_pb2.Empty()
 
     # -- pod hooks (kuasar.common.pod_service.PodContainers) -----------------------------------------
     def pod_container_ids(self, pod_id: str) -> list[str]:

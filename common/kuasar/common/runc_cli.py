@@ -149,6 +149,10 @@ class Runc:
         except NotFound:
             pass
 
+    async def checkpoint(self, args: list[str], log_path: Path) -> None:
+        """`runc checkpoint` with `args` (kuasar.common.runc_checkpoint.CheckpointPlan.runc_args)."""
+        await self._run(args, log_path=log_path)
+
     async def pause(self, container_id: str) -> None:
         await self._run(["pause", container_id])
 
