@@ -488,6 +488,10 @@ install_criu_from_source() {
     log "building criu from $(basename "$tarball")"
     tar -xf "$tarball" -C "$dir"
     src="$(find "$dir" -mindepth 1 -maxdepth 1 -type d -name 'criu-*' | head -n1)"
+    # Where /run is not a tmpfs, CRIU (4.2.1) gives up its kernel-facts cache but removes the cache file
+    # instead of its temporary file: /run/criu.kdat.tmp stayed after every checkpoint, and since CRIU
+    # creates it O_EXCL, no later run cleaned it up. Remove the right file.
+    [[ -z "$src" ]] || sed -i '/^\tunl:$/{n;s/unlink(kdat_file);/unlink(kdat_file_tmp);/}' "$src/criu/kerndat.c"
     if [[ -z "$src" ]] || ! make -C "$src" -j"$(nproc)" criu >"$dir.log" 2>&1; then
         log "WARNING: building criu failed (last lines of $dir.log):"
         tail -n 5 "$dir.log" >&2 || true
