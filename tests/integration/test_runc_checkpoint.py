@@ -17,13 +17,10 @@ from google.protobuf import any_pb2
 
 from kuasar.common.api.containerd.runc.options import oci_pb2 as runc_options
 from kuasar.common.api.containerd.runtime.task.v2 import shim_pb2 as task
-from kuasar.common.api.containerd.services.sandbox.v1 import sandbox_pb2 as sb
-from kuasar.common.api.containerd.services.sandbox.v1 import sandbox_pb2_grpc as sb_grpc
 from kuasar.common.api.containerd.types import mount_pb2
 from kuasar.common.api.runtime.v1 import api_pb2 as cri
 from kuasar.common.cri_client import CriClient
 from kuasar.common.runc_checkpoint import CHECKPOINT_OPTIONS_TYPE_URL
-from kuasar.common.ttrpc import TtrpcClient
 
 from .conftest import Stack
 from .cri_helpers import (
@@ -33,11 +30,10 @@ from .cri_helpers import (
     run_pod,
     runc_containers,
     start_container,
-    start_sandbox,
     wait_log,
     wait_state,
 )
-from .test_runc_task_api import CID, POD, call, make_bundle
+from .test_runc_task_api import CID, call, direct_pod
 
 pytestmark = [
     pytest.mark.integration,
@@ -104,26 +100,18 @@ def test_runc_options_can_stop_the_container_after_its_checkpoint(stack: Stack, 
         exit=True, image_path=str(images_dir)).SerializeToString())
 
     async def scenario() -> None:
-        async with grpc.aio.insecure_channel(f"unix://{stack.sandboxer_socket}") as channel:
-            controller = sb_grpc.ControllerStub(channel)
-            started = await start_sandbox(controller, POD, "runc", "checkpoint-exit")
-            bundle, rootfs = make_bundle(tmp_path, started.pid)
-            client = await TtrpcClient.connect_unix(started.address.removeprefix("ttrpc+unix://"))
-            try:
-                bind = mount_pb2.Mount(type="bind", source=str(rootfs), options=["rbind", "ro"])
-                await call(client, "Create", task.CreateTaskRequest(id=CID, bundle=str(bundle), rootfs=[bind]),
-                           task.CreateTaskResponse)
-                await call(client, "Start", task.StartRequest(id=CID), task.StartResponse)
-                waiter = asyncio.ensure_future(call(client, "Wait", task.WaitRequest(id=CID), task.WaitResponse))
-                await call(client, "Checkpoint", task.CheckpointTaskRequest(id=CID, path="/ignored", options=options))
-                assert (images_dir / "inventory.img").is_file() and (images_dir / "dump.log").is_file()
-                assert (await asyncio.wait_for(waiter, 10)).exit_status == 137
-                await call(client, "Delete", task.DeleteRequest(id=CID), task.DeleteResponse)
-            finally:
-                await client.close()
-                await controller.Stop(sb.ControllerStopRequest(sandbox_id=POD))
-                await controller.Shutdown(sb.ControllerShutdownRequest(sandbox_id=POD))
-            assert not mounts_containing(str(bundle))
-            assert not (bundle / "criu.conf").exists()
+        async with direct_pod(stack, tmp_path, "checkpoint-exit") as pod:
+            client = pod.client
+            bind = mount_pb2.Mount(type="bind", source=str(pod.rootfs), options=["rbind", "ro"])
+            await call(client, "Create", task.CreateTaskRequest(id=CID, bundle=str(pod.bundle), rootfs=[bind]),
+                       task.CreateTaskResponse)
+            await call(client, "Start", task.StartRequest(id=CID), task.StartResponse)
+            waiter = asyncio.ensure_future(call(client, "Wait", task.WaitRequest(id=CID), task.WaitResponse))
+            await call(client, "Checkpoint", task.CheckpointTaskRequest(id=CID, path="/ignored", options=options))
+            assert (images_dir / "inventory.img").is_file() and (images_dir / "dump.log").is_file()
+            assert (await asyncio.wait_for(waiter, 10)).exit_status == 137
+            await call(client, "Delete", task.DeleteRequest(id=CID), task.DeleteResponse)
+        assert not mounts_containing(str(pod.bundle))
+        assert not (pod.bundle / "criu.conf").exists()
 
     stack.run(scenario())

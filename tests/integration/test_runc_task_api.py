@@ -4,10 +4,13 @@ pause/resume, pids, connect, close-io, stats, metrics, unimplemented methods, pu
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import subprocess
 import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -64,6 +67,32 @@ def make_bundle(base: Path, pod_pid: int) -> tuple[Path, Path]:
     return bundle, rootfs
 
 
+@dataclass
+class DirectPod:
+    controller: sb_grpc.ControllerStub
+    client: TtrpcClient
+    pid: int
+    bundle: Path
+    rootfs: Path
+
+
+@contextlib.asynccontextmanager
+async def direct_pod(stack: Stack, base: Path, hostname: str) -> AsyncIterator[DirectPod]:
+    """Pod POD made and started straight through the Sandbox API, a bundle for a container CID in it
+    (make_bundle), and a Task API client of its task server; the pod stopped and shut down at the end."""
+    async with grpc.aio.insecure_channel(f"unix://{stack.sandboxer_socket}") as channel:
+        controller = sb_grpc.ControllerStub(channel)
+        started = await start_sandbox(controller, POD, "runc", hostname)
+        bundle, rootfs = make_bundle(base, started.pid)
+        client = await TtrpcClient.connect_unix(started.address.removeprefix("ttrpc+unix://"))
+        try:
+            yield DirectPod(controller, client, started.pid, bundle, rootfs)
+        finally:
+            await client.close()
+            await controller.Stop(sb.ControllerStopRequest(sandbox_id=POD))
+            await controller.Shutdown(sb.ControllerShutdownRequest(sandbox_id=POD))
+
+
 def test_task_api_beyond_cri_and_sandbox_metrics(stack: Stack, tmp_path: Path) -> None:
     events_out = tmp_path / "events.txt"
     with open(events_out, "wb") as sink:
@@ -72,21 +101,12 @@ def test_task_api_beyond_cri_and_sandbox_metrics(stack: Stack, tmp_path: Path) -
     time.sleep(0.3)
 
     async def scenario() -> None:
-        async with grpc.aio.insecure_channel(f"unix://{stack.sandboxer_socket}") as channel:
-            controller = sb_grpc.ControllerStub(channel)
-            started = await start_sandbox(controller, POD, "runc", "direct")
-            bundle, rootfs = make_bundle(tmp_path, started.pid)
-            client = await TtrpcClient.connect_unix(started.address.removeprefix("ttrpc+unix://"))
-            try:
-                await exercise_tasks(client, bundle, rootfs, started.pid)
-                metrics = await controller.Metrics(sb.ControllerMetricsRequest(sandbox_id=POD))
-                assert metrics.metrics.data.type_url.startswith("io.containerd.cgroups.v")
-                assert metrics.metrics.data.value
-            finally:
-                await client.close()
-                await controller.Stop(sb.ControllerStopRequest(sandbox_id=POD))
-                await controller.Shutdown(sb.ControllerShutdownRequest(sandbox_id=POD))
-            assert not mounted(bundle / "rootfs")
+        async with direct_pod(stack, tmp_path, "direct") as pod:
+            await exercise_tasks(pod.client, pod.bundle, pod.rootfs, pod.pid)
+            metrics = await pod.controller.Metrics(sb.ControllerMetricsRequest(sandbox_id=POD))
+            assert metrics.metrics.data.type_url.startswith("io.containerd.cgroups.v")
+            assert metrics.metrics.data.value
+        assert not mounted(pod.bundle / "rootfs")
 
     try:
         stack.run(scenario())
