@@ -17,6 +17,7 @@ import pytest
 from kuasar.common.api.runtime.v1 import api_pb2 as cri
 from kuasar.common.cri_client import CriClient, container_config
 
+from .checkpoint_checks import NEEDS_CRIU, check_checkpoint_through_cri
 from .conftest import Stack
 from .cri_helpers import (
     BUSYBOX,
@@ -121,6 +122,11 @@ def test_linux_containers_exit_codes_stop_and_a_failed_start(stack: Stack) -> No
     # Its error names both readings of the image: no module, and no such program.
     asyncio.run(check_failed_start_leaves_a_removable_container(stack.address, WASM_HANDLER, stack.log_dir))
     assert_nothing_left(stack)
+
+
+@NEEDS_CRIU
+def test_a_linux_container_is_checkpointed_through_cri_as_in_runc_sandboxer(stack: Stack, tmp_path: Path) -> None:
+    check_checkpoint_through_cri(stack, tmp_path, WASM_HANDLER)
 
 
 def test_a_misnamed_module_is_not_handed_to_runc(stack: Stack) -> None:
