@@ -59,13 +59,19 @@ def test_bad_requests_are_invalid_arguments(path: str, opts: any_pb2.Any, messag
         rc.plan_checkpoint(path, opts, terminal=False)
 
 
-def test_criu_config_is_named_in_the_spec_once_and_a_given_one_is_kept(tmp_path: Path) -> None:
+def test_the_criu_config_named_in_the_spec_is_always_ours(tmp_path: Path) -> None:
+    ours = str(tmp_path / rc.CRIU_CONFIG_NAME)
     spec: dict = {}
-    assert rc.use_criu_config(spec, tmp_path)
-    assert spec["annotations"][rc.CRIU_CONFIG_ANNOTATION] == str(tmp_path / rc.CRIU_CONFIG_NAME)
-    assert not rc.use_criu_config(spec, tmp_path / "other")
-    own = {"annotations": {rc.CRIU_CONFIG_ANNOTATION: ""}}  # runc's way of saying: no config file
-    assert not rc.use_criu_config(own, tmp_path) and own["annotations"][rc.CRIU_CONFIG_ANNOTATION] == ""
+    assert rc.use_criu_config(spec, tmp_path) and spec["annotations"][rc.CRIU_CONFIG_ANNOTATION] == ours
+    assert not rc.use_criu_config(spec, tmp_path)  # already there: nothing to write back
+    # One the spec brings (a pod annotation let through) could run scripts as root: replaced, as is
+    # runc's "" (no file at all), which would leave containerd's FIFOs undumpable.
+    for given in ("/var/lib/somewhere/evil.conf", ""):
+        theirs = {"annotations": {rc.CRIU_CONFIG_ANNOTATION: given, "other": "kept"}}
+        assert rc.use_criu_config(theirs, tmp_path)
+        assert theirs["annotations"] == {rc.CRIU_CONFIG_ANNOTATION: ours, "other": "kept"}
+    broken: dict = {"annotations": None}
+    assert rc.use_criu_config(broken, tmp_path) and broken["annotations"] == {rc.CRIU_CONFIG_ANNOTATION: ours}
 
 
 def test_files_on_mounts_outside_the_containers_mount_namespace_are_external(tmp_path: Path) -> None:

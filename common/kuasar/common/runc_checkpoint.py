@@ -114,11 +114,16 @@ def plan_checkpoint(path: str, options: any_pb2.Any, terminal: bool) -> Checkpoi
 
 def use_criu_config(spec: dict, directory: Path) -> bool:
     """At Create: name the container's CRIU configuration file in its spec (`directory`: the container's
-    own), unless the spec names one already. True when `spec` changed."""
-    annotations = spec.setdefault("annotations", {})
-    if CRIU_CONFIG_ANNOTATION in annotations:
+    own), in place of any the spec names: a CRIU configuration can run scripts as root (`action-script`)
+    and open files anywhere, and a pod's annotations may reach the spec (CRI's pod_annotations). True
+    when `spec` changed."""
+    annotations = spec.get("annotations")
+    if not isinstance(annotations, dict):
+        annotations = spec["annotations"] = {}
+    ours = str(directory / CRIU_CONFIG_NAME)
+    if annotations.get(CRIU_CONFIG_ANNOTATION) == ours:
         return False
-    annotations[CRIU_CONFIG_ANNOTATION] = str(directory / CRIU_CONFIG_NAME)
+    annotations[CRIU_CONFIG_ANNOTATION] = ours
     return True
 
 
