@@ -26,6 +26,7 @@ from google.protobuf import any_pb2
 
 from .api.containerd.runc.options import oci_pb2 as runc_options
 from .errors import FailedPrecondition, InvalidArgument
+from .state import write_atomic
 
 # The type URL containerd's typeurl gives runc's CheckpointOptions (the message's full name).
 CHECKPOINT_OPTIONS_TYPE_URL = "containerd.runc.v1.CheckpointOptions"
@@ -170,8 +171,8 @@ def external_files(pids: list[int], init_pid: int) -> set[str]:
 
 def write_criu_config(path: Path, externals: set[str]) -> None:
     """The CRIU configuration (one option per line, without dashes) for the next checkpoint."""
-    path.write_text("".join(f"external {ext}\n" for ext in sorted(externals)))
-    path.chmod(0o600)
+    write_atomic(path, "".join(f"external {ext}\n" for ext in sorted(externals)).encode(), mode=0o600,
+                 durable=False)
 
 
 def require_criu() -> None:
