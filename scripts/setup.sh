@@ -244,6 +244,24 @@ private_apt_options() {
     )
 }
 
+# private_apt_update ARRAY SUITE: `apt-get update` with the apt options in ARRAY (private_apt_options);
+# a SUITE apt refuses only for its Release file's dates is fetched again without the two date checks,
+# which are then added to ARRAY for what follows, with a warning. Fails when the lists could not be had.
+private_apt_update() {
+    local -n update_opts="$1"
+    local suite="$2" err updated=1
+    err="$(LC_ALL=C apt-get -qq "${update_opts[@]}" update 2>&1 >/dev/null)" || updated=""
+    if [[ -z "$updated" ]] && release_dates_refused "$err"; then
+        log "WARNING: the mirror's $suite is out of date; fetching from it without date checks:" \
+            "$(grep -m1 -E "$APT_DATE_REFUSAL" <<<"$err")" >&2
+        update_opts+=("${APT_DATE_CHECKS_OFF[@]}")
+        updated=1
+        err="$(LC_ALL=C apt-get -qq "${update_opts[@]}" update 2>&1 >/dev/null)" || updated=""
+    fi
+    [[ -z "$err" ]] || printf '%s\n' "$err" >&2
+    [[ -n "$updated" ]]
+}
+
 # fetch_debian_package SUITE PACKAGE STAGE: download PACKAGE from the machine's own Debian mirror's SUITE
 # with a private apt state (the machine's apt configuration is never touched) and unpack it into STAGE.
 # Prints the .deb's file name; returns non-zero (after saying why) when it cannot. The index and the
@@ -264,17 +282,8 @@ fetch_debian_package() {
         -o "APT::Architectures::=$(dpkg --print-architecture)"
         -o "Acquire::IndexTargets::deb::Contents-deb::DefaultEnabled=false"
     )
-    local deb="" err updated=1
-    err="$(LC_ALL=C apt-get -qq "${apt_opts[@]}" update 2>&1 >/dev/null)" || updated=""
-    if [[ -z "$updated" ]] && release_dates_refused "$err"; then
-        log "WARNING: the mirror's $suite is out of date; fetching from it without date checks:" \
-            "$(grep -m1 -E "$APT_DATE_REFUSAL" <<<"$err")" >&2
-        apt_opts+=("${APT_DATE_CHECKS_OFF[@]}")
-        updated=1
-        err="$(LC_ALL=C apt-get -qq "${apt_opts[@]}" update 2>&1 >/dev/null)" || updated=""
-    fi
-    [[ -z "$err" ]] || printf '%s\n' "$err" >&2
-    if [[ -n "$updated" ]] \
+    local deb=""
+    if private_apt_update apt_opts "$suite" \
         && (cd "$aptdir/download" && apt-get -qq "${apt_opts[@]}" download "$package" >/dev/null); then
         deb="$(ls "$aptdir/download/${package}"_*.deb 2>/dev/null | head -n1)"
     fi
@@ -468,10 +477,7 @@ fetch_debian_source() {
     sed -i 's/^Types: deb$/Types: deb-src/' "$aptdir/etc/private.sources"
     local apt_opts
     private_apt_options apt_opts "$aptdir"
-    if ! LC_ALL=C apt-get -qq "${apt_opts[@]}" update >/dev/null 2>&1; then
-        apt_opts+=("${APT_DATE_CHECKS_OFF[@]}")
-        LC_ALL=C apt-get -qq "${apt_opts[@]}" update >/dev/null 2>&1 || { rm -rf "$aptdir"; return 1; }
-    fi
+    private_apt_update apt_opts "$suite" || { rm -rf "$aptdir"; return 1; }
     # Only the upstream tarball is used: a mirror that lacks the Debian packaging tarball (seen) still
     # serves it, so apt's failure over the other file is not the end.
     (cd "$dir" && LC_ALL=C apt-get -qq "${apt_opts[@]}" source --download-only "$package" >/dev/null 2>&1) || true
