@@ -43,7 +43,7 @@ def mounted(path: Path) -> bool:
     return str(path) in mounts_containing(str(path))
 
 
-def make_bundle(base: Path, pod_pid: int) -> tuple[Path, Path]:
+def make_bundle(base: Path, pod_pid: int, args: list[str] | None = None) -> tuple[Path, Path]:
     """A bundle whose container joins the pod's namespaces, like CRI's spec, plus a rootfs to bind."""
     rootfs = base / "image-rootfs"
     rootfs.mkdir(parents=True)
@@ -53,7 +53,7 @@ def make_bundle(base: Path, pod_pid: int) -> tuple[Path, Path]:
     subprocess.run(["runc", "spec", "--bundle", str(bundle)], check=True)
     spec = json.loads((bundle / "config.json").read_text())
     spec["process"]["terminal"] = False
-    spec["process"]["args"] = ["sh", "-c", "echo started; sleep 3600"]
+    spec["process"]["args"] = args or ["sh", "-c", "echo started; sleep 3600"]
     spec["root"] = {"path": "rootfs", "readonly": True}
     spec["annotations"] = {"io.kubernetes.cri.sandbox-id": POD}
     spaces = []
@@ -77,13 +77,14 @@ class DirectPod:
 
 
 @contextlib.asynccontextmanager
-async def direct_pod(stack: Stack, base: Path, hostname: str) -> AsyncIterator[DirectPod]:
+async def direct_pod(stack: Stack, base: Path, hostname: str,
+                     args: list[str] | None = None) -> AsyncIterator[DirectPod]:
     """Pod POD made and started straight through the Sandbox API, a bundle for a container CID in it
     (make_bundle), and a Task API client of its task server; the pod stopped and shut down at the end."""
     async with grpc.aio.insecure_channel(f"unix://{stack.sandboxer_socket}") as channel:
         controller = sb_grpc.ControllerStub(channel)
         started = await start_sandbox(controller, POD, "runc", hostname)
-        bundle, rootfs = make_bundle(base, started.pid)
+        bundle, rootfs = make_bundle(base, started.pid, args)
         client = await TtrpcClient.connect_unix(started.address.removeprefix("ttrpc+unix://"))
         try:
             yield DirectPod(controller, client, started.pid, bundle, rootfs)

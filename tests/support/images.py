@@ -106,6 +106,20 @@ def _resolve_dest(dest: str | os.PathLike[str], ref: str) -> Path:
     return path
 
 
+def image_config_bytes(ref: str, config: Mapping[str, object], diff_ids: Sequence[str],
+                       architecture: str = "amd64", os_name: str = "linux") -> bytes:
+    """An image's config document (what CRI knows the image by: its digest is the image id)."""
+    image_config = {
+        "architecture": architecture,
+        "os": os_name,
+        "created": CREATED,
+        "config": dict(config),
+        "rootfs": {"type": "layers", "diff_ids": list(diff_ids)},
+        "history": [{"created": CREATED, "created_by": f"kuasar-py tests/support/images.py ({ref})"}],
+    }
+    return json.dumps(image_config, sort_keys=True, separators=(",", ":")).encode()
+
+
 def build_image(
     dest: str | os.PathLike[str],
     ref: str,
@@ -132,15 +146,7 @@ def build_image(
         config["Entrypoint"] = list(entrypoint)
     if labels:
         config["Labels"] = dict(labels)
-    image_config = {
-        "architecture": architecture,
-        "os": os_name,
-        "created": CREATED,
-        "config": config,
-        "rootfs": {"type": "layers", "diff_ids": diff_ids},
-        "history": [{"created": CREATED, "created_by": f"kuasar-py tests/support/images.py ({ref})"}],
-    }
-    config_bytes = json.dumps(image_config, sort_keys=True, separators=(",", ":")).encode()
+    config_bytes = image_config_bytes(ref, config, diff_ids, architecture, os_name)
     config_name = hashlib.sha256(config_bytes).hexdigest() + ".json"
     layer_names = [d.split(":", 1)[1] + "/layer.tar" for d in diff_ids]
     manifest = [{"Config": config_name, "RepoTags": [ref], "Layers": layer_names}]

@@ -119,3 +119,63 @@ def test_criu_errors_come_from_its_dump_log(tmp_path: Path) -> None:
     (tmp_path / rc.DUMP_LOG).write_text("(00.01) Warn ok\n(00.02) Error (a.c:1): first\n(00.03) Info\n"
                                         "(00.04) Error (b.c:2): second\n")
     assert rc.criu_errors(plan) == "(00.02) Error (a.c:1): first; (00.04) Error (b.c:2): second"
+
+
+def test_a_restore_hands_criu_the_new_stdio_for_the_external_files_the_checkpoint_recorded(tmp_path: Path) -> None:
+    # Checkpoint records which of the init's fds 0-2 were external files; the restore's CRIU
+    # configuration maps each to the fd runc gives CRIU (the new container's stdio).
+    (tmp_path / "inventory.img").write_bytes(b"")
+    rc.write_external_stdio(str(tmp_path), {1: "file[1a:2b]", 2: "file[1a:2c]"})
+    plan = rc.plan_restore(str(tmp_path))
+    assert plan.inherit == {1: "file[1a:2b]", 2: "file[1a:2c]"}
+    assert plan.runc_args() == ["--image-path", str(tmp_path), "--work-path", str(tmp_path)]
+    config = tmp_path / rc.CRIU_CONFIG_NAME
+    rc.write_criu_config(config, inherit=plan.inherit)
+    assert config.read_text().splitlines() == ["inherit-fd fd[1]:file[1a:2b]", "inherit-fd fd[2]:file[1a:2c]"]
+    # A checkpoint without the record (its stdio were pipes, which runc hands over itself): nothing to map.
+    (tmp_path / rc.EXTERNAL_STDIO_RECORD).unlink()
+    assert rc.plan_restore(str(tmp_path)).inherit == {}
+    (tmp_path / rc.RESTORE_LOG).write_text("(00.01) Error (files.c:9): no file[1a:2b]\n")
+    assert rc.criu_errors(plan) == "(00.01) Error (files.c:9): no file[1a:2b]"
+
+
+def test_the_stdio_of_a_container_is_recorded_when_it_is_external(tmp_path: Path) -> None:
+    # fd 1 of a process in a mount namespace of its own is a FIFO of ours: external; its fd 0 a pipe: not.
+    fifo = tmp_path / "stdout"
+    os.mkfifo(fifo)
+    holder = os.open(fifo, os.O_RDWR)
+    init = subprocess.Popen(["unshare", "--mount", "--propagation", "private", "sleep", "60"],
+                            stdin=subprocess.PIPE, stdout=holder, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 5
+        while os.readlink(f"/proc/{init.pid}/ns/mnt") == os.readlink("/proc/self/ns/mnt"):
+            assert time.monotonic() < deadline, "unshare did not enter its mount namespace"
+            time.sleep(0.01)
+        stdio = rc.external_stdio(init.pid)
+        assert list(stdio) == [1]
+        assert stdio[1].endswith(f":{os.fstat(holder).st_ino:x}]") and rc.EXTERNAL_FILE_ID.fullmatch(stdio[1])
+    finally:
+        init.kill()
+        init.wait()
+        os.close(holder)
+
+
+@pytest.mark.parametrize("record, message", [
+    (b"not json", "unreadable"),
+    (b'{"3": "file[1:2]"}', "not a map of standard fds"),
+    (b'{"1": "file[1:2]\\naction-script /x"}', "not a map of standard fds"),
+    (b'{"1": "file[1:2]\\n"}', "not a map of standard fds"),
+    (b'["file[1:2]"]', "not a map of standard fds"),
+])
+def test_a_record_that_is_not_ours_is_refused(tmp_path: Path, record: bytes, message: str) -> None:
+    # Its values become lines of CRIU's configuration, which could otherwise run a script as root.
+    (tmp_path / "inventory.img").write_bytes(b"")
+    (tmp_path / rc.EXTERNAL_STDIO_RECORD).write_bytes(record)
+    with pytest.raises(InvalidArgument, match=message):
+        rc.plan_restore(str(tmp_path))
+
+
+@pytest.mark.parametrize("path, message", [("relative/dir", "not absolute"), ("/no/such/dir", "no CRIU checkpoint")])
+def test_a_restore_from_what_is_no_checkpoint_is_an_invalid_argument(path: str, message: str) -> None:
+    with pytest.raises(InvalidArgument, match=message):
+        rc.plan_restore(path)

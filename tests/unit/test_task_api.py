@@ -96,3 +96,14 @@ def test_a_container_is_not_reached_from_another_containerd_namespace() -> None:
     assert asyncio.run(delete(task.DeleteRequest(id="c1"), in_namespace("a"))).pid == 7
     assert asyncio.run(delete(task.DeleteRequest(id="c2"), in_namespace("b"))).pid == 7  # unknown: the backend says
     assert backend.deleted == ["c1", "c2"]
+
+
+def test_a_backend_that_restores_gets_the_restore() -> None:
+    class Restoring(Backend):
+        restores_checkpoints = True
+
+    handlers, backend = Handlers(), Restoring()
+    register_task_service(handlers, backend)  # type: ignore[arg-type]
+    create = handlers.unary[TASK_SERVICES[0], "Create"]
+    assert asyncio.run(create(task.CreateTaskRequest(id="c1", bundle="/b", checkpoint=CHECKPOINT), context())).pid == 7
+    assert backend.created == ["c1"]

@@ -16,21 +16,25 @@ from . import cgroup_attach, cgroups, mounts
 from .api.containerd.events import task_pb2 as events
 from .api.containerd.runtime.task.v2 import shim_pb2 as task
 from .api.containerd.types.task import task_pb2 as types
-from .errors import FailedPrecondition, NotFound, RuntimeFailure
+from .errors import FailedPrecondition, NotFound, RuntimeFailure, Unimplemented
 from .events import EventPublisher
 from .fifo_stdio import ProcessIO
 from .pod_files import pod_dir, rewrite_container_spec
 from .reaper import Reaper
 from .runc_checkpoint import (
     CRIU_CONFIG_NAME,
+    RestorePlan,
     criu_errors,
     external_files,
+    external_stdio,
     plan_checkpoint,
+    plan_restore,
     require_criu,
     use_criu_config,
     write_criu_config,
+    write_external_stdio,
 )
-from .runc_cli import Runc
+from .runc_cli import Runc, Stdio
 from .runc_tasks import RuncContainer, RuncContainerTasks, RuncProcess
 from .task_table import (
     pod_id_of,
@@ -57,6 +61,8 @@ class Container(RuncContainer):
 
 
 class RuncTasks(RuncContainerTasks):
+    restores_checkpoints = True
+
     def __init__(self, reaper: Reaper, events: EventPublisher, directory: Path, runc_binary: str = "runc") -> None:
         super().__init__()
         self.reaper = reaper
@@ -89,18 +95,21 @@ class RuncTasks(RuncContainerTasks):
 
     # -- lifecycle ---------------------------------------------------------------------------------
     async def create(self, req: task.CreateTaskRequest, ctx: Context) -> task.CreateTaskResponse:
+        restore = self._plan_restore(req)
         async with self._creating(req) as (bundle, spec):
             pod_id = pod_id_of(spec.get("annotations") or {})
             io = ProcessIO(req.stdin, req.stdout, req.stderr, req.terminal)
             container = Container(req.id, bundle, bundle, ctx.namespace or bundle_namespace(bundle),
-                                  RuncProcess("", io), shares_pids=shares_pid_namespace(spec), pod_id=pod_id)
+                                  RuncProcess("", io), shares_pids=shares_pid_namespace(spec), pod_id=pod_id,
+                                  restore=restore)
             if req.rootfs:
                 mounts.mount_rootfs(req.rootfs, bundle / "rootfs", user_namespace_path(spec))
                 container.rootfs_mounted = True
             try:
                 rewrite_container_spec(bundle, spec, pod_dir(self.directory, pod_id) if pod_id else None,
                                        changed=use_criu_config(spec, bundle))
-                await self._start_process(container, container.init, is_exec=False)
+                if restore is None:
+                    await self._start_process(container, container.init, is_exec=False)
             except BaseException:  # also a cancelled Create (its deadline, its connection gone)
                 if container.rootfs_mounted:
                     mounts.unmount_all(bundle / "rootfs")
@@ -109,6 +118,45 @@ class RuncTasks(RuncContainerTasks):
         log.info("container %s created in pod %s pid %d", req.id, pod_id, container.init.pid)
         self._publish_create(req, req.bundle, container.init.pid, container.namespace)
         return task.CreateTaskResponse(pid=container.init.pid)
+
+    @staticmethod
+    def _plan_restore(req: task.CreateTaskRequest) -> RestorePlan | None:
+        """What a Create naming a checkpoint restores; checked before anything is mounted."""
+        if not req.checkpoint:
+            return None
+        if req.terminal:
+            # CRIU would need the old terminal as an external one and runc the new one's console: neither
+            # is set up here.
+            raise Unimplemented(f"container {req.id}: restoring a container with a terminal is not supported")
+        plan = plan_restore(req.checkpoint)
+        require_criu()
+        return plan
+
+    async def _start_init(self, container: Container, proc: RuncProcess) -> None:
+        if container.restore is None:
+            await super()._start_init(container, proc)
+            return
+        config = container.files / CRIU_CONFIG_NAME
+        write_criu_config(config, inherit=container.restore.inherit)
+        try:
+            await self._start_process(container, proc, is_exec=False)
+        except RuntimeFailure as exc:
+            errors = criu_errors(container.restore)
+            raise RuntimeFailure(f"{exc}; criu: {errors}" if errors else str(exc)) from None
+        finally:
+            config.unlink(missing_ok=True)
+        container.restore = None  # restored: what is left is a running container's
+        if proc.status == types.CREATED:
+            proc.status = types.RUNNING
+        log.info("container %s restored from a checkpoint, pid %d", container.id, proc.pid)
+
+    async def _run_runc(self, container: Container, proc: RuncProcess, is_exec: bool, pid_file: Path,
+                        stdio: Stdio, console: Path | None) -> None:
+        if is_exec or container.restore is None:
+            await super()._run_runc(container, proc, is_exec, pid_file, stdio, console)
+            return
+        await self.runc.restore(container.id, container.bundle, pid_file, container.log, stdio,
+                                container.restore.runc_args())
 
     async def kill(self, req: task.KillRequest, ctx: Context) -> empty_pb2.Empty:
         container = self._get(req.id)
@@ -152,6 +200,7 @@ class RuncTasks(RuncContainerTasks):
             config = container.files / CRIU_CONFIG_NAME
             pids = cgroups.cgroup_procs_of(container.init.pid) or [container.init.pid]
             write_criu_config(config, external_files(pids, container.init.pid))
+            stdio = external_stdio(container.init.pid)  # before runc: `exit` ends the init
             try:
                 await self.runc.checkpoint(plan.runc_args(req.id), container.log)
             except RuntimeFailure as exc:
@@ -159,6 +208,7 @@ class RuncTasks(RuncContainerTasks):
                 raise RuntimeFailure(f"{exc}; criu: {errors}" if errors else str(exc)) from None
             finally:
                 config.unlink(missing_ok=True)
+            write_external_stdio(plan.image_path, stdio)
         log.info("container %s checkpointed to %s%s", req.id, plan.image_path,
                  "" if plan.leave_running else " (and stopped)")
         self._publish(events.TaskCheckpointed(container_id=req.id), container.namespace)

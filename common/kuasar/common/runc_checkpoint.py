@@ -12,11 +12,19 @@ mount of the host that the container's mount namespace does not have, which CRIU
 ("Can't lookup mount") unless told they are external. runc passes no such option; it has CRIU read a
 configuration file named by the container's `org.criu.config` annotation, which Create sets to a file
 in the container's directory (CRIU_CONFIG_NAME) and Checkpoint writes just before it runs runc.
+
+A restore (CRI's restore of a checkpoint archive, `ctr container restore`) is the reverse: a Create that
+names the checkpoint's directory, then a Start that runs `runc restore`. CRIU must be handed, for each
+external file, what to use in its place; runc does so for stdio pipes only, so Checkpoint records which
+of the init's standard fds were external files (EXTERNAL_STDIO_RECORD, among the images) and the
+restore's configuration file maps each to the new container's fd (`inherit-fd`).
 """
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
 import stat
 from dataclasses import dataclass, field
@@ -39,6 +47,15 @@ DUMP_LOG_ERRORS = 3
 # The spec annotation runc reads for the CRIU configuration file of a container's checkpoints.
 CRIU_CONFIG_ANNOTATION = "org.criu.config"
 CRIU_CONFIG_NAME = "criu.conf"
+# Which of a checkpointed init's fds 0-2 were external files: JSON {"<fd>": "file[...]"}, beside CRIU's
+# images (containerd archives that directory whole and unpacks it whole for a restore).
+EXTERNAL_STDIO_RECORD = "kuasar-external-stdio.json"
+# CRIU's log of a restore, in its work directory.
+RESTORE_LOG = "restore.log"
+# An external file's CRIU id as external_files writes it (mount id and inode, hex).
+EXTERNAL_FILE_ID = re.compile(r"file\[[0-9a-f]+:[0-9a-f]+\]")
+# What a record may name: an init's standard fds.
+STDIO_FDS = (0, 1, 2)
 # Links in /proc/<pid>/fd of what CRIU dumps by kind, not as a file on a mount.
 UNNAMED_FD_PREFIXES = ("pipe:", "socket:", "anon_inode:")
 # What runc's --manage-cgroups-mode accepts.
@@ -59,10 +76,22 @@ class CheckpointPlan:
         return [*args, *self.flags, container_id]
 
 
-def criu_errors(plan: CheckpointPlan) -> str:
-    """The last errors CRIU logged for `plan`'s dump ("" if none could be read)."""
+@dataclass
+class RestorePlan:
+    image_path: str
+    work_path: str
+    # fd of the new init -> the external file it stands for (the checkpoint's record)
+    inherit: dict[int, str]
+
+    def runc_args(self) -> list[str]:
+        return ["--image-path", self.image_path, "--work-path", self.work_path]
+
+
+def criu_errors(plan: CheckpointPlan | RestorePlan) -> str:
+    """The last errors CRIU logged for `plan`'s dump or restore ("" if none could be read)."""
+    log_name = RESTORE_LOG if isinstance(plan, RestorePlan) else DUMP_LOG
     try:
-        with open(os.path.join(plan.work_path, DUMP_LOG), "rb") as f:
+        with open(os.path.join(plan.work_path, log_name), "rb") as f:
             f.seek(0, os.SEEK_END)
             f.seek(max(0, f.tell() - 65536))
             lines = f.read().decode(errors="replace").splitlines()
@@ -144,6 +173,22 @@ def _fd_mount_id(pid: int, fd: str) -> int | None:
     return None
 
 
+def _external_file(pid: int, fd: str, inside: set[int]) -> str | None:
+    """CRIU's external id of `pid`'s `fd` if it is a file on a mount outside the `inside` mount ids."""
+    try:
+        if os.readlink(f"/proc/{pid}/fd/{fd}").startswith(UNNAMED_FD_PREFIXES):
+            return None
+        info = os.stat(f"/proc/{pid}/fd/{fd}")
+    except OSError:
+        return None
+    if not (stat.S_ISREG(info.st_mode) or stat.S_ISFIFO(info.st_mode)):
+        return None
+    mount_id = _fd_mount_id(pid, fd)
+    if mount_id is None or mount_id in inside:
+        return None
+    return f"file[{mount_id:x}:{info.st_ino:x}]"
+
+
 def external_files(pids: list[int], init_pid: int) -> set[str]:
     """CRIU's `external` ids (`file[<mount id>:<inode>]`, hex) of the files `pids` hold open on mounts
     outside the mount namespace of `init_pid` (the container's): containerd's FIFOs, a file passed in."""
@@ -154,30 +199,61 @@ def external_files(pids: list[int], init_pid: int) -> set[str]:
             fds = os.listdir(f"/proc/{pid}/fd")
         except OSError:  # gone meanwhile: nothing of it to dump
             continue
-        for fd in fds:
-            try:
-                if os.readlink(f"/proc/{pid}/fd/{fd}").startswith(UNNAMED_FD_PREFIXES):
-                    continue
-                info = os.stat(f"/proc/{pid}/fd/{fd}")
-            except OSError:
-                continue
-            if not (stat.S_ISREG(info.st_mode) or stat.S_ISFIFO(info.st_mode)):
-                continue
-            mount_id = _fd_mount_id(pid, fd)
-            if mount_id is not None and mount_id not in inside:
-                found.add(f"file[{mount_id:x}:{info.st_ino:x}]")
+        found.update(ext for fd in fds if (ext := _external_file(pid, fd, inside)) is not None)
     return found
 
 
-def write_criu_config(path: Path, externals: set[str]) -> None:
-    """The CRIU configuration (one option per line, without dashes) for the next checkpoint."""
-    write_atomic(path, "".join(f"external {ext}\n" for ext in sorted(externals)).encode(), mode=0o600,
-                 durable=False)
+def external_stdio(init_pid: int) -> dict[int, str]:
+    """Which of `init_pid`'s standard fds are external files, and their ids (what a restore must replace)."""
+    inside = _mount_ids(init_pid)
+    return {fd: ext for fd in STDIO_FDS if (ext := _external_file(init_pid, str(fd), inside)) is not None}
+
+
+def write_external_stdio(image_path: str, stdio: dict[int, str]) -> None:
+    write_atomic(Path(image_path) / EXTERNAL_STDIO_RECORD,
+                 json.dumps({str(fd): ext for fd, ext in sorted(stdio.items())}).encode(), mode=0o600, durable=False)
+
+
+def read_external_stdio(image_path: Path) -> dict[int, str]:
+    """A checkpoint's record of its init's external stdio; {} for a checkpoint without one (not ours: its
+    stdio were pipes, which runc hands over itself). A record that is not ours to trust is refused."""
+    try:
+        raw = json.loads((image_path / EXTERNAL_STDIO_RECORD).read_bytes())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:
+        raise InvalidArgument(f"restore: unreadable {EXTERNAL_STDIO_RECORD} in the checkpoint: {exc}") from None
+    # Each value becomes a line of CRIU's configuration: only an fd number and an id of our own making.
+    if not isinstance(raw, dict) or not all(isinstance(k, str) and k.isdigit() and int(k) in STDIO_FDS
+                                            and isinstance(v, str) and EXTERNAL_FILE_ID.fullmatch(v)
+                                            for k, v in raw.items()):
+        raise InvalidArgument(f"restore: {EXTERNAL_STDIO_RECORD} in the checkpoint is not a map of standard fds "
+                              "to external file ids")
+    return {int(fd): ext for fd, ext in raw.items()}
+
+
+def plan_restore(checkpoint: str) -> RestorePlan:
+    """The restore a Create's `checkpoint` (a directory of CRIU images) asks for."""
+    if not os.path.isabs(checkpoint):
+        raise InvalidArgument(f"restore: the checkpoint path {checkpoint!r} is not absolute")
+    image_path = Path(checkpoint)
+    if not (image_path / "inventory.img").is_file():
+        raise InvalidArgument(f"restore: {checkpoint} holds no CRIU checkpoint (no inventory.img)")
+    # CRIU's log goes with the images, as a dump's: containerd removes that directory after a restore.
+    return RestorePlan(checkpoint, checkpoint, read_external_stdio(image_path))
+
+
+def write_criu_config(path: Path, externals: set[str] = frozenset(), inherit: dict[int, str] | None = None) -> None:
+    """The CRIU configuration (one option per line, without dashes) for the next checkpoint (`externals`)
+    or restore (`inherit`: the fds of CRIU, which runc gives the new init's stdio, for external files)."""
+    lines = [f"external {ext}\n" for ext in sorted(externals)]
+    lines += [f"inherit-fd fd[{fd}]:{ext}\n" for fd, ext in sorted((inherit or {}).items())]
+    write_atomic(path, "".join(lines).encode(), mode=0o600, durable=False)
 
 
 def require_criu() -> None:
     """runc checkpoints with CRIU from its PATH (which it inherits from us): say so before runc does,
     in words that name what is missing."""
     if shutil.which(CRIU) is None:
-        raise FailedPrecondition("checkpoint: criu is not on the task server's PATH (`make setup` builds one "
-                                 "into .prefix/bin; `make install` installs it beside the sandboxers)")
+        raise FailedPrecondition("checkpoint and restore: criu is not on the task server's PATH (`make setup` "
+                                 "builds one into .prefix/bin; `make install` installs it beside the sandboxers)")

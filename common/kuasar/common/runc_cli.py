@@ -153,6 +153,17 @@ class Runc:
         """`runc checkpoint` with `args` (kuasar.common.runc_checkpoint.CheckpointPlan.runc_args)."""
         await self._run(args, log_path=log_path)
 
+    async def restore(self, container_id: str, bundle: Path, pid_file: Path, log_path: Path, stdio: Stdio,
+                      criu_args: list[str]) -> None:
+        """`runc restore` of a checkpoint into a container that runs when this returns (`criu_args`:
+        kuasar.common.runc_checkpoint.RestorePlan.runc_args). No subreaper of runc's own: the restored
+        init must re-parent to us, the task server, as a created one does."""
+        args = ["restore", "--detach", "--no-subreaper", "--bundle", str(bundle), "--pid-file", str(pid_file),
+                *criu_args]
+        if self.no_pivot:
+            args.append("--no-pivot")
+        await self._run([*args, container_id], log_path=log_path, stdio=stdio, capture=False)
+
     async def pause(self, container_id: str) -> None:
         await self._run(["pause", container_id])
 

@@ -34,6 +34,7 @@ from .errors import FailedPrecondition, InvalidArgument, KuasarError, NotFound
 from .ids import validate_id
 from .oom import OomWatch
 from .reaper import Exit, Reaper
+from .runc_checkpoint import RestorePlan
 from .runc_cli import Runc, Stdio
 from .runtime_commands import LeftRuntimeCommands
 from .task_table import (
@@ -78,6 +79,8 @@ class RuncContainer(TaskContainer):
     shares_pids: bool = False
     # The cgroup.procs of a container that shares a PID namespace, learnt while its init is alive.
     procs_file: Path | None = None
+    # A Create that named a checkpoint, on a backend that restores (RuncTasks): Start restores it.
+    restore: RestorePlan | None = None
 
     @property
     def log(self) -> Path:
@@ -273,7 +276,9 @@ class RuncContainerTasks(LeftRuntimeCommands, TerminalTasks):
             log.warning("container %s: runc delete after a failed create: %s", container.id, exc)
 
     def _watch_oom(self, container: Any, proc: RuncProcess) -> None:
-        if container.oom is None and self.containers.get(container.id) is container and proc.status == types.CREATED:
+        # (RUNNING: a restored init, which runs when runc returns)
+        if container.oom is None and self.containers.get(container.id) is container and \
+                proc.status in (types.CREATED, types.RUNNING):
             container.oom = OomWatch(proc.pid, lambda: self._on_oom(container))
 
     async def _run_runc(self, container: Any, proc: RuncProcess, is_exec: bool, pid_file: Path, stdio: Stdio,

@@ -41,9 +41,9 @@ TASK_METHODS: dict[str, type[Message]] = {
 
 
 def refuse_restore(req: task.CreateTaskRequest) -> None:
-    """containerd's CRI restores a checkpointed container with a Create that names the checkpoint. None
-    of our runtimes can restore one, and creating it afresh would run a new container that containerd
-    then reports as restored."""
+    """containerd's CRI restores a checkpointed container with a Create that names the checkpoint. A
+    backend that cannot restore one (see TaskBackend.restores_checkpoints) must say so: creating it
+    afresh would run a new container that containerd then reports as restored."""
     if req.checkpoint:
         raise Unimplemented(f"container {req.id}: restoring from a checkpoint is not supported")
 
@@ -80,6 +80,9 @@ def backend_method_name(name: str) -> str:
 
 class TaskBackend:
     """Every Task RPC; a sandbox type overrides what it supports, the rest answers UNIMPLEMENTED."""
+
+    # Whether Create handles `checkpoint` (a restore); if not, such a Create is refused before it runs.
+    restores_checkpoints = False
 
     async def _unsupported(self, method: str) -> Message:
         raise Unimplemented(f"Task.{method} is not supported by this sandboxer")
@@ -144,7 +147,7 @@ def register_task_service(server: TtrpcServer, backend: TaskBackend,
     for service in services:
         for method, request_type in TASK_METHODS.items():
             handler = getattr(backend, backend_method_name(method))
-            if method == "Create":
+            if method == "Create" and not backend.restores_checkpoints:
                 handler = _refusing_restore(handler)
             if namespace_of is not None and method not in _NO_CONTAINER_YET:
                 handler = _in_its_namespace(handler, namespace_of)
