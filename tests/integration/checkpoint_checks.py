@@ -73,4 +73,3 @@ def check_checkpoint_through_cri(stack: Stack, tmp_path: Path, handler: str = HA
 
     asyncio.run(scenario())
     assert kdat_tmp_before or not CRIU_KDAT_TMP.exists()
-
