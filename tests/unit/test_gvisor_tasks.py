@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -503,6 +505,34 @@ def test_a_sandbox_oom_counts_for_running_containers_and_those_it_just_ended_onl
     for container in (running, just_ended, long_done):
         tasks._on_sandbox_oom(container)
     assert events.topics == ["/tasks/oom", "/tasks/oom"]
+
+
+@pytest.mark.parametrize("sandbox_exited", [False, True], ids=["running", "exited"])
+def test_an_oom_kill_in_the_pod_ends_its_sandbox_once_whichever_process_the_kernel_chose(
+        tmp_path: Path, sandbox_exited: bool) -> None:
+    # The kernel killed a systrap stub (the most pages: it maps the sentry's memory), not the sandbox, and
+    # the sentry stopped answering: the container ran on and the pod's stop hung. Now the sandbox ends,
+    # once; a sandbox whose exit was seen (its pid maybe another's by now) is not signalled.
+    sandbox = subprocess.Popen(["sleep", "60"])
+    try:
+        async def scenario() -> None:
+            tasks, _, events = make_tasks(tmp_path)
+            pod = add_pod(tasks, tmp_path)
+            pod.pid, pod.exited = sandbox.pid, asyncio.get_running_loop().create_future()
+            if sandbox_exited:
+                pod.exited.set_result(Exit(sandbox.pid, 137, time.time_ns()))
+            for cid in ("c1", "c2"):  # the same kill, seen by each container's watch
+                tasks._on_sandbox_oom(add_container(tasks, tmp_path, cid))
+            assert events.topics == ["/tasks/oom", "/tasks/oom"]
+            assert pod.ended_after_oom is not sandbox_exited
+        asyncio.run(scenario())
+        if sandbox_exited:
+            assert sandbox.poll() is None
+        else:
+            assert sandbox.wait(5) == -signal.SIGKILL
+    finally:
+        sandbox.kill()
+        sandbox.wait()
 
 
 # -- exit order ---------------------------------------------------------------------------------------

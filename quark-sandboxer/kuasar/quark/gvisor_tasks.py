@@ -108,6 +108,9 @@ class GvisorPod:
     # Whether the sandbox is in a cgroup of its own (the pod's): else it shares the task server's, whose
     # OOM kills are not this pod's.
     own_cgroup: bool = False
+    # The sandbox process's exit (it re-parents to us, the task server, when runsc create exits).
+    exited: asyncio.Future[Exit] | None = None
+    ended_after_oom: bool = False
 
 
 @dataclass
@@ -197,10 +200,12 @@ class GvisorTasks(LeftRuntimeCommands, TerminalTasks):
         bundle.mkdir(parents=True, mode=0o700)
         (bundle / "config.json").write_text(json.dumps(spec))
         pod = GvisorPod(pod_id, bundle, network, shm_source=shm_source, own_cgroup=cgroup is not None)
+        since_ns = time.monotonic_ns()  # the sandbox process runsc makes exits after this, if it has
         try:
             await self.runsc.create(pod_id, bundle, bundle / "sandbox.pid", network, Stdio())
             await self.runsc.start(pod_id, bundle, network)
             pod.pid = int((bundle / "sandbox.pid").read_text().strip())
+            pod.exited = self.reaper.watch(pod.pid, since_ns)
         except BaseException:
             await self._destroy_sandbox(pod)
             raise
@@ -550,9 +555,25 @@ class GvisorTasks(LeftRuntimeCommands, TerminalTasks):
         (an init container that completed must not turn OOMKilled; CRI takes the event at any time). The
         kill ends the sandbox, so the containers' exits it causes come within moments of it."""
         init = container.init
+        self._end_sandbox_after_oom(container.pod)
         if init.status == types.STOPPED and time.time_ns() - init.exited_at_ns > OOM_EXIT_SLACK_NS:
             return
         self._on_oom(container)
+
+    @staticmethod
+    def _end_sandbox_after_oom(pod: GvisorPod) -> None:
+        """The kernel's OOM killer picks the process of the pod's cgroup with the most pages, which need
+        not be the sandbox: it may be one of systrap's stub processes (they map the sentry's memory
+        file) or a gofer, and a sentry that lost one stops answering (its container ran on, every runsc
+        command on it hung, and so did the pod's stop). The sandbox is ended then, as when it is the
+        one killed; once per pod, the watch of each of its containers seeing the same kill."""
+        if pod.ended_after_oom or pod.exited is None or pod.exited.done():
+            return
+        pod.ended_after_oom = True
+        log.warning("pod %s: an OOM kill in its cgroup; ending its gVisor sandbox (pid %d), which may have "
+                    "lost one of its own processes to it", pod.id, pod.pid)
+        # Not reaped yet (its exit future is pending), so the pid is still the sandbox's.
+        signal_quietly(pod.pid, signal.SIGKILL)
 
     async def _thaw(self, container: Container) -> None:
         """Resume a paused container's sandbox: runsc refuses to signal anything in it, and its
