@@ -4,6 +4,7 @@ served by the same runc Task API), with real CRIU."""
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
 import tarfile
 import time
@@ -15,6 +16,7 @@ import pytest
 
 from kuasar.common.api.runtime.v1 import api_pb2 as cri
 from kuasar.common.cri_client import CriClient
+from kuasar.common.runc_checkpoint import EXTERNAL_STDIO_RECORD
 
 from .conftest import Stack
 from .cri_helpers import HANDLER, log_text, remove_pod, run_pod, runc_containers, start_container, wait_log, wait_state
@@ -52,6 +54,11 @@ def check_checkpoint_through_cri(stack: Stack, tmp_path: Path, handler: str = HA
             # CRIU's images (its inventory and the processes' cores: sh and sleep), as containerd lays out
             # the archive for checkpointctl and a restore: with the container's spec and config.
             assert "checkpoint/inventory.img" in names, sorted(names)
+            # With what a restore needs to hand CRIU the new container's stdio (containerd's FIFOs).
+            assert f"checkpoint/{EXTERNAL_STDIO_RECORD}" in names, sorted(names)
+            with tarfile.open(archive) as tar:
+                record = json.loads(tar.extractfile(f"checkpoint/{EXTERNAL_STDIO_RECORD}").read())
+            assert {"1", "2"} <= set(record), record
             assert sum(name.startswith("checkpoint/core-") for name in names) >= 1, sorted(names)
             assert {"spec.dump", "config.dump", "status.dump"} <= names, sorted(names)
             # Left running (the forensic checkpoint's point), and resumed after containerd's pause.
