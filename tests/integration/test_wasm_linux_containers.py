@@ -38,6 +38,7 @@ from .cri_helpers import (
     wait_log,
     wait_state,
 )
+from .restore_checks import check_restore_through_task_api
 from .wasm_stack import WASM_HANDLER, WASM_IMAGE, stack_fixture
 
 pytestmark = pytest.mark.integration
@@ -127,6 +128,13 @@ def test_linux_containers_exit_codes_stop_and_a_failed_start(stack: Stack) -> No
 @NEEDS_CRIU
 def test_a_linux_container_is_checkpointed_through_cri_as_in_runc_sandboxer(stack: Stack, tmp_path: Path) -> None:
     check_checkpoint_through_cri(stack, tmp_path, WASM_HANDLER)
+
+
+@NEEDS_CRIU
+def test_a_linux_container_is_restored_through_the_task_api_as_in_runc_sandboxer(stack: Stack,
+                                                                                 tmp_path: Path) -> None:
+    # A restore goes to runc straight away: only a Linux container can have been checkpointed.
+    check_restore_through_task_api(stack, tmp_path)
 
 
 def test_a_misnamed_module_is_not_handed_to_runc(stack: Stack) -> None:

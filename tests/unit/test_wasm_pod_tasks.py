@@ -15,7 +15,14 @@ from typing import Any
 import pytest
 
 from kuasar.common.api.containerd.runtime.task.v2 import shim_pb2 as task
-from kuasar.common.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, RuntimeFailure
+from kuasar.common.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    RuntimeFailure,
+    Unimplemented,
+)
 from kuasar.common.task_api import TASK_METHODS, backend_method_name
 from kuasar.wasm.module import NotAModule, locate_module
 from kuasar.wasm.pod_tasks import NOT_ROUTED, WasmPodTasks
@@ -204,3 +211,14 @@ def test_a_linux_container_may_not_join_the_hosts_pid_namespace_a_modules_proces
     finally:
         other.kill()
         other.wait()
+
+
+def test_a_restore_goes_to_runc_without_asking_the_wasm_backend_and_is_refused_without_linux_containers() -> None:
+    # Only a Linux container can have been checkpointed (a module's Checkpoint is UNIMPLEMENTED).
+    wasm, linux = Backend("wasm"), Backend("runc")
+    restore = task.CreateTaskRequest(id="restored", bundle=str(BUNDLE[0]), checkpoint="/var/lib/ckpt")
+    assert asyncio.run(WasmPodTasks(wasm, linux).create(restore, CTX)).pid == 2  # type: ignore[arg-type]
+    assert wasm.calls == [] and linux.calls == [("create", "restored")]
+    with pytest.raises(Unimplemented, match="restoring from a checkpoint"):
+        asyncio.run(WasmPodTasks(wasm, None).create(restore, CTX))  # type: ignore[arg-type]
+    assert wasm.calls == []

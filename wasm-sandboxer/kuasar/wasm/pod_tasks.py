@@ -25,7 +25,7 @@ from google.protobuf.message import Message
 from kuasar.common.api.containerd.runtime.task.v2 import shim_pb2 as task
 from kuasar.common.errors import AlreadyExists, FailedPrecondition, KuasarError, from_code
 from kuasar.common.host_runc_tasks import RuncTasks
-from kuasar.common.task_api import TASK_METHODS, TaskBackend, backend_method_name
+from kuasar.common.task_api import TASK_METHODS, TaskBackend, backend_method_name, refuse_restore
 from kuasar.common.task_table import host_bundle, read_bundle_spec
 from kuasar.common.ttrpc import Context
 
@@ -39,6 +39,10 @@ NOT_ROUTED = ("Create", "Shutdown")
 
 
 class WasmPodTasks(TaskBackend):
+    # A restore is a Linux container's: a module cannot be checkpointed (WasmTasks answers Checkpoint
+    # UNIMPLEMENTED), so CRIU images can only be runc's.
+    restores_checkpoints = True
+
     def __init__(self, wasm: WasmTasks, linux: RuncTasks | None) -> None:
         self.wasm = wasm
         self.linux = linux  # None: Linux containers are turned off ([wasm] linux_containers = false)
@@ -67,12 +71,18 @@ class WasmPodTasks(TaskBackend):
             raise AlreadyExists(f"container {req.id} already exists")
         self._creating.add(req.id)
         try:
-            try:
-                return await self.wasm.create(req, ctx)
-            except NotAModule as not_wasm:
+            if req.checkpoint:
                 if self.linux is None:
-                    raise
-                reason = str(not_wasm)
+                    refuse_restore(req)
+                reason = "a restore of a checkpoint (only a Linux container has one)"
+            else:
+                try:
+                    return await self.wasm.create(req, ctx)
+                except NotAModule as not_wasm:
+                    if self.linux is None:
+                        raise
+                    reason = str(not_wasm)
+            assert self.linux is not None  # (without one, both ways above raise)
             if shutil.which(self.linux.runc.binary) is None:
                 raise FailedPrecondition(f"container {req.id}: {reason}; it would run as a Linux container, but "
                                          f"runc {self.linux.runc.binary!r} is not installed (PATH or [wasm] runc)")
