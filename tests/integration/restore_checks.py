@@ -17,7 +17,7 @@ from kuasar.common.api.containerd.runc.options import oci_pb2 as runc_options
 from kuasar.common.api.containerd.runtime.task.v2 import shim_pb2 as task
 from kuasar.common.api.containerd.types import mount_pb2
 from kuasar.common.api.containerd.types.task import task_pb2 as types
-from kuasar.common.errors import InvalidArgument, KuasarError
+from kuasar.common.errors import InvalidArgument, KuasarError, NotFound
 from kuasar.common.runc_checkpoint import CHECKPOINT_OPTIONS_TYPE_URL
 
 from .checkpoint_checks import COUNTER
@@ -86,6 +86,8 @@ def check_restore_through_task_api(stack: Stack, tmp_path: Path) -> None:
                 (broken / "inventory.img").write_bytes(b"\0" * 8)
                 await call(client, "Create", task.CreateTaskRequest(
                     id=restored_id, bundle=str(bundle), rootfs=[bind], checkpoint=str(broken)))
+                with pytest.raises(NotFound, match="no process yet"):  # nothing runs before Start
+                    await call(client, "Kill", task.KillRequest(id=restored_id, signal=15))
                 with pytest.raises(KuasarError, match="(?s)runc restore failed.*criu: .*Magic doesn.t match"):
                     await call(client, "Start", task.StartRequest(id=restored_id))
                 await call(client, "Delete", task.DeleteRequest(id=restored_id), task.DeleteResponse)

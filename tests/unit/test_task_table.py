@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -150,3 +152,13 @@ def test_pids_of_a_container_not_seen_to_stop_never_fail_nor_come_back_empty(mon
         assert await task_table.running_pids(init, listing(hang=True)) == [4242]
 
     asyncio.run(scenario())
+
+
+def test_no_pid_is_signalled_as_no_process_not_as_our_process_group() -> None:
+    # A restore's container has no pid (0) until its Start: kill(2) would take 0 for the caller's own
+    # process group, the task server's. Run in a session of its own, so that it would be the only victim.
+    program = ("import signal; from kuasar.common.task_table import signal_quietly; "
+               "signal_quietly(0, signal.SIGTERM); print('alive')")
+    done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=30,
+                          start_new_session=True)
+    assert (done.returncode, done.stdout.strip()) == (0, "alive"), done

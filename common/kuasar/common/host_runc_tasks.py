@@ -160,6 +160,9 @@ class RuncTasks(RuncContainerTasks):
 
     async def kill(self, req: task.KillRequest, ctx: Context) -> empty_pb2.Empty:
         container = self._get(req.id)
+        if not req.exec_id and not container.init.pid:
+            # A restore whose Start has not run: no process yet (as runc says of such a container).
+            raise NotFound(f"container {req.id} has no process yet: its restore has not started")
         if not self._kill_without_runc(container, req) and not self._signal_directly(container, req.signal,
                                                                                       req.all):
             await self.runc.kill(req.id, req.signal, all_processes=req.all)
@@ -227,8 +230,9 @@ class RuncTasks(RuncContainerTasks):
                     log.warning("pod %s: killing container %s: %s", pod_id, container.id, exc)
 
     async def wait_pod_containers(self, pod_id: str, timeout: float) -> bool:
+        # (not a restore that never started: no process of it will exit)
         return await wait_exited([c.init for c in self.containers.values()
-                                  if c.pod_id == pod_id and c.init.status != types.STOPPED], timeout)
+                                  if c.pod_id == pod_id and c.init.status != types.STOPPED and c.init.pid], timeout)
 
     async def remove_pod_containers(self, pod_id: str) -> None:
         for container in [c for c in self.containers.values() if c.pod_id == pod_id]:

@@ -156,7 +156,10 @@ def parse_exec_spec(req: task.ExecProcessRequest) -> dict[str, Any]:
 
 
 def signal_quietly(pid: int, sig: int) -> None:
-    """Signal `pid`; one that is already gone is not an error."""
+    """Signal `pid`; one that is already gone is not an error. No pid (0, or less) is no process: to
+    kill(2) it would be our own process group, or every process we may signal."""
+    if pid <= 0:
+        return
     try:
         os.kill(pid, sig)
     except ProcessLookupError:
