@@ -69,3 +69,17 @@ def test_each_sandbox_goes_after_its_containers_and_sandboxes_go_side_by_side(tm
             assert steps.index(("end", container)) < steps.index(("begin", sandbox))
     assert order[:2] in (["c1", "c2"], ["c3", "c2"]), "the two sandboxes' containers went at once"
     assert sorted(order) == ["c1", "c2", "c3", "pod1", "pod2"]
+
+
+def test_a_deleted_sandboxs_stray_container_locks_go_and_nothing_else(tmp_path: Path) -> None:
+    # Two containers of one sandbox deleted at once: the second `runsc delete` took the lock of the first
+    # again after it was deleted, and the lock file outlived the pod (test_gvisor_cri's leftover check).
+    root = tmp_path / "root"
+    runsc = Runsc(Reaper(), root)
+    files = {"gone_sandbox:pod.lock": "removed (no state)", "pod_sandbox:pod.lock": "removed (no state)",
+             "kept_sandbox:pod.lock": "kept (its state is there)", "kept_sandbox:pod.state": "kept",
+             "other_sandbox:pod2.lock": "kept (another sandbox)"}
+    for name in files:
+        (root / name).write_text("")
+    runsc.forget_stray_locks("pod")
+    assert sorted(p.name for p in root.iterdir()) == sorted(n for n, what in files.items() if what.startswith("kept"))

@@ -275,6 +275,7 @@ class GvisorTasks(LeftRuntimeCommands, TerminalTasks):
             await self.runsc.delete(pod.id, pod.network)
         except KuasarError as exc:
             log.warning("pod %s: runsc delete: %s", pod.id, exc.message)
+        self.runsc.forget_stray_locks(pod.id)
         shutil.rmtree(pod.bundle, ignore_errors=True)
 
     # -- lifecycle ---------------------------------------------------------------------------------

@@ -132,6 +132,16 @@ class Runsc:
             lock.unlink(missing_ok=True)
         (self.root / f"{_CONTROL_SOCKET_PREFIX}{container_id}{_CONTROL_SOCKET_SUFFIX}").unlink(missing_ok=True)
 
+    def forget_stray_locks(self, sandbox_id: str) -> None:
+        """Remove the lock files of a deleted sandbox's containers that no state file goes with. runsc
+        deletes a container's state and lock, but another runsc command on the same sandbox that had
+        listed the container (two containers deleted at once) may take its lock again just after,
+        making the file anew: seen as `<id>_sandbox:<sandbox>.lock` left after the pod was gone. Called
+        once the sandbox itself is deleted, when none of its containers can be in the making."""
+        for lock in self.root.glob(f"*{_STATE_SEPARATOR}{sandbox_id}{_LOCK_SUFFIX}"):
+            if not lock.with_name(lock.name.removesuffix(_LOCK_SUFFIX) + _STATE_SUFFIX).exists():
+                lock.unlink(missing_ok=True)
+
     def has(self, container_id: str) -> bool:
         """Whether our root holds runsc's state of a container (or sandbox) `container_id` (an id is
         letters, digits and `._-`: no glob)."""
