@@ -16,7 +16,7 @@ from . import cgroup_attach, cgroups, mounts
 from .api.containerd.events import task_pb2 as events
 from .api.containerd.runtime.task.v2 import shim_pb2 as task
 from .api.containerd.types.task import task_pb2 as types
-from .errors import FailedPrecondition, NotFound, RuntimeFailure, Unimplemented
+from .errors import FailedPrecondition, NotFound, Unimplemented
 from .events import EventPublisher
 from .fifo_stdio import ProcessIO
 from .pod_files import pod_dir, rewrite_container_spec
@@ -24,14 +24,13 @@ from .reaper import Reaper
 from .runc_checkpoint import (
     CRIU_CONFIG_NAME,
     RestorePlan,
-    criu_errors,
+    criu_configured,
     external_files,
     external_stdio,
     plan_checkpoint,
     plan_restore,
     require_criu,
     use_criu_config,
-    write_criu_config,
     write_external_stdio,
 )
 from .runc_cli import Runc, Stdio
@@ -136,15 +135,9 @@ class RuncTasks(RuncContainerTasks):
         if container.restore is None:
             await super()._start_init(container, proc)
             return
-        config = container.files / CRIU_CONFIG_NAME
-        write_criu_config(config, inherit=container.restore.inherit)
-        try:
+        with criu_configured(container.files / CRIU_CONFIG_NAME, container.restore,
+                             inherit=container.restore.inherit):
             await self._start_process(container, proc, is_exec=False)
-        except RuntimeFailure as exc:
-            errors = criu_errors(container.restore)
-            raise RuntimeFailure(f"{exc}; criu: {errors}" if errors else str(exc)) from None
-        finally:
-            config.unlink(missing_ok=True)
         container.restore = None  # restored: what is left is a running container's
         if proc.status == types.CREATED:
             proc.status = types.RUNNING
@@ -200,17 +193,10 @@ class RuncTasks(RuncContainerTasks):
             if container.init.status not in (types.RUNNING, types.PAUSED):
                 raise FailedPrecondition(f"cannot checkpoint container {req.id}: it is "
                                          f"{types.Status.Name(container.init.status).lower()}")
-            config = container.files / CRIU_CONFIG_NAME
             pids = cgroups.cgroup_procs_of(container.init.pid) or [container.init.pid]
-            write_criu_config(config, external_files(pids, container.init.pid))
             stdio = external_stdio(container.init.pid)  # before runc: `exit` ends the init
-            try:
+            with criu_configured(container.files / CRIU_CONFIG_NAME, plan, external_files(pids, container.init.pid)):
                 await self.runc.checkpoint(plan.runc_args(req.id), container.log)
-            except RuntimeFailure as exc:
-                errors = criu_errors(plan)
-                raise RuntimeFailure(f"{exc}; criu: {errors}" if errors else str(exc)) from None
-            finally:
-                config.unlink(missing_ok=True)
             write_external_stdio(plan.image_path, stdio)
         log.info("container %s checkpointed to %s%s", req.id, plan.image_path,
                  "" if plan.leave_running else " (and stopped)")

@@ -22,18 +22,20 @@ restore's configuration file maps each to the new container's fd (`inherit-fd`).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
 import stat
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from google.protobuf import any_pb2
 
 from .api.containerd.runc.options import oci_pb2 as runc_options
-from .errors import FailedPrecondition, InvalidArgument
+from .errors import FailedPrecondition, InvalidArgument, RuntimeFailure
 from .state import write_atomic
 
 # The type URL containerd's typeurl gives runc's CheckpointOptions (the message's full name).
@@ -249,6 +251,22 @@ def write_criu_config(path: Path, externals: set[str] = frozenset(), inherit: di
     lines = [f"external {ext}\n" for ext in sorted(externals)]
     lines += [f"inherit-fd fd[{fd}]:{ext}\n" for fd, ext in sorted((inherit or {}).items())]
     write_atomic(path, "".join(lines).encode(), mode=0o600, durable=False)
+
+
+@contextlib.contextmanager
+def criu_configured(path: Path, plan: CheckpointPlan | RestorePlan, externals: set[str] = frozenset(),
+                    inherit: dict[int, str] | None = None) -> Iterator[None]:
+    """CRIU's configuration at `path` (write_criu_config) for the runc command run in the block, and
+    removed after it; a failure of that command carries CRIU's last errors for `plan`: containerd
+    removes a failed checkpoint's directory, CRIU's log with it."""
+    write_criu_config(path, externals, inherit)
+    try:
+        yield
+    except RuntimeFailure as exc:
+        errors = criu_errors(plan)
+        raise RuntimeFailure(f"{exc}; criu: {errors}" if errors else str(exc)) from None
+    finally:
+        path.unlink(missing_ok=True)
 
 
 def require_criu() -> None:
