@@ -7,6 +7,7 @@ import asyncio
 import json
 import os
 import signal
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -78,7 +79,11 @@ def test_a_linux_sidecar_runs_with_runc_beside_a_module_in_the_pods_namespaces(s
             # The sidecar is a runc container of the wasm task server; the module is its own child.
             assert runc_containers(stack.sandboxer_dir) == [sidecar]
             assert psutil.Process(module_pid).name().startswith("wasm-")
-            assert psutil.Process(sidecar_pid).name() == "sleep"
+            # RUNNING once runc started `sh`, which then execs sleep: on a slow machine not yet.
+            deadline = time.monotonic() + 10
+            while (name := psutil.Process(sidecar_pid).name()) != "sleep":
+                assert time.monotonic() < deadline, f"the sidecar's process is still {name!r}"
+                await asyncio.sleep(0.05)
             for kind in ("net", "uts", "ipc"):
                 assert namespace(module_pid, kind) == namespace(sidecar_pid, kind), kind
             assert namespace(sidecar_pid, "net") != namespace(os.getpid(), "net")
