@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import platform
 import secrets
 import shutil
+import signal
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -116,6 +118,11 @@ def runsc_processes(root: Path) -> list[psutil.Process]:
     return found
 
 
+# [quark] control_timeout of this module's sandboxer: far above what a runsc command takes here (up to
+# ~1 s under load), far below the default 30 s, which would make the wedged-sandbox test slow.
+CONTROL_TIMEOUT = 10
+
+
 @pytest.fixture(scope="module")
 def gvisor(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     reason = integration_skip_reason()
@@ -124,14 +131,17 @@ def gvisor(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     runsc = runsc_binary()
     if runsc is None:
         pytest.skip(f"gVisor's runsc is not installed ({fetched_tool_hint('runsc')})")
-    with gvisor_stack(tmp_path_factory.mktemp("gvisor"), runsc, bridge="kuasar-gv0", subnet="10.254.0.0/16") as stack:
+    with gvisor_stack(tmp_path_factory.mktemp("gvisor"), runsc, bridge="kuasar-gv0", subnet="10.254.0.0/16",
+                      control_timeout=CONTROL_TIMEOUT) as stack:
         yield stack
 
 
 def gvisor_stack(base: Path, runsc: str, *, bridge: str, subnet: str, extra_path: Sequence[str | Path] = (),
-                 log_level: str = "info"):
+                 log_level: str = "info", control_timeout: float | None = None):
     """app_kernel_stack with quark-sandboxer's runsc backend: proxy plugin `gvisor`, handler `kuasar-gvisor`."""
     section = f'[quark]\nbackend = "runsc"\nrunsc = "{runsc}"\nplatform = "systrap"\n'
+    if control_timeout is not None:
+        section += f"control_timeout = {control_timeout}\n"
     return app_kernel_stack(base, name="gvisor", handler=HANDLER, bridge=bridge, subnet=subnet,
                             quark_section=section, extra_path=extra_path, log_level=log_level)
 
@@ -391,8 +401,6 @@ def test_terminals_a_tty_container_and_an_interactive_exec_with_resize(gvisor: S
 
 
 def test_sandboxer_sigkill_and_restart_reattaches_to_gvisor_pods(gvisor: Stack) -> None:
-    import signal
-
     async def before() -> tuple[str, str]:
         async with CriClient(gvisor.address) as client:
             pod_id, pod = await run_pod(client, "gv-restart", gvisor.log_dir)
@@ -419,18 +427,24 @@ def test_sandboxer_sigkill_and_restart_reattaches_to_gvisor_pods(gvisor: Stack) 
     assert_nothing_left(gvisor)
 
 
-def test_a_sandbox_killed_from_outside_ends_the_pod_and_its_containers(gvisor: Stack) -> None:
-    import json
-    import signal
+async def sleeping_pod(client: CriClient, stack: Stack, name: str) -> tuple[str, str, psutil.Process]:
+    """A pod with one container running `sleep`: the pod's id, the container's, and the pod's sandbox
+    process (runsc-sandbox, the sentry) as the sandboxer recorded it."""
+    pod_id, pod = await run_pod(client, name, stack.log_dir)
+    cid = await start_container(client, pod_id, pod, "main", ["sleep", "3600"])
+    await wait_state(client, cid, cri.CONTAINER_RUNNING)
+    record = json.loads((stack.sandboxer_dir / "sandboxes" / pod_id / "sandbox.json").read_text())
+    sentry = psutil.Process(record["pid"])
+    assert "runsc-sandbox" in sentry.cmdline()[0]
+    return pod_id, cid, sentry
 
+
+def test_a_sandbox_killed_from_outside_ends_the_pod_and_its_containers(gvisor: Stack) -> None:
     async def scenario() -> None:
         async with CriClient(gvisor.address) as client:
-            pod_id, pod = await run_pod(client, "gv-killed", gvisor.log_dir)
-            cid = await start_container(client, pod_id, pod, "main", ["sleep", "3600"])
-            await wait_state(client, cid, cri.CONTAINER_RUNNING)
-            record = json.loads((gvisor.sandboxer_dir / "sandboxes" / pod_id / "sandbox.json").read_text())
+            pod_id, cid, sentry = await sleeping_pod(client, gvisor, "gv-killed")
             started = time.monotonic()
-            os.kill(record["pid"], signal.SIGKILL)  # the runsc-sandbox process: the pod's kernel dies
+            os.kill(sentry.pid, signal.SIGKILL)  # the runsc-sandbox process: the pod's kernel dies
             exited = await wait_state(client, cid, cri.CONTAINER_EXITED, timeout=20)
             assert exited.exit_code == 255  # the sentry died with the status: reported lost
             while (await client.pod_sandbox_status(pod_id)).status.state != cri.SANDBOX_NOTREADY:
@@ -442,10 +456,36 @@ def test_a_sandbox_killed_from_outside_ends_the_pod_and_its_containers(gvisor: S
     assert_nothing_left(gvisor)
 
 
+def test_a_sandbox_that_stops_answering_is_ended_by_the_pods_stop(gvisor: Stack) -> None:
+    # A wedged sentry (here: stopped; in CI, one that lost a systrap stub to the OOM killer) accepts on
+    # its control socket and answers nothing, and runsc waits for ever: StopPodSandbox hung until the
+    # client's deadline, and every retry with it. A SIGKILL it does not answer within control_timeout
+    # now ends the sandbox.
+    async def scenario() -> None:
+        async with CriClient(gvisor.address) as client:
+            pod_id, cid, sentry = await sleeping_pod(client, gvisor, "gv-wedged")
+            os.kill(sentry.pid, signal.SIGSTOP)
+            try:
+                started = time.monotonic()
+                await client.stop_pod_sandbox(pod_id)
+                took = time.monotonic() - started
+            finally:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(sentry.pid, signal.SIGCONT)  # (gone by now unless the test failed)
+            assert CONTROL_TIMEOUT <= took < CONTROL_TIMEOUT + 30, took
+            assert not sentry.is_running() or sentry.status() == psutil.STATUS_ZOMBIE
+            status = (await client.container_status(cid)).status
+            assert (status.state, status.exit_code) == (cri.CONTAINER_EXITED, 137)
+            assert (await client.pod_sandbox_status(pod_id)).status.state == cri.SANDBOX_NOTREADY
+            await remove_pod(client, pod_id)
+
+    gvisor.run(scenario())
+    assert_nothing_left(gvisor)
+
+
 def test_a_killed_task_server_leaves_no_sandbox_behind(gvisor: Stack) -> None:
     """Its successor deletes the runsc sandboxes (and their gofers) in its root before it serves: two pods
     of two containers each, which it deletes at the same time (a sandbox and its sub-containers too)."""
-    import signal
 
     async def before() -> list[tuple[str, list[str]]]:
         made = []
@@ -482,7 +522,6 @@ def test_a_runsc_create_still_running_when_its_task_server_dies_is_ended_by_the_
     server's sweep (`runsc list`) did not see it, and the sandbox it then finished (runsc-sandbox, gofer,
     its cgroup) lived on until the task server after that. The next task server now ends the create,
     and what it started, before it sweeps."""
-    import signal
 
     root = gvisor.sandboxer_dir / "runsc"
     cgroup = f"kuasar-it-gv-create-{os.getpid()}"

@@ -4,25 +4,29 @@ share in runsc, removing a pod's never-started containers, and an exec's pid ins
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
 import signal
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from kuasar.common import spawn
 from kuasar.common.api.containerd.runtime.task.v2 import shim_pb2 as task
 from kuasar.common.api.containerd.types.task import task_pb2 as types
 from kuasar.common.api.kuasar.pods.v1 import pods_pb2 as pods
-from kuasar.common.errors import AlreadyExists, FailedPrecondition, NotFound, RuntimeFailure
+from kuasar.common.errors import AlreadyExists, DeadlineExceeded, FailedPrecondition, NotFound, RuntimeFailure
 from kuasar.common.fifo_stdio import ProcessIO
 from kuasar.common.reaper import Exit, Reaper
 from kuasar.quark import gvisor_pod
 from kuasar.quark import gvisor_tasks as gt
 from kuasar.quark.config import QuarkConfig
-from kuasar.quark.runsc import RUNSC_FAILURE, Runsc
+from kuasar.quark.runsc import RUNSC_FAILURE, Runsc, SandboxUnresponsive
 from tests.support.events import RecordedEvents
 
 
@@ -570,5 +574,132 @@ def test_an_inits_exit_is_reported_after_its_execs_which_end_with_it(tmp_path: P
         tasks._exited(container, exec_proc, 137)  # its runner's exit
         await asyncio.wait_for(container.init.exited.wait(), 5)
         assert seen == [("e1", 137), ("c1", 3)]
+
+    asyncio.run(scenario())
+
+
+# -- a sandbox that stops answering ----------------------------------------------------------------------
+class WedgedRunsc(FakeRunsc):
+    """A sentry that answers nothing (its control socket accepts, nobody replies): every kill, delete or
+    resume times out while the sandbox process lives; once it is dead, runsc deletes without asking it."""
+
+    pod: gt.GvisorPod
+
+    def _unanswered(self, name: str, container_id: str) -> None:
+        self.calls.append((name, container_id))
+        assert self.pod.exited is not None
+        if not self.pod.exited.done():
+            raise SandboxUnresponsive(f"runsc {name} {container_id}: no answer from the sandbox within 30s")
+
+    async def kill(self, container_id: str, signal: int, network: str, *, all_processes: bool = False,
+                   pid: int = 0) -> None:
+        self._unanswered("kill", container_id)
+
+    async def delete(self, container_id: str, network: str) -> None:
+        self._unanswered("delete", container_id)
+
+    async def resume(self, container_id: str, network: str) -> None:
+        self._unanswered("resume", container_id)
+
+
+@contextlib.contextmanager
+def wedged_pod(tmp_path: Path) -> Iterator[tuple[gt.GvisorTasks, WedgedRunsc, gt.GvisorPod]]:
+    """A pod whose sandbox is a live process of ours (`sleep`), watched by the tasks' Reaper as a task
+    server watches its sandboxes; killed at the end if it is still there."""
+    tasks, runsc, _ = make_tasks(tmp_path, WedgedRunsc)
+    tasks.reaper.install()
+    pod = runsc.pod = add_pod(tasks, tmp_path)
+    pod.pid = spawn.start_program(spawn.resolve("sleep"), ["sleep", "60"], os.environ, 0, 1, 2)
+    pod.exited = tasks.reaper.watch(pod.pid)
+    try:
+        yield tasks, runsc, pod
+    finally:
+        if not pod.exited.done():
+            os.kill(pod.pid, signal.SIGKILL)
+
+
+def killed(pod: gt.GvisorPod) -> bool:
+    return pod.exited is not None and pod.exited.done() and pod.exited.result().status == 128 + signal.SIGKILL
+
+
+@pytest.mark.parametrize("status", [types.RUNNING, types.PAUSED])
+def test_a_sigkill_the_sandbox_does_not_answer_ends_the_sandbox(tmp_path: Path, status: int) -> None:
+    # runsc waits for ever on a wedged sentry: CRI's StopContainer and StopPodSandbox hung (DEADLINE_EXCEEDED
+    # at the client, for ever after). A SIGKILL it cannot deliver ends the sandbox, and the container with it.
+    async def scenario() -> None:
+        with wedged_pod(tmp_path) as (tasks, runsc, pod):
+            add_container(tasks, tmp_path, "c1", status=status)
+            await tasks.kill(task.KillRequest(id="c1", signal=9), Ctx())  # type: ignore[arg-type]
+            assert runsc.calls == [("resume" if status == types.PAUSED else "kill", "c1")]
+            assert killed(pod) and pod.stopping  # its `runsc wait` failing now means killed
+
+    asyncio.run(scenario())
+
+
+def test_another_signal_the_sandbox_does_not_answer_fails_and_leaves_it(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(gt, "KILL_RACE_GRACE", 0.05)
+
+    async def scenario() -> None:
+        with wedged_pod(tmp_path) as (tasks, runsc, pod):
+            add_container(tasks, tmp_path, "c1")
+            with pytest.raises(DeadlineExceeded, match="no answer from the sandbox"):
+                await tasks.kill(task.KillRequest(id="c1", signal=15), Ctx())  # type: ignore[arg-type]
+            await asyncio.sleep(0.1)
+            assert not pod.stopping and not pod.exited.done()
+
+    asyncio.run(scenario())
+
+
+def test_a_pods_stop_and_removal_end_a_sandbox_that_does_not_answer(tmp_path: Path) -> None:
+    # The pod's stop kills its containers (SIGTERM first: no answer ends the sandbox, and the other
+    # container is not asked as long again); the removal deletes them and the sandbox once it is dead.
+    async def scenario() -> None:
+        with wedged_pod(tmp_path) as (tasks, runsc, pod):
+            for cid in ("c1", "c2"):
+                add_container(tasks, tmp_path, cid)
+            await tasks.kill_pod_containers("pod", signal.SIGTERM)
+            assert runsc.calls == [("kill", "c1")] and killed(pod) and pod.stopping
+            for container in tasks.containers.values():  # what each one's `runsc wait` reports now
+                tasks._exited(container, container.init, gt.KILLED_EXIT_STATUS)
+            runsc.calls.clear()
+            await tasks.remove_pod_containers("pod")
+            await tasks.release_pod("pod")
+            assert runsc.calls == [("delete", "c1"), ("delete", "c2"), ("delete", "pod")]
+            assert tasks.containers == {} and tasks.pods == {}
+
+    asyncio.run(scenario())
+
+
+def test_a_delete_the_sandbox_does_not_answer_ends_it_and_is_made_again(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        with wedged_pod(tmp_path) as (tasks, runsc, pod):
+            container = add_container(tasks, tmp_path, "c1", status=types.CREATED)  # no exit awaited
+            await tasks.remove_pod_containers("pod")
+            assert runsc.calls == [("delete", "c1"), ("delete", "c1")] and "c1" not in tasks.containers
+            assert container.init.status == types.STOPPED and killed(pod)
+
+    asyncio.run(scenario())
+
+
+UNANSWERED = r"^runsc \w+ .*c1.*: no answer from the sandbox within 0.2s \(killed\)"
+
+
+def test_a_runsc_command_that_gets_no_answer_is_killed_after_the_control_timeout(tmp_path: Path) -> None:
+    runsc_binary = tmp_path / "runsc"
+    runsc_binary.write_text("#!/bin/sh\nexec sleep 60\n")  # what runsc does against a wedged sentry
+    runsc_binary.chmod(0o755)
+
+    async def scenario() -> None:
+        reaper = Reaper()
+        reaper.install()
+        runsc = Runsc(reaper, tmp_path / "root", binary=str(runsc_binary), control_timeout=0.2)
+        started = time.monotonic()
+        for command in (runsc.kill("c1", 9, "none"), runsc.delete("c1", "none"), runsc.status("c1", "none"),
+                        runsc.pause("c1", "none"), runsc.resume("c1", "none"), runsc.ps("c1", "none"),
+                        runsc.stats("c1", "none")):
+            with pytest.raises(SandboxUnresponsive, match=UNANSWERED):
+                await command
+        assert time.monotonic() - started < 10
 
     asyncio.run(scenario())

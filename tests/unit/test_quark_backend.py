@@ -36,8 +36,10 @@ needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (mounts, n
 def test_config_defaults_and_validation() -> None:
     assert QuarkConfig.from_section({}) == QuarkConfig()
     assert QuarkConfig.from_section({"backend": "runsc", "platform": "ptrace"}).platform == "ptrace"
+    assert QuarkConfig.from_section({"control_timeout": 5}).control_timeout == 5
     for bad in ({"backend": "kata"}, {"network": "bridge"}, {"host_network": "sandbox"}, {"nope": 1},
-                {"runsc": ""}, {"debug": "yes"}):
+                {"runsc": ""}, {"debug": "yes"}, {"control_timeout": 0}, {"control_timeout": -1},
+                {"control_timeout": "30"}, {"control_timeout": True}, {"control_timeout": float("inf")}):
         with pytest.raises(InvalidArgument):
             QuarkConfig.from_section(bad)
 

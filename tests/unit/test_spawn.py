@@ -10,10 +10,11 @@ import sys
 import threading
 import time
 
+import psutil
 import pytest
 
 from kuasar.common import linux, spawn
-from kuasar.common.errors import NotFound
+from kuasar.common.errors import DeadlineExceeded, NotFound
 from kuasar.common.reaper import Reaper
 from kuasar.common.spawn import read_to_eof, run
 
@@ -50,6 +51,22 @@ def test_a_started_program_ignores_no_signal_and_its_exit_reaches_the_reaper() -
         assert done.status == 0 and linux.ignored_signals(done.stdout.decode()) == set(), done.stdout
         for _ in range(3):  # each run's Popen must leave the exit to the Reaper, also for the next one
             assert (await run(reaper, ["sh", "-c", "exit 4"])).status == 4
+
+    asyncio.run(main())
+
+
+def test_run_kills_a_program_that_outlives_its_timeout_and_says_so() -> None:
+    """runsc's control commands hang for ever on a wedged sandbox: a run with a timeout must end them."""
+    async def main() -> None:
+        reaper = Reaper()
+        reaper.install()
+        started = time.monotonic()
+        with pytest.raises(DeadlineExceeded, match=r"sleep did not finish within 0.3s and was killed"):
+            await run(reaper, ["sleep", "30"], timeout=0.3)
+        assert time.monotonic() - started < 5
+        assert not [p for p in psutil.Process().children() if p.name() == "sleep"]  # killed and reaped
+        done = await run(reaper, ["sh", "-c", "echo quick"], timeout=5)
+        assert (done.status, done.stdout) == (0, b"quick\n")
 
     asyncio.run(main())
 

@@ -16,7 +16,7 @@ import subprocess
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from .errors import NotFound
+from .errors import DeadlineExceeded, NotFound
 from .reaper import Reaper
 
 # Python starts with SIGPIPE and SIGXFSZ ignored, and an ignored signal stays ignored across exec: every
@@ -123,8 +123,12 @@ async def read_to_eof(fd: int, limit: int = MAX_CAPTURE) -> bytes:
 
 async def run(reaper: Reaper, argv: list[str], *, stdin: int | None = None, stdout: int | None = None,
               stderr: int | None = None, env: dict[str, str] | None = None,
-              capture: bool = True) -> Completed:
-    """Run `argv` to completion. Explicit stdio fds win over capture; unset ones go to /dev/null."""
+              capture: bool = True, timeout: float | None = None) -> Completed:
+    """Run `argv` to completion. Explicit stdio fds win over capture; unset ones go to /dev/null.
+
+    With a `timeout`, a program still running then is SIGKILLed (it is our unreaped child, so the pid is
+    still its own) and DeadlineExceeded raised once it is reaped: for commands that ask a daemon which
+    may never answer (runsc's control commands to a wedged sandbox)."""
     path = resolve(argv[0])
     devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
     out_r = err_r = None
@@ -146,8 +150,16 @@ async def run(reaper: Reaper, argv: list[str], *, stdin: int | None = None, stdo
     reads = [read_to_eof(out_r) if out_r is not None else _empty(),
              read_to_eof(err_r) if err_r is not None else _empty()]
     try:
-        out, err = await asyncio.gather(*reads)
-        result = await asyncio.shield(exited)  # a cancel of ours must not cancel the reaper's record
+        async with asyncio.timeout(timeout):
+            out, err = await asyncio.gather(*reads)
+            result = await asyncio.shield(exited)  # a cancel of ours must not cancel the reaper's record
+    except TimeoutError:
+        if not exited.done():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        await asyncio.shield(exited)
+        raise DeadlineExceeded(f"{os.path.basename(path)} did not finish within {timeout:g}s and was "
+                               "killed") from None
     except asyncio.CancelledError:
         # The command goes on without us (runc half way through a create); what the caller undoes
         # after a cancel must come after it, not race it. A second cancel stops the waiting.

@@ -9,6 +9,8 @@ platform = "systrap"     # runsc --platform: systrap (no hardware virtualisation
 network = "auto"         # pods with their own netns: "sandbox" (gVisor netstack), "host" (hostinet), "auto"
 host_network = "none"    # host-network pods: "none" (loopback only) or "host" (the host's stack, hostinet)
 debug = false            # runsc --debug, logs under <dir>/runsc-debug/
+control_timeout = 30     # seconds a sandbox has to answer a runsc kill/delete/state/...; one that does
+                         # not is wedged: a kill or delete it ignores ends it (SIGKILL)
 ```
 """
 
@@ -25,6 +27,11 @@ PLATFORMS = ("systrap", "ptrace", "kvm")
 NETWORK_MODES = ("auto", "sandbox", "host")
 HOST_NETWORK_MODES = ("none", "host")
 
+# How long a command that asks a running sandbox something (kill, delete, state, pause, ...) may take:
+# the sentry answers in milliseconds, and runsc waits for ever on one that is wedged (its control
+# socket accepts, nobody answers). Well below kubelet's 2 min runtime request timeout.
+CONTROL_TIMEOUT = 30.0
+
 
 @dataclass(frozen=True)
 class QuarkConfig:
@@ -35,6 +42,7 @@ class QuarkConfig:
     network: str = "auto"
     host_network: str = "none"
     debug: bool = False
+    control_timeout: float = CONTROL_TIMEOUT
 
     @classmethod
     def from_daemon(cls, config: DaemonConfig) -> QuarkConfig:
@@ -56,4 +64,7 @@ class QuarkConfig:
                 raise InvalidArgument(f"[quark] {name} must be a non-empty string")
         if not isinstance(values.debug, bool):
             raise InvalidArgument("[quark] debug must be true or false")
+        timeout = values.control_timeout
+        if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not 0 < timeout < float("inf"):
+            raise InvalidArgument(f"[quark] control_timeout = {timeout!r}: must be a number of seconds above 0")
         return values

@@ -21,6 +21,7 @@ import secrets
 import shutil
 import signal
 import time
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
@@ -70,7 +71,16 @@ from kuasar.common.ttrpc import Context
 
 from . import gvisor_net, gvisor_pod, gvisor_stats
 from .config import QuarkConfig
-from .runsc import NETSTACK_FIXED_DATE, NO_NETWORK, RUNSC_FAILURE, Leftover, Runsc, Stdio, last_error
+from .runsc import (
+    NETSTACK_FIXED_DATE,
+    NO_NETWORK,
+    RUNSC_FAILURE,
+    Leftover,
+    Runsc,
+    SandboxUnresponsive,
+    Stdio,
+    last_error,
+)
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +105,8 @@ POD_REMOVE_WAIT = 10.0
 # An OOM kill in the sandbox's cgroup counts for a container that ended at most this long before it was
 # seen: the kill's own exits come within moments (runsc wait returns as the sandbox dies).
 OOM_EXIT_SLACK_NS = 2 * 10**9
+# A SIGKILLed sandbox is reaped within milliseconds; this only bounds the wait for one that is not.
+SANDBOX_END_WAIT = 10.0
 
 
 @dataclass
@@ -103,6 +115,7 @@ class GvisorPod:
     bundle: Path
     network: str  # runsc --network for every command on this sandbox
     pid: int = 0
+    # Being stopped, or ended by us: a container's `runsc wait` that fails then means "killed" (137).
     stopping: bool = False
     shm_source: str = ""  # what names the pod's shared /dev/shm (none for a host-IPC pod)
     # Whether the sandbox is in a cgroup of its own (the pod's): else it shares the task server's, whose
@@ -153,7 +166,8 @@ class GvisorTasks(LeftRuntimeCommands, TerminalTasks):
         self.directory = directory
         self.config = config
         debug_dir = directory / "runsc-debug" if config.debug else None
-        self.runsc = Runsc(reaper, directory / "runsc", config.runsc, config.platform, debug_dir)
+        self.runsc = Runsc(reaper, directory / "runsc", config.runsc, config.platform, debug_dir,
+                           control_timeout=config.control_timeout)
         self.pods: dict[str, GvisorPod] = {}
         self.containers: dict[str, Container] = {}
         self._netstack_ok: bool | None = None
@@ -272,7 +286,8 @@ class GvisorTasks(LeftRuntimeCommands, TerminalTasks):
 
     async def _destroy_sandbox(self, pod: GvisorPod) -> None:
         try:
-            await self.runsc.delete(pod.id, pod.network)
+            if not await self._unless_wedged(pod, self.runsc.delete(pod.id, pod.network)):
+                await self.runsc.delete(pod.id, pod.network)  # of a dead sandbox: runsc does not ask it
         except KuasarError as exc:
             log.warning("pod %s: runsc delete: %s", pod.id, exc.message)
         self.runsc.forget_stray_locks(pod.id)
@@ -506,12 +521,17 @@ class GvisorTasks(LeftRuntimeCommands, TerminalTasks):
         if req.signal == signal.SIGKILL:
             # runsc signals nothing in a paused sandbox ("in state paused"): a SIGKILL ends the
             # container all the same, as under runc, whose frozen processes die once thawed.
-            await self._thaw(container)
+            if not await self._unless_wedged(container.pod, self._thaw(container)):
+                return empty_pb2.Empty()
         elif container.init.status == types.PAUSED:
             raise FailedPrecondition(f"cannot signal container {req.id}: it is paused, and gVisor signals "
                                      "nothing in a paused sandbox; resume it first (a SIGKILL does)")
         try:
-            await self.runsc.kill(req.id, req.signal, container.pod.network, all_processes=req.all)
+            killing = self.runsc.kill(req.id, req.signal, container.pod.network, all_processes=req.all)
+            if req.signal == signal.SIGKILL:  # (another signal's time-out is the caller's to see)
+                await self._unless_wedged(container.pod, killing)
+            else:
+                await killing
         except KuasarError as exc:
             # runsc refuses to signal a container that has just stopped; its `runsc wait` says so shortly.
             await self._finished_meanwhile(proc, req.id, exc)
@@ -576,6 +596,31 @@ class GvisorTasks(LeftRuntimeCommands, TerminalTasks):
         # Not reaped yet (its exit future is pending), so the pid is still the sandbox's.
         signal_quietly(pod.pid, signal.SIGKILL)
 
+    async def _unless_wedged(self, pod: GvisorPod, command: Awaitable[object]) -> bool:
+        """Await a runsc command meant to end or remove something of `pod`. If the sandbox does not
+        answer it (`SandboxUnresponsive`: runsc waits for ever on a wedged sentry, and with it the pod's
+        stop), the sandbox is ended: what the command was for ends with it, and runsc removes a dead
+        sandbox's containers without asking it. False then."""
+        try:
+            await command
+        except SandboxUnresponsive as exc:
+            await self._end_wedged_sandbox(pod, exc)
+            return False
+        return True
+
+    async def _end_wedged_sandbox(self, pod: GvisorPod, error: KuasarError) -> None:
+        """SIGKILL a sandbox that stopped answering, and wait until it is reaped. Its containers'
+        `runsc wait` then fail, and report them killed."""
+        if pod.exited is None:  # not started (a failed launch): no pid of it is known to be its own
+            return
+        if not pod.exited.done():
+            log.error("pod %s: %s; ending its gVisor sandbox (pid %d)", pod.id, error.message, pod.pid)
+            pod.stopping = True
+            signal_quietly(pod.pid, signal.SIGKILL)  # not reaped yet, so the pid is still the sandbox's
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(SANDBOX_END_WAIT):
+                await asyncio.shield(pod.exited)
+
     async def _thaw(self, container: Container) -> None:
         """Resume a paused container's sandbox: runsc refuses to signal anything in it, and its
         `delete --force` blocks until something resumes it."""
@@ -585,7 +630,8 @@ class GvisorTasks(LeftRuntimeCommands, TerminalTasks):
                 container.init.status = types.RUNNING
 
     async def _remove(self, container: Container) -> None:
-        await self.runsc.delete(container.id, container.pod.network)
+        if not await self._unless_wedged(container.pod, self.runsc.delete(container.id, container.pod.network)):
+            await self.runsc.delete(container.id, container.pod.network)  # of a dead sandbox: not asked
         if container.oom is not None:  # (the pod's cgroup stays: no removal signal to mistake)
             container.oom.close()
             container.oom = None
@@ -658,9 +704,11 @@ class GvisorTasks(LeftRuntimeCommands, TerminalTasks):
         for container in [c for c in self.containers.values() if c.pod.id == pod_id]:
             if container.init.status != types.STOPPED:
                 try:
-                    if sig == signal.SIGKILL:
-                        await self._thaw(container)
-                    await self.runsc.kill(container.id, sig, container.pod.network, all_processes=True)
+                    if sig == signal.SIGKILL and not await self._unless_wedged(container.pod, self._thaw(container)):
+                        return  # the sandbox is ended, and with it every container of the pod
+                    if not await self._unless_wedged(container.pod, self.runsc.kill(
+                            container.id, sig, container.pod.network, all_processes=True)):
+                        return
                 except KuasarError as exc:  # best effort during pod stop
                     log.warning("pod %s: killing container %s: %s", pod_id, container.id, exc.message)
 
@@ -679,7 +727,7 @@ class GvisorTasks(LeftRuntimeCommands, TerminalTasks):
                 if self.containers.get(container.id) is not container:
                     continue  # a Delete got there first
                 with contextlib.suppress(KuasarError):  # a delete in a paused sandbox would wait for ever
-                    await self._thaw(container)
+                    await self._unless_wedged(container.pod, self._thaw(container))
                 for proc in [container.init, *container.execs.values()]:
                     if proc.status != types.STOPPED:
                         self._exited(container, proc, KILLED_EXIT_STATUS)

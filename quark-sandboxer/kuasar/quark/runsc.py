@@ -14,11 +14,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from kuasar.common.errors import NotFound, RuntimeFailure
+from kuasar.common.errors import DeadlineExceeded, NotFound, RuntimeFailure
 from kuasar.common.reaper import Exit, Reaper
 from kuasar.common.runc_cli import ERROR_LEVELS, ROOT_FLAG, Stdio, log_offset
 from kuasar.common.runc_cli import last_error as _last_logged_error
 from kuasar.common.spawn import Completed, resolve, run, start_program
+
+from .config import CONTROL_TIMEOUT
 
 # runsc exits 128 when it fails itself (bad spec, missing container, ...), before running anything.
 RUNSC_FAILURE = 128
@@ -28,11 +30,15 @@ NETSTACK_FIXED_DATE = 20240801
 # runsc logs some failures (a missing container, ...) as warnings.
 RUNSC_ERROR_LEVELS = (*ERROR_LEVELS, "warning")
 
-__all__ = ["NETSTACK_FIXED_DATE", "Leftover", "RUNSC_FAILURE", "Runsc", "Stdio", "last_error"]
+__all__ = ["NETSTACK_FIXED_DATE", "Leftover", "RUNSC_FAILURE", "Runsc", "SandboxUnresponsive", "Stdio", "last_error"]
 
 
 # The --network flag for commands that touch no network (list, delete of what is left).
 NO_NETWORK = "none"
+
+class SandboxUnresponsive(DeadlineExceeded):
+    """A runsc control command got no answer from the sandbox in time (and was killed)."""
+
 
 @dataclass(frozen=True)
 class Leftover:
@@ -45,8 +51,9 @@ class Leftover:
 
 class Runsc:
     def __init__(self, reaper: Reaper, root: Path, binary: str = "runsc", platform: str = "systrap",
-                 debug_dir: Path | None = None) -> None:
+                 debug_dir: Path | None = None, control_timeout: float = CONTROL_TIMEOUT) -> None:
         self.reaper = reaper
+        self.control_timeout = control_timeout
         self.root = root
         self.binary = binary
         self.platform = platform
@@ -61,11 +68,17 @@ class Runsc:
         return argv + list(args)
 
     async def _run(self, network: str, args: list[str], *, log_path: Path | None = None,
-                   stdio: Stdio | None = None, capture: bool = True) -> Completed:
+                   stdio: Stdio | None = None, capture: bool = True, control: bool = False) -> Completed:
+        """`control`: a command the sandbox must answer, bounded by `control_timeout`."""
         stdio = stdio or Stdio()
         offset = log_offset(log_path)
-        result = await run(self.reaper, self.argv(network, log_path, *args), stdin=stdio.stdin,
-                           stdout=stdio.stdout, stderr=stdio.stderr, capture=capture)
+        try:
+            result = await run(self.reaper, self.argv(network, log_path, *args), stdin=stdio.stdin,
+                               stdout=stdio.stdout, stderr=stdio.stderr, capture=capture,
+                               timeout=self.control_timeout if control else None)
+        except DeadlineExceeded:
+            raise SandboxUnresponsive(f"runsc {' '.join(args)}: no answer from the sandbox within "
+                                      f"{self.control_timeout:g}s (killed)") from None
         if result.status != 0:
             message = last_error(log_path, offset) or _first_line(result.stderr)
             if "does not exist" in message or "not found" in message:
@@ -99,11 +112,11 @@ class Runsc:
     async def kill(self, container_id: str, signal: int, network: str, *, all_processes: bool = False,
                    pid: int = 0) -> None:
         args = ["kill"] + (["--all"] if all_processes else []) + ([f"--pid={pid}"] if pid else [])
-        await self._run(network, [*args, container_id, str(signal)])
+        await self._run(network, [*args, container_id, str(signal)], control=True)
 
     async def delete(self, container_id: str, network: str) -> None:
         try:
-            await self._run(network, ["delete", "--force", container_id])
+            await self._run(network, ["delete", "--force", container_id], control=True)
         except NotFound:
             pass
 
@@ -149,25 +162,25 @@ class Runsc:
 
     async def status(self, container_id: str, network: str) -> str:
         """The container's status as runsc keeps it (`created`, `running`, `stopped`, ...)."""
-        result = await self._run(network, ["state", container_id])
+        result = await self._run(network, ["state", container_id], control=True)
         try:
             return str(json.loads(result.stdout)["status"]).lower()
         except (ValueError, KeyError, TypeError):
             raise RuntimeFailure(f"runsc state: unexpected output {result.stdout[:200]!r}") from None
 
     async def pause(self, container_id: str, network: str) -> None:
-        await self._run(network, ["pause", container_id])
+        await self._run(network, ["pause", container_id], control=True)
 
     async def resume(self, container_id: str, network: str) -> None:
-        await self._run(network, ["resume", container_id])
+        await self._run(network, ["resume", container_id], control=True)
 
     async def ps(self, container_id: str, network: str) -> list[int]:
-        result = await self._run(network, ["ps", "--format", "json", container_id])
+        result = await self._run(network, ["ps", "--format", "json", container_id], control=True)
         return [int(pid) for pid in json.loads(result.stdout or b"[]") or []]
 
     async def stats(self, container_id: str, network: str) -> dict:
         """`runsc events --stats`: the container's cpu, memory and pids as the sentry accounts them."""
-        result = await self._run(network, ["events", "--stats", container_id])
+        result = await self._run(network, ["events", "--stats", container_id], control=True)
         try:
             return json.loads(result.stdout).get("data") or {}
         except (ValueError, AttributeError):
