@@ -464,7 +464,7 @@ def test_a_failed_exec_start_ends_its_wait(tmp_path: Path) -> None:
     asyncio.run(scenario())
 
 
-@pytest.mark.parametrize(("runsc_says", "running"), [("running", True), ("created", False)])
+@pytest.mark.parametrize(("runsc_says", "running"), [("running", True), ("created", False), ("", False)])
 def test_a_cancelled_start_watches_a_container_runsc_did_start(tmp_path: Path, runsc_says: str,
                                                                 running: bool) -> None:
     # A Start cancelled once `runsc start` had ended (a deadline, containerd gone) was taken for a failed
@@ -474,6 +474,8 @@ def test_a_cancelled_start_watches_a_container_runsc_did_start(tmp_path: Path, r
             raise asyncio.CancelledError
 
         async def status(self, container_id: str, network: str) -> str:
+            if not runsc_says:  # a sandbox that does not answer: what it did is unknown
+                raise SandboxUnresponsive("runsc state c1: no answer from the sandbox within 30s (killed)")
             return runsc_says
 
         async def wait(self, container_id: str, network: str) -> int:
