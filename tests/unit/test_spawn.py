@@ -71,6 +71,24 @@ def test_run_kills_a_program_that_outlives_its_timeout_and_says_so() -> None:
     asyncio.run(main())
 
 
+def test_a_cancelled_run_waits_for_its_program_until_the_timeout_only() -> None:
+    """A cancel leaves the program running (runc half way through a create) and waits for it; with a
+    timeout (a runsc control command cancelled by its caller's deadline), only until then."""
+    async def main() -> None:
+        reaper = Reaper()
+        reaper.install()
+        running = asyncio.create_task(run(reaper, ["sleep", "30"], timeout=0.5))
+        await asyncio.sleep(0.1)
+        started = time.monotonic()
+        running.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await running
+        assert 0.2 < time.monotonic() - started < 5  # waited, but not for the 30 s
+        assert not [p for p in psutil.Process().children() if p.name() == "sleep"]
+
+    asyncio.run(main())
+
+
 def test_run_refuses_a_missing_program() -> None:
     async def main() -> None:
         with pytest.raises(NotFound):

@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from .errors import DeadlineExceeded, NotFound
-from .reaper import Reaper
+from .reaper import Exit, Reaper
 
 # Python starts with SIGPIPE and SIGXFSZ ignored, and an ignored signal stays ignored across exec: every
 # program we start gets them back at their defaults (as subprocess's restore_signals does). Otherwise
@@ -149,24 +149,35 @@ async def run(reaper: Reaper, argv: list[str], *, stdin: int | None = None, stdo
             os.close(fd)
     reads = [read_to_eof(out_r) if out_r is not None else _empty(),
              read_to_eof(err_r) if err_r is not None else _empty()]
+    deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
     try:
-        async with asyncio.timeout(timeout):
+        async with asyncio.timeout_at(deadline):
             out, err = await asyncio.gather(*reads)
             result = await asyncio.shield(exited)  # a cancel of ours must not cancel the reaper's record
     except TimeoutError:
-        if not exited.done():
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        await asyncio.shield(exited)
+        await _killed(pid, exited, deadline)
         raise DeadlineExceeded(f"{os.path.basename(path)} did not finish within {timeout:g}s and was "
                                "killed") from None
     except asyncio.CancelledError:
-        # The command goes on without us (runc half way through a create); what the caller undoes
-        # after a cancel must come after it, not race it. A second cancel stops the waiting.
+        # The command goes on without us (runc half way through a create), until its deadline if it has
+        # one; what the caller undoes after a cancel must come after it, not race it. A second cancel
+        # stops the waiting.
         with contextlib.suppress(asyncio.CancelledError):
-            await asyncio.shield(exited)
+            await _killed(pid, exited, deadline)
         raise
     return Completed(argv, result.status, out, err)
+
+
+async def _killed(pid: int, exited: asyncio.Future[Exit], deadline: float | None) -> None:
+    """Wait for the exit of our child `pid`; SIGKILL it at `deadline` (loop time) if there is one.
+    asyncio.wait, not asyncio.timeout: Python 3.11's timeout does not fire in a task already cancelled,
+    which is where this runs after a cancel."""
+    if deadline is not None and not exited.done():
+        await asyncio.wait([exited], timeout=max(0.0, deadline - asyncio.get_running_loop().time()))
+        if not exited.done():  # not reaped, so the pid is still its own
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    await asyncio.shield(exited)
 
 
 async def _empty() -> bytes:
