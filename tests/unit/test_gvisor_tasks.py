@@ -42,7 +42,7 @@ class FakeRunsc(Runsc):
         self.calls: list[tuple[str, str]] = []
 
     async def create(self, container_id: str, bundle: Path, pid_file: Path, network: str, stdio: Any,
-                     console_socket: Path | None = None) -> None:
+                     console_socket: Path | None = None, control: bool = False) -> None:
         self.calls.append(("create", container_id))
         pid_file.write_text("4242")
 
@@ -214,7 +214,7 @@ class CreateFailsIfTaken(FakeRunsc):
         self.taken: set[str] = set()
 
     async def create(self, container_id: str, bundle: Path, pid_file: Path, network: str, stdio: Any,
-                     console_socket: Path | None = None) -> None:
+                     console_socket: Path | None = None, control: bool = False) -> None:
         self.calls.append(("create", container_id))
         await asyncio.sleep(0.05)
         if container_id in self.taken:
@@ -585,12 +585,11 @@ class WedgedRunsc(FakeRunsc):
     """A sentry that answers nothing (its control socket accepts, nobody replies): every kill, delete or
     resume times out while the sandbox process lives; once it is dead, runsc deletes without asking it."""
 
-    pod: gt.GvisorPod
+    exited: asyncio.Future[Exit]  # the sandbox's
 
     def _unanswered(self, name: str, container_id: str) -> None:
         self.calls.append((name, container_id))
-        assert self.pod.exited is not None
-        if not self.pod.exited.done():
+        if not self.exited.done():
             raise SandboxUnresponsive(f"runsc {name} {container_id}: no answer from the sandbox within 30s")
 
     async def kill(self, container_id: str, signal: int, network: str, *, all_processes: bool = False,
@@ -610,9 +609,9 @@ def wedged_pod(tmp_path: Path) -> Iterator[tuple[gt.GvisorTasks, WedgedRunsc, gt
     server watches its sandboxes; killed at the end if it is still there."""
     tasks, runsc, _ = make_tasks(tmp_path, WedgedRunsc)
     tasks.reaper.install()
-    pod = runsc.pod = add_pod(tasks, tmp_path)
+    pod = add_pod(tasks, tmp_path)
     pod.pid = spawn.start_program(spawn.resolve("sleep"), ["sleep", "60"], os.environ, 0, 1, 2)
-    pod.exited = tasks.reaper.watch(pod.pid)
+    pod.exited = runsc.exited = tasks.reaper.watch(pod.pid)
     try:
         yield tasks, runsc, pod
     finally:
@@ -703,5 +702,59 @@ def test_a_runsc_command_that_gets_no_answer_is_killed_after_the_control_timeout
             with pytest.raises(SandboxUnresponsive, match=UNANSWERED):
                 await command
         assert time.monotonic() - started < 10
+
+    asyncio.run(scenario())
+
+
+def test_a_pod_whose_sandbox_does_not_answer_its_start_is_ended(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    # `runsc start` asks the new sandbox: one that never answered it hung the pod's launch, and its
+    # sandbox (pid known only after the start) could not have been ended.
+    monkeypatch.setattr(gvisor_pod, "ensure_pause_rootfs", lambda directory, pause=None: tmp_path / "pause-rootfs")
+
+    class UnansweredStart(WedgedRunsc):
+        async def create(self, container_id: str, bundle: Path, pid_file: Path, network: str, stdio: Any,
+                         console_socket: Path | None = None, control: bool = False) -> None:
+            self.calls.append(("create", container_id))
+            self.pid = spawn.start_program(spawn.resolve("sleep"), ["sleep", "60"], os.environ, 0, 1, 2)
+            self.exited = self.reaper.watch(self.pid)
+            pid_file.write_text(str(self.pid))
+
+        async def start(self, container_id: str, bundle: Path, network: str, stdio: Any = None) -> None:
+            self._unanswered("start", container_id)
+
+    async def scenario() -> None:
+        tasks, runsc, _ = make_tasks(tmp_path, UnansweredStart)
+        tasks.reaper.install()
+        runsc.reaper = tasks.reaper
+        try:
+            with pytest.raises(DeadlineExceeded, match="no answer from the sandbox"):
+                await tasks.launch_pod(pods.CreatePodRequest(id="podA"), None)
+            assert runsc.calls == [("create", "podA"), ("start", "podA"), ("delete", "podA"), ("delete", "podA")]
+            assert runsc.exited.done() and runsc.exited.result().status == 128 + signal.SIGKILL
+            assert "podA" not in tasks.pods
+        finally:
+            if not runsc.exited.done():
+                os.kill(runsc.pid, signal.SIGKILL)
+
+    asyncio.run(scenario())
+
+
+def test_a_container_create_the_sandbox_does_not_answer_ends_the_sandbox(tmp_path: Path) -> None:
+    class UnansweredCreate(WedgedRunsc):
+        async def create(self, container_id: str, bundle: Path, pid_file: Path, network: str, stdio: Any,
+                         console_socket: Path | None = None, control: bool = False) -> None:
+            assert control  # a sub-container's create asks its sandbox
+            self._unanswered("create", container_id)
+
+    async def scenario() -> None:
+        with wedged_pod(tmp_path) as (tasks, runsc, pod):
+            tasks.runsc = unanswered = UnansweredCreate(runsc.root)
+            unanswered.exited = runsc.exited
+            bundle = container_bundle(tmp_path, "pod")
+            with pytest.raises(DeadlineExceeded, match="no answer from the sandbox"):
+                await tasks.create(task.CreateTaskRequest(id="c1", bundle=str(bundle)), Ctx())  # type: ignore[arg-type]
+            assert unanswered.calls == [("create", "c1"), ("delete", "c1"), ("delete", "c1")]
+            assert killed(pod) and "c1" not in tasks.containers
 
     asyncio.run(scenario())

@@ -214,9 +214,10 @@ class GvisorTasks(LeftRuntimeCommands, TerminalTasks):
         since_ns = time.monotonic_ns()  # the sandbox process runsc makes exits after this, if it has
         try:
             await self.runsc.create(pod_id, bundle, bundle / "sandbox.pid", network, Stdio())
-            await self.runsc.start(pod_id, bundle, network)
+            # Known before the start, which asks the sandbox: one that never answers it can be ended.
             pod.pid = int((bundle / "sandbox.pid").read_text().strip())
             pod.exited = self.reaper.watch(pod.pid, since_ns)
+            await self.runsc.start(pod_id, bundle, network)
         except BaseException:
             await self._destroy_sandbox(pod)
             raise
@@ -283,8 +284,7 @@ class GvisorTasks(LeftRuntimeCommands, TerminalTasks):
 
     async def _destroy_sandbox(self, pod: GvisorPod) -> None:
         try:
-            if not await self._unless_wedged(pod, self.runsc.delete(pod.id, pod.network)):
-                await self.runsc.delete(pod.id, pod.network)  # of a dead sandbox: runsc does not ask it
+            await self._delete(pod, pod.id)
         except KuasarError as exc:
             log.warning("pod %s: runsc delete: %s", pod.id, exc.message)
         self.runsc.forget_stray_locks(pod.id)
@@ -317,7 +317,8 @@ class GvisorTasks(LeftRuntimeCommands, TerminalTasks):
                 receiving = asyncio.ensure_future(io.receive_console()) if console is not None else None
                 try:
                     created = True
-                    await self.runsc.create(req.id, bundle, bundle / "init.pid", pod.network, Stdio(), console)
+                    await self.runsc.create(req.id, bundle, bundle / "init.pid", pod.network, Stdio(), console,
+                                            control=True)
                     if receiving is not None:
                         await receiving
                 finally:
@@ -328,7 +329,7 @@ class GvisorTasks(LeftRuntimeCommands, TerminalTasks):
                 io.close()
                 try:
                     if created:  # and the id is no other pod's or container's: _refuse_known_id
-                        await self.runsc.delete(req.id, pod.network)
+                        await self._delete(pod, req.id)
                 except KuasarError as exc:  # keep the original error
                     log.warning("container %s: cleaning up after a failed create: %s", req.id, exc.message)
                 if container.rootfs_mounted:
@@ -604,6 +605,12 @@ class GvisorTasks(LeftRuntimeCommands, TerminalTasks):
             return False
         return True
 
+    async def _delete(self, pod: GvisorPod, runsc_id: str) -> None:
+        """`runsc delete --force` of the pod's sandbox or one of its containers; made again once the
+        sandbox is ended if it did not answer (runsc deletes a dead sandbox's containers without it)."""
+        if not await self._unless_wedged(pod, self.runsc.delete(runsc_id, pod.network)):
+            await self.runsc.delete(runsc_id, pod.network)
+
     async def _end_wedged_sandbox(self, pod: GvisorPod, error: KuasarError) -> None:
         """SIGKILL a sandbox that stopped answering, and wait until it is reaped. Its containers'
         `runsc wait` then fail, and report them killed."""
@@ -626,8 +633,7 @@ class GvisorTasks(LeftRuntimeCommands, TerminalTasks):
                 container.init.status = types.RUNNING
 
     async def _remove(self, container: Container) -> None:
-        if not await self._unless_wedged(container.pod, self.runsc.delete(container.id, container.pod.network)):
-            await self.runsc.delete(container.id, container.pod.network)  # of a dead sandbox: not asked
+        await self._delete(container.pod, container.id)
         if container.oom is not None:  # (the pod's cgroup stays: no removal signal to mistake)
             container.oom.close()
             container.oom = None

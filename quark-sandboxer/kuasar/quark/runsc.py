@@ -98,16 +98,20 @@ class Runsc:
         return 0
 
     async def create(self, container_id: str, bundle: Path, pid_file: Path, network: str, stdio: Stdio,
-                     console_socket: Path | None = None) -> None:
-        """With `console_socket`, runsc makes the container's pty and sends its master there (here, at create)."""
+                     console_socket: Path | None = None, control: bool = False) -> None:
+        """With `console_socket`, runsc makes the container's pty and sends its master there (here, at
+        create). `control` for a sub-container, whose create asks its sandbox; not for a sandbox's own
+        (runsc starts its processes then, and a create killed half way would leave them unknown)."""
         console = ["--console-socket", str(console_socket)] if console_socket is not None else []
         await self._run(network, ["create", "--bundle", str(bundle), "--pid-file", str(pid_file), *console,
-                                  container_id], log_path=bundle / "runsc.log", stdio=stdio, capture=False)
+                                  container_id], log_path=bundle / "runsc.log", stdio=stdio, capture=False,
+                        control=control)
 
     async def start(self, container_id: str, bundle: Path, network: str, stdio: Stdio | None = None) -> None:
-        """Start a created container. A sub-container takes its stdio from `runsc start` (not `create`)."""
+        """Start a created container (the sandbox runs it: bounded as a control command). A sub-container
+        takes its stdio from `runsc start` (not `create`)."""
         await self._run(network, ["start", container_id], log_path=bundle / "runsc.log", stdio=stdio,
-                        capture=stdio is None)
+                        capture=stdio is None, control=True)
 
     async def kill(self, container_id: str, signal: int, network: str, *, all_processes: bool = False,
                    pid: int = 0) -> None:
