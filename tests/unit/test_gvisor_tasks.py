@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 
 from kuasar.common import spawn
@@ -26,7 +27,7 @@ from kuasar.common.reaper import Exit, Reaper
 from kuasar.quark import gvisor_pod
 from kuasar.quark import gvisor_tasks as gt
 from kuasar.quark.config import QuarkConfig
-from kuasar.quark.runsc import RUNSC_FAILURE, Runsc, SandboxUnresponsive
+from kuasar.quark.runsc import RUNSC_FAILURE, Runsc, SandboxUnresponsive, Stdio
 from tests.support.events import RecordedEvents
 
 
@@ -686,22 +687,48 @@ def test_a_delete_the_sandbox_does_not_answer_ends_it_and_is_made_again(tmp_path
 UNANSWERED = r"^runsc \w+ .*c1.*: no answer from the sandbox within 0.2s \(killed\)"
 
 
-def test_a_runsc_command_that_gets_no_answer_is_killed_after_the_control_timeout(tmp_path: Path) -> None:
-    runsc_binary = tmp_path / "runsc"
-    runsc_binary.write_text("#!/bin/sh\nexec sleep 60\n")  # what runsc does against a wedged sentry
-    runsc_binary.chmod(0o755)
+def unanswering_runsc(tmp_path: Path) -> Path:
+    """A runsc binary that does what runsc does against a wedged sentry: wait."""
+    path = tmp_path / "unanswering-runsc"
+    path.write_text("#!/bin/sh\nexec sleep 60\n")
+    path.chmod(0o755)
+    return path
 
+
+def test_a_runsc_command_that_gets_no_answer_is_killed_after_the_control_timeout(tmp_path: Path) -> None:
     async def scenario() -> None:
         reaper = Reaper()
         reaper.install()
-        runsc = Runsc(reaper, tmp_path / "root", binary=str(runsc_binary), control_timeout=0.2)
+        runsc = Runsc(reaper, tmp_path / "root", binary=str(unanswering_runsc(tmp_path)), control_timeout=0.2)
         started = time.monotonic()
         for command in (runsc.kill("c1", 9, "none"), runsc.delete("c1", "none"), runsc.status("c1", "none"),
                         runsc.pause("c1", "none"), runsc.resume("c1", "none"), runsc.ps("c1", "none"),
-                        runsc.stats("c1", "none")):
+                        runsc.stats("c1", "none"), runsc.ps("c1", "none", timeout=10),
+                        runsc.start("c1", tmp_path, "none"),
+                        runsc.create("c1", tmp_path, tmp_path / "pid", "none", Stdio(), control=True)):
             with pytest.raises(SandboxUnresponsive, match=UNANSWERED):
                 await command
         assert time.monotonic() - started < 10
+        with pytest.raises(SandboxUnresponsive, match=r"^runsc ps .*c1: no answer from the sandbox within 0.05s"):
+            await runsc.ps("c1", "none", timeout=0.05)
+
+    asyncio.run(scenario())
+
+
+def test_pids_of_a_sandbox_that_does_not_answer_is_its_init_within_the_pids_timeout(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The listing's caller gave up at PIDS_TIMEOUT, but its cancel waited for `runsc ps` (30 s).
+    monkeypatch.setattr(gt, "PIDS_TIMEOUT", 0.3)
+
+    async def scenario() -> None:
+        tasks, _, _ = make_tasks(tmp_path)
+        tasks.reaper.install()
+        tasks.runsc = Runsc(tasks.reaper, tmp_path / "root", binary=str(unanswering_runsc(tmp_path)))
+        add_container(tasks, tmp_path, "c1")
+        started = time.monotonic()
+        answer = await tasks.pids(task.PidsRequest(id="c1"), Ctx())  # type: ignore[arg-type]
+        assert [p.pid for p in answer.processes] == [42] and time.monotonic() - started < 5
+        assert not [p for p in psutil.Process().children() if p.name() == "sleep"]
 
     asyncio.run(scenario())
 

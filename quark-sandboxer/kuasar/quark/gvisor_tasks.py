@@ -51,6 +51,7 @@ from kuasar.common.reaper import Exit, Reaper
 from kuasar.common.runtime_commands import LeftRuntimeCommands
 from kuasar.common.task_table import (
     NEVER_RAN_EXIT_STATUS,
+    PIDS_TIMEOUT,
     STATS_OF_STOPPED,
     TaskContainer,
     TaskProcess,
@@ -654,7 +655,8 @@ class GvisorTasks(LeftRuntimeCommands, TerminalTasks):
         container = self._get(req.id)
         if container.init.status == types.STOPPED:
             return dead_init_pids(container.init)
-        pids = await running_pids(container.init, self.runsc.ps(req.id, container.pod.network))
+        # Killed at PIDS_TIMEOUT, when running_pids gives up on it: a cancelled one would be waited for.
+        pids = await running_pids(container.init, self.runsc.ps(req.id, container.pod.network, PIDS_TIMEOUT))
         return task.PidsResponse(processes=[types.ProcessInfo(pid=pid) for pid in pids])
 
     async def stats(self, req: task.StatsRequest, ctx: Context) -> task.StatsResponse:

@@ -68,17 +68,19 @@ class Runsc:
         return argv + list(args)
 
     async def _run(self, network: str, args: list[str], *, log_path: Path | None = None,
-                   stdio: Stdio | None = None, capture: bool = True, control: bool = False) -> Completed:
-        """`control`: a command the sandbox must answer, bounded by `control_timeout`."""
+                   stdio: Stdio | None = None, capture: bool = True, control: bool = False,
+                   timeout: float | None = None) -> Completed:
+        """`control`: a command the sandbox must answer, bounded by `control_timeout` (or a shorter
+        `timeout`)."""
         stdio = stdio or Stdio()
         offset = log_offset(log_path)
+        bound = min(timeout or self.control_timeout, self.control_timeout) if control else None
         try:
             result = await run(self.reaper, self.argv(network, log_path, *args), stdin=stdio.stdin,
-                               stdout=stdio.stdout, stderr=stdio.stderr, capture=capture,
-                               timeout=self.control_timeout if control else None)
+                               stdout=stdio.stdout, stderr=stdio.stderr, capture=capture, timeout=bound)
         except DeadlineExceeded:
             raise SandboxUnresponsive(f"runsc {' '.join(args)}: no answer from the sandbox within "
-                                      f"{self.control_timeout:g}s (killed)") from None
+                                      f"{bound:g}s (killed)") from None
         if result.status != 0:
             message = last_error(log_path, offset) or _first_line(result.stderr)
             if "does not exist" in message or "not found" in message:
@@ -178,8 +180,9 @@ class Runsc:
     async def resume(self, container_id: str, network: str) -> None:
         await self._run(network, ["resume", container_id], control=True)
 
-    async def ps(self, container_id: str, network: str) -> list[int]:
-        result = await self._run(network, ["ps", "--format", "json", container_id], control=True)
+    async def ps(self, container_id: str, network: str, timeout: float | None = None) -> list[int]:
+        """`timeout`: shorter than the control timeout, for a caller that answers without the list."""
+        result = await self._run(network, ["ps", "--format", "json", container_id], control=True, timeout=timeout)
         return [int(pid) for pid in json.loads(result.stdout or b"[]") or []]
 
     async def stats(self, container_id: str, network: str) -> dict:
