@@ -149,6 +149,21 @@ def traversable(path: Path) -> Iterator[None]:
             directory.chmod(mode)
 
 
+async def stop_pod_while_stopped(client: CriClient, pod_id: str, pid: int) -> float:
+    """StopPodSandbox of a pod whose `pid` (a gVisor sentry, QEMU) is stopped with SIGSTOP, so that it
+    answers nothing: the seconds the stop took. The process is continued afterwards if it is still there."""
+    import signal
+
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        await client.stop_pod_sandbox(pod_id)
+        return time.monotonic() - started
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGCONT)  # (gone by now unless the stop failed)
+
+
 async def remove_pod(client: CriClient, pod_id: str) -> None:
     await client.stop_pod_sandbox(pod_id)
     await client.remove_pod_sandbox(pod_id)

@@ -43,6 +43,7 @@ from .cri_helpers import (
     signalled_terminal_exec,
     start_container,
     start_shm_writer_and_reader,
+    stop_pod_while_stopped,
     terminal_exec,
     wait_ended_with_task_server,
     wait_log,
@@ -464,14 +465,7 @@ def test_a_sandbox_that_stops_answering_is_ended_by_the_pods_stop(gvisor: Stack)
     async def scenario() -> None:
         async with CriClient(gvisor.address) as client:
             pod_id, cid, sentry = await sleeping_pod(client, gvisor, "gv-wedged")
-            os.kill(sentry.pid, signal.SIGSTOP)
-            try:
-                started = time.monotonic()
-                await client.stop_pod_sandbox(pod_id)
-                took = time.monotonic() - started
-            finally:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(sentry.pid, signal.SIGCONT)  # (gone by now unless the test failed)
+            took = await stop_pod_while_stopped(client, pod_id, sentry.pid)
             assert CONTROL_TIMEOUT <= took < CONTROL_TIMEOUT + 30, took
             assert not sentry.is_running() or sentry.status() == psutil.STATUS_ZOMBIE
             status = (await client.container_status(cid)).status

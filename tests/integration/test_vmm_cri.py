@@ -50,6 +50,7 @@ from .cri_helpers import (
     forward_once,
     forward_until_answered,
     hierarchy_of,
+    stop_pod_while_stopped,
     wait_log,
     wait_pod_not_ready,
     wait_pod_processes_gone,
@@ -63,6 +64,9 @@ BUSYBOX = "localhost/kuasar/busybox:latest"
 HANDLER = "kuasar-vmm"
 RUNTIME = {"runtime_type": "io.containerd.kuasar-vmm.v1", "sandboxer": "vmm", "io_type": "streaming"}
 TIMEOUT = 180.0  # CRI calls: a VM boot plus runc under TCG
+# [hypervisor] guest_kill_timeout of this module's sandboxer: far above a SIGKILL's answer under TCG, below
+# the default 30 s, which would make the wedged-guest test slow.
+GUEST_KILL_TIMEOUT = 15
 
 
 @dataclass
@@ -100,12 +104,13 @@ def vm_skip_reason() -> str | None:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VmStack]:
-    with vm_stack(tmp_path_factory.mktemp("vmm"), bridge="kuasar-vm0", subnet="10.249.0.0/16") as current:
+    with vm_stack(tmp_path_factory.mktemp("vmm"), bridge="kuasar-vm0", subnet="10.249.0.0/16",
+                  extra_config=f"guest_kill_timeout = {GUEST_KILL_TIMEOUT}\n") as current:
         yield current
 
 
 @contextmanager
-def vm_stack(base: Path, *, bridge: str, subnet: str) -> Iterator[VmStack]:
+def vm_stack(base: Path, *, bridge: str, subnet: str, extra_config: str = "") -> Iterator[VmStack]:
     """containerd + vmm-sandboxer (handler `kuasar-vmm`) with the guest image; skips when it cannot run here."""
     reason = vm_skip_reason()
     if reason:
@@ -116,7 +121,7 @@ def vm_stack(base: Path, *, bridge: str, subnet: str) -> Iterator[VmStack]:
     socket, directory = short / "vmm.sock", short / "vmm"
     config = base / "vmm.toml"
     config.write_text(f'[hypervisor]\nkernel_path = "{kernel}"\ninitrd_path = "{initrd}"\n'
-                      'vcpus = 1\nmemory_in_mb = 512\naccel = "auto"\n')
+                      'vcpus = 1\nmemory_in_mb = 512\naccel = "auto"\n' + extra_config)
     image_dir = base / "images"
     busybox_tar = images.build_busybox_image(image_dir / "busybox.tar", ref=BUSYBOX)
     pause_tar = images.build_pause_image(image_dir / "pause.tar")
@@ -461,6 +466,16 @@ def test_a_pod_with_its_own_user_namespace_is_refused_at_run_pod_sandbox(stack: 
     asyncio.run(check_user_namespace_refused(stack.address, HANDLER, stack.log_dir, "vmm"))
 
 
+async def sleeping_vm_pod(client: CriClient, stack: VmStack, name: str) -> tuple[str, str, dict, list[int]]:
+    """A host-network VM pod with one container running `sleep`: the pod's id, the container's, the
+    sandbox's saved state and the VM's processes."""
+    pod_id, pod = await run_pod(client, stack, name, host_network=True)
+    state = sandbox_state(stack, pod_id)
+    cid = await start(client, pod_id, pod, "sleeper", ["sleep", "3600"])
+    await wait_state(client, cid, cri.CONTAINER_RUNNING, timeout=TIMEOUT)
+    return pod_id, cid, state, vm_processes(state)
+
+
 def test_a_task_proxy_killed_ends_its_vm_and_the_pod(stack: VmStack) -> None:
     """containerd takes every container behind a dropped task connection for exited (255); the VM that
     would run them on is ended too, so the pod reads as exited (kubelet makes it anew) instead of the
@@ -468,14 +483,28 @@ def test_a_task_proxy_killed_ends_its_vm_and_the_pod(stack: VmStack) -> None:
 
     async def scenario() -> None:
         async with CriClient(stack.address, timeout=TIMEOUT) as client:
-            pod_id, pod = await run_pod(client, stack, "proxied", host_network=True)
-            state = sandbox_state(stack, pod_id)
-            cid = await start(client, pod_id, pod, "sleeper", ["sleep", "3600"])
-            await wait_state(client, cid, cri.CONTAINER_RUNNING, timeout=TIMEOUT)
-            pids = vm_processes(state)
+            pod_id, cid, state, pids = await sleeping_vm_pod(client, stack, "proxied")
             os.kill(state["extra"]["vm"]["proxy"]["pid"], signal.SIGKILL)
             await wait_state(client, cid, cri.CONTAINER_EXITED, timeout=60)
             await wait_pod_not_ready(client, pod_id, "the VM of the dead proxy was not ended")
+            assert not Path(f"/proc/{state['pid']}").exists(), "QEMU still runs"
+            await remove_pod_and_check(client, stack, pod_id, pids, (cid,))
+
+    asyncio.run(scenario())
+
+
+def test_a_guest_that_stops_answering_is_ended_by_the_pods_stop(stack: VmStack) -> None:
+    """containerd's StopPodSandbox kills each container first and waits for the answer: a wedged guest
+    (here QEMU stopped) held it until the client's deadline, at every retry. The task proxy answers a
+    SIGKILL the guest leaves unanswered for guest_kill_timeout and exits, which ends the VM."""
+
+    async def scenario() -> None:
+        async with CriClient(stack.address, timeout=TIMEOUT) as client:
+            pod_id, cid, state, pids = await sleeping_vm_pod(client, stack, "wedged")
+            took = await stop_pod_while_stopped(client, pod_id, state["pid"])  # QEMU: the guest answers nothing
+            assert GUEST_KILL_TIMEOUT <= took < GUEST_KILL_TIMEOUT + 60, took
+            status = (await client.container_status(cid)).status
+            assert (status.state, status.exit_code) == (cri.CONTAINER_EXITED, 255)
             assert not Path(f"/proc/{state['pid']}").exists(), "QEMU still runs"
             await remove_pod_and_check(client, stack, pod_id, pids, (cid,))
 

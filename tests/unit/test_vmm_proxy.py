@@ -10,13 +10,13 @@ import os
 from pathlib import Path
 
 import pytest
-from google.protobuf import any_pb2
+from google.protobuf import any_pb2, empty_pb2
 
 from kuasar.common import hvsock
 from kuasar.common.api.containerd.runtime.task.v2 import shim_pb2 as task
 from kuasar.common.api.containerd.types import mount_pb2
 from kuasar.common.api.ttrpc import request_pb2
-from kuasar.common.errors import AlreadyExists, FailedPrecondition, InvalidArgument, Unimplemented
+from kuasar.common.errors import AlreadyExists, DeadlineExceeded, FailedPrecondition, InvalidArgument, Unimplemented
 from kuasar.common.ttrpc import Context, TtrpcServer
 from kuasar.vmm import hostfs
 from kuasar.vmm.proxy import HostPrep, TaskProxy
@@ -265,3 +265,45 @@ def test_a_delete_with_a_bad_id_is_refused_on_its_stream_and_a_failed_cleanup_is
     proxy.prep.cleanup = cleanup_fails  # type: ignore[method-assign]
     ok = request_pb2.Response(status=request_pb2.Status(code=0)).SerializeToString()
     proxy.responded(ok, ("delete", "c1"))  # logged, not raised into the relay
+
+
+def test_a_sigkill_the_guest_does_not_answer_is_answered_and_the_proxy_ends(tmp_path: Path) -> None:
+    # A wedged guest held containerd's Kill, and so the pod's stop, until its deadline, at every retry.
+    # Now the proxy answers it once kill_timeout has passed and exits (the sandboxer then ends the VM).
+    class WedgedAgent(FakeAgent):
+        def __init__(self, share: Path) -> None:
+            super().__init__(share)
+            self.server.add_unary(TASK, "Kill", task.KillRequest, self.kill)
+
+        async def kill(self, req: task.KillRequest, ctx: Context) -> empty_pb2.Empty:
+            if req.id == "wedged":
+                await asyncio.Event().wait()
+            return empty_pb2.Empty()
+
+    async def scenario() -> None:
+        uds = str(tmp_path / "vsock.sock")
+        guest = await asyncio.start_unix_server(WedgedAgent(tmp_path).handle, path=uds)
+        ended = asyncio.Event()
+        proxy = TaskProxy(uds, HostPrep(tmp_path, "/run/kuasar/state"), kill_timeout=0.3, on_wedged=ended.set)
+        listen = str(tmp_path / "task.vsock")
+        front = await asyncio.start_unix_server(proxy.handle, path=listen)
+        try:
+            client = await hvsock.connect_ttrpc(listen, 1024)
+            # answered by the guest in time, or not a container's SIGKILL: the guest's business
+            await client.call(TASK, "Kill", task.KillRequest(id="c1", signal=9), empty_pb2.Empty, timeout=5)
+            for unbounded in (task.KillRequest(id="wedged", signal=15),
+                              task.KillRequest(id="wedged", exec_id="e1", signal=9)):
+                with pytest.raises(DeadlineExceeded):
+                    await client.call(TASK, "Kill", unbounded, empty_pb2.Empty, timeout=1)
+            assert not ended.is_set() and not proxy.wedged
+            started = asyncio.get_running_loop().time()
+            await client.call(TASK, "Kill", task.KillRequest(id="wedged", signal=9), empty_pb2.Empty, timeout=10)
+            assert asyncio.get_running_loop().time() - started < 5
+            await asyncio.wait_for(ended.wait(), 5)
+            assert proxy.wedged
+            await client.close()
+        finally:
+            front.close()
+            guest.close()
+
+    asyncio.run(scenario())

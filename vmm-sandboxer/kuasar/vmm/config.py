@@ -105,6 +105,10 @@ class VmmConfig:
     tsc_khz: int = 0
     # Seconds: guest READY after QEMU started; the time-bounded KVM probe boot.
     agent_ready_timeout: float = 90.0
+    # Seconds the guest has to answer a container's SIGKILL before the VM is ended (task proxy): a pod's
+    # stop kills its containers first, and waited on a wedged guest at every retry. Well below
+    # kubelet's 2 min runtime request timeout.
+    guest_kill_timeout: float = 30.0
     kvm_probe_timeout: float = 10.0
     # kvm_pvm (this kind of nested host) only runs PVM guest kernels; set when kernel_path is one.
     kernel_is_pvm_guest: bool = False

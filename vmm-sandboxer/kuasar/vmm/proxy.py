@@ -27,6 +27,11 @@ survive a restart of the sandboxer, as they would if containerd dialed the VMM's
 With `--netns` it also serves `kubectl port-forward` into the guest (see portforward.py): those
 connections, too, then outlive a restart of the sandboxer. With `--log-dir` it keeps the VM's log
 files bounded (vm_logs.py), also while the sandboxer is down.
+
+With `--kill-timeout`, a SIGKILL of a container that the guest does not answer in time (a wedged guest
+or agent: containerd's call, and with it the pod's stop, would wait until its deadline, at every retry)
+is answered OK here and the proxy exits: the sandboxer ends a VM whose proxy exits, and containerd
+takes every container behind the dropped connections for exited (255).
 """
 
 from __future__ import annotations
@@ -75,6 +80,8 @@ JSON_REWRITES: dict[str, tuple[type[Any], str, Callable[[Any], Any]]] = {
     "Update": (task.UpdateTaskRequest, "resources", rewrite_resources),  # the host cpuset
 }
 HANDSHAKE_TIMEOUT = 10.0
+# How long the proxy's own answer to an unanswered SIGKILL may take to leave before it exits anyway.
+KILL_ANSWER_FLUSH = 2.0
 GUEST_CONNECT_TIMEOUT = 5.0
 MAX_SPEC_BYTES = 4 << 20
 _CONNECT_RE = re.compile(rb"CONNECT (\d{1,10})\r?\n")
@@ -224,10 +231,14 @@ async def read_frame(reader: asyncio.StreamReader) -> tuple[int, int, int, bytes
 
 
 class TaskProxy:
-    def __init__(self, uds: str, prep: HostPrep, port: int = 1024) -> None:
+    def __init__(self, uds: str, prep: HostPrep, port: int = 1024, kill_timeout: float = 0.0,
+                 on_wedged: Callable[[], None] | None = None) -> None:
         self.uds = uds
         self.prep = prep
         self.port = port
+        self.kill_timeout = kill_timeout  # 0: a SIGKILL waits for the guest however long it takes
+        self.on_wedged = on_wedged  # called once a SIGKILL went unanswered (and was answered here)
+        self.wedged = False
 
     def intercept(self, stream_id: int, payload: bytes, pending: dict[int, tuple[str, str]]) -> bytes | None:
         """The (possibly rewritten) request payload to forward; raises KuasarError to refuse it."""
@@ -243,6 +254,11 @@ class TaskProxy:
             self.prep.record(create.id, next((kv.value for kv in req.metadata if kv.key == NAMESPACE_KEY), ""))
             req.payload = forward.SerializeToString()
             return req.SerializeToString()
+        if req.method == "Kill" and self.kill_timeout:
+            kill = task.KillRequest.FromString(req.payload)
+            if kill.signal == signal.SIGKILL and not kill.exec_id:
+                pending[stream_id] = ("kill", kill.id)
+            return payload
         if req.method == "Delete":
             delete = task.DeleteRequest.FromString(req.payload)
             if not delete.exec_id:
@@ -315,14 +331,17 @@ class TaskProxy:
             writer.write(f"OK {self.port}\n".encode())
             await writer.drain()
             pending: dict[int, tuple[str, str]] = {}
-            up = asyncio.create_task(self._upstream(reader, writer, guest_writer, pending))
-            down = asyncio.create_task(self._downstream(guest_reader, writer, pending))
+            kills: dict[int, asyncio.TimerHandle] = {}  # unanswered SIGKILLs' deadlines, by stream
+            up = asyncio.create_task(self._upstream(reader, writer, guest_writer, pending, kills))
+            down = asyncio.create_task(self._downstream(guest_reader, writer, pending, kills))
             try:
                 done, rest = await asyncio.wait([up, down], return_when=asyncio.FIRST_COMPLETED)
             finally:
                 for t in (up, down):
                     t.cancel()
                 await asyncio.gather(up, down, return_exceptions=True)
+                for timer in kills.values():
+                    timer.cancel()
             for t in done:
                 if not t.cancelled() and t.exception() is not None:
                     log.warning("connection ended: %r", t.exception())
@@ -334,7 +353,8 @@ class TaskProxy:
                     w.close()
 
     async def _upstream(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                        guest: asyncio.StreamWriter, pending: dict[int, tuple[str, str]]) -> None:
+                        guest: asyncio.StreamWriter, pending: dict[int, tuple[str, str]],
+                        kills: dict[int, asyncio.TimerHandle]) -> None:
         while (frame := await read_frame(reader)) is not None:
             stream_id, ftype, flags, payload = frame
             if ftype == REQUEST:
@@ -351,23 +371,48 @@ class TaskProxy:
                     await writer.drain()
                     continue
                 payload = forward
+                if pending.get(stream_id, ("",))[0] == "kill":
+                    kills[stream_id] = asyncio.get_running_loop().call_later(
+                        self.kill_timeout, self._kill_unanswered, writer, stream_id, pending.pop(stream_id)[1])
             guest.write(_frame(stream_id, ftype, payload, flags))
             await guest.drain()
 
+    def _kill_unanswered(self, writer: asyncio.StreamWriter, stream_id: int, container_id: str) -> None:
+        """The guest did not answer a container's SIGKILL within kill_timeout: answer it here (the VM,
+        and the container with it, is ended once this proxy exits) and exit."""
+        if self.wedged:
+            return
+        self.wedged = True
+        log.error("the guest did not answer the SIGKILL of container %s within %gs; exiting, so that the "
+                  "sandboxer ends the VM", container_id, self.kill_timeout)
+        writer.write(_frame(stream_id, RESPONSE, request_pb2.Response(status=request_pb2.Status()).SerializeToString()))
+        asyncio.ensure_future(self._exit_after(writer))
+
+    async def _exit_after(self, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(Exception):  # the answer is a courtesy: the exit is what ends the VM
+            await asyncio.wait_for(writer.drain(), KILL_ANSWER_FLUSH)
+        if self.on_wedged is not None:
+            self.on_wedged()
+
     async def _downstream(self, guest: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                          pending: dict[int, tuple[str, str]]) -> None:
+                          pending: dict[int, tuple[str, str]], kills: dict[int, asyncio.TimerHandle]) -> None:
         while (frame := await read_frame(guest)) is not None:
             stream_id, ftype, flags, payload = frame
+            if ftype == RESPONSE and stream_id in kills:
+                kills.pop(stream_id).cancel()
+                if self.wedged:  # answered already, here
+                    continue
             if ftype == RESPONSE and stream_id in pending:
                 self.responded(payload, pending.pop(stream_id))
             writer.write(_frame(stream_id, ftype, payload, flags))
             await writer.drain()
 
 
-async def serve(args: argparse.Namespace) -> None:
+async def serve(args: argparse.Namespace) -> bool:
     prep = HostPrep(Path(args.share), args.guest_share, args.sandbox_pid,
                     Path(args.share_source) if args.share_source else None)
-    proxy = TaskProxy(args.uds, prep, args.port)
+    stop = asyncio.Event()
+    proxy = TaskProxy(args.uds, prep, args.port, args.kill_timeout, on_wedged=stop.set)
     with contextlib.suppress(FileNotFoundError):
         os.unlink(args.listen)
     old = os.umask(0o177)
@@ -375,7 +420,6 @@ async def serve(args: argparse.Namespace) -> None:
         server = await asyncio.start_unix_server(proxy.handle, path=args.listen)
     finally:
         os.umask(old)
-    stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
@@ -397,6 +441,7 @@ async def serve(args: argparse.Namespace) -> None:
         bounding.cancel()
     with contextlib.suppress(FileNotFoundError):
         os.unlink(args.listen)
+    return not proxy.wedged
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -415,12 +460,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sandbox-pid", type=int, default=0, help="the pod's pid containerd knows (QEMU's)")
     parser.add_argument("--log-dir", default="", help="the VM's directory, whose *.log files it bounds")
     parser.add_argument("--log-limit", type=int, default=0, help="rotate each log past this many bytes (0: never)")
+    parser.add_argument("--kill-timeout", type=float, default=0.0,
+                        help="seconds the guest has to answer a container's SIGKILL before the proxy answers it "
+                             "and exits, which ends the VM (0: no limit)")
     parser.add_argument("--log-level", default="info")
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr, force=True,
                         format=f"%(asctime)s %(levelname)s proxy[{args.sandbox[:12]}]: %(message)s")
-    asyncio.run(serve(args))
-    return 0
+    return 0 if asyncio.run(serve(args)) else 1
 
 
 if __name__ == "__main__":

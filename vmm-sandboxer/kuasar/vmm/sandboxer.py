@@ -488,6 +488,7 @@ class VmmSandboxer(Sandboxer):
             *(["--share-source", str(spec.share_source)] if spec.share_source.is_dir() else []),
             "--guest-share", GUEST_SHARE_DIR, "--sandbox", pod.id, "--sandbox-pid", str(pod.vm.pid),
             "--log-dir", str(pod.vm_dir), "--log-limit", str(self.config.log_file_limit_in_kb << 10),
+            "--kill-timeout", str(self.config.guest_kill_timeout),
             "--log-level", self.daemon.log_level]
         if pod.network is not None and pod.network.netns:
             argv += ["--netns", pod.network.netns]
